@@ -1,0 +1,107 @@
+"""qed-jax checkpoints: an Orbax CheckpointManager directory plus the model config and assets.
+
+Layout of a checkpoint directory (local path or gs://):
+    model_config.json      the ModelConfig the parameters belong to
+    tokenizer.json, ...    tokenizer / generation files carried from the source model
+    <step>/params          parameters (Orbax, sharded arrays)
+    <step>/...             trainers add optimizer state, data iterator, RNG and step
+
+`qed-jax convert` writes step 0 with params only; trainers write every N steps. Loading a
+model picks the latest step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from qed_jax.config import ModelConfig
+from qed_jax.hf import ASSET_FILES, CheckpointError
+from qed_jax.model import Qwen3
+from qed_jax.sharding import DEFAULT_RULES, state_shardings
+
+MODEL_CONFIG = "model_config.json"
+
+
+def is_checkpoint_dir(path) -> bool:
+    return (epath.Path(path) / MODEL_CONFIG).exists()
+
+
+def manager(directory, max_to_keep: int | None = None, items=("params",)) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        epath.Path(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=tuple(items),
+    )
+
+
+def write_model_config(directory, config: ModelConfig, assets_from=None) -> None:
+    """Written by process 0 only; assets are copied from a local or remote folder."""
+    directory = epath.Path(directory)
+    if jax.process_index() != 0:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if assets_from is not None:
+        for name in ASSET_FILES:
+            src = epath.Path(assets_from) / name
+            if src.exists() and src.resolve() != (directory / name).resolve():
+                (directory / name).write_bytes(src.read_bytes())
+
+
+def read_model_config(directory) -> ModelConfig:
+    path = epath.Path(directory) / MODEL_CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no {MODEL_CONFIG} (is this a qed-jax checkpoint directory?)")
+    return ModelConfig(**json.loads(path.read_text()))
+
+
+def params_state(model: Qwen3):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None:
+    """A model alone (no optimizer) as a checkpoint directory, e.g. the output of `convert`."""
+    write_model_config(directory, model.config, assets_from)
+    with manager(directory) as mgr:
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
+        mgr.wait_until_finished()
+
+
+def restore_target(config: ModelConfig, mesh=None, rules=DEFAULT_RULES):
+    """Pure dict of ShapeDtypeStruct (with shardings) for the params; nothing is allocated."""
+    _, state = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
+    else:
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        nnx.to_pure_dict(state), shardings)
+
+
+def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
+               compute_dtype: str | None = None, step: int | None = None) -> Qwen3:
+    """The parameters of the latest (or given) step, restored straight into their shards."""
+    saved = read_model_config(directory)
+    param_dtype = dtype or saved.param_dtype
+    config = saved.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
+    with manager(directory) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory}: holds a model config but no saved step")
+        target = restore_target(saved, mesh, rules)
+        restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    params = restored["params"]
+    if np.dtype(param_dtype) != np.dtype(saved.param_dtype):
+        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,63 @@
+"""The `qed-jax` command. Thin: parse arguments, call the library, report errors in one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from qed_jax.config import ConfigError
+from qed_jax.hf import CheckpointError
+
+
+def _convert(args) -> None:
+    from qed_jax import checkpoint
+    from qed_jax.pretrained import from_pretrained, save_pretrained
+    from qed_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
+    model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype)
+    if checkpoint.is_checkpoint_dir(args.source):
+        save_pretrained(model, args.dest, dtype=model.config.param_dtype, assets_from=args.source)
+        print(f"wrote Hugging Face folder {args.dest} ({model.config.param_dtype})")
+    else:
+        checkpoint.save_model(model, args.dest, assets_from=args.source)
+        print(f"wrote qed-jax checkpoint {args.dest} ({model.config.param_dtype})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qed-jax", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face folder <-> a qed-jax (Orbax) checkpoint",
+        description="Convert between a Hugging Face Qwen3 folder and a qed-jax checkpoint "
+        "directory. The direction follows SOURCE: a Hugging Face folder becomes a checkpoint, "
+        "a checkpoint becomes a Hugging Face folder (its latest step). Tokenizer files travel along.",
+    )
+    p.add_argument("source", help="Hugging Face model folder or qed-jax checkpoint directory")
+    p.add_argument("dest", help="output directory (local path or gs://)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="parameter dtype of the output (default: keep the source's dtype)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters over all devices while converting (for models larger "
+                   "than one device's memory)")
+    p.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

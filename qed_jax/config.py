@@ -1,0 +1,250 @@
+"""Typed configuration: the model config with its presets and Hugging Face mapping, and a strict
+loader that builds any config dataclass from YAML plus `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Qwen3 dense decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    tie_word_embeddings: bool
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    param_dtype: str = "bfloat16"  # storage dtype of the weights
+    dtype: str = "bfloat16"  # compute dtype of activations and matmuls
+    remat: str = "none"  # none | full | dots (what a scanned block saves for the backward pass)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"remat must be none, full or dots, got {self.remat!r}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{field} must be float32, bfloat16 or float16, got {getattr(self, field)!r}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Build from a transformers `config.json` dict; refuses what this model does not implement."""
+        model_type = hf.get("model_type")
+        if model_type != "qwen3":
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}: qed-jax implements the dense Qwen3 decoder "
+                "(model_type 'qwen3'); MoE and other families are not supported"
+            )
+        if hf.get("num_experts") or hf.get("num_local_experts"):
+            raise ConfigError("config describes a mixture-of-experts model; only dense Qwen3 is supported")
+        if hf.get("attention_bias"):
+            raise ConfigError("config has attention_bias=true; Qwen3 attention has no biases")
+        if hf.get("use_sliding_window"):
+            raise ConfigError("config has use_sliding_window=true; sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"rope type {rope_type!r} is not supported (only the default RoPE)")
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta"))
+        if rope_theta is None:
+            raise ConfigError("config has no rope_theta (looked in rope_parameters and at the top level)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(rope_theta),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 40960),
+            **overrides,
+        )
+
+    def to_hf(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """A `config.json` dict with the field names of the installed transformers."""
+        from transformers import Qwen3Config
+
+        hf = Qwen3Config(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            attention_bias=False,
+            torch_dtype=torch_dtype,
+        )
+        hf.architectures = ["Qwen3ForCausalLM"]
+        return hf.to_dict()
+
+
+_QWEN3_COMMON = dict(vocab_size=151936, num_kv_heads=8, head_dim=128)
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen3-0.6b": ModelConfig(
+        **_QWEN3_COMMON, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+        rope_theta=1e6, tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": ModelConfig(
+        **_QWEN3_COMMON, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+        rope_theta=1e6, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": ModelConfig(
+        **_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
+        rope_theta=1e6, tie_word_embeddings=True,
+    ),
+    "qwen3-4b-thinking-2507": ModelConfig(
+        **_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
+        rope_theta=5e6, tie_word_embeddings=True, max_position_embeddings=262144,
+    ),
+    "qwen3-8b": ModelConfig(
+        **_QWEN3_COMMON, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+        rope_theta=1e6, tie_word_embeddings=False,
+    ),
+    # For tests and CPU smoke runs: every structural feature of the real models, in kilobytes.
+    "tiny": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=1e6, tie_word_embeddings=True,
+        max_position_embeddings=2048, param_dtype="float32", dtype="float32",
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict loading of nested config dataclasses from YAML + key=value overrides.
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section {typ.__name__}, got {value!r}")
+        return from_dict(typ, value, prefix=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(typ)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value) if typ is float else int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        return number
+    if typ is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys fail and list the valid ones."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: "
+            + ", ".join(f"{prefix}{k}" for k in types_)
+        )
+    kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
+    """Read YAML (or start from defaults), apply overrides, and validate into `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(cls, data)
+
+
+def to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_json(config) -> str:
+    return json.dumps(to_dict(config), indent=2)

@@ -1,0 +1,360 @@
+"""Hugging Face ⇄ qed-jax: tensor names and layouts, safetensors streaming, folder export.
+
+Loading reads each parameter shard straight from memory-mapped safetensors into its device, so
+host memory peaks near one (layer-stacked) parameter shard, and torch is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from qed_jax.config import ConfigError, ModelConfig
+from qed_jax.model import Qwen3
+from qed_jax.sharding import DEFAULT_RULES, state_shardings
+
+log = logging.getLogger(__name__)
+
+# Files that travel with a model folder in both formats (tokenizer, chat template, generation).
+ASSET_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+MAX_SHARD_BYTES = 5 * 10**9
+
+_ST_DTYPES = {
+    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and tensor."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one qed-jax parameter is stored in Hugging Face: ours = hf.reshape(split).transpose(perm)."""
+
+    hf_name: str  # with "{}" for the layer index when the parameter is layer-stacked
+    hf_shape: tuple[int, ...]
+    split: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    @property
+    def stacked(self) -> bool:
+        return "{}" in self.hf_name
+
+    def to_ours(self, hf: np.ndarray) -> np.ndarray:
+        return hf.reshape(self.split).transpose(self.perm)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        return ours.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
+
+
+def tensor_maps(c: ModelConfig) -> dict[str, TensorMap]:
+    """Our parameter path ('layers/q') → its Hugging Face tensor, in Hugging Face file order."""
+    D, F, N, K, H, V = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                        c.head_dim, c.vocab_size)
+    layer = "model.layers.{}."
+    same = lambda *shape: (shape, shape, tuple(range(len(shape))))  # noqa: E731
+    maps = {
+        "embed": TensorMap("model.embed_tokens.weight", *same(V, D)),
+        "layers/attn_norm": TensorMap(layer + "input_layernorm.weight", *same(D)),
+        "layers/q": TensorMap(layer + "self_attn.q_proj.weight", (N * H, D), (N, H, D), (2, 0, 1)),
+        "layers/k": TensorMap(layer + "self_attn.k_proj.weight", (K * H, D), (K, H, D), (2, 0, 1)),
+        "layers/v": TensorMap(layer + "self_attn.v_proj.weight", (K * H, D), (K, H, D), (2, 0, 1)),
+        "layers/o": TensorMap(layer + "self_attn.o_proj.weight", (D, N * H), (D, N, H), (1, 2, 0)),
+        "layers/q_norm": TensorMap(layer + "self_attn.q_norm.weight", *same(H)),
+        "layers/k_norm": TensorMap(layer + "self_attn.k_norm.weight", *same(H)),
+        "layers/mlp_norm": TensorMap(layer + "post_attention_layernorm.weight", *same(D)),
+        "layers/gate": TensorMap(layer + "mlp.gate_proj.weight", (F, D), (F, D), (1, 0)),
+        "layers/up": TensorMap(layer + "mlp.up_proj.weight", (F, D), (F, D), (1, 0)),
+        "layers/down": TensorMap(layer + "mlp.down_proj.weight", (D, F), (D, F), (1, 0)),
+        "final_norm": TensorMap("model.norm.weight", *same(D)),
+    }
+    if not c.tie_word_embeddings:
+        maps["lm_head"] = TensorMap("lm_head.weight", *same(V, D))
+    return maps
+
+
+def _flat(tree) -> dict[str, object]:
+    """{'layers/q': leaf, ...} from a nested pure dict."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out["/".join(str(p.key) for p in path)] = leaf
+    return out
+
+
+def _unflat(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for key, leaf in flat.items():
+        node = tree
+        *parents, last = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, read through memory maps and written as a stream
+
+
+class SafetensorsFolder:
+    """The tensors of a folder's `model.safetensors` or its sharded `*.safetensors` + index."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                raise CheckpointError(f"{index}: lists shard {name}, which does not exist")
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for tensor, info in header.items():
+                self._where[tensor] = (path, info, 8 + header_len)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        path, info, _ = self._where[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        return _ST_DTYPES[info["dtype"]]
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view (no copy until it is transformed)."""
+        path, info, base = self._where[name]
+        start, end = info["data_offsets"]
+        return np.memmap(path, dtype=self.dtype(name), mode="r", offset=base + start,
+                         shape=tuple(info["shape"])) if end > start else np.zeros(info["shape"], self.dtype(name))
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype]], produce) -> None:
+    """Write tensors (name, shape, dtype) in order; `produce(name)` returns each array in turn,
+    so only one tensor is on the host at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype in tensors:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in tensors:
+            array = np.ascontiguousarray(produce(name), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise AssertionError(f"{name}: produced shape {array.shape}, planned {shape}")
+            f.write(array.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    return json.loads(path.read_text())
+
+
+def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
+            compute_dtype: str | None = None) -> Qwen3:
+    """A Hugging Face Qwen3 folder → a qed-jax model, sharded on `mesh` when given.
+    Parameters keep the checkpoint's dtype unless `dtype` is set; compute follows the parameters
+    unless `compute_dtype` is set."""
+    folder = Path(folder)
+    hf_config = read_hf_config(folder)
+    tensors = SafetensorsFolder(folder)
+    stored = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors else None
+    param_dtype = dtype or (stored.name if stored is not None else "bfloat16")
+    config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
+
+    abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    maps = tensor_maps(config)
+    _check_tensors(folder, tensors, maps, config)
+    if mesh is not None:
+        shardings = _flat(nnx.to_pure_dict(state_shardings(abstract_state, mesh, rules)))
+    shapes = _flat(nnx.to_pure_dict(abstract_state))
+
+    arrays = {}
+    for path, spec in tqdm(list(shapes.items()), desc=f"loading {folder.name}", unit="tensor",
+                           disable=jax.process_index() != 0):
+        tmap = maps[path]
+        target = np.dtype(param_dtype)
+
+        def read(index, tmap=tmap, target=target, shape=spec.shape):
+            index = index if index else tuple(slice(None) for _ in shape)
+            if not tmap.stacked:
+                return tmap.to_ours(tensors.read(tmap.hf_name))[index].astype(target)
+            layers = range(config.num_layers)[index[0]]
+            return np.stack([tmap.to_ours(tensors.read(tmap.hf_name.format(i)))[index[1:]].astype(target)
+                             for i in layers])
+
+        if mesh is None:
+            arrays[path] = jax.device_put(read(()))
+        else:
+            arrays[path] = jax.make_array_from_callback(spec.shape, shardings[path], read)
+    nnx.replace_by_pure_dict(abstract_state, _unflat(arrays))
+    return nnx.merge(graphdef, abstract_state)
+
+
+def _check_tensors(folder: Path, tensors: SafetensorsFolder, maps: dict[str, TensorMap],
+                   config: ModelConfig) -> None:
+    expected = {}
+    for tmap in maps.values():
+        names = [tmap.hf_name.format(i) for i in range(config.num_layers)] if tmap.stacked else [tmap.hf_name]
+        expected.update({n: tmap.hf_shape for n in names})
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")
+        if tensors.shape(name) != shape:
+            raise CheckpointError(
+                f"{folder}: tensor {name} has shape {list(tensors.shape(name))}, but config.json "
+                f"implies {list(shape)}"
+            )
+        tensors.dtype(name)
+    unused = tensors.names() - set(expected) - {"lm_head.weight"}
+    if unused:
+        log.warning("%s: ignoring %d tensors that Qwen3 does not use, e.g. %s", folder, len(unused),
+                    sorted(unused)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_from: str | Path | None = None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `model` as a Hugging Face Qwen3 folder (config, generation config, safetensors shards
+    with an index when there is more than one, and the tokenizer files of `assets_from`).
+    Every process must call this; process 0 writes."""
+    folder = Path(folder)
+    config: ModelConfig = model.config
+    target = np.dtype(dtype)
+    if target not in _ST_NAMES:
+        raise ConfigError(f"export dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    params = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    maps = tensor_maps(config)
+
+    plan = []  # (hf name, our path, layer or None)
+    for path, tmap in maps.items():
+        if tmap.stacked:
+            continue
+        if path == "final_norm":
+            break
+        plan.append((tmap.hf_name, path, None))
+    for i in range(config.num_layers):
+        plan += [(t.hf_name.format(i), p, i) for p, t in maps.items() if t.stacked]
+    plan += [(maps[p].hf_name, p, None) for p in ("final_norm", "lm_head") if p in maps]
+
+    shards, size = [[]], 0
+    for entry in plan:
+        nbytes = math.prod(maps[entry[1]].hf_shape) * target.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+
+    writer = jax.process_index() == 0
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    progress = tqdm(total=len(plan), desc=f"writing {folder.name}", unit="tensor", disable=not writer)
+    for file_name, shard in zip(names, shards):
+        by_name = {hf: (path, layer) for hf, path, layer in shard}
+
+        def produce(hf_name):
+            path, layer = by_name[hf_name]
+            value = params[path] if layer is None else params[path][layer]
+            progress.update()
+            return maps[path].to_hf(_gather(value).astype(target))
+
+        planned = [(hf, maps[path].hf_shape, target) for hf, path, _ in shard]
+        if writer:
+            write_safetensors(folder / file_name, planned, produce)
+        else:
+            for hf, _, _ in planned:
+                produce(hf)
+    progress.close()
+    if not writer:
+        return folder
+
+    if len(shards) > 1:
+        total = sum(math.prod(maps[p].hf_shape) * target.itemsize for _, p, _ in plan)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config.to_hf(torch_dtype=target.name), indent=2))
+    copy_assets(assets_from, folder)
+    if not (folder / "generation_config.json").exists():
+        (folder / "generation_config.json").write_text(json.dumps(_generation_config(folder), indent=2))
+    return folder
+
+
+def copy_assets(source: str | Path | None, dest: Path) -> None:
+    if source is None:
+        return
+    for name in ASSET_FILES:
+        if (Path(source) / name).is_file() and Path(source).resolve() != dest.resolve():
+            shutil.copy2(Path(source) / name, dest / name)
+
+
+def _generation_config(folder: Path) -> dict:
+    """Stop on the Qwen end-of-turn tokens when the tokenizer files name them."""
+    from transformers import GenerationConfig
+
+    eos = []
+    tok = folder / "tokenizer.json"
+    if tok.is_file():
+        added = {t["content"]: t["id"] for t in json.loads(tok.read_text()).get("added_tokens", [])}
+        eos = [added[t] for t in ("<|im_end|>", "<|endoftext|>") if t in added]
+    return GenerationConfig(eos_token_id=eos or None).to_dict()

@@ -1,0 +1,188 @@
+"""The Qwen3 dense decoder in Flax NNX.
+
+Decoder layers are stored stacked (a leading `layers` axis on every block parameter) and run with
+`jax.lax.scan`, so 36 layers compile as one block. Every parameter carries logical axis names in
+its `axes` metadata; `qed_jax.sharding` maps them onto a device mesh.
+
+Shapes: B batch, T query time, S key/cache time, D hidden, N query heads, K kv heads, H head_dim,
+F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qed_jax.config import ModelConfig
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Keys and values for every layer; slot s of a row holds the token at position s."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        dtype = dtype or config.dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+# Logical axes of the cache, for sharding it like the activations that fill it.
+KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder blocks' weights, stacked along a leading `layers` axis."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        L, D, N, K, H, F = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
+                            c.head_dim, c.intermediate_size)
+        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, c.param_dtype, init)  # noqa: E731
+        self.attn_norm = p((L, D), ("layers", "norm"), "ones")
+        self.q = p((L, D, N, H), ("layers", "embed", "heads", "head_dim"))
+        self.k = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o = p((L, N, H, D), ("layers", "heads", "head_dim", "embed"))
+        self.q_norm = p((L, H), ("layers", "head_dim"), "ones")
+        self.k_norm = p((L, H), ("layers", "head_dim"), "ones")
+        self.mlp_norm = p((L, D), ("layers", "norm"), "ones")
+        self.gate = p((L, D, F), ("layers", "embed", "mlp"))
+        self.up = p((L, D, F), ("layers", "embed", "mlp"))
+        self.down = p((L, F, D), ("layers", "mlp", "embed"))
+
+
+class Qwen3(nnx.Module):
+    """`model(input_ids)` → float32 logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+        self.layers = DecoderLayers(c, rngs)
+        self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), c.param_dtype, "ones")
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        """Full-sequence forward. `segment_ids` [B, T] keeps packed rows apart: a token attends
+        to earlier tokens of its own segment only. `positions` [B, T] default to 0..T-1."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        causal = jnp.tril(jnp.ones((T, T), bool))[None]
+        if segment_ids is not None:
+            causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = causal[:, None]  # [B|1, 1, T, T]
+        x, _ = self._decoder(input_ids, positions, mask, cache=None)
+        return self._logits(x)
+
+    def decode(self, input_ids, positions, cache: KVCache):
+        """Forward with a KV cache: token t of row b is written to cache slot positions[b, t] and
+        attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache)."""
+        slots = jnp.arange(cache.max_len)
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S]
+        x, cache = self._decoder(input_ids, positions, mask, cache)
+        return self._logits(x), cache
+
+    def _decoder(self, input_ids, positions, mask, cache: KVCache | None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, dtype)
+        weights = {name: getattr(self.layers, name)[...] for name in vars(self.layers)
+                   if isinstance(getattr(self.layers, name), nnx.Param)}
+
+        def block(x, layer):
+            w, kv = layer
+            h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+            h, kv = attention(h, w, kv, positions, mask, cos, sin, c)
+            x = x + h
+            h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+            x = x + mlp(h, w)
+            return x, kv
+
+        if c.remat != "none":
+            block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        x, new_cache = jax.lax.scan(block, x, (weights, cache))
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        return x, (None if cache is None else KVCache(*new_cache))
+
+    def _logits(self, x):
+        head = self.embed if self.config.tie_word_embeddings else self.lm_head
+        return jnp.einsum("btd,vd->btv", x, head[...].astype(x.dtype)).astype(jnp.float32)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last axis, statistics in float32 (as transformers does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_tables(positions, head_dim, theta, dtype):
+    """cos and sin [B, T, H] for the split-half RoPE layout of transformers."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, H]; rotates the two halves of head_dim as one complex pair."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention(x, w, kv, positions, mask, cos, sin, c: ModelConfig):
+    """Grouped-query attention with QK-norm before RoPE. `kv` is this layer's (k, v) cache
+    [B, S, K, H] or None; with a cache the new keys/values are written at `positions`."""
+    dtype = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, w["q"].astype(dtype))
+    k = jnp.einsum("btd,dkh->btkh", x, w["k"].astype(dtype))
+    v = jnp.einsum("btd,dkh->btkh", x, w["v"].astype(dtype))
+    q = apply_rope(rms_norm(q, w["q_norm"], c.rms_norm_eps), cos, sin)
+    k = apply_rope(rms_norm(k, w["k_norm"], c.rms_norm_eps), cos, sin)
+    if kv is not None:
+        rows = jnp.arange(x.shape[0])[:, None]
+        k = kv[0].at[rows, positions].set(k.astype(kv[0].dtype))
+        v = kv[1].at[rows, positions].set(v.astype(kv[1].dtype))
+        kv = (k, v)
+        k, v = k.astype(dtype), v.astype(dtype)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim ** -0.5)
+    return jnp.einsum("btnh,nhd->btd", out, w["o"].astype(dtype)), kv
+
+
+def mlp(x, w):
+    dtype = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, w["gate"].astype(dtype))
+    up = jnp.einsum("btd,df->btf", x, w["up"].astype(dtype))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down"].astype(dtype))
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters, from abstract shapes (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,45 @@
+"""`from_pretrained` / `save_pretrained`: the one entry point for both checkpoint formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from etils import epath
+
+from qed_jax import checkpoint, hf
+from qed_jax.hf import CheckpointError
+from qed_jax.model import Qwen3
+from qed_jax.sharding import DEFAULT_RULES
+
+
+def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
+                    compute_dtype: str | None = None) -> Qwen3:
+    """Load a Hugging Face Qwen3 folder or a qed-jax checkpoint directory (latest step).
+
+    mesh/rules: shard the parameters on a device mesh as they load (default: one device).
+    dtype: parameter dtype (default: the checkpoint's own). compute_dtype: default = dtype.
+    The returned model remembers `path` as `model.source` so exports can carry its tokenizer.
+    """
+    where = epath.Path(path)
+    if not where.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if checkpoint.is_checkpoint_dir(where):
+        model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype)
+    elif (where / "config.json").exists():
+        model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
+    else:
+        raise CheckpointError(
+            f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "
+            f"checkpoint directory ({checkpoint.MODEL_CONFIG} + Orbax steps)"
+        )
+    model.source = str(path)
+    return model
+
+
+def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=None,
+                    max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> Path:
+    """Write a Hugging Face folder that transformers and vLLM load as Qwen3ForCausalLM.
+    Tokenizer files come from `assets_from`, by default the folder the model was loaded from."""
+    if assets_from is None:
+        assets_from = getattr(model, "source", None)
+    return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,120 @@
+"""Device mesh and logical-axis rules.
+
+Parameters name their axes logically (`embed`, `heads`, `mlp`, ...). One rules table maps each
+logical name to a mesh axis (or to none: replicated). Changing the rules, never the model, moves
+between a single device, FSDP on a pod, and FSDP x tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from qed_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one of them may be -1, meaning all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+# Logical axis → mesh axis (a name, a tuple of names, or None for replicated).
+DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "layers": None,
+}
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [config.data, config.fsdp, config.tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got {config}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ConfigError(f"{len(devices)} devices cannot be split into a mesh {config}")
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are available"
+        )
+    # Auto axes: the compiler propagates shardings from parameters and inputs (GSPMD).
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """Partition spec for an array with logical `axes`. A mesh axis is used at most once per
+    array; a dimension that the mapped mesh axes do not divide stays replicated."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise ConfigError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(rules)}")
+        target = rules.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if mesh.shape.get(n, 1) > 1)
+        if used & set(names):
+            raise ConfigError(f"rules map two axes of {axes} onto mesh axis {sorted(used & set(names))}")
+        ways = math.prod(mesh.shape[n] for n in names)
+        if names and size % ways:
+            log.warning("axis %r of size %d is not divisible by mesh %s (%d); replicating it",
+                        name, size, names, ways)
+            names = ()
+        used.update(names)
+        spec.append(names[0] if len(names) == 1 else (names or None))
+    return PartitionSpec(*spec)
+
+
+def is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """The NamedSharding of every variable in an (abstract) NNX state, from its `axes`."""
+    def one(var):
+        axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
+        return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=is_variable)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Shard the leading (batch) axis of an activation; other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(rules["batch"], *([None] * (ndim - 1))))
+
+
+def create_sharded(make_module, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """Build an NNX module directly on the mesh: abstract init gives shapes and axes, then a
+    jitted init writes each parameter straight into its shards (never whole on one device)."""
+    abstract = nnx.eval_shape(make_module)
+    graphdef, abstract_state = nnx.split(abstract)
+    if mesh is None:
+        return make_module()
+    shardings = state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make_module()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+

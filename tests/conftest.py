@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random Hugging Face models built offline, and 8 fake CPU devices."""
+
+import os
+
+# Must be set before JAX initializes its backend: tests that need a mesh use 8 CPU devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from tests.helpers import make_hf_model  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """A tiny tied Qwen3 saved as a Hugging Face folder, with a tokenizer."""
+    return make_hf_model(tmp_path_factory.mktemp("hf_tiny"))

@@ -1,0 +1,223 @@
+"""The model against transformers: logits, round trips, sharding, parameter counts, bad input."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import qed_jax
+from qed_jax import cli
+from qed_jax.config import PRESETS, ConfigError, ModelConfig
+from qed_jax.hf import CheckpointError, SafetensorsFolder
+from qed_jax.model import param_count
+from qed_jax.sharding import DEFAULT_RULES, MeshConfig, logical_to_spec, make_mesh
+from tests.helpers import hf_logits, make_hf_model
+
+# (name, overrides): tied and untied; rope_theta 1e6 and 5e6; head_dim 24 != hidden/heads;
+# query/kv head ratios 1, 2 and 4; 3 or more layers.
+PARITY_CONFIGS = [
+    ("tied_ratio1", dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=1e6)),
+    ("untied_ratio2_theta5e6", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=5e6,
+                                    tie_word_embeddings=False)),
+    ("tied_ratio4_4layers", dict(num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
+                                 head_dim=16)),
+]
+
+
+def _tensors(folder):
+    st = SafetensorsFolder(folder)
+    return {name: np.array(st.read(name)) for name in st.names()}
+
+
+@pytest.mark.parametrize("name,overrides", PARITY_CONFIGS, ids=[c[0] for c in PARITY_CONFIGS])
+def test_logits_match_transformers_on_right_padded_batch(tmp_path, name, overrides):
+    hf = make_hf_model(tmp_path, seed=len(name), **overrides)
+    model = qed_jax.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    lengths = [13, 7, 10]
+    tokens = np.zeros((3, 13), np.int64)
+    mask = np.zeros((3, 13), np.int64)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = rng.integers(0, hf.config.vocab_size, n)
+        mask[row, :n] = 1
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    ref = hf_logits(hf, tokens, mask)
+    assert ours.shape == (3, 13, hf.config.vocab_size) and ours.dtype == np.float32
+    for row, n in enumerate(lengths):
+        np.testing.assert_allclose(ours[row, :n], ref[row, :n], atol=1e-4, rtol=0)
+
+
+def test_segment_ids_keep_packed_rows_apart(tmp_path):
+    make_hf_model(tmp_path)
+    model = qed_jax.from_pretrained(tmp_path)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 384, (1, 6)), rng.integers(0, 384, (1, 9))
+    packed = jnp.asarray(np.concatenate([a, b], axis=1))
+    segments = jnp.asarray([[1] * 6 + [2] * 9])
+    positions = jnp.asarray([list(range(6)) + list(range(9))])
+    out = np.asarray(model(packed, positions=positions, segment_ids=segments))
+    np.testing.assert_allclose(out[:, :6], np.asarray(model(jnp.asarray(a))), atol=1e-5)
+    np.testing.assert_allclose(out[:, 6:], np.asarray(model(jnp.asarray(b))), atol=1e-5)
+
+
+def test_kv_cache_decode_matches_full_forward(tmp_path):
+    make_hf_model(tmp_path)
+    model = qed_jax.from_pretrained(tmp_path)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 384, (2, 12)))
+    full = np.asarray(model(tokens))
+    cache = qed_jax.KVCache.zeros(model.config, batch=2, max_len=16)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    logits, cache = model.decode(tokens[:, :8], positions, cache)
+    steps = [np.asarray(logits)]
+    for t in range(8, 12):
+        logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_round_trip_fp32_is_bit_identical_and_loads_in_transformers(tmp_path):
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_hf_model(src, tie_word_embeddings=False)
+    model = qed_jax.from_pretrained(src)
+    qed_jax.save_pretrained(model, out, dtype="float32")
+    original, exported = _tensors(src), _tensors(out)
+    assert set(original) == set(exported)
+    for name in original:
+        assert original[name].dtype == exported[name].dtype
+        assert np.array_equal(original[name], exported[name]), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert (out / "generation_config.json").exists()
+
+    tokens = np.random.default_rng(3).integers(0, 384, (2, 9))
+    reloaded = Qwen3ForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(hf_logits(reloaded, tokens), np.asarray(model(jnp.asarray(tokens))), atol=1e-4)
+
+    qed_jax.save_pretrained(model, tmp_path / "bf16")  # bf16 is the default export dtype
+    bf16 = Qwen3ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    np.testing.assert_allclose(hf_logits(bf16, tokens), hf_logits(reloaded, tokens), atol=0.1)
+
+
+def test_sharded_export_writes_index(tmp_path):
+    make_hf_model(tmp_path / "src")
+    model = qed_jax.from_pretrained(tmp_path / "src")
+    qed_jax.save_pretrained(model, tmp_path / "out", dtype="float32", max_shard_bytes=120_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 1 and all((tmp_path / "out" / f).stat().st_size <= 120_000 + 4096 for f in files)
+    reloaded = qed_jax.from_pretrained(tmp_path / "out")
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.asarray(reloaded(tokens)), np.asarray(model(tokens)))
+
+
+def test_convert_cli_hf_orbax_hf_is_bit_identical(tmp_path):
+    src = tmp_path / "hf"
+    make_hf_model(src)
+    (src / "tokenizer_config.json").write_text("{}")
+    assert cli.main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
+    original, back = _tensors(src), _tensors(tmp_path / "back")
+    assert set(original) == set(back)
+    for name in original:
+        assert original[name].dtype == back[name].dtype and np.array_equal(original[name], back[name]), name
+    assert (tmp_path / "back" / "tokenizer_config.json").exists()
+
+
+def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
+    make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    plain = qed_jax.from_pretrained(tmp_path)
+    sharded = qed_jax.from_pretrained(tmp_path, mesh=mesh)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 384, (4, 10)))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda t: sharded(t))(tokens)),
+                               np.asarray(plain(tokens)), atol=1e-5)
+
+    expected = {  # what DEFAULT_RULES say for this mesh, written out by hand
+        "embed": P("tensor", "fsdp"), "lm_head": P("tensor", "fsdp"), "final_norm": P(None),
+        "q": P(None, "fsdp", "tensor", None), "k": P(None, "fsdp", "tensor", None),
+        "o": P(None, "tensor", None, "fsdp"), "gate": P(None, "fsdp", "tensor"),
+        "down": P(None, "tensor", "fsdp"), "attn_norm": P(None, None),
+    }
+    for name, spec in expected.items():
+        owner = sharded.layers if hasattr(sharded.layers, name) else sharded
+        param = getattr(owner, name)
+        assert param[...].sharding.spec == spec, name
+        assert spec == logical_to_spec(param.get_metadata()["axes"], param.shape, mesh, DEFAULT_RULES)
+
+
+def test_rules_replicate_an_indivisible_axis():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)
+
+
+def test_param_counts_from_abstract_shapes():
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    assert param_count(PRESETS["qwen3-4b"]) == 4_022_468_096
+    assert param_count(PRESETS["qwen3-4b-thinking-2507"]) == 4_022_468_096
+    for name in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"):
+        config = PRESETS[name]
+        from transformers import Qwen3Config
+
+        with torch.device("meta"):
+            hf = Qwen3ForCausalLM(Qwen3Config(**config.to_hf()))
+        assert param_count(config) == hf.num_parameters(), name
+
+
+def test_config_round_trips_through_hf_dict():
+    for config in PRESETS.values():
+        back = ModelConfig.from_hf(config.to_hf(), param_dtype=config.param_dtype, dtype=config.dtype)
+        assert back == config
+
+
+# --- bad input: one clear line naming the problem ---------------------------------------------
+
+
+def _drop_tensor(folder, name, reshape=None):
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    if reshape is None:
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:reshape]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "tensor model.layers.1.mlp.up_proj.weight is missing"),
+    ("misshaped", "tensor model.layers.0.self_attn.k_proj.weight has shape [40, 64], but config.json implies [48, 64]"),
+    ("moe", "unsupported model_type 'qwen3_moe'"),
+    ("bias", "attention_bias=true"),
+    ("nonexistent", "no such file or directory"),
+])
+def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
+    folder = tmp_path / "model"
+    make_hf_model(folder)
+    if case == "missing":
+        _drop_tensor(folder, "model.layers.1.mlp.up_proj.weight")
+    elif case == "misshaped":
+        _drop_tensor(folder, "model.layers.0.self_attn.k_proj.weight", reshape=40)
+    elif case in ("moe", "bias"):
+        config = json.loads((folder / "config.json").read_text())
+        config.update({"model_type": "qwen3_moe", "num_experts": 8} if case == "moe" else {"attention_bias": True})
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        shutil.rmtree(folder)
+    with pytest.raises((CheckpointError, ConfigError), match=expected.replace("[", r"\[").replace("]", r"\]")) as err:
+        qed_jax.from_pretrained(folder)
+    assert "\n" not in str(err.value)
+    capsys.readouterr()
+    assert cli.main(["convert", str(folder), str(tmp_path / "out")]) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and expected.split(" [")[0] in stderr[0]
