@@ -25,6 +25,26 @@ def _convert(args) -> None:
         print(f"wrote qed-jax checkpoint {args.dest} ({model.config.param_dtype})")
 
 
+def _generate(args) -> None:
+    import json
+
+    from qed_jax.pretrained import from_pretrained
+    from qed_jax.sampling import SamplingParams, generate
+    from qed_jax.tokenizer import load_tokenizer
+
+    model = from_pretrained(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p)
+    for prompt, c in zip(args.prompt, generate(model, tokenizer, prompts, params, seed=args.seed)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "tokens": c.tokens, "logprobs": c.logprobs,
+                              "finish_reason": c.finish_reason, "text": c.text}))
+        else:
+            print(c.text + ("" if c.finish_reason == "stop" else "  [length]"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qed-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -44,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard parameters over all devices while converting (for models larger "
                    "than one device's memory)")
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser("generate", help="sample completions from a model",
+                       description="Sample completions for one or more prompts with the jitted "
+                       "KV-cache sampler. The tokenizer is read from the model folder.")
+    p.add_argument("--model", required=True, help="Hugging Face folder or qed-jax checkpoint")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt text; repeat for a batch")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt: tokens, logprobs, finish_reason, text")
+    p.set_defaults(run=_generate)
     return parser
 
 

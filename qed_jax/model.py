@@ -114,20 +114,21 @@ class Qwen3(nnx.Module):
         weights = {name: getattr(self.layers, name)[...] for name in vars(self.layers)
                    if isinstance(getattr(self.layers, name), nnx.Param)}
 
-        def block(x, layer):
-            w, kv = layer
+        def block(carry, layer):
+            x, cache = carry
+            w, index = layer
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            h, kv = attention(h, w, kv, positions, mask, cos, sin, c)
+            h, cache = attention(h, w, cache, index, positions, mask, cos, sin, c)
             x = x + h
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-            x = x + mlp(h, w)
-            return x, kv
+            return (x + mlp(h, w), cache), None
 
         if c.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        x, new_cache = jax.lax.scan(block, x, (weights, cache))
+        # The whole cache rides in the carry and is updated in place, layer by layer.
+        (x, cache), _ = jax.lax.scan(block, (x, cache), (weights, jnp.arange(c.num_layers)))
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        return x, (None if cache is None else KVCache(*new_cache))
+        return x, cache
 
     def _logits(self, x):
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
@@ -156,23 +157,22 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(x, w, kv, positions, mask, cos, sin, c: ModelConfig):
-    """Grouped-query attention with QK-norm before RoPE. `kv` is this layer's (k, v) cache
-    [B, S, K, H] or None; with a cache the new keys/values are written at `positions`."""
+def attention(x, w, cache: KVCache | None, layer, positions, mask, cos, sin, c: ModelConfig):
+    """Grouped-query attention with QK-norm before RoPE. With a cache, this layer's new keys and
+    values are written at `positions` and attention runs over the layer's whole cache."""
     dtype = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, w["q"].astype(dtype))
     k = jnp.einsum("btd,dkh->btkh", x, w["k"].astype(dtype))
     v = jnp.einsum("btd,dkh->btkh", x, w["v"].astype(dtype))
     q = apply_rope(rms_norm(q, w["q_norm"], c.rms_norm_eps), cos, sin)
     k = apply_rope(rms_norm(k, w["k_norm"], c.rms_norm_eps), cos, sin)
-    if kv is not None:
+    if cache is not None:
         rows = jnp.arange(x.shape[0])[:, None]
-        k = kv[0].at[rows, positions].set(k.astype(kv[0].dtype))
-        v = kv[1].at[rows, positions].set(v.astype(kv[1].dtype))
-        kv = (k, v)
-        k, v = k.astype(dtype), v.astype(dtype)
+        cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
+                        cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
+        k, v = cache.k[layer].astype(dtype), cache.v[layer].astype(dtype)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim ** -0.5)
-    return jnp.einsum("btnh,nhd->btd", out, w["o"].astype(dtype)), kv
+    return jnp.einsum("btnh,nhd->btd", out, w["o"].astype(dtype)), cache
 
 
 def mlp(x, w):

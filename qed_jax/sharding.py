@@ -102,11 +102,6 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=is_variable)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
-    """Shard the leading (batch) axis of an activation; other axes replicated."""
-    return NamedSharding(mesh, PartitionSpec(rules["batch"], *([None] * (ndim - 1))))
-
-
 def create_sharded(make_module, mesh: Mesh | None, rules=DEFAULT_RULES):
     """Build an NNX module directly on the mesh: abstract init gives shapes and axes, then a
     jitted init writes each parameter straight into its shards (never whole on one device)."""

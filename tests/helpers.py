@@ -37,3 +37,27 @@ def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = Non
         ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
         mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
         return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+
+
+CORPUS = [
+    "Let n be a positive integer. Prove that n^2 + n is even.",
+    "Proof. Either n is even or n + 1 is even, so n(n + 1) is divisible by 2.",
+    "Suppose for contradiction that sqrt(2) = p / q in lowest terms; then p^2 = 2 q^2.",
+    "By the AM-GM inequality, (a + b) / 2 >= sqrt(ab) for all non-negative reals a and b.",
+    "We induct on k. The base case k = 1 holds. Assume the claim for k; we show it for k + 1.",
+    "Therefore the triangle ABC is isosceles, and the angle bisector meets BC at its midpoint.",
+]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    from qed_jax.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(CORPUS * 4, vocab_size=vocab_size)
+
+
+def make_hf_model_with_tokenizer(path: Path, seed: int = 0, **overrides):
+    """A random model whose folder also holds a tiny tokenizer (vocab within the model's)."""
+    tokenizer = make_tokenizer()
+    model = make_hf_model(path, seed=seed, **overrides)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer

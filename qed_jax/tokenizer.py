@@ -1,0 +1,78 @@
+"""Tokenizers: the checkpoint's own (Hugging Face), Qwen chat formatting, special and stop ids.
+
+`train_bpe_tokenizer` makes a small byte-level BPE with the Qwen special tokens and a
+Thinking-style chat template, for tests and the tiny CPU configs (no hub access needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+THINK_END = "</think>"
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+# Our wording of the Qwen3 Thinking chat format: turns are <|im_start|>role\n...<|im_end|>\n;
+# an assistant turn with `reasoning_content` writes it inside <think>...</think> before the
+# answer; the generation prompt opens the assistant turn with <think>\n.
+THINKING_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' and message.get('reasoning_content') %}"
+    "{{- '<think>\n' + message['reasoning_content'].strip('\n') + '\n</think>\n\n' + message['content'].lstrip('\n') }}"
+    "{%- else %}"
+    "{{- message['content'] }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}"
+)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped with a model folder or qed-jax checkpoint (or a hub id)."""
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a turn: <|im_end|>, <|endoftext|> and the tokenizer's eos, where present."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer has none of <|im_end|>, <|endoftext|> or an eos token; pass stop ids")
+    return sorted(ids)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return stop_ids(tokenizer)[0]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` followed by the assistant generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerBase:
+    """A byte-level BPE trained on `texts` with the Qwen special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    ))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE
+    return tokenizer

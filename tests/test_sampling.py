@@ -1,0 +1,164 @@
+"""The sampler against transformers' generate and a full forward pass recomputed in NumPy."""
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qed_jax
+from qed_jax import cli, sampling
+from qed_jax.sampling import Sampler, SamplingParams
+from qed_jax.sharding import MeshConfig, make_mesh
+from tests.helpers import make_hf_model, make_hf_model_with_tokenizer
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 77, 31]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sampling_model")
+    hf = make_hf_model(path, seed=7)
+    return hf, qed_jax.from_pretrained(path)
+
+
+def _full_logits(model, prompt, completion):
+    tokens = jnp.asarray([prompt + completion])
+    return np.asarray(model(tokens))[0, len(prompt) - 1: len(prompt) + len(completion) - 1]
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    import torch
+
+    hf, model = tiny
+    completions = Sampler(model).generate_ids(PROMPTS, SamplingParams(max_new_tokens=40, temperature=0.0),
+                                              jax.random.key(0), stop_ids=[])
+    for prompt, c in zip(PROMPTS, completions):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert c.tokens == ref[0, len(prompt):].tolist()
+        assert c.finish_reason == "length" and len(c.tokens) == 40
+
+
+def test_logprobs_equal_log_softmax_of_tempered_logits(tiny):
+    _, model = tiny
+    temperature = 0.7
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, top_k=50, top_p=0.9)
+    completions = Sampler(model).generate_ids(PROMPTS, params, jax.random.key(1), stop_ids=[])
+    for prompt, c in zip(PROMPTS, completions):
+        expected = _log_softmax(_full_logits(model, prompt, c.tokens) / temperature)
+        expected = expected[np.arange(len(c.tokens)), c.tokens]
+        np.testing.assert_allclose(c.logprobs, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5), (20, 0.3)])
+def test_top_k_and_top_p_stay_in_the_allowed_set(tiny, top_k, top_p):
+    _, model = tiny
+    temperature = 1.5  # flat distributions make an escape from the allowed set likely
+    params = SamplingParams(max_new_tokens=48, temperature=temperature, top_k=top_k, top_p=top_p)
+    completions = Sampler(model).generate_ids(PROMPTS, params, jax.random.key(2), stop_ids=[])
+    for prompt, c in zip(PROMPTS, completions):
+        logits = _full_logits(model, prompt, c.tokens) / temperature
+        for step, token in enumerate(c.tokens):
+            order = np.argsort(-logits[step], kind="stable")
+            allowed = order[: top_k or len(order)]
+            probs = np.exp(_log_softmax(logits[step][allowed]))
+            before = np.cumsum(probs) - probs
+            allowed = allowed[before < top_p]
+            assert token in allowed, (step, token)
+
+
+def test_near_zero_temperature_reproduces_greedy(tiny):
+    _, model = tiny
+    sampler = Sampler(model)
+    greedy = sampler.generate_ids(PROMPTS, SamplingParams(max_new_tokens=32, temperature=0.0),
+                                  jax.random.key(3), stop_ids=[])
+    cold = sampler.generate_ids(PROMPTS, SamplingParams(max_new_tokens=32, temperature=1e-5),
+                                jax.random.key(4), stop_ids=[])
+    assert [c.tokens for c in cold] == [c.tokens for c in greedy]
+
+
+def test_fixed_key_is_deterministic(tiny):
+    _, model = tiny
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    a = Sampler(model).generate_ids(PROMPTS, params, jax.random.key(5), stop_ids=[])
+    b = Sampler(model).generate_ids(PROMPTS, params, jax.random.key(5), stop_ids=[])
+    c = Sampler(model).generate_ids(PROMPTS, params, jax.random.key(6), stop_ids=[])
+    assert [x.tokens for x in a] == [x.tokens for x in b] != [x.tokens for x in c]
+
+
+def test_a_stopped_row_ends_while_others_go_on(tiny):
+    _, model = tiny
+    sampler = Sampler(model)
+    params = SamplingParams(max_new_tokens=30, temperature=1.0)
+    free = sampler.generate_ids(PROMPTS, params, jax.random.key(0), stop_ids=[])
+    # A stop id that row 0 first emits mid-way and that the other rows never emit.
+    others = {t for c in free[1:] for t in c.tokens}
+    step = next(i for i, t in enumerate(free[0].tokens)
+                if i >= 3 and t not in others and t not in free[0].tokens[:i])
+    stop = free[0].tokens[step]
+    stopped = sampler.generate_ids(PROMPTS, params, jax.random.key(0), stop_ids=[stop])
+    assert stopped[0].tokens == free[0].tokens[: step + 1] and stopped[0].finish_reason == "stop"
+    assert stopped[0].logprobs == free[0].logprobs[: step + 1]
+    for before, after in zip(free[1:], stopped[1:]):
+        assert after.tokens == before.tokens and after.finish_reason == "length"
+
+
+def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
+    _, model = tiny
+    sampler = Sampler(model, buckets=(16, 32))
+    batches = [[[1, 2, 3], [4, 5, 6, 7, 8]], [[9] * 11, [10] * 2], [[7] * 16, [8] * 1]]
+    settings = [(0.0, 1.0), (0.8, 0.9), (1.3, 0.5)]
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for batch, (temperature, top_p) in zip(batches, settings):
+            sampler.generate_ids(batch, SamplingParams(max_new_tokens=8, temperature=temperature, top_p=top_p),
+                                 jax.random.key(0), stop_ids=[2])
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert sum("decode_loop" in m for m in compiles) == 1, compiles
+    assert sum("prefill" in m for m in compiles) == 1, compiles
+
+
+def test_sharded_greedy_equals_unsharded(tmp_path):
+    make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, seed=3)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    prompts = PROMPTS + [[1, 2, 3]]
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    plain = Sampler(qed_jax.from_pretrained(tmp_path)).generate_ids(prompts, greedy, jax.random.key(0), [])
+    sharded = Sampler(qed_jax.from_pretrained(tmp_path, mesh=mesh), mesh=mesh)
+    assert [c.tokens for c in sharded.generate_ids(prompts, greedy, jax.random.key(0), [])] == \
+        [c.tokens for c in plain]
+
+
+def test_filter_logits_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
+    top_k = np.array([0, 1, 5, 0, 7, 50], np.int32)
+    top_p = np.array([1.0, 1.0, 1.0, 0.6, 0.4, 0.95], np.float32)
+    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for row in range(6):
+        order = np.argsort(-logits[row])
+        kept = order[: top_k[row] or 50]
+        probs = np.exp(_log_softmax(logits[row][kept]))
+        kept = kept[(np.cumsum(probs) - probs) < top_p[row]]
+        assert set(np.flatnonzero(np.isfinite(out[row]))) == set(kept.tolist()), row
+
+
+def test_generate_cli_json(tmp_path, capsys):
+    make_hf_model_with_tokenizer(tmp_path)
+    capsys.readouterr()
+    rc = cli.main(["generate", "--model", str(tmp_path), "--prompt", "Let n be", "--prompt", "Prove",
+                   "--chat", "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9",
+                   "--seed", "1", "--json"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Let n be", "Prove"]
+    for r in rows:
+        assert len(r["logprobs"]) == len(r["tokens"]) <= 6 and r["finish_reason"] in ("stop", "length")
+        assert isinstance(r["text"], str)
