@@ -8,6 +8,7 @@ import sys
 
 from qed_jax.config import ConfigError
 from qed_jax.hf import CheckpointError
+from qed_jax.judge import JudgeUnavailable
 
 
 def _convert(args) -> None:
@@ -43,6 +44,52 @@ def _generate(args) -> None:
                               "finish_reason": c.finish_reason, "text": c.text}))
         else:
             print(c.text + ("" if c.finish_reason == "stop" else "  [length]"))
+
+
+def _judge(args) -> None:
+    import json
+    import os
+    import yaml
+    from tqdm.auto import tqdm
+
+    from qed_jax.config import from_dict, apply_override
+    from qed_jax.judge import Judge, JudgeConfig, item_from_row
+
+    data = {}
+    if args.config:
+        data = yaml.safe_load(open(args.config)) or {}
+        data = data.get("judge", data)  # a trainer config's judge section works too
+    for override in args.overrides:
+        apply_override(data, override)
+    config = from_dict(JudgeConfig, data)
+
+    rows, items = [], []
+    with open(args.input) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{args.input}:{n}: not valid JSON ({e.msg})") from None
+            items.append(item_from_row(row, f"{args.input}:{n}"))
+            rows.append(row)
+    judge = Judge(config)
+    with tqdm(total=len(items), desc="grading", unit="proof") as bar:
+        grades = judge.grade_batch(items, progress=lambda g: bar.update())
+    judge.close()
+    tmp = f"{args.output}.tmp"
+    with open(tmp, "w") as f:
+        for row, g in zip(rows, grades):
+            f.write(json.dumps({**row, "score": g.score, "reward": g.reward, "reason": g.reason,
+                                "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
+                                "cached": g.cached, "judge_reply": g.raw}) + "\n")
+    os.replace(tmp, args.output)
+    failed = sum(g.failed for g in grades)
+    scored = [g.score for g in grades if not g.failed]
+    mean = sum(scored) / len(scored) if scored else float("nan")
+    print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache, {failed} failed); "
+          f"mean score {mean:.2f}/7; wrote {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: tokens, logprobs, finish_reason, text")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("judge", help="grade a JSONL file of proofs with the rubric judge",
+                       description="Grade rows {problem, rubric or guidelines, reference?, answer?, "
+                       "proof or completion} with an OpenAI-compatible judge. Grades are cached in "
+                       "SQLite (judge.cache_path), so an interrupted run picks up where it stopped. "
+                       "The API key is read from the environment variable judge.api_key_env.")
+    p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section)")
+    p.add_argument("--input", required=True, help="JSONL rows to grade")
+    p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")
+    p.set_defaults(run=_judge)
     return parser
 
 
@@ -92,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, JudgeUnavailable) as e:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,371 @@
+"""Rubric judge: prompts, proof extraction, score parsing, an OpenAI-compatible async client with
+bounded concurrency and retries, and a SQLite grade cache that makes grading exactly-once.
+
+The API key is read from the environment variable the config names, handed to the client, and
+nowhere else: it is not logged, not hashed into cache keys, and not written to any file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from qed_jax.config import ConfigError
+from qed_jax.tokenizer import THINK_END
+
+log = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+MAX_SCORE = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    base_url: str = "http://localhost:8000/v1"
+    model: str = "openai/gpt-oss-20b"
+    api: str = "chat"  # chat (Chat Completions) | responses (Responses API)
+    api_key_env: str = "JUDGE_API_KEY"  # name of the environment variable holding the key
+    template: str = "rl_grader"  # a file in configs/prompts/ (without .txt) or a path
+    answer_format: str = "score"  # score: <score>N</score> | points: <points>N out of 7</points> | verdict
+    allowed_scores: list[int] | None = None  # e.g. [0, 1, 6, 7] for IMO-ProofBench; default 0..7
+    temperature: float = 1.0
+    max_tokens: int = 81920
+    reasoning_effort: str | None = "medium"
+    concurrency: int = 32
+    timeout_s: float = 900.0
+    max_retries: int = 3  # on timeouts, 429 and 5xx
+    backoff_s: float = 15.0  # first backoff; doubles each retry, with jitter
+    parse_retries: int = 2  # extra requests when a reply has no parsable score
+    require_think_end: bool = True  # a completion without </think> scores 0, unsent
+    strip_self_evaluation: bool = False
+    cache_path: str | None = "judge_cache.sqlite"
+
+    def __post_init__(self):
+        if self.api not in ("chat", "responses"):
+            raise ConfigError(f"judge.api must be chat or responses, got {self.api!r}")
+        if self.answer_format not in ("score", "points", "verdict"):
+            raise ConfigError(f"judge.answer_format must be score, points or verdict, got {self.answer_format!r}")
+        if self.concurrency < 1:
+            raise ConfigError("judge.concurrency must be at least 1")
+
+    @property
+    def scores(self) -> set[int]:
+        return set(self.allowed_scores) if self.allowed_scores is not None else set(range(MAX_SCORE + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradeItem:
+    """One thing to grade. `completion` is a raw model output (the proof is what follows its last
+    </think>); `proof` is an already-extracted proof. Give exactly one of them."""
+
+    problem: str
+    completion: str | None = None
+    proof: str | None = None
+    rubric: Any = None  # marking scheme: a string or a list of {title, points, desc}
+    reference: str | None = None
+    guidelines: Any = None
+    answer: str | None = None
+
+
+@dataclasses.dataclass
+class Grade:
+    score: int | None  # None when grading failed
+    reward: float  # score / 7; 0 for failures and unsent items
+    reason: str  # ok | no_think_end | empty_proof | parse_failure | http_<status> | timeout | ...
+    raw: str | None = None  # the judge's last reply
+    latency_s: float = 0.0
+    attempts: int = 0
+    cached: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.score is None
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge endpoint cannot be reached at all: grading stops rather than scoring zeros."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces: templates, proof extraction, score parsing
+
+
+def load_template(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROMPTS_DIR / f"{name_or_path}.txt"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
+        raise ConfigError(f"judge template {name_or_path!r} is neither a file nor one of {bundled}")
+    return path.read_text()
+
+
+def render_marking_scheme(scheme: Any) -> str:
+    """A string stays as is; a list of {title, points, desc} becomes one block per checkpoint."""
+    if scheme is None:
+        return "(none given)"
+    if isinstance(scheme, str):
+        return scheme.strip()
+    if isinstance(scheme, list):
+        blocks = []
+        for i, item in enumerate(scheme, 1):
+            if not isinstance(item, dict):
+                raise ValueError(f"marking scheme item {i} is not a mapping: {item!r}")
+            points = item.get("points")
+            head = f"Checkpoint {i}: {item.get('title', '').strip()}"
+            if points is not None:
+                head += f" ({points} point{'s' if points != 1 else ''})"
+            blocks.append(f"{head}\n{str(item.get('desc', '')).strip()}".strip())
+        return "\n\n".join(blocks)
+    raise ValueError(f"marking scheme must be a string or a list of checkpoints, got {type(scheme).__name__}")
+
+
+def render_prompt(template: str, item: GradeItem, proof: str) -> str:
+    fields = {
+        "problem": item.problem.strip(),
+        "marking_scheme": render_marking_scheme(item.rubric),
+        "reference": (item.reference or "(none given)").strip(),
+        "guidelines": render_marking_scheme(item.guidelines),
+        "answer": (item.answer or "").strip(),
+        "proof": proof,
+    }
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: fields.get(m.group(1), m.group(0)), template)
+
+
+_SELF_EVALUATION = re.compile(
+    r"\n[#*\s]*(self[- ]?(evaluation|assessment|check|verification)|confidence)\b[^\n]*\n.*\Z",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str | None:
+    """The text after the last </think>, or None when the reasoning never ended."""
+    if THINK_END not in completion:
+        return None
+    proof = completion.rsplit(THINK_END, 1)[1]
+    if strip_self_evaluation:
+        proof = _SELF_EVALUATION.sub("\n", "\n" + proof)
+    return proof.strip()
+
+
+_PATTERNS = {
+    "score": re.compile(r"<score>\s*([+-]?\d+)\s*</score>", re.IGNORECASE),
+    "points": re.compile(r"<points>\s*([+-]?\d+)\s*(?:out\s+of\s+7\s*)?</points>", re.IGNORECASE),
+    "verdict": re.compile(r"<verdict>\s*(correct|incorrect)\s*</verdict>", re.IGNORECASE),
+}
+
+
+def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int | None:
+    """The last well-formed tag's value; None when there is none or it is off the scale."""
+    matches = _PATTERNS[answer_format].findall(reply or "")
+    if not matches:
+        return None
+    last = matches[-1]
+    if answer_format == "verdict":
+        return MAX_SCORE if last.lower() == "correct" else 0
+    value = int(last)
+    return value if value in allowed else None
+
+
+def item_from_row(row: Any, where: str) -> GradeItem:
+    """A GradeItem from a JSON row {problem, rubric|guidelines, reference?, answer?, proof|completion};
+    `where` ("file:line") prefixes any error."""
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: a row must be a JSON object")
+    if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+        raise ConfigError(f"{where}: field 'problem' is missing or empty")
+    has = [k for k in ("proof", "completion") if isinstance(row.get(k), str)]
+    if len(has) != 1:
+        raise ConfigError(f"{where}: give exactly one of the fields 'proof' and 'completion'")
+    return GradeItem(
+        problem=row["problem"], completion=row.get("completion"), proof=row.get("proof"),
+        rubric=row.get("rubric", row.get("rubrics")), reference=row.get("reference", row.get("solution")),
+        guidelines=row.get("guidelines", row.get("grading_guidelines", row.get("grading_scheme"))),
+        answer=row.get("answer"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The grade cache
+
+
+class GradeCache:
+    """SQLite, one row per graded (judge, template, sampling, item); committed per grade."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
+        self.db.commit()
+
+    def get(self, key: str) -> Grade | None:
+        row = self.db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Grade(**{**json.loads(row[0]), "cached": True})
+
+    def put(self, key: str, grade: Grade) -> None:
+        record = json.dumps({**dataclasses.asdict(grade), "cached": False})
+        self.db.execute("INSERT OR REPLACE INTO grades (key, grade) VALUES (?, ?)", (key, record))
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def cache_key(config: JudgeConfig, template: str, item: GradeItem, proof: str) -> str:
+    payload = {
+        "model": config.model, "api": config.api, "template": template, "format": config.answer_format,
+        "allowed": sorted(config.scores), "temperature": config.temperature,
+        "max_tokens": config.max_tokens, "reasoning_effort": config.reasoning_effort,
+        "problem": item.problem, "rubric": item.rubric, "reference": item.reference,
+        "guidelines": item.guidelines, "answer": item.answer, "proof": proof,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+
+
+class Judge:
+    """`Judge(config).grade_batch(items)` → one Grade per item, in order."""
+
+    def __init__(self, config: JudgeConfig):
+        self.config = config
+        self.template = load_template(config.template)
+        self.cache = GradeCache(config.cache_path) if config.cache_path else None
+        self.requests_sent = 0
+
+    def grade_batch(self, items: list[GradeItem], progress=None) -> list[Grade]:
+        """Synchronous entry point for training and evaluation code."""
+        return asyncio.run(self.grade_async(items, progress))
+
+    async def grade_async(self, items: list[GradeItem], progress=None) -> list[Grade]:
+        c = self.config
+        client = openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
+                                    timeout=c.timeout_s, max_retries=0)
+        semaphore = asyncio.Semaphore(c.concurrency)
+        if any(item.proof is not None or THINK_END in (item.completion or "") for item in items):
+            await self._check_reachable(client)
+
+        async def one(item: GradeItem) -> Grade:
+            grade = await self._grade_one(client, semaphore, item)
+            if progress is not None:
+                progress(grade)
+            return grade
+
+        try:
+            tasks = [asyncio.ensure_future(one(item)) for item in items]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except JudgeUnavailable:
+                for task in tasks:
+                    task.cancel()
+                raise
+        finally:
+            await client.close()
+
+    async def _check_reachable(self, client) -> None:
+        """Fail fast, with the URL, when nothing answers at the endpoint at all."""
+        try:
+            await client.models.list(timeout=min(self.config.timeout_s, 30.0))
+        except openai.APIStatusError:
+            pass  # something answered; some servers do not serve /models
+        except openai.APIConnectionError as e:
+            raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {e.__cause__ or e}") from None
+
+    async def _grade_one(self, client, semaphore, item: GradeItem) -> Grade:
+        c = self.config
+        if (item.completion is None) == (item.proof is None):
+            raise ValueError("a GradeItem needs exactly one of completion and proof")
+        if item.proof is not None:
+            proof = item.proof.strip()
+        else:
+            proof = extract_proof(item.completion, c.strip_self_evaluation)
+            if proof is None and not c.require_think_end:
+                proof = item.completion.strip()
+            if proof is None:
+                return Grade(score=0, reward=0.0, reason="no_think_end")
+        if not proof:
+            return Grade(score=0, reward=0.0, reason="empty_proof")
+        key = cache_key(c, self.template, item, proof)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        async with semaphore:
+            grade = await self._request(client, render_prompt(self.template, item, proof))
+        if self.cache is not None and not grade.failed:
+            self.cache.put(key, grade)
+        return grade
+
+    async def _request(self, client, prompt: str) -> Grade:
+        c = self.config
+        start = time.monotonic()
+        attempts, transport_failures, parse_failures = 0, 0, 0
+        reply, reason = None, "parse_failure"
+        while True:
+            attempts += 1
+            self.requests_sent += 1
+            try:
+                reply = await self._send(client, prompt)
+            except openai.APIConnectionError as e:
+                if isinstance(e, openai.APITimeoutError):
+                    reason = "timeout"
+                elif transport_failures >= c.max_retries:
+                    raise JudgeUnavailable(f"cannot reach the judge at {c.base_url}: {e.__cause__ or e}") from None
+                else:
+                    reason = "connection_error"
+            except (openai.RateLimitError, openai.InternalServerError) as e:
+                reason = f"http_{e.status_code}"
+            except openai.APIStatusError as e:  # other 4xx: the request itself is wrong, no retry
+                return Grade(None, 0.0, f"http_{e.status_code}", raw=str(e.message)[:500],
+                             latency_s=time.monotonic() - start, attempts=attempts)
+            else:
+                score = parse_score(reply, c.answer_format, c.scores)
+                if score is not None:
+                    return Grade(score, score / MAX_SCORE, "ok", raw=reply,
+                                 latency_s=time.monotonic() - start, attempts=attempts)
+                reason = "parse_failure"
+                parse_failures += 1
+                if parse_failures > c.parse_retries:
+                    break
+                continue
+            transport_failures += 1
+            if transport_failures > c.max_retries:
+                break
+            delay = c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5)
+            log.debug("judge request failed (%s); retrying in %.2fs", reason, delay)
+            await asyncio.sleep(delay)
+        return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)
+
+    async def _send(self, client, prompt: str) -> str:
+        c = self.config
+        if c.api == "chat":
+            kwargs = dict(model=c.model, messages=[{"role": "user", "content": prompt}],
+                          temperature=c.temperature, max_tokens=c.max_tokens)
+            if c.reasoning_effort:
+                kwargs["reasoning_effort"] = c.reasoning_effort
+            response = await client.chat.completions.create(**kwargs)
+            return response.choices[0].message.content or ""
+        kwargs = dict(model=c.model, input=prompt, temperature=c.temperature, max_output_tokens=c.max_tokens)
+        if c.reasoning_effort:
+            kwargs["reasoning"] = {"effort": c.reasoning_effort}
+        response = await client.responses.create(**kwargs)
+        return response.output_text or ""
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()

@@ -1,0 +1,123 @@
+"""A loopback OpenAI-compatible server whose replies tests script, item by item.
+
+A prompt names its item with a marker `[[item:ID]]` (put in the proof). `scripts[ID]` is a list
+of actions, one per attempt (the last repeats): ("score", N) replies `<score>N</score>`;
+("reply", text) replies with that text; ("status", code) fails with that HTTP status;
+("hang", seconds) waits before a valid reply (and drops the request if the client disconnects
+first, as vLLM aborts abandoned requests). Counts requests per item and peak concurrency.
+"""
+
+import json
+import re
+import select
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class JudgeServer:
+    def __init__(self, scripts=None, default=("score", 7)):
+        self.scripts = dict(scripts or {})
+        self.default = default
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.total = 0
+        self.active = 0
+        self.peak = 0
+        self.auth: list[str | None] = []
+        self.bodies: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.endswith("/models"):
+                    self._json(200, {"object": "list", "data": [{"id": "judge", "object": "model",
+                                                                  "created": 0, "owned_by": "test"}]})
+                else:
+                    self._json(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.active += 1
+                    server.peak = max(server.peak, server.active)
+                    server.auth.append(self.headers.get("Authorization"))
+                    server.bodies.append(body)
+                try:
+                    self._answer(body)
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def _answer(self, body):
+                if self.path.endswith("/chat/completions"):
+                    prompt = body["messages"][-1]["content"]
+                else:
+                    prompt = body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
+                match = re.search(r"\[\[item:([\w-]+)\]\]", prompt)
+                item = match.group(1) if match else "_"
+                with server.lock:
+                    attempt = server.requests.get(item, 0)
+                    server.requests[item] = attempt + 1
+                    server.total += 1
+                script = server.scripts.get(item, [server.default])
+                kind, value = script[min(attempt, len(script) - 1)]
+                if kind == "status":
+                    return self._json(value, {"error": {"message": f"scripted {value}", "type": "server_error"}})
+                if kind == "hang":
+                    if not self._wait_unless_abandoned(value):
+                        return  # the client gave up, as a real server notices and aborts
+                    text = "<score>7</score>"
+                elif kind == "score":
+                    text = f"<assessment>fine</assessment><errors>none</errors><score>{value}</score>"
+                else:
+                    text = value
+                if self.path.endswith("/chat/completions"):
+                    self._json(200, {
+                        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": text}}],
+                    })
+                else:
+                    self._json(200, {
+                        "id": "resp-1", "object": "response", "created_at": 0, "model": body["model"],
+                        "status": "completed", "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
+                        "output": [{"type": "message", "id": "msg-1", "role": "assistant", "status": "completed",
+                                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                    })
+
+            def _wait_unless_abandoned(self, seconds):
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    readable, _, _ = select.select([self.connection], [], [], 0.002)
+                    if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                        return False
+                return True
+
+            def _json(self, status, payload):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a scripted hang past its timeout)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

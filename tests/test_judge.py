@@ -1,0 +1,209 @@
+"""The judge against a scripted loopback OpenAI-compatible server."""
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, parse_score,
+                           render_marking_scheme, render_prompt, load_template)
+from tests.judge_server import JudgeServer
+
+ALL = set(range(8))
+
+
+def _config(server, tmp_path, **overrides):
+    base = dict(base_url=server.url, model="judge", concurrency=8, timeout_s=1.0, max_retries=2,
+                backoff_s=0.05, parse_retries=1, cache_path=str(tmp_path / "cache.sqlite"))
+    return JudgeConfig(**{**base, **overrides})
+
+
+def _item(i, score_hint=""):
+    return GradeItem(problem=f"Problem {i}", rubric="Full marks for a proof.",
+                     completion=f"thinking...</think>Proof {score_hint} [[item:i{i}]]")
+
+
+def _chaos_scripts():
+    """200 items: 20 % HTTP 500, 10 % 429, 10 % hangs past the timeout, 10 % malformed replies.
+    Returns scripts and the expected (score or None, reason, attempts) per item."""
+    scripts, expected = {}, {}
+    for i in range(200):
+        k = i % 8
+        if i < 20:  # 500 once, then fine
+            scripts[f"i{i}"], expected[i] = [("status", 500), ("score", k)], (k, "ok", 2)
+        elif i < 40:  # 500 for good
+            scripts[f"i{i}"], expected[i] = [("status", 500)], (None, "http_500", 3)
+        elif i < 60:  # 429 twice, then fine
+            scripts[f"i{i}"], expected[i] = [("status", 429), ("status", 429), ("score", k)], (k, "ok", 3)
+        elif i < 70:  # hangs once, then fine
+            scripts[f"i{i}"], expected[i] = [("hang", 3.0), ("score", k)], (k, "ok", 2)
+        elif i < 80:  # hangs for good
+            scripts[f"i{i}"], expected[i] = [("hang", 3.0)], (None, "timeout", 3)
+        elif i < 88:  # malformed once, then fine
+            scripts[f"i{i}"], expected[i] = [("reply", "I think it deserves a 5."), ("score", k)], (k, "ok", 2)
+        elif i < 94:  # out of range for good
+            scripts[f"i{i}"], expected[i] = [("reply", "<score>9</score>")], (None, "parse_failure", 2)
+        elif i < 100:  # no tag at all, for good
+            scripts[f"i{i}"], expected[i] = [("reply", "Score: seven")], (None, "parse_failure", 2)
+        else:
+            scripts[f"i{i}"], expected[i] = [("score", k)], (k, "ok", 1)
+    return scripts, expected
+
+
+def test_chaos_batch_ends_with_scripted_scores_or_explicit_failures(tmp_path):
+    scripts, expected = _chaos_scripts()
+    with JudgeServer(scripts) as server:
+        judge = Judge(_config(server, tmp_path))
+        grades = judge.grade_batch([_item(i) for i in range(200)])
+    assert len(grades) == 200
+    for i, grade in enumerate(grades):
+        score, reason, attempts = expected[i]
+        assert (grade.score, grade.reason, grade.attempts) == (score, reason, attempts), i
+        assert grade.reward == (0.0 if score is None else score / 7)
+        assert server.requests[f"i{i}"] == attempts, i  # nothing lost, nothing sent twice
+    assert 2 <= server.peak <= 8
+
+
+def test_rerun_sends_no_request_and_returns_identical_grades(tmp_path):
+    scripts = {f"i{i}": [("score", i % 8)] for i in range(100)}
+    with JudgeServer(scripts) as server:
+        first = Judge(_config(server, tmp_path)).grade_batch([_item(i) for i in range(100)])
+        sent = server.total
+        second = Judge(_config(server, tmp_path)).grade_batch([_item(i) for i in range(100)])
+        assert server.total == sent == 100
+    assert [(g.score, g.reason, g.raw) for g in first] == [(g.score, g.reason, g.raw) for g in second]
+    assert all(g.cached for g in second) and not any(g.cached for g in first)
+
+
+def test_completion_without_think_end_is_not_sent(tmp_path):
+    with JudgeServer() as server:
+        grades = Judge(_config(server, tmp_path)).grade_batch(
+            [GradeItem(problem="P", completion="I ran out of tokens while thinking [[item:x]]")])
+        assert server.total == 0
+    assert (grades[0].score, grades[0].reward, grades[0].reason) == (0, 0.0, "no_think_end")
+
+
+@pytest.mark.parametrize("reply,fmt,allowed,expected", [
+    ("<score>5</score>", "score", ALL, 5),
+    ("  <score> 6 </score>\n", "score", ALL, 6),
+    ("Assessment... <SCORE>3</SCORE> trailing words", "score", ALL, 3),
+    ("<score>2</score> on reflection <score>4</score>", "score", ALL, 4),  # the last tag wins
+    ("<score>8</score>", "score", ALL, None),  # out of range
+    ("<score>-1</score>", "score", ALL, None),
+    ("<score>5", "score", ALL, None),  # not well-formed
+    ("<score>five</score>", "score", ALL, None),
+    ("<score>3</score> then <score>12</score>", "score", ALL, None),  # last tag rejected, not skipped
+    ("", "score", ALL, None),
+    ("<points>6 out of 7</points>", "points", {0, 1, 6, 7}, 6),
+    ("<points>3 out of 7</points>", "points", {0, 1, 6, 7}, None),  # not an allowed IMO mark
+    ("<points> 7 OUT OF 7 </points>", "points", {0, 1, 6, 7}, 7),
+    ("<verdict>Correct</verdict>", "verdict", ALL, 7),
+    ("<verdict> incorrect </verdict>", "verdict", ALL, 0),
+    ("The answer is correct.", "verdict", ALL, None),
+])
+def test_parse_score_table(reply, fmt, allowed, expected):
+    assert parse_score(reply, fmt, allowed) == expected
+
+
+def test_proof_extraction_and_self_evaluation_strip():
+    assert extract_proof("a</think>b</think>  the proof ") == "the proof"
+    assert extract_proof("no end of thinking") is None
+    text = "x</think>Proof. Done.\n\n## Self-evaluation\nI am confident this is right."
+    assert extract_proof(text, strip_self_evaluation=True) == "Proof. Done."
+    assert extract_proof(text) == text.split("</think>")[1].strip()
+
+
+def test_marking_scheme_renders_string_and_checkpoints_consistently():
+    scheme = [{"title": "Reduce to n even", "points": 2, "desc": "Shows WLOG n even."},
+              {"title": "Finish", "points": 5, "desc": "Completes the induction."}]
+    rendered = render_marking_scheme(scheme)
+    assert rendered == ("Checkpoint 1: Reduce to n even (2 points)\nShows WLOG n even.\n\n"
+                        "Checkpoint 2: Finish (5 points)\nCompletes the induction.")
+    assert render_marking_scheme("  plain text scheme ") == "plain text scheme"
+    prompt = render_prompt(load_template("rl_grader"), GradeItem(problem="P {x}", rubric=scheme, proof="Q"), "Q")
+    assert "Checkpoint 2: Finish (5 points)" in prompt and "P {x}" in prompt and "{{" not in prompt
+
+
+def test_responses_and_chat_paths_send_the_configured_parameters(tmp_path):
+    with JudgeServer({"i1": [("score", 4)], "i2": [("score", 6)]}) as server:
+        chat = Judge(_config(server, tmp_path, api="chat", cache_path=None, max_tokens=123,
+                             reasoning_effort="high")).grade_batch([_item(1)])
+        responses = Judge(_config(server, tmp_path, api="responses", cache_path=None, max_tokens=321,
+                                  reasoning_effort="low")).grade_batch([_item(2)])
+    assert chat[0].score == 4 and responses[0].score == 6
+    chat_body, responses_body = server.bodies
+    assert chat_body["max_tokens"] == 123 and chat_body["reasoning_effort"] == "high"
+    assert responses_body["max_output_tokens"] == 321 and responses_body["reasoning"] == {"effort": "low"}
+    assert "[[item:i2]]" in responses_body["input"]
+
+
+def test_unreachable_endpoint_aborts_clearly(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    config = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", cache_path=None, backoff_s=0.01)
+    with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
+        Judge(config).grade_batch([_item(0)])
+
+
+def _write_rows(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"problem": f"Problem {i}", "rubric": "7 for a proof",
+                                "completion": f"hmm</think>Proof [[item:i{i}]]"}) + "\n")
+
+
+def _cli(args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", *args], env=env, **kwargs)
+
+
+def test_cli_killed_mid_run_resumes_without_regrading(tmp_path):
+    rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
+    _write_rows(rows, 60)
+    with JudgeServer({f"i{i}": [("hang", 0.15)] for i in range(60)}) as server:
+        args = ["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+                "concurrency=2", f"cache_path={cache}", "timeout_s=10"]
+        proc = _cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        done = 0
+        while done < 10 and time.time() < deadline:
+            time.sleep(0.1)
+            if cache.exists():
+                with sqlite3.connect(cache) as db:
+                    done = db.execute("SELECT COUNT(*) FROM grades").fetchone()[0]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with sqlite3.connect(cache) as db:
+            finished = db.execute("SELECT COUNT(*) FROM grades").fetchone()[0]
+        assert 10 <= finished < 60 and not out.exists()
+        sent_before = server.total
+        assert _cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+    graded = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["problem"] for r in graded] == [f"Problem {i}" for i in range(60)]
+    assert all(r["score"] == 7 for r in graded)
+    assert sum(r["cached"] for r in graded) >= finished
+    # Only the unfinished rows were sent again (at most `concurrency` were in flight at the kill).
+    assert server.total - sent_before == 60 - sum(r["cached"] for r in graded)
+    assert server.total <= 60 + 2
+
+
+def test_api_key_appears_in_no_log_output_or_cache(tmp_path):
+    secret = "sk-qedjax-test-5f3a9c1e77"
+    rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
+    _write_rows(rows, 5)
+    env = {**os.environ, "JUDGE_API_KEY": secret, "OPENAI_LOG": "debug"}
+    with JudgeServer({"i0": [("status", 500), ("score", 3)], "i1": [("reply", "bad"), ("score", 2)]}) as server:
+        with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+            rc = _cli(["-v", "judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+                       f"cache_path={cache}", "backoff_s=0.01"], env=env, stdout=so, stderr=se).wait()
+        assert rc == 0
+        assert server.auth and all(a == f"Bearer {secret}" for a in server.auth)  # it was used
+    assert "DEBUG" in (tmp_path / "stderr").read_text()  # the logs were verbose, yet hold no key
+    for path in tmp_path.iterdir():
+        assert secret.encode() not in path.read_bytes(), path.name
