@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,11 +34,17 @@ def is_checkpoint_dir(path) -> bool:
     return (epath.Path(path) / MODEL_CONFIG).exists()
 
 
-def manager(directory, max_to_keep: int | None = None, items=("params",)) -> ocp.CheckpointManager:
+def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+    }
     return ocp.CheckpointManager(
         epath.Path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=tuple(items),
+        item_handlers=handlers,
     )
 
 
@@ -105,3 +112,33 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+class TrainCheckpoints:
+    """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
+    RNG, anything else the trainer needs to continue exactly)."""
+
+    def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None):
+        write_model_config(directory, config, assets_from)
+        self.manager = manager(directory, max_to_keep=keep)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
+        ), force=True)
+
+    def restore(self, step: int, params_target, opt_target, data_iterator):
+        """(params, opt_state, meta); the data iterator is moved to where it was."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
+            data=grain.checkpoint.CheckpointRestore(data_iterator), meta=ocp.args.JsonRestore(),
+        ))
+        return restored["params"], restored["opt_state"], restored["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,216 @@
+"""Data: SFT rows → tokens with assistant-only loss masks → Grain pipeline (shuffle, shard by
+process, first-fit packing, batching, prefetch). Also the row readers shared by RL and eval.
+
+Rows come from a local JSONL / Parquet file or a hub dataset name. Bad rows are skipped and
+counted, with the first few row numbers logged: never a crash mid-epoch, never silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from qed_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = "configs/data/tiny_proofs.jsonl"  # .jsonl / .parquet file, or a hub dataset name
+    name: str | None = None  # hub dataset config (e.g. FineProofs-SFT "default" or "all")
+    split: str = "train"
+    max_length: int = 512  # length of a packed row
+    overflow: str = "drop"  # rows longer than max_length: drop | truncate
+    eval_rows: int = 0  # rows held out (from the end, before shuffling) for the eval loss
+    seed: int = 0
+    packing_bins: int = 16
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.overflow not in ("drop", "truncate"):
+            raise ConfigError(f"data.overflow must be drop or truncate, got {self.overflow!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: str, name: str | None = None, split: str = "train") -> list[dict]:
+    """All rows of a local .jsonl / .parquet file or a hub dataset (`datasets.load_dataset`)."""
+    local = Path(path)
+    if local.suffix == ".jsonl" or local.suffix == ".json":
+        if not local.is_file():
+            raise ConfigError(f"data file {path} does not exist")
+        rows = []
+        with open(local) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    rows.append(_BadRow(f"line {n} is not valid JSON ({e.msg})"))
+        return rows
+    import datasets
+
+    if local.suffix == ".parquet":
+        if not local.is_file():
+            raise ConfigError(f"data file {path} does not exist")
+        return list(datasets.load_dataset("parquet", data_files=str(local), split="train"))
+    return list(datasets.load_dataset(path, name, split=split))
+
+
+class _BadRow(dict):
+    """Stands in for an unparsable line so that row numbers stay aligned."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# SFT rows → chat messages → tokens + loss mask
+
+
+def sft_messages(row: Any) -> list[dict]:
+    """Chat messages of an SFT row: its `messages`, or problem + reasoning_content + proof.
+    Raises ValueError naming what is wrong."""
+    if isinstance(row, _BadRow):
+        raise ValueError(row.reason)
+    if not isinstance(row, dict):
+        raise ValueError("row is not a mapping")
+    if row.get("messages"):
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            raise ValueError("field 'messages' is not a list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise ValueError(f"messages[{i}] has unknown role {m.get('role') if isinstance(m, dict) else m!r}")
+            if not isinstance(m.get("content"), str) or not m["content"].strip():
+                raise ValueError(f"messages[{i}] has empty content")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("the last message is not the assistant's")
+        return messages
+    for field in ("problem", "reasoning_content", "proof"):
+        if not isinstance(row.get(field), str) or not row[field].strip():
+            raise ValueError(f"field {field!r} is missing or empty (and there are no messages)")
+    return [{"role": "user", "content": row["problem"]},
+            {"role": "assistant", "content": row["proof"], "reasoning_content": row["reasoning_content"]}]
+
+
+def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and loss mask (1 = a token the model learns to write) of a conversation.
+    The mask covers the final assistant turn after its generation prefix, up to and including
+    its <|im_end|>. Prefix and answer are tokenized apart, as the model sees them at inference."""
+    prefix = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prefix):
+        raise ValueError("the chat template does not render the conversation as prompt + answer")
+    answer = full[len(prefix):]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if end not in answer_ids:
+        raise ValueError("the rendered answer has no <|im_end|>")
+    stop = len(answer_ids) - answer_ids[::-1].index(end)  # through the last <|im_end|>
+    ids = np.asarray(prompt_ids + answer_ids, np.int32)
+    mask = np.zeros(len(ids), np.int32)
+    mask[len(prompt_ids): len(prompt_ids) + stop] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass
+class PrepareStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)  # reason → count
+    first_skipped: list = dataclasses.field(default_factory=list)  # (row number, reason)
+
+    def summary(self) -> str:
+        parts = [f"{self.kept} of {self.rows} rows kept"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        if self.dropped_long:
+            parts.append(f"{self.dropped_long} dropped as too long")
+        if self.skipped:
+            parts.append(f"{sum(self.skipped.values())} malformed skipped")
+        return ", ".join(parts)
+
+
+def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data") -> tuple[list[dict], PrepareStats]:
+    """Tokenize every row; skip malformed ones and handle long ones, counting both."""
+    stats = PrepareStats(rows=len(rows))
+    examples = []
+    for n, row in enumerate(rows, 1):
+        try:
+            ids, mask = tokenize_sft(tokenizer, sft_messages(row))
+        except ValueError as e:
+            reason = str(e)
+            stats.skipped["invalid JSON" if isinstance(row, _BadRow) else reason] += 1
+            if len(stats.first_skipped) < 5:
+                stats.first_skipped.append((n, reason))
+            continue
+        if len(ids) > config.max_length:
+            if config.overflow == "drop":
+                stats.dropped_long += 1
+                continue
+            ids, mask = ids[: config.max_length], mask[: config.max_length]
+            stats.truncated += 1
+        if mask.sum() == 0:
+            stats.skipped["no answer tokens within max_length"] += 1
+            continue
+        examples.append({"tokens": ids, "loss_mask": mask})
+    stats.kept = len(examples)
+    for n, reason in stats.first_skipped:
+        log.warning("%s: skipped row %d: %s", source, n, reason)
+    log.info("%s: %s", source, stats.summary())
+    if not examples:
+        raise ConfigError(f"{source}: no usable rows ({stats.summary()})")
+    return examples, stats
+
+
+# --------------------------------------------------------------------------------------------
+# The Grain pipeline
+
+
+def packed_batches(examples: list[dict], config: DataConfig, batch_size: int, epochs: int | None,
+                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches [batch_size, max_length] of packed rows with fields tokens, loss_mask, segment_ids
+    (0 = padding) and positions (restarting in each segment). Each process reads its own shard.
+    `epochs=None` repeats forever."""
+    ds = grain.MapDataset.source(examples)[process_index::process_count]
+    ds = ds.repeat(epochs).shuffle(seed=config.seed) if epochs else ds.shuffle(seed=config.seed).repeat()
+    length = config.max_length
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(), length_struct={"tokens": length, "loss_mask": length},
+        num_packing_bins=config.packing_bins, seed=config.seed,
+    )
+    packed = packed.map(_rename_packing_fields)
+    batched = packed.batch(batch_size, drop_remainder=True)
+    return grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=config.prefetch)
+
+
+def _rename_packing_fields(row: dict) -> dict:
+    return {"tokens": row["tokens"], "loss_mask": row["loss_mask"],
+            "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
+
+
+def count_packed_rows(examples: list[dict], config: DataConfig) -> int:
+    """Packed rows in one epoch (single process), to size the learning-rate schedule."""
+    lengths = [{"tokens": np.zeros(len(e["tokens"]), np.int8)} for e in examples]
+    ds = grain.MapDataset.source(lengths).shuffle(seed=config.seed).to_iter_dataset()
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"tokens": config.max_length}, num_packing_bins=config.packing_bins, seed=config.seed)
+    return sum(1 for _ in packed)

@@ -1,0 +1,341 @@
+"""Supervised fine-tuning on a device mesh: packed batches, AdamW with warmup + cosine, gradient
+accumulation normalized per target token, Orbax checkpoints that resume exactly, export to HF.
+
+The pure pieces (`token_loss`, `train_step`) come first; `train` is the loop around them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from qed_jax import checkpoint
+from qed_jax.config import ConfigError, ModelConfig, dump_json, preset
+from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
+from qed_jax.model import Qwen3
+from qed_jax.sharding import DEFAULT_RULES, MeshConfig, create_sharded, make_mesh
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    path: str | None = None  # Hugging Face folder or qed-jax checkpoint; None: random init of `preset`
+    preset: str = "tiny"
+    param_dtype: str | None = None  # default: the checkpoint's (or the preset's)
+    dtype: str | None = None  # compute dtype; default: param_dtype
+    remat: str = "none"  # none | full | dots
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-5
+    schedule: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.05
+    final_lr_ratio: float = 0.0  # where the cosine ends, as a fraction of lr
+    weight_decay: float = 0.0  # applied to matrices only, not to norms
+    grad_clip: float = 1.0  # global-norm clip; 0 switches it off
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    model: ModelSpec = ModelSpec()
+    tokenizer: str | None = None  # default: model.path
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    batch_size: int = 8  # packed rows per optimizer step, all processes together
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    epochs: int = 1
+    steps: int | None = None  # default: epochs x packed rows / batch_size
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: no eval loss
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    output_dir: str = "runs/sft"
+    export_dtype: str | None = "bfloat16"  # the Hugging Face export at the end; null: none
+    peak_tflops_per_device: float | None = None  # for the MFU estimate (e.g. 197 on TPU v5e)
+
+    def __post_init__(self):
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def token_loss(graphdef, params, batch):
+    """(sum of next-token NLL over target tokens, number of target tokens) for packed rows
+    [b, L]. A token is a target when its loss_mask is 1 and it continues the same segment."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    targets = batch["tokens"][:, 1:]
+    seg = batch["segment_ids"]
+    weights = (batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] > 0)).astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def accumulated_grads(graphdef, params, batch):
+    """Gradients of the mean loss per target token over all microbatches [M, b, L]."""
+    grad_fn = jax.value_and_grad(partial(token_loss, graphdef), has_aux=True)
+
+    def micro(carry, microbatch):
+        grads, loss_sum, count = carry
+        (loss, n), g = grad_fn(params, microbatch)
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    denom = jnp.maximum(count, 1.0)
+    return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count
+
+
+def train_step(graphdef, optimizer, params, opt_state, batch):
+    grads, loss, count = accumulated_grads(graphdef, params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    tokens = jnp.sum(batch["segment_ids"] > 0)
+    return params, opt_state, {"loss": loss, "target_tokens": count, "tokens": tokens,
+                               "grad_norm": optax.tree.norm(grads)}
+
+
+def lr_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
+    warmup = int(round(config.warmup_ratio * steps))
+    if config.schedule == "constant":
+        if not warmup:
+            return optax.constant_schedule(config.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup),
+                                     optax.constant_schedule(config.lr)], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(steps, warmup + 1),
+                                              end_value=config.lr * config.final_lr_ratio)
+
+
+def make_optimizer(config: OptimConfig, steps: int) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(lr_schedule(config, steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x matmul parameters, plus causal attention."""
+    c = config
+    per_layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim \
+        + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    matmul = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len  # QK^T and AV, halved by causality
+    return 6 * matmul + attention
+
+
+# --------------------------------------------------------------------------------------------
+# Building the pieces from config
+
+
+def load_model(spec: ModelSpec, mesh, seed: int) -> Qwen3:
+    if spec.path:
+        from qed_jax.pretrained import from_pretrained
+
+        model = from_pretrained(spec.path, mesh=mesh, dtype=spec.param_dtype, compute_dtype=spec.dtype)
+    else:
+        base = preset(spec.preset)
+        param_dtype = spec.param_dtype or base.param_dtype
+        config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype)
+        model = create_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh)
+    model.config = model.config.replace(remat=spec.remat)
+    return model
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """[microbatch, row, time]: rows over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(None, DEFAULT_RULES["batch"], None))
+
+
+def to_global(batch: dict, micro_batches: int, sharding) -> dict:
+    """Process-local rows → a global array [M, rows, L] sharded over the mesh."""
+    def one(x):
+        local = x.reshape(micro_batches, -1, *x.shape[1:])
+        shape = (micro_batches, local.shape[1] * jax.process_count(), *local.shape[2:])
+        return jax.make_array_from_process_local_data(sharding, local, shape)
+
+    return {k: one(np.asarray(v)) for k, v in batch.items()}
+
+
+class MetricsLog:
+    """Per-step metrics to JSONL (truncated to the resumed step) and TensorBoard."""
+
+    def __init__(self, directory: Path, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = directory / "metrics.jsonl"
+        if not self.enabled:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config: SFTConfig) -> dict:
+    """Run SFT; resumes from the latest checkpoint in `output_dir`.
+    Returns {output_dir, step, loss (of the last step), process}."""
+    from qed_jax.tokenizer import load_tokenizer
+
+    out = Path(config.output_dir)
+    mesh = make_mesh(config.mesh)
+    tokenizer_path = config.tokenizer or config.model.path
+    if tokenizer_path is None:
+        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    tokenizer = load_tokenizer(tokenizer_path)
+
+    rows = read_rows(config.data.path, config.data.name, config.data.split)
+    held_out = config.data.eval_rows if config.eval_every else 0
+    train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
+    examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
+    eval_examples = prepare_sft(eval_rows, tokenizer, config.data, source=f"{config.data.path} (eval)")[0] \
+        if eval_rows else []
+
+    model = load_model(config.model, mesh, config.seed)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)
+    optimizer = make_optimizer(config.optim, steps)
+    schedule = lr_schedule(config.optim, steps)
+    opt_state = jax.jit(optimizer.init)(params)
+    # Moments follow their params' shardings; step counters land on one device: replicate them.
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    step_fn = jax.jit(partial(train_step, graphdef, optimizer), donate_argnums=(0, 1),
+                      out_shardings=(param_shardings, opt_shardings, None))
+    eval_fn = jax.jit(lambda p, b: jax.tree.map(jnp.sum, jax.vmap(partial(token_loss, graphdef, p))(b)))
+
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+    local_batch = config.batch_size // jax.process_count()
+    data = iter(packed_batches(examples, config.data, local_batch, epochs=None,
+                               process_index=jax.process_index(), process_count=jax.process_count()))
+    sharding = batch_sharding(mesh)
+
+    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", model.config, config.keep_checkpoints,
+                                        assets_from=tokenizer_path)
+    start = 0
+    if (latest := ckpts.latest_step()) is not None:
+        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                               (params, opt_state))
+        params, opt_state, meta = ckpts.restore(latest, *targets, data)
+        start = meta["step"]
+        log.info("resumed from %s at step %d", out / "checkpoints", start)
+    elif jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(dump_json(config))
+    metrics_log = MetricsLog(out, start)
+    flops_per_token = train_flops_per_token(model.config, config.data.max_length)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    meta = lambda step: {"step": step, "seed": config.seed}  # noqa: E731
+    log.info("training %d steps (%d packed rows of %d tokens per step)", steps, config.batch_size,
+             config.data.max_length)
+    progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
+    step, last_loss = start, math.nan
+    try:
+        while step < steps and stop["signal"] is None:
+            tick = time.perf_counter()
+            batch = to_global(next(data), config.micro_batches, sharding)
+            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            step += 1
+            last_loss = metrics["loss"]
+            if step % config.log_every == 0 or step == steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - tick
+                metrics.update(lr=float(schedule(step - 1)), tokens_per_s=metrics["tokens"] / seconds,
+                               step_s=seconds)
+                if config.peak_tflops_per_device:
+                    metrics["mfu"] = flops_per_token * metrics["tokens"] / seconds / (
+                        config.peak_tflops_per_device * 1e12 * jax.device_count())
+                if config.eval_every and step % config.eval_every == 0 and eval_examples:
+                    metrics["eval_loss"] = evaluate(eval_fn, params, eval_examples, config, sharding)
+                metrics_log.write(step, metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            progress.update()
+            if step % config.checkpoint_every == 0 or step == steps:
+                ckpts.save(step, params, opt_state, data, meta(step))
+        if stop["signal"] is not None and step % config.checkpoint_every and step != steps:
+            log.warning("SIGTERM: writing a checkpoint at step %d before exiting", step)
+            ckpts.save(step, params, opt_state, data, meta(step))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+        ckpts.close()
+        metrics_log.close()
+    if stop["signal"] is not None:
+        raise SystemExit(128 + stop["signal"])
+    if config.export_dtype:
+        from qed_jax.pretrained import save_pretrained
+
+        save_pretrained(nnx.merge(graphdef, params), out / "hf", dtype=config.export_dtype,
+                        assets_from=tokenizer_path)
+        log.info("exported the model to %s", out / "hf")
+    return {"output_dir": str(out), "step": step, "loss": float(last_loss), "process": jax.process_index()}
+
+
+def evaluate(eval_fn, params, examples, config: SFTConfig, sharding) -> float:
+    """Mean loss per target token over `eval_batches` batches of the held-out rows (a fresh,
+    seeded iterator each time, repeating the rows if they fill fewer batches)."""
+    batches = packed_batches(examples, config.data, config.batch_size // jax.process_count(), epochs=None,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if i == config.eval_batches:
+            break
+        loss, n = jax.device_get(eval_fn(params, to_global(batch, 1, sharding)))
+        total, count = total + float(loss), count + float(n)
+    return total / count if count else math.nan
