@@ -1,0 +1,124 @@
+"""Throughput of qed-jax's SFT step next to a transformers/PyTorch training step: the same random
+Qwen3, the same token batch, AdamW, forward + backward + update. Writes JSON.
+
+    python bench/train_step.py --layers 10 --hidden 512 --batch 4 --seq 512 [--peak-tflops 197]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _best(fn, steps):
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--mlp", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=10)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak, for MFU")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--out", default="bench/results/train_step.json")
+    args = p.parse_args()
+
+    from flax import nnx
+
+    from qed_jax.config import ModelConfig
+    from qed_jax.model import Qwen3, param_count
+    from qed_jax.sft import OptimConfig, make_optimizer, train_flops_per_token, train_step
+
+    config = ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_layers=args.layers,
+        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, rope_theta=1e6,
+        tie_word_embeddings=True, param_dtype="float32", dtype="float32",
+    )
+    B, T = args.batch, args.seq
+    tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
+    flops_per_step = train_flops_per_token(config, T) * B * T
+    optim = OptimConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0, weight_decay=0.01, grad_clip=0.0)
+
+    # qed-jax
+    graphdef, state = nnx.split(Qwen3(config, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    optimizer = make_optimizer(optim, steps=100)
+    opt_state = optimizer.init(params)
+    batch = {"tokens": jnp.asarray(tokens[None]), "loss_mask": jnp.ones((1, B, T), jnp.int32),
+             "segment_ids": jnp.ones((1, B, T), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))}
+    step = jax.jit(partial(train_step, graphdef, optimizer), donate_argnums=(0, 1))
+    holder = {"params": params, "opt": opt_state}
+
+    def run_jax():
+        holder["params"], holder["opt"], metrics = step(holder["params"], holder["opt"], batch)
+        jax.block_until_ready(metrics)
+
+    run_jax()  # compile
+    jax_best, jax_median = _best(run_jax, args.steps)
+
+    def figures(seconds):
+        out = {"step_s": seconds, "tokens_per_s": B * T / seconds, "tflops_per_s": flops_per_step / seconds / 1e12}
+        if args.peak_tflops:
+            out["mfu"] = out["tflops_per_s"] / args.peak_tflops
+        return out
+
+    result = {
+        "benchmark": "train_step",
+        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+        "host": platform.machine(),
+        "params": param_count(config),
+        "flops_per_step": flops_per_step,
+        "config": vars(args),
+        "qed_jax": {**figures(jax_best), "median_step_s": jax_median},
+    }
+
+    if not args.skip_torch:
+        import torch
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(**config.to_hf(torch_dtype="float32"))).train()
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        ids = torch.tensor(tokens, dtype=torch.long)
+
+        def run_torch():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            adamw.step()
+            adamw.zero_grad(set_to_none=True)
+
+        run_torch()
+        torch_best, torch_median = _best(run_torch, args.steps)
+        result["torch"] = {**figures(torch_best), "median_step_s": torch_median,
+                           "threads": torch.get_num_threads(), "version": torch.__version__}
+        result["ratio_qed_jax_over_torch_tokens_per_s"] = torch_best / jax_best
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
