@@ -108,6 +108,23 @@ def _sft(args) -> None:
           f"metrics in {result['output_dir']}/metrics.jsonl")
 
 
+def _grpo(args) -> None:
+    import json
+
+    from qed_jax.config import dump_json, load_config
+    from qed_jax.grpo import GRPOConfig, train
+
+    config = load_config(GRPOConfig, args.config, args.overrides)
+    print("derived: " + json.dumps(config.derived()))
+    if args.print_config:
+        print(dump_json(config))
+        return
+    _init_distributed(args)
+    result = train(config)
+    print(f"done at step {result['step']}: reward mean {result['reward_mean']:.4f}; "
+          f"metrics in {result['output_dir']}/metrics.jsonl")
+
+
 def _init_distributed(args) -> None:
     """Multi-host: on TPU pods `--distributed` auto-detects the slice; elsewhere name the
     coordinator, the number of processes and this process's id."""
@@ -186,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     _add_distributed_flags(p)
     p.set_defaults(run=_sft)
+
+    p = sub.add_parser("grpo", help="GRPO with rubric rewards from the judge (stage 2 of the recipe)",
+                       description="GRPO: sample a group of completions per prompt with the current "
+                       "policy, grade them with the judge (or a rule, for toy tasks), centre the rewards "
+                       "per group and update with a clipped policy loss. Restarting with the same "
+                       "output_dir resumes; the judge's grade cache makes grading exactly-once.")
+    p.add_argument("--config", help="YAML config, e.g. configs/rl/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=20")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_distributed_flags(p)
+    p.set_defaults(run=_grpo)
     return parser
 
 

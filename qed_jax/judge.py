@@ -369,3 +369,41 @@ class Judge:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Rule-based graders: deterministic stand-ins for the judge on toy tasks (tests, CPU configs)
+
+
+def _closes_thinking(proof: str) -> int:
+    """Full marks for ending the reasoning and writing any answer at all."""
+    return MAX_SCORE if proof.strip() else 0
+
+
+RULES = {"closes_thinking": _closes_thinking}
+
+
+class RuleGrader:
+    """Same interface as Judge; scores the extracted proof with a named rule, sends nothing."""
+
+    def __init__(self, rule: str, strip_self_evaluation: bool = False):
+        if rule not in RULES:
+            raise ConfigError(f"unknown grading rule {rule!r}; choose one of: {', '.join(RULES)}")
+        self.rule, self.strip = RULES[rule], strip_self_evaluation
+
+    def grade_batch(self, items: list[GradeItem], progress=None) -> list[Grade]:
+        grades = []
+        for item in items:
+            proof = item.proof if item.proof is not None else extract_proof(item.completion, self.strip)
+            if proof is None:
+                grade = Grade(score=0, reward=0.0, reason="no_think_end")
+            else:
+                score = self.rule(proof)
+                grade = Grade(score=score, reward=score / MAX_SCORE, reason="ok")
+            grades.append(grade)
+            if progress is not None:
+                progress(grade)
+        return grades
+
+    def close(self) -> None:
+        pass

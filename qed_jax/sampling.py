@@ -161,9 +161,10 @@ class Sampler:
         self.cache_dtype = cache_dtype or model.config.dtype
         self._caches: dict[tuple[int, int], KVCache] = {}
 
-    def update_weights(self, model: Qwen3) -> None:
-        """Sample from new weights (same structure) without recompiling."""
-        self.state = nnx.state(model)
+    def update_weights(self, state) -> None:
+        """Sample from new weights (an nnx.State or pure dict of the same structure, e.g. the
+        trainer's params cast to the sampling dtype) without recompiling."""
+        self.state = state
 
     def _put(self, array: np.ndarray):
         if self.mesh is None:

@@ -3,10 +3,12 @@
 A prompt names its item with a marker `[[item:ID]]` (put in the proof). `scripts[ID]` is a list
 of actions, one per attempt (the last repeats): ("score", N) replies `<score>N</score>`;
 ("reply", text) replies with that text; ("status", code) fails with that HTTP status;
+("hash", seconds) scores the prompt by its hash (0-7), after waiting that long;
 ("hang", seconds) waits before a valid reply (and drops the request if the client disconnects
 first, as vLLM aborts abandoned requests). Counts requests per item and peak concurrency.
 """
 
+import hashlib
 import json
 import re
 import select
@@ -22,6 +24,7 @@ class JudgeServer:
         self.default = default
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
+        self.by_prompt: dict[str, int] = {}  # requests per distinct prompt
         self.total = 0
         self.active = 0
         self.peak = 0
@@ -60,9 +63,11 @@ class JudgeServer:
                     prompt = body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
                 match = re.search(r"\[\[item:([\w-]+)\]\]", prompt)
                 item = match.group(1) if match else "_"
+                digest = hashlib.sha256(prompt.encode()).hexdigest()
                 with server.lock:
                     attempt = server.requests.get(item, 0)
                     server.requests[item] = attempt + 1
+                    server.by_prompt[digest] = server.by_prompt.get(digest, 0) + 1
                     server.total += 1
                 script = server.scripts.get(item, [server.default])
                 kind, value = script[min(attempt, len(script) - 1)]
@@ -72,6 +77,10 @@ class JudgeServer:
                     if not self._wait_unless_abandoned(value):
                         return  # the client gave up, as a real server notices and aborts
                     text = "<score>7</score>"
+                elif kind == "hash":
+                    if not self._wait_unless_abandoned(value):
+                        return
+                    text = f"<score>{int(digest, 16) % 8}</score>"
                 elif kind == "score":
                     text = f"<assessment>fine</assessment><errors>none</errors><score>{value}</score>"
                 else:

@@ -1,0 +1,389 @@
+"""GRPO with rubric rewards: sample G completions per prompt with the current policy, grade
+them with the judge (reward = score / 7; no </think> → 0), centre rewards within each group,
+and update with a clipped policy-gradient loss.
+
+Pure functions first (advantages, log-probs, losses, aggregation); `train` is the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from qed_jax import checkpoint
+from qed_jax.config import ConfigError, dump_json
+from qed_jax.data import read_rows
+from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
+from qed_jax.sampling import Sampler, SamplingParams
+from qed_jax.sft import MetricsLog, ModelSpec, OptimConfig, load_model, make_optimizer
+from qed_jax.sharding import MeshConfig, make_mesh
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("sample_sum", "token_mean", "seq_mean_token_mean")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure math
+
+
+def group_advantages(rewards, normalize_std: bool = False, eps: float = 1e-6):
+    """rewards [P, G] → advantages [P, G]: reward minus its group's mean (÷ the group's std)."""
+    centred = rewards - rewards.mean(axis=-1, keepdims=True)
+    if normalize_std:
+        centred = centred / (rewards.std(axis=-1, keepdims=True) + eps)
+    return centred
+
+
+def token_logprobs(logits, tokens, temperature: float):
+    """log_softmax(logits / temperature) at `tokens`. logits [..., V], tokens [...]."""
+    logprobs = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+
+
+def token_entropy(logits, temperature: float):
+    logprobs = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, eps_low: float, eps_high: float):
+    """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) and whether the clip
+    was active. logprobs [S, T], advantages [S]."""
+    ratio = jnp.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
+
+
+def kl_k3(logprobs, ref_logprobs):
+    """The k3 estimator of KL(policy || reference) per token: e^(ref-lp) - (ref-lp) - 1."""
+    delta = ref_logprobs - logprobs
+    return jnp.exp(delta) - delta - 1.0
+
+
+def aggregate(per_token, mask, mode: str, num_sequences, num_tokens):
+    """Reduce a per-token quantity [S, T] over the masked tokens. The denominators are totals over
+    the whole update (all microbatches), so that summing microbatch results gives the full loss.
+    sample_sum: token sum ÷ number of samples (the recipe's constant normalizer);
+    token_mean: token sum ÷ number of tokens; seq_mean_token_mean: mean over samples of each
+    sample's token mean."""
+    masked = per_token * mask
+    if mode == "sample_sum":
+        return jnp.sum(masked) / num_sequences
+    if mode == "token_mean":
+        return jnp.sum(masked) / jnp.maximum(num_tokens, 1.0)
+    if mode == "seq_mean_token_mean":
+        lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        return jnp.sum(jnp.sum(masked, axis=-1) / lengths) / num_sequences
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 0.8  # log-probs are taken at the sampling temperature
+    clip_eps_low: float = 4.0
+    clip_eps_high: float = 4.0
+    kl_coef: float = 0.0  # > 0 loads a frozen reference model
+    entropy_coef: float = 1e-4
+    aggregation: str = "sample_sum"
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+
+
+def grpo_loss(graphdef, params, ref_params, batch, loss: LossConfig):
+    """The loss of one microbatch [S, L] and its metrics (sums, to be added over microbatches).
+    batch: tokens, mask (1 on completion tokens), old_logprobs, advantages [S],
+    num_sequences and num_tokens (totals over the update)."""
+    tokens, mask = batch["tokens"], batch["mask"][:, 1:].astype(jnp.float32)
+    logits = nnx.merge(graphdef, params)(tokens)[:, :-1]
+    logprobs = token_logprobs(logits, tokens[:, 1:], loss.temperature)
+    old = batch["old_logprobs"][:, 1:]
+    per_token, clipped = clipped_policy_loss(logprobs, old, batch["advantages"], loss.clip_eps_low, loss.clip_eps_high)
+    agg = partial(aggregate, mask=mask, mode=loss.aggregation, num_sequences=batch["num_sequences"],
+                  num_tokens=batch["num_tokens"])
+    entropy = token_entropy(logits, loss.temperature)
+    total = agg(per_token) - loss.entropy_coef * agg(entropy)
+    if ref_params is not None:
+        ref_logits = nnx.merge(graphdef, ref_params)(tokens)[:, :-1]
+        total = total + loss.kl_coef * agg(kl_k3(logprobs, token_logprobs(ref_logits, tokens[:, 1:], loss.temperature)))
+    token_sum = lambda x: jnp.sum(x * mask)  # noqa: E731
+    metrics = {"clip_fraction": token_sum(clipped), "entropy": token_sum(entropy),
+               "approx_kl": token_sum(kl_k3(logprobs, old)), "tokens": jnp.sum(mask)}
+    return total, metrics
+
+
+def update_step(graphdef, optimizer, loss: LossConfig, params, opt_state, ref_params, batch):
+    """One optimizer update over microbatches [M, S/M, L] (gradients summed, since the loss of
+    each microbatch is already normalized by whole-update totals)."""
+    grad_fn = jax.value_and_grad(partial(grpo_loss, graphdef, loss=loss), has_aux=True)
+
+    def micro(carry, mb):
+        grads, total, sums = carry
+        (value, metrics), g = grad_fn(params, ref_params, mb)
+        return (jax.tree.map(jnp.add, grads, g), total + value, jax.tree.map(jnp.add, sums, metrics)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    sums0 = {k: jnp.float32(0) for k in ("clip_fraction", "entropy", "approx_kl", "tokens")}
+    (grads, total, sums), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), sums0), batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    n = jnp.maximum(sums.pop("tokens"), 1.0)
+    metrics = {"loss": total, "grad_norm": optax.tree.norm(grads), **{k: v / n for k, v in sums.items()}}
+    return params, opt_state, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class RLDataConfig:
+    path: str = "configs/data/tiny_proofs.jsonl"  # .jsonl / .parquet, or a hub dataset name
+    name: str | None = None
+    split: str = "train"
+    problem_field: str = "problem"
+    rubric_field: str = "rubrics"  # absent in a row: graded without a marking scheme
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    model: ModelSpec = ModelSpec()
+    tokenizer: str | None = None  # default: model.path
+    data: RLDataConfig = RLDataConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0, weight_decay=0.01,
+                                     grad_clip=0.3)
+    loss: LossConfig = LossConfig()
+    judge: JudgeConfig = JudgeConfig()
+    reward_rule: str | None = None  # a rule grader instead of the judge (toy tasks)
+    prompts_per_step: int = 64
+    samples_per_prompt: int = 16
+    max_prompt_length: int = 1024  # longer problems are skipped (counted)
+    max_new_tokens: int = 49152
+    top_p: float = 1.0
+    top_k: int = 0
+    sampling_dtype: str = "bfloat16"  # the sampler's copy of the weights
+    old_logprobs: str = "sampler"  # sampler | recompute
+    normalize_std: bool = False
+    drop_zero_advantage_groups: bool = False
+    updates_per_step: int = 1  # passes over each step's samples
+    minibatches: int = 1  # optimizer updates per pass
+    micro_batches: int = 1  # gradient accumulation inside an update
+    steps: int = 150
+    seed: int = 0
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    output_dir: str = "runs/grpo"
+    export_dtype: str | None = "bfloat16"
+
+    def __post_init__(self):
+        if self.old_logprobs not in ("sampler", "recompute"):
+            raise ConfigError(f"old_logprobs must be sampler or recompute, got {self.old_logprobs!r}")
+        if self.samples_per_step % (self.minibatches * self.micro_batches):
+            raise ConfigError(f"samples per step ({self.samples_per_step}) must be divisible by "
+                              f"minibatches x micro_batches ({self.minibatches * self.micro_batches})")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    def derived(self) -> dict:
+        return {
+            "samples_per_step": self.samples_per_step,
+            "samples_per_update": self.samples_per_step // self.minibatches,
+            "optimizer_updates_per_step": self.updates_per_step * self.minibatches,
+            "loss_normalizer": {"sample_sum": f"{self.samples_per_step // self.minibatches} samples per update",
+                                "token_mean": "completion tokens per update",
+                                "seq_mean_token_mean": "samples per update (of per-sample token means)",
+                                }[self.loss.aggregation],
+            "sequence_length": self.max_prompt_length + self.max_new_tokens,
+            "reference_model": self.loss.kl_coef > 0,
+            "grader": f"rule {self.reward_rule}" if self.reward_rule else f"judge {self.judge.model} at {self.judge.base_url}",
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
+    """Rows → {problem, rubric, prompt_ids}; rows without a problem or too long are skipped."""
+    from qed_jax.tokenizer import chat_prompt
+
+    rows = read_rows(config.data.path, config.data.name, config.data.split)
+    prompts, skipped, too_long = [], 0, 0
+    for n, row in enumerate(rows, 1):
+        problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
+        if not isinstance(problem, str) or not problem.strip():
+            skipped += 1
+            if skipped <= 5:
+                log.warning("%s: skipped row %d: no %r field", config.data.path, n, config.data.problem_field)
+            continue
+        ids = chat_prompt(tokenizer, [{"role": "user", "content": problem}])
+        if len(ids) > config.max_prompt_length:
+            too_long += 1
+            continue
+        prompts.append({"problem": problem, "rubric": row.get(config.data.rubric_field), "prompt_ids": ids})
+    log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
+             len(prompts), skipped, too_long, config.max_prompt_length)
+    if not prompts:
+        raise ConfigError(f"{config.data.path}: no usable prompts")
+    return prompts
+
+
+def rollout_batch(prompt_rows, completions, advantages, length: int, old_logprobs_from_sampler: bool):
+    """Host arrays [S, length]: prompt + completion tokens, completion mask, old log-probs aligned
+    with the tokens they score, and advantages [S]."""
+    S = len(completions)
+    tokens = np.zeros((S, length), np.int32)
+    mask = np.zeros((S, length), np.float32)
+    old = np.zeros((S, length), np.float32)
+    for s, (row, c) in enumerate(zip(prompt_rows, completions)):
+        p = len(row["prompt_ids"])
+        tokens[s, :p] = row["prompt_ids"]
+        tokens[s, p: p + len(c.tokens)] = c.tokens
+        mask[s, p: p + len(c.tokens)] = 1.0
+        if old_logprobs_from_sampler:
+            old[s, p: p + len(c.tokens)] = c.logprobs
+    return {"tokens": tokens, "mask": mask, "old_logprobs": old, "advantages": np.asarray(advantages, np.float32)}
+
+
+def train(config: GRPOConfig) -> dict:
+    from qed_jax.tokenizer import load_tokenizer, stop_ids
+
+    out = Path(config.output_dir)
+    mesh = make_mesh(config.mesh)
+    tokenizer_path = config.tokenizer or config.model.path
+    if tokenizer_path is None:
+        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    prompts = load_prompts(config, tokenizer)
+    P, G, S = config.prompts_per_step, config.samples_per_prompt, config.samples_per_step
+    length = config.max_prompt_length + config.max_new_tokens
+
+    model = load_model(config.model, mesh, config.seed)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    ref_params = jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None
+    optimizer = make_optimizer(config.optim, config.steps)
+    opt_state = jax.jit(optimizer.init)(params)
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+    shardings = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, opt_state), None)
+    update = jax.jit(partial(update_step, graphdef, optimizer, config.loss), donate_argnums=(0, 1),
+                     out_shardings=shardings)
+    recompute = jax.jit(lambda p, t: token_logprobs(nnx.merge(graphdef, p)(t)[:, :-1], t[:, 1:], config.loss.temperature))
+
+    sampling_config = model.config.replace(param_dtype=config.sampling_dtype, dtype=config.sampling_dtype)
+    # The sampler's structure only; its weights are the trained params, cast, before each step.
+    sampling_model = nnx.eval_shape(lambda: type(model)(sampling_config, rngs=nnx.Rngs(0)))
+    to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling_dtype), p))
+    sampler = Sampler(sampling_model, mesh=mesh)
+    sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature,
+                              top_k=config.top_k, top_p=config.top_p)
+    stops = stop_ids(tokenizer)
+    grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(config.judge)
+
+    data = iter(grain.MapDataset.source(prompts).shuffle(seed=config.data.seed).repeat()
+                .batch(P, batch_fn=list).to_iter_dataset())
+    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", model.config, config.keep_checkpoints,
+                                        assets_from=tokenizer_path)
+    start = 0
+    if (latest := ckpts.latest_step()) is not None:
+        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                               (params, opt_state))
+        params, opt_state, meta = ckpts.restore(latest, *targets, data)
+        start = meta["step"]
+        log.info("resumed from %s at step %d", out / "checkpoints", start)
+    elif jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(dump_json(config))
+    metrics_log = MetricsLog(out, start)
+    log.info("GRPO: %s", json.dumps(config.derived()))
+    base_key = jax.random.key(config.seed)
+    progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
+    step, metrics = start, {}
+    try:
+        while step < config.steps:
+            rows = next(data)
+            group_rows = [row for row in rows for _ in range(G)]
+            t0 = time.perf_counter()
+            sampler.update_weights(to_sampler(params))  # the sampler always samples the current policy
+            completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
+                                               jax.random.fold_in(base_key, step), stops)
+            texts = [tokenizer.decode(c.tokens[:-1] if c.finish_reason == "stop" else c.tokens) for c in completions]
+            t1 = time.perf_counter()
+            grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
+                                         for r, t in zip(group_rows, texts)])
+            t2 = time.perf_counter()
+            rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
+            advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std))
+            keep = np.ones((P, G), np.float32)
+            if config.drop_zero_advantage_groups:
+                keep *= (np.abs(advantages).max(axis=1, keepdims=True) > 0)
+            batch = rollout_batch(group_rows, completions, advantages.reshape(-1), length,
+                                  config.old_logprobs == "sampler")
+            batch["mask"] *= keep.reshape(-1, 1)
+            if config.old_logprobs == "recompute":
+                old = np.asarray(recompute(params, jnp.asarray(batch["tokens"])))
+                batch["old_logprobs"][:, 1:] = old * batch["mask"][:, 1:]
+            train_metrics = []
+            per_update = S // config.minibatches
+            for _ in range(config.updates_per_step):
+                for m in range(config.minibatches):
+                    part = {k: v[m * per_update:(m + 1) * per_update] for k, v in batch.items()}
+                    sizes = {"num_sequences": np.float32(per_update), "num_tokens": np.float32(part["mask"][:, 1:].sum())}
+                    micro = {k: jnp.asarray(v.reshape(config.micro_batches, -1, *v.shape[1:])) for k, v in part.items()}
+                    micro.update({k: jnp.full((config.micro_batches,), v) for k, v in sizes.items()})
+                    params, opt_state, m_metrics = update(params, opt_state, ref_params, micro)
+                    train_metrics.append(jax.device_get(m_metrics))
+            t3 = time.perf_counter()
+            step += 1
+            lengths = np.array([len(c.tokens) for c in completions])
+            scores = [g.score for g in grades]
+            latencies = [g.latency_s for g in grades if g.attempts]
+            metrics = {
+                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "success_rate": float(np.mean([s == MAX_SCORE for s in scores])),
+                "completion_length_mean": float(lengths.mean()), "completion_length_max": int(lengths.max()),
+                "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions])),
+                "judge_failures": int(sum(g.failed for g in grades)),
+                "judge_latency_s": float(np.mean(latencies)) if latencies else 0.0,
+                "zero_advantage_groups": int((np.abs(advantages).max(axis=1) == 0).sum()),
+                "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2,
+                **{k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]},
+            }
+            metrics_log.write(step, metrics)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+            progress.update()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
+    finally:
+        progress.close()
+        ckpts.close()
+        metrics_log.close()
+        grader.close()
+    if config.export_dtype:
+        from qed_jax.pretrained import save_pretrained
+
+        save_pretrained(nnx.merge(graphdef, params), out / "hf", dtype=config.export_dtype,
+                        assets_from=tokenizer_path)
+    return {"output_dir": str(out), "step": step, "reward_mean": metrics.get("reward_mean", math.nan)}
