@@ -30,7 +30,7 @@ from qed_jax.data import read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
 from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.sft import MetricsLog, ModelSpec, OptimConfig, load_model, make_optimizer
-from qed_jax.sharding import MeshConfig, make_mesh
+from qed_jax.sharding import MeshConfig, make_mesh, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0
     sampling_dtype: str = "bfloat16"  # the sampler's copy of the weights
+    sampling_mesh: MeshConfig | None = None  # a different layout for sampling (default: the training mesh)
     old_logprobs: str = "sampler"  # sampler | recompute
     normalize_std: bool = False
     drop_zero_advantage_groups: bool = False
@@ -293,10 +294,14 @@ def train(config: GRPOConfig) -> dict:
     recompute = jax.jit(lambda p, t: token_logprobs(nnx.merge(graphdef, p)(t)[:, :-1], t[:, 1:], config.loss.temperature))
 
     sampling_config = model.config.replace(param_dtype=config.sampling_dtype, dtype=config.sampling_dtype)
-    # The sampler's structure only; its weights are the trained params, cast, before each step.
+    # The sampler's structure only; its weights are the trained params, cast to the sampling
+    # dtype and laid out on the sampling mesh, before each step.
     sampling_model = nnx.eval_shape(lambda: type(model)(sampling_config, rngs=nnx.Rngs(0)))
-    to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling_dtype), p))
-    sampler = Sampler(sampling_model, mesh=mesh)
+    sampling_mesh = make_mesh(config.sampling_mesh) if config.sampling_mesh else mesh
+    sampling_shardings = nnx.to_pure_dict(state_shardings(nnx.state(sampling_model), sampling_mesh))
+    to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling_dtype), p),
+                         out_shardings=sampling_shardings)
+    sampler = Sampler(sampling_model, mesh=sampling_mesh)
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature,
                               top_k=config.top_k, top_p=config.top_p)
     stops = stop_ids(tokenizer)

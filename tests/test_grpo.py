@@ -214,3 +214,14 @@ def test_tiny_config_raises_the_reward(tmp_path, seed):
     rewards = [m["reward_mean"] for m in _metrics(tmp_path)]
     start, end = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert start < 0.5 and end >= start + 0.3, (start, end)
+
+
+def test_sharded_training_with_a_different_sampling_mesh(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, "steps=2", "export_dtype=null",
+         "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "sampling_mesh.data=4", "sampling_mesh.tensor=2",
+         "sampling_dtype=bfloat16", f"output_dir={tmp_path}"],
+        cwd=REPO, env=_cli_env(8), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
