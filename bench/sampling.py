@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+from model_args import add_model_args, model_config
 import numpy as np
 
 
@@ -28,13 +29,7 @@ def _timed(fn, repeats):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--mlp", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=10)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -51,11 +46,7 @@ def main() -> None:
     from qed_jax.model import param_count
     from qed_jax.sampling import Sampler, SamplingParams, decode_loop, prefill
 
-    hf_config = Qwen3Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim, tie_word_embeddings=True, max_position_embeddings=4096,
-    )
+    hf_config = Qwen3Config(**model_config(args).to_hf(torch_dtype=args.dtype))
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(hf_config).eval().to(getattr(torch, args.dtype))
     folder = Path(tempfile.mkdtemp())

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import jax
+from model_args import add_model_args, model_config
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,13 +30,7 @@ def _best(fn, steps):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--mlp", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=10)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
@@ -46,15 +41,10 @@ def main() -> None:
 
     from flax import nnx
 
-    from qed_jax.config import ModelConfig
     from qed_jax.model import Qwen3, param_count
     from qed_jax.sft import OptimConfig, make_optimizer, train_flops_per_token, train_step
 
-    config = ModelConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_layers=args.layers,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, rope_theta=1e6,
-        tie_word_embeddings=True, param_dtype="float32", dtype="float32",
-    )
+    config = model_config(args)
     B, T = args.batch, args.seq
     tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
     flops_per_step = train_flops_per_token(config, T) * B * T

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -27,8 +28,6 @@ def _convert(args) -> None:
 
 
 def _generate(args) -> None:
-    import json
-
     from qed_jax.pretrained import from_pretrained
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import load_tokenizer
@@ -47,7 +46,6 @@ def _generate(args) -> None:
 
 
 def _judge(args) -> None:
-    import json
     import os
     import yaml
     from tqdm.auto import tqdm
@@ -92,37 +90,32 @@ def _judge(args) -> None:
           f"mean score {mean:.2f}/7; wrote {args.output}")
 
 
-def _sft(args) -> None:
-    from qed_jax.config import load_config
-    from qed_jax.sft import SFTConfig, train
+def _train(args, config_cls, train, summary) -> None:
+    """Shared by the trainers: resolve the config, print it or run, report one line."""
+    from qed_jax.config import dump_json, load_config
 
-    config = load_config(SFTConfig, args.config, args.overrides)
+    config = load_config(config_cls, args.config, args.overrides)
+    if hasattr(config, "derived"):
+        print("derived: " + json.dumps(config.derived()))
     if args.print_config:
-        from qed_jax.config import dump_json
-
         print(dump_json(config))
         return
     _init_distributed(args)
     result = train(config)
-    print(f"done at step {result['step']} (process {result['process']}): loss {result['loss']:.6f}; "
+    print(f"done at step {result['step']} (process {result['process']}): {summary(result)}; "
           f"metrics in {result['output_dir']}/metrics.jsonl")
+
+
+def _sft(args) -> None:
+    from qed_jax.sft import SFTConfig, train
+
+    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}")
 
 
 def _grpo(args) -> None:
-    import json
-
-    from qed_jax.config import dump_json, load_config
     from qed_jax.grpo import GRPOConfig, train
 
-    config = load_config(GRPOConfig, args.config, args.overrides)
-    print("derived: " + json.dumps(config.derived()))
-    if args.print_config:
-        print(dump_json(config))
-        return
-    _init_distributed(args)
-    result = train(config)
-    print(f"done at step {result['step']}: reward mean {result['reward_mean']:.4f}; "
-          f"metrics in {result['output_dir']}/metrics.jsonl")
+    _train(args, GRPOConfig, train, lambda r: f"reward mean {r['reward_mean']:.4f}")
 
 
 def _init_distributed(args) -> None:

@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, dump_json
+from qed_jax.config import ConfigError
 from qed_jax.data import read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
 from qed_jax.sampling import Sampler, SamplingParams
-from qed_jax.sft import MetricsLog, ModelSpec, OptimConfig, load_model, make_optimizer
+from qed_jax.sft import (MetricsLog, ModelSpec, OptimConfig, init_opt_state, load_model, make_optimizer,
+                         start_or_resume)
 from qed_jax.sharding import MeshConfig, make_mesh, state_shardings
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,7 @@ def train(config: GRPOConfig) -> dict:
     params = nnx.to_pure_dict(state)
     ref_params = jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None
     optimizer = make_optimizer(config.optim, config.steps)
-    opt_state = jax.jit(optimizer.init)(params)
-    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
-    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+    opt_state = init_opt_state(optimizer, params, mesh)
     shardings = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, opt_state), None)
     update = jax.jit(partial(update_step, graphdef, optimizer, config.loss), donate_argnums=(0, 1),
                      out_shardings=shardings)
@@ -311,16 +309,7 @@ def train(config: GRPOConfig) -> dict:
                 .batch(P, batch_fn=list).to_iter_dataset())
     ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", model.config, config.keep_checkpoints,
                                         assets_from=tokenizer_path)
-    start = 0
-    if (latest := ckpts.latest_step()) is not None:
-        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                               (params, opt_state))
-        params, opt_state, meta = ckpts.restore(latest, *targets, data)
-        start = meta["step"]
-        log.info("resumed from %s at step %d", out / "checkpoints", start)
-    elif jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(dump_json(config))
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data)
     metrics_log = MetricsLog(out, start)
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
@@ -391,4 +380,5 @@ def train(config: GRPOConfig) -> dict:
 
         save_pretrained(nnx.merge(graphdef, params), out / "hf", dtype=config.export_dtype,
                         assets_from=tokenizer_path)
-    return {"output_dir": str(out), "step": step, "reward_mean": metrics.get("reward_mean", math.nan)}
+    return {"output_dir": str(out), "step": step, "reward_mean": metrics.get("reward_mean", math.nan),
+            "process": jax.process_index()}

@@ -186,6 +186,28 @@ def to_global(batch: dict, micro_batches: int, sharding) -> dict:
     return {k: one(np.asarray(v)) for k, v in batch.items()}
 
 
+def init_opt_state(optimizer, params, mesh):
+    """Optimizer state on the mesh: moments follow their params' shardings; the step counters,
+    which land on a single device, are replicated."""
+    opt_state = jax.jit(optimizer.init)(params)
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+
+
+def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator):
+    """Restore the latest checkpoint (params, optimizer, data position) into the given shardings,
+    or, on a fresh start, record the config. Returns (params, opt_state, step)."""
+    if (latest := ckpts.latest_step()) is None:
+        if jax.process_index() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(dump_json(config))
+        return params, opt_state, 0
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
+    params, opt_state, meta = ckpts.restore(latest, *targets, data_iterator)
+    log.info("resumed from %s at step %d", out / "checkpoints", meta["step"])
+    return params, opt_state, meta["step"]
+
+
 class MetricsLog:
     """Per-step metrics to JSONL (truncated to the resumed step) and TensorBoard."""
 
@@ -247,10 +269,7 @@ def train(config: SFTConfig) -> dict:
     steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)
     optimizer = make_optimizer(config.optim, steps)
     schedule = lr_schedule(config.optim, steps)
-    opt_state = jax.jit(optimizer.init)(params)
-    # Moments follow their params' shardings; step counters land on one device: replicate them.
-    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
-    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+    opt_state = init_opt_state(optimizer, params, mesh)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
     step_fn = jax.jit(partial(train_step, graphdef, optimizer), donate_argnums=(0, 1),
@@ -266,16 +285,7 @@ def train(config: SFTConfig) -> dict:
 
     ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", model.config, config.keep_checkpoints,
                                         assets_from=tokenizer_path)
-    start = 0
-    if (latest := ckpts.latest_step()) is not None:
-        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                               (params, opt_state))
-        params, opt_state, meta = ckpts.restore(latest, *targets, data)
-        start = meta["step"]
-        log.info("resumed from %s at step %d", out / "checkpoints", start)
-    elif jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(dump_json(config))
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data)
     metrics_log = MetricsLog(out, start)
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)
 

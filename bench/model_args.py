@@ -1,0 +1,21 @@
+"""The model-shape flags the benchmarks share (defaults: a ~48M-parameter Qwen3)."""
+
+from qed_jax.config import ModelConfig
+
+
+def add_model_args(parser) -> None:
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--mlp", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+
+
+def model_config(args, dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_layers=args.layers,
+        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, rope_theta=1e6,
+        tie_word_embeddings=True, max_position_embeddings=4096, param_dtype=dtype, dtype=dtype,
+    )
