@@ -119,6 +119,7 @@ class TrainCheckpoints:
     RNG, anything else the trainer needs to continue exactly)."""
 
     def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None):
+        self.directory = directory
         write_model_config(directory, config, assets_from)
         self.manager = manager(directory, max_to_keep=keep)
 

@@ -29,7 +29,7 @@ from qed_jax.data import read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
 from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.sft import (MetricsLog, ModelSpec, OptimConfig, init_opt_state, load_model, make_optimizer,
-                         start_or_resume)
+                         resolve_tokenizer, start_or_resume)
 from qed_jax.sharding import MeshConfig, make_mesh, state_shardings
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ class GRPOConfig:
     seed: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
-    output_dir: str = "runs/grpo"
+    output_dir: str = "runs/grpo"  # metrics, config, TensorBoard, the HF export (local)
+    checkpoint_dir: str | None = None  # local path or gs://; default: output_dir/checkpoints
     export_dtype: str | None = "bfloat16"
 
     def __post_init__(self):
@@ -272,9 +273,7 @@ def train(config: GRPOConfig) -> dict:
 
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
-    tokenizer_path = config.tokenizer or config.model.path
-    if tokenizer_path is None:
-        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = load_prompts(config, tokenizer)
     P, G, S = config.prompts_per_step, config.samples_per_prompt, config.samples_per_step
@@ -307,8 +306,8 @@ def train(config: GRPOConfig) -> dict:
 
     data = iter(grain.MapDataset.source(prompts).shuffle(seed=config.data.seed).repeat()
                 .batch(P, batch_fn=list).to_iter_dataset())
-    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", model.config, config.keep_checkpoints,
-                                        assets_from=tokenizer_path)
+    ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
+                                        config.keep_checkpoints, assets_from=tokenizer_path)
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data)
     metrics_log = MetricsLog(out, start)
     log.info("GRPO: %s", json.dumps(config.derived()))

@@ -12,14 +12,32 @@ from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES
 
 
+_HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja"]
+
+
+def resolve(path) -> str:
+    """A local folder, a gs:// path, or a Hugging Face Hub id (downloaded once into the HF cache)."""
+    text = str(path)
+    if epath.Path(text).exists() or "://" in text or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return text
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(text, allow_patterns=_HUB_FILES)
+    except Exception as e:  # offline, unknown repo, no access: say which and why
+        raise CheckpointError(f"{text}: not a local path, and downloading it from the Hugging Face Hub "
+                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
                     compute_dtype: str | None = None) -> Qwen3:
-    """Load a Hugging Face Qwen3 folder or a qed-jax checkpoint directory (latest step).
+    """Load a Hugging Face Qwen3 folder (or Hub id) or a qed-jax checkpoint directory (latest step).
 
     mesh/rules: shard the parameters on a device mesh as they load (default: one device).
     dtype: parameter dtype (default: the checkpoint's own). compute_dtype: default = dtype.
     The returned model remembers `path` as `model.source` so exports can carry its tokenizer.
     """
+    path = resolve(path)
     where = epath.Path(path)
     if not where.exists():
         raise CheckpointError(f"{path}: no such file or directory")

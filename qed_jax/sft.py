@@ -75,7 +75,8 @@ class SFTConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    output_dir: str = "runs/sft"
+    output_dir: str = "runs/sft"  # metrics, config, TensorBoard, the HF export (local)
+    checkpoint_dir: str | None = None  # local path or gs://; default: output_dir/checkpoints
     export_dtype: str | None = "bfloat16"  # the Hugging Face export at the end; null: none
     peak_tflops_per_device: float | None = None  # for the MFU estimate (e.g. 197 on TPU v5e)
 
@@ -171,6 +172,15 @@ def load_model(spec: ModelSpec, mesh, seed: int) -> Qwen3:
     return model
 
 
+def resolve_tokenizer(tokenizer: str | None, spec: ModelSpec) -> str:
+    """The tokenizer's folder: `tokenizer` if set, else the model's own (Hub ids downloaded)."""
+    from qed_jax.pretrained import resolve
+
+    if tokenizer is None and spec.path is None:
+        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    return resolve(tokenizer or spec.path)
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """[microbatch, row, time]: rows over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(None, DEFAULT_RULES["batch"], None))
@@ -204,7 +214,7 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
         return params, opt_state, 0
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     params, opt_state, meta = ckpts.restore(latest, *targets, data_iterator)
-    log.info("resumed from %s at step %d", out / "checkpoints", meta["step"])
+    log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
     return params, opt_state, meta["step"]
 
 
@@ -249,9 +259,7 @@ def train(config: SFTConfig) -> dict:
 
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
-    tokenizer_path = config.tokenizer or config.model.path
-    if tokenizer_path is None:
-        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
     tokenizer = load_tokenizer(tokenizer_path)
 
     rows = read_rows(config.data.path, config.data.name, config.data.split)
@@ -283,8 +291,8 @@ def train(config: SFTConfig) -> dict:
                                process_index=jax.process_index(), process_count=jax.process_count()))
     sharding = batch_sharding(mesh)
 
-    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", model.config, config.keep_checkpoints,
-                                        assets_from=tokenizer_path)
+    ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
+                                        config.keep_checkpoints, assets_from=tokenizer_path)
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data)
     metrics_log = MetricsLog(out, start)
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)

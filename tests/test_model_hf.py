@@ -221,3 +221,9 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     assert cli.main(["convert", str(folder), str(tmp_path / "out")]) == 2
     stderr = capsys.readouterr().err.strip().splitlines()
     assert len(stderr) == 1 and expected.split(" [")[0] in stderr[0]
+
+
+def test_unreachable_hub_id_fails_with_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"^no-such-org/no-such-model: not a local path, and downloading"):
+        qed_jax.from_pretrained("no-such-org/no-such-model")

@@ -229,3 +229,30 @@ def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
     assert cli.main(["sft", "--config", TINY, "batch_size_typo=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key batch_size_typo" in err and "batch_size" in err and "micro_batches" in err
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+    rng = np.random.default_rng(5)
+    batch = {"tokens": jnp.asarray(rng.integers(0, 512, (1, 2, 16)), jnp.int32),
+             "loss_mask": jnp.ones((1, 2, 16), jnp.int32), "segment_ids": jnp.ones((1, 2, 16), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, 2, 16))}
+    results = []
+    for mode in ("none", remat):
+        graphdef, state = nnx.split(Qwen3(PRESETS["tiny"].replace(remat=mode), rngs=nnx.Rngs(3)))
+        grads, loss, _ = jax.jit(lambda p, b: accumulated_grads(graphdef, p, b))(nnx.to_pure_dict(state), batch)
+        results.append((float(loss), jax.tree.leaves(grads)))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
+    import datasets
+
+    rows = [json.loads(line) for line in open(DATA)][:6]
+    flat = [{k: r[k] for k in ("problem", "reasoning_content", "proof")} for r in rows]
+    datasets.Dataset.from_list(flat).to_parquet(str(tmp_path / "rows.parquet"))
+    from_parquet, _ = prepare_sft(read_rows(str(tmp_path / "rows.parquet")), tokenizer, DataConfig())
+    from_jsonl, _ = prepare_sft(flat, tokenizer, DataConfig())
+    assert [e["tokens"].tolist() for e in from_parquet] == [e["tokens"].tolist() for e in from_jsonl]
