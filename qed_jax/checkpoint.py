@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 
 import grain
 import jax
@@ -114,6 +115,28 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     return nnx.merge(graphdef, state)
 
 
+class SigtermFlag:
+    """Within `with`, a SIGTERM (how TPU VMs announce preemption) is recorded instead of killing
+    the process, so a training loop can finish its step, write a checkpoint and exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __enter__(self) -> "SigtermFlag":
+        self._previous = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+
 class TrainCheckpoints:
     """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
     RNG, anything else the trainer needs to continue exactly)."""
@@ -127,6 +150,8 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
+        if self.manager.latest_step() == step:
+            return  # already saved (e.g. a regular save just before a preemption save)
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),

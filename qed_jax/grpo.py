@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
+from qed_jax.checkpoint import SigtermFlag
 from qed_jax.config import ConfigError
 from qed_jax.data import read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
@@ -268,15 +269,48 @@ def rollout_batch(prompt_rows, completions, advantages, length: int, old_logprob
     return {"tokens": tokens, "mask": mask, "old_logprobs": old, "advantages": np.asarray(advantages, np.float32)}
 
 
+def run_updates(update, params, opt_state, ref_params, batch: dict, config: GRPOConfig):
+    """`updates_per_step` passes of `minibatches` optimizer updates over one step's samples, each
+    split into `micro_batches`; the loss denominators are the totals of each update."""
+    per_update = config.samples_per_step // config.minibatches
+    history = []
+    for _ in range(config.updates_per_step):
+        for m in range(config.minibatches):
+            part = {k: v[m * per_update:(m + 1) * per_update] for k, v in batch.items()}
+            micro = {k: jnp.asarray(v.reshape(config.micro_batches, -1, *v.shape[1:])) for k, v in part.items()}
+            micro["num_sequences"] = jnp.full((config.micro_batches,), per_update, jnp.float32)
+            micro["num_tokens"] = jnp.full((config.micro_batches,), part["mask"][:, 1:].sum(), jnp.float32)
+            params, opt_state, metrics = update(params, opt_state, ref_params, micro)
+            history.append(jax.device_get(metrics))
+    return params, opt_state, {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def rollout_metrics(rewards, advantages, grades, completions) -> dict:
+    lengths = np.array([len(c.tokens) for c in completions])
+    latencies = [g.latency_s for g in grades if g.attempts]
+    return {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "success_rate": float(np.mean([g.score == MAX_SCORE for g in grades])),
+        "completion_length_mean": float(lengths.mean()), "completion_length_max": int(lengths.max()),
+        "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions])),
+        "judge_failures": int(sum(g.failed for g in grades)),
+        "judge_latency_s": float(np.mean(latencies)) if latencies else 0.0,
+        "zero_advantage_groups": int((np.abs(advantages).max(axis=1) == 0).sum()),
+    }
+
+
 def train(config: GRPOConfig) -> dict:
     from qed_jax.tokenizer import load_tokenizer, stop_ids
 
+    if jax.process_count() > 1:
+        raise ConfigError("the GRPO learner runs on one host (any mesh of its devices); multi-host "
+                          "rollouts are not supported yet")
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
     tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = load_prompts(config, tokenizer)
-    P, G, S = config.prompts_per_step, config.samples_per_prompt, config.samples_per_step
+    P, G = config.prompts_per_step, config.samples_per_prompt
     length = config.max_prompt_length + config.max_new_tokens
 
     model = load_model(config.model, mesh, config.seed)
@@ -314,66 +348,49 @@ def train(config: GRPOConfig) -> dict:
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
     step, metrics = start, {}
-    try:
-        while step < config.steps:
-            rows = next(data)
-            group_rows = [row for row in rows for _ in range(G)]
-            t0 = time.perf_counter()
-            sampler.update_weights(to_sampler(params))  # the sampler always samples the current policy
-            completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
-                                               jax.random.fold_in(base_key, step), stops)
-            texts = [tokenizer.decode(c.tokens[:-1] if c.finish_reason == "stop" else c.tokens) for c in completions]
-            t1 = time.perf_counter()
-            grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
-                                         for r, t in zip(group_rows, texts)])
-            t2 = time.perf_counter()
-            rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
-            advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std))
-            keep = np.ones((P, G), np.float32)
-            if config.drop_zero_advantage_groups:
-                keep *= (np.abs(advantages).max(axis=1, keepdims=True) > 0)
-            batch = rollout_batch(group_rows, completions, advantages.reshape(-1), length,
-                                  config.old_logprobs == "sampler")
-            batch["mask"] *= keep.reshape(-1, 1)
-            if config.old_logprobs == "recompute":
-                old = np.asarray(recompute(params, jnp.asarray(batch["tokens"])))
-                batch["old_logprobs"][:, 1:] = old * batch["mask"][:, 1:]
-            train_metrics = []
-            per_update = S // config.minibatches
-            for _ in range(config.updates_per_step):
-                for m in range(config.minibatches):
-                    part = {k: v[m * per_update:(m + 1) * per_update] for k, v in batch.items()}
-                    sizes = {"num_sequences": np.float32(per_update), "num_tokens": np.float32(part["mask"][:, 1:].sum())}
-                    micro = {k: jnp.asarray(v.reshape(config.micro_batches, -1, *v.shape[1:])) for k, v in part.items()}
-                    micro.update({k: jnp.full((config.micro_batches,), v) for k, v in sizes.items()})
-                    params, opt_state, m_metrics = update(params, opt_state, ref_params, micro)
-                    train_metrics.append(jax.device_get(m_metrics))
-            t3 = time.perf_counter()
-            step += 1
-            lengths = np.array([len(c.tokens) for c in completions])
-            scores = [g.score for g in grades]
-            latencies = [g.latency_s for g in grades if g.attempts]
-            metrics = {
-                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                "success_rate": float(np.mean([s == MAX_SCORE for s in scores])),
-                "completion_length_mean": float(lengths.mean()), "completion_length_max": int(lengths.max()),
-                "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions])),
-                "judge_failures": int(sum(g.failed for g in grades)),
-                "judge_latency_s": float(np.mean(latencies)) if latencies else 0.0,
-                "zero_advantage_groups": int((np.abs(advantages).max(axis=1) == 0).sum()),
-                "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2,
-                **{k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]},
-            }
-            metrics_log.write(step, metrics)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-            progress.update()
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
-    finally:
-        progress.close()
-        ckpts.close()
-        metrics_log.close()
-        grader.close()
+    with SigtermFlag() as sigterm:
+        try:
+            while step < config.steps and not sigterm.raised:
+                rows = next(data)
+                group_rows = [row for row in rows for _ in range(G)]
+                t0 = time.perf_counter()
+                sampler.update_weights(to_sampler(params))  # the sampler always samples the current policy
+                completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
+                                                   jax.random.fold_in(base_key, step), stops)
+                texts = [tokenizer.decode(c.tokens[:-1] if c.finish_reason == "stop" else c.tokens) for c in completions]
+                t1 = time.perf_counter()
+                grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
+                                             for r, t in zip(group_rows, texts)])
+                t2 = time.perf_counter()
+                rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
+                advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std))
+                keep = np.ones((P, G), np.float32)
+                if config.drop_zero_advantage_groups:
+                    keep *= (np.abs(advantages).max(axis=1, keepdims=True) > 0)
+                batch = rollout_batch(group_rows, completions, advantages.reshape(-1), length,
+                                      config.old_logprobs == "sampler")
+                batch["mask"] *= keep.reshape(-1, 1)
+                if config.old_logprobs == "recompute":
+                    old = np.asarray(recompute(params, jnp.asarray(batch["tokens"])))
+                    batch["old_logprobs"][:, 1:] = old * batch["mask"][:, 1:]
+                params, opt_state, train_metrics = run_updates(update, params, opt_state, ref_params, batch, config)
+                t3 = time.perf_counter()
+                step += 1
+                metrics = {**rollout_metrics(rewards, advantages, grades, completions),
+                           "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2, **train_metrics}
+                metrics_log.write(step, metrics)
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+                progress.update()
+                if step % config.checkpoint_every == 0 or step == config.steps or sigterm.raised:
+                    ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
+        finally:
+            progress.close()
+            ckpts.close()
+            metrics_log.close()
+            grader.close()
+    if sigterm.raised:
+        log.warning("SIGTERM: wrote a checkpoint at step %d; exiting", step)
+        raise SystemExit(128 + sigterm.signum)
     if config.export_dtype:
         from qed_jax.pretrained import save_pretrained
 

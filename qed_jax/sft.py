@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
+from qed_jax.checkpoint import SigtermFlag
 from qed_jax.config import ConfigError, ModelConfig, dump_json, preset
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.model import Qwen3
@@ -297,45 +297,42 @@ def train(config: SFTConfig) -> dict:
     metrics_log = MetricsLog(out, start)
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)
 
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     meta = lambda step: {"step": step, "seed": config.seed}  # noqa: E731
     log.info("training %d steps (%d packed rows of %d tokens per step)", steps, config.batch_size,
              config.data.max_length)
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
     step, last_loss = start, math.nan
-    try:
-        while step < steps and stop["signal"] is None:
-            tick = time.perf_counter()
-            batch = to_global(next(data), config.micro_batches, sharding)
-            params, opt_state, metrics = step_fn(params, opt_state, batch)
-            step += 1
-            last_loss = metrics["loss"]
-            if step % config.log_every == 0 or step == steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                seconds = time.perf_counter() - tick
-                metrics.update(lr=float(schedule(step - 1)), tokens_per_s=metrics["tokens"] / seconds,
-                               step_s=seconds)
-                if config.peak_tflops_per_device:
-                    metrics["mfu"] = flops_per_token * metrics["tokens"] / seconds / (
-                        config.peak_tflops_per_device * 1e12 * jax.device_count())
-                if config.eval_every and step % config.eval_every == 0 and eval_examples:
-                    metrics["eval_loss"] = evaluate(eval_fn, params, eval_examples, config, sharding)
-                metrics_log.write(step, metrics)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            progress.update()
-            if step % config.checkpoint_every == 0 or step == steps:
-                ckpts.save(step, params, opt_state, data, meta(step))
-        if stop["signal"] is not None and step % config.checkpoint_every and step != steps:
-            log.warning("SIGTERM: writing a checkpoint at step %d before exiting", step)
-            ckpts.save(step, params, opt_state, data, meta(step))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        progress.close()
-        ckpts.close()
-        metrics_log.close()
-    if stop["signal"] is not None:
-        raise SystemExit(128 + stop["signal"])
+    with SigtermFlag() as sigterm:
+        try:
+            while step < steps and not sigterm.raised:
+                tick = time.perf_counter()
+                batch = to_global(next(data), config.micro_batches, sharding)
+                params, opt_state, metrics = step_fn(params, opt_state, batch)
+                step += 1
+                last_loss = metrics["loss"]
+                eval_due = config.eval_every and step % config.eval_every == 0 and eval_examples
+                if step % config.log_every == 0 or step == steps or eval_due:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    seconds = time.perf_counter() - tick
+                    metrics.update(lr=float(schedule(step - 1)), tokens_per_s=metrics["tokens"] / seconds,
+                                   step_s=seconds)
+                    if config.peak_tflops_per_device:
+                        metrics["mfu"] = flops_per_token * metrics["tokens"] / seconds / (
+                            config.peak_tflops_per_device * 1e12 * jax.device_count())
+                    if eval_due:
+                        metrics["eval_loss"] = evaluate(eval_fn, params, eval_examples, config, sharding)
+                    metrics_log.write(step, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                progress.update()
+                if step % config.checkpoint_every == 0 or step == steps or sigterm.raised:
+                    ckpts.save(step, params, opt_state, data, meta(step))
+        finally:
+            progress.close()
+            ckpts.close()
+            metrics_log.close()
+    if sigterm.raised:
+        log.warning("SIGTERM: wrote a checkpoint at step %d; exiting", step)
+        raise SystemExit(128 + sigterm.signum)
     if config.export_dtype:
         from qed_jax.pretrained import save_pretrained
 

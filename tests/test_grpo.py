@@ -225,3 +225,15 @@ def test_sharded_training_with_a_different_sampling_mesh(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
+    proc = _grpo(["steps=400", "checkpoint_every=1000", "export_dtype=null", f"output_dir={tmp_path}"],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and len(_metrics(tmp_path)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == len(_metrics(tmp_path)) >= 3
