@@ -128,17 +128,26 @@ def _init_distributed(args) -> None:
                                    process_id=args.process_id)
 
 
-def _add_distributed_flags(p) -> None:
+def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
+    p = sub.add_parser(name, help=summary, description=description)
+    p.add_argument("--config", help=f"YAML config, e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g = p.add_argument_group("multi-host")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (auto-detects TPU pod slices)")
     g.add_argument("--coordinator", help="coordinator address host:port (non-TPU clusters, tests)")
     g.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     g.add_argument("--process-id", type=int, help="this process's id (with --coordinator)")
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qed-jax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="qed-jax", description="Post-train small Qwen3 models to write olympiad proofs: convert "
+        "checkpoints, sample, grade with a judge, and train (SFT, GRPO). `qed-jax COMMAND --help` "
+        "documents each command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -187,26 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")
     p.set_defaults(run=_judge)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning (stage 1 of the recipe)",
-                       description="Supervised fine-tuning on a device mesh. Restarting with the same "
-                       "output_dir resumes from its latest checkpoint; SIGTERM writes one before exiting.")
-    p.add_argument("--config", help="YAML config, e.g. configs/sft/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _add_distributed_flags(p)
-    p.set_defaults(run=_sft)
-
-    p = sub.add_parser("grpo", help="GRPO with rubric rewards from the judge (stage 2 of the recipe)",
-                       description="GRPO: sample a group of completions per prompt with the current "
-                       "policy, grade them with the judge (or a rule, for toy tasks), centre the rewards "
-                       "per group and update with a clipped policy loss. Restarting with the same "
-                       "output_dir resumes; the judge's grade cache makes grading exactly-once.")
-    p.add_argument("--config", help="YAML config, e.g. configs/rl/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=20")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _add_distributed_flags(p)
-    p.set_defaults(run=_grpo)
+    _add_trainer_parser(
+        sub, "sft", _sft, "configs/sft/tiny.yaml", "supervised fine-tuning (stage 1 of the recipe)",
+        "Supervised fine-tuning on a device mesh. Restarting with the same output_dir resumes from "
+        "its latest checkpoint; SIGTERM writes one before exiting.")
+    _add_trainer_parser(
+        sub, "grpo", _grpo, "configs/rl/tiny.yaml", "GRPO with rubric rewards from the judge (stage 2)",
+        "GRPO: sample a group of completions per prompt with the current policy, grade them with "
+        "the judge (or a rule, for toy tasks), centre the rewards per group and update with a "
+        "clipped policy loss. Restarting with the same output_dir resumes (SIGTERM writes a "
+        "checkpoint first); the judge's grade cache makes grading exactly-once.")
     return parser
 
 

@@ -29,7 +29,7 @@ from qed_jax.config import ConfigError
 from qed_jax.data import read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
 from qed_jax.sampling import Sampler, SamplingParams
-from qed_jax.sft import (MetricsLog, ModelSpec, OptimConfig, init_opt_state, load_model, make_optimizer,
+from qed_jax.sft import (MetricsLog, ModelSpec, OptimConfig, exit_or_export, init_opt_state, load_model, make_optimizer,
                          resolve_tokenizer, start_or_resume)
 from qed_jax.sharding import MeshConfig, make_mesh, state_shardings
 
@@ -388,13 +388,6 @@ def train(config: GRPOConfig) -> dict:
             ckpts.close()
             metrics_log.close()
             grader.close()
-    if sigterm.raised:
-        log.warning("SIGTERM: wrote a checkpoint at step %d; exiting", step)
-        raise SystemExit(128 + sigterm.signum)
-    if config.export_dtype:
-        from qed_jax.pretrained import save_pretrained
-
-        save_pretrained(nnx.merge(graphdef, params), out / "hf", dtype=config.export_dtype,
-                        assets_from=tokenizer_path)
+    exit_or_export(sigterm, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
     return {"output_dir": str(out), "step": step, "reward_mean": metrics.get("reward_mean", math.nan),
             "process": jax.process_index()}

@@ -330,16 +330,22 @@ def train(config: SFTConfig) -> dict:
             progress.close()
             ckpts.close()
             metrics_log.close()
+    exit_or_export(sigterm, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+    return {"output_dir": str(out), "step": step, "loss": float(last_loss), "process": jax.process_index()}
+
+
+def exit_or_export(sigterm: SigtermFlag, step: int, model: Qwen3, out: Path, export_dtype: str | None,
+                   assets_from) -> None:
+    """The end of a training run: exit after a preemption (its checkpoint is written), else
+    export the model as a Hugging Face folder `out/hf`."""
     if sigterm.raised:
         log.warning("SIGTERM: wrote a checkpoint at step %d; exiting", step)
         raise SystemExit(128 + sigterm.signum)
-    if config.export_dtype:
+    if export_dtype:
         from qed_jax.pretrained import save_pretrained
 
-        save_pretrained(nnx.merge(graphdef, params), out / "hf", dtype=config.export_dtype,
-                        assets_from=tokenizer_path)
+        save_pretrained(model, out / "hf", dtype=export_dtype, assets_from=assets_from)
         log.info("exported the model to %s", out / "hf")
-    return {"output_dir": str(out), "step": step, "loss": float(last_loss), "process": jax.process_index()}
 
 
 def evaluate(eval_fn, params, examples, config: SFTConfig, sharding) -> float:
