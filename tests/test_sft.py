@@ -119,6 +119,12 @@ def test_tiny_config_loss_halves_and_exports(tmp_path):
 
     assert Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size == 512
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # The trainer's checkpoint directory loads as a model too, equal to the (fp32) export.
+    import qed_jax
+
+    tokens = jnp.asarray([[5, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(np.asarray(qed_jax.from_pretrained(tmp_path / "checkpoints")(tokens)),
+                                  np.asarray(qed_jax.from_pretrained(tmp_path / "hf")(tokens)))
 
 
 def _final_params(directory):
