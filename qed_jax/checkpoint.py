@@ -36,6 +36,9 @@ def is_checkpoint_dir(path) -> bool:
 
 
 def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    directory = epath.Path(directory)
+    if "://" not in str(directory):
+        directory = directory.absolute()  # Orbax wants absolute local paths
     handlers = {
         "params": ocp.StandardCheckpointHandler(),
         "opt_state": ocp.StandardCheckpointHandler(),
@@ -43,7 +46,7 @@ def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
         "data": grain.checkpoint.CheckpointHandler(),
     }
     return ocp.CheckpointManager(
-        epath.Path(directory),
+        directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_handlers=handlers,
     )

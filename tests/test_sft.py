@@ -109,8 +109,9 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_tiny_config_loss_halves_and_exports(tmp_path):
+    relative = os.path.relpath(tmp_path, REPO)  # as README's command uses runs/sft-tiny
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY,
-                             f"output_dir={tmp_path}"], cwd=REPO, env=_cli_env(1), capture_output=True, text=True)
+                             f"output_dir={relative}"], cwd=REPO, env=_cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [m["loss"] for m in _metrics(tmp_path)]
     assert losses[-1] <= 0.5 * losses[0], (losses[0], losses[-1])
