@@ -283,13 +283,7 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
     params = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     maps = tensor_maps(config)
 
-    plan = []  # (hf name, our path, layer or None)
-    for path, tmap in maps.items():
-        if tmap.stacked:
-            continue
-        if path == "final_norm":
-            break
-        plan.append((tmap.hf_name, path, None))
+    plan = [(maps["embed"].hf_name, "embed", None)]  # (hf name, our path, layer or None), HF's order
     for i in range(config.num_layers):
         plan += [(t.hf_name.format(i), p, i) for p, t in maps.items() if t.stacked]
     plan += [(maps[p].hf_name, p, None) for p in ("final_norm", "lm_head") if p in maps]
