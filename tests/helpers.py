@@ -61,3 +61,40 @@ def make_hf_model_with_tokenizer(path: Path, seed: int = 0, **overrides):
     model = make_hf_model(path, seed=seed, **overrides)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def cli_env(devices: int) -> dict:
+    """Environment for a `qed-jax` subprocess on `devices` CPU devices."""
+    import os
+
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_steps(run_dir, steps: int, timeout: float = 120) -> None:
+    """Until a running trainer has logged `steps` steps (or the timeout passes)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if Path(run_dir, "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= steps:
+            return
+        time.sleep(0.05)
+
+
+def assert_sigterm_writes_a_checkpoint(proc, run_dir, steps: int) -> None:
+    """SIGTERM a trainer after `steps` logged steps: it exits 128 + SIGTERM, and its newest
+    checkpoint is the last step it logged."""
+    import signal
+
+    wait_for_steps(run_dir, steps)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    saved = sorted(int(p.name) for p in Path(run_dir, "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == len(read_metrics(run_dir)) >= steps

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -25,6 +24,7 @@ from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
 from qed_jax.sft import SFTConfig, accumulated_grads, train_step
 from qed_jax.tokenizer import load_tokenizer
+from tests.helpers import assert_sigterm_writes_a_checkpoint, cli_env, read_metrics, wait_for_steps
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "sft" / "tiny.yaml")
@@ -32,18 +32,9 @@ TOKENIZER = str(REPO / "configs" / "tiny" / "tokenizer")
 DATA = str(REPO / "configs" / "data" / "tiny_proofs.jsonl")
 
 
-def _cli_env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu"}
-
-
 def _run_sft(args, devices=1, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, *args],
-                            cwd=REPO, env=_cli_env(devices), **kwargs)
-
-
-def _metrics(path):
-    return [json.loads(line) for line in Path(path, "metrics.jsonl").read_text().splitlines()]
+                            cwd=REPO, env=cli_env(devices), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +102,11 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_tiny_config_loss_halves_and_exports(tmp_path):
     relative = os.path.relpath(tmp_path, REPO)  # as README's command uses runs/sft-tiny
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY,
-                             f"output_dir={relative}"], cwd=REPO, env=_cli_env(1), capture_output=True, text=True)
+                             f"output_dir={relative}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [m["loss"] for m in _metrics(tmp_path)]
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert losses[-1] <= 0.5 * losses[0], (losses[0], losses[-1])
-    assert "eval_loss" in _metrics(tmp_path)[-1]
+    assert "eval_loss" in read_metrics(tmp_path)[-1]
     from transformers import Qwen3ForCausalLM
 
     assert Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size == 512
@@ -140,14 +131,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
                     stderr=subprocess.DEVNULL).wait() == 0
 
     proc = _run_sft([*common, f"output_dir={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.05)
-        if (killed / "metrics.jsonl").exists() and len(_metrics(killed)) >= 12:
-            break
+    wait_for_steps(killed, 12)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    logged = len(_metrics(killed))
+    logged = len(read_metrics(killed))
     assert 12 <= logged < 20, logged
     assert _run_sft([*common, f"output_dir={killed}"], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL).wait() == 0
@@ -155,35 +142,29 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     a, b = _final_params(straight), _final_params(killed)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     keys = ("step", "loss", "grad_norm", "target_tokens", "lr")
-    curve = lambda d: [{k: m[k] for k in keys} for m in _metrics(d)]  # noqa: E731
+    curve = lambda d: [{k: m[k] for k in keys} for m in read_metrics(d)]  # noqa: E731
     assert curve(straight) == curve(killed)  # identical, the resumed part included
-    assert [m["step"] for m in _metrics(killed)] == list(range(1, 21))
+    assert [m["step"] for m in read_metrics(killed)] == list(range(1, 21))
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     proc = _run_sft(["steps=400", "checkpoint_every=1000", "eval_every=0", f"output_dir={tmp_path}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and len(_metrics(tmp_path)) >= 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and saved[-1] == len(_metrics(tmp_path)) >= 5
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert_sigterm_writes_a_checkpoint(proc, tmp_path, steps=5)
 
 
 def test_fsdp_tensor_sharded_losses_match_one_device(tmp_path):
     common = ["steps=5", "eval_every=0", "checkpoint_every=100", "export_dtype=null"]
     one = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, *common,
-                          "mesh.data=1", f"output_dir={tmp_path / 'one'}"], cwd=REPO, env=_cli_env(1),
+                          "mesh.data=1", f"output_dir={tmp_path / 'one'}"], cwd=REPO, env=cli_env(1),
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     sharded = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, *common,
                               "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"output_dir={tmp_path / 'eight'}"],
-                             cwd=REPO, env=_cli_env(8), capture_output=True, text=True)
+                             cwd=REPO, env=cli_env(8), capture_output=True, text=True)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
-    a = [m["loss"] for m in _metrics(tmp_path / "one")]
-    b = [m["loss"] for m in _metrics(tmp_path / "eight")]
+    a = [m["loss"] for m in read_metrics(tmp_path / "one")]
+    b = [m["loss"] for m in read_metrics(tmp_path / "eight")]
     assert len(a) == 5 and np.allclose(a, b, atol=1e-4, rtol=0), (a, b)
 
 
@@ -195,7 +176,7 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
         subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, "steps=3",
                           "eval_every=0", "export_dtype=null", f"output_dir={tmp_path}",
                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                         cwd=REPO, env=_cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -203,7 +184,7 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     finals = [next(line for line in o[0].splitlines() if line.startswith("done at step 3")) for o in outputs]
     assert "(process 0)" in finals[0] and "(process 1)" in finals[1]
     assert finals[0].split(": loss ")[1].split(";")[0] == finals[1].split(": loss ")[1].split(";")[0]
-    assert len(_metrics(tmp_path)) == 3
+    assert len(read_metrics(tmp_path)) == 3
 
 
 def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, caplog):
@@ -225,7 +206,7 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
 
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, f"data.path={path}",
                              "steps=2", "eval_every=0", "export_dtype=null", f"output_dir={tmp_path / 'run'}"],
-                            cwd=REPO, env=_cli_env(1), capture_output=True, text=True)
+                            cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "10 of 14 rows kept, 4 malformed skipped" in result.stderr
 
