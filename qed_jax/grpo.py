@@ -357,7 +357,7 @@ def train(config: GRPOConfig) -> dict:
                 sampler.update_weights(to_sampler(params))  # the sampler always samples the current policy
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
                                                    jax.random.fold_in(base_key, step), stops)
-                texts = [tokenizer.decode(c.tokens[:-1] if c.finish_reason == "stop" else c.tokens) for c in completions]
+                texts = [tokenizer.decode(c.text_tokens) for c in completions]
                 t1 = time.perf_counter()
                 grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
                                              for r, t in zip(group_rows, texts)])
@@ -370,9 +370,11 @@ def train(config: GRPOConfig) -> dict:
                 batch = rollout_batch(group_rows, completions, advantages.reshape(-1), length,
                                       config.old_logprobs == "sampler")
                 batch["mask"] *= keep.reshape(-1, 1)
-                if config.old_logprobs == "recompute":
-                    old = np.asarray(recompute(params, jnp.asarray(batch["tokens"])))
-                    batch["old_logprobs"][:, 1:] = old * batch["mask"][:, 1:]
+                if config.old_logprobs == "recompute":  # in microbatch-sized chunks, like the updates
+                    chunk = config.samples_per_step // (config.minibatches * config.micro_batches)
+                    for i in range(0, len(batch["tokens"]), chunk):
+                        old = np.asarray(recompute(params, jnp.asarray(batch["tokens"][i:i + chunk])))
+                        batch["old_logprobs"][i:i + chunk, 1:] = old * batch["mask"][i:i + chunk, 1:]
                 params, opt_state, train_metrics = run_updates(update, params, opt_state, ref_params, batch, config)
                 t3 = time.perf_counter()
                 step += 1

@@ -42,6 +42,11 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     text: str | None = None  # decoded at the host edge, stop token excluded
 
+    @property
+    def text_tokens(self) -> list[int]:
+        """The tokens that make the text: all but a final stop token."""
+        return self.tokens[:-1] if self.finish_reason == "stop" else self.tokens
+
 
 # --------------------------------------------------------------------------------------------
 # Pure sampling math
@@ -236,6 +241,5 @@ def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParam
     sampler = sampler or Sampler(model)
     completions = sampler.generate_ids(prompts, params, jax.random.key(seed), stop_ids)
     for c in completions:
-        body = c.tokens[:-1] if c.finish_reason == "stop" else c.tokens
-        c.text = tokenizer.decode(body, skip_special_tokens=False)
+        c.text = tokenizer.decode(c.text_tokens, skip_special_tokens=False)
     return completions

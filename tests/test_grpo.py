@@ -20,14 +20,10 @@ from qed_jax.grpo import (GRPOConfig, LossConfig, aggregate, clipped_policy_loss
 from qed_jax.model import Qwen3
 from qed_jax.sft import OptimConfig, make_optimizer
 from tests.judge_server import JudgeServer
-from tests.test_sft import _cli_env
+from tests.helpers import assert_sigterm_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
-
-
-def _metrics(path):
-    return [json.loads(line) for line in Path(path, "metrics.jsonl").read_text().splitlines()]
 
 
 # --- pure math against NumPy ------------------------------------------------------------------
@@ -140,7 +136,7 @@ def test_a_positive_advantage_raises_that_completions_logprob():
 
 def _grpo(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, *args],
-                            cwd=REPO, env=_cli_env(1), **kwargs)
+                            cwd=REPO, env=cli_env(1), **kwargs)
 
 
 def _judge_args(server, tmp_path):
@@ -155,7 +151,7 @@ def test_steps_against_the_loopback_judge(tmp_path):
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    metrics = _metrics(tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert server.total == 3 * 16 and all(m["judge_failures"] == 0 for m in metrics)
     assert all(0 < m["reward_std"] for m in metrics)  # hash scores vary, so advantages do
@@ -181,7 +177,7 @@ def test_sigkill_mid_step_resumes_without_regrading(tmp_path):
         graded_before_kill = server.total - at_checkpoint
         assert 5 <= graded_before_kill < 16
         assert _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=300) == 0
-    assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     # Each distinct completion was graded once; only requests in flight at the kill went twice.
     repeats = [n for n in server.by_prompt.values() if n > 1]
     assert len(repeats) <= 2 and all(n == 2 for n in repeats)
@@ -198,7 +194,7 @@ def test_paper_config_loads_and_prints_derived_numbers():
     assert config.max_new_tokens == 49152 and not derived["reference_model"]
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config",
                              str(REPO / "configs" / "rl" / "qed_nano_4b.yaml"), "--print-config"],
-                            cwd=REPO, env=_cli_env(1), capture_output=True, text=True)
+                            cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     first = result.stdout.splitlines()[0]
     assert first.startswith("derived: ") and json.loads(first[len("derived: "):])["samples_per_step"] == 1024
@@ -208,10 +204,10 @@ def test_paper_config_loads_and_prints_derived_numbers():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tiny_config_raises_the_reward(tmp_path, seed):
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, f"seed={seed}",
-                             f"data.seed={seed}", f"output_dir={tmp_path}"], cwd=REPO, env=_cli_env(1),
+                             f"data.seed={seed}", f"output_dir={tmp_path}"], cwd=REPO, env=cli_env(1),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rewards = [m["reward_mean"] for m in _metrics(tmp_path)]
+    rewards = [m["reward_mean"] for m in read_metrics(tmp_path)]
     start, end = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert start < 0.5 and end >= start + 0.3, (start, end)
 
@@ -221,19 +217,27 @@ def test_sharded_training_with_a_different_sampling_mesh(tmp_path):
         [sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, "steps=2", "export_dtype=null",
          "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "sampling_mesh.data=4", "sampling_mesh.tensor=2",
          "sampling_dtype=bfloat16", f"output_dir={tmp_path}"],
-        cwd=REPO, env=_cli_env(8), capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=cli_env(8), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = _metrics(tmp_path)
+    metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     proc = _grpo(["steps=400", "checkpoint_every=1000", "export_dtype=null", f"output_dir={tmp_path}"],
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and len(_metrics(tmp_path)) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and saved[-1] == len(_metrics(tmp_path)) >= 3
+    assert_sigterm_writes_a_checkpoint(proc, tmp_path, steps=3)
+
+
+def test_recomputed_old_logprobs_agree_with_the_samplers(tmp_path):
+    losses = {}
+    for source in ("sampler", "recompute"):
+        result = subprocess.run(
+            [sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, "steps=1", "export_dtype=null",
+             f"old_logprobs={source}", "micro_batches=2", f"output_dir={tmp_path / source}"],
+            cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (metrics,) = read_metrics(tmp_path / source)
+        assert metrics["approx_kl"] < 1e-6 and metrics["clip_fraction"] == 0.0, (source, metrics)
+        losses[source] = metrics["loss"]
+    assert abs(losses["sampler"] - losses["recompute"]) < 1e-4, losses
