@@ -86,8 +86,14 @@ class Qwen3(nnx.Module):
             self.lm_head = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
-        """Full-sequence forward. `segment_ids` [B, T] keeps packed rows apart: a token attends
-        to earlier tokens of its own segment only. `positions` [B, T] default to 0..T-1."""
+        """Full-sequence forward → float32 logits [B, T, V]. See `hidden_states`."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None):
+        """The final-normed hidden states [B, T, D]. `segment_ids` [B, T] keeps packed rows
+        apart: a token attends to earlier tokens of its own segment only. `positions` [B, T]
+        default to 0..T-1. Losses multiply these by `head_weight()` chunk by chunk, so that
+        [B, T, V] logits never exist at once."""
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -96,15 +102,20 @@ class Qwen3(nnx.Module):
             causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         mask = causal[:, None]  # [B|1, 1, T, T]
         x, _ = self._decoder(input_ids, positions, mask, cache=None)
-        return self._logits(x)
+        return x
 
-    def decode(self, input_ids, positions, cache: KVCache):
+    def decode(self, input_ids, positions, cache: KVCache, logits_at=None):
         """Forward with a KV cache: token t of row b is written to cache slot positions[b, t] and
-        attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache)."""
+        attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache);
+        with `logits_at` [B] (an index into T per row), logits [B, V] at that token only, so a
+        prefill never computes the vocabulary projection for every prompt position."""
         slots = jnp.arange(cache.max_len)
         mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S]
         x, cache = self._decoder(input_ids, positions, mask, cache)
-        return self._logits(x), cache
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+            return self.logits(x)[:, 0], cache
+        return self.logits(x), cache
 
     def _decoder(self, input_ids, positions, mask, cache: KVCache | None):
         c = self.config
@@ -130,9 +141,13 @@ class Qwen3(nnx.Module):
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         return x, cache
 
-    def _logits(self, x):
-        head = self.embed if self.config.tie_word_embeddings else self.lm_head
-        return jnp.einsum("btd,vd->btv", x, head[...].astype(x.dtype)).astype(jnp.float32)
+    def head_weight(self):
+        """The output projection [V, D] (the embedding when tied)."""
+        return (self.embed if self.config.tie_word_embeddings else self.lm_head)[...]
+
+    def logits(self, x):
+        """Hidden states [..., D] → float32 logits [..., V]."""
+        return jnp.einsum("...d,vd->...v", x, self.head_weight().astype(x.dtype)).astype(jnp.float32)
 
 
 def rms_norm(x, weight, eps):

@@ -97,9 +97,7 @@ def prefill(graphdef, state, tokens, lengths, cache: KVCache):
     prompt token [B, V] and the filled cache."""
     model = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, cache = model.decode(tokens, positions, cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    return model.decode(tokens, positions, cache, logits_at=lengths - 1)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
