@@ -42,7 +42,8 @@ def main() -> None:
     from flax import nnx
 
     from qed_jax.model import Qwen3, param_count
-    from qed_jax.sft import OptimConfig, make_optimizer, train_flops_per_token, train_step
+    from qed_jax.sft import train_flops_per_token, train_step
+    from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 
     config = model_config(args)
     B, T = args.batch, args.seq
@@ -51,9 +52,10 @@ def main() -> None:
     optim = OptimConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0, weight_decay=0.01, grad_clip=0.0)
 
     # qed-jax
-    graphdef, state = nnx.split(Qwen3(config, rngs=nnx.Rngs(0)))
+    model = Qwen3(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    optimizer = make_optimizer(optim, steps=100)
+    optimizer = make_optimizer(optim, 100, decay_mask(model))
     opt_state = optimizer.init(params)
     batch = {"tokens": jnp.asarray(tokens[None]), "loss_mask": jnp.ones((1, B, T), jnp.int32),
              "segment_ids": jnp.ones((1, B, T), jnp.int32),

@@ -1,8 +1,25 @@
-"""qed-jax: post-training small Qwen3 models to write olympiad proofs, in JAX."""
+"""qed-jax: post-training small Qwen3 models to write olympiad proofs, in JAX.
 
-from qed_jax.config import ModelConfig, preset
-from qed_jax.model import KVCache, Qwen3
-from qed_jax.pretrained import from_pretrained, save_pretrained
-from qed_jax.sampling import SamplingParams, generate
+The public names load on first use, so that `import qed_jax.cli` (and `qed-jax --help`) does not
+pay for importing JAX, Orbax and transformers."""
 
-__all__ = ["KVCache", "ModelConfig", "Qwen3", "from_pretrained", "SamplingParams", "generate", "preset", "save_pretrained"]
+import importlib
+
+_EXPORTS = {
+    "KVCache": "qed_jax.model",
+    "ModelConfig": "qed_jax.config",
+    "Qwen3": "qed_jax.model",
+    "SamplingParams": "qed_jax.sampling",
+    "from_pretrained": "qed_jax.pretrained",
+    "generate": "qed_jax.sampling",
+    "preset": "qed_jax.config",
+    "save_pretrained": "qed_jax.pretrained",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qed_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -12,15 +12,20 @@ model picks the latest step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
-import signal
+import logging
+import sys
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from qed_jax.config import ModelConfig
@@ -29,6 +34,8 @@ from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
 
 MODEL_CONFIG = "model_config.json"
+
+log = logging.getLogger(__name__)
 
 
 def is_checkpoint_dir(path) -> bool:
@@ -108,7 +115,12 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         if step is None:
             raise CheckpointError(f"{directory}: holds a model config but no saved step")
         target = restore_target(saved, mesh, rules)
-        restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        try:
+            with without_closed_loop_noise():
+                restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        except Exception as e:  # a truncated or half-written step: name it, in one line
+            raise CheckpointError(f"{directory}: step {step} is unreadable ({unreadable_reason(e)}); "
+                                  "move that step's folder aside to load the one before it") from None
     params = restored["params"]
     if np.dtype(param_dtype) != np.dtype(saved.param_dtype):
         params = jax.tree.map(lambda x: x.astype(param_dtype), params)
@@ -118,26 +130,48 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     return nnx.merge(graphdef, state)
 
 
-class SigtermFlag:
-    """Within `with`, a SIGTERM (how TPU VMs announce preemption) is recorded instead of killing
-    the process, so a training loop can finish its step, write a checkpoint and exit."""
+def _is_closed_loop_noise(line: str) -> bool:
+    """A line of the 'Event loop is closed' tracebacks (see `without_closed_loop_noise`); they
+    come from several threads at once, so they are recognized line by line."""
+    text = line.strip()
+    return text in ("Traceback (most recent call last):", "self._check_closed()",
+                    "raise RuntimeError('Event loop is closed')", "RuntimeError: Event loop is closed") \
+        or (text.startswith('File "') and "asyncio/base_events.py" in text)
 
-    def __init__(self):
-        self.signum: int | None = None
 
-    def __enter__(self) -> "SigtermFlag":
-        self._previous = signal.signal(signal.SIGTERM, self._record)
-        return self
+@contextlib.contextmanager
+def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
+    """Around an Orbax restore: when one array fails to read, Orbax closes its event loop while
+    TensorStore still completes the other reads, and each completion prints a 'RuntimeError:
+    Event loop is closed' traceback to stderr, during the restore and after it. Hold stderr
+    meanwhile; after a failure, wait until it has been quiet for `quiet_s` (at most `limit_s`);
+    then pass on everything but those tracebacks, so that the user sees our one-line message."""
+    class Held(io.StringIO):
+        last = time.monotonic()
 
-    def _record(self, signum, frame) -> None:
-        self.signum = signum
+        def write(self, text):
+            Held.last = time.monotonic()
+            return super().write(text)
 
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+    real, sys.stderr = sys.stderr, Held()
+    try:
+        yield
+    except Exception:
+        start = time.monotonic()
+        while time.monotonic() - Held.last < quiet_s and time.monotonic() - start < limit_s:
+            time.sleep(0.05)
+        raise
+    finally:
+        held, sys.stderr = sys.stderr, real
+        real.write("".join(line for line in held.getvalue().splitlines(keepends=True)
+                           if not _is_closed_loop_noise(line)))
 
-    @property
-    def raised(self) -> bool:
-        return self.signum is not None
+
+def unreadable_reason(error: Exception) -> str:
+    """The first line of what went wrong while reading a checkpoint."""
+    text = str(error).strip().splitlines()
+    first = text[0].split(" See full TensorStore details")[0][:200] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 class TrainCheckpoints:
@@ -167,6 +201,25 @@ class TrainCheckpoints:
             data=grain.checkpoint.CheckpointRestore(data_iterator), meta=ocp.args.JsonRestore(),
         ))
         return restored["params"], restored["opt_state"], restored["meta"]
+
+    def restore_latest(self, params_target, opt_target, data_iterator):
+        """Restore the newest step that reads back whole, or None when there is none. An
+        unreadable step (a crash mid-write, a damaged file) is renamed `<step>.unreadable-<time>`,
+        never deleted, with a warning, and the step before it is tried."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with without_closed_loop_noise():
+                    return self.restore(step, params_target, opt_target, data_iterator)
+            except Exception as e:
+                aside = epath.Path(self.directory) / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+                log.warning("%s: checkpoint step %d is unreadable (%s); moved it to %s and trying the "
+                            "step before it", self.directory, step, unreadable_reason(e), aside.name)
+                if jax.process_index() == 0:
+                    (epath.Path(self.directory) / str(step)).rename(aside)
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"qed_jax unreadable checkpoint {step}")
+                self.manager.reload()
+        return None
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -7,9 +7,22 @@ import json
 import logging
 import sys
 
-from qed_jax.config import ConfigError
-from qed_jax.hf import CheckpointError
-from qed_jax.judge import JudgeUnavailable
+from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
+
+
+def _prepare_destination(source: str, dest: str, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds something, unless told to replace it."""
+    from etils import epath
+
+    where = epath.Path(dest)
+    if not where.exists() or not any(where.iterdir()):
+        return
+    if where.resolve() == epath.Path(source).resolve():
+        raise ConfigError(f"{dest}: the destination is the source itself")
+    if not overwrite:
+        raise ConfigError(f"{dest} already exists and is not empty; pass --overwrite to replace it "
+                          "(its contents are deleted first), or choose another destination")
+    where.rmtree()
 
 
 def _convert(args) -> None:
@@ -17,6 +30,7 @@ def _convert(args) -> None:
     from qed_jax.pretrained import from_pretrained, save_pretrained
     from qed_jax.sharding import MeshConfig, make_mesh
 
+    _prepare_destination(args.source, args.dest, args.overwrite)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype)
     if checkpoint.is_checkpoint_dir(args.source):
@@ -47,15 +61,14 @@ def _generate(args) -> None:
 
 def _judge(args) -> None:
     import os
-    import yaml
     from tqdm.auto import tqdm
 
-    from qed_jax.config import from_dict, apply_override
+    from qed_jax.config import apply_override, from_dict, read_yaml
     from qed_jax.judge import Judge, JudgeConfig, item_from_row
 
     data = {}
     if args.config:
-        data = yaml.safe_load(open(args.config)) or {}
+        data = read_yaml(args.config)
         data = data.get("judge", data)  # a trainer config's judge section works too
     for override in args.overrides:
         apply_override(data, override)
@@ -95,13 +108,16 @@ def _train(args, config_cls, train, summary) -> None:
     from qed_jax.config import dump_json, load_config
 
     config = load_config(config_cls, args.config, args.overrides)
-    if hasattr(config, "derived"):
-        print("derived: " + json.dumps(config.derived()))
+    print("derived: " + json.dumps(config.derived()))
     if args.print_config:
         print(dump_json(config))
         return
     _init_distributed(args)
-    result = train(config)
+    result = train(config, resume_with_changes=args.resume_with_changes)
+    if result["complete"]:
+        print(f"{result['output_dir']} is already complete at step {result['step']}: nothing to do "
+              f"({summary(result)})")
+        return
     print(f"done at step {result['step']} (process {result['process']}): {summary(result)}; "
           f"metrics in {result['output_dir']}/metrics.jsonl")
 
@@ -109,13 +125,15 @@ def _train(args, config_cls, train, summary) -> None:
 def _sft(args) -> None:
     from qed_jax.sft import SFTConfig, train
 
-    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}")
+    _train(args, SFTConfig, train, lambda r: f"last loss {r['loss']:.6f}")
 
 
 def _grpo(args) -> None:
     from qed_jax.grpo import GRPOConfig, train
 
-    _train(args, GRPOConfig, train, lambda r: f"reward mean {r['reward_mean']:.4f}")
+    _train(args, GRPOConfig, train, lambda r: (
+        f"reward mean {r['reward_last_mean']:.4f} over the last {r['reward_last_steps']} steps, "
+        f"best {r['reward_best']:.4f} at step {r['reward_best_step']}"))
 
 
 def _init_distributed(args) -> None:
@@ -134,6 +152,9 @@ def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="continue a run in an existing output_dir although the config differs from the "
+                   "one it was started with (the old config.json is kept as config.N.json)")
     g = p.add_argument_group("multi-host")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (auto-detects TPU pod slices)")
@@ -161,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="output directory (local path or gs://)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the output (default: keep the source's dtype)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a destination that already exists (its contents are deleted first)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters over all devices while converting (for models larger "
                    "than one device's memory)")
@@ -220,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
+        print(f"qed-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

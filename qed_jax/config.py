@@ -12,9 +12,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message says which key and why."""
+from qed_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,17 +160,19 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
+    """`value` as type `typ`; a section (a dataclass) starts from `default`, the instance the
+    enclosing config would have had, so that setting one of its fields keeps the others."""
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for section {typ.__name__}, got {value!r}")
-        return from_dict(typ, value, prefix=f"{where}.")
+        return from_dict(typ, value, prefix=f"{where}.", base=default if isinstance(default, typ) else None)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        return _coerce(value, args[0], where, default)
     if origin in (list, tuple):
         (item,) = typing.get_args(typ)[:1]
         if not isinstance(value, (list, tuple)):
@@ -197,8 +197,18 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls, data: dict[str, Any], prefix: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys fail and list the valid ones."""
+def _field_default(cls, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
+    """Build dataclass `cls` from a nested dict, starting from `base` (an instance of `cls`) or
+    from the field defaults; unknown keys fail and list the valid ones."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -206,9 +216,10 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
             f"unknown config key {prefix}{unknown[0]}; valid keys here: "
             + ", ".join(f"{prefix}{k}" for k in types_)
         )
-    kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}") for k, v in data.items()}
+    defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
+    kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
@@ -227,6 +238,17 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a syntax error is one line naming the file, line and column."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+
+
 def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
     """Read YAML (or start from defaults), apply overrides, and validate into `cls`."""
     data: dict[str, Any] = {}
@@ -234,7 +256,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for override in overrides:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 import logging
 import math
 import time
@@ -24,14 +25,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.checkpoint import SigtermFlag
 from qed_jax.config import ConfigError
 from qed_jax.data import read_rows
-from qed_jax.judge import GradeItem, Judge, JudgeConfig, MAX_SCORE, RuleGrader
+from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader
 from qed_jax.sampling import Sampler, SamplingParams
-from qed_jax.sft import (MetricsLog, ModelSpec, OptimConfig, exit_or_export, init_opt_state, load_model, make_optimizer,
-                         resolve_tokenizer, start_or_resume)
 from qed_jax.sharding import MeshConfig, make_mesh, state_shardings
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, decay_mask, exit_or_export,
+                             init_opt_state, is_complete, load_model, make_optimizer, resolve_tokenizer,
+                             start_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,28 @@ AGGREGATIONS = ("sample_sum", "token_mean", "seq_mean_token_mean")
 # Pure math
 
 
-def group_advantages(rewards, normalize_std: bool = False, eps: float = 1e-6):
-    """rewards [P, G] → advantages [P, G]: reward minus its group's mean (÷ the group's std)."""
-    centred = rewards - rewards.mean(axis=-1, keepdims=True)
+def group_advantages(rewards, normalize_std: bool = False, eps: float = 1e-6, *, valid=None):
+    """rewards [P, G] → advantages [P, G]: reward minus the mean of its group (÷ the group's
+    std). With `valid` [P, G] (False for a failed grade), only valid rewards enter a group's
+    statistics, and invalid entries get advantage 0."""
+    valid = jnp.ones(rewards.shape, bool) if valid is None else valid
+    count = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1)
+    mean = jnp.where(valid, rewards, 0.0).sum(axis=-1, keepdims=True) / count
+    centred = jnp.where(valid, rewards - mean, 0.0)
     if normalize_std:
-        centred = centred / (rewards.std(axis=-1, keepdims=True) + eps)
+        std = jnp.sqrt(jnp.sum(centred ** 2, axis=-1, keepdims=True) / count)
+        centred = centred / (std + eps)
     return centred
+
+
+def trained_samples(valid, advantages, drop_zero_advantage_groups: bool):
+    """[P, G] bool: the samples that enter the update. A failed grade never does; a group left
+    with fewer than 2 graded samples has no baseline and contributes nothing; with
+    `drop_zero_advantage_groups`, neither does a group whose advantages are all zero."""
+    keep = valid & (valid.sum(axis=-1, keepdims=True) >= 2)
+    if drop_zero_advantage_groups:
+        keep = keep & (jnp.abs(advantages).max(axis=-1, keepdims=True) > 0)
+    return keep
 
 
 def token_logprobs(logits, tokens, temperature: float):
@@ -161,7 +178,16 @@ class RLDataConfig:
     split: str = "train"
     problem_field: str = "problem"
     rubric_field: str = "rubrics"  # absent in a row: graded without a marking scheme
+    # The policy's user message; the judge still sees the bare problem (and the rubric).
+    task_template: str = "Generate a rigorous proof to the following question:\n\n{problem}"
     seed: int = 0
+
+    def __post_init__(self):
+        if "{problem}" not in self.task_template:
+            raise ConfigError(f"data.task_template must contain {{problem}}, got {self.task_template!r}")
+
+    def task(self, problem: str) -> str:
+        return self.task_template.replace("{problem}", problem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +205,8 @@ class GRPOConfig:
     samples_per_prompt: int = 16
     max_prompt_length: int = 1024  # longer problems are skipped (counted)
     max_new_tokens: int = 49152
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = 1.0  # must stay 1: see __post_init__
+    top_k: int = 0  # must stay 0: see __post_init__
     sampling_dtype: str = "bfloat16"  # the sampler's copy of the weights
     sampling_mesh: MeshConfig | None = None  # a different layout for sampling (default: the training mesh)
     old_logprobs: str = "sampler"  # sampler | recompute
@@ -198,6 +224,11 @@ class GRPOConfig:
     export_dtype: str | None = "bfloat16"
 
     def __post_init__(self):
+        if self.top_k != 0 or self.top_p != 1.0:
+            raise ConfigError(
+                f"GRPO samples from the whole tempered distribution (top_k 0, top_p 1; got top_k {self.top_k}, "
+                f"top_p {self.top_p}): its loss scores tokens under log_softmax(logits / temperature), and a "
+                "filtered sampler would train on log-probs of a distribution it did not sample from")
         if self.old_logprobs not in ("sampler", "recompute"):
             raise ConfigError(f"old_logprobs must be sampler or recompute, got {self.old_logprobs!r}")
         if self.samples_per_step % (self.minibatches * self.micro_batches):
@@ -208,17 +239,25 @@ class GRPOConfig:
     def samples_per_step(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
 
+    @property
+    def optimizer_updates(self) -> int:
+        """All optimizer updates of the run: what the learning-rate schedule counts."""
+        return self.steps * self.updates_per_step * self.minibatches
+
     def derived(self) -> dict:
         return {
             "samples_per_step": self.samples_per_step,
             "samples_per_update": self.samples_per_step // self.minibatches,
             "optimizer_updates_per_step": self.updates_per_step * self.minibatches,
+            "optimizer_updates": self.optimizer_updates,
             "loss_normalizer": {"sample_sum": f"{self.samples_per_step // self.minibatches} samples per update",
                                 "token_mean": "completion tokens per update",
                                 "seq_mean_token_mean": "samples per update (of per-sample token means)",
                                 }[self.loss.aggregation],
             "sequence_length": self.max_prompt_length + self.max_new_tokens,
             "reference_model": self.loss.kl_coef > 0,
+            "model": self.model.describe(),
+            "task_template": self.data.task_template,
             "grader": f"rule {self.reward_rule}" if self.reward_rule else f"judge {self.judge.model} at {self.judge.base_url}",
         }
 
@@ -240,7 +279,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
             if skipped <= 5:
                 log.warning("%s: skipped row %d: no %r field", config.data.path, n, config.data.problem_field)
             continue
-        ids = chat_prompt(tokenizer, [{"role": "user", "content": problem}])
+        ids = chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])
         if len(ids) > config.max_prompt_length:
             too_long += 1
             continue
@@ -269,37 +308,59 @@ def rollout_batch(prompt_rows, completions, advantages, length: int, old_logprob
     return {"tokens": tokens, "mask": mask, "old_logprobs": old, "advantages": np.asarray(advantages, np.float32)}
 
 
-def run_updates(update, params, opt_state, ref_params, batch: dict, config: GRPOConfig):
+def run_updates(update, params, opt_state, ref_params, batch: dict, trained: np.ndarray, config: GRPOConfig):
     """`updates_per_step` passes of `minibatches` optimizer updates over one step's samples, each
-    split into `micro_batches`; the loss denominators are the totals of each update."""
+    split into `micro_batches`. `trained` [S] marks the samples that enter the loss; only they
+    count in an update's denominators (samples and tokens), as if the others had been filtered
+    out before batching."""
     per_update = config.samples_per_step // config.minibatches
+    batch = {**batch, "mask": batch["mask"] * trained[:, None]}
     history = []
     for _ in range(config.updates_per_step):
         for m in range(config.minibatches):
             part = {k: v[m * per_update:(m + 1) * per_update] for k, v in batch.items()}
             micro = {k: jnp.asarray(v.reshape(config.micro_batches, -1, *v.shape[1:])) for k, v in part.items()}
-            micro["num_sequences"] = jnp.full((config.micro_batches,), per_update, jnp.float32)
+            samples = max(float(trained[m * per_update:(m + 1) * per_update].sum()), 1.0)
+            micro["num_sequences"] = jnp.full((config.micro_batches,), samples, jnp.float32)
             micro["num_tokens"] = jnp.full((config.micro_batches,), part["mask"][:, 1:].sum(), jnp.float32)
             params, opt_state, metrics = update(params, opt_state, ref_params, micro)
             history.append(jax.device_get(metrics))
     return params, opt_state, {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def rollout_metrics(rewards, advantages, grades, completions) -> dict:
+def rollout_metrics(rewards, valid, trained, grades, completions) -> dict:
+    """Rewards and success over graded samples only; a failed grade is counted, not scored."""
     lengths = np.array([len(c.tokens) for c in completions])
     latencies = [g.latency_s for g in grades if g.attempts]
+    graded = rewards[valid]
     return {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-        "success_rate": float(np.mean([g.score == MAX_SCORE for g in grades])),
+        "reward_mean": float(graded.mean()) if graded.size else math.nan,
+        "reward_std": float(graded.std()) if graded.size else math.nan,
+        "success_rate": float(np.mean([g.score == MAX_SCORE for g in grades if not g.failed])) if graded.size else math.nan,
         "completion_length_mean": float(lengths.mean()), "completion_length_max": int(lengths.max()),
         "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions])),
-        "judge_failures": int(sum(g.failed for g in grades)),
+        "judge_failed": int(sum(g.failed for g in grades)),
+        "graded_fraction": float(valid.mean()),
+        "trained_fraction": float(trained.mean()),
         "judge_latency_s": float(np.mean(latencies)) if latencies else 0.0,
-        "zero_advantage_groups": int((np.abs(advantages).max(axis=1) == 0).sum()),
     }
 
 
-def train(config: GRPOConfig) -> dict:
+def check_failures(grades, config: GRPOConfig, step: int) -> None:
+    """Stop the run, before anything of this step is applied or saved, when the judge failed on
+    more than `judge.max_failed_fraction` of the step's completions."""
+    failed = [g for g in grades if g.failed]
+    if len(failed) <= config.judge.max_failed_fraction * len(grades):
+        return
+    reasons = Counter(g.reason for g in failed).most_common(3)
+    raise JudgeUnavailable(
+        f"step {step}: the judge at {config.judge.base_url} failed on {len(failed)} of {len(grades)} completions "
+        f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons: "
+        + ", ".join(f"{reason} x{n}" for reason, n in reasons)
+        + ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
+
+
+def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     from qed_jax.tokenizer import load_tokenizer, stop_ids
 
     if jax.process_count() > 1:
@@ -317,7 +378,7 @@ def train(config: GRPOConfig) -> dict:
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     ref_params = jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None
-    optimizer = make_optimizer(config.optim, config.steps)
+    optimizer = make_optimizer(config.optim, config.optimizer_updates, decay_mask(model))
     opt_state = init_opt_state(optimizer, params, mesh)
     shardings = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, opt_state), None)
     update = jax.jit(partial(update_step, graphdef, optimizer, config.loss), donate_argnums=(0, 1),
@@ -333,8 +394,7 @@ def train(config: GRPOConfig) -> dict:
     to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling_dtype), p),
                          out_shardings=sampling_shardings)
     sampler = Sampler(sampling_model, mesh=sampling_mesh)
-    sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature,
-                              top_k=config.top_k, top_p=config.top_p)
+    sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
     grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(config.judge)
 
@@ -342,15 +402,21 @@ def train(config: GRPOConfig) -> dict:
                 .batch(P, batch_fn=list).to_iter_dataset())
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path)
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data)
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
+    if is_complete(out, start, config.steps, config.export_dtype):
+        ckpts.close()
+        metrics_log.close()
+        grader.close()
+        return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "complete": True,
+                "process": jax.process_index()}
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
-    step, metrics = start, {}
-    with SigtermFlag() as sigterm:
+    step = start
+    with StopSignals() as stop:
         try:
-            while step < config.steps and not sigterm.raised:
+            while step < config.steps and not stop.raised:
                 rows = next(data)
                 group_rows = [row for row in rows for _ in range(G)]
                 t0 = time.perf_counter()
@@ -362,34 +428,48 @@ def train(config: GRPOConfig) -> dict:
                 grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
                                              for r, t in zip(group_rows, texts)])
                 t2 = time.perf_counter()
+                check_failures(grades, config, step + 1)
                 rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
-                advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std))
-                keep = np.ones((P, G), np.float32)
-                if config.drop_zero_advantage_groups:
-                    keep *= (np.abs(advantages).max(axis=1, keepdims=True) > 0)
+                valid = np.array([not g.failed for g in grades]).reshape(P, G)
+                advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std,
+                                                         valid=jnp.asarray(valid)))
+                trained = np.asarray(trained_samples(jnp.asarray(valid), jnp.asarray(advantages),
+                                                     config.drop_zero_advantage_groups))
                 batch = rollout_batch(group_rows, completions, advantages.reshape(-1), length,
                                       config.old_logprobs == "sampler")
-                batch["mask"] *= keep.reshape(-1, 1)
                 if config.old_logprobs == "recompute":  # in microbatch-sized chunks, like the updates
                     chunk = config.samples_per_step // (config.minibatches * config.micro_batches)
                     for i in range(0, len(batch["tokens"]), chunk):
                         old = np.asarray(recompute(params, jnp.asarray(batch["tokens"][i:i + chunk])))
                         batch["old_logprobs"][i:i + chunk, 1:] = old * batch["mask"][i:i + chunk, 1:]
-                params, opt_state, train_metrics = run_updates(update, params, opt_state, ref_params, batch, config)
+                params, opt_state, train_metrics = run_updates(update, params, opt_state, ref_params, batch,
+                                                               trained.reshape(-1).astype(np.float32), config)
                 t3 = time.perf_counter()
                 step += 1
-                metrics = {**rollout_metrics(rewards, advantages, grades, completions),
+                metrics = {**rollout_metrics(rewards, valid, trained, grades, completions),
                            "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2, **train_metrics}
                 metrics_log.write(step, metrics)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
                 progress.update()
-                if step % config.checkpoint_every == 0 or step == config.steps or sigterm.raised:
+                if step % config.checkpoint_every == 0 or step == config.steps or stop.raised:
                     ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
         finally:
             progress.close()
             ckpts.close()
             metrics_log.close()
             grader.close()
-    exit_or_export(sigterm, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
-    return {"output_dir": str(out), "step": step, "reward_mean": metrics.get("reward_mean", math.nan),
+    exit_or_export(stop, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+    return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": step, "complete": False,
             "process": jax.process_index()}
+
+
+def reward_summary(history: list[dict], last: int = 10) -> dict:
+    """The mean reward over the last `last` logged steps and the best step's, for the run's
+    closing line (one step's reward alone is too noisy to summarize a run)."""
+    rewards = [(row["step"], row["reward_mean"]) for row in history if math.isfinite(row.get("reward_mean", math.nan))]
+    if not rewards:
+        return {"reward_last_mean": math.nan, "reward_last_steps": 0, "reward_best": math.nan, "reward_best_step": None}
+    tail = [r for _, r in rewards[-last:]]
+    best_step, best = max(rewards, key=lambda sr: sr[1])
+    return {"reward_last_mean": float(np.mean(tail)), "reward_last_steps": len(tail), "reward_best": best,
+            "reward_best_step": best_step}

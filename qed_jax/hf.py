@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from qed_jax.config import ConfigError, ModelConfig
+from qed_jax.errors import CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
 
@@ -38,10 +39,6 @@ _ST_DTYPES = {
     "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded; the message names the file and tensor."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import openai
 
 from qed_jax.config import ConfigError
+from qed_jax.errors import JudgeUnavailable
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,6 @@ class Grade:
     @property
     def failed(self) -> bool:
         return self.score is None
-
-
-class JudgeUnavailable(RuntimeError):
-    """The judge endpoint cannot be reached at all: grading stops rather than scoring zeros."""
 
 
 # --------------------------------------------------------------------------------------------

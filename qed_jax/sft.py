@@ -7,7 +7,6 @@ The pure pieces (`token_loss`, `train_step`) come first; `train` is the loop aro
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -16,46 +15,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.checkpoint import SigtermFlag
-from qed_jax.config import ConfigError, ModelConfig, dump_json, preset
+from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
-from qed_jax.model import Qwen3
-from qed_jax.sharding import DEFAULT_RULES, MeshConfig, create_sharded, make_mesh
+from qed_jax.sharding import MeshConfig, make_mesh
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, decay_mask,
+                             exit_or_export, init_opt_state, is_complete, load_model, lr_schedule, make_optimizer,
+                             resolve_tokenizer, start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    path: str | None = None  # Hugging Face folder or qed-jax checkpoint; None: random init of `preset`
-    preset: str = "tiny"
-    param_dtype: str | None = None  # default: the checkpoint's (or the preset's)
-    dtype: str | None = None  # compute dtype; default: param_dtype
-    remat: str = "none"  # none | full | dots
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-5
-    schedule: str = "cosine"  # cosine | constant
-    warmup_ratio: float = 0.05
-    final_lr_ratio: float = 0.0  # where the cosine ends, as a fraction of lr
-    weight_decay: float = 0.0  # applied to matrices only, not to norms
-    grad_clip: float = 1.0  # global-norm clip; 0 switches it off
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +55,11 @@ class SFTConfig:
     def __post_init__(self):
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+
+    def derived(self) -> dict:
+        return {"model": self.model.describe(), "tokenizer": self.tokenizer or self.model.path,
+                "rows_per_micro_batch": self.batch_size // self.micro_batches,
+                "tokens_per_step": self.batch_size * self.data.max_length}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,24 +103,6 @@ def train_step(graphdef, optimizer, params, opt_state, batch):
                                "grad_norm": optax.tree.norm(grads)}
 
 
-def lr_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
-    warmup = int(round(config.warmup_ratio * steps))
-    if config.schedule == "constant":
-        if not warmup:
-            return optax.constant_schedule(config.lr)
-        return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup),
-                                     optax.constant_schedule(config.lr)], [warmup])
-    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(steps, warmup + 1),
-                                              end_value=config.lr * config.final_lr_ratio)
-
-
-def make_optimizer(config: OptimConfig, steps: int) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    adamw = optax.adamw(lr_schedule(config, steps), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
-
-
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matmul parameters, plus causal attention."""
     c = config
@@ -155,106 +114,13 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Building the pieces from config
-
-
-def load_model(spec: ModelSpec, mesh, seed: int) -> Qwen3:
-    if spec.path:
-        from qed_jax.pretrained import from_pretrained
-
-        model = from_pretrained(spec.path, mesh=mesh, dtype=spec.param_dtype, compute_dtype=spec.dtype)
-    else:
-        base = preset(spec.preset)
-        param_dtype = spec.param_dtype or base.param_dtype
-        config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype)
-        model = create_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh)
-    model.config = model.config.replace(remat=spec.remat)
-    return model
-
-
-def resolve_tokenizer(tokenizer: str | None, spec: ModelSpec) -> str:
-    """The tokenizer's folder: `tokenizer` if set, else the model's own (Hub ids downloaded)."""
-    from qed_jax.pretrained import resolve
-
-    if tokenizer is None and spec.path is None:
-        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
-    return resolve(tokenizer or spec.path)
-
-
-def batch_sharding(mesh) -> NamedSharding:
-    """[microbatch, row, time]: rows over the data-parallel axes."""
-    return NamedSharding(mesh, PartitionSpec(None, DEFAULT_RULES["batch"], None))
-
-
-def to_global(batch: dict, micro_batches: int, sharding) -> dict:
-    """Process-local rows → a global array [M, rows, L] sharded over the mesh."""
-    def one(x):
-        local = x.reshape(micro_batches, -1, *x.shape[1:])
-        shape = (micro_batches, local.shape[1] * jax.process_count(), *local.shape[2:])
-        return jax.make_array_from_process_local_data(sharding, local, shape)
-
-    return {k: one(np.asarray(v)) for k, v in batch.items()}
-
-
-def init_opt_state(optimizer, params, mesh):
-    """Optimizer state on the mesh: moments follow their params' shardings; the step counters,
-    which land on a single device, are replicated."""
-    opt_state = jax.jit(optimizer.init)(params)
-    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
-    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
-
-
-def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator):
-    """Restore the latest checkpoint (params, optimizer, data position) into the given shardings,
-    or, on a fresh start, record the config. Returns (params, opt_state, step)."""
-    if (latest := ckpts.latest_step()) is None:
-        if jax.process_index() == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(dump_json(config))
-        return params, opt_state, 0
-    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
-    params, opt_state, meta = ckpts.restore(latest, *targets, data_iterator)
-    log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
-    return params, opt_state, meta["step"]
-
-
-class MetricsLog:
-    """Per-step metrics to JSONL (truncated to the resumed step) and TensorBoard."""
-
-    def __init__(self, directory: Path, resume_step: int):
-        self.enabled = jax.process_index() == 0
-        self.path = directory / "metrics.jsonl"
-        if not self.enabled:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(str(directory / "tensorboard"))
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
-            self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 
 
-def train(config: SFTConfig) -> dict:
-    """Run SFT; resumes from the latest checkpoint in `output_dir`.
-    Returns {output_dir, step, loss (of the last step), process}."""
+def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
+    """Run SFT; resumes from the newest intact checkpoint in `output_dir` (refusing a changed
+    config unless `resume_with_changes`). Returns {output_dir, step, loss (of the last step),
+    complete (nothing was left to do), process}."""
     from qed_jax.tokenizer import load_tokenizer
 
     out = Path(config.output_dir)
@@ -275,7 +141,7 @@ def train(config: SFTConfig) -> dict:
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)
-    optimizer = make_optimizer(config.optim, steps)
+    optimizer = make_optimizer(config.optim, steps, decay_mask(model))
     schedule = lr_schedule(config.optim, steps)
     opt_state = init_opt_state(optimizer, params, mesh)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -293,18 +159,24 @@ def train(config: SFTConfig) -> dict:
 
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path)
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data)
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
+    result = {"output_dir": str(out), "process": jax.process_index(), "step": start,
+              "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan}
+    if is_complete(out, start, steps, config.export_dtype):
+        ckpts.close()
+        metrics_log.close()
+        return {**result, "complete": True}
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)
 
     meta = lambda step: {"step": step, "seed": config.seed}  # noqa: E731
     log.info("training %d steps (%d packed rows of %d tokens per step)", steps, config.batch_size,
              config.data.max_length)
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
-    step, last_loss = start, math.nan
-    with SigtermFlag() as sigterm:
+    step, last_loss = start, result["loss"]
+    with StopSignals() as stop:
         try:
-            while step < steps and not sigterm.raised:
+            while step < steps and not stop.raised:
                 tick = time.perf_counter()
                 batch = to_global(next(data), config.micro_batches, sharding)
                 params, opt_state, metrics = step_fn(params, opt_state, batch)
@@ -324,28 +196,14 @@ def train(config: SFTConfig) -> dict:
                     metrics_log.write(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 progress.update()
-                if step % config.checkpoint_every == 0 or step == steps or sigterm.raised:
+                if step % config.checkpoint_every == 0 or step == steps or stop.raised:
                     ckpts.save(step, params, opt_state, data, meta(step))
         finally:
             progress.close()
             ckpts.close()
             metrics_log.close()
-    exit_or_export(sigterm, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
-    return {"output_dir": str(out), "step": step, "loss": float(last_loss), "process": jax.process_index()}
-
-
-def exit_or_export(sigterm: SigtermFlag, step: int, model: Qwen3, out: Path, export_dtype: str | None,
-                   assets_from) -> None:
-    """The end of a training run: exit after a preemption (its checkpoint is written), else
-    export the model as a Hugging Face folder `out/hf`."""
-    if sigterm.raised:
-        log.warning("SIGTERM: wrote a checkpoint at step %d; exiting", step)
-        raise SystemExit(128 + sigterm.signum)
-    if export_dtype:
-        from qed_jax.pretrained import save_pretrained
-
-        save_pretrained(model, out / "hf", dtype=export_dtype, assets_from=assets_from)
-        log.info("exported the model to %s", out / "hf")
+    exit_or_export(stop, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+    return {**result, "step": step, "loss": float(last_loss), "complete": False}
 
 
 def evaluate(eval_fn, params, examples, config: SFTConfig, sharding) -> float:

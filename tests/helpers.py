@@ -88,13 +88,14 @@ def wait_for_steps(run_dir, steps: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def assert_sigterm_writes_a_checkpoint(proc, run_dir, steps: int) -> None:
-    """SIGTERM a trainer after `steps` logged steps: it exits 128 + SIGTERM, and its newest
-    checkpoint is the last step it logged."""
+def assert_signal_writes_a_checkpoint(proc, run_dir, steps: int, signum=None) -> None:
+    """Send a trainer SIGTERM (a preemption; or `signum`, e.g. SIGINT for Ctrl-C) after `steps`
+    logged steps: it exits 128 + signal, and its newest checkpoint is the last step it logged."""
     import signal
 
+    signum = signum or signal.SIGTERM
     wait_for_steps(run_dir, steps)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 128 + signum
     saved = sorted(int(p.name) for p in Path(run_dir, "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] == len(read_metrics(run_dir)) >= steps

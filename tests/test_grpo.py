@@ -15,12 +15,13 @@ import pytest
 from flax import nnx
 
 from qed_jax.config import PRESETS, load_config
+from qed_jax.config import ConfigError
 from qed_jax.grpo import (GRPOConfig, LossConfig, aggregate, clipped_policy_loss, group_advantages, kl_k3,
-                          token_logprobs, update_step)
+                          load_prompts, run_updates, token_logprobs, trained_samples, update_step)
 from qed_jax.model import Qwen3
-from qed_jax.sft import OptimConfig, make_optimizer
+from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 from tests.judge_server import JudgeServer
-from tests.helpers import assert_sigterm_writes_a_checkpoint, cli_env, read_metrics
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
@@ -39,6 +40,70 @@ def test_advantages_match_numpy_including_all_equal_groups():
     out = np.asarray(group_advantages(jnp.asarray(rewards), normalize_std=True))
     np.testing.assert_allclose(out, ref_std, atol=1e-6)
     assert np.all(out[2] == 0)
+
+
+def test_failed_grades_are_left_out_of_their_group():
+    rng = np.random.default_rng(7)
+    rewards = rng.integers(0, 8, (4, 5)).astype(np.float32) / 7
+    valid = np.ones((4, 5), bool)
+    valid[0, 1] = False  # one failure: the other four form the baseline
+    valid[1, :4] = False  # one graded sample left: no baseline, nothing trained
+    valid[2, :] = False
+    rewards[~valid] = 0.0  # what a failed Grade carries; it must not count as a score of 0
+    advantages = np.asarray(group_advantages(jnp.asarray(rewards), valid=jnp.asarray(valid)))
+    for p in range(4):
+        graded = rewards[p][valid[p]]
+        expected = np.where(valid[p], rewards[p] - (graded.mean() if graded.size else 0.0), 0.0)
+        np.testing.assert_allclose(advantages[p], expected, atol=1e-6)
+    trained = np.asarray(trained_samples(jnp.asarray(valid), jnp.asarray(advantages), False))
+    assert trained[0].tolist() == [True, False, True, True, True]
+    assert not trained[1].any() and not trained[2].any() and trained[3].all()
+
+
+def test_dropped_groups_leave_the_sample_normalizer():
+    """The recipe filters zero-advantage groups before batching: the update's sample count is
+    that of the samples left."""
+    valid = jnp.ones((3, 2), bool)
+    advantages = jnp.asarray([[0.5, -0.5], [0.0, 0.0], [0.25, -0.25]])
+    trained = np.asarray(trained_samples(valid, advantages, True)).reshape(-1).astype(np.float32)
+    assert trained.tolist() == [1, 1, 0, 0, 1, 1]
+    seen = []
+
+    def update(params, opt_state, ref, micro):
+        seen.append((np.asarray(micro["num_sequences"]).tolist(), float(micro["mask"].sum())))
+        return params, opt_state, {"loss": 0.0}
+
+    config = GRPOConfig(prompts_per_step=3, samples_per_prompt=2, micro_batches=2)
+    batch = {"tokens": np.zeros((6, 4), np.int32), "mask": np.ones((6, 4), np.float32),
+             "old_logprobs": np.zeros((6, 4), np.float32), "advantages": np.zeros(6, np.float32)}
+    run_updates(update, None, None, None, batch, trained, config)
+    assert seen == [([4.0, 4.0], 16.0)]  # 4 samples of 4 tokens each; the dropped group is masked
+
+
+def test_grpo_schedule_counts_optimizer_updates_not_steps():
+    config = load_config(GRPOConfig, None, ["steps=10", "updates_per_step=2", "minibatches=3", "prompts_per_step=3",
+                                            "optim.schedule=cosine", "optim.warmup_ratio=0.1"])
+    assert config.optimizer_updates == 60 and config.derived()["optimizer_updates"] == 60
+
+
+def test_rl_prompts_wrap_the_problem_in_the_task_template():
+    from qed_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(REPO / "configs" / "tiny" / "tokenizer")
+    config = load_config(GRPOConfig, TINY)
+    (first, *_) = load_prompts(config, tokenizer)
+    text = tokenizer.decode(first["prompt_ids"])
+    assert f"Generate a rigorous proof to the following question:\n\n{first['problem']}" in text
+    custom = load_config(GRPOConfig, TINY, ["data.task_template=Prove this. {problem} Be brief."])
+    assert f"Prove this. {first['problem']} Be brief." in tokenizer.decode(load_prompts(custom, tokenizer)[0]["prompt_ids"])
+    with pytest.raises(ConfigError, match="task_template must contain"):
+        load_config(GRPOConfig, TINY, ["data.task_template=no placeholder"])
+
+
+@pytest.mark.parametrize("override", ["top_k=20", "top_p=0.9"])
+def test_filtered_sampling_is_refused_in_grpo(override):
+    with pytest.raises(ConfigError, match="GRPO samples from the whole tempered distribution"):
+        load_config(GRPOConfig, TINY, [override])
 
 
 def test_policy_loss_kl_and_aggregations_match_numpy():
@@ -106,7 +171,7 @@ def _update_setup(advantages, weight_decay=0.0):
              "advantages": np.asarray(advantages, np.float32)[None],
              "num_sequences": np.float32([S]), "num_tokens": np.float32([mask[:, 1:].sum()])}
     optimizer = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0,
-                                           weight_decay=weight_decay, grad_clip=1.0), steps=10)
+                                           weight_decay=weight_decay, grad_clip=1.0), 10, decay_mask(model))
     new_params, _, metrics = jax.jit(partial_update(graphdef, optimizer, loss))(
         params, optimizer.init(params), None, {k: jnp.asarray(v) for k, v in batch.items()})
     seq_logprob = lambda p: float(jnp.sum(  # noqa: E731
@@ -153,12 +218,41 @@ def test_steps_against_the_loopback_judge(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert server.total == 3 * 16 and all(m["judge_failures"] == 0 for m in metrics)
+    assert server.total == 3 * 16 and all(m["judge_failed"] == 0 and m["graded_fraction"] == 1.0 for m in metrics)
     assert all(0 < m["reward_std"] for m in metrics)  # hash scores vary, so advantages do
     for key in ("reward_mean", "success_rate", "completion_length_mean", "completion_length_max",
                 "truncated_fraction", "clip_fraction", "approx_kl", "entropy", "judge_latency_s",
                 "sample_s", "judge_s", "train_s", "loss", "grad_norm"):
         assert key in metrics[0], key
+
+
+def test_judge_sees_the_bare_problem_and_failed_grades_are_excluded_and_counted(tmp_path):
+    # The server's replies are scripted by request count: the 3rd request fails (a 400 is not
+    # retried), every other is scored. 1 failure in 16 is over the default 5 %, within 10 %.
+    script = [("score", 3), ("score", 5), ("status", 400)] + [("score", 3), ("score", 5)] * 20
+    with JudgeServer({"_": script}) as server:
+        result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY,
+                                 *_judge_args(server, tmp_path), "steps=1", "judge.max_failed_fraction=0.1",
+                                 f"output_dir={tmp_path / 'run'}"], cwd=REPO, env=cli_env(1), capture_output=True,
+                                text=True, timeout=300)
+        prompts = [body["messages"][-1]["content"] for body in server.bodies]
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = read_metrics(tmp_path / "run")
+    assert metrics["judge_failed"] >= 1 and metrics["graded_fraction"] == 1 - metrics["judge_failed"] / 16
+    assert 3 / 7 <= metrics["reward_mean"] <= 5 / 7  # the failure is not a score of 0
+    assert prompts and not any("Generate a rigorous proof" in p for p in prompts)
+
+
+def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
+    with JudgeServer({"_": [("status", 400)]}) as server:
+        result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY,
+                                 *_judge_args(server, tmp_path), "steps=2", "checkpoint_every=1",
+                                 f"output_dir={tmp_path / 'run'}"], cwd=REPO, env=cli_env(1), capture_output=True,
+                                text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("qed-jax grpo: error: step 1:") and server.url in last and "http_400 x16" in last
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
 def test_sigkill_mid_step_resumes_without_regrading(tmp_path):
@@ -226,7 +320,7 @@ def test_sharded_training_with_a_different_sampling_mesh(tmp_path):
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     proc = _grpo(["steps=400", "checkpoint_every=1000", "export_dtype=null", f"output_dir={tmp_path}"],
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert_sigterm_writes_a_checkpoint(proc, tmp_path, steps=3)
+    assert_signal_writes_a_checkpoint(proc, tmp_path, steps=3)
 
 
 def test_recomputed_old_logprobs_agree_with_the_samplers(tmp_path):

@@ -131,6 +131,23 @@ def test_convert_cli_hf_orbax_hf_is_bit_identical(tmp_path):
     assert (tmp_path / "back" / "tokenizer_config.json").exists()
 
 
+def test_convert_refuses_an_occupied_destination_unless_overwrite_replaces_it(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_hf_model(first, seed=0)
+    make_hf_model(second, seed=1)
+    assert cli.main(["convert", str(first), str(tmp_path / "ckpt")]) == 0
+    for source, dest in ((second, tmp_path / "ckpt"), (tmp_path / "ckpt", second)):  # a checkpoint, an HF folder
+        before = sorted(p.name for p in dest.iterdir())
+        assert cli.main(["convert", str(source), str(dest)]) == 2
+        assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+        assert sorted(p.name for p in dest.iterdir()) == before
+    assert cli.main(["convert", str(second), str(tmp_path / "ckpt"), "--overwrite"]) == 0
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.asarray(qed_jax.from_pretrained(tmp_path / "ckpt")(tokens)),
+                                  np.asarray(qed_jax.from_pretrained(second)(tokens)))
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()] == ["0"]
+
+
 def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
     make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))

@@ -24,7 +24,7 @@ from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
 from qed_jax.sft import SFTConfig, accumulated_grads, train_step
 from qed_jax.tokenizer import load_tokenizer
-from tests.helpers import assert_sigterm_writes_a_checkpoint, cli_env, read_metrics, wait_for_steps
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics, wait_for_steps
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "sft" / "tiny.yaml")
@@ -150,7 +150,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     proc = _run_sft(["steps=400", "checkpoint_every=1000", "eval_every=0", f"output_dir={tmp_path}"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert_sigterm_writes_a_checkpoint(proc, tmp_path, steps=5)
+    assert_signal_writes_a_checkpoint(proc, tmp_path, steps=5)
 
 
 def test_fsdp_tensor_sharded_losses_match_one_device(tmp_path):

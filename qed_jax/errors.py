@@ -1,0 +1,15 @@
+"""The errors a user can cause and fix. The CLI prints each as one line (no traceback), so this
+module stays free of heavy imports: `qed-jax --help` must not wait for JAX or transformers."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and why."""
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and tensor."""
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge cannot grade (unreachable, or failing on too many items): grading stops rather
+    than scoring zeros."""

@@ -1,0 +1,298 @@
+"""What both trainers (SFT and GRPO) share: the model and optimizer from config, batches on the
+mesh, the run directory (config record, resume, metrics log), stop signals and the final export.
+
+`sft.py` and `grpo.py` are two recipes built from these parts; reasoning-cache and evaluation
+code can use them without importing a trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qed_jax import checkpoint
+from qed_jax.config import ConfigError, dump_json, preset, to_dict
+from qed_jax.model import Qwen3
+from qed_jax.sharding import DEFAULT_RULES, create_sharded
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    path: str | None = None  # Hugging Face folder, Hub id or qed-jax checkpoint
+    preset: str | None = None  # random init of this preset when there is no path (e.g. tiny)
+    param_dtype: str | None = None  # default: the checkpoint's (or the preset's)
+    dtype: str | None = None  # compute dtype; default: param_dtype
+    remat: str = "none"  # none | full | dots
+
+    def __post_init__(self):
+        if self.path is not None and self.preset is not None:
+            raise ConfigError(f"model: both path ({self.path}) and preset ({self.preset}) are set; keep one")
+
+    def describe(self) -> str:
+        """What will be loaded, for --print-config and logs."""
+        if self.path:
+            return f"load {self.path}"
+        if self.preset:
+            return f"random init of preset {self.preset}"
+        return "nothing: set model.path (a checkpoint) or model.preset (a random init)"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-5
+    schedule: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.05  # of all optimizer updates
+    final_lr_ratio: float = 0.0  # where the cosine ends, as a fraction of lr
+    weight_decay: float = 0.0  # applied to matrices only: never to norms (see decay_mask)
+    grad_clip: float = 1.0  # global-norm clip; 0 switches it off
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def load_model(spec: ModelSpec, mesh, seed: int) -> Qwen3:
+    if not spec.path and not spec.preset:
+        raise ConfigError("model: set model.path (a checkpoint to load) or model.preset (a random init)")
+    if spec.path:
+        from qed_jax.pretrained import from_pretrained
+
+        model = from_pretrained(spec.path, mesh=mesh, dtype=spec.param_dtype, compute_dtype=spec.dtype)
+    else:
+        base = preset(spec.preset)
+        param_dtype = spec.param_dtype or base.param_dtype
+        config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype)
+        model = create_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh)
+    model.config = model.config.replace(remat=spec.remat)
+    return model
+
+
+def resolve_tokenizer(tokenizer: str | None, spec: ModelSpec) -> str:
+    """The tokenizer's folder: `tokenizer` if set, else the model's own (Hub ids downloaded)."""
+    from qed_jax.pretrained import resolve
+
+    if tokenizer is None and spec.path is None:
+        raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    return resolve(tokenizer or spec.path)
+
+
+def decay_mask(model: Qwen3) -> dict:
+    """Which parameters take weight decay, decided by their logical axes: norm scales (a `norm`
+    axis, or a lone `head_dim` axis as in QK-norm) do not, whatever their stacked rank."""
+    def decays(var) -> bool:
+        axes = tuple(a for a in var.get_metadata().get("axes", ()) if a != "layers")
+        return "norm" not in axes and axes != ("head_dim",)
+
+    state = nnx.state(model, nnx.Param)
+    return nnx.to_pure_dict(jax.tree.map(decays, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def lr_schedule(config: OptimConfig, updates: int) -> optax.Schedule:
+    """The learning rate per optimizer update (not per trainer step)."""
+    warmup = int(round(config.warmup_ratio * updates))
+    if config.schedule == "constant":
+        if not warmup:
+            return optax.constant_schedule(config.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup),
+                                     optax.constant_schedule(config.lr)], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(updates, warmup + 1),
+                                              end_value=config.lr * config.final_lr_ratio)
+
+
+def make_optimizer(config: OptimConfig, updates: int, mask: dict) -> optax.GradientTransformation:
+    """AdamW (decay where `mask` says, see `decay_mask`) after a global-norm clip, with the
+    schedule sized in optimizer updates."""
+    adamw = optax.adamw(lr_schedule(config, updates), b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay, mask=mask)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
+
+
+def init_opt_state(optimizer, params, mesh):
+    """Optimizer state on the mesh: moments follow their params' shardings; the step counters,
+    which land on a single device, are replicated."""
+    opt_state = jax.jit(optimizer.init)(params)
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches on the mesh
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """[microbatch, row, time]: rows over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(None, DEFAULT_RULES["batch"], None))
+
+
+def to_global(batch: dict, micro_batches: int, sharding) -> dict:
+    """Process-local rows → a global array [M, rows, ...] sharded over the mesh."""
+    def one(x):
+        local = x.reshape(micro_batches, -1, *x.shape[1:])
+        shape = (micro_batches, local.shape[1] * jax.process_count(), *local.shape[2:])
+        return jax.make_array_from_process_local_data(sharding, local, shape)
+
+    return {k: one(np.asarray(v)) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The run directory: config record, resume, metrics
+
+
+def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return changes
+
+
+def check_run_config(out: Path, config, resume_with_changes: bool) -> None:
+    """A rerun into an existing run directory must use the config it was started with, unless
+    the user says otherwise; then the new config is recorded (the old one kept beside it)."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changes = config_changes(saved, json.loads(json.dumps(to_dict(config))))
+    if not changes:
+        return
+    if not resume_with_changes:
+        raise ConfigError(f"{out} holds a run started with a different config ({'; '.join(changes)}); "
+                          "pass --resume-with-changes to continue it with the new one, or use a new output_dir")
+    log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
+    if jax.process_index() == 0:
+        n = 1
+        while (out / f"config.{n}.json").exists():
+            n += 1
+        path.rename(out / f"config.{n}.json")
+        path.write_text(dump_json(config))
+
+
+def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator,
+                    resume_with_changes: bool = False):
+    """Restore the newest intact checkpoint (params, optimizer, data position) into the given
+    shardings, or, on a fresh start, record the config. Returns (params, opt_state, step)."""
+    check_run_config(out, config, resume_with_changes)
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
+    restored = ckpts.restore_latest(*targets, data_iterator)
+    if restored is None:
+        if jax.process_index() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if not (out / "config.json").exists():
+                (out / "config.json").write_text(dump_json(config))
+        return params, opt_state, 0
+    params, opt_state, meta = restored
+    log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
+    return params, opt_state, meta["step"]
+
+
+class MetricsLog:
+    """Per-step metrics to JSONL (truncated to the resumed step) and TensorBoard. `history`
+    holds every row of the run so far, the resumed part included."""
+
+    def __init__(self, directory: Path, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = directory / "metrics.jsonl"
+        self.history: list[dict] = []
+        if not self.enabled:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.history = [row for row in rows if row["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        self.history.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping and finishing
+
+
+class StopSignals:
+    """Within `with`, SIGTERM (how TPU VMs announce preemption) and SIGINT (Ctrl-C) are recorded
+    instead of killing the process, so a training loop can finish its step, write a checkpoint
+    and exit. A second signal exits at once, without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        log.warning("%s: finishing this step, then writing a checkpoint (send it again to exit at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+
+def exit_or_export(stop: StopSignals, step: int, model: Qwen3, out: Path, export_dtype: str | None,
+                   assets_from) -> None:
+    """The end of a training run: exit after a stop signal (its checkpoint is written), else
+    export the model as a Hugging Face folder `out/hf`."""
+    if stop.raised:
+        log.warning("%s: wrote a checkpoint at step %d; exiting (rerun the same command to resume)",
+                    signal.Signals(stop.signum).name, step)
+        raise SystemExit(128 + stop.signum)
+    if export_dtype:
+        from qed_jax.pretrained import save_pretrained
+
+        save_pretrained(model, out / "hf", dtype=export_dtype, assets_from=assets_from)
+        log.info("exported the model to %s", out / "hf")
+
+
+def is_complete(out: Path, step: int, steps: int, export_dtype: str | None) -> bool:
+    """A run that reached its last step and (if asked for) its export has nothing left to do."""
+    return step >= steps and (not export_dtype or (out / "hf" / "config.json").exists())

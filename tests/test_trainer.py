@@ -1,0 +1,98 @@
+"""What both trainers share: weight decay by logical axes, the run directory's config record
+(refusing silent changes, finishing complete runs), falling back past an unreadable checkpoint,
+and Ctrl-C writing a checkpoint like a preemption."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qed_jax.config import PRESETS, preset
+from qed_jax.model import Qwen3
+from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_SFT = str(REPO / "configs" / "sft" / "tiny.yaml")
+
+NOT_DECAYED = {"attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm"}
+
+
+def test_decay_mask_of_the_4b_preset_spares_every_norm():
+    model = nnx.eval_shape(lambda: Qwen3(preset("qwen3-4b-thinking-2507"), rngs=nnx.Rngs(0)))
+    flat = {path[-1]: decays for path, decays in jax.tree_util.tree_flatten_with_path(decay_mask(model))[0]}
+    names = {p.key for p in flat}
+    assert names == NOT_DECAYED | {"embed", "q", "k", "v", "o", "gate", "up", "down"}
+    assert {p.key for p, decays in flat.items() if not decays} == NOT_DECAYED
+
+
+def test_weight_decay_leaves_stacked_norm_weights_alone():
+    model = Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = make_optimizer(OptimConfig(lr=0.1, schedule="constant", warmup_ratio=0.0, weight_decay=0.5,
+                                           grad_clip=0.0), 10, decay_mask(model))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = path[-1].key
+        if name in NOT_DECAYED:
+            assert not np.any(np.asarray(update)), name  # [layers, dim] or [dim]: never decayed
+        else:
+            assert np.any(np.asarray(update)), name
+
+
+def _sft(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT, "eval_every=0",
+                           "export_dtype=null", "checkpoint_every=1", *args], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _corrupt(step_dir: Path) -> None:
+    for f in (step_dir / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:16])
+
+
+def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadable_steps(tmp_path):
+    run = tmp_path / "run"
+    first = _sft(["steps=2", f"output_dir={run}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    again = _sft(["steps=2", f"output_dir={run}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is already complete at step 2: nothing to do" in again.stdout and "nan" not in again.stdout
+
+    changed = _sft(["steps=4", "optim.lr=1e-3", f"output_dir={run}"])
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    error = changed.stderr.strip().splitlines()[-1]
+    assert "steps: 2 -> 4" in error and "optim.lr: 0.003 -> 0.001" in error and "--resume-with-changes" in error
+
+    _corrupt(run / "checkpoints" / "2")
+    resumed = _sft(["steps=4", f"output_dir={run}", "--resume-with-changes"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint step 2 is unreadable" in resumed.stderr
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]  # step 2 trained again from step 1
+    assert json.loads((run / "config.json").read_text())["steps"] == 4
+    assert json.loads((run / "config.1.json").read_text())["steps"] == 2
+    assert [p.name.startswith("2.unreadable-") for p in (run / "checkpoints").iterdir()].count(True) == 1
+
+    _corrupt(run / "checkpoints" / "4")
+    generate = subprocess.run([sys.executable, "-m", "qed_jax.cli", "generate", "--model", str(run / "checkpoints"),
+                               "--prompt", "hi", "--max-new-tokens", "2"], cwd=REPO, env=cli_env(1),
+                              capture_output=True, text=True, timeout=300)
+    assert generate.returncode == 2 and len(generate.stderr.strip().splitlines()) == 1, generate.stderr[-3000:]
+    assert "step 4 is unreadable" in generate.stderr
+
+
+def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT, "steps=400",
+                             "checkpoint_every=1000", "eval_every=0", f"output_dir={tmp_path}"], cwd=REPO,
+                            env=cli_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert_signal_writes_a_checkpoint(proc, tmp_path, steps=3, signum=signal.SIGINT)
+    assert "Traceback" not in proc.stderr.read()
