@@ -184,8 +184,9 @@ def wave_size(config: ModelConfig, cache_len: int, kv_cache_bytes_per_device: fl
             f"the KV cache of one sequence ({cache_len} slots x {kv_bytes_per_token(config, cache_dtype)} "
             f"bytes per token in {jnp.dtype(cache_dtype).name}, over {kv_head_shards} kv-head shard(s)) "
             f"takes {per_sequence / gib:.2f} GiB per device, more than the budget of "
-            f"{kv_cache_bytes_per_device / gib:.2f} GiB per device: raise the KV-cache budget, shorten "
-            "max_new_tokens or the prompts, or split the kv heads over more devices (tensor axis)")
+            f"{kv_cache_bytes_per_device / gib:.2f} GiB per device: raise the KV-cache budget (kv_cache_gib), "
+            "shorten max_new_tokens or the prompts, split the kv heads over more devices (tensor axis) "
+            "or store the cache in a narrower dtype")
     return rows_per_device * batch_shards
 
 
