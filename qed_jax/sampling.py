@@ -3,20 +3,28 @@ that decodes one token per step for the whole batch.
 
 Static shapes: prompts are right-padded to a length bucket, the cache holds bucket +
 max_new_tokens slots, and sampling controls (temperature, top-k, top-p, stop ids, per-row
-budgets) are traced arrays, so changing them never recompiles. The cache is donated between
-calls. Each row keeps its own positions, so prompts of different lengths decode exactly.
+budgets) are traced arrays, so changing them never recompiles. Each row keeps its own positions,
+so prompts of different lengths decode exactly.
+
+Bounded memory: a call's requests run in waves of at most `max_concurrent` rows (set directly or
+derived from a KV-cache budget per device), all through one donated cache of [L, wave, S, K, H]
+that is reused wave after wave; a short wave is padded with dummy rows of budget 0. Each row
+draws its randomness from (key, request index, step), so samples do not depend on the waves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
+from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3
 from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -69,9 +77,10 @@ def filter_logits(logits, top_k, top_p):
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_tokens(logits, key, temperature, top_k, top_p):
+def sample_tokens(logits, keys, temperature, top_k, top_p):
     """One token per row and its log-prob under log_softmax(logits / temperature) (temperature
-    1 for greedy rows). logits [B, V] float32; temperature/top_k/top_p [B]."""
+    1 for greedy rows). logits [B, V] float32; keys [B], one per row, so a row's draw does not
+    depend on which other rows share its batch; temperature/top_k/top_p [B]."""
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
@@ -79,7 +88,7 @@ def sample_tokens(logits, key, temperature, top_k, top_p):
         # The filters sort the vocabulary, which is slow on some backends: skip them when unused.
         filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filter_logits, lambda x, *_: x,
                                 scaled, top_k, top_p)
-        return jax.random.categorical(key, filtered, axis=-1)
+        return jax.vmap(jax.random.categorical)(keys, filtered)
 
     sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1), draw, scaled)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled)
@@ -102,13 +111,17 @@ def prefill(graphdef, state, tokens, lengths, cache: KVCache):
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
 def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KVCache, key,
-                temperature, top_k, top_p, budgets, stop_ids):
-    """Sample until every row has stopped or spent its budget (≤ max_new_tokens).
+                temperature, top_k, top_p, budgets, stop_ids, row_ids=None):
+    """Sample until every row has stopped or spent its budget (≤ max_new_tokens). Row b's token
+    at step t is drawn with fold_in(fold_in(key, row_ids[b]), t); row_ids [B] defaults to 0..B-1.
     Returns tokens [B, N], logprobs [B, N], lengths [B], finish reasons [B], cache."""
     model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
+    if row_ids is None:
+        row_ids = jnp.arange(batch, dtype=jnp.int32)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)  # [B]
     init = dict(
-        step=jnp.int32(0), logits=logits, cache=cache, key=key,
+        step=jnp.int32(0), logits=logits, cache=cache,
         positions=lengths.astype(jnp.int32),
         tokens=jnp.zeros((batch, max_new_tokens), jnp.int32),
         logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
@@ -121,13 +134,13 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
         return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
 
     def body(s):
-        key, sub = jax.random.split(s["key"])
-        token, logprob = sample_tokens(s["logits"], sub, temperature, top_k, top_p)
+        step = s["step"]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        token, logprob = sample_tokens(s["logits"], keys, temperature, top_k, top_p)
         live = ~s["done"]
         token = jnp.where(live, token, 0)
         stopped = live & jnp.isin(token, stop_ids)
-        step = s["step"]
-        out = dict(s, step=step + 1, key=key)
+        out = dict(s, step=step + 1)
         out["tokens"] = s["tokens"].at[:, step].set(token)
         out["logprobs"] = s["logprobs"].at[:, step].set(jnp.where(live, logprob, 0.0))
         out["lengths"] = jnp.where(live, step + 1, s["lengths"])
@@ -153,21 +166,96 @@ def bucket_length(length: int, buckets=DEFAULT_BUCKETS) -> int:
     raise ValueError(f"prompt of {length} tokens is longer than the largest bucket ({buckets[-1]})")
 
 
+def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
+    """Bytes of KV cache one token takes over all layers: keys and values, K heads of H each."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+
+
+def wave_size(config: ModelConfig, cache_len: int, kv_cache_bytes_per_device: float, cache_dtype,
+              batch_shards: int = 1, kv_head_shards: int = 1) -> int:
+    """The most sequences whose KV cache of `cache_len` slots fits in the budget on every device,
+    a multiple of `batch_shards` so rows split evenly over the mesh's batch axes. A device holds
+    wave / batch_shards rows of 1 / kv_head_shards of the kv heads each."""
+    per_sequence = cache_len * kv_bytes_per_token(config, cache_dtype) / kv_head_shards  # on one device
+    rows_per_device = int(kv_cache_bytes_per_device // per_sequence)
+    if rows_per_device < 1:
+        gib = 2 ** 30
+        raise ConfigError(
+            f"the KV cache of one sequence ({cache_len} slots x {kv_bytes_per_token(config, cache_dtype)} "
+            f"bytes per token in {jnp.dtype(cache_dtype).name}, over {kv_head_shards} kv-head shard(s)) "
+            f"takes {per_sequence / gib:.2f} GiB per device, more than the budget of "
+            f"{kv_cache_bytes_per_device / gib:.2f} GiB per device: raise the KV-cache budget (kv_cache_gib), "
+            "shorten max_new_tokens or the prompts, split the kv heads over more devices (tensor axis) "
+            "or store the cache in a narrower dtype")
+    return rows_per_device * batch_shards
+
+
+def pad_wave(prompts: list[list[int]], budgets: np.ndarray, rows: int, width: int):
+    """Right-padded tokens [rows, width], lengths [rows] and budgets [rows] for one wave; rows past
+    the prompts are dummies (one token, budget 0) that keep the wave's shape fixed."""
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.ones((rows,), np.int32)
+    padded_budgets = np.zeros((rows,), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+        lengths[row] = len(p)
+    padded_budgets[: len(prompts)] = budgets
+    return tokens, lengths, padded_budgets
+
+
 class Sampler:
-    """Holds the model split for jit and one donated KV cache per (batch, cache length)."""
+    """Holds the model split for jit and one donated KV cache, reused while its shape holds.
+
+    `max_concurrent` caps the rows decoded at once; `kv_cache_gib` (per device) derives that cap
+    from the cache length of each call instead (see `wave_size`). With neither, a call is one
+    wave of all its requests.
+    """
 
     def __init__(self, model: Qwen3, mesh=None, rules=DEFAULT_RULES, buckets=DEFAULT_BUCKETS,
-                 cache_dtype: str | None = None):
+                 cache_dtype: str | None = None, max_concurrent: int | None = None,
+                 kv_cache_gib: float | None = None, progress: bool = True):
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.mesh, self.rules, self.buckets = mesh, rules, tuple(buckets)
         self.cache_dtype = cache_dtype or model.config.dtype
-        self._caches: dict[tuple[int, int], KVCache] = {}
+        self.progress = progress
+        if max_concurrent is not None and kv_cache_gib is not None:
+            raise ConfigError("set max_concurrent or kv_cache_gib, not both")
+        shards = self.cache_shards()[0]
+        if max_concurrent is not None and (max_concurrent < 1 or max_concurrent % shards):
+            raise ConfigError(f"max_concurrent must be a positive multiple of the mesh's {shards} batch "
+                              f"shard(s), so rows split evenly; got {max_concurrent}")
+        if kv_cache_gib is not None and kv_cache_gib <= 0:
+            raise ConfigError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
+        self.max_concurrent, self.kv_cache_gib = max_concurrent, kv_cache_gib
+        self._kv_cache: KVCache | None = None
 
     def update_weights(self, state) -> None:
         """Sample from new weights (an nnx.State or pure dict of the same structure, e.g. the
         trainer's params cast to the sampling dtype) without recompiling."""
         self.state = state
+
+    def cache_shards(self) -> tuple[int, int]:
+        """How many ways the mesh splits the cache's batch axis and its kv-head axis."""
+        if self.mesh is None:
+            return 1, 1
+        c = self.config
+        batch_shards = _ways(self.rules.get("batch"), self.mesh)
+        # The spec of a cache whose batch the batch axes divide says how the kv heads split.
+        shape = (c.num_layers, batch_shards, 1, c.num_kv_heads, c.head_dim)
+        spec = logical_to_spec(KV_CACHE_AXES, shape, self.mesh, self.rules)
+        return _ways(spec[1], self.mesh), _ways(spec[3], self.mesh)
+
+    def wave_rows(self, num_requests: int, cache_len: int) -> int:
+        """Rows of every wave of a call: the cap (set or derived from the KV budget at this
+        cache length), or the call's own size when smaller, rounded up to the batch shards."""
+        batch_shards, kv_head_shards = self.cache_shards()
+        cap = self.max_concurrent
+        if self.kv_cache_gib is not None:
+            cap = wave_size(self.config, cache_len, self.kv_cache_gib * 2 ** 30, self.cache_dtype,
+                            batch_shards, kv_head_shards)
+        rows = -(-num_requests // batch_shards) * batch_shards
+        return rows if cap is None else min(cap, rows)
 
     def _put(self, array: np.ndarray):
         if self.mesh is None:
@@ -176,9 +264,12 @@ class Sampler:
         return jax.device_put(array, jax.sharding.NamedSharding(self.mesh, spec))
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
-        cache = self._caches.pop((batch, max_len), None)
-        if cache is not None:
+        """The held cache when its shape fits, else a new one; the old one is dropped first, so
+        at most one cache lives at a time."""
+        cache, self._kv_cache = self._kv_cache, None
+        if cache is not None and cache.k.shape[1:3] == (batch, max_len):
             return cache
+        del cache
         zeros = partial(KVCache.zeros, self.config, batch, max_len, self.cache_dtype)
         if self.mesh is None:
             return zeros()
@@ -189,38 +280,55 @@ class Sampler:
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, key, stop_ids: list[int],
                      budgets: list[int] | None = None) -> list[Completion]:
-        """Sample a completion for each prompt (token ids). `budgets` caps new tokens per row."""
+        """Sample a completion for each prompt (token ids), in waves of `wave_rows` rows.
+        `budgets` caps new tokens per row. All waves of a call share one prompt bucket (the
+        call's longest prompt), so one compiled prefill and decode loop serve them all."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        batch = len(prompts)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        width = bucket_length(int(lengths.max()), self.buckets)
-        tokens = np.zeros((batch, width), np.int32)
-        for row, p in enumerate(prompts):
-            tokens[row, : len(p)] = p
+        if budgets is not None and len(budgets) != len(prompts):
+            raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
         n = params.max_new_tokens
-        cache = self._cache(batch, width + n)
-        logits, cache = prefill(self.graphdef, self.state, self._put(tokens), self._put(lengths), cache)
+        width = bucket_length(max(len(p) for p in prompts), self.buckets)
+        budgets = np.minimum(np.array(budgets if budgets is not None else [n] * len(prompts), np.int32), n)
+        rows = self.wave_rows(len(prompts), width + n)
+        cache = self._cache(rows, width + n)
 
         def per_row(value, dtype):
-            return self._put(np.full((batch,), value, dtype))
+            return self._put(np.full((rows,), value, dtype))
 
-        budgets = np.minimum(np.array(budgets if budgets is not None else [n] * batch, np.int32), n)
-        out = decode_loop(
-            self.graphdef, n, self.state, logits, self._put(lengths), cache, key,
-            per_row(params.temperature, np.float32), per_row(params.top_k, np.int32),
-            per_row(params.top_p, np.float32), self._put(budgets), jnp.asarray(stop_ids, jnp.int32),
-        )
-        out_tokens, out_logprobs, out_lengths, finish, cache = out
-        self._caches[(batch, width + n)] = cache
-        out_tokens, out_logprobs, out_lengths, finish = jax.device_get(
-            (out_tokens, out_logprobs, out_lengths, finish))
-        return [
-            Completion(tokens=out_tokens[r, : out_lengths[r]].tolist(),
-                       logprobs=out_logprobs[r, : out_lengths[r]].tolist(),
-                       finish_reason=FINISH_REASONS[int(finish[r])])
-            for r in range(batch)
-        ]
+        controls = (per_row(params.temperature, np.float32), per_row(params.top_k, np.int32),
+                    per_row(params.top_p, np.float32))
+        stops = jnp.asarray(stop_ids, jnp.int32)
+        starts = range(0, len(prompts), rows)
+        completions = []
+        for start in tqdm(starts, desc="sampling waves", unit="wave", leave=False,
+                          disable=not self.progress or len(starts) == 1 or jax.process_index() != 0):
+            wave = prompts[start: start + rows]
+            tokens, lengths, wave_budgets = pad_wave(wave, budgets[start: start + rows], rows, width)
+            lengths = self._put(lengths)
+            logits, cache = prefill(self.graphdef, self.state, self._put(tokens), lengths, cache)
+            *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
+                                      self._put(wave_budgets), stops,
+                                      self._put(np.arange(start, start + rows, dtype=np.int32)))
+            completions += _completions(*jax.device_get(out), count=len(wave))
+        self._kv_cache = cache
+        return completions
+
+
+def _ways(axes, mesh) -> int:
+    """How many shards mesh axes (a name, a tuple of names or None, as in a PartitionSpec entry
+    or a rule) make on `mesh`; axes the mesh lacks count once."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape.get(name, 1) for name in names)
+
+
+def _completions(tokens, logprobs, lengths, finish, count: int) -> list[Completion]:
+    """The first `count` rows of a wave's outputs (tokens/logprobs [B, N], lengths/finish [B])."""
+    return [
+        Completion(tokens=tokens[r, : lengths[r]].tolist(), logprobs=logprobs[r, : lengths[r]].tolist(),
+                   finish_reason=FINISH_REASONS[int(finish[r])])
+        for r in range(count)
+    ]
 
 
 def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParams = SamplingParams(),

@@ -7,14 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import qed_jax
 from qed_jax import cli, sampling
-from qed_jax.sampling import Sampler, SamplingParams
+from qed_jax.config import ConfigError, preset
+from qed_jax.model import Qwen3
+from qed_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
 from tests.helpers import make_hf_model, make_hf_model_with_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 77, 31]]
+# Seven prompts of different lengths: with max_concurrent 3, waves of 3, 3 and 1 (+2 dummies).
+SEVEN = PROMPTS + [[1, 2, 3], [9] * 20, [44, 45, 46, 47, 48], [200]]
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +133,85 @@ def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
 def test_sharded_greedy_equals_unsharded(tmp_path):
     make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, seed=3)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    prompts = PROMPTS + [[1, 2, 3]]
+    prompts = PROMPTS + [[1, 2, 3], [4], [8, 9, 10, 11]]
     greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
     plain = Sampler(qed_jax.from_pretrained(tmp_path)).generate_ids(prompts, greedy, jax.random.key(0), [])
-    sharded = Sampler(qed_jax.from_pretrained(tmp_path, mesh=mesh), mesh=mesh)
+    # Two waves of 4 rows, one per batch shard; the second is half dummies.
+    sharded = Sampler(qed_jax.from_pretrained(tmp_path, mesh=mesh), mesh=mesh, max_concurrent=4)
     assert [c.tokens for c in sharded.generate_ids(prompts, greedy, jax.random.key(0), [])] == \
         [c.tokens for c in plain]
+
+
+def test_waves_greedy_equals_one_batch_and_transformers(tiny):
+    import torch
+
+    hf, model = tiny
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    waved = Sampler(model, max_concurrent=3).generate_ids(SEVEN, greedy, jax.random.key(0), stop_ids=[])
+    whole = Sampler(model).generate_ids(SEVEN, greedy, jax.random.key(0), stop_ids=[])
+    assert [c.tokens for c in waved] == [c.tokens for c in whole]
+    for prompt, c in zip(SEVEN, waved):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert c.tokens == ref[0, len(prompt):].tolist()
+
+
+def test_samples_do_not_depend_on_the_waves(tiny):
+    _, model = tiny
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    budgets = [12, 3, 9, 12, 1, 10, 7]  # per-request budgets must follow their requests into waves
+
+    def run(sampler):
+        return sampler.generate_ids(SEVEN, params, jax.random.key(9), stop_ids=[4], budgets=budgets)
+
+    waved, whole = run(Sampler(model, max_concurrent=3)), run(Sampler(model))
+    for a, b, budget in zip(waved, whole, budgets):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert len(a.tokens) <= budget
+    assert len({tuple(c.tokens) for c in waved}) == len(SEVEN)  # rows draw different samples
+
+
+def test_one_compile_serves_every_wave(tiny, caplog):
+    _, model = tiny
+    sampler = Sampler(model, buckets=(32,), max_concurrent=3)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for prompts, temperature in [(SEVEN, 0.0), (SEVEN[2:], 0.9), (SEVEN[:3], 1.2)]:
+            completions = sampler.generate_ids(prompts, SamplingParams(max_new_tokens=6, temperature=temperature),
+                                               jax.random.key(0), stop_ids=[])
+            assert [len(c.tokens) for c in completions] == [6] * len(prompts)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert sum("decode_loop" in m for m in compiles) == 1, compiles
+    assert sum("prefill" in m for m in compiles) == 1, compiles
+
+
+def test_wave_size_by_hand():
+    config = preset("qwen3-4b")
+    per_token = 2 * 36 * 8 * 128 * 2  # K and V, 36 layers, 8 kv heads of 128, bf16
+    assert kv_bytes_per_token(config, "bfloat16") == per_token == 147_456
+    per_sequence = 51_200 * per_token  # 7.03 GiB: 8 fit in 60 GiB
+    assert (60 * 2**30) // per_sequence == 8
+    assert wave_size(config, 51_200, 60 * 2**30, "bfloat16", batch_shards=8) == 8 * 8
+    # kv heads split two ways: each device holds half of every sequence, 17 fit.
+    assert wave_size(config, 51_200, 60 * 2**30, "bfloat16", batch_shards=8, kv_head_shards=2) == 17 * 8
+    assert wave_size(config, 51_200, 60 * 2**30, "float32", batch_shards=8) == 4 * 8
+    with pytest.raises(ConfigError, match=r"7\.03 GiB per device, more than the budget of 4\.00 GiB"):
+        wave_size(config, 51_200, 4 * 2**30, "bfloat16", batch_shards=8)
+
+
+def test_sampler_derives_its_wave_from_the_mesh_and_kv_budget():
+    # Abstract weights: the sampler's planning needs shapes only.
+    model = nnx.eval_shape(lambda: Qwen3(preset("qwen3-4b"), rngs=nnx.Rngs(0)))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sampler = Sampler(model, mesh=mesh, kv_cache_gib=60)
+    assert sampler.cache_shards() == (4, 2)  # batch over data x fsdp, kv heads over tensor
+    assert sampler.wave_rows(1024, 51_200) == 17 * 4
+    assert sampler.wave_rows(10, 51_200) == 12  # a small call: its own size, rounded up to the shards
+    assert Sampler(model, mesh=mesh, max_concurrent=64).wave_rows(1024, 51_200) == 64
+    with pytest.raises(ConfigError, match="multiple of the mesh's 4 batch shard"):
+        Sampler(model, mesh=mesh, max_concurrent=6)
+    with pytest.raises(ConfigError, match="budget"):
+        Sampler(model, mesh=mesh, kv_cache_gib=2).wave_rows(1024, 51_200)
 
 
 def test_filter_logits_matches_numpy_reference():
