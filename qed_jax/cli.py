@@ -125,7 +125,7 @@ def _train(args, config_cls, train, summary) -> None:
 def _sft(args) -> None:
     from qed_jax.sft import SFTConfig, train
 
-    _train(args, SFTConfig, train, lambda r: f"last loss {r['loss']:.6f}")
+    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}")
 
 
 def _grpo(args) -> None:

@@ -202,6 +202,26 @@ def packed_batches(examples: list[dict], config: DataConfig, batch_size: int, ep
     return grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=config.prefetch)
 
 
+def pack_sequences(sequences: list[dict], length: int) -> dict:
+    """First-fit pack sequences (dicts of equal-length 1-D arrays, each at most `length` long)
+    into rows [R, length], with the same Grain packing as SFT. Adds segment_ids (1, 2, ... per
+    row; 0 = padding) and positions restarting at 0 in each segment. Deterministic: no bin
+    shuffling, one bin per sequence, so nothing is emitted before every sequence has a place."""
+    too_long = [i for i, seq in enumerate(sequences) if len(seq["tokens"]) > length]
+    if too_long:
+        raise ValueError(f"sequence {too_long[0]} has {len(sequences[too_long[0]]['tokens'])} tokens, "
+                         f"more than the row length {length}")
+    fields = list(sequences[0])
+    packed = grain.experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(sequences).to_iter_dataset(), length_struct={k: length for k in fields},
+        num_packing_bins=max(len(sequences), 1), shuffle_bins=False)
+    rows = list(packed)
+    out = {k: np.stack([row[k] for row in rows]) for k in fields}
+    out["segment_ids"] = np.stack([row["tokens_segment_ids"] for row in rows])
+    out["positions"] = np.stack([row["tokens_positions"] for row in rows])
+    return out
+
+
 def _rename_packing_fields(row: dict) -> dict:
     return {"tokens": row["tokens"], "loss_mask": row["loss_mask"],
             "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}

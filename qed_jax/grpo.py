@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 import logging
 import math
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -22,17 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
 from qed_jax.config import ConfigError
-from qed_jax.data import read_rows
+from qed_jax.data import pack_sequences, read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader
+from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.sampling import Sampler, SamplingParams
-from qed_jax.sharding import MeshConfig, make_mesh, state_shardings
-from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, decay_mask, exit_or_export,
-                             init_opt_state, is_complete, load_model, make_optimizer, resolve_tokenizer,
-                             start_or_resume)
+from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, check_rows_divide,
+                             data_parallel_size, decay_mask, exit_or_export, init_opt_state, is_complete, load_model,
+                             make_optimizer, resolve_tokenizer, start_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +69,11 @@ def trained_samples(valid, advantages, drop_zero_advantage_groups: bool):
     return keep
 
 
-def token_logprobs(logits, tokens, temperature: float):
-    """log_softmax(logits / temperature) at `tokens`. logits [..., V], tokens [...]."""
-    logprobs = jax.nn.log_softmax(logits / temperature, axis=-1)
-    return jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
-
-
-def token_entropy(logits, temperature: float):
-    logprobs = jax.nn.log_softmax(logits / temperature, axis=-1)
-    return -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
-
-
 def clipped_policy_loss(logprobs, old_logprobs, advantages, eps_low: float, eps_high: float):
     """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) and whether the clip
-    was active. logprobs [S, T], advantages [S]."""
+    was active. logprobs, old_logprobs and advantages (each token carries its sample's) [R, T]."""
     ratio = jnp.exp(logprobs - old_logprobs)
-    adv = advantages[:, None]
+    adv = advantages
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
@@ -94,20 +85,22 @@ def kl_k3(logprobs, ref_logprobs):
     return jnp.exp(delta) - delta - 1.0
 
 
-def aggregate(per_token, mask, mode: str, num_sequences, num_tokens):
-    """Reduce a per-token quantity [S, T] over the masked tokens. The denominators are totals over
+def aggregate(per_token, mask, mode: str, num_sequences, num_tokens, sample_lengths=None):
+    """Reduce a per-token quantity [R, T] over the masked tokens. The denominators are totals over
     the whole update (all microbatches), so that summing microbatch results gives the full loss.
     sample_sum: token sum ÷ number of samples (the recipe's constant normalizer);
     token_mean: token sum ÷ number of tokens; seq_mean_token_mean: mean over samples of each
-    sample's token mean."""
+    sample's token mean. `sample_lengths` [R, T] gives each token its sample's number of
+    trained tokens (packed rows hold several samples); by default a row is one sample."""
     masked = per_token * mask
     if mode == "sample_sum":
         return jnp.sum(masked) / num_sequences
     if mode == "token_mean":
         return jnp.sum(masked) / jnp.maximum(num_tokens, 1.0)
     if mode == "seq_mean_token_mean":
-        lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-        return jnp.sum(jnp.sum(masked, axis=-1) / lengths) / num_sequences
+        if sample_lengths is None:
+            sample_lengths = jnp.broadcast_to(jnp.sum(mask, axis=-1, keepdims=True), mask.shape)
+        return jnp.sum(masked / jnp.maximum(sample_lengths, 1.0)) / num_sequences
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
@@ -125,46 +118,57 @@ class LossConfig:
             raise ConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
-def grpo_loss(graphdef, params, ref_params, batch, loss: LossConfig):
-    """The loss of one microbatch [S, L] and its metrics (sums, to be added over microbatches).
-    batch: tokens, mask (1 on completion tokens), old_logprobs, advantages [S],
-    num_sequences and num_tokens (totals over the update)."""
-    tokens, mask = batch["tokens"], batch["mask"][:, 1:].astype(jnp.float32)
-    logits = nnx.merge(graphdef, params)(tokens)[:, :-1]
-    logprobs = token_logprobs(logits, tokens[:, 1:], loss.temperature)
-    old = batch["old_logprobs"][:, 1:]
-    per_token, clipped = clipped_policy_loss(logprobs, old, batch["advantages"], loss.clip_eps_low, loss.clip_eps_high)
-    agg = partial(aggregate, mask=mask, mode=loss.aggregation, num_sequences=batch["num_sequences"],
-                  num_tokens=batch["num_tokens"])
-    entropy = token_entropy(logits, loss.temperature)
+def sequence_logprobs(graphdef, params, tokens, temperature: float, positions=None, segment_ids=None,
+                      with_entropy: bool = False):
+    """Log-probs [R, L-1] of tokens[:, 1:] under log_softmax(logits / temperature) (and the
+    entropy of each of those distributions), computed chunk by chunk from the hidden states.
+    Packed rows pass their positions and segment ids."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(tokens, positions, segment_ids)[:, :-1]
+    if with_entropy:
+        return token_logprobs_and_entropy(hidden, model.head_weight(), tokens[:, 1:], temperature)
+    return token_logprobs(hidden, model.head_weight(), tokens[:, 1:], temperature)
+
+
+METRIC_SUMS = ("loss", "clip_fraction", "entropy", "approx_kl", "tokens")
+
+
+def grpo_loss(graphdef, params, ref_params, micro, loss: LossConfig):
+    """The loss of one micro-batch of packed rows [R, L] and its metrics (sums, to be added over
+    micro-batches). micro: tokens, positions, segment_ids, mask (1 on trained completion
+    tokens), old_logprobs (each at the token it scores), advantages and sample_lengths (per
+    token, from its sample), and num_sequences / num_tokens (totals over the update)."""
+    tokens, mask = micro["tokens"], micro["mask"][:, 1:].astype(jnp.float32)
+    logprobs, entropy = sequence_logprobs(graphdef, params, tokens, loss.temperature, micro["positions"],
+                                          micro["segment_ids"], with_entropy=True)
+    old = micro["old_logprobs"][:, 1:]
+    per_token, clipped = clipped_policy_loss(logprobs, old, micro["advantages"][:, 1:], loss.clip_eps_low,
+                                             loss.clip_eps_high)
+    agg = partial(aggregate, mask=mask, mode=loss.aggregation, num_sequences=micro["num_sequences"],
+                  num_tokens=micro["num_tokens"], sample_lengths=micro["sample_lengths"][:, 1:])
     total = agg(per_token) - loss.entropy_coef * agg(entropy)
     if ref_params is not None:
-        ref_logits = nnx.merge(graphdef, ref_params)(tokens)[:, :-1]
-        total = total + loss.kl_coef * agg(kl_k3(logprobs, token_logprobs(ref_logits, tokens[:, 1:], loss.temperature)))
+        ref_logprobs = sequence_logprobs(graphdef, ref_params, tokens, loss.temperature, micro["positions"],
+                                         micro["segment_ids"])
+        total = total + loss.kl_coef * agg(kl_k3(logprobs, ref_logprobs))
     token_sum = lambda x: jnp.sum(x * mask)  # noqa: E731
-    metrics = {"clip_fraction": token_sum(clipped), "entropy": token_sum(entropy),
+    metrics = {"loss": total, "clip_fraction": token_sum(clipped), "entropy": token_sum(entropy),
                "approx_kl": token_sum(kl_k3(logprobs, old)), "tokens": jnp.sum(mask)}
     return total, metrics
 
 
-def update_step(graphdef, optimizer, loss: LossConfig, params, opt_state, ref_params, batch):
-    """One optimizer update over microbatches [M, S/M, L] (gradients summed, since the loss of
-    each microbatch is already normalized by whole-update totals)."""
-    grad_fn = jax.value_and_grad(partial(grpo_loss, graphdef, loss=loss), has_aux=True)
+def accumulate_step(graphdef, loss: LossConfig, params, ref_params, grads, sums, micro):
+    """Add one micro-batch's gradients and metric sums. Each micro-batch's loss is normalized by
+    whole-update totals, so the sum over micro-batches is the update's gradient, whatever the
+    number of micro-batches (which follows the packed rows and varies from step to step)."""
+    (_, metrics), g = jax.value_and_grad(partial(grpo_loss, graphdef, loss=loss), has_aux=True)(
+        params, ref_params, micro)
+    return jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, metrics)
 
-    def micro(carry, mb):
-        grads, total, sums = carry
-        (value, metrics), g = grad_fn(params, ref_params, mb)
-        return (jax.tree.map(jnp.add, grads, g), total + value, jax.tree.map(jnp.add, sums, metrics)), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    sums0 = {k: jnp.float32(0) for k in ("clip_fraction", "entropy", "approx_kl", "tokens")}
-    (grads, total, sums), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), sums0), batch)
+def apply_step(optimizer, params, opt_state, grads):
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    n = jnp.maximum(sums.pop("tokens"), 1.0)
-    metrics = {"loss": total, "grad_norm": optax.tree.norm(grads), **{k: v / n for k, v in sums.items()}}
-    return params, opt_state, metrics
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +195,30 @@ class RLDataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutSamplingConfig:
+    """How rollouts are sampled. GRPO samples the whole tempered distribution at
+    `loss.temperature`: its loss scores tokens under log_softmax(logits / temperature), so top-k
+    / top-p filtering would train on log-probs of a distribution it did not sample from."""
+
+    dtype: str = "bfloat16"  # the sampler's copy of the weights
+    mesh: MeshConfig | None = None  # a different layout for sampling (default: the training mesh)
+    kv_cache_gib: float | None = None  # KV-cache budget per device; sets the wave size
+    max_concurrent: int | None = None  # or the wave size directly (sequences decoded at once)
+    top_p: float = 1.0  # must stay 1 (see above)
+    top_k: int = 0  # must stay 0 (see above)
+
+    def __post_init__(self):
+        if self.top_k != 0 or self.top_p != 1.0:
+            raise ConfigError(
+                f"GRPO samples from the whole tempered distribution (sampling.top_k 0, sampling.top_p 1; got "
+                f"top_k {self.top_k}, top_p {self.top_p}): its loss scores tokens under "
+                "log_softmax(logits / temperature), and a filtered sampler would train on log-probs of a "
+                "distribution it did not sample from")
+        if self.kv_cache_gib is not None and self.max_concurrent is not None:
+            raise ConfigError("set one of sampling.kv_cache_gib and sampling.max_concurrent, not both")
+
+
+@dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     model: ModelSpec = ModelSpec()
     tokenizer: str | None = None  # default: model.path
@@ -205,16 +233,17 @@ class GRPOConfig:
     samples_per_prompt: int = 16
     max_prompt_length: int = 1024  # longer problems are skipped (counted)
     max_new_tokens: int = 49152
-    top_p: float = 1.0  # must stay 1: see __post_init__
-    top_k: int = 0  # must stay 0: see __post_init__
-    sampling_dtype: str = "bfloat16"  # the sampler's copy of the weights
-    sampling_mesh: MeshConfig | None = None  # a different layout for sampling (default: the training mesh)
+    sampling: RolloutSamplingConfig = RolloutSamplingConfig()
     old_logprobs: str = "sampler"  # sampler | recompute
     normalize_std: bool = False
     drop_zero_advantage_groups: bool = False
     updates_per_step: int = 1  # passes over each step's samples
     minibatches: int = 1  # optimizer updates per pass
-    micro_batches: int = 1  # gradient accumulation inside an update
+    # Each update's samples are packed first-fit into rows of train_length tokens (default:
+    # max_prompt_length + max_new_tokens) and run micro_batch_rows rows at a time (gradient
+    # accumulation; default: one row per data-parallel device).
+    train_length: int | None = None
+    micro_batch_rows: int | None = None
     steps: int = 150
     seed: int = 0
     checkpoint_every: int = 10
@@ -224,16 +253,18 @@ class GRPOConfig:
     export_dtype: str | None = "bfloat16"
 
     def __post_init__(self):
-        if self.top_k != 0 or self.top_p != 1.0:
-            raise ConfigError(
-                f"GRPO samples from the whole tempered distribution (top_k 0, top_p 1; got top_k {self.top_k}, "
-                f"top_p {self.top_p}): its loss scores tokens under log_softmax(logits / temperature), and a "
-                "filtered sampler would train on log-probs of a distribution it did not sample from")
         if self.old_logprobs not in ("sampler", "recompute"):
             raise ConfigError(f"old_logprobs must be sampler or recompute, got {self.old_logprobs!r}")
-        if self.samples_per_step % (self.minibatches * self.micro_batches):
+        if self.samples_per_step % self.minibatches:
             raise ConfigError(f"samples per step ({self.samples_per_step}) must be divisible by "
-                              f"minibatches x micro_batches ({self.minibatches * self.micro_batches})")
+                              f"minibatches ({self.minibatches})")
+        if self.row_length < self.max_prompt_length + self.max_new_tokens:
+            raise ConfigError(f"train_length ({self.train_length}) must hold the longest sequence: "
+                              f"max_prompt_length + max_new_tokens = {self.max_prompt_length + self.max_new_tokens}")
+
+    @property
+    def row_length(self) -> int:
+        return self.train_length or self.max_prompt_length + self.max_new_tokens
 
     @property
     def samples_per_step(self) -> int:
@@ -254,7 +285,7 @@ class GRPOConfig:
                                 "token_mean": "completion tokens per update",
                                 "seq_mean_token_mean": "samples per update (of per-sample token means)",
                                 }[self.loss.aggregation],
-            "sequence_length": self.max_prompt_length + self.max_new_tokens,
+            "train_length": self.row_length,
             "reference_model": self.loss.kl_coef > 0,
             "model": self.model.describe(),
             "task_template": self.data.task_template,
@@ -291,40 +322,97 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     return prompts
 
 
-def rollout_batch(prompt_rows, completions, advantages, length: int, old_logprobs_from_sampler: bool):
-    """Host arrays [S, length]: prompt + completion tokens, completion mask, old log-probs aligned
-    with the tokens they score, and advantages [S]."""
-    S = len(completions)
-    tokens = np.zeros((S, length), np.int32)
-    mask = np.zeros((S, length), np.float32)
-    old = np.zeros((S, length), np.float32)
-    for s, (row, c) in enumerate(zip(prompt_rows, completions)):
-        p = len(row["prompt_ids"])
-        tokens[s, :p] = row["prompt_ids"]
-        tokens[s, p: p + len(c.tokens)] = c.tokens
-        mask[s, p: p + len(c.tokens)] = 1.0
+def rollout_sequences(prompt_rows, completions, advantages, old_logprobs_from_sampler: bool) -> list[dict]:
+    """One sample → 1-D arrays over its prompt + completion tokens: mask (1 on the completion),
+    old log-probs (each at the token it scores), its advantage and its completion length on
+    every token (what packing needs to keep samples apart inside a row)."""
+    sequences = []
+    for row, c, advantage in zip(prompt_rows, completions, advantages):
+        p, n = len(row["prompt_ids"]), len(c.tokens)
+        old = np.zeros(p + n, np.float32)
         if old_logprobs_from_sampler:
-            old[s, p: p + len(c.tokens)] = c.logprobs
-    return {"tokens": tokens, "mask": mask, "old_logprobs": old, "advantages": np.asarray(advantages, np.float32)}
+            old[p:] = c.logprobs
+        sequences.append({
+            "tokens": np.asarray(row["prompt_ids"] + c.tokens, np.int32),
+            "mask": np.concatenate([np.zeros(p, np.float32), np.ones(n, np.float32)]),
+            "old_logprobs": old,
+            "advantages": np.full(p + n, advantage, np.float32),
+            "sample_lengths": np.full(p + n, n, np.float32),
+        })
+    return sequences
 
 
-def run_updates(update, params, opt_state, ref_params, batch: dict, trained: np.ndarray, config: GRPOConfig):
-    """`updates_per_step` passes of `minibatches` optimizer updates over one step's samples, each
-    split into `micro_batches`. `trained` [S] marks the samples that enter the loss; only they
-    count in an update's denominators (samples and tokens), as if the others had been filtered
-    out before batching."""
+def micro_batches(rows: dict, rows_per_micro: int):
+    """Packed rows [R, L] → micro-batches of `rows_per_micro` rows, the last filled with empty
+    rows (segment 0, nothing trained)."""
+    R = len(rows["tokens"])
+    padded = -(-R // rows_per_micro) * rows_per_micro
+    rows = {k: np.concatenate([v, np.zeros((padded - R, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
+    for i in range(0, padded, rows_per_micro):
+        yield {k: v[i:i + rows_per_micro] for k, v in rows.items()}
+
+
+class Learner:
+    """The jitted update on packed rows: gradient accumulation one micro-batch at a time (rows
+    sharded over the data-parallel axes), then one optimizer step."""
+
+    def __init__(self, graphdef, optimizer, loss: LossConfig, mesh, params, opt_state, rows_per_micro: int):
+        self.mesh, self.rows_per_micro = mesh, rows_per_micro
+        param_shardings = jax.tree.map(lambda x: x.sharding, params)
+        self.zeros = jax.jit(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p),
+                             out_shardings=param_shardings)
+        self.accumulate = jax.jit(partial(accumulate_step, graphdef, loss), donate_argnums=(2, 3))
+        self.apply = jax.jit(partial(apply_step, optimizer), donate_argnums=(0, 1),
+                             out_shardings=(param_shardings, jax.tree.map(lambda x: x.sharding, opt_state), None))
+        self.logprobs = jax.jit(partial(sequence_logprobs, graphdef, temperature=loss.temperature))
+        self.rows = NamedSharding(mesh, PartitionSpec(DEFAULT_RULES["batch"]))
+
+    def put(self, micro: dict) -> dict:
+        return {k: jax.device_put(v, self.rows) for k, v in micro.items()}
+
+    def recompute_old_logprobs(self, params, rows: dict) -> None:
+        """Old log-probs from the current params, micro-batch by micro-batch, into `rows`."""
+        out = [np.asarray(self.logprobs(params, m["tokens"], positions=m["positions"], segment_ids=m["segment_ids"]))
+               for m in map(self.put, micro_batches(rows, self.rows_per_micro))]
+        rows["old_logprobs"][:, 1:] = np.concatenate(out)[:len(rows["tokens"])] * rows["mask"][:, 1:]
+
+    def update(self, params, opt_state, ref_params, rows: dict, num_sequences: float):
+        totals = {"num_sequences": np.float32(num_sequences), "num_tokens": np.float32(rows["mask"][:, 1:].sum())}
+        grads = self.zeros(params)
+        sums = {k: jnp.float32(0) for k in METRIC_SUMS}
+        for micro in micro_batches(rows, self.rows_per_micro):
+            grads, sums = self.accumulate(params, ref_params, grads, sums, {**self.put(micro), **totals})
+        params, opt_state, grad_norm = self.apply(params, opt_state, grads)
+        sums = jax.device_get(sums)
+        n = max(float(sums.pop("tokens")), 1.0)
+        loss = float(sums.pop("loss"))
+        return params, opt_state, {"loss": loss, "grad_norm": float(grad_norm), **{k: float(v) / n for k, v in sums.items()}}
+
+
+def run_updates(learner: Learner, params, opt_state, ref_params, sequences: list[dict], trained: np.ndarray,
+                config: GRPOConfig):
+    """`updates_per_step` passes of `minibatches` optimizer updates over one step's samples. The
+    samples not trained (`trained` [S] False) are filtered out before packing, so they count in no
+    denominator; each update's samples are packed into rows of `train_length` tokens."""
     per_update = config.samples_per_step // config.minibatches
-    batch = {**batch, "mask": batch["mask"] * trained[:, None]}
+    updates = []
+    for m in range(config.minibatches):
+        kept = [seq for i, seq in enumerate(sequences[m * per_update:(m + 1) * per_update])
+                if trained[m * per_update + i]]
+        if not kept:
+            log.warning("update %d of this step has no trained samples; skipped", m + 1)
+            continue
+        rows = pack_sequences(kept, config.row_length)
+        if config.old_logprobs == "recompute":
+            learner.recompute_old_logprobs(params, rows)
+        updates.append((rows, len(kept)))
     history = []
     for _ in range(config.updates_per_step):
-        for m in range(config.minibatches):
-            part = {k: v[m * per_update:(m + 1) * per_update] for k, v in batch.items()}
-            micro = {k: jnp.asarray(v.reshape(config.micro_batches, -1, *v.shape[1:])) for k, v in part.items()}
-            samples = max(float(trained[m * per_update:(m + 1) * per_update].sum()), 1.0)
-            micro["num_sequences"] = jnp.full((config.micro_batches,), samples, jnp.float32)
-            micro["num_tokens"] = jnp.full((config.micro_batches,), part["mask"][:, 1:].sum(), jnp.float32)
-            params, opt_state, metrics = update(params, opt_state, ref_params, micro)
-            history.append(jax.device_get(metrics))
+        for rows, num_sequences in updates:
+            params, opt_state, metrics = learner.update(params, opt_state, ref_params, rows, num_sequences)
+            history.append({**metrics, "packed_rows": len(rows["tokens"])})
+    if not history:
+        return params, opt_state, {}
     return params, opt_state, {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
@@ -372,7 +460,6 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = load_prompts(config, tokenizer)
     P, G = config.prompts_per_step, config.samples_per_prompt
-    length = config.max_prompt_length + config.max_new_tokens
 
     model = load_model(config.model, mesh, config.seed)
     graphdef, state = nnx.split(model)
@@ -380,20 +467,20 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     ref_params = jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None
     optimizer = make_optimizer(config.optim, config.optimizer_updates, decay_mask(model))
     opt_state = init_opt_state(optimizer, params, mesh)
-    shardings = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, opt_state), None)
-    update = jax.jit(partial(update_step, graphdef, optimizer, config.loss), donate_argnums=(0, 1),
-                     out_shardings=shardings)
-    recompute = jax.jit(lambda p, t: token_logprobs(nnx.merge(graphdef, p)(t)[:, :-1], t[:, 1:], config.loss.temperature))
+    rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
+    check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
+    learner = Learner(graphdef, optimizer, config.loss, mesh, params, opt_state, rows_per_micro)
 
-    sampling_config = model.config.replace(param_dtype=config.sampling_dtype, dtype=config.sampling_dtype)
+    sampling_config = model.config.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     # The sampler's structure only; its weights are the trained params, cast to the sampling
     # dtype and laid out on the sampling mesh, before each step.
     sampling_model = nnx.eval_shape(lambda: type(model)(sampling_config, rngs=nnx.Rngs(0)))
-    sampling_mesh = make_mesh(config.sampling_mesh) if config.sampling_mesh else mesh
+    sampling_mesh = make_mesh(config.sampling.mesh) if config.sampling.mesh else mesh
     sampling_shardings = nnx.to_pure_dict(state_shardings(nnx.state(sampling_model), sampling_mesh))
-    to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling_dtype), p),
+    to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling.dtype), p),
                          out_shardings=sampling_shardings)
-    sampler = Sampler(sampling_model, mesh=sampling_mesh)
+    sampler = Sampler(sampling_model, mesh=sampling_mesh, max_concurrent=config.sampling.max_concurrent,
+                      kv_cache_gib=config.sampling.kv_cache_gib)
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
     grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(config.judge)
@@ -435,15 +522,10 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
                                                          valid=jnp.asarray(valid)))
                 trained = np.asarray(trained_samples(jnp.asarray(valid), jnp.asarray(advantages),
                                                      config.drop_zero_advantage_groups))
-                batch = rollout_batch(group_rows, completions, advantages.reshape(-1), length,
-                                      config.old_logprobs == "sampler")
-                if config.old_logprobs == "recompute":  # in microbatch-sized chunks, like the updates
-                    chunk = config.samples_per_step // (config.minibatches * config.micro_batches)
-                    for i in range(0, len(batch["tokens"]), chunk):
-                        old = np.asarray(recompute(params, jnp.asarray(batch["tokens"][i:i + chunk])))
-                        batch["old_logprobs"][i:i + chunk, 1:] = old * batch["mask"][i:i + chunk, 1:]
-                params, opt_state, train_metrics = run_updates(update, params, opt_state, ref_params, batch,
-                                                               trained.reshape(-1).astype(np.float32), config)
+                sequences = rollout_sequences(group_rows, completions, advantages.reshape(-1),
+                                              config.old_logprobs == "sampler")
+                params, opt_state, train_metrics = run_updates(learner, params, opt_state, ref_params, sequences,
+                                                               trained.reshape(-1), config)
                 t3 = time.perf_counter()
                 step += 1
                 metrics = {**rollout_metrics(rewards, valid, trained, grades, completions),

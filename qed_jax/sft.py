@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from qed_jax import checkpoint
 from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
+from qed_jax.losses import token_logprobs
 from qed_jax.sharding import MeshConfig, make_mesh
-from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, decay_mask,
-                             exit_or_export, init_opt_state, is_complete, load_model, lr_schedule, make_optimizer,
-                             resolve_tokenizer, start_or_resume, to_global)
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
+                             decay_mask, exit_or_export, init_opt_state, is_complete, load_model, lr_schedule,
+                             make_optimizer, resolve_tokenizer, start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,11 @@ def token_loss(graphdef, params, batch):
     """(sum of next-token NLL over target tokens, number of target tokens) for packed rows
     [b, L]. A token is a target when its loss_mask is 1 and it continues the same segment."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    targets = batch["tokens"][:, 1:]
+    hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     seg = batch["segment_ids"]
     weights = (batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] > 0)).astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    logprobs = token_logprobs(hidden[:, :-1], model.head_weight(), batch["tokens"][:, 1:])  # never [b, L, V]
+    return -jnp.sum(logprobs * weights), jnp.sum(weights)
 
 
 def accumulated_grads(graphdef, params, batch):
@@ -150,6 +149,7 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
                       out_shardings=(param_shardings, opt_shardings, None))
     eval_fn = jax.jit(lambda p, b: jax.tree.map(jnp.sum, jax.vmap(partial(token_loss, graphdef, p))(b)))
 
+    check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     local_batch = config.batch_size // jax.process_count()

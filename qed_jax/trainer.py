@@ -143,6 +143,21 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, DEFAULT_RULES["batch"], None))
 
 
+def data_parallel_size(mesh) -> int:
+    """How many ways the rows of a batch are split (the mesh axes the `batch` rule names)."""
+    return int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"]]))
+
+
+def check_rows_divide(rows: int, mesh, what: str) -> None:
+    """Rows of a micro-batch must split evenly over the data-parallel devices: never replicate
+    (every device would compute the whole micro-batch) and never fail mid-run."""
+    ways = data_parallel_size(mesh)
+    if rows % ways:
+        raise ConfigError(f"{what} gives {rows} rows per micro-batch, which do not split over the "
+                          f"{ways} data-parallel devices (mesh data x fsdp); make it a multiple of {ways}, "
+                          "or change mesh.data / mesh.fsdp")
+
+
 def to_global(batch: dict, micro_batches: int, sharding) -> dict:
     """Process-local rows → a global array [M, rows, ...] sharded over the mesh."""
     def one(x):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -16,8 +17,11 @@ from flax import nnx
 
 from qed_jax.config import PRESETS, load_config
 from qed_jax.config import ConfigError
-from qed_jax.grpo import (GRPOConfig, LossConfig, aggregate, clipped_policy_loss, group_advantages, kl_k3,
-                          load_prompts, run_updates, token_logprobs, trained_samples, update_step)
+from qed_jax.data import pack_sequences
+from qed_jax.grpo import (AGGREGATIONS, METRIC_SUMS, GRPOConfig, Learner, LossConfig, accumulate_step, aggregate,
+                          clipped_policy_loss, group_advantages, kl_k3, load_prompts, rollout_sequences, run_updates,
+                          sequence_logprobs, trained_samples)
+from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.model import Qwen3
 from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 from tests.judge_server import JudgeServer
@@ -69,15 +73,16 @@ def test_dropped_groups_leave_the_sample_normalizer():
     assert trained.tolist() == [1, 1, 0, 0, 1, 1]
     seen = []
 
-    def update(params, opt_state, ref, micro):
-        seen.append((np.asarray(micro["num_sequences"]).tolist(), float(micro["mask"].sum())))
-        return params, opt_state, {"loss": 0.0}
+    class Recorder:  # stands in for the Learner
+        def update(self, params, opt_state, ref, rows, num_sequences):
+            seen.append((num_sequences, int(rows["mask"].sum())))
+            return params, opt_state, {"loss": 0.0}
 
-    config = GRPOConfig(prompts_per_step=3, samples_per_prompt=2, micro_batches=2)
-    batch = {"tokens": np.zeros((6, 4), np.int32), "mask": np.ones((6, 4), np.float32),
-             "old_logprobs": np.zeros((6, 4), np.float32), "advantages": np.zeros(6, np.float32)}
-    run_updates(update, None, None, None, batch, trained, config)
-    assert seen == [([4.0, 4.0], 16.0)]  # 4 samples of 4 tokens each; the dropped group is masked
+    config = GRPOConfig(prompts_per_step=3, samples_per_prompt=2, train_length=8, max_prompt_length=4,
+                        max_new_tokens=4)
+    sequences = [{"tokens": np.zeros(4, np.int32), "mask": np.ones(4, np.float32)} for _ in range(6)]
+    run_updates(Recorder(), None, None, None, sequences, trained, config)
+    assert seen == [(4, 4 * 4)]  # 4 samples of 4 tokens are packed and counted; the dropped group is not
 
 
 def test_grpo_schedule_counts_optimizer_updates_not_steps():
@@ -100,7 +105,7 @@ def test_rl_prompts_wrap_the_problem_in_the_task_template():
         load_config(GRPOConfig, TINY, ["data.task_template=no placeholder"])
 
 
-@pytest.mark.parametrize("override", ["top_k=20", "top_p=0.9"])
+@pytest.mark.parametrize("override", ["sampling.top_k=20", "sampling.top_p=0.9"])
 def test_filtered_sampling_is_refused_in_grpo(override):
     with pytest.raises(ConfigError, match="GRPO samples from the whole tempered distribution"):
         load_config(GRPOConfig, TINY, [override])
@@ -119,7 +124,7 @@ def test_policy_loss_kl_and_aggregations_match_numpy():
 
     ratio = np.exp(lp - old)
     expected = -np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - 0.2, 1 + 0.28) * adv[:, None])
-    loss, clipped = clipped_policy_loss(jnp.asarray(lp), jnp.asarray(old), jnp.asarray(adv), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(jnp.asarray(lp), jnp.asarray(old), jnp.asarray(np.repeat(adv[:, None], T, 1)), 0.2, 0.28)
     np.testing.assert_allclose(np.asarray(loss), expected, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(clipped), (np.clip(ratio, 0.8, 1.28) * adv[:, None] < ratio * adv[:, None]))
     np.testing.assert_allclose(np.asarray(kl_k3(jnp.asarray(lp), jnp.asarray(ref))),
@@ -142,46 +147,52 @@ def test_policy_loss_kl_and_aggregations_match_numpy():
         np.testing.assert_allclose(halves, value, atol=1e-6, err_msg=mode)
 
 
-def test_token_logprobs_use_the_temperature():
-    logits = np.random.default_rng(2).normal(size=(3, 4, 11)).astype(np.float32)
-    tokens = np.random.default_rng(3).integers(0, 11, (3, 4))
-    scaled = logits / 0.7
-    ref = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - scaled.max(-1, keepdims=True)
-    ref = np.take_along_axis(ref, tokens[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), 0.7)), ref, atol=1e-5)
+def test_sequence_logprobs_equal_the_tempered_log_softmax_of_the_models_logits():
+    model = Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = np.random.default_rng(3).integers(0, 512, (3, 9)).astype(np.int32)
+    scaled = np.asarray(model(jnp.asarray(tokens)))[:, :-1] / 0.7
+    ref = scaled - scaled.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    ref = np.take_along_axis(ref, tokens[:, 1:, None], -1)[..., 0]
+    out = sequence_logprobs(graphdef, nnx.to_pure_dict(state), jnp.asarray(tokens), 0.7)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
 # --- the update --------------------------------------------------------------------------------
+
+
+def _rows(tokens, prompt, advantages, old=None):
+    """One sample per row [S, L]: its prompt, then a completion to the end of the row."""
+    S, L = tokens.shape
+    mask = np.zeros((S, L), np.float32)
+    mask[:, prompt:] = 1.0
+    return {"tokens": tokens, "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (S, L)).copy(),
+            "segment_ids": np.ones((S, L), np.int32), "mask": mask,
+            "old_logprobs": np.zeros((S, L), np.float32) if old is None else old,
+            "advantages": np.repeat(np.asarray(advantages, np.float32)[:, None], L, 1),
+            "sample_lengths": np.full((S, L), L - prompt, np.float32)}
 
 
 def _update_setup(advantages, weight_decay=0.0):
     model = Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    rng = np.random.default_rng(4)
     S, L, prompt = len(advantages), 24, 8
-    tokens = rng.integers(0, 512, (S, L)).astype(np.int32)
-    mask = np.zeros((S, L), np.float32)
-    mask[:, prompt:] = 1.0
+    tokens = np.random.default_rng(4).integers(0, 512, (S, L)).astype(np.int32)
     loss = LossConfig(temperature=1.0, clip_eps_low=0.2, clip_eps_high=0.2, entropy_coef=0.0)
-    logits = nnx.merge(graphdef, params)(jnp.asarray(tokens))[:, :-1]
-    old = np.zeros((S, L), np.float32)
-    old[:, 1:] = np.asarray(token_logprobs(logits, jnp.asarray(tokens[:, 1:]), 1.0)) * mask[:, 1:]
-    batch = {"tokens": tokens[None], "mask": mask[None], "old_logprobs": old[None],
-             "advantages": np.asarray(advantages, np.float32)[None],
-             "num_sequences": np.float32([S]), "num_tokens": np.float32([mask[:, 1:].sum()])}
+    rows = _rows(tokens, prompt, advantages)
     optimizer = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0,
                                            weight_decay=weight_decay, grad_clip=1.0), 10, decay_mask(model))
-    new_params, _, metrics = jax.jit(partial_update(graphdef, optimizer, loss))(
-        params, optimizer.init(params), None, {k: jnp.asarray(v) for k, v in batch.items()})
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    opt_state = jax.jit(optimizer.init)(params)
+    learner = Learner(graphdef, optimizer, loss, mesh, params, opt_state, rows_per_micro=2)
+    learner.recompute_old_logprobs(params, rows)
+    before = jax.tree.map(np.asarray, params)
+    new_params, _, metrics = learner.update(params, opt_state, None, rows, num_sequences=S)
     seq_logprob = lambda p: float(jnp.sum(  # noqa: E731
-        token_logprobs(nnx.merge(graphdef, p)(jnp.asarray(tokens))[:, :-1], jnp.asarray(tokens[:, 1:]), 1.0)[0]
-        * mask[0, 1:]))
-    return params, new_params, metrics, seq_logprob
-
-
-def partial_update(graphdef, optimizer, loss):
-    return lambda p, o, r, b: update_step(graphdef, optimizer, loss, p, o, r, b)
+        sequence_logprobs(graphdef, p, jnp.asarray(tokens), 1.0)[0] * rows["mask"][0, 1:]))
+    return before, new_params, metrics, seq_logprob
 
 
 def test_zero_advantages_leave_params_unchanged():
@@ -193,7 +204,50 @@ def test_zero_advantages_leave_params_unchanged():
 
 def test_a_positive_advantage_raises_that_completions_logprob():
     params, new_params, _, seq_logprob = _update_setup([1.0, 0.0, 0.0, 0.0])
-    assert seq_logprob(new_params) > seq_logprob(params) + 1e-3
+    assert seq_logprob(new_params) > seq_logprob(jax.tree.map(jnp.asarray, params)) + 1e-3
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_a_packed_update_equals_the_padded_one(aggregation):
+    """Samples of different lengths, packed several to a row, give the loss and gradients of
+    one sample per padded row."""
+    model = Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    rng = np.random.default_rng(6)
+
+    class Done:  # what rollout_sequences reads of a completion
+        def __init__(self, n):
+            self.tokens = rng.integers(0, 512, n).tolist()
+            self.logprobs = rng.normal(-3, 0.5, n).tolist()
+
+    prompts = [{"prompt_ids": rng.integers(0, 512, p).tolist()} for p in (5, 9, 3, 7, 4)]
+    completions = [Done(n) for n in (6, 2, 11, 4, 8)]
+    sequences = rollout_sequences(prompts, completions, rng.normal(0, 1, 5), old_logprobs_from_sampler=True)
+    packed = pack_sequences(sequences, 24)
+    padded = {k: np.zeros((5, 24), v.dtype) for k, v in packed.items()}  # one sample per row
+    for i, seq in enumerate(sequences):
+        n = len(seq["tokens"])
+        for k, v in seq.items():
+            padded[k][i, :n] = v
+        padded["segment_ids"][i, :n] = 1
+        padded["positions"][i, :n] = np.arange(n)
+    assert len(packed["tokens"]) < 5
+    loss = LossConfig(temperature=0.9, clip_eps_low=0.2, clip_eps_high=0.28, entropy_coef=0.01, aggregation=aggregation)
+    totals = {"num_sequences": np.float32(5), "num_tokens": np.float32(packed["mask"][:, 1:].sum())}
+    accumulate = jax.jit(partial(accumulate_step, graphdef, loss))
+    results = []
+    for rows in (packed, padded):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        sums = {k: jnp.float32(0) for k in METRIC_SUMS}
+        for i in range(len(rows["tokens"])):  # one row per micro-batch: accumulation included
+            grads, sums = accumulate(params, None, grads, sums, {**{k: v[i:i + 1] for k, v in rows.items()}, **totals})
+        results.append((sums, grads))
+    (sums_a, grads_a), (sums_b, grads_b) = results
+    for key in METRIC_SUMS:
+        np.testing.assert_allclose(float(sums_a[key]), float(sums_b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 # --- the learner loop --------------------------------------------------------------------------
@@ -309,8 +363,8 @@ def test_tiny_config_raises_the_reward(tmp_path, seed):
 def test_sharded_training_with_a_different_sampling_mesh(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, "steps=2", "export_dtype=null",
-         "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "sampling_mesh.data=4", "sampling_mesh.tensor=2",
-         "sampling_dtype=bfloat16", f"output_dir={tmp_path}"],
+         "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "sampling.mesh.data=4", "sampling.mesh.tensor=2",
+         "sampling.dtype=bfloat16", "sampling.max_concurrent=24", f"output_dir={tmp_path}"],
         cwd=REPO, env=cli_env(8), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)
@@ -328,7 +382,7 @@ def test_recomputed_old_logprobs_agree_with_the_samplers(tmp_path):
     for source in ("sampler", "recompute"):
         result = subprocess.run(
             [sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, "steps=1", "export_dtype=null",
-             f"old_logprobs={source}", "micro_batches=2", f"output_dir={tmp_path / source}"],
+             f"old_logprobs={source}", "micro_batch_rows=2", f"output_dir={tmp_path / source}"],
             cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         (metrics,) = read_metrics(tmp_path / source)
