@@ -136,6 +136,24 @@ def _grpo(args) -> None:
         f"best {r['reward_best']:.4f} at step {r['reward_best_step']}"))
 
 
+def _plan(args) -> None:
+    import os
+
+    import jax
+
+    # A plan only compiles, for the slice it names: keep JAX off any local accelerator (which a
+    # training job may be holding) unless the caller chose a platform.
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    from qed_jax import plan
+
+    result = plan.plan(args.config, args.topology, args.overrides, trainer=args.trainer,
+                       preset_name=args.preset, wave=args.wave_size)
+    print(plan.to_json(result) if args.json else plan.format_report(result))
+    if not result.fits:
+        raise SystemExit(1)
+
+
 def _init_distributed(args) -> None:
     """Multi-host: on TPU pods `--distributed` auto-detects the slice; elsewhere name the
     coordinator, the number of processes and this process's id."""
@@ -229,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
         "the judge (or a rule, for toy tasks), centre the rewards per group and update with a "
         "clipped policy loss. Restarting with the same output_dir resumes (SIGTERM writes a "
         "checkpoint first); the judge's grade cache makes grading exactly-once.")
+
+    p = sub.add_parser(
+        "plan", help="compile a config for a TPU slice ahead of time: memory per chip, FLOPs",
+        description="Compile a trainer config's step (and, for GRPO, the sampler's prefill and "
+        "decode at a wave size) for a TPU slice ahead of time, on any machine with libtpu "
+        "installed (pip install 'qed-jax[tpu]'). No weights are read. Prints per-chip memory "
+        "(arguments, outputs, temporaries, buffers other programs keep resident, total, HBM, "
+        "headroom) and FLOPs per call; exits 1 when a program does not fit.")
+    p.add_argument("--config", required=True, help="SFT or GRPO YAML config, e.g. configs/sft/qed_nano_4b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=8192")
+    p.add_argument("--topology", required=True,
+                   help="Cloud slice (v5p-64 and v4-32 count TensorCores; v5e-16, v6e-64 count chips) "
+                   "or a topology name such as v5p:2x4x4")
+    p.add_argument("--trainer", choices=["sft", "grpo"], help="the config's trainer (default: the one it is valid for)")
+    p.add_argument("--preset", help="model preset to plan with when model.path is not a local folder "
+                   "(a Hub id whose name is a preset needs none)")
+    p.add_argument("--wave-size", type=int, help="GRPO: rows the sampler decodes at once (default: what fits)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.set_defaults(run=_plan)
     return parser
 
 

@@ -1,0 +1,559 @@
+"""Ahead-of-time compile for a TPU slice: memory per chip and FLOPs per step, on any machine.
+
+libtpu compiles for a topology it is not attached to (compile-only devices), so a config's
+training step, and for GRPO the sampler's prefill and decode programs, can be sized for a
+v5p-64 from a laptop. Weights are never read: parameters, optimizer state and batches are
+abstract arrays carrying the shardings the trainers give the real ones. A program that does not
+fit fails to compile with RESOURCE_EXHAUSTED; that is reported, not raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.extend.core import jaxprs_in_params
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
+from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3
+from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
+
+GiB = 1024 ** 3
+
+# --------------------------------------------------------------------------------------------
+# Slices: Cloud names → topology names libtpu accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    counts_cores: bool  # the Cloud name counts TensorCores (two per chip), not chips
+    dims: int  # 3: a torus of 2x2x1 blocks; 2: a 2-D grid
+    nominal_hbm_gib: float  # the spec sheet's, used only when the compiler does not say
+    chip_config: str | None = None  # v4: one device per chip (megacore), as JAX uses it
+
+
+GENERATIONS = {
+    "v4": Generation(counts_cores=True, dims=3, nominal_hbm_gib=32, chip_config="megacore"),
+    "v5p": Generation(counts_cores=True, dims=3, nominal_hbm_gib=95),
+    "v5e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=16),
+    "v6e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=32),
+}
+_ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator type for v5e slices
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str  # as given: "v5p-64" or "v5p:2x4x4"
+    generation: str
+    chips: int
+    topology: str  # what jax.experimental.topologies.get_topology_desc accepts
+
+    @property
+    def spec(self) -> Generation:
+        return GENERATIONS[self.generation]
+
+
+def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
+    """The shape Cloud gives a slice of `chips` chips: 3-D slices grow from 2x2x1, 2-D ones from
+    1x1, each doubling the last of the smallest sides (2x2x2, 2x2x4, 2x4x4, 4x4x4, ...)."""
+    grid = [2, 2, 1] if dims == 3 else [1, 1]
+    start = math.prod(grid)
+    if chips < start or chips & (chips - 1):
+        raise ConfigError(f"no standard {dims}-D slice of {chips} chips (sizes are powers of two from "
+                          f"{start}); name the topology directly, e.g. v5p:4x4x12")
+    while math.prod(grid) < chips:
+        smallest = min(grid)
+        last = len(grid) - 1 - grid[::-1].index(smallest)
+        grid[last] *= 2
+    return tuple(grid)
+
+
+def parse_slice(name: str) -> Slice:
+    """`v5p-64` (TensorCores), `v4-32` (TensorCores), `v5e-16`/`v5litepod-16`, `v6e-64` (chips), or
+    a topology name such as `v5p:2x4x4`."""
+    text = name.strip().lower()
+    if match := re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text):
+        gen, shape = _ALIASES.get(match[1], match[1]), match[2]
+        if gen not in GENERATIONS:
+            raise ConfigError(f"unknown TPU generation {match[1]!r} in {name!r}; known: {', '.join(GENERATIONS)}")
+        if len(shape.split("x")) != GENERATIONS[gen].dims:
+            raise ConfigError(f"{name!r}: a {gen} topology has {GENERATIONS[gen].dims} sides")
+        return Slice(name, gen, math.prod(int(s) for s in shape.split("x")), f"{gen}:{shape}")
+    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
+    gen = _ALIASES.get(match[1], match[1]) if match else None
+    if gen not in GENERATIONS:
+        raise ConfigError(f"cannot read TPU slice {name!r}: expected e.g. v5p-64, v4-32, v5e-16, v6e-64 "
+                          f"or a topology such as v5p:2x4x4")
+    spec, count = GENERATIONS[gen], int(match[2])
+    if spec.counts_cores and count % 2:
+        raise ConfigError(f"{name!r}: {gen} slices count TensorCores, two per chip; {count} is odd")
+    chips = count // 2 if spec.counts_cores else count
+    grid = chip_grid(chips, spec.dims)
+    return Slice(name, gen, chips, f"{gen}:{'x'.join(map(str, grid))}")
+
+
+def topology_devices(tpu: Slice) -> list:
+    """Compile-only devices of the slice, one per chip."""
+    from jax.experimental import topologies
+
+    # libtpu takes a lockfile meant for the chips; compiling touches none, and a plan must run
+    # beside a training job (or another plan) that holds it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices
+    except RuntimeError as e:  # no libtpu, or a topology it refuses
+        raise ConfigError(f"cannot build TPU topology {tpu.topology} for {tpu.name}: {first_line(e)}. "
+                          "Compiling for TPU needs libtpu: pip install 'qed-jax[tpu]'") from None
+    if len(devices) != tpu.chips:
+        raise ConfigError(f"topology {tpu.topology} has {len(devices)} devices, expected one per chip ({tpu.chips})")
+    return list(devices)
+
+
+def hbm_per_chip(device, tpu: Slice) -> tuple[int, str]:
+    """(bytes, where the number comes from). The compiler knows the HBM it may use (a little
+    below the spec sheet's) and says so when a program exceeds it: ask it with a program that
+    cannot fit. Compile-only devices have no memory_stats()."""
+    huge = jax.jit(lambda: jnp.zeros((1 << 50,), jnp.int8), out_shardings=jax.sharding.SingleDeviceSharding(device))
+    try:
+        huge.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        if (found := _bytes_after(str(e), "available HBM")) is not None:
+            return found, "compiler"
+    return int(tpu.spec.nominal_hbm_gib * GiB), "nominal"
+
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4, "P": 1024 ** 5}
+
+
+def _bytes_after(message: str, label: str) -> int | None:
+    """The byte count XLA prints as `label (95.74G)`, or None."""
+    match = re.search(re.escape(label) + r"\s*\(([\d.]+)([KMGTP]?)i?B?\)", message)
+    return int(float(match[1]) * _UNITS[match[2]]) if match else None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs of a traced program
+
+
+def program_flops(jaxpr) -> float:
+    """FLOPs of the matrix products in a (closed) jaxpr, 2 per multiply-add, for the whole
+    global computation. Scan bodies count `length` times (XLA's cost analysis counts a loop body
+    once), a while loop's body once (its trip count is data dependent: one decode step), a cond
+    its costliest branch, a shard_map body once per shard, a Pallas kernel its cost estimate.
+    Rematerialized blocks appear twice in a gradient's jaxpr, as they run."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += dot_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.params["dimension_numbers"])
+            continue
+        if name == "pallas_call":
+            estimate = eqn.params.get("cost_estimate")
+            total += estimate.flops if estimate is not None else 0.0
+            continue
+        inner = [program_flops(j) for j in jaxprs_in_params(eqn.params)]
+        if name == "scan":
+            total += eqn.params["length"] * sum(inner)
+        elif name == "cond":
+            total += max(inner, default=0.0)
+        elif name == "shard_map":
+            mesh = eqn.params["mesh"]
+            total += math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"]) * sum(inner)
+        else:
+            total += sum(inner)
+    return total
+
+
+def dot_flops(lhs_shape, rhs_shape, dimension_numbers) -> float:
+    """2 x every lhs element x the rhs's free (neither contracted nor batch) size."""
+    (_, rhs_contract), (_, rhs_batch) = dimension_numbers
+    rhs_free = math.prod(d for i, d in enumerate(rhs_shape) if i not in (*rhs_contract, *rhs_batch))
+    return 2.0 * math.prod(lhs_shape) * rhs_free
+
+
+# --------------------------------------------------------------------------------------------
+# One program: compile, measure, judge
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    """Memory in bytes per chip (as the compiler lays it out), FLOPs per call for all chips."""
+
+    name: str
+    hbm: int
+    resident: int = 0  # other programs' buffers alive meanwhile (e.g. the trainer's state while sampling)
+    arguments: int | None = None
+    outputs: int | None = None  # outputs that do not reuse a donated argument's buffer
+    temporaries: int | None = None
+    code: int | None = None
+    flops: float | None = None
+    compile_s: float = 0.0
+    error: str | None = None  # why it does not compile (RESOURCE_EXHAUSTED: does not fit)
+    note: str = ""
+
+    @property
+    def total(self) -> int | None:
+        parts = (self.arguments, self.outputs, self.temporaries, self.code)
+        return None if None in parts else sum(parts) + self.resident
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and self.total is not None and self.total <= self.hbm
+
+    @property
+    def headroom(self) -> float | None:
+        return None if self.total is None else 1.0 - self.total / self.hbm
+
+    def to_json(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return {**fields, "total": self.total, "fits": self.fits, "headroom": self.headroom}
+
+
+def compile_program(name: str, jitted, args: tuple, hbm: int, resident: int = 0, note: str = "") -> ProgramPlan:
+    """Trace, count FLOPs, compile for the args' (TPU) devices and read the memory analysis."""
+    plan = ProgramPlan(name, hbm, resident=resident, note=note)
+    start = time.perf_counter()
+    traced = jitted.trace(*args)
+    plan.flops = program_flops(traced.jaxpr)
+    try:
+        compiled = traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        plan.error = first_line(e)
+        plan.arguments = bytes_per_chip(args)  # as laid out unpadded: known without compiling
+        plan.temporaries = _bytes_after(message, "HLO temporaries")
+        plan.compile_s = time.perf_counter() - start
+        return plan
+    plan.compile_s = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    plan.arguments = stats.argument_size_in_bytes
+    plan.outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
+    plan.temporaries = stats.temp_size_in_bytes
+    plan.code = stats.generated_code_size_in_bytes
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Abstract model, optimizer state and batches
+
+
+def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str]:
+    """The architecture to plan, without reading weights, and a line saying where it came from:
+    `preset_name` if given; else the model spec's preset (no path), local folder or checkpoint
+    (its config.json / model_config.json); else a Hub id whose name is a preset."""
+    from qed_jax import checkpoint, hf
+
+    path = spec.path
+    if preset_name:
+        base, source = preset(preset_name), f"preset {preset_name} (--preset)"
+    elif path is None:
+        base, source = preset(spec.preset), f"preset {spec.preset}"
+    elif checkpoint.is_checkpoint_dir(path):
+        base, source = checkpoint.read_model_config(path), f"qed-jax checkpoint {path}"
+    elif (Path(path) / "config.json").is_file():
+        base, source = ModelConfig.from_hf(hf.read_hf_config(Path(path))), f"{path}/config.json"
+    elif (by_name := path.rstrip("/").split("/")[-1].lower()) in PRESETS:
+        base, source = preset(by_name), f"preset {by_name} ({path} is not a local folder; same name)"
+    else:
+        raise ConfigError(f"model.path {path!r} is not a local folder or checkpoint and names no preset: "
+                          f"pass --preset (one of {', '.join(PRESETS)})")
+    param_dtype = spec.param_dtype or base.param_dtype
+    config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype, remat=spec.remat)
+    return config, source
+
+
+def sharded(x, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def abstract_params(config: ModelConfig, mesh):
+    """(graphdef, params as a pure dict of sharded ShapeDtypeStructs), like the trainers' split."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    return graphdef, jax.tree.map(sharded, nnx.to_pure_dict(state), shardings)
+
+
+def abstract_opt_state(optimizer, params, mesh):
+    """Moments sharded like their parameters, step counters replicated (as the trainers do)."""
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, sharded, jax.eval_shape(optimizer.init, params), shardings,
+                                 transform_non_params=lambda x: sharded(x, replicated))
+
+
+def bytes_per_chip(tree) -> int:
+    """Bytes one chip holds of sharded abstract arrays (the most loaded chip's share)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct))
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# SFT
+
+
+def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple[list[ProgramPlan], dict]:
+    """The SFT train step, built as `sft.train` builds it, on abstract inputs."""
+    from qed_jax import sft
+
+    mesh = make_mesh(config.mesh, devices=devices)
+    model, source = model_config(config.model, preset_name)
+    graphdef, params = abstract_params(model, mesh)
+    optimizer = sft.make_optimizer(config.optim, config.steps or 1)  # steps shape the schedule only
+    opt_state = abstract_opt_state(optimizer, params, mesh)
+    M, rows, T = config.micro_batches, config.batch_size // config.micro_batches, config.data.max_length
+    batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=sft.batch_sharding(mesh))
+             for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+    step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),
+                   out_shardings=(shardings_of(params), shardings_of(opt_state), None))
+    program = compile_program("train_step", step, (params, opt_state, batch), hbm,
+                              note=f"batch [{M}, {rows}, {T}]")
+    return [program], {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
+                       "tokens_per_step": config.batch_size * T}
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO: update step, and the sampler's prefill and decode at a wave size
+
+# The decode loop's own temporaries (logits [B, V], attention scores over the cache) need room
+# beyond the KV cache, so a wave takes this share of the HBM left after the other buffers.
+KV_SHARE = 0.9
+# Qwen3 stops on <|im_end|> and <|endoftext|>; the count only sets the shape of stop_ids.
+NUM_STOP_IDS = 2
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
+    """Keys and values of one token over all layers: 2 x L x K x H x itemsize."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
+
+
+def kv_cache(config: ModelConfig, rows: int, length: int, dtype, mesh) -> KVCache:
+    """An abstract KV cache [L, rows, length, K, H] sharded as the Sampler shards it."""
+    shape = (config.num_layers, rows, length, config.num_kv_heads, config.head_dim)
+    spec = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh)))
+    return KVCache(spec, spec)
+
+
+def by_rows(shape, dtype, mesh, leading: int = 0) -> jax.ShapeDtypeStruct:
+    """An abstract array whose rows (axis `leading`) are sharded over the batch axes."""
+    axes = (None,) * leading + ("batch",) + (None,) * (len(shape) - leading - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(axes, shape, mesh)))
+
+
+def batch_ways(mesh) -> int:
+    """How many ways the batch axes split rows: a wave is a multiple of it, else its cache's rows
+    are not sharded."""
+    axes = logical_to_spec(("batch",), (0,), mesh)[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def wave_size(free_bytes: float, kv_bytes_per_row: float, multiple: int, rows_wanted: int) -> int:
+    """Rows sampled at once: as many as fit `free_bytes` per chip at `kv_bytes_per_row` (one
+    chip's share of a row's cache), in multiples of `multiple`, at most `rows_wanted`; 0 when
+    not even `multiple` rows fit."""
+    return min(rows_wanted, multiple * max(0, int(free_bytes // (kv_bytes_per_row * multiple))))
+
+
+def sampler_programs(model: ModelConfig, mesh, wave: int, prompt_len: int, max_new_tokens: int, hbm: int,
+                     resident: int) -> list[ProgramPlan]:
+    """The sampler's prefill and decode loop for a wave of `wave` rows (prompts padded to
+    `prompt_len`), on the sampling mesh, with inputs sharded as `Sampler` puts them."""
+    from qed_jax import sampling
+
+    graphdef, weights = abstract_params(model, mesh)
+    cache = kv_cache(model, wave, prompt_len + max_new_tokens, model.dtype, mesh)
+    lengths = by_rows((wave,), jnp.int32, mesh)
+    prefill = compile_program("prefill", sampling.prefill, (
+        graphdef, weights, by_rows((wave, prompt_len), jnp.int32, mesh), lengths, cache),
+        hbm, resident, note=f"{wave} rows x {prompt_len} prompt tokens")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = sharded(jax.eval_shape(lambda: jax.random.key(0)), replicated)
+    stop_ids = jax.ShapeDtypeStruct((NUM_STOP_IDS,), jnp.int32, sharding=replicated)
+    controls = [by_rows((wave,), dtype, mesh) for dtype in (jnp.float32, jnp.int32, jnp.float32, jnp.int32)]
+    decode = compile_program("decode_loop", sampling.decode_loop, (
+        graphdef, max_new_tokens, weights, by_rows((wave, model.vocab_size), jnp.float32, mesh), lengths, cache,
+        key, *controls, stop_ids), hbm, resident, note=f"{wave} rows; TFLOP of one decode step")
+    return [prefill, decode]
+
+
+def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
+              wave: int | None = None) -> tuple[list[ProgramPlan], dict]:
+    """GRPO's update step, and the sampler's prefill and decode loop at a wave size, each with
+    the buffers `grpo.train` keeps alive meanwhile: the trainer's state while sampling; the
+    sampler's weights and its KV cache (kept between calls) while updating. The wave defaults
+    to what fits the HBM left after the trainer's state and the sampler's weights."""
+    from qed_jax import grpo, sampling, sft
+
+    mesh = make_mesh(config.mesh, devices=devices)
+    model, source = model_config(config.model, preset_name)
+    graphdef, params = abstract_params(model, mesh)
+    ref_params = params if config.loss.kl_coef > 0 else None
+    optimizer = sft.make_optimizer(config.optim, config.steps)
+    opt_state = abstract_opt_state(optimizer, params, mesh)
+    trainer_bytes = bytes_per_chip((params, opt_state, ref_params))
+
+    sampling_mesh = make_mesh(config.sampling_mesh, devices=devices) if config.sampling_mesh else mesh
+    sampling_model = model.replace(param_dtype=config.sampling_dtype, dtype=config.sampling_dtype)
+    sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])
+    prompt_len = sampling.bucket_length(config.max_prompt_length)
+    cache_len = prompt_len + config.max_new_tokens
+    ways = batch_ways(sampling_mesh)
+    row_bytes = bytes_per_chip(kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)) / ways
+    fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes), row_bytes, ways, config.samples_per_step)
+    wave = wave or max(fitting, ways)
+    cache_bytes = bytes_per_chip(kv_cache(sampling_model, wave, cache_len, sampling_model.dtype, sampling_mesh))
+    prefill, decode = sampler_programs(sampling_model, sampling_mesh, wave, prompt_len, config.max_new_tokens,
+                                       hbm, resident=trainer_bytes)
+
+    S = config.samples_per_step // config.minibatches
+    M, L = config.micro_batches, config.max_prompt_length + config.max_new_tokens
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch = {"tokens": jax.ShapeDtypeStruct((M, S // M, L), jnp.int32, sharding=sft.batch_sharding(mesh)),
+             "mask": jax.ShapeDtypeStruct((M, S // M, L), jnp.float32, sharding=sft.batch_sharding(mesh)),
+             "old_logprobs": jax.ShapeDtypeStruct((M, S // M, L), jnp.float32, sharding=sft.batch_sharding(mesh)),
+             "advantages": by_rows((M, S // M), jnp.float32, mesh, leading=1),
+             "num_sequences": jax.ShapeDtypeStruct((M,), jnp.float32, sharding=replicated),
+             "num_tokens": jax.ShapeDtypeStruct((M,), jnp.float32, sharding=replicated)}
+    step = jax.jit(partial(grpo.update_step, graphdef, optimizer, config.loss), donate_argnums=(0, 1),
+                   out_shardings=(shardings_of(params), shardings_of(opt_state), None))
+    update = compile_program("update_step", step, (params, opt_state, ref_params, batch), hbm,
+                             resident=sampler_bytes + cache_bytes, note=f"batch [{M}, {S // M}, {L}]")
+    info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
+            "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_size_that_fits": fitting,
+            "samples_per_step": config.samples_per_step,
+            "kv_bytes_per_token": kv_bytes_per_token(model, config.sampling_dtype), "kv_cache_length": cache_len,
+            "kv_cache_bytes_per_chip": cache_bytes, "sampler_weights_bytes_per_chip": sampler_bytes,
+            "trainer_state_bytes_per_chip": trainer_bytes}
+    return [update, prefill, decode], info
+
+
+# --------------------------------------------------------------------------------------------
+# The whole plan and its report
+
+
+@dataclasses.dataclass
+class Plan:
+    config: str
+    trainer: str
+    slice: Slice
+    devices: str  # device_kind
+    hbm: int
+    hbm_source: str
+    programs: list[ProgramPlan]
+    info: dict
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+    def to_json(self) -> dict:
+        return {"config": self.config, "trainer": self.trainer, "slice": dataclasses.asdict(self.slice),
+                "device_kind": self.devices, "hbm_bytes_per_chip": self.hbm, "hbm_source": self.hbm_source,
+                "fits": self.fits, "programs": [p.to_json() for p in self.programs], **self.info}
+
+
+def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
+    """(trainer name, config): the config class that accepts the file, or the one named."""
+    from qed_jax.grpo import GRPOConfig
+    from qed_jax.sft import SFTConfig
+
+    classes = {"sft": SFTConfig, "grpo": GRPOConfig}
+    if trainer:
+        return trainer, load_config(classes[trainer], path, overrides)
+    loaded, errors = {}, {}
+    for name, cls in classes.items():
+        try:
+            loaded[name] = load_config(cls, path, overrides)
+        except ConfigError as e:
+            errors[name] = str(e)
+    if len(loaded) != 1:
+        why = "; ".join(f"as {k}: {v}" for k, v in errors.items()) or "it is valid for both"
+        raise ConfigError(f"cannot tell whether {path} is an SFT or a GRPO config ({why}); pass --trainer")
+    return next(iter(loaded.items()))
+
+
+def plan(config_path: str | None, topology: str, overrides: list[str] = (), trainer: str | None = None,
+         preset_name: str | None = None, wave: int | None = None) -> Plan:
+    trainer, config = trainer_config(config_path, list(overrides), trainer)
+    tpu = parse_slice(topology)
+    devices = topology_devices(tpu)
+    hbm, hbm_source = hbm_per_chip(devices[0], tpu)
+    if trainer == "sft":
+        programs, info = plan_sft(config, devices, hbm, preset_name)
+    else:
+        programs, info = plan_grpo(config, devices, hbm, preset_name, wave)
+    return Plan(str(config_path), trainer, tpu, devices[0].device_kind, hbm, hbm_source, programs, info)
+
+
+def sum_known(q: ProgramPlan) -> int:
+    return sum(n for n in (q.arguments, q.outputs, q.temporaries, q.code, q.resident) if n)
+
+
+def _gib(n) -> str:
+    return "?" if n is None else f"{n / GiB:.2f}"
+
+
+def format_report(p: Plan) -> str:
+    lines = [f"{p.trainer} config {p.config} on {p.slice.name}: {p.slice.chips} chips ({p.devices}, "
+             f"topology {p.slice.topology}), HBM {p.hbm / GiB:.2f} GiB per chip "
+             f"({'as the compiler counts it' if p.hbm_source == 'compiler' else 'nominal'})",
+             f"model: {p.info['model']}",
+             f"mesh: {p.info['mesh']}"]
+    if p.trainer == "grpo":
+        lines += [f"sampling mesh: {p.info['sampling_mesh']}; wave {p.info['wave_size']} rows "
+                  f"(fits: {p.info['wave_size_that_fits']} of {p.info['samples_per_step']} samples per step); "
+                  f"KV {p.info['kv_bytes_per_token']} bytes per token, cache {p.info['kv_cache_length']} tokens "
+                  f"= {_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip",
+                  f"resident: trainer state {_gib(p.info['trainer_state_bytes_per_chip'])} GiB per chip while "
+                  f"sampling; sampler weights {_gib(p.info['sampler_weights_bytes_per_chip'])} + KV cache "
+                  f"{_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip while updating"]
+    header = ("program", "args", "outputs", "temps", "resident", "total", "HBM", "headroom", "fits",
+              "TFLOP/step", "compile s")
+    rows = [header]
+    for q in p.programs:
+        rows.append((q.name, _gib(q.arguments), _gib(q.outputs), _gib(q.temporaries), _gib(q.resident),
+                     _gib(q.total), _gib(q.hbm), "?" if q.headroom is None else f"{100 * q.headroom:.0f}%",
+                     "yes" if q.fits else "NO", "?" if q.flops is None else f"{q.flops / 1e12:.1f}",
+                     f"{q.compile_s:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["", "GiB per chip; TFLOP per call, all chips"]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines += [f"  {q.name}: {q.note}" for q in p.programs if q.note]
+    for q in p.programs:
+        if q.error:
+            known = [f"{what} {_gib(n)}" for what, n in (("arguments", q.arguments), ("temporaries", q.temporaries),
+                                                          ("resident", q.resident)) if n]
+            lines.append(f"{q.name}: does not fit: needs at least {_gib(sum_known(q))} GiB per chip "
+                         f"({' + '.join(known)}) > {_gib(q.hbm)} GiB HBM: {q.error}")
+        elif not q.fits:
+            lines.append(f"{q.name}: does not fit: {_gib(q.total)} GiB with resident buffers > {_gib(q.hbm)} GiB HBM")
+    lines.append("fits" if p.fits else "does NOT fit")
+    return "\n".join(lines)
+
+
+def to_json(p: Plan) -> str:
+    return json.dumps(p.to_json(), indent=2)

@@ -1,0 +1,213 @@
+"""`qed-jax plan`: Cloud slice names, FLOP counting, wave sizing and model resolution (pure, fast);
+ahead-of-time compiles for a TPU topology where libtpu is installed; and the 4B acceptance check
+that activation memory grows linearly in sequence length."""
+
+import json
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qed_jax import cli, plan
+from qed_jax.config import ConfigError, PRESETS
+from qed_jax.sft import ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent
+SFT_TINY = str(REPO / "configs" / "sft" / "tiny.yaml")
+RL_TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
+SFT_4B = str(REPO / "configs" / "sft" / "qed_nano_4b.yaml")
+
+
+@pytest.fixture(scope="session")
+def libtpu():
+    """Skips where libtpu is missing: it compiles for TPU topologies without any chips."""
+    try:
+        plan.topology_devices(plan.parse_slice("v5p-8"))
+    except ConfigError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name, generation, chips, topology", [
+    ("v5p-8", "v5p", 4, "v5p:2x2x1"),
+    ("v5p-16", "v5p", 8, "v5p:2x2x2"),
+    ("v5p-32", "v5p", 16, "v5p:2x2x4"),
+    ("v5p-64", "v5p", 32, "v5p:2x4x4"),
+    ("v5p-128", "v5p", 64, "v5p:4x4x4"),
+    ("v5p-256", "v5p", 128, "v5p:4x4x8"),
+    ("v5p-1024", "v5p", 512, "v5p:8x8x8"),
+    ("v4-8", "v4", 4, "v4:2x2x1"),
+    ("v4-32", "v4", 16, "v4:2x2x4"),
+    ("v5e-1", "v5e", 1, "v5e:1x1"),
+    ("v5e-4", "v5e", 4, "v5e:2x2"),
+    ("v5e-8", "v5e", 8, "v5e:2x4"),
+    ("v5litepod-16", "v5e", 16, "v5e:4x4"),
+    ("v5e-256", "v5e", 256, "v5e:16x16"),
+    ("v6e-32", "v6e", 32, "v6e:4x8"),
+    ("V6E-64", "v6e", 64, "v6e:8x8"),
+    ("v5p:4x4x12", "v5p", 192, "v5p:4x4x12"),
+    ("v6e:2x4", "v6e", 8, "v6e:2x4"),
+])
+def test_cloud_slice_names_map_to_topologies(name, generation, chips, topology):
+    tpu = plan.parse_slice(name)
+    assert (tpu.generation, tpu.chips, tpu.topology) == (generation, chips, topology)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v5p-7", "odd"),
+    ("v5p-24", "no standard 3-D slice of 12 chips"),
+    ("v6e-12", "no standard 2-D slice of 12 chips"),
+    ("v7x-8", "cannot read TPU slice"),
+    ("v9:2x2", "unknown TPU generation"),
+    ("v5e:2x2x2", "has 2 sides"),
+])
+def test_bad_slice_names_say_what_is_accepted(name, message):
+    with pytest.raises(ConfigError, match=message):
+        plan.parse_slice(name)
+
+
+def test_program_flops_multiplies_scans_and_counts_while_and_cond_bodies_once():
+    B, D, L = 4, 8, 3
+
+    def f(x, w):  # x [B, D], w [L, D, D]
+        x, _ = jax.lax.scan(lambda h, wl: (h @ wl, None), x, w)  # L matmuls
+        x = jax.lax.while_loop(lambda c: c[1] < 5, lambda c: (c[0] @ w[0], c[1] + 1), (x, 0))[0]  # 1 counted
+        return jax.lax.cond(x.sum() > 0, lambda y: y @ w[0] @ w[1], lambda y: y, x)  # costlier branch: 2
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((B, D)), jnp.ones((L, D, D)))
+    assert plan.program_flops(jaxpr) == (L + 1 + 2) * 2 * B * D * D
+
+
+def test_program_flops_of_a_gradient_counts_forward_backward_and_remat():
+    B, D, L = 4, 8, 3
+
+    def loss(w, x, remat):  # layers as the model runs them: a scan over stacked weights [L, D, D]
+        layer = lambda h, wl: (jnp.tanh(h @ wl), None)  # noqa: E731
+        return jnp.sum(jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, w)[0])
+
+    one = 2 * B * D * D
+    args = jnp.ones((L, D, D)), jnp.ones((B, D))
+    plain = jax.make_jaxpr(jax.grad(partial(loss, remat=False), argnums=(0, 1)))(*args)
+    assert plan.program_flops(plain) == L * 3 * one  # forward, and two products backward
+    remat = jax.make_jaxpr(jax.grad(partial(loss, remat=True), argnums=(0, 1)))(*args)
+    assert plan.program_flops(remat) == L * 4 * one  # and the forward again, recomputed
+
+
+def test_wave_size_fits_free_memory_in_multiples_of_the_batch_axes():
+    assert plan.wave_size(free_bytes=100, kv_bytes_per_row=10, multiple=4, rows_wanted=64) == 8
+    assert plan.wave_size(free_bytes=1000, kv_bytes_per_row=10, multiple=4, rows_wanted=64) == 64
+    assert plan.wave_size(free_bytes=30, kv_bytes_per_row=10, multiple=4, rows_wanted=64) == 0
+    assert plan.wave_size(free_bytes=-5, kv_bytes_per_row=10, multiple=1, rows_wanted=64) == 0
+
+
+def test_kv_bytes_per_token_of_the_4b_model():
+    # 2 (K and V) x 36 layers x 8 kv heads x 128 head_dim x 2 bytes
+    assert plan.kv_bytes_per_token(PRESETS["qwen3-4b-thinking-2507"], "bfloat16") == 147456
+
+
+def test_model_config_from_a_hub_name_a_folder_or_an_explicit_preset(hf_tiny, tmp_path):
+    spec = ModelSpec(path="Qwen/Qwen3-4B-Thinking-2507", param_dtype="float32", dtype="bfloat16", remat="full")
+    config, source = plan.model_config(spec)
+    assert config == PRESETS["qwen3-4b-thinking-2507"].replace(param_dtype="float32", dtype="bfloat16", remat="full")
+    assert "preset qwen3-4b-thinking-2507" in source and "not a local folder" in source
+
+    with pytest.raises(ConfigError, match="--preset"):
+        plan.model_config(ModelSpec(path=str(tmp_path / "runs" / "sft-4b" / "hf")))
+    config, source = plan.model_config(ModelSpec(path=str(tmp_path / "missing")), preset_name="qwen3-0.6b")
+    assert config.hidden_size == PRESETS["qwen3-0.6b"].hidden_size and "--preset" in source
+
+    hf_tiny.save_pretrained(tmp_path / "hf")
+    config, source = plan.model_config(ModelSpec(path=str(tmp_path / "hf")))
+    assert (config.num_layers, config.head_dim, config.param_dtype) == (3, 24, "bfloat16")
+    assert source.endswith("config.json")
+
+
+def test_the_trainer_is_the_one_whose_config_loads():
+    assert plan.trainer_config(SFT_TINY, [], None)[0] == "sft"
+    assert plan.trainer_config(RL_TINY, ["max_new_tokens=8"], None)[0] == "grpo"
+    with pytest.raises(ConfigError, match="pass --trainer"):
+        plan.trainer_config(None, [], None)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling for a TPU topology (libtpu compiles without chips)
+
+
+def _plan_json(capsys, *args):
+    assert cli.main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.tpu_compile
+def test_tiny_sft_step_compiles_for_four_v5p_chips(libtpu, capsys):
+    report = _plan_json(capsys, "--config", SFT_TINY, "--topology", "v5p-8", "data.max_length=128")
+    (step,) = report["programs"]
+    assert report["fits"] and step["fits"] and report["slice"]["chips"] == 4
+    assert report["hbm_source"] == "compiler" and 90 * plan.GiB < report["hbm_bytes_per_chip"] < 96 * plan.GiB
+    c = PRESETS["tiny"]
+    matmul_params = c.num_layers * (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                                    + c.num_heads * c.head_dim * c.hidden_size
+                                    + 3 * c.hidden_size * c.intermediate_size) + c.vocab_size * c.hidden_size
+    norms = c.num_layers * (2 * c.hidden_size + 2 * c.head_dim) + c.hidden_size
+    # float32 params + two Adam moments on every chip (a data-parallel mesh replicates them)
+    assert step["arguments"] >= 3 * 4 * (matmul_params + norms)
+    assert step["outputs"] < step["arguments"]  # the donated params and moments are reused
+    assert 0 < step["temporaries"] < plan.GiB
+    # forward + backward: 3 x (2 per weight + 4 L N H T for the T x T scores and their use), per token
+    T, tokens = 128, 8 * 128
+    assert 6 * matmul_params * tokens <= step["flops"] <= 3 * (2 * matmul_params + 4 * c.num_layers * c.num_heads
+                                                                * c.head_dim * T) * tokens
+
+@pytest.mark.slow  # three programs: ~25 s of CPU compiling
+@pytest.mark.tpu_compile
+def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, capsys):
+    report = _plan_json(capsys, "--config", RL_TINY, "--topology", "v5e-4", "max_new_tokens=8")
+    assert [p["name"] for p in report["programs"]] == ["update_step", "prefill", "decode_loop"]
+    assert report["fits"] and all(p["fits"] for p in report["programs"])
+    assert report["wave_size"] == report["samples_per_step"] == 64
+    c = PRESETS["tiny"]
+    assert report["kv_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # float32 sampling
+    assert report["kv_cache_length"] == 64 + 8
+    assert report["programs"][2]["resident"] == report["trainer_state_bytes_per_chip"] > 0
+
+
+@pytest.mark.tpu_compile
+def test_a_program_that_does_not_fit_is_reported_in_one_line_and_exits_1(libtpu, capsys):
+    # 64k tokens per row: the reference attention's [heads, T, T] scores alone exceed 16 GiB.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "--config", SFT_TINY, "--topology", "v5e-4", "batch_size=4", "micro_batches=1",
+                  "data.max_length=65536"])
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    failing = [line for line in out.splitlines() if line.startswith("train_step: does not fit")]
+    assert len(failing) == 1 and "RESOURCE_EXHAUSTED" in failing[0] and "Traceback" not in out
+    assert out.rstrip().endswith("does NOT fit")
+
+
+# --------------------------------------------------------------------------------------------
+# Acceptance (the issue "The 4B recipe fits on TPU"): ~3 minutes of compiling per length on a
+# small CPU machine, hence slow.
+
+
+def _sft_4b_temporaries(tokens: int) -> int:
+    """Temporaries per chip of the 4B SFT step, one row of `tokens` per chip (4 rows, 4 chips)."""
+    report = plan.plan(SFT_4B, "v5p-8", ["batch_size=4", "micro_batches=1", f"data.max_length={tokens}"])
+    (step,) = report.programs
+    assert step.temporaries is not None, step.error
+    return step.temporaries
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+def test_4b_sft_activation_memory_grows_linearly_in_sequence_length(libtpu):
+    """Doubling T at most ~doubles the temporaries, and each added token costs less than one
+    float32 row of logits: no buffer quadratic in T (attention scores), none of T x vocab (full
+    logits). The second check is the sharp one: T-independent temporaries (the float32 gradient
+    accumulator, the optimizer's update) can hide a quadratic term from the ratio."""
+    short, long = _sft_4b_temporaries(4096), _sft_4b_temporaries(8192)
+    per_token = (long - short) / 4096
+    numbers = (f"temporaries {short / plan.GiB:.2f} GiB at 4096 tokens, {long / plan.GiB:.2f} GiB at 8192: "
+               f"{per_token / 1024:.0f} KiB per added token")
+    assert long <= 2.2 * short, numbers
+    assert per_token < PRESETS["qwen3-4b-thinking-2507"].vocab_size * 4, numbers
