@@ -510,6 +510,7 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
                 sampler.update_weights(to_sampler(params))  # the sampler always samples the current policy
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
                                                    jax.random.fold_in(base_key, step), stops)
+                sampler.release()  # the update needs that memory: weights come back next step
                 texts = [tokenizer.decode(c.text_tokens) for c in completions]
                 t1 = time.perf_counter()
                 grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
 from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
+from qed_jax.trainer import batch_sharding, decay_mask, make_optimizer
 
 GiB = 1024 ** 3
 
@@ -283,6 +284,10 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
     return config, source
 
 
+def abstract_decay_mask(config: ModelConfig) -> dict:
+    return decay_mask(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+
+
 def sharded(x, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
@@ -323,10 +328,10 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
     mesh = make_mesh(config.mesh, devices=devices)
     model, source = model_config(config.model, preset_name)
     graphdef, params = abstract_params(model, mesh)
-    optimizer = sft.make_optimizer(config.optim, config.steps or 1)  # steps shape the schedule only
+    optimizer = make_optimizer(config.optim, config.steps or 1, abstract_decay_mask(model))  # steps shape the schedule only
     opt_state = abstract_opt_state(optimizer, params, mesh)
     M, rows, T = config.micro_batches, config.batch_size // config.micro_batches, config.data.max_length
-    batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=sft.batch_sharding(mesh))
+    batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),
                    out_shardings=(shardings_of(params), shardings_of(opt_state), None))
@@ -344,11 +349,6 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
 KV_SHARE = 0.9
 # Qwen3 stops on <|im_end|> and <|endoftext|>; the count only sets the shape of stop_ids.
 NUM_STOP_IDS = 2
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
-    """Keys and values of one token over all layers: 2 x L x K x H x itemsize."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
 
 
 def kv_cache(config: ModelConfig, rows: int, length: int, dtype, mesh) -> KVCache:
@@ -402,53 +402,66 @@ def sampler_programs(model: ModelConfig, mesh, wave: int, prompt_len: int, max_n
 
 def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
               wave: int | None = None) -> tuple[list[ProgramPlan], dict]:
-    """GRPO's update step, and the sampler's prefill and decode loop at a wave size, each with
-    the buffers `grpo.train` keeps alive meanwhile: the trainer's state while sampling; the
-    sampler's weights and its KV cache (kept between calls) while updating. The wave defaults
-    to what fits the HBM left after the trainer's state and the sampler's weights."""
-    from qed_jax import grpo, sampling, sft
+    """GRPO's learner (one micro-batch of packed rows, and the optimizer step) and the sampler's
+    prefill and decode loop at a wave size, each with the buffers `grpo.train` keeps alive
+    meanwhile: the trainer's state (the sampler frees its weights and cache before the update).
+    The wave is `sampling.max_concurrent`, else what `sampling.kv_cache_gib` allows, else what
+    fits the HBM left after the trainer's state and the sampler's weights."""
+    from qed_jax import grpo, sampling
 
     mesh = make_mesh(config.mesh, devices=devices)
     model, source = model_config(config.model, preset_name)
     graphdef, params = abstract_params(model, mesh)
     ref_params = params if config.loss.kl_coef > 0 else None
-    optimizer = sft.make_optimizer(config.optim, config.steps)
+    optimizer = make_optimizer(config.optim, config.optimizer_updates, abstract_decay_mask(model))
     opt_state = abstract_opt_state(optimizer, params, mesh)
     trainer_bytes = bytes_per_chip((params, opt_state, ref_params))
 
-    sampling_mesh = make_mesh(config.sampling_mesh, devices=devices) if config.sampling_mesh else mesh
-    sampling_model = model.replace(param_dtype=config.sampling_dtype, dtype=config.sampling_dtype)
+    sampling_mesh = make_mesh(config.sampling.mesh, devices=devices) if config.sampling.mesh else mesh
+    sampling_model = model.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])
     prompt_len = sampling.bucket_length(config.max_prompt_length)
     cache_len = prompt_len + config.max_new_tokens
     ways = batch_ways(sampling_mesh)
     row_bytes = bytes_per_chip(kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)) / ways
     fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes), row_bytes, ways, config.samples_per_step)
+    if wave is None and config.sampling.max_concurrent:
+        wave = config.sampling.max_concurrent
+    elif wave is None and config.sampling.kv_cache_gib:
+        kv_heads = kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh).k.sharding.spec[3]
+        kv_head_ways = math.prod(sampling_mesh.shape[a] for a in ((kv_heads,) if isinstance(kv_heads, str)
+                                                                   else kv_heads or ()))
+        wave = min(sampling.wave_size(sampling_model, cache_len, config.sampling.kv_cache_gib * 2 ** 30,
+                                      sampling_model.dtype, ways, kv_head_ways), config.samples_per_step)
     wave = wave or max(fitting, ways)
     cache_bytes = bytes_per_chip(kv_cache(sampling_model, wave, cache_len, sampling_model.dtype, sampling_mesh))
     prefill, decode = sampler_programs(sampling_model, sampling_mesh, wave, prompt_len, config.max_new_tokens,
                                        hbm, resident=trainer_bytes)
 
-    S = config.samples_per_step // config.minibatches
-    M, L = config.micro_batches, config.max_prompt_length + config.max_new_tokens
+    rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch = {"tokens": jax.ShapeDtypeStruct((M, S // M, L), jnp.int32, sharding=sft.batch_sharding(mesh)),
-             "mask": jax.ShapeDtypeStruct((M, S // M, L), jnp.float32, sharding=sft.batch_sharding(mesh)),
-             "old_logprobs": jax.ShapeDtypeStruct((M, S // M, L), jnp.float32, sharding=sft.batch_sharding(mesh)),
-             "advantages": by_rows((M, S // M), jnp.float32, mesh, leading=1),
-             "num_sequences": jax.ShapeDtypeStruct((M,), jnp.float32, sharding=replicated),
-             "num_tokens": jax.ShapeDtypeStruct((M,), jnp.float32, sharding=replicated)}
-    step = jax.jit(partial(grpo.update_step, graphdef, optimizer, config.loss), donate_argnums=(0, 1),
-                   out_shardings=(shardings_of(params), shardings_of(opt_state), None))
-    update = compile_program("update_step", step, (params, opt_state, ref_params, batch), hbm,
-                             resident=sampler_bytes + cache_bytes, note=f"batch [{M}, {S // M}, {L}]")
+    micro = {k: by_rows((rows, L), dtype, mesh) for k, dtype in (
+        ("tokens", jnp.int32), ("positions", jnp.int32), ("segment_ids", jnp.int32), ("mask", jnp.float32),
+        ("old_logprobs", jnp.float32), ("advantages", jnp.float32), ("sample_lengths", jnp.float32))}
+    micro.update(num_sequences=jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+                 num_tokens=jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
+    grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), params)
+    sums = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in grpo.METRIC_SUMS}
+    accumulate = compile_program(
+        "accumulate", jax.jit(partial(grpo.accumulate_step, graphdef, config.loss), donate_argnums=(2, 3)),
+        (params, ref_params, grads, sums, micro), hbm, resident=bytes_per_chip(opt_state),
+        note=f"one micro-batch [{rows}, {L}] of packed rows")
+    apply = compile_program(
+        "apply", jax.jit(partial(grpo.apply_step, optimizer), donate_argnums=(0, 1),
+                         out_shardings=(shardings_of(params), shardings_of(opt_state), None)),
+        (params, opt_state, grads), hbm, note="the optimizer step")
     info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
             "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_size_that_fits": fitting,
             "samples_per_step": config.samples_per_step,
-            "kv_bytes_per_token": kv_bytes_per_token(model, config.sampling_dtype), "kv_cache_length": cache_len,
-            "kv_cache_bytes_per_chip": cache_bytes, "sampler_weights_bytes_per_chip": sampler_bytes,
-            "trainer_state_bytes_per_chip": trainer_bytes}
-    return [update, prefill, decode], info
+            "kv_bytes_per_token": sampling.kv_bytes_per_token(model, config.sampling.dtype),
+            "kv_cache_length": cache_len, "kv_cache_bytes_per_chip": cache_bytes,
+            "sampler_weights_bytes_per_chip": sampler_bytes, "trainer_state_bytes_per_chip": trainer_bytes}
+    return [accumulate, apply, prefill, decode], info
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,8 +542,8 @@ def format_report(p: Plan) -> str:
                   f"KV {p.info['kv_bytes_per_token']} bytes per token, cache {p.info['kv_cache_length']} tokens "
                   f"= {_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip",
                   f"resident: trainer state {_gib(p.info['trainer_state_bytes_per_chip'])} GiB per chip while "
-                  f"sampling; sampler weights {_gib(p.info['sampler_weights_bytes_per_chip'])} + KV cache "
-                  f"{_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip while updating"]
+                  f"sampling (sampler weights {_gib(p.info['sampler_weights_bytes_per_chip'])} GiB, freed with "
+                  "the KV cache before the update); optimizer moments while accumulating gradients"]
     header = ("program", "args", "outputs", "temps", "resident", "total", "HBM", "headroom", "fits",
               "TFLOP/step", "compile s")
     rows = [header]

@@ -235,6 +235,11 @@ class Sampler:
         trainer's params cast to the sampling dtype) without recompiling."""
         self.state = state
 
+    def release(self) -> None:
+        """Free the weights and the KV cache (e.g. while a trainer updates the policy); the next
+        `update_weights` brings weights back, and the next call allocates a cache again."""
+        self.state, self._kv_cache = None, None
+
     def cache_shards(self) -> tuple[int, int]:
         """How many ways the mesh splits the cache's batch axis and its kv-head axis."""
         if self.mesh is None:

@@ -101,11 +101,6 @@ def test_wave_size_fits_free_memory_in_multiples_of_the_batch_axes():
     assert plan.wave_size(free_bytes=-5, kv_bytes_per_row=10, multiple=1, rows_wanted=64) == 0
 
 
-def test_kv_bytes_per_token_of_the_4b_model():
-    # 2 (K and V) x 36 layers x 8 kv heads x 128 head_dim x 2 bytes
-    assert plan.kv_bytes_per_token(PRESETS["qwen3-4b-thinking-2507"], "bfloat16") == 147456
-
-
 def test_model_config_from_a_hub_name_a_folder_or_an_explicit_preset(hf_tiny, tmp_path):
     spec = ModelSpec(path="Qwen/Qwen3-4B-Thinking-2507", param_dtype="float32", dtype="bfloat16", remat="full")
     config, source = plan.model_config(spec)
@@ -154,16 +149,17 @@ def test_tiny_sft_step_compiles_for_four_v5p_chips(libtpu, capsys):
     assert step["arguments"] >= 3 * 4 * (matmul_params + norms)
     assert step["outputs"] < step["arguments"]  # the donated params and moments are reused
     assert 0 < step["temporaries"] < plan.GiB
-    # forward + backward: 3 x (2 per weight + 4 L N H T for the T x T scores and their use), per token
+    # forward + backward: 3 x (2 per weight + 4 L N H T for the T x T scores and their use), per
+    # token, plus the output projection once more: the chunked loss recomputes it in the backward
     T, tokens = 128, 8 * 128
-    assert 6 * matmul_params * tokens <= step["flops"] <= 3 * (2 * matmul_params + 4 * c.num_layers * c.num_heads
-                                                                * c.head_dim * T) * tokens
+    assert 6 * matmul_params * tokens <= step["flops"] <= (3 * (2 * matmul_params + 4 * c.num_layers * c.num_heads
+                                                                 * c.head_dim * T) + 2 * c.vocab_size * c.hidden_size) * tokens
 
 @pytest.mark.slow  # three programs: ~25 s of CPU compiling
 @pytest.mark.tpu_compile
 def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, capsys):
     report = _plan_json(capsys, "--config", RL_TINY, "--topology", "v5e-4", "max_new_tokens=8")
-    assert [p["name"] for p in report["programs"]] == ["update_step", "prefill", "decode_loop"]
+    assert [p["name"] for p in report["programs"]] == ["accumulate", "apply", "prefill", "decode_loop"]
     assert report["fits"] and all(p["fits"] for p in report["programs"])
     assert report["wave_size"] == report["samples_per_step"] == 64
     c = PRESETS["tiny"]
