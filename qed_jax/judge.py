@@ -52,6 +52,9 @@ class JudgeConfig:
     require_think_end: bool = True  # a completion without </think> scores 0, unsent
     strip_self_evaluation: bool = False
     cache_path: str | None = "judge_cache.sqlite"
+    # The GRPO learner stops a step when more than this fraction of its grades failed: a step
+    # trained on mostly zero rewards from an ailing judge would teach the policy noise.
+    max_failed_fraction: float = 0.05
 
     def __post_init__(self):
         if self.api not in ("chat", "responses"):
@@ -60,6 +63,9 @@ class JudgeConfig:
             raise ConfigError(f"judge.answer_format must be score, points or verdict, got {self.answer_format!r}")
         if self.concurrency < 1:
             raise ConfigError("judge.concurrency must be at least 1")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ConfigError(f"judge.max_failed_fraction must be between 0 and 1 (a fraction of a step's grades), "
+                              f"got {self.max_failed_fraction!r}")
 
     @property
     def scores(self) -> set[int]:
@@ -256,11 +262,12 @@ class Judge:
         client = openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
                                     timeout=c.timeout_s, max_retries=0)
         semaphore = asyncio.Semaphore(c.concurrency)
+        in_flight: dict[str, asyncio.Task] = {}  # cache key -> the one grading of that proof in this batch
         if any(item.proof is not None or THINK_END in (item.completion or "") for item in items):
             await self._check_reachable(client)
 
         async def one(item: GradeItem) -> Grade:
-            grade = await self._grade_one(client, semaphore, item)
+            grade = await self._grade_one(client, semaphore, in_flight, item)
             if progress is not None:
                 progress(grade)
             return grade
@@ -285,7 +292,7 @@ class Judge:
         except openai.APIConnectionError as e:
             raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {e.__cause__ or e}") from None
 
-    async def _grade_one(self, client, semaphore, item: GradeItem) -> Grade:
+    async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], item: GradeItem) -> Grade:
         c = self.config
         if (item.completion is None) == (item.proof is None):
             raise ValueError("a GradeItem needs exactly one of completion and proof")
@@ -300,6 +307,13 @@ class Judge:
         if not proof:
             return Grade(score=0, reward=0.0, reason="empty_proof")
         key = cache_key(c, self.template, item, proof)
+        # A small policy often writes the same proof several times for one problem: every copy
+        # waits for one grading, so the judge sees it once. Each copy gets its own Grade object.
+        if key not in in_flight:
+            in_flight[key] = asyncio.ensure_future(self._grade_proof(client, semaphore, key, item, proof))
+        return dataclasses.replace(await in_flight[key])
+
+    async def _grade_proof(self, client, semaphore, key: str, item: GradeItem, proof: str) -> Grade:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
         async with semaphore:

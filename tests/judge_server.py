@@ -6,6 +6,10 @@ of actions, one per attempt (the last repeats): ("score", N) replies `<score>N</
 ("hash", seconds) scores the prompt by its hash (0-7), after waiting that long;
 ("hang", seconds) waits before a valid reply (and drops the request if the client disconnects
 first, as vLLM aborts abandoned requests). Counts requests per item and peak concurrency.
+
+Nothing here may make a prompt reply slow by accident, or a test's client timeout would fire on it:
+connections are accepted from a deep backlog (a full one drops the client's SYN, which it resends
+only after a second), and a hanging request blocks on its socket rather than polling it.
 """
 
 import hashlib
@@ -16,6 +20,11 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default 5 fills up while many requests connect at once
+    daemon_threads = True
 
 
 class JudgeServer:
@@ -51,12 +60,17 @@ class JudgeServer:
                     server.auth.append(self.headers.get("Authorization"))
                     server.bodies.append(body)
                 try:
-                    self._answer(body)
+                    reply = self._reply(body)
                 finally:
+                    # Counted out before the reply leaves: once the client has it, its next request
+                    # may arrive at once and must not find this one still counted.
                     with server.lock:
                         server.active -= 1
+                if reply is not None:
+                    self._json(*reply)
 
-            def _answer(self, body):
+            def _reply(self, body):
+                """(status, payload), or None when the client gave up while the request hung."""
                 if self.path.endswith("/chat/completions"):
                     prompt = body["messages"][-1]["content"]
                 else:
@@ -72,37 +86,35 @@ class JudgeServer:
                 script = server.scripts.get(item, [server.default])
                 kind, value = script[min(attempt, len(script) - 1)]
                 if kind == "status":
-                    return self._json(value, {"error": {"message": f"scripted {value}", "type": "server_error"}})
+                    return value, {"error": {"message": f"scripted {value}", "type": "server_error"}}
+                if kind in ("hang", "hash") and not self._wait_unless_abandoned(value):
+                    return None  # the client gave up, as a real server notices and aborts
                 if kind == "hang":
-                    if not self._wait_unless_abandoned(value):
-                        return  # the client gave up, as a real server notices and aborts
                     text = "<score>7</score>"
                 elif kind == "hash":
-                    if not self._wait_unless_abandoned(value):
-                        return
                     text = f"<score>{int(digest, 16) % 8}</score>"
                 elif kind == "score":
                     text = f"<assessment>fine</assessment><errors>none</errors><score>{value}</score>"
                 else:
                     text = value
                 if self.path.endswith("/chat/completions"):
-                    self._json(200, {
+                    return 200, {
                         "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": text}}],
-                    })
-                else:
-                    self._json(200, {
-                        "id": "resp-1", "object": "response", "created_at": 0, "model": body["model"],
-                        "status": "completed", "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
-                        "output": [{"type": "message", "id": "msg-1", "role": "assistant", "status": "completed",
-                                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                    })
+                    }
+                return 200, {
+                    "id": "resp-1", "object": "response", "created_at": 0, "model": body["model"],
+                    "status": "completed", "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
+                    "output": [{"type": "message", "id": "msg-1", "role": "assistant", "status": "completed",
+                                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                }
 
             def _wait_unless_abandoned(self, seconds):
+                """Waits `seconds`; False as soon as the client closes its end (it sends nothing more)."""
                 end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    readable, _, _ = select.select([self.connection], [], [], 0.002)
+                while (left := end - time.monotonic()) > 0:
+                    readable, _, _ = select.select([self.connection], [], [], left)
                     if readable and not self.connection.recv(1, socket.MSG_PEEK):
                         return False
                 return True
@@ -118,8 +130,7 @@ class JudgeServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a scripted hang past its timeout)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -1,5 +1,6 @@
 """The judge against a scripted loopback OpenAI-compatible server."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,15 +12,20 @@ import time
 
 import pytest
 
+from qed_jax.config import ConfigError
 from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, parse_score,
                            render_marking_scheme, render_prompt, load_template)
 from tests.judge_server import JudgeServer
 
 ALL = set(range(8))
+# A scripted hang lasts until the client gives up, however slowly a loaded machine runs the test.
+NEVER = 3600.0
 
 
 def _config(server, tmp_path, **overrides):
-    base = dict(base_url=server.url, model="judge", concurrency=8, timeout_s=1.0, max_retries=2,
+    # The timeout is far beyond any reply the server does not hang on purpose: a loaded machine
+    # must not turn a prompt reply into a timeout and an extra attempt.
+    base = dict(base_url=server.url, model="judge", concurrency=8, timeout_s=60.0, max_retries=2,
                 backoff_s=0.05, parse_retries=1, cache_path=str(tmp_path / "cache.sqlite"))
     return JudgeConfig(**{**base, **overrides})
 
@@ -30,8 +36,9 @@ def _item(i, score_hint=""):
 
 
 def _chaos_scripts():
-    """200 items: 20 % HTTP 500, 10 % 429, 10 % hangs past the timeout, 10 % malformed replies.
-    Returns scripts and the expected (score or None, reason, attempts) per item."""
+    """200 items: 20 % HTTP 500, 20 % 429, 5 % 400, 10 % malformed replies; no reply is slow, so
+    nothing here depends on how fast the machine runs. Returns scripts and the expected
+    (score or None, reason, attempts) per item."""
     scripts, expected = {}, {}
     for i in range(200):
         k = i % 8
@@ -41,10 +48,10 @@ def _chaos_scripts():
             scripts[f"i{i}"], expected[i] = [("status", 500)], (None, "http_500", 3)
         elif i < 60:  # 429 twice, then fine
             scripts[f"i{i}"], expected[i] = [("status", 429), ("status", 429), ("score", k)], (k, "ok", 3)
-        elif i < 70:  # hangs once, then fine
-            scripts[f"i{i}"], expected[i] = [("hang", 3.0), ("score", k)], (k, "ok", 2)
-        elif i < 80:  # hangs for good
-            scripts[f"i{i}"], expected[i] = [("hang", 3.0)], (None, "timeout", 3)
+        elif i < 70:  # 429 for good
+            scripts[f"i{i}"], expected[i] = [("status", 429)], (None, "http_429", 3)
+        elif i < 80:  # a malformed request is not retried
+            scripts[f"i{i}"], expected[i] = [("status", 400), ("score", k)], (None, "http_400", 1)
         elif i < 88:  # malformed once, then fine
             scripts[f"i{i}"], expected[i] = [("reply", "I think it deserves a 5."), ("score", k)], (k, "ok", 2)
         elif i < 94:  # out of range for good
@@ -67,7 +74,41 @@ def test_chaos_batch_ends_with_scripted_scores_or_explicit_failures(tmp_path):
         assert (grade.score, grade.reason, grade.attempts) == (score, reason, attempts), i
         assert grade.reward == (0.0 if score is None else score / 7)
         assert server.requests[f"i{i}"] == attempts, i  # nothing lost, nothing sent twice
-    assert 2 <= server.peak <= 8
+    assert server.peak <= 8
+
+
+def test_hung_requests_time_out_and_are_retried(tmp_path):
+    # The server holds a hung request until the client drops it, so each hang is a timeout
+    # whatever the load; only the prompt reply after it must beat the (small) client timeout.
+    scripts = {"once": [("hang", NEVER), ("score", 5)], "always": [("hang", NEVER)]}
+    items = [GradeItem(problem=f"Problem {name}", completion=f"x</think>Proof [[item:{name}]]")
+             for name in ("once", "always")]
+    with JudgeServer(scripts) as server:
+        grades = Judge(_config(server, tmp_path, timeout_s=2.0)).grade_batch(items)
+    assert [(g.score, g.reason, g.attempts) for g in grades] == [(5, "ok", 2), (None, "timeout", 3)]
+    assert server.requests == {"once": 2, "always": 3}
+    assert server.peak >= 2  # both hung at once: the items were graded concurrently
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_identical_proofs_in_a_batch_are_graded_once(tmp_path, cached):
+    # A second request for a proof would get the second scripted score.
+    scripts = {name: [("score", first), ("score", 0)] for name, first in (("a", 3), ("b", 5), ("c", 7))}
+    names = ["a", "b", "a", "c", "a", "b", "c", "c", "a", "b"]
+    items = [GradeItem(problem="Problem", completion=f"x</think>Proof [[item:{name}]]") for name in names]
+    seen = []
+    with JudgeServer(scripts) as server:
+        config = _config(server, tmp_path, cache_path=str(tmp_path / "cache.sqlite") if cached else None)
+        grades = Judge(config).grade_batch(items, progress=seen.append)
+    assert server.requests == {"a": 1, "b": 1, "c": 1}
+    assert [g.score for g in grades] == [{"a": 3, "b": 5, "c": 7}[name] for name in names]
+    assert len({id(g) for g in grades}) == len(names) and len(seen) == len(names)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_max_failed_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ConfigError, match="judge.max_failed_fraction must be between 0 and 1"):
+        JudgeConfig(max_failed_fraction=fraction)
 
 
 def test_rerun_sends_no_request_and_returns_identical_grades(tmp_path):
@@ -77,6 +118,7 @@ def test_rerun_sends_no_request_and_returns_identical_grades(tmp_path):
         sent = server.total
         second = Judge(_config(server, tmp_path)).grade_batch([_item(i) for i in range(100)])
         assert server.total == sent == 100
+        assert server.peak <= 8  # judge.concurrency
     assert [(g.score, g.reason, g.raw) for g in first] == [(g.score, g.reason, g.raw) for g in second]
     assert all(g.cached for g in second) and not any(g.cached for g in first)
 
@@ -163,34 +205,41 @@ def _cli(args, env=None, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", *args], env=env, **kwargs)
 
 
+def _graded_rows(cache) -> int:
+    """Rows in the grade cache; 0 until the CLI has created the file and its table."""
+    if not cache.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(cache)) as db:
+        try:
+            return db.execute("SELECT COUNT(*) FROM grades").fetchone()[0]
+        except sqlite3.OperationalError:  # the file is there, the table not yet
+            return 0
+
+
 def test_cli_killed_mid_run_resumes_without_regrading(tmp_path):
     rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
     _write_rows(rows, 60)
-    with JudgeServer({f"i{i}": [("hang", 0.15)] for i in range(60)}) as server:
+    # Rows from 10 on hang until the client goes away, so the kill finds exactly rows 0-9 graded
+    # however slowly the machine runs; the rerun gets prompt replies for all of them.
+    with JudgeServer({f"i{i}": [("hang", NEVER)] for i in range(10, 60)}) as server:
         args = ["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
-                "concurrency=2", f"cache_path={cache}", "timeout_s=10"]
+                "concurrency=2", f"cache_path={cache}", "timeout_s=600"]
         proc = _cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        done = 0
-        while done < 10 and time.time() < deadline:
+        deadline = time.time() + 600  # only ends a run that is broken
+        while _graded_rows(cache) < 10 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-            if cache.exists():
-                with sqlite3.connect(cache) as db:
-                    done = db.execute("SELECT COUNT(*) FROM grades").fetchone()[0]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        with sqlite3.connect(cache) as db:
-            finished = db.execute("SELECT COUNT(*) FROM grades").fetchone()[0]
-        assert 10 <= finished < 60 and not out.exists()
+        assert _graded_rows(cache) == 10 and not out.exists()
+        assert server.total <= 10 + 2  # at most `concurrency` hung requests were in flight
         sent_before = server.total
+        server.scripts.clear()
         assert _cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
     graded = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["problem"] for r in graded] == [f"Problem {i}" for i in range(60)]
     assert all(r["score"] == 7 for r in graded)
-    assert sum(r["cached"] for r in graded) >= finished
-    # Only the unfinished rows were sent again (at most `concurrency` were in flight at the kill).
-    assert server.total - sent_before == 60 - sum(r["cached"] for r in graded)
-    assert server.total <= 60 + 2
+    assert [r["cached"] for r in graded] == [True] * 10 + [False] * 50
+    assert server.total - sent_before == 50  # only the rows not yet graded were sent again
 
 
 def test_api_key_appears_in_no_log_output_or_cache(tmp_path):
