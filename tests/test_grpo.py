@@ -272,7 +272,8 @@ def test_steps_against_the_loopback_judge(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert server.total == 3 * 16 and all(m["judge_failed"] == 0 and m["graded_fraction"] == 1.0 for m in metrics)
+    assert server.total == len(server.by_prompt) <= 3 * 16  # identical completions share a request
+    assert all(m["judge_failed"] == 0 and m["graded_fraction"] == 1.0 for m in metrics)
     assert all(0 < m["reward_std"] for m in metrics)  # hash scores vary, so advantages do
     for key in ("reward_mean", "success_rate", "completion_length_mean", "completion_length_max",
                 "truncated_fraction", "clip_fraction", "approx_kl", "entropy", "judge_latency_s",
