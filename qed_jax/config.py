@@ -15,6 +15,9 @@ import yaml
 from qed_jax.errors import ConfigError
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "blockwise")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Qwen3 dense decoder."""
@@ -33,6 +36,9 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # storage dtype of the weights
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     remat: str = "none"  # none | full | dots (what a scanned block saves for the backward pass)
+    # auto | xla | splash | blockwise: how full-sequence attention (training, prefill) is computed;
+    # a runtime choice like remat: the weights do not depend on it (see qed_jax.attention)
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -43,6 +49,10 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"
+            )
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{field} must be float32, bfloat16 or float16, got {getattr(self, field)!r}")

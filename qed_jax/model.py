@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qed_jax.attention import cached_attention, causal_attention
 from qed_jax.config import ModelConfig
 
 _REMAT_POLICIES = {
@@ -97,27 +98,58 @@ class Qwen3(nnx.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        causal = jnp.tril(jnp.ones((T, T), bool))[None]
-        if segment_ids is not None:
-            causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        mask = causal[:, None]  # [B|1, 1, T, T]
-        x, _ = self._decoder(input_ids, positions, mask, cache=None)
+        implementation = self.config.attention
+
+        def attend(q, k, v, cache, layer):
+            return causal_attention(q, k, v, segment_ids, implementation=implementation), cache
+
+        x, _ = self._decoder(input_ids, positions, None, attend)
         return x
+
+    def prefill(self, input_ids, cache: KVCache, logits_at=None):
+        """`decode` of prompts [B, T] at positions 0..T-1: the same logits and cache, computed as
+        causal self-attention over the prompt (which is what attending to cache slots 0..t is,
+        once they hold this prompt), so the long-sequence attention implementations serve it.
+        Slots T and later are left as they were."""
+        B, T = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        implementation = self.config.attention
+
+        def attend(q, k, v, cache, layer):
+            start = (layer, 0, 0, 0, 0)
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+            return causal_attention(q, k, v, implementation=implementation), cache
+
+        x, cache = self._decoder(input_ids, positions, cache, attend)
+        return self._logits_at(x, logits_at), cache
 
     def decode(self, input_ids, positions, cache: KVCache, logits_at=None):
         """Forward with a KV cache: token t of row b is written to cache slot positions[b, t] and
         attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache);
         with `logits_at` [B] (an index into T per row), logits [B, V] at that token only, so a
-        prefill never computes the vocabulary projection for every prompt position."""
-        slots = jnp.arange(cache.max_len)
-        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S]
-        x, cache = self._decoder(input_ids, positions, mask, cache)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-            return self.logits(x)[:, 0], cache
-        return self.logits(x), cache
+        prefill never computes the vocabulary projection for every prompt position. Attention
+        is XLA's over the whole cache; prompts written from position 0 go faster by `prefill`."""
+        rows = jnp.arange(input_ids.shape[0])[:, None]
 
-    def _decoder(self, input_ids, positions, mask, cache: KVCache | None):
+        def attend(q, k, v, cache, layer):
+            cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
+                            cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
+            k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
+            return cached_attention(q, k, v, positions), cache
+
+        x, cache = self._decoder(input_ids, positions, cache, attend)
+        return self._logits_at(x, logits_at), cache
+
+    def _logits_at(self, x, logits_at):
+        if logits_at is None:
+            return self.logits(x)
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+        return self.logits(x)[:, 0]
+
+    def _decoder(self, input_ids, positions, cache: KVCache | None, attend):
+        """The decoder stack. `attend(q, k, v, cache, layer) -> (out, cache)` is the attention
+        of one layer over its rotated q [B, T, N, H] and k, v [B, T, K, H]."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
@@ -129,8 +161,9 @@ class Qwen3(nnx.Module):
             x, cache = carry
             w, index = layer
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            h, cache = attention(h, w, cache, index, positions, mask, cos, sin, c)
-            x = x + h
+            q, k, v = qkv(h, w, cos, sin, c)
+            h, cache = attend(q, k, v, cache, index)
+            x = x + jnp.einsum("btnh,nhd->btd", h, w["o"].astype(dtype))
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             return (x + mlp(h, w), cache), None
 
@@ -172,22 +205,15 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(x, w, cache: KVCache | None, layer, positions, mask, cos, sin, c: ModelConfig):
-    """Grouped-query attention with QK-norm before RoPE. With a cache, this layer's new keys and
-    values are written at `positions` and attention runs over the layer's whole cache."""
+def qkv(x, w, cos, sin, c: ModelConfig):
+    """Queries [B, T, N, H] and keys, values [B, T, K, H], with QK-norm before RoPE."""
     dtype = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, w["q"].astype(dtype))
     k = jnp.einsum("btd,dkh->btkh", x, w["k"].astype(dtype))
     v = jnp.einsum("btd,dkh->btkh", x, w["v"].astype(dtype))
     q = apply_rope(rms_norm(q, w["q_norm"], c.rms_norm_eps), cos, sin)
     k = apply_rope(rms_norm(k, w["k_norm"], c.rms_norm_eps), cos, sin)
-    if cache is not None:
-        rows = jnp.arange(x.shape[0])[:, None]
-        cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
-                        cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
-        k, v = cache.k[layer].astype(dtype), cache.v[layer].astype(dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim ** -0.5)
-    return jnp.einsum("btnh,nhd->btd", out, w["o"].astype(dtype)), cache
+    return q, k, v
 
 
 def mlp(x, w):

@@ -1,0 +1,229 @@
+"""Attention: one function, several implementations.
+
+`causal_attention` is causal self-attention over a whole sequence (training, `hidden_states`,
+and a prompt's prefill), optionally kept apart by packed-row segment ids. It has three
+implementations that compute the same thing:
+
+- `xla`: `jax.nn.dot_product_attention` with a [B, 1, T, T] boolean mask. The reference; its
+  memory grows with T², so it serves short sequences.
+- `splash`: the Pallas TPU splash-attention kernel (flash attention with block sparsity: blocks
+  above the diagonal are skipped; its own backward kernels). Memory grows with T. Off TPU it runs
+  in Pallas interpret mode, which is for tests only.
+- `blockwise`: plain JAX, one query chunk at a time under `jax.checkpoint`, so that neither the
+  forward nor the backward holds more than [chunk, T] scores per head. For long sequences on
+  backends without splash (CPU, GPU).
+
+`auto` picks among them by backend and length (see `choose_implementation`).
+
+`cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, always
+with XLA (one query token per row: there is no T² to avoid).
+
+Sharding contract for `splash`. Mosaic kernels are not partitioned by the compiler, so the kernel
+runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`:
+batch over the mesh axes of the `batch` rule, heads over those of the `heads` rule (query and kv
+heads together, and only when both divide). Callers (trainers, the sampler) therefore run their
+jitted steps under `with jax.set_mesh(mesh):` (trace time is what matters). With no mesh in
+context the kernel runs unsharded, which on a multi-device mesh means the compiler gathers
+q, k, v onto every device: correct, but slow and memory-hungry.
+
+Shapes: B batch, T query time, S key time, N query heads, K kv heads (N a multiple of K: grouped
+query attention, query head n reads kv head n // (N / K)), H head_dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
+
+from qed_jax.config import ATTENTION_IMPLEMENTATIONS
+from qed_jax.sharding import DEFAULT_RULES
+
+# `auto` thresholds. Below them the XLA path's [T, T] scores are small (T=1024: 4 MiB per head in
+# float32) and XLA fuses it well; above them T² dominates activation memory.
+SPLASH_MIN_LEN = 1024  # on TPU
+BLOCKWISE_MIN_LEN = 2048  # elsewhere: blockwise computes the masked half too, so wait longer
+
+SPLASH_BLOCKS = (512, 256, 128)  # preferred first; the kernel needs multiples of 128 lanes
+BLOCKWISE_CHUNK = 512
+
+
+class AttentionError(ValueError):
+    """An attention implementation that cannot serve the given shapes; says what to change."""
+
+
+def causal_attention(q, k, v, segment_ids=None, *, implementation: str = "auto"):
+    """Causal self-attention: token t attends to tokens 0..t of its row that share its segment.
+
+    q [B, T, N, H]; k, v [B, T, K, H]; segment_ids [B, T] int or None (one segment per row).
+    Scores are scaled by 1/sqrt(H). Returns [B, T, N, H] in q's dtype.
+    """
+    implementation = choose_implementation(implementation, q.shape[1])
+    if implementation == "xla":
+        return xla_attention(q, k, v, segment_ids)
+    if implementation == "splash":
+        return splash_attention(q, k, v, segment_ids)
+    return blockwise_attention(q, k, v, segment_ids)
+
+
+def choose_implementation(implementation: str, seq_len: int) -> str:
+    """Resolve `auto` for a sequence of `seq_len` tokens on the current backend."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise AttentionError(
+            f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {implementation!r}"
+        )
+    if implementation != "auto":
+        return implementation
+    if platform() == "tpu" and seq_len >= SPLASH_MIN_LEN and splash_block(seq_len):
+        return "splash"
+    if seq_len >= BLOCKWISE_MIN_LEN:
+        return "blockwise"
+    return "xla"
+
+
+def platform() -> str:
+    """The platform the current computation is for: the context mesh's devices when a mesh is
+    set (this is what an ahead-of-time compile for a TPU topology on a CPU host sees), else the
+    default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+# --------------------------------------------------------------------------------------------
+# XLA reference
+
+
+def xla_attention(q, k, v, segment_ids=None):
+    """The reference: one [B, 1, T, T] boolean mask, all scores at once."""
+    T = q.shape[1]
+    mask = jnp.tril(jnp.ones((T, T), bool))[None]  # [1, T, T]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+
+
+def cached_attention(q, k, v, positions):
+    """Attention of new tokens over a KV cache: token t of row b attends to slots
+    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H]; positions [B, T]."""
+    slots = jnp.arange(k.shape[1])
+    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise (plain JAX, memory linear in T)
+
+
+def blockwise_attention(q, k, v, segment_ids=None, *, chunk: int = BLOCKWISE_CHUNK):
+    """Same result as `xla_attention`, computed one query chunk of `chunk` tokens at a time: a
+    chunk's scores [B, N, chunk, T] exist only inside one scan step, forward and backward."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    C = min(chunk, T)
+    chunks = -(-T // C)
+    pad = chunks * C - T  # padded query rows attend to real keys and are dropped at the end
+    if segment_ids is None:
+        segment_ids = jnp.zeros((B, T), jnp.int32)
+    q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_chunks = q_chunks.reshape(B, chunks, C, K, N // K, H).transpose(1, 0, 2, 3, 4, 5)
+    q_index = jnp.arange(chunks * C).reshape(chunks, C)
+    q_segments = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(B, chunks, C).transpose(1, 0, 2)
+    k_index = jnp.arange(T)
+
+    @jax.checkpoint  # the backward recomputes a chunk's scores rather than storing them
+    def one_chunk(_, xs):
+        q_c, index, q_seg = xs  # [B, C, K, G, H], [C], [B, C]
+        # The mask depends on nothing that changes from layer to layer, so differentiating the
+        # model's layer scan would hoist it out of both loops and store every chunk's mask at
+        # once (T² again). Tying the mask's inputs to q_c keeps it inside, one chunk at a time.
+        q_c, index, q_seg = jax.lax.optimization_barrier((q_c, index, q_seg))
+        logits = jnp.einsum("bckgh,bskh->bkgcs", q_c, k, preferred_element_type=jnp.float32)
+        logits = logits * jnp.float32(H ** -0.5)
+        mask = (index[:, None] >= k_index[None, :]) & (q_seg[:, :, None] == segment_ids[:, None, :])
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # [B, K, G, C, S]
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return None, jnp.einsum("bkgcs,bskh->bckgh", probs, v)
+
+    _, out = jax.lax.scan(one_chunk, None, (q_chunks, q_index, q_segments))  # [chunks, B, C, K, G, H]
+    return out.transpose(1, 0, 2, 3, 4, 5).reshape(B, chunks * C, N, H)[:, :T]
+
+
+# --------------------------------------------------------------------------------------------
+# Splash (Pallas TPU kernel)
+
+
+def splash_block(seq_len: int) -> int | None:
+    """The largest kernel block that divides `seq_len`, or None when none does."""
+    return next((b for b in SPLASH_BLOCKS if b <= seq_len and seq_len % b == 0), None)
+
+
+def splash_attention(q, k, v, segment_ids=None, *, block: int | None = None, interpret: bool | None = None):
+    """Same result as `xla_attention`, by the splash kernel, sharded over the context mesh.
+
+    `block` (query and key block, default `splash_block(T)`) must divide T and be a multiple of
+    128. `interpret` defaults to True off TPU (Pallas interpret mode: slow, for tests).
+    """
+    B, T, N, H = q.shape
+    block = block or splash_block(T)
+    if not block or T % block or block % 128:
+        raise AttentionError(
+            f"splash attention needs the sequence length to be a multiple of a block that is a "
+            f"multiple of 128; got T={T}, block={block}. Pad or bucket sequences to a multiple of "
+            f"128, or set model attention=blockwise or xla"
+        )
+    if interpret is None:
+        interpret = platform() != "tpu"
+    # The kernel takes unscaled scores: scale q once here, as XLA scales the logits.
+    q = (q * jnp.asarray(H ** -0.5, q.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+
+    def local(q, k, v, *segments):  # shapes of one shard: [b, n, T, H], [b, k, T, H], [b, T]
+        kernel = _splash_kernel(q.shape[1], T, block, interpret)
+        ids = splash.SegmentIds(segments[0], segments[0]) if segments else None
+        return jax.vmap(kernel)(q, k, v, segment_ids=ids)
+
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(*args)
+    else:
+        batch, heads = _splash_mesh_axes(mesh, B, N, k.shape[1])
+        qkv = PartitionSpec(batch, heads, None, None)
+        in_specs = (qkv, qkv, qkv, PartitionSpec(batch, None))[: len(args)]
+        out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(*args)
+    return out.transpose(0, 2, 1, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
+    # The kernel's block map is built with NumPy on the host: ~15 s for T=45056, so once per shape.
+    mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len)) for _ in range(heads)])
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)
+
+
+def _splash_mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
+    """Mesh axes for the batch and head dimensions of the kernel's inputs (None: replicated).
+    Query and kv heads shard together or not at all, so each shard keeps whole kv groups."""
+    def axes(rule, *sizes):
+        names = []
+        for name in (rule,) if isinstance(rule, str) else tuple(rule or ()):
+            ways = math.prod(mesh.shape[n] for n in names) * mesh.shape.get(name, 1)
+            if ways > 1 and not any(size % ways for size in sizes):
+                names.append(name)
+        return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+    return axes(DEFAULT_RULES["batch"], batch), axes(DEFAULT_RULES["heads"], heads, kv_heads)
+
