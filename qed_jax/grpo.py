@@ -372,17 +372,20 @@ class Learner:
 
     def recompute_old_logprobs(self, params, rows: dict) -> None:
         """Old log-probs from the current params, micro-batch by micro-batch, into `rows`."""
-        out = [np.asarray(self.logprobs(params, m["tokens"], positions=m["positions"], segment_ids=m["segment_ids"]))
-               for m in map(self.put, micro_batches(rows, self.rows_per_micro))]
+        with jax.set_mesh(self.mesh):  # attention kernels find the mesh here
+            out = [np.asarray(self.logprobs(params, m["tokens"], positions=m["positions"],
+                                            segment_ids=m["segment_ids"]))
+                   for m in map(self.put, micro_batches(rows, self.rows_per_micro))]
         rows["old_logprobs"][:, 1:] = np.concatenate(out)[:len(rows["tokens"])] * rows["mask"][:, 1:]
 
     def update(self, params, opt_state, ref_params, rows: dict, num_sequences: float):
         totals = {"num_sequences": np.float32(num_sequences), "num_tokens": np.float32(rows["mask"][:, 1:].sum())}
-        grads = self.zeros(params)
-        sums = {k: jnp.float32(0) for k in METRIC_SUMS}
-        for micro in micro_batches(rows, self.rows_per_micro):
-            grads, sums = self.accumulate(params, ref_params, grads, sums, {**self.put(micro), **totals})
-        params, opt_state, grad_norm = self.apply(params, opt_state, grads)
+        with jax.set_mesh(self.mesh):  # attention kernels find the mesh here
+            grads = self.zeros(params)
+            sums = {k: jnp.float32(0) for k in METRIC_SUMS}
+            for micro in micro_batches(rows, self.rows_per_micro):
+                grads, sums = self.accumulate(params, ref_params, grads, sums, {**self.put(micro), **totals})
+            params, opt_state, grad_norm = self.apply(params, opt_state, grads)
         sums = jax.device_get(sums)
         n = max(float(sums.pop("tokens")), 1.0)
         loss = float(sums.pop("loss"))

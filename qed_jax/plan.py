@@ -229,14 +229,19 @@ class ProgramPlan:
         return {**fields, "total": self.total, "fits": self.fits, "headroom": self.headroom}
 
 
-def compile_program(name: str, jitted, args: tuple, hbm: int, resident: int = 0, note: str = "") -> ProgramPlan:
-    """Trace, count FLOPs, compile for the args' (TPU) devices and read the memory analysis."""
+def compile_program(name: str, jitted, args: tuple, hbm: int, mesh, resident: int = 0,
+                    note: str = "") -> ProgramPlan:
+    """Trace under `mesh` (as the trainers and the sampler run their steps: attention kernels
+    find the mesh there), count FLOPs, compile for the args' (TPU) devices and read the memory
+    analysis."""
     plan = ProgramPlan(name, hbm, resident=resident, note=note)
     start = time.perf_counter()
-    traced = jitted.trace(*args)
+    with jax.set_mesh(mesh):
+        traced = jitted.trace(*args)
     plan.flops = program_flops(traced.jaxpr)
     try:
-        compiled = traced.lower().compile()
+        with jax.set_mesh(mesh):
+            compiled = traced.lower().compile()
     except jax.errors.JaxRuntimeError as e:
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message:
@@ -280,7 +285,8 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
         raise ConfigError(f"model.path {path!r} is not a local folder or checkpoint and names no preset: "
                           f"pass --preset (one of {', '.join(PRESETS)})")
     param_dtype = spec.param_dtype or base.param_dtype
-    config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype, remat=spec.remat)
+    config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype, remat=spec.remat,
+                          attention=spec.attention)
     return config, source
 
 
@@ -335,7 +341,7 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),
                    out_shardings=(shardings_of(params), shardings_of(opt_state), None))
-    program = compile_program("train_step", step, (params, opt_state, batch), hbm,
+    program = compile_program("train_step", step, (params, opt_state, batch), hbm, mesh,
                               note=f"batch [{M}, {rows}, {T}]")
     return [program], {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
                        "tokens_per_step": config.batch_size * T}
@@ -389,14 +395,14 @@ def sampler_programs(model: ModelConfig, mesh, wave: int, prompt_len: int, max_n
     lengths = by_rows((wave,), jnp.int32, mesh)
     prefill = compile_program("prefill", sampling.prefill, (
         graphdef, weights, by_rows((wave, prompt_len), jnp.int32, mesh), lengths, cache),
-        hbm, resident, note=f"{wave} rows x {prompt_len} prompt tokens")
+        hbm, mesh, resident, note=f"{wave} rows x {prompt_len} prompt tokens")
     replicated = NamedSharding(mesh, PartitionSpec())
     key = sharded(jax.eval_shape(lambda: jax.random.key(0)), replicated)
     stop_ids = jax.ShapeDtypeStruct((NUM_STOP_IDS,), jnp.int32, sharding=replicated)
     controls = [by_rows((wave,), dtype, mesh) for dtype in (jnp.float32, jnp.int32, jnp.float32, jnp.int32)]
     decode = compile_program("decode_loop", sampling.decode_loop, (
         graphdef, max_new_tokens, weights, by_rows((wave, model.vocab_size), jnp.float32, mesh), lengths, cache,
-        key, *controls, stop_ids), hbm, resident, note=f"{wave} rows; TFLOP of one decode step")
+        key, *controls, stop_ids), hbm, mesh, resident, note=f"{wave} rows; TFLOP of one decode step")
     return [prefill, decode]
 
 
@@ -449,12 +455,12 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     sums = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in grpo.METRIC_SUMS}
     accumulate = compile_program(
         "accumulate", jax.jit(partial(grpo.accumulate_step, graphdef, config.loss), donate_argnums=(2, 3)),
-        (params, ref_params, grads, sums, micro), hbm, resident=bytes_per_chip(opt_state),
+        (params, ref_params, grads, sums, micro), hbm, mesh, resident=bytes_per_chip(opt_state),
         note=f"one micro-batch [{rows}, {L}] of packed rows")
     apply = compile_program(
         "apply", jax.jit(partial(grpo.apply_step, optimizer), donate_argnums=(0, 1),
                          out_shardings=(shardings_of(params), shardings_of(opt_state), None)),
-        (params, opt_state, grads), hbm, note="the optimizer step")
+        (params, opt_state, grads), hbm, mesh, note="the optimizer step")
     info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
             "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_size_that_fits": fitting,
             "samples_per_step": config.samples_per_step,

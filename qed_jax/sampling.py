@@ -14,6 +14,7 @@ draws its randomness from (key, request index, step), so samples do not depend o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from functools import partial
@@ -262,6 +263,9 @@ class Sampler:
         rows = -(-num_requests // batch_shards) * batch_shards
         return rows if cap is None else min(cap, rows)
 
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def _put(self, array: np.ndarray):
         if self.mesh is None:
             return jnp.asarray(array)
@@ -311,10 +315,11 @@ class Sampler:
             wave = prompts[start: start + rows]
             tokens, lengths, wave_budgets = pad_wave(wave, budgets[start: start + rows], rows, width)
             lengths = self._put(lengths)
-            logits, cache = prefill(self.graphdef, self.state, self._put(tokens), lengths, cache)
-            *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
-                                      self._put(wave_budgets), stops,
-                                      self._put(np.arange(start, start + rows, dtype=np.int32)))
+            with self._mesh_context():  # the prefill's attention kernel finds the mesh here
+                logits, cache = prefill(self.graphdef, self.state, self._put(tokens), lengths, cache)
+                *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
+                                          self._put(wave_budgets), stops,
+                                          self._put(np.arange(start, start + rows, dtype=np.int32)))
             completions += _completions(*jax.device_get(out), count=len(wave))
         self._kv_cache = cache
         return completions

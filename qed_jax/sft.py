@@ -174,7 +174,7 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
              config.data.max_length)
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
     step, last_loss = start, result["loss"]
-    with StopSignals() as stop:
+    with StopSignals() as stop, jax.set_mesh(mesh):  # attention kernels find the mesh here
         try:
             while step < steps and not stop.raised:
                 tick = time.perf_counter()

@@ -35,6 +35,7 @@ class ModelSpec:
     param_dtype: str | None = None  # default: the checkpoint's (or the preset's)
     dtype: str | None = None  # compute dtype; default: param_dtype
     remat: str = "none"  # none | full | dots
+    attention: str = "auto"  # auto | xla | splash | blockwise (see qed_jax/attention.py)
 
     def __post_init__(self):
         if self.path is not None and self.preset is not None:
@@ -82,7 +83,7 @@ def load_model(spec: ModelSpec, mesh, seed: int) -> Qwen3:
         param_dtype = spec.param_dtype or base.param_dtype
         config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype)
         model = create_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh)
-    model.config = model.config.replace(remat=spec.remat)
+    model.config = model.config.replace(remat=spec.remat, attention=spec.attention)
     return model
 
 
