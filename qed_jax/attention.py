@@ -32,7 +32,6 @@ query attention, query head n reads kv head n // (N / K)), H head_dim.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -196,22 +195,22 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int | None = None, int
         batch, heads = _splash_mesh_axes(mesh, B, N, k.shape[1])
         qkv = PartitionSpec(batch, heads, None, None)
         in_specs = (qkv, qkv, qkv, PartitionSpec(batch, None))[: len(args)]
+        # check_vma=False: the splash kernel's pallas_call does not declare how its outputs
+        # vary over mesh axes, which vma checking requires.
         out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(*args)
     return out.transpose(0, 2, 1, 3)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
-    # The kernel's block map is built with NumPy on the host: ~15 s for T=45056, so once per shape.
+    # The kernel's block map is built with NumPy on the host (~15 s for T=45056); the splash
+    # library caches that work per mask and block size, so a retrace does not repeat it.
     mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len)) for _ in range(heads)])
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                      interpret=interpret)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
@@ -221,7 +220,7 @@ def _splash_mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
         names = []
         for name in (rule,) if isinstance(rule, str) else tuple(rule or ()):
             ways = math.prod(mesh.shape[n] for n in names) * mesh.shape.get(name, 1)
-            if ways > 1 and not any(size % ways for size in sizes):
+            if mesh.shape.get(name, 1) > 1 and not any(size % ways for size in sizes):
                 names.append(name)
         return None if not names else names[0] if len(names) == 1 else tuple(names)
 
