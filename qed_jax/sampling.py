@@ -105,9 +105,7 @@ def sample_tokens(logits, keys, temperature, top_k, top_p):
 def prefill(graphdef, state, tokens, lengths, cache: KVCache):
     """Run right-padded prompts [B, P] through the model; returns the logits at each row's last
     prompt token [B, V] and the filled cache."""
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return model.decode(tokens, positions, cache, logits_at=lengths - 1)
+    return nnx.merge(graphdef, state).prefill(tokens, cache, logits_at=lengths - 1)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
