@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""Cloud TPU launcher for qed-jax: create a TPU VM or pod slice through queued resources, copy
+the code to every worker, run one command on all workers at once, and babysit a training job
+through preemptions. Standard library only, so it runs on a laptop that has `gcloud`.
+
+    python tpu_scripts/tpu.py launch my-slice --accelerator-type v5p-64 --capacity spot \\
+        -- qed-jax sft --config configs/sft/qed_nano_4b.yaml checkpoint_dir=gs://B/run --distributed
+
+Every command takes --dry-run, which prints the gcloud commands instead of running them.
+"""
+import argparse
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REMOTE_HOME = "~/qed-jax"  # where the code lives on each worker (worker_setup.sh unpacks it there)
+
+# Runtime (software) version per TPU generation, from cloud.google.com/tpu/docs/runtimes.
+RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+                    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+
+# Hosts (TPU VMs, one JAX process each) in a slice. The number in an accelerator type counts
+# TensorCores on v4/v5p (two per chip) and chips on v5e/v6e. Every multi-host slice has 4 chips
+# per host; v5e/v6e slices of up to 8 chips are a single host.
+CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
+SINGLE_HOST_MAX_CHIPS = {"v4": 4, "v5p": 4, "v5litepod": 8, "v6e": 8}
+
+# Queued-resource states (QueuedResourceState.State). ACCEPTED is the older name of
+# WAITING_FOR_RESOURCES. PREEMPTED is a node state some tools report for the same event.
+PENDING = {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"}
+PREEMPTED = {"SUSPENDING", "SUSPENDED", "PREEMPTED"}
+
+CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": [],
+                  "best-effort": ["--best-effort"]}
+
+
+class LaunchError(Exception):
+    """A failure to report in one line (what, where, what to do)."""
+
+
+def parse_accelerator(accelerator: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(v4|v5litepod|v5p|v6e)-(\d+)", accelerator)
+    if not match:
+        raise LaunchError(f"unknown accelerator type {accelerator!r}: expected v4-N, v5litepod-N, "
+                          "v5p-N or v6e-N (e.g. v5p-64)")
+    return match.group(1), int(match.group(2))
+
+
+def runtime_version(accelerator: str) -> str:
+    return RUNTIME_VERSIONS[parse_accelerator(accelerator)[0]]
+
+
+def num_workers(accelerator: str) -> int:
+    generation, count = parse_accelerator(accelerator)
+    chips = count // CORES_PER_CHIP[generation]
+    if chips <= SINGLE_HOST_MAX_CHIPS[generation]:
+        return 1
+    if chips % 4:
+        raise LaunchError(f"{accelerator} has {chips} chips, not a multiple of 4 per host")
+    return chips // 4
+
+
+class Gcloud:
+    """Builds gcloud commands for one slice and runs them, or prints them under --dry-run.
+    With `local`, the per-worker job runs as a local subprocess instead of over ssh (for tests)."""
+
+    def __init__(self, args):
+        self.name, self.dry_run = args.name, args.dry_run
+        self.local = getattr(args, "local", False)
+        self.zone = args.zone or os.environ.get("TPU_ZONE")
+        self.project = args.project or os.environ.get("CLOUDSDK_CORE_PROJECT")
+        if not self.zone and not self.local:
+            raise LaunchError("no zone: pass --zone (e.g. us-east5-a) or set TPU_ZONE")
+
+    def _where(self) -> list[str]:
+        return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
+
+    def queued(self, verb: str, *extra: str, alpha: bool = False) -> list[str]:
+        track = ["alpha"] if alpha else []
+        return ["gcloud", *track, "compute", "tpus", "queued-resources", verb, self.name,
+                *extra, *self._where()]
+
+    def tpu_vm(self, verb: str, *extra: str) -> list[str]:
+        return ["gcloud", "compute", "tpus", "tpu-vm", verb, *extra, *self._where()]
+
+    def call(self, argv: list[str], retries: int = 1, delay: float = 0.0) -> None:
+        """Run argv (echoed), retrying with exponential backoff; raise after the last failure."""
+        print(shlex.join(argv), flush=True)
+        if self.dry_run:
+            return
+        for attempt in range(1, retries + 1):
+            code = subprocess.run(argv).returncode
+            if code == 0:
+                return
+            if attempt < retries:
+                wait = delay * 2 ** (attempt - 1)
+                progress(f"exit {code}; retry {attempt}/{retries - 1} in {wait:.0f}s")
+                time.sleep(wait)
+        raise LaunchError(f"`{shlex.join(argv[:6])} ...` failed with exit code {code} "
+                          f"after {retries} attempt(s)")
+
+    def state(self) -> str | None:
+        """The queued resource's state, or None if it does not exist."""
+        argv = self.queued("describe", "--format=value(state.state)")
+        if self.dry_run:
+            print(shlex.join(argv), flush=True)
+            return None
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode == 0:
+            return result.stdout.strip()
+        if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
+            return None
+        raise LaunchError(f"cannot describe {self.name} in {self.zone} (exit {result.returncode}): "
+                          f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+
+    def worker_argv(self, worker: int, remote: str) -> list[str]:
+        if self.local:
+            return ["bash", "-c", remote]
+        return self.tpu_vm("ssh", self.name, f"--worker={worker}", f"--command={remote}")
+
+
+def progress(message: str) -> None:
+    print(f"[tpu] {message}", file=sys.stderr, flush=True)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+def create(gc: Gcloud, args) -> None:
+    version = args.runtime_version or runtime_version(args.accelerator_type)
+    progress(f"creating {gc.name}: {args.accelerator_type} ({args.capacity}), runtime {version}")
+    gc.call(gc.queued("create", f"--node-id={gc.name}", f"--accelerator-type={args.accelerator_type}",
+                      f"--runtime-version={version}", *CAPACITY_FLAGS[args.capacity],
+                      alpha=args.capacity == "best-effort"))  # --best-effort is alpha-only
+
+
+def wait(gc: Gcloud, args) -> None:
+    progress(f"waiting for {gc.name} to be ACTIVE")
+    last = None
+    while True:
+        state = gc.state()
+        if gc.dry_run or state == "ACTIVE":
+            return
+        if state not in PENDING:
+            raise LaunchError(f"{gc.name} is {state or 'missing'}, not ACTIVE: see "
+                              f"`{shlex.join(gc.queued('describe'))}`; delete it and create it again")
+        if state != last:
+            progress(f"{gc.name} is {state}")
+            last = state
+        time.sleep(args.poll)
+
+
+def status(gc: Gcloud, args) -> None:
+    gc.call(gc.queued("describe"))
+
+
+def delete(gc: Gcloud, args) -> None:
+    progress(f"deleting {gc.name}")
+    gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"))
+
+
+def pack(commit: str | None, dest: Path, dry_run: bool) -> None:
+    """A gzipped tarball of the working tree (tracked and untracked, not ignored files) or of one
+    commit, so uncommitted edits reach the workers without a push."""
+    what = f"commit {commit}" if commit else "the working tree (git ls-files)"
+    progress(f"packing {what} into {dest}")
+    if dry_run:
+        return
+    if commit:
+        subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={dest}",
+                        commit], check=True)
+        return
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], check=True, capture_output=True, text=True)
+    with tarfile.open(dest, "w:gz") as tar:
+        for path in filter(None, listed.stdout.split("\0")):
+            if (REPO / path).is_file():  # deleted but still tracked files are skipped
+                tar.add(REPO / path, arcname=path)
+
+
+def setup(gc: Gcloud, args) -> None:
+    tarball = Path(tempfile.gettempdir()) / f"qed-jax-{gc.name}.tar.gz"
+    pack(args.commit, tarball, gc.dry_run)
+    progress(f"copying the code to every worker of {gc.name} and installing it")
+    gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
+            args.retries, args.retry_delay)
+    # The setup script travels inside the tarball, so unpack it from there first.
+    remote = ("tar -xzf qed-jax.tar.gz -O tpu_scripts/worker_setup.sh > qed-jax-setup.sh && "
+              "bash qed-jax-setup.sh qed-jax.tar.gz")
+    gc.call(gc.tpu_vm("ssh", gc.name, "--worker=all", f"--command={remote}"),
+            args.retries, args.retry_delay)
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise LaunchError(f"--env {pair!r}: expected KEY=VALUE with KEY a shell variable name")
+        env[key] = value
+    return env
+
+
+def remote_command(gc: Gcloud, worker: int, command: list[str], env: dict[str, str]) -> str:
+    home = shlex.quote(str(REPO)) if gc.local else REMOTE_HOME
+    env = {"QED_WORKER_ID": str(worker), **env}
+    if gc.local:  # fake workers: this interpreter's venv, and leave local processes alone
+        env |= {"QED_VENV": sys.prefix, "QED_LOCAL_WORKER": "1"}
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"cd {home} && {assignments} bash tpu_scripts/worker_run.sh {shlex.join(command)}"
+
+
+def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
+    """Run args.command on every worker at once, one log file per worker; as soon as one worker
+    fails, stop the others. Returns the failing worker's exit code (255: ssh lost), or 0."""
+    if not args.command:
+        raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
+    log_dir = Path(log_dir or args.log_dir)
+    workers = num_workers(args.accelerator_type)
+    env = parse_env(args.env)
+    argvs = [gc.worker_argv(w, remote_command(gc, w, args.command, env)) for w in range(workers)]
+    progress(f"running on {workers} worker(s) of {gc.name}; logs in {log_dir}/worker-N.log")
+    if gc.dry_run:
+        for w, argv in enumerate(argvs):
+            print(f"{shlex.join(argv)} > {log_dir}/worker-{w}.log 2>&1 &")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for w, argv in enumerate(argvs):
+        with open(log_dir / f"worker-{w}.log", "wb") as log:
+            # Own process group, so stopping a worker also stops what its shell started.
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [w for w, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                w = failed[0]
+                progress(f"worker {w} failed with exit code {codes[w]}; stopping the others. "
+                         f"Last lines of {log_dir}/worker-{w}.log:")
+                tail = (log_dir / f"worker-{w}.log").read_text(errors="replace").splitlines()[-20:]
+                print("\n".join(tail), file=sys.stderr, flush=True)
+                return codes[w]
+            if all(c == 0 for c in codes):
+                progress(f"all {workers} worker(s) finished")
+                return 0
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait()
+
+
+def launch(gc: Gcloud, args) -> int:
+    """Create if missing, wait, set up, run; after a failure, a preempted slice is recreated and
+    the same command restarted (it resumes from its checkpoint_dir), while other failures retry
+    on the same slice. The two have separate budgets."""
+    preemptions = failures = attempt = 0
+    needs_setup = True
+    run_dir = Path(args.log_dir) / args.run_id
+    args.env = [*args.env, f"QED_RUN_ID={args.run_id}"]
+    while True:
+        state = gc.state()
+        if state in PREEMPTED or state == "FAILED":
+            progress(f"{gc.name} is {state}: deleting it to create it again")
+            gc.call(gc.queued("delete", "--force", "--quiet"), args.retries, args.retry_delay)
+            state = None
+        if state is None:
+            create(gc, args)
+            needs_setup = True
+        wait(gc, args)
+        if needs_setup:
+            setup(gc, args)
+            needs_setup = False
+        attempt += 1
+        code = run(gc, args, run_dir / f"attempt-{attempt}")
+        if code == 0:
+            break
+        state = gc.state()
+        if state is None or state in PREEMPTED:
+            preemptions += 1
+            progress(f"{gc.name} was preempted ({state or 'gone'}, exit {code}): "
+                     f"preemption {preemptions}/{args.max_preemptions}")
+            if preemptions >= args.max_preemptions:
+                raise LaunchError(f"{gc.name} was preempted {preemptions} times; giving up "
+                                  "(raise --max-preemptions to keep trying)")
+        else:
+            failures += 1
+            progress(f"the job failed with exit code {code} on an {state} slice: "
+                     f"failure {failures}/{args.max_failures}")
+            if failures >= args.max_failures:
+                raise LaunchError(f"the job failed {failures} times (last exit code {code}); logs "
+                                  f"in {run_dir}. Fix it, then launch again with --run-id {args.run_id}")
+    progress(f"{args.run_id} finished after {attempt} attempt(s), {preemptions} preemption(s)")
+    if args.delete_at_end:
+        delete(gc, argparse.Namespace(force=True))
+    return 0
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("name", help="queued resource and TPU name (one name for both)")
+    common.add_argument("--zone", help="zone, e.g. us-east5-a (default: $TPU_ZONE)")
+    common.add_argument("--project", help="project (default: $CLOUDSDK_CORE_PROJECT, else gcloud's)")
+    common.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
+    slice_ = argparse.ArgumentParser(add_help=False)
+    slice_.add_argument("--accelerator-type", required=True,
+                        help="v4-N, v5litepod-N, v5p-N or v6e-N, e.g. v5p-64 (8 hosts)")
+    creating = argparse.ArgumentParser(add_help=False)
+    creating.add_argument("--capacity", choices=CAPACITY_FLAGS, default="spot",
+                          help="spot (preemptible, default), reserved, on-demand or best-effort")
+    creating.add_argument("--runtime-version",
+                          help="TPU software version (default per generation: "
+                          + ", ".join(f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items()) + ")")
+    polling = argparse.ArgumentParser(add_help=False)
+    polling.add_argument("--poll", type=float, default=30, help="seconds between state checks")
+    copying = argparse.ArgumentParser(add_help=False)
+    copying.add_argument("--commit", help="copy this commit (git archive) instead of the working tree")
+    copying.add_argument("--retries", type=int, default=4, help="attempts for each scp/ssh step")
+    copying.add_argument("--retry-delay", type=float, default=10,
+                         help="seconds before the first retry, doubling each time")
+    running = argparse.ArgumentParser(add_help=False)
+    running.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                         help="environment variable for the job on every worker (repeatable)")
+    running.add_argument("--log-dir", default="tpu_logs", help="local folder for per-worker logs")
+    running.add_argument("--local", action="store_true",
+                         help="run each 'worker' as a local subprocess instead of over ssh (testing)")
+
+    parser = argparse.ArgumentParser(prog="tpu.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    def add(verb, func, parents, summary, description):
+        usage = f"tpu.py {verb} NAME [options]" + (" -- COMMAND [ARG...]" if running in parents else "")
+        p = sub.add_parser(verb, parents=[common, *parents], help=summary, description=description,
+                           usage=usage)
+        p.set_defaults(func=func)
+        return p
+
+    add("create", create, [slice_, creating], "request a TPU VM or pod slice (queued resource)",
+        "Request a slice through `gcloud compute tpus queued-resources create`; returns at once "
+        "(use `wait`).")
+    add("wait", wait, [polling], "wait until the slice is ACTIVE",
+        "Poll the queued resource until ACTIVE; fail on FAILED, SUSPENDED or a missing resource.")
+    add("status", status, [], "describe the queued resource", "Print `queued-resources describe`.")
+    p = add("delete", delete, [], "delete the queued resource",
+            "Delete the queued resource; --force also deletes its TPU VMs.")
+    p.add_argument("--force", action="store_true", help="also delete the TPU VMs of the slice")
+    add("setup", setup, [copying], "copy the code to every worker and install it",
+        "Pack the working tree (or --commit), copy it to every worker, and install it with the "
+        "`tpu` extra into ~/qed-jax-venv (tpu_scripts/worker_setup.sh). Safe to repeat.")
+    add("run", run, [slice_, running], "run one command on every worker at once",
+        "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
+        "worker under --log-dir; stop all as soon as one fails. Stale TPU processes and the "
+        "libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
+    p = add("launch", launch, [slice_, creating, polling, copying, running],
+            "create, set up and run a job to completion through preemptions",
+            "Create the slice if missing, wait, set up, run in the foreground. When the job fails "
+            "on a preempted slice (SUSPENDED, PREEMPTED, or gone), delete and recreate it and "
+            "restart the same command (which resumes from its checkpoint_dir); other failures "
+            "retry on the same slice. Logs: LOG_DIR/RUN_ID/attempt-K/worker-N.log.")
+    p.add_argument("--run-id", default=time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()),
+                   help="names the log folder and is passed to the job as $QED_RUN_ID "
+                   "(default: run-UTCDATE-TIME); reuse it to continue a run")
+    p.add_argument("--max-preemptions", type=int, default=20, help="give up after this many preemptions")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="give up after this many ordinary (non-preemption) failures")
+    p.add_argument("--delete-at-end", action="store_true", help="delete the slice after success")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The job's own flags (--config, --distributed) must not reach this parser: split at `--`.
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:split])
+    args.command = argv[split + 1:]
+    try:
+        result = args.func(Gcloud(args), args)
+    except LaunchError as e:
+        print(f"tpu.py {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tpu.py {args.verb}: interrupted (the slice is left as it is)", file=sys.stderr)
+        return 130
+    return result or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

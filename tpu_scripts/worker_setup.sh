@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs on every TPU VM worker (from `tpu.py setup`): unpack the code into ~/qed-jax and install
+# it with the `tpu` extra into ~/qed-jax-venv. Safe to repeat: the code is replaced as a whole
+# (no stale files from an older copy) and the virtual environment is reused.
+# Usage: worker_setup.sh TARBALL
+set -euo pipefail
+
+tarball="$1"
+home="${QED_HOME:-$HOME/qed-jax}"
+venv="${QED_VENV:-$HOME/qed-jax-venv}"
+
+rm -rf "$home.new"
+mkdir -p "$home.new"
+tar -xzf "$tarball" -C "$home.new"
+rm -rf "$home"
+mv "$home.new" "$home"
+
+# TPU VM images ship Ubuntu 22.04's Python 3.10; qed-jax needs 3.11 or newer. uv fetches one.
+if [[ ! -x "$venv/bin/python" ]]; then
+  python=""
+  for candidate in python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null; then python="$candidate"; break; fi
+  done
+  if [[ -n "$python" ]]; then
+    "$python" -m venv "$venv"
+  else
+    python3 -m pip install --user --quiet uv
+    "$HOME/.local/bin/uv" venv --seed --python 3.11 "$venv"
+  fi
+fi
+
+cd "$home"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet -e '.[tpu]'
+"$venv/bin/python" -c 'import jax, qed_jax; print("worker ready:", jax.__version__)'
