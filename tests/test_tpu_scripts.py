@@ -1,0 +1,331 @@
+"""The pod launcher (tpu_scripts/tpu.py) against a fake `gcloud`, and its worker scripts run as
+local fake workers. No network: the fake answers `describe` from a scripted list of states and
+each worker's ssh job from a scripted list of exit codes, and logs every call."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "tpu_scripts"
+WHERE = ["--zone=us-east5-a", "--project=proj"]
+
+spec = importlib.util.spec_from_file_location("tpu_launcher", SCRIPTS / "tpu.py")
+tpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tpu)
+
+FAKE_GCLOUD = r'''#!{python}
+"""Fake gcloud: logs argv; `describe` pops the next scripted state; a worker's job (ssh running
+worker_run.sh) pops that worker's next {{code, sleep, wait_for}}; scp pops a scripted exit code."""
+import fcntl, json, sys, time
+from pathlib import Path
+
+home = Path({home!r})
+argv = sys.argv[1:]
+
+
+def locked(update):
+    with open(home / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        script = json.loads((home / "script.json").read_text())
+        result = update(script)
+        (home / "script.json").write_text(json.dumps(script))
+        return result
+
+
+def pop(script, key, *path):
+    items = script
+    for step in (key, *path):
+        items = items.get(step) if isinstance(items, dict) else None
+    if not items:
+        sys.exit(f"fake gcloud: nothing scripted left for {{[key, *path]}}: {{argv}}")
+    return items.pop(0)
+
+
+def log_and_pop(script):
+    with open(home / "calls.jsonl", "a") as f:
+        f.write(json.dumps(["gcloud", *argv]) + "\n")
+    if "describe" in argv and any(a.startswith("--format=") for a in argv):
+        return pop(script, "states")
+    if "ssh" in argv and any("worker_run.sh" in a for a in argv):
+        worker = next(a for a in argv if a.startswith("--worker=")).split("=")[1]
+        script.setdefault("started", {{}})[worker] = script.get("started", {{}}).get(worker, 0) + 1
+        return worker, pop(script, "runs", worker)
+    if "scp" in argv:
+        return pop(script, "scp") if script.get("scp") else 0
+    return 0
+
+
+answer = locked(log_and_pop)
+if isinstance(answer, str):  # a state
+    if answer == "MISSING":
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found")
+    print(answer)
+elif isinstance(answer, tuple):  # a worker's job
+    worker, job = answer
+    mine = locked(lambda s: s["started"][worker])
+    # A failing worker waits until its peers have started this attempt too, so the next
+    # attempt never sees a half-consumed script.
+    for peer in job.get("wait_for", []):
+        while locked(lambda s: s["started"].get(peer, 0)) < mine:
+            time.sleep(0.05)
+    print(f"worker {{worker}} started", flush=True)
+    time.sleep(job.get("sleep", 0))
+    print(f"worker {{worker}} done", flush=True)
+    sys.exit(job["code"])
+else:
+    sys.exit(answer)
+'''
+
+
+@pytest.fixture
+def gcloud(tmp_path, monkeypatch):
+    """Puts a fake gcloud first on PATH; returns (write_script, calls)."""
+    home = tmp_path / "gcloud"
+    home.mkdir()
+    fake = home / "gcloud"
+    fake.write_text(FAKE_GCLOUD.format(python=sys.executable, home=str(home)))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{home}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+    def write_script(**script):
+        (home / "script.json").write_text(json.dumps(script))
+
+    def calls():
+        log = home / "calls.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    write_script()
+    return write_script, calls
+
+
+def launcher(*argv):
+    return tpu.main([*argv])
+
+
+def verbs(calls):
+    """One word per gcloud call: what it did to the slice."""
+    out = []
+    for argv in calls:
+        if "queued-resources" in argv:
+            out.append(argv[argv.index("queued-resources") + 1])
+        elif "scp" in argv:
+            out.append("scp")
+        elif "--worker=all" in argv:
+            out.append("setup")
+        else:
+            out.append("run")
+    return out
+
+
+@pytest.mark.parametrize("accelerator, workers", [
+    ("v4-8", 1), ("v4-16", 2), ("v4-32", 4), ("v5p-8", 1), ("v5p-16", 2), ("v5p-64", 8),
+    ("v5litepod-1", 1), ("v5litepod-8", 1), ("v5litepod-16", 4), ("v5litepod-256", 64),
+    ("v6e-4", 1), ("v6e-8", 1), ("v6e-16", 4), ("v6e-256", 64)])
+def test_workers_per_slice(accelerator, workers):
+    assert tpu.num_workers(accelerator) == workers
+
+
+def test_runtime_versions_and_bad_types():
+    assert tpu.runtime_version("v5p-64") == "v2-alpha-tpuv5"
+    assert tpu.runtime_version("v5litepod-16") == "v2-alpha-tpuv5-lite"
+    assert tpu.runtime_version("v6e-8") == "v2-alpha-tpuv6e"
+    assert tpu.runtime_version("v4-32") == "tpu-ubuntu2204-base"
+    for bad in ("v3-8", "v5p", "v5e-8"):
+        with pytest.raises(tpu.LaunchError, match="unknown accelerator type"):
+            tpu.num_workers(bad)
+
+
+def test_create_and_delete_commands(gcloud):
+    _, calls = gcloud
+    assert launcher("create", "qr", *WHERE, "--accelerator-type", "v5p-64", "--capacity", "spot") == 0
+    assert launcher("create", "qr", *WHERE, "--accelerator-type", "v6e-8", "--capacity", "best-effort",
+                    "--runtime-version", "v2-custom") == 0
+    assert launcher("create", "qr", *WHERE, "--accelerator-type", "v4-8", "--capacity", "on-demand") == 0
+    assert launcher("delete", "qr", *WHERE, "--force") == 0
+    qr = ["compute", "tpus", "queued-resources"]
+    assert calls() == [
+        ["gcloud", *qr, "create", "qr", "--node-id=qr", "--accelerator-type=v5p-64",
+         "--runtime-version=v2-alpha-tpuv5", "--spot", *WHERE],
+        ["gcloud", "alpha", *qr, "create", "qr", "--node-id=qr", "--accelerator-type=v6e-8",
+         "--runtime-version=v2-custom", "--best-effort", *WHERE],
+        ["gcloud", *qr, "create", "qr", "--node-id=qr", "--accelerator-type=v4-8",
+         "--runtime-version=tpu-ubuntu2204-base", *WHERE],
+        ["gcloud", *qr, "delete", "qr", "--force", "--quiet", *WHERE]]
+
+
+def test_wait_passes_pending_states_and_fails_on_failed(gcloud, capsys):
+    write_script, calls = gcloud
+    write_script(states=["ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+    assert launcher("wait", "qr", *WHERE, "--poll", "0") == 0
+    assert calls()[0] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "qr",
+                          "--format=value(state.state)", *WHERE]
+    assert verbs(calls()) == ["describe"] * 4
+    write_script(states=["PROVISIONING", "FAILED"])
+    assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
+    assert "qr is FAILED, not ACTIVE" in capsys.readouterr().err
+
+
+def test_zone_is_required(gcloud, capsys, monkeypatch):
+    monkeypatch.delenv("TPU_ZONE", raising=False)
+    monkeypatch.delenv("CLOUDSDK_CORE_PROJECT", raising=False)
+    assert launcher("status", "qr") == 1
+    assert "no zone: pass --zone" in capsys.readouterr().err
+    monkeypatch.setenv("TPU_ZONE", "europe-west4-a")
+    assert launcher("status", "qr") == 0
+    assert gcloud[1]()[-1][-1] == "--zone=europe-west4-a"
+
+
+def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
+    write_script, calls = gcloud
+    write_script(scp=[255, 0])  # the first copy fails like a flaky connection
+    assert launcher("setup", "qr", *WHERE, "--retry-delay", "0") == 0
+    tarball = tmp_path / "qed-jax-qr.tar.gz"
+    scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "qr:qed-jax.tar.gz",
+           "--worker=all", *WHERE]
+    assert calls()[:2] == [scp, scp]
+    ssh = calls()[2]
+    assert ssh[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "qr", "--worker=all"]
+    assert "bash qed-jax-setup.sh qed-jax.tar.gz" in ssh[7]
+    names = tarfile.open(tarball).getnames()
+    assert {"pyproject.toml", "tpu_scripts/worker_setup.sh", "qed_jax/cli.py"} <= set(names)
+    assert not any(n.startswith((".git/", ".venv/")) for n in names)
+
+
+def test_run_starts_one_ssh_per_worker_and_stops_all_when_one_fails(gcloud, tmp_path):
+    write_script, calls = gcloud
+    write_script(runs={"0": [{"code": 0, "sleep": 60}], "1": [{"code": 3, "wait_for": ["0"]}]})
+    code = launcher("run", "qr", *WHERE, "--accelerator-type", "v4-16", "--log-dir", "logs",
+                    "--env", "WANDB_MODE=offline", "--", "qed-jax", "sft", "--config", "c.yaml",
+                    "--distributed")
+    assert code == 3
+    runs = sorted(calls(), key=lambda argv: argv[6])
+    for worker, argv in enumerate(runs):
+        assert argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "qr", f"--worker={worker}"]
+        assert argv[7] == (f"--command=cd ~/qed-jax && QED_WORKER_ID={worker} WANDB_MODE=offline "
+                           "bash tpu_scripts/worker_run.sh qed-jax sft --config c.yaml --distributed")
+    log0 = (tmp_path / "logs/worker-0.log").read_text()
+    assert "worker 0 started" in log0 and "worker 0 done" not in log0  # stopped, not finished
+    assert "worker 1 done" in (tmp_path / "logs/worker-1.log").read_text()
+
+
+def test_launch_recovers_from_preemption_without_using_the_failure_budget(gcloud, tmp_path):
+    write_script, calls = gcloud
+    write_script(
+        states=["MISSING", "ACTIVE", "SUSPENDED",  # created, ran, preempted mid-run
+                "SUSPENDED", "PROVISIONING", "ACTIVE"],  # deleted, created again, ran
+        runs={"0": [{"code": 255, "wait_for": ["1"]}, {"code": 0}],
+              "1": [{"code": 0, "sleep": 60}, {"code": 0}]})
+    code = launcher("launch", "qr", *WHERE, "--accelerator-type", "v4-16", "--poll", "0",
+                    "--retry-delay", "0", "--max-failures", "1", "--max-preemptions", "2",
+                    "--run-id", "r1", "--log-dir", "logs", "--", "qed-jax", "sft",
+                    "checkpoint_dir=gs://b/r1", "--distributed")
+    assert code == 0
+    assert verbs(calls()) == [
+        "describe", "create", "describe", "scp", "setup", "run", "run", "describe",
+        "describe", "delete", "create", "describe", "describe", "scp", "setup", "run", "run"]
+    restarted = [argv[7] for argv in calls()[-2:]]
+    assert all("QED_RUN_ID=r1" in c and "checkpoint_dir=gs://b/r1" in c for c in restarted)
+    assert "worker 0 done" in (tmp_path / "logs/r1/attempt-2/worker-0.log").read_text()
+
+
+def test_launch_stops_after_max_failures(gcloud, capsys):
+    write_script, calls = gcloud
+    fail = {"code": 1, "wait_for": ["1"]}
+    write_script(states=["ACTIVE"] * 6, runs={"0": [fail, fail], "1": [{"code": 0, "sleep": 60}] * 2})
+    code = launcher("launch", "qr", *WHERE, "--accelerator-type", "v4-16", "--poll", "0",
+                    "--max-failures", "2", "--run-id", "r2", "--log-dir", "logs", "--", "false")
+    assert code == 1
+    assert "the job failed 2 times (last exit code 1)" in capsys.readouterr().err
+    # An existing ACTIVE slice is reused, set up once, and never deleted.
+    assert verbs(calls()) == ["describe", "describe", "scp", "setup", "run", "run", "describe",
+                              "describe", "describe", "run", "run", "describe"]
+
+
+def test_launch_dry_run_prints_the_pod_sequence_and_calls_nothing(gcloud, capsys):
+    _, calls = gcloud
+    code = launcher("launch", "qed-sft", *WHERE, "--accelerator-type", "v5p-64", "--run-id", "r",
+                    "--delete-at-end", "--dry-run", "--", "qed-jax", "sft", "--distributed")
+    assert code == 0 and calls() == []
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[4] for line in lines] == [
+        "describe", "create", "describe", "scp", "ssh", *["ssh"] * 8, "delete"]
+    assert "--worker=7" in lines[-2] and "> tpu_logs/r/attempt-1/worker-7.log 2>&1 &" in lines[-2]
+
+
+def test_bad_env_is_one_line_error(gcloud, capsys):
+    assert launcher("run", "qr", *WHERE, "--accelerator-type", "v4-8", "--env", "1X=2", "--", "true") == 1
+    assert "--env '1X=2': expected KEY=VALUE" in capsys.readouterr().err
+
+
+# Each fake worker greets and marks itself started. With FAIL=1 worker 1 exits 7 once all have
+# started, and the others would sleep a minute: they must be stopped instead.
+JOB = """
+import os, pathlib, sys, time
+w, fail, sync = int(os.environ["QED_WORKER_ID"]), os.environ["FAIL"] == "1", pathlib.Path(os.environ["SYNC"])
+print(os.environ["GREETING"], "from worker", w, flush=True)
+(sync / str(w)).touch()
+if fail and w == 1:
+    while len(list(sync.iterdir())) < 4:
+        time.sleep(0.05)
+    sys.exit(7)
+time.sleep(60 if fail else 0)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_run_local_fake_workers(tmp_path, fail):
+    """`run --local` runs worker_run.sh as one local process per worker, per-worker logs."""
+    logs, sync = tmp_path / "logs", tmp_path / "sync"
+    sync.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local", "--accelerator-type",
+         "v5litepod-16", "--log-dir", str(logs), "--env", "GREETING=hello", "--env", f"SYNC={sync}",
+         "--env", f"FAIL={int(fail)}", "--", "python", "-c", JOB], capture_output=True, text=True)
+    assert result.returncode == (7 if fail else 0), result.stderr
+    for w in range(4):
+        lines = (logs / f"worker-{w}.log").read_text().splitlines()
+        assert f"hello from worker {w}" in lines
+        assert ("finished" in lines) == (not fail)
+    if fail:
+        assert "worker 1 failed with exit code 7" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["worker_setup.sh", "worker_run.sh"])
+def test_worker_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(SCRIPTS / script)], check=True)
+
+
+def test_worker_setup_installs_from_a_tarball(tmp_path):
+    """worker_setup.sh unpacks a tarball over an older copy (no stale files) into QED_HOME and
+    installs into QED_VENV; pip is replaced by a stub so nothing is downloaded."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    stub = venv / "bin/python"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/pip.log\n')
+    stub.chmod(0o755)
+    home = tmp_path / "qed-jax"
+    (home / "stale.py").parent.mkdir()
+    (home / "stale.py").write_text("")
+    src = tmp_path / "src"
+    (src / "tpu_scripts").mkdir(parents=True)
+    (src / "pyproject.toml").write_text("")
+    with tarfile.open(tmp_path / "code.tar.gz", "w:gz") as tar:
+        tar.add(src / "pyproject.toml", arcname="pyproject.toml")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QED_HOME": str(home), "QED_VENV": str(venv)}
+    subprocess.run(["bash", str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
+                   env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in home.iterdir()) == ["pyproject.toml"]
+    assert "-m pip install --quiet -e .[tpu]" in (tmp_path / "pip.log").read_text()
