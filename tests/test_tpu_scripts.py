@@ -201,6 +201,14 @@ def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     assert not any(n.startswith((".git/", ".venv/")) for n in names)
 
 
+def test_setup_from_a_commit_uses_git_archive(gcloud, tmp_path):
+    assert launcher("setup", "qr", *WHERE, "--commit", "HEAD") == 0
+    committed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", "HEAD"],
+                               check=True, capture_output=True, text=True).stdout.split()
+    files = [m.name for m in tarfile.open(tmp_path / "qed-jax-qr.tar.gz") if m.isfile()]
+    assert sorted(files) == sorted(committed)
+
+
 def test_run_starts_one_ssh_per_worker_and_stops_all_when_one_fails(gcloud, tmp_path):
     write_script, calls = gcloud
     write_script(runs={"0": [{"code": 0, "sleep": 60}], "1": [{"code": 3, "wait_for": ["0"]}]})

@@ -3,7 +3,7 @@
 the code to every worker, run one command on all workers at once, and babysit a training job
 through preemptions. Standard library only, so it runs on a laptop that has `gcloud`.
 
-    python tpu_scripts/tpu.py launch my-slice --accelerator-type v5p-64 --capacity spot \\
+    python tpu_scripts/tpu.py launch my-slice --zone us-east5-a --accelerator-type v5p-64 --capacity spot \\
         -- qed-jax sft --config configs/sft/qed_nano_4b.yaml checkpoint_dir=gs://B/run --distributed
 
 Every command takes --dry-run, which prints the gcloud commands instead of running them.
@@ -96,6 +96,7 @@ class Gcloud:
         print(shlex.join(argv), flush=True)
         if self.dry_run:
             return
+        retries = max(retries, 1)
         for attempt in range(1, retries + 1):
             code = subprocess.run(argv).returncode
             if code == 0:
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run each 'worker' as a local subprocess instead of over ssh (testing)")
 
     parser = argparse.ArgumentParser(prog="tpu.py", description=__doc__.split("\n\n")[0],
+                                     epilog="example:\n" + __doc__.split("\n\n")[1] + "\n\n"
+                                     "`tpu.py COMMAND --help` documents each command.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
