@@ -9,6 +9,7 @@ through preemptions. Standard library only, so it runs on a laptop that has `gcl
 Every command takes --dry-run, which prints the gcloud commands instead of running them.
 """
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -255,11 +256,23 @@ def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
                 return 0
             time.sleep(0.2)
     finally:
+        stop(procs)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each still-running worker's process group, SIGKILL what outlives 10 s. Killing
+    the local ssh does not always end the remote job: worker_run.sh clears it on the next run."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+        try:
+            for p in procs:
+                p.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def launch(gc: Gcloud, args) -> int:
