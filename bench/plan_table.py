@@ -26,6 +26,21 @@ CONFIGS = {  # config -> the preset its model.path stands for when that path is 
 SLICES = ("v5p-8", "v5p-16", "v5p-64", "v6e-8", "v6e-16")
 
 
+def micro_batches_for(config: str, chips: int) -> list[str]:
+    """SFT splits each step into micro-batches whose rows must spread over every chip: on a
+    slice with more chips than the config's rows per micro-batch, use fewer, larger micro-batches
+    (same batch, same loss)."""
+    from qed_jax.config import load_config
+    from qed_jax.sft import SFTConfig
+
+    if "/sft/" not in config:
+        return []
+    c = load_config(SFTConfig, config)
+    if (c.batch_size // c.micro_batches) % chips == 0 or c.batch_size % chips:
+        return []
+    return [f"micro_batches={c.batch_size // chips}"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -39,9 +54,10 @@ def main() -> int:
     rows = []
     for config in args.configs:
         for name in args.slices:
-            p = plan.plan(config, name, preset_name=CONFIGS.get(config))
+            overrides = micro_batches_for(config, plan.parse_slice(name).chips)
+            p = plan.plan(config, name, overrides, preset_name=CONFIGS.get(config))
             worst = max(p.programs, key=lambda q: plan.sum_known(q) / q.hbm)
-            rows.append({"config": config, "slice": name, "chips": p.slice.chips, "fits": p.fits,
+            rows.append({"config": config, "slice": name, "chips": p.slice.chips, "overrides": overrides, "fits": p.fits,
                          "worst_program": worst.name, "gib_per_chip": plan.sum_known(worst) / plan.GiB,
                          "hbm_gib": p.hbm / plan.GiB, "headroom": 1 - plan.sum_known(worst) / p.hbm,
                          "programs": [q.to_json() for q in p.programs], "info": p.info})
@@ -53,7 +69,8 @@ def main() -> int:
     print("| config | slice | chips | GiB per chip (largest program) | HBM GiB | headroom | fits |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| `{r['config']}` | {r['slice']} | {r['chips']} | {r['gib_per_chip']:.1f} ({r['worst_program']}) "
+        config = f"`{r['config']}`" + "".join(f" `{o}`" for o in r["overrides"])
+        print(f"| {config} | {r['slice']} | {r['chips']} | {r['gib_per_chip']:.1f} ({r['worst_program']}) "
               f"| {r['hbm_gib']:.1f} | {100 * r['headroom']:.0f} % | {'yes' if r['fits'] else 'no'} |")
     for config in args.configs:
         fitting = [r for r in rows if r["config"] == config and r["fits"] and r["headroom"] >= args.headroom]

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
 from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
-from qed_jax.trainer import batch_sharding, decay_mask, make_optimizer
+from qed_jax.trainer import batch_sharding, check_rows_divide, decay_mask, make_optimizer
 
 GiB = 1024 ** 3
 
@@ -337,6 +337,7 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
     optimizer = make_optimizer(config.optim, config.steps or 1, abstract_decay_mask(model))  # steps shape the schedule only
     opt_state = abstract_opt_state(optimizer, params, mesh)
     M, rows, T = config.micro_batches, config.batch_size // config.micro_batches, config.data.max_length
+    check_rows_divide(rows, mesh, "batch_size / micro_batches")
     batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),
