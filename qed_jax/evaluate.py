@@ -74,7 +74,10 @@ class EvalModelConfig:
     path: str | None = None  # Hugging Face folder, Hub id or qed-jax checkpoint
     tokenizer: str | None = None  # default: path
     dtype: str | None = None  # parameter dtype; default: the checkpoint's
-    max_concurrent: int | None = None  # rows the local sampler decodes at once (default: all of a batch)
+    # Rows the local sampler decodes at once: set directly, or derived from a KV-cache budget
+    # per device (GiB); with neither, a whole batch (batch_size) decodes at once.
+    max_concurrent: int | None = None
+    kv_cache_gib: float | None = None
     base_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://localhost:8001/v1
     name: str | None = None  # the served model's name
     api_key_env: str = "MODEL_API_KEY"  # environment variable holding the endpoint's key
@@ -235,31 +238,41 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
 # samples.jsonl: what is done
 
 
-class RunLog:
-    """Append-only records; a line cut short by a kill is dropped when the log is reopened."""
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The records of a run log. A last line cut short by a kill is left out, and with `repair`
+    also cut from the file, so that appending starts on a fresh line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        if repair:
+            log.warning("%s: dropping a last record cut short (%d bytes)", path, len(data) - cut)
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+        data = data[:cut]
+    records = []
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
+    return records
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class RunLog:
+    """What is done, by (problem_id, sample): the sample records and each sample's last grade."""
+
+    def __init__(self, path: Path, records: list[dict] = ()):
         self.samples: dict[tuple[str, int], dict] = {}
         self.grades: dict[tuple[str, int], dict] = {}
-        if path.exists():
-            self._read()
-        self.file = open(path, "a")
-
-    def _read(self) -> None:
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a last record cut short (%d bytes)", self.path, len(data) - cut)
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-        for n, line in enumerate(data.decode().splitlines(), 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{self.path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
+        for record in records:
             self._index(record)
+        self.path, self.file = path, None
+
+    @classmethod
+    def open(cls, path: Path) -> "RunLog":
+        runlog = cls(path, read_records(path, repair=True) if path.exists() else [])
+        runlog.file = open(path, "a")
+        return runlog
 
     def _index(self, record: dict) -> None:
         key = (record["problem_id"], record["sample"])
@@ -274,7 +287,8 @@ class RunLog:
         return key in self.grades and self.grades[key]["score"] is not None
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -283,16 +297,12 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     config_path, samples_path = run_dir / "config.json", run_dir / SAMPLES_FILE
     if not config_path.is_file() or not samples_path.is_file():
         raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE})")
-    run = RunLog.__new__(RunLog)
-    run.path, run.samples, run.grades = samples_path, {}, {}
-    run._read()
+    run = RunLog(samples_path, read_records(samples_path))
     merged = []
     for key, sample in run.samples.items():
-        grade = run.grades.get(key)
-        merged.append({**sample, "graded": grade is not None,
-                       "score": None if grade is None else grade["score"],
-                       "reason": None if grade is None else grade["reason"],
-                       "decided_by": None if grade is None else grade["decided_by"]})
+        grade = run.grades.get(key, {})
+        merged.append({**sample, "graded": bool(grade), "score": grade.get("score"),
+                       "reason": grade.get("reason"), "decided_by": grade.get("decided_by")})
     return json.loads(config_path.read_text()), merged
 
 
@@ -308,7 +318,8 @@ class LocalGenerator:
 
         self.model = from_pretrained(config.path, dtype=config.dtype)
         self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path))
-        self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, progress=False)
+        self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
+                               progress=False)
 
     def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
         """Calls on_sample(i, Sample) for each prompt, all of them drawn with `seed`."""
@@ -422,6 +433,18 @@ def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:
 # The run
 
 
+# What a run's samples and grades depend on: a rerun may change anything else (samples, to extend
+# a run to more samples; benchmark.limit, to more problems; concurrency, timeouts, the endpoints' addresses, the cache's path).
+RUN_IDENTITY = (
+    "benchmark.name", "benchmark.kind", "benchmark.path", "benchmark.subset", "benchmark.split",
+    "benchmark.fields", "benchmark.group_field", "benchmark.groups", "benchmark.prompt_template",
+    "mode", "seed", "sampling", "model.path", "model.tokenizer", "model.dtype", "model.name",
+    "judge.model", "judge.api", "judge.template", "judge.answer_format", "judge.allowed_scores",
+    "judge.temperature", "judge.max_tokens", "judge.reasoning_effort", "judge.require_think_end",
+    "judge.strip_self_evaluation",
+)
+
+
 def prepare_output(config: EvalConfig) -> Path:
     """The run directory with its config.json; a rerun must use the same benchmark, model,
     sampling and judge (what its samples and grades depend on)."""
@@ -431,10 +454,14 @@ def prepare_output(config: EvalConfig) -> Path:
     current = json.loads(dump_json(config))
     if saved_path.is_file():
         saved = json.loads(saved_path.read_text())
-        for section in ("benchmark", "model", "sampling", "judge", "mode", "seed"):
-            if saved.get(section) != current.get(section):
-                raise ConfigError(f"{out} holds a run with a different {section} section; choose another "
-                                  "output_dir, or delete the old run to start it again")
+        for key in RUN_IDENTITY:
+            section, _, field = key.partition(".")
+            old, new = saved.get(section), current.get(section)
+            if field:
+                old, new = (old or {}).get(field), new.get(field)
+            if old != new:
+                raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
+                                  "would not be comparable; choose another output_dir, or delete the old run")
     saved_path.write_text(json.dumps(current, indent=2))
     return out
 
@@ -450,7 +477,7 @@ def evaluate(config: EvalConfig, generator=None, progress: bool = True) -> dict:
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)
-    runlog = RunLog(out / SAMPLES_FILE)
+    runlog = RunLog.open(out / SAMPLES_FILE)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]

@@ -38,7 +38,10 @@ def summarize(config: dict, records: list[dict]) -> dict:
     per_sample = [_mean([r["score"] for r in graded if r["sample"] == i]) for i in range(k)]
     per_sample = [m for m in per_sample if not math.isnan(m)]
     groups = {}
-    for label in sorted({r["group"] for r in records if r.get("group") is not None}):
+    present = {r["group"] for r in records if r.get("group") is not None}
+    # In the config's order (Basic before Advanced), then any label it does not list ("other").
+    order = list(config["benchmark"].get("groups") or {})
+    for label in [g for g in order if g in present] + sorted(present - set(order)):
         group_scores = [r["score"] for r in graded if r.get("group") == label]
         groups[label] = {"mean": _mean(group_scores), "percent": percent(_mean(group_scores)),
                          "graded": len(group_scores)}
@@ -129,6 +132,7 @@ def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> 
 def _histogram(ax, graded: list[dict]) -> None:
     ax.hist([r["score"] for r in graded], bins=np.arange(MAX_SCORE + 2) - 0.5, rwidth=0.85)
     ax.set_xticks(range(MAX_SCORE + 1))
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("score (0-7)")
     ax.set_ylabel("samples")
 

@@ -133,6 +133,14 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
     assert got == {"AB-001": (7, "math_verify"), "AB-002": (7, "math_verify"), "AB-003": (0, "math_verify"),
                    "AB-004": (0, "judge")}
 
+    # A rerun may ask for more samples (and only draws those), not for other sampling settings.
+    with ModelServer(reply) as model, JudgeServer() as judge:
+        more = config(tmp_path, "answerbench", model.url, judge.url, "samples=2")
+        assert evaluate(more, progress=False) == {"generated": 4, "graded": 4, "failed": 0, "total": 8}
+        assert sorted(seed for _, seed in model.requests) == [1] * 4
+        with pytest.raises(ConfigError, match="sampling="):
+            evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
+
 
 def test_answer_checks():
     assert check_answer(r"\frac{1}{2}", "0.5") is True
