@@ -336,9 +336,6 @@ class LocalGenerator:
             text = self.tokenizer.decode(c.text_tokens, skip_special_tokens=False)
             on_sample(i, Sample(text=text, completion_tokens=len(c.tokens), finish_reason=c.finish_reason))
 
-    def close(self) -> None:
-        pass
-
 
 class EndpointGenerator:
     """Chat completions from a served model. A server that splits the reasoning off (vLLM's
@@ -387,9 +384,6 @@ class EndpointGenerator:
             raise ConfigError("the model endpoint reports no usage.completion_tokens; evaluation records token counts")
         return Sample(text=text, completion_tokens=tokens, finish_reason=choice.finish_reason or "stop")
 
-    def close(self) -> None:
-        pass
-
 
 # --------------------------------------------------------------------------------------------
 # Grading
@@ -408,7 +402,11 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
         if answer_text is None and config.judge.require_think_end:
             on_grade(record, 0, "no_think_end", "truncated", None)
             continue
-        verdict = check_answer(last_boxed(answer_text or record["completion"]), problem.answer)
+        answer_text = record["completion"] if answer_text is None else answer_text
+        if not answer_text.strip():
+            on_grade(record, 0, "empty_proof", "truncated", None)
+            continue
+        verdict = check_answer(last_boxed(answer_text), problem.answer)
         if verdict is None:
             to_judge.append(record)
         else:
@@ -433,8 +431,9 @@ def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:
 # The run
 
 
-# What a run's samples and grades depend on: a rerun may change anything else (samples, to extend
-# a run to more samples; benchmark.limit, to more problems; concurrency, timeouts, the endpoints' addresses, the cache's path).
+# What a run's samples and grades depend on. A rerun may change anything else: samples (to extend
+# a run to more samples), benchmark.limit (to more problems), concurrency, timeouts, the
+# endpoints' addresses, the cache's path.
 RUN_IDENTITY = (
     "benchmark.name", "benchmark.kind", "benchmark.path", "benchmark.subset", "benchmark.split",
     "benchmark.fields", "benchmark.group_field", "benchmark.groups", "benchmark.prompt_template",
@@ -466,7 +465,26 @@ def prepare_output(config: EvalConfig) -> Path:
     return out
 
 
-def evaluate(config: EvalConfig, generator=None, progress: bool = True) -> dict:
+def generate_round(generator, config: EvalConfig, template: str, problems: dict[str, Problem],
+                   units: list[tuple[str, int]], runlog: RunLog) -> int:
+    """Draw the samples `units` [(problem_id, sample index)], one generator call per sample index
+    (drawn with seed + index), appending each to the run log as it arrives; returns how many."""
+    for k in sorted({k for _, k in units}):
+        chosen = [pid for pid, kk in units if kk == k]
+
+        def on_sample(i: int, sample: Sample, chosen=chosen, k=k) -> None:
+            runlog.append({
+                "type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k,
+                "group": problems[chosen[i]].group, "completion": sample.text,
+                "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
+                "truncated": not extract_proof(sample.text)})
+
+        generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], config.seed + k,
+                           config.sampling, on_sample)
+    return len(units)
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Run (or finish) an evaluation; returns counts: generated, graded, failed, total."""
     from tqdm.auto import tqdm
 
@@ -486,7 +504,8 @@ def evaluate(config: EvalConfig, generator=None, progress: bool = True) -> dict:
     if not to_generate and not to_grade:
         runlog.close()
         return counts
-    generator = generator or (LocalGenerator(config.model) if config.model.path else EndpointGenerator(config.model))
+    if to_generate:
+        generator = LocalGenerator(config.model) if config.model.path else EndpointGenerator(config.model)
     judge = Judge(config.judge)
     bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                unit="sample", disable=not progress)
@@ -508,24 +527,10 @@ def evaluate(config: EvalConfig, generator=None, progress: bool = True) -> dict:
             grade_samples(judge, config, by_id, [runlog.samples[u] for u in to_grade], on_grade)
         for start in range(0, len(to_generate), config.batch_size):
             batch = to_generate[start: start + config.batch_size]
-            for k in sorted({k for _, k in batch}):
-                chosen = [pid for pid, kk in batch if kk == k]
-                seed = config.seed + k
-
-                def on_sample(i, sample: Sample, chosen=chosen, k=k, seed=seed):
-                    runlog.append({
-                        "type": "sample", "problem_id": chosen[i], "sample": k, "seed": seed,
-                        "group": by_id[chosen[i]].group, "completion": sample.text,
-                        "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
-                        "truncated": not extract_proof(sample.text)})
-                    counts["generated"] += 1
-
-                generator.generate([render_prompt(template, by_id[pid].problem) for pid in chosen], seed,
-                                   config.sampling, on_sample)
+            counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
             grade_samples(judge, config, by_id, [runlog.samples[u] for u in batch], on_grade)
     finally:
         bar.close()
         judge.close()
-        generator.close()
         runlog.close()
     return counts

@@ -3,7 +3,8 @@
 `reply(prompt, seed)` returns the completion text; it may block (a test holding a request open).
 The reply's whitespace-separated words are its completion tokens; a reply without </think>
 finishes with "length" (the model ran out of budget while reasoning), else with "stop".
-Counts requests per (prompt, seed).
+With `split_reasoning`, the reply is served as vLLM's reasoning parser serves it: the text before
+</think> in `reasoning_content`, the rest in `content`. Counts requests per (prompt, seed).
 """
 
 import json
@@ -17,8 +18,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class ModelServer:
-    def __init__(self, reply):
-        self.reply = reply
+    def __init__(self, reply, split_reasoning: bool = False):
+        self.reply, self.split_reasoning = reply, split_reasoning
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
         self.bodies: list[dict] = []
@@ -35,10 +36,14 @@ class ModelServer:
                     server.bodies.append(body)
                     server.requests[(prompt, seed)] = server.requests.get((prompt, seed), 0) + 1
                 text = server.reply(prompt, seed)
+                message = {"role": "assistant", "content": text}
+                if server.split_reasoning and "</think>" in text:
+                    reasoning, content = text.split("</think>", 1)
+                    message = {"role": "assistant", "reasoning_content": reasoning, "content": content}
                 payload = {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop" if "</think>" in text else "length",
-                                 "message": {"role": "assistant", "content": text}}],
+                                 "message": message}],
                     "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
                               "total_tokens": len(prompt.split()) + len(text.split())},
                 }

@@ -142,6 +142,20 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
 
 
+def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
+    def reply(prompt, seed):
+        return "Working it out.</think>\nSo the answer is \\boxed{6}." if "divisors" in prompt else "Still thinking"
+
+    with ModelServer(reply, split_reasoning=True) as model, JudgeServer() as judge:
+        cfg = config(tmp_path, "answerbench", model.url, judge.url, "samples=1")
+        evaluate(cfg, progress=False)
+        assert judge.total == 0
+    _, records = read_run(cfg.output_dir)
+    got = {r["problem_id"]: (r["completion"], r["score"], r["decided_by"]) for r in records}
+    assert got["AB-003"] == ("Working it out.</think>\nSo the answer is \\boxed{6}.", 7, "math_verify")
+    assert got["AB-001"] == ("Still thinking", 0, "truncated")
+
+
 def test_answer_checks():
     assert check_answer(r"\frac{1}{2}", "0.5") is True
     assert check_answer("x=3", "3") is True
