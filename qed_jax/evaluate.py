@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +226,13 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
         return None
     from math_verify import parse, verify
 
-    gold, pred = parse(f"\\boxed{{{reference}}}"), parse(f"\\boxed{{{predicted}}}")
+    # math-verify bounds its time with SIGALRM, which only the main thread may set.
+    seconds = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=seconds)
+    pred = parse(f"\\boxed{{{predicted}}}", parsing_timeout=seconds)
     if not gold or not pred:
         return None
-    if verify(gold, pred):
+    if verify(gold, pred, timeout_seconds=seconds):
         return True
     closed = all(not isinstance(p[0], str) and not getattr(p[0], "free_symbols", {None}) for p in (gold, pred))
     return False if closed else None

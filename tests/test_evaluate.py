@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import EvalConfig, check_answer, evaluate, last_boxed, read_run
+from qed_jax.evaluate import EvalConfig, RunLog, check_answer, evaluate, last_boxed, read_records, read_run
 from qed_jax.report import report
 from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
@@ -154,6 +154,19 @@ def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
     got = {r["problem_id"]: (r["completion"], r["score"], r["decided_by"]) for r in records}
     assert got["AB-003"] == ("Working it out.</think>\nSo the answer is \\boxed{6}.", 7, "math_verify")
     assert got["AB-001"] == ("Still thinking", 0, "truncated")
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0}) + "\n"
+    path.write_text(whole + '{"type": "grade", "problem_id": "a", "sam')
+    assert read_records(path) == [json.loads(whole)]
+    assert path.read_text().endswith('"sam')  # reading alone (the report) leaves the file as it is
+    runlog = RunLog.open(path)
+    runlog.append({"type": "grade", "problem_id": "a", "sample": 0, "score": 7})
+    runlog.close()
+    assert [r["type"] for r in read_records(path)] == ["sample", "grade"]
+    assert runlog.graded(("a", 0))
 
 
 def test_answer_checks():
