@@ -54,7 +54,8 @@ class BenchmarkConfig:
             raise ConfigError(f"benchmark.kind must be one of {KINDS}, got {self.kind!r}")
         unknown = sorted(set(self.fields or {}) - set(DEFAULT_FIELDS))
         if unknown:
-            raise ConfigError(f"benchmark.fields: unknown name {unknown[0]!r}; valid names: {', '.join(DEFAULT_FIELDS)}")
+            raise ConfigError(f"benchmark.fields: unknown name {unknown[0]!r}; "
+                              f"valid names: {', '.join(DEFAULT_FIELDS)}")
         if (self.group_field is None) != (self.groups is None):
             raise ConfigError("benchmark.group_field and benchmark.groups go together: set both or neither")
         for label, pattern in (self.groups or {}).items():

@@ -20,8 +20,13 @@ from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
 
 ROOT = Path(__file__).resolve().parent.parent
-IMO_ROWS = [json.loads(line) for line in (ROOT / "configs/data/imo_proofbench_sample.jsonl").read_text().splitlines()]
-ANSWER_ROWS = [json.loads(line) for line in (ROOT / "configs/data/answerbench_sample.jsonl").read_text().splitlines()]
+
+
+def bundled_rows(benchmark: str) -> list[dict]:
+    return [json.loads(line) for line in (ROOT / f"configs/data/{benchmark}_sample.jsonl").read_text().splitlines()]
+
+
+IMO_ROWS, PROOFBENCH_ROWS, ANSWER_ROWS = (bundled_rows(b) for b in ("imo_proofbench", "proofbench", "answerbench"))
 
 
 def problem_id(prompt: str, rows) -> str:
@@ -262,9 +267,7 @@ def test_local_checkpoint_samples_with_its_own_seed_each(tmp_path):
 
 def test_report_compares_runs_side_by_side(tmp_path):
     def reply(prompt, seed):
-        pid = next(r["problem_id"] for r in json.loads("[" + ",".join(
-            (ROOT / "configs/data/proofbench_sample.jsonl").read_text().splitlines()) + "]") if r["problem"] in prompt)
-        return f"Thinking.</think>\nProof. [[item:{pid}]]"
+        return f"Thinking.</think>\nProof. [[item:{problem_id(prompt, PROOFBENCH_ROWS)}]]"
 
     with ModelServer(reply) as model, JudgeServer({"imo-2024-2": [("reply", "<points>3 out of 7</points>")]},
                                                   default=("reply", "<points>5 out of 7</points>")) as judge:
@@ -275,7 +278,8 @@ def test_report_compares_runs_side_by_side(tmp_path):
             runs.append(cfg.output_dir)
     text, out = report([str(r) for r in runs], output=str(tmp_path / "cmp"), plots=False)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 3 and rows[1].startswith(f"| {tmp_path}/a/run |") and rows[2].startswith(f"| {tmp_path}/b/run |")
+    assert len(rows) == 3  # the header and one row per run
+    assert rows[1].startswith(f"| {tmp_path}/a/run |") and rows[2].startswith(f"| {tmp_path}/b/run |")
     summaries = json.loads((out / "report.json").read_text())
     for s in summaries.values():
         assert s["groups"]["2024-2025"]["mean"] == pytest.approx(4.0)  # marks 5 and 3
