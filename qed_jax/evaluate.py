@@ -92,10 +92,6 @@ class EvalModelConfig:
         if self.concurrency < 1:
             raise ConfigError("model.concurrency must be at least 1")
 
-    @property
-    def label(self) -> str:
-        return self.path or f"{self.name} @ {self.base_url}"
-
 
 @dataclasses.dataclass(frozen=True)
 class EvalSamplingConfig:
