@@ -103,6 +103,29 @@ def _judge(args) -> None:
           f"mean score {mean:.2f}/7; wrote {args.output}")
 
 
+def _eval(args) -> None:
+    from qed_jax.config import dump_json, load_config
+    from qed_jax.evaluate import EvalConfig, evaluate
+
+    config = load_config(EvalConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_json(config))
+        return
+    counts = evaluate(config)
+    print(f"{config.output_dir}: {counts['total']} samples; this run generated {counts['generated']} and graded "
+          f"{counts['graded']} ({counts['failed']} failed); `qed-jax report {config.output_dir}` for the table")
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+def _report(args) -> None:
+    from qed_jax.report import report
+
+    text, out = report(args.run_dirs, args.output, plots=not args.no_plots)
+    print(text)
+    print(f"wrote {out}/report.md, report.json" + ("" if args.no_plots else ", score_histogram.png, score_vs_tokens.png"))
+
+
 def _train(args, config_cls, train, summary) -> None:
     """Shared by the trainers: resolve the config, print it or run, report one line."""
     from qed_jax.config import dump_json, load_config
@@ -247,6 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
         "the judge (or a rule, for toy tasks), centre the rewards per group and update with a "
         "clipped policy loss. Restarting with the same output_dir resumes (SIGTERM writes a "
         "checkpoint first); the judge's grade cache makes grading exactly-once.")
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model on a benchmark (IMO-ProofBench, ProofBench, IMO-AnswerBench)",
+        description="Sample `samples` completions per problem from a local checkpoint (model.path) or an "
+        "OpenAI-compatible endpoint (model.base_url, model.name), grade proofs with the judge and final "
+        "answers with math-verify (the judge only where it cannot decide). Every sample and grade is "
+        "appended to OUTPUT_DIR/samples.jsonl as it completes: rerunning the same command finishes an "
+        "interrupted run without generating or grading anything twice, and retries failed grades. "
+        "Exits 1 when some grades failed.")
+    p.add_argument("--config", help="YAML eval config, e.g. configs/eval/imo_proofbench.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser(
+        "report", help="tables and plots of one or more eval runs",
+        description="Summarize eval run directories: score on the 0-7 scale and as %%, avg@k with the "
+        "std across the k samples, the benchmark's split (Basic/Advanced, or competition years), "
+        "completion tokens (mean, median, p90), the truncated fraction, and failed grades apart. "
+        "Prints Markdown and writes report.md, report.json and PNG plots; several run directories "
+        "give one comparison table.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="eval output directories")
+    p.add_argument("--output", help="folder for report.md/json and plots (default: the run directory; "
+                   "required with several)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(run=_report)
 
     p = sub.add_parser(
         "plan", help="compile a config for a TPU slice ahead of time: memory per chip, FLOPs",

@@ -1,0 +1,537 @@
+"""Benchmark evaluation: sample k completions per problem from a checkpoint or an OpenAI-compatible
+endpoint, grade proofs with the judge and final answers with math-verify (the judge only where
+math-verify cannot decide), and append every sample and every grade to `samples.jsonl` as it
+completes, so that a rerun in the same output_dir does only what is left.
+
+samples.jsonl holds two kinds of records, keyed by (problem_id, sample):
+  {"type": "sample", ...}: the completion, its token count, finish reason, whether it was truncated;
+  {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by, judge reply.
+A failed grade is retried by the next run; the last grade record of a sample is the one that counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from qed_jax.config import ConfigError, dump_json
+from qed_jax.judge import MAX_SCORE, PROMPTS_DIR, Grade, GradeItem, Judge, JudgeConfig, extract_proof
+from qed_jax.tokenizer import THINK_END
+
+log = logging.getLogger(__name__)
+
+KINDS = ("proof", "answer")
+# Our names for the fields a benchmark row provides → the row's own column names.
+DEFAULT_FIELDS = {"id": "problem_id", "problem": "problem", "solution": "solution",
+                  "guidelines": "grading_guidelines", "answer": "answer"}
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+    name: str = "benchmark"
+    kind: str = "proof"  # proof: graded by the judge | answer: final answer in \boxed{}
+    path: str = "configs/data/imo_proofbench_sample.jsonl"  # .jsonl / .parquet file or hub dataset
+    subset: str | None = None  # hub dataset config name
+    split: str = "train"
+    fields: dict[str, str] | None = None  # our name → column; missing names take DEFAULT_FIELDS
+    # Where the reported split (e.g. Basic / Advanced) comes from: a column, and ordered
+    # {label: regex}; a row takes the first label whose regex its column's text matches.
+    group_field: str | None = None
+    groups: dict[str, str] | None = None
+    limit: int | None = None  # the first N problems only (smoke runs)
+    prompt_template: str | None = None  # default: proof_generation or answer_generation
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"benchmark.kind must be one of {KINDS}, got {self.kind!r}")
+        unknown = sorted(set(self.fields or {}) - set(DEFAULT_FIELDS))
+        if unknown:
+            raise ConfigError(f"benchmark.fields: unknown name {unknown[0]!r}; "
+                              f"valid names: {', '.join(DEFAULT_FIELDS)}")
+        if (self.group_field is None) != (self.groups is None):
+            raise ConfigError("benchmark.group_field and benchmark.groups go together: set both or neither")
+        for label, pattern in (self.groups or {}).items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"benchmark.groups.{label}: invalid regex {pattern!r} ({e})") from None
+
+    @property
+    def field_map(self) -> dict[str, str]:
+        return {**DEFAULT_FIELDS, **(self.fields or {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModelConfig:
+    """The model under test: a local checkpoint (path) or a served model (base_url + name)."""
+
+    path: str | None = None  # Hugging Face folder, Hub id or qed-jax checkpoint
+    tokenizer: str | None = None  # default: path
+    dtype: str | None = None  # parameter dtype; default: the checkpoint's
+    # Rows the local sampler decodes at once: set directly, or derived from a KV-cache budget
+    # per device (GiB); with neither, a whole batch (batch_size) decodes at once.
+    max_concurrent: int | None = None
+    kv_cache_gib: float | None = None
+    base_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://localhost:8001/v1
+    name: str | None = None  # the served model's name
+    api_key_env: str = "MODEL_API_KEY"  # environment variable holding the endpoint's key
+    concurrency: int = 32  # requests in flight at the endpoint
+    timeout_s: float = 3600.0
+
+    def __post_init__(self):
+        if self.base_url is not None and not self.name:
+            raise ConfigError("model.base_url is set but model.name is not: name the served model")
+        if self.concurrency < 1:
+            raise ConfigError("model.concurrency must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSamplingConfig:
+    max_new_tokens: int = 49152
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    model: EvalModelConfig = EvalModelConfig()
+    sampling: EvalSamplingConfig = EvalSamplingConfig()
+    judge: JudgeConfig = JudgeConfig()
+    mode: str = "single"  # single: one turn per sample
+    samples: int = 3  # k samples per problem: the report's avg@k
+    seed: int = 0  # sample i is drawn with seed + i
+    batch_size: int = 64  # samples generated (then graded) per round; what a kill can lose
+    output_dir: str = "runs/eval"
+
+    def __post_init__(self):
+        if (self.model.path is None) == (self.model.base_url is None):
+            raise ConfigError("model: set exactly one of model.path (a local checkpoint) and model.base_url "
+                              "(an OpenAI-compatible endpoint, with model.name)")
+        if self.mode == "rc":
+            raise ConfigError("mode rc needs the reasoning-cache module (qed_jax.reasoning_cache), which "
+                              "evaluation does not use yet; run mode single")
+        if self.mode != "single":
+            raise ConfigError(f"mode must be single, got {self.mode!r}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ConfigError("samples and batch_size must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    solution: str | None
+    guidelines: Any
+    answer: str | None
+    group: str | None
+
+
+@dataclasses.dataclass
+class Sample:
+    text: str
+    completion_tokens: int
+    finish_reason: str
+
+
+# --------------------------------------------------------------------------------------------
+# Rows → problems → prompts
+
+
+def problems_from_rows(rows: list, config: BenchmarkConfig) -> list[Problem]:
+    """Problems in row order; a row without the problem text (or, for answer benchmarks, the
+    answer) is an error that names the row and the column."""
+    fields = config.field_map
+    problems, seen = [], set()
+    for n, row in enumerate(rows):
+        where = f"{config.path}: row {n + 1}"
+        if not isinstance(row, dict) or not row:
+            raise ConfigError(f"{where} is not a mapping (or not valid JSON)")
+        text = row.get(fields["problem"])
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{where}: column {fields['problem']!r} (the problem) is missing or empty; "
+                              "map it with benchmark.fields.problem=COLUMN")
+        answer = row.get(fields["answer"])
+        if config.kind == "answer" and (answer is None or not str(answer).strip()):
+            raise ConfigError(f"{where}: column {fields['answer']!r} (the reference answer) is missing or empty")
+        pid = str(row.get(fields["id"], n))
+        if pid in seen:
+            raise ConfigError(f"{where}: problem id {pid!r} appears twice; ids key the samples, so they must be unique")
+        seen.add(pid)
+        problems.append(Problem(id=pid, problem=text, solution=row.get(fields["solution"]),
+                                guidelines=row.get(fields["guidelines"]),
+                                answer=None if answer is None else str(answer), group=group_of(row, config)))
+    if config.limit is not None:
+        problems = problems[: config.limit]
+    if not problems:
+        raise ConfigError(f"{config.path}: no problems")
+    return problems
+
+
+def group_of(row: dict, config: BenchmarkConfig) -> str | None:
+    if config.group_field is None:
+        return None
+    text = str(row.get(config.group_field, ""))
+    return next((label for label, pattern in config.groups.items() if re.search(pattern, text)), "other")
+
+
+def load_prompt_template(config: BenchmarkConfig) -> str:
+    name = config.prompt_template or f"{config.kind}_generation"
+    path = Path(name) if Path(name).is_file() else PROMPTS_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise ConfigError(f"benchmark.prompt_template {name!r} is neither a file nor a template in {PROMPTS_DIR}")
+    template = path.read_text()
+    if "{{problem}}" not in template:
+        raise ConfigError(f"{path}: the prompt template has no {{{{problem}}}} placeholder")
+    return template
+
+
+def render_prompt(template: str, problem: str) -> str:
+    return template.replace("{{problem}}", problem.strip()).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Final answers: math-verify first, the judge only for what it cannot decide
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i].strip()
+    return None
+
+
+def check_answer(predicted: str | None, reference: str) -> bool | None:
+    """True/False when math-verify can decide whether `predicted` equals `reference`, else None.
+    Equal is always decisive; unequal only when both sides are closed-form values (no free
+    symbols), since text answers ("all odd n") parse into products of letters that never match."""
+    if not predicted:
+        return None
+    from math_verify import parse, verify
+
+    # math-verify bounds its time with SIGALRM, which only the main thread may set.
+    seconds = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=seconds)
+    pred = parse(f"\\boxed{{{predicted}}}", parsing_timeout=seconds)
+    if not gold or not pred:
+        return None
+    if verify(gold, pred, timeout_seconds=seconds):
+        return True
+    closed = all(not isinstance(p[0], str) and not getattr(p[0], "free_symbols", {None}) for p in (gold, pred))
+    return False if closed else None
+
+
+# --------------------------------------------------------------------------------------------
+# samples.jsonl: what is done
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The records of a run log. A last line cut short by a kill is left out, and with `repair`
+    also cut from the file, so that appending starts on a fresh line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        if repair:
+            log.warning("%s: dropping a last record cut short (%d bytes)", path, len(data) - cut)
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+        data = data[:cut]
+    records = []
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
+    return records
+
+
+class RunLog:
+    """What is done, by (problem_id, sample): the sample records and each sample's last grade."""
+
+    def __init__(self, path: Path, records: list[dict] = ()):
+        self.samples: dict[tuple[str, int], dict] = {}
+        self.grades: dict[tuple[str, int], dict] = {}
+        for record in records:
+            self._index(record)
+        self.path, self.file = path, None
+
+    @classmethod
+    def open(cls, path: Path) -> "RunLog":
+        runlog = cls(path, read_records(path, repair=True) if path.exists() else [])
+        runlog.file = open(path, "a")
+        return runlog
+
+    def _index(self, record: dict) -> None:
+        key = (record["problem_id"], record["sample"])
+        (self.samples if record["type"] == "sample" else self.grades)[key] = record
+
+    def append(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self._index(record)
+
+    def graded(self, key) -> bool:
+        return key in self.grades and self.grades[key]["score"] is not None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """A run's config and one merged record per sample: the sample plus its last grade (if any)."""
+    run_dir = Path(run_dir)
+    config_path, samples_path = run_dir / "config.json", run_dir / SAMPLES_FILE
+    if not config_path.is_file() or not samples_path.is_file():
+        raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE})")
+    run = RunLog(samples_path, read_records(samples_path))
+    merged = []
+    for key, sample in run.samples.items():
+        grade = run.grades.get(key, {})
+        merged.append({**sample, "graded": bool(grade), "score": grade.get("score"),
+                       "reason": grade.get("reason"), "decided_by": grade.get("decided_by")})
+    return json.loads(config_path.read_text()), merged
+
+
+# --------------------------------------------------------------------------------------------
+# Generators: the local sampler, or an OpenAI-compatible endpoint
+
+
+class LocalGenerator:
+    def __init__(self, config: EvalModelConfig):
+        from qed_jax.pretrained import from_pretrained, resolve
+        from qed_jax.sampling import Sampler
+        from qed_jax.tokenizer import load_tokenizer
+
+        self.model = from_pretrained(config.path, dtype=config.dtype)
+        self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path))
+        self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
+                               progress=False)
+
+    def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
+        """Calls on_sample(i, Sample) for each prompt, all of them drawn with `seed`."""
+        import jax
+
+        from qed_jax.sampling import SamplingParams
+        from qed_jax.tokenizer import chat_prompt, stop_ids
+
+        ids = [chat_prompt(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                top_k=sampling.top_k, top_p=sampling.top_p)
+        completions = self.sampler.generate_ids(ids, params, jax.random.key(seed), stop_ids(self.tokenizer))
+        for i, c in enumerate(completions):
+            text = self.tokenizer.decode(c.text_tokens, skip_special_tokens=False)
+            on_sample(i, Sample(text=text, completion_tokens=len(c.tokens), finish_reason=c.finish_reason))
+
+
+class EndpointGenerator:
+    """Chat completions from a served model. A server that splits the reasoning off (vLLM's
+    reasoning parser: `reasoning_content`) gets it joined back as reasoning + </think> + answer,
+    so both kinds of server are graded alike."""
+
+    def __init__(self, config: EvalModelConfig):
+        self.config = config
+
+    def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
+        asyncio.run(self._generate(prompts, seed, sampling, on_sample))
+
+    async def _generate(self, prompts, seed, sampling, on_sample) -> None:
+        import openai
+
+        c = self.config
+        client = openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
+                                    timeout=c.timeout_s, max_retries=3)
+        semaphore = asyncio.Semaphore(c.concurrency)
+
+        async def one(i: int, prompt: str) -> None:
+            kwargs = dict(model=c.name, messages=[{"role": "user", "content": prompt}], seed=seed,
+                          temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens)
+            if sampling.top_k:
+                kwargs["extra_body"] = {"top_k": sampling.top_k}
+            async with semaphore:
+                try:
+                    response = await client.chat.completions.create(**kwargs)
+                except openai.APIError as e:
+                    raise ConfigError(f"the model endpoint {c.base_url} failed: {e}") from None
+            on_sample(i, self._sample(response))
+
+        try:
+            await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            await client.close()
+
+    @staticmethod
+    def _sample(response) -> Sample:
+        choice = response.choices[0]
+        content = choice.message.content or ""
+        reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
+        text = f"{reasoning}{THINK_END}{content}" if reasoning and THINK_END not in content else content
+        tokens = response.usage.completion_tokens if response.usage is not None else None
+        if tokens is None:
+            raise ConfigError("the model endpoint reports no usage.completion_tokens; evaluation records token counts")
+        return Sample(text=text, completion_tokens=tokens, finish_reason=choice.finish_reason or "stop")
+
+
+# --------------------------------------------------------------------------------------------
+# Grading
+
+
+def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem], records: list[dict],
+                  on_grade) -> None:
+    """Grades sample records; calls on_grade(record, score, reason, decided_by, judge_reply)."""
+    to_judge = []
+    for record in records:
+        problem = problems[record["problem_id"]]
+        if config.benchmark.kind == "proof":
+            to_judge.append(record)
+            continue
+        answer_text = extract_proof(record["completion"])
+        if answer_text is None and config.judge.require_think_end:
+            on_grade(record, 0, "no_think_end", "truncated", None)
+            continue
+        answer_text = record["completion"] if answer_text is None else answer_text
+        if not answer_text.strip():
+            on_grade(record, 0, "empty_proof", "truncated", None)
+            continue
+        verdict = check_answer(last_boxed(answer_text), problem.answer)
+        if verdict is None:
+            to_judge.append(record)
+        else:
+            on_grade(record, MAX_SCORE if verdict else 0, "ok", "math_verify", None)
+    if not to_judge:
+        return
+    items = [judge_item(problems[r["problem_id"]], r["completion"], config.benchmark.kind) for r in to_judge]
+    grades: list[Grade] = judge.grade_batch(items)
+    for record, grade in zip(to_judge, grades):
+        decided_by = "judge" if grade.reason not in ("no_think_end", "empty_proof") else "truncated"
+        on_grade(record, grade.score, grade.reason, decided_by, grade.raw)
+
+
+def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:
+    if kind == "answer":
+        return GradeItem(problem=problem.problem, completion=completion, answer=problem.answer)
+    return GradeItem(problem=problem.problem, completion=completion, reference=problem.solution,
+                     guidelines=problem.guidelines)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+# What a run's samples and grades depend on. A rerun may change anything else: samples (to extend
+# a run to more samples), benchmark.limit (to more problems), concurrency, timeouts, the
+# endpoints' addresses, the cache's path.
+RUN_IDENTITY = (
+    "benchmark.name", "benchmark.kind", "benchmark.path", "benchmark.subset", "benchmark.split",
+    "benchmark.fields", "benchmark.group_field", "benchmark.groups", "benchmark.prompt_template",
+    "mode", "seed", "sampling", "model.path", "model.tokenizer", "model.dtype", "model.name",
+    "judge.model", "judge.api", "judge.template", "judge.answer_format", "judge.allowed_scores",
+    "judge.temperature", "judge.max_tokens", "judge.reasoning_effort", "judge.require_think_end",
+    "judge.strip_self_evaluation",
+)
+
+
+def prepare_output(config: EvalConfig) -> Path:
+    """The run directory with its config.json; a rerun must use the same benchmark, model,
+    sampling and judge (what its samples and grades depend on)."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path = out / "config.json"
+    current = json.loads(dump_json(config))
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        for key in RUN_IDENTITY:
+            section, _, field = key.partition(".")
+            old, new = saved.get(section), current.get(section)
+            if field:
+                old, new = (old or {}).get(field), new.get(field)
+            if old != new:
+                raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
+                                  "would not be comparable; choose another output_dir, or delete the old run")
+    saved_path.write_text(json.dumps(current, indent=2))
+    return out
+
+
+def generate_round(generator, config: EvalConfig, template: str, problems: dict[str, Problem],
+                   units: list[tuple[str, int]], runlog: RunLog) -> int:
+    """Draw the samples `units` [(problem_id, sample index)], one generator call per sample index
+    (drawn with seed + index), appending each to the run log as it arrives; returns how many."""
+    for k in sorted({k for _, k in units}):
+        chosen = [pid for pid, kk in units if kk == k]
+
+        def on_sample(i: int, sample: Sample, chosen=chosen, k=k) -> None:
+            runlog.append({
+                "type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k,
+                "group": problems[chosen[i]].group, "completion": sample.text,
+                "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
+                "truncated": not extract_proof(sample.text)})
+
+        generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], config.seed + k,
+                           config.sampling, on_sample)
+    return len(units)
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    """Run (or finish) an evaluation; returns counts: generated, graded, failed, total."""
+    from tqdm.auto import tqdm
+
+    from qed_jax.data import read_rows
+
+    out = prepare_output(config)
+    b = config.benchmark
+    problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b)
+    by_id = {p.id: p for p in problems}
+    template = load_prompt_template(b)
+    runlog = RunLog.open(out / SAMPLES_FILE)
+    # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
+    units = [(p.id, k) for k in range(config.samples) for p in problems]
+    to_generate = [u for u in units if u not in runlog.samples]
+    to_grade = [u for u in units if u in runlog.samples and not runlog.graded(u)]
+    counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
+    if not to_generate and not to_grade:
+        runlog.close()
+        return counts
+    if to_generate:
+        generator = LocalGenerator(config.model) if config.model.path else EndpointGenerator(config.model)
+    judge = Judge(config.judge)
+    bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
+               unit="sample", disable=not progress)
+    scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]
+
+    def on_grade(record, score, reason, decided_by, reply):
+        runlog.append({"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
+                       "score": score, "reason": reason, "decided_by": decided_by, "judge_reply": reply})
+        counts["graded"] += 1
+        if score is None:
+            counts["failed"] += 1
+        else:
+            scores.append(score)
+            bar.update()
+        bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"])
+
+    try:
+        if to_grade:
+            grade_samples(judge, config, by_id, [runlog.samples[u] for u in to_grade], on_grade)
+        for start in range(0, len(to_generate), config.batch_size):
+            batch = to_generate[start: start + config.batch_size]
+            counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
+            grade_samples(judge, config, by_id, [runlog.samples[u] for u in batch], on_grade)
+    finally:
+        bar.close()
+        judge.close()
+        runlog.close()
+    return counts

@@ -1,0 +1,182 @@
+"""The evaluation report: from one or more run directories (written by `qed_jax.evaluate`) to a
+Markdown table (one row per run, so several runs compare side by side), a JSON summary, and
+plots (score histogram, score against completion tokens).
+
+Scores are on the judge's 0-7 scale and as % of 7. A failed grade is neither a 0 nor dropped
+silently: the headline score leaves it out, and a second figure counts it as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from qed_jax.config import ConfigError
+from qed_jax.evaluate import read_run
+from qed_jax.judge import MAX_SCORE
+
+
+def percent(score: float) -> float:
+    return 100.0 * score / MAX_SCORE
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def summarize(config: dict, records: list[dict]) -> dict:
+    """Statistics of one run. records: one per sample, with its last grade (evaluate.read_run)."""
+    k = config["samples"]
+    graded = [r for r in records if r["graded"] and r["score"] is not None]
+    failed = [r for r in records if r["graded"] and r["score"] is None]
+    scores = [r["score"] for r in graded]
+    # avg@k: the mean over problems of each sample index, then the mean and spread of those k means.
+    per_sample = [_mean([r["score"] for r in graded if r["sample"] == i]) for i in range(k)]
+    per_sample = [m for m in per_sample if not math.isnan(m)]
+    groups = {}
+    present = {r["group"] for r in records if r.get("group") is not None}
+    # In the config's order (Basic before Advanced), then any label it does not list ("other").
+    order = list(config["benchmark"].get("groups") or {})
+    for label in [g for g in order if g in present] + sorted(present - set(order)):
+        group_scores = [r["score"] for r in graded if r.get("group") == label]
+        groups[label] = {"mean": _mean(group_scores), "percent": percent(_mean(group_scores)),
+                         "graded": len(group_scores)}
+    tokens = np.array([r["completion_tokens"] for r in records], dtype=np.float64)
+    benchmark = config["benchmark"]
+    model = config["model"]
+    mean = _mean(scores)
+    mean_failed_as_zero = sum(scores) / (len(graded) + len(failed)) if graded or failed else math.nan
+    return {
+        "benchmark": benchmark["name"],
+        "kind": benchmark["kind"],
+        "model": model["path"] or f"{model['name']} @ {model['base_url']}",
+        "problems": len({r["problem_id"] for r in records}),
+        "samples_per_problem": k,
+        "samples": len(records),
+        "graded": len(graded),
+        "failed": len(failed),
+        "pending": len(records) - len(graded) - len(failed),
+        "mean": mean,
+        "percent": percent(mean),
+        "mean_failed_as_zero": mean_failed_as_zero,
+        "percent_failed_as_zero": percent(mean_failed_as_zero),
+        "avg_at_k": {"k": len(per_sample), "mean": _mean(per_sample), "percent": percent(_mean(per_sample)),
+                     "std": float(np.std(per_sample, ddof=1)) if len(per_sample) > 1 else math.nan,
+                     "percent_std": percent(float(np.std(per_sample, ddof=1))) if len(per_sample) > 1 else math.nan,
+                     "per_sample": per_sample},
+        "groups": groups,
+        "tokens": {"mean": _mean(tokens), "median": float(np.median(tokens)) if len(tokens) else math.nan,
+                   "p90": float(np.percentile(tokens, 90)) if len(tokens) else math.nan},
+        "truncated_fraction": _mean([float(r["truncated"]) for r in records]),
+        "decided_by": dict(Counter(r["decided_by"] for r in graded + failed)),
+    }
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+COLUMNS = ("run", "benchmark", "model", "score /7", "%", "avg@k ± std (%)", "split (%)", "failed",
+           "tokens mean / median / p90", "truncated")
+
+
+def table_row(run: str, s: dict) -> list[str]:
+    a = s["avg_at_k"]
+    split = " · ".join(f"{label} {_fmt(g['percent'])}" for label, g in s["groups"].items()) or "–"
+    failed = str(s["failed"])
+    if s["failed"]:
+        failed += f" (as 0: {_fmt(s['percent_failed_as_zero'])}%)"
+    if s["pending"]:
+        failed += f"; {s['pending']} ungraded"
+    t = s["tokens"]
+    return [run, s["benchmark"], s["model"], _fmt(s["mean"], 2), _fmt(s["percent"]),
+            f"avg@{a['k']} {_fmt(a['percent'])} ± {_fmt(a['percent_std'])}", split, failed,
+            f"{_fmt(t['mean'], 0)} / {_fmt(t['median'], 0)} / {_fmt(t['p90'], 0)}",
+            f"{_fmt(100 * s['truncated_fraction'])}%"]
+
+
+def markdown(summaries: dict[str, dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(table_row(run, s)) + " |" for run, s in summaries.items()]
+    notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
+             "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
+             "over problems; ± is their standard deviation (ddof 1). Truncated: no answer after </think>.")
+    return "\n".join(["# Evaluation report", "", *lines, "", notes, ""])
+
+
+def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> list[Path]:
+    """score_histogram.png and score_vs_tokens.png, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summaries)
+    paths = []
+    for filename, draw in (("score_histogram.png", _histogram), ("score_vs_tokens.png", _scatter)):
+        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            draw(ax, [r for r in runs[name] if r["graded"] and r["score"] is not None])
+            ax.set_title(f"{summaries[name]['benchmark']}: {name}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+        paths.append(out / filename)
+    return paths
+
+
+def _histogram(ax, graded: list[dict]) -> None:
+    ax.hist([r["score"] for r in graded], bins=np.arange(MAX_SCORE + 2) - 0.5, rwidth=0.85)
+    ax.set_xticks(range(MAX_SCORE + 1))
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("score (0-7)")
+    ax.set_ylabel("samples")
+
+
+def _scatter(ax, graded: list[dict]) -> None:
+    ax.scatter([r["completion_tokens"] for r in graded], [r["score"] for r in graded], s=12, alpha=0.6)
+    ax.set_yticks(range(MAX_SCORE + 1))
+    ax.set_xlabel("completion tokens")
+    ax.set_ylabel("score (0-7)")
+
+
+def _nan_to_none(value):
+    """JSON has no NaN: an undefined statistic (no graded samples, k = 1) becomes null."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def run_names(run_dirs: list[str]) -> list[str]:
+    """Short unique names: the folder names, or the paths where folder names repeat."""
+    names = [Path(d).name or str(d) for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+
+
+def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path]:
+    """Write report.md, report.json (and the plots) to `output` (default: the run directory when
+    there is one); returns the Markdown and the output folder."""
+    if not run_dirs:
+        raise ConfigError("report: give at least one run directory")
+    if output is None and len(run_dirs) > 1:
+        raise ConfigError("report: several run directories need --output (a folder for the comparison)")
+    out = Path(output or run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    summaries, runs = {}, {}
+    for name, run_dir in zip(run_names(run_dirs), run_dirs):
+        config, records = read_run(run_dir)
+        if not records:
+            raise ConfigError(f"{run_dir}: the run has no samples yet")
+        summaries[name], runs[name] = summarize(config, records), records
+    text = markdown(summaries)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(_nan_to_none(summaries), indent=2, allow_nan=False))
+    if plots:
+        plot(summaries, runs, out)
+    return text, out

@@ -1,0 +1,313 @@
+"""Benchmark evaluation and report: endpoint and local models, the judge and math-verify paths,
+exactly-once work across a SIGKILL, and the report's numbers against a NumPy reference."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qed_jax.config import ConfigError, load_config
+from qed_jax.evaluate import EvalConfig, RunLog, check_answer, evaluate, last_boxed, read_records, read_run
+from qed_jax.report import report
+from tests.judge_server import JudgeServer
+from tests.model_server import ModelServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bundled_rows(benchmark: str) -> list[dict]:
+    return [json.loads(line) for line in (ROOT / f"configs/data/{benchmark}_sample.jsonl").read_text().splitlines()]
+
+
+IMO_ROWS, PROOFBENCH_ROWS, ANSWER_ROWS = (bundled_rows(b) for b in ("imo_proofbench", "proofbench", "answerbench"))
+
+
+def problem_id(prompt: str, rows) -> str:
+    return next(r["problem_id"] for r in rows if r["problem"] in prompt)
+
+
+def config(tmp_path, benchmark: str, model_url: str, judge_url: str, *overrides):
+    return load_config(EvalConfig, ROOT / f"configs/eval/{benchmark}.yaml", [
+        f"benchmark.path={ROOT}/configs/data/{benchmark}_sample.jsonl", f"model.base_url={model_url}",
+        "model.name=tested", f"judge.base_url={judge_url}", f"judge.cache_path={tmp_path}/judge.sqlite",
+        f"output_dir={tmp_path}/run", "sampling.max_new_tokens=64", "judge.parse_retries=0", *overrides])
+
+
+# IMO-ProofBench marks (7, 6, 1, 0) for each problem's samples 0, 1, 2, by the seed they are drawn with.
+MARKS = {"PB-Basic-001": [7, 6, 7], "PB-Basic-002": [1, 0, 7], "PB-Advanced-001": [0, 1, 0],
+         "PB-Advanced-002": [6, 0, 1]}
+TRUNCATED = ("PB-Advanced-002", 1)  # this sample never closes its reasoning: 0, no judge request
+FAILING = ("PB-Basic-002", 2)  # the judge's first reply has no mark: a failed grade
+
+
+def proof_reply(prompt: str, seed: int) -> str:
+    pid = problem_id(prompt, IMO_ROWS)
+    padding = " step" * (10 * (seed + 1) + len(pid))  # token counts differ between samples
+    if (pid, seed) == TRUNCATED:
+        return "Let me think" + padding
+    return (f"Let me think{padding}.</think>\nProof. [[item:{pid}-s{seed}]] The claim follows.\n\n"
+            "**Self-evaluation**\nI am confident this proof is complete.")
+
+
+def imo_judge_scripts():
+    scripts = {f"{pid}-s{k}": [("reply", f"<points>{m} out of 7</points>")] for pid, ms in MARKS.items()
+               for k, m in enumerate(ms)}
+    scripts["PB-Basic-002-s2"] = [("reply", "I cannot decide."), ("reply", "<points>7 out of 7</points>")]
+    return scripts
+
+
+def test_endpoint_eval_report_equals_numpy_reference(tmp_path):
+    with ModelServer(proof_reply) as model, JudgeServer(imo_judge_scripts()) as judge:
+        cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
+        counts = evaluate(cfg, progress=False)
+        assert counts == {"generated": 12, "graded": 12, "failed": 1, "total": 12}
+        assert model.total == 12 and set(model.requests.values()) == {1}
+        assert sorted(seed for _, seed in model.requests) == [0] * 4 + [1] * 4 + [2] * 4
+        assert all(b["messages"][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
+                   for b in model.bodies)
+        assert judge.total == 11  # the truncated sample is never sent
+        assert not any("I am confident" in b["messages"][0]["content"] for b in judge.bodies)
+
+        config_dict, records = read_run(cfg.output_dir)
+        by_key = {(r["problem_id"], r["sample"]): r for r in records}
+        for (pid, k), r in by_key.items():
+            expected = None if (pid, k) == FAILING else 0 if (pid, k) == TRUNCATED else MARKS[pid][k]
+            assert r["score"] == expected, (pid, k)
+        assert by_key[TRUNCATED]["truncated"] and by_key[TRUNCATED]["decided_by"] == "truncated"
+        assert by_key[FAILING]["reason"] == "parse_failure"
+
+        _, out = report([cfg.output_dir])
+        summary = json.loads((out / "report.json").read_text())["run"]
+
+        # The reference, by hand: scores [problem, sample] with the failed grade as NaN.
+        pids = list(MARKS)
+        scores = np.array([[by_key[(p, k)]["score"] if by_key[(p, k)]["score"] is not None else np.nan
+                            for k in range(3)] for p in pids], dtype=float)
+        tokens = np.array([r["completion_tokens"] for r in records], dtype=float)
+        per_sample = np.nanmean(scores, axis=0)
+        assert summary["failed"] == 1 and summary["graded"] == 11
+        assert summary["mean"] == pytest.approx(np.nanmean(scores))
+        assert summary["percent"] == pytest.approx(100 * np.nanmean(scores) / 7)
+        assert summary["mean_failed_as_zero"] == pytest.approx(np.nan_to_num(scores).mean())
+        assert summary["avg_at_k"]["k"] == 3
+        assert summary["avg_at_k"]["mean"] == pytest.approx(per_sample.mean())
+        assert summary["avg_at_k"]["std"] == pytest.approx(np.std(per_sample, ddof=1))
+        assert summary["avg_at_k"]["percent_std"] == pytest.approx(100 * np.std(per_sample, ddof=1) / 7)
+        assert summary["groups"]["Basic"]["mean"] == pytest.approx(np.nanmean(scores[:2]))
+        assert summary["groups"]["Advanced"]["mean"] == pytest.approx(np.nanmean(scores[2:]))
+        assert summary["tokens"] == pytest.approx({"mean": tokens.mean(), "median": np.median(tokens),
+                                                   "p90": np.percentile(tokens, 90)})
+        assert summary["truncated_fraction"] == pytest.approx(1 / 12)
+        markdown = (out / "report.md").read_text()
+        assert f"| {100 * np.nanmean(scores) / 7:.1f} |" in markdown
+        assert f"Basic {100 * np.nanmean(scores[:2]) / 7:.1f}" in markdown
+        assert "1 (as 0: " in markdown
+        assert (out / "score_histogram.png").stat().st_size > 0 and (out / "score_vs_tokens.png").stat().st_size > 0
+
+        # A rerun regrades only the failed sample (the judge now answers), and generates nothing.
+        counts = evaluate(cfg, progress=False)
+        assert counts == {"generated": 0, "graded": 1, "failed": 0, "total": 12}
+        assert model.total == 12 and judge.total == 12
+        _, records = read_run(cfg.output_dir)
+        assert {(r["problem_id"], r["sample"]): r["score"] for r in records}[FAILING] == 7
+        assert evaluate(cfg, progress=False)["graded"] == 0 and judge.total == 12
+
+
+def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
+    answers = {"AB-001": "0.5", "AB-002": "x=3", "AB-003": "5", "AB-004": r"\text{every odd } n"}
+
+    def reply(prompt, seed):
+        pid = problem_id(prompt, ANSWER_ROWS)
+        return f"Compute.</think>\nThe answer is \\boxed{{{answers[pid]}}}. [[item:{pid}]]"
+
+    with ModelServer(reply) as model, JudgeServer({"AB-004": [("reply", "<verdict>Incorrect</verdict>")]}) as judge:
+        cfg = config(tmp_path, "answerbench", model.url, judge.url, "samples=1")
+        evaluate(cfg, progress=False)
+        assert judge.requests == {"AB-004": 1}
+        assert "Correct answer\nn = 1" in judge.bodies[0]["messages"][0]["content"]
+        assert "\\boxed{" in model.bodies[0]["messages"][0]["content"]
+    _, records = read_run(cfg.output_dir)
+    got = {r["problem_id"]: (r["score"], r["decided_by"]) for r in records}
+    assert got == {"AB-001": (7, "math_verify"), "AB-002": (7, "math_verify"), "AB-003": (0, "math_verify"),
+                   "AB-004": (0, "judge")}
+
+    # A rerun may ask for more samples (and only draws those), not for other sampling settings.
+    with ModelServer(reply) as model, JudgeServer() as judge:
+        more = config(tmp_path, "answerbench", model.url, judge.url, "samples=2")
+        assert evaluate(more, progress=False) == {"generated": 4, "graded": 4, "failed": 0, "total": 8}
+        assert sorted(seed for _, seed in model.requests) == [1] * 4
+        with pytest.raises(ConfigError, match="sampling="):
+            evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
+
+
+def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
+    def reply(prompt, seed):
+        return "Working it out.</think>\nSo the answer is \\boxed{6}." if "divisors" in prompt else "Still thinking"
+
+    with ModelServer(reply, split_reasoning=True) as model, JudgeServer() as judge:
+        cfg = config(tmp_path, "answerbench", model.url, judge.url, "samples=1")
+        evaluate(cfg, progress=False)
+        assert judge.total == 0
+    _, records = read_run(cfg.output_dir)
+    got = {r["problem_id"]: (r["completion"], r["score"], r["decided_by"]) for r in records}
+    assert got["AB-003"] == ("Working it out.</think>\nSo the answer is \\boxed{6}.", 7, "math_verify")
+    assert got["AB-001"] == ("Still thinking", 0, "truncated")
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0}) + "\n"
+    path.write_text(whole + '{"type": "grade", "problem_id": "a", "sam')
+    assert read_records(path) == [json.loads(whole)]
+    assert path.read_text().endswith('"sam')  # reading alone (the report) leaves the file as it is
+    runlog = RunLog.open(path)
+    runlog.append({"type": "grade", "problem_id": "a", "sample": 0, "score": 7})
+    runlog.close()
+    assert [r["type"] for r in read_records(path)] == ["sample", "grade"]
+    assert runlog.graded(("a", 0))
+
+
+def test_answer_checks():
+    assert check_answer(r"\frac{1}{2}", "0.5") is True
+    assert check_answer("x=3", "3") is True
+    assert check_answer("4", "3") is False
+    assert check_answer("all odd n", "n = 1") is None  # letters: only the judge can tell
+    assert check_answer(None, "3") is None
+    assert last_boxed(r"first \boxed{1}, then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
+    assert last_boxed("no box") is None
+
+
+def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
+    release = threading.Event()
+    held = ("PB-Advanced-001", 1)  # in the second round of 4: the first one is graded by then
+
+    def reply(prompt, seed):
+        if (problem_id(prompt, IMO_ROWS), seed) == held:
+            release.wait(30)
+        return proof_reply(prompt, seed)
+
+    with ModelServer(reply) as model, JudgeServer() as judge:
+        args = [f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.base_url={model.url}",
+                "model.name=tested", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
+                f"output_dir={tmp_path}/run", "judge.answer_format=score", "judge.allowed_scores=null",
+                "batch_size=4", "model.concurrency=4"]
+        command = [sys.executable, "-m", "qed_jax.cli", "eval", "--config", "configs/eval/imo_proofbench.yaml", *args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        samples = tmp_path / "run" / "samples.jsonl"
+        deadline = time.time() + 60
+        # Round 1 (4 samples) generated and graded, round 2's other 3 samples generated.
+        while time.time() < deadline:
+            lines = samples.read_text().splitlines() if samples.exists() else []
+            if sum('"type": "sample"' in line for line in lines) == 7 and model.total == 8:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert sum('"type": "grade"' in line for line in lines) == 4
+        assert judge.total == 4
+        release.set()
+
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "generated 5 and graded 8" in done.stdout
+        # Every sample was requested once, but the held one, whose first request the kill abandoned.
+        counts = {(problem_id(p, IMO_ROWS), s): n for (p, s), n in model.requests.items()}
+        assert counts.pop(held) == 2 and set(counts.values()) == {1} and len(counts) == 11
+        assert judge.total == 11 and set(judge.requests.values()) == {1}  # 12 less the truncated sample
+    _, records = read_run(tmp_path / "run")
+    assert len(records) == 12
+    assert all(r["score"] == (0 if (r["problem_id"], r["sample"]) == TRUNCATED else 7) for r in records)
+
+
+def test_local_checkpoint_samples_with_its_own_seed_each(tmp_path):
+    import jax
+    from flax import nnx
+
+    import qed_jax
+    from qed_jax.sampling import Sampler, SamplingParams
+    from qed_jax.tokenizer import chat_prompt, load_tokenizer, stop_ids
+
+    folder = tmp_path / "model"
+    tokenizer = load_tokenizer(ROOT / "configs/tiny/tokenizer")
+    qed_jax.save_pretrained(qed_jax.Qwen3(qed_jax.preset("tiny"), rngs=nnx.Rngs(0)), folder, dtype="float32",
+                            assets_from=ROOT / "configs/tiny/tokenizer")
+    with JudgeServer() as judge:
+        cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+            f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", "benchmark.limit=2",
+            f"model.path={folder}", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
+            f"output_dir={tmp_path}/run", "sampling.max_new_tokens=6", "sampling.temperature=1.0",
+            "samples=2", "seed=5"])
+        evaluate(cfg, progress=False)
+    _, records = read_run(cfg.output_dir)
+    assert len(records) == 4
+    # The same draws, directly from the sampler: sample k of every problem uses seed 5 + k.
+    model = qed_jax.from_pretrained(folder)
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content":
+                                        f"Generate a rigorous proof to the following question:\n\n{r['problem']}"}])
+               for r in IMO_ROWS[:2]]
+    for k in range(2):
+        direct = Sampler(model, progress=False).generate_ids(prompts, SamplingParams(max_new_tokens=6, temperature=1.0),
+                                                             jax.random.key(5 + k), stop_ids(tokenizer))
+        for row, c in zip(IMO_ROWS[:2], direct):
+            r = next(r for r in records if r["problem_id"] == row["problem_id"] and r["sample"] == k)
+            assert r["completion"] == tokenizer.decode(c.text_tokens, skip_special_tokens=False)
+            assert r["completion_tokens"] == len(c.tokens) and r["finish_reason"] == c.finish_reason
+            # A random model does not close its reasoning in 6 tokens: 0 without the judge.
+            assert r["truncated"] and r["score"] == 0 and r["decided_by"] == "truncated"
+    assert judge.total == 0
+
+
+def test_report_compares_runs_side_by_side(tmp_path):
+    def reply(prompt, seed):
+        return f"Thinking.</think>\nProof. [[item:{problem_id(prompt, PROOFBENCH_ROWS)}]]"
+
+    with ModelServer(reply) as model, JudgeServer({"imo-2024-2": [("reply", "<points>3 out of 7</points>")]},
+                                                  default=("reply", "<points>5 out of 7</points>")) as judge:
+        runs = []
+        for name in ("a", "b"):
+            cfg = config(tmp_path / name, "proofbench", model.url, judge.url, "samples=1")
+            evaluate(cfg, progress=False)
+            runs.append(cfg.output_dir)
+    text, out = report([str(r) for r in runs], output=str(tmp_path / "cmp"), plots=False)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3  # the header and one row per run
+    assert rows[1].startswith(f"| {tmp_path}/a/run |") and rows[2].startswith(f"| {tmp_path}/b/run |")
+    summaries = json.loads((out / "report.json").read_text())
+    for s in summaries.values():
+        assert s["groups"]["2024-2025"]["mean"] == pytest.approx(4.0)  # marks 5 and 3
+        assert s["groups"]["earlier"]["mean"] == pytest.approx(5.0)
+        assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["std"] is None
+    with pytest.raises(ConfigError, match="need --output"):
+        report([str(r) for r in runs])
+
+
+def test_config_errors_say_what_to_do(tmp_path):
+    path = ROOT / "configs/eval/imo_proofbench.yaml"
+    with pytest.raises(ConfigError, match="exactly one of model.path"):
+        load_config(EvalConfig, path)
+    with pytest.raises(ConfigError, match="mode rc needs the reasoning-cache"):
+        load_config(EvalConfig, path, ["model.path=x", "mode=rc"])
+    with pytest.raises(ConfigError, match="benchmark.fields: unknown name"):
+        load_config(EvalConfig, path, ["model.path=x", "benchmark.fields.question=q"])
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"problem_id": "a", "question": "?"}) + "\n")
+    with ModelServer(lambda p, s: "x") as model:
+        cfg = config(tmp_path, "imo_proofbench", model.url, "http://127.0.0.1:9/v1", f"benchmark.path={bad}")
+        with pytest.raises(ConfigError, match="row 1: column 'problem'"):
+            evaluate(cfg, progress=False)
+
+
+def test_cli_help_does_not_import_jax():
+    code = ("import sys, qed_jax.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('jax', 'matplotlib', 'openai', 'math_verify') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stderr
