@@ -208,8 +208,8 @@ def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qed-jax", description="Post-train small Qwen3 models to write olympiad proofs: convert "
-        "checkpoints, sample, grade with a judge, and train (SFT, GRPO). `qed-jax COMMAND --help` "
-        "documents each command.")
+        "checkpoints, sample, grade with a judge, train (SFT, GRPO), evaluate on the bundled "
+        "benchmarks and report, and plan TPU memory. `qed-jax COMMAND --help` documents each command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
