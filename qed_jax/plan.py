@@ -315,7 +315,7 @@ def abstract_opt_state(optimizer, params, mesh):
 
 def bytes_per_chip(tree) -> int:
     """Bytes one chip holds of sharded abstract arrays (the most loaded chip's share)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct))
 
 
