@@ -23,13 +23,18 @@ import numpy as np
 TOKENIZER = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "tokenizer"
 
 
-def _timed(fn, repeats):
-    best, out = float("inf"), None
+def _timed(fns, repeats):
+    """Per function: the best wall time, the best process CPU time (all threads; steadier than
+    wall time on a shared machine) and the last result. The functions run in turns, so that a
+    change in the machine's load touches them alike."""
+    wall, cpu, out = [float("inf")] * len(fns), [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for i, fn in enumerate(fns):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out[i] = fn()
+            wall[i] = min(wall[i], time.perf_counter() - start)
+            cpu[i] = min(cpu[i], time.process_time() - start_cpu)
+    return wall, cpu, out
 
 
 def host_loop(runner, policy_sampler, summary_sampler, problems, turns, key):
@@ -68,7 +73,7 @@ def main() -> None:
     p.add_argument("--summary-tokens", type=int, default=64)
     p.add_argument("--summarizer-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/reasoning_cache.json")
     args = p.parse_args()
 
@@ -106,17 +111,20 @@ def main() -> None:
         return host_loop(runner, policy_sampler, summary_sampler, problems, args.turns, key)
 
     compiled(), host()  # compile both
-    compiled_s, compiled_tokens = _timed(compiled, args.repeats)
-    host_s, host_tokens = _timed(host, args.repeats)
+    (compiled_s, host_s), (compiled_cpu, host_cpu), (compiled_tokens, host_tokens) = _timed((compiled, host),
+                                                                                          args.repeats)
     result = {
         "benchmark": "reasoning_cache",
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "host": platform.processor() or platform.machine(),
         "params": param_count(config),
         "config": vars(args),
-        "compiled_loop": {"tokens": compiled_tokens, "seconds": compiled_s, "tokens_per_s": compiled_tokens / compiled_s},
-        "host_loop": {"tokens": host_tokens, "seconds": host_s, "tokens_per_s": host_tokens / host_s},
+        "compiled_loop": {"tokens": compiled_tokens, "seconds": compiled_s, "tokens_per_s": compiled_tokens / compiled_s,
+                          "cpu_seconds": compiled_cpu},
+        "host_loop": {"tokens": host_tokens, "seconds": host_s, "tokens_per_s": host_tokens / host_s,
+                      "cpu_seconds": host_cpu},
         "speedup_compiled_over_host": (compiled_tokens / compiled_s) / (host_tokens / host_s),
+        "cpu_time_ratio_host_over_compiled": host_cpu / compiled_cpu,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
