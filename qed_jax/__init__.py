@@ -9,10 +9,12 @@ _EXPORTS = {
     "KVCache": "qed_jax.model",
     "ModelConfig": "qed_jax.config",
     "Qwen3": "qed_jax.model",
+    "RCParams": "qed_jax.reasoning_cache",
     "SamplingParams": "qed_jax.sampling",
     "from_pretrained": "qed_jax.pretrained",
     "generate": "qed_jax.sampling",
     "preset": "qed_jax.config",
+    "reasoning_cache": "qed_jax.reasoning_cache",
     "save_pretrained": "qed_jax.pretrained",
 }
 

@@ -48,6 +48,11 @@ def _generate(args) -> None:
 
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
+    if args.reasoning_cache:
+        _generate_reasoning_cache(args, model, tokenizer)
+        return
+    if args.summarizer:
+        raise ConfigError("--summarizer is for --reasoning-cache; add that flag or drop --summarizer")
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
@@ -57,6 +62,38 @@ def _generate(args) -> None:
                               "finish_reason": c.finish_reason, "text": c.text}))
         else:
             print(c.text + ("" if c.finish_reason == "stop" else "  [length]"))
+
+
+def _generate_reasoning_cache(args, model, tokenizer) -> None:
+    """RC turns per prompt: each prompt is a problem; --max-new-tokens caps each turn."""
+    from qed_jax.pretrained import from_pretrained
+    from qed_jax.reasoning_cache import RCParams, Summarizer, reasoning_cache
+    from qed_jax.sampling import SamplingParams
+    from qed_jax.tokenizer import load_tokenizer
+
+    params = RCParams(turns=args.turns, reasoning_tokens=args.max_new_tokens, summary_tokens=args.summary_tokens,
+                      summarizer_tokens=args.summarizer_max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p,
+                      max_turns=max(args.turns, RCParams.max_turns), seed=args.seed)
+    summarizer = None
+    if args.summarizer:
+        summarizer = Summarizer(
+            from_pretrained(args.summarizer, dtype=args.dtype),
+            SamplingParams(max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
+                           top_k=args.summarizer_top_k, top_p=args.summarizer_top_p),
+            thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
+    for prompt, result in zip(args.prompt, reasoning_cache(model, tokenizer, args.prompt, params, summarizer)):
+        if args.json:
+            turns = [{"reasoning": t.reasoning, "answer": t.answer, "num_tokens": t.num_tokens,
+                      "reasoning_tokens": len(t.reasoning_ids), "answer_tokens": len(t.answer_ids),
+                      "finish_reason": t.finish_reason, "finished_thinking": t.finished_thinking,
+                      "summary": t.summary, "summary_tokens": None if t.summary_ids is None else len(t.summary_ids),
+                      "summary_cut": t.summary_cut, "summarizer_num_tokens": t.summarizer_num_tokens,
+                      "summarizer_finish_reason": t.summarizer_finish_reason} for t in result.turns]
+            print(json.dumps({"prompt": prompt, "answer": result.answer, "turns": turns}))
+        else:
+            last = result.turns[-1]
+            print(result.answer if last.finished_thinking else "[no </think> in the last turn: no answer]")
 
 
 def _judge(args) -> None:
@@ -246,7 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt: tokens, logprobs, finish_reason, text")
+                   help="print one JSON object per prompt: tokens, logprobs, finish_reason, text (with "
+                   "--reasoning-cache: every turn's reasoning, answer, summary, token counts, finish reasons)")
+    g = p.add_argument_group("reasoning cache", "Solve each prompt in turns: each turn sees the problem and "
+                             "a summary of the turns before it, and a summarizer rewrites the summary after "
+                             "every turn but the last. --max-new-tokens caps each turn; the answer is the last "
+                             "turn's text after </think>.")
+    g.add_argument("--reasoning-cache", action="store_true", help="run the reasoning-cache loop")
+    g.add_argument("--turns", type=int, default=3, help="turns per problem")
+    g.add_argument("--summary-tokens", type=int, default=2048,
+                   help="the most tokens a summary keeps (longer ones are cut)")
+    g.add_argument("--summarizer", help="a separate frozen summarizer model with the same vocabulary "
+                   "(default: the model itself, thinking, with the sampling flags above)")
+    g.add_argument("--summarizer-max-new-tokens", type=int, default=2048,
+                   help="the summarizer's budget (the model's own too, when it summarizes itself)")
+    g.add_argument("--summarizer-temperature", type=float, default=0.7, help="with --summarizer")
+    g.add_argument("--summarizer-top-p", type=float, default=0.8, help="with --summarizer")
+    g.add_argument("--summarizer-top-k", type=int, default=20, help="with --summarizer")
+    g.add_argument("--summarizer-thinking", action="store_true",
+                   help="with --summarizer: it thinks first, and its summary is its text after </think>")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("judge", help="grade a JSONL file of proofs with the rubric judge",

@@ -1,0 +1,576 @@
+"""Reasoning cache (RC): solve a problem in turns, carrying only a summary from one turn to the next.
+
+Turn t prompts the policy with the problem and the summary so far; a summarizer (the policy itself
+or a separate frozen model) rewrites the summary from the problem, the old summary and the turn's
+reasoning (its tokens before `</think>`). The answer is the last turn's text after `</think>`.
+
+Token contract. Prompts are composed from token buffers, never from re-tokenized text: a prompt
+template is split at its placeholders and each literal piece (the chat template's wrappers
+included) is tokenized once on the host; a prompt is the concatenation of the literal pieces and
+the placeholders' ids: the problem's own tokenization (at most P tokens), the summary's generated
+ids (at most S) and the reasoning's generated ids (at most H_R). Buffers are fixed-size with
+per-row lengths and composed by a gather on the device, so the whole T-turn loop of a batch is one
+compiled call whose shapes depend only on (batch, P, S, H_R, H_S, max_turns), never on T.
+
+Shapes: B batch, P problem tokens, S summary tokens, H_R reasoning tokens per turn, H_S summarizer
+tokens, C turn capacity (max_turns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import types
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qed_jax.config import ConfigError
+from qed_jax.model import KVCache, Qwen3
+from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
+                              decode_loop, prefill)
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+REASONING_SLOTS = ("problem", "summary")
+SUMMARIZE_SLOTS = ("problem", "summary", "reasoning")
+# Stands for the user message while the chat template is rendered, to find its wrappers.
+_CONTENT_MARK = "\u2063QED_JAX_CONTENT\u2063"
+
+
+@dataclasses.dataclass(frozen=True)
+class RCParams:
+    """The RC loop's settings. `reasoning_tokens` (H_R) caps each turn, `summary_tokens` (S) each
+    summary; `max_turns` is the turn capacity of the compiled loop (a shape), `turns` how many run.
+    `no_summary` fills the summary of the first turn (None: an empty summary, as in training).
+    Without a separate summarizer the policy summarizes with these sampling settings, thinking,
+    within `summarizer_tokens` (H_S; default: summary_tokens)."""
+
+    turns: int = 3
+    reasoning_tokens: int = 16384
+    summary_tokens: int = 2048
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    summarizer_tokens: int | None = None
+    summarize_last: bool = False  # training needs the summary after the last turn as a state
+    no_summary: str | None = "None: this is the first attempt."
+    problem_tokens: int | None = None  # P; default: the bucket of the call's longest problem
+    max_turns: int = 16
+    batch_size: int | None = None  # rows per compiled call; default: all problems at once
+    reasoning_template: str = "rc_reasoning"  # a file in configs/prompts/ (without .txt) or a path
+    summarize_template: str = "rc_summarize"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("turns", "reasoning_tokens", "summary_tokens", "max_turns"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"RCParams.{name} must be at least 1, got {getattr(self, name)}")
+        if self.summarizer_tokens is not None and self.summarizer_tokens < 1:
+            raise ConfigError(f"RCParams.summarizer_tokens must be at least 1 (or None), got {self.summarizer_tokens}")
+        if self.turns > self.max_turns:
+            raise ConfigError(f"RCParams.turns ({self.turns}) exceeds max_turns ({self.max_turns}); "
+                              "raise max_turns (the turn capacity of the compiled loop)")
+
+
+@dataclasses.dataclass
+class Summarizer:
+    """A separate frozen summarizer: its model, its sampling (max_new_tokens is H_S) and whether
+    it thinks (then the summary is its text after `</think>`). Its vocabulary must be the
+    policy's, since the reasoning's ids go into its prompt as they are; `tokenizer` (default:
+    the policy's) gives its chat template. The defaults are the recipe's RL summarizer."""
+
+    model: Qwen3
+    sampling: SamplingParams = SamplingParams(max_new_tokens=2048, temperature=0.7, top_k=20, top_p=0.8)
+    thinking: bool = False
+    tokenizer: object | None = None
+
+
+@dataclasses.dataclass
+class Turn:
+    """One turn of one problem. Ids exclude stop tokens; texts are decoded at the host edge."""
+
+    reasoning_ids: list[int]  # the turn's tokens before `</think>` (all when there is none)
+    answer_ids: list[int]  # its tokens after `</think>` (none when there is none)
+    num_tokens: int  # tokens the policy generated in the turn, a stop token included
+    finish_reason: str  # "stop" or "length"
+    summary_ids: list[int] | None = None  # the summary written after the turn, if one was
+    summary_cut: bool = False  # the summarizer's text was longer than S tokens
+    summarizer_num_tokens: int = 0  # tokens the summarizer generated, a stop token included
+    summarizer_finish_reason: str | None = None
+    reasoning: str | None = None
+    answer: str | None = None
+    summary: str | None = None
+
+    @property
+    def finished_thinking(self) -> bool:
+        return self.num_tokens > len(self.reasoning_ids) + (self.finish_reason == "stop")
+
+
+@dataclasses.dataclass
+class RCResult:
+    problem: str
+    turns: list[Turn]
+
+    @property
+    def answer(self) -> str | None:
+        """The last turn's text after `</think>`; no fallback to earlier turns."""
+        return self.turns[-1].answer
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt templates as token pieces
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["literals"], meta_fields=["slots"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptPieces:
+    """A tokenized prompt template: literals[i] [W_i] comes before slots[i]; the last literal
+    ends the prompt. A pytree (the slot names are static), so the loop takes it as an argument."""
+
+    literals: tuple  # len(slots) + 1 int32 arrays
+    slots: tuple[str, ...]
+
+    def ids(self, **fills: list[int]) -> list[int]:
+        """The prompt's ids on the host: the literals with each slot's ids between them."""
+        out = list(self.literals[0].tolist())
+        for slot, literal in zip(self.slots, self.literals[1:]):
+            out += list(fills[slot]) + literal.tolist()
+        return out
+
+    @property
+    def literal_tokens(self) -> int:
+        return sum(len(x) for x in self.literals)
+
+
+def load_template(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROMPTS_DIR / f"{name_or_path}.txt"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("rc_*.txt"))
+        raise ConfigError(f"RC prompt template {name_or_path!r} is neither a file nor one of {bundled}")
+    return path.read_text().rstrip()
+
+
+def split_template(text: str, slots: tuple[str, ...], where: str = "template") -> tuple[list[str], tuple[str, ...]]:
+    """Literal texts and the placeholder names between them, in the template's order. Each of
+    `slots` must appear exactly once as {name}; other braces are literal text."""
+    parts = re.split(r"\{(" + "|".join(slots) + r")\}", text)
+    literals, found = parts[0::2], tuple(parts[1::2])
+    for slot in slots:
+        if found.count(slot) != 1:
+            raise ConfigError(f"{where}: placeholder {{{slot}}} must appear exactly once, found "
+                              f"{found.count(slot)} times (placeholders: {', '.join('{%s}' % s for s in slots)})")
+    return literals, found
+
+
+def chat_wrappers(tokenizer, thinking: bool = True) -> tuple[str, str]:
+    """The chat template's text before and after a user message, generation prompt included.
+    `enable_thinking` reaches templates that switch thinking (Qwen3 hybrids); others ignore it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT_MARK}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=thinking)
+    if text.count(_CONTENT_MARK) != 1:
+        raise ValueError("the chat template does not render the user message once, as given")
+    head, tail = text.split(_CONTENT_MARK)
+    return head, tail
+
+
+def tokenize_template(tokenizer, text: str, slots: tuple[str, ...], thinking: bool = True,
+                      where: str = "template") -> PromptPieces:
+    """Split `text` at its placeholders, wrap it in the chat template and tokenize each literal
+    piece once (special tokens such as <|im_start|> are recognized)."""
+    literals, found = split_template(text, slots, where)
+    head, tail = chat_wrappers(tokenizer, thinking)
+    literals[0], literals[-1] = head + literals[0], literals[-1] + tail
+    ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], np.int32) for t in literals]
+    return PromptPieces(tuple(ids), found)
+
+
+class RCPrompts(NamedTuple):
+    reasoning: PromptPieces  # slots problem, summary
+    summarize: PromptPieces  # slots problem, summary, reasoning
+
+
+def build_prompts(tokenizer, params: RCParams, summarizer_tokenizer=None, summarizer_thinking: bool = True) -> RCPrompts:
+    reasoning = tokenize_template(tokenizer, load_template(params.reasoning_template), REASONING_SLOTS,
+                                  thinking=True, where=params.reasoning_template)
+    summarize = tokenize_template(summarizer_tokenizer or tokenizer, load_template(params.summarize_template),
+                                  SUMMARIZE_SLOTS, thinking=summarizer_thinking, where=params.summarize_template)
+    return RCPrompts(reasoning, summarize)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure device pieces
+
+
+def compose(pieces: PromptPieces, batch: int, fills: dict, pad_id: int = 0):
+    """A batch of prompts from token buffers: each slot's fill is (ids [B, W], lengths [B]), its
+    first `lengths` ids used. Returns right-padded tokens [B, ΣW] (literals and fill widths) and
+    lengths [B]. Output position j of row b takes its id from the piece whose span holds j."""
+    buffers, lengths = [], []
+    for i, literal in enumerate(pieces.literals):
+        literal = jnp.asarray(literal, jnp.int32)
+        buffers.append(jnp.broadcast_to(literal, (batch, literal.shape[0])))
+        lengths.append(jnp.full((batch,), literal.shape[0], jnp.int32))
+        if i < len(pieces.slots):
+            ids, n = fills[pieces.slots[i]]
+            buffers.append(ids.astype(jnp.int32))
+            lengths.append(n.astype(jnp.int32))
+    source = jnp.concatenate(buffers, axis=1)  # [B, ΣW]
+    starts = jnp.asarray(np.cumsum([0] + [b.shape[1] for b in buffers[:-1]]), jnp.int32)  # [m], in source
+    n = jnp.stack(lengths, axis=1)  # [B, m]
+    ends = jnp.cumsum(n, axis=1)  # [B, m], in the prompt
+    width = source.shape[1]
+    j = jnp.arange(width)
+    piece = jnp.sum(j[None, :, None] >= ends[:, None, :], axis=-1)  # [B, ΣW]; m past the prompt's end
+    inside = piece < len(buffers)
+    piece = jnp.minimum(piece, len(buffers) - 1)
+    offset = j[None] - jnp.take_along_axis(ends - n, piece, axis=1)
+    index = jnp.clip(starts[piece] + offset, 0, width - 1)
+    tokens = jnp.where(inside, jnp.take_along_axis(source, index, axis=1), pad_id)
+    return tokens, ends[:, -1]
+
+
+def first_index(tokens, lengths, token_id):
+    """Per row, the index of the first `token_id` among its first `lengths` tokens, and whether
+    there is one. tokens [B, N], lengths [B]."""
+    hit = (tokens == token_id) & (jnp.arange(tokens.shape[1])[None] < lengths[:, None])
+    return jnp.argmax(hit, axis=1).astype(jnp.int32), jnp.any(hit, axis=1)
+
+
+def text_lengths(lengths, finish):
+    """Generated lengths without a final stop token."""
+    return lengths - (finish == FINISH_STOP).astype(lengths.dtype)
+
+
+def reasoning_lengths(tokens, lengths, finish, think_end):
+    """How many of each row's generated tokens come before `</think>` (all text when none)."""
+    text = text_lengths(lengths, finish)
+    index, found = first_index(tokens, text, think_end)
+    return jnp.where(found, index, text)
+
+
+def extract_summary(tokens, lengths, finish, think_end, summary_tokens: int, thinking: bool):
+    """The summary in a summarizer's output [B, N]: its text after `</think>` when it thinks
+    (none when it never closes its thinking), else all its text; cut to S = summary_tokens.
+    Returns ids [B, S], lengths [B] and whether each was cut [B]."""
+    text = text_lengths(lengths, finish)
+    start = jnp.zeros_like(text)
+    if thinking:
+        index, found = first_index(tokens, text, think_end)
+        start = jnp.where(found, index + 1, text)
+    available = text - start
+    j = jnp.arange(summary_tokens)
+    index = jnp.clip(start[:, None] + j[None], 0, tokens.shape[1] - 1)
+    n = jnp.minimum(available, summary_tokens)
+    ids = jnp.where(j[None] < n[:, None], jnp.take_along_axis(tokens, index, axis=1), 0)
+    return ids, n, available > summary_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled loop
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopShape:
+    """What the compiled loop is specialized on, besides the shapes of its inputs."""
+
+    reasoning_tokens: int  # H_R
+    summary_tokens: int  # S
+    summarizer_tokens: int  # H_S
+    max_turns: int  # C
+    summarizer_thinking: bool
+
+
+class LoopInputs(NamedTuple):
+    problems: jax.Array  # [B, P] right-padded problem ids
+    problem_lengths: jax.Array  # [B]
+    summary: jax.Array  # [B, S] the first turn's summary (the no-summary marker, or empty)
+    summary_lengths: jax.Array  # [B]
+    live: jax.Array  # [B] bool; dummy rows that pad a batch generate nothing
+    row_ids: jax.Array  # [B] each row's randomness stream, independent of the batching
+
+
+class Controls(NamedTuple):
+    """Traced scalars and small arrays: changing them never recompiles."""
+
+    turns: jax.Array  # int32
+    summaries: jax.Array  # int32: turns 0..summaries-1 are followed by a summary
+    key: jax.Array
+    policy: tuple  # (temperature, top_k, top_p)
+    summarizer: tuple
+    policy_stop_ids: jax.Array  # [K]
+    summarizer_stop_ids: jax.Array  # [K']
+    think_end: jax.Array  # int32
+
+
+def _sample(graphdef, max_new_tokens, state, cache, tokens, lengths, key, settings, live, stop_ids, row_ids):
+    """The sampler's prefill and decode loop on composed prompts [B, W]; tokens [B, N], lengths
+    and finish reasons [B], and the cache."""
+    batch = tokens.shape[0]
+    temperature, top_k, top_p = (jnp.broadcast_to(x, (batch,)) for x in settings)
+    logits, cache = prefill(graphdef, state, tokens, lengths, cache)
+    budgets = jnp.where(live, max_new_tokens, 0).astype(jnp.int32)
+    out, _, n, finish, cache = decode_loop(graphdef, max_new_tokens, state, logits, lengths, cache, key,
+                                           temperature, top_k, top_p, budgets, stop_ids, row_ids)
+    return out, n, finish, cache
+
+
+def _record(history: dict, t, **values) -> dict:
+    return {**history, **{name: history[name].at[t].set(v) for name, v in values.items()}}
+
+
+@partial(jax.jit, static_argnames=("policy_def", "summarizer_def", "shape"), donate_argnames="caches")
+def rc_loop(policy_def, summarizer_def, shape: LoopShape, policy_state, summarizer_state, prompts: RCPrompts,
+            inputs: LoopInputs, caches: tuple, controls: Controls):
+    """Run `controls.turns` RC turns (≤ C) for a batch. With `summarizer_def` None the policy
+    summarizes with its own weights and one cache (`caches` of one) serves both roles; else
+    `caches` holds the policy's and the summarizer's. Turn t samples with fold_in(key, 2t), its
+    summary with fold_in(key, 2t + 1). Returns the per-turn outputs [C, B, ...] and the caches."""
+    B = inputs.problems.shape[0]
+    C, H_R, H_S, S = shape.max_turns, shape.reasoning_tokens, shape.summarizer_tokens, shape.summary_tokens
+    if summarizer_def is None:
+        summarizer_def, summarizer_state = policy_def, policy_state
+    summarizer_cache = len(caches) - 1
+    problem = (inputs.problems, inputs.problem_lengths)
+    per_row = jnp.zeros((C, B), jnp.int32)
+    history = dict(  # row t holds turn t
+        tokens=jnp.zeros((C, B, H_R), jnp.int32), lengths=per_row, finish=per_row, reasoning_lengths=per_row,
+        summaries=jnp.zeros((C, B, S), jnp.int32), summary_lengths=per_row, summary_cut=per_row.astype(bool),
+        summarizer_lengths=per_row, summarizer_finish=per_row,
+    )
+
+    def summarize(t, summary, summary_len, reasoning, reasoning_len, caches, history):
+        tokens, lengths = compose(prompts.summarize, B, dict(problem=problem, summary=(summary, summary_len),
+                                                             reasoning=(reasoning, reasoning_len)))
+        key = jax.random.fold_in(controls.key, 2 * t + 1)
+        out, n, finish, cache = _sample(summarizer_def, H_S, summarizer_state, caches[summarizer_cache], tokens,
+                                        lengths, key, controls.summarizer, inputs.live, controls.summarizer_stop_ids,
+                                        inputs.row_ids)
+        caches = caches[:summarizer_cache] + (cache,)
+        summary, summary_len, cut = extract_summary(out, n, finish, controls.think_end, S, shape.summarizer_thinking)
+        history = _record(history, t, summaries=summary, summary_lengths=summary_len, summary_cut=cut,
+                          summarizer_lengths=n, summarizer_finish=finish)
+        return summary, summary_len, caches, history
+
+    def turn(t, carry):
+        summary, summary_len, caches, history = carry
+        tokens, lengths = compose(prompts.reasoning, B, dict(problem=problem, summary=(summary, summary_len)))
+        out, n, finish, cache = _sample(policy_def, H_R, policy_state, caches[0], tokens, lengths,
+                                        jax.random.fold_in(controls.key, 2 * t), controls.policy, inputs.live,
+                                        controls.policy_stop_ids, inputs.row_ids)
+        caches = (cache,) + caches[1:]
+        reasoning_len = reasoning_lengths(out, n, finish, controls.think_end)
+        history = _record(history, t, tokens=out, lengths=n, finish=finish, reasoning_lengths=reasoning_len)
+        # Only the turns that a summary follows pay for the summarizer.
+        return jax.lax.cond(t < controls.summaries, partial(summarize, t),
+                            lambda s, s_len, _r, _rl, c, h: (s, s_len, c, h),
+                            summary, summary_len, out, reasoning_len, caches, history)
+
+    carry = (inputs.summary, inputs.summary_lengths, tuple(caches), history)
+    _, _, caches, history = jax.lax.fori_loop(0, controls.turns, turn, carry)
+    return history, caches
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+class ReasoningCache:
+    """Holds the policy (and summarizer) split for jit, the tokenized prompt pieces and the KV
+    caches, reused while their shapes hold. `run_ids` takes problems as token ids, `run` as text."""
+
+    def __init__(self, model: Qwen3, tokenizer, params: RCParams = RCParams(), summarizer: Summarizer | None = None,
+                 buckets=DEFAULT_BUCKETS):
+        from qed_jax import tokenizer as tok
+
+        self.tokenizer, self.params, self.buckets = tokenizer, params, tuple(buckets)
+        self.policy_def, self.policy_state = nnx.split(model)
+        self.policy_config = model.config
+        vocab = tokenizer.get_vocab()
+        if tok.THINK_END not in vocab:
+            raise ValueError(f"the tokenizer has no {tok.THINK_END} token; RC needs a thinking model's tokenizer")
+        self.think_end = vocab[tok.THINK_END]
+        self.stop_ids = tok.stop_ids(tokenizer)
+        if summarizer is None:
+            self.summarizer_def = self.summarizer_state = self.summarizer_config = None
+            self.summarizer_sampling = SamplingParams(max_new_tokens=params.summarizer_tokens or params.summary_tokens,
+                                                      temperature=params.temperature, top_k=params.top_k,
+                                                      top_p=params.top_p)
+            self.summarizer_thinking, self.summarizer_stop_ids = True, self.stop_ids
+            summarizer_tokenizer = tokenizer
+        else:
+            self.summarizer_def, self.summarizer_state = nnx.split(summarizer.model)
+            self.summarizer_config = summarizer.model.config
+            self.summarizer_sampling, self.summarizer_thinking = summarizer.sampling, summarizer.thinking
+            summarizer_tokenizer = summarizer.tokenizer or tokenizer
+            if summarizer_tokenizer.get_vocab() != vocab:
+                raise ValueError("the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
+                                 "the policy's token ids to the summarizer, so both must share one vocabulary")
+            self.summarizer_stop_ids = tok.stop_ids(summarizer_tokenizer)
+        self.prompts = build_prompts(tokenizer, params, summarizer_tokenizer, self.summarizer_thinking)
+        self.first_summary = [] if params.no_summary is None else \
+            tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
+        if len(self.first_summary) > params.summary_tokens:
+            raise ConfigError(f"the no-summary marker takes {len(self.first_summary)} tokens, more than "
+                              f"summary_tokens ({params.summary_tokens}); shorten RCParams.no_summary")
+        self._caches: tuple | None = None
+
+    def update_weights(self, state) -> None:
+        """Run the policy with new weights (same structure) without recompiling."""
+        self.policy_state = state
+
+    def shape(self) -> LoopShape:
+        p = self.params
+        return LoopShape(p.reasoning_tokens, p.summary_tokens, self.summarizer_sampling.max_new_tokens,
+                         p.max_turns, self.summarizer_thinking)
+
+    def cache_lengths(self, problem_tokens: int) -> tuple[int, ...]:
+        """KV slots of the policy's and the summarizer's cache (one cache when the policy
+        summarizes itself): each role's widest prompt plus its budget."""
+        p, s = self.params, self.shape()
+        reasoning = self.prompts.reasoning.literal_tokens + problem_tokens + p.summary_tokens + p.reasoning_tokens
+        summarize = (self.prompts.summarize.literal_tokens + problem_tokens + p.summary_tokens + p.reasoning_tokens
+                     + s.summarizer_tokens)
+        return (max(reasoning, summarize),) if self.summarizer_def is None else (reasoning, summarize)
+
+    def _take_caches(self, batch: int, problem_tokens: int) -> tuple:
+        caches, self._caches = self._caches, None
+        lengths = self.cache_lengths(problem_tokens)
+        if caches is not None and tuple(c.k.shape[1:3] for c in caches) == tuple((batch, n) for n in lengths):
+            return caches
+        del caches
+        configs = (self.policy_config,) if self.summarizer_def is None else (self.policy_config, self.summarizer_config)
+        return tuple(KVCache.zeros(c, batch, n) for c, n in zip(configs, lengths))
+
+    def problem_width(self, problems: list[list[int]]) -> int:
+        longest = max(len(p) for p in problems)
+        width = self.params.problem_tokens or bucket_length(longest, self.buckets)
+        if longest > width:
+            raise ConfigError(f"a problem takes {longest} tokens, more than problem_tokens ({width}); "
+                              "raise RCParams.problem_tokens or shorten the problem")
+        return width
+
+    def run_ids(self, problems: list[list[int]], turns: int | None = None, key=None) -> list[list[Turn]]:
+        """Run the loop on problems given as ids; per problem, its turns (texts not decoded)."""
+        p = self.params
+        turns = p.turns if turns is None else turns
+        if not 1 <= turns <= p.max_turns:
+            raise ConfigError(f"turns must be between 1 and max_turns ({p.max_turns}), got {turns}")
+        if not problems or any(len(x) == 0 for x in problems):
+            raise ValueError("every problem needs at least one token")
+        key = jax.random.key(p.seed) if key is None else key
+        width = self.problem_width(problems)
+        rows = p.batch_size or len(problems)
+        summaries = turns if p.summarize_last else turns - 1
+        # NumPy values: jit takes them as traced arguments without compiling eager conversions.
+        s = self.summarizer_sampling
+        controls = Controls(
+            turns=np.int32(turns), summaries=np.int32(summaries), key=key,
+            policy=(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p)),
+            summarizer=(np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p)),
+            policy_stop_ids=np.asarray(self.stop_ids, np.int32),
+            summarizer_stop_ids=np.asarray(self.summarizer_stop_ids, np.int32), think_end=np.int32(self.think_end))
+        caches = self._take_caches(rows, width)
+        results = []
+        for start in range(0, len(problems), rows):
+            chunk = problems[start: start + rows]
+            inputs = self._inputs(chunk, start, rows, width)
+            history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
+                                      self.summarizer_state, self.prompts, inputs, caches, controls)
+            results += _turns(jax.device_get(history), len(chunk), turns, summaries)
+        self._caches = caches
+        return results
+
+    def _inputs(self, chunk: list[list[int]], start: int, rows: int, width: int) -> LoopInputs:
+        S = self.params.summary_tokens
+        problems = np.zeros((rows, width), np.int32)
+        problem_lengths = np.ones((rows,), np.int32)  # dummy rows: one pad token
+        for row, ids in enumerate(chunk):
+            problems[row, : len(ids)] = ids
+            problem_lengths[row] = len(ids)
+        summary = np.zeros((rows, S), np.int32)
+        summary[:, : len(self.first_summary)] = self.first_summary
+        return LoopInputs(problems, problem_lengths, summary, np.full((rows,), len(self.first_summary), np.int32),
+                          np.arange(rows) < len(chunk), np.arange(start, start + rows, dtype=np.int32))
+
+    def run(self, problems: list[str], turns: int | None = None, key=None) -> list[RCResult]:
+        """Run the loop on problem texts; every turn's reasoning, answer and summary decoded."""
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in problems]
+        decode = partial(self.tokenizer.decode, skip_special_tokens=False)
+        results = []
+        for problem, turn_list in zip(problems, self.run_ids(ids, turns, key)):
+            for t in turn_list:
+                t.reasoning, t.answer = decode(t.reasoning_ids), decode(t.answer_ids)
+                t.summary = None if t.summary_ids is None else decode(t.summary_ids)
+            results.append(RCResult(problem, turn_list))
+        return results
+
+
+def _turns(history: dict, count: int, turns: int, summaries: int) -> list[list[Turn]]:
+    """Per row of the first `count`, its first `turns` turns, from the loop's outputs [C, B, ...]."""
+    h = history
+    out = []
+    for b in range(count):
+        row = []
+        for t in range(turns):
+            n, finish, r = int(h["lengths"][t, b]), int(h["finish"][t, b]), int(h["reasoning_lengths"][t, b])
+            text = n - (finish == FINISH_STOP)
+            tokens = h["tokens"][t, b]
+            turn = Turn(reasoning_ids=tokens[:r].tolist(), answer_ids=tokens[r + 1: text].tolist() if r < text else [],
+                        num_tokens=n, finish_reason=FINISH_REASONS[finish])
+            if t < summaries:
+                turn.summary_ids = h["summaries"][t, b, : h["summary_lengths"][t, b]].tolist()
+                turn.summary_cut = bool(h["summary_cut"][t, b])
+                turn.summarizer_num_tokens = int(h["summarizer_lengths"][t, b])
+                turn.summarizer_finish_reason = FINISH_REASONS[int(h["summarizer_finish"][t, b])]
+            row.append(turn)
+        out.append(row)
+    return out
+
+
+def reasoning_cache(model: Qwen3, tokenizer, problems: list[str], params: RCParams = RCParams(),
+                    summarizer: Summarizer | None = None) -> list[RCResult]:
+    """Solve each problem in `params.turns` RC turns; per problem, each turn's reasoning,
+    summary and answer texts with token counts and finish reasons."""
+    return ReasoningCache(model, tokenizer, params, summarizer).run(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# RC states for GRPO
+
+
+def training_states(summaries: list[list[int]]) -> list[list[int]]:
+    """A trajectory's states: the empty summary, then the summary after each turn (with the
+    summary after the last turn, T turns give T + 1 states; the last exists only as a state)."""
+    return [[]] + [list(s) for s in summaries]
+
+
+def draw_states(rng: np.random.Generator, num_states: int, count: int) -> list[int]:
+    """`count` distinct state indices out of `num_states`, uniformly without replacement."""
+    if not 1 <= count <= num_states:
+        raise ConfigError(f"cannot draw {count} distinct states out of {num_states}; draw between 1 and "
+                          f"{num_states} (the turns + 1 states of a trajectory)")
+    return rng.choice(num_states, size=count, replace=False).tolist()
+
+
+def state_prompt_ids(prompts: RCPrompts, problem_ids: list[int], summary_ids: list[int]) -> list[int]:
+    """The reasoning prompt's ids for a (problem, state) pair, by the loop's token contract."""
+    return prompts.reasoning.ids(problem=problem_ids, summary=summary_ids)
+
+
+class _CallableModule(types.ModuleType):
+    """`qed_jax.reasoning_cache` names both this module and its main function; once the module is
+    imported, the package attribute is the module, so calling it calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return reasoning_cache(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

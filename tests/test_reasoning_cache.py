@@ -1,0 +1,303 @@
+"""The reasoning-cache loop against a host loop over the sampler, its token contract, its compile
+count and the RC states for GRPO."""
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qed_jax
+from qed_jax import cli
+from qed_jax import reasoning_cache as rc
+from qed_jax.config import ConfigError, ModelConfig, preset
+from qed_jax.model import Qwen3
+from qed_jax.sampling import Sampler, SamplingParams
+from qed_jax.tokenizer import load_tokenizer, stop_ids
+from tests.helpers import make_hf_model_with_tokenizer
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "tokenizer"
+PROBLEMS = [  # 10, 37, 17 and 60 tokens with the tiny tokenizer
+    "Prove that n^2 + n is even.",
+    "Let a, b be reals. Show (a+b)/2 >= sqrt(ab) for a, b >= 0.",
+    "Prove sqrt(2) is irrational.",
+    "Show that the triangle ABC is isosceles given that the angle bisector from A meets BC at its midpoint.",
+]
+# With these weights, greedy decoding writes token 302 in some rows and turns and not in others.
+# Making </think>'s (tied) embedding a slightly scaled copy of 302's gives </think> the larger logit
+# wherever 302's is the largest and positive, so greedy writes </think> (at least) where it would
+# have written 302: some turns (and summaries) close their thinking and others never do.
+TRIGGER, BOOST = 302, 1.05
+H_R, S, H_S = 16, 8, 12
+
+
+def _model(seed: int, config: ModelConfig = preset("tiny"), think_end: int | None = None) -> Qwen3:
+    """A tiny random Qwen3 with weights large enough for varied greedy text (std 0.1, norms
+    perturbed), drawn with NumPy: eager JAX would compile an initializer per parameter shape."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        return 1 + 0.1 * noise if any("norm" in str(p) for p in path) else 0.1 * noise
+
+    values = jax.tree_util.tree_map_with_path(draw, state)
+    if think_end is not None:
+        embed = values["embed"][...]
+        embed[think_end] = BOOST * embed[TRIGGER]
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, values))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = load_tokenizer(TOKENIZER)
+    think_end = tokenizer.get_vocab()["</think>"]
+    policy = _model(1, think_end=think_end)
+    summarizer = _model(2, ModelConfig(**{**vars(preset("tiny")), "num_layers": 1, "intermediate_size": 96}))
+    return tokenizer, think_end, policy, summarizer
+
+
+# --------------------------------------------------------------------------------------------
+# The reference: the sampler called turn by turn, prompts composed as lists on the host
+
+
+def _pieces(tokenizer, template: str, slots: list[str], thinking: bool = True) -> list[list[int]]:
+    """Literal ids of a template split at `slots` (in order), wrapped in the chat template."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=thinking)
+    head, tail = text.split("@@")
+    body = (Path(__file__).resolve().parent.parent / "configs" / "prompts" / f"{template}.txt").read_text().rstrip()
+    literals = []
+    for slot in slots:
+        before, body = body.split("{" + slot + "}")
+        literals.append(before)
+    literals.append(body)
+    literals[0], literals[-1] = head + literals[0], literals[-1] + tail
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in literals]
+
+
+def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, first_summary, thinking):
+    """Per problem, per turn: (generated tokens but a final stop, finish reason, summary ids or
+    None, cut, summarizer tokens, summarizer finish reason)."""
+    think_end, stops = tokenizer.get_vocab()["</think>"], stop_ids(tokenizer)
+    r0, r1, r2 = _pieces(tokenizer, "rc_reasoning", ["problem", "summary"])
+    s0, s1, s2, s3 = _pieces(tokenizer, "rc_summarize", ["problem", "summary", "reasoning"], thinking)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in problems]
+    # One bucket: one compiled prefill and decode loop per model and budget.
+    policy_sampler = Sampler(policy, buckets=(1024,), progress=False)
+    summary_sampler = Sampler(summarizer, buckets=(1024,), progress=False)
+    key = jax.random.key(0)
+    summaries = [list(first_summary) for _ in problems]
+    out = [[] for _ in problems]
+    for t in range(turns):
+        prompts = [r0 + p + r1 + s + r2 for p, s in zip(ids, summaries)]
+        turn = policy_sampler.generate_ids(prompts, SamplingParams(H_R, temperature=0.0),
+                                           jax.random.fold_in(key, 2 * t), stops)
+        reasonings = []
+        for c in turn:
+            text = c.text_tokens
+            reasonings.append(text[: text.index(think_end)] if think_end in text else text)
+        if t == turns - 1 and not summarize_last:
+            for b, c in enumerate(turn):
+                out[b].append((c.text_tokens, c.finish_reason, None, False, 0, None))
+            break
+        prompts = [s0 + p + s1 + s + s2 + r + s3 for p, s, r in zip(ids, summaries, reasonings)]
+        written = summary_sampler.generate_ids(prompts, SamplingParams(H_S, temperature=0.0),
+                                               jax.random.fold_in(key, 2 * t + 1), stops)
+        for b, (c, w) in enumerate(zip(turn, written)):
+            text = w.text_tokens
+            if thinking:
+                text = text[text.index(think_end) + 1:] if think_end in text else []
+            summaries[b] = text[:S]
+            out[b].append((c.text_tokens, c.finish_reason, text[:S], len(text) > S, len(w.tokens), w.finish_reason))
+    return out
+
+
+def _as_reference(turn: rc.Turn, think_end: int):
+    """A loop turn in the reference's terms: the generated tokens rebuilt from its parts."""
+    tokens = turn.reasoning_ids + ([think_end] + turn.answer_ids if turn.finished_thinking else [])
+    assert len(tokens) == turn.num_tokens - (turn.finish_reason == "stop")
+    return (tokens, turn.finish_reason, turn.summary_ids, turn.summary_cut, turn.summarizer_num_tokens,
+            turn.summarizer_finish_reason)
+
+
+def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
+    tokenizer, think_end, policy, summarizer = setup
+    params = rc.RCParams(turns=3, reasoning_tokens=H_R, summary_tokens=S, temperature=0.0, no_summary="none",
+                         max_turns=8)
+    frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=0.0), thinking=False)
+    results = rc.ReasoningCache(policy, tokenizer, params, frozen).run(PROBLEMS, key=jax.random.key(0))
+    marker = tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
+    expected = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False)
+    for result, ref in zip(results, expected):
+        assert [_as_reference(t, think_end) for t in result.turns] == ref
+        assert result.answer == tokenizer.decode(result.turns[-1].answer_ids, skip_special_tokens=False)
+    turns = [t for r in results for t in r.turns]
+    # The cases the contract must handle all occur (else the fixture no longer tests them).
+    assert any(t.finished_thinking for t in turns) and any(not t.finished_thinking for t in turns)
+    assert any(t.summary_cut for t in turns)
+    assert all(len(t.summary_ids) == S for t in turns if t.summary_cut)
+    assert [t.summary_ids is None for t in results[0].turns] == [False, False, True]
+
+
+def test_compiled_loop_equals_the_host_loop_when_the_policy_summarizes_itself(setup):
+    tokenizer, think_end, policy, _ = setup
+    params = rc.RCParams(turns=2, reasoning_tokens=H_R, summary_tokens=S, summarizer_tokens=H_S, temperature=0.0,
+                         summarize_last=True, no_summary=None, max_turns=8)
+    # The policy thinks when it summarizes: its summary is its text after </think>.
+    results = rc.ReasoningCache(policy, tokenizer, params).run(PROBLEMS, key=jax.random.key(0))
+    expected = _reference(tokenizer, policy, policy, PROBLEMS, 2, True, [], thinking=True)
+    for result, ref in zip(results, expected):
+        assert [_as_reference(t, think_end) for t in result.turns] == ref
+    summaries = [t.summary_ids for r in results for t in r.turns]
+    assert None not in summaries  # a summary follows the last turn too
+    # Summaries after </think> (one cut at S) and empty ones where the summarizer never closed it.
+    assert [] in summaries and any(len(s) == S for s in summaries)
+
+
+def test_more_turns_compile_nothing_new(setup, caplog):
+    tokenizer, _, policy, summarizer = setup
+    params = rc.RCParams(reasoning_tokens=H_R, summary_tokens=S, temperature=0.9, no_summary="none", max_turns=8)
+    runner = rc.ReasoningCache(policy, tokenizer, params,
+                               rc.Summarizer(summarizer, SamplingParams(H_S, temperature=0.7), thinking=False))
+    # The batch and problem bucket of the first test: its compiled loop serves when run before.
+    two = runner.run_ids([[5, 6, 7], [8] * 30, [1] * 64, [9]], turns=2)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        five = runner.run_ids([[9, 10], [11] * 12, [12] * 40, [13] * 3], turns=5)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiles == []
+    assert [len(x) for x in two] == [2] * 4 and [len(x) for x in five] == [5] * 4
+    assert all(t.num_tokens == H_R for x in five for t in x if t.finish_reason == "length")
+
+
+# --------------------------------------------------------------------------------------------
+# The pure pieces
+
+
+def test_compose_concatenates_literals_and_fills():
+    rng = np.random.default_rng(0)
+    pieces = rc.PromptPieces((np.array([1, 2, 3], np.int32), np.array([4], np.int32), np.array([5, 6], np.int32)),
+                             ("problem", "summary"))
+    B, P, S_ = 5, 6, 4
+    problems, summaries = rng.integers(10, 99, (B, P)), rng.integers(100, 199, (B, S_))
+    problem_lengths, summary_lengths = np.array([6, 1, 3, 6, 2]), np.array([0, 4, 2, 4, 1])
+    tokens, lengths = rc.compose(pieces, B, dict(problem=(jnp.asarray(problems), jnp.asarray(problem_lengths)),
+                                                 summary=(jnp.asarray(summaries), jnp.asarray(summary_lengths))))
+    assert tokens.shape == (B, 3 + P + 1 + S_ + 2)
+    for b in range(B):
+        expected = pieces.ids(problem=problems[b, : problem_lengths[b]].tolist(),
+                              summary=summaries[b, : summary_lengths[b]].tolist())
+        assert lengths[b] == len(expected)
+        assert np.asarray(tokens[b]).tolist() == expected + [0] * (tokens.shape[1] - len(expected))
+
+
+def test_reasoning_and_summary_extraction():
+    te, stop = 4, 2
+    # Rows: </think> mid-way; none (ran out); none (stopped); </think> then stop; </think> first.
+    outputs = [[7, 8, te, 9, 9, 9], [7, 8, 9, 9, 9, 9], [7, 8, stop, 0, 0, 0], [7, te, 9, stop, 0, 0],
+               [te, 5, 6, 7, 8, 9]]
+    lengths = np.array([6, 6, 3, 4, 6])
+    finish = np.array([2, 2, 1, 1, 2])  # 1 stop, 2 length
+    tokens = jnp.asarray(outputs, jnp.int32)
+    assert np.asarray(rc.reasoning_lengths(tokens, jnp.asarray(lengths), jnp.asarray(finish), te)).tolist() == \
+        [2, 6, 2, 1, 0]
+    ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=True)
+    assert np.asarray(n).tolist() == [3, 0, 0, 1, 3] and np.asarray(cut).tolist() == [False, False, False, False, True]
+    assert np.asarray(ids).tolist() == [[9, 9, 9], [0, 0, 0], [0, 0, 0], [9, 0, 0], [5, 6, 7]]
+    ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=False)
+    assert np.asarray(n).tolist() == [3, 3, 2, 3, 3] and np.asarray(cut).tolist() == [True, True, False, False, True]
+    assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6]]
+
+
+def test_templates_split_at_their_placeholders(tmp_path):
+    literals, slots = rc.split_template("A {summary} B {problem} {other} C", rc.REASONING_SLOTS)
+    assert literals == ["A ", " B ", " {other} C"] and slots == ("summary", "problem")
+    with pytest.raises(ConfigError, match=r"\{reasoning\} must appear exactly once, found 0"):
+        rc.split_template("{problem} {summary}", rc.SUMMARIZE_SLOTS, "mine.txt")
+    with pytest.raises(ConfigError, match=r"\{problem\} must appear exactly once, found 2"):
+        rc.split_template("{problem} {summary} {problem}", rc.REASONING_SLOTS)
+    for name, slots in (("rc_reasoning", rc.REASONING_SLOTS), ("rc_summarize", rc.SUMMARIZE_SLOTS)):
+        rc.split_template(rc.load_template(name), slots, name)
+    path = tmp_path / "short.txt"
+    path.write_text("P: {problem}\nS: {summary}\n")
+    assert rc.load_template(str(path)) == "P: {problem}\nS: {summary}"
+    with pytest.raises(ConfigError, match="neither a file nor one of"):
+        rc.load_template("no_such_template")
+
+
+def test_literal_pieces_carry_the_chat_wrappers():
+    tokenizer = load_tokenizer(TOKENIZER)
+    pieces = rc.tokenize_template(tokenizer, "Solve {problem} given {summary}.", rc.REASONING_SLOTS)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Solve X given Y."}], tokenize=False,
+                                         add_generation_prompt=True)
+    x, y = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("X", "Y"))
+    assert tokenizer.decode(pieces.ids(problem=x, summary=y), skip_special_tokens=False) == text
+
+
+# --------------------------------------------------------------------------------------------
+# RC states for GRPO
+
+
+def test_training_states_and_their_prompts():
+    tokenizer = load_tokenizer(TOKENIZER)
+    prompts = rc.build_prompts(tokenizer, rc.RCParams())
+    # A deterministic fake trajectory of 3 turns, each followed by a summary.
+    summaries = [[11, 12], [13], [14, 15, 16]]
+    states = rc.training_states(summaries)
+    assert states == [[], [11, 12], [13], [14, 15, 16]]
+    problem = [20, 21, 22]
+    ids = rc.state_prompt_ids(prompts, problem, states[3])
+    r0, r1, r2 = (p.tolist() for p in prompts.reasoning.literals)
+    assert ids == r0 + problem + r1 + [14, 15, 16] + r2
+    assert rc.state_prompt_ids(prompts, problem, states[0]) == r0 + problem + r1 + r2
+    # The same contract as the compiled loop's composition.
+    tokens, n = rc.compose(prompts.reasoning, 1, dict(problem=(jnp.asarray([problem]), jnp.asarray([3])),
+                                                      summary=(jnp.asarray([[14, 15, 16, 0]]), jnp.asarray([3]))))
+    assert np.asarray(tokens[0, : int(n[0])]).tolist() == ids
+
+
+def test_draw_states_uniformly_without_replacement():
+    draws = [rc.draw_states(np.random.default_rng(seed), 4, 2) for seed in range(2000)]
+    assert all(len(set(d)) == 2 and set(d) <= {0, 1, 2, 3} for d in draws)
+    counts = np.bincount(np.concatenate(draws), minlength=4) / len(draws)
+    np.testing.assert_allclose(counts, 0.5, atol=0.04)  # each state is drawn with probability 2/4
+    assert rc.draw_states(np.random.default_rng(7), 4, 2) == rc.draw_states(np.random.default_rng(7), 4, 2)
+    assert sorted(rc.draw_states(np.random.default_rng(0), 4, 4)) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="cannot draw 5 distinct states out of 4"):
+        rc.draw_states(np.random.default_rng(0), 4, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def test_module_and_package_entry_points_agree(setup):
+    tokenizer, _, policy, _ = setup
+    # The shapes of the self-summarizing test above: its compiled loop serves.
+    params = rc.RCParams(turns=1, reasoning_tokens=H_R, summary_tokens=S, summarizer_tokens=H_S, temperature=0.0,
+                         no_summary=None, max_turns=8)
+    a = qed_jax.reasoning_cache(policy, tokenizer, PROBLEMS, qed_jax.RCParams(**vars(params)))
+    b = rc.reasoning_cache(policy, tokenizer, PROBLEMS, params)
+    assert [r.turns[0].reasoning for r in a] == [r.turns[0].reasoning for r in b]
+    assert [len(r.turns) for r in a] == [1] * 4 and a[0].turns[0].summary is None
+
+
+def test_generate_cli_reasoning_cache_json(tmp_path, capsys):
+    make_hf_model_with_tokenizer(tmp_path)
+    capsys.readouterr()
+    rc_code = cli.main(["generate", "--model", str(tmp_path), "--reasoning-cache", "--turns", "2",
+                        "--prompt", "Let n be", "--prompt", "Prove", "--max-new-tokens", "6",
+                        "--summary-tokens", "32", "--summarizer-max-new-tokens", "5", "--temperature", "0.7", "--seed", "1", "--json"])
+    assert rc_code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Let n be", "Prove"]
+    for r in rows:
+        assert len(r["turns"]) == 2 and r["answer"] == r["turns"][-1]["answer"]
+        first, last = r["turns"]
+        assert 1 <= first["num_tokens"] <= 6 and first["finish_reason"] in ("stop", "length")
+        assert isinstance(first["summary"], str) and last["summary"] is None
+        assert 1 <= first["summarizer_num_tokens"] <= 5
