@@ -248,6 +248,21 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+
+
+def load_template(name_or_path: str, what: str = "prompt template") -> str:
+    """A prompt template: a file, or the name of one in configs/prompts/ (without .txt). `what`
+    names it in the error (e.g. "judge template")."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROMPTS_DIR / f"{name_or_path}.txt"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
+        raise ConfigError(f"{what} {name_or_path!r} is neither a file nor one of {bundled}")
+    return path.read_text()
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's contents; a syntax error is one line naming the file, line and column."""
     try:

@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import ConfigError, dump_json
-from qed_jax.judge import MAX_SCORE, PROMPTS_DIR, Grade, GradeItem, Judge, JudgeConfig, extract_proof
+from qed_jax.config import ConfigError, dump_json, load_template
+from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,9 @@ def group_of(row: dict, config: BenchmarkConfig) -> str | None:
 
 def load_prompt_template(config: BenchmarkConfig) -> str:
     name = config.prompt_template or f"{config.kind}_generation"
-    path = Path(name) if Path(name).is_file() else PROMPTS_DIR / f"{name}.txt"
-    if not path.is_file():
-        raise ConfigError(f"benchmark.prompt_template {name!r} is neither a file nor a template in {PROMPTS_DIR}")
-    template = path.read_text()
+    template = load_template(name, "benchmark.prompt_template")
     if "{{problem}}" not in template:
-        raise ConfigError(f"{path}: the prompt template has no {{{{problem}}}} placeholder")
+        raise ConfigError(f"{name}: the prompt template has no {{{{problem}}}} placeholder")
     return template
 
 

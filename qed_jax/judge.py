@@ -22,13 +22,12 @@ from typing import Any
 
 import openai
 
-from qed_jax.config import ConfigError
+from qed_jax.config import ConfigError, load_template
 from qed_jax.errors import JudgeUnavailable
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 MAX_SCORE = 7
 
 
@@ -103,16 +102,6 @@ class Grade:
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces: templates, proof extraction, score parsing
-
-
-def load_template(name_or_path: str) -> str:
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = PROMPTS_DIR / f"{name_or_path}.txt"
-    if not path.is_file():
-        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
-        raise ConfigError(f"judge template {name_or_path!r} is neither a file nor one of {bundled}")
-    return path.read_text()
 
 
 def render_marking_scheme(scheme: Any) -> str:
@@ -249,7 +238,7 @@ class Judge:
 
     def __init__(self, config: JudgeConfig):
         self.config = config
-        self.template = load_template(config.template)
+        self.template = load_template(config.template, "judge template")
         self.cache = GradeCache(config.cache_path) if config.cache_path else None
         self.requests_sent = 0
 

@@ -23,7 +23,6 @@ import re
 import sys
 import types
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -31,12 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qed_jax.config import ConfigError
+from qed_jax.config import ConfigError, load_template
 from qed_jax.model import KVCache, Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
                               decode_loop, prefill)
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 REASONING_SLOTS = ("problem", "summary")
 SUMMARIZE_SLOTS = ("problem", "summary", "reasoning")
 # Stands for the user message while the chat template is rendered, to find its wrappers.
@@ -148,14 +146,9 @@ class PromptPieces:
         return sum(len(x) for x in self.literals)
 
 
-def load_template(name_or_path: str) -> str:
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = PROMPTS_DIR / f"{name_or_path}.txt"
-    if not path.is_file():
-        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("rc_*.txt"))
-        raise ConfigError(f"RC prompt template {name_or_path!r} is neither a file nor one of {bundled}")
-    return path.read_text().rstrip()
+def load_rc_template(name_or_path: str) -> str:
+    """An RC prompt template (trailing whitespace dropped: the chat wrapper follows it)."""
+    return load_template(name_or_path, "RC prompt template").rstrip()
 
 
 def split_template(text: str, slots: tuple[str, ...], where: str = "template") -> tuple[list[str], tuple[str, ...]]:
@@ -198,9 +191,9 @@ class RCPrompts(NamedTuple):
 
 
 def build_prompts(tokenizer, params: RCParams, summarizer_tokenizer=None, summarizer_thinking: bool = True) -> RCPrompts:
-    reasoning = tokenize_template(tokenizer, load_template(params.reasoning_template), REASONING_SLOTS,
+    reasoning = tokenize_template(tokenizer, load_rc_template(params.reasoning_template), REASONING_SLOTS,
                                   thinking=True, where=params.reasoning_template)
-    summarize = tokenize_template(summarizer_tokenizer or tokenizer, load_template(params.summarize_template),
+    summarize = tokenize_template(summarizer_tokenizer or tokenizer, load_rc_template(params.summarize_template),
                                   SUMMARIZE_SLOTS, thinking=summarizer_thinking, where=params.summarize_template)
     return RCPrompts(reasoning, summarize)
 

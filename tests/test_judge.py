@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from qed_jax.config import ConfigError
+from qed_jax.config import ConfigError, load_template
 from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, parse_score,
-                           render_marking_scheme, render_prompt, load_template)
+                           render_marking_scheme, render_prompt)
 from tests.judge_server import JudgeServer
 
 ALL = set(range(8))

@@ -221,12 +221,12 @@ def test_templates_split_at_their_placeholders(tmp_path):
     with pytest.raises(ConfigError, match=r"\{problem\} must appear exactly once, found 2"):
         rc.split_template("{problem} {summary} {problem}", rc.REASONING_SLOTS)
     for name, slots in (("rc_reasoning", rc.REASONING_SLOTS), ("rc_summarize", rc.SUMMARIZE_SLOTS)):
-        rc.split_template(rc.load_template(name), slots, name)
+        rc.split_template(rc.load_rc_template(name), slots, name)
     path = tmp_path / "short.txt"
     path.write_text("P: {problem}\nS: {summary}\n")
-    assert rc.load_template(str(path)) == "P: {problem}\nS: {summary}"
+    assert rc.load_rc_template(str(path)) == "P: {problem}\nS: {summary}"
     with pytest.raises(ConfigError, match="neither a file nor one of"):
-        rc.load_template("no_such_template")
+        rc.load_rc_template("no_such_template")
 
 
 def test_literal_pieces_carry_the_chat_wrappers():
