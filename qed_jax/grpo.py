@@ -389,7 +389,8 @@ class Learner:
         sums = jax.device_get(sums)
         n = max(float(sums.pop("tokens")), 1.0)
         loss = float(sums.pop("loss"))
-        return params, opt_state, {"loss": loss, "grad_norm": float(grad_norm), **{k: float(v) / n for k, v in sums.items()}}
+        token_means = {k: float(v) / n for k, v in sums.items()}
+        return params, opt_state, {"loss": loss, "grad_norm": float(grad_norm), **token_means}
 
 
 def run_updates(learner: Learner, params, opt_state, ref_params, sequences: list[dict], trained: np.ndarray,
