@@ -31,9 +31,11 @@ import numpy as np
 from flax import nnx
 
 from qed_jax.config import ConfigError, load_template
-from qed_jax.model import KVCache, Qwen3
+from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
-                              decode_loop, prefill)
+                              cache_shards, decode_loop, mesh_context, new_kv_cache, prefill,
+                              put_rows)
+from qed_jax.sharding import DEFAULT_RULES
 
 REASONING_SLOTS = ("problem", "summary")
 SUMMARIZE_SLOTS = ("problem", "summary", "reasoning")
@@ -377,13 +379,17 @@ def rc_loop(policy_def, summarizer_def, shape: LoopShape, policy_state, summariz
 
 class ReasoningCache:
     """Holds the policy (and summarizer) split for jit, the tokenized prompt pieces and the KV
-    caches, reused while their shapes hold. `run_ids` takes problems as token ids, `run` as text."""
+    caches, reused while their shapes hold. `run_ids` takes problems as token ids, `run` as text.
+    On a `mesh`, a call's rows and the caches split over its batch axes (like the sampler's);
+    the weights stay as the caller laid them out."""
 
     def __init__(self, model: Qwen3, tokenizer, params: RCParams = RCParams(), summarizer: Summarizer | None = None,
-                 buckets=DEFAULT_BUCKETS):
+                 buckets=DEFAULT_BUCKETS, mesh=None, rules=DEFAULT_RULES):
         from qed_jax import tokenizer as tok
 
         self.tokenizer, self.params, self.buckets = tokenizer, params, tuple(buckets)
+        self.mesh, self.rules = mesh, rules
+        self.batch_shards = cache_shards(model.config, mesh, rules)[0]
         self.policy_def, self.policy_state = nnx.split(model)
         self.policy_config = model.config
         vocab = tokenizer.get_vocab()
@@ -419,6 +425,11 @@ class ReasoningCache:
         """Run the policy with new weights (same structure) without recompiling."""
         self.policy_state = state
 
+    def release(self) -> None:
+        """Free the policy's weights and the caches (e.g. while a trainer updates the policy);
+        `update_weights` brings weights back, and the next call allocates caches again."""
+        self.policy_state, self._caches = None, None
+
     def shape(self) -> LoopShape:
         p = self.params
         return LoopShape(p.reasoning_tokens, p.summary_tokens, self.summarizer_sampling.max_new_tokens,
@@ -440,7 +451,7 @@ class ReasoningCache:
             return caches
         del caches
         configs = (self.policy_config,) if self.summarizer_def is None else (self.policy_config, self.summarizer_config)
-        return tuple(KVCache.zeros(c, batch, n) for c, n in zip(configs, lengths))
+        return tuple(new_kv_cache(c, batch, n, c.dtype, self.mesh, self.rules) for c, n in zip(configs, lengths))
 
     def problem_width(self, problems: list[list[int]]) -> int:
         longest = max(len(p) for p in problems)
@@ -461,6 +472,7 @@ class ReasoningCache:
         key = jax.random.key(p.seed) if key is None else key
         width = self.problem_width(problems)
         rows = p.batch_size or len(problems)
+        rows = -(-rows // self.batch_shards) * self.batch_shards  # rows split evenly over the mesh
         summaries = turns if p.summarize_last else turns - 1
         # NumPy values: jit takes them as traced arguments without compiling eager conversions.
         s = self.summarizer_sampling
@@ -474,9 +486,10 @@ class ReasoningCache:
         results = []
         for start in range(0, len(problems), rows):
             chunk = problems[start: start + rows]
-            inputs = self._inputs(chunk, start, rows, width)
-            history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
-                                      self.summarizer_state, self.prompts, inputs, caches, controls)
+            inputs = LoopInputs(*(put_rows(x, self.mesh, self.rules) for x in self._inputs(chunk, start, rows, width)))
+            with mesh_context(self.mesh):  # the prefill's attention kernel finds the mesh here
+                history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
+                                          self.summarizer_state, self.prompts, inputs, caches, controls)
             results += _turns(jax.device_get(history), len(chunk), turns, summaries)
         self._caches = caches
         return results

@@ -240,15 +240,7 @@ class Sampler:
         self.state, self._kv_cache = None, None
 
     def cache_shards(self) -> tuple[int, int]:
-        """How many ways the mesh splits the cache's batch axis and its kv-head axis."""
-        if self.mesh is None:
-            return 1, 1
-        c = self.config
-        batch_shards = _ways(self.rules.get("batch"), self.mesh)
-        # The spec of a cache whose batch the batch axes divide says how the kv heads split.
-        shape = (c.num_layers, batch_shards, 1, c.num_kv_heads, c.head_dim)
-        spec = logical_to_spec(KV_CACHE_AXES, shape, self.mesh, self.rules)
-        return _ways(spec[1], self.mesh), _ways(spec[3], self.mesh)
+        return cache_shards(self.config, self.mesh, self.rules)
 
     def wave_rows(self, num_requests: int, cache_len: int) -> int:
         """Rows of every wave of a call: the cap (set or derived from the KV budget at this
@@ -262,13 +254,10 @@ class Sampler:
         return rows if cap is None else min(cap, rows)
 
     def _mesh_context(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return mesh_context(self.mesh)
 
     def _put(self, array: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(array)
-        spec = logical_to_spec(("batch",) + (None,) * (array.ndim - 1), array.shape, self.mesh, self.rules)
-        return jax.device_put(array, jax.sharding.NamedSharding(self.mesh, spec))
+        return put_rows(array, self.mesh, self.rules)
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         """The held cache when its shape fits, else a new one; the old one is dropped first, so
@@ -277,13 +266,7 @@ class Sampler:
         if cache is not None and cache.k.shape[1:3] == (batch, max_len):
             return cache
         del cache
-        zeros = partial(KVCache.zeros, self.config, batch, max_len, self.cache_dtype)
-        if self.mesh is None:
-            return zeros()
-        shape = (self.config.num_layers, batch, max_len, self.config.num_kv_heads, self.config.head_dim)
-        spec = logical_to_spec(KV_CACHE_AXES, shape, self.mesh, self.rules)
-        sharding = jax.sharding.NamedSharding(self.mesh, spec)
-        return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
+        return new_kv_cache(self.config, batch, max_len, self.cache_dtype, self.mesh, self.rules)
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, key, stop_ids: list[int],
                      budgets: list[int] | None = None) -> list[Completion]:
@@ -321,6 +304,40 @@ class Sampler:
             completions += _completions(*jax.device_get(out), count=len(wave))
         self._kv_cache = cache
         return completions
+
+
+def mesh_context(mesh):
+    """Where jitted sampling runs: inside `mesh` (the attention kernels find it there), if any."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def cache_shards(config: ModelConfig, mesh=None, rules=DEFAULT_RULES) -> tuple[int, int]:
+    """How many ways the mesh splits a KV cache's batch axis and its kv-head axis."""
+    if mesh is None:
+        return 1, 1
+    batch_shards = _ways(rules.get("batch"), mesh)
+    # The spec of a cache whose batch the batch axes divide says how the kv heads split.
+    shape = (config.num_layers, batch_shards, 1, config.num_kv_heads, config.head_dim)
+    spec = logical_to_spec(KV_CACHE_AXES, shape, mesh, rules)
+    return _ways(spec[1], mesh), _ways(spec[3], mesh)
+
+
+def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
+    """A host array [B, ...] on the devices, its rows split over the mesh's batch axes."""
+    if mesh is None:
+        return jnp.asarray(array)
+    spec = logical_to_spec(("batch",) + (None,) * (array.ndim - 1), array.shape, mesh, rules)
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
+
+
+def new_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype, mesh=None, rules=DEFAULT_RULES) -> KVCache:
+    """A zero KV cache [L, batch, max_len, K, H], created in place in its shards on `mesh`."""
+    zeros = partial(KVCache.zeros, config, batch, max_len, dtype)
+    if mesh is None:
+        return zeros()
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh, rules))
+    return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
 
 
 def _ways(axes, mesh) -> int:

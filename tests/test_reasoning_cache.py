@@ -174,6 +174,21 @@ def test_more_turns_compile_nothing_new(setup, caplog):
     assert all(t.num_tokens == H_R for x in five for t in x if t.finish_reason == "length")
 
 
+def test_loop_on_a_mesh_equals_the_loop_on_one_device(setup):
+    """Rows and caches split over 8 devices (batch 4 rounds up to 8 rows): the same tokens."""
+    from qed_jax.sharding import MeshConfig, make_mesh
+
+    tokenizer, _, policy, summarizer = setup
+    params = rc.RCParams(turns=2, reasoning_tokens=H_R, summary_tokens=S, temperature=0.0, no_summary="none",
+                         max_turns=8)
+    frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=0.0), thinking=False)
+    single = rc.ReasoningCache(policy, tokenizer, params, frozen).run_ids(
+        [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROBLEMS])
+    sharded = rc.ReasoningCache(policy, tokenizer, params, frozen, mesh=make_mesh(MeshConfig(data=-1)))
+    assert sharded.batch_shards == 8
+    assert sharded.run_ids([tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROBLEMS]) == single
+
+
 # --------------------------------------------------------------------------------------------
 # The pure pieces
 
