@@ -245,7 +245,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML "
+                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}); quote it") from None
 
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"

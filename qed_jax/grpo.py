@@ -219,6 +219,49 @@ class RolloutSamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RCSummarizerConfig:
+    """Who writes RC training's summaries. `path` names a separate frozen model sampled with
+    these settings (the recipe's: a non-thinking instruct model, at most 2,048 tokens,
+    temperature 0.7, top-p 0.8, top-k 20); without a path the policy summarizes itself,
+    thinking, within max_new_tokens, at the loss temperature and unfiltered."""
+
+    path: str | None = None  # Hugging Face folder, Hub id or qed-jax checkpoint
+    dtype: str = "bfloat16"
+    max_new_tokens: int = 2048
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.8
+    thinking: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RCTrainConfig:
+    """Reasoning-cache states (the `rc:` section): per problem, a `turns`-turn trajectory of the
+    current policy gives turns + 1 states (the empty summary, then the summary after each turn);
+    `states_per_problem` of them are drawn without replacement, and a group of
+    samples_per_prompt rollouts is sampled from each drawn state's reasoning prompt. Only those
+    rollouts are trained; the grader sees the original problem. `max_prompt_length` bounds the
+    reasoning prompt with the longest summary, so problems may take max_prompt_length -
+    summary_tokens - the template's own tokens."""
+
+    turns: int = 3
+    states_per_problem: int = 2
+    summary_tokens: int = 2048  # S: longer summaries are cut (and counted)
+    reasoning_tokens: int | None = None  # H_R of each trajectory turn; default: max_new_tokens
+    trajectory_batch: int | None = None  # problems per compiled trajectory call; default: all
+    reasoning_template: str = "rc_reasoning"  # a file in configs/prompts/ (without .txt) or a path
+    summarize_template: str = "rc_summarize"
+    summarizer: RCSummarizerConfig = RCSummarizerConfig()
+
+    def __post_init__(self):
+        if self.turns < 1 or self.summary_tokens < 1:
+            raise ConfigError("rc.turns and rc.summary_tokens must be at least 1")
+        if not 1 <= self.states_per_problem <= self.turns + 1:
+            raise ConfigError(f"rc.states_per_problem must be between 1 and rc.turns + 1 = {self.turns + 1} "
+                              f"(states are drawn without replacement), got {self.states_per_problem}")
+
+
+@dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     model: ModelSpec = ModelSpec()
     tokenizer: str | None = None  # default: model.path
@@ -234,6 +277,7 @@ class GRPOConfig:
     max_prompt_length: int = 1024  # longer problems are skipped (counted)
     max_new_tokens: int = 49152
     sampling: RolloutSamplingConfig = RolloutSamplingConfig()
+    rc: RCTrainConfig | None = None  # reasoning-cache states as the prompts (see RCTrainConfig)
     old_logprobs: str = "sampler"  # sampler | recompute
     normalize_std: bool = False
     drop_zero_advantage_groups: bool = False
@@ -267,8 +311,13 @@ class GRPOConfig:
         return self.train_length or self.max_prompt_length + self.max_new_tokens
 
     @property
+    def groups_per_step(self) -> int:
+        """GRPO groups per step: one per problem, or one per drawn RC state."""
+        return self.prompts_per_step * (self.rc.states_per_problem if self.rc else 1)
+
+    @property
     def samples_per_step(self) -> int:
-        return self.prompts_per_step * self.samples_per_prompt
+        return self.groups_per_step * self.samples_per_prompt
 
     @property
     def optimizer_updates(self) -> int:
@@ -288,7 +337,11 @@ class GRPOConfig:
             "train_length": self.row_length,
             "reference_model": self.loss.kl_coef > 0,
             "model": self.model.describe(),
-            "task_template": self.data.task_template,
+            "task_template": self.data.task_template if self.rc is None else None,
+            "rc": None if self.rc is None else {
+                "states": self.rc.turns + 1, "groups_per_step": self.groups_per_step,
+                "reasoning_tokens": self.rc.reasoning_tokens or self.max_new_tokens,
+                "summarizer": self.rc.summarizer.path or "the policy"},
             "grader": f"rule {self.reward_rule}" if self.reward_rule else f"judge {self.judge.model} at {self.judge.base_url}",
         }
 
@@ -298,9 +351,18 @@ class GRPOConfig:
 
 
 def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
-    """Rows → {problem, rubric, prompt_ids}; rows without a problem or too long are skipped."""
+    """Rows → {problem, rubric, prompt_ids} (the task template as a chat prompt), or with RC
+    {problem, rubric, problem_ids} (the problem's own tokens, which go into the reasoning
+    prompt by the RC token contract). Rows without a problem or too long are skipped."""
     from qed_jax.tokenizer import chat_prompt
 
+    limit = config.max_prompt_length
+    if config.rc is not None:
+        limit -= config.rc.summary_tokens + rc_template_tokens(config.rc, tokenizer)
+        if limit < 1:
+            raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) leaves no room for a problem next to "
+                              f"rc.summary_tokens ({config.rc.summary_tokens}) and the reasoning template's own "
+                              f"{config.max_prompt_length - limit - config.rc.summary_tokens} tokens: raise it")
     rows = read_rows(config.data.path, config.data.name, config.data.split)
     prompts, skipped, too_long = [], 0, 0
     for n, row in enumerate(rows, 1):
@@ -310,16 +372,81 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
             if skipped <= 5:
                 log.warning("%s: skipped row %d: no %r field", config.data.path, n, config.data.problem_field)
             continue
-        ids = chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])
-        if len(ids) > config.max_prompt_length:
+        if config.rc is None:
+            field, ids = "prompt_ids", chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])
+        else:
+            field, ids = "problem_ids", tokenizer(problem, add_special_tokens=False)["input_ids"]
+        if len(ids) > limit:
             too_long += 1
             continue
-        prompts.append({"problem": problem, "rubric": row.get(config.data.rubric_field), "prompt_ids": ids})
+        prompts.append({"problem": problem, "rubric": row.get(config.data.rubric_field), field: ids})
     log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
-             len(prompts), skipped, too_long, config.max_prompt_length)
+             len(prompts), skipped, too_long, limit)
     if not prompts:
         raise ConfigError(f"{config.data.path}: no usable prompts")
     return prompts
+
+
+def rc_template_tokens(rc: RCTrainConfig, tokenizer) -> int:
+    """The RC reasoning prompt's own tokens (its template's literal pieces, chat wrappers included)."""
+    from qed_jax.reasoning_cache import REASONING_SLOTS, load_rc_template, tokenize_template
+
+    return tokenize_template(tokenizer, load_rc_template(rc.reasoning_template), REASONING_SLOTS).literal_tokens
+
+
+class RCRollouts:
+    """The `rc:` section at work: each step, a trajectory of the current policy per problem, its
+    states, the drawn ones, and their reasoning prompts, from which the GRPO groups are sampled.
+    The trajectory runs on the sampling mesh with the sampler's copy of the weights."""
+
+    def __init__(self, config: GRPOConfig, sampling_model, tokenizer, mesh):
+        from qed_jax.pretrained import from_pretrained
+        from qed_jax.reasoning_cache import RCParams, ReasoningCache, Summarizer
+        from qed_jax.tokenizer import load_tokenizer
+
+        rc = self.config = config.rc
+        summarizer = None
+        if rc.summarizer.path:
+            s = rc.summarizer
+            summarizer = Summarizer(from_pretrained(s.path, dtype=s.dtype, mesh=mesh),
+                                    SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p),
+                                    thinking=s.thinking, tokenizer=load_tokenizer(s.path))
+        params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or config.max_new_tokens,
+                          summary_tokens=rc.summary_tokens, temperature=config.loss.temperature,
+                          summarizer_tokens=rc.summarizer.max_new_tokens, summarize_last=True, no_summary=None,
+                          max_turns=rc.turns, batch_size=rc.trajectory_batch,
+                          reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
+        self.cache = ReasoningCache(sampling_model, tokenizer, params, summarizer, mesh=mesh)
+
+    def group_rows(self, rows: list[dict], key, rng: np.random.Generator, group_size: int) -> tuple[list[dict], dict]:
+        """Rows of problems → one row per rollout ({**problem row, prompt_ids, state}), groups of
+        `group_size` in a row, `states_per_problem` groups per problem; and trajectory metrics."""
+        from qed_jax.reasoning_cache import draw_states, state_prompt_ids, training_states
+
+        trajectories = self.cache.run_ids([r["problem_ids"] for r in rows], key=key)
+        self.cache.release()  # the rollouts need that memory
+        group_rows = []
+        for row, turns in zip(rows, trajectories):
+            states = training_states([t.summary_ids for t in turns])
+            for k in draw_states(rng, len(states), self.config.states_per_problem):
+                prompt_ids = state_prompt_ids(self.cache.prompts, row["problem_ids"], states[k])
+                group_rows += [{**row, "prompt_ids": prompt_ids, "state": k}] * group_size
+        turns = [t for ts in trajectories for t in ts]
+        return group_rows, {
+            "summary_length_mean": float(np.mean([len(t.summary_ids) for t in turns])),
+            "summaries_cut": int(sum(t.summary_cut for t in turns)),
+            "trajectory_truncated_fraction": float(np.mean([t.finish_reason == "length" for t in turns])),
+        }
+
+
+def state_rewards(states: np.ndarray, rewards: np.ndarray, valid: np.ndarray, num_states: int) -> dict:
+    """Mean graded reward of the rollouts sampled from each RC state index (NaN where no rollout
+    of this step was), states/rewards/valid [S]."""
+    out = {}
+    for k in range(num_states):
+        graded = rewards[(states == k) & valid]
+        out[f"reward_state_{k}"] = float(graded.mean()) if graded.size else math.nan
+    return out
 
 
 def rollout_sequences(prompt_rows, completions, advantages, old_logprobs_from_sampler: bool) -> list[dict]:
@@ -463,7 +590,7 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = load_prompts(config, tokenizer)
-    P, G = config.prompts_per_step, config.samples_per_prompt
+    P, G = config.groups_per_step, config.samples_per_prompt  # GRPO groups per step, samples per group
 
     model = load_model(config.model, mesh, config.seed)
     graphdef, state = nnx.split(model)
@@ -485,12 +612,13 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
                          out_shardings=sampling_shardings)
     sampler = Sampler(sampling_model, mesh=sampling_mesh, max_concurrent=config.sampling.max_concurrent,
                       kv_cache_gib=config.sampling.kv_cache_gib)
+    rc_rollouts = RCRollouts(config, sampling_model, tokenizer, sampling_mesh) if config.rc else None
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
     grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(config.judge)
 
     data = iter(grain.MapDataset.source(prompts).shuffle(seed=config.data.seed).repeat()
-                .batch(P, batch_fn=list).to_iter_dataset())
+                .batch(config.prompts_per_step, batch_fn=list).to_iter_dataset())
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path)
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
@@ -509,12 +637,22 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
         try:
             while step < config.steps and not stop.raised:
                 rows = next(data)
-                group_rows = [row for row in rows for _ in range(G)]
                 t0 = time.perf_counter()
-                sampler.update_weights(to_sampler(params))  # the sampler always samples the current policy
+                weights = to_sampler(params)  # the sampler always samples the current policy
+                sampler.update_weights(weights)
+                rc_metrics = {}
+                if rc_rollouts is None:
+                    group_rows = [row for row in rows for _ in range(G)]
+                else:  # the same step draws the same states and trajectories after a restart
+                    rc_rollouts.cache.update_weights(weights)
+                    group_rows, rc_metrics = rc_rollouts.group_rows(
+                        rows, jax.random.fold_in(jax.random.fold_in(base_key, step), 1),
+                        np.random.default_rng([config.seed, step]), G)
+                    rc_metrics["trajectory_s"] = time.perf_counter() - t0
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
                                                    jax.random.fold_in(base_key, step), stops)
                 sampler.release()  # the update needs that memory: weights come back next step
+                del weights
                 texts = [tokenizer.decode(c.text_tokens) for c in completions]
                 t1 = time.perf_counter()
                 grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
@@ -533,7 +671,10 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
                                                                trained.reshape(-1), config)
                 t3 = time.perf_counter()
                 step += 1
-                metrics = {**rollout_metrics(rewards, valid, trained, grades, completions),
+                if rc_rollouts is not None:
+                    rc_metrics.update(state_rewards(np.array([r["state"] for r in group_rows]), rewards.reshape(-1),
+                                                    valid.reshape(-1), config.rc.turns + 1))
+                metrics = {**rollout_metrics(rewards, valid, trained, grades, completions), **rc_metrics,
                            "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2, **train_metrics}
                 metrics_log.write(step, metrics)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

@@ -406,6 +406,87 @@ def sampler_programs(model: ModelConfig, mesh, wave: int, prompt_len: int, max_n
     return [prefill, decode]
 
 
+# Qwen's chat wrappers around a user message (<|im_start|>user\n before; <|im_end|>\n,
+# <|im_start|>assistant\n and <think>\n after) take under this many tokens on either side.
+CHAT_WRAPPER_TOKENS = 16
+
+
+def abstract_rc_prompts(rc, mesh):
+    """The RC prompt templates' literal pieces as abstract ids, sized without a tokenizer by an
+    upper bound: a byte-level BPE token covers at least one byte, plus the chat wrappers."""
+    from qed_jax import reasoning_cache as rcm
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pieces(template: str, slots: tuple[str, ...]):
+        literals, found = rcm.split_template(rcm.load_rc_template(template), slots, template)
+        sizes = [len(text.encode()) for text in literals]
+        sizes[0] += CHAT_WRAPPER_TOKENS
+        sizes[-1] += CHAT_WRAPPER_TOKENS
+        return rcm.PromptPieces(tuple(jax.ShapeDtypeStruct((n,), jnp.int32, sharding=replicated) for n in sizes),
+                                found)
+
+    return rcm.RCPrompts(pieces(rc.reasoning_template, rcm.REASONING_SLOTS),
+                         pieces(rc.summarize_template, rcm.SUMMARIZE_SLOTS))
+
+
+def rc_summarizer_model(rc, policy: ModelConfig) -> tuple[ModelConfig | None, str]:
+    """The frozen summarizer's architecture (None when the policy summarizes itself)."""
+    from qed_jax.trainer import ModelSpec
+
+    s = rc.summarizer
+    if not s.path:
+        return None, "the policy"
+    try:
+        config, source = model_config(ModelSpec(path=s.path))
+    except ConfigError:
+        config, source = policy, f"{s.path} (not local: planned with the policy's architecture)"
+    return config.replace(param_dtype=s.dtype, dtype=s.dtype), source
+
+
+def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident: int) -> tuple[ProgramPlan, dict]:
+    """The compiled RC loop of GRPO's trajectories: `rc.trajectory_batch` problems (rounded up to
+    the batch shards) through all turns, with the policy's sampling weights, the summarizer's
+    and their caches, at the widest problem bucket that `max_prompt_length` admits."""
+    from qed_jax import reasoning_cache as rcm
+    from qed_jax import sampling
+
+    rc = config.rc
+    summarizer, summarizer_source = rc_summarizer_model(rc, policy)
+    prompts = abstract_rc_prompts(rc, mesh)
+    problem_tokens = sampling.bucket_length(config.max_prompt_length - rc.summary_tokens)
+    shape = rcm.LoopShape(rc.reasoning_tokens or config.max_new_tokens, rc.summary_tokens,
+                          rc.summarizer.max_new_tokens, rc.turns, summarizer is not None and rc.summarizer.thinking)
+    ways = batch_ways(mesh)
+    rows = -(-(rc.trajectory_batch or config.prompts_per_step) // ways) * ways
+    lengths = rcm.cache_lengths(prompts, problem_tokens, shape, summarizer is not None)
+    models = (policy,) if summarizer is None else (policy, summarizer)
+    caches = tuple(kv_cache(m, rows, n, m.dtype, mesh) for m, n in zip(models, lengths))
+    policy_def, policy_weights = abstract_params(policy, mesh)
+    summarizer_def, summarizer_weights = abstract_params(summarizer, mesh) if summarizer else (None, None)
+    inputs = rcm.LoopInputs(by_rows((rows, problem_tokens), jnp.int32, mesh), by_rows((rows,), jnp.int32, mesh),
+                            by_rows((rows, rc.summary_tokens), jnp.int32, mesh), by_rows((rows,), jnp.int32, mesh),
+                            by_rows((rows,), jnp.bool_, mesh), by_rows((rows,), jnp.int32, mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def scalar(dtype):
+        return jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+
+    settings = (scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
+    stop_ids = jax.ShapeDtypeStruct((NUM_STOP_IDS,), jnp.int32, sharding=replicated)
+    controls = rcm.Controls(scalar(jnp.int32), scalar(jnp.int32),
+                            sharded(jax.eval_shape(lambda: jax.random.key(0)), replicated), settings, settings,
+                            stop_ids, stop_ids, scalar(jnp.int32))
+    program = compile_program(
+        "rc_trajectory", rcm.rc_loop, (policy_def, summarizer_def, shape, policy_weights, summarizer_weights,
+                                       prompts, inputs, caches, controls),
+        hbm, mesh, resident, note=f"{rows} problems x {rc.turns} turns, caches of {' + '.join(map(str, lengths))} slots")
+    info = {"rc_trajectory_rows": rows, "rc_problem_tokens": problem_tokens, "rc_cache_lengths": list(lengths),
+            "rc_summarizer": summarizer_source,
+            "rc_cache_bytes_per_chip": bytes_per_chip(caches)}
+    return program, info
+
+
 def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
               wave: int | None = None) -> tuple[list[ProgramPlan], dict]:
     """GRPO's learner (one micro-batch of packed rows, and the optimizer step) and the sampler's
@@ -426,11 +507,15 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     sampling_mesh = make_mesh(config.sampling.mesh, devices=devices) if config.sampling.mesh else mesh
     sampling_model = model.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])
+    # A frozen RC summarizer stays loaded for the whole run.
+    summarizer = rc_summarizer_model(config.rc, sampling_model)[0] if config.rc else None
+    frozen_bytes = bytes_per_chip(abstract_params(summarizer, sampling_mesh)[1]) if summarizer else 0
     prompt_len = sampling.bucket_length(config.max_prompt_length)
     cache_len = prompt_len + config.max_new_tokens
     ways = batch_ways(sampling_mesh)
     row_bytes = bytes_per_chip(kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)) / ways
-    fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes), row_bytes, ways, config.samples_per_step)
+    fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes - frozen_bytes), row_bytes, ways,
+                        config.samples_per_step)
     if wave is None and config.sampling.max_concurrent:
         wave = config.sampling.max_concurrent
     elif wave is None and config.sampling.kv_cache_gib:
@@ -442,7 +527,13 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     wave = wave or max(fitting, ways)
     cache_bytes = bytes_per_chip(kv_cache(sampling_model, wave, cache_len, sampling_model.dtype, sampling_mesh))
     prefill, decode = sampler_programs(sampling_model, sampling_mesh, wave, prompt_len, config.max_new_tokens,
-                                       hbm, resident=trainer_bytes)
+                                       hbm, resident=trainer_bytes + frozen_bytes)
+
+    programs = [prefill, decode]
+    rc_info = {}
+    if config.rc is not None:
+        trajectory, rc_info = rc_trajectory_program(config, sampling_model, sampling_mesh, hbm, trainer_bytes)
+        programs.insert(0, trajectory)
 
     rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -455,19 +546,20 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     sums = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in grpo.METRIC_SUMS}
     accumulate = compile_program(
         "accumulate", jax.jit(partial(grpo.accumulate_step, graphdef, config.loss), donate_argnums=(2, 3)),
-        (params, ref_params, grads, sums, micro), hbm, mesh, resident=bytes_per_chip(opt_state),
+        (params, ref_params, grads, sums, micro), hbm, mesh, resident=bytes_per_chip(opt_state) + frozen_bytes,
         note=f"one micro-batch [{rows}, {L}] of packed rows")
     apply = compile_program(
         "apply", jax.jit(partial(grpo.apply_step, optimizer), donate_argnums=(0, 1),
                          out_shardings=(shardings_of(params), shardings_of(opt_state), None)),
-        (params, opt_state, grads), hbm, mesh, note="the optimizer step")
+        (params, opt_state, grads), hbm, mesh, frozen_bytes, note="the optimizer step")
     info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
             "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_size_that_fits": fitting,
             "samples_per_step": config.samples_per_step,
             "kv_bytes_per_token": sampling.kv_bytes_per_token(model, config.sampling.dtype),
             "kv_cache_length": cache_len, "kv_cache_bytes_per_chip": cache_bytes,
-            "sampler_weights_bytes_per_chip": sampler_bytes, "trainer_state_bytes_per_chip": trainer_bytes}
-    return [accumulate, apply, prefill, decode], info
+            "sampler_weights_bytes_per_chip": sampler_bytes, "trainer_state_bytes_per_chip": trainer_bytes,
+            **rc_info}
+    return [accumulate, apply, *programs], info
 
 
 # --------------------------------------------------------------------------------------------

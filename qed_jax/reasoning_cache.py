@@ -145,7 +145,7 @@ class PromptPieces:
 
     @property
     def literal_tokens(self) -> int:
-        return sum(len(x) for x in self.literals)
+        return sum(x.shape[0] for x in self.literals)
 
 
 def load_rc_template(name_or_path: str) -> str:
@@ -373,6 +373,16 @@ def rc_loop(policy_def, summarizer_def, shape: LoopShape, policy_state, summariz
     return history, caches
 
 
+def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
+                  ) -> tuple[int, ...]:
+    """KV slots of the policy's and the summarizer's cache (one cache when the policy summarizes
+    itself): each role's widest prompt plus its budget."""
+    reasoning = prompts.reasoning.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
+    summarize = (prompts.summarize.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
+                 + shape.summarizer_tokens)
+    return (reasoning, summarize) if separate_summarizer else (max(reasoning, summarize),)
+
+
 # --------------------------------------------------------------------------------------------
 # Host side
 
@@ -436,13 +446,7 @@ class ReasoningCache:
                          p.max_turns, self.summarizer_thinking)
 
     def cache_lengths(self, problem_tokens: int) -> tuple[int, ...]:
-        """KV slots of the policy's and the summarizer's cache (one cache when the policy
-        summarizes itself): each role's widest prompt plus its budget."""
-        p, s = self.params, self.shape()
-        reasoning = self.prompts.reasoning.literal_tokens + problem_tokens + p.summary_tokens + p.reasoning_tokens
-        summarize = (self.prompts.summarize.literal_tokens + problem_tokens + p.summary_tokens + p.reasoning_tokens
-                     + s.summarizer_tokens)
-        return (max(reasoning, summarize),) if self.summarizer_def is None else (reasoning, summarize)
+        return cache_lengths(self.prompts, problem_tokens, self.shape(), self.summarizer_def is not None)
 
     def _take_caches(self, batch: int, problem_tokens: int) -> tuple:
         caches, self._caches = self._caches, None

@@ -29,6 +29,7 @@ from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metri
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
+TINY_RC = str(REPO / "configs" / "rl" / "tiny_rc.yaml")
 
 
 # --- pure math against NumPy ------------------------------------------------------------------
@@ -253,8 +254,8 @@ def test_a_packed_update_equals_the_padded_one(aggregation):
 # --- the learner loop --------------------------------------------------------------------------
 
 
-def _grpo(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY, *args],
+def _grpo(args, config=TINY, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", config, *args],
                             cwd=REPO, env=cli_env(1), **kwargs)
 
 
@@ -310,11 +311,13 @@ def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-def test_sigkill_mid_step_resumes_without_regrading(tmp_path):
+# Per step: 4 problems x 4 samples, or with RC 4 problems x 2 states x 4 samples.
+@pytest.mark.parametrize("config,per_step", [(TINY, 16), (TINY_RC, 32)], ids=["plain", "rc"])
+def test_sigkill_mid_step_resumes_without_regrading(tmp_path, config, per_step):
     run = tmp_path / "run"
     with JudgeServer(default=("hash", 0.1)) as server:
         args = [*_judge_args(server, tmp_path), "steps=3", "checkpoint_every=1", f"output_dir={run}"]
-        proc = _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = _grpo(args, config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
         while time.time() < deadline and not (run / "checkpoints" / "2").exists():
             time.sleep(0.05)
@@ -324,8 +327,8 @@ def test_sigkill_mid_step_resumes_without_regrading(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         graded_before_kill = server.total - at_checkpoint
-        assert 5 <= graded_before_kill < 16
-        assert _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=300) == 0
+        assert 5 <= graded_before_kill < per_step
+        assert _grpo(args, config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=300) == 0
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     # Each distinct completion was graded once; only requests in flight at the kill went twice.
     repeats = [n for n in server.by_prompt.values() if n > 1]
@@ -390,3 +393,126 @@ def test_recomputed_old_logprobs_agree_with_the_samplers(tmp_path):
         assert metrics["approx_kl"] < 1e-6 and metrics["clip_fraction"] == 0.0, (source, metrics)
         losses[source] = metrics["loss"]
     assert abs(losses["sampler"] - losses["recompute"]) < 1e-4, losses
+
+
+# --- reasoning-cache states ---------------------------------------------------------------------
+
+
+class _ScriptedTrajectories:
+    """Stands in for the compiled RC loop: per problem, turns whose summaries are scripted ids."""
+
+    def __init__(self, prompts, summaries_by_problem):
+        self.prompts, self.summaries_by_problem, self.released = prompts, summaries_by_problem, False
+
+    def run_ids(self, problems, key=None):
+        from qed_jax.reasoning_cache import Turn
+
+        return [[Turn(reasoning_ids=[1], answer_ids=[], num_tokens=4, finish_reason="length", summary_ids=s,
+                      summary_cut=len(s) == 3) for s in self.summaries_by_problem[tuple(p)]] for p in problems]
+
+    def release(self):
+        self.released = True
+
+
+def test_rc_states_draws_and_group_layout():
+    from qed_jax.grpo import RCRollouts, RCTrainConfig
+    from qed_jax.reasoning_cache import PromptPieces, RCPrompts
+
+    # Literal pieces [100], [101], [102] around {problem} and {summary}.
+    pieces = PromptPieces(tuple(np.array([x], np.int32) for x in (100, 101, 102)), ("problem", "summary"))
+    summaries = {(7,): [[11], [12, 12], [13, 13, 13]], (8, 8): [[21], [], [23, 23, 23]]}  # T = 3 turns
+    rollouts = object.__new__(RCRollouts)
+    rollouts.config = RCTrainConfig(turns=3, states_per_problem=2)
+    rollouts.cache = _ScriptedTrajectories(RCPrompts(pieces, pieces), summaries)
+    rows = [{"problem": "seven", "rubric": None, "problem_ids": [7]},
+            {"problem": "eight", "rubric": "r", "problem_ids": [8, 8]}]
+    group_rows, metrics = rollouts.group_rows(rows, None, np.random.default_rng(0), group_size=3)
+
+    assert rollouts.cache.released
+    assert len(group_rows) == 2 * 2 * 3  # problems x states x group
+    for g in range(4):  # each group: one problem, one state, its rollouts in a row
+        group = group_rows[3 * g: 3 * g + 3]
+        assert all(r is group[0] for r in group)
+    for p, row in enumerate(rows):
+        drawn = [group_rows[3 * g]["state"] for g in (2 * p, 2 * p + 1)]
+        assert len(set(drawn)) == 2 and all(0 <= k <= 3 for k in drawn)  # T + 1 states, no repeats
+        states = [[]] + summaries[tuple(row["problem_ids"])]
+        for g in (2 * p, 2 * p + 1):
+            r = group_rows[3 * g]
+            # The grader reads problem and rubric; the prompt carries the state's summary.
+            assert (r["problem"], r["rubric"]) == (row["problem"], row["rubric"])
+            assert r["prompt_ids"] == [100, *row["problem_ids"], 101, *states[r["state"]], 102]
+    assert metrics["summaries_cut"] == 2 and metrics["summary_length_mean"] == pytest.approx(10 / 6)
+
+    # Draws are uniform over the T + 1 states: every state is drawn about equally often.
+    counts = np.zeros(4)
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        for r in rollouts.group_rows(rows[:1], None, rng, group_size=1)[0]:
+            counts[r["state"]] += 1
+    assert counts.sum() == 800 and np.all(np.abs(counts / 800 - 0.25) < 0.05)
+
+
+def test_state_rewards_are_means_over_graded_rollouts_of_each_state():
+    from qed_jax.grpo import state_rewards
+
+    states = np.array([0, 0, 2, 2, 2, 1])
+    rewards = np.array([1.0, 0.0, 0.5, 0.25, 0.9, 0.3], np.float32)
+    valid = np.array([True, True, True, True, False, False])
+    out = state_rewards(states, rewards, valid, 4)
+    assert out["reward_state_0"] == 0.5 and out["reward_state_2"] == pytest.approx(0.375)
+    assert np.isnan(out["reward_state_1"]) and np.isnan(out["reward_state_3"])  # failed grade; not drawn
+
+
+def test_rc_prompts_leave_room_for_the_summary_and_the_template(tmp_path):
+    from qed_jax.grpo import rc_template_tokens
+    from qed_jax.tokenizer import load_tokenizer
+
+    config = load_config(GRPOConfig, TINY_RC)
+    tokenizer = load_tokenizer(REPO / "configs" / "tiny" / "tokenizer")
+    literal = rc_template_tokens(config.rc, tokenizer)
+    prompts = load_prompts(config, tokenizer)
+    assert all(len(p["problem_ids"]) + config.rc.summary_tokens + literal <= config.max_prompt_length
+               for p in prompts)
+    assert prompts[0]["problem_ids"] == tokenizer(prompts[0]["problem"], add_special_tokens=False)["input_ids"]
+    with pytest.raises(ConfigError, match="leaves no room for a problem"):
+        load_prompts(load_config(GRPOConfig, TINY_RC, ["max_prompt_length=300"]), tokenizer)
+    with pytest.raises(ConfigError, match="states_per_problem must be between 1 and rc.turns \\+ 1 = 3"):
+        load_config(GRPOConfig, TINY_RC, ["rc.states_per_problem=4"])
+
+
+def test_rc_grpo_runs_and_logs_per_state_metrics(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY_RC, "steps=2",
+                             "export_dtype=null", f"output_dir={tmp_path}"], cwd=REPO, env=cli_env(2),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        per_state = [m[f"reward_state_{k}"] for k in range(3)]
+        drawn = [r for r in per_state if np.isfinite(r)]
+        assert drawn and all(0.0 <= r <= 1.0 for r in drawn)
+        assert m["summaries_cut"] >= 0 and 0.0 <= m["summary_length_mean"] <= 8
+        assert m["packed_rows"] > 0 and np.isfinite(m["loss"]) and m["trajectory_s"] > 0
+
+
+def test_rc_grader_sees_the_original_problem(tmp_path):
+    with JudgeServer(default=("score", 7)) as server:
+        result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY_RC,
+                                 *_judge_args(server, tmp_path), "steps=1", f"output_dir={tmp_path / 'run'}"],
+                                cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+        prompts = [body["messages"][-1]["content"] for body in server.bodies]
+    assert result.returncode == 0, result.stderr[-3000:]
+    problems = [json.loads(line)["problem"] for line in (REPO / "configs/data/tiny_proofs.jsonl").open()]
+    assert prompts and all(any(p in text for p in problems) for text in prompts)
+    assert not any("SUMMARY OF PREVIOUS ATTEMPT" in text for text in prompts)
+
+
+def test_rc_recipe_config_loads_with_1024_samples_per_step():
+    config = load_config(GRPOConfig, REPO / "configs" / "rl" / "qed_nano_4b_rc.yaml")
+    derived = config.derived()
+    assert (config.prompts_per_step, config.rc.states_per_problem, config.samples_per_prompt) == (32, 2, 16)
+    assert derived["samples_per_step"] == 1024 and derived["rc"]["states"] == 4
+    assert config.rc.reasoning_tokens == config.max_new_tokens == 49152
+    s = config.rc.summarizer
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.thinking) == (2048, 0.7, 0.8, 20, False)

@@ -14,6 +14,8 @@ from qed_jax import cli, plan
 from qed_jax.config import ConfigError, PRESETS
 from qed_jax.sft import ModelSpec
 
+from tests.helpers import make_hf_model
+
 REPO = Path(__file__).resolve().parent.parent
 SFT_TINY = str(REPO / "configs" / "sft" / "tiny.yaml")
 RL_TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
@@ -166,6 +168,37 @@ def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, caps
     assert report["kv_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # float32 sampling
     assert report["kv_cache_length"] == 128 + 8  # the tiny config's prompt bucket + max_new_tokens
     assert report["programs"][2]["resident"] == report["trainer_state_bytes_per_chip"] > 0
+
+
+@pytest.mark.tpu_compile
+def test_tiny_rc_grpo_plans_its_trajectory_loop(libtpu, capsys, tmp_path):
+    # A frozen summarizer from a local folder: its weights stay resident in every other program.
+    hf_tiny = tmp_path / "summarizer"
+    make_hf_model(hf_tiny)
+    report = _plan_json(capsys, "--config", str(REPO / "configs" / "rl" / "tiny_rc.yaml"), "--topology", "v5e-4",
+                        f"rc.summarizer.path={hf_tiny}", "rc.summarizer.dtype=float32")
+    assert [p["name"] for p in report["programs"]] == ["accumulate", "apply", "rc_trajectory", "prefill",
+                                                       "decode_loop"]
+    assert report["fits"] and report["samples_per_step"] == 4 * 2 * 8
+    assert report["rc_trajectory_rows"] == 4 and report["rc_problem_tokens"] == 512  # bucket of 448 - 8
+    assert report["rc_summarizer"] == f"{hf_tiny}/config.json"
+    by_name = {p["name"]: p for p in report["programs"]}
+    summarizer = by_name["apply"]["resident"]
+    assert summarizer > 0 and by_name["prefill"]["resident"] == report["trainer_state_bytes_per_chip"] + summarizer
+    # Two caches (policy, summarizer): each role's widest prompt (template bytes + 2 x 16 for the
+    # chat wrappers bound its own tokens; problem bucket 512; summary 8) plus its budgets.
+    from qed_jax.reasoning_cache import load_rc_template
+
+    def template_bound(name, slots):
+        text = load_rc_template(name)
+        for slot in slots:
+            text = text.replace("{%s}" % slot, "")
+        return len(text.encode()) + 2 * 16
+
+    problem, summary, h_r, h_s = 512, 8, 16, 12
+    assert report["rc_cache_lengths"] == [
+        template_bound("rc_reasoning", ("problem", "summary")) + problem + summary + h_r,
+        template_bound("rc_summarize", ("problem", "summary", "reasoning")) + problem + summary + h_r + h_s]
 
 
 @pytest.mark.tpu_compile
