@@ -337,3 +337,14 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
                    env=env, check=True, capture_output=True)
     assert sorted(p.name for p in home.iterdir()) == ["pyproject.toml"]
     assert "-m pip install --quiet -e .[tpu]" in (tmp_path / "pip.log").read_text()
+
+
+@pytest.mark.tpu_compile  # runs where the tpu extra is installed, as on the workers
+def test_the_tpu_extra_gives_gs_paths_a_filesystem():
+    """Orbax reaches checkpoint_dir=gs://... through etils, which needs gcsfs for Google Storage."""
+    import fsspec
+    import gcsfs
+    from etils import epath
+
+    assert isinstance(fsspec.filesystem("gs", token="anon"), gcsfs.GCSFileSystem)
+    assert str(epath.Path("gs://bucket/run/checkpoints") / "10") == "gs://bucket/run/checkpoints/10"
