@@ -178,9 +178,11 @@ def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> 
 
 def _per_turn(plt, summaries: dict[str, dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, s in summaries.items():
+    for i, (name, s) in enumerate(summaries.items()):
         turns = s["turns"]
-        ax.plot(range(1, turns["count"] + 1), turns["mean"], marker="o", label=name)
+        # Runs often coincide (every score 0, or 7): dashes and markers keep each line visible.
+        ax.plot(range(1, turns["count"] + 1), turns["mean"], label=name, linestyle=("-", "--", ":")[i % 3],
+                marker="os^D"[i % 4], markersize=8 - 1.5 * (i % 4), alpha=0.85)
     count = max(s["turns"]["count"] for s in summaries.values())
     ax.set_xticks(range(1, count + 1))
     ax.set_ylim(-0.2, MAX_SCORE + 0.2)
