@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="evaluate a model on a benchmark (IMO-ProofBench, ProofBench, IMO-AnswerBench)",
         description="Sample `samples` completions per problem from a local checkpoint (model.path) or an "
-        "OpenAI-compatible endpoint (model.base_url, model.name), grade proofs with the judge and final "
+        "OpenAI-compatible endpoint (model.base_url, model.name), or with mode=rc solve each problem in "
+        "reasoning-cache turns on the local checkpoint (rc.turns, rc.reasoning_tokens, rc.summary_tokens; "
+        "rc.grade_turns=true grades every turn), grade proofs with the judge and final "
         "answers with math-verify (the judge only where it cannot decide). Every sample and grade is "
         "appended to OUTPUT_DIR/samples.jsonl as it completes: rerunning the same command finishes an "
         "interrupted run without generating or grading anything twice, and retries failed grades. "

@@ -19,6 +19,7 @@ over all turns (the summarizer's are recorded per turn, apart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -475,20 +476,29 @@ class RCGenerator:
                           problem_tokens=rc.problem_tokens, max_turns=rc.turns, batch_size=rc.batch_size,
                           reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
         tokenizer = load_tokenizer(resolve(m.tokenizer or m.path))
-        try:
+        with rc_section_errors():
             self.cache = ReasoningCache(load_for_sampling(m.path, m.dtype), tokenizer, params, summarizer)
-        except ConfigError as e:  # it names RCParams' fields: the eval config's are under rc.
-            raise ConfigError(f"{e} (in the eval config: the rc section)") from None
 
     def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
         """Calls on_sample(i, Sample) for each prompt (a problem for the turn prompt's PROBLEM
         section); `sampling` is already part of the loop's settings."""
         import jax
 
-        for i, result in enumerate(self.cache.run(prompts, key=jax.random.key(seed))):
+        with rc_section_errors():
+            results = self.cache.run(prompts, key=jax.random.key(seed))
+        for i, result in enumerate(results):
             turns = [rc_turn_record(t) for t in result.turns]
             on_sample(i, Sample(text=turn_completion(turns[-1]), completion_tokens=sum(t["tokens"] for t in turns),
                                 finish_reason=turns[-1]["finish_reason"], turns=turns))
+
+
+@contextlib.contextmanager
+def rc_section_errors():
+    """The reasoning cache's errors name RCParams' fields; an eval config has them under rc."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in the eval config: the rc section)") from None
 
 
 def rc_turn_record(turn) -> dict:

@@ -1,7 +1,7 @@
 """The evaluation report: from one or more run directories (written by `qed_jax.evaluate`) to a
 Markdown table (one row per run, so several runs compare side by side, and for several models a
 table of model against benchmark and mode), a JSON summary, and plots (score histogram, score
-against completion tokens, and for reasoning-cache runs with graded turns the mean score per turn).
+against completion tokens, and for reasoning-cache runs the mean score per turn).
 
 Scores are on the judge's 0-7 scale and as % of 7. A failed grade is neither a 0 nor dropped
 silently: the headline score leaves it out, and a second figure counts it as 0.

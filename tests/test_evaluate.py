@@ -378,6 +378,8 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path)
     with pytest.raises(ConfigError, match="mode rc runs the reasoning cache on a local model"):
         load_config(EvalConfig, path, ["model.base_url=http://x/v1", "model.name=m", "mode=rc"])
+    with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
+        load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.summarizer_thinking=true"])
     with pytest.raises(ConfigError, match="benchmark.fields: unknown name"):
         load_config(EvalConfig, path, ["model.path=x", "benchmark.fields.question=q"])
     bad = tmp_path / "rows.jsonl"
