@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
 
@@ -158,9 +159,31 @@ def _eval(args) -> None:
 def _report(args) -> None:
     from qed_jax.report import report
 
-    text, out = report(args.run_dirs, args.output, plots=not args.no_plots)
+    text, out, plots = report(args.run_dirs, args.output, plots=not args.no_plots)
     print(text)
-    print(f"wrote {out}/report.md, report.json" + ("" if args.no_plots else ", score_histogram.png, score_vs_tokens.png"))
+    print(f"wrote {out}/report.md, report.json" + "".join(f", {p.name}" for p in plots))
+
+
+def _pipeline(args) -> None:
+    import time
+
+    from qed_jax.config import dump_json, load_config
+    from qed_jax.pipeline import PipelineConfig, run
+
+    config = load_config(PipelineConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_json(config))
+        return
+    start = time.perf_counter()
+    result = run(config)
+    print(Path(result["report"]).read_text())
+    if result["standin_requests"] is not None:
+        print(f"the offline stand-in judge answered {result['standin_requests']} requests (not a real judge: "
+              "its marks only say whether a proof closed its reasoning)")
+    print(f"{config.output_dir}: every stage done in {time.perf_counter() - start:.0f} s; report in {result['report']}")
+    if result["failed"]:
+        print(f"{result['failed']} grades failed; rerun the same command to retry them", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _train(args, config_cls, train, summary) -> None:
@@ -246,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qed-jax", description="Post-train small Qwen3 models to write olympiad proofs: convert "
         "checkpoints, sample, grade with a judge, train (SFT, GRPO), evaluate on the bundled "
-        "benchmarks and report, and plan TPU memory. `qed-jax COMMAND --help` documents each command.")
+        "benchmarks and report, run all of it as one pipeline, and plan TPU memory. `qed-jax COMMAND --help` documents each command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -329,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="evaluate a model on a benchmark (IMO-ProofBench, ProofBench, IMO-AnswerBench)",
         description="Sample `samples` completions per problem from a local checkpoint (model.path) or an "
-        "OpenAI-compatible endpoint (model.base_url, model.name), grade proofs with the judge and final "
+        "OpenAI-compatible endpoint (model.base_url, model.name), or with mode=rc solve each problem in "
+        "reasoning-cache turns on the local checkpoint (rc.turns, rc.reasoning_tokens, rc.summary_tokens; "
+        "rc.grade_turns=true grades every turn), grade proofs with the judge and final "
         "answers with math-verify (the judge only where it cannot decide). Every sample and grade is "
         "appended to OUTPUT_DIR/samples.jsonl as it completes: rerunning the same command finishes an "
         "interrupted run without generating or grading anything twice, and retries failed grades. "
@@ -352,6 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "required with several)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(run=_report)
+
+    p = sub.add_parser(
+        "pipeline", help="the whole recipe in one command: SFT, GRPO, evaluation of base/SFT/GRPO, report",
+        description="Run the stages as they would be run by hand, each with its own YAML plus the "
+        "pipeline's overrides: SFT; GRPO from the SFT model; evaluation of the base, SFT and GRPO models "
+        "on every benchmark in every mode (single-shot and reasoning cache); one report over all "
+        "evaluations. Everything lands in one run directory (output_dir): base/, sft/, grpo/, "
+        "eval/MODEL-BENCHMARK-MODE/, report.md, report.json and plots. Rerunning the same command skips "
+        "what is done (finished trainers, finished samples and grades). Ctrl-C exits 130 after the "
+        "current trainer step is checkpointed; nothing finished is lost. With `judge: standin` the "
+        "command serves an offline stand-in judge on 127.0.0.1 for the evaluations: NOT a real judge "
+        "(full marks for any proof written after </think>). Exits 1 when some grades failed.")
+    p.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="pipeline overrides, e.g. output_dir=runs/p2 sft.overrides.steps=40 "
+                   "eval.overrides.samples=1 eval.modes=[single] judge=http://localhost:8000/v1")
+    p.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
+    p.set_defaults(run=_pipeline)
 
     p = sub.add_parser(
         "plan", help="compile a config for a TPU slice ahead of time: memory per chip, FLOPs",

@@ -1,17 +1,25 @@
 """Benchmark evaluation: sample k completions per problem from a checkpoint or an OpenAI-compatible
-endpoint, grade proofs with the judge and final answers with math-verify (the judge only where
-math-verify cannot decide), and append every sample and every grade to `samples.jsonl` as it
-completes, so that a rerun in the same output_dir does only what is left.
+endpoint (single-shot), or solve each problem in reasoning-cache turns on a checkpoint (mode rc),
+grade proofs with the judge and final answers with math-verify (the judge only where math-verify
+cannot decide), and append every sample and every grade to `samples.jsonl` as it completes, so
+that a rerun in the same output_dir does only what is left.
 
-samples.jsonl holds two kinds of records, keyed by (problem_id, sample):
-  {"type": "sample", ...}: the completion, its token count, finish reason, whether it was truncated;
-  {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by, judge reply.
-A failed grade is retried by the next run; the last grade record of a sample is the one that counts.
+samples.jsonl holds three kinds of records, keyed by (problem_id, sample):
+  {"type": "sample", ...}: the completion, its token count, finish reason, whether it was truncated,
+    and in mode rc each turn's reasoning, answer and summary texts with their token counts;
+  {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by, judge reply;
+  {"type": "turn_grade", "turn": t, ...}: the same for turn t's answer (mode rc, rc.grade_turns).
+A failed grade is retried by the next run; the last grade record of a sample (or turn) counts.
+
+In mode rc a sample's completion is its last turn's text (the answer is what follows its
+</think>; no fallback to earlier turns), and its completion_tokens are the policy's tokens summed
+over all turns (the summarizer's are recorded per turn, apart).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -102,12 +110,48 @@ class EvalSamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalRCConfig:
+    """Mode rc: the reasoning cache on the local model, as the recipe evaluates it: `turns` turns,
+    a summary after every turn but the last, the no-summary marker in the first turn's prompt, and
+    the final answer from the last turn only. Both roles sample with the `sampling` section (the
+    recipe: temperature 0.8). The turn prompt's PROBLEM section holds the benchmark's prompt (its
+    instruction, e.g. the proof instruction, and the problem), so the recipe's instruction applies."""
+
+    turns: int = 3
+    reasoning_tokens: int | None = None  # H_R, each turn's budget; default: sampling.max_new_tokens
+    summary_tokens: int = 2048  # S: a summary is cut to this many tokens
+    summarizer_tokens: int | None = None  # H_S, the summarizer's budget; default: summary_tokens
+    no_summary: str | None = "None: this is the first attempt."  # null: an empty first summary
+    reasoning_template: str = "rc_reasoning"  # a file in configs/prompts/ (without .txt) or a path
+    summarize_template: str = "rc_summarize"
+    problem_tokens: int | None = None  # P, the prompt buffer; default: the bucket of the longest prompt
+    batch_size: int | None = None  # rows per compiled call; default: a whole round at once
+    summarizer: str | None = None  # a separate frozen summarizer (same vocabulary); default: the model
+    summarizer_thinking: bool = False  # with summarizer: it thinks, its summary follows its </think>
+    grade_turns: bool = False  # grade each earlier turn's answer too (the report's score per turn)
+
+    def __post_init__(self):
+        for name in ("turns", "summary_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rc.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("reasoning_tokens", "summarizer_tokens", "problem_tokens", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"rc.{name} must be at least 1 (or null), got {getattr(self, name)}")
+        if self.summarizer_thinking and self.summarizer is None:
+            raise ConfigError("rc.summarizer_thinking is for a separate summarizer: set rc.summarizer too")
+
+
+MODES = ("single", "rc")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     benchmark: BenchmarkConfig = BenchmarkConfig()
     model: EvalModelConfig = EvalModelConfig()
     sampling: EvalSamplingConfig = EvalSamplingConfig()
     judge: JudgeConfig = JudgeConfig()
-    mode: str = "single"  # single: one turn per sample
+    mode: str = "single"  # single: one completion per sample | rc: reasoning-cache turns (local model)
+    rc: EvalRCConfig = EvalRCConfig()
     samples: int = 3  # k samples per problem: the report's avg@k
     seed: int = 0  # sample i is drawn with seed + i
     batch_size: int = 64  # samples generated (then graded) per round; what a kill can lose
@@ -117,11 +161,11 @@ class EvalConfig:
         if (self.model.path is None) == (self.model.base_url is None):
             raise ConfigError("model: set exactly one of model.path (a local checkpoint) and model.base_url "
                               "(an OpenAI-compatible endpoint, with model.name)")
-        if self.mode == "rc":
-            raise ConfigError("mode rc needs the reasoning-cache module (qed_jax.reasoning_cache), which "
-                              "evaluation does not use yet; run mode single")
-        if self.mode != "single":
-            raise ConfigError(f"mode must be single, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "rc" and self.model.base_url is not None:
+            raise ConfigError("mode rc runs the reasoning cache on a local model: set model.path (a checkpoint "
+                              "or Hugging Face folder) instead of model.base_url, or run mode single")
         if self.samples < 1 or self.batch_size < 1:
             raise ConfigError("samples and batch_size must be at least 1")
 
@@ -141,6 +185,7 @@ class Sample:
     text: str
     completion_tokens: int
     finish_reason: str
+    turns: list[dict] | None = None  # mode rc: each turn's texts and token counts (rc_turn_record)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,11 +302,13 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
 
 
 class RunLog:
-    """What is done, by (problem_id, sample): the sample records and each sample's last grade."""
+    """What is done, by (problem_id, sample): the sample records, each sample's last grade and,
+    by (problem_id, sample, turn), each turn's last grade."""
 
     def __init__(self, path: Path, records: list[dict] = ()):
         self.samples: dict[tuple[str, int], dict] = {}
         self.grades: dict[tuple[str, int], dict] = {}
+        self.turn_grades: dict[tuple[str, int, int], dict] = {}
         for record in records:
             self._index(record)
         self.path, self.file = path, None
@@ -274,15 +321,20 @@ class RunLog:
 
     def _index(self, record: dict) -> None:
         key = (record["problem_id"], record["sample"])
-        (self.samples if record["type"] == "sample" else self.grades)[key] = record
+        if record["type"] == "turn_grade":
+            self.turn_grades[(*key, record["turn"])] = record
+        else:
+            (self.samples if record["type"] == "sample" else self.grades)[key] = record
 
     def append(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self._index(record)
 
-    def graded(self, key) -> bool:
-        return key in self.grades and self.grades[key]["score"] is not None
+    def graded(self, key, turn: int | None = None) -> bool:
+        """Whether the sample `key` (or its turn `turn`) has a grade that did not fail."""
+        grade = self.grades.get(key) if turn is None else self.turn_grades.get((*key, turn))
+        return grade is not None and grade["score"] is not None
 
     def close(self) -> None:
         if self.file is not None:
@@ -290,7 +342,9 @@ class RunLog:
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
-    """A run's config and one merged record per sample: the sample plus its last grade (if any)."""
+    """A run's config and one merged record per sample: the sample plus its last grade (if any)
+    and, in mode rc, `turn_scores`: each turn's score (None where not graded, or failed), the
+    last turn's being the sample's own."""
     run_dir = Path(run_dir)
     config_path, samples_path = run_dir / "config.json", run_dir / SAMPLES_FILE
     if not config_path.is_file() or not samples_path.is_file():
@@ -299,8 +353,12 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     merged = []
     for key, sample in run.samples.items():
         grade = run.grades.get(key, {})
-        merged.append({**sample, "graded": bool(grade), "score": grade.get("score"),
-                       "reason": grade.get("reason"), "decided_by": grade.get("decided_by")})
+        record = {**sample, "graded": bool(grade), "score": grade.get("score"),
+                  "reason": grade.get("reason"), "decided_by": grade.get("decided_by")}
+        if "turns" in sample:
+            earlier = [run.turn_grades.get((*key, t), {}).get("score") for t in range(len(sample["turns"]) - 1)]
+            record["turn_scores"] = earlier + [record["score"]]
+        merged.append(record)
     return json.loads(config_path.read_text()), merged
 
 
@@ -308,13 +366,24 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 # Generators: the local sampler, or an OpenAI-compatible endpoint
 
 
+def load_for_sampling(path: str, dtype: str | None):
+    """A model to sample from, without the `source` path from_pretrained records: that is a
+    static attribute, so every other folder holding the same architecture (base, SFT and GRPO
+    exports) would compile the sampling programs anew."""
+    from qed_jax.pretrained import from_pretrained
+
+    model = from_pretrained(path, dtype=dtype)
+    del model.source
+    return model
+
+
 class LocalGenerator:
     def __init__(self, config: EvalModelConfig):
-        from qed_jax.pretrained import from_pretrained, resolve
+        from qed_jax.pretrained import resolve
         from qed_jax.sampling import Sampler
         from qed_jax.tokenizer import load_tokenizer
 
-        self.model = from_pretrained(config.path, dtype=config.dtype)
+        self.model = load_for_sampling(config.path, config.dtype)
         self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path))
         self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
                                progress=False)
@@ -383,39 +452,107 @@ class EndpointGenerator:
         return Sample(text=text, completion_tokens=tokens, finish_reason=choice.finish_reason or "stop")
 
 
+class RCGenerator:
+    """Mode rc: the reasoning cache on the local model (the model summarizes its own turns unless
+    rc.summarizer names a separate one). One `generate` call solves every prompt, drawn with `seed`."""
+
+    def __init__(self, config: "EvalConfig"):
+        from qed_jax.pretrained import resolve
+        from qed_jax.reasoning_cache import RCParams, ReasoningCache, Summarizer
+        from qed_jax.sampling import SamplingParams
+        from qed_jax.tokenizer import load_tokenizer
+
+        m, rc, s = config.model, config.rc, config.sampling
+        summarizer = None
+        if rc.summarizer:
+            sampling = SamplingParams(max_new_tokens=rc.summarizer_tokens or rc.summary_tokens,
+                                      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+            summarizer = Summarizer(load_for_sampling(rc.summarizer, m.dtype), sampling,
+                                    thinking=rc.summarizer_thinking, tokenizer=load_tokenizer(resolve(rc.summarizer)))
+        # max_turns = turns: the compiled loop holds no turn slots this run never uses.
+        params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or s.max_new_tokens,
+                          summary_tokens=rc.summary_tokens, summarizer_tokens=rc.summarizer_tokens,
+                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, no_summary=rc.no_summary,
+                          problem_tokens=rc.problem_tokens, max_turns=rc.turns, batch_size=rc.batch_size,
+                          reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
+        tokenizer = load_tokenizer(resolve(m.tokenizer or m.path))
+        with rc_section_errors():
+            self.cache = ReasoningCache(load_for_sampling(m.path, m.dtype), tokenizer, params, summarizer)
+
+    def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
+        """Calls on_sample(i, Sample) for each prompt (a problem for the turn prompt's PROBLEM
+        section); `sampling` is already part of the loop's settings."""
+        import jax
+
+        with rc_section_errors():
+            results = self.cache.run(prompts, key=jax.random.key(seed))
+        for i, result in enumerate(results):
+            turns = [rc_turn_record(t) for t in result.turns]
+            on_sample(i, Sample(text=turn_completion(turns[-1]), completion_tokens=sum(t["tokens"] for t in turns),
+                                finish_reason=turns[-1]["finish_reason"], turns=turns))
+
+
+@contextlib.contextmanager
+def rc_section_errors():
+    """The reasoning cache's errors name RCParams' fields; an eval config has them under rc."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in the eval config: the rc section)") from None
+
+
+def rc_turn_record(turn) -> dict:
+    """A reasoning-cache turn as samples.jsonl records it: its reasoning and answer texts (answer
+    null when the turn never wrote </think>), the policy's tokens (a stop token included), and
+    the summary written after it (null after the last turn) with the summarizer's tokens."""
+    summarized = turn.summary_ids is not None
+    return {"reasoning": turn.reasoning, "answer": turn.answer if turn.finished_thinking else None,
+            "tokens": turn.num_tokens, "finish_reason": turn.finish_reason, "summary": turn.summary,
+            "summary_tokens": len(turn.summary_ids) if summarized else None, "summary_cut": turn.summary_cut,
+            "summarizer_tokens": turn.summarizer_num_tokens if summarized else None}
+
+
+def turn_completion(turn: dict) -> str:
+    """A turn's text as the model wrote it: reasoning, then </think> and the answer if it has one."""
+    return turn["reasoning"] if turn["answer"] is None else f"{turn['reasoning']}{THINK_END}{turn['answer']}"
+
+
 # --------------------------------------------------------------------------------------------
 # Grading
 
 
-def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem], records: list[dict],
-                  on_grade) -> None:
-    """Grades sample records; calls on_grade(record, score, reason, decided_by, judge_reply)."""
+def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem],
+                  todo: list[tuple[dict, int | None]], on_grade) -> None:
+    """Grades `todo`: (sample record, turn) pairs, turn None for the sample's own answer, else the
+    index of the RC turn whose answer to grade. Calls on_grade(record, turn, score, reason,
+    decided_by, judge_reply). Identical proofs in one call share one judge request."""
     to_judge = []
-    for record in records:
+    for record, turn in todo:
+        completion = record["completion"] if turn is None else turn_completion(record["turns"][turn])
         problem = problems[record["problem_id"]]
         if config.benchmark.kind == "proof":
-            to_judge.append(record)
+            to_judge.append((record, turn, completion))
             continue
-        answer_text = extract_proof(record["completion"])
+        answer_text = extract_proof(completion)
         if answer_text is None and config.judge.require_think_end:
-            on_grade(record, 0, "no_think_end", "truncated", None)
+            on_grade(record, turn, 0, "no_think_end", "truncated", None)
             continue
-        answer_text = record["completion"] if answer_text is None else answer_text
+        answer_text = completion if answer_text is None else answer_text
         if not answer_text.strip():
-            on_grade(record, 0, "empty_proof", "truncated", None)
+            on_grade(record, turn, 0, "empty_proof", "truncated", None)
             continue
         verdict = check_answer(last_boxed(answer_text), problem.answer)
         if verdict is None:
-            to_judge.append(record)
+            to_judge.append((record, turn, completion))
         else:
-            on_grade(record, MAX_SCORE if verdict else 0, "ok", "math_verify", None)
+            on_grade(record, turn, MAX_SCORE if verdict else 0, "ok", "math_verify", None)
     if not to_judge:
         return
-    items = [judge_item(problems[r["problem_id"]], r["completion"], config.benchmark.kind) for r in to_judge]
+    items = [judge_item(problems[r["problem_id"]], c, config.benchmark.kind) for r, _, c in to_judge]
     grades: list[Grade] = judge.grade_batch(items)
-    for record, grade in zip(to_judge, grades):
+    for (record, turn, _), grade in zip(to_judge, grades):
         decided_by = "judge" if grade.reason not in ("no_think_end", "empty_proof") else "truncated"
-        on_grade(record, grade.score, grade.reason, decided_by, grade.raw)
+        on_grade(record, turn, grade.score, grade.reason, decided_by, grade.raw)
 
 
 def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:
@@ -439,6 +576,9 @@ RUN_IDENTITY = (
     "judge.model", "judge.api", "judge.template", "judge.answer_format", "judge.allowed_scores",
     "judge.temperature", "judge.max_tokens", "judge.reasoning_effort", "judge.require_think_end",
     "judge.strip_self_evaluation",
+    # mode rc only
+    "rc.turns", "rc.reasoning_tokens", "rc.summary_tokens", "rc.summarizer_tokens", "rc.no_summary",
+    "rc.reasoning_template", "rc.summarize_template", "rc.summarizer", "rc.summarizer_thinking",
 )
 
 
@@ -453,6 +593,8 @@ def prepare_output(config: EvalConfig) -> Path:
         saved = json.loads(saved_path.read_text())
         for key in RUN_IDENTITY:
             section, _, field = key.partition(".")
+            if section == "rc" and config.mode != "rc":
+                continue
             old, new = saved.get(section), current.get(section)
             if field:
                 old, new = (old or {}).get(field), new.get(field)
@@ -471,19 +613,44 @@ def generate_round(generator, config: EvalConfig, template: str, problems: dict[
         chosen = [pid for pid, kk in units if kk == k]
 
         def on_sample(i: int, sample: Sample, chosen=chosen, k=k) -> None:
-            runlog.append({
-                "type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k,
-                "group": problems[chosen[i]].group, "completion": sample.text,
-                "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
-                "truncated": not extract_proof(sample.text)})
+            record = {"type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k,
+                      "group": problems[chosen[i]].group, "completion": sample.text,
+                      "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
+                      "truncated": not extract_proof(sample.text)}
+            if sample.turns is not None:
+                record["turns"] = sample.turns
+            runlog.append(record)
 
         generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], config.seed + k,
                            config.sampling, on_sample)
     return len(units)
 
 
+def ungraded(runlog: RunLog, config: EvalConfig, units: list[tuple[str, int]]) -> list[tuple[dict, int | None]]:
+    """What is left to grade among the generated samples `units`: (sample record, None) for a
+    sample without a grade (or with a failed one), and with rc.grade_turns (record, t) for each
+    such turn but the last (whose answer is the sample's)."""
+    todo = []
+    for u in units:
+        if u not in runlog.samples:
+            continue
+        record = runlog.samples[u]
+        if not runlog.graded(u):
+            todo.append((record, None))
+        if config.mode == "rc" and config.rc.grade_turns:
+            todo += [(record, t) for t in range(len(record["turns"]) - 1) if not runlog.graded(u, t)]
+    return todo
+
+
+def make_generator(config: EvalConfig):
+    if config.mode == "rc":
+        return RCGenerator(config)
+    return LocalGenerator(config.model) if config.model.path else EndpointGenerator(config.model)
+
+
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    """Run (or finish) an evaluation; returns counts: generated, graded, failed, total."""
+    """Run (or finish) an evaluation; returns counts: samples generated, grades written (graded;
+    with rc.grade_turns the turns' too), of which failed, and the run's total of samples."""
     from tqdm.auto import tqdm
 
     from qed_jax.data import read_rows
@@ -497,36 +664,39 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]
-    to_grade = [u for u in units if u in runlog.samples and not runlog.graded(u)]
+    to_grade = ungraded(runlog, config, units)
     counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
     if not to_generate and not to_grade:
         runlog.close()
         return counts
     if to_generate:
-        generator = LocalGenerator(config.model) if config.model.path else EndpointGenerator(config.model)
+        generator = make_generator(config)
     judge = Judge(config.judge)
     bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                unit="sample", disable=not progress)
     scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]
 
-    def on_grade(record, score, reason, decided_by, reply):
-        runlog.append({"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
-                       "score": score, "reason": reason, "decided_by": decided_by, "judge_reply": reply})
+    def on_grade(record, turn, score, reason, decided_by, reply):
+        grade = {"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
+                 "score": score, "reason": reason, "decided_by": decided_by, "judge_reply": reply}
+        if turn is not None:
+            grade.update(type="turn_grade", turn=turn)
+        runlog.append(grade)
         counts["graded"] += 1
         if score is None:
             counts["failed"] += 1
-        else:
+        elif turn is None:
             scores.append(score)
             bar.update()
         bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"])
 
     try:
         if to_grade:
-            grade_samples(judge, config, by_id, [runlog.samples[u] for u in to_grade], on_grade)
+            grade_samples(judge, config, by_id, to_grade, on_grade)
         for start in range(0, len(to_generate), config.batch_size):
             batch = to_generate[start: start + config.batch_size]
             counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
-            grade_samples(judge, config, by_id, [runlog.samples[u] for u in batch], on_grade)
+            grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
     finally:
         bar.close()
         judge.close()

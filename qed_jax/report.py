@@ -1,6 +1,7 @@
 """The evaluation report: from one or more run directories (written by `qed_jax.evaluate`) to a
-Markdown table (one row per run, so several runs compare side by side), a JSON summary, and
-plots (score histogram, score against completion tokens).
+Markdown table (one row per run, so several runs compare side by side, and for several models a
+table of model against benchmark and mode), a JSON summary, and plots (score histogram, score
+against completion tokens, and for reasoning-cache runs the mean score per turn).
 
 Scores are on the judge's 0-7 scale and as % of 7. A failed grade is neither a 0 nor dropped
 silently: the headline score leaves it out, and a second figure counts it as 0.
@@ -48,11 +49,13 @@ def summarize(config: dict, records: list[dict]) -> dict:
     tokens = np.array([r["completion_tokens"] for r in records], dtype=np.float64)
     benchmark = config["benchmark"]
     model = config["model"]
+    mode = config.get("mode", "single")
     mean = _mean(scores)
     mean_failed_as_zero = sum(scores) / (len(graded) + len(failed)) if graded or failed else math.nan
     return {
         "benchmark": benchmark["name"],
         "kind": benchmark["kind"],
+        "mode": mode,
         "model": model["path"] or f"{model['name']} @ {model['base_url']}",
         "problems": len({r["problem_id"] for r in records}),
         "samples_per_problem": k,
@@ -73,15 +76,27 @@ def summarize(config: dict, records: list[dict]) -> dict:
                    "p90": float(np.percentile(tokens, 90)) if len(tokens) else math.nan},
         "truncated_fraction": _mean([float(r["truncated"]) for r in records]),
         "decided_by": dict(Counter(r["decided_by"] for r in graded + failed)),
+        **({"turns": turn_summary(records)} if mode == "rc" else {}),
     }
+
+
+def turn_summary(records: list[dict]) -> dict:
+    """Mode rc: per turn, the mean score of its graded answers (failed grades left out) and how
+    many there are. The last turn's answer is the sample's; earlier turns have grades only in
+    runs with rc.grade_turns (else their mean is undefined)."""
+    count = len(records[0]["turn_scores"])
+    per_turn = [[r["turn_scores"][t] for r in records if r["turn_scores"][t] is not None] for t in range(count)]
+    means = [_mean(scores) for scores in per_turn]
+    return {"count": count, "mean": means, "percent": [percent(m) for m in means],
+            "graded": [len(scores) for scores in per_turn]}
 
 
 def _fmt(x: float, digits: int = 1) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
-COLUMNS = ("run", "benchmark", "model", "score /7", "%", "avg@k ± std (%)", "split (%)", "failed",
-           "tokens mean / median / p90", "truncated")
+COLUMNS = ("run", "benchmark", "mode", "model", "score /7", "%", "avg@k ± std (%)", "split (%)",
+           "per turn (%)", "failed", "tokens mean / median / p90", "truncated")
 
 
 def table_row(run: str, s: dict) -> list[str]:
@@ -93,40 +108,92 @@ def table_row(run: str, s: dict) -> list[str]:
     if s["pending"]:
         failed += f"; {s['pending']} ungraded"
     t = s["tokens"]
-    return [run, s["benchmark"], s["model"], _fmt(s["mean"], 2), _fmt(s["percent"]),
-            f"avg@{a['k']} {_fmt(a['percent'])} ± {_fmt(a['percent_std'])}", split, failed,
+    turns = " · ".join(f"t{i + 1} {_fmt(p)}" for i, p in enumerate(s["turns"]["percent"])) if "turns" in s else "–"
+    return [run, s["benchmark"], s["mode"], s["model"], _fmt(s["mean"], 2), _fmt(s["percent"]),
+            f"avg@{a['k']} {_fmt(a['percent'])} ± {_fmt(a['percent_std'])}", split, turns, failed,
             f"{_fmt(t['mean'], 0)} / {_fmt(t['median'], 0)} / {_fmt(t['p90'], 0)}",
             f"{_fmt(100 * s['truncated_fraction'])}%"]
 
 
+def _table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def by_model(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]] | None:
+    """Score (%) per model (rows) and benchmark + mode (columns), when the runs span several
+    models; a pair the runs do not cover is "–" (two runs of one pair: the later one)."""
+    models = list(dict.fromkeys(s["model"] for s in summaries.values()))
+    if len(models) < 2:
+        return None
+    columns = list(dict.fromkeys((s["benchmark"], s["mode"]) for s in summaries.values()))
+    cells = {(s["model"], s["benchmark"], s["mode"]): _fmt(s["percent"]) for s in summaries.values()}
+    rows = [[m] + [cells.get((m, b, mode), "–") for b, mode in columns] for m in models]
+    return ["model"] + [f"{b} {mode}" for b, mode in columns], rows
+
+
 def markdown(summaries: dict[str, dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(table_row(run, s)) + " |" for run, s in summaries.items()]
+    lines = _table(COLUMNS, [table_row(run, s) for run, s in summaries.items()])
+    pivot = by_model(summaries)
+    if pivot is not None:
+        lines = ["Score (%) by model:", "", *_table(*pivot), "", "Every run:", "", *lines]
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
              "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
-             "over problems; ± is their standard deviation (ddof 1). Truncated: no answer after </think>.")
+             "over problems; ± is their standard deviation (ddof 1). Truncated: no answer after </think>. "
+             "Reasoning-cache runs (mode rc): per turn, the mean score of each turn's answer (the last "
+             "turn's is the run's score); tokens are the policy's over all turns, summaries apart.")
     return "\n".join(["# Evaluation report", "", *lines, "", notes, ""])
 
 
+PANEL_COLUMNS = 3  # panels per row of a plot with one panel per run
+
+
 def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> list[Path]:
-    """score_histogram.png and score_vs_tokens.png, one panel per run."""
+    """score_histogram.png and score_vs_tokens.png (one panel per run), and for reasoning-cache
+    runs score_per_turn.png (one line per run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summaries)
+    columns = min(len(names), PANEL_COLUMNS)
+    rows = math.ceil(len(names) / columns)
     paths = []
     for filename, draw in (("score_histogram.png", _histogram), ("score_vs_tokens.png", _scatter)):
-        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for ax, name in zip(axes.flat, names):
             draw(ax, [r for r in runs[name] if r["graded"] and r["score"] is not None])
             ax.set_title(f"{summaries[name]['benchmark']}: {name}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=100)
         plt.close(fig)
         paths.append(out / filename)
+    rc_runs = [name for name in names if "turns" in summaries[name]]
+    if rc_runs:
+        paths.append(_per_turn(plt, {name: summaries[name] for name in rc_runs}, out / "score_per_turn.png"))
     return paths
+
+
+def _per_turn(plt, summaries: dict[str, dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (name, s) in enumerate(summaries.items()):
+        turns = s["turns"]
+        # Runs often coincide (every score 0, or 7): dashes and markers keep each line visible.
+        ax.plot(range(1, turns["count"] + 1), turns["mean"], label=name, linestyle=("-", "--", ":")[i % 3],
+                marker="os^D"[i % 4], markersize=8 - 1.5 * (i % 4), alpha=0.85)
+    count = max(s["turns"]["count"] for s in summaries.values())
+    ax.set_xticks(range(1, count + 1))
+    ax.set_ylim(-0.2, MAX_SCORE + 0.2)
+    ax.set_xlabel("reasoning-cache turn")
+    ax.set_ylabel("mean score (0-7)")
+    ax.set_title("Score per turn", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _histogram(ax, graded: list[dict]) -> None:
@@ -159,9 +226,9 @@ def run_names(run_dirs: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
-def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path]:
+def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:
     """Write report.md, report.json (and the plots) to `output` (default: the run directory when
-    there is one); returns the Markdown and the output folder."""
+    there is one); returns the Markdown, the output folder and the plots' paths."""
     if not run_dirs:
         raise ConfigError("report: give at least one run directory")
     if output is None and len(run_dirs) > 1:
@@ -177,6 +244,4 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     text = markdown(summaries)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(_nan_to_none(summaries), indent=2, allow_nan=False))
-    if plots:
-        plot(summaries, runs, out)
-    return text, out
+    return text, out, plot(summaries, runs, out) if plots else []

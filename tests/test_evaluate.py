@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import EvalConfig, RunLog, check_answer, evaluate, last_boxed, read_records, read_run
+from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_boxed, load_for_sampling, read_records,
+                               read_run, turn_completion)
+from qed_jax.judge import extract_proof
 from qed_jax.report import report
 from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
@@ -83,7 +85,7 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path):
         assert by_key[TRUNCATED]["truncated"] and by_key[TRUNCATED]["decided_by"] == "truncated"
         assert by_key[FAILING]["reason"] == "parse_failure"
 
-        _, out = report([cfg.output_dir])
+        _, out, plots = report([cfg.output_dir])
         summary = json.loads((out / "report.json").read_text())["run"]
 
         # The reference, by hand: scores [problem, sample] with the failed grade as NaN.
@@ -109,7 +111,8 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path):
         assert f"| {100 * np.nanmean(scores) / 7:.1f} |" in markdown
         assert f"Basic {100 * np.nanmean(scores[:2]) / 7:.1f}" in markdown
         assert "1 (as 0: " in markdown
-        assert (out / "score_histogram.png").stat().st_size > 0 and (out / "score_vs_tokens.png").stat().st_size > 0
+        assert plots == [out / "score_histogram.png", out / "score_vs_tokens.png"]
+        assert all(p.stat().st_size > 0 for p in plots)
 
         # A rerun regrades only the failed sample (the judge now answers), and generates nothing.
         counts = evaluate(cfg, progress=False)
@@ -265,6 +268,86 @@ def test_local_checkpoint_samples_with_its_own_seed_each(tmp_path):
     assert judge.total == 0
 
 
+def thinking_model(folder: Path) -> None:
+    """Save a tiny random Qwen3 (NumPy weights, std 0.1) whose </think> embedding is a slightly
+    scaled copy of token 135's, one it writes often: on the IMO-ProofBench rows at temperature 0.5
+    some reasoning-cache turns close their reasoning and others never do (found by trying tokens)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import qed_jax
+    from qed_jax.tokenizer import load_tokenizer
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: qed_jax.Qwen3(qed_jax.preset("tiny"), rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(1)
+
+    def draw(path, x):
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        return 1 + 0.1 * noise if any("norm" in str(p) for p in path) else 0.1 * noise
+
+    values = jax.tree_util.tree_map_with_path(draw, state)
+    embed = values["embed"][...]
+    embed[load_tokenizer(ROOT / "configs/tiny/tokenizer").get_vocab()["</think>"]] = 1.05 * embed[135]
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, values))
+    qed_jax.save_pretrained(model, folder, dtype="float32", assets_from=ROOT / "configs/tiny/tokenizer")
+
+
+def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_path):
+    import jax
+
+    from qed_jax.reasoning_cache import RCParams, ReasoningCache
+    from qed_jax.tokenizer import load_tokenizer
+
+    thinking_model(tmp_path / "model")
+    with JudgeServer(default=("hash", 0)) as judge:  # marks 0-7 by the prompt's hash
+        cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+            f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={tmp_path}/model",
+            f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite", "judge.answer_format=score",
+            "judge.allowed_scores=null", f"output_dir={tmp_path}/run", "mode=rc", "samples=2", "seed=0",
+            "sampling.max_new_tokens=16", "sampling.temperature=0.5", "rc.summary_tokens=16",
+            "rc.summarizer_tokens=12", "rc.grade_turns=true"])
+        # Each sample's grade, and each of its first two turns' (the third turn's answer is the sample's).
+        assert evaluate(cfg, progress=False) == {"generated": 8, "graded": 24, "failed": 0, "total": 8}
+        requests = judge.total
+        assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "total": 8}
+        assert judge.total == requests
+
+    records = read_records(tmp_path / "run/samples.jsonl")
+    samples = {(r["problem_id"], r["sample"]): r for r in records if r["type"] == "sample"}
+    # Sample k of every problem is one reasoning-cache run drawn with seed + k, on the benchmark's prompt.
+    tokenizer = load_tokenizer(ROOT / "configs/tiny/tokenizer")
+    cache = ReasoningCache(load_for_sampling(str(tmp_path / "model"), None), tokenizer, RCParams(
+        turns=3, reasoning_tokens=16, summary_tokens=16, summarizer_tokens=12, temperature=0.5, max_turns=3))
+    prompts = [f"Generate a rigorous proof to the following question:\n\n{r['problem']}" for r in IMO_ROWS]
+    graded = set()
+    for k in range(2):
+        for row, result in zip(IMO_ROWS, cache.run(prompts, key=jax.random.key(k))):
+            record = samples[(row["problem_id"], k)]
+            assert [(t["reasoning"], t["answer"], t["summary"], t["tokens"]) for t in record["turns"]] == [
+                (t.reasoning, t.answer if t.finished_thinking else None, t.summary, t.num_tokens) for t in result.turns]
+            assert record["turns"][0]["summary"] is not None and record["turns"][2]["summary"] is None
+            assert record["completion"] == turn_completion(record["turns"][2])
+            assert record["completion_tokens"] == sum(t.num_tokens for t in result.turns)
+            proofs = [extract_proof(turn_completion(t), True) for t in record["turns"] if t["answer"] is not None]
+            graded |= {(row["problem_id"], proof) for proof in proofs if proof}
+    # Turns without </think> or with nothing after it score 0 unsent; each distinct proof is graded once.
+    assert 0 < len(graded) < 24 and judge.total == len(graded) and set(judge.by_prompt.values()) == {1}
+
+    text, out, plots = report([cfg.output_dir])
+    turns = json.loads((out / "report.json").read_text())["run"]["turns"]
+    scores = np.full((len(samples), 3), np.nan)  # [sample, turn], from the recorded grades
+    index = {key: i for i, key in enumerate(samples)}
+    for r in records:
+        if r["type"] in ("grade", "turn_grade"):
+            scores[index[(r["problem_id"], r["sample"])], r.get("turn", 2)] = r["score"]
+    assert not np.isnan(scores).any()
+    assert turns["mean"] == pytest.approx(scores.mean(axis=0).tolist())
+    assert turns["graded"] == [8, 8, 8]
+    assert " · ".join(f"t{t + 1} {100 * m / 7:.1f}" for t, m in enumerate(scores.mean(axis=0))) in text
+    assert out / "score_per_turn.png" in plots and (out / "score_per_turn.png").stat().st_size > 0
+
+
 def test_report_compares_runs_side_by_side(tmp_path):
     def reply(prompt, seed):
         return f"Thinking.</think>\nProof. [[item:{problem_id(prompt, PROOFBENCH_ROWS)}]]"
@@ -276,7 +359,7 @@ def test_report_compares_runs_side_by_side(tmp_path):
             cfg = config(tmp_path / name, "proofbench", model.url, judge.url, "samples=1")
             evaluate(cfg, progress=False)
             runs.append(cfg.output_dir)
-    text, out = report([str(r) for r in runs], output=str(tmp_path / "cmp"), plots=False)
+    text, out, _ = report([str(r) for r in runs], output=str(tmp_path / "cmp"), plots=False)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 3  # the header and one row per run
     assert rows[1].startswith(f"| {tmp_path}/a/run |") and rows[2].startswith(f"| {tmp_path}/b/run |")
@@ -293,8 +376,10 @@ def test_config_errors_say_what_to_do(tmp_path):
     path = ROOT / "configs/eval/imo_proofbench.yaml"
     with pytest.raises(ConfigError, match="exactly one of model.path"):
         load_config(EvalConfig, path)
-    with pytest.raises(ConfigError, match="mode rc needs the reasoning-cache"):
-        load_config(EvalConfig, path, ["model.path=x", "mode=rc"])
+    with pytest.raises(ConfigError, match="mode rc runs the reasoning cache on a local model"):
+        load_config(EvalConfig, path, ["model.base_url=http://x/v1", "model.name=m", "mode=rc"])
+    with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
+        load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.summarizer_thinking=true"])
     with pytest.raises(ConfigError, match="benchmark.fields: unknown name"):
         load_config(EvalConfig, path, ["model.path=x", "benchmark.fields.question=q"])
     bad = tmp_path / "rows.jsonl"

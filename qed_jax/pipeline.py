@@ -1,0 +1,257 @@
+"""`qed-jax pipeline`: the whole recipe in one command, its stages run as a user would run them by
+hand: SFT, then GRPO from the SFT model, then evaluation of the base, SFT and GRPO models on each
+benchmark in each mode (single-shot and reasoning cache), then one report over every evaluation.
+
+Each stage is the stage's own library call (what `qed-jax sft`, `grpo`, `eval`, `report` call)
+with its own config: the stage's YAML, then the pipeline's overrides for it, then the paths that
+chain the stages. One run directory holds everything:
+
+  OUTPUT_DIR/base/hf                     the model SFT starts from, exported for evaluation
+  OUTPUT_DIR/sft/, OUTPUT_DIR/grpo/      the trainers' run directories (metrics, checkpoints, hf/)
+  OUTPUT_DIR/eval/MODEL-BENCHMARK-MODE/  each evaluation's config.json and samples.jsonl
+  OUTPUT_DIR/judge_cache.sqlite          the judge's grades
+  OUTPUT_DIR/report.md, report.json, *.png
+
+A rerun of the same command does only what is left: a finished trainer says so, an evaluation
+resumes from its samples.jsonl, the base export is kept; the report is rebuilt from the runs.
+Ctrl-C: a trainer writes a checkpoint first, an evaluation has appended every finished sample and
+grade already; the command exits 130 and a rerun continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from qed_jax.config import ConfigError, load_config
+
+MODELS = ("base", "sft", "grpo")
+STANDIN = "standin"
+
+
+def check_mapping(where: str, overrides) -> None:
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"{where}.overrides must be a mapping (nested as in the stage's YAML), got {overrides!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    config: str  # the stage's own YAML
+    overrides: dict[str, Any] | None = None  # merged into it, nested as in that YAML
+
+    def __post_init__(self):
+        check_mapping(self.config, self.overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkStage:
+    config: str  # an eval YAML, e.g. configs/eval/imo_proofbench.yaml
+    rows: str | None = None  # the rows to evaluate on (its benchmark.path); default: the YAML's
+
+
+# The three bundled benchmarks on their made-up sample rows: an offline run.
+SAMPLE_BENCHMARKS = tuple(BenchmarkStage(f"configs/eval/{name}.yaml", f"configs/data/{name}_sample.jsonl")
+                          for name in ("imo_proofbench", "proofbench", "answerbench"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStageConfig:
+    benchmarks: list[BenchmarkStage] = SAMPLE_BENCHMARKS
+    models: list[str] = MODELS  # which of base, sft, grpo to evaluate
+    modes: list[str] = ("single", "rc")
+    overrides: dict[str, Any] | None = None  # merged into every evaluation's config
+
+    def __post_init__(self):
+        check_mapping("eval", self.overrides)
+        for name in ("benchmarks", "models", "modes"):
+            if not getattr(self, name):
+                raise ConfigError(f"eval.{name} is empty: nothing to evaluate")
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown:
+            raise ConfigError(f"eval.models: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    # standin: the offline stand-in judge (qed_jax/standin_judge.py, NOT a real judge), started
+    # by the command for the evaluations; or an OpenAI-compatible judge's base URL.
+    judge: str | None = None
+    sft: StageConfig = StageConfig("configs/sft/tiny.yaml")
+    grpo: StageConfig = StageConfig("configs/rl/tiny.yaml")
+    eval: EvalStageConfig = EvalStageConfig()
+    output_dir: str = "runs/pipeline"
+
+    def __post_init__(self):
+        if not self.judge:
+            raise ConfigError("pipeline: set judge to an OpenAI-compatible judge's base URL, or to standin "
+                              "for the offline stand-in (full marks for any proof after </think>; not a judge)")
+
+
+def flatten(overrides: dict | None, prefix: str = "") -> list[str]:
+    """Nested overrides as `a.b=value` strings, values as JSON (which the YAML loader reads back)."""
+    out = []
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and value:
+            out += flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+def stage_config(cls, stage: StageConfig, *chained: str):
+    """A stage's config: its YAML, the pipeline's overrides, then the paths chaining the stages."""
+    return load_config(cls, stage.config, [*flatten(stage.overrides), *chained])
+
+
+class Progress:
+    """One line per stage event, with the seconds since the stage began."""
+
+    def __init__(self, stages: int):
+        self.stages, self.number, self.start = stages, 0, time.perf_counter()
+
+    def begin(self, name: str, what: str) -> None:
+        self.number += 1
+        self.name, self.start = name, time.perf_counter()
+        self.line(what)
+
+    def line(self, what: str) -> None:
+        print(f"[{self.number}/{self.stages} {self.name}] {what}", flush=True)
+
+    def done(self, what: str) -> None:
+        self.line(f"{what} ({time.perf_counter() - self.start:.1f} s)")
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+
+
+def base_model(sft_config, out: Path) -> str:
+    """The model SFT starts from, as something evaluation loads: its model.path (a folder, Hub id
+    or gs:// path), or else out/base/hf, the export of the random init it draws (export_base)."""
+    return sft_config.model.path or str(out / "base" / "hf")
+
+
+def export_base(sft_config, folder: Path) -> bool:
+    """Export the random init SFT starts from (its preset and seed) to `folder`, once; returns
+    whether it was written now."""
+    from qed_jax.pretrained import save_pretrained
+    from qed_jax.sharding import make_mesh
+    from qed_jax.trainer import load_model, resolve_tokenizer
+
+    if sft_config.model.path or (folder / "config.json").exists():
+        return False
+    model = load_model(sft_config.model, make_mesh(sft_config.mesh), sft_config.seed)
+    partial = folder.with_name(folder.name + ".partial")  # renamed when whole: a kill leaves no half folder
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pretrained(model, partial, dtype=sft_config.export_dtype or model.config.param_dtype,
+                    assets_from=resolve_tokenizer(sft_config.tokenizer, sft_config.model))
+    partial.rename(folder)
+    return True
+
+
+def check_export(name: str, config) -> None:
+    if not config.export_dtype:
+        raise ConfigError(f"{name}: export_dtype is null, but the next stages load this stage's Hugging Face "
+                          "export: set it (e.g. float32 for the tiny preset)")
+
+
+def train_stage(progress: Progress, name: str, train, config, summary) -> None:
+    """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
+    progress.begin(name, f"{config.model.describe()} → {config.output_dir}")
+    result = train(config)
+    state = "already complete" if result["complete"] else "done"
+    progress.done(f"{state} at step {result['step']}: {summary(result)}")
+
+
+def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
+    """GRPO's grader: its reward rule if it has one, else the pipeline's judge, unless that is the
+    stand-in, whose constant marks are no training signal."""
+    if grpo_config.reward_rule:
+        return grpo_config
+    if config.judge == STANDIN:
+        raise ConfigError("grpo: its config grades with the judge (no reward_rule), but the pipeline's judge is "
+                          "the offline stand-in, which is for evaluation only; set grpo.overrides.reward_rule "
+                          "(e.g. closes_thinking, the stand-in's own rule) or judge to a real judge's URL")
+    judge = dataclasses.replace(grpo_config.judge, base_url=config.judge, cache_path=str(judge_cache))
+    return dataclasses.replace(grpo_config, judge=judge)
+
+
+def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str, out: Path) -> list:
+    """Every evaluation: model x benchmark x mode, each in out/eval/MODEL-BENCHMARK-MODE."""
+    from qed_jax.evaluate import EvalConfig
+
+    judge = [f"judge.base_url={judge_url}", f"judge.cache_path={out / 'judge_cache.sqlite'}"]
+    if config.judge == STANDIN:  # its grades are recorded, and cached, under their own judge name
+        judge.append("judge.model=qed-jax-standin-judge")
+    configs = []
+    for name in config.eval.models:
+        for b in config.eval.benchmarks:
+            for mode in config.eval.modes:
+                rows = [f"benchmark.path={b.rows}"] if b.rows else []
+                c = stage_config(EvalConfig, StageConfig(b.config, config.eval.overrides), *rows,
+                                 f"model.path={models[name]}", "model.base_url=null", "model.name=null",
+                                 f"mode={mode}", *judge)
+                configs.append(dataclasses.replace(c, output_dir=str(out / "eval" / f"{name}-{c.benchmark.name}-{mode}")))
+    folders = [c.output_dir for c in configs]
+    if len(set(folders)) < len(folders):
+        raise ConfigError("eval.benchmarks: two entries have the same benchmark.name, so their runs would share "
+                          "a folder; give each its own benchmark.name in its YAML")
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def run(config: PipelineConfig) -> dict:
+    """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
+    and the stand-in judge's request count (None with a real judge). Every stage's config is
+    built and checked before the first stage starts."""
+    import contextlib
+
+    from qed_jax import grpo, sft
+    from qed_jax.evaluate import evaluate
+    from qed_jax.report import report
+    from qed_jax.standin_judge import StandinJudge
+
+    out = Path(config.output_dir)
+    standin = StandinJudge() if config.judge == STANDIN else contextlib.nullcontext()
+    with standin:
+        judge_url = standin.url if config.judge == STANDIN else config.judge
+        sft_config = stage_config(sft.SFTConfig, config.sft, f"output_dir={out / 'sft'}")
+        base, sft_hf = base_model(sft_config, out), out / "sft" / "hf"
+        grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, f"model.path={sft_hf}",
+                                                      "model.preset=null", "tokenizer=null",
+                                                      f"output_dir={out / 'grpo'}"), out / "judge_cache.sqlite")
+        models = {"base": base, "sft": str(sft_hf), "grpo": str(out / "grpo" / "hf")}
+        evals = eval_configs(config, models, judge_url, out)
+        check_export("sft", sft_config)
+        check_export("grpo", grpo_config)
+        progress = Progress(stages=5)
+
+        progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
+        progress.done(f"{'exported to' if export_base(sft_config, Path(base)) else 'using'} {base}")
+        train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}")
+        train_stage(progress, "grpo", grpo.train, grpo_config,
+                    lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps")
+
+        progress.begin("eval", f"{len(evals)} evaluations; judge: " + (
+            f"the offline stand-in at {judge_url} (NOT a real judge: full marks for any proof after </think>)"
+            if config.judge == STANDIN else judge_url))
+        failed = 0
+        for n, c in enumerate(evals, 1):
+            counts = evaluate(c)
+            failed += counts["failed"]
+            progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: generated {counts['generated']}, "
+                          f"graded {counts['graded']} ({counts['failed']} failed) of {counts['total']} samples")
+        progress.done(f"{len(evals)} evaluations in {out / 'eval'}")
+
+        progress.begin("report", f"{len(evals)} runs")
+        _, folder, plots = report([c.output_dir for c in evals], output=str(out))
+        progress.done(f"wrote {folder / 'report.md'}, report.json, " + ", ".join(p.name for p in plots))
+    return {"report": folder / "report.md", "failed": failed,
+            "standin_requests": standin.requests if config.judge == STANDIN else None}

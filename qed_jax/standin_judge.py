@@ -1,0 +1,94 @@
+"""An offline stand-in for the judge, NOT a judge: a loopback OpenAI-compatible server (chat
+completions) that marks by a fixed rule without reading the proof, so that `qed-jax pipeline`
+runs end to end on a laptop with no judge model. Its numbers say nothing about proof quality.
+
+The rule is the tiny GRPO task's (`closes_thinking`): full marks for every proof it is sent. The
+judge client sends no completion without `</think>` or with nothing after it (those score 0
+unsent), so a proof benchmark's score becomes 7 x the fraction of samples that closed their
+reasoning and wrote an answer. A final answer it always calls Incorrect: math-verify has decided
+every answer it could before the judge is asked, and the stand-in cannot decide the rest.
+
+It replies in the format the grading prompt asks for: the last of `<points>`, `<score>`,
+`<verdict>` that the prompt names (every judge template ends with its answer format).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from qed_jax.judge import MAX_SCORE
+
+REPLIES = {
+    "points": f"Offline stand-in judge (not a real judge). <points>{MAX_SCORE} out of 7</points>",
+    "score": f"<assessment>offline stand-in judge, not a real judge</assessment><errors>not checked</errors>"
+             f"<score>{MAX_SCORE}</score>",
+    "verdict": "Offline stand-in judge (not a real judge). <verdict>Incorrect</verdict>",
+}
+_FORMAT_TAG = re.compile(r"<(points|score|verdict)>")
+
+
+def reply_for(prompt: str) -> str:
+    """The stand-in's reply to a grading prompt: the mark of its rule, in the asked format."""
+    formats = _FORMAT_TAG.findall(prompt)
+    return REPLIES[formats[-1] if formats else "score"]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the judge client opens up to judge.concurrency connections at once
+
+
+class StandinJudge:
+    """`with StandinJudge() as judge:` serves at `judge.url` (an OpenAI base URL on 127.0.0.1, a
+    free port) until the block ends; `judge.requests` counts the grading requests it answered."""
+
+    def __init__(self):
+        self.requests = 0
+        self.lock = threading.Lock()
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.endswith("/models"):
+                    self._json(200, {"object": "list", "data": [
+                        {"id": "standin", "object": "model", "created": 0, "owned_by": "qed-jax"}]})
+                else:
+                    self._json(404, {"error": {"message": f"no such path {self.path}"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if not self.path.endswith("/chat/completions"):
+                    self._json(404, {"error": {"message": "the stand-in judge serves chat completions only "
+                                                          "(judge.api: chat)"}})
+                    return
+                with standin.lock:
+                    standin.requests += 1
+                message = {"role": "assistant", "content": reply_for(body["messages"][-1]["content"])}
+                self._json(200, {"id": "standin", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop", "message": message}]})
+
+            def _json(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "StandinJudge":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,109 @@
+"""`qed-jax pipeline` end to end on the tiny config, shortened: Ctrl-C mid-way exits 130 and loses
+nothing, a rerun finishes every stage, and another rerun does nothing (no sample generated, no
+grading request); the report holds the base, SFT and GRPO models' rows in both modes, and plots."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qed_jax.config import ConfigError, load_config
+from qed_jax.pipeline import PipelineConfig, eval_configs, flatten, with_judge
+from tests.helpers import cli_env
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "configs/pipeline/tiny.yaml"
+# A few steps of each trainer, one benchmark on two problems, tiny budgets. Every completion goes
+# to the judge (require_think_end false), so that the stand-in's request count means something.
+SHORT = ["sft.overrides.steps=3", "sft.overrides.checkpoint_every=3", "grpo.overrides.steps=2",
+         "grpo.overrides.prompts_per_step=2", "grpo.overrides.samples_per_prompt=4",
+         "eval.benchmarks=[{config: configs/eval/imo_proofbench.yaml, rows: configs/data/imo_proofbench_sample.jsonl}]",
+         "eval.overrides.samples=2", "eval.overrides.benchmark.limit=2", "eval.overrides.sampling.max_new_tokens=8",
+         "eval.overrides.rc.summary_tokens=16", "eval.overrides.judge.require_think_end=false"]
+RUNS = [f"{model}-imo_proofbench-{mode}" for model in ("base", "sft", "grpo") for mode in ("single", "rc")]
+
+
+def pipeline(out: Path, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "pipeline", "--config", TINY, f"output_dir={out}",
+                             *SHORT], cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def eval_logs(out: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in (out / "eval").glob("*/samples.jsonl")}
+
+
+def test_pipeline_interrupted_finished_then_skipped(tmp_path):
+    out = tmp_path / "run"
+    # Ctrl-C once the evaluations have written something: exit 130, everything written is kept.
+    proc = pipeline(out)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(eval_logs(out).values()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "[3/5 grpo] done at step 2" in output and "[5/5 report]" not in output
+    before = eval_logs(out)
+    assert any(before.values())
+
+    # A rerun finishes: the trainers are complete, the evaluations continue where they stopped.
+    proc = pipeline(out)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    assert "[1/5 base] using" in output
+    assert "[2/5 sft] already complete at step 3" in output and "[3/5 grpo] already complete at step 2" in output
+    after = eval_logs(out)
+    assert sorted(after) == sorted(RUNS)
+    assert all(after[name].startswith(text) for name, text in before.items())
+    requests = int(output.split("stand-in judge answered ")[1].split()[0])
+    assert requests > 0
+
+    report = (out / "report.md").read_text()
+    pivot = report.split("Every run:")[0]
+    for model in ("base", "sft", "grpo"):
+        assert f"| {out}/{model}/hf |" in pivot
+    assert "imo_proofbench single | imo_proofbench rc" in pivot
+    summaries = json.loads((out / "report.json").read_text())
+    assert sorted(summaries) == sorted(RUNS)
+    assert all(s["samples"] == 4 and s["pending"] == 0 for s in summaries.values())
+    assert all(len(s["turns"]["mean"]) == 3 for name, s in summaries.items() if name.endswith("-rc"))
+    for plot in ("score_histogram.png", "score_vs_tokens.png", "score_per_turn.png"):
+        assert (out / plot).stat().st_size > 0
+
+    # Another rerun does nothing: no sample drawn, no grade requested.
+    proc = pipeline(out)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    assert eval_logs(out) == after
+    assert output.count("generated 0, graded 0 (0 failed)") == len(RUNS)
+    assert "stand-in judge answered 0 requests" in output
+
+
+def test_stage_configs_chain_the_stages(tmp_path):
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}"])
+    evals = eval_configs(config, {m: str(tmp_path / m / "hf") for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)
+    assert len(evals) == 18 and len({c.output_dir for c in evals}) == 18
+    c = evals[1]
+    assert (c.mode, c.model.path, c.benchmark.path) == ("rc", str(tmp_path / "base/hf"),
+                                                        "configs/data/imo_proofbench_sample.jsonl")
+    assert c.output_dir == str(tmp_path / "eval/base-imo_proofbench-rc")
+    assert (c.judge.base_url, c.judge.model) == ("http://x/v1", "qed-jax-standin-judge")
+    assert c.rc.grade_turns and c.sampling.max_new_tokens == 48 and c.samples == 3
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == ["a.b=1", "a.c=[1, 2]", "d=null"]
+
+    from qed_jax.grpo import GRPOConfig
+
+    judged = load_config(GRPOConfig, ROOT / "configs/rl/tiny.yaml", ["reward_rule=null"])
+    with pytest.raises(ConfigError, match="stand-in, which is for evaluation only"):
+        with_judge(config, judged, tmp_path / "cache.sqlite")
+    real = load_config(PipelineConfig, ROOT / TINY, ["judge=http://judge:8000/v1"])
+    assert with_judge(real, judged, tmp_path / "cache.sqlite").judge.base_url == "http://judge:8000/v1"
+    with pytest.raises(ConfigError, match="set judge"):
+        load_config(PipelineConfig, ROOT / TINY, ["judge=null"])
+    with pytest.raises(ConfigError, match="unknown model 'rl'"):
+        load_config(PipelineConfig, ROOT / TINY, ["eval.models=[base, rl]"])
