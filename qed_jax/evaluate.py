@@ -366,24 +366,13 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 # Generators: the local sampler, or an OpenAI-compatible endpoint
 
 
-def load_for_sampling(path: str, dtype: str | None):
-    """A model to sample from, without the `source` path from_pretrained records: that is a
-    static attribute, so every other folder holding the same architecture (base, SFT and GRPO
-    exports) would compile the sampling programs anew."""
-    from qed_jax.pretrained import from_pretrained
-
-    model = from_pretrained(path, dtype=dtype)
-    del model.source
-    return model
-
-
 class LocalGenerator:
     def __init__(self, config: EvalModelConfig):
-        from qed_jax.pretrained import resolve
+        from qed_jax.pretrained import from_pretrained, resolve
         from qed_jax.sampling import Sampler
         from qed_jax.tokenizer import load_tokenizer
 
-        self.model = load_for_sampling(config.path, config.dtype)
+        self.model = from_pretrained(config.path, dtype=config.dtype)
         self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path))
         self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
                                progress=False)
@@ -457,7 +446,7 @@ class RCGenerator:
     rc.summarizer names a separate one). One `generate` call solves every prompt, drawn with `seed`."""
 
     def __init__(self, config: "EvalConfig"):
-        from qed_jax.pretrained import resolve
+        from qed_jax.pretrained import from_pretrained, resolve
         from qed_jax.reasoning_cache import RCParams, ReasoningCache, Summarizer
         from qed_jax.sampling import SamplingParams
         from qed_jax.tokenizer import load_tokenizer
@@ -467,7 +456,7 @@ class RCGenerator:
         if rc.summarizer:
             sampling = SamplingParams(max_new_tokens=rc.summarizer_tokens or rc.summary_tokens,
                                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-            summarizer = Summarizer(load_for_sampling(rc.summarizer, m.dtype), sampling,
+            summarizer = Summarizer(from_pretrained(rc.summarizer, dtype=m.dtype), sampling,
                                     thinking=rc.summarizer_thinking, tokenizer=load_tokenizer(resolve(rc.summarizer)))
         # max_turns = turns: the compiled loop holds no turn slots this run never uses.
         params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or s.max_new_tokens,
@@ -477,7 +466,7 @@ class RCGenerator:
                           reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
         tokenizer = load_tokenizer(resolve(m.tokenizer or m.path))
         with rc_section_errors():
-            self.cache = ReasoningCache(load_for_sampling(m.path, m.dtype), tokenizer, params, summarizer)
+            self.cache = ReasoningCache(from_pretrained(m.path, dtype=m.dtype), tokenizer, params, summarizer)
 
     def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
         """Calls on_sample(i, Sample) for each prompt (a problem for the turn prompt's PROBLEM

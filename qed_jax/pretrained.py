@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 from etils import epath
@@ -35,7 +36,7 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
 
     mesh/rules: shard the parameters on a device mesh as they load (default: one device).
     dtype: parameter dtype (default: the checkpoint's own). compute_dtype: default = dtype.
-    The returned model remembers `path` as `model.source` so exports can carry its tokenizer.
+    The folder is remembered outside the model (see `_SOURCES`) so exports can carry its tokenizer.
     """
     path = resolve(path)
     where = epath.Path(path)
@@ -50,8 +51,13 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
             f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "
             f"checkpoint directory ({checkpoint.MODEL_CONFIG} + Orbax steps)"
         )
-    model.source = str(path)
+    _SOURCES[model] = str(path)
     return model
+
+
+# Model → the folder it was loaded from. Not an attribute: that would be static graph data, part
+# of every jit cache key, so models of one architecture from different folders would recompile.
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=None,
@@ -59,5 +65,5 @@ def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=Non
     """Write a Hugging Face folder that transformers and vLLM load as Qwen3ForCausalLM.
     Tokenizer files come from `assets_from`, by default the folder the model was loaded from."""
     if assets_from is None:
-        assets_from = getattr(model, "source", None)
+        assets_from = _SOURCES.get(model)
     return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes)

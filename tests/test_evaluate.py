@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qed_jax
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_boxed, load_for_sampling, read_records,
+from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_boxed, read_records,
                                read_run, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
@@ -317,7 +318,7 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
     samples = {(r["problem_id"], r["sample"]): r for r in records if r["type"] == "sample"}
     # Sample k of every problem is one reasoning-cache run drawn with seed + k, on the benchmark's prompt.
     tokenizer = load_tokenizer(ROOT / "configs/tiny/tokenizer")
-    cache = ReasoningCache(load_for_sampling(str(tmp_path / "model"), None), tokenizer, RCParams(
+    cache = ReasoningCache(qed_jax.from_pretrained(str(tmp_path / "model")), tokenizer, RCParams(
         turns=3, reasoning_tokens=16, summary_tokens=16, summarizer_tokens=12, temperature=0.5, max_turns=3))
     prompts = [f"Generate a rigorous proof to the following question:\n\n{r['problem']}" for r in IMO_ROWS]
     graded = set()

@@ -244,3 +244,16 @@ def test_unreachable_hub_id_fails_with_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"^no-such-org/no-such-model: not a local path, and downloading"):
         qed_jax.from_pretrained("no-such-org/no-such-model")
+
+
+def test_models_from_different_folders_share_one_graph_and_export_their_own_tokenizer(tmp_path):
+    """Jitted functions key their cache on the graph: where a model came from must not be in it."""
+    from flax import nnx
+    from tests.helpers import make_hf_model_with_tokenizer
+
+    for name, seed in (("a", 0), ("b", 1)):
+        make_hf_model_with_tokenizer(tmp_path / name, seed=seed)
+    a, b = qed_jax.from_pretrained(tmp_path / "a"), qed_jax.from_pretrained(tmp_path / "b")
+    assert nnx.graphdef(a) == nnx.graphdef(b)
+    qed_jax.save_pretrained(a, tmp_path / "out", dtype="float32")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
