@@ -1,8 +1,11 @@
-"""Builders for offline test fixtures: tiny random transformers Qwen3 models."""
+"""Builders for offline test fixtures (tiny random transformers Qwen3 models) and for running
+`qed-jax` commands in subprocesses (one process or a loopback jax.distributed cluster)."""
 
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY_HF = dict(
     vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -69,6 +72,23 @@ def cli_env(devices: int) -> dict:
 
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu"}
+
+
+def start_processes(args: list[str], count: int, devices: int, **popen) -> list:
+    """`count` processes of `qed-jax ARGS` joined into one jax.distributed cluster on the loopback
+    interface (process i gets --process-id i), each on `devices` CPU devices. Returns the Popen
+    objects, in process order."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-m", "qed_jax.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", str(count), "--process-id", str(i)],
+                             cwd=REPO, env=cli_env(devices), **popen)
+            for i in range(count)]
 
 
 def read_metrics(run_dir) -> list[dict]:
