@@ -62,6 +62,7 @@ def process_rows(x) -> np.ndarray:
 
 
 def devices_of(process: int) -> list:
+    """The devices that `process` drives, in jax.devices() order."""
     return [d for d in jax.devices() if d.process_index == process]
 
 
@@ -91,8 +92,9 @@ def sampler_weights(params, sampling_model, dtype: str, local_mesh: Mesh, stacke
     `stacked_mesh`, where the sampling specs never name the `process` axis: every host's devices
     receive the shards its local sampler wants and nothing else, and those device buffers become
     the local arrays without a copy. Memory per device: the sampler's own weights (what a one-host
-    sampler on `local_mesh` holds; the whole model in `dtype` when that mesh shards nothing), plus
-    the cast copy, 1/N of the model in `dtype` over the N training devices, until the call returns."""
+    sampler on `local_mesh` holds; the whole model in `dtype` when that mesh shards nothing), plus,
+    until the call returns, the cast copy laid out like the trained params (1/N of the model in
+    `dtype` when they are sharded N ways, as with FSDP over the slice)."""
     local = nnx.to_pure_dict(state_shardings(nnx.state(sampling_model), local_mesh))
     stacked = jax.tree.map(lambda s: NamedSharding(stacked_mesh, s.spec), local)
     cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),

@@ -1,5 +1,6 @@
 """GRPO: the pure math against NumPy, the update's basic properties, the learner loop against
-the loopback judge (including a SIGKILL mid-step), and learning on the toy task."""
+the loopback judge (including a SIGKILL mid-step), learning on the toy task, and the same loop
+as 2 processes (equal to 1 process, resumed after a SIGKILL, stopped by one signal)."""
 
 import json
 import signal
@@ -28,7 +29,7 @@ from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.model import Qwen3
 from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 from tests.judge_server import JudgeServer
-from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics, start_processes
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
@@ -93,12 +94,12 @@ def test_dropped_groups_leave_the_sample_normalizer():
 def test_each_update_takes_the_same_samples_whatever_the_number_of_processes():
     one = update_samples(12, 3)
     assert [u.tolist() for u in one] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
-    for processes in (2, 4):
-        share = 12 // processes
-        parts = [update_samples(share, 3, first_sample=p * share) for p in range(processes)]
+    for count in (2, 4):
+        share = 12 // count
+        parts = [update_samples(share, 3, first_sample=p * share) for p in range(count)]
         for m in range(3):  # update m: the same samples of the step, spread evenly over processes
-            assert sorted(p * share + i for p in range(processes) for i in parts[p][m]) == one[m].tolist()
-            assert len({len(parts[p][m]) for p in range(processes)}) <= 2
+            assert sorted(p * share + i for p in range(count) for i in parts[p][m]) == one[m].tolist()
+            assert len({len(parts[p][m]) for p in range(count)}) <= 2
 
 
 def test_process_rows_inverts_the_global_batch():
@@ -427,10 +428,10 @@ _SPREAD = ["prompts_per_step=8", "samples_per_prompt=4", "train_length=288", "mi
            "old_logprobs=recompute", "export_dtype=null"]
 
 
-def _finish(procs, timeout=300) -> None:
-    """Wait for every process (stderr piped) and assert that each exited 0."""
-    errs = [p.communicate(timeout=timeout)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e[-3000:] for e in errs]
+def _finish(procs) -> None:
+    """Wait for every process (text pipes) and assert that each exited 0."""
+    outputs = finish(procs)
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
 
 
 def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
@@ -438,28 +439,28 @@ def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
     with JudgeServer(default=("hash", 0.1)) as server:
         args = ["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=3", "checkpoint_every=1",
                 f"output_dir={run}"]
-        procs = start_processes(args, count=2, devices=4, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.time() + 240
-        while time.time() < deadline and not (run / "checkpoints" / "2").exists():
-            time.sleep(0.05)
-        at_checkpoint = server.total
-        while time.time() < deadline and server.total < at_checkpoint + 5:  # step 3 is being graded
-            time.sleep(0.01)
-        procs[1].send_signal(signal.SIGKILL)
-        procs[1].wait()
-        # Process 0 finishes grading its share, then waits for process 1 in the step's gather:
-        # killed there, it has no request in flight.
-        quiet_since, seen = time.time(), server.total
-        while time.time() < deadline and procs[0].poll() is None and time.time() - quiet_since < 2:
-            if server.total != seen or server.active:
-                quiet_since, seen = time.time(), server.total
-            time.sleep(0.05)
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait()
+        with processes(args, count=2, devices=4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as procs:
+            deadline = time.time() + 240
+            while time.time() < deadline and not (run / "checkpoints" / "2").exists():
+                time.sleep(0.05)
+            at_checkpoint = server.total
+            while time.time() < deadline and server.total < at_checkpoint + 5:  # step 3 is being graded
+                time.sleep(0.01)
+            procs[1].send_signal(signal.SIGKILL)
+            procs[1].wait()
+            # Process 0 finishes grading its share, then waits for process 1 in the step's gather:
+            # killed there, it has no request in flight.
+            quiet_since, seen = time.time(), server.total
+            while time.time() < deadline and procs[0].poll() is None and time.time() - quiet_since < 2:
+                if server.total != seen or server.active:
+                    quiet_since, seen = time.time(), server.total
+                time.sleep(0.05)
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
         assert server.total - at_checkpoint < 32  # step 3 was not graded through
-        _finish(start_processes(args, count=2, devices=4, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True))
+        with processes(args, count=2, devices=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) as procs:
+            _finish(procs)
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     # Each distinct completion was graded once; only the requests process 1 had in flight when it
     # was killed (at most judge.concurrency = 2) went twice.
@@ -475,8 +476,9 @@ def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
                                 cwd=REPO, env=cli_env(8), capture_output=True, text=True, timeout=300)
         assert single.returncode == 0, single.stderr[-3000:]
         judged_by_one = set(server.by_prompt)
-        _finish(start_processes([*args, f"output_dir={tmp_path / 'two'}"], count=2, devices=4,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        with processes([*args, f"output_dir={tmp_path / 'two'}"], count=2, devices=4, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True) as procs:
+            _finish(procs)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in two] == [1, 2, 3, 4]
     # The same completions: sampled with the same per-row keys (each process its share of the
@@ -496,3 +498,12 @@ def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
     exported = [SafetensorsFolder(tmp_path / run / "hf") for run in ("one", "two")]
     assert max(float(np.abs(np.asarray(exported[0].read(k)) - np.asarray(exported[1].read(k))).max())
                for k in exported[0].names()) <= 1e-4
+
+
+def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """A preemption's SIGTERM reaches a pod's hosts at different moments: the processes agree after
+    every step, so both write the same checkpoint and exit, and neither waits for the other."""
+    with processes(["grpo", "--config", TINY, *_SPREAD, "steps=400", "checkpoint_every=1000", f"output_dir={tmp_path}"],
+                   count=2, devices=4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as procs:
+        assert_signal_writes_a_checkpoint(procs[1], tmp_path, steps=3)
+        assert procs[0].wait(timeout=120) == 128 + signal.SIGTERM
