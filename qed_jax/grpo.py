@@ -30,8 +30,10 @@ from qed_jax.config import ConfigError
 from qed_jax.data import pack_sequences, read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
+from qed_jax.multihost import (agree_on_stop, gather, per_process, process_rows, process_share, sampler_weights,
+                               sampling_meshes)
 from qed_jax.sampling import Sampler, SamplingParams
-from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings
+from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, check_rows_divide,
                              data_parallel_size, decay_mask, exit_or_export, init_opt_state, is_complete, load_model,
                              make_optimizer, resolve_tokenizer, start_or_resume)
@@ -201,7 +203,9 @@ class RolloutSamplingConfig:
     / top-p filtering would train on log-probs of a distribution it did not sample from."""
 
     dtype: str = "bfloat16"  # the sampler's copy of the weights
-    mesh: MeshConfig | None = None  # a different layout for sampling (default: the training mesh)
+    # A different layout for sampling (default: the training mesh's). With several processes,
+    # each samples on its own devices, laid out by this config (or the training one) over them.
+    mesh: MeshConfig | None = None
     kv_cache_gib: float | None = None  # KV-cache budget per device; sets the wave size
     max_concurrent: int | None = None  # or the wave size directly (sequences decoded at once)
     top_p: float = 1.0  # must stay 1 (see above)
@@ -418,35 +422,41 @@ class RCRollouts:
                           reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
         self.cache = ReasoningCache(sampling_model, tokenizer, params, summarizer, mesh=mesh)
 
-    def group_rows(self, rows: list[dict], key, rng: np.random.Generator, group_size: int) -> tuple[list[dict], dict]:
+    def group_rows(self, rows: list[dict], key, seed: tuple[int, ...], group_size: int, first_problem: int = 0
+                   ) -> tuple[list[dict], dict[str, np.ndarray]]:
         """Rows of problems → one row per rollout ({**problem row, prompt_ids, state}), groups of
-        `group_size` in a row, `states_per_problem` groups per problem; and trajectory metrics."""
+        `group_size` in a row, `states_per_problem` groups per problem; and per-turn numbers of
+        the trajectories [problems x turns]. Problem i of the call is the step's problem
+        `first_problem + i`: its trajectory's randomness and its state draw (seeded by `seed` and
+        that index) are the same however the step's problems are split over processes."""
         from qed_jax.reasoning_cache import draw_states, state_prompt_ids, training_states
 
-        trajectories = self.cache.run_ids([r["problem_ids"] for r in rows], key=key)
+        trajectories = self.cache.run_ids([r["problem_ids"] for r in rows], key=key, first_row=first_problem)
         self.cache.release()  # the rollouts need that memory
         group_rows = []
-        for row, turns in zip(rows, trajectories):
+        for i, (row, turns) in enumerate(zip(rows, trajectories)):
             states = training_states([t.summary_ids for t in turns])
+            rng = np.random.default_rng([*seed, first_problem + i])
             for k in draw_states(rng, len(states), self.config.states_per_problem):
                 prompt_ids = state_prompt_ids(self.cache.prompts, row["problem_ids"], states[k])
                 group_rows += [{**row, "prompt_ids": prompt_ids, "state": k}] * group_size
         turns = [t for ts in trajectories for t in ts]
-        return group_rows, {
-            "summary_length_mean": float(np.mean([len(t.summary_ids) for t in turns])),
-            "summaries_cut": int(sum(t.summary_cut for t in turns)),
-            "trajectory_truncated_fraction": float(np.mean([t.finish_reason == "length" for t in turns])),
-        }
+        return group_rows, {"summary_length": np.array([len(t.summary_ids) for t in turns], np.int32),
+                            "summary_cut": np.array([t.summary_cut for t in turns]),
+                            "turn_truncated": np.array([t.finish_reason == "length" for t in turns])}
 
 
-def state_rewards(states: np.ndarray, rewards: np.ndarray, valid: np.ndarray, num_states: int) -> dict:
-    """Mean graded reward of the rollouts sampled from each RC state index (NaN where no rollout
-    of this step was), states/rewards/valid [S]."""
+def rc_metrics(stats: dict[str, np.ndarray], trajectory_stats: dict[str, np.ndarray], num_states: int) -> dict:
+    """RC numbers of a step: the mean graded reward of the rollouts drawn on each state index
+    (`reward_state_k`; NaN where none was drawn), from per-sample `stats` (state, reward, valid);
+    and the trajectories' summary lengths, cut summaries and truncated turns."""
     out = {}
     for k in range(num_states):
-        graded = rewards[(states == k) & valid]
+        graded = stats["reward"][(stats["state"] == k) & stats["valid"]]
         out[f"reward_state_{k}"] = float(graded.mean()) if graded.size else math.nan
-    return out
+    return {**out, "summary_length_mean": float(trajectory_stats["summary_length"].mean()),
+            "summaries_cut": int(trajectory_stats["summary_cut"].sum()),
+            "trajectory_truncated_fraction": float(trajectory_stats["turn_truncated"].mean())}
 
 
 def rollout_sequences(prompt_rows, completions, advantages, old_logprobs_from_sampler: bool) -> list[dict]:
@@ -469,19 +479,24 @@ def rollout_sequences(prompt_rows, completions, advantages, old_logprobs_from_sa
     return sequences
 
 
+def pad_rows(rows: dict, count: int) -> dict:
+    """Packed rows [R, L] → [count, L]: empty rows (segment 0, nothing trained) after them."""
+    return {k: np.concatenate([v, np.zeros((count - len(v), *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
+
+
 def micro_batches(rows: dict, rows_per_micro: int):
     """Packed rows [R, L] → micro-batches of `rows_per_micro` rows, the last filled with empty
-    rows (segment 0, nothing trained)."""
-    R = len(rows["tokens"])
-    padded = -(-R // rows_per_micro) * rows_per_micro
-    rows = {k: np.concatenate([v, np.zeros((padded - R, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
-    for i in range(0, padded, rows_per_micro):
+    rows."""
+    rows = pad_rows(rows, -(-len(rows["tokens"]) // rows_per_micro) * rows_per_micro)
+    for i in range(0, len(rows["tokens"]), rows_per_micro):
         yield {k: v[i:i + rows_per_micro] for k, v in rows.items()}
 
 
 class Learner:
     """The jitted update on packed rows: gradient accumulation one micro-batch at a time (rows
-    sharded over the data-parallel axes), then one optimizer step."""
+    sharded over the data-parallel axes), then one optimizer step. Each process passes its own
+    rows, `rows_per_micro` of them per micro-batch (its share of the global micro-batch), and
+    every process the same number of rows."""
 
     def __init__(self, graphdef, optimizer, loss: LossConfig, mesh, params, opt_state, rows_per_micro: int):
         self.mesh, self.rows_per_micro = mesh, rows_per_micro
@@ -491,22 +506,27 @@ class Learner:
         self.accumulate = jax.jit(partial(accumulate_step, graphdef, loss), donate_argnums=(2, 3))
         self.apply = jax.jit(partial(apply_step, optimizer), donate_argnums=(0, 1),
                              out_shardings=(param_shardings, jax.tree.map(lambda x: x.sharding, opt_state), None))
-        self.logprobs = jax.jit(partial(sequence_logprobs, graphdef, temperature=loss.temperature))
         self.rows = NamedSharding(mesh, PartitionSpec(DEFAULT_RULES["batch"]))
+        self.logprobs = jax.jit(partial(sequence_logprobs, graphdef, temperature=loss.temperature),
+                                out_shardings=self.rows)
 
     def put(self, micro: dict) -> dict:
-        return {k: jax.device_put(v, self.rows) for k, v in micro.items()}
+        """This process's rows of a micro-batch → the global micro-batch, sharded over rows."""
+        return {k: jax.make_array_from_process_local_data(self.rows, v, (len(v) * jax.process_count(), *v.shape[1:]))
+                for k, v in micro.items()}
 
     def recompute_old_logprobs(self, params, rows: dict) -> None:
         """Old log-probs from the current params, micro-batch by micro-batch, into `rows`."""
         with jax.set_mesh(self.mesh):  # attention kernels find the mesh here
-            out = [np.asarray(self.logprobs(params, m["tokens"], positions=m["positions"],
-                                            segment_ids=m["segment_ids"]))
+            out = [process_rows(self.logprobs(params, m["tokens"], positions=m["positions"],
+                                              segment_ids=m["segment_ids"]))
                    for m in map(self.put, micro_batches(rows, self.rows_per_micro))]
         rows["old_logprobs"][:, 1:] = np.concatenate(out)[:len(rows["tokens"])] * rows["mask"][:, 1:]
 
-    def update(self, params, opt_state, ref_params, rows: dict, num_sequences: float):
-        totals = {"num_sequences": np.float32(num_sequences), "num_tokens": np.float32(rows["mask"][:, 1:].sum())}
+    def update(self, params, opt_state, ref_params, rows: dict, num_sequences: float, num_tokens: float):
+        """One optimizer update on `rows`; num_sequences and num_tokens (trained samples and
+        completion tokens) count the whole update, all processes' rows together."""
+        totals = {"num_sequences": np.float32(num_sequences), "num_tokens": np.float32(num_tokens)}
         with jax.set_mesh(self.mesh):  # attention kernels find the mesh here
             grads = self.zeros(params)
             sums = {k: jnp.float32(0) for k in METRIC_SUMS}
@@ -520,77 +540,129 @@ class Learner:
         return params, opt_state, {"loss": loss, "grad_norm": float(grad_norm), **token_means}
 
 
+def update_samples(num_samples: int, minibatches: int, first_sample: int = 0) -> list[np.ndarray]:
+    """The samples (indices into this process's `num_samples`) of each of a step's optimizer
+    updates: the step's sample j (j = first_sample + i here) goes to update j mod minibatches.
+    Striding rather than cutting blocks gives every process an equal part of every update, and
+    every update the same samples whatever the number of processes."""
+    step_index = first_sample + np.arange(num_samples)
+    return [np.flatnonzero(step_index % minibatches == m) for m in range(minibatches)]
+
+
+def update_totals(num_sequences: int, rows: dict) -> tuple[int, int, int, int]:
+    """(trained samples, completion tokens, packed rows, most packed rows on one process) of one
+    update, over all processes (rows' first token is never scored, as in the loss)."""
+    local = np.array([num_sequences, np.count_nonzero(rows["mask"][:, 1:]), len(rows["tokens"])], np.int32)
+    every = gather(local).reshape(-1, 3)
+    return int(every[:, 0].sum()), int(every[:, 1].sum()), int(every[:, 2].sum()), int(every[:, 2].max())
+
+
 def run_updates(learner: Learner, params, opt_state, ref_params, sequences: list[dict], trained: np.ndarray,
-                config: GRPOConfig):
-    """`updates_per_step` passes of `minibatches` optimizer updates over one step's samples. The
-    samples not trained (`trained` [S] False) are filtered out before packing, so they count in no
-    denominator; each update's samples are packed into rows of `train_length` tokens."""
-    per_update = config.samples_per_step // config.minibatches
+                config: GRPOConfig, first_sample: int = 0):
+    """`updates_per_step` passes of `minibatches` optimizer updates over one step's samples (this
+    process's: the step's samples from `first_sample` on). The samples not trained (`trained` [S]
+    False) are filtered out before packing, so they count in no denominator; each process packs
+    its samples of an update into rows of `train_length` tokens and pads them with empty rows to
+    the most any process packed, so that all feed the same global micro-batches."""
     updates = []
-    for m in range(config.minibatches):
-        kept = [seq for i, seq in enumerate(sequences[m * per_update:(m + 1) * per_update])
-                if trained[m * per_update + i]]
-        if not kept:
+    for m, samples in enumerate(update_samples(len(sequences), config.minibatches, first_sample)):
+        kept = [sequences[i] for i in samples if trained[i]]
+        # With no sample here, still the fields and dtypes of packed rows, none of them.
+        rows = pack_sequences(kept or sequences[:1], config.row_length)
+        rows = rows if kept else {k: v[:0] for k, v in rows.items()}
+        num_sequences, num_tokens, packed_rows, most_rows = update_totals(len(kept), rows)
+        if not num_sequences:
             log.warning("update %d of this step has no trained samples; skipped", m + 1)
             continue
-        rows = pack_sequences(kept, config.row_length)
+        rows = pad_rows(rows, most_rows)
         if config.old_logprobs == "recompute":
             learner.recompute_old_logprobs(params, rows)
-        updates.append((rows, len(kept)))
+        updates.append((rows, num_sequences, num_tokens, packed_rows))
     history = []
     for _ in range(config.updates_per_step):
-        for rows, num_sequences in updates:
-            params, opt_state, metrics = learner.update(params, opt_state, ref_params, rows, num_sequences)
-            history.append({**metrics, "packed_rows": len(rows["tokens"])})
+        for rows, num_sequences, num_tokens, packed_rows in updates:
+            params, opt_state, metrics = learner.update(params, opt_state, ref_params, rows, num_sequences, num_tokens)
+            history.append({**metrics, "packed_rows": packed_rows})
     if not history:
         return params, opt_state, {}
     return params, opt_state, {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def rollout_metrics(rewards, valid, trained, grades, completions) -> dict:
-    """Rewards and success over graded samples only; a failed grade is counted, not scored."""
-    lengths = np.array([len(c.tokens) for c in completions])
-    latencies = [g.latency_s for g in grades if g.attempts]
-    graded = rewards[valid]
+def sample_stats(grades, completions, valid, trained) -> dict[str, np.ndarray]:
+    """The per-sample numbers [S] a step's metrics are made of; with several processes, each
+    computes its own and `gather` joins them, so that every metric covers the whole step."""
     return {
-        "reward_mean": float(graded.mean()) if graded.size else math.nan,
-        "reward_std": float(graded.std()) if graded.size else math.nan,
-        "success_rate": float(np.mean([g.score == MAX_SCORE for g in grades if not g.failed])) if graded.size else math.nan,
-        "completion_length_mean": float(lengths.mean()), "completion_length_max": int(lengths.max()),
-        "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions])),
-        "judge_failed": int(sum(g.failed for g in grades)),
-        "graded_fraction": float(valid.mean()),
-        "trained_fraction": float(trained.mean()),
-        "judge_latency_s": float(np.mean(latencies)) if latencies else 0.0,
+        "reward": np.array([g.reward for g in grades], np.float32),
+        "valid": np.asarray(valid).reshape(-1), "trained": np.asarray(trained).reshape(-1),
+        "success": np.array([g.score == MAX_SCORE for g in grades]),
+        "failed": np.array([g.failed for g in grades]),
+        "judged": np.array([g.attempts > 0 for g in grades]),
+        "latency_s": np.array([g.latency_s for g in grades], np.float32),
+        "length": np.array([len(c.tokens) for c in completions], np.int32),
+        "truncated": np.array([c.finish_reason == "length" for c in completions]),
     }
 
 
-def check_failures(grades, config: GRPOConfig, step: int) -> None:
+def rollout_metrics(stats: dict[str, np.ndarray]) -> dict:
+    """Rewards and success over graded samples only; a failed grade is counted, not scored."""
+    valid = stats["valid"]
+    graded = stats["reward"][valid]
+    return {
+        "reward_mean": float(graded.mean()) if graded.size else math.nan,
+        "reward_std": float(graded.std()) if graded.size else math.nan,
+        "success_rate": float(stats["success"][valid].mean()) if graded.size else math.nan,
+        "completion_length_mean": float(stats["length"].mean()), "completion_length_max": int(stats["length"].max()),
+        "truncated_fraction": float(stats["truncated"].mean()),
+        "judge_failed": int(stats["failed"].sum()),
+        "graded_fraction": float(valid.mean()),
+        "trained_fraction": float(stats["trained"].mean()),
+        "judge_latency_s": float(stats["latency_s"][stats["judged"]].mean()) if stats["judged"].any() else 0.0,
+    }
+
+
+def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, step: int) -> None:
     """Stop the run, before anything of this step is applied or saved, when the judge failed on
-    more than `judge.max_failed_fraction` of the step's completions."""
-    failed = [g for g in grades if g.failed]
-    if len(failed) <= config.judge.max_failed_fraction * len(grades):
+    more than `judge.max_failed_fraction` of the step's completions (`stats`: all processes'; the
+    reasons named are those of this process's `grades`). Every process decides alike."""
+    failed, total = int(stats["failed"].sum()), len(stats["failed"])
+    if failed <= config.judge.max_failed_fraction * total:
         return
-    reasons = Counter(g.reason for g in failed).most_common(3)
+    reasons = Counter(g.reason for g in grades if g.failed).most_common(3)
+    where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
     raise JudgeUnavailable(
-        f"step {step}: the judge at {config.judge.base_url} failed on {len(failed)} of {len(grades)} completions "
-        f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons: "
-        + ", ".join(f"{reason} x{n}" for reason, n in reasons)
+        f"step {step}: the judge at {config.judge.base_url} failed on {failed} of {total} completions "
+        f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons{where}: "
+        + (", ".join(f"{reason} x{n}" for reason, n in reasons) or "none")
         + ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
 
 
+def process_judge(judge: JudgeConfig) -> JudgeConfig:
+    """This process's judge: with several processes, each grades its own completions through its
+    own client (`judge.concurrency` requests each) and its own grade cache, `cache_path` +
+    `.process-N`. A restart repeats the same data order, sampling keys and params, so process N
+    samples and grades the same completions again and finds them in its own file; no file is
+    shared between hosts, which have no common filesystem on a TPU pod. The cache must outlive
+    the restart: a path on the worker's disk survives a crash, not a recreated slice."""
+    if jax.process_count() == 1 or not judge.cache_path:
+        return judge
+    return dataclasses.replace(judge, cache_path=f"{judge.cache_path}.process-{jax.process_index()}")
+
+
 def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
+    """Run GRPO, resuming from the newest intact checkpoint in the run's directory. With several
+    processes (one per host), each samples, grades and packs its share of every step's prompts
+    on its own devices, and the update runs on the global mesh over all of them."""
     from qed_jax.tokenizer import load_tokenizer, stop_ids
 
-    if jax.process_count() > 1:
-        raise ConfigError("the GRPO learner runs on one host (any mesh of its devices); multi-host "
-                          "rollouts are not supported yet")
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
     tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = load_prompts(config, tokenizer)
-    P, G = config.groups_per_step, config.samples_per_prompt  # GRPO groups per step, samples per group
+    problems = per_process(config.prompts_per_step, "prompts_per_step")  # this process's, per step
+    P = problems * (config.rc.states_per_problem if config.rc else 1)  # its GRPO groups per step
+    G = config.samples_per_prompt
+    first_sample = jax.process_index() * P * G  # this process's first sample of every step
 
     model = load_model(config.model, mesh, config.seed)
     graphdef, state = nnx.split(model)
@@ -600,22 +672,21 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     opt_state = init_opt_state(optimizer, params, mesh)
     rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
     check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
-    learner = Learner(graphdef, optimizer, config.loss, mesh, params, opt_state, rows_per_micro)
+    learner = Learner(graphdef, optimizer, config.loss, mesh, params, opt_state,
+                      per_process(rows_per_micro, "micro_batch_rows (default: the data-parallel devices)"))
 
     sampling_config = model.config.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     # The sampler's structure only; its weights are the trained params, cast to the sampling
     # dtype and laid out on the sampling mesh, before each step.
     sampling_model = nnx.eval_shape(lambda: type(model)(sampling_config, rngs=nnx.Rngs(0)))
-    sampling_mesh = make_mesh(config.sampling.mesh) if config.sampling.mesh else mesh
-    sampling_shardings = nnx.to_pure_dict(state_shardings(nnx.state(sampling_model), sampling_mesh))
-    to_sampler = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.sampling.dtype), p),
-                         out_shardings=sampling_shardings)
+    sampling_mesh, stacked_mesh = sampling_meshes(config.sampling.mesh or config.mesh)
+    to_sampler = sampler_weights(params, sampling_model, config.sampling.dtype, sampling_mesh, stacked_mesh)
     sampler = Sampler(sampling_model, mesh=sampling_mesh, max_concurrent=config.sampling.max_concurrent,
                       kv_cache_gib=config.sampling.kv_cache_gib)
     rc_rollouts = RCRollouts(config, sampling_model, tokenizer, sampling_mesh) if config.rc else None
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
-    grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(config.judge)
+    grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
     data = iter(grain.MapDataset.source(prompts).shuffle(seed=config.data.seed).repeat()
                 .batch(config.prompts_per_step, batch_fn=list).to_iter_dataset())
@@ -632,25 +703,25 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
-    step = start
+    step, stopping = start, False
     with StopSignals() as stop:
         try:
-            while step < config.steps and not stop.raised:
-                rows = next(data)
+            while step < config.steps and not stopping:
+                rows = process_share(next(data))  # every process reads the whole batch
                 t0 = time.perf_counter()
                 weights = to_sampler(params)  # the sampler always samples the current policy
                 sampler.update_weights(weights)
-                rc_metrics = {}
                 if rc_rollouts is None:
                     group_rows = [row for row in rows for _ in range(G)]
                 else:  # the same step draws the same states and trajectories after a restart
                     rc_rollouts.cache.update_weights(weights)
-                    group_rows, rc_metrics = rc_rollouts.group_rows(
-                        rows, jax.random.fold_in(jax.random.fold_in(base_key, step), 1),
-                        np.random.default_rng([config.seed, step]), G)
-                    rc_metrics["trajectory_s"] = time.perf_counter() - t0
+                    group_rows, trajectory_stats = rc_rollouts.group_rows(
+                        rows, jax.random.fold_in(jax.random.fold_in(base_key, step), 1), (config.seed, step), G,
+                        first_problem=jax.process_index() * problems)
+                    trajectory_stats = gather(trajectory_stats)
+                    trajectory_s = time.perf_counter() - t0
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
-                                                   jax.random.fold_in(base_key, step), stops)
+                                                   jax.random.fold_in(base_key, step), stops, first_row=first_sample)
                 sampler.release()  # the update needs that memory: weights come back next step
                 del weights
                 texts = [tokenizer.decode(c.text_tokens) for c in completions]
@@ -658,29 +729,35 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
                 grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
                                              for r, t in zip(group_rows, texts)])
                 t2 = time.perf_counter()
-                check_failures(grades, config, step + 1)
                 rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
                 valid = np.array([not g.failed for g in grades]).reshape(P, G)
                 advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std,
                                                          valid=jnp.asarray(valid)))
                 trained = np.asarray(trained_samples(jnp.asarray(valid), jnp.asarray(advantages),
                                                      config.drop_zero_advantage_groups))
+                stats = sample_stats(grades, completions, valid, trained)
+                if rc_rollouts is not None:
+                    stats["state"] = np.array([r["state"] for r in group_rows], np.int32)
+                stats = gather(stats)  # the whole step's
+                check_failures(stats, grades, config, step + 1)
                 sequences = rollout_sequences(group_rows, completions, advantages.reshape(-1),
                                               config.old_logprobs == "sampler")
                 params, opt_state, train_metrics = run_updates(learner, params, opt_state, ref_params, sequences,
-                                                               trained.reshape(-1), config)
+                                                               trained.reshape(-1), config, first_sample)
                 t3 = time.perf_counter()
                 step += 1
+                metrics = {**rollout_metrics(stats), "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2,
+                           **train_metrics}
                 if rc_rollouts is not None:
-                    rc_metrics.update(state_rewards(np.array([r["state"] for r in group_rows]), rewards.reshape(-1),
-                                                    valid.reshape(-1), config.rc.turns + 1))
-                metrics = {**rollout_metrics(rewards, valid, trained, grades, completions), **rc_metrics,
-                           "sample_s": t1 - t0, "judge_s": t2 - t1, "train_s": t3 - t2, **train_metrics}
+                    metrics.update(rc_metrics(stats, trajectory_stats, config.rc.turns + 1),
+                                   trajectory_s=trajectory_s)
                 metrics_log.write(step, metrics)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
                 progress.update()
-                if step % config.checkpoint_every == 0 or step == config.steps or stop.raised:
+                stopping = agree_on_stop(stop)
+                if step % config.checkpoint_every == 0 or step == config.steps or stopping:
                     ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
+            agree_on_stop(stop)  # a signal after the last step's agreement: every process exits alike
         finally:
             progress.close()
             ckpts.close()

@@ -444,9 +444,10 @@ def rc_summarizer_model(rc, policy: ModelConfig) -> tuple[ModelConfig | None, st
     return config.replace(param_dtype=s.dtype, dtype=s.dtype), source
 
 
-def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident: int) -> tuple[ProgramPlan, dict]:
-    """The compiled RC loop of GRPO's trajectories: `rc.trajectory_batch` problems (rounded up to
-    the batch shards) through all turns, with the policy's sampling weights, the summarizer's
+def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident: int, problems: int
+                          ) -> tuple[ProgramPlan, dict]:
+    """The compiled RC loop of GRPO's trajectories on one host: `rc.trajectory_batch` of its
+    `problems` per step (rounded up to the batch shards) through all turns, with the policy's sampling weights, the summarizer's
     and their caches, at the widest problem bucket that `max_prompt_length` admits."""
     from qed_jax import reasoning_cache as rcm
     from qed_jax import sampling
@@ -458,7 +459,7 @@ def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident:
     shape = rcm.LoopShape(rc.reasoning_tokens or config.max_new_tokens, rc.summary_tokens,
                           rc.summarizer.max_new_tokens, rc.turns, summarizer is not None and rc.summarizer.thinking)
     ways = batch_ways(mesh)
-    rows = -(-(rc.trajectory_batch or config.prompts_per_step) // ways) * ways
+    rows = -(-(rc.trajectory_batch or problems) // ways) * ways
     lengths = rcm.cache_lengths(prompts, problem_tokens, shape, summarizer is not None)
     models = (policy,) if summarizer is None else (policy, summarizer)
     caches = tuple(kv_cache(m, rows, n, m.dtype, mesh) for m, n in zip(models, lengths))
@@ -504,7 +505,12 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     opt_state = abstract_opt_state(optimizer, params, mesh)
     trainer_bytes = bytes_per_chip((params, opt_state, ref_params))
 
-    sampling_mesh = make_mesh(config.sampling.mesh, devices=devices) if config.sampling.mesh else mesh
+    # Each host samples its share of the step on its own chips (grpo.train with one process per
+    # host): the sampler's programs run on one host's devices.
+    hosts = sorted({d.process_index for d in devices})
+    host_devices = [d for d in devices if d.process_index == hosts[0]]
+    sampling_mesh = make_mesh(config.sampling.mesh or config.mesh, devices=host_devices)
+    samples_per_host = config.samples_per_step // len(hosts)
     sampling_model = model.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])
     # A frozen RC summarizer stays loaded for the whole run.
@@ -515,7 +521,7 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     ways = batch_ways(sampling_mesh)
     row_bytes = bytes_per_chip(kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)) / ways
     fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes - frozen_bytes), row_bytes, ways,
-                        config.samples_per_step)
+                        samples_per_host)
     if wave is None and config.sampling.max_concurrent:
         wave = config.sampling.max_concurrent
     elif wave is None and config.sampling.kv_cache_gib:
@@ -523,7 +529,7 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
         kv_head_ways = math.prod(sampling_mesh.shape[a] for a in ((kv_heads,) if isinstance(kv_heads, str)
                                                                    else kv_heads or ()))
         wave = min(sampling.wave_size(sampling_model, cache_len, config.sampling.kv_cache_gib * 2 ** 30,
-                                      sampling_model.dtype, ways, kv_head_ways), config.samples_per_step)
+                                      sampling_model.dtype, ways, kv_head_ways), samples_per_host)
     wave = wave or max(fitting, ways)
     cache_bytes = bytes_per_chip(kv_cache(sampling_model, wave, cache_len, sampling_model.dtype, sampling_mesh))
     prefill, decode = sampler_programs(sampling_model, sampling_mesh, wave, prompt_len, config.max_new_tokens,
@@ -532,7 +538,8 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     programs = [prefill, decode]
     rc_info = {}
     if config.rc is not None:
-        trajectory, rc_info = rc_trajectory_program(config, sampling_model, sampling_mesh, hbm, trainer_bytes)
+        trajectory, rc_info = rc_trajectory_program(config, sampling_model, sampling_mesh, hbm, trainer_bytes,
+                                                     config.prompts_per_step // len(hosts))
         programs.insert(0, trajectory)
 
     rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
@@ -554,7 +561,7 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
         (params, opt_state, grads), hbm, mesh, frozen_bytes, note="the optimizer step")
     info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
             "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_size_that_fits": fitting,
-            "samples_per_step": config.samples_per_step,
+            "samples_per_step": config.samples_per_step, "hosts": len(hosts), "samples_per_host": samples_per_host,
             "kv_bytes_per_token": sampling.kv_bytes_per_token(model, config.sampling.dtype),
             "kv_cache_length": cache_len, "kv_cache_bytes_per_chip": cache_bytes,
             "sampler_weights_bytes_per_chip": sampler_bytes, "trainer_state_bytes_per_chip": trainer_bytes,
@@ -635,8 +642,10 @@ def format_report(p: Plan) -> str:
              f"model: {p.info['model']}",
              f"mesh: {p.info['mesh']}"]
     if p.trainer == "grpo":
+        per_host = (f"{p.info['samples_per_host']} samples per host ({p.info['hosts']} hosts, each sampling on its "
+                    f"own chips)" if p.info["hosts"] > 1 else f"{p.info['samples_per_step']} samples per step")
         lines += [f"sampling mesh: {p.info['sampling_mesh']}; wave {p.info['wave_size']} rows "
-                  f"(fits: {p.info['wave_size_that_fits']} of {p.info['samples_per_step']} samples per step); "
+                  f"(fits: {p.info['wave_size_that_fits']} of {per_host}); "
                   f"KV {p.info['kv_bytes_per_token']} bytes per token, cache {p.info['kv_cache_length']} tokens "
                   f"= {_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip",
                   f"resident: trainer state {_gib(p.info['trainer_state_bytes_per_chip'])} GiB per chip while "

@@ -465,8 +465,11 @@ class ReasoningCache:
                               "raise RCParams.problem_tokens or shorten the problem")
         return width
 
-    def run_ids(self, problems: list[list[int]], turns: int | None = None, key=None) -> list[list[Turn]]:
-        """Run the loop on problems given as ids; per problem, its turns (texts not decoded)."""
+    def run_ids(self, problems: list[list[int]], turns: int | None = None, key=None, first_row: int = 0
+                ) -> list[list[Turn]]:
+        """Run the loop on problems given as ids; per problem, its turns (texts not decoded).
+        Problem i draws its randomness as row `first_row + i` (a share of a larger batch
+        samples what that batch would)."""
         p = self.params
         turns = p.turns if turns is None else turns
         if not 1 <= turns <= p.max_turns:
@@ -490,7 +493,8 @@ class ReasoningCache:
         results = []
         for start in range(0, len(problems), rows):
             chunk = problems[start: start + rows]
-            inputs = LoopInputs(*(put_rows(x, self.mesh, self.rules) for x in self._inputs(chunk, start, rows, width)))
+            inputs = LoopInputs(*(put_rows(x, self.mesh, self.rules)
+                                  for x in self._inputs(chunk, first_row + start, rows, width)))
             with mesh_context(self.mesh):  # the prefill's attention kernel finds the mesh here
                 history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
                                           self.summarizer_state, self.prompts, inputs, caches, controls)

@@ -269,10 +269,12 @@ class Sampler:
         return new_kv_cache(self.config, batch, max_len, self.cache_dtype, self.mesh, self.rules)
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, key, stop_ids: list[int],
-                     budgets: list[int] | None = None) -> list[Completion]:
+                     budgets: list[int] | None = None, first_row: int = 0) -> list[Completion]:
         """Sample a completion for each prompt (token ids), in waves of `wave_rows` rows.
         `budgets` caps new tokens per row. All waves of a call share one prompt bucket (the
-        call's longest prompt), so one compiled prefill and decode loop serve them all."""
+        call's longest prompt), so one compiled prefill and decode loop serve them all. Prompt i
+        draws its randomness as row `first_row + i`: a process sampling its share of a larger
+        batch passes its share's offset and samples what one process would."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if budgets is not None and len(budgets) != len(prompts):
@@ -300,7 +302,7 @@ class Sampler:
                 logits, cache = prefill(self.graphdef, self.state, self._put(tokens), lengths, cache)
                 *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
                                           self._put(wave_budgets), stops,
-                                          self._put(np.arange(start, start + rows, dtype=np.int32)))
+                                          self._put(np.arange(first_row + start, first_row + start + rows, dtype=np.int32)))
             completions += _completions(*jax.device_get(out), count=len(wave))
         self._kv_cache = cache
         return completions

@@ -1,8 +1,12 @@
-"""Builders for offline test fixtures: tiny random transformers Qwen3 models."""
+"""Builders for offline test fixtures (tiny random transformers Qwen3 models) and for running
+`qed-jax` commands in subprocesses (one process or a loopback jax.distributed cluster)."""
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY_HF = dict(
     vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -69,6 +73,69 @@ def cli_env(devices: int) -> dict:
 
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu"}
+
+
+def coordinator_port() -> int:
+    """A free port for the jax.distributed coordinator, below the ephemeral range: a port that
+    bind(0) hands out is ephemeral, so any outgoing connection (gloo's, an HTTP client's) may take
+    it before the coordinator binds it, and then the coordinator fails while the other processes
+    wait for it."""
+    import random
+    import socket
+
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:
+        first_ephemeral = 32768
+    for _ in range(100):
+        port = random.randrange(max(1024, first_ephemeral - 10000), first_ephemeral)
+        with socket.socket(socket.AF_INET6) as s:  # the coordinator listens on [::]
+            try:
+                s.bind(("::", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port below {first_ephemeral}")
+
+
+@contextlib.contextmanager
+def processes(args: list[str], count: int, devices: int, **popen):
+    """`count` processes of `qed-jax ARGS` joined into one jax.distributed cluster on the loopback
+    interface (process i gets --process-id i), each on `devices` CPU devices; yields their Popen
+    objects in process order, and kills those still running at the end (a failed test leaves
+    none behind)."""
+    import subprocess
+    import sys
+
+    port = coordinator_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "qed_jax.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", str(count), "--process-id", str(i)],
+                              cwd=REPO, env=cli_env(devices), **popen)
+             for i in range(count)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def finish(procs, timeout: float = 300) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process (started with text pipes) once all have exited; if one
+    is still running after `timeout` seconds, all are killed and the assertion shows where each
+    was (the other processes often wait for a dead one)."""
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.communicate(timeout=max(deadline - time.monotonic(), 0)) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [f"process {i} (exit {p.wait()}): {p.communicate()[1][-2000:]}" for i, p in enumerate(procs)]
+        raise AssertionError(f"still running after {timeout} s:\n" + "\n".join(tails)) from None
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -1,5 +1,6 @@
 """GRPO: the pure math against NumPy, the update's basic properties, the learner loop against
-the loopback judge (including a SIGKILL mid-step), and learning on the toy task."""
+the loopback judge (including a SIGKILL mid-step), learning on the toy task, and the same loop
+as 2 processes (equal to 1 process, resumed after a SIGKILL, stopped by one signal)."""
 
 import json
 import signal
@@ -14,18 +15,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax.config import PRESETS, load_config
 from qed_jax.config import ConfigError
 from qed_jax.data import pack_sequences
+from qed_jax.hf import SafetensorsFolder
 from qed_jax.grpo import (AGGREGATIONS, METRIC_SUMS, GRPOConfig, Learner, LossConfig, accumulate_step, aggregate,
                           clipped_policy_loss, group_advantages, kl_k3, load_prompts, rollout_sequences, run_updates,
-                          sequence_logprobs, trained_samples)
+                          sequence_logprobs, trained_samples, update_samples)
+from qed_jax.multihost import process_rows
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.model import Qwen3
 from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 from tests.judge_server import JudgeServer
-from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
@@ -75,15 +79,37 @@ def test_dropped_groups_leave_the_sample_normalizer():
     seen = []
 
     class Recorder:  # stands in for the Learner
-        def update(self, params, opt_state, ref, rows, num_sequences):
-            seen.append((num_sequences, int(rows["mask"].sum())))
+        def update(self, params, opt_state, ref, rows, num_sequences, num_tokens):
+            seen.append((num_sequences, int(rows["mask"].sum()), num_tokens))
             return params, opt_state, {"loss": 0.0}
 
     config = GRPOConfig(prompts_per_step=3, samples_per_prompt=2, train_length=8, max_prompt_length=4,
                         max_new_tokens=4)
     sequences = [{"tokens": np.zeros(4, np.int32), "mask": np.ones(4, np.float32)} for _ in range(6)]
     run_updates(Recorder(), None, None, None, sequences, trained, config)
-    assert seen == [(4, 4 * 4)]  # 4 samples of 4 tokens are packed and counted; the dropped group is not
+    # 4 samples of 4 tokens are packed (two to a row) and counted; the dropped group is not. The
+    # loss scores no row's first token, so 2 of the 16 are not among the update's tokens.
+    assert seen == [(4, 4 * 4, 14)]
+
+
+def test_each_update_takes_the_same_samples_whatever_the_number_of_processes():
+    one = update_samples(12, 3)
+    assert [u.tolist() for u in one] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    for count in (2, 4):
+        share = 12 // count
+        parts = [update_samples(share, 3, first_sample=p * share) for p in range(count)]
+        for m in range(3):  # update m: the same samples of the step, spread evenly over processes
+            assert sorted(p * share + i for p in range(count) for i in parts[p][m]) == one[m].tolist()
+            assert len({len(parts[p][m]) for p in range(count)}) <= 2
+
+
+def test_process_rows_inverts_the_global_batch():
+    """A process's rows come back from a global array sharded over rows, replicas counted once
+    (here the rows are replicated over the tensor axis)."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    np.testing.assert_array_equal(process_rows(jax.make_array_from_process_local_data(sharding, rows)), rows)
 
 
 def test_grpo_schedule_counts_optimizer_updates_not_steps():
@@ -190,7 +216,8 @@ def _update_setup(advantages, weight_decay=0.0):
     learner = Learner(graphdef, optimizer, loss, mesh, params, opt_state, rows_per_micro=2)
     learner.recompute_old_logprobs(params, rows)
     before = jax.tree.map(np.asarray, params)
-    new_params, _, metrics = learner.update(params, opt_state, None, rows, num_sequences=S)
+    new_params, _, metrics = learner.update(params, opt_state, None, rows, num_sequences=S,
+                                            num_tokens=np.count_nonzero(rows["mask"][:, 1:]))
     seq_logprob = lambda p: float(jnp.sum(  # noqa: E731
         sequence_logprobs(graphdef, p, jnp.asarray(tokens), 1.0)[0] * rows["mask"][0, 1:]))
     return before, new_params, metrics, seq_logprob
@@ -404,7 +431,7 @@ class _ScriptedTrajectories:
     def __init__(self, prompts, summaries_by_problem):
         self.prompts, self.summaries_by_problem, self.released = prompts, summaries_by_problem, False
 
-    def run_ids(self, problems, key=None):
+    def run_ids(self, problems, key=None, first_row=0):
         from qed_jax.reasoning_cache import Turn
 
         return [[Turn(reasoning_ids=[1], answer_ids=[], num_tokens=4, finish_reason="length", summary_ids=s,
@@ -426,7 +453,7 @@ def test_rc_states_draws_and_group_layout():
     rollouts.cache = _ScriptedTrajectories(RCPrompts(pieces, pieces), summaries)
     rows = [{"problem": "seven", "rubric": None, "problem_ids": [7]},
             {"problem": "eight", "rubric": "r", "problem_ids": [8, 8]}]
-    group_rows, metrics = rollouts.group_rows(rows, None, np.random.default_rng(0), group_size=3)
+    group_rows, per_turn = rollouts.group_rows(rows, None, (0,), group_size=3)
 
     assert rollouts.cache.released
     assert len(group_rows) == 2 * 2 * 3  # problems x states x group
@@ -442,26 +469,31 @@ def test_rc_states_draws_and_group_layout():
             # The grader reads problem and rubric; the prompt carries the state's summary.
             assert (r["problem"], r["rubric"]) == (row["problem"], row["rubric"])
             assert r["prompt_ids"] == [100, *row["problem_ids"], 101, *states[r["state"]], 102]
-    assert metrics["summaries_cut"] == 2 and metrics["summary_length_mean"] == pytest.approx(10 / 6)
+    assert per_turn["summary_cut"].tolist() == [False, False, True, False, False, True]
+    assert per_turn["summary_length"].tolist() == [1, 2, 3, 1, 0, 3]
+    # A problem's draw depends on its index in the step, not on which call (process) draws it.
+    second_alone = rollouts.group_rows(rows[1:], None, (0,), group_size=3, first_problem=1)[0]
+    assert [r["state"] for r in second_alone] == [r["state"] for r in group_rows[6:]]
 
     # Draws are uniform over the T + 1 states: every state is drawn about equally often.
     counts = np.zeros(4)
-    rng = np.random.default_rng(1)
-    for _ in range(400):
-        for r in rollouts.group_rows(rows[:1], None, rng, group_size=1)[0]:
+    for draw in range(400):
+        for r in rollouts.group_rows(rows[:1], None, (1, draw), group_size=1)[0]:
             counts[r["state"]] += 1
     assert counts.sum() == 800 and np.all(np.abs(counts / 800 - 0.25) < 0.05)
 
 
-def test_state_rewards_are_means_over_graded_rollouts_of_each_state():
-    from qed_jax.grpo import state_rewards
+def test_rc_metrics_per_state_over_graded_rollouts_and_per_turn():
+    from qed_jax.grpo import rc_metrics
 
-    states = np.array([0, 0, 2, 2, 2, 1])
-    rewards = np.array([1.0, 0.0, 0.5, 0.25, 0.9, 0.3], np.float32)
-    valid = np.array([True, True, True, True, False, False])
-    out = state_rewards(states, rewards, valid, 4)
+    stats = {"state": np.array([0, 0, 2, 2, 2, 1]), "reward": np.array([1.0, 0.0, 0.5, 0.25, 0.9, 0.3], np.float32),
+             "valid": np.array([True, True, True, True, False, False])}
+    per_turn = {"summary_length": np.array([4, 0, 8]), "summary_cut": np.array([False, False, True]),
+                "turn_truncated": np.array([True, False, True])}
+    out = rc_metrics(stats, per_turn, 4)
     assert out["reward_state_0"] == 0.5 and out["reward_state_2"] == pytest.approx(0.375)
     assert np.isnan(out["reward_state_1"]) and np.isnan(out["reward_state_3"])  # failed grade; not drawn
+    assert (out["summary_length_mean"], out["summaries_cut"], out["trajectory_truncated_fraction"]) == (4.0, 1, 2 / 3)
 
 
 def test_rc_prompts_leave_room_for_the_summary_and_the_template(tmp_path):
@@ -516,3 +548,113 @@ def test_rc_recipe_config_loads_with_1024_samples_per_step():
     assert config.rc.reasoning_tokens == config.max_new_tokens == 49152
     s = config.rc.summarizer
     assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.thinking) == (2048, 0.7, 0.8, 20, False)
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+# Every process packs its own samples: 3 to a row here, so the 2-process rows differ from the
+# 1-process ones; two updates per step (each takes every other sample of each process); old
+# log-probs recomputed on the global mesh and brought back to the process that packed them.
+_SPREAD = ["prompts_per_step=8", "samples_per_prompt=4", "train_length=288", "minibatches=2",
+           "old_logprobs=recompute", "export_dtype=null"]
+
+
+def _finish(procs) -> None:
+    """Wait for every process (text pipes) and assert that each exited 0."""
+    outputs = finish(procs)
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
+
+
+def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
+    run = tmp_path / "run"
+    with JudgeServer(default=("hash", 0.1)) as server:
+        args = ["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=3", "checkpoint_every=1",
+                f"output_dir={run}"]
+        with processes(args, count=2, devices=4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as procs:
+            deadline = time.time() + 240
+            while time.time() < deadline and not (run / "checkpoints" / "2").exists():
+                time.sleep(0.05)
+            at_checkpoint = server.total
+            while time.time() < deadline and server.total < at_checkpoint + 5:  # step 3 is being graded
+                time.sleep(0.01)
+            procs[1].send_signal(signal.SIGKILL)
+            procs[1].wait()
+            # Process 0 finishes grading its share, then waits for process 1 in the step's gather:
+            # killed there, it has no request in flight.
+            quiet_since, seen = time.time(), server.total
+            while time.time() < deadline and procs[0].poll() is None and time.time() - quiet_since < 2:
+                if server.total != seen or server.active:
+                    quiet_since, seen = time.time(), server.total
+                time.sleep(0.05)
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+        assert server.total - at_checkpoint < 32  # step 3 was not graded through
+        with processes(args, count=2, devices=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) as procs:
+            _finish(procs)
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    # Each distinct completion was graded once; only the requests process 1 had in flight when it
+    # was killed (at most judge.concurrency = 2) went twice.
+    repeats = [n for n in server.by_prompt.values() if n > 1]
+    assert len(repeats) <= 2 and all(n == 2 for n in repeats)
+    assert server.total == len(server.by_prompt) + len(repeats)
+
+
+def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
+    with JudgeServer(default=("hash", 0.0)) as server:
+        args = ["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=4", "export_dtype=float32"]
+        single = subprocess.run([sys.executable, "-m", "qed_jax.cli", *args, f"output_dir={tmp_path / 'one'}"],
+                                cwd=REPO, env=cli_env(8), capture_output=True, text=True, timeout=300)
+        assert single.returncode == 0, single.stderr[-3000:]
+        judged_by_one = set(server.by_prompt)
+        with processes([*args, f"output_dir={tmp_path / 'two'}"], count=2, devices=4, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True) as procs:
+            _finish(procs)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    # The same completions: sampled with the same per-row keys (each process its share of the
+    # global rows), so the judge saw no new proof, and every step's rewards are equal to the bit.
+    assert set(server.by_prompt) == judged_by_one
+    assert all((tmp_path / f"cache.sqlite.process-{i}").exists() for i in (0, 1))
+    for key in ("reward_mean", "reward_std", "success_rate", "completion_length_mean", "trained_fraction"):
+        assert [m[key] for m in one] == [m[key] for m in two], key
+    assert 0 < one[-1]["reward_std"]  # hash scores vary: the losses are not all zero
+    # The losses differ only by float32 rounding: the processes pack their samples into other rows
+    # than one process does, so the sums over tokens and rows run in another order, and the params
+    # of later steps differ by as little (too little to change a sampled token: the rewards above
+    # are equal). Measured: losses of 0.05-0.2 at most 1e-7 apart, and after 8 Adam updates of up
+    # to lr = 3e-3 each, params at most 1.5e-6 apart (process 0 exported them); bounds leave 50x.
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
+    exported = [SafetensorsFolder(tmp_path / run / "hf") for run in ("one", "two")]
+    assert max(float(np.abs(np.asarray(exported[0].read(k)) - np.asarray(exported[1].read(k))).max())
+               for k in exported[0].names()) <= 1e-4
+
+
+def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """A preemption's SIGTERM reaches a pod's hosts at different moments: the processes agree after
+    every step, so both write the same checkpoint and exit, and neither waits for the other."""
+    with processes(["grpo", "--config", TINY, *_SPREAD, "steps=400", "checkpoint_every=1000", f"output_dir={tmp_path}"],
+                   count=2, devices=4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as procs:
+        assert_signal_writes_a_checkpoint(procs[1], tmp_path, steps=3)
+        assert procs[0].wait(timeout=120) == 128 + signal.SIGTERM
+
+
+@pytest.mark.slow  # two more 2-process runs
+def test_two_processes_on_rc_states_sample_what_one_does(tmp_path):
+    """Trajectories, state draws and rollouts of a problem depend on its index in the step, not on
+    the process that runs it: per-state rewards and the trajectories' numbers are equal."""
+    args = ["grpo", "--config", TINY_RC, "prompts_per_step=4", "steps=2", "export_dtype=null"]
+    single = subprocess.run([sys.executable, "-m", "qed_jax.cli", *args, f"output_dir={tmp_path / 'one'}"],
+                            cwd=REPO, env=cli_env(8), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    with processes([*args, f"output_dir={tmp_path / 'two'}"], count=2, devices=4, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) as procs:
+        _finish(procs)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    keys = ["reward_mean", "summary_length_mean", "summaries_cut", "trajectory_truncated_fraction",
+            *(f"reward_state_{k}" for k in range(3))]
+    for key in keys:
+        assert np.allclose([m[key] for m in one], [m[key] for m in two], rtol=0, atol=0, equal_nan=True), key
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])

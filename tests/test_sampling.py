@@ -172,6 +172,16 @@ def test_samples_do_not_depend_on_the_waves(tiny):
     assert len({tuple(c.tokens) for c in waved}) == len(SEVEN)  # rows draw different samples
 
 
+def test_a_share_of_the_requests_samples_what_the_whole_batch_does(tiny):
+    """A process sampling its share of a step passes its first row: each request keeps its draws
+    (the share's prompts fall in the same bucket as the whole batch's here)."""
+    _, model = tiny
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    whole = Sampler(model).generate_ids(SEVEN, params, jax.random.key(3), stop_ids=[])
+    share = Sampler(model).generate_ids(SEVEN[4:], params, jax.random.key(3), stop_ids=[], first_row=4)
+    assert [c.tokens for c in share] == [c.tokens for c in whole[4:]]
+
+
 def test_one_compile_serves_every_wave(tiny, caplog):
     _, model = tiny
     sampler = Sampler(model, buckets=(32,), max_concurrent=3)

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
 from qed_jax.sft import SFTConfig, accumulated_grads, train_step
 from qed_jax.tokenizer import load_tokenizer
-from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics, wait_for_steps
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics, wait_for_steps
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "sft" / "tiny.yaml")
@@ -169,17 +168,9 @@ def test_fsdp_tensor_sharded_losses_match_one_device(tmp_path):
 
 
 def test_two_processes_train_and_agree_on_the_loss(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, "steps=3",
-                          "eval_every=0", "export_dtype=null", f"output_dir={tmp_path}",
-                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                         cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    with processes(["sft", "--config", TINY, "steps=3", "eval_every=0", "export_dtype=null", f"output_dir={tmp_path}"],
+                   count=2, devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs)
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
     finals = [next(line for line in o[0].splitlines() if line.startswith("done at step 3")) for o in outputs]
     assert "(process 0)" in finals[0] and "(process 1)" in finals[1]

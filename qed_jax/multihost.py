@@ -1,0 +1,109 @@
+"""Several processes (one per TPU host) acting as one trainer: each takes its share of a step's
+work, samples on its own devices, and the pieces meet in global arrays and small gathers.
+
+Everything here is a no-op or a plain local computation when there is one process, so callers
+run the same code on a laptop, one TPU VM or a pod.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from qed_jax.config import ConfigError
+from qed_jax.sharding import MESH_AXES, MeshConfig, make_mesh, state_shardings
+
+
+def per_process(total: int, what: str) -> int:
+    """`total` split evenly over the processes, or a ConfigError naming `what`."""
+    count = jax.process_count()
+    if total % count:
+        raise ConfigError(f"{what} ({total}) must split evenly over the {count} processes; "
+                          f"make it a multiple of {count}")
+    return total // count
+
+
+def process_share(items: list) -> list:
+    """This process's contiguous slice of a list every process holds whole (process p takes the
+    p-th of process_count equal parts; the caller has checked that they are equal)."""
+    n = len(items) // jax.process_count()
+    return items[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def gather(tree):
+    """Concatenate each process's 1-D arrays (equal lengths everywhere) in process order, on
+    every process: per-sample numbers from process shares become the whole step's."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def agree_on_stop(stop) -> bool:
+    """Whether any process was sent a stop signal (see trainer.StopSignals); the processes that
+    were not are marked as stopped by that signal too, so that all of them finish the same step,
+    write the same checkpoint and exit alike (a pod's hosts get a preemption's SIGTERM at
+    slightly different moments)."""
+    if jax.process_count() == 1:
+        return stop.raised
+    signums = gather(np.array([stop.signum or 0], np.int32))
+    if signums.max() and stop.signum is None:
+        stop.signum = int(signums.max())
+    return bool(signums.max())
+
+
+def process_rows(x) -> np.ndarray:
+    """This process's rows of a global array sharded over its first axis: the inverse of
+    jax.make_array_from_process_local_data (its slices in order; replicas counted once)."""
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def devices_of(process: int) -> list:
+    """The devices that `process` drives, in jax.devices() order."""
+    return [d for d in jax.devices() if d.process_index == process]
+
+
+def sampling_meshes(config: MeshConfig) -> tuple[Mesh, Mesh]:
+    """(this process's sampling mesh, every process's sampling mesh stacked into one global mesh
+    with a leading `process` axis). One process samples on `config` over all devices; several
+    processes each sample on `config` over their own devices only, so that rollouts need no
+    traffic between hosts."""
+    if jax.process_count() == 1:
+        mesh = make_mesh(config)
+        return mesh, mesh
+    try:
+        meshes = [make_mesh(config, devices_of(p)) for p in range(jax.process_count())]
+    except ConfigError as e:
+        raise ConfigError(f"sampling.mesh (default: mesh): with several processes, each samples on its own "
+                          f"devices: {e}; set sampling.mesh to fit one host") from None
+    stacked = Mesh(np.stack([m.devices for m in meshes]), ("process", *MESH_AXES),
+                   axis_types=(AxisType.Auto,) * (1 + len(MESH_AXES)))
+    return meshes[jax.process_index()], stacked
+
+
+def sampler_weights(params, sampling_model, dtype: str, local_mesh: Mesh, stacked_mesh: Mesh):
+    """A function from the trained params (global arrays) to this process's sampler weights: the
+    params in `dtype`, laid out on `local_mesh` as its rules say, as process-local arrays.
+
+    The cast runs where the params live (sharded like them), then one reshard lays the copy out on
+    `stacked_mesh`, where the sampling specs never name the `process` axis: every host's devices
+    receive the shards its local sampler wants and nothing else, and those device buffers become
+    the local arrays without a copy. Memory per device: the sampler's own weights (what a one-host
+    sampler on `local_mesh` holds; the whole model in `dtype` when that mesh shards nothing), plus,
+    until the call returns, the cast copy laid out like the trained params (1/N of the model in
+    `dtype` when they are sharded N ways, as with FSDP over the slice)."""
+    local = nnx.to_pure_dict(state_shardings(nnx.state(sampling_model), local_mesh))
+    stacked = jax.tree.map(lambda s: NamedSharding(stacked_mesh, s.spec), local)
+    cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, params))
+
+    def to_local(x, sharding):
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, [s.data for s in x.addressable_shards])
+
+    def weights(params):
+        return jax.tree.map(to_local, jax.device_put(cast(params), stacked), local)
+
+    return weights
