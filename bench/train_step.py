@@ -1,5 +1,7 @@
 """Throughput of qed-jax's SFT step next to a transformers/PyTorch training step: the same random
-Qwen3, the same token batch, AdamW, forward + backward + update. Writes JSON.
+Qwen3, the same token batch, AdamW, forward + backward + update. Each step's FLOPs (6 x matmul
+parameters x tokens, plus causal attention) are set against this machine's float32 matmul peak,
+measured in the same run (see roofline.py). Writes JSON.
 
     python bench/train_step.py --layers 10 --hidden 512 --batch 4 --seq 512 [--peak-tflops 197]
 """
@@ -8,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from functools import partial
 from pathlib import Path
 
 import jax
-from model_args import add_model_args, model_config
 import jax.numpy as jnp
 import numpy as np
+import roofline
+from model_args import add_model_args, model_config
 
 
 def _best(fn, steps):
@@ -45,6 +49,8 @@ def main() -> None:
     from qed_jax.sft import train_flops_per_token, train_step
     from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 
+    limits = roofline.measure()
+    print(roofline.describe(limits))
     config = model_config(args)
     B, T = args.batch, args.seq
     tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
@@ -71,7 +77,8 @@ def main() -> None:
     jax_best, jax_median = _best(run_jax, args.steps)
 
     def figures(seconds):
-        out = {"step_s": seconds, "tokens_per_s": B * T / seconds, "tflops_per_s": flops_per_step / seconds / 1e12}
+        out = {"step_s": seconds, "tokens_per_s": B * T / seconds, "tflops_per_s": flops_per_step / seconds / 1e12,
+               "roofline": roofline.fraction(limits, seconds, flops=flops_per_step)}
         if args.peak_tflops:
             out["mfu"] = out["tflops_per_s"] / args.peak_tflops
         return out
@@ -83,6 +90,7 @@ def main() -> None:
         "params": param_count(config),
         "flops_per_step": flops_per_step,
         "config": vars(args),
+        "limits": limits,
         "qed_jax": {**figures(jax_best), "median_step_s": jax_median},
     }
 
@@ -107,6 +115,7 @@ def main() -> None:
                            "threads": torch.get_num_threads(), "version": torch.__version__}
         result["ratio_qed_jax_over_torch_tokens_per_s"] = torch_best / jax_best
 
+    result["load_average_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
