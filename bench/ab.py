@@ -37,7 +37,8 @@ def metrics(result: dict) -> dict:
     """The figures compared, by name, from one benchmark JSON."""
     if result["benchmark"] == "train_step":
         out = {"tokens_per_s": result["qed_jax"]["tokens_per_s"],
-               "fraction_of_peak": result["qed_jax"]["roofline"]["fraction"]}
+               "fraction_of_peak": result["qed_jax"]["roofline"]["fraction"],
+               "tokens_per_cpu_s": result["config"]["batch"] * result["config"]["seq"] / result["qed_jax"]["cpu_s"]}
         if "torch" in result:
             out["torch_tokens_per_s"] = result["torch"]["tokens_per_s"]
         return out
