@@ -62,8 +62,10 @@ def _chunked(hidden, head, targets, temperature, chunk_size, with_entropy):
     def chunk(hidden_c, targets_c):
         # The head is cast here, not before the scan, so that its gradient is accumulated over
         # chunks in the head's own dtype (float32 parameters stay float32).
-        logits = jnp.einsum("bcd,vd->bcv", hidden_c, head.astype(hidden_c.dtype),
-                            preferred_element_type=jnp.float32) / temperature  # [B, C, V]
+        # Batch and chunk merged into one axis so that the head's gradient contracts one axis
+        # (see `qed_jax.model.dense`).
+        logits = jnp.einsum("nd,vd->nv", hidden_c.reshape(-1, D), head.astype(hidden_c.dtype),
+                            preferred_element_type=jnp.float32).reshape(B, C, -1) / temperature  # [B, C, V]
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
         target_logits = jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0]
         logprobs = target_logits - lse
