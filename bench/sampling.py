@@ -1,21 +1,28 @@
 """Prefill and decode throughput of qed-jax's sampler next to transformers' generate, on the same
-random Qwen3 model and prompts in the same run. Writes JSON.
+random Qwen3 model and prompts in the same run, at each batch size given. Each result is also
+set against this machine's limits, measured in the same run (see roofline.py): a decode step
+must read the weights and every row's live keys and values, and multiply every row by the
+weights; the slower of the two at the measured bandwidth and matmul peak is the limit (memory
+at small batches, FLOPs at large ones). Writes JSON.
 
-    python bench/sampling.py --layers 10 --hidden 512 --batch 8 --prompt-len 128 --new-tokens 128
+    python bench/sampling.py --layers 10 --hidden 512 --batch 8 64 --prompt-len 128 --new-tokens 128
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
 import jax
-from model_args import add_model_args, model_config
+import jax.numpy as jnp
 import numpy as np
+import roofline
+from model_args import add_model_args, model_config
 
 
 def _timed(fn, repeats):
@@ -27,10 +34,75 @@ def _timed(fn, repeats):
     return best
 
 
+def time_qed_jax(model, prompts, new_tokens: int, repeats: int) -> dict:
+    """Seconds of the jitted prefill and of the decode loop alone, best of `repeats`, after a
+    compile run."""
+    from qed_jax.sampling import Sampler, SamplingParams, decode_loop, prefill
+
+    B, P, N = len(prompts), len(prompts[0]), new_tokens
+    sampler = Sampler(model, buckets=(P,))
+    sampler.generate_ids(prompts, SamplingParams(max_new_tokens=N, temperature=0.0), jax.random.key(0),
+                         stop_ids=[])  # compile
+    tokens = jnp.asarray(prompts, jnp.int32)
+    lengths = jnp.full((B,), P, jnp.int32)
+    per_row = lambda v, dt: jnp.full((B,), v, dt)  # noqa: E731
+    state = {"cache": sampler._cache(B, P + N)}
+
+    def run_prefill():
+        logits, state["cache"] = prefill(sampler.graphdef, sampler.state, tokens, lengths, state["cache"])
+        jax.block_until_ready(logits)
+        state["logits"] = logits
+
+    def run_decode():
+        out = decode_loop(sampler.graphdef, N, sampler.state, state["logits"], lengths, state["cache"],
+                          jax.random.key(0), per_row(0.0, jnp.float32), per_row(0, jnp.int32),
+                          per_row(1.0, jnp.float32), per_row(N, jnp.int32), jnp.zeros((0,), jnp.int32))
+        jax.block_until_ready(out)
+        state["cache"] = out[-1]
+        assert int(out[2].min()) == N
+
+    prefill_s = _timed(run_prefill, repeats)
+    timings = []
+    for _ in range(repeats):
+        run_prefill()
+        timings.append(_timed(run_decode, 1))
+    return {"prefill_s": prefill_s, "decode_s": min(timings)}
+
+
+def time_transformers(hf, prompts, new_tokens: int, repeats: int) -> dict:
+    """Seconds of a prompt forward and of `generate` minus that forward, best of `repeats`."""
+    import torch
+
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        prefill_s = _timed(lambda: hf(input_ids=ids, use_cache=True), repeats)
+        total = _timed(lambda: hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           do_sample=False, pad_token_id=0, eos_token_id=None), repeats)
+    return {"prefill_s": prefill_s, "decode_s": total - prefill_s, "torch_threads": torch.get_num_threads()}
+
+
+def figures(seconds: dict, limits: dict, config, batch: int, prompt_len: int, new_tokens: int,
+            itemsize: int) -> dict:
+    """Tokens/s of prefill and decode and their fractions of the machine's limits."""
+    from qed_jax.model import param_count
+
+    c = config
+    weights = (param_count(c) - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)) * itemsize
+    flops, nbytes = roofline.decode_cost(c, batch, prompt_len, new_tokens, weights, itemsize)
+    return {
+        **seconds,
+        "prefill_tokens_per_s": batch * prompt_len / seconds["prefill_s"],
+        "decode_tokens_per_s": batch * new_tokens / seconds["decode_s"],
+        "prefill_roofline": roofline.fraction(limits, seconds["prefill_s"],
+                                              flops=roofline.prefill_flops(c, batch, prompt_len)),
+        "decode_roofline": roofline.fraction(limits, seconds["decode_s"], flops=flops, nbytes=nbytes),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 64])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -44,46 +116,17 @@ def main() -> None:
 
     import qed_jax
     from qed_jax.model import param_count
-    from qed_jax.sampling import Sampler, SamplingParams, decode_loop, prefill
 
+    limits = roofline.measure()
+    print(roofline.describe(limits))
     hf_config = Qwen3Config(**model_config(args).to_hf(torch_dtype=args.dtype))
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(hf_config).eval().to(getattr(torch, args.dtype))
     folder = Path(tempfile.mkdtemp())
     hf.save_pretrained(folder)
     model = qed_jax.from_pretrained(folder)
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
-    prompts = np.random.default_rng(0).integers(0, args.vocab, (B, P)).tolist()
-
-    # qed-jax: time the jitted prefill and the decode loop separately, after a compile run.
-    sampler = Sampler(model, buckets=(P,))
-    params = SamplingParams(max_new_tokens=N, temperature=0.0)
-    sampler.generate_ids(prompts, params, jax.random.key(0), stop_ids=[])  # compile
-    tokens = jax.numpy.asarray(prompts, jax.numpy.int32)
-    lengths = jax.numpy.full((B,), P, jax.numpy.int32)
-    per_row = lambda v, dt: jax.numpy.full((B,), v, dt)  # noqa: E731
-    state = {"cache": sampler._cache(B, P + N)}
-
-    def run_prefill():
-        logits, state["cache"] = prefill(sampler.graphdef, sampler.state, tokens, lengths, state["cache"])
-        jax.block_until_ready(logits)
-        state["logits"] = logits
-
-    def run_decode():
-        out = decode_loop(sampler.graphdef, N, sampler.state, state["logits"], lengths, state["cache"],
-                          jax.random.key(0), per_row(0.0, jax.numpy.float32), per_row(0, jax.numpy.int32),
-                          per_row(1.0, jax.numpy.float32), per_row(N, jax.numpy.int32),
-                          jax.numpy.zeros((0,), jax.numpy.int32))
-        jax.block_until_ready(out)
-        state["cache"] = out[-1]
-        assert int(out[2].min()) == N
-
-    jax_prefill = _timed(run_prefill, args.repeats)
-    timings = []
-    for _ in range(args.repeats):
-        run_prefill()
-        timings.append(_timed(run_decode, 1))
-    jax_decode = min(timings)
+    P, N = args.prompt_len, args.new_tokens
+    itemsize = jnp.dtype(args.dtype).itemsize
 
     result = {
         "benchmark": "sampling",
@@ -91,27 +134,24 @@ def main() -> None:
         "host": platform.processor() or platform.machine(),
         "params": param_count(model.config),
         "config": vars(args),
-        "qed_jax": {"prefill_tokens_per_s": B * P / jax_prefill, "decode_tokens_per_s": B * N / jax_decode,
-                    "prefill_s": jax_prefill, "decode_s": jax_decode},
+        "limits": limits,
+        "batches": [],
     }
-    if not args.skip_transformers:
-        ids = torch.tensor(prompts)
-        with torch.no_grad():
-            hf_prefill = _timed(lambda: hf(input_ids=ids, use_cache=True), args.repeats)
-            hf_total = _timed(lambda: hf.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False,
-                                                  pad_token_id=0, eos_token_id=None), args.repeats)
-        hf_decode = hf_total - hf_prefill
-        result["transformers"] = {
-            "prefill_tokens_per_s": B * P / hf_prefill, "decode_tokens_per_s": B * N / hf_decode,
-            "prefill_s": hf_prefill, "decode_s": hf_decode, "torch_threads": torch.get_num_threads(),
-        }
-        result["ratio_qed_jax_over_transformers"] = {
-            "prefill": result["qed_jax"]["prefill_tokens_per_s"] / result["transformers"]["prefill_tokens_per_s"],
-            "decode": result["qed_jax"]["decode_tokens_per_s"] / result["transformers"]["decode_tokens_per_s"],
-        }
+    for B in args.batch:
+        prompts = np.random.default_rng(0).integers(0, args.vocab, (B, P)).tolist()
+        row = {"batch": B, "qed_jax": figures(time_qed_jax(model, prompts, N, args.repeats), limits,
+                                              model.config, B, P, N, itemsize)}
+        if not args.skip_transformers:
+            row["transformers"] = figures(time_transformers(hf, prompts, N, args.repeats), limits,
+                                          model.config, B, P, N, itemsize)
+            row["ratio_qed_jax_over_transformers"] = {
+                stage: row["qed_jax"][f"{stage}_tokens_per_s"] / row["transformers"][f"{stage}_tokens_per_s"]
+                for stage in ("prefill", "decode")}
+        result["batches"].append(row)
+        print(json.dumps(row, indent=2))
+    result["load_average_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Throughput of qed-jax's SFT step next to a transformers/PyTorch training step: the same random
-Qwen3, the same token batch, AdamW, forward + backward + update. Writes JSON.
+Qwen3, the same token batch, AdamW, forward + backward + update. Each step's FLOPs (6 x matmul
+parameters x tokens, plus causal attention) are set against this machine's float32 matmul peak,
+measured in the same run (see roofline.py). Writes JSON.
 
     python bench/train_step.py --layers 10 --hidden 512 --batch 4 --seq 512 [--peak-tflops 197]
 """
@@ -8,24 +10,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from functools import partial
 from pathlib import Path
 
 import jax
-from model_args import add_model_args, model_config
 import jax.numpy as jnp
 import numpy as np
+import roofline
+from model_args import add_model_args, model_config
 
 
 def _best(fn, steps):
+    """(best, median) wall seconds of `steps` calls, and the CPU seconds (all threads) of the
+    fastest: on a shared machine CPU time moves less with the neighbours' load than wall time."""
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times), float(np.median(times))
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
+    return min(times)[0], float(np.median([t[0] for t in times])), min(times)[1]
 
 
 def main() -> None:
@@ -45,6 +51,8 @@ def main() -> None:
     from qed_jax.sft import train_flops_per_token, train_step
     from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 
+    limits = roofline.measure()
+    print(roofline.describe(limits))
     config = model_config(args)
     B, T = args.batch, args.seq
     tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
@@ -68,10 +76,11 @@ def main() -> None:
         jax.block_until_ready(metrics)
 
     run_jax()  # compile
-    jax_best, jax_median = _best(run_jax, args.steps)
+    jax_best, jax_median, jax_cpu = _best(run_jax, args.steps)
 
     def figures(seconds):
-        out = {"step_s": seconds, "tokens_per_s": B * T / seconds, "tflops_per_s": flops_per_step / seconds / 1e12}
+        out = {"step_s": seconds, "tokens_per_s": B * T / seconds, "tflops_per_s": flops_per_step / seconds / 1e12,
+               "roofline": roofline.fraction(limits, seconds, flops=flops_per_step)}
         if args.peak_tflops:
             out["mfu"] = out["tflops_per_s"] / args.peak_tflops
         return out
@@ -83,7 +92,8 @@ def main() -> None:
         "params": param_count(config),
         "flops_per_step": flops_per_step,
         "config": vars(args),
-        "qed_jax": {**figures(jax_best), "median_step_s": jax_median},
+        "limits": limits,
+        "qed_jax": {**figures(jax_best), "median_step_s": jax_median, "cpu_s": jax_cpu},
     }
 
     if not args.skip_torch:
@@ -102,11 +112,12 @@ def main() -> None:
             adamw.zero_grad(set_to_none=True)
 
         run_torch()
-        torch_best, torch_median = _best(run_torch, args.steps)
-        result["torch"] = {**figures(torch_best), "median_step_s": torch_median,
+        torch_best, torch_median, torch_cpu = _best(run_torch, args.steps)
+        result["torch"] = {**figures(torch_best), "median_step_s": torch_median, "cpu_s": torch_cpu,
                            "threads": torch.get_num_threads(), "version": torch.__version__}
         result["ratio_qed_jax_over_torch_tokens_per_s"] = torch_best / jax_best
 
+    result["load_average_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

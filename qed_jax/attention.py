@@ -9,9 +9,10 @@ implementations that compute the same thing:
 - `splash`: the Pallas TPU splash-attention kernel (flash attention with block sparsity: blocks
   above the diagonal are skipped; its own backward kernels). Memory grows with T. Off TPU it runs
   in Pallas interpret mode, which is for tests only.
-- `blockwise`: plain JAX, one query chunk at a time under `jax.checkpoint`, so that neither the
-  forward nor the backward holds more than [chunk, T] scores per head. For long sequences on
-  backends without splash (CPU, GPU).
+- `blockwise`: plain JAX, one query chunk at a time with a flash-attention backward (it keeps
+  each chunk's output and softmax normalizer, and recomputes the probabilities), so that neither
+  the forward nor the backward holds more than [chunk, T] scores per head. For long sequences on
+  backends without splash, and for every length on CPU, where it is also the fastest.
 
 `auto` picks among them by backend and length (see `choose_implementation`).
 
@@ -43,9 +44,11 @@ from qed_jax.config import ATTENTION_IMPLEMENTATIONS
 from qed_jax.sharding import DEFAULT_RULES
 
 # `auto` thresholds. Below them the XLA path's [T, T] scores are small (T=1024: 4 MiB per head in
-# float32) and XLA fuses it well; above them T² dominates activation memory.
+# float32) and XLA fuses it well; above them T² dominates activation memory. On CPU blockwise
+# serves every length: the XLA path's backward keeps the probabilities of every layer and
+# transposes them, and blockwise ran its forward + backward 1.4x faster at T=512 (one chunk).
 SPLASH_MIN_LEN = 1024  # on TPU
-BLOCKWISE_MIN_LEN = 2048  # elsewhere: blockwise computes the masked half too, so wait longer
+BLOCKWISE_MIN_LEN = 2048  # on GPU: blockwise computes the masked half too, so wait longer
 
 SPLASH_BLOCKS = (512, 256, 128)  # preferred first; the kernel needs multiples of 128 lanes
 BLOCKWISE_CHUNK = 512
@@ -79,7 +82,7 @@ def choose_implementation(implementation: str, seq_len: int) -> str:
         return implementation
     if platform() == "tpu" and seq_len >= SPLASH_MIN_LEN and splash_block(seq_len):
         return "splash"
-    if seq_len >= BLOCKWISE_MIN_LEN:
+    if platform() == "cpu" or seq_len >= BLOCKWISE_MIN_LEN:
         return "blockwise"
     return "xla"
 
@@ -120,37 +123,95 @@ def cached_attention(q, k, v, positions):
 
 
 def blockwise_attention(q, k, v, segment_ids=None, *, chunk: int = BLOCKWISE_CHUNK):
-    """Same result as `xla_attention`, computed one query chunk of `chunk` tokens at a time: a
-    chunk's scores [B, N, chunk, T] exist only inside one scan step, forward and backward."""
+    """Same result as `xla_attention`, computed one query chunk of `chunk` tokens at a time with a
+    flash-attention backward (`_chunk_attention`): a chunk's scores [B, N, chunk, T] exist only
+    inside one scan step, forward and backward, and what the backward keeps of the forward is the
+    chunk's output and softmax normalizer, never probabilities."""
     B, T, N, H = q.shape
     K = k.shape[2]
+    G = N // K
     C = min(chunk, T)
     chunks = -(-T // C)
     pad = chunks * C - T  # padded query rows attend to real keys and are dropped at the end
     if segment_ids is None:
         segment_ids = jnp.zeros((B, T), jnp.int32)
-    q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_chunks = q_chunks.reshape(B, chunks, C, K, N // K, H).transpose(1, 0, 2, 3, 4, 5)
+    # Heads before time, and a kv head's G query heads x C tokens as one axis of M = G·C rows, so
+    # that every product of the forward and backward contracts a single axis (see _chunk_attention).
+    q = q * jnp.asarray(H ** -0.5, q.dtype)  # scaled once here, as the splash path does
+    q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, chunks, C, K, G, H)
+    q_chunks = q_chunks.transpose(1, 0, 3, 4, 2, 5).reshape(chunks, B, K, G * C, H)
+    k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
     q_index = jnp.arange(chunks * C).reshape(chunks, C)
     q_segments = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(B, chunks, C).transpose(1, 0, 2)
     k_index = jnp.arange(T)
 
-    @jax.checkpoint  # the backward recomputes a chunk's scores rather than storing them
     def one_chunk(_, xs):
-        q_c, index, q_seg = xs  # [B, C, K, G, H], [C], [B, C]
-        # The mask depends on nothing that changes from layer to layer, so differentiating the
-        # model's layer scan would hoist it out of both loops and store every chunk's mask at
-        # once (T² again). Tying the mask's inputs to q_c keeps it inside, one chunk at a time.
-        q_c, index, q_seg = jax.lax.optimization_barrier((q_c, index, q_seg))
-        logits = jnp.einsum("bckgh,bskh->bkgcs", q_c, k, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(H ** -0.5)
-        mask = (index[:, None] >= k_index[None, :]) & (q_seg[:, :, None] == segment_ids[:, None, :])
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # [B, K, G, C, S]
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return None, jnp.einsum("bkgcs,bskh->bckgh", probs, v)
+        q_c, index, q_seg = xs  # [B, K, M, H], [C], [B, C]
+        return None, _chunk_attention(q_c, k_heads, v_heads, index, q_seg, k_index, segment_ids)
 
-    _, out = jax.lax.scan(one_chunk, None, (q_chunks, q_index, q_segments))  # [chunks, B, C, K, G, H]
-    return out.transpose(1, 0, 2, 3, 4, 5).reshape(B, chunks * C, N, H)[:, :T]
+    if chunks == 1:
+        out = one_chunk(None, (q_chunks[0], q_index[0], q_segments[0]))[1][None]
+    else:
+        _, out = jax.lax.scan(one_chunk, None, (q_chunks, q_index, q_segments))  # [chunks, B, K, M, H]
+    out = out.reshape(chunks, B, K, G, C, H).transpose(1, 0, 4, 2, 3, 5)
+    return out.reshape(B, chunks * C, N, H)[:, :T]
+
+
+# Why a hand-written backward: differentiating the chunk's softmax(QK^T)V would keep the
+# probabilities [B, N, C, T] of every chunk and every layer for the backward, and XLA:CPU
+# computes the products that contract the query axis (dK, dV) by first transposing those
+# [C, T] tensors. The backward below recomputes the probabilities from Q, K and the saved
+# log-normalizer, and orients each product so that only [T, H]-sized operands are transposed.
+# Shapes: q [B, K, M, H] with M = G·C (a kv head's query heads x the chunk's tokens, in that
+# order), k and v [B, K, S, H], the chunk's query indices [C] and segments [B, C], the keys'
+# indices [S] and segments [B, S].
+
+
+def _chunk_scores(q, k, q_index, q_segments, k_index, k_segments):
+    """Masked, scaled float32 scores [B, K, M, S]."""
+    # The mask depends on nothing that changes from layer to layer, so the compiler could hoist
+    # it out of the layer loop and keep every chunk's mask at once (T² again). Tying its inputs
+    # to q keeps it inside, one chunk at a time.
+    q, q_index, q_segments = jax.lax.optimization_barrier((q, q_index, q_segments))
+    B, K, M, H = q.shape
+    C = q_index.shape[0]
+    mask = (q_index[:, None] >= k_index[None, :]) & (q_segments[:, :, None] == k_segments[:, None, :])
+    mask = jnp.broadcast_to(mask[:, None], (B, M // C, C, k.shape[2])).reshape(B, 1, M, -1)
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _chunk_attention(q, k, v, q_index, q_segments, k_index, k_segments):
+    """softmax(masked QK^T / sqrt(H)) V → [B, K, M, H] in q's dtype."""
+    return _chunk_forward(q, k, v, q_index, q_segments, k_index, k_segments)[0]
+
+
+def _chunk_forward(q, k, v, q_index, q_segments, k_index, k_segments):
+    scores = _chunk_scores(q, k, q_index, q_segments, k_index, k_segments)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(scores - top)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    out = jnp.einsum("bkms,bksh->bkmh", (unnormalized / total).astype(v.dtype), v)
+    log_normalizer = top + jnp.log(total)  # [B, K, M, 1]
+    return out, (q, k, v, q_index, q_segments, k_index, k_segments, out, log_normalizer)
+
+
+def _chunk_backward(residuals, d_out):
+    q, k, v, q_index, q_segments, k_index, k_segments, out, log_normalizer = residuals
+    probs = jnp.exp(_chunk_scores(q, k, q_index, q_segments, k_index, k_segments) - log_normalizer)
+    # dV and dK contract the query axis M: computed transposed ([H, S]) so that the [M, S]
+    # operand is read in place and only d_out or q ([M, H]) is transposed.
+    d_v = jnp.einsum("bkmh,bkms->bkhs", d_out, probs.astype(d_out.dtype)).swapaxes(2, 3)
+    d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v, preferred_element_type=jnp.float32)
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
+    d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k)
+    d_k = jnp.einsum("bkmh,bkms->bkhs", q, d_scores).swapaxes(2, 3)
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None, None
+
+
+_chunk_attention.defvjp(_chunk_forward, _chunk_backward)
 
 
 # --------------------------------------------------------------------------------------------

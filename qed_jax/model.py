@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -163,7 +165,7 @@ class Qwen3(nnx.Module):
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
             q, k, v = qkv(h, w, cos, sin, c)
             h, cache = attend(q, k, v, cache, index)
-            x = x + jnp.einsum("btnh,nhd->btd", h, w["o"].astype(dtype))
+            x = x + dense(h, w["o"].astype(dtype), contract=2)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             return (x + mlp(h, w), cache), None
 
@@ -205,12 +207,27 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def dense(x, w, contract: int = 1):
+    """x [..., *in] @ w [*in, *out] → [..., *out], contracting the last `contract` axes of x with
+    the first of w, as one 2-D matmul over all of x's leading axes. Why 2-D: the gradient of w
+    then contracts a single axis (batch and time merged), which XLA:CPU multiplies in place;
+    with batch and time as two contracted axes it first copies the incoming gradient into a
+    transposed layout, which cost a quarter of the SFT step. Reshapes of contiguous axes are
+    free, and on TPU the merged axis shards like the batch axis it starts with."""
+    lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+    if w.shape[:contract] != inner:
+        raise ValueError(f"dense: x {x.shape} and w {w.shape} disagree on the {contract} contracted axes")
+    k = math.prod(inner)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+    return y.reshape(*lead, *w.shape[contract:])
+
+
 def qkv(x, w, cos, sin, c: ModelConfig):
     """Queries [B, T, N, H] and keys, values [B, T, K, H], with QK-norm before RoPE."""
     dtype = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, w["q"].astype(dtype))
-    k = jnp.einsum("btd,dkh->btkh", x, w["k"].astype(dtype))
-    v = jnp.einsum("btd,dkh->btkh", x, w["v"].astype(dtype))
+    q = dense(x, w["q"].astype(dtype))
+    k = dense(x, w["k"].astype(dtype))
+    v = dense(x, w["v"].astype(dtype))
     q = apply_rope(rms_norm(q, w["q_norm"], c.rms_norm_eps), cos, sin)
     k = apply_rope(rms_norm(k, w["k_norm"], c.rms_norm_eps), cos, sin)
     return q, k, v
@@ -218,9 +235,9 @@ def qkv(x, w, cos, sin, c: ModelConfig):
 
 def mlp(x, w):
     dtype = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, w["gate"].astype(dtype))
-    up = jnp.einsum("btd,df->btf", x, w["up"].astype(dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down"].astype(dtype))
+    gate = dense(x, w["gate"].astype(dtype))
+    up = dense(x, w["up"].astype(dtype))
+    return dense(jax.nn.silu(gate) * up, w["down"].astype(dtype))
 
 
 def param_count(config: ModelConfig) -> int:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from qed_jax import checkpoint
 from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
-from qed_jax.losses import token_logprobs
+from qed_jax.losses import weighted_nll_sum
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
                              decay_mask, exit_or_export, init_opt_state, is_complete, load_model, lr_schedule,
@@ -74,8 +74,8 @@ def token_loss(graphdef, params, batch):
     hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     seg = batch["segment_ids"]
     weights = (batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] > 0)).astype(jnp.float32)
-    logprobs = token_logprobs(hidden[:, :-1], model.head_weight(), batch["tokens"][:, 1:])  # never [b, L, V]
-    return -jnp.sum(logprobs * weights), jnp.sum(weights)
+    nll = weighted_nll_sum(hidden[:, :-1], model.head_weight(), batch["tokens"][:, 1:], weights)  # never [b, L, V]
+    return nll, jnp.sum(weights)
 
 
 def accumulated_grads(graphdef, params, batch):

@@ -127,7 +127,9 @@ def test_splash_refuses_lengths_that_no_block_divides():
         attention.splash_attention(q, k, v)
 
 
-def test_auto_picks_splash_on_tpu_blockwise_for_long_rows_elsewhere(monkeypatch):
+def test_auto_picks_splash_on_tpu_blockwise_on_cpu_and_for_long_rows_on_gpu(monkeypatch):
+    assert [choose_implementation("auto", t) for t in (256, 2047, 2048, 45056)] == ["blockwise"] * 4
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
     assert [choose_implementation("auto", t) for t in (256, 2047, 2048, 45056)] == \
         ["xla", "xla", "blockwise", "blockwise"]
     monkeypatch.setattr(attention, "platform", lambda: "tpu")

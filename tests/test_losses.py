@@ -1,5 +1,6 @@
-"""Chunked log-probs and entropy: equal to the full-logit computation (values and gradients, raw
-arrays and through the model), and compiled without a [B, T, V] buffer."""
+"""Chunked log-probs, entropy and the weighted NLL with its gradient from the forward pass: equal
+to the full-logit computation (values and gradients, raw arrays and through the model), and
+compiled without a [B, T, V] buffer."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 from flax import nnx
 
 from qed_jax.config import PRESETS
-from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
+from qed_jax.losses import token_logprobs, token_logprobs_and_entropy, weighted_nll_sum
 from qed_jax.model import Qwen3
 
 
@@ -80,6 +81,31 @@ def test_gradients_equal_full_logits(T, chunk, temperature):
         assert np.abs(np.asarray(g_head)).max() > 1e-3  # the head really receives a gradient
 
 
+@pytest.mark.parametrize("T,chunk", [(T, chunk) for T, chunk, _ in CASES])
+def test_weighted_nll_sum_value_and_gradients_equal_full_logits(T, chunk):
+    hidden, head, targets = _inputs(2, T, 16, 50, seed=4)
+    weights = jax.random.uniform(jax.random.key(5), (2, T)) * (jnp.arange(T) % 3 > 0)  # zeros too
+
+    def full(h, v):
+        return -jnp.sum(weights * full_logprobs(h, v, targets))
+
+    def fused(h, v, scale):  # a cotangent other than 1 reaches the gradients computed in the forward
+        return scale * weighted_nll_sum(h, v, targets, weights, chunk_size=chunk)
+
+    value_ref, grads_ref = jax.value_and_grad(full, argnums=(0, 1))(hidden, head)
+    value, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(hidden, head, 3.0)
+    _close(value, 3.0 * value_ref, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        _close(g, 3.0 * g_ref)
+    _close(jax.jit(fused)(hidden, head, 1.0), value_ref, atol=1e-4)  # undifferentiated: the loss alone
+
+
+def test_weighted_nll_sum_refuses_weights_of_another_shape():
+    hidden, head, targets = _inputs(2, 8, 16, 50)
+    with pytest.raises(ValueError, match=r"weights \(2, 7\) must be \[B, T\]"):
+        weighted_nll_sum(hidden, head, targets, jnp.ones((2, 7)))
+
+
 def test_bfloat16_logits_are_float32_products_of_the_bfloat16_inputs():
     """With bfloat16 compute, logits are the float32 dot products of the bfloat16 hidden states
     and head (not rounded back to bfloat16, as Qwen3.logits does)."""
@@ -147,10 +173,13 @@ def test_gradient_memory_holds_one_chunk_of_logits_not_all():
     def nll_full(h, v, t):
         return -jnp.sum(full_logprobs(h, v, t))
 
+    def weighted_nll(h, v, t):
+        return weighted_nll_sum(h, v, t, jnp.ones(t.shape), chunk_size=chunk)
+
     T = 8192
     logits_bytes = T * V * 4  # one [1, T, V] float32 buffer: 1 GiB
     assert _grad_temp_bytes(nll_full, T) > logits_bytes  # the measure sees full logits
-    for loss in (nll, nll_and_entropy):
+    for loss in (nll, nll_and_entropy, weighted_nll):
         temp = _grad_temp_bytes(loss, T)
         assert temp < logits_bytes / 4, (loss.__name__, temp)
         # Doubling T may add buffers the size of the hidden states [1, T, D], never logits.

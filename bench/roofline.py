@@ -1,0 +1,124 @@
+"""This machine's limits, measured in the benchmark's own run, and the fraction of them a result
+reaches.
+
+    python bench/roofline.py  # prints the measured limits as JSON
+
+Two limits, measured with the backend the benchmarks use (JAX on its default device):
+- matmul peak, FLOP/s: the best of several jitted float32 `jnp.dot`s of square matrices large
+  enough to leave the caches (2·n³ FLOPs each);
+- memory bandwidth, bytes/s: the better of a copy between two preallocated host buffers
+  (read + write bytes; NumPy's memcpy) and a jitted float32 sum (read bytes), both over arrays
+  eight times the size of the last-level cache. The better one is the limit that applies: a
+  decode step mostly reads weights.
+
+A result's limit is the time the work would take at these rates: FLOPs / peak, or bytes /
+bandwidth, or for a decode step the larger of the two (small batches read more bytes than the
+peak can multiply; large batches do the opposite). `fraction` is that time over the measured
+time: 1.0 is at the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MATMUL_SIZES = (1024, 2048, 4096)
+STREAM_BYTES = 256 * 2 ** 20  # well past a 32 MiB last-level cache
+
+
+def _best_seconds(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> float:
+    """The fastest of at least `min_repeats` calls, repeating until `min_seconds` have passed."""
+    best, spent, repeats = float("inf"), 0.0, 0
+    while repeats < min_repeats or spent < min_seconds:
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
+    return best
+
+
+def matmul_peak(sizes=MATMUL_SIZES) -> dict:
+    """FLOP/s of a float32 [n, n] @ [n, n] for each n; `flops_per_s` is the best of them."""
+    dot = jax.jit(jnp.dot)
+    by_size = {}
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        dot(a, b).block_until_ready()
+        by_size[n] = 2 * n ** 3 / _best_seconds(lambda: dot(a, b).block_until_ready())
+    return {"flops_per_s": max(by_size.values()), "by_size": by_size}
+
+
+def memory_bandwidth(nbytes: int = STREAM_BYTES) -> dict:
+    """Bytes/s of a host memcpy (read + write counted) and of a jitted sum (reads only);
+    `bytes_per_s` is the better of the two."""
+    src = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    copy = 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src))
+    x = jnp.asarray(src)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    read = nbytes / _best_seconds(lambda: total(x).block_until_ready())
+    return {"bytes_per_s": max(copy, read), "copy_bytes_per_s": copy, "read_bytes_per_s": read}
+
+
+def measure() -> dict:
+    """Both limits, in one call (seconds on a CPU), with the machine's load while measuring: on a
+    shared machine a busy neighbour lowers every number, so results carry it."""
+    return {"matmul": matmul_peak(), "memory": memory_bandwidth(), "load_average": os.getloadavg(),
+            "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def fraction(limits: dict, seconds: float, flops: float = 0.0, nbytes: float = 0.0) -> dict:
+    """How close `seconds` of work (`flops` FLOPs reading/writing `nbytes` bytes) came to the
+    limits: the time each limit allows, which one applies (the larger), and the fraction."""
+    flop_s = flops / limits["matmul"]["flops_per_s"]
+    byte_s = nbytes / limits["memory"]["bytes_per_s"]
+    bound = "flops" if flop_s >= byte_s else "memory"
+    return {"limit_s": max(flop_s, byte_s), "flops_limit_s": flop_s, "memory_limit_s": byte_s,
+            "bound": bound, "fraction": max(flop_s, byte_s) / seconds}
+
+
+def matmul_params(config) -> int:
+    """Parameters that take part in a token's matmuls: the decoder blocks' projections and the
+    output head (norm weights are negligible; the embedding lookup is a gather)."""
+    c = config
+    per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                 + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    return c.num_layers * per_layer + c.vocab_size * c.hidden_size
+
+
+def decode_cost(config, batch: int, prompt_len: int, new_tokens: int, weight_bytes: int, kv_itemsize: int):
+    """(FLOPs, bytes) of `new_tokens` decode steps of `batch` rows after `prompt_len`-token
+    prompts: each step multiplies every row by the weights and attends over its live keys
+    (prompt_len + step + 1 of them), and reads the weights once and every row's live keys and
+    values."""
+    c = config
+    live = sum(prompt_len + step + 1 for step in range(new_tokens)) * batch  # key slots read, all steps
+    flops = 2 * matmul_params(c) * batch * new_tokens + 4 * c.num_layers * c.num_heads * c.head_dim * live
+    kv_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_itemsize * live
+    return flops, weight_bytes * new_tokens + kv_bytes
+
+
+def prefill_flops(config, batch: int, prompt_len: int) -> float:
+    """Forward FLOPs of causal prompts [batch, prompt_len], logits at the last token only."""
+    c = config
+    blocks = matmul_params(c) - c.vocab_size * c.hidden_size
+    attention = 2 * c.num_layers * c.num_heads * c.head_dim * prompt_len * prompt_len  # QK^T and AV, causal half
+    return batch * (2 * blocks * prompt_len + attention + 2 * c.vocab_size * c.hidden_size)
+
+
+def describe(limits: dict) -> str:
+    return (f"measured limits: fp32 matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+            f"memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    limits = measure()
+    print(describe(limits))
+    print(json.dumps(limits, indent=2))
