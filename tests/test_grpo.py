@@ -565,6 +565,7 @@ def _finish(procs) -> None:
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
 
 
+@pytest.mark.slow  # two processes, killed and restarted: 1-3 min on 2 cores
 def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
     run = tmp_path / "run"
     with JudgeServer(default=("hash", 0.1)) as server:
@@ -631,6 +632,7 @@ def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
                for k in exported[0].names()) <= 1e-4
 
 
+@pytest.mark.slow  # two processes: about a minute on 2 cores
 def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     """A preemption's SIGTERM reaches a pod's hosts at different moments: the processes agree after
     every step, so both write the same checkpoint and exit, and neither waits for the other."""
