@@ -17,7 +17,8 @@ implementations that compute the same thing:
 `auto` picks among them by backend and length (see `choose_implementation`).
 
 `cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, always
-with XLA (one query token per row: there is no T² to avoid).
+with XLA (one query token per row: there is no T² to avoid), reading the cache in its own
+layout (see `qed_jax.model.KVCache`).
 
 Sharding contract for `splash`. Mosaic kernels are not partitioned by the compiler, so the kernel
 runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`:
@@ -111,11 +112,18 @@ def xla_attention(q, k, v, segment_ids=None):
 
 
 def cached_attention(q, k, v, positions):
-    """Attention of new tokens over a KV cache: token t of row b attends to slots
-    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H]; positions [B, T]."""
-    slots = jnp.arange(k.shape[1])
-    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+    """Attention of new tokens over one layer of a KV cache: token t of row b attends to slots
+    0..positions[b, t]. q [B, T, N, H]; k, v [B, K, H, S] (the cache's layout, slots minor);
+    positions [B, T]. Returns [B, T, N, H] in q's dtype."""
+    B, T, N, H = q.shape
+    K, S = k.shape[1], k.shape[3]
+    q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(H ** -0.5)
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v)
+    return out.reshape(B, T, N, H).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------

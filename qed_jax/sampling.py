@@ -246,9 +246,9 @@ class Sampler:
         c = self.config
         batch_shards = _ways(self.rules.get("batch"), self.mesh)
         # The spec of a cache whose batch the batch axes divide says how the kv heads split.
-        shape = (c.num_layers, batch_shards, 1, c.num_kv_heads, c.head_dim)
-        spec = logical_to_spec(KV_CACHE_AXES, shape, self.mesh, self.rules)
-        return _ways(spec[1], self.mesh), _ways(spec[3], self.mesh)
+        spec = logical_to_spec(KV_CACHE_AXES, KVCache.shape(c, batch_shards, 1), self.mesh, self.rules)
+        axis = KV_CACHE_AXES.index
+        return _ways(spec[axis("batch")], self.mesh), _ways(spec[axis("kv_heads")], self.mesh)
 
     def wave_rows(self, num_requests: int, cache_len: int) -> int:
         """Rows of every wave of a call: the cap (set or derived from the KV budget at this
@@ -274,13 +274,13 @@ class Sampler:
         """The held cache when its shape fits, else a new one; the old one is dropped first, so
         at most one cache lives at a time."""
         cache, self._kv_cache = self._kv_cache, None
-        if cache is not None and cache.k.shape[1:3] == (batch, max_len):
+        if cache is not None and (cache.batch, cache.max_len) == (batch, max_len):
             return cache
         del cache
         zeros = partial(KVCache.zeros, self.config, batch, max_len, self.cache_dtype)
         if self.mesh is None:
             return zeros()
-        shape = (self.config.num_layers, batch, max_len, self.config.num_kv_heads, self.config.head_dim)
+        shape = KVCache.shape(self.config, batch, max_len)
         spec = logical_to_spec(KV_CACHE_AXES, shape, self.mesh, self.rules)
         sharding = jax.sharding.NamedSharding(self.mesh, spec)
         return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
