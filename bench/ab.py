@@ -47,6 +47,7 @@ def metrics(result: dict) -> dict:
         for row in result["batches"]:
             q, b = row["qed_jax"], row["batch"]
             out.update({f"b{b}_decode_tokens_per_s": q["decode_tokens_per_s"],
+                        f"b{b}_decode_tokens_per_cpu_s": b * result["config"]["new_tokens"] / q["decode_cpu_s"],
                         f"b{b}_decode_fraction": q["decode_roofline"]["fraction"],
                         f"b{b}_prefill_tokens_per_s": q["prefill_tokens_per_s"]})
             if "transformers" in row:

@@ -126,6 +126,32 @@ def profile(fn, hlo_text: str, repeats: int, trace_dir: str) -> dict:
     return {"wall_ms_per_call": wall * 1e3 / repeats, "op_ms_per_call": op_ms, "ops": rows}
 
 
+def kind(row: dict) -> str:
+    """What an op spends its time on, from its opcode and the ops fused into it."""
+    fused = set(row["fused"])
+    if row["op"] == "dot" or "dot" in fused:
+        return "matmul"
+    if "transpose" in fused or row["op"] == "transpose":
+        return "transposing copy"
+    if {"dynamic-slice", "dynamic-update-slice"} & fused or row["op"] in ("dynamic-slice", "dynamic-update-slice"):
+        return "layer slicing (dynamic-slice / update)"
+    if row["name"].startswith("wrapped_broadcast"):
+        return "buffer fill (broadcast)"
+    if row["op"] == "copy" or "copy" in fused:
+        return "copy"
+    return "elementwise / reduce"
+
+
+def summary(rows: list[dict], key) -> list[dict]:
+    """Per-call milliseconds and share of op time, grouped by key(row), largest first."""
+    total = sum(r["ms_per_call"] for r in rows)
+    groups = {}
+    for r in rows:
+        groups[key(r)] = groups.get(key(r), 0.0) + r["ms_per_call"]
+    return [{"group": g, "ms_per_call": ms, "share": ms / total}
+            for g, ms in sorted(groups.items(), key=lambda item: -item[1])]
+
+
 def train_target(args):
     from flax import nnx
 
@@ -201,13 +227,16 @@ def main() -> None:
     run()  # warm up
     result = profile(run, hlo_text, args.repeats, args.trace_dir)
     result.update(target=args.target, config=vars(args), load_average=os.getloadavg(),
-                  xla_flags=os.environ.get("XLA_FLAGS", ""))
+                  xla_flags=os.environ.get("XLA_FLAGS", ""), by_kind=summary(result["ops"], kind),
+                  by_file=summary(result["ops"], lambda r: r["source"].split(":")[0] or "(no source)"))
     print(f"{args.target}: {result['wall_ms_per_call']:.1f} ms per call, {result['op_ms_per_call']:.1f} ms in ops "
           f"(ops on two threads can overlap); load {os.getloadavg()[0]:.2f}")
     print(f"{'ms':>8} {'share':>6} {'n':>6}  op / shape / jax op / source / fused")
     for r in result["ops"][: args.top]:
         print(f"{r['ms_per_call']:8.2f} {r['share']:6.1%} {r['executions_per_call']:6.0f}  {r['name']} {r['op']} "
               f"{r['shape']}\n{'':24}{r['jax_op']} {r['source']} {' '.join(r['fused'])}")
+    for title in ("by_kind", "by_file"):
+        print(f"{title}: " + ", ".join(f"{g['group']} {g['share']:.1%}" for g in result[title]))
     out = Path(args.out or f"bench/results/profile_{args.target}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

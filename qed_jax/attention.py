@@ -17,7 +17,8 @@ implementations that compute the same thing:
 `auto` picks among them by backend and length (see `choose_implementation`).
 
 `cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, always
-with XLA (one query token per row: there is no T² to avoid).
+with XLA (one query token per row: there is no T² to avoid), reading the cache in its own
+layout (see `qed_jax.model.KVCache`).
 
 Sharding contract for `splash`. Mosaic kernels are not partitioned by the compiler, so the kernel
 runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`:
@@ -34,6 +35,7 @@ query attention, query head n reads kv head n // (N / K)), H head_dim.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +53,11 @@ SPLASH_MIN_LEN = 1024  # on TPU
 BLOCKWISE_MIN_LEN = 2048  # on GPU: blockwise computes the masked half too, so wait longer
 
 SPLASH_BLOCKS = (512, 256, 128)  # preferred first; the kernel needs multiples of 128 lanes
-BLOCKWISE_CHUNK = 512
+BLOCKWISE_CHUNK = 512  # query chunk of the scanned blockwise path (long rows)
+# Rows up to this length run blockwise as an unrolled loop over chunks of UNROLL_CHUNK queries
+# that skip the keys after their own (at T=512: forward + backward 1.5x faster than one chunk).
+UNROLL_MAX_LEN = 1024
+UNROLL_CHUNK = 128
 
 
 class AttentionError(ValueError):
@@ -111,26 +117,42 @@ def xla_attention(q, k, v, segment_ids=None):
 
 
 def cached_attention(q, k, v, positions):
-    """Attention of new tokens over a KV cache: token t of row b attends to slots
-    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H]; positions [B, T]."""
-    slots = jnp.arange(k.shape[1])
-    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+    """Attention of new tokens over one layer of a KV cache: token t of row b attends to slots
+    0..positions[b, t]. q [B, T, N, H]; k, v [B, K, H, S] (the cache's layout, slots minor);
+    positions [B, T]. Returns [B, T, N, H] in q's dtype."""
+    B, T, N, H = q.shape
+    K, S = k.shape[1], k.shape[3]
+    q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(H ** -0.5)
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v)
+    return out.reshape(B, T, N, H).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # Blockwise (plain JAX, memory linear in T)
 
 
-def blockwise_attention(q, k, v, segment_ids=None, *, chunk: int = BLOCKWISE_CHUNK):
-    """Same result as `xla_attention`, computed one query chunk of `chunk` tokens at a time with a
-    flash-attention backward (`_chunk_attention`): a chunk's scores [B, N, chunk, T] exist only
-    inside one scan step, forward and backward, and what the backward keeps of the forward is the
-    chunk's output and softmax normalizer, never probabilities."""
+def blockwise_attention(q, k, v, segment_ids=None, *, chunk: int | None = None, unrolled: bool | None = None):
+    """Same result as `xla_attention`, computed one query chunk at a time with a flash-attention
+    backward (`_chunk_attention`): a chunk's scores [B, N, chunk, T] exist only while it is
+    computed, forward and backward, and what the backward keeps of the forward is the chunk's
+    output and softmax normalizer, never probabilities.
+
+    Rows of up to UNROLL_MAX_LEN tokens run as a loop unrolled at trace time over chunks of
+    UNROLL_CHUNK queries, each against the keys up to its last query only: the blocks above the
+    diagonal are skipped (5/8 of the work remains at four chunks). The compiler may run those
+    chunks side by side, so their scratch memory grows faster than T; up to UNROLL_MAX_LEN it
+    stays below the scan's. Longer rows run as a scan over chunks of BLOCKWISE_CHUNK queries
+    against all keys, masked: twice the causal work, but one traced body and memory linear in T.
+    `chunk` overrides the chunk length of either, `unrolled` the choice between them."""
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
-    C = min(chunk, T)
+    unrolled = T <= UNROLL_MAX_LEN if unrolled is None else unrolled
+    C = min(chunk or (UNROLL_CHUNK if unrolled else BLOCKWISE_CHUNK), T)
     chunks = -(-T // C)
     pad = chunks * C - T  # padded query rows attend to real keys and are dropped at the end
     if segment_ids is None:
@@ -145,13 +167,15 @@ def blockwise_attention(q, k, v, segment_ids=None, *, chunk: int = BLOCKWISE_CHU
     q_segments = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(B, chunks, C).transpose(1, 0, 2)
     k_index = jnp.arange(T)
 
-    def one_chunk(_, xs):
-        q_c, index, q_seg = xs  # [B, K, M, H], [C], [B, C]
-        return None, _chunk_attention(q_c, k_heads, v_heads, index, q_seg, k_index, segment_ids)
-
-    if chunks == 1:
-        out = one_chunk(None, (q_chunks[0], q_index[0], q_segments[0]))[1][None]
+    keys = (k_heads, v_heads, k_index, segment_ids)
+    if unrolled:
+        out = jnp.stack([_chunk_attention(q_chunks[i], *keys, q_index[i], q_segments[i], min((i + 1) * C, T))
+                         for i in range(chunks)])  # [chunks, B, K, M, H]
     else:
+        def one_chunk(_, xs):
+            q_c, index, q_seg = xs  # [B, K, M, H], [C], [B, C]
+            return None, _chunk_attention(q_c, *keys, index, q_seg, T)
+
         _, out = jax.lax.scan(one_chunk, None, (q_chunks, q_index, q_segments))  # [chunks, B, K, M, H]
     out = out.reshape(chunks, B, K, G, C, H).transpose(1, 0, 4, 2, 3, 5)
     return out.reshape(B, chunks * C, N, H)[:, :T]
@@ -163,12 +187,14 @@ def blockwise_attention(q, k, v, segment_ids=None, *, chunk: int = BLOCKWISE_CHU
 # [C, T] tensors. The backward below recomputes the probabilities from Q, K and the saved
 # log-normalizer, and orients each product so that only [T, H]-sized operands are transposed.
 # Shapes: q [B, K, M, H] with M = G·C (a kv head's query heads x the chunk's tokens, in that
-# order), k and v [B, K, S, H], the chunk's query indices [C] and segments [B, C], the keys'
-# indices [S] and segments [B, S].
+# order), all keys and values k, v [B, K, T, H] with their indices [T] and segments [B, T], the
+# chunk's query indices [C] and segments [B, C]; `keys` (static) is how many leading keys the
+# chunk can see. The chunk slices them itself, forward and backward, so that what it keeps for
+# the backward is the whole k and v every chunk shares, not a copy of its own prefix.
 
 
 def _chunk_scores(q, k, q_index, q_segments, k_index, k_segments):
-    """Masked, scaled float32 scores [B, K, M, S]."""
+    """Masked float32 scores [B, K, M, S] of the (already scaled) queries against keys k [B, K, S, H]."""
     # The mask depends on nothing that changes from layer to layer, so the compiler could hoist
     # it out of the layer loop and keep every chunk's mask at once (T² again). Tying its inputs
     # to q keeps it inside, one chunk at a time.
@@ -181,34 +207,42 @@ def _chunk_scores(q, k, q_index, q_segments, k_index, k_segments):
     return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
 
-@jax.custom_vjp
-def _chunk_attention(q, k, v, q_index, q_segments, k_index, k_segments):
-    """softmax(masked QK^T / sqrt(H)) V → [B, K, M, H] in q's dtype."""
-    return _chunk_forward(q, k, v, q_index, q_segments, k_index, k_segments)[0]
+def _visible(keys, k, v, k_index, k_segments):
+    return k[:, :, :keys], v[:, :, :keys], k_index[:keys], k_segments[:, :keys]
 
 
-def _chunk_forward(q, k, v, q_index, q_segments, k_index, k_segments):
-    scores = _chunk_scores(q, k, q_index, q_segments, k_index, k_segments)
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _chunk_attention(q, k, v, k_index, k_segments, q_index, q_segments, keys):
+    """softmax(masked QK^T) V over the first `keys` keys → [B, K, M, H] in q's dtype."""
+    return _chunk_forward(q, k, v, k_index, k_segments, q_index, q_segments, keys)[0]
+
+
+def _chunk_forward(q, k, v, k_index, k_segments, q_index, q_segments, keys):
+    k_s, v_s, index_s, segments_s = _visible(keys, k, v, k_index, k_segments)
+    scores = _chunk_scores(q, k_s, q_index, q_segments, index_s, segments_s)
     top = jnp.max(scores, axis=-1, keepdims=True)
     unnormalized = jnp.exp(scores - top)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    out = jnp.einsum("bkms,bksh->bkmh", (unnormalized / total).astype(v.dtype), v)
+    out = jnp.einsum("bkms,bksh->bkmh", (unnormalized / total).astype(v.dtype), v_s)
     log_normalizer = top + jnp.log(total)  # [B, K, M, 1]
-    return out, (q, k, v, q_index, q_segments, k_index, k_segments, out, log_normalizer)
+    return out, (q, k, v, k_index, k_segments, q_index, q_segments, out, log_normalizer)
 
 
-def _chunk_backward(residuals, d_out):
-    q, k, v, q_index, q_segments, k_index, k_segments, out, log_normalizer = residuals
-    probs = jnp.exp(_chunk_scores(q, k, q_index, q_segments, k_index, k_segments) - log_normalizer)
+def _chunk_backward(keys, residuals, d_out):
+    q, k, v, k_index, k_segments, q_index, q_segments, out, log_normalizer = residuals
+    k_s, v_s, index_s, segments_s = _visible(keys, k, v, k_index, k_segments)
+    probs = jnp.exp(_chunk_scores(q, k_s, q_index, q_segments, index_s, segments_s) - log_normalizer)
     # dV and dK contract the query axis M: computed transposed ([H, S]) so that the [M, S]
     # operand is read in place and only d_out or q ([M, H]) is transposed.
     d_v = jnp.einsum("bkmh,bkms->bkhs", d_out, probs.astype(d_out.dtype)).swapaxes(2, 3)
-    d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v_s, preferred_element_type=jnp.float32)
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
-    d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k)
+    d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k_s)
     d_k = jnp.einsum("bkmh,bkms->bkhs", q, d_scores).swapaxes(2, 3)
-    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None, None
+    hidden = ((0, 0), (0, 0), (0, k.shape[2] - keys), (0, 0))  # keys the chunk could not see
+    return (d_q, jnp.pad(d_k, hidden).astype(k.dtype), jnp.pad(d_v, hidden).astype(v.dtype),
+            None, None, None, None)
 
 
 _chunk_attention.defvjp(_chunk_forward, _chunk_backward)

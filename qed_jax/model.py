@@ -28,24 +28,37 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-    """Keys and values for every layer; slot s of a row holds the token at position s."""
+    """Keys and values for every layer; slot s of a row holds the token at position s.
 
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    Slots are the minor axis: a decode step reads one layer's keys and values of each row and
+    kv head as [H, S] matrices, which this layout holds contiguously; with slots before heads,
+    XLA:CPU copied each layer's cache into that layout on every step (two transposed copies per
+    layer, a quarter of a decode step)."""
+
+    k: jax.Array  # [L, B, K, H, S]
+    v: jax.Array  # [L, B, K, H, S]
+
+    @staticmethod
+    def shape(config: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+        return (config.num_layers, batch, config.num_kv_heads, config.head_dim, max_len)
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = cls.shape(config, batch, max_len)
         dtype = dtype or config.dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[4]
 
 
 # Logical axes of the cache, for sharding it like the activations that fill it.
-KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "head_dim", None)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
@@ -119,8 +132,9 @@ class Qwen3(nnx.Module):
 
         def attend(q, k, v, cache, layer):
             start = (layer, 0, 0, 0, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+            slots = lambda x, c: x.transpose(0, 2, 3, 1)[None].astype(c.dtype)  # noqa: E731  [1, B, K, H, T]
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, slots(k, cache.k), start),
+                            jax.lax.dynamic_update_slice(cache.v, slots(v, cache.v), start))
             return causal_attention(q, k, v, implementation=implementation), cache
 
         x, cache = self._decoder(input_ids, positions, cache, attend)
@@ -135,8 +149,10 @@ class Qwen3(nnx.Module):
         rows = jnp.arange(input_ids.shape[0])[:, None]
 
         def attend(q, k, v, cache, layer):
-            cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
-                            cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
+            # Advanced indices (layer, rows, positions) around slices: the updated block is
+            # [B, T, K, H], the new tokens as they come.
+            cache = KVCache(cache.k.at[layer, rows, :, :, positions].set(k.astype(cache.k.dtype)),
+                            cache.v.at[layer, rows, :, :, positions].set(v.astype(cache.v.dtype)))
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
             return cached_attention(q, k, v, positions), cache
 

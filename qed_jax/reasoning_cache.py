@@ -451,7 +451,7 @@ class ReasoningCache:
     def _take_caches(self, batch: int, problem_tokens: int) -> tuple:
         caches, self._caches = self._caches, None
         lengths = self.cache_lengths(problem_tokens)
-        if caches is not None and tuple(c.k.shape[1:3] for c in caches) == tuple((batch, n) for n in lengths):
+        if caches is not None and tuple((c.batch, c.max_len) for c in caches) == tuple((batch, n) for n in lengths):
             return caches
         del caches
         configs = (self.policy_config,) if self.summarizer_def is None else (self.policy_config, self.summarizer_config)

@@ -91,8 +91,9 @@ def sample_tokens(logits, keys, temperature, top_k, top_p):
                                 scaled, top_k, top_p)
         return jax.vmap(jax.random.categorical)(keys, filtered)
 
-    sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1), draw, scaled)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled)
+    best = jnp.argmax(logits, axis=-1)  # once: a vocabulary argmax takes about 1 ms a step on CPU
+    sampled = jax.lax.cond(jnp.all(greedy), lambda x: best, draw, scaled)
+    tokens = jnp.where(greedy, best, sampled)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 
@@ -263,7 +264,7 @@ class Sampler:
         """The held cache when its shape fits, else a new one; the old one is dropped first, so
         at most one cache lives at a time."""
         cache, self._kv_cache = self._kv_cache, None
-        if cache is not None and cache.k.shape[1:3] == (batch, max_len):
+        if cache is not None and (cache.batch, cache.max_len) == (batch, max_len):
             return cache
         del cache
         return new_kv_cache(self.config, batch, max_len, self.cache_dtype, self.mesh, self.rules)
@@ -319,9 +320,9 @@ def cache_shards(config: ModelConfig, mesh=None, rules=DEFAULT_RULES) -> tuple[i
         return 1, 1
     batch_shards = _ways(rules.get("batch"), mesh)
     # The spec of a cache whose batch the batch axes divide says how the kv heads split.
-    shape = (config.num_layers, batch_shards, 1, config.num_kv_heads, config.head_dim)
-    spec = logical_to_spec(KV_CACHE_AXES, shape, mesh, rules)
-    return _ways(spec[1], mesh), _ways(spec[3], mesh)
+    spec = logical_to_spec(KV_CACHE_AXES, KVCache.shape(config, batch_shards, 1), mesh, rules)
+    axis = KV_CACHE_AXES.index
+    return _ways(spec[axis("batch")], mesh), _ways(spec[axis("kv_heads")], mesh)
 
 
 def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
@@ -333,11 +334,11 @@ def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
 
 
 def new_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype, mesh=None, rules=DEFAULT_RULES) -> KVCache:
-    """A zero KV cache [L, batch, max_len, K, H], created in place in its shards on `mesh`."""
+    """A zero KV cache (KVCache.shape), created in place in its shards on `mesh`."""
     zeros = partial(KVCache.zeros, config, batch, max_len, dtype)
     if mesh is None:
         return zeros()
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = KVCache.shape(config, batch, max_len)
     sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh, rules))
     return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
 

@@ -46,9 +46,11 @@ def _value_and_grads(fn, q, k, v, segment_ids):
 
 
 IMPLEMENTATIONS = {
-    # Several kernel blocks (256 = 2 x 128) and a chunk that does not divide T (padding path).
+    # Several kernel blocks (256 = 2 x 128) and a chunk that does not divide T (padding path),
+    # blockwise both as the unrolled causal loop (the default at this length) and as the scan.
     "splash": lambda q, k, v, s: attention.splash_attention(q, k, v, s, block=128),
     "blockwise": lambda q, k, v, s: attention.blockwise_attention(q, k, v, s, chunk=96),
+    "blockwise-scan": lambda q, k, v, s: attention.blockwise_attention(q, k, v, s, chunk=96, unrolled=False),
 }
 
 
@@ -140,10 +142,11 @@ def test_auto_picks_splash_on_tpu_blockwise_on_cpu_and_for_long_rows_on_gpu(monk
         causal_attention(*_qkv(batch=1, seq=8), implementation="flash")
 
 
-def test_blockwise_memory_grows_linearly_with_length():
+def test_blockwise_memory_grows_linearly_with_length(monkeypatch):
     """Temporary memory of the tiny model's forward + backward, compiled (not run) on CPU: doubling
     T doubles it with blockwise attention (with xla attention it grows 3.9x). This caught a T² mask
-    that differentiating the layer scan had hoisted out of the chunk loop."""
+    that differentiating the layer scan had hoisted out of the chunk loop. Rows short enough for
+    the unrolled causal loop take no more than the scan would."""
     def temp_bytes(seq):
         model = Qwen3(TINY.replace(attention="blockwise", num_layers=1), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
@@ -155,7 +158,11 @@ def test_blockwise_memory_grows_linearly_with_length():
         compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes(2048) / temp_bytes(1024) < 2.2
+    assert temp_bytes(4096) / temp_bytes(2048) < 2.2  # both past UNROLL_MAX_LEN: the scan
+    length = attention.UNROLL_MAX_LEN
+    unrolled = temp_bytes(length)
+    monkeypatch.setattr(attention, "UNROLL_MAX_LEN", 0)  # every length scanned
+    assert unrolled <= temp_bytes(length)
 
 
 def test_config_attention_field():
