@@ -1,7 +1,7 @@
 """The Qwen3 dense decoder in Flax NNX.
 
 Decoder layers are stored stacked (a leading `layers` axis on every block parameter) and run with
-`jax.lax.scan`, so 36 layers compile as one block. Every parameter carries logical axis names in
+`jax.lax.scan`, so 36 layers compile as one block (on CPU as a loop, see `unstacked_layers`). Every parameter carries logical axis names in
 its `axes` metadata; `qed_jax.sharding` maps them onto a device mesh.
 
 Shapes: B batch, T query time, S key/cache time, D hidden, N query heads, K kv heads, H head_dim,
@@ -78,10 +78,11 @@ class KVCache(NamedTuple):
 
 
 class DecodeWeights(NamedTuple):
-    """The weights as a decode step on CPU reads them best (see `per_layer_decode`)."""
+    """The weights as a decode step on CPU reads them best (see `unstacked_layers`)."""
 
     layers: list  # each decoder layer's weights, {name: array}, as separate arrays
-    head: jax.Array  # [D, V]: the output projection, transposed
+    head: jax.Array  # [D, V]: the output projection, transposed (XLA:CPU multiplies [B, D] by it
+    #                  a third faster than by the [V, D] embedding at batch 8)
 
 
 # Logical axes of the cache, for sharding it like the activations that fill it.
@@ -145,7 +146,8 @@ class Qwen3(nnx.Module):
         def attend(q, k, v, cache, layer):
             return causal_attention(q, k, v, segment_ids, implementation=implementation), cache
 
-        x, _ = self._decoder(input_ids, positions, None, attend)
+        layers = self.layer_weights() if unstacked_layers() else None
+        x, _ = self._decoder(input_ids, positions, None, attend, layers)
         return x
 
     def prefill(self, input_ids, cache: KVCache, logits_at=None):
@@ -176,7 +178,7 @@ class Qwen3(nnx.Module):
         is XLA's over the whole cache; prompts written from position 0 go faster by `prefill`.
 
         With `weights` (from `decode_weights`, and `cache.unstacked()`), the layers run one by
-        one over per-layer arrays instead of a scan over the stacked ones; see `per_layer_decode`."""
+        one over per-layer arrays instead of a scan over the stacked ones; see `unstacked_layers`."""
         rows = jnp.arange(input_ids.shape[0])[:, None]
 
         def attend(q, k, v, cache, layer):
@@ -193,9 +195,12 @@ class Qwen3(nnx.Module):
         return jnp.dot(x, weights.head.astype(x.dtype)).astype(jnp.float32), cache
 
     def decode_weights(self) -> DecodeWeights:
+        return DecodeWeights(self.layer_weights(), self.head_weight().T)
+
+    def layer_weights(self) -> list[dict]:
+        """Each decoder layer's weights, {name: array}, as separate arrays."""
         stacked = self._stacked_weights()
-        layers = [{name: w[i] for name, w in stacked.items()} for i in range(self.config.num_layers)]
-        return DecodeWeights(layers, self.head_weight().T)
+        return [{name: w[i] for name, w in stacked.items()} for i in range(self.config.num_layers)]
 
     def _stacked_weights(self) -> dict:
         return {name: getattr(self.layers, name)[...] for name in vars(self.layers)
@@ -246,15 +251,15 @@ class Qwen3(nnx.Module):
         return jnp.einsum("...d,vd->...v", x, self.head_weight().astype(x.dtype)).astype(jnp.float32)
 
 
-def per_layer_decode() -> bool:
-    """Whether a decode loop should split the weights and the cache into per-layer arrays once,
-    before the loop (`Qwen3.decode_weights`, `KVCache.unstacked`), and run the layers over
-    those, rather than scan over the stacked arrays. XLA:CPU copies a layer's slice of a
-    stacked array before every matmul that reads it: each step copied all the weights and each
-    layer's cache, 43 % of a batch-8 decode step. The split also stores the output projection
-    [D, V], which XLA:CPU multiplies a third faster than the [V, D] embedding at batch 8. TPU
-    fuses the slice into its consumer, and there the split would hold a second copy of the
-    weights and the cache, so it keeps the scan."""
+def unstacked_layers() -> bool:
+    """Whether the decoder runs its layers as a loop over per-layer arrays (`layer_weights`;
+    a decode loop also splits the cache, `KVCache.unstacked`, once before it starts) rather
+    than a scan over the stacked ones: on CPU. XLA:CPU copies a layer's slice of a stacked
+    array before every matmul that reads it (a decode step copied all the weights and each
+    layer's cache, 43 % of a batch-8 step), and a scan's backward first fills [L, ...] buffers
+    with zeros to stack every layer's residuals and gradients into (SFT step: unrolled 4-5 %
+    faster). TPU fuses the slice into its consumer and keeps the scan: one compiled block for
+    all layers, and no second copy of the weights and cache during decode."""
     return platform() == "cpu"
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax.config import ConfigError, ModelConfig
-from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3, per_layer_decode
+from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3, unstacked_layers
 from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -128,7 +128,7 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
     model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
     weights = None
-    if per_layer_decode():
+    if unstacked_layers():
         weights, cache = model.decode_weights(), cache.unstacked()
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
