@@ -15,6 +15,11 @@ A result's limit is the time the work would take at these rates: FLOPs / peak, o
 bandwidth, or for a decode step the larger of the two (small batches read more bytes than the
 peak can multiply; large batches do the opposite). `fraction` is that time over the measured
 time: 1.0 is at the limit.
+
+A third number is not a limit of the machine but of the matmul library: the rate at which a
+[8, 512] @ [512, 2048] float32 matmul streams its weights (`small_batch_matmul`). A small-batch
+decode step is such matmuls, so its time at that rate shows how much of the gap to the memory
+limit is the library's.
 """
 
 from __future__ import annotations
@@ -67,10 +72,26 @@ def memory_bandwidth(nbytes: int = STREAM_BYTES) -> dict:
     return {"bytes_per_s": max(copy, read), "copy_bytes_per_s": copy, "read_bytes_per_s": read}
 
 
+def small_batch_matmul(rows: int = 8, nbytes: int = STREAM_BYTES) -> dict:
+    """Bytes/s at which a jitted float32 [rows, 512] @ [512, 2048] streams its weights from
+    memory, over distinct weight matrices adding up to `nbytes` (as a decode step reads each
+    layer's weights once). Not a hardware limit: what the backend's matmul reaches at a decode
+    step's shapes, to tell the library's share of a gap from ours."""
+    d, f = 512, 2048
+    count = max(1, nbytes // (4 * d * f))
+    weights = [jax.random.normal(jax.random.key(i), (d, f), jnp.float32) for i in range(count)]
+    x = jax.random.normal(jax.random.key(count), (rows, d), jnp.float32)
+    chain = jax.jit(lambda x, ws: sum(jnp.dot(x, w)[:, :d] for w in ws))
+    chain(x, weights).block_until_ready()
+    rate = 4 * d * f * count / _best_seconds(lambda: chain(x, weights).block_until_ready())
+    return {"rows": rows, "bytes_per_s": rate}
+
+
 def measure() -> dict:
     """Both limits, in one call (seconds on a CPU), with the machine's load while measuring: on a
     shared machine a busy neighbour lowers every number, so results carry it."""
-    return {"matmul": matmul_peak(), "memory": memory_bandwidth(), "load_average": os.getloadavg(),
+    return {"matmul": matmul_peak(), "memory": memory_bandwidth(), "small_batch_matmul": small_batch_matmul(),
+            "load_average": os.getloadavg(),
             "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -115,7 +136,8 @@ def prefill_flops(config, batch: int, prompt_len: int) -> float:
 
 def describe(limits: dict) -> str:
     return (f"measured limits: fp32 matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s, "
-            f"memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s")
+            f"memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s, weights streamed by a "
+            f"[{limits['small_batch_matmul']['rows']}, 512] matmul {limits['small_batch_matmul']['bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def figures(seconds: dict, limits: dict, config, batch: int, prompt_len: int, ne
         "prefill_roofline": roofline.fraction(limits, seconds["prefill_s"],
                                               flops=roofline.prefill_flops(c, batch, prompt_len)),
         "decode_roofline": roofline.fraction(limits, seconds["decode_s"], flops=flops, nbytes=nbytes),
+        # the weights read at the rate the matmul library streams them at small batches
+        "decode_weights_at_small_batch_matmul_rate_s":
+            weights * new_tokens / limits["small_batch_matmul"]["bytes_per_s"],
     }
 
 
