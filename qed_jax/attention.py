@@ -118,19 +118,23 @@ def xla_attention(q, k, v, segment_ids=None):
 
 def cached_attention(q, k, v, positions):
     """Attention of new tokens over one layer of a KV cache: token t of row b attends to slots
-    0..positions[b, t]. q [B, T, N, H]; k [B, K, H, S] and v [B, K, S, H] (the cache's layout);
-    positions [B, T]. Returns [B, T, N, H] in q's dtype.
+    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H]; positions [B, T]."""
+    slots = jnp.arange(k.shape[1])
+    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
 
-    Both products are batched matmuls over (B, K) with those axes leading and each operand in
-    the layout the matmul reads in place ([G, H] @ [H, S], then [G, S] @ [S, H]); XLA:CPU
-    copied the cache into these layouts on every step when it was stored otherwise, and ran
-    the output's product 3x slower when asked for it in [B, T, K, G, H] order directly."""
+
+def split_cached_attention(q, k, v, positions):
+    """`cached_attention` over a layer of the per-layer cache a decode loop uses on CPU
+    (`KVCache.unstacked`): k [B, K, H, S], v [B, K, S, H]. Both products read these layouts in
+    place: one new token's scores are a product summed over H, which XLA:CPU fuses with the
+    read of the keys (as [G, H] @ [H, S] matmuls per row and kv head it ran 1.2-1.3x slower at
+    batch 64), and the output is a batched matmul [G, S] @ [S, H] with (B, K) leading (asked
+    for in [B, T, K, G, H] order directly, XLA:CPU ran it 3x slower)."""
     B, T, N, H = q.shape
     K, S = k.shape[1], k.shape[3]
     q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    if T == 1 and platform() == "cpu":
-        # One new token per row: a product summed over H, which XLA:CPU fuses with the read of
-        # the keys; as [G, H] @ [H, S] matmuls it ran 1.2-1.3x slower at batch 64.
+    if T == 1:
         f32 = jnp.float32
         scores = jnp.sum(q[:, :, :, 0, :, None].astype(f32) * k[:, :, None].astype(f32), axis=3)[:, :, :, None]
     else:
@@ -139,7 +143,7 @@ def cached_attention(q, k, v, positions):
     mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)  # batch axes leading: a batched matmul as it lies
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 

@@ -1,8 +1,9 @@
 """The Qwen3 dense decoder in Flax NNX.
 
 Decoder layers are stored stacked (a leading `layers` axis on every block parameter) and run with
-`jax.lax.scan`, so 36 layers compile as one block (on CPU as a loop, see `unstacked_layers`). Every parameter carries logical axis names in
-its `axes` metadata; `qed_jax.sharding` maps them onto a device mesh.
+`jax.lax.scan`, so 36 layers compile as one block; on CPU mostly as a loop over per-layer
+arrays instead (see `unstacked_layers`). Every parameter carries logical axis names in its
+`axes` metadata; `qed_jax.sharding` maps them onto a device mesh.
 
 Shapes: B batch, T query time, S key/cache time, D hidden, N query heads, K kv heads, H head_dim,
 F MLP width, V vocab, L layers.
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qed_jax.attention import cached_attention, causal_attention, platform
+from qed_jax.attention import cached_attention, causal_attention, platform, split_cached_attention
 from qed_jax.config import ModelConfig
 
 _REMAT_POLICIES = {
@@ -30,19 +31,20 @@ _REMAT_POLICIES = {
 class KVCache(NamedTuple):
     """Keys and values for every layer; slot s of a row holds the token at position s.
 
-    Each is laid out the way a decode step reads it (see `attention.cached_attention`): a row's
-    keys per kv head as [H, S] (slots minor), its values as [S, H] (heads minor). In another
-    layout XLA:CPU copied each layer's cache into this one on every step, a quarter of a
-    decode step."""
+    Stacked, both are [L, B, S, K, H]: a new token's keys and values are a contiguous write,
+    and TPU reads them in place. A decode loop on CPU works on the per-layer form instead
+    (`unstacked`): a tuple of L arrays per side, keys [B, K, H, S] and values [B, K, S, H],
+    the layouts its attention products read in place (`attention.split_cached_attention`); in
+    the stacked layout XLA:CPU copied each layer's cache into them on every step."""
 
-    k: jax.Array  # [L, B, K, H, S], or a tuple of L arrays [B, K, H, S] (see `unstacked`)
-    v: jax.Array  # [L, B, K, S, H], or a tuple of L arrays [B, K, S, H]
+    k: jax.Array  # [L, B, S, K, H], or a tuple of L arrays [B, K, H, S] (see `unstacked`)
+    v: jax.Array  # [L, B, S, K, H], or a tuple of L arrays [B, K, S, H]
 
     @staticmethod
     def shape(config: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        """The shapes of k and v, as a KVCache of tuples."""
-        L, K, H = config.num_layers, config.num_kv_heads, config.head_dim
-        return KVCache((L, batch, K, H, max_len), (L, batch, K, max_len, H))
+        """The shapes of k and v (stacked), as a KVCache of tuples."""
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return KVCache(shape, shape)
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -52,29 +54,31 @@ class KVCache(NamedTuple):
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0] if isinstance(self.k, tuple) else self.k.shape[1]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[4]
+        return self.k[0].shape[3] if isinstance(self.k, tuple) else self.k.shape[2]
 
     def unstacked(self) -> "KVCache":
-        """The same cache as a tuple of per-layer arrays (see `Qwen3.decode`'s `layers`)."""
-        return KVCache(tuple(self.k), tuple(self.v))
+        """The per-layer form (see `Qwen3.decode`'s `weights`)."""
+        return KVCache(tuple(k.transpose(0, 2, 3, 1) for k in self.k), tuple(v.transpose(0, 2, 1, 3) for v in self.v))
 
     def stacked(self) -> "KVCache":
-        return KVCache(jnp.stack(self.k), jnp.stack(self.v))
+        return KVCache(jnp.stack([k.transpose(0, 3, 1, 2) for k in self.k]),
+                       jnp.stack([v.transpose(0, 2, 1, 3) for v in self.v]))
 
     def write(self, layer, rows, positions, k, v) -> "KVCache":
         """The cache with layer `layer`'s slots positions[b, t] of rows[b] set to k, v [B, T, K, H]."""
         # Advanced indices (rows, positions) around slices: the updated block is [B, T, K, H].
         if isinstance(self.k, tuple):
             def put(layers, new, at):
-                return layers[:layer] + (layers[layer].at[at].set(new.astype(layers[layer].dtype)),) + layers[layer + 1:]
+                updated = layers[layer].at[at].set(new.astype(layers[layer].dtype))
+                return layers[:layer] + (updated,) + layers[layer + 1:]
             return KVCache(put(self.k, k, (rows, slice(None), slice(None), positions)),
                            put(self.v, v, (rows, slice(None), positions)))
-        return KVCache(self.k.at[layer, rows, :, :, positions].set(k.astype(self.k.dtype)),
-                       self.v.at[layer, rows, :, positions].set(v.astype(self.v.dtype)))
+        return KVCache(self.k.at[layer, rows, positions].set(k.astype(self.k.dtype)),
+                       self.v.at[layer, rows, positions].set(v.astype(self.v.dtype)))
 
 
 class DecodeWeights(NamedTuple):
@@ -86,7 +90,7 @@ class DecodeWeights(NamedTuple):
 
 
 # Logical axes of the cache, for sharding it like the activations that fill it.
-KV_CACHE_AXES = KVCache(("layers", "batch", "kv_heads", "head_dim", None), ("layers", "batch", "kv_heads", None, "head_dim"))
+KV_CACHE_AXES = KVCache(*2 * [("layers", "batch", None, "kv_heads", "head_dim")])
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
@@ -146,7 +150,9 @@ class Qwen3(nnx.Module):
         def attend(q, k, v, cache, layer):
             return causal_attention(q, k, v, segment_ids, implementation=implementation), cache
 
-        layers = self.layer_weights() if unstacked_layers() else None
+        # The loop does not rematerialize: with remat, the scan (XLA:CPU schedules an unrolled
+        # loop's recomputation early and keeps every activation alive anyway).
+        layers = self.layer_weights() if unstacked_layers() and self.config.remat == "none" else None
         x, _ = self._decoder(input_ids, positions, None, attend, layers)
         return x
 
@@ -161,13 +167,12 @@ class Qwen3(nnx.Module):
 
         def attend(q, k, v, cache, layer):
             start = (layer, 0, 0, 0, 0)
-            keys = k.transpose(0, 2, 3, 1)[None].astype(cache.k.dtype)  # [1, B, K, H, T]
-            values = v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype)  # [1, B, K, T, H]
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, keys, start),
-                            jax.lax.dynamic_update_slice(cache.v, values, start))
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
             return causal_attention(q, k, v, implementation=implementation), cache
 
-        x, cache = self._decoder(input_ids, positions, cache, attend)
+        layers = self.layer_weights() if unstacked_layers() else None
+        x, cache = self._decoder(input_ids, positions, cache, attend, layers)
         return self._logits_at(x, logits_at), cache
 
     def decode(self, input_ids, positions, cache: KVCache, logits_at=None, weights: DecodeWeights | None = None):
@@ -183,16 +188,15 @@ class Qwen3(nnx.Module):
 
         def attend(q, k, v, cache, layer):
             cache = cache.write(layer, rows, positions, k, v)
+            attention = split_cached_attention if isinstance(cache.k, tuple) else cached_attention
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-            return cached_attention(q, k, v, positions), cache
+            return attention(q, k, v, positions), cache
 
         if weights is None:
             x, cache = self._decoder(input_ids, positions, cache, attend)
             return self._logits_at(x, logits_at), cache
         x, cache = self._decoder(input_ids, positions, cache, attend, weights.layers)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
-        return jnp.dot(x, weights.head.astype(x.dtype)).astype(jnp.float32), cache
+        return self._logits_at(x, logits_at, weights.head), cache
 
     def decode_weights(self) -> DecodeWeights:
         return DecodeWeights(self.layer_weights(), self.head_weight().T)
@@ -206,16 +210,22 @@ class Qwen3(nnx.Module):
         return {name: getattr(self.layers, name)[...] for name in vars(self.layers)
                 if isinstance(getattr(self.layers, name), nnx.Param)}
 
-    def _logits_at(self, x, logits_at):
-        if logits_at is None:
-            return self.logits(x)
-        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-        return self.logits(x)[:, 0]
+    def _logits_at(self, x, logits_at, head_t=None):
+        """Logits at every token, or at token logits_at[b] of each row b; by the output
+        projection transposed [D, V] when given (`DecodeWeights.head`)."""
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+        if head_t is None:
+            logits = self.logits(x)
+        else:
+            logits = jnp.dot(x, head_t.astype(x.dtype)).astype(jnp.float32)
+        return logits if logits_at is None else logits[:, 0]
 
     def _decoder(self, input_ids, positions, cache: KVCache | None, attend, layers=None):
         """The decoder stack. `attend(q, k, v, cache, layer) -> (out, cache)` is the attention
         of one layer over its rotated q [B, T, N, H] and k, v [B, T, K, H]. With `layers` (a
-        list of per-layer weights), a loop over them; else a scan over the stacked weights."""
+        list of per-layer weights), a loop over them, without remat (it serves decoding, and
+        training with `remat: none`); else a scan over the stacked weights."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
@@ -231,12 +241,12 @@ class Qwen3(nnx.Module):
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             return (x + mlp(h, w), cache), None
 
-        if c.remat != "none":
-            block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         if layers is not None:
             for index, w in enumerate(layers):
                 (x, cache), _ = block((x, cache), (w, index))
         else:
+            if c.remat != "none":
+                block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
             # The whole cache rides in the carry and is updated in place, layer by layer.
             (x, cache), _ = jax.lax.scan(block, (x, cache), (self._stacked_weights(), jnp.arange(c.num_layers)))
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
@@ -252,14 +262,16 @@ class Qwen3(nnx.Module):
 
 
 def unstacked_layers() -> bool:
-    """Whether the decoder runs its layers as a loop over per-layer arrays (`layer_weights`;
-    a decode loop also splits the cache, `KVCache.unstacked`, once before it starts) rather
-    than a scan over the stacked ones: on CPU. XLA:CPU copies a layer's slice of a stacked
-    array before every matmul that reads it (a decode step copied all the weights and each
-    layer's cache, 43 % of a batch-8 step), and a scan's backward first fills [L, ...] buffers
-    with zeros to stack every layer's residuals and gradients into (SFT step: unrolled 4-5 %
-    faster). TPU fuses the slice into its consumer and keeps the scan: one compiled block for
-    all layers, and no second copy of the weights and cache during decode."""
+    """Whether the decoder runs its layers as a loop over per-layer arrays (`layer_weights`)
+    rather than a scan over the stacked ones: on CPU, for decoding and for training without
+    remat. XLA:CPU copies a layer's slice of a stacked array before every matmul that reads it
+    (a decode step copied all the weights and each layer's cache, 43 % of a batch-8 step), and
+    a scan's backward first fills [L, ...] buffers with zeros to stack every layer's residuals
+    and gradients into (SFT step: unrolled 4-5 % faster). A decode loop splits the weights and
+    the cache once before it starts (`decode_weights`, `KVCache.unstacked`, which also lays each
+    layer's cache out the way CPU reads it), so on CPU it holds a second copy of both while it
+    runs; `sampling.kv_cache_gib` does not count that copy. TPU fuses the slice into its consumer and keeps the
+    scan: one compiled block for all layers, and no second copy."""
     return platform() == "cpu"
 
 

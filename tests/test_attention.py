@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import qed_jax.model
 from qed_jax import attention
 from qed_jax.attention import AttentionError, causal_attention, choose_implementation
 from qed_jax.config import PRESETS, ConfigError, ModelConfig
@@ -89,8 +90,8 @@ def test_prefill_equals_decode_at_positions_from_zero(name):
                                                logits_at=lengths - 1)
     logits, filled = _tiny_model(name).prefill(tokens, cache, logits_at=lengths - 1)
     np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(filled.k, ref_cache.k, atol=1e-6)
-    np.testing.assert_allclose(filled.v, ref_cache.v, atol=1e-6)
+    np.testing.assert_allclose(filled.k, ref_cache.k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(filled.v, ref_cache.v, rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_splash_equals_unsharded():
@@ -145,10 +146,13 @@ def test_auto_picks_splash_on_tpu_blockwise_on_cpu_and_for_long_rows_on_gpu(monk
 def test_blockwise_memory_grows_linearly_with_length(monkeypatch):
     """Temporary memory of the tiny model's forward + backward, compiled (not run) on CPU: doubling
     T doubles it with blockwise attention (with xla attention it grows 3.9x). This caught a T² mask
-    that differentiating the layer scan had hoisted out of the chunk loop. Rows short enough for
-    the unrolled causal loop take no more than the scan would."""
+    that differentiating the layer scan had hoisted out of the chunk loop, so the layers run as
+    the scan TPU uses, not CPU's loop. Rows short enough for the unrolled causal loop take no
+    more than the chunk scan would."""
+    monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
+
     def temp_bytes(seq):
-        model = Qwen3(TINY.replace(attention="blockwise", num_layers=1), rngs=nnx.Rngs(0))
+        model = Qwen3(TINY.replace(attention="blockwise", num_layers=2), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
 
         def loss(state, tokens):
@@ -171,3 +175,17 @@ def test_config_attention_field():
     assert "attention" not in TINY.replace(attention="splash").to_hf()
     with pytest.raises(ConfigError, match="attention must be one of"):
         TINY.replace(attention="flash")
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_split_cached_attention_equals_dot_product_attention(new_tokens):
+    """The CPU decode loop's attention over the per-layer cache layout against
+    `cached_attention` (jax.nn.dot_product_attention) over the stacked layout."""
+    rng = np.random.default_rng(3)
+    B, K, G, H, S = 3, 2, 3, 16, 40
+    q = jnp.asarray(rng.normal(size=(B, new_tokens, K * G, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
+    positions = jnp.asarray([[0], [17], [36]]) + jnp.arange(new_tokens)
+    split = attention.split_cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions)
+    np.testing.assert_allclose(split, attention.cached_attention(q, k, v, positions), rtol=1e-5, atol=1e-5)

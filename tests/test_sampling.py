@@ -260,19 +260,26 @@ def test_first_argmax_is_argmax_with_ties():
     assert 0 <= int(sampling.first_argmax(jnp.asarray(logits))[3]) < 300
 
 
-def test_decode_over_per_layer_arrays_equals_the_scan(tiny):
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_decode_over_per_layer_arrays_equals_the_scan(tiny, remat):
     """The CPU decode path (weights and cache split per layer) against the scanned one: same
-    logits and the same cache after a prefill and two decode steps of unequal positions."""
-    _, model = tiny
+    logits and the same cache after a prefill and two decode steps of unequal positions, with
+    the model's remat setting either way (decoding never rematerializes)."""
+    _, loaded = tiny
+    model = Qwen3(loaded.config.replace(remat=remat), rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(loaded, nnx.Param))
     cache = qed_jax.KVCache.zeros(model.config, batch=2, max_len=16)
     prompt = jnp.asarray([[5, 17, 42, 99], [11, 12, 0, 0]])
     _, cache = model.prefill(prompt, cache)
     split = cache.unstacked()
+    assert (split.batch, split.max_len) == (cache.batch, cache.max_len) == (2, 16)
     positions = jnp.asarray([4, 2])
     for token in ([[7], [8]], [[250], [3]]):
         token = jnp.asarray(token, jnp.int32)
-        logits, cache = model.decode(token, positions[:, None], cache)
-        split_logits, split = model.decode(token, positions[:, None], split, weights=model.decode_weights())
+        logits, cache = model.decode(token, positions[:, None], cache, logits_at=jnp.zeros(2, jnp.int32))
+        split_logits, split = model.decode(token, positions[:, None], split, logits_at=jnp.zeros(2, jnp.int32),
+                                           weights=model.decode_weights())
+        assert logits.shape == (2, model.config.vocab_size)
         np.testing.assert_allclose(split_logits, logits, rtol=1e-5, atol=1e-5)
         positions = positions + 1
     for mine, ref in zip(split.stacked(), cache):  # float32 rounding of differently fused matmuls
