@@ -239,3 +239,20 @@ def test_4b_sft_activation_memory_grows_linearly_in_sequence_length(libtpu):
     short, long = _sft_4b_temporaries(4096), _sft_4b_temporaries(8192)
     assert long <= 2.2 * short, (f"temporaries {short / plan.GiB:.2f} GiB at 4096 tokens, "
                                  f"{long / plan.GiB:.2f} GiB at 8192")
+
+
+@pytest.mark.tpu_compile
+def test_4b_decode_loop_keeps_one_copy_of_the_kv_cache(libtpu):
+    """The sampler's decode loop for four layers of the 4B model, 32 rows of 10,240 slots on a
+    v5p-8: its temporaries stay below the size of the cache it updates in place. A cache layout the
+    TPU could not update in place once made it keep two more copies (115 GiB for the recipe)."""
+    from qed_jax.sharding import MeshConfig, make_mesh
+
+    model = PRESETS["qwen3-4b-thinking-2507"].replace(num_layers=4, dtype="bfloat16", param_dtype="bfloat16")
+    mesh = make_mesh(MeshConfig(data=4), plan.topology_devices(plan.parse_slice("v5p-8")))
+    with jax.default_matmul_precision("default"):  # as `qed-jax plan` compiles (see the 4B SFT test)
+        prefill, decode = plan.sampler_programs(model, mesh, wave=32, prompt_len=2048, max_new_tokens=8192,
+                                                hbm=96 * plan.GiB, resident=0)
+    cache_per_chip = 2 * 4 * 32 * 10240 * model.num_kv_heads * model.head_dim * 2 / 4
+    assert decode.error is None and decode.arguments > cache_per_chip
+    assert decode.temporaries < cache_per_chip  # 0.39x here; 1.39x with the cache copied twice
