@@ -17,8 +17,8 @@ implementations that compute the same thing:
 `auto` picks among them by backend and length (see `choose_implementation`).
 
 `cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, always
-with XLA (one query token per row: there is no T² to avoid), reading the cache in its own
-layout (see `qed_jax.model.KVCache`).
+with XLA (one query token per row: there is no T² to avoid); `split_cached_attention` does the
+same over the per-layer cache layout a decode loop uses on CPU (see `qed_jax.model.KVCache`).
 
 Sharding contract for `splash`. Mosaic kernels are not partitioned by the compiler, so the kernel
 runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`:

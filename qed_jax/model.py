@@ -41,16 +41,15 @@ class KVCache(NamedTuple):
     v: jax.Array  # [L, B, S, K, H], or a tuple of L arrays [B, K, S, H]
 
     @staticmethod
-    def shape(config: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        """The shapes of k and v (stacked), as a KVCache of tuples."""
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return KVCache(shape, shape)
+    def shape(config: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+        """The shape of k and of v, stacked."""
+        return (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         shape = cls.shape(config, batch, max_len)
         dtype = dtype or config.dtype
-        return cls(jnp.zeros(shape.k, dtype), jnp.zeros(shape.v, dtype))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def batch(self) -> int:
@@ -90,7 +89,7 @@ class DecodeWeights(NamedTuple):
 
 
 # Logical axes of the cache, for sharding it like the activations that fill it.
-KV_CACHE_AXES = KVCache(*2 * [("layers", "batch", None, "kv_heads", "head_dim")])
+KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
@@ -270,8 +269,8 @@ def unstacked_layers() -> bool:
     and gradients into (SFT step: unrolled 4-5 % faster). A decode loop splits the weights and
     the cache once before it starts (`decode_weights`, `KVCache.unstacked`, which also lays each
     layer's cache out the way CPU reads it), so on CPU it holds a second copy of both while it
-    runs; `sampling.kv_cache_gib` does not count that copy. TPU fuses the slice into its consumer and keeps the
-    scan: one compiled block for all layers, and no second copy."""
+    runs; `sampling.kv_cache_gib` does not count that copy. TPU fuses the slice into its
+    consumer and keeps the scan: one compiled block for all layers, and no second copy."""
     return platform() == "cpu"
 
 

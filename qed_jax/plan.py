@@ -358,11 +358,10 @@ NUM_STOP_IDS = 2
 
 
 def kv_cache(config: ModelConfig, rows: int, length: int, dtype, mesh) -> KVCache:
-    """An abstract KV cache of `rows` x `length` slots sharded as the Sampler shards it."""
-    from qed_jax import sampling
-    shapes, specs = KVCache.shape(config, rows, length), sampling.cache_specs(config, rows, length, mesh)
-    return KVCache(*(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-                     for shape, spec in zip(shapes, specs)))
+    """An abstract KV cache [L, rows, length, K, H] sharded as the Sampler shards it."""
+    shape = KVCache.shape(config, rows, length)
+    spec = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh)))
+    return KVCache(spec, spec)
 
 
 def by_rows(shape, dtype, mesh, leading: int = 0) -> jax.ShapeDtypeStruct:
@@ -527,7 +526,7 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
         wave = config.sampling.max_concurrent
     elif wave is None and config.sampling.kv_cache_gib:
         cache = kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)
-        kv_heads = cache.k.sharding.spec[KV_CACHE_AXES.k.index("kv_heads")]
+        kv_heads = cache.k.sharding.spec[KV_CACHE_AXES.index("kv_heads")]
         kv_head_ways = math.prod(sampling_mesh.shape[a] for a in ((kv_heads,) if isinstance(kv_heads, str)
                                                                    else kv_heads or ()))
         wave = min(sampling.wave_size(sampling_model, cache_len, config.sampling.kv_cache_gib * 2 ** 30,

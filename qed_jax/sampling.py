@@ -333,15 +333,9 @@ def cache_shards(config: ModelConfig, mesh=None, rules=DEFAULT_RULES) -> tuple[i
     if mesh is None:
         return 1, 1
     # The spec of a cache whose batch the batch axes divide says how the kv heads split.
-    spec = cache_specs(config, _ways(rules.get("batch"), mesh), 1, mesh, rules).k
-    axis = KV_CACHE_AXES.k.index
+    spec = logical_to_spec(KV_CACHE_AXES, KVCache.shape(config, _ways(rules.get("batch"), mesh), 1), mesh, rules)
+    axis = KV_CACHE_AXES.index
     return _ways(spec[axis("batch")], mesh), _ways(spec[axis("kv_heads")], mesh)
-
-
-def cache_specs(config: ModelConfig, batch: int, max_len: int, mesh, rules=DEFAULT_RULES) -> KVCache:
-    """The partition specs of a KV cache's keys and values on `mesh`."""
-    shape = KVCache.shape(config, batch, max_len)
-    return KVCache(*(logical_to_spec(axes, dims, mesh, rules) for axes, dims in zip(KV_CACHE_AXES, shape)))
 
 
 def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
@@ -353,12 +347,13 @@ def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
 
 
 def new_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype, mesh=None, rules=DEFAULT_RULES) -> KVCache:
-    """A zero KV cache (KVCache.shape), created in place in its shards on `mesh`."""
+    """A zero KV cache [L, batch, max_len, K, H], created in place in its shards on `mesh`."""
     zeros = partial(KVCache.zeros, config, batch, max_len, dtype)
     if mesh is None:
         return zeros()
-    specs = cache_specs(config, batch, max_len, mesh, rules)
-    return jax.jit(zeros, out_shardings=KVCache(*(jax.sharding.NamedSharding(mesh, spec) for spec in specs)))()
+    shape = KVCache.shape(config, batch, max_len)
+    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh, rules))
+    return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
 
 
 def _ways(axes, mesh) -> int:
