@@ -91,19 +91,23 @@ def sample_tokens(logits, keys, temperature, top_k, top_p):
                                 scaled, top_k, top_p)
         return jax.vmap(jax.random.categorical)(keys, filtered)
 
-    best = first_argmax(logits)
+    # One maximum serves the greedy token (greedy rows are scaled by 1) and the normalizer.
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    best = first_argmax(scaled, top)
     sampled = jax.lax.cond(jnp.all(greedy), lambda x: best, draw, scaled)
     tokens = jnp.where(greedy, best, sampled)
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), chosen - jax.nn.logsumexp(scaled, axis=-1)
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    log_normalizer = shift[:, 0] + jnp.log(jnp.sum(jnp.exp(scaled - shift), axis=-1))
+    return tokens.astype(jnp.int32), chosen - log_normalizer
 
 
-def first_argmax(x):
+def first_argmax(x, top=None):
     """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions:
     XLA:CPU runs the value-and-index reduction of argmax 3-4x slower (4.4 ms against 1.2 for
-    [64, 32000]). A row holding NaN gets an index in range (which one, the backend's rules for
-    NaN in max decide)."""
-    top = jnp.max(x, axis=-1, keepdims=True)
+    [64, 32000]). `top`: x's maximum over that axis (keepdims), when already computed. A row
+    holding NaN gets an index in range (which one, the backend's rules for NaN in max decide)."""
+    top = jnp.max(x, axis=-1, keepdims=True) if top is None else top
     index = jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
     return jnp.where(index == x.shape[-1], 0, index)
 
