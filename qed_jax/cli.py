@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qed_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # Ctrl-C (SIGINT) stops every command, as it stops the trainers (which catch it themselves to
+    # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args.run(args)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:

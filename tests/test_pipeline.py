@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,12 @@ RUNS = [f"{model}-imo_proofbench-{mode}" for model in ("base", "sft", "grpo") fo
 
 
 def pipeline(out: Path, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "pipeline", "--config", TINY, f"output_dir={out}",
-                             *SHORT], cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kwargs)
+    # Started with SIGINT ignored, as a shell starts background jobs (CI's runner may too): Ctrl-C
+    # must stop it all the same.
+    return subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "pipeline", sys.executable, "-m", "qed_jax.cli",
+                             "pipeline", "--config", TINY, f"output_dir={out}", *SHORT],
+                            cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
 
 
 def eval_logs(out: Path) -> dict[str, str]:
@@ -39,13 +41,16 @@ def eval_logs(out: Path) -> dict[str, str]:
 
 def test_pipeline_interrupted_finished_then_skipped(tmp_path):
     out = tmp_path / "run"
-    # Ctrl-C once the evaluations have written something: exit 130, everything written is kept.
+    # Ctrl-C as soon as the pipeline reports its first evaluation done (five more are to come):
+    # exit 130, everything written is kept.
     proc = pipeline(out)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(eval_logs(out).values()):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[4/5 eval] 1/6 "):
+            proc.send_signal(signal.SIGINT)
+            break
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
     assert "[3/5 grpo] done at step 2" in output and "[5/5 report]" not in output
     before = eval_logs(out)
