@@ -359,9 +359,10 @@ NUM_STOP_IDS = 2
 
 def kv_cache(config: ModelConfig, rows: int, length: int, dtype, mesh) -> KVCache:
     """An abstract KV cache [L, rows, length, K, H] sharded as the Sampler shards it."""
-    shape = KVCache.shape(config, rows, length)
-    spec = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh)))
-    return KVCache(spec, spec)
+    from qed_jax import sampling
+    sharding = NamedSharding(mesh, sampling.kv_cache_spec(config, rows, length, mesh))
+    abstract = jax.ShapeDtypeStruct(KVCache.shape(config, rows, length), dtype, sharding=sharding)
+    return KVCache(abstract, abstract)
 
 
 def by_rows(shape, dtype, mesh, leading: int = 0) -> jax.ShapeDtypeStruct:

@@ -337,9 +337,14 @@ def cache_shards(config: ModelConfig, mesh=None, rules=DEFAULT_RULES) -> tuple[i
     if mesh is None:
         return 1, 1
     # The spec of a cache whose batch the batch axes divide says how the kv heads split.
-    spec = logical_to_spec(KV_CACHE_AXES, KVCache.shape(config, _ways(rules.get("batch"), mesh), 1), mesh, rules)
+    spec = kv_cache_spec(config, _ways(rules.get("batch"), mesh), 1, mesh, rules)
     axis = KV_CACHE_AXES.index
     return _ways(spec[axis("batch")], mesh), _ways(spec[axis("kv_heads")], mesh)
+
+
+def kv_cache_spec(config: ModelConfig, batch: int, max_len: int, mesh, rules=DEFAULT_RULES):
+    """The partition spec of a KV cache's keys (and values) on `mesh`."""
+    return logical_to_spec(KV_CACHE_AXES, KVCache.shape(config, batch, max_len), mesh, rules)
 
 
 def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
@@ -355,8 +360,7 @@ def new_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype, mesh=None
     zeros = partial(KVCache.zeros, config, batch, max_len, dtype)
     if mesh is None:
         return zeros()
-    shape = KVCache.shape(config, batch, max_len)
-    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, shape, mesh, rules))
+    sharding = jax.sharding.NamedSharding(mesh, kv_cache_spec(config, batch, max_len, mesh, rules))
     return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
 
 
