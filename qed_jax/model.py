@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qed_jax.attention import cached_attention, causal_attention, platform, split_cached_attention
+from qed_jax.attention import (cached_attention, causal_attention, from_split_layout, platform, split_cached_attention,
+                               to_split_layout)
 from qed_jax.config import ModelConfig
 
 _REMAT_POLICIES = {
@@ -31,11 +32,12 @@ class KVCache(NamedTuple):
 
     Stacked, both are [L, B, S, K, H]: a new token's keys and values are a contiguous write,
     and TPU reads them in place. A decode loop on CPU works on the per-layer form instead
-    (`unstacked`): a tuple of L arrays per side, keys [B, K, H, S] and values [B, K, S, H],
-    the layouts its attention products read in place (`attention.split_cached_attention`); in
-    the stacked layout XLA:CPU copied each layer's cache into them on every step."""
+    (`unstacked`): a tuple of L arrays per side, keys in tiles [B, K, S / C, H, C] and values
+    [B, K, S, H], the layouts its attention products read in place
+    (`attention.to_split_layout`); in the stacked layout XLA:CPU copied each layer's cache into
+    them on every step."""
 
-    k: jax.Array  # [L, B, S, K, H], or a tuple of L arrays [B, K, H, S] (see `unstacked`)
+    k: jax.Array  # [L, B, S, K, H], or a tuple of L arrays [B, K, S / C, H, C] (see `unstacked`)
     v: jax.Array  # [L, B, S, K, H], or a tuple of L arrays [B, K, S, H]
 
     @staticmethod
@@ -55,15 +57,16 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[3] if isinstance(self.k, tuple) else self.k.shape[2]
+        return self.v[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[2]
 
     def unstacked(self) -> "KVCache":
         """The per-layer form (see `Qwen3.decode`'s `weights`)."""
-        return KVCache(tuple(k.transpose(0, 2, 3, 1) for k in self.k), tuple(v.transpose(0, 2, 1, 3) for v in self.v))
+        split = [to_split_layout(k, v) for k, v in zip(self.k, self.v)]
+        return KVCache(tuple(k for k, _ in split), tuple(v for _, v in split))
 
     def stacked(self) -> "KVCache":
-        return KVCache(jnp.stack([k.transpose(0, 3, 1, 2) for k in self.k]),
-                       jnp.stack([v.transpose(0, 2, 1, 3) for v in self.v]))
+        layers = [from_split_layout(k, v) for k, v in zip(self.k, self.v)]
+        return KVCache(jnp.stack([k for k, _ in layers]), jnp.stack([v for _, v in layers]))
 
     def write(self, layer, rows, positions, k, v) -> "KVCache":
         """The cache with layer `layer`'s slots positions[b, t] of rows[b] set to k, v [B, T, K, H]."""
@@ -72,7 +75,8 @@ class KVCache(NamedTuple):
             def put(layers, new, at):
                 updated = layers[layer].at[at].set(new.astype(layers[layer].dtype))
                 return layers[:layer] + (updated,) + layers[layer + 1:]
-            return KVCache(put(self.k, k, (rows, slice(None), slice(None), positions)),
+            tile = self.k[layer].shape[4]
+            return KVCache(put(self.k, k, (rows, slice(None), positions // tile, slice(None), positions % tile)),
                            put(self.v, v, (rows, slice(None), positions)))
         return KVCache(self.k.at[layer, rows, positions].set(k.astype(self.k.dtype)),
                        self.v.at[layer, rows, positions].set(v.astype(self.v.dtype)))

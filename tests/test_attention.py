@@ -178,14 +178,19 @@ def test_config_attention_field():
 
 
 @pytest.mark.parametrize("new_tokens", [1, 3])
-def test_split_cached_attention_equals_dot_product_attention(new_tokens):
+@pytest.mark.parametrize("S", [40, 192])  # key tiles of 8 and 64 slots
+def test_split_cached_attention_equals_dot_product_attention(new_tokens, S):
     """The CPU decode loop's attention over the per-layer cache layout against
     `cached_attention` (jax.nn.dot_product_attention) over the stacked layout."""
     rng = np.random.default_rng(3)
-    B, K, G, H, S = 3, 2, 3, 16, 40
+    B, K, G, H = 3, 2, 3, 16
     q = jnp.asarray(rng.normal(size=(B, new_tokens, K * G, H)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
-    positions = jnp.asarray([[0], [17], [36]]) + jnp.arange(new_tokens)
-    split = attention.split_cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions)
+    positions = jnp.asarray([[0], [17], [S - new_tokens]]) + jnp.arange(new_tokens)
+    split_k, split_v = attention.to_split_layout(k, v)
+    assert split_k.shape[-1] == attention.key_tile(S) == (8 if S == 40 else 64)
+    split = attention.split_cached_attention(q, split_k, split_v, positions)
     np.testing.assert_allclose(split, attention.cached_attention(q, k, v, positions), rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(attention.from_split_layout(split_k, split_v), (k, v)):
+        np.testing.assert_array_equal(mine, ref)

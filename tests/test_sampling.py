@@ -263,17 +263,18 @@ def test_first_argmax_is_argmax_with_ties():
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_decode_over_per_layer_arrays_equals_the_scan(tiny, remat):
     """The CPU decode path (weights and cache split per layer) against the scanned one: same
-    logits and the same cache after a prefill and two decode steps of unequal positions, with
+    logits and the same cache after a prefill and two decode steps of unequal positions (row 0
+    writes the last slot of the first 64-slot key tile, then the first of the second), with
     the model's remat setting either way (decoding never rematerializes)."""
     _, loaded = tiny
     model = Qwen3(loaded.config.replace(remat=remat), rngs=nnx.Rngs(0))
     nnx.update(model, nnx.state(loaded, nnx.Param))
-    cache = qed_jax.KVCache.zeros(model.config, batch=2, max_len=16)
+    cache = qed_jax.KVCache.zeros(model.config, batch=2, max_len=128)
     prompt = jnp.asarray([[5, 17, 42, 99], [11, 12, 0, 0]])
     _, cache = model.prefill(prompt, cache)
     split = cache.unstacked()
-    assert (split.batch, split.max_len) == (cache.batch, cache.max_len) == (2, 16)
-    positions = jnp.asarray([4, 2])
+    assert (split.batch, split.max_len) == (cache.batch, cache.max_len) == (2, 128)
+    positions = jnp.asarray([63, 2])
     for token in ([[7], [8]], [[250], [3]]):
         token = jnp.asarray(token, jnp.int32)
         logits, cache = model.decode(token, positions[:, None], cache, logits_at=jnp.zeros(2, jnp.int32))
