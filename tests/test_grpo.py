@@ -601,6 +601,7 @@ def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
     assert server.total == len(server.by_prompt) + len(repeats)
 
 
+@pytest.mark.slow  # two processes and a single-process reference: about a minute on 2 cores
 def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
     with JudgeServer(default=("hash", 0.0)) as server:
         args = ["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=4", "export_dtype=float32"]
