@@ -17,9 +17,9 @@ peak can multiply; large batches do the opposite). `fraction` is that time over 
 time: 1.0 is at the limit.
 
 A third number is not a limit of the machine but of the matmul library: the rate at which a
-[8, 512] @ [512, 2048] float32 matmul streams its weights (`small_batch_matmul`). A small-batch
-decode step is such matmuls, so its time at that rate shows how much of the gap to the memory
-limit is the library's.
+float32 [2048, 512] @ [512, 8] matmul streams its weights (`small_batch_matmul`). A small-batch
+decode step on CPU is such matmuls, so its time at that rate shows how much of the gap to the
+memory limit is the library's.
 """
 
 from __future__ import annotations
@@ -73,15 +73,17 @@ def memory_bandwidth(nbytes: int = STREAM_BYTES) -> dict:
 
 
 def small_batch_matmul(rows: int = 8, nbytes: int = STREAM_BYTES) -> dict:
-    """Bytes/s at which a jitted float32 [rows, 512] @ [512, 2048] streams its weights from
+    """Bytes/s at which a jitted float32 [2048, 512] @ [512, rows] streams its weights from
     memory, over distinct weight matrices adding up to `nbytes` (as a decode step reads each
-    layer's weights once). Not a hardware limit: what the backend's matmul reaches at a decode
-    step's shapes, to tell the library's share of a gap from ours."""
+    layer's weights once), in the orientation a CPU decode step multiplies them
+    (`Qwen3._decode_feature_major`: weights [out, in], activations [in, rows]). Not a hardware
+    limit: what the backend's matmul reaches at a decode step's shapes, to tell the library's
+    share of a gap from ours."""
     d, f = 512, 2048
     count = max(1, nbytes // (4 * d * f))
-    weights = [jax.random.normal(jax.random.key(i), (d, f), jnp.float32) for i in range(count)]
-    x = jax.random.normal(jax.random.key(count), (rows, d), jnp.float32)
-    chain = jax.jit(lambda x, ws: sum(jnp.dot(x, w)[:, :d] for w in ws))
+    weights = [jax.random.normal(jax.random.key(i), (f, d), jnp.float32) for i in range(count)]
+    x = jax.random.normal(jax.random.key(count), (d, rows), jnp.float32)
+    chain = jax.jit(lambda x, ws: sum(jnp.dot(w, x)[:d] for w in ws))
     chain(x, weights).block_until_ready()
     rate = 4 * d * f * count / _best_seconds(lambda: chain(x, weights).block_until_ready())
     return {"rows": rows, "bytes_per_s": rate}
@@ -137,7 +139,7 @@ def prefill_flops(config, batch: int, prompt_len: int) -> float:
 def describe(limits: dict) -> str:
     return (f"measured limits: fp32 matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s, "
             f"memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s, weights streamed by a "
-            f"[{limits['small_batch_matmul']['rows']}, 512] matmul {limits['small_batch_matmul']['bytes_per_s'] / 1e9:.1f} GB/s")
+            f"[2048, 512] @ [512, {limits['small_batch_matmul']['rows']}] matmul {limits['small_batch_matmul']['bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -262,10 +262,12 @@ def test_first_argmax_is_argmax_with_ties():
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_decode_over_per_layer_arrays_equals_the_scan(tiny, remat):
-    """The CPU decode path (weights and cache split per layer) against the scanned one: same
-    logits and the same cache after a prefill and two decode steps of unequal positions (row 0
-    writes the last slot of the first 64-slot key tile, then the first of the second), with
-    the model's remat setting either way (decoding never rematerializes)."""
+    """The CPU decode path (weights split per layer and output-major, activations feature-major,
+    cache split per layer) against the scanned one: same logits and the same cache after a
+    prefill and three decode steps of unequal positions (row 0 writes the last slot of the first
+    64-slot key tile, then the first of the second; the third step is two tokens per row), with
+    logits at one token or at all, and the model's remat setting either way (decoding never
+    rematerializes)."""
     _, loaded = tiny
     model = Qwen3(loaded.config.replace(remat=remat), rngs=nnx.Rngs(0))
     nnx.update(model, nnx.state(loaded, nnx.Param))
@@ -274,14 +276,17 @@ def test_decode_over_per_layer_arrays_equals_the_scan(tiny, remat):
     _, cache = model.prefill(prompt, cache)
     split = cache.unstacked()
     assert (split.batch, split.max_len) == (cache.batch, cache.max_len) == (2, 128)
-    positions = jnp.asarray([63, 2])
-    for token in ([[7], [8]], [[250], [3]]):
+    positions = jnp.asarray([[62], [1]])  # the last slot written before each step
+    # One token per row with logits at it, one with logits everywhere, then two tokens per row.
+    for token, logits_at in (([[7], [8]], jnp.zeros(2, jnp.int32)), ([[250], [3]], None),
+                             ([[4, 9], [31, 6]], None)):
         token = jnp.asarray(token, jnp.int32)
-        logits, cache = model.decode(token, positions[:, None], cache, logits_at=jnp.zeros(2, jnp.int32))
-        split_logits, split = model.decode(token, positions[:, None], split, logits_at=jnp.zeros(2, jnp.int32),
+        positions = positions[:, -1:] + jnp.arange(1, token.shape[1] + 1)
+        logits, cache = model.decode(token, positions, cache, logits_at=logits_at)
+        split_logits, split = model.decode(token, positions, split, logits_at=logits_at,
                                            weights=model.decode_weights())
-        assert logits.shape == (2, model.config.vocab_size)
+        expected = (2, model.config.vocab_size) if logits_at is not None else (*token.shape, model.config.vocab_size)
+        assert logits.shape == split_logits.shape == expected
         np.testing.assert_allclose(split_logits, logits, rtol=1e-5, atol=1e-5)
-        positions = positions + 1
     for mine, ref in zip(split.stacked(), cache):  # float32 rounding of differently fused matmuls
         np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-5)
