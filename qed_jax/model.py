@@ -234,8 +234,8 @@ class Qwen3(nnx.Module):
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, dtype)
         for layer, w in enumerate(weights.layers):
             h = rms_norm(x, w["attn_norm"], eps, axis=0)
-            q = apply_rope(rms_norm(heads(project(w["q"], h), c.num_heads), w["q_norm"], eps), cos, sin)
-            k = apply_rope(rms_norm(heads(project(w["k"], h), c.num_kv_heads), w["k_norm"], eps), cos, sin)
+            q, k = norm_and_rotate(heads(project(w["q"], h), c.num_heads),
+                                   heads(project(w["k"], h), c.num_kv_heads), w, cos, sin, c)
             v = heads(project(w["v"], h), c.num_kv_heads)
             h, cache = attend(q, k, v, cache, layer)
             x = x + project(w["o"], h.reshape(B * T, -1).T)
@@ -367,12 +367,15 @@ def dense(x, w, contract: int = 1):
 def qkv(x, w, cos, sin, c: ModelConfig):
     """Queries [B, T, N, H] and keys, values [B, T, K, H], with QK-norm before RoPE."""
     dtype = x.dtype
-    q = dense(x, w["q"].astype(dtype))
-    k = dense(x, w["k"].astype(dtype))
-    v = dense(x, w["v"].astype(dtype))
+    q, k = norm_and_rotate(dense(x, w["q"].astype(dtype)), dense(x, w["k"].astype(dtype)), w, cos, sin, c)
+    return q, k, dense(x, w["v"].astype(dtype))
+
+
+def norm_and_rotate(q, k, w, cos, sin, c: ModelConfig):
+    """QK-norm, then RoPE, of projected queries [B, T, N, H] and keys [B, T, K, H]."""
     q = apply_rope(rms_norm(q, w["q_norm"], c.rms_norm_eps), cos, sin)
     k = apply_rope(rms_norm(k, w["k_norm"], c.rms_norm_eps), cos, sin)
-    return q, k, v
+    return q, k
 
 
 def mlp(x, w):
