@@ -19,7 +19,9 @@ time: 1.0 is at the limit.
 A third number is not a limit of the machine but of the matmul library: the rate at which a
 float32 [2048, 512] @ [512, 8] matmul streams its weights (`small_batch_matmul`). A small-batch
 decode step on CPU is such matmuls, so its time at that rate shows how much of the gap to the
-memory limit is the library's.
+memory limit is the library's. Its training counterpart (`mlp_train_rate`, measured by
+`train_step.py` at the model's shapes) is the FLOP/s of forward and backward through bare SwiGLU
+blocks: the rate a training step would reach if it were all dense matmuls and nothing else.
 """
 
 from __future__ import annotations
@@ -87,6 +89,31 @@ def small_batch_matmul(rows: int = 8, nbytes: int = STREAM_BYTES) -> dict:
     chain(x, weights).block_until_ready()
     rate = 4 * d * f * count / _best_seconds(lambda: chain(x, weights).block_until_ready())
     return {"rows": rows, "bytes_per_s": rate}
+
+
+def mlp_train_rate(rows: int, hidden: int, mlp: int, layers: int = 4) -> dict:
+    """FLOP/s of a jitted forward and backward through `layers` residual SwiGLU blocks
+    x + down(silu(x @ gate) * (x @ up)) on float32 [rows, hidden] activations (3 x 6 x rows x
+    hidden x mlp FLOPs per block, the SiLU and products not counted). Not a hardware limit: the
+    rate the backend reaches on a training step's dense matmuls with nothing else in the step
+    (no attention, no output head, no norms, no optimizer)."""
+    keys = jax.random.split(jax.random.key(0), 3 * layers + 1)
+    scale = hidden ** -0.5
+    weights = [(jax.random.normal(keys[3 * i], (hidden, mlp)) * scale,
+                jax.random.normal(keys[3 * i + 1], (hidden, mlp)) * scale,
+                jax.random.normal(keys[3 * i + 2], (mlp, hidden)) * mlp ** -0.5) for i in range(layers)]
+    x = jax.random.normal(keys[-1], (rows, hidden), jnp.float32)
+
+    def loss(weights, x):
+        for gate, up, down in weights:
+            x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
+        return jnp.sum(x * x)
+
+    grad = jax.jit(jax.grad(loss))
+    jax.block_until_ready(grad(weights, x))
+    flops = layers * 3 * 6 * rows * hidden * mlp
+    rate = flops / _best_seconds(lambda: jax.block_until_ready(grad(weights, x)))
+    return {"rows": rows, "hidden": hidden, "mlp": mlp, "layers": layers, "flops_per_s": rate}
 
 
 def measure() -> dict:

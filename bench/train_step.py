@@ -1,7 +1,9 @@
 """Throughput of qed-jax's SFT step next to a transformers/PyTorch training step: the same random
 Qwen3, the same token batch, AdamW, forward + backward + update. Each step's FLOPs (6 x matmul
 parameters x tokens, plus causal attention) are set against this machine's float32 matmul peak,
-measured in the same run (see roofline.py). Writes JSON.
+and against the rate of a forward and backward through bare MLP blocks at the model's shapes
+(`roofline.mlp_train_rate`: what a step made only of dense matmuls reaches), both measured in the
+same run (see roofline.py). Writes JSON.
 
     python bench/train_step.py --layers 10 --hidden 512 --batch 4 --seq 512 [--peak-tflops 197]
 """
@@ -52,9 +54,11 @@ def main() -> None:
     from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 
     limits = roofline.measure()
-    print(roofline.describe(limits))
     config = model_config(args)
     B, T = args.batch, args.seq
+    limits["mlp_train"] = roofline.mlp_train_rate(B * T, config.hidden_size, config.intermediate_size)
+    print(roofline.describe(limits) + f", forward + backward through bare MLP blocks "
+          f"{limits['mlp_train']['flops_per_s'] / 1e9:.0f} GFLOP/s")
     tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
     flops_per_step = train_flops_per_token(config, T) * B * T
     optim = OptimConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0, weight_decay=0.01, grad_clip=0.0)
@@ -80,7 +84,8 @@ def main() -> None:
 
     def figures(seconds):
         out = {"step_s": seconds, "tokens_per_s": B * T / seconds, "tflops_per_s": flops_per_step / seconds / 1e12,
-               "roofline": roofline.fraction(limits, seconds, flops=flops_per_step)}
+               "roofline": roofline.fraction(limits, seconds, flops=flops_per_step),
+               "fraction_of_mlp_train_rate": flops_per_step / seconds / limits["mlp_train"]["flops_per_s"]}
         if args.peak_tflops:
             out["mfu"] = out["tflops_per_s"] / args.peak_tflops
         return out
