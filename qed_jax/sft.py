@@ -23,6 +23,7 @@ from qed_jax import checkpoint
 from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
+from qed_jax.multihost import agree_on_stop
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
                              decay_mask, exit_or_export, init_opt_state, is_complete, load_model, lr_schedule,
@@ -196,8 +197,10 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
                     metrics_log.write(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 progress.update()
-                if step % config.checkpoint_every == 0 or step == steps or stop.raised:
+                stopping = agree_on_stop(stop)
+                if step % config.checkpoint_every == 0 or step == steps or stopping:
                     ckpts.save(step, params, opt_state, data, meta(step))
+            agree_on_stop(stop)  # a signal after the last step's agreement: every process exits alike
         finally:
             progress.close()
             ckpts.close()

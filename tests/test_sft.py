@@ -178,6 +178,17 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert len(read_metrics(tmp_path)) == 3
 
 
+@pytest.mark.slow  # two processes: 20-40 s on 2 cores
+def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """A preemption's SIGTERM reaches a pod's hosts at different moments: the processes agree after
+    every step, so both write the same checkpoint and exit, and neither waits for the other."""
+    with processes(["sft", "--config", TINY, "steps=400", "log_every=1", "checkpoint_every=1000", "eval_every=0",
+                    f"output_dir={tmp_path}"], count=2, devices=1, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL) as procs:
+        assert_signal_writes_a_checkpoint(procs[1], tmp_path, steps=3)
+        assert procs[0].wait(timeout=120) == 128 + signal.SIGTERM
+
+
 def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, caplog):
     good = [json.loads(line) for line in open(DATA)][:10]
     lines = [json.dumps(r) for r in good]
