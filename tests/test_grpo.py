@@ -338,8 +338,9 @@ def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-# Per step: 4 problems x 4 samples, or with RC 4 problems x 2 states x 4 samples.
-@pytest.mark.parametrize("config,per_step", [(TINY, 16), (TINY_RC, 32)], ids=["plain", "rc"])
+# Per step: 4 problems x 4 samples, or with RC 4 problems x 2 states x 4 samples (slow: 45 s).
+@pytest.mark.parametrize("config,per_step", [(TINY, 16), pytest.param(TINY_RC, 32, marks=pytest.mark.slow)],
+                         ids=["plain", "rc"])
 def test_sigkill_mid_step_resumes_without_regrading(tmp_path, config, per_step):
     run = tmp_path / "run"
     with JudgeServer(default=("hash", 0.1)) as server:

@@ -167,6 +167,7 @@ def test_fsdp_tensor_sharded_losses_match_one_device(tmp_path):
     assert len(a) == 5 and np.allclose(a, b, atol=1e-4, rtol=0), (a, b)
 
 
+@pytest.mark.slow  # two processes: 15-20 s on 2 cores
 def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     with processes(["sft", "--config", TINY, "steps=3", "eval_every=0", "export_dtype=null", f"output_dir={tmp_path}"],
                    count=2, devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
