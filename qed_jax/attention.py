@@ -328,6 +328,9 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int | None = None, int
         ids = splash.SegmentIds(segments[0], segments[0]) if segments else None
         return jax.vmap(kernel)(q, k, v, segment_ids=ids)
 
+    if q.dtype == jnp.bfloat16:
+        local = _at_default_precision(local)
+
     args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -340,6 +343,29 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int | None = None, int
         # vary over mesh axes, which vma checking requires.
         out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(*args)
     return out.transpose(0, 2, 1, 3)
+
+
+def _at_default_precision(fn):
+    """`fn`, its forward and its backward traced under matmul precision "default", whatever the
+    global setting. A global "highest" (as in the tests) asks Mosaic for float32 passes over the
+    kernel's bfloat16 operands, which it rejects ("Bad lhs type"); products of bfloat16 operands
+    are exact in the kernel's float32 accumulation anyway. The backward needs its own context:
+    JAX traces a custom_vjp's backward when it transposes, after the forward's context is gone."""
+    @jax.custom_vjp
+    def call(*args):
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def forward(*args):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)  # the vjp function is a pytree of the residuals
+
+    def backward(vjp_fn, g):
+        with jax.default_matmul_precision("default"):
+            return vjp_fn(g)
+
+    call.defvjp(forward, backward)
+    return call
 
 
 def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):

@@ -42,7 +42,7 @@ def _packed_segments(batch, seq):
 def _value_and_grads(fn, q, k, v, segment_ids):
     """Output and the gradients of a fixed random projection of it w.r.t. q, k, v."""
     out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids), q, k, v)
-    cotangent = jax.random.normal(jax.random.key(7), out.shape)
+    cotangent = jax.random.normal(jax.random.key(7), out.shape, out.dtype)
     return out, vjp(cotangent)
 
 
@@ -115,6 +115,43 @@ def test_sharded_splash_equals_unsharded():
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
     for grad, ref_grad in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_splash_over_bfloat16_matches_xla_under_the_highest_precision():
+    """The suite's matmul precision is "highest"; the kernel runs its bfloat16 products at the
+    default one (Mosaic rejects float32 passes over bfloat16 operands), forward and backward, and
+    still matches the float32 reference to bfloat16 rounding, with segment ids passed through."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv())
+    segment_ids = _packed_segments(2, 256)
+    out, grads = jax.jit(_value_and_grads, static_argnums=0)(IMPLEMENTATIONS["splash"], q, k, v, segment_ids)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref, ref_grads = _value_and_grads(lambda q, k, v, s: attention.xla_attention(f32(q), f32(k), f32(v), s)
+                                      .astype(jnp.bfloat16), q, k, v, segment_ids)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    np.testing.assert_allclose(f32(out), f32(ref), atol=2e-2, rtol=2e-2)
+    for grad, ref_grad, what in zip(grads, ref_grads, "qkv"):
+        np.testing.assert_allclose(f32(grad), f32(ref_grad), atol=5e-2, rtol=2e-2, err_msg=f"d{what}")
+
+
+@pytest.mark.tpu_compile
+def test_splash_over_bfloat16_compiles_for_tpu_under_the_highest_precision():
+    from qed_jax import plan
+
+    try:
+        devices = plan.topology_devices(plan.parse_slice("v5p-8"))
+    except ConfigError as e:
+        pytest.skip(str(e))
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    rows = NamedSharding(mesh, P("data"))
+    q, k, v = (jax.ShapeDtypeStruct((4, 256, heads, 128), jnp.bfloat16, sharding=rows) for heads in (4, 2, 2))
+
+    def loss(q, k, v):
+        return jnp.sum(attention.splash_attention(q, k, v, interpret=False).astype(jnp.float32))
+
+    assert jax.config.jax_default_matmul_precision == "highest"
+    with jax.set_mesh(mesh):
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
 
 
 def test_splash_mesh_axes_shard_heads_only_when_both_head_counts_divide():

@@ -221,8 +221,7 @@ def test_a_program_that_does_not_fit_is_reported_in_one_line_and_exits_1(libtpu,
 
 def _sft_4b_temporaries(tokens: int) -> int:
     """Temporaries per chip of the 4B SFT step, one row of `tokens` per chip (4 rows, 4 chips).
-    At the default matmul precision, as `qed-jax plan` compiles: the suite's "highest" asks the
-    splash kernel for float32 passes over bfloat16 operands, which Mosaic rejects."""
+    At the default matmul precision, as `qed-jax plan` compiles (the suite sets "highest")."""
     with jax.default_matmul_precision("default"):
         report = plan.plan(SFT_4B, "v5p-8", ["batch_size=4", "micro_batches=1", f"data.max_length={tokens}"])
     (step,) = report.programs
