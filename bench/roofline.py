@@ -94,7 +94,8 @@ def small_batch_matmul(rows: int = 8, nbytes: int = STREAM_BYTES) -> dict:
 def mlp_train_rate(rows: int, hidden: int, mlp: int, layers: int = 4) -> dict:
     """FLOP/s of a jitted forward and backward through `layers` residual SwiGLU blocks
     x + down(silu(x @ gate) * (x @ up)) on float32 [rows, hidden] activations (3 x 6 x rows x
-    hidden x mlp FLOPs per block, the SiLU and products not counted). Not a hardware limit: the
+    hidden x mlp FLOPs per block, the SiLU and products not counted; gradients w.r.t. the weights
+    and the input, as in a model whose embedding trains). Not a hardware limit: a reference, the
     rate the backend reaches on a training step's dense matmuls with nothing else in the step
     (no attention, no output head, no norms, no optimizer)."""
     keys = jax.random.split(jax.random.key(0), 3 * layers + 1)
@@ -109,7 +110,7 @@ def mlp_train_rate(rows: int, hidden: int, mlp: int, layers: int = 4) -> dict:
             x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
         return jnp.sum(x * x)
 
-    grad = jax.jit(jax.grad(loss))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(grad(weights, x))
     flops = layers * 3 * 6 * rows * hidden * mlp
     rate = flops / _best_seconds(lambda: jax.block_until_ready(grad(weights, x)))

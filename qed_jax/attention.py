@@ -348,9 +348,11 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int | None = None, int
 def _at_default_precision(fn):
     """`fn`, its forward and its backward traced under matmul precision "default", whatever the
     global setting. A global "highest" (as in the tests) asks Mosaic for float32 passes over the
-    kernel's bfloat16 operands, which it rejects ("Bad lhs type"); products of bfloat16 operands
-    are exact in the kernel's float32 accumulation anyway. The backward needs its own context:
-    JAX traces a custom_vjp's backward when it transposes, after the forward's context is gone."""
+    kernel's bfloat16 operands, which it rejects ("Bad lhs type"); at "default" the kernel runs
+    as it does in training (its products of bfloat16 operands are exact in float32 accumulation;
+    the few it forms in float32 take Mosaic's default precision). The backward needs its own
+    context: JAX traces a custom_vjp's backward when it transposes, after the forward's context
+    is gone."""
     @jax.custom_vjp
     def call(*args):
         with jax.default_matmul_precision("default"):

@@ -174,10 +174,12 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
     log.info("training %d steps (%d packed rows of %d tokens per step)", steps, config.batch_size,
              config.data.max_length)
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
-    step, last_loss = start, result["loss"]
+    step, last_loss, stopping = start, result["loss"], False
     with StopSignals() as stop, jax.set_mesh(mesh):  # attention kernels find the mesh here
         try:
-            while step < steps and not stop.raised:
+            # `stopping` is what all processes agreed on after the last step; a signal that
+            # arrives later waits for the next step's agreement (and its checkpoint).
+            while step < steps and not stopping:
                 tick = time.perf_counter()
                 batch = to_global(next(data), config.micro_batches, sharding)
                 params, opt_state, metrics = step_fn(params, opt_state, batch)

@@ -145,13 +145,14 @@ def test_splash_over_bfloat16_compiles_for_tpu_under_the_highest_precision():
                              axis_types=(jax.sharding.AxisType.Explicit,) * 3)
     rows = NamedSharding(mesh, P("data"))
     q, k, v = (jax.ShapeDtypeStruct((4, 256, heads, 128), jnp.bfloat16, sharding=rows) for heads in (4, 2, 2))
+    segment_ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
 
-    def loss(q, k, v):
-        return jnp.sum(attention.splash_attention(q, k, v, interpret=False).astype(jnp.float32))
+    def loss(q, k, v, segment_ids):
+        return jnp.sum(attention.splash_attention(q, k, v, segment_ids, interpret=False).astype(jnp.float32))
 
     assert jax.config.jax_default_matmul_precision == "highest"
     with jax.set_mesh(mesh):
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, segment_ids).compile()
 
 
 def test_splash_mesh_axes_shard_heads_only_when_both_head_counts_divide():
