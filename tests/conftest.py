@@ -20,3 +20,16 @@ from tests.helpers import make_hf_model  # noqa: E402,F401
 def hf_tiny(tmp_path_factory):
     """A tiny tied Qwen3 saved as a Hugging Face folder, with a tokenizer."""
     return make_hf_model(tmp_path_factory.mktemp("hf_tiny"))
+
+
+@pytest.fixture(scope="session")
+def libtpu():
+    """The compile-only devices of a v5p-8 slice (libtpu compiles for TPU topologies without any
+    chips); skips where libtpu is missing."""
+    from qed_jax import plan
+    from qed_jax.config import ConfigError
+
+    try:
+        return plan.topology_devices(plan.parse_slice("v5p-8"))
+    except ConfigError as e:
+        pytest.skip(str(e))

@@ -135,15 +135,8 @@ def test_splash_over_bfloat16_matches_xla_under_the_highest_precision():
 
 
 @pytest.mark.tpu_compile
-def test_splash_over_bfloat16_compiles_for_tpu_under_the_highest_precision():
-    from qed_jax import plan
-
-    try:
-        devices = plan.topology_devices(plan.parse_slice("v5p-8"))
-    except ConfigError as e:
-        pytest.skip(str(e))
-    mesh = jax.sharding.Mesh(np.array(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"),
-                             axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+def test_splash_over_bfloat16_compiles_for_tpu_under_the_highest_precision(libtpu):
+    mesh = make_mesh(MeshConfig(data=4), libtpu)
     rows = NamedSharding(mesh, P("data"))
     q, k, v = (jax.ShapeDtypeStruct((4, 256, heads, 128), jnp.bfloat16, sharding=rows) for heads in (4, 2, 2))
     segment_ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)

@@ -22,15 +22,6 @@ RL_TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
 SFT_4B = str(REPO / "configs" / "sft" / "qed_nano_4b.yaml")
 
 
-@pytest.fixture(scope="session")
-def libtpu():
-    """Skips where libtpu is missing: it compiles for TPU topologies without any chips."""
-    try:
-        plan.topology_devices(plan.parse_slice("v5p-8"))
-    except ConfigError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.parametrize("name, generation, chips, topology", [
     ("v5p-8", "v5p", 4, "v5p:2x2x1"),
     ("v5p-16", "v5p", 8, "v5p:2x2x2"),
