@@ -30,8 +30,8 @@ from qed_jax.config import ConfigError
 from qed_jax.data import pack_sequences, read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
-from qed_jax.multihost import (agree_on_stop, gather, per_process, process_rows, process_share, sampler_weights,
-                               sampling_meshes)
+from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, per_process, process_rows, process_share,
+                               sampler_weights, sampling_meshes)
 from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, check_rows_divide,
@@ -757,13 +757,13 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == config.steps or stopping:
                     ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
-            agree_on_stop(stop)  # a signal after the last step's agreement: every process exits alike
         finally:
             progress.close()
             ckpts.close()
             metrics_log.close()
             grader.close()
-    exit_or_export(stop, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+        stopped_by = final_stop_signal(stop)
+    exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
     return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": step, "complete": False,
             "process": jax.process_index()}
 

@@ -54,6 +54,14 @@ def agree_on_stop(stop) -> bool:
     return bool(signums.max())
 
 
+def final_stop_signal(stop) -> int | None:
+    """The signal that stops a run after its checkpoints are closed, agreed by every process (see
+    `agree_on_stop`), or None to go on to the export. A signal that arrived after the loop's last
+    agreement, while the last checkpoint was being written, counts; one after this call does not.
+    Export gathers the weights from every process, so all of them must take the same branch."""
+    return stop.signum if agree_on_stop(stop) else None
+
+
 def process_rows(x) -> np.ndarray:
     """This process's rows of a global array sharded over its first axis: the inverse of
     jax.make_array_from_process_local_data (its slices in order; replicas counted once)."""

@@ -23,7 +23,7 @@ from qed_jax import checkpoint
 from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
-from qed_jax.multihost import agree_on_stop
+from qed_jax.multihost import agree_on_stop, final_stop_signal
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
                              decay_mask, exit_or_export, init_opt_state, is_complete, load_model, lr_schedule,
@@ -202,12 +202,12 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == steps or stopping:
                     ckpts.save(step, params, opt_state, data, meta(step))
-            agree_on_stop(stop)  # a signal after the last step's agreement: every process exits alike
         finally:
             progress.close()
             ckpts.close()
             metrics_log.close()
-    exit_or_export(stop, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+        stopped_by = final_stop_signal(stop)
+    exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
     return {**result, "step": step, "loss": float(last_loss), "complete": False}
 
 

@@ -294,14 +294,15 @@ class StopSignals:
         return self.signum is not None
 
 
-def exit_or_export(stop: StopSignals, step: int, model: Qwen3, out: Path, export_dtype: str | None,
+def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, export_dtype: str | None,
                    assets_from) -> None:
-    """The end of a training run: exit after a stop signal (its checkpoint is written), else
-    export the model as a Hugging Face folder `out/hf`."""
-    if stop.raised:
+    """The end of a training run: exit after the stop signal `stopped_by` (its checkpoint is
+    written; see multihost.final_stop_signal), else export the model as a Hugging Face folder
+    `out/hf`."""
+    if stopped_by is not None:
         log.warning("%s: wrote a checkpoint at step %d; exiting (rerun the same command to resume)",
-                    signal.Signals(stop.signum).name, step)
-        raise SystemExit(128 + stop.signum)
+                    signal.Signals(stopped_by).name, step)
+        raise SystemExit(128 + stopped_by)
     if export_dtype:
         from qed_jax.pretrained import save_pretrained
 

@@ -99,16 +99,19 @@ def coordinator_port() -> int:
 
 
 @contextlib.contextmanager
-def processes(args: list[str], count: int, devices: int, **popen):
+def processes(args: list[str], count: int, devices: int, entry: dict[int, list[str]] | None = None, **popen):
     """`count` processes of `qed-jax ARGS` joined into one jax.distributed cluster on the loopback
     interface (process i gets --process-id i), each on `devices` CPU devices; yields their Popen
     objects in process order, and kills those still running at the end (a failed test leaves
-    none behind)."""
+    none behind). `entry` replaces the interpreter arguments that start the CLI (`-m
+    qed_jax.cli`) for the processes it names, e.g. with `-c CODE` that patches a step first."""
     import subprocess
     import sys
 
     port = coordinator_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "qed_jax.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+    entry = entry or {}
+    procs = [subprocess.Popen([sys.executable, *entry.get(i, ["-m", "qed_jax.cli"]), *args,
+                               "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", str(count), "--process-id", str(i)],
                               cwd=REPO, env=cli_env(devices), **popen)
              for i in range(count)]

@@ -190,6 +190,40 @@ def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
         assert procs[0].wait(timeout=120) == 128 + signal.SIGTERM
 
 
+# The CLI, with a SIGTERM sent to the process itself as the trainer starts closing its checkpoints
+# (after the loop's last agreement): the moment a late preemption notice can arrive.
+SIGTERM_WHILE_CLOSING = """
+import os, signal, sys
+from qed_jax import checkpoint
+close = checkpoint.TrainCheckpoints.close
+def close_after_a_signal(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+checkpoint.TrainCheckpoints.close = close_after_a_signal
+from qed_jax.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow  # two processes, twice: 30-60 s on 2 cores
+def test_a_stop_signal_while_the_last_checkpoint_closes_stops_both_and_a_rerun_exports(tmp_path):
+    """Export gathers the weights from every process, so all of them must export or none: a
+    signal to one process after the last step, while its checkpoint is being written, makes both
+    exit with that checkpoint written; the rerun has no step left to run and exports."""
+    args = ["sft", "--config", TINY, "steps=2", "checkpoint_every=1000", "eval_every=0", f"output_dir={tmp_path}"]
+    with processes(args, count=2, devices=1, entry={1: ["-c", SIGTERM_WHILE_CLOSING]}, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=180)
+        assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, [err[-1500:] for _, err in outputs]
+    assert "wrote a checkpoint at step 2" in outputs[0][1]
+    assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "hf").exists()
+    with processes(args, count=2, devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=180)
+        assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outputs]
+    assert len(read_metrics(tmp_path)) == 2  # no step ran again
+    assert SafetensorsFolder(tmp_path / "hf").names()
+
+
 def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, caplog):
     good = [json.loads(line) for line in open(DATA)][:10]
     lines = [json.dumps(r) for r in good]
