@@ -174,6 +174,18 @@ def unreadable_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+def remove_unfinished_saves(directory) -> None:
+    """Delete the folders of saves that a kill cut short: Orbax writes a step under
+    `<step>.orbax-checkpoint-tmp…` and renames it once complete, so such a folder is never read
+    back and only takes space. Process 0 does it, before any process saves again."""
+    directory = epath.Path(directory)
+    if jax.process_index() != 0 or not directory.exists():
+        return
+    for path in directory.glob("*.orbax-checkpoint-tmp*"):
+        log.info("%s: removing an unfinished save", path)
+        path.rmtree()
+
+
 class TrainCheckpoints:
     """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
     RNG, anything else the trainer needs to continue exactly)."""
@@ -181,6 +193,7 @@ class TrainCheckpoints:
     def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None):
         self.directory = directory
         write_model_config(directory, config, assets_from)
+        remove_unfinished_saves(directory)
         self.manager = manager(directory, max_to_keep=keep)
 
     def latest_step(self) -> int | None:

@@ -74,8 +74,12 @@ def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadab
     assert "steps: 2 -> 4" in error and "optim.lr: 0.003 -> 0.001" in error and "--resume-with-changes" in error
 
     _corrupt(run / "checkpoints" / "2")
+    unfinished = run / "checkpoints" / "3.orbax-checkpoint-tmp-1795950000"  # a save a kill cut short
+    (unfinished / "params").mkdir(parents=True)
+    (unfinished / "params" / "data").write_bytes(b"partial")
     resumed = _sft(["steps=4", f"output_dir={run}", "--resume-with-changes"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
     assert "checkpoint step 2 is unreadable" in resumed.stderr
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]  # step 2 trained again from step 1
     assert json.loads((run / "config.json").read_text())["steps"] == 4
