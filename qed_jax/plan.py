@@ -111,6 +111,9 @@ def topology_devices(tpu: Slice) -> list:
     # libtpu takes a lockfile meant for the chips; compiling touches none, and a plan must run
     # beside a training job (or another plan) that holds it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Off a TPU VM, libtpu cannot ask the metadata server for the workers' hostnames and logs an
+    # alarming INVALID_ARGUMENT error before compiling fine; a compile-only plan runs no workers.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices
