@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 from functools import partial
 from pathlib import Path
@@ -26,14 +27,20 @@ from model_args import add_model_args, model_config
 
 
 def _best(fn, steps):
-    """(best, median) wall seconds of `steps` calls, and the CPU seconds (all threads) of the
-    fastest: on a shared machine CPU time moves less with the neighbours' load than wall time."""
-    times = []
+    """(best, median) wall seconds of `steps` calls, and of the fastest: its CPU seconds (all
+    threads; on a shared machine they move less with the neighbours' load than wall time), the
+    kernel's share of them, and its minor page faults (the kernel handing out fresh pages for
+    large temporary buffers: see bench/README, "Page faults")."""
+    runs = []
     for _ in range(steps):
-        start, cpu = time.perf_counter(), time.process_time()
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start, time.process_time() - cpu))
-    return min(times)[0], float(np.median([t[0] for t in times])), min(times)[1]
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        system = after.ru_stime - before.ru_stime
+        runs.append((wall, {"cpu_s": after.ru_utime - before.ru_utime + system, "system_cpu_s": system,
+                            "minor_page_faults": after.ru_minflt - before.ru_minflt}))
+    best = min(runs, key=lambda run: run[0])
+    return best[0], float(np.median([run[0] for run in runs])), best[1]
 
 
 def main() -> None:
@@ -98,7 +105,8 @@ def main() -> None:
         "flops_per_step": flops_per_step,
         "config": vars(args),
         "limits": limits,
-        "qed_jax": {**figures(jax_best), "median_step_s": jax_median, "cpu_s": jax_cpu},
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # the allocator's settings (see bench/README)
+        "qed_jax": {**figures(jax_best), "median_step_s": jax_median, **jax_cpu},
     }
 
     if not args.skip_torch:
@@ -118,7 +126,7 @@ def main() -> None:
 
         run_torch()
         torch_best, torch_median, torch_cpu = _best(run_torch, args.steps)
-        result["torch"] = {**figures(torch_best), "median_step_s": torch_median, "cpu_s": torch_cpu,
+        result["torch"] = {**figures(torch_best), "median_step_s": torch_median, **torch_cpu,
                            "threads": torch.get_num_threads(), "version": torch.__version__}
         result["ratio_qed_jax_over_torch_tokens_per_s"] = torch_best / jax_best
 
