@@ -48,16 +48,17 @@ def _generate(args) -> None:
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import load_tokenizer
 
+    if args.summarizer and not args.reasoning_cache:
+        raise ConfigError("--summarizer is for --reasoning-cache; add that flag or drop --summarizer")
+    # Built before the model loads, so that a bad flag fails at once (the RC loop reads them too).
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p)
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     if args.reasoning_cache:
         _generate_reasoning_cache(args, model, tokenizer)
         return
-    if args.summarizer:
-        raise ConfigError("--summarizer is for --reasoning-cache; add that flag or drop --summarizer")
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p)
     for prompt, c in zip(args.prompt, generate(model, tokenizer, prompts, params, seed=args.seed)):
         if args.json:
             print(json.dumps({"prompt": prompt, "tokens": c.tokens, "logprobs": c.logprobs,
@@ -176,7 +177,7 @@ def _pipeline(args) -> None:
         print(dump_json(config))
         return
     start = time.perf_counter()
-    result = run(config)
+    result = run(config, resume_with_changes=args.resume_with_changes)
     print(Path(result["report"]).read_text())
     if result["standin_requests"] is not None:
         print(f"the offline stand-in judge answered {result['standin_requests']} requests (not a real judge: "
@@ -192,7 +193,8 @@ def _train(args, config_cls, train, summary) -> None:
     from qed_jax.config import dump_json, load_config
 
     config = load_config(config_cls, args.config, args.overrides)
-    print("derived: " + json.dumps(config.derived()))
+    # On stderr, so that `--print-config` writes JSON alone to stdout.
+    print("derived: " + json.dumps(config.derived()), file=sys.stderr)
     if args.print_config:
         print(dump_json(config))
         return
@@ -271,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qed-jax", description="Post-train small Qwen3 models to write olympiad proofs: convert "
         "checkpoints, sample, grade with a judge, train (SFT, GRPO), evaluate on the bundled "
         "benchmarks and report, run all of it as one pipeline, and plan TPU memory. `qed-jax COMMAND --help` documents each command.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at DEBUG level, and show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -299,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user message in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep, in (0, 1]; 1 = off (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true",
@@ -368,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report", help="tables and plots of one or more eval runs",
-        description="Summarize eval run directories: score on the 0-7 scale and as %%, avg@k with the "
+        description="Summarize eval run directories: score on the 0-7 scale and as a percentage, avg@k with the "
         "std across the k samples, the benchmark's split (Basic/Advanced, or competition years), "
         "completion tokens (mean, median, p90), the truncated fraction, and failed grades apart. "
         "Prints Markdown and writes report.md, report.json and PNG plots; several run directories "
@@ -395,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline overrides, e.g. output_dir=runs/p2 sft.overrides.steps=40 "
                    "eval.overrides.samples=1 eval.modes=[single] judge=http://localhost:8000/v1")
     p.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="let the trainers continue their runs in output_dir although their config differs "
+                   "from the one each was started with (the old config.json is kept as config.N.json)")
     p.set_defaults(run=_pipeline)
 
     p = sub.add_parser(
@@ -415,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wave-size", type=int, help="GRPO: rows the sampler decodes at once (default: what fits)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(run=_plan)
+    for p in sub.choices.values():  # -v also after the command (SUPPRESS keeps one given before it)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log at DEBUG level, and show the traceback of an error")
     return parser
 
 
@@ -436,7 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         print(f"qed-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path given to the command: missing, a file where a folder goes, ...
+        if args.verbose or e.filename is None:
+            raise
+        print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _path_error(e: OSError) -> str:
+    """One line for a failed file operation: the path, what went wrong, and for the usual
+    mistakes what to change."""
+    import errno
+    import os
+
+    path = os.fsdecode(e.filename)
+    if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and os.path.isfile(path)):
+        first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
+        return f"{path}: {first_file} is a file where a folder is needed; choose another path"
+    return f"{path}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -234,6 +234,27 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
 
+def require_at_least_one(config, names, prefix: str = "") -> None:
+    """ConfigError unless each named field of `config` is at least 1; a field set to None (its
+    default is derived from others) passes. `prefix` names the section, e.g. "rc."."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{prefix}{name} must be at least 1, got {value}")
+
+
+def check_sampling(params, prefix: str = "") -> None:
+    """ConfigError unless `params` (SamplingParams or a config section with the same fields)
+    asks for at least one token, a temperature >= 0, top_k >= 0 and 0 < top_p <= 1."""
+    require_at_least_one(params, ("max_new_tokens",), prefix)
+    if params.temperature < 0:
+        raise ConfigError(f"{prefix}temperature must be at least 0 (0 is greedy), got {params.temperature}")
+    if params.top_k < 0:
+        raise ConfigError(f"{prefix}top_k must be at least 0 (0 is off), got {params.top_k}")
+    if not 0 < params.top_p <= 1:
+        raise ConfigError(f"{prefix}top_p must be in (0, 1] (1 is off), got {params.top_p}")
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict in place."""
     if "=" not in override:
@@ -284,7 +305,8 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} " + ("is a folder: name a YAML file in it" if path.is_dir()
+                                                         else "does not exist"))
         data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")

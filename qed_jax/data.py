@@ -45,12 +45,16 @@ class DataConfig:
 # Reading rows
 
 
+def _check_data_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"data file {path} " + ("is a folder: name a file in it" if path.is_dir() else "does not exist"))
+
+
 def read_rows(path: str, name: str | None = None, split: str = "train") -> list[dict]:
     """All rows of a local .jsonl / .parquet file or a hub dataset (`datasets.load_dataset`)."""
     local = Path(path)
     if local.suffix == ".jsonl" or local.suffix == ".json":
-        if not local.is_file():
-            raise ConfigError(f"data file {path} does not exist")
+        _check_data_file(local)
         rows = []
         with open(local) as f:
             for n, line in enumerate(f, 1):
@@ -64,8 +68,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     import datasets
 
     if local.suffix == ".parquet":
-        if not local.is_file():
-            raise ConfigError(f"data file {path} does not exist")
+        _check_data_file(local)
         return list(datasets.load_dataset("parquet", data_files=str(local), split="train"))
     return list(datasets.load_dataset(path, name, split=split))
 
@@ -102,7 +105,10 @@ def sft_messages(row: Any) -> list[dict]:
             raise ValueError("the last message is not the assistant's")
         return messages
     for field in ("problem", "reasoning_content", "proof"):
-        if not isinstance(row.get(field), str) or not row[field].strip():
+        value = row.get(field)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"field {field!r} is a {type(value).__name__}, not text")
+        if not value or not value.strip():
             raise ValueError(f"field {field!r} is missing or empty (and there are no messages)")
     return [{"role": "user", "content": row["problem"]},
             {"role": "assistant", "content": row["proof"], "reasoning_content": row["reasoning_content"]}]

@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import ConfigError, dump_json, load_template
+from qed_jax.config import ConfigError, check_sampling, dump_json, load_template, require_at_least_one
 from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof
 from qed_jax.tokenizer import THINK_END
 
@@ -97,8 +97,7 @@ class EvalModelConfig:
     def __post_init__(self):
         if self.base_url is not None and not self.name:
             raise ConfigError("model.base_url is set but model.name is not: name the served model")
-        if self.concurrency < 1:
-            raise ConfigError("model.concurrency must be at least 1")
+        require_at_least_one(self, ("concurrency",), "model.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +106,9 @@ class EvalSamplingConfig:
     temperature: float = 0.8
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+
+    def __post_init__(self):
+        check_sampling(self, "sampling.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +133,8 @@ class EvalRCConfig:
     grade_turns: bool = False  # grade each earlier turn's answer too (the report's score per turn)
 
     def __post_init__(self):
-        for name in ("turns", "summary_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"rc.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("reasoning_tokens", "summarizer_tokens", "problem_tokens", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"rc.{name} must be at least 1 (or null), got {getattr(self, name)}")
+        require_at_least_one(self, ("turns", "summary_tokens", "reasoning_tokens", "summarizer_tokens",
+                                    "problem_tokens", "batch_size"), "rc.")
         if self.summarizer_thinking and self.summarizer is None:
             raise ConfigError("rc.summarizer_thinking is for a separate summarizer: set rc.summarizer too")
 
@@ -166,8 +164,7 @@ class EvalConfig:
         if self.mode == "rc" and self.model.base_url is not None:
             raise ConfigError("mode rc runs the reasoning cache on a local model: set model.path (a checkpoint "
                               "or Hugging Face folder) instead of model.base_url, or run mode single")
-        if self.samples < 1 or self.batch_size < 1:
-            raise ConfigError("samples and batch_size must be at least 1")
+        require_at_least_one(self, ("samples", "batch_size"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError
+from qed_jax.config import ConfigError, check_sampling, require_at_least_one
 from qed_jax.data import pack_sequences, read_rows
 from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
@@ -237,6 +237,9 @@ class RCSummarizerConfig:
     top_p: float = 0.8
     thinking: bool = False
 
+    def __post_init__(self):
+        check_sampling(self, "rc.summarizer.")
+
 
 @dataclasses.dataclass(frozen=True)
 class RCTrainConfig:
@@ -301,6 +304,9 @@ class GRPOConfig:
     export_dtype: str | None = "bfloat16"
 
     def __post_init__(self):
+        require_at_least_one(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
+                                    "updates_per_step", "minibatches", "train_length", "micro_batch_rows", "steps",
+                                    "checkpoint_every", "keep_checkpoints"))
         if self.old_logprobs not in ("sampler", "recompute"):
             raise ConfigError(f"old_logprobs must be sampler or recompute, got {self.old_logprobs!r}")
         if self.samples_per_step % self.minibatches:

@@ -102,9 +102,13 @@ def flatten(overrides: dict | None, prefix: str = "") -> list[str]:
     return out
 
 
-def stage_config(cls, stage: StageConfig, *chained: str):
-    """A stage's config: its YAML, the pipeline's overrides, then the paths chaining the stages."""
-    return load_config(cls, stage.config, [*flatten(stage.overrides), *chained])
+def stage_config(cls, stage: StageConfig, name: str, *chained: str):
+    """A stage's config: its YAML, the pipeline's overrides, then the paths chaining the stages.
+    An error names the stage (`name`, the pipeline's key for it) and its YAML."""
+    try:
+        return load_config(cls, stage.config, [*flatten(stage.overrides), *chained])
+    except ConfigError as e:
+        raise ConfigError(f"{name} stage ({stage.config} with {name}.overrides): {e}") from None
 
 
 class Progress:
@@ -159,10 +163,10 @@ def check_export(name: str, config) -> None:
                           "export: set it (e.g. float32 for the tiny preset)")
 
 
-def train_stage(progress: Progress, name: str, train, config, summary) -> None:
+def train_stage(progress: Progress, name: str, train, config, summary, resume_with_changes: bool) -> None:
     """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
     progress.begin(name, f"{config.model.describe()} → {config.output_dir}")
-    result = train(config)
+    result = train(config, resume_with_changes=resume_with_changes)
     state = "already complete" if result["complete"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
 
@@ -192,7 +196,7 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
         for b in config.eval.benchmarks:
             for mode in config.eval.modes:
                 rows = [f"benchmark.path={b.rows}"] if b.rows else []
-                c = stage_config(EvalConfig, StageConfig(b.config, config.eval.overrides), *rows,
+                c = stage_config(EvalConfig, StageConfig(b.config, config.eval.overrides), "eval", *rows,
                                  f"model.path={models[name]}", "model.base_url=null", "model.name=null",
                                  f"mode={mode}", *judge)
                 configs.append(dataclasses.replace(c, output_dir=str(out / "eval" / f"{name}-{c.benchmark.name}-{mode}")))
@@ -207,10 +211,11 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
 # The pipeline
 
 
-def run(config: PipelineConfig) -> dict:
+def run(config: PipelineConfig, resume_with_changes: bool = False) -> dict:
     """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
     and the stand-in judge's request count (None with a real judge). Every stage's config is
-    built and checked before the first stage starts."""
+    built and checked before the first stage starts. `resume_with_changes` lets the trainers
+    continue runs whose config changed (see trainer.check_run_config)."""
     import contextlib
 
     from qed_jax import grpo, sft
@@ -222,9 +227,9 @@ def run(config: PipelineConfig) -> dict:
     standin = StandinJudge() if config.judge == STANDIN else contextlib.nullcontext()
     with standin:
         judge_url = standin.url if config.judge == STANDIN else config.judge
-        sft_config = stage_config(sft.SFTConfig, config.sft, f"output_dir={out / 'sft'}")
+        sft_config = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={out / 'sft'}")
         base, sft_hf = base_model(sft_config, out), out / "sft" / "hf"
-        grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, f"model.path={sft_hf}",
+        grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, "grpo", f"model.path={sft_hf}",
                                                       "model.preset=null", "tokenizer=null",
                                                       f"output_dir={out / 'grpo'}"), out / "judge_cache.sqlite")
         models = {"base": base, "sft": str(sft_hf), "grpo": str(out / "grpo" / "hf")}
@@ -235,9 +240,10 @@ def run(config: PipelineConfig) -> dict:
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
         progress.done(f"{'exported to' if export_base(sft_config, Path(base)) else 'using'} {base}")
-        train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}")
+        train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}", resume_with_changes)
         train_stage(progress, "grpo", grpo.train, grpo_config,
-                    lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps")
+                    lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps",
+                    resume_with_changes)
 
         progress.begin("eval", f"{len(evals)} evaluations; judge: " + (
             f"the offline stand-in at {judge_url} (NOT a real judge: full marks for any proof after </think>)"

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qed_jax.config import ConfigError, load_template
+from qed_jax.config import ConfigError, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
                               cache_shards, decode_loop, mesh_context, new_kv_cache, prefill,
@@ -68,11 +68,8 @@ class RCParams:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("turns", "reasoning_tokens", "summary_tokens", "max_turns"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"RCParams.{name} must be at least 1, got {getattr(self, name)}")
-        if self.summarizer_tokens is not None and self.summarizer_tokens < 1:
-            raise ConfigError(f"RCParams.summarizer_tokens must be at least 1 (or None), got {self.summarizer_tokens}")
+        require_at_least_one(self, ("turns", "reasoning_tokens", "summary_tokens", "max_turns", "summarizer_tokens"),
+                             "RCParams.")
         if self.turns > self.max_turns:
             raise ConfigError(f"RCParams.turns ({self.turns}) exceeds max_turns ({self.max_turns}); "
                               "raise max_turns (the turn capacity of the compiled loop)")

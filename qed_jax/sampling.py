@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from qed_jax.config import ConfigError, ModelConfig
+from qed_jax.config import ConfigError, ModelConfig, check_sampling
 from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3, unstacked_layers
 from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -42,6 +42,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self):
+        check_sampling(self)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, ModelConfig
+from qed_jax.config import ConfigError, ModelConfig, require_at_least_one
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal
@@ -55,6 +55,8 @@ class SFTConfig:
     peak_tflops_per_device: float | None = None  # for the MFU estimate (e.g. 197 on TPU v5e)
 
     def __post_init__(self):
+        require_at_least_one(self, ("batch_size", "micro_batches", "epochs", "steps", "log_every", "eval_batches",
+                                    "checkpoint_every", "keep_checkpoints"))
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
 
@@ -130,6 +132,10 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
 
     rows = read_rows(config.data.path, config.data.name, config.data.split)
     held_out = config.data.eval_rows if config.eval_every else 0
+    if held_out and held_out >= len(rows):
+        raise ConfigError(f"{config.data.path}: {len(rows)} rows, and data.eval_rows={held_out} holds out the last "
+                          f"{held_out} for the eval loss, so none are left to train on; lower data.eval_rows, "
+                          "or set eval_every=0 (no eval loss)")
     train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
     examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
     eval_examples = prepare_sft(eval_rows, tokenizer, config.data, source=f"{config.data.path} (eval)")[0] \
@@ -171,7 +177,7 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)
 
     meta = lambda step: {"step": step, "seed": config.seed}  # noqa: E731
-    log.info("training %d steps (%d packed rows of %d tokens per step)", steps, config.batch_size,
+    log.info("training steps %d to %d (%d packed rows of %d tokens per step)", start + 1, steps, config.batch_size,
              config.data.max_length)
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
     step, last_loss, stopping = start, result["loss"], False

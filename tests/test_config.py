@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from qed_jax import cli
 from qed_jax.config import ConfigError, load_config
+from qed_jax.evaluate import EvalConfig
 from qed_jax.grpo import GRPOConfig
 from qed_jax.sft import SFTConfig
 from tests.helpers import cli_env
@@ -75,7 +77,7 @@ def test_print_config_shows_the_task_template_the_model_and_the_resolved_optimiz
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Generate a rigorous proof to the following question:" in result.stdout
-    assert '"model": "load runs/sft-4b/hf"' in result.stdout
+    assert '"model": "load runs/sft-4b/hf"' in result.stderr  # the derived numbers, beside the JSON
     assert '"preset": null' in result.stdout and "tiny" not in result.stdout
     for line in ('"lr": 2e-06', '"schedule": "constant"', '"weight_decay": 0.01', '"grad_clip": 0.3',
                  '"warmup_ratio": 0.0'):
@@ -92,3 +94,59 @@ def test_the_cli_imports_no_heavy_package_for_help():
             "{'jax', 'transformers', 'torch', 'orbax', 'openai', 'grain', 'flax'}); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("cls,overrides,message", [
+    (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
+    (SFTConfig, ["checkpoint_every=0"], "^checkpoint_every must be at least 1, got 0$"),
+    (GRPOConfig, ["samples_per_prompt=0"], "^samples_per_prompt must be at least 1, got 0$"),
+    (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
+    (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be at least 0"),
+    (EvalConfig, ["model.path=m", "rc.turns=0"], r"^rc\.turns must be at least 1, got 0$"),
+])
+def test_counts_below_one_and_impossible_sampling_values_fail_when_the_config_loads(cls, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(cls, None, overrides)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_new_tokens": 0}, "^max_new_tokens must be at least 1, got 0$"),
+    ({"temperature": -1.0}, r"^temperature must be at least 0 \(0 is greedy\), got -1.0$"),
+    ({"top_k": -1}, r"^top_k must be at least 0"),
+    ({"top_p": 0.0}, r"^top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"^top_p must be in \(0, 1\]"),
+])
+def test_sampling_params_refuse_values_that_cannot_sample(kwargs, message):
+    from qed_jax.sampling import SamplingParams
+
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a folder"):
+        load_config(SFTConfig, tmp_path)
+
+
+def test_verbose_is_accepted_before_and_after_the_command():
+    parser = cli.build_parser()
+    assert parser.parse_args(["-v", "sft"]).verbose and parser.parse_args(["sft", "-v"]).verbose
+    assert not parser.parse_args(["sft"]).verbose
+
+
+def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
+    missing = tmp_path / "none.jsonl"
+    assert cli.main(["judge", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qed-jax judge: error: {missing}: No such file or directory (-v shows the traceback)"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", "configs/sft/tiny.yaml",
+                             f"output_dir={a_file}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"qed-jax sft: error: {a_file / 'checkpoints'}: {a_file} is a file where a folder is needed; choose "
+        "another path (-v shows the traceback)")
+    verbose = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "-v", "--input", str(missing), "--output",
+                              str(tmp_path / "out.jsonl")], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -v: the traceback, for a bug report

@@ -376,8 +376,9 @@ def test_paper_config_loads_and_prints_derived_numbers():
                              str(REPO / "configs" / "rl" / "qed_nano_4b.yaml"), "--print-config"],
                             cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    first = result.stdout.splitlines()[0]
-    assert first.startswith("derived: ") and json.loads(first[len("derived: "):])["samples_per_step"] == 1024
+    assert json.loads(result.stdout)["max_new_tokens"] == 49152  # stdout is the config as JSON, alone
+    derived = next(line for line in result.stderr.splitlines() if line.startswith("derived: "))
+    assert json.loads(derived[len("derived: "):])["samples_per_step"] == 1024
 
 
 @pytest.mark.slow

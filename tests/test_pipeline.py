@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from qed_jax.config import ConfigError, load_config
-from qed_jax.pipeline import PipelineConfig, eval_configs, flatten, with_judge
+from qed_jax.pipeline import PipelineConfig, eval_configs, flatten, stage_config, with_judge
+from qed_jax.sft import SFTConfig
 from tests.helpers import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +109,12 @@ def test_stage_configs_chain_the_stages(tmp_path):
         with_judge(config, judged, tmp_path / "cache.sqlite")
     real = load_config(PipelineConfig, ROOT / TINY, ["judge=http://judge:8000/v1"])
     assert with_judge(real, judged, tmp_path / "cache.sqlite").judge.base_url == "http://judge:8000/v1"
+
+    # An error in a stage's config names the stage: sft and grpo share many keys (steps, optim.lr).
+    typo = load_config(PipelineConfig, ROOT / TINY, ["sft.overrides.steps_typo=3"])
+    with pytest.raises(ConfigError, match=r"^sft stage \(configs/sft/tiny.yaml with sft.overrides\): unknown "
+                                          r"config key steps_typo"):
+        stage_config(SFTConfig, typo.sft, "sft")
     with pytest.raises(ConfigError, match="set judge"):
         load_config(PipelineConfig, ROOT / TINY, ["judge=null"])
     with pytest.raises(ConfigError, match="unknown model 'rl'"):

@@ -21,7 +21,7 @@ from qed_jax.config import ConfigError, PRESETS, load_config
 from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
-from qed_jax.sft import SFTConfig, accumulated_grads, train_step
+from qed_jax.sft import SFTConfig, accumulated_grads, train, train_step
 from qed_jax.tokenizer import load_tokenizer
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics, wait_for_steps
 
@@ -281,3 +281,12 @@ def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     from_parquet, _ = prepare_sft(read_rows(str(tmp_path / "rows.parquet")), tokenizer, DataConfig())
     from_jsonl, _ = prepare_sft(flat, tokenizer, DataConfig())
     assert [e["tokens"].tolist() for e in from_parquet] == [e["tokens"].tolist() for e in from_jsonl]
+
+
+def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
+    five = tmp_path / "five.jsonl"
+    five.write_text("".join(open(DATA).readlines()[:5]))
+    config = load_config(SFTConfig, TINY, [f"data.path={five}", "data.eval_rows=6", "eval_every=5",
+                                           f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"5 rows, and data.eval_rows=6 holds out the last 6 .* lower data.eval_rows"):
+        train(config)
