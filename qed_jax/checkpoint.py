@@ -175,9 +175,11 @@ def unreadable_reason(error: Exception) -> str:
 
 
 def remove_unfinished_saves(directory) -> None:
-    """Delete the folders of saves that a kill cut short: Orbax writes a step under
-    `<step>.orbax-checkpoint-tmp…` and renames it once complete, so such a folder is never read
-    back and only takes space. Process 0 does it, before any process saves again."""
+    """Delete the folders of saves that a kill cut short: on a local filesystem Orbax writes a
+    step under `<step>.orbax-checkpoint-tmp…` and renames it once complete, so such a folder is
+    never read back and only takes space (on gs:// it writes in place and marks a finished step
+    with a commit file: nothing to delete here). Process 0 does it, before any process saves
+    again; a second job writing into the same directory would lose its save in progress."""
     directory = epath.Path(directory)
     if jax.process_index() != 0 or not directory.exists():
         return

@@ -177,7 +177,7 @@ def _pipeline(args) -> None:
         print(dump_json(config))
         return
     start = time.perf_counter()
-    result = run(config, resume_with_changes=args.resume_with_changes)
+    result = run(config)
     print(Path(result["report"]).read_text())
     if result["standin_requests"] is not None:
         print(f"the offline stand-in judge answered {result['standin_requests']} requests (not a real judge: "
@@ -398,9 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline overrides, e.g. output_dir=runs/p2 sft.overrides.steps=40 "
                    "eval.overrides.samples=1 eval.modes=[single] judge=http://localhost:8000/v1")
     p.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
-    p.add_argument("--resume-with-changes", action="store_true",
-                   help="let the trainers continue their runs in output_dir although their config differs "
-                   "from the one each was started with (the old config.json is kept as config.N.json)")
     p.set_defaults(run=_pipeline)
 
     p = sub.add_parser(
@@ -459,11 +456,12 @@ def _path_error(e: OSError) -> str:
     import errno
     import os
 
-    path = os.fsdecode(e.filename)
+    path = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else str(e.filename)
     if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and os.path.isfile(path)):
         first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
         return f"{path}: {first_file} is a file where a folder is needed; choose another path"
-    return f"{path}: {e.strerror or e}"
+    also = f" (and {os.fsdecode(e.filename2)})" if isinstance(e.filename2, (str, bytes, os.PathLike)) else ""
+    return f"{path}{also}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

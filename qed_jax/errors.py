@@ -13,3 +13,12 @@ class CheckpointError(ValueError):
 class JudgeUnavailable(RuntimeError):
     """The judge cannot grade (unreachable, or failing on too many items): grading stops rather
     than scoring zeros."""
+
+
+class RunConfigChanged(ConfigError):
+    """A rerun's config differs from the one its run directory was started with."""
+
+    def __init__(self, out, changes: list[str]):
+        super().__init__(f"{out} holds a run started with a different config ({'; '.join(changes)}); pass "
+                         "--resume-with-changes to continue it with the new one, or use a new output_dir")
+        self.out, self.changes = out, changes

@@ -116,6 +116,9 @@ class LossConfig:
     aggregation: str = "sample_sum"
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be above 0 (rollouts sample at it, and log-probs divide "
+                              f"by it), got {self.temperature}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
@@ -261,8 +264,7 @@ class RCTrainConfig:
     summarizer: RCSummarizerConfig = RCSummarizerConfig()
 
     def __post_init__(self):
-        if self.turns < 1 or self.summary_tokens < 1:
-            raise ConfigError("rc.turns and rc.summary_tokens must be at least 1")
+        require_at_least_one(self, ("turns", "summary_tokens", "reasoning_tokens", "trajectory_batch"), "rc.")
         if not 1 <= self.states_per_problem <= self.turns + 1:
             raise ConfigError(f"rc.states_per_problem must be between 1 and rc.turns + 1 = {self.turns + 1} "
                               f"(states are drawn without replacement), got {self.states_per_problem}")

@@ -7,6 +7,9 @@ run the same code on a laptop, one TPU VM or a pod.
 
 from __future__ import annotations
 
+import logging
+import signal
+
 import numpy as np
 import jax
 from flax import nnx
@@ -15,6 +18,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from qed_jax.config import ConfigError
 from qed_jax.sharding import MESH_AXES, MeshConfig, make_mesh, state_shardings
+
+log = logging.getLogger(__name__)
 
 
 def per_process(total: int, what: str) -> int:
@@ -57,9 +62,15 @@ def agree_on_stop(stop) -> bool:
 def final_stop_signal(stop) -> int | None:
     """The signal that stops a run after its checkpoints are closed, agreed by every process (see
     `agree_on_stop`), or None to go on to the export. A signal that arrived after the loop's last
-    agreement, while the last checkpoint was being written, counts; one after this call does not.
-    Export gathers the weights from every process, so all of them must take the same branch."""
-    return stop.signum if agree_on_stop(stop) else None
+    agreement, while the last checkpoint was being written, counts; one during or after this call
+    does not. Export gathers the weights from every process, so all of them must take the same
+    branch."""
+    if agree_on_stop(stop):
+        return stop.signum
+    if stop.raised:  # arrived while the others were agreeing to export
+        log.warning("%s came as the processes agreed to export: exporting first (send it again to stop at once)",
+                    signal.Signals(stop.signum).name)
+    return None
 
 
 def process_rows(x) -> np.ndarray:

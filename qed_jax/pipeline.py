@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import ConfigError, load_config
+from qed_jax.errors import RunConfigChanged
 
 MODELS = ("base", "sft", "grpo")
 STANDIN = "standin"
@@ -163,10 +164,15 @@ def check_export(name: str, config) -> None:
                           "export: set it (e.g. float32 for the tiny preset)")
 
 
-def train_stage(progress: Progress, name: str, train, config, summary, resume_with_changes: bool) -> None:
+def train_stage(progress: Progress, name: str, train, config, summary) -> None:
     """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
     progress.begin(name, f"{config.model.describe()} → {config.output_dir}")
-    result = train(config, resume_with_changes=resume_with_changes)
+    try:
+        result = train(config)
+    except RunConfigChanged as e:  # the trainer's advice (--resume-with-changes) does not hold here
+        raise ConfigError(f"{e.out} holds a run started with a different config ({'; '.join(e.changes)}); a "
+                          "pipeline's run directory continues only with the config it started with, since later "
+                          "stages build on what earlier ones finished: use a new output_dir") from None
     state = "already complete" if result["complete"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
 
@@ -211,11 +217,10 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
 # The pipeline
 
 
-def run(config: PipelineConfig, resume_with_changes: bool = False) -> dict:
+def run(config: PipelineConfig) -> dict:
     """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
     and the stand-in judge's request count (None with a real judge). Every stage's config is
-    built and checked before the first stage starts. `resume_with_changes` lets the trainers
-    continue runs whose config changed (see trainer.check_run_config)."""
+    built and checked before the first stage starts."""
     import contextlib
 
     from qed_jax import grpo, sft
@@ -240,10 +245,9 @@ def run(config: PipelineConfig, resume_with_changes: bool = False) -> dict:
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
         progress.done(f"{'exported to' if export_base(sft_config, Path(base)) else 'using'} {base}")
-        train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}", resume_with_changes)
+        train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}")
         train_stage(progress, "grpo", grpo.train, grpo_config,
-                    lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps",
-                    resume_with_changes)
+                    lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps")
 
         progress.begin("eval", f"{len(evals)} evaluations; judge: " + (
             f"the offline stand-in at {judge_url} (NOT a real judge: full marks for any proof after </think>)"

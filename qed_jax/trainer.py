@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint
 from qed_jax.config import ConfigError, dump_json, preset, to_dict
+from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES, create_sharded
 
@@ -196,8 +197,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> None:
     if not changes:
         return
     if not resume_with_changes:
-        raise ConfigError(f"{out} holds a run started with a different config ({'; '.join(changes)}); "
-                          "pass --resume-with-changes to continue it with the new one, or use a new output_dir")
+        raise RunConfigChanged(out, changes)
     log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
     if jax.process_index() == 0:
         n = 1

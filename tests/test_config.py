@@ -101,6 +101,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["checkpoint_every=0"], "^checkpoint_every must be at least 1, got 0$"),
     (GRPOConfig, ["samples_per_prompt=0"], "^samples_per_prompt must be at least 1, got 0$"),
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
+    (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
+    (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be above 0"),
     (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be at least 0"),
     (EvalConfig, ["model.path=m", "rc.turns=0"], r"^rc\.turns must be at least 1, got 0$"),
 ])
@@ -150,3 +152,11 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     verbose = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "-v", "--input", str(missing), "--output",
                               str(tmp_path / "out.jsonl")], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -v: the traceback, for a bug report
+
+
+def test_a_path_error_names_a_descriptor_or_both_paths():
+    import errno
+
+    assert cli._path_error(OSError(errno.EBADF, "Bad file descriptor", 3)) == "3: Bad file descriptor"
+    assert cli._path_error(OSError(errno.EXDEV, "Invalid cross-device link", "a", None, "b")) == \
+        "a (and b): Invalid cross-device link"

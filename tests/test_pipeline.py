@@ -119,3 +119,17 @@ def test_stage_configs_chain_the_stages(tmp_path):
         load_config(PipelineConfig, ROOT / TINY, ["judge=null"])
     with pytest.raises(ConfigError, match="unknown model 'rl'"):
         load_config(PipelineConfig, ROOT / TINY, ["eval.models=[base, rl]"])
+
+
+def test_a_trainer_whose_config_changed_tells_the_pipeline_user_to_use_a_new_output_dir(tmp_path):
+    from qed_jax.errors import RunConfigChanged
+    from qed_jax.pipeline import Progress, train_stage
+
+    def changed(config):
+        raise RunConfigChanged(tmp_path / "sft", ["steps: 120 -> 40"])
+
+    config = load_config(SFTConfig, ROOT / "configs/sft/tiny.yaml")
+    with pytest.raises(ConfigError, match=r"\(steps: 120 -> 40\); a pipeline's run directory continues only with "
+                                          r"the config it started with.*use a new output_dir$") as error:
+        train_stage(Progress(stages=5), "sft", changed, config, str)
+    assert "--resume-with-changes" not in str(error.value)  # the pipeline has no such flag
