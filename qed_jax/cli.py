@@ -456,11 +456,14 @@ def _path_error(e: OSError) -> str:
     import errno
     import os
 
-    path = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else str(e.filename)
+    def name(f) -> str:  # a path, or a file descriptor's number
+        return os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else str(f)
+
+    path = name(e.filename)
     if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and os.path.isfile(path)):
         first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
         return f"{path}: {first_file} is a file where a folder is needed; choose another path"
-    also = f" (and {os.fsdecode(e.filename2)})" if isinstance(e.filename2, (str, bytes, os.PathLike)) else ""
+    also = f" (and {name(e.filename2)})" if e.filename2 is not None else ""
     return f"{path}{also}: {e.strerror or e}"
 
 

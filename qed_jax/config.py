@@ -234,6 +234,12 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
 
+def require_file(path: Path, what: str) -> None:
+    """ConfigError unless `path` is a file: `what` (e.g. "data file") does not exist, or is a folder."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} " + ("is a folder: name a file in it" if path.is_dir() else "does not exist"))
+
+
 def require_at_least_one(config, names, prefix: str = "") -> None:
     """ConfigError unless each named field of `config` is at least 1; a field set to None (its
     default is derived from others) passes. `prefix` names the section, e.g. "rc."."""
@@ -304,9 +310,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} " + ("is a folder: name a YAML file in it" if path.is_dir()
-                                                         else "does not exist"))
+        require_file(path, "config file")
         data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")

@@ -17,7 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from qed_jax.config import ConfigError
+from qed_jax.config import ConfigError, require_file
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,11 @@ class DataConfig:
 # Reading rows
 
 
-def _check_data_file(path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"data file {path} " + ("is a folder: name a file in it" if path.is_dir() else "does not exist"))
-
-
 def read_rows(path: str, name: str | None = None, split: str = "train") -> list[dict]:
     """All rows of a local .jsonl / .parquet file or a hub dataset (`datasets.load_dataset`)."""
     local = Path(path)
     if local.suffix == ".jsonl" or local.suffix == ".json":
-        _check_data_file(local)
+        require_file(local, "data file")
         rows = []
         with open(local) as f:
             for n, line in enumerate(f, 1):
@@ -68,7 +63,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     import datasets
 
     if local.suffix == ".parquet":
-        _check_data_file(local)
+        require_file(local, "data file")
         return list(datasets.load_dataset("parquet", data_files=str(local), split="train"))
     return list(datasets.load_dataset(path, name, split=split))
 
