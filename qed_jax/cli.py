@@ -50,14 +50,14 @@ def _generate(args) -> None:
 
     if args.summarizer and not args.reasoning_cache:
         raise ConfigError("--summarizer is for --reasoning-cache; add that flag or drop --summarizer")
-    # Built before the model loads, so that a bad flag fails at once (the RC loop reads them too).
+    # Every flag is checked (the parameters check themselves when built) before a model loads.
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
+    if args.reasoning_cache:
+        _generate_reasoning_cache(args)
+        return
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
-    if args.reasoning_cache:
-        _generate_reasoning_cache(args, model, tokenizer)
-        return
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
     for prompt, c in zip(args.prompt, generate(model, tokenizer, prompts, params, seed=args.seed)):
         if args.json:
@@ -67,7 +67,7 @@ def _generate(args) -> None:
             print(c.text + ("" if c.finish_reason == "stop" else "  [length]"))
 
 
-def _generate_reasoning_cache(args, model, tokenizer) -> None:
+def _generate_reasoning_cache(args) -> None:
     """RC turns per prompt: each prompt is a problem; --max-new-tokens caps each turn."""
     from qed_jax.pretrained import from_pretrained
     from qed_jax.reasoning_cache import RCParams, Summarizer, reasoning_cache
@@ -78,13 +78,15 @@ def _generate_reasoning_cache(args, model, tokenizer) -> None:
                       summarizer_tokens=args.summarizer_max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p,
                       max_turns=max(args.turns, RCParams.max_turns), seed=args.seed)
+    summarizer_params = SamplingParams(
+        max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
+        top_k=args.summarizer_top_k, top_p=args.summarizer_top_p)
+    model = from_pretrained(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
     summarizer = None
     if args.summarizer:
-        summarizer = Summarizer(
-            from_pretrained(args.summarizer, dtype=args.dtype),
-            SamplingParams(max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
-                           top_k=args.summarizer_top_k, top_p=args.summarizer_top_p),
-            thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
+        summarizer = Summarizer(from_pretrained(args.summarizer, dtype=args.dtype), summarizer_params,
+                                thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
     for prompt, result in zip(args.prompt, reasoning_cache(model, tokenizer, args.prompt, params, summarizer)):
         if args.json:
             turns = [{"reasoning": t.reasoning, "answer": t.answer, "num_tokens": t.num_tokens,
@@ -265,7 +267,7 @@ def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
     g.add_argument("--coordinator", help="coordinator address host:port (non-TPU clusters, tests)")
     g.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     g.add_argument("--process-id", type=int, help="this process's id (with --coordinator)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, config_example=example)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL rows to grade")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")
-    p.set_defaults(run=_judge)
+    p.set_defaults(run=_judge, config_example="configs/judge/proofbench.yaml")
 
     _add_trainer_parser(
         sub, "sft", _sft, "configs/sft/tiny.yaml", "supervised fine-tuning (stage 1 of the recipe)",
@@ -367,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(run=_eval)
+    p.set_defaults(run=_eval, config_example="configs/eval/imo_proofbench.yaml")
 
     p = sub.add_parser(
         "report", help="tables and plots of one or more eval runs",
@@ -437,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
-        print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, ConfigError) and getattr(args, "config_example", None) and args.config is None:
+            hint = f" (no --config was given: start from one, e.g. --config {args.config_example})"
+        print(f"qed-jax {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         print(f"qed-jax {args.command}: interrupted", file=sys.stderr)

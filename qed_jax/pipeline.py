@@ -166,7 +166,7 @@ def check_export(name: str, config) -> None:
 
 def train_stage(progress: Progress, name: str, train, config, summary) -> None:
     """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
-    progress.begin(name, f"{config.model.describe()} → {config.output_dir}")
+    progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
     try:
         result = train(config)
     except RunConfigChanged as e:  # the trainer's advice (--resume-with-changes) does not hold here
