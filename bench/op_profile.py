@@ -6,6 +6,7 @@ metadata). Control flow (while, conditional, call) is left out: its time is its 
 
     python bench/op_profile.py train [--batch 4 --seq 512]
     python bench/op_profile.py decode [--batch 8 --prompt-len 128 --new-tokens 128]
+    python bench/op_profile.py attention [--batch 4 --seq 512]   # one layer's, forward and backward
 
 Writes the table as JSON (--out) and keeps the raw trace (--trace-dir) for Perfetto / TensorBoard.
 """
@@ -208,11 +209,28 @@ def decode_target(args):
     return compiled.as_text(), run
 
 
+def attention_target(args):
+    """One layer's causal attention, forward and backward, at the SFT step's shapes (the path
+    the model takes on CPU: `blockwise`)."""
+    from qed_jax.attention import causal_attention
+
+    rng = np.random.default_rng(0)
+    B, T, H = args.batch, args.seq, args.head_dim
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, heads, H)), jnp.float32)
+               for heads in (args.heads, args.kv_heads, args.kv_heads))
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(causal_attention(q, k, v) ** 2), argnums=(0, 1, 2)))
+    compiled = grad.lower(q, k, v).compile()
+    return compiled.as_text(), lambda: jax.block_until_ready(compiled(q, k, v))
+
+
+TARGETS = {"train": train_target, "decode": decode_target, "attention": attention_target}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", choices=["train", "decode"])
+    p.add_argument("target", choices=list(TARGETS))
     add_model_args(p)
-    p.add_argument("--batch", type=int, default=None, help="default: 4 (train), 8 (decode)")
+    p.add_argument("--batch", type=int, default=None, help="default: 4 (train, attention), 8 (decode)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -221,9 +239,9 @@ def main() -> None:
     p.add_argument("--trace-dir", default="bench/results/trace")
     p.add_argument("--out", default=None, help="default: bench/results/profile_<target>.json")
     args = p.parse_args()
-    args.batch = args.batch or (4 if args.target == "train" else 8)
+    args.batch = args.batch or (8 if args.target == "decode" else 4)
 
-    hlo_text, run = (train_target if args.target == "train" else decode_target)(args)
+    hlo_text, run = TARGETS[args.target](args)
     run()  # warm up
     result = profile(run, hlo_text, args.repeats, args.trace_dir)
     result.update(target=args.target, config=vars(args), load_average=os.getloadavg(),
