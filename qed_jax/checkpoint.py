@@ -179,7 +179,8 @@ def remove_unfinished_saves(directory) -> None:
     step under `<step>.orbax-checkpoint-tmp…` and renames it once complete, so such a folder is
     never read back and only takes space (on gs:// it writes in place and marks a finished step
     with a commit file: nothing to delete here). Process 0 does it, before any process saves
-    again; a second job writing into the same directory would lose its save in progress."""
+    again. A trainer holds its run directory (`trainer.run_lock`), so no second job is saving
+    there; two run directories given one `checkpoint_dir` are not guarded."""
     directory = epath.Path(directory)
     if jax.process_index() != 0 or not directory.exists():
         return

@@ -467,7 +467,8 @@ def _path_error(e: OSError) -> str:
     path = name(e.filename)
     if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and os.path.isfile(path)):
         first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
-        return f"{path}: {first_file} is a file where a folder is needed; choose another path"
+        where = "" if first_file == path else f"{path}: "
+        return f"{where}{first_file} is a file where a folder is needed; choose another path"
     also = f" (and {name(e.filename2)})" if e.filename2 is not None else ""
     return f"{path}{also}: {e.strerror or e}"
 

@@ -36,7 +36,7 @@ from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, check_rows_divide,
                              data_parallel_size, decay_mask, exit_or_export, init_opt_state, is_complete, load_model,
-                             make_optimizer, resolve_tokenizer, start_or_resume)
+                             make_optimizer, resolve_tokenizer, run_lock, start_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -660,6 +660,11 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     """Run GRPO, resuming from the newest intact checkpoint in the run's directory. With several
     processes (one per host), each samples, grades and packs its share of every step's prompts
     on its own devices, and the update runs on the global mesh over all of them."""
+    with run_lock(Path(config.output_dir)):  # a second job on the same output_dir fails here
+        return _train(config, resume_with_changes)
+
+
+def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import load_tokenizer, stop_ids
 
     out = Path(config.output_dir)

@@ -27,7 +27,7 @@ from qed_jax.multihost import agree_on_stop, final_stop_signal
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
                              decay_mask, exit_or_export, init_opt_state, is_complete, load_model, lr_schedule,
-                             make_optimizer, resolve_tokenizer, start_or_resume, to_global)
+                             make_optimizer, resolve_tokenizer, run_lock, start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
     """Run SFT; resumes from the newest intact checkpoint in `output_dir` (refusing a changed
     config unless `resume_with_changes`). Returns {output_dir, step, loss (of the last step),
     complete (nothing was left to do), process}."""
+    with run_lock(Path(config.output_dir)):  # a second job on the same output_dir fails here
+        return _train(config, resume_with_changes)
+
+
+def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import load_tokenizer
 
     out = Path(config.output_dir)

@@ -7,11 +7,14 @@ code can use them without importing a trainer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import jax
@@ -24,6 +27,7 @@ from qed_jax import checkpoint
 from qed_jax.config import ConfigError, dump_json, preset, to_dict
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
+from qed_jax.multihost import gather
 from qed_jax.sharding import DEFAULT_RULES, create_sharded
 
 log = logging.getLogger(__name__)
@@ -184,6 +188,41 @@ def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
     return changes
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold the run directory `out` for one job. A second job started on it would delete this
+    one's checkpoint save in progress (see checkpoint.remove_unfinished_saves) and write the same
+    metrics, so it fails at once, naming the holder. Process 0 holds an flock on `out`/.lock,
+    which the OS releases when the process ends, even on kill -9; every process learns whether
+    it got it, so that all of them fail alike."""
+    held, holder = None, ""
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+        else:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+            held = lock
+    got = held is not None or jax.process_index() != 0
+    if jax.process_count() > 1:
+        got = bool(gather(np.array([got], np.int32)).min())
+    if not got:
+        raise ConfigError(f"{out} is in use by another run ({holder or 'process 0 found it locked'}); wait for it to "
+                          "end, or give this run another output_dir")
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()  # releases the flock
 
 
 def check_run_config(out: Path, config, resume_with_changes: bool) -> None:

@@ -178,8 +178,8 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
                              f"output_dir={a_file}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"qed-jax sft: error: {a_file / 'checkpoints'}: {a_file} is a file where a folder is needed; choose "
-        "another path (-v shows the traceback)")
+        f"qed-jax sft: error: {a_file} is a file where a folder is needed; choose another path (-v shows the "
+        "traceback)")
     verbose = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "-v", "--input", str(missing), "--output",
                               str(tmp_path / "out.jsonl")], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -v: the traceback, for a bug report

@@ -179,6 +179,18 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert len(read_metrics(tmp_path)) == 3
 
 
+@pytest.mark.slow  # two processes: 10-20 s on 2 cores
+def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
+    from qed_jax.trainer import run_lock
+
+    with run_lock(tmp_path):  # held by this test, as by a first job
+        with processes(["sft", "--config", TINY, "steps=1", f"output_dir={tmp_path}"], count=2, devices=1,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+            outputs = finish(procs)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert all(f"{tmp_path} is in use by another run" in o[1] for o in outputs)
+
+
 @pytest.mark.slow  # two processes: 20-40 s on 2 cores
 def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     """A preemption's SIGTERM reaches a pod's hosts at different moments: the processes agree after

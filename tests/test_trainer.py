@@ -1,9 +1,11 @@
 """What both trainers share: weight decay by logical axes, the run directory's config record
 (refusing silent changes, finishing complete runs), falling back past an unreadable checkpoint,
-and Ctrl-C writing a checkpoint like a preemption."""
+Ctrl-C writing a checkpoint like a preemption, and one job at a time per run directory."""
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from qed_jax.config import PRESETS, preset
+from qed_jax import grpo, sft
+from qed_jax.config import PRESETS, ConfigError, load_config, preset
 from qed_jax.model import Qwen3
-from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
+from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer, run_lock
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,3 +104,33 @@ def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
                             env=cli_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert_signal_writes_a_checkpoint(proc, tmp_path, steps=3, signum=signal.SIGINT)
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_second_job_on_a_run_directory_in_use_fails_at_once_naming_the_first(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run):  # this test process is the first job
+        result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT, "steps=1",
+                                 f"output_dir={run}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"qed-jax sft: error: {run} is in use by another run (pid {os.getpid()} on {socket.gethostname()}); "
+            "wait for it to end, or give this run another output_dir")
+        for trainer, config in [(sft, sft.SFTConfig), (grpo, grpo.GRPOConfig)]:
+            yaml = REPO / "configs" / ("sft" if trainer is sft else "rl") / "tiny.yaml"
+            with pytest.raises(ConfigError, match="is in use by another run"):
+                trainer.train(load_config(config, yaml, [f"output_dir={run}"]))
+        assert [p.name for p in run.iterdir()] == [".lock"]  # refused before writing anything
+    with run_lock(run):  # released when the holder ends
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from qed_jax.trainer import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+                               "    print('locked', flush=True)\n    time.sleep(600)", str(run)],
+                              cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match=f"pid {holder.pid} on"):
+        with run_lock(run):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with run_lock(run):  # the OS released a killed holder's lock
+        pass
