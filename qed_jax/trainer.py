@@ -197,7 +197,7 @@ def run_lock(out: Path):
     metrics, so it fails at once, naming the holder. Process 0 holds an flock on `out`/.lock,
     which the OS releases when the process ends, even on kill -9; every process learns whether
     it got it, so that all of them fail alike."""
-    held, holder = None, ""
+    held, refused = None, None  # the lock, or who process 0 found holding it
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")
@@ -205,18 +205,21 @@ def run_lock(out: Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip()
+            refused = lock.read().strip() or "its pid unknown"
+            lock.close()
+        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+            log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", out, e)
             lock.close()
         else:
             lock.truncate(0)
             lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             lock.flush()
             held = lock
-    got = held is not None or jax.process_index() != 0
+    free = refused is None
     if jax.process_count() > 1:
-        got = bool(gather(np.array([got], np.int32)).min())
-    if not got:
-        raise ConfigError(f"{out} is in use by another run ({holder or 'process 0 found it locked'}); wait for it to "
+        free = bool(gather(np.array([free], np.int32)).min())
+    if not free:
+        raise ConfigError(f"{out} is in use by another run ({refused or 'process 0 found it locked'}); wait for it to "
                           "end, or give this run another output_dir")
     try:
         yield

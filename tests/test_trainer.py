@@ -134,3 +134,16 @@ def test_a_second_job_on_a_run_directory_in_use_fails_at_once_naming_the_first(t
     holder.wait()
     with run_lock(run):  # the OS released a killed holder's lock
         pass
+
+
+def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="qed_jax.trainer"), run_lock(tmp_path):
+        pass
+    assert "cannot lock the run directory ([Errno 37] No locks available)" in caplog.text
