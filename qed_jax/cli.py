@@ -78,9 +78,14 @@ def _generate_reasoning_cache(args) -> None:
                       summarizer_tokens=args.summarizer_max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p,
                       max_turns=max(args.turns, RCParams.max_turns), seed=args.seed)
-    summarizer_params = SamplingParams(
-        max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
-        top_k=args.summarizer_top_k, top_p=args.summarizer_top_p)
+    summarizer_params = None
+    if args.summarizer:
+        try:
+            summarizer_params = SamplingParams(
+                max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
+                top_k=args.summarizer_top_k, top_p=args.summarizer_top_p)
+        except ConfigError as e:
+            raise ConfigError(f"--summarizer-* flags: {e}") from None
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     summarizer = None
@@ -200,6 +205,9 @@ def _train(args, config_cls, train, summary) -> None:
     if args.print_config:
         print(dump_json(config))
         return
+    if args.config is None and not args.overrides:
+        raise ConfigError(f"no --config: start from one, e.g. --config {args.config_example} (the defaults alone "
+                          "name no model, tokenizer or data)")
     _init_distributed(args)
     result = train(config, resume_with_changes=args.resume_with_changes)
     if result["complete"]:
@@ -342,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL rows to grade")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")
-    p.set_defaults(run=_judge, config_example="configs/judge/proofbench.yaml")
+    p.set_defaults(run=_judge)
 
     _add_trainer_parser(
         sub, "sft", _sft, "configs/sft/tiny.yaml", "supervised fine-tuning (stage 1 of the recipe)",
@@ -369,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(run=_eval, config_example="configs/eval/imo_proofbench.yaml")
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser(
         "report", help="tables and plots of one or more eval runs",
@@ -439,10 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
-        hint = ""
-        if isinstance(e, ConfigError) and getattr(args, "config_example", None) and args.config is None:
-            hint = f" (no --config was given: start from one, e.g. --config {args.config_example})"
-        print(f"qed-jax {args.command}: error: {e}{hint}", file=sys.stderr)
+        print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         print(f"qed-jax {args.command}: interrupted", file=sys.stderr)

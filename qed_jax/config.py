@@ -316,7 +316,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
             raise ConfigError(f"{path}: the top level must be a mapping")
         unknown = sorted(set(data) - set(_field_types(cls)))
         if unknown:  # most often a config written for another command
-            raise ConfigError(f"{path}: unknown key {unknown[0]} for a {cls.__name__} (its keys: "
+            raise ConfigError(f"{path}: {unknown[0]} is not a key of {cls.__name__} (its keys: "
                               + ", ".join(_field_types(cls)) + "); is this file for another command?")
     for override in overrides:
         apply_override(data, override)

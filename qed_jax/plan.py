@@ -613,9 +613,14 @@ def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
             loaded[name] = load_config(cls, path, overrides)
         except ConfigError as e:
             errors[name] = str(e)
-    if len(loaded) != 1:
-        why = "; ".join(f"as {k}: {v}" for k, v in errors.items()) or "it is valid for both"
-        raise ConfigError(f"cannot tell whether {path} is an SFT or a GRPO config ({why}); pass --trainer")
+    if not loaded:
+        of_its_kind = [v for v in errors.values() if " is not a key of " not in v]  # the file's keys fit one class
+        if len(of_its_kind) == 1:
+            raise ConfigError(of_its_kind[0])
+        raise ConfigError(f"{path} is neither an SFT nor a GRPO config (" + "; ".join(
+            v.removeprefix(f"{path}: ").split(" (its keys")[0] for v in errors.values()) + ")")
+    if len(loaded) == 2:
+        raise ConfigError(f"cannot tell whether {path} is an SFT or a GRPO config (it is valid for both); pass --trainer")
     return next(iter(loaded.items()))
 
 

@@ -196,35 +196,50 @@ def run_lock(out: Path):
     one's checkpoint save in progress (see checkpoint.remove_unfinished_saves) and write the same
     metrics, so it fails at once, naming the holder. Process 0 holds an flock on `out`/.lock,
     which the OS releases when the process ends, even on kill -9; every process learns whether
-    it got it, so that all of them fail alike."""
-    held, refused = None, None  # the lock, or who process 0 found holding it
+    it got it, so that all of them fail alike. A run that stops before writing anything (a config
+    error found after the lock was taken) leaves no folder it created."""
+    held, refused, failed = None, None, None  # the lock, who holds it, or why it could not be opened
+    created = [d for d in [out, *out.parents] if not d.exists()]  # folders this run would create
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            refused = lock.read().strip() or "its pid unknown"
-            lock.close()
-        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
-            log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", out, e)
-            lock.close()
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / ".lock", "a+")
+        except OSError as e:  # e.g. output_dir is a file, or not writable: raised below, on every process
+            failed = e
         else:
-            lock.truncate(0)
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            lock.flush()
-            held = lock
-    free = refused is None
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                refused = lock.read().strip() or "its pid unknown"
+                lock.close()
+            except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+                log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", out, e)
+                lock.close()
+            else:
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                lock.flush()
+                held = lock
+    state = 2 if failed else 1 if refused else 0  # what process 0 found, agreed by all
     if jax.process_count() > 1:
-        free = bool(gather(np.array([free], np.int32)).min())
-    if not free:
+        state = int(gather(np.array([state], np.int32)).max())
+    if failed:
+        raise failed
+    if state == 2:
+        raise ConfigError(f"process 0 could not open {out}/.lock (its error says why)")
+    if state == 1:
         raise ConfigError(f"{out} is in use by another run ({refused or 'process 0 found it locked'}); wait for it to "
                           "end, or give this run another output_dir")
     try:
         yield
     finally:
         if held is not None:
+            if created and [p.name for p in out.iterdir()] == [".lock"]:  # a run that failed before it began
+                (out / ".lock").unlink()
+                for folder in created:  # innermost first; each is empty unless another job wrote there
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             held.close()  # releases the flock
 
 

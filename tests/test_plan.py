@@ -116,6 +116,12 @@ def test_the_trainer_is_the_one_whose_config_loads():
     assert plan.trainer_config(RL_TINY, ["max_new_tokens=8"], None)[0] == "grpo"
     with pytest.raises(ConfigError, match="pass --trainer"):
         plan.trainer_config(None, [], None)
+    eval_yaml = str(Path(SFT_TINY).parent.parent / "eval" / "proofbench.yaml")
+    with pytest.raises(ConfigError, match=r"is neither an SFT nor a GRPO config \(benchmark is not a key of SFTConfig; "
+                       r"benchmark is not a key of GRPOConfig\)$"):
+        plan.trainer_config(eval_yaml, [], None)
+    with pytest.raises(ConfigError, match="^steps must be at least 1, got -1$"):  # an SFT file's own error
+        plan.trainer_config(SFT_TINY, ["steps=-1"], None)
 
 
 # --------------------------------------------------------------------------------------------

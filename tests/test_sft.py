@@ -179,7 +179,7 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert len(read_metrics(tmp_path)) == 3
 
 
-@pytest.mark.slow  # two processes: 10-20 s on 2 cores
+@pytest.mark.slow  # two processes, twice: 20-40 s on 2 cores
 def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
     from qed_jax.trainer import run_lock
 
@@ -189,6 +189,14 @@ def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
             outputs = finish(procs)
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
     assert all(f"{tmp_path} is in use by another run" in o[1] for o in outputs)
+    a_file = tmp_path / "a_file"  # process 0 cannot make the run directory: both fail, neither waits
+    a_file.write_text("")
+    with processes(["sft", "--config", TINY, "steps=1", f"output_dir={a_file}"], count=2, devices=1,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert "is a file where a folder is needed" in outputs[0][1]
+    assert f"process 0 could not open {a_file}/.lock" in outputs[1][1]
 
 
 @pytest.mark.slow  # two processes: 20-40 s on 2 cores

@@ -120,20 +120,37 @@ def test_a_second_job_on_a_run_directory_in_use_fails_at_once_naming_the_first(t
             with pytest.raises(ConfigError, match="is in use by another run"):
                 trainer.train(load_config(config, yaml, [f"output_dir={run}"]))
         assert [p.name for p in run.iterdir()] == [".lock"]  # refused before writing anything
-    with run_lock(run):  # released when the holder ends
+    with pytest.raises(RuntimeError, match="a failure inside"), run_lock(run):
+        (run / "metrics.jsonl").write_text("")
+        raise RuntimeError("a failure inside")
+    with run_lock(run):  # released, however the holder's body ended
         pass
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl"]  # what a run wrote stays
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
                                "from qed_jax.trainer import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
                                "    print('locked', flush=True)\n    time.sleep(600)", str(run)],
                               cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(ConfigError, match=f"pid {holder.pid} on"):
-        with run_lock(run):
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"pid {holder.pid} on"), run_lock(run):
             pass
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
     with run_lock(run):  # the OS released a killed holder's lock
         pass
+
+
+def test_a_run_that_fails_before_it_begins_leaves_no_folder_it_created(tmp_path):
+    out = tmp_path / "runs" / "sft"
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        sft.train(load_config(sft.SFTConfig, None, ["model.preset=tiny", f"output_dir={out}"]))
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "other").write_text("kept")
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        sft.train(load_config(sft.SFTConfig, None, ["model.preset=tiny", f"output_dir={out}"]))
+    assert [p.name for p in tmp_path.rglob("*")] == ["runs", "other"]
 
 
 def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
@@ -141,9 +158,9 @@ def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, 
     import fcntl
 
     def no_locks(*_):
-        raise OSError(errno.ENOLCK, "No locks available")
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with caplog.at_level("WARNING", logger="qed_jax.trainer"), run_lock(tmp_path):
         pass
-    assert "cannot lock the run directory ([Errno 37] No locks available)" in caplog.text
+    assert f"cannot lock the run directory ([Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)})" in caplog.text
