@@ -655,9 +655,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     if not to_generate and not to_grade:
         runlog.close()
         return counts
+    judge = Judge(config.judge)
+    if b.kind == "proof":  # every proof goes to the judge: find out now if there is none
+        judge.check_reachable()
     if to_generate:
         generator = make_generator(config)
-    judge = Judge(config.judge)
     bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                unit="sample", disable=not progress)
     scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]

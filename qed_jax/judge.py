@@ -248,8 +248,7 @@ class Judge:
 
     async def grade_async(self, items: list[GradeItem], progress=None) -> list[Grade]:
         c = self.config
-        client = openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
-                                    timeout=c.timeout_s, max_retries=0)
+        client = self._client()
         semaphore = asyncio.Semaphore(c.concurrency)
         in_flight: dict[str, asyncio.Task] = {}  # cache key -> the one grading of that proof in this batch
         if any(item.proof is not None or THINK_END in (item.completion or "") for item in items):
@@ -271,6 +270,23 @@ class Judge:
                 raise
         finally:
             await client.close()
+
+    def check_reachable(self) -> None:
+        """JudgeUnavailable now, with the URL, when nothing answers at the judge's endpoint (so
+        that an evaluation finds out before it spends time sampling, not after)."""
+        async def check():
+            client = self._client()
+            try:
+                await self._check_reachable(client)
+            finally:
+                await client.close()
+
+        asyncio.run(check())
+
+    def _client(self) -> openai.AsyncOpenAI:
+        c = self.config
+        return openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
+                                  timeout=c.timeout_s, max_retries=0)
 
     async def _check_reachable(self, client) -> None:
         """Fail fast, with the URL, when nothing answers at the endpoint at all."""

@@ -165,6 +165,21 @@ def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
     assert got["AB-001"] == ("Still thinking", 0, "truncated")
 
 
+def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
+    import socket
+
+    from qed_jax.errors import JudgeUnavailable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    with ModelServer(lambda prompt, seed: "A proof.</think>Done.") as model:
+        cfg = config(tmp_path, "imo_proofbench", model.url, f"http://127.0.0.1:{port}/v1")
+        with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
+            evaluate(cfg, progress=False)
+        assert model.total == 0  # not one completion was asked for
+
+
 def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "samples.jsonl"
     whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0}) + "\n"
