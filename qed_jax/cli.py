@@ -200,14 +200,14 @@ def _train(args, config_cls, train, summary) -> None:
     from qed_jax.config import dump_json, load_config
 
     config = load_config(config_cls, args.config, args.overrides)
+    if args.config is None and not args.overrides and not args.print_config:
+        raise ConfigError(f"no --config: start from one, e.g. --config {args.config_example} (the defaults alone "
+                          "name no model, tokenizer or data)")
     # On stderr, so that `--print-config` writes JSON alone to stdout.
     print("derived: " + json.dumps(config.derived()), file=sys.stderr)
     if args.print_config:
         print(dump_json(config))
         return
-    if args.config is None and not args.overrides:
-        raise ConfigError(f"no --config: start from one, e.g. --config {args.config_example} (the defaults alone "
-                          "name no model, tokenizer or data)")
     _init_distributed(args)
     result = train(config, resume_with_changes=args.resume_with_changes)
     if result["complete"]:
@@ -327,16 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "every turn but the last. --max-new-tokens caps each turn; the answer is the last "
                              "turn's text after </think>.")
     g.add_argument("--reasoning-cache", action="store_true", help="run the reasoning-cache loop")
-    g.add_argument("--turns", type=int, default=3, help="turns per problem")
+    g.add_argument("--turns", type=int, default=3, help="turns per problem (default: %(default)s)")
     g.add_argument("--summary-tokens", type=int, default=2048,
-                   help="the most tokens a summary keeps (longer ones are cut)")
+                   help="the most tokens a summary keeps (longer ones are cut; default: %(default)s)")
     g.add_argument("--summarizer", help="a separate frozen summarizer model with the same vocabulary "
                    "(default: the model itself, thinking, with the sampling flags above)")
     g.add_argument("--summarizer-max-new-tokens", type=int, default=2048,
-                   help="the summarizer's budget (the model's own too, when it summarizes itself)")
-    g.add_argument("--summarizer-temperature", type=float, default=0.7, help="with --summarizer")
-    g.add_argument("--summarizer-top-p", type=float, default=0.8, help="with --summarizer")
-    g.add_argument("--summarizer-top-k", type=int, default=20, help="with --summarizer")
+                   help="the summarizer's budget (the model's own too, when it summarizes itself; default: "
+                   "%(default)s)")
+    g.add_argument("--summarizer-temperature", type=float, default=0.7, help="with --summarizer (default: %(default)s)")
+    g.add_argument("--summarizer-top-p", type=float, default=0.8, help="with --summarizer (default: %(default)s)")
+    g.add_argument("--summarizer-top-k", type=int, default=20, help="with --summarizer (default: %(default)s)")
     g.add_argument("--summarizer-thinking", action="store_true",
                    help="with --summarizer: it thinks first, and its summary is its text after </think>")
     p.set_defaults(run=_generate)

@@ -4,6 +4,7 @@ loader that builds any config dataclass from YAML plus `key=value` overrides."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -222,9 +223,10 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], types_, n=1)
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys here: "
-            + ", ".join(f"{prefix}{k}" for k in types_)
+            f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+            + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_)
         )
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}

@@ -139,7 +139,7 @@ def test_a_config_for_another_command_is_named_as_such():
             f"{sft_yaml}: batch_size is not a key of PipelineConfig (its keys: judge, sft, grpo, eval, output_dir); "
             "is this file for another command?")):
         load_config(PipelineConfig, sft_yaml)
-    with pytest.raises(ConfigError, match="^unknown config key stpes; valid keys here"):  # a typo in an override
+    with pytest.raises(ConfigError, match=r"^unknown config key stpes \(did you mean steps\?\); valid keys here"):  # a typo in an override
         load_config(SFTConfig, sft_yaml, ["stpes=3"])
 
 

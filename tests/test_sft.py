@@ -269,7 +269,8 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
 
 
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
-    with pytest.raises(ConfigError, match=r"unknown config key optim.lrr; valid keys here: optim.lr, optim.schedule"):
+    with pytest.raises(ConfigError, match=r"unknown config key optim.lrr \(did you mean optim.lr\?\); valid keys "
+                       r"here: optim.lr, optim.schedule"):
         load_config(SFTConfig, TINY, ["optim.lrr=1e-4"])
     assert cli.main(["sft", "--config", TINY, "batch_size_typo=3"]) == 2
     err = capsys.readouterr().err
