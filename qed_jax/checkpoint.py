@@ -139,13 +139,24 @@ def _is_closed_loop_noise(line: str) -> bool:
         or (text.startswith('File "') and "asyncio/base_events.py" in text)
 
 
+def _not_unretrieved_read_failure(record: logging.LogRecord) -> bool:
+    """A filter for the asyncio logger: False for its report of a TensorStore read failure that
+    no one awaited (the other arrays of a failed restore), which it logs whenever that task is
+    garbage-collected, often after our one-line message."""
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += str(record.exc_info[1])
+    return not ("exception was never retrieved" in text and "tensorstore" in text.lower())
+
+
 @contextlib.contextmanager
 def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
     """Around an Orbax restore: when one array fails to read, Orbax closes its event loop while
     TensorStore still completes the other reads, and each completion prints a 'RuntimeError:
     Event loop is closed' traceback to stderr, during the restore and after it. Hold stderr
     meanwhile; after a failure, wait until it has been quiet for `quiet_s` (at most `limit_s`);
-    then pass on everything but those tracebacks, so that the user sees our one-line message."""
+    then pass on everything but those tracebacks, so that the user sees our one-line message. The
+    reads that failed unawaited are logged by asyncio, not printed: a filter drops those."""
     class Held(io.StringIO):
         last = time.monotonic()
 
@@ -157,6 +168,7 @@ def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
     try:
         yield
     except Exception:
+        logging.getLogger("asyncio").addFilter(_not_unretrieved_read_failure)  # once: filters are a set
         start = time.monotonic()
         while time.monotonic() - Held.last < quiet_s and time.monotonic() - start < limit_s:
             time.sleep(0.05)

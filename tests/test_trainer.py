@@ -164,3 +164,33 @@ def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, 
     with caplog.at_level("WARNING", logger="qed_jax.trainer"), run_lock(tmp_path):
         pass
     assert f"cannot lock the run directory ([Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)})" in caplog.text
+
+
+def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
+    """After a restore fails, the arrays still being read fail unawaited, and asyncio logs each one
+    whenever its task is garbage-collected, possibly after the one-line error (the corrupted-step
+    test above saw it once in a loaded run). Those reports are dropped; others are kept."""
+    import asyncio
+    import gc
+    import logging
+
+    from qed_jax import checkpoint
+
+    def unretrieved(error):
+        loop = asyncio.new_event_loop()
+        future = loop.create_future()
+        future.set_exception(error)
+        del future
+        gc.collect()
+        loop.close()
+
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(checkpoint._not_unretrieved_read_failure)
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            unretrieved(ValueError("OUT_OF_RANGE: Error reading \"layers.q_norm/.zarray\" [tensorstore_spec='{}']"))
+            assert not caplog.records
+            unretrieved(ValueError("a failure of something else"))
+            assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Future exception was never retrieved"]
+    finally:
+        asyncio_log.removeFilter(checkpoint._not_unretrieved_read_failure)
