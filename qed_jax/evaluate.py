@@ -655,38 +655,38 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     if not to_generate and not to_grade:
         runlog.close()
         return counts
-    judge = Judge(config.judge)
-    if b.kind == "proof":  # every proof goes to the judge: find out now if there is none
-        judge.check_reachable()
-    if to_generate:
-        generator = make_generator(config)
-    bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
-               unit="sample", disable=not progress)
-    scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]
-
-    def on_grade(record, turn, score, reason, decided_by, reply):
-        grade = {"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
-                 "score": score, "reason": reason, "decided_by": decided_by, "judge_reply": reply}
-        if turn is not None:
-            grade.update(type="turn_grade", turn=turn)
-        runlog.append(grade)
-        counts["graded"] += 1
-        if score is None:
-            counts["failed"] += 1
-        elif turn is None:
-            scores.append(score)
-            bar.update()
-        bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"])
-
+    judge, bar = Judge(config.judge), None
     try:
+        if b.kind == "proof":  # every proof goes to the judge: find out now if there is none
+            judge.check_reachable()
+        generator = make_generator(config) if to_generate else None
+        bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
+                   unit="sample", disable=not progress)
+        scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]
+
+        def on_grade(record, turn, score, reason, decided_by, reply):
+            grade = {"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
+                     "score": score, "reason": reason, "decided_by": decided_by, "judge_reply": reply}
+            if turn is not None:
+                grade.update(type="turn_grade", turn=turn)
+            runlog.append(grade)
+            counts["graded"] += 1
+            if score is None:
+                counts["failed"] += 1
+            elif turn is None:
+                scores.append(score)
+                bar.update()
+            bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"])
+
         if to_grade:
             grade_samples(judge, config, by_id, to_grade, on_grade)
         for start in range(0, len(to_generate), config.batch_size):
             batch = to_generate[start: start + config.batch_size]
             counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
             grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
-    finally:
-        bar.close()
+    finally:  # whatever failed, the samples and grades written so far are on disk
+        if bar is not None:
+            bar.close()
         judge.close()
         runlog.close()
     return counts
