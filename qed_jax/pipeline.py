@@ -164,15 +164,24 @@ def check_export(name: str, config) -> None:
                           "export: set it (e.g. float32 for the tiny preset)")
 
 
-def train_stage(progress: Progress, name: str, train, config, summary) -> None:
-    """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
-    progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
+def check_unchanged(config) -> None:
+    """Refuse, before any stage runs, a trainer's run directory that was started with another
+    config. The trainer would refuse it too, but only when its stage begins, and with advice
+    (--resume-with-changes) that does not hold here."""
+    from qed_jax.trainer import check_run_config
+
     try:
-        result = train(config)
-    except RunConfigChanged as e:  # the trainer's advice (--resume-with-changes) does not hold here
+        check_run_config(Path(config.output_dir), config, resume_with_changes=False)
+    except RunConfigChanged as e:
         raise ConfigError(f"{e.out} holds a run started with a different config ({'; '.join(e.changes)}); a "
                           "pipeline's run directory continues only with the config it started with, since later "
                           "stages build on what earlier ones finished: use a new output_dir") from None
+
+
+def train_stage(progress: Progress, name: str, train, config, summary) -> None:
+    """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
+    progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
+    result = train(config)
     state = "already complete" if result["complete"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
 
@@ -241,6 +250,8 @@ def run(config: PipelineConfig) -> dict:
         evals = eval_configs(config, models, judge_url, out)
         check_export("sft", sft_config)
         check_export("grpo", grpo_config)
+        check_unchanged(sft_config)
+        check_unchanged(grpo_config)
         progress = Progress(stages=5)
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")

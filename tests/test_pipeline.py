@@ -121,15 +121,19 @@ def test_stage_configs_chain_the_stages(tmp_path):
         load_config(PipelineConfig, ROOT / TINY, ["eval.models=[base, rl]"])
 
 
-def test_a_trainer_whose_config_changed_tells_the_pipeline_user_to_use_a_new_output_dir(tmp_path):
-    from qed_jax.errors import RunConfigChanged
-    from qed_jax.pipeline import Progress, train_stage
+def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_path):
+    import dataclasses
 
-    def changed(config):
-        raise RunConfigChanged(tmp_path / "sft", ["steps: 120 -> 40"])
+    from qed_jax import sft
+    from qed_jax.config import dump_json
+    from qed_jax.pipeline import run
 
-    config = load_config(SFTConfig, ROOT / "configs/sft/tiny.yaml")
-    with pytest.raises(ConfigError, match=r"\(steps: 120 -> 40\); a pipeline's run directory continues only with "
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "judge=http://127.0.0.1:9/v1"])
+    started = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={tmp_path / 'sft'}")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, steps=40)))
+    with pytest.raises(ConfigError, match=r"\(steps: 40 -> 120\); a pipeline's run directory continues only with "
                                           r"the config it started with.*use a new output_dir$") as error:
-        train_stage(Progress(stages=5), "sft", changed, config, str)
+        run(config)
     assert "--resume-with-changes" not in str(error.value)  # the pipeline has no such flag
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # nothing ran: not even the base export
