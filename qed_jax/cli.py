@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
+from qed_jax.errors import CheckpointError, ConfigError, DeviceCallInterrupted, JudgeUnavailable
 
 
 def _prepare_destination(source: str, dest: str, overwrite: bool) -> None:
@@ -107,7 +108,6 @@ def _generate_reasoning_cache(args) -> None:
 
 
 def _judge(args) -> None:
-    import os
     from tqdm.auto import tqdm
 
     from qed_jax.config import apply_override, from_dict, read_yaml
@@ -233,8 +233,6 @@ def _grpo(args) -> None:
 
 
 def _plan(args) -> None:
-    import os
-
     import jax
 
     # A plan only compiles, for the slice it names: keep JAX off any local accelerator (which a
@@ -450,8 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
+    except KeyboardInterrupt as e:  # outside a training loop, which checkpoints on Ctrl-C itself
         print(f"qed-jax {args.command}: interrupted", file=sys.stderr)
+        if isinstance(e, DeviceCallInterrupted):
+            # The command has cleaned up (its `finally`s ran); a normal exit would wait for the
+            # device call still running, minutes at the recipe's lengths.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except OSError as e:  # a path given to the command: missing, a file where a folder goes, ...
         if args.verbose or e.filename is None:
@@ -465,7 +470,6 @@ def _path_error(e: OSError) -> str:
     """One line for a failed file operation: the path, what went wrong, and for the usual
     mistakes what to change."""
     import errno
-    import os
 
     def name(f) -> str:  # a path, or a file descriptor's number
         return os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else str(f)

@@ -15,6 +15,12 @@ class JudgeUnavailable(RuntimeError):
     than scoring zeros."""
 
 
+class DeviceCallInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a device call (a decode loop) was still running. The call cannot be
+    cancelled, and a normal interpreter exit waits for it to end, so the CLI exits at once
+    (`os._exit`) once the command's own cleanup has run."""
+
+
 class RunConfigChanged(ConfigError):
     """A rerun's config differs from the one its run directory was started with."""
 

@@ -33,7 +33,7 @@ from flax import nnx
 from qed_jax.config import ConfigError, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
-                              cache_shards, decode_loop, mesh_context, new_kv_cache, prefill,
+                              cache_shards, decode_loop, fetch, mesh_context, new_kv_cache, prefill,
                               put_rows)
 from qed_jax.sharding import DEFAULT_RULES
 
@@ -495,7 +495,7 @@ class ReasoningCache:
             with mesh_context(self.mesh):  # the prefill's attention kernel finds the mesh here
                 history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
                                           self.summarizer_state, self.prompts, inputs, caches, controls)
-            results += _turns(jax.device_get(history), len(chunk), turns, summaries)
+            results += _turns(fetch(history), len(chunk), turns, summaries)
         self._caches = caches
         return results
 

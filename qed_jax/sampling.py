@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from functools import partial
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax.config import ConfigError, ModelConfig, check_sampling
+from qed_jax.errors import DeviceCallInterrupted
 from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3, unstacked_layers
 from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -325,9 +327,26 @@ class Sampler:
                 *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
                                           self._put(wave_budgets), stops,
                                           self._put(np.arange(first_row + start, first_row + start + rows, dtype=np.int32)))
-            completions += _completions(*jax.device_get(out), count=len(wave))
+            completions += _completions(*fetch(out), count=len(wave))
         self._kv_cache = cache
         return completions
+
+
+def fetch(tree):
+    """`jax.device_get(tree)` that Ctrl-C interrupts while the device is still computing it.
+    Blocked inside device_get, the main thread runs no Python signal handler until the call
+    ends (a decode loop at the recipe's lengths: minutes); polling keeps it in the interpreter.
+    Ctrl-C raises DeviceCallInterrupted (a KeyboardInterrupt); a signal handler that does not
+    raise (a trainer's, which finishes its step) runs at once, too."""
+    leaves = jax.tree.leaves(tree)
+    pause = 0.001
+    try:
+        while not all(leaf.is_ready() for leaf in leaves):
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+    except KeyboardInterrupt:
+        raise DeviceCallInterrupted() from None
+    return jax.device_get(tree)
 
 
 def mesh_context(mesh):

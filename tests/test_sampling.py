@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from qed_jax.config import ConfigError, preset
 from qed_jax.model import Qwen3
 from qed_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
-from tests.helpers import make_hf_model, make_hf_model_with_tokenizer
+from tests.helpers import REPO, cli_env, make_hf_model, make_hf_model_with_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 77, 31]]
 # Seven prompts of different lengths: with max_concurrent 3, waves of 3, 3 and 1 (+2 dummies).
@@ -290,3 +292,39 @@ def test_decode_over_per_layer_arrays_equals_the_scan(tiny, remat):
         np.testing.assert_allclose(split_logits, logits, rtol=1e-5, atol=1e-5)
     for mine, ref in zip(split.stacked(), cache):  # float32 rounding of differently fused matmuls
         np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+# A command whose device call does not end within the test (as a recipe-length decode runs for
+# minutes) gets Ctrl-C once `fetch` waits for it. A child process, since nothing can stop the call.
+CTRL_C_DURING_A_DEVICE_CALL = """
+import os, signal, sys, threading, time, types
+import jax, jax.numpy as jnp
+from qed_jax import cli, sampling
+
+def command(args):
+    out = jax.jit(lambda x: jax.lax.fori_loop(0, 2**31 - 1, lambda i, y: jnp.tanh(y @ y), x))(jnp.eye(64))
+    polling, sleep = threading.Event(), time.sleep
+    sampling.time = types.SimpleNamespace(sleep=lambda s: (polling.set(), sleep(s)))
+    threading.Thread(target=lambda: (polling.wait(), os.kill(os.getpid(), signal.SIGINT)), daemon=True).start()
+    sampling.fetch(out)
+
+if sys.argv[1] == "cli":
+    cli._report = command
+    sys.exit(cli.main(["report", "unused"]))
+# A handler that does not raise, as a trainer's (which exits at once on a second Ctrl-C)
+signal.signal(signal.SIGINT, lambda *_: (print("handled", flush=True), os._exit(3)))
+command(None)
+"""
+
+
+@pytest.mark.parametrize("case", ["cli", "handler"])
+def test_ctrl_c_acts_while_a_device_call_runs(case):
+    # Blocked in jax.device_get, the main thread would run no signal handler until the call ends,
+    # and an interpreter exiting normally waits for it: either would hang here until the timeout.
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_DURING_A_DEVICE_CALL, case], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+    if case == "cli":
+        assert proc.returncode == 130, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == "qed-jax report: interrupted"
+    else:
+        assert (proc.returncode, proc.stdout) == (3, "handled\n"), proc.stderr
