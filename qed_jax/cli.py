@@ -449,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # outside a training loop, which checkpoints on Ctrl-C itself
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
         print(f"qed-jax {args.command}: interrupted", file=sys.stderr)
-        if isinstance(e, DeviceCallInterrupted):
+        if _abandoned_device_call(e):
             # The command has cleaned up (its `finally`s ran); a normal exit would wait for the
             # device call still running, minutes at the recipe's lengths.
             logging.shutdown()
@@ -464,6 +465,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def _abandoned_device_call(e: BaseException | None) -> bool:
+    """Whether `e` is, or interrupted the handling of, a DeviceCallInterrupted (a second Ctrl-C
+    in the command's cleanup replaces the first exception, and keeps it as its context)."""
+    while e is not None:
+        if isinstance(e, DeviceCallInterrupted):
+            return True
+        e = e.__context__
+    return False
 
 
 def _path_error(e: OSError) -> str:

@@ -18,7 +18,9 @@ class JudgeUnavailable(RuntimeError):
 class DeviceCallInterrupted(KeyboardInterrupt):
     """Ctrl-C while a device call (a decode loop) was still running. The call cannot be
     cancelled, and a normal interpreter exit waits for it to end, so the CLI exits at once
-    (`os._exit`) once the command's own cleanup has run."""
+    (`os._exit`) once the command's own cleanup has run. In a process that goes on (a notebook),
+    the abandoned call keeps its memory (the KV cache it was given) until it ends, and the next
+    device call waits for it."""
 
 
 class RunConfigChanged(ConfigError):

@@ -341,7 +341,7 @@ def fetch(tree):
     leaves = jax.tree.leaves(tree)
     pause = 0.001
     try:
-        while not all(leaf.is_ready() for leaf in leaves):
+        while not all(leaf.is_ready() for leaf in leaves if isinstance(leaf, jax.Array)):
             time.sleep(pause)
             pause = min(2 * pause, 0.05)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from flax import nnx
 import qed_jax
 from qed_jax import cli, sampling
 from qed_jax.config import ConfigError, preset
+from qed_jax.errors import DeviceCallInterrupted
 from qed_jax.model import Qwen3
 from qed_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
@@ -300,31 +301,50 @@ CTRL_C_DURING_A_DEVICE_CALL = """
 import os, signal, sys, threading, time, types
 import jax, jax.numpy as jnp
 from qed_jax import cli, sampling
+from qed_jax.trainer import StopSignals
 
-def command(args):
+def command(args, stop=None):
     out = jax.jit(lambda x: jax.lax.fori_loop(0, 2**31 - 1, lambda i, y: jnp.tanh(y @ y), x))(jnp.eye(64))
     polling, sleep = threading.Event(), time.sleep
     sampling.time = types.SimpleNamespace(sleep=lambda s: (polling.set(), sleep(s)))
-    threading.Thread(target=lambda: (polling.wait(), os.kill(os.getpid(), signal.SIGINT)), daemon=True).start()
+
+    def ctrl_c():
+        polling.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        if stop is not None:  # a trainer's handler: once it recorded the first, a second exits
+            while not stop.raised:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=ctrl_c, daemon=True).start()
     sampling.fetch(out)
 
 if sys.argv[1] == "cli":
     cli._report = command
     sys.exit(cli.main(["report", "unused"]))
-# A handler that does not raise, as a trainer's (which exits at once on a second Ctrl-C)
-signal.signal(signal.SIGINT, lambda *_: (print("handled", flush=True), os._exit(3)))
-command(None)
+with StopSignals() as stop:
+    command(None, stop)
 """
 
 
-@pytest.mark.parametrize("case", ["cli", "handler"])
+@pytest.mark.parametrize("case", ["cli", "trainer"])
 def test_ctrl_c_acts_while_a_device_call_runs(case):
     # Blocked in jax.device_get, the main thread would run no signal handler until the call ends,
     # and an interpreter exiting normally waits for it: either would hang here until the timeout.
     proc = subprocess.run([sys.executable, "-c", CTRL_C_DURING_A_DEVICE_CALL, case], cwd=REPO, env=cli_env(1),
                           capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
     if case == "cli":
-        assert proc.returncode == 130, proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == "qed-jax report: interrupted"
     else:
-        assert (proc.returncode, proc.stdout) == (3, "handled\n"), proc.stderr
+        assert "SIGINT again: exiting without a checkpoint" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_second_ctrl_c_in_the_cleanup_still_counts_as_abandoning_the_call():
+    try:
+        try:
+            raise DeviceCallInterrupted()
+        finally:
+            raise KeyboardInterrupt  # the second Ctrl-C, in a command's `finally`
+    except KeyboardInterrupt as e:
+        assert cli._abandoned_device_call(e)
+    assert not cli._abandoned_device_call(KeyboardInterrupt())
