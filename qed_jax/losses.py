@@ -31,12 +31,25 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-# One chunk holds a few [B, C, V] float32 buffers (logits, probabilities, their cotangents): at
-# C=512, B=1 and V=151,936, each is ~311 MB.
+from qed_jax.attention import platform
+
+# Time steps per chunk. One chunk holds a few [B, C, V] float32 buffers (logits, probabilities,
+# their cotangents): at C=512, B=1 and V=151,936, each is ~311 MB.
 DEFAULT_CHUNK_SIZE = 512
+# On CPU, about this many tokens (B x C) per chunk instead (see `default_chunk_size`).
+CPU_CHUNK_TOKENS = 512
 
 
-def token_logprobs(hidden, head, targets, temperature: float = 1.0, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def default_chunk_size(batch: int) -> int:
+    """Time steps per chunk when the caller gives none: DEFAULT_CHUNK_SIZE, and on CPU about
+    CPU_CHUNK_TOKENS tokens over the batch's rows. On CPU the SFT benchmark's step (4 rows of
+    512, V=32,000) ran 1.19-1.23x faster with chunks of 128 time steps than with one chunk of
+    2,044 x 32,000 logits (`bench/ab.py`, bench/README.md); an accelerator keeps the longer
+    chunks, which make fewer passes over the head's gradient."""
+    return max(1, CPU_CHUNK_TOKENS // batch) if platform() == "cpu" else DEFAULT_CHUNK_SIZE
+
+
+def token_logprobs(hidden, head, targets, temperature: float = 1.0, *, chunk_size: int | None = None):
     """log_softmax(hidden @ head.T / temperature) at `targets` → float32 [B, T].
     hidden [B, T, D] (final-normed), head [V, D], targets [B, T] (integer ids)."""
     logprobs, _ = _chunked(hidden, head, targets, temperature, chunk_size, with_entropy=False)
@@ -44,16 +57,16 @@ def token_logprobs(hidden, head, targets, temperature: float = 1.0, *, chunk_siz
 
 
 def token_logprobs_and_entropy(hidden, head, targets, temperature: float = 1.0, *,
-                               chunk_size: int = DEFAULT_CHUNK_SIZE):
+                               chunk_size: int | None = None):
     """(log-probs of `targets`, entropy of the whole distribution), both float32 [B, T], under
     log_softmax(hidden @ head.T / temperature). Shapes as in `token_logprobs`."""
     return _chunked(hidden, head, targets, temperature, chunk_size, with_entropy=True)
 
 
-def weighted_nll_sum(hidden, head, targets, weights, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def weighted_nll_sum(hidden, head, targets, weights, *, chunk_size: int | None = None):
     """sum(weights · −log_softmax(hidden @ head.T)[targets]) → float32 scalar, differentiable in
     hidden and head (not in weights). Shapes as in `token_logprobs`; weights [B, T]."""
-    _check_shapes(hidden, head, targets, chunk_size)
+    chunk_size = _check_shapes(hidden, head, targets, chunk_size)
     if weights.shape != targets.shape:
         raise ValueError(f"weights {weights.shape} must be [B, T] like targets {targets.shape}")
     return _weighted_nll_sum(hidden, head, targets, weights.astype(jnp.float32), chunk_size)
@@ -115,7 +128,7 @@ def _time_chunks(chunk_size, *arrays):
 
 
 def _chunked(hidden, head, targets, temperature, chunk_size, with_entropy):
-    _check_shapes(hidden, head, targets, chunk_size)
+    chunk_size = _check_shapes(hidden, head, targets, chunk_size)
     B, T, D = hidden.shape
     n, C, (hidden_chunks, target_chunks) = _time_chunks(chunk_size, hidden, targets)
 
@@ -142,7 +155,8 @@ def _chunked(hidden, head, targets, temperature, chunk_size, with_entropy):
     return unchunk(logprobs), None if entropy is None else unchunk(entropy)
 
 
-def _check_shapes(hidden, head, targets, chunk_size):
+def _check_shapes(hidden, head, targets, chunk_size) -> int:
+    """Raises on inputs that do not fit together; returns the chunk size to use."""
     if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[-1] != head.shape[-1]:
         raise ValueError(f"expected hidden [B, T, D] and head [V, D] with the same D; got hidden "
                          f"{hidden.shape} and head {head.shape}")
@@ -153,5 +167,8 @@ def _check_shapes(hidden, head, targets, chunk_size):
         raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
     if hidden.shape[1] < 1:
         raise ValueError(f"hidden {hidden.shape} has no time steps; there is nothing to score")
+    if chunk_size is None:
+        return default_chunk_size(hidden.shape[0])
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+        raise ValueError(f"chunk_size must be a positive number of time steps, got {chunk_size}")
+    return chunk_size
