@@ -51,6 +51,7 @@ GENERATIONS = {
     "v6e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=32),
 }
 _ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator type for v5e slices
+_CLOUD_NAMES = {"v5e": "v5litepod"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,12 @@ class Slice:
     @property
     def spec(self) -> Generation:
         return GENERATIONS[self.generation]
+
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud's name for the slice, as a TPU VM of it reports: `v5p-8`, `v5litepod-16`."""
+        count = 2 * self.chips if self.spec.counts_cores else self.chips
+        return f"{_CLOUD_NAMES.get(self.generation, self.generation)}-{count}"
 
 
 def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
@@ -111,9 +118,11 @@ def topology_devices(tpu: Slice) -> list:
     # libtpu takes a lockfile meant for the chips; compiling touches none, and a plan must run
     # beside a training job (or another plan) that holds it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    # Off a TPU VM, libtpu cannot ask the metadata server for the workers' hostnames and logs an
-    # alarming INVALID_ARGUMENT error before compiling fine; a compile-only plan runs no workers.
+    # Off a TPU VM, libtpu cannot ask the metadata server for the workers' hostnames or the
+    # accelerator type, and logs an alarming INVALID_ARGUMENT error and a warning before compiling
+    # fine; a compile-only plan runs no workers, and the slice is the one being planned.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
     kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices

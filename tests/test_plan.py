@@ -3,6 +3,9 @@ ahead-of-time compiles for a TPU topology where libtpu is installed; and the 4B 
 that activation memory grows linearly in sequence length."""
 
 import json
+import os
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +48,25 @@ SFT_4B = str(REPO / "configs" / "sft" / "qed_nano_4b.yaml")
 def test_cloud_slice_names_map_to_topologies(name, generation, chips, topology):
     tpu = plan.parse_slice(name)
     assert (tpu.generation, tpu.chips, tpu.topology) == (generation, chips, topology)
+
+
+@pytest.mark.parametrize("name, accelerator_type", [
+    ("v5p-8", "v5p-8"), ("v4-32", "v4-32"), ("v5e-8", "v5litepod-8"), ("v5litepod-16", "v5litepod-16"),
+    ("V6E-64", "v6e-64"), ("v5p:4x4x12", "v5p-384"), ("v6e:2x4", "v6e-8"),
+])
+def test_a_slice_knows_the_accelerator_type_a_tpu_vm_of_it_reports(name, accelerator_type):
+    assert plan.parse_slice(name).accelerator_type == accelerator_type
+
+
+@pytest.mark.tpu_compile
+def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu):
+    """libtpu, unable to ask a metadata server, warns about the accelerator type and errors
+    about the workers' hostnames unless the plan tells it both."""
+    code = "from qed_jax import plan; print(len(plan.topology_devices(plan.parse_slice('v6e-8'))))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("name, message", [
