@@ -1,12 +1,25 @@
 """Shared fixtures: tiny random Hugging Face models built offline, and 8 fake CPU devices."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before JAX initializes its backend: tests that need a mesh use 8 CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A persistent compilation cache for the test run, which the processes the tests start inherit:
+# trainers killed and resumed, the pipeline run three times, all compile the same tiny programs.
+# One folder per pytest-xdist worker (JAX writes its entries unlocked); the first process removes
+# them all when the run ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or "QED_JAX_TEST_XLA_CACHE" in os.environ:
+    if "QED_JAX_TEST_XLA_CACHE" not in os.environ:
+        os.environ["QED_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="qed-jax-test-xla-cache-")
+        atexit.register(shutil.rmtree, os.environ["QED_JAX_TEST_XLA_CACHE"], ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["QED_JAX_TEST_XLA_CACHE"],
+                                                          os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -515,12 +515,18 @@ def test_rc_prompts_leave_room_for_the_summary_and_the_template(tmp_path):
         load_config(GRPOConfig, TINY_RC, ["rc.states_per_problem=4"])
 
 
-def test_rc_grpo_runs_and_logs_per_state_metrics(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY_RC, "steps=2",
-                             "export_dtype=null", f"output_dir={tmp_path}"], cwd=REPO, env=cli_env(2),
-                            capture_output=True, text=True, timeout=300)
+def test_rc_grpo_grades_the_original_problem_and_logs_per_state_metrics(tmp_path):
+    with JudgeServer(default=("hash", 0.0)) as server:
+        result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY_RC,
+                                 *_judge_args(server, tmp_path), "steps=2", f"output_dir={tmp_path / 'run'}"],
+                                cwd=REPO, env=cli_env(2), capture_output=True, text=True, timeout=300)
+        prompts = [body["messages"][-1]["content"] for body in server.bodies]
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = read_metrics(tmp_path)
+    # The grader sees the problem as the dataset gives it, never a state's summary.
+    problems = [json.loads(line)["problem"] for line in (REPO / "configs/data/tiny_proofs.jsonl").open()]
+    assert prompts and all(any(p in text for p in problems) for text in prompts)
+    assert not any("SUMMARY OF PREVIOUS ATTEMPT" in text for text in prompts)
+    metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         per_state = [m[f"reward_state_{k}"] for k in range(3)]
@@ -528,18 +534,6 @@ def test_rc_grpo_runs_and_logs_per_state_metrics(tmp_path):
         assert drawn and all(0.0 <= r <= 1.0 for r in drawn)
         assert m["summaries_cut"] >= 0 and 0.0 <= m["summary_length_mean"] <= 8
         assert m["packed_rows"] > 0 and np.isfinite(m["loss"]) and m["trajectory_s"] > 0
-
-
-def test_rc_grader_sees_the_original_problem(tmp_path):
-    with JudgeServer(default=("score", 7)) as server:
-        result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY_RC,
-                                 *_judge_args(server, tmp_path), "steps=1", f"output_dir={tmp_path / 'run'}"],
-                                cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
-        prompts = [body["messages"][-1]["content"] for body in server.bodies]
-    assert result.returncode == 0, result.stderr[-3000:]
-    problems = [json.loads(line)["problem"] for line in (REPO / "configs/data/tiny_proofs.jsonl").open()]
-    assert prompts and all(any(p in text for p in problems) for text in prompts)
-    assert not any("SUMMARY OF PREVIOUS ATTEMPT" in text for text in prompts)
 
 
 def test_rc_recipe_config_loads_with_1024_samples_per_step():
