@@ -51,7 +51,7 @@ GENERATIONS = {
     "v6e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=32),
 }
 _ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator type for v5e slices
-_CLOUD_NAMES = {"v5e": "v5litepod"}
+_CLOUD_NAMES = {generation: cloud for cloud, generation in _ALIASES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
