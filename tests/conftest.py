@@ -12,14 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A persistent compilation cache for the test run, which the processes the tests start inherit:
 # trainers killed and resumed, the pipeline run three times, all compile the same tiny programs.
-# One folder per pytest-xdist worker (JAX writes its entries unlocked); the first process removes
-# them all when the run ends.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ or "QED_JAX_TEST_XLA_CACHE" in os.environ:
-    if "QED_JAX_TEST_XLA_CACHE" not in os.environ:
-        os.environ["QED_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="qed-jax-test-xla-cache-")
-        atexit.register(shutil.rmtree, os.environ["QED_JAX_TEST_XLA_CACHE"], ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["QED_JAX_TEST_XLA_CACHE"],
-                                                          os.environ.get("PYTEST_XDIST_WORKER", "main"))
+# The first pytest process makes it and removes it when the run ends; each pytest-xdist worker
+# keeps a folder of its own in it (JAX writes its entries unlocked).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qed-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                                          os.environ["PYTEST_XDIST_WORKER"])
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
