@@ -16,9 +16,11 @@ implementations that compute the same thing:
 
 `auto` picks among them by backend and length (see `choose_implementation`).
 
-`cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, always
-with XLA (one query token per row: there is no T² to avoid); `split_cached_attention` does the
-same over the per-layer cache layout a decode loop uses on CPU (see `qed_jax.model.KVCache`).
+`cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, in plain
+JAX (one query token per row: there is no T² to avoid), reading only the chunks of the cache
+that some row attends to; `split_cached_attention` does the same over the per-layer cache
+layout a decode loop uses on CPU (see `qed_jax.model.KVCache`), reading it whole: on CPU,
+slicing chunks out of it cost more than the dead slots they skip.
 
 Sharding contract for `splash`. Mosaic kernels are not partitioned by the compiler, so the kernel
 runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`:
@@ -116,12 +118,69 @@ def xla_attention(q, k, v, segment_ids=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
 
 
-def cached_attention(q, k, v, positions):
+# A decode step over the stacked cache reads it in chunks, only those up to the furthest slot
+# any row attends to: from a short prompt to a long budget, about half the slots on average. A
+# cache of at most MIN_DECODE_CHUNK slots is read whole; a longer one in at most DECODE_CHUNKS
+# chunks, each a multiple of 128 slots (TPU's lane width) and at least MIN_DECODE_CHUNK: few
+# enough that each loop step moves megabytes, many enough that the last chunk's dead slots stay
+# a small share.
+DECODE_CHUNKS = 8
+MIN_DECODE_CHUNK = 512
+
+
+def decode_chunk(max_len: int) -> int:
+    """Slots per chunk that `cached_attention` reads a cache of `max_len` slots in (max_len: whole)."""
+    chunk = max(MIN_DECODE_CHUNK, -(-max_len // (DECODE_CHUNKS * 128)) * 128)
+    return min(chunk, max_len)
+
+
+def cached_attention(q, k, v, positions, layer=None, *, chunk: int | None = None):
     """Attention of new tokens over one layer of a KV cache: token t of row b attends to slots
-    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H]; positions [B, T]."""
-    slots = jnp.arange(k.shape[1])
-    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H], or the stacked cache [L, B, S, K, H]
+    and `layer` (an int or a traced index). Returns [B, T, N, H] in q's dtype.
+
+    The cache is read `chunk` slots at a time (default `decode_chunk(S)`) with an online softmax
+    (as flash attention does), in a loop that stops after the chunk holding the largest of
+    `positions`: slots past every row's position are never read, so a step costs what the live
+    part of the cache costs (the recipe's rollouts, a 4,096-slot prompt and a budget of 49,152,
+    read 0.6 of the cache on average). Each chunk is sliced from the cache as it is read: a
+    layer sliced out before the loop would be a copy of all its slots. With chunk == S the cache
+    is read whole, without a loop."""
+    B, T, N, H = q.shape
+    S, K = k.shape[-3], k.shape[-2]
+    chunk = min(chunk or decode_chunk(S), S)
+    f32 = jnp.float32
+    q = q.reshape(B, T, K, N // K, H)
+    lead = () if layer is None else (layer,)  # the layer's index in a stacked cache
+
+    def read(cache, start):  # slots start..start+chunk → [B, chunk, K, H] in q's dtype
+        sizes = (1,) * len(lead) + (B, chunk, K, H)
+        return jax.lax.dynamic_slice(cache, lead + (0, start, 0, 0), sizes).reshape(sizes[-4:]).astype(q.dtype)
+
+    def step(i, carry):
+        top, total, out = carry  # running max and sum of exp [B, K, G, T], output [B, K, G, T, H]
+        start = jnp.minimum(i * chunk, S - chunk)  # the last chunk ends at slot S (it may overlap)
+        scores = jnp.einsum("btkgh,bckh->bkgtc", q, read(k, start), preferred_element_type=f32) * f32(H ** -0.5)
+        slots = start + jnp.arange(chunk)
+        visible = (slots >= i * chunk)[None, None, :] & (slots[None, None, :] <= positions[:, :, None])  # [B, T, C]
+        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(f32).min)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+        probs = jnp.exp(scores - new_top[..., None])
+        rescale = jnp.exp(top - new_top)
+        total = total * rescale + jnp.sum(probs, axis=-1)
+        out = out * rescale[..., None] + jnp.einsum("bkgtc,bckh->bkgth", probs.astype(q.dtype), read(v, start),
+                                                    preferred_element_type=f32)
+        return new_top, total, out
+
+    G = N // K
+    init = (jnp.full((B, K, G, T), jnp.finfo(f32).min, f32), jnp.zeros((B, K, G, T), f32),
+            jnp.zeros((B, K, G, T, H), f32))
+    if chunk == S:
+        _, total, out = step(0, init)
+    else:  # slot 0, which every row sees, is in chunk 0: the loop runs at least once
+        _, total, out = jax.lax.fori_loop(0, jnp.max(positions) // chunk + 1, step, init)
+    out = out / total[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
 # Slots per key tile in the split layout: a tile's keys are [H, KEY_TILE], so one new token's

@@ -31,10 +31,13 @@ _REMAT_POLICIES = {
 class KVCache(NamedTuple):
     """Keys and values for every layer; slot s of a row holds the token at position s.
 
-    Stacked, both are [L, B, S, K, H]: a new token's keys and values are a contiguous write,
-    and TPU reads them in place. A decode loop on CPU works on the per-layer form instead
-    (`unstacked`): a tuple of L arrays per side, keys in tiles [B, K, S / C, H, C] and values
-    [B, K, S, H], the layouts its attention products read in place
+    Stacked, both are [L, B, S, K, H]: a new token's keys and values are a contiguous write.
+    XLA:TPU copies each chunk of slots a decode step reads (`attention.cached_attention`) into
+    [B, K, S, H] order for the attention products; stacked in that order instead, the cache
+    was copied whole into this one around the decode loop, for its writes (16 GiB more
+    temporaries in the 4B decode loop on v5p-8). A decode loop on CPU works on the per-layer
+    form (`unstacked`): a tuple of L arrays per side, keys in tiles [B, K, S / C, H, C] and
+    values [B, K, S, H], the layouts its attention products read in place
     (`attention.to_split_layout`); in the stacked layout XLA:CPU copied each layer's cache into
     them on every step."""
 
@@ -183,7 +186,8 @@ class Qwen3(nnx.Module):
         attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache);
         with `logits_at` [B] (an index into T per row), logits [B, V] at that token only, so a
         prefill never computes the vocabulary projection for every prompt position. Attention
-        is XLA's over the whole cache; prompts written from position 0 go faster by `prefill`.
+        reads the cache's chunks up to the furthest position (`attention.cached_attention`);
+        prompts written from position 0 go faster by `prefill`.
 
         With `weights` (from `decode_weights`, and `cache.unstacked()`), the layers run one by
         one over per-layer arrays instead of a scan over the stacked ones, feature-major (see
@@ -192,9 +196,10 @@ class Qwen3(nnx.Module):
 
         def attend(q, k, v, cache, layer):
             cache = cache.write(layer, rows, positions, k, v)
-            attention = split_cached_attention if isinstance(cache.k, tuple) else cached_attention
-            k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-            return attention(q, k, v, positions), cache
+            if isinstance(cache.k, tuple):
+                k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
+                return split_cached_attention(q, k, v, positions), cache
+            return cached_attention(q, cache.k, cache.v, positions, layer), cache
 
         if weights is not None:
             return self._decode_feature_major(input_ids, positions, cache, attend, weights, logits_at)

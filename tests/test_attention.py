@@ -209,11 +209,46 @@ def test_config_attention_field():
         TINY.replace(attention="flash")
 
 
+def _decode_reference(q, k, v, positions):
+    """jax.nn.dot_product_attention of new tokens over one layer's cache [B, S, K, H]: token t of
+    row b attends to slots 0..positions[b, t]."""
+    mask = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("S,chunk,furthest", [(40, None, "last"), (192, None, "last"), (40, 16, "middle"),
+                                              (192, 64, "middle"), (200, 48, "middle"), (200, 48, "last")])
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_decode_attention_reads_the_live_chunks_only(new_tokens, S, chunk, furthest):
+    """The decode attention over the stacked cache (layer 1 of two, read in place) against
+    jax.nn.dot_product_attention, read whole (chunk None: caches this short are) or in chunks,
+    with the furthest position in the middle of the cache or at its last slot (200 slots in
+    48-slot chunks: the last chunk overlaps the one before, whose slots it must not count
+    twice). The slots past the chunk of the furthest position are NaN: no chunk there is read,
+    or the output would be NaN."""
+    rng = np.random.default_rng(3)
+    B, K, G, H = 3, 2, 3, 16
+    q = jnp.asarray(rng.normal(size=(B, new_tokens, K * G, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
+    last = S - new_tokens if furthest == "last" else S // 2
+    positions = jnp.asarray([[0], [17], [last]]) + jnp.arange(new_tokens)
+    expected = _decode_reference(q, k, v, positions)
+    if furthest == "middle":
+        dead = (int(positions.max()) // chunk + 1) * chunk
+        assert dead < S
+        k, v = k.at[:, dead:].set(jnp.nan), v.at[:, dead:].set(jnp.nan)
+    stacked_k, stacked_v = jnp.stack([jnp.zeros_like(k), k]), jnp.stack([jnp.zeros_like(v), v])
+    out = jax.jit(lambda layer: attention.cached_attention(q, stacked_k, stacked_v, positions, layer,
+                                                           chunk=chunk))(1)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("new_tokens", [1, 3])
 @pytest.mark.parametrize("S", [40, 192])  # key tiles of 8 and 64 slots
 def test_split_cached_attention_equals_dot_product_attention(new_tokens, S):
     """The CPU decode loop's attention over the per-layer cache layout against
-    `cached_attention` (jax.nn.dot_product_attention) over the stacked layout."""
+    jax.nn.dot_product_attention over the stacked layout."""
     rng = np.random.default_rng(3)
     B, K, G, H = 3, 2, 3, 16
     q = jnp.asarray(rng.normal(size=(B, new_tokens, K * G, H)), jnp.float32)
@@ -223,6 +258,13 @@ def test_split_cached_attention_equals_dot_product_attention(new_tokens, S):
     split_k, split_v = attention.to_split_layout(k, v)
     assert split_k.shape[-1] == attention.key_tile(S) == (8 if S == 40 else 64)
     split = attention.split_cached_attention(q, split_k, split_v, positions)
-    np.testing.assert_allclose(split, attention.cached_attention(q, k, v, positions), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(split, _decode_reference(q, k, v, positions), rtol=1e-5, atol=1e-5)
     for mine, ref in zip(attention.from_split_layout(split_k, split_v), (k, v)):
         np.testing.assert_array_equal(mine, ref)
+
+
+def test_decode_chunks():
+    """Caches up to 512 slots are read whole; longer ones in at most 8 chunks of a multiple of
+    128 slots, at least 512 (the recipe's 4,096 + 49,152 slots: chunks of 6,656)."""
+    assert [attention.decode_chunk(n) for n in (104, 512, 513, 4096, 4097, 53248)] == \
+        [104, 512, 512, 512, 640, 6656]

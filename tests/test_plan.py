@@ -274,3 +274,34 @@ def test_4b_decode_loop_keeps_one_copy_of_the_kv_cache(libtpu):
     cache_per_chip = 2 * 4 * 32 * 10240 * model.num_kv_heads * model.head_dim * 2 / 4
     assert decode.error is None and decode.arguments > cache_per_chip
     assert decode.temporaries < cache_per_chip  # 0.39x here; 1.39x with the cache copied twice
+
+
+@pytest.mark.tpu_compile
+def test_tpu_decode_loop_copies_the_live_chunks_of_the_cache_not_whole_layers(libtpu):
+    """XLA:TPU copies the cache slots a decode step's attention reads into [B, K, S, H] order.
+    Compiled for v5p-8, the decode loop over a 4,096-slot cache (chunks of 512) copies one
+    chunk at a time, never a whole layer (as it did at every step while attention read the
+    whole cache)."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from qed_jax import sampling
+    from qed_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1), devices=libtpu)
+    model = PRESETS["qwen3-0.6b"].replace(param_dtype="bfloat16", dtype="bfloat16")
+    rows, slots = 8, 4096
+    graphdef, weights = plan.abstract_params(model, mesh)
+    cache = plan.kv_cache(model, rows, slots, model.dtype, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = plan.sharded(jax.eval_shape(lambda: jax.random.key(0)), replicated)
+    controls = [plan.by_rows((rows,), dtype, mesh) for dtype in (jnp.float32, jnp.int32, jnp.float32, jnp.int32)]
+    with jax.set_mesh(mesh):
+        hlo = sampling.decode_loop.trace(
+            graphdef, slots - 64, weights, plan.by_rows((rows, model.vocab_size), jnp.float32, mesh),
+            plan.by_rows((rows,), jnp.int32, mesh), cache, key, *controls,
+            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)).lower().compile().as_text()
+    copied_slots = {int(m.group(1)) for m in re.finditer(
+        rf"= bf16\[1,2,(\d+),{model.num_kv_heads},{model.head_dim}\]\{{[^}}]*\}} copy\(", hlo)}
+    assert copied_slots == {512}

@@ -55,6 +55,35 @@ def test_greedy_matches_transformers_generate(tiny):
         assert c.finish_reason == "length" and len(c.tokens) == 40
 
 
+@pytest.fixture
+def fresh_jit_caches():
+    """Clears jit's caches before and after a test that changes what a traced function does
+    (compiled decode loops of other tests would be reused, or this test's kept)."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def test_greedy_reading_the_stacked_cache_in_chunks_matches_transformers(tiny, monkeypatch, fresh_jit_caches):
+    """The decode loop over the stacked cache with a scan over layers (the accelerators'), reading
+    its 104-slot cache (prompt bucket 64 + 40 new tokens) in chunks of 16 slots, only those up
+    to the furthest position (the last chunk overlaps the one before)."""
+    import torch
+
+    from qed_jax import attention
+
+    monkeypatch.setattr(attention, "decode_chunk", lambda max_len: 16)
+    monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
+    monkeypatch.setattr(sampling, "unstacked_layers", lambda: False)
+    hf, model = tiny
+    completions = Sampler(model).generate_ids(PROMPTS, SamplingParams(max_new_tokens=40, temperature=0.0),
+                                              jax.random.key(0), stop_ids=[])
+    for prompt, c in zip(PROMPTS, completions):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert c.tokens == ref[0, len(prompt):].tolist()
+
+
 def test_logprobs_equal_log_softmax_of_tempered_logits(tiny):
     _, model = tiny
     temperature = 0.7
