@@ -42,16 +42,22 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def test_greedy_matches_transformers_generate(tiny):
+def _assert_greedy_matches_transformers(tiny, max_new_tokens=40):
+    """The sampler's greedy completions of PROMPTS are transformers' `generate`'s; returns them."""
     import torch
 
     hf, model = tiny
-    completions = Sampler(model).generate_ids(PROMPTS, SamplingParams(max_new_tokens=40, temperature=0.0),
-                                              jax.random.key(0), stop_ids=[])
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    completions = Sampler(model).generate_ids(PROMPTS, greedy, jax.random.key(0), stop_ids=[])
     for prompt, c in zip(PROMPTS, completions):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
         assert c.tokens == ref[0, len(prompt):].tolist()
+    return completions
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    for c in _assert_greedy_matches_transformers(tiny):
         assert c.finish_reason == "length" and len(c.tokens) == 40
 
 
@@ -68,20 +74,12 @@ def test_greedy_reading_the_stacked_cache_in_chunks_matches_transformers(tiny, m
     """The decode loop over the stacked cache with a scan over layers (the accelerators'), reading
     its 104-slot cache (prompt bucket 64 + 40 new tokens) in chunks of 16 slots, only those up
     to the furthest position (the last chunk overlaps the one before)."""
-    import torch
-
     from qed_jax import attention
 
     monkeypatch.setattr(attention, "decode_chunk", lambda max_len: 16)
     monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
     monkeypatch.setattr(sampling, "unstacked_layers", lambda: False)
-    hf, model = tiny
-    completions = Sampler(model).generate_ids(PROMPTS, SamplingParams(max_new_tokens=40, temperature=0.0),
-                                              jax.random.key(0), stop_ids=[])
-    for prompt, c in zip(PROMPTS, completions):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        assert c.tokens == ref[0, len(prompt):].tolist()
+    _assert_greedy_matches_transformers(tiny)
 
 
 def test_logprobs_equal_log_softmax_of_tempered_logits(tiny):
@@ -162,7 +160,17 @@ def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
     assert sum("prefill" in m for m in compiles) == 1, compiles
 
 
-def test_sharded_greedy_equals_unsharded(tmp_path):
+@pytest.mark.parametrize("layers", ["per-layer", "stacked, in chunks"])
+def test_sharded_greedy_equals_unsharded(tmp_path, monkeypatch, fresh_jit_caches, layers):
+    """Rows over data x fsdp, kv heads over tensor; CPU's decode over per-layer arrays, or the
+    accelerators' over the stacked cache read in 16-slot chunks (the chunk loop's length is the
+    furthest position over rows on every shard)."""
+    if layers != "per-layer":
+        from qed_jax import attention
+
+        monkeypatch.setattr(attention, "decode_chunk", lambda max_len: 16)
+        monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
+        monkeypatch.setattr(sampling, "unstacked_layers", lambda: False)
     make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, seed=3)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     prompts = PROMPTS + [[1, 2, 3], [4], [8, 9, 10, 11]]
