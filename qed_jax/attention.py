@@ -120,18 +120,18 @@ def xla_attention(q, k, v, segment_ids=None):
 
 # A decode step over the stacked cache reads it in chunks, only those up to the furthest slot
 # any row attends to: from a short prompt to a long budget, about half the slots on average. A
-# cache of at most MIN_DECODE_CHUNK slots is read whole; a longer one in at most DECODE_CHUNKS
-# chunks, each a multiple of 128 slots (TPU's lane width) and at least MIN_DECODE_CHUNK: few
-# enough that each loop step moves megabytes, many enough that the last chunk's dead slots stay
-# a small share.
+# cache is split into at most DECODE_CHUNKS chunks of equal length (the last one may overlap the
+# one before by fewer slots than there are chunks), each of at least MIN_DECODE_CHUNK slots: few
+# enough that each loop step moves megabytes, many enough that the dead slots of the last chunk
+# read stay a small share. A cache shorter than two such chunks is read whole.
 DECODE_CHUNKS = 8
 MIN_DECODE_CHUNK = 512
 
 
 def decode_chunk(max_len: int) -> int:
     """Slots per chunk that `cached_attention` reads a cache of `max_len` slots in (max_len: whole)."""
-    chunk = max(MIN_DECODE_CHUNK, -(-max_len // (DECODE_CHUNKS * 128)) * 128)
-    return min(chunk, max_len)
+    chunks = min(DECODE_CHUNKS, max_len // MIN_DECODE_CHUNK)
+    return max_len if chunks <= 1 else -(-max_len // chunks)
 
 
 def cached_attention(q, k, v, positions, layer=None, *, chunk: int | None = None):

@@ -232,7 +232,7 @@ def test_decode_attention_reads_the_live_chunks_only(new_tokens, S, chunk, furth
     k = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32)
     last = S - new_tokens if furthest == "last" else S // 2
-    positions = jnp.asarray([[0], [17], [last]]) + jnp.arange(new_tokens)
+    positions = jnp.asarray([[0], [14], [last]]) + jnp.arange(new_tokens)  # row 1 crosses slot 16
     expected = _decode_reference(q, k, v, positions)
     if furthest == "middle":
         dead = (int(positions.max()) // chunk + 1) * chunk
@@ -264,7 +264,12 @@ def test_split_cached_attention_equals_dot_product_attention(new_tokens, S):
 
 
 def test_decode_chunks():
-    """Caches up to 512 slots are read whole; longer ones in at most 8 chunks of a multiple of
-    128 slots, at least 512 (the recipe's 4,096 + 49,152 slots: chunks of 6,656)."""
-    assert [attention.decode_chunk(n) for n in (104, 512, 513, 4096, 4097, 53248)] == \
-        [104, 512, 512, 512, 640, 6656]
+    """Caches shorter than two 512-slot chunks are read whole; longer ones in at most 8 chunks of
+    equal length, at least 512 slots (the recipe's 4,096 + 49,152 slots: chunks of 6,656). All
+    chunks together never span more than the cache and one slot per chunk."""
+    sizes = (104, 612, 1023, 1024, 1025, 1152, 4096, 4097, 53248, 53249)
+    chunks = [attention.decode_chunk(n) for n in sizes]
+    assert chunks == [104, 612, 1023, 512, 513, 576, 512, 513, 6656, 6657]
+    for n, chunk in zip(sizes, chunks):
+        count = -(-n // chunk)
+        assert count <= 8 and (count == 1 or chunk >= 512) and count * chunk - n < count

@@ -73,7 +73,7 @@ def fresh_jit_caches():
 def test_greedy_reading_the_stacked_cache_in_chunks_matches_transformers(tiny, monkeypatch, fresh_jit_caches):
     """The decode loop over the stacked cache with a scan over layers (the accelerators'), reading
     its 104-slot cache (prompt bucket 64 + 40 new tokens) in chunks of 16 slots, only those up
-    to the furthest position (the last chunk overlaps the one before)."""
+    to the furthest position (slot 52: four chunks)."""
     from qed_jax import attention
 
     monkeypatch.setattr(attention, "decode_chunk", lambda max_len: 16)
