@@ -134,10 +134,12 @@ def decode_chunk(max_len: int) -> int:
     return max_len if chunks <= 1 else -(-max_len // chunks)
 
 
-def cached_attention(q, k, v, positions, layer=None, *, chunk: int | None = None):
-    """Attention of new tokens over one layer of a KV cache: token t of row b attends to slots
-    0..positions[b, t]. q [B, T, N, H]; k, v [B, S, K, H], or the stacked cache [L, B, S, K, H]
-    and `layer` (an int or a traced index). Returns [B, T, N, H] in q's dtype.
+def cached_attention(q, k, v, positions, layer, *, furthest=None, chunk: int | None = None):
+    """Attention of new tokens over layer `layer` (an int or a traced index) of the stacked KV
+    cache k, v [L, B, S, K, H]: token t of row b attends to slots 0..positions[b, t].
+    q [B, T, N, H]; returns [B, T, N, H] in q's dtype. `furthest` is the largest of `positions`
+    (computed here when not given: a decoder passes it once for all its layers, as over sharded
+    rows it takes an all-reduce).
 
     The cache is read `chunk` slots at a time (default `decode_chunk(S)`) with an online softmax
     (as flash attention does), in a loop that stops after the chunk holding the largest of
@@ -147,15 +149,15 @@ def cached_attention(q, k, v, positions, layer=None, *, chunk: int | None = None
     layer sliced out before the loop would be a copy of all its slots. With chunk == S the cache
     is read whole, without a loop."""
     B, T, N, H = q.shape
-    S, K = k.shape[-3], k.shape[-2]
+    S, K = k.shape[2], k.shape[3]
+    G = N // K
     chunk = min(chunk or decode_chunk(S), S)
     f32 = jnp.float32
-    q = q.reshape(B, T, K, N // K, H)
-    lead = () if layer is None else (layer,)  # the layer's index in a stacked cache
+    q = q.reshape(B, T, K, G, H)
 
-    def read(cache, start):  # slots start..start+chunk → [B, chunk, K, H] in q's dtype
-        sizes = (1,) * len(lead) + (B, chunk, K, H)
-        return jax.lax.dynamic_slice(cache, lead + (0, start, 0, 0), sizes).reshape(sizes[-4:]).astype(q.dtype)
+    def read(cache, start):  # slots start..start+chunk of the layer → [B, chunk, K, H] in q's dtype
+        block = jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, B, chunk, K, H))
+        return block[0].astype(q.dtype)
 
     def step(i, carry):
         top, total, out = carry  # running max and sum of exp [B, K, G, T], output [B, K, G, T, H]
@@ -172,13 +174,13 @@ def cached_attention(q, k, v, positions, layer=None, *, chunk: int | None = None
                                                     preferred_element_type=f32)
         return new_top, total, out
 
-    G = N // K
     init = (jnp.full((B, K, G, T), jnp.finfo(f32).min, f32), jnp.zeros((B, K, G, T), f32),
             jnp.zeros((B, K, G, T, H), f32))
     if chunk == S:
         _, total, out = step(0, init)
     else:  # slot 0, which every row sees, is in chunk 0: the loop runs at least once
-        _, total, out = jax.lax.fori_loop(0, jnp.max(positions) // chunk + 1, step, init)
+        furthest = jnp.max(positions) if furthest is None else furthest
+        _, total, out = jax.lax.fori_loop(0, furthest // chunk + 1, step, init)
     out = out / total[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 

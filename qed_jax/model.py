@@ -193,13 +193,14 @@ class Qwen3(nnx.Module):
         one over per-layer arrays instead of a scan over the stacked ones, feature-major (see
         `unstacked_layers` and `_decode_feature_major`)."""
         rows = jnp.arange(input_ids.shape[0])[:, None]
+        furthest = jnp.max(positions)  # once for all layers (an all-reduce over sharded rows)
 
         def attend(q, k, v, cache, layer):
             cache = cache.write(layer, rows, positions, k, v)
             if isinstance(cache.k, tuple):
                 k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
                 return split_cached_attention(q, k, v, positions), cache
-            return cached_attention(q, cache.k, cache.v, positions, layer), cache
+            return cached_attention(q, cache.k, cache.v, positions, layer, furthest=furthest), cache
 
         if weights is not None:
             return self._decode_feature_major(input_ids, positions, cache, attend, weights, logits_at)
