@@ -18,17 +18,21 @@ implementations that compute the same thing:
 
 `cached_attention` serves decoding: new tokens attend to KV-cache slots 0..position, in plain
 JAX (one query token per row: there is no T² to avoid), reading only the chunks of the cache
-that some row attends to; `split_cached_attention` does the same over the per-layer cache
+that some row attends to. On TPU, one new token per row goes to `kernel_cached_attention`, a
+Pallas kernel that reads each row's live blocks of the cache where they lie (XLA:TPU copies
+every chunk the plain-JAX loop reads). `split_cached_attention` serves the per-layer cache
 layout a decode loop uses on CPU (see `qed_jax.model.KVCache`), reading it whole: on CPU,
 slicing chunks out of it cost more than the dead slots they skip.
 
-Sharding contract for `splash`. Mosaic kernels are not partitioned by the compiler, so the kernel
-runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`:
-batch over the mesh axes of the `batch` rule, heads over those of the `heads` rule (query and kv
-heads together, and only when both divide). Callers (trainers, the sampler) therefore run their
-jitted steps under `with jax.set_mesh(mesh):` (trace time is what matters). With no mesh in
-context the kernel runs unsharded, which on a multi-device mesh means the compiler gathers
-q, k, v onto every device: correct, but slow and memory-hungry.
+Sharding contract for the kernels. Mosaic kernels are not partitioned by the compiler, so each
+runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`.
+`splash`: batch over the mesh axes of the `batch` rule, heads over those of the `heads` rule
+(query and kv heads together, and only when both divide). The decode kernel: in the shards of
+the KV cache (`KV_CACHE_AXES`: rows by the `batch` rule, kv heads by `kv_heads`). Callers
+(trainers, the sampler) therefore run their jitted steps under `with jax.set_mesh(mesh):`
+(trace time is what matters). With no mesh in context a kernel runs unsharded, which on a
+multi-device mesh means the compiler gathers its inputs onto every device: correct, but slow
+and memory-hungry.
 
 Shapes: B batch, T query time, S key time, N query heads, K kv heads (N a multiple of K: grouped
 query attention, query head n reads kv head n // (N / K)), H head_dim.
@@ -36,16 +40,19 @@ query attention, query head n reads kv head n // (N / K)), H head_dim.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from qed_jax.config import ATTENTION_IMPLEMENTATIONS
-from qed_jax.sharding import DEFAULT_RULES
+from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 # `auto` thresholds. Below them the XLA path's [T, T] scores are small (T=1024: 4 MiB per head in
 # float32) and XLA fuses it well; above them T² dominates activation memory. On CPU blockwise
@@ -147,7 +154,12 @@ def cached_attention(q, k, v, positions, layer, *, furthest=None, chunk: int | N
     part of the cache costs (the recipe's rollouts, a 4,096-slot prompt and a budget of 49,152,
     read 0.6 of the cache on average). Each chunk is sliced from the cache as it is read: a
     layer sliced out before the loop would be a copy of all its slots. With chunk == S the cache
-    is read whole, without a loop."""
+    is read whole, without a loop.
+
+    On TPU, one new token per row goes to `kernel_cached_attention` instead, which reads the
+    cache in place (XLA:TPU copies each chunk of this loop before its products)."""
+    if use_decode_kernel(q, k):
+        return kernel_cached_attention(q, k, v, positions, layer)
     B, T, N, H = q.shape
     S, K = k.shape[2], k.shape[3]
     G = N // K
@@ -183,6 +195,145 @@ def cached_attention(q, k, v, positions, layer, *, furthest=None, chunk: int | N
         _, total, out = jax.lax.fori_loop(0, furthest // chunk + 1, step, init)
     out = out / total[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Pallas TPU decode kernel
+
+# Logical axes of the stacked KV cache [L, B, S, K, H], for sharding it like the activations
+# that fill it (the kernel's shard_map reads the cache in these shards).
+KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+
+# The kernel reads one row's cache `block` slots at a time, all kv heads of the shard together
+# (one contiguous copy from HBM): the largest of DECODE_KERNEL_BLOCKS that divides the cache and
+# keeps a block of keys within DECODE_KERNEL_BLOCK_BYTES. Keys and values, each double-buffered,
+# then take 4x that of VMEM (8 MiB: within every TPU generation's default scoped VMEM).
+DECODE_KERNEL_BLOCKS = (2048, 1024, 512, 256, 128)
+DECODE_KERNEL_BLOCK_BYTES = 2 * 2 ** 20
+
+
+def decode_kernel_block(slots: int, kv_heads: int, head_dim: int, itemsize: int) -> int | None:
+    """Slots per block of the decode kernel over a cache of `slots` slots, or None if none fits."""
+    return next((b for b in DECODE_KERNEL_BLOCKS
+                 if slots % b == 0 and b * kv_heads * head_dim * itemsize <= DECODE_KERNEL_BLOCK_BYTES), None)
+
+
+def use_decode_kernel(q, k) -> bool:
+    """Whether `cached_attention` runs `kernel_cached_attention`: on TPU, for one new token per
+    row, over a stacked cache that a kernel block divides (a multiple of 128 slots, as the
+    sampler's bucket + budget is for the recipe's lengths)."""
+    return (platform() == "tpu" and q.shape[1] == 1
+            and decode_kernel_block(*k.shape[2:], k.dtype.itemsize) is not None)
+
+
+def kernel_cached_attention(q, k, v, positions, layer, *, block: int | None = None, interpret: bool | None = None):
+    """`cached_attention` of one new token per row (q [B, 1, N, H], positions [B, 1]) by a Pallas
+    kernel that reads the stacked cache [L, B, S, K, H] where it lies.
+
+    For each row, the kernel walks the cache `block` slots at a time (default
+    `decode_kernel_block`) with an online softmax, as `cached_attention` does, and only up to
+    the block holding the row's position: the blocks past it are never copied from HBM (the
+    grid ends at the furthest position of the shard's rows; a shorter row repeats its last
+    block's index, which Pallas does not copy again). Each block is all kv heads of the row,
+    one contiguous copy; the grouped query heads of a kv head share its keys and values.
+
+    Runs inside `jax.shard_map` over the context mesh (see the module's sharding contract):
+    rows and kv heads in the shards of the cache (`KV_CACHE_AXES`), so the cache is read where
+    it is. `interpret` defaults to True off TPU (Pallas interpret mode: slow, for tests)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[2], k.shape[3]
+    block = block or decode_kernel_block(S, K, H, k.dtype.itemsize)
+    if T != 1 or not block or S % block:
+        raise AttentionError(f"the decode kernel reads one new token per row from a cache of whole blocks; got "
+                             f"{T} new tokens, {S} slots, block {block}. Use cached_attention")
+    if interpret is None:
+        interpret = platform() != "tpu"
+    q = q.reshape(B, K, N // K, H)
+    # A copy past the cache's end reads whatever lies beyond it: positions stay inside it.
+    positions = jnp.clip(positions.reshape(B), 0, S - 1).astype(jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+    def local(q, k, v, positions, layer):
+        # bfloat16 products at the precision Mosaic takes them in (see `_at_default_precision`)
+        bfloat16 = q.dtype == jnp.bfloat16
+        with jax.default_matmul_precision("default") if bfloat16 else contextlib.nullcontext():
+            return _decode_kernel(q, k, v, positions, layer, block, interpret)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(q, k, v, positions, layer)
+    else:
+        cache = logical_to_spec(KV_CACHE_AXES, k.shape, mesh)
+        rows, heads = cache[KV_CACHE_AXES.index("batch")], cache[KV_CACHE_AXES.index("kv_heads")]
+        queries = PartitionSpec(rows, heads, None, None)
+        # check_vma=False: the kernel's pallas_call does not declare how its output varies over
+        # mesh axes, which vma checking requires.
+        out = jax.shard_map(local, mesh=mesh, in_specs=(queries, cache, cache, PartitionSpec(rows), PartitionSpec()),
+                            out_specs=queries, check_vma=False)(q, k, v, positions, layer)
+    return out.reshape(B, 1, N, H)
+
+
+def _cache_block(row, j, layer_ref, positions_ref, *, block: int):
+    """The block of the stacked cache that the decode kernel's grid step (row, j) reads: block j
+    of the row in the layer, or past the row's position its last block again (Pallas copies a
+    block in only when its index changes, so the row's dead blocks are never copied)."""
+    return layer_ref[0], row, jnp.minimum(j, jax.lax.div(positions_ref[row], block)), 0, 0
+
+
+def _decode_kernel(q, k, v, positions, layer, block: int, interpret: bool):
+    """The pallas_call of `kernel_cached_attention` on one shard: q [B, K, G, H], the stacked
+    cache [L, B, S, K, H], positions [B], layer [1] → [B, K, G, H]. Grid (row, block)."""
+    B, K, G, H = q.shape
+    f32 = jnp.float32
+    lowest = jnp.finfo(f32).min
+    contract_last = (((1,), (1,)), ((), ()))  # [G, H] x [block, H] -> [G, block]
+    contract_slots = (((1,), (0,)), ((), ()))  # [G, block] x [block, H] -> [G, H]
+
+    def kernel(layer_ref, positions_ref, q_ref, k_ref, v_ref, out_ref, top_ref, total_ref, acc_ref):
+        row, j = pl.program_id(0), pl.program_id(1)
+        position = positions_ref[row]
+
+        @pl.when(j == 0)
+        def _start():
+            top_ref[...] = jnp.full(top_ref.shape, lowest, f32)
+            total_ref[...] = jnp.zeros(total_ref.shape, f32)
+            acc_ref[...] = jnp.zeros(acc_ref.shape, f32)
+
+        @pl.when(j * block <= position)  # blocks past the row's position: nothing to add
+        def _read_block():
+            visible = j * block + jax.lax.broadcasted_iota(jnp.int32, (G, block), 1) <= position
+            for head in range(K):  # running max and sum are [G, 128]: every lane holds the same value
+                keys, values = k_ref[:, head, :].astype(q.dtype), v_ref[:, head, :].astype(q.dtype)
+                scores = jax.lax.dot_general(q_ref[head], keys, contract_last, preferred_element_type=f32)
+                scores = jnp.where(visible, scores * f32(H ** -0.5), lowest)
+                top = top_ref[head]
+                new_top = jnp.maximum(top, jnp.max(scores, axis=1, keepdims=True))
+                probs = jnp.exp(scores - new_top[:, :1])
+                rescale = jnp.exp(top - new_top)
+                total_ref[head] = total_ref[head] * rescale + jnp.sum(probs, axis=1, keepdims=True)
+                top_ref[head] = new_top
+                acc_ref[head] = acc_ref[head] * rescale[:, :1] + jax.lax.dot_general(
+                    probs.astype(q.dtype), values, contract_slots, preferred_element_type=f32)
+
+        @pl.when(j == pl.num_programs(1) - 1)
+        def _finish():
+            out_ref[...] = (acc_ref[...] / total_ref[...][..., :1]).astype(out_ref.dtype)
+
+    def query_block(row, j, *_):
+        return row, 0, 0, 0
+
+    grid = (B, jnp.max(positions) // block + 1)  # ends at the shard's furthest position
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=grid,
+        in_specs=[pl.BlockSpec((None, K, G, H), query_block),
+                  pl.BlockSpec((None, None, block, K, H), partial(_cache_block, block=block)),
+                  pl.BlockSpec((None, None, block, K, H), partial(_cache_block, block=block))],
+        out_specs=pl.BlockSpec((None, K, G, H), query_block),
+        scratch_shapes=[pltpu.VMEM((K, G, 128), f32), pltpu.VMEM((K, G, 128), f32), pltpu.VMEM((K, G, H), f32)])
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+    )(layer, positions, q, k, v)
 
 
 # Slots per key tile in the split layout: a tile's keys are [H, KEY_TILE], so one new token's

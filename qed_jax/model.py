@@ -31,10 +31,10 @@ _REMAT_POLICIES = {
 class KVCache(NamedTuple):
     """Keys and values for every layer; slot s of a row holds the token at position s.
 
-    Stacked, both are [L, B, S, K, H]: a new token's keys and values are a contiguous write.
-    XLA:TPU copies each chunk of slots a decode step reads (`attention.cached_attention`) into
-    [B, K, S, H] order for the attention products; stacked in that order instead, the cache
-    was copied whole into this one around the decode loop, for its writes (16 GiB more
+    Stacked, both are [L, B, S, K, H]: a new token's keys and values are a contiguous write,
+    and on TPU the decode kernel reads a block of a row's slots, all kv heads, as one contiguous
+    copy (`attention.kernel_cached_attention`). Stacked in [L, B, K, S, H] order instead, the
+    cache was copied whole into this one around the decode loop, for its writes (16 GiB more
     temporaries in the 4B decode loop on v5p-8). A decode loop on CPU works on the per-layer
     form (`unstacked`): a tuple of L arrays per side, keys in tiles [B, K, S / C, H, C] and
     values [B, K, S, H], the layouts its attention products read in place
@@ -93,10 +93,6 @@ class DecodeWeights(NamedTuple):
 
     layers: list  # each decoder layer's weights, {name: array}
     head: jax.Array  # [V, D]
-
-
-# Logical axes of the cache, for sharding it like the activations that fill it.
-KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:

@@ -25,8 +25,9 @@ from flax import nnx
 from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qed_jax.attention import KV_CACHE_AXES
 from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
-from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3
+from qed_jax.model import KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
 from qed_jax.trainer import batch_sharding, check_rows_divide, decay_mask, make_optimizer
 
@@ -404,7 +405,7 @@ def sampler_programs(model: ModelConfig, mesh, wave: int, prompt_len: int, max_n
     from qed_jax import sampling
 
     graphdef, weights = abstract_params(model, mesh)
-    cache = kv_cache(model, wave, prompt_len + max_new_tokens, model.dtype, mesh)
+    cache = kv_cache(model, wave, sampling.cache_slots(prompt_len + max_new_tokens), model.dtype, mesh)
     lengths = by_rows((wave,), jnp.int32, mesh)
     prefill = compile_program("prefill", sampling.prefill, (
         graphdef, weights, by_rows((wave, prompt_len), jnp.int32, mesh), lengths, cache),
@@ -530,7 +531,7 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     summarizer = rc_summarizer_model(config.rc, sampling_model)[0] if config.rc else None
     frozen_bytes = bytes_per_chip(abstract_params(summarizer, sampling_mesh)[1]) if summarizer else 0
     prompt_len = sampling.bucket_length(config.max_prompt_length)
-    cache_len = prompt_len + config.max_new_tokens
+    cache_len = sampling.cache_slots(prompt_len + config.max_new_tokens)
     ways = batch_ways(sampling_mesh)
     row_bytes = bytes_per_chip(kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)) / ways
     fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes - frozen_bytes), row_bytes, ways,

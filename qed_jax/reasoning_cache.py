@@ -33,8 +33,8 @@ from flax import nnx
 from qed_jax.config import ConfigError, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
-                              cache_shards, decode_loop, fetch, mesh_context, new_kv_cache, prefill,
-                              put_rows)
+                              cache_shards, cache_slots, decode_loop, fetch, mesh_context, new_kv_cache,
+                              prefill, put_rows)
 from qed_jax.sharding import DEFAULT_RULES
 
 REASONING_SLOTS = ("problem", "summary")
@@ -373,11 +373,12 @@ def rc_loop(policy_def, summarizer_def, shape: LoopShape, policy_state, summariz
 def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
                   ) -> tuple[int, ...]:
     """KV slots of the policy's and the summarizer's cache (one cache when the policy summarizes
-    itself): each role's widest prompt plus its budget."""
+    itself): each role's widest prompt plus its budget, rounded up as `cache_slots` does."""
     reasoning = prompts.reasoning.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
     summarize = (prompts.summarize.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
                  + shape.summarizer_tokens)
-    return (reasoning, summarize) if separate_summarizer else (max(reasoning, summarize),)
+    lengths = (reasoning, summarize) if separate_summarizer else (max(reasoning, summarize),)
+    return tuple(cache_slots(n) for n in lengths)
 
 
 # --------------------------------------------------------------------------------------------

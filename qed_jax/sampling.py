@@ -2,7 +2,7 @@
 that decodes one token per step for the whole batch.
 
 Static shapes: prompts are right-padded to a length bucket, the cache holds bucket +
-max_new_tokens slots, and sampling controls (temperature, top-k, top-p, stop ids, per-row
+max_new_tokens slots (rounded up to a multiple of 128: `cache_slots`), and sampling controls (temperature, top-k, top-p, stop ids, per-row
 budgets) are traced arrays, so changing them never recompiles. Each row keeps its own positions,
 so prompts of different lengths decode exactly.
 
@@ -26,9 +26,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from qed_jax.attention import KV_CACHE_AXES
 from qed_jax.config import ConfigError, ModelConfig, check_sampling
 from qed_jax.errors import DeviceCallInterrupted
-from qed_jax.model import KV_CACHE_AXES, KVCache, Qwen3, unstacked_layers
+from qed_jax.model import KVCache, Qwen3, unstacked_layers
 from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -182,6 +183,17 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
 # Host side
 
 
+# KV caches hold a multiple of this many slots: TPU's decode kernel reads a cache in whole
+# blocks of 128-2048 slots (`attention.decode_kernel_block`), and XLA's loop otherwise.
+CACHE_SLOT_MULTIPLE = 128
+
+
+def cache_slots(tokens: int) -> int:
+    """Slots of a KV cache for `tokens` tokens (a prompt bucket and a budget of new tokens): the
+    next multiple of CACHE_SLOT_MULTIPLE."""
+    return -(-tokens // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
+
+
 def bucket_length(length: int, buckets=DEFAULT_BUCKETS) -> int:
     for b in buckets:
         if length <= b:
@@ -306,8 +318,9 @@ class Sampler:
         n = params.max_new_tokens
         width = bucket_length(max(len(p) for p in prompts), self.buckets)
         budgets = np.minimum(np.array(budgets if budgets is not None else [n] * len(prompts), np.int32), n)
-        rows = self.wave_rows(len(prompts), width + n)
-        cache = self._cache(rows, width + n)
+        cache_len = cache_slots(width + n)
+        rows = self.wave_rows(len(prompts), cache_len)
+        cache = self._cache(rows, cache_len)
 
         def per_row(value, dtype):
             return self._put(np.full((rows,), value, dtype))

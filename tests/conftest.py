@@ -29,6 +29,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from tests.helpers import make_hf_model  # noqa: E402,F401
 
 
+@pytest.fixture
+def fresh_jit_caches():
+    """Clears jit's caches before and after a test that changes what a traced function does
+    (compiled decode loops of other tests would be reused, or this test's kept)."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
     """A tiny tied Qwen3 saved as a Hugging Face folder, with a tokenizer."""

@@ -244,6 +244,73 @@ def test_decode_attention_reads_the_live_chunks_only(new_tokens, S, chunk, furth
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def _cache_past_each_rows_block(cache, positions, block):
+    """The cache [B, S, K, H] with every slot past the block of its row's position set to NaN."""
+    cache = np.array(cache)
+    for row, position in enumerate(np.asarray(positions)[:, 0]):
+        cache[row, (position // block + 1) * block:] = np.nan
+    return jnp.asarray(cache)
+
+
+@pytest.mark.parametrize("S,block,rows", [(512, 128, (0, 130, 300)), (256, None, (0, 127, 255)),
+                                          (384, 128, (383, 5, 200))])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_decode_kernel_reads_each_rows_live_blocks_only(S, block, rows, cache_dtype):
+    """The Pallas decode kernel (interpret mode), layer 1 of the stacked cache, against
+    jax.nn.dot_product_attention: grouped query heads, a position at the first slot, at a
+    block's last and next slot, and at the cache's last; a float32 or bfloat16 cache under
+    float32 queries. Every slot past the block of its row's position is NaN: no such block is
+    read (a row shorter than another stops at its own), or the output would be NaN."""
+    rng = np.random.default_rng(5)
+    B, K, G, H = 3, 2, 3, 16
+    q = jnp.asarray(rng.normal(size=(B, 1, K * G, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, S, K, H)), cache_dtype) for _ in range(2))
+    positions = jnp.asarray(rows)[:, None]
+    expected = _decode_reference(q, k.astype(jnp.float32), v.astype(jnp.float32), positions)
+    read = block or attention.decode_kernel_block(S, K, H, k.dtype.itemsize)
+    k, v = (_cache_past_each_rows_block(x, positions, read) for x in (k, v))
+    stacked_k, stacked_v = jnp.stack([jnp.zeros_like(k), k]), jnp.stack([jnp.zeros_like(v), v])
+    out = jax.jit(lambda layer: attention.kernel_cached_attention(q, stacked_k, stacked_v, positions, layer,
+                                                                  block=block))(1)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_in_the_shards_of_the_cache():
+    """On a data x fsdp x tensor mesh (8 CPU devices), the kernel runs on each shard of the
+    cache: rows over data and fsdp, kv heads over tensor. Same result as unsharded."""
+    rng = np.random.default_rng(6)
+    B, K, G, H, S = 4, 2, 2, 16, 256
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    q = jnp.asarray(rng.normal(size=(B, 1, K * G, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, B, S, K, H)), jnp.float32) for _ in range(2))
+    positions = jnp.asarray([[3], [200], [64], [255]])
+    expected = _decode_reference(q, k[1], v[1], positions)
+    cache = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: attention.kernel_cached_attention(q, k, v, positions, 1, block=64))(
+            q, jax.device_put(k, cache), jax.device_put(v, cache))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_blocks():
+    """The largest block of 128-2048 slots that divides the cache and keeps a block of keys
+    within 2 MiB; none for caches that are not a multiple of 128 slots (the chunk loop serves
+    them). Off TPU, `cached_attention` never picks the kernel."""
+    block = attention.decode_kernel_block
+    assert block(53248, 8, 128, 2) == 1024  # the 4B recipe's rollouts in bfloat16
+    assert block(53248, 8, 128, 4) == 512 and block(53248, 4, 128, 2) == 2048
+    assert block(4096 + 384, 8, 128, 2) == 128 and block(104, 8, 128, 2) is None
+    # Grid step (row, j) reads block j of the row, past its position its last block again.
+    layer, positions = jnp.asarray([3]), jnp.asarray([130, 511])
+    assert [attention._cache_block(0, j, layer, positions, block=128) for j in range(4)] == \
+        [(3, 0, j, 0, 0) for j in (0, 1, 1, 1)]
+    assert [attention._cache_block(1, j, layer, positions, block=128)[2] for j in range(4)] == [0, 1, 2, 3]
+    q, cache = jnp.zeros((2, 1, 4, 16)), jnp.zeros((1, 2, 256, 2, 16))
+    assert attention.platform() == "cpu" and not attention.use_decode_kernel(q, cache)
+    with pytest.raises(AttentionError, match="one new token per row"):
+        attention.kernel_cached_attention(jnp.zeros((2, 3, 4, 16)), cache, cache, jnp.zeros((2, 3), int), 0)
+
+
 @pytest.mark.parametrize("new_tokens", [1, 3])
 @pytest.mark.parametrize("S", [40, 192])  # key tiles of 8 and 64 slots
 def test_split_cached_attention_equals_dot_product_attention(new_tokens, S):

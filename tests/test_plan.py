@@ -185,7 +185,7 @@ def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, caps
     assert report["wave_size"] == report["samples_per_step"] == 64
     c = PRESETS["tiny"]
     assert report["kv_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # float32 sampling
-    assert report["kv_cache_length"] == 128 + 8  # the tiny config's prompt bucket + max_new_tokens
+    assert report["kv_cache_length"] == 256  # the tiny config's prompt bucket 128 + max_new_tokens 8, rounded up
     assert report["programs"][2]["resident"] == report["trainer_state_bytes_per_chip"] > 0
 
 
@@ -205,7 +205,9 @@ def test_tiny_rc_grpo_plans_its_trajectory_loop(libtpu, capsys, tmp_path):
     summarizer = by_name["apply"]["resident"]
     assert summarizer > 0 and by_name["prefill"]["resident"] == report["trainer_state_bytes_per_chip"] + summarizer
     # Two caches (policy, summarizer): each role's widest prompt (template bytes + 2 x 16 for the
-    # chat wrappers bound its own tokens; problem bucket 512; summary 8) plus its budgets.
+    # chat wrappers bound its own tokens; problem bucket 512; summary 8) plus its budgets,
+    # rounded up to a multiple of 128 slots.
+    from qed_jax import sampling
     from qed_jax.reasoning_cache import load_rc_template
 
     def template_bound(name, slots):
@@ -216,8 +218,9 @@ def test_tiny_rc_grpo_plans_its_trajectory_loop(libtpu, capsys, tmp_path):
 
     problem, summary, h_r, h_s = 512, 8, 16, 12
     assert report["rc_cache_lengths"] == [
-        template_bound("rc_reasoning", ("problem", "summary")) + problem + summary + h_r,
-        template_bound("rc_summarize", ("problem", "summary", "reasoning")) + problem + summary + h_r + h_s]
+        sampling.cache_slots(template_bound("rc_reasoning", ("problem", "summary")) + problem + summary + h_r),
+        sampling.cache_slots(template_bound("rc_summarize", ("problem", "summary", "reasoning"))
+                             + problem + summary + h_r + h_s)]
 
 
 @pytest.mark.tpu_compile
@@ -277,17 +280,22 @@ def test_4b_decode_loop_keeps_one_copy_of_the_kv_cache(libtpu):
 
 
 @pytest.mark.tpu_compile
-def test_tpu_decode_loop_copies_the_live_chunks_of_the_cache_not_whole_layers(libtpu):
-    """XLA:TPU copies the cache slots a decode step's attention reads into [B, K, S, H] order.
-    Compiled for v5p-8, the decode loop over a 4,096-slot cache (chunks of 512) copies one
-    chunk at a time, never a whole layer (as it did at every step while attention read the
-    whole cache)."""
+@pytest.mark.parametrize("reader", ["kernel", "chunk loop"])
+def test_tpu_decode_loop_reads_the_cache_in_place(libtpu, monkeypatch, fresh_jit_caches, reader):
+    """Compiled for v5p-8, the decode loop over a 4,096-slot cache: the Pallas decode kernel
+    (TPU's default) reads the cache where it lies, with no copy of any of it; XLA's chunk loop
+    (`cached_attention` elsewhere) has XLA:TPU copy the slots it reads into [B, K, S, H] order,
+    one 512-slot chunk at a time, never a whole layer (as it did at every step while attention
+    read the whole cache)."""
     import re
 
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from qed_jax import sampling
+    from qed_jax import attention, sampling
     from qed_jax.sharding import MeshConfig, make_mesh
+
+    if reader == "chunk loop":
+        monkeypatch.setattr(attention, "use_decode_kernel", lambda q, k: False)
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1), devices=libtpu)
     model = PRESETS["qwen3-0.6b"].replace(param_dtype="bfloat16", dtype="bfloat16")
@@ -304,4 +312,5 @@ def test_tpu_decode_loop_copies_the_live_chunks_of_the_cache_not_whole_layers(li
             jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)).lower().compile().as_text()
     copied_slots = {int(m.group(1)) for m in re.finditer(
         rf"= bf16\[1,2,(\d+),{model.num_kv_heads},{model.head_dim}\]\{{[^}}]*\}} copy\(", hlo)}
-    assert copied_slots == {512}
+    assert copied_slots == ({512} if reader == "chunk loop" else set())
+    assert ("tpu_custom_call" in hlo) == (reader == "kernel")

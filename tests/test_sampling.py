@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import qed_jax
-from qed_jax import cli, sampling
+from qed_jax import attention, cli, sampling
 from qed_jax.config import ConfigError, preset
 from qed_jax.errors import DeviceCallInterrupted
 from qed_jax.model import Qwen3
@@ -61,24 +61,36 @@ def test_greedy_matches_transformers_generate(tiny):
         assert c.finish_reason == "length" and len(c.tokens) == 40
 
 
-@pytest.fixture
-def fresh_jit_caches():
-    """Clears jit's caches before and after a test that changes what a traced function does
-    (compiled decode loops of other tests would be reused, or this test's kept)."""
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
-
-
 def test_greedy_reading_the_stacked_cache_in_chunks_matches_transformers(tiny, monkeypatch, fresh_jit_caches):
     """The decode loop over the stacked cache with a scan over layers (the accelerators'), reading
-    its 104-slot cache (prompt bucket 64 + 40 new tokens) in chunks of 16 slots, only those up
-    to the furthest position (slot 52: four chunks)."""
-    from qed_jax import attention
-
+    its 128-slot cache (prompt bucket 64 + 40 new tokens, rounded up) in chunks of 16 slots, only
+    those up to the furthest position (slot 52: four chunks)."""
     monkeypatch.setattr(attention, "decode_chunk", lambda max_len: 16)
     monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
     monkeypatch.setattr(sampling, "unstacked_layers", lambda: False)
+    _assert_greedy_matches_transformers(tiny)
+
+
+def _decode_by_the_kernel(monkeypatch):
+    """Decode loops over the stacked cache with its attention by the Pallas decode kernel (as on
+    TPU; interpret mode here), in 16-slot blocks."""
+    monkeypatch.setattr(attention, "use_decode_kernel", lambda q, k: q.shape[1] == 1)
+    monkeypatch.setattr(attention, "DECODE_KERNEL_BLOCKS", (16,))
+    monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
+    monkeypatch.setattr(sampling, "unstacked_layers", lambda: False)
+
+
+def test_cache_slots_are_whole_kernel_blocks():
+    """A cache holds the prompt bucket + budget rounded up to 128 slots, so that TPU's decode
+    kernel serves it (`attention.use_decode_kernel` needs whole blocks)."""
+    assert [sampling.cache_slots(n) for n in (1, 104, 128, 129, 53248, 53845)] == [128, 128, 128, 256, 53248, 53888]
+    assert all(attention.decode_kernel_block(sampling.cache_slots(n), 8, 128, 2) for n in (104, 3048, 53845))
+
+
+def test_greedy_by_the_decode_kernel_matches_transformers(tiny, monkeypatch, fresh_jit_caches):
+    """The decode loop with the Pallas decode kernel reading its 128-slot cache (prompt bucket
+    64 + 40 new tokens, rounded up) in 16-slot blocks, each row up to its own position."""
+    _decode_by_the_kernel(monkeypatch)
     _assert_greedy_matches_transformers(tiny)
 
 
@@ -160,17 +172,18 @@ def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
     assert sum("prefill" in m for m in compiles) == 1, compiles
 
 
-@pytest.mark.parametrize("layers", ["per-layer", "stacked, in chunks"])
+@pytest.mark.parametrize("layers", ["per-layer", "stacked, in chunks", "stacked, by the kernel"])
 def test_sharded_greedy_equals_unsharded(tmp_path, monkeypatch, fresh_jit_caches, layers):
     """Rows over data x fsdp, kv heads over tensor; CPU's decode over per-layer arrays, or the
-    accelerators' over the stacked cache read in 16-slot chunks (the chunk loop's length is the
-    furthest position over rows on every shard)."""
-    if layers != "per-layer":
-        from qed_jax import attention
-
+    accelerators' over the stacked cache: read in 16-slot chunks (the chunk loop's length is the
+    furthest position over rows on every shard), or by the decode kernel in each shard of the
+    cache (TPU's)."""
+    if layers == "stacked, in chunks":
         monkeypatch.setattr(attention, "decode_chunk", lambda max_len: 16)
         monkeypatch.setattr(qed_jax.model, "unstacked_layers", lambda: False)
         monkeypatch.setattr(sampling, "unstacked_layers", lambda: False)
+    elif layers == "stacked, by the kernel":
+        _decode_by_the_kernel(monkeypatch)
     make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, seed=3)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     prompts = PROMPTS + [[1, 2, 3], [4], [8, 9, 10, 11]]
