@@ -236,6 +236,29 @@ def test_a_program_that_does_not_fit_is_reported_in_one_line_and_exits_1(libtpu,
     assert out.rstrip().endswith("does NOT fit")
 
 
+@pytest.mark.tpu_compile
+def test_a_wave_whose_cache_exceeds_hbm_is_reported_with_its_own_temporaries(libtpu):
+    """XLA's out-of-memory message counts a program's arguments among the "HLO temporaries" it
+    needs; the plan reports the rest as temporaries, so what it needs counts the arguments once.
+    Qwen3-0.6B's sampler on v6e-8 (31.25 GiB per chip), 65,536 slots per row: at 5 rows per chip
+    the KV cache alone (35 GiB) does not fit; at 2 it does. Either way the temporaries are a
+    small share of the arguments (before: the whole cache again)."""
+    from qed_jax.sharding import MeshConfig, make_mesh
+
+    tpu = plan.parse_slice("v6e-8")
+    devices = plan.topology_devices(tpu)
+    hbm = plan.hbm_per_chip(devices[0], tpu)[0]
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1), devices=devices)
+    model = PRESETS["qwen3-0.6b"].replace(param_dtype="bfloat16", dtype="bfloat16")
+    for rows_per_chip in (2, 5):
+        for program in plan.sampler_programs(model, mesh, 8 * rows_per_chip, 1024, 65536 - 1024, hbm, 0):
+            assert (program.error is None) == (rows_per_chip == 2), program.error
+            assert program.temporaries < program.arguments / 10, (program.name, rows_per_chip)
+            if program.error:
+                assert "RESOURCE_EXHAUSTED" in program.error and program.arguments > hbm and not program.fits
+                assert plan.sum_known(program) < 1.1 * program.arguments  # what `plan` prints it needs
+
+
 # --------------------------------------------------------------------------------------------
 # Acceptance (the issue "The 4B recipe fits on TPU"): ~3 minutes of compiling per length on a
 # small CPU machine, hence slow.
