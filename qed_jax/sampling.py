@@ -2,7 +2,7 @@
 that decodes one token per step for the whole batch.
 
 Static shapes: prompts are right-padded to a length bucket, the cache holds bucket +
-max_new_tokens slots (rounded up to a multiple of 128: `cache_slots`), and sampling controls (temperature, top-k, top-p, stop ids, per-row
+max_new_tokens slots (rounded up to whole blocks of TPU's decode kernel: `cache_slots`), and sampling controls (temperature, top-k, top-p, stop ids, per-row
 budgets) are traced arrays, so changing them never recompiles. Each row keeps its own positions,
 so prompts of different lengths decode exactly.
 
@@ -183,15 +183,18 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
 # Host side
 
 
-# KV caches hold a multiple of this many slots: TPU's decode kernel reads a cache in whole
-# blocks of 128-2048 slots (`attention.decode_kernel_block`), and XLA's loop otherwise.
-CACHE_SLOT_MULTIPLE = 128
+# KV caches hold a whole number of blocks of TPU's decode kernel (`attention.decode_kernel_block`:
+# 128-2048 slots; XLA's chunk loop serves other caches): a multiple of 128 slots, and past
+# 16,384 slots of 1,024, so that a long cache is read in large blocks (the 4B's bfloat16 cache
+# in 1,024-slot blocks) for at most 6 % more slots.
+CACHE_SLOT_MULTIPLES = ((16384, 1024), (0, 128))  # (more than this many tokens, multiple)
 
 
 def cache_slots(tokens: int) -> int:
-    """Slots of a KV cache for `tokens` tokens (a prompt bucket and a budget of new tokens): the
-    next multiple of CACHE_SLOT_MULTIPLE."""
-    return -(-tokens // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
+    """Slots of a KV cache for `tokens` tokens (a prompt bucket and a budget of new tokens),
+    rounded up as CACHE_SLOT_MULTIPLES says."""
+    multiple = next(m for above, m in CACHE_SLOT_MULTIPLES if tokens > above)
+    return -(-tokens // multiple) * multiple
 
 
 def bucket_length(length: int, buckets=DEFAULT_BUCKETS) -> int:

@@ -81,10 +81,13 @@ def _decode_by_the_kernel(monkeypatch):
 
 
 def test_cache_slots_are_whole_kernel_blocks():
-    """A cache holds the prompt bucket + budget rounded up to 128 slots, so that TPU's decode
-    kernel serves it (`attention.use_decode_kernel` needs whole blocks)."""
-    assert [sampling.cache_slots(n) for n in (1, 104, 128, 129, 53248, 53845)] == [128, 128, 128, 256, 53248, 53888]
-    assert all(attention.decode_kernel_block(sampling.cache_slots(n), 8, 128, 2) for n in (104, 3048, 53845))
+    """A cache holds the prompt bucket + budget rounded up to 128 slots, and past 16,384 to
+    1,024, so that TPU's decode kernel serves it (`attention.use_decode_kernel` needs whole
+    blocks) and reads a long bfloat16 cache of 8 kv heads in blocks of 1,024 slots."""
+    sizes = (1, 104, 128, 129, 16384, 16385, 53248, 53845)
+    assert [sampling.cache_slots(n) for n in sizes] == [128, 128, 128, 256, 16384, 17408, 53248, 54272]
+    assert [attention.decode_kernel_block(sampling.cache_slots(n), 8, 128, 2) for n in (104, 2900, 16385, 53845)] == \
+        [128, 128, 1024, 1024]
 
 
 def test_greedy_by_the_decode_kernel_matches_transformers(tiny, monkeypatch, fresh_jit_caches):
