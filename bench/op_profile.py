@@ -186,7 +186,7 @@ def decode_target(args):
     from flax import nnx
 
     from qed_jax.model import Qwen3
-    from qed_jax.sampling import Sampler, decode_loop, prefill
+    from qed_jax.sampling import Sampler, cache_slots, decode_loop, prefill
 
     model = Qwen3(model_config(args), rngs=nnx.Rngs(0))
     B, P, N = args.batch, args.prompt_len, args.new_tokens
@@ -196,7 +196,7 @@ def decode_target(args):
     per_row = lambda v, dt: jnp.full((B,), v, dt)  # noqa: E731
     controls = (jax.random.key(0), per_row(0.0, jnp.float32), per_row(0, jnp.int32), per_row(1.0, jnp.float32),
                 per_row(N, jnp.int32), jnp.zeros((0,), jnp.int32))
-    state = {"cache": sampler._cache(B, P + N)}
+    state = {"cache": sampler._cache(B, cache_slots(P + N))}
     logits, state["cache"] = prefill(sampler.graphdef, sampler.state, tokens, lengths, state["cache"])
     compiled = decode_loop.lower(sampler.graphdef, N, sampler.state, logits, lengths, state["cache"],
                                  *controls).compile()

@@ -37,7 +37,7 @@ def _timed(fn, repeats):
 def time_qed_jax(model, prompts, new_tokens: int, repeats: int) -> dict:
     """Seconds of the jitted prefill and of the decode loop alone, best of `repeats`, after a
     compile run."""
-    from qed_jax.sampling import Sampler, SamplingParams, decode_loop, prefill
+    from qed_jax.sampling import Sampler, SamplingParams, cache_slots, decode_loop, prefill
 
     B, P, N = len(prompts), len(prompts[0]), new_tokens
     sampler = Sampler(model, buckets=(P,))
@@ -46,7 +46,7 @@ def time_qed_jax(model, prompts, new_tokens: int, repeats: int) -> dict:
     tokens = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.full((B,), P, jnp.int32)
     per_row = lambda v, dt: jnp.full((B,), v, dt)  # noqa: E731
-    state = {"cache": sampler._cache(B, P + N)}
+    state = {"cache": sampler._cache(B, cache_slots(P + N))}
 
     def run_prefill():
         logits, state["cache"] = prefill(sampler.graphdef, sampler.state, tokens, lengths, state["cache"])

@@ -28,7 +28,8 @@ Sharding contract for the kernels. Mosaic kernels are not partitioned by the com
 runs inside `jax.shard_map` over the mesh found in context with `jax.sharding.get_abstract_mesh()`.
 `splash`: batch over the mesh axes of the `batch` rule, heads over those of the `heads` rule
 (query and kv heads together, and only when both divide). The decode kernel: in the shards of
-the KV cache (`KV_CACHE_AXES`: rows by the `batch` rule, kv heads by `kv_heads`). Callers
+the KV cache (`KV_CACHE_AXES`: rows by the `batch` rule, kv heads by `kv_heads`). Both follow
+`DEFAULT_RULES`: with other rules, the compiler reshards their inputs to match. Callers
 (trainers, the sampler) therefore run their jitted steps under `with jax.set_mesh(mesh):`
 (trace time is what matters). With no mesh in context a kernel runs unsharded, which on a
 multi-device mesh means the compiler gathers its inputs onto every device: correct, but slow
@@ -206,9 +207,11 @@ KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
 
 # The kernel reads one row's cache `block` slots at a time, all kv heads of the shard together
 # (one contiguous copy from HBM): the largest of DECODE_KERNEL_BLOCKS that divides the cache and
-# keeps a block of keys within DECODE_KERNEL_BLOCK_BYTES. Keys and values, each double-buffered,
-# then take 4x that of VMEM (8 MiB: within every TPU generation's default scoped VMEM).
-DECODE_KERNEL_BLOCKS = (2048, 1024, 512, 256, 128)
+# keeps a block of keys, all kv heads of the model, within DECODE_KERNEL_BLOCK_BYTES. Keys and
+# values, each double-buffered, then take up to 4x that of VMEM (8 MiB: half of v5e's default
+# scoped VMEM). No 2,048-slot blocks: with 4 kv heads per shard, Mosaic took minutes to compile
+# them (and 45-71 s for 1,024-slot blocks, against 4-17 s for other head counts).
+DECODE_KERNEL_BLOCKS = (1024, 512, 256, 128)
 DECODE_KERNEL_BLOCK_BYTES = 2 * 2 ** 20
 
 
@@ -220,8 +223,8 @@ def decode_kernel_block(slots: int, kv_heads: int, head_dim: int, itemsize: int)
 
 def use_decode_kernel(q, k) -> bool:
     """Whether `cached_attention` runs `kernel_cached_attention`: on TPU, for one new token per
-    row, over a stacked cache that a kernel block divides (a multiple of 128 slots, as the
-    sampler's bucket + budget is for the recipe's lengths)."""
+    row, over a stacked cache that a kernel block divides (a multiple of 128 slots: the
+    sampler's and the reasoning cache's are, see `sampling.cache_slots`)."""
     return (platform() == "tpu" and q.shape[1] == 1
             and decode_kernel_block(*k.shape[2:], k.dtype.itemsize) is not None)
 

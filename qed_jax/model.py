@@ -182,14 +182,15 @@ class Qwen3(nnx.Module):
         attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache);
         with `logits_at` [B] (an index into T per row), logits [B, V] at that token only, so a
         prefill never computes the vocabulary projection for every prompt position. Attention
-        reads the cache's chunks up to the furthest position (`attention.cached_attention`);
-        prompts written from position 0 go faster by `prefill`.
+        reads the cache only up to the furthest position (`attention.cached_attention`: on TPU
+        a kernel, each row up to its own); prompts written from position 0 go faster by
+        `prefill`.
 
         With `weights` (from `decode_weights`, and `cache.unstacked()`), the layers run one by
         one over per-layer arrays instead of a scan over the stacked ones, feature-major (see
         `unstacked_layers` and `_decode_feature_major`)."""
         rows = jnp.arange(input_ids.shape[0])[:, None]
-        furthest = jnp.max(positions)  # once for all layers (an all-reduce over sharded rows)
+        furthest = jnp.max(positions)  # once for all layers (over sharded rows, an all-reduce)
 
         def attend(q, k, v, cache, layer):
             cache = cache.write(layer, rows, positions, k, v)

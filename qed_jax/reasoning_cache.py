@@ -493,7 +493,7 @@ class ReasoningCache:
             chunk = problems[start: start + rows]
             inputs = LoopInputs(*(put_rows(x, self.mesh, self.rules)
                                   for x in self._inputs(chunk, first_row + start, rows, width)))
-            with mesh_context(self.mesh):  # the prefill's attention kernel finds the mesh here
+            with mesh_context(self.mesh):  # the attention kernels find the mesh here
                 history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
                                           self.summarizer_state, self.prompts, inputs, caches, controls)
             results += _turns(fetch(history), len(chunk), turns, summaries)

@@ -2,9 +2,10 @@
 that decodes one token per step for the whole batch.
 
 Static shapes: prompts are right-padded to a length bucket, the cache holds bucket +
-max_new_tokens slots (rounded up to whole blocks of TPU's decode kernel: `cache_slots`), and sampling controls (temperature, top-k, top-p, stop ids, per-row
-budgets) are traced arrays, so changing them never recompiles. Each row keeps its own positions,
-so prompts of different lengths decode exactly.
+max_new_tokens slots (rounded up to whole blocks of TPU's decode kernel: `cache_slots`), and
+sampling controls (temperature, top-k, top-p, stop ids, per-row budgets) are traced arrays, so
+changing them never recompiles. Each row keeps its own positions, so prompts of different
+lengths decode exactly.
 
 Bounded memory: a call's requests run in waves of at most `max_concurrent` rows (set directly or
 derived from a KV-cache budget per device), all through one donated cache of [L, wave, S, K, H]
@@ -184,16 +185,16 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
 
 
 # KV caches hold a whole number of blocks of TPU's decode kernel (`attention.decode_kernel_block`:
-# 128-2048 slots; XLA's chunk loop serves other caches): a multiple of 128 slots, and past
-# 16,384 slots of 1,024, so that a long cache is read in large blocks (the 4B's bfloat16 cache
-# in 1,024-slot blocks) for at most 6 % more slots.
-CACHE_SLOT_MULTIPLES = ((16384, 1024), (0, 128))  # (more than this many tokens, multiple)
+# 128-1,024 slots; XLA's chunk loop serves other caches): a multiple of 128 slots, and past
+# LONG_CACHE slots a multiple of 1,024, so that a long cache is read in large blocks (the 4B's
+# bfloat16 cache in 1,024-slot blocks) for at most 1,023 more slots (6.2 %).
+LONG_CACHE = 16384
 
 
 def cache_slots(tokens: int) -> int:
-    """Slots of a KV cache for `tokens` tokens (a prompt bucket and a budget of new tokens),
-    rounded up as CACHE_SLOT_MULTIPLES says."""
-    multiple = next(m for above, m in CACHE_SLOT_MULTIPLES if tokens > above)
+    """Slots of a KV cache for `tokens` tokens (a prompt bucket and a budget of new tokens):
+    rounded up to a multiple of 128, or of 1,024 past LONG_CACHE."""
+    multiple = 1024 if tokens > LONG_CACHE else 128
     return -(-tokens // multiple) * multiple
 
 
@@ -338,7 +339,7 @@ class Sampler:
             wave = prompts[start: start + rows]
             tokens, lengths, wave_budgets = pad_wave(wave, budgets[start: start + rows], rows, width)
             lengths = self._put(lengths)
-            with self._mesh_context():  # the prefill's attention kernel finds the mesh here
+            with self._mesh_context():  # the attention kernels find the mesh here
                 logits, cache = prefill(self.graphdef, self.state, self._put(tokens), lengths, cache)
                 *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
                                           self._put(wave_budgets), stops,

@@ -253,14 +253,15 @@ def _cache_past_each_rows_block(cache, positions, block):
 
 
 @pytest.mark.parametrize("S,block,rows", [(512, 128, (0, 130, 300)), (256, None, (0, 127, 255)),
-                                          (384, 128, (383, 5, 200))])
+                                          (384, 128, (383, 127, 128))])
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_decode_kernel_reads_each_rows_live_blocks_only(S, block, rows, cache_dtype):
     """The Pallas decode kernel (interpret mode), layer 1 of the stacked cache, against
     jax.nn.dot_product_attention: grouped query heads, a position at the first slot, at a
-    block's last and next slot, and at the cache's last; a float32 or bfloat16 cache under
-    float32 queries. Every slot past the block of its row's position is NaN: no such block is
-    read (a row shorter than another stops at its own), or the output would be NaN."""
+    block's last and next slot (127, 128), and at the cache's last, in one block (256 slots: the
+    default block) or several; a float32 or bfloat16 cache under float32 queries. Every slot past
+    the block of its row's position is NaN: no such block enters the softmax (a row shorter than
+    another stops at its own; `_cache_block`, below, keeps Pallas from copying it in)."""
     rng = np.random.default_rng(5)
     B, K, G, H = 3, 2, 3, 16
     q = jnp.asarray(rng.normal(size=(B, 1, K * G, H)), jnp.float32)
@@ -293,12 +294,12 @@ def test_decode_kernel_in_the_shards_of_the_cache():
 
 
 def test_decode_kernel_blocks():
-    """The largest block of 128-2048 slots that divides the cache and keeps a block of keys
+    """The largest block of 128-1,024 slots that divides the cache and keeps a block of keys
     within 2 MiB; none for caches that are not a multiple of 128 slots (the chunk loop serves
     them). Off TPU, `cached_attention` never picks the kernel."""
     block = attention.decode_kernel_block
     assert block(53248, 8, 128, 2) == 1024  # the 4B recipe's rollouts in bfloat16
-    assert block(53248, 8, 128, 4) == 512 and block(53248, 4, 128, 2) == 2048
+    assert block(53248, 8, 128, 4) == 512 and block(53248, 4, 128, 2) == block(2048, 1, 128, 2) == 1024
     assert block(4096 + 384, 8, 128, 2) == 128 and block(104, 8, 128, 2) is None
     # Grid step (row, j) reads block j of the row, past its position its last block again.
     layer, positions = jnp.asarray([3]), jnp.asarray([130, 511])

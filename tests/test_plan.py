@@ -333,7 +333,10 @@ def test_tpu_decode_loop_reads_the_cache_in_place(libtpu, monkeypatch, fresh_jit
             graphdef, slots - 64, weights, plan.by_rows((rows, model.vocab_size), jnp.float32, mesh),
             plan.by_rows((rows,), jnp.int32, mesh), cache, key, *controls,
             jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)).lower().compile().as_text()
+    # Copies of a chip's rows of cache slots, [..., rows, slots, K, H] (the new token's keys and
+    # values, one slot per row, are copied either way).
     copied_slots = {int(m.group(1)) for m in re.finditer(
-        rf"= bf16\[1,2,(\d+),{model.num_kv_heads},{model.head_dim}\]\{{[^}}]*\}} copy\(", hlo)}
+        rf"= bf16\[(?:\d+,)*{rows // mesh.size},(\d+),{model.num_kv_heads},{model.head_dim}\]\{{[^}}]*\}} copy\(",
+        hlo)} - {1}
     assert copied_slots == ({512} if reader == "chunk loop" else set())
     assert ("tpu_custom_call" in hlo) == (reader == "kernel")
