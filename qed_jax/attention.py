@@ -41,7 +41,6 @@ query attention, query head n reads kv head n // (N / K)), H head_dim.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 
@@ -257,23 +256,18 @@ def kernel_cached_attention(q, k, v, positions, layer, *, block: int | None = No
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
 
     def local(q, k, v, positions, layer):
-        # bfloat16 products at the precision Mosaic takes them in (see `_at_default_precision`)
-        bfloat16 = q.dtype == jnp.bfloat16
-        with jax.default_matmul_precision("default") if bfloat16 else contextlib.nullcontext():
-            return _decode_kernel(q, k, v, positions, layer, block, interpret)
+        return _decode_kernel(q, k, v, positions, layer, block, interpret)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        out = local(q, k, v, positions, layer)
-    else:
+    if q.dtype == jnp.bfloat16:
+        local = _at_default_precision(local)
+
+    def specs(mesh):
         cache = logical_to_spec(KV_CACHE_AXES, k.shape, mesh)
         rows, heads = cache[KV_CACHE_AXES.index("batch")], cache[KV_CACHE_AXES.index("kv_heads")]
         queries = PartitionSpec(rows, heads, None, None)
-        # check_vma=False: the kernel's pallas_call does not declare how its output varies over
-        # mesh axes, which vma checking requires.
-        out = jax.shard_map(local, mesh=mesh, in_specs=(queries, cache, cache, PartitionSpec(rows), PartitionSpec()),
-                            out_specs=queries, check_vma=False)(q, k, v, positions, layer)
-    return out.reshape(B, 1, N, H)
+        return (queries, cache, cache, PartitionSpec(rows), PartitionSpec()), queries
+
+    return _in_mesh_shards(local, (q, k, v, positions, layer), specs).reshape(B, 1, N, H)
 
 
 def _cache_block(row, j, layer_ref, positions_ref, *, block: int):
@@ -547,17 +541,25 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int | None = None, int
         local = _at_default_precision(local)
 
     args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        out = local(*args)
-    else:
+
+    def specs(mesh):
         batch, heads = _splash_mesh_axes(mesh, B, N, k.shape[1])
         qkv = PartitionSpec(batch, heads, None, None)
-        in_specs = (qkv, qkv, qkv, PartitionSpec(batch, None))[: len(args)]
-        # check_vma=False: the splash kernel's pallas_call does not declare how its outputs
-        # vary over mesh axes, which vma checking requires.
-        out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(*args)
-    return out.transpose(0, 2, 1, 3)
+        return (qkv, qkv, qkv, PartitionSpec(batch, None))[: len(args)], qkv
+
+    return _in_mesh_shards(local, args, specs).transpose(0, 2, 1, 3)
+
+
+def _in_mesh_shards(local, args, specs):
+    """`local(*args)` inside `jax.shard_map` over the context mesh, with (in_specs, out_specs) =
+    `specs(mesh)`; without a mesh in context, on the whole arrays. check_vma=False: a Pallas
+    kernel's pallas_call does not declare how its outputs vary over mesh axes, which vma
+    checking requires."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(*args)
+    in_specs, out_specs = specs(mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _at_default_precision(fn):
