@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from qed_jax.errors import CheckpointError, ConfigError, DeviceCallInterrupted, JudgeUnavailable
+from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
 
 
 def _prepare_destination(source: str, dest: str, overwrite: bool) -> None:
@@ -443,38 +444,42 @@ def main(argv: list[str] | None = None) -> int:
     # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
     # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupted = False
     try:
         args.run(args)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # outside a training loop, which checkpoints on Ctrl-C itself
+    except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
-        print(f"qed-jax {args.command}: interrupted", file=sys.stderr)
-        if _abandoned_device_call(e):
-            # The command has cleaned up (its `finally`s ran); a normal exit would wait for the
-            # device call still running, minutes at the recipe's lengths.
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-        return 130
+        resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
+        print(f"qed-jax {args.command}: interrupted{resume}", file=sys.stderr)
+        interrupted = True
     except OSError as e:  # a path given to the command: missing, a file where a folder goes, ...
         if args.verbose or e.filename is None:
             raise
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
+    if interrupted:
+        _exit_now(130)
     return 0
 
 
-def _abandoned_device_call(e: BaseException | None) -> bool:
-    """Whether `e` is, or interrupted the handling of, a DeviceCallInterrupted (a second Ctrl-C
-    in the command's cleanup replaces the first exception, and keeps it as its context)."""
-    while e is not None:
-        if isinstance(e, DeviceCallInterrupted):
-            return True
-        e = e.__context__
-    return False
+# Commands whose finished work a rerun picks up (trainers print their own line when stopped).
+RESUMABLE = ("eval", "judge", "pipeline")
+
+
+def _exit_now(code: int) -> None:
+    """Exit after Ctrl-C without the interpreter's teardown. The command's cleanup has run (its
+    `finally`s and `with`s, and the exception's frames are gone, closing their files), but
+    teardown can still crash (SIGSEGV) when Ctrl-C cut an XLA compilation short, and it waits for
+    a device call still running (a decode loop at the recipe's lengths: minutes; see
+    DeviceCallInterrupted)."""
+    gc.collect()  # files held only by reference cycles
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _path_error(e: OSError) -> str:

@@ -19,6 +19,7 @@ from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_b
                                read_run, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
+from tests.helpers import cli_env
 from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
 
@@ -245,6 +246,43 @@ def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
     assert len(records) == 12
     assert all(r["score"] == (0 if (r["problem_id"], r["sample"]) == TRUNCATED else 7) for r in records)
 
+
+# Ctrl-C shortly after XLA starts compiling the sampler's decode loop: the command's cleanup runs,
+# but the interpreter's teardown crashed (SIGSEGV, exit 139) every time on the tiny model.
+CTRL_C_WHILE_COMPILING = """
+import os, signal, sys, threading
+from jax._src import compiler
+from qed_jax import cli
+
+compile_and_load = compiler.backend_compile_and_load
+
+def hooked(backend, module, *args, **kwargs):
+    if "decode_loop" in str(module.operation.attributes["sym_name"]):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return compile_and_load(backend, module, *args, **kwargs)
+
+compiler.backend_compile_and_load = hooked
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_sampler_compiles_exits_130(tmp_path):
+    import qed_jax
+    from flax import nnx
+
+    folder = tmp_path / "model"
+    qed_jax.save_pretrained(qed_jax.Qwen3(qed_jax.preset("tiny"), rngs=nnx.Rngs(0)), folder, dtype="float32",
+                            assets_from=ROOT / "configs/tiny/tokenizer")
+    with JudgeServer() as judge:
+        proc = subprocess.run(
+            [sys.executable, "-c", CTRL_C_WHILE_COMPILING, "eval", "--config", "configs/eval/imo_proofbench.yaml",
+             f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={folder}",
+             f"judge.base_url={judge.url}", f"output_dir={tmp_path}/run", "sampling.max_new_tokens=8"],
+            cwd=ROOT, env={**cli_env(1), "PYTHONFAULTHANDLER": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "qed-jax eval: interrupted; what finished is kept: rerun the same command to continue")
+    assert judge.total == 0
 
 def test_local_checkpoint_samples_with_its_own_seed_each(tmp_path):
     import jax
