@@ -568,26 +568,40 @@ RUN_IDENTITY = (
 )
 
 
+def check_rerun(config: EvalConfig) -> None:
+    """Refuse a rerun into a run directory whose samples and grades were made under another
+    config (RUN_IDENTITY), or one that would keep fewer samples or problems than it holds: the
+    report counts every sample in the run, so they would be counted under the wrong avg@k."""
+    out = Path(config.output_dir)
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        return
+    saved, current = json.loads(saved_path.read_text()), json.loads(dump_json(config))
+
+    def value(config: dict, key: str):
+        section, _, field = key.partition(".")
+        return (config.get(section) or {}).get(field) if field else config.get(section)
+
+    for key in RUN_IDENTITY:
+        if key.startswith("rc.") and config.mode != "rc":
+            continue
+        old, new = value(saved, key), value(current, key)
+        if old != new:
+            raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
+                              "would not be comparable; choose another output_dir, or delete the old run")
+    for key in ("samples", "benchmark.limit"):  # None: every problem
+        old, new = value(saved, key), value(current, key)
+        if new is not None and (old is None or new < old):
+            raise ConfigError(f"{out} holds a run with {key}={old!r}: a rerun may extend it, not shrink it to "
+                              f"{new!r} (its report counts every sample it holds); choose another output_dir")
+
+
 def prepare_output(config: EvalConfig) -> Path:
-    """The run directory with its config.json; a rerun must use the same benchmark, model,
-    sampling and judge (what its samples and grades depend on)."""
+    """The run directory with its config.json (see check_rerun)."""
+    check_rerun(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    saved_path = out / "config.json"
-    current = json.loads(dump_json(config))
-    if saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
-        for key in RUN_IDENTITY:
-            section, _, field = key.partition(".")
-            if section == "rc" and config.mode != "rc":
-                continue
-            old, new = saved.get(section), current.get(section)
-            if field:
-                old, new = (old or {}).get(field), new.get(field)
-            if old != new:
-                raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
-                                  "would not be comparable; choose another output_dir, or delete the old run")
-    saved_path.write_text(json.dumps(current, indent=2))
+    (out / "config.json").write_text(dump_json(config))
     return out
 
 

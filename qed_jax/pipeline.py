@@ -233,7 +233,7 @@ def run(config: PipelineConfig) -> dict:
     import contextlib
 
     from qed_jax import grpo, sft
-    from qed_jax.evaluate import evaluate
+    from qed_jax.evaluate import check_rerun, evaluate
     from qed_jax.report import report
     from qed_jax.standin_judge import StandinJudge
 
@@ -252,6 +252,8 @@ def run(config: PipelineConfig) -> dict:
         check_export("grpo", grpo_config)
         check_unchanged(sft_config)
         check_unchanged(grpo_config)
+        for c in evals:
+            check_rerun(c)
         progress = Progress(stages=5)
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")

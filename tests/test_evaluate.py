@@ -15,7 +15,7 @@ import pytest
 
 import qed_jax
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_boxed, read_records,
+from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_boxed, prepare_output, read_records,
                                read_run, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
@@ -443,6 +443,21 @@ def test_config_errors_say_what_to_do(tmp_path):
         with pytest.raises(ConfigError, match="row 1: column 'problem'"):
             evaluate(cfg, progress=False)
 
+
+def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
+    def rerun(*overrides):
+        return prepare_output(config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides))
+
+    out = rerun("samples=2", "benchmark.limit=2")
+    rerun("samples=3", "benchmark.limit=null", "judge.base_url=http://elsewhere/v1")  # more samples, every problem
+    assert json.loads((out / "config.json").read_text())["samples"] == 3
+    with pytest.raises(ConfigError, match="holds a run with sampling="):
+        rerun("sampling.temperature=0.5")
+    with pytest.raises(ConfigError, match="holds a run with samples=3: a rerun may extend it, not shrink it to 1"):
+        rerun("samples=1")
+    with pytest.raises(ConfigError, match="holds a run with benchmark.limit=None: .* not shrink it to 1"):
+        rerun("samples=3", "benchmark.limit=1")
+    assert json.loads((out / "config.json").read_text())["samples"] == 3  # refused reruns change nothing
 
 def test_cli_help_does_not_import_jax():
     code = ("import sys, qed_jax.cli as c; c.build_parser(); "

@@ -137,3 +137,17 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
         run(config)
     assert "--resume-with-changes" not in str(error.value)  # the pipeline has no such flag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # nothing ran: not even the base export
+
+
+def test_a_rerun_that_would_shrink_an_evaluation_is_refused_before_any_stage(tmp_path):
+    from qed_jax.config import dump_json
+    from qed_jax.pipeline import run
+
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}"])
+    started = eval_configs(config, {m: str(tmp_path / m / "hf") for m in ("base", "sft", "grpo")}, "http://x/v1",
+                           tmp_path)[0]
+    Path(started.output_dir).mkdir(parents=True)
+    (Path(started.output_dir) / "config.json").write_text(dump_json(started))  # samples=3
+    with pytest.raises(ConfigError, match="base-imo_proofbench-single holds a run with samples=3: .* shrink it to 1"):
+        run(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "eval.overrides.samples=1"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no stage ran
