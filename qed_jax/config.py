@@ -3,6 +3,7 @@ loader that builds any config dataclass from YAML plus `key=value` overrides."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -224,10 +225,9 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     unknown = sorted(set(data) - set(types_))
     if unknown:
         close = difflib.get_close_matches(unknown[0], types_, n=1)
-        raise ConfigError(
+        raise UnknownKey(
             f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
-            + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_)
-        )
+            + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_), key=f"{prefix}{unknown[0]}")
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}
     try:
@@ -240,6 +240,17 @@ def require_file(path: Path, what: str) -> None:
     """ConfigError unless `path` is a file: `what` (e.g. "data file") does not exist, or is a folder."""
     if not path.is_file():
         raise ConfigError(f"{what} {path} " + ("is a folder: name a file in it" if path.is_dir() else "does not exist"))
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face Hub repository ("owner/name") rather than a path:
+    not an existing path, not a URL, not starting with ".", "/" or "~", exactly one "/"."""
+    return not (Path(name).exists() or "://" in name or name.startswith((".", "/", "~")) or name.count("/") != 1)
+
+
+def is_missing_local_path(name: str) -> bool:
+    """Whether `name` reads as a local path (not a Hub id, not a URL) that does not exist."""
+    return not is_hub_id(name) and "://" not in name and not Path(name).expanduser().exists()
 
 
 def require_at_least_one(config, names, prefix: str = "") -> None:
@@ -317,12 +328,35 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         unknown = sorted(set(data) - set(_field_types(cls)))
-        if unknown:  # most often a config written for another command
+        if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1):
+            # Not a typo (from_dict below names those): most often a config for another command.
             raise ConfigError(f"{path}: {unknown[0]} is not a key of {cls.__name__} (its keys: "
                               + ", ".join(_field_types(cls)) + "); is this file for another command?")
+    in_file = copy.deepcopy(data)
     for override in overrides:
         apply_override(data, override)
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except UnknownKey as e:  # a typo in the file, not in an override: name the file
+        if path is not None and _has_key(in_file, e.key):
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+class UnknownKey(ConfigError):
+    """A config key that its dataclass does not have; `key` is its dotted path."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    """Whether the nested dict `data` holds the dotted key path `dotted`."""
+    *sections, last = dotted.split(".")
+    for section in sections:
+        data = data.get(section) if isinstance(data, dict) else None
+    return isinstance(data, dict) and last in data
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import ConfigError, check_sampling, dump_json, load_template, require_at_least_one
+from qed_jax.config import ConfigError, check_sampling, dump_json, is_missing_local_path, load_template, require_at_least_one
 from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof
 from qed_jax.tokenizer import THINK_END
 
@@ -311,10 +311,18 @@ class RunLog:
         self.path, self.file = path, None
 
     @classmethod
+    def read(cls, path: Path) -> "RunLog":
+        """What the run log at `path` holds (nothing if it does not exist); see start_appending."""
+        return cls(path, read_records(path, repair=True) if path.exists() else [])
+
+    @classmethod
     def open(cls, path: Path) -> "RunLog":
-        runlog = cls(path, read_records(path, repair=True) if path.exists() else [])
-        runlog.file = open(path, "a")
-        return runlog
+        return cls.read(path).start_appending()
+
+    def start_appending(self) -> "RunLog":
+        """Open the log for `append`, creating it (its folder must exist)."""
+        self.file = open(self.path, "a")
+        return self
 
     def _index(self, record: dict) -> None:
         key = (record["problem_id"], record["sample"])
@@ -596,9 +604,18 @@ def check_rerun(config: EvalConfig) -> None:
                               f"{new!r} (its report counts every sample it holds); choose another output_dir")
 
 
+def check_local_paths(config: EvalConfig) -> None:
+    """ConfigError for a model, tokenizer or summarizer that names a local path that does not
+    exist (a Hub id passes: loading it says what went wrong)."""
+    paths = {"model.path": config.model.path, "model.tokenizer": config.model.tokenizer,
+             "rc.summarizer": config.rc.summarizer if config.mode == "rc" else None}
+    for key, value in paths.items():
+        if value and is_missing_local_path(value):
+            raise ConfigError(f"{key} {value} does not exist")
+
+
 def prepare_output(config: EvalConfig) -> Path:
-    """The run directory with its config.json (see check_rerun)."""
-    check_rerun(config)
+    """The run directory with its config.json, for a config that check_rerun accepted."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_json(config))
@@ -655,25 +672,27 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
 
     from qed_jax.data import read_rows
 
-    out = prepare_output(config)
+    check_rerun(config)
+    check_local_paths(config)
     b = config.benchmark
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)
-    runlog = RunLog.open(out / SAMPLES_FILE)
+    runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]
     to_grade = ungraded(runlog, config, units)
     counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
     if not to_generate and not to_grade:
-        runlog.close()
         return counts
     judge, bar = Judge(config.judge), None
     try:
         if b.kind == "proof":  # every proof goes to the judge: find out now if there is none
             judge.check_reachable()
         generator = make_generator(config) if to_generate else None
+        prepare_output(config)  # every check passed: make the run directory
+        runlog.start_appending()
         bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                    unit="sample", disable=not progress)
         scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]

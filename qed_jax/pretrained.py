@@ -8,6 +8,7 @@ from pathlib import Path
 from etils import epath
 
 from qed_jax import checkpoint, hf
+from qed_jax.config import is_hub_id
 from qed_jax.hf import CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES
@@ -19,7 +20,7 @@ _HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja"]
 def resolve(path) -> str:
     """A local folder, a gs:// path, or a Hugging Face Hub id (downloaded once into the HF cache)."""
     text = str(path)
-    if epath.Path(text).exists() or "://" in text or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         return text
     from huggingface_hub import snapshot_download
 

@@ -11,6 +11,8 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from qed_jax.config import ConfigError, is_missing_local_path
+
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 THINK_END = "</think>"
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -34,7 +36,18 @@ THINKING_CHAT_TEMPLATE = (
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer shipped with a model folder or qed-jax checkpoint (or a hub id)."""
-    return AutoTokenizer.from_pretrained(str(path))
+    name = str(path)
+    folder = Path(name).expanduser()
+    if is_missing_local_path(name):
+        raise ConfigError(f"tokenizer {name} does not exist")
+    if folder.is_file():
+        raise ConfigError(f"tokenizer {name} is a file: name the folder that holds tokenizer.json")
+    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError(f"tokenizer {name}: the folder holds no tokenizer (tokenizer.json, tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name)
+    except (OSError, ValueError) as e:  # no tokenizer files in the folder, a Hub id not reachable, ...
+        raise ConfigError(f"tokenizer {name}: {str(e).strip().splitlines()[0]}") from None
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

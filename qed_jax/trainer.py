@@ -44,7 +44,8 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.path is not None and self.preset is not None:
-            raise ConfigError(f"model: both path ({self.path}) and preset ({self.preset}) are set; keep one")
+            raise ConfigError(f"model: both path ({self.path}) and preset ({self.preset}) are set; keep one "
+                              "(model.preset=null on the command line drops a config file's preset)")
 
     def describe(self) -> str:
         """What will be loaded, for --print-config and logs."""

@@ -196,3 +196,42 @@ def test_a_path_error_names_a_descriptor_or_both_paths():
     assert cli._path_error(OSError(errno.EBADF, "Bad file descriptor", 3)) == "3: Bad file descriptor"
     assert cli._path_error(OSError(errno.EXDEV, "Invalid cross-device link", "a", None, "b")) == \
         "a (and b): Invalid cross-device link"
+
+
+def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
+    from qed_jax.tokenizer import load_tokenizer
+
+    a_file, empty = tmp_path / "a_file", tmp_path / "empty"
+    a_file.write_text("")
+    empty.mkdir()
+    for path, message in [(tmp_path / "none", "does not exist"),
+                          (a_file, "is a file: name the folder that holds tokenizer.json"),
+                          (empty, ": the folder holds no tokenizer (tokenizer.json, tokenizer_config.json)")]:
+        with pytest.raises(ConfigError, match=f"^tokenizer {re.escape(str(path))} ?{re.escape(message)}$"):
+            load_tokenizer(path)
+    assert len(load_tokenizer(REPO / "configs/tiny/tokenizer")) > 256
+    assert cli.main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"tokenizer={tmp_path / 'none'}",
+                     f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"qed-jax sft: error: tokenizer {tmp_path / 'none'} does not exist"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_a_config_file_names_the_file_and_the_likely_key(tmp_path):
+    text = (REPO / "configs/sft/tiny.yaml").read_text()
+    top, nested = tmp_path / "top.yaml", tmp_path / "nested.yaml"
+    top.write_text(text.replace("\nsteps:", "\nstepz:"))
+    nested.write_text(text.replace("max_length:", "max_lenght:"))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(top))}: unknown config key stepz \\(did you mean steps\\?\\)"):
+        load_config(SFTConfig, top)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(nested))}: unknown config key data.max_lenght \\(did you "
+                                          "mean data.max_length\\?\\)"):
+        load_config(SFTConfig, nested)
+    with pytest.raises(ConfigError, match=r"^unknown config key data.max_lenght \(did you mean"):  # an override's own
+        load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", ["data.max_lenght=3"])
+
+
+def test_a_model_path_over_a_config_preset_says_how_to_drop_the_preset():
+    rl_yaml = REPO / "configs/rl/tiny.yaml"
+    with pytest.raises(ConfigError, match=r"both path \(runs/x\) and preset \(tiny\) are set; keep one \(model.preset=null"):
+        load_config(GRPOConfig, rl_yaml, ["model.path=runs/x"])
+    assert load_config(GRPOConfig, rl_yaml, ["model.path=runs/x", "model.preset=null"]).model.path == "runs/x"

@@ -15,8 +15,8 @@ import pytest
 
 import qed_jax
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, evaluate, last_boxed, prepare_output, read_records,
-                               read_run, turn_completion)
+from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_rerun, evaluate, last_boxed, prepare_output,
+                               read_records, read_run, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
 from tests.helpers import cli_env
@@ -179,6 +179,14 @@ def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
         with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
             evaluate(cfg, progress=False)
         assert model.total == 0  # not one completion was asked for
+    assert not (tmp_path / "run").exists()  # nor a run directory made that holds nothing
+    # A local model that is not there is named before the judge is tried.
+    missing = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+        f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={tmp_path}/no-model",
+        f"judge.base_url=http://127.0.0.1:{port}/v1", f"output_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=f"^model.path {tmp_path}/no-model does not exist$"):
+        evaluate(missing, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
@@ -446,7 +454,9 @@ def test_config_errors_say_what_to_do(tmp_path):
 
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     def rerun(*overrides):
-        return prepare_output(config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides))
+        c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides)
+        check_rerun(c)
+        return prepare_output(c)
 
     out = rerun("samples=2", "benchmark.limit=2")
     rerun("samples=3", "benchmark.limit=null", "judge.base_url=http://elsewhere/v1")  # more samples, every problem
