@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qed_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # transformers' advice, e.g. that its models need PyTorch (qed-jax uses none of them)
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # Ctrl-C (SIGINT) stops every command, as it stops the trainers (which catch it themselves to
     # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
     # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
