@@ -29,7 +29,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import ConfigError, check_sampling, dump_json, is_missing_local_path, load_template, require_at_least_one
+from qed_jax.config import (ConfigError, check_sampling, dump_json, is_missing_local_path, load_template,
+                            require_at_least_one)
 from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof
 from qed_jax.tokenizer import THINK_END
 
