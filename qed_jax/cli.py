@@ -134,9 +134,11 @@ def _judge(args) -> None:
             items.append(item_from_row(row, f"{args.input}:{n}"))
             rows.append(row)
     judge = Judge(config)
-    with tqdm(total=len(items), desc="grading", unit="proof") as bar:
-        grades = judge.grade_batch(items, progress=lambda g: bar.update())
-    judge.close()
+    try:
+        with tqdm(total=len(items), desc="grading", unit="proof") as bar:
+            grades = judge.grade_batch(items, progress=lambda g: bar.update())
+    finally:
+        judge.close()
     tmp = f"{args.output}.tmp"
     with open(tmp, "w") as f:
         for row, g in zip(rows, grades):
@@ -435,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `qed-jax` command; returns its exit status. After Ctrl-C it ends the process itself
+    (`os._exit(130)`, see `_exit_now`) once the command has cleaned up."""
     args = build_parser().parse_args(argv)
     # Our own logs at INFO (DEBUG with -v); other libraries' at WARNING unless -v.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, force=True,
@@ -467,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Commands whose finished work a rerun picks up (trainers print their own line when stopped).
-RESUMABLE = ("eval", "judge", "pipeline")
+# Commands whose finished work a rerun always picks up (trainers print their own line when
+# stopped; `judge` keeps its grades only in its cache, which may be off).
+RESUMABLE = ("eval", "pipeline")
 
 
 def _exit_now(code: int) -> None:

@@ -249,8 +249,10 @@ def is_hub_id(name: str) -> bool:
 
 
 def is_missing_local_path(name: str) -> bool:
-    """Whether `name` reads as a local path (not a Hub id, not a URL) that does not exist."""
-    return not is_hub_id(name) and "://" not in name and not Path(name).expanduser().exists()
+    """Whether `name` reads as a local path that does not exist: it starts with ".", "/" or "~",
+    or has two "/" or more (not a URL; "owner/name" and "gpt2" may be Hub ids)."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2
+    return looks_local and "://" not in name and not Path(name).expanduser().exists()
 
 
 def require_at_least_one(config, names, prefix: str = "") -> None:

@@ -674,7 +674,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     from qed_jax.data import read_rows
 
     check_rerun(config)
-    check_local_paths(config)
     b = config.benchmark
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b)
     by_id = {p.id: p for p in problems}
@@ -687,6 +686,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
     if not to_generate and not to_grade:
         return counts
+    if to_generate:  # a rerun that only grades needs no model
+        check_local_paths(config)
     judge, bar = Judge(config.judge), None
     try:
         if b.kind == "proof":  # every proof goes to the judge: find out now if there is none

@@ -42,12 +42,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise ConfigError(f"tokenizer {name} does not exist")
     if folder.is_file():
         raise ConfigError(f"tokenizer {name} is a file: name the folder that holds tokenizer.json")
-    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise ConfigError(f"tokenizer {name}: the folder holds no tokenizer (tokenizer.json, tokenizer_config.json)")
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if folder.is_dir() and not any((folder / f).exists() for f in files):
+        raise ConfigError(f"tokenizer {name}: the folder holds no tokenizer ({', '.join(files)})")
     try:
         return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name)
-    except (OSError, ValueError) as e:  # no tokenizer files in the folder, a Hub id not reachable, ...
-        raise ConfigError(f"tokenizer {name}: {str(e).strip().splitlines()[0]}") from None
+    except OSError as e:  # a Hub id that cannot be reached or is not there, a file that cannot be read
+        raise ConfigError(f"tokenizer {name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

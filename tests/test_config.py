@@ -206,7 +206,8 @@ def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
     empty.mkdir()
     for path, message in [(tmp_path / "none", "does not exist"),
                           (a_file, "is a file: name the folder that holds tokenizer.json"),
-                          (empty, ": the folder holds no tokenizer (tokenizer.json, tokenizer_config.json)")]:
+                          (empty, ": the folder holds no tokenizer (tokenizer.json, tokenizer_config.json, "
+                                  "vocab.json)")]:
         with pytest.raises(ConfigError, match=f"^tokenizer {re.escape(str(path))} ?{re.escape(message)}$"):
             load_tokenizer(path)
     assert len(load_tokenizer(REPO / "configs/tiny/tokenizer")) > 256

@@ -189,6 +189,26 @@ def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
+    from qed_jax.config import dump_json
+
+    with JudgeServer() as judge:  # scores 7
+        cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+            f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", "benchmark.limit=1", "samples=1",
+            f"model.path={tmp_path}/model-since-deleted", f"judge.base_url={judge.url}",
+            f"judge.cache_path={tmp_path}/judge.sqlite", f"output_dir={tmp_path}/run", "judge.answer_format=score",
+            "judge.allowed_scores=null"])
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "config.json").write_text(dump_json(cfg))
+        sample = {"type": "sample", "problem_id": IMO_ROWS[0]["problem_id"], "sample": 0, "seed": cfg.seed,
+                  "group": None, "completion": "Let me think.</think>\nProof. It holds.", "completion_tokens": 9,
+                  "finish_reason": "stop", "truncated": False}
+        (run / "samples.jsonl").write_text(json.dumps(sample) + "\n")  # generated, its grade lost
+        assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 1, "failed": 0, "total": 1}
+    assert judge.total == 1
+    assert [r["score"] for r in read_run(run)[1]] == [7]
+
 def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "samples.jsonl"
     whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0}) + "\n"
@@ -256,7 +276,8 @@ def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
 
 
 # Ctrl-C shortly after XLA starts compiling the sampler's decode loop: the command's cleanup runs,
-# but the interpreter's teardown crashed (SIGSEGV, exit 139) every time on the tiny model.
+# but the interpreter's teardown crashed (SIGSEGV) in 6 of 6 tries on the tiny model. The
+# subprocess compiles afresh (no persistent cache), so the hook always sees the compilation.
 CTRL_C_WHILE_COMPILING = """
 import os, signal, sys, threading
 from jax._src import compiler
@@ -286,7 +307,8 @@ def test_ctrl_c_while_the_sampler_compiles_exits_130(tmp_path):
             [sys.executable, "-c", CTRL_C_WHILE_COMPILING, "eval", "--config", "configs/eval/imo_proofbench.yaml",
              f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={folder}",
              f"judge.base_url={judge.url}", f"output_dir={tmp_path}/run", "sampling.max_new_tokens=8"],
-            cwd=ROOT, env={**cli_env(1), "PYTHONFAULTHANDLER": "1"}, capture_output=True, text=True, timeout=300)
+            cwd=ROOT, env={**cli_env(1), "PYTHONFAULTHANDLER": "1", "JAX_ENABLE_COMPILATION_CACHE": "false"},
+            capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "qed-jax eval: interrupted; what finished is kept: rerun the same command to continue")
