@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qed_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # transformers' advice, e.g. that its models need PyTorch (qed-jax uses none of them)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not sys.stderr.isatty():  # a log file: a progress bar's line every 30 s, not every step (tqdm reads
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))  # this when first imported)
     # Ctrl-C (SIGINT) stops every command, as it stops the trainers (which catch it themselves to
     # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
     # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
@@ -470,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         _exit_now(130)
     return 0
 
+
+# Seconds between a progress bar's updates when stderr is not a terminal (a log file).
+LOG_PROGRESS_SECONDS = 30
 
 # Commands whose finished work a rerun always picks up (trainers print their own line when
 # stopped; `judge` keeps its grades only in its cache, which may be off).

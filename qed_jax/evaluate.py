@@ -711,7 +711,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
             elif turn is None:
                 scores.append(score)
                 bar.update()
-            bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"])
+            bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"],
+                            refresh=False)
 
         if to_grade:
             grade_samples(judge, config, by_id, to_grade, on_grade)

@@ -765,7 +765,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                     metrics.update(rc_metrics(stats, trajectory_stats, config.rc.turns + 1),
                                    trajectory_s=trajectory_s)
                 metrics_log.write(step, metrics)
-                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
                 progress.update()
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == config.steps or stopping:

@@ -208,7 +208,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                     if eval_due:
                         metrics["eval_loss"] = evaluate(eval_fn, params, eval_examples, config, sharding)
                     metrics_log.write(step, metrics)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
                 progress.update()
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == steps or stopping:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -100,9 +101,13 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_tiny_config_loss_halves_and_exports(tmp_path):
     relative = os.path.relpath(tmp_path, REPO)  # as README's command uses runs/sft-tiny
+    started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY,
                              f"output_dir={relative}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    # stderr is not a terminal: the progress bar is drawn at its start, its end and every 30 s
+    # between, not at each of the 120 steps.
+    assert result.stderr.count("sft: ") <= 3 + (time.monotonic() - started) // cli.LOG_PROGRESS_SECONDS
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert losses[-1] <= 0.5 * losses[0], (losses[0], losses[-1])
     assert "eval_loss" in read_metrics(tmp_path)[-1]
