@@ -255,9 +255,7 @@ def kernel_cached_attention(q, k, v, positions, layer, *, block: int | None = No
     positions = jnp.clip(positions.reshape(B), 0, S - 1).astype(jnp.int32)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
 
-    def local(q, k, v, positions, layer):
-        return _decode_kernel(q, k, v, positions, layer, block, interpret)
-
+    local = partial(_decode_kernel, block=block, interpret=interpret)
     if q.dtype == jnp.bfloat16:
         local = _at_default_precision(local)
 

@@ -340,7 +340,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
     try:
         return from_dict(cls, data)
     except UnknownKey as e:  # a typo in the file, not in an override: name the file
-        if path is not None and _has_key(in_file, e.key):
+        if path is not None and get_dotted(in_file, e.key, _ABSENT) is not _ABSENT:
             raise ConfigError(f"{path}: {e}") from None
         raise
 
@@ -353,12 +353,17 @@ class UnknownKey(ConfigError):
         self.key = key
 
 
-def _has_key(data: dict, dotted: str) -> bool:
-    """Whether the nested dict `data` holds the dotted key path `dotted`."""
-    *sections, last = dotted.split(".")
-    for section in sections:
-        data = data.get(section) if isinstance(data, dict) else None
-    return isinstance(data, dict) and last in data
+_ABSENT = object()
+
+
+def get_dotted(data: dict, dotted: str, default=None):
+    """The value at the dotted key path `dotted` (e.g. "judge.model") of the nested dict `data`,
+    or `default` where any part of the path is missing."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
 
 
 def to_dict(config) -> dict[str, Any]:

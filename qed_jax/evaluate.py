@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (ConfigError, check_sampling, dump_json, is_missing_local_path, load_template,
+from qed_jax.config import (ConfigError, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
                             require_at_least_one)
 from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof
 from qed_jax.tokenizer import THINK_END
@@ -586,20 +586,15 @@ def check_rerun(config: EvalConfig) -> None:
     if not saved_path.is_file():
         return
     saved, current = json.loads(saved_path.read_text()), json.loads(dump_json(config))
-
-    def value(config: dict, key: str):
-        section, _, field = key.partition(".")
-        return (config.get(section) or {}).get(field) if field else config.get(section)
-
     for key in RUN_IDENTITY:
         if key.startswith("rc.") and config.mode != "rc":
             continue
-        old, new = value(saved, key), value(current, key)
+        old, new = get_dotted(saved, key), get_dotted(current, key)
         if old != new:
             raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
                               "would not be comparable; choose another output_dir, or delete the old run")
     for key in ("samples", "benchmark.limit"):  # None: every problem
-        old, new = value(saved, key), value(current, key)
+        old, new = get_dotted(saved, key), get_dotted(current, key)
         if new is not None and (old is None or new < old):
             raise ConfigError(f"{out} holds a run with {key}={old!r}: a rerun may extend it, not shrink it to "
                               f"{new!r} (its report counts every sample it holds); choose another output_dir")
