@@ -14,29 +14,40 @@ from pathlib import Path
 from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
 
 
-def _prepare_destination(source: str, dest: str, overwrite: bool) -> None:
-    """Refuse to write into a folder that already holds something, unless told to replace it."""
+def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
+    """Refuse a destination that holds or lies inside the source, and one that already holds
+    something unless `overwrite`. True when there is an old destination to replace: it is deleted
+    only once the source has loaded."""
     from etils import epath
 
-    where = epath.Path(dest)
+    def absolute(path: str):
+        return epath.Path(path) if "://" in path else epath.Path(path).resolve()
+
+    where, source_at = absolute(dest), absolute(source)
+    local = epath.Path(source).exists()  # not a Hub id
+    if local and (where == source_at or where in source_at.parents or source_at in where.parents):
+        raise ConfigError(f"{dest}: the destination would hold or lie inside the source {source}; "
+                          "choose a folder apart from it")
     if not where.exists() or not any(where.iterdir()):
-        return
-    if where.resolve() == epath.Path(source).resolve():
-        raise ConfigError(f"{dest}: the destination is the source itself")
+        return False
     if not overwrite:
         raise ConfigError(f"{dest} already exists and is not empty; pass --overwrite to replace it "
-                          "(its contents are deleted first), or choose another destination")
-    where.rmtree()
+                          "(its contents are deleted once the source has loaded), or choose another destination")
+    return True
 
 
 def _convert(args) -> None:
+    from etils import epath
+
     from qed_jax import checkpoint
     from qed_jax.pretrained import from_pretrained, save_pretrained
     from qed_jax.sharding import MeshConfig, make_mesh
 
-    _prepare_destination(args.source, args.dest, args.overwrite)
+    replace = _check_destination(args.source, args.dest, args.overwrite)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype)
+    if replace:
+        epath.Path(args.dest).rmtree()
     if checkpoint.is_checkpoint_dir(args.source):
         save_pretrained(model, args.dest, dtype=model.config.param_dtype, assets_from=args.source)
         print(f"wrote Hugging Face folder {args.dest} ({model.config.param_dtype})")
@@ -299,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the output (default: keep the source's dtype)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a destination that already exists (its contents are deleted first)")
+                   help="replace a destination that already exists (its contents are deleted once the "
+                   "source has loaded)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters over all devices while converting (for models larger "
                    "than one device's memory)")

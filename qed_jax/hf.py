@@ -120,7 +120,11 @@ class SafetensorsFolder:
     def __init__(self, folder: Path):
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); copy or "
+                                      "export the model again") from None
             files = sorted(set(weight_map.values()))
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
@@ -131,12 +135,9 @@ class SafetensorsFolder:
             path = folder / name
             if not path.is_file():
                 raise CheckpointError(f"{index}: lists shard {name}, which does not exist")
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
+            header, data_start = _read_header(path)
             for tensor, info in header.items():
-                self._where[tensor] = (path, info, 8 + header_len)
+                self._where[tensor] = (path, info, data_start)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -159,6 +160,29 @@ class SafetensorsFolder:
         start, end = info["data_offsets"]
         return np.memmap(path, dtype=self.dtype(name), mode="r", offset=base + start,
                          shape=tuple(info["shape"])) if end > start else np.zeros(info["shape"], self.dtype(name))
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor table and where its data starts, checked against the file's
+    size: a cut-off download fails here, naming the file, not in the middle of loading."""
+    damaged = f"{path}: not a readable safetensors file"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(8)
+        header_len = struct.unpack("<Q", first)[0] if len(first) == 8 else size  # under 8 bytes: cut off
+        if 8 + header_len > size:
+            raise CheckpointError(f"{damaged} (its header runs past the end of the file: cut off?); "
+                                  "copy or export it again")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:  # bad JSON or bad UTF-8
+            raise CheckpointError(f"{damaged} (its header is not valid JSON: {e}); copy or export it again") from None
+    header.pop("__metadata__", None)
+    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(f"{damaged}: its tensors need {8 + header_len + data_end:,} bytes but the file has "
+                              f"{size:,} (cut off?); copy or export it again")
+    return header, 8 + header_len
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype]], produce) -> None:
@@ -187,11 +211,19 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.d
 # Loading
 
 
-def read_hf_config(folder: Path) -> dict:
+def read_model_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder's `config.json`; an error names the file."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    return json.loads(path.read_text())
+    try:
+        hf_config = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_hf(hf_config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
@@ -200,11 +232,11 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
     Parameters keep the checkpoint's dtype unless `dtype` is set; compute follows the parameters
     unless `compute_dtype` is set."""
     folder = Path(folder)
-    hf_config = read_hf_config(folder)
+    config = read_model_config(folder)
     tensors = SafetensorsFolder(folder)
     stored = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors else None
     param_dtype = dtype or (stored.name if stored is not None else "bfloat16")
-    config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
+    config = config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
 
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

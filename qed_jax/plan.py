@@ -294,7 +294,7 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
     elif checkpoint.is_checkpoint_dir(path):
         base, source = checkpoint.read_model_config(path), f"qed-jax checkpoint {path}"
     elif (Path(path) / "config.json").is_file():
-        base, source = ModelConfig.from_hf(hf.read_hf_config(Path(path))), f"{path}/config.json"
+        base, source = hf.read_model_config(Path(path)), f"{path}/config.json"
     elif (by_name := path.rstrip("/").split("/")[-1].lower()) in PRESETS:
         base, source = preset(by_name), f"preset {by_name} ({path} is not a local folder; same name)"
     else:

@@ -15,6 +15,8 @@ from qed_jax.sharding import DEFAULT_RULES
 
 
 _HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja"]
+# The models inside a trainer's run directory (output_dir), for an error when given the run itself.
+_RUN_DIR_MODELS = (("hf", "its exported model"), ("checkpoints", "its latest checkpoint"))
 
 
 def resolve(path) -> str:
@@ -45,6 +47,8 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         raise CheckpointError(f"{path}: no such file or directory")
     if checkpoint.is_checkpoint_dir(where):
         model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype)
+    elif inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]:
+        raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
     elif (where / "config.json").exists():
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
     else:

@@ -1,6 +1,7 @@
 """The model against transformers: logits, round trips, sharding, parameter counts, bad input."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -148,6 +149,29 @@ def test_convert_refuses_an_occupied_destination_unless_overwrite_replaces_it(tm
     assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()] == ["0"]
 
 
+def test_convert_overwrite_never_deletes_the_source_or_a_destination_it_cannot_replace(tmp_path, capsys):
+    outer = tmp_path / "outer"
+    source = outer / "src"
+    make_hf_model(source)
+    (outer / "notes.txt").write_text("keep me")
+    for dest in (outer, source / "ckpt", source):
+        assert cli.main(["convert", str(source), str(dest), "--overwrite"]) == 2
+        assert "the destination would hold or lie inside the source" in capsys.readouterr().err
+    assert (outer / "notes.txt").read_text() == "keep me" and (source / "model.safetensors").is_file()
+    assert not (source / "ckpt").exists()
+
+    assert cli.main(["convert", str(source), str(tmp_path / "export")]) == 0
+    before = sorted(p.name for p in (tmp_path / "export").iterdir())
+    cut = tmp_path / "cut"
+    make_hf_model(cut)
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    for source in (tmp_path / "typo", cut):  # sources that fail to load: the old destination stays
+        assert cli.main(["convert", str(source), str(tmp_path / "export"), "--overwrite"]) == 2
+        capsys.readouterr()
+        assert sorted(p.name for p in (tmp_path / "export").iterdir()) == before
+
+
 def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
     make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
@@ -217,6 +241,10 @@ def _drop_tensor(folder, name, reshape=None):
     ("moe", "unsupported model_type 'qwen3_moe'"),
     ("bias", "attention_bias=true"),
     ("nonexistent", "no such file or directory"),
+    ("truncated data", "model.safetensors: not a readable safetensors file: its tensors need"),
+    ("truncated header", "model.safetensors: not a readable safetensors file (its header runs past the end"),
+    ("no hidden_size", "config.json: config has no hidden_size"),
+    ("bad json", "config.json: not valid JSON"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     folder = tmp_path / "model"
@@ -229,9 +257,18 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
         config = json.loads((folder / "config.json").read_text())
         config.update({"model_type": "qwen3_moe", "num_experts": 8} if case == "moe" else {"attention_bias": True})
         (folder / "config.json").write_text(json.dumps(config))
+    elif case.startswith("truncated"):
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.truncate(f.seek(0, 2) - 100 if case == "truncated data" else 200)
+    elif case == "no hidden_size":
+        config = json.loads((folder / "config.json").read_text())
+        del config["hidden_size"]
+        (folder / "config.json").write_text(json.dumps(config))
+    elif case == "bad json":
+        (folder / "config.json").write_text('{"model_type": "qwen3",')
     else:
         shutil.rmtree(folder)
-    with pytest.raises((CheckpointError, ConfigError), match=expected.replace("[", r"\[").replace("]", r"\]")) as err:
+    with pytest.raises((CheckpointError, ConfigError), match=re.escape(expected)) as err:
         qed_jax.from_pretrained(folder)
     assert "\n" not in str(err.value)
     capsys.readouterr()
@@ -257,3 +294,14 @@ def test_models_from_different_folders_share_one_graph_and_export_their_own_toke
     assert nnx.graphdef(a) == nnx.graphdef(b)
     qed_jax.save_pretrained(a, tmp_path / "out", dtype="float32")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+
+
+def test_a_trainer_run_directory_given_as_a_model_names_the_models_inside(tmp_path):
+    run = tmp_path / "run"
+    make_hf_model(run / "hf")
+    (run / "checkpoints").mkdir()
+    (run / "config.json").write_text(json.dumps({"steps": 3}))  # the trainer's config, not a model's
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{run}: a trainer's run directory, not a model; pass {run}/hf (its exported model) or "
+            f"{run}/checkpoints (its latest checkpoint)")):
+        qed_jax.from_pretrained(run)
