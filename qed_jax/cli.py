@@ -122,8 +122,8 @@ def _generate_reasoning_cache(args) -> None:
 def _judge(args) -> None:
     from tqdm.auto import tqdm
 
-    from qed_jax.config import apply_override, from_dict, read_yaml
-    from qed_jax.judge import Judge, JudgeConfig, item_from_row
+    from qed_jax.config import apply_override, from_dict, load_template, read_yaml
+    from qed_jax.judge import Judge, JudgeConfig, item_from_row, needed_fields
 
     data = {}
     if args.config:
@@ -132,6 +132,7 @@ def _judge(args) -> None:
     for override in args.overrides:
         apply_override(data, override)
     config = from_dict(JudgeConfig, data)
+    needs = needed_fields(load_template(config.template, "judge template"))
 
     rows, items = [], []
     with open(args.input) as f:
@@ -142,8 +143,11 @@ def _judge(args) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{args.input}:{n}: not valid JSON ({e.msg})") from None
-            items.append(item_from_row(row, f"{args.input}:{n}"))
+            items.append(item_from_row(row, f"{args.input}:{n}", needs))
             rows.append(row)
+    if not items:
+        raise ConfigError(f"{args.input}: no rows to grade (the file is empty)")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     judge = Judge(config)
     try:
         with tqdm(total=len(items), desc="grading", unit="proof") as bar:
@@ -357,10 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("judge", help="grade a JSONL file of proofs with the rubric judge",
                        description="Grade rows {problem, rubric or guidelines, reference?, answer?, "
-                       "proof or completion} with an OpenAI-compatible judge. Grades are cached in "
+                       "proof or completion} with an OpenAI-compatible judge. The template decides which "
+                       "field a row needs: the RL grader (configs/judge/rl_grader.yaml) reads 'rubric', "
+                       "imo_proofbench.yaml and proofbench.yaml read 'guidelines' and 'reference', "
+                       "answer.yaml reads 'answer'. Every row goes to the judge (`eval` settles final "
+                       "answers with math-verify first; this command does not). Grades are cached in "
                        "SQLite (judge.cache_path), so an interrupted run picks up where it stopped. "
                        "The API key is read from the environment variable judge.api_key_env.")
-    p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section)")
+    p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section); default: "
+                   "the built-in defaults, the recipe's RL grader (template rl_grader) at "
+                   "http://localhost:8000/v1")
     p.add_argument("--input", required=True, help="JSONL rows to grade")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")

@@ -124,6 +124,9 @@ def render_marking_scheme(scheme: Any) -> str:
     raise ValueError(f"marking scheme must be a string or a list of checkpoints, got {type(scheme).__name__}")
 
 
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")  # {{field}} in a template
+
+
 def render_prompt(template: str, item: GradeItem, proof: str) -> str:
     fields = {
         "problem": item.problem.strip(),
@@ -133,7 +136,7 @@ def render_prompt(template: str, item: GradeItem, proof: str) -> str:
         "answer": (item.answer or "").strip(),
         "proof": proof,
     }
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: fields.get(m.group(1), m.group(0)), template)
+    return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
 
 
 _SELF_EVALUATION = re.compile(
@@ -171,22 +174,44 @@ def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int
     return value if value in allowed else None
 
 
-def item_from_row(row: Any, where: str) -> GradeItem:
+# What a template's placeholders are rendered from, where a row must give it: {{marking_scheme}}
+# from 'rubric', {{guidelines}} from 'guidelines', {{answer}} from 'answer'. ({{reference}} may be
+# absent: "(none given)".)
+_ROW_FIELDS = {"marking_scheme": "rubric", "guidelines": "guidelines", "answer": "answer"}
+
+
+def needed_fields(template: str) -> list[str]:
+    """The GradeItem fields (rubric, guidelines, answer) that `template` cannot do without."""
+    used = set(_PLACEHOLDER.findall(template))
+    return [field for placeholder, field in _ROW_FIELDS.items() if placeholder in used]
+
+
+def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
     """A GradeItem from a JSON row {problem, rubric|guidelines, reference?, answer?, proof|completion};
-    `where` ("file:line") prefixes any error."""
+    `needs` are the fields the judge's template renders (`needed_fields`); `where` ("file:line")
+    prefixes any error."""
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: a row must be a JSON object")
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
-        raise ConfigError(f"{where}: field 'problem' is missing or empty")
+        raise ConfigError(f"{where}: field 'problem' must be a non-empty string")
     has = [k for k in ("proof", "completion") if isinstance(row.get(k), str)]
     if len(has) != 1:
-        raise ConfigError(f"{where}: give exactly one of the fields 'proof' and 'completion'")
-    return GradeItem(
+        raise ConfigError(f"{where}: give exactly one of the fields 'proof' and 'completion' (a string)")
+    item = GradeItem(
         problem=row["problem"], completion=row.get("completion"), proof=row.get("proof"),
         rubric=row.get("rubric", row.get("rubrics")), reference=row.get("reference", row.get("solution")),
         guidelines=row.get("guidelines", row.get("grading_guidelines", row.get("grading_scheme"))),
         answer=row.get("answer"),
     )
+    for field in needs:
+        if getattr(item, field) in (None, "", []):
+            given = [f for f in _ROW_FIELDS.values() if getattr(item, f) not in (None, "", [])]
+            hint = (f"; the row gives {' and '.join(repr(f) for f in given)}: choose the judge config whose "
+                    "template reads it (configs/judge/rl_grader.yaml reads 'rubric'; imo_proofbench.yaml and "
+                    "proofbench.yaml read 'guidelines'; answer.yaml reads 'answer')") if given else ""
+            raise ConfigError(f"{where}: the judge's template grades against the field '{field}', which this row "
+                              f"does not give{hint}")
+    return item
 
 
 # --------------------------------------------------------------------------------------------

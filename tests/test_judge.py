@@ -12,9 +12,11 @@ import time
 
 import pytest
 
+from qed_jax import cli
 from qed_jax.config import ConfigError, load_template
 from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, parse_score,
                            render_marking_scheme, render_prompt)
+from tests.helpers import REPO
 from tests.judge_server import JudgeServer
 
 ALL = set(range(8))
@@ -256,3 +258,39 @@ def test_api_key_appears_in_no_log_output_or_cache(tmp_path):
     assert "DEBUG" in (tmp_path / "stderr").read_text()  # the logs were verbose, yet hold no key
     for path in tmp_path.iterdir():
         assert secret.encode() not in path.read_bytes(), path.name
+
+
+def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, capsys):
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl"
+    base = {"problem": "P", "completion": "x</think>proof"}
+
+    def judge(row, *config):
+        rows.write_text(json.dumps(row) + "\n")
+        rc = cli.main(["judge", "--input", str(rows), "--output", str(out), *config, "base_url=http://127.0.0.1:9"])
+        return rc, capsys.readouterr().err.strip()
+
+    rc, err = judge({**base, "guidelines": "7 if complete"})  # the default template reads 'rubric'
+    assert rc == 2 and err == (
+        f"qed-jax judge: error: {rows}:1: the judge's template grades against the field 'rubric', which this row "
+        "does not give; the row gives 'guidelines': choose the judge config whose template reads it "
+        "(configs/judge/rl_grader.yaml reads 'rubric'; imo_proofbench.yaml and proofbench.yaml read 'guidelines'; "
+        "answer.yaml reads 'answer')")
+    rc, err = judge({**base, "rubric": "7 if complete"}, "--config", str(REPO / "configs/judge/imo_proofbench.yaml"))
+    assert rc == 2 and "grades against the field 'guidelines'" in err
+    rc, err = judge(base, "--config", str(REPO / "configs/judge/answer.yaml"))
+    assert rc == 2 and err.endswith("grades against the field 'answer', which this row does not give")
+    rc, err = judge({**base, "problem": 5, "rubric": "r"})
+    assert rc == 2 and err.endswith(":1: field 'problem' must be a non-empty string")
+    rows.write_text("\n")
+    assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"qed-jax judge: error: {rows}: no rows to grade (the file is empty)"
+    assert not out.exists()
+
+
+def test_judge_cli_makes_the_output_folder(tmp_path):
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "new" / "sub" / "graded.jsonl"
+    _write_rows(rows, 2)
+    with JudgeServer({}) as server:
+        assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+                         f"cache_path={tmp_path / 'cache.sqlite'}"]) == 0
+    assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [7, 7]
