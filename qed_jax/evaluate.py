@@ -279,6 +279,9 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
 # samples.jsonl: what is done
 
 
+RECORD_KEYS = ("type", "problem_id", "sample")  # what every record of a run log has
+
+
 def read_records(path: Path, repair: bool = False) -> list[dict]:
     """The records of a run log. A last line cut short by a kill is left out, and with `repair`
     also cut from the file, so that appending starts on a fresh line."""
@@ -293,9 +296,12 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
     records = []
     for n, line in enumerate(data.decode().splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
+        if not isinstance(record, dict) or not all(k in record for k in RECORD_KEYS):
+            raise ConfigError(f"{path}:{n}: not a record (each has {', '.join(RECORD_KEYS)}); the run log is damaged")
+        records.append(record)
     return records
 
 
@@ -353,9 +359,17 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     last turn's being the sample's own."""
     run_dir = Path(run_dir)
     config_path, samples_path = run_dir / "config.json", run_dir / SAMPLES_FILE
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such directory")
     if not config_path.is_file() or not samples_path.is_file():
-        raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE})")
+        runs = sorted(str(d) for d in run_dir.iterdir() if (d / SAMPLES_FILE).is_file())
+        inside = f"; it holds the runs {' '.join(runs)}: pass those" if runs else ""
+        raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE}){inside}")
     run = RunLog(samples_path, read_records(samples_path))
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e.msg}); the run's config is damaged") from None
     merged = []
     for key, sample in run.samples.items():
         grade = run.grades.get(key, {})
@@ -365,7 +379,7 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
             earlier = [run.turn_grades.get((*key, t), {}).get("score") for t in range(len(sample["turns"]) - 1)]
             record["turn_scores"] = earlier + [record["score"]]
         merged.append(record)
-    return json.loads(config_path.read_text()), merged
+    return config, merged
 
 
 # --------------------------------------------------------------------------------------------

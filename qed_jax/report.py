@@ -230,17 +230,17 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     """Write report.md, report.json (and the plots) to `output` (default: the run directory when
     there is one); returns the Markdown, the output folder and the plots' paths."""
     if not run_dirs:
-        raise ConfigError("report: give at least one run directory")
+        raise ConfigError("give at least one run directory")
     if output is None and len(run_dirs) > 1:
-        raise ConfigError("report: several run directories need --output (a folder for the comparison)")
-    out = Path(output or run_dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
+        raise ConfigError("several run directories need --output (a folder for the comparison)")
     summaries, runs = {}, {}
     for name, run_dir in zip(run_names(run_dirs), run_dirs):
         config, records = read_run(run_dir)
         if not records:
             raise ConfigError(f"{run_dir}: the run has no samples yet")
         summaries[name], runs[name] = summarize(config, records), records
+    out = Path(output or run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(_nan_to_none(summaries), indent=2, allow_nan=False))

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -454,6 +455,24 @@ def test_report_compares_runs_side_by_side(tmp_path):
         assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["std"] is None
     with pytest.raises(ConfigError, match="need --output"):
         report([str(r) for r in runs])
+
+    # Damaged or wrong run directories: one line naming the file (and line), or the runs inside.
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/nope: no such directory$"):
+        report([str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match=f"not an eval run directory .*; it holds the runs {tmp_path}/a/run: pass"):
+        report([str(tmp_path / "a")])
+    shutil.copytree(runs[0], tmp_path / "damaged")
+    samples = tmp_path / "damaged" / "samples.jsonl"
+    lines = samples.read_text().splitlines()
+    record = json.loads(lines[1])
+    del record["problem_id"]
+    samples.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+    with pytest.raises(ConfigError, match=f"^{samples}:2: not a record \\(each has type, problem_id, sample\\)"):
+        report([str(tmp_path / "damaged")])
+    samples.write_text("\n".join(lines) + "\n")
+    (tmp_path / "damaged" / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="damaged/config.json: not valid JSON"):
+        report([str(tmp_path / "damaged")])
 
 
 def test_config_errors_say_what_to_do(tmp_path):
