@@ -73,14 +73,15 @@ class Slice:
         return f"{_CLOUD_NAMES.get(self.generation, self.generation)}-{count}"
 
 
-def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
+def chip_grid(chips: int, dims: int, generation: str = "v5p") -> tuple[int, ...]:
     """The shape Cloud gives a slice of `chips` chips: 3-D slices grow from 2x2x1, 2-D ones from
     1x1, each doubling the last of the smallest sides (2x2x2, 2x2x4, 2x4x4, 4x4x4, ...)."""
     grid = [2, 2, 1] if dims == 3 else [1, 1]
     start = math.prod(grid)
     if chips < start or chips & (chips - 1):
+        example = f"{generation}:{'2x4x4' if dims == 3 else '4x4'}"
         raise ConfigError(f"no standard {dims}-D slice of {chips} chips (sizes are powers of two from "
-                          f"{start}); name the topology directly, e.g. v5p:4x4x12")
+                          f"{start}); name the topology directly, e.g. {example}")
     while math.prod(grid) < chips:
         smallest = min(grid)
         last = len(grid) - 1 - grid[::-1].index(smallest)
@@ -108,7 +109,7 @@ def parse_slice(name: str) -> Slice:
     if spec.counts_cores and count % 2:
         raise ConfigError(f"{name!r}: {gen} slices count TensorCores, two per chip; {count} is odd")
     chips = count // 2 if spec.counts_cores else count
-    grid = chip_grid(chips, spec.dims)
+    grid = chip_grid(chips, spec.dims, gen)
     return Slice(name, gen, chips, f"{gen}:{'x'.join(map(str, grid))}")
 
 
@@ -629,7 +630,7 @@ def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
             errors[name] = str(e)
     if not loaded:
         of_its_kind = [v for v in errors.values() if " is not a key of " not in v]  # the file's keys fit one class
-        if len(of_its_kind) == 1:
+        if len(of_its_kind) == 1 or len(set(errors.values())) == 1:  # or the same error for both (no such file)
             raise ConfigError(of_its_kind[0])
         raise ConfigError(f"{path} is neither an SFT nor a GRPO config (" + "; ".join(
             v.removeprefix(f"{path}: ").split(" (its keys")[0] for v in errors.values()) + ")")
@@ -640,6 +641,8 @@ def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
 
 def plan(config_path: str | None, topology: str, overrides: list[str] = (), trainer: str | None = None,
          preset_name: str | None = None, wave: int | None = None) -> Plan:
+    if wave is not None and wave < 1:
+        raise ConfigError(f"--wave-size must be at least 1 row, got {wave} (leave it out for what fits)")
     trainer, config = trainer_config(config_path, list(overrides), trainer)
     tpu = parse_slice(topology)
     devices = topology_devices(tpu)

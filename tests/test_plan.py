@@ -72,7 +72,8 @@ def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu):
 @pytest.mark.parametrize("name, message", [
     ("v5p-7", "odd"),
     ("v5p-24", "no standard 3-D slice of 12 chips"),
-    ("v6e-12", "no standard 2-D slice of 12 chips"),
+    ("v6e-12", r"no standard 2-D slice of 12 chips .*, e\.g\. v6e:4x4$"),
+    ("v5p-0", r"no standard 3-D slice of 0 chips .*, e\.g\. v5p:2x4x4$"),
     ("v7x-8", "cannot read TPU slice"),
     ("v9:2x2", "unknown TPU generation"),
     ("v5e:2x2x2", "has 2 sides"),
@@ -144,6 +145,10 @@ def test_the_trainer_is_the_one_whose_config_loads():
         plan.trainer_config(eval_yaml, [], None)
     with pytest.raises(ConfigError, match="^steps must be at least 1, got -1$"):  # an SFT file's own error
         plan.trainer_config(SFT_TINY, ["steps=-1"], None)
+    with pytest.raises(ConfigError, match="^config file no/such.yaml does not exist$"):  # said once, not per trainer
+        plan.trainer_config("no/such.yaml", [], None)
+    with pytest.raises(ConfigError, match="^--wave-size must be at least 1 row, got 0"):
+        plan.plan(RL_TINY, "v5p-8", wave=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,6 +143,10 @@ def test_runtime_versions_and_bad_types():
     for bad in ("v3-8", "v5p", "v5e-8"):
         with pytest.raises(tpu.LaunchError, match="unknown accelerator type"):
             tpu.num_workers(bad)
+    for bad, rule in (("v5p-7", "a positive multiple of 2"), ("v4-0", "a positive multiple of 2"),
+                      ("v6e-0", "at least 1")):
+        with pytest.raises(tpu.LaunchError, match=f"^{bad}: no such slice; .* so N is {rule}$"):
+            tpu.num_workers(bad)
 
 
 def test_create_and_delete_commands(gcloud):
@@ -199,6 +203,15 @@ def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     names = tarfile.open(tarball).getnames()
     assert {"pyproject.toml", "tpu_scripts/worker_setup.sh", "qed_jax/cli.py"} <= set(names)
     assert not any(n.startswith((".git/", ".venv/")) for n in names)
+
+
+def test_setup_from_a_commit_that_does_not_exist_is_one_line_and_packs_nothing(gcloud, capsys):
+    _, calls = gcloud
+    for dry_run in ([], ["--dry-run"]):
+        assert launcher("setup", "qr-bad", *WHERE, "--commit", "no-such-ref", *dry_run) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"tpu.py setup: error: --commit 'no-such-ref' is not a commit of {REPO}; give a branch, tag or hash")
+    assert calls() == [] and not (Path(tempfile.gettempdir()) / "qed-jax-qr-bad.tar.gz").exists()
 
 
 def test_setup_from_a_commit_uses_git_archive(gcloud, tmp_path):

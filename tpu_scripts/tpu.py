@@ -51,8 +51,14 @@ def parse_accelerator(accelerator: str) -> tuple[str, int]:
     match = re.fullmatch(r"(v4|v5litepod|v5p|v6e)-(\d+)", accelerator)
     if not match:
         raise LaunchError(f"unknown accelerator type {accelerator!r}: expected v4-N, v5litepod-N, "
-                          "v5p-N or v6e-N (e.g. v5p-64)")
-    return match.group(1), int(match.group(2))
+                          "v5p-N or v6e-N as Cloud names them (e.g. v5p-64; a v5e slice is v5litepod-N)")
+    generation, count = match.group(1), int(match.group(2))
+    if count < 1 or count % CORES_PER_CHIP[generation]:
+        per_chip = CORES_PER_CHIP[generation]
+        raise LaunchError(f"{accelerator}: no such slice; {generation}-N counts "
+                          + (f"TensorCores, {per_chip} per chip, so N is a positive multiple of {per_chip}"
+                             if per_chip > 1 else "chips, so N is at least 1"))
+    return generation, count
 
 
 def runtime_version(accelerator: str) -> str:
@@ -136,7 +142,8 @@ def progress(message: str) -> None:
 # --- commands --------------------------------------------------------------------------------
 
 def create(gc: Gcloud, args) -> None:
-    version = args.runtime_version or runtime_version(args.accelerator_type)
+    version = runtime_version(args.accelerator_type)  # checks the type even when the version is given
+    version = args.runtime_version or version
     progress(f"creating {gc.name}: {args.accelerator_type} ({args.capacity}), runtime {version}")
     gc.call(gc.queued("create", f"--node-id={gc.name}", f"--accelerator-type={args.accelerator_type}",
                       f"--runtime-version={version}", *CAPACITY_FLAGS[args.capacity],
@@ -172,12 +179,19 @@ def pack(commit: str | None, dest: Path, dry_run: bool) -> None:
     """A gzipped tarball of the working tree (tracked and untracked, not ignored files) or of one
     commit, so uncommitted edits reach the workers without a push."""
     what = f"commit {commit}" if commit else "the working tree (git ls-files)"
+    if commit and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--quiet", "--verify", f"{commit}^{{commit}}"],
+                                 capture_output=True).returncode:
+        raise LaunchError(f"--commit {commit!r} is not a commit of {REPO}; give a branch, tag or hash")
     progress(f"packing {what} into {dest}")
     if dry_run:
         return
     if commit:
-        subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={dest}",
-                        commit], check=True)
+        archived = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={dest}",
+                                   commit], capture_output=True, text=True)
+        if archived.returncode:
+            dest.unlink(missing_ok=True)
+            raise LaunchError(f"--commit {commit!r}: git archive failed in {REPO}: "
+                              f"{(archived.stderr.strip().splitlines() or ['no message'])[-1]}")
         return
     listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
                              "--exclude-standard"], check=True, capture_output=True, text=True)
@@ -339,16 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="TPU software version (default per generation: "
                           + ", ".join(f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items()) + ")")
     polling = argparse.ArgumentParser(add_help=False)
-    polling.add_argument("--poll", type=float, default=30, help="seconds between state checks")
+    polling.add_argument("--poll", type=float, default=30, help="seconds between state checks (default: %(default)s)")
     copying = argparse.ArgumentParser(add_help=False)
     copying.add_argument("--commit", help="copy this commit (git archive) instead of the working tree")
-    copying.add_argument("--retries", type=int, default=4, help="attempts for each scp/ssh step")
+    copying.add_argument("--retries", type=int, default=4, help="attempts for each scp/ssh step (default: %(default)s)")
     copying.add_argument("--retry-delay", type=float, default=10,
-                         help="seconds before the first retry, doubling each time")
+                         help="seconds before the first retry, doubling each time (default: %(default)s)")
     running = argparse.ArgumentParser(add_help=False)
     running.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                          help="environment variable for the job on every worker (repeatable)")
-    running.add_argument("--log-dir", default="tpu_logs", help="local folder for per-worker logs")
+    running.add_argument("--log-dir", default="tpu_logs",
+                         help="local folder for per-worker logs (default: %(default)s)")
     running.add_argument("--local", action="store_true",
                          help="run each 'worker' as a local subprocess instead of over ssh (testing)")
 
@@ -390,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()),
                    help="names the log folder and is passed to the job as $QED_RUN_ID "
                    "(default: run-UTCDATE-TIME); reuse it to continue a run")
-    p.add_argument("--max-preemptions", type=int, default=20, help="give up after this many preemptions")
+    p.add_argument("--max-preemptions", type=int, default=20,
+                   help="give up after this many preemptions (default: %(default)s)")
     p.add_argument("--max-failures", type=int, default=3,
-                   help="give up after this many ordinary (non-preemption) failures")
+                   help="give up after this many ordinary (non-preemption) failures (default: %(default)s)")
     p.add_argument("--delete-at-end", action="store_true", help="delete the slice after success")
     return parser
 
