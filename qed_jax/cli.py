@@ -63,6 +63,9 @@ def _generate(args) -> None:
 
     if args.summarizer and not args.reasoning_cache:
         raise ConfigError("--summarizer is for --reasoning-cache; add that flag or drop --summarizer")
+    if "" in args.prompt and not (args.chat or args.reasoning_cache):  # those wrap a prompt in a template
+        raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a plain prompt needs some text "
+                          "(or pass --chat)")
     # Every flag is checked (the parameters check themselves when built) before a model loads.
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,8 @@ from qed_jax.config import ConfigError, ModelConfig, check_sampling
 from qed_jax.errors import DeviceCallInterrupted
 from qed_jax.model import KVCache, Qwen3, unstacked_layers
 from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 FINISH_STOP, FINISH_LENGTH = 1, 2
@@ -242,6 +245,12 @@ def pad_wave(prompts: list[list[int]], budgets: np.ndarray, rows: int, width: in
     return tokens, lengths, padded_budgets
 
 
+@cache  # once per length and limit, not at every call
+def _warn_past_trained_positions(length: int, limit: int) -> None:
+    log.warning("a prompt plus max_new_tokens reaches %d tokens, past the model's max_position_embeddings (%d): "
+                "positions beyond it were never trained; lower max_new_tokens for this model", length, limit)
+
+
 class Sampler:
     """Holds the model split for jit and one donated KV cache, reused while its shape holds.
 
@@ -320,7 +329,10 @@ class Sampler:
         if budgets is not None and len(budgets) != len(prompts):
             raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
         n = params.max_new_tokens
-        width = bucket_length(max(len(p) for p in prompts), self.buckets)
+        longest = max(len(p) for p in prompts)
+        if longest + n > self.config.max_position_embeddings:
+            _warn_past_trained_positions(longest + n, self.config.max_position_embeddings)
+        width = bucket_length(longest, self.buckets)
         budgets = np.minimum(np.array(budgets if budgets is not None else [n] * len(prompts), np.int32), n)
         cache_len = cache_slots(width + n)
         rows = self.wave_rows(len(prompts), cache_len)

@@ -161,7 +161,9 @@ def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
     for flags, message in [(["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
                            (["--reasoning-cache", "--turns", "0"], "RCParams.turns must be at least 1, got 0"),
                            (["--reasoning-cache", "--summarizer", str(missing), "--summarizer-top-p", "0"],
-                            "--summarizer-* flags: top_p must be in (0, 1] (1 is off), got 0.0")]:
+                            "--summarizer-* flags: top_p must be in (0, 1] (1 is off), got 0.0"),
+                           (["--prompt", ""], "prompt 2 (--prompt) is empty: a plain prompt needs some text "
+                            "(or pass --chat)")]:
         assert cli.main(["generate", "--model", str(missing), "--prompt", "p", *flags]) == 2
         assert capsys.readouterr().err.strip() == f"qed-jax generate: error: {message}"
 

@@ -1,5 +1,6 @@
 """The sampler against transformers' generate and a full forward pass recomputed in NumPy."""
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -172,6 +173,22 @@ def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert sum("decode_loop" in m for m in compiles) == 1, compiles
     assert sum("prefill" in m for m in compiles) == 1, compiles
+
+
+def test_a_budget_past_the_trained_positions_warns_once(tiny, caplog):
+    _, model = tiny
+    sampler, limit = Sampler(model), model.config.max_position_embeddings
+    sampling._warn_past_trained_positions.cache_clear()  # whatever another test warned of
+    fits = SamplingParams(max_new_tokens=limit - len(PROMPTS[2]), temperature=0.0)
+    past = dataclasses.replace(fits, max_new_tokens=fits.max_new_tokens + 1)
+    with caplog.at_level(logging.WARNING, logger="qed_jax.sampling"):
+        sampler.generate_ids(PROMPTS, fits, jax.random.key(0), stop_ids=[])
+        assert not caplog.records
+        for _ in range(2):
+            sampler.generate_ids(PROMPTS, past, jax.random.key(0), stop_ids=[])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"a prompt plus max_new_tokens reaches {limit + 1} tokens, past the model's max_position_embeddings "
+        f"({limit}): positions beyond it were never trained; lower max_new_tokens for this model"]
 
 
 @pytest.mark.parametrize("layers", ["per-layer", "stacked, in chunks", "stacked, by the kernel"])
