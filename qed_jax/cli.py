@@ -20,14 +20,16 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     only once the source has loaded."""
     from etils import epath
 
-    def absolute(path: str):
-        return epath.Path(path) if "://" in path else epath.Path(path).resolve()
+    def real(path: str):  # symbolic links followed (epath's resolve does not)
+        return epath.Path(path) if "://" in path else epath.Path(os.path.realpath(path))
 
-    where, source_at = absolute(dest), absolute(source)
-    local = epath.Path(source).exists()  # not a Hub id
-    if local and (where == source_at or where in source_at.parents or source_at in where.parents):
-        raise ConfigError(f"{dest}: the destination would hold or lie inside the source {source}; "
-                          "choose a folder apart from it")
+    where, source_at = real(dest), real(source)
+    if epath.Path(source).exists():  # not a Hub id
+        if where == source_at:
+            raise ConfigError(f"{dest}: the destination is the source itself; choose another folder")
+        if where in source_at.parents or source_at in where.parents:
+            raise ConfigError(f"{dest}: the destination would hold or lie inside the source {source}; "
+                              "choose a folder apart from it")
     if not where.exists() or not any(where.iterdir()):
         return False
     if not overwrite:
@@ -365,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("judge", help="grade a JSONL file of proofs with the rubric judge",
                        description="Grade rows {problem, rubric or guidelines, reference?, answer?, "
                        "proof or completion} with an OpenAI-compatible judge. The template decides which "
-                       "field a row needs: the RL grader (configs/judge/rl_grader.yaml) reads 'rubric', "
-                       "imo_proofbench.yaml and proofbench.yaml read 'guidelines' and 'reference', "
-                       "answer.yaml reads 'answer'. Every row goes to the judge (`eval` settles final "
-                       "answers with math-verify first; this command does not). Grades are cached in "
+                       "fields it reads: the RL grader (configs/judge/rl_grader.yaml) 'rubric', "
+                       "imo_proofbench.yaml and proofbench.yaml 'guidelines' and 'reference', answer.yaml "
+                       "'answer'. No row is settled by math-verify (`eval` does that first for final "
+                       "answers; this command does not). Grades are cached in "
                        "SQLite (judge.cache_path), so an interrupted run picks up where it stopped. "
                        "The API key is read from the environment variable judge.api_key_env.")
     p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section); default: "

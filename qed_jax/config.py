@@ -71,10 +71,9 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r}: qed-jax implements the dense Qwen3 decoder "
                 "(model_type 'qwen3'); MoE and other families are not supported"
             )
-        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads") if key not in hf]
-        if missing:
-            raise ConfigError(f"config has no {', '.join(missing)}: a Qwen3 config needs them")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if missing := [key for key in required if key not in hf]:
+            raise ConfigError(f"config has no {', '.join(missing)} (a Qwen3 config gives each of {', '.join(required)})")
         if hf.get("num_experts") or hf.get("num_local_experts"):
             raise ConfigError("config describes a mixture-of-experts model; only dense Qwen3 is supported")
         if hf.get("attention_bias"):

@@ -360,7 +360,7 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     run_dir = Path(run_dir)
     config_path, samples_path = run_dir / "config.json", run_dir / SAMPLES_FILE
     if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: no such directory")
+        raise ConfigError(f"{run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}")
     if not config_path.is_file() or not samples_path.is_file():
         runs = sorted(str(d) for d in run_dir.iterdir() if (d / SAMPLES_FILE).is_file())
         inside = f"; it holds the runs {' '.join(runs)}: pass those" if runs else ""

@@ -114,6 +114,10 @@ def _unflat(flat: dict[str, object]) -> dict:
 # safetensors, read through memory maps and written as a stream
 
 
+def has_safetensors(folder) -> bool:
+    return any((folder / name).exists() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 class SafetensorsFolder:
     """The tensors of a folder's `model.safetensors` or its sharded `*.safetensors` + index."""
 
@@ -177,7 +181,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(header_len))
         except ValueError as e:  # bad JSON or bad UTF-8
             raise CheckpointError(f"{damaged} (its header is not valid JSON: {e}); copy or export it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{damaged} (its header is not a table of tensors); copy or export it again")
     header.pop("__metadata__", None)
+    for tensor, info in header.items():
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+            raise CheckpointError(f"{damaged} (tensor {tensor} lacks its dtype, shape or data offsets); "
+                                  "copy or export it again")
     data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{damaged}: its tensors need {8 + header_len + data_end:,} bytes but the file has "
@@ -220,6 +230,8 @@ def read_model_config(folder: Path) -> ModelConfig:
         hf_config = json.loads(path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{path}: not a model config (a JSON object of settings)")
     try:
         return ModelConfig.from_hf(hf_config)
     except ConfigError as e:

@@ -174,16 +174,41 @@ def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int
     return value if value in allowed else None
 
 
-# What a template's placeholders are rendered from, where a row must give it: {{marking_scheme}}
-# from 'rubric', {{guidelines}} from 'guidelines', {{answer}} from 'answer'. ({{reference}} may be
-# absent: "(none given)".)
-_ROW_FIELDS = {"marking_scheme": "rubric", "guidelines": "guidelines", "answer": "answer"}
+# The row fields a template's placeholders are rendered from, under each field's accepted keys,
+# and the bundled judge config whose template reads it. A row must give the answer an answer
+# template compares with. A marking scheme may be absent (graded without one, as GRPO does for rows
+# without a rubric), but not replaced by the other kind: guidelines sent to a template that reads
+# a rubric would be dropped. ({{reference}} may be absent too: "(none given)".)
+_ROW_FIELDS = {  # placeholder: (field, its keys in a row, the judge config that reads it)
+    "marking_scheme": ("rubric", ("rubric", "rubrics"), "configs/judge/rl_grader.yaml"),
+    "guidelines": ("guidelines", ("guidelines", "grading_guidelines", "grading_scheme"),
+                   "configs/judge/imo_proofbench.yaml or proofbench.yaml"),
+    "answer": ("answer", ("answer",), "configs/judge/answer.yaml"),
+}
 
 
 def needed_fields(template: str) -> list[str]:
-    """The GradeItem fields (rubric, guidelines, answer) that `template` cannot do without."""
+    """The row fields (rubric, guidelines, answer) that `template` renders."""
     used = set(_PLACEHOLDER.findall(template))
-    return [field for placeholder, field in _ROW_FIELDS.items() if placeholder in used]
+    return [field for placeholder, (field, _, _) in _ROW_FIELDS.items() if placeholder in used]
+
+
+def _row_field(row: dict, field: str, keys: tuple[str, ...], where: str) -> tuple[str, Any] | None:
+    """(the row's key, its value) for a rubric, guidelines or answer; None when the row has none
+    (absent, null, empty or blank). A numeric answer becomes a string, as eval reads one."""
+    key = next((k for k in keys if k in row), None)
+    value = row.get(key)
+    if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+        return None
+    if field == "answer":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: field 'answer' must be a string or a number")
+        return key, str(value)
+    try:
+        render_marking_scheme(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: field '{key}': {e}") from None
+    return key, value
 
 
 def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
@@ -197,21 +222,22 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
     has = [k for k in ("proof", "completion") if isinstance(row.get(k), str)]
     if len(has) != 1:
         raise ConfigError(f"{where}: give exactly one of the fields 'proof' and 'completion' (a string)")
-    item = GradeItem(
-        problem=row["problem"], completion=row.get("completion"), proof=row.get("proof"),
-        rubric=row.get("rubric", row.get("rubrics")), reference=row.get("reference", row.get("solution")),
-        guidelines=row.get("guidelines", row.get("grading_guidelines", row.get("grading_scheme"))),
-        answer=row.get("answer"),
-    )
-    for field in needs:
-        if getattr(item, field) in (None, "", []):
-            given = [f for f in _ROW_FIELDS.values() if getattr(item, f) not in (None, "", [])]
-            hint = (f"; the row gives {' and '.join(repr(f) for f in given)}: choose the judge config whose "
-                    "template reads it (configs/judge/rl_grader.yaml reads 'rubric'; imo_proofbench.yaml and "
-                    "proofbench.yaml read 'guidelines'; answer.yaml reads 'answer')") if given else ""
-            raise ConfigError(f"{where}: the judge's template grades against the field '{field}', which this row "
-                              f"does not give{hint}")
-    return item
+    given = {field: found for field, keys, _ in _ROW_FIELDS.values()
+             if (found := _row_field(row, field, keys, where)) is not None}
+    for field, keys, _ in _ROW_FIELDS.values():
+        if field not in needs or field in given:
+            continue
+        other_scheme = [key for f, (key, _) in given.items() if f not in (field, "answer")]
+        if field == "answer" or other_scheme:
+            readers = "; ".join(f"{config} reads '{f}'" for f, _, config in _ROW_FIELDS.values())
+            hint = (f"; its marking scheme is '{other_scheme[0]}': choose the judge config that reads it "
+                    f"({readers})") if other_scheme else ""
+            raise ConfigError(f"{where}: the judge's template grades against the field '{field}' "
+                              f"({' or '.join(keys)}), which this row does not give{hint}")
+    value = {field: found[1] for field, found in given.items()}
+    return GradeItem(problem=row["problem"], completion=row.get("completion"), proof=row.get("proof"),
+                     rubric=value.get("rubric"), reference=row.get("reference", row.get("solution")),
+                     guidelines=value.get("guidelines"), answer=value.get("answer"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Slice:
         return f"{_CLOUD_NAMES.get(self.generation, self.generation)}-{count}"
 
 
-def chip_grid(chips: int, dims: int, generation: str = "v5p") -> tuple[int, ...]:
+def chip_grid(chips: int, dims: int, generation: str) -> tuple[int, ...]:
     """The shape Cloud gives a slice of `chips` chips: 3-D slices grow from 2x2x1, 2-D ones from
     1x1, each doubling the last of the smallest sides (2x2x2, 2x2x4, 2x4x4, 4x4x4, ...)."""
     grid = [2, 2, 1] if dims == 3 else [1, 1]
@@ -629,8 +629,10 @@ def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
         except ConfigError as e:
             errors[name] = str(e)
     if not loaded:
+        if len(set(errors.values())) == 1:  # the same error for both (no such file)
+            raise ConfigError(next(iter(errors.values())))
         of_its_kind = [v for v in errors.values() if " is not a key of " not in v]  # the file's keys fit one class
-        if len(of_its_kind) == 1 or len(set(errors.values())) == 1:  # or the same error for both (no such file)
+        if len(of_its_kind) == 1:
             raise ConfigError(of_its_kind[0])
         raise ConfigError(f"{path} is neither an SFT nor a GRPO config (" + "; ".join(
             v.removeprefix(f"{path}: ").split(" (its keys")[0] for v in errors.values()) + ")")

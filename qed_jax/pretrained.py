@@ -47,7 +47,8 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         raise CheckpointError(f"{path}: no such file or directory")
     if checkpoint.is_checkpoint_dir(where):
         model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype)
-    elif inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]:
+    elif not hf.has_safetensors(where) and (
+            inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]):
         raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
     elif (where / "config.json").exists():
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)

@@ -3,10 +3,11 @@ exactly-once work across a SIGKILL, and the report's numbers against a NumPy ref
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -457,9 +458,10 @@ def test_report_compares_runs_side_by_side(tmp_path):
         report([str(r) for r in runs])
 
     # Damaged or wrong run directories: one line naming the file (and line), or the runs inside.
-    with pytest.raises(ConfigError, match=f"^{tmp_path}/nope: no such directory$"):
+    root = re.escape(str(tmp_path))
+    with pytest.raises(ConfigError, match=f"^{root}/nope: no such directory$"):
         report([str(tmp_path / "nope")])
-    with pytest.raises(ConfigError, match=f"not an eval run directory .*; it holds the runs {tmp_path}/a/run: pass"):
+    with pytest.raises(ConfigError, match=f"not an eval run directory .*; it holds the runs {root}/a/run: pass"):
         report([str(tmp_path / "a")])
     shutil.copytree(runs[0], tmp_path / "damaged")
     samples = tmp_path / "damaged" / "samples.jsonl"
@@ -467,7 +469,8 @@ def test_report_compares_runs_side_by_side(tmp_path):
     record = json.loads(lines[1])
     del record["problem_id"]
     samples.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
-    with pytest.raises(ConfigError, match=f"^{samples}:2: not a record \\(each has type, problem_id, sample\\)"):
+    damaged = f"{samples}:2: not a record (each has type, problem_id, sample); the run log is damaged"
+    with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
         report([str(tmp_path / "damaged")])
     samples.write_text("\n".join(lines) + "\n")
     (tmp_path / "damaged" / "config.json").write_text("{")

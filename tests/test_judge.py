@@ -14,8 +14,8 @@ import pytest
 
 from qed_jax import cli
 from qed_jax.config import ConfigError, load_template
-from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, parse_score,
-                           render_marking_scheme, render_prompt)
+from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
+                           parse_score, render_marking_scheme, render_prompt)
 from tests.helpers import REPO
 from tests.judge_server import JudgeServer
 
@@ -269,22 +269,34 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
         rc = cli.main(["judge", "--input", str(rows), "--output", str(out), *config, "base_url=http://127.0.0.1:9"])
         return rc, capsys.readouterr().err.strip()
 
-    rc, err = judge({**base, "guidelines": "7 if complete"})  # the default template reads 'rubric'
+    rc, err = judge({**base, "grading_guidelines": "7 if complete"})  # the default template reads a rubric
     assert rc == 2 and err == (
-        f"qed-jax judge: error: {rows}:1: the judge's template grades against the field 'rubric', which this row "
-        "does not give; the row gives 'guidelines': choose the judge config whose template reads it "
-        "(configs/judge/rl_grader.yaml reads 'rubric'; imo_proofbench.yaml and proofbench.yaml read 'guidelines'; "
-        "answer.yaml reads 'answer')")
+        f"qed-jax judge: error: {rows}:1: the judge's template grades against the field 'rubric' (rubric or "
+        "rubrics), which this row does not give; its marking scheme is 'grading_guidelines': choose the judge "
+        "config that reads it (configs/judge/rl_grader.yaml reads 'rubric'; configs/judge/imo_proofbench.yaml or "
+        "proofbench.yaml reads 'guidelines'; configs/judge/answer.yaml reads 'answer')")
     rc, err = judge({**base, "rubric": "7 if complete"}, "--config", str(REPO / "configs/judge/imo_proofbench.yaml"))
-    assert rc == 2 and "grades against the field 'guidelines'" in err
-    rc, err = judge(base, "--config", str(REPO / "configs/judge/answer.yaml"))
-    assert rc == 2 and err.endswith("grades against the field 'answer', which this row does not give")
+    assert rc == 2 and "grades against the field 'guidelines'" in err and "its marking scheme is 'rubric'" in err
+    rc, err = judge({**base, "answer": "  "}, "--config", str(REPO / "configs/judge/answer.yaml"))
+    assert rc == 2 and err.endswith("grades against the field 'answer' (answer), which this row does not give")
+    rc, err = judge({**base, "rubric": {"points": 7}})
+    assert rc == 2 and err.endswith(":1: field 'rubric': marking scheme must be a string or a list of checkpoints, "
+                                    "got dict")
     rc, err = judge({**base, "problem": 5, "rubric": "r"})
     assert rc == 2 and err.endswith(":1: field 'problem' must be a non-empty string")
     rows.write_text("\n")
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"qed-jax judge: error: {rows}: no rows to grade (the file is empty)"
     assert not out.exists()
+
+
+def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
+    row = {"problem": "P", "completion": "x</think>proof"}
+    assert item_from_row(row, "w", ["rubric"]).rubric is None  # graded without one, as GRPO does
+    assert item_from_row({**row, "rubrics": "r"}, "w", ["rubric"]).rubric == "r"  # the alias
+    assert item_from_row({**row, "answer": 42}, "w", ["answer"]).answer == "42"
+    with pytest.raises(ConfigError, match="^w: field 'answer' must be a string or a number$"):
+        item_from_row({**row, "answer": [1]}, "w", ["answer"])
 
 
 def test_judge_cli_makes_the_output_folder(tmp_path):

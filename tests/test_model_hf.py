@@ -154,9 +154,16 @@ def test_convert_overwrite_never_deletes_the_source_or_a_destination_it_cannot_r
     source = outer / "src"
     make_hf_model(source)
     (outer / "notes.txt").write_text("keep me")
-    for dest in (outer, source / "ckpt", source):
-        assert cli.main(["convert", str(source), str(dest), "--overwrite"]) == 2
-        assert "the destination would hold or lie inside the source" in capsys.readouterr().err
+    link = tmp_path / "link"  # the source under another name
+    link.symlink_to(source)
+    for src, dest, why in ((source, outer, "would hold or lie inside the source"),
+                           (source, source / "ckpt", "would hold or lie inside the source"),
+                           (link, outer, "would hold or lie inside the source"),
+                           (link, source / "ckpt", "would hold or lie inside the source"),
+                           (source, source, "is the source itself"), (link, source, "is the source itself"),
+                           (source, link, "is the source itself")):
+        assert cli.main(["convert", str(src), str(dest), "--overwrite"]) == 2
+        assert f"{dest}: the destination {why}" in capsys.readouterr().err
     assert (outer / "notes.txt").read_text() == "keep me" and (source / "model.safetensors").is_file()
     assert not (source / "ckpt").exists()
 
@@ -243,8 +250,9 @@ def _drop_tensor(folder, name, reshape=None):
     ("nonexistent", "no such file or directory"),
     ("truncated data", "model.safetensors: not a readable safetensors file: its tensors need"),
     ("truncated header", "model.safetensors: not a readable safetensors file (its header runs past the end"),
-    ("no hidden_size", "config.json: config has no hidden_size"),
+    ("no hidden_size", "config.json: config has no hidden_size (a Qwen3 config gives each of vocab_size, "),
     ("bad json", "config.json: not valid JSON"),
+    ("json list", "config.json: not a model config (a JSON object of settings)"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     folder = tmp_path / "model"
@@ -266,6 +274,8 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
         (folder / "config.json").write_text(json.dumps(config))
     elif case == "bad json":
         (folder / "config.json").write_text('{"model_type": "qwen3",')
+    elif case == "json list":
+        (folder / "config.json").write_text('["qwen3"]')
     else:
         shutil.rmtree(folder)
     with pytest.raises((CheckpointError, ConfigError), match=re.escape(expected)) as err:
@@ -305,3 +315,5 @@ def test_a_trainer_run_directory_given_as_a_model_names_the_models_inside(tmp_pa
             f"{run}: a trainer's run directory, not a model; pass {run}/hf (its exported model) or "
             f"{run}/checkpoints (its latest checkpoint)")):
         qed_jax.from_pretrained(run)
+    make_hf_model(run)  # a model folder that happens to hold such folders is a model
+    assert qed_jax.from_pretrained(run).config.num_layers == qed_jax.from_pretrained(run / "hf").config.num_layers

@@ -184,11 +184,11 @@ def test_a_budget_past_the_trained_positions_warns_once(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="qed_jax.sampling"):
         sampler.generate_ids(PROMPTS, fits, jax.random.key(0), stop_ids=[])
         assert not caplog.records
-        for _ in range(2):
-            sampler.generate_ids(PROMPTS, past, jax.random.key(0), stop_ids=[])
+        for prompts in (PROMPTS, PROMPTS, [[7] * (len(PROMPTS[2]) + 5)]):  # a longer prompt: no new warning
+            sampler.generate_ids(prompts, past, jax.random.key(0), stop_ids=[])
     assert [r.getMessage() for r in caplog.records] == [
-        f"a prompt plus max_new_tokens reaches {limit + 1} tokens, past the model's max_position_embeddings "
-        f"({limit}): positions beyond it were never trained; lower max_new_tokens for this model"]
+        f"prompts plus max_new_tokens ({past.max_new_tokens}) pass the model's max_position_embeddings ({limit}): "
+        "positions beyond it were never trained; lower max_new_tokens for this model"]
 
 
 @pytest.mark.parametrize("layers", ["per-layer", "stacked, in chunks", "stacked, by the kernel"])
