@@ -1,6 +1,5 @@
 """The sampler against transformers' generate and a full forward pass recomputed in NumPy."""
 
-import dataclasses
 import json
 import logging
 import subprocess
@@ -175,19 +174,17 @@ def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
     assert sum("prefill" in m for m in compiles) == 1, compiles
 
 
-def test_a_budget_past_the_trained_positions_warns_once(tiny, caplog):
-    _, model = tiny
-    sampler, limit = Sampler(model), model.config.max_position_embeddings
+def test_a_budget_past_the_trained_positions_warns_once(caplog):
+    limit, longest = 24, max(len(p) for p in PROMPTS)
+    sampler = Sampler(Qwen3(preset("tiny").replace(max_position_embeddings=limit), rngs=nnx.Rngs(0)))
     sampling._warn_past_trained_positions.cache_clear()  # whatever another test warned of
-    fits = SamplingParams(max_new_tokens=limit - len(PROMPTS[2]), temperature=0.0)
-    past = dataclasses.replace(fits, max_new_tokens=fits.max_new_tokens + 1)
+    params = SamplingParams(max_new_tokens=limit - longest, temperature=0.0)
     with caplog.at_level(logging.WARNING, logger="qed_jax.sampling"):
-        sampler.generate_ids(PROMPTS, fits, jax.random.key(0), stop_ids=[])
-        assert not caplog.records
-        for prompts in (PROMPTS, PROMPTS, [[7] * (len(PROMPTS[2]) + 5)]):  # a longer prompt: no new warning
-            sampler.generate_ids(prompts, past, jax.random.key(0), stop_ids=[])
+        for extra in (0, 1, 1, 5):  # at the limit, past it, again, a longer prompt: one warning in all
+            sampler.generate_ids([*PROMPTS, [7] * (longest + extra)], params, jax.random.key(0), stop_ids=[])
+            assert len(caplog.records) == (extra > 0)
     assert [r.getMessage() for r in caplog.records] == [
-        f"prompts plus max_new_tokens ({past.max_new_tokens}) pass the model's max_position_embeddings ({limit}): "
+        f"prompts plus max_new_tokens ({params.max_new_tokens}) pass the model's max_position_embeddings ({limit}): "
         "positions beyond it were never trained; lower max_new_tokens for this model"]
 
 
