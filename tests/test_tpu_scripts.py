@@ -205,6 +205,14 @@ def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     assert not any(n.startswith((".git/", ".venv/")) for n in names)
 
 
+def test_an_option_of_another_command_is_refused_under_this_commands_usage(gcloud, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        launcher("setup", "qr", *WHERE, "--accelerator-type", "v5p-8")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: tpu.py setup NAME [options]", "tpu.py setup: error: unrecognized arguments: --accelerator-type v5p-8"]
+
+
 def test_setup_from_a_commit_that_does_not_exist_is_one_line_and_packs_nothing(gcloud, capsys):
     _, calls = gcloud
     for dry_run in ([], ["--dry-run"]):

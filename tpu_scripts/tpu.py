@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage = f"tpu.py {verb} NAME [options]" + (" -- COMMAND [ARG...]" if running in parents else "")
         p = sub.add_parser(verb, parents=[common, *parents], help=summary, description=description,
                            usage=usage)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, parser=p)  # `parser`: for errors in the command's own usage
         return p
 
     add("create", create, [slice_, creating], "request a TPU VM or pod slice (queued resource)",
@@ -417,7 +417,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The job's own flags (--config, --distributed) must not reach this parser: split at `--`.
     split = argv.index("--") if "--" in argv else len(argv)
-    args = build_parser().parse_args(argv[:split])
+    args, unknown = build_parser().parse_known_args(argv[:split])
+    if unknown:  # an option of another command: say so under this command's usage, not the top level's
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.command = argv[split + 1:]
     try:
         result = args.func(Gcloud(args), args)
