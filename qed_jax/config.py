@@ -203,9 +203,13 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            number = float(value) if typ is float else int(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if typ is int:
+            if not number.is_integer():  # 3.5 steps is a typo, not 3
+                raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+            number = int(value) if isinstance(value, int) else int(number)
         return number
     if typ is str:
         return str(value)

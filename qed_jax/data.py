@@ -17,7 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from qed_jax.config import ConfigError, require_file
+from qed_jax.config import ConfigError, is_missing_local_path, require_file
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +46,43 @@ class DataConfig:
 
 
 def read_rows(path: str, name: str | None = None, split: str = "train") -> list[dict]:
-    """All rows of a local .jsonl / .parquet file or a hub dataset (`datasets.load_dataset`)."""
+    """All rows of a local .jsonl / .parquet file or a hub dataset (`datasets.load_dataset`).
+    A JSONL line that is not JSON, or not UTF-8, stands as a bad row (its number kept)."""
     local = Path(path)
-    if local.suffix == ".jsonl" or local.suffix == ".json":
+    if local.suffix in (".jsonl", ".json"):
         require_file(local, "data file")
         rows = []
-        with open(local) as f:
-            for n, line in enumerate(f, 1):
+        with open(local, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+                except UnicodeDecodeError as e:
+                    rows.append(BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"))
+                    continue
                 if not line.strip():
                     continue
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    rows.append(_BadRow(f"line {n} is not valid JSON ({e.msg})"))
+                    rows.append(BadRow(f"line {n} is not valid JSON ({e.msg})"))
         return rows
+    if local.is_file() and local.suffix != ".parquet":
+        raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl) or Parquet")
+    if local.suffix == ".parquet" or is_missing_local_path(path):
+        require_file(local, "data file")
     import datasets
 
     if local.suffix == ".parquet":
-        require_file(local, "data file")
         return list(datasets.load_dataset("parquet", data_files=str(local), split="train"))
-    return list(datasets.load_dataset(path, name, split=split))
+    try:
+        return list(datasets.load_dataset(path, name, split=split))
+    except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset, config or split
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.parquet file, and "
+                          f"loading it as a Hugging Face dataset failed: {first}") from None
 
 
-class _BadRow(dict):
+class BadRow(dict):
     """Stands in for an unparsable line so that row numbers stay aligned."""
 
     def __init__(self, reason: str):
@@ -83,7 +97,7 @@ class _BadRow(dict):
 def sft_messages(row: Any) -> list[dict]:
     """Chat messages of an SFT row: its `messages`, or problem + reasoning_content + proof.
     Raises ValueError naming what is wrong."""
-    if isinstance(row, _BadRow):
+    if isinstance(row, BadRow):
         raise ValueError(row.reason)
     if not isinstance(row, dict):
         raise ValueError("row is not a mapping")
@@ -159,7 +173,7 @@ def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data")
             ids, mask = tokenize_sft(tokenizer, sft_messages(row))
         except ValueError as e:
             reason = str(e)
-            stats.skipped["invalid JSON" if isinstance(row, _BadRow) else reason] += 1
+            stats.skipped["invalid JSON" if isinstance(row, BadRow) else reason] += 1
             if len(stats.first_skipped) < 5:
                 stats.first_skipped.append((n, reason))
             continue

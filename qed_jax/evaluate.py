@@ -31,7 +31,7 @@ from typing import Any
 
 from qed_jax.config import (ConfigError, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
                             require_at_least_one)
-from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof
+from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof, render_marking_scheme
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,16 @@ def problems_from_rows(rows: list, config: BenchmarkConfig) -> list[Problem]:
         answer = row.get(fields["answer"])
         if config.kind == "answer" and (answer is None or not str(answer).strip()):
             raise ConfigError(f"{where}: column {fields['answer']!r} (the reference answer) is missing or empty")
+        guidelines = row.get(fields["guidelines"])
+        try:
+            render_marking_scheme(guidelines)
+        except ValueError as e:
+            raise ConfigError(f"{where}: column {fields['guidelines']!r} (the grading guidelines): {e}") from None
         pid = str(row.get(fields["id"], n))
         if pid in seen:
             raise ConfigError(f"{where}: problem id {pid!r} appears twice; ids key the samples, so they must be unique")
         seen.add(pid)
-        problems.append(Problem(id=pid, problem=text, solution=row.get(fields["solution"]),
-                                guidelines=row.get(fields["guidelines"]),
+        problems.append(Problem(id=pid, problem=text, solution=row.get(fields["solution"]), guidelines=guidelines,
                                 answer=None if answer is None else str(answer), group=group_of(row, config)))
     if config.limit is not None:
         problems = problems[: config.limit]

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
 from qed_jax.config import ConfigError, check_sampling, require_at_least_one
-from qed_jax.data import pack_sequences, read_rows
-from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader
+from qed_jax.data import BadRow, pack_sequences, read_rows
+from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader, row_field
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, per_process, process_rows, process_share,
                                sampler_weights, sampling_meshes)
@@ -186,7 +186,7 @@ class RLDataConfig:
     name: str | None = None
     split: str = "train"
     problem_field: str = "problem"
-    rubric_field: str = "rubrics"  # absent in a row: graded without a marking scheme
+    rubric_field: str = "rubrics"  # absent in a row: "rubric" (or "rubrics"), else graded without a marking scheme
     # The policy's user message; the judge still sees the bare problem (and the rubric).
     task_template: str = "Generate a rigorous proof to the following question:\n\n{problem}"
     seed: int = 0
@@ -311,6 +311,9 @@ class GRPOConfig:
                                     "checkpoint_every", "keep_checkpoints"))
         if self.old_logprobs not in ("sampler", "recompute"):
             raise ConfigError(f"old_logprobs must be sampler or recompute, got {self.old_logprobs!r}")
+        if self.samples_per_prompt == 1:
+            raise ConfigError("samples_per_prompt must be at least 2: a rollout's advantage is its reward minus its "
+                              "group's mean, so groups of one train nothing")
         if self.samples_per_step % self.minibatches:
             raise ConfigError(f"samples per step ({self.samples_per_step}) must be divisible by "
                               f"minibatches ({self.minibatches})")
@@ -376,13 +379,21 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
                               f"rc.summary_tokens ({config.rc.summary_tokens}) and the reasoning template's own "
                               f"{config.max_prompt_length - limit - config.rc.summary_tokens} tokens: raise it")
     rows = read_rows(config.data.path, config.data.name, config.data.split)
+    # The rubric under the configured key, else under the other one the judge accepts.
+    rubric_keys = (config.data.rubric_field, *(k for k in ("rubrics", "rubric") if k != config.data.rubric_field))
     prompts, skipped, too_long = [], 0, 0
     for n, row in enumerate(rows, 1):
         problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
-        if not isinstance(problem, str) or not problem.strip():
+        try:
+            if isinstance(row, BadRow):
+                raise ConfigError(row.reason)
+            if not isinstance(problem, str) or not problem.strip():
+                raise ConfigError(f"field {config.data.problem_field!r} is missing, empty or not text")
+            rubric = row_field(row, "rubric", rubric_keys, f"row {n}")
+        except ConfigError as e:
             skipped += 1
             if skipped <= 5:
-                log.warning("%s: skipped row %d: no %r field", config.data.path, n, config.data.problem_field)
+                log.warning("%s: skipped row %d: %s", config.data.path, n, str(e).removeprefix(f"row {n}: "))
             continue
         if config.rc is None:
             field, ids = "prompt_ids", chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])
@@ -391,7 +402,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
         if len(ids) > limit:
             too_long += 1
             continue
-        prompts.append({"problem": problem, "rubric": row.get(config.data.rubric_field), field: ids})
+        prompts.append({"problem": problem, "rubric": rubric[1] if rubric else None, field: ids})
     log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
              len(prompts), skipped, too_long, limit)
     if not prompts:

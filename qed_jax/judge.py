@@ -193,7 +193,7 @@ def needed_fields(template: str) -> list[str]:
     return [field for placeholder, (field, _, _) in _ROW_FIELDS.items() if placeholder in used]
 
 
-def _row_field(row: dict, field: str, keys: tuple[str, ...], where: str) -> tuple[str, Any] | None:
+def row_field(row: dict, field: str, keys: tuple[str, ...], where: str) -> tuple[str, Any] | None:
     """(the row's key, its value) for a rubric, guidelines or answer; None when the row has none
     (absent, null, empty or blank). A numeric answer becomes a string, as eval reads one."""
     key = next((k for k in keys if k in row), None)
@@ -223,7 +223,7 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
     if len(has) != 1:
         raise ConfigError(f"{where}: give exactly one of the fields 'proof' and 'completion' (a string)")
     given = {field: found for field, keys, _ in _ROW_FIELDS.values()
-             if (found := _row_field(row, field, keys, where)) is not None}
+             if (found := row_field(row, field, keys, where)) is not None}
     for field, keys, _ in _ROW_FIELDS.values():
         if field not in needs or field in given:
             continue

@@ -101,6 +101,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
     (SFTConfig, ["checkpoint_every=0"], "^checkpoint_every must be at least 1, got 0$"),
     (GRPOConfig, ["samples_per_prompt=0"], "^samples_per_prompt must be at least 1, got 0$"),
+    (GRPOConfig, ["samples_per_prompt=1"], "^samples_per_prompt must be at least 2: a rollout's advantage is"),
+    (SFTConfig, ["steps=3.5"], r"^steps: expected a whole number, got 3\.5$"),
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
     (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
     (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be above 0"),

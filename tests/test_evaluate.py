@@ -494,6 +494,10 @@ def test_config_errors_say_what_to_do(tmp_path):
         cfg = config(tmp_path, "imo_proofbench", model.url, "http://127.0.0.1:9/v1", f"benchmark.path={bad}")
         with pytest.raises(ConfigError, match="row 1: column 'problem'"):
             evaluate(cfg, progress=False)
+        bad.write_text(json.dumps({"problem_id": "a", "problem": "?", "grading_guidelines": 7}) + "\n")
+        with pytest.raises(ConfigError, match=r"row 1: column 'grading_guidelines' \(the grading guidelines\): "
+                                              "marking scheme must be a string or a list of checkpoints, got int"):
+            evaluate(cfg, progress=False)
 
 
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):

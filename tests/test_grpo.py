@@ -3,6 +3,7 @@ the loopback judge (including a SIGKILL mid-step), learning on the toy task, and
 as 2 processes (equal to 1 process, resumed after a SIGKILL, stopped by one signal)."""
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -110,6 +111,22 @@ def test_process_rows_inverts_the_global_batch():
     rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     np.testing.assert_array_equal(process_rows(jax.make_array_from_process_local_data(sharding, rows)), rows)
+
+
+def test_rl_rows_take_a_rubric_under_either_key_and_skip_a_malformed_one(tmp_path, caplog):
+    from qed_jax.tokenizer import load_tokenizer
+
+    rows = [{"problem": "P1", "rubrics": "scheme 1"}, {"problem": "P2", "rubric": "scheme 2"}, {"problem": "P3"},
+            {"problem": "P4", "rubric": ["not a checkpoint"]}, {"problem": 5}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(GRPOConfig, TINY, [f"data.path={path}"])
+    with caplog.at_level(logging.WARNING):
+        prompts = load_prompts(config, load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
+    assert [(p["problem"], p["rubric"]) for p in prompts] == [("P1", "scheme 1"), ("P2", "scheme 2"), ("P3", None)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: skipped row 4: field 'rubric': marking scheme item 1 is not a mapping: 'not a checkpoint'",
+        f"{path}: skipped row 5: field 'problem' is missing, empty or not text"]
 
 
 def test_grpo_schedule_counts_optimizer_updates_not_steps():

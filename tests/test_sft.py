@@ -273,6 +273,19 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
     assert "10 of 14 rows kept, 4 malformed skipped" in result.stderr
 
 
+def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n' + b'{"b": "caf\xe9\xff"}\n' + b'{"c": 3}\n')  # a BOM, then Latin-1
+    rows = read_rows(str(path))
+    assert rows[0] == {"a": 1} and rows[2] == {"c": 3}
+    assert rows[1].reason == "line 2 is not UTF-8 text (byte 0xe9 at column 11)"
+    (tmp_path / "rows.csv").write_text("problem,proof\n")
+    with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl\) or Parquet"):
+        read_rows(str(tmp_path / "rows.csv"))
+    with pytest.raises(ConfigError, match=r"^data file .*/rows\.jsonll does not exist$"):
+        read_rows(str(tmp_path / "rows.jsonll"))
+
+
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
     with pytest.raises(ConfigError, match=r"unknown config key optim.lrr \(did you mean optim.lr\?\); valid keys "
                        r"here: optim.lr, optim.schedule"):
