@@ -173,7 +173,7 @@ def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data")
             ids, mask = tokenize_sft(tokenizer, sft_messages(row))
         except ValueError as e:
             reason = str(e)
-            stats.skipped["invalid JSON" if isinstance(row, BadRow) else reason] += 1
+            stats.skipped["unreadable line" if isinstance(row, BadRow) else reason] += 1
             if len(stats.first_skipped) < 5:
                 stats.first_skipped.append((n, reason))
             continue
