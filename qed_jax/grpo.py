@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from qed_jax import checkpoint
 from qed_jax.config import ConfigError, check_sampling, require_at_least_one
 from qed_jax.data import BadRow, pack_sequences, read_rows
-from qed_jax.judge import GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader, row_field
+from qed_jax.judge import (RUBRIC_KEYS, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader,
+                           row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, per_process, process_rows, process_share,
                                sampler_weights, sampling_meshes)
@@ -380,7 +381,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
                               f"{config.max_prompt_length - limit - config.rc.summary_tokens} tokens: raise it")
     rows = read_rows(config.data.path, config.data.name, config.data.split)
     # The rubric under the configured key, else under the other one the judge accepts.
-    rubric_keys = (config.data.rubric_field, *(k for k in ("rubrics", "rubric") if k != config.data.rubric_field))
+    rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
     prompts, skipped, too_long = [], 0, 0
     for n, row in enumerate(rows, 1):
         problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
