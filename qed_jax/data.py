@@ -1,7 +1,7 @@
 """Data: SFT rows → tokens with assistant-only loss masks → Grain pipeline (shuffle, shard by
 process, first-fit packing, batching, prefetch). Also the row readers shared by RL and eval.
 
-Rows come from a local JSONL / Parquet file or a hub dataset name. Bad rows are skipped and
+Rows come from a local JSONL / JSON array / Parquet file or a hub dataset name. Bad rows are skipped and
 counted, with the first few row numbers logged: never a crash mid-epoch, never silent.
 """
 
@@ -46,28 +46,19 @@ class DataConfig:
 
 
 def read_rows(path: str, name: str | None = None, split: str = "train") -> list[dict]:
-    """All rows of a local .jsonl / .parquet file or a hub dataset (`datasets.load_dataset`).
-    A JSONL line that is not JSON, or not UTF-8, stands as a bad row (its number kept)."""
+    """All rows of a local .jsonl / .json / .parquet file or a hub dataset
+    (`datasets.load_dataset`). A .json file may hold JSON lines or one array of rows. A JSONL
+    line that is not JSON, or not UTF-8, stands as a bad row (its number kept)."""
     local = Path(path)
     if local.suffix in (".jsonl", ".json"):
         require_file(local, "data file")
-        rows = []
-        with open(local, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
-                except UnicodeDecodeError as e:
-                    rows.append(BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"))
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    rows.append(BadRow(f"line {n} is not valid JSON ({e.msg})"))
-        return rows
+        data = local.read_bytes()
+        if local.suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return _json_array_rows(path, data)
+        return _json_lines_rows(data)
     if local.is_file() and local.suffix != ".parquet":
-        raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl) or Parquet")
+        raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl or .json), "
+                          "a JSON array (.json) or Parquet")
     if local.suffix == ".parquet" or is_missing_local_path(path):
         require_file(local, "data file")
     import datasets
@@ -78,8 +69,39 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
         return list(datasets.load_dataset(path, name, split=split))
     except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset, config or split
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.parquet file, and "
+        raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, and "
                           f"loading it as a Hugging Face dataset failed: {first}") from None
+
+
+def _json_lines_rows(data: bytes) -> list:
+    rows = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+        except UnicodeDecodeError as e:
+            rows.append(BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            rows.append(BadRow(f"line {n} is not valid JSON ({e.msg})"))
+    return rows
+
+
+def _json_array_rows(path: str, data: bytes) -> list:
+    """The rows of a file holding one JSON array. Unlike JSON lines, one bad byte spoils the
+    whole file, so it is an error naming where, not a skipped row."""
+    try:
+        rows = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"data file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data file {path}: not a valid JSON array ({e.msg} at line {e.lineno} column {e.colno}); "
+                          "a file of one object per line reads as JSON lines") from None
+    return rows
 
 
 class BadRow(dict):

@@ -193,12 +193,16 @@ class Sample:
 def problems_from_rows(rows: list, config: BenchmarkConfig) -> list[Problem]:
     """Problems in row order; a row without the problem text (or, for answer benchmarks, the
     answer) is an error that names the row and the column."""
+    from qed_jax.data import BadRow
+
     fields = config.field_map
     problems, seen = [], set()
     for n, row in enumerate(rows):
         where = f"{config.path}: row {n + 1}"
-        if not isinstance(row, dict) or not row:
-            raise ConfigError(f"{where} is not a mapping (or not valid JSON)")
+        if isinstance(row, BadRow):
+            raise ConfigError(f"{config.path}: {row.reason}")
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} is not a JSON object of named columns: {json.dumps(row)[:60]}")
         text = row.get(fields["problem"])
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{where}: column {fields['problem']!r} (the problem) is missing or empty; "

@@ -498,6 +498,12 @@ def test_config_errors_say_what_to_do(tmp_path):
         with pytest.raises(ConfigError, match=r"row 1: column 'grading_guidelines' \(the grading guidelines\): "
                                               "marking scheme must be a string or a list of checkpoints, got int"):
             evaluate(cfg, progress=False)
+        bad.write_text(json.dumps({"problem": "?"}) + "\n" + '{"problem": "cut off' + "\n")
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: line 2 is not valid JSON \\(Unterminated string"):
+            evaluate(cfg, progress=False)
+        bad.write_text(json.dumps(["a", "list"]) + "\n")
+        with pytest.raises(ConfigError, match=r'row 1 is not a JSON object of named columns: \["a", "list"\]$'):
+            evaluate(cfg, progress=False)
 
 
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):

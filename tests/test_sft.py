@@ -280,10 +280,27 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
     assert rows[0] == {"a": 1} and rows[2] == {"c": 3}
     assert rows[1].reason == "line 2 is not UTF-8 text (byte 0xe9 at column 11)"
     (tmp_path / "rows.csv").write_text("problem,proof\n")
-    with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl\) or Parquet"):
+    with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl or \.json\), a "
+                       r"JSON array \(\.json\) or Parquet"):
         read_rows(str(tmp_path / "rows.csv"))
     with pytest.raises(ConfigError, match=r"^data file .*/rows\.jsonll does not exist$"):
         read_rows(str(tmp_path / "rows.jsonll"))
+
+
+def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
+    rows = [json.loads(line) for line in open(DATA)][:4]
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text("\ufeff  " + json.dumps(rows, indent=2) + "\n", encoding="utf-8")  # a BOM and indent too
+    assert read_rows(str(pretty)) == rows
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_rows(str(lines)) == rows
+    pretty.write_text(json.dumps(rows, indent=2)[:-3] + "\n")  # cut off before the closing brackets
+    with pytest.raises(ConfigError, match=r"pretty\.json: not a valid JSON array \(Expecting .* at line \d+ column \d+\)"):
+        read_rows(str(pretty))
+    pretty.write_bytes(b'[{"problem": "caf\xe9"}]')
+    with pytest.raises(ConfigError, match=r"pretty\.json: line 1 is not UTF-8 text \(byte 0xe9\)"):
+        read_rows(str(pretty))
 
 
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
