@@ -24,9 +24,11 @@ class DeviceCallInterrupted(KeyboardInterrupt):
 
 
 class RunConfigChanged(ConfigError):
-    """A rerun's config differs from the one its run directory was started with."""
+    """A rerun's config (or training data) differs from what its run directory was started with."""
 
-    def __init__(self, out, changes: list[str]):
-        super().__init__(f"{out} holds a run started with a different config ({'; '.join(changes)}); pass "
-                         "--resume-with-changes to continue it with the new one, or use a new output_dir")
-        self.out, self.changes = out, changes
+    def __init__(self, out, changes: list[str], what: str = "config"):
+        self.out, self.changes, self.what = out, changes, what
+        different = f"a different {what}" if what == "config" else f"different {what}"
+        self.refusal = f"{out} holds a run started with {different} ({'; '.join(changes)})"
+        super().__init__(f"{self.refusal}; pass --resume-with-changes to continue it with the new {what}, or use a "
+                         "new output_dir")

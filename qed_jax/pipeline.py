@@ -20,6 +20,7 @@ grade already; the command exits 130 and a rerun continues.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -170,18 +171,26 @@ def check_unchanged(config) -> None:
     (--resume-with-changes) that does not hold here."""
     from qed_jax.trainer import check_run_config
 
-    try:
+    with pipeline_advice():
         check_run_config(Path(config.output_dir), config, resume_with_changes=False)
+
+
+@contextlib.contextmanager
+def pipeline_advice():
+    """A trainer's refusal of a changed run, with the advice that holds in a pipeline (which has
+    no --resume-with-changes)."""
+    try:
+        yield
     except RunConfigChanged as e:
-        raise ConfigError(f"{e.out} holds a run started with a different config ({'; '.join(e.changes)}); a "
-                          "pipeline's run directory continues only with the config it started with, since later "
-                          "stages build on what earlier ones finished: use a new output_dir") from None
+        raise ConfigError(f"{e.refusal}; a pipeline's run directory continues only with the {e.what} it started "
+                          "with, since later stages build on what earlier ones finished: use a new output_dir") from None
 
 
 def train_stage(progress: Progress, name: str, train, config, summary) -> None:
     """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
-    result = train(config)
+    with pipeline_advice():
+        result = train(config)
     state = "already complete" if result["complete"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
 
@@ -230,8 +239,6 @@ def run(config: PipelineConfig) -> dict:
     """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
     and the stand-in judge's request count (None with a real judge). Every stage's config is
     built and checked before the first stage starts."""
-    import contextlib
-
     from qed_jax import grpo, sft
     from qed_jax.evaluate import check_rerun, evaluate
     from qed_jax.report import report

@@ -26,8 +26,8 @@ from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
-                             decay_mask, exit_or_export, init_opt_state, is_complete, load_model, lr_schedule,
-                             make_optimizer, resolve_tokenizer, run_lock, start_or_resume, to_global)
+                             data_record, decay_mask, exit_or_export, init_opt_state, is_complete, load_model,
+                             lr_schedule, make_optimizer, resolve_tokenizer, run_lock, start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path)
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data,
+                                               data_record(config.data.path, examples), resume_with_changes)
     metrics_log = MetricsLog(out, start)
     result = {"output_dir": str(out), "process": jax.process_index(), "step": start,
               "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan}

@@ -19,7 +19,7 @@ from flax import nnx
 from qed_jax import grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
 from qed_jax.model import Qwen3
-from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer, run_lock
+from qed_jax.trainer import OptimConfig, data_record, decay_mask, make_optimizer, run_lock
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +96,39 @@ def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadab
                               capture_output=True, text=True, timeout=300)
     assert generate.returncode == 2 and len(generate.stderr.strip().splitlines()) == 1, generate.stderr[-3000:]
     assert "step 4 is unreadable" in generate.stderr
+
+
+def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tmp_path):
+    data, run = tmp_path / "rows.jsonl", tmp_path / "run"
+    lines = (REPO / "configs" / "data" / "tiny_proofs.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    first = _sft(["steps=2", f"data.path={data}", f"output_dir={run}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = json.loads((run / "data.json").read_text())
+    assert record["path"] == str(data) and record["examples"] == len(lines)
+
+    data.write_text("".join(lines[1:]))  # a row removed: every later row's position moves
+    refused = _sft(["steps=2", f"data.path={data}", f"output_dir={run}"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    error = refused.stderr.strip().splitlines()[-1]
+    assert f"holds a run started with different training data ({data}: {len(lines)} examples, sha256 " in error
+    assert f"-> {data}: {len(lines) - 1} examples, sha256 " in error and "--resume-with-changes" in error
+
+    resumed = _sft(["steps=3", f"data.path={data}", f"output_dir={run}", "--resume-with-changes"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "with changed training data" in resumed.stderr
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    assert json.loads((run / "data.1.json").read_text()) == record
+    assert json.loads((run / "data.json").read_text())["examples"] == len(lines) - 1
+
+
+def test_the_data_record_sees_text_tokens_and_missing_fields():
+    base = [{"problem": "P", "rubric": None, "prompt_ids": [1, 2, 3]}]
+    variants = [[{**base[0], "rubric": "R"}], [{**base[0], "rubric": ""}], [{**base[0], "prompt_ids": [1, 2, 4]}],
+                [{**base[0], "problem": "Q"}], base * 2]
+    digests = {data_record("d", rows)["sha256"] for rows in [base, *variants]}
+    assert len(digests) == 1 + len(variants)
+    assert data_record("d", [dict(reversed(base[0].items()))]) == data_record("d", base)  # key order is not data
 
 
 def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
