@@ -18,6 +18,13 @@ from qed_jax.errors import ConfigError
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "blockwise")
+DTYPES = ("float32", "bfloat16", "float16")  # of weights, activations and exports
+
+
+def check_dtype(value: str | None, key: str) -> None:
+    """A dtype option: one of DTYPES, or None where the key has a default to fall back on."""
+    if value is not None and value not in DTYPES:
+        raise ConfigError(f"{key} must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +63,7 @@ class ModelConfig:
                 f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"
             )
         for field in ("param_dtype", "dtype"):
-            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"{field} must be float32, bfloat16 or float16, got {getattr(self, field)!r}")
+            check_dtype(getattr(self, field), field)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

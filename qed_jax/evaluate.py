@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (ConfigError, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
+from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
                             require_at_least_one)
 from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof, render_marking_scheme
 from qed_jax.tokenizer import THINK_END
@@ -99,6 +99,7 @@ class EvalModelConfig:
         if self.base_url is not None and not self.name:
             raise ConfigError("model.base_url is set but model.name is not: name the served model")
         require_at_least_one(self, ("concurrency",), "model.")
+        check_dtype(self.dtype, "model.dtype")
 
 
 @dataclasses.dataclass(frozen=True)

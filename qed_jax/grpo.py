@@ -26,10 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, check_sampling, require_at_least_one
+from qed_jax.config import ConfigError, check_dtype, check_sampling, require_at_least_one
 from qed_jax.data import BadRow, pack_sequences, read_rows
-from qed_jax.judge import (RUBRIC_KEYS, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE, RuleGrader,
-                           row_field)
+from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
+                           RuleGrader, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, per_process, process_rows, process_share,
                                sampler_weights, sampling_meshes)
@@ -216,6 +216,7 @@ class RolloutSamplingConfig:
     top_k: int = 0  # must stay 0 (see above)
 
     def __post_init__(self):
+        check_dtype(self.dtype, "sampling.dtype")
         if self.top_k != 0 or self.top_p != 1.0:
             raise ConfigError(
                 f"GRPO samples from the whole tempered distribution (sampling.top_k 0, sampling.top_p 1; got "
@@ -243,6 +244,7 @@ class RCSummarizerConfig:
 
     def __post_init__(self):
         check_sampling(self, "rc.summarizer.")
+        check_dtype(self.dtype, "rc.summarizer.dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +312,10 @@ class GRPOConfig:
         require_at_least_one(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                                     "updates_per_step", "minibatches", "train_length", "micro_batch_rows", "steps",
                                     "checkpoint_every", "keep_checkpoints"))
+        check_dtype(self.export_dtype, "export_dtype")
+        if self.reward_rule is not None and self.reward_rule not in RULES:
+            raise ConfigError(f"unknown reward_rule {self.reward_rule!r}; choose one of: {', '.join(RULES)}, or null "
+                              "(grade with the judge)")
         if self.old_logprobs not in ("sampler", "recompute"):
             raise ConfigError(f"old_logprobs must be sampler or recompute, got {self.old_logprobs!r}")
         if self.samples_per_prompt == 1:

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from qed_jax.config import ConfigError, ModelConfig
+from qed_jax.config import ConfigError, ModelConfig, check_dtype
 from qed_jax.errors import CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
@@ -318,9 +318,8 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
     Every process must call this; process 0 writes."""
     folder = Path(folder)
     config: ModelConfig = model.config
+    check_dtype(np.dtype(dtype).name if not isinstance(dtype, str) else dtype, "export dtype")
     target = np.dtype(dtype)
-    if target not in _ST_NAMES:
-        raise ConfigError(f"export dtype must be float32, bfloat16 or float16, got {dtype!r}")
     params = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     maps = tensor_maps(config)
 

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, ModelConfig, require_at_least_one
+from qed_jax.config import ConfigError, ModelConfig, check_dtype, require_at_least_one
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal
@@ -57,6 +57,7 @@ class SFTConfig:
     def __post_init__(self):
         require_at_least_one(self, ("batch_size", "micro_batches", "epochs", "steps", "log_every", "eval_batches",
                                     "checkpoint_every", "keep_checkpoints"))
+        check_dtype(self.export_dtype, "export_dtype")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
 

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, dump_json, preset, to_dict
+from qed_jax.config import ConfigError, check_dtype, dump_json, preset, to_dict
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import gather
@@ -47,6 +47,10 @@ class ModelSpec:
         if self.path is not None and self.preset is not None:
             raise ConfigError(f"model: both path ({self.path}) and preset ({self.preset}) are set; keep one "
                               "(model.preset=null on the command line drops a config file's preset)")
+        if self.preset is not None:
+            preset(self.preset)  # an unknown name fails here, listing the known ones
+        check_dtype(self.param_dtype, "model.param_dtype")
+        check_dtype(self.dtype, "model.dtype")
 
     def describe(self) -> str:
         """What will be loaded, for --print-config and logs."""

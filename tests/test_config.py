@@ -108,6 +108,16 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be above 0"),
     (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be at least 0"),
     (EvalConfig, ["model.path=m", "rc.turns=0"], r"^rc\.turns must be at least 1, got 0$"),
+    # names checked when the config loads, not when a run reaches them (an export after training)
+    (SFTConfig, ["export_dtype=bf16"], r"^export_dtype must be float32, bfloat16 or float16, got 'bf16'$"),
+    (GRPOConfig, ["export_dtype=fp16"], r"^export_dtype must be float32, bfloat16 or float16, got 'fp16'$"),
+    (GRPOConfig, ["sampling.dtype=bf16"], r"^sampling\.dtype must be float32, bfloat16 or float16"),
+    (GRPOConfig, ["rc.summarizer.dtype=half"], r"^rc\.summarizer\.dtype must be float32, bfloat16 or float16"),
+    (SFTConfig, ["model.param_dtype=fp32"], r"^model\.param_dtype must be float32, bfloat16 or float16"),
+    (EvalConfig, ["model.path=m", "model.dtype=bf16"], r"^model\.dtype must be float32, bfloat16 or float16"),
+    (SFTConfig, ["model.preset=tinyy"], r"^unknown model preset 'tinyy'; choose one of: .*, tiny$"),
+    (GRPOConfig, ["reward_rule=closes_think"], r"^unknown reward_rule 'closes_think'; choose one of: closes_thinking, "
+                                               r"or null \(grade with the judge\)$"),
 ])
 def test_counts_below_one_and_impossible_sampling_values_fail_when_the_config_loads(cls, overrides, message):
     with pytest.raises(ConfigError, match=message):
