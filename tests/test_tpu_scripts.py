@@ -292,8 +292,11 @@ def test_launch_dry_run_prints_the_pod_sequence_and_calls_nothing(gcloud, capsys
 
 
 def test_bad_env_is_one_line_error(gcloud, capsys):
-    assert launcher("run", "qr", *WHERE, "--accelerator-type", "v4-8", "--env", "1X=2", "--", "true") == 1
-    assert "--env '1X=2': expected KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        launcher("run", "qr", *WHERE, "--accelerator-type", "v4-8", "--env", "1X=2", "--", "true")
+    assert exit_.value.code == 2  # a usage error, as every other bad argument
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "tpu.py run: error: argument --env: expected KEY=VALUE with KEY a shell variable name, got '1X=2'"
 
 
 # Each fake worker greets and marks itself started. With FAIL=1 worker 1 exits 7 once all have

@@ -214,14 +214,12 @@ def setup(gc: Gcloud, args) -> None:
             args.retries, args.retry_delay)
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise LaunchError(f"--env {pair!r}: expected KEY=VALUE with KEY a shell variable name")
-        env[key] = value
-    return env
+def env_pair(pair: str) -> tuple[str, str]:
+    """One --env KEY=VALUE (an argparse type: a bad one is a usage error)."""
+    key, sep, value = pair.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a shell variable name, got {pair!r}")
+    return key, value
 
 
 def remote_command(gc: Gcloud, worker: int, command: list[str], env: dict[str, str]) -> str:
@@ -240,7 +238,7 @@ def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
         raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
     log_dir = Path(log_dir or args.log_dir)
     workers = num_workers(args.accelerator_type)
-    env = parse_env(args.env)
+    env = dict(args.env)
     argvs = [gc.worker_argv(w, remote_command(gc, w, args.command, env)) for w in range(workers)]
     progress(f"running on {workers} worker(s) of {gc.name}; logs in {log_dir}/worker-N.log")
     if gc.dry_run:
@@ -296,7 +294,7 @@ def launch(gc: Gcloud, args) -> int:
     preemptions = failures = attempt = 0
     needs_setup = True
     run_dir = Path(args.log_dir) / args.run_id
-    args.env = [*args.env, f"QED_RUN_ID={args.run_id}"]
+    args.env = [*args.env, ("QED_RUN_ID", args.run_id)]
     while True:
         state = gc.state()
         if state in PREEMPTED or state == "FAILED":
@@ -360,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     copying.add_argument("--retry-delay", type=float, default=10,
                          help="seconds before the first retry, doubling each time (default: %(default)s)")
     running = argparse.ArgumentParser(add_help=False)
-    running.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+    running.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=env_pair,
                          help="environment variable for the job on every worker (repeatable)")
     running.add_argument("--log-dir", default="tpu_logs",
                          help="local folder for per-worker logs (default: %(default)s)")
