@@ -186,11 +186,13 @@ class PrepareStats:
         return ", ".join(parts)
 
 
-def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data") -> tuple[list[dict], PrepareStats]:
-    """Tokenize every row; skip malformed ones and handle long ones, counting both."""
+def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data",
+                first_row: int = 1) -> tuple[list[dict], PrepareStats]:
+    """Tokenize every row; skip malformed ones and handle long ones, counting both. Skipped rows
+    are reported by number, counting from `first_row` (for a part of the file, its place there)."""
     stats = PrepareStats(rows=len(rows))
     examples = []
-    for n, row in enumerate(rows, 1):
+    for n, row in enumerate(rows, first_row):
         try:
             ids, mask = tokenize_sft(tokenizer, sft_messages(row))
         except ValueError as e:

@@ -144,8 +144,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                           "or set eval_every=0 (no eval loss)")
     train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
     examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
-    eval_examples = prepare_sft(eval_rows, tokenizer, config.data, source=f"{config.data.path} (eval)")[0] \
-        if eval_rows else []
+    eval_examples = prepare_sft(eval_rows, tokenizer, config.data, source=f"{config.data.path} (eval)",
+                                first_row=len(train_rows) + 1)[0] if eval_rows else []
 
     model = load_model(config.model, mesh, config.seed)
     if len(tokenizer) > model.config.vocab_size:

@@ -265,6 +265,10 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
     for row in (3, 5, 7, 9):
         assert f"skipped row {row}:" in warnings
     assert "unknown role 'wizard'" in warnings and "'reasoning_content' is missing" in warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a part of the file (held-out rows): numbered by their place in it
+        prepare_sft(read_rows(str(path))[6:10], tokenizer, DataConfig(), source="part", first_row=7)
+    assert [r.getMessage().split(":")[1] for r in caplog.records] == [" skipped row 7", " skipped row 9"]
 
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, f"data.path={path}",
                              "steps=2", "eval_every=0", "export_dtype=null", f"output_dir={tmp_path / 'run'}"],
