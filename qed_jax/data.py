@@ -1,8 +1,9 @@
 """Data: SFT rows → tokens with assistant-only loss masks → Grain pipeline (shuffle, shard by
 process, first-fit packing, batching, prefetch). Also the row readers shared by RL and eval.
 
-Rows come from a local JSONL / JSON array / Parquet file or a hub dataset name. Bad rows are skipped and
-counted, with the first few row numbers logged: never a crash mid-epoch, never silent.
+Rows come from a local JSONL / JSON array / Parquet file or a hub dataset name. Bad rows are
+skipped and counted, with the first few row numbers logged: never a crash mid-epoch, never
+silent.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
 
 def _json_lines_rows(data: bytes) -> list:
     rows = []
-    for n, raw in enumerate(data.splitlines(), 1):
+    for n, raw in enumerate(data.split(b"\n"), 1):
         try:
             line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
         except UnicodeDecodeError as e:
