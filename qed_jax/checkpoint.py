@@ -203,10 +203,11 @@ def remove_unfinished_saves(directory) -> None:
 
 class TrainCheckpoints:
     """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
-    RNG, anything else the trainer needs to continue exactly)."""
+    RNG, anything else the trainer needs to continue exactly). `data`, a record of what the run
+    trains on (`trainer.data_record`), goes into every meta, beside the data position it explains."""
 
-    def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None):
-        self.directory = directory
+    def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None, data: dict | None = None):
+        self.directory, self.data = directory, data
         write_model_config(directory, config, assets_from)
         remove_unfinished_saves(directory)
         self.manager = manager(directory, max_to_keep=keep)
@@ -217,6 +218,8 @@ class TrainCheckpoints:
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
         if self.manager.latest_step() == step:
             return  # already saved (e.g. a regular save just before a preemption save)
+        if self.data is not None:
+            meta = {**meta, "data": self.data}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),

@@ -288,9 +288,8 @@ def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
                    help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume-with-changes", action="store_true",
-                   help="continue a run in an existing output_dir although the config or the data differs "
-                   "from what it was started with (the old config.json / data.json is kept as config.N.json / "
-                   "data.N.json)")
+                   help="continue a run in an existing output_dir although the config or the training data "
+                   "differs from what it was started with (the old config.json is kept as config.N.json)")
     g = p.add_argument_group("multi-host")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (auto-detects TPU pod slices)")

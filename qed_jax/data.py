@@ -8,6 +8,7 @@ silent.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -53,10 +54,12 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     local = Path(path)
     if local.suffix in (".jsonl", ".json"):
         require_file(local, "data file")
-        data = local.read_bytes()
-        if local.suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            return _json_array_rows(path, data)
-        return _json_lines_rows(data)
+        with open(local, "rb") as f:
+            if local.suffix == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+                f.seek(0)
+                return _json_array_rows(path, f.read())
+            f.seek(0)
+            return _json_lines_rows(f)
     if local.is_file() and local.suffix != ".parquet":
         raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl or .json), "
                           "a JSON array (.json) or Parquet")
@@ -74,11 +77,14 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
                           f"loading it as a Hugging Face dataset failed: {first}") from None
 
 
-def _json_lines_rows(data: bytes) -> list:
+def _json_lines_rows(lines) -> list:
+    """The rows of JSON lines (an iterable of bytes, e.g. a file opened "rb")."""
     rows = []
-    for n, raw in enumerate(data.split(b"\n"), 1):
+    for n, raw in enumerate(lines, 1):
+        if n == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark may open the file
         try:
-            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             rows.append(BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"))
             continue
@@ -92,17 +98,20 @@ def _json_lines_rows(data: bytes) -> list:
 
 
 def _json_array_rows(path: str, data: bytes) -> list:
-    """The rows of a file holding one JSON array. Unlike JSON lines, one bad byte spoils the
-    whole file, so it is an error naming where, not a skipped row."""
+    """The rows of a .json file that opens with '[': one JSON array, whose one bad byte spoils
+    the whole file (so an error naming where, not a skipped row), or JSON lines whose first row
+    happens to be an array."""
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        rows = json.loads(data.decode("utf-8-sig"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.lineno > 1:  # a whole value on the first line, then more lines
+            return _json_lines_rows(data.split(b"\n"))
         raise ConfigError(f"data file {path}: not a valid JSON array ({e.msg} at line {e.lineno} column {e.colno}); "
-                          "a file of one object per line reads as JSON lines") from None
-    return rows
+                          "a .json file that opens with '[' is read as one array of rows") from None
 
 
 class BadRow(dict):

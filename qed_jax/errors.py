@@ -26,9 +26,8 @@ class DeviceCallInterrupted(KeyboardInterrupt):
 class RunConfigChanged(ConfigError):
     """A rerun's config (or training data) differs from what its run directory was started with."""
 
-    def __init__(self, out, changes: list[str], what: str = "config"):
-        self.out, self.changes, self.what = out, changes, what
-        different = f"a different {what}" if what == "config" else f"different {what}"
-        self.refusal = f"{out} holds a run started with {different} ({'; '.join(changes)})"
-        super().__init__(f"{self.refusal}; pass --resume-with-changes to continue it with the new {what}, or use a "
+    def __init__(self, out, changes: list[str]):
+        self.out, self.changes = out, changes
+        self.refusal = f"{out} holds a run that differs from this one ({'; '.join(changes)})"
+        super().__init__(f"{self.refusal}; pass --resume-with-changes to continue it as this run is set up, or use a "
                          "new output_dir")

@@ -722,9 +722,9 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     data = iter(grain.MapDataset.source(prompts).shuffle(seed=config.data.seed).repeat()
                 .batch(config.prompts_per_step, batch_fn=list).to_iter_dataset())
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
-                                        config.keep_checkpoints, assets_from=tokenizer_path)
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data,
-                                               data_record(config.data.path, prompts), resume_with_changes)
+                                        config.keep_checkpoints, assets_from=tokenizer_path,
+                                        data=data_record(config.data.path, prompts))
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     if is_complete(out, start, config.steps, config.export_dtype):
         ckpts.close()

@@ -168,7 +168,8 @@ def check_export(name: str, config) -> None:
 def check_unchanged(config) -> None:
     """Refuse, before any stage runs, a trainer's run directory that was started with another
     config. The trainer would refuse it too, but only when its stage begins, and with advice
-    (--resume-with-changes) that does not hold here."""
+    (--resume-with-changes) that does not hold here. (Changed training data is found only when
+    the stage restores its checkpoint, where `pipeline_advice` rewords the refusal.)"""
     from qed_jax.trainer import check_run_config
 
     with pipeline_advice():
@@ -182,8 +183,8 @@ def pipeline_advice():
     try:
         yield
     except RunConfigChanged as e:
-        raise ConfigError(f"{e.refusal}; a pipeline's run directory continues only with the {e.what} it started "
-                          "with, since later stages build on what earlier ones finished: use a new output_dir") from None
+        raise ConfigError(f"{e.refusal}; a pipeline's run directory continues only as it started (config and "
+                          "data), since later stages build on what earlier ones finished: use a new output_dir") from None
 
 
 def train_stage(progress: Progress, name: str, train, config, summary) -> None:

@@ -171,9 +171,9 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     sharding = batch_sharding(mesh)
 
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
-                                        config.keep_checkpoints, assets_from=tokenizer_path)
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data,
-                                               data_record(config.data.path, examples), resume_with_changes)
+                                        config.keep_checkpoints, assets_from=tokenizer_path,
+                                        data=data_record(config.data.path, examples))
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     result = {"output_dir": str(out), "process": jax.process_index(), "step": start,
               "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan}

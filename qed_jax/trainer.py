@@ -249,23 +249,21 @@ def run_lock(out: Path):
             held.close()  # releases the flock
 
 
-DATA_RECORD = "data.json"  # in a trainer's run directory: `data_record` of what it trains on
-
-
 def check_run_config(out: Path, config, resume_with_changes: bool) -> None:
     """A rerun into an existing run directory must use the config it was started with, unless
-    the user says otherwise; then the new config is recorded (the old one kept beside it)."""
+    the user says otherwise; then the new config is recorded (the old one kept beside it).
+    Process 0 decides (on a pod only its host holds `out`), and every process acts on that."""
     path = out / "config.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    changes = config_changes(saved, json.loads(json.dumps(to_dict(config))))
-    if not changes:
-        return
-    if not resume_with_changes:
-        raise RunConfigChanged(out, changes)
-    log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
-    if jax.process_index() == 0:
+    changes = []
+    if jax.process_index() == 0 and path.exists():
+        changes = config_changes(json.loads(path.read_text()), json.loads(json.dumps(to_dict(config))))
+    refused = bool(changes) and not resume_with_changes
+    if jax.process_count() > 1:
+        refused = bool(gather(np.array([refused], np.int32)).max())
+    if refused:
+        raise RunConfigChanged(out, changes or ["process 0 lists the changes"])
+    if changes:
+        log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
         n = 1
         while (out / f"config.{n}.json").exists():
             n += 1
@@ -274,52 +272,44 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> None:
 
 
 def data_record(path: str, examples: list[dict]) -> dict:
-    """What a run trains on, to tell on resume whether it changed: the data's name, how many
-    examples it gave and a SHA-256 over them after tokenization (so a changed file, tokenizer or
-    data option shows alike). Each example is a dict of token arrays, text or None."""
+    """What a run trains on, kept in each checkpoint so that a resume can tell whether it
+    changed: the data's name, how many examples it gave and a SHA-256 over them after
+    tokenization (a changed file, tokenizer or data option shows alike). Each example is a dict
+    of NumPy arrays and JSON values (token lists, text, marking schemes, None)."""
     digest = hashlib.sha256()
     for example in examples:
         for key in sorted(example):
             value = example[key]
-            data = b"\0" if value is None else value.encode() if isinstance(value, str) else np.asarray(value).tobytes()
+            if isinstance(value, np.ndarray):
+                data = f"{value.dtype}{value.shape}".encode() + value.tobytes()
+            else:
+                data = json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
             digest.update(f"{key}:{len(data)}:".encode())
             digest.update(data)
     return {"path": path, "examples": len(examples), "sha256": digest.hexdigest()}
 
 
-def check_run_data(out: Path, record: dict, resume_with_changes: bool) -> None:
+def check_run_data(out: Path, saved: dict | None, current: dict | None, resume_with_changes: bool) -> None:
     """A resumed run must train on the examples it started with: the checkpoint's data position
     counts into them, so other examples under the same name would be read from another place
-    than an uninterrupted run reads, in silence. Refused unless the user says otherwise; then the
-    new record replaces the old one (kept as data.N.json)."""
-    path = out / DATA_RECORD
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    if saved == record:
+    than an uninterrupted run reads, in silence. Refused unless the user says otherwise (the
+    checkpoints written from then on record the new data). Every process restored the same
+    checkpoint and decides alike."""
+    if saved is None or current is None or saved == current:
         return
     describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
-    change = f"{describe(saved)} -> {describe(record)}"
+    change = f"training data: {describe(saved)} -> {describe(current)}"
     if not resume_with_changes:
-        raise RunConfigChanged(out, [change], what="training data")
+        raise RunConfigChanged(out, [change])
     log.warning("resuming %s with changed training data (%s): its data position now counts into other examples",
                 out, change)
-    if jax.process_index() == 0:
-        n = 1
-        while (out / f"data.{n}.json").exists():
-            n += 1
-        path.rename(out / f"data.{n}.json")
-        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator,
-                    data: dict, resume_with_changes: bool = False):
+                    resume_with_changes: bool = False):
     """Restore the newest intact checkpoint (params, optimizer, data position) into the given
-    shardings, or, on a fresh start, record the config and the data (`data_record`). Returns
-    (params, opt_state, step)."""
+    shardings, or, on a fresh start, record the config. Returns (params, opt_state, step)."""
     check_run_config(out, config, resume_with_changes)
-    if ckpts.latest_step() is not None:
-        check_run_data(out, data, resume_with_changes)
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator)
     if restored is None:
@@ -327,9 +317,9 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
             out.mkdir(parents=True, exist_ok=True)
             if not (out / "config.json").exists():
                 (out / "config.json").write_text(dump_json(config))
-            (out / DATA_RECORD).write_text(json.dumps(data, indent=2) + "\n")
         return params, opt_state, 0
     params, opt_state, meta = restored
+    check_run_data(out, meta.get("data"), ckpts.data, resume_with_changes)
     log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
     return params, opt_state, meta["step"]
 

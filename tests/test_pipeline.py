@@ -132,8 +132,8 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
     started = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={tmp_path / 'sft'}")
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, steps=40)))
-    with pytest.raises(ConfigError, match=r"\(steps: 40 -> 120\); a pipeline's run directory continues only with "
-                                          r"the config it started with.*use a new output_dir$") as error:
+    with pytest.raises(ConfigError, match=r"\(steps: 40 -> 120\); a pipeline's run directory continues only as it "
+                                          r"started \(config and data\).*use a new output_dir$") as error:
         run(config)
     assert "--resume-with-changes" not in str(error.value)  # the pipeline has no such flag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # nothing ran: not even the base export

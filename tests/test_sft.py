@@ -283,6 +283,8 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
     rows = read_rows(str(path))
     assert rows[0] == {"a": 1} and rows[2] == {"c": 3}
     assert rows[1].reason == "line 2 is not UTF-8 text (byte 0xe9 at column 11)"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"b": "caf\xe9"}\n')  # on line 1, after a BOM: the byte and column past it
+    assert read_rows(str(path))[0].reason == "line 1 is not UTF-8 text (byte 0xe9 at column 11)"
     (tmp_path / "rows.csv").write_text("problem,proof\n")
     with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl or \.json\), a "
                        r"JSON array \(\.json\) or Parquet"):
@@ -302,9 +304,11 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
     pretty.write_text(json.dumps(rows, indent=2)[:-3] + "\n")  # cut off before the closing brackets
     with pytest.raises(ConfigError, match=r"pretty\.json: not a valid JSON array \(Expecting .* at line \d+ column \d+\)"):
         read_rows(str(pretty))
-    pretty.write_bytes(b'[{"problem": "caf\xe9"}]')
-    with pytest.raises(ConfigError, match=r"pretty\.json: line 1 is not UTF-8 text \(byte 0xe9\)"):
+    pretty.write_bytes(b'\xef\xbb\xbf[\n{"problem": "caf\xe9"}]')
+    with pytest.raises(ConfigError, match=r"pretty\.json: line 2 is not UTF-8 text \(byte 0xe9\)"):
         read_rows(str(pretty))
+    lines.write_text('["a row that is a list"]\n' + json.dumps(rows[0]) + "\n")  # JSON lines that open with '['
+    assert read_rows(str(lines)) == [["a row that is a list"], rows[0]]
 
 
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):

@@ -104,31 +104,37 @@ def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tm
     data.write_text("".join(lines))
     first = _sft(["steps=2", f"data.path={data}", f"output_dir={run}"])
     assert first.returncode == 0, first.stderr[-3000:]
-    record = json.loads((run / "data.json").read_text())
-    assert record["path"] == str(data) and record["examples"] == len(lines)
 
     data.write_text("".join(lines[1:]))  # a row removed: every later row's position moves
     refused = _sft(["steps=2", f"data.path={data}", f"output_dir={run}"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     error = refused.stderr.strip().splitlines()[-1]
-    assert f"holds a run started with different training data ({data}: {len(lines)} examples, sha256 " in error
+    assert f"holds a run that differs from this one (training data: {data}: {len(lines)} examples, sha256 " in error
     assert f"-> {data}: {len(lines) - 1} examples, sha256 " in error and "--resume-with-changes" in error
+    assert not list((run / "checkpoints").glob("*.unreadable-*"))  # refused, not mistaken for damage
 
     resumed = _sft(["steps=3", f"data.path={data}", f"output_dir={run}", "--resume-with-changes"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stderr and "with changed training data" in resumed.stderr
+    assert "with a changed config: steps: 2 -> 3" in resumed.stderr
+    assert "with changed training data (training data: " in resumed.stderr
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
-    assert json.loads((run / "data.1.json").read_text()) == record
-    assert json.loads((run / "data.json").read_text())["examples"] == len(lines) - 1
+    assert json.loads((run / "config.1.json").read_text())["steps"] == 2
+    again = _sft(["steps=3", f"data.path={data}", f"output_dir={run}"])  # step 3's checkpoint has the new data
+    assert again.returncode == 0 and "already complete at step 3" in again.stdout, again.stderr[-3000:]
 
 
-def test_the_data_record_sees_text_tokens_and_missing_fields():
-    base = [{"problem": "P", "rubric": None, "prompt_ids": [1, 2, 3]}]
-    variants = [[{**base[0], "rubric": "R"}], [{**base[0], "rubric": ""}], [{**base[0], "prompt_ids": [1, 2, 4]}],
-                [{**base[0], "problem": "Q"}], base * 2]
-    digests = {data_record("d", rows)["sha256"] for rows in [base, *variants]}
-    assert len(digests) == 1 + len(variants)
-    assert data_record("d", [dict(reversed(base[0].items()))]) == data_record("d", base)  # key order is not data
+def test_the_data_record_sees_text_tokens_marking_schemes_and_missing_fields():
+    base = {"problem": "P", "rubric": None, "prompt_ids": [1, 2, 3], "tokens": np.arange(4, dtype=np.int32)}
+    scheme = [{"title": "Lemma", "points": 3, "desc": "proved"}]
+    variants = [{"rubric": "R"}, {"rubric": ""}, {"rubric": "\0"}, {"rubric": scheme},
+                {"rubric": [{**scheme[0], "points": 4}]}, {"prompt_ids": [1, 2, 4]}, {"problem": "Q"},
+                {"tokens": np.arange(4, dtype=np.int64)}, {"tokens": np.arange(4, dtype=np.int32).reshape(2, 2)}]
+    records = [data_record("d", [base]), *(data_record("d", [{**base, **v}]) for v in variants),
+               data_record("d", [base, base])]
+    assert len({r["sha256"] for r in records}) == len(records)
+    # Equal content gives an equal record, built anew (no object identities) and in any key order.
+    assert data_record("d", [{**base, "rubric": json.loads(json.dumps(scheme))}]) == records[4]
+    assert data_record("d", [dict(reversed(base.items()))]) == records[0]
 
 
 def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
