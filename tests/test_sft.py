@@ -247,6 +247,14 @@ def test_a_stop_signal_while_the_last_checkpoint_closes_stops_both_and_a_rerun_e
         assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outputs]
     assert len(read_metrics(tmp_path)) == 2  # no step ran again
     assert SafetensorsFolder(tmp_path / "hf").names()
+    # A changed config is refused by every process alike (process 0 decides: on a pod only its
+    # host has the run directory), none of them left waiting for the others.
+    changed = [*args, "steps=3"]
+    with processes(changed, count=2, devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=180)
+        assert [p.returncode for p in procs] == [2, 2], [err[-1500:] for _, err in outputs]
+    assert "differs from this one (steps: 2 -> 3)" in outputs[0][1]
+    assert "differs from this one (process 0 lists the changes)" in outputs[1][1]
 
 
 def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, caplog):
