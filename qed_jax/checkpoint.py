@@ -186,6 +186,27 @@ def unreadable_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+def tree_misfit(stored, target, what: str) -> str | None:
+    """How a checkpoint's array tree (Orbax metadata) differs from the arrays it would be
+    restored into, in paths and shapes (dtypes may differ: restoring casts), or None. A path is
+    compared by its keys, attribute names and indices alike, as Orbax stores a named tuple as a
+    dict and a tuple as a list."""
+    def arrays(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+        return [(tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path), tuple(leaf.shape))
+                for path, leaf in leaves]
+
+    have, want = arrays(stored), arrays(target)
+    for (path, shape), (wanted_path, wanted_shape) in zip(have, want):
+        if path != wanted_path:
+            return f"{what} {'/'.join(map(str, path))} in the checkpoint where this run has {'/'.join(map(str, wanted_path))}"
+        if shape != wanted_shape:
+            return f"{what} {'/'.join(map(str, path))}: shape {shape} in the checkpoint, {wanted_shape} here"
+    if len(have) != len(want):
+        return f"{what}: {len(have)} arrays in the checkpoint, {len(want)} here"
+    return None
+
+
 def remove_unfinished_saves(directory) -> None:
     """Delete the folders of saves that a kill cut short: on a local filesystem Orbax writes a
     step under `<step>.orbax-checkpoint-tmp…` and renames it once complete, so such a folder is
@@ -203,11 +224,12 @@ def remove_unfinished_saves(directory) -> None:
 
 class TrainCheckpoints:
     """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
-    RNG, anything else the trainer needs to continue exactly). `data`, a record of what the run
-    trains on (`trainer.data_record`), goes into every meta, beside the data position it explains."""
+    RNG, anything else the trainer needs to continue exactly). `run`, what the run is (its
+    trainer, and the record of its data, `trainer.data_record`), goes into every meta, beside
+    the data position it explains."""
 
-    def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None, data: dict | None = None):
-        self.directory, self.data = directory, data
+    def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None, run: dict | None = None):
+        self.directory, self.run = directory, run or {}
         write_model_config(directory, config, assets_from)
         remove_unfinished_saves(directory)
         self.manager = manager(directory, max_to_keep=keep)
@@ -218,8 +240,7 @@ class TrainCheckpoints:
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
         if self.manager.latest_step() == step:
             return  # already saved (e.g. a regular save just before a preemption save)
-        if self.data is not None:
-            meta = {**meta, "data": self.data}
+        meta = {**meta, **self.run}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
@@ -233,24 +254,52 @@ class TrainCheckpoints:
         ))
         return restored["params"], restored["opt_state"], restored["meta"]
 
-    def restore_latest(self, params_target, opt_target, data_iterator):
-        """Restore the newest step that reads back whole, or None when there is none. An
-        unreadable step (a crash mid-write, a damaged file) is renamed `<step>.unreadable-<time>`,
-        never deleted, with a warning, and the step before it is tried."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+    def restore_latest(self, params_target, opt_target, data_iterator, check=None):
+        """Restore the newest step that reads back whole, or None when there is no step.
+
+        A step that cannot be read (a crash mid-write, a damaged file) is renamed
+        `<step>.unreadable-<time>`, never deleted, with a warning, and the step before it is
+        tried; if none is left, this raises rather than let the run start over. A step that
+        reads but does not fit this run raises, and is left as it is: its arrays have other
+        names or shapes than the targets (another model or optimizer), or `check(meta)` (the
+        trainer's) refuses its meta."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                with without_closed_loop_noise():
+                    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    stored = self.manager.item_metadata(step)
+                    misfit = tree_misfit(stored["params"].tree, params_target, "params") or \
+                        tree_misfit(stored["opt_state"].tree, opt_target, "optimizer state")
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            if check is not None:
+                check(meta)
+            if misfit:
+                raise CheckpointError(f"{self.directory}: checkpoint step {step} does not fit this run ({misfit}): "
+                                      "it was written for another model or optimizer; undo the change, or use a new "
+                                      "output_dir (the checkpoints are left as they are)")
             try:
                 with without_closed_loop_noise():
                     return self.restore(step, params_target, opt_target, data_iterator)
             except Exception as e:
-                aside = epath.Path(self.directory) / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-                log.warning("%s: checkpoint step %d is unreadable (%s); moved it to %s and trying the "
-                            "step before it", self.directory, step, unreadable_reason(e), aside.name)
-                if jax.process_index() == 0:
-                    (epath.Path(self.directory) / str(step)).rename(aside)
-                if jax.process_count() > 1:
-                    multihost_utils.sync_global_devices(f"qed_jax unreadable checkpoint {step}")
-                self.manager.reload()
+                self._set_aside(step, e)
+        if steps:
+            raise CheckpointError(f"{self.directory}: none of its {len(steps)} checkpoint steps reads back (each moved "
+                                  "aside as <step>.unreadable-<time>); this run would start over from step 0: to do "
+                                  "that, move them out of the way, or use a new output_dir")
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        aside = epath.Path(self.directory) / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        log.warning("%s: checkpoint step %d is unreadable (%s); moved it to %s and trying the step before it",
+                    self.directory, step, unreadable_reason(error), aside.name)
+        if jax.process_index() == 0:
+            (epath.Path(self.directory) / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"qed_jax unreadable checkpoint {step}")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

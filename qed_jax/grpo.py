@@ -723,7 +723,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                 .batch(config.prompts_per_step, batch_fn=list).to_iter_dataset())
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
-                                        data=data_record(config.data.path, prompts))
+                                        run={"trainer": "grpo", "data": data_record(config.data.path, prompts)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     if is_complete(out, start, config.steps, config.export_dtype):

@@ -172,7 +172,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
-                                        data=data_record(config.data.path, examples))
+                                        run={"trainer": "sft", "data": data_record(config.data.path, examples)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     result = {"output_dir": str(out), "process": jax.process_index(), "step": start,

@@ -249,10 +249,11 @@ def run_lock(out: Path):
             held.close()  # releases the flock
 
 
-def check_run_config(out: Path, config, resume_with_changes: bool) -> None:
+def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
     """A rerun into an existing run directory must use the config it was started with, unless
-    the user says otherwise; then the new config is recorded (the old one kept beside it).
-    Process 0 decides (on a pod only its host holds `out`), and every process acts on that."""
+    the user says otherwise. Returns whether it is such a change, which `record_run_config`
+    writes down once the run has resumed. Process 0 decides (on a pod only its host holds
+    `out`), and every process acts on that."""
     path = out / "config.json"
     changes = []
     if jax.process_index() == 0 and path.exists():
@@ -264,11 +265,22 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> None:
         raise RunConfigChanged(out, changes or ["process 0 lists the changes"])
     if changes:
         log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
+    return bool(changes)
+
+
+def record_run_config(out: Path, config, changed: bool) -> None:
+    """Write the config a run goes on with: on a fresh start, or after a change the user allowed
+    (the old config kept as config.N.json). Process 0 writes."""
+    path = out / "config.json"
+    if jax.process_index() != 0 or (path.exists() and not changed):
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if path.exists():
         n = 1
         while (out / f"config.{n}.json").exists():
             n += 1
         path.rename(out / f"config.{n}.json")
-        path.write_text(dump_json(config))
+    path.write_text(dump_json(config))
 
 
 def data_record(path: str, examples: list[dict]) -> dict:
@@ -289,16 +301,22 @@ def data_record(path: str, examples: list[dict]) -> dict:
     return {"path": path, "examples": len(examples), "sha256": digest.hexdigest()}
 
 
-def check_run_data(out: Path, saved: dict | None, current: dict | None, resume_with_changes: bool) -> None:
-    """A resumed run must train on the examples it started with: the checkpoint's data position
-    counts into them, so other examples under the same name would be read from another place
-    than an uninterrupted run reads, in silence. Refused unless the user says otherwise (the
-    checkpoints written from then on record the new data). Every process restored the same
-    checkpoint and decides alike."""
-    if saved is None or current is None or saved == current:
+def check_run_data(out: Path, saved: dict, current: dict, resume_with_changes: bool) -> None:
+    """Whether a checkpoint's meta (`saved`) can continue this run (`current`: the
+    TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless the user says
+    otherwise, can other training data: the checkpoint's data position counts into the examples
+    it was written with, so other examples under the same name would be read from another place
+    than an uninterrupted run reads, in silence (the checkpoints written from then on record the
+    new data). Every process reads the same checkpoint and decides alike."""
+    if saved.get("trainer", current["trainer"]) != current["trainer"]:
+        raise ConfigError(f"{out}: its checkpoints were written by qed-jax {saved['trainer']}, and this is qed-jax "
+                          f"{current['trainer']}: give this run its own output_dir (to start from that run's model, "
+                          "set model.path to its hf/ folder)")
+    old, new = saved.get("data"), current["data"]
+    if old is None or old == new:
         return
     describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
-    change = f"training data: {describe(saved)} -> {describe(current)}"
+    change = f"training data: {describe(old)} -> {describe(new)}"
     if not resume_with_changes:
         raise RunConfigChanged(out, [change])
     log.warning("resuming %s with changed training data (%s): its data position now counts into other examples",
@@ -308,18 +326,15 @@ def check_run_data(out: Path, saved: dict | None, current: dict | None, resume_w
 def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator,
                     resume_with_changes: bool = False):
     """Restore the newest intact checkpoint (params, optimizer, data position) into the given
-    shardings, or, on a fresh start, record the config. Returns (params, opt_state, step)."""
-    check_run_config(out, config, resume_with_changes)
+    shardings, or start afresh; then record the config. Returns (params, opt_state, step)."""
+    changed = check_run_config(out, config, resume_with_changes)
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
-    restored = ckpts.restore_latest(*targets, data_iterator)
+    restored = ckpts.restore_latest(*targets, data_iterator,
+                                    check=lambda meta: check_run_data(out, meta, ckpts.run, resume_with_changes))
+    record_run_config(out, config, changed)
     if restored is None:
-        if jax.process_index() == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            if not (out / "config.json").exists():
-                (out / "config.json").write_text(dump_json(config))
         return params, opt_state, 0
     params, opt_state, meta = restored
-    check_run_data(out, meta.get("data"), ckpts.data, resume_with_changes)
     log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
     return params, opt_state, meta["step"]
 

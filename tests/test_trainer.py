@@ -137,6 +137,36 @@ def test_the_data_record_sees_text_tokens_marking_schemes_and_missing_fields():
     assert data_record("d", [dict(reversed(base.items()))]) == records[0]
 
 
+def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_readable_is_no_fresh_start(tmp_path):
+    run = tmp_path / "run"
+    first = _sft(["steps=2", f"output_dir={run}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    metrics, config = (run / "metrics.jsonl").read_text(), (run / "config.json").read_text()
+
+    def refused(result, message):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept  # nothing moved aside
+        assert (run / "metrics.jsonl").read_text() == metrics  # nor any history rewritten
+        assert (run / "config.json").read_text() == config and not (run / "config.1.json").exists()
+
+    # Another optimizer (no clipping: another chain of states), let through the config check.
+    refused(_sft(["steps=3", "optim.grad_clip=0", f"output_dir={run}", "--resume-with-changes"]),
+            "checkpoint step 2 does not fit this run (optimizer state 1/0/count in the checkpoint where this run has "
+            "0/count): it was written for another model or optimizer")
+    grpo = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", str(REPO / "configs/rl/tiny.yaml"),
+                           "steps=1", "export_dtype=null", f"output_dir={run}", "--resume-with-changes"], cwd=REPO,
+                          env=cli_env(1), capture_output=True, text=True, timeout=300)
+    refused(grpo, "its checkpoints were written by qed-jax sft, and this is qed-jax grpo: give this run its own")
+
+    for step in (1, 2):
+        _corrupt(run / "checkpoints" / str(step))
+    nothing = _sft(["steps=2", f"output_dir={run}"])
+    assert nothing.returncode == 2 and "none of its 2 checkpoint steps reads back" in nothing.stderr, nothing.stderr[-3000:]
+    assert (run / "metrics.jsonl").read_text() == metrics and not (run / "checkpoints" / "1").exists()
+
+
 def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT, "steps=400",
                              "checkpoint_every=1000", "eval_every=0", f"output_dir={tmp_path}"], cwd=REPO,
