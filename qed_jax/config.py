@@ -218,6 +218,8 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
             number = int(value) if isinstance(value, int) else int(number)
         return number
     if typ is str:
+        if value is None:  # `key=` or `key: null` for a key that has no "none": str(None) would be "None"
+            raise ConfigError(f"{where} must be set (it has no empty value); leave it out for its default")
         return str(value)
     return value
 

@@ -621,6 +621,25 @@ def check_rerun(config: EvalConfig) -> None:
         if new is not None and (old is None or new < old):
             raise ConfigError(f"{out} holds a run with {key}={old!r}: a rerun may extend it, not shrink it to "
                               f"{new!r} (its report counts every sample it holds); choose another output_dir")
+    saved_files = json.loads((out / MODEL_FILES).read_text()) if (out / MODEL_FILES).is_file() else None
+    if saved_files is not None and saved_files != model_files(config):
+        raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (sizes "
+                          "and times differ now: re-exported, or replaced); this run's samples would mix two models: "
+                          "choose another output_dir, or delete the old run")
+
+
+MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when it began
+
+
+def model_files(config: EvalConfig) -> dict | None:
+    """The local model folder's files (relative path -> [bytes, modification time in ns]), so
+    that a rerun can tell the same path now holds another model (a re-export, a replaced
+    folder); None for a Hub id or a served model. A copied folder counts as another."""
+    path = Path(config.model.path) if config.model.path else None
+    if path is None or not path.is_dir():
+        return None
+    return {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 def check_local_paths(config: EvalConfig) -> None:
@@ -638,6 +657,9 @@ def prepare_output(config: EvalConfig) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_json(config))
+    files = model_files(config)
+    if files is not None and not (out / MODEL_FILES).is_file():
+        (out / MODEL_FILES).write_text(json.dumps(files, indent=1) + "\n")
     return out
 
 

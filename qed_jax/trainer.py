@@ -185,9 +185,10 @@ def to_global(batch: dict, micro_batches: int, sharding) -> dict:
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two config dicts."""
+    """`key: old -> new` for every leaf that differs between two config dicts, but output_dir:
+    a run directory may be moved or copied and go on where it is now."""
     changes = []
-    for key in sorted(set(saved) | set(new)):
+    for key in sorted((set(saved) | set(new)) - ({"output_dir"} if not prefix else set())):
         a, b = saved.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, f"{prefix}{key}.")

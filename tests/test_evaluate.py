@@ -523,6 +523,30 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
         rerun("samples=3", "benchmark.limit=1")
     assert json.loads((out / "config.json").read_text())["samples"] == 3  # refused reruns change nothing
 
+
+def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(tmp_path):
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights of the first model")
+    (model / "sub" / "tokenizer.json").write_text("{}")
+
+    def rerun(*overrides):
+        c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", "model.base_url=null",
+                   "model.name=null", f"model.path={model}", *overrides)
+        check_rerun(c)
+        return prepare_output(c)
+
+    out = rerun("samples=1")
+    rerun("samples=2")  # the same files: a rerun may extend the run
+    recorded = json.loads((out / "model_files.json").read_text())
+    assert sorted(recorded) == ["model.safetensors", "sub/tokenizer.json"]
+    (model / "model.safetensors").write_bytes(b"weights of another model!!")  # a re-export: same size, new time
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    with pytest.raises(ConfigError, match=r"holds samples of the model at .*/model as its files were then .* would "
+                                          r"mix two models: choose another output_dir, or delete the old run$"):
+        rerun("samples=3")
+    assert json.loads((out / "model_files.json").read_text()) == recorded
+
 def test_cli_help_does_not_import_jax():
     code = ("import sys, qed_jax.cli as c; c.build_parser(); "
             "print(sorted(m for m in ('jax', 'matplotlib', 'openai', 'math_verify') if m in sys.modules))")
