@@ -460,13 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():  # -v also after the command (SUPPRESS keeps one given before it)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log at DEBUG level, and show the traceback of an error")
+        p.set_defaults(parser=p)
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with key=value overrides taken wherever they stand: argparse takes the
+    positional overrides as one run, so `--config C a=1 --print-config b=2` would leave b=2
+    unrecognized (an option between overrides is easy to write)."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `qed-jax` command; returns its exit status. After Ctrl-C it ends the process itself
     (`os._exit(130)`, see `_exit_now`) once the command has cleaned up."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Our own logs at INFO (DEBUG with -v); other libraries' at WARNING unless -v.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -490,9 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
         print(f"qed-jax {args.command}: interrupted{resume}", file=sys.stderr)
         interrupted = True
-    except OSError as e:  # a path given to the command: missing, a file where a folder goes, ...
-        if args.verbose or e.filename is None:
+    except OSError as e:  # a path given to the command (missing, a file where a folder goes), or the network
+        if args.verbose:
             raise
+        if e.filename is None:  # e.g. a gs:// path that cannot be reached
+            print(f"qed-jax {args.command}: error: {type(e).__name__}: {e} (-v shows the traceback)", file=sys.stderr)
+            return 1
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
     if interrupted:

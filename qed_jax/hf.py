@@ -367,10 +367,12 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
         index = {"metadata": {"total_size": total},
                  "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(config.to_hf(torch_dtype=target.name), indent=2))
     copy_assets(assets_from, folder)
     if not (folder / "generation_config.json").exists():
         (folder / "generation_config.json").write_text(json.dumps(_generation_config(folder), indent=2))
+    # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
+    # finished export): a kill before this line leaves a folder that is redone.
+    (folder / "config.json").write_text(json.dumps(config.to_hf(torch_dtype=target.name), indent=2))
     return folder
 
 

@@ -352,12 +352,31 @@ class MetricsLog:
             return
         directory.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.history = [row for row in rows if row["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            self.history = [row for row in self._rows() if row["step"] <= resume_step]
+            partial = self.path.with_name(self.path.name + ".partial")  # replaced whole, or not at all
+            partial.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            partial.replace(self.path)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(directory / "tensorboard"))
+        # purge_step: TensorBoard hides the points a killed run logged past the resumed step.
+        self.tb = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def _rows(self) -> list[dict]:
+        """The rows logged so far. A line that does not parse is one a kill or a crash cut short
+        (lines are appended one by one): it is dropped, with a warning."""
+        rows = []
+        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("no step")
+            except ValueError:
+                log.warning("%s: line %d is cut short or damaged; dropped", self.path, n)
+                continue
+            rows.append(row)
+        return rows
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

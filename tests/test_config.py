@@ -138,6 +138,25 @@ def test_sampling_params_refuse_values_that_cannot_sample(kwargs, message):
         SamplingParams(**kwargs)
 
 
+def test_overrides_may_stand_on_both_sides_of_an_option():
+    args = cli.parse_args(["grpo", "--config", "c.yaml", "steps=3", "--resume-with-changes", "optim.lr=1e-4"])
+    assert args.overrides == ["steps=3", "optim.lr=1e-4"] and args.resume_with_changes
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["grpo", "steps=3", "--bogus"])
+    assert exit_.value.code == 2
+
+
+def test_an_os_error_without_a_path_is_one_line(monkeypatch, capsys):
+    def unreachable(args):
+        raise ConnectionRefusedError(111, "Cannot connect to host storage.googleapis.com:443")
+
+    monkeypatch.setattr(cli, "_convert", unreachable)
+    assert cli.main(["convert", "a", "gs://bucket/b"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qed-jax convert: error: ConnectionRefusedError: [Errno 111] Cannot connect to host "
+                   "storage.googleapis.com:443 (-v shows the traceback)"]
+
+
 def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
     with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a folder"):
         load_config(SFTConfig, tmp_path)

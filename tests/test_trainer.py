@@ -19,7 +19,7 @@ from flax import nnx
 from qed_jax import grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
 from qed_jax.model import Qwen3
-from qed_jax.trainer import OptimConfig, data_record, decay_mask, make_optimizer, run_lock
+from qed_jax.trainer import MetricsLog, OptimConfig, data_record, decay_mask, make_optimizer, run_lock
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,6 +165,18 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
     nothing = _sft(["steps=2", f"output_dir={run}"])
     assert nothing.returncode == 2 and "none of its 2 checkpoint steps reads back" in nothing.stderr, nothing.stderr[-3000:]
     assert (run / "metrics.jsonl").read_text() == metrics and not (run / "checkpoints" / "1").exists()
+
+
+def test_metrics_cut_short_by_a_crash_are_dropped_not_fatal(tmp_path, caplog):
+    rows = [{"step": n, "loss": 1.0 / n} for n in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    with caplog.at_level("WARNING"):
+        log = MetricsLog(tmp_path, resume_step=2)
+    log.close()
+    assert log.history == rows[:2]
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
+    assert "metrics.jsonl: line 4 is cut short or damaged; dropped" in caplog.text
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
