@@ -81,6 +81,7 @@ def _json_lines_rows(lines) -> list:
     """The rows of JSON lines (an iterable of bytes, e.g. a file opened "rb")."""
     rows = []
     for n, raw in enumerate(lines, 1):
+        raw = raw.rstrip(b"\r\n")  # a string cut off at the line's end is "unterminated", not "a control character"
         if n == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark may open the file
         try:

@@ -708,7 +708,16 @@ def make_generator(config: EvalConfig):
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Run (or finish) an evaluation; returns counts: samples generated, grades written (graded;
-    with rc.grade_turns the turns' too), of which failed, and the run's total of samples."""
+    with rc.grade_turns the turns' too), of which failed, and the run's total of samples. One
+    job at a time per output_dir (`trainer.run_lock`): a second would draw and grade the same
+    samples again and append them twice."""
+    from qed_jax.trainer import run_lock
+
+    with run_lock(Path(config.output_dir)):
+        return _evaluate(config, progress)
+
+
+def _evaluate(config: EvalConfig, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from qed_jax.data import read_rows

@@ -524,6 +524,16 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     assert json.loads((out / "config.json").read_text())["samples"] == 3  # refused reruns change nothing
 
 
+def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):
+    from qed_jax.trainer import run_lock
+
+    cfg = config(tmp_path, "imo_proofbench", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1")
+    with run_lock(Path(cfg.output_dir)):  # as a first job holds it
+        with pytest.raises(ConfigError, match=rf"^{tmp_path}/run is in use by another run \(pid {os.getpid()} on "):
+            evaluate(cfg, progress=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing read or written
+
+
 def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(tmp_path):
     model = tmp_path / "model"
     (model / "sub").mkdir(parents=True)
