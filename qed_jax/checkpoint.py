@@ -189,21 +189,19 @@ def unreadable_reason(error: Exception) -> str:
 def tree_misfit(stored, target, what: str) -> str | None:
     """How a checkpoint's array tree (Orbax metadata) differs from the arrays it would be
     restored into, in paths and shapes (dtypes may differ: restoring casts), or None. A path is
-    compared by its keys, attribute names and indices alike, as Orbax stores a named tuple as a
-    dict and a tuple as a list."""
+    compared as text, by its keys, attribute names and indices alike: Orbax stores a named
+    tuple as a dict, a tuple as a list and every key as a string."""
     def arrays(tree):
         leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-        return [(tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path), tuple(leaf.shape))
-                for path, leaf in leaves]
+        return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path):
+                tuple(leaf.shape) for path, leaf in leaves}
 
     have, want = arrays(stored), arrays(target)
-    for (path, shape), (wanted_path, wanted_shape) in zip(have, want):
-        if path != wanted_path:
-            return f"{what} {'/'.join(map(str, path))} in the checkpoint where this run has {'/'.join(map(str, wanted_path))}"
-        if shape != wanted_shape:
-            return f"{what} {'/'.join(map(str, path))}: shape {shape} in the checkpoint, {wanted_shape} here"
-    if len(have) != len(want):
-        return f"{what}: {len(have)} arrays in the checkpoint, {len(want)} here"
+    for path in sorted(have.keys() ^ want.keys()):
+        return f"{what} {path} {'only in the checkpoint' if path in have else 'not in the checkpoint'}"
+    for path, shape in sorted(have.items()):
+        if shape != want[path]:
+            return f"{what} {path}: shape {shape} in the checkpoint, {want[path]} here"
     return None
 
 
@@ -228,9 +226,9 @@ class TrainCheckpoints:
     trainer, and the record of its data, `trainer.data_record`), goes into every meta, beside
     the data position it explains."""
 
-    def __init__(self, directory, config: ModelConfig, keep: int | None, assets_from=None, run: dict | None = None):
-        self.directory, self.run = directory, run or {}
-        write_model_config(directory, config, assets_from)
+    def __init__(self, directory, config: ModelConfig, keep: int | None, *, run: dict, assets_from=None):
+        self.directory, self.run = directory, run
+        self.model = (config, assets_from)  # model_config.json and assets: written with the first save
         remove_unfinished_saves(directory)
         self.manager = manager(directory, max_to_keep=keep)
 
@@ -241,6 +239,9 @@ class TrainCheckpoints:
         if self.manager.latest_step() == step:
             return  # already saved (e.g. a regular save just before a preemption save)
         meta = {**meta, **self.run}
+        if self.model is not None:  # not before: a refused resume leaves the directory as it found it
+            write_model_config(self.directory, *self.model)
+            self.model = None
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
@@ -259,42 +260,76 @@ class TrainCheckpoints:
 
         A step that cannot be read (a crash mid-write, a damaged file) is renamed
         `<step>.unreadable-<time>`, never deleted, with a warning, and the step before it is
-        tried; if none is left, this raises rather than let the run start over. A step that
-        reads but does not fit this run raises, and is left as it is: its arrays have other
-        names or shapes than the targets (another model or optimizer), or `check(meta)` (the
-        trainer's) refuses its meta."""
+        tried; with no step left, or only such steps, this raises rather than let the run start
+        over. A step that reads but cannot continue this run raises and is left as it is: one of
+        `qed-jax convert` (parameters only), one whose arrays have other names or shapes than
+        the targets (another model or optimizer), or one whose meta `check` (the trainer's)
+        refuses. An error that may pass (the network, permissions) raises too, moving nothing.
+        All processes act on the worst of what each found."""
+        directory = epath.Path(self.directory)
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
+            error = None
             try:
                 with without_closed_loop_noise():
-                    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                     stored = self.manager.item_metadata(step)
+                    if not {"params", "opt_state", "meta"} <= set(stored.keys()):
+                        raise CheckpointError(
+                            f"{directory}: step {step} holds {', '.join(sorted(stored.keys()))} only (a `qed-jax "
+                            "convert` output?), not a trainer's checkpoint: to train from it, set model.path to "
+                            f"{directory} and give checkpoint_dir (or output_dir) another folder")
+                    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                     misfit = tree_misfit(stored["params"].tree, params_target, "params") or \
                         tree_misfit(stored["opt_state"].tree, opt_target, "optimizer state")
+            except CheckpointError:
+                raise
             except Exception as e:
-                self._set_aside(step, e)
+                error = e
+            if self._agreed_failure(step, error):
                 continue
             if check is not None:
                 check(meta)
             if misfit:
-                raise CheckpointError(f"{self.directory}: checkpoint step {step} does not fit this run ({misfit}): "
-                                      "it was written for another model or optimizer; undo the change, or use a new "
-                                      "output_dir (the checkpoints are left as they are)")
+                raise CheckpointError(f"{directory}: checkpoint step {step} does not fit this run ({misfit}): it was "
+                                      "written for another model or optimizer; undo the change, or give this run "
+                                      "another output_dir or checkpoint_dir (the checkpoints are left as they are)")
+            error = restored = None
             try:
                 with without_closed_loop_noise():
-                    return self.restore(step, params_target, opt_target, data_iterator)
+                    restored = self.restore(step, params_target, opt_target, data_iterator)
             except Exception as e:
-                self._set_aside(step, e)
-        if steps:
-            raise CheckpointError(f"{self.directory}: none of its {len(steps)} checkpoint steps reads back (each moved "
-                                  "aside as <step>.unreadable-<time>); this run would start over from step 0: to do "
-                                  "that, move them out of the way, or use a new output_dir")
+                error = e
+            if not self._agreed_failure(step, error):
+                return restored
+        aside = sorted(p.name for p in directory.glob("*.unreadable-*")) if directory.exists() else []
+        if aside:
+            raise CheckpointError(f"{directory}: no checkpoint step reads back (set aside: {', '.join(aside)}); this "
+                                  f"run would start over from step 0: to do that, move those out of {directory}, or "
+                                  "give this run another output_dir or checkpoint_dir")
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
+    def _agreed_failure(self, step: int, error: Exception | None) -> bool:
+        """Whether step `step` failed to read on any process (`error`: this process's), having
+        set it aside if so. An error that may pass raises instead, on every process."""
+        transient = isinstance(error, (ConnectionError, TimeoutError, PermissionError)) or (
+            isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename is None) or (
+            error is not None and any(word in str(error) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED")))
+        state = 2 if transient else 1 if error is not None else 0
+        if jax.process_count() > 1:
+            state = int(multihost_utils.process_allgather(np.array([state], np.int32)).max())
+        if state == 2:
+            raise CheckpointError(f"{self.directory}: reading checkpoint step {step} failed in a way that may pass "
+                                  f"({unreadable_reason(error) if transient else 'on another process'}); nothing was "
+                                  "moved: rerun the same command")
+        if state == 1:
+            self._set_aside(step, error)
+        return state == 1
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
         aside = epath.Path(self.directory) / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        reason = unreadable_reason(error) if error is not None else "another process could not read it"
         log.warning("%s: checkpoint step %d is unreadable (%s); moved it to %s and trying the step before it",
-                    self.directory, step, unreadable_reason(error), aside.name)
+                    self.directory, step, reason, aside.name)
         if jax.process_index() == 0:
             (epath.Path(self.directory) / str(step)).rename(aside)
         if jax.process_count() > 1:

@@ -469,10 +469,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     positional overrides as one run, so `--config C a=1 --print-config b=2` would leave b=2
     unrecognized (an option between overrides is easy to write)."""
     args, extra = build_parser().parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")] if hasattr(args, "overrides") else []
+    if len(overrides) < len(extra):
+        args.parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     return args
 
 

@@ -621,11 +621,6 @@ def check_rerun(config: EvalConfig) -> None:
         if new is not None and (old is None or new < old):
             raise ConfigError(f"{out} holds a run with {key}={old!r}: a rerun may extend it, not shrink it to "
                               f"{new!r} (its report counts every sample it holds); choose another output_dir")
-    saved_files = json.loads((out / MODEL_FILES).read_text()) if (out / MODEL_FILES).is_file() else None
-    if saved_files is not None and saved_files != model_files(config):
-        raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (sizes "
-                          "and times differ now: re-exported, or replaced); this run's samples would mix two models: "
-                          "choose another output_dir, or delete the old run")
 
 
 MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when it began
@@ -634,12 +629,32 @@ MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when
 def model_files(config: EvalConfig) -> dict | None:
     """The local model folder's files (relative path -> [bytes, modification time in ns]), so
     that a rerun can tell the same path now holds another model (a re-export, a replaced
-    folder); None for a Hub id or a served model. A copied folder counts as another."""
+    folder); None for a Hub id or a served model. A copied folder counts as another. Hidden
+    files (a download's cache) and checkpoint saves in progress or set aside are not the model."""
     path = Path(config.model.path) if config.model.path else None
     if path is None or not path.is_dir():
         return None
-    return {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
-            for f in sorted(path.rglob("*")) if f.is_file()}
+    files = {}
+    for f in sorted(path.rglob("*")):
+        name = str(f.relative_to(path))
+        if any(part.startswith(".") or ".orbax-checkpoint-tmp" in part or ".unreadable-" in part
+               for part in Path(name).parts) or not f.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):  # a save in progress may remove it
+            files[name] = [f.stat().st_size, f.stat().st_mtime_ns]
+    return files
+
+
+def check_model_unchanged(config: EvalConfig) -> None:
+    """Refuse to draw more samples for a run from a local model whose files changed since the
+    run began (grading what was drawn needs no model, so it is never refused)."""
+    out = Path(config.output_dir)
+    if not (out / MODEL_FILES).is_file():
+        return
+    if json.loads((out / MODEL_FILES).read_text()) != model_files(config):
+        raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (they "
+                          "differ now: re-exported, or replaced); more samples would mix two models: choose another "
+                          "output_dir, or delete the old run")
 
 
 def check_local_paths(config: EvalConfig) -> None:
@@ -709,9 +724,9 @@ def make_generator(config: EvalConfig):
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Run (or finish) an evaluation; returns counts: samples generated, grades written (graded;
     with rc.grade_turns the turns' too), of which failed, and the run's total of samples. One
-    job at a time per output_dir (`trainer.run_lock`): a second would draw and grade the same
+    job at a time per output_dir (`rundir.run_lock`): a second would draw and grade the same
     samples again and append them twice."""
-    from qed_jax.trainer import run_lock
+    from qed_jax.rundir import run_lock
 
     with run_lock(Path(config.output_dir)):
         return _evaluate(config, progress)
@@ -737,6 +752,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         return counts
     if to_generate:  # a rerun that only grades needs no model
         check_local_paths(config)
+        check_model_unchanged(config)
     judge, bar = Judge(config.judge), None
     try:
         if b.kind == "proof":  # every proof goes to the judge: find out now if there is none

@@ -340,6 +340,7 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
     writer = jax.process_index() == 0
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").unlink(missing_ok=True)  # written last: until then, no whole export here
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     progress = tqdm(total=len(plan), desc=f"writing {folder.name}", unit="tensor", disable=not writer)

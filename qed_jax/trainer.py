@@ -7,15 +7,12 @@ code can use them without importing a trainer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 
 import jax
@@ -24,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qed_jax import checkpoint
+from qed_jax import checkpoint, rundir
 from qed_jax.config import ConfigError, check_dtype, dump_json, preset, to_dict
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
@@ -197,57 +194,13 @@ def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-@contextlib.contextmanager
 def run_lock(out: Path):
-    """Hold the run directory `out` for one job. A second job started on it would delete this
-    one's checkpoint save in progress (see checkpoint.remove_unfinished_saves) and write the same
-    metrics, so it fails at once, naming the holder. Process 0 holds an flock on `out`/.lock,
-    which the OS releases when the process ends, even on kill -9; every process learns whether
-    it got it, so that all of them fail alike. A run that stops before writing anything (a config
-    error found after the lock was taken) leaves no folder it created."""
-    held, refused, failed = None, None, None  # the lock, who holds it, or why it could not be opened
-    created = [d for d in [out, *out.parents] if not d.exists()]  # folders this run would create
-    if jax.process_index() == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = open(out / ".lock", "a+")
-        except OSError as e:  # e.g. output_dir is a file, or not writable: raised below, on every process
-            failed = e
-        else:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                refused = lock.read().strip() or "its pid unknown"
-                lock.close()
-            except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
-                log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", out, e)
-                lock.close()
-            else:
-                lock.truncate(0)
-                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-                lock.flush()
-                held = lock
-    state = 2 if failed else 1 if refused else 0  # what process 0 found, agreed by all
+    """`rundir.run_lock` for a trainer's processes: process 0 holds the lock and every process
+    learns what it found, so that all of them go on or fail alike."""
+    agree = None
     if jax.process_count() > 1:
-        state = int(gather(np.array([state], np.int32)).max())
-    if failed:
-        raise failed
-    if state == 2:
-        raise ConfigError(f"process 0 could not open {out}/.lock (its error says why)")
-    if state == 1:
-        raise ConfigError(f"{out} is in use by another run ({refused or 'process 0 found it locked'}); wait for it to "
-                          "end, or give this run another output_dir")
-    try:
-        yield
-    finally:
-        if held is not None:
-            if created and [p.name for p in out.iterdir()] == [".lock"]:  # a run that failed before it began
-                (out / ".lock").unlink()
-                for folder in created:  # innermost first; each is empty unless another job wrote there
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
-            held.close()  # releases the flock
+        agree = lambda state: int(gather(np.array([state], np.int32)).max())  # noqa: E731
+    return rundir.run_lock(out, first=jax.process_index() == 0, agree=agree)
 
 
 def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
@@ -359,7 +312,7 @@ class MetricsLog:
         from tensorboardX import SummaryWriter
 
         # purge_step: TensorBoard hides the points a killed run logged past the resumed step.
-        self.tb = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step + 1)
 
     def _rows(self) -> list[dict]:
         """The rows logged so far. A line that does not parse is one a kill or a crash cut short

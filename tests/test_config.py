@@ -116,6 +116,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["model.param_dtype=fp32"], r"^model\.param_dtype must be float32, bfloat16 or float16"),
     (EvalConfig, ["model.path=m", "model.dtype=bf16"], r"^model\.dtype must be float32, bfloat16 or float16"),
     (SFTConfig, ["model.preset=tinyy"], r"^unknown model preset 'tinyy'; choose one of: .*, tiny$"),
+    (SFTConfig, ["output_dir="], r"^output_dir must be set \(it has no empty value\); leave it out for its default$"),
     (GRPOConfig, ["reward_rule=closes_think"], r"^unknown reward_rule 'closes_think'; choose one of: closes_thinking, "
                                                r"or null \(grade with the judge\)$"),
 ])

@@ -17,8 +17,8 @@ import pytest
 
 import qed_jax
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_rerun, evaluate, last_boxed, prepare_output,
-                               read_records, read_run, turn_completion)
+from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
+                               last_boxed, model_files, prepare_output, read_records, read_run, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
 from tests.helpers import cli_env
@@ -525,7 +525,7 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):
-    from qed_jax.trainer import run_lock
+    from qed_jax.rundir import run_lock
 
     cfg = config(tmp_path, "imo_proofbench", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1")
     with run_lock(Path(cfg.output_dir)):  # as a first job holds it
@@ -544,6 +544,7 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
         c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", "model.base_url=null",
                    "model.name=null", f"model.path={model}", *overrides)
         check_rerun(c)
+        check_model_unchanged(c)
         return prepare_output(c)
 
     out = rerun("samples=1")
@@ -552,10 +553,15 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
     assert sorted(recorded) == ["model.safetensors", "sub/tokenizer.json"]
     (model / "model.safetensors").write_bytes(b"weights of another model!!")  # a re-export: same size, new time
     os.utime(model / "model.safetensors", ns=(1, 1))
-    with pytest.raises(ConfigError, match=r"holds samples of the model at .*/model as its files were then .* would "
-                                          r"mix two models: choose another output_dir, or delete the old run$"):
+    with pytest.raises(ConfigError, match=r"holds samples of the model at .*/model as its files were then .* more "
+                                          r"samples would mix two models: choose another output_dir, or delete"):
         rerun("samples=3")
     assert json.loads((out / "model_files.json").read_text()) == recorded
+    (model / ".cache").mkdir()  # a download's cache, or a save in progress, is not the model
+    (model / ".cache" / "lock").write_text("")
+    (model / "3.orbax-checkpoint-tmp-1").mkdir()
+    (model / "3.orbax-checkpoint-tmp-1" / "x").write_text("")
+    assert set(model_files(load_config(EvalConfig, None, [f"model.path={model}"]))) == set(recorded)
 
 def test_cli_help_does_not_import_jax():
     code = ("import sys, qed_jax.cli as c; c.build_parser(); "

@@ -4,6 +4,7 @@ Ctrl-C writing a checkpoint like a preemption, and one job at a time per run dir
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,10 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qed_jax import grpo, sft
+from qed_jax import checkpoint, grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
 from qed_jax.model import Qwen3
-from qed_jax.trainer import MetricsLog, OptimConfig, data_record, decay_mask, make_optimizer, run_lock
+from qed_jax.trainer import MetricsLog, OptimConfig, config_changes, data_record, decay_mask, make_optimizer, run_lock
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,8 +154,8 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
 
     # Another optimizer (no clipping: another chain of states), let through the config check.
     refused(_sft(["steps=3", "optim.grad_clip=0", f"output_dir={run}", "--resume-with-changes"]),
-            "checkpoint step 2 does not fit this run (optimizer state 1/0/count in the checkpoint where this run has "
-            "0/count): it was written for another model or optimizer")
+            "checkpoint step 2 does not fit this run (optimizer state 0/count not in the checkpoint): it was written "
+            "for another model or optimizer")
     grpo = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", str(REPO / "configs/rl/tiny.yaml"),
                            "steps=1", "export_dtype=null", f"output_dir={run}", "--resume-with-changes"], cwd=REPO,
                           env=cli_env(1), capture_output=True, text=True, timeout=300)
@@ -162,9 +163,29 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
 
     for step in (1, 2):
         _corrupt(run / "checkpoints" / str(step))
-    nothing = _sft(["steps=2", f"output_dir={run}"])
-    assert nothing.returncode == 2 and "none of its 2 checkpoint steps reads back" in nothing.stderr, nothing.stderr[-3000:]
-    assert (run / "metrics.jsonl").read_text() == metrics and not (run / "checkpoints" / "1").exists()
+    for attempt in range(2):  # the second finds only the steps the first set aside: no fresh start either
+        nothing = _sft(["steps=2", f"output_dir={run}"])
+        assert nothing.returncode == 2, nothing.stderr[-3000:]
+        assert re.search(r"no checkpoint step reads back \(set aside: 1\.unreadable-\d+-\d+, 2\.unreadable-\d+-\d+\); "
+                         r"this run would start over from step 0: to do that, move those out of ", nothing.stderr)
+        assert (run / "metrics.jsonl").read_text() == metrics and not (run / "checkpoints" / "1").exists()
+
+    # A `qed-jax convert` folder (parameters only) given as checkpoint_dir: refused, and left loadable.
+    converted = tmp_path / "converted"
+    checkpoint.save_model(Qwen3(PRESETS["tiny"].replace(param_dtype="float32", dtype="float32"), rngs=nnx.Rngs(0)),
+                          converted)
+    before = sorted(p.name for p in converted.iterdir())
+    params_only = _sft(["steps=2", f"output_dir={tmp_path / 'other'}", f"checkpoint_dir={converted}"])
+    assert params_only.returncode == 2, params_only.stderr[-3000:]
+    assert f"{converted}: step 0 holds params only (a `qed-jax convert` output?), not a trainer's checkpoint: to " \
+           f"train from it, set model.path to {converted}" in params_only.stderr
+    assert sorted(p.name for p in converted.iterdir()) == before
+
+
+def test_a_moved_run_directory_is_no_config_change():
+    saved = {"output_dir": "runs/a", "steps": 2, "data": {"output_dir": "x"}}
+    assert config_changes(saved, {**saved, "output_dir": "/elsewhere/a"}) == []
+    assert config_changes(saved, {**saved, "data": {"output_dir": "y"}}) == ['data.output_dir: "x" -> "y"']
 
 
 def test_metrics_cut_short_by_a_crash_are_dropped_not_fatal(tmp_path, caplog):

@@ -1,0 +1,71 @@
+"""The run directory's lock, one job per directory, without JAX: the trainers (whose processes
+agree on it, see trainer.run_lock) and eval (one process, which may not use JAX at all) share it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+from qed_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None = None):
+    """Hold the run directory `out` for one job. A second job started on it would delete this
+    one's checkpoint save in progress (see checkpoint.remove_unfinished_saves), or draw and grade
+    samples twice, and write the same records, so it fails at once, naming the holder. The
+    `first` process holds an flock on `out`/.lock, which the OS releases when the process ends,
+    even on kill -9; with several processes, `agree` gives every one the worst of what the first
+    found (0 held, 1 in use, 2 cannot open), so that all of them fail alike. A run that stops
+    before writing anything (a config error found after the lock was taken) leaves no folder it
+    created."""
+    held, refused, failed = None, None, None  # the lock, who holds it, or why it could not be opened
+    created = [d for d in [out, *out.parents] if not d.exists()]  # folders this run would create
+    if first:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / ".lock", "a+")
+        except OSError as e:  # e.g. output_dir is a file, or not writable: raised below, on every process
+            failed = e
+        else:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                refused = lock.read().strip() or "its pid unknown"
+                lock.close()
+            except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+                log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", out, e)
+                lock.close()
+            else:
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                lock.flush()
+                held = lock
+    state = 2 if failed else 1 if refused else 0  # what the first process found
+    if agree is not None:
+        state = agree(state)
+    if failed:
+        raise failed
+    if state == 2:
+        raise ConfigError(f"process 0 could not open {out}/.lock (its error says why)")
+    if state == 1:
+        raise ConfigError(f"{out} is in use by another run ({refused or 'process 0 found it locked'}); wait for it to "
+                          "end, or give this run another output_dir")
+    try:
+        yield
+    finally:
+        if held is not None:
+            if created and [p.name for p in out.iterdir()] == [".lock"]:  # a run that failed before it began
+                (out / ".lock").unlink()
+                for folder in created:  # innermost first; each is empty unless another job wrote there
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            held.close()  # releases the flock
