@@ -31,6 +31,7 @@ from flax import nnx
 from qed_jax.config import ModelConfig
 from qed_jax.hf import ASSET_FILES, CheckpointError
 from qed_jax.model import Qwen3
+from qed_jax.multihost import largest
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
 
 MODEL_CONFIG = "model_config.json"
@@ -314,9 +315,7 @@ class TrainCheckpoints:
         transient = isinstance(error, (ConnectionError, TimeoutError, PermissionError)) or (
             isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename is None) or (
             error is not None and any(word in str(error) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED")))
-        state = 2 if transient else 1 if error is not None else 0
-        if jax.process_count() > 1:
-            state = int(multihost_utils.process_allgather(np.array([state], np.int32)).max())
+        state = largest(2 if transient else 1 if error is not None else 0)
         if state == 2:
             raise CheckpointError(f"{self.directory}: reading checkpoint step {step} failed in a way that may pass "
                                   f"({unreadable_reason(error) if transient else 'on another process'}); nothing was "

@@ -636,12 +636,13 @@ def model_files(config: EvalConfig) -> dict | None:
         return None
     files = {}
     for f in sorted(path.rglob("*")):
-        name = str(f.relative_to(path))
+        parts = f.relative_to(path).parts
         if any(part.startswith(".") or ".orbax-checkpoint-tmp" in part or ".unreadable-" in part
-               for part in Path(name).parts) or not f.is_file():
+               for part in parts) or not f.is_file():
             continue
         with contextlib.suppress(FileNotFoundError):  # a save in progress may remove it
-            files[name] = [f.stat().st_size, f.stat().st_mtime_ns]
+            stat = f.stat()
+            files["/".join(parts)] = [stat.st_size, stat.st_mtime_ns]
     return files
 
 

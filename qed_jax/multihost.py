@@ -46,6 +46,14 @@ def gather(tree):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+def largest(value: int) -> int:
+    """The largest of every process's `value`, on every process: how processes agree on the
+    worst of what each found (0 for nothing wrong)."""
+    if jax.process_count() == 1:
+        return value
+    return int(gather(np.array([value], np.int32)).max())
+
+
 def agree_on_stop(stop) -> bool:
     """Whether any process was sent a stop signal (see trainer.StopSignals); the processes that
     were not are marked as stopped by that signal too, so that all of them finish the same step,

@@ -25,7 +25,7 @@ from qed_jax import checkpoint, rundir
 from qed_jax.config import ConfigError, check_dtype, dump_json, preset, to_dict
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
-from qed_jax.multihost import gather
+from qed_jax.multihost import largest
 from qed_jax.sharding import DEFAULT_RULES, create_sharded
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,7 @@ def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
 def run_lock(out: Path):
     """`rundir.run_lock` for a trainer's processes: process 0 holds the lock and every process
     learns what it found, so that all of them go on or fail alike."""
-    agree = None
-    if jax.process_count() > 1:
-        agree = lambda state: int(gather(np.array([state], np.int32)).max())  # noqa: E731
-    return rundir.run_lock(out, first=jax.process_index() == 0, agree=agree)
+    return rundir.run_lock(out, first=jax.process_index() == 0, agree=largest)
 
 
 def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
@@ -212,10 +209,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
     changes = []
     if jax.process_index() == 0 and path.exists():
         changes = config_changes(json.loads(path.read_text()), json.loads(json.dumps(to_dict(config))))
-    refused = bool(changes) and not resume_with_changes
-    if jax.process_count() > 1:
-        refused = bool(gather(np.array([refused], np.int32)).max())
-    if refused:
+    if largest(int(bool(changes) and not resume_with_changes)):
         raise RunConfigChanged(out, changes or ["process 0 lists the changes"])
     if changes:
         log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
