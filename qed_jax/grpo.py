@@ -54,7 +54,11 @@ def group_advantages(rewards, normalize_std: bool = False, eps: float = 1e-6, *,
     statistics, and invalid entries get advantage 0."""
     valid = jnp.ones(rewards.shape, bool) if valid is None else valid
     count = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1)
-    mean = jnp.where(valid, rewards, 0.0).sum(axis=-1, keepdims=True) / count
+    # The mean as an offset from the group's lowest reward: a group of equal rewards then
+    # centres to exactly 0 (a float32 sum over 16 copies of 6/7, divided by 16, is not 6/7).
+    low = jnp.min(jnp.where(valid, rewards, jnp.inf), axis=-1, keepdims=True)
+    low = jnp.where(jnp.isfinite(low), low, 0.0)
+    mean = low + jnp.where(valid, rewards - low, 0.0).sum(axis=-1, keepdims=True) / count
     centred = jnp.where(valid, rewards - mean, 0.0)
     if normalize_std:
         std = jnp.sqrt(jnp.sum(centred ** 2, axis=-1, keepdims=True) / count)
@@ -82,9 +86,14 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, eps_low: float, eps_
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
 
 
-def kl_k3(logprobs, ref_logprobs):
-    """The k3 estimator of KL(policy || reference) per token: e^(ref-lp) - (ref-lp) - 1."""
+def kl_k3(logprobs, ref_logprobs, mask=None):
+    """The k3 estimator of KL(policy || reference) per token: e^(ref-lp) - (ref-lp) - 1; 0 where
+    `mask` is 0. Masking before the exponential keeps an untrained token (a prompt's, whose old
+    log-prob is stored as 0) from overflowing to inf, which times a mask of 0 is NaN, in the
+    value and in the gradient."""
     delta = ref_logprobs - logprobs
+    if mask is not None:
+        delta = jnp.where(mask > 0, delta, 0.0)
     return jnp.exp(delta) - delta - 1.0
 
 
@@ -156,10 +165,10 @@ def grpo_loss(graphdef, params, ref_params, micro, loss: LossConfig):
     if ref_params is not None:
         ref_logprobs = sequence_logprobs(graphdef, ref_params, tokens, loss.temperature, micro["positions"],
                                          micro["segment_ids"])
-        total = total + loss.kl_coef * agg(kl_k3(logprobs, ref_logprobs))
+        total = total + loss.kl_coef * agg(kl_k3(logprobs, ref_logprobs, mask))
     token_sum = lambda x: jnp.sum(x * mask)  # noqa: E731
     metrics = {"loss": total, "clip_fraction": token_sum(clipped), "entropy": token_sum(entropy),
-               "approx_kl": token_sum(kl_k3(logprobs, old)), "tokens": jnp.sum(mask)}
+               "approx_kl": token_sum(kl_k3(logprobs, old, mask)), "tokens": jnp.sum(mask)}
     return total, metrics
 
 
@@ -475,13 +484,14 @@ class RCRollouts:
 def rc_metrics(stats: dict[str, np.ndarray], trajectory_stats: dict[str, np.ndarray], num_states: int) -> dict:
     """RC numbers of a step: the mean graded reward of the rollouts drawn on each state index
     (`reward_state_k`; NaN where none was drawn), from per-sample `stats` (state, reward, valid);
-    and the trajectories' summary lengths, cut summaries and truncated turns."""
+    and the trajectories' summary lengths, cut and empty summaries and truncated turns."""
     out = {}
     for k in range(num_states):
         graded = stats["reward"][(stats["state"] == k) & stats["valid"]]
         out[f"reward_state_{k}"] = float(graded.mean()) if graded.size else math.nan
     return {**out, "summary_length_mean": float(trajectory_stats["summary_length"].mean()),
             "summaries_cut": int(trajectory_stats["summary_cut"].sum()),
+            "summaries_empty": int((trajectory_stats["summary_length"] == 0).sum()),
             "trajectory_truncated_fraction": float(trajectory_stats["turn_truncated"].mean())}
 
 

@@ -247,7 +247,8 @@ class Qwen3(nnx.Module):
         x = rms_norm(x, self.final_norm[...], eps, axis=0).reshape(-1, B, T)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[None, :, None], axis=2)  # [D, B, 1]
-        logits = project(weights.head, x.reshape(x.shape[0], -1)).astype(jnp.float32)  # [V, B * T']
+        logits = jnp.dot(weights.head.astype(dtype), x.reshape(x.shape[0], -1),
+                         preferred_element_type=jnp.float32)  # [V, B * T'], as `logits`
         V = logits.shape[0]
         # The transpose to [B * T', V] as a real copy, between barriers: XLA would fold it into
         # the matmul (making that [B * T', D] @ [D, V]) or into each op of the sampler (reading
@@ -308,8 +309,10 @@ class Qwen3(nnx.Module):
         return (self.embed if self.config.tie_word_embeddings else self.lm_head)[...]
 
     def logits(self, x):
-        """Hidden states [..., D] → float32 logits [..., V]."""
-        return jnp.einsum("...d,vd->...v", x, self.head_weight().astype(x.dtype)).astype(jnp.float32)
+        """Hidden states [..., D] → float32 logits [..., V], accumulated and returned in float32
+        whatever the compute dtype (as `losses.token_logprobs` computes them: the sampler's
+        log-probs and the learner's agree)."""
+        return jnp.einsum("...d,vd->...v", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def unstacked_layers() -> bool:

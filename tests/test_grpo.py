@@ -23,7 +23,7 @@ from qed_jax.config import ConfigError
 from qed_jax.data import pack_sequences
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.grpo import (AGGREGATIONS, METRIC_SUMS, GRPOConfig, Learner, LossConfig, accumulate_step, aggregate,
-                          clipped_policy_loss, group_advantages, kl_k3, load_prompts, rollout_sequences, run_updates,
+                          clipped_policy_loss, group_advantages, grpo_loss, kl_k3, load_prompts, rollout_sequences, run_updates,
                           sequence_logprobs, trained_samples, update_samples)
 from qed_jax.multihost import process_rows
 from qed_jax.sharding import MeshConfig, make_mesh
@@ -50,6 +50,24 @@ def test_advantages_match_numpy_including_all_equal_groups():
     out = np.asarray(group_advantages(jnp.asarray(rewards), normalize_std=True))
     np.testing.assert_allclose(out, ref_std, atol=1e-6)
     assert np.all(out[2] == 0)
+
+
+@pytest.mark.parametrize("group", [5, 6, 7, 8, 12, 16])
+def test_a_group_of_equal_grades_has_advantage_exactly_zero(group):
+    """Each grade 0-7 given to a whole group, and to a group with one failed grade: advantages
+    exactly 0, with or without normalize_std, and drop_zero_advantage_groups drops the group. (A
+    float32 mean of 16 copies of 6/7 is not 6/7: such groups got ~2e-7, 0.15 after the std.)"""
+    rewards = np.repeat(np.arange(8, dtype=np.float32)[:, None] / 7, group, axis=1)
+    failed = rewards.copy()
+    failed[:, 0] = 0.0  # what a failed grade carries
+    valid = np.ones(rewards.shape, bool)
+    valid[:, 0] = False
+    for r, v in ((rewards, None), (failed, jnp.asarray(valid))):
+        for normalize_std in (False, True):
+            out = np.asarray(group_advantages(jnp.asarray(r), normalize_std, valid=v))
+            assert np.all(out == 0), out
+        v = jnp.ones(r.shape, bool) if v is None else v
+        assert not np.asarray(trained_samples(v, group_advantages(jnp.asarray(r), valid=v), True)).any()
 
 
 def test_failed_grades_are_left_out_of_their_group():
@@ -238,6 +256,37 @@ def _update_setup(advantages, weight_decay=0.0):
     seq_logprob = lambda p: float(jnp.sum(  # noqa: E731
         sequence_logprobs(graphdef, p, jnp.asarray(tokens), 1.0)[0] * rows["mask"][0, 1:]))
     return before, new_params, metrics, seq_logprob
+
+
+def test_untrained_tokens_far_below_the_reference_keep_the_loss_finite():
+    """A prompt's tokens are not trained, and their stored old log-prob is 0: where the policy
+    gives them log-probs far below that (or below the reference model's), the k3 term's
+    exponential overflows, and inf times a mask of 0 made approx_kl, the KL loss and every
+    gradient NaN. Here the policy is the tiny model with its (tied) head scaled 200x, the
+    reference the model as built, and the one trained token the policy's greedy choice."""
+    model = Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ref_params = nnx.to_pure_dict(state)
+    params = {**ref_params, "embed": ref_params["embed"] * 200.0}
+    L = 12
+    tokens = np.random.default_rng(5).integers(0, 512, (2, L)).astype(np.int32)
+    logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
+    tokens[:, -1] = logits[:, -2].argmax(-1)
+    lp = np.asarray(sequence_logprobs(graphdef, params, jnp.asarray(tokens), 1.0))
+    assert lp[:, :-1].min() < -90  # prompt tokens: e^(0 - lp) overflows float32
+    old = np.zeros((2, L), np.float32)
+    old[:, -1] = lp[:, -1]
+    rows = _rows(tokens, L - 1, [1.0, -1.0], old)
+    micro = {**rows, "num_sequences": np.float32(2), "num_tokens": np.float32(2)}
+    loss = LossConfig(temperature=1.0, kl_coef=0.1)
+    (total, metrics), grads = jax.value_and_grad(partial(grpo_loss, graphdef, loss=loss), has_aux=True)(
+        params, ref_params, micro)
+    assert np.isfinite(float(total)) and np.isfinite(float(metrics["approx_kl"]))
+    assert abs(float(metrics["approx_kl"])) < 1e-4  # the trained tokens' old log-probs are the policy's
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    delta = np.float32(-150.0)
+    g = jax.grad(lambda lp: jnp.sum(kl_k3(lp, jnp.zeros(2), jnp.asarray([1.0, 0.0]))))(jnp.asarray([-1.0, delta]))
+    assert np.isfinite(np.asarray(g)).all() and float(g[1]) == 0.0
 
 
 def test_zero_advantages_leave_params_unchanged():
@@ -512,7 +561,8 @@ def test_rc_metrics_per_state_over_graded_rollouts_and_per_turn():
     out = rc_metrics(stats, per_turn, 4)
     assert out["reward_state_0"] == 0.5 and out["reward_state_2"] == pytest.approx(0.375)
     assert np.isnan(out["reward_state_1"]) and np.isnan(out["reward_state_3"])  # failed grade; not drawn
-    assert (out["summary_length_mean"], out["summaries_cut"], out["trajectory_truncated_fraction"]) == (4.0, 1, 2 / 3)
+    assert (out["summary_length_mean"], out["summaries_cut"], out["summaries_empty"],
+            out["trajectory_truncated_fraction"]) == (4.0, 1, 1, 2 / 3)
 
 
 def test_rc_prompts_leave_room_for_the_summary_and_the_template(tmp_path):
@@ -668,7 +718,7 @@ def test_two_processes_on_rc_states_sample_what_one_does(tmp_path):
                    stderr=subprocess.PIPE, text=True) as procs:
         _finish(procs)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    keys = ["reward_mean", "summary_length_mean", "summaries_cut", "trajectory_truncated_fraction",
+    keys = ["reward_mean", "summary_length_mean", "summaries_cut", "summaries_empty", "trajectory_truncated_fraction",
             *(f"reward_state_{k}" for k in range(3))]
     for key in keys:
         assert np.allclose([m[key] for m in one], [m[key] for m in two], rtol=0, atol=0, equal_nan=True), key

@@ -108,14 +108,20 @@ def test_weighted_nll_sum_refuses_weights_of_another_shape():
 
 def test_bfloat16_logits_are_float32_products_of_the_bfloat16_inputs():
     """With bfloat16 compute, logits are the float32 dot products of the bfloat16 hidden states
-    and head (not rounded back to bfloat16, as Qwen3.logits does)."""
-    hidden, head, targets = _inputs(2, 21, 16, 50, seed=3)
+    and head, not rounded back to bfloat16: in the loss and in `Qwen3.logits` (the sampler's), so
+    the sampler's log-probs are the learner's."""
+    model = Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0))
+    V, D = model.embed.shape
+    hidden, head, targets = _inputs(2, 21, D, V, seed=3)
+    model.embed[...] = head  # tied: the model's head
     hidden_bf16 = hidden.astype(jnp.bfloat16)
     exact_inputs = hidden_bf16.astype(jnp.float32), head.astype(jnp.bfloat16).astype(jnp.float32)
     logprobs, entropy = token_logprobs_and_entropy(hidden_bf16, head, targets, 0.8, chunk_size=8)
     _close(logprobs, full_logprobs(*exact_inputs, targets, 0.8))
     _close(entropy, full_entropy(*exact_inputs, 0.8))
-    rounded = full_logprobs(hidden_bf16, head, targets, 0.8)  # today's Qwen3.logits numerics
+    sampler = jax.nn.log_softmax(model.logits(hidden_bf16) / 0.8, axis=-1)
+    _close(jnp.take_along_axis(sampler, targets[..., None], axis=-1)[..., 0], logprobs)
+    rounded = full_logprobs(hidden_bf16, head, targets, 0.8)  # logits rounded to bfloat16
     assert np.abs(np.asarray(rounded - logprobs)).max() > 1e-3  # the test tells the two apart
 
 
