@@ -83,12 +83,16 @@ def summarize(config: dict, records: list[dict]) -> dict:
 def turn_summary(records: list[dict]) -> dict:
     """Mode rc: per turn, the mean score of its graded answers (failed grades left out) and how
     many there are. The last turn's answer is the sample's; earlier turns have grades only in
-    runs with rc.grade_turns (else their mean is undefined)."""
+    runs with rc.grade_turns (else their mean is undefined). Also how many summaries were written
+    and how many of them are empty (a thinking summarizer that did not close its thinking within
+    rc.summarizer_tokens: the next turn started over without one)."""
     count = len(records[0]["turn_scores"])
     per_turn = [[r["turn_scores"][t] for r in records if r["turn_scores"][t] is not None] for t in range(count)]
     means = [_mean(scores) for scores in per_turn]
+    summaries = [t["summary_tokens"] for r in records for t in r["turns"] if t["summary_tokens"] is not None]
     return {"count": count, "mean": means, "percent": [percent(m) for m in means],
-            "graded": [len(scores) for scores in per_turn]}
+            "graded": [len(scores) for scores in per_turn], "summaries": len(summaries),
+            "empty_summaries": summaries.count(0)}
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -109,6 +113,8 @@ def table_row(run: str, s: dict) -> list[str]:
         failed += f"; {s['pending']} ungraded"
     t = s["tokens"]
     turns = " · ".join(f"t{i + 1} {_fmt(p)}" for i, p in enumerate(s["turns"]["percent"])) if "turns" in s else "–"
+    if s.get("turns", {}).get("empty_summaries"):
+        turns += f" ({s['turns']['empty_summaries']} of {s['turns']['summaries']} summaries empty)"
     return [run, s["benchmark"], s["mode"], s["model"], _fmt(s["mean"], 2), _fmt(s["percent"]),
             f"avg@{a['k']} {_fmt(a['percent'])} ± {_fmt(a['percent_std'])}", split, turns, failed,
             f"{_fmt(t['mean'], 0)} / {_fmt(t['median'], 0)} / {_fmt(t['p90'], 0)}",

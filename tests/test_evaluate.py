@@ -430,6 +430,9 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
     assert not np.isnan(scores).any()
     assert turns["mean"] == pytest.approx(scores.mean(axis=0).tolist())
     assert turns["graded"] == [8, 8, 8]
+    written = [t["summary_tokens"] for r in samples.values() for t in r["turns"][:2]]
+    assert turns["summaries"] == 16 and turns["empty_summaries"] == written.count(0)
+    assert (f"({written.count(0)} of 16 summaries empty)" in text) == (written.count(0) > 0)
     assert " · ".join(f"t{t + 1} {100 * m / 7:.1f}" for t, m in enumerate(scores.mean(axis=0))) in text
     assert out / "score_per_turn.png" in plots and (out / "score_per_turn.png").stat().st_size > 0
 
