@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
@@ -63,8 +65,16 @@ def _generate(args) -> None:
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import load_tokenizer
 
-    if args.summarizer and not args.reasoning_cache:
-        raise ConfigError("--summarizer is for --reasoning-cache; add that flag or drop --summarizer")
+    given = [flag for flag, default in GENERATE_RC_FLAGS.items() if getattr(args, flag) is not None]
+    if given and not args.reasoning_cache:
+        flag = _flag(given[0])
+        raise ConfigError(f"{flag} is for --reasoning-cache; add that flag or drop {flag}")
+    if not args.summarizer and any(getattr(args, f) is not None for f in GENERATE_SUMMARIZER_FLAGS):
+        flag = _flag(next(f for f in GENERATE_SUMMARIZER_FLAGS if getattr(args, f) is not None))
+        raise ConfigError(f"{flag} is for --summarizer (a separate summarizer model); add one or drop {flag}")
+    for flag, default in {**GENERATE_RC_FLAGS, **GENERATE_SUMMARIZER_FLAGS}.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if "" in args.prompt and not (args.chat or args.reasoning_cache):  # those wrap a prompt in a template
         raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a plain prompt needs some text "
                           "(or pass --chat)")
@@ -85,6 +95,34 @@ def _generate(args) -> None:
             print(c.text + ("" if c.finish_reason == "stop" else "  [length]"))
 
 
+# generate's flags that only --reasoning-cache reads, and those only --summarizer reads (or
+# --summarizer itself), with their defaults: the parser leaves them None, so that one given
+# without the flag it needs is refused rather than ignored.
+GENERATE_RC_FLAGS = {"turns": 3, "summary_tokens": 2048, "summarizer_max_new_tokens": 2048, "summarizer": None}
+GENERATE_SUMMARIZER_FLAGS = {"summarizer_temperature": 0.7, "summarizer_top_p": 0.8, "summarizer_top_k": 20,
+                             "summarizer_thinking": False}
+# RCParams' fields as generate's flags name them, in its errors ("" drops a hint generate cannot act on).
+_RC_FIELD_FLAGS = {"RCParams.turns": "--turns", "RCParams.reasoning_tokens": "--max-new-tokens",
+                   "RCParams.summary_tokens": "--summary-tokens",
+                   "RCParams.summarizer_tokens": "--summarizer-max-new-tokens", " or shorten RCParams.no_summary": ""}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+@contextlib.contextmanager
+def _rc_flag_errors():
+    """The reasoning cache's errors name RCParams' fields: name generate's flags instead."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        for field, flag in _RC_FIELD_FLAGS.items():
+            message = message.replace(field, flag)
+        raise ConfigError(message) from None
+
+
 def _generate_reasoning_cache(args) -> None:
     """RC turns per prompt: each prompt is a problem; --max-new-tokens caps each turn."""
     from qed_jax.pretrained import from_pretrained
@@ -92,10 +130,11 @@ def _generate_reasoning_cache(args) -> None:
     from qed_jax.sampling import SamplingParams
     from qed_jax.tokenizer import load_tokenizer
 
-    params = RCParams(turns=args.turns, reasoning_tokens=args.max_new_tokens, summary_tokens=args.summary_tokens,
-                      summarizer_tokens=args.summarizer_max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p,
-                      max_turns=max(args.turns, RCParams.max_turns), seed=args.seed)
+    with _rc_flag_errors():
+        params = RCParams(turns=args.turns, reasoning_tokens=args.max_new_tokens, summary_tokens=args.summary_tokens,
+                          summarizer_tokens=args.summarizer_max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p,
+                          max_turns=max(args.turns, RCParams.max_turns), seed=args.seed)
     summarizer_params = None
     if args.summarizer:
         try:
@@ -110,7 +149,9 @@ def _generate_reasoning_cache(args) -> None:
     if args.summarizer:
         summarizer = Summarizer(from_pretrained(args.summarizer, dtype=args.dtype), summarizer_params,
                                 thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
-    for prompt, result in zip(args.prompt, reasoning_cache(model, tokenizer, args.prompt, params, summarizer)):
+    with _rc_flag_errors():
+        results = reasoning_cache(model, tokenizer, args.prompt, params, summarizer)
+    for prompt, result in zip(args.prompt, results):
         if args.json:
             turns = [{"reasoning": t.reasoning, "answer": t.answer, "num_tokens": t.num_tokens,
                       "reasoning_tokens": len(t.reasoning_ids), "answer_tokens": len(t.answer_ids),
@@ -124,56 +165,56 @@ def _generate_reasoning_cache(args) -> None:
             print(result.answer if last.finished_thinking else "[no </think> in the last turn: no answer]")
 
 
-def _judge(args) -> None:
+def _judge(args) -> int | None:
     from tqdm.auto import tqdm
 
-    from qed_jax.config import apply_override, from_dict, load_template, read_yaml
+    from qed_jax.config import load_config, load_template
+    from qed_jax.data import BadRow, read_rows
     from qed_jax.judge import Judge, JudgeConfig, item_from_row, needed_fields
 
-    data = {}
-    if args.config:
-        data = read_yaml(args.config)
-        data = data.get("judge", data)  # a trainer config's judge section works too
-    for override in args.overrides:
-        apply_override(data, override)
-    config = from_dict(JudgeConfig, data)
+    config = load_config(JudgeConfig, args.config, args.overrides, section="judge")
     needs = needed_fields(load_template(config.template, "judge template"))
-
-    rows, items = [], []
-    with open(args.input) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{args.input}:{n}: not valid JSON ({e.msg})") from None
-            items.append(item_from_row(row, f"{args.input}:{n}", needs))
-            rows.append(row)
+    rows = read_rows(args.input)
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, BadRow):
+            raise ConfigError(f"{args.input}: {row.reason}")
+    items = [item_from_row(row, f"{args.input}: row {n}", needs) for n, row in enumerate(rows, 1)]
     if not items:
         raise ConfigError(f"{args.input}: no rows to grade (the file is empty)")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    judge = Judge(config)
+    output = Path(args.output)
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory; give a file path, e.g. {output / 'graded.jsonl'}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
     try:
-        with tqdm(total=len(items), desc="grading", unit="proof") as bar:
-            grades = judge.grade_batch(items, progress=lambda g: bar.update())
+        with open(tmp, "w") as f:  # opened before any request: an unwritable output costs no grades
+            judge = Judge(config)
+            try:
+                with tqdm(total=len(items), desc="grading", unit="proof") as bar:
+                    grades = judge.grade_batch(items, progress=lambda g: bar.update())
+            finally:
+                judge.close()
+            for row, g in zip(rows, grades):
+                f.write(json.dumps({**row, "score": g.score, "reward": g.reward, "reason": g.reason,
+                                    "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
+                                    "cached": g.cached, "judge_reply": g.raw}) + "\n")
+        os.replace(tmp, output)
     finally:
-        judge.close()
-    tmp = f"{args.output}.tmp"
-    with open(tmp, "w") as f:
-        for row, g in zip(rows, grades):
-            f.write(json.dumps({**row, "score": g.score, "reward": g.reward, "reason": g.reason,
-                                "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
-                                "cached": g.cached, "judge_reply": g.raw}) + "\n")
-    os.replace(tmp, args.output)
-    failed = sum(g.failed for g in grades)
+        tmp.unlink(missing_ok=True)
+    failed = [g for g in grades if g.failed]
     scored = [g.score for g in grades if not g.failed]
-    mean = sum(scored) / len(scored) if scored else float("nan")
-    print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache, {failed} failed); "
-          f"mean score {mean:.2f}/7; wrote {args.output}")
+    mean = f"mean score {sum(scored) / len(scored):.2f}/7" if scored else "no score"
+    print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache, {len(failed)} failed); "
+          f"{mean}; wrote {output}")
+    if failed:
+        reasons = ", ".join(f"{reason} x{count}" for reason, count in Counter(g.reason for g in failed).most_common())
+        cached = ", the others come from the cache" if config.cache_path else ""
+        print(f"{len(failed)} grades failed ({reasons}; each row's judge_reply holds the last reply); rerun the "
+              f"same command to retry them{cached}", file=sys.stderr)
+        return 1
 
 
-def _eval(args) -> None:
+def _eval(args) -> int | None:
     from qed_jax.config import dump_json, load_config
     from qed_jax.evaluate import EvalConfig, evaluate
 
@@ -185,7 +226,7 @@ def _eval(args) -> None:
     print(f"{config.output_dir}: {counts['total']} samples; this run generated {counts['generated']} and graded "
           f"{counts['graded']} ({counts['failed']} failed); `qed-jax report {config.output_dir}` for the table")
     if counts["failed"]:
-        raise SystemExit(1)
+        return 1
 
 
 def _report(args) -> None:
@@ -196,7 +237,7 @@ def _report(args) -> None:
     print(f"wrote {out}/report.md, report.json" + "".join(f", {p.name}" for p in plots))
 
 
-def _pipeline(args) -> None:
+def _pipeline(args) -> int | None:
     import time
 
     from qed_jax.config import dump_json, load_config
@@ -215,7 +256,7 @@ def _pipeline(args) -> None:
     print(f"{config.output_dir}: every stage done in {time.perf_counter() - start:.0f} s; report in {result['report']}")
     if result["failed"]:
         print(f"{result['failed']} grades failed; rerun the same command to retry them", file=sys.stderr)
-        raise SystemExit(1)
+        return 1
 
 
 def _train(args, config_cls, train, summary) -> None:
@@ -255,7 +296,7 @@ def _grpo(args) -> None:
         f"best {r['reward_best']:.4f} at step {r['reward_best_step']}"))
 
 
-def _plan(args) -> None:
+def _plan(args) -> int | None:
     import jax
 
     # A plan only compiles, for the slice it names: keep JAX off any local accelerator (which a
@@ -268,7 +309,7 @@ def _plan(args) -> None:
                        preset_name=args.preset, wave=args.wave_size)
     print(plan.to_json(result) if args.json else plan.format_report(result))
     if not result.fits:
-        raise SystemExit(1)
+        return 1
 
 
 def _init_distributed(args) -> None:
@@ -349,18 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "every turn but the last. --max-new-tokens caps each turn; the answer is the last "
                              "turn's text after </think>.")
     g.add_argument("--reasoning-cache", action="store_true", help="run the reasoning-cache loop")
-    g.add_argument("--turns", type=int, default=3, help="turns per problem (default: %(default)s)")
-    g.add_argument("--summary-tokens", type=int, default=2048,
-                   help="the most tokens a summary keeps (longer ones are cut; default: %(default)s)")
+    rc, summarizer = GENERATE_RC_FLAGS, GENERATE_SUMMARIZER_FLAGS  # their defaults, applied in _generate
+    g.add_argument("--turns", type=int, help=f"turns per problem (default: {rc['turns']})")
+    g.add_argument("--summary-tokens", type=int,
+                   help=f"the most tokens a summary keeps (longer ones are cut; default: {rc['summary_tokens']})")
     g.add_argument("--summarizer", help="a separate frozen summarizer model with the same vocabulary "
                    "(default: the model itself, thinking, with the sampling flags above)")
-    g.add_argument("--summarizer-max-new-tokens", type=int, default=2048,
+    g.add_argument("--summarizer-max-new-tokens", type=int,
                    help="the summarizer's budget (the model's own too, when it summarizes itself; default: "
-                   "%(default)s)")
-    g.add_argument("--summarizer-temperature", type=float, default=0.7, help="with --summarizer (default: %(default)s)")
-    g.add_argument("--summarizer-top-p", type=float, default=0.8, help="with --summarizer (default: %(default)s)")
-    g.add_argument("--summarizer-top-k", type=int, default=20, help="with --summarizer (default: %(default)s)")
-    g.add_argument("--summarizer-thinking", action="store_true",
+                   f"{rc['summarizer_max_new_tokens']})")
+    g.add_argument("--summarizer-temperature", type=float,
+                   help=f"with --summarizer (default: {summarizer['summarizer_temperature']})")
+    g.add_argument("--summarizer-top-p", type=float, help=f"with --summarizer (default: {summarizer['summarizer_top_p']})")
+    g.add_argument("--summarizer-top-k", type=int, help=f"with --summarizer (default: {summarizer['summarizer_top_k']})")
+    g.add_argument("--summarizer-thinking", action="store_const", const=True,
                    help="with --summarizer: it thinks first, and its summary is its text after </think>")
     p.set_defaults(run=_generate)
 
@@ -493,9 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
     # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    interrupted = False
+    interrupted, status = False, 0
     try:
-        args.run(args)
+        status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -514,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if interrupted:
         _exit_now(130)
-    return 0
+    return status
 
 
 # Seconds between a progress bar's updates when stderr is not a terminal (a log file).

@@ -254,7 +254,11 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
 def require_file(path: Path, what: str) -> None:
     """ConfigError unless `path` is a file: `what` (e.g. "data file") does not exist, or is a folder."""
     if not path.is_file():
-        raise ConfigError(f"{what} {path} " + ("is a folder: name a file in it" if path.is_dir() else "does not exist"))
+        if path.is_dir():
+            raise ConfigError(f"{what} {path} is a folder: name a file in it")
+        # The bundled configs name files relative to the repository's root, where commands run.
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ConfigError(f"{what} {path} does not exist{where}")
 
 
 def is_hub_id(name: str) -> bool:
@@ -335,8 +339,9 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{where}: invalid YAML ({problem})") from None
 
 
-def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
-    """Read YAML (or start from defaults), apply overrides, and validate into `cls`."""
+def load_config(cls, path: str | Path | None, overrides: list[str] = (), section: str | None = None):
+    """Read YAML (or start from defaults), apply overrides, and validate into `cls`. With
+    `section`, a file that has that key is read from there (a trainer config's judge section)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -344,11 +349,17 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
         data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        if section is not None and section in data:
+            data = data[section]
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: {section} must be a mapping")
         unknown = sorted(set(data) - set(_field_types(cls)))
         if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1):
             # Not a typo (from_dict below names those): most often a config for another command.
+            other = f"; a config for another command works here only with a {section}: section, which this one " \
+                    "does not have" if section else ""
             raise ConfigError(f"{path}: {unknown[0]} is not a key of {cls.__name__} (its keys: "
-                              + ", ".join(_field_types(cls)) + "); is this file for another command?")
+                              + ", ".join(_field_types(cls)) + f"); is this file for another command?{other}")
     in_file = copy.deepcopy(data)
     for override in overrides:
         apply_override(data, override)

@@ -31,7 +31,8 @@ from typing import Any
 
 from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
                             require_at_least_one)
-from qed_jax.judge import MAX_SCORE, Grade, GradeItem, Judge, JudgeConfig, extract_proof, render_marking_scheme
+from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice, extract_proof,
+                           render_marking_scheme)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -303,9 +304,12 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
                 f.truncate(cut)
         data = data[:cut]
     records = []
-    for n, line in enumerate(data.decode().splitlines(), 1):
+    for n, raw in enumerate(data.splitlines(), 1):
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode())
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                              "the run log is damaged") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
         if not isinstance(record, dict) or not all(k in record for k in RECORD_KEYS):
@@ -448,10 +452,10 @@ class EndpointGenerator:
                 kwargs["extra_body"] = {"top_k": sampling.top_k}
             async with semaphore:
                 try:
-                    response = await client.chat.completions.create(**kwargs)
-                except openai.APIError as e:
+                    response, choice = await chat_choice(client, **kwargs)
+                except (openai.APIError, BadReply) as e:
                     raise ConfigError(f"the model endpoint {c.base_url} failed: {e}") from None
-            on_sample(i, self._sample(response))
+            on_sample(i, self._sample(response, choice))
 
         try:
             await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
@@ -459,12 +463,12 @@ class EndpointGenerator:
             await client.close()
 
     @staticmethod
-    def _sample(response) -> Sample:
-        choice = response.choices[0]
+    def _sample(response, choice) -> Sample:
         content = choice.message.content or ""
         reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
         text = f"{reasoning}{THINK_END}{content}" if reasoning and THINK_END not in content else content
-        tokens = response.usage.completion_tokens if response.usage is not None else None
+        usage = getattr(response, "usage", None)
+        tokens = usage.completion_tokens if usage is not None else None
         if tokens is None:
             raise ConfigError("the model endpoint reports no usage.completion_tokens; evaluation records token counts")
         return Sample(text=text, completion_tokens=tokens, finish_reason=choice.finish_reason or "stop")

@@ -62,6 +62,17 @@ class JudgeConfig:
             raise ConfigError(f"judge.answer_format must be score, points or verdict, got {self.answer_format!r}")
         if self.concurrency < 1:
             raise ConfigError("judge.concurrency must be at least 1")
+        if self.allowed_scores is not None and (
+                not self.allowed_scores or not all(type(s) is int and 0 <= s <= MAX_SCORE for s in self.allowed_scores)):
+            raise ConfigError(f"judge.allowed_scores must be a non-empty list of integers from 0 to {MAX_SCORE} "
+                              f"(or null for all of them), got {self.allowed_scores!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"judge.timeout_s must be more than 0 (seconds per request), got {self.timeout_s!r}")
+        if self.max_tokens < 1:
+            raise ConfigError(f"judge.max_tokens must be at least 1, got {self.max_tokens!r}")
+        for key in ("max_retries", "parse_retries", "backoff_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"judge.{key} must be 0 or more, got {getattr(self, key)!r}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError(f"judge.max_failed_fraction must be between 0 and 1 (a fraction of a step's grades), "
                               f"got {self.max_failed_fraction!r}")
@@ -89,7 +100,7 @@ class GradeItem:
 class Grade:
     score: int | None  # None when grading failed
     reward: float  # score / 7; 0 for failures and unsent items
-    reason: str  # ok | no_think_end | empty_proof | parse_failure | http_<status> | timeout | ...
+    reason: str  # ok | no_think_end | empty_proof | parse_failure | score_not_allowed | bad_reply | http_<status> | timeout | ...
     raw: str | None = None  # the judge's last reply
     latency_s: float = 0.0
     attempts: int = 0
@@ -162,15 +173,20 @@ _PATTERNS = {
 }
 
 
-def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int | None:
-    """The last well-formed tag's value; None when there is none or it is off the scale."""
+def tagged_score(reply: str | None, answer_format: str) -> int | None:
+    """The last well-formed tag's value, whatever it is; None when there is no such tag."""
     matches = _PATTERNS[answer_format].findall(reply or "")
     if not matches:
         return None
     last = matches[-1]
     if answer_format == "verdict":
         return MAX_SCORE if last.lower() == "correct" else 0
-    value = int(last)
+    return int(last)
+
+
+def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int | None:
+    """The last well-formed tag's value; None when there is none or it is off the scale."""
+    value = tagged_score(reply, answer_format)
     return value if value in allowed else None
 
 
@@ -235,9 +251,13 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
                     f"({readers})") if other_scheme else ""
             raise ConfigError(f"{where}: the judge's template grades against the field '{field}' "
                               f"({' or '.join(keys)}), which this row does not give{hint}")
+    reference_key = "reference" if "reference" in row else "solution"
+    reference = row.get(reference_key)
+    if reference is not None and not isinstance(reference, str):
+        raise ConfigError(f"{where}: field '{reference_key}' must be a string (the reference solution)")
     value = {field: found[1] for field, found in given.items()}
     return GradeItem(problem=row["problem"], completion=row.get("completion"), proof=row.get("proof"),
-                     rubric=value.get("rubric"), reference=row.get("reference", row.get("solution")),
+                     rubric=value.get("rubric"), reference=reference,
                      guidelines=value.get("guidelines"), answer=value.get("answer"))
 
 
@@ -251,11 +271,15 @@ class GradeCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
-        self.db.commit()
+        try:
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"judge cache {self.path}: {e}; judge.cache_path must name an SQLite file (or a new "
+                              "file) in a writable directory, or be null for no cache") from None
 
     def get(self, key: str) -> Grade | None:
         row = self.db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
@@ -283,6 +307,36 @@ def cache_key(config: JudgeConfig, template: str, item: GradeItem, proof: str) -
 
 # --------------------------------------------------------------------------------------------
 # The client
+
+
+class BadReply(Exception):
+    """A server answered with status 200 but not with what the API promises (a body that is
+    not JSON, an HTML page, a completion without choices)."""
+
+
+async def chat_choice(client, **kwargs):
+    """`client.chat.completions.create(**kwargs)` and its first choice; BadReply when the reply
+    is not a chat completion."""
+    try:
+        response = await client.chat.completions.create(**kwargs)
+    except json.JSONDecodeError as e:
+        raise BadReply(f"the reply is not valid JSON ({e.msg})") from None
+    choices = getattr(response, "choices", None)
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise BadReply(f"the reply is not a chat completion (it has no choices[0].message): {str(response)[:200]}")
+    return response, choices[0]
+
+
+async def responses_text(client, **kwargs) -> str:
+    """The text of `client.responses.create(**kwargs)`; BadReply when the reply is not a
+    Responses API reply."""
+    try:
+        response = await client.responses.create(**kwargs)
+    except json.JSONDecodeError as e:
+        raise BadReply(f"the reply is not valid JSON ({e.msg})") from None
+    if getattr(response, "output", None) is None:
+        raise BadReply(f"the reply is not a Responses API reply (it has no output): {str(response)[:200]}")
+    return response.output_text or ""
 
 
 class Judge:
@@ -401,12 +455,16 @@ class Judge:
             except openai.APIStatusError as e:  # other 4xx: the request itself is wrong, no retry
                 return Grade(None, 0.0, f"http_{e.status_code}", raw=str(e.message)[:500],
                              latency_s=time.monotonic() - start, attempts=attempts)
+            except BadReply as e:  # a proxy's error page, a server half-up: retried like a 5xx
+                reason, reply = "bad_reply", str(e)
             else:
                 score = parse_score(reply, c.answer_format, c.scores)
                 if score is not None:
                     return Grade(score, score / MAX_SCORE, "ok", raw=reply,
                                  latency_s=time.monotonic() - start, attempts=attempts)
-                reason = "parse_failure"
+                # A score tag with a value off the scale (8, or 3 where only 0, 1, 6, 7 are allowed).
+                tagged = tagged_score(reply, c.answer_format) is not None
+                reason = "score_not_allowed" if tagged else "parse_failure"
                 parse_failures += 1
                 if parse_failures > c.parse_retries:
                     break
@@ -426,13 +484,12 @@ class Judge:
                           temperature=c.temperature, max_tokens=c.max_tokens)
             if c.reasoning_effort:
                 kwargs["reasoning_effort"] = c.reasoning_effort
-            response = await client.chat.completions.create(**kwargs)
-            return response.choices[0].message.content or ""
+            _, choice = await chat_choice(client, **kwargs)
+            return choice.message.content or ""
         kwargs = dict(model=c.model, input=prompt, temperature=c.temperature, max_output_tokens=c.max_tokens)
         if c.reasoning_effort:
             kwargs["reasoning"] = {"effort": c.reasoning_effort}
-        response = await client.responses.create(**kwargs)
-        return response.output_text or ""
+        return await responses_text(client, **kwargs)
 
     def close(self) -> None:
         if self.cache is not None:

@@ -402,7 +402,7 @@ class ReasoningCache:
         self.policy_config = model.config
         vocab = tokenizer.get_vocab()
         if tok.THINK_END not in vocab:
-            raise ValueError(f"the tokenizer has no {tok.THINK_END} token; RC needs a thinking model's tokenizer")
+            raise ConfigError(f"the tokenizer has no {tok.THINK_END} token; RC needs a thinking model's tokenizer")
         self.think_end = vocab[tok.THINK_END]
         self.stop_ids = tok.stop_ids(tokenizer)
         if summarizer is None:
@@ -418,15 +418,17 @@ class ReasoningCache:
             self.summarizer_sampling, self.summarizer_thinking = summarizer.sampling, summarizer.thinking
             summarizer_tokenizer = summarizer.tokenizer or tokenizer
             if summarizer_tokenizer.get_vocab() != vocab:
-                raise ValueError("the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
-                                 "the policy's token ids to the summarizer, so both must share one vocabulary")
+                raise ConfigError("the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
+                                  "the policy's token ids to the summarizer, so both must share one vocabulary")
             self.summarizer_stop_ids = tok.stop_ids(summarizer_tokenizer)
         self.prompts = build_prompts(tokenizer, params, summarizer_tokenizer, self.summarizer_thinking)
         self.first_summary = [] if params.no_summary is None else \
             tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
         if len(self.first_summary) > params.summary_tokens:
-            raise ConfigError(f"the no-summary marker takes {len(self.first_summary)} tokens, more than "
-                              f"summary_tokens ({params.summary_tokens}); shorten RCParams.no_summary")
+            n = len(self.first_summary)
+            raise ConfigError(f"the no-summary marker takes {n} tokens, more than RCParams.summary_tokens "
+                              f"({params.summary_tokens}): raise RCParams.summary_tokens to at least {n} or shorten "
+                              "RCParams.no_summary")
         self._caches: tuple | None = None
 
     def update_weights(self, state) -> None:

@@ -5,7 +5,8 @@ of actions, one per attempt (the last repeats): ("score", N) replies `<score>N</
 ("reply", text) replies with that text; ("status", code) fails with that HTTP status;
 ("hash", seconds) scores the prompt by its hash (0-7), after waiting that long;
 ("hang", seconds) waits before a valid reply (and drops the request if the client disconnects
-first, as vLLM aborts abandoned requests). Counts requests per item and peak concurrency.
+first, as vLLM aborts abandoned requests); ("body", (content_type, text)) answers 200 with that
+raw body (a reply that is not a completion: broken JSON, an HTML page). Counts requests per item and peak concurrency.
 
 Nothing here may make a prompt reply slow by accident, or a test's client timeout would fire on it:
 connections are accepted from a deep backlog (a full one drops the client's SYN, which it resends
@@ -70,7 +71,7 @@ class JudgeServer:
                     self._json(*reply)
 
             def _reply(self, body):
-                """(status, payload), or None when the client gave up while the request hung."""
+                """(status, payload[, content type]), or None when the client gave up while the request hung."""
                 if self.path.endswith("/chat/completions"):
                     prompt = body["messages"][-1]["content"]
                 else:
@@ -87,6 +88,9 @@ class JudgeServer:
                 kind, value = script[min(attempt, len(script) - 1)]
                 if kind == "status":
                     return value, {"error": {"message": f"scripted {value}", "type": "server_error"}}
+                if kind == "body":
+                    content_type, text = value
+                    return 200, text, content_type
                 if kind in ("hang", "hash") and not self._wait_unless_abandoned(value):
                     return None  # the client gave up, as a real server notices and aborts
                 if kind == "hang":
@@ -119,11 +123,11 @@ class JudgeServer:
                         return False
                 return True
 
-            def _json(self, status, payload):
-                data = json.dumps(payload).encode()
+            def _json(self, status, payload, content_type="application/json"):
+                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)

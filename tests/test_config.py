@@ -2,6 +2,7 @@
 clear line, and --print-config shows what will be loaded."""
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -191,7 +192,16 @@ def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monke
 def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
     missing = tmp_path / "no-model"  # loading it would fail with a path error instead
     for flags, message in [(["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
-                           (["--reasoning-cache", "--turns", "0"], "RCParams.turns must be at least 1, got 0"),
+                           (["--reasoning-cache", "--turns", "0"], "--turns must be at least 1, got 0"),
+                           (["--turns", "2"], "--turns is for --reasoning-cache; add that flag or drop --turns"),
+                           (["--summary-tokens", "64"], "--summary-tokens is for --reasoning-cache; add that flag or "
+                            "drop --summary-tokens"),
+                           (["--summarizer", str(missing)], "--summarizer is for --reasoning-cache; add that flag or "
+                            "drop --summarizer"),
+                           (["--reasoning-cache", "--summarizer-top-k", "5"], "--summarizer-top-k is for --summarizer "
+                            "(a separate summarizer model); add one or drop --summarizer-top-k"),
+                           (["--reasoning-cache", "--summarizer-thinking"], "--summarizer-thinking is for --summarizer "
+                            "(a separate summarizer model); add one or drop --summarizer-thinking"),
                            (["--reasoning-cache", "--summarizer", str(missing), "--summarizer-top-p", "0"],
                             "--summarizer-* flags: top_p must be in (0, 1] (1 is off), got 0.0"),
                            (["--prompt", ""], "prompt 2 (--prompt) is empty: a plain prompt needs some text "
@@ -209,18 +219,24 @@ def test_verbose_is_accepted_before_and_after_the_command():
 def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "none.jsonl"
     assert cli.main(["judge", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"qed-jax judge: error: {missing}: No such file or directory (-v shows the traceback)"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"qed-jax judge: error: data file {missing} does not exist"]
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"problem": "P", "proof": "Q.E.D."}) + "\n")
+    under_a_file = ["judge", "--input", str(rows), "--output", str(a_file / "out.jsonl")]
+    assert cli.main(under_a_file) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qed-jax judge: error: {a_file} is a file where a folder is needed; choose another path (-v shows the "
+        "traceback)"]
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", "configs/sft/tiny.yaml",
                              f"output_dir={a_file}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"qed-jax sft: error: {a_file} is a file where a folder is needed; choose another path (-v shows the "
         "traceback)")
-    verbose = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "-v", "--input", str(missing), "--output",
-                              str(tmp_path / "out.jsonl")], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    verbose = subprocess.run([sys.executable, "-m", "qed_jax.cli", "-v", *under_a_file], cwd=REPO, env=cli_env(1),
+                             capture_output=True, text=True)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -v: the traceback, for a bug report
 
 

@@ -191,6 +191,17 @@ def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("body", [("text/html", "<html>502 Bad Gateway</html>"),
+                                  ("application/json", '{"choices": [ cut off'), ("application/json", '{"id": "x"}')])
+def test_a_model_endpoint_reply_that_is_not_a_completion_is_one_line(tmp_path, body):
+    """A proxy's error page or a half-up server answering 200 stops the run with one line naming
+    the endpoint, not a traceback (the run keeps what it had)."""
+    with JudgeServer(default=("body", body)) as model, JudgeServer() as judge:
+        cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
+        with pytest.raises(ConfigError, match=f"^the model endpoint {model.url} failed: the reply is not "):
+            evaluate(cfg, progress=False)
+
+
 def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
     from qed_jax.config import dump_json
 
@@ -473,6 +484,10 @@ def test_report_compares_runs_side_by_side(tmp_path):
     del record["problem_id"]
     samples.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
     damaged = f"{samples}:2: not a record (each has type, problem_id, sample); the run log is damaged"
+    with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
+        report([str(tmp_path / "damaged")])
+    samples.write_bytes(("\n".join(lines[:2]) + "\n").encode() + b'{"type": "\xe9"}\n')
+    damaged = f"{samples}:3: not UTF-8 text (byte 0xe9 at column 11); the run log is damaged"
     with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
         report([str(tmp_path / "damaged")])
     samples.write_text("\n".join(lines) + "\n")

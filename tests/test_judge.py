@@ -38,11 +38,13 @@ def _item(i, score_hint=""):
 
 
 def _chaos_scripts():
-    """200 items: 20 % HTTP 500, 20 % 429, 5 % 400, 10 % malformed replies; no reply is slow, so
-    nothing here depends on how fast the machine runs. Returns scripts and the expected
-    (score or None, reason, attempts) per item."""
+    """216 items: 20 % HTTP 500, 20 % 429, 5 % 400, 10 % malformed replies, 16 replies that are not
+    completions; no reply is slow, so nothing here depends on how fast the machine runs. Returns
+    scripts and the expected (score or None, reason, attempts) per item."""
     scripts, expected = {}, {}
-    for i in range(200):
+    not_completions = [("application/json", '{"choices": [ this is not json'), ("text/html", "<html>502</html>"),
+                       ("application/json", '{"id": "x"}'), ("application/json", '{"id": "x", "choices": []}')]
+    for i in range(216):
         k = i % 8
         if i < 20:  # 500 once, then fine
             scripts[f"i{i}"], expected[i] = [("status", 500), ("score", k)], (k, "ok", 2)
@@ -57,9 +59,13 @@ def _chaos_scripts():
         elif i < 88:  # malformed once, then fine
             scripts[f"i{i}"], expected[i] = [("reply", "I think it deserves a 5."), ("score", k)], (k, "ok", 2)
         elif i < 94:  # out of range for good
-            scripts[f"i{i}"], expected[i] = [("reply", "<score>9</score>")], (None, "parse_failure", 2)
+            scripts[f"i{i}"], expected[i] = [("reply", "<score>9</score>")], (None, "score_not_allowed", 2)
         elif i < 100:  # no tag at all, for good
             scripts[f"i{i}"], expected[i] = [("reply", "Score: seven")], (None, "parse_failure", 2)
+        elif i >= 208:  # not a completion, for good: retried like a 5xx
+            scripts[f"i{i}"], expected[i] = [("body", not_completions[i % 4])], (None, "bad_reply", 3)
+        elif i >= 200:  # not a completion once, then fine
+            scripts[f"i{i}"], expected[i] = [("body", not_completions[i % 4]), ("score", k)], (k, "ok", 2)
         else:
             scripts[f"i{i}"], expected[i] = [("score", k)], (k, "ok", 1)
     return scripts, expected
@@ -69,8 +75,8 @@ def test_chaos_batch_ends_with_scripted_scores_or_explicit_failures(tmp_path):
     scripts, expected = _chaos_scripts()
     with JudgeServer(scripts) as server:
         judge = Judge(_config(server, tmp_path))
-        grades = judge.grade_batch([_item(i) for i in range(200)])
-    assert len(grades) == 200
+        grades = judge.grade_batch([_item(i) for i in range(216)])
+    assert len(grades) == 216
     for i, grade in enumerate(grades):
         score, reason, attempts = expected[i]
         assert (grade.score, grade.reason, grade.attempts) == (score, reason, attempts), i
@@ -271,7 +277,7 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
 
     rc, err = judge({**base, "grading_guidelines": "7 if complete"})  # the default template reads a rubric
     assert rc == 2 and err == (
-        f"qed-jax judge: error: {rows}:1: the judge's template grades against the field 'rubric' (rubric or "
+        f"qed-jax judge: error: {rows}: row 1: the judge's template grades against the field 'rubric' (rubric or "
         "rubrics), which this row does not give; its marking scheme is 'grading_guidelines': choose the judge "
         "config that reads it (configs/judge/rl_grader.yaml reads 'rubric'; configs/judge/imo_proofbench.yaml or "
         "proofbench.yaml reads 'guidelines'; configs/judge/answer.yaml reads 'answer')")
@@ -280,10 +286,10 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
     rc, err = judge({**base, "answer": "  "}, "--config", str(REPO / "configs/judge/answer.yaml"))
     assert rc == 2 and err.endswith("grades against the field 'answer' (answer), which this row does not give")
     rc, err = judge({**base, "rubric": {"points": 7}})
-    assert rc == 2 and err.endswith(":1: field 'rubric': marking scheme must be a string or a list of checkpoints, "
+    assert rc == 2 and err.endswith(": row 1: field 'rubric': marking scheme must be a string or a list of checkpoints, "
                                     "got dict")
     rc, err = judge({**base, "problem": 5, "rubric": "r"})
-    assert rc == 2 and err.endswith(":1: field 'problem' must be a non-empty string")
+    assert rc == 2 and err.endswith(": row 1: field 'problem' must be a non-empty string")
     rows.write_text("\n")
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"qed-jax judge: error: {rows}: no rows to grade (the file is empty)"
@@ -306,3 +312,90 @@ def test_judge_cli_makes_the_output_folder(tmp_path):
         assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
                          f"cache_path={tmp_path / 'cache.sqlite'}"]) == 0
     assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [7, 7]
+
+
+def test_judge_cli_exits_1_naming_the_reasons_when_grades_fail(tmp_path, capsys):
+    rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
+    _write_rows(rows, 3)
+    scripts = {"i0": [("status", 500)], "i1": [("body", ("text/html", "<html>502 Bad Gateway</html>"))]}
+    args = ["judge", "--input", str(rows), "--output", str(out), f"cache_path={cache}", "backoff_s=0.01",
+            "max_retries=1"]
+    with JudgeServer(scripts) as server:
+        assert cli.main([*args, f"base_url={server.url}"]) == 1
+        captured = capsys.readouterr()
+        assert "graded 3 rows (0 from cache, 2 failed); mean score 7.00/7" in captured.out
+        assert captured.err.strip().splitlines()[-1] == (
+            "2 grades failed (http_500 x1, bad_reply x1; each row's judge_reply holds the last reply); rerun the same "
+            "command to retry them, the others come from the cache")
+        assert [json.loads(line)["reason"] for line in out.read_text().splitlines()] == ["http_500", "bad_reply", "ok"]
+        server.scripts = {"i0": [("status", 500)], "i1": [("status", 500)], "i2": [("status", 500)]}
+        assert cli.main([*args, f"base_url={server.url}", "cache_path=null"]) == 1
+        assert "3 failed); no score;" in capsys.readouterr().out  # not "nan/7"
+
+
+def test_judge_cli_checks_its_output_before_sending_anything(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    _write_rows(rows, 2)
+    with JudgeServer() as server:
+        assert cli.main(["judge", "--input", str(rows), "--output", str(tmp_path), f"base_url={server.url}",
+                         "cache_path=null"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"qed-jax judge: error: --output {tmp_path} is a directory; give a file path, e.g. "
+            f"{tmp_path / 'graded.jsonl'}")
+        assert server.total == 0
+
+
+def test_judge_cli_reads_what_eval_reads_and_names_a_bad_row(tmp_path, capsys):
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl"
+    rows.write_bytes(json.dumps({"problem": "P", "proof": "x"}).encode() + b'\n{"problem": "P\xff", "proof": "y"}\n')
+    assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qed-jax judge: error: {rows}: line 2 is not UTF-8 text (byte 0xff at column 15)")
+    rows.write_text(json.dumps({"problem": "P", "proof": "x", "reference": 5}) + "\n")
+    assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qed-jax judge: error: {rows}: row 1: field 'reference' must be a string (the reference solution)")
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"problem": "P", "proof": "Q.E.D. [[item:a]]"}]))
+    with JudgeServer({"a": [("score", 6)]}) as server:
+        assert cli.main(["judge", "--input", str(array), "--output", str(out), f"base_url={server.url}",
+                         "cache_path=null"]) == 0
+    assert json.loads(out.read_text())["score"] == 6
+
+
+def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    _write_rows(rows, 1)
+
+    def error(*args):
+        assert cli.main(["judge", "--input", str(rows), "--output", str(tmp_path / "o.jsonl"), *args]) == 2
+        return capsys.readouterr().err.strip().removeprefix("qed-jax judge: error: ")
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    assert error("--config", str(listed)) == f"{listed}: the top level must be a mapping"
+    trainer = REPO / "configs/sft/tiny.yaml"  # a config with no judge: section
+    message = error("--config", str(trainer))
+    assert message.startswith(f"{trainer}: ") and message.endswith(
+        "is this file for another command?; a config for another command works here only with a judge: section, "
+        "which this one does not have")
+    assert error("allowed_scores=[0,9]").startswith("judge.allowed_scores must be a non-empty list of integers from 0 to 7")
+    assert error("allowed_scores=[]").startswith("judge.allowed_scores must be")
+    assert error("timeout_s=-1") == "judge.timeout_s must be more than 0 (seconds per request), got -1.0"
+    assert error("max_retries=-1") == "judge.max_retries must be 0 or more, got -1"
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_text("not a database")
+    assert error(f"cache_path={corrupt}", "base_url=http://127.0.0.1:9") == (
+        f"judge cache {corrupt}: file is not a database; judge.cache_path must name an SQLite file (or a new file) "
+        "in a writable directory, or be null for no cache")
+    assert error(f"cache_path={tmp_path}", "base_url=http://127.0.0.1:9").startswith(f"judge cache {tmp_path}: ")
+
+
+def test_responses_api_reply_that_is_not_one_fails_as_bad_reply(tmp_path):
+    scripts = {"i0": [("body", ("text/html", "<html>oops</html>"))],
+               "i1": [("body", ("application/json", '{"id": "x"}')), ("score", 4)]}
+    with JudgeServer(scripts) as server:
+        grades = Judge(_config(server, tmp_path, api="responses", cache_path=None)).grade_batch(
+            [_item(0), _item(1)])
+    assert [(g.score, g.reason, g.attempts) for g in grades] == [(None, "bad_reply", 3), (4, "ok", 2)]
+    assert "not a Responses API reply" in grades[0].raw

@@ -18,7 +18,7 @@ from qed_jax.config import ConfigError, ModelConfig, preset
 from qed_jax.model import Qwen3
 from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.tokenizer import load_tokenizer, stop_ids
-from tests.helpers import make_hf_model_with_tokenizer
+from tests.helpers import make_hf_model, make_hf_model_with_tokenizer, make_tokenizer
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "tokenizer"
 PROBLEMS = [  # 10, 37, 17 and 60 tokens with the tiny tokenizer
@@ -316,3 +316,17 @@ def test_generate_cli_reasoning_cache_json(tmp_path, capsys):
         assert 1 <= first["num_tokens"] <= 6 and first["finish_reason"] in ("stop", "length")
         assert isinstance(first["summary"], str) and last["summary"] is None
         assert 1 <= first["summarizer_num_tokens"] <= 5
+    # Errors of the reasoning cache name generate's flags, in one line.
+    base = ["generate", "--model", str(tmp_path), "--reasoning-cache", "--prompt", "p", "--max-new-tokens", "4"]
+    assert cli.main([*base, "--summary-tokens", "2"]) == 2
+    marker = len(load_tokenizer(tmp_path)(rc.RCParams.no_summary, add_special_tokens=False)["input_ids"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax generate: error: the no-summary marker takes {marker} tokens, more than --summary-tokens (2): "
+        f"raise --summary-tokens to at least {marker}")
+    other = tmp_path / "other"
+    make_hf_model(other)
+    make_tokenizer(vocab_size=300).save_pretrained(other)
+    assert cli.main([*base, "--summarizer", str(other)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qed-jax generate: error: the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
+        "the policy's token ids to the summarizer, so both must share one vocabulary")
