@@ -169,16 +169,22 @@ def _judge(args) -> int | None:
     from tqdm.auto import tqdm
 
     from qed_jax.config import load_config, load_template
-    from qed_jax.data import BadRow, read_rows
+    from qed_jax.data import BadRow, json_lines, read_rows
     from qed_jax.judge import Judge, JudgeConfig, item_from_row, needed_fields
 
     config = load_config(JudgeConfig, args.config, args.overrides, section="judge")
     needs = needed_fields(load_template(config.template, "judge template"))
-    rows = read_rows(args.input)
-    for n, row in enumerate(rows, 1):
+    source = Path(args.input)
+    if source.suffix in (".json", ".parquet") or not source.exists():  # also a Hub dataset, or a clear error
+        numbered = [(f"{source}: row {n}", row) for n, row in enumerate(read_rows(args.input), 1)]
+    else:  # JSON lines, under any name (a pipe too): errors name the line
+        with open(source, "rb") as f:
+            numbered = [(f"{source}:{n}", row) for n, row in json_lines(f)]
+    for where, row in numbered:
         if isinstance(row, BadRow):
-            raise ConfigError(f"{args.input}: {row.reason}")
-    items = [item_from_row(row, f"{args.input}: row {n}", needs) for n, row in enumerate(rows, 1)]
+            raise ConfigError(f"{source}: {row.reason}")
+    rows = [row for _, row in numbered]
+    items = [item_from_row(row, where, needs) for where, row in numbered]
     if not items:
         raise ConfigError(f"{args.input}: no rows to grade (the file is empty)")
     output = Path(args.output)
@@ -197,7 +203,8 @@ def _judge(args) -> int | None:
             for row, g in zip(rows, grades):
                 f.write(json.dumps({**row, "score": g.score, "reward": g.reward, "reason": g.reason,
                                     "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
-                                    "cached": g.cached, "judge_reply": g.raw}) + "\n")
+                                    "cached": g.cached, "judge_reply": g.raw},
+                                   default=str) + "\n")  # a Parquet row's dates or bytes as text
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -208,9 +215,9 @@ def _judge(args) -> int | None:
           f"{mean}; wrote {output}")
     if failed:
         reasons = ", ".join(f"{reason} x{count}" for reason, count in Counter(g.reason for g in failed).most_common())
-        cached = ", the others come from the cache" if config.cache_path else ""
-        print(f"{len(failed)} grades failed ({reasons}; each row's judge_reply holds the last reply); rerun the "
-              f"same command to retry them{cached}", file=sys.stderr)
+        cached = ", the others come from the cache" if config.cache_path and scored else ""
+        print(f"{len(failed)} grades failed ({reasons}; a row's judge_reply holds the judge's last reply or the "
+              f"error, where there was one); rerun the same command to retry them{cached}", file=sys.stderr)
         return 1
 
 
@@ -407,9 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --summarizer: it thinks first, and its summary is its text after </think>")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("judge", help="grade a JSONL file of proofs with the rubric judge",
+    p = sub.add_parser("judge", help="grade a file of proofs with the rubric judge",
                        description="Grade rows {problem, rubric or guidelines, reference?, answer?, "
-                       "proof or completion} with an OpenAI-compatible judge. The template decides which "
+                       "proof or completion} with an OpenAI-compatible judge. Exits 1 when some grades "
+                       "failed (each row records its reason). The template decides which "
                        "fields it reads: the RL grader (configs/judge/rl_grader.yaml) 'rubric', "
                        "imo_proofbench.yaml and proofbench.yaml 'guidelines' and 'reference', answer.yaml "
                        "'answer'. No row is settled by math-verify (`eval` does that first for final "
@@ -419,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section); default: "
                    "the built-in defaults, the recipe's RL grader (template rl_grader) at "
                    "http://localhost:8000/v1")
-    p.add_argument("--input", required=True, help="JSONL rows to grade")
+    p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
+                   ".json array, a .parquet file or a Hugging Face dataset id")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")
     p.set_defaults(run=_judge)

@@ -77,8 +77,9 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
                           f"loading it as a Hugging Face dataset failed: {first}") from None
 
 
-def _json_lines_rows(lines) -> list:
-    """The rows of JSON lines (an iterable of bytes, e.g. a file opened "rb")."""
+def json_lines(lines) -> list[tuple[int, Any]]:
+    """(line number, row) for each non-blank line of JSON lines (an iterable of bytes, e.g. a
+    file opened "rb"); a line that is not JSON, or not UTF-8, gives a BadRow."""
     rows = []
     for n, raw in enumerate(lines, 1):
         raw = raw.rstrip(b"\r\n")  # a string cut off at the line's end is "unterminated", not "a control character"
@@ -87,15 +88,19 @@ def _json_lines_rows(lines) -> list:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"))
+            rows.append((n, BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")))
             continue
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            rows.append(BadRow(f"line {n} is not valid JSON ({e.msg})"))
+            rows.append((n, BadRow(f"line {n} is not valid JSON ({e.msg})")))
     return rows
+
+
+def _json_lines_rows(lines) -> list:
+    return [row for _, row in json_lines(lines)]
 
 
 def _json_array_rows(path: str, data: bytes) -> list:

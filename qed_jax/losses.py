@@ -11,9 +11,9 @@ Chunks run along time, not along flattened B·T tokens, so that a batch sharded 
 stays sharded the same way inside every chunk.
 
 Numerics: the projection runs in the hidden states' dtype with float32 output
-(`preferred_element_type`), as `Qwen3.logits` does, so the sampler's log-probs and these agree
-in either compute dtype. Use these functions for every log-prob that enters a ratio (the loss
-and the recomputed old log-probs).
+(`preferred_element_type`), as `Qwen3.logits` does, so the sampler's log-probs and these share
+the head's numerics in either compute dtype. Use these functions for every log-prob that enters a
+ratio (the loss and the recomputed old log-probs).
 
 `weighted_nll_sum` serves a loss that is a fixed weighting of token NLLs (SFT): its gradient
 with respect to the logits, w·(softmax − onehot), is known in the forward pass, so each chunk

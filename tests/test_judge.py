@@ -277,7 +277,7 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
 
     rc, err = judge({**base, "grading_guidelines": "7 if complete"})  # the default template reads a rubric
     assert rc == 2 and err == (
-        f"qed-jax judge: error: {rows}: row 1: the judge's template grades against the field 'rubric' (rubric or "
+        f"qed-jax judge: error: {rows}:1: the judge's template grades against the field 'rubric' (rubric or "
         "rubrics), which this row does not give; its marking scheme is 'grading_guidelines': choose the judge "
         "config that reads it (configs/judge/rl_grader.yaml reads 'rubric'; configs/judge/imo_proofbench.yaml or "
         "proofbench.yaml reads 'guidelines'; configs/judge/answer.yaml reads 'answer')")
@@ -286,10 +286,10 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
     rc, err = judge({**base, "answer": "  "}, "--config", str(REPO / "configs/judge/answer.yaml"))
     assert rc == 2 and err.endswith("grades against the field 'answer' (answer), which this row does not give")
     rc, err = judge({**base, "rubric": {"points": 7}})
-    assert rc == 2 and err.endswith(": row 1: field 'rubric': marking scheme must be a string or a list of checkpoints, "
+    assert rc == 2 and err.endswith(":1: field 'rubric': marking scheme must be a string or a list of checkpoints, "
                                     "got dict")
     rc, err = judge({**base, "problem": 5, "rubric": "r"})
-    assert rc == 2 and err.endswith(": row 1: field 'problem' must be a non-empty string")
+    assert rc == 2 and err.endswith(":1: field 'problem' must be a non-empty string")
     rows.write_text("\n")
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"qed-jax judge: error: {rows}: no rows to grade (the file is empty)"
@@ -325,8 +325,8 @@ def test_judge_cli_exits_1_naming_the_reasons_when_grades_fail(tmp_path, capsys)
         captured = capsys.readouterr()
         assert "graded 3 rows (0 from cache, 2 failed); mean score 7.00/7" in captured.out
         assert captured.err.strip().splitlines()[-1] == (
-            "2 grades failed (http_500 x1, bad_reply x1; each row's judge_reply holds the last reply); rerun the same "
-            "command to retry them, the others come from the cache")
+            "2 grades failed (http_500 x1, bad_reply x1; a row's judge_reply holds the judge's last reply or the error, "
+            "where there was one); rerun the same command to retry them, the others come from the cache")
         assert [json.loads(line)["reason"] for line in out.read_text().splitlines()] == ["http_500", "bad_reply", "ok"]
         server.scripts = {"i0": [("status", 500)], "i1": [("status", 500)], "i2": [("status", 500)]}
         assert cli.main([*args, f"base_url={server.url}", "cache_path=null"]) == 1
@@ -351,16 +351,38 @@ def test_judge_cli_reads_what_eval_reads_and_names_a_bad_row(tmp_path, capsys):
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"qed-jax judge: error: {rows}: line 2 is not UTF-8 text (byte 0xff at column 15)")
-    rows.write_text(json.dumps({"problem": "P", "proof": "x", "reference": 5}) + "\n")
+    rows.write_text("\n" + json.dumps({"problem": "P", "proof": "x", "reference": 5}) + "\n")
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"qed-jax judge: error: {rows}: row 1: field 'reference' must be a string (the reference solution)")
+    assert capsys.readouterr().err.strip() == (  # a JSON line is named by its line, blank lines counted
+        f"qed-jax judge: error: {rows}:2: field 'reference' must be a string (the reference solution)")
     array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"problem": "P", "proof": "Q.E.D. [[item:a]]"}, {"problem": "P"}]))
+    assert cli.main(["judge", "--input", str(array), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qed-jax judge: error: {array}: row 2: give exactly one of the fields 'proof' and 'completion' (a string)")
     array.write_text(json.dumps([{"problem": "P", "proof": "Q.E.D. [[item:a]]"}]))
-    with JudgeServer({"a": [("score", 6)]}) as server:
-        assert cli.main(["judge", "--input", str(array), "--output", str(out), f"base_url={server.url}",
-                         "cache_path=null"]) == 0
-    assert json.loads(out.read_text())["score"] == 6
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"problem": ["P"], "proof": ["Q.E.D. [[item:b]]"],
+                             "when": [datetime.datetime(2024, 1, 1)]}), parquet)
+    text = tmp_path / "rows.txt"  # JSON lines under another name
+    text.write_text(json.dumps({"problem": "P", "proof": "Q.E.D. [[item:c]]"}) + "\n")
+    with JudgeServer({"a": [("score", 6)], "b": [("score", 5)], "c": [("score", 4)]}) as server:
+        for source, score in ((array, 6), (parquet, 5), (text, 4)):
+            assert cli.main(["judge", "--input", str(source), "--output", str(out), f"base_url={server.url}",
+                             "cache_path=null"]) == 0
+            assert json.loads(out.read_text())["score"] == score, source
+        assert json.loads(out.read_text())["problem"] == "P"
+        piped = subprocess.run(
+            [sys.executable, "-m", "qed_jax.cli", "judge", "--input", "/dev/stdin", "--output", str(out),
+             f"base_url={server.url}", "cache_path=null"], input=text.read_text(), text=True, capture_output=True,
+            cwd=REPO)
+        assert piped.returncode == 0, piped.stderr[-2000:]
+        assert json.loads(out.read_text())["score"] == 4
 
 
 def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
