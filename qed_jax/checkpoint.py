@@ -28,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from qed_jax.config import ModelConfig
+from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.hf import ASSET_FILES, CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -78,7 +78,14 @@ def read_model_config(directory) -> ModelConfig:
     path = epath.Path(directory) / MODEL_CONFIG
     if not path.exists():
         raise CheckpointError(f"{directory}: no {MODEL_CONFIG} (is this a qed-jax checkpoint directory?)")
-    return ModelConfig(**json.loads(path.read_text()))
+    try:
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        return ModelConfig(**fields)
+    except (ValueError, TypeError, ConfigError) as e:  # bad JSON, missing or unknown fields, bad values
+        raise CheckpointError(f"{path}: not a model config ({e}); it is written with the checkpoint: restore it "
+                              "from the run's copy, or convert the Hugging Face export again") from None
 
 
 def params_state(model: Qwen3):

@@ -47,17 +47,26 @@ def _convert(args) -> None:
     from qed_jax.pretrained import from_pretrained, save_pretrained
     from qed_jax.sharding import MeshConfig, make_mesh
 
+    from qed_jax.trainer import StopSignals
+
     replace = _check_destination(args.source, args.dest, args.overwrite)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype)
-    if replace:
-        epath.Path(args.dest).rmtree()
-    if checkpoint.is_checkpoint_dir(args.source):
-        save_pretrained(model, args.dest, dtype=model.config.param_dtype, assets_from=args.source)
-        print(f"wrote Hugging Face folder {args.dest} ({model.config.param_dtype})")
-    else:
-        checkpoint.save_model(model, args.dest, assets_from=args.source)
-        print(f"wrote qed-jax checkpoint {args.dest} ({model.config.param_dtype})")
+    # Ctrl-C while the output is written lets the write finish (Orbax's threads stopped half-way
+    # print their own tracebacks), then stops with the output whole.
+    with StopSignals((signal.SIGINT,), "finishing the output being written, then stopping",
+                     "exiting at once; the output is unfinished") as stop:
+        if replace:
+            epath.Path(args.dest).rmtree()
+        if checkpoint.is_checkpoint_dir(args.source):
+            save_pretrained(model, args.dest, dtype=model.config.param_dtype, assets_from=args.source)
+            wrote = f"wrote Hugging Face folder {args.dest} ({model.config.param_dtype})"
+        else:
+            checkpoint.save_model(model, args.dest, assets_from=args.source)
+            wrote = f"wrote qed-jax checkpoint {args.dest} ({model.config.param_dtype})"
+    print(wrote)
+    if stop.raised:
+        raise KeyboardInterrupt
 
 
 def _generate(args) -> None:
@@ -539,22 +548,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qed_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # transformers' advice, e.g. that its models need PyTorch (qed-jax uses none of them)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        # Exceptions Python cannot raise (in finalizers, or coroutines dropped when a read failed:
+        # Orbax leaves hundreds of lines of them after the one-line error) only with -v.
+        sys.unraisablehook = lambda u: logging.getLogger(__name__).debug(
+            "ignored in %r: %s", u.object, u.exc_value)
     if not sys.stderr.isatty():  # a log file: a progress bar's line every 30 s, not every step (tqdm reads
         os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))  # this when first imported)
     # Ctrl-C (SIGINT) stops every command, as it stops the trainers (which catch it themselves to
     # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
     # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A KeyboardInterrupt raised where Python cannot pass it on (a garbage-collection callback)
+    # is printed and dropped; the handler also records the signal, so the command still stops.
+    ctrl_c = []
+
+    def on_sigint(signum, frame):
+        ctrl_c.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     interrupted, status = False, 0
     try:
         status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
+        interrupted = bool(ctrl_c)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
-        resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
-        print(f"qed-jax {args.command}: interrupted{resume}", file=sys.stderr)
         interrupted = True
     except OSError as e:  # a path given to the command (missing, a file where a folder goes), or the network
         if args.verbose:
@@ -565,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
     if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
+        resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
+        print(f"qed-jax {args.command}: interrupted{resume}", file=sys.stderr)
         _exit_now(130)
     return status
 

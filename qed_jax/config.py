@@ -50,6 +50,15 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                      "head_dim", "max_position_embeddings"):
+            value = getattr(self, field)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        for field in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, field)
+            if type(value) not in (int, float) or not value > 0:
+                raise ConfigError(f"{field} must be a positive number, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

@@ -246,14 +246,21 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
     folder = Path(folder)
     config = read_model_config(folder)
     tensors = SafetensorsFolder(folder)
-    stored = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors else None
-    param_dtype = dtype or (stored.name if stored is not None else "bfloat16")
+    if config.tie_word_embeddings and "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors \
+            and not np.array_equal(tensors.read("lm_head.weight"), tensors.read("model.embed_tokens.weight")):
+        # As transformers loads such a folder: a head of its own is used, not tied to the embedding.
+        log.warning("%s: config.json ties the output head to the embedding, but the folder holds a different "
+                    "lm_head.weight; using it, untied (as transformers does)", folder)
+        config = config.replace(tie_word_embeddings=False)
+    maps = tensor_maps(config)
+    _check_tensors(folder, tensors, maps, config)
+    # The widest dtype among the tensors: a folder of bfloat16 weights with float32 norms loses nothing.
+    stored = max((tensors.dtype(name) for name in _expected_shapes(maps, config)), key=lambda d: d.itemsize)
+    param_dtype = dtype or stored.name
     config = config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
 
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    maps = tensor_maps(config)
-    _check_tensors(folder, tensors, maps, config)
     if mesh is not None:
         shardings = _flat(nnx.to_pure_dict(state_shardings(abstract_state, mesh, rules)))
     shapes = _flat(nnx.to_pure_dict(abstract_state))
@@ -280,12 +287,18 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
     return nnx.merge(graphdef, abstract_state)
 
 
-def _check_tensors(folder: Path, tensors: SafetensorsFolder, maps: dict[str, TensorMap],
-                   config: ModelConfig) -> None:
+def _expected_shapes(maps: dict[str, TensorMap], config: ModelConfig) -> dict[str, tuple]:
+    """Each Hugging Face tensor the model reads, with its shape."""
     expected = {}
     for tmap in maps.values():
         names = [tmap.hf_name.format(i) for i in range(config.num_layers)] if tmap.stacked else [tmap.hf_name]
         expected.update({n: tmap.hf_shape for n in names})
+    return expected
+
+
+def _check_tensors(folder: Path, tensors: SafetensorsFolder, maps: dict[str, TensorMap],
+                   config: ModelConfig) -> None:
+    expected = _expected_shapes(maps, config)
     for name, shape in expected.items():
         if name not in tensors:
             raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")

@@ -126,11 +126,16 @@ def topology_devices(tpu: Slice) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
     kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
+    grid = [int(n) for n in tpu.topology.split(":")[1].split("x")]
+    if tpu.chips < 4:  # libtpu assumes hosts of 2x2 chips; a one- or two-chip slice is a host of its own
+        kwargs["chips_per_host_bounds"] = (*grid, 1)[:3]
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices
     except RuntimeError as e:  # no libtpu, or a topology it refuses
-        raise ConfigError(f"cannot build TPU topology {tpu.topology} for {tpu.name}: {first_line(e)}. "
-                          "Compiling for TPU needs libtpu: pip install 'qed-jax[tpu]'") from None
+        import importlib.util
+
+        hint = "" if importlib.util.find_spec("libtpu") else ". Compiling for TPU needs libtpu: pip install 'qed-jax[tpu]'"
+        raise ConfigError(f"cannot build TPU topology {tpu.topology} for {tpu.name}: {first_line(e)}{hint}") from None
     if len(devices) != tpu.chips:
         raise ConfigError(f"topology {tpu.topology} has {len(devices)} devices, expected one per chip ({tpu.chips})")
     return list(devices)
@@ -541,6 +546,9 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     row_bytes = bytes_per_chip(kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)) / ways
     fitting = wave_size(KV_SHARE * (hbm - trainer_bytes - sampler_bytes - frozen_bytes), row_bytes, ways,
                         samples_per_host)
+    if wave is not None and wave > samples_per_host:
+        raise ConfigError(f"--wave-size {wave} is more rows than the sampler ever runs at once: "
+                          f"{samples_per_host} samples per step on each host")
     if wave is None and config.sampling.max_concurrent:
         wave = config.sampling.max_concurrent
     elif wave is None and config.sampling.kv_cache_gib:
@@ -646,6 +654,8 @@ def plan(config_path: str | None, topology: str, overrides: list[str] = (), trai
     if wave is not None and wave < 1:
         raise ConfigError(f"--wave-size must be at least 1 row, got {wave} (leave it out for what fits)")
     trainer, config = trainer_config(config_path, list(overrides), trainer)
+    if trainer == "sft" and wave is not None:
+        raise ConfigError("--wave-size sizes the GRPO sampler; an SFT plan has none")
     tpu = parse_slice(topology)
     devices = topology_devices(tpu)
     hbm, hbm_source = hbm_per_chip(devices[0], tpu)

@@ -347,24 +347,24 @@ class MetricsLog:
 class StopSignals:
     """Within `with`, SIGTERM (how TPU VMs announce preemption) and SIGINT (Ctrl-C) are recorded
     instead of killing the process, so a training loop can finish its step, write a checkpoint
-    and exit. A second signal exits at once, without a checkpoint."""
+    and exit (or `convert` finish the output it is writing). A second signal exits at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT),
+                 announce: str = "finishing this step, then writing a checkpoint",
+                 abandon: str = "exiting without a checkpoint"):
+        self.signals, self.announce, self.abandon = signals, announce, abandon
         self.signum: int | None = None
 
     def __enter__(self) -> "StopSignals":
-        self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        self._previous = {s: signal.signal(s, self._record) for s in self.signals}
         return self
 
     def _record(self, signum, frame) -> None:
         if self.signum is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", flush=True)
+            print(f"\n{signal.Signals(signum).name} again: {self.abandon}", flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        log.warning("%s: finishing this step, then writing a checkpoint (send it again to exit at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s: %s (send it again to exit at once)", signal.Signals(signum).name, self.announce)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():

@@ -253,6 +253,7 @@ def _drop_tensor(folder, name, reshape=None):
     ("no hidden_size", "config.json: config has no hidden_size (a Qwen3 config gives each of vocab_size, "),
     ("bad json", "config.json: not valid JSON"),
     ("json list", "config.json: not a model config (a JSON object of settings)"),
+    ("string field", "config.json: num_layers must be a positive integer, got '3'"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     folder = tmp_path / "model"
@@ -276,6 +277,9 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
         (folder / "config.json").write_text('{"model_type": "qwen3",')
     elif case == "json list":
         (folder / "config.json").write_text('["qwen3"]')
+    elif case == "string field":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "3"}))
     else:
         shutil.rmtree(folder)
     with pytest.raises((CheckpointError, ConfigError), match=re.escape(expected)) as err:
@@ -317,3 +321,110 @@ def test_a_trainer_run_directory_given_as_a_model_names_the_models_inside(tmp_pa
         qed_jax.from_pretrained(run)
     make_hf_model(run)  # a model folder that happens to hold such folders is a model
     assert qed_jax.from_pretrained(run).config.num_layers == qed_jax.from_pretrained(run / "hf").config.num_layers
+
+
+def test_a_damaged_checkpoint_model_config_is_one_line(tmp_path, capsys):
+    make_hf_model(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    model_config = tmp_path / "ckpt" / "model_config.json"
+    for text, reason in (("{", "Expecting property name enclosed in double quotes"),
+                         ('{"hidden_size": 12}', "missing 8 required positional arguments"),
+                         (json.dumps({**json.loads(model_config.read_text()), "num_layers": 0}),
+                          "num_layers must be a positive integer, got 0")):
+        original = model_config.read_text()
+        model_config.write_text(text)
+        capsys.readouterr()
+        assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"qed-jax convert: error: {model_config}: not a model config (")
+        assert reason in err[0]
+        model_config.write_text(original)
+
+
+def test_a_folder_of_mixed_dtypes_loads_in_the_widest(tmp_path):
+    """bfloat16 weights with float32 norms: nothing is rounded (the dtype was the embedding's)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    make_hf_model(tmp_path, dtype="bfloat16")
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    norms = {name: t.float() + 1e-4 for name, t in tensors.items() if "norm" in name}  # not bfloat16 values
+    save_file({**tensors, **norms}, path, metadata={"format": "pt"})
+    model = qed_jax.from_pretrained(tmp_path)
+    assert model.config.param_dtype == "float32"
+    np.testing.assert_array_equal(np.asarray(model.final_norm[...]), norms["model.norm.weight"].numpy())
+    assert torch.equal(torch.from_numpy(np.array(model.embed[...])),
+                       tensors["model.embed_tokens.weight"].float())
+
+
+def test_a_tied_config_with_a_head_of_its_own_loads_as_transformers_does(tmp_path, caplog):
+    from safetensors.numpy import load_file, save_file
+    from transformers import Qwen3ForCausalLM
+
+    make_hf_model(tmp_path)  # tied
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    head = np.random.default_rng(1).normal(0, 0.08, tensors["model.embed_tokens.weight"].shape).astype(np.float32)
+    save_file({**tensors, "lm_head.weight": head}, path, metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        model = qed_jax.from_pretrained(tmp_path)
+    assert not model.config.tie_word_embeddings and "using it, untied" in caplog.text
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9))
+    ref = hf_logits(Qwen3ForCausalLM.from_pretrained(tmp_path).eval(), tokens)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), ref, atol=1e-4, rtol=0)
+
+
+def test_ctrl_c_while_convert_writes_finishes_the_output_then_exits_130(tmp_path):
+    """Ctrl-C arrives while the checkpoint is being written (sent by the save itself, so that
+    the moment is certain): the write finishes, the output is whole, the command stops."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, cli_env
+
+    make_hf_model(tmp_path / "hf")
+    script = f"""
+import signal, sys
+from qed_jax import checkpoint, cli
+save = checkpoint.save_model
+def interrupted_save(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    save(*args, **kwargs)
+checkpoint.save_model = interrupted_save
+sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "SIGINT: finishing the output being written, then stopping" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "qed-jax convert: interrupted"
+    assert "Traceback" not in result.stderr and f"wrote qed-jax checkpoint {tmp_path / 'ckpt'}" in result.stdout
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0  # whole
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert all(np.array_equal(original[name], back[name]) for name in original)
+
+
+def test_a_ctrl_c_that_python_drops_still_stops_the_command():
+    """SIGINT handled inside a finalizer: Python drops the KeyboardInterrupt ("Exception ignored",
+    shown only with -v) and goes on; the command still ends as interrupted (exit 130), not with 0."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, cli_env
+
+    script = """
+import signal, sys
+from qed_jax import cli
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+def report(args):
+    Finalized()
+    print("went on", flush=True)
+cli._report = report
+sys.exit(cli.main(["report", "somewhere"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    assert "went on" in result.stdout  # Python dropped the KeyboardInterrupt
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["qed-jax report: interrupted"]  # nothing else without -v

@@ -59,13 +59,15 @@ def test_a_slice_knows_the_accelerator_type_a_tpu_vm_of_it_reports(name, acceler
 
 
 @pytest.mark.tpu_compile
-def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu):
+@pytest.mark.parametrize("name,chips", [("v6e-8", 8), ("v6e-1", 1), ("v5e-2", 2), ("v5p:1x1x1", 1)])
+def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu, name, chips):
     """libtpu, unable to ask a metadata server, warns about the accelerator type and errors
-    about the workers' hostnames unless the plan tells it both."""
-    code = "from qed_jax import plan; print(len(plan.topology_devices(plan.parse_slice('v6e-8'))))"
+    about the workers' hostnames unless the plan tells it both; slices of one or two chips are
+    a host of their own (libtpu assumes hosts of 2x2 chips)."""
+    code = f"from qed_jax import plan; print(len(plan.topology_devices(plan.parse_slice({name!r}))))"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == str(chips), done.stderr
     assert done.stderr == ""
 
 
@@ -150,6 +152,8 @@ def test_the_trainer_is_the_one_whose_config_loads():
         plan.trainer_config("no/such.yaml", [], None)
     with pytest.raises(ConfigError, match="^--wave-size must be at least 1 row, got 0"):
         plan.plan(RL_TINY, "v5p-8", wave=0)
+    with pytest.raises(ConfigError, match="^--wave-size sizes the GRPO sampler; an SFT plan has none$"):
+        plan.plan(SFT_TINY, "v5p-8", wave=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +185,13 @@ def test_tiny_sft_step_compiles_for_four_v5p_chips(libtpu, capsys):
     T, tokens = 128, 8 * 128
     assert 6 * matmul_params * tokens <= step["flops"] <= (3 * (2 * matmul_params + 4 * c.num_layers * c.num_heads
                                                                  * c.head_dim * T) + 2 * c.vocab_size * c.hidden_size) * tokens
+
+@pytest.mark.tpu_compile
+def test_a_wave_larger_than_a_step_is_refused_before_compiling(libtpu):
+    with pytest.raises(ConfigError, match=r"^--wave-size 1000 is more rows than the sampler ever runs at once: 64 "
+                       r"samples per step on each host$"):
+        plan.plan(RL_TINY, "v5p-8", wave=1000)
+
 
 @pytest.mark.slow  # three programs: ~25 s of CPU compiling
 @pytest.mark.tpu_compile

@@ -372,3 +372,28 @@ def test_the_tpu_extra_gives_gs_paths_a_filesystem():
 
     assert isinstance(fsspec.filesystem("gs", token="anon"), gcsfs.GCSFileSystem)
     assert str(epath.Path("gs://bucket/run/checkpoints") / "10") == "gs://bucket/run/checkpoints/10"
+
+
+def test_a_relaunch_with_the_same_run_id_keeps_the_earlier_logs(gcloud, tmp_path, capsys):
+    write_script, _ = gcloud
+    earlier = tmp_path / "logs/r3/attempt-1"
+    earlier.mkdir(parents=True)
+    (earlier / "worker-0.log").write_text("the first launch's log\n")
+    fail = {"code": 1, "wait_for": ["1"]}
+    write_script(states=["ACTIVE"] * 4, runs={"0": [fail], "1": [{"code": 0, "sleep": 60}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v4-16", "--poll", "0", "--max-failures", "1",
+                    "--run-id", "r3", "--log-dir", "logs", "--", "false") == 1
+    assert (earlier / "worker-0.log").read_text() == "the first launch's log\n"
+    assert (tmp_path / "logs/r3/attempt-2/worker-0.log").exists()
+    assert "the job failed 1 times" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--poll", "-5", "must be 0 or more, got -5"), ("--retries", "0", "must be more than 0, got 0"),
+    ("--retry-delay", "-1", "must be 0 or more, got -1"), ("--max-failures", "0", "must be more than 0, got 0"),
+    ("--max-preemptions", "-1", "must be more than 0, got -1"), ("--retries", "two", "invalid int value: 'two'")])
+def test_bad_numbers_are_usage_errors(gcloud, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        launcher("launch", "qr", *WHERE, "--accelerator-type", "v4-8", flag, value, "--dry-run", "--", "true")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"tpu.py launch: error: argument {flag}: {message}"

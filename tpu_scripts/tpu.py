@@ -214,6 +214,28 @@ def setup(gc: Gcloud, args) -> None:
             args.retries, args.retry_delay)
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` (int or float) above 0."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def not_negative(kind):
+    """An argparse type: a number of `kind` (int or float), 0 or more."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def env_pair(pair: str) -> tuple[str, str]:
     """One --env KEY=VALUE (an argparse type: a bad one is a usage error)."""
     key, sep, value = pair.partition("=")
@@ -291,9 +313,13 @@ def launch(gc: Gcloud, args) -> int:
     """Create if missing, wait, set up, run; after a failure, a preempted slice is recreated and
     the same command restarted (it resumes from its checkpoint_dir), while other failures retry
     on the same slice. The two have separate budgets."""
-    preemptions = failures = attempt = 0
+    preemptions = failures = 0
     needs_setup = True
     run_dir = Path(args.log_dir) / args.run_id
+    # A run launched again with its --run-id numbers its attempts on from the last one's logs.
+    attempt = max((int(d.name.split("-")[1]) for d in run_dir.glob("attempt-*") if d.name.split("-")[1].isdigit()),
+                  default=0)
+    first = attempt
     args.env = [*args.env, ("QED_RUN_ID", args.run_id)]
     while True:
         state = gc.state()
@@ -327,7 +353,7 @@ def launch(gc: Gcloud, args) -> int:
             if failures >= args.max_failures:
                 raise LaunchError(f"the job failed {failures} times (last exit code {code}); logs "
                                   f"in {run_dir}. Fix it, then launch again with --run-id {args.run_id}")
-    progress(f"{args.run_id} finished after {attempt} attempt(s), {preemptions} preemption(s)")
+    progress(f"{args.run_id} finished after {attempt - first} attempt(s), {preemptions} preemption(s)")
     if args.delete_at_end:
         delete(gc, argparse.Namespace(force=True))
     return 0
@@ -351,11 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="TPU software version (default per generation: "
                           + ", ".join(f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items()) + ")")
     polling = argparse.ArgumentParser(add_help=False)
-    polling.add_argument("--poll", type=float, default=30, help="seconds between state checks (default: %(default)s)")
+    polling.add_argument("--poll", type=not_negative(float), default=30, help="seconds between state checks (default: %(default)s)")
     copying = argparse.ArgumentParser(add_help=False)
     copying.add_argument("--commit", help="copy this commit (git archive) instead of the working tree")
-    copying.add_argument("--retries", type=int, default=4, help="attempts for each scp/ssh step (default: %(default)s)")
-    copying.add_argument("--retry-delay", type=float, default=10,
+    copying.add_argument("--retries", type=positive(int), default=4, help="attempts for each scp/ssh step (default: %(default)s)")
+    copying.add_argument("--retry-delay", type=not_negative(float), default=10,
                          help="seconds before the first retry, doubling each time (default: %(default)s)")
     running = argparse.ArgumentParser(add_help=False)
     running.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=env_pair,
@@ -403,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()),
                    help="names the log folder and is passed to the job as $QED_RUN_ID "
                    "(default: run-UTCDATE-TIME); reuse it to continue a run")
-    p.add_argument("--max-preemptions", type=int, default=20,
+    p.add_argument("--max-preemptions", type=positive(int), default=20,
                    help="give up after this many preemptions (default: %(default)s)")
-    p.add_argument("--max-failures", type=int, default=3,
+    p.add_argument("--max-failures", type=positive(int), default=3,
                    help="give up after this many ordinary (non-preemption) failures (default: %(default)s)")
     p.add_argument("--delete-at-end", action="store_true", help="delete the slice after success")
     return parser
