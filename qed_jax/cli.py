@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="Hugging Face model folder or qed-jax checkpoint directory")
     p.add_argument("dest", help="output directory (local path or gs://)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="parameter dtype of the output (default: keep the source's dtype)")
+                   help="parameter dtype of the output (default: keep the source's; of a Hugging Face folder "
+                   "with mixed dtypes, the widest)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a destination that already exists (its contents are deleted once the "
                    "source has loaded)")
