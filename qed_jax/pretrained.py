@@ -52,6 +52,9 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
     elif (where / "config.json").exists():
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
+    elif where.name.isdigit() and checkpoint.is_checkpoint_dir(where.parent):
+        raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "
+                              "(its latest step is loaded)")
     else:
         raise CheckpointError(
             f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "

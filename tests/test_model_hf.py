@@ -326,6 +326,9 @@ def test_a_trainer_run_directory_given_as_a_model_names_the_models_inside(tmp_pa
 def test_a_damaged_checkpoint_model_config_is_one_line(tmp_path, capsys):
     make_hf_model(tmp_path / "hf")
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/ckpt/0: one step of the checkpoint directory "
+                       f"{tmp_path}/ckpt; pass that directory"):
+        qed_jax.from_pretrained(tmp_path / "ckpt" / "0")
     model_config = tmp_path / "ckpt" / "model_config.json"
     for text, reason in (("{", "Expecting property name enclosed in double quotes"),
                          ('{"hidden_size": 12}', "missing 8 required positional arguments"),
