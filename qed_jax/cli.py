@@ -46,7 +46,6 @@ def _convert(args) -> None:
     from qed_jax import checkpoint
     from qed_jax.pretrained import from_pretrained, save_pretrained
     from qed_jax.sharding import MeshConfig, make_mesh
-
     from qed_jax.trainer import StopSignals
 
     replace = _check_destination(args.source, args.dest, args.overwrite)
@@ -74,7 +73,7 @@ def _generate(args) -> None:
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import load_tokenizer
 
-    given = [flag for flag, default in GENERATE_RC_FLAGS.items() if getattr(args, flag) is not None]
+    given = [flag for flag in GENERATE_RC_FLAGS if getattr(args, flag) is not None]
     if given and not args.reasoning_cache:
         flag = _flag(given[0])
         raise ConfigError(f"{flag} is for --reasoning-cache; add that flag or drop {flag}")
