@@ -253,9 +253,11 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
                     "lm_head.weight; using it, untied (as transformers does)", folder)
         config = config.replace(tie_word_embeddings=False)
     maps = tensor_maps(config)
-    _check_tensors(folder, tensors, maps, config)
-    # The widest dtype among the tensors: a folder of bfloat16 weights with float32 norms loses nothing.
-    stored = max((tensors.dtype(name) for name in _expected_shapes(maps, config)), key=lambda d: d.itemsize)
+    expected = _expected_shapes(maps, config)
+    _check_tensors(folder, tensors, expected)
+    # The widest dtype among the tensors (an unsupported one is refused here): a folder of bfloat16
+    # weights with float32 norms loses nothing.
+    stored = max((tensors.dtype(name) for name in expected), key=lambda d: d.itemsize)
     param_dtype = dtype or stored.name
     config = config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
 
@@ -296,9 +298,7 @@ def _expected_shapes(maps: dict[str, TensorMap], config: ModelConfig) -> dict[st
     return expected
 
 
-def _check_tensors(folder: Path, tensors: SafetensorsFolder, maps: dict[str, TensorMap],
-                   config: ModelConfig) -> None:
-    expected = _expected_shapes(maps, config)
+def _check_tensors(folder: Path, tensors: SafetensorsFolder, expected: dict[str, tuple]) -> None:
     for name, shape in expected.items():
         if name not in tensors:
             raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")
@@ -307,7 +307,6 @@ def _check_tensors(folder: Path, tensors: SafetensorsFolder, maps: dict[str, Ten
                 f"{folder}: tensor {name} has shape {list(tensors.shape(name))}, but config.json "
                 f"implies {list(shape)}"
             )
-        tensors.dtype(name)
     unused = tensors.names() - set(expected) - {"lm_head.weight"}
     if unused:
         log.warning("%s: ignoring %d tensors that Qwen3 does not use, e.g. %s", folder, len(unused),

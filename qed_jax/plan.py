@@ -126,8 +126,8 @@ def topology_devices(tpu: Slice) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
     kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
-    grid = [int(n) for n in tpu.topology.split(":")[1].split("x")]
     if tpu.chips < 4:  # libtpu assumes hosts of 2x2 chips; a one- or two-chip slice is a host of its own
+        grid = [int(n) for n in tpu.topology.split(":")[1].split("x")]
         kwargs["chips_per_host_bounds"] = (*grid, 1)[:3]
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **kwargs).devices
