@@ -274,8 +274,10 @@ def _pipeline(args) -> int | None:
         return 1
 
 
-def _train(args, config_cls, train, summary) -> None:
-    """Shared by the trainers: resolve the config, print it or run, report one line."""
+def _train(args, config_cls, train, summary, before_backend=None) -> None:
+    """Shared by the trainers: resolve the config, print it or run, report one line.
+    `before_backend()` runs after `jax.distributed.initialize` and before anything starts JAX's
+    backend."""
     from qed_jax.config import dump_json, load_config
 
     config = load_config(config_cls, args.config, args.overrides)
@@ -288,6 +290,8 @@ def _train(args, config_cls, train, summary) -> None:
         print(dump_json(config))
         return
     _init_distributed(args)
+    if before_backend is not None:
+        before_backend()
     result = train(config, resume_with_changes=args.resume_with_changes)
     if result["complete"]:
         print(f"{result['output_dir']} is already complete at step {result['step']}: nothing to do "
@@ -298,9 +302,12 @@ def _train(args, config_cls, train, summary) -> None:
 
 
 def _sft(args) -> None:
+    from qed_jax.host import keep_freed_memory
     from qed_jax.sft import SFTConfig, train
 
-    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}")
+    # On CPU each step reuses the memory the last one freed (`host.keep_freed_memory`); not for
+    # grpo, whose decode loops Ctrl-C must be able to stop while they run.
+    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}", before_backend=keep_freed_memory)
 
 
 def _grpo(args) -> None:

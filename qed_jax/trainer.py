@@ -347,7 +347,9 @@ class MetricsLog:
 class StopSignals:
     """Within `with`, SIGTERM (how TPU VMs announce preemption) and SIGINT (Ctrl-C) are recorded
     instead of killing the process, so a training loop can finish its step, write a checkpoint
-    and exit (or `convert` finish the output it is writing). A second signal exits at once."""
+    and exit (or `convert` finish the output it is writing). A second signal exits at once, or
+    where the main thread runs a compiled program to its end (`qed-jax sft` on CPU: see
+    `host.keep_freed_memory`), as soon as that program returns."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT),
                  announce: str = "finishing this step, then writing a checkpoint",

@@ -4,6 +4,7 @@ Ctrl-C writing a checkpoint like a preemption, and one job at a time per run dir
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -296,3 +297,50 @@ def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
             assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Future exception was never retrieved"]
     finally:
         asyncio_log.removeFilter(checkpoint._not_unretrieved_read_failure)
+
+
+
+# Runs a program whose temporary buffer is 192 MiB three times and prints the page faults of the
+# third run: after `host.keep_freed_memory` ("keep"), after a `qed-jax sft` run in the same
+# process ("sft": argv[2] is its output folder), or as glibc and JAX leave it ("default").
+KEEP_FREED_MEMORY_CHILD = """
+import resource, sys
+import jax, jax.numpy as jnp
+from qed_jax import cli, host
+if sys.argv[1] == "sft":
+    assert cli.main(["sft", "--config", sys.argv[3], f"output_dir={sys.argv[2]}", "steps=1", "eval_every=0",
+                     "export_dtype=null"]) == 0
+kept = host.keep_freed_memory() if sys.argv[1] == "keep" else None
+step = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * x, axis=0)[-1] + jnp.cumsum(jnp.cos(x), axis=1)[:, -1])
+x = jnp.ones((4096, 4096), jnp.float32)
+temp = step.lower(x).compile().memory_analysis().temp_size_in_bytes
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(x).block_until_ready()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(kept, temp // 4096, faults)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_sft_keeps_freed_memory_on_cpu_so_each_step_reuses_the_last_ones_pages(tmp_path):
+    """A compiled step's temporary buffer is freed when the step ends. By default glibc unmaps it
+    and the next step faults every page in again; after `host.keep_freed_memory`, which `qed-jax
+    sft` calls before JAX's backend starts (else it would not take), the third run faults almost
+    none."""
+    def third_run(*args):
+        out = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_CHILD, *args], cwd=REPO, env=cli_env(1),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        kept, pages, faults = out.stdout.split()[-3:]
+        return kept, int(pages), int(faults)
+
+    kept, pages, faults = third_run("keep")
+    assert kept == "True" and pages >= 30_000
+    assert faults < pages // 20
+    _, _, faults = third_run("sft", str(tmp_path / "sft"), TINY_SFT)
+    assert faults < pages // 20
+    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (huge_pages.exists() and "[always]" in huge_pages.read_text()):  # else 512 pages per fault
+        _, _, faults = third_run("default")
+        assert faults > pages // 2
