@@ -1,4 +1,5 @@
-"""The model-shape flags the benchmarks share (defaults: a ~48M-parameter Qwen3)."""
+"""The flags the benchmarks share: the model's shape (defaults: a ~48M-parameter Qwen3) and the
+host's memory settings."""
 
 from qed_jax.config import ModelConfig
 
@@ -19,3 +20,18 @@ def model_config(args, dtype: str = "float32") -> ModelConfig:
         num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, rope_theta=1e6,
         tie_word_embeddings=True, max_position_embeddings=4096, param_dtype=dtype, dtype=dtype,
     )
+
+
+def add_host_args(parser) -> None:
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's malloc and JAX's CPU dispatch as they are; by default a training benchmark "
+                             "runs as `qed-jax sft` does, keeping freed memory for the next step (qed_jax/host.py)")
+
+
+def apply_host_args(args) -> bool:
+    """Before anything starts JAX's backend: the host memory settings `qed-jax sft` uses, unless
+    --malloc-default. Returns whether malloc keeps freed memory (PyTorch, later in the same process,
+    runs under the same settings)."""
+    from qed_jax.host import keep_freed_memory
+
+    return False if args.malloc_default else keep_freed_memory()

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from model_args import add_model_args, model_config
+from model_args import add_host_args, add_model_args, apply_host_args, model_config
 
 CONTROL_FLOW = ("while", "conditional", "call")
 
@@ -236,15 +236,19 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--trace-dir", default="bench/results/trace")
+    p.add_argument("--trace-dir", default=str(Path(__file__).resolve().parent / "results" / "trace"),
+                   help="default: bench/results/trace (ignored by git), wherever the script runs from")
     p.add_argument("--out", default=None, help="default: bench/results/profile_<target>.json")
+    add_host_args(p)
     args = p.parse_args()
+    # As the programs run: `sft` keeps freed memory (qed_jax/host.py); the decoding ones do not.
+    keeps_freed_memory = apply_host_args(args) if args.target != "decode" else False
     args.batch = args.batch or (8 if args.target == "decode" else 4)
 
     hlo_text, run = TARGETS[args.target](args)
     run()  # warm up
     result = profile(run, hlo_text, args.repeats, args.trace_dir)
-    result.update(target=args.target, config=vars(args), load_average=os.getloadavg(),
+    result.update(target=args.target, config=vars(args), load_average=os.getloadavg(), keeps_freed_memory=keeps_freed_memory,
                   xla_flags=os.environ.get("XLA_FLAGS", ""), by_kind=summary(result["ops"], kind),
                   by_file=summary(result["ops"], lambda r: r["source"].split(":")[0] or "(no source)"))
     print(f"{args.target}: {result['wall_ms_per_call']:.1f} ms per call, {result['op_ms_per_call']:.1f} ms in ops "

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import roofline
-from model_args import add_model_args, model_config
+from model_args import add_host_args, add_model_args, apply_host_args, model_config
 
 
 def _best(fn, steps):
@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak, for MFU")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--out", default="bench/results/train_step.json")
+    add_host_args(p)
     args = p.parse_args()
+    keeps_freed_memory = apply_host_args(args)
 
     from flax import nnx
 
@@ -106,6 +108,7 @@ def main() -> None:
         "config": vars(args),
         "limits": limits,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # the allocator's settings (see bench/README)
+        "keeps_freed_memory": keeps_freed_memory,  # qed_jax/host.py, for both frameworks
         "qed_jax": {**figures(jax_best), "median_step_s": jax_median, **jax_cpu},
     }
 
