@@ -248,8 +248,9 @@ def main() -> None:
     hlo_text, run = TARGETS[args.target](args)
     run()  # warm up
     result = profile(run, hlo_text, args.repeats, args.trace_dir)
-    result.update(target=args.target, config=vars(args), load_average=os.getloadavg(), keeps_freed_memory=keeps_freed_memory,
-                  xla_flags=os.environ.get("XLA_FLAGS", ""), by_kind=summary(result["ops"], kind),
+    result.update(target=args.target, config=vars(args), load_average=os.getloadavg(),
+                  keeps_freed_memory=keeps_freed_memory, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  by_kind=summary(result["ops"], kind),
                   by_file=summary(result["ops"], lambda r: r["source"].split(":")[0] or "(no source)"))
     print(f"{args.target}: {result['wall_ms_per_call']:.1f} ms per call, {result['op_ms_per_call']:.1f} ms in ops "
           f"(ops on two threads can overlap); load {os.getloadavg()[0]:.2f}")
