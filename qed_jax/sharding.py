@@ -8,6 +8,7 @@ between a single device, FSDP on a pod, and FSDP x tensor parallelism.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Mapping
@@ -81,12 +82,16 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSp
             raise ConfigError(f"rules map two axes of {axes} onto mesh axis {sorted(used & set(names))}")
         ways = math.prod(mesh.shape[n] for n in names)
         if names and size % ways:
-            log.warning("axis %r of size %d is not divisible by mesh %s (%d); replicating it",
-                        name, size, names, ways)
+            _warn_replicated(name, size, names, ways)
             names = ()
         used.update(names)
         spec.append(names[0] if len(names) == 1 else (names or None))
     return PartitionSpec(*spec)
+
+
+@functools.cache  # once per process for each such axis: every parameter that has it asks again
+def _warn_replicated(name: str, size: int, mesh_axes: tuple, ways: int) -> None:
+    log.warning("axis %r of size %d is not divisible by mesh %s (%d); replicating it", name, size, mesh_axes, ways)
 
 
 def is_variable(x) -> bool:

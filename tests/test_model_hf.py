@@ -201,9 +201,17 @@ def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
         assert spec == logical_to_spec(param.get_metadata()["axes"], param.shape, mesh, DEFAULT_RULES)
 
 
-def test_rules_replicate_an_indivisible_axis():
+def test_rules_replicate_an_indivisible_axis_and_say_so_once(caplog):
+    from qed_jax import sharding
+
+    sharding._warn_replicated.cache_clear()  # what earlier tests in this process were told
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)
+    for _ in range(3):  # as every parameter with that axis asks
+        assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)
+        assert logical_to_spec(("embed", "kv_heads"), (64, 3), mesh) == P("fsdp", None)
+    warnings = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
+    assert warnings == ["axis 'kv_heads' of size 1 is not divisible by mesh ('tensor',) (2); replicating it",
+                        "axis 'kv_heads' of size 3 is not divisible by mesh ('tensor',) (2); replicating it"]
 
 
 def test_param_counts_from_abstract_shapes():
