@@ -119,9 +119,13 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     param_dtype = dtype or saved.param_dtype
     config = saved.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
     with manager(directory) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(mgr.all_steps())
+        if not steps:
             raise CheckpointError(f"{directory}: holds a model config but no saved step")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"{directory}: has no step {step}; its steps are {', '.join(map(str, steps))}")
         target = restore_target(saved, mesh, rules)
         try:
             with without_closed_loop_noise():

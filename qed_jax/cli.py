@@ -50,7 +50,7 @@ def _convert(args) -> None:
 
     replace = _check_destination(args.source, args.dest, args.overwrite)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
-    model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype)
+    model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype, step=args.step)
     # Ctrl-C while the output is written lets the write finish (Orbax's threads stopped half-way
     # print their own tracebacks), then stops with the output whole.
     with StopSignals((signal.SIGINT,), "finishing the output being written, then stopping",
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a Hugging Face folder <-> a qed-jax (Orbax) checkpoint",
         description="Convert between a Hugging Face Qwen3 folder and a qed-jax checkpoint "
         "directory. The direction follows SOURCE: a Hugging Face folder becomes a checkpoint, "
-        "a checkpoint becomes a Hugging Face folder (its latest step). Tokenizer files travel along.",
+        "a checkpoint becomes a Hugging Face folder (its latest step, or --step). Tokenizer files travel along.",
     )
     p.add_argument("source", help="Hugging Face model folder or qed-jax checkpoint directory")
     p.add_argument("dest", help="output directory (local path or gs://)")
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters over all devices while converting (for models larger "
                    "than one device's memory)")
+    p.add_argument("--step", type=int, default=None,
+                   help="which step of a checkpoint directory to convert (default: its latest)")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("generate", help="sample completions from a model",

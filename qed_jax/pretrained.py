@@ -34,8 +34,9 @@ def resolve(path) -> str:
 
 
 def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
-                    compute_dtype: str | None = None) -> Qwen3:
-    """Load a Hugging Face Qwen3 folder (or Hub id) or a qed-jax checkpoint directory (latest step).
+                    compute_dtype: str | None = None, step: int | None = None) -> Qwen3:
+    """Load a Hugging Face Qwen3 folder (or Hub id) or a qed-jax checkpoint directory (its latest
+    step, or `step`).
 
     mesh/rules: shard the parameters on a device mesh as they load (default: one device).
     dtype: parameter dtype (default: the checkpoint's own). compute_dtype: default = dtype.
@@ -46,7 +47,9 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     if not where.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if checkpoint.is_checkpoint_dir(where):
-        model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype)
+        model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype, step=step)
+    elif step is not None:
+        raise CheckpointError(f"{path}: not a qed-jax checkpoint directory; a step can only be chosen in one")
     elif not hf.has_safetensors(where) and (
             inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]):
         raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
@@ -54,7 +57,8 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
     elif where.name.isdigit() and checkpoint.is_checkpoint_dir(where.parent):
         raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "
-                              "(its latest step is loaded)")
+                              f"(its latest step is loaded; to use this one, export it: `qed-jax convert {where.parent} OUT "
+                              f"--step {where.name}`)")
     else:
         raise CheckpointError(
             f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "

@@ -132,6 +132,32 @@ def test_convert_cli_hf_orbax_hf_is_bit_identical(tmp_path):
     assert (tmp_path / "back" / "tokenizer_config.json").exists()
 
 
+def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_there_are(tmp_path, capsys):
+    from qed_jax import checkpoint
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_hf_model(first, seed=0)
+    make_hf_model(second, seed=1)
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_model(qed_jax.from_pretrained(first), ckpt, step=0)
+    checkpoint.save_model(qed_jax.from_pretrained(second), ckpt, step=5)
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "latest")]) == 0
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "step0"), "--step", "0"]) == 0
+    for exported, source in ((tmp_path / "latest", second), (tmp_path / "step0", first)):
+        original, back = _tensors(source), _tensors(exported)
+        assert all(np.array_equal(original[name], back[name]) for name in original), exported
+
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "none"), "--step", "3"]) == 2
+    assert f"{ckpt}: has no step 3; its steps are 0, 5" in capsys.readouterr().err
+    assert cli.main(["convert", str(first), str(tmp_path / "none"), "--step", "0"]) == 2
+    assert f"{first}: not a qed-jax checkpoint directory; a step can only be chosen in one" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{ckpt}/0: one step of the checkpoint directory {ckpt}; pass that directory (its latest step is "
+            f"loaded; to use this one, export it: `qed-jax convert {ckpt} OUT --step 0`)")):
+        qed_jax.from_pretrained(ckpt / "0")
+
+
 def test_convert_refuses_an_occupied_destination_unless_overwrite_replaces_it(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     make_hf_model(first, seed=0)
