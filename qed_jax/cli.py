@@ -454,12 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trainer_parser(
         sub, "sft", _sft, "configs/sft/tiny.yaml", "supervised fine-tuning (stage 1 of the recipe)",
         "Supervised fine-tuning on a device mesh. Restarting with the same output_dir resumes from "
-        "its latest checkpoint; SIGTERM writes one before exiting.")
+        "its latest checkpoint; Ctrl-C or SIGTERM writes one before exiting.")
     _add_trainer_parser(
         sub, "grpo", _grpo, "configs/rl/tiny.yaml", "GRPO with rubric rewards from the judge (stage 2)",
         "GRPO: sample a group of completions per prompt with the current policy, grade them with "
         "the judge (or a rule, for toy tasks), centre the rewards per group and update with a "
-        "clipped policy loss. Restarting with the same output_dir resumes (SIGTERM writes a "
+        "clipped policy loss. Restarting with the same output_dir resumes (Ctrl-C or SIGTERM writes a "
         "checkpoint first); the judge's grade cache makes grading exactly-once.")
 
     p = sub.add_parser(
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="compile a config for a TPU slice ahead of time: memory per chip, FLOPs",
         description="Compile a trainer config's step (and, for GRPO, the sampler's prefill and "
         "decode at a wave size) for a TPU slice ahead of time, on any machine with libtpu "
-        "installed (pip install 'qed-jax[tpu]'). No weights are read. Prints per-chip memory "
+        "installed (pip install 'qed-jax[tpu]', or pip install -e '.[tpu]' in a clone). No weights are read. Prints per-chip memory "
         "(arguments, outputs, temporaries, buffers other programs keep resident, total, HBM, "
         "headroom) and FLOPs per call; exits 1 when a program does not fit.")
     p.add_argument("--config", required=True, help="SFT or GRPO YAML config, e.g. configs/sft/qed_nano_4b.yaml")

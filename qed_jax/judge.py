@@ -401,7 +401,8 @@ class Judge:
         except openai.APIStatusError:
             pass  # something answered; some servers do not serve /models
         except openai.APIConnectionError as e:
-            raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {e.__cause__ or e}") from None
+            raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url} (judge.base_url): "
+                                   f"{e.__cause__ or e}") from None
 
     async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], item: GradeItem) -> Grade:
         c = self.config
@@ -447,7 +448,8 @@ class Judge:
                 if isinstance(e, openai.APITimeoutError):
                     reason = "timeout"
                 elif transport_failures >= c.max_retries:
-                    raise JudgeUnavailable(f"cannot reach the judge at {c.base_url}: {e.__cause__ or e}") from None
+                    raise JudgeUnavailable(f"cannot reach the judge at {c.base_url} (judge.base_url): "
+                                           f"{e.__cause__ or e}") from None
                 else:
                     reason = "connection_error"
             except (openai.RateLimitError, openai.InternalServerError) as e:
