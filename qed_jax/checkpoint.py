@@ -7,7 +7,7 @@ Layout of a checkpoint directory (local path or gs://):
     <step>/...             trainers add optimizer state, data iterator, RNG and step
 
 `qed-jax convert` writes step 0 with params only; trainers write every N steps. Loading a
-model picks the latest step.
+model picks the latest step, unless one is given (`qed-jax convert --step`).
 """
 
 from __future__ import annotations

@@ -339,6 +339,10 @@ async def responses_text(client, **kwargs) -> str:
     return response.output_text or ""
 
 
+# What to do when nothing answers at the judge's URL (a pipeline sets judge.base_url from `judge`).
+UNREACHABLE_ADVICE = "start it, or point judge.base_url (a pipeline's `judge`) at one that answers"
+
+
 class Judge:
     """`Judge(config).grade_batch(items)` → one Grade per item, in order."""
 
@@ -401,8 +405,8 @@ class Judge:
         except openai.APIStatusError:
             pass  # something answered; some servers do not serve /models
         except openai.APIConnectionError as e:
-            raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url} (judge.base_url): "
-                                   f"{e.__cause__ or e}") from None
+            raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {e.__cause__ or e}; "
+                                   f"{UNREACHABLE_ADVICE}") from None
 
     async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], item: GradeItem) -> Grade:
         c = self.config
@@ -448,8 +452,8 @@ class Judge:
                 if isinstance(e, openai.APITimeoutError):
                     reason = "timeout"
                 elif transport_failures >= c.max_retries:
-                    raise JudgeUnavailable(f"cannot reach the judge at {c.base_url} (judge.base_url): "
-                                           f"{e.__cause__ or e}") from None
+                    raise JudgeUnavailable(f"cannot reach the judge at {c.base_url}: {e.__cause__ or e}; "
+                                           f"{UNREACHABLE_ADVICE}") from None
                 else:
                     reason = "connection_error"
             except (openai.RateLimitError, openai.InternalServerError) as e:

@@ -42,18 +42,21 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     dtype: parameter dtype (default: the checkpoint's own). compute_dtype: default = dtype.
     The folder is remembered outside the model (see `_SOURCES`) so exports can carry its tokenizer.
     """
+    only_in_checkpoints = "a step can only be chosen in a qed-jax checkpoint directory"
+    if step is not None and is_hub_id(str(path)):
+        raise CheckpointError(f"{path}: a Hugging Face Hub id; {only_in_checkpoints}")
     path = resolve(path)
     where = epath.Path(path)
     if not where.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if checkpoint.is_checkpoint_dir(where):
         model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype, step=step)
-    elif step is not None:
-        raise CheckpointError(f"{path}: not a qed-jax checkpoint directory; a step can only be chosen in one")
     elif not hf.has_safetensors(where) and (
             inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]):
         raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
     elif (where / "config.json").exists():
+        if step is not None:
+            raise CheckpointError(f"{path}: a Hugging Face model folder; {only_in_checkpoints}")
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
     elif where.name.isdigit() and checkpoint.is_checkpoint_dir(where.parent):
         raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "

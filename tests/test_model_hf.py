@@ -150,7 +150,10 @@ def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_ther
     assert cli.main(["convert", str(ckpt), str(tmp_path / "none"), "--step", "3"]) == 2
     assert f"{ckpt}: has no step 3; its steps are 0, 5" in capsys.readouterr().err
     assert cli.main(["convert", str(first), str(tmp_path / "none"), "--step", "0"]) == 2
-    assert f"{first}: not a qed-jax checkpoint directory; a step can only be chosen in one" in capsys.readouterr().err
+    only = "a step can only be chosen in a qed-jax checkpoint directory"
+    assert f"{first}: a Hugging Face model folder; {only}" in capsys.readouterr().err
+    assert cli.main(["convert", "Qwen/Qwen3-0.6B", str(tmp_path / "none"), "--step", "0"]) == 2  # nothing downloaded
+    assert f"Qwen/Qwen3-0.6B: a Hugging Face Hub id; {only}" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
     with pytest.raises(CheckpointError, match=re.escape(
             f"{ckpt}/0: one step of the checkpoint directory {ckpt}; pass that directory (its latest step is "
