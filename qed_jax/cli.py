@@ -513,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="compile a config for a TPU slice ahead of time: memory per chip, FLOPs",
         description="Compile a trainer config's step (and, for GRPO, the sampler's prefill and "
         "decode at a wave size) for a TPU slice ahead of time, on any machine with libtpu "
-        "installed (pip install 'qed-jax[tpu]', or pip install -e '.[tpu]' in a clone). No weights are read. Prints per-chip memory "
+        "installed (pip install 'qed-jax[tpu]', or pip install -e '.[tpu]' in a clone). No weights "
+        "are read. Prints per-chip memory "
         "(arguments, outputs, temporaries, buffers other programs keep resident, total, HBM, "
         "headroom) and FLOPs per call; exits 1 when a program does not fit.")
     p.add_argument("--config", required=True, help="SFT or GRPO YAML config, e.g. configs/sft/qed_nano_4b.yaml")

@@ -134,7 +134,8 @@ def topology_devices(tpu: Slice) -> list:
     except RuntimeError as e:  # no libtpu, or a topology it refuses
         import importlib.util
 
-        hint = "" if importlib.util.find_spec("libtpu") else ". Compiling for TPU needs libtpu: pip install 'qed-jax[tpu]', or pip install -e '.[tpu]' in a clone"
+        hint = "" if importlib.util.find_spec("libtpu") else (
+            ". Compiling for TPU needs libtpu: pip install 'qed-jax[tpu]', or pip install -e '.[tpu]' in a clone")
         raise ConfigError(f"cannot build TPU topology {tpu.topology} for {tpu.name}: {first_line(e)}{hint}") from None
     if len(devices) != tpu.chips:
         raise ConfigError(f"topology {tpu.topology} has {len(devices)} devices, expected one per chip ({tpu.chips})")

@@ -60,8 +60,8 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
     elif where.name.isdigit() and checkpoint.is_checkpoint_dir(where.parent):
         raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "
-                              f"(its latest step is loaded; to use this one, export it: `qed-jax convert {where.parent} OUT "
-                              f"--step {where.name}`)")
+                              f"(its latest step is loaded; to use this one, export it: "
+                              f"`qed-jax convert {where.parent} OUT --step {where.name}`)")
     else:
         raise CheckpointError(
             f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "
