@@ -126,7 +126,9 @@ def topology_devices(tpu: Slice) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
     kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
-    if tpu.chips < 4:  # libtpu assumes hosts of 2x2 chips; a one- or two-chip slice is a host of its own
+    # libtpu assumes hosts of 2x2 chips. A slice of fewer is a host of its own, and so is a v5e or
+    # v6e slice of up to 8 chips (their 8-chip hosts: v6e-8 is one host, v6e-16 four of 4 chips).
+    if tpu.chips < 4 or (tpu.spec.dims == 2 and tpu.chips <= 8):
         grid = [int(n) for n in tpu.topology.split(":")[1].split("x")]
         kwargs["chips_per_host_bounds"] = (*grid, 1)[:3]
     try:
@@ -140,6 +142,20 @@ def topology_devices(tpu: Slice) -> list:
     if len(devices) != tpu.chips:
         raise ConfigError(f"topology {tpu.topology} has {len(devices)} devices, expected one per chip ({tpu.chips})")
     return list(devices)
+
+
+def one_host_devices(tpu: Slice, devices: list) -> list:
+    """The chips of the slice's first host, the compile target of programs that run on one
+    host's chips (GRPO's sampler). libtpu compiles a program over chips 0..n-1 of a slice, but
+    aborts the process while lowering a collective over other ids, and on v5e and v6e a host is a
+    2x2 block of the slice's grid (chips 0, 1, 4 and 5 of a v6e-16): there, a topology of one
+    host's shape stands in for it (memory per chip does not depend on where the host sits)."""
+    first = [d for d in devices if d.process_index == devices[0].process_index]
+    if sorted(d.id for d in first) == list(range(len(first))):
+        return first
+    sides = [max(d.coords[i] for d in first) - min(d.coords[i] for d in first) + 1 for i in range(tpu.spec.dims)]
+    host = Slice(f"one host of {tpu.name}", tpu.generation, len(first), f"{tpu.generation}:{'x'.join(map(str, sides))}")
+    return topology_devices(host)
 
 
 def hbm_per_chip(device, tpu: Slice) -> tuple[int, str]:
@@ -513,7 +529,7 @@ def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident:
     return program, info
 
 
-def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
+def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = None,
               wave: int | None = None) -> tuple[list[ProgramPlan], dict]:
     """GRPO's learner (one micro-batch of packed rows, and the optimizer step) and the sampler's
     prefill and decode loop at a wave size, each with the buffers `grpo.train` keeps alive
@@ -533,8 +549,7 @@ def plan_grpo(config, devices, hbm: int, preset_name: str | None = None,
     # Each host samples its share of the step on its own chips (grpo.train with one process per
     # host): the sampler's programs run on one host's devices.
     hosts = sorted({d.process_index for d in devices})
-    host_devices = [d for d in devices if d.process_index == hosts[0]]
-    sampling_mesh = make_mesh(config.sampling.mesh or config.mesh, devices=host_devices)
+    sampling_mesh = make_mesh(config.sampling.mesh or config.mesh, devices=one_host_devices(tpu, devices))
     samples_per_host = config.samples_per_step // len(hosts)
     sampling_model = model.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])
@@ -663,7 +678,7 @@ def plan(config_path: str | None, topology: str, overrides: list[str] = (), trai
     if trainer == "sft":
         programs, info = plan_sft(config, devices, hbm, preset_name)
     else:
-        programs, info = plan_grpo(config, devices, hbm, preset_name, wave)
+        programs, info = plan_grpo(config, tpu, devices, hbm, preset_name, wave)
     return Plan(str(config_path), trainer, tpu, devices[0].device_kind, hbm, hbm_source, programs, info)
 
 

@@ -59,15 +59,18 @@ def test_a_slice_knows_the_accelerator_type_a_tpu_vm_of_it_reports(name, acceler
 
 
 @pytest.mark.tpu_compile
-@pytest.mark.parametrize("name,chips", [("v6e-8", 8), ("v6e-1", 1), ("v5e-2", 2), ("v5p:1x1x1", 1)])
-def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu, name, chips):
+@pytest.mark.parametrize("name,chips,hosts", [("v6e-8", 8, 1), ("v6e-16", 16, 4), ("v5e-8", 8, 1), ("v6e-1", 1, 1),
+                                              ("v5e-2", 2, 1), ("v5p:1x1x1", 1, 1), ("v5p-16", 8, 2)])
+def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu, name, chips, hosts):
     """libtpu, unable to ask a metadata server, warns about the accelerator type and errors
-    about the workers' hostnames unless the plan tells it both; slices of one or two chips are
-    a host of their own (libtpu assumes hosts of 2x2 chips)."""
-    code = f"from qed_jax import plan; print(len(plan.topology_devices(plan.parse_slice({name!r}))))"
+    about the workers' hostnames unless the plan tells it both. Hosts are as Cloud builds them
+    (tpu_scripts/README.md): 4 chips each (libtpu's default), except that a slice of one or two
+    chips, or a v5e or v6e slice of up to 8, is one host."""
+    code = ("from qed_jax import plan; devices = plan.topology_devices(plan.parse_slice(%r)); "
+            "print(len(devices), len({d.process_index for d in devices}))" % name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == str(chips), done.stderr
+    assert done.returncode == 0 and done.stdout.split() == [str(chips), str(hosts)], done.stderr
     assert done.stderr == ""
 
 
@@ -204,6 +207,21 @@ def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, caps
     assert report["kv_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # float32 sampling
     assert report["kv_cache_length"] == 256  # the tiny config's prompt bucket 128 + max_new_tokens 8, rounded up
     assert report["programs"][2]["resident"] == report["trainer_state_bytes_per_chip"] > 0
+
+
+@pytest.mark.tpu_compile
+def test_grpo_sampler_compiles_for_one_host_of_a_multi_host_v6e_slice(libtpu):
+    """The sampler runs on one host's 4 chips. On v6e those are a 2x2 block of the slice's grid
+    (chips 0, 1, 4 and 5 of a v6e-16), and libtpu aborted the process while lowering the weights'
+    all-gather over them; the plan compiles the sampler for a host-sized topology instead. In a
+    subprocess, so that an abort fails this test and not the whole run."""
+    done = subprocess.run([sys.executable, "-m", "qed_jax.cli", "plan", "--config", RL_TINY, "--topology", "v6e-16",
+                           "mesh.data=1", "mesh.fsdp=-1", "max_new_tokens=8", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["fits"] and report["hosts"] == 4 and report["sampling_mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert [p["name"] for p in report["programs"]] == ["accumulate", "apply", "prefill", "decode_loop"]
 
 
 @pytest.mark.tpu_compile
