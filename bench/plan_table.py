@@ -3,6 +3,7 @@ slices, compiled ahead of time on this machine (needs the `tpu` extra: libtpu).
 
     python bench/plan_table.py                      # all configs x slices (tens of minutes on 2 cores)
     python bench/plan_table.py --slices v5p-8 v5p-16 --configs configs/sft/qed_nano_4b.yaml
+    python bench/plan_table.py --slices v6e-8 --set model.remat=offload   # overrides for every cell
 
 Writes bench/results/plan_table.json and prints a Markdown table: per config and slice, the
 largest per-chip total over the config's programs, the HBM, the headroom and whether it fits;
@@ -46,6 +47,8 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--slices", nargs="+", default=list(SLICES))
     parser.add_argument("--headroom", type=float, default=0.15, help="headroom a slice needs to count as the smallest")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every config and slice, e.g. model.remat=offload")
     parser.add_argument("--out", default="bench/results/plan_table.json")
     args = parser.parse_args()
 
@@ -54,7 +57,7 @@ def main() -> int:
     rows = []
     for config in args.configs:
         for name in args.slices:
-            overrides = micro_batches_for(config, plan.parse_slice(name).chips)
+            overrides = micro_batches_for(config, plan.parse_slice(name).chips) + args.set
             p = plan.plan(config, name, overrides, preset_name=CONFIGS.get(config))
             worst = max(p.programs, key=lambda q: plan.sum_known(q) / q.hbm)
             rows.append({"config": config, "slice": name, "chips": p.slice.chips, "overrides": overrides, "fits": p.fits,

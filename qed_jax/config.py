@@ -18,6 +18,7 @@ from qed_jax.errors import ConfigError
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "blockwise")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
 DTYPES = ("float32", "bfloat16", "float16")  # of weights, activations and exports
 
 
@@ -44,7 +45,9 @@ class ModelConfig:
     max_position_embeddings: int = 40960
     param_dtype: str = "bfloat16"  # storage dtype of the weights
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
-    remat: str = "none"  # none | full | dots (what a scanned block saves for the backward pass)
+    # What a scanned block saves for the backward pass: none (everything), full (only its input),
+    # dots (its input and its matmuls' outputs), offload (as full, with the inputs in host memory)
+    remat: str = "none"
     # auto | xla | splash | blockwise: how full-sequence attention (training, prefill) is computed;
     # a runtime choice like remat: the weights do not depend on it (see qed_jax.attention)
     attention: str = "auto"
@@ -65,8 +68,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ConfigError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(
                 f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"

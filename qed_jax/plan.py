@@ -240,6 +240,7 @@ class ProgramPlan:
     arguments: int | None = None
     outputs: int | None = None  # outputs that do not reuse a donated argument's buffer
     temporaries: int | None = None
+    host_temporaries: int | None = None  # in the host's memory (`remat: offload`), not counted in HBM
     code: int | None = None
     flops: float | None = None
     compile_s: float = 0.0
@@ -295,6 +296,7 @@ def compile_program(name: str, jitted, args: tuple, hbm: int, mesh, resident: in
     plan.arguments = stats.argument_size_in_bytes
     plan.outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
     plan.temporaries = stats.temp_size_in_bytes
+    plan.host_temporaries = stats.host_temp_size_in_bytes
     plan.code = stats.generated_code_size_in_bytes
     return plan
 
@@ -627,6 +629,7 @@ class Plan:
     hbm_source: str
     programs: list[ProgramPlan]
     info: dict
+    chips_per_host: int
 
     @property
     def fits(self) -> bool:
@@ -635,6 +638,7 @@ class Plan:
     def to_json(self) -> dict:
         return {"config": self.config, "trainer": self.trainer, "slice": dataclasses.asdict(self.slice),
                 "device_kind": self.devices, "hbm_bytes_per_chip": self.hbm, "hbm_source": self.hbm_source,
+                "chips_per_host": self.chips_per_host,
                 "fits": self.fits, "programs": [p.to_json() for p in self.programs], **self.info}
 
 
@@ -679,7 +683,9 @@ def plan(config_path: str | None, topology: str, overrides: list[str] = (), trai
         programs, info = plan_sft(config, devices, hbm, preset_name)
     else:
         programs, info = plan_grpo(config, tpu, devices, hbm, preset_name, wave)
-    return Plan(str(config_path), trainer, tpu, devices[0].device_kind, hbm, hbm_source, programs, info)
+    chips_per_host = sum(d.process_index == devices[0].process_index for d in devices)
+    return Plan(str(config_path), trainer, tpu, devices[0].device_kind, hbm, hbm_source, programs, info,
+                chips_per_host)
 
 
 def sum_known(q: ProgramPlan) -> int:
@@ -726,6 +732,10 @@ def format_report(p: Plan) -> str:
                          f"({' + '.join(known)}) > {_gib(q.hbm)} GiB HBM: {q.error}")
         elif not q.fits:
             lines.append(f"{q.name}: does not fit: {_gib(q.total)} GiB with resident buffers > {_gib(q.hbm)} GiB HBM")
+        if q.host_temporaries:
+            lines.append(f"{q.name}: also {_gib(q.host_temporaries)} GiB per chip of the host's memory "
+                         f"({_gib(q.host_temporaries * p.chips_per_host)} GiB per host of {p.chips_per_host} chips; "
+                         "the layers' inputs under remat: offload)")
     lines.append("fits" if p.fits else "does NOT fit")
     return "\n".join(lines)
 

@@ -22,7 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
-from qed_jax.config import ConfigError, check_dtype, dump_json, preset, to_dict
+from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_dtype, dump_json, preset,
+                            to_dict)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -37,7 +38,7 @@ class ModelSpec:
     preset: str | None = None  # random init of this preset when there is no path (e.g. tiny)
     param_dtype: str | None = None  # default: the checkpoint's (or the preset's)
     dtype: str | None = None  # compute dtype; default: param_dtype
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # none | full | dots | offload (see ModelConfig.remat)
     attention: str = "auto"  # auto | xla | splash | blockwise (see qed_jax/attention.py)
 
     def __post_init__(self):
@@ -48,6 +49,9 @@ class ModelSpec:
             preset(self.preset)  # an unknown name fails here, listing the known ones
         check_dtype(self.param_dtype, "model.param_dtype")
         check_dtype(self.dtype, "model.dtype")
+        for field, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
+            if getattr(self, field) not in allowed:  # before any data is read, not when the model is built
+                raise ConfigError(f"model.{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
 
     def describe(self) -> str:
         """What will be loaded, for --print-config and logs."""

@@ -297,14 +297,19 @@ def test_a_wave_whose_cache_exceeds_hbm_is_reported_with_its_own_temporaries(lib
 # small CPU machine, hence slow.
 
 
-def _sft_4b_temporaries(tokens: int) -> int:
-    """Temporaries per chip of the 4B SFT step, one row of `tokens` per chip (4 rows, 4 chips).
-    At the default matmul precision, as `qed-jax plan` compiles (the suite sets "highest")."""
+def _sft_4b_step(tokens: int, remat: str = "full") -> plan.ProgramPlan:
+    """The 4B SFT step, one row of `tokens` per chip (4 rows, 4 chips). At the default matmul
+    precision, as `qed-jax plan` compiles (the suite sets "highest")."""
     with jax.default_matmul_precision("default"):
-        report = plan.plan(SFT_4B, "v5p-8", ["batch_size=4", "micro_batches=1", f"data.max_length={tokens}"])
+        report = plan.plan(SFT_4B, "v5p-8", ["batch_size=4", "micro_batches=1", f"data.max_length={tokens}",
+                                             f"model.remat={remat}"])
     (step,) = report.programs
     assert step.temporaries is not None, step.error
-    return step.temporaries
+    return step
+
+
+def _sft_4b_temporaries(tokens: int) -> int:
+    return _sft_4b_step(tokens).temporaries
 
 
 @pytest.mark.slow
@@ -316,6 +321,37 @@ def test_4b_sft_activation_memory_grows_linearly_in_sequence_length(libtpu):
     short, long = _sft_4b_temporaries(4096), _sft_4b_temporaries(8192)
     assert long <= 2.2 * short, (f"temporaries {short / plan.GiB:.2f} GiB at 4096 tokens, "
                                  f"{long / plan.GiB:.2f} GiB at 8192")
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+def test_4b_remat_offload_moves_the_layer_inputs_off_the_chip(libtpu):
+    """`remat: offload` keeps what the layer scan saves for the backward pass, each layer's input,
+    in host memory: exactly L x T x D bfloat16 per chip there, and at least as much less on the
+    chip than with `remat: full` (1.40 GiB less for 0.70 GiB moved, when measured)."""
+    c = PRESETS["qwen3-4b-thinking-2507"]
+    full, offload = _sft_4b_step(4096, "full"), _sft_4b_step(4096, "offload")
+    layer_inputs = c.num_layers * 4096 * c.hidden_size * 2
+    assert full.host_temporaries == 0 and offload.host_temporaries == layer_inputs
+    assert full.temporaries - offload.temporaries >= layer_inputs
+
+
+@pytest.mark.tpu_compile
+def test_remat_offload_puts_exactly_the_layer_inputs_in_host_memory(libtpu):
+    c = PRESETS["tiny"]
+    for remat, host_bytes in (("full", 0), ("offload", c.num_layers * 2048 * c.hidden_size * 4)):
+        # one float32 row of 2,048 tokens per chip and micro-batch
+        report = plan.plan(SFT_TINY, "v5p-8", [f"model.remat={remat}", "data.max_length=2048"])
+        assert report.programs[0].host_temporaries == host_bytes and report.chips_per_host == 4
+
+
+def test_host_memory_is_reported_per_chip_and_per_host():
+    step = plan.ProgramPlan("accumulate", hbm=32 * plan.GiB, arguments=plan.GiB, outputs=0,
+                            temporaries=20 * plan.GiB, host_temporaries=3 * plan.GiB, code=0)
+    report = plan.Plan("c.yaml", "sft", plan.parse_slice("v6e-16"), "TPU v6 lite", 32 * plan.GiB, "compiler",
+                       [step], {"model": "m", "mesh": {}}, chips_per_host=4)
+    assert ("accumulate: also 3.00 GiB per chip of the host's memory (12.00 GiB per host of 4 chips; "
+            "the layers' inputs under remat: offload)") in plan.format_report(report).splitlines()
 
 
 @pytest.mark.tpu_compile

@@ -328,7 +328,17 @@ def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
     assert "unknown config key batch_size_typo" in err and "batch_size" in err and "micro_batches" in err
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("override, message", [
+    ("model.remat=ful", "model.remat must be one of none, full, dots, offload, got 'ful'"),
+    ("model.attention=splsh", "model.attention must be one of auto, xla, splash, blockwise, got 'splsh'"),
+])
+def test_a_misspelt_model_setting_fails_when_the_config_loads(capsys, override, message):
+    """Before any data is read or tokenized (the model is built only after)."""
+    assert cli.main(["sft", "--config", TINY, override]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qed-jax sft: error: {message}"]
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "offload"])
 def test_remat_gives_the_same_loss_and_gradients(remat):
     rng = np.random.default_rng(5)
     batch = {"tokens": jnp.asarray(rng.integers(0, 512, (1, 2, 16)), jnp.int32),
