@@ -325,6 +325,9 @@ def _plan(args) -> int | None:
     # training job may be holding) unless the caller chose a platform.
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")
+    # What is compiled for a topology without chips cannot be read back from JAX's persistent
+    # compilation cache (with JAX_COMPILATION_CACHE_DIR set, a second plan warned, then compiled).
+    jax.config.update("jax_enable_compilation_cache", False)
     from qed_jax import plan
 
     result = plan.plan(args.config, args.topology, args.overrides, trainer=args.trainer,

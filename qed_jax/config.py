@@ -28,6 +28,11 @@ def check_dtype(value: str | None, key: str) -> None:
         raise ConfigError(f"{key} must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {value!r}")
 
 
+def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Qwen3 dense decoder."""
@@ -68,12 +73,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(
-                f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"
-            )
+        check_choice(self.remat, REMAT_POLICIES, "remat")
+        check_choice(self.attention, ATTENTION_IMPLEMENTATIONS, "attention")
         for field in ("param_dtype", "dtype"):
             check_dtype(getattr(self, field), field)
 

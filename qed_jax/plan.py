@@ -42,14 +42,17 @@ class Generation:
     counts_cores: bool  # the Cloud name counts TensorCores (two per chip), not chips
     dims: int  # 3: a torus of 2x2x1 blocks; 2: a 2-D grid
     nominal_hbm_gib: float  # the spec sheet's, used only when the compiler does not say
+    # A slice of up to this many chips is one host; larger ones have 4 chips per host (as
+    # tpu_scripts/tpu.py's SINGLE_HOST_MAX_CHIPS, which runs without this package)
+    single_host_chips: int
     chip_config: str | None = None  # v4: one device per chip (megacore), as JAX uses it
 
 
 GENERATIONS = {
-    "v4": Generation(counts_cores=True, dims=3, nominal_hbm_gib=32, chip_config="megacore"),
-    "v5p": Generation(counts_cores=True, dims=3, nominal_hbm_gib=95),
-    "v5e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=16),
-    "v6e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=32),
+    "v4": Generation(counts_cores=True, dims=3, nominal_hbm_gib=32, single_host_chips=4, chip_config="megacore"),
+    "v5p": Generation(counts_cores=True, dims=3, nominal_hbm_gib=95, single_host_chips=4),
+    "v5e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=16, single_host_chips=8),
+    "v6e": Generation(counts_cores=False, dims=2, nominal_hbm_gib=32, single_host_chips=8),
 }
 _ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator type for v5e slices
 _CLOUD_NAMES = {generation: cloud for cloud, generation in _ALIASES.items()}
@@ -126,9 +129,8 @@ def topology_devices(tpu: Slice) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
     kwargs = {"chip_config_name": tpu.spec.chip_config} if tpu.spec.chip_config else {}
-    # libtpu assumes hosts of 2x2 chips. A slice of fewer is a host of its own, and so is a v5e or
-    # v6e slice of up to 8 chips (their 8-chip hosts: v6e-8 is one host, v6e-16 four of 4 chips).
-    if tpu.chips < 4 or (tpu.spec.dims == 2 and tpu.chips <= 8):
+    # libtpu assumes hosts of 2x2 chips; a slice of up to `single_host_chips` is one host.
+    if tpu.chips <= tpu.spec.single_host_chips:
         grid = [int(n) for n in tpu.topology.split(":")[1].split("x")]
         kwargs["chips_per_host_bounds"] = (*grid, 1)[:3]
     try:
@@ -144,13 +146,19 @@ def topology_devices(tpu: Slice) -> list:
     return list(devices)
 
 
+def first_host(devices: list) -> list:
+    """The devices of the first host (the process of devices[0])."""
+    return [d for d in devices if d.process_index == devices[0].process_index]
+
+
 def one_host_devices(tpu: Slice, devices: list) -> list:
     """The chips of the slice's first host, the compile target of programs that run on one
     host's chips (GRPO's sampler). libtpu compiles a program over chips 0..n-1 of a slice, but
-    aborts the process while lowering a collective over other ids, and on v5e and v6e a host is a
-    2x2 block of the slice's grid (chips 0, 1, 4 and 5 of a v6e-16): there, a topology of one
-    host's shape stands in for it (memory per chip does not depend on where the host sits)."""
-    first = [d for d in devices if d.process_index == devices[0].process_index]
+    aborts the process while lowering a collective over other ids, and the first host's chips are
+    other ids on multi-host v5e and v6e slices (a 2x2 block of the grid: chips 0, 1, 4 and 5 of a
+    v6e-16) and on v4 and v5p slices from 4x4x4 up: there, a topology of one host's shape stands
+    in for it (memory per chip does not depend on where the host sits)."""
+    first = first_host(devices)
     if sorted(d.id for d in first) == list(range(len(first))):
         return first
     sides = [max(d.coords[i] for d in first) - min(d.coords[i] for d in first) + 1 for i in range(tpu.spec.dims)]
@@ -683,9 +691,8 @@ def plan(config_path: str | None, topology: str, overrides: list[str] = (), trai
         programs, info = plan_sft(config, devices, hbm, preset_name)
     else:
         programs, info = plan_grpo(config, tpu, devices, hbm, preset_name, wave)
-    chips_per_host = sum(d.process_index == devices[0].process_index for d in devices)
     return Plan(str(config_path), trainer, tpu, devices[0].device_kind, hbm, hbm_source, programs, info,
-                chips_per_host)
+                len(first_host(devices)))
 
 
 def sum_known(q: ProgramPlan) -> int:
@@ -733,9 +740,10 @@ def format_report(p: Plan) -> str:
         elif not q.fits:
             lines.append(f"{q.name}: does not fit: {_gib(q.total)} GiB with resident buffers > {_gib(q.hbm)} GiB HBM")
         if q.host_temporaries:
+            # Not held against `fits`: a TPU host has hundreds of GiB.
             lines.append(f"{q.name}: also {_gib(q.host_temporaries)} GiB per chip of the host's memory "
                          f"({_gib(q.host_temporaries * p.chips_per_host)} GiB per host of {p.chips_per_host} chips; "
-                         "the layers' inputs under remat: offload)")
+                         "model.remat: offload keeps the layers' inputs there)")
     lines.append("fits" if p.fits else "does NOT fit")
     return "\n".join(lines)
 

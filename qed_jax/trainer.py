@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
-from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_dtype, dump_json, preset,
-                            to_dict)
+from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
+                            dump_json, preset, to_dict)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -49,9 +49,9 @@ class ModelSpec:
             preset(self.preset)  # an unknown name fails here, listing the known ones
         check_dtype(self.param_dtype, "model.param_dtype")
         check_dtype(self.dtype, "model.dtype")
-        for field, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
-            if getattr(self, field) not in allowed:  # before any data is read, not when the model is built
-                raise ConfigError(f"model.{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
+        # Here, before any data is read, not only when the model is built.
+        check_choice(self.remat, REMAT_POLICIES, "model.remat")
+        check_choice(self.attention, ATTENTION_IMPLEMENTATIONS, "model.attention")
 
     def describe(self) -> str:
         """What will be loaded, for --print-config and logs."""

@@ -190,6 +190,18 @@ def test_tiny_sft_step_compiles_for_four_v5p_chips(libtpu, capsys):
                                                                  * c.head_dim * T) + 2 * c.vocab_size * c.hidden_size) * tokens
 
 @pytest.mark.tpu_compile
+def test_a_plan_leaves_the_persistent_compilation_cache_alone(libtpu, tmp_path):
+    """A program compiled for a topology without chips cannot be read back from JAX's persistent
+    cache: with one set (common on TPU VMs), a second plan warned and compiled again."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "qed_jax.cli", "plan", "--config", SFT_TINY, "--topology", "v5p-8"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+
+
+@pytest.mark.tpu_compile
 def test_a_wave_larger_than_a_step_is_refused_before_compiling(libtpu):
     with pytest.raises(ConfigError, match=r"^--wave-size 1000 is more rows than the sampler ever runs at once: 64 "
                        r"samples per step on each host$"):
@@ -218,10 +230,18 @@ def test_grpo_sampler_compiles_for_one_host_of_a_multi_host_v6e_slice(libtpu):
     done = subprocess.run([sys.executable, "-m", "qed_jax.cli", "plan", "--config", RL_TINY, "--topology", "v6e-16",
                            "mesh.data=1", "mesh.fsdp=-1", "max_new_tokens=8", "--json"],
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]  # the old plan died here (SIGABRT)
     report = json.loads(done.stdout)
     assert report["fits"] and report["hosts"] == 4 and report["sampling_mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert [p["name"] for p in report["programs"]] == ["accumulate", "apply", "prefill", "decode_loop"]
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("name", ["v5p-16", "v6e-16", "v5p-128", "v6e-64"])
+def test_the_sampler_is_planned_on_chips_0_to_3_of_one_host(libtpu, name):
+    tpu = plan.parse_slice(name)
+    host = plan.one_host_devices(tpu, plan.topology_devices(tpu))
+    assert sorted(d.id for d in host) == [0, 1, 2, 3] and {d.process_index for d in host} == {0}
 
 
 @pytest.mark.tpu_compile
@@ -351,7 +371,7 @@ def test_host_memory_is_reported_per_chip_and_per_host():
     report = plan.Plan("c.yaml", "sft", plan.parse_slice("v6e-16"), "TPU v6 lite", 32 * plan.GiB, "compiler",
                        [step], {"model": "m", "mesh": {}}, chips_per_host=4)
     assert ("accumulate: also 3.00 GiB per chip of the host's memory (12.00 GiB per host of 4 chips; "
-            "the layers' inputs under remat: offload)") in plan.format_report(report).splitlines()
+            "model.remat: offload keeps the layers' inputs there)") in plan.format_report(report).splitlines()
 
 
 @pytest.mark.tpu_compile

@@ -32,7 +32,7 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-li
 # TensorCores on v4/v5p (two per chip) and chips on v5e/v6e. Every multi-host slice has 4 chips
 # per host; v5e/v6e slices of up to 8 chips are a single host.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
-SINGLE_HOST_MAX_CHIPS = {"v4": 4, "v5p": 4, "v5litepod": 8, "v6e": 8}
+SINGLE_HOST_MAX_CHIPS = {"v4": 4, "v5p": 4, "v5litepod": 8, "v6e": 8}  # as qed_jax/plan.py's GENERATIONS
 
 # Queued-resource states (QueuedResourceState.State). ACCEPTED is the older name of
 # WAITING_FOR_RESOURCES. PREEMPTED is a node state some tools report for the same event.
