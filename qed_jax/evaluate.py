@@ -555,7 +555,7 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
         if config.benchmark.kind == "proof":
             to_judge.append((record, turn, completion))
             continue
-        answer_text = extract_proof(completion)
+        answer_text = extract_proof(completion, config.judge.strip_self_evaluation)
         if answer_text is None and config.judge.require_think_end:
             on_grade(record, turn, 0, "no_think_end", "truncated", None)
             continue

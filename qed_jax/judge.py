@@ -150,19 +150,26 @@ def render_prompt(template: str, item: GradeItem, proof: str) -> str:
     return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
 
 
+# A self-evaluation section starts at its heading: a line that is the section's name, as a
+# Markdown heading (numbered or not) or bold or plain, alone or followed by a colon or a parenthesis
+# ("## Self-evaluation", "**Confidence:** high", "Self-assessment (7/7): ..."). A line of the
+# proof that merely begins with such a word ("Confidence bounds are ...") is no heading.
 _SELF_EVALUATION = re.compile(
-    r"\n[#*\s]*(self[- ]?(evaluation|assessment|check|verification)|confidence)\b[^\n]*\n.*\Z",
-    re.IGNORECASE | re.DOTALL,
+    r"^[ \t]*(?:#+[ \t]*(?:\d+[.)]?[ \t]*)?)?[*_]{0,2}"
+    r"(?:self[- ]?(?:evaluation|assessment|verification)|confidence(?:[ \t]+(?:level|score|assessment))?)"
+    r"[*_]{0,2}[ \t]*(?:[:(]|$).*\Z",
+    re.IGNORECASE | re.DOTALL | re.MULTILINE,
 )
 
 
 def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str | None:
-    """The text after the last </think>, or None when the reasoning never ended."""
+    """The text after the last </think>, or None when the reasoning never ended; with
+    `strip_self_evaluation`, cut at the first self-evaluation heading (everything after it goes)."""
     if THINK_END not in completion:
         return None
     proof = completion.rsplit(THINK_END, 1)[1]
     if strip_self_evaluation:
-        proof = _SELF_EVALUATION.sub("\n", "\n" + proof)
+        proof = _SELF_EVALUATION.sub("", proof)
     return proof.strip()
 
 

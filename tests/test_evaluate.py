@@ -154,6 +154,21 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
 
 
+def test_a_stripped_self_evaluation_is_not_read_as_the_final_answer(tmp_path):
+    def reply(prompt, seed):  # the right answer, then a self-evaluation whose box holds the score
+        return "Compute.</think>\nSo the answer is \\boxed{6}.\n\nConfidence: \\boxed{7} of 7"
+
+    runs = {}
+    for strip in (True, False):
+        with ModelServer(reply) as model, JudgeServer() as judge:
+            cfg = config(tmp_path / str(strip), "answerbench", model.url, judge.url, "samples=1", "benchmark.limit=3",
+                         f"judge.strip_self_evaluation={str(strip).lower()}")
+            evaluate(cfg, progress=False)
+        _, records = read_run(cfg.output_dir)
+        runs[strip] = {r["problem_id"]: (r["score"], r["decided_by"]) for r in records}["AB-003"]
+    assert runs == {True: (7, "math_verify"), False: (0, "math_verify")}
+
+
 def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
     def reply(prompt, seed):
         return "Working it out.</think>\nSo the answer is \\boxed{6}." if "divisors" in prompt else "Still thinking"

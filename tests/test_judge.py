@@ -161,12 +161,34 @@ def test_parse_score_table(reply, fmt, allowed, expected):
     assert parse_score(reply, fmt, allowed) == expected
 
 
-def test_proof_extraction_and_self_evaluation_strip():
+def test_proof_extraction():
     assert extract_proof("a</think>b</think>  the proof ") == "the proof"
     assert extract_proof("no end of thinking") is None
     text = "x</think>Proof. Done.\n\n## Self-evaluation\nI am confident this is right."
-    assert extract_proof(text, strip_self_evaluation=True) == "Proof. Done."
     assert extract_proof(text) == text.split("</think>")[1].strip()
+
+
+@pytest.mark.parametrize("tail", [
+    "\n\n## Self-evaluation\nI am confident this is right.",
+    "\n\n### 3. Self Evaluation (confidence 6/7)\nThe induction is sound.",
+    "\n\n**Self-Assessment**\nAll cases are covered.\n",
+    "\n\n**Self-verification:** every step checked.\nScore: 7",
+    "\n\nSelf-evaluation: I am confident the proof is correct, score 7.",  # the last line, no newline
+    "\n\nConfidence: 7/7",
+    "\n\n_Confidence level_: high",
+])
+def test_self_evaluation_section_is_cut_at_its_heading(tail):
+    assert extract_proof(f"x</think>Proof. Done.{tail}", strip_self_evaluation=True) == "Proof. Done."
+
+
+@pytest.mark.parametrize("proof", [
+    "Proof. Step 1.\nConfidence bounds are not needed here; by Lemma 2,\nx = 1, which completes the proof.",
+    "Proof.\nSelf-check of the base case: n = 1 gives 2, which is even.\nInductive step: done.\nQED",
+    "Proof.\n## Confidence intervals\nThe estimate holds.",
+    "Proof.\nSelf-evaluating maps are continuous here, so f is.",
+])
+def test_proof_lines_that_begin_like_a_self_evaluation_are_kept(proof):
+    assert extract_proof(f"x</think>{proof}", strip_self_evaluation=True) == proof
 
 
 def test_marking_scheme_renders_string_and_checkpoints_consistently():
