@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -154,7 +155,7 @@ class EvalConfig:
     mode: str = "single"  # single: one completion per sample | rc: reasoning-cache turns (local model)
     rc: EvalRCConfig = EvalRCConfig()
     samples: int = 3  # k samples per problem: the report's avg@k
-    seed: int = 0  # sample i is drawn with seed + i
+    seed: int = 0  # sample k of problem p (its place in the benchmark) draws with seed + k as row p
     batch_size: int = 64  # samples generated (then graded) per round; what a kill can lose
     output_dir: str = "runs/eval"
 
@@ -410,8 +411,9 @@ class LocalGenerator:
         self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
                                progress=False)
 
-    def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
-        """Calls on_sample(i, Sample) for each prompt, all of them drawn with `seed`."""
+    def generate(self, prompts: list[str], seed: int, rows: list[int], sampling: EvalSamplingConfig,
+                 on_sample) -> None:
+        """Calls on_sample(i, Sample) for each prompt, prompt i drawn with `seed` as row `rows[i]`."""
         import jax
 
         from qed_jax.sampling import SamplingParams
@@ -420,10 +422,19 @@ class LocalGenerator:
         ids = [chat_prompt(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                 top_k=sampling.top_k, top_p=sampling.top_p)
-        completions = self.sampler.generate_ids(ids, params, jax.random.key(seed), stop_ids(self.tokenizer))
+        completions = self.sampler.generate_ids(ids, params, jax.random.key(seed), stop_ids(self.tokenizer),
+                                                row_ids=rows)
         for i, c in enumerate(completions):
             text = self.tokenizer.decode(c.text_tokens, skip_special_tokens=False)
             on_sample(i, Sample(text=text, completion_tokens=len(c.tokens), finish_reason=c.finish_reason))
+
+
+def request_seed(seed: int, row: int) -> int:
+    """The seed of an endpoint request for row `row` drawn with `seed`: a server seeds each
+    request's sampler with it, so requests with one seed would share one random stream. Below
+    2**31, for servers that keep it in a signed 32-bit integer."""
+    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 class EndpointGenerator:
@@ -434,10 +445,12 @@ class EndpointGenerator:
     def __init__(self, config: EvalModelConfig):
         self.config = config
 
-    def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
-        asyncio.run(self._generate(prompts, seed, sampling, on_sample))
+    def generate(self, prompts: list[str], seed: int, rows: list[int], sampling: EvalSamplingConfig,
+                 on_sample) -> None:
+        """Calls on_sample(i, Sample) for each prompt; prompt i's request carries request_seed(seed, rows[i])."""
+        asyncio.run(self._generate(prompts, seed, rows, sampling, on_sample))
 
-    async def _generate(self, prompts, seed, sampling, on_sample) -> None:
+    async def _generate(self, prompts, seed, rows, sampling, on_sample) -> None:
         import openai
 
         c = self.config
@@ -446,7 +459,7 @@ class EndpointGenerator:
         semaphore = asyncio.Semaphore(c.concurrency)
 
         async def one(i: int, prompt: str) -> None:
-            kwargs = dict(model=c.name, messages=[{"role": "user", "content": prompt}], seed=seed,
+            kwargs = dict(model=c.name, messages=[{"role": "user", "content": prompt}], seed=request_seed(seed, rows[i]),
                           temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens)
             if sampling.top_k:
                 kwargs["extra_body"] = {"top_k": sampling.top_k}
@@ -476,7 +489,8 @@ class EndpointGenerator:
 
 class RCGenerator:
     """Mode rc: the reasoning cache on the local model (the model summarizes its own turns unless
-    rc.summarizer names a separate one). One `generate` call solves every prompt, drawn with `seed`."""
+    rc.summarizer names a separate one). One `generate` call solves every prompt, prompt i drawn
+    with `seed` as row `rows[i]`."""
 
     def __init__(self, config: "EvalConfig"):
         from qed_jax.pretrained import from_pretrained, resolve
@@ -501,13 +515,14 @@ class RCGenerator:
         with rc_section_errors():
             self.cache = ReasoningCache(from_pretrained(m.path, dtype=m.dtype), tokenizer, params, summarizer)
 
-    def generate(self, prompts: list[str], seed: int, sampling: EvalSamplingConfig, on_sample) -> None:
+    def generate(self, prompts: list[str], seed: int, rows: list[int], sampling: EvalSamplingConfig,
+                 on_sample) -> None:
         """Calls on_sample(i, Sample) for each prompt (a problem for the turn prompt's PROBLEM
         section); `sampling` is already part of the loop's settings."""
         import jax
 
         with rc_section_errors():
-            results = self.cache.run(prompts, key=jax.random.key(seed))
+            results = self.cache.run(prompts, key=jax.random.key(seed), row_ids=rows)
         for i, result in enumerate(results):
             turns = [rc_turn_record(t) for t in result.turns]
             on_sample(i, Sample(text=turn_completion(turns[-1]), completion_tokens=sum(t["tokens"] for t in turns),
@@ -686,7 +701,10 @@ def prepare_output(config: EvalConfig) -> Path:
 def generate_round(generator, config: EvalConfig, template: str, problems: dict[str, Problem],
                    units: list[tuple[str, int]], runlog: RunLog) -> int:
     """Draw the samples `units` [(problem_id, sample index)], one generator call per sample index
-    (drawn with seed + index), appending each to the run log as it arrives; returns how many."""
+    k, appending each to the run log as it arrives; returns how many. Sample k of a problem draws
+    with seed + k as the row of the problem's place in the benchmark: its own random stream,
+    the same however the run is batched, stopped and resumed."""
+    place = {pid: row for row, pid in enumerate(problems)}
     for k in sorted({k for _, k in units}):
         chosen = [pid for pid, kk in units if kk == k]
 
@@ -700,7 +718,7 @@ def generate_round(generator, config: EvalConfig, template: str, problems: dict[
             runlog.append(record)
 
         generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], config.seed + k,
-                           config.sampling, on_sample)
+                           [place[pid] for pid in chosen], config.sampling, on_sample)
     return len(units)
 
 

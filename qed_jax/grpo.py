@@ -466,7 +466,8 @@ class RCRollouts:
         that index) are the same however the step's problems are split over processes."""
         from qed_jax.reasoning_cache import draw_states, state_prompt_ids, training_states
 
-        trajectories = self.cache.run_ids([r["problem_ids"] for r in rows], key=key, first_row=first_problem)
+        trajectories = self.cache.run_ids([r["problem_ids"] for r in rows], key=key,
+                                       row_ids=range(first_problem, first_problem + len(rows)))
         self.cache.release()  # the rollouts need that memory
         group_rows = []
         for i, (row, turns) in enumerate(zip(rows, trajectories)):
@@ -763,7 +764,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                     trajectory_stats = gather(trajectory_stats)
                     trajectory_s = time.perf_counter() - t0
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
-                                                   jax.random.fold_in(base_key, step), stops, first_row=first_sample)
+                                                   jax.random.fold_in(base_key, step), stops,
+                                                   row_ids=range(first_sample, first_sample + len(group_rows)))
                 sampler.release()  # the update needs that memory: weights come back next step
                 del weights
                 texts = [tokenizer.decode(c.text_tokens) for c in completions]

@@ -22,6 +22,7 @@ import dataclasses
 import re
 import sys
 import types
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -33,8 +34,8 @@ from flax import nnx
 from qed_jax.config import ConfigError, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
-                              cache_shards, cache_slots, decode_loop, fetch, mesh_context, new_kv_cache,
-                              prefill, put_rows)
+                              cache_shards, cache_slots, checked_row_ids, decode_loop, fetch, mesh_context,
+                              new_kv_cache, prefill, put_rows, wave_row_ids)
 from qed_jax.sharding import DEFAULT_RULES
 
 REASONING_SLOTS = ("problem", "summary")
@@ -465,17 +466,18 @@ class ReasoningCache:
                               "raise RCParams.problem_tokens or shorten the problem")
         return width
 
-    def run_ids(self, problems: list[list[int]], turns: int | None = None, key=None, first_row: int = 0
-                ) -> list[list[Turn]]:
+    def run_ids(self, problems: list[list[int]], turns: int | None = None, key=None,
+                row_ids: Sequence[int] | None = None) -> list[list[Turn]]:
         """Run the loop on problems given as ids; per problem, its turns (texts not decoded).
-        Problem i draws its randomness as row `first_row + i` (a share of a larger batch
-        samples what that batch would)."""
+        Problem i draws its randomness as row `row_ids[i]` (default i): a share of a larger batch
+        samples what that batch would."""
         p = self.params
         turns = p.turns if turns is None else turns
         if not 1 <= turns <= p.max_turns:
             raise ConfigError(f"turns must be between 1 and max_turns ({p.max_turns}), got {turns}")
         if not problems or any(len(x) == 0 for x in problems):
             raise ValueError("every problem needs at least one token")
+        row_ids = checked_row_ids(row_ids, len(problems))
         key = jax.random.key(p.seed) if key is None else key
         width = self.problem_width(problems)
         rows = p.batch_size or len(problems)
@@ -494,7 +496,7 @@ class ReasoningCache:
         for start in range(0, len(problems), rows):
             chunk = problems[start: start + rows]
             inputs = LoopInputs(*(put_rows(x, self.mesh, self.rules)
-                                  for x in self._inputs(chunk, first_row + start, rows, width)))
+                                  for x in self._inputs(chunk, wave_row_ids(row_ids, start, rows), rows, width)))
             with mesh_context(self.mesh):  # the attention kernels find the mesh here
                 history, caches = rc_loop(self.policy_def, self.summarizer_def, self.shape(), self.policy_state,
                                           self.summarizer_state, self.prompts, inputs, caches, controls)
@@ -502,7 +504,7 @@ class ReasoningCache:
         self._caches = caches
         return results
 
-    def _inputs(self, chunk: list[list[int]], start: int, rows: int, width: int) -> LoopInputs:
+    def _inputs(self, chunk: list[list[int]], row_ids: np.ndarray, rows: int, width: int) -> LoopInputs:
         S = self.params.summary_tokens
         problems = np.zeros((rows, width), np.int32)
         problem_lengths = np.ones((rows,), np.int32)  # dummy rows: one pad token
@@ -512,14 +514,16 @@ class ReasoningCache:
         summary = np.zeros((rows, S), np.int32)
         summary[:, : len(self.first_summary)] = self.first_summary
         return LoopInputs(problems, problem_lengths, summary, np.full((rows,), len(self.first_summary), np.int32),
-                          np.arange(rows) < len(chunk), np.arange(start, start + rows, dtype=np.int32))
+                          np.arange(rows) < len(chunk), row_ids)
 
-    def run(self, problems: list[str], turns: int | None = None, key=None) -> list[RCResult]:
-        """Run the loop on problem texts; every turn's reasoning, answer and summary decoded."""
+    def run(self, problems: list[str], turns: int | None = None, key=None,
+            row_ids: Sequence[int] | None = None) -> list[RCResult]:
+        """Run the loop on problem texts; every turn's reasoning, answer and summary decoded.
+        Problem i draws its randomness as row `row_ids[i]` (default i), as in `run_ids`."""
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in problems]
         decode = partial(self.tokenizer.decode, skip_special_tokens=False)
         results = []
-        for problem, turn_list in zip(problems, self.run_ids(ids, turns, key)):
+        for problem, turn_list in zip(problems, self.run_ids(ids, turns, key, row_ids)):
             for t in turn_list:
                 t.reasoning, t.answer = decode(t.reasoning_ids), decode(t.answer_ids)
                 t.summary = None if t.summary_ids is None else decode(t.summary_ids)

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from functools import cache, partial
 
 import jax
@@ -318,16 +319,17 @@ class Sampler:
         return new_kv_cache(self.config, batch, max_len, self.cache_dtype, self.mesh, self.rules)
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, key, stop_ids: list[int],
-                     budgets: list[int] | None = None, first_row: int = 0) -> list[Completion]:
+                     budgets: list[int] | None = None, row_ids: Sequence[int] | None = None) -> list[Completion]:
         """Sample a completion for each prompt (token ids), in waves of `wave_rows` rows.
         `budgets` caps new tokens per row. All waves of a call share one prompt bucket (the
         call's longest prompt), so one compiled prefill and decode loop serve them all. Prompt i
-        draws its randomness as row `first_row + i`: a process sampling its share of a larger
-        batch passes its share's offset and samples what one process would."""
+        draws its randomness as row `row_ids[i]` (default i): a process sampling its share of a
+        larger batch passes its prompts' places in it and samples what one process would."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if budgets is not None and len(budgets) != len(prompts):
             raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
+        row_ids = checked_row_ids(row_ids, len(prompts))
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
         if longest + n > self.config.max_position_embeddings:
@@ -355,10 +357,28 @@ class Sampler:
                 logits, cache = prefill(self.graphdef, self.state, self._put(tokens), lengths, cache)
                 *out, cache = decode_loop(self.graphdef, n, self.state, logits, lengths, cache, key, *controls,
                                           self._put(wave_budgets), stops,
-                                          self._put(np.arange(first_row + start, first_row + start + rows, dtype=np.int32)))
+                                          self._put(wave_row_ids(row_ids, start, rows)))
             completions += _completions(*fetch(out), count=len(wave))
         self._kv_cache = cache
         return completions
+
+
+def checked_row_ids(row_ids: Sequence[int] | None, count: int) -> np.ndarray:
+    """The randomness rows of `count` prompts: `row_ids` (one per prompt), or 0..count-1."""
+    if row_ids is None:
+        return np.arange(count, dtype=np.int32)
+    ids = np.asarray(row_ids, np.int32)
+    if ids.shape != (count,):
+        raise ValueError(f"got {len(ids)} row ids for {count} prompts; give one per prompt")
+    return ids
+
+
+def wave_row_ids(row_ids: np.ndarray, start: int, rows: int) -> np.ndarray:
+    """`row_ids[start: start + rows]`, padded with zeros to `rows` (padding rows' draws are dropped)."""
+    wave = np.zeros((rows,), np.int32)
+    part = row_ids[start: start + rows]
+    wave[: len(part)] = part
+    return wave
 
 
 def fetch(tree):

@@ -18,7 +18,8 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
-                               last_boxed, model_files, prepare_output, read_records, read_run, turn_completion)
+                               last_boxed, model_files, prepare_output, read_records, read_run, request_seed,
+                               turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
 from tests.helpers import cli_env
@@ -39,6 +40,14 @@ def problem_id(prompt: str, rows) -> str:
     return next(r["problem_id"] for r in rows if r["problem"] in prompt)
 
 
+def problem_and_sample(prompt: str, seed: int, rows=IMO_ROWS) -> tuple[str, int]:
+    """The (problem id, sample index k) an endpoint request asks for, in a run with seed 0: its
+    seed is request_seed(k, the problem's place in the benchmark)."""
+    pid = problem_id(prompt, rows)
+    place = [r["problem_id"] for r in rows].index(pid)
+    return pid, next(k for k in range(100) if request_seed(k, place) == seed)
+
+
 def config(tmp_path, benchmark: str, model_url: str, judge_url: str, *overrides):
     return load_config(EvalConfig, ROOT / f"configs/eval/{benchmark}.yaml", [
         f"benchmark.path={ROOT}/configs/data/{benchmark}_sample.jsonl", f"model.base_url={model_url}",
@@ -54,11 +63,11 @@ FAILING = ("PB-Basic-002", 2)  # the judge's first reply has no mark: a failed g
 
 
 def proof_reply(prompt: str, seed: int) -> str:
-    pid = problem_id(prompt, IMO_ROWS)
-    padding = " step" * (10 * (seed + 1) + len(pid))  # token counts differ between samples
-    if (pid, seed) == TRUNCATED:
+    pid, k = problem_and_sample(prompt, seed)
+    padding = " step" * (10 * (k + 1) + len(pid))  # token counts differ between samples
+    if (pid, k) == TRUNCATED:
         return "Let me think" + padding
-    return (f"Let me think{padding}.</think>\nProof. [[item:{pid}-s{seed}]] The claim follows.\n\n"
+    return (f"Let me think{padding}.</think>\nProof. [[item:{pid}-s{k}]] The claim follows.\n\n"
             "**Self-evaluation**\nI am confident this proof is complete.")
 
 
@@ -75,7 +84,8 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path):
         counts = evaluate(cfg, progress=False)
         assert counts == {"generated": 12, "graded": 12, "failed": 1, "total": 12}
         assert model.total == 12 and set(model.requests.values()) == {1}
-        assert sorted(seed for _, seed in model.requests) == [0] * 4 + [1] * 4 + [2] * 4
+        assert sorted(problem_and_sample(*request)[1] for request in model.requests) == [0] * 4 + [1] * 4 + [2] * 4
+        assert len({seed for _, seed in model.requests}) == 12  # no two requests share a random stream
         assert all(b["messages"][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
                    for b in model.bodies)
         assert judge.total == 11  # the truncated sample is never sent
@@ -149,7 +159,7 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
     with ModelServer(reply) as model, JudgeServer() as judge:
         more = config(tmp_path, "answerbench", model.url, judge.url, "samples=2")
         assert evaluate(more, progress=False) == {"generated": 4, "graded": 4, "failed": 0, "total": 8}
-        assert sorted(seed for _, seed in model.requests) == [1] * 4
+        assert sorted(problem_and_sample(*request, ANSWER_ROWS)[1] for request in model.requests) == [1] * 4
         with pytest.raises(ConfigError, match="sampling="):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
 
@@ -265,7 +275,7 @@ def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
     held = ("PB-Advanced-001", 1)  # in the second round of 4: the first one is graded by then
 
     def reply(prompt, seed):
-        if (problem_id(prompt, IMO_ROWS), seed) == held:
+        if problem_and_sample(prompt, seed) == held:
             release.wait(30)
         return proof_reply(prompt, seed)
 
@@ -295,7 +305,7 @@ def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         assert "generated 5 and graded 8" in done.stdout
         # Every sample was requested once, but the held one, whose first request the kill abandoned.
-        counts = {(problem_id(p, IMO_ROWS), s): n for (p, s), n in model.requests.items()}
+        counts = {problem_and_sample(*request): n for request, n in model.requests.items()}
         assert counts.pop(held) == 2 and set(counts.values()) == {1} and len(counts) == 11
         assert judge.total == 11 and set(judge.requests.values()) == {1}  # 12 less the truncated sample
     _, records = read_run(tmp_path / "run")
@@ -356,22 +366,23 @@ def test_local_checkpoint_samples_with_its_own_seed_each(tmp_path):
                             assets_from=ROOT / "configs/tiny/tokenizer")
     with JudgeServer() as judge:
         cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
-            f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", "benchmark.limit=2",
+            f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl",
             f"model.path={folder}", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
             f"output_dir={tmp_path}/run", "sampling.max_new_tokens=6", "sampling.temperature=1.0",
-            "samples=2", "seed=5"])
+            "samples=2", "seed=5", "batch_size=3"])
         evaluate(cfg, progress=False)
     _, records = read_run(cfg.output_dir)
-    assert len(records) == 4
-    # The same draws, directly from the sampler: sample k of every problem uses seed 5 + k.
+    assert len(records) == 8
+    # The same draws, directly from the sampler in one call: sample k of every problem uses seed
+    # 5 + k, and problem p is row p, though rounds of 3 samples split the problems differently.
     model = qed_jax.from_pretrained(folder)
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content":
                                         f"Generate a rigorous proof to the following question:\n\n{r['problem']}"}])
-               for r in IMO_ROWS[:2]]
+               for r in IMO_ROWS]
     for k in range(2):
         direct = Sampler(model, progress=False).generate_ids(prompts, SamplingParams(max_new_tokens=6, temperature=1.0),
                                                              jax.random.key(5 + k), stop_ids(tokenizer))
-        for row, c in zip(IMO_ROWS[:2], direct):
+        for row, c in zip(IMO_ROWS, direct):
             r = next(r for r in records if r["problem_id"] == row["problem_id"] and r["sample"] == k)
             assert r["completion"] == tokenizer.decode(c.text_tokens, skip_special_tokens=False)
             assert r["completion_tokens"] == len(c.tokens) and r["finish_reason"] == c.finish_reason

@@ -499,7 +499,7 @@ class _ScriptedTrajectories:
     def __init__(self, prompts, summaries_by_problem):
         self.prompts, self.summaries_by_problem, self.released = prompts, summaries_by_problem, False
 
-    def run_ids(self, problems, key=None, first_row=0):
+    def run_ids(self, problems, key=None, row_ids=None):
         from qed_jax.reasoning_cache import Turn
 
         return [[Turn(reasoning_ids=[1], answer_ids=[], num_tokens=4, finish_reason="length", summary_ids=s,

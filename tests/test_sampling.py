@@ -242,13 +242,19 @@ def test_samples_do_not_depend_on_the_waves(tiny):
 
 
 def test_a_share_of_the_requests_samples_what_the_whole_batch_does(tiny):
-    """A process sampling its share of a step passes its first row: each request keeps its draws
-    (the share's prompts fall in the same bucket as the whole batch's here)."""
+    """A process sampling its share of a step passes its prompts' rows: each request keeps its
+    draws (the share's prompts fall in the same bucket as the whole batch's here)."""
     _, model = tiny
     params = SamplingParams(max_new_tokens=10, temperature=1.0)
     whole = Sampler(model).generate_ids(SEVEN, params, jax.random.key(3), stop_ids=[])
-    share = Sampler(model).generate_ids(SEVEN[4:], params, jax.random.key(3), stop_ids=[], first_row=4)
+    share = Sampler(model).generate_ids(SEVEN[4:], params, jax.random.key(3), stop_ids=[], row_ids=range(4, 7))
     assert [c.tokens for c in share] == [c.tokens for c in whole[4:]]
+    # Any rows, in any order, in waves or not: prompt i draws as row row_ids[i].
+    picked = Sampler(model, max_concurrent=2).generate_ids([SEVEN[5], SEVEN[1], SEVEN[6]], params, jax.random.key(3),
+                                                           stop_ids=[], row_ids=[5, 1, 6])
+    assert [c.tokens for c in picked] == [whole[i].tokens for i in (5, 1, 6)]
+    with pytest.raises(ValueError, match="2 row ids for 3 prompts"):
+        Sampler(model).generate_ids(SEVEN[:3], params, jax.random.key(3), stop_ids=[], row_ids=[0, 1])
 
 
 def test_one_compile_serves_every_wave(tiny, caplog):
