@@ -125,7 +125,9 @@ class ModelConfig:
         )
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-        """A `config.json` dict with the field names of the installed transformers."""
+        """A `config.json` dict with the field names of the installed transformers, and the older
+        names beside them: transformers 4 (and the servers built on it) read RoPE's base from a
+        top-level rope_theta, and without one take 10,000."""
         from transformers import Qwen3Config
 
         hf = Qwen3Config(
@@ -144,7 +146,7 @@ class ModelConfig:
             torch_dtype=torch_dtype,
         )
         hf.architectures = ["Qwen3ForCausalLM"]
-        return hf.to_dict()
+        return {**hf.to_dict(), "rope_theta": self.rope_theta, "torch_dtype": torch_dtype}
 
 
 _QWEN3_COMMON = dict(vocab_size=151936, num_kv_heads=8, head_dim=128)
@@ -200,7 +202,8 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for section {typ.__name__}, got {value!r}")
+            raise FieldError(f"{where}: expected a section (keys {', '.join(_field_types(typ))}), got {value!r}",
+                             where)
         return from_dict(typ, value, prefix=f"{where}.", base=default if isinstance(default, typ) else None)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -210,30 +213,33 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
     if origin in (list, tuple):
         (item,) = typing.get_args(typ)[:1]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise FieldError(f"{where}: expected a list, got {value!r}", where)
         return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise FieldError(f"{where}: expected true or false, got {value!r}", where)
         return value
     if typ in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise FieldError(f"{where}: expected a number, got {value!r}", where)
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise FieldError(f"{where}: expected a number, got {value!r}", where) from None
         if typ is int:
             if not number.is_integer():  # 3.5 steps is a typo, not 3
-                raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+                raise FieldError(f"{where}: expected a whole number, got {value!r}", where)
             number = int(value) if isinstance(value, int) else int(number)
         return number
     if typ is str:
         if value is None:  # `key=` or `key: null` for a key that has no "none": str(None) would be "None"
-            raise ConfigError(f"{where} must be set (it has no empty value); leave it out for its default")
-        return str(value)
+            raise FieldError(f"{where} must be set (it has no empty value); leave it out for its default", where)
+        if not isinstance(value, str):  # YAML read it as something else: 0123 is 83, no is false
+            raise FieldError(f"{where}: expected text, but YAML read the value as {type(value).__name__} {value!r}; "
+                             f"quote it (e.g. {where}='\"...\"' on the command line)", where)
+        return value
     return value
 
 
@@ -253,7 +259,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     unknown = sorted(set(data) - set(types_))
     if unknown:
         close = difflib.get_close_matches(unknown[0], types_, n=1)
-        raise UnknownKey(
+        raise FieldError(
             f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
             + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_), key=f"{prefix}{unknown[0]}")
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
@@ -264,14 +270,20 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
 
+def not_found(what: str, path: str | Path) -> ConfigError:
+    """ConfigError: `what` (e.g. "data file") `path` does not exist; for a relative path, where
+    it was looked for (the bundled configs name files relative to the repository's root)."""
+    relative = not Path(path).expanduser().is_absolute()
+    return ConfigError(f"{what} {path} does not exist" + (f" (relative to the working directory {Path.cwd()})"
+                                                          if relative else ""))
+
+
 def require_file(path: Path, what: str) -> None:
     """ConfigError unless `path` is a file: `what` (e.g. "data file") does not exist, or is a folder."""
     if not path.is_file():
         if path.is_dir():
             raise ConfigError(f"{what} {path} is a folder: name a file in it")
-        # The bundled configs name files relative to the repository's root, where commands run.
-        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
-        raise ConfigError(f"{what} {path} does not exist{where}")
+        raise not_found(what, path)
 
 
 def is_hub_id(name: str) -> bool:
@@ -287,13 +299,30 @@ def is_missing_local_path(name: str) -> bool:
     return looks_local and "://" not in name and not Path(name).expanduser().exists()
 
 
+def require_range(value, key: str, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
+    """ConfigError unless `value` lies between `low` and `high` (either may be None: no bound),
+    each bound included unless `low_open` / `high_open`; None (a value derived from others)
+    passes. `key` names the field, e.g. "optim.lr"."""
+    if value is None:
+        return
+    # Written so that NaN, which compares false with everything, is out of range.
+    too_low = low is not None and not (value > low if low_open else value >= low)
+    too_high = high is not None and not (value < high if high_open else value <= high)
+    if too_low or too_high:
+        if high is None:
+            wanted = f"above {low}" if low_open else f"at least {low}"
+        elif low is None:
+            wanted = f"below {high}" if high_open else f"at most {high}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be {wanted}, got {value}")
+
+
 def require_at_least_one(config, names, prefix: str = "") -> None:
     """ConfigError unless each named field of `config` is at least 1; a field set to None (its
     default is derived from others) passes. `prefix` names the section, e.g. "rc."."""
     for name in names:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{prefix}{name} must be at least 1, got {value}")
+        require_range(getattr(config, name), f"{prefix}{name}", 1)
 
 
 def check_sampling(params, prefix: str = "") -> None:
@@ -378,14 +407,17 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         apply_override(data, override)
     try:
         return from_dict(cls, data)
-    except UnknownKey as e:  # a typo in the file, not in an override: name the file
-        if path is not None and get_dotted(in_file, e.key, _ABSENT) is not _ABSENT:
+    except FieldError as e:  # a key or value from the file, not from an override: name the file
+        key = e.key.split("[")[0]  # a list's item: the list's key
+        in_file_value = get_dotted(in_file, key, _ABSENT)
+        if path is not None and in_file_value is not _ABSENT and in_file_value == get_dotted(data, key, _ABSENT):
             raise ConfigError(f"{path}: {e}") from None
         raise
 
 
-class UnknownKey(ConfigError):
-    """A config key that its dataclass does not have; `key` is its dotted path."""
+class FieldError(ConfigError):
+    """A config key that its dataclass does not have, or a value of the wrong type; `key` is its
+    dotted path."""
 
     def __init__(self, message: str, key: str):
         super().__init__(message)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding, PartitionSpec
@@ -29,7 +28,7 @@ from qed_jax.attention import KV_CACHE_AXES
 from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
 from qed_jax.model import KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
-from qed_jax.trainer import batch_sharding, check_rows_divide, decay_mask, make_optimizer
+from qed_jax.trainer import batch_sharding, check_rows_divide, decay_mask, make_optimizer, opt_state_shardings
 
 GiB = 1024 ** 3
 
@@ -355,11 +354,8 @@ def abstract_params(config: ModelConfig, mesh):
 
 
 def abstract_opt_state(optimizer, params, mesh):
-    """Moments sharded like their parameters, step counters replicated (as the trainers do)."""
-    shardings = jax.tree.map(lambda p: p.sharding, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, sharded, jax.eval_shape(optimizer.init, params), shardings,
-                                 transform_non_params=lambda x: sharded(x, replicated))
+    """The optimizer state as the trainers lay it out (`trainer.opt_state_shardings`)."""
+    return jax.tree.map(sharded, jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params, mesh))
 
 
 def bytes_per_chip(tree) -> int:

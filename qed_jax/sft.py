@@ -7,6 +7,7 @@ The pure pieces (`token_loss`, `train_step`) come first; `train` is the loop aro
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, ModelConfig, check_dtype, require_at_least_one
+from qed_jax.config import ConfigError, ModelConfig, check_dtype, require_at_least_one, require_range
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal
@@ -57,6 +58,8 @@ class SFTConfig:
     def __post_init__(self):
         require_at_least_one(self, ("batch_size", "micro_batches", "epochs", "steps", "log_every", "eval_batches",
                                     "checkpoint_every", "keep_checkpoints"))
+        require_range(self.eval_every, "eval_every", 0)
+        require_range(self.peak_tflops_per_device, "peak_tflops_per_device", 0, low_open=True)
         check_dtype(self.export_dtype, "export_dtype")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
@@ -95,6 +98,12 @@ def accumulated_grads(graphdef, params, batch):
     (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
     denom = jnp.maximum(count, 1.0)
     return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count
+
+
+def eval_loss(graphdef, params, batch):
+    """(sum of NLL, number of target tokens) over all microbatches [M, b, L], one microbatch at a
+    time as training runs them (lax.map, not vmap): eval holds no more than one step does."""
+    return jax.tree.map(jnp.sum, jax.lax.map(partial(token_loss, graphdef, params), batch))
 
 
 def train_step(graphdef, optimizer, params, opt_state, batch):
@@ -137,6 +146,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
 
     rows = read_rows(config.data.path, config.data.name, config.data.split)
+    if not rows:
+        raise ConfigError(f"{config.data.path}: no rows to train on (the data is empty)")
     held_out = config.data.eval_rows if config.eval_every else 0
     if held_out and held_out >= len(rows):
         raise ConfigError(f"{config.data.path}: {len(rows)} rows, and data.eval_rows={held_out} holds out the last "
@@ -160,7 +171,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
     step_fn = jax.jit(partial(train_step, graphdef, optimizer), donate_argnums=(0, 1),
                       out_shardings=(param_shardings, opt_shardings, None))
-    eval_fn = jax.jit(lambda p, b: jax.tree.map(jnp.sum, jax.vmap(partial(token_loss, graphdef, p))(b)))
+    eval_fn = jax.jit(partial(eval_loss, graphdef))
 
     check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
     if config.batch_size % jax.process_count():
@@ -175,7 +186,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                                         run={"trainer": "sft", "data": data_record(config.data.path, examples)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
-    result = {"output_dir": str(out), "process": jax.process_index(), "step": start,
+    result = {"output_dir": str(out), "process": jax.process_index(), "step": start, "start_step": start,
               "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan}
     if is_complete(out, start, steps, config.export_dtype):
         ckpts.close()
@@ -184,8 +195,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)
 
     meta = lambda step: {"step": step, "seed": config.seed}  # noqa: E731
-    log.info("training steps %d to %d (%d packed rows of %d tokens per step)", start + 1, steps, config.batch_size,
-             config.data.max_length)
+    log.info("training steps %d to %d (%d packed rows of %d tokens per step): %s", start + 1, steps,
+             config.batch_size, config.data.max_length, json.dumps(config.derived()))
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
     step, last_loss, stopping = start, result["loss"], False
     with StopSignals() as stop, jax.set_mesh(mesh):  # attention kernels find the mesh here
@@ -226,13 +237,14 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
 def evaluate(eval_fn, params, examples, config: SFTConfig, sharding) -> float:
     """Mean loss per target token over `eval_batches` batches of the held-out rows (a fresh,
-    seeded iterator each time, repeating the rows if they fill fewer batches)."""
+    seeded iterator each time, repeating the rows if they fill fewer batches), each split into
+    the training step's micro-batches."""
     batches = packed_batches(examples, config.data, config.batch_size // jax.process_count(), epochs=None,
                              process_index=jax.process_index(), process_count=jax.process_count())
     total, count = 0.0, 0.0
     for i, batch in enumerate(batches):
         if i == config.eval_batches:
             break
-        loss, n = jax.device_get(eval_fn(params, to_global(batch, 1, sharding)))
+        loss, n = jax.device_get(eval_fn(params, to_global(batch, config.micro_batches, sharding)))
         total, count = total + float(loss), count + float(n)
     return total / count if count else math.nan

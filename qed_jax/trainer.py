@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            dump_json, preset, to_dict)
+                            dump_json, preset, require_range, to_dict)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -77,6 +78,13 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        require_range(self.lr, "optim.lr", 0, low_open=True)
+        for name in ("warmup_ratio", "final_lr_ratio"):
+            require_range(getattr(self, name), f"optim.{name}", 0, 1)
+        for name in ("weight_decay", "grad_clip", "eps"):
+            require_range(getattr(self, name), f"optim.{name}", 0)
+        for name in ("b1", "b2"):
+            require_range(getattr(self, name), f"optim.{name}", 0, 1, high_open=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,12 +147,18 @@ def make_optimizer(config: OptimConfig, updates: int, mask: dict) -> optax.Gradi
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
 
 
+def opt_state_shardings(optimizer, params, mesh):
+    """The optimizer state's shardings: each moment as its parameter, the rest (step counters)
+    replicated. The compiler is told so: moments are zeros, which depend on no parameter's
+    layout, and left to it they came out whole on every device."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+                                 jax.tree.map(lambda p: p.sharding, params), transform_non_params=lambda _: replicated)
+
+
 def init_opt_state(optimizer, params, mesh):
-    """Optimizer state on the mesh: moments follow their params' shardings; the step counters,
-    which land on a single device, are replicated."""
-    opt_state = jax.jit(optimizer.init)(params)
-    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
-    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else replicate(x), opt_state)
+    """Optimizer state on the mesh, laid out as `opt_state_shardings` says."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +381,7 @@ class StopSignals:
 
     def _record(self, signum, frame) -> None:
         if self.signum is not None:
-            print(f"\n{signal.Signals(signum).name} again: {self.abandon}", flush=True)
+            print(f"\n{signal.Signals(signum).name} again: {self.abandon}", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = signum
         log.warning("%s: %s (send it again to exit at once)", signal.Signals(signum).name, self.announce)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -22,7 +23,7 @@ from qed_jax.config import ConfigError, PRESETS, load_config
 from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
-from qed_jax.sft import SFTConfig, accumulated_grads, train, train_step
+from qed_jax.sft import SFTConfig, accumulated_grads, eval_loss, train, train_step
 from qed_jax.tokenizer import load_tokenizer
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics, wait_for_steps
 
@@ -97,6 +98,27 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(float(one[2]["loss"]), float(many[2]["loss"]), atol=1e-5)
     grads = accumulated_grads(graphdef, params, {k: jnp.asarray(v[None]) for k, v in batch.items()})[0]
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3  # a real update
+
+
+def test_eval_loss_runs_the_micro_batches_one_at_a_time():
+    """The eval loss of a batch split into micro-batches equals the whole batch's, and its
+    program holds about one micro-batch's activations, not the whole batch's."""
+    config = PRESETS["tiny"].replace(vocab_size=4096)  # the head's activations dominate
+    graphdef, state = nnx.split(Qwen3(config, rngs=nnx.Rngs(1)))
+    params = nnx.to_pure_dict(state)
+    rng = np.random.default_rng(0)
+    n, b, length = 4, 4, 256
+    rows = {"tokens": rng.integers(0, config.vocab_size, (n * b, length)), "loss_mask": rng.random((n * b, length)) < 0.6,
+            "segment_ids": np.ones((n * b, length)), "positions": np.tile(np.arange(length), (n * b, 1))}
+    rows = {k: v.astype(np.int32) for k, v in rows.items()}
+    whole, split = ({k: jnp.asarray(v.reshape(m, -1, length)) for k, v in rows.items()} for m in (1, n))
+    fn = jax.jit(partial(eval_loss, graphdef))
+    (loss_whole, count_whole), (loss_split, count_split) = fn(params, whole), fn(params, split)
+    assert float(count_whole) == float(count_split) > 0
+    np.testing.assert_allclose(float(loss_split), float(loss_whole), rtol=1e-6)
+    temp = {m: fn.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+            for m, batch in ((1, whole), (n, split))}
+    assert temp[n] < temp[1] / 2, temp
 
 
 def test_tiny_config_loss_halves_and_exports(tmp_path):

@@ -53,6 +53,27 @@ def test_weight_decay_leaves_stacked_norm_weights_alone():
             assert np.any(np.asarray(update)), name
 
 
+def test_adam_moments_are_sharded_like_their_parameters_as_the_plan_counts():
+    from qed_jax.plan import abstract_opt_state
+    from qed_jax.sharding import MeshConfig, create_sharded, make_mesh
+    from qed_jax.trainer import init_opt_state
+
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    model = create_sharded(lambda: Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0)), mesh)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = make_optimizer(OptimConfig(weight_decay=0.1), 10, decay_mask(model))
+    opt_state = init_opt_state(optimizer, params, mesh)
+    adam = opt_state[1][0]
+    for moments in (adam.mu, adam.nu):
+        specs = jax.tree.map(lambda m, p: (m.sharding.spec, p.sharding.spec), moments, params)
+        assert all(m == p for m, p in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, tuple))), specs
+    q = adam.mu["layers"]["q"]
+    assert q.addressable_shards[0].data.size == q.size // 8  # [layers, dim / fsdp, heads / tensor, head_dim]
+    # The memory plan lays the state out the same way.
+    planned = abstract_opt_state(optimizer, params, mesh)
+    assert jax.tree.map(lambda x: x.sharding, planned) == jax.tree.map(lambda x: x.sharding, opt_state)
+
+
 def _sft(args, **kwargs):
     return subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT, "eval_every=0",
                            "export_dtype=null", "checkpoint_every=1", *args], cwd=REPO, env=cli_env(1),
