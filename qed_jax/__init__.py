@@ -11,6 +11,7 @@ _EXPORTS = {
     "Qwen3": "qed_jax.model",
     "RCParams": "qed_jax.reasoning_cache",
     "SamplingParams": "qed_jax.sampling",
+    "Summarizer": "qed_jax.reasoning_cache",
     "from_pretrained": "qed_jax.pretrained",
     "generate": "qed_jax.sampling",
     "preset": "qed_jax.config",

@@ -44,10 +44,14 @@ def _convert(args) -> None:
     from etils import epath
 
     from qed_jax import checkpoint
+    from qed_jax.hf import require_local
     from qed_jax.pretrained import from_pretrained, save_pretrained
     from qed_jax.sharding import MeshConfig, make_mesh
     from qed_jax.trainer import StopSignals
 
+    to_hf = checkpoint.is_checkpoint_dir(args.source)
+    if to_hf:
+        require_local(args.dest, "writes")  # before anything at the destination is replaced
     replace = _check_destination(args.source, args.dest, args.overwrite)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype, step=args.step)
@@ -57,7 +61,7 @@ def _convert(args) -> None:
                      "exiting at once; the output is unfinished") as stop:
         if replace:
             epath.Path(args.dest).rmtree()
-        if checkpoint.is_checkpoint_dir(args.source):
+        if to_hf:
             save_pretrained(model, args.dest, dtype=model.config.param_dtype, assets_from=args.source)
             wrote = f"wrote Hugging Face folder {args.dest} ({model.config.param_dtype})"
         else:
@@ -256,10 +260,11 @@ def _pipeline(args) -> int | None:
     import time
 
     from qed_jax.config import dump_json, load_config
-    from qed_jax.pipeline import PipelineConfig, run
+    from qed_jax.pipeline import PipelineConfig, run, stages
 
     config = load_config(PipelineConfig, args.config, args.overrides)
     if args.print_config:
+        stages(config, config.judge)  # what the run would refuse, refused here too
         print(dump_json(config))
         return
     start = time.perf_counter()
@@ -284,9 +289,9 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
     if args.config is None and not args.overrides and not args.print_config:
         raise ConfigError(f"no --config: start from one, e.g. --config {args.config_example} (the defaults alone "
                           "name no model, tokenizer or data)")
-    # On stderr, so that `--print-config` writes JSON alone to stdout.
-    print("derived: " + json.dumps(config.derived()), file=sys.stderr)
     if args.print_config:
+        # On stderr, so that stdout is the JSON alone. A run logs these once its inputs are checked.
+        print("derived: " + json.dumps(config.derived()), file=sys.stderr)
         print(dump_json(config))
         return
     _init_distributed(args)
@@ -297,8 +302,10 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
         print(f"{result['output_dir']} is already complete at step {result['step']}: nothing to do "
               f"({summary(result)})")
         return
-    print(f"done at step {result['step']} (process {result['process']}): {summary(result)}; "
-          f"metrics in {result['output_dir']}/metrics.jsonl")
+    import jax
+
+    which = f" (process {result['process']})" if jax.process_count() > 1 else ""
+    print(f"done at step {result['step']}{which}: {summary(result)}; metrics in {result['output_dir']}/metrics.jsonl")
 
 
 def _sft(args) -> None:
@@ -365,6 +372,15 @@ def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
     p.set_defaults(run=run, config_example=example)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qed-jax")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qed-jax", description="Post-train small Qwen3 models to write olympiad proofs: convert "
@@ -372,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks and report, run all of it as one pipeline, and plan TPU memory. `qed-jax COMMAND --help` documents each command.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at DEBUG level, and show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"qed-jax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -381,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a checkpoint becomes a Hugging Face folder (its latest step, or --step). Tokenizer files travel along.",
     )
     p.add_argument("source", help="Hugging Face model folder or qed-jax checkpoint directory")
-    p.add_argument("dest", help="output directory (local path or gs://)")
+    p.add_argument("dest", help="output directory (local; gs:// for a qed-jax checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the output (default: keep the source's; of a Hugging Face folder "
                    "with mixed dtypes, the widest)")

@@ -19,7 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from qed_jax.config import ConfigError, is_missing_local_path, require_file
+from qed_jax.config import ConfigError, is_missing_local_path, require_at_least_one, require_file, require_range
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class DataConfig:
     def __post_init__(self):
         if self.overflow not in ("drop", "truncate"):
             raise ConfigError(f"data.overflow must be drop or truncate, got {self.overflow!r}")
+        require_at_least_one(self, ("max_length", "packing_bins"), "data.")
+        require_range(self.eval_rows, "data.eval_rows", 0)
+        require_range(self.prefetch, "data.prefetch", 0)
 
 
 # --------------------------------------------------------------------------------------------

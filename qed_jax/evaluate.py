@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
-                            require_at_least_one)
+                            not_found, require_at_least_one, require_range)
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice, extract_proof,
                            render_marking_scheme)
 from qed_jax.tokenizer import THINK_END
@@ -69,6 +69,7 @@ class BenchmarkConfig:
                               f"valid names: {', '.join(DEFAULT_FIELDS)}")
         if (self.group_field is None) != (self.groups is None):
             raise ConfigError("benchmark.group_field and benchmark.groups go together: set both or neither")
+        require_at_least_one(self, ("limit",), "benchmark.")
         for label, pattern in (self.groups or {}).items():
             try:
                 re.compile(pattern)
@@ -100,7 +101,9 @@ class EvalModelConfig:
     def __post_init__(self):
         if self.base_url is not None and not self.name:
             raise ConfigError("model.base_url is set but model.name is not: name the served model")
-        require_at_least_one(self, ("concurrency",), "model.")
+        require_at_least_one(self, ("concurrency", "max_concurrent"), "model.")
+        require_range(self.kv_cache_gib, "model.kv_cache_gib", 0, low_open=True)
+        require_range(self.timeout_s, "model.timeout_s", 0, low_open=True)
         check_dtype(self.dtype, "model.dtype")
 
 
@@ -684,7 +687,7 @@ def check_local_paths(config: EvalConfig) -> None:
              "rc.summarizer": config.rc.summarizer if config.mode == "rc" else None}
     for key, value in paths.items():
         if value and is_missing_local_path(value):
-            raise ConfigError(f"{key} {value} does not exist")
+            raise not_found(key, value)
 
 
 def prepare_output(config: EvalConfig) -> Path:

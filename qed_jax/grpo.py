@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, check_dtype, check_sampling, require_at_least_one
+from qed_jax.config import ConfigError, check_dtype, check_sampling, require_at_least_one, require_range
 from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, row_field)
@@ -131,6 +131,8 @@ class LossConfig:
                               f"by it), got {self.temperature}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        for name in ("clip_eps_low", "clip_eps_high", "kl_coef"):
+            require_range(getattr(self, name), f"loss.{name}", 0)
 
 
 def sequence_logprobs(graphdef, params, tokens, temperature: float, positions=None, segment_ids=None,
@@ -234,6 +236,8 @@ class RolloutSamplingConfig:
                 "distribution it did not sample from")
         if self.kv_cache_gib is not None and self.max_concurrent is not None:
             raise ConfigError("set one of sampling.kv_cache_gib and sampling.max_concurrent, not both")
+        require_range(self.kv_cache_gib, "sampling.kv_cache_gib", 0, low_open=True)
+        require_at_least_one(self, ("max_concurrent",), "sampling.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -741,8 +745,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         ckpts.close()
         metrics_log.close()
         grader.close()
-        return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "complete": True,
-                "process": jax.process_index()}
+        return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "start_step": start,
+                "complete": True, "process": jax.process_index()}
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
@@ -808,8 +812,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
             grader.close()
         stopped_by = final_stop_signal(stop)
     exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
-    return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": step, "complete": False,
-            "process": jax.process_index()}
+    return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": step, "start_step": start,
+            "complete": False, "process": jax.process_index()}
 
 
 def reward_summary(history: list[dict], last: int = 10) -> dict:

@@ -317,6 +317,15 @@ def _check_tensors(folder: Path, tensors: SafetensorsFolder, expected: dict[str,
 # Saving
 
 
+def require_local(folder, verb: str) -> None:
+    """CheckpointError for a Hugging Face folder named by a URL (gs://...): qed-jax `verb`s
+    those only on local disk (qed-jax checkpoints may live in gs://)."""
+    if "://" in str(folder):
+        raise CheckpointError(f"{folder}: qed-jax {verb} Hugging Face folders on local disk only; use a local folder "
+                              "and copy it (e.g. gcloud storage cp -r), or a qed-jax checkpoint directory, which "
+                              "may be in gs://")
+
+
 def _gather(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -350,11 +359,17 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
         size += nbytes
 
     writer = jax.process_index() == 0
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").unlink(missing_ok=True)  # written last: until then, no whole export here
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        # An earlier export's weights that this one does not overwrite: left there, a loader
+        # could read them instead (qed-jax prefers an index, transformers a single file).
+        for old in [folder / "model.safetensors", folder / "model.safetensors.index.json",
+                    *folder.glob("model-*-of-*.safetensors")]:
+            if old.name not in names:
+                old.unlink(missing_ok=True)
     progress = tqdm(total=len(plan), desc=f"writing {folder.name}", unit="tensor", disable=not writer)
     for file_name, shard in zip(names, shards):
         by_name = {hf: (path, layer) for hf, path, layer in shard}

@@ -22,7 +22,7 @@ from typing import Any
 
 import openai
 
-from qed_jax.config import ConfigError, load_template
+from qed_jax.config import ConfigError, load_template, require_range
 from qed_jax.errors import JudgeUnavailable
 from qed_jax.tokenizer import THINK_END
 
@@ -73,6 +73,7 @@ class JudgeConfig:
         for key in ("max_retries", "parse_retries", "backoff_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"judge.{key} must be 0 or more, got {getattr(self, key)!r}")
+        require_range(self.temperature, "judge.temperature", 0)
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError(f"judge.max_failed_fraction must be between 0 and 1 (a fraction of a step's grades), "
                               f"got {self.max_failed_fraction!r}")
@@ -346,8 +347,8 @@ async def responses_text(client, **kwargs) -> str:
     return response.output_text or ""
 
 
-# What to do when nothing answers at the judge's URL (a pipeline sets judge.base_url from `judge`).
-UNREACHABLE_ADVICE = "start it, or point judge.base_url (a pipeline's `judge`) at one that answers"
+# What to do when nothing answers at the judge's URL.
+UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
 
 
 class Judge:

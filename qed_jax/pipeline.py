@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +90,9 @@ class PipelineConfig:
         if not self.judge:
             raise ConfigError("pipeline: set judge to an OpenAI-compatible judge's base URL, or to standin "
                               "for the offline stand-in (full marks for any proof after </think>; not a judge)")
+        if self.judge != STANDIN and not self.judge.startswith(("http://", "https://")):
+            raise ConfigError(f"judge must be {STANDIN} (the offline stand-in) or an OpenAI-compatible judge's "
+                              f"base URL (http:// or https://), got {self.judge!r}")
 
 
 def flatten(overrides: dict | None, prefix: str = "") -> list[str]:
@@ -151,11 +153,9 @@ def export_base(sft_config, folder: Path) -> bool:
     if sft_config.model.path or (folder / "config.json").exists():
         return False
     model = load_model(sft_config.model, make_mesh(sft_config.mesh), sft_config.seed)
-    partial = folder.with_name(folder.name + ".partial")  # renamed when whole: a kill leaves no half folder
-    shutil.rmtree(partial, ignore_errors=True)
-    save_pretrained(model, partial, dtype=sft_config.export_dtype or model.config.param_dtype,
+    # save_pretrained writes config.json last: a killed export has none here, and is redone.
+    save_pretrained(model, folder, dtype=sft_config.export_dtype or model.config.param_dtype,
                     assets_from=resolve_tokenizer(sft_config.tokenizer, sft_config.model))
-    partial.rename(folder)
     return True
 
 
@@ -192,7 +192,10 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> None:
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
     with pipeline_advice():
         result = train(config)
-    state = "already complete" if result["complete"] else "done"
+    if result["complete"]:
+        state = "already complete"
+    else:
+        state = f"resumed at step {result['start_step']}, done" if result["start_step"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
 
 
@@ -236,6 +239,59 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
 # The pipeline
 
 
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """Every stage's config, chained: what `run` runs."""
+    sft: Any
+    base: str  # the model SFT starts from (see base_model)
+    grpo: Any
+    evals: list
+
+
+def stages(config: PipelineConfig, judge_url: str) -> Stages:
+    """Build and check every stage's config (the judge at `judge_url`), reading nothing on disk:
+    a mistake in any stage fails here, before the first one runs (and with --print-config)."""
+    from qed_jax import grpo, sft
+
+    out = Path(config.output_dir)
+    sft_config = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={out / 'sft'}")
+    base, sft_hf = base_model(sft_config, out), out / "sft" / "hf"
+    grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, "grpo", f"model.path={sft_hf}",
+                                                  "model.preset=null", "tokenizer=null",
+                                                  f"output_dir={out / 'grpo'}"), out / "judge_cache.sqlite")
+    models = {"base": base, "sft": str(sft_hf), "grpo": str(out / "grpo" / "hf")}
+    evals = eval_configs(config, models, judge_url, out)
+    check_export("sft", sft_config)
+    check_export("grpo", grpo_config)
+    return Stages(sft_config, base, grpo_config, evals)
+
+
+@contextlib.contextmanager
+def judge_advice():
+    """JudgeUnavailable that says which pipeline setting holds the judge's URL."""
+    from qed_jax.errors import JudgeUnavailable
+
+    try:
+        yield
+    except JudgeUnavailable as e:
+        raise JudgeUnavailable(f"{e} (a pipeline sets judge.base_url from its judge setting)") from None
+
+
+def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
+    """With a real judge, and training still to do, fail now when nothing answers at the judge's
+    URL, not after the trainers' hours (the evaluations would only find out then)."""
+    from qed_jax.judge import Judge
+
+    if config.judge == STANDIN or (Path(s.grpo.output_dir) / "hf" / "config.json").exists():
+        return
+    judge = Judge(dataclasses.replace(s.evals[0].judge, cache_path=None))  # writes nothing
+    try:
+        with judge_advice():
+            judge.check_reachable()
+    finally:
+        judge.close()
+
+
 def run(config: PipelineConfig) -> dict:
     """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
     and the stand-in judge's request count (None with a real judge). Every stage's config is
@@ -249,19 +305,13 @@ def run(config: PipelineConfig) -> dict:
     standin = StandinJudge() if config.judge == STANDIN else contextlib.nullcontext()
     with standin:
         judge_url = standin.url if config.judge == STANDIN else config.judge
-        sft_config = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={out / 'sft'}")
-        base, sft_hf = base_model(sft_config, out), out / "sft" / "hf"
-        grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, "grpo", f"model.path={sft_hf}",
-                                                      "model.preset=null", "tokenizer=null",
-                                                      f"output_dir={out / 'grpo'}"), out / "judge_cache.sqlite")
-        models = {"base": base, "sft": str(sft_hf), "grpo": str(out / "grpo" / "hf")}
-        evals = eval_configs(config, models, judge_url, out)
-        check_export("sft", sft_config)
-        check_export("grpo", grpo_config)
+        s = stages(config, judge_url)
+        sft_config, base, grpo_config, evals = s.sft, s.base, s.grpo, s.evals
         check_unchanged(sft_config)
         check_unchanged(grpo_config)
         for c in evals:
             check_rerun(c)
+        check_judge_before_training(config, s)
         progress = Progress(stages=5)
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
@@ -275,7 +325,8 @@ def run(config: PipelineConfig) -> dict:
             if config.judge == STANDIN else judge_url))
         failed = 0
         for n, c in enumerate(evals, 1):
-            counts = evaluate(c)
+            with judge_advice():
+                counts = evaluate(c)
             failed += counts["failed"]
             progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: generated {counts['generated']}, "
                           f"graded {counts['graded']} ({counts['failed']} failed) of {counts['total']} samples")

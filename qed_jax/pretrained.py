@@ -57,6 +57,7 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     elif (where / "config.json").exists():
         if step is not None:
             raise CheckpointError(f"{path}: a Hugging Face model folder; {only_in_checkpoints}")
+        hf.require_local(path, "reads")
         model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
     elif where.name.isdigit() and checkpoint.is_checkpoint_dir(where.parent):
         raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "
@@ -80,6 +81,7 @@ def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=Non
                     max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> Path:
     """Write a Hugging Face folder that transformers and vLLM load as Qwen3ForCausalLM.
     Tokenizer files come from `assets_from`, by default the folder the model was loaded from."""
+    hf.require_local(path, "writes")
     if assets_from is None:
         assets_from = _SOURCES.get(model)
     return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes)

@@ -11,7 +11,7 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qed_jax.config import ConfigError, is_missing_local_path
+from qed_jax.config import ConfigError, is_missing_local_path, not_found
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 THINK_END = "</think>"
@@ -39,7 +39,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     name = str(path)
     folder = Path(name).expanduser()
     if is_missing_local_path(name):
-        raise ConfigError(f"tokenizer {name} does not exist")
+        raise not_found("tokenizer", name)
     if folder.is_file():
         raise ConfigError(f"tokenizer {name} is a file: name the folder that holds tokenizer.json")
     files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")

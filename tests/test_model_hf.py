@@ -119,6 +119,44 @@ def test_sharded_export_writes_index(tmp_path):
     np.testing.assert_array_equal(np.asarray(reloaded(tokens)), np.asarray(model(tokens)))
 
 
+def test_an_export_over_an_earlier_one_leaves_none_of_its_weights(tmp_path):
+    """Sharded, then one file, then sharded in fewer shards: each time the folder holds exactly
+    the new export's files, which qed-jax and transformers both read."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    make_hf_model(tmp_path / "src")
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    out = tmp_path / "out"
+    for step, (dtype, shard_bytes) in enumerate([("float32", 60_000), ("bfloat16", 10**9), ("float32", 200_000)]):
+        scaled = qed_jax.from_pretrained(tmp_path / "src")  # a different model each time: its embedding scaled
+        scaled.embed[...] = scaled.embed[...] * (step + 2)
+        qed_jax.save_pretrained(scaled, out, dtype=dtype, max_shard_bytes=shard_bytes)
+        weights = sorted(p.name for p in out.glob("model*"))
+        if shard_bytes == 10**9:
+            assert weights == ["model.safetensors"]
+        else:
+            index = json.loads((out / "model.safetensors.index.json").read_text())
+            assert weights == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
+        expected = np.asarray(qed_jax.from_pretrained(out, dtype="float32")(tokens))
+        want = np.asarray(scaled(tokens)) if dtype == "float32" else expected
+        np.testing.assert_array_equal(expected, want)
+        torch_model = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        np.testing.assert_allclose(hf_logits(torch_model, np.asarray(tokens)), expected, atol=1e-4)
+
+
+def test_a_hugging_face_folder_at_a_url_is_refused_not_written_to_a_local_gs_folder(tmp_path, monkeypatch, capsys):
+    make_hf_model(tmp_path / "src")
+    model = qed_jax.from_pretrained(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)  # pathlib would have made gs://bucket/hf the local folder gs:/bucket/hf
+    with pytest.raises(CheckpointError, match="Hugging Face folders on local disk only"):
+        qed_jax.save_pretrained(model, "gs://bucket/hf")
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["convert", str(tmp_path / "ckpt"), "gs://bucket/hf", "--overwrite"]) == 2
+    assert "local disk only" in capsys.readouterr().err
+    assert not (tmp_path / "gs:").exists()
+
+
 def test_convert_cli_hf_orbax_hf_is_bit_identical(tmp_path):
     src = tmp_path / "hf"
     make_hf_model(src)
@@ -259,9 +297,16 @@ def test_param_counts_from_abstract_shapes():
 
 
 def test_config_round_trips_through_hf_dict():
+    from transformers import Qwen3Config
+
     for config in PRESETS.values():
-        back = ModelConfig.from_hf(config.to_hf(), param_dtype=config.param_dtype, dtype=config.dtype)
+        hf = config.to_hf(torch_dtype="float32")
+        back = ModelConfig.from_hf(hf, param_dtype=config.param_dtype, dtype=config.dtype)
         assert back == config
+        # Both generations of field names: transformers 4 reads these two at the top level.
+        assert (hf["rope_theta"], hf["torch_dtype"]) == (config.rope_theta, "float32")
+        loaded = Qwen3Config.from_dict(hf)
+        assert loaded.rope_parameters["rope_theta"] == config.rope_theta and loaded.rope_parameters["rope_type"] == "default"
 
 
 # --- bad input: one clear line naming the problem ---------------------------------------------

@@ -408,5 +408,5 @@ def test_ctrl_c_acts_while_a_device_call_runs(case):
     if case == "cli":
         assert proc.stderr.strip().splitlines()[-1] == "qed-jax report: interrupted"
     else:
-        assert "SIGINT again: exiting without a checkpoint" in proc.stdout, proc.stdout + proc.stderr
+        assert "SIGINT again: exiting without a checkpoint" in proc.stderr, proc.stdout + proc.stderr
 
