@@ -249,7 +249,7 @@ class Stages:
 
 
 def stages(config: PipelineConfig, judge_url: str) -> Stages:
-    """Build and check every stage's config (the judge at `judge_url`), reading nothing on disk:
+    """Build and check every stage's config (the judge at `judge_url`), touching no run directory:
     a mistake in any stage fails here, before the first one runs (and with --print-config)."""
     from qed_jax import grpo, sft
 
