@@ -1,6 +1,8 @@
 """The errors a user can cause and fix. The CLI prints each as one line (no traceback), so this
 module stays free of heavy imports: `qed-jax --help` must not wait for JAX or transformers."""
 
+import contextlib
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says which key and why."""
@@ -21,6 +23,15 @@ class DeviceCallInterrupted(KeyboardInterrupt):
     (`os._exit`) once the command's own cleanup has run. In a process that goes on (a notebook),
     the abandoned call keeps its memory (the KV cache it was given) until it ends, and the next
     device call waits for it."""
+
+
+@contextlib.contextmanager
+def noted(error: type[Exception], note: str):
+    """Re-raise an `error` raised inside with `note` after its message (still one line)."""
+    try:
+        yield
+    except error as e:
+        raise error(f"{e} ({note})") from None
 
 
 class RunConfigChanged(ConfigError):

@@ -32,6 +32,7 @@ from typing import Any
 
 from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
                             not_found, require_at_least_one, require_range)
+from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice, extract_proof,
                            render_marking_scheme)
 from qed_jax.tokenizer import THINK_END
@@ -532,13 +533,9 @@ class RCGenerator:
                                 finish_reason=turns[-1]["finish_reason"], turns=turns))
 
 
-@contextlib.contextmanager
 def rc_section_errors():
     """The reasoning cache's errors name RCParams' fields; an eval config has them under rc."""
-    try:
-        yield
-    except ConfigError as e:
-        raise ConfigError(f"{e} (in the eval config: the rc section)") from None
+    return noted(ConfigError, "in the eval config: the rc section")
 
 
 def rc_turn_record(turn) -> dict:

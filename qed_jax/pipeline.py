@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import ConfigError, load_config
-from qed_jax.errors import RunConfigChanged
+from qed_jax.errors import JudgeUnavailable, RunConfigChanged, noted
 
 MODELS = ("base", "sft", "grpo")
 STANDIN = "standin"
@@ -266,15 +266,9 @@ def stages(config: PipelineConfig, judge_url: str) -> Stages:
     return Stages(sft_config, base, grpo_config, evals)
 
 
-@contextlib.contextmanager
 def judge_advice():
     """JudgeUnavailable that says which pipeline setting holds the judge's URL."""
-    from qed_jax.errors import JudgeUnavailable
-
-    try:
-        yield
-    except JudgeUnavailable as e:
-        raise JudgeUnavailable(f"{e} (a pipeline sets judge.base_url from its judge setting)") from None
+    return noted(JudgeUnavailable, "a pipeline sets judge.base_url from its judge setting")
 
 
 def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:

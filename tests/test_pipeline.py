@@ -121,6 +121,30 @@ def test_stage_configs_chain_the_stages(tmp_path):
         load_config(PipelineConfig, ROOT / TINY, ["eval.models=[base, rl]"])
 
 
+def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
+    from qed_jax.errors import JudgeUnavailable
+    from qed_jax.pipeline import run
+
+    with pytest.raises(ConfigError, match="judge must be standin .* or an OpenAI-compatible judge's base URL"):
+        load_config(PipelineConfig, ROOT / TINY, ["judge=standinn"])
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "judge=http://127.0.0.1:9/v1"])
+    with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge at http://127.0.0.1:9/v1: .* \(a pipeline "
+                                               r"sets judge.base_url from its judge setting\)$"):
+        run(config)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
+
+
+def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
+    from qed_jax import cli
+
+    monkeypatch.chdir(ROOT)  # the configs name their stages' configs relative to the repository
+    assert cli.main(["pipeline", "--config", TINY, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["judge"] == "standin"
+    assert cli.main(["pipeline", "--config", TINY, "--print-config", "eval.overrides.samples=-1"]) == 2
+    assert "eval stage (configs/eval/imo_proofbench.yaml with eval.overrides): samples must be at least 1" in \
+        capsys.readouterr().err
+
+
 def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_path):
     import dataclasses
 
