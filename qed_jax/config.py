@@ -261,7 +261,8 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
         close = difflib.get_close_matches(unknown[0], types_, n=1)
         raise FieldError(
             f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
-            + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_), key=f"{prefix}{unknown[0]}")
+            + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_), key=f"{prefix}{unknown[0]}",
+            unknown=not close)
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}
     try:
@@ -407,21 +408,36 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         apply_override(data, override)
     try:
         return from_dict(cls, data)
-    except FieldError as e:  # a key or value from the file, not from an override: name the file
-        key = e.key.split("[")[0]  # a list's item: the list's key
+    except FieldError as e:
+        key, message = e.key.split("[")[0], str(e)  # a list's item: the list's key
+        leaf = key.rsplit(".", 1)[-1]
+        elsewhere = [p for p in field_paths(cls) if p.rsplit(".", 1)[-1] == leaf and p != key] if e.unknown else []
+        if elsewhere:  # e.g. GRPO's sampling temperature is loss.temperature
+            message += f"; {leaf} is set at {' or '.join(elsewhere)} here"
         in_file_value = get_dotted(in_file, key, _ABSENT)
         if path is not None and in_file_value is not _ABSENT and in_file_value == get_dotted(data, key, _ABSENT):
-            raise ConfigError(f"{path}: {e}") from None
-        raise
+            message = f"{path}: {message}"  # from the file, not from an override: name the file
+        raise ConfigError(message) from None
 
 
 class FieldError(ConfigError):
     """A config key that its dataclass does not have, or a value of the wrong type; `key` is its
-    dotted path."""
+    dotted path; `unknown`: a key not in its section, and not a typo of one that is."""
 
-    def __init__(self, message: str, key: str):
+    def __init__(self, message: str, key: str, unknown: bool = False):
         super().__init__(message)
-        self.key = key
+        self.key, self.unknown = key, unknown
+
+
+def field_paths(cls, prefix: str = "") -> list[str]:
+    """Every key of the config class `cls`, in its sections too, as a dotted path."""
+    paths = []
+    for name, typ in _field_types(cls).items():
+        paths.append(prefix + name)
+        section = next((t for t in (typ, *typing.get_args(typ)) if dataclasses.is_dataclass(t)), None)
+        if section is not None:
+            paths += field_paths(section, f"{prefix}{name}.")
+    return paths
 
 
 _ABSENT = object()

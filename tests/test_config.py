@@ -120,6 +120,22 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["output_dir="], r"^output_dir must be set \(it has no empty value\); leave it out for its default$"),
     (GRPOConfig, ["reward_rule=closes_think"], r"^unknown reward_rule 'closes_think'; choose one of: closes_thinking, "
                                                r"or null \(grade with the judge\)$"),
+    (SFTConfig, ["optim.lr=-1"], r"^optim\.lr must be above 0, got -1\.0$"),
+    (SFTConfig, ["optim.warmup_ratio=2"], r"^optim\.warmup_ratio must be in \[0, 1\], got 2\.0$"),
+    (SFTConfig, ["optim.b2=1"], r"^optim\.b2 must be in \[0, 1\), got 1\.0$"),
+    (SFTConfig, ["optim.eps=.nan"], r"^optim\.eps must be at least 0, got nan$"),
+    (SFTConfig, ["data.eval_rows=-3"], r"^data\.eval_rows must be at least 0, got -3$"),
+    (SFTConfig, ["eval_every=-5"], r"^eval_every must be at least 0, got -5$"),
+    (GRPOConfig, ["loss.kl_coef=-1"], r"^loss\.kl_coef must be at least 0, got -1\.0$"),
+    (GRPOConfig, ["sampling.kv_cache_gib=-1"], r"^sampling\.kv_cache_gib must be above 0, got -1\.0$"),
+    (EvalConfig, ["model.path=m", "benchmark.limit=-1"], r"^benchmark\.limit must be at least 1, got -1$"),
+    (SFTConfig, ["output_dir=0123"], r"^output_dir: expected text, but YAML read the value as int 83; quote it"),
+    (SFTConfig, ["data.name=no"], r"^data\.name: expected text, but YAML read the value as bool False; quote it"),
+    (SFTConfig, ["model=tiny"], r"^model: expected a section \(keys path, preset, param_dtype, dtype, remat, "
+                                r"attention\), got 'tiny'$"),
+    (GRPOConfig, ["sampling.temperature=0.5"], r"^unknown config key sampling\.temperature; valid keys here: .*; "
+                                               r"temperature is set at loss\.temperature or judge\.temperature or "
+                                               r"rc\.summarizer\.temperature here$"),
 ])
 def test_counts_below_one_and_impossible_sampling_values_fail_when_the_config_loads(cls, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -279,6 +295,12 @@ def test_a_typo_in_a_config_file_names_the_file_and_the_likely_key(tmp_path):
         load_config(SFTConfig, nested)
     with pytest.raises(ConfigError, match=r"^unknown config key data.max_lenght \(did you mean"):  # an override's own
         load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", ["data.max_lenght=3"])
+    # A value of the wrong type in the file names the file too; the same value from an override does not.
+    top.write_text(text.replace("\nsteps: 120", "\nsteps: many"))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(top))}: steps: expected a number, got 'many'$"):
+        load_config(SFTConfig, top)
+    with pytest.raises(ConfigError, match="^steps: expected a number, got 'lots'$"):
+        load_config(SFTConfig, top, ["steps=lots"])
 
 
 def test_a_model_path_over_a_config_preset_says_how_to_drop_the_preset():
