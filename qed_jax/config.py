@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
 import json
 import types
@@ -236,9 +237,11 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
     if typ is str:
         if value is None:  # `key=` or `key: null` for a key that has no "none": str(None) would be "None"
             raise FieldError(f"{where} must be set (it has no empty value); leave it out for its default", where)
-        if not isinstance(value, str):  # YAML read it as something else: 0123 is 83, no is false
+        if isinstance(value, datetime.date):  # a date's text is the one YAML read (2025-01-15)
+            return str(value)
+        if not isinstance(value, str):  # YAML read it as something else: 0123 is 83, 2024_01 is 202401, no is false
             raise FieldError(f"{where}: expected text, but YAML read the value as {type(value).__name__} {value!r}; "
-                             f"quote it (e.g. {where}='\"...\"' on the command line)", where)
+                             f"quote it (\"...\" in a YAML file, {where}='\"...\"' on the command line)", where)
         return value
     return value
 
@@ -410,10 +413,8 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         return from_dict(cls, data)
     except FieldError as e:
         key, message = e.key.split("[")[0], str(e)  # a list's item: the list's key
-        leaf = key.rsplit(".", 1)[-1]
-        elsewhere = [p for p in field_paths(cls) if p.rsplit(".", 1)[-1] == leaf and p != key] if e.unknown else []
-        if elsewhere:  # e.g. GRPO's sampling temperature is loss.temperature
-            message += f"; {leaf} is set at {' or '.join(elsewhere)} here"
+        if e.unknown and key in getattr(cls, "KEYS_ELSEWHERE", {}):  # e.g. GRPO's sampling temperature
+            message += f"; in this config that is {cls.KEYS_ELSEWHERE[key]}"
         in_file_value = get_dotted(in_file, key, _ABSENT)
         if path is not None and in_file_value is not _ABSENT and in_file_value == get_dotted(data, key, _ABSENT):
             message = f"{path}: {message}"  # from the file, not from an override: name the file
@@ -422,22 +423,12 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
 
 class FieldError(ConfigError):
     """A config key that its dataclass does not have, or a value of the wrong type; `key` is its
-    dotted path; `unknown`: a key not in its section, and not a typo of one that is."""
+    dotted path; `unknown`: a key not in its section, and not a typo of one that is (a config
+    class may say where such a key lives in it: a KEYS_ELSEWHERE class attribute)."""
 
     def __init__(self, message: str, key: str, unknown: bool = False):
         super().__init__(message)
         self.key, self.unknown = key, unknown
-
-
-def field_paths(cls, prefix: str = "") -> list[str]:
-    """Every key of the config class `cls`, in its sections too, as a dotted path."""
-    paths = []
-    for name, typ in _field_types(cls).items():
-        paths.append(prefix + name)
-        section = next((t for t in (typ, *typing.get_args(typ)) if dataclasses.is_dataclass(t)), None)
-        if section is not None:
-            paths += field_paths(section, f"{prefix}{name}.")
-    return paths
 
 
 _ABSENT = object()

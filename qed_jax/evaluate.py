@@ -6,7 +6,9 @@ that a rerun in the same output_dir does only what is left.
 
 samples.jsonl holds three kinds of records, keyed by (problem_id, sample):
   {"type": "sample", ...}: the completion, its token count, finish reason, whether it was truncated,
-    and in mode rc each turn's reasoning, answer and summary texts with their token counts;
+    the seed and row it was drawn with (seed + k, the problem's place in the benchmark; an
+    endpoint's request carried request_seed(seed, row)), and in mode rc each turn's reasoning,
+    answer and summary texts with their token counts;
   {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by, judge reply;
   {"type": "turn_grade", "turn": t, ...}: the same for turn t's answer (mode rc, rc.grade_turns).
 A failed grade is retried by the next run; the last grade record of a sample (or turn) counts.
@@ -703,13 +705,14 @@ def generate_round(generator, config: EvalConfig, template: str, problems: dict[
     """Draw the samples `units` [(problem_id, sample index)], one generator call per sample index
     k, appending each to the run log as it arrives; returns how many. Sample k of a problem draws
     with seed + k as the row of the problem's place in the benchmark: its own random stream,
-    the same however the run is batched, stopped and resumed."""
+    whichever round it falls in (a round's shapes may still round floats differently)."""
     place = {pid: row for row, pid in enumerate(problems)}
     for k in sorted({k for _, k in units}):
         chosen = [pid for pid, kk in units if kk == k]
+        rows = [place[pid] for pid in chosen]
 
-        def on_sample(i: int, sample: Sample, chosen=chosen, k=k) -> None:
-            record = {"type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k,
+        def on_sample(i: int, sample: Sample, chosen=chosen, rows=rows, k=k) -> None:
+            record = {"type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k, "row": rows[i],
                       "group": problems[chosen[i]].group, "completion": sample.text,
                       "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
                       "truncated": not extract_proof(sample.text)}
@@ -718,7 +721,7 @@ def generate_round(generator, config: EvalConfig, template: str, problems: dict[
             runlog.append(record)
 
         generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], config.seed + k,
-                           [place[pid] for pid in chosen], config.sampling, on_sample)
+                           rows, config.sampling, on_sample)
     return len(units)
 
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import grain
 import jax
@@ -320,6 +321,11 @@ class GRPOConfig:
     output_dir: str = "runs/grpo"  # metrics, config, TensorBoard, the HF export (local)
     checkpoint_dir: str | None = None  # local path or gs://; default: output_dir/checkpoints
     export_dtype: str | None = "bfloat16"
+    # Keys that an eval config has in its sampling section, and where this config has them.
+    KEYS_ELSEWHERE: ClassVar[dict[str, str]] = {
+        "sampling.temperature": "loss.temperature (rollouts are sampled at the loss's temperature)",
+        "sampling.max_new_tokens": "max_new_tokens (at the top level)",
+    }
 
     def __post_init__(self):
         require_at_least_one(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens",

@@ -151,14 +151,21 @@ def render_prompt(template: str, item: GradeItem, proof: str) -> str:
     return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
 
 
-# A self-evaluation section starts at its heading: a line that is the section's name, as a
-# Markdown heading (numbered or not) or bold or plain, alone or followed by a colon or a parenthesis
-# ("## Self-evaluation", "**Confidence:** high", "Self-assessment (7/7): ..."). A line of the
-# proof that merely begins with such a word ("Confidence bounds are ...") is no heading.
+# A self-evaluation section starts at its heading, and everything from there on is cut:
+#   a Markdown heading that begins with the name ("## Self-evaluation of the proof", "### 3. Self-check");
+#   the name alone on its line, bold or not, or followed by a colon or a parenthesis
+#   ("**Confidence:** high", "Self-assessment (7/7): ...", "**Self-check**").
+# A line of the proof that merely begins with such a word ("Confidence bounds are ...",
+# "Self-check of the base case: ...", "## Confidence intervals") is no heading; a plain (not
+# bold) "Self-check:" line may be a step of the proof, so only a heading or bold one counts.
+_HEADING = r"#+[ \t]*(?:\d+[.)]?[ \t]*)?"  # "## " or "### 3. "
+_SELF = r"self[- ]?(?:evaluation|assessment|verification)"
+_CONFIDENCE = r"confidence(?:[ \t]+(?:level|score|assessment))?"
+_ALONE = r"[*_]{0,2}[ \t]*(?:[:(]|\r?$)"  # closing bold, then a colon, a parenthesis or the end of the line
 _SELF_EVALUATION = re.compile(
-    r"^[ \t]*(?:#+[ \t]*(?:\d+[.)]?[ \t]*)?)?[*_]{0,2}"
-    r"(?:self[- ]?(?:evaluation|assessment|verification)|confidence(?:[ \t]+(?:level|score|assessment))?)"
-    r"[*_]{0,2}[ \t]*(?:[:(]|$).*\Z",
+    rf"^[ \t]*(?:{_HEADING}[*_]{{0,2}}(?:{_SELF}|self[- ]?check)\b"
+    rf"|(?:{_HEADING})?[*_]{{0,2}}(?:{_SELF}|{_CONFIDENCE}){_ALONE}"
+    rf"|[*_]{{2}}self[- ]?check{_ALONE}).*\Z",
     re.IGNORECASE | re.DOTALL | re.MULTILINE,
 )
 

@@ -190,7 +190,7 @@ def pipeline_advice():
 def train_stage(progress: Progress, name: str, train, config, summary) -> None:
     """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
-    with pipeline_advice():
+    with pipeline_advice(), judge_advice():  # GRPO grades with the pipeline's judge
         result = train(config)
     if result["complete"]:
         state = "already complete"

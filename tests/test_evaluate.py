@@ -429,7 +429,7 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
             f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite", "judge.answer_format=score",
             "judge.allowed_scores=null", f"output_dir={tmp_path}/run", "mode=rc", "samples=2", "seed=0",
             "sampling.max_new_tokens=16", "sampling.temperature=0.5", "rc.summary_tokens=16",
-            "rc.summarizer_tokens=12", "rc.grade_turns=true"])
+            "rc.summarizer_tokens=12", "rc.grade_turns=true", "batch_size=3"])
         # Each sample's grade, and each of its first two turns' (the third turn's answer is the sample's).
         assert evaluate(cfg, progress=False) == {"generated": 8, "graded": 24, "failed": 0, "total": 8}
         requests = judge.total
@@ -438,7 +438,8 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
 
     records = read_records(tmp_path / "run/samples.jsonl")
     samples = {(r["problem_id"], r["sample"]): r for r in records if r["type"] == "sample"}
-    # Sample k of every problem is one reasoning-cache run drawn with seed + k, on the benchmark's prompt.
+    # Sample k of every problem is one reasoning-cache run drawn with seed + k, on the benchmark's prompt,
+    # problem p as row p (in rounds of 3 samples the last problem's sample 0 is drawn in a round of its own).
     tokenizer = load_tokenizer(ROOT / "configs/tiny/tokenizer")
     cache = ReasoningCache(qed_jax.from_pretrained(str(tmp_path / "model")), tokenizer, RCParams(
         turns=3, reasoning_tokens=16, summary_tokens=16, summarizer_tokens=12, temperature=0.5, max_turns=3))

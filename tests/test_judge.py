@@ -176,6 +176,10 @@ def test_proof_extraction():
     "\n\nSelf-evaluation: I am confident the proof is correct, score 7.",  # the last line, no newline
     "\n\nConfidence: 7/7",
     "\n\n_Confidence level_: high",
+    "\n\n## Self-check\nEvery case is covered.",
+    "\n\n**Self-check:** all steps verified.",
+    "\n\n## Self-Evaluation and Confidence\nHigh.",
+    "\r\n\r\n## Self-evaluation\r\nI am confident.",  # Windows line ends
 ])
 def test_self_evaluation_section_is_cut_at_its_heading(tail):
     assert extract_proof(f"x</think>Proof. Done.{tail}", strip_self_evaluation=True) == "Proof. Done."

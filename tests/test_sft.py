@@ -121,6 +121,23 @@ def test_eval_loss_runs_the_micro_batches_one_at_a_time():
     assert temp[n] < temp[1] / 2, temp
 
 
+def test_the_eval_loss_gets_the_steps_micro_batches(tokenizer):
+    from qed_jax.sft import evaluate
+    from qed_jax.sharding import MeshConfig, make_mesh
+    from qed_jax.trainer import batch_sharding
+
+    config = load_config(SFTConfig, TINY, ["batch_size=32", "micro_batches=4", "eval_batches=2"])
+    examples = prepare_sft(read_rows(DATA)[:6], tokenizer, config.data)[0]
+    shapes = []
+
+    def eval_fn(params, batch):
+        shapes.append(batch["tokens"].shape)
+        return jnp.float32(2.0), jnp.float32(1.0)
+
+    assert evaluate(eval_fn, None, examples, config, batch_sharding(make_mesh(MeshConfig(data=-1)))) == 2.0
+    assert shapes == [(4, 8, config.data.max_length)] * 2  # 8 rows of each micro-batch over 8 devices
+
+
 def test_tiny_config_loss_halves_and_exports(tmp_path):
     relative = os.path.relpath(tmp_path, REPO)  # as README's command uses runs/sft-tiny
     started = time.monotonic()
