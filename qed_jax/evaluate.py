@@ -465,8 +465,9 @@ class EndpointGenerator:
         semaphore = asyncio.Semaphore(c.concurrency)
 
         async def one(i: int, prompt: str) -> None:
-            kwargs = dict(model=c.name, messages=[{"role": "user", "content": prompt}], seed=request_seed(seed, rows[i]),
-                          temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens)
+            kwargs = dict(model=c.name, messages=[{"role": "user", "content": prompt}],
+                          seed=request_seed(seed, rows[i]), temperature=sampling.temperature, top_p=sampling.top_p,
+                          max_tokens=sampling.max_new_tokens)
             if sampling.top_k:
                 kwargs["extra_body"] = {"top_k": sampling.top_k}
             async with semaphore:

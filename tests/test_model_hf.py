@@ -306,7 +306,8 @@ def test_config_round_trips_through_hf_dict():
         # Both generations of field names: transformers 4 reads these two at the top level.
         assert (hf["rope_theta"], hf["torch_dtype"]) == (config.rope_theta, "float32")
         loaded = Qwen3Config.from_dict(hf)
-        assert loaded.rope_parameters["rope_theta"] == config.rope_theta and loaded.rope_parameters["rope_type"] == "default"
+        rope = loaded.rope_parameters
+        assert rope["rope_theta"] == config.rope_theta and rope["rope_type"] == "default"
 
 
 # --- bad input: one clear line naming the problem ---------------------------------------------

@@ -108,8 +108,9 @@ def test_eval_loss_runs_the_micro_batches_one_at_a_time():
     params = nnx.to_pure_dict(state)
     rng = np.random.default_rng(0)
     n, b, length = 4, 4, 256
-    rows = {"tokens": rng.integers(0, config.vocab_size, (n * b, length)), "loss_mask": rng.random((n * b, length)) < 0.6,
-            "segment_ids": np.ones((n * b, length)), "positions": np.tile(np.arange(length), (n * b, 1))}
+    rows = {"tokens": rng.integers(0, config.vocab_size, (n * b, length)),
+            "loss_mask": rng.random((n * b, length)) < 0.6, "segment_ids": np.ones((n * b, length)),
+            "positions": np.tile(np.arange(length), (n * b, 1))}
     rows = {k: v.astype(np.int32) for k, v in rows.items()}
     whole, split = ({k: jnp.asarray(v.reshape(m, -1, length)) for k, v in rows.items()} for m in (1, n))
     fn = jax.jit(partial(eval_loss, graphdef))
