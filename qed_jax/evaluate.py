@@ -36,7 +36,7 @@ from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json,
                             not_found, require_at_least_one, require_range)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice, extract_proof,
-                           render_marking_scheme)
+                           render_marking_scheme, reply_text)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -472,10 +472,10 @@ class EndpointGenerator:
                 kwargs["extra_body"] = {"top_k": sampling.top_k}
             async with semaphore:
                 try:
-                    response, choice = await chat_choice(client, **kwargs)
+                    sample = self._sample(*await chat_choice(client, **kwargs))
                 except (openai.APIError, BadReply) as e:
                     raise ConfigError(f"the model endpoint {c.base_url} failed: {e}") from None
-            on_sample(i, self._sample(response, choice))
+            on_sample(i, sample)
 
         try:
             await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
@@ -483,9 +483,9 @@ class EndpointGenerator:
             await client.close()
 
     @staticmethod
-    def _sample(response, choice) -> Sample:
-        content = choice.message.content or ""
-        reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
+    def _sample(response, choice, content: str) -> Sample:
+        reasoning = reply_text(getattr(choice.message, "reasoning_content", None)
+                               or getattr(choice.message, "reasoning", None), "the reply's reasoning")
         text = f"{reasoning}{THINK_END}{content}" if reasoning and THINK_END not in content else content
         usage = getattr(response, "usage", None)
         tokens = usage.completion_tokens if usage is not None else None

@@ -45,7 +45,7 @@ class JudgeConfig:
     reasoning_effort: str | None = "medium"
     concurrency: int = 32
     timeout_s: float = 900.0
-    max_retries: int = 3  # on timeouts, 429 and 5xx
+    max_retries: int = 3  # on timeouts, 408, 409, 429 and 5xx
     backoff_s: float = 15.0  # first backoff; doubles each retry, with jitter
     parse_retries: int = 2  # extra requests when a reply has no parsable score
     require_think_end: bool = True  # a completion without </think> scores 0, unsent
@@ -225,13 +225,17 @@ def needed_fields(template: str) -> list[str]:
     return [field for placeholder, (field, _, _) in _ROW_FIELDS.items() if placeholder in used]
 
 
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
 def row_field(row: dict, field: str, keys: tuple[str, ...], where: str) -> tuple[str, Any] | None:
     """(the row's key, its value) for a rubric, guidelines or answer; None when the row has none
     (absent, null, empty or blank). A numeric answer becomes a string, as eval reads one."""
-    key = next((k for k in keys if k in row), None)
-    value = row.get(key)
-    if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+    key = next((k for k in keys if not _empty(row.get(k))), None)  # a table has every column, some null
+    if key is None:
         return None
+    value = row[key]
     if field == "answer":
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: field 'answer' must be a string or a number")
@@ -266,7 +270,7 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
                     f"({readers})") if other_scheme else ""
             raise ConfigError(f"{where}: the judge's template grades against the field '{field}' "
                               f"({' or '.join(keys)}), which this row does not give{hint}")
-    reference_key = "reference" if "reference" in row else "solution"
+    reference_key = next((k for k in ("reference", "solution") if not _empty(row.get(k))), "reference")
     reference = row.get(reference_key)
     if reference is not None and not isinstance(reference, str):
         raise ConfigError(f"{where}: field '{reference_key}' must be a string (the reference solution)")
@@ -329,17 +333,29 @@ class BadReply(Exception):
     not JSON, an HTML page, a completion without choices)."""
 
 
+def reply_text(content, where: str) -> str:
+    """The text of a reply's content: a string, null (""), or a list of text parts (as some
+    servers send), joined; BadReply for anything else."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("text"), str)
+                                         for part in content):
+        return "".join(part["text"] for part in content)
+    raise BadReply(f"{where} is not text: {str(content)[:200]}")
+
+
 async def chat_choice(client, **kwargs):
-    """`client.chat.completions.create(**kwargs)` and its first choice; BadReply when the reply
-    is not a chat completion."""
+    """`client.chat.completions.create(**kwargs)`, its first choice and that choice's text;
+    BadReply when the reply is not a chat completion."""
     try:
         response = await client.chat.completions.create(**kwargs)
     except json.JSONDecodeError as e:
         raise BadReply(f"the reply is not valid JSON ({e.msg})") from None
     choices = getattr(response, "choices", None)
-    if not choices or getattr(choices[0], "message", None) is None:
+    if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
         raise BadReply(f"the reply is not a chat completion (it has no choices[0].message): {str(response)[:200]}")
-    return response, choices[0]
+    return response, choices[0], reply_text(getattr(choices[0].message, "content", None),
+                                            "the reply's choices[0].message.content")
 
 
 async def responses_text(client, **kwargs) -> str:
@@ -349,10 +365,18 @@ async def responses_text(client, **kwargs) -> str:
         response = await client.responses.create(**kwargs)
     except json.JSONDecodeError as e:
         raise BadReply(f"the reply is not valid JSON ({e.msg})") from None
-    if getattr(response, "output", None) is None:
-        raise BadReply(f"the reply is not a Responses API reply (it has no output): {str(response)[:200]}")
-    return response.output_text or ""
+    if not isinstance(getattr(response, "output", None), list):
+        raise BadReply(f"the reply is not a Responses API reply (it has no output list): {str(response)[:200]}")
+    try:
+        text = response.output_text  # joins the output's message parts; fails on other shapes
+    except (AttributeError, TypeError, KeyError):
+        raise BadReply(f"the reply's output is not a list of messages: {str(response.output)[:200]}") from None
+    return reply_text(text, "the reply's output text")
 
+
+# The client errors a judge request is retried on (a proxy's timeout, a conflict, a rate limit);
+# any other 4xx means the request itself is wrong.
+RETRIED_4XX = (408, 409, 429)
 
 # What to do when nothing answers at the judge's URL.
 UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
@@ -471,11 +495,11 @@ class Judge:
                                            f"{UNREACHABLE_ADVICE}") from None
                 else:
                     reason = "connection_error"
-            except (openai.RateLimitError, openai.InternalServerError) as e:
+            except openai.APIStatusError as e:
                 reason = f"http_{e.status_code}"
-            except openai.APIStatusError as e:  # other 4xx: the request itself is wrong, no retry
-                return Grade(None, 0.0, f"http_{e.status_code}", raw=str(e.message)[:500],
-                             latency_s=time.monotonic() - start, attempts=attempts)
+                if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
+                    return Grade(None, 0.0, reason, raw=str(e.message)[:500],
+                                 latency_s=time.monotonic() - start, attempts=attempts)
             except BadReply as e:  # a proxy's error page, a server half-up: retried like a 5xx
                 reason, reply = "bad_reply", str(e)
             else:
@@ -505,8 +529,7 @@ class Judge:
                           temperature=c.temperature, max_tokens=c.max_tokens)
             if c.reasoning_effort:
                 kwargs["reasoning_effort"] = c.reasoning_effort
-            _, choice = await chat_choice(client, **kwargs)
-            return choice.message.content or ""
+            return (await chat_choice(client, **kwargs))[2]
         kwargs = dict(model=c.model, input=prompt, temperature=c.temperature, max_output_tokens=c.max_tokens)
         if c.reasoning_effort:
             kwargs["reasoning"] = {"effort": c.reasoning_effort}

@@ -14,7 +14,7 @@ import pytest
 
 from qed_jax import cli
 from qed_jax.config import ConfigError, load_template
-from qed_jax.judge import (Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
+from qed_jax.judge import (BadReply, Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
                            parse_score, render_marking_scheme, render_prompt)
 from tests.helpers import REPO
 from tests.judge_server import JudgeServer
@@ -326,6 +326,12 @@ def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
     row = {"problem": "P", "completion": "x</think>proof"}
     assert item_from_row(row, "w", ["rubric"]).rubric is None  # graded without one, as GRPO does
     assert item_from_row({**row, "rubrics": "r"}, "w", ["rubric"]).rubric == "r"  # the alias
+    # A table (Parquet, a Hub dataset) has every column, null where a row lacks it: a null
+    # column does not hide the value under the other key.
+    item = item_from_row({**row, "rubric": None, "rubrics": "r", "reference": None, "solution": "S"}, "w", ["rubric"])
+    assert (item.rubric, item.reference) == ("r", "S")
+    item = item_from_row({**row, "rubric": "q", "rubrics": None, "reference": "R", "solution": None}, "w", ["rubric"])
+    assert (item.rubric, item.reference) == ("q", "R")
     assert item_from_row({**row, "answer": 42}, "w", ["answer"]).answer == "42"
     with pytest.raises(ConfigError, match="^w: field 'answer' must be a string or a number$"):
         item_from_row({**row, "answer": [1]}, "w", ["answer"])
@@ -441,9 +447,49 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
 
 def test_responses_api_reply_that_is_not_one_fails_as_bad_reply(tmp_path):
     scripts = {"i0": [("body", ("text/html", "<html>oops</html>"))],
-               "i1": [("body", ("application/json", '{"id": "x"}')), ("score", 4)]}
+               "i1": [("body", ("application/json", '{"id": "x"}')), ("score", 4)],
+               "i2": [("body", ("application/json", '{"id": "x", "output": ["<score>5</score>"]}'))]}
     with JudgeServer(scripts) as server:
         grades = Judge(_config(server, tmp_path, api="responses", cache_path=None)).grade_batch(
-            [_item(0), _item(1)])
-    assert [(g.score, g.reason, g.attempts) for g in grades] == [(None, "bad_reply", 3), (4, "ok", 2)]
+            [_item(0), _item(1), _item(2)])
+    assert [(g.score, g.reason, g.attempts) for g in grades] == [(None, "bad_reply", 3), (4, "ok", 2),
+                                                                  (None, "bad_reply", 3)]
     assert "not a Responses API reply" in grades[0].raw
+    assert "output is not a list of messages" in grades[2].raw
+
+
+def _completion(content=None, choices=None) -> tuple[str, tuple[str, str]]:
+    """A scripted 200 reply: a chat completion whose message content (or whose choices) is given."""
+    choices = choices if choices is not None else [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]
+    return "body", ("application/json", json.dumps({"id": "c", "object": "chat.completion", "created": 0,
+                                                    "model": "judge", "choices": choices}))
+
+
+def test_replies_with_content_that_is_not_text_fail_alone(tmp_path):
+    # Content as a list of text parts (some servers send it) is joined; content of any other kind
+    # is a bad reply for that item, retried like a 5xx, and the rest of the batch is graded.
+    # 408 (a proxy's timeout) and 409 are retried too; 404 is not.
+    parts = [{"type": "text", "text": "<score>"}, {"type": "text", "text": "5</score>"}]
+    scripts = {"i0": [_completion(parts)], "i1": [_completion(6)], "i2": [_completion([{"type": "image"}])],
+               "i3": [_completion(choices={"0": {"message": {"content": "<score>7</score>"}}})],
+               "i4": [("status", 408), ("score", 3)], "i5": [("status", 409)], "i6": [("status", 404)]}
+    with JudgeServer(scripts) as server:
+        grades = Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(i) for i in range(8)])
+    assert [(g.score, g.reason, g.attempts) for g in grades] == [
+        (5, "ok", 1), (None, "bad_reply", 3), (None, "bad_reply", 3), (None, "bad_reply", 3),
+        (3, "ok", 2), (None, "http_409", 3), (None, "http_404", 1), (7, "ok", 1)]
+    assert "choices[0].message.content is not text: 6" in grades[1].raw
+
+
+def test_endpoint_reasoning_that_is_not_text_is_a_clear_error():
+    from types import SimpleNamespace as NS
+    from qed_jax.evaluate import EndpointGenerator
+
+    usage = NS(completion_tokens=3)
+    message = NS(content="proof", reasoning_content="steps")
+    sample = EndpointGenerator._sample(NS(usage=usage), NS(message=message, finish_reason="stop"), "proof")
+    assert sample.text == "steps</think>proof"
+    message = NS(content="proof", reasoning_content={"steps": 1})
+    with pytest.raises(BadReply, match="the reply's reasoning is not text"):
+        EndpointGenerator._sample(NS(usage=usage), NS(message=message, finish_reason="stop"), "proof")
