@@ -5,8 +5,9 @@ cannot decide), and append every sample and every grade to `samples.jsonl` as it
 that a rerun in the same output_dir does only what is left.
 
 samples.jsonl holds three kinds of records, keyed by (problem_id, sample):
-  {"type": "sample", ...}: the completion, its token count, finish reason, whether it was truncated,
-    the seed and row it was drawn with (seed + k, the problem's place in the benchmark; an
+  {"type": "sample", ...}: the completion, its token count, finish reason, whether it was truncated
+    (nothing to grade: no </think> where the judge requires one, or nothing after it),
+    the seed and row it was drawn with (sample_seed(seed, k), the problem's place in the benchmark; an
     endpoint's request carried request_seed(seed, row)), and in mode rc each turn's reasoning,
     answer and summary texts with their token counts;
   {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by, judge reply;
@@ -35,8 +36,8 @@ from typing import Any
 from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
                             not_found, require_at_least_one, require_range)
 from qed_jax.errors import noted
-from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice, extract_proof,
-                           render_marking_scheme, reply_text)
+from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice,
+                           render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class EvalConfig:
     mode: str = "single"  # single: one completion per sample | rc: reasoning-cache turns (local model)
     rc: EvalRCConfig = EvalRCConfig()
     samples: int = 3  # k samples per problem: the report's avg@k
-    seed: int = 0  # sample k of problem p (its place in the benchmark) draws with seed + k as row p
+    seed: int = 0  # sample k of problem p (its place in the benchmark) draws with sample_seed(seed, k) as row p
     batch_size: int = 64  # samples generated (then graded) per round; what a kill can lose
     output_dir: str = "runs/eval"
 
@@ -174,6 +175,10 @@ class EvalConfig:
         if self.mode == "rc" and self.model.base_url is not None:
             raise ConfigError("mode rc runs the reasoning cache on a local model: set model.path (a checkpoint "
                               "or Hugging Face folder) instead of model.base_url, or run mode single")
+        sized = [key for key in ("max_concurrent", "kv_cache_gib") if getattr(self.model, key) is not None]
+        if self.mode == "rc" and sized:
+            raise ConfigError(f"mode rc decodes rc.batch_size rows per compiled call; model.{sized[0]} sizes the "
+                              "single-shot sampler's waves: set rc.batch_size instead")
         require_at_least_one(self, ("samples", "batch_size"))
 
 
@@ -273,12 +278,14 @@ def last_boxed(text: str) -> str | None:
 
 
 def check_answer(predicted: str | None, reference: str) -> bool | None:
-    """True/False when math-verify can decide whether `predicted` equals `reference`, else None.
-    Equal is always decisive; unequal only when both sides are closed-form values (no free
-    symbols), since text answers ("all odd n") parse into products of letters that never match."""
+    """True when math-verify shows that `predicted` equals `reference`; False only when both are
+    numbers whose values differ; else None, for the judge to decide. math-verify's "not equal"
+    also covers what it could not prove (a trigonometric identity), a timeout and text answers
+    ("all odd n" parses into a product of letters), so it decides nothing by itself."""
     if not predicted:
         return None
     from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
 
     # math-verify bounds its time with SIGALRM, which only the main thread may set.
     seconds = 5 if threading.current_thread() is threading.main_thread() else None
@@ -286,10 +293,26 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
     pred = parse(f"\\boxed{{{predicted}}}", parsing_timeout=seconds)
     if not gold or not pred:
         return None
-    if verify(gold, pred, timeout_seconds=seconds):
-        return True
-    closed = all(not isinstance(p[0], str) and not getattr(p[0], "free_symbols", {None}) for p in (gold, pred))
-    return False if closed else None
+    try:
+        if verify(gold, pred, timeout_seconds=seconds, raise_on_error=True):
+            return True
+    except (Exception, TimeoutException):  # sympy failed on an expression, or ran out of time
+        return None
+    return False if numerically_different(gold[0], pred[0]) else None
+
+
+def numerically_different(a: Any, b: Any) -> bool:
+    """Whether two parsed answers are numbers (no symbols, sets or tuples) whose values differ
+    beyond rounding, at 30 digits."""
+    import sympy
+
+    if not all(isinstance(x, sympy.Expr) and x.is_number for x in (a, b)):
+        return False
+    try:
+        x, y = complex(a.evalf(30)), complex(b.evalf(30))
+    except (TypeError, ValueError, OverflowError, ArithmeticError):
+        return False
+    return abs(x - y) > 1e-9 * max(1.0, abs(x), abs(y))  # False when either is inf or nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,12 +458,23 @@ class LocalGenerator:
             on_sample(i, Sample(text=text, completion_tokens=len(c.tokens), finish_reason=c.finish_reason))
 
 
+def _hashed_seed(*parts) -> int:
+    """A seed below 2**31 (servers may keep one in a signed 32-bit integer) hashed from `parts`."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed sample k of every problem is drawn with in a run seeded `seed`. Hashed, not
+    seed + k: runs with nearby seeds then share no samples (with seed + k, sample 1 of seed 0
+    would be sample 0 of seed 1)."""
+    return _hashed_seed("sample", seed, k)
+
+
 def request_seed(seed: int, row: int) -> int:
     """The seed of an endpoint request for row `row` drawn with `seed`: a server seeds each
-    request's sampler with it, so requests with one seed would share one random stream. Below
-    2**31, for servers that keep it in a signed 32-bit integer."""
-    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    request's sampler with it, so requests with one seed would share one random stream."""
+    return _hashed_seed(seed, row)
 
 
 class EndpointGenerator:
@@ -573,13 +607,9 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
         if config.benchmark.kind == "proof":
             to_judge.append((record, turn, completion))
             continue
-        answer_text = extract_proof(completion, config.judge.strip_self_evaluation)
-        if answer_text is None and config.judge.require_think_end:
-            on_grade(record, turn, 0, "no_think_end", "truncated", None)
-            continue
-        answer_text = completion if answer_text is None else answer_text
-        if not answer_text.strip():
-            on_grade(record, turn, 0, "empty_proof", "truncated", None)
+        answer_text, unsent = text_to_grade(completion, config.judge)
+        if unsent:
+            on_grade(record, turn, 0, unsent, "truncated", None)
             continue
         verdict = check_answer(last_boxed(answer_text), problem.answer)
         if verdict is None:
@@ -705,23 +735,24 @@ def generate_round(generator, config: EvalConfig, template: str, problems: dict[
                    units: list[tuple[str, int]], runlog: RunLog) -> int:
     """Draw the samples `units` [(problem_id, sample index)], one generator call per sample index
     k, appending each to the run log as it arrives; returns how many. Sample k of a problem draws
-    with seed + k as the row of the problem's place in the benchmark: its own random stream,
+    with sample_seed(seed, k) as the row of the problem's place in the benchmark: its own random stream,
     whichever round it falls in (a round's shapes may still round floats differently)."""
     place = {pid: row for row, pid in enumerate(problems)}
     for k in sorted({k for _, k in units}):
         chosen = [pid for pid, kk in units if kk == k]
         rows = [place[pid] for pid in chosen]
+        seed = sample_seed(config.seed, k)
 
-        def on_sample(i: int, sample: Sample, chosen=chosen, rows=rows, k=k) -> None:
-            record = {"type": "sample", "problem_id": chosen[i], "sample": k, "seed": config.seed + k, "row": rows[i],
+        def on_sample(i: int, sample: Sample, chosen=chosen, rows=rows, k=k, seed=seed) -> None:
+            record = {"type": "sample", "problem_id": chosen[i], "sample": k, "seed": seed, "row": rows[i],
                       "group": problems[chosen[i]].group, "completion": sample.text,
                       "completion_tokens": sample.completion_tokens, "finish_reason": sample.finish_reason,
-                      "truncated": not extract_proof(sample.text)}
+                      "truncated": text_to_grade(sample.text, config.judge)[1] is not None}
             if sample.turns is not None:
                 record["turns"] = sample.turns
             runlog.append(record)
 
-        generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], config.seed + k,
+        generator.generate([render_prompt(template, problems[pid].problem) for pid in chosen], seed,
                            rows, config.sampling, on_sample)
     return len(units)
 

@@ -181,6 +181,18 @@ def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str |
     return proof.strip()
 
 
+def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None]:
+    """(the text a completion is graded on, None), or ("", why it scores 0 unsent): no_think_end
+    when the reasoning never ended and config.require_think_end (else the whole completion is
+    graded), empty_proof when nothing is left (self-evaluation stripped as the config says)."""
+    proof = extract_proof(completion, config.strip_self_evaluation)
+    if proof is None:
+        if config.require_think_end:
+            return "", "no_think_end"
+        proof = completion.strip()
+    return (proof, None) if proof else ("", "empty_proof")
+
+
 _PATTERNS = {
     "score": re.compile(r"<score>\s*([+-]?\d+)\s*</score>", re.IGNORECASE),
     "points": re.compile(r"<points>\s*([+-]?\d+)\s*(?:out\s+of\s+7\s*)?</points>", re.IGNORECASE),
@@ -451,16 +463,9 @@ class Judge:
         c = self.config
         if (item.completion is None) == (item.proof is None):
             raise ValueError("a GradeItem needs exactly one of completion and proof")
-        if item.proof is not None:
-            proof = item.proof.strip()
-        else:
-            proof = extract_proof(item.completion, c.strip_self_evaluation)
-            if proof is None and not c.require_think_end:
-                proof = item.completion.strip()
-            if proof is None:
-                return Grade(score=0, reward=0.0, reason="no_think_end")
-        if not proof:
-            return Grade(score=0, reward=0.0, reason="empty_proof")
+        proof, unsent = (item.proof.strip(), None) if item.proof is not None else text_to_grade(item.completion, c)
+        if unsent or not proof:
+            return Grade(score=0, reward=0.0, reason=unsent or "empty_proof")
         key = cache_key(c, self.template, item, proof)
         # A small policy often writes the same proof several times for one problem: every copy
         # waits for one grading, so the judge sees it once. Each copy gets its own Grade object.

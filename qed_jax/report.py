@@ -35,8 +35,12 @@ def summarize(config: dict, records: list[dict]) -> dict:
     graded = [r for r in records if r["graded"] and r["score"] is not None]
     failed = [r for r in records if r["graded"] and r["score"] is None]
     scores = [r["score"] for r in graded]
-    # avg@k: the mean over problems of each sample index, then the mean and spread of those k means.
-    per_sample = [_mean([r["score"] for r in graded if r["sample"] == i]) for i in range(k)]
+    problems = {r["problem_id"] for r in records}
+    # avg@k: the mean over problems of each sample index, then the mean and spread of those means,
+    # over the indices drawn for every problem (a run stopped part-way leaves its last one partial:
+    # it counts in the mean of all samples, not as one of the k).
+    whole = [i for i in range(k) if len({r["problem_id"] for r in records if r["sample"] == i}) == len(problems)]
+    per_sample = [_mean([r["score"] for r in graded if r["sample"] == i]) for i in whole]
     per_sample = [m for m in per_sample if not math.isnan(m)]
     groups = {}
     present = {r["group"] for r in records if r.get("group") is not None}
@@ -57,9 +61,10 @@ def summarize(config: dict, records: list[dict]) -> dict:
         "kind": benchmark["kind"],
         "mode": mode,
         "model": model["path"] or f"{model['name']} @ {model['base_url']}",
-        "problems": len({r["problem_id"] for r in records}),
+        "problems": len(problems),
         "samples_per_problem": k,
         "samples": len(records),
+        "undrawn": len(problems) * k - len(records),  # of the problems drawn so far
         "graded": len(graded),
         "failed": len(failed),
         "pending": len(records) - len(graded) - len(failed),
@@ -111,6 +116,8 @@ def table_row(run: str, s: dict) -> list[str]:
         failed += f" (as 0: {_fmt(s['percent_failed_as_zero'])}%)"
     if s["pending"]:
         failed += f"; {s['pending']} ungraded"
+    if s["undrawn"]:
+        failed += f"; {s['undrawn']} not drawn"
     t = s["tokens"]
     turns = " · ".join(f"t{i + 1} {_fmt(p)}" for i, p in enumerate(s["turns"]["percent"])) if "turns" in s else "–"
     if s.get("turns", {}).get("empty_summaries"):
@@ -144,9 +151,10 @@ def markdown(summaries: dict[str, dict]) -> str:
         lines = ["Score (%) by model:", "", *_table(*pivot), "", "Every run:", "", *lines]
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
              "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
-             "over problems; ± is their standard deviation (ddof 1). Truncated: no answer after </think>. "
-             "Reasoning-cache runs (mode rc): per turn, the mean score of each turn's answer (the last "
-             "turn's is the run's score); tokens are the policy's over all turns, summaries apart.")
+             "over problems (samples drawn for every problem); ± is their standard deviation (ddof 1). "
+             "Truncated: nothing to grade (no </think>, or nothing after it). Reasoning-cache runs "
+             "(mode rc): per turn, the mean score of each turn's answer (the last turn's is the run's "
+             "score); tokens are the policy's over all turns, summaries apart.")
     return "\n".join(["# Evaluation report", "", *lines, "", notes, ""])
 
 

@@ -18,7 +18,7 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
-                               last_boxed, model_files, prepare_output, read_records, read_run, request_seed,
+                               last_boxed, model_files, prepare_output, read_records, read_run, request_seed, sample_seed,
                                turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
@@ -42,10 +42,10 @@ def problem_id(prompt: str, rows) -> str:
 
 def problem_and_sample(prompt: str, seed: int, rows=IMO_ROWS) -> tuple[str, int]:
     """The (problem id, sample index k) an endpoint request asks for, in a run with seed 0: its
-    seed is request_seed(k, the problem's place in the benchmark)."""
+    seed is request_seed(sample_seed(0, k), the problem's place in the benchmark)."""
     pid = problem_id(prompt, rows)
     place = [r["problem_id"] for r in rows].index(pid)
-    return pid, next(k for k in range(100) if request_seed(k, place) == seed)
+    return pid, next(k for k in range(100) if request_seed(sample_seed(0, k), place) == seed)
 
 
 def config(tmp_path, benchmark: str, model_url: str, judge_url: str, *overrides):
@@ -166,6 +166,8 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
 
 def test_a_stripped_self_evaluation_is_not_read_as_the_final_answer(tmp_path):
     def reply(prompt, seed):  # the right answer, then a self-evaluation whose box holds the score
+        if "divisors" not in prompt:  # AB-001, AB-002: a self-evaluation and nothing else
+            return "Compute.</think>\nConfidence: \\boxed{7} of 7"
         return "Compute.</think>\nSo the answer is \\boxed{6}.\n\nConfidence: \\boxed{7} of 7"
 
     runs = {}
@@ -175,8 +177,10 @@ def test_a_stripped_self_evaluation_is_not_read_as_the_final_answer(tmp_path):
                          f"judge.strip_self_evaluation={str(strip).lower()}")
             evaluate(cfg, progress=False)
         _, records = read_run(cfg.output_dir)
-        runs[strip] = {r["problem_id"]: (r["score"], r["decided_by"]) for r in records}["AB-003"]
-    assert runs == {True: (7, "math_verify"), False: (0, "math_verify")}
+        runs[strip] = {r["problem_id"]: (r["score"], r["decided_by"], r["truncated"]) for r in records}
+    assert runs[True]["AB-003"] == (7, "math_verify", False) and runs[False]["AB-003"] == (0, "math_verify", False)
+    # Nothing left once the self-evaluation goes: counted truncated, as it is graded.
+    assert runs[True]["AB-001"] == (0, "truncated", True) and runs[False]["AB-001"] == (0, "math_verify", False)
 
 
 def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
@@ -260,12 +264,24 @@ def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     assert runlog.graded(("a", 0))
 
 
+def test_runs_with_nearby_seeds_share_no_samples():
+    seeds = {seed: [sample_seed(seed, k) for k in range(8)] for seed in range(4)}
+    assert len({s for per_run in seeds.values() for s in per_run}) == 32
+    assert all(0 <= s < 2 ** 31 for per_run in seeds.values() for s in per_run)
+
+
 def test_answer_checks():
     assert check_answer(r"\frac{1}{2}", "0.5") is True
     assert check_answer("x=3", "3") is True
     assert check_answer("4", "3") is False
     assert check_answer("all odd n", "n = 1") is None  # letters: only the judge can tell
     assert check_answer(None, "3") is None
+    assert check_answer("-5", "5") is False and check_answer("1000000", "1000001") is False
+    # math-verify's "not equal" also covers what it cannot prove: only numbers that differ are
+    # decided, the rest goes to the judge. The sum of cosines is 1/2 (to 30 digits, by sympy).
+    assert check_answer(r"\frac{1}{2}", r"\cos\frac{\pi}{7}-\cos\frac{2\pi}{7}+\cos\frac{3\pi}{7}") is None
+    assert check_answer(r"\{1,2\}", r"\{1,3\}") is None and check_answer("(1,2)", "(2,1)") is None
+    assert check_answer("3", "3.0000000001") is None  # equal to 9 digits: not decided unequal
     assert last_boxed(r"first \boxed{1}, then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
     assert last_boxed("no box") is None
 
@@ -373,15 +389,15 @@ def test_local_checkpoint_samples_with_its_own_seed_each(tmp_path):
         evaluate(cfg, progress=False)
     _, records = read_run(cfg.output_dir)
     assert len(records) == 8
-    # The same draws, directly from the sampler in one call: sample k of every problem uses seed
-    # 5 + k, and problem p is row p, though rounds of 3 samples split the problems differently.
+    # The same draws, directly from the sampler in one call: sample k of every problem uses
+    # sample_seed(5, k), and problem p is row p, though rounds of 3 samples split the problems differently.
     model = qed_jax.from_pretrained(folder)
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content":
                                         f"Generate a rigorous proof to the following question:\n\n{r['problem']}"}])
                for r in IMO_ROWS]
     for k in range(2):
         direct = Sampler(model, progress=False).generate_ids(prompts, SamplingParams(max_new_tokens=6, temperature=1.0),
-                                                             jax.random.key(5 + k), stop_ids(tokenizer))
+                                                             jax.random.key(sample_seed(5, k)), stop_ids(tokenizer))
         for row, c in zip(IMO_ROWS, direct):
             r = next(r for r in records if r["problem_id"] == row["problem_id"] and r["sample"] == k)
             assert r["completion"] == tokenizer.decode(c.text_tokens, skip_special_tokens=False)
@@ -438,7 +454,7 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
 
     records = read_records(tmp_path / "run/samples.jsonl")
     samples = {(r["problem_id"], r["sample"]): r for r in records if r["type"] == "sample"}
-    # Sample k of every problem is one reasoning-cache run drawn with seed + k, on the benchmark's prompt,
+    # Sample k of every problem is one reasoning-cache run drawn with sample_seed(0, k), on the benchmark's prompt,
     # problem p as row p (in rounds of 3 samples the last problem's sample 0 is drawn in a round of its own).
     tokenizer = load_tokenizer(ROOT / "configs/tiny/tokenizer")
     cache = ReasoningCache(qed_jax.from_pretrained(str(tmp_path / "model")), tokenizer, RCParams(
@@ -446,7 +462,7 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
     prompts = [f"Generate a rigorous proof to the following question:\n\n{r['problem']}" for r in IMO_ROWS]
     graded = set()
     for k in range(2):
-        for row, result in zip(IMO_ROWS, cache.run(prompts, key=jax.random.key(k))):
+        for row, result in zip(IMO_ROWS, cache.run(prompts, key=jax.random.key(sample_seed(0, k)))):
             record = samples[(row["problem_id"], k)]
             assert [(t["reasoning"], t["answer"], t["summary"], t["tokens"]) for t in record["turns"]] == [
                 (t.reasoning, t.answer if t.finished_thinking else None, t.summary, t.num_tokens) for t in result.turns]
@@ -473,6 +489,22 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
     assert (f"({written.count(0)} of 16 summaries empty)" in text) == (written.count(0) > 0)
     assert " · ".join(f"t{t + 1} {100 * m / 7:.1f}" for t, m in enumerate(scores.mean(axis=0))) in text
     assert out / "score_per_turn.png" in plots and (out / "score_per_turn.png").stat().st_size > 0
+
+
+def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
+    from qed_jax.report import summarize, table_row
+
+    config = {"samples": 3, "mode": "single", "model": {"path": "m"},
+              "benchmark": {"name": "b", "kind": "proof", "groups": None}}
+    # Sample 0 of all 4 problems (scores 0, 0, 7, 7), then sample 1 of one problem before the stop.
+    records = [{"problem_id": f"p{i}", "sample": 0, "score": [0, 0, 7, 7][i], "graded": True, "group": None,
+                "completion_tokens": 5, "truncated": False, "decided_by": "judge"} for i in range(4)]
+    records.append({**records[0], "sample": 1, "score": 7})
+    s = summarize(config, records)
+    assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["mean"] == pytest.approx(3.5)
+    assert s["undrawn"] == 7 and s["mean"] == pytest.approx(21 / 5)  # the mean of all samples drawn
+    assert "| avg@1 50.0 ± – |" in "| " + " | ".join(table_row("r", s)) + " |"
+    assert "; 7 not drawn" in table_row("r", s)[9]
 
 
 def test_report_compares_runs_side_by_side(tmp_path):
@@ -531,6 +563,9 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path, ["model.base_url=http://x/v1", "model.name=m", "mode=rc"])
     with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.summarizer_thinking=true"])
+    with pytest.raises(ConfigError, match="^mode rc decodes rc.batch_size rows per compiled call; "
+                                          "model.kv_cache_gib sizes the single-shot sampler's waves"):
+        load_config(EvalConfig, path, ["model.path=x", "mode=rc", "model.kv_cache_gib=8"])
     with pytest.raises(ConfigError, match="benchmark.fields: unknown name"):
         load_config(EvalConfig, path, ["model.path=x", "benchmark.fields.question=q"])
     bad = tmp_path / "rows.jsonl"
