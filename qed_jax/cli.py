@@ -213,8 +213,8 @@ def _judge(args) -> int | None:
             finally:
                 judge.close()
             for row, g in zip(rows, grades):
-                f.write(json.dumps({**row, "score": g.score, "reward": g.reward, "reason": g.reason,
-                                    "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
+                f.write(json.dumps({**row, "score": g.score, "reward": None if g.failed else g.reward,
+                                    "reason": g.reason, "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
                                     "cached": g.cached, "judge_reply": g.raw},
                                    default=str) + "\n")  # a Parquet row's dates or bytes as text
         os.replace(tmp, output)

@@ -68,10 +68,16 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
                           "a JSON array (.json) or Parquet")
     if local.suffix == ".parquet" or is_missing_local_path(path):
         require_file(local, "data file")
+    if local.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.read_table(local).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise ConfigError(f"data file {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     import datasets
 
-    if local.suffix == ".parquet":
-        return list(datasets.load_dataset("parquet", data_files=str(local), split="train"))
     try:
         return list(datasets.load_dataset(path, name, split=split))
     except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset, config or split

@@ -621,7 +621,7 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
     items = [judge_item(problems[r["problem_id"]], c, config.benchmark.kind) for r, _, c in to_judge]
     grades: list[Grade] = judge.grade_batch(items)
     for (record, turn, _), grade in zip(to_judge, grades):
-        decided_by = "judge" if grade.reason not in ("no_think_end", "empty_proof") else "truncated"
+        decided_by = "judge" if grade.sent else "truncated"
         on_grade(record, turn, grade.score, grade.reason, decided_by, grade.raw)
 
 

@@ -32,8 +32,8 @@ from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
-from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, per_process, process_rows, process_share,
-                               sampler_weights, sampling_meshes)
+from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
+                               process_share, sampler_weights, sampling_meshes)
 from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, check_rows_divide,
@@ -644,6 +644,7 @@ def sample_stats(grades, completions, valid, trained) -> dict[str, np.ndarray]:
         "success": np.array([g.score == MAX_SCORE for g in grades]),
         "failed": np.array([g.failed for g in grades]),
         "judged": np.array([g.attempts > 0 for g in grades]),
+        "sent": np.array([g.sent for g in grades]),
         "latency_s": np.array([g.latency_s for g in grades], np.float32),
         "length": np.array([len(c.tokens) for c in completions], np.int32),
         "truncated": np.array([c.finish_reason == "length" for c in completions]),
@@ -669,18 +670,32 @@ def rollout_metrics(stats: dict[str, np.ndarray]) -> dict:
 
 def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, step: int) -> None:
     """Stop the run, before anything of this step is applied or saved, when the judge failed on
-    more than `judge.max_failed_fraction` of the step's completions (`stats`: all processes'; the
-    reasons named are those of this process's `grades`). Every process decides alike."""
-    failed, total = int(stats["failed"].sum()), len(stats["failed"])
+    more than `judge.max_failed_fraction` of the completions the step sent it (those scored 0
+    unsent, without </think>, do not count: a young policy's step may send only a few), `stats`
+    being all processes'; the reasons named are those of this process's `grades`. Every process
+    decides alike."""
+    failed, total = int(stats["failed"].sum()), int(stats["sent"].sum())
     if failed <= config.judge.max_failed_fraction * total:
         return
     reasons = Counter(g.reason for g in grades if g.failed).most_common(3)
     where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
     raise JudgeUnavailable(
-        f"step {step}: the judge at {config.judge.base_url} failed on {failed} of {total} completions "
+        f"step {step}: the judge at {config.judge.base_url} failed on {failed} of the {total} completions sent to it "
         f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons{where}: "
         + (", ".join(f"{reason} x{n}" for reason, n in reasons) or "none")
         + ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
+
+
+def check_judge_reachable(judge: Judge) -> None:
+    """JudgeUnavailable on every process when any process cannot reach its judge (or the judge
+    refuses its key), so that all stop alike."""
+    error = None
+    try:
+        judge.check_reachable()
+    except JudgeUnavailable as e:
+        error = e
+    if largest(int(error is not None)):
+        raise error or JudgeUnavailable("another process cannot reach the judge; its log says why")
 
 
 def process_judge(judge: JudgeConfig) -> JudgeConfig:
@@ -753,6 +768,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         grader.close()
         return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "start_step": start,
                 "complete": True, "process": jax.process_index()}
+    if isinstance(grader, Judge):  # find out now, not after a step's sampling
+        check_judge_reachable(grader)
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)

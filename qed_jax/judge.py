@@ -51,8 +51,8 @@ class JudgeConfig:
     require_think_end: bool = True  # a completion without </think> scores 0, unsent
     strip_self_evaluation: bool = False
     cache_path: str | None = "judge_cache.sqlite"
-    # The GRPO learner stops a step when more than this fraction of its grades failed: a step
-    # trained on mostly zero rewards from an ailing judge would teach the policy noise.
+    # The GRPO learner stops a step when more than this fraction of the grades it asked of the
+    # judge failed: a step trained on the few an ailing judge gave would teach the policy noise.
     max_failed_fraction: float = 0.05
 
     def __post_init__(self):
@@ -75,8 +75,8 @@ class JudgeConfig:
                 raise ConfigError(f"judge.{key} must be 0 or more, got {getattr(self, key)!r}")
         require_range(self.temperature, "judge.temperature", 0)
         if not 0.0 <= self.max_failed_fraction <= 1.0:
-            raise ConfigError(f"judge.max_failed_fraction must be between 0 and 1 (a fraction of a step's grades), "
-                              f"got {self.max_failed_fraction!r}")
+            raise ConfigError("judge.max_failed_fraction must be between 0 and 1 (a fraction of the grades a step "
+                              f"asks of the judge), got {self.max_failed_fraction!r}")
 
     @property
     def scores(self) -> set[int]:
@@ -110,6 +110,15 @@ class Grade:
     @property
     def failed(self) -> bool:
         return self.score is None
+
+    @property
+    def sent(self) -> bool:
+        """Whether the item went to the judge (or its cache): not scored 0 unsent."""
+        return self.reason not in UNSENT_REASONS
+
+
+# Why an item scores 0 without a request: no </think> (with require_think_end), or no proof.
+UNSENT_REASONS = ("no_think_end", "empty_proof")
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +398,8 @@ async def responses_text(client, **kwargs) -> str:
 # The client errors a judge request is retried on (a proxy's timeout, a conflict, a rate limit);
 # any other 4xx means the request itself is wrong.
 RETRIED_4XX = (408, 409, 429)
+# A judge that refuses the key (a missing or wrong api key) stops the run: every grade would fail.
+REFUSED = (401, 403)
 
 # What to do when nothing answers at the judge's URL.
 UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
@@ -453,11 +464,18 @@ class Judge:
         """Fail fast, with the URL, when nothing answers at the endpoint at all."""
         try:
             await client.models.list(timeout=min(self.config.timeout_s, 30.0))
-        except openai.APIStatusError:
-            pass  # something answered; some servers do not serve /models
+        except openai.APIStatusError as e:  # something answered; some servers do not serve /models
+            if e.status_code in REFUSED:
+                raise self._refused(e) from None
         except openai.APIConnectionError as e:
             raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {e.__cause__ or e}; "
                                    f"{UNREACHABLE_ADVICE}") from None
+
+    def _refused(self, e: openai.APIStatusError) -> JudgeUnavailable:
+        c = self.config
+        return JudgeUnavailable(f"the judge at {c.base_url} refused the request (HTTP {e.status_code}: "
+                                f"{str(e.message)[:200]}); check its key (read from ${c.api_key_env}, "
+                                "judge.api_key_env names the variable)")
 
     async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], item: GradeItem) -> Grade:
         c = self.config
@@ -501,6 +519,8 @@ class Judge:
                 else:
                     reason = "connection_error"
             except openai.APIStatusError as e:
+                if e.status_code in REFUSED:  # no request of this run will get through
+                    raise self._refused(e) from None
                 reason = f"http_{e.status_code}"
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
                     return Grade(None, 0.0, reason, raw=str(e.message)[:500],

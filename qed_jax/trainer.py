@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            dump_json, preset, require_range, to_dict)
+                            dump_json, is_missing_local_path, not_found, preset, require_range, to_dict)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -113,6 +113,8 @@ def resolve_tokenizer(tokenizer: str | None, spec: ModelSpec) -> str:
 
     if tokenizer is None and spec.path is None:
         raise ConfigError("no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
+    if tokenizer is None and is_missing_local_path(spec.path):
+        raise not_found("model.path", spec.path)
     return resolve(tokenizer or spec.path)
 
 
@@ -199,12 +201,20 @@ def to_global(batch: dict, micro_batches: int, sharding) -> dict:
 # The run directory: config record, resume, metrics
 
 
+# Where a run's things are, not what it computes: a run directory may be moved or copied and go
+# on where it is now, and a judge served elsewhere (or more patiently) grades the same.
+NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout_s",
+                    "judge.max_retries", "judge.backoff_s", "judge.cache_path"}
+
+
 def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two config dicts, but output_dir:
-    a run directory may be moved or copied and go on where it is now."""
+    """`key: old -> new` for every leaf that differs between two config dicts, but those in
+    NOT_RUN_IDENTITY."""
     changes = []
-    for key in sorted((set(saved) | set(new)) - ({"output_dir"} if not prefix else set())):
+    for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key), new.get(key)
+        if f"{prefix}{key}" in NOT_RUN_IDENTITY:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, f"{prefix}{key}.")
         elif a != b:

@@ -280,6 +280,11 @@ def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
                      f"output_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"qed-jax sft: error: tokenizer {tmp_path / 'none'} does not exist"
     assert not (tmp_path / "run").exists()
+    # A model folder that is not there is named as the model, not as its tokenizer.
+    assert cli.main(["grpo", "--config", str(REPO / "configs/rl/qed_nano_4b.yaml"), f"model.path={tmp_path / 'none'}",
+                     f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax grpo: error: model.path {tmp_path / 'none'} does not exist")
 
 
 def test_a_typo_in_a_config_file_names_the_file_and_the_likely_key(tmp_path):

@@ -26,6 +26,7 @@ from qed_jax.grpo import (AGGREGATIONS, METRIC_SUMS, GRPOConfig, Learner, LossCo
                           clipped_policy_loss, group_advantages, grpo_loss, kl_k3, load_prompts, rollout_sequences, run_updates,
                           sequence_logprobs, trained_samples, update_samples)
 from qed_jax.multihost import process_rows
+from qed_jax.sampling import Sampler
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.model import Qwen3
 from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
@@ -358,6 +359,28 @@ def _judge_args(server, tmp_path):
             "judge.backoff_s=0.01", "prompts_per_step=4", "samples_per_prompt=4", "export_dtype=null"]
 
 
+def test_an_unreachable_judge_stops_grpo_before_it_samples_and_may_move(tmp_path, monkeypatch):
+    import socket
+
+    from qed_jax.errors import JudgeUnavailable
+    from qed_jax.grpo import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    monkeypatch.setattr(Sampler, "generate_ids", lambda *args, **kwargs: pytest.fail("sampled before the check"))
+    with JudgeServer(default=("hash", 0.0)) as server:
+        args = [*_judge_args(server, tmp_path), "steps=1", f"output_dir={tmp_path / 'run'}"]
+        moved = [a.replace(server.url, f"http://127.0.0.1:{port}/v1") for a in args]
+        with pytest.raises(JudgeUnavailable, match=f"^cannot reach the judge at http://127.0.0.1:{port}/v1: "):
+            train(load_config(GRPOConfig, TINY, moved))
+        assert server.total == 0
+        # The judge's address is not part of what the run is: the rerun at a live judge goes on.
+        monkeypatch.undo()
+        assert train(load_config(GRPOConfig, TINY, args))["step"] == 1
+        assert server.total > 0
+
+
 def test_steps_against_the_loopback_judge(tmp_path):
     with JudgeServer(default=("hash", 0.0)) as server:
         proc = _grpo([*_judge_args(server, tmp_path), "steps=3", f"output_dir={tmp_path / 'run'}"],
@@ -390,6 +413,31 @@ def test_judge_sees_the_bare_problem_and_failed_grades_are_excluded_and_counted(
     assert metrics["judge_failed"] >= 1 and metrics["graded_fraction"] == 1 - metrics["judge_failed"] / 16
     assert 3 / 7 <= metrics["reward_mean"] <= 5 / 7  # the failure is not a score of 0
     assert prompts and not any("Generate a rigorous proof" in p for p in prompts)
+
+
+def test_the_failed_share_counts_only_completions_sent_to_the_judge():
+    from qed_jax.errors import JudgeUnavailable
+    from qed_jax.grpo import check_failures, sample_stats
+    from qed_jax.judge import Grade
+    from qed_jax.sampling import Completion
+
+    config = load_config(GRPOConfig, TINY, ["judge.max_failed_fraction=0.25"])
+    # 16 completions: 12 without </think> (0, unsent), 3 graded, 1 failed: 1 of the 4 sent.
+    grades = [Grade(0, 0.0, "no_think_end")] * 12 + [Grade(7, 1.0, "ok", attempts=1)] * 3 + [
+        Grade(None, 0.0, "http_401", attempts=1)]
+    completions = [Completion(tokens=[1], logprobs=[0.0], finish_reason="stop")] * 16
+    valid = np.array([not g.failed for g in grades])
+
+    def check():
+        check_failures(sample_stats(grades, completions, valid, valid), grades, config, step=3)
+
+    check()  # 1 of 4 is the 25 % allowed
+    grades[11] = Grade(0, 0.0, "empty_proof")
+    grades[10] = Grade(None, 0.0, "timeout", attempts=4)  # now 2 of the 5 sent (2 of 16 completions)
+    valid = np.array([not g.failed for g in grades])
+    with pytest.raises(JudgeUnavailable, match="^step 3: the judge at .* failed on 2 of the 5 completions sent to it "
+                                               r"\(judge.max_failed_fraction is 0.25\); reasons: "):
+        check()
 
 
 def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):

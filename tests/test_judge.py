@@ -360,9 +360,22 @@ def test_judge_cli_exits_1_naming_the_reasons_when_grades_fail(tmp_path, capsys)
             "2 grades failed (http_500 x1, bad_reply x1; a row's judge_reply holds the judge's last reply or the error, "
             "where there was one); rerun the same command to retry them, the others come from the cache")
         assert [json.loads(line)["reason"] for line in out.read_text().splitlines()] == ["http_500", "bad_reply", "ok"]
+        # A failed grade has no reward either: averaging the column must not count it as a 0.
+        assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == [None, None, 1.0]
         server.scripts = {"i0": [("status", 500)], "i1": [("status", 500)], "i2": [("status", 500)]}
         assert cli.main([*args, f"base_url={server.url}", "cache_path=null"]) == 1
         assert "3 failed); no score;" in capsys.readouterr().out  # not "nan/7"
+
+
+def test_a_judge_that_refuses_the_key_stops_the_batch(tmp_path):
+    # 401/403: a missing or wrong key, which every other request would meet too.
+    for status in (401, 403):
+        with JudgeServer({"i1": [("status", status)]}) as server:
+            with pytest.raises(JudgeUnavailable, match=rf"^the judge at {server.url} refused the request "
+                                                       rf"\(HTTP {status}: .*\); check its key \(read from "
+                                                       r"\$JUDGE_API_KEY, judge.api_key_env names the variable\)$"):
+                Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(i) for i in range(3)])
+            assert server.requests["i1"] == 1
 
 
 def test_judge_cli_checks_its_output_before_sending_anything(tmp_path, capsys):

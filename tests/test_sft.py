@@ -4,6 +4,7 @@ sharded and multi-process training, bad data and bad config."""
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -403,6 +404,10 @@ def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     from_parquet, _ = prepare_sft(read_rows(str(tmp_path / "rows.parquet")), tokenizer, DataConfig())
     from_jsonl, _ = prepare_sft(flat, tokenizer, DataConfig())
     assert [e["tokens"].tolist() for e in from_parquet] == [e["tokens"].tolist() for e in from_jsonl]
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not a table")
+    with pytest.raises(ConfigError, match=f"^data file {re.escape(str(broken))}: not a readable Parquet file "):
+        read_rows(str(broken))
 
 
 def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
