@@ -182,9 +182,11 @@ def _judge(args) -> int | None:
 
     from qed_jax.config import load_config, load_template
     from qed_jax.data import BadRow, json_lines, read_rows
-    from qed_jax.judge import Judge, JudgeConfig, item_from_row, needed_fields
+    from qed_jax.judge import Judge, JudgeConfig, item_from_row, needed_fields, reason_counts
 
-    config = load_config(JudgeConfig, args.config, args.overrides, section="judge")
+    # The keys as a trainer's or eval's judge section names them work here too (error messages say judge.base_url).
+    overrides = [o.removeprefix("judge.") for o in args.overrides]
+    config = load_config(JudgeConfig, args.config, overrides, section="judge")
     needs = needed_fields(load_template(config.template, "judge template"))
     source = Path(args.input)
     if source.suffix in (".json", ".parquet") or not source.exists():  # also a Hub dataset, or a clear error
@@ -226,7 +228,7 @@ def _judge(args) -> int | None:
     print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache, {len(failed)} failed); "
           f"{mean}; wrote {output}")
     if failed:
-        reasons = ", ".join(f"{reason} x{count}" for reason, count in Counter(g.reason for g in failed).most_common())
+        reasons = reason_counts(Counter(g.reason for g in failed))
         cached = ", the others come from the cache" if config.cache_path and scored else ""
         print(f"{len(failed)} grades failed ({reasons}; a row's judge_reply holds the judge's last reply or the "
               f"error, where there was one); rerun the same command to retry them{cached}", file=sys.stderr)
@@ -468,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
                    ".json array, a .parquet file or a Hugging Face dataset id")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. concurrency=8")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. concurrency=8 (or judge.concurrency=8, as in other configs)")
     p.set_defaults(run=_judge)
 
     _add_trainer_parser(
@@ -505,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         "completion tokens (mean, median, p90), the truncated fraction, and failed grades apart. "
         "Prints Markdown and writes report.md, report.json and PNG plots; several run directories "
         "give one comparison table.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="eval output directories")
-    p.add_argument("--output", help="folder for report.md/json and plots (default: the run directory; "
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="eval output directories, or folders of them (each stands for the runs inside)")
+    p.add_argument("--output", help="folder for report.md/json and plots (default: the one RUN_DIR given; "
                    "required with several)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(run=_report)

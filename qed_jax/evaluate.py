@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json,
                             not_found, require_at_least_one, require_range)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice,
-                           render_marking_scheme, reply_text, text_to_grade)
+                           reason_counts, render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -405,9 +406,8 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}")
     if not config_path.is_file() or not samples_path.is_file():
-        runs = sorted(str(d) for d in run_dir.iterdir() if (d / SAMPLES_FILE).is_file())
-        inside = f"; it holds the runs {' '.join(runs)}: pass those" if runs else ""
-        raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE}){inside}")
+        raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE}), "
+                          "nor a folder of them")
     run = RunLog(samples_path, read_records(samples_path))
     try:
         config = json.loads(config_path.read_text())
@@ -821,6 +821,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                    unit="sample", disable=not progress)
         scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]
+        failures = Counter()
 
         def on_grade(record, turn, score, reason, decided_by, reply):
             grade = {"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
@@ -831,10 +832,11 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             counts["graded"] += 1
             if score is None:
                 counts["failed"] += 1
+                failures[reason] += 1
             elif turn is None:
                 scores.append(score)
                 bar.update()
-            bar.set_postfix(mean=f"{sum(scores) / max(len(scores), 1):.2f}/7", failed=counts["failed"],
+            bar.set_postfix(mean=f"{sum(scores) / len(scores):.2f}/7" if scores else "–", failed=counts["failed"],
                             refresh=False)
 
         if to_grade:
@@ -843,6 +845,9 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             batch = to_generate[start: start + config.batch_size]
             counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
             grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
+        if failures:
+            log.warning("%s: %d grades failed (%s); the next run retries them", config.output_dir,
+                        counts["failed"], reason_counts(failures))
     finally:  # whatever failed, the samples and grades written so far are on disk
         if bar is not None:
             bar.close()

@@ -30,7 +30,7 @@ from qed_jax import checkpoint
 from qed_jax.config import ConfigError, check_dtype, check_sampling, require_at_least_one, require_range
 from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
-                           RuleGrader, row_field)
+                           RuleGrader, reason_counts, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes)
@@ -677,13 +677,12 @@ def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, ste
     failed, total = int(stats["failed"].sum()), int(stats["sent"].sum())
     if failed <= config.judge.max_failed_fraction * total:
         return
-    reasons = Counter(g.reason for g in grades if g.failed).most_common(3)
+    reasons = reason_counts(Counter(g.reason for g in grades if g.failed))
     where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
     raise JudgeUnavailable(
         f"step {step}: the judge at {config.judge.base_url} failed on {failed} of the {total} completions sent to it "
-        f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons{where}: "
-        + (", ".join(f"{reason} x{n}" for reason, n in reasons) or "none")
-        + ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
+        f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons{where}: {reasons or 'none'}"
+        ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
 
 
 def check_judge_reachable(judge: Judge) -> None:

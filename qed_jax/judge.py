@@ -17,6 +17,7 @@ import random
 import re
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,11 @@ class Grade:
     def sent(self) -> bool:
         """Whether the item went to the judge (or its cache): not scored 0 unsent."""
         return self.reason not in UNSENT_REASONS
+
+
+def reason_counts(reasons: Counter) -> str:
+    """ "http_500 x2, timeout x1": why grades failed, the most frequent first."""
+    return ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common())
 
 
 # Why an item scores 0 without a request: no </think> (with require_think_end), or no proof.

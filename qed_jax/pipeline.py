@@ -322,8 +322,8 @@ def run(config: PipelineConfig) -> dict:
             with judge_advice():
                 counts = evaluate(c)
             failed += counts["failed"]
-            progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: generated {counts['generated']}, "
-                          f"graded {counts['graded']} ({counts['failed']} failed) of {counts['total']} samples")
+            progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: generated {counts['generated']} of "
+                          f"{counts['total']} samples, wrote {counts['graded']} grades ({counts['failed']} failed)")
         progress.done(f"{len(evals)} evaluations in {out / 'eval'}")
 
         progress.begin("report", f"{len(evals)} runs")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qed_jax.config import ConfigError
-from qed_jax.evaluate import read_run
+from qed_jax.evaluate import SAMPLES_FILE, read_run
 from qed_jax.judge import MAX_SCORE
 
 
@@ -240,12 +240,25 @@ def run_names(run_dirs: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
+def runs_in(folder: str) -> list[str]:
+    """The eval runs a folder names: itself when it is one (or is not a folder: read_run says
+    why), else the runs directly inside it, in name order."""
+    path = Path(folder)
+    if (path / SAMPLES_FILE).is_file() or not path.is_dir():
+        return [folder]
+    return sorted(str(d) for d in path.iterdir() if (d / SAMPLES_FILE).is_file()) or [folder]
+
+
 def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:
-    """Write report.md, report.json (and the plots) to `output` (default: the run directory when
-    there is one); returns the Markdown, the output folder and the plots' paths."""
+    """Write report.md, report.json (and the plots) to `output` (default: the run directory, or
+    the one folder of runs given); returns the Markdown, the output folder and the plots' paths.
+    A folder that holds runs stands for them."""
     if not run_dirs:
         raise ConfigError("give at least one run directory")
-    if output is None and len(run_dirs) > 1:
+    if output is None and len(run_dirs) == 1:
+        output = run_dirs[0]
+    run_dirs = [run for folder in run_dirs for run in runs_in(folder)]
+    if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
     summaries, runs = {}, {}
     for name, run_dir in zip(run_names(run_dirs), run_dirs):
@@ -253,7 +266,7 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
         if not records:
             raise ConfigError(f"{run_dir}: the run has no samples yet")
         summaries[name], runs[name] = summarize(config, records), records
-    out = Path(output or run_dirs[0])
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)
     (out / "report.md").write_text(text)

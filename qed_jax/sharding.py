@@ -50,18 +50,19 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = [config.data, config.fsdp, config.tensor]
+    given = ", ".join(f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+    here = f"{len(devices)} device{'s' if len(devices) != 1 else ''}"
     if sizes.count(-1) > 1:
-        raise ConfigError(f"at most one mesh axis may be -1, got {config}")
+        raise ConfigError(f"at most one mesh axis may be -1 (the devices left), got {given}")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % fixed:
-            raise ConfigError(f"{len(devices)} devices cannot be split into a mesh {config}")
+            raise ConfigError(f"{given}: the other axes ({fixed} devices) do not divide the {here} here; choose "
+                              "sizes whose product divides them")
         sizes[sizes.index(-1)] = len(devices) // fixed
     if math.prod(sizes) != len(devices):
-        raise ConfigError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-            f"but {len(devices)} are available"
-        )
+        raise ConfigError(f"{given} needs {math.prod(sizes)} devices, not the {here} here; choose sizes whose "
+                          "product is the device count (or make one -1: the devices left)")
     # Auto axes: the compiler propagates shardings from parameters and inputs (GSPMD).
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

@@ -534,8 +534,11 @@ def test_report_compares_runs_side_by_side(tmp_path):
     root = re.escape(str(tmp_path))
     with pytest.raises(ConfigError, match=f"^{root}/nope: no such directory$"):
         report([str(tmp_path / "nope")])
-    with pytest.raises(ConfigError, match=f"not an eval run directory .*; it holds the runs {root}/a/run: pass"):
-        report([str(tmp_path / "a")])
+    # A folder of runs stands for them: here the one run inside.
+    assert report([str(tmp_path / "a")], plots=False)[0] == report(runs[:1], output=str(tmp_path / "a"), plots=False)[0]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=f"^{root}/empty: not an eval run directory"):
+        report([str(tmp_path / "empty")])
     shutil.copytree(runs[0], tmp_path / "damaged")
     samples = tmp_path / "damaged" / "samples.jsonl"
     lines = samples.read_text().splitlines()

@@ -340,8 +340,8 @@ def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
 def test_judge_cli_makes_the_output_folder(tmp_path):
     rows, out = tmp_path / "rows.jsonl", tmp_path / "new" / "sub" / "graded.jsonl"
     _write_rows(rows, 2)
-    with JudgeServer({}) as server:
-        assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+    with JudgeServer({}) as server:  # keys as a judge: section names them work too
+        assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"judge.base_url={server.url}",
                          f"cache_path={tmp_path / 'cache.sqlite'}"]) == 0
     assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [7, 7]
 

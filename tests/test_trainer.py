@@ -208,6 +208,23 @@ def test_a_moved_run_directory_is_no_config_change():
     saved = {"output_dir": "runs/a", "steps": 2, "data": {"output_dir": "x"}}
     assert config_changes(saved, {**saved, "output_dir": "/elsewhere/a"}) == []
     assert config_changes(saved, {**saved, "data": {"output_dir": "y"}}) == ['data.output_dir: "x" -> "y"']
+    judge = {"base_url": "http://a:8000/v1", "concurrency": 32, "model": "m"}  # a judge served elsewhere
+    moved = {**saved, "judge": {**judge, "base_url": "http://b:8000/v1", "concurrency": 8}}
+    assert config_changes({**saved, "judge": judge}, moved) == []
+    assert config_changes({**saved, "judge": judge}, {**moved, "judge": {**judge, "model": "n"}}) == [
+        'judge.model: "m" -> "n"']
+
+
+def test_a_mesh_that_does_not_fit_the_devices_says_what_to_set():
+    from qed_jax.sharding import MeshConfig, make_mesh
+
+    devices = jax.devices()[:1]
+    with pytest.raises(ConfigError, match=r"^mesh.data=1, mesh.fsdp=4, mesh.tensor=1 needs 4 devices, not the 1 "
+                                          r"device here; choose sizes"):
+        make_mesh(MeshConfig(data=1, fsdp=4), devices)
+    with pytest.raises(ConfigError, match=r"^mesh.data=-1, mesh.fsdp=4, mesh.tensor=1: the other axes \(4 devices\) "
+                                          r"do not divide the 1 device here"):
+        make_mesh(MeshConfig(fsdp=4), devices)
 
 
 def test_metrics_cut_short_by_a_crash_are_dropped_not_fatal(tmp_path, caplog):
