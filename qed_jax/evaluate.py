@@ -846,8 +846,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
             grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
         if failures:
-            log.warning("%s: %d grades failed (%s); the next run retries them", config.output_dir,
-                        counts["failed"], reason_counts(failures))
+            log.warning("%s: %d grade%s failed (%s); the next run retries them", config.output_dir,
+                        counts["failed"], "s" if counts["failed"] != 1 else "", reason_counts(failures))
     finally:  # whatever failed, the samples and grades written so far are on disk
         if bar is not None:
             bar.close()

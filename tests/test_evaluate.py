@@ -78,11 +78,12 @@ def imo_judge_scripts():
     return scripts
 
 
-def test_endpoint_eval_report_equals_numpy_reference(tmp_path):
+def test_endpoint_eval_report_equals_numpy_reference(tmp_path, caplog):
     with ModelServer(proof_reply) as model, JudgeServer(imo_judge_scripts()) as judge:
         cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
         counts = evaluate(cfg, progress=False)
         assert counts == {"generated": 12, "graded": 12, "failed": 1, "total": 12}
+        assert f"{cfg.output_dir}: 1 grade failed (parse_failure x1); the next run retries them" in caplog.text
         assert model.total == 12 and set(model.requests.values()) == {1}
         assert sorted(problem_and_sample(*request)[1] for request in model.requests) == [0] * 4 + [1] * 4 + [2] * 4
         assert len({seed for _, seed in model.requests}) == 12  # no two requests share a random stream
