@@ -91,8 +91,12 @@ def _generate(args) -> None:
         raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a plain prompt needs some text "
                           "(or pass --chat)")
     # Every flag is checked (the parameters check themselves when built) before a model loads.
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p)
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p)
+    except ConfigError as e:  # named by the field: name the flag
+        field, rest = str(e).split(" ", 1)
+        raise ConfigError(f"{_flag(field) if hasattr(args, field) else field} {rest}") from None
     if args.reasoning_cache:
         _generate_reasoning_cache(args)
         return

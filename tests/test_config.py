@@ -206,7 +206,8 @@ def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monke
 
 def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
     missing = tmp_path / "no-model"  # loading it would fail with a path error instead
-    for flags, message in [(["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
+    for flags, message in [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+                           (["--top-p", "2"], "--top-p must be in (0, 1] (1 is off), got 2.0"),
                            (["--reasoning-cache", "--turns", "0"], "--turns must be at least 1, got 0"),
                            (["--turns", "2"], "--turns is for --reasoning-cache; add that flag or drop --turns"),
                            (["--summary-tokens", "64"], "--summary-tokens is for --reasoning-cache; add that flag or "
