@@ -303,14 +303,15 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
 
 
 def numerically_different(a: Any, b: Any) -> bool:
-    """Whether two parsed answers are numbers (no symbols, sets or tuples) whose values differ
-    beyond rounding, at 30 digits."""
+    """Whether two parsed answers are numbers (no symbols, sets or tuples) whose values, each
+    evaluated to 30 digits (an evaluation that loses them all decides nothing), differ by more
+    than 1e-9 of the larger (or by 1e-9, below 1)."""
     import sympy
 
     if not all(isinstance(x, sympy.Expr) and x.is_number for x in (a, b)):
         return False
     try:
-        x, y = complex(a.evalf(30)), complex(b.evalf(30))
+        x, y = complex(a.evalf(30, strict=True)), complex(b.evalf(30, strict=True))
     except (TypeError, ValueError, OverflowError, ArithmeticError):
         return False
     return abs(x - y) > 1e-9 * max(1.0, abs(x), abs(y))  # False when either is inf or nan
@@ -720,6 +721,17 @@ def check_local_paths(config: EvalConfig) -> None:
             raise not_found(key, value)
 
 
+def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
+    """Refuse to go on with a run whose samples were drawn with other seeds than this version
+    draws them (earlier versions drew sample k with seed + k): old and new samples would mix."""
+    for (pid, k), record in runlog.samples.items():
+        if record.get("seed") != sample_seed(config.seed, k):
+            raise ConfigError(f"{config.output_dir} holds sample {k} of problem {pid!r} drawn with seed "
+                              f"{record.get('seed')}, where this version draws it with {sample_seed(config.seed, k)} "
+                              "(an earlier version's seeding): its samples and new ones would not be comparable; "
+                              "choose another output_dir, or delete the old run")
+
+
 def prepare_output(config: EvalConfig) -> Path:
     """The run directory with its config.json, for a config that check_rerun accepted."""
     out = Path(config.output_dir)
@@ -801,6 +813,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
+    check_seeds(runlog, config)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]

@@ -685,16 +685,17 @@ def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, ste
         ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
 
 
-def check_judge_reachable(judge: Judge) -> None:
-    """JudgeUnavailable on every process when any process cannot reach its judge (or the judge
-    refuses its key), so that all stop alike."""
-    error = None
+def on_every_process(judge_call):
+    """judge_call()'s result; JudgeUnavailable on every process when it raised that on any (its
+    judge unreachable, or refusing the key), so that all stop alike and none waits for the others."""
+    error = result = None
     try:
-        judge.check_reachable()
+        result = judge_call()
     except JudgeUnavailable as e:
         error = e
     if largest(int(error is not None)):
-        raise error or JudgeUnavailable("another process cannot reach the judge; its log says why")
+        raise error or JudgeUnavailable("the judge failed on another process; its log says why")
+    return result
 
 
 def process_judge(judge: JudgeConfig) -> JudgeConfig:
@@ -768,7 +769,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "start_step": start,
                 "complete": True, "process": jax.process_index()}
     if isinstance(grader, Judge):  # find out now, not after a step's sampling
-        check_judge_reachable(grader)
+        on_every_process(grader.check_reachable)
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
@@ -796,8 +797,9 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                 del weights
                 texts = [tokenizer.decode(c.text_tokens) for c in completions]
                 t1 = time.perf_counter()
-                grades = grader.grade_batch([GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
-                                             for r, t in zip(group_rows, texts)])
+                items = [GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
+                         for r, t in zip(group_rows, texts)]
+                grades = on_every_process(lambda: grader.grade_batch(items))
                 t2 = time.perf_counter()
                 rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
                 valid = np.array([not g.failed for g in grades]).reshape(P, G)

@@ -245,10 +245,15 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
 
 
 def record_run_config(out: Path, config, changed: bool) -> None:
-    """Write the config a run goes on with: on a fresh start, or after a change the user allowed
-    (the old config kept as config.N.json). Process 0 writes."""
+    """Write the config a run goes on with: on a fresh start, after a change the user allowed
+    (the old config kept as config.N.json), or in place after a move (NOT_RUN_IDENTITY: a judge
+    served elsewhere). Process 0 writes."""
     path = out / "config.json"
-    if jax.process_index() != 0 or (path.exists() and not changed):
+    if jax.process_index() != 0:
+        return
+    if path.exists() and not changed:
+        if path.read_text() != dump_json(config):
+            path.write_text(dump_json(config))
         return
     out.mkdir(parents=True, exist_ok=True)
     if path.exists():

@@ -18,8 +18,8 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
-                               last_boxed, model_files, prepare_output, read_records, read_run, request_seed, sample_seed,
-                               turn_completion)
+                               last_boxed, model_files, prepare_output, read_records, read_run, request_seed,
+                               sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
 from tests.helpers import cli_env
@@ -244,13 +244,18 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
         run = tmp_path / "run"
         run.mkdir()
         (run / "config.json").write_text(dump_json(cfg))
-        sample = {"type": "sample", "problem_id": IMO_ROWS[0]["problem_id"], "sample": 0, "seed": cfg.seed,
-                  "group": None, "completion": "Let me think.</think>\nProof. It holds.", "completion_tokens": 9,
+        sample = {"type": "sample", "problem_id": IMO_ROWS[0]["problem_id"], "sample": 0,
+                  "seed": sample_seed(cfg.seed, 0), "group": None, "completion": "Let me think.</think>\nProof. It holds.", "completion_tokens": 9,
                   "finish_reason": "stop", "truncated": False}
         (run / "samples.jsonl").write_text(json.dumps(sample) + "\n")  # generated, its grade lost
         assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 1, "failed": 0, "total": 1}
     assert judge.total == 1
     assert [r["score"] for r in read_run(run)[1]] == [7]
+    # A run whose samples an earlier version drew with seed + k is not extended with new ones.
+    (run / "samples.jsonl").write_text(json.dumps({**sample, "seed": cfg.seed}) + "\n")
+    with pytest.raises(ConfigError, match=f"holds sample 0 of problem '{IMO_ROWS[0]['problem_id']}' drawn with "
+                                          f"seed 0, where this version draws it with {sample_seed(0, 0)}"):
+        evaluate(cfg, progress=False)
 
 def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "samples.jsonl"

@@ -379,6 +379,7 @@ def test_an_unreachable_judge_stops_grpo_before_it_samples_and_may_move(tmp_path
         monkeypatch.undo()
         assert train(load_config(GRPOConfig, TINY, args))["step"] == 1
         assert server.total > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["judge"]["base_url"] == server.url
 
 
 def test_steps_against_the_loopback_judge(tmp_path):
@@ -424,7 +425,7 @@ def test_the_failed_share_counts_only_completions_sent_to_the_judge():
     config = load_config(GRPOConfig, TINY, ["judge.max_failed_fraction=0.25"])
     # 16 completions: 12 without </think> (0, unsent), 3 graded, 1 failed: 1 of the 4 sent.
     grades = [Grade(0, 0.0, "no_think_end")] * 12 + [Grade(7, 1.0, "ok", attempts=1)] * 3 + [
-        Grade(None, 0.0, "http_401", attempts=1)]
+        Grade(None, 0.0, "http_500", attempts=3)]
     completions = [Completion(tokens=[1], logprobs=[0.0], finish_reason="stop")] * 16
     valid = np.array([not g.failed for g in grades])
 
