@@ -28,7 +28,8 @@ from qed_jax.attention import KV_CACHE_AXES
 from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
 from qed_jax.model import KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
-from qed_jax.trainer import batch_sharding, check_rows_divide, decay_mask, make_optimizer, opt_state_shardings
+from qed_jax.trainer import (batch_sharding, check_rows_divide, decay_mask, float32_init, make_optimizer,
+                             opt_state_shardings)
 
 GiB = 1024 ** 3
 
@@ -355,7 +356,8 @@ def abstract_params(config: ModelConfig, mesh):
 
 def abstract_opt_state(optimizer, params, mesh):
     """The optimizer state as the trainers lay it out (`trainer.opt_state_shardings`)."""
-    return jax.tree.map(sharded, jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params, mesh))
+    return jax.tree.map(sharded, jax.eval_shape(float32_init(optimizer), params),
+                        opt_state_shardings(optimizer, params, mesh))
 
 
 def bytes_per_chip(tree) -> int:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -149,18 +150,27 @@ def make_optimizer(config: OptimConfig, updates: int, mask: dict) -> optax.Gradi
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
 
 
+def float32_init(optimizer):
+    """`optimizer.init` with its moments in float32 whatever the parameters' dtype. Gradients are
+    summed in float32 and Adam keeps its moments in the gradients' dtype, so moments made in
+    bfloat16 would turn float32 at the first update: a second compile of the step, and a resume
+    that restores the saved float32 moments into bfloat16 ones."""
+    return lambda params: optimizer.init(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+
 def opt_state_shardings(optimizer, params, mesh):
     """The optimizer state's shardings: each moment as its parameter, the rest (step counters)
     replicated. The compiler is told so: moments are zeros, which depend on no parameter's
     layout, and left to it they came out whole on every device."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(float32_init(optimizer), params),
                                  jax.tree.map(lambda p: p.sharding, params), transform_non_params=lambda _: replicated)
 
 
 def init_opt_state(optimizer, params, mesh):
-    """Optimizer state on the mesh, laid out as `opt_state_shardings` says."""
-    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
+    """Optimizer state on the mesh (moments in float32: `float32_init`), laid out as
+    `opt_state_shardings` says."""
+    return jax.jit(float32_init(optimizer), out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
 
 
 # --------------------------------------------------------------------------------------------

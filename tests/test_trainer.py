@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -72,6 +73,24 @@ def test_adam_moments_are_sharded_like_their_parameters_as_the_plan_counts():
     # The memory plan lays the state out the same way.
     planned = abstract_opt_state(optimizer, params, mesh)
     assert jax.tree.map(lambda x: x.sharding, planned) == jax.tree.map(lambda x: x.sharding, opt_state)
+
+
+def test_adam_moments_are_float32_from_the_start_with_bfloat16_parameters():
+    # Gradients are summed in float32: moments made in bfloat16 would turn float32 at the first
+    # update (a second compile of the step, and a resume that truncates the saved moments).
+    from qed_jax.sharding import MeshConfig, make_mesh
+    from qed_jax.trainer import init_opt_state
+
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    model = Qwen3(PRESETS["tiny"].replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = make_optimizer(OptimConfig(weight_decay=0.1), 10, decay_mask(model))
+    opt_state = init_opt_state(optimizer, params, mesh)
+    grads = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.float32), params)
+    updates, after = jax.jit(optimizer.update)(grads, opt_state, params)
+    assert jax.tree.map(lambda x: x.dtype, after) == jax.tree.map(lambda x: x.dtype, opt_state)
+    assert {x.dtype for x in jax.tree.leaves(opt_state[1][0].mu)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(optax.apply_updates(params, updates))} == {jnp.dtype("bfloat16")}
 
 
 def _sft(args, **kwargs):
