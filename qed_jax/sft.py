@@ -157,6 +157,12 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
     eval_examples = prepare_sft(eval_rows, tokenizer, config.data, source=f"{config.data.path} (eval)",
                                 first_row=len(train_rows) + 1)[0] if eval_rows else []
+    # Each process reads its own share of the examples: one with none would never join the others.
+    for what, some, fix in (("training", examples, "give more rows"),
+                            ("held-out", eval_examples, "raise data.eval_rows, or set eval_every=0")):
+        if 0 < len(some) < jax.process_count():
+            raise ConfigError(f"{config.data.path}: {len(some)} {what} examples for {jax.process_count()} processes, "
+                              f"which each read their own share; {fix}")
 
     model = load_model(config.model, mesh, config.seed)
     if len(tokenizer) > model.config.vocab_size:

@@ -225,7 +225,7 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert len(read_metrics(tmp_path)) == 3
 
 
-@pytest.mark.slow  # two processes, twice: 20-40 s on 2 cores
+@pytest.mark.slow  # two processes, three times: 30-60 s on 2 cores
 def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
     from qed_jax.trainer import run_lock
 
@@ -243,6 +243,15 @@ def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
     assert "is a file where a folder is needed" in outputs[0][1]
     assert f"process 0 could not open {a_file}/.lock" in outputs[1][1]
+    # One held-out row for two processes: one would have no eval batch and the other would wait
+    # for it in the eval forever.
+    with processes(["sft", "--config", TINY, "steps=2", "eval_every=1", "data.eval_rows=1",
+                    f"output_dir={tmp_path / 'eval'}"], count=2, devices=1, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert all("1 held-out examples for 2 processes, which each read their own share; raise data.eval_rows" in o[1]
+               for o in outputs)
 
 
 @pytest.mark.slow  # two processes: 20-40 s on 2 cores
