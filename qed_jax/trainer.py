@@ -163,8 +163,9 @@ def opt_state_shardings(optimizer, params, mesh):
     replicated. The compiler is told so: moments are zeros, which depend on no parameter's
     layout, and left to it they came out whole on every device."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(float32_init(optimizer), params),
-                                 jax.tree.map(lambda p: p.sharding, params), transform_non_params=lambda _: replicated)
+    state, param_shardings = jax.eval_shape(float32_init(optimizer), params), jax.tree.map(lambda p: p.sharding, params)
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
 
 
 def init_opt_state(optimizer, params, mesh):

@@ -245,7 +245,8 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
         run.mkdir()
         (run / "config.json").write_text(dump_json(cfg))
         sample = {"type": "sample", "problem_id": IMO_ROWS[0]["problem_id"], "sample": 0,
-                  "seed": sample_seed(cfg.seed, 0), "group": None, "completion": "Let me think.</think>\nProof. It holds.", "completion_tokens": 9,
+                  "seed": sample_seed(cfg.seed, 0), "group": None,
+                  "completion": "Let me think.</think>\nProof. It holds.", "completion_tokens": 9,
                   "finish_reason": "stop", "truncated": False}
         (run / "samples.jsonl").write_text(json.dumps(sample) + "\n")  # generated, its grade lost
         assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 1, "failed": 0, "total": 1}
