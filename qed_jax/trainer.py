@@ -262,9 +262,10 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     path = out / "config.json"
     if jax.process_index() != 0:
         return
+    text = dump_json(config)
     if path.exists() and not changed:
-        if path.read_text() != dump_json(config):
-            path.write_text(dump_json(config))
+        if path.read_text() != text:
+            path.write_text(text)
         return
     out.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -272,7 +273,7 @@ def record_run_config(out: Path, config, changed: bool) -> None:
         while (out / f"config.{n}.json").exists():
             n += 1
         path.rename(out / f"config.{n}.json")
-    path.write_text(dump_json(config))
+    path.write_text(text)
 
 
 def data_record(path: str, examples: list[dict]) -> dict:
