@@ -52,6 +52,9 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     sizes = [config.data, config.fsdp, config.tensor]
     given = ", ".join(f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
     here = f"{len(devices)} device{'s' if len(devices) != 1 else ''}"
+    bad = [f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes) if size < 1 and size != -1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: a mesh axis size is at least 1, or -1 for the devices left")
     if sizes.count(-1) > 1:
         raise ConfigError(f"at most one mesh axis may be -1 (the devices left), got {given}")
     fixed = math.prod(s for s in sizes if s != -1)

@@ -244,6 +244,10 @@ def test_a_mesh_that_does_not_fit_the_devices_says_what_to_set():
     with pytest.raises(ConfigError, match=r"^mesh.data=-1, mesh.fsdp=4, mesh.tensor=1: the other axes \(4 devices\) "
                                           r"do not divide the 1 device here"):
         make_mesh(MeshConfig(fsdp=4), devices)
+    for sizes, named in (({"fsdp": 0}, "mesh.fsdp=0"), ({"data": 1, "fsdp": -2}, "mesh.fsdp=-2"),
+                         ({"data": 2, "fsdp": -3}, "mesh.fsdp=-3")):
+        with pytest.raises(ConfigError, match=rf"^{named}: a mesh axis size is at least 1, or -1 for the devices left$"):
+            make_mesh(MeshConfig(**sizes), devices)
 
 
 def test_metrics_cut_short_by_a_crash_are_dropped_not_fatal(tmp_path, caplog):
