@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -329,12 +330,18 @@ def require_at_least_one(config, names, prefix: str = "") -> None:
         require_range(getattr(config, name), f"{prefix}{name}", 1)
 
 
+# Below this, logits / temperature overflows float32 (and subnormals flush to 0 on some backends).
+MIN_TEMPERATURE = 1e-5
+
+
 def check_sampling(params, prefix: str = "") -> None:
     """ConfigError unless `params` (SamplingParams or a config section with the same fields)
-    asks for at least one token, a temperature >= 0, top_k >= 0 and 0 < top_p <= 1."""
+    asks for at least one token, a temperature of 0 or in [MIN_TEMPERATURE, inf), top_k >= 0 and
+    0 < top_p <= 1."""
     require_at_least_one(params, ("max_new_tokens",), prefix)
-    if params.temperature < 0:
-        raise ConfigError(f"{prefix}temperature must be at least 0 (0 is greedy), got {params.temperature}")
+    if not (params.temperature == 0 or MIN_TEMPERATURE <= params.temperature < math.inf):
+        raise ConfigError(f"{prefix}temperature must be 0 (greedy) or a finite number of at least "
+                          f"{MIN_TEMPERATURE:g}, got {params.temperature}")
     if params.top_k < 0:
         raise ConfigError(f"{prefix}top_k must be at least 0 (0 is off), got {params.top_k}")
     if not 0 < params.top_p <= 1:

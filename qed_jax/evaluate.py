@@ -434,10 +434,11 @@ class LocalGenerator:
     def __init__(self, config: EvalModelConfig):
         from qed_jax.pretrained import from_pretrained, resolve
         from qed_jax.sampling import Sampler
-        from qed_jax.tokenizer import load_tokenizer
+        from qed_jax.tokenizer import check_vocab, load_tokenizer
 
         self.model = from_pretrained(config.path, dtype=config.dtype)
         self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path))
+        check_vocab(self.tokenizer, self.model.config.vocab_size, config.path)
         self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
                                progress=False)
 

@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, check_dtype, check_sampling, require_at_least_one, require_range
+from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_sampling, require_at_least_one,
+                            require_range)
 from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, reason_counts, row_field)
@@ -127,9 +128,9 @@ class LossConfig:
     aggregation: str = "sample_sum"
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ConfigError(f"loss.temperature must be above 0 (rollouts sample at it, and log-probs divide "
-                              f"by it), got {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature < math.inf:
+            raise ConfigError(f"loss.temperature must be a finite number of at least {MIN_TEMPERATURE:g} (rollouts "
+                              f"sample at it, and log-probs divide by it), got {self.temperature}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         for name in ("clip_eps_low", "clip_eps_high", "kl_coef"):
@@ -719,7 +720,7 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
 
 
 def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
-    from qed_jax.tokenizer import load_tokenizer, stop_ids
+    from qed_jax.tokenizer import check_vocab, load_tokenizer, stop_ids
 
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
@@ -732,6 +733,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     first_sample = jax.process_index() * P * G  # this process's first sample of every step
 
     model = load_model(config.model, mesh, config.seed)
+    check_vocab(tokenizer, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     ref_params = jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None

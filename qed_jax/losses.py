@@ -75,7 +75,7 @@ def weighted_nll_sum(hidden, head, targets, weights, *, chunk_size: int | None =
 def _weighted_nll_sum(hidden, head, targets, weights, chunk_size):
     # Undifferentiated (an eval loss), the gradients are not computed.
     logprobs, _ = _chunked(hidden, head, targets, 1.0, chunk_size, with_entropy=False)
-    return -jnp.sum(weights * logprobs)
+    return -jnp.sum(jnp.where(weights != 0, weights * logprobs, 0.0))  # a 0 weight drops even a NaN
 
 
 def _nll_forward(hidden, head, targets, weights, chunk_size):
@@ -91,7 +91,7 @@ def _nll_forward(hidden, head, targets, weights, chunk_size):
         lse = jax.nn.logsumexp(logits, axis=-1)
         ids, w = targets_c.reshape(-1), weights_c.reshape(-1)
         target_logits = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
-        nll = jnp.sum(w * (lse - target_logits))
+        nll = jnp.sum(jnp.where(w != 0, w * (lse - target_logits), 0.0))  # as in _weighted_nll_sum
         d_logits = w[:, None] * (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(ids, logits.shape[-1]))
         d_logits = d_logits.astype(flat.dtype)
         d_hidden = jnp.dot(d_logits, head_c, preferred_element_type=jnp.float32).astype(hidden.dtype)

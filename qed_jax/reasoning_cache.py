@@ -34,8 +34,8 @@ from flax import nnx
 from qed_jax.config import ConfigError, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
-                              cache_shards, cache_slots, checked_row_ids, decode_loop, fetch, mesh_context,
-                              new_kv_cache, prefill, put_rows, wave_row_ids)
+                              cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop, fetch,
+                              mesh_context, new_kv_cache, prefill, put_rows, wave_row_ids)
 from qed_jax.sharding import DEFAULT_RULES
 
 REASONING_SLOTS = ("problem", "summary")
@@ -401,6 +401,7 @@ class ReasoningCache:
         self.batch_shards = cache_shards(model.config, mesh, rules)[0]
         self.policy_def, self.policy_state = nnx.split(model)
         self.policy_config = model.config
+        tok.check_vocab(tokenizer, model.config.vocab_size, "the policy")
         vocab = tokenizer.get_vocab()
         if tok.THINK_END not in vocab:
             raise ConfigError(f"the tokenizer has no {tok.THINK_END} token; RC needs a thinking model's tokenizer")
@@ -418,6 +419,7 @@ class ReasoningCache:
             self.summarizer_config = summarizer.model.config
             self.summarizer_sampling, self.summarizer_thinking = summarizer.sampling, summarizer.thinking
             summarizer_tokenizer = summarizer.tokenizer or tokenizer
+            tok.check_vocab(summarizer_tokenizer, self.summarizer_config.vocab_size, "the summarizer")
             if summarizer_tokenizer.get_vocab() != vocab:
                 raise ConfigError("the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
                                   "the policy's token ids to the summarizer, so both must share one vocabulary")
@@ -475,8 +477,7 @@ class ReasoningCache:
         turns = p.turns if turns is None else turns
         if not 1 <= turns <= p.max_turns:
             raise ConfigError(f"turns must be between 1 and max_turns ({p.max_turns}), got {turns}")
-        if not problems or any(len(x) == 0 for x in problems):
-            raise ValueError("every problem needs at least one token")
+        check_token_ids(problems, self.policy_config.vocab_size, "problem")
         row_ids = checked_row_ids(row_ids, len(problems))
         key = jax.random.key(p.seed) if key is None else key
         width = self.problem_width(problems)

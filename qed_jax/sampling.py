@@ -325,8 +325,9 @@ class Sampler:
         call's longest prompt), so one compiled prefill and decode loop serve them all. Prompt i
         draws its randomness as row `row_ids[i]` (default i): a process sampling its share of a
         larger batch passes its prompts' places in it and samples what one process would."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        if self.state is None:
+            raise RuntimeError("the sampler's weights were released; call update_weights before sampling again")
+        check_token_ids(prompts, self.config.vocab_size)
         if budgets is not None and len(budgets) != len(prompts):
             raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
         row_ids = checked_row_ids(row_ids, len(prompts))
@@ -361,6 +362,20 @@ class Sampler:
             completions += _completions(*fetch(out), count=len(wave))
         self._kv_cache = cache
         return completions
+
+
+def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prompt") -> None:
+    """ValueError unless there is a prompt, each has a token, and every id is in [0, vocab_size):
+    the embedding lookup would read NaN for an id outside it, not fail."""
+    if not prompts:
+        raise ValueError(f"no {what}s given")
+    for i, ids in enumerate(prompts):
+        if len(ids) == 0:
+            raise ValueError(f"every {what} needs at least one token; {what} {i} has none")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{what} {i} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                             f"[0, {vocab_size}): the ids come from another tokenizer")
 
 
 def checked_row_ids(row_ids: Sequence[int] | None, count: int) -> np.ndarray:
@@ -454,11 +469,16 @@ def _completions(tokens, logprobs, lengths, finish, count: int) -> list[Completi
 def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParams = SamplingParams(),
              seed: int = 0, stop_ids: list[int] | None = None, sampler: Sampler | None = None) -> list[Completion]:
     """Generate for a list of prompts: each a string (tokenized as is) or a list of chat messages
-    (formatted with the tokenizer's chat template and generation prompt)."""
+    (formatted with the tokenizer's chat template and generation prompt). One string or one
+    conversation alone is a list of one prompt."""
     from qed_jax import tokenizer as tok
 
+    tok.check_vocab(tokenizer, model.config.vocab_size)
+    items = [prompts_or_messages] if isinstance(prompts_or_messages, str) else list(prompts_or_messages)
+    if items and all(isinstance(m, dict) for m in items):  # one conversation
+        items = [items]
     prompts = []
-    for item in prompts_or_messages:
+    for item in items:
         if isinstance(item, str):
             prompts.append(tokenizer(item, add_special_tokens=False)["input_ids"])
         else:

@@ -138,7 +138,7 @@ def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
 
 
 def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
-    from qed_jax.tokenizer import load_tokenizer
+    from qed_jax.tokenizer import check_vocab, load_tokenizer
 
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
@@ -165,8 +165,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                               f"which each read their own share; {fix}")
 
     model = load_model(config.model, mesh, config.seed)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+    check_vocab(tokenizer, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)

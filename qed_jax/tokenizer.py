@@ -51,6 +51,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise ConfigError(f"tokenizer {name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
+def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, model: str = "the model") -> None:
+    """ConfigError when the tokenizer makes ids that `model` has no embedding for."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {model}'s vocab_size is {vocab_size}, so "
+                          "its last ids have no embedding; use the tokenizer saved with this model")
+
+
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids that end a turn: <|im_end|>, <|endoftext|> and the tokenizer's eos, where present."""
     vocab = tokenizer.get_vocab()

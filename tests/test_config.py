@@ -106,8 +106,9 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["steps=3.5"], r"^steps: expected a whole number, got 3\.5$"),
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
     (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
-    (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be above 0"),
-    (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be at least 0"),
+    (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be a finite number of at least 1e-05"),
+    (GRPOConfig, ["loss.temperature=.nan"], r"^loss\.temperature must be a finite number .*, got nan$"),
+    (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be 0 \(greedy\) or"),
     (EvalConfig, ["model.path=m", "rc.turns=0"], r"^rc\.turns must be at least 1, got 0$"),
     # names checked when the config loads, not when a run reaches them (an export after training)
     (SFTConfig, ["export_dtype=bf16"], r"^export_dtype must be float32, bfloat16 or float16, got 'bf16'$"),
@@ -143,7 +144,10 @@ def test_counts_below_one_and_impossible_sampling_values_fail_when_the_config_lo
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"max_new_tokens": 0}, "^max_new_tokens must be at least 1, got 0$"),
-    ({"temperature": -1.0}, r"^temperature must be at least 0 \(0 is greedy\), got -1.0$"),
+    ({"temperature": -1.0}, r"^temperature must be 0 \(greedy\) or a finite number of at least 1e-05, got -1.0$"),
+    ({"temperature": float("nan")}, r"^temperature must be 0 \(greedy\) or .*, got nan$"),
+    ({"temperature": float("inf")}, r"^temperature must be 0 \(greedy\) or .*, got inf$"),
+    ({"temperature": 1e-30}, r"^temperature must be 0 \(greedy\) or .*, got 1e-30$"),
     ({"top_k": -1}, r"^top_k must be at least 0"),
     ({"top_p": 0.0}, r"^top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"^top_p must be in \(0, 1\]"),

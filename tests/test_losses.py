@@ -100,6 +100,19 @@ def test_weighted_nll_sum_value_and_gradients_equal_full_logits(T, chunk):
     _close(jax.jit(fused)(hidden, head, 1.0), value_ref, atol=1e-4)  # undifferentiated: the loss alone
 
 
+def test_a_zero_weight_drops_its_position_whatever_id_it_holds():
+    hidden, head, targets = _inputs(2, 8, 16, 50)
+    weights = jnp.ones((2, 8)).at[1, 5].set(0.0)
+    outside = targets.at[1, 5].set(50)  # past the vocabulary: its logit reads as NaN
+    loss = jax.value_and_grad(lambda h: weighted_nll_sum(h, head, targets, weights, chunk_size=3))
+    value, grad = loss(hidden)
+    value_outside, grad_outside = jax.value_and_grad(
+        lambda h: weighted_nll_sum(h, head, outside, weights, chunk_size=3))(hidden)
+    _close(value_outside, value, atol=1e-4)
+    _close(grad_outside, grad)
+    _close(jax.jit(lambda h: weighted_nll_sum(h, head, outside, weights, chunk_size=3))(hidden), value, atol=1e-4)
+
+
 def test_weighted_nll_sum_refuses_weights_of_another_shape():
     hidden, head, targets = _inputs(2, 8, 16, 50)
     with pytest.raises(ValueError, match=r"weights \(2, 7\) must be \[B, T\]"):

@@ -17,6 +17,7 @@ from qed_jax.config import ConfigError, preset
 from qed_jax.model import Qwen3
 from qed_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
+from qed_jax.tokenizer import load_tokenizer
 from tests.helpers import REPO, cli_env, make_hf_model, make_hf_model_with_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 77, 31]]
@@ -325,6 +326,35 @@ def test_generate_cli_json(tmp_path, capsys):
     for r in rows:
         assert len(r["logprobs"]) == len(r["tokens"]) <= 6 and r["finish_reason"] in ("stop", "length")
         assert isinstance(r["text"], str)
+
+
+def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, capsys):
+    make_hf_model_with_tokenizer(tmp_path, vocab_size=256)  # the tokenizer has 320 tokens
+    model = qed_jax.from_pretrained(tmp_path)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    sampler = Sampler(model)
+    with pytest.raises(ValueError, match=r"^prompt 1 holds token id 256, outside the model's vocabulary \[0, 256\)"):
+        sampler.generate_ids([[5, 6], [7, 256]], greedy, jax.random.key(0), stop_ids=[])
+    with pytest.raises(ValueError, match=r"^prompt 0 holds token id -1"):
+        sampler.generate_ids([[-1]], greedy, jax.random.key(0), stop_ids=[])
+    sampler.release()
+    with pytest.raises(RuntimeError, match="weights were released; call update_weights"):
+        sampler.generate_ids([[5, 6]], greedy, jax.random.key(0), stop_ids=[])
+    capsys.readouterr()
+    rc = cli.main(["generate", "--model", str(tmp_path), "--prompt", "Prove", "--max-new-tokens", "2"])
+    assert rc == 2 and capsys.readouterr().err.strip().endswith(
+        "the tokenizer has 320 tokens but the model's vocab_size is 256, so its last ids have no embedding; use the "
+        "tokenizer saved with this model")
+
+
+def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
+    make_hf_model_with_tokenizer(tmp_path)
+    model, tokenizer = qed_jax.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    greedy = SamplingParams(max_new_tokens=5, temperature=0.0)
+    conversation = [{"role": "user", "content": "Prove it."}]
+    for alone, listed in (("Let n be", ["Let n be"]), (conversation, [conversation])):
+        one = qed_jax.generate(model, tokenizer, alone, greedy)
+        assert len(one) == 1 and one[0].tokens == qed_jax.generate(model, tokenizer, listed, greedy)[0].tokens
 
 
 def test_first_argmax_is_argmax_with_ties():
