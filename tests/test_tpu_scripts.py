@@ -222,6 +222,38 @@ def test_setup_from_a_commit_that_does_not_exist_is_one_line_and_packs_nothing(g
     assert calls() == [] and not (Path(tempfile.gettempdir()) / "qed-jax-qr-bad.tar.gz").exists()
 
 
+def test_the_launchers_own_logs_are_not_packed(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "qed_jax").mkdir(parents=True)
+    (repo / "qed_jax/cli.py").write_text("")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    (repo / "notes.txt").write_text("untracked, not ignored: travels")
+    (repo / "my_logs/r/attempt-1").mkdir(parents=True)
+    (repo / "my_logs/r/attempt-1/worker-0.log").write_text("")
+    monkeypatch.setattr(tpu, "REPO", repo)
+    tpu.pack(None, tmp_path / "code.tar.gz", dry_run=False, leave_out=(repo / "my_logs").resolve())
+    assert sorted(tarfile.open(tmp_path / "code.tar.gz").getnames()) == ["notes.txt", "qed_jax/cli.py"]
+
+
+def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsys):
+    _, calls = gcloud
+    for argv, message in (([], "no command: put it after `--`"),
+                          (["--", "true"], "v5p-12 has 6 chips, not a multiple of 4 per host")):
+        accelerator = "v5p-12" if argv else "v5p-8"
+        assert launcher("launch", "qr", *WHERE, "--accelerator-type", accelerator, "--poll", "0", *argv) == 1
+        assert message in capsys.readouterr().err
+    assert calls() == []
+
+
+def test_a_missing_gcloud_is_one_line(gcloud, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert launcher("status", "qr", *WHERE) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tpu.py status: error: cannot run gcloud (not found on PATH): install the Google Cloud SDK "
+        "(cloud.google.com/sdk)")
+
+
 def test_setup_from_a_commit_uses_git_archive(gcloud, tmp_path):
     assert launcher("setup", "qr", *WHERE, "--commit", "HEAD") == 0
     committed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", "HEAD"],
@@ -265,6 +297,17 @@ def test_launch_recovers_from_preemption_without_using_the_failure_budget(gcloud
     restarted = [argv[7] for argv in calls()[-2:]]
     assert all("QED_RUN_ID=r1" in c and "checkpoint_dir=gs://b/r1" in c for c in restarted)
     assert "worker 0 done" in (tmp_path / "logs/r1/attempt-2/worker-0.log").read_text()
+
+
+def test_a_slice_preempted_while_it_is_set_up_is_created_again(gcloud):
+    write_script, calls = gcloud
+    write_script(states=["MISSING", "ACTIVE", "SUSPENDED",  # created; the copy fails: preempted
+                         "SUSPENDED", "ACTIVE"],  # deleted, created again, set up, ran
+                 scp=[255, 0], runs={"0": [{"code": 0}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retries", "1",
+                    "--run-id", "r3", "--log-dir", "logs", "--max-failures", "1", "--", "true") == 0
+    assert verbs(calls()) == ["describe", "create", "describe", "scp", "describe",
+                              "describe", "delete", "create", "describe", "scp", "setup", "run"]
 
 
 def test_launch_stops_after_max_failures(gcloud, capsys):
@@ -361,6 +404,42 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
                    env=env, check=True, capture_output=True)
     assert sorted(p.name for p in home.iterdir()) == ["pyproject.toml"]
     assert "-m pip install --quiet -e .[tpu]" in (tmp_path / "pip.log").read_text()
+
+
+def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):
+    """Ubuntu's python3.11 without python3.11-venv cannot make a virtual environment: the script
+    falls back to uv instead of stopping. Stand-ins for python3.11, pip, uv and the virtual
+    environment's python log what ran."""
+    tools, stubs = tmp_path / "bin", tmp_path / "stubs"
+    tools.mkdir()
+    stubs.mkdir()
+    for tool in ("tar", "gzip", "mkdir", "rm", "mv", "cp", "chmod"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    log = tmp_path / "calls.log"
+
+    def stand_in(path: Path, name: str, then: str = ""):
+        path.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{then}\n')
+        path.chmod(0o755)
+
+    stand_in(tools / "python3.11", "python3.11", 'echo "ensurepip is not available" >&2; exit 1')
+    stand_in(stubs / "python", "venv")
+    stand_in(stubs / "uv", "uv", f'mkdir -p "$5/bin" && cp {stubs}/python "$5/bin/python"')  # venv --seed --python 3.11 V
+    stand_in(tools / "python3", "python3", f"mkdir -p {tmp_path}/.local/bin && cp {stubs}/uv {tmp_path}/.local/bin/uv")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pyproject.toml").write_text("")
+    with tarfile.open(tmp_path / "code.tar.gz", "w:gz") as tar:
+        tar.add(src / "pyproject.toml", arcname="pyproject.toml")
+    env = {"PATH": str(tools), "HOME": str(tmp_path), "QED_HOME": str(tmp_path / "qed-jax"),
+           "QED_VENV": str(tmp_path / "venv")}
+    done = subprocess.run([shutil.which("bash"), str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "python3.11 could not make a virtual environment; fetching Python 3.11 with uv" in done.stdout
+    calls = log.read_text().splitlines()
+    assert calls[:3] == [f"python3.11 -m venv {tmp_path}/venv", "python3 -m pip install --user --quiet uv",
+                         f"uv venv --seed --python 3.11 {tmp_path}/venv"]
+    assert "venv -m pip install --quiet -e .[tpu]" in calls
 
 
 @pytest.mark.tpu_compile  # runs where the tpu extra is installed, as on the workers

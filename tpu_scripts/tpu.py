@@ -175,9 +175,10 @@ def delete(gc: Gcloud, args) -> None:
     gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"))
 
 
-def pack(commit: str | None, dest: Path, dry_run: bool) -> None:
-    """A gzipped tarball of the working tree (tracked and untracked, not ignored files) or of one
-    commit, so uncommitted edits reach the workers without a push."""
+def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None = None) -> None:
+    """A gzipped tarball of the working tree (tracked and untracked, not ignored files, except
+    those under `leave_out`: the launcher's logs) or of one commit, so uncommitted edits reach
+    the workers without a push."""
     what = f"commit {commit}" if commit else "the working tree (git ls-files)"
     if commit and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--quiet", "--verify", f"{commit}^{{commit}}"],
                                  capture_output=True).returncode:
@@ -197,13 +198,16 @@ def pack(commit: str | None, dest: Path, dry_run: bool) -> None:
                              "--exclude-standard"], check=True, capture_output=True, text=True)
     with tarfile.open(dest, "w:gz") as tar:
         for path in filter(None, listed.stdout.split("\0")):
+            if leave_out and (REPO / path).resolve().is_relative_to(leave_out):
+                continue
             if (REPO / path).is_file():  # deleted but still tracked files are skipped
                 tar.add(REPO / path, arcname=path)
 
 
 def setup(gc: Gcloud, args) -> None:
     tarball = Path(tempfile.gettempdir()) / f"qed-jax-{gc.name}.tar.gz"
-    pack(args.commit, tarball, gc.dry_run)
+    log_dir = getattr(args, "log_dir", None)  # launch's: its logs stay here
+    pack(args.commit, tarball, gc.dry_run, Path(log_dir).resolve() if log_dir else None)
     progress(f"copying the code to every worker of {gc.name} and installing it")
     gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
             args.retries, args.retry_delay)
@@ -256,8 +260,6 @@ def remote_command(gc: Gcloud, worker: int, command: list[str], env: dict[str, s
 def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
     """Run args.command on every worker at once, one log file per worker; as soon as one worker
     fails, stop the others. Returns the failing worker's exit code (255: ssh lost), or 0."""
-    if not args.command:
-        raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
     log_dir = Path(log_dir or args.log_dir)
     workers = num_workers(args.accelerator_type)
     env = dict(args.env)
@@ -321,6 +323,20 @@ def launch(gc: Gcloud, args) -> int:
                   default=0)
     first = attempt
     args.env = [*args.env, ("QED_RUN_ID", args.run_id)]
+
+    def preempted(state: str | None, during: str) -> bool:
+        """Whether the slice is gone or preempted (counted against --max-preemptions)."""
+        nonlocal preemptions
+        if state is not None and state not in PREEMPTED:
+            return False
+        preemptions += 1
+        progress(f"{gc.name} was preempted ({state or 'gone'}, {during}): "
+                 f"preemption {preemptions}/{args.max_preemptions}")
+        if preemptions >= args.max_preemptions:
+            raise LaunchError(f"{gc.name} was preempted {preemptions} times; giving up "
+                              "(raise --max-preemptions to keep trying)")
+        return True
+
     while True:
         state = gc.state()
         if state in PREEMPTED or state == "FAILED":
@@ -330,23 +346,22 @@ def launch(gc: Gcloud, args) -> int:
         if state is None:
             create(gc, args)
             needs_setup = True
-        wait(gc, args)
-        if needs_setup:
-            setup(gc, args)
-            needs_setup = False
+        try:
+            wait(gc, args)
+            if needs_setup:
+                setup(gc, args)
+                needs_setup = False
+        except LaunchError:  # a slice preempted before the job starts is created again too
+            if not preempted(gc.state(), "while it was set up"):
+                raise
+            needs_setup = True
+            continue
         attempt += 1
         code = run(gc, args, run_dir / f"attempt-{attempt}")
         if code == 0:
             break
         state = gc.state()
-        if state is None or state in PREEMPTED:
-            preemptions += 1
-            progress(f"{gc.name} was preempted ({state or 'gone'}, exit {code}): "
-                     f"preemption {preemptions}/{args.max_preemptions}")
-            if preemptions >= args.max_preemptions:
-                raise LaunchError(f"{gc.name} was preempted {preemptions} times; giving up "
-                                  "(raise --max-preemptions to keep trying)")
-        else:
+        if not preempted(state, f"exit {code}"):
             failures += 1
             progress(f"the job failed with exit code {code} on an {state} slice: "
                      f"failure {failures}/{args.max_failures}")
@@ -437,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_before_calling(args) -> None:
+    """What can be checked before the first gcloud call: no slice is requested for a job that
+    cannot start."""
+    if getattr(args, "accelerator_type", None):
+        num_workers(args.accelerator_type)
+    if args.verb in ("run", "launch") and not args.command:
+        raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The job's own flags (--config, --distributed) must not reach this parser: split at `--`.
@@ -446,9 +470,14 @@ def main(argv=None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.command = argv[split + 1:]
     try:
+        check_before_calling(args)
         result = args.func(Gcloud(args), args)
     except LaunchError as e:
         print(f"tpu.py {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:  # a program to run (gcloud, git) that is not installed
+        hint = ": install the Google Cloud SDK (cloud.google.com/sdk)" if e.filename == "gcloud" else ""
+        print(f"tpu.py {args.verb}: error: cannot run {e.filename} (not found on PATH){hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tpu.py {args.verb}: interrupted (the slice is left as it is)", file=sys.stderr)

@@ -15,15 +15,18 @@ tar -xzf "$tarball" -C "$home.new"
 rm -rf "$home"
 mv "$home.new" "$home"
 
-# TPU VM images ship Ubuntu 22.04's Python 3.10; qed-jax needs 3.11 or newer. uv fetches one.
+# TPU VM images ship Ubuntu 22.04's Python 3.10; qed-jax needs 3.11 or newer. uv fetches one
+# when no newer Python makes a virtual environment (Ubuntu's cannot without python3.X-venv).
 if [[ ! -x "$venv/bin/python" ]]; then
   python=""
   for candidate in python3.13 python3.12 python3.11; do
     if command -v "$candidate" >/dev/null; then python="$candidate"; break; fi
   done
-  if [[ -n "$python" ]]; then
-    "$python" -m venv "$venv"
+  if [[ -n "$python" ]] && "$python" -m venv "$venv"; then
+    echo "virtual environment made with $python"
   else
+    [[ -z "$python" ]] || echo "$python could not make a virtual environment; fetching Python 3.11 with uv"
+    rm -rf "$venv"
     python3 -m pip install --user --quiet uv
     "$HOME/.local/bin/uv" venv --seed --python 3.11 "$venv"
   fi
