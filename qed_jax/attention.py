@@ -325,9 +325,14 @@ def _decode_kernel(q, k, v, positions, layer, block: int, interpret: bool):
                   pl.BlockSpec((None, None, block, K, H), partial(_cache_block, block=block))],
         out_specs=pl.BlockSpec((None, K, G, H), query_block),
         scratch_shapes=[pltpu.VMEM((K, G, 128), f32), pltpu.VMEM((K, G, 128), f32), pltpu.VMEM((K, G, H), f32)])
+    # What a step costs when every row has reached the cache's end (the grid stops earlier):
+    # scores and values, one exponential per score, the layer's keys and values read once.
+    S = k.shape[2]
+    most = pl.CostEstimate(flops=4 * B * K * G * S * H, transcendentals=B * K * G * S,
+                           bytes_accessed=2 * B * S * K * H * k.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")), cost_estimate=most,
     )(layer, positions, q, k, v)
 
 

@@ -22,9 +22,10 @@ from qed_jax.sharding import MESH_AXES, MeshConfig, make_mesh, state_shardings
 log = logging.getLogger(__name__)
 
 
-def per_process(total: int, what: str) -> int:
-    """`total` split evenly over the processes, or a ConfigError naming `what`."""
-    count = jax.process_count()
+def per_process(total: int, what: str, count: int | None = None) -> int:
+    """`total` split evenly over the processes (`count`, default this run's), or a ConfigError
+    naming `what`."""
+    count = jax.process_count() if count is None else count
     if total % count:
         raise ConfigError(f"{what} ({total}) must split evenly over the {count} processes; "
                           f"make it a multiple of {count}")
@@ -93,6 +94,15 @@ def devices_of(process: int) -> list:
     return [d for d in jax.devices() if d.process_index == process]
 
 
+def host_sampling_mesh(config: MeshConfig, devices) -> Mesh:
+    """The sampling mesh over one host's `devices` when several hosts each sample on their own."""
+    try:
+        return make_mesh(config, devices)
+    except ConfigError as e:
+        raise ConfigError(f"sampling.mesh (default: mesh): with several processes, each samples on its own "
+                          f"devices: {e}; set sampling.mesh to fit one host") from None
+
+
 def sampling_meshes(config: MeshConfig) -> tuple[Mesh, Mesh]:
     """(this process's sampling mesh, every process's sampling mesh stacked into one global mesh
     with a leading `process` axis). One process samples on `config` over all devices; several
@@ -101,11 +111,7 @@ def sampling_meshes(config: MeshConfig) -> tuple[Mesh, Mesh]:
     if jax.process_count() == 1:
         mesh = make_mesh(config)
         return mesh, mesh
-    try:
-        meshes = [make_mesh(config, devices_of(p)) for p in range(jax.process_count())]
-    except ConfigError as e:
-        raise ConfigError(f"sampling.mesh (default: mesh): with several processes, each samples on its own "
-                          f"devices: {e}; set sampling.mesh to fit one host") from None
+    meshes = [host_sampling_mesh(config, devices_of(p)) for p in range(jax.process_count())]
     stacked = Mesh(np.stack([m.devices for m in meshes]), ("process", *MESH_AXES),
                    axis_types=(AxisType.Auto,) * (1 + len(MESH_AXES)))
     return meshes[jax.process_index()], stacked

@@ -537,14 +537,21 @@ def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident:
     return program, info
 
 
+# The wave of a sampler given neither sampling.max_concurrent nor sampling.kv_cache_gib.
+ALL_SAMPLES = "one wave of all samples: no sampling.max_concurrent or kv_cache_gib"
+
+
 def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = None,
               wave: int | None = None) -> tuple[list[ProgramPlan], dict]:
     """GRPO's learner (one micro-batch of packed rows, and the optimizer step) and the sampler's
     prefill and decode loop at a wave size, each with the buffers `grpo.train` keeps alive
     meanwhile: the trainer's state (the sampler frees its weights and cache before the update).
-    The wave is `sampling.max_concurrent`, else what `sampling.kv_cache_gib` allows, else what
-    fits the HBM left after the trainer's state and the sampler's weights."""
+    The wave is `wave` (--wave-size), else as the trainer's sampler sizes it:
+    `sampling.max_concurrent`, else what `sampling.kv_cache_gib` allows, else one wave of all
+    the host's samples. Beside it, an estimate of the rows whose KV cache fits the HBM left
+    after the trainer's state and the sampler's weights."""
     from qed_jax import grpo, sampling
+    from qed_jax.multihost import host_sampling_mesh, per_process
 
     mesh = make_mesh(config.mesh, devices=devices)
     model, source = model_config(config.model, preset_name)
@@ -557,7 +564,12 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     # Each host samples its share of the step on its own chips (grpo.train with one process per
     # host): the sampler's programs run on one host's devices.
     hosts = sorted({d.process_index for d in devices})
-    sampling_mesh = make_mesh(config.sampling.mesh or config.mesh, devices=one_host_devices(tpu, devices))
+    # What grpo.train refuses at start is refused before anything compiles.
+    per_process(config.prompts_per_step, "prompts_per_step", len(hosts))
+    rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
+    check_rows_divide(rows, mesh, "micro_batch_rows")
+    sampling_meshes = host_sampling_mesh if len(hosts) > 1 else make_mesh
+    sampling_mesh = sampling_meshes(config.sampling.mesh or config.mesh, one_host_devices(tpu, devices))
     samples_per_host = config.samples_per_step // len(hosts)
     sampling_model = model.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])
@@ -573,16 +585,25 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     if wave is not None and wave > samples_per_host:
         raise ConfigError(f"--wave-size {wave} is more rows than the sampler ever runs at once: "
                           f"{samples_per_host} samples per step on each host")
-    if wave is None and config.sampling.max_concurrent:
-        wave = config.sampling.max_concurrent
-    elif wave is None and config.sampling.kv_cache_gib:
+    all_rows = -(-samples_per_host // ways) * ways  # one wave of every sample, split evenly (Sampler.wave_rows)
+    if wave is not None:
+        wave_from = "--wave-size"
+    elif config.sampling.max_concurrent:
+        wave_from, wave = "sampling.max_concurrent", config.sampling.max_concurrent
+    elif config.sampling.kv_cache_gib:
+        wave_from = "sampling.kv_cache_gib"
         cache = kv_cache(sampling_model, ways, cache_len, sampling_model.dtype, sampling_mesh)
         kv_heads = cache.k.sharding.spec[KV_CACHE_AXES.index("kv_heads")]
         kv_head_ways = math.prod(sampling_mesh.shape[a] for a in ((kv_heads,) if isinstance(kv_heads, str)
                                                                    else kv_heads or ()))
-        wave = min(sampling.wave_size(sampling_model, cache_len, config.sampling.kv_cache_gib * 2 ** 30,
-                                      sampling_model.dtype, ways, kv_head_ways), samples_per_host)
-    wave = wave or max(fitting, ways)
+        wave = sampling.wave_size(sampling_model, cache_len, config.sampling.kv_cache_gib * 2 ** 30,
+                                  sampling_model.dtype, ways, kv_head_ways)
+    else:
+        wave_from, wave = ALL_SAMPLES, all_rows
+    if wave % ways:  # as the Sampler refuses it
+        raise ConfigError(f"{wave_from} must be a multiple of the sampling mesh's {ways} batch shards, so rows "
+                          f"split evenly; got {wave}")
+    wave = min(wave, all_rows)
     cache_bytes = bytes_per_chip(kv_cache(sampling_model, wave, cache_len, sampling_model.dtype, sampling_mesh))
     prefill, decode = sampler_programs(sampling_model, sampling_mesh, wave, prompt_len, config.max_new_tokens,
                                        hbm, resident=trainer_bytes + frozen_bytes)
@@ -594,7 +615,6 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
                                                      config.prompts_per_step // len(hosts))
         programs.insert(0, trajectory)
 
-    rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
     replicated = NamedSharding(mesh, PartitionSpec())
     micro = {k: by_rows((rows, L), dtype, mesh) for k, dtype in (
         ("tokens", jnp.int32), ("positions", jnp.int32), ("segment_ids", jnp.int32), ("mask", jnp.float32),
@@ -612,7 +632,8 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
                          out_shardings=(shardings_of(params), shardings_of(opt_state), None)),
         (params, opt_state, grads), hbm, mesh, frozen_bytes, note="the optimizer step")
     info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
-            "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_size_that_fits": fitting,
+            "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_from": wave_from,
+            "wave_size_that_fits": fitting,
             "samples_per_step": config.samples_per_step, "hosts": len(hosts), "samples_per_host": samples_per_host,
             "kv_bytes_per_token": sampling.kv_bytes_per_token(model, config.sampling.dtype),
             "kv_cache_length": cache_len, "kv_cache_bytes_per_chip": cache_bytes,
@@ -710,15 +731,17 @@ def format_report(p: Plan) -> str:
     if p.trainer == "grpo":
         per_host = (f"{p.info['samples_per_host']} samples per host ({p.info['hosts']} hosts, each sampling on its "
                     f"own chips)" if p.info["hosts"] > 1 else f"{p.info['samples_per_step']} samples per step")
+        wave_from = p.info["wave_from"]
         lines += [f"sampling mesh: {p.info['sampling_mesh']}; wave {p.info['wave_size']} rows "
-                  f"(fits: {p.info['wave_size_that_fits']} of {per_host}); "
+                  f"({wave_from if wave_from == ALL_SAMPLES else 'from ' + wave_from}); the KV cache of about "
+                  f"{p.info['wave_size_that_fits']} of {per_host} fits beside the trainer's state; "
                   f"KV {p.info['kv_bytes_per_token']} bytes per token, cache {p.info['kv_cache_length']} tokens "
                   f"= {_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip",
                   f"resident: trainer state {_gib(p.info['trainer_state_bytes_per_chip'])} GiB per chip while "
                   f"sampling (sampler weights {_gib(p.info['sampler_weights_bytes_per_chip'])} GiB, freed with "
                   "the KV cache before the update); optimizer moments while accumulating gradients"]
     header = ("program", "args", "outputs", "temps", "resident", "total", "HBM", "headroom", "fits",
-              "TFLOP/step", "compile s")
+              "TFLOP/call", "compile s")
     rows = [header]
     for q in p.programs:
         rows.append((q.name, _gib(q.arguments), _gib(q.outputs), _gib(q.temporaries), _gib(q.resident),
@@ -742,6 +765,9 @@ def format_report(p: Plan) -> str:
             lines.append(f"{q.name}: also {_gib(q.host_temporaries)} GiB per chip of the host's memory "
                          f"({_gib(q.host_temporaries * p.chips_per_host)} GiB per host of {p.chips_per_host} chips; "
                          "model.remat: offload keeps the layers' inputs there)")
+    if not p.fits and p.trainer == "grpo" and p.info["wave_from"] == ALL_SAMPLES:
+        lines.append(f"sample in waves: set sampling.max_concurrent (about {p.info['wave_size_that_fits']} rows "
+                     "fit, an estimate: check it with --wave-size) or sampling.kv_cache_gib")
     lines.append("fits" if p.fits else "does NOT fit")
     return "\n".join(lines)
 

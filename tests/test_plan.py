@@ -100,6 +100,16 @@ def test_program_flops_multiplies_scans_and_counts_while_and_cond_bodies_once():
     assert plan.program_flops(jaxpr) == (L + 1 + 2) * 2 * B * D * D
 
 
+def test_program_flops_count_the_decode_kernels_attention_over_the_whole_cache():
+    from qed_jax import attention
+
+    L, B, S, K, G, H = 2, 2, 256, 2, 3, 8
+    cache = jnp.zeros((L, B, S, K, H), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda q: attention.kernel_cached_attention(
+        q, cache, cache, jnp.array([[5], [200]]), 1, block=128))(jnp.zeros((B, 1, K * G, H)))
+    assert plan.program_flops(jaxpr) == 4 * B * K * G * S * H  # scores and values: an upper bound
+
+
 def test_program_flops_of_a_gradient_counts_forward_backward_and_remat():
     B, D, L = 4, 8, 3
 
@@ -206,6 +216,19 @@ def test_a_wave_larger_than_a_step_is_refused_before_compiling(libtpu):
     with pytest.raises(ConfigError, match=r"^--wave-size 1000 is more rows than the sampler ever runs at once: 64 "
                        r"samples per step on each host$"):
         plan.plan(RL_TINY, "v5p-8", wave=1000)
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("topology,overrides,message", [
+    ("v5p-16", ["prompts_per_step=3"], r"^prompts_per_step \(3\) must split evenly over the 2 processes"),
+    ("v5p-8", ["micro_batch_rows=6"], r"^micro_batch_rows gives 6 rows per micro-batch, which do not split over the 4 "),
+    ("v5p-8", ["sampling.max_concurrent=6"], r"^sampling\.max_concurrent must be a multiple of the sampling mesh's 4 "),
+    ("v5p-16", ["mesh.data=1", "mesh.fsdp=8"], r"^sampling\.mesh \(default: mesh\): with several processes, each "
+                                               r"samples on its own devices: .*needs 8 devices, not the 4 devices"),
+])
+def test_what_grpo_refuses_at_start_the_plan_refuses_before_compiling(libtpu, topology, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan.plan(RL_TINY, topology, overrides)
 
 
 @pytest.mark.slow  # three programs: ~25 s of CPU compiling
