@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer", choices=["sft", "grpo"], help="the config's trainer (default: the one it is valid for)")
     p.add_argument("--preset", help="model preset to plan with when model.path is not a local folder "
                    "(a Hub id whose name is a preset needs none)")
-    p.add_argument("--wave-size", type=int, help="GRPO: rows the sampler decodes at once (default: what fits)")
+    p.add_argument("--wave-size", type=int, help="GRPO: rows the sampler decodes at once (default: the trainer's: "
+                   "sampling.max_concurrent, else what sampling.kv_cache_gib holds, else all samples at once)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(run=_plan)
     for p in sub.choices.values():  # -v also after the command (SUPPRESS keeps one given before it)

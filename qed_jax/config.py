@@ -330,7 +330,8 @@ def require_at_least_one(config, names, prefix: str = "") -> None:
         require_range(getattr(config, name), f"{prefix}{name}", 1)
 
 
-# Below this, logits / temperature overflows float32 (and subnormals flush to 0 on some backends).
+# Sampling below this is greedy in all but name; far below it (under ~1e-35), logits / temperature
+# overflows float32 and log-probs turn NaN, and subnormal temperatures flush to 0 on some backends.
 MIN_TEMPERATURE = 1e-5
 
 

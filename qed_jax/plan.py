@@ -538,7 +538,8 @@ def rc_trajectory_program(config, policy: ModelConfig, mesh, hbm: int, resident:
 
 
 # The wave of a sampler given neither sampling.max_concurrent nor sampling.kv_cache_gib.
-ALL_SAMPLES = "one wave of all samples: no sampling.max_concurrent or kv_cache_gib"
+ALL_SAMPLES = "all_samples"
+SAMPLER_PROGRAMS = ("prefill", "decode_loop")
 
 
 def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = None,
@@ -568,6 +569,7 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     per_process(config.prompts_per_step, "prompts_per_step", len(hosts))
     rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
     check_rows_divide(rows, mesh, "micro_batch_rows")
+    per_process(rows, "micro_batch_rows (default: the data-parallel devices)", len(hosts))
     sampling_meshes = host_sampling_mesh if len(hosts) > 1 else make_mesh
     sampling_mesh = sampling_meshes(config.sampling.mesh or config.mesh, one_host_devices(tpu, devices))
     samples_per_host = config.samples_per_step // len(hosts)
@@ -699,7 +701,7 @@ def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
 def plan(config_path: str | None, topology: str, overrides: list[str] = (), trainer: str | None = None,
          preset_name: str | None = None, wave: int | None = None) -> Plan:
     if wave is not None and wave < 1:
-        raise ConfigError(f"--wave-size must be at least 1 row, got {wave} (leave it out for what fits)")
+        raise ConfigError(f"--wave-size must be at least 1 row, got {wave} (leave it out for the trainer's own)")
     trainer, config = trainer_config(config_path, list(overrides), trainer)
     if trainer == "sft" and wave is not None:
         raise ConfigError("--wave-size sizes the GRPO sampler; an SFT plan has none")
@@ -732,8 +734,10 @@ def format_report(p: Plan) -> str:
         per_host = (f"{p.info['samples_per_host']} samples per host ({p.info['hosts']} hosts, each sampling on its "
                     f"own chips)" if p.info["hosts"] > 1 else f"{p.info['samples_per_step']} samples per step")
         wave_from = p.info["wave_from"]
+        wave_from = ("one wave of all samples: no sampling.max_concurrent or kv_cache_gib" if wave_from == ALL_SAMPLES
+                     else f"from {wave_from}")
         lines += [f"sampling mesh: {p.info['sampling_mesh']}; wave {p.info['wave_size']} rows "
-                  f"({wave_from if wave_from == ALL_SAMPLES else 'from ' + wave_from}); the KV cache of about "
+                  f"({wave_from}); the KV cache of about "
                   f"{p.info['wave_size_that_fits']} of {per_host} fits beside the trainer's state; "
                   f"KV {p.info['kv_bytes_per_token']} bytes per token, cache {p.info['kv_cache_length']} tokens "
                   f"= {_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip",
@@ -765,9 +769,13 @@ def format_report(p: Plan) -> str:
             lines.append(f"{q.name}: also {_gib(q.host_temporaries)} GiB per chip of the host's memory "
                          f"({_gib(q.host_temporaries * p.chips_per_host)} GiB per host of {p.chips_per_host} chips; "
                          "model.remat: offload keeps the layers' inputs there)")
-    if not p.fits and p.trainer == "grpo" and p.info["wave_from"] == ALL_SAMPLES:
-        lines.append(f"sample in waves: set sampling.max_concurrent (about {p.info['wave_size_that_fits']} rows "
-                     "fit, an estimate: check it with --wave-size) or sampling.kv_cache_gib")
+    sampler_fits = all(q.fits for q in p.programs if q.name in SAMPLER_PROGRAMS)
+    if p.trainer == "grpo" and p.info["wave_from"] == ALL_SAMPLES and not sampler_fits:
+        fitting = p.info["wave_size_that_fits"]
+        lines.append(f"sample in waves: set sampling.max_concurrent (about {fitting} rows fit, an estimate: check "
+                     "it with --wave-size) or sampling.kv_cache_gib" if fitting else
+                     "not even one row per batch shard of the sampling mesh fits beside the trainer's state: "
+                     "use more chips, or a smaller model or max_new_tokens")
     lines.append("fits" if p.fits else "does NOT fit")
     return "\n".join(lines)
 

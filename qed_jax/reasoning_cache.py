@@ -477,6 +477,8 @@ class ReasoningCache:
         turns = p.turns if turns is None else turns
         if not 1 <= turns <= p.max_turns:
             raise ConfigError(f"turns must be between 1 and max_turns ({p.max_turns}), got {turns}")
+        if self.policy_state is None:
+            raise RuntimeError("the policy's weights were released; call update_weights before running again")
         check_token_ids(problems, self.policy_config.vocab_size, "problem")
         row_ids = checked_row_ids(row_ids, len(problems))
         key = jax.random.key(p.seed) if key is None else key

@@ -375,7 +375,7 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
         low, high = min(ids), max(ids)
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{what} {i} holds token id {low if low < 0 else high}, outside the model's vocabulary "
-                             f"[0, {vocab_size}): the ids come from another tokenizer")
+                             f"[0, {vocab_size}) (another model's tokenizer?)")
 
 
 def checked_row_ids(row_ids: Sequence[int] | None, count: int) -> np.ndarray:

@@ -223,6 +223,8 @@ def test_a_wave_larger_than_a_step_is_refused_before_compiling(libtpu):
     ("v5p-16", ["prompts_per_step=3"], r"^prompts_per_step \(3\) must split evenly over the 2 processes"),
     ("v5p-8", ["micro_batch_rows=6"], r"^micro_batch_rows gives 6 rows per micro-batch, which do not split over the 4 "),
     ("v5p-8", ["sampling.max_concurrent=6"], r"^sampling\.max_concurrent must be a multiple of the sampling mesh's 4 "),
+    ("v5p-16", ["mesh.data=1", "mesh.tensor=8", "sampling.mesh.tensor=4"],
+     r"^micro_batch_rows \(default: the data-parallel devices\) \(1\) must split evenly over the 2 processes"),
     ("v5p-16", ["mesh.data=1", "mesh.fsdp=8"], r"^sampling\.mesh \(default: mesh\): with several processes, each "
                                                r"samples on its own devices: .*needs 8 devices, not the 4 devices"),
 ])
@@ -395,6 +397,26 @@ def test_host_memory_is_reported_per_chip_and_per_host():
                        [step], {"model": "m", "mesh": {}}, chips_per_host=4)
     assert ("accumulate: also 3.00 GiB per chip of the host's memory (12.00 GiB per host of 4 chips; "
             "model.remat: offload keeps the layers' inputs there)") in plan.format_report(report).splitlines()
+
+
+@pytest.mark.parametrize("too_big,fitting,advice", [
+    ("decode_loop", 888, "sample in waves: set sampling.max_concurrent (about 888 rows fit, an estimate: check it "
+                         "with --wave-size) or sampling.kv_cache_gib"),
+    ("decode_loop", 0, "not even one row per batch shard of the sampling mesh fits beside the trainer's state: use "
+                       "more chips, or a smaller model or max_new_tokens"),
+    ("accumulate", 888, None),  # the learner's own memory: no wave would help
+])
+def test_a_grpo_plan_whose_one_wave_does_not_fit_says_what_to_set(too_big, fitting, advice):
+    programs = [plan.ProgramPlan(name, hbm=16 * plan.GiB, arguments=(20 if name == too_big else 1) * plan.GiB,
+                                 outputs=0, temporaries=0, code=0) for name in ("accumulate", "prefill", "decode_loop")]
+    info = {"model": "m", "mesh": {}, "sampling_mesh": {}, "samples_per_host": 1024, "samples_per_step": 1024,
+            "hosts": 1, "wave_size": 1024, "wave_from": plan.ALL_SAMPLES, "wave_size_that_fits": fitting,
+            "kv_bytes_per_token": 1, "kv_cache_length": 256, "kv_cache_bytes_per_chip": 0,
+            "trainer_state_bytes_per_chip": 0, "sampler_weights_bytes_per_chip": 0}
+    lines = plan.format_report(plan.Plan("c.yaml", "grpo", plan.parse_slice("v5e-4"), "TPU v5 lite", 16 * plan.GiB,
+                                         "compiler", programs, info, chips_per_host=4)).splitlines()
+    assert "wave 1024 rows (one wave of all samples: no sampling.max_concurrent or kv_cache_gib)" in lines[3]
+    assert lines[-1] == "does NOT fit" and (lines[-2] == advice if advice else "sample in waves" not in lines[-2])
 
 
 @pytest.mark.tpu_compile

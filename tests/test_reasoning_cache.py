@@ -301,6 +301,17 @@ def test_module_and_package_entry_points_agree(setup):
     assert [len(r.turns) for r in a] == [1] * 4 and a[0].turns[0].summary is None
 
 
+def test_ids_the_policy_cannot_read_and_released_weights_are_refused(setup):
+    tokenizer, _, policy, _ = setup
+    params = rc.RCParams(turns=1, reasoning_tokens=H_R, summary_tokens=S, summarizer_tokens=H_S, no_summary=None)
+    loop = rc.ReasoningCache(policy, tokenizer, params)
+    with pytest.raises(ValueError, match=rf"^problem 1 holds token id {policy.config.vocab_size}, outside"):
+        loop.run_ids([[5, 6], [policy.config.vocab_size]])
+    loop.release()
+    with pytest.raises(RuntimeError, match="weights were released; call update_weights"):
+        loop.run_ids([[5, 6]])
+
+
 def test_generate_cli_reasoning_cache_json(tmp_path, capsys):
     make_hf_model_with_tokenizer(tmp_path)
     capsys.readouterr()

@@ -246,6 +246,16 @@ def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsy
     assert calls() == []
 
 
+def test_a_launch_from_a_commit_that_does_not_exist_requests_no_slice(gcloud, capsys):
+    _, calls = gcloud
+    for dry_run in ([], ["--dry-run"]):
+        assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--commit", "no-such-ref",
+                        *dry_run, "--", "true") == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"tpu.py launch: error: --commit 'no-such-ref' is not a commit of {REPO}; give a branch, tag or hash")
+    assert calls() == []
+
+
 def test_a_missing_gcloud_is_one_line(gcloud, capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert launcher("status", "qr", *WHERE) == 1
@@ -407,9 +417,10 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
 
 
 def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):
-    """Ubuntu's python3.11 without python3.11-venv cannot make a virtual environment: the script
-    falls back to uv instead of stopping. Stand-ins for python3.11, pip, uv and the virtual
-    environment's python log what ran."""
+    """Ubuntu's python3.11 without python3.11-venv cannot make a virtual environment (it leaves
+    one without pip): the script falls back to uv instead of stopping, and so does a rerun over
+    such a half-made one. Stand-ins for python3.11, pip, uv and the virtual environment's python
+    log what ran."""
     tools, stubs = tmp_path / "bin", tmp_path / "stubs"
     tools.mkdir()
     stubs.mkdir()
@@ -421,7 +432,8 @@ def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):
         path.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{then}\n')
         path.chmod(0o755)
 
-    stand_in(tools / "python3.11", "python3.11", 'echo "ensurepip is not available" >&2; exit 1')
+    half_made = 'mkdir -p "$3/bin" && printf "#!/bin/sh\\nexit 1\\n" > "$3/bin/python" && chmod +x "$3/bin/python"'
+    stand_in(tools / "python3.11", "python3.11", half_made + '; echo "ensurepip is not available" >&2; exit 1')
     stand_in(stubs / "python", "venv")
     stand_in(stubs / "uv", "uv", f'mkdir -p "$5/bin" && cp {stubs}/python "$5/bin/python"')  # venv --seed --python 3.11 V
     stand_in(tools / "python3", "python3", f"mkdir -p {tmp_path}/.local/bin && cp {stubs}/uv {tmp_path}/.local/bin/uv")
@@ -440,6 +452,14 @@ def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):
     assert calls[:3] == [f"python3.11 -m venv {tmp_path}/venv", "python3 -m pip install --user --quiet uv",
                          f"uv venv --seed --python 3.11 {tmp_path}/venv"]
     assert "venv -m pip install --quiet -e .[tpu]" in calls
+    # A rerun over the half-made environment the old script stopped at makes it again.
+    log.unlink()
+    (tmp_path / "venv").rename(tmp_path / "good-venv")
+    subprocess.run([f"{tmp_path}/bin/python3.11", "-m", "venv", f"{tmp_path}/venv"], env=env)
+    done = subprocess.run([shutil.which("bash"), str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines()[1:4] == calls[:3]  # after the stand-in's own call above
 
 
 @pytest.mark.tpu_compile  # runs where the tpu extra is installed, as on the workers

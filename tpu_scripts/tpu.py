@@ -175,14 +175,18 @@ def delete(gc: Gcloud, args) -> None:
     gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"))
 
 
+def check_commit(commit: str | None) -> None:
+    if commit and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--quiet", "--verify", f"{commit}^{{commit}}"],
+                                 capture_output=True).returncode:
+        raise LaunchError(f"--commit {commit!r} is not a commit of {REPO}; give a branch, tag or hash")
+
+
 def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None = None) -> None:
     """A gzipped tarball of the working tree (tracked and untracked, not ignored files, except
     those under `leave_out`: the launcher's logs) or of one commit, so uncommitted edits reach
     the workers without a push."""
     what = f"commit {commit}" if commit else "the working tree (git ls-files)"
-    if commit and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--quiet", "--verify", f"{commit}^{{commit}}"],
-                                 capture_output=True).returncode:
-        raise LaunchError(f"--commit {commit!r} is not a commit of {REPO}; give a branch, tag or hash")
+    check_commit(commit)
     progress(f"packing {what} into {dest}")
     if dry_run:
         return
@@ -351,8 +355,8 @@ def launch(gc: Gcloud, args) -> int:
             if needs_setup:
                 setup(gc, args)
                 needs_setup = False
-        except LaunchError:  # a slice preempted before the job starts is created again too
-            if not preempted(gc.state(), "while it was set up"):
+        except LaunchError as e:  # a slice preempted before the job starts is created again too
+            if gc.dry_run or not preempted(gc.state(), f"while it was set up: {e}"):
                 raise
             needs_setup = True
             continue
@@ -457,6 +461,7 @@ def check_before_calling(args) -> None:
     cannot start."""
     if getattr(args, "accelerator_type", None):
         num_workers(args.accelerator_type)
+    check_commit(getattr(args, "commit", None))
     if args.verb in ("run", "launch") and not args.command:
         raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
 
@@ -475,7 +480,9 @@ def main(argv=None) -> int:
     except LaunchError as e:
         print(f"tpu.py {args.verb}: error: {e}", file=sys.stderr)
         return 1
-    except FileNotFoundError as e:  # a program to run (gcloud, git) that is not installed
+    except FileNotFoundError as e:
+        if not e.filename or "/" in str(e.filename):  # a file, not a program to run (gcloud, git)
+            raise
         hint = ": install the Google Cloud SDK (cloud.google.com/sdk)" if e.filename == "gcloud" else ""
         print(f"tpu.py {args.verb}: error: cannot run {e.filename} (not found on PATH){hint}", file=sys.stderr)
         return 1

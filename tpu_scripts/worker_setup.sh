@@ -16,8 +16,10 @@ rm -rf "$home"
 mv "$home.new" "$home"
 
 # TPU VM images ship Ubuntu 22.04's Python 3.10; qed-jax needs 3.11 or newer. uv fetches one
-# when no newer Python makes a virtual environment (Ubuntu's cannot without python3.X-venv).
-if [[ ! -x "$venv/bin/python" ]]; then
+# when no newer Python makes a virtual environment (Ubuntu's cannot without python3.X-venv, and
+# leaves one without pip behind: that one is made again).
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$venv"
   python=""
   for candidate in python3.13 python3.12 python3.11; do
     if command -v "$candidate" >/dev/null; then python="$candidate"; break; fi
