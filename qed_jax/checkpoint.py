@@ -129,10 +129,16 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         target = restore_target(saved, mesh, rules)
         try:
             with without_closed_loop_noise():
-                restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+                stored = mgr.item_metadata(step)
+                misfit = "params" in stored.keys() and tree_misfit(stored["params"].tree, target, "params")
+                if not misfit:
+                    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # a truncated or half-written step: name it, in one line
             raise CheckpointError(f"{directory}: step {step} is unreadable ({unreadable_reason(e)}); "
                                   "move that step's folder aside to load the one before it") from None
+        if misfit:  # every step would fail alike
+            raise CheckpointError(f"{directory}: step {step} does not fit its model config, {MODEL_CONFIG} ({misfit}); "
+                                  "was that file edited, or copied from another model?")
     params = restored["params"]
     if np.dtype(param_dtype) != np.dtype(saved.param_dtype):
         params = jax.tree.map(lambda x: x.astype(param_dtype), params)

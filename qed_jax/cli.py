@@ -610,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
         interrupted = bool(ctrl_c)
     except (ConfigError, CheckpointError, JudgeUnavailable) as e:
+        if args.verbose:
+            raise
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself

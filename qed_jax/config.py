@@ -7,8 +7,10 @@ import copy
 import dataclasses
 import datetime
 import difflib
+from functools import partial
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -212,6 +214,12 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where, default)
+    if origin is dict:
+        key_type, value_type = typing.get_args(typ) or (Any, Any)
+        if not isinstance(value, dict):
+            raise FieldError(f"{where}: expected a mapping, got {value!r}", where)
+        return {_coerce(k, key_type, f"{where} key {k!r}"): _coerce(v, value_type, f"{where}.{k}")
+                for k, v in value.items()}
     if origin in (list, tuple):
         (item,) = typing.get_args(typ)[:1]
         if not isinstance(value, (list, tuple)):
@@ -260,6 +268,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     """Build dataclass `cls` from a nested dict, starting from `base` (an instance of `cls`) or
     from the field defaults; unknown keys fail and list the valid ones."""
     types_ = _field_types(cls)
+    check_keys_are_text(data, prefix)
     unknown = sorted(set(data) - set(types_))
     if unknown:
         close = difflib.get_close_matches(unknown[0], types_, n=1)
@@ -272,7 +281,15 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def check_keys_are_text(data: dict, prefix: str = "") -> None:
+    """FieldError for a key that YAML read as something other than text (`1:`, `null:`)."""
+    for key in data:
+        if not isinstance(key, str):
+            raise FieldError(f"{prefix}{key!r}: a config key is text, but YAML read this one as "
+                             f"{type(key).__name__}; quote it or remove it", f"{prefix}{key!r}")
 
 
 def not_found(what: str, path: str | Path) -> ConfigError:
@@ -310,6 +327,8 @@ def require_range(value, key: str, low=None, high=None, low_open: bool = False, 
     passes. `key` names the field, e.g. "optim.lr"."""
     if value is None:
         return
+    if isinstance(value, float) and math.isinf(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     # Written so that NaN, which compares false with everything, is out of range.
     too_low = low is not None and not (value > low if low_open else value >= low)
     too_high = high is not None and not (value < high if high_open else value <= high)
@@ -349,8 +368,9 @@ def check_sampling(params, prefix: str = "") -> None:
         raise ConfigError(f"{prefix}top_p must be in (0, 1] (1 is off), got {params.top_p}")
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict in place."""
+def apply_override(data: dict[str, Any], override: str, section_of=None) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict in place. Given
+    `section_of` (a key path → its config type), a mapping given for a section is merged into it."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value")
     key, raw = override.split("=", 1)
@@ -361,10 +381,37 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}); quote it") from None
+    if section_of is not None and isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) \
+            and dataclasses.is_dataclass(section_of(parts)):
+        merge(node[parts[-1]], value)  # a section keeps the keys the override does not set
+    else:
+        node[parts[-1]] = value
+
+
+def merge(into: dict, update: dict) -> None:
+    """`update` merged into `into` in place, nested mappings key by key."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def field_type(cls, parts: list[str]):
+    """The type of the field at the key path `parts` of config class `cls`, or None."""
+    typ = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(typ) or part not in _field_types(typ):
+            return None
+        typ = _field_types(typ)[part]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
+            typ = args[0]  # an optional section
+    return typ
 
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
@@ -386,6 +433,8 @@ def read_yaml(path: str | Path) -> Any:
     """A YAML file's contents; a syntax error is one line naming the file, line and column."""
     try:
         return yaml.safe_load(Path(path).read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -407,6 +456,10 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
             data = data[section]
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: {section} must be a mapping")
+        try:
+            check_keys_are_text(data)
+        except FieldError as e:
+            raise ConfigError(f"{path}: {e}") from None
         unknown = sorted(set(data) - set(_field_types(cls)))
         if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1):
             # Not a typo (from_dict below names those): most often a config for another command.
@@ -416,13 +469,17 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
                               + ", ".join(_field_types(cls)) + f"); is this file for another command?{other}")
     in_file = copy.deepcopy(data)
     for override in overrides:
-        apply_override(data, override)
+        apply_override(data, override, partial(field_type, cls))
     try:
         return from_dict(cls, data)
-    except FieldError as e:
-        key, message = e.key.split("[")[0], str(e)  # a list's item: the list's key
-        if e.unknown and key in getattr(cls, "KEYS_ELSEWHERE", {}):  # e.g. GRPO's sampling temperature
-            message += f"; in this config that is {cls.KEYS_ELSEWHERE[key]}"
+    except ConfigError as e:
+        if isinstance(e, FieldError):
+            key = e.key.split("[")[0]  # a list's item: the list's key
+        else:  # a value its config class refused: the message starts with its key
+            key = str(e).split(" ", 1)[0].rstrip(":")
+        message = str(e)
+        if isinstance(e, FieldError) and e.unknown and key in getattr(cls, "KEYS_ELSEWHERE", {}):
+            message += f"; in this config that is {cls.KEYS_ELSEWHERE[key]}"  # e.g. GRPO's sampling temperature
         in_file_value = get_dotted(in_file, key, _ABSENT)
         if path is not None and in_file_value is not _ABSENT and in_file_value == get_dotted(data, key, _ABSENT):
             message = f"{path}: {message}"  # from the file, not from an override: name the file
@@ -457,4 +514,24 @@ def to_dict(config) -> dict[str, Any]:
 
 
 def dump_json(config) -> str:
-    return json.dumps(to_dict(config), indent=2)
+    # A date that YAML read in a free-form mapping (a pipeline's overrides) is written as its text.
+    return json.dumps(to_dict(config), indent=2, default=str)
+
+
+def read_json_object(path: Path, damaged: str) -> dict:
+    """A JSON object from `path` (a run's config.json); anything else is a ConfigError naming
+    the file, then `damaged` (what to do about it)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({getattr(e, 'msg', None) or e.reason}); {damaged}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a JSON object; {damaged}")
+    return data
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a kill mid-write leaves the old file (or none)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

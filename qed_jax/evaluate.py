@@ -34,8 +34,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path, load_template,
-                            not_found, require_at_least_one, require_range)
+from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path,
+                            load_template, not_found, read_json_object, require_at_least_one, require_range,
+                            write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice,
                            reason_counts, render_marking_scheme, reply_text, text_to_grade)
@@ -410,10 +411,10 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
         raise ConfigError(f"{run_dir}: not an eval run directory (needs config.json and {SAMPLES_FILE}), "
                           "nor a folder of them")
     run = RunLog(samples_path, read_records(samples_path))
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: not valid JSON ({e.msg}); the run's config is damaged") from None
+    config = read_json_object(config_path, "the run's config is damaged")
+    missing = [key for key in ("samples", "benchmark", "model") if key not in config]
+    if missing:
+        raise ConfigError(f"{config_path}: no {', '.join(missing)}: not an eval run's config, or a damaged one")
     merged = []
     for key, sample in run.samples.items():
         grade = run.grades.get(key, {})
@@ -662,7 +663,8 @@ def check_rerun(config: EvalConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return
-    saved, current = json.loads(saved_path.read_text()), json.loads(dump_json(config))
+    saved = read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use another output_dir")
+    current = json.loads(dump_json(config))
     for key in RUN_IDENTITY:
         if key.startswith("rc.") and config.mode != "rc":
             continue
@@ -737,7 +739,7 @@ def prepare_output(config: EvalConfig) -> Path:
     """The run directory with its config.json, for a config that check_rerun accepted."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(dump_json(config))
+    write_text_atomic(out / "config.json", dump_json(config))
     files = model_files(config)
     if files is not None and not (out / MODEL_FILES).is_file():
         (out / MODEL_FILES).write_text(json.dumps(files, indent=1) + "\n")

@@ -34,18 +34,10 @@ MODELS = ("base", "sft", "grpo")
 STANDIN = "standin"
 
 
-def check_mapping(where: str, overrides) -> None:
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ConfigError(f"{where}.overrides must be a mapping (nested as in the stage's YAML), got {overrides!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     config: str  # the stage's own YAML
     overrides: dict[str, Any] | None = None  # merged into it, nested as in that YAML
-
-    def __post_init__(self):
-        check_mapping(self.config, self.overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +59,6 @@ class EvalStageConfig:
     overrides: dict[str, Any] | None = None  # merged into every evaluation's config
 
     def __post_init__(self):
-        check_mapping("eval", self.overrides)
         for name in ("benchmarks", "models", "modes"):
             if not getattr(self, name):
                 raise ConfigError(f"eval.{name} is empty: nothing to evaluate")
@@ -96,13 +87,14 @@ class PipelineConfig:
 
 
 def flatten(overrides: dict | None, prefix: str = "") -> list[str]:
-    """Nested overrides as `a.b=value` strings, values as JSON (which the YAML loader reads back)."""
+    """Nested overrides as `a.b=value` strings, values as JSON (which the YAML loader reads back;
+    a date as its text, as a stage's own YAML would give it)."""
     out = []
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and value:
             out += flatten(value, f"{prefix}{key}.")
         else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
+            out.append(f"{prefix}{key}={json.dumps(value, ensure_ascii=False, default=str)}")
     return out
 
 

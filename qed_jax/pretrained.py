@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from pathlib import Path
 
@@ -20,10 +21,11 @@ _RUN_DIR_MODELS = (("hf", "its exported model"), ("checkpoints", "its latest che
 
 
 def resolve(path) -> str:
-    """A local folder, a gs:// path, or a Hugging Face Hub id (downloaded once into the HF cache)."""
+    """A local folder (`~` expanded), a gs:// path, or a Hugging Face Hub id (downloaded once
+    into the HF cache)."""
     text = str(path)
     if not is_hub_id(text):
-        return text
+        return os.path.expanduser(text)
     from huggingface_hub import snapshot_download
 
     try:
@@ -44,7 +46,7 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     """
     only_in_checkpoints = "a step can only be chosen in a qed-jax checkpoint directory"
     if step is not None and is_hub_id(str(path)):
-        raise CheckpointError(f"{path}: a Hugging Face Hub id; {only_in_checkpoints}")
+        raise CheckpointError(f"{path}: no such local folder, so read as a Hugging Face Hub id; {only_in_checkpoints}")
     path = resolve(path)
     where = epath.Path(path)
     if not where.exists():

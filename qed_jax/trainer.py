@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            dump_json, is_missing_local_path, not_found, preset, require_range, to_dict)
+                            dump_json, is_missing_local_path, not_found, preset, read_json_object, require_range,
+                            to_dict, write_text_atomic)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -245,14 +246,30 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
     writes down once the run has resumed. Process 0 decides (on a pod only its host holds
     `out`), and every process acts on that."""
     path = out / "config.json"
-    changes = []
+    changes, refusal = [], None
     if jax.process_index() == 0 and path.exists():
-        changes = config_changes(json.loads(path.read_text()), json.loads(json.dumps(to_dict(config))))
+        try:
+            new = json.loads(json.dumps(to_dict(config)))
+            changes = config_changes(read_run_config(path, out, new), new)
+        except ConfigError as e:
+            refusal = e
+    if largest(int(refusal is not None)):
+        raise refusal or ConfigError(f"{out}: process 0 cannot continue this run directory (its log says why)")
     if largest(int(bool(changes) and not resume_with_changes)):
         raise RunConfigChanged(out, changes or ["process 0 lists the changes"])
     if changes:
         log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
     return bool(changes)
+
+
+def read_run_config(path: Path, out: Path, new: dict) -> dict:
+    """The config.json a run directory was started with, if it is a run this config may continue."""
+    saved = read_json_object(path, "the run's config is damaged: move the folder aside, or use another output_dir")
+    foreign = sorted(set(saved) - set(new))
+    if len(foreign) > len(set(saved) & set(new)):  # another command's run (an evaluation's): never continue it
+        raise ConfigError(f"{out} holds another kind of run ({path} has {', '.join(foreign[:4])}, which this config "
+                          "has not); use another output_dir")
+    return saved
 
 
 def record_run_config(out: Path, config, changed: bool) -> None:
@@ -265,7 +282,7 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     text = dump_json(config)
     if path.exists() and not changed:
         if path.read_text() != text:
-            path.write_text(text)
+            write_text_atomic(path, text)
         return
     out.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -273,7 +290,7 @@ def record_run_config(out: Path, config, changed: bool) -> None:
         while (out / f"config.{n}.json").exists():
             n += 1
         path.rename(out / f"config.{n}.json")
-    path.write_text(text)
+    write_text_atomic(path, text)
 
 
 def data_record(path: str, examples: list[dict]) -> dict:

@@ -3,6 +3,7 @@ clear line, and --print-config shows what will be loaded."""
 
 import dataclasses
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -317,3 +318,57 @@ def test_a_model_path_over_a_config_preset_says_how_to_drop_the_preset():
     with pytest.raises(ConfigError, match=r"both path \(runs/x\) and preset \(tiny\) are set; keep one \(model.preset=null"):
         load_config(GRPOConfig, rl_yaml, ["model.path=runs/x"])
     assert load_config(GRPOConfig, rl_yaml, ["model.path=runs/x", "model.preset=null"]).model.path == "runs/x"
+
+
+def test_a_config_file_yaml_cannot_key_or_decode_is_one_line(tmp_path):
+    binary, numbered = tmp_path / "binary.yaml", tmp_path / "numbered.yaml"
+    binary.write_bytes(b"steps: 3\xff\n")
+    numbered.write_text("model: {preset: tiny}\n1: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(binary))}: not UTF-8 text \(byte 0xff at offset 8\)$"):
+        load_config(SFTConfig, binary)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(numbered))}: 1: a config key is text, but YAML read this "
+                                          r"one as int; quote it or remove it$"):
+        load_config(SFTConfig, numbered)
+    with pytest.raises(ConfigError, match=r"^optim\.None: a config key is text"):
+        load_config(SFTConfig, None, ["optim={null: 1}"])
+
+
+def test_a_mapping_field_takes_a_mapping_of_text():
+    base = ["model.path=m"]
+    for override, message in (("benchmark.groups=5", r"^benchmark\.groups: expected a mapping, got 5$"),
+                              ("benchmark.fields=[a]", r"^benchmark\.fields: expected a mapping, got \['a'\]$"),
+                              ("benchmark.groups.Basic=5", r"^benchmark\.groups\.Basic: expected text, but YAML read")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, override])
+    # A mapping field given a mapping is replaced as a whole (it is one field), a section's keys merged.
+    config = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, "benchmark.groups={A: x}"])
+    assert config.benchmark.groups == {"A": "x"}
+
+
+def test_a_mapping_given_for_a_section_keeps_the_files_other_keys(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text((REPO / "configs/sft/tiny.yaml").read_text())
+    from_file = load_config(SFTConfig, path).optim
+    merged = load_config(SFTConfig, path, ["optim={lr: 0.001}"]).optim
+    assert merged == dataclasses.replace(from_file, lr=0.001)
+
+
+def test_infinite_numbers_are_refused_and_a_files_bad_value_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^optim\.lr must be a finite number, got inf$"):
+        load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", ["optim.lr=.inf"])
+    path = tmp_path / "sft.yaml"
+    path.write_text(re.sub(r"\n(\s+)lr: \S+", r"\n\1lr: -1", (REPO / "configs/sft/tiny.yaml").read_text(), count=1))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: optim\.lr must be above 0, got -1\.0$"):
+        load_config(SFTConfig, path)
+    with pytest.raises(ConfigError, match=r"^optim\.lr must be above 0, got -2\.0$"):  # an override's own
+        load_config(SFTConfig, path, ["optim.lr=-2"])
+
+
+def test_verbose_shows_a_config_errors_traceback(capsys):
+    assert cli.main(["sft", "--config", "configs/sft/tiny.yaml", "steps=0", "--print-config"]) == 2
+    try:
+        with pytest.raises(ConfigError, match="^steps must be at least 1"):
+            cli.main(["-v", "sft", "--config", "configs/sft/tiny.yaml", "steps=0", "--print-config"])
+    finally:  # -v logged DEBUG to this test's captured stderr: not to it once it is closed
+        logging.basicConfig(level=logging.WARNING, force=True, stream=sys.__stderr__)
+        logging.getLogger("qed_jax").setLevel(logging.INFO)

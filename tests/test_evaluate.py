@@ -560,8 +560,14 @@ def test_report_compares_runs_side_by_side(tmp_path):
     with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
         report([str(tmp_path / "damaged")])
     samples.write_text("\n".join(lines) + "\n")
-    (tmp_path / "damaged" / "config.json").write_text("{")
-    with pytest.raises(ConfigError, match="damaged/config.json: not valid JSON"):
+    saved = tmp_path / "damaged" / "config.json"
+    for text, message in (("{", "not valid JSON"), ("[]", "not a JSON object; the run's config is damaged"),
+                          ('{"samples": 3}', "no benchmark, model: not an eval run's config, or a damaged one")):
+        saved.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(saved))}: {re.escape(message)}"):
+            report([str(tmp_path / "damaged")])
+    saved.write_bytes(b"\xff{}")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(saved))}: not valid JSON"):
         report([str(tmp_path / "damaged")])
 
 

@@ -170,6 +170,21 @@ def test_convert_cli_hf_orbax_hf_is_bit_identical(tmp_path):
     assert (tmp_path / "back" / "tokenizer_config.json").exists()
 
 
+def test_a_home_relative_path_and_a_model_config_that_does_not_fit_its_arrays(tmp_path, monkeypatch):
+    from qed_jax import checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_hf_model(tmp_path / "hf", seed=0)
+    model = qed_jax.from_pretrained("~/hf")
+    checkpoint.save_model(model, tmp_path / "ckpt", step=3)
+    edited = tmp_path / "ckpt" / checkpoint.MODEL_CONFIG
+    config = json.loads(edited.read_text())
+    edited.write_text(json.dumps({**config, "num_layers": config["num_layers"] + 1}))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'ckpt'}: step 3 does not fit its model config, model_config.json (params ")):
+        qed_jax.from_pretrained("~/ckpt")
+
+
 def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_there_are(tmp_path, capsys):
     from qed_jax import checkpoint
 
@@ -191,7 +206,7 @@ def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_ther
     only = "a step can only be chosen in a qed-jax checkpoint directory"
     assert f"{first}: a Hugging Face model folder; {only}" in capsys.readouterr().err
     assert cli.main(["convert", "Qwen/Qwen3-0.6B", str(tmp_path / "none"), "--step", "0"]) == 2  # nothing downloaded
-    assert f"Qwen/Qwen3-0.6B: a Hugging Face Hub id; {only}" in capsys.readouterr().err
+    assert f"Qwen/Qwen3-0.6B: no such local folder, so read as a Hugging Face Hub id; {only}" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
     with pytest.raises(CheckpointError, match=re.escape(
             f"{ckpt}/0: one step of the checkpoint directory {ckpt}; pass that directory (its latest step is "

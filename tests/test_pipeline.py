@@ -2,6 +2,7 @@
 nothing, a rerun finishes every stage, and another rerun does nothing (no sample generated, no
 grading request); the report holds the base, SFT and GRPO models' rows in both modes, and plots."""
 
+import datetime
 import json
 import re
 import signal
@@ -102,6 +103,8 @@ def test_stage_configs_chain_the_stages(tmp_path):
     assert (c.judge.base_url, c.judge.model) == ("http://x/v1", "qed-jax-standin-judge")
     assert c.rc.grade_turns and c.sampling.max_new_tokens == 48 and c.samples == 3
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == ["a.b=1", "a.c=[1, 2]", "d=null"]
+    # A date YAML read stays its text, and text outside ASCII stays itself (not \u escapes of surrogates).
+    assert flatten({"name": datetime.date(2024, 1, 2), "t": "Beweise 😀"}) == ['name="2024-01-02"', 't="Beweise 😀"']
 
     from qed_jax.grpo import GRPOConfig
 
@@ -144,6 +147,8 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
     assert cli.main(["pipeline", "--config", TINY, "--print-config", "eval.overrides.samples=-1"]) == 2
     assert "eval stage (configs/eval/imo_proofbench.yaml with eval.overrides): samples must be at least 1" in \
         capsys.readouterr().err
+    assert cli.main(["pipeline", "--config", TINY, "--print-config", "sft.overrides=5"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: sft.overrides: expected a mapping, got 5")
 
 
 def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_path):

@@ -234,6 +234,27 @@ def test_a_moved_run_directory_is_no_config_change():
         'judge.model: "m" -> "n"']
 
 
+def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_path):
+    from qed_jax.config import dump_json
+    from qed_jax.evaluate import EvalConfig
+    from qed_jax.trainer import check_run_config
+
+    config = load_config(sft.SFTConfig, REPO / "configs/sft/tiny.yaml")
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON \(.*\); the run's config is damaged: move "
+                                          r"the folder aside, or use another output_dir$"):
+        check_run_config(tmp_path, config, resume_with_changes=True)
+    evaluation = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", ["model.path=m"])
+    (tmp_path / "config.json").write_text(dump_json(evaluation))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another kind of run \(.*config\.json has benchmark, .*"
+                                          r"which this config has not\); use another output_dir$"):
+        check_run_config(tmp_path, config, resume_with_changes=True)
+    grpo_run = load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")  # a trainer's, listed as changes
+    (tmp_path / "config.json").write_text(dump_json(grpo_run))
+    with pytest.raises(ConfigError):
+        check_run_config(tmp_path, config, resume_with_changes=False)
+
+
 def test_a_mesh_that_does_not_fit_the_devices_says_what_to_set():
     from qed_jax.sharding import MeshConfig, make_mesh
 
