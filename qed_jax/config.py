@@ -385,18 +385,17 @@ def apply_override(data: dict[str, Any], override: str, section_of=None) -> None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}); quote it") from None
-    if section_of is not None and isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) \
-            and dataclasses.is_dataclass(section_of(parts)):
-        merge(node[parts[-1]], value)  # a section keeps the keys the override does not set
-    else:
-        node[parts[-1]] = value
+    merge(node, {parts[-1]: value}, parts[:-1], section_of or (lambda path: None))
 
 
-def merge(into: dict, update: dict) -> None:
-    """`update` merged into `into` in place, nested mappings key by key."""
+def merge(into: dict, update: dict, path: list[str], section_of) -> None:
+    """`update` (at key path `path`) merged into `into` in place: a mapping given for a section
+    (`section_of(key path)` is a dataclass) is merged key by key, keeping the keys it does not
+    set; any other value, a mapping field's too, replaces what was there."""
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge(into[key], value)
+        here = [*path, key]
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and dataclasses.is_dataclass(section_of(here)):
+            merge(into[key], value, here, section_of)
         else:
             into[key] = value
 
@@ -432,7 +431,7 @@ def load_template(name_or_path: str, what: str = "prompt template") -> str:
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's contents; a syntax error is one line naming the file, line and column."""
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:
@@ -477,6 +476,8 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
             key = e.key.split("[")[0]  # a list's item: the list's key
         else:  # a value its config class refused: the message starts with its key
             key = str(e).split(" ", 1)[0].rstrip(":")
+            # Checks across keys (batch_size and micro_batches): the file's only if the section is as in the file.
+            key = key.rpartition(".")[0]
         message = str(e)
         if isinstance(e, FieldError) and e.unknown and key in getattr(cls, "KEYS_ELSEWHERE", {}):
             message += f"; in this config that is {cls.KEYS_ELSEWHERE[key]}"  # e.g. GRPO's sampling temperature
@@ -500,9 +501,9 @@ _ABSENT = object()
 
 
 def get_dotted(data: dict, dotted: str, default=None):
-    """The value at the dotted key path `dotted` (e.g. "judge.model") of the nested dict `data`,
-    or `default` where any part of the path is missing."""
-    for part in dotted.split("."):
+    """The value at the dotted key path `dotted` (e.g. "judge.model") of the nested dict `data`
+    (the whole of it for ""), or `default` where any part of the path is missing."""
+    for part in dotted.split(".") if dotted else ():
         if not isinstance(data, dict) or part not in data:
             return default
         data = data[part]
@@ -522,7 +523,7 @@ def read_json_object(path: Path, damaged: str) -> dict:
     """A JSON object from `path` (a run's config.json); anything else is a ConfigError naming
     the file, then `damaged` (what to do about it)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({getattr(e, 'msg', None) or e.reason}); {damaged}") from None
     if not isinstance(data, dict):

@@ -687,7 +687,7 @@ def model_files(config: EvalConfig) -> dict | None:
     that a rerun can tell the same path now holds another model (a re-export, a replaced
     folder); None for a Hub id or a served model. A copied folder counts as another. Hidden
     files (a download's cache) and checkpoint saves in progress or set aside are not the model."""
-    path = Path(config.model.path) if config.model.path else None
+    path = Path(config.model.path).expanduser() if config.model.path else None
     if path is None or not path.is_dir():
         return None
     files = {}

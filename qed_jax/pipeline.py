@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -86,15 +87,25 @@ class PipelineConfig:
                               f"base URL (http:// or https://), got {self.judge!r}")
 
 
+SURROGATE_PAIR = re.compile(r"\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}")
+
+
+def yaml_escape(pair: re.Match) -> str:
+    """JSON's escape of a character past U+FFFF (a surrogate pair) as YAML's: \\U and 8 digits."""
+    character = json.loads('"' + pair[0] + '"')
+    return f"\\U{ord(character):08x}"
+
+
 def flatten(overrides: dict | None, prefix: str = "") -> list[str]:
     """Nested overrides as `a.b=value` strings, values as JSON (which the YAML loader reads back;
-    a date as its text, as a stage's own YAML would give it)."""
+    a date as its text, as a stage's own YAML would give it). A character past U+FFFF is written
+    as YAML's \\U escape: YAML reads JSON's pair of \\u surrogates as two broken characters."""
     out = []
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and value:
             out += flatten(value, f"{prefix}{key}.")
         else:
-            out.append(f"{prefix}{key}={json.dumps(value, ensure_ascii=False, default=str)}")
+            out.append(f"{prefix}{key}={SURROGATE_PAIR.sub(yaml_escape, json.dumps(value, default=str))}")
     return out
 
 

@@ -319,7 +319,7 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
     (its config.json / model_config.json); else a Hub id whose name is a preset."""
     from qed_jax import checkpoint, hf
 
-    path = spec.path
+    path = os.path.expanduser(spec.path) if spec.path else None
     if preset_name:
         base, source = preset(preset_name), f"preset {preset_name} (--preset)"
     elif path is None:

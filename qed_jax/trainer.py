@@ -265,10 +265,10 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
 def read_run_config(path: Path, out: Path, new: dict) -> dict:
     """The config.json a run directory was started with, if it is a run this config may continue."""
     saved = read_json_object(path, "the run's config is damaged: move the folder aside, or use another output_dir")
-    foreign = sorted(set(saved) - set(new))
-    if len(foreign) > len(set(saved) & set(new)):  # another command's run (an evaluation's): never continue it
-        raise ConfigError(f"{out} holds another kind of run ({path} has {', '.join(foreign[:4])}, which this config "
-                          "has not); use another output_dir")
+    if "optim" not in saved:  # another command's run (an evaluation's): never continue it (SFT against GRPO:
+        # listed as changes, and a checkpoint of the other trainer is refused when it is read)
+        raise ConfigError(f"{out} holds another command's run ({path} has no optim section: not a trainer's); "
+                          "use another output_dir")
     return saved
 
 

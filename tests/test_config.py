@@ -341,8 +341,9 @@ def test_a_mapping_field_takes_a_mapping_of_text():
         with pytest.raises(ConfigError, match=message):
             load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, override])
     # A mapping field given a mapping is replaced as a whole (it is one field), a section's keys merged.
-    config = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, "benchmark.groups={A: x}"])
-    assert config.benchmark.groups == {"A": "x"}
+    for override in ("benchmark.groups={A: x}", "benchmark={groups: {A: x}}"):
+        config = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, override])
+        assert config.benchmark.groups == {"A": "x"} and config.benchmark.name == "imo_proofbench", override
 
 
 def test_a_mapping_given_for_a_section_keeps_the_files_other_keys(tmp_path):
@@ -362,6 +363,9 @@ def test_infinite_numbers_are_refused_and_a_files_bad_value_names_the_file(tmp_p
         load_config(SFTConfig, path)
     with pytest.raises(ConfigError, match=r"^optim\.lr must be above 0, got -2\.0$"):  # an override's own
         load_config(SFTConfig, path, ["optim.lr=-2"])
+    # A check across keys that an override broke is not the file's doing.
+    with pytest.raises(ConfigError, match=r"^batch_size \(8\) must be divisible by micro_batches \(3\)"):
+        load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", ["micro_batches=3"])
 
 
 def test_verbose_shows_a_config_errors_traceback(capsys):

@@ -665,3 +665,12 @@ def test_cli_help_does_not_import_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_home_relative_model_path_is_guarded_against_a_changed_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    home, absolute = (load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [f"model.path={p}"])
+                      for p in ("~/m", tmp_path / "m"))
+    assert model_files(home) == model_files(absolute) and "config.json" in model_files(home)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qed_jax.config import ConfigError, load_config
 from qed_jax.pipeline import PipelineConfig, eval_configs, flatten, stage_config, with_judge
@@ -103,8 +104,9 @@ def test_stage_configs_chain_the_stages(tmp_path):
     assert (c.judge.base_url, c.judge.model) == ("http://x/v1", "qed-jax-standin-judge")
     assert c.rc.grade_turns and c.sampling.max_new_tokens == 48 and c.samples == 3
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == ["a.b=1", "a.c=[1, 2]", "d=null"]
-    # A date YAML read stays its text, and text outside ASCII stays itself (not \u escapes of surrogates).
-    assert flatten({"name": datetime.date(2024, 1, 2), "t": "Beweise 😀"}) == ['name="2024-01-02"', 't="Beweise 😀"']
+    # Values read back as they were: a date YAML read as its text, any character (not broken surrogates).
+    odd = {"name": datetime.date(2024, 1, 2), "t": "Beweise 😀", "c": "a\x85b\x7f"}
+    assert [yaml.safe_load(o.split("=", 1)[1]) for o in flatten(odd)] == ["2024-01-02", "Beweise 😀", "a\x85b\x7f"]
 
     from qed_jax.grpo import GRPOConfig
 

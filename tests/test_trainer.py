@@ -21,6 +21,7 @@ from flax import nnx
 
 from qed_jax import checkpoint, grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
+from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.trainer import MetricsLog, OptimConfig, config_changes, data_record, decay_mask, make_optimizer, run_lock
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
@@ -246,12 +247,13 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
         check_run_config(tmp_path, config, resume_with_changes=True)
     evaluation = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", ["model.path=m"])
     (tmp_path / "config.json").write_text(dump_json(evaluation))
-    with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another kind of run \(.*config\.json has benchmark, .*"
-                                          r"which this config has not\); use another output_dir$"):
-        check_run_config(tmp_path, config, resume_with_changes=True)
-    grpo_run = load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")  # a trainer's, listed as changes
-    (tmp_path / "config.json").write_text(dump_json(grpo_run))
-    with pytest.raises(ConfigError):
+    for trainer in (config, load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")):
+        with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run \(.*config\.json has no "
+                                              r"optim section: not a trainer's\); use another output_dir$"):
+            check_run_config(tmp_path, trainer, resume_with_changes=True)
+    # The other trainer's run: listed as changes (its checkpoint is refused when read, even with the flag).
+    (tmp_path / "config.json").write_text(dump_json(load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")))
+    with pytest.raises(RunConfigChanged, match=r"holds a run that differs from this one \(.*optim\.schedule"):
         check_run_config(tmp_path, config, resume_with_changes=False)
 
 
