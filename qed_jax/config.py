@@ -7,12 +7,12 @@ import copy
 import dataclasses
 import datetime
 import difflib
-from functools import partial
 import json
 import math
 import os
 import types
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
