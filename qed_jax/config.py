@@ -12,7 +12,6 @@ import math
 import os
 import types
 import typing
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -368,9 +367,9 @@ def check_sampling(params, prefix: str = "") -> None:
         raise ConfigError(f"{prefix}top_p must be in (0, 1] (1 is off), got {params.top_p}")
 
 
-def apply_override(data: dict[str, Any], override: str, section_of=None) -> None:
-    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict in place. Given
-    `section_of` (a key path → its config type), a mapping given for a section is merged into it."""
+def apply_override(data: dict[str, Any], override: str, cls) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to the nested dict `data` of config
+    class `cls` in place; a mapping given for a section is merged into it."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value")
     key, raw = override.split("=", 1)
@@ -385,17 +384,18 @@ def apply_override(data: dict[str, Any], override: str, section_of=None) -> None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}); quote it") from None
-    merge(node, {parts[-1]: value}, parts[:-1], section_of or (lambda path: None))
+    merge(node, {parts[-1]: value}, parts[:-1], cls)
 
 
-def merge(into: dict, update: dict, path: list[str], section_of) -> None:
-    """`update` (at key path `path`) merged into `into` in place: a mapping given for a section
-    (`section_of(key path)` is a dataclass) is merged key by key, keeping the keys it does not
-    set; any other value, a mapping field's too, replaces what was there."""
+def merge(into: dict, update: dict, path: list[str], cls) -> None:
+    """`update` (at key path `path` of config class `cls`) merged into `into` in place: a mapping
+    given for a section is merged key by key, keeping the keys it does not set; any other value,
+    a mapping field's too, replaces what was there."""
     for key, value in update.items():
         here = [*path, key]
-        if isinstance(value, dict) and isinstance(into.get(key), dict) and dataclasses.is_dataclass(section_of(here)):
-            merge(into[key], value, here, section_of)
+        is_section = dataclasses.is_dataclass(field_type(cls, here))
+        if is_section and isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value, here, cls)
         else:
             into[key] = value
 
@@ -468,7 +468,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
                               + ", ".join(_field_types(cls)) + f"); is this file for another command?{other}")
     in_file = copy.deepcopy(data)
     for override in overrides:
-        apply_override(data, override, partial(field_type, cls))
+        apply_override(data, override, cls)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -587,7 +587,6 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     if wave is not None and wave > samples_per_host:
         raise ConfigError(f"--wave-size {wave} is more rows than the sampler ever runs at once: "
                           f"{samples_per_host} samples per step on each host")
-    all_rows = -(-samples_per_host // ways) * ways  # one wave of every sample, split evenly (Sampler.wave_rows)
     if wave is not None:
         wave_from = "--wave-size"
     elif config.sampling.max_concurrent:
@@ -601,11 +600,11 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
         wave = sampling.wave_size(sampling_model, cache_len, config.sampling.kv_cache_gib * 2 ** 30,
                                   sampling_model.dtype, ways, kv_head_ways)
     else:
-        wave_from, wave = ALL_SAMPLES, all_rows
-    if wave % ways:  # as the Sampler refuses it
+        wave_from = ALL_SAMPLES
+    if wave is not None and wave % ways:  # as the Sampler refuses it
         raise ConfigError(f"{wave_from} must be a multiple of the sampling mesh's {ways} batch shards, so rows "
                           f"split evenly; got {wave}")
-    wave = min(wave, all_rows)
+    wave = sampling.rows_per_wave(samples_per_host, ways, wave)  # as the Sampler sizes its waves
     cache_bytes = bytes_per_chip(kv_cache(sampling_model, wave, cache_len, sampling_model.dtype, sampling_mesh))
     prefill, decode = sampler_programs(sampling_model, sampling_mesh, wave, prompt_len, config.max_new_tokens,
                                        hbm, resident=trainer_bytes + frozen_bytes)

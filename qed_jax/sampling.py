@@ -233,6 +233,13 @@ def wave_size(config: ModelConfig, cache_len: int, kv_cache_bytes_per_device: fl
     return rows_per_device * batch_shards
 
 
+def rows_per_wave(num_requests: int, batch_shards: int, cap: int | None) -> int:
+    """Rows of every wave of a call: `cap` (None: no cap), or the call's own size when smaller,
+    rounded up to the batch shards so that rows split evenly."""
+    rows = -(-num_requests // batch_shards) * batch_shards
+    return rows if cap is None else min(cap, rows)
+
+
 def pad_wave(prompts: list[list[int]], budgets: np.ndarray, rows: int, width: int):
     """Right-padded tokens [rows, width], lengths [rows] and budgets [rows] for one wave; rows past
     the prompts are dummies (one token, budget 0) that keep the wave's shape fixed."""
@@ -300,8 +307,7 @@ class Sampler:
         if self.kv_cache_gib is not None:
             cap = wave_size(self.config, cache_len, self.kv_cache_gib * 2 ** 30, self.cache_dtype,
                             batch_shards, kv_head_shards)
-        rows = -(-num_requests // batch_shards) * batch_shards
-        return rows if cap is None else min(cap, rows)
+        return rows_per_wave(num_requests, batch_shards, cap)
 
     def _mesh_context(self):
         return mesh_context(self.mesh)

@@ -183,10 +183,9 @@ def check_commit(commit: str | None) -> None:
 
 def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None = None) -> None:
     """A gzipped tarball of the working tree (tracked and untracked, not ignored files, except
-    those under `leave_out`: the launcher's logs) or of one commit, so uncommitted edits reach
-    the workers without a push."""
+    those under `leave_out`: the launcher's logs) or of one commit (checked before any gcloud
+    call: `check_before_calling`), so uncommitted edits reach the workers without a push."""
     what = f"commit {commit}" if commit else "the working tree (git ls-files)"
-    check_commit(commit)
     progress(f"packing {what} into {dest}")
     if dry_run:
         return
