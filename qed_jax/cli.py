@@ -364,7 +364,7 @@ def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
     p = sub.add_parser(name, help=summary, description=description)
     p.add_argument("--config", help=f"YAML config, e.g. {example}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200")
+                   help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200 (--print-config lists every key)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="continue a run in an existing output_dir although the config or the training data "
@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Exits 1 when some grades failed.")
     p.add_argument("--config", help="YAML eval config, e.g. configs/eval/imo_proofbench.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5")
+                   help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5 "
+                   "(--print-config lists every key)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=_eval)
 

@@ -526,6 +526,8 @@ def read_json_object(path: Path, damaged: str) -> dict:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({getattr(e, 'msg', None) or e.reason}); {damaged}") from None
+    except OSError as e:  # unreadable (permissions, a folder of that name): every process of a pod must hear it
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); {damaged}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not a JSON object; {damaged}")
     return data

@@ -67,13 +67,11 @@ class JudgeConfig:
                 not self.allowed_scores or not all(type(s) is int and 0 <= s <= MAX_SCORE for s in self.allowed_scores)):
             raise ConfigError(f"judge.allowed_scores must be a non-empty list of integers from 0 to {MAX_SCORE} "
                               f"(or null for all of them), got {self.allowed_scores!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"judge.timeout_s must be more than 0 (seconds per request), got {self.timeout_s!r}")
+        require_range(self.timeout_s, "judge.timeout_s", 0, low_open=True)  # seconds per request
         if self.max_tokens < 1:
             raise ConfigError(f"judge.max_tokens must be at least 1, got {self.max_tokens!r}")
         for key in ("max_retries", "parse_retries", "backoff_s"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"judge.{key} must be 0 or more, got {getattr(self, key)!r}")
+            require_range(getattr(self, key), f"judge.{key}", 0)
         require_range(self.temperature, "judge.temperature", 0)
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError("judge.max_failed_fraction must be between 0 and 1 (a fraction of the grades a step "

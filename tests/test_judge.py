@@ -448,8 +448,10 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
         "which this one does not have")
     assert error("allowed_scores=[0,9]").startswith("judge.allowed_scores must be a non-empty list of integers from 0 to 7")
     assert error("allowed_scores=[]").startswith("judge.allowed_scores must be")
-    assert error("timeout_s=-1") == "judge.timeout_s must be more than 0 (seconds per request), got -1.0"
-    assert error("max_retries=-1") == "judge.max_retries must be 0 or more, got -1"
+    assert error("timeout_s=-1") == "judge.timeout_s must be above 0, got -1.0"
+    assert error("timeout_s=.inf") == "judge.timeout_s must be a finite number, got inf"
+    assert error("max_retries=-1") == "judge.max_retries must be at least 0, got -1"
+    assert error("backoff_s=.nan") == "judge.backoff_s must be at least 0, got nan"
     corrupt = tmp_path / "corrupt.sqlite"
     corrupt.write_text("not a database")
     assert error(f"cache_path={corrupt}", "base_url=http://127.0.0.1:9") == (

@@ -245,6 +245,13 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
     with pytest.raises(ConfigError, match=r"config\.json: not valid JSON \(.*\); the run's config is damaged: move "
                                           r"the folder aside, or use another output_dir$"):
         check_run_config(tmp_path, config, resume_with_changes=True)
+    # Unreadable (here a folder of that name; on a pod, process 0's error must reach every process
+    # as a ConfigError, or the others wait for it forever).
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config\.json: cannot be read \(Is a directory\); the run's config is "):
+        check_run_config(tmp_path, config, resume_with_changes=True)
+    (tmp_path / "config.json").rmdir()
     evaluation = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", ["model.path=m"])
     (tmp_path / "config.json").write_text(dump_json(evaluation))
     for trainer in (config, load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")):
