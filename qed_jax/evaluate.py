@@ -311,11 +311,11 @@ def numerically_different(a: Any, b: Any) -> bool:
 
     if not all(isinstance(x, sympy.Expr) and x.is_number for x in (a, b)):
         return False
-    try:
-        x, y = complex(a.evalf(30, strict=True)), complex(b.evalf(30, strict=True))
-    except (TypeError, ValueError, OverflowError, ArithmeticError):
+    try:  # in sympy's numbers, not floats: 2^2025 against 2^2024 is past any float's range
+        x, y = a.evalf(30, strict=True), b.evalf(30, strict=True)
+        return bool(abs(x - y) > sympy.Float("1e-9") * max(sympy.Integer(1), abs(x), abs(y)))
+    except (TypeError, ValueError, OverflowError, ArithmeticError):  # TypeError: a comparison with nan
         return False
-    return abs(x - y) > 1e-9 * max(1.0, abs(x), abs(y))  # False when either is inf or nan
 
 
 # --------------------------------------------------------------------------------------------

@@ -289,6 +289,9 @@ def test_answer_checks():
     assert check_answer(r"\frac{1}{2}", r"\cos\frac{\pi}{7}-\cos\frac{2\pi}{7}+\cos\frac{3\pi}{7}") is None
     assert check_answer(r"\{1,2\}", r"\{1,3\}") is None and check_answer("(1,2)", "(2,1)") is None
     assert check_answer("3", "3.0000000001") is None  # equal to 9 digits: not decided unequal
+    # Past any float's range (both inf as floats, whose difference is nan), compared as numbers.
+    assert check_answer("2^{2025}", "2^{2024}") is False and check_answer("2^{2024}", "2^{2024}") is True
+    assert check_answer("2^{2024}+1", "2^{2024}") is None  # equal to 30 digits: not decided unequal
     assert last_boxed(r"first \boxed{1}, then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
     assert last_boxed("no box") is None
 
