@@ -87,7 +87,9 @@ def _generate(args) -> None:
     for flag, default in {**GENERATE_RC_FLAGS, **GENERATE_SUMMARIZER_FLAGS}.items():
         if getattr(args, flag) is None:
             setattr(args, flag, default)
-    if "" in args.prompt and not (args.chat or args.reasoning_cache):  # those wrap a prompt in a template
+    if "" in args.prompt and args.reasoning_cache:  # the problem goes into the template as tokens of its own
+        raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a problem needs some text")
+    if "" in args.prompt and not args.chat:  # a chat template wraps even an empty message
         raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a plain prompt needs some text "
                           "(or pass --chat)")
     # Every flag is checked (the parameters check themselves when built) before a model loads.
@@ -194,13 +196,13 @@ def _judge(args) -> int | None:
     needs = needed_fields(load_template(config.template, "judge template"))
     source = Path(args.input)
     if source.suffix in (".json", ".parquet") or not source.exists():  # also a Hub dataset, or a clear error
-        numbered = [(f"{source}: row {n}", row) for n, row in enumerate(read_rows(args.input), 1)]
+        numbered = [(f"{source}: {where}", row) for where, row in read_rows(args.input)]
     else:  # JSON lines, under any name (a pipe too): errors name the line
         with open(source, "rb") as f:
             numbered = [(f"{source}:{n}", row) for n, row in json_lines(f)]
     for where, row in numbered:
         if isinstance(row, BadRow):
-            raise ConfigError(f"{source}: {row.reason}")
+            raise ConfigError(f"{where}: {row.reason}")
     rows = [row for _, row in numbered]
     items = [item_from_row(row, where, needs) for where, row in numbered]
     if not items:

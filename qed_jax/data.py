@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from qed_jax.config import ConfigError, is_missing_local_path, require_at_least_one, require_file, require_range
+from qed_jax.tokenizer import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,11 @@ class DataConfig:
 # Reading rows
 
 
-def read_rows(path: str, name: str | None = None, split: str = "train") -> list[dict]:
-    """All rows of a local .jsonl / .json / .parquet file or a hub dataset
-    (`datasets.load_dataset`). A .json file may hold JSON lines or one array of rows. A JSONL
-    line that is not JSON, or not UTF-8, stands as a bad row (its number kept)."""
+def read_rows(path: str, name: str | None = None, split: str = "train") -> list[tuple[str, Any]]:
+    """(where, row) for every row of a local .jsonl / .json / .parquet file or a hub dataset
+    (`datasets.load_dataset`): where is "line N" for JSON lines (its line in the file, blank
+    lines counted), else "row N". A .json file may hold JSON lines or one array of rows. A JSONL
+    line that is not JSON, or not UTF-8, stands as a BadRow."""
     local = Path(path)
     if local.suffix in (".jsonl", ".json"):
         require_file(local, "data file")
@@ -73,17 +75,21 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
         import pyarrow.parquet
 
         try:
-            return pyarrow.parquet.read_table(local).to_pylist()
+            return _numbered(pyarrow.parquet.read_table(local).to_pylist())
         except (pyarrow.ArrowException, OSError) as e:
             raise ConfigError(f"data file {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     import datasets
 
     try:
-        return list(datasets.load_dataset(path, name, split=split))
+        return _numbered(datasets.load_dataset(path, name, split=split))
     except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset, config or split
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, and "
                           f"loading it as a Hugging Face dataset failed: {first}") from None
+
+
+def _numbered(rows) -> list[tuple[str, Any]]:
+    return [(f"row {n}", row) for n, row in enumerate(rows, 1)]
 
 
 def json_lines(lines) -> list[tuple[int, Any]]:
@@ -97,28 +103,28 @@ def json_lines(lines) -> list[tuple[int, Any]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append((n, BadRow(f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")))
+            rows.append((n, BadRow(f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")))
             continue
         if not line.strip():
             continue
         try:
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            rows.append((n, BadRow(f"line {n} is not valid JSON ({e.msg})")))
+            rows.append((n, BadRow(f"not valid JSON ({e.msg})")))
     return rows
 
 
-def _json_lines_rows(lines) -> list:
-    return [row for _, row in json_lines(lines)]
+def _json_lines_rows(lines) -> list[tuple[str, Any]]:
+    return [(f"line {n}", row) for n, row in json_lines(lines)]
 
 
-def _json_array_rows(path: str, data: bytes) -> list:
+def _json_array_rows(path: str, data: bytes) -> list[tuple[str, Any]]:
     """The rows of a .json file that opens with '[': one JSON array, whose one bad byte spoils
     the whole file (so an error naming where, not a skipped row), or JSON lines whose first row
     happens to be an array."""
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return json.loads(data.decode("utf-8"))
+        return _numbered(json.loads(data.decode("utf-8")))
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
@@ -130,7 +136,8 @@ def _json_array_rows(path: str, data: bytes) -> list:
 
 
 class BadRow(dict):
-    """Stands in for an unparsable line so that row numbers stay aligned."""
+    """Stands in for an unparsable line (its `reason`: "not valid JSON (...)"), to be skipped
+    or refused by what reads the rows."""
 
     def __init__(self, reason: str):
         super().__init__()
@@ -174,8 +181,8 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     """Token ids and loss mask (1 = a token the model learns to write) of a conversation.
     The mask covers the final assistant turn after its generation prefix, up to and including
     its <|im_end|>. Prefix and answer are tokenized apart, as the model sees them at inference."""
-    prefix = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prefix = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = render_chat(tokenizer, messages)
     if not full.startswith(prefix):
         raise ValueError("the chat template does not render the conversation as prompt + answer")
     answer = full[len(prefix):]
@@ -198,7 +205,7 @@ class PrepareStats:
     truncated: int = 0
     dropped_long: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason → count
-    first_skipped: list = dataclasses.field(default_factory=list)  # (row number, reason)
+    first_skipped: list = dataclasses.field(default_factory=list)  # (where: "line N", reason)
 
     def summary(self) -> str:
         parts = [f"{self.kept} of {self.rows} rows kept"]
@@ -211,20 +218,22 @@ class PrepareStats:
         return ", ".join(parts)
 
 
-def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data",
-                first_row: int = 1) -> tuple[list[dict], PrepareStats]:
-    """Tokenize every row; skip malformed ones and handle long ones, counting both. Skipped rows
-    are reported by number, counting from `first_row` (for a part of the file, its place there)."""
+def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
+                source: str = "data") -> tuple[list[dict], PrepareStats]:
+    """Tokenize every row of `rows` ((where, row) pairs, as `read_rows` gives them); skip
+    malformed ones and handle long ones, counting both. Skipped rows are reported by where."""
     stats = PrepareStats(rows=len(rows))
     examples = []
-    for n, row in enumerate(rows, first_row):
+    for where, row in rows:
         try:
             ids, mask = tokenize_sft(tokenizer, sft_messages(row))
+        except ConfigError:  # not the row's fault (a tokenizer with no chat template)
+            raise
         except ValueError as e:
             reason = str(e)
             stats.skipped["unreadable line" if isinstance(row, BadRow) else reason] += 1
             if len(stats.first_skipped) < 5:
-                stats.first_skipped.append((n, reason))
+                stats.first_skipped.append((where, reason))
             continue
         if len(ids) > config.max_length:
             if config.overflow == "drop":
@@ -237,8 +246,8 @@ def prepare_sft(rows: list, tokenizer, config: DataConfig, source: str = "data",
             continue
         examples.append({"tokens": ids, "loss_mask": mask})
     stats.kept = len(examples)
-    for n, reason in stats.first_skipped:
-        log.warning("%s: skipped row %d: %s", source, n, reason)
+    for where, reason in stats.first_skipped:
+        log.warning("%s: skipped %s: %s", source, where, reason)
     log.info("%s: %s", source, stats.summary())
     if not examples:
         raise ConfigError(f"{source}: no usable rows ({stats.summary()})")

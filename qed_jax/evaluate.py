@@ -206,17 +206,18 @@ class Sample:
 # Rows → problems → prompts
 
 
-def problems_from_rows(rows: list, config: BenchmarkConfig) -> list[Problem]:
-    """Problems in row order; a row without the problem text (or, for answer benchmarks, the
-    answer) is an error that names the row and the column."""
+def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig) -> list[Problem]:
+    """Problems in row order, from (where, row) pairs as `data.read_rows` gives them; a row
+    without the problem text (or, for answer benchmarks, the answer) is an error that names the
+    row and the column. A problem's id defaults to its row's index (0 for the first row)."""
     from qed_jax.data import BadRow
 
     fields = config.field_map
     problems, seen = [], set()
-    for n, row in enumerate(rows):
-        where = f"{config.path}: row {n + 1}"
+    for n, (where, row) in enumerate(rows):
+        where = f"{config.path}: {where}"
         if isinstance(row, BadRow):
-            raise ConfigError(f"{config.path}: {row.reason}")
+            raise ConfigError(f"{where}: {row.reason}")
         if not isinstance(row, dict):
             raise ConfigError(f"{where} is not a JSON object of named columns: {json.dumps(row)[:60]}")
         text = row.get(fields["problem"])

@@ -409,18 +409,18 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     # The rubric under the configured key, else under the other one the judge accepts.
     rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
     prompts, skipped, too_long = [], 0, 0
-    for n, row in enumerate(rows, 1):
+    for where, row in rows:
         problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
         try:
             if isinstance(row, BadRow):
                 raise ConfigError(row.reason)
             if not isinstance(problem, str) or not problem.strip():
                 raise ConfigError(f"field {config.data.problem_field!r} is missing, empty or not text")
-            rubric = row_field(row, "rubric", rubric_keys, f"row {n}")
+            rubric = row_field(row, "rubric", rubric_keys, where)
         except ConfigError as e:
             skipped += 1
             if skipped <= 5:
-                log.warning("%s: skipped row %d: %s", config.data.path, n, str(e).removeprefix(f"row {n}: "))
+                log.warning("%s: skipped %s: %s", config.data.path, where, str(e).removeprefix(f"{where}: "))
             continue
         if config.rc is None:
             field, ids = "prompt_ids", chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])

@@ -37,6 +37,7 @@ from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, Samp
                               cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop, fetch,
                               mesh_context, new_kv_cache, prefill, put_rows, wave_row_ids)
 from qed_jax.sharding import DEFAULT_RULES
+from qed_jax.tokenizer import render_chat
 
 REASONING_SLOTS = ("problem", "summary")
 SUMMARIZE_SLOTS = ("problem", "summary", "reasoning")
@@ -166,8 +167,8 @@ def split_template(text: str, slots: tuple[str, ...], where: str = "template") -
 def chat_wrappers(tokenizer, thinking: bool = True) -> tuple[str, str]:
     """The chat template's text before and after a user message, generation prompt included.
     `enable_thinking` reaches templates that switch thinking (Qwen3 hybrids); others ignore it."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT_MARK}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=thinking)
+    text = render_chat(tokenizer, [{"role": "user", "content": _CONTENT_MARK}], add_generation_prompt=True,
+                       enable_thinking=thinking)
     if text.count(_CONTENT_MARK) != 1:
         raise ValueError("the chat template does not render the user message once, as given")
     head, tail = text.split(_CONTENT_MARK)

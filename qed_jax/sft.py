@@ -155,8 +155,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                           "or set eval_every=0 (no eval loss)")
     train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
     examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
-    eval_examples = prepare_sft(eval_rows, tokenizer, config.data, source=f"{config.data.path} (eval)",
-                                first_row=len(train_rows) + 1)[0] if eval_rows else []
+    eval_examples = prepare_sft(eval_rows, tokenizer, config.data,
+                                source=f"{config.data.path} (eval)")[0] if eval_rows else []
     # Each process reads its own share of the examples: one with none would never join the others.
     for what, some, fix in (("training", examples, "give more rows"),
                             ("held-out", eval_examples, "raise data.eval_rows, or set eval_every=0")):

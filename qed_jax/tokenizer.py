@@ -75,9 +75,27 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return stop_ids(tokenizer)[0]
 
 
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False,
+                **options) -> str:
+    """`messages` as the tokenizer's chat template writes them (`options` reach the template,
+    e.g. enable_thinking). A ConfigError when the tokenizer has none (a base model's); a
+    ValueError when the template refuses the conversation (its raise_exception: e.g. no user
+    turn), which a caller reading many rows may skip."""
+    if not tokenizer.chat_template:
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path or ''} has no chat template (a base model's?): "
+                          "use the tokenizer of a chat model")
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **options)
+    except TemplateError as e:
+        raise ValueError(f"the chat template refuses this conversation ({e})") from None
+
+
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of `messages` followed by the assistant generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -226,7 +226,9 @@ def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
                            (["--reasoning-cache", "--summarizer", str(missing), "--summarizer-top-p", "0"],
                             "--summarizer-* flags: top_p must be in (0, 1] (1 is off), got 0.0"),
                            (["--prompt", ""], "prompt 2 (--prompt) is empty: a plain prompt needs some text "
-                            "(or pass --chat)")]:
+                            "(or pass --chat)"),
+                           (["--reasoning-cache", "--prompt", ""], "prompt 2 (--prompt) is empty: a problem needs "
+                            "some text")]:
         assert cli.main(["generate", "--model", str(missing), "--prompt", "p", *flags]) == 2
         assert capsys.readouterr().err.strip() == f"qed-jax generate: error: {message}"
 

@@ -591,17 +591,17 @@ def test_config_errors_say_what_to_do(tmp_path):
     bad.write_text(json.dumps({"problem_id": "a", "question": "?"}) + "\n")
     with ModelServer(lambda p, s: "x") as model:
         cfg = config(tmp_path, "imo_proofbench", model.url, "http://127.0.0.1:9/v1", f"benchmark.path={bad}")
-        with pytest.raises(ConfigError, match="row 1: column 'problem'"):
+        with pytest.raises(ConfigError, match="line 1: column 'problem'"):
             evaluate(cfg, progress=False)
-        bad.write_text(json.dumps({"problem_id": "a", "problem": "?", "grading_guidelines": 7}) + "\n")
-        with pytest.raises(ConfigError, match=r"row 1: column 'grading_guidelines' \(the grading guidelines\): "
+        bad.write_text("\n" + json.dumps({"problem_id": "a", "problem": "?", "grading_guidelines": 7}) + "\n")
+        with pytest.raises(ConfigError, match=r"line 2: column 'grading_guidelines' \(the grading guidelines\): "
                                               "marking scheme must be a string or a list of checkpoints, got int"):
             evaluate(cfg, progress=False)
         bad.write_text(json.dumps({"problem": "?"}) + "\n" + '{"problem": "cut off' + "\n")
-        with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: line 2 is not valid JSON \\(Unterminated string"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: line 2: not valid JSON \\(Unterminated string"):
             evaluate(cfg, progress=False)
         bad.write_text(json.dumps(["a", "list"]) + "\n")
-        with pytest.raises(ConfigError, match=r'row 1 is not a JSON object of named columns: \["a", "list"\]$'):
+        with pytest.raises(ConfigError, match=r'line 1 is not a JSON object of named columns: \["a", "list"\]$'):
             evaluate(cfg, progress=False)
 
 

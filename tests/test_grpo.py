@@ -138,14 +138,14 @@ def test_rl_rows_take_a_rubric_under_either_key_and_skip_a_malformed_one(tmp_pat
     rows = [{"problem": "P1", "rubrics": "scheme 1"}, {"problem": "P2", "rubric": "scheme 2"}, {"problem": "P3"},
             {"problem": "P4", "rubric": ["not a checkpoint"]}, {"problem": 5}]
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))  # a blank line first: lines count it
     config = load_config(GRPOConfig, TINY, [f"data.path={path}"])
     with caplog.at_level(logging.WARNING):
         prompts = load_prompts(config, load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
     assert [(p["problem"], p["rubric"]) for p in prompts] == [("P1", "scheme 1"), ("P2", "scheme 2"), ("P3", None)]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}: skipped row 4: field 'rubric': marking scheme item 1 is not a mapping: 'not a checkpoint'",
-        f"{path}: skipped row 5: field 'problem' is missing, empty or not text"]
+        f"{path}: skipped line 5: field 'rubric': marking scheme item 1 is not a mapping: 'not a checkpoint'",
+        f"{path}: skipped line 6: field 'problem' is missing, empty or not text"]
 
 
 def test_grpo_schedule_counts_optimizer_updates_not_steps():

@@ -395,7 +395,7 @@ def test_judge_cli_reads_what_eval_reads_and_names_a_bad_row(tmp_path, capsys):
     rows.write_bytes(json.dumps({"problem": "P", "proof": "x"}).encode() + b'\n{"problem": "P\xff", "proof": "y"}\n')
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"qed-jax judge: error: {rows}: line 2 is not UTF-8 text (byte 0xff at column 15)")
+        f"qed-jax judge: error: {rows}:2: not UTF-8 text (byte 0xff at column 15)")
     rows.write_text("\n" + json.dumps({"problem": "P", "proof": "x", "reference": 5}) + "\n")
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (  # a JSON line is named by its line, blank lines counted

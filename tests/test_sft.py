@@ -314,19 +314,21 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
     lines.insert(4, json.dumps({"problem": "P", "proof": "Q"}))  # no reasoning_content, no messages
     lines.insert(6, json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}))
     lines.insert(8, json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}))
+    lines.insert(0, "")  # blank lines count in the line numbers the warnings give
+    lines.insert(4, "  ")
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING):
         examples, stats = prepare_sft(read_rows(str(path)), tokenizer, DataConfig(path=str(path)), source=str(path))
     assert stats.kept == len(examples) == 10 and sum(stats.skipped.values()) == 4
-    warnings = " ".join(r.getMessage() for r in caplog.records)
-    for row in (3, 5, 7, 9):
-        assert f"skipped row {row}:" in warnings
-    assert "unknown role 'wizard'" in warnings and "'reasoning_content' is missing" in warnings
+    assert [r.getMessage() for r in caplog.records[:4]] == [f"{path}: skipped {where}" for where in (
+        "line 4: not valid JSON (Expecting property name enclosed in double quotes)",
+        "line 7: field 'reasoning_content' is missing or empty (and there are no messages)",
+        "line 9: messages[0] has unknown role 'wizard'", "line 11: messages[1] has empty content")]
     caplog.clear()
-    with caplog.at_level(logging.WARNING):  # a part of the file (held-out rows): numbered by their place in it
-        prepare_sft(read_rows(str(path))[6:10], tokenizer, DataConfig(), source="part", first_row=7)
-    assert [r.getMessage().split(":")[1] for r in caplog.records] == [" skipped row 7", " skipped row 9"]
+    with caplog.at_level(logging.WARNING):  # a part of the file (held-out rows): still named by their lines
+        prepare_sft(read_rows(str(path))[6:10], tokenizer, DataConfig(), source="part")
+    assert [r.getMessage().split(":")[1] for r in caplog.records] == [" skipped line 9", " skipped line 11"]
 
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, f"data.path={path}",
                              "steps=2", "eval_every=0", "export_dtype=null", f"output_dir={tmp_path / 'run'}"],
@@ -335,14 +337,33 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
     assert "10 of 14 rows kept, 4 malformed skipped" in result.stderr
 
 
+def test_a_row_the_chat_template_refuses_is_skipped_and_no_template_is_one_error(caplog):
+    from qed_jax.tokenizer import THINKING_CHAT_TEMPLATE
+
+    tokenizer = load_tokenizer(TOKENIZER)  # a fresh copy: the module's fixture is shared
+    # Qwen3's own templates refuse a conversation with no user turn (raise_exception: a jinja2 error).
+    tokenizer.chat_template = ("{%- if not (messages | selectattr('role', 'equalto', 'user') | list) %}"
+                               "{{- raise_exception('No user query found in messages.') }}{%- endif %}"
+                               + THINKING_CHAT_TEMPLATE)
+    rows = [("line 1", {"problem": "p", "reasoning_content": "r", "proof": "q"}),
+            ("line 2", {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]})]
+    with caplog.at_level(logging.WARNING):
+        examples, stats = prepare_sft(rows, tokenizer, DataConfig())
+    assert len(examples) == 1 and [r.getMessage() for r in caplog.records] == [
+        "data: skipped line 2: the chat template refuses this conversation (No user query found in messages.)"]
+    tokenizer.chat_template = None  # a base model's tokenizer: not the rows' fault, so not a skip of each
+    with pytest.raises(ConfigError, match=r"has no chat template \(a base model's\?\): use the tokenizer of a chat"):
+        prepare_sft(rows, tokenizer, DataConfig())
+
+
 def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n' + b'{"b": "caf\xe9\xff"}\n' + b'{"c": 3}\n')  # a BOM, then Latin-1
     rows = read_rows(str(path))
-    assert rows[0] == {"a": 1} and rows[2] == {"c": 3}
-    assert rows[1].reason == "line 2 is not UTF-8 text (byte 0xe9 at column 11)"
+    assert rows[0] == ("line 1", {"a": 1}) and rows[2] == ("line 3", {"c": 3})
+    assert rows[1][0] == "line 2" and rows[1][1].reason == "not UTF-8 text (byte 0xe9 at column 11)"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"b": "caf\xe9"}\n')  # on line 1, after a BOM: the byte and column past it
-    assert read_rows(str(path))[0].reason == "line 1 is not UTF-8 text (byte 0xe9 at column 11)"
+    assert read_rows(str(path))[0][1].reason == "not UTF-8 text (byte 0xe9 at column 11)"
     (tmp_path / "rows.csv").write_text("problem,proof\n")
     with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl or \.json\), a "
                        r"JSON array \(\.json\) or Parquet"):
@@ -355,10 +376,10 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
     rows = [json.loads(line) for line in open(DATA)][:4]
     pretty = tmp_path / "pretty.json"
     pretty.write_text("\ufeff  " + json.dumps(rows, indent=2) + "\n", encoding="utf-8")  # a BOM and indent too
-    assert read_rows(str(pretty)) == rows
+    assert read_rows(str(pretty)) == [(f"row {n}", r) for n, r in enumerate(rows, 1)]
     lines = tmp_path / "lines.json"
     lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert read_rows(str(lines)) == rows
+    assert read_rows(str(lines)) == [(f"line {n}", r) for n, r in enumerate(rows, 1)]
     pretty.write_text(json.dumps(rows, indent=2)[:-3] + "\n")  # cut off before the closing brackets
     with pytest.raises(ConfigError, match=r"pretty\.json: not a valid JSON array \(Expecting .* at line \d+ column \d+\)"):
         read_rows(str(pretty))
@@ -366,7 +387,7 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
     with pytest.raises(ConfigError, match=r"pretty\.json: line 2 is not UTF-8 text \(byte 0xe9\)"):
         read_rows(str(pretty))
     lines.write_text('["a row that is a list"]\n' + json.dumps(rows[0]) + "\n")  # JSON lines that open with '['
-    assert read_rows(str(lines)) == [["a row that is a list"], rows[0]]
+    assert read_rows(str(lines)) == [("line 1", ["a row that is a list"]), ("line 2", rows[0])]
 
 
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
@@ -411,7 +432,7 @@ def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     flat = [{k: r[k] for k in ("problem", "reasoning_content", "proof")} for r in rows]
     datasets.Dataset.from_list(flat).to_parquet(str(tmp_path / "rows.parquet"))
     from_parquet, _ = prepare_sft(read_rows(str(tmp_path / "rows.parquet")), tokenizer, DataConfig())
-    from_jsonl, _ = prepare_sft(flat, tokenizer, DataConfig())
+    from_jsonl, _ = prepare_sft([(f"line {n}", r) for n, r in enumerate(flat, 1)], tokenizer, DataConfig())
     assert [e["tokens"].tolist() for e in from_parquet] == [e["tokens"].tolist() for e in from_jsonl]
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not a table")
