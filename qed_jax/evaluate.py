@@ -38,7 +38,7 @@ from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json,
                             load_template, not_found, read_json_object, require_at_least_one, require_range,
                             write_text_atomic)
 from qed_jax.errors import noted
-from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, chat_choice,
+from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, chat_choice,
                            reason_counts, render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.tokenizer import THINK_END
 
@@ -224,9 +224,17 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig) -> 
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{where}: column {fields['problem']!r} (the problem) is missing or empty; "
                               "map it with benchmark.fields.problem=COLUMN")
-        answer = row.get(fields["answer"])
-        if config.kind == "answer" and (answer is None or not str(answer).strip()):
-            raise ConfigError(f"{where}: column {fields['answer']!r} (the reference answer) is missing or empty")
+        answer = solution = None  # an answer benchmark grades against the answer, a proof one the solution
+        if config.kind == "answer":
+            answer = row.get(fields["answer"])
+            if answer is None or not str(answer).strip():
+                raise ConfigError(f"{where}: column {fields['answer']!r} (the reference answer) is missing or empty")
+            answer = answer_text(answer, f"{where}: column {fields['answer']!r} (the reference answer)")
+        else:
+            solution = row.get(fields["solution"])
+            if solution is not None and not isinstance(solution, str):
+                raise ConfigError(f"{where}: column {fields['solution']!r} (the reference solution) must be text, "
+                                  f"got {type(solution).__name__}; map another with benchmark.fields.solution=COLUMN")
         guidelines = row.get(fields["guidelines"])
         try:
             render_marking_scheme(guidelines)
@@ -236,8 +244,11 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig) -> 
         if pid in seen:
             raise ConfigError(f"{where}: problem id {pid!r} appears twice; ids key the samples, so they must be unique")
         seen.add(pid)
-        problems.append(Problem(id=pid, problem=text, solution=row.get(fields["solution"]), guidelines=guidelines,
-                                answer=None if answer is None else str(answer), group=group_of(row, config)))
+        problems.append(Problem(id=pid, problem=text, solution=solution, guidelines=guidelines, answer=answer,
+                                group=group_of(row, config)))
+    if config.group_field is not None and not any(isinstance(r, dict) and config.group_field in r for _, r in rows):
+        raise ConfigError(f"{config.path}: no row has the column {config.group_field!r} (benchmark.group_field) "
+                          "that sorts problems into benchmark.groups; set it to a column the rows have, or to null")
     if config.limit is not None:
         problems = problems[: config.limit]
     if not problems:
@@ -248,7 +259,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig) -> 
 def group_of(row: dict, config: BenchmarkConfig) -> str | None:
     if config.group_field is None:
         return None
-    text = str(row.get(config.group_field, ""))
+    value = row.get(config.group_field)
+    text = "" if value is None else str(value)  # a row without it (or null) goes where "" does
     return next((label for label, pattern in config.groups.items() if re.search(pattern, text)), "other")
 
 

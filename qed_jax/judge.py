@@ -18,6 +18,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,11 @@ def render_marking_scheme(scheme: Any) -> str:
             if not isinstance(item, dict):
                 raise ValueError(f"marking scheme item {i} is not a mapping: {item!r}")
             points = item.get("points")
-            head = f"Checkpoint {i}: {item.get('title', '').strip()}"
+            # A table's missing field is null (a Parquet struct column): no title, no description.
+            head = f"Checkpoint {i}: {str(item.get('title') or '').strip()}".strip()
             if points is not None:
                 head += f" ({points} point{'s' if points != 1 else ''})"
-            blocks.append(f"{head}\n{str(item.get('desc', '')).strip()}".strip())
+            blocks.append(f"{head}\n{str(item.get('desc') or '').strip()}".strip())
         return "\n\n".join(blocks)
     raise ValueError(f"marking scheme must be a string or a list of checkpoints, got {type(scheme).__name__}")
 
@@ -262,14 +264,22 @@ def row_field(row: dict, field: str, keys: tuple[str, ...], where: str) -> tuple
         return None
     value = row[key]
     if field == "answer":
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: field 'answer' must be a string or a number")
-        return key, str(value)
+        return key, answer_text(value, f"{where}: field 'answer'")
     try:
         render_marking_scheme(value)
     except ValueError as e:
         raise ConfigError(f"{where}: field '{key}': {e}") from None
     return key, value
+
+
+def answer_text(value: Any, what: str) -> str:
+    """A reference answer as text; a number written out in full: Python writes 0.00001 as
+    "1e-05", which math-verify reads as e - 5. `what` names the field in an error."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{what} must be a string or a number, got {type(value).__name__}")
+    if isinstance(value, float):
+        return format(Decimal(repr(value)), "f")
+    return str(value)
 
 
 def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:

@@ -296,6 +296,30 @@ def test_answer_checks():
     assert last_boxed("no box") is None
 
 
+def test_benchmark_columns_are_checked_where_they_are_read():
+    from qed_jax.evaluate import BenchmarkConfig, problems_from_rows
+
+    def problems(rows, **config):
+        return problems_from_rows([(f"line {n}", r) for n, r in enumerate(rows, 1)], BenchmarkConfig(path="b", **config))
+
+    # A number is written out in full: Python's "1e-05" is e - 5 to math-verify.
+    answers = [p.answer for p in problems([{"problem": "P", "answer": 1e-05}, {"problem": "Q", "answer": 1e20},
+                                           {"problem": "R", "answer": 12}], kind="answer")]
+    assert answers == ["0.00001", "100000000000000000000", "12"] and check_answer("10^{-5}", answers[0]) is True
+    with pytest.raises(ConfigError, match=r"^b: line 1: column 'answer' \(the reference answer\) must be a string or a "
+                                          "number, got list$"):
+        problems([{"problem": "P", "answer": [1, 2]}], kind="answer")
+    with pytest.raises(ConfigError, match=r"^b: line 2: column 'solution' \(the reference solution\) must be text, "
+                                          "got list; map another with benchmark.fields.solution=COLUMN$"):
+        problems([{"problem": "P"}, {"problem": "Q", "solution": ["One way.", "Another."]}])
+    groups = {"recent": "2025", "earlier": ".*"}
+    with pytest.raises(ConfigError, match=r"^b: no row has the column 'competition' \(benchmark.group_field\)"):
+        problems([{"problem": "P", "contest": "IMO 2025"}], group_field="competition", groups=groups)
+    rows = [{"problem": "P", "competition": "IMO 2025"}, {"problem": "Q", "competition": None}, {"problem": "R"}]
+    assert [p.group for p in problems(rows, group_field="competition", groups={"recent": "2025", "none": "^$"})] == [
+        "recent", "none", "none"]  # null, like a missing column, is "" (not the text "None")
+
+
 def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
     release = threading.Event()
     held = ("PB-Advanced-001", 1)  # in the second round of 4: the first one is graded by then

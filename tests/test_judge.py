@@ -202,6 +202,8 @@ def test_marking_scheme_renders_string_and_checkpoints_consistently():
     assert rendered == ("Checkpoint 1: Reduce to n even (2 points)\nShows WLOG n even.\n\n"
                         "Checkpoint 2: Finish (5 points)\nCompletes the induction.")
     assert render_marking_scheme("  plain text scheme ") == "plain text scheme"
+    # A table's struct column fills a missing field with null: left out, not written as "None".
+    assert render_marking_scheme([{"title": None, "points": 7, "desc": None}]) == "Checkpoint 1: (7 points)"
     prompt = render_prompt(load_template("rl_grader"), GradeItem(problem="P {x}", rubric=scheme, proof="Q"), "Q")
     assert "Checkpoint 2: Finish (5 points)" in prompt and "P {x}" in prompt and "{{" not in prompt
 
@@ -333,7 +335,8 @@ def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
     item = item_from_row({**row, "rubric": "q", "rubrics": None, "reference": "R", "solution": None}, "w", ["rubric"])
     assert (item.rubric, item.reference) == ("q", "R")
     assert item_from_row({**row, "answer": 42}, "w", ["answer"]).answer == "42"
-    with pytest.raises(ConfigError, match="^w: field 'answer' must be a string or a number$"):
+    assert item_from_row({**row, "answer": 1e-05}, "w", ["answer"]).answer == "0.00001"  # not "1e-05": e - 5
+    with pytest.raises(ConfigError, match="^w: field 'answer' must be a string or a number, got list$"):
         item_from_row({**row, "answer": [1]}, "w", ["answer"])
 
 
