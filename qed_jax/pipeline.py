@@ -66,6 +66,10 @@ class EvalStageConfig:
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown:
             raise ConfigError(f"eval.models: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        for name in ("models", "modes"):
+            twice = next((v for v in getattr(self, name) if getattr(self, name).count(v) > 1), None)
+            if twice is not None:
+                raise ConfigError(f"eval.{name} lists {twice!r} twice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +100,21 @@ def yaml_escape(pair: re.Match) -> str:
     return f"\\U{ord(character):08x}"
 
 
-def flatten(overrides: dict | None, prefix: str = "") -> list[str]:
-    """Nested overrides as `a.b=value` strings, values as JSON (which the YAML loader reads back;
-    a date as its text, as a stage's own YAML would give it). A character past U+FFFF is written
-    as YAML's \\U escape: YAML reads JSON's pair of \\u surrogates as two broken characters."""
-    out = []
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and value:
-            out += flatten(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={SURROGATE_PAIR.sub(yaml_escape, json.dumps(value, default=str))}")
-    return out
+def as_overrides(values: dict | None) -> list[str]:
+    """`key=value` overrides that set each of `values` as it is: the value written as JSON, which
+    the YAML loader reads back (a path with " #" or ": " in it stays the one string; a date as its
+    text, as a stage's own YAML would give it). A mapping given for a section merges into it; one
+    for a mapping field (benchmark.groups) replaces it (`config.merge`). A character past U+FFFF
+    is written as YAML's \\U escape: YAML reads JSON's pair of \\u surrogates as two broken characters."""
+    return [f"{key}={SURROGATE_PAIR.sub(yaml_escape, json.dumps(value, default=str))}"
+            for key, value in (values or {}).items()]
 
 
-def stage_config(cls, stage: StageConfig, name: str, *chained: str):
-    """A stage's config: its YAML, the pipeline's overrides, then the paths chaining the stages.
-    An error names the stage (`name`, the pipeline's key for it) and its YAML."""
+def stage_config(cls, stage: StageConfig, name: str, chained: dict | None = None):
+    """A stage's config: its YAML, the pipeline's overrides, then `chained` (key: value, the paths
+    chaining the stages). An error names the stage (`name`, the pipeline's key for it) and its YAML."""
     try:
-        return load_config(cls, stage.config, [*flatten(stage.overrides), *chained])
+        return load_config(cls, stage.config, [*as_overrides(stage.overrides), *as_overrides(chained)])
     except ConfigError as e:
         raise ConfigError(f"{name} stage ({stage.config} with {name}.overrides): {e}") from None
 
@@ -219,17 +220,17 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
     """Every evaluation: model x benchmark x mode, each in out/eval/MODEL-BENCHMARK-MODE."""
     from qed_jax.evaluate import EvalConfig
 
-    judge = [f"judge.base_url={judge_url}", f"judge.cache_path={out / 'judge_cache.sqlite'}"]
+    judge = {"judge.base_url": judge_url, "judge.cache_path": str(out / "judge_cache.sqlite")}
     if config.judge == STANDIN:  # its grades are recorded, and cached, under their own judge name
-        judge.append("judge.model=qed-jax-standin-judge")
+        judge["judge.model"] = "qed-jax-standin-judge"
     configs = []
     for name in config.eval.models:
         for b in config.eval.benchmarks:
             for mode in config.eval.modes:
-                rows = [f"benchmark.path={b.rows}"] if b.rows else []
-                c = stage_config(EvalConfig, StageConfig(b.config, config.eval.overrides), "eval", *rows,
-                                 f"model.path={models[name]}", "model.base_url=null", "model.name=null",
-                                 f"mode={mode}", *judge)
+                rows = {"benchmark.path": b.rows} if b.rows else {}
+                c = stage_config(EvalConfig, StageConfig(b.config, config.eval.overrides), "eval",
+                                 {**rows, "model.path": models[name], "model.base_url": None, "model.name": None,
+                                  "mode": mode, **judge})
                 configs.append(dataclasses.replace(c, output_dir=str(out / "eval" / f"{name}-{c.benchmark.name}-{mode}")))
     folders = [c.output_dir for c in configs]
     if len(set(folders)) < len(folders):
@@ -257,11 +258,11 @@ def stages(config: PipelineConfig, judge_url: str) -> Stages:
     from qed_jax import grpo, sft
 
     out = Path(config.output_dir)
-    sft_config = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={out / 'sft'}")
+    sft_config = stage_config(sft.SFTConfig, config.sft, "sft", {"output_dir": str(out / "sft")})
     base, sft_hf = base_model(sft_config, out), out / "sft" / "hf"
-    grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, "grpo", f"model.path={sft_hf}",
-                                                  "model.preset=null", "tokenizer=null",
-                                                  f"output_dir={out / 'grpo'}"), out / "judge_cache.sqlite")
+    grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, "grpo", {
+        "model.path": str(sft_hf), "model.preset": None, "tokenizer": None, "output_dir": str(out / "grpo")}),
+        out / "judge_cache.sqlite")
     models = {"base": base, "sft": str(sft_hf), "grpo": str(out / "grpo" / "hf")}
     evals = eval_configs(config, models, judge_url, out)
     check_export("sft", sft_config)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from qed_jax.config import ConfigError, load_config
-from qed_jax.pipeline import PipelineConfig, eval_configs, flatten, stage_config, with_judge
+from qed_jax.pipeline import PipelineConfig, as_overrides, eval_configs, stage_config, stages, with_judge
 from qed_jax.sft import SFTConfig
 from tests.helpers import cli_env
 
@@ -103,10 +103,21 @@ def test_stage_configs_chain_the_stages(tmp_path):
     assert c.output_dir == str(tmp_path / "eval/base-imo_proofbench-rc")
     assert (c.judge.base_url, c.judge.model) == ("http://x/v1", "qed-jax-standin-judge")
     assert c.rc.grade_turns and c.sampling.max_new_tokens == 48 and c.samples == 3
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == ["a.b=1", "a.c=[1, 2]", "d=null"]
+    assert as_overrides({"a": {"b": 1, "c": [1, 2]}, "d": None}) == ['a={"b": 1, "c": [1, 2]}', "d=null"]
     # Values read back as they were: a date YAML read as its text, any character (not broken surrogates).
-    odd = {"name": datetime.date(2024, 1, 2), "t": "Beweise 😀", "c": "a\x85b\x7f"}
-    assert [yaml.safe_load(o.split("=", 1)[1]) for o in flatten(odd)] == ["2024-01-02", "Beweise 😀", "a\x85b\x7f"]
+    odd = {"name": datetime.date(2024, 1, 2), "t": "Beweise 😀", "c": "a\x85b\x7f", "n": {"t": "😀"}}
+    assert [yaml.safe_load(o.split("=", 1)[1]) for o in as_overrides(odd)] == [
+        "2024-01-02", "Beweise 😀", "a\x85b\x7f", {"t": "😀"}]
+    # A mapping field in eval.overrides replaces the benchmark's (as on eval's command line); a
+    # section's mapping merges (the benchmark keeps its path).
+    grouped = load_config(PipelineConfig, ROOT / TINY, [
+        f"output_dir={tmp_path}",
+        'eval.overrides={benchmark: {group_field: problem_id, groups: {easy: "(?i)basic", hard: ".*"}}}'])
+    c = eval_configs(grouped, {m: m for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)[0]
+    assert (c.benchmark.groups, c.benchmark.path) == ({"easy": "(?i)basic", "hard": ".*"},
+                                                      "configs/data/imo_proofbench_sample.jsonl")
+    with pytest.raises(ConfigError, match="^eval.modes lists 'single' twice$"):
+        load_config(PipelineConfig, ROOT / TINY, ["eval.modes=[single, single]"])
 
     from qed_jax.grpo import GRPOConfig
 
@@ -125,6 +136,15 @@ def test_stage_configs_chain_the_stages(tmp_path):
         load_config(PipelineConfig, ROOT / TINY, ["judge=null"])
     with pytest.raises(ConfigError, match="unknown model 'rl'"):
         load_config(PipelineConfig, ROOT / TINY, ["eval.models=[base, rl]"])
+
+
+def test_paths_chaining_the_stages_are_passed_as_they_are(tmp_path):
+    out = tmp_path / "exp #2: a/b"  # a YAML comment and a mapping, were the path written bare
+    s = stages(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={json.dumps(str(out))}"]), "http://x/v1")
+    assert (s.sft.output_dir, s.grpo.output_dir, s.grpo.model.path) == (
+        str(out / "sft"), str(out / "grpo"), str(out / "sft" / "hf"))
+    assert {c.judge.cache_path for c in s.evals} == {str(out / "judge_cache.sqlite")}
+    assert {c.model.path for c in s.evals} == {s.base, str(out / "sft" / "hf"), str(out / "grpo" / "hf")}
 
 
 def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
@@ -161,7 +181,7 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
     from qed_jax.pipeline import run
 
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "judge=http://127.0.0.1:9/v1"])
-    started = stage_config(sft.SFTConfig, config.sft, "sft", f"output_dir={tmp_path / 'sft'}")
+    started = stage_config(sft.SFTConfig, config.sft, "sft", {"output_dir": str(tmp_path / "sft")})
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, steps=40)))
     with pytest.raises(ConfigError, match=r"\(steps: 40 -> 120\); a pipeline's run directory continues only as it "
