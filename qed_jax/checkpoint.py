@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import sys
 import time
 
@@ -223,6 +224,16 @@ def tree_misfit(stored, target, what: str) -> str | None:
     return None
 
 
+def data_writers(step_dir) -> int | None:
+    """How many processes wrote a checkpoint step's data-iterator state: Grain saves one file per
+    process, `process_<i>-of-<n>.json`; None when the step has none."""
+    for path in (epath.Path(step_dir) / "data").glob("process_*-of-*.json"):
+        found = re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name)
+        if found:
+            return int(found[1])
+    return None
+
+
 def remove_unfinished_saves(directory) -> None:
     """Delete the folders of saves that a kill cut short: on a local filesystem Orbax writes a
     step under `<step>.orbax-checkpoint-tmp…` and renames it once complete, so such a folder is
@@ -297,6 +308,13 @@ class TrainCheckpoints:
                             "convert` output?), not a trainer's checkpoint: to train from it, set model.path to "
                             f"{directory} and give checkpoint_dir (or output_dir) another folder")
                     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    writers = data_writers(directory / str(step))
+                    if writers not in (None, jax.process_count()):
+                        raise CheckpointError(
+                            f"{directory}: checkpoint step {step} was written by {writers} processes and this job has "
+                            f"{jax.process_count()}: each process's place in the data is saved apart, so the run "
+                            f"continues only with {writers} processes (a slice of the same size); or give this run "
+                            "another output_dir or checkpoint_dir")
                     misfit = tree_misfit(stored["params"].tree, params_target, "params") or \
                         tree_misfit(stored["opt_state"].tree, opt_target, "optimizer state")
             except CheckpointError:

@@ -202,6 +202,13 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
                            "steps=1", "export_dtype=null", f"output_dir={run}", "--resume-with-changes"], cwd=REPO,
                           env=cli_env(1), capture_output=True, text=True, timeout=300)
     refused(grpo, "its checkpoints were written by qed-jax sft, and this is qed-jax grpo: give this run its own")
+    # Written by a job of 2 processes (Grain's data state is one file per process), resumed by 1.
+    data = run / "checkpoints" / "2" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    refused(_sft(["steps=3", f"output_dir={run}", "--resume-with-changes"]),
+            "checkpoint step 2 was written by 2 processes and this job has 1: each process's place in the data is "
+            "saved apart, so the run continues only with 2 processes")
+    (data / "process_0-of-2.json").rename(data / "process_0-of-1.json")
 
     for step in (1, 2):
         _corrupt(run / "checkpoints" / str(step))
