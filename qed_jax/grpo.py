@@ -37,7 +37,7 @@ from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest
                                process_share, sampler_weights, sampling_meshes)
 from qed_jax.sampling import Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
-from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, check_rows_divide,
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_rows_divide,
                              data_parallel_size, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
                              load_model, make_optimizer, resolve_tokenizer, run_lock, start_or_resume)
 
@@ -621,6 +621,7 @@ def run_updates(learner: Learner, params, opt_state, ref_params, sequences: list
         num_sequences, num_tokens, packed_rows, most_rows = update_totals(len(kept), rows)
         if not num_sequences:
             log.warning("update %d of this step has no trained samples; skipped", m + 1)
+            updates.append(None)
             continue
         rows = pad_rows(rows, most_rows)
         if config.old_logprobs == "recompute":
@@ -628,7 +629,11 @@ def run_updates(learner: Learner, params, opt_state, ref_params, sequences: list
         updates.append((rows, num_sequences, num_tokens, packed_rows))
     history = []
     for _ in range(config.updates_per_step):
-        for rows, num_sequences, num_tokens, packed_rows in updates:
+        for update in updates:
+            if update is None:  # its place in the learning-rate schedule passes all the same
+                opt_state = advance_schedule(opt_state)
+                continue
+            rows, num_sequences, num_tokens, packed_rows = update
             params, opt_state, metrics = learner.update(params, opt_state, ref_params, rows, num_sequences, num_tokens)
             history.append({**metrics, "packed_rows": packed_rows})
     if not history:

@@ -151,6 +151,17 @@ def make_optimizer(config: OptimConfig, updates: int, mask: dict) -> optax.Gradi
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
 
 
+def advance_schedule(opt_state, updates: int = 1):
+    """`opt_state` with its learning-rate schedule moved on past `updates` optimizer updates that
+    were skipped (none of their samples trained): the schedule is sized in the run's updates, so
+    a skipped one still takes its place in it, or a cosine would never decay to its end. Adam's
+    own count, which its bias correction reads, stays at the updates its moments saw."""
+    def advance(node):
+        return node._replace(count=node.count + updates) if isinstance(node, optax.ScaleByScheduleState) else node
+
+    return jax.tree.map(advance, opt_state, is_leaf=lambda node: isinstance(node, optax.ScaleByScheduleState))
+
+
 def float32_init(optimizer):
     """`optimizer.init` with its moments in float32 whatever the parameters' dtype. Gradients are
     summed in float32 and Adam keeps its moments in the gradients' dtype, so moments made in

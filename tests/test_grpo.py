@@ -112,6 +112,35 @@ def test_dropped_groups_leave_the_sample_normalizer():
     assert seen == [(4, 4 * 4, 14)]
 
 
+def test_a_skipped_update_still_takes_its_place_in_the_learning_rate_schedule():
+    """A cosine sized for the run's updates reaches its end although the first steps train
+    nothing (every group dropped): the lr of each applied update is its place's in the run."""
+    import optax
+
+    from qed_jax.trainer import lr_schedule, make_optimizer
+
+    config = load_config(GRPOConfig, None, ["steps=10", "prompts_per_step=2", "samples_per_prompt=2", "train_length=8",
+                                            "max_prompt_length=4", "max_new_tokens=4", "optim.schedule=cosine",
+                                            "optim.warmup_ratio=0", "optim.lr=1.0", "optim.weight_decay=0",
+                                            "minibatches=2", "drop_zero_advantage_groups=true"])
+    optimizer = make_optimizer(config.optim, config.optimizer_updates, {"w": True})
+    applied = []
+
+    class Learner:  # the real optimizer on one weight; a constant gradient of 1 moves it by the lr (Adam)
+        def update(self, params, opt_state, ref, rows, num_sequences, num_tokens):
+            updates, opt_state = optimizer.update({"w": jnp.ones(())}, opt_state, params)
+            applied.append(-float(updates["w"]))
+            return optax.apply_updates(params, updates), opt_state, {"loss": 0.0}
+
+    params, opt_state = {"w": jnp.zeros(())}, optimizer.init({"w": jnp.zeros(())})
+    sequences = [{"tokens": np.zeros(4, np.int32), "mask": np.ones(4, np.float32)} for _ in range(4)]
+    for step in range(config.steps):  # steps 0-4 train nothing; from step 5 only update 2 of each step's 2 trains
+        trained = np.array([False, step >= 5] * 2)
+        params, opt_state, _ = run_updates(Learner(), params, opt_state, None, sequences, trained, config)
+    schedule = lr_schedule(config.optim, config.optimizer_updates)
+    np.testing.assert_allclose(applied, [float(schedule(2 * step + 1)) for step in range(5, 10)], rtol=1e-4)
+
+
 def test_each_update_takes_the_same_samples_whatever_the_number_of_processes():
     one = update_samples(12, 3)
     assert [u.tolist() for u in one] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
