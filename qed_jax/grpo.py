@@ -775,8 +775,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         grader.close()
         return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "start_step": start,
                 "complete": True, "process": jax.process_index()}
-    if isinstance(grader, Judge):  # find out now, not after a step's sampling
-        on_every_process(grader.check_reachable)
+    if isinstance(grader, Judge) and start < config.steps:  # find out now, not after a step's sampling (a run
+        on_every_process(grader.check_reachable)  # with only its export left grades nothing)
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)

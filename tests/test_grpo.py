@@ -409,6 +409,10 @@ def test_an_unreachable_judge_stops_grpo_before_it_samples_and_may_move(tmp_path
         assert train(load_config(GRPOConfig, TINY, args))["step"] == 1
         assert server.total > 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["judge"]["base_url"] == server.url
+    # A run with only its export left (stopped after its last step's save) grades nothing: no judge needed.
+    moved_exporting = [a.replace("export_dtype=null", "export_dtype=float32") for a in moved]
+    assert train(load_config(GRPOConfig, TINY, moved_exporting), resume_with_changes=True)["step"] == 1
+    assert (tmp_path / "run" / "hf" / "config.json").exists()
 
 
 def test_steps_against_the_loopback_judge(tmp_path):
