@@ -49,6 +49,7 @@ KINDS = ("proof", "answer")
 DEFAULT_FIELDS = {"id": "problem_id", "problem": "problem", "solution": "solution",
                   "guidelines": "grading_guidelines", "answer": "answer"}
 SAMPLES_FILE = "samples.jsonl"
+PROBLEMS_FILE = "problems.json"  # the benchmark's problem ids, in order: what a whole sample index covers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +413,21 @@ class RunLog:
             self.file.close()
 
 
+def read_problem_ids(run_dir: str | Path) -> list[str] | None:
+    """The ids of the problems a run evaluates (PROBLEMS_FILE), or None for a run from before
+    the file was written."""
+    path = Path(run_dir) / PROBLEMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ids = None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ConfigError(f"{path}: not a JSON list of problem ids; rerun the evaluation to write it again")
+    return ids
+
+
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     """A run's config and one merged record per sample: the sample plus its last grade (if any)
     and, in mode rc, `turn_scores`: each turn's score (None where not graded, or failed), the
@@ -748,11 +764,13 @@ def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
                               "choose another output_dir, or delete the old run")
 
 
-def prepare_output(config: EvalConfig) -> Path:
-    """The run directory with its config.json, for a config that check_rerun accepted."""
+def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
+    """The run directory with its config.json and the ids of the benchmark's problems, for a
+    config that check_rerun accepted."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", dump_json(config))
+    write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
     files = model_files(config)
     if files is not None and not (out / MODEL_FILES).is_file():
         (out / MODEL_FILES).write_text(json.dumps(files, indent=1) + "\n")
@@ -845,7 +863,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         if b.kind == "proof":  # every proof goes to the judge: find out now if there is none
             judge.check_reachable()
         generator = make_generator(config) if to_generate else None
-        prepare_output(config)  # every check passed: make the run directory
+        prepare_output(config, problems)  # every check passed: make the run directory
         runlog.start_appending()
         bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                    unit="sample", disable=not progress)

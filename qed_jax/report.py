@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qed_jax.config import ConfigError
-from qed_jax.evaluate import SAMPLES_FILE, read_run
+from qed_jax.evaluate import SAMPLES_FILE, read_problem_ids, read_run
 from qed_jax.judge import MAX_SCORE
 
 
@@ -29,16 +29,17 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
-def summarize(config: dict, records: list[dict]) -> dict:
-    """Statistics of one run. records: one per sample, with its last grade (evaluate.read_run)."""
+def summarize(config: dict, records: list[dict], problem_ids: list[str] | None = None) -> dict:
+    """Statistics of one run. records: one per sample, with its last grade (evaluate.read_run);
+    problem_ids: the benchmark's (evaluate.read_problem_ids), else those drawn so far."""
     k = config["samples"]
     graded = [r for r in records if r["graded"] and r["score"] is not None]
     failed = [r for r in records if r["graded"] and r["score"] is None]
     scores = [r["score"] for r in graded]
-    problems = {r["problem_id"] for r in records}
+    problems = {r["problem_id"] for r in records} | set(problem_ids or ())
     # avg@k: the mean over problems of each sample index, then the mean and spread of those means,
-    # over the indices drawn for every problem (a run stopped part-way leaves its last one partial:
-    # it counts in the mean of all samples, not as one of the k).
+    # over the indices drawn for every problem of the benchmark (a run stopped part-way leaves its
+    # last one partial: it counts in the mean of all samples, not as one of the k).
     whole = [i for i in range(k) if len({r["problem_id"] for r in records if r["sample"] == i}) == len(problems)]
     per_sample = [_mean([r["score"] for r in graded if r["sample"] == i]) for i in whole]
     per_sample = [m for m in per_sample if not math.isnan(m)]
@@ -64,7 +65,7 @@ def summarize(config: dict, records: list[dict]) -> dict:
         "problems": len(problems),
         "samples_per_problem": k,
         "samples": len(records),
-        "undrawn": len(problems) * k - len(records),  # of the problems drawn so far
+        "undrawn": len(problems) * k - len(records),  # (without problem_ids: of the problems drawn so far)
         "graded": len(graded),
         "failed": len(failed),
         "pending": len(records) - len(graded) - len(failed),
@@ -263,9 +264,10 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     summaries, runs = {}, {}
     for name, run_dir in zip(run_names(run_dirs), run_dirs):
         config, records = read_run(run_dir)
+        problem_ids = read_problem_ids(run_dir)
         if not records:
             raise ConfigError(f"{run_dir}: the run has no samples yet")
-        summaries[name], runs[name] = summarize(config, records), records
+        summaries[name], runs[name] = summarize(config, records, problem_ids), records
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)

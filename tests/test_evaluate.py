@@ -18,8 +18,8 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
-                               last_boxed, model_files, prepare_output, read_records, read_run, request_seed,
-                               sample_seed, turn_completion)
+                              last_boxed, model_files, prepare_output, read_problem_ids, read_records, read_run,
+                              request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
 from tests.helpers import cli_env
@@ -93,6 +93,7 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path, caplog):
         assert not any("I am confident" in b["messages"][0]["content"] for b in judge.bodies)
 
         config_dict, records = read_run(cfg.output_dir)
+        assert read_problem_ids(cfg.output_dir) == [row["problem_id"] for row in IMO_ROWS]
         by_key = {(r["problem_id"], r["sample"]): r for r in records}
         for (pid, k), r in by_key.items():
             expected = None if (pid, k) == FAILING else 0 if (pid, k) == TRUNCATED else MARKS[pid][k]
@@ -539,6 +540,11 @@ def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
     assert s["undrawn"] == 7 and s["mean"] == pytest.approx(21 / 5)  # the mean of all samples drawn
     assert "| avg@1 50.0 ± – |" in "| " + " | ".join(table_row("r", s)) + " |"
     assert "; 7 not drawn" in table_row("r", s)[9]
+    # Killed in its first round: sample 0 is whole only over the problems drawn so far, so with the
+    # benchmark's problem ids (the run directory's problems.json) it is not one of the k.
+    s = summarize(config, records, [f"p{i}" for i in range(6)])
+    assert (s["problems"], s["avg_at_k"]["k"], s["undrawn"]) == (6, 0, 13)
+    assert "| avg@0 – ± – |" in "| " + " | ".join(table_row("r", s)) + " |"
 
 
 def test_report_compares_runs_side_by_side(tmp_path):
@@ -633,7 +639,7 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     def rerun(*overrides):
         c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides)
         check_rerun(c)
-        return prepare_output(c)
+        return prepare_output(c, [])
 
     out = rerun("samples=2", "benchmark.limit=2")
     rerun("samples=3", "benchmark.limit=null", "judge.base_url=http://elsewhere/v1")  # more samples, every problem
@@ -668,7 +674,7 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
                    "model.name=null", f"model.path={model}", *overrides)
         check_rerun(c)
         check_model_unchanged(c)
-        return prepare_output(c)
+        return prepare_output(c, [])
 
     out = rerun("samples=1")
     rerun("samples=2")  # the same files: a rerun may extend the run
