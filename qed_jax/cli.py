@@ -179,8 +179,7 @@ def _generate_reasoning_cache(args) -> None:
                       "summarizer_finish_reason": t.summarizer_finish_reason} for t in result.turns]
             print(json.dumps({"prompt": prompt, "answer": result.answer, "turns": turns}))
         else:
-            last = result.turns[-1]
-            print(result.answer if last.finished_thinking else "[no </think> in the last turn: no answer]")
+            print(result.answer if result.answer is not None else "[no </think> in the last turn: no answer]")
 
 
 def _judge(args) -> int | None:

@@ -358,6 +358,12 @@ def check_sampling(params, prefix: str = "") -> None:
     asks for at least one token, a temperature of 0 or in [MIN_TEMPERATURE, inf), top_k >= 0 and
     0 < top_p <= 1."""
     require_at_least_one(params, ("max_new_tokens",), prefix)
+    check_temperature_and_filters(params, prefix)
+
+
+def check_temperature_and_filters(params, prefix: str = "") -> None:
+    """The part of `check_sampling` that is not the token budget (which the reasoning cache
+    names otherwise)."""
     if not (params.temperature == 0 or MIN_TEMPERATURE <= params.temperature < math.inf):
         raise ConfigError(f"{prefix}temperature must be 0 (greedy) or a finite number of at least "
                           f"{MIN_TEMPERATURE:g}, got {params.temperature}")

@@ -612,7 +612,7 @@ def rc_turn_record(turn) -> dict:
     null when the turn never wrote </think>), the policy's tokens (a stop token included), and
     the summary written after it (null after the last turn) with the summarizer's tokens."""
     summarized = turn.summary_ids is not None
-    return {"reasoning": turn.reasoning, "answer": turn.answer if turn.finished_thinking else None,
+    return {"reasoning": turn.reasoning, "answer": turn.answer,
             "tokens": turn.num_tokens, "finish_reason": turn.finish_reason, "summary": turn.summary,
             "summary_tokens": len(turn.summary_ids) if summarized else None, "summary_cut": turn.summary_cut,
             "summarizer_tokens": turn.summarizer_num_tokens if summarized else None}

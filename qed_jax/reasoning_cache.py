@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qed_jax.config import ConfigError, load_template, require_at_least_one
+from qed_jax.config import ConfigError, check_temperature_and_filters, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
                               cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop, fetch,
@@ -72,6 +72,7 @@ class RCParams:
     def __post_init__(self):
         require_at_least_one(self, ("turns", "reasoning_tokens", "summary_tokens", "max_turns", "summarizer_tokens"),
                              "RCParams.")
+        check_temperature_and_filters(self, "RCParams.")
         if self.turns > self.max_turns:
             raise ConfigError(f"RCParams.turns ({self.turns}) exceeds max_turns ({self.max_turns}); "
                               "raise max_turns (the turn capacity of the compiled loop)")
@@ -103,7 +104,7 @@ class Turn:
     summarizer_num_tokens: int = 0  # tokens the summarizer generated, a stop token included
     summarizer_finish_reason: str | None = None
     reasoning: str | None = None
-    answer: str | None = None
+    answer: str | None = None  # None when the turn did not close its thinking
     summary: str | None = None
 
     @property
@@ -118,7 +119,7 @@ class RCResult:
 
     @property
     def answer(self) -> str | None:
-        """The last turn's text after `</think>`; no fallback to earlier turns."""
+        """The last turn's text after `</think>` (None without one); no fallback to earlier turns."""
         return self.turns[-1].answer
 
 
@@ -529,7 +530,8 @@ class ReasoningCache:
         results = []
         for problem, turn_list in zip(problems, self.run_ids(ids, turns, key, row_ids)):
             for t in turn_list:
-                t.reasoning, t.answer = decode(t.reasoning_ids), decode(t.answer_ids)
+                t.reasoning = decode(t.reasoning_ids)
+                t.answer = decode(t.answer_ids) if t.finished_thinking else None  # none: not an empty one
                 t.summary = None if t.summary_ids is None else decode(t.summary_ids)
             results.append(RCResult(problem, turn_list))
         return results

@@ -500,7 +500,7 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
         for row, result in zip(IMO_ROWS, cache.run(prompts, key=jax.random.key(sample_seed(0, k)))):
             record = samples[(row["problem_id"], k)]
             assert [(t["reasoning"], t["answer"], t["summary"], t["tokens"]) for t in record["turns"]] == [
-                (t.reasoning, t.answer if t.finished_thinking else None, t.summary, t.num_tokens) for t in result.turns]
+                (t.reasoning, t.answer, t.summary, t.num_tokens) for t in result.turns]
             assert record["turns"][0]["summary"] is not None and record["turns"][2]["summary"] is None
             assert record["completion"] == turn_completion(record["turns"][2])
             assert record["completion_tokens"] == sum(t.num_tokens for t in result.turns)

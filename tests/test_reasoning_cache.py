@@ -135,8 +135,11 @@ def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
     expected = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False)
     for result, ref in zip(results, expected):
         assert [_as_reference(t, think_end) for t in result.turns] == ref
-        assert result.answer == tokenizer.decode(result.turns[-1].answer_ids, skip_special_tokens=False)
+        last = result.turns[-1]  # no answer (not an empty one) from a last turn that did not close its thinking
+        assert result.answer == (tokenizer.decode(last.answer_ids, skip_special_tokens=False)
+                                 if last.finished_thinking else None)
     turns = [t for r in results for t in r.turns]
+    assert any(not r.turns[-1].finished_thinking for r in results)
     # The cases the contract must handle all occur (else the fixture no longer tests them).
     assert any(t.finished_thinking for t in turns) and any(not t.finished_thinking for t in turns)
     assert any(t.summary_cut for t in turns)
@@ -226,6 +229,19 @@ def test_reasoning_and_summary_extraction():
     ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=False)
     assert np.asarray(n).tolist() == [3, 3, 2, 3, 3] and np.asarray(cut).tolist() == [True, True, False, False, True]
     assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6]]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -1.0, r"temperature must be 0 \(greedy\) or a finite number"),
+    ("temperature", float("nan"), r"temperature must be 0 \(greedy\) or a finite number"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"), ("top_p", 1.7, r"top_p must be in \(0, 1\]"),
+    ("top_k", -5, "top_k must be at least 0")])
+def test_rc_params_check_their_sampling_as_sampling_params_do(field, value, message):
+    # Else a negative temperature or top_p=0 decodes greedily, and NaN makes NaN logits, silently.
+    with pytest.raises(ConfigError, match=f"^RCParams.{message}"):
+        rc.RCParams(**{field: value})
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        SamplingParams(**{field: value})
 
 
 def test_templates_split_at_their_placeholders(tmp_path):
