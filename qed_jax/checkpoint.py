@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from qed_jax.config import ConfigError, ModelConfig
-from qed_jax.hf import ASSET_FILES, CheckpointError
+from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
@@ -68,11 +68,7 @@ def write_model_config(directory, config: ModelConfig, assets_from=None) -> None
         return
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    if assets_from is not None:
-        for name in ASSET_FILES:
-            src = epath.Path(assets_from) / name
-            if src.exists() and src.resolve() != (directory / name).resolve():
-                (directory / name).write_bytes(src.read_bytes())
+    copy_assets(assets_from, directory)
 
 
 def read_model_config(directory) -> ModelConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -400,16 +400,20 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
         (folder / "generation_config.json").write_text(json.dumps(_generation_config(folder), indent=2))
     # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
     # finished export): a kill before this line leaves a folder that is redone.
-    (folder / "config.json").write_text(json.dumps(config.to_hf(torch_dtype=target.name), indent=2))
+    (folder / "config.json").write_text(json.dumps({**config.to_hf(torch_dtype=target.name),
+                                                    **_special_ids(folder / "generation_config.json")}, indent=2))
     return folder
 
 
-def copy_assets(source: str | Path | None, dest: Path) -> None:
+def copy_assets(source, dest) -> None:
+    """The tokenizer and generation files (ASSET_FILES) of the folder `source`, local or remote
+    (gs://; None: nothing), copied into `dest`."""
     if source is None:
         return
+    source, dest = epath.Path(source), epath.Path(dest)
     for name in ASSET_FILES:
-        if (Path(source) / name).is_file() and Path(source).resolve() != dest.resolve():
-            shutil.copy2(Path(source) / name, dest / name)
+        if (source / name).exists() and (source / name).resolve() != (dest / name).resolve():
+            (dest / name).write_bytes((source / name).read_bytes())
 
 
 def _generation_config(folder: Path) -> dict:
@@ -421,4 +425,16 @@ def _generation_config(folder: Path) -> dict:
     if tok.is_file():
         added = {t["content"]: t["id"] for t in json.loads(tok.read_text()).get("added_tokens", [])}
         eos = [added[t] for t in ("<|im_end|>", "<|endoftext|>") if t in added]
-    return GenerationConfig(eos_token_id=eos or None).to_dict()
+    return GenerationConfig(eos_token_id=eos or None).to_diff_dict()
+
+
+def _special_ids(generation_config: Path) -> dict:
+    """The bos and eos ids of an export's generation config, for its config.json too (readers of
+    `config.eos_token_id` find none otherwise; the model's own config does not hold them)."""
+    try:
+        generation = json.loads(generation_config.read_text())
+    except (OSError, ValueError):  # a source's file that is not JSON: its config.json goes without
+        return {}
+    if not isinstance(generation, dict):
+        return {}
+    return {key: generation[key] for key in ("bos_token_id", "eos_token_id") if generation.get(key) is not None}

@@ -16,7 +16,7 @@ from qed_jax.config import PRESETS, ConfigError, ModelConfig
 from qed_jax.hf import CheckpointError, SafetensorsFolder
 from qed_jax.model import param_count
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, logical_to_spec, make_mesh
-from tests.helpers import hf_logits, make_hf_model
+from tests.helpers import hf_logits, make_hf_model, make_hf_model_with_tokenizer
 
 # (name, overrides): tied and untied; rope_theta 1e6 and 5e6; head_dim 24 != hidden/heads;
 # query/kv head ratios 1, 2 and 4; 3 or more layers.
@@ -85,7 +85,7 @@ def test_round_trip_fp32_is_bit_identical_and_loads_in_transformers(tmp_path):
     from transformers import Qwen3ForCausalLM
 
     src, out = tmp_path / "src", tmp_path / "out"
-    make_hf_model(src, tie_word_embeddings=False)
+    make_hf_model(src, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = qed_jax.from_pretrained(src)
     qed_jax.save_pretrained(model, out, dtype="float32")
     original, exported = _tensors(src), _tensors(out)
@@ -95,7 +95,9 @@ def test_round_trip_fp32_is_bit_identical_and_loads_in_transformers(tmp_path):
         assert np.array_equal(original[name], exported[name]), name
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
-    assert (out / "generation_config.json").exists()
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # from the source's generation config
+    assert json.loads((out / "generation_config.json").read_text()) == json.loads(
+        (src / "generation_config.json").read_text())
 
     tokens = np.random.default_rng(3).integers(0, 384, (2, 9))
     reloaded = Qwen3ForCausalLM.from_pretrained(out).eval()
@@ -168,6 +170,17 @@ def test_convert_cli_hf_orbax_hf_is_bit_identical(tmp_path):
     for name in original:
         assert original[name].dtype == back[name].dtype and np.array_equal(original[name], back[name]), name
     assert (tmp_path / "back" / "tokenizer_config.json").exists()
+
+
+def test_an_export_without_a_generation_config_stops_on_the_tokenizers_end_of_turn(tmp_path):
+    src = tmp_path / "hf"
+    _, tokenizer = make_hf_model_with_tokenizer(src)
+    (src / "generation_config.json").unlink()
+    qed_jax.save_pretrained(qed_jax.from_pretrained(src), tmp_path / "out")
+    end_of_turn = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == end_of_turn and None not in generation.values()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == end_of_turn
 
 
 def test_a_home_relative_path_and_a_model_config_that_does_not_fit_its_arrays(tmp_path, monkeypatch):
