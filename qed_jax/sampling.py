@@ -83,7 +83,7 @@ def filter_logits(logits, top_k, top_p):
     desc = jnp.where(jnp.arange(vocab)[None] < k[:, None], desc, -jnp.inf)
     probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    keep = before < top_p[:, None]
+    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1)  # 1 is off: a float32 cumsum may pass 1 short of the tail
     keep = keep.at[:, 0].set(True)
     threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < threshold, -jnp.inf, logits)

@@ -302,15 +302,17 @@ def test_sampler_derives_its_wave_from_the_mesh_and_kv_budget():
 
 def test_filter_logits_matches_numpy_reference():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
-    top_k = np.array([0, 1, 5, 0, 7, 50], np.int32)
-    top_p = np.array([1.0, 1.0, 1.0, 0.6, 0.4, 0.95], np.float32)
+    logits = rng.normal(size=(7, 50)).astype(np.float32) * 3
+    logits[6] = np.r_[30.0, np.zeros(49)]  # the tail's mass (1e-12) is past float32's resolution of 1
+    top_k = np.array([0, 1, 5, 0, 7, 50, 0], np.int32)
+    top_p = np.array([1.0, 1.0, 1.0, 0.6, 0.4, 0.95, 1.0], np.float32)
     out = np.asarray(sampling.filter_logits(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
-    for row in range(6):
+    for row in range(7):
         order = np.argsort(-logits[row])
         kept = order[: top_k[row] or 50]
-        probs = np.exp(_log_softmax(logits[row][kept]))
-        kept = kept[(np.cumsum(probs) - probs) < top_p[row]]
+        probs = np.exp(_log_softmax(logits[row][kept].astype(np.float64)))
+        if top_p[row] < 1:  # 1 is off
+            kept = kept[(np.cumsum(probs) - probs) < top_p[row]]
         assert set(np.flatnonzero(np.isfinite(out[row]))) == set(kept.tolist()), row
 
 
