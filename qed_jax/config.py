@@ -393,17 +393,30 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
     merge(node, {parts[-1]: value}, parts[:-1], cls)
 
 
+# A mapping field marked so (`dataclasses.field(metadata=WHOLE)`) is one value, which a mapping
+# given for it replaces: benchmark.groups, whose order and catch-all pattern go together.
+WHOLE = {"replaced_whole": True}
+
+
 def merge(into: dict, update: dict, path: list[str], cls) -> None:
     """`update` (at key path `path` of config class `cls`) merged into `into` in place: a mapping
-    given for a section is merged key by key, keeping the keys it does not set; any other value,
-    a mapping field's too, replaces what was there."""
+    given for a section or a mapping field is merged key by key, keeping the keys it does not
+    set, unless the field is marked WHOLE; any other value replaces what was there."""
     for key, value in update.items():
         here = [*path, key]
-        is_section = dataclasses.is_dataclass(field_type(cls, here))
-        if is_section and isinstance(value, dict) and isinstance(into.get(key), dict):
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and not replaced_whole(cls, here):
             merge(into[key], value, here, cls)
         else:
             into[key] = value
+
+
+def replaced_whole(cls, parts: list[str]) -> bool:
+    """Whether the field at the key path `parts` of config class `cls` is marked WHOLE."""
+    owner = field_type(cls, parts[:-1])
+    if not dataclasses.is_dataclass(owner):
+        return False
+    field = next((f for f in dataclasses.fields(owner) if f.name == parts[-1]), None)
+    return field is not None and field.metadata.get("replaced_whole", False)
 
 
 def field_type(cls, parts: list[str]):

@@ -34,9 +34,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (ConfigError, check_dtype, check_sampling, dump_json, get_dotted, is_missing_local_path,
-                            load_template, not_found, read_json_object, require_at_least_one, require_range,
-                            write_text_atomic)
+from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_sampling, dump_json, get_dotted,
+                            is_missing_local_path, load_template, not_found, read_json_object, require_at_least_one,
+                            require_range, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, chat_choice,
                            reason_counts, render_marking_scheme, reply_text, text_to_grade)
@@ -63,7 +63,7 @@ class BenchmarkConfig:
     # Where the reported split (e.g. Basic / Advanced) comes from: a column, and ordered
     # {label: regex}; a row takes the first label whose regex its column's text matches.
     group_field: str | None = None
-    groups: dict[str, str] | None = None
+    groups: dict[str, str] | None = dataclasses.field(default=None, metadata=WHOLE)  # an override replaces it
     limit: int | None = None  # the first N problems only (smoke runs)
     prompt_template: str | None = None  # default: proof_generation or answer_generation
 
@@ -207,10 +207,13 @@ class Sample:
 # Rows → problems → prompts
 
 
-def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig) -> list[Problem]:
+def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
+                       new_run: bool = True) -> list[Problem]:
     """Problems in row order, from (where, row) pairs as `data.read_rows` gives them; a row
     without the problem text (or, for answer benchmarks, the answer) is an error that names the
-    row and the column. A problem's id defaults to its row's index (0 for the first row)."""
+    row and the column. A problem's id defaults to its row's index (0 for the first row). A
+    group_field that no row has is an error for a `new_run`, a warning for one that goes on (its
+    samples were drawn under it, and benchmark.group_field is part of what the run is)."""
     from qed_jax.data import BadRow
 
     fields = config.field_map
@@ -248,8 +251,11 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig) -> 
         problems.append(Problem(id=pid, problem=text, solution=solution, guidelines=guidelines, answer=answer,
                                 group=group_of(row, config)))
     if config.group_field is not None and not any(isinstance(r, dict) and config.group_field in r for _, r in rows):
-        raise ConfigError(f"{config.path}: no row has the column {config.group_field!r} (benchmark.group_field) "
-                          "that sorts problems into benchmark.groups; set it to a column the rows have, or to null")
+        missing = (f"{config.path}: no row has the column {config.group_field!r} (benchmark.group_field) that sorts "
+                   "problems into benchmark.groups")
+        if new_run:
+            raise ConfigError(f"{missing}; set it to a column the rows have, or to null")
+        log.warning("%s, so every problem is in the group of an empty text", missing)
     if config.limit is not None:
         problems = problems[: config.limit]
     if not problems:
@@ -843,7 +849,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
 
     check_rerun(config)
     b = config.benchmark
-    problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b)
+    new_run = not (Path(config.output_dir) / SAMPLES_FILE).exists()
+    problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)

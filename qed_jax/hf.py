@@ -411,8 +411,11 @@ def copy_assets(source, dest) -> None:
     if source is None:
         return
     source, dest = epath.Path(source), epath.Path(dest)
+    remote = "://" in str(source) or "://" in str(dest)  # resolve() is for local paths only
+    if str(source) == str(dest) or (not remote and source.resolve() == dest.resolve()):
+        return
     for name in ASSET_FILES:
-        if (source / name).exists() and (source / name).resolve() != (dest / name).resolve():
+        if (source / name).exists():
             (dest / name).write_bytes((source / name).read_bytes())
 
 

@@ -84,11 +84,14 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_ge
     if not tokenizer.chat_template:
         raise ConfigError(f"the tokenizer {tokenizer.name_or_path or ''} has no chat template (a base model's?): "
                           "use the tokenizer of a chat model")
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **options)
+    except TemplateSyntaxError as e:  # the template itself, whatever the conversation
+        raise ConfigError(f"the chat template of the tokenizer {tokenizer.name_or_path or ''} is not valid "
+                          f"Jinja (line {e.lineno}: {e.message})") from None
     except TemplateError as e:
         raise ValueError(f"the chat template refuses this conversation ({e})") from None
 

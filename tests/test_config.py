@@ -342,10 +342,16 @@ def test_a_mapping_field_takes_a_mapping_of_text():
                               ("benchmark.groups.Basic=5", r"^benchmark\.groups\.Basic: expected text, but YAML read")):
         with pytest.raises(ConfigError, match=message):
             load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, override])
-    # A mapping field given a mapping is replaced as a whole (it is one field), a section's keys merged.
+    # A mapping given for a section or a mapping field merges into it, keeping the keys it does not
+    # set; benchmark.groups (an ordered classification with a catch-all) is replaced whole.
     for override in ("benchmark.groups={A: x}", "benchmark={groups: {A: x}}"):
         config = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", [*base, override])
         assert config.benchmark.groups == {"A": "x"} and config.benchmark.name == "imo_proofbench", override
+    for override in ("benchmark.fields={solution: ref}", "benchmark={fields: {solution: ref}}",
+                     "benchmark.fields.solution=ref"):
+        config = load_config(EvalConfig, REPO / "configs/eval/proofbench.yaml", [*base, override])
+        assert config.benchmark.fields == {"id": "problem_id", "problem": "problem", "solution": "ref",
+                                           "guidelines": "grading_scheme"}, override
 
 
 def test_a_mapping_given_for_a_section_keeps_the_files_other_keys(tmp_path):

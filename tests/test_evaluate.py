@@ -316,6 +316,10 @@ def test_benchmark_columns_are_checked_where_they_are_read():
     groups = {"recent": "2025", "earlier": ".*"}
     with pytest.raises(ConfigError, match=r"^b: no row has the column 'competition' \(benchmark.group_field\)"):
         problems([{"problem": "P", "contest": "IMO 2025"}], group_field="competition", groups=groups)
+    # A run that goes on was drawn under it (and may not change it): warned, grouped as before.
+    old_run = problems_from_rows([("line 1", {"problem": "P"})], BenchmarkConfig(
+        path="b", group_field="competition", groups=groups), new_run=False)
+    assert [p.group for p in old_run] == ["earlier"]
     rows = [{"problem": "P", "competition": "IMO 2025"}, {"problem": "Q", "competition": None}, {"problem": "R"}]
     assert [p.group for p in problems(rows, group_field="competition", groups={"recent": "2025", "none": "^$"})] == [
         "recent", "none", "none"]  # null, like a missing column, is "" (not the text "None")

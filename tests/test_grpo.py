@@ -139,6 +139,10 @@ def test_a_skipped_update_still_takes_its_place_in_the_learning_rate_schedule():
         params, opt_state, _ = run_updates(Learner(), params, opt_state, None, sequences, trained, config)
     schedule = lr_schedule(config.optim, config.optimizer_updates)
     np.testing.assert_allclose(applied, [float(schedule(2 * step + 1)) for step in range(5, 10)], rtol=1e-4)
+    counts = {type(s).__name__: int(s.count) for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda s: isinstance(s, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
+        if hasattr(s, "count")}
+    assert counts == {"ScaleByAdamState": 5, "ScaleByScheduleState": 20}  # Adam's bias correction: 5 applied
 
 
 def test_each_update_takes_the_same_samples_whatever_the_number_of_processes():

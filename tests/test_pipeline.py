@@ -116,6 +116,12 @@ def test_stage_configs_chain_the_stages(tmp_path):
     c = eval_configs(grouped, {m: m for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)[0]
     assert (c.benchmark.groups, c.benchmark.path) == ({"easy": "(?i)basic", "hard": ".*"},
                                                       "configs/data/imo_proofbench_sample.jsonl")
+    mapped = load_config(PipelineConfig, ROOT / TINY,
+                         [f"output_dir={tmp_path}", "eval.overrides.benchmark.fields.solution=ref"])
+    proofbench = [c for c in eval_configs(mapped, {m: m for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)
+                  if c.benchmark.name == "proofbench"][0]
+    assert proofbench.benchmark.field_map["solution"] == "ref"  # merged: its marking scheme's column kept
+    assert proofbench.benchmark.field_map["guidelines"] == "grading_scheme"
     with pytest.raises(ConfigError, match="^eval.modes lists 'single' twice$"):
         load_config(PipelineConfig, ROOT / TINY, ["eval.modes=[single, single]"])
 

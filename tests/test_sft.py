@@ -354,6 +354,9 @@ def test_a_row_the_chat_template_refuses_is_skipped_and_no_template_is_one_error
     tokenizer.chat_template = None  # a base model's tokenizer: not the rows' fault, so not a skip of each
     with pytest.raises(ConfigError, match=r"has no chat template \(a base model's\?\): use the tokenizer of a chat"):
         prepare_sft(rows, tokenizer, DataConfig())
+    tokenizer.chat_template = "{% for m in messages %}{{ m.content }"  # broken: nor is this
+    with pytest.raises(ConfigError, match=r"chat template of the tokenizer .* is not valid Jinja \(line 1: "):
+        prepare_sft(rows, tokenizer, DataConfig())
 
 
 def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
