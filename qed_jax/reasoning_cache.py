@@ -19,11 +19,12 @@ tokens, C turn capacity (max_turns).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import sys
 import types
 from collections.abc import Sequence
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import jax
@@ -43,6 +44,8 @@ REASONING_SLOTS = ("problem", "summary")
 SUMMARIZE_SLOTS = ("problem", "summary", "reasoning")
 # Stands for the user message while the chat template is rendered, to find its wrappers.
 _CONTENT_MARK = "\u2063QED_JAX_CONTENT\u2063"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,15 +376,28 @@ def rc_loop(policy_def, summarizer_def, shape: LoopShape, policy_state, summariz
     return history, caches
 
 
-def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
-                  ) -> tuple[int, ...]:
-    """KV slots of the policy's and the summarizer's cache (one cache when the policy summarizes
-    itself): each role's widest prompt plus its budget, rounded up as `cache_slots` does."""
+def turn_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
+                 ) -> tuple[int, ...]:
+    """The most positions a turn of the policy and of the summarizer takes (one model when the
+    policy summarizes itself): each role's widest prompt plus its budget."""
     reasoning = prompts.reasoning.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
     summarize = (prompts.summarize.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
                  + shape.summarizer_tokens)
-    lengths = (reasoning, summarize) if separate_summarizer else (max(reasoning, summarize),)
-    return tuple(cache_slots(n) for n in lengths)
+    return (reasoning, summarize) if separate_summarizer else (max(reasoning, summarize),)
+
+
+def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
+                  ) -> tuple[int, ...]:
+    """KV slots of the policy's and the summarizer's cache: `turn_lengths` rounded up as
+    `cache_slots` does."""
+    return tuple(cache_slots(n) for n in turn_lengths(prompts, problem_tokens, shape, separate_summarizer))
+
+
+@cache  # once per length and model limit, not at every call
+def _warn_past_trained_positions(role: str, length: int, limit: int) -> None:
+    log.warning("a reasoning-cache turn of the %s takes up to %d positions (prompt, summary and budget), past the "
+                "model's max_position_embeddings (%d): positions beyond it were never trained; lower the token "
+                "budgets for this model", role, length, limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +501,13 @@ class ReasoningCache:
         row_ids = checked_row_ids(row_ids, len(problems))
         key = jax.random.key(p.seed) if key is None else key
         width = self.problem_width(problems)
+        separate = self.summarizer_def is not None
+        roles = (("policy", self.policy_config), ("summarizer", self.summarizer_config)) if separate else (
+            ("policy", self.policy_config),)
+        for (role, config), length in zip(roles, turn_lengths(self.prompts, max(map(len, problems)), self.shape(),
+                                                              separate)):
+            if length > config.max_position_embeddings:
+                _warn_past_trained_positions(role, length, config.max_position_embeddings)
         rows = p.batch_size or len(problems)
         rows = -(-rows // self.batch_shards) * self.batch_shards  # rows split evenly over the mesh
         summaries = turns if p.summarize_last else turns - 1

@@ -231,6 +231,25 @@ def test_reasoning_and_summary_extraction():
     assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6]]
 
 
+def test_a_turn_past_the_trained_positions_warns_once(caplog):
+    tokenizer = load_tokenizer(TOKENIZER)
+    params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=4, temperature=0.0, no_summary="none",
+                         max_turns=1)
+    probe = rc.ReasoningCache(_model(1), tokenizer, params)
+    problem = tokenizer(PROBLEMS[0], add_special_tokens=False)["input_ids"]
+    (length,) = rc.turn_lengths(probe.prompts, len(problem), probe.shape(), False)
+    limit = length - 1  # one position short of the longest turn
+    loop = rc.ReasoningCache(_model(1, preset("tiny").replace(max_position_embeddings=limit)), tokenizer, params)
+    rc._warn_past_trained_positions.cache_clear()  # whatever another test warned of
+    with caplog.at_level(logging.WARNING, logger="qed_jax.reasoning_cache"):
+        for _ in range(2):  # once, not at every call
+            loop.run_ids([problem])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"a reasoning-cache turn of the policy takes up to {length} positions (prompt, summary and budget), past the "
+        f"model's max_position_embeddings ({limit}): positions beyond it were never trained; lower the token "
+        "budgets for this model"]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", -1.0, r"temperature must be 0 \(greedy\) or a finite number"),
     ("temperature", float("nan"), r"temperature must be 0 \(greedy\) or a finite number"),
