@@ -33,6 +33,9 @@ def checkout(revision: str, into: Path) -> Path:
     return into
 
 
+COMPARED = ("train_step", "sampling")  # the benchmarks `metrics` reads
+
+
 def metrics(result: dict) -> dict:
     """The figures compared, by name, from one benchmark JSON."""
     if result["benchmark"] == "train_step":
@@ -73,6 +76,10 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give the benchmark after --, e.g. -- bench/train_step.py --skip-torch")
+    if Path(command[0]).stem not in COMPARED:
+        p.error(f"{command[0]}: ab.py compares {' and '.join(f'bench/{name}.py' for name in COMPARED)} only")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     runs = {"base": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:

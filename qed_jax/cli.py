@@ -292,6 +292,7 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
     backend."""
     from qed_jax.config import dump_json, load_config
 
+    check_distributed_flags(args)
     config = load_config(config_cls, args.config, args.overrides)
     if args.config is None and not args.overrides and not args.print_config:
         raise ConfigError(f"no --config: start from one, e.g. --config {args.config_example} (the defaults alone "
@@ -351,14 +352,30 @@ def _plan(args) -> int | None:
         return 1
 
 
+def check_distributed_flags(args) -> None:
+    """The multi-host flags go together: --num-processes and --process-id with --coordinator
+    (alone they would be ignored, and each worker would train a run of its own)."""
+    given = [f for f in ("num_processes", "process_id") if getattr(args, f) is not None]
+    if given and not args.coordinator:
+        raise ConfigError(f"{_flag(given[0])} goes with --coordinator (the coordinator's host:port); add it, or drop "
+                          f"{' and '.join(_flag(f) for f in given)}")
+    if args.coordinator and len(given) < 2:
+        raise ConfigError("--coordinator needs --num-processes and --process-id too")
+
+
 def _init_distributed(args) -> None:
     """Multi-host: on TPU pods `--distributed` auto-detects the slice; elsewhere name the
     coordinator, the number of processes and this process's id."""
     if args.distributed or args.coordinator:
         import jax
 
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        try:
+            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                       process_id=args.process_id)
+        except ValueError as e:  # what it could not find out (not on a TPU pod slice)
+            raise ConfigError(f"jax.distributed.initialize: {str(e).strip().splitlines()[0]} (on a TPU pod slice "
+                              "--distributed finds the slice itself; elsewhere give --coordinator, --num-processes "
+                              "and --process-id)") from None
 
 
 def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
@@ -471,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "The API key is read from the environment variable judge.api_key_env.")
     p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section); default: "
                    "the built-in defaults, the recipe's RL grader (template rl_grader) at "
-                   "http://localhost:8000/v1")
+                   "http://localhost:8000/v1, caching grades in ./judge_cache.sqlite")
     p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
                    ".json array, a .parquet file or a Hugging Face dataset id")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
@@ -563,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log at DEBUG level, and show the traceback of an error")
         p.set_defaults(parser=p)
+    for p in (parser, *sub.choices.values()):  # no prefixes: --resume must not mean --resume-with-changes
+        p.allow_abbrev = False
     return parser
 
 

@@ -239,6 +239,28 @@ def test_verbose_is_accepted_before_and_after_the_command():
     assert not parser.parse_args(["sft"]).verbose
 
 
+def test_a_flag_is_never_taken_from_a_prefix_and_multi_host_flags_go_together(tmp_path, capsys):
+    # A user's "--resume" (continue this run) must not turn on --resume-with-changes.
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["sft", "--resume"])
+    assert "unrecognized arguments: --resume" in capsys.readouterr().err
+    base = ["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path / 'run'}"]
+    for flags, message in [(["--num-processes", "2", "--process-id", "1"], "--num-processes goes with --coordinator "
+                            "(the coordinator's host:port); add it, or drop --num-processes and --process-id"),
+                           (["--coordinator", "localhost:1"], "--coordinator needs --num-processes and --process-id "
+                            "too")]:
+        assert cli.main([*base, *flags]) == 2  # else each worker would train a run of its own
+        assert capsys.readouterr().err.strip() == f"qed-jax sft: error: {message}"
+    # --distributed off a TPU pod slice: JAX cannot find the coordinator (a fresh process: JAX must not have started).
+    result = subprocess.run([sys.executable, "-m", "qed_jax.cli", *base, "--distributed"], cwd=REPO, env=cli_env(1),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "qed-jax sft: error: jax.distributed.initialize: "), result.stderr[-2000:]
+    assert "--distributed finds the slice itself; elsewhere give --coordinator, --num-processes and --process-id" in \
+        result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "none.jsonl"
     assert cli.main(["judge", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
@@ -384,3 +406,12 @@ def test_verbose_shows_a_config_errors_traceback(capsys):
     finally:  # -v logged DEBUG to this test's captured stderr: not to it once it is closed
         logging.basicConfig(level=logging.WARNING, force=True, stream=sys.__stderr__)
         logging.getLogger("qed_jax").setLevel(logging.INFO)
+
+
+def test_bench_ab_refuses_what_it_cannot_compare_before_running_anything():
+    for args, message in ((["--", "bench/reasoning_cache.py"], "bench/reasoning_cache.py: ab.py compares "
+                           "bench/train_step.py and bench/sampling.py only"),
+                          (["--rounds", "0", "--", "bench/train_step.py"], "--rounds must be at least 1, got 0")):
+        result = subprocess.run([sys.executable, "bench/ab.py", "--base", "HEAD", *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"ab.py: error: {message}"
