@@ -243,11 +243,16 @@ def run_names(run_dirs: list[str]) -> list[str]:
 
 def runs_in(folder: str) -> list[str]:
     """The eval runs a folder names: itself when it is one (or is not a folder: read_run says
-    why), else the runs directly inside it, in name order."""
+    why), else the runs directly inside it, else those one level further down (a pipeline's
+    output_dir, whose runs are in eval/), in name order."""
     path = Path(folder)
     if (path / SAMPLES_FILE).is_file() or not path.is_dir():
         return [folder]
-    return sorted(str(d) for d in path.iterdir() if (d / SAMPLES_FILE).is_file()) or [folder]
+    for pattern in ("*", "*/*"):
+        runs = sorted(str(d) for d in path.glob(pattern) if (d / SAMPLES_FILE).is_file())
+        if runs:
+            return runs
+    return [folder]
 
 
 def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:

@@ -580,6 +580,10 @@ def test_report_compares_runs_side_by_side(tmp_path):
         report([str(tmp_path / "nope")])
     # A folder of runs stands for them: here the one run inside.
     assert report([str(tmp_path / "a")], plots=False)[0] == report(runs[:1], output=str(tmp_path / "a"), plots=False)[0]
+    # A pipeline's output_dir: its runs one level further down (eval/MODEL-BENCHMARK-MODE).
+    shutil.copytree(runs[0], tmp_path / "pipeline" / "eval" / "base-proofbench-single")
+    text, out, _ = report([str(tmp_path / "pipeline")], plots=False)
+    assert out == tmp_path / "pipeline" and "| base-proofbench-single | proofbench |" in text
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=f"^{root}/empty: not an eval run directory"):
         report([str(tmp_path / "empty")])
