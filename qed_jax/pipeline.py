@@ -297,11 +297,13 @@ def run(config: PipelineConfig) -> dict:
     from qed_jax import grpo, sft
     from qed_jax.evaluate import check_rerun, evaluate
     from qed_jax.report import report
+    from qed_jax.rundir import run_lock
     from qed_jax.standin_judge import StandinJudge
 
     out = Path(config.output_dir)
     standin = StandinJudge() if config.judge == STANDIN else contextlib.nullcontext()
-    with standin:
+    # One pipeline per output_dir: each stage locks its own folder, the base export is the pipeline's.
+    with run_lock(out), standin:
         judge_url = standin.url if config.judge == STANDIN else config.judge
         s = stages(config, judge_url)
         sft_config, base, grpo_config, evals = s.sft, s.base, s.grpo, s.evals

@@ -194,7 +194,20 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
                                           r"started \(config and data\).*use a new output_dir$") as error:
         run(config)
     assert "--resume-with-changes" not in str(error.value)  # the pipeline has no such flag
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # nothing ran: not even the base export
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "sft"]  # nothing ran: not even the base export
+
+
+def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path):
+    import os
+
+    from qed_jax.pipeline import run
+    from qed_jax.rundir import run_lock
+
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path / 'p'}"])
+    with run_lock(tmp_path / "p"):  # as a first pipeline holds it
+        with pytest.raises(ConfigError, match=rf"^{tmp_path}/p is in use by another run \(pid {os.getpid()} on "):
+            run(config)
+        assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [".lock"]  # no stage ran
 
 
 def test_a_rerun_that_would_shrink_an_evaluation_is_refused_before_any_stage(tmp_path):
@@ -208,4 +221,4 @@ def test_a_rerun_that_would_shrink_an_evaluation_is_refused_before_any_stage(tmp
     (Path(started.output_dir) / "config.json").write_text(dump_json(started))  # samples=3
     with pytest.raises(ConfigError, match="base-imo_proofbench-single holds a run with samples=3: .* shrink it to 1"):
         run(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "eval.overrides.samples=1"]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no stage ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # no stage ran
