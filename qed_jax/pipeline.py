@@ -103,9 +103,10 @@ def yaml_escape(pair: re.Match) -> str:
 def as_overrides(values: dict | None) -> list[str]:
     """`key=value` overrides that set each of `values` as it is: the value written as JSON, which
     the YAML loader reads back (a path with " #" or ": " in it stays the one string; a date as its
-    text, as a stage's own YAML would give it). A mapping given for a section merges into it; one
-    for a mapping field (benchmark.groups) replaces it (`config.merge`). A character past U+FFFF
-    is written as YAML's \\U escape: YAML reads JSON's pair of \\u surrogates as two broken characters."""
+    text, as a stage's own YAML would give it). A mapping merges into the section or mapping field
+    it is given for, except benchmark.groups, which it replaces (`config.merge`). A character past
+    U+FFFF is written as YAML's \\U escape: YAML reads JSON's pair of \\u surrogates as two broken
+    characters."""
     return [f"{key}={SURROGATE_PAIR.sub(yaml_escape, json.dumps(value, default=str))}"
             for key, value in (values or {}).items()]
 

@@ -475,8 +475,14 @@ class ReasoningCache:
         if caches is not None and tuple((c.batch, c.max_len) for c in caches) == tuple((batch, n) for n in lengths):
             return caches
         del caches
-        configs = (self.policy_config,) if self.summarizer_def is None else (self.policy_config, self.summarizer_config)
-        return tuple(new_kv_cache(c, batch, n, c.dtype, self.mesh, self.rules) for c, n in zip(configs, lengths))
+        return tuple(new_kv_cache(config, batch, n, config.dtype, self.mesh, self.rules)
+                     for (_, config), n in zip(self.roles(), lengths))
+
+    def roles(self) -> tuple[tuple[str, object], ...]:
+        """(role, model config) of each model the loop runs, in `cache_lengths`' order: the policy,
+        and a separate summarizer if there is one."""
+        policy = ("policy", self.policy_config)
+        return (policy,) if self.summarizer_def is None else (policy, ("summarizer", self.summarizer_config))
 
     def problem_width(self, problems: list[list[int]]) -> int:
         longest = max(len(p) for p in problems)
@@ -501,11 +507,8 @@ class ReasoningCache:
         row_ids = checked_row_ids(row_ids, len(problems))
         key = jax.random.key(p.seed) if key is None else key
         width = self.problem_width(problems)
-        separate = self.summarizer_def is not None
-        roles = (("policy", self.policy_config), ("summarizer", self.summarizer_config)) if separate else (
-            ("policy", self.policy_config),)
-        for (role, config), length in zip(roles, turn_lengths(self.prompts, max(map(len, problems)), self.shape(),
-                                                              separate)):
+        lengths = turn_lengths(self.prompts, max(map(len, problems)), self.shape(), self.summarizer_def is not None)
+        for (role, config), length in zip(self.roles(), lengths):
             if length > config.max_position_embeddings:
                 _warn_past_trained_positions(role, length, config.max_position_embeddings)
         rows = p.batch_size or len(problems)
