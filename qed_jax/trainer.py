@@ -258,11 +258,12 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
     `out`), and every process acts on that."""
     path = out / "config.json"
     changes, refusal = [], None
-    if jax.process_index() == 0 and path.exists():
+    if jax.process_index() == 0:
         try:
-            new = json.loads(json.dumps(to_dict(config)))
-            changes = config_changes(read_run_config(path, out, new), new)
-        except ConfigError as e:
+            if path.exists():
+                new = json.loads(json.dumps(to_dict(config)))
+                changes = config_changes(read_run_config(path, out, new), new)
+        except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
     if largest(int(refusal is not None)):
         raise refusal or ConfigError(f"{out}: process 0 cannot continue this run directory (its log says why)")

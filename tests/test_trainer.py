@@ -271,6 +271,26 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
         check_run_config(tmp_path, config, resume_with_changes=False)
 
 
+def test_any_failure_reading_the_run_config_reaches_the_other_processes(tmp_path, monkeypatch):
+    """Process 0 reads config.json alone; the others wait in `largest` for its verdict. An error of
+    any kind there must go through that agreement (here a stand-in for an unforeseen one), else
+    the other processes of a pod wait for process 0 until the collective times out."""
+    from qed_jax import trainer
+
+    config = load_config(sft.SFTConfig, REPO / "configs/sft/tiny.yaml")
+    (tmp_path / "config.json").write_text("{}")
+    agreed = []
+    monkeypatch.setattr(trainer, "largest", lambda value: agreed.append(value) or value)
+
+    def unforeseen(*args):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(trainer, "read_run_config", unforeseen)
+    with pytest.raises(RuntimeError, match="unforeseen"):
+        trainer.check_run_config(tmp_path, config, resume_with_changes=True)
+    assert agreed == [1]
+
+
 def test_a_mesh_that_does_not_fit_the_devices_says_what_to_set():
     from qed_jax.sharding import MeshConfig, make_mesh
 
