@@ -20,7 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qed_jax.attention import (cached_attention, causal_attention, from_split_layout, platform, split_cached_attention,
-                               to_split_layout)
+                               splash_block, to_split_layout)
 from qed_jax.config import ModelConfig
 
 # What a rematerialized block keeps for the backward pass besides its input, which the layer
@@ -177,6 +177,11 @@ class Qwen3(nnx.Module):
         B, T = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         implementation = self.config.attention
+        if implementation == "splash" and not splash_block(T):
+            # A model trained with splash still samples prompts of any width (the sampler's
+            # buckets start at 64, the reasoning cache's prompts are as long as they are): where
+            # the kernel cannot serve the width, another implementation gives the same numbers.
+            implementation = "auto"
 
         def attend(q, k, v, cache, layer):
             start = (layer, 0, 0, 0, 0)

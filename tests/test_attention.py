@@ -94,6 +94,18 @@ def test_prefill_equals_decode_at_positions_from_zero(name):
     np.testing.assert_allclose(filled.v, ref_cache.v, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_trained_with_splash_prefills_prompts_of_any_width():
+    """The sampler prefills prompts in buckets from 64 tokens, the reasoning cache at whatever
+    width its prompts have: widths the kernel cannot serve (a multiple of 128) must not stop a
+    model whose config says splash from sampling."""
+    tokens = jax.random.randint(jax.random.key(3), (2, 37), 0, TINY.vocab_size)
+    cache = KVCache.zeros(TINY, 2, 64)
+    ref, ref_cache = _tiny_model("xla").prefill(tokens, cache, logits_at=jnp.array([36, 20]))
+    logits, filled = _tiny_model("splash").prefill(tokens, cache, logits_at=jnp.array([36, 20]))
+    np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(filled.k, ref_cache.k, rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_splash_equals_unsharded():
     """On a data x fsdp x tensor mesh the kernel runs per shard: batch split 4 ways, query and kv
     heads split 2 ways (each shard keeps whole kv groups)."""
