@@ -195,7 +195,10 @@ class Qwen3(nnx.Module):
 
     def decode(self, input_ids, positions, cache: KVCache, logits_at=None, weights: DecodeWeights | None = None):
         """Forward with a KV cache: token t of row b is written to cache slot positions[b, t] and
-        attends to slots 0..positions[b, t] of its row. Returns (logits [B, T, V], new cache);
+        attends to slots 0..positions[b, t] of its row; positions must be below the cache's
+        length (a traced program cannot check them, and XLA drops a write past the end, so the
+        token would attend without itself: the sampler sizes its caches by `sampling.cache_slots`
+        for that). Returns (logits [B, T, V], new cache);
         with `logits_at` [B] (an index into T per row), logits [B, V] at that token only, so a
         prefill never computes the vocabulary projection for every prompt position. Attention
         reads the cache only up to the furthest position (`attention.cached_attention`: on TPU
