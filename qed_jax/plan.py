@@ -201,7 +201,8 @@ def program_flops(jaxpr) -> float:
     """FLOPs of the matrix products in a (closed) jaxpr, 2 per multiply-add, for the whole
     global computation. Scan bodies count `length` times (XLA's cost analysis counts a loop body
     once), a while loop's body once (its trip count is data dependent: one decode step), a cond
-    its costliest branch, a shard_map body once per shard, a Pallas kernel its cost estimate.
+    its costliest branch, a shard_map body once per shard, a Pallas kernel its cost estimate
+    (the splash kernels, which have none, by `splash_flops`).
     Rematerialized blocks appear twice in a gradient's jaxpr, as they run."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
@@ -212,7 +213,7 @@ def program_flops(jaxpr) -> float:
             continue
         if name == "pallas_call":
             estimate = eqn.params.get("cost_estimate")
-            total += estimate.flops if estimate is not None else 0.0
+            total += estimate.flops if estimate is not None else splash_flops(eqn)
             continue
         inner = [program_flops(j) for j in jaxprs_in_params(eqn.params)]
         if name == "scan":
@@ -225,6 +226,29 @@ def program_flops(jaxpr) -> float:
         else:
             total += sum(inner)
     return total
+
+
+# Matrix products per (query block, key block) pair in the splash kernels: the forward's scores
+# and output; dq's scores, probabilities' gradient and dq; dkv's scores, probabilities'
+# gradient, dv and dk.
+SPLASH_PRODUCTS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+
+
+def splash_flops(eqn) -> float:
+    """FLOPs of a Pallas kernel without a cost estimate: one of `attention.splash_attention`'s
+    (jax.experimental's splash kernels carry none), else 0. Those run a causal mask in square
+    blocks, n per sequence (the grid's last axis), and skip the pairs above the diagonal: n(n+1)/2
+    block pairs per head and row, each `SPLASH_PRODUCTS` products of [block, H] by [H, block]."""
+    kernel = str(eqn.params.get("name", ""))
+    products = next((count for prefix, count in SPLASH_PRODUCTS.items() if kernel.startswith(prefix)), None)
+    if products is None:
+        return 0.0
+    # The queries (or, backward, their gradient: the same shape) are the largest operand:
+    # [..., N, T, H], rows and heads leading.
+    q = max((v.aval.shape for v in eqn.invars if len(v.aval.shape) >= 3), key=math.prod)
+    n = eqn.params["grid_mapping"].grid[-1]
+    block = q[-2] // n
+    return math.prod(q[:-2]) * n * (n + 1) / 2 * products * 2.0 * block * block * q[-1]
 
 
 def dot_flops(lhs_shape, rhs_shape, dimension_numbers) -> float:

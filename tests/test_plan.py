@@ -110,6 +110,30 @@ def test_program_flops_count_the_decode_kernels_attention_over_the_whole_cache()
     assert plan.program_flops(jaxpr) == 4 * B * K * G * S * H  # scores and values: an upper bound
 
 
+@pytest.mark.parametrize("T, computed", [(512, 1.0), (1024, 3 / 4), (2048, 10 / 16)])
+def test_program_flops_count_the_splash_kernels_as_the_xla_attention_they_replace(T, computed):
+    """The splash kernels carry no cost estimate. Counted against XLA's attention, which forms
+    every score: the kernels compute only the 512-slot block pairs on and below the diagonal
+    (all of them at T = 512, 3 of 4 at 1,024, 10 of 16 at 2,048), and the backward kernels form
+    the scores again, dq and dkv each (9 products per block pair against XLA's 6)."""
+    from qed_jax import attention
+
+    B, N, K, H = 2, 4, 2, 32
+    q, kv = jnp.zeros((B, T, N, H)), jnp.zeros((B, T, K, H))
+
+    def flops(implementation, grad):
+        def f(q, k, v):
+            out = implementation(q, k, v)
+            return out.sum() if grad else out
+        return plan.program_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)) if grad else f)(q, kv, kv))
+
+    splash = partial(attention.splash_attention, interpret=True)
+    assert flops(splash, grad=False) == computed * flops(attention.xla_attention, grad=False)
+    # (and an einsum outside the kernels, sum(out x d_out) per query: under 0.03 %)
+    assert flops(splash, grad=True) == pytest.approx(computed * 9 / 6 * flops(attention.xla_attention, grad=True),
+                                                     rel=1e-3)
+
+
 def test_program_flops_of_a_gradient_counts_forward_backward_and_remat():
     B, D, L = 4, 8, 3
 
