@@ -4,7 +4,7 @@ the code to every worker, run one command on all workers at once, and babysit a 
 through preemptions. Standard library only, so it runs on a laptop that has `gcloud`.
 
     python tpu_scripts/tpu.py launch my-slice --zone us-east5-a --accelerator-type v5p-64 --capacity spot \\
-        -- qed-jax sft --config configs/sft/qed_nano_4b.yaml checkpoint_dir=gs://B/run --distributed
+        -- qed-jax sft --config configs/sft/qed_nano_4b.yaml micro_batches=1 checkpoint_dir=gs://B/run --distributed
 
 Every command takes --dry-run, which prints the gcloud commands instead of running them.
 """
