@@ -35,7 +35,7 @@ from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, Ju
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes)
-from qed_jax.sampling import Sampler, SamplingParams
+from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_rows_divide,
                              data_parallel_size, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
@@ -344,6 +344,12 @@ class GRPOConfig:
         if self.samples_per_step % self.minibatches:
             raise ConfigError(f"samples per step ({self.samples_per_step}) must be divisible by "
                               f"minibatches ({self.minibatches})")
+        if self.max_prompt_length > DEFAULT_BUCKETS[-1]:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) is longer than the sampler's longest "
+                              f"prompt bucket ({DEFAULT_BUCKETS[-1]} tokens): lower it")
+        if self.rc is not None and self.max_prompt_length <= self.rc.summary_tokens:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be longer than rc.summary_tokens "
+                              f"({self.rc.summary_tokens}): the reasoning prompt holds the problem beside the summary")
         if self.row_length < self.max_prompt_length + self.max_new_tokens:
             raise ConfigError(f"train_length ({self.train_length}) must hold the longest sequence: "
                               f"max_prompt_length + max_new_tokens = {self.max_prompt_length + self.max_new_tokens}")
@@ -398,13 +404,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     prompt by the RC token contract). Rows without a problem or too long are skipped."""
     from qed_jax.tokenizer import chat_prompt
 
-    limit = config.max_prompt_length
-    if config.rc is not None:
-        limit -= config.rc.summary_tokens + rc_template_tokens(config.rc, tokenizer)
-        if limit < 1:
-            raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) leaves no room for a problem next to "
-                              f"rc.summary_tokens ({config.rc.summary_tokens}) and the reasoning template's own "
-                              f"{config.max_prompt_length - limit - config.rc.summary_tokens} tokens: raise it")
+    limit = problem_token_limit(config, tokenizer)
     rows = read_rows(config.data.path, config.data.name, config.data.split)
     # The rubric under the configured key, else under the other one the judge accepts.
     rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
@@ -435,6 +435,20 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     if not prompts:
         raise ConfigError(f"{config.data.path}: no usable prompts")
     return prompts
+
+
+def problem_token_limit(config: GRPOConfig, tokenizer) -> int:
+    """The most tokens a problem may take: max_prompt_length, less with RC the summary's and the
+    reasoning template's own (a ConfigError when that leaves none)."""
+    if config.rc is None:
+        return config.max_prompt_length
+    template = rc_template_tokens(config.rc, tokenizer)
+    limit = config.max_prompt_length - config.rc.summary_tokens - template
+    if limit < 1:
+        raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) leaves no room for a problem next to "
+                          f"rc.summary_tokens ({config.rc.summary_tokens}) and the reasoning template's own "
+                          f"{template} tokens: raise it")
+    return limit
 
 
 def rc_template_tokens(rc: RCTrainConfig, tokenizer) -> int:

@@ -503,6 +503,18 @@ def abstract_rc_prompts(rc, mesh):
                          pieces(rc.summarize_template, rcm.SUMMARIZE_SLOTS))
 
 
+def check_problem_room(config) -> None:
+    """What `qed-jax grpo` refuses when it reads the prompts: an RC config whose reasoning prompt
+    leaves a problem no tokens. Its template is counted by the run's tokenizer, so only where that
+    is a folder on this machine (the plan fetches nothing from the Hub)."""
+    from qed_jax.grpo import problem_token_limit
+    from qed_jax.tokenizer import load_tokenizer
+
+    path = config.tokenizer or config.model.path
+    if path and Path(path).expanduser().is_dir():
+        problem_token_limit(config, load_tokenizer(path))
+
+
 def rc_summarizer_model(rc, policy: ModelConfig) -> tuple[ModelConfig | None, str]:
     """The frozen summarizer's architecture (None when the policy summarizes itself)."""
     from qed_jax.trainer import ModelSpec
@@ -594,6 +606,8 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
     check_rows_divide(rows, mesh, "micro_batch_rows")
     per_process(rows, "micro_batch_rows (default: the data-parallel devices)", len(hosts))
+    if config.rc is not None:
+        check_problem_room(config)
     sampling_meshes = host_sampling_mesh if len(hosts) > 1 else make_mesh
     sampling_mesh = sampling_meshes(config.sampling.mesh or config.mesh, one_host_devices(tpu, devices))
     samples_per_host = config.samples_per_step // len(hosts)

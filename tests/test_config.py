@@ -107,6 +107,10 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["steps=3.5"], r"^steps: expected a whole number, got 3\.5$"),
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
     (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
+    (GRPOConfig, ["max_prompt_length=140000"], r"^max_prompt_length \(140000\) is longer than the sampler's "
+                                               r"longest prompt bucket \(131072 tokens\): lower it$"),
+    (GRPOConfig, ["rc.summary_tokens=1024"], r"^max_prompt_length \(1024\) must be longer than rc\.summary_tokens "
+                                             r"\(1024\): the reasoning prompt holds the problem beside the summary$"),
     (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be a finite number of at least 1e-05"),
     (GRPOConfig, ["loss.temperature=.nan"], r"^loss\.temperature must be a finite number .*, got nan$"),
     (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be 0 \(greedy\) or"),

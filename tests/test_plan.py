@@ -257,6 +257,15 @@ def test_what_grpo_refuses_at_start_the_plan_refuses_before_compiling(libtpu, to
         plan.plan(RL_TINY, topology, overrides)
 
 
+@pytest.mark.tpu_compile
+def test_an_rc_prompt_that_leaves_a_problem_no_room_is_refused_before_compiling(libtpu):
+    """As `qed-jax grpo` refuses it when it reads the prompts: counted by the run's tokenizer."""
+    with pytest.raises(ConfigError, match=r"^max_prompt_length \(300\) leaves no room for a problem next to "
+                                          r"rc\.summary_tokens \(8\) and the reasoning template's own \d+ tokens"):
+        plan.plan(str(REPO / "configs" / "rl" / "tiny_rc.yaml"), "v5p-8",
+                  ["max_prompt_length=300", f"tokenizer={REPO / 'configs' / 'tiny' / 'tokenizer'}"])
+
+
 @pytest.mark.slow  # three programs: ~25 s of CPU compiling
 @pytest.mark.tpu_compile
 def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, capsys):
