@@ -204,6 +204,8 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
     enclosing config would have had, so that setting one of its fields keeps the others."""
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
+        if value is None:  # a section left empty (`data:` and nothing under it); an optional one is None: off
+            value = {}
         if not isinstance(value, dict):
             raise FieldError(f"{where}: expected a section (keys {', '.join(_field_types(typ))}), got {value!r}",
                              where)
@@ -382,14 +384,17 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section left empty in the file (`data:` and nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
     try:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
     except yaml.YAMLError as e:
+        hint = "" if isinstance(e, yaml.constructor.ConstructorError) else "; quote it"  # e.g. a key twice
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
-                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}); quote it") from None
+                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}){hint}") from None
     merge(node, {parts[-1]: value}, parts[:-1], cls)
 
 
@@ -447,10 +452,34 @@ def load_template(name_or_path: str, what: str = "prompt template") -> str:
     return path.read_text()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    copy, so a second `data:` block would replace the first whole, in silence."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # PyYAML's own error names it
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping, first on line {first_line[key]}: "
+                    "keep one", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's contents; a syntax error is one line naming the file, line and column."""
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return parse_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:

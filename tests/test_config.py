@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qed_jax import cli
-from qed_jax.config import ConfigError, load_config
+from qed_jax.config import ConfigError, load_config, read_yaml
 from qed_jax.evaluate import EvalConfig
 from qed_jax.grpo import GRPOConfig
 from qed_jax.sft import SFTConfig
@@ -61,6 +61,32 @@ def test_grpo_optimizer_defaults_survive_an_lr_override():
     optim = load_config(GRPOConfig, None, ["optim.lr=2e-6"]).optim
     assert (optim.lr, optim.schedule, optim.warmup_ratio, optim.weight_decay, optim.grad_clip) == \
         (2e-6, "constant", 0.0, 0.01, 0.3)
+
+
+def test_a_key_given_twice_is_refused_not_kept_last(tmp_path):
+    """PyYAML keeps the last copy of a key: a second `data:` block would replace the first whole,
+    and training would run on the default data."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("data:\n  path: one.jsonl\nsteps: 10\ndata:\n  eval_rows: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{twice}:4:1: invalid YAML \(the key 'data' appears twice in one "
+                                          r"mapping, first on line 1: keep one\)$"):
+        load_config(SFTConfig, twice)
+    with pytest.raises(ConfigError, match=r"^override 'data=\{max_length: 8, max_length: 9\}': the value is not "
+                                          r"valid YAML \(the key 'max_length' appears twice .*: keep one\)$"):
+        load_config(SFTConfig, None, ["data={max_length: 8, max_length: 9}"])
+    # A merge key's values may be overridden by the mapping that merges them.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("optim: &base {lr: 0.001, weight_decay: 0.1}\neval_optim:\n  <<: *base\n  lr: 0.01\n")
+    assert read_yaml(merged)["eval_optim"] == {"lr": 0.01, "weight_decay": 0.1}
+
+
+def test_a_section_left_empty_in_the_file_is_a_section_of_defaults(tmp_path):
+    """`data:` with every key under it commented out is read by YAML as null."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("data:\n#  path: mine.jsonl\nsteps: 3\n")
+    assert load_config(SFTConfig, empty).data == SFTConfig().data
+    assert load_config(SFTConfig, empty, ["data.path=one.jsonl"]).data.path == "one.jsonl"
+    assert load_config(GRPOConfig, None, ["rc=null"]).rc is None  # an optional section: null is off
 
 
 def test_malformed_yaml_is_one_line_with_file_line_and_column(tmp_path):
