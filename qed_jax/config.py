@@ -343,6 +343,15 @@ def require_range(value, key: str, low=None, high=None, low_open: bool = False, 
         raise ConfigError(f"{key} must be {wanted}, got {value}")
 
 
+# Grain's shuffle and JAX's keys take 32-bit seeds (JAX keeps a larger one's low bits: 2**32 would
+# draw as 0 does).
+SEED_MAX = 2 ** 32 - 1
+
+
+def check_seed(value: int, key: str) -> None:
+    require_range(value, key, 0, SEED_MAX)
+
+
 def require_at_least_one(config, names, prefix: str = "") -> None:
     """ConfigError unless each named field of `config` is at least 1; a field set to None (its
     default is derived from others) passes. `prefix` names the section, e.g. "rc."."""

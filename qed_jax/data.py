@@ -19,7 +19,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from qed_jax.config import ConfigError, is_missing_local_path, require_at_least_one, require_file, require_range
+from qed_jax.config import (ConfigError, check_seed, is_missing_local_path, require_at_least_one, require_file,
+                            require_range)
 from qed_jax.tokenizer import render_chat
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self):
+        check_seed(self.seed, "data.seed")
         if self.overflow not in ("drop", "truncate"):
             raise ConfigError(f"data.overflow must be drop or truncate, got {self.overflow!r}")
         require_at_least_one(self, ("max_length", "packing_bins"), "data.")

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_sampling, require_at_least_one,
+from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_sampling, check_seed, require_at_least_one,
                             require_range)
 from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
@@ -206,6 +206,7 @@ class RLDataConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_seed(self.seed, "data.seed")
         if "{problem}" not in self.task_template:
             raise ConfigError(f"data.task_template must contain {{problem}}, got {self.task_template!r}")
 
@@ -329,6 +330,7 @@ class GRPOConfig:
     }
 
     def __post_init__(self):
+        check_seed(self.seed, "seed")
         require_at_least_one(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                                     "updates_per_step", "minibatches", "train_length", "micro_batch_rows", "steps",
                                     "checkpoint_every", "keep_checkpoints"))

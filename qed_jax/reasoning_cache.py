@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qed_jax.config import ConfigError, check_temperature_and_filters, load_template, require_at_least_one
+from qed_jax.config import ConfigError, check_seed, check_temperature_and_filters, load_template, require_at_least_one
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
                               cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop, fetch,
@@ -73,6 +73,7 @@ class RCParams:
     seed: int = 0
 
     def __post_init__(self):
+        check_seed(self.seed, "RCParams.seed")
         require_at_least_one(self, ("turns", "reasoning_tokens", "summary_tokens", "max_turns", "summarizer_tokens"),
                              "RCParams.")
         check_temperature_and_filters(self, "RCParams.")

@@ -133,6 +133,11 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["steps=3.5"], r"^steps: expected a whole number, got 3\.5$"),
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
     (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
+    (SFTConfig, ["seed=-1"], r"^seed must be in \[0, 4294967295\], got -1$"),
+    (SFTConfig, ["data.seed=4294967296"], r"^data\.seed must be in \[0, 4294967295\], got 4294967296$"),
+    (GRPOConfig, ["seed=18446744073709551616"], r"^seed must be in \[0, 4294967295\], got 18446744073709551616$"),
+    (GRPOConfig, ["data.seed=-2"], r"^data\.seed must be in \[0, 4294967295\], got -2$"),
+    (EvalConfig, ["model.path=m", "seed=-1"], r"^seed must be in \[0, 4294967295\], got -1$"),
     (GRPOConfig, ["max_prompt_length=140000"], r"^max_prompt_length \(140000\) is longer than the sampler's "
                                                r"longest prompt bucket \(131072 tokens\): lower it$"),
     (GRPOConfig, ["rc.summary_tokens=1024"], r"^max_prompt_length \(1024\) must be longer than rc\.summary_tokens "
