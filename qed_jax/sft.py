@@ -42,7 +42,7 @@ class SFTConfig:
     optim: OptimConfig = OptimConfig()
     batch_size: int = 8  # packed rows per optimizer step, all processes together
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
-    epochs: int = 1
+    epochs: int = 1  # when steps is null
     steps: int | None = None  # default: epochs x packed rows / batch_size
     seed: int = 0
     log_every: int = 1
@@ -64,6 +64,12 @@ class SFTConfig:
         check_dtype(self.export_dtype, "export_dtype")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+        if self.steps is not None and self.epochs != 1:
+            raise ConfigError(f"steps ({self.steps}) and epochs ({self.epochs}) both size the run: set steps=null to "
+                              "train for epochs, or leave epochs out")
+        if self.eval_every and not self.data.eval_rows:
+            raise ConfigError(f"eval_every ({self.eval_every}) asks for an eval loss on held-out rows, and "
+                              "data.eval_rows is 0: set data.eval_rows (e.g. 64), or eval_every=0")
 
     def derived(self) -> dict:
         return {"model": self.model.describe(), "tokenizer": self.tokenizer or self.model.path,

@@ -133,6 +133,10 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["steps=3.5"], r"^steps: expected a whole number, got 3\.5$"),
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
     (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
+    (SFTConfig, ["steps=120", "epochs=3"], r"^steps \(120\) and epochs \(3\) both size the run: set steps=null "
+                                           r"to train for epochs, or leave epochs out$"),
+    (SFTConfig, ["eval_every=20"], r"^eval_every \(20\) asks for an eval loss on held-out rows, and data\.eval_rows "
+                                      r"is 0: set data\.eval_rows \(e\.g\. 64\), or eval_every=0$"),
     (SFTConfig, ["seed=-1"], r"^seed must be in \[0, 4294967295\], got -1$"),
     (SFTConfig, ["data.seed=4294967296"], r"^data\.seed must be in \[0, 4294967295\], got 4294967296$"),
     (GRPOConfig, ["seed=18446744073709551616"], r"^seed must be in \[0, 4294967295\], got 18446744073709551616$"),
