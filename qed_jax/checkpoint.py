@@ -245,6 +245,17 @@ def remove_unfinished_saves(directory) -> None:
         path.rmtree()
 
 
+def check_folder(directory) -> None:
+    """ConfigError when `directory`, or the nearest of its parents that exists, is not a folder
+    (a local path or gs://; nothing is created)."""
+    path = epath.Path(directory)
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f"{directory}: "
+        raise ConfigError(f"checkpoint folder {where}{existing} is a file where a folder is needed; choose another "
+                          "checkpoint_dir (or leave it out: output_dir/checkpoints)")
+
+
 class TrainCheckpoints:
     """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
     RNG, anything else the trainer needs to continue exactly). `run`, what the run is (its
@@ -254,6 +265,7 @@ class TrainCheckpoints:
     def __init__(self, directory, config: ModelConfig, keep: int | None, *, run: dict, assets_from=None):
         self.directory, self.run = directory, run
         self.model = (config, assets_from)  # model_config.json and assets: written with the first save
+        check_folder(directory)  # now, not at the first save, steps after the run began
         remove_unfinished_saves(directory)
         self.manager = manager(directory, max_to_keep=keep)
 

@@ -149,6 +149,9 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
     out = Path(config.output_dir)
     mesh = make_mesh(config.mesh)
+    check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
     tokenizer = load_tokenizer(tokenizer_path)
 
@@ -185,9 +188,6 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                       out_shardings=(param_shardings, opt_shardings, None))
     eval_fn = jax.jit(partial(eval_loss, graphdef))
 
-    check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
-    if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     local_batch = config.batch_size // jax.process_count()
     data = iter(packed_batches(examples, config.data, local_batch, epochs=None,
                                process_index=jax.process_index(), process_count=jax.process_count()))

@@ -450,3 +450,22 @@ def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
                                            f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"5 rows, and data.eval_rows=6 holds out the last 6 .* lower data.eval_rows"):
         train(config)
+
+
+def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):
+    """A batch that does not split over the devices, or a checkpoint_dir that is a file, is
+    found before any row is read or any weight loaded (at the recipe's scale: minutes), and
+    before a step that would then be lost; nothing is left behind."""
+    out = tmp_path / "out"
+    missing = ["data.path=/nonexistent/rows.jsonl", f"output_dir={out}", "steps=2"]
+    result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY, "batch_size=4", *missing],
+                            cwd=REPO, env=cli_env(8), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "batch_size / micro_batches gives 2 rows per micro-batch, which do not split over the 8" in result.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for checkpoint_dir in (a_file, a_file / "sub"):
+        with pytest.raises(ConfigError, match=rf"^checkpoint folder .*{a_file} is a file where a folder is needed"):
+            train(load_config(SFTConfig, TINY, [f"checkpoint_dir={checkpoint_dir}", f"output_dir={out}", "steps=2",
+                                                "batch_size=16"]))  # rows for the 8 devices here
+    assert not out.exists()
