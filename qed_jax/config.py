@@ -265,6 +265,12 @@ def _field_default(cls, name: str) -> Any:
     return None
 
 
+# Fields that name a local file or folder (or a Hub id or gs:// path, which never start with "~"):
+# a leading "~" is the user's home, as in a shell.
+PATH_FIELDS = frozenset({"path", "cache_path", "output_dir", "checkpoint_dir", "tokenizer", "rows", "template",
+                         "prompt_template", "reasoning_template", "summarize_template"})
+
+
 def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     """Build dataclass `cls` from a nested dict, starting from `base` (an instance of `cls`) or
     from the field defaults; unknown keys fail and list the valid ones."""
@@ -279,6 +285,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
             unknown=not close)
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}
+    kwargs = {k: os.path.expanduser(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in kwargs.items()}
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:

@@ -89,6 +89,18 @@ def test_a_section_left_empty_in_the_file_is_a_section_of_defaults(tmp_path):
     assert load_config(GRPOConfig, None, ["rc=null"]).rc is None  # an optional section: null is off
 
 
+def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    """As in a shell: `output_dir: ~/runs/x` in a YAML file must not make a folder named `~` in
+    the working directory. Texts that are not paths keep theirs."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(SFTConfig, None, ["output_dir=~/runs/x", "data.path=~/rows.jsonl", "tokenizer=~/tok",
+                                           "checkpoint_dir=~/ckpt", "model.path=~/model"])
+    assert (config.output_dir, config.data.path, config.tokenizer, config.checkpoint_dir, config.model.path) == (
+        f"{tmp_path}/runs/x", f"{tmp_path}/rows.jsonl", f"{tmp_path}/tok", f"{tmp_path}/ckpt", f"{tmp_path}/model")
+    grpo_config = load_config(GRPOConfig, None, ["judge.cache_path=~/j.sqlite", "data.task_template=~/{problem}"])
+    assert (grpo_config.judge.cache_path, grpo_config.data.task_template) == (f"{tmp_path}/j.sqlite", "~/{problem}")
+
+
 def test_malformed_yaml_is_one_line_with_file_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  preset: tiny\n  remat: [full\nsteps: 3\n")
@@ -346,7 +358,7 @@ def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
             load_tokenizer(path)
     assert len(load_tokenizer(REPO / "configs/tiny/tokenizer")) > 256
     assert cli.main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"tokenizer={tmp_path / 'none'}",
-                     f"output_dir={tmp_path / 'run'}"]) == 2
+                     f"output_dir={tmp_path / 'run'}", "batch_size=16"]) == 2  # rows for the 8 devices here
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"qed-jax sft: error: tokenizer {tmp_path / 'none'} does not exist"
     assert not (tmp_path / "run").exists()
     # A model folder that is not there is named as the model, not as its tokenizer.
