@@ -468,5 +468,12 @@ def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, e
 
 
 def is_complete(out: Path, step: int, steps: int, export_dtype: str | None) -> bool:
-    """A run that reached its last step and (if asked for) its export has nothing left to do."""
-    return step >= steps and (not export_dtype or (out / "hf" / "config.json").exists())
+    """A run that reached its last step and (if asked for) its export in `export_dtype` has
+    nothing left to do: a finished run rerun with another export_dtype exports again."""
+    if step < steps or not export_dtype:
+        return step >= steps
+    exported = out / "hf" / "config.json"
+    try:
+        return json.loads(exported.read_text()).get("torch_dtype") == export_dtype
+    except (OSError, ValueError):  # none yet, or one cut short by a crash: export (again)
+        return False

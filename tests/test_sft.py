@@ -469,3 +469,14 @@ def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):
             train(load_config(SFTConfig, TINY, [f"checkpoint_dir={checkpoint_dir}", f"output_dir={out}", "steps=2",
                                                 "batch_size=16"]))  # rows for the 8 devices here
     assert not out.exists()
+
+
+def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
+    base = [f"output_dir={tmp_path}", "steps=1", "eval_every=0", "batch_size=16", "checkpoint_every=1"]
+    train(load_config(SFTConfig, TINY, [*base, "export_dtype=float32"]))
+    config_json = tmp_path / "hf" / "config.json"
+    assert json.loads(config_json.read_text())["torch_dtype"] == "float32"
+    result = train(load_config(SFTConfig, TINY, [*base, "export_dtype=bfloat16"]), resume_with_changes=True)
+    assert json.loads(config_json.read_text())["torch_dtype"] == "bfloat16"
+    assert SafetensorsFolder(tmp_path / "hf").dtype("model.embed_tokens.weight") == np.dtype("bfloat16")
+    assert result["step"] == 1
