@@ -206,6 +206,7 @@ class PrepareStats:
     kept: int = 0
     truncated: int = 0
     dropped_long: int = 0
+    no_room: int = 0  # under overflow=truncate, the prompt alone fills max_length: no answer token left to train
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason → count
     first_skipped: list = dataclasses.field(default_factory=list)  # (where: "line N", reason)
 
@@ -215,6 +216,8 @@ class PrepareStats:
             parts.append(f"{self.truncated} truncated")
         if self.dropped_long:
             parts.append(f"{self.dropped_long} dropped as too long")
+        if self.no_room:
+            parts.append(f"{self.no_room} dropped: the prompt alone fills data.max_length, so raise it")
         if self.skipped:
             parts.append(f"{sum(self.skipped.values())} malformed skipped")
         return ", ".join(parts)
@@ -242,9 +245,14 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
                 stats.dropped_long += 1
                 continue
             ids, mask = ids[: config.max_length], mask[: config.max_length]
+            if mask.sum() == 0:
+                stats.no_room += 1
+                continue
             stats.truncated += 1
-        if mask.sum() == 0:
-            stats.skipped["no answer tokens within max_length"] += 1
+        if mask.sum() == 0:  # the answer took no tokens
+            stats.skipped["no answer tokens"] += 1
+            if len(stats.first_skipped) < 5:
+                stats.first_skipped.append((where, "no answer tokens"))
             continue
         examples.append({"tokens": ids, "loss_mask": mask})
     stats.kept = len(examples)

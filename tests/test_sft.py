@@ -480,3 +480,14 @@ def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     assert json.loads(config_json.read_text())["torch_dtype"] == "bfloat16"
     assert SafetensorsFolder(tmp_path / "hf").dtype("model.embed_tokens.weight") == np.dtype("bfloat16")
     assert result["step"] == 1
+
+
+def test_rows_whose_prompt_fills_max_length_are_counted_as_such(caplog):
+    """Truncated to max_length, a row whose prompt takes it all has no answer token to train:
+    dropped and named for what it is (not "malformed", nor also "truncated")."""
+    rows, tokenizer = read_rows(DATA), load_tokenizer(TOKENIZER)
+    with pytest.raises(ConfigError, match=rf"no usable rows \(0 of {len(rows)} rows kept, {len(rows)} dropped: the "
+                                          r"prompt alone fills data\.max_length, so raise it\)$"):
+        prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=20, overflow="truncate"))
+    _, stats = prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=256, overflow="truncate"))
+    assert (stats.kept, stats.no_room, sum(stats.skipped.values())) == (len(rows), 0, 0)
