@@ -57,8 +57,12 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     """(where, row) for every row of a local .jsonl / .json / .parquet file or a hub dataset
     (`datasets.load_dataset`): where is "line N" for JSON lines (its line in the file, blank
     lines counted), else "row N". A .json file may hold JSON lines or one array of rows. A JSONL
-    line that is not JSON, or not UTF-8, stands as a BadRow."""
+    line that is not JSON, or not UTF-8, stands as a BadRow. `name` and `split` choose within
+    a Hub dataset: a local file is read whole (with a warning when they ask for something else)."""
     local = Path(path)
+    if local.suffix in (".jsonl", ".json", ".parquet") and (name is not None or split != "train"):
+        log.warning("%s is a local file, read whole: the dataset name %r and split %r apply to Hub datasets only",
+                    path, name, split)
     if local.suffix in (".jsonl", ".json"):
         require_file(local, "data file")
         with open(local, "rb") as f:
@@ -164,7 +168,11 @@ def sft_messages(row: Any) -> list[dict]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise ValueError(f"messages[{i}] has unknown role {m.get('role') if isinstance(m, dict) else m!r}")
-            if not isinstance(m.get("content"), str) or not m["content"].strip():
+            content = m.get("content")
+            if content is not None and not isinstance(content, str):
+                raise ValueError(f"messages[{i}] has content that is not text ({type(content).__name__}; a list of "
+                                 "parts is not read: give the text as one string)")
+            if not content or not content.strip():
                 raise ValueError(f"messages[{i}] has empty content")
         if messages[-1]["role"] != "assistant":
             raise ValueError("the last message is not the assistant's")

@@ -491,3 +491,20 @@ def test_rows_whose_prompt_fills_max_length_are_counted_as_such(caplog):
         prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=20, overflow="truncate"))
     _, stats = prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=256, overflow="truncate"))
     assert (stats.kept, stats.no_room, sum(stats.skipped.values())) == (len(rows), 0, 0)
+
+
+def test_a_hub_name_or_split_given_with_a_local_file_is_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="qed_jax.data"):
+        assert read_rows(DATA) == read_rows(DATA, "all", "test")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{DATA} is a local file, read whole: the dataset name 'all' and split 'test' apply to Hub datasets only"]
+
+
+def test_message_content_given_as_parts_says_so():
+    from qed_jax.data import sft_messages
+
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "P"}]},
+                          {"role": "assistant", "content": "Q"}]}
+    with pytest.raises(ValueError, match=r"^messages\[0\] has content that is not text \(list; a list of parts is not "
+                                         r"read: give the text as one string\)$"):
+        sft_messages(parts)
