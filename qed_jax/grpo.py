@@ -38,8 +38,9 @@ from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_rows_divide,
-                             data_parallel_size, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
-                             load_model, make_optimizer, resolve_tokenizer, run_lock, start_or_resume)
+                             config_record, data_parallel_size, data_record, decay_mask, exit_or_export,
+                             init_opt_state, is_complete, load_model, make_optimizer, resolve_tokenizer, run_lock,
+                             start_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -782,7 +783,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                 .batch(config.prompts_per_step, batch_fn=list).to_iter_dataset())
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
-                                        run={"trainer": "grpo", "data": data_record(config.data.path, prompts)})
+                                        run={"trainer": "grpo", "data": data_record(config.data.path, prompts),
+                                             "config": config_record(config)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     if is_complete(out, start, config.steps, config.export_dtype):

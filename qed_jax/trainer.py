@@ -251,6 +251,11 @@ def run_lock(out: Path):
     return rundir.run_lock(out, first=jax.process_index() == 0, agree=largest)
 
 
+def config_record(config) -> dict:
+    """A config as the JSON values config.json holds, for `config_changes`."""
+    return json.loads(json.dumps(to_dict(config)))
+
+
 def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
     """A rerun into an existing run directory must use the config it was started with, unless
     the user says otherwise. Returns whether it is such a change, which `record_run_config`
@@ -261,7 +266,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
     if jax.process_index() == 0:
         try:
             if path.exists():
-                new = json.loads(json.dumps(to_dict(config)))
+                new = config_record(config)
                 changes = config_changes(read_run_config(path, out, new), new)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
@@ -323,17 +328,25 @@ def data_record(path: str, examples: list[dict]) -> dict:
     return {"path": path, "examples": len(examples), "sha256": digest.hexdigest()}
 
 
-def check_run_data(out: Path, saved: dict, current: dict, resume_with_changes: bool) -> None:
+def check_run_data(out: Path, saved: dict, current: dict, resume_with_changes: bool,
+                   compare_config: bool = False) -> None:
     """Whether a checkpoint's meta (`saved`) can continue this run (`current`: the
     TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless the user says
     otherwise, can other training data: the checkpoint's data position counts into the examples
     it was written with, so other examples under the same name would be read from another place
     than an uninterrupted run reads, in silence (the checkpoints written from then on record the
-    new data). Every process reads the same checkpoint and decides alike."""
+    new data). With `compare_config` (the run directory has no config.json: a new machine, the
+    checkpoints kept on gs://), the config the checkpoint was written under stands in for it.
+    Every process reads the same checkpoint and decides alike."""
     if saved.get("trainer", current["trainer"]) != current["trainer"]:
         raise ConfigError(f"{out}: its checkpoints were written by qed-jax {saved['trainer']}, and this is qed-jax "
                           f"{current['trainer']}: give this run its own output_dir (to start from that run's model, "
                           "set model.path to its hf/ folder)")
+    changes = config_changes(saved["config"], current["config"]) if compare_config and "config" in saved else []
+    if changes and not resume_with_changes:
+        raise RunConfigChanged(out, changes)
+    if changes:
+        log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
     old, new = saved.get("data"), current["data"]
     if old is None or old == new:
         return
@@ -350,9 +363,10 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     """Restore the newest intact checkpoint (params, optimizer, data position) into the given
     shardings, or start afresh; then record the config. Returns (params, opt_state, step)."""
     changed = check_run_config(out, config, resume_with_changes)
+    recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
-    restored = ckpts.restore_latest(*targets, data_iterator,
-                                    check=lambda meta: check_run_data(out, meta, ckpts.run, resume_with_changes))
+    restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
+        out, meta, ckpts.run, resume_with_changes, compare_config=not recorded))
     record_run_config(out, config, changed)
     if restored is None:
         return params, opt_state, 0

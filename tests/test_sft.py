@@ -508,3 +508,23 @@ def test_message_content_given_as_parts_says_so():
     with pytest.raises(ValueError, match=r"^messages\[0\] has content that is not text \(list; a list of parts is not "
                                          r"read: give the text as one string\)$"):
         sft_messages(parts)
+
+
+def test_a_run_whose_folder_is_gone_compares_its_config_with_the_checkpoints(tmp_path):
+    """The recipe keeps checkpoints on gs:// and output_dir on the VM: a new VM has no
+    config.json to compare with, so the config the checkpoint was written under stands in."""
+    import shutil
+
+    from qed_jax.errors import RunConfigChanged
+
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    base = [f"output_dir={out}", f"checkpoint_dir={ckpt}", "eval_every=0", "batch_size=16", "checkpoint_every=1",
+            "export_dtype=null"]
+    train(load_config(SFTConfig, TINY, [*base, "steps=1"]))
+    shutil.rmtree(out)
+    with pytest.raises(RunConfigChanged, match=r"holds a run that differs from this one \(optim\.lr: 0\.003 -> 0\.5; "
+                                               r"steps: 1 -> 2\)"):
+        train(load_config(SFTConfig, TINY, [*base, "steps=2", "optim.lr=0.5"]))
+    assert train(load_config(SFTConfig, TINY, [*base, "steps=2"]), resume_with_changes=True)["start_step"] == 1
+    shutil.rmtree(out)
+    assert train(load_config(SFTConfig, TINY, [*base, "steps=2"]))["complete"]  # the same config: no refusal
