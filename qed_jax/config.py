@@ -204,8 +204,6 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
     enclosing config would have had, so that setting one of its fields keeps the others."""
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
-        if value is None:  # a section left empty (`data:` and nothing under it); an optional one is None: off
-            value = {}
         if not isinstance(value, dict):
             raise FieldError(f"{where}: expected a section (keys {', '.join(_field_types(typ))}), got {value!r}",
                              where)
@@ -268,7 +266,18 @@ def _field_default(cls, name: str) -> Any:
 # Fields that name a local file or folder (or a Hub id or gs:// path, which never start with "~"):
 # a leading "~" is the user's home, as in a shell.
 PATH_FIELDS = frozenset({"path", "cache_path", "output_dir", "checkpoint_dir", "tokenizer", "rows", "template",
-                         "prompt_template", "reasoning_template", "summarize_template"})
+                         "prompt_template", "reasoning_template", "summarize_template", "config", "summarizer"})
+
+
+def expand_paths(data: Any) -> Any:
+    """A config's JSON values (config.json) with `~` expanded in PATH_FIELDS, as `from_dict`
+    does: what a run directory recorded before it did so compares equal to the same setting now."""
+    if isinstance(data, dict):
+        return {k: os.path.expanduser(v) if k in PATH_FIELDS and isinstance(v, str) else expand_paths(v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_paths(v) for v in data]
+    return data
 
 
 def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
@@ -407,8 +416,8 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
             raise ConfigError(f"override {override!r}: {part} is not a section")
     try:
         value = parse_yaml(raw)
-    except yaml.YAMLError as e:
-        hint = "" if isinstance(e, yaml.constructor.ConstructorError) else "; quote it"  # e.g. a key twice
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tag its text does not fit (`!!int a`)
+        hint = "" if isinstance(e, DuplicateKey) else "; quote it"
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}){hint}") from None
     merge(node, {parts[-1]: value}, parts[:-1], cls)
@@ -468,24 +477,36 @@ def load_template(name_or_path: str, what: str = "prompt template") -> str:
     return path.read_text()
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
-    copy, so a second `data:` block would replace the first whole, in silence."""
+    copy, so a second `data:` block would replace the first whole, in silence. The keys are
+    checked as the file wrote them, before merge keys (`<<: *anchor`, whose keys a mapping may
+    override) are applied."""
 
-    def construct_mapping(self, node, deep=False):
-        first_line = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, whose keys the mapping may override
+    def construct_document(self, root):
+        seen, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:  # an alias of a node already checked
                 continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                continue  # PyYAML's own error names it
-            if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} appears twice in one mapping, first on line {first_line[key]}: "
-                    "keep one", key_node.start_mark)
-            first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                first_line = {}
+                for key, value in node.value:
+                    stack += [key, value]
+                    if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    if (key.tag, key.value) in first_line:
+                        raise DuplicateKey(None, None, f"the key {key.value!r} appears twice in one mapping, first "
+                                           f"on line {first_line[key.tag, key.value]}: keep one", key.start_mark)
+                    first_line[key.tag, key.value] = key.start_mark.line + 1
+            elif isinstance(node, yaml.SequenceNode):
+                stack += node.value
+        return super().construct_document(root)
 
 
 def parse_yaml(text: str) -> Any:
@@ -498,11 +519,24 @@ def read_yaml(path: str | Path) -> Any:
         return parse_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tag its text does not fit (`!!int a`)
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+
+
+def empty_sections_as_defaults(data: dict, cls) -> None:
+    """A section of `cls` left empty in a YAML file (`data:` with every key under it commented
+    out, which YAML reads as null) becomes a section of defaults, in place. An optional section's
+    null stays: it turns the section off."""
+    for key, value in data.items():
+        typ = _field_types(cls).get(key) if dataclasses.is_dataclass(cls) else None
+        if dataclasses.is_dataclass(typ):
+            if value is None:
+                data[key] = {}
+            elif isinstance(value, dict):
+                empty_sections_as_defaults(value, typ)
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str] = (), section: str | None = None):
@@ -530,6 +564,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
                     "does not have" if section else ""
             raise ConfigError(f"{path}: {unknown[0]} is not a key of {cls.__name__} (its keys: "
                               + ", ".join(_field_types(cls)) + f"); is this file for another command?{other}")
+        empty_sections_as_defaults(data, cls)
     in_file = copy.deepcopy(data)
     for override in overrides:
         apply_override(data, override, cls)

@@ -170,8 +170,9 @@ def sft_messages(row: Any) -> list[dict]:
                 raise ValueError(f"messages[{i}] has unknown role {m.get('role') if isinstance(m, dict) else m!r}")
             content = m.get("content")
             if content is not None and not isinstance(content, str):
-                raise ValueError(f"messages[{i}] has content that is not text ({type(content).__name__}; a list of "
-                                 "parts is not read: give the text as one string)")
+                parts = "; a list of parts is not read" if isinstance(content, list) else ""
+                raise ValueError(f"messages[{i}] has content that is not text ({type(content).__name__}{parts}): give "
+                                 "the text as one string")
             if not content or not content.strip():
                 raise ValueError(f"messages[{i}] has empty content")
         if messages[-1]["role"] != "assistant":

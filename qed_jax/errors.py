@@ -37,8 +37,12 @@ def noted(error: type[Exception], note: str):
 class RunConfigChanged(ConfigError):
     """A rerun's config (or training data) differs from what its run directory was started with."""
 
-    def __init__(self, out, changes: list[str]):
+    def __init__(self, out, changes: list[str], setting: str = "output_dir"):
+        """`out`: the folder that holds the run, which `setting` names (output_dir, or
+        checkpoint_dir for what a checkpoint recorded)."""
         self.out, self.changes = out, changes
         self.refusal = f"{out} holds a run that differs from this one ({'; '.join(changes)})"
-        super().__init__(f"{self.refusal}; pass --resume-with-changes to continue it as this run is set up, or use a "
-                         "new output_dir")
+        other = "a new output_dir" if setting == "output_dir" else \
+            "a new checkpoint_dir (or output_dir, under which checkpoints/ is the default)"
+        super().__init__(f"{self.refusal}; pass --resume-with-changes to continue it as this run is set up, or use "
+                         f"{other}")

@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_seed, check_sampling, dump_json, get_dotted,
+from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_sampling, dump_json, expand_paths, get_dotted,
                             is_missing_local_path, load_template, not_found, read_json_object, require_at_least_one,
                             require_range, write_text_atomic)
 from qed_jax.errors import noted
@@ -170,7 +170,6 @@ class EvalConfig:
     output_dir: str = "runs/eval"
 
     def __post_init__(self):
-        check_seed(self.seed, "seed")
         if (self.model.path is None) == (self.model.base_url is None):
             raise ConfigError("model: set exactly one of model.path (a local checkpoint) and model.base_url "
                               "(an OpenAI-compatible endpoint, with model.name)")
@@ -699,7 +698,8 @@ def check_rerun(config: EvalConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return
-    saved = read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use another output_dir")
+    saved = expand_paths(read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use "
+                                                      "another output_dir"))
     current = json.loads(dump_json(config))
     for key in RUN_IDENTITY:
         if key.startswith("rc.") and config.mode != "rc":

@@ -243,9 +243,10 @@ def splash_flops(eqn) -> float:
     products = next((count for prefix, count in SPLASH_PRODUCTS.items() if kernel.startswith(prefix)), None)
     if products is None:
         return 0.0
-    # The queries (or, backward, their gradient: the same shape) are the largest operand:
-    # [..., N, T, H], rows and heads leading.
-    q = max((v.aval.shape for v in eqn.invars if len(v.aval.shape) >= 3), key=math.prod)
+    # The queries (or, backward, their gradient: the same shape) are the largest floating operand
+    # (segment ids come as int32 [..., T, 128]): [..., N, T, H], rows and heads leading.
+    q = max((v.aval.shape for v in eqn.invars
+             if len(v.aval.shape) >= 3 and jnp.issubdtype(v.aval.dtype, jnp.floating)), key=math.prod)
     n = eqn.params["grid_mapping"].grid[-1]
     block = q[-2] // n
     return math.prod(q[:-2]) * n * (n + 1) / 2 * products * 2.0 * block * block * q[-1]

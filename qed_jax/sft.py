@@ -67,7 +67,7 @@ class SFTConfig:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
         if self.steps is not None and self.epochs != 1:
             raise ConfigError(f"steps ({self.steps}) and epochs ({self.epochs}) both size the run: set steps=null to "
-                              "train for epochs, or leave epochs out")
+                              "train for epochs, or epochs=1 to train for steps")
         if self.eval_every and not self.data.eval_rows:
             raise ConfigError(f"eval_every ({self.eval_every}) asks for an eval loss on held-out rows, and "
                               "data.eval_rows is 0: set data.eval_rows (e.g. 64), or eval_every=0")

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            dump_json, is_missing_local_path, not_found, preset, read_json_object, require_range,
+                            dump_json, expand_paths, is_missing_local_path, not_found, preset, read_json_object, require_range,
                             to_dict, write_text_atomic)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
@@ -225,9 +225,10 @@ def to_global(batch: dict, micro_batches: int, sharding) -> dict:
 
 
 # Where a run's things are, not what it computes: a run directory may be moved or copied and go
-# on where it is now, and a judge served elsewhere (or more patiently) grades the same.
+# on where it is now, a judge served elsewhere (or more patiently) grades the same, and the
+# export's dtype is what is written at the end, not what is trained (a finished run exports again).
 NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout_s",
-                    "judge.max_retries", "judge.backoff_s", "judge.cache_path"}
+                    "judge.max_retries", "judge.backoff_s", "judge.cache_path", "export_dtype"}
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
@@ -267,7 +268,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
         try:
             if path.exists():
                 new = config_record(config)
-                changes = config_changes(read_run_config(path, out, new), new)
+                changes = config_changes(expand_paths(read_run_config(path, out, new)), new)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
     if largest(int(refusal is not None)):
@@ -328,34 +329,32 @@ def data_record(path: str, examples: list[dict]) -> dict:
     return {"path": path, "examples": len(examples), "sha256": digest.hexdigest()}
 
 
-def check_run_data(out: Path, saved: dict, current: dict, resume_with_changes: bool,
+def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
                    compare_config: bool = False) -> None:
-    """Whether a checkpoint's meta (`saved`) can continue this run (`current`: the
-    TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless the user says
-    otherwise, can other training data: the checkpoint's data position counts into the examples
-    it was written with, so other examples under the same name would be read from another place
-    than an uninterrupted run reads, in silence (the checkpoints written from then on record the
-    new data). With `compare_config` (the run directory has no config.json: a new machine, the
-    checkpoints kept on gs://), the config the checkpoint was written under stands in for it.
-    Every process reads the same checkpoint and decides alike."""
+    """Whether a checkpoint's meta (`saved`, in the folder `checkpoints`) can continue this run
+    (`current`: the TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless
+    the user says otherwise, can other training data: the checkpoint's data position counts into
+    the examples it was written with, so other examples under the same name would be read from
+    another place than an uninterrupted run reads, in silence (the checkpoints written from then on
+    record the new data). With `compare_config` (the run directory has no config.json: a new
+    machine, the checkpoints kept on gs://), the config the checkpoint was written under stands in
+    for it. Every process reads the same checkpoint and decides alike."""
     if saved.get("trainer", current["trainer"]) != current["trainer"]:
-        raise ConfigError(f"{out}: its checkpoints were written by qed-jax {saved['trainer']}, and this is qed-jax "
-                          f"{current['trainer']}: give this run its own output_dir (to start from that run's model, "
-                          "set model.path to its hf/ folder)")
-    changes = config_changes(saved["config"], current["config"]) if compare_config and "config" in saved else []
-    if changes and not resume_with_changes:
-        raise RunConfigChanged(out, changes)
-    if changes:
-        log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
+        raise ConfigError(f"{checkpoints}: its checkpoints were written by qed-jax {saved['trainer']}, and this is "
+                          f"qed-jax {current['trainer']}: give this run its own output_dir and checkpoint_dir (to "
+                          "start from that run's model, set model.path to its hf/ folder)")
+    changes = []
+    if compare_config and "config" in saved:
+        changes = config_changes(expand_paths(saved["config"]), current["config"])
     old, new = saved.get("data"), current["data"]
-    if old is None or old == new:
-        return
-    describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
-    change = f"training data: {describe(old)} -> {describe(new)}"
-    if not resume_with_changes:
-        raise RunConfigChanged(out, [change])
-    log.warning("resuming %s with changed training data (%s): its data position now counts into other examples",
-                out, change)
+    if old is not None and old != new:
+        describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
+        changes.append(f"training data: {describe(old)} -> {describe(new)}")
+    if changes and not resume_with_changes:
+        raise RunConfigChanged(checkpoints, changes, "checkpoint_dir")
+    if changes:
+        data_moved = "" if old is None or old == new else ": its data position now counts into other examples"
+        log.warning("resuming from %s with changes (%s)%s", checkpoints, "; ".join(changes), data_moved)
 
 
 def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator,
@@ -366,7 +365,7 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
-        out, meta, ckpts.run, resume_with_changes, compare_config=not recorded))
+        ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded))
     record_run_config(out, config, changed)
     if restored is None:
         return params, opt_state, 0
@@ -487,7 +486,10 @@ def is_complete(out: Path, step: int, steps: int, export_dtype: str | None) -> b
     if step < steps or not export_dtype:
         return step >= steps
     exported = out / "hf" / "config.json"
-    try:
-        return json.loads(exported.read_text()).get("torch_dtype") == export_dtype
-    except (OSError, ValueError):  # none yet, or one cut short by a crash: export (again)
-        return False
+    done = False
+    if jax.process_index() == 0:  # on a pod only its host holds `out`; the export involves every process
+        try:
+            done = json.loads(exported.read_text()).get("torch_dtype") == export_dtype
+        except (OSError, ValueError):  # none yet, or one cut short by a crash: export (again)
+            pass
+    return bool(largest(int(done)))

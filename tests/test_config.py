@@ -78,6 +78,8 @@ def test_a_key_given_twice_is_refused_not_kept_last(tmp_path):
     merged = tmp_path / "merged.yaml"
     merged.write_text("optim: &base {lr: 0.001, weight_decay: 0.1}\neval_optim:\n  <<: *base\n  lr: 0.01\n")
     assert read_yaml(merged)["eval_optim"] == {"lr": 0.01, "weight_decay": 0.1}
+    merged.write_text("defaults:\n  mid: &m\n    <<: {lr: 1, wd: 2}\n    lr: 3\ntop:\n  <<: *m\n  wd: 4\n")
+    assert read_yaml(merged) == {"defaults": {"mid": {"lr": 3, "wd": 2}}, "top": {"lr": 3, "wd": 4}}
 
 
 def test_a_section_left_empty_in_the_file_is_a_section_of_defaults(tmp_path):
@@ -87,6 +89,8 @@ def test_a_section_left_empty_in_the_file_is_a_section_of_defaults(tmp_path):
     assert load_config(SFTConfig, empty).data == SFTConfig().data
     assert load_config(SFTConfig, empty, ["data.path=one.jsonl"]).data.path == "one.jsonl"
     assert load_config(GRPOConfig, None, ["rc=null"]).rc is None  # an optional section: null is off
+    with pytest.raises(ConfigError, match=r"^data: expected a section"):  # not the file's: no silent reset
+        load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", ["data=null"])
 
 
 def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
@@ -99,6 +103,13 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
         f"{tmp_path}/runs/x", f"{tmp_path}/rows.jsonl", f"{tmp_path}/tok", f"{tmp_path}/ckpt", f"{tmp_path}/model")
     grpo_config = load_config(GRPOConfig, None, ["judge.cache_path=~/j.sqlite", "data.task_template=~/{problem}"])
     assert (grpo_config.judge.cache_path, grpo_config.data.task_template) == (f"{tmp_path}/j.sqlite", "~/{problem}")
+    # A run directory whose config.json kept the ~ (written before it was expanded) is the same run.
+    from qed_jax.config import expand_paths
+    from qed_jax.trainer import config_changes, config_record
+
+    recorded = {**config_record(config), "output_dir": "~/runs/x", "data": {**config_record(config)["data"],
+                                                                           "path": "~/rows.jsonl"}}
+    assert config_changes(expand_paths(recorded), config_record(config)) == []
 
 
 def test_malformed_yaml_is_one_line_with_file_line_and_column(tmp_path):
@@ -146,14 +157,13 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (GRPOConfig, ["rc.summarizer.top_p=0"], r"^rc\.summarizer\.top_p must be in \(0, 1\]"),
     (GRPOConfig, ["rc.trajectory_batch=0"], r"^rc\.trajectory_batch must be at least 1, got 0$"),
     (SFTConfig, ["steps=120", "epochs=3"], r"^steps \(120\) and epochs \(3\) both size the run: set steps=null "
-                                           r"to train for epochs, or leave epochs out$"),
+                                           r"to train for epochs, or epochs=1 to train for steps$"),
     (SFTConfig, ["eval_every=20"], r"^eval_every \(20\) asks for an eval loss on held-out rows, and data\.eval_rows "
                                       r"is 0: set data\.eval_rows \(e\.g\. 64\), or eval_every=0$"),
     (SFTConfig, ["seed=-1"], r"^seed must be in \[0, 4294967295\], got -1$"),
     (SFTConfig, ["data.seed=4294967296"], r"^data\.seed must be in \[0, 4294967295\], got 4294967296$"),
     (GRPOConfig, ["seed=18446744073709551616"], r"^seed must be in \[0, 4294967295\], got 18446744073709551616$"),
     (GRPOConfig, ["data.seed=-2"], r"^data\.seed must be in \[0, 4294967295\], got -2$"),
-    (EvalConfig, ["model.path=m", "seed=-1"], r"^seed must be in \[0, 4294967295\], got -1$"),
     (GRPOConfig, ["max_prompt_length=140000"], r"^max_prompt_length \(140000\) is longer than the sampler's "
                                                r"longest prompt bucket \(131072 tokens\): lower it$"),
     (GRPOConfig, ["rc.summary_tokens=1024"], r"^max_prompt_length \(1024\) must be longer than rc\.summary_tokens "

@@ -118,12 +118,12 @@ def test_program_flops_count_the_splash_kernels_as_the_xla_attention_they_replac
     the scores again, dq and dkv each (9 products per block pair against XLA's 6)."""
     from qed_jax import attention
 
-    B, N, K, H = 2, 4, 2, 32
-    q, kv = jnp.zeros((B, T, N, H)), jnp.zeros((B, T, K, H))
+    B, N, K, H = 2, 2, 1, 32  # packed rows: the kernels also take the segment ids, as int32 [T, 128] per row
+    q, kv, segment_ids = jnp.zeros((B, T, N, H)), jnp.zeros((B, T, K, H)), jnp.ones((B, T), jnp.int32)
 
     def flops(implementation, grad):
         def f(q, k, v):
-            out = implementation(q, k, v)
+            out = implementation(q, k, v, segment_ids)
             return out.sum() if grad else out
         return plan.program_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)) if grad else f)(q, kv, kv))
 
