@@ -416,7 +416,7 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
             raise ConfigError(f"override {override!r}: {part} is not a section")
     try:
         value = parse_yaml(raw)
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tag its text does not fit (`!!int a`)
+    except (yaml.YAMLError, ValueError, LookupError, AttributeError) as e:  # a tag its text does not fit
         hint = "" if isinstance(e, DuplicateKey) else "; quote it"
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}){hint}") from None
@@ -519,7 +519,7 @@ def read_yaml(path: str | Path) -> Any:
         return parse_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tag its text does not fit (`!!int a`)
+    except (yaml.YAMLError, ValueError, LookupError, AttributeError) as e:  # a tag its text does not fit
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -532,11 +532,15 @@ def empty_sections_as_defaults(data: dict, cls) -> None:
     null stays: it turns the section off."""
     for key, value in data.items():
         typ = _field_types(cls).get(key) if dataclasses.is_dataclass(cls) else None
-        if dataclasses.is_dataclass(typ):
-            if value is None:
-                data[key] = {}
-            elif isinstance(value, dict):
-                empty_sections_as_defaults(value, typ)
+        options = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional = typing.get_origin(typ) in (typing.Union, types.UnionType) and len(options) == 1
+        section = options[0] if optional else typ
+        if not dataclasses.is_dataclass(section):
+            continue
+        if value is None and not optional:
+            data[key] = {}
+        elif isinstance(value, dict):
+            empty_sections_as_defaults(value, section)
 
 
 def load_config(cls, path: str | Path | None, overrides: list[str] = (), section: str | None = None):

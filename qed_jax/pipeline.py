@@ -179,6 +179,13 @@ def check_unchanged(config) -> None:
 
     with pipeline_advice():
         check_run_config(Path(config.output_dir), config, resume_with_changes=False)
+        # A trainer alone re-exports a finished run in another export_dtype; here the stages after
+        # it may hold evaluations of the first export, so that too is a change.
+        saved = Path(config.output_dir) / "config.json"
+        old = json.loads(saved.read_text()).get("export_dtype", config.export_dtype) if saved.is_file() else None
+        if saved.is_file() and old != config.export_dtype:
+            raise RunConfigChanged(config.output_dir, [f"export_dtype: {json.dumps(old)} -> "
+                                                       f"{json.dumps(config.export_dtype)}"])
 
 
 @contextlib.contextmanager

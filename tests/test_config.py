@@ -89,6 +89,11 @@ def test_a_section_left_empty_in_the_file_is_a_section_of_defaults(tmp_path):
     assert load_config(SFTConfig, empty).data == SFTConfig().data
     assert load_config(SFTConfig, empty, ["data.path=one.jsonl"]).data.path == "one.jsonl"
     assert load_config(GRPOConfig, None, ["rc=null"]).rc is None  # an optional section: null is off
+    nested = tmp_path / "nested.yaml"  # inside an optional section, which the file turns on
+    nested.write_text("max_prompt_length: 4096\nrc:\n  turns: 2\n  summarizer:\n#    path: x\n")
+    from qed_jax.grpo import RCSummarizerConfig
+
+    assert load_config(GRPOConfig, nested).rc.summarizer == RCSummarizerConfig()
     with pytest.raises(ConfigError, match=r"^data: expected a section"):  # not the file's: no silent reset
         load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", ["data=null"])
 

@@ -195,6 +195,10 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
         run(config)
     assert "--resume-with-changes" not in str(error.value)  # the pipeline has no such flag
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "sft"]  # nothing ran: not even the base export
+    # Nor may its export's dtype change: the evaluations after it may hold the first export's.
+    (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, export_dtype="float16")))
+    with pytest.raises(ConfigError, match=r"\(export_dtype: \"float16\" -> \"float32\"\); a pipeline's run directory "):
+        run(config)
 
 
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path):
