@@ -785,6 +785,12 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "grpo", "data": data_record(config.data.path, prompts),
                                              "config": config_record(config)})
+    # Find out now, not after a step's sampling, and before the run directory records this config
+    # (a run the judge stopped before its first step is not one a fixed command must continue);
+    # a run with only its export left grades nothing.
+    judge_checked = isinstance(grader, Judge) and (ckpts.latest_step() or 0) < config.steps
+    if judge_checked:
+        on_every_process(grader.check_reachable)
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     if is_complete(out, start, config.steps, config.export_dtype):
@@ -793,8 +799,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         grader.close()
         return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": start, "start_step": start,
                 "complete": True, "process": jax.process_index()}
-    if isinstance(grader, Judge) and start < config.steps:  # find out now, not after a step's sampling (a run
-        on_every_process(grader.check_reachable)  # with only its export left grades nothing)
+    if isinstance(grader, Judge) and start < config.steps and not judge_checked:  # the last step was unreadable
+        on_every_process(grader.check_reachable)
     log.info("GRPO: %s", json.dumps(config.derived()))
     base_key = jax.random.key(config.seed)
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)

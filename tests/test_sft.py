@@ -447,7 +447,7 @@ def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
     five = tmp_path / "five.jsonl"
     five.write_text("".join(open(DATA).readlines()[:5]))
     config = load_config(SFTConfig, TINY, [f"data.path={five}", "data.eval_rows=6", "eval_every=5",
-                                           f"output_dir={tmp_path / 'run'}"])
+                                           f"output_dir={tmp_path / 'run'}", "batch_size=16"])  # for 8 devices
     with pytest.raises(ConfigError, match=r"5 rows, and data.eval_rows=6 holds out the last 6 .* lower data.eval_rows"):
         train(config)
 
