@@ -255,6 +255,15 @@ def runs_in(folder: str) -> list[str]:
     return [folder]
 
 
+def previous_order(out: Path) -> list[str]:
+    """The run names of the report.json in `out`, in its order (none when there is none)."""
+    try:
+        summaries = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(summaries) if isinstance(summaries, dict) else []
+
+
 def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:
     """Write report.md, report.json (and the plots) to `output` (default: the run directory, or
     the one folder of runs given); returns the Markdown, the output folder and the plots' paths.
@@ -266,8 +275,12 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     run_dirs = [run for folder in run_dirs for run in runs_in(folder)]
     if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
+    named = dict(zip(run_names(run_dirs), run_dirs))
+    earlier = previous_order(Path(output))
+    if set(earlier) == set(named):  # written again over the same runs: in the order they had (a pipeline's: stages)
+        named = {name: named[name] for name in earlier}
     summaries, runs = {}, {}
-    for name, run_dir in zip(run_names(run_dirs), run_dirs):
+    for name, run_dir in named.items():
         config, records = read_run(run_dir)
         problem_ids = read_problem_ids(run_dir)
         if not records:

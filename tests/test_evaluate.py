@@ -584,6 +584,12 @@ def test_report_compares_runs_side_by_side(tmp_path):
     shutil.copytree(runs[0], tmp_path / "pipeline" / "eval" / "base-proofbench-single")
     text, out, _ = report([str(tmp_path / "pipeline")], plots=False)
     assert out == tmp_path / "pipeline" and "| base-proofbench-single | proofbench |" in text
+    # Written again over the same runs, a report keeps their order: a pipeline's (its stages), not the names'.
+    shutil.copytree(runs[1], tmp_path / "pipeline" / "eval" / "abc-proofbench-single")
+    staged = [str(tmp_path / "pipeline" / "eval" / n) for n in ("base-proofbench-single", "abc-proofbench-single")]
+    by_stage = report(staged, output=str(tmp_path / "pipeline"), plots=False)[0]
+    assert by_stage.index("| base-proofbench-single |") < by_stage.index("| abc-proofbench-single |")
+    assert report([str(tmp_path / "pipeline")], plots=False)[0] == by_stage
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=f"^{root}/empty: not an eval run directory"):
         report([str(tmp_path / "empty")])
