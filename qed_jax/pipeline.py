@@ -60,12 +60,15 @@ class EvalStageConfig:
     overrides: dict[str, Any] | None = None  # merged into every evaluation's config
 
     def __post_init__(self):
+        from qed_jax.evaluate import MODES
+
         for name in ("benchmarks", "models", "modes"):
             if not getattr(self, name):
                 raise ConfigError(f"eval.{name} is empty: nothing to evaluate")
-        unknown = sorted(set(self.models) - set(MODELS))
-        if unknown:
-            raise ConfigError(f"eval.models: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        for name, known in (("models", MODELS), ("modes", MODES)):
+            unknown = sorted(set(getattr(self, name)) - set(known))
+            if unknown:
+                raise ConfigError(f"eval.{name}: unknown {name[:-1]} {unknown[0]!r}; choose from {', '.join(known)}")
         for name in ("models", "modes"):
             twice = next((v for v in getattr(self, name) if getattr(self, name).count(v) > 1), None)
             if twice is not None:

@@ -142,6 +142,8 @@ def test_stage_configs_chain_the_stages(tmp_path):
         load_config(PipelineConfig, ROOT / TINY, ["judge=null"])
     with pytest.raises(ConfigError, match="unknown model 'rl'"):
         load_config(PipelineConfig, ROOT / TINY, ["eval.models=[base, rl]"])
+    with pytest.raises(ConfigError, match=r"^eval\.modes: unknown mode 'singel'; choose from single, rc$"):
+        load_config(PipelineConfig, ROOT / TINY, ["eval.modes=[singel]"])
 
 
 def test_paths_chaining_the_stages_are_passed_as_they_are(tmp_path):
