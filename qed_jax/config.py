@@ -269,12 +269,16 @@ PATH_FIELDS = frozenset({"path", "cache_path", "output_dir", "checkpoint_dir", "
                          "prompt_template", "reasoning_template", "summarize_template", "config", "summarizer"})
 
 
+def expand_path_field(key: str, value: Any) -> Any:
+    """`value` with a leading `~` expanded when `key` is one of PATH_FIELDS and it is text."""
+    return os.path.expanduser(value) if key in PATH_FIELDS and isinstance(value, str) else value
+
+
 def expand_paths(data: Any) -> Any:
     """A config's JSON values (config.json) with `~` expanded in PATH_FIELDS, as `from_dict`
     does: what a run directory recorded before it did so compares equal to the same setting now."""
     if isinstance(data, dict):
-        return {k: os.path.expanduser(v) if k in PATH_FIELDS and isinstance(v, str) else expand_paths(v)
-                for k, v in data.items()}
+        return {k: expand_path_field(k, v) if isinstance(v, str) else expand_paths(v) for k, v in data.items()}
     if isinstance(data, list):
         return [expand_paths(v) for v in data]
     return data
@@ -294,7 +298,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
             unknown=not close)
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}
-    kwargs = {k: os.path.expanduser(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in kwargs.items()}
+    kwargs = {k: expand_path_field(k, v) for k, v in kwargs.items()}
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
@@ -449,16 +453,22 @@ def replaced_whole(cls, parts: list[str]) -> bool:
     return field is not None and field.metadata.get("replaced_whole", False)
 
 
+def without_none(typ) -> tuple[Any, bool]:
+    """(X, True) for a field typed `X | None`, else (typ, False)."""
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0], True
+    return typ, False
+
+
 def field_type(cls, parts: list[str]):
-    """The type of the field at the key path `parts` of config class `cls`, or None."""
+    """The type of the field at the key path `parts` of config class `cls` (a section's class
+    for an optional section), or None."""
     typ = cls
     for part in parts:
         if not dataclasses.is_dataclass(typ) or part not in _field_types(typ):
             return None
-        typ = _field_types(typ)[part]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
-            typ = args[0]  # an optional section
+        typ = without_none(_field_types(typ)[part])[0]
     return typ
 
 
@@ -531,10 +541,7 @@ def empty_sections_as_defaults(data: dict, cls) -> None:
     out, which YAML reads as null) becomes a section of defaults, in place. An optional section's
     null stays: it turns the section off."""
     for key, value in data.items():
-        typ = _field_types(cls).get(key) if dataclasses.is_dataclass(cls) else None
-        options = [a for a in typing.get_args(typ) if a is not type(None)]
-        optional = typing.get_origin(typ) in (typing.Union, types.UnionType) and len(options) == 1
-        section = options[0] if optional else typ
+        section, optional = without_none(_field_types(cls).get(key))
         if not dataclasses.is_dataclass(section):
             continue
         if value is None and not optional:
@@ -620,6 +627,11 @@ def to_dict(config) -> dict[str, Any]:
 def dump_json(config) -> str:
     # A date that YAML read in a free-form mapping (a pipeline's overrides) is written as its text.
     return json.dumps(to_dict(config), indent=2, default=str)
+
+
+def json_values(config) -> dict:
+    """A config as the JSON values its config.json holds (what run records compare)."""
+    return json.loads(dump_json(config))
 
 
 def read_json_object(path: Path, damaged: str) -> dict:

@@ -219,6 +219,12 @@ class PrepareStats:
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason → count
     first_skipped: list = dataclasses.field(default_factory=list)  # (where: "line N", reason)
 
+    def skip(self, where: str, reason: str, kind: str | None = None) -> None:
+        """Count a skipped row under `kind` (default: its reason); the first five are named."""
+        self.skipped[kind or reason] += 1
+        if len(self.first_skipped) < 5:
+            self.first_skipped.append((where, reason))
+
     def summary(self) -> str:
         parts = [f"{self.kept} of {self.rows} rows kept"]
         if self.truncated:
@@ -244,10 +250,7 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
         except ConfigError:  # not the row's fault (a tokenizer with no chat template)
             raise
         except ValueError as e:
-            reason = str(e)
-            stats.skipped["unreadable line" if isinstance(row, BadRow) else reason] += 1
-            if len(stats.first_skipped) < 5:
-                stats.first_skipped.append((where, reason))
+            stats.skip(where, str(e), "unreadable line" if isinstance(row, BadRow) else None)
             continue
         if len(ids) > config.max_length:
             if config.overflow == "drop":
@@ -259,9 +262,7 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
                 continue
             stats.truncated += 1
         if mask.sum() == 0:  # the answer took no tokens
-            stats.skipped["no answer tokens"] += 1
-            if len(stats.first_skipped) < 5:
-                stats.first_skipped.append((where, "no answer tokens"))
+            stats.skip(where, "no answer tokens")
             continue
         examples.append({"tokens": ids, "loss_mask": mask})
     stats.kept = len(examples)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_sampling, dump_json, expand_paths, get_dotted,
-                            is_missing_local_path, load_template, not_found, read_json_object, require_at_least_one,
+                            is_missing_local_path, json_values, load_template, not_found, read_json_object, require_at_least_one,
                             require_range, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, chat_choice,
@@ -700,7 +700,7 @@ def check_rerun(config: EvalConfig) -> None:
         return
     saved = expand_paths(read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use "
                                                       "another output_dir"))
-    current = json.loads(dump_json(config))
+    current = json_values(config)
     for key in RUN_IDENTITY:
         if key.startswith("rc.") and config.mode != "rc":
             continue

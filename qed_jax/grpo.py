@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_sampling, check_seed, require_at_least_one,
-                            require_range)
+from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_sampling, check_seed, json_values,
+                            require_at_least_one, require_range)
 from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, reason_counts, row_field)
@@ -38,7 +38,7 @@ from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_rows_divide,
-                             config_record, data_parallel_size, data_record, decay_mask, exit_or_export,
+                             data_parallel_size, data_record, decay_mask, exit_or_export,
                              init_opt_state, is_complete, load_model, make_optimizer, resolve_tokenizer, run_lock,
                              start_or_resume)
 
@@ -784,7 +784,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "grpo", "data": data_record(config.data.path, prompts),
-                                             "config": config_record(config)})
+                                             "config": json_values(config)})
     # Find out now, not after a step's sampling, and before the run directory records this config
     # (a run the judge stopped before its first step is not one a fixed command must continue);
     # a run with only its export left grades nothing.

@@ -178,17 +178,13 @@ def check_unchanged(config) -> None:
     config. The trainer would refuse it too, but only when its stage begins, and with advice
     (--resume-with-changes) that does not hold here. (Changed training data is found only when
     the stage restores its checkpoint, where `pipeline_advice` rewords the refusal.)"""
-    from qed_jax.trainer import check_run_config
+    from qed_jax.trainer import NOT_RUN_IDENTITY, check_run_config
 
     with pipeline_advice():
-        check_run_config(Path(config.output_dir), config, resume_with_changes=False)
         # A trainer alone re-exports a finished run in another export_dtype; here the stages after
         # it may hold evaluations of the first export, so that too is a change.
-        saved = Path(config.output_dir) / "config.json"
-        old = json.loads(saved.read_text()).get("export_dtype", config.export_dtype) if saved.is_file() else None
-        if saved.is_file() and old != config.export_dtype:
-            raise RunConfigChanged(config.output_dir, [f"export_dtype: {json.dumps(old)} -> "
-                                                       f"{json.dumps(config.export_dtype)}"])
+        check_run_config(Path(config.output_dir), config, resume_with_changes=False,
+                         ignored=NOT_RUN_IDENTITY - {"export_dtype"})
 
 
 @contextlib.contextmanager

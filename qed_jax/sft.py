@@ -21,13 +21,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import ConfigError, ModelConfig, check_dtype, check_seed, require_at_least_one, require_range
+from qed_jax.config import (ConfigError, ModelConfig, check_dtype, check_seed, json_values, require_at_least_one,
+                            require_range)
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
-                             config_record, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
+                             data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
                              load_model, lr_schedule, make_optimizer, resolve_tokenizer, run_lock, start_or_resume,
                              to_global)
 
@@ -197,7 +198,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "sft", "data": data_record(config.data.path, examples),
-                                             "config": config_record(config)})
+                                             "config": json_values(config)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
     metrics_log = MetricsLog(out, start)
     result = {"output_dir": str(out), "process": jax.process_index(), "step": start, "start_step": start,

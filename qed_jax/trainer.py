@@ -25,8 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            dump_json, expand_paths, is_missing_local_path, not_found, preset, read_json_object, require_range,
-                            to_dict, write_text_atomic)
+                            dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
+                            read_json_object, require_range, write_text_atomic)
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -231,16 +231,16 @@ NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.
                     "judge.max_retries", "judge.backoff_s", "judge.cache_path", "export_dtype"}
 
 
-def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
+def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY) -> list[str]:
     """`key: old -> new` for every leaf that differs between two config dicts, but those in
-    NOT_RUN_IDENTITY."""
+    `ignored`."""
     changes = []
     for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key), new.get(key)
-        if f"{prefix}{key}" in NOT_RUN_IDENTITY:
+        if f"{prefix}{key}" in ignored:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
+            changes += config_changes(a, b, f"{prefix}{key}.", ignored)
         elif a != b:
             changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
     return changes
@@ -252,23 +252,18 @@ def run_lock(out: Path):
     return rundir.run_lock(out, first=jax.process_index() == 0, agree=largest)
 
 
-def config_record(config) -> dict:
-    """A config as the JSON values config.json holds, for `config_changes`."""
-    return json.loads(json.dumps(to_dict(config)))
-
-
-def check_run_config(out: Path, config, resume_with_changes: bool) -> bool:
-    """A rerun into an existing run directory must use the config it was started with, unless
-    the user says otherwise. Returns whether it is such a change, which `record_run_config`
-    writes down once the run has resumed. Process 0 decides (on a pod only its host holds
-    `out`), and every process acts on that."""
+def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_RUN_IDENTITY) -> bool:
+    """A rerun into an existing run directory must use the config it was started with (but the
+    keys `ignored`), unless the user says otherwise. Returns whether it is such a change, which
+    `record_run_config` writes down once the run has resumed. Process 0 decides (on a pod only
+    its host holds `out`), and every process acts on that."""
     path = out / "config.json"
     changes, refusal = [], None
     if jax.process_index() == 0:
         try:
             if path.exists():
-                new = config_record(config)
-                changes = config_changes(expand_paths(read_run_config(path, out, new)), new)
+                new = json_values(config)
+                changes = config_changes(expand_paths(read_run_config(path, out, new)), new, ignored=ignored)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
     if largest(int(refusal is not None)):
@@ -483,8 +478,10 @@ def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, e
 def is_complete(out: Path, step: int, steps: int, export_dtype: str | None) -> bool:
     """A run that reached its last step and (if asked for) its export in `export_dtype` has
     nothing left to do: a finished run rerun with another export_dtype exports again."""
-    if step < steps or not export_dtype:
-        return step >= steps
+    if step < steps:
+        return False
+    if not export_dtype:
+        return True
     exported = out / "hf" / "config.json"
     done = False
     if jax.process_index() == 0:  # on a pod only its host holds `out`; the export involves every process

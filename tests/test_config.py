@@ -109,12 +109,12 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     grpo_config = load_config(GRPOConfig, None, ["judge.cache_path=~/j.sqlite", "data.task_template=~/{problem}"])
     assert (grpo_config.judge.cache_path, grpo_config.data.task_template) == (f"{tmp_path}/j.sqlite", "~/{problem}")
     # A run directory whose config.json kept the ~ (written before it was expanded) is the same run.
-    from qed_jax.config import expand_paths
-    from qed_jax.trainer import config_changes, config_record
+    from qed_jax.config import expand_paths, json_values
+    from qed_jax.trainer import config_changes
 
-    recorded = {**config_record(config), "output_dir": "~/runs/x", "data": {**config_record(config)["data"],
+    recorded = {**json_values(config), "output_dir": "~/runs/x", "data": {**json_values(config)["data"],
                                                                            "path": "~/rows.jsonl"}}
-    assert config_changes(expand_paths(recorded), config_record(config)) == []
+    assert config_changes(expand_paths(recorded), json_values(config)) == []
 
 
 def test_malformed_yaml_is_one_line_with_file_line_and_column(tmp_path):
