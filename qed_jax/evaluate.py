@@ -213,7 +213,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     without the problem text (or, for answer benchmarks, the answer) is an error that names the
     row and the column. A problem's id defaults to its row's index (0 for the first row). A
     group_field that no row has is an error for a `new_run`, a warning for one that goes on (its
-    samples were drawn under it, and benchmark.group_field is part of what the run is)."""
+    samples were drawn under it, and benchmark.group_field is part of what the run is). A proof
+    benchmark whose solution or guidelines column no row has is warned of."""
     from qed_jax.data import BadRow
 
     fields = config.field_map
@@ -256,6 +257,12 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
         if new_run:
             raise ConfigError(f"{missing}; set it to a column the rows have, or to null")
         log.warning("%s, so every problem is in the group of an empty text", missing)
+    if config.kind == "proof":  # a column no row has is most likely mapped to the wrong name
+        for name, what in (("solution", "a reference solution"), ("guidelines", "grading guidelines")):
+            if not any(isinstance(r, dict) and r.get(fields[name]) is not None for _, r in rows):
+                log.warning("%s: no row has the column %r (benchmark.fields.%s), so the judge grades every proof "
+                            "without %s; map it with benchmark.fields.%s=COLUMN", config.path, fields[name], name,
+                            what, name)
     if config.limit is not None:
         problems = problems[: config.limit]
     if not problems:

@@ -377,14 +377,23 @@ def rc_loop(policy_def, summarizer_def, shape: LoopShape, policy_state, summariz
     return history, caches
 
 
+def turn_parts(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
+               ) -> tuple[dict[str, int], ...]:
+    """What the longest turn of the policy and of the summarizer is made of (one model when the
+    policy summarizes itself: its longer role): the template's own tokens, the problem, the
+    summary and the budgets, each role's widest prompt plus its budget."""
+    reasoning = {"template": prompts.reasoning.literal_tokens, "problem": problem_tokens,
+                 "summary": shape.summary_tokens, "reasoning": shape.reasoning_tokens}
+    summarize = {**reasoning, "template": prompts.summarize.literal_tokens, "summarizer": shape.summarizer_tokens}
+    if separate_summarizer:
+        return reasoning, summarize
+    return (max(reasoning, summarize, key=lambda parts: sum(parts.values())),)
+
+
 def turn_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
                  ) -> tuple[int, ...]:
-    """The most positions a turn of the policy and of the summarizer takes (one model when the
-    policy summarizes itself): each role's widest prompt plus its budget."""
-    reasoning = prompts.reasoning.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
-    summarize = (prompts.summarize.literal_tokens + problem_tokens + shape.summary_tokens + shape.reasoning_tokens
-                 + shape.summarizer_tokens)
-    return (reasoning, summarize) if separate_summarizer else (max(reasoning, summarize),)
+    """The most positions a turn of the policy and of the summarizer takes (`turn_parts` added up)."""
+    return tuple(sum(parts.values()) for parts in turn_parts(prompts, problem_tokens, shape, separate_summarizer))
 
 
 def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, separate_summarizer: bool
@@ -394,11 +403,12 @@ def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, sep
     return tuple(cache_slots(n) for n in turn_lengths(prompts, problem_tokens, shape, separate_summarizer))
 
 
-@cache  # once per length and model limit, not at every call
-def _warn_past_trained_positions(role: str, length: int, limit: int) -> None:
-    log.warning("a reasoning-cache turn of the %s takes up to %d positions (prompt, summary and budget), past the "
-                "model's max_position_embeddings (%d): positions beyond it were never trained; lower the token "
-                "budgets for this model", role, length, limit)
+@cache  # once per turn and model limit, not at every call
+def _warn_past_trained_positions(role: str, parts: tuple[tuple[str, int], ...], limit: int) -> None:
+    log.warning("a reasoning-cache turn of the %s takes up to %d positions (%s), past the model's "
+                "max_position_embeddings (%d): positions beyond it were never trained; lower the rc section's "
+                "token budgets for this model", role, sum(n for _, n in parts),
+                ", ".join(f"{name} {n}" for name, n in parts), limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,10 +518,10 @@ class ReasoningCache:
         row_ids = checked_row_ids(row_ids, len(problems))
         key = jax.random.key(p.seed) if key is None else key
         width = self.problem_width(problems)
-        lengths = turn_lengths(self.prompts, max(map(len, problems)), self.shape(), self.summarizer_def is not None)
-        for (role, config), length in zip(self.roles(), lengths):
-            if length > config.max_position_embeddings:
-                _warn_past_trained_positions(role, length, config.max_position_embeddings)
+        longest = turn_parts(self.prompts, max(map(len, problems)), self.shape(), self.summarizer_def is not None)
+        for (role, config), parts in zip(self.roles(), longest):
+            if sum(parts.values()) > config.max_position_embeddings:
+                _warn_past_trained_positions(role, tuple(parts.items()), config.max_position_embeddings)
         rows = p.batch_size or len(problems)
         rows = -(-rows // self.batch_shards) * self.batch_shards  # rows split evenly over the mesh
         summaries = turns if p.summarize_last else turns - 1

@@ -2,6 +2,7 @@
 exactly-once work across a SIGKILL, and the report's numbers against a NumPy reference."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -323,6 +324,31 @@ def test_benchmark_columns_are_checked_where_they_are_read():
     rows = [{"problem": "P", "competition": "IMO 2025"}, {"problem": "Q", "competition": None}, {"problem": "R"}]
     assert [p.group for p in problems(rows, group_field="competition", groups={"recent": "2025", "none": "^$"})] == [
         "recent", "none", "none"]  # null, like a missing column, is "" (not the text "None")
+
+
+def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
+    """A solution or guidelines column that no row has is most likely mapped to the wrong name:
+    the judge would grade every proof without it. Warned, naming the column and the setting."""
+    from qed_jax.evaluate import BenchmarkConfig, problems_from_rows
+
+    rows = [("line 1", {"problem": "P", "reference_solution": "S", "grading_guidelines": "G"}),
+            ("line 2", {"problem": "Q", "reference_solution": "T"})]
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        problems_from_rows(rows, BenchmarkConfig(path="b"))
+    assert caplog.messages == [
+        "b: no row has the column 'solution' (benchmark.fields.solution), so the judge grades every proof without "
+        "a reference solution; map it with benchmark.fields.solution=COLUMN"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        problems_from_rows(rows, BenchmarkConfig(path="b", fields={"solution": "reference_solution"}))
+        problems_from_rows([("line 1", {"problem": "P", "answer": "1"})], BenchmarkConfig(path="b", kind="answer"))
+    assert caplog.messages == []  # one row with guidelines is enough; an answer benchmark reads neither
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        problems_from_rows(rows, BenchmarkConfig(path="b", fields={"solution": "reference_solution",
+                                                                   "guidelines": "rubric"}))
+    assert caplog.messages == [
+        "b: no row has the column 'rubric' (benchmark.fields.guidelines), so the judge grades every proof without "
+        "grading guidelines; map it with benchmark.fields.guidelines=COLUMN"]
 
 
 def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):

@@ -237,17 +237,21 @@ def test_a_turn_past_the_trained_positions_warns_once(caplog):
                          max_turns=1)
     probe = rc.ReasoningCache(_model(1), tokenizer, params)
     problem = tokenizer(PROBLEMS[0], add_special_tokens=False)["input_ids"]
-    (length,) = rc.turn_lengths(probe.prompts, len(problem), probe.shape(), False)
+    (parts,) = rc.turn_parts(probe.prompts, len(problem), probe.shape(), False)
+    length = sum(parts.values())
     limit = length - 1  # one position short of the longest turn
     loop = rc.ReasoningCache(_model(1, preset("tiny").replace(max_position_embeddings=limit)), tokenizer, params)
     rc._warn_past_trained_positions.cache_clear()  # whatever another test warned of
     with caplog.at_level(logging.WARNING, logger="qed_jax.reasoning_cache"):
         for _ in range(2):  # once, not at every call
             loop.run_ids([problem])
+    # Self-summarizing: the longer role is summarizing, whose prompt also holds the turn's reasoning.
+    template = probe.prompts.summarize.literal_tokens
+    assert parts == {"template": template, "problem": len(problem), "summary": 4, "reasoning": 2, "summarizer": 4}
     assert [r.getMessage() for r in caplog.records] == [
-        f"a reasoning-cache turn of the policy takes up to {length} positions (prompt, summary and budget), past the "
-        f"model's max_position_embeddings ({limit}): positions beyond it were never trained; lower the token "
-        "budgets for this model"]
+        f"a reasoning-cache turn of the policy takes up to {length} positions (template {template}, problem "
+        f"{len(problem)}, summary 4, reasoning 2, summarizer 4), past the model's max_position_embeddings ({limit}): "
+        "positions beyond it were never trained; lower the rc section's token budgets for this model"]
 
 
 @pytest.mark.parametrize("field, value, message", [
