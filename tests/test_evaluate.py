@@ -575,6 +575,15 @@ def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
     s = summarize(config, records, [f"p{i}" for i in range(6)])
     assert (s["problems"], s["avg_at_k"]["k"], s["undrawn"]) == (6, 0, 13)
     assert "| avg@0 – ± – |" in "| " + " | ".join(table_row("r", s)) + " |"
+    # Stopped while grading: sample 1 drawn for every problem but graded for p0 only. Its 7 is not
+    # sample 1's mean, so sample 1 is not one of the k. A failed grade is a grade, though.
+    pending = [{**r, "sample": 1, "score": 7 if r["problem_id"] == "p0" else None,
+                "graded": r["problem_id"] == "p0"} for r in records[:4]]
+    s = summarize(config, records[:4] + pending)
+    assert (s["avg_at_k"]["k"], s["avg_at_k"]["per_sample"], s["pending"]) == (1, [3.5], 3)
+    failed = [{**r, "graded": True} for r in pending]
+    s = summarize(config, records[:4] + failed)
+    assert (s["avg_at_k"]["k"], s["avg_at_k"]["per_sample"], s["failed"]) == (2, [3.5, 7.0], 3)
 
 
 def test_report_compares_runs_side_by_side(tmp_path):
