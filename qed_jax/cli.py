@@ -216,7 +216,7 @@ def _judge(args) -> int | None:
             judge = Judge(config)
             try:
                 with tqdm(total=len(items), desc="grading", unit="proof") as bar:
-                    grades = judge.grade_batch(items, progress=lambda g: bar.update())
+                    grades = judge.grade_batch(items, on_grade=lambda i, grade: bar.update())
             finally:
                 judge.close()
             for row, g in zip(rows, grades):

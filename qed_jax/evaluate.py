@@ -664,10 +664,12 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
     if not to_judge:
         return
     items = [judge_item(problems[r["problem_id"]], c, config.benchmark.kind) for r, _, c in to_judge]
-    grades: list[Grade] = judge.grade_batch(items)
-    for (record, turn, _), grade in zip(to_judge, grades):
-        decided_by = "judge" if grade.sent else "truncated"
-        on_grade(record, turn, grade.score, grade.reason, decided_by, grade.raw)
+
+    def judged(i: int, grade: Grade) -> None:  # as each grade comes: a later failure loses none
+        record, turn, _ = to_judge[i]
+        on_grade(record, turn, grade.score, grade.reason, "judge" if grade.sent else "truncated", grade.raw)
+
+    judge.grade_batch(items, on_grade=judged)
 
 
 def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:

@@ -420,7 +420,9 @@ UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
 
 
 class Judge:
-    """`Judge(config).grade_batch(items)` → one Grade per item, in order."""
+    """`Judge(config).grade_batch(items)` → one Grade per item, in order. `on_grade(i, grade)`,
+    if given, is called as item i's grade completes (in completion order), so that a caller
+    keeps each grade even when a later one stops the batch."""
 
     def __init__(self, config: JudgeConfig):
         self.config = config
@@ -428,11 +430,11 @@ class Judge:
         self.cache = GradeCache(config.cache_path) if config.cache_path else None
         self.requests_sent = 0
 
-    def grade_batch(self, items: list[GradeItem], progress=None) -> list[Grade]:
+    def grade_batch(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
         """Synchronous entry point for training and evaluation code."""
-        return asyncio.run(self.grade_async(items, progress))
+        return asyncio.run(self.grade_async(items, on_grade))
 
-    async def grade_async(self, items: list[GradeItem], progress=None) -> list[Grade]:
+    async def grade_async(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
         c = self.config
         client = self._client()
         semaphore = asyncio.Semaphore(c.concurrency)
@@ -440,14 +442,14 @@ class Judge:
         if any(item.proof is not None or THINK_END in (item.completion or "") for item in items):
             await self._check_reachable(client)
 
-        async def one(item: GradeItem) -> Grade:
+        async def one(i: int, item: GradeItem) -> Grade:
             grade = await self._grade_one(client, semaphore, in_flight, item)
-            if progress is not None:
-                progress(grade)
+            if on_grade is not None:
+                on_grade(i, grade)
             return grade
 
         try:
-            tasks = [asyncio.ensure_future(one(item)) for item in items]
+            tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
             try:
                 return list(await asyncio.gather(*tasks))
             except JudgeUnavailable:
@@ -599,9 +601,9 @@ class RuleGrader:
             raise ConfigError(f"unknown grading rule {rule!r}; choose one of: {', '.join(RULES)}")
         self.rule, self.strip = RULES[rule], strip_self_evaluation
 
-    def grade_batch(self, items: list[GradeItem], progress=None) -> list[Grade]:
+    def grade_batch(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
         grades = []
-        for item in items:
+        for i, item in enumerate(items):
             proof = item.proof if item.proof is not None else extract_proof(item.completion, self.strip)
             if proof is None:
                 grade = Grade(score=0, reward=0.0, reason="no_think_end")
@@ -609,8 +611,8 @@ class RuleGrader:
                 score = self.rule(proof)
                 grade = Grade(score=score, reward=score / MAX_SCORE, reason="ok")
             grades.append(grade)
-            if progress is not None:
-                progress(grade)
+            if on_grade is not None:
+                on_grade(i, grade)
         return grades
 
     def close(self) -> None:

@@ -223,6 +223,23 @@ def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_grades_are_kept_as_they_come_when_the_judge_stops_the_run(tmp_path):
+    """A judge that refuses the key part-way stops the run; the grades that came back before are
+    in samples.jsonl (with no cache to fall back on), so a rerun does not ask for them again."""
+    from qed_jax.errors import JudgeUnavailable
+
+    refused = f"{IMO_ROWS[2]['problem_id']}-s0"  # the third problem: one request at a time, in order
+    with ModelServer(proof_reply) as model, JudgeServer({refused: [("status", 401)]}) as judge:
+        cfg = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=1", "judge.cache_path=null",
+                     "judge.concurrency=1", "judge.answer_format=score", "judge.allowed_scores=null")
+        with pytest.raises(JudgeUnavailable, match="refused the request"):
+            evaluate(cfg, progress=False)
+    answered = {item for item in judge.requests if item != refused}
+    assert len(answered) == 2 and refused in judge.requests
+    graded = {f"{r['problem_id']}-s{r['sample']}" for r in read_run(tmp_path / "run")[1] if r["graded"]}
+    assert graded == answered
+
+
 @pytest.mark.parametrize("body", [("text/html", "<html>502 Bad Gateway</html>"),
                                   ("application/json", '{"choices": [ cut off'), ("application/json", '{"id": "x"}')])
 def test_a_model_endpoint_reply_that_is_not_a_completion_is_one_line(tmp_path, body):

@@ -107,10 +107,10 @@ def test_identical_proofs_in_a_batch_are_graded_once(tmp_path, cached):
     seen = []
     with JudgeServer(scripts) as server:
         config = _config(server, tmp_path, cache_path=str(tmp_path / "cache.sqlite") if cached else None)
-        grades = Judge(config).grade_batch(items, progress=seen.append)
+        grades = Judge(config).grade_batch(items, on_grade=lambda i, grade: seen.append((i, grade)))
     assert server.requests == {"a": 1, "b": 1, "c": 1}
     assert [g.score for g in grades] == [{"a": 3, "b": 5, "c": 7}[name] for name in names]
-    assert len({id(g) for g in grades}) == len(names) and len(seen) == len(names)
+    assert len({id(g) for g in grades}) == len(names) and sorted(seen, key=lambda x: x[0]) == list(enumerate(grades))
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
