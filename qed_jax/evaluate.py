@@ -295,20 +295,23 @@ def render_prompt(template: str, problem: str) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i].strip()
-    return None
+    """The contents of the last \\boxed{...} (or \\fbox{...}) whose braces close; None if there
+    is none. One pass that pairs every brace, so a text of many unclosed boxes stays linear."""
+    box_braces = {m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)}
+    open_braces, last = [], None
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            open_braces.append(m.start())
+        elif open_braces:
+            start = open_braces.pop()
+            if start in box_braces and (last is None or start > last[0]):
+                last = (start, m.start())
+    return None if last is None else text[last[0] + 1:last[1]].strip()
 
 
 def check_answer(predicted: str | None, reference: str) -> bool | None:
     """True when math-verify shows that `predicted` equals `reference`; False only when both are
-    numbers whose values differ; else None, for the judge to decide. math-verify's "not equal"
+    real numbers whose values differ (and neither is an angle in degrees); else None, for the judge to decide. math-verify's "not equal"
     also covers what it could not prove (a trigonometric identity), a timeout and text answers
     ("all odd n" parses into a product of letters), so it decides nothing by itself."""
     if not predicted:
@@ -327,19 +330,24 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
             return True
     except (Exception, TimeoutException):  # sympy failed on an expression, or ran out of time
         return None
+    if any(re.search(r"\\circ|degree", text) for text in (predicted, reference)):
+        return None  # math-verify reads 60° as 60: against π/3, a unit only the judge can weigh
     return False if numerically_different(gold[0], pred[0]) else None
 
 
 def numerically_different(a: Any, b: Any) -> bool:
-    """Whether two parsed answers are numbers (no symbols, sets or tuples) whose values, each
+    """Whether two parsed answers are real numbers (no symbols, sets or tuples) whose values, each
     evaluated to 30 digits (an evaluation that loses them all decides nothing), differ by more
-    than 1e-9 of the larger (or by 1e-9, below 1)."""
+    than 1e-9 of the larger (or by 1e-9, below 1). Not real: sympy's cube root of -27 is the
+    complex principal root, where the answer means -3."""
     import sympy
 
     if not all(isinstance(x, sympy.Expr) and x.is_number for x in (a, b)):
         return False
     try:  # in sympy's numbers, not floats: 2^2025 against 2^2024 is past any float's range
         x, y = a.evalf(30, strict=True), b.evalf(30, strict=True)
+        if not (x.is_real and y.is_real):
+            return False
         return bool(abs(x - y) > sympy.Float("1e-9") * max(sympy.Integer(1), abs(x), abs(y)))
     except (TypeError, ValueError, OverflowError, ArithmeticError):  # TypeError: a comparison with nan
         return False

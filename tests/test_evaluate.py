@@ -311,8 +311,21 @@ def test_answer_checks():
     # Past any float's range (both inf as floats, whose difference is nan), compared as numbers.
     assert check_answer("2^{2025}", "2^{2024}") is False and check_answer("2^{2024}", "2^{2024}") is True
     assert check_answer("2^{2024}+1", "2^{2024}") is None  # equal to 30 digits: not decided unequal
+    # sympy's cube root of a negative number is the complex principal root: only real values are
+    # decided unequal. Nor is an angle in degrees against one in radians.
+    assert check_answer("-3", r"\sqrt[3]{-27}") is None and check_answer("2", r"\sqrt[3]{-1}+3") is None
+    assert check_answer("1", r"\sqrt[3]{2+\sqrt{5}}+\sqrt[3]{2-\sqrt{5}}") is None
+    assert check_answer(r"\frac{\pi}{3}", r"60^\circ") is None and check_answer("61", r"60^{\circ}") is None
+    assert check_answer("3", r"\sqrt[3]{27}") is True and check_answer("4", r"\sqrt[3]{27}") is False
     assert last_boxed(r"first \boxed{1}, then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
     assert last_boxed("no box") is None
+    # The last box whose braces close: one cut off by the token budget falls back to the one before.
+    assert last_boxed(r"\boxed{1} then \boxed{\frac{1}{2} and on") == "1"
+    assert last_boxed(r"} \fbox {a{b}c} \boxed{x}}") == "x" and last_boxed(r"\boxed{\boxed{y}") == "y"
+    # A degenerate repetition to the end of the budget (no box closes) is read in one pass: each
+    # box scanning to the end of the text would take minutes here.
+    assert last_boxed(r"The answer is \boxed{x = " * 20_000) is None
+    assert last_boxed(r"\boxed{7}" + r"\boxed{" * 50_000) == "7"
 
 
 def test_benchmark_columns_are_checked_where_they_are_read():
