@@ -190,7 +190,12 @@ def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str |
     `strip_self_evaluation`, cut at the first self-evaluation heading (everything after it goes)."""
     if THINK_END not in completion:
         return None
-    proof = completion.rsplit(THINK_END, 1)[1]
+    return given_proof(completion.rsplit(THINK_END, 1)[1], strip_self_evaluation)
+
+
+def given_proof(proof: str, strip_self_evaluation: bool = False) -> str:
+    """An already-extracted proof as it is graded: stripped of its self-evaluation as a
+    completion's would be."""
     if strip_self_evaluation:
         proof = _SELF_EVALUATION.sub("", proof)
     return proof.strip()
@@ -497,7 +502,8 @@ class Judge:
         c = self.config
         if (item.completion is None) == (item.proof is None):
             raise ValueError("a GradeItem needs exactly one of completion and proof")
-        proof, unsent = (item.proof.strip(), None) if item.proof is not None else text_to_grade(item.completion, c)
+        proof, unsent = ((given_proof(item.proof, c.strip_self_evaluation), None) if item.proof is not None
+                         else text_to_grade(item.completion, c))
         if unsent or not proof:
             return Grade(score=0, reward=0.0, reason=unsent or "empty_proof")
         key = cache_key(c, self.template, item, proof)
@@ -604,7 +610,8 @@ class RuleGrader:
     def grade_batch(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
         grades = []
         for i, item in enumerate(items):
-            proof = item.proof if item.proof is not None else extract_proof(item.completion, self.strip)
+            proof = (given_proof(item.proof, self.strip) if item.proof is not None
+                     else extract_proof(item.completion, self.strip))
             if proof is None:
                 grade = Grade(score=0, reward=0.0, reason="no_think_end")
             else:

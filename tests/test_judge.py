@@ -15,7 +15,7 @@ import pytest
 from qed_jax import cli
 from qed_jax.config import ConfigError, load_template
 from qed_jax.judge import (BadReply, Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
-                           parse_score, render_marking_scheme, render_prompt)
+                           RuleGrader, parse_score, render_marking_scheme, render_prompt)
 from tests.helpers import REPO
 from tests.judge_server import JudgeServer
 
@@ -166,6 +166,20 @@ def test_proof_extraction():
     assert extract_proof("no end of thinking") is None
     text = "x</think>Proof. Done.\n\n## Self-evaluation\nI am confident this is right."
     assert extract_proof(text) == text.split("</think>")[1].strip()
+
+
+def test_a_proof_row_is_stripped_of_its_self_evaluation_as_a_completion_is(tmp_path):
+    """`qed-jax judge` on rows of extracted proofs sends the judge what `eval` sends for the same
+    proof: one prompt, one cached grade."""
+    tail = "\n\n## Self-evaluation\nI am confident this is right."
+    items = [GradeItem(problem="P", rubric="R", proof=f"Proof [[item:a]]. Done.{tail}"),
+             GradeItem(problem="P", rubric="R", completion=f"x</think>Proof [[item:a]]. Done.{tail}")]
+    with JudgeServer({"a": [("score", 5), ("score", 0)]}) as server:
+        grades = Judge(_config(server, tmp_path, strip_self_evaluation=True)).grade_batch(items)
+    assert [g.score for g in grades] == [5, 5] and server.requests == {"a": 1}
+    assert "Self-evaluation" not in server.bodies[0]["messages"][-1]["content"]
+    rule = RuleGrader("closes_thinking", strip_self_evaluation=True)
+    assert [g.score for g in rule.grade_batch([GradeItem(problem="P", proof=tail)])] == [0]  # nothing left
 
 
 @pytest.mark.parametrize("tail", [
