@@ -311,9 +311,10 @@ def last_boxed(text: str) -> str | None:
 
 def check_answer(predicted: str | None, reference: str) -> bool | None:
     """True when math-verify shows that `predicted` equals `reference`; False only when both are
-    real numbers whose values differ (and neither is an angle in degrees); else None, for the judge to decide. math-verify's "not equal"
-    also covers what it could not prove (a trigonometric identity), a timeout and text answers
-    ("all odd n" parses into a product of letters), so it decides nothing by itself."""
+    real numbers whose values differ (and neither is an angle in degrees); else None, for the
+    judge to decide. math-verify's "not equal" also covers what it could not prove (a
+    trigonometric identity), a timeout and text answers ("all odd n" parses into a product of
+    letters), so it decides nothing by itself."""
     if not predicted:
         return None
     from math_verify import parse, verify

@@ -419,6 +419,8 @@ async def responses_text(client, **kwargs) -> str:
 RETRIED_4XX = (408, 409, 429)
 # A judge that refuses the key (a missing or wrong api key) stops the run: every grade would fail.
 REFUSED = (401, 403)
+# So does one that has no such model (a misspelt judge.model) or no such path.
+NOT_FOUND = 404
 
 # What to do when nothing answers at the judge's URL.
 UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
@@ -543,6 +545,10 @@ class Judge:
             except openai.APIStatusError as e:
                 if e.status_code in REFUSED:  # no request of this run will get through
                     raise self._refused(e) from None
+                if e.status_code == NOT_FOUND:
+                    raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({str(e.message)[:200]}) "
+                                           f"for judge.model {c.model!r}: check judge.model and judge.base_url"
+                                           ) from None
                 reason = f"http_{e.status_code}"
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
                     return Grade(None, 0.0, reason, raw=str(e.message)[:500],

@@ -393,6 +393,13 @@ def test_a_judge_that_refuses_the_key_stops_the_batch(tmp_path):
                                                        r"\$JUDGE_API_KEY, judge.api_key_env names the variable\)$"):
                 Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(i) for i in range(3)])
             assert server.requests["i1"] == 1
+    # 404: no such model (a misspelt judge.model) or no such path, which every request meets too.
+    with JudgeServer({"i1": [("status", 404)]}) as server:
+        with pytest.raises(JudgeUnavailable, match=rf"^the judge at {server.url} answered HTTP 404 \(Error code: 404 - "
+                                                   r"scripted 404\) for judge.model 'judge': check judge.model and "
+                                                   r"judge.base_url$"):
+            Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(i) for i in range(3)])
+        assert server.requests["i1"] == 1
 
 
 def test_judge_cli_checks_its_output_before_sending_anything(tmp_path, capsys):
@@ -501,16 +508,16 @@ def _completion(content=None, choices=None) -> tuple[str, tuple[str, str]]:
 def test_replies_with_content_that_is_not_text_fail_alone(tmp_path):
     # Content as a list of text parts (some servers send it) is joined; content of any other kind
     # is a bad reply for that item, retried like a 5xx, and the rest of the batch is graded.
-    # 408 (a proxy's timeout) and 409 are retried too; 404 is not.
+    # 408 (a proxy's timeout) and 409 are retried too; 422 (this request is wrong) is not.
     parts = [{"type": "text", "text": "<score>"}, {"type": "text", "text": "5</score>"}]
     scripts = {"i0": [_completion(parts)], "i1": [_completion(6)], "i2": [_completion([{"type": "image"}])],
                "i3": [_completion(choices={"0": {"message": {"content": "<score>7</score>"}}})],
-               "i4": [("status", 408), ("score", 3)], "i5": [("status", 409)], "i6": [("status", 404)]}
+               "i4": [("status", 408), ("score", 3)], "i5": [("status", 409)], "i6": [("status", 422)]}
     with JudgeServer(scripts) as server:
         grades = Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(i) for i in range(8)])
     assert [(g.score, g.reason, g.attempts) for g in grades] == [
         (5, "ok", 1), (None, "bad_reply", 3), (None, "bad_reply", 3), (None, "bad_reply", 3),
-        (3, "ok", 2), (None, "http_409", 3), (None, "http_404", 1), (7, "ok", 1)]
+        (3, "ok", 2), (None, "http_409", 3), (None, "http_422", 1), (7, "ok", 1)]
     assert "choices[0].message.content is not text: 6" in grades[1].raw
 
 
