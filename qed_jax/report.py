@@ -10,6 +10,7 @@ silently: the headline score leaves it out, and a second figure counts it as 0.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 from qed_jax.config import ConfigError
 from qed_jax.evaluate import SAMPLES_FILE, read_problem_ids, read_run
 from qed_jax.judge import MAX_SCORE
+
+log = logging.getLogger(__name__)
 
 
 def percent(score: float) -> float:
@@ -277,17 +280,18 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     run_dirs = [run for folder in run_dirs for run in runs_in(folder)]
     if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
-    named = dict(zip(run_names(run_dirs), run_dirs))
+    read = {name: (run_dir, *read_run(run_dir)) for name, run_dir in zip(run_names(run_dirs), run_dirs)}
+    empty = [name for name, (_, _, records) in read.items() if not records]  # still in their first round
+    if len(empty) == len(read):
+        raise ConfigError(f"{', '.join(run_dirs)}: the run{'s have' if len(read) > 1 else ' has'} no samples yet")
+    for name in empty:  # left out of a comparison
+        log.warning("%s: the run has no samples yet; left out of the report", read.pop(name)[0])
     earlier = previous_order(Path(output))
-    if set(earlier) == set(named):  # written again over the same runs: in the order they had (a pipeline's: stages)
-        named = {name: named[name] for name in earlier}
+    if set(earlier) == set(read):  # written again over the same runs: in the order they had (a pipeline's: stages)
+        read = {name: read[name] for name in earlier}
     summaries, runs = {}, {}
-    for name, run_dir in named.items():
-        config, records = read_run(run_dir)
-        problem_ids = read_problem_ids(run_dir)
-        if not records:
-            raise ConfigError(f"{run_dir}: the run has no samples yet")
-        summaries[name], runs[name] = summarize(config, records, problem_ids), records
+    for name, (run_dir, config, records) in read.items():
+        summaries[name], runs[name] = summarize(config, records, read_problem_ids(run_dir)), records
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)

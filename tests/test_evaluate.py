@@ -655,6 +655,15 @@ def test_report_compares_runs_side_by_side(tmp_path):
     by_stage = report(staged, output=str(tmp_path / "pipeline"), plots=False)[0]
     assert by_stage.index("| base-proofbench-single |") < by_stage.index("| abc-proofbench-single |")
     assert report([str(tmp_path / "pipeline")], plots=False)[0] == by_stage
+    # A run still in its first round (no samples yet) is left out of a comparison, with a warning;
+    # alone, it is an error.
+    started = tmp_path / "pipeline" / "eval" / "grpo-proofbench-single"
+    shutil.copytree(runs[1], started)
+    (started / "samples.jsonl").write_text("")
+    assert report([str(tmp_path / "pipeline")], plots=False)[0] == by_stage
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(started))}: the run has no samples yet$"):
+        report([str(started)])
+    shutil.rmtree(started)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=f"^{root}/empty: not an eval run directory"):
         report([str(tmp_path / "empty")])
