@@ -45,28 +45,30 @@ def _convert(args) -> None:
 
     from qed_jax import checkpoint
     from qed_jax.hf import require_local
-    from qed_jax.pretrained import from_pretrained, save_pretrained
+    from qed_jax.pretrained import from_pretrained, loaded_from, save_pretrained
     from qed_jax.sharding import MeshConfig, make_mesh
     from qed_jax.trainer import StopSignals
 
-    to_hf = checkpoint.is_checkpoint_dir(args.source)
+    source, dest = os.path.expanduser(args.source), os.path.expanduser(args.dest)
+    to_hf = checkpoint.is_checkpoint_dir(source)
     if to_hf:
-        require_local(args.dest, "writes")  # before anything at the destination is replaced
-    replace = _check_destination(args.source, args.dest, args.overwrite)
+        require_local(dest, "writes")  # before anything at the destination is replaced
+    replace = _check_destination(source, dest, args.overwrite)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
-    model = from_pretrained(args.source, mesh=mesh, dtype=args.dtype, step=args.step)
+    model = from_pretrained(source, mesh=mesh, dtype=args.dtype, step=args.step)
+    source = loaded_from(model)  # a Hub id's download: its tokenizer goes with the model
     # Ctrl-C while the output is written lets the write finish (Orbax's threads stopped half-way
     # print their own tracebacks), then stops with the output whole.
     with StopSignals((signal.SIGINT,), "finishing the output being written, then stopping",
                      "exiting at once; the output is unfinished") as stop:
         if replace:
-            epath.Path(args.dest).rmtree()
+            epath.Path(dest).rmtree()
         if to_hf:
-            save_pretrained(model, args.dest, dtype=model.config.param_dtype, assets_from=args.source)
-            wrote = f"wrote Hugging Face folder {args.dest} ({model.config.param_dtype})"
+            save_pretrained(model, dest, dtype=model.config.param_dtype, assets_from=source)
+            wrote = f"wrote Hugging Face folder {dest} ({model.config.param_dtype})"
         else:
-            checkpoint.save_model(model, args.dest, assets_from=args.source)
-            wrote = f"wrote qed-jax checkpoint {args.dest} ({model.config.param_dtype})"
+            checkpoint.save_model(model, dest, assets_from=source)
+            wrote = f"wrote qed-jax checkpoint {dest} ({model.config.param_dtype})"
     print(wrote)
     if stop.raised:
         raise KeyboardInterrupt

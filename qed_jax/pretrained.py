@@ -79,11 +79,16 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def loaded_from(model: Qwen3) -> str | None:
+    """The local folder `from_pretrained` read the model from (a Hub id's download, `~` expanded)."""
+    return _SOURCES.get(model)
+
+
 def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=None,
                     max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> Path:
     """Write a Hugging Face folder that transformers and vLLM load as Qwen3ForCausalLM.
     Tokenizer files come from `assets_from`, by default the folder the model was loaded from."""
     hf.require_local(path, "writes")
     if assets_from is None:
-        assets_from = _SOURCES.get(model)
+        assets_from = loaded_from(model)
     return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes)

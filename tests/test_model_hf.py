@@ -324,6 +324,23 @@ def test_param_counts_from_abstract_shapes():
         assert param_count(config) == hf.num_parameters(), name
 
 
+def test_convert_from_a_hub_id_or_a_home_relative_path_keeps_the_tokenizer(tmp_path, monkeypatch, capsys):
+    """The source is read where from_pretrained found it: a Hub id's download (here a local folder
+    standing in for the Hub), a `~` path expanded, so its tokenizer goes along and a checkpoint
+    under `~` is exported as a Hugging Face folder."""
+    import huggingface_hub
+    from tests.helpers import make_hf_model_with_tokenizer
+
+    make_hf_model_with_tokenizer(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cli.main(["convert", "some-org/some-model", "~/ckpt"]) == 0
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    assert cli.main(["convert", "~/ckpt", "~/out"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote Hugging Face folder {tmp_path}/out (float32)"
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "config.json").is_file()
+
+
 def test_config_round_trips_through_hf_dict():
     from transformers import Qwen3Config
 
