@@ -111,6 +111,13 @@ class ModelConfig:
         rope_theta = rope.get("rope_theta", hf.get("rope_theta"))
         if rope_theta is None:
             raise ConfigError("config has no rope_theta (looked in rope_parameters and at the top level)")
+        from transformers import Qwen3Config
+
+        default = Qwen3Config()  # a field config.json leaves out is what transformers takes for it
+
+        def field(key):
+            return hf[key] if key in hf else getattr(default, key)
+
         heads = hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],
@@ -118,12 +125,12 @@ class ModelConfig:
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads", heads),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_kv_heads=field("num_key_value_heads") or heads,  # null: one kv head per query head
+            head_dim=field("head_dim") or hf["hidden_size"] // heads,
             rope_theta=float(rope_theta),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", 40960),
+            tie_word_embeddings=bool(field("tie_word_embeddings")),
+            rms_norm_eps=field("rms_norm_eps"),
+            max_position_embeddings=field("max_position_embeddings"),
             **overrides,
         )
 

@@ -353,6 +353,15 @@ def test_config_round_trips_through_hf_dict():
         loaded = Qwen3Config.from_dict(hf)
         rope = loaded.rope_parameters
         assert rope["rope_theta"] == config.rope_theta and rope["rope_type"] == "default"
+    # A config.json that leaves fields out (hand-written, or another tool's): what transformers
+    # takes for them, not a guess of ours (head_dim 128, not hidden_size / heads).
+    hf = PRESETS["qwen3-4b-thinking-2507"].to_hf()  # 32 query heads of 128 in a 2,560-wide model
+    for key in ("head_dim", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+        del hf[key]
+    ours, theirs = ModelConfig.from_hf(hf), Qwen3Config.from_dict(hf)
+    assert (ours.head_dim, ours.num_kv_heads, ours.max_position_embeddings, ours.rms_norm_eps,
+            ours.tie_word_embeddings) == (theirs.head_dim, theirs.num_key_value_heads, theirs.max_position_embeddings,
+                                          theirs.rms_norm_eps, theirs.tie_word_embeddings)
 
 
 # --- bad input: one clear line naming the problem ---------------------------------------------
