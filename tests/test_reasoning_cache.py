@@ -231,6 +231,18 @@ def test_reasoning_and_summary_extraction():
     assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6]]
 
 
+def test_a_summarizer_with_fewer_embedding_rows_than_the_policy_is_refused():
+    """The policy may sample any id below its vocab_size (padding rows too); in a summarizer
+    without that row the id would read NaN and empty the summary, so it is refused up front."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=4, no_summary="none", max_turns=1)
+    smaller = _model(1, preset("tiny").replace(vocab_size=len(tokenizer)))  # holds the tokenizer, not 512 rows
+    with pytest.raises(ConfigError, match=rf"^the summarizer's vocab_size \({len(tokenizer)}\) is smaller than the "
+                                          r"policy's \(512\): the policy's sampled ids go into its prompt"):
+        rc.ReasoningCache(_model(0), tokenizer, params, rc.Summarizer(smaller))
+    rc.ReasoningCache(smaller, tokenizer, params, rc.Summarizer(_model(0)))  # a larger one is fine
+
+
 def test_a_turn_past_the_trained_positions_warns_once(caplog):
     tokenizer = load_tokenizer(TOKENIZER)
     params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=4, temperature=0.0, no_summary="none",
