@@ -658,5 +658,5 @@ def read_json_object(path: Path, damaged: str) -> dict:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` whole or not at all: a kill mid-write leaves the old file (or none)."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -211,8 +211,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
                        new_run: bool = True) -> list[Problem]:
     """Problems in row order, from (where, row) pairs as `data.read_rows` gives them; a row
     without the problem text (or, for answer benchmarks, the answer) is an error that names the
-    row and the column. A problem's id defaults to its row's index (0 for the first row). A
-    group_field that no row has is an error for a `new_run`, a warning for one that goes on (its
+    row and the column. A problem's id defaults to its row's index (0 for the first row), null
+    too. A group_field that no row has is an error for a `new_run`, a warning for one that goes on (its
     samples were drawn under it, and benchmark.group_field is part of what the run is). A proof
     benchmark whose solution or guidelines column no row has is warned of."""
     from qed_jax.data import BadRow
@@ -245,7 +245,7 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
             render_marking_scheme(guidelines)
         except ValueError as e:
             raise ConfigError(f"{where}: column {fields['guidelines']!r} (the grading guidelines): {e}") from None
-        pid = str(row.get(fields["id"], n))
+        pid = str(n if row.get(fields["id"]) is None else row[fields["id"]])  # null: as if missing
         if pid in seen:
             raise ConfigError(f"{where}: problem id {pid!r} appears twice; ids key the samples, so they must be unique")
         seen.add(pid)

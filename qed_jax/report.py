@@ -295,6 +295,6 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)
-    (out / "report.md").write_text(text)
+    (out / "report.md").write_text(text, encoding="utf-8")  # its dashes and ± in any locale
     (out / "report.json").write_text(json.dumps(_nan_to_none(summaries), indent=2, allow_nan=False))
     return text, out, plot(summaries, runs, out) if plots else []

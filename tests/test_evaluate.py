@@ -354,6 +354,9 @@ def test_benchmark_columns_are_checked_where_they_are_read():
     rows = [{"problem": "P", "competition": "IMO 2025"}, {"problem": "Q", "competition": None}, {"problem": "R"}]
     assert [p.group for p in problems(rows, group_field="competition", groups={"recent": "2025", "none": "^$"})] == [
         "recent", "none", "none"]  # null, like a missing column, is "" (not the text "None")
+    # A null id, like a missing one, is the row's index (not the text "None", which two rows share).
+    assert [p.id for p in problems([{"problem": "P", "problem_id": None}, {"problem": "Q", "problem_id": None},
+                                    {"problem": "R", "problem_id": 7}])] == ["0", "1", "7"]
 
 
 def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
