@@ -278,7 +278,7 @@ def _pipeline(args) -> int | None:
         return
     start = time.perf_counter()
     result = run(config)
-    print(Path(result["report"]).read_text())
+    print(Path(result["report"]).read_text(encoding="utf-8"))
     if result["standin_requests"] is not None:
         print(f"the offline stand-in judge answered {result['standin_requests']} requests (not a real judge: "
               "its marks only say whether a proof closed its reasoning)")

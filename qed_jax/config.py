@@ -119,6 +119,10 @@ class ModelConfig:
             return hf[key] if key in hf else getattr(default, key)
 
         heads = hf["num_attention_heads"]
+        if "num_key_value_heads" not in hf and heads % default.num_key_value_heads:
+            raise ConfigError(f"config has no num_key_value_heads, and the {default.num_key_value_heads} that "
+                              f"transformers takes for it does not divide num_attention_heads ({heads}): add "
+                              "num_key_value_heads to config.json")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],

@@ -547,8 +547,8 @@ class Judge:
                     raise self._refused(e) from None
                 if e.status_code == NOT_FOUND:
                     raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({str(e.message)[:200]}) "
-                                           f"for judge.model {c.model!r}: check judge.model and judge.base_url"
-                                           ) from None
+                                           f"for judge.model {c.model!r}: check judge.model, judge.base_url and "
+                                           "judge.api") from None
                 reason = f"http_{e.status_code}"
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
                     return Grade(None, 0.0, reason, raw=str(e.message)[:500],

@@ -157,7 +157,7 @@ def markdown(summaries: dict[str, dict]) -> str:
         lines = ["Score (%) by model:", "", *_table(*pivot), "", "Every run:", "", *lines]
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
              "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
-             "over problems (the samples drawn and graded for every problem in the run); ± is their "
+             "over problems (the samples drawn and graded, or failed, for every problem in the run); ± is their "
              "standard deviation (ddof 1). Truncated: nothing to grade (no </think>, or nothing after it). "
              "Reasoning-cache runs (mode rc): per turn, the mean score of each turn's answer (the last turn's is the run's "
              "score); tokens are the policy's over all turns, summaries apart.")

@@ -4,8 +4,8 @@ that decodes one token per step for the whole batch.
 Static shapes: prompts are right-padded to a length bucket, the cache holds bucket +
 max_new_tokens slots (rounded up to whole blocks of TPU's decode kernel: `cache_slots`), and
 sampling controls (temperature, top-k, top-p, stop ids, per-row budgets) are traced arrays, so
-changing their values never recompiles (a different number of stop ids does). Each row keeps its own positions, so prompts of different
-lengths decode exactly.
+changing their values never recompiles (a different number of stop ids does). Each row keeps
+its own positions, so prompts of different lengths decode exactly.
 
 Bounded memory: a call's requests run in waves of at most `max_concurrent` rows (set directly or
 derived from a KV-cache budget per device), all through one donated cache of [L, wave, S, K, H]

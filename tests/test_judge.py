@@ -396,8 +396,8 @@ def test_a_judge_that_refuses_the_key_stops_the_batch(tmp_path):
     # 404: no such model (a misspelt judge.model) or no such path, which every request meets too.
     with JudgeServer({"i1": [("status", 404)]}) as server:
         with pytest.raises(JudgeUnavailable, match=rf"^the judge at {server.url} answered HTTP 404 \(Error code: 404 - "
-                                                   r"scripted 404\) for judge.model 'judge': check judge.model and "
-                                                   r"judge.base_url$"):
+                                                   r"scripted 404\) for judge.model 'judge': check judge.model, "
+                                                   r"judge.base_url and judge.api$"):
             Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(i) for i in range(3)])
         assert server.requests["i1"] == 1
 

@@ -362,6 +362,11 @@ def test_config_round_trips_through_hf_dict():
     assert (ours.head_dim, ours.num_kv_heads, ours.max_position_embeddings, ours.rms_norm_eps,
             ours.tie_word_embeddings) == (theirs.head_dim, theirs.num_key_value_heads, theirs.max_position_embeddings,
                                           theirs.rms_norm_eps, theirs.tie_word_embeddings)
+    hf = PRESETS["qwen3-0.6b"].to_hf()  # 16 query heads: transformers' 32 kv heads do not divide them
+    del hf["num_key_value_heads"]
+    with pytest.raises(ConfigError, match=r"^config has no num_key_value_heads, and the 32 that transformers takes "
+                                          r"for it does not divide num_attention_heads \(16\): add "):
+        ModelConfig.from_hf(hf)
 
 
 # --- bad input: one clear line naming the problem ---------------------------------------------
