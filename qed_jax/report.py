@@ -280,12 +280,13 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     run_dirs = [run for folder in run_dirs for run in runs_in(folder)]
     if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
-    read = {name: (run_dir, *read_run(run_dir)) for name, run_dir in zip(run_names(run_dirs), run_dirs)}
-    empty = [name for name, (_, _, records) in read.items() if not records]  # still in their first round
-    if len(empty) == len(read):
-        raise ConfigError(f"{', '.join(run_dirs)}: the run{'s have' if len(read) > 1 else ' has'} no samples yet")
-    for name in empty:  # left out of a comparison
-        log.warning("%s: the run has no samples yet; left out of the report", read.pop(name)[0])
+    runs_read = {run_dir: read_run(run_dir) for run_dir in run_dirs}
+    started = [run_dir for run_dir, (_, records) in runs_read.items() if records]  # past their first round
+    if not started:
+        raise ConfigError(f"{', '.join(run_dirs)}: the run{'s have' if len(run_dirs) > 1 else ' has'} no samples yet")
+    for run_dir in sorted(set(run_dirs) - set(started)):  # left out of a comparison
+        log.warning("%s: the run has no samples yet; left out of the report", run_dir)
+    read = {name: (run_dir, *runs_read[run_dir]) for name, run_dir in zip(run_names(started), started)}
     earlier = previous_order(Path(output))
     if set(earlier) == set(read):  # written again over the same runs: in the order they had (a pipeline's: stages)
         read = {name: read[name] for name in earlier}
