@@ -757,15 +757,16 @@ def model_files(config: EvalConfig) -> dict | None:
 
 
 def check_model_unchanged(config: EvalConfig) -> None:
-    """Refuse to draw more samples for a run from a local model whose files changed since the
-    run began (grading what was drawn needs no model, so it is never refused)."""
+    """Refuse a run from a local model whose files changed since the run began: more samples
+    would mix two models, and a finished run's results are not this model's. A model no longer
+    there is not checked (grading what was drawn needs no model)."""
     out = Path(config.output_dir)
-    if not (out / MODEL_FILES).is_file():
+    if not (out / MODEL_FILES).is_file() or not config.model.path or is_missing_local_path(config.model.path):
         return
     if json.loads((out / MODEL_FILES).read_text()) != model_files(config):
         raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (they "
-                          "differ now: re-exported, or replaced); more samples would mix two models: choose another "
-                          "output_dir, or delete the old run")
+                          "differ now: re-exported, retrained or replaced), so its results are not this model's and "
+                          "more samples would mix two models: choose another output_dir, or delete the old run")
 
 
 def check_local_paths(config: EvalConfig) -> None:
@@ -879,11 +880,11 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     to_generate = [u for u in units if u not in runlog.samples]
     to_grade = ungraded(runlog, config, units)
     counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
+    check_model_unchanged(config)  # a finished run too: its results would stand for this model
     if not to_generate and not to_grade:
         return counts
     if to_generate:  # a rerun that only grades needs no model
         check_local_paths(config)
-        check_model_unchanged(config)
     judge, bar = Judge(config.judge), None
     try:
         if b.kind == "proof":  # every proof goes to the judge: find out now if there is none

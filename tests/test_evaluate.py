@@ -271,6 +271,17 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
         assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 1, "failed": 0, "total": 1}
     assert judge.total == 1
     assert [r["score"] for r in read_run(run)[1]] == [7]
+    # Finished, its model back at that path but retrained since: its results are not this model's.
+    model = tmp_path / "model-since-deleted"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"the weights sampled from")
+    (run / "model_files.json").write_text(json.dumps(model_files(cfg)))
+    assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "total": 1}
+    (model / "model.safetensors").write_bytes(b"weights trained again")
+    with pytest.raises(ConfigError, match=r"holds samples of the model at .* \(they differ now: re-exported, "
+                                          r"retrained or replaced\), so its results are not this model's"):
+        evaluate(cfg, progress=False)
+    shutil.rmtree(model)
     # A run whose samples an earlier version drew with seed + k is not extended with new ones.
     (run / "samples.jsonl").write_text(json.dumps({**sample, "seed": cfg.seed}) + "\n")
     with pytest.raises(ConfigError, match=f"holds sample 0 of problem '{IMO_ROWS[0]['problem_id']}' drawn with "
