@@ -198,8 +198,9 @@ def pipeline_advice():
                           "data), since later stages build on what earlier ones finished: use a new output_dir") from None
 
 
-def train_stage(progress: Progress, name: str, train, config, summary) -> None:
-    """Run (or find complete) one trainer, whose Hugging Face export the next stages load."""
+def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
+    """Run (or find complete) one trainer, whose Hugging Face export the next stages load.
+    Whether it trained (or exported) now, i.e. its model is new to the stages after it."""
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
     with pipeline_advice(), judge_advice():  # GRPO grades with the pipeline's judge
         result = train(config)
@@ -208,6 +209,17 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> None:
     else:
         state = f"resumed at step {result['start_step']}, done" if result["start_step"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
+    return not result["complete"]
+
+
+def check_not_built_on_old(trained: str, trained_dir: str, next_name: str, next_dir: str) -> None:
+    """A stage that trained now (its run directory deleted, say) while the next one's directory
+    holds a run started from its earlier model: going on would finish, or call complete, a run
+    of the old model."""
+    if (Path(next_dir) / "config.json").exists():
+        raise ConfigError(f"{trained} trained now ({trained_dir}), but {next_dir} holds a {next_name} run started "
+                          f"from its earlier model; delete {next_dir} (and its checkpoint_dir, if elsewhere) to "
+                          f"train {next_name} from the new one")
 
 
 def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
@@ -323,7 +335,8 @@ def run(config: PipelineConfig) -> dict:
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
         progress.done(f"{'exported to' if export_base(sft_config, Path(base)) else 'using'} {base}")
-        train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}")
+        if train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}"):
+            check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir)
         train_stage(progress, "grpo", grpo.train, grpo_config,
                     lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps")
 

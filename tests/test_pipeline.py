@@ -203,6 +203,27 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
         run(config)
 
 
+def test_a_grpo_run_from_an_earlier_sft_model_is_refused_once_sft_trains_again(tmp_path, monkeypatch):
+    """sft/ deleted (or lost) and trained again: grpo/ still holds the run started from the old
+    SFT model, which would otherwise be resumed, or found complete, as if it were the new one's."""
+    from qed_jax import grpo, sft
+    from qed_jax.config import dump_json
+    from qed_jax.pipeline import run, stages
+
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT])
+    (tmp_path / "grpo").mkdir(parents=True)
+    (tmp_path / "grpo" / "config.json").write_text(dump_json(stages(config, "http://127.0.0.1:9/v1").grpo))
+    monkeypatch.setattr(sft, "train", lambda c: {"complete": False, "start_step": 0, "step": 3, "loss": 1.0})
+    monkeypatch.setattr(grpo, "train", lambda c: pytest.fail("GRPO ran on from the old SFT model"))
+    with pytest.raises(ConfigError, match=rf"^sft trained now \({tmp_path}/sft\), but {tmp_path}/grpo holds a grpo "
+                                          rf"run started from its earlier model; delete {tmp_path}/grpo "):
+        run(config)
+    # SFT found complete: GRPO goes on as it is.
+    monkeypatch.setattr(sft, "train", lambda c: {"complete": True, "start_step": 3, "step": 3, "loss": 1.0})
+    with pytest.raises(pytest.fail.Exception, match="GRPO ran on"):
+        run(config)
+
+
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path):
     import os
 
