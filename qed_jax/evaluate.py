@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from collections import Counter
@@ -38,8 +37,8 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_sampling, dum
                             is_missing_local_path, json_values, load_template, not_found, read_json_object, require_at_least_one,
                             require_range, write_text_atomic)
 from qed_jax.errors import noted
-from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, chat_choice,
-                           reason_counts, render_marking_scheme, reply_text, text_to_grade)
+from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
+                           chat_choice, reason_counts, render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -548,8 +547,7 @@ class EndpointGenerator:
         import openai
 
         c = self.config
-        client = openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
-                                    timeout=c.timeout_s, max_retries=3)
+        client = async_client(c.base_url, c.api_key_env, c.timeout_s, max_retries=3)
         semaphore = asyncio.Semaphore(c.concurrency)
 
         async def one(i: int, prompt: str) -> None:

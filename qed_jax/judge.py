@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import random
 import re
 import sqlite3
 import time
+import urllib.parse
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -414,6 +416,21 @@ async def responses_text(client, **kwargs) -> str:
     return reply_text(text, "the reply's output text")
 
 
+def async_client(base_url: str, api_key_env: str, timeout_s: float, max_retries: int) -> openai.AsyncOpenAI:
+    """An OpenAI-compatible client, its key read from $api_key_env. A server on this machine
+    (127.0.0.1, localhost, ::1: a judge or model served beside the job, the pipeline's stand-in)
+    is asked directly: HTTP(S)_PROXY and ALL_PROXY are for the outside world, and a cluster's
+    proxy cannot reach this machine's loopback."""
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        loopback = False
+    return openai.AsyncOpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unused", timeout=timeout_s,
+                              max_retries=max_retries,
+                              http_client=openai.DefaultAsyncHttpxClient(trust_env=False) if loopback else None)
+
+
 # The client errors a judge request is retried on (a proxy's timeout, a conflict, a rate limit);
 # any other 4xx means the request itself is wrong.
 RETRIED_4XX = (408, 409, 429)
@@ -480,8 +497,7 @@ class Judge:
 
     def _client(self) -> openai.AsyncOpenAI:
         c = self.config
-        return openai.AsyncOpenAI(base_url=c.base_url, api_key=os.environ.get(c.api_key_env) or "unused",
-                                  timeout=c.timeout_s, max_retries=0)
+        return async_client(c.base_url, c.api_key_env, c.timeout_s, max_retries=0)
 
     async def _check_reachable(self, client) -> None:
         """Fail fast, with the URL, when nothing answers at the endpoint at all."""

@@ -384,6 +384,18 @@ def test_judge_cli_exits_1_naming_the_reasons_when_grades_fail(tmp_path, capsys)
         assert "3 failed); no score;" in capsys.readouterr().out  # not "nan/7"
 
 
+def test_a_judge_on_this_machine_is_reached_past_a_proxy_set_for_the_cluster(tmp_path, monkeypatch):
+    """HTTP(S)_PROXY / ALL_PROXY are for the outside world: a judge (or the pipeline's stand-in)
+    on 127.0.0.1 is asked directly, as NO_PROXY would say if it listed it."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with JudgeServer() as server:
+        grades = Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(0)])
+    assert [g.score for g in grades] == [7]
+
+
 def test_a_judge_that_refuses_the_key_stops_the_batch(tmp_path):
     # 401/403: a missing or wrong key, which every other request would meet too.
     for status in (401, 403):
