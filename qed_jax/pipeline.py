@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import ConfigError, load_config
+from qed_jax.config import ConfigError, is_missing_local_path, json_values, load_config, not_found
 from qed_jax.errors import JudgeUnavailable, RunConfigChanged, noted
 
 MODELS = ("base", "sft", "grpo")
@@ -286,7 +286,32 @@ def stages(config: PipelineConfig, judge_url: str) -> Stages:
     evals = eval_configs(config, models, judge_url, out)
     check_export("sft", sft_config)
     check_export("grpo", grpo_config)
-    return Stages(sft_config, base, grpo_config, evals)
+    s = Stages(sft_config, base, grpo_config, evals)
+    check_inputs_exist(s, out)
+    return s
+
+
+# The fields that name what a stage reads (not what it writes): data, benchmark rows, templates,
+# tokenizers, a summarizer, the model SFT starts from.
+INPUT_FIELDS = ("path", "tokenizer", "template", "prompt_template", "reasoning_template", "summarize_template",
+                "summarizer")
+
+
+def check_inputs_exist(s: Stages, out: Path) -> None:
+    """A local input that is not there fails now, naming the stage and the setting, not when its
+    stage starts after the trainers' hours. The models the stages make (under `out`) are not
+    there yet, and a Hub id is looked up only when it is read."""
+    def leaves(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    made = str(out) + "/"
+    named = [("sft", s.sft), ("grpo", s.grpo), *((f"eval {Path(c.output_dir).name}", c) for c in s.evals)]
+    for stage, config in named:
+        for key, value in leaves(json_values(config)):
+            if (key.rsplit(".", 1)[-1] in INPUT_FIELDS and isinstance(value, str) and not value.startswith(made)
+                    and is_missing_local_path(value)):
+                raise not_found(f"{stage}: {key}", value)
 
 
 def judge_advice():

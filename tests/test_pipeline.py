@@ -179,6 +179,15 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
         capsys.readouterr().err
     assert cli.main(["pipeline", "--config", TINY, "--print-config", "sft.overrides=5"]) == 2
     assert capsys.readouterr().err.strip().endswith("error: sft.overrides: expected a mapping, got 5")
+    # A later stage's input that is not there: found now, not after the trainers' hours.
+    for override, message in (
+            ("eval.benchmarks=[{config: configs/eval/imo_proofbench.yaml, rows: configs/data/imo_sampel.jsonl}]",
+             "eval base-imo_proofbench-single: benchmark.path configs/data/imo_sampel.jsonl does not exist"),
+            ("grpo.overrides.data.path=configs/data/tiny_proofz.jsonl",
+             "grpo: data.path configs/data/tiny_proofz.jsonl does not exist"),
+            ("eval.overrides.rc.summarizer=/no/summarizer", "rc.summarizer /no/summarizer does not exist")):
+        assert cli.main(["pipeline", "--config", TINY, "--print-config", override]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_path):
