@@ -114,9 +114,28 @@ def as_overrides(values: dict | None) -> list[str]:
             for key, value in (values or {}).items()]
 
 
+def dotted_keys(values: dict, prefix: str = "") -> list[str]:
+    """The leaf keys of a nested mapping, dotted: {"model": {"path": x}} -> ["model.path"]."""
+    return [k for key, value in values.items() for k in (
+        dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"])]
+
+
+def check_not_chained(stage: StageConfig, name: str, chained) -> None:
+    """ConfigError when a stage's overrides set a key the pipeline sets itself (`chained`): it
+    would be replaced in silence."""
+    for key in dotted_keys(stage.overrides or {}):
+        if clash := next((c for c in chained if key == c or key.startswith(c + ".") or c.startswith(key + ".")),
+                         None):
+            raise ConfigError(f"{name}.overrides sets {key}, but the pipeline sets {clash} itself (to chain the "
+                              "stages: the output folders, the models each stage starts from, the judge, eval.modes "
+                              "and each benchmark's rows); leave it out, or set the pipeline's own setting")
+
+
 def stage_config(cls, stage: StageConfig, name: str, chained: dict | None = None):
     """A stage's config: its YAML, the pipeline's overrides, then `chained` (key: value, the paths
-    chaining the stages). An error names the stage (`name`, the pipeline's key for it) and its YAML."""
+    chaining the stages), which the overrides may not set. An error names the stage (`name`, the
+    pipeline's key for it) and its YAML."""
+    check_not_chained(stage, name, chained or {})
     try:
         return load_config(cls, stage.config, [*as_overrides(stage.overrides), *as_overrides(chained)])
     except ConfigError as e:
@@ -243,6 +262,7 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
     if config.judge == STANDIN:  # its grades are recorded, and cached, under their own judge name
         judge["judge.model"] = "qed-jax-standin-judge"
     configs = []
+    check_not_chained(StageConfig("", config.eval.overrides), "eval", ["output_dir"])  # MODEL-BENCHMARK-MODE
     for name in config.eval.models:
         for b in config.eval.benchmarks:
             for mode in config.eval.modes:

@@ -179,6 +179,15 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
         capsys.readouterr().err
     assert cli.main(["pipeline", "--config", TINY, "--print-config", "sft.overrides=5"]) == 2
     assert capsys.readouterr().err.strip().endswith("error: sft.overrides: expected a mapping, got 5")
+    # An override of what the pipeline sets itself would be replaced in silence.
+    for override, key in (("grpo.overrides.model.path=/some/model", "grpo.overrides sets model.path"),
+                          ("sft.overrides={output_dir: /elsewhere}", "sft.overrides sets output_dir"),
+                          ("eval.overrides.mode=single", "eval.overrides sets mode"),
+                          ("eval.overrides.judge.model=j", "eval.overrides sets judge.model"),
+                          ("eval.overrides.output_dir=/tmp/e", "eval.overrides sets output_dir")):
+        assert cli.main(["pipeline", "--config", TINY, "--print-config", override]) == 2
+        chained = key.split(" sets ")[1]
+        assert f"error: {key}, but the pipeline sets {chained} itself" in capsys.readouterr().err
     # A later stage's input that is not there: found now, not after the trainers' hours.
     for override, message in (
             ("eval.benchmarks=[{config: configs/eval/imo_proofbench.yaml, rows: configs/data/imo_sampel.jsonl}]",
