@@ -383,6 +383,14 @@ def check_seed(value: int, key: str) -> None:
     require_range(value, key, 0, SEED_MAX)
 
 
+def check_local_output_dir(value: str, advice: str = "") -> None:
+    """ConfigError for an output_dir that is a URL (gs://...): it holds the run's lock, config and
+    appended logs, which need a local file system (`advice`: where a URL may go instead)."""
+    if "://" in value:
+        raise ConfigError(f"output_dir must be a local folder (it holds the run's lock, config and logs), got "
+                          f"{value}" + (f"; {advice}" if advice else ""))
+
+
 def require_at_least_one(config, names, prefix: str = "") -> None:
     """ConfigError unless each named field of `config` is at least 1; a field set to None (its
     default is derived from others) passes. `prefix` names the section, e.g. "rc."."""

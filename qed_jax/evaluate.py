@@ -33,9 +33,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_sampling, dump_json, expand_paths, get_dotted,
-                            is_missing_local_path, json_values, load_template, not_found, read_json_object, require_at_least_one,
-                            require_range, write_text_atomic)
+from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, dump_json,
+                            expand_paths, get_dotted, is_missing_local_path, json_values, load_template, not_found,
+                            read_json_object, require_at_least_one, require_range, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, reason_counts, render_marking_scheme, reply_text, text_to_grade)
@@ -169,6 +169,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"
 
     def __post_init__(self):
+        check_local_output_dir(self.output_dir)
         if (self.model.path is None) == (self.model.base_url is None):
             raise ConfigError("model: set exactly one of model.path (a local checkpoint) and model.base_url "
                               "(an OpenAI-compatible endpoint, with model.name)")

@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_sampling, check_seed, json_values,
-                            require_at_least_one, require_range)
+from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_local_output_dir, check_sampling,
+                            check_seed, json_values, require_at_least_one, require_range)
 from qed_jax.data import BadRow, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, reason_counts, row_field)
@@ -332,6 +332,7 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_seed(self.seed, "seed")
+        check_local_output_dir(self.output_dir, "put the checkpoints there with checkpoint_dir")
         require_at_least_one(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                                     "updates_per_step", "minibatches", "train_length", "micro_batch_rows", "steps",
                                     "checkpoint_every", "keep_checkpoints"))

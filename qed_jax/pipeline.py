@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import ConfigError, is_missing_local_path, json_values, load_config, not_found
+from qed_jax.config import (ConfigError, check_local_output_dir, is_missing_local_path, json_values, load_config,
+                            not_found)
 from qed_jax.errors import JudgeUnavailable, RunConfigChanged, noted
 
 MODELS = ("base", "sft", "grpo")
@@ -86,6 +87,7 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"
 
     def __post_init__(self):
+        check_local_output_dir(self.output_dir)
         if not self.judge:
             raise ConfigError("pipeline: set judge to an OpenAI-compatible judge's base URL, or to standin "
                               "for the offline stand-in (full marks for any proof after </think>; not a judge)")

@@ -21,8 +21,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
-from qed_jax.config import (ConfigError, ModelConfig, check_dtype, check_seed, json_values, require_at_least_one,
-                            require_range)
+from qed_jax.config import (ConfigError, ModelConfig, check_dtype, check_local_output_dir, check_seed, json_values,
+                            require_at_least_one, require_range)
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal
@@ -59,6 +59,7 @@ class SFTConfig:
 
     def __post_init__(self):
         check_seed(self.seed, "seed")
+        check_local_output_dir(self.output_dir, "put the checkpoints there with checkpoint_dir")
         require_at_least_one(self, ("batch_size", "micro_batches", "epochs", "steps", "log_every", "eval_batches",
                                     "checkpoint_every", "keep_checkpoints"))
         require_range(self.eval_every, "eval_every", 0)

@@ -481,3 +481,20 @@ def test_bench_ab_refuses_what_it_cannot_compare_before_running_anything():
         result = subprocess.run([sys.executable, "bench/ab.py", "--base", "HEAD", *args], cwd=REPO,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"ab.py: error: {message}"
+
+
+def test_an_output_dir_that_is_a_url_is_refused_when_the_config_loads():
+    """A run's lock, config.json and appended logs need a local folder: gs://... would become a
+    local folder named gs: (or an error deep in a trainer). Checkpoints may go there instead."""
+    from qed_jax.evaluate import EvalConfig
+    from qed_jax.grpo import GRPOConfig
+    from qed_jax.pipeline import PipelineConfig
+    from qed_jax.sft import SFTConfig
+
+    for cls, advice in ((SFTConfig, "; put the checkpoints there with checkpoint_dir"),
+                        (GRPOConfig, "; put the checkpoints there with checkpoint_dir"),
+                        (EvalConfig, ""), (PipelineConfig, "")):
+        overrides = ["output_dir=gs://bucket/run"] + (["model.path=m"] if cls is EvalConfig else [])
+        with pytest.raises(ConfigError, match=re.escape("output_dir must be a local folder (it holds the run's lock, "
+                                                        f"config and logs), got gs://bucket/run{advice}") + "$"):
+            load_config(cls, None, overrides)
