@@ -193,6 +193,8 @@ def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> 
     rc_runs = [name for name in names if "turns" in summaries[name]]
     if rc_runs:
         paths.append(_per_turn(plt, {name: summaries[name] for name in rc_runs}, out / "score_per_turn.png"))
+    else:  # an earlier report's, of runs this one does not have
+        (out / "score_per_turn.png").unlink(missing_ok=True)
     return paths
 
 

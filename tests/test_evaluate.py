@@ -652,6 +652,11 @@ def test_report_compares_runs_side_by_side(tmp_path):
         assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["std"] is None
     with pytest.raises(ConfigError, match="need --output"):
         report([str(r) for r in runs])
+    # No reasoning-cache run: an earlier report's per-turn plot (of runs this one lacks) goes.
+    (tmp_path / "cmp" / "score_per_turn.png").write_bytes(b"an earlier report's plot")
+    plots = report([str(r) for r in runs], output=str(tmp_path / "cmp"))[2]
+    assert [p.name for p in plots] == ["score_histogram.png", "score_vs_tokens.png"]
+    assert not (tmp_path / "cmp" / "score_per_turn.png").exists()
 
     # Damaged or wrong run directories: one line naming the file (and line), or the runs inside.
     root = re.escape(str(tmp_path))
