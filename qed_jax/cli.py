@@ -75,6 +75,7 @@ def _convert(args) -> None:
 
 
 def _generate(args) -> None:
+    from qed_jax.config import check_seed
     from qed_jax.pretrained import from_pretrained
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import load_tokenizer
@@ -89,6 +90,10 @@ def _generate(args) -> None:
     for flag, default in {**GENERATE_RC_FLAGS, **GENERATE_SUMMARIZER_FLAGS}.items():
         if getattr(args, flag) is None:
             setattr(args, flag, default)
+    if args.chat and args.reasoning_cache:
+        raise ConfigError("--chat is for plain prompts: --reasoning-cache always puts each problem in the model's "
+                          "chat template; drop --chat")
+    check_seed(args.seed, "--seed")
     if "" in args.prompt and args.reasoning_cache:  # the problem goes into the template as tokens of its own
         raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a problem needs some text")
     if "" in args.prompt and not args.chat:  # a chat template wraps even an empty message
@@ -161,8 +166,9 @@ def _generate_reasoning_cache(args) -> None:
             summarizer_params = SamplingParams(
                 max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
                 top_k=args.summarizer_top_k, top_p=args.summarizer_top_p)
-        except ConfigError as e:
-            raise ConfigError(f"--summarizer-* flags: {e}") from None
+        except ConfigError as e:  # named by the field: name the flag
+            field, rest = str(e).split(" ", 1)
+            raise ConfigError(f"--summarizer-{field.replace('_', '-')} {rest}") from None
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     summarizer = None

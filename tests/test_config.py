@@ -290,7 +290,12 @@ def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
                            (["--reasoning-cache", "--summarizer-thinking"], "--summarizer-thinking is for --summarizer "
                             "(a separate summarizer model); add one or drop --summarizer-thinking"),
                            (["--reasoning-cache", "--summarizer", str(missing), "--summarizer-top-p", "0"],
-                            "--summarizer-* flags: top_p must be in (0, 1] (1 is off), got 0.0"),
+                            "--summarizer-top-p must be in (0, 1] (1 is off), got 0.0"),
+                           (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+                           (["--reasoning-cache", "--seed", "4294967296"],
+                            "--seed must be in [0, 4294967295], got 4294967296"),
+                           (["--reasoning-cache", "--chat"], "--chat is for plain prompts: --reasoning-cache always "
+                            "puts each problem in the model's chat template; drop --chat"),
                            (["--prompt", ""], "prompt 2 (--prompt) is empty: a plain prompt needs some text "
                             "(or pass --chat)"),
                            (["--reasoning-cache", "--prompt", ""], "prompt 2 (--prompt) is empty: a problem needs "
