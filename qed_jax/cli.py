@@ -167,7 +167,7 @@ def _generate_reasoning_cache(args) -> None:
                 max_new_tokens=args.summarizer_max_new_tokens, temperature=args.summarizer_temperature,
                 top_k=args.summarizer_top_k, top_p=args.summarizer_top_p)
         except ConfigError as e:  # named by the field: name the flag
-            field, rest = str(e).split(" ", 1)
+            field, _, rest = str(e).partition(" ")
             raise ConfigError(f"--summarizer-{field.replace('_', '-')} {rest}") from None
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)

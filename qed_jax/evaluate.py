@@ -738,8 +738,9 @@ MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when
 def model_files(config: EvalConfig) -> dict | None:
     """The local model folder's files (relative path -> [bytes, modification time in ns]), so
     that a rerun can tell the same path now holds another model (a re-export, a replaced
-    folder); None for a Hub id or a served model. A copied folder counts as another. Hidden
-    files (a download's cache) and checkpoint saves in progress or set aside are not the model."""
+    folder); None for a Hub id, a served model or a folder no longer there. A copied folder
+    counts as another. Hidden files (a download's cache), checkpoint saves in progress or set
+    aside, and documents (a model card added to the folder) are not the model."""
     path = Path(config.model.path).expanduser() if config.model.path else None
     if path is None or not path.is_dir():
         return None
@@ -747,7 +748,7 @@ def model_files(config: EvalConfig) -> dict | None:
     for f in sorted(path.rglob("*")):
         parts = f.relative_to(path).parts
         if any(part.startswith(".") or ".orbax-checkpoint-tmp" in part or ".unreadable-" in part
-               for part in parts) or not f.is_file():
+               for part in parts) or f.suffix == ".md" or not f.is_file():
             continue
         with contextlib.suppress(FileNotFoundError):  # a save in progress may remove it
             stat = f.stat()
@@ -760,9 +761,12 @@ def check_model_unchanged(config: EvalConfig) -> None:
     would mix two models, and a finished run's results are not this model's. A model no longer
     there is not checked (grading what was drawn needs no model)."""
     out = Path(config.output_dir)
-    if not (out / MODEL_FILES).is_file() or not config.model.path or is_missing_local_path(config.model.path):
+    now = model_files(config)
+    if not (out / MODEL_FILES).is_file() or now is None:
         return
-    if json.loads((out / MODEL_FILES).read_text()) != model_files(config):
+    recorded = {name: v for name, v in json.loads((out / MODEL_FILES).read_text()).items()
+                if not name.endswith(".md")}  # recorded before documents were left out
+    if recorded != now:
         raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (they "
                           "differ now: re-exported, retrained or replaced), so its results are not this model's and "
                           "more samples would mix two models: choose another output_dir, or delete the old run")

@@ -418,17 +418,25 @@ async def responses_text(client, **kwargs) -> str:
 
 def async_client(base_url: str, api_key_env: str, timeout_s: float, max_retries: int) -> openai.AsyncOpenAI:
     """An OpenAI-compatible client, its key read from $api_key_env. A server on this machine
-    (127.0.0.1, localhost, ::1: a judge or model served beside the job, the pipeline's stand-in)
-    is asked directly: HTTP(S)_PROXY and ALL_PROXY are for the outside world, and a cluster's
-    proxy cannot reach this machine's loopback."""
-    host = urllib.parse.urlsplit(base_url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name, not an address
-        loopback = False
+    (127.0.0.1, localhost, ::1, 0.0.0.0: a judge or model served beside the job, the pipeline's
+    stand-in) is asked directly, without the environment's proxies (HTTP(S)_PROXY, ALL_PROXY)
+    and CA settings: those are for the outside world, and a cluster's proxy cannot reach this
+    machine's loopback."""
+    direct = openai.DefaultAsyncHttpxClient(trust_env=False) if on_this_machine(base_url) else None
     return openai.AsyncOpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unused", timeout=timeout_s,
-                              max_retries=max_retries,
-                              http_client=openai.DefaultAsyncHttpxClient(trust_env=False) if loopback else None)
+                              max_retries=max_retries, http_client=direct)
+
+
+def on_this_machine(url: str) -> bool:
+    """Whether `url`'s host is this machine: localhost (or a name under it) or a loopback or
+    unspecified address (0.0.0.0, as vLLM prints its URL; ::ffff:127.0.0.1 too)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a name, not an address
+        return host == "localhost" or host.endswith(".localhost")
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_loopback or address.is_unspecified
 
 
 # The client errors a judge request is retried on (a proxy's timeout, a conflict, a rate limit);

@@ -221,7 +221,8 @@ def pipeline_advice():
 
 def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
     """Run (or find complete) one trainer, whose Hugging Face export the next stages load.
-    Whether it trained (or exported) now, i.e. its model is new to the stages after it."""
+    Whether it trained now (took steps), i.e. its model is new to the stages after it; an export
+    made again from the finished checkpoint is the same model."""
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
     with pipeline_advice(), judge_advice():  # GRPO grades with the pipeline's judge
         result = train(config)
@@ -230,17 +231,21 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
     else:
         state = f"resumed at step {result['start_step']}, done" if result["start_step"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
-    return not result["complete"]
+    return result["step"] > result["start_step"]
 
 
-def check_not_built_on_old(trained: str, trained_dir: str, next_name: str, next_dir: str) -> None:
-    """A stage that trained now (its run directory deleted, say) while the next one's directory
-    holds a run started from its earlier model: going on would finish, or call complete, a run
-    of the old model."""
-    if (Path(next_dir) / "config.json").exists():
-        raise ConfigError(f"{trained} trained now ({trained_dir}), but {next_dir} holds a {next_name} run started "
-                          f"from its earlier model; delete {next_dir} (and its checkpoint_dir, if elsewhere) to "
-                          f"train {next_name} from the new one")
+def check_not_built_on_old(trained: str, trained_dir: str, next_name: str, next_dir: str, before: bool) -> None:
+    """A stage that trains now (its run directory deleted, say: `before` any stage runs, else
+    once it took steps) while the next one's directory holds a run started from its earlier
+    model: going on would finish, or call complete, a run of the old model."""
+    if not (Path(next_dir) / "config.json").exists():
+        return
+    if before and (Path(trained_dir) / "config.json").exists():
+        return
+    now = f"{trained_dir} holds no run, so {trained} would train again" if before else \
+        f"{trained} trained now ({trained_dir})"
+    raise ConfigError(f"{now}, but {next_dir} holds a {next_name} run started from its earlier model; delete "
+                      f"{next_dir} (and its checkpoint_dir, if elsewhere) to train {next_name} from the new one")
 
 
 def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
@@ -252,6 +257,7 @@ def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
         raise ConfigError("grpo: its config grades with the judge (no reward_rule), but the pipeline's judge is "
                           "the offline stand-in, which is for evaluation only; set grpo.overrides.reward_rule "
                           "(e.g. closes_thinking, the stand-in's own rule) or judge to a real judge's URL")
+    check_not_chained(config.grpo, "grpo", ["judge.base_url", "judge.cache_path"])
     judge = dataclasses.replace(grpo_config.judge, base_url=config.judge, cache_path=str(judge_cache))
     return dataclasses.replace(grpo_config, judge=judge)
 
@@ -315,6 +321,7 @@ def stages(config: PipelineConfig, judge_url: str) -> Stages:
 
 # The fields that name what a stage reads (not what it writes): data, benchmark rows, templates,
 # tokenizers, a summarizer, the model SFT starts from.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # what data.read_rows reads as a local file
 INPUT_FIELDS = ("path", "tokenizer", "template", "prompt_template", "reasoning_template", "summarize_template",
                 "summarizer")
 
@@ -327,12 +334,19 @@ def check_inputs_exist(s: Stages, out: Path) -> None:
         for key, value in values.items():
             yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
 
-    made = str(out) + "/"
+    made = out.expanduser().resolve()
+
+    def missing(value: str) -> bool:
+        local = Path(value).expanduser()
+        if "://" in value or made == local.resolve() or made in local.resolve().parents:
+            return False
+        # A data file by its suffix is local even as "data/x.jsonl", which could be a Hub id.
+        return not local.exists() if local.suffix in DATA_SUFFIXES else is_missing_local_path(value)
+
     named = [("sft", s.sft), ("grpo", s.grpo), *((f"eval {Path(c.output_dir).name}", c) for c in s.evals)]
     for stage, config in named:
         for key, value in leaves(json_values(config)):
-            if (key.rsplit(".", 1)[-1] in INPUT_FIELDS and isinstance(value, str) and not value.startswith(made)
-                    and is_missing_local_path(value)):
+            if key.rsplit(".", 1)[-1] in INPUT_FIELDS and isinstance(value, str) and missing(value):
                 raise not_found(f"{stage}: {key}", value)
 
 
@@ -377,13 +391,14 @@ def run(config: PipelineConfig) -> dict:
         check_unchanged(grpo_config)
         for c in evals:
             check_rerun(c)
+        check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir, before=True)
         check_judge_before_training(config, s)
         progress = Progress(stages=5)
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
         progress.done(f"{'exported to' if export_base(sft_config, Path(base)) else 'using'} {base}")
         if train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}"):
-            check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir)
+            check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir, before=False)
         train_stage(progress, "grpo", grpo.train, grpo_config,
                     lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps")
 

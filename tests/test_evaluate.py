@@ -770,7 +770,7 @@ def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing read or written
 
 
-def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(tmp_path):
+def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(tmp_path, monkeypatch):
     model = tmp_path / "model"
     (model / "sub").mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"weights of the first model")
@@ -798,6 +798,17 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
     (model / "3.orbax-checkpoint-tmp-1").mkdir()
     (model / "3.orbax-checkpoint-tmp-1" / "x").write_text("")
     assert set(model_files(load_config(EvalConfig, None, [f"model.path={model}"]))) == set(recorded)
+    # A model card added (or recorded by an earlier version) is not the model.
+    (out / "model_files.json").write_text(json.dumps({**recorded, "README.md": [4, 1]}))
+    (model / "README.md").write_text("card")
+    (model / "model.safetensors").write_bytes(b"weights of the first model")
+    os.utime(model / "model.safetensors", ns=(recorded["model.safetensors"][1],) * 2)
+    rerun("samples=3")
+    # A model no longer there, named relative to the working directory: nothing to compare.
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(model)
+    check_model_unchanged(config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1",
+                                 "model.base_url=null", "model.name=null", "model.path=model"))
 
 def test_cli_help_does_not_import_jax():
     code = ("import sys, qed_jax.cli as c; c.build_parser(); "

@@ -15,7 +15,7 @@ import pytest
 from qed_jax import cli
 from qed_jax.config import ConfigError, load_template
 from qed_jax.judge import (BadReply, Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
-                           RuleGrader, parse_score, render_marking_scheme, render_prompt)
+                           RuleGrader, on_this_machine, parse_score, render_marking_scheme, render_prompt)
 from tests.helpers import REPO
 from tests.judge_server import JudgeServer
 
@@ -393,7 +393,14 @@ def test_a_judge_on_this_machine_is_reached_past_a_proxy_set_for_the_cluster(tmp
         monkeypatch.delenv(name, raising=False)
     with JudgeServer() as server:
         grades = Judge(_config(server, tmp_path, cache_path=None)).grade_batch([_item(0)])
-    assert [g.score for g in grades] == [7]
+        # vLLM prints its URL as 0.0.0.0, which users paste.
+        everywhere = server.url.replace("127.0.0.1", "0.0.0.0")
+        grades += Judge(_config(server, tmp_path, cache_path=None, base_url=everywhere)).grade_batch([_item(1)])
+    assert [g.score for g in grades] == [7, 7]
+    here = ["http://localhost:8000/v1", "http://LOCALHOST./v1", "http://judge.localhost/v1", "http://[::1]:8000/v1",
+            "http://[::ffff:127.0.0.1]/v1", "https://127.0.0.2/v1", "http://0.0.0.0:8000/v1"]
+    elsewhere = ["http://judge:8000/v1", "https://api.example.com/v1", "http://10.0.0.5/v1", "http://localhost.com/v1"]
+    assert [on_this_machine(u) for u in here + elsewhere] == [True] * len(here) + [False] * len(elsewhere)
 
 
 def test_a_judge_that_refuses_the_key_stops_the_batch(tmp_path):

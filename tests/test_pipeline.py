@@ -188,13 +188,18 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
         assert cli.main(["pipeline", "--config", TINY, "--print-config", override]) == 2
         chained = key.split(" sets ")[1]
         assert f"error: {key}, but the pipeline sets {chained} itself" in capsys.readouterr().err
+    real_judge = ["judge=http://127.0.0.1:9/v1", "grpo.overrides.reward_rule=null"]  # GRPO grades with it
+    assert cli.main(["pipeline", "--config", TINY, "--print-config", *real_judge,
+                     "grpo.overrides.judge.base_url=http://other/v1"]) == 2
+    assert "error: grpo.overrides sets judge.base_url, but the pipeline sets" in capsys.readouterr().err
     # A later stage's input that is not there: found now, not after the trainers' hours.
     for override, message in (
             ("eval.benchmarks=[{config: configs/eval/imo_proofbench.yaml, rows: configs/data/imo_sampel.jsonl}]",
              "eval base-imo_proofbench-single: benchmark.path configs/data/imo_sampel.jsonl does not exist"),
             ("grpo.overrides.data.path=configs/data/tiny_proofz.jsonl",
              "grpo: data.path configs/data/tiny_proofz.jsonl does not exist"),
-            ("eval.overrides.rc.summarizer=/no/summarizer", "rc.summarizer /no/summarizer does not exist")):
+            ("eval.overrides.rc.summarizer=/no/summarizer", "rc.summarizer /no/summarizer does not exist"),
+            ("grpo.overrides.data.path=mydata/rows.jsonl", "grpo: data.path mydata/rows.jsonl does not exist")):
         assert cli.main(["pipeline", "--config", TINY, "--print-config", override]) == 2
         assert message in capsys.readouterr().err
 
@@ -229,17 +234,27 @@ def test_a_grpo_run_from_an_earlier_sft_model_is_refused_once_sft_trains_again(t
     from qed_jax.pipeline import run, stages
 
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT])
+    s = stages(config, "http://127.0.0.1:9/v1")
     (tmp_path / "grpo").mkdir(parents=True)
-    (tmp_path / "grpo" / "config.json").write_text(dump_json(stages(config, "http://127.0.0.1:9/v1").grpo))
-    monkeypatch.setattr(sft, "train", lambda c: {"complete": False, "start_step": 0, "step": 3, "loss": 1.0})
+    (tmp_path / "grpo" / "config.json").write_text(dump_json(s.grpo))
+    monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
     monkeypatch.setattr(grpo, "train", lambda c: pytest.fail("GRPO ran on from the old SFT model"))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/sft holds no run, so sft would train again, but "
+                                          rf"{tmp_path}/grpo holds a grpo run started from its earlier model; delete "):
+        run(config)  # found before any stage runs
+    assert not (tmp_path / "base").exists()
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.json").write_text(dump_json(s.sft))  # its checkpoints lost: it trains again
+    monkeypatch.setattr(sft, "train", lambda c: {"complete": False, "start_step": 0, "step": 3, "loss": 1.0})
     with pytest.raises(ConfigError, match=rf"^sft trained now \({tmp_path}/sft\), but {tmp_path}/grpo holds a grpo "
                                           rf"run started from its earlier model; delete {tmp_path}/grpo "):
         run(config)
-    # SFT found complete: GRPO goes on as it is.
-    monkeypatch.setattr(sft, "train", lambda c: {"complete": True, "start_step": 3, "step": 3, "loss": 1.0})
-    with pytest.raises(pytest.fail.Exception, match="GRPO ran on"):
-        run(config)
+    # SFT found complete, or its export made again from its last checkpoint: GRPO goes on as it is.
+    for complete in (True, False):
+        result = {"complete": complete, "start_step": 3, "step": 3, "loss": 1.0}
+        monkeypatch.setattr(sft, "train", lambda c, result=result: result)
+        with pytest.raises(pytest.fail.Exception, match="GRPO ran on"):
+            run(config)
 
 
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path):
