@@ -381,9 +381,9 @@ def run(config: PipelineConfig) -> dict:
     from qed_jax.standin_judge import StandinJudge
 
     out = Path(config.output_dir)
-    standin = StandinJudge() if config.judge == STANDIN else contextlib.nullcontext()
     # One pipeline per output_dir: each stage locks its own folder, the base export is the pipeline's.
-    with run_lock(out), standin:
+    # The stand-in opens its port only once the lock is held: a refused run leaves none open.
+    with run_lock(out), (StandinJudge() if config.judge == STANDIN else contextlib.nullcontext()) as standin:
         judge_url = standin.url if config.judge == STANDIN else config.judge
         s = stages(config, judge_url)
         sft_config, base, grpo_config, evals = s.sft, s.base, s.grpo, s.evals

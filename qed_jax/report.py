@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -279,7 +280,11 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
         raise ConfigError("give at least one run directory")
     if output is None and len(run_dirs) == 1:
         output = run_dirs[0]
-    run_dirs = [run for folder in run_dirs for run in runs_in(folder)]
+    # One run named twice (x and x/, a link to it, a folder and a run inside it) is one run.
+    by_place = {}
+    for run in (run for folder in run_dirs for run in runs_in(folder)):
+        by_place.setdefault(os.path.realpath(run), run)
+    run_dirs = list(by_place.values())
     if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
     runs_read = {run_dir: read_run(run_dir) for run_dir in run_dirs}

@@ -652,6 +652,10 @@ def test_report_compares_runs_side_by_side(tmp_path):
         assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["std"] is None
     with pytest.raises(ConfigError, match="need --output"):
         report([str(r) for r in runs])
+    # A run named twice (with a trailing slash, or inside a folder also given) is reported once.
+    text = report([str(runs[0]), f"{runs[0]}/", str(tmp_path / "a"), str(runs[1])], output=str(tmp_path / "cmp"),
+                  plots=False)[0]
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 3
     # No reasoning-cache run: an earlier report's per-turn plot (of runs this one lacks) goes.
     (tmp_path / "cmp" / "score_per_turn.png").write_bytes(b"an earlier report's plot")
     plots = report([str(r) for r in runs], output=str(tmp_path / "cmp"))[2]

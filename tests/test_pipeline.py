@@ -257,13 +257,16 @@ def test_a_grpo_run_from_an_earlier_sft_model_is_refused_once_sft_trains_again(t
             run(config)
 
 
-def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path):
+def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path, monkeypatch):
     import os
 
+    from qed_jax import standin_judge
     from qed_jax.pipeline import run
     from qed_jax.rundir import run_lock
 
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path / 'p'}"])
+    # Nor is the stand-in judge's port opened for a run that cannot start.
+    monkeypatch.setattr(standin_judge, "StandinJudge", lambda: pytest.fail("the stand-in judge was started"))
     with run_lock(tmp_path / "p"):  # as a first pipeline holds it
         with pytest.raises(ConfigError, match=rf"^{tmp_path}/p is in use by another run \(pid {os.getpid()} on "):
             run(config)
