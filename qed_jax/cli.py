@@ -168,7 +168,7 @@ def _generate_reasoning_cache(args) -> None:
                 top_k=args.summarizer_top_k, top_p=args.summarizer_top_p)
         except ConfigError as e:  # named by the field: name the flag
             field, _, rest = str(e).partition(" ")
-            raise ConfigError(f"--summarizer-{field.replace('_', '-')} {rest}") from None
+            raise ConfigError(f"{_flag('summarizer_' + field)} {rest}") from None
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     summarizer = None

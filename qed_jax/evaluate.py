@@ -747,13 +747,19 @@ def model_files(config: EvalConfig) -> dict | None:
     files = {}
     for f in sorted(path.rglob("*")):
         parts = f.relative_to(path).parts
-        if any(part.startswith(".") or ".orbax-checkpoint-tmp" in part or ".unreadable-" in part
-               for part in parts) or f.suffix == ".md" or not f.is_file():
+        if not is_model_file(parts) or not f.is_file():
             continue
         with contextlib.suppress(FileNotFoundError):  # a save in progress may remove it
             stat = f.stat()
             files["/".join(parts)] = [stat.st_size, stat.st_mtime_ns]
     return files
+
+
+def is_model_file(parts: tuple[str, ...]) -> bool:
+    """Whether a file in a model folder (its path's parts) is part of the model: not hidden (a
+    download's cache), not a checkpoint save in progress or set aside, not a document."""
+    return not (any(part.startswith(".") or ".orbax-checkpoint-tmp" in part or ".unreadable-" in part
+                    for part in parts) or parts[-1].endswith(".md"))
 
 
 def check_model_unchanged(config: EvalConfig) -> None:
@@ -765,7 +771,7 @@ def check_model_unchanged(config: EvalConfig) -> None:
     if not (out / MODEL_FILES).is_file() or now is None:
         return
     recorded = {name: v for name, v in json.loads((out / MODEL_FILES).read_text()).items()
-                if not name.endswith(".md")}  # recorded before documents were left out
+                if is_model_file(tuple(name.split("/")))}  # an earlier version also recorded documents
     if recorded != now:
         raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (they "
                           "differ now: re-exported, retrained or replaced), so its results are not this model's and "

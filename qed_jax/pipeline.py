@@ -116,16 +116,20 @@ def as_overrides(values: dict | None) -> list[str]:
             for key, value in (values or {}).items()]
 
 
-def dotted_keys(values: dict, prefix: str = "") -> list[str]:
-    """The leaf keys of a nested mapping, dotted: {"model": {"path": x}} -> ["model.path"]."""
-    return [k for key, value in values.items() for k in (
-        dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"])]
+def leaves(values: dict, prefix: str = ""):
+    """(dotted key, value) for each leaf of a nested mapping (an empty mapping is a leaf):
+    {"model": {"path": x}} -> ("model.path", x)."""
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def check_not_chained(stage: StageConfig, name: str, chained) -> None:
     """ConfigError when a stage's overrides set a key the pipeline sets itself (`chained`): it
     would be replaced in silence."""
-    for key in dotted_keys(stage.overrides or {}):
+    for key, _ in leaves(stage.overrides or {}):
         if clash := next((c for c in chained if key == c or key.startswith(c + ".") or c.startswith(key + ".")),
                          None):
             raise ConfigError(f"{name}.overrides sets {key}, but the pipeline sets {clash} itself (to chain the "
@@ -330,10 +334,6 @@ def check_inputs_exist(s: Stages, out: Path) -> None:
     """A local input that is not there fails now, naming the stage and the setting, not when its
     stage starts after the trainers' hours. The models the stages make (under `out`) are not
     there yet, and a Hub id is looked up only when it is read."""
-    def leaves(values: dict, prefix: str = ""):
-        for key, value in values.items():
-            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
-
     made = out.expanduser().resolve()
 
     def missing(value: str) -> bool:
