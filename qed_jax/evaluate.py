@@ -725,11 +725,33 @@ def check_rerun(config: EvalConfig) -> None:
         if old != new:
             raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
                               "would not be comparable; choose another output_dir, or delete the old run")
+    if (out / TEMPLATES_FILE).is_file():
+        recorded = read_json_object(out / TEMPLATES_FILE, "move the folder aside, or use another output_dir")
+        for key, text in template_texts(config).items():
+            if key in recorded and recorded[key] != text:
+                raise ConfigError(f"{out} holds a run made with another text of {key} "
+                                  f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
+                                  "its samples and grades would not be comparable; choose another output_dir, or "
+                                  "delete the old run")
     for key in ("samples", "benchmark.limit"):  # None: every problem
         old, new = get_dotted(saved, key), get_dotted(current, key)
         if new is not None and (old is None or new < old):
             raise ConfigError(f"{out} holds a run with {key}={old!r}: a rerun may extend it, not shrink it to "
                               f"{new!r} (its report counts every sample it holds); choose another output_dir")
+
+
+TEMPLATES_FILE = "templates.json"  # in an eval run directory: `template_texts` when it began
+
+
+def template_texts(config: EvalConfig) -> dict[str, str]:
+    """The text of each prompt template the run's samples and grades depend on, by its config
+    key: a rerun names the same files, but one edited since would prompt otherwise."""
+    texts = {"benchmark.prompt_template": load_prompt_template(config.benchmark),
+             "judge.template": load_template(config.judge.template, "judge template")}
+    if config.mode == "rc":
+        for key in ("reasoning_template", "summarize_template"):
+            texts[f"rc.{key}"] = load_template(getattr(config.rc, key), f"rc.{key}")
+    return texts
 
 
 MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when it began
@@ -809,6 +831,8 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     files = model_files(config)
     if files is not None and not (out / MODEL_FILES).is_file():
         (out / MODEL_FILES).write_text(json.dumps(files, indent=1) + "\n")
+    if not (out / TEMPLATES_FILE).is_file():
+        write_text_atomic(out / TEMPLATES_FILE, json.dumps(template_texts(config), indent=1) + "\n")
     return out
 
 

@@ -262,6 +262,12 @@ class RCSummarizerConfig:
     def __post_init__(self):
         check_sampling(self, "rc.summarizer.")
         check_dtype(self.dtype, "rc.summarizer.dtype")
+        if self.path is None:
+            for field in dataclasses.fields(self):
+                if field.name not in ("path", "max_new_tokens") and getattr(self, field.name) != field.default:
+                    raise ConfigError(f"rc.summarizer.{field.name} is for a separate summarizer (rc.summarizer.path): "
+                                      "without one the policy summarizes itself, thinking, at the loss temperature "
+                                      "and unfiltered; set rc.summarizer.path, or leave it out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +357,10 @@ class GRPOConfig:
         if self.max_prompt_length > DEFAULT_BUCKETS[-1]:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) is longer than the sampler's longest "
                               f"prompt bucket ({DEFAULT_BUCKETS[-1]} tokens): lower it")
+        if self.rc is not None and self.data.task_template != RLDataConfig.task_template:
+            raise ConfigError("data.task_template is not used with an rc: section: the bare problem goes into the "
+                              "PROBLEM section of rc.reasoning_template, whose own text asks for the proof; change "
+                              "that template instead")
         if self.rc is not None and self.max_prompt_length <= self.rc.summary_tokens:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be longer than rc.summary_tokens "
                               f"({self.rc.summary_tokens}): the reasoning prompt holds the problem beside the summary")
@@ -382,9 +392,10 @@ class GRPOConfig:
             "samples_per_update": self.samples_per_step // self.minibatches,
             "optimizer_updates_per_step": self.updates_per_step * self.minibatches,
             "optimizer_updates": self.optimizer_updates,
-            "loss_normalizer": {"sample_sum": f"{self.samples_per_step // self.minibatches} samples per update",
+            "loss_normalizer": {"sample_sum": f"trained samples per update (at most "
+                                              f"{self.samples_per_step // self.minibatches})",
                                 "token_mean": "completion tokens per update",
-                                "seq_mean_token_mean": "samples per update (of per-sample token means)",
+                                "seq_mean_token_mean": "trained samples per update (of per-sample token means)",
                                 }[self.loss.aggregation],
             "train_length": self.row_length,
             "reference_model": self.loss.kl_coef > 0,

@@ -173,6 +173,12 @@ def test_the_cli_imports_no_heavy_package_for_help():
                                                r"longest prompt bucket \(131072 tokens\): lower it$"),
     (GRPOConfig, ["rc.summary_tokens=1024"], r"^max_prompt_length \(1024\) must be longer than rc\.summary_tokens "
                                              r"\(1024\): the reasoning prompt holds the problem beside the summary$"),
+    (GRPOConfig, ["rc.summarizer.temperature=1.0"], r"^rc\.summarizer\.temperature is for a separate summarizer "
+                                                    r"\(rc\.summarizer\.path\): without one the policy summarizes"),
+    (GRPOConfig, ["rc.summarizer.thinking=true"], r"^rc\.summarizer\.thinking is for a separate summarizer"),
+    (GRPOConfig, ["max_prompt_length=4096", "data.task_template=Prove this. {problem}", "rc.turns=2"],
+     r"^data\.task_template is not used with an rc: section: the bare problem goes into the PROBLEM section of "
+     r"rc\.reasoning_template"),
     (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be a finite number of at least 1e-05"),
     (GRPOConfig, ["loss.temperature=.nan"], r"^loss\.temperature must be a finite number .*, got nan$"),
     (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be 0 \(greedy\) or"),

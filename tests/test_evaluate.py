@@ -814,6 +814,31 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
     check_model_unchanged(config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1",
                                  "model.base_url=null", "model.name=null", "model.path=model"))
 
+def test_a_rerun_refuses_a_prompt_template_edited_since_the_run_began(tmp_path):
+    grader = tmp_path / "grader.txt"
+    grader.write_text((ROOT / "configs/prompts/imo_proofbench_grader.txt").read_text())
+
+    def rerun(*overrides):
+        c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", f"judge.template={grader}",
+                   *overrides)
+        check_rerun(c)
+        return prepare_output(c, [])
+
+    out = rerun("samples=1")
+    rerun("samples=2")  # the same texts: a rerun may extend the run
+    recorded = json.loads((out / "templates.json").read_text())
+    assert recorded == {"benchmark.prompt_template": (ROOT / "configs/prompts/proof_generation.txt").read_text(),
+                        "judge.template": grader.read_text()}
+    grader.write_text(grader.read_text() + "Be lenient.\n")  # edited under the same name
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/run holds a run made with another text of judge.template "
+                                          rf"\({grader}\): the template was edited since"):
+        rerun("samples=3")
+    assert json.loads((out / "templates.json").read_text()) == recorded  # a refused rerun changes nothing
+    (out / "templates.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"templates.json: not valid JSON .*; move the folder aside"):
+        rerun("samples=3")
+
+
 def test_cli_help_does_not_import_jax():
     code = ("import sys, qed_jax.cli as c; c.build_parser(); "
             "print(sorted(m for m in ('jax', 'matplotlib', 'openai', 'math_verify') if m in sys.modules))")
