@@ -12,6 +12,7 @@ model picks the latest step, unless one is given (`qed-jax convert --step`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import io
@@ -194,6 +195,18 @@ def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
                            if not _is_closed_loop_noise(line)))
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` is, or was raised from, a Ctrl-C or a cancelled read (Orbax wraps any
+    failure of an array read, those too, in an Exception)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def unreadable_reason(error: Exception) -> str:
     """The first line of what went wrong while reading a checkpoint."""
     text = str(error).strip().splitlines()
@@ -354,7 +367,10 @@ class TrainCheckpoints:
 
     def _agreed_failure(self, step: int, error: Exception | None) -> bool:
         """Whether step `step` failed to read on any process (`error`: this process's), having
-        set it aside if so. An error that may pass raises instead, on every process."""
+        set it aside if so. An error that may pass raises instead, on every process; Ctrl-C
+        while the step was read (which Orbax re-raises as a plain Exception) is no damage."""
+        if error is not None and interrupted(error):
+            raise KeyboardInterrupt
         transient = isinstance(error, (ConnectionError, TimeoutError, PermissionError)) or (
             isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename is None) or (
             error is not None and any(word in str(error) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED")))

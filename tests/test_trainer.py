@@ -2,6 +2,7 @@
 (refusing silent changes, finishing complete runs), falling back past an unreadable checkpoint,
 Ctrl-C writing a checkpoint like a preemption, and one job at a time per run directory."""
 
+import asyncio
 import json
 import os
 import platform
@@ -230,6 +231,34 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
     assert f"{converted}: step 0 holds params only (a `qed-jax convert` output?), not a trainer's checkpoint: to " \
            f"train from it, set model.path to {converted}" in params_only.stderr
     assert sorted(p.name for p in converted.iterdir()) == before
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, asyncio.CancelledError])
+def test_ctrl_c_while_a_checkpoint_reads_back_leaves_it_in_place(tmp_path, monkeypatch, stop):
+    """Orbax re-raises whatever stops an array read, Ctrl-C too, as a plain Exception: that is
+    the user stopping the run, not a damaged step to set aside."""
+    import grain
+
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, PRESETS["tiny"], 2, run={"trainer": "sft"})
+    params, opt_state = {"w": jnp.arange(4.0)}, {"m": jnp.zeros(4)}
+    data = iter(grain.MapDataset.range(8).to_iter_dataset())
+    ckpts.save(1, params, opt_state, data, {"step": 1})
+    ckpts.manager.wait_until_finished()
+
+    def stopped_mid_read(*args):
+        try:
+            raise stop
+        except BaseException as e:  # as Orbax's array read wraps it
+            raise Exception("Encountered error while reading array index: (slice(0, 4, 1),).") from e
+
+    monkeypatch.setattr(ckpts, "restore", stopped_mid_read)
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.restore_latest(params, opt_state, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "model_config.json"]  # nothing set aside
+    monkeypatch.undo()
+    restored_params, _, meta = ckpts.restore_latest(params, opt_state, data)[:3]
+    assert meta["step"] == 1 and np.array_equal(restored_params["w"], np.arange(4.0))
+    ckpts.close()
 
 
 def test_a_moved_run_directory_is_no_config_change():
