@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable
+from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable, first_line
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -275,11 +275,12 @@ def _pipeline(args) -> int | None:
     import time
 
     from qed_jax.config import dump_json, load_config
-    from qed_jax.pipeline import PipelineConfig, run, stages
+    from qed_jax.pipeline import STANDIN, PipelineConfig, run, stages
 
     config = load_config(PipelineConfig, args.config, args.overrides)
     if args.print_config:
-        stages(config, config.judge)  # what the run would refuse, refused here too
+        # What the run would refuse, refused here too (the stand-in's port is chosen when it starts).
+        stages(config, "http://127.0.0.1:1/v1" if config.judge == STANDIN else config.judge)
         print(dump_json(config))
         return
     start = time.perf_counter()
@@ -654,12 +655,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.verbose or not _out_of_device_memory(e):
+            raise
+        print(f"qed-jax {args.command}: error: out of device memory ({first_line(e)[:300]}); `qed-jax plan` shows "
+              "what a config needs per chip: shard it over more devices (mesh.fsdp) or lower the batch or the "
+              "lengths (-v shows the traceback)", file=sys.stderr)
+        return 1
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
         print(f"qed-jax {args.command}: interrupted{resume}", file=sys.stderr)
         _exit_now(130)
     return status
+
+
+def _out_of_device_memory(error: Exception) -> bool:
+    """Whether XLA could not allocate device memory (a model or batch too large for the
+    devices); told by name, so the CLI does not import JAX before a command needs it."""
+    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(error)
 
 
 # Seconds between a progress bar's updates when stderr is not a terminal (a log file).

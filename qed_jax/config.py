@@ -7,11 +7,14 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import ipaddress
 import json
 import math
 import os
+import re
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,11 @@ def check_dtype(value: str | None, key: str) -> None:
 def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# ModelConfig's fields that config.json names otherwise.
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,25 +126,32 @@ class ModelConfig:
         def field(key):
             return hf[key] if key in hf else getattr(default, key)
 
+        for key in (*required, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if hf.get(key) is not None and (type(hf[key]) is not int or hf[key] < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {hf[key]!r}")
         heads = hf["num_attention_heads"]
         if "num_key_value_heads" not in hf and heads % default.num_key_value_heads:
             raise ConfigError(f"config has no num_key_value_heads, and the {default.num_key_value_heads} that "
                               f"transformers takes for it does not divide num_attention_heads ({heads}): add "
                               "num_key_value_heads to config.json")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=field("num_key_value_heads") or heads,  # null: one kv head per query head
-            head_dim=field("head_dim") or hf["hidden_size"] // heads,
-            rope_theta=float(rope_theta),
-            tie_word_embeddings=bool(field("tie_word_embeddings")),
-            rms_norm_eps=field("rms_norm_eps"),
-            max_position_embeddings=field("max_position_embeddings"),
-            **overrides,
-        )
+        try:
+            return cls(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=field("num_key_value_heads") or heads,  # null: one kv head per query head
+                head_dim=field("head_dim") or hf["hidden_size"] // heads,
+                rope_theta=float(rope_theta) if type(rope_theta) is int else rope_theta,
+                tie_word_embeddings=bool(field("tie_word_embeddings")),
+                rms_norm_eps=field("rms_norm_eps"),
+                max_position_embeddings=field("max_position_embeddings"),
+                **overrides,
+            )
+        except ConfigError as e:  # with the fields named as config.json names them
+            raise ConfigError(re.sub(r"\b(num_layers|num_heads|num_kv_heads)\b", lambda m: HF_NAMES[m[0]], str(e))) \
+                from None
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """A `config.json` dict with the field names of the installed transformers, and the older
@@ -353,6 +368,24 @@ def is_missing_local_path(name: str) -> bool:
     return looks_local and "://" not in name and not Path(name).expanduser().exists()
 
 
+def check_url(url: str | None, key: str) -> None:
+    """ConfigError for an endpoint's base URL that no request could be sent to: not http(s), no
+    host, a port out of range, a malformed address. None (no endpoint) passes."""
+    if url is None:
+        return
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- parses the port: a ValueError when it is out of range or not a number
+        host = parts.hostname or ""
+        if host.replace(".", "").isdigit():  # looks like an IPv4 address, so must be one
+            ipaddress.IPv4Address(host)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {url!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{key}: {url!r} is not an http:// or https:// URL with a host, "
+                          "e.g. http://localhost:8000/v1")
+
+
 def require_range(value, key: str, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
     """ConfigError unless `value` lies between `low` and `high` (either may be None: no bound),
     each bound included unless `low_open` / `high_open`; None (a value derived from others)
@@ -430,6 +463,9 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
         raise ConfigError(f"override {override!r} is not of the form key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: {key.strip()!r} is not a key (names joined by single dots, "
+                          "e.g. optim.lr=1e-4)")
     node = data
     for part in parts[:-1]:
         if node.get(part) is None:  # absent, or a section left empty in the file (`data:` and nothing under it)

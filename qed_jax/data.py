@@ -12,6 +12,7 @@ import codecs
 import dataclasses
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 
 from qed_jax.config import (ConfigError, check_seed, is_missing_local_path, require_at_least_one, require_file,
                             require_range)
+from qed_jax.errors import first_line
 from qed_jax.tokenizer import render_chat
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,8 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     try:
         return _numbered(datasets.load_dataset(path, name, split=split))
     except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset, config or split
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, and "
-                          f"loading it as a Hugging Face dataset failed: {first}") from None
+                          f"loading it as a Hugging Face dataset failed: {first_line(e)}") from None
 
 
 def _numbered(rows) -> list[tuple[str, Any]]:
@@ -195,7 +196,7 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     prefix = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
     full = render_chat(tokenizer, messages)
     if not full.startswith(prefix):
-        raise ValueError("the chat template does not render the conversation as prompt + answer")
+        raise ValueError(unrendered_prompt(prefix, full))
     answer = full[len(prefix):]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
@@ -207,6 +208,18 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     mask = np.zeros(len(ids), np.int32)
     mask[len(prompt_ids): len(prompt_ids) + stop] = 1
     return ids, mask
+
+
+def unrendered_prompt(prompt: str, full: str) -> str:
+    """Why a conversation, rendered whole, does not start with its prompt (the conversation
+    before the answer, with the generation prompt) as the chat template renders it."""
+    same = len(os.path.commonprefix([prompt, full]))
+    missing = prompt[same:]
+    if "<think>" in missing:  # a thinking template: the answer must open with its reasoning
+        return ("the chat template opens the answer with <think>, and the assistant message has no reasoning: give it "
+                "reasoning_content (its thinking), or use a tokenizer whose chat template does not think")
+    return (f"the chat template renders the conversation's prompt as {missing[:40]!r}... where the whole "
+            f"conversation has {full[same:same + 40]!r}...: it does not render it as prompt + answer")
 
 
 @dataclasses.dataclass

@@ -25,6 +25,12 @@ class DeviceCallInterrupted(KeyboardInterrupt):
     device call waits for it."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @contextlib.contextmanager
 def noted(error: type[Exception], note: str):
     """Re-raise an `error` raised inside with `note` after its message (still one line)."""

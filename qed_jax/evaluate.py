@@ -33,9 +33,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, dump_json,
-                            expand_paths, get_dotted, is_missing_local_path, json_values, load_template, not_found,
-                            read_json_object, require_at_least_one, require_range, write_text_atomic)
+from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
+                            dump_json, expand_paths, get_dotted, is_missing_local_path, json_values, load_template,
+                            not_found, read_json_object, require_at_least_one, require_range, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, reason_counts, render_marking_scheme, reply_text, text_to_grade)
@@ -105,6 +105,7 @@ class EvalModelConfig:
     timeout_s: float = 3600.0
 
     def __post_init__(self):
+        check_url(self.base_url, "model.base_url")
         if self.base_url is not None and not self.name:
             raise ConfigError("model.base_url is set but model.name is not: name the served model")
         require_at_least_one(self, ("concurrency", "max_concurrent"), "model.")
@@ -226,7 +227,10 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
         if not isinstance(row, dict):
             raise ConfigError(f"{where} is not a JSON object of named columns: {json.dumps(row)[:60]}")
         text = row.get(fields["problem"])
-        if not isinstance(text, str) or not text.strip():
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(f"{where}: column {fields['problem']!r} (the problem) must be text, got "
+                              f"{type(text).__name__}; map another with benchmark.fields.problem=COLUMN")
+        if not text or not text.strip():
             raise ConfigError(f"{where}: column {fields['problem']!r} (the problem) is missing or empty; "
                               "map it with benchmark.fields.problem=COLUMN")
         answer = solution = None  # an answer benchmark grades against the answer, a proof one the solution
@@ -383,8 +387,27 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
             raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
         if not isinstance(record, dict) or not all(k in record for k in RECORD_KEYS):
             raise ConfigError(f"{path}:{n}: not a record (each has {', '.join(RECORD_KEYS)}); the run log is damaged")
+        if (wrong := misread_value(record)) is not None:
+            raise ConfigError(f"{path}:{n}: {wrong}; the run log is damaged")
         records.append(record)
     return records
+
+
+def misread_value(record: dict) -> str | None:
+    """What is wrong with a record's counts or score (a hand edit, another program's log), or
+    None: the report does arithmetic on them."""
+    def is_count(value) -> bool:
+        return type(value) is int and value >= 0
+
+    checks = [("sample", record["sample"], is_count(record["sample"]), "a sample index")]
+    if record["type"] == "sample":
+        checks.append(("completion_tokens", record.get("completion_tokens"), is_count(record.get("completion_tokens")),
+                       "a token count"))
+    elif record["type"] in ("grade", "turn_grade"):
+        score = record.get("score")
+        checks.append(("score", score, score is None or (is_count(score) and score <= MAX_SCORE),
+                       f"a score from 0 to {MAX_SCORE} or null"))
+    return next((f"{key} is {value!r}, not {expected}" for key, value, ok, expected in checks if not ok), None)
 
 
 class RunLog:
@@ -578,6 +601,8 @@ class EndpointGenerator:
         tokens = usage.completion_tokens if usage is not None else None
         if tokens is None:
             raise ConfigError("the model endpoint reports no usage.completion_tokens; evaluation records token counts")
+        if type(tokens) is not int or tokens < 0:
+            raise ConfigError(f"the model endpoint reports usage.completion_tokens {tokens!r}, not a count of tokens")
         return Sample(text=text, completion_tokens=tokens, finish_reason=choice.finish_reason or "stop")
 
 
@@ -830,7 +855,7 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
     files = model_files(config)
     if files is not None and not (out / MODEL_FILES).is_file():
-        (out / MODEL_FILES).write_text(json.dumps(files, indent=1) + "\n")
+        write_text_atomic(out / MODEL_FILES, json.dumps(files, indent=1) + "\n")
     if not (out / TEMPLATES_FILE).is_file():
         write_text_atomic(out / TEMPLATES_FILE, json.dumps(template_texts(config), indent=1) + "\n")
     return out

@@ -26,8 +26,8 @@ from typing import Any
 
 import openai
 
-from qed_jax.config import ConfigError, load_template, require_range
-from qed_jax.errors import JudgeUnavailable
+from qed_jax.config import ConfigError, check_url, load_template, require_range
+from qed_jax.errors import JudgeUnavailable, first_line
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class JudgeConfig:
     max_failed_fraction: float = 0.05
 
     def __post_init__(self):
+        check_url(self.base_url, "judge.base_url")
         if self.api not in ("chat", "responses"):
             raise ConfigError(f"judge.api must be chat or responses, got {self.api!r}")
         if self.answer_format not in ("score", "points", "verdict"):
@@ -447,6 +448,8 @@ REFUSED = (401, 403)
 # So does one that has no such model (a misspelt judge.model) or no such path.
 NOT_FOUND = 404
 
+# How long the check before grading waits for the judge's GET /models (judge.timeout_s if shorter).
+REACHABLE_TIMEOUT_S = 30.0
 # What to do when nothing answers at the judge's URL.
 UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
 
@@ -509,14 +512,22 @@ class Judge:
 
     async def _check_reachable(self, client) -> None:
         """Fail fast, with the URL, when nothing answers at the endpoint at all."""
+        timeout = min(self.config.timeout_s, REACHABLE_TIMEOUT_S)
         try:
-            await client.models.list(timeout=min(self.config.timeout_s, 30.0))
+            await client.models.list(timeout=timeout)
         except openai.APIStatusError as e:  # something answered; some servers do not serve /models
             if e.status_code in REFUSED:
                 raise self._refused(e) from None
+        except openai.APITimeoutError:
+            raise JudgeUnavailable(f"the judge at {self.config.base_url} did not answer GET /models within "
+                                   f"{timeout:g} s (judge.timeout_s, at most {REACHABLE_TIMEOUT_S:g} s for this "
+                                   "check): is it still starting, or overloaded?") from None
         except openai.APIConnectionError as e:
-            raise JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {e.__cause__ or e}; "
-                                   f"{UNREACHABLE_ADVICE}") from None
+            raise self._unreachable(e) from None
+
+    def _unreachable(self, e: openai.APIConnectionError) -> JudgeUnavailable:
+        return JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {first_line(e.__cause__ or e)}; "
+                                f"{UNREACHABLE_ADVICE}")
 
     def _refused(self, e: openai.APIStatusError) -> JudgeUnavailable:
         c = self.config
@@ -562,8 +573,7 @@ class Judge:
                 if isinstance(e, openai.APITimeoutError):
                     reason = "timeout"
                 elif transport_failures >= c.max_retries:
-                    raise JudgeUnavailable(f"cannot reach the judge at {c.base_url}: {e.__cause__ or e}; "
-                                           f"{UNREACHABLE_ADVICE}") from None
+                    raise self._unreachable(e) from None
                 else:
                     reason = "connection_error"
             except openai.APIStatusError as e:

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qed_jax.config import (ConfigError, check_local_output_dir, is_missing_local_path, json_values, load_config,
-                            not_found)
+from qed_jax.config import (ConfigError, check_local_output_dir, check_url, is_missing_local_path, json_values,
+                            load_config, not_found)
 from qed_jax.errors import JudgeUnavailable, RunConfigChanged, noted
 
 MODELS = ("base", "sft", "grpo")
@@ -94,6 +94,8 @@ class PipelineConfig:
         if self.judge != STANDIN and not self.judge.startswith(("http://", "https://")):
             raise ConfigError(f"judge must be {STANDIN} (the offline stand-in) or an OpenAI-compatible judge's "
                               f"base URL (http:// or https://), got {self.judge!r}")
+        if self.judge != STANDIN:
+            check_url(self.judge, "judge")
 
 
 SURROGATE_PAIR = re.compile(r"\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}")

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax.attention import KV_CACHE_AXES
 from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
+from qed_jax.errors import first_line
 from qed_jax.model import KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
 from qed_jax.trainer import (batch_sharding, check_rows_divide, decay_mask, float32_init, make_optimizer,
@@ -186,11 +187,6 @@ def _bytes_after(message: str, label: str) -> int | None:
     """The byte count XLA prints as `label (95.74G)`, or None."""
     match = re.search(re.escape(label) + r"\s*\(([\d.]+)([KMGTP]?)i?B?\)", message)
     return int(float(match[1]) * _UNITS[match[2]]) if match else None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +406,7 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
     opt_state = abstract_opt_state(optimizer, params, mesh)
     M, rows, T = config.micro_batches, config.batch_size // config.micro_batches, config.data.max_length
     check_rows_divide(rows, mesh, "batch_size / micro_batches")
+    sft.check_row_length(T, model)
     batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),

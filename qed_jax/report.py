@@ -285,9 +285,11 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     for run in (run for folder in run_dirs for run in runs_in(folder)):
         by_place.setdefault(os.path.realpath(run), run)
     run_dirs = list(by_place.values())
+    runs_read = {run_dir: read_run(run_dir) for run_dir in run_dirs}  # a path that is no run: named first
+    if output is None and len(run_dirs) == 1:  # named twice
+        output = run_dirs[0]
     if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
-    runs_read = {run_dir: read_run(run_dir) for run_dir in run_dirs}
     started = [run_dir for run_dir, (_, records) in runs_read.items() if records]  # past their first round
     if not started:
         raise ConfigError(f"{', '.join(run_dirs)}: the run{'s have' if len(run_dirs) > 1 else ' has'} no samples yet")

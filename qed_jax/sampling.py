@@ -253,10 +253,11 @@ def pad_wave(prompts: list[list[int]], budgets: np.ndarray, rows: int, width: in
     return tokens, lengths, padded_budgets
 
 
-@cache  # once per budget and model limit, whatever the prompts' lengths, not at every call
-def _warn_past_trained_positions(max_new_tokens: int, limit: int) -> None:
+@cache  # once per budget and model limit (and fix), whatever the prompts' lengths, not at every call
+def _warn_past_trained_positions(max_new_tokens: int, limit: int, prompt_alone: bool) -> None:
+    fix = "a prompt alone reaches it: shorten the prompts" if prompt_alone else "lower max_new_tokens for this model"
     log.warning("prompts plus max_new_tokens (%d) pass the model's max_position_embeddings (%d): positions "
-                "beyond it were never trained; lower max_new_tokens for this model", max_new_tokens, limit)
+                "beyond it were never trained; %s", max_new_tokens, limit, fix)
 
 
 class Sampler:
@@ -340,7 +341,8 @@ class Sampler:
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
         if longest + n > self.config.max_position_embeddings:
-            _warn_past_trained_positions(n, self.config.max_position_embeddings)
+            _warn_past_trained_positions(n, self.config.max_position_embeddings,
+                                         longest >= self.config.max_position_embeddings)
         width = bucket_length(longest, self.buckets)
         budgets = np.minimum(np.array(budgets if budgets is not None else [n] * len(prompts), np.int32), n)
         cache_len = cache_slots(width + n)

@@ -139,6 +139,15 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 # The loop
 
 
+def check_row_length(max_length: int, model: ModelConfig) -> None:
+    """ConfigError for packed rows longer than the model's positions: a row may hold one example
+    of max_length tokens, whose positions past max_position_embeddings were never trained."""
+    if max_length > model.max_position_embeddings:
+        raise ConfigError(f"data.max_length ({max_length}) is longer than the model's max_position_embeddings "
+                          f"({model.max_position_embeddings}): a packed row may hold one example that long, and "
+                          "positions past it were never trained; lower data.max_length")
+
+
 def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
     """Run SFT; resumes from the newest intact checkpoint in `output_dir` (refusing a changed
     config unless `resume_with_changes`). Returns {output_dir, step, loss (of the last step),
@@ -179,6 +188,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
     model = load_model(config.model, mesh, config.seed)
     check_vocab(tokenizer, model.config.vocab_size)
+    check_row_length(config.data.max_length, model.config)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)
@@ -211,8 +221,11 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     flops_per_token = train_flops_per_token(model.config, config.data.max_length)
 
     meta = lambda step: {"step": step, "seed": config.seed}  # noqa: E731
-    log.info("training steps %d to %d (%d packed rows of %d tokens per step): %s", start + 1, steps,
-             config.batch_size, config.data.max_length, json.dumps(config.derived()))
+    if start < steps:
+        log.info("training steps %d to %d (%d packed rows of %d tokens per step): %s", start + 1, steps,
+                 config.batch_size, config.data.max_length, json.dumps(config.derived()))
+    else:  # trained, and its export cut short
+        log.info("all %d steps trained: exporting the model", steps)
     progress = tqdm(total=steps, initial=start, desc="sft", unit="step", disable=jax.process_index() != 0)
     step, last_loss, stopping = start, result["loss"], False
     with StopSignals() as stop, jax.set_mesh(mesh):  # attention kernels find the mesh here

@@ -12,6 +12,7 @@ from typing import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qed_jax.config import ConfigError, is_missing_local_path, not_found
+from qed_jax.errors import first_line
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 THINK_END = "</think>"
@@ -48,7 +49,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name)
     except OSError as e:  # a Hub id that cannot be reached or is not there, a file that cannot be read
-        raise ConfigError(f"tokenizer {name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise ConfigError(f"tokenizer {name}: {first_line(e)}") from None
+    except Exception as e:  # a damaged file: not JSON, a field missing, bytes that are not UTF-8
+        raise ConfigError(f"tokenizer {name}: its files cannot be read ({type(e).__name__}: {first_line(e)}); "
+                          "they are damaged or incomplete: copy or export the tokenizer again") from None
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, model: str = "the model") -> None:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
 
 @pytest.mark.parametrize("cls,overrides,message", [
     (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
+    (SFTConfig, [".steps=3"], r"^override '\.steps=3': '\.steps' is not a key \(names joined by single dots"),
+    (SFTConfig, ["optim..lr=1"], r"^override 'optim\.\.lr=1': 'optim\.\.lr' is not a key"),
     (SFTConfig, ["checkpoint_every=0"], "^checkpoint_every must be at least 1, got 0$"),
     (GRPOConfig, ["samples_per_prompt=0"], "^samples_per_prompt must be at least 1, got 0$"),
     (GRPOConfig, ["samples_per_prompt=1"], "^samples_per_prompt must be at least 2: a rollout's advantage is"),
@@ -249,6 +252,20 @@ def test_an_os_error_without_a_path_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qed-jax convert: error: ConnectionRefusedError: [Errno 111] Cannot connect to host "
                    "storage.googleapis.com:443 (-v shows the traceback)"]
+
+
+def test_running_out_of_device_memory_is_one_line(monkeypatch, capsys):
+    import jax.numpy as jnp
+
+    def too_large(args):
+        jnp.zeros((1 << 40,), jnp.float32).block_until_ready()  # 4 TiB: XLA cannot allocate it
+
+    monkeypatch.setattr(cli, "_convert", too_large)
+    assert cli.main(["convert", "a", "b"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"qed-jax convert: error: out of device memory \(RESOURCE_EXHAUSTED: .*\); "
+                                          r"`qed-jax plan` shows what a config needs per chip: .* \(-v shows the "
+                                          r"traceback\)", err[0]), err
 
 
 def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
@@ -383,6 +400,15 @@ def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
         with pytest.raises(ConfigError, match=f"^tokenizer {re.escape(str(path))} ?{re.escape(message)}$"):
             load_tokenizer(path)
     assert len(load_tokenizer(REPO / "configs/tiny/tokenizer")) > 256
+    for name, damage, error in [("tokenizer.json", b"garbage", "JSONDecodeError"),
+                                ("tokenizer.json", b"{}", "KeyError"),
+                                ("chat_template.jinja", b"\xff\xfe", "UnicodeDecodeError")]:
+        damaged = tmp_path / f"damaged_{error}"
+        shutil.copytree(REPO / "configs/tiny/tokenizer", damaged)
+        (damaged / name).write_bytes(damage)
+        with pytest.raises(ConfigError, match=f"^tokenizer {re.escape(str(damaged))}: its files cannot be read "
+                                              rf"\({error}: .*\); they are damaged or incomplete: copy or export"):
+            load_tokenizer(damaged)
     assert cli.main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"tokenizer={tmp_path / 'none'}",
                      f"output_dir={tmp_path / 'run'}", "batch_size=16"]) == 2  # rows for the 8 devices here
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"qed-jax sft: error: tokenizer {tmp_path / 'none'} does not exist"

@@ -251,6 +251,19 @@ def test_a_model_endpoint_reply_that_is_not_a_completion_is_one_line(tmp_path, b
             evaluate(cfg, progress=False)
 
 
+@pytest.mark.parametrize("tokens", ["many", -3, 2.5])
+def test_a_model_endpoint_reply_with_a_token_count_that_is_not_one_stops_the_run(tmp_path, tokens):
+    completion = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "tested",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "</think>Proof."}}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": 1}})
+    with JudgeServer(default=("body", ("application/json", completion))) as model, JudgeServer() as judge:
+        cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
+        with pytest.raises(ConfigError, match=f"usage.completion_tokens {re.escape(repr(tokens))}, not a count of "
+                                              "tokens$"):
+            evaluate(cfg, progress=False)
+
+
 def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
     from qed_jax.config import dump_json
 
@@ -290,7 +303,7 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
 
 def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "samples.jsonl"
-    whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0}) + "\n"
+    whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0, "completion_tokens": 3}) + "\n"
     path.write_text(whole + '{"type": "grade", "problem_id": "a", "sam')
     assert read_records(path) == [json.loads(whole)]
     assert path.read_text().endswith('"sam')  # reading alone (the report) leaves the file as it is
@@ -355,6 +368,11 @@ def test_benchmark_columns_are_checked_where_they_are_read():
     with pytest.raises(ConfigError, match=r"^b: line 2: column 'solution' \(the reference solution\) must be text, "
                                           "got list; map another with benchmark.fields.solution=COLUMN$"):
         problems([{"problem": "P"}, {"problem": "Q", "solution": ["One way.", "Another."]}])
+    with pytest.raises(ConfigError, match=r"^b: line 1: column 'problem' \(the problem\) must be text, got int; map "
+                                          "another with benchmark.fields.problem=COLUMN$"):
+        problems([{"problem": 42}])
+    with pytest.raises(ConfigError, match=r"^b: line 1: column 'problem' \(the problem\) is missing or empty"):
+        problems([{"problem": " "}])
     groups = {"recent": "2025", "earlier": ".*"}
     with pytest.raises(ConfigError, match=r"^b: no row has the column 'competition' \(benchmark.group_field\)"):
         problems([{"problem": "P", "contest": "IMO 2025"}], group_field="competition", groups=groups)
@@ -652,6 +670,10 @@ def test_report_compares_runs_side_by_side(tmp_path):
         assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["std"] is None
     with pytest.raises(ConfigError, match="need --output"):
         report([str(r) for r in runs])
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path))}/typo: no such directory$"):
+        report([str(runs[0]), str(tmp_path / "typo")])  # the path is what is wrong, not a missing --output
+    # One run named twice needs no --output: the report goes in the run directory.
+    assert report([str(runs[0]), f"{runs[0]}/"], plots=False)[1] == Path(runs[0])
     # A run named twice (with a trailing slash, or inside a folder also given) is reported once.
     text = report([str(runs[0]), f"{runs[0]}/", str(tmp_path / "a"), str(runs[1])], output=str(tmp_path / "cmp"),
                   plots=False)[0]
@@ -703,6 +725,18 @@ def test_report_compares_runs_side_by_side(tmp_path):
     damaged = f"{samples}:3: not UTF-8 text (byte 0xe9 at column 11); the run log is damaged"
     with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
         report([str(tmp_path / "damaged")])
+    # Values the report would do arithmetic on: a hand edit, another program's log.
+    for kind, key, value, expected in [("sample", "completion_tokens", "many", "a token count"),
+                                       ("sample", "completion_tokens", -3, "a token count"),
+                                       ("grade", "score", "zero", "a score from 0 to 7 or null"),
+                                       ("grade", "score", 8, "a score from 0 to 7 or null"),
+                                       ("grade", "sample", True, "a sample index")]:
+        n = next(n for n, line in enumerate(lines) if json.loads(line)["type"] == kind)
+        samples.write_text("\n".join([*lines[:n], json.dumps({**json.loads(lines[n]), key: value}), *lines[n + 1:]])
+                           + "\n")
+        damaged = f"{samples}:{n + 1}: {key} is {value!r}, not {expected}; the run log is damaged"
+        with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
+            report([str(tmp_path / "damaged")])
     samples.write_text("\n".join(lines) + "\n")
     saved = tmp_path / "damaged" / "config.json"
     for text, message in (("{", "not valid JSON"), ("[]", "not a JSON object; the run's config is damaged"),

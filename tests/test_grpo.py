@@ -520,7 +520,8 @@ def test_sigkill_mid_step_resumes_without_regrading(tmp_path, config, per_step):
 def test_paper_config_loads_and_prints_derived_numbers():
     config = load_config(GRPOConfig, REPO / "configs" / "rl" / "qed_nano_4b.yaml")
     derived = config.derived()
-    assert derived["samples_per_step"] == 1024 and derived["loss_normalizer"] == "trained samples per update (at most 1024)"
+    assert derived["samples_per_step"] == 1024
+    assert derived["loss_normalizer"] == "trained samples per update (at most 1024)"
     assert config.optim.lr == 1e-6 and config.optim.grad_clip == 0.3 and config.optim.weight_decay == 0.01
     assert config.loss.clip_eps_low == config.loss.clip_eps_high == 4.0 and config.loss.kl_coef == 0.0
     assert config.loss.entropy_coef == 1e-4 and config.loss.temperature == 0.8

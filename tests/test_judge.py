@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from qed_jax import cli
-from qed_jax.config import ConfigError, load_template
+from qed_jax.config import ConfigError, load_config, load_template
 from qed_jax.judge import (BadReply, Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
                            RuleGrader, on_this_machine, parse_score, render_marking_scheme, render_prompt)
 from tests.helpers import REPO
@@ -242,6 +243,35 @@ def test_unreachable_endpoint_aborts_clearly(tmp_path):
     config = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", cache_path=None, backoff_s=0.01)
     with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
         Judge(config).grade_batch([_item(0)])
+
+
+def test_a_judge_that_accepts_but_never_answers_is_named_with_its_timeout():
+    with socket.socket() as listening:  # the kernel accepts connections; nothing ever replies
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}/v1"
+        with pytest.raises(JudgeUnavailable, match=rf"^the judge at {re.escape(url)} did not answer GET /models within "
+                                                   r"0\.2 s \(judge\.timeout_s, at most 30 s for this check\)"):
+            Judge(JudgeConfig(base_url=url, cache_path=None, timeout_s=0.2)).check_reachable()
+
+
+@pytest.mark.parametrize("url,problem", [
+    ("http://[::1", r"is not a valid URL \(Invalid IPv6 URL\)"),
+    ("http://256.1.1.1:80/v1", r"is not a valid URL \(Octet 256 \(> 255\) not permitted"),
+    ("http://127.0.0.1:99999/v1", r"is not a valid URL \(Port out of range 0-65535\)"),
+    ("localhost:8000/v1", r"is not an http:// or https:// URL with a host, e.g. http://localhost:8000/v1"),
+])
+def test_an_endpoint_url_no_request_could_reach_is_refused_when_the_config_loads(url, problem):
+    from qed_jax.evaluate import EvalConfig
+    from qed_jax.pipeline import PipelineConfig
+
+    for cls, key in [(JudgeConfig, "base_url"), (EvalConfig, "model.base_url"), (PipelineConfig, "judge")]:
+        if cls is PipelineConfig and "://" not in url:
+            continue  # the pipeline's judge may also be "standin", and says so
+        shown = "judge.base_url" if cls is JudgeConfig else key
+        with pytest.raises(ConfigError, match=f"^{re.escape(shown)}: {re.escape(repr(url))} {problem}"):
+            load_config(cls, None, [f"{key}={url}", "model.name=m"] if cls is EvalConfig else [f"{key}={url}"])
+    JudgeConfig(base_url="http://[::1]:8000/v1")  # a bracketed IPv6 address with a port is fine
 
 
 def _write_rows(path, n):

@@ -367,6 +367,19 @@ def test_config_round_trips_through_hf_dict():
     with pytest.raises(ConfigError, match=r"^config has no num_key_value_heads, and the 32 that transformers takes "
                                           r"for it does not divide num_attention_heads \(16\): add "):
         ModelConfig.from_hf(hf)
+    # A field of the wrong type or value is named as config.json names it.
+    for key, value, message in [("num_hidden_layers", "2", "num_hidden_layers must be a positive integer, got '2'"),
+                                ("num_attention_heads", "16",
+                                 "num_attention_heads must be a positive integer, got '16'"),
+                                ("head_dim", 0, "head_dim must be a positive integer, got 0"),
+                                ("num_key_value_heads", 5, "num_attention_heads (16) must be a multiple of "
+                                                           "num_key_value_heads (5)"),
+                                ("rope_theta", "abc", "rope_theta must be a positive number, got 'abc'")]:
+        hf = PRESETS["qwen3-0.6b"].to_hf()
+        hf.pop("rope_parameters", None)
+        hf[key] = value
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            ModelConfig.from_hf(hf)
 
 
 # --- bad input: one clear line naming the problem ---------------------------------------------
@@ -395,7 +408,7 @@ def _drop_tensor(folder, name, reshape=None):
     ("no hidden_size", "config.json: config has no hidden_size (a Qwen3 config gives each of vocab_size, "),
     ("bad json", "config.json: not valid JSON"),
     ("json list", "config.json: not a model config (a JSON object of settings)"),
-    ("string field", "config.json: num_layers must be a positive integer, got '3'"),
+    ("string field", "config.json: num_hidden_layers must be a positive integer, got '3'"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     folder = tmp_path / "model"

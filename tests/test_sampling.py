@@ -184,9 +184,12 @@ def test_a_budget_past_the_trained_positions_warns_once(caplog):
         for extra in (0, 1, 1, 5):  # at the limit, past it, again, a longer prompt: one warning in all
             sampler.generate_ids([*PROMPTS, [7] * (longest + extra)], params, jax.random.key(0), stop_ids=[])
             assert len(caplog.records) == (extra > 0)
+        # A prompt that reaches the limit by itself: lowering max_new_tokens would not help.
+        sampler.generate_ids([[7] * limit], params, jax.random.key(0), stop_ids=[])
+    warning = (f"prompts plus max_new_tokens ({params.max_new_tokens}) pass the model's max_position_embeddings "
+               f"({limit}): positions beyond it were never trained; ")
     assert [r.getMessage() for r in caplog.records] == [
-        f"prompts plus max_new_tokens ({params.max_new_tokens}) pass the model's max_position_embeddings ({limit}): "
-        "positions beyond it were never trained; lower max_new_tokens for this model"]
+        warning + "lower max_new_tokens for this model", warning + "a prompt alone reaches it: shorten the prompts"]
 
 
 @pytest.mark.parametrize("layers", ["per-layer", "stacked, in chunks", "stacked, by the kernel"])

@@ -21,7 +21,7 @@ from flax import nnx
 
 from qed_jax import cli
 from qed_jax.config import ConfigError, PRESETS, load_config
-from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows
+from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows, tokenize_sft
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
 from qed_jax.sft import SFTConfig, accumulated_grads, eval_loss, train, train_step
@@ -359,6 +359,25 @@ def test_a_row_the_chat_template_refuses_is_skipped_and_no_template_is_one_error
         prepare_sft(rows, tokenizer, DataConfig())
 
 
+def test_a_conversation_without_reasoning_for_a_thinking_template_says_so(caplog):
+    from qed_jax.tokenizer import THINKING_CHAT_TEMPLATE
+
+    tokenizer = load_tokenizer(TOKENIZER)  # a fresh copy: the module's fixture is shared
+    plain = {"messages": [{"role": "user", "content": "Prove 1 > 0."}, {"role": "assistant", "content": "Clear."}]}
+    thought = ("line 2", {"problem": "p", "reasoning_content": "r", "proof": "q"})  # one usable row
+    with caplog.at_level(logging.WARNING):
+        prepare_sft([("line 1", plain), thought], tokenizer, DataConfig())
+    assert [r.getMessage() for r in caplog.records] == [
+        "data: skipped line 1: the chat template opens the answer with <think>, and the assistant message has no "
+        "reasoning: give it reasoning_content (its thinking), or use a tokenizer whose chat template does not think"]
+    # Any other template that renders a conversation's start otherwise than its prompt: where they part.
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE.replace("<think>\n' }}{%- endif %}", "Answer:' }}{%- endif %}")
+    with pytest.raises(ValueError, match=re.escape(
+            "the chat template renders the conversation's prompt as 'Answer:'... where the whole conversation has "
+            "'Clear.<|im_end|>\\n'...: it does not render it as prompt + answer")):
+        tokenize_sft(tokenizer, plain["messages"])
+
+
 def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n' + b'{"b": "caf\xe9\xff"}\n' + b'{"c": 3}\n')  # a BOM, then Latin-1
@@ -450,6 +469,15 @@ def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
                                            f"output_dir={tmp_path / 'run'}", "batch_size=16"])  # for 8 devices
     with pytest.raises(ConfigError, match=r"5 rows, and data.eval_rows=6 holds out the last 6 .* lower data.eval_rows"):
         train(config)
+
+
+def test_rows_longer_than_the_models_positions_are_refused_before_a_step(tmp_path):
+    config = load_config(SFTConfig, TINY, ["data.max_length=100000000", f"output_dir={tmp_path / 'run'}",
+                                           "batch_size=16"])  # rows for the 8 devices here
+    with pytest.raises(ConfigError, match=r"^data\.max_length \(100000000\) is longer than the model's "
+                                          r"max_position_embeddings \(2048\): .*; lower data\.max_length$"):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):
