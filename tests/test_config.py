@@ -1,6 +1,7 @@
 """Config loading: nested sections keep their defaults under overrides, YAML errors are one
 clear line, and --print-config shows what will be loaded."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -252,6 +253,23 @@ def test_an_os_error_without_a_path_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qed-jax convert: error: ConnectionRefusedError: [Errno 111] Cannot connect to host "
                    "storage.googleapis.com:443 (-v shows the traceback)"]
+
+
+def test_gcsfs_retry_tracebacks_are_left_to_verbose_runs(monkeypatch, capsys):
+    def unreachable(args):
+        try:
+            raise ConnectionError("Cannot connect to host storage.googleapis.com:443")
+        except ConnectionError as e:
+            logging.getLogger("gcsfs").exception("_request out of retries on exception: %s", e)
+            raise
+
+    monkeypatch.setattr(cli, "_convert", unreachable)
+    for verbose in ([], ["-v"]):
+        with contextlib.suppress(ConnectionError):
+            cli.main([*verbose, "convert", "a", "gs://bucket/b"])
+        err = capsys.readouterr().err
+        assert "ERROR gcsfs: _request out of retries on exception: Cannot connect" in err
+        assert ("Traceback" in err) == bool(verbose)
 
 
 def test_running_out_of_device_memory_is_one_line(monkeypatch, capsys):
