@@ -196,15 +196,24 @@ def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
 
 
 def interrupted(error: BaseException) -> bool:
-    """Whether `error` is, or was raised from, a Ctrl-C or a cancelled read (Orbax wraps any
-    failure of an array read, those too, in an Exception)."""
+    """Whether `error` is, or was raised from, a Ctrl-C or the read it cancelled (Orbax wraps
+    any failure of an array read, those too, in an Exception). A timeout is none: asyncio
+    raises it from the CancelledError of the read it gave up on."""
+    for cause in causes(error):
+        if isinstance(cause, TimeoutError):
+            return False
+        if isinstance(cause, (KeyboardInterrupt, asyncio.CancelledError)):
+            return True
+    return False
+
+
+def causes(error: BaseException | None):
+    """`error`, then what it was raised from, and so on."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
-            return True
+        yield error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return False
 
 
 def unreadable_reason(error: Exception) -> str:
@@ -314,7 +323,8 @@ class TrainCheckpoints:
         over. A step that reads but cannot continue this run raises and is left as it is: one of
         `qed-jax convert` (parameters only), one whose arrays have other names or shapes than
         the targets (another model or optimizer), or one whose meta `check` (the trainer's)
-        refuses. An error that may pass (the network, permissions) raises too, moving nothing.
+        refuses. An error that may pass (the network, permissions) or too little device memory
+        raises too, moving nothing.
         All processes act on the worst of what each found."""
         directory = epath.Path(self.directory)
         steps = sorted(self.manager.all_steps(), reverse=True)
@@ -367,14 +377,21 @@ class TrainCheckpoints:
 
     def _agreed_failure(self, step: int, error: Exception | None) -> bool:
         """Whether step `step` failed to read on any process (`error`: this process's), having
-        set it aside if so. An error that may pass raises instead, on every process; Ctrl-C
-        while the step was read (which Orbax re-raises as a plain Exception) is no damage."""
+        set it aside if so. An error that may pass, or too little device memory, raises instead,
+        on every process; Ctrl-C while the step was read (which Orbax re-raises as a plain
+        Exception) is no damage."""
         if error is not None and interrupted(error):
             raise KeyboardInterrupt
-        transient = isinstance(error, (ConnectionError, TimeoutError, PermissionError)) or (
-            isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename is None) or (
-            error is not None and any(word in str(error) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED")))
+        out_of_memory = any("RESOURCE_EXHAUSTED" in str(cause) for cause in causes(error))
+        transient = out_of_memory or any(  # whether raised as it is or wrapped by Orbax's array read
+            isinstance(cause, (ConnectionError, TimeoutError, PermissionError)) or (
+                isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError) and cause.filename is None) or
+            any(word in str(cause) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED")) for cause in causes(error))
         state = largest(2 if transient else 1 if error is not None else 0)
+        if state == 2 and out_of_memory:
+            raise CheckpointError(f"{self.directory}: reading checkpoint step {step} ran out of device memory "
+                                  f"({unreadable_reason(error)}); nothing was moved: resume on more devices, or shard "
+                                  "the run further (mesh.fsdp)")
         if state == 2:
             raise CheckpointError(f"{self.directory}: reading checkpoint step {step} failed in a way that may pass "
                                   f"({unreadable_reason(error) if transient else 'on another process'}); nothing was "

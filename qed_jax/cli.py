@@ -382,7 +382,7 @@ def _init_distributed(args) -> None:
             jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                        process_id=args.process_id)
         except ValueError as e:  # what it could not find out (not on a TPU pod slice)
-            raise ConfigError(f"jax.distributed.initialize: {str(e).strip().splitlines()[0]} (on a TPU pod slice "
+            raise ConfigError(f"jax.distributed.initialize: {first_line(e)} (on a TPU pod slice "
                               "--distributed finds the slice itself; elsewhere give --coordinator, --num-processes "
                               "and --process-id)") from None
 

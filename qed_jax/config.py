@@ -7,11 +7,11 @@ import copy
 import dataclasses
 import datetime
 import difflib
-import ipaddress
 import json
 import math
 import os
 import re
+import socket
 import types
 import typing
 import urllib.parse
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from qed_jax.errors import ConfigError
+from qed_jax.errors import ConfigError, first_line
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "blockwise")
@@ -150,8 +150,8 @@ class ModelConfig:
                 **overrides,
             )
         except ConfigError as e:  # with the fields named as config.json names them
-            raise ConfigError(re.sub(r"\b(num_layers|num_heads|num_kv_heads)\b", lambda m: HF_NAMES[m[0]], str(e))) \
-                from None
+            renamed = re.sub(r"\b(" + "|".join(HF_NAMES) + r")\b", lambda m: HF_NAMES[m[0]], str(e))
+            raise ConfigError(renamed) from None
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """A `config.json` dict with the field names of the installed transformers, and the older
@@ -374,11 +374,16 @@ def check_url(url: str | None, key: str) -> None:
     if url is None:
         return
     try:
+        if any(c.isspace() for c in url):
+            raise ValueError("it holds a space")
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- parses the port: a ValueError when it is out of range or not a number
         host = parts.hostname or ""
-        if host.replace(".", "").isdigit():  # looks like an IPv4 address, so must be one
-            ipaddress.IPv4Address(host)
+        if host.replace(".", "").isdigit():  # an IPv4 address, which may be short (127.1, 0)
+            try:
+                socket.inet_aton(host)
+            except OSError:
+                raise ValueError(f"{host} is not an IPv4 address") from None
     except ValueError as e:
         raise ConfigError(f"{key}: {url!r} is not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not host:
@@ -478,7 +483,7 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
     except (yaml.YAMLError, ValueError, LookupError, AttributeError) as e:  # a tag its text does not fit
         hint = "" if isinstance(e, DuplicateKey) else "; quote it"
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
-                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]}){hint}") from None
+                          f"({getattr(e, 'problem', None) or first_line(e)}){hint}") from None
     merge(node, {parts[-1]: value}, parts[:-1], cls)
 
 
@@ -587,7 +592,7 @@ def read_yaml(path: str | Path) -> Any:
     except (yaml.YAMLError, ValueError, LookupError, AttributeError) as e:  # a tag its text does not fit
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"{where}: invalid YAML ({problem})") from None
 
 

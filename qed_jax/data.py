@@ -85,7 +85,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
         try:
             return _numbered(pyarrow.parquet.read_table(local).to_pylist())
         except (pyarrow.ArrowException, OSError) as e:
-            raise ConfigError(f"data file {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"data file {path}: not a readable Parquet file ({first_line(e)})") from None
     import datasets
 
     try:

@@ -103,7 +103,7 @@ def kl_k3(logprobs, ref_logprobs, mask=None):
 def aggregate(per_token, mask, mode: str, num_sequences, num_tokens, sample_lengths=None):
     """Reduce a per-token quantity [R, T] over the masked tokens. The denominators are totals over
     the whole update (all microbatches), so that summing microbatch results gives the full loss.
-    sample_sum: token sum ÷ number of samples (the recipe's constant normalizer);
+    sample_sum: token sum ÷ number of trained samples (the recipe's; constant when no grade fails);
     token_mean: token sum ÷ number of tokens; seq_mean_token_mean: mean over samples of each
     sample's token mean. `sample_lengths` [R, T] gives each token its sample's number of
     trained tokens (packed rows hold several samples); by default a row is one sample."""
@@ -244,6 +244,12 @@ class RolloutSamplingConfig:
         require_at_least_one(self, ("max_concurrent",), "sampling.")
 
 
+# For the settings an rc: section refuses, which earlier versions took and ignored.
+RESUME_WITHOUT_IT = " (a run started with it goes on without it, given --resume-with-changes)"
+# The summarizer's settings that only a separate one (rc.summarizer.path) reads.
+SEPARATE_ONLY = ("dtype", "temperature", "top_k", "top_p")
+
+
 @dataclasses.dataclass(frozen=True)
 class RCSummarizerConfig:
     """Who writes RC training's summaries. `path` names a separate frozen model sampled with
@@ -262,12 +268,12 @@ class RCSummarizerConfig:
     def __post_init__(self):
         check_sampling(self, "rc.summarizer.")
         check_dtype(self.dtype, "rc.summarizer.dtype")
-        if self.path is None:
+        if self.path is None:  # the policy summarizes itself, thinking, as it samples rollouts
             for field in dataclasses.fields(self):
-                if field.name not in ("path", "max_new_tokens") and getattr(self, field.name) != field.default:
+                if field.name in SEPARATE_ONLY and getattr(self, field.name) != field.default:
                     raise ConfigError(f"rc.summarizer.{field.name} is for a separate summarizer (rc.summarizer.path): "
                                       "without one the policy summarizes itself, thinking, at the loss temperature "
-                                      "and unfiltered; set rc.summarizer.path, or leave it out")
+                                      f"and unfiltered; set rc.summarizer.path, or leave it out{RESUME_WITHOUT_IT}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +366,7 @@ class GRPOConfig:
         if self.rc is not None and self.data.task_template != RLDataConfig.task_template:
             raise ConfigError("data.task_template is not used with an rc: section: the bare problem goes into the "
                               "PROBLEM section of rc.reasoning_template, whose own text asks for the proof; change "
-                              "that template instead")
+                              f"that template instead{RESUME_WITHOUT_IT}")
         if self.rc is not None and self.max_prompt_length <= self.rc.summary_tokens:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be longer than rc.summary_tokens "
                               f"({self.rc.summary_tokens}): the reasoning prompt holds the problem beside the summary")

@@ -91,11 +91,9 @@ class PipelineConfig:
         if not self.judge:
             raise ConfigError("pipeline: set judge to an OpenAI-compatible judge's base URL, or to standin "
                               "for the offline stand-in (full marks for any proof after </think>; not a judge)")
-        if self.judge != STANDIN and not self.judge.startswith(("http://", "https://")):
-            raise ConfigError(f"judge must be {STANDIN} (the offline stand-in) or an OpenAI-compatible judge's "
-                              f"base URL (http:// or https://), got {self.judge!r}")
         if self.judge != STANDIN:
-            check_url(self.judge, "judge")
+            with noted(ConfigError, f"judge is {STANDIN}, the offline stand-in, or an OpenAI-compatible judge's URL"):
+                check_url(self.judge, "judge")
 
 
 SURROGATE_PAIR = re.compile(r"\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}")

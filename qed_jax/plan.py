@@ -406,7 +406,6 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
     opt_state = abstract_opt_state(optimizer, params, mesh)
     M, rows, T = config.micro_batches, config.batch_size // config.micro_batches, config.data.max_length
     check_rows_divide(rows, mesh, "batch_size / micro_batches")
-    sft.check_row_length(T, model)
     batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),

@@ -10,6 +10,7 @@ from etils import epath
 
 from qed_jax import checkpoint, hf
 from qed_jax.config import is_hub_id
+from qed_jax.errors import first_line
 from qed_jax.hf import CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES
@@ -32,7 +33,7 @@ def resolve(path) -> str:
         return snapshot_download(text, allow_patterns=_HUB_FILES)
     except Exception as e:  # offline, unknown repo, no access: say which and why
         raise CheckpointError(f"{text}: not a local path, and downloading it from the Hugging Face Hub "
-                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"failed ({type(e).__name__}: {first_line(e)})") from None
 
 
 def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,

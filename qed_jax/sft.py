@@ -139,13 +139,14 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 # The loop
 
 
-def check_row_length(max_length: int, model: ModelConfig) -> None:
-    """ConfigError for packed rows longer than the model's positions: a row may hold one example
-    of max_length tokens, whose positions past max_position_embeddings were never trained."""
-    if max_length > model.max_position_embeddings:
-        raise ConfigError(f"data.max_length ({max_length}) is longer than the model's max_position_embeddings "
-                          f"({model.max_position_embeddings}): a packed row may hold one example that long, and "
-                          "positions past it were never trained; lower data.max_length")
+def warn_past_trained_positions(examples: list[dict], model: ModelConfig) -> None:
+    """Positions restart in each example of a packed row, so rows may be longer than the model's
+    max_position_embeddings; an example that long would train positions the model never saw."""
+    longest = max(len(e["tokens"]) for e in examples)
+    if longest > model.max_position_embeddings:
+        log.warning("the longest example (%d tokens) passes the model's max_position_embeddings (%d): positions "
+                    "past it were never trained; lower data.max_length to drop or cut such examples (data.overflow)",
+                    longest, model.max_position_embeddings)
 
 
 def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
@@ -188,7 +189,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
     model = load_model(config.model, mesh, config.seed)
     check_vocab(tokenizer, model.config.vocab_size)
-    check_row_length(config.data.max_length, model.config)
+    warn_past_trained_positions(examples + eval_examples, model.config)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)

@@ -179,7 +179,9 @@ def test_the_cli_imports_no_heavy_package_for_help():
                                              r"\(1024\): the reasoning prompt holds the problem beside the summary$"),
     (GRPOConfig, ["rc.summarizer.temperature=1.0"], r"^rc\.summarizer\.temperature is for a separate summarizer "
                                                     r"\(rc\.summarizer\.path\): without one the policy summarizes"),
-    (GRPOConfig, ["rc.summarizer.thinking=true"], r"^rc\.summarizer\.thinking is for a separate summarizer"),
+    (GRPOConfig, ["rc.summarizer.dtype=float32"], r"^rc\.summarizer\.dtype is for a separate summarizer .*; set "
+                                                  r"rc\.summarizer\.path, or leave it out \(a run started with it goes "
+                                                  r"on without it, given --resume-with-changes\)$"),
     (GRPOConfig, ["max_prompt_length=4096", "data.task_template=Prove this. {problem}", "rc.turns=2"],
      r"^data\.task_template is not used with an rc: section: the bare problem goes into the PROBLEM section of "
      r"rc\.reasoning_template"),

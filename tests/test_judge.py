@@ -257,7 +257,8 @@ def test_a_judge_that_accepts_but_never_answers_is_named_with_its_timeout():
 
 @pytest.mark.parametrize("url,problem", [
     ("http://[::1", r"is not a valid URL \(Invalid IPv6 URL\)"),
-    ("http://256.1.1.1:80/v1", r"is not a valid URL \(Octet 256 \(> 255\) not permitted"),
+    ("http://256.1.1.1:80/v1", r"is not a valid URL \(256\.1\.1\.1 is not an IPv4 address\)"),
+    ("http://127.0.0.1 /v1", r"is not a valid URL \(it holds a space\)"),
     ("http://127.0.0.1:99999/v1", r"is not a valid URL \(Port out of range 0-65535\)"),
     ("localhost:8000/v1", r"is not an http:// or https:// URL with a host, e.g. http://localhost:8000/v1"),
 ])
@@ -266,12 +267,14 @@ def test_an_endpoint_url_no_request_could_reach_is_refused_when_the_config_loads
     from qed_jax.pipeline import PipelineConfig
 
     for cls, key in [(JudgeConfig, "base_url"), (EvalConfig, "model.base_url"), (PipelineConfig, "judge")]:
-        if cls is PipelineConfig and "://" not in url:
-            continue  # the pipeline's judge may also be "standin", and says so
         shown = "judge.base_url" if cls is JudgeConfig else key
         with pytest.raises(ConfigError, match=f"^{re.escape(shown)}: {re.escape(repr(url))} {problem}"):
             load_config(cls, None, [f"{key}={url}", "model.name=m"] if cls is EvalConfig else [f"{key}={url}"])
-    JudgeConfig(base_url="http://[::1]:8000/v1")  # a bracketed IPv6 address with a port is fine
+    with pytest.raises(ConfigError, match=r" \(judge is standin, the offline stand-in, or an OpenAI-compatible "):
+        load_config(PipelineConfig, None, [f"judge={url}"])  # which may also be the stand-in, and says so
+    # Valid forms, some of them short: IPv6 with a port, 0 for 0.0.0.0, 127.1, a host with digits.
+    for valid in ("http://[::1]:8000/v1", "http://0:8000/v1", "http://127.1:8000/v1", "https://judge-2.local/v1"):
+        JudgeConfig(base_url=valid)
 
 
 def _write_rows(path, n):

@@ -159,7 +159,8 @@ def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
     from qed_jax.errors import JudgeUnavailable
     from qed_jax.pipeline import run
 
-    with pytest.raises(ConfigError, match="judge must be standin .* or an OpenAI-compatible judge's base URL"):
+    with pytest.raises(ConfigError, match=r"^judge: 'standinn' is not an http:// or https:// URL with a host, .* "
+                                          r"\(judge is standin, the offline stand-in, or an OpenAI-compatible "):
         load_config(PipelineConfig, ROOT / TINY, ["judge=standinn"])
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "judge=http://127.0.0.1:9/v1"])
     with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge at http://127.0.0.1:9/v1: .* \(a pipeline "

@@ -471,13 +471,18 @@ def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
         train(config)
 
 
-def test_rows_longer_than_the_models_positions_are_refused_before_a_step(tmp_path):
-    config = load_config(SFTConfig, TINY, ["data.max_length=100000000", f"output_dir={tmp_path / 'run'}",
-                                           "batch_size=16"])  # rows for the 8 devices here
-    with pytest.raises(ConfigError, match=r"^data\.max_length \(100000000\) is longer than the model's "
-                                          r"max_position_embeddings \(2048\): .*; lower data\.max_length$"):
-        train(config)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+def test_rows_may_pass_the_models_positions_but_an_example_that_long_is_warned_of(caplog):
+    from qed_jax.sft import warn_past_trained_positions
+
+    examples = [{"tokens": np.zeros(n, np.int32)} for n in (155, 2048)]
+    limit = PRESETS["tiny"].max_position_embeddings
+    with caplog.at_level(logging.WARNING, logger="qed_jax.sft"):
+        warn_past_trained_positions(examples, PRESETS["tiny"])  # rows of 4096 packing these are fine
+        assert not caplog.records
+        warn_past_trained_positions([*examples, {"tokens": np.zeros(limit + 1, np.int32)}], PRESETS["tiny"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the longest example ({limit + 1} tokens) passes the model's max_position_embeddings ({limit}): positions "
+        "past it were never trained; lower data.max_length to drop or cut such examples (data.overflow)"]
 
 
 def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):

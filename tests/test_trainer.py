@@ -233,10 +233,32 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
     assert sorted(p.name for p in converted.iterdir()) == before
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, asyncio.CancelledError])
-def test_ctrl_c_while_a_checkpoint_reads_back_leaves_it_in_place(tmp_path, monkeypatch, stop):
-    """Orbax re-raises whatever stops an array read, Ctrl-C too, as a plain Exception: that is
-    the user stopping the run, not a damaged step to set aside."""
+def _orbax_read_failure(cause: BaseException):
+    """A checkpoint restore that fails as Orbax's array read wraps whatever stopped it."""
+    def restore(*args):
+        try:
+            raise cause
+        except BaseException as e:
+            raise Exception("Encountered error while reading array index: (slice(0, 4, 1),).") from e
+    return restore
+
+
+async def _timed_out_read():
+    await asyncio.wait_for(asyncio.sleep(10), 0.001)  # a TimeoutError raised from a CancelledError
+
+
+@pytest.mark.parametrize("failure,raised,message", [
+    (KeyboardInterrupt(), KeyboardInterrupt, None),
+    (asyncio.CancelledError(), KeyboardInterrupt, None),  # Ctrl-C while asyncio.run waited on the read
+    ("timeout", checkpoint.CheckpointError, r"failed in a way that may pass \(Exception: .*\); nothing was moved"),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 52766445444 bytes."), checkpoint.CheckpointError,
+     r"reading checkpoint step 1 ran out of device memory .*; nothing was moved: resume on more devices"),
+])
+def test_a_checkpoint_read_stopped_by_ctrl_c_a_timeout_or_memory_is_left_in_place(tmp_path, monkeypatch, failure,
+                                                                                 raised, message):
+    """Orbax re-raises whatever stops an array read as a plain Exception: Ctrl-C is the user
+    stopping the run, a timeout may pass, and too little device memory is the slice's; none is
+    a damaged step to set aside."""
     import grain
 
     ckpts = checkpoint.TrainCheckpoints(tmp_path, PRESETS["tiny"], 2, run={"trainer": "sft"})
@@ -244,15 +266,12 @@ def test_ctrl_c_while_a_checkpoint_reads_back_leaves_it_in_place(tmp_path, monke
     data = iter(grain.MapDataset.range(8).to_iter_dataset())
     ckpts.save(1, params, opt_state, data, {"step": 1})
     ckpts.manager.wait_until_finished()
-
-    def stopped_mid_read(*args):
-        try:
-            raise stop
-        except BaseException as e:  # as Orbax's array read wraps it
-            raise Exception("Encountered error while reading array index: (slice(0, 4, 1),).") from e
-
-    monkeypatch.setattr(ckpts, "restore", stopped_mid_read)
-    with pytest.raises(KeyboardInterrupt):
+    if failure == "timeout":
+        with pytest.raises(TimeoutError) as timeout:
+            asyncio.run(_timed_out_read())
+        failure = timeout.value
+    monkeypatch.setattr(ckpts, "restore", _orbax_read_failure(failure))
+    with pytest.raises(raised, match=message):
         ckpts.restore_latest(params, opt_state, data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "model_config.json"]  # nothing set aside
     monkeypatch.undo()
