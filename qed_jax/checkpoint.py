@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from qed_jax.config import ConfigError, ModelConfig
+from qed_jax.errors import causes, out_of_device_memory
 from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -207,13 +208,12 @@ def interrupted(error: BaseException) -> bool:
     return False
 
 
-def causes(error: BaseException | None):
-    """`error`, then what it was raised from, and so on."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        yield error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+def may_pass(cause: BaseException) -> bool:
+    """Whether a read failed for a reason that may pass (the network, permissions, a storage
+    quota), not for what the checkpoint holds."""
+    return isinstance(cause, (ConnectionError, TimeoutError, PermissionError)) or (
+        isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError) and cause.filename is None) or any(
+        word in str(cause) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"))
 
 
 def unreadable_reason(error: Exception) -> str:
@@ -382,11 +382,8 @@ class TrainCheckpoints:
         Exception) is no damage."""
         if error is not None and interrupted(error):
             raise KeyboardInterrupt
-        out_of_memory = any("RESOURCE_EXHAUSTED" in str(cause) for cause in causes(error))
-        transient = out_of_memory or any(  # whether raised as it is or wrapped by Orbax's array read
-            isinstance(cause, (ConnectionError, TimeoutError, PermissionError)) or (
-                isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError) and cause.filename is None) or
-            any(word in str(cause) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED")) for cause in causes(error))
+        out_of_memory = out_of_device_memory(error)
+        transient = any(may_pass(cause) for cause in causes(error))  # raised as it is, or wrapped by Orbax's read
         state = largest(2 if transient else 1 if error is not None else 0)
         if state == 2 and out_of_memory:
             raise CheckpointError(f"{self.directory}: reading checkpoint step {step} ran out of device memory "

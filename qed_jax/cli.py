@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable, first_line
+from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable, first_line, out_of_device_memory
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
     except Exception as e:
-        if args.verbose or not _out_of_device_memory(e):
+        if args.verbose or not out_of_device_memory(e):
             raise
         print(f"qed-jax {args.command}: error: out of device memory ({first_line(e)[:300]}); `qed-jax plan` shows "
               "what a config needs per chip: shard it over more devices (mesh.fsdp) or lower the batch or the "
@@ -679,12 +679,6 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     """A logging filter: the record's message, without the exception's traceback."""
     record.exc_info = record.exc_text = None
     return True
-
-
-def _out_of_device_memory(error: Exception) -> bool:
-    """Whether XLA could not allocate device memory (a model or batch too large for the
-    devices); told by name, so the CLI does not import JAX before a command needs it."""
-    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(error)
 
 
 # Seconds between a progress bar's updates when stderr is not a terminal (a log file).

@@ -31,6 +31,24 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def causes(error: BaseException | None):
+    """`error`, then what it was raised from, and so on."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        yield error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+
+
+def out_of_device_memory(error: BaseException | None) -> bool:
+    """Whether XLA could not allocate device memory (a model or batch too large for the
+    devices), in `error` or what it was raised from. Told by the error's name, so that the CLI
+    does not import JAX before a command needs it, and not by RESOURCE_EXHAUSTED alone, which
+    storage also answers (a quota)."""
+    return any(type(cause).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(cause)
+               for cause in causes(error))
+
+
 @contextlib.contextmanager
 def noted(error: type[Exception], note: str):
     """Re-raise an `error` raised inside with `note` after its message (still one line)."""
