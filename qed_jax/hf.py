@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from qed_jax.config import ConfigError, ModelConfig, check_dtype
+from qed_jax.config import ConfigError, ModelConfig, check_dtype, write_text_atomic
 from qed_jax.errors import CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
@@ -396,8 +396,8 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
                  "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     copy_assets(assets_from, folder)
-    if not (folder / "generation_config.json").exists():
-        (folder / "generation_config.json").write_text(json.dumps(_generation_config(folder), indent=2))
+    if not (folder / "generation_config.json").exists():  # whole or absent: a cut write is redone
+        write_text_atomic(folder / "generation_config.json", json.dumps(_generation_config(folder), indent=2))
     # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
     # finished export): a kill before this line leaves a folder that is redone.
     (folder / "config.json").write_text(json.dumps({**config.to_hf(torch_dtype=target.name),

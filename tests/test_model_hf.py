@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +181,30 @@ def test_an_export_without_a_generation_config_stops_on_the_tokenizers_end_of_tu
     end_of_turn = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == end_of_turn and None not in generation.values()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == end_of_turn
+
+
+def test_an_export_cut_while_writing_its_generation_config_is_redone_whole(tmp_path, monkeypatch):
+    src = tmp_path / "hf"
+    _, tokenizer = make_hf_model_with_tokenizer(src)
+    (src / "generation_config.json").unlink()
+    model = qed_jax.from_pretrained(src)
+    write_text = Path.write_text
+
+    def killed_halfway(path, text, *args, **kwargs):
+        if "generation_config" in path.name:
+            write_text(path, text[:len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        qed_jax.save_pretrained(model, tmp_path / "out", assets_from=src)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert not (tmp_path / "out" / "config.json").exists()
+    qed_jax.save_pretrained(model, tmp_path / "out", assets_from=src)  # the rerun
+    end_of_turn = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == end_of_turn
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == end_of_turn
 
 
