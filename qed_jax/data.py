@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,34 @@ def json_lines(lines) -> list[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append((n, json.loads(line)))
+            row = json.loads(line)
+            rows.append((n, _whole_text(row) if SURROGATE_ESCAPE.search(line) else row))
         except json.JSONDecodeError as e:
             rows.append((n, BadRow(f"not valid JSON ({e.msg})")))
     return rows
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate gets into JSON text
+
+
+def _whole_text(row: Any) -> Any:
+    """`row`, or a BadRow when one of its strings holds a lone surrogate: JSON lets an escape
+    such as \\ud800 stand without its pair, but no tokenizer or HTTP client takes it."""
+    def lone_surrogate(value, where):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{where} holds a lone surrogate {ascii(value[e.start])[1:-1]} (half of an escaped UTF-16 pair)"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            found = lone_surrogate(item, f"{where}[{key!r}]" if where != "the row" else f"field {key!r}")
+            if found:
+                return found
+        return None
+
+    found = lone_surrogate(row, "the row")
+    return BadRow(f"not valid text: {found}") if found else row
 
 
 def _json_lines_rows(lines) -> list[tuple[str, Any]]:
@@ -131,7 +156,9 @@ def _json_array_rows(path: str, data: bytes) -> list[tuple[str, Any]]:
     happens to be an array."""
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return _numbered(json.loads(data.decode("utf-8")))
+        text = data.decode("utf-8")
+        rows = json.loads(text)
+        return _numbered(map(_whole_text, rows) if SURROGATE_ESCAPE.search(text) and isinstance(rows, list) else rows)
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None

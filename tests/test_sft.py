@@ -394,6 +394,26 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
         read_rows(str(tmp_path / "rows.jsonll"))
 
 
+def test_a_row_with_a_lone_surrogate_is_a_bad_row_and_an_escaped_pair_is_text(tmp_path, tokenizer):
+    # JSON takes "\ud800" without its pair; no tokenizer or HTTP client does, so the row is skipped.
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"problem": "P \\ud83d\\ude00", "proof": "a \\\\ud800"}\n'  # an emoji, a backslash
+                    '{"problem": "P", "messages": [{"role": "user", "content": "x\\udc00"}]}\n')
+    (first, row), (second, bad) = read_rows(str(path))
+    assert (first, row) == ("line 1", {"problem": "P \U0001f600", "proof": "a \\ud800"})
+    assert second == "line 2" and bad.reason == (
+        "not valid text: field 'messages'[0]['content'] holds a lone surrogate \\udc00 (half of an escaped UTF-16 pair)")
+    array = tmp_path / "rows.json"
+    array.write_text('[{"problem": "P"}, {"proof": "\\uDBFF"}]')
+    assert read_rows(str(array))[1][1].reason == (
+        "not valid text: field 'proof' holds a lone surrogate \\udbff (half of an escaped UTF-16 pair)")
+    good = json.loads(open(DATA).readline())
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "proof": "Q.E.D. \ud800"}) + "\n")
+    examples, stats = prepare_sft(read_rows(str(path)), tokenizer, DataConfig())
+    assert len(examples) == 1 and stats.first_skipped == [("line 2", (
+        "not valid text: field 'proof' holds a lone surrogate \\ud800 (half of an escaped UTF-16 pair)"))]
+
+
 def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
     rows = [json.loads(line) for line in open(DATA)][:4]
     pretty = tmp_path / "pretty.json"
