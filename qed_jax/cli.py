@@ -193,14 +193,14 @@ def _generate_reasoning_cache(args) -> None:
 def _judge(args) -> int | None:
     from tqdm.auto import tqdm
 
-    from qed_jax.config import load_config, load_template
+    from qed_jax.config import load_config
     from qed_jax.data import BadRow, json_lines, read_rows
-    from qed_jax.judge import Judge, JudgeConfig, item_from_row, needed_fields, reason_counts
+    from qed_jax.judge import Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts
 
     # The keys as a trainer's or eval's judge section names them work here too (error messages say judge.base_url).
     overrides = [o.removeprefix("judge.") for o in args.overrides]
     config = load_config(JudgeConfig, args.config, overrides, section="judge")
-    needs = needed_fields(load_template(config.template, "judge template"))
+    needs = needed_fields(load_judge_template(config.template))
     source = Path(args.input)
     if source.suffix in (".json", ".parquet") or not source.exists():  # also a Hub dataset, or a clear error
         numbered = [(f"{source}: {where}", row) for where, row in read_rows(args.input)]

@@ -38,7 +38,8 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             not_found, read_json_object, require_at_least_one, require_range, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
-                           chat_choice, reason_counts, render_marking_scheme, reply_text, text_to_grade)
+                           chat_choice, load_judge_template, reason_counts, render_marking_scheme, reply_text,
+                           text_to_grade)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -772,7 +773,7 @@ def template_texts(config: EvalConfig) -> dict[str, str]:
     """The text of each prompt template the run's samples and grades depend on, by its config
     key: a rerun names the same files, but one edited since would prompt otherwise."""
     texts = {"benchmark.prompt_template": load_prompt_template(config.benchmark),
-             "judge.template": load_template(config.judge.template, "judge template")}
+             "judge.template": load_judge_template(config.judge.template)}
     if config.mode == "rc":
         for key in ("reasoning_template", "summarize_template"):
             texts[f"rc.{key}"] = load_template(getattr(config.rc, key), f"rc.{key}")

@@ -155,6 +155,22 @@ def render_marking_scheme(scheme: Any) -> str:
 
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")  # {{field}} in a template
+PLACEHOLDERS = ("problem", "marking_scheme", "reference", "guidelines", "answer", "proof")  # what render_prompt fills
+
+
+def load_judge_template(name: str) -> str:
+    """The judge template `name` (a file, or one in configs/prompts/), checked: it shows the
+    judge the proof, and every {{placeholder}} in it is one that `render_prompt` fills (any
+    other would reach the judge as written, and its grade would count)."""
+    template = load_template(name, "judge template")
+    known = ", ".join(f"{{{{{p}}}}}" for p in PLACEHOLDERS)
+    for m in re.finditer(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", template):  # {{2}} in LaTeX is no placeholder
+        if m.group(1) not in PLACEHOLDERS or m.group(0) != f"{{{{{m.group(1)}}}}}":
+            raise ConfigError(f"judge template {name}: unknown placeholder {m.group(0)}; the placeholders are {known}")
+    if "{{proof}}" not in template:
+        raise ConfigError(f"judge template {name}: no {{{{proof}}}} placeholder, so the judge would never see the "
+                          f"proof; the placeholders are {known}")
+    return template
 
 
 def render_prompt(template: str, item: GradeItem, proof: str) -> str:
@@ -461,7 +477,7 @@ class Judge:
 
     def __init__(self, config: JudgeConfig):
         self.config = config
-        self.template = load_template(config.template, "judge template")
+        self.template = load_judge_template(config.template)
         self.cache = GradeCache(config.cache_path) if config.cache_path else None
         self.requests_sent = 0
 

@@ -371,6 +371,25 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
     assert not out.exists()
 
 
+def test_a_judge_template_must_show_the_proof_and_fill_every_placeholder(tmp_path, capsys):
+    # Such a template was sent as written: the judge graded "{proof}" and its grade counted.
+    rows, template = tmp_path / "rows.jsonl", tmp_path / "grader.txt"
+    rows.write_text(json.dumps({"problem": "P", "completion": "x</think>proof"}) + "\n")
+    known = "the placeholders are {{problem}}, {{marking_scheme}}, {{reference}}, {{guidelines}}, {{answer}}, {{proof}}"
+    for text, error in (("Problem: {{problem}}\nProof: {proof}", "no {{proof}} placeholder, so the judge would never "
+                                                                 f"see the proof; {known}"),
+                        ("{{problem}} {{ proof }}", f"unknown placeholder {{{{ proof }}}}; {known}"),
+                        ("{{marking_sheme}} {{proof}}", f"unknown placeholder {{{{marking_sheme}}}}; {known}")):
+        template.write_text(text)
+        assert cli.main(["judge", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                         f"template={template}", "base_url=http://127.0.0.1:9", "cache_path=null"]) == 2
+        assert capsys.readouterr().err.strip() == f"qed-jax judge: error: judge template {template}: {error}"
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            Judge(JudgeConfig(template=str(template), cache_path=None))
+    template.write_text("Grade $x^{{2}}$: {{problem}} / {{proof}}")  # LaTeX's double braces are no placeholder
+    assert Judge(JudgeConfig(template=str(template), cache_path=None)).template.endswith("{{proof}}")
+
+
 def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
     row = {"problem": "P", "completion": "x</think>proof"}
     assert item_from_row(row, "w", ["rubric"]).rubric is None  # graded without one, as GRPO does

@@ -401,8 +401,8 @@ def test_a_row_with_a_lone_surrogate_is_a_bad_row_and_an_escaped_pair_is_text(tm
                     '{"problem": "P", "messages": [{"role": "user", "content": "x\\udc00"}]}\n')
     (first, row), (second, bad) = read_rows(str(path))
     assert (first, row) == ("line 1", {"problem": "P \U0001f600", "proof": "a \\ud800"})
-    assert second == "line 2" and bad.reason == (
-        "not valid text: field 'messages'[0]['content'] holds a lone surrogate \\udc00 (half of an escaped UTF-16 pair)")
+    assert second == "line 2" and bad.reason == ("not valid text: field 'messages'[0]['content'] holds a lone "
+                                                 "surrogate \\udc00 (half of an escaped UTF-16 pair)")
     array = tmp_path / "rows.json"
     array.write_text('[{"problem": "P"}, {"proof": "\\uDBFF"}]')
     assert read_rows(str(array))[1][1].reason == (
