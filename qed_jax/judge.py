@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import email.utils
 import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -48,10 +51,10 @@ class JudgeConfig:
     max_tokens: int = 81920
     reasoning_effort: str | None = "medium"
     concurrency: int = 32
-    timeout_s: float = 900.0
-    max_retries: int = 3  # on timeouts, 408, 409, 429 and 5xx
-    backoff_s: float = 15.0  # first backoff; doubles each retry, with jitter
-    parse_retries: int = 2  # extra requests when a reply has no parsable score
+    timeout_s: float = 900.0  # per request, the whole of it
+    max_retries: int = 3  # on timeouts, broken connections, 408, 409, 429, 5xx and replies that are not completions
+    backoff_s: float = 15.0  # first backoff; doubles each retry, with jitter (a Retry-After overrides it)
+    parse_retries: int = 2  # extra requests when a reply has no parsable score, or was cut off at max_tokens
     require_think_end: bool = True  # a completion without </think> scores 0, unsent
     strip_self_evaluation: bool = False
     cache_path: str | None = "judge_cache.sqlite"
@@ -104,7 +107,9 @@ class GradeItem:
 class Grade:
     score: int | None  # None when grading failed
     reward: float  # score / 7; 0 for failures and unsent items
-    reason: str  # ok | no_think_end | empty_proof | parse_failure | score_not_allowed | bad_reply | http_<status> | timeout | ...
+    # ok | no_think_end | empty_proof | parse_failure | score_not_allowed | cut_off | bad_reply | http_<status>
+    # | timeout | connection_error
+    reason: str
     raw: str | None = None  # the judge's last reply
     latency_s: float = 0.0
     attempts: int = 0
@@ -233,8 +238,8 @@ def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None
 
 
 _PATTERNS = {
-    "score": re.compile(r"<score>\s*([+-]?\d+)\s*</score>", re.IGNORECASE),
-    "points": re.compile(r"<points>\s*([+-]?\d+)\s*(?:out\s+of\s+7\s*)?</points>", re.IGNORECASE),
+    "score": re.compile(r"<score>\s*([+-]?\d{1,9})\s*</score>", re.IGNORECASE),  # 5,000 digits are no score
+    "points": re.compile(r"<points>\s*([+-]?\d{1,9})\s*(?:out\s+of\s+7\s*)?</points>", re.IGNORECASE),
     "verdict": re.compile(r"<verdict>\s*(correct|incorrect)\s*</verdict>", re.IGNORECASE),
 }
 
@@ -395,12 +400,22 @@ class BadReply(Exception):
 def reply_text(content, where: str) -> str:
     """The text of a reply's content: a string, null (""), or a list of text parts (as some
     servers send), joined; BadReply for anything else."""
-    if content is None or isinstance(content, str):
-        return content or ""
     if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("text"), str)
                                          for part in content):
-        return "".join(part["text"] for part in content)
-    raise BadReply(f"{where} is not text: {str(content)[:200]}")
+        content = "".join(part["text"] for part in content)
+    if content is not None and not isinstance(content, str):
+        raise BadReply(f"{where} is not text: {str(content)[:200]}")
+    try:
+        (content or "").encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" without its pair: no request or file could hold it
+        raise BadReply(f"{where} holds a lone surrogate {ascii(content[e.start])[1:-1]}") from None
+    return content or ""
+
+
+def not_json(e: ValueError) -> BadReply:
+    if isinstance(e, UnicodeDecodeError):
+        return BadReply(f"the reply is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
+    return BadReply(f"the reply is not valid JSON ({e.msg})")
 
 
 async def chat_choice(client, **kwargs):
@@ -408,8 +423,8 @@ async def chat_choice(client, **kwargs):
     BadReply when the reply is not a chat completion."""
     try:
         response = await client.chat.completions.create(**kwargs)
-    except json.JSONDecodeError as e:
-        raise BadReply(f"the reply is not valid JSON ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise not_json(e) from None
     choices = getattr(response, "choices", None)
     if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
         raise BadReply(f"the reply is not a chat completion (it has no choices[0].message): {str(response)[:200]}")
@@ -417,20 +432,20 @@ async def chat_choice(client, **kwargs):
                                             "the reply's choices[0].message.content")
 
 
-async def responses_text(client, **kwargs) -> str:
-    """The text of `client.responses.create(**kwargs)`; BadReply when the reply is not a
-    Responses API reply."""
+async def responses_text(client, **kwargs) -> tuple[str, bool]:
+    """The text of `client.responses.create(**kwargs)`, and whether the reply was cut off
+    (status incomplete: out of tokens); BadReply when the reply is not a Responses API reply."""
     try:
         response = await client.responses.create(**kwargs)
-    except json.JSONDecodeError as e:
-        raise BadReply(f"the reply is not valid JSON ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise not_json(e) from None
     if not isinstance(getattr(response, "output", None), list):
         raise BadReply(f"the reply is not a Responses API reply (it has no output list): {str(response)[:200]}")
     try:
         text = response.output_text  # joins the output's message parts; fails on other shapes
     except (AttributeError, TypeError, KeyError):
         raise BadReply(f"the reply's output is not a list of messages: {str(response.output)[:200]}") from None
-    return reply_text(text, "the reply's output text")
+    return reply_text(text, "the reply's output text"), getattr(response, "status", None) == "incomplete"
 
 
 def async_client(base_url: str, api_key_env: str, timeout_s: float, max_retries: int) -> openai.AsyncOpenAI:
@@ -454,6 +469,28 @@ def on_this_machine(url: str) -> bool:
         return host == "localhost" or host.endswith(".localhost")
     address = getattr(address, "ipv4_mapped", None) or address
     return address.is_loopback or address.is_unspecified
+
+
+MAX_RETRY_AFTER_S = 600.0  # the longest Retry-After the judge waits for before its next try
+
+
+def retry_after_s(response) -> float | None:
+    """The wait a reply's Retry-After asks for (seconds, or an HTTP date), at most
+    MAX_RETRY_AFTER_S; None when it asks for none."""
+    value = response.headers.get("retry-after") if response is not None else None
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
 
 
 # The client errors a judge request is retried on (a proxy's timeout, a conflict, a rate limit);
@@ -541,6 +578,14 @@ class Judge:
         except openai.APIConnectionError as e:
             raise self._unreachable(e) from None
 
+    async def _answers(self, client) -> bool:
+        """Whether the judge answers at all (GET /models), after a request's reply broke off."""
+        try:
+            await self._check_reachable(client)
+        except JudgeUnavailable:
+            return False
+        return True
+
     def _unreachable(self, e: openai.APIConnectionError) -> JudgeUnavailable:
         return JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {first_line(e.__cause__ or e)}; "
                                 f"{UNREACHABLE_ADVICE}")
@@ -583,15 +628,18 @@ class Judge:
         while True:
             attempts += 1
             self.requests_sent += 1
+            retry_after = None
             try:
-                reply = await self._send(client, prompt)
+                # timeout_s bounds the whole request; the client's own timeout bounds each read.
+                reply, cut_off = await asyncio.wait_for(self._send(client, prompt), c.timeout_s)
+            except (openai.APITimeoutError, asyncio.TimeoutError):
+                reason = "timeout"
             except openai.APIConnectionError as e:
-                if isinstance(e, openai.APITimeoutError):
-                    reason = "timeout"
-                elif transport_failures >= c.max_retries:
+                # A reply that broke off (a reset, a body cut short) fails its item; a judge that
+                # no longer answers at all stops the run.
+                if transport_failures >= c.max_retries and not await self._answers(client):
                     raise self._unreachable(e) from None
-                else:
-                    reason = "connection_error"
+                reason = "connection_error"
             except openai.APIStatusError as e:
                 if e.status_code in REFUSED:  # no request of this run will get through
                     raise self._refused(e) from None
@@ -599,7 +647,7 @@ class Judge:
                     raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({str(e.message)[:200]}) "
                                            f"for judge.model {c.model!r}: check judge.model, judge.base_url and "
                                            "judge.api") from None
-                reason = f"http_{e.status_code}"
+                reason, retry_after = f"http_{e.status_code}", retry_after_s(e.response)
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
                     return Grade(None, 0.0, reason, raw=str(e.message)[:500],
                                  latency_s=time.monotonic() - start, attempts=attempts)
@@ -607,12 +655,14 @@ class Judge:
                 reason, reply = "bad_reply", str(e)
             else:
                 score = parse_score(reply, c.answer_format, c.scores)
-                if score is not None:
+                if cut_off:  # it ran out of judge.max_tokens: a score tag in it may be one it quoted
+                    reason = "cut_off"
+                elif score is not None:
                     return Grade(score, score / MAX_SCORE, "ok", raw=reply,
                                  latency_s=time.monotonic() - start, attempts=attempts)
-                # A score tag with a value off the scale (8, or 3 where only 0, 1, 6, 7 are allowed).
-                tagged = tagged_score(reply, c.answer_format) is not None
-                reason = "score_not_allowed" if tagged else "parse_failure"
+                else:  # a score tag with a value off the scale (8, or 3 where only 0, 1, 6, 7 are allowed)?
+                    tagged = tagged_score(reply, c.answer_format) is not None
+                    reason = "score_not_allowed" if tagged else "parse_failure"
                 parse_failures += 1
                 if parse_failures > c.parse_retries:
                     break
@@ -620,19 +670,22 @@ class Judge:
             transport_failures += 1
             if transport_failures > c.max_retries:
                 break
-            delay = c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5)
+            delay = (retry_after * random.uniform(1.0, 1.2) if retry_after is not None  # as the judge asks
+                     else c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5))
             log.debug("judge request failed (%s); retrying in %.2fs", reason, delay)
             await asyncio.sleep(delay)
         return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)
 
-    async def _send(self, client, prompt: str) -> str:
+    async def _send(self, client, prompt: str) -> tuple[str, bool]:
+        """The judge's reply to `prompt`, and whether it was cut off (it ran out of max_tokens)."""
         c = self.config
         if c.api == "chat":
             kwargs = dict(model=c.model, messages=[{"role": "user", "content": prompt}],
                           temperature=c.temperature, max_tokens=c.max_tokens)
             if c.reasoning_effort:
                 kwargs["reasoning_effort"] = c.reasoning_effort
-            return (await chat_choice(client, **kwargs))[2]
+            _, choice, text = await chat_choice(client, **kwargs)
+            return text, choice.finish_reason == "length"
         kwargs = dict(model=c.model, input=prompt, temperature=c.temperature, max_output_tokens=c.max_tokens)
         if c.reasoning_effort:
             kwargs["reasoning"] = {"effort": c.reasoning_effort}

@@ -3,10 +3,15 @@
 A prompt names its item with a marker `[[item:ID]]` (put in the proof). `scripts[ID]` is a list
 of actions, one per attempt (the last repeats): ("score", N) replies `<score>N</score>`;
 ("reply", text) replies with that text; ("status", code) fails with that HTTP status;
+("status", (code, headers)) adds headers to it (Retry-After);
 ("hash", seconds) scores the prompt by its hash (0-7), after waiting that long;
 ("hang", seconds) waits before a valid reply (and drops the request if the client disconnects
 first, as vLLM aborts abandoned requests); ("body", (content_type, text)) answers 200 with that
-raw body (a reply that is not a completion: broken JSON, an HTML page). Counts requests per item and peak concurrency.
+raw body, text or bytes (a reply that is not a completion: broken JSON, an HTML page, Latin-1);
+("cut", text) replies with text that ran out of tokens (finish_reason "length", status
+"incomplete"); ("reset", n) sends the first n bytes of a reply, then resets the connection;
+("drip", seconds) sends a valid reply one byte every that many seconds. Counts requests per
+item and peak concurrency.
 
 Nothing here may make a prompt reply slow by accident, or a test's client timeout would fire on it:
 connections are accepted from a deep backlog (a full one drops the client's SYN, which it resends
@@ -18,6 +23,7 @@ import json
 import re
 import select
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,7 +74,7 @@ class JudgeServer:
                     with server.lock:
                         server.active -= 1
                 if reply is not None:
-                    self._json(*reply)
+                    self._json(*reply[:3], **reply[3] if len(reply) > 3 else {})
 
             def _reply(self, body):
                 """(status, payload[, content type]), or None when the client gave up while the request hung."""
@@ -87,7 +93,9 @@ class JudgeServer:
                 script = server.scripts.get(item, [server.default])
                 kind, value = script[min(attempt, len(script) - 1)]
                 if kind == "status":
-                    return value, {"error": {"message": f"scripted {value}", "type": "server_error"}}
+                    code, headers = value if isinstance(value, tuple) else (value, {})
+                    return code, {"error": {"message": f"scripted {code}", "type": "server_error"}}, \
+                        "application/json", {"headers": headers}
                 if kind == "body":
                     content_type, text = value
                     return 200, text, content_type
@@ -99,20 +107,26 @@ class JudgeServer:
                     text = f"<score>{int(digest, 16) % 8}</score>"
                 elif kind == "score":
                     text = f"<assessment>fine</assessment><errors>none</errors><score>{value}</score>"
+                elif kind in ("reset", "drip"):
+                    text = "<score>7</score>"
                 else:
                     text = value
+                send = {"reset_after": value} if kind == "reset" else {"drip_s": value} if kind == "drip" else {}
+                cut = kind == "cut"
                 if self.path.endswith("/chat/completions"):
                     return 200, {
                         "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
+                        "choices": [{"index": 0, "finish_reason": "length" if cut else "stop",
                                      "message": {"role": "assistant", "content": text}}],
-                    }
+                    }, "application/json", send
                 return 200, {
                     "id": "resp-1", "object": "response", "created_at": 0, "model": body["model"],
-                    "status": "completed", "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
+                    "status": "incomplete" if cut else "completed", "parallel_tool_calls": False,
+                    "tool_choice": "auto", "tools": [],
+                    **({"incomplete_details": {"reason": "max_output_tokens"}} if cut else {}),
                     "output": [{"type": "message", "id": "msg-1", "role": "assistant", "status": "completed",
                                 "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                }
+                }, "application/json", send
 
             def _wait_unless_abandoned(self, seconds):
                 """Waits `seconds`; False as soon as the client closes its end (it sends nothing more)."""
@@ -123,14 +137,26 @@ class JudgeServer:
                         return False
                 return True
 
-            def _json(self, status, payload, content_type="application/json"):
-                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+            def _json(self, status, payload, content_type="application/json", headers=(), reset_after=None,
+                      drip_s=None):
+                data = payload if isinstance(payload, bytes) else (
+                    payload if isinstance(payload, str) else json.dumps(payload)).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
+                    for name in headers:
+                        self.send_header(name, headers[name])
                     self.end_headers()
-                    self.wfile.write(data)
+                    if reset_after is not None:  # part of the body, then a reset (RST, not a clean close)
+                        self.wfile.write(data[:reset_after])
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.close_connection = True
+                        return
+                    for i in range(len(data)) if drip_s is not None else ():
+                        self.wfile.write(data[i:i + 1])
+                        time.sleep(drip_s)
+                    self.wfile.write(data if drip_s is None else b"")
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a scripted hang past its timeout)
 

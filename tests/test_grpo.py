@@ -2,6 +2,7 @@
 the loopback judge (including a SIGKILL mid-step), learning on the toy task, and the same loop
 as 2 processes (equal to 1 process, resumed after a SIGKILL, stopped by one signal)."""
 
+import dataclasses
 import json
 import logging
 import signal
@@ -471,6 +472,8 @@ def test_the_failed_share_counts_only_completions_sent_to_the_judge():
         check_failures(sample_stats(grades, completions, valid, valid), grades, config, step=3)
 
     check()  # 1 of 4 is the 25 % allowed
+    at_29 = dataclasses.replace(config, judge=dataclasses.replace(config.judge, max_failed_fraction=0.29))
+    check_failures({"failed": np.array([29]), "sent": np.array([100])}, [], at_29, step=3)  # 0.29 * 100 < 29 in floats
     grades[11] = Grade(0, 0.0, "empty_proof")
     grades[10] = Grade(None, 0.0, "timeout", attempts=4)  # now 2 of the 5 sent (2 of 16 completions)
     valid = np.array([not g.failed for g in grades])

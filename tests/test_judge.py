@@ -7,8 +7,10 @@ import re
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -150,6 +152,7 @@ def test_completion_without_think_end_is_not_sent(tmp_path):
     ("<score>5", "score", ALL, None),  # not well-formed
     ("<score>five</score>", "score", ALL, None),
     ("<score>3</score> then <score>12</score>", "score", ALL, None),  # last tag rejected, not skipped
+    ("<score>" + "9" * 5000 + "</score>", "score", ALL, None),  # no crash on a number int() will not read
     ("", "score", ALL, None),
     ("<points>6 out of 7</points>", "points", {0, 1, 6, 7}, 6),
     ("<points>3 out of 7</points>", "points", {0, 1, 6, 7}, None),  # not an allowed IMO mark
@@ -566,6 +569,85 @@ def test_responses_api_reply_that_is_not_one_fails_as_bad_reply(tmp_path):
                                                                   (None, "bad_reply", 3)]
     assert "not a Responses API reply" in grades[0].raw
     assert "output is not a list of messages" in grades[2].raw
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_replies_that_broke_off_fail_their_item_alone_and_are_not_cached(tmp_path, api):
+    # A reply cut off at max_tokens may end on a tag it quotes before refuting it; a reply whose
+    # connection reset mid-body, or whose bytes are not UTF-8, is no reply at all. Each is asked
+    # again and, failing for good, fails its item alone, uncached; the rest of the batch is graded.
+    cut = "a lenient grader might write <score>7</score>, but step 2 divides by zero, so the score must be"
+    latin1 = ("body", ("application/json", json.dumps({
+        "id": "c", "object": "chat.completion", "created": 0, "model": "judge", "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Tr\u00e8s bien "
+                                                                                             "<score>5</score>"}}]},
+        ensure_ascii=False).encode("latin-1")))
+    scripts = {"i0": [("cut", cut)], "i1": [("cut", cut), ("score", 4)], "i2": [latin1], "i3": [latin1, ("score", 5)],
+               "i4": [("reset", 40)], "i5": [("reset", 40), ("score", 6)], "i6": [("reply", "<score>7</score> \ud800")]}
+    with JudgeServer(scripts) as server:
+        grades = Judge(_config(server, tmp_path, api=api)).grade_batch([_item(i) for i in range(8)])
+    assert [(g.score, g.reason, g.attempts) for g in grades] == [
+        (None, "cut_off", 2), (4, "ok", 2), (None, "bad_reply", 3), (5, "ok", 2), (None, "connection_error", 3),
+        (6, "ok", 2), (None, "bad_reply", 3), (7, "ok", 1)]
+    assert grades[6].raw.endswith("holds a lone surrogate \\ud800")
+    if api == "chat":
+        assert "not UTF-8 text (byte 0xe8" in grades[2].raw
+    with JudgeServer(default=("score", 1)) as server:  # a rerun asks again for the failed items only
+        again = Judge(_config(server, tmp_path, api=api)).grade_batch([_item(i) for i in range(8)])
+    assert [g.score for g in again] == [1, 4, 1, 5, 1, 6, 1, 7] and server.requests == {"i0": 1, "i2": 1, "i4": 1,
+                                                                                        "i6": 1}
+
+
+def test_a_judge_whose_every_connection_resets_cannot_be_reached(tmp_path):
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+
+        def reset_all():
+            while True:
+                try:
+                    connection, _ = listening.accept()
+                except OSError:  # closed: the test is over
+                    return
+                connection.recv(65536)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+
+        threading.Thread(target=reset_all, daemon=True).start()
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}/v1"
+        with pytest.raises(JudgeUnavailable, match=f"^cannot reach the judge at {re.escape(url)}: "):
+            Judge(JudgeConfig(base_url=url, cache_path=None, backoff_s=0.01, max_retries=1)).grade_batch([_item(0)])
+
+
+def test_a_busy_judge_is_asked_again_when_its_retry_after_says(tmp_path, monkeypatch):
+    import asyncio
+    import email.utils
+
+    waits, sleep = [], asyncio.sleep
+
+    async def recorded(delay, *args, **kwargs):
+        if delay >= 1:  # the judge's waits; none of the client's own
+            waits.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    scripts = {"i0": [("status", (429, {"Retry-After": "7"})), ("score", 6)],
+               "i1": [("status", (503, {"Retry-After": in_30_s})), ("score", 5)],
+               "i2": [("status", (429, {"Retry-After": "100000"})), ("score", 4)],
+               "i3": [("status", (429, {"Retry-After": "soon"})), ("score", 3)]}
+    with JudgeServer(scripts) as server:
+        grades = Judge(_config(server, tmp_path, backoff_s=5000.0)).grade_batch([_item(i) for i in range(4)])
+    assert [(g.score, g.attempts) for g in grades] == [(6, 2), (5, 2), (4, 2), (3, 2)]
+    seven, thirty, capped, backoff = sorted(waits)
+    assert 7 <= seven <= 8.4 and 25 <= thirty <= 36 and 600 <= capped <= 720 and 2500 <= backoff <= 7500
+
+
+def test_timeout_s_bounds_the_whole_request_not_each_read(tmp_path):
+    # A reply sent a byte at a time never leaves the client waiting timeout_s for its next read.
+    with JudgeServer({"i0": [("drip", 0.05)]}) as server:
+        (grade,) = Judge(_config(server, tmp_path, timeout_s=1.0, max_retries=0)).grade_batch([_item(0)])
+    assert (grade.score, grade.reason, grade.attempts) == (None, "timeout", 1)
 
 
 def _completion(content=None, choices=None) -> tuple[str, tuple[str, str]]:
