@@ -136,7 +136,10 @@ def table_row(run: str, s: dict) -> list[str]:
 
 
 def _table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    def cells(row):  # a "|" or a line break in a run's name or label would break the table
+        return "| " + " | ".join(" ".join(str(c).replace("|", "\\|").splitlines()) for c in row) + " |"
+
+    return [cells(header), "|" + "---|" * len(header)] + [cells(r) for r in rows]
 
 
 def by_model(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]] | None:
@@ -159,7 +162,7 @@ def markdown(summaries: dict[str, dict]) -> str:
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
              "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
              "over problems (the samples drawn and graded, or failed, for every problem in the run); ± is their "
-             "standard deviation (ddof 1). Truncated: nothing to grade (no </think>, or nothing after it). "
+             "standard deviation (ddof 1). Truncated: nothing to grade (no `</think>`, or nothing after it). "
              "Reasoning-cache runs (mode rc): per turn, the mean score of each turn's answer (the last turn's is the run's "
              "score); tokens are the policy's over all turns, summaries apart.")
     return "\n".join(["# Evaluation report", "", *lines, "", notes, ""])
@@ -176,6 +179,11 @@ def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with matplotlib.rc_context({"text.parse_math": False}):  # "$" in a run's name is text, not TeX
+        return _plot(plt, summaries, runs, out)
+
+
+def _plot(plt, summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> list[Path]:
     names = list(summaries)
     columns = min(len(names), PANEL_COLUMNS)
     rows = math.ceil(len(names) / columns)

@@ -648,6 +648,26 @@ def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
     assert (s["avg_at_k"]["k"], s["avg_at_k"]["per_sample"], s["failed"]) == (2, [3.5, 7.0], 3)
 
 
+def test_report_tables_and_plots_take_any_run_name(tmp_path):
+    from qed_jax.report import markdown, plot, summarize
+
+    config = {"samples": 1, "mode": "single", "model": {"path": "m|1"},
+              "benchmark": {"name": "IMO|Bench\nv2", "kind": "proof", "groups": None}}
+    records = [{"problem_id": f"p{i}", "sample": 0, "score": 7 * (i % 2), "graded": True, "group": None,
+                "completion_tokens": 5 + i, "truncated": False, "decided_by": "judge"} for i in range(4)]
+    names = ["run $\\frac$ a|b\nc", "other $x^2$"]
+    summaries = {name: summarize({**config, "model": {"path": name}}, records) for name in names}
+    rows = [line for line in markdown(summaries).splitlines() if line.startswith("|")]
+    # Header, rule and one row per run in each table; every row has as many cells as its header.
+    def cells(row):
+        return len(re.split(r"(?<!\\)\|", row))
+
+    assert len(rows) == 2 * 4 and all(cells(row) == cells(rows[n // 4 * 4]) for n, row in enumerate(rows))
+    assert "| run $\\frac$ a\\|b c | IMO\\|Bench v2 |" in markdown(summaries)
+    assert [p.name for p in plot(summaries, {name: records for name in names}, tmp_path)] == [
+        "score_histogram.png", "score_vs_tokens.png"]
+
+
 def test_report_compares_runs_side_by_side(tmp_path):
     def reply(prompt, seed):
         return f"Thinking.</think>\nProof. [[item:{problem_id(prompt, PROOFBENCH_ROWS)}]]"
