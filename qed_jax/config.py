@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -419,6 +420,15 @@ SEED_MAX = 2 ** 32 - 1
 
 def check_seed(value: int, key: str) -> None:
     require_range(value, key, 0, SEED_MAX)
+
+
+def hashed_seed(*parts) -> int:
+    """A seed below 2**31 (servers may keep one in a signed 32-bit integer) hashed from `parts`:
+    a stream's seed, e.g. ("data order", seed), so that streams and nearby seeds share nothing.
+    (Grain reshuffles epoch e with its seed + e, so with data.seed itself, seed 1 would repeat
+    seed 0's order an epoch early.)"""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def check_local_output_dir(value: str, advice: str = "") -> None:

@@ -21,8 +21,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from qed_jax.config import (ConfigError, check_seed, is_missing_local_path, require_at_least_one, require_file,
-                            require_range)
+from qed_jax.config import (ConfigError, check_seed, hashed_seed, is_missing_local_path, require_at_least_one,
+                            require_file, require_range)
 from qed_jax.errors import first_line
 from qed_jax.tokenizer import render_chat
 
@@ -324,15 +324,23 @@ def packed_batches(examples: list[dict], config: DataConfig, batch_size: int, ep
     (0 = padding) and positions (restarting in each segment). Each process reads its own shard.
     `epochs=None` repeats forever."""
     ds = grain.MapDataset.source(examples)[process_index::process_count]
-    ds = ds.repeat(epochs).shuffle(seed=config.seed) if epochs else ds.shuffle(seed=config.seed).repeat()
+    seed = order_seed(config.seed)
+    ds = ds.repeat(epochs).shuffle(seed=seed) if epochs else ds.shuffle(seed=seed).repeat()
     length = config.max_length
     packed = grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(), length_struct={"tokens": length, "loss_mask": length},
-        num_packing_bins=config.packing_bins, seed=config.seed,
+        num_packing_bins=config.packing_bins, seed=seed,
     )
     packed = packed.map(_rename_packing_fields)
     batched = packed.batch(batch_size, drop_remainder=True)
     return grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=config.prefetch)
+
+
+def order_seed(data_seed: int) -> int:
+    """The seed of a trainer's data order (Grain's shuffle and its packing bins), hashed from
+    data.seed: Grain reshuffles epoch e with its seed + e, so data.seed 1 would otherwise give
+    data.seed 0's order one epoch early."""
+    return hashed_seed("data order", data_seed)
 
 
 def pack_sequences(sequences: list[dict], length: int) -> dict:
@@ -363,7 +371,8 @@ def _rename_packing_fields(row: dict) -> dict:
 def count_packed_rows(examples: list[dict], config: DataConfig) -> int:
     """Packed rows in one epoch (single process), to size the learning-rate schedule."""
     lengths = [{"tokens": np.zeros(len(e["tokens"]), np.int8)} for e in examples]
-    ds = grain.MapDataset.source(lengths).shuffle(seed=config.seed).to_iter_dataset()
+    seed = order_seed(config.seed)
+    ds = grain.MapDataset.source(lengths).shuffle(seed=seed).to_iter_dataset()
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"tokens": config.max_length}, num_packing_bins=config.packing_bins, seed=config.seed)
+        ds, length_struct={"tokens": config.max_length}, num_packing_bins=config.packing_bins, seed=seed)
     return sum(1 for _ in packed)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
-                            dump_json, expand_paths, get_dotted, is_missing_local_path, json_values, load_template,
+                            dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
+                            load_template,
                             not_found, read_json_object, require_at_least_one, require_range, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
@@ -536,23 +536,17 @@ class LocalGenerator:
             on_sample(i, Sample(text=text, completion_tokens=len(c.tokens), finish_reason=c.finish_reason))
 
 
-def _hashed_seed(*parts) -> int:
-    """A seed below 2**31 (servers may keep one in a signed 32-bit integer) hashed from `parts`."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 def sample_seed(seed: int, k: int) -> int:
     """The seed sample k of every problem is drawn with in a run seeded `seed`. Hashed, not
     seed + k: runs with nearby seeds then share no samples (with seed + k, sample 1 of seed 0
     would be sample 0 of seed 1)."""
-    return _hashed_seed("sample", seed, k)
+    return hashed_seed("sample", seed, k)
 
 
 def request_seed(seed: int, row: int) -> int:
     """The seed of an endpoint request for row `row` drawn with `seed`: a server seeds each
     request's sampler with it, so requests with one seed would share one random stream."""
-    return _hashed_seed(seed, row)
+    return hashed_seed(seed, row)
 
 
 class EndpointGenerator:

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
 from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_local_output_dir, check_sampling,
-                            check_seed, json_values, require_at_least_one, require_range)
-from qed_jax.data import BadRow, pack_sequences, read_rows
+                            check_seed, hashed_seed, json_values, require_at_least_one, require_range)
+from qed_jax.data import BadRow, order_seed, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, reason_counts, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
@@ -419,6 +419,12 @@ class GRPOConfig:
 # The loop
 
 
+def prompt_batches(prompts: list[dict], per_step: int, data_seed: int) -> grain.DatasetIterator:
+    """Each step's prompts, reshuffled every epoch, forever; a checkpoint holds the position."""
+    return iter(grain.MapDataset.source(prompts).shuffle(seed=order_seed(data_seed)).repeat()
+                .batch(per_step, batch_fn=list).to_iter_dataset())
+
+
 def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     """Rows → {problem, rubric, prompt_ids} (the task template as a chat prompt), or with RC
     {problem, rubric, problem_ids} (the problem's own tokens, which go into the reasoning
@@ -797,8 +803,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     stops = stop_ids(tokenizer)
     grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
-    data = iter(grain.MapDataset.source(prompts).shuffle(seed=config.data.seed).repeat()
-                .batch(config.prompts_per_step, batch_fn=list).to_iter_dataset())
+    data = prompt_batches(prompts, config.prompts_per_step, config.data.seed)
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "grpo", "data": data_record(config.data.path, prompts),
@@ -820,7 +825,9 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     if isinstance(grader, Judge) and start < config.steps and not judge_checked:  # the last step was unreadable
         on_every_process(grader.check_reachable)
     log.info("GRPO: %s", json.dumps(config.derived()))
-    base_key = jax.random.key(config.seed)
+    # Streams of their own: not the keys a preset model's init drew from seed, nor each other's.
+    rollout_key, trajectory_key = (jax.random.key(hashed_seed(stream, config.seed))
+                                   for stream in ("rollouts", "rc trajectories"))
     progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=jax.process_index() != 0)
     step, stopping = start, False
     with StopSignals() as stop:
@@ -835,12 +842,12 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                 else:  # the same step draws the same states and trajectories after a restart
                     rc_rollouts.cache.update_weights(weights)
                     group_rows, trajectory_stats = rc_rollouts.group_rows(
-                        rows, jax.random.fold_in(jax.random.fold_in(base_key, step), 1), (config.seed, step), G,
+                        rows, jax.random.fold_in(trajectory_key, step), (config.seed, step), G,
                         first_problem=jax.process_index() * problems)
                     trajectory_stats = gather(trajectory_stats)
                     trajectory_s = time.perf_counter() - t0
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
-                                                   jax.random.fold_in(base_key, step), stops,
+                                                   jax.random.fold_in(rollout_key, step), stops,
                                                    row_ids=range(first_sample, first_sample + len(group_rows)))
                 sampler.release()  # the update needs that memory: weights come back next step
                 del weights

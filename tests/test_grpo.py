@@ -455,6 +455,18 @@ def test_judge_sees_the_bare_problem_and_failed_grades_are_excluded_and_counted(
     assert prompts and not any("Generate a rigorous proof" in p for p in prompts)
 
 
+def test_nearby_data_seeds_give_unrelated_prompt_orders():
+    from qed_jax.grpo import prompt_batches
+
+    # With data.seed as Grain's seed, seed 1's steps 1-12 were seed 0's steps 7-18 (Grain
+    # reshuffles epoch e with seed + e).
+    prompts = list(range(48))
+    seed_0, seed_1 = prompt_batches(prompts, 8, 0), prompt_batches(prompts, 8, 1)
+    steps_0, steps_1 = [next(seed_0) for _ in range(18)], [next(seed_1) for _ in range(12)]
+    assert steps_0[6:] != steps_1 and steps_0[:6] != steps_1[:6]
+    assert sorted(sum(steps_0[6:12], [])) == prompts  # each epoch is every prompt once
+
+
 def test_the_failed_share_counts_only_completions_sent_to_the_judge():
     from qed_jax.errors import JudgeUnavailable
     from qed_jax.grpo import check_failures, sample_stats

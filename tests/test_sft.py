@@ -1,6 +1,7 @@
 """SFT: packing and masks, gradient accumulation, learning, exact resume after SIGKILL,
 sharded and multi-process training, bad data and bad config."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -376,6 +377,22 @@ def test_a_conversation_without_reasoning_for_a_thinking_template_says_so(caplog
             "the chat template renders the conversation's prompt as 'Answer:'... where the whole conversation has "
             "'Clear.<|im_end|>\\n'...: it does not render it as prompt + answer")):
         tokenize_sft(tokenizer, plain["messages"])
+
+
+def test_nearby_data_seeds_give_unrelated_orders():
+    # Grain reshuffles epoch e with its seed + e: with data.seed as that seed, seed 1 repeated
+    # seed 0's order one epoch early (a seed sweep trained on the same stream). Rows of one
+    # example each, so the order shows.
+    config = DataConfig(max_length=8, packing_bins=1, prefetch=0)
+    examples = [{"tokens": np.full(8, i, np.int32), "loss_mask": np.ones(8, np.int32)} for i in range(12)]
+
+    def order(seed, rows):
+        batches = iter(packed_batches(examples, dataclasses.replace(config, seed=seed), batch_size=1, epochs=None))
+        return [int(next(batches)["tokens"][0, 0]) for _ in range(rows)]
+
+    seed_0, seed_1 = order(0, 36), order(1, 24)
+    assert sorted(seed_0[:12]) == sorted(seed_1[12:24]) == list(range(12))
+    assert seed_0[12:] != seed_1 and seed_0[:12] != seed_1[:12] and order(0, 36) == seed_0
 
 
 def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
