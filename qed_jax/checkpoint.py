@@ -282,10 +282,13 @@ class TrainCheckpoints:
     """A trainer's checkpoints: params, optimizer state, data iterator, and a JSON `meta` (step,
     RNG, anything else the trainer needs to continue exactly). `run`, what the run is (its
     trainer, and the record of its data, `trainer.data_record`), goes into every meta, beside
-    the data position it explains."""
+    the data position it explains. `shared_data`: every process reads the whole data stream in
+    the same order (GRPO), so a step written by one number of processes continues on another;
+    otherwise (SFT) each process's place in its own share of the data holds it to that number."""
 
-    def __init__(self, directory, config: ModelConfig, keep: int | None, *, run: dict, assets_from=None):
-        self.directory, self.run = directory, run
+    def __init__(self, directory, config: ModelConfig, keep: int | None, *, run: dict, assets_from=None,
+                 shared_data: bool = False):
+        self.directory, self.run, self.shared_data = directory, run, shared_data
         self.model = (config, assets_from)  # model_config.json and assets: written with the first save
         check_folder(directory)  # now, not at the first save, steps after the run began
         remove_unfinished_saves(directory)
@@ -308,10 +311,16 @@ class TrainCheckpoints:
 
     def restore(self, step: int, params_target, opt_target, data_iterator):
         """(params, opt_state, meta); the data iterator is moved to where it was."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
-            data=grain.checkpoint.CheckpointRestore(data_iterator), meta=ocp.args.JsonRestore(),
-        ))
+        writers = data_writers(epath.Path(self.directory) / str(step))
+        elsewhere = writers not in (None, jax.process_count())  # written by another number of processes
+        items = dict(params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
+                     meta=ocp.args.JsonRestore())
+        if not elsewhere:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if elsewhere:  # shared data (restore_latest checked): process 0's place is every process's
+            state = epath.Path(self.directory) / str(step) / "data" / f"process_0-of-{writers}.json"
+            data_iterator.set_state(json.loads(state.read_text()))
         return restored["params"], restored["opt_state"], restored["meta"]
 
     def restore_latest(self, params_target, opt_target, data_iterator, check=None):
@@ -340,7 +349,7 @@ class TrainCheckpoints:
                             f"{directory} and give checkpoint_dir (or output_dir) another folder")
                     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                     writers = data_writers(directory / str(step))
-                    if writers not in (None, jax.process_count()):
+                    if writers not in (None, jax.process_count()) and not self.shared_data:
                         raise CheckpointError(
                             f"{directory}: checkpoint step {step} was written by {writers} processes and this job has "
                             f"{jax.process_count()}: each process's place in the data is saved apart, so the run "

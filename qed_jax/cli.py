@@ -315,13 +315,13 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
     if before_backend is not None:
         before_backend()
     result = train(config, resume_with_changes=args.resume_with_changes)
-    if result["complete"]:
-        print(f"{result['output_dir']} is already complete at step {result['step']}: nothing to do "
-              f"({summary(result)})")
-        return
     import jax
 
     which = f" (process {result['process']})" if jax.process_count() > 1 else ""
+    if result["complete"]:
+        print(f"{result['output_dir']} is already complete at step {result['step']}{which}: nothing to do "
+              f"({summary(result)})")
+        return
     print(f"done at step {result['step']}{which}: {summary(result)}; metrics in {result['output_dir']}/metrics.jsonl")
 
 
@@ -331,15 +331,19 @@ def _sft(args) -> None:
 
     # On CPU each step reuses the memory the last one freed (`host.keep_freed_memory`); not for
     # grpo, whose decode loops Ctrl-C must be able to stop while they run.
-    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}", before_backend=keep_freed_memory)
+    # Process 0 alone reads the metrics log: another has a finished run's last loss from nowhere.
+    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}" if r["process"] == 0 or not r["complete"]
+           else "process 0 reports the loss", before_backend=keep_freed_memory)
 
 
 def _grpo(args) -> None:
     from qed_jax.grpo import GRPOConfig, train
 
+    # The rewards come from the metrics log, which process 0 alone keeps.
     _train(args, GRPOConfig, train, lambda r: (
         f"reward mean {r['reward_last_mean']:.4f} over the last {r['reward_last_steps']} steps, "
-        f"best {r['reward_best']:.4f} at step {r['reward_best_step']}"))
+        f"best {r['reward_best']:.4f} at step {r['reward_best_step']}" if r["process"] == 0
+        else "process 0 reports the rewards"))
 
 
 def _plan(args) -> int | None:

@@ -34,7 +34,7 @@ from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, Ju
                            RuleGrader, reason_counts, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
-                               process_share, sampler_weights, sampling_meshes)
+                               process_share, sampler_weights, sampling_meshes, set_up_together)
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_rows_divide,
@@ -769,14 +769,17 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer, stop_ids
 
     out = Path(config.output_dir)
-    mesh = make_mesh(config.mesh)
-    tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
-    tokenizer = load_tokenizer(tokenizer_path)
-    prompts = load_prompts(config, tokenizer)
-    problems = per_process(config.prompts_per_step, "prompts_per_step")  # this process's, per step
-    P = problems * (config.rc.states_per_problem if config.rc else 1)  # its GRPO groups per step
-    G = config.samples_per_prompt
-    first_sample = jax.process_index() * P * G  # this process's first sample of every step
+    with set_up_together("GRPO's setup (config, tokenizer, prompts)"):
+        mesh = make_mesh(config.mesh)
+        tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
+        tokenizer = load_tokenizer(tokenizer_path)
+        prompts = load_prompts(config, tokenizer)
+        problems = per_process(config.prompts_per_step, "prompts_per_step")  # this process's, per step
+        P = problems * (config.rc.states_per_problem if config.rc else 1)  # its GRPO groups per step
+        G = config.samples_per_prompt
+        first_sample = jax.process_index() * P * G  # this process's first sample of every step
+        rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
+        check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
 
     model = load_model(config.model, mesh, config.seed)
     check_vocab(tokenizer, model.config.vocab_size)
@@ -785,8 +788,6 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     ref_params = jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None
     optimizer = make_optimizer(config.optim, config.optimizer_updates, decay_mask(model))
     opt_state = init_opt_state(optimizer, params, mesh)
-    rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
-    check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
     learner = Learner(graphdef, optimizer, config.loss, mesh, params, opt_state,
                       per_process(rows_per_micro, "micro_batch_rows (default: the data-parallel devices)"))
 
@@ -807,7 +808,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "grpo", "data": data_record(config.data.path, prompts),
-                                             "config": json_values(config)})
+                                             "config": json_values(config)}, shared_data=True)
     # Find out now, not after a step's sampling, and before the run directory records this config
     # (a run the judge stopped before its first step is not one a fixed command must continue);
     # a run with only its export left grades nothing.

@@ -7,6 +7,7 @@ run the same code on a laptop, one TPU VM or a pod.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 
@@ -53,6 +54,21 @@ def largest(value: int) -> int:
     if jax.process_count() == 1:
         return value
     return int(gather(np.array([value], np.int32)).max())
+
+
+@contextlib.contextmanager
+def set_up_together(what: str):
+    """A block of host-local setup (reading data and the tokenizer, checking the config; no
+    collective op in it) whose error on any process stops every process at once: the others
+    would otherwise wait for that one in their first collective op until JAX's timeouts abort
+    them, minutes later and without a word."""
+    try:
+        yield
+    except Exception:
+        largest(1)
+        raise
+    if largest(0):
+        raise ConfigError(f"{what} failed on another process (its log says why)")
 
 
 def agree_on_stop(stop) -> bool:

@@ -25,7 +25,7 @@ from qed_jax.config import (ConfigError, ModelConfig, check_dtype, check_local_o
                             require_at_least_one, require_range)
 from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
-from qed_jax.multihost import agree_on_stop, final_stop_signal
+from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
                              data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
@@ -161,31 +161,32 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer
 
     out = Path(config.output_dir)
-    mesh = make_mesh(config.mesh)
-    check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
-    if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
-    tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
-    tokenizer = load_tokenizer(tokenizer_path)
+    with set_up_together("SFT's setup (config, tokenizer, data)"):
+        mesh = make_mesh(config.mesh)
+        check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
+        if config.batch_size % jax.process_count():
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+        tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
+        tokenizer = load_tokenizer(tokenizer_path)
 
-    rows = read_rows(config.data.path, config.data.name, config.data.split)
-    if not rows:
-        raise ConfigError(f"{config.data.path}: no rows to train on (the data is empty)")
-    held_out = config.data.eval_rows if config.eval_every else 0
-    if held_out and held_out >= len(rows):
-        raise ConfigError(f"{config.data.path}: {len(rows)} rows, and data.eval_rows={held_out} holds out the last "
-                          f"{held_out} for the eval loss, so none are left to train on; lower data.eval_rows, "
-                          "or set eval_every=0 (no eval loss)")
-    train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
-    examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
-    eval_examples = prepare_sft(eval_rows, tokenizer, config.data,
-                                source=f"{config.data.path} (eval)")[0] if eval_rows else []
-    # Each process reads its own share of the examples: one with none would never join the others.
-    for what, some, fix in (("training", examples, "give more rows"),
-                            ("held-out", eval_examples, "raise data.eval_rows, or set eval_every=0")):
-        if 0 < len(some) < jax.process_count():
-            raise ConfigError(f"{config.data.path}: {len(some)} {what} examples for {jax.process_count()} processes, "
-                              f"which each read their own share; {fix}")
+        rows = read_rows(config.data.path, config.data.name, config.data.split)
+        if not rows:
+            raise ConfigError(f"{config.data.path}: no rows to train on (the data is empty)")
+        held_out = config.data.eval_rows if config.eval_every else 0
+        if held_out and held_out >= len(rows):
+            raise ConfigError(f"{config.data.path}: {len(rows)} rows, and data.eval_rows={held_out} holds out the last "
+                              f"{held_out} for the eval loss, so none are left to train on; lower data.eval_rows, "
+                              "or set eval_every=0 (no eval loss)")
+        train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
+        examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
+        eval_examples = prepare_sft(eval_rows, tokenizer, config.data,
+                                    source=f"{config.data.path} (eval)")[0] if eval_rows else []
+        # Each process reads its own share of the examples: one with none would never join the others.
+        for what, some, fix in (("training", examples, "give more rows"),
+                                ("held-out", eval_examples, "raise data.eval_rows, or set eval_every=0")):
+            if 0 < len(some) < jax.process_count():
+                raise ConfigError(f"{config.data.path}: {len(some)} {what} examples for {jax.process_count()} "
+                                  f"processes, which each read their own share; {fix}")
 
     model = load_model(config.model, mesh, config.seed)
     check_vocab(tokenizer, model.config.vocab_size)

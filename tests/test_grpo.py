@@ -725,10 +725,11 @@ _SPREAD = ["prompts_per_step=8", "samples_per_prompt=4", "train_length=288", "mi
            "old_logprobs=recompute", "export_dtype=null"]
 
 
-def _finish(procs) -> None:
-    """Wait for every process (text pipes) and assert that each exited 0."""
+def _finish(procs) -> list[tuple[str, str]]:
+    """Wait for every process (text pipes), assert that each exited 0, and return their outputs."""
     outputs = finish(procs)
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
+    return outputs
 
 
 @pytest.mark.slow  # two processes, killed and restarted: 1-3 min on 2 cores
@@ -777,9 +778,12 @@ def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
         judged_by_one = set(server.by_prompt)
         with processes([*args, f"output_dir={tmp_path / 'two'}"], count=2, devices=4, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True) as procs:
-            _finish(procs)
+            outputs = _finish(procs)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in two] == [1, 2, 3, 4]
+    # Process 0 alone keeps the metrics log that the closing line's rewards come from.
+    assert "done at step 4 (process 0): reward mean " in outputs[0][0]
+    assert "done at step 4 (process 1): process 0 reports the rewards;" in outputs[1][0]
     # The same completions: sampled with the same per-row keys (each process its share of the
     # global rows), so the judge saw no new proof, and every step's rewards are equal to the bit.
     assert set(server.by_prompt) == judged_by_one
@@ -797,6 +801,19 @@ def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
     exported = [SafetensorsFolder(tmp_path / run / "hf") for run in ("one", "two")]
     assert max(float(np.abs(np.asarray(exported[0].read(k)) - np.asarray(exported[1].read(k))).max())
                for k in exported[0].names()) <= 1e-4
+    # Every process reads the whole prompt stream, so the two-process run goes on as one process,
+    # from the same place in the data: its step 5 is the one-process run's step 5.
+    with JudgeServer(default=("hash", 0.0)) as server:
+        args = ["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=5", "export_dtype=null"]
+        for run in ("one", "two"):
+            resumed = subprocess.run([sys.executable, "-m", "qed_jax.cli", *args, f"output_dir={tmp_path / run}",
+                                      "--resume-with-changes"], cwd=REPO, env=cli_env(8), capture_output=True,
+                                     text=True, timeout=300)
+            assert resumed.returncode == 0 and "done at step 5:" in resumed.stdout, resumed.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3, 4, 5]
+    for key in ("reward_mean", "reward_std", "completion_length_mean"):
+        assert one[-1][key] == two[-1][key], key
 
 
 @pytest.mark.slow  # two processes: about a minute on 2 cores

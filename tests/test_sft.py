@@ -253,6 +253,32 @@ def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
     assert all("1 held-out examples for 2 processes, which each read their own share; raise data.eval_rows" in o[1]
                for o in outputs)
+    # A mesh whose data axes leave a process no rows of its own: refused before the first step.
+    with processes(["sft", "--config", TINY, "steps=1", "mesh.data=1", "mesh.tensor=2",
+                    f"output_dir={tmp_path / 'tp'}"], count=2, devices=1, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert all("the 1 data-parallel devices (mesh data x fsdp) do not split over the 2 processes" in o[1]
+               for o in outputs)
+    # A data file only process 1 lacks (hosts share no disk): both stop at once, process 0 saying
+    # where to look, where it waited in its first collective op until JAX's timeouts aborted it.
+    with processes(["sft", "--config", TINY, "steps=1", f"output_dir={tmp_path / 'data'}"], count=2, devices=1,
+                   entry={1: ["-c", WITH_ARGS.format(extra=["data.path=/nonexistent/rows.jsonl"])]},
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert "SFT's setup (config, tokenizer, data) failed on another process (its log says why)" in outputs[0][1]
+    assert "/nonexistent/rows.jsonl does not exist" in outputs[1][1]
+
+
+WITH_ARGS = """
+import sys
+from qed_jax.cli import main
+args = sys.argv[1:]
+at = args.index("--coordinator")
+sys.exit(main(args[:at] + {extra!r} + args[at:]))
+"""
 
 
 @pytest.mark.slow  # two processes: 20-40 s on 2 cores
