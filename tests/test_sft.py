@@ -226,51 +226,40 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert len(read_metrics(tmp_path)) == 3
 
 
-@pytest.mark.slow  # two processes, three times: 30-60 s on 2 cores
-def test_a_two_process_job_on_a_run_directory_in_use_fails_in_both(tmp_path):
+@pytest.mark.slow  # two processes, five times: 50-100 s on 2 cores
+def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     from qed_jax.trainer import run_lock
 
-    with run_lock(tmp_path):  # held by this test, as by a first job
-        with processes(["sft", "--config", TINY, "steps=1", f"output_dir={tmp_path}"], count=2, devices=1,
+    def both_fail(*overrides, entry=None) -> list[str]:
+        """The stderr of each of two SFT processes, both of which must exit 2, neither waiting."""
+        with processes(["sft", "--config", TINY, "steps=1", *overrides], count=2, devices=1, entry=entry,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
-            outputs = finish(procs)
-    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
-    assert all(f"{tmp_path} is in use by another run" in o[1] for o in outputs)
+            outputs = finish(procs, timeout=120)
+        assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+        return [err for _, err in outputs]
+
+    with run_lock(tmp_path):  # held by this test, as by a first job
+        errors = both_fail(f"output_dir={tmp_path}")
+    assert all(f"{tmp_path} is in use by another run" in e for e in errors)
     a_file = tmp_path / "a_file"  # process 0 cannot make the run directory: both fail, neither waits
     a_file.write_text("")
-    with processes(["sft", "--config", TINY, "steps=1", f"output_dir={a_file}"], count=2, devices=1,
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
-        outputs = finish(procs)
-    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
-    assert "is a file where a folder is needed" in outputs[0][1]
-    assert f"process 0 could not open {a_file}/.lock" in outputs[1][1]
+    errors = both_fail(f"output_dir={a_file}")
+    assert "is a file where a folder is needed" in errors[0]
+    assert f"process 0 could not open {a_file}/.lock" in errors[1]
     # One held-out row for two processes: one would have no eval batch and the other would wait
     # for it in the eval forever.
-    with processes(["sft", "--config", TINY, "steps=2", "eval_every=1", "data.eval_rows=1",
-                    f"output_dir={tmp_path / 'eval'}"], count=2, devices=1, stdout=subprocess.PIPE,
-                   stderr=subprocess.PIPE, text=True) as procs:
-        outputs = finish(procs)
-    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
-    assert all("1 held-out examples for 2 processes, which each read their own share; raise data.eval_rows" in o[1]
-               for o in outputs)
+    errors = both_fail("steps=2", "eval_every=1", "data.eval_rows=1", f"output_dir={tmp_path / 'eval'}")
+    assert all("1 held-out examples for 2 processes, which each read their own share; raise data.eval_rows" in e
+               for e in errors)
     # A mesh whose data axes leave a process no rows of its own: refused before the first step.
-    with processes(["sft", "--config", TINY, "steps=1", "mesh.data=1", "mesh.tensor=2",
-                    f"output_dir={tmp_path / 'tp'}"], count=2, devices=1, stdout=subprocess.PIPE,
-                   stderr=subprocess.PIPE, text=True) as procs:
-        outputs = finish(procs)
-    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
-    assert all("the 1 data-parallel devices (mesh data x fsdp) do not split over the 2 processes" in o[1]
-               for o in outputs)
+    errors = both_fail("mesh.data=1", "mesh.tensor=2", f"output_dir={tmp_path / 'tp'}")
+    assert all("the 1 data-parallel devices (mesh data x fsdp) do not split over the 2 processes" in e for e in errors)
     # A data file only process 1 lacks (hosts share no disk): both stop at once, process 0 saying
     # where to look, where it waited in its first collective op until JAX's timeouts aborted it.
-    with processes(["sft", "--config", TINY, "steps=1", f"output_dir={tmp_path / 'data'}"], count=2, devices=1,
-                   entry={1: ["-c", WITH_ARGS.format(extra=["data.path=/nonexistent/rows.jsonl"])]},
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
-        outputs = finish(procs, timeout=120)
-    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
-    assert "SFT's setup (config, tokenizer, data) failed on another process (its log says why)" in outputs[0][1]
-    assert "/nonexistent/rows.jsonl does not exist" in outputs[1][1]
-
+    errors = both_fail(f"output_dir={tmp_path / 'data'}",
+                       entry={1: ["-c", WITH_ARGS.format(extra=["data.path=/nonexistent/rows.jsonl"])]})
+    assert "SFT's setup (config, tokenizer, data) failed on another process (its log says why)" in errors[0]
+    assert "/nonexistent/rows.jsonl does not exist" in errors[1]
 
 WITH_ARGS = """
 import sys
