@@ -780,6 +780,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         first_sample = jax.process_index() * P * G  # this process's first sample of every step
         rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
         check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
+        grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
     model = load_model(config.model, mesh, config.seed)
     check_vocab(tokenizer, model.config.vocab_size)
@@ -802,7 +803,6 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     rc_rollouts = RCRollouts(config, sampling_model, tokenizer, sampling_mesh) if config.rc else None
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
-    grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
     data = prompt_batches(prompts, config.prompts_per_step, config.data.seed)
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,

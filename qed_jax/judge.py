@@ -160,7 +160,6 @@ def render_marking_scheme(scheme: Any) -> str:
 
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")  # {{field}} in a template
-PLACEHOLDERS = ("problem", "marking_scheme", "reference", "guidelines", "answer", "proof")  # what render_prompt fills
 
 
 def load_judge_template(name: str) -> str:
@@ -168,18 +167,22 @@ def load_judge_template(name: str) -> str:
     judge the proof, and every {{placeholder}} in it is one that `render_prompt` fills (any
     other would reach the judge as written, and its grade would count)."""
     template = load_template(name, "judge template")
-    known = ", ".join(f"{{{{{p}}}}}" for p in PLACEHOLDERS)
+    placeholders = prompt_fields(GradeItem(problem=""), "")
+    known = ", ".join(f"{{{{{p}}}}}" for p in placeholders)
     for m in re.finditer(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", template):  # {{2}} in LaTeX is no placeholder
-        if m.group(1) not in PLACEHOLDERS or m.group(0) != f"{{{{{m.group(1)}}}}}":
+        if m.group(1) not in placeholders:
             raise ConfigError(f"judge template {name}: unknown placeholder {m.group(0)}; the placeholders are {known}")
+        if m.group(0) != f"{{{{{m.group(1)}}}}}":
+            raise ConfigError(f"judge template {name}: write {m.group(0)} as {{{{{m.group(1)}}}}}, without spaces")
     if "{{proof}}" not in template:
         raise ConfigError(f"judge template {name}: no {{{{proof}}}} placeholder, so the judge would never see the "
                           f"proof; the placeholders are {known}")
     return template
 
 
-def render_prompt(template: str, item: GradeItem, proof: str) -> str:
-    fields = {
+def prompt_fields(item: GradeItem, proof: str) -> dict[str, str]:
+    """What each {{placeholder}} of a judge template renders as, by its name."""
+    return {
         "problem": item.problem.strip(),
         "marking_scheme": render_marking_scheme(item.rubric),
         "reference": (item.reference or "(none given)").strip(),
@@ -187,6 +190,10 @@ def render_prompt(template: str, item: GradeItem, proof: str) -> str:
         "answer": (item.answer or "").strip(),
         "proof": proof,
     }
+
+
+def render_prompt(template: str, item: GradeItem, proof: str) -> str:
+    fields = prompt_fields(item, proof)
     return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
 
 
@@ -654,10 +661,9 @@ class Judge:
             except BadReply as e:  # a proxy's error page, a server half-up: retried like a 5xx
                 reason, reply = "bad_reply", str(e)
             else:
-                score = parse_score(reply, c.answer_format, c.scores)
                 if cut_off:  # it ran out of judge.max_tokens: a score tag in it may be one it quoted
                     reason = "cut_off"
-                elif score is not None:
+                elif (score := parse_score(reply, c.answer_format, c.scores)) is not None:
                     return Grade(score, score / MAX_SCORE, "ok", raw=reply,
                                  latency_s=time.monotonic() - start, attempts=attempts)
                 else:  # a score tag with a value off the scale (8, or 3 where only 0, 1, 6, 7 are allowed)?
@@ -670,8 +676,8 @@ class Judge:
             transport_failures += 1
             if transport_failures > c.max_retries:
                 break
-            delay = (retry_after * random.uniform(1.0, 1.2) if retry_after is not None  # as the judge asks
-                     else c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5))
+            delay = (min(retry_after * random.uniform(1.0, 1.2), MAX_RETRY_AFTER_S) if retry_after is not None
+                     else c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5))  # or as it asks
             log.debug("judge request failed (%s); retrying in %.2fs", reason, delay)
             await asyncio.sleep(delay)
         return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)

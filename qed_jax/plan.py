@@ -405,7 +405,7 @@ def plan_sft(config, devices, hbm: int, preset_name: str | None = None) -> tuple
     optimizer = make_optimizer(config.optim, config.steps or 1, abstract_decay_mask(model))  # steps shape the schedule only
     opt_state = abstract_opt_state(optimizer, params, mesh)
     M, rows, T = config.micro_batches, config.batch_size // config.micro_batches, config.data.max_length
-    check_rows_divide(rows, mesh, "batch_size / micro_batches")
+    check_rows_divide(rows, mesh, "batch_size / micro_batches", len({d.process_index for d in devices}))
     batch = {k: jax.ShapeDtypeStruct((M, rows, T), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     step = jax.jit(partial(sft.train_step, graphdef, optimizer), donate_argnums=(0, 1),
@@ -601,7 +601,7 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     # What grpo.train refuses at start is refused before anything compiles.
     per_process(config.prompts_per_step, "prompts_per_step", len(hosts))
     rows, L = config.micro_batch_rows or batch_ways(mesh), config.row_length
-    check_rows_divide(rows, mesh, "micro_batch_rows")
+    check_rows_divide(rows, mesh, "micro_batch_rows", len(hosts))
     per_process(rows, "micro_batch_rows (default: the data-parallel devices)", len(hosts))
     if config.rc is not None:
         check_problem_room(config)

@@ -200,14 +200,15 @@ def data_parallel_size(mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"]]))
 
 
-def check_rows_divide(rows: int, mesh, what: str) -> None:
+def check_rows_divide(rows: int, mesh, what: str, processes: int | None = None) -> None:
     """Rows of a micro-batch must split evenly over the data-parallel devices: never replicate
-    (every device would compute the whole micro-batch) and never fail mid-run."""
-    ways = data_parallel_size(mesh)
-    if ways % jax.process_count():  # a process whose devices hold no rows of their own has nothing to feed
-        raise ConfigError(f"the {ways} data-parallel devices (mesh data x fsdp) do not split over the "
-                          f"{jax.process_count()} processes, which each feed their own rows: make mesh.data x "
-                          f"mesh.fsdp a multiple of {jax.process_count()} (e.g. mesh.data=-1)")
+    (every device would compute the whole micro-batch) and never fail mid-run. `processes`: the
+    hosts that will feed the rows (default this job's; a plan's slice has its own)."""
+    ways, processes = data_parallel_size(mesh), processes or jax.process_count()
+    if ways % processes:  # a process whose devices hold no rows of their own has nothing to feed
+        raise ConfigError(f"the {ways} data-parallel devices (mesh data x fsdp) do not split over the {processes} "
+                          f"processes, which each feed their own rows: make mesh.data x mesh.fsdp a multiple of "
+                          f"{processes} (an axis set to -1 takes the devices the others leave)")
     if rows % ways:
         raise ConfigError(f"{what} gives {rows} rows per micro-batch, which do not split over the "
                           f"{ways} data-parallel devices (mesh data x fsdp); make it a multiple of {ways}, "

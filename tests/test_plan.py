@@ -248,13 +248,20 @@ def test_a_wave_larger_than_a_step_is_refused_before_compiling(libtpu):
     ("v5p-8", ["micro_batch_rows=6"], r"^micro_batch_rows gives 6 rows per micro-batch, which do not split over the 4 "),
     ("v5p-8", ["sampling.max_concurrent=6"], r"^sampling\.max_concurrent must be a multiple of the sampling mesh's 4 "),
     ("v5p-16", ["mesh.data=1", "mesh.tensor=8", "sampling.mesh.tensor=4"],
-     r"^micro_batch_rows \(default: the data-parallel devices\) \(1\) must split evenly over the 2 processes"),
+     r"^the 1 data-parallel devices \(mesh data x fsdp\) do not split over the 2 processes, which each feed"),
     ("v5p-16", ["mesh.data=1", "mesh.fsdp=8"], r"^sampling\.mesh \(default: mesh\): with several processes, each "
                                                r"samples on its own devices: .*needs 8 devices, not the 4 devices"),
 ])
 def test_what_grpo_refuses_at_start_the_plan_refuses_before_compiling(libtpu, topology, overrides, message):
     with pytest.raises(ConfigError, match=message):
         plan.plan(RL_TINY, topology, overrides)
+
+
+@pytest.mark.tpu_compile
+def test_what_sft_refuses_at_start_the_plan_refuses_before_compiling(libtpu):
+    # A plan runs as one process: the slice's hosts, not this job's, feed the rows.
+    with pytest.raises(ConfigError, match=r"^the 1 data-parallel devices \(mesh data x fsdp\) do not split over the 2 "):
+        plan.plan(SFT_TINY, "v5p-16", ["mesh.data=1", "mesh.tensor=-1"])
 
 
 @pytest.mark.tpu_compile
