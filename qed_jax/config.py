@@ -424,9 +424,7 @@ def check_seed(value: int, key: str) -> None:
 
 def hashed_seed(*parts) -> int:
     """A seed below 2**31 (servers may keep one in a signed 32-bit integer) hashed from `parts`:
-    a stream's seed, e.g. ("data order", seed), so that streams and nearby seeds share nothing.
-    (Grain reshuffles epoch e with its seed + e, so with data.seed itself, seed 1 would repeat
-    seed 0's order an epoch early.)"""
+    a stream's seed, e.g. ("data order", seed), so that streams and nearby seeds share nothing."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 

@@ -129,20 +129,18 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate gets
 def _whole_text(row: Any) -> Any:
     """`row`, or a BadRow when one of its strings holds a lone surrogate: JSON lets an escape
     such as \\ud800 stand without its pair, but no tokenizer or HTTP client takes it."""
-    def lone_surrogate(value, where):
+    def lone_surrogate(value, where: str | None) -> str | None:  # where: None for the row itself
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                return f"{where} holds a lone surrogate {ascii(value[e.start])[1:-1]} (half of an escaped UTF-16 pair)"
+                return (f"{where or 'the row'} holds a lone surrogate {ascii(value[e.start])[1:-1]} (half of an "
+                        "escaped UTF-16 pair)")
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        for key, item in items:
-            found = lone_surrogate(item, f"{where}[{key!r}]" if where != "the row" else f"field {key!r}")
-            if found:
-                return found
-        return None
+        return next(filter(None, (lone_surrogate(item, f"{where}[{key!r}]" if where else f"field {key!r}")
+                                  for key, item in items)), None)
 
-    found = lone_surrogate(row, "the row")
+    found = lone_surrogate(row, None)
     return BadRow(f"not valid text: {found}") if found else row
 
 

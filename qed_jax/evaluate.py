@@ -34,8 +34,8 @@ from typing import Any
 
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
-                            load_template,
-                            not_found, read_json_object, require_at_least_one, require_range, write_text_atomic)
+                            load_template, not_found, read_json_object, require_at_least_one, require_range,
+                            write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, load_judge_template, reason_counts, render_marking_scheme, reply_text,
