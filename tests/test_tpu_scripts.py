@@ -394,26 +394,40 @@ def test_worker_scripts_parse(script):
 
 
 def test_worker_setup_installs_from_a_tarball(tmp_path):
-    """worker_setup.sh unpacks a tarball over an older copy (no stale files) into QED_HOME and
-    installs into QED_VENV; pip is replaced by a stub so nothing is downloaded."""
+    """worker_setup.sh unpacks a tarball into QED_HOME and installs into QED_VENV (pip is a stub,
+    so nothing is downloaded). Run again over that copy, it drops what only the older code had
+    and keeps what jobs wrote there (they start in QED_HOME, so an eval's runs/ lands in it)."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     stub = venv / "bin/python"
     stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/pip.log\n')
     stub.chmod(0o755)
     home = tmp_path / "qed-jax"
-    (home / "stale.py").parent.mkdir()
-    (home / "stale.py").write_text("")
-    src = tmp_path / "src"
-    (src / "tpu_scripts").mkdir(parents=True)
-    (src / "pyproject.toml").write_text("")
-    with tarfile.open(tmp_path / "code.tar.gz", "w:gz") as tar:
-        tar.add(src / "pyproject.toml", arcname="pyproject.toml")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QED_HOME": str(home), "QED_VENV": str(venv)}
-    subprocess.run(["bash", str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
-                   env=env, check=True, capture_output=True)
-    assert sorted(p.name for p in home.iterdir()) == ["pyproject.toml"]
+
+    def set_up(files: dict[str, str]) -> subprocess.CompletedProcess:
+        with tarfile.open(tmp_path / "code.tar.gz", "w:gz") as tar:
+            for name, text in files.items():
+                (tmp_path / "file").write_text(text)
+                tar.add(tmp_path / "file", arcname=name)
+        return subprocess.run(["bash", str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
+                              env=env, check=True, capture_output=True, text=True)
+
+    set_up({"pyproject.toml": "", "old_module.py": "", ".ci/run": "", "notes.md": "old"})
     assert "-m pip install --quiet -e .[tpu]" in (tmp_path / "pip.log").read_text()
+    (home / "runs/eval").mkdir(parents=True)
+    (home / "runs/eval/samples.jsonl").write_text("hours of sampling")
+    (home / ".judge_cache.sqlite").write_text("grades")
+    (home / "qed_jax.egg-info").mkdir()
+    (home / "report.md").write_text("a job's")
+    done = set_up({"pyproject.toml": "new", ".ci/run": "", "notes.md": "new", "report.md": "the code's"})
+    assert sorted(p.name for p in home.iterdir()) == [
+        ".ci", ".judge_cache.sqlite", ".qed-code", "notes.md", "pyproject.toml", "report.md", "report.md.kept", "runs"]
+    assert (home / "runs/eval/samples.jsonl").read_text() == "hours of sampling"
+    assert (home / ".judge_cache.sqlite").read_text() == "grades"
+    assert (home / "notes.md").read_text() == "new" and (home / "report.md").read_text() == "the code's"
+    assert (home / "report.md.kept").read_text() == "a job's"
+    assert f"the one a job wrote is at {home}/report.md.kept" in done.stderr
 
 
 def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):

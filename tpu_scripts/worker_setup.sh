@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on every TPU VM worker (from `tpu.py setup`): unpack the code into ~/qed-jax and install
 # it with the `tpu` extra into ~/qed-jax-venv. Safe to repeat: the code is replaced as a whole
-# (no stale files from an older copy) and the virtual environment is reused.
+# (no stale files from an older copy), what jobs wrote there (an eval's runs/, a judge cache) is
+# kept, and the virtual environment is reused.
 # Usage: worker_setup.sh TARBALL
 set -euo pipefail
 
@@ -12,6 +13,28 @@ venv="${QED_VENV:-$HOME/qed-jax-venv}"
 rm -rf "$home.new"
 mkdir -p "$home.new"
 tar -xzf "$tarball" -C "$home.new"
+# Jobs start in ~/qed-jax, so their relative outputs land beside the code. An entry there that is
+# neither in the new code nor in the older copy's (whose top-level names .qed-code lists) is a
+# job's, and moves into the new copy; one the new code also has is kept under another name.
+shopt -s dotglob nullglob
+declare -A new_code=() old_code=()
+for entry in "$home.new"/*; do new_code[${entry##*/}]=1; done
+if [[ -f "$home/.qed-code" ]]; then
+  while IFS= read -r name; do old_code[$name]=1; done < "$home/.qed-code"
+fi
+for entry in "$home"/*; do
+  name=${entry##*/}
+  if [[ -n ${old_code[$name]:-} || $name == .qed-code || $name == *.egg-info ]]; then
+    continue
+  elif [[ -z ${new_code[$name]:-} ]]; then
+    mv "$entry" "$home.new/"
+  elif [[ -f "$home/.qed-code" ]]; then
+    mv "$entry" "$home.new/$name.kept"
+    echo "worker_setup.sh: the code now has $name; the one a job wrote is at $home/$name.kept" >&2
+  fi
+done
+printf '%s\n' "${!new_code[@]}" > "$home.new/.qed-code"
+shopt -u dotglob nullglob
 rm -rf "$home"
 mv "$home.new" "$home"
 
