@@ -17,10 +17,17 @@ from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable, first
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
-    """Refuse a destination that holds or lies inside the source, and one that already holds
-    something unless `overwrite`. True when there is an old destination to replace: it is deleted
-    only once the source has loaded."""
+    """Refuse an empty path, a destination that holds or lies inside the source, and one that
+    already holds something unless `overwrite` and it holds an earlier model (a Hugging Face
+    folder or a qed-jax checkpoint: nothing else is ever deleted). True when there is an old
+    model to replace: `_clear` empties it only once the source has loaded."""
     from etils import epath
+
+    from qed_jax.checkpoint import is_checkpoint_dir
+
+    for name, path in (("SOURCE", source), ("DEST", dest)):
+        if not path.strip():
+            raise ConfigError(f"convert: {name} is empty; give a folder (an unset shell variable?)")
 
     def real(path: str):  # symbolic links followed (epath's resolve does not)
         return epath.Path(path) if "://" in path else epath.Path(os.path.realpath(path))
@@ -37,12 +44,28 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if not overwrite:
         raise ConfigError(f"{dest} already exists and is not empty; pass --overwrite to replace it "
                           "(its contents are deleted once the source has loaded), or choose another destination")
+    holds_hf = (where / "config.json").exists() and any(
+        p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in where.iterdir())
+    if not (holds_hf or is_checkpoint_dir(where)):
+        example = sorted(p.name for p in where.iterdir())[0]
+        raise ConfigError(f"{dest} holds {example} and no model (neither a Hugging Face folder nor a qed-jax "
+                          "checkpoint), so --overwrite leaves it alone; empty it yourself or choose another destination")
     return True
 
 
-def _convert(args) -> None:
+def _clear(dest: str) -> None:
+    """Delete what the folder `dest` (or the folder its link names) holds, keeping the folder."""
     from etils import epath
 
+    local = "://" not in dest
+    for child in epath.Path(os.path.realpath(dest) if local else dest).iterdir():
+        if child.is_dir() and not (local and os.path.islink(child)):
+            child.rmtree()
+        else:
+            child.unlink()
+
+
+def _convert(args) -> None:
     from qed_jax import checkpoint
     from qed_jax.hf import require_local
     from qed_jax.pretrained import from_pretrained, loaded_from, save_pretrained
@@ -62,7 +85,7 @@ def _convert(args) -> None:
     with StopSignals((signal.SIGINT,), "finishing the output being written, then stopping",
                      "exiting at once; the output is unfinished") as stop:
         if replace:
-            epath.Path(dest).rmtree()
+            _clear(dest)
         if to_hf:
             save_pretrained(model, dest, dtype=model.config.param_dtype, assets_from=source)
             wrote = f"wrote Hugging Face folder {dest} ({model.config.param_dtype})"
@@ -440,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype of the output (default: keep the source's; of a Hugging Face folder "
                    "with mixed dtypes, the widest)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a destination that already exists (its contents are deleted once the "
-                   "source has loaded)")
+                   help="replace an earlier model (a Hugging Face folder or a qed-jax checkpoint) at the "
+                   "destination: its contents are deleted once the source has loaded. A folder holding "
+                   "anything else is refused")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters over all devices while converting (for models larger "
                    "than one device's memory)")

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import qed_jax
 from qed_jax import cli
+from qed_jax.checkpoint import is_checkpoint_dir
 from qed_jax.config import PRESETS, ConfigError, ModelConfig
 from qed_jax.hf import CheckpointError, SafetensorsFolder
 from qed_jax.model import param_count
@@ -297,6 +298,33 @@ def test_convert_overwrite_never_deletes_the_source_or_a_destination_it_cannot_r
         assert cli.main(["convert", str(source), str(tmp_path / "export"), "--overwrite"]) == 2
         capsys.readouterr()
         assert sorted(p.name for p in (tmp_path / "export").iterdir()) == before
+
+
+def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
+    """An empty DEST (an unset shell variable) would name the working directory: refused. A
+    folder that holds no model is never emptied by --overwrite; a model behind a link is."""
+    source = tmp_path / "src"
+    make_hf_model(source)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for args in (["convert", str(source), "", "--overwrite"], ["convert", " ", "out"]):
+        assert cli.main(args) == 2
+        assert "is empty; give a folder (an unset shell variable?)" in capsys.readouterr().err
+    (work / "config.json").write_text("{}")  # a run directory has a config.json too
+    for dest in (work, "."):
+        assert cli.main(["convert", str(source), str(dest), "--overwrite"]) == 2
+        assert (f"{dest} holds config.json and no model (neither a Hugging Face folder nor a qed-jax checkpoint), "
+                "so --overwrite leaves it alone") in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["config.json", "notes.txt"]
+
+    target, link = tmp_path / "target", tmp_path / "link"
+    assert cli.main(["convert", str(source), str(target)]) == 0
+    link.symlink_to(target)
+    (target / "stale.txt").write_text("from before")
+    assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and not (target / "stale.txt").exists() and is_checkpoint_dir(target)
 
 
 def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
