@@ -238,6 +238,25 @@ def read_model_config(folder: Path) -> ModelConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _widest_dtype(tensors: SafetensorsFolder, names) -> str | None:
+    """The dtype a folder's parameters load as by default: the widest among the model's tensors
+    (an unsupported one is refused here), so bfloat16 weights with float32 norms lose nothing."""
+    widest = max((tensors.dtype(name) for name in names if name in tensors), key=lambda d: d.itemsize, default=None)
+    return None if widest is None else widest.name
+
+
+def stored_param_dtype(folder: Path, config: ModelConfig) -> str | None:
+    """What `load_hf` gives the parameters of `folder` unless told a dtype, read from the
+    safetensors headers; None when the folder holds no weights (a config.json alone)."""
+    try:
+        tensors = SafetensorsFolder(folder)
+    except CheckpointError:
+        if any(folder.glob("*.safetensors*")):
+            raise  # weights that cannot be read: the error names the file
+        return None
+    return _widest_dtype(tensors, _expected_shapes(tensor_maps(config), config))
+
+
 def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
             compute_dtype: str | None = None) -> Qwen3:
     """A Hugging Face Qwen3 folder → a qed-jax model, sharded on `mesh` when given.
@@ -255,10 +274,7 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
     maps = tensor_maps(config)
     expected = _expected_shapes(maps, config)
     _check_tensors(folder, tensors, expected)
-    # The widest dtype among the tensors (an unsupported one is refused here): a folder of bfloat16
-    # weights with float32 norms loses nothing.
-    stored = max((tensors.dtype(name) for name in expected), key=lambda d: d.itemsize)
-    param_dtype = dtype or stored.name
+    param_dtype = dtype or _widest_dtype(tensors, expected)
     config = config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
 
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))

@@ -349,6 +349,8 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
         base, source = checkpoint.read_model_config(path), f"qed-jax checkpoint {path}"
     elif (Path(path) / "config.json").is_file():
         base, source = hf.read_model_config(Path(path)), f"{path}/config.json"
+        if spec.param_dtype is None and (stored := hf.stored_param_dtype(Path(path), base)):
+            base = base.replace(param_dtype=stored)  # as the trainers load it
     elif (by_name := path.rstrip("/").split("/")[-1].lower()) in PRESETS:
         base, source = preset(by_name), f"preset {by_name} ({path} is not a local folder; same name)"
     else:

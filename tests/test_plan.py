@@ -4,6 +4,7 @@ that activation memory grows linearly in sequence length."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -16,6 +17,7 @@ import pytest
 from qed_jax import cli, plan
 from qed_jax.config import ConfigError, PRESETS
 from qed_jax.sft import ModelSpec
+from qed_jax.trainer import load_model
 
 from tests.helpers import make_hf_model
 
@@ -167,10 +169,16 @@ def test_model_config_from_a_hub_name_a_folder_or_an_explicit_preset(hf_tiny, tm
     config, source = plan.model_config(ModelSpec(path=str(tmp_path / "missing")), preset_name="qwen3-0.6b")
     assert config.hidden_size == PRESETS["qwen3-0.6b"].hidden_size and "--preset" in source
 
-    hf_tiny.save_pretrained(tmp_path / "hf")
+    hf_tiny.save_pretrained(tmp_path / "hf")  # float32 tensors: planned as the trainers load them
     config, source = plan.model_config(ModelSpec(path=str(tmp_path / "hf")))
-    assert (config.num_layers, config.head_dim, config.param_dtype) == (3, 24, "bfloat16")
+    loaded = load_model(ModelSpec(path=str(tmp_path / "hf")), None, 0).config
+    assert (config.num_layers, config.head_dim, config.param_dtype, config.dtype) == (3, 24, "float32", "float32")
+    assert (loaded.param_dtype, loaded.dtype) == (config.param_dtype, config.dtype)
     assert source.endswith("config.json")
+    assert plan.model_config(ModelSpec(path=str(tmp_path / "hf"), param_dtype="bfloat16"))[0].dtype == "bfloat16"
+    (tmp_path / "config_only").mkdir()  # no weights to read: the default dtype
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "config_only")
+    assert plan.model_config(ModelSpec(path=str(tmp_path / "config_only")))[0].param_dtype == "bfloat16"
 
 
 def test_the_trainer_is_the_one_whose_config_loads():
