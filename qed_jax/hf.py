@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +274,7 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
         config = config.replace(tie_word_embeddings=False)
     maps = tensor_maps(config)
     expected = _expected_shapes(maps, config)
-    _check_tensors(folder, tensors, expected)
+    _check_tensors(folder, tensors, expected, config.num_layers)
     param_dtype = dtype or _widest_dtype(tensors, expected)
     config = config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
 
@@ -314,7 +315,11 @@ def _expected_shapes(maps: dict[str, TensorMap], config: ModelConfig) -> dict[st
     return expected
 
 
-def _check_tensors(folder: Path, tensors: SafetensorsFolder, expected: dict[str, tuple]) -> None:
+def _check_tensors(folder: Path, tensors: SafetensorsFolder, expected: dict[str, tuple], num_layers: int) -> None:
+    layers = {int(m[1]) for name in tensors.names() if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if layers and max(layers) >= num_layers:  # a model cut short without a word
+        raise CheckpointError(f"{folder}: config.json says num_hidden_layers {num_layers}, but the safetensors files "
+                              f"hold layers up to model.layers.{max(layers)}; fix config.json (or the files)")
     for name, shape in expected.items():
         if name not in tensors:
             raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")

@@ -462,6 +462,8 @@ def _drop_tensor(folder, name, reshape=None):
     ("bad json", "config.json: not valid JSON"),
     ("json list", "config.json: not a model config (a JSON object of settings)"),
     ("string field", "config.json: num_hidden_layers must be a positive integer, got '3'"),
+    ("fewer layers", "config.json says num_hidden_layers 2, but the safetensors files hold layers up to "
+                     "model.layers.2; fix config.json"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     folder = tmp_path / "model"
@@ -488,6 +490,9 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     elif case == "string field":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "3"}))
+    elif case == "fewer layers":  # a 3-layer model
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     else:
         shutil.rmtree(folder)
     with pytest.raises((CheckpointError, ConfigError), match=re.escape(expected)) as err:
