@@ -437,11 +437,17 @@ def check_local_output_dir(value: str, advice: str = "") -> None:
                           f"{value}" + (f"; {advice}" if advice else ""))
 
 
+# Counts (tokens, rows, steps) and top_k become int32 arrays on the device.
+MAX_INT32 = 2**31 - 1
+
+
 def require_at_least_one(config, names, prefix: str = "") -> None:
-    """ConfigError unless each named field of `config` is at least 1; a field set to None (its
-    default is derived from others) passes. `prefix` names the section, e.g. "rc."."""
+    """ConfigError unless each named field of `config` is a count from 1 to MAX_INT32; a field
+    set to None (its default is derived from others) passes. `prefix` names the section, e.g.
+    "rc."."""
     for name in names:
         require_range(getattr(config, name), f"{prefix}{name}", 1)
+        require_range(getattr(config, name), f"{prefix}{name}", high=MAX_INT32)
 
 
 # Sampling below this is greedy in all but name; far below it (under ~1e-35), logits / temperature
@@ -465,6 +471,7 @@ def check_temperature_and_filters(params, prefix: str = "") -> None:
                           f"{MIN_TEMPERATURE:g}, got {params.temperature}")
     if params.top_k < 0:
         raise ConfigError(f"{prefix}top_k must be at least 0 (0 is off), got {params.top_k}")
+    require_range(params.top_k, f"{prefix}top_k", high=MAX_INT32)
     if not 0 < params.top_p <= 1:
         raise ConfigError(f"{prefix}top_p must be in (0, 1] (1 is off), got {params.top_p}")
 

@@ -228,6 +228,8 @@ def test_counts_below_one_and_impossible_sampling_values_fail_when_the_config_lo
     ({"temperature": float("inf")}, r"^temperature must be 0 \(greedy\) or .*, got inf$"),
     ({"temperature": 1e-30}, r"^temperature must be 0 \(greedy\) or .*, got 1e-30$"),
     ({"top_k": -1}, r"^top_k must be at least 0"),
+    ({"top_k": 2**32}, r"^top_k must be at most 2147483647, got 4294967296$"),  # int32 on the device
+    ({"max_new_tokens": 5 * 10**9}, r"^max_new_tokens must be at most 2147483647, got 5000000000$"),
     ({"top_p": 0.0}, r"^top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"^top_p must be in \(0, 1\]"),
 ])
@@ -321,6 +323,7 @@ def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monke
 def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
     missing = tmp_path / "no-model"  # loading it would fail with a path error instead
     for flags, message in [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+                           (["--top-k", "5000000000"], "--top-k must be at most 2147483647, got 5000000000"),
                            (["--top-p", "2"], "--top-p must be in (0, 1] (1 is off), got 2.0"),
                            (["--reasoning-cache", "--turns", "0"], "--turns must be at least 1, got 0"),
                            (["--turns", "2"], "--turns is for --reasoning-cache; add that flag or drop --turns"),
