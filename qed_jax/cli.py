@@ -13,7 +13,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from qed_jax.errors import CheckpointError, ConfigError, JudgeUnavailable, first_line, out_of_device_memory
+from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, TrainingDiverged, first_line,
+                            out_of_device_memory)
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -677,6 +678,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        if args.verbose:
+            raise
+        print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
         interrupted = True

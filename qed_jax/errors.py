@@ -17,6 +17,11 @@ class JudgeUnavailable(RuntimeError):
     than scoring zeros."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A training step whose loss or gradient norm is not finite; the message names the step and
+    the checkpoint the run can resume from."""
+
+
 class DeviceCallInterrupted(KeyboardInterrupt):
     """Ctrl-C while a device call (a decode loop) was still running. The call cannot be
     cancelled, and a normal interpreter exit waits for it to end, so the CLI exits at once

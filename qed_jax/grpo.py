@@ -37,8 +37,8 @@ from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest
                                process_share, sampler_weights, sampling_meshes, set_up_together)
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
-from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_rows_divide,
-                             data_parallel_size, data_record, decay_mask, exit_or_export,
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
+                             check_rows_divide, data_parallel_size, data_record, decay_mask, exit_or_export,
                              init_opt_state, is_complete, load_model, make_optimizer, resolve_tokenizer, run_lock,
                              start_or_resume)
 
@@ -881,6 +881,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                     metrics.update(rc_metrics(stats, trajectory_stats, config.rc.turns + 1),
                                    trajectory_s=trajectory_s)
                 metrics_log.write(step, metrics)
+                check_finite(step, metrics, ckpts)
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
                 progress.update()
                 stopping = agree_on_stop(stop)

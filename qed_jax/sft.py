@@ -27,8 +27,8 @@ from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.sharding import MeshConfig, make_mesh
-from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_rows_divide,
-                             data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
+from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_finite,
+                             check_rows_divide, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
                              load_model, lr_schedule, make_optimizer, resolve_tokenizer, run_lock, start_or_resume,
                              to_global)
 
@@ -252,10 +252,12 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                     if eval_due:
                         metrics["eval_loss"] = evaluate(eval_fn, params, eval_examples, config, sharding)
                     metrics_log.write(step, metrics)
+                    check_finite(step, metrics, ckpts)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
                 progress.update()
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == steps or stopping:
+                    check_finite(step, jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}), ckpts)
                     ckpts.save(step, params, opt_state, data, meta(step))
         finally:
             progress.close()

@@ -27,7 +27,7 @@ from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
                             dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
                             read_json_object, require_range, write_text_atomic)
-from qed_jax.errors import RunConfigChanged
+from qed_jax.errors import RunConfigChanged, TrainingDiverged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
 from qed_jax.sharding import DEFAULT_RULES, create_sharded
@@ -83,8 +83,11 @@ class OptimConfig:
         require_range(self.lr, "optim.lr", 0, low_open=True)
         for name in ("warmup_ratio", "final_lr_ratio"):
             require_range(getattr(self, name), f"optim.{name}", 0, 1)
-        for name in ("weight_decay", "grad_clip", "eps"):
+        for name in ("weight_decay", "grad_clip"):
             require_range(getattr(self, name), f"optim.{name}", 0)
+        # AdamW divides by sqrt(v) + eps: with eps 0, a parameter whose gradient is exactly 0 (an
+        # embedding row no batch has used) updates by 0/0.
+        require_range(self.eps, "optim.eps", 0, low_open=True)
         for name in ("b1", "b2"):
             require_range(getattr(self, name), f"optim.{name}", 0, 1, high_open=True)
 
@@ -462,6 +465,20 @@ class StopSignals:
     @property
     def raised(self) -> bool:
         return self.signum is not None
+
+
+def check_finite(step: int, metrics: dict, ckpts: checkpoint.TrainCheckpoints) -> None:
+    """TrainingDiverged when a step's loss or gradient norm is not finite: the update it made
+    spreads the NaN to every parameter, so the step is not saved (a checkpoint of it would rotate
+    good ones out) and the run stops, its newest checkpoint kept."""
+    bad = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])}
+    if not bad:
+        return
+    latest = ckpts.latest_step()
+    kept = f"the newest checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
+    raise TrainingDiverged(f"step {step}: {' and '.join(f'{k} {v}' for k, v in bad.items())}, so training stopped "
+                           f"before saving it; {kept}: lower optim.lr (or look for a bad batch) and rerun, which "
+                           "resumes from there (with --resume-with-changes for a changed config)")
 
 
 def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, export_dtype: str | None,

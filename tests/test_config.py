@@ -157,6 +157,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
 
 @pytest.mark.parametrize("cls,overrides,message", [
     (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
+    (SFTConfig, ["optim.eps=0"], r"^optim\.eps must be above 0, got 0$"),  # AdamW would update by 0/0
     (SFTConfig, [".steps=3"], r"^override '\.steps=3': '\.steps' is not a key \(names joined by single dots"),
     (SFTConfig, ["optim..lr=1"], r"^override 'optim\.\.lr=1': 'optim\.\.lr' is not a key"),
     (SFTConfig, ["checkpoint_every=0"], "^checkpoint_every must be at least 1, got 0$"),

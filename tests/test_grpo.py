@@ -421,6 +421,20 @@ def test_an_unreachable_judge_stops_grpo_before_it_samples_and_may_move(tmp_path
     assert (tmp_path / "run" / "hf" / "config.json").exists()
 
 
+def test_a_step_that_diverges_stops_grpo_before_it_is_saved(tmp_path):
+    from qed_jax.errors import TrainingDiverged
+    from qed_jax.grpo import train
+
+    with JudgeServer(default=("hash", 0.0)) as server:
+        args = [*_judge_args(server, tmp_path), "steps=3", "checkpoint_every=1", "optim.lr=1e30",
+                "optim.warmup_ratio=0", f"output_dir={tmp_path / 'run'}"]
+        with pytest.raises(TrainingDiverged, match=r"^step 2: (loss nan and )?grad_norm nan, so training stopped "
+                                                   r"before saving it; the newest checkpoint, step 1, is kept"):
+            train(load_config(GRPOConfig, TINY, args))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]  # the NaN step's metrics are logged
+
+
 def test_steps_against_the_loopback_judge(tmp_path):
     with JudgeServer(default=("hash", 0.0)) as server:
         proc = _grpo([*_judge_args(server, tmp_path), "steps=3", f"output_dir={tmp_path / 'run'}"],

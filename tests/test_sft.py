@@ -193,6 +193,20 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert [m["step"] for m in read_metrics(killed)] == list(range(1, 21))
 
 
+def test_a_step_that_diverges_stops_the_run_before_it_is_saved(tmp_path, capsys):
+    """An absurd learning rate makes step 2's gradient NaN (and every parameter after its
+    update): the run stops with exit 1 instead of saving NaN checkpoints over step 1's (only two
+    are kept) and exporting NaN weights."""
+    args = ["sft", "--config", TINY, f"tokenizer={TOKENIZER}", f"data.path={DATA}", f"output_dir={tmp_path}",
+            "steps=6", "checkpoint_every=1", "keep_checkpoints=2", "log_every=3", "eval_every=0",
+            "optim.lr=1e30", "optim.warmup_ratio=0", "micro_batches=1"]
+    assert cli.main(args) == 1
+    assert ("error: step 2: grad_norm nan, so training stopped before saving it; the newest checkpoint, step 1, "
+            "is kept: lower optim.lr") in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    assert not (tmp_path / "hf").exists()
+
+
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     proc = _run_sft(["steps=400", "checkpoint_every=1000", "eval_every=0", f"output_dir={tmp_path}"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
