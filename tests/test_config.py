@@ -157,7 +157,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
 
 @pytest.mark.parametrize("cls,overrides,message", [
     (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
-    (SFTConfig, ["optim.eps=0"], r"^optim\.eps must be above 0, got 0$"),  # AdamW would update by 0/0
+    (SFTConfig, ["optim.eps=0"], r"^optim\.eps must be above 0, got 0\.0$"),  # AdamW would update by 0/0
     (SFTConfig, [".steps=3"], r"^override '\.steps=3': '\.steps' is not a key \(names joined by single dots"),
     (SFTConfig, ["optim..lr=1"], r"^override 'optim\.\.lr=1': 'optim\.\.lr' is not a key"),
     (SFTConfig, ["checkpoint_every=0"], "^checkpoint_every must be at least 1, got 0$"),
@@ -204,7 +204,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["optim.lr=-1"], r"^optim\.lr must be above 0, got -1\.0$"),
     (SFTConfig, ["optim.warmup_ratio=2"], r"^optim\.warmup_ratio must be in \[0, 1\], got 2\.0$"),
     (SFTConfig, ["optim.b2=1"], r"^optim\.b2 must be in \[0, 1\), got 1\.0$"),
-    (SFTConfig, ["optim.eps=.nan"], r"^optim\.eps must be at least 0, got nan$"),
+    (SFTConfig, ["optim.eps=.nan"], r"^optim\.eps must be above 0, got nan$"),
     (SFTConfig, ["data.eval_rows=-3"], r"^data\.eval_rows must be at least 0, got -3$"),
     (SFTConfig, ["eval_every=-5"], r"^eval_every must be at least 0, got -5$"),
     (GRPOConfig, ["loss.kl_coef=-1"], r"^loss\.kl_coef must be at least 0, got -1\.0$"),
