@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -830,6 +831,42 @@ def check_local_paths(config: EvalConfig) -> None:
             raise not_found(key, value)
 
 
+PROBLEM_FINGERPRINTS = "problem_fingerprints.json"  # in an eval run directory: `problem_fingerprints`
+PROBLEM_FIELDS = ("problem", "solution", "guidelines", "answer")  # what a prompt or a grade is made of
+
+
+def problem_fingerprints(problems: list[Problem]) -> dict[str, dict]:
+    """Each problem's row (its seed's stream) and a hash of each field its prompt and grades are
+    made of, by id: a rerun can tell a benchmark file (or Hub revision) edited since."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {p.id: {"row": row, **{field: digest(getattr(p, field)) for field in PROBLEM_FIELDS}}
+            for row, p in enumerate(problems)}
+
+
+def check_problems_unchanged(config: EvalConfig, problems: list[Problem], runlog: RunLog) -> None:
+    """Refuse to go on with a run whose drawn problems are no longer in the benchmark as they
+    were: their held samples and grades answer another text (or were drawn from another row's
+    seed), and new samples of them would mix two benchmarks."""
+    out = Path(config.output_dir)
+    if not (out / PROBLEM_FINGERPRINTS).is_file():
+        return  # a run from before the file was written
+    recorded = read_json_object(out / PROBLEM_FINGERPRINTS, "move the folder aside, or use another output_dir")
+    now = problem_fingerprints(problems)
+    for pid in sorted({pid for pid, _ in runlog.samples}, key=str):
+        if pid not in now:
+            raise ConfigError(f"{out} holds samples of problem {pid!r}, which {config.benchmark.path} no longer has "
+                              "(a row removed, or ids by row index that moved): the run's results would mix two "
+                              "benchmarks; choose another output_dir, or delete the old run")
+        was = recorded.get(pid, now[pid])  # a problem first drawn by an earlier version: not recorded
+        changed = [field for field in ("row", *PROBLEM_FIELDS) if was.get(field) != now[pid][field]]
+        if changed:
+            raise ConfigError(f"{out} holds samples of problem {pid!r} whose {', '.join(changed)} changed in "
+                              f"{config.benchmark.path} since they were drawn: they would not be comparable with new "
+                              "ones; choose another output_dir, or delete the old run")
+
+
 def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
     """Refuse to go on with a run whose samples were drawn with other seeds than this version
     draws them (earlier versions drew sample k with seed + k): old and new samples would mix."""
@@ -848,6 +885,7 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", dump_json(config))
     write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
+    write_text_atomic(out / PROBLEM_FINGERPRINTS, json.dumps(problem_fingerprints(problems), indent=1) + "\n")
     files = model_files(config)
     if files is not None and not (out / MODEL_FILES).is_file():
         write_text_atomic(out / MODEL_FILES, json.dumps(files, indent=1) + "\n")
@@ -928,6 +966,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     template = load_prompt_template(b)
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     check_seeds(runlog, config)
+    check_problems_unchanged(config, problems, runlog)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]

@@ -167,6 +167,40 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
 
 
+def test_a_rerun_refuses_a_benchmark_whose_drawn_problems_changed(tmp_path):
+    """Problems added to the benchmark are drawn; a drawn problem whose text, reference or row
+    (its seed's stream) changed, or that is gone, stops the rerun before anything is drawn."""
+    rows = [json.loads(line) for line in (ROOT / "configs/data/answerbench_sample.jsonl").read_text().splitlines()]
+    added = {"problem_id": "AB-new", "problem": "Compute $2 + 2$.", "answer": "4"}
+    bench = tmp_path / "bench.jsonl"
+
+    def write(some):
+        bench.write_text("".join(json.dumps(r) + "\n" for r in some))
+
+    with ModelServer(lambda prompt, seed: "Compute.</think>\nSo \\boxed{3}.") as model, JudgeServer() as judge:
+        def run():
+            return evaluate(config(tmp_path, "answerbench", model.url, judge.url, f"benchmark.path={bench}",
+                                   "samples=1"), progress=False)
+
+        write(rows)
+        assert run()["generated"] == 4
+        write([*rows, added])  # a problem added after the others: the run grows by it
+        assert run()["generated"] == 1
+        drawn = model.total
+        for some, message in [
+            ([rows[0], {**rows[1], "answer": "4"}, *rows[2:], added], "problem 'AB-002' whose answer changed"),
+            ([{**rows[0], "problem": rows[0]["problem"] + " "}, *rows[1:], added], "problem 'AB-001' whose problem "),
+            ([rows[1], rows[0], *rows[2:], added], "problem 'AB-001' whose row changed"),
+            ([*rows[1:], added], "problem 'AB-001', which .*bench.jsonl no longer has"),
+        ]:
+            write(some)
+            with pytest.raises(ConfigError, match=f"run holds samples of {message}"):
+                run()
+        assert model.total == drawn
+        write([*rows, added])
+        assert run()["generated"] == 0
+
+
 def test_a_stripped_self_evaluation_is_not_read_as_the_final_answer(tmp_path):
     def reply(prompt, seed):  # the right answer, then a self-evaluation whose box holds the score
         if "divisors" not in prompt:  # AB-001, AB-002: a self-evaluation and nothing else
