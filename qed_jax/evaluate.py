@@ -315,17 +315,32 @@ def last_boxed(text: str) -> str | None:
     return None if last is None else text[last[0] + 1:last[1]].strip()
 
 
+# A thin, medium or thick space (or a backslash-space) between groups of digits: 1\,000 is 1000
+# (math-verify reads it as 1 times 000).
+DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,:;!]|\\ )(?=\d{3}(?!\d))")
+# A box that holds a number and nothing else: digits, arithmetic, fractions and roots. Anything
+# more (a congruence and its modulus, words, an equation, a list, a unit) leaves "unequal" to
+# the judge: math-verify may have picked the wrong number out of it.
+PLAIN_NUMBER = re.compile(r"(?:[0-9.+\-*/^(){}\[\]\s]|\\(?:[dt]?frac|sqrt|pi|cdot|times|div|left|right)(?![a-zA-Z]))*")
+
+
+def plain_number(text: str) -> bool:
+    return PLAIN_NUMBER.fullmatch(text) is not None and not re.search(r"\d\s+\d", text)
+
+
 def check_answer(predicted: str | None, reference: str) -> bool | None:
     """True when math-verify shows that `predicted` equals `reference`; False only when both are
-    real numbers whose values differ (and neither is an angle in degrees); else None, for the
-    judge to decide. math-verify's "not equal" also covers what it could not prove (a
-    trigonometric identity), a timeout and text answers ("all odd n" parses into a product of
-    letters), so it decides nothing by itself."""
+    plain numbers (`PLAIN_NUMBER`) whose values differ; else None, for the judge to decide.
+    math-verify's "not equal" also covers what it could not prove (a trigonometric identity), a
+    timeout, text answers ("all odd n" parses into a product of letters) and numbers it picked
+    out of more (the modulus of a congruence, a remark in words, 60 degrees read as 60), so it
+    decides nothing by itself."""
     if not predicted:
         return None
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
+    predicted, reference = DIGIT_GROUP_SPACE.sub("", predicted), DIGIT_GROUP_SPACE.sub("", reference)
     # math-verify bounds its time with SIGALRM, which only the main thread may set.
     seconds = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=seconds)
@@ -337,8 +352,8 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
             return True
     except (Exception, TimeoutException):  # sympy failed on an expression, or ran out of time
         return None
-    if any(re.search(r"\\circ|degree", text) for text in (predicted, reference)):
-        return None  # math-verify reads 60° as 60: against π/3, a unit only the judge can weigh
+    if not (plain_number(predicted) and plain_number(reference)):
+        return None
     return False if numerically_different(gold[0], pred[0]) else None
 
 

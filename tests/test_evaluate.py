@@ -375,6 +375,15 @@ def test_answer_checks():
     assert check_answer("1", r"\sqrt[3]{2+\sqrt{5}}+\sqrt[3]{2-\sqrt{5}}") is None
     assert check_answer(r"\frac{\pi}{3}", r"60^\circ") is None and check_answer("61", r"60^{\circ}") is None
     assert check_answer("3", r"\sqrt[3]{27}") is True and check_answer("4", r"\sqrt[3]{27}") is False
+    # Digits grouped by thin spaces are one number (math-verify reads 1\,000 as 1 times 000).
+    assert check_answer(r"1\,000", "1000") is True and check_answer("1000", r"1\,000") is True
+    assert check_answer(r"12\,345", "12345") is True and check_answer(r"2\;024", "2024") is True
+    assert check_answer(r"1\,001", "1000") is False
+    # A number math-verify picks out of more than a number (a congruence's modulus, a remark in
+    # words) decides nothing: the judge does.
+    assert check_answer(r"x \equiv 3 \pmod 5", "3") is None and check_answer(r"n \equiv 3 \pmod{4}", "3") is not False
+    assert check_answer(r"4 \text{ (achieved at } x=2)", "4") is not False
+    assert check_answer("x = 4", "3") is None and check_answer("1 000", "1000") is not False
     assert last_boxed(r"first \boxed{1}, then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
     assert last_boxed("no box") is None
     # The last box whose braces close: one cut off by the token budget falls back to the one before.
