@@ -232,22 +232,27 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     step, last_loss, stopping = start, result["loss"], False
     with StopSignals() as stop, jax.set_mesh(mesh):  # attention kernels find the mesh here
         try:
+            # Speed is measured over the steps since the last log: the device runs steps queued
+            # ahead of the host, so one step's wall time would count the queue's.
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             # `stopping` is what all processes agreed on after the last step; a signal that
             # arrives later waits for the next step's agreement (and its checkpoint).
             while step < steps and not stopping:
-                tick = time.perf_counter()
                 batch = to_global(next(data), config.micro_batches, sharding)
                 params, opt_state, metrics = step_fn(params, opt_state, batch)
                 step += 1
                 last_loss = metrics["loss"]
+                window_steps, window_tokens = window_steps + 1, window_tokens + metrics["tokens"]
                 eval_due = config.eval_every and step % config.eval_every == 0 and eval_examples
-                if step % config.log_every == 0 or step == steps or eval_due:
+                logged = step % config.log_every == 0 or step == steps or eval_due
+                if logged:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    seconds = time.perf_counter() - tick
-                    metrics.update(lr=float(schedule(step - 1)), tokens_per_s=metrics["tokens"] / seconds,
-                                   step_s=seconds)
+                    seconds = time.perf_counter() - window_start
+                    tokens_per_s = float(window_tokens) / seconds
+                    metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tokens_per_s,
+                                   step_s=seconds / window_steps)
                     if config.peak_tflops_per_device:
-                        metrics["mfu"] = flops_per_token * metrics["tokens"] / seconds / (
+                        metrics["mfu"] = flops_per_token * tokens_per_s / (
                             config.peak_tflops_per_device * 1e12 * jax.device_count())
                     if eval_due:
                         metrics["eval_loss"] = evaluate(eval_fn, params, eval_examples, config, sharding)
@@ -259,6 +264,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                 if step % config.checkpoint_every == 0 or step == steps or stopping:
                     check_finite(step, jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}), ckpts)
                     ckpts.save(step, params, opt_state, data, meta(step))
+                if logged:  # the next window starts after this step's eval, log and save
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         finally:
             progress.close()
             ckpts.close()
