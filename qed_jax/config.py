@@ -499,6 +499,9 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
         hint = "" if isinstance(e, DuplicateKey) else "; quote it"
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or first_line(e)}){hint}") from None
+    if str(value).count("#") < raw.count("#"):  # YAML read ` #...` as a comment and dropped it
+        raise ConfigError(f"override {override!r}: YAML reads a # after a space as the start of a comment, which "
+                          f"would leave {value!r}; quote the value ({key}='\"...\"') or drop the comment")
     merge(node, {parts[-1]: value}, parts[:-1], cls)
 
 

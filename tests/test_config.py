@@ -157,6 +157,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
 
 @pytest.mark.parametrize("cls,overrides,message", [
     (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
+    (SFTConfig, ["output_dir=/tmp/run #2"], r"^override 'output_dir=/tmp/run #2': YAML reads a # after a space as "
+                                             r"the start of a comment, which would leave '/tmp/run'; quote the value"),
     (SFTConfig, ["optim.eps=0"], r"^optim\.eps must be above 0, got 0\.0$"),  # AdamW would update by 0/0
     (SFTConfig, [".steps=3"], r"^override '\.steps=3': '\.steps' is not a key \(names joined by single dots"),
     (SFTConfig, ["optim..lr=1"], r"^override 'optim\.\.lr=1': 'optim\.\.lr' is not a key"),
@@ -239,6 +241,11 @@ def test_sampling_params_refuse_values_that_cannot_sample(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_a_hash_in_an_override_is_kept_when_quoted_or_not_after_a_space():
+    assert load_config(SFTConfig, None, ['output_dir="/tmp/run #2"']).output_dir == "/tmp/run #2"  # a shell's '"..."'
+    assert load_config(SFTConfig, None, ["output_dir=runs/a#2"]).output_dir == "runs/a#2"
 
 
 def test_overrides_may_stand_on_both_sides_of_an_option():
