@@ -350,13 +350,14 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     if compare_config and "config" in saved:
         changes = config_changes(expand_paths(saved["config"]), current["config"])
     old, new = saved.get("data"), current["data"]
-    if old is not None and old != new:
+    same = lambda a, b: (a["examples"], a["sha256"]) == (b["examples"], b["sha256"])  # noqa: E731 (a path may be respelt)
+    if old is not None and not same(old, new):
         describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
         changes.append(f"training data: {describe(old)} -> {describe(new)}")
     if changes and not resume_with_changes:
         raise RunConfigChanged(checkpoints, changes, "checkpoint_dir")
     if changes:
-        data_moved = "" if old is None or old == new else ": its data position now counts into other examples"
+        data_moved = "" if old is None or same(old, new) else ": its data position now counts into other examples"
         log.warning("resuming from %s with changes (%s)%s", checkpoints, "; ".join(changes), data_moved)
 
 

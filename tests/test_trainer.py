@@ -24,7 +24,8 @@ from qed_jax import checkpoint, grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
-from qed_jax.trainer import MetricsLog, OptimConfig, config_changes, data_record, decay_mask, make_optimizer, run_lock
+from qed_jax.trainer import (MetricsLog, OptimConfig, check_run_data, config_changes, data_record, decay_mask,
+                             make_optimizer, run_lock)
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,6 +166,18 @@ def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tm
     assert json.loads((run / "config.1.json").read_text())["steps"] == 2
     again = _sft(["steps=3", f"data.path={data}", f"output_dir={run}"])  # step 3's checkpoint has the new data
     assert again.returncode == 0 and "already complete at step 3" in again.stdout, again.stderr[-3000:]
+
+
+def test_the_same_data_under_another_spelling_of_its_path_is_not_a_change(tmp_path, caplog):
+    examples = [{"tokens": np.arange(4, dtype=np.int32)}]
+    saved = {"trainer": "sft", "data": data_record("configs/data/rows.jsonl", examples)}
+    current = {"trainer": "sft", "data": data_record(f"{tmp_path}/configs/data/rows.jsonl", examples), "config": {}}
+    check_run_data(tmp_path, saved, current, resume_with_changes=False)
+    check_run_data(tmp_path, saved, current, resume_with_changes=True)
+    assert "changes" not in caplog.text
+    current["data"] = data_record("configs/data/rows.jsonl", examples * 2)
+    with pytest.raises(ConfigError, match=r"training data: configs/data/rows.jsonl: 1 examples, sha256 .* -> "):
+        check_run_data(tmp_path, saved, current, resume_with_changes=False)
 
 
 def test_the_data_record_sees_text_tokens_marking_schemes_and_missing_fields():
