@@ -815,7 +815,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     judge_checked = isinstance(grader, Judge) and (ckpts.latest_step() or 0) < config.steps
     if judge_checked:
         on_every_process(grader.check_reachable)
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, config.steps,
+                                               resume_with_changes)
     metrics_log = MetricsLog(out, start)
     if is_complete(out, start, config.steps, config.export_dtype):
         ckpts.close()

@@ -212,7 +212,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "sft", "data": data_record(config.data.path, examples),
                                              "config": json_values(config)})
-    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, resume_with_changes)
+    params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, steps,
+                                               resume_with_changes)
     metrics_log = MetricsLog(out, start)
     result = {"output_dir": str(out), "process": jax.process_index(), "step": start, "start_step": start,
               "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan}

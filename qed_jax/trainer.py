@@ -362,15 +362,21 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
 
 
 def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator,
-                    resume_with_changes: bool = False):
+                    steps: int, resume_with_changes: bool = False):
     """Restore the newest intact checkpoint (params, optimizer, data position) into the given
-    shardings, or start afresh; then record the config. Returns (params, opt_state, step)."""
+    shardings, or start afresh; then record the config, unless it changed and the run already
+    reached its `steps` (nothing would train under it). Returns (params, opt_state, step)."""
     changed = check_run_config(out, config, resume_with_changes)
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
         ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded))
-    record_run_config(out, config, changed)
+    step = 0 if restored is None else restored[2]["step"]
+    if changed and step >= steps:
+        log.warning("%s: the run is complete at step %d, so its changed config is not recorded: nothing trains under "
+                    "it (raise steps to continue the run)", out, step)
+    else:
+        record_run_config(out, config, changed)
     if restored is None:
         return params, opt_state, 0
     params, opt_state, meta = restored

@@ -599,6 +599,16 @@ def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     assert result["step"] == 1
 
 
+def test_a_finished_run_rerun_with_changes_keeps_the_config_it_trained_under(tmp_path, caplog):
+    base = [f"output_dir={tmp_path}", "steps=1", "eval_every=0", "batch_size=16", "export_dtype=null"]
+    train(load_config(SFTConfig, TINY, base))
+    trained_under = (tmp_path / "config.json").read_text()
+    result = train(load_config(SFTConfig, TINY, [*base, "optim.lr=1e-4"]), resume_with_changes=True)
+    assert result["complete"] and result["step"] == 1
+    assert (tmp_path / "config.json").read_text() == trained_under and not (tmp_path / "config.1.json").exists()
+    assert "the run is complete at step 1, so its changed config is not recorded" in caplog.text
+
+
 def test_rows_whose_prompt_fills_max_length_are_counted_as_such(caplog):
     """Truncated to max_length, a row whose prompt takes it all has no answer token to train:
     dropped and named for what it is (not "malformed", nor also "truncated")."""
