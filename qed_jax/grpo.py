@@ -460,7 +460,9 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
              len(prompts), skipped, too_long, limit)
     if not prompts:
-        raise ConfigError(f"{config.data.path}: no usable prompts")
+        fix = [f"{too_long} longer than {limit} tokens: raise max_prompt_length"] if too_long else []
+        fix += [f"{skipped} malformed (the warnings above name them)"] if skipped else []
+        raise ConfigError(f"{config.data.path}: no usable prompts among its {len(rows)} rows ({'; '.join(fix)})")
     return prompts
 
 
