@@ -745,8 +745,9 @@ RUN_IDENTITY = (
 
 def check_rerun(config: EvalConfig) -> None:
     """Refuse a rerun into a run directory whose samples and grades were made under another
-    config (RUN_IDENTITY), or one that would keep fewer samples or problems than it holds: the
-    report counts every sample in the run, so they would be counted under the wrong avg@k."""
+    config (RUN_IDENTITY), or one that would keep fewer problems than it holds: the report counts
+    every sample in the run, so they would be counted under the wrong avg@k (`samples` is
+    checked against the samples held: check_samples_kept)."""
     out = Path(config.output_dir)
     saved_path = out / "config.json"
     if not saved_path.is_file():
@@ -769,11 +770,21 @@ def check_rerun(config: EvalConfig) -> None:
                                   f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
                                   "its samples and grades would not be comparable; choose another output_dir, or "
                                   "delete the old run")
-    for key in ("samples", "benchmark.limit"):  # None: every problem
-        old, new = get_dotted(saved, key), get_dotted(current, key)
-        if new is not None and (old is None or new < old):
-            raise ConfigError(f"{out} holds a run with {key}={old!r}: a rerun may extend it, not shrink it to "
-                              f"{new!r} (its report counts every sample it holds); choose another output_dir")
+    old, new = get_dotted(saved, "benchmark.limit"), config.benchmark.limit  # None: every problem
+    if new is not None and (old is None or new < old):
+        raise ConfigError(f"{out} holds a run with benchmark.limit={old!r}: a rerun may extend it, not shrink it to "
+                          f"{new!r} (its report counts every sample it holds); choose another output_dir")
+
+
+def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
+    """Refuse a rerun with fewer `samples` than the run holds (the report counts every sample it
+    holds, so they would be counted under the wrong avg@k). What it holds, not what its config
+    last asked for: an extension stopped before it drew anything may be run again smaller."""
+    held = 1 + max((k for _, k in runlog.samples), default=-1)
+    if config.samples < held:
+        raise ConfigError(f"{config.output_dir} holds a run with samples drawn up to index {held - 1} (samples={held}): "
+                          f"a rerun may extend it, not shrink it to {config.samples} (its report counts every sample "
+                          "it holds); choose another output_dir")
 
 
 TEMPLATES_FILE = "templates.json"  # in an eval run directory: `template_texts` when it began
@@ -982,6 +993,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     check_seeds(runlog, config)
     check_problems_unchanged(config, problems, runlog)
+    check_samples_kept(config, runlog)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]
@@ -989,6 +1001,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
     check_model_unchanged(config)  # a finished run too: its results would stand for this model
     if not to_generate and not to_grade:
+        if (Path(config.output_dir) / SAMPLES_FILE).exists():
+            prepare_output(config, problems)  # what the run is now (e.g. samples, after an extension stopped early)
         return counts
     if to_generate:  # a rerun that only grades needs no model
         check_local_paths(config)
