@@ -42,13 +42,12 @@ def summarize(config: dict, records: list[dict], problem_ids: list[str] | None =
     scores = [r["score"] for r in graded]
     problems = {r["problem_id"] for r in records} | set(problem_ids or ())
     # avg@k: the mean over problems of each sample index, then the mean and spread of those means,
-    # over the indices drawn and graded (or failed) for every problem of the benchmark (a run
-    # stopped part-way leaves its last ones partial: they count in the mean of all samples, not
-    # as one of the k).
-    whole = [i for i in range(k)
-             if len({r["problem_id"] for r in records if r["sample"] == i and r["graded"]}) == len(problems)]
+    # over the indices drawn and graded for every problem of the benchmark, so that each mean
+    # covers the same problems (a run stopped part-way, or with a failed grade the next run
+    # retries, leaves an index partial: its scores count in the mean of all samples, not as one
+    # of the k).
+    whole = [i for i in range(k) if len({r["problem_id"] for r in graded if r["sample"] == i}) == len(problems)]
     per_sample = [_mean([r["score"] for r in graded if r["sample"] == i]) for i in whole]
-    per_sample = [m for m in per_sample if not math.isnan(m)]
     groups = {}
     present = {r["group"] for r in records if r.get("group") is not None}
     # In the config's order (Basic before Advanced), then any label it does not list ("other").
@@ -161,7 +160,7 @@ def markdown(summaries: dict[str, dict]) -> str:
         lines = ["Score (%) by model:", "", *_table(*pivot), "", "Every run:", "", *lines]
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
              "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
-             "over problems (the samples drawn and graded, or failed, for every problem in the run); ± is their "
+             "over problems (the samples drawn and graded, not failed, for every problem in the run); ± is their "
              "standard deviation (ddof 1). Truncated: nothing to grade (no `</think>`, or nothing after it). "
              "Reasoning-cache runs (mode rc): per turn, the mean score of each turn's answer (the last turn's is the run's "
              "score); tokens are the policy's over all turns, summaries apart.")

@@ -110,12 +110,13 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path, caplog):
         scores = np.array([[by_key[(p, k)]["score"] if by_key[(p, k)]["score"] is not None else np.nan
                             for k in range(3)] for p in pids], dtype=float)
         tokens = np.array([r["completion_tokens"] for r in records], dtype=float)
-        per_sample = np.nanmean(scores, axis=0)
+        whole = ~np.isnan(scores).any(axis=0)  # sample 2 has the failed grade: each mean covers every problem
+        per_sample = scores[:, whole].mean(axis=0)
         assert summary["failed"] == 1 and summary["graded"] == 11
         assert summary["mean"] == pytest.approx(np.nanmean(scores))
         assert summary["percent"] == pytest.approx(100 * np.nanmean(scores) / 7)
         assert summary["mean_failed_as_zero"] == pytest.approx(np.nan_to_num(scores).mean())
-        assert summary["avg_at_k"]["k"] == 3
+        assert summary["avg_at_k"]["k"] == 2
         assert summary["avg_at_k"]["mean"] == pytest.approx(per_sample.mean())
         assert summary["avg_at_k"]["std"] == pytest.approx(np.std(per_sample, ddof=1))
         assert summary["avg_at_k"]["percent_std"] == pytest.approx(100 * np.std(per_sample, ddof=1) / 7)
@@ -681,14 +682,16 @@ def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
     assert (s["problems"], s["avg_at_k"]["k"], s["undrawn"]) == (6, 0, 13)
     assert "| avg@0 – ± – |" in "| " + " | ".join(table_row("r", s)) + " |"
     # Stopped while grading: sample 1 drawn for every problem but graded for p0 only. Its 7 is not
-    # sample 1's mean, so sample 1 is not one of the k. A failed grade is a grade, though.
+    # sample 1's mean, so sample 1 is not one of the k. Nor while its failed grades wait for the
+    # next run's retry: a mean over the problems graded would cover other problems than sample 0's.
     pending = [{**r, "sample": 1, "score": 7 if r["problem_id"] == "p0" else None,
                 "graded": r["problem_id"] == "p0"} for r in records[:4]]
     s = summarize(config, records[:4] + pending)
     assert (s["avg_at_k"]["k"], s["avg_at_k"]["per_sample"], s["pending"]) == (1, [3.5], 3)
     failed = [{**r, "graded": True} for r in pending]
     s = summarize(config, records[:4] + failed)
-    assert (s["avg_at_k"]["k"], s["avg_at_k"]["per_sample"], s["failed"]) == (2, [3.5, 7.0], 3)
+    assert (s["avg_at_k"]["k"], s["avg_at_k"]["per_sample"], s["failed"]) == (1, [3.5], 3)
+    assert s["mean"] == pytest.approx((0 + 0 + 7 + 7 + 7) / 5)  # the failed grades left out
 
 
 def test_report_tables_and_plots_take_any_run_name(tmp_path):
