@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         "directory. The direction follows SOURCE: a Hugging Face folder becomes a checkpoint, "
         "a checkpoint becomes a Hugging Face folder (its latest step, or --step). Tokenizer files travel along.",
     )
-    p.add_argument("source", help="Hugging Face model folder or qed-jax checkpoint directory")
+    p.add_argument("source", help="Hugging Face model folder, qed-jax checkpoint directory, or Hugging Face Hub id "
+                   "(e.g. Qwen/Qwen3-4B-Thinking-2507)")
     p.add_argument("dest", help="output directory (local; gs:// for a qed-jax checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the output (default: keep the source's; of a Hugging Face folder "
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample completions from a model",
                        description="Sample completions for one or more prompts with the jitted "
                        "KV-cache sampler. The tokenizer is read from the model folder.")
-    p.add_argument("--model", required=True, help="Hugging Face folder or qed-jax checkpoint")
+    p.add_argument("--model", required=True, help="Hugging Face folder, qed-jax checkpoint or Hugging Face Hub id")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true",

@@ -406,8 +406,9 @@ def cache_lengths(prompts: RCPrompts, problem_tokens: int, shape: LoopShape, sep
 @cache  # once per turn and model limit, not at every call
 def _warn_past_trained_positions(role: str, parts: tuple[tuple[str, int], ...], limit: int) -> None:
     log.warning("a reasoning-cache turn of the %s takes up to %d positions (%s), past the model's "
-                "max_position_embeddings (%d): positions beyond it were never trained; lower the rc section's "
-                "token budgets for this model", role, sum(n for _, n in parts),
+                "max_position_embeddings (%d): positions beyond it were never trained; lower the reasoning cache's "
+                "token budgets for this model (the rc section's, or generate's --max-new-tokens, --summary-tokens "
+                "and --summarizer-max-new-tokens)", role, sum(n for _, n in parts),
                 ", ".join(f"{name} {n}" for name, n in parts), limit)
 
 

@@ -263,7 +263,8 @@ def test_a_turn_past_the_trained_positions_warns_once(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"a reasoning-cache turn of the policy takes up to {length} positions (template {template}, problem "
         f"{len(problem)}, summary 4, reasoning 2, summarizer 4), past the model's max_position_embeddings ({limit}): "
-        "positions beyond it were never trained; lower the rc section's token budgets for this model"]
+        "positions beyond it were never trained; lower the reasoning cache's token budgets for this model (the rc "
+        "section's, or generate's --max-new-tokens, --summary-tokens and --summarizer-max-new-tokens)"]
 
 
 @pytest.mark.parametrize("field, value, message", [

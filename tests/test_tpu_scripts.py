@@ -342,6 +342,9 @@ def test_launch_dry_run_prints_the_pod_sequence_and_calls_nothing(gcloud, capsys
     assert [line.split()[4] for line in lines] == [
         "describe", "create", "describe", "scp", "ssh", *["ssh"] * 8, "delete"]
     assert "--worker=7" in lines[-2] and "> tpu_logs/r/attempt-1/worker-7.log 2>&1 &" in lines[-2]
+    launcher("run", "qed-sft", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", "my logs", "--dry-run", "--",
+             "qed-jax", "sft")  # a log folder with a space: the printed line still runs as shown
+    assert "> 'my logs/worker-0.log' 2>&1 &" in capsys.readouterr().out
 
 
 def test_bad_env_is_one_line_error(gcloud, capsys):

@@ -270,7 +270,7 @@ def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
     progress(f"running on {workers} worker(s) of {gc.name}; logs in {log_dir}/worker-N.log")
     if gc.dry_run:
         for w, argv in enumerate(argvs):
-            print(f"{shlex.join(argv)} > {log_dir}/worker-{w}.log 2>&1 &")
+            print(f"{shlex.join(argv)} > {shlex.quote(f'{log_dir}/worker-{w}.log')} 2>&1 &")
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
