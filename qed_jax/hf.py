@@ -322,7 +322,9 @@ def _check_tensors(folder: Path, tensors: SafetensorsFolder, expected: dict[str,
                               f"hold layers up to model.layers.{max(layers)}; fix config.json (or the files)")
     for name, shape in expected.items():
         if name not in tensors:
-            raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")
+            tied = " (config.json does not tie the output head to the embedding: if this model does, set " \
+                   "tie_word_embeddings true there)" if name == "lm_head.weight" else ""
+            raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files{tied}")
         if tensors.shape(name) != shape:
             raise CheckpointError(
                 f"{folder}: tensor {name} has shape {list(tensors.shape(name))}, but config.json "

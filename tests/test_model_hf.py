@@ -452,6 +452,8 @@ def _drop_tensor(folder, name, reshape=None):
 
 @pytest.mark.parametrize("case,expected", [
     ("missing", "tensor model.layers.1.mlp.up_proj.weight is missing"),
+    ("untied head missing", "tensor lm_head.weight is missing from the safetensors files (config.json does not tie "
+                            "the output head to the embedding: if this model does, set tie_word_embeddings true"),
     ("misshaped", "tensor model.layers.0.self_attn.k_proj.weight has shape [40, 64], but config.json implies [48, 64]"),
     ("moe", "unsupported model_type 'qwen3_moe'"),
     ("bias", "attention_bias=true"),
@@ -470,6 +472,10 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     make_hf_model(folder)
     if case == "missing":
         _drop_tensor(folder, "model.layers.1.mlp.up_proj.weight")
+    elif case == "untied head missing":  # a tied model whose config.json lost tie_word_embeddings
+        make_hf_model(folder, tie_word_embeddings=True)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     elif case == "misshaped":
         _drop_tensor(folder, "model.layers.0.self_attn.k_proj.weight", reshape=40)
     elif case in ("moe", "bias"):
