@@ -160,6 +160,10 @@ def load_rc_template(name_or_path: str) -> str:
 def split_template(text: str, slots: tuple[str, ...], where: str = "template") -> tuple[list[str], tuple[str, ...]]:
     """Literal texts and the placeholder names between them, in the template's order. Each of
     `slots` must appear exactly once as {name}; other braces are literal text."""
+    doubled = re.search(r"\{\{(" + "|".join(slots) + r")\}\}", text)
+    if doubled:  # the judge's and benchmark's templates spell placeholders so; here the outer braces would stay
+        raise ConfigError(f"{where}: {doubled.group()} has doubled braces; an RC template writes its placeholders "
+                          f"with single ones ({', '.join('{%s}' % s for s in slots)})")
     parts = re.split(r"\{(" + "|".join(slots) + r")\}", text)
     literals, found = parts[0::2], tuple(parts[1::2])
     for slot in slots:

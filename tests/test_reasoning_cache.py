@@ -287,6 +287,8 @@ def test_templates_split_at_their_placeholders(tmp_path):
         rc.split_template("{problem} {summary}", rc.SUMMARIZE_SLOTS, "mine.txt")
     with pytest.raises(ConfigError, match=r"\{problem\} must appear exactly once, found 2"):
         rc.split_template("{problem} {summary} {problem}", rc.REASONING_SLOTS)
+    with pytest.raises(ConfigError, match=r"^mine.txt: \{\{problem\}\} has doubled braces; an RC template writes"):
+        rc.split_template("{{problem}} {summary}", rc.REASONING_SLOTS, "mine.txt")  # as the judge's templates do
     for name, slots in (("rc_reasoning", rc.REASONING_SLOTS), ("rc_summarize", rc.SUMMARIZE_SLOTS)):
         rc.split_template(rc.load_rc_template(name), slots, name)
     path = tmp_path / "short.txt"
