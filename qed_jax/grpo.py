@@ -39,8 +39,8 @@ from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
                              check_rows_divide, data_parallel_size, data_record, decay_mask, exit_or_export,
-                             init_opt_state, is_complete, load_model, make_optimizer, resolve_tokenizer, run_lock,
-                             start_or_resume)
+                             init_opt_state, is_complete, load_model, make_optimizer, params_finite, resolve_tokenizer,
+                             run_lock, start_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def accumulate_step(graphdef, loss: LossConfig, params, ref_params, grads, sums,
 
 def apply_step(optimizer, params, opt_state, grads):
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"grad_norm": optax.tree.norm(grads), "params_finite": params_finite(params)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,12 +624,13 @@ class Learner:
             sums = {k: jnp.float32(0) for k in METRIC_SUMS}
             for micro in micro_batches(rows, self.rows_per_micro):
                 grads, sums = self.accumulate(params, ref_params, grads, sums, {**self.put(micro), **totals})
-            params, opt_state, grad_norm = self.apply(params, opt_state, grads)
+            params, opt_state, applied = self.apply(params, opt_state, grads)
         sums = jax.device_get(sums)
         n = max(float(sums.pop("tokens")), 1.0)
         loss = float(sums.pop("loss"))
         token_means = {k: float(v) / n for k, v in sums.items()}
-        return params, opt_state, {"loss": loss, "grad_norm": float(grad_norm), **token_means}
+        return params, opt_state, {"loss": loss, **{k: float(v) for k, v in jax.device_get(applied).items()},
+                                   **token_means}
 
 
 def update_samples(num_samples: int, minibatches: int, first_sample: int = 0) -> list[np.ndarray]:

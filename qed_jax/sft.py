@@ -29,8 +29,8 @@ from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_finite,
                              check_rows_divide, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
-                             load_model, lr_schedule, make_optimizer, resolve_tokenizer, run_lock, start_or_resume,
-                             to_global)
+                             load_model, lr_schedule, make_optimizer, params_finite, resolve_tokenizer, run_lock,
+                             start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def train_step(graphdef, optimizer, params, opt_state, batch):
     params = optax.apply_updates(params, updates)
     tokens = jnp.sum(batch["segment_ids"] > 0)
     return params, opt_state, {"loss": loss, "target_tokens": count, "tokens": tokens,
-                               "grad_norm": optax.tree.norm(grads)}
+                               "grad_norm": optax.tree.norm(grads), "params_finite": params_finite(params)}
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -263,7 +263,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                 progress.update()
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == steps or stopping:
-                    check_finite(step, jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}), ckpts)
+                    check_finite(step, jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "params_finite")}),
+                                 ckpts)
                     ckpts.save(step, params, opt_state, data, meta(step))
                 if logged:  # the next window starts after this step's eval, log and save
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0

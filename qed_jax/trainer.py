@@ -81,6 +81,7 @@ class OptimConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
         require_range(self.lr, "optim.lr", 0, low_open=True)
+        require_range(self.lr, "optim.lr", high=float(np.finfo(np.float32).max))  # a float32 on the device
         for name in ("warmup_ratio", "final_lr_ratio"):
             require_range(getattr(self, name), f"optim.{name}", 0, 1)
         for name in ("weight_decay", "grad_clip"):
@@ -474,18 +475,27 @@ class StopSignals:
         return self.signum is not None
 
 
+def params_finite(params) -> jax.Array:
+    """1.0 when every parameter is finite, else 0.0: a step's metric, so that `check_finite`
+    sees an update that overflowed even where the loss and gradients it came from were finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])).astype(jnp.float32)
+
+
 def check_finite(step: int, metrics: dict, ckpts: checkpoint.TrainCheckpoints) -> None:
-    """TrainingDiverged when a step's loss or gradient norm is not finite: the update it made
-    spreads the NaN to every parameter, so the step is not saved (a checkpoint of it would rotate
-    good ones out) and the run stops, its newest checkpoint kept."""
-    bad = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])}
+    """TrainingDiverged when a step's loss or gradient norm is not finite, or its update made a
+    parameter so (`params_finite` below 1: GRPO's is the mean over the step's updates): the
+    step is not saved (a checkpoint of it would rotate good ones out) and the run stops, its
+    newest checkpoint kept."""
+    bad = [f"{k} {float(metrics[k])}" for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
+    if metrics.get("params_finite", 1.0) < 1.0:
+        bad.append("parameters no longer finite after the update")
     if not bad:
         return
     latest = ckpts.latest_step()
     kept = f"the newest checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
-    raise TrainingDiverged(f"step {step}: {' and '.join(f'{k} {v}' for k, v in bad.items())}, so training stopped "
-                           f"before saving it; {kept}: lower optim.lr (or look for a bad batch) and rerun, which "
-                           "resumes from there (with --resume-with-changes for a changed config)")
+    raise TrainingDiverged(f"step {step}: {' and '.join(bad)}, so training stopped before saving it; {kept}: lower "
+                           "optim.lr (or look for a bad batch) and rerun, which resumes from there (with "
+                           "--resume-with-changes for a changed config)")
 
 
 def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, export_dtype: str | None,

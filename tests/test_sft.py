@@ -201,8 +201,9 @@ def test_a_step_that_diverges_stops_the_run_before_it_is_saved(tmp_path, capsys)
             "steps=6", "checkpoint_every=1", "keep_checkpoints=2", "log_every=3", "eval_every=0",
             "optim.lr=1e30", "optim.warmup_ratio=0", "micro_batches=1"]
     assert cli.main(args) == 1
-    assert ("error: step 2: grad_norm nan, so training stopped before saving it; the newest checkpoint, step 1, "
-            "is kept: lower optim.lr") in capsys.readouterr().err
+    assert re.search(r"error: step 2: grad_norm nan( and parameters no longer finite after the update)?, so training "
+                     "stopped before saving it; the newest checkpoint, step 1, is kept: lower optim.lr",
+                     capsys.readouterr().err)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
     assert not (tmp_path / "hf").exists()
 

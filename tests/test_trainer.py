@@ -24,8 +24,8 @@ from qed_jax import checkpoint, grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
 from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
-from qed_jax.trainer import (MetricsLog, OptimConfig, check_run_data, config_changes, data_record, decay_mask,
-                             make_optimizer, run_lock)
+from qed_jax.trainer import (MetricsLog, OptimConfig, check_finite, check_run_data, config_changes, data_record,
+                             decay_mask, make_optimizer, params_finite, run_lock)
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,6 +178,25 @@ def test_the_same_data_under_another_spelling_of_its_path_is_not_a_change(tmp_pa
     current["data"] = data_record("configs/data/rows.jsonl", examples * 2)
     with pytest.raises(ConfigError, match=r"training data: configs/data/rows.jsonl: 1 examples, sha256 .* -> "):
         check_run_data(tmp_path, saved, current, resume_with_changes=False)
+
+
+def test_a_step_whose_update_overflowed_is_not_saved_though_its_loss_was_finite(tmp_path):
+    """The loss and gradient norm a step logs come from the parameters before its update: an
+    update that overflowed shows only in the parameters it made."""
+    from qed_jax.checkpoint import TrainCheckpoints
+    from qed_jax.errors import TrainingDiverged
+
+    good = {"w": jnp.ones(3), "b": {"c": jnp.zeros(2)}}
+    overflowed = {"w": jnp.ones(3), "b": {"c": jnp.array([1, jnp.inf])}}
+    assert float(params_finite(good)) == 1.0 and float(params_finite(overflowed)) == 0.0
+    ckpts = TrainCheckpoints(tmp_path / "checkpoints", preset("tiny"), 2, run={"trainer": "sft"})
+    check_finite(3, {"loss": 2.0, "grad_norm": 1.0, "params_finite": 1.0}, ckpts)
+    with pytest.raises(TrainingDiverged, match=r"^step 3: parameters no longer finite after the update, so training "
+                                               "stopped before saving it; no checkpoint was saved: lower optim.lr"):
+        check_finite(3, {"loss": 2.0, "grad_norm": 1.0, "params_finite": 0.0}, ckpts)
+    with pytest.raises(TrainingDiverged, match=r"^step 4: loss nan and grad_norm inf and parameters no longer finite"):
+        check_finite(4, {"loss": np.float32("nan"), "grad_norm": float("inf"), "params_finite": 0.5}, ckpts)
+    ckpts.close()
 
 
 def test_the_data_record_sees_text_tokens_marking_schemes_and_missing_fields():
