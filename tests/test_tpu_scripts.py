@@ -408,13 +408,13 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
     home = tmp_path / "qed-jax"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QED_HOME": str(home), "QED_VENV": str(venv)}
 
-    def set_up(files: dict[str, str]) -> subprocess.CompletedProcess:
+    def set_up(files: dict[str, str], path: str = env["PATH"]) -> subprocess.CompletedProcess:
         with tarfile.open(tmp_path / "code.tar.gz", "w:gz") as tar:
             for name, text in files.items():
                 (tmp_path / "file").write_text(text)
                 tar.add(tmp_path / "file", arcname=name)
         return subprocess.run(["bash", str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
-                              env=env, check=True, capture_output=True, text=True)
+                              env={**env, "PATH": path}, check=path == env["PATH"], capture_output=True, text=True)
 
     set_up({"pyproject.toml": "", "old_module.py": "", ".ci/run": "", "notes.md": "old"})
     assert "-m pip install --quiet -e .[tpu]" in (tmp_path / "pip.log").read_text()
@@ -431,6 +431,20 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
     assert (home / "notes.md").read_text() == "new" and (home / "report.md").read_text() == "the code's"
     assert (home / "report.md.kept").read_text() == "a job's"
     assert f"the one a job wrote is at {home}/report.md.kept" in done.stderr
+
+    # Stopped half-way (here an mv that fails on one file of the new code), then run again: what
+    # jobs wrote never left QED_HOME, and the second run ends as one whole run would.
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    (failing / "mv").write_text('#!/bin/bash\n[[ "$1" == */zz_last ]] && exit 1\nexec /bin/mv "$@"\n')
+    (failing / "mv").chmod(0o755)
+    code = {"pyproject.toml": "newer", ".ci/run": "", "aa_first": "", "zz_last": ""}
+    assert set_up(code, f"{failing}:{env['PATH']}").returncode != 0
+    assert (home / "runs/eval/samples.jsonl").read_text() == "hours of sampling"
+    set_up(code)
+    assert sorted(p.name for p in home.iterdir()) == [
+        ".ci", ".judge_cache.sqlite", ".qed-code", "aa_first", "pyproject.toml", "report.md.kept", "runs", "zz_last"]
+    assert (home / "pyproject.toml").read_text() == "newer" and not (tmp_path / "qed-jax.new").exists()
 
 
 def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on every TPU VM worker (from `tpu.py setup`): unpack the code into ~/qed-jax and install
-# it with the `tpu` extra into ~/qed-jax-venv. Safe to repeat: the code is replaced as a whole
-# (no stale files from an older copy), what jobs wrote there (an eval's runs/, a judge cache) is
-# kept, and the virtual environment is reused.
+# it with the `tpu` extra into ~/qed-jax-venv. Safe to repeat, or to run again after a stop: the
+# code's top-level files and folders are replaced whole (no stale files from an older copy), what
+# jobs wrote beside them (an eval's runs/, a judge cache) stays, and the virtual environment is
+# reused.
 # Usage: worker_setup.sh TARBALL
 set -euo pipefail
 
@@ -11,32 +12,43 @@ home="${QED_HOME:-$HOME/qed-jax}"
 venv="${QED_VENV:-$HOME/qed-jax-venv}"
 
 rm -rf "$home.new"
-mkdir -p "$home.new"
+mkdir -p "$home.new" "$home"
 tar -xzf "$tarball" -C "$home.new"
-# Jobs start in ~/qed-jax, so their relative outputs land beside the code. An entry there that is
-# neither in the new code nor in the older copy's (whose top-level names .qed-code lists) is a
-# job's, and moves into the new copy; one the new code also has is kept under another name.
+# Jobs start in ~/qed-jax, so their relative outputs land beside the code. The code is replaced
+# in place, name by name, so that what jobs wrote never leaves ~/qed-jax, even when this script
+# stops half-way. .qed-code lists the code's top-level names: first those of the old copy and
+# the new one together (a rerun after a stop then knows both), at the end the new one's alone.
+# An entry the new code has but no copy had is a job's: it is kept under another name.
 shopt -s dotglob nullglob
 declare -A new_code=() old_code=()
 for entry in "$home.new"/*; do new_code[${entry##*/}]=1; done
+had_list=0
 if [[ -f "$home/.qed-code" ]]; then
+  had_list=1
   while IFS= read -r name; do old_code[$name]=1; done < "$home/.qed-code"
 fi
+printf '%s\n' "${!old_code[@]}" "${!new_code[@]}" > "$home/.qed-code.tmp"
+mv "$home/.qed-code.tmp" "$home/.qed-code"
 for entry in "$home"/*; do
   name=${entry##*/}
-  if [[ -n ${old_code[$name]:-} || $name == .qed-code || $name == *.egg-info ]]; then
+  if [[ $name == .qed-code ]]; then
     continue
-  elif [[ -z ${new_code[$name]:-} ]]; then
-    mv "$entry" "$home.new/"
-  elif [[ -f "$home/.qed-code" ]]; then
-    mv "$entry" "$home.new/$name.kept"
-    echo "worker_setup.sh: the code now has $name; the one a job wrote is at $home/$name.kept" >&2
+  elif [[ -n ${old_code[$name]:-} || $name == *.egg-info ]]; then
+    rm -rf "$entry"
+  elif [[ -n ${new_code[$name]:-} ]]; then
+    if (( had_list )); then
+      mv "$entry" "$entry.kept"
+      echo "worker_setup.sh: the code now has $name; the one a job wrote is at $entry.kept" >&2
+    else  # a copy set up before .qed-code was written: its own code
+      rm -rf "$entry"
+    fi
   fi
 done
-printf '%s\n' "${!new_code[@]}" > "$home.new/.qed-code"
+for entry in "$home.new"/*; do mv "$entry" "$home/"; done
+rm -rf "$home.new"
+printf '%s\n' "${!new_code[@]}" > "$home/.qed-code.tmp"
+mv "$home/.qed-code.tmp" "$home/.qed-code"
 shopt -u dotglob nullglob
-rm -rf "$home"
-mv "$home.new" "$home"
 
 # TPU VM images ship Ubuntu 22.04's Python 3.10; qed-jax needs 3.11 or newer. uv fetches one
 # when no newer Python makes a virtual environment (Ubuntu's cannot without python3.X-venv, and
