@@ -745,9 +745,8 @@ RUN_IDENTITY = (
 
 def check_rerun(config: EvalConfig) -> None:
     """Refuse a rerun into a run directory whose samples and grades were made under another
-    config (RUN_IDENTITY), or one that would keep fewer problems than it holds: the report counts
-    every sample in the run, so they would be counted under the wrong avg@k (`samples` is
-    checked against the samples held: check_samples_kept)."""
+    config (RUN_IDENTITY). (`samples` and `benchmark.limit` are checked against the samples the
+    run holds: check_samples_kept.)"""
     out = Path(config.output_dir)
     saved_path = out / "config.json"
     if not saved_path.is_file():
@@ -770,21 +769,22 @@ def check_rerun(config: EvalConfig) -> None:
                                   f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
                                   "its samples and grades would not be comparable; choose another output_dir, or "
                                   "delete the old run")
-    old, new = get_dotted(saved, "benchmark.limit"), config.benchmark.limit  # None: every problem
-    if new is not None and (old is None or new < old):
-        raise ConfigError(f"{out} holds a run with benchmark.limit={old!r}: a rerun may extend it, not shrink it to "
-                          f"{new!r} (its report counts every sample it holds); choose another output_dir")
 
 
 def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
-    """Refuse a rerun with fewer `samples` than the run holds (the report counts every sample it
-    holds, so they would be counted under the wrong avg@k). What it holds, not what its config
-    last asked for: an extension stopped before it drew anything may be run again smaller."""
-    held = 1 + max((k for _, k in runlog.samples), default=-1)
-    if config.samples < held:
-        raise ConfigError(f"{config.output_dir} holds a run with samples drawn up to index {held - 1} (samples={held}): "
-                          f"a rerun may extend it, not shrink it to {config.samples} (its report counts every sample "
-                          "it holds); choose another output_dir")
+    """Refuse a rerun with fewer `samples`, or a `benchmark.limit` below the problems, than the
+    run holds (the report counts every sample it holds, so they would be counted under the wrong
+    avg@k). What it holds, not what its config last asked for: an extension stopped before it
+    drew anything may be run again smaller."""
+    indices = 1 + max((k for _, k in runlog.samples), default=-1)
+    problems = len({pid for pid, _ in runlog.samples})
+    for key, asked, holds, what in (
+            ("samples", config.samples, indices, f"samples drawn up to index {indices - 1}"),
+            ("benchmark.limit", config.benchmark.limit, problems, f"samples of {problems} problems")):
+        if asked is not None and asked < holds:
+            raise ConfigError(f"{config.output_dir} holds a run with {what} ({key}={holds}): a rerun may extend it, "
+                              f"not shrink it to {asked} (its report counts every sample it holds); choose another "
+                              "output_dir")
 
 
 TEMPLATES_FILE = "templates.json"  # in an eval run directory: `template_texts` when it began
@@ -992,8 +992,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     template = load_prompt_template(b)
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     check_seeds(runlog, config)
-    check_problems_unchanged(config, problems, runlog)
     check_samples_kept(config, runlog)
+    check_problems_unchanged(config, problems, runlog)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]

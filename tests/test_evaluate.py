@@ -857,27 +857,30 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     assert json.loads((out / "config.json").read_text())["samples"] == 3
     with pytest.raises(ConfigError, match="holds a run with sampling="):
         rerun("sampling.temperature=0.5")
-    with pytest.raises(ConfigError, match="holds a run with benchmark.limit=None: .* not shrink it to 1"):
-        rerun("samples=3", "benchmark.limit=1")
     assert json.loads((out / "config.json").read_text())["samples"] == 3  # refused reruns change nothing
 
 
 def test_a_rerun_may_not_keep_fewer_samples_than_the_run_holds(tmp_path):
-    """Fewer samples than are drawn is refused; an extension stopped before it drew (its config
-    already says more) is no lock on the run."""
+    """Fewer samples or problems than are drawn is refused; an extension stopped before it drew
+    (its config already says more) is no lock on the run."""
     with ModelServer(proof_reply) as model, JudgeServer(imo_judge_scripts()) as judge:
-        def run(samples):
-            return evaluate(config(tmp_path, "imo_proofbench", model.url, judge.url, f"samples={samples}"),
+        def run(samples, *overrides):
+            return evaluate(config(tmp_path, "imo_proofbench", model.url, judge.url, f"samples={samples}", *overrides),
                             progress=False)
 
         assert run(2)["generated"] == 8
         with pytest.raises(ConfigError, match=r"run holds a run with samples drawn up to index 1 \(samples=2\): a "
                                               "rerun may extend it, not shrink it to 1"):
             run(1)
-        extension = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=5")
+        with pytest.raises(ConfigError, match=r"run holds a run with samples of 4 problems \(benchmark.limit=4\): a "
+                                              "rerun may extend it, not shrink it to 3"):
+            run(2, "benchmark.limit=3")
+        extension = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=5", "benchmark.limit=9")
         check_rerun(extension)
         prepare_output(extension, [])  # as an extension killed before its first sample leaves the run
-        assert run(2)["generated"] == 0 and json.loads((tmp_path / "run" / "config.json").read_text())["samples"] == 2
+        assert run(2, "benchmark.limit=4")["generated"] == 0
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["samples"] == 2
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["benchmark"]["limit"] == 4
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):
