@@ -45,12 +45,17 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if not overwrite:
         raise ConfigError(f"{dest} already exists and is not empty; pass --overwrite to replace it "
                           "(its contents are deleted once the source has loaded), or choose another destination")
-    holds_hf = (where / "config.json").exists() and any(
-        p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in where.iterdir())
+    entries = list(where.iterdir())
+    # A Hugging Face export cut off before its config.json (written last) still counts.
+    holds_hf = any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in entries)
     if not (holds_hf or is_checkpoint_dir(where)):
-        example = sorted(p.name for p in where.iterdir())[0]
+        example = sorted(p.name for p in entries)[0]
         raise ConfigError(f"{dest} holds {example} and no model (neither a Hugging Face folder nor a qed-jax "
                           "checkpoint), so --overwrite leaves it alone; empty it yourself or choose another destination")
+    trained = sorted(p.name for p in entries if p.is_dir() and (p / "opt_state").exists())
+    if trained:
+        raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "
+                          "--overwrite leaves it alone; choose another destination")
     return True
 
 

@@ -326,6 +326,16 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
     assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 0
     assert link.is_symlink() and not (target / "stale.txt").exists() and is_checkpoint_dir(target)
 
+    cut = tmp_path / "cut"  # an export stopped before its config.json, which is written last: replaced
+    assert cli.main(["convert", str(target), str(cut)]) == 0
+    (cut / "config.json").unlink()
+    assert cli.main(["convert", str(target), str(cut), "--overwrite"]) == 0 and (cut / "config.json").exists()
+    run = tmp_path / "run_checkpoints"  # a trainer's: never replaced
+    shutil.copytree(target, run)
+    (run / "0" / "opt_state").mkdir()
+    assert cli.main(["convert", str(source), str(run), "--overwrite"]) == 2
+    assert "holds a training run's checkpoints (step 0 has optimizer state)" in capsys.readouterr().err
+
 
 def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
     make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
