@@ -379,7 +379,7 @@ def test_answer_checks():
     # Digits grouped by thin spaces are one number (math-verify reads 1\,000 as 1 times 000).
     assert check_answer(r"1\,000", "1000") is True and check_answer("1000", r"1\,000") is True
     assert check_answer(r"12\,345", "12345") is True and check_answer(r"2\;024", "2024") is True
-    assert check_answer(r"1\,001", "1000") is False
+    assert check_answer(r"1\,001", "1000") is False and check_answer("\u22125", "5") is False  # a Unicode minus
     # A number math-verify picks out of more than a number (a congruence's modulus, a remark in
     # words) decides nothing: the judge does.
     assert check_answer(r"x \equiv 3 \pmod 5", "3") is None and check_answer(r"n \equiv 3 \pmod{4}", "3") is not False
