@@ -496,8 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt: tokens, logprobs, finish_reason, text (with "
-                   "--reasoning-cache: every turn's reasoning, answer, summary, token counts, finish reasons)")
+                   help="print one JSON object per prompt: tokens, logprobs (under logits / temperature, before "
+                   "top-k / top-p; at temperature 1 when greedy), finish_reason, text (with --reasoning-cache: "
+                   "every turn's reasoning, answer, summary, token counts, finish reasons)")
     g = p.add_argument_group("reasoning cache", "Solve each prompt in turns: each turn sees the problem and "
                              "a summary of the turns before it, and a summarizer rewrites the summary after "
                              "every turn but the last. --max-new-tokens caps each turn; the answer is the last "

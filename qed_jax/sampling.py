@@ -58,7 +58,9 @@ class SamplingParams:
 @dataclasses.dataclass
 class Completion:
     tokens: list[int]  # generated ids, the stop token included when the row stopped
-    logprobs: list[float]  # log-prob of each token under log_softmax(logits / temperature)
+    # log-prob of each token under log_softmax(logits / temperature), before top-k / top-p
+    # filtering; under log_softmax(logits) when greedy (temperature 0)
+    logprobs: list[float]
     finish_reason: str  # "stop" or "length"
     text: str | None = None  # decoded at the host edge, stop token excluded
 
@@ -478,19 +480,24 @@ def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParam
              seed: int = 0, stop_ids: list[int] | None = None, sampler: Sampler | None = None) -> list[Completion]:
     """Generate for a list of prompts: each a string (tokenized as is) or a list of chat messages
     (formatted with the tokenizer's chat template and generation prompt). One string or one
-    conversation alone is a list of one prompt."""
+    conversation alone is a list of one prompt; a message alone (a dict) is refused."""
     from qed_jax import tokenizer as tok
 
     tok.check_vocab(tokenizer, model.config.vocab_size)
+    if isinstance(prompts_or_messages, dict):  # listing it would sample its keys as prompts
+        raise ConfigError("generate: a message alone is no prompt; pass a conversation, a list of messages: [message]")
     items = [prompts_or_messages] if isinstance(prompts_or_messages, str) else list(prompts_or_messages)
     if items and all(isinstance(m, dict) for m in items):  # one conversation
         items = [items]
     prompts = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, str):
             prompts.append(tokenizer(item, add_special_tokens=False)["input_ids"])
-        else:
+        elif isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
             prompts.append(tok.chat_prompt(tokenizer, item))
+        else:
+            raise ConfigError(f"generate: prompt {i} is a {type(item).__name__}; each prompt is a string or a "
+                              "conversation (a list of message dicts)")
     stop_ids = tok.stop_ids(tokenizer) if stop_ids is None else stop_ids
     sampler = sampler or Sampler(model)
     completions = sampler.generate_ids(prompts, params, jax.random.key(seed), stop_ids)

@@ -69,7 +69,8 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     if not ids:
-        raise ValueError("the tokenizer has none of <|im_end|>, <|endoftext|> or an eos token; pass stop ids")
+        raise ConfigError("the tokenizer has none of <|im_end|>, <|endoftext|> or an eos token, so generation would "
+                          "never stop: use the model's own tokenizer (or, from Python, pass stop_ids)")
     return sorted(ids)
 
 

@@ -4,6 +4,7 @@ import json
 import logging
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from qed_jax.config import ConfigError, preset
 from qed_jax.model import Qwen3
 from qed_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
-from qed_jax.tokenizer import load_tokenizer
+from qed_jax.tokenizer import load_tokenizer, stop_ids
 from tests.helpers import REPO, cli_env, make_hf_model, make_hf_model_with_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 77, 31]]
@@ -360,6 +361,16 @@ def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
     for alone, listed in (("Let n be", ["Let n be"]), (conversation, [conversation])):
         one = qed_jax.generate(model, tokenizer, alone, greedy)
         assert len(one) == 1 and one[0].tokens == qed_jax.generate(model, tokenizer, listed, greedy)[0].tokens
+    # A message alone would list as its keys, two prompts "role" and "content": refused, as is a mixed list.
+    with pytest.raises(ConfigError, match=r"^generate: a message alone is no prompt; pass a conversation"):
+        qed_jax.generate(model, tokenizer, conversation[0], greedy)
+    with pytest.raises(ConfigError, match=r"^generate: prompt 1 is a dict; each prompt is a string or a conversation"):
+        qed_jax.generate(model, tokenizer, ["Let n be", conversation[0]], greedy)
+    # A tokenizer with no token that ends a turn would sample to the budget every time.
+    bare = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}, eos_token_id=None)
+    with pytest.raises(ConfigError, match=r"the tokenizer has none of <\|im_end\|>, <\|endoftext\|> or an eos token, "
+                                          "so generation would never stop: use the model's own tokenizer"):
+        stop_ids(bare)
 
 
 def test_first_argmax_is_argmax_with_ties():
