@@ -743,10 +743,10 @@ RUN_IDENTITY = (
 )
 
 
-def check_rerun(config: EvalConfig) -> None:
+def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     """Refuse a rerun into a run directory whose samples and grades were made under another
-    config (RUN_IDENTITY). (`samples` and `benchmark.limit` are checked against the samples the
-    run holds: check_samples_kept.)"""
+    config (RUN_IDENTITY), or with fewer samples or problems than it holds (check_samples_kept;
+    `runlog`: its run log, read here when not given)."""
     out = Path(config.output_dir)
     saved_path = out / "config.json"
     if not saved_path.is_file():
@@ -769,6 +769,10 @@ def check_rerun(config: EvalConfig) -> None:
                                   f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
                                   "its samples and grades would not be comparable; choose another output_dir, or "
                                   "delete the old run")
+    if runlog is None:
+        path = out / SAMPLES_FILE
+        runlog = RunLog(path, read_records(path) if path.exists() else [])
+    check_samples_kept(config, runlog)
 
 
 def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
@@ -984,15 +988,14 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
 
     from qed_jax.data import read_rows
 
-    check_rerun(config)
-    b = config.benchmark
     new_run = not (Path(config.output_dir) / SAMPLES_FILE).exists()
+    runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
+    check_rerun(config, runlog)
+    b = config.benchmark
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)
-    runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     check_seeds(runlog, config)
-    check_samples_kept(config, runlog)
     check_problems_unchanged(config, problems, runlog)
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (ConfigError, check_local_output_dir, check_url, is_missing_local_path, json_values,
-                            load_config, not_found)
+                            load_config, not_found, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, RunConfigChanged, noted
 
 MODELS = ("base", "sft", "grpo")
@@ -176,15 +176,38 @@ def base_model(sft_config, out: Path) -> str:
     return sft_config.model.path or str(out / "base" / "hf")
 
 
+BASE_INIT = "init.json"  # beside the base export: what it was drawn from (`base_init`)
+
+
+def base_init(sft_config) -> dict:
+    """What the random init SFT starts from is drawn from, and how it is exported."""
+    m = sft_config.model
+    return {"preset": m.preset, "param_dtype": m.param_dtype, "seed": sft_config.seed,
+            "export_dtype": sft_config.export_dtype}
+
+
 def export_base(sft_config, folder: Path) -> bool:
     """Export the random init SFT starts from (its preset and seed) to `folder`, once; returns
-    whether it was written now."""
+    whether it was written now. An export drawn from another init (SFT redone with another seed
+    or preset) is refused: the base evaluations would not be of the model SFT starts from."""
     from qed_jax.pretrained import save_pretrained
     from qed_jax.sharding import make_mesh
     from qed_jax.trainer import load_model, resolve_tokenizer
 
-    if sft_config.model.path or (folder / "config.json").exists():
+    if sft_config.model.path:
         return False
+    init, recorded = base_init(sft_config), folder.parent / BASE_INIT
+    if (folder / "config.json").exists():
+        # An export by an earlier version has no record: it is taken as it is.
+        was = json.loads(recorded.read_text()) if recorded.exists() else init
+        changed = [f"{key}: {was.get(key)!r} -> {value!r}" for key, value in init.items() if was.get(key) != value]
+        if changed:
+            raise ConfigError(f"{folder} was exported from another init than SFT starts from now "
+                              f"({'; '.join(changed)}): delete {folder.parent} and the base evaluations "
+                              f"({folder.parent.parent / 'eval'}/base-*) to export and evaluate it again")
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(recorded, json.dumps(init) + "\n")
     model = load_model(sft_config.model, make_mesh(sft_config.mesh), sft_config.seed)
     # save_pretrained writes config.json last: a killed export has none here, and is redone.
     save_pretrained(model, folder, dtype=sft_config.export_dtype or model.config.param_dtype,

@@ -258,6 +258,24 @@ def test_a_grpo_run_from_an_earlier_sft_model_is_refused_once_sft_trains_again(t
             run(config)
 
 
+def test_a_base_export_drawn_from_another_init_is_refused(tmp_path):
+    """sft/ deleted and the pipeline rerun with another SFT seed: base/hf, exported from the first
+    seed's init, is no longer the model SFT starts from."""
+    import dataclasses
+
+    from qed_jax.pipeline import export_base, stages
+
+    s = stages(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT]), "http://127.0.0.1:9/v1")
+    assert export_base(s.sft, Path(s.base)) and not export_base(s.sft, Path(s.base))  # once
+    reseeded = dataclasses.replace(s.sft, seed=7)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/base/hf was exported from another init than SFT starts from "
+                                          rf"now \(seed: 0 -> 7\): delete {tmp_path}/base and the base evaluations "
+                                          rf"\({tmp_path}/eval/base-\*\)"):
+        export_base(reseeded, Path(s.base))
+    (tmp_path / "base" / "init.json").unlink()  # as an earlier version exported it: taken as it is
+    assert not export_base(reseeded, Path(s.base))
+
+
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path, monkeypatch):
     import os
 
@@ -283,6 +301,9 @@ def test_a_rerun_that_would_shrink_an_evaluation_is_refused_before_any_stage(tmp
                            tmp_path)[0]
     Path(started.output_dir).mkdir(parents=True)
     (Path(started.output_dir) / "config.json").write_text(dump_json(started))  # samples=3
-    with pytest.raises(ConfigError, match="base-imo_proofbench-single holds a run with samples=3: .* shrink it to 1"):
+    sample = {"type": "sample", "problem_id": "PB-Basic-001", "sample": 2, "completion_tokens": 4}  # its third
+    (Path(started.output_dir) / "samples.jsonl").write_text(json.dumps(sample) + "\n")
+    with pytest.raises(ConfigError, match=r"base-imo_proofbench-single holds a run with samples drawn up to index 2 "
+                                          r"\(samples=3\): a rerun may extend it, not shrink it to 1"):
         run(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "eval.overrides.samples=1"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # no stage ran
