@@ -275,6 +275,24 @@ def check_not_built_on_old(trained: str, trained_dir: str, next_name: str, next_
                       f"{next_dir} (and its checkpoint_dir, if elsewhere) to train {next_name} from the new one")
 
 
+def check_evals_not_of_old(sft_config, grpo_config, evals) -> None:
+    """Before any stage: a trainer whose run directory holds no run trains anew, and so does every
+    stage after it, so an evaluation that holds samples of their models' exports is of the
+    earlier models (its own check would refuse it, but only after the training)."""
+    retrains = []
+    for config in (sft_config, grpo_config):
+        if retrains:  # the stage before it trains anew
+            retrains.append((config.output_dir, f"{config.output_dir} trains from a model trained anew"))
+        elif not (Path(config.output_dir) / "config.json").exists():
+            retrains.append((config.output_dir, f"{config.output_dir} holds no run, so it would train again"))
+    for trained_dir, why in retrains:
+        export = str(Path(trained_dir) / "hf")
+        old = [c.output_dir for c in evals if c.model.path == export and (Path(c.output_dir) / "config.json").exists()]
+        if old:
+            raise ConfigError(f"{why}, but {old[0]} holds an evaluation of its earlier model; delete it (and the other "
+                              f"evaluations of {export}) to evaluate the new one")
+
+
 def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
     """GRPO's grader: its reward rule if it has one, else the pipeline's judge, unless that is the
     stand-in, whose constant marks are no training signal."""
@@ -415,6 +433,7 @@ def run(config: PipelineConfig) -> dict:
         for c in evals:
             check_rerun(c)
         check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir, before=True)
+        check_evals_not_of_old(sft_config, grpo_config, evals)
         check_judge_before_training(config, s)
         progress = Progress(stages=5)
 

@@ -276,6 +276,29 @@ def test_a_base_export_drawn_from_another_init_is_refused(tmp_path):
     assert not export_base(reseeded, Path(s.base))
 
 
+def test_evaluations_of_a_model_that_trains_anew_are_refused_before_any_stage(tmp_path, monkeypatch):
+    from qed_jax import grpo, sft
+    from qed_jax.config import dump_json
+    from qed_jax.pipeline import run, stages
+
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT])
+    s = stages(config, "http://127.0.0.1:9/v1")
+    grpo_eval = next(c for c in s.evals if c.model.path == str(tmp_path / "grpo" / "hf"))
+    Path(grpo_eval.output_dir).mkdir(parents=True)
+    (Path(grpo_eval.output_dir) / "config.json").write_text(dump_json(grpo_eval))
+    monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
+    monkeypatch.setattr(grpo, "train", lambda c: pytest.fail("GRPO trained"))
+    for done in ([], ["sft"]):  # sft/ deleted (so grpo trains anew too), or grpo/ alone
+        for stage in done:
+            (tmp_path / stage).mkdir(exist_ok=True)
+            (tmp_path / stage / "config.json").write_text(dump_json(getattr(s, stage)))
+        why = "trains from a model trained anew" if not done else "holds no run, so it would train again"
+        with pytest.raises(ConfigError, match=rf"^{tmp_path}/grpo {why}, but {grpo_eval.output_dir} holds an "
+                                              rf"evaluation of its earlier model; delete it"):
+            run(config)
+        assert not (tmp_path / "base").exists()  # no stage ran
+
+
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path, monkeypatch):
     import os
 
