@@ -304,12 +304,12 @@ def _pipeline(args) -> int | None:
     import time
 
     from qed_jax.config import dump_json, load_config
-    from qed_jax.pipeline import STANDIN, PipelineConfig, run, stages
+    from qed_jax.pipeline import STANDIN, PipelineConfig, check_run_directories, run, stages
 
     config = load_config(PipelineConfig, args.config, args.overrides)
     if args.print_config:
         # What the run would refuse, refused here too (the stand-in's port is chosen when it starts).
-        stages(config, "http://127.0.0.1:1/v1" if config.judge == STANDIN else config.judge)
+        check_run_directories(stages(config, "http://127.0.0.1:1/v1" if config.judge == STANDIN else config.judge))
         print(dump_json(config))
         return
     start = time.perf_counter()

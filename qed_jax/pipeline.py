@@ -411,12 +411,26 @@ def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
         judge.close()
 
 
+def check_run_directories(s) -> None:
+    """What the stages' run directories would refuse, refused before any stage runs (and by
+    --print-config): a trainer or an evaluation started with another config, or holding runs of
+    a model that will train anew."""
+    from qed_jax.evaluate import check_rerun
+
+    check_unchanged(s.sft)
+    check_unchanged(s.grpo)
+    for c in s.evals:
+        check_rerun(c)
+    check_not_built_on_old("sft", s.sft.output_dir, "grpo", s.grpo.output_dir, before=True)
+    check_evals_not_of_old(s.sft, s.grpo, s.evals)
+
+
 def run(config: PipelineConfig) -> dict:
     """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
     and the stand-in judge's request count (None with a real judge). Every stage's config is
     built and checked before the first stage starts."""
     from qed_jax import grpo, sft
-    from qed_jax.evaluate import check_rerun, evaluate
+    from qed_jax.evaluate import evaluate
     from qed_jax.report import report
     from qed_jax.rundir import run_lock
     from qed_jax.standin_judge import StandinJudge
@@ -428,12 +442,7 @@ def run(config: PipelineConfig) -> dict:
         judge_url = standin.url if config.judge == STANDIN else config.judge
         s = stages(config, judge_url)
         sft_config, base, grpo_config, evals = s.sft, s.base, s.grpo, s.evals
-        check_unchanged(sft_config)
-        check_unchanged(grpo_config)
-        for c in evals:
-            check_rerun(c)
-        check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir, before=True)
-        check_evals_not_of_old(sft_config, grpo_config, evals)
+        check_run_directories(s)
         check_judge_before_training(config, s)
         progress = Progress(stages=5)
 

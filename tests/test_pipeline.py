@@ -169,8 +169,11 @@ def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
 
 
-def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
-    from qed_jax import cli
+def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
+    import dataclasses
+
+    from qed_jax import cli, sft
+    from qed_jax.config import dump_json
 
     monkeypatch.chdir(ROOT)  # the configs name their stages' configs relative to the repository
     assert cli.main(["pipeline", "--config", TINY, "--print-config"]) == 0
@@ -203,6 +206,13 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch):
             ("grpo.overrides.data.path=mydata/rows.jsonl", "grpo: data.path mydata/rows.jsonl does not exist")):
         assert cli.main(["pipeline", "--config", TINY, "--print-config", override]) == 2
         assert message in capsys.readouterr().err
+    # A run directory started otherwise, as the run would refuse it.
+    started = stage_config(sft.SFTConfig, load_config(PipelineConfig, TINY).sft, "sft",
+                           {"output_dir": str(tmp_path / "sft")})
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, steps=40)))
+    assert cli.main(["pipeline", "--config", TINY, "--print-config", f"output_dir={tmp_path}"]) == 2
+    assert "(steps: 40 -> 120); a pipeline's run directory continues only as it started" in capsys.readouterr().err
 
 
 def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_path):
