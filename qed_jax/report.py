@@ -141,6 +141,10 @@ def _table(header, rows) -> list[str]:
     return [cells(header), "|" + "---|" * len(header)] + [cells(r) for r in rows]
 
 
+def unfinished(summary: dict) -> bool:
+    return bool(summary["pending"] or summary["undrawn"])
+
+
 def by_model(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]] | None:
     """Score (%) per model (rows) and benchmark + mode (columns), when the runs span several
     models; a pair the runs do not cover is "–" (two runs of one pair: the later one)."""
@@ -148,7 +152,8 @@ def by_model(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]] | 
     if len(models) < 2:
         return None
     columns = list(dict.fromkeys((s["benchmark"], s["mode"]) for s in summaries.values()))
-    cells = {(s["model"], s["benchmark"], s["mode"]): _fmt(s["percent"]) for s in summaries.values()}
+    cells = {(s["model"], s["benchmark"], s["mode"]): _fmt(s["percent"]) + ("*" if unfinished(s) else "")
+             for s in summaries.values()}
     rows = [[m] + [cells.get((m, b, mode), "–") for b, mode in columns] for m in models]
     return ["model"] + [f"{b} {mode}" for b, mode in columns], rows
 
@@ -157,7 +162,9 @@ def markdown(summaries: dict[str, dict]) -> str:
     lines = _table(COLUMNS, [table_row(run, s) for run, s in summaries.items()])
     pivot = by_model(summaries)
     if pivot is not None:
-        lines = ["Score (%) by model:", "", *_table(*pivot), "", "Every run:", "", *lines]
+        star = ["", "\\* not finished: samples not drawn or not graded yet (the failed column below says how many)."] \
+            if any(unfinished(s) for s in summaries.values()) else []
+        lines = ["Score (%) by model:", "", *_table(*pivot), *star, "", "Every run:", "", *lines]
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "
              "score with them counted as 0. avg@k: the mean over the k samples of each sample's mean "
              "over problems (the samples drawn and graded, not failed, for every problem in the run); ± is their "

@@ -694,6 +694,22 @@ def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
     assert s["mean"] == pytest.approx((0 + 0 + 7 + 7 + 7) / 5)  # the failed grades left out
 
 
+def test_the_by_model_table_marks_a_run_not_finished():
+    from qed_jax.report import markdown, summarize
+
+    def run(model, scores):
+        config = {"samples": 1, "mode": "single", "model": {"path": model},
+                  "benchmark": {"name": "b", "kind": "proof", "groups": None}}
+        records = [{"problem_id": f"p{i}", "sample": 0, "score": score, "graded": score is not None, "group": None,
+                    "completion_tokens": 5, "truncated": False, "decided_by": "judge"} for i, score in enumerate(scores)]
+        return summarize(config, records)
+
+    text = markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, None])})  # m2's second sample not graded yet
+    assert "| m1 | 50.0 |" in text and "| m2 | 100.0* |" in text
+    assert "\\* not finished: samples not drawn or not graded yet" in text
+    assert "not finished" not in markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, 7])})
+
+
 def test_report_tables_and_plots_take_any_run_name(tmp_path):
     from qed_jax.report import markdown, plot, summarize
 
