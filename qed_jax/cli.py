@@ -51,7 +51,8 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if not (holds_hf or is_checkpoint_dir(where)):
         example = sorted(p.name for p in entries)[0]
         raise ConfigError(f"{dest} holds {example} and no model (neither a Hugging Face folder nor a qed-jax "
-                          "checkpoint), so --overwrite leaves it alone; empty it yourself or choose another destination")
+                          "checkpoint), so --overwrite leaves it alone; empty it yourself or choose another "
+                          "destination")
     trained = sorted(p.name for p in entries if p.is_dir() and (p / "opt_state").exists())
     if trained:
         raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "

@@ -321,7 +321,8 @@ DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,:;!]|\\ )(?=\d{3}(?!\d))")
 # A box that holds a number and nothing else: digits, arithmetic, fractions and roots. Anything
 # more (a congruence and its modulus, words, an equation, a list, a unit) leaves "unequal" to
 # the judge: math-verify may have picked the wrong number out of it.
-PLAIN_NUMBER = re.compile(r"(?:[0-9.+\-\u2212*/^(){}\[\]\s]|\\(?:[dt]?frac|sqrt|pi|cdot|times|div|left|right)(?![a-zA-Z]))*")
+PLAIN_NUMBER = re.compile(r"(?:[0-9.+\-\u2212*/^(){}\[\]\s]"
+                          r"|\\(?:[dt]?frac|sqrt|pi|cdot|times|div|left|right)(?![a-zA-Z]))*")
 
 
 def plain_number(text: str) -> bool:

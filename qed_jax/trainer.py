@@ -351,7 +351,8 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     if compare_config and "config" in saved:
         changes = config_changes(expand_paths(saved["config"]), current["config"])
     old, new = saved.get("data"), current["data"]
-    same = lambda a, b: (a["examples"], a["sha256"]) == (b["examples"], b["sha256"])  # noqa: E731 (a path may be respelt)
+    # The same examples under another spelling of the path are the same data.
+    same = lambda a, b: (a["examples"], a["sha256"]) == (b["examples"], b["sha256"])  # noqa: E731
     if old is not None and not same(old, new):
         describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
         changes.append(f"training data: {describe(old)} -> {describe(new)}")

@@ -159,7 +159,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["steps=-5"], "^steps must be at least 1, got -5$"),
     (SFTConfig, ["output_dir=/tmp/run #2"], r"^override 'output_dir=/tmp/run #2': YAML reads a # after a space as "
                                              r"the start of a comment, which would leave '/tmp/run'; quote the value"),
-    (SFTConfig, ["optim.lr=1e39"], r"^optim\.lr must be at most 3\.4028234663852886e\+38, got 1e\+39$"),  # inf as float32
+    (SFTConfig, ["optim.lr=1e39"], r"^optim\.lr must be at most 3\.4028234663852886e\+38, got 1e\+39$"),  # inf in f32
     (SFTConfig, ["optim.eps=0"], r"^optim\.eps must be above 0, got 0\.0$"),  # AdamW would update by 0/0
     (SFTConfig, [".steps=3"], r"^override '\.steps=3': '\.steps' is not a key \(names joined by single dots"),
     (SFTConfig, ["optim..lr=1"], r"^override 'optim\.\.lr=1': 'optim\.\.lr' is not a key"),

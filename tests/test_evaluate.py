@@ -701,7 +701,8 @@ def test_the_by_model_table_marks_a_run_not_finished():
         config = {"samples": 1, "mode": "single", "model": {"path": model},
                   "benchmark": {"name": "b", "kind": "proof", "groups": None}}
         records = [{"problem_id": f"p{i}", "sample": 0, "score": score, "graded": score is not None, "group": None,
-                    "completion_tokens": 5, "truncated": False, "decided_by": "judge"} for i, score in enumerate(scores)]
+                    "completion_tokens": 5, "truncated": False, "decided_by": "judge"}
+                   for i, score in enumerate(scores)]
         return summarize(config, records)
 
     text = markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, None])})  # m2's second sample not graded yet

@@ -181,8 +181,8 @@ def test_rl_rows_take_a_rubric_under_either_key_and_skip_a_malformed_one(tmp_pat
         f"{path}: skipped line 5: field 'rubric': marking scheme item 1 is not a mapping: 'not a checkpoint'",
         f"{path}: skipped line 6: field 'problem' is missing, empty or not text"]
     # With none left, the error says why each row was left out, and what to raise.
-    with pytest.raises(ConfigError, match=rf"^{path}: no usable prompts among its 5 rows \(3 longer than 8 tokens: raise "
-                                          r"max_prompt_length; 2 malformed \(the warnings above name them\)\)$"):
+    with pytest.raises(ConfigError, match=rf"^{path}: no usable prompts among its 5 rows \(3 longer than 8 tokens: "
+                                          r"raise max_prompt_length; 2 malformed \(the warnings above name them\)\)$"):
         load_prompts(load_config(GRPOConfig, TINY, [f"data.path={path}", "max_prompt_length=8"]),
                      load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
 
