@@ -223,7 +223,7 @@ def _generate_reasoning_cache(args) -> None:
 def _judge(args) -> int | None:
     from tqdm.auto import tqdm
 
-    from qed_jax.config import load_config
+    from qed_jax.config import load_config, temporary_beside
     from qed_jax.data import BadRow, json_lines, read_rows
     from qed_jax.judge import Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts
 
@@ -248,7 +248,7 @@ def _judge(args) -> int | None:
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory; give a file path, e.g. {output / 'graded.jsonl'}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
+    tmp = temporary_beside(output)
     try:
         with open(tmp, "w") as f:  # opened before any request: an unwritable output costs no grades
             judge = Judge(config)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import socket
+import tempfile
 import types
 import typing
 import urllib.parse
@@ -726,8 +727,19 @@ def read_json_object(path: Path, damaged: str) -> dict:
     return data
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new empty file next to `path`, to be renamed over it: named for this writer alone, so two
+    writers of one path never write into the same file."""
+    fd, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` whole or not at all: a kill mid-write leaves the old file (or none)."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = temporary_beside(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ nowhere else: it is not logged, not hashed into cache keys, and not written to a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -361,24 +362,36 @@ class GradeCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with self.failing_as_config_error():
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
             self.db.commit()
+            # An existing cache is written to only at the first new grade: find out now that it can be.
+            self.db.execute("INSERT OR REPLACE INTO grades (key, grade) VALUES ('', '')")
+            self.db.rollback()
+
+    @contextlib.contextmanager
+    def failing_as_config_error(self):
+        """An SQLite error (a file that is not SQLite, damaged, or cannot be written) as one line."""
+        try:
+            yield
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"judge cache {self.path}: {e}; judge.cache_path must name an SQLite file (or a new "
-                              "file) in a writable directory, or be null for no cache") from None
+                              "file) in a writable directory, or be null for no cache (a damaged one: move it "
+                              "aside)") from None
 
     def get(self, key: str) -> Grade | None:
-        row = self.db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
+        with self.failing_as_config_error():
+            row = self.db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
         return None if row is None else Grade(**{**json.loads(row[0]), "cached": True})
 
     def put(self, key: str, grade: Grade) -> None:
         record = json.dumps({**dataclasses.asdict(grade), "cached": False})
-        self.db.execute("INSERT OR REPLACE INTO grades (key, grade) VALUES (?, ?)", (key, record))
-        self.db.commit()
+        with self.failing_as_config_error():
+            self.db.execute("INSERT OR REPLACE INTO grades (key, grade) VALUES (?, ?)", (key, record))
+            self.db.commit()
 
     def close(self) -> None:
         self.db.close()

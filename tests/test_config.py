@@ -249,6 +249,17 @@ def test_a_hash_in_an_override_is_kept_when_quoted_or_not_after_a_space():
     assert load_config(SFTConfig, None, ["output_dir=runs/a#2"]).output_dir == "runs/a#2"
 
 
+def test_two_writers_of_one_path_write_separate_files_and_the_last_replaces_it(tmp_path):
+    from qed_jax.config import temporary_beside, write_text_atomic
+
+    first, second = temporary_beside(tmp_path / "out.jsonl"), temporary_beside(tmp_path / "out.jsonl")
+    assert first != second and first.parent == second.parent == tmp_path  # as two judge runs with one --output
+    first.unlink(), second.unlink()
+    write_text_atomic(tmp_path / "config.json", "one")
+    write_text_atomic(tmp_path / "config.json", "two")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "two"
+
+
 def test_overrides_may_stand_on_both_sides_of_an_option():
     args = cli.parse_args(["grpo", "--config", "c.yaml", "steps=3", "--resume-with-changes", "optim.lr=1e-4"])
     assert args.overrides == ["steps=3", "optim.lr=1e-4"] and args.resume_with_changes

@@ -554,8 +554,34 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
     corrupt.write_text("not a database")
     assert error(f"cache_path={corrupt}", "base_url=http://127.0.0.1:9") == (
         f"judge cache {corrupt}: file is not a database; judge.cache_path must name an SQLite file (or a new file) "
-        "in a writable directory, or be null for no cache")
+        "in a writable directory, or be null for no cache (a damaged one: move it aside)")
     assert error(f"cache_path={tmp_path}", "base_url=http://127.0.0.1:9").startswith(f"judge cache {tmp_path}: ")
+
+
+def test_a_cache_that_cannot_be_written_or_is_damaged_is_one_config_error(tmp_path, monkeypatch):
+    import sqlite3
+
+    from qed_jax.judge import Grade, GradeCache
+
+    path = tmp_path / "cache.sqlite"
+    cache = GradeCache(path)
+    for i in range(300):
+        cache.put(f"k{i}", Grade(score=7, reward=1.0, reason="ok", raw="a judge's reply " * 20))
+    cache.close()
+    # Opened read-only (as a file the user cannot write): found when the cache opens, not at the
+    # first new grade, after its request was paid for.
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda p, **kw: connect(f"file:{p}?mode=ro", uri=True, **kw))
+    with pytest.raises(ConfigError, match=rf"^judge cache {path}: attempt to write a readonly database; "):
+        GradeCache(path)
+    monkeypatch.undo()
+    data = bytearray(path.read_bytes())  # a page in the middle overwritten
+    data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=rf"^judge cache {path}: .*; judge.cache_path must name an SQLite file"):
+        cache = GradeCache(path)
+        for i in range(300):
+            cache.get(f"k{i}")
 
 
 def test_responses_api_reply_that_is_not_one_fails_as_bad_reply(tmp_path):
