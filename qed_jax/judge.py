@@ -327,8 +327,8 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
         raise ConfigError(f"{where}: a row must be a JSON object")
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         raise ConfigError(f"{where}: field 'problem' must be a non-empty string")
-    has = [k for k in ("proof", "completion") if isinstance(row.get(k), str)]
-    if len(has) != 1:
+    has = [k for k in ("proof", "completion") if row.get(k) is not None]
+    if len(has) != 1 or not isinstance(row[has[0]], str):
         raise ConfigError(f"{where}: give exactly one of the fields 'proof' and 'completion' (a string)")
     given = {field: found for field, keys, _ in _ROW_FIELDS.values()
              if (found := row_field(row, field, keys, where)) is not None}

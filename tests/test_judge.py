@@ -407,6 +407,10 @@ def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
     assert item_from_row({**row, "answer": 1e-05}, "w", ["answer"]).answer == "0.00001"  # not "1e-05": e - 5
     with pytest.raises(ConfigError, match="^w: field 'answer' must be a string or a number, got list$"):
         item_from_row({**row, "answer": [1]}, "w", ["answer"])
+    assert item_from_row({**row, "proof": None}, "w").completion == row["completion"]  # a table's null column
+    for odd in ({**row, "proof": 123}, {"problem": "P", "completion": 123}):  # one not a string
+        with pytest.raises(ConfigError, match=r"^w: give exactly one of the fields 'proof' and 'completion'"):
+            item_from_row(odd, "w")
 
 
 def test_judge_cli_makes_the_output_folder(tmp_path):
