@@ -550,6 +550,9 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
         "which this one does not have")
     assert error("allowed_scores=[0,9]").startswith("judge.allowed_scores must be a non-empty list of integers from 0 to 7")
     assert error("allowed_scores=[]").startswith("judge.allowed_scores must be")
+    assert error("answer_format=verdict", "allowed_scores=[0,6]") == (
+        "judge.allowed_scores [0, 6] leaves out 0 or 7, the scores of the verdicts Incorrect and Correct "
+        "(answer_format verdict): every grade would fail")
     assert error("timeout_s=-1") == "judge.timeout_s must be above 0, got -1.0"
     assert error("timeout_s=.inf") == "judge.timeout_s must be a finite number, got inf"
     assert error("max_retries=-1") == "judge.max_retries must be at least 0, got -1"
