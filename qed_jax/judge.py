@@ -76,8 +76,8 @@ class JudgeConfig:
             raise ConfigError(f"judge.allowed_scores must be a non-empty list of integers from 0 to {MAX_SCORE} "
                               f"(or null for all of them), got {self.allowed_scores!r}")
         if self.answer_format == "verdict" and not {0, MAX_SCORE} <= self.scores:
-            raise ConfigError(f"judge.allowed_scores {self.allowed_scores!r} leaves out 0 or {MAX_SCORE}, the scores of "
-                              "the verdicts Incorrect and Correct (answer_format verdict): every grade would fail")
+            raise ConfigError(f"judge.allowed_scores {self.allowed_scores!r} leaves out 0 or {MAX_SCORE}, the scores "
+                              "of the verdicts Incorrect and Correct (answer_format verdict): every grade would fail")
         require_range(self.timeout_s, "judge.timeout_s", 0, low_open=True)  # seconds per request
         if self.max_tokens < 1:
             raise ConfigError(f"judge.max_tokens must be at least 1, got {self.max_tokens!r}")
