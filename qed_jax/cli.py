@@ -681,16 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
         interrupted = bool(ctrl_c)
-    except (ConfigError, CheckpointError, JudgeUnavailable) as e:
+    except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
         if args.verbose:
             raise
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        if args.verbose:
-            raise
-        print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, TrainingDiverged) else 2  # a run that failed, not a command to fix
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
         interrupted = True

@@ -441,9 +441,10 @@ class RunLog:
         self.path, self.file = path, None
 
     @classmethod
-    def read(cls, path: Path) -> "RunLog":
-        """What the run log at `path` holds (nothing if it does not exist); see start_appending."""
-        return cls(path, read_records(path, repair=True) if path.exists() else [])
+    def read(cls, path: Path, repair: bool = True) -> "RunLog":
+        """What the run log at `path` holds (nothing if it does not exist); see start_appending
+        (and read_records for `repair`)."""
+        return cls(path, read_records(path, repair=repair) if path.exists() else [])
 
     @classmethod
     def open(cls, path: Path) -> "RunLog":
@@ -770,10 +771,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
                                   f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
                                   "its samples and grades would not be comparable; choose another output_dir, or "
                                   "delete the old run")
-    if runlog is None:
-        path = out / SAMPLES_FILE
-        runlog = RunLog(path, read_records(path) if path.exists() else [])
-    check_samples_kept(config, runlog)
+    check_samples_kept(config, runlog if runlog is not None else RunLog.read(out / SAMPLES_FILE, repair=False))
 
 
 def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
@@ -1005,7 +1003,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
     check_model_unchanged(config)  # a finished run too: its results would stand for this model
     if not to_generate and not to_grade:
-        if (Path(config.output_dir) / SAMPLES_FILE).exists():
+        if not new_run:
             prepare_output(config, problems)  # what the run is now (e.g. samples, after an extension stopped early)
         return counts
     if to_generate:  # a rerun that only grades needs no model
