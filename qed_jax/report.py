@@ -64,6 +64,7 @@ def summarize(config: dict, records: list[dict], problem_ids: list[str] | None =
     mean_failed_as_zero = sum(scores) / (len(graded) + len(failed)) if graded or failed else math.nan
     return {
         "benchmark": benchmark["name"],
+        "benchmark_source": source_label(benchmark),
         "kind": benchmark["kind"],
         "mode": mode,
         "model": model["path"] or f"{model['name']} @ {model['base_url']}",
@@ -145,17 +146,33 @@ def unfinished(summary: dict) -> bool:
     return bool(summary["pending"] or summary["undrawn"])
 
 
+def source_label(benchmark: dict) -> str:
+    """Where a benchmark's problems come from: its file or hub dataset, with the subset and a
+    split other than train."""
+    split = benchmark.get("split", "train")
+    return " ".join(str(part) for part in (benchmark.get("path"), benchmark.get("subset"),
+                                           None if split == "train" else split) if part is not None)
+
+
 def by_model(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]] | None:
     """Score (%) per model (rows) and benchmark + mode (columns), when the runs span several
-    models; a pair the runs do not cover is "–" (two runs of one pair: the later one)."""
+    models; a pair the runs do not cover is "–" (two runs of one pair: the later one). Two
+    benchmarks of one name from different sources (both left at the default name) are two
+    columns, each labelled with its source."""
     models = list(dict.fromkeys(s["model"] for s in summaries.values()))
     if len(models) < 2:
         return None
-    columns = list(dict.fromkeys((s["benchmark"], s["mode"]) for s in summaries.values()))
-    cells = {(s["model"], s["benchmark"], s["mode"]): _fmt(s["percent"]) + ("*" if unfinished(s) else "")
-             for s in summaries.values()}
-    rows = [[m] + [cells.get((m, b, mode), "–") for b, mode in columns] for m in models]
-    return ["model"] + [f"{b} {mode}" for b, mode in columns], rows
+
+    def column(s):
+        return s["benchmark"], s["benchmark_source"], s["mode"]
+
+    columns = list(dict.fromkeys(column(s) for s in summaries.values()))
+    shared = {name for name, source, _ in columns
+              if len({other for n, other, _ in columns if n == name}) > 1}
+    cells = {(s["model"], column(s)): _fmt(s["percent"]) + ("*" if unfinished(s) else "") for s in summaries.values()}
+    rows = [[m] + [cells.get((m, c), "–") for c in columns] for m in models]
+    labels = [f"{name} ({source}) {mode}" if name in shared else f"{name} {mode}" for name, source, mode in columns]
+    return ["model"] + labels, rows
 
 
 def markdown(summaries: dict[str, dict]) -> str:

@@ -711,6 +711,23 @@ def test_the_by_model_table_marks_a_run_not_finished():
     assert "not finished" not in markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, 7])})
 
 
+def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart():
+    from qed_jax.report import by_model, summarize
+
+    def run(model, path, score):
+        config = {"samples": 1, "mode": "single", "model": {"path": model},
+                  "benchmark": {"name": "benchmark", "kind": "proof", "groups": None, "path": path}}
+        return summarize(config, [{"problem_id": "p0", "sample": 0, "score": score, "graded": True, "group": None,
+                                   "completion_tokens": 5, "truncated": False, "decided_by": "judge"}])
+
+    # Two benchmark files left at the default name: two columns, each labelled with its file.
+    header, rows = by_model({"a": run("m1", "x.jsonl", 7), "b": run("m1", "y.jsonl", 0), "c": run("m2", "x.jsonl", 0)})
+    assert header == ["model", "benchmark (x.jsonl) single", "benchmark (y.jsonl) single"]
+    assert rows == [["m1", "100.0", "0.0"], ["m2", "0.0", "–"]]
+    header, _ = by_model({"a": run("m1", "x.jsonl", 7), "c": run("m2", "x.jsonl", 0)})
+    assert header == ["model", "benchmark single"]  # one file: the name alone
+
+
 def test_report_tables_and_plots_take_any_run_name(tmp_path):
     from qed_jax.report import markdown, plot, summarize
 
