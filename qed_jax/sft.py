@@ -234,7 +234,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     with StopSignals() as stop, jax.set_mesh(mesh):  # attention kernels find the mesh here
         try:
             # Speed is measured over the steps since the last log: the device runs steps queued
-            # ahead of the host, so one step's wall time would count the queue's.
+            # ahead of the host, so one step's wall time would count the queue's. The first
+            # window leaves out the first step, which compiles (unless that step is logged).
             window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             # `stopping` is what all processes agreed on after the last step; a signal that
             # arrives later waits for the next step's agreement (and its checkpoint).
@@ -267,6 +268,9 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                                  ckpts)
                     ckpts.save(step, params, opt_state, data, meta(step))
                 if logged:  # the next window starts after this step's eval, log and save
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                elif step == start + 1:  # the first step compiled the step: the window starts after it
+                    jax.block_until_ready(last_loss)
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         finally:
             progress.close()
