@@ -232,7 +232,8 @@ def _judge(args) -> int | None:
     config = load_config(JudgeConfig, args.config, overrides, section="judge")
     needs = needed_fields(load_judge_template(config.template))
     source = Path(args.input)
-    if source.suffix in (".json", ".parquet") or not source.exists():  # also a Hub dataset, or a clear error
+    # A .json array, Parquet, a Hub dataset, or a clear error (for a missing or compressed file).
+    if source.suffix.lower() in (".json", ".parquet", ".gz") or not source.exists():
         numbered = [(f"{source}: {where}", row) for where, row in read_rows(args.input)]
     else:  # JSON lines, under any name (a pipe too): errors name the line
         with open(source, "rb") as f:

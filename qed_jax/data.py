@@ -63,23 +63,24 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     line that is not JSON, or not UTF-8, stands as a BadRow. `name` and `split` choose within
     a Hub dataset: a local file is read whole (with a warning when they ask for something else)."""
     local = Path(path)
-    if local.suffix in (".jsonl", ".json", ".parquet") and (name is not None or split != "train"):
+    suffix = local.suffix.lower()  # D.JSONL too
+    if suffix in (".jsonl", ".json", ".parquet") and (name is not None or split != "train"):
         log.warning("%s is a local file, read whole: the dataset name %r and split %r apply to Hub datasets only",
                     path, name, split)
-    if local.suffix in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json"):
         require_file(local, "data file")
         with open(local, "rb") as f:
-            if local.suffix == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+            if suffix == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
                 f.seek(0)
                 return _json_array_rows(path, f.read())
             f.seek(0)
             return _json_lines_rows(f)
-    if local.is_file() and local.suffix != ".parquet":
+    if local.is_file() and suffix != ".parquet":
         raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl or .json), "
                           "a JSON array (.json) or Parquet")
-    if local.suffix == ".parquet" or is_missing_local_path(path):
+    if suffix == ".parquet" or is_missing_local_path(path):
         require_file(local, "data file")
-    if local.suffix == ".parquet":
+    if suffix == ".parquet":
         import pyarrow
         import pyarrow.parquet
 

@@ -382,7 +382,7 @@ def check_inputs_exist(s: Stages, out: Path) -> None:
         if "://" in value or made == local.resolve() or made in local.resolve().parents:
             return False
         # A data file by its suffix is local even as "data/x.jsonl", which could be a Hub id.
-        return not local.exists() if local.suffix in DATA_SUFFIXES else is_missing_local_path(value)
+        return not local.exists() if local.suffix.lower() in DATA_SUFFIXES else is_missing_local_path(value)
 
     named = [("sft", s.sft), ("grpo", s.grpo), *((f"eval {Path(c.output_dir).name}", c) for c in s.evals)]
     for stage, config in named:

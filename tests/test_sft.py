@@ -458,6 +458,8 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
         read_rows(str(tmp_path / "rows.csv"))
     with pytest.raises(ConfigError, match=r"^data file .*/rows\.jsonll does not exist$"):
         read_rows(str(tmp_path / "rows.jsonll"))
+    (tmp_path / "ROWS.JSONL").write_text('{"a": 1}\n')  # a suffix in capitals reads as its lower case
+    assert read_rows(str(tmp_path / "ROWS.JSONL")) == [("line 1", {"a": 1})]
 
 
 def test_a_row_with_a_lone_surrogate_is_a_bad_row_and_an_escaped_pair_is_text(tmp_path, tokenizer):
