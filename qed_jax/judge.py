@@ -154,6 +154,10 @@ def render_marking_scheme(scheme: Any) -> str:
             if not isinstance(item, dict):
                 raise ValueError(f"marking scheme item {i} is not a mapping: {item!r}")
             points = item.get("points")
+            if points is not None and (isinstance(points, bool) or not isinstance(points, (int, float))
+                                       or not 0 <= points <= MAX_SCORE):
+                raise ValueError(f"marking scheme item {i}: points must be a number from 0 to {MAX_SCORE}, "
+                                 f"got {points!r}")
             # A table's missing field is null (a Parquet struct column): no title, no description.
             head = f"Checkpoint {i}: {str(item.get('title') or '').strip()}".strip()
             if points is not None:

@@ -222,6 +222,11 @@ def test_marking_scheme_renders_string_and_checkpoints_consistently():
     assert render_marking_scheme("  plain text scheme ") == "plain text scheme"
     # A table's struct column fills a missing field with null: left out, not written as "None".
     assert render_marking_scheme([{"title": None, "points": 7, "desc": None}]) == "Checkpoint 1: (7 points)"
+    assert render_marking_scheme([{"title": "Half", "points": 0.5}]) == "Checkpoint 1: Half (0.5 points)"
+    for points in ("two", True, -3, 8, float("nan")):  # would reach the judge as written
+        with pytest.raises(ValueError, match=rf"^marking scheme item 1: points must be a number from 0 to 7, "
+                                             rf"got {re.escape(repr(points))}$"):
+            render_marking_scheme([{"title": "T", "points": points}])
     prompt = render_prompt(load_template("rl_grader"), GradeItem(problem="P {x}", rubric=scheme, proof="Q"), "Q")
     assert "Checkpoint 2: Finish (5 points)" in prompt and "P {x}" in prompt and "{{" not in prompt
 
