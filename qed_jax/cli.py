@@ -582,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval output directories, or folders of them (each stands for the runs inside)")
     p.add_argument("--output", help="folder for report.md/json and plots (default: the one RUN_DIR given; "
                    "required with several)")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the PNG plots (and delete an earlier report's from the output folder: they would "
+                        "show other data)")
     p.set_defaults(run=_report)
 
     p = sub.add_parser(

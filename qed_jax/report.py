@@ -192,6 +192,7 @@ def markdown(summaries: dict[str, dict]) -> str:
 
 
 PANEL_COLUMNS = 3  # panels per row of a plot with one panel per run
+PLOT_FILES = ("score_histogram.png", "score_vs_tokens.png", "score_per_turn.png")
 
 
 def plot(summaries: dict[str, dict], runs: dict[str, list[dict]], out: Path) -> list[Path]:
@@ -338,4 +339,8 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     text = markdown(summaries)
     (out / "report.md").write_text(text, encoding="utf-8")  # its dashes and ± in any locale
     (out / "report.json").write_text(json.dumps(_nan_to_none(summaries), indent=2, allow_nan=False))
-    return text, out, plot(summaries, runs, out) if plots else []
+    if plots:
+        return text, out, plot(summaries, runs, out)
+    for name in PLOT_FILES:  # an earlier report's, of other data than this one's
+        (out / name).unlink(missing_ok=True)
+    return text, out, []

@@ -783,6 +783,9 @@ def test_report_compares_runs_side_by_side(tmp_path):
     plots = report([str(r) for r in runs], output=str(tmp_path / "cmp"))[2]
     assert [p.name for p in plots] == ["score_histogram.png", "score_vs_tokens.png"]
     assert not (tmp_path / "cmp" / "score_per_turn.png").exists()
+    # Without plots, the earlier report's plots go too: they would show other data than report.md.
+    report([str(r) for r in runs], output=str(tmp_path / "cmp"), plots=False)
+    assert not list((tmp_path / "cmp").glob("*.png"))
 
     # Damaged or wrong run directories: one line naming the file (and line), or the runs inside.
     root = re.escape(str(tmp_path))
