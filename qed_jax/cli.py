@@ -333,10 +333,12 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
     from qed_jax.config import dump_json, load_config
 
     check_distributed_flags(args)
-    config = load_config(config_cls, args.config, args.overrides)
     if args.config is None and not args.overrides and not args.print_config:
         raise ConfigError(f"no --config: start from one, e.g. --config {args.config_example} (the defaults alone "
                           "name no model, tokenizer or data)")
+    distributed = args.distributed or args.coordinator
+    if args.print_config or not distributed:  # a typo fails at once, before JAX starts
+        config = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
         # On stderr, so that stdout is the JSON alone. A run logs these once its inputs are checked.
         print("derived: " + json.dumps(config.derived()), file=sys.stderr)
@@ -345,6 +347,13 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
     _init_distributed(args)
     if before_backend is not None:
         before_backend()
+    if distributed:
+        from qed_jax.multihost import set_up_together
+
+        # A config only one process refuses (its host's files, or flags of its own) stops all of
+        # them at once: the others would wait for it until JAX's timeouts abort them.
+        with set_up_together("reading the config"):
+            config = load_config(config_cls, args.config, args.overrides)
     result = train(config, resume_with_changes=args.resume_with_changes)
     import jax
 

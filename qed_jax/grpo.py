@@ -39,7 +39,7 @@ from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
                              check_rows_divide, data_parallel_size, data_record, decay_mask, exit_or_export,
-                             init_opt_state, is_complete, load_model, make_optimizer, params_finite, resolve_tokenizer,
+                             init_opt_state, is_complete, make_optimizer, open_model, params_finite, resolve_tokenizer,
                              run_lock, start_or_resume)
 
 log = logging.getLogger(__name__)
@@ -773,8 +773,9 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer, stop_ids
 
     out = Path(config.output_dir)
-    with set_up_together("GRPO's setup (config, tokenizer, prompts)"):
+    with set_up_together("GRPO's setup (config, model, tokenizer, prompts)"):
         mesh = make_mesh(config.mesh)
+        load_model = open_model(config.model, config.seed)  # its files are checked now, read after
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
         tokenizer = load_tokenizer(tokenizer_path)
         prompts = load_prompts(config, tokenizer)
@@ -786,7 +787,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
-    model = load_model(config.model, mesh, config.seed)
+    model = load_model(mesh)
     check_vocab(tokenizer, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)

@@ -247,7 +247,7 @@ def _widest_dtype(tensors: SafetensorsFolder, names) -> str | None:
 
 
 def stored_param_dtype(folder: Path, config: ModelConfig) -> str | None:
-    """What `load_hf` gives the parameters of `folder` unless told a dtype, read from the
+    """What `open_hf`'s loader gives the parameters of `folder` unless told a dtype, read from the
     safetensors headers; None when the folder holds no weights (a config.json alone)."""
     try:
         tensors = SafetensorsFolder(folder)
@@ -258,11 +258,12 @@ def stored_param_dtype(folder: Path, config: ModelConfig) -> str | None:
     return _widest_dtype(tensors, _expected_shapes(tensor_maps(config), config))
 
 
-def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
-            compute_dtype: str | None = None) -> Qwen3:
-    """A Hugging Face Qwen3 folder → a qed-jax model, sharded on `mesh` when given.
-    Parameters keep the checkpoint's dtype unless `dtype` is set; compute follows the parameters
-    unless `compute_dtype` is set."""
+def open_hf(folder: str | Path):
+    """A Hugging Face Qwen3 folder, checked (its config.json, and each tensor the model reads
+    present, of the right shape, in files not cut off) on this host alone: no device is touched.
+    Returns load(mesh=None, rules=DEFAULT_RULES, dtype=None, compute_dtype=None) → a qed-jax
+    model, sharded on `mesh` when given; parameters keep the checkpoint's dtype unless `dtype`
+    is set, and compute follows the parameters unless `compute_dtype` is set."""
     folder = Path(folder)
     config = read_model_config(folder)
     tensors = SafetensorsFolder(folder)
@@ -275,9 +276,19 @@ def load_hf(folder: str | Path, mesh=None, rules=DEFAULT_RULES, dtype: str | Non
     maps = tensor_maps(config)
     expected = _expected_shapes(maps, config)
     _check_tensors(folder, tensors, expected, config.num_layers)
-    param_dtype = dtype or _widest_dtype(tensors, expected)
-    config = config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
+    stored_dtype = _widest_dtype(tensors, expected)
 
+    def load(mesh=None, rules=DEFAULT_RULES, dtype: str | None = None, compute_dtype: str | None = None) -> Qwen3:
+        param_dtype = dtype or stored_dtype
+        return _load_hf(folder, config.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype),
+                        tensors, maps, mesh, rules)
+
+    return load
+
+
+def _load_hf(folder: Path, config: ModelConfig, tensors: SafetensorsFolder, maps: dict[str, TensorMap], mesh,
+             rules) -> Qwen3:
+    param_dtype = config.param_dtype
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     if mesh is not None:

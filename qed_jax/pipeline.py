@@ -192,7 +192,7 @@ def export_base(sft_config, folder: Path) -> bool:
     or preset) is refused: the base evaluations would not be of the model SFT starts from."""
     from qed_jax.pretrained import save_pretrained
     from qed_jax.sharding import make_mesh
-    from qed_jax.trainer import load_model, resolve_tokenizer
+    from qed_jax.trainer import open_model, resolve_tokenizer
 
     if sft_config.model.path:
         return False
@@ -208,7 +208,7 @@ def export_base(sft_config, folder: Path) -> bool:
         return False
     folder.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(recorded, json.dumps(init) + "\n")
-    model = load_model(sft_config.model, make_mesh(sft_config.mesh), sft_config.seed)
+    model = open_model(sft_config.model, sft_config.seed)(make_mesh(sft_config.mesh))
     # save_pretrained writes config.json last: a killed export has none here, and is redone.
     save_pretrained(model, folder, dtype=sft_config.export_dtype or model.config.param_dtype,
                     assets_from=resolve_tokenizer(sft_config.tokenizer, sft_config.model))

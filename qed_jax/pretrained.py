@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from functools import partial
 from pathlib import Path
 
 from etils import epath
@@ -45,6 +46,14 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     dtype: parameter dtype (default: the checkpoint's own). compute_dtype: default = dtype.
     The folder is remembered outside the model (see `_SOURCES`) so exports can carry its tokenizer.
     """
+    return open_pretrained(path, step)(mesh, rules, dtype, compute_dtype)
+
+
+def open_pretrained(path, step: int | None = None):
+    """The half of `from_pretrained` that touches no device: find the model (a Hub id is
+    downloaded), read its config and check its files on this host. Returns load(mesh=None,
+    rules=DEFAULT_RULES, dtype=None, compute_dtype=None) → the model. Multi-host trainers call
+    it where one host's missing or damaged copy stops every host (`multihost.set_up_together`)."""
     only_in_checkpoints = "a step can only be chosen in a qed-jax checkpoint directory"
     if step is not None and is_hub_id(str(path)):
         raise CheckpointError(f"{path}: no such local folder, so read as a Hugging Face Hub id; {only_in_checkpoints}")
@@ -53,7 +62,8 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     if not where.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if checkpoint.is_checkpoint_dir(where):
-        model = checkpoint.load_model(where, mesh, rules, dtype, compute_dtype, step=step)
+        checkpoint.read_model_config(where)
+        load = partial(checkpoint.load_model, where, step=step)
     elif not hf.has_safetensors(where) and (
             inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]):
         raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
@@ -61,7 +71,7 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         if step is not None:
             raise CheckpointError(f"{path}: a Hugging Face model folder; {only_in_checkpoints}")
         hf.require_local(path, "reads")
-        model = hf.load_hf(Path(path), mesh, rules, dtype, compute_dtype)
+        load = hf.open_hf(Path(path))
     elif where.name.isdigit() and checkpoint.is_checkpoint_dir(where.parent):
         raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "
                               f"(its latest step is loaded; to use this one, export it: "
@@ -71,8 +81,14 @@ def from_pretrained(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
             f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "
             f"checkpoint directory ({checkpoint.MODEL_CONFIG} + Orbax steps)"
         )
-    _SOURCES[model] = str(path)
-    return model
+
+    def remembered(mesh=None, rules=DEFAULT_RULES, dtype: str | None = None,
+                   compute_dtype: str | None = None) -> Qwen3:
+        model = load(mesh, rules, dtype, compute_dtype)
+        _SOURCES[model] = str(path)
+        return model
+
+    return remembered
 
 
 # Model → the folder it was loaded from. Not an attribute: that would be static graph data, part

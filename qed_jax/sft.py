@@ -29,7 +29,7 @@ from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_finite,
                              check_rows_divide, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
-                             load_model, lr_schedule, make_optimizer, params_finite, resolve_tokenizer, run_lock,
+                             lr_schedule, make_optimizer, open_model, params_finite, resolve_tokenizer, run_lock,
                              start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,9 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer
 
     out = Path(config.output_dir)
-    with set_up_together("SFT's setup (config, tokenizer, data)"):
+    with set_up_together("SFT's setup (config, model, tokenizer, data)"):
         mesh = make_mesh(config.mesh)
+        load_model = open_model(config.model, config.seed)  # its files are checked now, read after
         check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
         if config.batch_size % jax.process_count():
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
@@ -188,7 +189,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                 raise ConfigError(f"{config.data.path}: {len(some)} {what} examples for {jax.process_count()} "
                                   f"processes, which each read their own share; {fix}")
 
-    model = load_model(config.model, mesh, config.seed)
+    model = load_model(mesh)
     check_vocab(tokenizer, model.config.vocab_size)
     warn_past_trained_positions(examples + eval_examples, model.config)
     graphdef, state = nnx.split(model)

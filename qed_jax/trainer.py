@@ -97,20 +97,32 @@ class OptimConfig:
 # Model and optimizer
 
 
-def load_model(spec: ModelSpec, mesh, seed: int) -> Qwen3:
+def open_model(spec: ModelSpec, seed: int):
+    """The model to train, checked on this host without touching a device (model.path's files,
+    see `pretrained.open_pretrained`; or the preset's name), for the trainers' setup block, where
+    one host's missing or damaged copy stops every host. Returns load(mesh) → the model."""
     if not spec.path and not spec.preset:
         raise ConfigError("model: set model.path (a checkpoint to load) or model.preset (a random init)")
     if spec.path:
-        from qed_jax.pretrained import from_pretrained
+        from qed_jax.pretrained import open_pretrained
 
-        model = from_pretrained(spec.path, mesh=mesh, dtype=spec.param_dtype, compute_dtype=spec.dtype)
+        if is_missing_local_path(spec.path):
+            raise not_found("model.path", spec.path)
+        load_pretrained = open_pretrained(spec.path)
     else:
         base = preset(spec.preset)
         param_dtype = spec.param_dtype or base.param_dtype
         config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype)
-        model = create_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh)
-    model.config = model.config.replace(remat=spec.remat, attention=spec.attention)
-    return model
+
+    def load(mesh) -> Qwen3:
+        if spec.path:
+            model = load_pretrained(mesh, dtype=spec.param_dtype, compute_dtype=spec.dtype)
+        else:
+            model = create_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh)
+        model.config = model.config.replace(remat=spec.remat, attention=spec.attention)
+        return model
+
+    return load
 
 
 def resolve_tokenizer(tokenizer: str | None, spec: ModelSpec) -> str:

@@ -17,7 +17,7 @@ import pytest
 from qed_jax import cli, plan
 from qed_jax.config import ConfigError, PRESETS
 from qed_jax.sft import ModelSpec
-from qed_jax.trainer import load_model
+from qed_jax.trainer import open_model
 
 from tests.helpers import make_hf_model
 
@@ -171,7 +171,7 @@ def test_model_config_from_a_hub_name_a_folder_or_an_explicit_preset(hf_tiny, tm
 
     hf_tiny.save_pretrained(tmp_path / "hf")  # float32 tensors: planned as the trainers load them
     config, source = plan.model_config(ModelSpec(path=str(tmp_path / "hf")))
-    loaded = load_model(ModelSpec(path=str(tmp_path / "hf")), None, 0).config
+    loaded = open_model(ModelSpec(path=str(tmp_path / "hf")), 0)(None).config
     assert (config.num_layers, config.head_dim, config.param_dtype, config.dtype) == (3, 24, "float32", "float32")
     assert (loaded.param_dtype, loaded.dtype) == (config.param_dtype, config.dtype)
     assert source.endswith("config.json")

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert len(read_metrics(tmp_path)) == 3
 
 
-@pytest.mark.slow  # two processes, five times: 50-100 s on 2 cores
+@pytest.mark.slow  # two processes, eight times: 80-160 s on 2 cores
 def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     from qed_jax.trainer import run_lock
 
@@ -292,8 +293,28 @@ def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     # where to look, where it waited in its first collective op until JAX's timeouts aborted it.
     errors = both_fail(f"output_dir={tmp_path / 'data'}",
                        entry={1: ["-c", WITH_ARGS.format(extra=["data.path=/nonexistent/rows.jsonl"])]})
-    assert "SFT's setup (config, tokenizer, data) failed on another process (its log says why)" in errors[0]
+    assert "SFT's setup (config, model, tokenizer, data) failed on another process (its log says why)" in errors[0]
     assert "/nonexistent/rows.jsonl does not exist" in errors[1]
+    # So does a model folder only process 1 lacks, or holds cut off: its files are checked in the
+    # setup, and read after it.
+    from tests.helpers import make_hf_model_with_tokenizer
+
+    model, damaged = tmp_path / "model", tmp_path / "damaged"
+    make_hf_model_with_tokenizer(model)
+    shutil.copytree(model, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    for elsewhere, says in ((tmp_path / "nowhere", f"model.path {tmp_path / 'nowhere'} does not exist"),
+                            (damaged, f"{weights}: not a readable safetensors file")):
+        errors = both_fail("model.preset=null", f"model.path={model}", "tokenizer=null",
+                           f"output_dir={tmp_path / 'model-run'}",
+                           entry={1: ["-c", WITH_ARGS.format(extra=[f"model.path={elsewhere}"])]})
+        assert "SFT's setup (config, model, tokenizer, data) failed on another process" in errors[0], errors[0]
+        assert says in errors[1], errors[1]
+    # A config only process 1 refuses: it joins the others before reading it, so none waits.
+    errors = both_fail(f"output_dir={tmp_path / 'config'}", entry={1: ["-c", WITH_ARGS.format(extra=["steps=0"])]})
+    assert "reading the config failed on another process (its log says why)" in errors[0]
+    assert "steps must be at least 1, got 0" in errors[1]
 
 WITH_ARGS = """
 import sys
