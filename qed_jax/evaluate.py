@@ -421,6 +421,7 @@ def misread_value(record: dict) -> str | None:
     if record["type"] == "sample":
         checks.append(("completion_tokens", record.get("completion_tokens"), is_count(record.get("completion_tokens")),
                        "a token count"))
+        checks.append(("truncated", record.get("truncated"), type(record.get("truncated")) is bool, "true or false"))
     elif record["type"] in ("grade", "turn_grade"):
         score = record.get("score")
         checks.append(("score", score, score is None or (is_count(score) and score <= MAX_SCORE),

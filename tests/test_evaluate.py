@@ -831,6 +831,7 @@ def test_report_compares_runs_side_by_side(tmp_path):
     # Values the report would do arithmetic on: a hand edit, another program's log.
     for kind, key, value, expected in [("sample", "completion_tokens", "many", "a token count"),
                                        ("sample", "completion_tokens", -3, "a token count"),
+                                       ("sample", "truncated", None, "true or false"),
                                        ("grade", "score", "zero", "a score from 0 to 7 or null"),
                                        ("grade", "score", 8, "a score from 0 to 7 or null"),
                                        ("grade", "sample", True, "a sample index")]:
