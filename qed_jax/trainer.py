@@ -538,7 +538,9 @@ def is_complete(out: Path, step: int, steps: int, export_dtype: str | None) -> b
     done = False
     if jax.process_index() == 0:  # on a pod only its host holds `out`; the export involves every process
         try:
-            done = json.loads(exported.read_text()).get("torch_dtype") == export_dtype
+            hf_config = json.loads(exported.read_text())
+            # An export written before config.json carried torch_dtype gives its dtype as "dtype".
+            done = hf_config.get("torch_dtype", hf_config.get("dtype")) == export_dtype
         except (OSError, ValueError):  # none yet, or one cut short by a crash: export (again)
             pass
     return bool(largest(int(done)))

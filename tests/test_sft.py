@@ -622,6 +622,11 @@ def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     assert json.loads(config_json.read_text())["torch_dtype"] == "bfloat16"
     assert SafetensorsFolder(tmp_path / "hf").dtype("model.embed_tokens.weight") == np.dtype("bfloat16")
     assert result["step"] == 1
+    # An export from before config.json carried torch_dtype names it "dtype": finished, not redone.
+    hf_config = json.loads(config_json.read_text())
+    config_json.write_text(json.dumps({**{k: v for k, v in hf_config.items() if k != "torch_dtype"},
+                                       "dtype": "bfloat16"}))
+    assert train(load_config(SFTConfig, TINY, [*base, "export_dtype=bfloat16"]))["complete"]
 
 
 def test_a_finished_run_rerun_with_changes_keeps_the_config_it_trained_under(tmp_path, caplog):
