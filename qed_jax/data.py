@@ -335,6 +335,13 @@ def packed_batches(examples: list[dict], config: DataConfig, batch_size: int, ep
     return grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=config.prefetch)
 
 
+# The version of how the trainers order their data and draw their samples (the shuffle and
+# packing seeds, GRPO's rollout keys). Bump it with any change to them: each checkpoint records
+# it, and a resume across a change is refused (a checkpoint's data position counts into the order
+# it was written under). Version 2: seeds hashed from data.seed (`order_seed`), 2026-12-01.
+DATA_ORDER = 2
+
+
 def order_seed(data_seed: int) -> int:
     """The seed of a trainer's data order (Grain's shuffle and its packing bins), hashed from
     data.seed: Grain reshuffles epoch e with its seed + e, so data.seed 1 would otherwise give

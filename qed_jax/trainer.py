@@ -27,6 +27,7 @@ from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
                             dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
                             read_json_object, require_range, write_text_atomic)
+from qed_jax.data import DATA_ORDER
 from qed_jax.errors import RunConfigChanged, TrainingDiverged
 from qed_jax.model import Qwen3
 from qed_jax.multihost import largest
@@ -330,8 +331,9 @@ def record_run_config(out: Path, config, changed: bool) -> None:
 def data_record(path: str, examples: list[dict]) -> dict:
     """What a run trains on, kept in each checkpoint so that a resume can tell whether it
     changed: the data's name, how many examples it gave and a SHA-256 over them after
-    tokenization (a changed file, tokenizer or data option shows alike). Each example is a dict
-    of NumPy arrays and JSON values (token lists, text, marking schemes, None)."""
+    tokenization (a changed file, tokenizer or data option shows alike), and the version of the
+    order the trainers read them in (`data.DATA_ORDER`). Each example is a dict of NumPy arrays
+    and JSON values (token lists, text, marking schemes, None)."""
     digest = hashlib.sha256()
     for example in examples:
         for key in sorted(example):
@@ -342,7 +344,7 @@ def data_record(path: str, examples: list[dict]) -> dict:
                 data = json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
             digest.update(f"{key}:{len(data)}:".encode())
             digest.update(data)
-    return {"path": path, "examples": len(examples), "sha256": digest.hexdigest()}
+    return {"path": path, "examples": len(examples), "sha256": digest.hexdigest(), "order": DATA_ORDER}
 
 
 def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
@@ -368,6 +370,12 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     if old is not None and not same(old, new):
         describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
         changes.append(f"training data: {describe(old)} -> {describe(new)}")
+    if old is not None and "order" not in old:
+        log.warning("%s: its checkpoints do not record the order they read the data in; a run begun before "
+                    "qed-jax changed that order (2026-12-01) continues in the new order", checkpoints)
+    elif old is not None and old["order"] != new["order"]:
+        changes.append(f"data order: version {old['order']} -> {new['order']}, so the data would come in another order "
+                       "and the samples drawn otherwise; the qed-jax version that began the run can finish it")
     if changes and not resume_with_changes:
         raise RunConfigChanged(checkpoints, changes, "checkpoint_dir")
     if changes:

@@ -4,6 +4,7 @@ Ctrl-C writing a checkpoint like a preemption, and one job at a time per run dir
 
 import asyncio
 import json
+import logging
 import os
 import platform
 import re
@@ -178,6 +179,28 @@ def test_the_same_data_under_another_spelling_of_its_path_is_not_a_change(tmp_pa
     current["data"] = data_record("configs/data/rows.jsonl", examples * 2)
     with pytest.raises(ConfigError, match=r"training data: configs/data/rows.jsonl: 1 examples, sha256 .* -> "):
         check_run_data(tmp_path, saved, current, resume_with_changes=False)
+
+
+def test_a_checkpoint_written_under_another_data_order_is_not_resumed_in_silence(tmp_path, caplog):
+    """A checkpoint's data position counts into the order it was written under: the examples a
+    resume reads next would not be the ones an uninterrupted run reads."""
+    from qed_jax.data import DATA_ORDER
+
+    examples = [{"tokens": np.arange(4, dtype=np.int32)}]
+    current = {"trainer": "sft", "data": data_record("rows.jsonl", examples), "config": {}}
+    older = {"trainer": "sft", "data": {**current["data"], "order": DATA_ORDER - 1}}
+    with pytest.raises(ConfigError, match=rf"\(data order: version {DATA_ORDER - 1} -> {DATA_ORDER}, so the data "
+                                          "would come in another order and the samples drawn otherwise; the qed-jax "
+                                          "version that began the run can finish it\); pass --resume-with-changes"):
+        check_run_data(tmp_path, older, current, resume_with_changes=False)
+    with caplog.at_level(logging.WARNING):
+        check_run_data(tmp_path, older, current, resume_with_changes=True)
+        assert "resuming from" in caplog.text and "data order: version" in caplog.text
+        caplog.clear()
+        # Written before checkpoints recorded their order: the run goes on, with a warning.
+        unrecorded = {"trainer": "sft", "data": {k: v for k, v in current["data"].items() if k != "order"}}
+        check_run_data(tmp_path, unrecorded, current, resume_with_changes=False)
+        assert "do not record the order they read the data in" in caplog.text
 
 
 def test_a_step_whose_update_overflowed_is_not_saved_though_its_loss_was_finite(tmp_path):
