@@ -302,6 +302,15 @@ def expand_path_field(key: str, value: Any) -> Any:
     return os.path.expanduser(value) if key in PATH_FIELDS and isinstance(value, str) else value
 
 
+def same_setting(key: str, a: Any, b: Any) -> bool:
+    """Whether a setting recorded as `a` is `b` now: equal, or for one of PATH_FIELDS two
+    spellings of one existing file or folder (a relative path and its absolute one, a link)."""
+    if a == b:
+        return True
+    return (key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and "://" not in a + b
+            and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def expand_paths(data: Any) -> Any:
     """A config's JSON values (config.json) with `~` expanded in PATH_FIELDS, as `from_dict`
     does: what a run directory recorded before it did so compares equal to the same setting now."""

@@ -36,7 +36,7 @@ from typing import Any
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
                             load_template, not_found, read_json_object, require_at_least_one, require_range,
-                            write_text_atomic)
+                            same_setting, write_text_atomic)
 from qed_jax.errors import noted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, load_judge_template, reason_counts, render_marking_scheme, reply_text,
@@ -761,7 +761,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
         if key.startswith("rc.") and config.mode != "rc":
             continue
         old, new = get_dotted(saved, key), get_dotted(current, key)
-        if old != new:
+        if not same_setting(key.rsplit(".", 1)[-1], old, new):
             raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
                               "would not be comparable; choose another output_dir, or delete the old run")
     if (out / TEMPLATES_FILE).is_file():

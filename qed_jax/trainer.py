@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
                             dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
-                            read_json_object, require_range, write_text_atomic)
+                            read_json_object, require_range, same_setting, write_text_atomic)
 from qed_jax.data import DATA_ORDER
 from qed_jax.errors import RunConfigChanged, TrainingDiverged
 from qed_jax.model import Qwen3
@@ -254,8 +254,8 @@ NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY) -> list[str]:
-    """`key: old -> new` for every leaf that differs between two config dicts, but those in
-    `ignored`."""
+    """`key: old -> new` for every leaf that differs between two config dicts (a path spelt
+    otherwise is the same, see `same_setting`), but those in `ignored`."""
     changes = []
     for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key), new.get(key)
@@ -263,7 +263,7 @@ def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDE
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, f"{prefix}{key}.", ignored)
-        elif a != b:
+        elif not same_setting(key, a, b):
             changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
     return changes
 

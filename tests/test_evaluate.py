@@ -896,6 +896,9 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     with pytest.raises(ConfigError, match="holds a run with sampling="):
         rerun("sampling.temperature=0.5")
     assert json.loads((out / "config.json").read_text())["samples"] == 3  # refused reruns change nothing
+    # The benchmark file under another spelling of its path is the same benchmark.
+    data = Path(json.loads((out / "config.json").read_text())["benchmark"]["path"])
+    rerun("samples=3", f"benchmark.path={Path(os.path.relpath(data.parent))}/./{data.name}")
 
 
 def test_a_rerun_may_not_keep_fewer_samples_than_the_run_holds(tmp_path):

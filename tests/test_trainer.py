@@ -181,6 +181,24 @@ def test_the_same_data_under_another_spelling_of_its_path_is_not_a_change(tmp_pa
         check_run_data(tmp_path, saved, current, resume_with_changes=False)
 
 
+def test_a_path_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch):
+    """A pipeline's stages load the models it writes under its own folder: the folder named by
+    an absolute path, or through a link, on a rerun is the same run."""
+    from qed_jax.config import same_setting
+
+    (tmp_path / "run" / "sft" / "hf").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    saved = {"model": {"path": "../run/sft/hf"}, "seed": 0}
+    for spelt in (str(tmp_path / "run" / "sft" / "hf"), str(tmp_path / "link" / "sft" / "hf"), "sft/hf/"):
+        assert config_changes(saved, {"model": {"path": spelt}, "seed": 0}) == []
+    assert config_changes(saved, {"model": {"path": str(tmp_path / "other")}, "seed": 0}) == [
+        f'model.path: "../run/sft/hf" -> "{tmp_path / "other"}"']
+    # Names that are no local file (Hub ids) compare as text; so do other settings.
+    assert not same_setting("path", "org/model", "./org/model") and not same_setting("seed", 0, 1)
+
+
 def test_a_checkpoint_written_under_another_data_order_is_not_resumed_in_silence(tmp_path, caplog):
     """A checkpoint's data position counts into the order it was written under: the examples a
     resume reads next would not be the ones an uninterrupted run reads."""
