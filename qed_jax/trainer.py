@@ -348,7 +348,7 @@ def data_record(path: str, examples: list[dict]) -> dict:
 
 
 def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
-                   compare_config: bool = False) -> None:
+                   compare_config: bool = False, finished: bool = False) -> None:
     """Whether a checkpoint's meta (`saved`, in the folder `checkpoints`) can continue this run
     (`current`: the TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless
     the user says otherwise, can other training data: the checkpoint's data position counts into
@@ -356,7 +356,8 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     another place than an uninterrupted run reads, in silence (the checkpoints written from then on
     record the new data). With `compare_config` (the run directory has no config.json: a new
     machine, the checkpoints kept on gs://), the config the checkpoint was written under stands in
-    for it. Every process reads the same checkpoint and decides alike."""
+    for it. The data order matters only to a run not `finished` (one with steps left to train).
+    Every process reads the same checkpoint and decides alike."""
     if saved.get("trainer", current["trainer"]) != current["trainer"]:
         raise ConfigError(f"{checkpoints}: its checkpoints were written by qed-jax {saved['trainer']}, and this is "
                           f"qed-jax {current['trainer']}: give this run its own output_dir and checkpoint_dir (to "
@@ -370,12 +371,14 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     if old is not None and not same(old, new):
         describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
         changes.append(f"training data: {describe(old)} -> {describe(new)}")
-    if old is not None and "order" not in old:
-        log.warning("%s: its checkpoints do not record the order they read the data in; a run begun before "
-                    "qed-jax changed that order (2026-12-01) continues in the new order", checkpoints)
-    elif old is not None and old["order"] != new["order"]:
-        changes.append(f"data order: version {old['order']} -> {new['order']}, so the data would come in another order "
-                       "and the samples drawn otherwise; the qed-jax version that began the run can finish it")
+    if old is not None and not finished:  # the order matters to the steps left
+        if "order" not in old:
+            log.warning("%s: its checkpoints do not record the order they read the data in; a run begun before "
+                        "qed-jax changed that order (2026-12-01) continues in the new order", checkpoints)
+        elif old["order"] != new["order"]:
+            changes.append(f"data order: version {old['order']} -> {new['order']}, so the data would come in "
+                           "another order and the samples drawn otherwise; the qed-jax version that began the run "
+                           "can finish it")
     if changes and not resume_with_changes:
         raise RunConfigChanged(checkpoints, changes, "checkpoint_dir")
     if changes:
@@ -392,7 +395,8 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
-        ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded))
+        ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded,
+        finished=meta["step"] >= steps))
     step = 0 if restored is None else restored[2]["step"]
     if changed and step >= steps:
         log.warning("%s: the run is complete at step %d, so its changed config is not recorded: nothing trains under "

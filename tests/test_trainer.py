@@ -219,6 +219,11 @@ def test_a_checkpoint_written_under_another_data_order_is_not_resumed_in_silence
         unrecorded = {"trainer": "sft", "data": {k: v for k, v in current["data"].items() if k != "order"}}
         check_run_data(tmp_path, unrecorded, current, resume_with_changes=False)
         assert "do not record the order they read the data in" in caplog.text
+        caplog.clear()
+        # A finished run trains nothing more: its order does not matter (a pipeline reruns it to evaluate).
+        for saved in (older, unrecorded):
+            check_run_data(tmp_path, saved, current, resume_with_changes=False, finished=True)
+        assert not caplog.text
 
 
 def test_a_step_whose_update_overflowed_is_not_saved_though_its_loss_was_finite(tmp_path):
