@@ -147,11 +147,13 @@ def unfinished(summary: dict) -> bool:
 
 
 def source_label(benchmark: dict) -> str:
-    """Where a benchmark's problems come from: its file or hub dataset, with the subset and a
-    split other than train."""
-    split = benchmark.get("split", "train")
-    return " ".join(str(part) for part in (benchmark.get("path"), benchmark.get("subset"),
-                                           None if split == "train" else split) if part is not None)
+    """Where a benchmark's problems come from: its file (one spelling for every path to it,
+    relative to here) or hub dataset, with the subset and a split other than train."""
+    path, split = benchmark.get("path"), benchmark.get("split", "train")
+    if path is not None and os.path.exists(path):
+        path = os.path.relpath(os.path.realpath(path))
+    return " ".join(str(part) for part in (path, benchmark.get("subset"), None if split == "train" else split)
+                    if part is not None)
 
 
 def by_model(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]] | None:

@@ -711,8 +711,9 @@ def test_the_by_model_table_marks_a_run_not_finished():
     assert "not finished" not in markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, 7])})
 
 
-def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart():
+def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch):
     from qed_jax.report import by_model, summarize
+    from tests.helpers import REPO
 
     def run(model, path, score):
         config = {"samples": 1, "mode": "single", "model": {"path": model},
@@ -726,6 +727,12 @@ def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart():
     assert rows == [["m1", "100.0", "0.0"], ["m2", "0.0", "–"]]
     header, _ = by_model({"a": run("m1", "x.jsonl", 7), "c": run("m2", "x.jsonl", 0)})
     assert header == ["model", "benchmark single"]  # one file: the name alone
+    # One file under several spellings is one benchmark.
+    monkeypatch.chdir(REPO)
+    data = "configs/data/imo_proofbench_sample.jsonl"
+    header, rows = by_model({"a": run("m1", data, 7), "b": run("m2", f"./{data}", 0),
+                             "c": run("m3", str(REPO / data), 0)})
+    assert header == ["model", "benchmark single"] and [row[1] for row in rows] == ["100.0", "0.0", "0.0"]
 
 
 def test_report_tables_and_plots_take_any_run_name(tmp_path):
