@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from qed_jax import checkpoint
 from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_local_output_dir, check_sampling,
-                            check_seed, hashed_seed, json_values, require_at_least_one, require_range)
+                            check_seed, hashed_seed, is_missing_local_path, json_values, not_found,
+                            require_at_least_one, require_range)
 from qed_jax.data import BadRow, order_seed, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, reason_counts, row_field)
@@ -488,23 +489,38 @@ def rc_template_tokens(rc: RCTrainConfig, tokenizer) -> int:
     return tokenize_template(tokenizer, load_rc_template(rc.reasoning_template), REASONING_SLOTS).literal_tokens
 
 
+def open_summarizer(config: GRPOConfig):
+    """A separate RC summarizer (rc.summarizer.path), checked on this host without touching a
+    device (see `pretrained.open_pretrained`): (load(mesh, dtype=...) → its model, its tokenizer);
+    None when the policy summarizes."""
+    from qed_jax.pretrained import open_pretrained
+    from qed_jax.tokenizer import load_tokenizer
+
+    path = config.rc.summarizer.path if config.rc else None
+    if not path:
+        return None
+    if is_missing_local_path(path):
+        raise not_found("rc.summarizer.path", path)
+    return open_pretrained(path), load_tokenizer(path)
+
+
 class RCRollouts:
     """The `rc:` section at work: each step, a trajectory of the current policy per problem, its
     states, the drawn ones, and their reasoning prompts, from which the GRPO groups are sampled.
     The trajectory runs on the sampling mesh with the sampler's copy of the weights."""
 
-    def __init__(self, config: GRPOConfig, sampling_model, tokenizer, mesh):
-        from qed_jax.pretrained import from_pretrained
+    def __init__(self, config: GRPOConfig, sampling_model, tokenizer, mesh, summarizer_source=None):
+        """summarizer_source: `open_summarizer`'s, for a separate summarizer."""
         from qed_jax.reasoning_cache import RCParams, ReasoningCache, Summarizer
-        from qed_jax.tokenizer import load_tokenizer
 
         rc = self.config = config.rc
         summarizer = None
-        if rc.summarizer.path:
+        if summarizer_source is not None:
             s = rc.summarizer
-            summarizer = Summarizer(from_pretrained(s.path, dtype=s.dtype, mesh=mesh),
-                                    SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p),
-                                    thinking=s.thinking, tokenizer=load_tokenizer(s.path))
+            load, summarizer_tokenizer = summarizer_source
+            summarizer = Summarizer(load(mesh, dtype=s.dtype), SamplingParams(s.max_new_tokens, s.temperature,
+                                                                              s.top_k, s.top_p),
+                                    thinking=s.thinking, tokenizer=summarizer_tokenizer)
         params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or config.max_new_tokens,
                           summary_tokens=rc.summary_tokens, temperature=config.loss.temperature,
                           summarizer_tokens=rc.summarizer.max_new_tokens, summarize_last=True, no_summary=None,
@@ -776,6 +792,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     with set_up_together("GRPO's setup (config, model, tokenizer, prompts)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
+        summarizer_source = open_summarizer(config)  # so are a separate RC summarizer's
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
         tokenizer = load_tokenizer(tokenizer_path)
         prompts = load_prompts(config, tokenizer)
@@ -805,7 +822,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     to_sampler = sampler_weights(params, sampling_model, config.sampling.dtype, sampling_mesh, stacked_mesh)
     sampler = Sampler(sampling_model, mesh=sampling_mesh, max_concurrent=config.sampling.max_concurrent,
                       kv_cache_gib=config.sampling.kv_cache_gib)
-    rc_rollouts = RCRollouts(config, sampling_model, tokenizer, sampling_mesh) if config.rc else None
+    rc_rollouts = RCRollouts(config, sampling_model, tokenizer, sampling_mesh, summarizer_source) if config.rc \
+        else None
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
 

@@ -726,6 +726,23 @@ def test_rc_grpo_grades_the_original_problem_and_logs_per_state_metrics(tmp_path
         assert m["packed_rows"] > 0 and np.isfinite(m["loss"]) and m["trajectory_s"] > 0
 
 
+def test_a_separate_rc_summarizer_is_checked_in_the_setup(tmp_path):
+    """Its files are checked where every process hears of one host's missing copy, before any
+    model loads; the loader reads it after."""
+    from qed_jax.grpo import open_summarizer, train
+    from tests.helpers import make_hf_model_with_tokenizer
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"^rc.summarizer.path {tmp_path}/nowhere does not exist"):
+        train(load_config(GRPOConfig, TINY_RC, [f"rc.summarizer.path={tmp_path / 'nowhere'}", f"output_dir={run}"]))
+    assert not (run / "checkpoints").exists()
+    make_hf_model_with_tokenizer(tmp_path / "summarizer")
+    separate = load_config(GRPOConfig, TINY_RC, [f"rc.summarizer.path={tmp_path / 'summarizer'}"])
+    load, tokenizer = open_summarizer(separate)
+    assert load(None, dtype="bfloat16").config.param_dtype == "bfloat16" and tokenizer.eos_token is not None
+    assert open_summarizer(load_config(GRPOConfig, TINY_RC)) is None  # the policy summarizes
+
+
 def test_rc_recipe_config_loads_with_1024_samples_per_step():
     config = load_config(GRPOConfig, REPO / "configs" / "rl" / "qed_nano_4b_rc.yaml")
     derived = config.derived()
