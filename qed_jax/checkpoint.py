@@ -34,7 +34,7 @@ from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.errors import causes, out_of_device_memory
 from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
-from qed_jax.multihost import largest
+from qed_jax.multihost import largest, set_up_together
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
 
 MODEL_CONFIG = "model_config.json"
@@ -363,8 +363,9 @@ class TrainCheckpoints:
                 error = e
             if self._agreed_failure(step, error):
                 continue
-            if check is not None:
-                check(meta)
+            if check is not None:  # it may read this host's files: all processes refuse if one does
+                with set_up_together(f"the check of {directory} step {step}"):
+                    check(meta)
             if misfit:
                 raise CheckpointError(f"{directory}: checkpoint step {step} does not fit this run ({misfit}): it was "
                                       "written for another model or optimizer; undo the change, or give this run "
