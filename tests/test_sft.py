@@ -316,6 +316,27 @@ def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     assert "reading the config failed on another process (its log says why)" in errors[0]
     assert "steps must be at least 1, got 0" in errors[1]
 
+@pytest.mark.slow  # two processes, three times: 40-80 s on 2 cores
+def test_a_checkpoint_one_process_refuses_is_refused_by_both(tmp_path):
+    """Hosts share no disk: one whose copy of the data differs refuses to resume the run, and the
+    other, whose copy matches, must not go on to restore and wait for it."""
+    run = ["steps=2", f"output_dir={tmp_path / 'run'}", "eval_every=0", "export_dtype=null"]
+    with processes(["sft", "--config", TINY, *run], count=2, devices=1, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    edited = tmp_path / "rows.jsonl"
+    lines = (REPO / "configs/data/tiny_proofs.jsonl").read_text().splitlines()
+    edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows, another order
+    with processes(["sft", "--config", TINY, *run], count=2, devices=1,
+                   entry={1: ["-c", WITH_ARGS.format(extra=[f"data.path={edited}"])]},
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
+    assert f"the check of {tmp_path / 'run' / 'checkpoints'} step 2 failed on another process" in outputs[0][1]
+    assert "holds a run that differs from this one (training data: " in outputs[1][1]
+
+
 WITH_ARGS = """
 import sys
 from qed_jax.cli import main
