@@ -212,6 +212,9 @@ class RLDataConfig:
         check_seed(self.seed, "data.seed")
         if "{problem}" not in self.task_template:
             raise ConfigError(f"data.task_template must contain {{problem}}, got {self.task_template!r}")
+        if "{{problem}}" in self.task_template:  # the judge's and benchmark's spelling: the outer braces would stay
+            raise ConfigError("data.task_template: {{problem}} has doubled braces; the task template writes its "
+                              "placeholder with single ones ({problem})")
 
     def task(self, problem: str) -> str:
         return self.task_template.replace("{problem}", problem)

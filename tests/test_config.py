@@ -190,6 +190,9 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (GRPOConfig, ["max_prompt_length=4096", "data.task_template=Prove this. {problem}", "rc.turns=2"],
      r"^data\.task_template is not used with an rc: section: the bare problem goes into the PROBLEM section of "
      r"rc\.reasoning_template"),
+    (GRPOConfig, ["data.task_template=Prove {{problem}}"], r"^data\.task_template: \{\{problem\}\} has doubled "
+                                                         r"braces; the task template writes its placeholder with "
+                                                         r"single ones \(\{problem\}\)$"),
     (GRPOConfig, ["loss.temperature=0"], r"^loss\.temperature must be a finite number of at least 1e-05"),
     (GRPOConfig, ["loss.temperature=.nan"], r"^loss\.temperature must be a finite number .*, got nan$"),
     (EvalConfig, ["model.path=m", "sampling.temperature=-1"], r"^sampling\.temperature must be 0 \(greedy\) or"),
