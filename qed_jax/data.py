@@ -224,6 +224,8 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     if not full.startswith(prefix):
         raise ValueError(unrendered_prompt(prefix, full))
     answer = full[len(prefix):]
+    if prefix.rstrip().endswith("<think>") and answer.lstrip().startswith("</think>"):
+        raise ValueError(NO_REASONING)  # a template that writes an empty <think></think> (Qwen3-Thinking-2507's)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -236,14 +238,17 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     return ids, mask
 
 
+NO_REASONING = ("the chat template opens the answer with <think>, and the assistant message has no reasoning: give it "
+                "reasoning_content (its thinking), or use a tokenizer whose chat template does not think")
+
+
 def unrendered_prompt(prompt: str, full: str) -> str:
     """Why a conversation, rendered whole, does not start with its prompt (the conversation
     before the answer, with the generation prompt) as the chat template renders it."""
     same = len(os.path.commonprefix([prompt, full]))
     missing = prompt[same:]
     if "<think>" in missing:  # a thinking template: the answer must open with its reasoning
-        return ("the chat template opens the answer with <think>, and the assistant message has no reasoning: give it "
-                "reasoning_content (its thinking), or use a tokenizer whose chat template does not think")
+        return NO_REASONING
     return (f"the chat template renders the conversation's prompt as {missing[:40]!r}... where the whole "
             f"conversation has {full[same:same + 40]!r}...: it does not render it as prompt + answer")
 

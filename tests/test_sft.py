@@ -462,6 +462,15 @@ def test_a_conversation_without_reasoning_for_a_thinking_template_says_so(caplog
     assert [r.getMessage() for r in caplog.records] == [
         "data: skipped line 1: the chat template opens the answer with <think>, and the assistant message has no "
         "reasoning: give it reasoning_content (its thinking), or use a tokenizer whose chat template does not think"]
+    # A template that writes every assistant turn's <think></think>, empty without reasoning (as
+    # Qwen3-Thinking-2507's does): the row would teach the model to close its thinking at once.
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE.replace(
+        "message['role'] == 'assistant' and message.get('reasoning_content')", "message['role'] == 'assistant'"
+    ).replace("message['reasoning_content'].strip", "(message.get('reasoning_content') or '').strip")
+    assert "<think>\n\n</think>\n\nClear." in tokenizer.apply_chat_template(plain["messages"], tokenize=False)
+    with pytest.raises(ValueError, match="^the chat template opens the answer with <think>, and the assistant"):
+        tokenize_sft(tokenizer, plain["messages"])
+    tokenize_sft(tokenizer, [*plain["messages"][:-1], {**plain["messages"][-1], "reasoning_content": "r"}])
     # Any other template that renders a conversation's start otherwise than its prompt: where they part.
     tokenizer.chat_template = THINKING_CHAT_TEMPLATE.replace("<think>\n' }}{%- endif %}", "Answer:' }}{%- endif %}")
     with pytest.raises(ValueError, match=re.escape(
