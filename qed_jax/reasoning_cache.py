@@ -463,6 +463,12 @@ class ReasoningCache:
                 raise ConfigError("the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
                                   "the policy's token ids to the summarizer, so both must share one vocabulary")
             self.summarizer_stop_ids = tok.stop_ids(summarizer_tokenizer)
+            if not summarizer.thinking and chat_wrappers(summarizer_tokenizer, thinking=False)[1].rstrip().endswith(
+                    "<think>"):
+                log.warning("the summarizer's chat template opens <think> although its thinking is off (a thinking "
+                            "model's template): each summary will hold its reasoning and </think>; turn its thinking "
+                            "on (generate --summarizer-thinking, eval rc.summarizer_thinking, GRPO "
+                            "rc.summarizer.thinking) so that a summary is its text after </think>")
         self.prompts = build_prompts(tokenizer, params, summarizer_tokenizer, self.summarizer_thinking)
         self.first_summary = [] if params.no_summary is None else \
             tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]

@@ -231,6 +231,21 @@ def test_reasoning_and_summary_extraction():
     assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6]]
 
 
+def test_a_summarizer_whose_template_always_thinks_warns_with_its_thinking_off(setup, caplog):
+    """A thinking model's template opens <think> whatever enable_thinking says: with thinking off,
+    its reasoning and </think> would be taken as the summary."""
+    tokenizer, _, policy, summarizer = setup
+    params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=4, no_summary="none", max_turns=1)
+    with caplog.at_level(logging.WARNING):
+        rc.ReasoningCache(policy, tokenizer, params, rc.Summarizer(summarizer, thinking=True))
+        assert not caplog.records
+        rc.ReasoningCache(policy, tokenizer, params, rc.Summarizer(summarizer, thinking=False))
+    assert [r.getMessage() for r in caplog.records] == [
+        "the summarizer's chat template opens <think> although its thinking is off (a thinking model's template): "
+        "each summary will hold its reasoning and </think>; turn its thinking on (generate --summarizer-thinking, "
+        "eval rc.summarizer_thinking, GRPO rc.summarizer.thinking) so that a summary is its text after </think>"]
+
+
 def test_a_summarizer_with_fewer_embedding_rows_than_the_policy_is_refused():
     """The policy may sample any id below its vocab_size (padding rows too); in a summarizer
     without that row the id would read NaN and empty the summary, so it is refused up front."""
