@@ -338,7 +338,8 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
 
 def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "samples.jsonl"
-    whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0, "completion_tokens": 3}) + "\n"
+    whole = json.dumps({"type": "sample", "problem_id": "a", "sample": 0, "completion_tokens": 3,
+                        "truncated": False}) + "\n"
     path.write_text(whole + '{"type": "grade", "problem_id": "a", "sam')
     assert read_records(path) == [json.loads(whole)]
     assert path.read_text().endswith('"sam')  # reading alone (the report) leaves the file as it is

@@ -334,7 +334,8 @@ def test_a_rerun_that_would_shrink_an_evaluation_is_refused_before_any_stage(tmp
                            tmp_path)[0]
     Path(started.output_dir).mkdir(parents=True)
     (Path(started.output_dir) / "config.json").write_text(dump_json(started))  # samples=3
-    sample = {"type": "sample", "problem_id": "PB-Basic-001", "sample": 2, "completion_tokens": 4}  # its third
+    sample = {"type": "sample", "problem_id": "PB-Basic-001", "sample": 2, "completion_tokens": 4,
+              "truncated": False}  # its third
     (Path(started.output_dir) / "samples.jsonl").write_text(json.dumps(sample) + "\n")
     with pytest.raises(ConfigError, match=r"base-imo_proofbench-single holds a run with samples drawn up to index 2 "
                                           r"\(samples=3\): a rerun may extend it, not shrink it to 1"):

@@ -209,7 +209,7 @@ def test_a_checkpoint_written_under_another_data_order_is_not_resumed_in_silence
     older = {"trainer": "sft", "data": {**current["data"], "order": DATA_ORDER - 1}}
     with pytest.raises(ConfigError, match=rf"\(data order: version {DATA_ORDER - 1} -> {DATA_ORDER}, so the data "
                                           "would come in another order and the samples drawn otherwise; the qed-jax "
-                                          "version that began the run can finish it\); pass --resume-with-changes"):
+                                          r"version that began the run can finish it\); pass --resume-with-changes"):
         check_run_data(tmp_path, older, current, resume_with_changes=False)
     with caplog.at_level(logging.WARNING):
         check_run_data(tmp_path, older, current, resume_with_changes=True)
