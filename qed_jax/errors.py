@@ -36,6 +36,12 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def quoted(text, limit: int = 200) -> str:
+    """Another program's text (a server's reply or error) for one line of ours: each run of
+    whitespace, line breaks included, as one space, cut to `limit` characters."""
+    return " ".join(str(text).split())[:limit]
+
+
 def causes(error: BaseException | None):
     """`error`, then what it was raised from, and so on."""
     seen = set()

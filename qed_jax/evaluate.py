@@ -37,7 +37,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
                             load_template, not_found, read_json_object, require_at_least_one, require_range,
                             same_setting, write_text_atomic)
-from qed_jax.errors import noted
+from qed_jax.errors import noted, quoted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, load_judge_template, reason_counts, render_marking_scheme, reply_text,
                            text_to_grade)
@@ -104,7 +104,7 @@ class EvalModelConfig:
     name: str | None = None  # the served model's name
     api_key_env: str = "MODEL_API_KEY"  # environment variable holding the endpoint's key
     concurrency: int = 32  # requests in flight at the endpoint
-    timeout_s: float = 3600.0
+    timeout_s: float = 3600.0  # per attempt at a request; with its ENDPOINT_RETRIES retries, (1 + those) x this
 
     def __post_init__(self):
         check_url(self.base_url, "model.base_url")
@@ -568,6 +568,9 @@ def request_seed(seed: int, row: int) -> int:
     return hashed_seed(seed, row)
 
 
+ENDPOINT_RETRIES = 3  # a model endpoint's request is tried again on timeouts, 429 and 5xx
+
+
 class EndpointGenerator:
     """Chat completions from a served model. A server that splits the reasoning off (vLLM's
     reasoning parser: `reasoning_content`) gets it joined back as reasoning + </think> + answer,
@@ -585,7 +588,7 @@ class EndpointGenerator:
         import openai
 
         c = self.config
-        client = async_client(c.base_url, c.api_key_env, c.timeout_s, max_retries=3)
+        client = async_client(c.base_url, c.api_key_env, c.timeout_s, max_retries=ENDPOINT_RETRIES)
         semaphore = asyncio.Semaphore(c.concurrency)
 
         async def one(i: int, prompt: str) -> None:
@@ -596,9 +599,15 @@ class EndpointGenerator:
                 kwargs["extra_body"] = {"top_k": sampling.top_k}
             async with semaphore:
                 try:
-                    sample = self._sample(*await chat_choice(client, **kwargs))
+                    # The client's timeout bounds each read, which a reply trickling in renews.
+                    reply = await asyncio.wait_for(chat_choice(client, **kwargs), (ENDPOINT_RETRIES + 1) * c.timeout_s)
+                    sample = self._sample(*reply)
                 except (openai.APIError, BadReply) as e:
-                    raise ConfigError(f"the model endpoint {c.base_url} failed: {e}") from None
+                    raise ConfigError(f"the model endpoint {c.base_url} failed: {quoted(e, 500)}") from None
+                except asyncio.TimeoutError:
+                    raise ConfigError(f"the model endpoint {c.base_url} did not finish a reply within "
+                                      f"{ENDPOINT_RETRIES + 1} x model.timeout_s ({c.timeout_s:g} s), its retries "
+                                      "included") from None
             on_sample(i, sample)
 
         try:
@@ -610,7 +619,12 @@ class EndpointGenerator:
     def _sample(response, choice, content: str) -> Sample:
         reasoning = reply_text(getattr(choice.message, "reasoning_content", None)
                                or getattr(choice.message, "reasoning", None), "the reply's reasoning")
-        text = f"{reasoning}{THINK_END}{content}" if reasoning and THINK_END not in content else content
+        if not reasoning or THINK_END in content:
+            text = content
+        elif content or choice.finish_reason != "length":
+            text = f"{reasoning}{THINK_END}{content}"
+        else:  # cut off inside its reasoning: it never wrote </think>
+            text = reasoning
         usage = getattr(response, "usage", None)
         tokens = usage.completion_tokens if usage is not None else None
         if tokens is None:

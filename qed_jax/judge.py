@@ -31,7 +31,7 @@ from typing import Any
 import openai
 
 from qed_jax.config import ConfigError, check_url, load_template, require_range
-from qed_jax.errors import JudgeUnavailable, first_line
+from qed_jax.errors import JudgeUnavailable, first_line, quoted
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ def reply_text(content, where: str) -> str:
                                          for part in content):
         content = "".join(part["text"] for part in content)
     if content is not None and not isinstance(content, str):
-        raise BadReply(f"{where} is not text: {str(content)[:200]}")
+        raise BadReply(f"{where} is not text: {quoted(content)}")
     try:
         (content or "").encode("utf-8")
     except UnicodeEncodeError as e:  # JSON's "\ud800" without its pair: no request or file could hold it
@@ -454,7 +454,7 @@ async def chat_choice(client, **kwargs):
         raise not_json(e) from None
     choices = getattr(response, "choices", None)
     if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
-        raise BadReply(f"the reply is not a chat completion (it has no choices[0].message): {str(response)[:200]}")
+        raise BadReply(f"the reply is not a chat completion (it has no choices[0].message): {quoted(response)}")
     return response, choices[0], reply_text(getattr(choices[0].message, "content", None),
                                             "the reply's choices[0].message.content")
 
@@ -467,11 +467,11 @@ async def responses_text(client, **kwargs) -> tuple[str, bool]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise not_json(e) from None
     if not isinstance(getattr(response, "output", None), list):
-        raise BadReply(f"the reply is not a Responses API reply (it has no output list): {str(response)[:200]}")
+        raise BadReply(f"the reply is not a Responses API reply (it has no output list): {quoted(response)}")
     try:
         text = response.output_text  # joins the output's message parts; fails on other shapes
     except (AttributeError, TypeError, KeyError):
-        raise BadReply(f"the reply's output is not a list of messages: {str(response.output)[:200]}") from None
+        raise BadReply(f"the reply's output is not a list of messages: {quoted(response.output)}") from None
     return reply_text(text, "the reply's output text"), getattr(response, "status", None) == "incomplete"
 
 
@@ -620,7 +620,7 @@ class Judge:
     def _refused(self, e: openai.APIStatusError) -> JudgeUnavailable:
         c = self.config
         return JudgeUnavailable(f"the judge at {c.base_url} refused the request (HTTP {e.status_code}: "
-                                f"{str(e.message)[:200]}); check its key (read from ${c.api_key_env}, "
+                                f"{quoted(e.message)}); check its key (read from ${c.api_key_env}, "
                                 "judge.api_key_env names the variable)")
 
     async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], item: GradeItem) -> Grade:
@@ -671,7 +671,7 @@ class Judge:
                 if e.status_code in REFUSED:  # no request of this run will get through
                     raise self._refused(e) from None
                 if e.status_code == NOT_FOUND:
-                    raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({str(e.message)[:200]}) "
+                    raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({quoted(e.message)}) "
                                            f"for judge.model {c.model!r}: check judge.model, judge.base_url and "
                                            "judge.api") from None
                 reason, retry_after = f"http_{e.status_code}", retry_after_s(e.response)

@@ -1,6 +1,7 @@
 """Benchmark evaluation and report: endpoint and local models, the judge and math-verify paths,
 exactly-once work across a SIGKILL, and the report's numbers against a NumPy reference."""
 
+import asyncio
 import json
 import logging
 import os
@@ -275,15 +276,50 @@ def test_grades_are_kept_as_they_come_when_the_judge_stops_the_run(tmp_path):
     assert graded == answered
 
 
-@pytest.mark.parametrize("body", [("text/html", "<html>502 Bad Gateway</html>"),
+@pytest.mark.parametrize("body", [("text/html", "<html>\n<body>\n502 Bad Gateway\n</body></html>"),
                                   ("application/json", '{"choices": [ cut off'), ("application/json", '{"id": "x"}')])
 def test_a_model_endpoint_reply_that_is_not_a_completion_is_one_line(tmp_path, body):
     """A proxy's error page or a half-up server answering 200 stops the run with one line naming
-    the endpoint, not a traceback (the run keeps what it had)."""
+    the endpoint, not a traceback (the run keeps what it had); the page's own lines are joined."""
     with JudgeServer(default=("body", body)) as model, JudgeServer() as judge:
         cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
-        with pytest.raises(ConfigError, match=f"^the model endpoint {model.url} failed: the reply is not "):
+        with pytest.raises(ConfigError, match=f"^the model endpoint {model.url} failed: the reply is not ") as e:
             evaluate(cfg, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_endpoint_that_never_finishes_a_reply_stops_the_run(tmp_path, monkeypatch):
+    """The client's timeout bounds each read, which a reply trickling in byte by byte renews;
+    the whole request, its retries included, is bounded too."""
+    from qed_jax import evaluate as evaluate_module
+
+    async def trickling(client, **kwargs):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(evaluate_module, "chat_choice", trickling)
+    with JudgeServer() as model, JudgeServer() as judge:
+        cfg = config(tmp_path, "imo_proofbench", model.url, judge.url, "model.timeout_s=0.01")
+        with pytest.raises(ConfigError, match=rf"^the model endpoint {model.url} did not finish a reply within 4 x "
+                                              r"model.timeout_s \(0.01 s\), its retries included$"):
+            evaluate(cfg, progress=False)
+
+
+def test_an_endpoint_reply_cut_off_in_its_reasoning_gets_no_think_end():
+    """vLLM's reasoning parser returns a reply out of tokens mid-reasoning as reasoning and no
+    content: the model never wrote </think>, so the sample does not hold one."""
+    from types import SimpleNamespace
+
+    from qed_jax.evaluate import EndpointGenerator
+
+    def sample(content, finish_reason):
+        choice = SimpleNamespace(message=SimpleNamespace(reasoning_content="Let me", content=content),
+                                 finish_reason=finish_reason)
+        response = SimpleNamespace(usage=SimpleNamespace(completion_tokens=3))
+        return EndpointGenerator._sample(response, choice, content or "").text
+
+    assert sample(None, "length") == "Let me"
+    assert sample(None, "stop") == "Let me</think>"  # closed its reasoning, then wrote nothing
+    assert sample("Proof.", "length") == "Let me</think>Proof."
 
 
 @pytest.mark.parametrize("tokens", ["many", -3, 2.5])
