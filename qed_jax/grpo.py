@@ -825,8 +825,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     to_sampler = sampler_weights(params, sampling_model, config.sampling.dtype, sampling_mesh, stacked_mesh)
     sampler = Sampler(sampling_model, mesh=sampling_mesh, max_concurrent=config.sampling.max_concurrent,
                       kv_cache_gib=config.sampling.kv_cache_gib)
-    rc_rollouts = RCRollouts(config, sampling_model, tokenizer, sampling_mesh, summarizer_source) if config.rc \
-        else None
+    rc_rollouts = (RCRollouts(config, sampling_model, tokenizer, sampling_mesh, summarizer_source)
+                   if config.rc else None)
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.loss.temperature)
     stops = stop_ids(tokenizer)
 

@@ -268,10 +268,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                     check_finite(step, jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "params_finite")}),
                                  ckpts)
                     ckpts.save(step, params, opt_state, data, meta(step))
-                if logged:  # the next window starts after this step's eval, log and save
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-                elif step == start + 1:  # the first step compiled the step: the window starts after it
-                    jax.block_until_ready(last_loss)
+                if logged or step == start + 1:  # the next window starts after this step's eval, log and
+                    jax.block_until_ready(last_loss)  # save, or after the first step, which compiled the step
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         finally:
             progress.close()
