@@ -39,8 +39,8 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             same_setting, write_text_atomic)
 from qed_jax.errors import noted, quoted
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
-                           chat_choice, load_judge_template, reason_counts, render_marking_scheme, reply_text,
-                           text_to_grade)
+                           chat_choice, check_template_fields, load_judge_template, reason_counts,
+                           render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -1006,6 +1006,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     check_rerun(config, runlog)
     b = config.benchmark
+    check_template_fields(load_judge_template(config.judge.template), config.judge.template,
+                          "answer" if b.kind == "answer" else "guidelines", f"{b.kind} benchmark {b.name}")
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)

@@ -32,7 +32,7 @@ from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_loc
                             require_at_least_one, require_range)
 from qed_jax.data import BadRow, order_seed, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
-                           RuleGrader, reason_counts, row_field)
+                           RuleGrader, check_template_fields, reason_counts, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
@@ -806,6 +806,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
         check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
+        if not config.reward_rule:  # each prompt's rubric is all GRPO passes the judge
+            check_template_fields(grader.template, config.judge.template, "rubric", "GRPO")
 
     model = load_model(mesh)
     check_vocab(tokenizer, model.config.vocab_size)

@@ -296,6 +296,20 @@ def needed_fields(template: str) -> list[str]:
     return [field for placeholder, (field, _, _) in _ROW_FIELDS.items() if placeholder in used]
 
 
+def check_template_fields(template: str, name: str, gives: str, who: str) -> None:
+    """Refuse a judge template that grades against a row field (rubric, guidelines or answer)
+    other than `gives`, the one `who` passes to the judge: the judge would read "(none given)" in
+    its place. The answer one passes must be rendered too: without it nothing could be checked."""
+    placeholder, config = next((p, c) for p, (f, _, c) in _ROW_FIELDS.items() if f == gives)
+    hint = f"use {config} or a template with {{{{{placeholder}}}}}"
+    for field in needed_fields(template):
+        if field != gives:
+            raise ConfigError(f"judge.template {name} grades against the field '{field}', which {who} does not "
+                              f"pass to the judge (it passes '{gives}'): {hint}")
+    if gives == "answer" and "answer" not in needed_fields(template):
+        raise ConfigError(f"judge.template {name} never shows the judge the reference answer that {who} passes: {hint}")
+
+
 def _empty(value: Any) -> bool:
     return value is None or value == [] or (isinstance(value, str) and not value.strip())
 

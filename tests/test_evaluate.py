@@ -928,6 +928,30 @@ def test_config_errors_say_what_to_do(tmp_path):
             evaluate(cfg, progress=False)
 
 
+@pytest.mark.parametrize("benchmark,template,error", [
+    ("imo_proofbench", "rl_grader", "grades against the field 'rubric', which proof benchmark imo_proofbench does not "
+                                    "pass to the judge (it passes 'guidelines'): use configs/judge/imo_proofbench.yaml "
+                                    "or proofbench.yaml or a template with {{guidelines}}"),
+    ("answerbench", "proofbench_grader", "grades against the field 'guidelines', which answer benchmark answerbench "
+                                         "does not pass to the judge (it passes 'answer'): use configs/judge/answer.yaml "
+                                         "or a template with {{answer}}"),
+    ("answerbench", "NO_SCHEME", "never shows the judge the reference answer that answer benchmark answerbench "
+                                 "passes: use configs/judge/answer.yaml or a template with {{answer}}"),
+])
+def test_a_judge_template_that_does_not_fit_the_benchmark_is_refused(tmp_path, benchmark, template, error):
+    """The judge would read "(none given)" for the marking scheme or the reference answer the
+    benchmark gives (on an answer benchmark, a proof grader marked a wrong answer 7)."""
+    if template == "NO_SCHEME":  # a grader that reads neither a scheme nor an answer
+        template = str(tmp_path / "no_scheme.txt")
+        Path(template).write_text("Grade this proof of {{problem}}:\n{{proof}}\nReply <verdict>Correct</verdict>.")
+    with ModelServer(lambda p, s: "x</think>The answer is three.") as model:
+        cfg = config(tmp_path, benchmark, model.url, "http://127.0.0.1:9/v1", f"judge.template={template}")
+        with pytest.raises(ConfigError, match=f"^judge.template {re.escape(template)} {re.escape(error)}$"):
+            evaluate(cfg, progress=False)
+        assert model.total == 0
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     def rerun(*overrides):
         c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides)

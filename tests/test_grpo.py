@@ -426,6 +426,22 @@ def test_an_unreachable_judge_stops_grpo_before_it_samples_and_may_move(tmp_path
     assert (tmp_path / "run" / "hf" / "config.json").exists()
 
 
+@pytest.mark.parametrize("template,field", [("proofbench_grader", "guidelines"), ("answer_judge", "answer")])
+def test_a_judge_template_that_reads_no_rubric_is_refused_in_the_setup(tmp_path, template, field):
+    """GRPO passes the judge each prompt's rubric only: a template that grades against a benchmark's
+    guidelines or answer would read "(none given)" in every request."""
+    from qed_jax.grpo import train
+
+    with JudgeServer(default=("hash", 0.0)) as server:
+        args = [*_judge_args(server, tmp_path), f"judge.template={template}", f"output_dir={tmp_path / 'run'}"]
+        with pytest.raises(ConfigError, match=rf"^judge.template {template} grades against the field '{field}', "
+                                              "which GRPO does not pass to the judge \\(it passes 'rubric'\\): use "
+                                              "configs/judge/rl_grader.yaml or a template with {{marking_scheme}}$"):
+            train(load_config(GRPOConfig, TINY, args))
+        assert server.total == 0
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_step_that_diverges_stops_grpo_before_it_is_saved(tmp_path):
     from qed_jax.errors import TrainingDiverged
     from qed_jax.grpo import train
