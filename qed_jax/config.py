@@ -114,10 +114,12 @@ class ModelConfig:
             raise ConfigError("config has use_sliding_window=true; sliding-window attention is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
+        for key in ("rope_parameters", "rope_scaling"):  # transformers 5 runs rope_scaling over rope_parameters
+            rope = hf.get(key) or {}
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ConfigError(f"{key}: rope type {rope_type!r} is not supported (only the default RoPE)")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported (only the default RoPE)")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta"))
         if rope_theta is None:
             raise ConfigError("config has no rope_theta (looked in rope_parameters and at the top level)")

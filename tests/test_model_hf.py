@@ -430,6 +430,17 @@ def test_config_round_trips_through_hf_dict():
     with pytest.raises(ConfigError, match=r"^config has no num_key_value_heads, and the 32 that transformers takes "
                                           r"for it does not divide num_attention_heads \(16\): add "):
         ModelConfig.from_hf(hf)
+    # RoPE scaling is refused wherever it is set: transformers 5 runs a rope_scaling added beside
+    # the rope_parameters it writes (the Qwen3 model card's way to turn on YaRN).
+    for key, rope in [("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+                      ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+                      ("rope_scaling", {"type": "linear", "factor": 2.0})]:
+        hf = PRESETS["qwen3-0.6b"].to_hf()
+        assert hf["rope_parameters"]["rope_type"] == "default"
+        hf[key] = rope
+        kind = rope.get("rope_type", rope.get("type"))
+        with pytest.raises(ConfigError, match=f"^{key}: rope type '{kind}' is not supported"):
+            ModelConfig.from_hf(hf)
     # A field of the wrong type or value is named as config.json names it.
     for key, value, message in [("num_hidden_layers", "2", "num_hidden_layers must be a positive integer, got '2'"),
                                 ("num_attention_heads", "16",
