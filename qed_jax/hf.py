@@ -123,15 +123,18 @@ class SafetensorsFolder:
     """The tensors of a folder's `model.safetensors` or its sharded `*.safetensors` + index."""
 
     def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        if index.is_file() and single.is_file():  # e.g. shards copied over an older single file
+            log.warning("%s holds both model.safetensors and a sharded model.safetensors.index.json; reading "
+                        "model.safetensors, as transformers does (delete the one that is not this model)", folder)
+        if index.is_file() and not single.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); copy or "
                                       "export the model again") from None
             files = sorted(set(weight_map.values()))
-        elif (folder / "model.safetensors").is_file():
+        elif single.is_file():
             files = ["model.safetensors"]
         else:
             raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json found")

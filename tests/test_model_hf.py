@@ -149,6 +149,27 @@ def test_an_export_over_an_earlier_one_leaves_none_of_its_weights(tmp_path):
         np.testing.assert_allclose(hf_logits(torch_model, np.asarray(tokens)), expected, atol=1e-4)
 
 
+def test_a_folder_with_both_a_single_file_and_shards_loads_what_transformers_loads(tmp_path, caplog):
+    """Shards copied over an older single file (or a Hub repo that holds both): transformers reads
+    model.safetensors, and so does qed-jax, with a warning."""
+    import shutil
+
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    make_hf_model(tmp_path / "single", seed=1)
+    sharded = make_hf_model(tmp_path / "folder", seed=2)
+    sharded.save_pretrained(tmp_path / "folder", max_shard_size="100KB")
+    assert (tmp_path / "folder" / "model.safetensors.index.json").is_file()
+    shutil.copy(tmp_path / "single" / "model.safetensors", tmp_path / "folder")
+    tokens = np.asarray([[1, 2, 3, 4, 5]])
+    theirs = hf_logits(Qwen3ForCausalLM.from_pretrained(tmp_path / "folder", dtype=torch.float32).eval(), tokens)
+    with caplog.at_level("WARNING"):
+        ours = np.asarray(qed_jax.from_pretrained(tmp_path / "folder", dtype="float32")(jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert caplog.text.count(f"{tmp_path / 'folder'} holds both model.safetensors and a sharded") == 1
+
+
 def test_a_hugging_face_folder_at_a_url_is_refused_not_written_to_a_local_gs_folder(tmp_path, monkeypatch, capsys):
     make_hf_model(tmp_path / "src")
     model = qed_jax.from_pretrained(tmp_path / "src")
