@@ -322,29 +322,47 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
 # The Grain pipeline
 
 
+def _packed_rows(examples: list[dict], config: DataConfig, epochs: int | None, process_index: int,
+                 process_count: int) -> grain.IterDataset:
+    """This process's share of `examples`, shuffled anew each pass, `epochs` passes of it (None:
+    forever), first-fit packed into rows of config.max_length. Packing fills several bins at once
+    across pass boundaries: over all passes each example comes `epochs` times, but a pass may end
+    before some of its examples came, while some of the next pass's already did."""
+    seed = order_seed(config.seed)
+    ordered = grain.MapDataset.source(examples)[process_index::process_count].shuffle(seed=seed).repeat(epochs)
+    return grain.experimental.FirstFitPackIterDataset(
+        ordered.to_iter_dataset(), length_struct={field: config.max_length for field in examples[0]},
+        num_packing_bins=config.packing_bins, seed=seed)
+
+
 def packed_batches(examples: list[dict], config: DataConfig, batch_size: int, epochs: int | None,
                    process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches [batch_size, max_length] of packed rows with fields tokens, loss_mask, segment_ids
-    (0 = padding) and positions (restarting in each segment). Each process reads its own shard.
-    `epochs=None` repeats forever."""
-    ds = grain.MapDataset.source(examples)[process_index::process_count]
-    seed = order_seed(config.seed)
-    ds = ds.repeat(epochs).shuffle(seed=seed) if epochs else ds.shuffle(seed=seed).repeat()
-    length = config.max_length
-    packed = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(), length_struct={"tokens": length, "loss_mask": length},
-        num_packing_bins=config.packing_bins, seed=seed,
-    )
-    packed = packed.map(_rename_packing_fields)
+    (0 = padding) and positions (restarting in each segment). Each process reads its own shard,
+    `epochs` times (None: forever); the last rows that fill no whole batch are left out."""
+    packed = _packed_rows(examples, config, epochs, process_index, process_count).map(_rename_packing_fields)
     batched = packed.batch(batch_size, drop_remainder=True)
     return grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=config.prefetch)
+
+
+def count_batches(examples: list[dict], config: DataConfig, batch_size: int, epochs: int,
+                  process_count: int = 1) -> tuple[int, int]:
+    """(whole batches, packed rows left out) of `epochs` passes over the examples, as
+    `packed_batches` gives them: the fewest batches any process's share fills (every process
+    takes as many steps), and the rows of all processes beyond that many batches."""
+    lengths = [{"tokens": np.zeros(len(e["tokens"]), np.int8)} for e in examples]  # packed as the tokens are
+    rows = [sum(1 for _ in _packed_rows(lengths, config, epochs, p, process_count)) for p in range(process_count)]
+    batches = min(rows) // batch_size
+    return batches, sum(rows) - batches * batch_size * process_count
 
 
 # The version of how the trainers order their data and draw their samples (the shuffle and
 # packing seeds, GRPO's rollout keys). Bump it with any change to them: each checkpoint records
 # it, and a resume across a change is refused (a checkpoint's data position counts into the order
 # it was written under). Version 2: seeds hashed from data.seed (`order_seed`), 2026-12-01.
-DATA_ORDER = 2
+# Version 3: SFT's `epochs` train a finite stream of that many passes, sized by counting it (it
+# counted one pass and took its multiple, so some examples came twice and some never), 2026-12-02.
+DATA_ORDER = 3
 
 
 def order_seed(data_seed: int) -> int:
@@ -377,13 +395,3 @@ def pack_sequences(sequences: list[dict], length: int) -> dict:
 def _rename_packing_fields(row: dict) -> dict:
     return {"tokens": row["tokens"], "loss_mask": row["loss_mask"],
             "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
-
-
-def count_packed_rows(examples: list[dict], config: DataConfig) -> int:
-    """Packed rows in one epoch (single process), to size the learning-rate schedule."""
-    lengths = [{"tokens": np.zeros(len(e["tokens"]), np.int8)} for e in examples]
-    seed = order_seed(config.seed)
-    ds = grain.MapDataset.source(lengths).shuffle(seed=seed).to_iter_dataset()
-    packed = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"tokens": config.max_length}, num_packing_bins=config.packing_bins, seed=seed)
-    return sum(1 for _ in packed)

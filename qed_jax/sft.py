@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from qed_jax import checkpoint
 from qed_jax.config import (ConfigError, ModelConfig, check_dtype, check_local_output_dir, check_seed, json_values,
                             require_at_least_one, require_range)
-from qed_jax.data import DataConfig, count_packed_rows, packed_batches, prepare_sft, read_rows
+from qed_jax.data import DataConfig, count_batches, packed_batches, prepare_sft, read_rows
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.sharding import MeshConfig, make_mesh
@@ -188,13 +188,15 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
             if 0 < len(some) < jax.process_count():
                 raise ConfigError(f"{config.data.path}: {len(some)} {what} examples for {jax.process_count()} "
                                   f"processes, which each read their own share; {fix}")
+        local_batch = config.batch_size // jax.process_count()
+        epochs = None if config.steps else config.epochs  # with steps, the data repeats for as long as they last
+        steps = config.steps or epoch_steps(examples, config, local_batch)
 
     model = load_model(mesh)
     check_vocab(tokenizer, model.config.vocab_size)
     warn_past_trained_positions(examples + eval_examples, model.config)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    steps = config.steps or max(1, config.epochs * count_packed_rows(examples, config.data) // config.batch_size)
     optimizer = make_optimizer(config.optim, steps, decay_mask(model))
     schedule = lr_schedule(config.optim, steps)
     opt_state = init_opt_state(optimizer, params, mesh)
@@ -204,8 +206,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                       out_shardings=(param_shardings, opt_shardings, None))
     eval_fn = jax.jit(partial(eval_loss, graphdef))
 
-    local_batch = config.batch_size // jax.process_count()
-    data = iter(packed_batches(examples, config.data, local_batch, epochs=None,
+    data = iter(packed_batches(examples, config.data, local_batch, epochs=epochs,
                                process_index=jax.process_index(), process_count=jax.process_count()))
     sharding = batch_sharding(mesh)
 
@@ -278,6 +279,20 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
         stopped_by = final_stop_signal(stop)
     exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
     return {**result, "step": step, "loss": float(last_loss), "complete": False}
+
+
+def epoch_steps(examples: list[dict], config: SFTConfig, local_batch: int) -> int:
+    """The steps of `config.epochs` passes over the examples: the whole batches every process's
+    share packs into. The packed rows that fill no whole batch are left out (said so)."""
+    steps, left_out = count_batches(examples, config.data, local_batch, config.epochs, jax.process_count())
+    if steps == 0:
+        raise ConfigError(f"{config.data.path}: {config.epochs} epoch(s) of {len(examples)} examples pack into fewer "
+                          f"rows than one batch of {config.batch_size} (data.max_length {config.data.max_length}): "
+                          "lower batch_size, or set steps")
+    if left_out:
+        log.info("%d epoch(s) of %d examples are %d steps; the last %d packed rows, which fill no whole batch, are "
+                 "left out", config.epochs, len(examples), steps, left_out)
+    return steps
 
 
 def evaluate(eval_fn, params, examples, config: SFTConfig, sharding) -> float:

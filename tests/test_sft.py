@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from functools import partial
+from unittest import mock
 from pathlib import Path
 
 import jax
@@ -493,6 +495,47 @@ def test_nearby_data_seeds_give_unrelated_orders():
     seed_0, seed_1 = order(0, 36), order(1, 24)
     assert sorted(seed_0[:12]) == sorted(seed_1[12:24]) == list(range(12))
     assert seed_0[12:] != seed_1 and seed_0[:12] != seed_1[:12] and order(0, 36) == seed_0
+
+
+@pytest.mark.parametrize("max_length,epochs,process_count", [(512, 1, 1), (256, 1, 1), (256, 3, 1), (256, 1, 2),
+                                                         (256, 2, 2)])
+def test_epochs_train_each_example_that_many_times_but_for_a_last_partial_batch(tokenizer, max_length, epochs,
+                                                                                process_count):
+    """The steps `epochs` gives are the whole batches of that many passes, as the trainer's stream
+    packs them (across pass boundaries, several bins at once): over those steps every example
+    comes `epochs` times, except in the rows left out, which fill no whole batch on the process
+    with the fewest. (Sized from one pass packed alone, 14 of the 48 bundled examples came twice
+    in one epoch and 14 never.)"""
+    from qed_jax.data import _packed_rows, count_batches
+    from qed_jax.sft import epoch_steps
+
+    config = SFTConfig(data=DataConfig(path=DATA, max_length=max_length, overflow="truncate", packing_bins=16),
+                       batch_size=4, micro_batches=1, steps=None, epochs=epochs)
+    examples, _ = prepare_sft(read_rows(DATA), tokenizer, config.data)
+    which = {tuple(e["tokens"].tolist()): i for i, e in enumerate(examples)}
+    local_batch = config.batch_size // process_count
+    with mock.patch.object(jax, "process_count", return_value=process_count):
+        steps = epoch_steps(examples, config, local_batch)
+    trained, left_out_rows, times, left_out = 0, 0, Counter(), Counter()
+    for process in range(process_count):
+        rows = list(_packed_rows(examples, config.data, epochs, process, process_count))  # the whole stream
+        batches = list(packed_batches(examples, config.data, local_batch, epochs, process, process_count))
+        assert len(batches) >= steps
+        for n, (tokens, segments) in enumerate((r["tokens"], r["tokens_segment_ids"]) for r in rows):
+            ids = [which[tuple(tokens[segments == s].tolist())] for s in set(segments.tolist()) - {0}]
+            if n < steps * local_batch:  # what the steps train: the batches' rows, in order
+                batch, row = divmod(n, local_batch)
+                np.testing.assert_array_equal(batches[batch]["tokens"][row], tokens)
+                times.update(ids)
+                trained += 1
+            else:
+                left_out.update(ids)
+                left_out_rows += 1
+    assert (steps, left_out_rows) == count_batches(examples, config.data, local_batch, epochs, process_count)
+    assert steps * local_batch * process_count == trained
+    assert all(times[i] + left_out[i] == epochs for i in range(len(examples)))
+    if process_count == 1:
+        assert left_out_rows < local_batch
 
 
 def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
