@@ -260,8 +260,10 @@ _PATTERNS = {
 
 
 def tagged_score(reply: str | None, answer_format: str) -> int | None:
-    """The last well-formed tag's value, whatever it is; None when there is no such tag."""
-    matches = _PATTERNS[answer_format].findall(reply or "")
+    """The last well-formed tag's value, whatever it is; None when there is no such tag. A judge
+    served without a reasoning parser writes its reasoning first: only the text after its last
+    </think> is read (a mark it weighed while thinking is not its grade)."""
+    matches = _PATTERNS[answer_format].findall((reply or "").rpartition(THINK_END)[2])
     if not matches:
         return None
     last = matches[-1]

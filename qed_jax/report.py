@@ -143,7 +143,8 @@ def _table(header, rows) -> list[str]:
 
 
 def unfinished(summary: dict) -> bool:
-    return bool(summary["pending"] or summary["undrawn"])
+    """Samples not drawn, not graded yet, or whose grading failed: a rerun does each."""
+    return bool(summary["pending"] or summary["undrawn"] or summary["failed"])
 
 
 def source_label(benchmark: dict) -> str:
@@ -181,7 +182,8 @@ def markdown(summaries: dict[str, dict]) -> str:
     lines = _table(COLUMNS, [table_row(run, s) for run, s in summaries.items()])
     pivot = by_model(summaries)
     if pivot is not None:
-        star = ["", "\\* not finished: samples not drawn or not graded yet (the failed column below says how many)."] \
+        star = ["", "\\* not finished: samples not drawn, not graded yet, or whose grading failed (a rerun does "
+                       "them; the failed column below says how many)."] \
             if any(unfinished(s) for s in summaries.values()) else []
         lines = ["Score (%) by model:", "", *_table(*pivot), *star, "", "Every run:", "", *lines]
     notes = ("Scores leave failed grades out (a failed grade is not a 0); the failed column gives the "

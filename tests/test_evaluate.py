@@ -744,8 +744,12 @@ def test_the_by_model_table_marks_a_run_not_finished():
 
     text = markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, None])})  # m2's second sample not graded yet
     assert "| m1 | 50.0 |" in text and "| m2 | 100.0* |" in text
-    assert "\\* not finished: samples not drawn or not graded yet" in text
+    assert "\\* not finished: samples not drawn, not graded yet, or whose grading failed" in text
     assert "not finished" not in markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, 7])})
+    # A failed grade, which the next run retries, is as unfinished as one not graded yet.
+    failed = run("m2", [7, 7])
+    failed["failed"] = 1
+    assert "| m2 | 100.0* |" in markdown({"a": run("m1", [7, 0]), "b": failed})
 
 
 def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch):
@@ -933,8 +937,8 @@ def test_config_errors_say_what_to_do(tmp_path):
                                     "pass to the judge (it passes 'guidelines'): use configs/judge/imo_proofbench.yaml "
                                     "or proofbench.yaml or a template with {{guidelines}}"),
     ("answerbench", "proofbench_grader", "grades against the field 'guidelines', which answer benchmark answerbench "
-                                         "does not pass to the judge (it passes 'answer'): use configs/judge/answer.yaml "
-                                         "or a template with {{answer}}"),
+                                         "does not pass to the judge (it passes 'answer'): use "
+                                         "configs/judge/answer.yaml or a template with {{answer}}"),
     ("answerbench", "NO_SCHEME", "never shows the judge the reference answer that answer benchmark answerbench "
                                  "passes: use configs/judge/answer.yaml or a template with {{answer}}"),
 ])

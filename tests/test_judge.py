@@ -152,6 +152,8 @@ def test_completion_without_think_end_is_not_sent(tmp_path):
     ("<score>5", "score", ALL, None),  # not well-formed
     ("<score>five</score>", "score", ALL, None),
     ("<score>3</score> then <score>12</score>", "score", ALL, None),  # last tag rejected, not skipped
+    ("<think>A full proof would get <score>7</score>; step 3 fails.</think>\n<score>1</score>", "score", ALL, 1),
+    ("<think>Complete, so <points>7 out of 7</points>? No: a gap.</think> I mark it 1.", "points", ALL, None),
     ("<score>" + "9" * 5000 + "</score>", "score", ALL, None),  # no crash on a number int() will not read
     ("", "score", ALL, None),
     ("<points>6 out of 7</points>", "points", {0, 1, 6, 7}, 6),
