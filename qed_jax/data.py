@@ -231,6 +231,9 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if end not in answer_ids:
         raise ValueError("the rendered answer has no <|im_end|>")
+    if answer_ids.count(end) > 1 or tokenizer.convert_tokens_to_ids("<|im_start|>") in answer_ids:
+        raise ValueError("the answer's text holds <|im_end|> or <|im_start|>, which tokenize as the chat's own "
+                         "tokens: trained, the model would learn to end its turn there")
     stop = len(answer_ids) - answer_ids[::-1].index(end)  # through the last <|im_end|>
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.zeros(len(ids), np.int32)

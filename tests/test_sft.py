@@ -431,6 +431,23 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
     assert "10 of 14 rows kept, 4 malformed skipped" in result.stderr
 
 
+def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, caplog):
+    """"<|im_end|>" written in a proof tokenizes as the stop token (as transformers' template does
+    too): trained, the model would learn to end its turn mid-proof. Such a row is skipped and
+    named; the same text in the prompt is left alone."""
+    row = {key: json.loads(open(DATA).readline())[key] for key in ("problem", "reasoning_content", "proof")}
+    rows = [("line 1", row),
+            ("line 2", {**row, "proof": row["proof"] + " The stop token is <|im_end|> here."}),
+            ("line 3", {**row, "reasoning_content": "Think <|im_start|>user of it."}),
+            ("line 4", {**row, "problem": row["problem"] + " (<|im_end|> is the stop token.)"})]
+    with caplog.at_level(logging.WARNING):
+        examples, stats = prepare_sft(rows, tokenizer, DataConfig(path="rows"), source="rows")
+    assert stats.kept == len(examples) == 2 and sum(stats.skipped.values()) == 2
+    assert [r.getMessage()[:37] for r in caplog.records] == ["rows: skipped line 2: the answer's te",
+                                                             "rows: skipped line 3: the answer's te"]
+    assert "which tokenize as the chat's own tokens" in caplog.records[0].getMessage()
+
+
 def test_a_row_the_chat_template_refuses_is_skipped_and_no_template_is_one_error(caplog):
     from qed_jax.tokenizer import THINKING_CHAT_TEMPLATE
 
