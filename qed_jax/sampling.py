@@ -76,13 +76,15 @@ class Completion:
 
 def filter_logits(logits, top_k, top_p):
     """Mask (to -inf) tokens outside the top-k, then outside the top-p nucleus of what is left.
-    logits [B, V] already divided by the temperature; top_k [B] (0 = off); top_p [B]."""
+    logits [B, V] already divided by the temperature; top_k [B] (0 = off); top_p [B]. Tokens
+    tied at either cut are kept or dropped together: top-k keeps every token as likely as the
+    k-th, and the nucleus is taken over all of them."""
     vocab = logits.shape[-1]
     desc = jnp.sort(logits, axis=-1)[:, ::-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-    desc = jnp.where(jnp.arange(vocab)[None] < k[:, None], desc, -jnp.inf)
+    desc = jnp.where(desc < kth, -jnp.inf, desc)
     probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
     keep = (before < top_p[:, None]) | (top_p[:, None] >= 1)  # 1 is off: a float32 cumsum may pass 1 short of the tail

@@ -320,6 +320,17 @@ def test_filter_logits_matches_numpy_reference():
         assert set(np.flatnonzero(np.isfinite(out[row]))) == set(kept.tolist()), row
 
 
+@pytest.mark.parametrize("top_k,top_p,kept", [(2, 0.6, [0, 1, 2, 3, 4]), (3, 0.6, [0, 1, 2, 3, 4]),
+                                               (0, 0.3, [0]), (0, 0.5, [0, 1, 2, 3, 4]), (1, 1.0, [0])])
+def test_tokens_tied_at_a_cut_are_kept_or_dropped_together(top_k, top_p, kept):
+    """Four tokens tie for second place: top-k keeps all of them, and the nucleus is taken over
+    what top-k kept (over its first k sorted entries only, top-k 2 with top-p 0.6 kept the top
+    token alone, as if the other ties had no mass)."""
+    logits = jnp.asarray([[2.0, 1.0, 1.0, 1.0, 1.0, -3.0]])
+    out = np.asarray(sampling.filter_logits(logits, jnp.asarray([top_k]), jnp.asarray([top_p], jnp.float32)))
+    assert np.flatnonzero(np.isfinite(out[0])).tolist() == kept
+
+
 def test_generate_cli_json(tmp_path, capsys):
     make_hf_model_with_tokenizer(tmp_path)
     capsys.readouterr()
