@@ -59,7 +59,12 @@ def log_and_pop(script):
         script.setdefault("started", {{}})[worker] = script.get("started", {{}}).get(worker, 0) + 1
         return worker, pop(script, "runs", worker)
     if "scp" in argv:
-        return pop(script, "scp") if script.get("scp") else 0
+        code = pop(script, "scp") if script.get("scp") else 0
+        if code == 0:  # what the workers received
+            source = next(a for a in argv if a.endswith(".tar.gz"))
+            (home / "copied.tar.gz").write_bytes(Path(source).read_bytes())
+            (home / "copied.mode").write_text(oct(Path(source).stat().st_mode & 0o777))
+        return code
     return 0
 
 
@@ -172,7 +177,7 @@ def test_wait_passes_pending_states_and_fails_on_failed(gcloud, capsys):
     write_script(states=["ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 0
     assert calls()[0] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "qr",
-                          "--format=value(state.state)", *WHERE]
+                          "--format=value(state.state,tpu.nodeSpec[0].node.acceleratorType)", *WHERE]
     assert verbs(calls()) == ["describe"] * 4
     write_script(states=["PROVISIONING", "FAILED"])
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
@@ -193,14 +198,17 @@ def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     write_script, calls = gcloud
     write_script(scp=[255, 0])  # the first copy fails like a flaky connection
     assert launcher("setup", "qr", *WHERE, "--retry-delay", "0") == 0
-    tarball = tmp_path / "qed-jax-qr.tar.gz"
+    tarball = Path(calls()[0][5])
+    assert tarball.parent == tmp_path and tarball.name.startswith("qed-jax-qr-") and tarball.name.endswith(".tar.gz")
     scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "qr:qed-jax.tar.gz",
            "--worker=all", *WHERE]
     assert calls()[:2] == [scp, scp]
     ssh = calls()[2]
     assert ssh[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "qr", "--worker=all"]
     assert "bash qed-jax-setup.sh qed-jax.tar.gz" in ssh[7]
-    names = tarfile.open(tarball).getnames()
+    # The tree may hold keys: the tarball was this user's alone, and is gone once copied.
+    assert (tmp_path / "gcloud/copied.mode").read_text() == "0o600" and not tarball.exists()
+    names = tarfile.open(tmp_path / "gcloud/copied.tar.gz").getnames()
     assert {"pyproject.toml", "tpu_scripts/worker_setup.sh", "qed_jax/cli.py"} <= set(names)
     assert not any(n.startswith((".git/", ".venv/")) for n in names)
 
@@ -219,7 +227,7 @@ def test_setup_from_a_commit_that_does_not_exist_is_one_line_and_packs_nothing(g
         assert launcher("setup", "qr-bad", *WHERE, "--commit", "no-such-ref", *dry_run) == 1
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"tpu.py setup: error: --commit 'no-such-ref' is not a commit of {REPO}; give a branch, tag or hash")
-    assert calls() == [] and not (Path(tempfile.gettempdir()) / "qed-jax-qr-bad.tar.gz").exists()
+    assert calls() == [] and not list(Path(tempfile.gettempdir()).glob("qed-jax-qr-bad*"))
 
 
 def test_the_launchers_own_logs_are_not_packed(tmp_path, monkeypatch):
@@ -231,9 +239,20 @@ def test_the_launchers_own_logs_are_not_packed(tmp_path, monkeypatch):
     (repo / "notes.txt").write_text("untracked, not ignored: travels")
     (repo / "my_logs/r/attempt-1").mkdir(parents=True)
     (repo / "my_logs/r/attempt-1/worker-0.log").write_text("")
+    (repo / "my_logs/README").write_text("not a log of the launcher's: travels")
     monkeypatch.setattr(tpu, "REPO", repo)
     tpu.pack(None, tmp_path / "code.tar.gz", dry_run=False, leave_out=(repo / "my_logs").resolve())
-    assert sorted(tarfile.open(tmp_path / "code.tar.gz").getnames()) == ["notes.txt", "qed_jax/cli.py"]
+    assert sorted(tarfile.open(tmp_path / "code.tar.gz").getnames()) == ["my_logs/README", "notes.txt",
+                                                                         "qed_jax/cli.py"]
+    # A log folder that holds the repository (--log-dir ~, or . from the repository's root)
+    # leaves out its logs, not the code (everything was left out: an empty tarball).
+    (repo / "r2/attempt-3").mkdir(parents=True)
+    (repo / "r2/attempt-3/worker-12.log").write_text("")
+    tpu.pack(None, tmp_path / "code.tar.gz", dry_run=False, leave_out=repo.resolve())
+    names = tarfile.open(tmp_path / "code.tar.gz").getnames()
+    assert "qed_jax/cli.py" in names and "r2/attempt-3/worker-12.log" not in names
+    tpu.pack(None, tmp_path / "code.tar.gz", dry_run=False, leave_out=tmp_path.resolve())
+    assert "qed_jax/cli.py" in tarfile.open(tmp_path / "code.tar.gz").getnames()
 
 
 def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsys):
@@ -268,8 +287,23 @@ def test_setup_from_a_commit_uses_git_archive(gcloud, tmp_path):
     assert launcher("setup", "qr", *WHERE, "--commit", "HEAD") == 0
     committed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", "HEAD"],
                                check=True, capture_output=True, text=True).stdout.split()
-    files = [m.name for m in tarfile.open(tmp_path / "qed-jax-qr.tar.gz") if m.isfile()]
+    files = [m.name for m in tarfile.open(tmp_path / "gcloud/copied.tar.gz") if m.isfile()]
     assert sorted(files) == sorted(committed)
+
+
+def test_a_worker_killed_by_a_signal_exits_as_a_shell_says(gcloud, tmp_path, monkeypatch, capsys):
+    """Popen gives -9 for a process killed by SIGKILL; exit(-9) would be 247."""
+    class Killed:
+        pid = 0
+
+        def poll(self, timeout=None):
+            return -9
+
+        wait = poll
+
+    monkeypatch.setattr(tpu.subprocess, "Popen", lambda *args, **kwargs: Killed())
+    assert launcher("run", "qr", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", str(tmp_path), "--", "x") == 137
+    assert "worker 0 failed with exit code 137" in capsys.readouterr().err
 
 
 def test_run_starts_one_ssh_per_worker_and_stops_all_when_one_fails(gcloud, tmp_path):
@@ -345,6 +379,32 @@ def test_launch_dry_run_prints_the_pod_sequence_and_calls_nothing(gcloud, capsys
     launcher("run", "qed-sft", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", "my logs", "--dry-run", "--",
              "qed-jax", "sft")  # a log folder with a space: the printed line still runs as shown
     assert "> 'my logs/worker-0.log' 2>&1 &" in capsys.readouterr().out
+
+
+def test_launch_refuses_an_existing_slice_of_another_type(gcloud, capsys):
+    """A slice of another size would run the job on the wrong number of workers (8 hosts of a
+    v5p-64 waiting for 7 that never start): refused before anything is copied."""
+    write_script, calls = gcloud
+    write_script(states=["ACTIVE\tv5p-64"])
+    code = launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--run-id", "r",
+                    "--log-dir", "logs", "--", "true")
+    assert code == 1 and verbs(calls()) == ["describe"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tpu.py launch: error: qr exists as a v5p-64 slice, not v5p-8: its workers would not match the job's; "
+        "give --accelerator-type v5p-64, or another name")
+    write_script(states=["ACTIVE\tv5p-8", "ACTIVE\tv5p-8"], runs={"0": [{"code": 0}]})  # the same type: reused
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--run-id", "r",
+                    "--log-dir", "logs", "--", "true") == 0
+
+
+def test_dry_run_given_to_the_job_is_refused_before_any_call(gcloud, capsys):
+    """`--dry-run` after `--` would reach the job while the launcher requested a real slice."""
+    _, calls = gcloud
+    code = launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--", "qed-jax", "sft", "--distributed",
+                    "--dry-run")
+    assert code == 1 and calls() == []
+    assert capsys.readouterr().err.strip().endswith("--dry-run after `--` goes to the job, and the launcher would "
+                                                    "run for real: put it before `--`")
 
 
 def test_bad_env_is_one_line_error(gcloud, capsys):

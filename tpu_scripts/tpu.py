@@ -81,6 +81,7 @@ class Gcloud:
 
     def __init__(self, args):
         self.name, self.dry_run = args.name, args.dry_run
+        self.accelerator_type: str | None = None  # the slice's, as the last `state()` read it
         self.local = getattr(args, "local", False)
         self.zone = args.zone or os.environ.get("TPU_ZONE")
         self.project = args.project or os.environ.get("CLOUDSDK_CORE_PROJECT")
@@ -116,14 +117,18 @@ class Gcloud:
                           f"after {retries} attempt(s)")
 
     def state(self) -> str | None:
-        """The queued resource's state, or None if it does not exist."""
-        argv = self.queued("describe", "--format=value(state.state)")
+        """The queued resource's state, or None if it does not exist; its accelerator type is
+        kept in `self.accelerator_type` (None when it does not say)."""
+        argv = self.queued("describe", "--format=value(state.state,tpu.nodeSpec[0].node.acceleratorType)")
+        self.accelerator_type = None
         if self.dry_run:
             print(shlex.join(argv), flush=True)
             return None
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode == 0:
-            return result.stdout.strip()
+            state, _, accelerator_type = result.stdout.strip().partition("\t")
+            self.accelerator_type = accelerator_type.strip() or None
+            return state.strip()
         if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
             return None
         raise LaunchError(f"cannot describe {self.name} in {self.zone} (exit {result.returncode}): "
@@ -183,7 +188,7 @@ def check_commit(commit: str | None) -> None:
 
 def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None = None) -> None:
     """A gzipped tarball of the working tree (tracked and untracked, not ignored files, except
-    those under `leave_out`: the launcher's logs) or of one commit (checked before any gcloud
+    the launcher's logs under `leave_out`, its --log-dir) or of one commit (checked before any gcloud
     call: `check_before_calling`), so uncommitted edits reach the workers without a push."""
     what = f"commit {commit}" if commit else "the working tree (git ls-files)"
     progress(f"packing {what} into {dest}")
@@ -199,21 +204,43 @@ def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None =
         return
     listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
                              "--exclude-standard"], check=True, capture_output=True, text=True)
+    untracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--others", "--exclude-standard"],
+                               check=True, capture_output=True, text=True).stdout.split("\0")
+    paths = [path for path in filter(None, listed.stdout.split("\0"))
+             if (REPO / path).is_file() and not is_launcher_log(REPO / path, leave_out)]  # deleted, tracked: skipped
+    shipped = sorted(set(paths) & set(untracked))
+    if shipped:  # not in git and not ignored: say which, in case one is a key or a .env
+        progress(f"packing {len(shipped)} untracked file(s) too (git ignores none of them): "
+                 + ", ".join(shipped[:10]) + (", ..." if len(shipped) > 10 else ""))
     with tarfile.open(dest, "w:gz") as tar:
-        for path in filter(None, listed.stdout.split("\0")):
-            if leave_out and (REPO / path).resolve().is_relative_to(leave_out):
-                continue
-            if (REPO / path).is_file():  # deleted but still tracked files are skipped
-                tar.add(REPO / path, arcname=path)
+        for path in paths:
+            tar.add(REPO / path, arcname=path)
+
+
+def is_launcher_log(path: Path, log_dir: Path | None) -> bool:
+    """Whether `path` is one of launch's logs: LOG_DIR/RUN_ID/attempt-K/worker-N.log."""
+    path = path.resolve()
+    if log_dir is None or not path.is_relative_to(log_dir):
+        return False
+    return re.fullmatch(r"[^/]+/attempt-\d+/worker-\d+\.log", path.relative_to(log_dir).as_posix()) is not None
 
 
 def setup(gc: Gcloud, args) -> None:
-    tarball = Path(tempfile.gettempdir()) / f"qed-jax-{gc.name}.tar.gz"
+    if gc.dry_run:
+        tarball = Path(tempfile.gettempdir()) / f"qed-jax-{gc.name}-XXXXXXXX.tar.gz"
+    else:  # readable by this user alone (the tree may hold keys), and removed once copied
+        fd, name = tempfile.mkstemp(prefix=f"qed-jax-{gc.name}-", suffix=".tar.gz")
+        os.close(fd)
+        tarball = Path(name)
     log_dir = getattr(args, "log_dir", None)  # launch's: its logs stay here
-    pack(args.commit, tarball, gc.dry_run, Path(log_dir).resolve() if log_dir else None)
-    progress(f"copying the code to every worker of {gc.name} and installing it")
-    gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
-            args.retries, args.retry_delay)
+    try:
+        pack(args.commit, tarball, gc.dry_run, Path(log_dir).resolve() if log_dir else None)
+        progress(f"copying the code to every worker of {gc.name} and installing it")
+        gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
+                args.retries, args.retry_delay)
+    finally:
+        if not gc.dry_run:
+            tarball.unlink(missing_ok=True)
     # The setup script travels inside the tarball, so unpack it from there first.
     remote = ("tar -xzf qed-jax.tar.gz -O tpu_scripts/worker_setup.sh > qed-jax-setup.sh && "
               "bash qed-jax-setup.sh qed-jax.tar.gz")
@@ -285,11 +312,12 @@ def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
             failed = [w for w, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 w = failed[0]
-                progress(f"worker {w} failed with exit code {codes[w]}; stopping the others. "
+                code = codes[w] if codes[w] > 0 else 128 - codes[w]  # killed by signal N: 128 + N, as a shell says
+                progress(f"worker {w} failed with exit code {code}; stopping the others. "
                          f"Last lines of {log_dir}/worker-{w}.log:")
                 tail = (log_dir / f"worker-{w}.log").read_text(errors="replace").splitlines()[-20:]
                 print("\n".join(tail), file=sys.stderr, flush=True)
-                return codes[w]
+                return code
             if all(c == 0 for c in codes):
                 progress(f"all {workers} worker(s) finished")
                 return 0
@@ -349,6 +377,10 @@ def launch(gc: Gcloud, args) -> int:
         if state is None:
             create(gc, args)
             needs_setup = True
+        elif gc.accelerator_type and gc.accelerator_type != args.accelerator_type:
+            raise LaunchError(f"{gc.name} exists as a {gc.accelerator_type} slice, not {args.accelerator_type}: its "
+                              f"workers would not match the job's; give --accelerator-type {gc.accelerator_type}, "
+                              "or another name")
         try:
             wait(gc, args)
             if needs_setup:
@@ -463,6 +495,9 @@ def check_before_calling(args) -> None:
     check_commit(getattr(args, "commit", None))
     if args.verb in ("run", "launch") and not args.command:
         raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
+    if "--dry-run" in args.command:  # the job's argument: the launcher itself would really run
+        raise LaunchError("--dry-run after `--` goes to the job, and the launcher would run for real: put it "
+                          "before `--`")
 
 
 def main(argv=None) -> int:
