@@ -268,9 +268,15 @@ def _judge(args) -> int | None:
         tmp.unlink(missing_ok=True)
     failed = [g for g in grades if g.failed]
     scored = [g.score for g in grades if not g.failed]
+    unsent = Counter(g.reason for g in grades if not g.sent)
     mean = f"mean score {sum(scored) / len(scored):.2f}/7" if scored else "no score"
-    print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache, {len(failed)} failed); "
+    zeros = f", {sum(unsent.values())} scored 0 unsent ({reason_counts(unsent)})" if unsent else ""
+    print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache{zeros}, {len(failed)} failed); "
           f"{mean}; wrote {output}")
+    if unsent["no_think_end"]:
+        print(f"{unsent['no_think_end']} completions have no </think>, so they scored 0 without a request "
+              "(require_think_end): a server that splits off the reasoning leaves none in the text; give such rows "
+              "as 'proof', or set require_think_end=false", file=sys.stderr)
     if failed:
         reasons = reason_counts(Counter(g.reason for g in failed))
         cached = ", the others come from the cache" if config.cache_path and scored else ""

@@ -12,8 +12,8 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
-import tempfile
 import types
 import typing
 import urllib.parse
@@ -740,10 +740,15 @@ def read_json_object(path: Path, damaged: str) -> dict:
 
 def temporary_beside(path: Path) -> Path:
     """A new empty file next to `path`, to be renamed over it: named for this writer alone, so two
-    writers of one path never write into the same file."""
-    fd, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
+    writers of one path never write into the same file. Its mode is a new file's under the umask
+    (mkstemp's 0600 would make every rewritten file readable by its owner alone)."""
+    while True:
+        name = Path(path).parent / f".{Path(path).name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return name
+        except FileExistsError:
+            continue
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -87,6 +87,9 @@ class JudgeConfig:
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError("judge.max_failed_fraction must be between 0 and 1 (a fraction of the grades a step "
                               f"asks of the judge), got {self.max_failed_fraction!r}")
+        if self.cache_path is not None and "://" in self.cache_path:  # Path() would make a local folder "gs:"
+            raise ConfigError(f"judge.cache_path must be a local file (SQLite), got {self.cache_path}; to outlive "
+                              "the machine, put it on a mount that does (e.g. NFS), or set it to null")
 
     @property
     def scores(self) -> set[int]:
@@ -387,13 +390,25 @@ class GradeCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.failing_as_config_error():
             self.db = sqlite3.connect(self.path, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._set_wal()
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
             self.db.commit()
             # An existing cache is written to only at the first new grade: find out now that it can be.
             self.db.execute("INSERT OR REPLACE INTO grades (key, grade) VALUES ('', '')")
             self.db.rollback()
+
+    def _set_wal(self, attempts: int = 50) -> None:
+        """WAL mode, which lets processes share the file. Two processes making a new cache at once
+        (parallel evals on the default path) can find it locked without SQLite's busy wait: retried."""
+        for attempt in range(attempts):
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.1)
 
     @contextlib.contextmanager
     def failing_as_config_error(self):
@@ -420,15 +435,21 @@ class GradeCache:
         self.db.close()
 
 
-def cache_key(config: JudgeConfig, template: str, item: GradeItem, proof: str) -> str:
+# How a reply becomes a grade. Bump it with any change to that reading (the tags, which part of a
+# reply is read, what fails): a cache's grades read the older way are asked for again, not reused.
+# Version 2 (2026-12-02): only the text after the reply's last </think>; a cut-off reply is no grade.
+GRADE_READING = 2
+
+
+def cache_key(config: JudgeConfig, prompt: str) -> str:
+    """What a grade depends on: the judge and its sampling, the prompt as sent (the template with
+    the item rendered in it), the scale, and how a reply is read (GRADE_READING)."""
     payload = {
-        "model": config.model, "api": config.api, "template": template, "format": config.answer_format,
+        "model": config.model, "api": config.api, "prompt": prompt, "format": config.answer_format,
         "allowed": sorted(config.scores), "temperature": config.temperature,
-        "max_tokens": config.max_tokens, "reasoning_effort": config.reasoning_effort,
-        "problem": item.problem, "rubric": item.rubric, "reference": item.reference,
-        "guidelines": item.guidelines, "answer": item.answer, "proof": proof,
+        "max_tokens": config.max_tokens, "reasoning_effort": config.reasoning_effort, "reading": GRADE_READING,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,11 +591,13 @@ class Judge:
         client = self._client()
         semaphore = asyncio.Semaphore(c.concurrency)
         in_flight: dict[str, asyncio.Task] = {}  # cache key -> the one grading of that proof in this batch
-        if any(item.proof is not None or THINK_END in (item.completion or "") for item in items):
+        prompts = [self._prompt(item) for item in items]
+        if any(prompt is not None and (self.cache is None or self.cache.get(cache_key(c, prompt)) is None)
+               for prompt, _ in prompts):  # a request to send: find out first that the judge answers
             await self._check_reachable(client)
 
         async def one(i: int, item: GradeItem) -> Grade:
-            grade = await self._grade_one(client, semaphore, in_flight, item)
+            grade = await self._grade_one(client, semaphore, in_flight, *prompts[i])
             if on_grade is not None:
                 on_grade(i, grade)
             return grade
@@ -639,26 +662,33 @@ class Judge:
                                 f"{quoted(e.message)}); check its key (read from ${c.api_key_env}, "
                                 "judge.api_key_env names the variable)")
 
-    async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], item: GradeItem) -> Grade:
+    def _prompt(self, item: GradeItem) -> tuple[str | None, str | None]:
+        """(the prompt that grades `item`, None), or (None, why it scores 0 unsent)."""
         c = self.config
         if (item.completion is None) == (item.proof is None):
             raise ValueError("a GradeItem needs exactly one of completion and proof")
         proof, unsent = ((given_proof(item.proof, c.strip_self_evaluation), None) if item.proof is not None
                          else text_to_grade(item.completion, c))
         if unsent or not proof:
-            return Grade(score=0, reward=0.0, reason=unsent or "empty_proof")
-        key = cache_key(c, self.template, item, proof)
+            return None, unsent or "empty_proof"
+        return render_prompt(self.template, item, proof), None
+
+    async def _grade_one(self, client, semaphore, in_flight: dict[str, asyncio.Task], prompt: str | None,
+                         unsent: str | None) -> Grade:
+        if prompt is None:
+            return Grade(score=0, reward=0.0, reason=unsent)
+        key = cache_key(self.config, prompt)
         # A small policy often writes the same proof several times for one problem: every copy
         # waits for one grading, so the judge sees it once. Each copy gets its own Grade object.
         if key not in in_flight:
-            in_flight[key] = asyncio.ensure_future(self._grade_proof(client, semaphore, key, item, proof))
+            in_flight[key] = asyncio.ensure_future(self._grade_prompt(client, semaphore, key, prompt))
         return dataclasses.replace(await in_flight[key])
 
-    async def _grade_proof(self, client, semaphore, key: str, item: GradeItem, proof: str) -> Grade:
+    async def _grade_prompt(self, client, semaphore, key: str, prompt: str) -> Grade:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
         async with semaphore:
-            grade = await self._request(client, render_prompt(self.template, item, proof))
+            grade = await self._request(client, prompt)
         if self.cache is not None and not grade.failed:
             self.cache.put(key, grade)
         return grade

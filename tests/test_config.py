@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -262,6 +263,14 @@ def test_two_writers_of_one_path_write_separate_files_and_the_last_replaces_it(t
     write_text_atomic(tmp_path / "config.json", "one")
     write_text_atomic(tmp_path / "config.json", "two")
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "two"
+    # A rewritten file is readable as a new one would be (0600, from a temporary file, hid an
+    # export's generation_config.json from a server run by another user).
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "config.json", "three")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_overrides_may_stand_on_both_sides_of_an_option():

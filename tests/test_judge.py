@@ -1,5 +1,6 @@
 """The judge against a scripted loopback OpenAI-compatible server."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -114,6 +115,29 @@ def test_identical_proofs_in_a_batch_are_graded_once(tmp_path, cached):
     assert server.requests == {"a": 1, "b": 1, "c": 1}
     assert [g.score for g in grades] == [{"a": 3, "b": 5, "c": 7}[name] for name in names]
     assert len({id(g) for g in grades}) == len(names) and sorted(seen, key=lambda x: x[0]) == list(enumerate(grades))
+
+
+def test_a_change_in_how_replies_are_read_or_prompts_rendered_asks_again(tmp_path, monkeypatch):
+    """A cached grade stands for its prompt as sent and its reply as read: grades cached before a
+    fix to either (a mark quoted in the judge's thinking read as its grade) are not reused."""
+    from qed_jax import judge
+
+    scripts = {"p": [("score", 7), ("score", 1), ("score", 2)]}
+    item = GradeItem(problem="P", completion="x</think>Proof [[item:p]]", rubric="Two checkpoints")
+    with JudgeServer(scripts) as server:
+        config = _config(server, tmp_path)
+        assert [g.score for g in Judge(config).grade_batch([item] * 2)] == [7, 7] and server.requests == {"p": 1}
+        monkeypatch.setattr(judge, "GRADE_READING", judge.GRADE_READING + 1)
+        assert Judge(config).grade_batch([item])[0].score == 1 and server.requests == {"p": 2}
+        monkeypatch.setattr(judge, "render_marking_scheme", lambda scheme: f"Scheme: {scheme}")
+        assert Judge(config).grade_batch([item])[0].score == 2 and server.requests == {"p": 3}
+
+
+def test_a_cache_path_at_a_url_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^judge.cache_path must be a local file \(SQLite\), got gs://b/j.sqlite; "):
+        JudgeConfig(cache_path="gs://b/j.sqlite")
+    assert not (tmp_path / "gs:").exists()
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
@@ -253,6 +277,32 @@ def test_unreachable_endpoint_aborts_clearly(tmp_path):
     config = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", cache_path=None, backoff_s=0.01)
     with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
         Judge(config).grade_batch([_item(0)])
+
+
+def test_the_judge_is_checked_when_a_request_is_to_be_sent_and_only_then(tmp_path, monkeypatch, capsys):
+    """A rerun whose grades are all cached needs no judge; a completion without </think> that
+    require_think_end=false sends is checked for at once, not after every retry's backoff."""
+    from qed_jax import judge
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # nothing listens here once closed
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl"
+    _write_rows(rows, 2)
+    args = ["judge", "--input", str(rows), "--output", str(out), f"cache_path={tmp_path / 'cache.sqlite'}"]
+    with JudgeServer({}) as server:
+        assert cli.main([*args, f"base_url={server.url}"]) == 0
+    first = out.read_text()
+    assert cli.main([*args, f"base_url={down}"]) == 0  # all cached: the judge being down does not matter
+    assert [json.loads(line)["cached"] for line in out.read_text().splitlines()] == [True, True]
+    assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [
+        json.loads(line)["score"] for line in first.splitlines()]
+    slept, real_sleep = [], asyncio.sleep
+    monkeypatch.setattr(judge.asyncio, "sleep", lambda delay: slept.append(delay) or real_sleep(0))
+    config = JudgeConfig(base_url=down, cache_path=None, require_think_end=False, backoff_s=15)
+    with pytest.raises(JudgeUnavailable, match=f"^cannot reach the judge at {re.escape(down)}"):
+        Judge(config).grade_batch([GradeItem(problem="P", completion="A proof that never closed its thinking.")])
+    assert slept == []  # no backoff waited out before finding the judge gone
 
 
 def test_a_judge_that_accepts_but_never_answers_is_named_with_its_timeout():
@@ -429,6 +479,23 @@ def test_judge_cli_makes_the_output_folder(tmp_path):
     assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [7, 7]
 
 
+def test_judge_cli_counts_the_rows_scored_0_without_a_request(tmp_path, capsys):
+    """Completions without </think> (a reasoning parser's content) score 0 unsent: the summary
+    says so, rather than that they were graded."""
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl"
+    rows.write_text("".join(json.dumps({"problem": "P", "completion": text}) + "\n" for text in
+                            ["Proof without the thinking's end.", "x</think>Proof [[item:a]]", "x</think>  "]))
+    with JudgeServer({}) as server:
+        assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+                         "cache_path=null"]) == 0
+        assert server.total == 1
+    captured = capsys.readouterr()
+    assert ("graded 3 rows (0 from cache, 2 scored 0 unsent (no_think_end x1, empty_proof x1), 0 failed); "
+            "mean score 2.33/7") in captured.out
+    assert captured.err.strip().splitlines()[-1].startswith("1 completions have no </think>, so they scored 0 "
+                                                              "without a request (require_think_end)")
+
+
 def test_judge_cli_exits_1_naming_the_reasons_when_grades_fail(tmp_path, capsys):
     rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
     _write_rows(rows, 3)
@@ -570,6 +637,34 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
         f"judge cache {corrupt}: file is not a database; judge.cache_path must name an SQLite file (or a new file) "
         "in a writable directory, or be null for no cache (a damaged one: move it aside)")
     assert error(f"cache_path={tmp_path}", "base_url=http://127.0.0.1:9").startswith(f"judge cache {tmp_path}: ")
+
+
+def test_a_new_cache_another_process_is_making_too_is_waited_for(tmp_path, monkeypatch):
+    """Two processes making one new cache at once: the switch to WAL can find the file locked
+    without SQLite waiting (5 of 300 simultaneous opens failed, as a "damaged" cache)."""
+    import sqlite3
+
+    from qed_jax import judge
+
+    connect, refusals = sqlite3.connect, [3]
+
+    class Contended:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and refusals[0]:
+                refusals[0] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self.db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+    monkeypatch.setattr(judge.sqlite3, "connect", lambda *args, **kwargs: Contended(connect(*args, **kwargs)))
+    cache = judge.GradeCache(tmp_path / "new.sqlite")
+    assert refusals == [0] and cache.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    cache.close()
 
 
 def test_a_cache_that_cannot_be_written_or_is_damaged_is_one_config_error(tmp_path, monkeypatch):
