@@ -819,7 +819,7 @@ def template_texts(config: EvalConfig) -> dict[str, str]:
     return texts
 
 
-MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when it began
+MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when it began, with each file's sha256
 
 
 def model_files(config: EvalConfig) -> dict | None:
@@ -842,6 +842,15 @@ def model_files(config: EvalConfig) -> dict | None:
     return files
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def is_model_file(parts: tuple[str, ...]) -> bool:
     """Whether a file in a model folder (its path's parts) is part of the model: not hidden (a
     download's cache), not a checkpoint save in progress or set aside, not a document."""
@@ -851,14 +860,25 @@ def is_model_file(parts: tuple[str, ...]) -> bool:
 
 def check_model_unchanged(config: EvalConfig) -> None:
     """Refuse a run from a local model whose files changed since the run began: more samples
-    would mix two models, and a finished run's results are not this model's. A model no longer
-    there is not checked (grading what was drawn needs no model)."""
+    would mix two models, and a finished run's results are not this model's. A file written again
+    with the bytes it had is unchanged. A model no longer there is not checked (grading what was
+    drawn needs no model)."""
     out = Path(config.output_dir)
     now = model_files(config)
     if not (out / MODEL_FILES).is_file() or now is None:
         return
     recorded = {name: v for name, v in json.loads((out / MODEL_FILES).read_text()).items()
                 if is_model_file(tuple(name.split("/")))}  # an earlier version also recorded documents
+    rewritten = [name for name in now if name in recorded and recorded[name][:2] != now[name]]
+    folder = Path(config.model.path).expanduser()
+    # A file written again with the same bytes (an export made again from the same checkpoint)
+    # is the same model: told apart by the digest recorded when the run began (older runs have none).
+    if set(recorded) == set(now) and all(recorded[name][0] == now[name][0] and len(recorded[name]) > 2
+                                         and file_digest(folder / name) == recorded[name][2] for name in rewritten):
+        if rewritten:  # remembered with their new times, so that the next check reads nothing
+            write_text_atomic(out / MODEL_FILES, json.dumps(
+                {name: [*now[name], recorded[name][2]] for name in now}, indent=1) + "\n")
+        return
     if recorded != now:
         raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (they "
                           "differ now: re-exported, retrained or replaced), so its results are not this model's and "
@@ -911,6 +931,18 @@ def check_problems_unchanged(config: EvalConfig, problems: list[Problem], runlog
                               "ones; choose another output_dir, or delete the old run")
 
 
+def check_held_problems(config: EvalConfig) -> None:
+    """check_problems_unchanged for a run directory that holds samples, read without changing
+    it: for a caller that checks before anything runs (the pipeline)."""
+    from qed_jax.data import read_rows
+
+    path = Path(config.output_dir) / SAMPLES_FILE
+    if path.exists():
+        b = config.benchmark
+        problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run=False)
+        check_problems_unchanged(config, problems, RunLog.read(path, repair=False))
+
+
 def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
     """Refuse to go on with a run whose samples were drawn with other seeds than this version
     draws them (earlier versions drew sample k with seed + k): old and new samples would mix."""
@@ -931,8 +963,10 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
     write_text_atomic(out / PROBLEM_FINGERPRINTS, json.dumps(problem_fingerprints(problems), indent=1) + "\n")
     files = model_files(config)
-    if files is not None and not (out / MODEL_FILES).is_file():
-        write_text_atomic(out / MODEL_FILES, json.dumps(files, indent=1) + "\n")
+    if files is not None and not (out / MODEL_FILES).is_file():  # [bytes, time in ns, sha256] by file
+        folder = Path(config.model.path).expanduser()
+        write_text_atomic(out / MODEL_FILES, json.dumps(
+            {name: [*value, file_digest(folder / name)] for name, value in files.items()}, indent=1) + "\n")
     if not (out / TEMPLATES_FILE).is_file():
         write_text_atomic(out / TEMPLATES_FILE, json.dumps(template_texts(config), indent=1) + "\n")
     return out

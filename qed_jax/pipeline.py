@@ -255,6 +255,8 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
         result = train(config)
     if result["complete"]:
         state = "already complete"
+    elif result["step"] == result["start_step"]:  # trained, its export made again (deleted, or cut short)
+        state = "trained; exported again"
     else:
         state = f"resumed at step {result['start_step']}, done" if result["start_step"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")
@@ -413,14 +415,15 @@ def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
 
 def check_run_directories(s) -> None:
     """What the stages' run directories would refuse, refused before any stage runs (and by
-    --print-config): a trainer or an evaluation started with another config, or holding runs of
-    a model that will train anew."""
-    from qed_jax.evaluate import check_rerun
+    --print-config): a trainer or an evaluation started with another config or of problems
+    edited since, or holding runs of a model that will train anew."""
+    from qed_jax.evaluate import check_held_problems, check_rerun
 
     check_unchanged(s.sft)
     check_unchanged(s.grpo)
     for c in s.evals:
         check_rerun(c)
+        check_held_problems(c)  # a benchmark file edited since
     check_not_built_on_old("sft", s.sft.output_dir, "grpo", s.grpo.output_dir, before=True)
     check_evals_not_of_old(s.sft, s.grpo, s.evals)
 

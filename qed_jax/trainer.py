@@ -398,13 +398,20 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
         ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded,
         finished=meta["step"] >= steps))
     step = 0 if restored is None else restored[2]["step"]
+    if restored is None and recorded and not changed and config.export_dtype and is_complete(
+            out, steps, steps, config.export_dtype):
+        # Its checkpoints deleted (disk reclaimed, a bucket's lifecycle rule): training again from
+        # step 0 would replace the export, and what was built on it would no longer match.
+        log.warning("%s: no checkpoint is left in %s, but the run finished (its export %s is whole): nothing "
+                    "to train", out, ckpts.directory, out / "hf")
+        step = steps  # the caller finds the run complete: the fresh params and opt_state go unused
     if changed and step >= steps:
         log.warning("%s: the run is complete at step %d, so its changed config is not recorded: nothing trains under "
                     "it (raise steps to continue the run)", out, step)
     else:
         record_run_config(out, config, changed)
     if restored is None:
-        return params, opt_state, 0
+        return params, opt_state, step
     params, opt_state, meta = restored
     log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
     return params, opt_state, meta["step"]

@@ -1021,8 +1021,14 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
 
     out = rerun("samples=1")
     rerun("samples=2")  # the same files: a rerun may extend the run
+    assert sorted(json.loads((out / "model_files.json").read_text())) == ["model.safetensors", "sub/tokenizer.json"]
+    # The same bytes written again (an export made again from the same checkpoint, its folder
+    # deleted by hand): the same model, remembered with its new time.
+    (model / "model.safetensors").write_bytes(b"weights of the first model")
+    os.utime(model / "model.safetensors", ns=(5, 5))
+    rerun("samples=2")
     recorded = json.loads((out / "model_files.json").read_text())
-    assert sorted(recorded) == ["model.safetensors", "sub/tokenizer.json"]
+    assert recorded["model.safetensors"][:2] == [26, 5]
     (model / "model.safetensors").write_bytes(b"weights of another model!!")  # a re-export: same size, new time
     os.utime(model / "model.safetensors", ns=(1, 1))
     with pytest.raises(ConfigError, match=r"holds samples of the model at .*/model as its files were then .* more "

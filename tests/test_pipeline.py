@@ -341,3 +341,29 @@ def test_a_rerun_that_would_shrink_an_evaluation_is_refused_before_any_stage(tmp
                                           r"\(samples=3\): a rerun may extend it, not shrink it to 1"):
         run(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "eval.overrides.samples=1"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # no stage ran
+
+
+def test_an_evaluation_of_a_benchmark_edited_since_is_refused_before_any_stage(tmp_path):
+    """A row's problem text edited in the benchmark file after its samples were drawn: found by
+    the checks before any stage (it was found only when that evaluation began, after training)."""
+    from qed_jax.config import dump_json
+    from qed_jax.data import read_rows
+    from qed_jax.evaluate import problem_fingerprints, problems_from_rows
+    from qed_jax.pipeline import run
+
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}"])
+    started = eval_configs(config, {m: str(tmp_path / m / "hf") for m in ("base", "sft", "grpo")}, "http://x/v1",
+                           tmp_path)[0]
+    out = Path(started.output_dir)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(dump_json(started))
+    sample = {"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion_tokens": 4, "truncated": False}
+    (out / "samples.jsonl").write_text(json.dumps(sample) + "\n")
+    fingerprints = problem_fingerprints(problems_from_rows(read_rows(started.benchmark.path), started.benchmark))
+    fingerprints["PB-Basic-001"]["problem"] = "0" * 16  # as it read when the sample was drawn
+    (out / "problem_fingerprints.json").write_text(json.dumps(fingerprints))
+    with pytest.raises(ConfigError, match=r"base-imo_proofbench-single holds samples of problem 'PB-Basic-001' whose "
+                                          r"problem changed in .* since they were drawn"):
+        run(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # no stage ran
+    assert (out / "samples.jsonl").read_text() == json.dumps(sample) + "\n"

@@ -719,6 +719,24 @@ def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     assert train(load_config(SFTConfig, TINY, [*base, "export_dtype=bfloat16"]))["complete"]
 
 
+def test_a_finished_run_whose_checkpoints_were_deleted_is_done_not_trained_again(tmp_path, caplog):
+    """Checkpoints removed after the run (disk reclaimed, a bucket's lifecycle rule): it trained
+    again from step 0, replaced its export and cut its metrics to nothing."""
+    base = [f"output_dir={tmp_path / 'run'}", "steps=2", "eval_every=0", "batch_size=16", "export_dtype=float32"]
+    train(load_config(SFTConfig, TINY, base))
+    exported = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "run" / "hf").iterdir()}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    result = train(load_config(SFTConfig, TINY, base))
+    assert result["complete"] and result["step"] == 2
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "run" / "hf").iterdir()} == exported
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert "no checkpoint is left in" in caplog.text and "but the run finished" in caplog.text
+    # Without an export to show it finished, it trains again (a run killed before its first checkpoint).
+    shutil.rmtree(tmp_path / "run" / "hf")
+    assert not train(load_config(SFTConfig, TINY, base))["complete"]
+
+
 def test_a_finished_run_rerun_with_changes_keeps_the_config_it_trained_under(tmp_path, caplog):
     base = [f"output_dir={tmp_path}", "steps=1", "eval_every=0", "batch_size=16", "export_dtype=null"]
     train(load_config(SFTConfig, TINY, base))
