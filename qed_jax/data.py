@@ -363,9 +363,12 @@ def count_batches(examples: list[dict], config: DataConfig, batch_size: int, epo
 # packing seeds, GRPO's rollout keys). Bump it with any change to them: each checkpoint records
 # it, and a resume across a change is refused (a checkpoint's data position counts into the order
 # it was written under). Version 2: seeds hashed from data.seed (`order_seed`), 2026-12-01.
-# Version 3: SFT's `epochs` train a finite stream of that many passes, sized by counting it (it
-# counted one pass and took its multiple, so some examples came twice and some never), 2026-12-02.
-DATA_ORDER = 3
+DATA_ORDER = 2
+# SFT sized by `epochs` reads a finite stream of that many passes and counts its steps from it
+# (2026-12-02; it repeated forever and took one pass's packed rows times epochs, so some examples
+# came twice and some never). Its runs record this order instead: one begun before is not resumed
+# in the new one in silence, and runs whose stream did not change (GRPO, SFT sized by steps) go on.
+EPOCHS_ORDER = f"{DATA_ORDER}, epochs counted"
 
 
 def order_seed(data_seed: int) -> int:

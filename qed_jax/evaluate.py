@@ -842,6 +842,30 @@ def model_files(config: EvalConfig) -> dict | None:
     return files
 
 
+def model_files_with_digests(config: EvalConfig) -> dict | None:
+    """`model_files` with each file's sha256 added, read again until no file changed while its
+    digest was taken (a re-export landing then would pair one file's time with another's bytes)."""
+    for _ in range(5):
+        if (files := model_files(config)) is None:
+            return None
+        folder = Path(config.model.path).expanduser()
+        try:
+            digests = {name: file_digest(folder / name) for name in files}
+        except FileNotFoundError:  # removed while read
+            continue
+        if model_files(config) == files:
+            return {name: [*value, digests[name]] for name, value in files.items()}
+    raise ConfigError(f"model.path {config.model.path}: its files kept changing while they were read (a save or "
+                      "copy in progress?); run again once it is done")
+
+
+def same_digest(path: Path, digest: str) -> bool:
+    try:
+        return file_digest(path) == digest
+    except FileNotFoundError:  # removed since it was listed: not the same model
+        return False
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read in 16 MiB pieces."""
     digest = hashlib.sha256()
@@ -874,7 +898,7 @@ def check_model_unchanged(config: EvalConfig) -> None:
     # A file written again with the same bytes (an export made again from the same checkpoint)
     # is the same model: told apart by the digest recorded when the run began (older runs have none).
     if set(recorded) == set(now) and all(recorded[name][0] == now[name][0] and len(recorded[name]) > 2
-                                         and file_digest(folder / name) == recorded[name][2] for name in rewritten):
+                                         and same_digest(folder / name, recorded[name][2]) for name in rewritten):
         if rewritten:  # remembered with their new times, so that the next check reads nothing
             write_text_atomic(out / MODEL_FILES, json.dumps(
                 {name: [*now[name], recorded[name][2]] for name in now}, indent=1) + "\n")
@@ -931,6 +955,14 @@ def check_problems_unchanged(config: EvalConfig, problems: list[Problem], runlog
                               "ones; choose another output_dir, or delete the old run")
 
 
+def check_judge_template(config: EvalConfig) -> None:
+    """Refuse a judge template that grades against a field the benchmark does not pass the judge
+    (a proof benchmark passes its guidelines, an answer benchmark its answer)."""
+    b = config.benchmark
+    check_template_fields(load_judge_template(config.judge.template), config.judge.template,
+                          "answer" if b.kind == "answer" else "guidelines", f"{b.kind} benchmark {b.name}")
+
+
 def check_held_problems(config: EvalConfig) -> None:
     """check_problems_unchanged for a run directory that holds samples, read without changing
     it: for a caller that checks before anything runs (the pipeline)."""
@@ -962,11 +994,8 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     write_text_atomic(out / "config.json", dump_json(config))
     write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
     write_text_atomic(out / PROBLEM_FINGERPRINTS, json.dumps(problem_fingerprints(problems), indent=1) + "\n")
-    files = model_files(config)
-    if files is not None and not (out / MODEL_FILES).is_file():  # [bytes, time in ns, sha256] by file
-        folder = Path(config.model.path).expanduser()
-        write_text_atomic(out / MODEL_FILES, json.dumps(
-            {name: [*value, file_digest(folder / name)] for name, value in files.items()}, indent=1) + "\n")
+    if not (out / MODEL_FILES).is_file() and (files := model_files_with_digests(config)) is not None:
+        write_text_atomic(out / MODEL_FILES, json.dumps(files, indent=1) + "\n")
     if not (out / TEMPLATES_FILE).is_file():
         write_text_atomic(out / TEMPLATES_FILE, json.dumps(template_texts(config), indent=1) + "\n")
     return out
@@ -1040,8 +1069,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
     check_rerun(config, runlog)
     b = config.benchmark
-    check_template_fields(load_judge_template(config.judge.template), config.judge.template,
-                          "answer" if b.kind == "answer" else "guidelines", f"{b.kind} benchmark {b.name}")
+    check_judge_template(config)
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)

@@ -32,7 +32,7 @@ from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_loc
                             require_at_least_one, require_range)
 from qed_jax.data import BadRow, order_seed, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
-                           RuleGrader, check_template_fields, reason_counts, row_field)
+                           RuleGrader, check_template_fields, load_judge_template, reason_counts, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
@@ -780,6 +780,13 @@ def process_judge(judge: JudgeConfig) -> JudgeConfig:
     return dataclasses.replace(judge, cache_path=f"{judge.cache_path}.process-{jax.process_index()}")
 
 
+def check_judge_template(config: GRPOConfig) -> None:
+    """Refuse a judge template that grades against a field GRPO does not pass the judge: each
+    prompt's rubric is all it passes."""
+    if not config.reward_rule:
+        check_template_fields(load_judge_template(config.judge.template), config.judge.template, "rubric", "GRPO")
+
+
 def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
     """Run GRPO, resuming from the newest intact checkpoint in the run's directory. With several
     processes (one per host), each samples, grades and packs its share of every step's prompts
@@ -805,9 +812,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         first_sample = jax.process_index() * P * G  # this process's first sample of every step
         rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
         check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
+        check_judge_template(config)
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
-        if not config.reward_rule:  # each prompt's rubric is all GRPO passes the judge
-            check_template_fields(grader.template, config.judge.template, "rubric", "GRPO")
 
     model = load_model(mesh)
     check_vocab(tokenizer, model.config.vocab_size)

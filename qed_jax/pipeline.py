@@ -414,15 +414,18 @@ def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
 
 
 def check_run_directories(s) -> None:
-    """What the stages' run directories would refuse, refused before any stage runs (and by
-    --print-config): a trainer or an evaluation started with another config or of problems
-    edited since, or holding runs of a model that will train anew."""
-    from qed_jax.evaluate import check_held_problems, check_rerun
+    """What the stages would refuse, refused before any stage runs (and by --print-config): a
+    judge template that does not fit its stage; a trainer or an evaluation started with another
+    config or of problems edited since, or holding runs of a model that will train anew."""
+    from qed_jax import grpo
+    from qed_jax.evaluate import check_held_problems, check_judge_template, check_rerun
 
     check_unchanged(s.sft)
     check_unchanged(s.grpo)
+    grpo.check_judge_template(s.grpo)
     for c in s.evals:
         check_rerun(c)
+        check_judge_template(c)
         check_held_problems(c)  # a benchmark file edited since
     check_not_built_on_old("sft", s.sft.output_dir, "grpo", s.grpo.output_dir, before=True)
     check_evals_not_of_old(s.sft, s.grpo, s.evals)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from qed_jax import checkpoint
 from qed_jax.config import (ConfigError, ModelConfig, check_dtype, check_local_output_dir, check_seed, json_values,
                             require_at_least_one, require_range)
-from qed_jax.data import DataConfig, count_batches, packed_batches, prepare_sft, read_rows
+from qed_jax.data import (DATA_ORDER, EPOCHS_ORDER, DataConfig, count_batches, packed_batches, prepare_sft,
+                          read_rows)
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.sharding import MeshConfig, make_mesh
@@ -210,9 +211,10 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                                process_index=jax.process_index(), process_count=jax.process_count()))
     sharding = batch_sharding(mesh)
 
+    order = DATA_ORDER if config.steps else EPOCHS_ORDER
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
-                                        run={"trainer": "sft", "data": data_record(config.data.path, examples),
+                                        run={"trainer": "sft", "data": data_record(config.data.path, examples, order),
                                              "config": json_values(config)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, steps,
                                                resume_with_changes)

@@ -328,12 +328,12 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     write_text_atomic(path, text)
 
 
-def data_record(path: str, examples: list[dict]) -> dict:
+def data_record(path: str, examples: list[dict], order: int | str = DATA_ORDER) -> dict:
     """What a run trains on, kept in each checkpoint so that a resume can tell whether it
     changed: the data's name, how many examples it gave and a SHA-256 over them after
     tokenization (a changed file, tokenizer or data option shows alike), and the version of the
-    order the trainers read them in (`data.DATA_ORDER`). Each example is a dict of NumPy arrays
-    and JSON values (token lists, text, marking schemes, None)."""
+    `order` the trainer reads them in (`data.DATA_ORDER`, or SFT's `data.EPOCHS_ORDER`). Each
+    example is a dict of NumPy arrays and JSON values (token lists, text, marking schemes, None)."""
     digest = hashlib.sha256()
     for example in examples:
         for key in sorted(example):
@@ -344,7 +344,7 @@ def data_record(path: str, examples: list[dict]) -> dict:
                 data = json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
             digest.update(f"{key}:{len(data)}:".encode())
             digest.update(data)
-    return {"path": path, "examples": len(examples), "sha256": digest.hexdigest(), "order": DATA_ORDER}
+    return {"path": path, "examples": len(examples), "sha256": digest.hexdigest(), "order": order}
 
 
 def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
@@ -398,12 +398,18 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
         ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded,
         finished=meta["step"] >= steps))
     step = 0 if restored is None else restored[2]["step"]
-    if restored is None and recorded and not changed and config.export_dtype and is_complete(
-            out, steps, steps, config.export_dtype):
-        # Its checkpoints deleted (disk reclaimed, a bucket's lifecycle rule): training again from
-        # step 0 would replace the export, and what was built on it would no longer match.
-        log.warning("%s: no checkpoint is left in %s, but the run finished (its export %s is whole): nothing "
-                    "to train", out, ckpts.directory, out / "hf")
+    # Its checkpoints deleted after it finished (disk reclaimed, a bucket's lifecycle rule):
+    # training again from step 0 would replace its export and metrics, and what was built on
+    # them would no longer match. Finished: its config unchanged, its metrics logged to the last
+    # step (always logged) and an export there. Process 0 holds `out` and decides for all.
+    if restored is None and largest(int(jax.process_index() == 0 and not changed and last_logged_step(out) == steps
+                                         and (out / "hf" / "config.json").exists())):
+        if not is_complete(out, steps, steps, config.export_dtype):
+            raise ConfigError(f"{out}: the run finished at step {steps}, but no checkpoint of it is left in "
+                              f"{ckpts.directory} to export it as export_dtype={config.export_dtype} from; its export "
+                              f"{out / 'hf'} is what there is (to train it again, delete {out})")
+        log.warning("%s: no checkpoint is left in %s, but the run finished (its metrics reach step %d, its export %s "
+                    "is whole): nothing to train", out, ckpts.directory, steps, out / "hf")
         step = steps  # the caller finds the run complete: the fresh params and opt_state go unused
     if changed and step >= steps:
         log.warning("%s: the run is complete at step %d, so its changed config is not recorded: nothing trains under "
@@ -415,6 +421,22 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     params, opt_state, meta = restored
     log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
     return params, opt_state, meta["step"]
+
+
+def last_logged_step(out: Path) -> int | None:
+    """The step of the last whole row of a run's metrics.jsonl; None without one."""
+    try:
+        lines = (out / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:  # a last line a kill cut short
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            return row["step"]
+    return None
 
 
 class MetricsLog:

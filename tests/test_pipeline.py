@@ -367,3 +367,14 @@ def test_an_evaluation_of_a_benchmark_edited_since_is_refused_before_any_stage(t
         run(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # no stage ran
     assert (out / "samples.jsonl").read_text() == json.dumps(sample) + "\n"
+
+
+def test_a_judge_template_that_does_not_fit_its_stage_is_refused_before_any_stage(tmp_path):
+    from qed_jax.pipeline import run
+
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}",
+                                                       "eval.overrides.judge.template=rl_grader"])
+    with pytest.raises(ConfigError, match=r"^judge.template rl_grader grades against the field 'rubric', which proof "
+                                          r"benchmark imo_proofbench does not pass to the judge"):
+        run(config)
+    assert not (tmp_path / "base").exists()  # no stage ran

@@ -555,6 +555,26 @@ def test_epochs_train_each_example_that_many_times_but_for_a_last_partial_batch(
         assert left_out_rows < local_batch
 
 
+def test_a_run_sized_by_epochs_records_its_own_data_order(tmp_path, monkeypatch):
+    """Its stream changed on 2026-12-02 (a finite one, its steps counted from it): a run begun
+    before is refused rather than resumed in the new order, while a run sized by steps, whose
+    stream did not change, records (and resumes under) the unchanged DATA_ORDER."""
+    from qed_jax import sft
+    from qed_jax.data import DATA_ORDER, EPOCHS_ORDER
+
+    recorded = []
+
+    def stop_at_checkpoints(*args, run, **kwargs):
+        recorded.append(run["data"]["order"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft.checkpoint, "TrainCheckpoints", stop_at_checkpoints)
+    for sizing in (["steps=null", "epochs=1"], ["steps=2"]):
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(SFTConfig, TINY, [f"output_dir={tmp_path}", "eval_every=0", "batch_size=16", *sizing]))
+    assert recorded == [EPOCHS_ORDER, DATA_ORDER] and EPOCHS_ORDER != DATA_ORDER
+
+
 def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n' + b'{"b": "caf\xe9\xff"}\n' + b'{"c": 3}\n')  # a BOM, then Latin-1
@@ -732,8 +752,13 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_done_not_trained_again
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "run" / "hf").iterdir()} == exported
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     assert "no checkpoint is left in" in caplog.text and "but the run finished" in caplog.text
-    # Without an export to show it finished, it trains again (a run killed before its first checkpoint).
-    shutil.rmtree(tmp_path / "run" / "hf")
+    # Nothing to export it from in another dtype: refused, the export kept.
+    with pytest.raises(ConfigError, match=r"the run finished at step 2, but no checkpoint of it is left in .* to "
+                                          r"export it as export_dtype=bfloat16 from"):
+        train(load_config(SFTConfig, TINY, [*base, "export_dtype=bfloat16"]))
+    assert (tmp_path / "run" / "hf" / "model.safetensors").read_bytes() == exported["model.safetensors"][1]
+    # Metrics short of the last step (an export from an earlier, shorter run): not finished, trained.
+    (tmp_path / "run" / "metrics.jsonl").write_text(metrics.splitlines()[0] + "\n")
     assert not train(load_config(SFTConfig, TINY, base))["complete"]
 
 

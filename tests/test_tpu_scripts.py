@@ -240,6 +240,7 @@ def test_the_launchers_own_logs_are_not_packed(tmp_path, monkeypatch):
     (repo / "my_logs/r/attempt-1").mkdir(parents=True)
     (repo / "my_logs/r/attempt-1/worker-0.log").write_text("")
     (repo / "my_logs/README").write_text("not a log of the launcher's: travels")
+    (repo / "my_logs/worker-0.log").write_text("")  # `run`'s, in the same folder
     monkeypatch.setattr(tpu, "REPO", repo)
     tpu.pack(None, tmp_path / "code.tar.gz", dry_run=False, leave_out=(repo / "my_logs").resolve())
     assert sorted(tarfile.open(tmp_path / "code.tar.gz").getnames()) == ["my_logs/README", "notes.txt",

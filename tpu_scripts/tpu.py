@@ -218,11 +218,12 @@ def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None =
 
 
 def is_launcher_log(path: Path, log_dir: Path | None) -> bool:
-    """Whether `path` is one of launch's logs: LOG_DIR/RUN_ID/attempt-K/worker-N.log."""
+    """Whether `path` is one of the launcher's logs: launch's LOG_DIR/RUN_ID/attempt-K/worker-N.log,
+    or run's LOG_DIR/worker-N.log."""
     path = path.resolve()
     if log_dir is None or not path.is_relative_to(log_dir):
         return False
-    return re.fullmatch(r"[^/]+/attempt-\d+/worker-\d+\.log", path.relative_to(log_dir).as_posix()) is not None
+    return re.fullmatch(r"([^/]+/attempt-\d+/)?worker-\d+\.log", path.relative_to(log_dir).as_posix()) is not None
 
 
 def setup(gc: Gcloud, args) -> None:
