@@ -307,11 +307,12 @@ def check_template_fields(template: str, name: str, gives: str, who: str) -> Non
     its place. The answer one passes must be rendered too: without it nothing could be checked."""
     placeholder, config = next((p, c) for p, (f, _, c) in _ROW_FIELDS.items() if f == gives)
     hint = f"use {config} or a template with {{{{{placeholder}}}}}"
-    for field in needed_fields(template):
+    needs = needed_fields(template)
+    for field in needs:
         if field != gives:
             raise ConfigError(f"judge.template {name} grades against the field '{field}', which {who} does not "
                               f"pass to the judge (it passes '{gives}'): {hint}")
-    if gives == "answer" and "answer" not in needed_fields(template):
+    if gives == "answer" and "answer" not in needs:
         raise ConfigError(f"judge.template {name} never shows the judge the reference answer that {who} passes: {hint}")
 
 
