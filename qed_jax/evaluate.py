@@ -300,19 +300,24 @@ def render_prompt(template: str, problem: str) -> str:
 # Final answers: math-verify first, the judge only for what it cannot decide
 
 
-def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} (or \\fbox{...}) whose braces close; None if there
-    is none. One pass that pairs every brace, so a text of many unclosed boxes stays linear."""
+def boxed_answer(text: str) -> str | None:
+    """The contents of the \\boxed{...} (or \\fbox{...}) boxes whose braces close, when they all
+    hold the same answer; None when there is none, or when they differ ("either \\boxed{3} or
+    \\boxed{4}": the judge decides, as its template asks, rather than the last box). A box holding
+    boxes counts as those. One pass that pairs every brace, so a text of many unclosed boxes stays
+    linear."""
     box_braces = {m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)}
-    open_braces, last = [], None
+    open_braces, boxes = [], []  # boxes: (start, end) in the order they close, inner ones first
     for m in re.finditer(r"[{}]", text):
         if m.group() == "{":
             open_braces.append(m.start())
         elif open_braces:
             start = open_braces.pop()
-            if start in box_braces and (last is None or start > last[0]):
-                last = (start, m.start())
-    return None if last is None else text[last[0] + 1:last[1]].strip()
+            holds_a_box = boxes and boxes[-1][0] > start  # the last box closed began inside this one
+            if start in box_braces and not holds_a_box:
+                boxes.append((start, m.start()))
+    answers = {text[start + 1:end].strip() for start, end in boxes}
+    return answers.pop() if len(answers) == 1 else None
 
 
 # A thin, medium or thick space (or a backslash-space) between groups of digits: 1\,000 is 1000
@@ -329,19 +334,36 @@ def plain_number(text: str) -> bool:
     return PLAIN_NUMBER.fullmatch(text) is not None and not re.search(r"\d\s+\d", text)
 
 
+# What math-verify reads a single number out of, so that neither its "equal" nor its "not equal"
+# is trusted: a congruence (n \equiv 1 \pmod 4 is read as the modulus, 4), a remark in words
+# (4 \text{ (attained at } x=2) is read as 2), and words themselves ("5 for n = 3").
+NOT_ONE_VALUE = re.compile(r"\\(?:text[a-z]*|mathrm|operatorname|mbox|pmod|bmod|mod|equiv|mid|nmid)(?![a-zA-Z])"
+                           r"|(?<![\\a-zA-Z])[a-zA-Z]{2,}")
+# A number then a bracketed number (2(3), (4)(3), 2\left(3\right)): latex2sympy reads a mixed
+# number, 2(3) as 5, not the product 6.
+MIXED_NUMBER = re.compile(r"[\d)\]]\s*(?:\\left\s*)?[(\[]|[)\]]\s*\d")
+
+
+def one_value(text: str) -> bool:
+    """Whether math-verify's reading of `text` is its whole value (see NOT_ONE_VALUE, MIXED_NUMBER)."""
+    return not NOT_ONE_VALUE.search(text) and not (plain_number(text) and MIXED_NUMBER.search(text))
+
+
 def check_answer(predicted: str | None, reference: str) -> bool | None:
     """True when math-verify shows that `predicted` equals `reference`; False only when both are
-    plain numbers (`PLAIN_NUMBER`) whose values differ; else None, for the judge to decide.
+    plain numbers (`PLAIN_NUMBER`) whose values differ; else None, for the judge to decide. Both
+    must be answers math-verify reads whole (`one_value`: no words, no congruence, no 2(3)).
     math-verify's "not equal" also covers what it could not prove (a trigonometric identity), a
     timeout, text answers ("all odd n" parses into a product of letters) and numbers it picked
-    out of more (the modulus of a congruence, a remark in words, 60 degrees read as 60), so it
-    decides nothing by itself."""
+    out of more (60 degrees read as 60), so it decides nothing by itself."""
     if not predicted:
         return None
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
     predicted, reference = DIGIT_GROUP_SPACE.sub("", predicted), DIGIT_GROUP_SPACE.sub("", reference)
+    if not (one_value(predicted) and one_value(reference)):
+        return None
     # math-verify bounds its time with SIGALRM, which only the main thread may set.
     seconds = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=seconds)
@@ -349,7 +371,8 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
     if not gold or not pred:
         return None
     try:
-        if verify(gold, pred, timeout_seconds=seconds, raise_on_error=True):
+        # Rounded to 12 digits, not math-verify's 6: 1.414214 is not the exact answer \sqrt{2}.
+        if verify(gold, pred, float_rounding=12, timeout_seconds=seconds, raise_on_error=True):
             return True
     except (Exception, TimeoutException):  # sympy failed on an expression, or ran out of time
         return None
@@ -717,7 +740,7 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
         if unsent:
             on_grade(record, turn, 0, unsent, "truncated", None)
             continue
-        verdict = check_answer(last_boxed(answer_text), problem.answer)
+        verdict = check_answer(boxed_answer(answer_text), problem.answer)
         if verdict is None:
             to_judge.append((record, turn, completion))
         else:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -135,9 +136,14 @@ def table_row(run: str, s: dict) -> list[str]:
             f"{_fmt(100 * s['truncated_fraction'])}%"]
 
 
+# What Markdown would read as markup in a run's name or label: "|" would end the cell, "*x*" or
+# "_x_" set it in italics, "<b>" pass as HTML. An "_" inside a word (imo_proofbench) is text.
+MARKUP = re.compile(r"[\\|*`<>\[\]]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
 def _table(header, rows) -> list[str]:
-    def cells(row):  # a "|" or a line break in a run's name or label would break the table
-        return "| " + " | ".join(" ".join(str(c).replace("|", "\\|").splitlines()) for c in row) + " |"
+    def cells(row):  # and a line break would end the row
+        return "| " + " | ".join(" ".join(MARKUP.sub(r"\\\g<0>", str(c)).splitlines()) for c in row) + " |"
 
     return [cells(header), "|" + "---|" * len(header)] + [cells(r) for r in rows]
 
@@ -221,7 +227,10 @@ def _plot(plt, summaries: dict[str, dict], runs: dict[str, list[dict]], out: Pat
         for ax in axes.flat[len(names):]:
             ax.set_visible(False)
         for ax, name in zip(axes.flat, names):
-            draw(ax, [r for r in runs[name] if r["graded"] and r["score"] is not None])
+            graded = [r for r in runs[name] if r["graded"] and r["score"] is not None]
+            draw(ax, graded)
+            if not graded:
+                ax.text(0.5, 0.5, "no graded samples", transform=ax.transAxes, ha="center", va="center")
             ax.set_title(f"{summaries[name]['benchmark']}: {name}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=100)
@@ -259,6 +268,7 @@ def _histogram(ax, graded: list[dict]) -> None:
     ax.hist([r["score"] for r in graded], bins=np.arange(MAX_SCORE + 2) - 0.5, rwidth=0.85)
     ax.set_xticks(range(MAX_SCORE + 1))
     ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(bottom=0)  # an empty panel's axis would run below 0 samples
     ax.set_xlabel("score (0-7)")
     ax.set_ylabel("samples")
 

@@ -20,7 +20,7 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
-                              last_boxed, model_files, prepare_output, read_problem_ids, read_records, read_run,
+                              boxed_answer, model_files, prepare_output, read_problem_ids, read_records, read_run,
                               request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import report
@@ -422,15 +422,35 @@ def test_answer_checks():
     assert check_answer(r"x \equiv 3 \pmod 5", "3") is None and check_answer(r"n \equiv 3 \pmod{4}", "3") is not False
     assert check_answer(r"4 \text{ (achieved at } x=2)", "4") is not False
     assert check_answer("x = 4", "3") is None and check_answer("1 000", "1000") is not False
-    assert last_boxed(r"first \boxed{1}, then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
-    assert last_boxed("no box") is None
-    # The last box whose braces close: one cut off by the token budget falls back to the one before.
-    assert last_boxed(r"\boxed{1} then \boxed{\frac{1}{2} and on") == "1"
-    assert last_boxed(r"} \fbox {a{b}c} \boxed{x}}") == "x" and last_boxed(r"\boxed{\boxed{y}") == "y"
+    # ... nor does its "equal" there: the modulus, a number in a remark, or one of words.
+    assert check_answer(r"n \equiv 1 \pmod 4", r"n \equiv 3 \pmod 4") is None
+    assert check_answer(r"n \equiv 1 \pmod{4}", r"n \equiv 1 \pmod{8}") is None
+    assert check_answer("4", r"n \equiv 1 \pmod 4") is None and check_answer(r"1 \bmod 3", "3") is None
+    assert check_answer(r"4 \text{ (attained at } x=2)", "2") is None and check_answer("5 for n = 3", "3") is None
+    # latex2sympy reads a number then a bracketed number as a mixed number (2(3) as 5): undecided.
+    assert check_answer("2(3)", "6") is None and check_answer("5(2)", "7") is None
+    assert check_answer("(4)(3)", "7") is None and check_answer(r"2\left(3\right)", "5") is None
+    assert check_answer("2(n+1)", "2n+2") is True and check_answer("(n+1)(n+2)", "n^2+3n+2") is True
+    # Equal to 12 digits, not math-verify's default 6: a decimal approximation is not exact.
+    assert check_answer("1.414214", r"\sqrt{2}") is False and check_answer("0.333333", r"\frac{1}{3}") is False
+    assert check_answer("3.141593", r"\pi") is False and check_answer("0.25", r"\frac{1}{4}") is True
+
+
+def test_boxed_answer():
+    assert boxed_answer(r"so \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
+    assert boxed_answer("no box") is None
+    # Every box must hold the same answer: the judge decides a hedge between two.
+    assert boxed_answer(r"Either \boxed{3} or \boxed{4}.") is None
+    assert boxed_answer(r"\boxed{4}, as checked: \boxed{ 4 }") == "4"
+    # Boxes whose braces close: one cut off by the token budget leaves the one before.
+    assert boxed_answer(r"\boxed{1} then \boxed{\frac{1}{2} and on") == "1"
+    assert boxed_answer(r"} \fbox {a{b}c} \boxed{a{b}c}}") == "a{b}c" and boxed_answer(r"\boxed{\boxed{y}") == "y"
+    assert boxed_answer(r"\boxed{\boxed{y}}") == "y"  # a box holding a box is that box
+    assert boxed_answer(r"\boxed{\boxed{3} and \boxed{4}}") is None
     # A degenerate repetition to the end of the budget (no box closes) is read in one pass: each
     # box scanning to the end of the text would take minutes here.
-    assert last_boxed(r"The answer is \boxed{x = " * 20_000) is None
-    assert last_boxed(r"\boxed{7}" + r"\boxed{" * 50_000) == "7"
+    assert boxed_answer(r"The answer is \boxed{x = " * 20_000) is None
+    assert boxed_answer(r"\boxed{7}" + r"\boxed{" * 50_000) == "7"
 
 
 def test_benchmark_columns_are_checked_where_they_are_read():
@@ -783,7 +803,7 @@ def test_report_tables_and_plots_take_any_run_name(tmp_path):
               "benchmark": {"name": "IMO|Bench\nv2", "kind": "proof", "groups": None}}
     records = [{"problem_id": f"p{i}", "sample": 0, "score": 7 * (i % 2), "graded": True, "group": None,
                 "completion_tokens": 5 + i, "truncated": False, "decided_by": "judge"} for i in range(4)]
-    names = ["run $\\frac$ a|b\nc", "other $x^2$"]
+    names = ["run $\\frac$ a|b\nc *x* _y_ <b>", "other_run $x^2$"]
     summaries = {name: summarize({**config, "model": {"path": name}}, records) for name in names}
     rows = [line for line in markdown(summaries).splitlines() if line.startswith("|")]
     # Header, rule and one row per run in each table; every row has as many cells as its header.
@@ -791,9 +811,25 @@ def test_report_tables_and_plots_take_any_run_name(tmp_path):
         return len(re.split(r"(?<!\\)\|", row))
 
     assert len(rows) == 2 * 4 and all(cells(row) == cells(rows[n // 4 * 4]) for n, row in enumerate(rows))
-    assert "| run $\\frac$ a\\|b c | IMO\\|Bench v2 |" in markdown(summaries)
+    # Markdown's markup in a name is text (an "_" inside a word is already).
+    assert r"| run $\\frac$ a\|b c \*x\* \_y\_ \<b\> | IMO\|Bench v2 |" in markdown(summaries)
+    assert "| other_run $x^2$ |" in markdown(summaries)
     assert [p.name for p in plot(summaries, {name: records for name in names}, tmp_path)] == [
         "score_histogram.png", "score_vs_tokens.png"]
+
+
+def test_histogram_of_no_graded_samples_counts_from_zero():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qed_jax.report import _histogram
+
+    fig, ax = plt.subplots()
+    _histogram(ax, [])
+    assert ax.get_ylim()[0] == 0
+    plt.close(fig)
 
 
 def test_report_compares_runs_side_by_side(tmp_path):
