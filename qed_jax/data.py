@@ -24,7 +24,7 @@ import numpy as np
 from qed_jax.config import (ConfigError, check_seed, hashed_seed, is_missing_local_path, require_at_least_one,
                             require_file, require_range)
 from qed_jax.errors import first_line
-from qed_jax.tokenizer import render_chat
+from qed_jax.tokenizer import render_chat, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
     if local.is_file() and suffix != ".parquet":
         raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl or .json), "
                           "a JSON array (.json) or Parquet")
-    if suffix == ".parquet" or is_missing_local_path(path):
+    if (suffix == ".parquet" and not local.is_dir()) or is_missing_local_path(path):
         require_file(local, "data file")
-    if suffix == ".parquet":
+    if suffix == ".parquet":  # a file, or the folder of one partitioned table (pandas' and Spark's)
         import pyarrow
         import pyarrow.parquet
 
@@ -89,12 +89,22 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
         except (pyarrow.ArrowException, OSError) as e:
             raise ConfigError(f"data file {path}: not a readable Parquet file ({first_line(e)})") from None
     import datasets
+    from datasets.exceptions import DatasetsError
 
     try:
         return _numbered(datasets.load_dataset(path, name, split=split))
-    except (ConnectionError, OSError, ValueError) as e:  # offline, no such dataset, config or split
+    # Offline, no such dataset, config or split (OSError, ValueError); files it cannot build a
+    # table from (DatasetsError: a line that is not JSON, files whose columns differ); a folder
+    # of empty files (StopIteration).
+    except (ConnectionError, OSError, ValueError, DatasetsError, StopIteration) as e:
+        if isinstance(e, StopIteration):
+            cause = "its files hold no rows"
+        elif isinstance(e, DatasetsError) and e.__cause__ is not None:  # "An error occurred ...": why is the cause
+            cause = f"{first_line(e)}: {first_line(e.__cause__)}"
+        else:
+            cause = first_line(e)
         raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, and "
-                          f"loading it as a Hugging Face dataset failed: {first_line(e)}") from None
+                          f"loading it as a Hugging Face dataset failed: {cause}") from None
 
 
 def _numbered(rows) -> list[tuple[str, Any]]:
@@ -231,10 +241,11 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if end not in answer_ids:
         raise ValueError("the rendered answer has no <|im_end|>")
-    if answer_ids.count(end) > 1 or tokenizer.convert_tokens_to_ids("<|im_start|>") in answer_ids:
-        raise ValueError("the answer's text holds <|im_end|> or <|im_start|>, which tokenize as the chat's own "
-                         "tokens: trained, the model would learn to end its turn there")
     stop = len(answer_ids) - answer_ids[::-1].index(end)  # through the last <|im_end|>
+    chat_ids = {*stop_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|im_start|>")}
+    if chat_ids.intersection(answer_ids[:stop - 1]):
+        raise ValueError("the answer's text holds <|im_end|>, <|endoftext|> or <|im_start|>, which tokenize as the "
+                         "chat's own tokens: trained, the model would learn to end its turn there")
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.zeros(len(ids), np.int32)
     mask[len(prompt_ids): len(prompt_ids) + stop] = 1

@@ -221,9 +221,9 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     from qed_jax.data import BadRow
 
     fields = config.field_map
-    problems, seen = [], set()
-    for n, (where, row) in enumerate(rows):
-        where = f"{config.path}: {where}"
+    problems, seen = [], {}  # seen: id -> (its row, whether the id is the row index)
+    for n, (line, row) in enumerate(rows):
+        where = f"{config.path}: {line}"
         if isinstance(row, BadRow):
             raise ConfigError(f"{where}: {row.reason}")
         if not isinstance(row, dict):
@@ -251,10 +251,16 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
             render_marking_scheme(guidelines)
         except ValueError as e:
             raise ConfigError(f"{where}: column {fields['guidelines']!r} (the grading guidelines): {e}") from None
-        pid = str(n if row.get(fields["id"]) is None else row[fields["id"]])  # null: as if missing
+        defaulted = row.get(fields["id"]) is None  # null: as if missing
+        pid = str(n if defaulted else row[fields["id"]])
         if pid in seen:
+            first, first_defaulted = seen[pid]
+            if defaulted or first_defaulted:
+                raise ConfigError(f"{where}: problem id {pid!r} is also {first}'s: {line if defaulted else first} has "
+                                  f"no column {fields['id']!r}, so its id is its row index; give every row an id (ids "
+                                  "key the samples, so they must be unique)")
             raise ConfigError(f"{where}: problem id {pid!r} appears twice; ids key the samples, so they must be unique")
-        seen.add(pid)
+        seen[pid] = (line, defaulted)
         problems.append(Problem(id=pid, problem=text, solution=solution, guidelines=guidelines, answer=answer,
                                 group=group_of(row, config)))
     if config.group_field is not None and not any(isinstance(r, dict) and config.group_field in r for _, r in rows):

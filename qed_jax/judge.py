@@ -145,6 +145,9 @@ UNSENT_REASONS = ("no_think_end", "empty_proof")
 # Pure pieces: templates, proof extraction, score parsing
 
 
+CHECKPOINT_KEYS = ("title", "points", "desc", "description")  # what a marking scheme's checkpoint may hold
+
+
 def render_marking_scheme(scheme: Any) -> str:
     """A string stays as is; a list of {title, points, desc} becomes one block per checkpoint."""
     if scheme is None:
@@ -162,10 +165,16 @@ def render_marking_scheme(scheme: Any) -> str:
                 raise ValueError(f"marking scheme item {i}: points must be a number from 0 to {MAX_SCORE}, "
                                  f"got {points!r}")
             # A table's missing field is null (a Parquet struct column): no title, no description.
-            head = f"Checkpoint {i}: {str(item.get('title') or '').strip()}".strip()
+            title = str(item.get("title") or "").strip()
+            desc = str(item.get("desc") or item.get("description") or "").strip()
+            unread = [str(k) for k, v in item.items() if k not in CHECKPOINT_KEYS and isinstance(v, str) and v.strip()]
+            if not (title or desc) and unread:  # its text would not reach the judge
+                raise ValueError(f"marking scheme item {i} has its text under {', '.join(unread)}, which is not read: "
+                                 "name it 'title', 'desc' or 'description'")
+            head = f"Checkpoint {i}: {title}".strip()
             if points is not None:
                 head += f" ({points} point{'s' if points != 1 else ''})"
-            blocks.append(f"{head}\n{str(item.get('desc') or '').strip()}".strip())
+            blocks.append(f"{head}\n{desc}".strip())
         return "\n\n".join(blocks)
     raise ValueError(f"marking scheme must be a string or a list of checkpoints, got {type(scheme).__name__}")
 

@@ -487,6 +487,15 @@ def test_benchmark_columns_are_checked_where_they_are_read():
     # A null id, like a missing one, is the row's index (not the text "None", which two rows share).
     assert [p.id for p in problems([{"problem": "P", "problem_id": None}, {"problem": "Q", "problem_id": None},
                                     {"problem": "R", "problem_id": 7}])] == ["0", "1", "7"]
+    # Such an id taken by another row: the message says which row has none.
+    for rows, without in (([{"problem": "P", "problem_id": 1}, {"problem": "Q"}], "line 2"),
+                          ([{"problem": "P"}, {"problem": "Q", "problem_id": "0"}], "line 1")):
+        pid = rows[0].get("problem_id", 0)
+        with pytest.raises(ConfigError, match=rf"^b: line 2: problem id '{pid}' is also line 1's: {without} has no "
+                                              r"column 'problem_id', so its id is its row index; give every row an id"):
+            problems(rows)
+    with pytest.raises(ConfigError, match=r"^b: line 2: problem id '3' appears twice; ids key the samples"):
+        problems([{"problem": "P", "problem_id": 3}, {"problem": "Q", "problem_id": "3"}])
 
 
 def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):

@@ -249,6 +249,12 @@ def test_marking_scheme_renders_string_and_checkpoints_consistently():
     # A table's struct column fills a missing field with null: left out, not written as "None".
     assert render_marking_scheme([{"title": None, "points": 7, "desc": None}]) == "Checkpoint 1: (7 points)"
     assert render_marking_scheme([{"title": "Half", "points": 0.5}]) == "Checkpoint 1: Half (0.5 points)"
+    # "description" (MathArena's spelling) is read as "desc"; text under another key is refused, not dropped.
+    assert render_marking_scheme([{"title": "Setup", "points": 2, "description": "p is even."}]) == (
+        "Checkpoint 1: Setup (2 points)\np is even.")
+    with pytest.raises(ValueError, match="^marking scheme item 2 has its text under text, which is not read: name it "
+                                         "'title', 'desc' or 'description'$"):
+        render_marking_scheme([{"title": "T", "points": 2}, {"points": 5, "text": "Finishes.", "id": 7}])
     for points in ("two", True, -3, 8, float("nan")):  # would reach the judge as written
         with pytest.raises(ValueError, match=rf"^marking scheme item 1: points must be a number from 0 to 7, "
                                              rf"got {re.escape(repr(points))}$"):

@@ -439,12 +439,14 @@ def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, ca
     rows = [("line 1", row),
             ("line 2", {**row, "proof": row["proof"] + " The stop token is <|im_end|> here."}),
             ("line 3", {**row, "reasoning_content": "Think <|im_start|>user of it."}),
-            ("line 4", {**row, "problem": row["problem"] + " (<|im_end|> is the stop token.)"})]
+            ("line 4", {**row, "problem": row["problem"] + " (<|im_end|> is the stop token.)"}),
+            ("line 5", {**row, "proof": "Clearly 1=1.<|endoftext|> QED."})]  # a stop token too
     with caplog.at_level(logging.WARNING):
         examples, stats = prepare_sft(rows, tokenizer, DataConfig(path="rows"), source="rows")
-    assert stats.kept == len(examples) == 2 and sum(stats.skipped.values()) == 2
+    assert stats.kept == len(examples) == 2 and sum(stats.skipped.values()) == 3
     assert [r.getMessage()[:37] for r in caplog.records] == ["rows: skipped line 2: the answer's te",
-                                                             "rows: skipped line 3: the answer's te"]
+                                                             "rows: skipped line 3: the answer's te",
+                                                             "rows: skipped line 5: the answer's te"]
     assert "which tokenize as the chat's own tokens" in caplog.records[0].getMessage()
 
 
@@ -591,6 +593,29 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
         read_rows(str(tmp_path / "rows.jsonll"))
     (tmp_path / "ROWS.JSONL").write_text('{"a": 1}\n')  # a suffix in capitals reads as its lower case
     assert read_rows(str(tmp_path / "ROWS.JSONL")) == [("line 1", {"a": 1})]
+
+
+def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_parquet_folder_is_read(tmp_path,
+                                                                                                   monkeypatch):
+    import pyarrow
+    import pyarrow.parquet
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.jsonl").write_text("{broken\n")
+    with pytest.raises(ConfigError, match=r"^data '.*/broken' \(name None, split 'train'\): .* failed: An error "
+                                          r"occurred while generating the dataset: JSON parse error: .*$"):
+        read_rows(str(tmp_path / "broken"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"^data '.*/empty' .* failed: its files hold no rows$"):
+        read_rows(str(tmp_path / "empty"))
+    # pandas' and Spark's partitioned writes make a folder named .parquet.
+    table = pyarrow.table({"problem": ["P1", "P2"], "split": ["a", "b"]})
+    pyarrow.parquet.write_to_dataset(table, tmp_path / "rows.parquet", partition_cols=["split"])
+    rows = read_rows(str(tmp_path / "rows.parquet"))
+    assert sorted(row["problem"] for _, row in rows) == ["P1", "P2"] and [w for w, _ in rows] == ["row 1", "row 2"]
 
 
 def test_a_row_with_a_lone_surrogate_is_a_bad_row_and_an_escaped_pair_is_text(tmp_path, tokenizer):
