@@ -451,10 +451,16 @@ def misread_value(record: dict) -> str | None:
         checks.append(("completion_tokens", record.get("completion_tokens"), is_count(record.get("completion_tokens")),
                        "a token count"))
         checks.append(("truncated", record.get("truncated"), type(record.get("truncated")) is bool, "true or false"))
+        if "turns" in record:  # mode rc
+            turns = record["turns"]
+            checks.append(("turns", turns, isinstance(turns, list) and all(isinstance(t, dict) for t in turns),
+                           "a list of turns"))
     elif record["type"] in ("grade", "turn_grade"):
         score = record.get("score")
         checks.append(("score", score, score is None or (is_count(score) and score <= MAX_SCORE),
                        f"a score from 0 to {MAX_SCORE} or null"))
+        if record["type"] == "turn_grade":
+            checks.append(("turn", record.get("turn"), is_count(record.get("turn")), "a turn index"))
     return next((f"{key} is {value!r}, not {expected}" for key, value, ok, expected in checks if not ok), None)
 
 
@@ -525,7 +531,8 @@ def read_problem_ids(run_dir: str | Path) -> list[str] | None:
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     """A run's config and one merged record per sample: the sample plus its last grade (if any)
     and, in mode rc, `turn_scores`: each turn's score (None where not graded, or failed), the
-    last turn's being the sample's own."""
+    last turn's being the sample's own, and `turn_grading`: for each earlier turn, whether its
+    answer is "graded", its grade "failed", or it is "not graded"."""
     run_dir = Path(run_dir)
     config_path, samples_path = run_dir / "config.json", run_dir / SAMPLES_FILE
     if not run_dir.is_dir():
@@ -544,8 +551,10 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
         record = {**sample, "graded": bool(grade), "score": grade.get("score"),
                   "reason": grade.get("reason"), "decided_by": grade.get("decided_by")}
         if "turns" in sample:
-            earlier = [run.turn_grades.get((*key, t), {}).get("score") for t in range(len(sample["turns"]) - 1)]
-            record["turn_scores"] = earlier + [record["score"]]
+            earlier = [run.turn_grades.get((*key, t)) for t in range(len(sample["turns"]) - 1)]
+            record["turn_scores"] = [None if g is None else g["score"] for g in earlier] + [record["score"]]
+            record["turn_grading"] = ["not graded" if g is None else "failed" if g["score"] is None else "graded"
+                                      for g in earlier]
         merged.append(record)
     return config, merged
 
@@ -849,20 +858,30 @@ def template_texts(config: EvalConfig) -> dict[str, str]:
 
 
 MODEL_FILES = "model_files.json"  # in an eval run directory: `model_files` when it began, with each file's sha256
+SUMMARIZER_FILES = "summarizer_files.json"  # the same of rc.summarizer (mode rc)
 
 
-def model_files(config: EvalConfig) -> dict | None:
-    """The local model folder's files (relative path -> [bytes, modification time in ns]), so
-    that a rerun can tell the same path now holds another model (a re-export, a replaced
-    folder); None for a Hub id, a served model or a folder no longer there. A copied folder
+def guarded_models(config: EvalConfig) -> dict[str, tuple[str | None, str]]:
+    """The model folders a run's samples come from: config key -> (its path, the file in the run
+    directory that records its files)."""
+    models = {"model.path": (config.model.path, MODEL_FILES)}
+    if config.mode == "rc" and config.rc.summarizer:
+        models["rc.summarizer"] = (config.rc.summarizer, SUMMARIZER_FILES)
+    return models
+
+
+def model_files(path: str | None) -> dict | None:
+    """The files of the local model folder `path` (relative path -> [bytes, modification time in
+    ns]), so that a rerun can tell the same path now holds another model (a re-export, a replaced
+    folder); None for a Hub id, a served model (None) or a folder no longer there. A copied folder
     counts as another. Hidden files (a download's cache), checkpoint saves in progress or set
     aside, and documents (a model card added to the folder) are not the model."""
-    path = Path(config.model.path).expanduser() if config.model.path else None
-    if path is None or not path.is_dir():
+    folder = Path(path).expanduser() if path else None
+    if folder is None or not folder.is_dir():
         return None
     files = {}
-    for f in sorted(path.rglob("*")):
-        parts = f.relative_to(path).parts
+    for f in sorted(folder.rglob("*")):
+        parts = f.relative_to(folder).parts
         if not is_model_file(parts) or not f.is_file():
             continue
         with contextlib.suppress(FileNotFoundError):  # a save in progress may remove it
@@ -871,21 +890,21 @@ def model_files(config: EvalConfig) -> dict | None:
     return files
 
 
-def model_files_with_digests(config: EvalConfig) -> dict | None:
+def model_files_with_digests(key: str, path: str | None) -> dict | None:
     """`model_files` with each file's sha256 added, read again until no file changed while its
     digest was taken (a re-export landing then would pair one file's time with another's bytes)."""
     for _ in range(5):
-        if (files := model_files(config)) is None:
+        if (files := model_files(path)) is None:
             return None
-        folder = Path(config.model.path).expanduser()
+        folder = Path(path).expanduser()
         try:
             digests = {name: file_digest(folder / name) for name in files}
         except FileNotFoundError:  # removed while read
             continue
-        if model_files(config) == files:
+        if model_files(path) == files:
             return {name: [*value, digests[name]] for name, value in files.items()}
-    raise ConfigError(f"model.path {config.model.path}: its files kept changing while they were read (a save or "
-                      "copy in progress?); run again once it is done")
+    raise ConfigError(f"{key} {path}: its files kept changing while they were read (a save or copy in progress?); "
+                      "run again once it is done")
 
 
 def same_digest(path: Path, digest: str) -> bool:
@@ -912,30 +931,32 @@ def is_model_file(parts: tuple[str, ...]) -> bool:
 
 
 def check_model_unchanged(config: EvalConfig) -> None:
-    """Refuse a run from a local model whose files changed since the run began: more samples
-    would mix two models, and a finished run's results are not this model's. A file written again
-    with the bytes it had is unchanged. A model no longer there is not checked (grading what was
-    drawn needs no model)."""
+    """Refuse a run from a local model (or summarizer) whose files changed since the run began:
+    more samples would mix two models, and a finished run's results are not this model's. A
+    file written again with the bytes it had is unchanged. A model no longer there is not
+    checked (grading what was drawn needs no model)."""
     out = Path(config.output_dir)
-    now = model_files(config)
-    if not (out / MODEL_FILES).is_file() or now is None:
-        return
-    recorded = {name: v for name, v in json.loads((out / MODEL_FILES).read_text()).items()
-                if is_model_file(tuple(name.split("/")))}  # an earlier version also recorded documents
-    rewritten = [name for name in now if name in recorded and recorded[name][:2] != now[name]]
-    folder = Path(config.model.path).expanduser()
-    # A file written again with the same bytes (an export made again from the same checkpoint)
-    # is the same model: told apart by the digest recorded when the run began (older runs have none).
-    if set(recorded) == set(now) and all(recorded[name][0] == now[name][0] and len(recorded[name]) > 2
-                                         and same_digest(folder / name, recorded[name][2]) for name in rewritten):
-        if rewritten:  # remembered with their new times, so that the next check reads nothing
-            write_text_atomic(out / MODEL_FILES, json.dumps(
-                {name: [*now[name], recorded[name][2]] for name in now}, indent=1) + "\n")
-        return
-    if recorded != now:
-        raise ConfigError(f"{out} holds samples of the model at {config.model.path} as its files were then (they "
-                          "differ now: re-exported, retrained or replaced), so its results are not this model's and "
-                          "more samples would mix two models: choose another output_dir, or delete the old run")
+    for key, (path, record_file) in guarded_models(config).items():
+        now = model_files(path)
+        if not (out / record_file).is_file() or now is None:
+            continue
+        recorded = {name: v for name, v in json.loads((out / record_file).read_text()).items()
+                    if is_model_file(tuple(name.split("/")))}  # an earlier version also recorded documents
+        rewritten = [name for name in now if name in recorded and recorded[name][:2] != now[name]]
+        folder = Path(path).expanduser()
+        # A file written again with the same bytes (an export made again from the same checkpoint)
+        # is the same model: told apart by the digest recorded when the run began (older runs have none).
+        if set(recorded) == set(now) and all(recorded[name][0] == now[name][0] and len(recorded[name]) > 2
+                                             and same_digest(folder / name, recorded[name][2]) for name in rewritten):
+            if rewritten:  # remembered with their new times, so that the next check reads nothing
+                write_text_atomic(out / record_file, json.dumps(
+                    {name: [*now[name], recorded[name][2]] for name in now}, indent=1) + "\n")
+            continue
+        if recorded != now:
+            raise ConfigError(f"{out} holds samples of the {'summarizer' if key == 'rc.summarizer' else 'model'} at "
+                              f"{path} as its files were then (they differ now: re-exported, retrained or replaced), "
+                              "so its results are not this model's and more samples would mix two models: choose "
+                              "another output_dir, or delete the old run")
 
 
 def check_local_paths(config: EvalConfig) -> None:
@@ -1023,8 +1044,9 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     write_text_atomic(out / "config.json", dump_json(config))
     write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
     write_text_atomic(out / PROBLEM_FINGERPRINTS, json.dumps(problem_fingerprints(problems), indent=1) + "\n")
-    if not (out / MODEL_FILES).is_file() and (files := model_files_with_digests(config)) is not None:
-        write_text_atomic(out / MODEL_FILES, json.dumps(files, indent=1) + "\n")
+    for key, (path, record_file) in guarded_models(config).items():
+        if not (out / record_file).is_file() and (files := model_files_with_digests(key, path)) is not None:
+            write_text_atomic(out / record_file, json.dumps(files, indent=1) + "\n")
     if not (out / TEMPLATES_FILE).is_file():
         write_text_atomic(out / TEMPLATES_FILE, json.dumps(template_texts(config), indent=1) + "\n")
     return out

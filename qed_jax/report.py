@@ -89,23 +89,28 @@ def summarize(config: dict, records: list[dict], problem_ids: list[str] | None =
                    "p90": float(np.percentile(tokens, 90)) if len(tokens) else math.nan},
         "truncated_fraction": _mean([float(r["truncated"]) for r in records]),
         "decided_by": dict(Counter(r["decided_by"] for r in graded + failed)),
-        **({"turns": turn_summary(records)} if mode == "rc" else {}),
+        **({"turns": turn_summary(records, config.get("rc", {}).get("grade_turns", False))} if mode == "rc" else {}),
     }
 
 
-def turn_summary(records: list[dict]) -> dict:
+def turn_summary(records: list[dict], grade_turns: bool) -> dict:
     """Mode rc: per turn, the mean score of its graded answers (failed grades left out) and how
     many there are. The last turn's answer is the sample's; earlier turns have grades only in
-    runs with rc.grade_turns (else their mean is undefined). Also how many summaries were written
-    and how many of them are empty (a thinking summarizer that did not close its thinking within
-    rc.summarizer_tokens: the next turn started over without one)."""
+    runs with rc.grade_turns (else their mean is undefined). Of the earlier turns' grades, how
+    many failed and, in a run that grades turns (`grade_turns`, the run's config, or any turn
+    graded before), how many are not graded yet: a rerun with rc.grade_turns does both. Also how
+    many summaries were written and how many of them are empty (a thinking summarizer that did
+    not close its thinking within rc.summarizer_tokens: the next turn started over without one)."""
     count = len(records[0]["turn_scores"])
     per_turn = [[r["turn_scores"][t] for r in records if r["turn_scores"][t] is not None] for t in range(count)]
     means = [_mean(scores) for scores in per_turn]
+    grading = Counter(state for r in records for state in r["turn_grading"])
+    grading_turns = grade_turns or grading["graded"] + grading["failed"] > 0
     summaries = [t["summary_tokens"] for r in records for t in r["turns"] if t["summary_tokens"] is not None]
     return {"count": count, "mean": means, "percent": [percent(m) for m in means],
-            "graded": [len(scores) for scores in per_turn], "summaries": len(summaries),
-            "empty_summaries": summaries.count(0)}
+            "graded": [len(scores) for scores in per_turn], "failed_grades": grading["failed"],
+            "pending_grades": grading["not graded"] if grading_turns else 0,
+            "summaries": len(summaries), "empty_summaries": summaries.count(0)}
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -126,6 +131,11 @@ def table_row(run: str, s: dict) -> list[str]:
         failed += f"; {s['pending']} ungraded"
     if s["undrawn"]:
         failed += f"; {s['undrawn']} not drawn"
+    turn_stats = s.get("turns", {})  # mode rc: the earlier turns' grades
+    turn_grades = [f"{turn_stats[key]} {what}" for key, what in (("failed_grades", "failed"),
+                                                                 ("pending_grades", "ungraded")) if turn_stats.get(key)]
+    if turn_grades:
+        failed += f"; earlier turns: {', '.join(turn_grades)}"
     t = s["tokens"]
     turns = " · ".join(f"t{i + 1} {_fmt(p)}" for i, p in enumerate(s["turns"]["percent"])) if "turns" in s else "–"
     if s.get("turns", {}).get("empty_summaries"):
@@ -149,8 +159,11 @@ def _table(header, rows) -> list[str]:
 
 
 def unfinished(summary: dict) -> bool:
-    """Samples not drawn, not graded yet, or whose grading failed: a rerun does each."""
-    return bool(summary["pending"] or summary["undrawn"] or summary["failed"])
+    """Samples (or the earlier turns of rc samples) not drawn, not graded yet, or whose grading
+    failed: a rerun does each."""
+    turns = summary.get("turns", {})
+    return bool(summary["pending"] or summary["undrawn"] or summary["failed"] or turns.get("failed_grades")
+                or turns.get("pending_grades"))
 
 
 def source_label(benchmark: dict) -> str:

@@ -19,11 +19,11 @@ import pytest
 
 import qed_jax
 from qed_jax.config import ConfigError, load_config
-from qed_jax.evaluate import (EvalConfig, RunLog, check_answer, check_model_unchanged, check_rerun, evaluate,
-                              boxed_answer, model_files, prepare_output, read_problem_ids, read_records, read_run,
-                              request_seed, sample_seed, turn_completion)
+from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, check_model_unchanged, check_rerun,
+                              evaluate, misread_value, model_files, prepare_output, read_problem_ids, read_records,
+                              read_run, request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
-from qed_jax.report import report
+from qed_jax.report import markdown, report, summarize, unfinished
 from tests.helpers import cli_env
 from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
@@ -359,7 +359,7 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
     model = tmp_path / "model-since-deleted"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"the weights sampled from")
-    (run / "model_files.json").write_text(json.dumps(model_files(cfg)))
+    (run / "model_files.json").write_text(json.dumps(model_files(cfg.model.path)))
     assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "total": 1}
     (model / "model.safetensors").write_bytes(b"weights trained again")
     with pytest.raises(ConfigError, match=r"holds samples of the model at .* \(they differ now: re-exported, "
@@ -726,6 +726,24 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
     assert (f"({written.count(0)} of 16 summaries empty)" in text) == (written.count(0) > 0)
     assert " · ".join(f"t{t + 1} {100 * m / 7:.1f}" for t, m in enumerate(scores.mean(axis=0))) in text
     assert out / "score_per_turn.png" in plots and (out / "score_per_turn.png").stat().st_size > 0
+    assert turns["failed_grades"] == turns["pending_grades"] == 0 and not unfinished(json.loads(
+        (out / "report.json").read_text())["run"])
+
+    # A turn's grade that failed, and one not written (killed between the sample's grade and its turns'):
+    # counted, and the run is unfinished, as its rerun does both.
+    turn_grades = [n for n, r in enumerate(records) if r["type"] == "turn_grade"]
+    graded = [8, 8, 8]
+    for n in turn_grades[:2]:
+        graded[records[n]["turn"]] -= 1
+    records[turn_grades[0]] = {**records[turn_grades[0]], "score": None, "reason": "http_500"}
+    del records[turn_grades[1]]
+    (tmp_path / "damaged").mkdir()
+    shutil.copy(tmp_path / "run/config.json", tmp_path / "damaged/config.json")
+    (tmp_path / "damaged/samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarize(*read_run(tmp_path / "damaged"))
+    assert summary["turns"]["failed_grades"] == summary["turns"]["pending_grades"] == 1 and unfinished(summary)
+    assert summary["turns"]["graded"] == graded
+    assert "| 0; earlier turns: 1 failed, 1 ungraded |" in markdown({"damaged": summary})
 
 
 def test_a_run_stopped_part_way_reports_avg_at_k_over_whole_samples_only():
@@ -772,13 +790,13 @@ def test_the_by_model_table_marks_a_run_not_finished():
         return summarize(config, records)
 
     text = markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, None])})  # m2's second sample not graded yet
-    assert "| m1 | 50.0 |" in text and "| m2 | 100.0* |" in text
+    assert "| m1 | 50.0 |" in text and "| m2 | 100.0\\* |" in text  # the star escaped, as any in a cell
     assert "\\* not finished: samples not drawn, not graded yet, or whose grading failed" in text
     assert "not finished" not in markdown({"a": run("m1", [7, 0]), "b": run("m2", [7, 7])})
     # A failed grade, which the next run retries, is as unfinished as one not graded yet.
     failed = run("m2", [7, 7])
     failed["failed"] = 1
-    assert "| m2 | 100.0* |" in markdown({"a": run("m1", [7, 0]), "b": failed})
+    assert "| m2 | 100.0\\* |" in markdown({"a": run("m1", [7, 0]), "b": failed})
 
 
 def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch):
@@ -934,6 +952,14 @@ def test_report_compares_runs_side_by_side(tmp_path):
         damaged = f"{samples}:{n + 1}: {key} is {value!r}, not {expected}; the run log is damaged"
         with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
             report([str(tmp_path / "damaged")])
+    # And mode rc's: a turn grade's turn, a sample's turns.
+    turn_grade = {"type": "turn_grade", "problem_id": "p", "sample": 0, "score": 3}
+    assert misread_value(turn_grade) == "turn is None, not a turn index"
+    assert misread_value({**turn_grade, "turn": "0"}) == "turn is '0', not a turn index"
+    assert misread_value({**turn_grade, "turn": 1}) is None
+    sample = {"type": "sample", "problem_id": "p", "sample": 0, "completion_tokens": 3, "truncated": False}
+    assert misread_value({**sample, "turns": None}) == "turns is None, not a list of turns"
+    assert misread_value({**sample, "turns": [{"answer": "a"}]}) is None
     samples.write_text("\n".join(lines) + "\n")
     saved = tmp_path / "damaged" / "config.json"
     for text, message in (("{", "not valid JSON"), ("[]", "not a JSON object; the run's config is damaged"),
@@ -1084,7 +1110,7 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
     (model / ".cache" / "lock").write_text("")
     (model / "3.orbax-checkpoint-tmp-1").mkdir()
     (model / "3.orbax-checkpoint-tmp-1" / "x").write_text("")
-    assert set(model_files(load_config(EvalConfig, None, [f"model.path={model}"]))) == set(recorded)
+    assert set(model_files(str(model))) == set(recorded)
     # A model card added (or recorded by an earlier version) is not the model.
     (out / "model_files.json").write_text(json.dumps({**recorded, "README.md": [4, 1]}))
     (model / "README.md").write_text("card")
@@ -1096,6 +1122,27 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
     shutil.rmtree(model)
     check_model_unchanged(config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1",
                                  "model.base_url=null", "model.name=null", "model.path=model"))
+
+
+def test_a_rerun_refuses_a_summarizer_replaced_under_the_same_path(tmp_path):
+    model, summarizer = tmp_path / "model", tmp_path / "summarizer"
+    for folder in (model, summarizer):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(f"the weights of {folder.name}".encode())
+
+    def rerun(*overrides):
+        c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", "model.base_url=null",
+                   "model.name=null", f"model.path={model}", "mode=rc", f"rc.summarizer={summarizer}", *overrides)
+        check_rerun(c)
+        check_model_unchanged(c)
+        return prepare_output(c, [])
+
+    out = rerun("samples=1")
+    rerun("samples=2")
+    assert list(json.loads((out / "summarizer_files.json").read_text())) == ["model.safetensors"]
+    (summarizer / "model.safetensors").write_bytes(b"another summarizer's weights")
+    with pytest.raises(ConfigError, match=r"holds samples of the summarizer at .*/summarizer as its files were then"):
+        rerun("samples=3")
 
 def test_a_rerun_refuses_a_prompt_template_edited_since_the_run_began(tmp_path):
     grader = tmp_path / "grader.txt"
@@ -1134,6 +1181,6 @@ def test_a_home_relative_model_path_is_guarded_against_a_changed_model(tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    home, absolute = (load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [f"model.path={p}"])
+    home, absolute = (load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [f"model.path={p}"]).model.path
                       for p in ("~/m", tmp_path / "m"))
     assert model_files(home) == model_files(absolute) and "config.json" in model_files(home)
