@@ -275,7 +275,7 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
     if typ is str:
         if value is None:  # `key=` or `key: null` for a key that has no "none": str(None) would be "None"
             raise FieldError(f"{where} must be set (it has no empty value); leave it out for its default", where)
-        if isinstance(value, datetime.date):  # a date's text is the one YAML read (2025-01-15)
+        if type(value) is datetime.date:  # a date's text is the one YAML read (2025-01-15); a time's is not
             return str(value)
         if not isinstance(value, str):  # YAML read it as something else: 0123 is 83, 2024_01 is 202401, no is false
             raise FieldError(f"{where}: expected text, but YAML read the value as {type(value).__name__} {value!r}; "
@@ -522,6 +522,13 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
 WHOLE = {"replaced_whole": True}
 
 
+def overrides_of(config_class) -> dict:
+    """The metadata of a mapping field that holds overrides for another config class
+    (`config_class()` gives it: a pipeline stage's eval overrides), so that merging into it
+    keeps that class's WHOLE fields whole."""
+    return {"overrides_of": config_class}
+
+
 def merge(into: dict, update: dict, path: list[str], cls) -> None:
     """`update` (at key path `path` of config class `cls`) merged into `into` in place: a mapping
     given for a section or a mapping field is merged key by key, keeping the keys it does not
@@ -535,12 +542,19 @@ def merge(into: dict, update: dict, path: list[str], cls) -> None:
 
 
 def replaced_whole(cls, parts: list[str]) -> bool:
-    """Whether the field at the key path `parts` of config class `cls` is marked WHOLE."""
-    owner = field_type(cls, parts[:-1])
-    if not dataclasses.is_dataclass(owner):
-        return False
-    field = next((f for f in dataclasses.fields(owner) if f.name == parts[-1]), None)
-    return field is not None and field.metadata.get("replaced_whole", False)
+    """Whether the field at the key path `parts` of config class `cls` is marked WHOLE (in the
+    class a mapping of overrides on the path is for, `overrides_of`)."""
+    for n, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return False
+        metadata = fields[part].metadata
+        if n == len(parts) - 1:
+            return metadata.get("replaced_whole", False)
+        if "overrides_of" in metadata:
+            return replaced_whole(metadata["overrides_of"](), parts[n + 1:])
+        cls = without_none(_field_types(cls)[part])[0]
+    return False
 
 
 def without_none(typ) -> tuple[Any, bool]:
@@ -616,7 +630,8 @@ def parse_yaml(text: str) -> Any:
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's contents; a syntax error is one line naming the file, line and column."""
     try:
-        return parse_yaml(Path(path).read_text(encoding="utf-8")) or {}
+        data = parse_yaml(Path(path).read_text(encoding="utf-8"))
+        return {} if data is None else data  # an empty file; [] or false is refused as not a mapping
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except (yaml.YAMLError, ValueError, LookupError, AttributeError) as e:  # a tag its text does not fit
@@ -651,7 +666,7 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         if section is not None and section in data:
-            data = data[section]
+            data = {} if data[section] is None else data[section]  # a section left empty: its defaults
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: {section} must be a mapping")
         try:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (ConfigError, check_local_output_dir, check_url, is_missing_local_path, json_values,
-                            load_config, not_found, write_text_atomic)
+                            load_config, not_found, overrides_of, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, RunConfigChanged, noted
 
 MODELS = ("base", "sft", "grpo")
@@ -53,12 +53,19 @@ SAMPLE_BENCHMARKS = tuple(BenchmarkStage(f"configs/eval/{name}.yaml", f"configs/
                           for name in ("imo_proofbench", "proofbench", "answerbench"))
 
 
+def _eval_config_class():
+    from qed_jax.evaluate import EvalConfig
+
+    return EvalConfig
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalStageConfig:
     benchmarks: list[BenchmarkStage] = SAMPLE_BENCHMARKS
     models: list[str] = MODELS  # which of base, sft, grpo to evaluate
     modes: list[str] = ("single", "rc")
-    overrides: dict[str, Any] | None = None  # merged into every evaluation's config
+    # Merged into every evaluation's config.
+    overrides: dict[str, Any] | None = dataclasses.field(default=None, metadata=overrides_of(_eval_config_class))
 
     def __post_init__(self):
         from qed_jax.evaluate import MODES

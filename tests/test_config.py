@@ -220,6 +220,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (EvalConfig, ["model.path=m", "benchmark.limit=-1"], r"^benchmark\.limit must be at least 1, got -1$"),
     (SFTConfig, ["output_dir=0123"], r"^output_dir: expected text, but YAML read the value as int 83; quote it"),
     (SFTConfig, ["data.name=no"], r"^data\.name: expected text, but YAML read the value as bool False; quote it"),
+    # A time's text is not the one YAML read (2025-01-15T10:00:00 would be "2025-01-15 10:00:00").
+    (SFTConfig, ["output_dir=2025-01-15T10:00:00Z"], r"^output_dir: expected text, but YAML read the value as datetime "),
     (SFTConfig, ["model=tiny"], r"^model: expected a section \(keys path, preset, param_dtype, dtype, remat, "
                                 r"attention\), got 'tiny'$"),
     (GRPOConfig, ["sampling.temperature=0.5"], r"^unknown config key sampling\.temperature; valid keys here: .*; "
@@ -378,7 +380,10 @@ def test_generate_checks_every_flag_before_loading_a_model(tmp_path, capsys):
                            (["--prompt", ""], "prompt 2 (--prompt) is empty: a plain prompt needs some text "
                             "(or pass --chat)"),
                            (["--reasoning-cache", "--prompt", ""], "prompt 2 (--prompt) is empty: a problem needs "
-                            "some text")]:
+                            "some text"),
+                           # Bytes not UTF-8 (a Latin-1 file's text) reach Python as surrogates.
+                           (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "prompt 2 (--prompt) is "
+                            "not UTF-8 text (byte 0xe9 at character 4); convert it, e.g. with iconv -t UTF-8")]:
         assert cli.main(["generate", "--model", str(missing), "--prompt", "p", *flags]) == 2
         assert capsys.readouterr().err.strip() == f"qed-jax generate: error: {message}"
 

@@ -217,7 +217,8 @@ def test_a_stripped_self_evaluation_is_not_read_as_the_final_answer(tmp_path):
             evaluate(cfg, progress=False)
         _, records = read_run(cfg.output_dir)
         runs[strip] = {r["problem_id"]: (r["score"], r["decided_by"], r["truncated"]) for r in records}
-    assert runs[True]["AB-003"] == (7, "math_verify", False) and runs[False]["AB-003"] == (0, "math_verify", False)
+    # Kept, the self-evaluation's box disagrees with the answer's: the judge decides.
+    assert runs[True]["AB-003"] == (7, "math_verify", False) and runs[False]["AB-003"][1:] == ("judge", False)
     # Nothing left once the self-evaluation goes: counted truncated, as it is graded.
     assert runs[True]["AB-001"] == (0, "truncated", True) and runs[False]["AB-001"] == (0, "math_verify", False)
 

@@ -476,6 +476,14 @@ def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
             item_from_row(odd, "w")
 
 
+def test_an_empty_judge_section_is_the_judge_defaults_as_in_the_trainers(tmp_path):
+    from qed_jax.config import load_config
+
+    trainer = tmp_path / "grpo.yaml"
+    trainer.write_text("judge:\n  # base_url: http://localhost:8000/v1\n")
+    assert load_config(JudgeConfig, trainer, [], section="judge") == load_config(JudgeConfig, None, [])
+
+
 def test_judge_cli_makes_the_output_folder(tmp_path):
     rows, out = tmp_path / "rows.jsonl", tmp_path / "new" / "sub" / "graded.jsonl"
     _write_rows(rows, 2)
@@ -622,6 +630,8 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
 
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
+    assert error("--config", str(listed)) == f"{listed}: the top level must be a mapping"
+    listed.write_text("[]\n")  # an empty list is no mapping either (not an empty file's defaults)
     assert error("--config", str(listed)) == f"{listed}: the top level must be a mapping"
     trainer = REPO / "configs/sft/tiny.yaml"  # a config with no judge: section
     message = error("--config", str(trainer))

@@ -116,6 +116,11 @@ def test_stage_configs_chain_the_stages(tmp_path):
     c = eval_configs(grouped, {m: m for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)[0]
     assert (c.benchmark.groups, c.benchmark.path) == ({"easy": "(?i)basic", "hard": ".*"},
                                                       "configs/data/imo_proofbench_sample.jsonl")
+    # ... and so does one given on the command line for the pipeline's own eval.overrides.
+    regrouped = load_config(PipelineConfig, ROOT / TINY, [
+        f"output_dir={tmp_path}", 'eval.overrides={benchmark: {groups: {easy: "(?i)basic", hard: ".*"}}}',
+        'eval.overrides.benchmark.groups={all: ".*"}', "eval.overrides.benchmark.group_field=problem_id"])
+    assert regrouped.eval.overrides["benchmark"] == {"groups": {"all": ".*"}, "group_field": "problem_id"}
     mapped = load_config(PipelineConfig, ROOT / TINY,
                          [f"output_dir={tmp_path}", "eval.overrides.benchmark.fields.solution=ref"])
     proofbench = [c for c in eval_configs(mapped, {m: m for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)
