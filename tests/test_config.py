@@ -221,7 +221,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["output_dir=0123"], r"^output_dir: expected text, but YAML read the value as int 83; quote it"),
     (SFTConfig, ["data.name=no"], r"^data\.name: expected text, but YAML read the value as bool False; quote it"),
     # A time's text is not the one YAML read (2025-01-15T10:00:00 would be "2025-01-15 10:00:00").
-    (SFTConfig, ["output_dir=2025-01-15T10:00:00Z"], r"^output_dir: expected text, but YAML read the value as datetime "),
+    (SFTConfig, ["output_dir=2025-01-15T10:00:00Z"], r"^output_dir: expected text, but YAML read the value as "
+                                                     r"datetime "),
     (SFTConfig, ["model=tiny"], r"^model: expected a section \(keys path, preset, param_dtype, dtype, remat, "
                                 r"attention\), got 'tiny'$"),
     (GRPOConfig, ["sampling.temperature=0.5"], r"^unknown config key sampling\.temperature; valid keys here: .*; "
