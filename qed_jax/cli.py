@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections import Counter
@@ -106,7 +105,7 @@ def _convert(args) -> None:
 
 
 def _generate(args) -> None:
-    from qed_jax.config import check_seed
+    from qed_jax.config import check_seed, not_utf8
     from qed_jax.pretrained import from_pretrained
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import load_tokenizer
@@ -125,10 +124,9 @@ def _generate(args) -> None:
         raise ConfigError("--chat is for plain prompts: --reasoning-cache always puts each problem in the model's "
                           "chat template; drop --chat")
     check_seed(args.seed, "--seed")
-    for n, prompt in enumerate(args.prompt, 1):  # the shell passes bytes; Python keeps those not UTF-8 as surrogates
-        if bad := re.search("[\udc80-\udcff]", prompt):
-            raise ConfigError(f"prompt {n} (--prompt) is not UTF-8 text (byte {ord(bad.group()) - 0xdc00:#04x} at "
-                              f"character {bad.start() + 1}); convert it, e.g. with iconv -t UTF-8")
+    for n, prompt in enumerate(args.prompt, 1):
+        if where := not_utf8(prompt):
+            raise ConfigError(f"prompt {n} (--prompt) is not UTF-8 text ({where}); convert it, e.g. with iconv -t UTF-8")
     if "" in args.prompt and args.reasoning_cache:  # the problem goes into the template as tokens of its own
         raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a problem needs some text")
     if "" in args.prompt and not args.chat:  # a chat template wraps even an empty message

@@ -488,6 +488,13 @@ def check_temperature_and_filters(params, prefix: str = "") -> None:
         raise ConfigError(f"{prefix}top_p must be in (0, 1] (1 is off), got {params.top_p}")
 
 
+def not_utf8(text: str) -> str | None:
+    """Where a command-line argument's text is not UTF-8 (Python keeps such bytes as lone
+    surrogates), as "byte 0xe9 at character 4"; None when it is."""
+    bad = re.search("[\udc80-\udcff]", text)
+    return None if bad is None else f"byte {ord(bad.group()) - 0xdc00:#04x} at character {bad.start() + 1}"
+
+
 def apply_override(data: dict[str, Any], override: str, cls) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to the nested dict `data` of config
     class `cls` in place; a mapping given for a section is merged into it."""
@@ -498,6 +505,9 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r}: {key.strip()!r} is not a key (names joined by single dots, "
                           "e.g. optim.lr=1e-4)")
+    if where := not_utf8(raw):
+        raise ConfigError(f"override {key.strip()}: the value is not UTF-8 text ({where}); convert it, e.g. with "
+                          "iconv -t UTF-8")
     node = data
     for part in parts[:-1]:
         if node.get(part) is None:  # absent, or a section left empty in the file (`data:` and nothing under it)
