@@ -57,6 +57,12 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if trained:
         raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "
                           "--overwrite leaves it alone; choose another destination")
+    # A model's folders are a checkpoint's steps (and a save cut off); any other (a run kept
+    # beside the model, a .git) is not the model's to delete.
+    others = sorted(p.name for p in entries if p.is_dir() and not p.name.split(".orbax-checkpoint-tmp")[0].isdigit())
+    if others:
+        raise ConfigError(f"{dest} holds the folder {others[0]}, which is no part of a model, so --overwrite leaves "
+                          "it alone; move it out, or choose another destination")
     return True
 
 
@@ -491,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with mixed dtypes, the widest)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier model (a Hugging Face folder or a qed-jax checkpoint) at the "
-                   "destination: its contents are deleted once the source has loaded. A folder holding "
-                   "anything else is refused")
+                   "destination: its contents are deleted once the source has loaded. A folder holding no "
+                   "model, or a folder that is not the model's (another run's), is refused")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters over all devices while converting (for models larger "
                    "than one device's memory)")

@@ -344,6 +344,12 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
     assert cli.main(["convert", str(source), str(target)]) == 0
     link.symlink_to(target)
     (target / "stale.txt").write_text("from before")
+    (target / "my-sft-run" / "checkpoints").mkdir(parents=True)  # a folder kept beside the model: not its to delete
+    assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 2
+    assert (f"{link} holds the folder my-sft-run, which is no part of a model, so --overwrite leaves it alone"
+            in capsys.readouterr().err)
+    (target / "my-sft-run" / "checkpoints").rmdir()
+    (target / "my-sft-run").rmdir()
     assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 0
     assert link.is_symlink() and not (target / "stale.txt").exists() and is_checkpoint_dir(target)
 
