@@ -326,7 +326,7 @@ class TrainCheckpoints:
     def restore_latest(self, params_target, opt_target, data_iterator, check=None):
         """Restore the newest step that reads back whole, or None when there is no step.
 
-        A step that cannot be read (a crash mid-write, a damaged file) is renamed
+        A step that cannot be read (a crash mid-write, a damaged file, an item gone) is renamed
         `<step>.unreadable-<time>`, never deleted, with a warning, and the step before it is
         tried; with no step left, or only such steps, this raises rather than let the run start
         over. A step that reads but cannot continue this run raises and is left as it is: one of
@@ -342,11 +342,14 @@ class TrainCheckpoints:
             try:
                 with without_closed_loop_noise():
                     stored = self.manager.item_metadata(step)
-                    if not {"params", "opt_state", "meta"} <= set(stored.keys()):
+                    items = set(stored.keys())
+                    if items == {"params"}:
                         raise CheckpointError(
-                            f"{directory}: step {step} holds {', '.join(sorted(stored.keys()))} only (a `qed-jax "
-                            "convert` output?), not a trainer's checkpoint: to train from it, set model.path to "
+                            f"{directory}: step {step} holds params only (a `qed-jax convert` output?), not a "
+                            "trainer's checkpoint: to train from it, set model.path to "
                             f"{directory} and give checkpoint_dir (or output_dir) another folder")
+                    if not {"params", "opt_state", "meta"} <= items:  # one deleted or never written: damaged
+                        raise ValueError(f"it has no {', '.join(sorted({'params', 'opt_state', 'meta'} - items))}")
                     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                     writers = data_writers(directory / str(step))
                     if writers not in (None, jax.process_count()) and not self.shared_data:
