@@ -24,8 +24,9 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
     `first` process holds an flock on `out`/.lock, which the OS releases when the process ends,
     even on kill -9; with several processes, `agree` gives every one the worst of what the first
     found (0 held, 1 in use, 2 cannot open), so that all of them fail alike. A run that stops
-    before writing anything (a config error found after the lock was taken) leaves the folder as
-    it found it: no lock file, and no folder it created."""
+    before writing anything (a config error found after the lock was taken, a judge found
+    unreachable once the checkpoint manager had made its empty folder) leaves the folder as it
+    found it: no lock file, and no folder it created."""
     held, refused, failed = None, None, None  # the lock, who holds it, or why it could not be opened
     created = [d for d in [out, *out.parents] if not d.exists()]  # folders this run would create
     if first:
@@ -63,7 +64,11 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
         yield
     finally:
         if held is not None:
-            if [p.name for p in out.iterdir()] == [".lock"]:  # a run that failed before it began
+            made = [p for p in out.iterdir() if p.name != ".lock"]
+            if all(p.is_dir() and not p.is_symlink() and not any(p.iterdir()) for p in made):  # failed before it began
+                for folder in made:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
                 (out / ".lock").unlink()
                 for folder in created:  # innermost first; each is empty unless another job wrote there
                     with contextlib.suppress(OSError):

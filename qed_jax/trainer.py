@@ -565,7 +565,8 @@ def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, e
         from qed_jax.pretrained import save_pretrained
 
         save_pretrained(model, out / "hf", dtype=export_dtype, assets_from=assets_from)
-        log.info("exported the model to %s", out / "hf")
+        if jax.process_index() == 0:  # the one that wrote it (on a pod, the path is on its host only)
+            log.info("exported the model to %s", out / "hf")
 
 
 def is_complete(out: Path, step: int, steps: int, export_dtype: str | None) -> bool:
