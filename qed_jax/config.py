@@ -304,6 +304,16 @@ def expand_path_field(key: str, value: Any) -> Any:
     return os.path.expanduser(value) if key in PATH_FIELDS and isinstance(value, str) else value
 
 
+def recorded_path(key: str, value: Any, recorded_in: str | None) -> Any:
+    """A setting as recorded in the working directory `recorded_in`: for one of PATH_FIELDS, a
+    relative path is what it named there, while that is still there (a project moved since,
+    its old folder gone, is read where it is now)."""
+    if (key in PATH_FIELDS and isinstance(value, str) and recorded_in and "://" not in value
+            and not os.path.isabs(value) and os.path.exists(os.path.join(recorded_in, value))):
+        return os.path.join(recorded_in, value)
+    return value
+
+
 def same_setting(key: str, a: Any, b: Any) -> bool:
     """Whether a setting recorded as `a` is `b` now: equal, or for one of PATH_FIELDS two
     spellings of one existing file or folder (a relative path and its absolute one, a link)."""

@@ -503,6 +503,9 @@ class RunLog:
         self.file.flush()
         self._index(record)
 
+    def empty(self) -> bool:
+        return not (self.samples or self.grades or self.turn_grades)
+
     def graded(self, key, turn: int | None = None) -> bool:
         """Whether the sample `key` (or its turn `turn`) has a grade that did not fail."""
         grade = self.grades.get(key) if turn is None else self.turn_grades.get((*key, turn))
@@ -655,9 +658,12 @@ class EndpointGenerator:
 
     @staticmethod
     def _sample(response, choice, content: str) -> Sample:
-        reasoning = reply_text(getattr(choice.message, "reasoning_content", None)
-                               or getattr(choice.message, "reasoning", None), "the reply's reasoning")
-        if not reasoning or THINK_END in content:
+        split_off = getattr(choice.message, "reasoning_content", None)
+        if split_off is None:
+            split_off = getattr(choice.message, "reasoning", None)
+        # A reasoning parser's field, "" when the model closed its thinking at once: </think> was written.
+        reasoning = reply_text(split_off, "the reply's reasoning")
+        if split_off is None or THINK_END in content:
             text = content
         elif content or choice.finish_reason != "length":
             text = f"{reasoning}{THINK_END}{content}"
@@ -801,10 +807,14 @@ RUN_IDENTITY = (
 def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     """Refuse a rerun into a run directory whose samples and grades were made under another
     config (RUN_IDENTITY), or with fewer samples or problems than it holds (check_samples_kept;
-    `runlog`: its run log, read here when not given)."""
+    `runlog`: its run log, read here when not given). A run that holds no record yet (stopped
+    before its first sample: a wrong model name, too long a max_new_tokens) may begin anew."""
     out = Path(config.output_dir)
     saved_path = out / "config.json"
     if not saved_path.is_file():
+        return
+    runlog = runlog if runlog is not None else RunLog.read(out / SAMPLES_FILE, repair=False)
+    if runlog.empty():
         return
     saved = expand_paths(read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use "
                                                       "another output_dir"))
@@ -824,7 +834,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
                                   f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
                                   "its samples and grades would not be comparable; choose another output_dir, or "
                                   "delete the old run")
-    check_samples_kept(config, runlog if runlog is not None else RunLog.read(out / SAMPLES_FILE, repair=False))
+    check_samples_kept(config, runlog)
 
 
 def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
@@ -1116,9 +1126,13 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
 
     from qed_jax.data import read_rows
 
-    new_run = not (Path(config.output_dir) / SAMPLES_FILE).exists()
-    runlog = RunLog.read(Path(config.output_dir) / SAMPLES_FILE)
+    out = Path(config.output_dir)
+    runlog = RunLog.read(out / SAMPLES_FILE)
     check_rerun(config, runlog)
+    new_run = runlog.empty()
+    if new_run:  # what a run that drew nothing recorded of itself (another model, templates) is recorded anew
+        for name in (MODEL_FILES, SUMMARIZER_FILES, TEMPLATES_FILE, PROBLEM_FINGERPRINTS):
+            (out / name).unlink(missing_ok=True)
     b = config.benchmark
     check_judge_template(config)
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)

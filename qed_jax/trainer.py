@@ -25,12 +25,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
-                            read_json_object, require_range, same_setting, write_text_atomic)
+                            expand_paths, is_missing_local_path, json_values, not_found, preset,
+                            read_json_object, recorded_path, require_range, same_setting,
+                            write_text_atomic)
 from qed_jax.data import DATA_ORDER
 from qed_jax.errors import RunConfigChanged, TrainingDiverged
 from qed_jax.model import Qwen3
-from qed_jax.multihost import largest
+from qed_jax.multihost import gather, largest
 from qed_jax.sharding import DEFAULT_RULES, create_sharded
 
 log = logging.getLogger(__name__)
@@ -253,16 +254,21 @@ NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.
                     "judge.max_retries", "judge.backoff_s", "judge.cache_path", "export_dtype"}
 
 
-def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY) -> list[str]:
+WORKING_DIR = "working_dir"  # in a trainer's config.json: where its relative paths were read from
+
+
+def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY,
+                   recorded_in: str | None = None) -> list[str]:
     """`key: old -> new` for every leaf that differs between two config dicts (a path spelt
-    otherwise is the same, see `same_setting`), but those in `ignored`."""
+    otherwise is the same, and a relative one is read in `recorded_in`: see `same_setting`),
+    but those in `ignored`."""
     changes = []
     for key in sorted(set(saved) | set(new)):
-        a, b = saved.get(key), new.get(key)
+        a, b = recorded_path(key, saved.get(key), recorded_in), new.get(key)
         if f"{prefix}{key}" in ignored:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.", ignored)
+            changes += config_changes(a, b, f"{prefix}{key}.", ignored, recorded_in)
         elif not same_setting(key, a, b):
             changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
     return changes
@@ -285,7 +291,9 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
         try:
             if path.exists():
                 new = json_values(config)
-                changes = config_changes(expand_paths(read_run_config(path, out, new)), new, ignored=ignored)
+                saved = read_run_config(path, out, new)
+                recorded_in = saved.pop(WORKING_DIR, None)  # none in a run begun before it was recorded
+                changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
     if largest(int(refusal is not None)):
@@ -314,7 +322,8 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     path = out / "config.json"
     if jax.process_index() != 0:
         return
-    text = dump_json(config)
+    # With the working directory: a rerun from another one reads its relative paths as they were.
+    text = json.dumps({**json_values(config), WORKING_DIR: os.getcwd()}, indent=2)
     if path.exists() and not changed:
         if path.read_text() != text:
             write_text_atomic(path, text)
@@ -386,11 +395,42 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
         log.warning("resuming from %s with changes (%s)%s", checkpoints, "; ".join(changes), data_moved)
 
 
+def without_keys(values: dict, ignored, prefix: str = "") -> dict:
+    """A nested config dict without the dotted keys `ignored`."""
+    return {key: without_keys(value, ignored, f"{prefix}{key}.") if isinstance(value, dict) else value
+            for key, value in values.items() if f"{prefix}{key}" not in ignored}
+
+
+def check_processes_agree(run: dict) -> None:
+    """Refuse, on every process, a job whose processes were given another config (but the keys
+    NOT_RUN_IDENTITY) or other training data than process 0 (`run`: the TrainCheckpoints' run
+    record): each host reads its own copies, and a mismatch would train on a mix in silence, or
+    hang (another `steps`, another checkpoint_every: the processes' collectives no longer pair)."""
+    if jax.process_count() == 1:
+        return
+
+    def digest(value) -> np.ndarray:  # 8 bytes of a SHA-256, as the int32s `gather` takes
+        text = json.dumps(value, sort_keys=True, default=str).encode()
+        return np.frombuffer(hashlib.sha256(text).digest()[:8], np.int32)
+
+    # The data by what it holds (read from any path: data.path is left out of the config's digest).
+    data = {key: run["data"][key] for key in ("examples", "sha256", "order")}
+    mine = np.concatenate([digest(without_keys(run["config"], NOT_RUN_IDENTITY | {"data.path"})), digest(data)])
+    everyone = gather(mine).reshape(jax.process_count(), 4)
+    for what, columns in (("another config", slice(0, 2)), ("other training data", slice(2, 4))):
+        others = [p for p in range(1, jax.process_count()) if (everyone[p, columns] != everyone[0, columns]).any()]
+        if others:
+            raise ConfigError(f"process {', '.join(map(str, others))} {'was' if len(others) == 1 else 'were'} given "
+                              f"{what} than process 0: every process of a job runs the same command on the same "
+                              "files (hosts share no disk: check each host's copies)")
+
+
 def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, params, opt_state, data_iterator,
                     steps: int, resume_with_changes: bool = False):
     """Restore the newest intact checkpoint (params, optimizer, data position) into the given
     shardings, or start afresh; then record the config, unless it changed and the run already
     reached its `steps` (nothing would train under it). Returns (params, opt_state, step)."""
+    check_processes_agree(ckpts.run)
     changed = check_run_config(out, config, resume_with_changes)
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))

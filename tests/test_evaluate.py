@@ -312,15 +312,19 @@ def test_an_endpoint_reply_cut_off_in_its_reasoning_gets_no_think_end():
 
     from qed_jax.evaluate import EndpointGenerator
 
-    def sample(content, finish_reason):
-        choice = SimpleNamespace(message=SimpleNamespace(reasoning_content="Let me", content=content),
-                                 finish_reason=finish_reason)
+    def sample(content, finish_reason, **reasoning):
+        message = SimpleNamespace(**(reasoning or {"reasoning_content": "Let me"}), content=content)
+        choice = SimpleNamespace(message=message, finish_reason=finish_reason)
         response = SimpleNamespace(usage=SimpleNamespace(completion_tokens=3))
         return EndpointGenerator._sample(response, choice, content or "").text
 
     assert sample(None, "length") == "Let me"
     assert sample(None, "stop") == "Let me</think>"  # closed its reasoning, then wrote nothing
     assert sample("Proof.", "length") == "Let me</think>Proof."
+    # A model that closed its thinking at once: the parser's reasoning is "", and </think> was written.
+    assert sample("So 3.", "stop", reasoning_content="") == "</think>So 3."
+    assert sample("So 3.", "stop", reasoning="") == "</think>So 3."
+    assert sample("<think>R</think>So 3.", "stop", other=None) == "<think>R</think>So 3."  # no parser: as it is
 
 
 @pytest.mark.parametrize("tokens", ["many", -3, 2.5])
@@ -1066,6 +1070,26 @@ def test_a_rerun_may_not_keep_fewer_samples_than_the_run_holds(tmp_path):
         assert run(2, "benchmark.limit=4")["generated"] == 0
         assert json.loads((tmp_path / "run" / "config.json").read_text())["samples"] == 2
         assert json.loads((tmp_path / "run" / "config.json").read_text())["benchmark"]["limit"] == 4
+
+
+def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_config(tmp_path):
+    """A wrong model name (or too long a max_new_tokens) stops a run before it draws anything:
+    the corrected command is a new run, not a change to one."""
+    with ModelServer(lambda prompt, seed: "Compute.</think> So \\boxed{3}.") as model, JudgeServer() as judge:
+        typo = config(tmp_path, "answerbench", "http://127.0.0.1:9/v1", judge.url, "samples=1",
+                      "model.name=typo", "sampling.max_new_tokens=49152")
+        with pytest.raises(ConfigError, match="^the model endpoint http://127.0.0.1:9/v1 failed"):
+            evaluate(typo, progress=False)
+        assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "templates.json").exists()
+        fixed = config(tmp_path, "answerbench", model.url, judge.url, "samples=1",
+                       f"benchmark.prompt_template={ROOT / 'configs/prompts/proof_generation.txt'}")
+        assert evaluate(fixed, progress=False)["generated"] == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["name"] == "tested"
+    assert "Generate a rigorous proof" in json.loads((tmp_path / "run" / "templates.json").read_text())[
+        "benchmark.prompt_template"]
+    with pytest.raises(ConfigError, match="holds a run with model.name='tested', not 'typo'"):  # now it holds samples
+        check_rerun(config(tmp_path, "answerbench", model.url, judge.url, "samples=1", "model.name=typo",
+                           f"benchmark.prompt_template={ROOT / 'configs/prompts/proof_generation.txt'}"))
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):

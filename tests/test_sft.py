@@ -317,11 +317,22 @@ def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     errors = both_fail(f"output_dir={tmp_path / 'config'}", entry={1: ["-c", WITH_ARGS.format(extra=["steps=0"])]})
     assert "reading the config failed on another process (its log says why)" in errors[0]
     assert "steps must be at least 1, got 0" in errors[1]
+    # Another config or other data that process 1 accepts: refused by both before the first step (another
+    # steps would leave process 0 waiting in its last save; another lr would train on a mix in silence).
+    edited = tmp_path / "rows.jsonl"
+    lines = (REPO / "configs/data/tiny_proofs.jsonl").read_text().splitlines()
+    edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows, another order
+    for extra, what in ((["steps=2"], "another config"), ([f"data.path={edited}"], "other training data")):
+        errors = both_fail(f"output_dir={tmp_path / 'mixed'}", entry={1: ["-c", WITH_ARGS.format(extra=extra)]})
+        assert all(f"process 1 was given {what} than process 0: every process of a job runs the same command on "
+                   "the same files" in e for e in errors), errors
+        assert not (tmp_path / "mixed").exists()  # stopped before it began
 
 @pytest.mark.slow  # two processes, three times: 40-80 s on 2 cores
-def test_a_checkpoint_one_process_refuses_is_refused_by_both(tmp_path):
-    """Hosts share no disk: one whose copy of the data differs refuses to resume the run, and the
-    other, whose copy matches, must not go on to restore and wait for it."""
+def test_a_resume_that_one_process_would_read_other_data_in_is_refused_by_both(tmp_path):
+    """Hosts share no disk: one whose copy of the data differs refuses to resume the run (as it
+    would to start it), and the other, whose copy matches, must not go on to restore and wait
+    for it."""
     run = ["steps=2", f"output_dir={tmp_path / 'run'}", "eval_every=0", "export_dtype=null"]
     with processes(["sft", "--config", TINY, *run], count=2, devices=1, stdout=subprocess.PIPE,
                    stderr=subprocess.PIPE, text=True) as procs:
@@ -335,8 +346,7 @@ def test_a_checkpoint_one_process_refuses_is_refused_by_both(tmp_path):
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
         outputs = finish(procs, timeout=120)
     assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outputs]
-    assert f"the check of {tmp_path / 'run' / 'checkpoints'} step 2 failed on another process" in outputs[0][1]
-    assert "holds a run that differs from this one (training data: " in outputs[1][1]
+    assert all("process 1 was given other training data than process 0" in o[1] for o in outputs)
 
 
 WITH_ARGS = """
