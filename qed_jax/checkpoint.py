@@ -310,21 +310,24 @@ class TrainCheckpoints:
         ), force=True)
 
     def restore(self, step: int, params_target, opt_target, data_iterator):
-        """(params, opt_state, meta); the data iterator is moved to where it was."""
+        """(params, opt_state, meta); the data iterator (None: a finished run's, which reads no
+        more data) is moved to where it was."""
         writers = data_writers(epath.Path(self.directory) / str(step))
         elsewhere = writers not in (None, jax.process_count())  # written by another number of processes
         items = dict(params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
                      meta=ocp.args.JsonRestore())
-        if not elsewhere:
+        if data_iterator is not None and not elsewhere:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if elsewhere:  # shared data (restore_latest checked): process 0's place is every process's
+        if data_iterator is not None and elsewhere:  # shared (restore_latest checked): process 0's place is all's
             state = epath.Path(self.directory) / str(step) / "data" / f"process_0-of-{writers}.json"
             data_iterator.set_state(json.loads(state.read_text()))
         return restored["params"], restored["opt_state"], restored["meta"]
 
-    def restore_latest(self, params_target, opt_target, data_iterator, check=None):
-        """Restore the newest step that reads back whole, or None when there is no step.
+    def restore_latest(self, params_target, opt_target, data_iterator, check=None, last_step: int | None = None):
+        """Restore the newest step that reads back whole, or None when there is no step. A step
+        at the run's `last_step` has no data left to read: its data position is not restored,
+        so another number of processes may finish the run (export it again).
 
         A step that cannot be read (a crash mid-write, a damaged file, an item gone) is renamed
         `<step>.unreadable-<time>`, never deleted, with a warning, and the step before it is
@@ -351,8 +354,9 @@ class TrainCheckpoints:
                     if not {"params", "opt_state", "meta"} <= items:  # one deleted or never written: damaged
                         raise ValueError(f"it has no {', '.join(sorted({'params', 'opt_state', 'meta'} - items))}")
                     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    finished = last_step is not None and meta["step"] >= last_step
                     writers = data_writers(directory / str(step))
-                    if writers not in (None, jax.process_count()) and not self.shared_data:
+                    if writers not in (None, jax.process_count()) and not self.shared_data and not finished:
                         raise CheckpointError(
                             f"{directory}: checkpoint step {step} was written by {writers} processes and this job has "
                             f"{jax.process_count()}: each process's place in the data is saved apart, so the run "
@@ -376,7 +380,7 @@ class TrainCheckpoints:
             error = restored = None
             try:
                 with without_closed_loop_noise():
-                    restored = self.restore(step, params_target, opt_target, data_iterator)
+                    restored = self.restore(step, params_target, opt_target, None if finished else data_iterator)
             except Exception as e:
                 error = e
             if not self._agreed_failure(step, error):

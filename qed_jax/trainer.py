@@ -436,7 +436,7 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
         ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded,
-        finished=meta["step"] >= steps))
+        finished=meta["step"] >= steps), last_step=steps)
     step = 0 if restored is None else restored[2]["step"]
     # Its checkpoints deleted after it finished (disk reclaimed, a bucket's lifecycle rule):
     # training again from step 0 would replace its export and metrics, and what was built on

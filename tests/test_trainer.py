@@ -302,6 +302,10 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
     refused(_sft(["steps=3", f"output_dir={run}", "--resume-with-changes"]),
             "checkpoint step 2 was written by 2 processes and this job has 1: each process's place in the data is "
             "saved apart, so the run continues only with 2 processes")
+    # Finished, it reads no more data: another number of processes may finish it (export it again).
+    exported = _sft(["steps=2", f"output_dir={run}", "export_dtype=float32"])
+    assert exported.returncode == 0 and (run / "hf" / "config.json").exists(), exported.stderr[-3000:]
+    assert (run / "metrics.jsonl").read_text() == metrics
     (data / "process_0-of-2.json").rename(data / "process_0-of-1.json")
 
     _corrupt(run / "checkpoints" / "1")
