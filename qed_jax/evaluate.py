@@ -345,14 +345,16 @@ def plain_number(text: str) -> bool:
 # (4 \text{ (attained at } x=2) is read as 2), and words themselves ("5 for n = 3").
 NOT_ONE_VALUE = re.compile(r"\\(?:text[a-z]*|mathrm|operatorname|mbox|pmod|bmod|mod|equiv|mid|nmid)(?![a-zA-Z])"
                            r"|(?<![\\a-zA-Z])[a-zA-Z]{2,}")
-# A number then a bracketed number (2(3), (4)(3), 2\left(3\right)): latex2sympy reads a mixed
-# number, 2(3) as 5, not the product 6.
-MIXED_NUMBER = re.compile(r"[\d)\]]\s*(?:\\left\s*)?[(\[]|[)\]]\s*\d")
+# A number then a bracketed number (2(3), (4)(3), 2\left(\frac12\right), x+2(3)): latex2sympy
+# reads a mixed number, 2(3) as 5, not the product 6. A bracket holding more (2(\sqrt2+1),
+# 2(n+1)) is read as a product.
+MIXED_NUMBER = re.compile(r"[\d)\]]\s*(?:\\left\s*)?[(\[](?:[^()\[\]a-zA-Z\\]|\\(?:[dt]?frac|right)(?![a-zA-Z]))*[)\]]"
+                          r"|[)\]]\s*\d")
 
 
 def one_value(text: str) -> bool:
     """Whether math-verify's reading of `text` is its whole value (see NOT_ONE_VALUE, MIXED_NUMBER)."""
-    return not NOT_ONE_VALUE.search(text) and not (plain_number(text) and MIXED_NUMBER.search(text))
+    return not NOT_ONE_VALUE.search(text) and not MIXED_NUMBER.search(text)
 
 
 def check_answer(predicted: str | None, reference: str) -> bool | None:
@@ -813,11 +815,11 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return
-    runlog = runlog if runlog is not None else RunLog.read(out / SAMPLES_FILE, repair=False)
-    if runlog.empty():
-        return
     saved = expand_paths(read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use "
                                                       "another output_dir"))
+    runlog = runlog if runlog is not None else RunLog.read(out / SAMPLES_FILE, repair=False)
+    if runlog.empty() and is_eval_config(saved):  # not another command's config.json, which it would replace
+        return
     current = json_values(config)
     for key in RUN_IDENTITY:
         if key.startswith("rc.") and config.mode != "rc":
@@ -835,6 +837,17 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
                                   "its samples and grades would not be comparable; choose another output_dir, or "
                                   "delete the old run")
     check_samples_kept(config, runlog)
+
+
+def is_eval_config(saved: dict) -> bool:
+    """Whether a config.json is an eval run's (not a trainer's, a model's or a pipeline's)."""
+    return isinstance(saved.get("benchmark"), dict) and "mode" in saved and "optim" not in saved
+
+
+def holds_an_evaluation(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds an eval run that drew something (one that drew nothing begins anew)."""
+    return (Path(run_dir) / "config.json").exists() and not RunLog.read(Path(run_dir) / SAMPLES_FILE,
+                                                                        repair=False).empty()
 
 
 def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:

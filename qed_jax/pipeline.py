@@ -288,6 +288,8 @@ def check_evals_not_of_old(sft_config, grpo_config, evals) -> None:
     """Before any stage: a trainer whose run directory holds no run trains anew, and so does every
     stage after it, so an evaluation that holds samples of their models' exports is of the
     earlier models (its own check would refuse it, but only after the training)."""
+    from qed_jax.evaluate import holds_an_evaluation
+
     retrains = []
     for config in (sft_config, grpo_config):
         if retrains:  # the stage before it trains anew
@@ -296,7 +298,7 @@ def check_evals_not_of_old(sft_config, grpo_config, evals) -> None:
             retrains.append((config.output_dir, f"{config.output_dir} holds no run, so it would train again"))
     for trained_dir, why in retrains:
         export = str(Path(trained_dir) / "hf")
-        old = [c.output_dir for c in evals if c.model.path == export and (Path(c.output_dir) / "config.json").exists()]
+        old = [c.output_dir for c in evals if c.model.path == export and holds_an_evaluation(c.output_dir)]
         if old:
             raise ConfigError(f"{why}, but {old[0]} holds an evaluation of its earlier model; delete it (and the other "
                               f"evaluations of {export}) to evaluate the new one")

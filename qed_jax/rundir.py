@@ -29,9 +29,11 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
     found it: no lock file, and no folder it created."""
     held, refused, failed = None, None, None  # the lock, who holds it, or why it could not be opened
     created = [d for d in [out, *out.parents] if not d.exists()]  # folders this run would create
+    found = set()  # what `out` held before (left as it is)
     if first:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            found = {p.name for p in out.iterdir()} - {".lock"}
             lock = open(out / ".lock", "a+")
         except OSError as e:  # e.g. output_dir is a file, or not writable: raised below, on every process
             failed = e
@@ -64,13 +66,22 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
         yield
     finally:
         if held is not None:
-            made = [p for p in out.iterdir() if p.name != ".lock"]
-            if all(p.is_dir() and not p.is_symlink() and not any(p.iterdir()) for p in made):  # failed before it began
-                for folder in made:
-                    with contextlib.suppress(OSError):
+            if not found and began_nothing(out):  # a run that failed before it began, in a folder it found empty
+                for folder in [p for p in out.iterdir() if p.name != ".lock"]:
+                    with contextlib.suppress(OSError):  # written in the meantime: left
                         folder.rmdir()
                 (out / ".lock").unlink()
                 for folder in created:  # innermost first; each is empty unless another job wrote there
                     with contextlib.suppress(OSError):
                         folder.rmdir()
             held.close()  # releases the flock
+
+
+def began_nothing(out: Path) -> bool:
+    """Whether the run directory `out` holds nothing but its lock and empty folders (the
+    checkpoint manager's, made in the setup); one that cannot be read holds something."""
+    try:
+        return all(p.name == ".lock" or (p.is_dir() and not p.is_symlink() and not any(p.iterdir()))
+                   for p in out.iterdir())
+    except OSError:
+        return False

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
-                            expand_paths, is_missing_local_path, json_values, not_found, preset,
+                            dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
                             read_json_object, recorded_path, require_range, same_setting,
                             write_text_atomic)
 from qed_jax.data import DATA_ORDER
@@ -254,23 +254,27 @@ NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.
                     "judge.max_retries", "judge.backoff_s", "judge.cache_path", "export_dtype"}
 
 
-WORKING_DIR = "working_dir"  # in a trainer's config.json: where its relative paths were read from
+WORKING_DIR_FILE = "working_dir.txt"  # beside a trainer's config.json: where its relative paths were read
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY,
                    recorded_in: str | None = None) -> list[str]:
     """`key: old -> new` for every leaf that differs between two config dicts (a path spelt
-    otherwise is the same, and a relative one is read in `recorded_in`: see `same_setting`),
-    but those in `ignored`."""
+    otherwise is the same, see `same_setting`), but those in `ignored`. A relative path is also
+    read in `recorded_in`, the working directory it was recorded in: the same spelling naming
+    the same file from there is the same setting too (a rerun from elsewhere spelling it
+    otherwise), except `checkpoint_dir`, the run's own state, which must be the folder it was
+    (the same spelling from another directory names another folder, where the run would start over)."""
     changes = []
     for key in sorted(set(saved) | set(new)):
-        a, b = recorded_path(key, saved.get(key), recorded_in), new.get(key)
+        a, b = saved.get(key), new.get(key)
         if f"{prefix}{key}" in ignored:
             continue
+        then = recorded_path(key, a, recorded_in)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, f"{prefix}{key}.", ignored, recorded_in)
-        elif not same_setting(key, a, b):
-            changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+        elif not (same_setting(key, then, b) or (key != "checkpoint_dir" and same_setting(key, a, b))):
+            changes.append(f"{prefix}{key}: {json.dumps(then)} -> {json.dumps(b)}")
     return changes
 
 
@@ -292,7 +296,8 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
             if path.exists():
                 new = json_values(config)
                 saved = read_run_config(path, out, new)
-                recorded_in = saved.pop(WORKING_DIR, None)  # none in a run begun before it was recorded
+                where = out / WORKING_DIR_FILE  # none in a run begun before it was recorded
+                recorded_in = where.read_text().strip() if where.is_file() else None
                 changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
@@ -323,7 +328,10 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     if jax.process_index() != 0:
         return
     # With the working directory: a rerun from another one reads its relative paths as they were.
-    text = json.dumps({**json_values(config), WORKING_DIR: os.getcwd()}, indent=2)
+    if not (out / WORKING_DIR_FILE).is_file() or (out / WORKING_DIR_FILE).read_text() != os.getcwd() + "\n":
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / WORKING_DIR_FILE, os.getcwd() + "\n")
+    text = dump_json(config)
     if path.exists() and not changed:
         if path.read_text() != text:
             write_text_atomic(path, text)

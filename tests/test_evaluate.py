@@ -20,8 +20,8 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, check_model_unchanged, check_rerun,
-                              evaluate, misread_value, model_files, prepare_output, read_problem_ids, read_records,
-                              read_run, request_seed, sample_seed, turn_completion)
+                              evaluate, holds_an_evaluation, misread_value, model_files, prepare_output,
+                              read_problem_ids, read_records, read_run, request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import markdown, report, summarize, unfinished
 from tests.helpers import cli_env
@@ -435,7 +435,9 @@ def test_answer_checks():
     # latex2sympy reads a number then a bracketed number as a mixed number (2(3) as 5): undecided.
     assert check_answer("2(3)", "6") is None and check_answer("5(2)", "7") is None
     assert check_answer("(4)(3)", "7") is None and check_answer(r"2\left(3\right)", "5") is None
+    assert check_answer("2(3)+x", "5+x") is None and check_answer(r"2\left(\frac12\right)", "1") is None
     assert check_answer("2(n+1)", "2n+2") is True and check_answer("(n+1)(n+2)", "n^2+3n+2") is True
+    assert check_answer(r"2(\sqrt{2}+1)", r"2\sqrt{2}+2") is True  # more than a number in the bracket: a product
     # Equal to 12 digits, not math-verify's default 6: a decimal approximation is not exact.
     assert check_answer("1.414214", r"\sqrt{2}") is False and check_answer("0.333333", r"\frac{1}{3}") is False
     assert check_answer("3.141593", r"\pi") is False and check_answer("0.25", r"\frac{1}{4}") is True
@@ -1032,6 +1034,13 @@ def test_a_judge_template_that_does_not_fit_the_benchmark_is_refused(tmp_path, b
     assert not (tmp_path / "run").exists()
 
 
+def drew_a_sample(run_dir: Path) -> None:
+    """Append a sample record to a run's log, as its first drawn sample would."""
+    with open(run_dir / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",
+                            "completion_tokens": 1, "truncated": False}) + "\n")
+
+
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     def rerun(*overrides):
         c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides)
@@ -1039,6 +1048,7 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
         return prepare_output(c, [])
 
     out = rerun("samples=2", "benchmark.limit=2")
+    drew_a_sample(out)  # a run that drew nothing may begin anew under any config
     rerun("samples=3", "benchmark.limit=null", "judge.base_url=http://elsewhere/v1")  # more samples, every problem
     assert json.loads((out / "config.json").read_text())["samples"] == 3
     with pytest.raises(ConfigError, match="holds a run with sampling="):
@@ -1081,15 +1091,23 @@ def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_confi
         with pytest.raises(ConfigError, match="^the model endpoint http://127.0.0.1:9/v1 failed"):
             evaluate(typo, progress=False)
         assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "templates.json").exists()
+        assert not holds_an_evaluation(tmp_path / "run")  # nor does the pipeline count it as one
         fixed = config(tmp_path, "answerbench", model.url, judge.url, "samples=1",
                        f"benchmark.prompt_template={ROOT / 'configs/prompts/proof_generation.txt'}")
         assert evaluate(fixed, progress=False)["generated"] == 4
+    assert holds_an_evaluation(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["name"] == "tested"
     assert "Generate a rigorous proof" in json.loads((tmp_path / "run" / "templates.json").read_text())[
         "benchmark.prompt_template"]
     with pytest.raises(ConfigError, match="holds a run with model.name='tested', not 'typo'"):  # now it holds samples
         check_rerun(config(tmp_path, "answerbench", model.url, judge.url, "samples=1", "model.name=typo",
                            f"benchmark.prompt_template={ROOT / 'configs/prompts/proof_generation.txt'}"))
+    # Only an eval run's folder begins anew: another's config.json (a mistyped output_dir) is not replaced.
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text('{"model_type": "qwen3"}')
+    with pytest.raises(ConfigError, match="holds a run with benchmark.name=None"):
+        check_rerun(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={export}"))
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):
@@ -1180,6 +1198,7 @@ def test_a_rerun_refuses_a_prompt_template_edited_since_the_run_began(tmp_path):
         return prepare_output(c, [])
 
     out = rerun("samples=1")
+    drew_a_sample(out)
     rerun("samples=2")  # the same texts: a rerun may extend the run
     recorded = json.loads((out / "templates.json").read_text())
     assert recorded == {"benchmark.prompt_template": (ROOT / "configs/prompts/proof_generation.txt").read_text(),

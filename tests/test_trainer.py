@@ -134,7 +134,7 @@ def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadab
     assert "checkpoint step 2 is unreadable" in resumed.stderr
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]  # step 2 trained again from step 1
     assert json.loads((run / "config.json").read_text())["steps"] == 4
-    assert json.loads((run / "config.json").read_text())["working_dir"] == str(REPO)  # where its paths were read
+    assert (run / "working_dir.txt").read_text() == f"{REPO}\n"  # where its relative paths were read
     assert json.loads((run / "config.1.json").read_text())["steps"] == 2
     assert [p.name.startswith("2.unreadable-") for p in (run / "checkpoints").iterdir()].count(True) == 1
 
@@ -199,17 +199,19 @@ def test_a_path_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch):
         f'model.path: "../run/sft/hf" -> "{tmp_path / "other"}"']
     # Names that are no local file (Hub ids) compare as text; so do other settings.
     assert not same_setting("path", "org/model", "./org/model") and not same_setting("seed", 0, 1)
-    # A relative path is read in the working directory it was recorded in: from another one, it
-    # names what it named there (the same spelling naming another folder here is a change).
+    # A relative path is read in the working directory it was recorded in too: from another one,
+    # another spelling of what it named there is the same setting, and so is the same spelling (a
+    # copied project), but for checkpoint_dir, the run's own state: another folder is a change.
     (tmp_path / "elsewhere" / "sft" / "hf").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "elsewhere")
     then = str(tmp_path / "run")
     assert config_changes(saved, {"model": {"path": str(tmp_path / "run" / "sft" / "hf")}, "seed": 0},
                           recorded_in=then) == []
-    assert config_changes({"model": {"path": "sft/hf"}}, {"model": {"path": "sft/hf"}}, recorded_in=then) == [
-        f'model.path: "{tmp_path / "run" / "sft" / "hf"}" -> "sft/hf"']
+    assert config_changes({"model": {"path": "sft/hf"}}, {"model": {"path": "sft/hf"}}, recorded_in=then) == []
+    assert config_changes({"checkpoint_dir": "sft/hf"}, {"checkpoint_dir": "sft/hf"}, recorded_in=then) == [
+        f'checkpoint_dir: "{tmp_path / "run" / "sft" / "hf"}" -> "sft/hf"']
     # Its folder gone (the project moved): read where it is now.
-    assert config_changes({"model": {"path": "sft/hf"}}, {"model": {"path": "sft/hf"}},
+    assert config_changes({"checkpoint_dir": "sft/hf"}, {"checkpoint_dir": "sft/hf"},
                           recorded_in=str(tmp_path / "moved")) == []
 
 
@@ -523,6 +525,10 @@ def test_a_run_that_fails_before_it_begins_leaves_no_folder_it_created(tmp_path)
     with pytest.raises(ConfigError, match="no tokenizer"):
         sft.train(load_config(sft.SFTConfig, None, ["model.preset=tiny", f"output_dir={out}"]))
     assert [p.name for p in tmp_path.rglob("*")] == ["runs", "other"]
+    (out / "notes").mkdir(parents=True)  # a folder of the user's, empty, in the run directory: left alone
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        sft.train(load_config(sft.SFTConfig, None, ["model.preset=tiny", f"output_dir={out}"]))
+    assert (out / "notes").is_dir()
 
 
 def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
