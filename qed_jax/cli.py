@@ -133,7 +133,8 @@ def _generate(args) -> None:
     check_seed(args.seed, "--seed")
     for n, prompt in enumerate(args.prompt, 1):
         if where := not_utf8(prompt):
-            raise ConfigError(f"prompt {n} (--prompt) is not UTF-8 text ({where}); convert it, e.g. with iconv -t UTF-8")
+            raise ConfigError(f"prompt {n} (--prompt) is not UTF-8 text ({where}); convert it, e.g. with "
+                              "iconv -t UTF-8")
     if "" in args.prompt and args.reasoning_cache:  # the problem goes into the template as tokens of its own
         raise ConfigError(f"prompt {args.prompt.index('') + 1} (--prompt) is empty: a problem needs some text")
     if "" in args.prompt and not args.chat:  # a chat template wraps even an empty message
