@@ -57,9 +57,10 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if trained:
         raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "
                           "--overwrite leaves it alone; choose another destination")
-    # A model's folders are a checkpoint's steps (and a save cut off), and hidden ones (a
-    # download's .cache); any other (a run kept beside the model) is not the model's to delete.
-    others = sorted(p.name for p in entries if p.is_dir() and not p.name.startswith(".")
+    # A model's folders are a checkpoint's steps (and a save cut off), and a download's .cache
+    # (`hf download --local-dir`); any other (a run kept beside the model, a .git) is not the
+    # model's to delete.
+    others = sorted(p.name for p in entries if p.is_dir() and p.name != ".cache"
                     and not p.name.split(".orbax-checkpoint-tmp")[0].isdigit())
     if others:
         raise ConfigError(f"{dest} holds the folder {others[0]}, which is no part of a model, so --overwrite leaves "

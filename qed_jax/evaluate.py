@@ -345,11 +345,11 @@ def plain_number(text: str) -> bool:
 # (4 \text{ (attained at } x=2) is read as 2), and words themselves ("5 for n = 3").
 NOT_ONE_VALUE = re.compile(r"\\(?:text[a-z]*|mathrm|operatorname|mbox|pmod|bmod|mod|equiv|mid|nmid)(?![a-zA-Z])"
                            r"|(?<![\\a-zA-Z])[a-zA-Z]{2,}")
-# A number then a bracketed number (2(3), (4)(3), 2\left(\frac12\right), x+2(3)): latex2sympy
-# reads a mixed number, 2(3) as 5, not the product 6. A bracket holding more (2(\sqrt2+1),
-# 2(n+1)) is read as a product.
-MIXED_NUMBER = re.compile(r"[\d)\]]\s*(?:\\left\s*)?[(\[](?:[^()\[\]a-zA-Z\\]|\\(?:[dt]?frac|right)(?![a-zA-Z]))*[)\]]"
-                          r"|[)\]]\s*\d")
+# A number then a bracketed number (2(3), {2}(3), 2\,(3), (4)(3), 2\left(\frac12\right), x+2(3)):
+# latex2sympy reads a mixed number, 2(3) as 5, not the product 6. A bracket holding more than a
+# number (2(n+1), 2(\sqrt2+1), 3(2^{10}+1)) is read as a product.
+MIXED_NUMBER = re.compile(r"[\d)\]}]\s*(?:(?:\\[,:;! ]|~)\s*)*(?:\\left\s*)?[(\[]\s*-?(?:[\d.,\s{}]|\\[dt]?frac(?![a-zA-Z]))*"
+                          r"(?:\\right\s*)?[)\]]|[)\]]\s*\d")
 
 
 def one_value(text: str) -> bool:

@@ -33,7 +33,10 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
     if first:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            found = {p.name for p in out.iterdir()} - {".lock"}
+            try:
+                found = {p.name for p in out.iterdir()} - {".lock"}
+            except OSError:  # a folder it may not list (write-only): taken as holding something
+                found = {"?"}
             lock = open(out / ".lock", "a+")
         except OSError as e:  # e.g. output_dir is a file, or not writable: raised below, on every process
             failed = e

@@ -297,7 +297,8 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
                 new = json_values(config)
                 saved = read_run_config(path, out, new)
                 where = out / WORKING_DIR_FILE  # none in a run begun before it was recorded
-                recorded_in = where.read_text().strip() if where.is_file() else None
+                recorded_in = where.read_text().strip() if where.is_file() else saved.get("working_dir")
+                saved.pop("working_dir", None)  # where 2f52b90 recorded it, in config.json
                 changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
@@ -409,11 +410,12 @@ def without_keys(values: dict, ignored, prefix: str = "") -> dict:
             for key, value in values.items() if f"{prefix}{key}" not in ignored}
 
 
-def check_processes_agree(run: dict) -> None:
+def check_processes_agree(run: dict, resume_with_changes: bool) -> None:
     """Refuse, on every process, a job whose processes were given another config (but the keys
-    NOT_RUN_IDENTITY) or other training data than process 0 (`run`: the TrainCheckpoints' run
-    record): each host reads its own copies, and a mismatch would train on a mix in silence, or
-    hang (another `steps`, another checkpoint_every: the processes' collectives no longer pair)."""
+    NOT_RUN_IDENTITY; with --resume-with-changes or not) or other training data than process 0
+    (`run`: the TrainCheckpoints' run record): each host reads its own copies, and a mismatch
+    would train on a mix in silence, or hang (another `steps`, another checkpoint_every, one
+    process resuming with changes that another refuses: the collectives no longer pair)."""
     if jax.process_count() == 1:
         return
 
@@ -423,7 +425,9 @@ def check_processes_agree(run: dict) -> None:
 
     # The data by what it holds (read from any path: data.path is left out of the config's digest).
     data = {key: run["data"][key] for key in ("examples", "sha256", "order")}
-    mine = np.concatenate([digest(without_keys(run["config"], NOT_RUN_IDENTITY | {"data.path"})), digest(data)])
+    config = {**without_keys(run["config"], NOT_RUN_IDENTITY | {"data.path"}),
+              "--resume-with-changes": resume_with_changes}
+    mine = np.concatenate([digest(config), digest(data)])
     everyone = gather(mine).reshape(jax.process_count(), 4)
     for what, columns in (("another config", slice(0, 2)), ("other training data", slice(2, 4))):
         others = [p for p in range(1, jax.process_count()) if (everyone[p, columns] != everyone[0, columns]).any()]
@@ -438,7 +442,7 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     """Restore the newest intact checkpoint (params, optimizer, data position) into the given
     shardings, or start afresh; then record the config, unless it changed and the run already
     reached its `steps` (nothing would train under it). Returns (params, opt_state, step)."""
-    check_processes_agree(ckpts.run)
+    check_processes_agree(ckpts.run, resume_with_changes)
     changed = check_run_config(out, config, resume_with_changes)
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))

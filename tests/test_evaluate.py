@@ -436,6 +436,8 @@ def test_answer_checks():
     assert check_answer("2(3)", "6") is None and check_answer("5(2)", "7") is None
     assert check_answer("(4)(3)", "7") is None and check_answer(r"2\left(3\right)", "5") is None
     assert check_answer("2(3)+x", "5+x") is None and check_answer(r"2\left(\frac12\right)", "1") is None
+    assert check_answer("{2}(3)", "6") is None and check_answer(r"2\,(3)", "5") is None
+    assert check_answer("3(2^{10}+1)", "3075") is True  # more than a number in the bracket: a product
     assert check_answer("2(n+1)", "2n+2") is True and check_answer("(n+1)(n+2)", "n^2+3n+2") is True
     assert check_answer(r"2(\sqrt{2}+1)", r"2\sqrt{2}+2") is True  # more than a number in the bracket: a product
     # Equal to 12 digits, not math-verify's default 6: a decimal approximation is not exact.

@@ -350,6 +350,10 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
             in capsys.readouterr().err)
     (target / "my-sft-run" / "checkpoints").rmdir()
     (target / "my-sft-run").rmdir()
+    (target / ".git").mkdir()  # a git clone's history: not the model's to delete either
+    assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 2
+    assert f"{link} holds the folder .git, which is no part of a model" in capsys.readouterr().err
+    (target / ".git").rmdir()
     (target / ".cache" / "huggingface").mkdir(parents=True)  # a download's (`hf download --local-dir`): replaced
     assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 0
     assert link.is_symlink() and not (target / "stale.txt").exists() and is_checkpoint_dir(target)

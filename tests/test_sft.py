@@ -322,7 +322,8 @@ def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     edited = tmp_path / "rows.jsonl"
     lines = (REPO / "configs/data/tiny_proofs.jsonl").read_text().splitlines()
     edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows, another order
-    for extra, what in ((["steps=2"], "another config"), ([f"data.path={edited}"], "other training data")):
+    for extra, what in ((["steps=2"], "another config"), (["--resume-with-changes"], "another config"),
+                        ([f"data.path={edited}"], "other training data")):
         errors = both_fail(f"output_dir={tmp_path / 'mixed'}", entry={1: ["-c", WITH_ARGS.format(extra=extra)]})
         assert all(f"process 1 was given {what} than process 0: every process of a job runs the same command on "
                    "the same files" in e for e in errors), errors

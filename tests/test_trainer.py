@@ -531,6 +531,23 @@ def test_a_run_that_fails_before_it_begins_leaves_no_folder_it_created(tmp_path)
     assert (out / "notes").is_dir()
 
 
+def test_a_run_directory_that_cannot_be_listed_is_locked_and_left_as_it_is(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    listing = Path.iterdir
+
+    def write_only(path):  # a folder with -wx permissions (root reads any, so the OS cannot show it here)
+        if path == out:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", write_only)
+    with pytest.raises(RuntimeError, match="failed in the setup"), run_lock(out):
+        raise RuntimeError("failed in the setup")
+    monkeypatch.undo()
+    assert [p.name for p in out.iterdir()] == [".lock"]  # what it cannot see, it does not clean up
+
+
 def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
     import errno
     import fcntl
