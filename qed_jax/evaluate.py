@@ -348,8 +348,9 @@ NOT_ONE_VALUE = re.compile(r"\\(?:text[a-z]*|mathrm|operatorname|mbox|pmod|bmod|
 # A number then a bracketed number (2(3), {2}(3), 2\,(3), (4)(3), 2\left(\frac12\right), x+2(3)):
 # latex2sympy reads a mixed number, 2(3) as 5, not the product 6. A bracket holding more than a
 # number (2(n+1), 2(\sqrt2+1), 3(2^{10}+1)) is read as a product.
-MIXED_NUMBER = re.compile(r"[\d)\]}]\s*(?:(?:\\[,:;! ]|~)\s*)*(?:\\left\s*)?[(\[]\s*-?(?:[\d.,\s{}]|\\[dt]?frac(?![a-zA-Z]))*"
-                          r"(?:\\right\s*)?[)\]]|[)\]]\s*\d")
+MIXED_NUMBER = re.compile(r"[\d)\]}]\s*(?:(?:\\[,:;! ]|~)\s*)*(?:\\left\s*)?[(\[]"  # a number, a space, a bracket
+                          r"\s*-?(?:[\d.,\s{}]|\\[dt]?frac(?![a-zA-Z]))*(?:\\right\s*)?[)\]]"  # a number, closed
+                          r"|[)\]]\s*\d")
 
 
 def one_value(text: str) -> bool:
