@@ -259,12 +259,12 @@ WORKING_DIR_FILE = "working_dir.txt"  # beside a trainer's config.json: where it
 
 def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY,
                    recorded_in: str | None = None) -> list[str]:
-    """`key: old -> new` for every leaf that differs between two config dicts (a path spelt
-    otherwise is the same, see `same_setting`), but those in `ignored`. A relative path is also
-    read in `recorded_in`, the working directory it was recorded in: the same spelling naming
-    the same file from there is the same setting too (a rerun from elsewhere spelling it
-    otherwise), except `checkpoint_dir`, the run's own state, which must be the folder it was
-    (the same spelling from another directory names another folder, where the run would start over)."""
+    """`key: old -> new` for every leaf that differs between two config dicts, but those in
+    `ignored`. A path spelt otherwise is the same (`same_setting`); a relative one recorded in
+    the working directory `recorded_in` is also the file it named there (a rerun from another
+    directory that spells it otherwise). `checkpoint_dir`, the run's own state, must be the
+    folder it named there: the same spelling from another directory names another folder, where
+    the run would start over."""
     changes = []
     for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key), new.get(key)
