@@ -301,6 +301,9 @@ def test_evaluations_of_a_model_that_trains_anew_are_refused_before_any_stage(tm
     grpo_eval = next(c for c in s.evals if c.model.path == str(tmp_path / "grpo" / "hf"))
     Path(grpo_eval.output_dir).mkdir(parents=True)
     (Path(grpo_eval.output_dir) / "config.json").write_text(dump_json(grpo_eval))
+    (Path(grpo_eval.output_dir) / "samples.jsonl").write_text(json.dumps(  # it drew a sample (one that drew none
+        {"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",  # would begin anew)
+         "completion_tokens": 1, "truncated": False}) + "\n")
     monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
     monkeypatch.setattr(grpo, "train", lambda c: pytest.fail("GRPO trained"))
     for done in ([], ["sft"]):  # sft/ deleted (so grpo trains anew too), or grpo/ alone
