@@ -169,3 +169,13 @@ def assert_signal_writes_a_checkpoint(proc, run_dir, steps: int, signum=None) ->
     assert proc.wait(timeout=120) == 128 + signum
     saved = sorted(int(p.name) for p in Path(run_dir, "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] == len(read_metrics(run_dir)) >= steps
+
+
+def drew_a_sample(run_dir) -> None:
+    """Append a sample record to an eval run's log, as its first drawn sample would (a run that
+    drew nothing begins anew under any config)."""
+    import json
+
+    with open(Path(run_dir) / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",
+                            "completion_tokens": 1, "truncated": False}) + "\n")

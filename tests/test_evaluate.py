@@ -24,7 +24,7 @@ from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, ch
                               read_problem_ids, read_records, read_run, request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import markdown, report, summarize, unfinished
-from tests.helpers import cli_env
+from tests.helpers import cli_env, drew_a_sample
 from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
 
@@ -1034,13 +1034,6 @@ def test_a_judge_template_that_does_not_fit_the_benchmark_is_refused(tmp_path, b
             evaluate(cfg, progress=False)
         assert model.total == 0
     assert not (tmp_path / "run").exists()
-
-
-def drew_a_sample(run_dir: Path) -> None:
-    """Append a sample record to a run's log, as its first drawn sample would."""
-    with open(run_dir / "samples.jsonl", "a") as f:
-        f.write(json.dumps({"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",
-                            "completion_tokens": 1, "truncated": False}) + "\n")
 
 
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):

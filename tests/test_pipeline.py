@@ -16,7 +16,7 @@ import yaml
 from qed_jax.config import ConfigError, load_config
 from qed_jax.pipeline import PipelineConfig, as_overrides, eval_configs, stage_config, stages, with_judge
 from qed_jax.sft import SFTConfig
-from tests.helpers import cli_env
+from tests.helpers import cli_env, drew_a_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/pipeline/tiny.yaml"
@@ -301,9 +301,7 @@ def test_evaluations_of_a_model_that_trains_anew_are_refused_before_any_stage(tm
     grpo_eval = next(c for c in s.evals if c.model.path == str(tmp_path / "grpo" / "hf"))
     Path(grpo_eval.output_dir).mkdir(parents=True)
     (Path(grpo_eval.output_dir) / "config.json").write_text(dump_json(grpo_eval))
-    (Path(grpo_eval.output_dir) / "samples.jsonl").write_text(json.dumps(  # it drew a sample (one that drew none
-        {"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",  # would begin anew)
-         "completion_tokens": 1, "truncated": False}) + "\n")
+    drew_a_sample(grpo_eval.output_dir)
     monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
     monkeypatch.setattr(grpo, "train", lambda c: pytest.fail("GRPO trained"))
     for done in ([], ["sft"]):  # sft/ deleted (so grpo trains anew too), or grpo/ alone
