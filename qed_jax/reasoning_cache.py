@@ -574,10 +574,14 @@ class ReasoningCache:
         return LoopInputs(problems, problem_lengths, summary, np.full((rows,), len(self.first_summary), np.int32),
                           np.arange(rows) < len(chunk), row_ids)
 
-    def run(self, problems: list[str], turns: int | None = None, key=None,
+    def run(self, problems: list[str] | str, turns: int | None = None, key=None,
             row_ids: Sequence[int] | None = None) -> list[RCResult]:
         """Run the loop on problem texts; every turn's reasoning, answer and summary decoded.
-        Problem i draws its randomness as row `row_ids[i]` (default i), as in `run_ids`."""
+        Problem i draws its randomness as row `row_ids[i]` (default i), as in `run_ids`. One
+        string alone is a list of one problem (as `sampling.generate` takes it), not of its
+        characters."""
+        if isinstance(problems, str):
+            problems = [problems]
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in problems]
         decode = partial(self.tokenizer.decode, skip_special_tokens=False)
         results = []
@@ -612,10 +616,10 @@ def _turns(history: dict, count: int, turns: int, summaries: int) -> list[list[T
     return out
 
 
-def reasoning_cache(model: Qwen3, tokenizer, problems: list[str], params: RCParams = RCParams(),
+def reasoning_cache(model: Qwen3, tokenizer, problems: list[str] | str, params: RCParams = RCParams(),
                     summarizer: Summarizer | None = None) -> list[RCResult]:
-    """Solve each problem in `params.turns` RC turns; per problem, each turn's reasoning,
-    summary and answer texts with token counts and finish reasons."""
+    """Solve each problem (one string alone is one problem) in `params.turns` RC turns; per
+    problem, each turn's reasoning, summary and answer texts with token counts and finish reasons."""
     return ReasoningCache(model, tokenizer, params, summarizer).run(problems)
 
 

@@ -410,3 +410,14 @@ def test_generate_cli_reasoning_cache_json(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "qed-jax generate: error: the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
         "the policy's token ids to the summarizer, so both must share one vocabulary")
+
+
+def test_one_problem_string_alone_is_one_problem(setup):
+    """A string alone is one problem (as `generate` takes one prompt), not one per character."""
+    tokenizer, _, policy, _ = setup
+    params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=S, summarizer_tokens=2, temperature=0.0,
+                         no_summary=None, max_turns=8)
+    alone = qed_jax.reasoning_cache(policy, tokenizer, "Prove it.", params)
+    listed = qed_jax.reasoning_cache(policy, tokenizer, ["Prove it."], params)
+    assert [r.problem for r in alone] == ["Prove it."]
+    assert [t.num_tokens for t in alone[0].turns] == [t.num_tokens for t in listed[0].turns]
