@@ -250,8 +250,14 @@ def to_global(batch: dict, micro_batches: int, sharding) -> dict:
 # Where a run's things are, not what it computes: a run directory may be moved or copied and go
 # on where it is now, a judge served elsewhere (or more patiently) grades the same, and the
 # export's dtype is what is written at the end, not what is trained (a finished run exports again).
+# How many failed grades a GRPO step tolerates decides only whether the run stops, never what a
+# step that ran trained: raising it is the remedy its failures-stop suggests.
 NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout_s",
-                    "judge.max_retries", "judge.backoff_s", "judge.cache_path", "export_dtype"}
+                    "judge.max_retries", "judge.parse_retries", "judge.backoff_s", "judge.cache_path",
+                    "judge.max_failed_fraction", "export_dtype"}
+# But a job's processes must agree on it: each decides alone, on every process's counts, whether
+# a step stops, and one that went on alone would wait for the others forever.
+DECIDED_ON_EVERY_PROCESS = {"judge.max_failed_fraction"}
 
 
 WORKING_DIR_FILE = "working_dir.txt"  # beside a trainer's config.json: where its relative paths were read
@@ -410,9 +416,17 @@ def without_keys(values: dict, ignored, prefix: str = "") -> dict:
             for key, value in values.items() if f"{prefix}{key}" not in ignored}
 
 
+def settings_processes_share(config: dict, resume_with_changes: bool) -> dict:
+    """What of a run's config (and flags) every process of a job must be given alike: all of it
+    but where things are (NOT_RUN_IDENTITY, less DECIDED_ON_EVERY_PROCESS; data.path, the data
+    being compared by what it holds)."""
+    return {**without_keys(config, (NOT_RUN_IDENTITY - DECIDED_ON_EVERY_PROCESS) | {"data.path"}),
+            "--resume-with-changes": resume_with_changes}
+
+
 def check_processes_agree(run: dict, resume_with_changes: bool) -> None:
-    """Refuse, on every process, a job whose processes were given another config (but the keys
-    NOT_RUN_IDENTITY; with --resume-with-changes or not) or other training data than process 0
+    """Refuse, on every process, a job whose processes were given another config (its
+    `settings_processes_share`) or other training data than process 0
     (`run`: the TrainCheckpoints' run record): each host reads its own copies, and a mismatch
     would train on a mix in silence, or hang (another `steps`, another checkpoint_every, one
     process resuming with changes that another refuses: the collectives no longer pair)."""
@@ -425,9 +439,7 @@ def check_processes_agree(run: dict, resume_with_changes: bool) -> None:
 
     # The data by what it holds (read from any path: data.path is left out of the config's digest).
     data = {key: run["data"][key] for key in ("examples", "sha256", "order")}
-    config = {**without_keys(run["config"], NOT_RUN_IDENTITY | {"data.path"}),
-              "--resume-with-changes": resume_with_changes}
-    mine = np.concatenate([digest(config), digest(data)])
+    mine = np.concatenate([digest(settings_processes_share(run["config"], resume_with_changes)), digest(data)])
     everyone = gather(mine).reshape(jax.process_count(), 4)
     for what, columns in (("another config", slice(0, 2)), ("other training data", slice(2, 4))):
         others = [p for p in range(1, jax.process_count()) if (everyone[p, columns] != everyone[0, columns]).any()]

@@ -393,6 +393,27 @@ def test_a_moved_run_directory_is_no_config_change():
     assert config_changes({**saved, "judge": judge}, moved) == []
     assert config_changes({**saved, "judge": judge}, {**moved, "judge": {**judge, "model": "n"}}) == [
         'judge.model: "m" -> "n"']
+    # A judge asked more patiently (re-asked on unparsable replies), or a run allowed more failed
+    # grades before it stops (the remedy the failures-stop suggests), trains what it trained.
+    patient = {**judge, "parse_retries": 5, "max_failed_fraction": 0.5}
+    assert config_changes({**saved, "judge": {**judge, "parse_retries": 2, "max_failed_fraction": 0.05}},
+                          {**saved, "judge": patient}) == []
+
+
+def test_processes_of_a_job_share_what_each_decides_alone():
+    """Where things are may differ between a job's processes (each host its own judge, its own
+    copy of the data), but not the failed-grade limit, on which each decides whether a step
+    stops: a process going on alone would wait for the others forever."""
+    from qed_jax.trainer import settings_processes_share
+
+    config = {"steps": 2, "data": {"path": "/host0/rows.jsonl"},
+              "judge": {"base_url": "http://a:8000/v1", "max_retries": 3, "max_failed_fraction": 0.05}}
+    elsewhere = {**config, "data": {"path": "/host1/rows.jsonl"},
+                 "judge": {**config["judge"], "base_url": "http://b:8000/v1", "max_retries": 5}}
+    assert settings_processes_share(config, False) == settings_processes_share(elsewhere, False)
+    laxer = {**config, "judge": {**config["judge"], "max_failed_fraction": 0.5}}
+    assert settings_processes_share(config, False) != settings_processes_share(laxer, False)
+    assert settings_processes_share(config, False) != settings_processes_share(config, True)
 
 
 def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_path):
