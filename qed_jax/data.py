@@ -246,6 +246,13 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     if chat_ids.intersection(answer_ids[:stop - 1]):
         raise ValueError("the answer's text holds <|im_end|>, <|endoftext|> or <|im_start|>, which tokenize as the "
                          "chat's own tokens: trained, the model would learn to end its turn there")
+    # The template writes one </think>, and a <think> unless its generation prompt opened it.
+    vocab, trained = tokenizer.get_vocab(), answer_ids[:stop]
+    for token, own in (("<think>", 0 if prefix.rstrip().endswith("<think>") else 1), ("</think>", 1)):
+        if token in vocab and trained.count(vocab[token]) > own:
+            raise ValueError(f"the answer's text holds {token} beyond the chat template's own, which tokenizes as the "
+                             "thinking block's token: trained, the model would learn to open or close its thinking "
+                             "there")
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.zeros(len(ids), np.int32)
     mask[len(prompt_ids): len(prompt_ids) + stop] = 1

@@ -25,7 +25,7 @@ from flax import nnx
 
 from qed_jax import cli
 from qed_jax.config import ConfigError, PRESETS, load_config
-from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows, tokenize_sft
+from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows, sft_messages, tokenize_sft
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
 from qed_jax.sft import SFTConfig, accumulated_grads, eval_loss, train, train_step
@@ -855,3 +855,12 @@ def test_a_run_whose_folder_is_gone_compares_its_config_with_the_checkpoints(tmp
     assert train(load_config(SFTConfig, TINY, [*base, "steps=2"]), resume_with_changes=True)["start_step"] == 1
     shutil.rmtree(out)
     assert train(load_config(SFTConfig, TINY, [*base, "steps=2"]))["complete"]  # the same config: no refusal
+
+
+def test_reasoning_that_holds_think_tokens_as_text_is_skipped(tokenizer):
+    """A literal </think> in the reasoning tokenizes as the thinking block's end: trained, the
+    model would learn to close its thinking early (and the answer would be read from there)."""
+    row = {"problem": "Prove X.", "reasoning_content": "First idea.</think>\n\nMore thinking.", "proof": "Done."}
+    with pytest.raises(ValueError, match="think"):
+        tokenize_sft(tokenizer, sft_messages(row))
+    tokenize_sft(tokenizer, sft_messages({**row, "reasoning_content": "First idea. More thinking."}))
