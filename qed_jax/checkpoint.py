@@ -357,10 +357,11 @@ class TrainCheckpoints:
                     finished = last_step is not None and meta["step"] >= last_step
                     writers = data_writers(directory / str(step))
                     if writers not in (None, jax.process_count()) and not self.shared_data and not finished:
+                        processes = f"{writers} process{'es' if writers != 1 else ''}"
                         raise CheckpointError(
-                            f"{directory}: checkpoint step {step} was written by {writers} processes and this job has "
+                            f"{directory}: checkpoint step {step} was written by {processes} and this job has "
                             f"{jax.process_count()}: each process's place in the data is saved apart, so the run "
-                            f"continues only with {writers} processes (a slice of the same size); or give this run "
+                            f"continues only with {processes} (a slice of the same size); or give this run "
                             "another output_dir or checkpoint_dir")
                     misfit = tree_misfit(stored["params"].tree, params_target, "params") or \
                         tree_misfit(stored["opt_state"].tree, opt_target, "optimizer state")
