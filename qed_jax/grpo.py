@@ -36,6 +36,7 @@ from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, Ju
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
+from qed_jax.pretrained import loaded_from
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
@@ -816,6 +817,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
     model = load_model(mesh)
+    model_source = loaded_from(model)  # its generation config goes with the export
     check_vocab(tokenizer, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
@@ -928,7 +930,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
             metrics_log.close()
             grader.close()
         stopped_by = final_stop_signal(stop)
-    exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+    exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path,
+                   model_source)
     return {**reward_summary(metrics_log.history), "output_dir": str(out), "step": step, "start_step": start,
             "complete": False, "process": jax.process_index()}
 

@@ -370,9 +370,14 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 
 def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_from: str | Path | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = MAX_SHARD_BYTES, generation_from: str | Path | None = None,
+            stop_on_turn_end: bool = False) -> Path:
     """Write `model` as a Hugging Face Qwen3 folder (config, generation config, safetensors shards
-    with an index when there is more than one, and the tokenizer files of `assets_from`).
+    with an index when there is more than one, and the tokenizer files of `assets_from`). The
+    generation config is `generation_from`'s (the folder the model was trained from) where it has
+    one, else `assets_from`'s. With `stop_on_turn_end` (a trained model's export), its
+    eos_token_id gains the end-of-turn ids qed-jax's sampler stops on, so that transformers and
+    vLLM stop where qed-jax does.
     Every process must call this; process 0 writes."""
     folder = Path(folder)
     config: ModelConfig = model.config
@@ -433,8 +438,12 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
                  "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     copy_assets(assets_from, folder)
+    if generation_from is not None and (epath.Path(generation_from) / "generation_config.json").exists():
+        copy_assets(generation_from, folder, names=("generation_config.json",))
     if not (folder / "generation_config.json").exists():  # whole or absent: a cut write is redone
         write_text_atomic(folder / "generation_config.json", json.dumps(_generation_config(folder), indent=2))
+    if stop_on_turn_end:
+        _add_turn_end_ids(folder / "generation_config.json")
     # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
     # finished export): a kill before this line leaves a folder that is redone.
     (folder / "config.json").write_text(json.dumps({**config.to_hf(torch_dtype=target.name),
@@ -442,30 +451,52 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
     return folder
 
 
-def copy_assets(source, dest) -> None:
-    """The tokenizer and generation files (ASSET_FILES) of the folder `source`, local or remote
-    (gs://; None: nothing), copied into `dest`."""
+def copy_assets(source, dest, names=ASSET_FILES) -> None:
+    """The tokenizer and generation files (ASSET_FILES, or `names`) of the folder `source`, local
+    or remote (gs://; None: nothing), copied into `dest`."""
     if source is None:
         return
     source, dest = epath.Path(source), epath.Path(dest)
     remote = "://" in str(source) or "://" in str(dest)  # resolve() is for local paths only
     if str(source) == str(dest) or (not remote and source.resolve() == dest.resolve()):
         return
-    for name in ASSET_FILES:
+    for name in names:
         if (source / name).exists():
             (dest / name).write_bytes((source / name).read_bytes())
+
+
+def _turn_end_ids(folder: Path) -> list[int]:
+    """The ids of the Qwen end-of-turn tokens the folder's tokenizer.json names."""
+    tok = folder / "tokenizer.json"
+    if not tok.is_file():
+        return []
+    added = {t["content"]: t["id"] for t in json.loads(tok.read_text()).get("added_tokens", [])}
+    return [added[t] for t in ("<|im_end|>", "<|endoftext|>") if t in added]
 
 
 def _generation_config(folder: Path) -> dict:
     """Stop on the Qwen end-of-turn tokens when the tokenizer files name them."""
     from transformers import GenerationConfig
 
-    eos = []
-    tok = folder / "tokenizer.json"
-    if tok.is_file():
-        added = {t["content"]: t["id"] for t in json.loads(tok.read_text()).get("added_tokens", [])}
-        eos = [added[t] for t in ("<|im_end|>", "<|endoftext|>") if t in added]
-    return GenerationConfig(eos_token_id=eos or None).to_diff_dict()
+    return GenerationConfig(eos_token_id=_turn_end_ids(folder) or None).to_diff_dict()
+
+
+def _add_turn_end_ids(path: Path) -> None:
+    """A copied generation config (e.g. a base model's, eos <|endoftext|> alone) made to stop on
+    <|im_end|> too, as qed-jax's sampler does (`tokenizer.stop_ids`): a model trained on the chat
+    template ends its turns there."""
+    try:
+        generation = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(generation, dict):
+        return
+    eos = generation.get("eos_token_id")
+    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    missing = [i for i in _turn_end_ids(path.parent) if i not in eos]
+    if missing:
+        generation["eos_token_id"] = eos + missing
+        write_text_atomic(path, json.dumps(generation, indent=2))
 
 
 def _special_ids(generation_config: Path) -> dict:

@@ -102,10 +102,12 @@ def loaded_from(model: Qwen3) -> str | None:
 
 
 def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=None,
-                    max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = hf.MAX_SHARD_BYTES, generation_from=None,
+                    stop_on_turn_end: bool = False) -> Path:
     """Write a Hugging Face folder that transformers and vLLM load as Qwen3ForCausalLM.
     Tokenizer files come from `assets_from`, by default the folder the model was loaded from."""
     hf.require_local(path, "writes")
     if assets_from is None:
         assets_from = loaded_from(model)
-    return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes)
+    return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes,
+                      generation_from=generation_from, stop_on_turn_end=stop_on_turn_end)

@@ -27,6 +27,7 @@ from qed_jax.data import (DATA_ORDER, EPOCHS_ORDER, DataConfig, count_batches, p
                           read_rows)
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
+from qed_jax.pretrained import loaded_from
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_finite,
                              check_rows_divide, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
@@ -194,6 +195,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
         steps = config.steps or epoch_steps(examples, config, local_batch)
 
     model = load_model(mesh)
+    model_source = loaded_from(model)  # its generation config goes with the export
     check_vocab(tokenizer, model.config.vocab_size)
     warn_past_trained_positions(examples + eval_examples, model.config)
     graphdef, state = nnx.split(model)
@@ -279,7 +281,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
             ckpts.close()
             metrics_log.close()
         stopped_by = final_stop_signal(stop)
-    exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path)
+    exit_or_export(stopped_by, step, nnx.merge(graphdef, params), out, config.export_dtype, tokenizer_path,
+                   model_source)
     return {**result, "step": step, "loss": float(last_loss), "complete": False}
 
 

@@ -617,7 +617,7 @@ def check_finite(step: int, metrics: dict, ckpts: checkpoint.TrainCheckpoints) -
 
 
 def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, export_dtype: str | None,
-                   assets_from) -> None:
+                   assets_from, generation_from=None) -> None:
     """The end of a training run: exit after the stop signal `stopped_by` (its checkpoint is
     written; see multihost.final_stop_signal), else export the model as a Hugging Face folder
     `out/hf`."""
@@ -628,7 +628,8 @@ def exit_or_export(stopped_by: int | None, step: int, model: Qwen3, out: Path, e
     if export_dtype:
         from qed_jax.pretrained import save_pretrained
 
-        save_pretrained(model, out / "hf", dtype=export_dtype, assets_from=assets_from)
+        save_pretrained(model, out / "hf", dtype=export_dtype, assets_from=assets_from,
+                        generation_from=generation_from, stop_on_turn_end=True)
         if jax.process_index() == 0:  # the one that wrote it (on a pod, the path is on its host only)
             log.info("exported the model to %s", out / "hf")
 

@@ -703,3 +703,24 @@ sys.exit(cli.main(["report", "somewhere"]))
     assert "went on" in result.stdout  # Python dropped the KeyboardInterrupt
     assert result.returncode == 130, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == ["qed-jax report: interrupted"]  # nothing else without -v
+
+
+def test_an_export_of_a_base_models_generation_config_stops_where_the_sampler_stops(tmp_path):
+    # A base model's generation config ends on <|endoftext|> alone (Qwen3-*-Base); the chat model
+    # trained from it ends its turns on <|im_end|>, where qed-jax's sampler stops: so must
+    # transformers and vLLM reading the export.
+    from qed_jax.tokenizer import load_tokenizer, stop_ids
+
+    src = tmp_path / "base"
+    make_hf_model_with_tokenizer(src)
+    tokenizer = load_tokenizer(src)
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": endoftext, "top_k": 20}))
+    out = qed_jax.save_pretrained(qed_jax.from_pretrained(src), tmp_path / "out", dtype="float32",
+                                  stop_on_turn_end=True)  # as the trainers' exports do
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["top_k"] == 20
+    assert set(stop_ids(tokenizer)) <= set(generation["eos_token_id"])
+    from transformers import AutoModelForCausalLM
+
+    assert set(stop_ids(tokenizer)) <= set(AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id)

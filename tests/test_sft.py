@@ -864,3 +864,23 @@ def test_reasoning_that_holds_think_tokens_as_text_is_skipped(tokenizer):
     with pytest.raises(ValueError, match="think"):
         tokenize_sft(tokenizer, sft_messages(row))
     tokenize_sft(tokenizer, sft_messages({**row, "reasoning_content": "First idea. More thinking."}))
+
+
+def test_the_export_keeps_the_generation_config_of_the_model_trained_from(tmp_path):
+    # The tokenizer comes from its own folder; the sampling defaults of the model's
+    # generation_config.json (Qwen3's top_k 20) still go with the export. That model is a base
+    # model, ending on <|endoftext|> alone: the chat model trained from it stops on <|im_end|> too,
+    # in transformers and vLLM as in qed-jax's sampler.
+    from tests.helpers import make_hf_model_with_tokenizer
+
+    base, tokenizer_folder = tmp_path / "base", tmp_path / "tokenizer"
+    _, tokenizer = make_hf_model_with_tokenizer(base)
+    shutil.copytree(base, tokenizer_folder)
+    endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": endoftext, "temperature": 0.6,
+                                                              "top_k": 20, "top_p": 0.95}))
+    train(load_config(SFTConfig, TINY, [f"output_dir={tmp_path / 'run'}", "eval_every=0", "steps=1", "batch_size=16",
+                                        f"model.path={base}", "model.preset=null", f"tokenizer={tokenizer_folder}"]))
+    generation = json.loads((tmp_path / "run" / "hf" / "generation_config.json").read_text())
+    assert (generation["temperature"], generation["top_k"], generation["top_p"]) == (0.6, 20, 0.95)
+    assert set(generation["eos_token_id"]) == {endoftext, im_end}
