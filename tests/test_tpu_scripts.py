@@ -72,6 +72,8 @@ answer = locked(log_and_pop)
 if isinstance(answer, str):  # a state
     if answer == "MISSING":
         sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found")
+    if answer == "UNAVAILABLE":
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your current auth tokens")
     print(answer)
 elif isinstance(answer, tuple):  # a worker's job
     worker, job = answer
@@ -182,6 +184,62 @@ def test_wait_passes_pending_states_and_fails_on_failed(gcloud, capsys):
     write_script(states=["PROVISIONING", "FAILED"])
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
     assert "qr is FAILED, not ACTIVE" in capsys.readouterr().err
+
+
+def test_a_describe_that_fails_once_does_not_end_a_launch(gcloud, tmp_path):
+    """A slice may wait hours for spot capacity: one failed describe (a token refresh, a 503)
+    while waiting is retried, as scp and ssh are, instead of ending the launch."""
+    write_script, calls = gcloud
+    write_script(states=["MISSING", "WAITING_FOR_RESOURCES\tv5p-8", "UNAVAILABLE", "ACTIVE\tv5p-8"],
+                 runs={"0": [{"code": 0}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retry-delay", "0",
+                    "--run-id", "r", "--log-dir", str(tmp_path / "logs"), "--", "true") == 0
+    assert verbs(calls()) == ["describe", "create", "describe", "describe", "describe", "scp", "setup", "run"]
+    write_script(states=["UNAVAILABLE"] * 4)  # --retries defaults to 4
+    assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1  # not forever: the last failure is reported
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_launcher_killed_stops_its_workers(tmp_path, sig):
+    """Workers run in their own sessions: a launcher ended by SIGTERM or SIGHUP (its terminal
+    closed) must stop them as Ctrl-C does, not leave their jobs running."""
+    import os
+    import signal
+    import time
+    marker = f"sleep 6{os.getpid() % 1000}"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local", "--accelerator-type",
+                             "v5p-16", "--log-dir", str(tmp_path / "logs"), "--", *marker.split()],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while len(list((tmp_path / "logs").glob("worker-*.log"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(getattr(signal, sig))
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        time.sleep(0.5)
+        left = subprocess.run(["pgrep", "-f", f"^{marker}$"], capture_output=True, text=True).stdout.split()
+        for pid in left:  # do not leave them behind on a failure
+            os.kill(int(pid), signal.SIGKILL)
+    assert code == 130 and "interrupted" in proc.stderr.read()
+    assert left == []
+
+
+def test_a_copy_that_is_not_a_git_checkout_requests_no_slice(gcloud, tmp_path, monkeypatch):
+    """The code is packed with git: from a copy unpacked from an archive, launch must say so
+    before it creates (and waits for) a slice, not crash with a traceback once it is ACTIVE."""
+    _, calls = gcloud
+    copy = tmp_path / "copy"
+    (copy / "tpu_scripts").mkdir(parents=True)
+    shutil.copy(SCRIPTS / "tpu.py", copy / "tpu_scripts")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    for verb in (["setup", "qr"], ["launch", "qr", "--accelerator-type", "v5p-8", "--poll", "0"]):
+        done = subprocess.run([sys.executable, str(copy / "tpu_scripts" / "tpu.py"), *verb, *WHERE, "--", "true"][
+            : None if verb[0] == "launch" else -2], capture_output=True, text=True)
+        assert done.returncode == 1 and calls() == []
+        assert done.stderr.strip().splitlines() == [f"tpu.py {verb[0]}: error: {copy} is not a git checkout "
+                                                    "(git ls-files packs the code for the workers): run tpu.py from a clone"]
 
 
 def test_zone_is_required(gcloud, capsys, monkeypatch):
@@ -406,6 +464,16 @@ def test_dry_run_given_to_the_job_is_refused_before_any_call(gcloud, capsys):
     assert code == 1 and calls() == []
     assert capsys.readouterr().err.strip().endswith("--dry-run after `--` goes to the job, and the launcher would "
                                                     "run for real: put it before `--`")
+
+
+@pytest.mark.parametrize("verb,extra", [("create", ["--accelerator-type", "v5p-8", "--", "--capacity", "reserved"]),
+                                         ("delete", ["--", "--force"]), ("setup", ["--", "--commit", "HEAD"])])
+def test_what_follows_dashes_for_a_command_that_runs_no_job_is_refused(gcloud, capsys, verb, extra):
+    """Options after `--` of a command that runs no job would be dropped silently (a spot slice
+    requested instead of a reserved one, a delete without --force)."""
+    _, calls = gcloud
+    assert launcher(verb, "qr", *WHERE, *extra) == 1 and calls() == []
+    assert "nothing goes after `--`" in capsys.readouterr().err
 
 
 def test_bad_env_is_one_line_error(gcloud, capsys):

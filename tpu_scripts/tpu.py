@@ -83,6 +83,10 @@ class Gcloud:
         self.name, self.dry_run = args.name, args.dry_run
         self.accelerator_type: str | None = None  # the slice's, as the last `state()` read it
         self.local = getattr(args, "local", False)
+        # A describe that fails for another reason than a missing resource (a token refresh, a 503)
+        # is retried as scp/ssh are: one blip must not end a launch that waits or babysits for hours.
+        self.retries = getattr(args, "retries", 4)
+        self.retry_delay = getattr(args, "retry_delay", getattr(args, "poll", 10))
         self.zone = args.zone or os.environ.get("TPU_ZONE")
         self.project = args.project or os.environ.get("CLOUDSDK_CORE_PROJECT")
         if not self.zone and not self.local:
@@ -124,13 +128,19 @@ class Gcloud:
         if self.dry_run:
             print(shlex.join(argv), flush=True)
             return None
-        result = subprocess.run(argv, capture_output=True, text=True)
-        if result.returncode == 0:
-            state, _, accelerator_type = result.stdout.strip().partition("\t")
-            self.accelerator_type = accelerator_type.strip() or None
-            return state.strip()
-        if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
-            return None
+        for attempt in range(1, max(self.retries, 1) + 1):
+            result = subprocess.run(argv, capture_output=True, text=True)
+            if result.returncode == 0:
+                state, _, accelerator_type = result.stdout.strip().partition("\t")
+                self.accelerator_type = accelerator_type.strip() or None
+                return state.strip()
+            if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
+                return None
+            if attempt < self.retries:
+                wait = self.retry_delay * 2 ** (attempt - 1)
+                progress(f"describe {self.name} failed (exit {result.returncode}); retry {attempt}/"
+                         f"{self.retries - 1} in {wait:.0f}s")
+                time.sleep(wait)
         raise LaunchError(f"cannot describe {self.name} in {self.zone} (exit {result.returncode}): "
                           f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
 
@@ -178,6 +188,14 @@ def status(gc: Gcloud, args) -> None:
 def delete(gc: Gcloud, args) -> None:
     progress(f"deleting {gc.name}")
     gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"))
+
+
+def check_git_tree() -> None:
+    """`setup` packs the code with git (ls-files or archive): a copy that is not a git checkout
+    (unpacked from an archive) is refused before any slice is requested."""
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
+        raise LaunchError(f"{REPO} is not a git checkout (git ls-files packs the code for the workers): "
+                          "run tpu.py from a clone")
 
 
 def check_commit(commit: str | None) -> None:
@@ -431,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     polling.add_argument("--poll", type=not_negative(float), default=30, help="seconds between state checks (default: %(default)s)")
     copying = argparse.ArgumentParser(add_help=False)
     copying.add_argument("--commit", help="copy this commit (git archive) instead of the working tree")
-    copying.add_argument("--retries", type=positive(int), default=4, help="attempts for each scp/ssh step (default: %(default)s)")
+    copying.add_argument("--retries", type=positive(int), default=4, help="attempts for each scp/ssh step and state check (default: %(default)s)")
     copying.add_argument("--retry-delay", type=not_negative(float), default=10,
                          help="seconds before the first retry, doubling each time (default: %(default)s)")
     running = argparse.ArgumentParser(add_help=False)
@@ -493,9 +511,14 @@ def check_before_calling(args) -> None:
     cannot start."""
     if getattr(args, "accelerator_type", None):
         num_workers(args.accelerator_type)
+    if args.verb in ("setup", "launch"):
+        check_git_tree()
     check_commit(getattr(args, "commit", None))
     if args.verb in ("run", "launch") and not args.command:
         raise LaunchError("no command: put it after `--`, e.g. -- qed-jax sft --config C --distributed")
+    if args.verb not in ("run", "launch") and args.command:  # e.g. `create ... -- --capacity reserved`
+        raise LaunchError(f"{args.verb} runs no command, so nothing goes after `--` (got "
+                          f"{shlex.join(args.command)!r}): put its options before `--`")
     if "--dry-run" in args.command:  # the job's argument: the launcher itself would really run
         raise LaunchError("--dry-run after `--` goes to the job, and the launcher would run for real: put it "
                           "before `--`")
@@ -527,5 +550,13 @@ def main(argv=None) -> int:
     return result or 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # so that the workers are stopped (`run`'s finally), as on Ctrl-C
+
+
 if __name__ == "__main__":
+    # A launcher killed (SIGTERM) or whose terminal closed (SIGHUP) stops its workers as Ctrl-C
+    # does: they run in their own sessions, so nothing else would end their ssh jobs.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     sys.exit(main())
