@@ -73,7 +73,8 @@ if isinstance(answer, str):  # a state
     if answer == "MISSING":
         sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found")
     if answer == "UNAVAILABLE":
-        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your current auth tokens")
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your "
+                 "current auth tokens")
     print(answer)
 elif isinstance(answer, tuple):  # a worker's job
     worker, job = answer
@@ -238,8 +239,9 @@ def test_a_copy_that_is_not_a_git_checkout_requests_no_slice(gcloud, tmp_path, m
         done = subprocess.run([sys.executable, str(copy / "tpu_scripts" / "tpu.py"), *verb, *WHERE, "--", "true"][
             : None if verb[0] == "launch" else -2], capture_output=True, text=True)
         assert done.returncode == 1 and calls() == []
-        assert done.stderr.strip().splitlines() == [f"tpu.py {verb[0]}: error: {copy} is not a git checkout "
-                                                    "(git ls-files packs the code for the workers): run tpu.py from a clone"]
+        assert done.stderr.strip().splitlines() == [
+            f"tpu.py {verb[0]}: error: {copy} is not a git checkout (git ls-files packs the code for the workers): "
+            "run tpu.py from a clone"]
 
 
 def test_zone_is_required(gcloud, capsys, monkeypatch):

@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     polling.add_argument("--poll", type=not_negative(float), default=30, help="seconds between state checks (default: %(default)s)")
     copying = argparse.ArgumentParser(add_help=False)
     copying.add_argument("--commit", help="copy this commit (git archive) instead of the working tree")
-    copying.add_argument("--retries", type=positive(int), default=4, help="attempts for each scp/ssh step and state check (default: %(default)s)")
+    copying.add_argument("--retries", type=positive(int), default=4,
+                         help="attempts for each scp/ssh step and state check (default: %(default)s)")
     copying.add_argument("--retry-delay", type=not_negative(float), default=10,
                          help="seconds before the first retry, doubling each time (default: %(default)s)")
     running = argparse.ArgumentParser(add_help=False)
