@@ -42,9 +42,6 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
                               "choose a folder apart from it")
     if not where.exists() or not any(where.iterdir()):
         return False
-    if not overwrite:
-        raise ConfigError(f"{dest} already exists and is not empty; pass --overwrite to replace it "
-                          "(its contents are deleted once the source has loaded), or choose another destination")
     entries = list(where.iterdir())
     # A Hugging Face export cut off before its config.json (written last) still counts.
     holds_hf = any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in entries)
@@ -65,6 +62,10 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if others:
         raise ConfigError(f"{dest} holds the folder {others[0]}, which is no part of a model, so --overwrite leaves "
                           "it alone; move it out, or choose another destination")
+    # Only now, for a folder that --overwrite would replace: the refusals above are its exceptions.
+    if not overwrite:
+        raise ConfigError(f"{dest} already exists and is not empty; pass --overwrite to replace it "
+                          "(its contents are deleted once the source has loaded), or choose another destination")
     return True
 
 

@@ -334,8 +334,8 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
         assert cli.main(args) == 2
         assert "is empty; give a folder (an unset shell variable?)" in capsys.readouterr().err
     (work / "config.json").write_text("{}")  # a run directory has a config.json too
-    for dest in (work, "."):
-        assert cli.main(["convert", str(source), str(dest), "--overwrite"]) == 2
+    for dest, overwrite in ((work, ["--overwrite"]), (".", ["--overwrite"]), (work, [])):  # never "pass --overwrite"
+        assert cli.main(["convert", str(source), str(dest), *overwrite]) == 2
         assert (f"{dest} holds config.json and no model (neither a Hugging Face folder nor a qed-jax checkpoint), "
                 "so --overwrite leaves it alone") in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == ["config.json", "notes.txt"]
@@ -345,9 +345,10 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
     link.symlink_to(target)
     (target / "stale.txt").write_text("from before")
     (target / "my-sft-run" / "checkpoints").mkdir(parents=True)  # a folder kept beside the model: not its to delete
-    assert cli.main(["convert", str(source), str(link), "--overwrite"]) == 2
-    assert (f"{link} holds the folder my-sft-run, which is no part of a model, so --overwrite leaves it alone"
-            in capsys.readouterr().err)
+    for overwrite in (["--overwrite"], []):
+        assert cli.main(["convert", str(source), str(link), *overwrite]) == 2
+        assert (f"{link} holds the folder my-sft-run, which is no part of a model, so --overwrite leaves it alone"
+                in capsys.readouterr().err)
     (target / "my-sft-run" / "checkpoints").rmdir()
     (target / "my-sft-run").rmdir()
     (target / ".git").mkdir()  # a git clone's history: not the model's to delete either
