@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -233,6 +234,16 @@ def _generate_reasoning_cache(args) -> None:
             print(result.answer if result.answer is not None else "[no </think> in the last turn: no answer]")
 
 
+def _finite(value):
+    """A row as JSON can hold it: a float that is NaN or infinite (a Parquet column's missing
+    value) becomes null, as JSON has no such number."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _judge(args) -> int | None:
     from tqdm.auto import tqdm
 
@@ -261,10 +272,19 @@ def _judge(args) -> int | None:
     output = Path(args.output)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory; give a file path, e.g. {output / 'graded.jsonl'}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(output)
+    # A pipe or a device (/dev/null, /dev/stdout) is written, never renamed over; the command's own
+    # stdout (/dev/stdout, even when it is a file) gets the rows alone, its summary going to stderr.
     try:
-        with open(tmp, "w") as f:  # opened before any request: an unwritable output costs no grades
+        to_stdout = output.exists() and os.path.samestat(os.stat(output), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # a stdout without a file behind it
+        to_stdout = False
+    in_place = to_stdout or (output.exists() and not output.is_file())
+    target = output if in_place else Path(os.path.realpath(output))  # a link's file is replaced, not the link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target if in_place else temporary_beside(target)
+    try:
+        # opened before any request: an unwritable output costs no grades
+        with contextlib.nullcontext(sys.stdout) if to_stdout else open(tmp, "w") as f:
             judge = Judge(config)
             try:
                 with tqdm(total=len(items), desc="grading", unit="proof") as bar:
@@ -272,20 +292,23 @@ def _judge(args) -> int | None:
             finally:
                 judge.close()
             for row, g in zip(rows, grades):
-                f.write(json.dumps({**row, "score": g.score, "reward": None if g.failed else g.reward,
-                                    "reason": g.reason, "attempts": g.attempts, "latency_s": round(g.latency_s, 3),
-                                    "cached": g.cached, "judge_reply": g.raw},
-                                   default=str) + "\n")  # a Parquet row's dates or bytes as text
-        os.replace(tmp, output)
+                f.write(json.dumps(_finite({**row, "score": g.score, "reward": None if g.failed else g.reward,
+                                            "reason": g.reason, "attempts": g.attempts,
+                                            "latency_s": round(g.latency_s, 3), "cached": g.cached,
+                                            "judge_reply": g.raw}),
+                                   default=str, allow_nan=False) + "\n")  # a Parquet row's dates or bytes as text
+        if not in_place:
+            os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        if not in_place:
+            tmp.unlink(missing_ok=True)
     failed = [g for g in grades if g.failed]
     scored = [g.score for g in grades if not g.failed]
     unsent = Counter(g.reason for g in grades if not g.sent)
     mean = f"mean score {sum(scored) / len(scored):.2f}/7" if scored else "no score"
     zeros = f", {sum(unsent.values())} scored 0 unsent ({reason_counts(unsent)})" if unsent else ""
     print(f"graded {len(grades)} rows ({sum(g.cached for g in grades)} from cache{zeros}, {len(failed)} failed); "
-          f"{mean}; wrote {output}")
+          f"{mean}; wrote {output}", file=sys.stderr if to_stdout else sys.stdout)
     if unsent["no_think_end"]:
         print(f"{unsent['no_think_end']} completions have no </think>, so they scored 0 without a request "
               "(require_think_end): a server that splits off the reasoning leaves none in the text; give such rows "
@@ -566,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "http://localhost:8000/v1, caching grades in ./judge_cache.sqlite")
     p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
                    ".json array, a .parquet file or a Hugging Face dataset id")
-    p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason")
+    p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason (a file is "
+                   "replaced whole once every row is graded, a link's file and not the link; a pipe, a device or "
+                   "/dev/stdout is written as it is, the summary then going to stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. concurrency=8 (or judge.concurrency=8, as in other configs)")
     p.set_defaults(run=_judge)

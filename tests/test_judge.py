@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sqlite3
 import struct
 import subprocess
@@ -845,3 +846,57 @@ def test_endpoint_reasoning_that_is_not_text_is_a_clear_error():
     message = NS(content="proof", reasoning_content={"steps": 1})
     with pytest.raises(BadReply, match="the reply's reasoning is not text"):
         EndpointGenerator._sample(NS(usage=usage), NS(message=message, finish_reason="stop"), "proof")
+
+
+def test_judge_cli_writes_into_a_pipe_a_device_or_a_link_without_replacing_it(tmp_path):
+    """--output that is not a plain file is written, never renamed over: a FIFO's reader gets the
+    rows, a device (/dev/null, /dev/stdout) stays one, and a link keeps pointing at its file, which
+    gets the rows."""
+    import threading
+
+    rows = tmp_path / "rows.jsonl"
+    _write_rows(rows, 2)
+    fifo, link, real = tmp_path / "fifo", tmp_path / "link.jsonl", tmp_path / "real.jsonl"
+    os.mkfifo(fifo)
+    real.write_text("old\n")
+    link.symlink_to(real.name)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+    with JudgeServer({}) as server:
+        for out in (fifo, link):
+            assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+                             "cache_path=null"]) == 0
+    reader.join(10)
+    assert [json.loads(line)["score"] for line in read[0].splitlines()] == [7, 7]
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink()
+    assert [json.loads(line)["score"] for line in real.read_text().splitlines()] == [7, 7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.jsonl", "real.jsonl", "rows.jsonl"]
+    # --output /dev/stdout: the rows alone on stdout (a pipe or a file), the summary on stderr.
+    with JudgeServer({}) as server:
+        for into_file in (False, True):
+            caught = tmp_path / "stdout.jsonl"
+            with open(caught, "w") if into_file else contextlib.nullcontext(subprocess.PIPE) as stdout:
+                done = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "--input", str(rows), "--output",
+                                       "/dev/stdout", f"base_url={server.url}", "cache_path=null"], stdout=stdout,
+                                      stderr=subprocess.PIPE, text=True, cwd=REPO)
+            assert done.returncode == 0, done.stderr[-2000:]
+            text = caught.read_text() if into_file else done.stdout
+            assert [json.loads(line)["score"] for line in text.splitlines()] == [7, 7]
+            assert "graded 2 rows" in done.stderr
+
+
+def test_judge_cli_writes_a_parquet_rows_nan_as_null(tmp_path):
+    """JSON has no NaN: a Parquet float column's missing value is null in the output (json.dumps
+    would write NaN, which JSON parsers other than Python's refuse)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet, out = tmp_path / "rows.parquet", tmp_path / "graded.jsonl"
+    pq.write_table(pa.table({"problem": ["P"], "proof": ["Q.E.D."], "difficulty": [float("nan")],
+                             "weight": [float("inf")]}), parquet)
+    with JudgeServer({}) as server:
+        assert cli.main(["judge", "--input", str(parquet), "--output", str(out), f"base_url={server.url}",
+                         "cache_path=null"]) == 0
+    row = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the output"))
+    assert row["difficulty"] is None and row["weight"] is None and row["score"] == 7
