@@ -274,7 +274,7 @@ class RCSummarizerConfig:
     def __post_init__(self):
         check_sampling(self, "rc.summarizer.")
         check_dtype(self.dtype, "rc.summarizer.dtype")
-        if self.path is None:  # the policy summarizes itself, thinking, as it samples rollouts
+        if not self.path:  # the policy summarizes itself (open_summarizer reads "" as no path too)
             for field in dataclasses.fields(self):
                 if field.name in SEPARATE_ONLY and getattr(self, field.name) != field.default:
                     raise ConfigError(f"rc.summarizer.{field.name} is for a separate summarizer (rc.summarizer.path): "

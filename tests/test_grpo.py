@@ -897,3 +897,16 @@ def test_two_processes_on_rc_states_sample_what_one_does(tmp_path):
         assert np.allclose([m[key] for m in one], [m[key] for m in two], rtol=0, atol=0, equal_nan=True), key
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
+
+
+def test_an_empty_rc_summarizer_path_is_no_summarizer_and_refuses_its_settings(tmp_path):
+    """`path: ""` in a YAML file runs without a separate summarizer (open_summarizer reads it as
+    none), so the settings only a separate one reads are refused as they are without a path."""
+    from qed_jax.grpo import open_summarizer
+
+    config = tmp_path / "rc.yaml"
+    config.write_text(Path(TINY_RC).read_text().replace("    max_new_tokens: 12\n",
+                                                         "    max_new_tokens: 12\n    path: \"\"\n"))
+    assert open_summarizer(load_config(GRPOConfig, config)) is None
+    with pytest.raises(ConfigError, match="rc.summarizer.temperature is for a separate summarizer"):
+        load_config(GRPOConfig, config, ["rc.summarizer.temperature=0.3"])
