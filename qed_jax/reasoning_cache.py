@@ -454,11 +454,11 @@ class ReasoningCache:
             self.summarizer_sampling, self.summarizer_thinking = summarizer.sampling, summarizer.thinking
             summarizer_tokenizer = summarizer.tokenizer or tokenizer
             tok.check_vocab(summarizer_tokenizer, self.summarizer_config.vocab_size, "the summarizer")
-            if self.summarizer_config.vocab_size < model.config.vocab_size:
-                raise ConfigError(f"the summarizer's vocab_size ({self.summarizer_config.vocab_size}) is smaller than "
-                                  f"the policy's ({model.config.vocab_size}): the policy's sampled ids go into its "
-                                  "prompt, and an id past its embedding reads as NaN; use a summarizer with at least "
-                                  "the policy's embedding rows")
+            if self.summarizer_config.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"the summarizer's vocab_size ({self.summarizer_config.vocab_size}) is not the "
+                                  f"policy's ({model.config.vocab_size}): the policy's sampled ids go into its prompt "
+                                  "and its summary's into the policy's, where an id past the embedding reads as NaN; "
+                                  "use a summarizer with the policy's embedding rows")
             if summarizer_tokenizer.get_vocab() != vocab:
                 raise ConfigError("the summarizer's tokenizer has another vocabulary than the policy's; RC passes "
                                   "the policy's token ids to the summarizer, so both must share one vocabulary")

@@ -246,16 +246,20 @@ def test_a_summarizer_whose_template_always_thinks_warns_with_its_thinking_off(s
         "eval rc.summarizer_thinking, GRPO rc.summarizer.thinking) so that a summary is its text after </think>"]
 
 
-def test_a_summarizer_with_fewer_embedding_rows_than_the_policy_is_refused():
-    """The policy may sample any id below its vocab_size (padding rows too); in a summarizer
-    without that row the id would read NaN and empty the summary, so it is refused up front."""
+def test_a_summarizer_with_other_embedding_rows_than_the_policy_is_refused():
+    """Either model may sample any id below its vocab_size (padding rows too), and each one's ids
+    go into the other's prompt: in a model without that row the id would read NaN (an empty
+    summary, or a turn that stops at once), so a summarizer with fewer or more rows is refused."""
     tokenizer = load_tokenizer(TOKENIZER)
     params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=4, no_summary="none", max_turns=1)
     smaller = _model(1, preset("tiny").replace(vocab_size=len(tokenizer)))  # holds the tokenizer, not 512 rows
-    with pytest.raises(ConfigError, match=rf"^the summarizer's vocab_size \({len(tokenizer)}\) is smaller than the "
-                                          r"policy's \(512\): the policy's sampled ids go into its prompt"):
-        rc.ReasoningCache(_model(0), tokenizer, params, rc.Summarizer(smaller))
-    rc.ReasoningCache(smaller, tokenizer, params, rc.Summarizer(_model(0)))  # a larger one is fine
+    for policy, summarizer, rows in ((_model(0), smaller, (len(tokenizer), 512)),
+                                     (smaller, _model(0), (512, len(tokenizer)))):
+        with pytest.raises(ConfigError, match=rf"^the summarizer's vocab_size \({rows[0]}\) is not the policy's "
+                                              rf"\({rows[1]}\): the policy's sampled ids go into its prompt"):
+            rc.ReasoningCache(policy, tokenizer, params, rc.Summarizer(summarizer))
+    rc.ReasoningCache(smaller, tokenizer, params, rc.Summarizer(_model(2, preset("tiny").replace(
+        vocab_size=len(tokenizer)))))  # the same rows
 
 
 def test_a_turn_past_the_trained_positions_warns_once(caplog):
