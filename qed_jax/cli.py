@@ -275,8 +275,9 @@ def _judge(args) -> int | None:
     # A pipe or a device (/dev/null, /dev/stdout) is written, never renamed over; the command's own
     # stdout (/dev/stdout, even when it is a file) gets the rows alone, its summary going to stderr.
     try:
-        to_stdout = output.exists() and os.path.samestat(os.stat(output), os.fstat(sys.stdout.fileno()))
-    except (OSError, ValueError):  # a stdout without a file behind it
+        to_stdout = (sys.stdout is not None and output.exists()
+                     and os.path.samestat(os.stat(output), os.fstat(sys.stdout.fileno())))
+    except (OSError, ValueError):  # a stdout without a file behind it (None: fd 1 was closed)
         to_stdout = False
     in_place = to_stdout or (output.exists() and not output.is_file())
     target = output if in_place else Path(os.path.realpath(output))  # a link's file is replaced, not the link
@@ -590,8 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
                    ".json array, a .parquet file or a Hugging Face dataset id")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason (a file is "
-                   "replaced whole once every row is graded, a link's file and not the link; a pipe, a device or "
-                   "/dev/stdout is written as it is, the summary then going to stderr)")
+                   "replaced whole once every row is graded, a link's file and not the link; a named pipe or a "
+                   "device is written as it is; the command's own stdout, e.g. /dev/stdout, sends the summary to "
+                   "stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. concurrency=8 (or judge.concurrency=8, as in other configs)")
     p.set_defaults(run=_judge)

@@ -24,7 +24,7 @@ import numpy as np
 from qed_jax.config import (ConfigError, check_seed, hashed_seed, is_missing_local_path, require_at_least_one,
                             require_file, require_range)
 from qed_jax.errors import first_line
-from qed_jax.tokenizer import render_chat, stop_ids
+from qed_jax.tokenizer import render_chat, stop_ids, token_id
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,10 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
         raise ValueError("the answer's text holds <|im_end|>, <|endoftext|> or <|im_start|>, which tokenize as the "
                          "chat's own tokens: trained, the model would learn to end its turn there")
     # The template writes one </think>, and a <think> unless its generation prompt opened it.
-    vocab, trained = tokenizer.get_vocab(), answer_ids[:stop]
+    trained = answer_ids[:stop]
     for token, own in (("<think>", 0 if prefix.rstrip().endswith("<think>") else 1), ("</think>", 1)):
-        if token in vocab and trained.count(vocab[token]) > own:
+        found = token_id(tokenizer, token)
+        if found is not None and trained.count(found) > own:
             raise ValueError(f"the answer's text holds {token} beyond the chat template's own, which tokenizes as the "
                              "thinking block's token: trained, the model would learn to open or close its thinking "
                              "there")

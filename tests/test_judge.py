@@ -900,3 +900,16 @@ def test_judge_cli_writes_a_parquet_rows_nan_as_null(tmp_path):
                          "cache_path=null"]) == 0
     row = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the output"))
     assert row["difficulty"] is None and row["weight"] is None and row["score"] == 7
+
+
+def test_judge_cli_with_stdout_closed_replaces_its_output(tmp_path, monkeypatch):
+    """A command started with stdout closed (`>&-`, a daemon) has sys.stdout None: its second run
+    into the same --output is no AttributeError."""
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl"
+    _write_rows(rows, 1)
+    out.write_text("old\n")
+    monkeypatch.setattr(sys, "stdout", None)
+    with JudgeServer({}) as server:
+        assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}",
+                         "cache_path=null"]) == 0
+    assert json.loads(out.read_text())["score"] == 7

@@ -72,6 +72,9 @@ answer = locked(log_and_pop)
 if isinstance(answer, str):  # a state
     if answer == "MISSING":
         sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found")
+    if answer == "DENIED":
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) PERMISSION_DENIED: Permission "
+                 "'tpu.queuedResources.get' denied")
     if answer == "UNAVAILABLE":
         sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your "
                  "current auth tokens")
@@ -198,6 +201,8 @@ def test_a_describe_that_fails_once_does_not_end_a_launch(gcloud, tmp_path):
     assert verbs(calls()) == ["describe", "create", "describe", "describe", "describe", "scp", "setup", "run"]
     write_script(states=["UNAVAILABLE"] * 4)  # --retries defaults to 4
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1  # not forever: the last failure is reported
+    write_script(states=["DENIED", "ACTIVE\tv5p-8"])  # a missing permission: no retry cures it
+    assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
@@ -658,3 +663,34 @@ def test_bad_numbers_are_usage_errors(gcloud, capsys, flag, value, message):
         launcher("launch", "qr", *WHERE, "--accelerator-type", "v4-8", flag, value, "--dry-run", "--", "true")
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"tpu.py launch: error: argument {flag}: {message}"
+
+
+def test_a_launcher_started_with_nohup_outlives_its_terminal(tmp_path):
+    """`nohup tpu.py launch ... &` ignores SIGHUP on purpose: a closed terminal must not stop a
+    launch that babysits its job for hours (SIGTERM still stops the workers)."""
+    import os
+    import signal
+    import time
+    marker = f"sleep 7{os.getpid() % 1000}"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local", "--accelerator-type",
+                             "v5p-16", "--log-dir", str(tmp_path / "logs"), "--", *marker.split()],
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    deadline = time.time() + 30
+    while len(list((tmp_path / "logs").glob("worker-*.log"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert proc.poll() is None  # still running
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        time.sleep(0.5)
+        left = subprocess.run(["pgrep", "-f", f"^{marker}$"], capture_output=True, text=True).stdout.split()
+        for pid in left:
+            os.kill(int(pid), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130 and left == []

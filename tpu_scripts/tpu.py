@@ -75,6 +75,10 @@ def num_workers(accelerator: str) -> int:
     return chips // 4
 
 
+# gcloud's errors that a retry cannot cure (a missing permission, a bad zone or project): reported at once.
+PERMANENT_ERRORS = ("PERMISSION_DENIED", "INVALID_ARGUMENT")
+
+
 class Gcloud:
     """Builds gcloud commands for one slice and runs them, or prints them under --dry-run.
     With `local`, the per-worker job runs as a local subprocess instead of over ssh (for tests)."""
@@ -136,6 +140,8 @@ class Gcloud:
                 return state.strip()
             if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
                 return None
+            if any(code in result.stderr for code in PERMANENT_ERRORS):  # no retry makes these pass
+                break
             if attempt < self.retries:
                 wait = self.retry_delay * 2 ** (attempt - 1)
                 progress(f"describe {self.name} failed (exit {result.returncode}); retry {attempt}/"
@@ -193,9 +199,15 @@ def delete(gc: Gcloud, args) -> None:
 def check_git_tree() -> None:
     """`setup` packs the code with git (ls-files or archive): a copy that is not a git checkout
     (unpacked from an archive) is refused before any slice is requested."""
-    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
-        raise LaunchError(f"{REPO} is not a git checkout (git ls-files packs the code for the workers): "
-                          "run tpu.py from a clone")
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"], capture_output=True,
+                          text=True)
+    if done.returncode:
+        why = next((line for line in done.stderr.splitlines() if line.strip()), "")
+        if "not a git repository" in why:
+            raise LaunchError(f"{REPO} is not a git checkout (git ls-files packs the code for the workers): "
+                              "run tpu.py from a clone")
+        # e.g. "detected dubious ownership": a clone owned by another user, which git's own advice fixes
+        raise LaunchError(f"git cannot read {REPO} ({why.removeprefix('fatal: ')}); see `git -C {REPO} status`")
 
 
 def check_commit(commit: str | None) -> None:
@@ -558,6 +570,8 @@ def _interrupt(signum, frame):
 if __name__ == "__main__":
     # A launcher killed (SIGTERM) or whose terminal closed (SIGHUP) stops its workers as Ctrl-C
     # does: they run in their own sessions, so nothing else would end their ssh jobs.
+    # A signal ignored on purpose (`nohup tpu.py launch ... &`: SIGHUP) stays ignored.
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
     sys.exit(main())
