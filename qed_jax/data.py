@@ -242,7 +242,7 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     if end not in answer_ids:
         raise ValueError("the rendered answer has no <|im_end|>")
     stop = len(answer_ids) - answer_ids[::-1].index(end)  # through the last <|im_end|>
-    chat_ids = {*stop_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|im_start|>")}
+    chat_ids = {*stop_ids(tokenizer), token_id(tokenizer, "<|im_start|>")} - {None}  # not an unknown word's id
     if chat_ids.intersection(answer_ids[:stop - 1]):
         raise ValueError("the answer's text holds <|im_end|>, <|endoftext|> or <|im_start|>, which tokenize as the "
                          "chat's own tokens: trained, the model would learn to end its turn there")

@@ -151,7 +151,7 @@ class EvalRCConfig:
     def __post_init__(self):
         require_at_least_one(self, ("turns", "summary_tokens", "reasoning_tokens", "summarizer_tokens",
                                     "problem_tokens", "batch_size"), "rc.")
-        if self.summarizer_thinking and self.summarizer is None:
+        if self.summarizer_thinking and not self.summarizer:  # "" is none too, as `if rc.summarizer` reads it
             raise ConfigError("rc.summarizer_thinking is for a separate summarizer: set rc.summarizer too")
 
 

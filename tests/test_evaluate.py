@@ -989,6 +989,8 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path, ["model.base_url=http://x/v1", "model.name=m", "mode=rc"])
     with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.summarizer_thinking=true"])
+    with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
+        load_config(EvalConfig, path, ["model.path=x", "mode=rc", 'rc.summarizer=""', "rc.summarizer_thinking=true"])
     with pytest.raises(ConfigError, match="^mode rc decodes rc.batch_size rows per compiled call; "
                                           "model.kv_cache_gib sizes the single-shot sampler's waves"):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "model.kv_cache_gib=8"])

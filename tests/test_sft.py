@@ -461,6 +461,25 @@ def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, ca
     assert "which tokenize as the chat's own tokens" in caplog.records[0].getMessage()
 
 
+def test_an_unknown_word_in_the_answer_is_not_taken_for_a_missing_chat_token():
+    """A tokenizer with an unk token and no <|im_start|> token: an answer's unknown word (the unk
+    id, which a lookup of the missing token also returns) is no chat token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qed_jax.tokenizer import THINKING_CHAT_TEMPLATE
+
+    words = ["user", "assistant", "Prove", "it", "Proof", "done", "think"]
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|im_end|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE
+    ids, mask = tokenize_sft(tokenizer, sft_messages({"problem": "Prove it", "reasoning_content": "think",
+                                                      "proof": "Proof done, unknown"}))
+    assert tokenizer.unk_token_id in ids[mask == 1].tolist()
+
+
 def test_a_row_the_chat_template_refuses_is_skipped_and_no_template_is_one_error(caplog):
     from qed_jax.tokenizer import THINKING_CHAT_TEMPLATE
 
