@@ -249,16 +249,27 @@ def _widest_dtype(tensors: SafetensorsFolder, names) -> str | None:
     return None if widest is None else widest.name
 
 
-def stored_param_dtype(folder: Path, config: ModelConfig) -> str | None:
-    """What `open_hf`'s loader gives the parameters of `folder` unless told a dtype, read from the
-    safetensors headers; None when the folder holds no weights (a config.json alone)."""
+def safetensors_of(folder: Path) -> SafetensorsFolder | None:
+    """The folder's safetensors headers; None when it holds no weights (a config.json alone)."""
     try:
-        tensors = SafetensorsFolder(folder)
+        return SafetensorsFolder(folder)
     except CheckpointError:
         if any(folder.glob("*.safetensors*")):
             raise  # weights that cannot be read: the error names the file
         return None
-    return _widest_dtype(tensors, _expected_shapes(tensor_maps(config), config))
+
+
+def stored_param_dtype(folder: Path, config: ModelConfig) -> str | None:
+    """What `open_hf`'s loader gives the parameters of `folder` unless told a dtype, read from the
+    safetensors headers; None when the folder holds no weights (a config.json alone)."""
+    tensors = safetensors_of(folder)
+    return None if tensors is None else _widest_dtype(tensors, _expected_shapes(tensor_maps(config), config))
+
+
+def holds_own_head(tensors: SafetensorsFolder) -> bool:
+    """Whether a folder holds an output head beside its embedding: one whose config.json ties
+    them is loaded untied when the two differ (`open_hf`), and planned untied (`plan`)."""
+    return "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
 
 
 def open_hf(folder: str | Path):
@@ -270,7 +281,7 @@ def open_hf(folder: str | Path):
     folder = Path(folder)
     config = read_model_config(folder)
     tensors = SafetensorsFolder(folder)
-    if config.tie_word_embeddings and "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors \
+    if config.tie_word_embeddings and holds_own_head(tensors) \
             and not np.array_equal(tensors.read("lm_head.weight"), tensors.read("model.embed_tokens.weight")):
         # As transformers loads such a folder: a head of its own is used, not tied to the embedding.
         log.warning("%s: config.json ties the output head to the embedding, but the folder holds a different "

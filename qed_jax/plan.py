@@ -344,17 +344,25 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
     if preset_name:
         base, source = preset(preset_name), f"preset {preset_name} (--preset)"
     elif path is None:
+        if not spec.preset:
+            raise ConfigError("model: set model.path (a checkpoint to load) or model.preset (a random init), "
+                              f"or pass --preset (one of {', '.join(PRESETS)})")
         base, source = preset(spec.preset), f"preset {spec.preset}"
     elif checkpoint.is_checkpoint_dir(path):
         base, source = checkpoint.read_model_config(path), f"qed-jax checkpoint {path}"
     elif (Path(path) / "config.json").is_file():
         base, source = hf.read_model_config(Path(path)), f"{path}/config.json"
+        tensors = hf.safetensors_of(Path(path))
+        if base.tie_word_embeddings and tensors is not None and hf.holds_own_head(tensors):
+            base = base.replace(tie_word_embeddings=False)  # loaded untied if it differs: planned as the larger
         if spec.param_dtype is None and (stored := hf.stored_param_dtype(Path(path), base)):
             base = base.replace(param_dtype=stored)  # as the trainers load it
     elif (by_name := path.rstrip("/").split("/")[-1].lower()) in PRESETS:
         base, source = preset(by_name), f"preset {by_name} ({path} is not a local folder; same name)"
     else:
-        raise ConfigError(f"model.path {path!r} is not a local folder or checkpoint and names no preset: "
+        what = "a local folder, but neither a Hugging Face model (config.json) nor a qed-jax checkpoint" \
+            if Path(path).exists() else "not a local folder or checkpoint"
+        raise ConfigError(f"model.path {path!r} is {what}, and names no preset: "
                           f"pass --preset (one of {', '.join(PRESETS)})")
     param_dtype = spec.param_dtype or base.param_dtype
     config = base.replace(param_dtype=param_dtype, dtype=spec.dtype or param_dtype, remat=spec.remat,

@@ -522,3 +522,25 @@ def test_tpu_decode_loop_reads_the_cache_in_place(libtpu, monkeypatch, fresh_jit
         hlo)} - {1}
     assert copied_slots == ({512} if reader == "chunk loop" else set())
     assert ("tpu_custom_call" in hlo) == (reader == "kernel")
+
+
+def test_model_config_without_a_model_names_what_to_set(tmp_path):
+    # Neither model.path nor model.preset (nor --preset): what to set, not "unknown preset None".
+    with pytest.raises(ConfigError, match="set model.path .* or model.preset"):
+        plan.model_config(ModelSpec())
+    # A local folder that holds no model is not "not a local folder".
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ConfigError, match="a local folder, but neither"):
+        plan.model_config(ModelSpec(path=str(tmp_path / "notamodel")))
+
+
+def test_a_folder_whose_config_ties_a_head_it_holds_is_planned_untied(tmp_path):
+    """A config.json that ties the head to the embedding beside an lm_head.weight of its own is
+    loaded untied (as transformers does): planned so, with the head's memory counted."""
+    folder = tmp_path / "hf"
+    make_hf_model(folder, tie_word_embeddings=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    planned, _ = plan.model_config(ModelSpec(path=str(folder)))
+    assert planned.tie_word_embeddings is False
+    assert open_model(ModelSpec(path=str(folder)), seed=0)(None).config.tie_word_embeddings is False  # as trained
