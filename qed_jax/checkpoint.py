@@ -63,6 +63,13 @@ def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
     )
 
 
+def holds_training_steps(directory) -> bool:
+    """Whether a checkpoint directory is a trainer's (its steps hold optimizer state), not a
+    `qed-jax convert` output (parameters only)."""
+    directory = epath.Path(directory)
+    return any(step.name.isdigit() and (step / "opt_state").exists() for step in directory.iterdir())
+
+
 def write_model_config(directory, config: ModelConfig, assets_from=None) -> None:
     """Written by process 0 only; assets are copied from a local or remote folder."""
     directory = epath.Path(directory)

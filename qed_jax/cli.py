@@ -103,8 +103,9 @@ def _convert(args) -> None:
                      "exiting at once; the output is unfinished") as stop:
         if replace:
             _clear(dest)
-        if to_hf:
-            save_pretrained(model, dest, dtype=model.config.param_dtype, assets_from=source)
+        if to_hf:  # a trainer's checkpoints export as its own export does: stopping where the sampler stops
+            save_pretrained(model, dest, dtype=model.config.param_dtype, assets_from=source,
+                            stop_on_turn_end=checkpoint.holds_training_steps(source))
             wrote = f"wrote Hugging Face folder {dest} ({model.config.param_dtype})"
         else:
             checkpoint.save_model(model, dest, assets_from=source)

@@ -133,6 +133,9 @@ class SafetensorsFolder:
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); copy or "
                                       "export the model again") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise CheckpointError(f"{index}: not a safetensors index (its weight_map is not a table of tensor "
+                                      "names to file names); copy or export the model again")
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             files = ["model.safetensors"]

@@ -360,8 +360,14 @@ def model_config(spec, preset_name: str | None = None) -> tuple[ModelConfig, str
     elif (by_name := path.rstrip("/").split("/")[-1].lower()) in PRESETS:
         base, source = preset(by_name), f"preset {by_name} ({path} is not a local folder; same name)"
     else:
-        what = "a local folder, but neither a Hugging Face model (config.json) nor a qed-jax checkpoint" \
-            if Path(path).exists() else "not a local folder or checkpoint"
+        from qed_jax.pretrained import run_dir_models
+
+        if inside := run_dir_models(Path(path)):
+            raise ConfigError(f"model.path {path!r} is a trainer's run directory, not a model; pass "
+                              f"{' or '.join(inside)}")
+        what = ("a local folder, but neither a Hugging Face model (config.json) nor a qed-jax checkpoint"
+                if Path(path).is_dir() else "a file, not a model folder" if Path(path).exists()
+                else "not a local folder or checkpoint")
         raise ConfigError(f"model.path {path!r} is {what}, and names no preset: "
                           f"pass --preset (one of {', '.join(PRESETS)})")
     param_dtype = spec.param_dtype or base.param_dtype

@@ -22,6 +22,12 @@ _HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja"]
 _RUN_DIR_MODELS = (("hf", "its exported model"), ("checkpoints", "its latest checkpoint"))
 
 
+def run_dir_models(where) -> list[str]:
+    """The models a trainer's run directory holds (its export, its checkpoints), each as
+    "PATH (what it is)"; none for another folder."""
+    return [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]
+
+
 def resolve(path) -> str:
     """A local folder (`~` expanded), a gs:// path, or a Hugging Face Hub id (downloaded once
     into the HF cache)."""
@@ -65,7 +71,7 @@ def open_pretrained(path, step: int | None = None):
         checkpoint.read_model_config(where)
         load = partial(checkpoint.load_model, where, step=step)
     elif not hf.has_safetensors(where) and (
-            inside := [f"{where / d} ({what})" for d, what in _RUN_DIR_MODELS if (where / d).is_dir()]):
+            inside := run_dir_models(where)):
         raise CheckpointError(f"{path}: a trainer's run directory, not a model; pass {' or '.join(inside)}")
     elif (where / "config.json").exists():
         if step is not None:

@@ -725,3 +725,16 @@ def test_an_export_of_a_base_models_generation_config_stops_where_the_sampler_st
     from transformers import AutoModelForCausalLM
 
     assert set(stop_ids(tokenizer)) <= set(AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id)
+
+
+def test_a_damaged_safetensors_index_is_one_line(tmp_path):
+    """An index that is not JSON, or whose weight_map is not tensor names to file names, names
+    the index instead of failing on it with a TypeError deep in the reader."""
+    from qed_jax.hf import CheckpointError, SafetensorsFolder
+
+    index = tmp_path / "model.safetensors.index.json"
+    for text in ("{not json", '{"weight_map": {"lm_head.weight": 1}}', '{"weight_map": ["a.safetensors"]}',
+                 '{"weight_map": {"lm_head.weight": ["a.safetensors"]}}'):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=rf"^{index}: not a safetensors index"):
+            SafetensorsFolder(tmp_path)

@@ -532,6 +532,13 @@ def test_model_config_without_a_model_names_what_to_set(tmp_path):
     (tmp_path / "notamodel").mkdir()
     with pytest.raises(ConfigError, match="a local folder, but neither"):
         plan.model_config(ModelSpec(path=str(tmp_path / "notamodel")))
+    (tmp_path / "weights.safetensors").write_bytes(b"")  # a file: not "a local folder"
+    with pytest.raises(ConfigError, match="is a file, not a model folder"):
+        plan.model_config(ModelSpec(path=str(tmp_path / "weights.safetensors")))
+    (tmp_path / "run" / "hf").mkdir(parents=True)  # a trainer's run directory: its models named, as a run says
+    with pytest.raises(ConfigError, match=rf"is a trainer's run directory, not a model; pass {tmp_path}/run/hf "
+                                          r"\(its exported model\)$"):
+        plan.model_config(ModelSpec(path=str(tmp_path / "run")))
 
 
 def test_a_folder_whose_config_ties_a_head_it_holds_is_planned_untied(tmp_path):

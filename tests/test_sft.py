@@ -903,3 +903,7 @@ def test_the_export_keeps_the_generation_config_of_the_model_trained_from(tmp_pa
     generation = json.loads((tmp_path / "run" / "hf" / "generation_config.json").read_text())
     assert (generation["temperature"], generation["top_k"], generation["top_p"]) == (0.6, 20, 0.95)
     assert set(generation["eos_token_id"]) == {endoftext, im_end}
+    # So does the export `qed-jax convert` makes of its checkpoints.
+    assert cli.main(["convert", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "converted")]) == 0
+    converted = json.loads((tmp_path / "converted" / "generation_config.json").read_text())
+    assert {endoftext, im_end} <= set(converted["eos_token_id"])
