@@ -4,7 +4,6 @@ import json
 import logging
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -378,10 +377,15 @@ def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
     with pytest.raises(ConfigError, match=r"^generate: prompt 1 is a dict; each prompt is a string or a conversation"):
         qed_jax.generate(model, tokenizer, ["Let n be", conversation[0]], greedy)
     # A tokenizer with no token that ends a turn would sample to the budget every time.
-    bare = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}, eos_token_id=None)
-    with pytest.raises(ConfigError, match=r"the tokenizer has none of <\|im_end\|>, <\|endoftext\|> or an eos token, "
-                                          "so generation would never stop: use the model's own tokenizer"):
-        stop_ids(bare)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    for unknown in ({}, {"unk_token": "a"}):  # a missing token looked up as None, or as the unknown word's id
+        bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")),
+                                       **unknown)
+        with pytest.raises(ConfigError, match=r"the tokenizer has none of <\|im_end\|>, <\|endoftext\|> or an eos "
+                                              "token, so generation would never stop: use the model's own tokenizer"):
+            stop_ids(bare)
 
 
 def test_first_argmax_is_argmax_with_ties():
