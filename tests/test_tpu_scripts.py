@@ -672,10 +672,10 @@ def test_a_launcher_started_with_nohup_outlives_its_terminal(tmp_path):
     import signal
     import time
     marker = f"sleep 7{os.getpid() % 1000}"
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local", "--accelerator-type",
-                             "v5p-16", "--log-dir", str(tmp_path / "logs"), "--", *marker.split()],
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    # nohup itself (a preexec_fn would fork this multithreaded JAX process: a possible deadlock)
+    proc = subprocess.Popen(["nohup", sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local",
+                             "--accelerator-type", "v5p-16", "--log-dir", str(tmp_path / "logs"), "--",
+                             *marker.split()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while len(list((tmp_path / "logs").glob("worker-*.log"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
