@@ -63,11 +63,11 @@ def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
     )
 
 
-def holds_training_steps(directory) -> bool:
-    """Whether a checkpoint directory is a trainer's (its steps hold optimizer state), not a
-    `qed-jax convert` output (parameters only)."""
+def training_steps(directory) -> list[str]:
+    """The steps of a folder that hold optimizer state, sorted: a trainer's checkpoints have
+    some, a `qed-jax convert` output (parameters only) none."""
     directory = epath.Path(directory)
-    return any(step.name.isdigit() and (step / "opt_state").exists() for step in directory.iterdir())
+    return sorted(step.name for step in directory.iterdir() if step.is_dir() and (step / "opt_state").exists())
 
 
 def write_model_config(directory, config: ModelConfig, assets_from=None) -> None:

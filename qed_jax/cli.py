@@ -7,7 +7,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     model to replace: `_clear` empties it only once the source has loaded."""
     from etils import epath
 
-    from qed_jax.checkpoint import is_checkpoint_dir
+    from qed_jax import checkpoint
 
     for name, path in (("SOURCE", source), ("DEST", dest)):
         if not path.strip():
@@ -46,12 +45,12 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     entries = list(where.iterdir())
     # A Hugging Face export cut off before its config.json (written last) still counts.
     holds_hf = any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in entries)
-    if not (holds_hf or is_checkpoint_dir(where)):
+    if not (holds_hf or checkpoint.is_checkpoint_dir(where)):
         example = sorted(p.name for p in entries)[0]
         raise ConfigError(f"{dest} holds {example} and no model (neither a Hugging Face folder nor a qed-jax "
                           "checkpoint), so --overwrite leaves it alone; empty it yourself or choose another "
                           "destination")
-    trained = sorted(p.name for p in entries if p.is_dir() and (p / "opt_state").exists())
+    trained = checkpoint.training_steps(where)
     if trained:
         raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "
                           "--overwrite leaves it alone; choose another destination")
@@ -105,7 +104,7 @@ def _convert(args) -> None:
             _clear(dest)
         if to_hf:  # a trainer's checkpoints export as its own export does: stopping where the sampler stops
             save_pretrained(model, dest, dtype=model.config.param_dtype, assets_from=source,
-                            stop_on_turn_end=checkpoint.holds_training_steps(source))
+                            stop_on_turn_end=bool(checkpoint.training_steps(source)))
             wrote = f"wrote Hugging Face folder {dest} ({model.config.param_dtype})"
         else:
             checkpoint.save_model(model, dest, assets_from=source)
@@ -235,20 +234,10 @@ def _generate_reasoning_cache(args) -> None:
             print(result.answer if result.answer is not None else "[no </think> in the last turn: no answer]")
 
 
-def _finite(value):
-    """A row as JSON can hold it: a float that is NaN or infinite (a Parquet column's missing
-    value) becomes null, as JSON has no such number."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def _judge(args) -> int | None:
     from tqdm.auto import tqdm
 
-    from qed_jax.config import load_config, temporary_beside
+    from qed_jax.config import load_config, temporary_beside, without_non_finite
     from qed_jax.data import BadRow, json_lines, read_rows
     from qed_jax.judge import Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts
 
@@ -294,11 +283,11 @@ def _judge(args) -> int | None:
             finally:
                 judge.close()
             for row, g in zip(rows, grades):
-                f.write(json.dumps(_finite({**row, "score": g.score, "reward": None if g.failed else g.reward,
-                                            "reason": g.reason, "attempts": g.attempts,
-                                            "latency_s": round(g.latency_s, 3), "cached": g.cached,
-                                            "judge_reply": g.raw}),
-                                   default=str, allow_nan=False) + "\n")  # a Parquet row's dates or bytes as text
+                record = {**row, "score": g.score, "reward": None if g.failed else g.reward, "reason": g.reason,
+                          "attempts": g.attempts, "latency_s": round(g.latency_s, 3), "cached": g.cached,
+                          "judge_reply": g.raw}
+                f.write(json.dumps(without_non_finite(record), default=str, allow_nan=False)
+                        + "\n")  # a Parquet row's dates or bytes as text
         if not in_place:
             os.replace(tmp, target)
     finally:

@@ -749,6 +749,16 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def without_non_finite(value):
+    """A value as JSON can hold it (it has no NaN or infinity): such floats become null, in
+    dicts, lists and tuples too."""
+    if isinstance(value, dict):
+        return {k: without_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_non_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def dump_json(config) -> str:
     # A date that YAML read in a free-form mapping (a pipeline's overrides) is written as its text.
     return json.dumps(to_dict(config), indent=2, default=str)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qed_jax.config import ConfigError
+from qed_jax.config import ConfigError, without_non_finite
 from qed_jax.evaluate import SAMPLES_FILE, read_problem_ids, read_run
 from qed_jax.judge import MAX_SCORE
 
@@ -293,15 +293,6 @@ def _scatter(ax, graded: list[dict]) -> None:
     ax.set_ylabel("score (0-7)")
 
 
-def _nan_to_none(value):
-    """JSON has no NaN: an undefined statistic (no graded samples, k = 1) becomes null."""
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def run_names(run_dirs: list[str]) -> list[str]:
     """Short unique names: the folder names, or the paths where folder names repeat."""
     names = [Path(d).name or str(d) for d in run_dirs]
@@ -365,7 +356,7 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)
     (out / "report.md").write_text(text, encoding="utf-8")  # its dashes and ± in any locale
-    (out / "report.json").write_text(json.dumps(_nan_to_none(summaries), indent=2, allow_nan=False))
+    (out / "report.json").write_text(json.dumps(without_non_finite(summaries), indent=2, allow_nan=False))
     if plots:
         return text, out, plot(summaries, runs, out)
     for name in PLOT_FILES:  # an earlier report's, of other data than this one's
