@@ -220,6 +220,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     benchmark whose solution or guidelines column no row has is warned of."""
     from qed_jax.data import BadRow
 
+    if not rows:
+        raise ConfigError(f"{config.path}: no problems to evaluate (the file is empty)")
     fields = config.field_map
     problems, seen = [], {}  # seen: id -> (its row, whether the id is the row index)
     for n, (line, row) in enumerate(rows):

@@ -468,6 +468,8 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     if not prompts:
         fix = [f"{too_long} longer than {limit} tokens: raise max_prompt_length"] if too_long else []
         fix += [f"{skipped} malformed (the warnings above name them)"] if skipped else []
+        if not rows:
+            raise ConfigError(f"{config.data.path}: no problems to train on (the file is empty)")
         raise ConfigError(f"{config.data.path}: no usable prompts among its {len(rows)} rows ({'; '.join(fix)})")
     return prompts
 

@@ -185,6 +185,12 @@ def test_rl_rows_take_a_rubric_under_either_key_and_skip_a_malformed_one(tmp_pat
                                           r"raise max_prompt_length; 2 malformed \(the warnings above name them\)\)$"):
         load_prompts(load_config(GRPOConfig, TINY, [f"data.path={path}", "max_prompt_length=8"]),
                      load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
+    # An empty file says so, not "among its 0 rows ()".
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=rf"^{empty}: no problems to train on \(the file is empty\)$"):
+        load_prompts(load_config(GRPOConfig, TINY, [f"data.path={empty}"]),
+                     load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
 
 
 def test_grpo_schedule_counts_optimizer_updates_not_steps():
