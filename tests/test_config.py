@@ -259,6 +259,19 @@ def test_a_hash_in_an_override_is_kept_when_quoted_or_not_after_a_space():
     assert load_config(SFTConfig, None, ["output_dir=runs/a#2"]).output_dir == "runs/a#2"
 
 
+def test_an_exponent_without_a_dot_is_a_number_in_free_form_overrides_too(tmp_path):
+    """YAML 1.1 reads `1e-05` as text; a number field converted it, but a pipeline's stage
+    overrides (free-form) kept it as text in --print-config and in the pipeline's own config."""
+    from qed_jax.pipeline import PipelineConfig
+
+    config = load_config(PipelineConfig, None, ["judge=standin", "grpo.overrides.optim.lr=1e-05",
+                                                "sft.overrides.optim.lr=-2E+3"])
+    assert config.grpo.overrides == {"optim": {"lr": 1e-05}} and config.sft.overrides == {"optim": {"lr": -2000.0}}
+    (tmp_path / "c.yaml").write_text("optim: {lr: 3e-4}\nrun_name: 1e5x\n")
+    assert read_yaml(tmp_path / "c.yaml") == {"optim": {"lr": 3e-4}, "run_name": "1e5x"}
+    assert load_config(SFTConfig, None, ["optim.lr=5e-6"]).optim.lr == 5e-6
+
+
 def test_two_writers_of_one_path_write_separate_files_and_the_last_replaces_it(tmp_path):
     from qed_jax.config import temporary_beside, write_text_atomic
 
