@@ -815,6 +815,13 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         first_sample = jax.process_index() * P * G  # this process's first sample of every step
         rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
         check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
+        # The sampler's layout (default: the training mesh's), refused now rather than after the model loads.
+        sampling_mesh, stacked_mesh = sampling_meshes(config.sampling.mesh or config.mesh,
+                                                      "sampling.mesh" if config.sampling.mesh else "mesh")
+        sampling_ways = data_parallel_size(sampling_mesh)
+        if config.sampling.max_concurrent and config.sampling.max_concurrent % sampling_ways:  # as Sampler does
+            raise ConfigError(f"sampling.max_concurrent must be a multiple of the sampling mesh's {sampling_ways} batch "
+                              f"shards, so rows split evenly; got {config.sampling.max_concurrent}")
         check_judge_template(config)
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 
@@ -833,7 +840,6 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     # The sampler's structure only; its weights are the trained params, cast to the sampling
     # dtype and laid out on the sampling mesh, before each step.
     sampling_model = nnx.eval_shape(lambda: type(model)(sampling_config, rngs=nnx.Rngs(0)))
-    sampling_mesh, stacked_mesh = sampling_meshes(config.sampling.mesh or config.mesh)
     to_sampler = sampler_weights(params, sampling_model, config.sampling.dtype, sampling_mesh, stacked_mesh)
     sampler = Sampler(sampling_model, mesh=sampling_mesh, max_concurrent=config.sampling.max_concurrent,
                       kv_cache_gib=config.sampling.kv_cache_gib)

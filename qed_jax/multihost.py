@@ -110,24 +110,24 @@ def devices_of(process: int) -> list:
     return [d for d in jax.devices() if d.process_index == process]
 
 
-def host_sampling_mesh(config: MeshConfig, devices) -> Mesh:
+def host_sampling_mesh(config: MeshConfig, devices, name: str = "mesh") -> Mesh:
     """The sampling mesh over one host's `devices` when several hosts each sample on their own."""
     try:
-        return make_mesh(config, devices)
+        return make_mesh(config, devices, name)
     except ConfigError as e:
         raise ConfigError(f"sampling.mesh (default: mesh): with several processes, each samples on its own "
                           f"devices: {e}; set sampling.mesh to fit one host") from None
 
 
-def sampling_meshes(config: MeshConfig) -> tuple[Mesh, Mesh]:
+def sampling_meshes(config: MeshConfig, name: str = "mesh") -> tuple[Mesh, Mesh]:
     """(this process's sampling mesh, every process's sampling mesh stacked into one global mesh
     with a leading `process` axis). One process samples on `config` over all devices; several
     processes each sample on `config` over their own devices only, so that rollouts need no
-    traffic between hosts."""
+    traffic between hosts. Errors name the axes `name`.axis (the setting `config` came from)."""
     if jax.process_count() == 1:
-        mesh = make_mesh(config)
+        mesh = make_mesh(config, name=name)
         return mesh, mesh
-    meshes = [host_sampling_mesh(config, devices_of(p)) for p in range(jax.process_count())]
+    meshes = [host_sampling_mesh(config, devices_of(p), name) for p in range(jax.process_count())]
     stacked = Mesh(np.stack([m.devices for m in meshes]), ("process", *MESH_AXES),
                    axis_types=(AxisType.Auto,) * (1 + len(MESH_AXES)))
     return meshes[jax.process_index()], stacked

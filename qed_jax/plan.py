@@ -622,7 +622,8 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     if config.rc is not None:
         check_problem_room(config)
     sampling_meshes = host_sampling_mesh if len(hosts) > 1 else make_mesh
-    sampling_mesh = sampling_meshes(config.sampling.mesh or config.mesh, one_host_devices(tpu, devices))
+    sampling_mesh = sampling_meshes(config.sampling.mesh or config.mesh, one_host_devices(tpu, devices),
+                                    "sampling.mesh" if config.sampling.mesh else "mesh")
     samples_per_host = config.samples_per_step // len(hosts)
     sampling_model = model.replace(param_dtype=config.sampling.dtype, dtype=config.sampling.dtype)
     sampler_bytes = bytes_per_chip(abstract_params(sampling_model, sampling_mesh)[1])

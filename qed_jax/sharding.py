@@ -47,12 +47,13 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None, name: str = "mesh") -> Mesh:
+    """The mesh of `config` over `devices` (default: all); errors name its axes `name`.axis."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [config.data, config.fsdp, config.tensor]
-    given = ", ".join(f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+    given = ", ".join(f"{name}.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
     here = f"{len(devices)} device{'s' if len(devices) != 1 else ''}"
-    bad = [f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes) if size < 1 and size != -1]
+    bad = [f"{name}.{axis}={size}" for axis, size in zip(MESH_AXES, sizes) if size < 1 and size != -1]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: a mesh axis size is at least 1, or -1 for the devices left")
     if sizes.count(-1) > 1:

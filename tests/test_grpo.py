@@ -5,6 +5,7 @@ as 2 processes (equal to 1 process, resumed after a SIGKILL, stopped by one sign
 import dataclasses
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -430,6 +431,30 @@ def test_an_unreachable_judge_stops_grpo_before_it_samples_and_may_move(tmp_path
     moved_exporting = [a.replace("export_dtype=null", "export_dtype=float32") for a in moved]
     assert train(load_config(GRPOConfig, TINY, moved_exporting), resume_with_changes=True)["step"] == 1
     assert (tmp_path / "run" / "hf" / "config.json").exists()
+
+
+def test_a_sampling_mesh_that_does_not_fit_is_named_and_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """The error names the setting that was given (sampling.mesh, not the training mesh;
+    sampling.max_concurrent), and comes in the setup: at the recipe's scale, loading the model
+    first takes minutes."""
+    from qed_jax import grpo
+
+    def no_load(*args, **kwargs):
+        return lambda mesh: pytest.fail("the model loaded before the sampling mesh was checked")
+
+    monkeypatch.setattr(grpo, "open_model", no_load)
+    refusals = {
+        "sampling.mesh.data=4": ("sampling.mesh.data=4, sampling.mesh.fsdp=1, sampling.mesh.tensor=1 needs 4 devices, "
+                                 "not the 8 devices here"),
+        "sampling.mesh.tensor=3": ("sampling.mesh.data=-1, sampling.mesh.fsdp=1, sampling.mesh.tensor=3: the other axes "
+                                   "(3 devices) do not divide the 8 devices here"),
+        "sampling.max_concurrent=6": ("sampling.max_concurrent must be a multiple of the sampling mesh's 8 batch "
+                                      "shards, so rows split evenly; got 6"),
+    }
+    for given, message in refusals.items():
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            grpo.train(load_config(GRPOConfig, TINY, [given, "steps=1", f"output_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("template,field", [("proofbench_grader", "guidelines"), ("answer_judge", "answer")])
