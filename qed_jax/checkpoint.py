@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -102,8 +104,24 @@ def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None
     """A model alone (no optimizer) as a checkpoint directory, e.g. the output of `convert`."""
     write_model_config(directory, model.config, assets_from)
     with manager(directory) as mgr:
-        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
-        mgr.wait_until_finished()
+        try:
+            mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
+            mgr.wait_until_finished()
+        except Exception as e:
+            logging.getLogger("asyncio").addFilter(_not_unretrieved_read_failure)  # the other arrays' writes
+            raise CheckpointError(f"{directory}: writing step {step} failed ({write_failure(e)}); fix that and "
+                                  "run the command again (with --overwrite)") from e
+
+
+def write_failure(error: Exception) -> str:
+    """What went wrong writing a checkpoint, in a few words: Orbax reports a full disk as a
+    TensorStore error whose first 200 characters are paths, the OS's error code at its end."""
+    for cause in causes(error):
+        code = re.search(r"\[os_error_code='(\d+)'\]", str(cause))
+        code = int(code[1]) if code else getattr(cause, "errno", None)
+        if isinstance(code, int) and code > 0:
+            return os.strerror(code).lower()
+    return unreadable_reason(error)
 
 
 def restore_target(config: ModelConfig, mesh=None, rules=DEFAULT_RULES):
@@ -132,6 +150,9 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
             step = steps[-1]
         elif step not in steps:
             raise CheckpointError(f"{directory}: has no step {step}; its steps are {', '.join(map(str, steps))}")
+        if (denied := no_read_access(epath.Path(directory) / str(step))) is not None:
+            raise CheckpointError(f"{directory}: step {step} cannot be read by this user ({denied}: permission "
+                                  "denied); give this user read access to it")
         target = restore_target(saved, mesh, rules)
         try:
             with without_closed_loop_noise():
@@ -164,13 +185,14 @@ def _is_closed_loop_noise(line: str) -> bool:
 
 
 def _not_unretrieved_read_failure(record: logging.LogRecord) -> bool:
-    """A filter for the asyncio logger: False for its report of a TensorStore read failure that
-    no one awaited (the other arrays of a failed restore), which it logs whenever that task is
-    garbage-collected, often after our one-line message."""
+    """A filter for the asyncio logger: False for its report of a TensorStore read or write
+    failure that no one awaited (the other arrays of a failed restore or save), which it logs
+    whenever that task is garbage-collected, often after our one-line message."""
     text = record.getMessage()
     if record.exc_info and record.exc_info[1] is not None:
         text += str(record.exc_info[1])
-    return not ("exception was never retrieved" in text and "tensorstore" in text.lower())
+    return not ("exception was never retrieved" in text and
+                any(word in text.lower() for word in ("tensorstore", "ocdbt", "orbax")))
 
 
 @contextlib.contextmanager
@@ -221,6 +243,23 @@ def may_pass(cause: BaseException) -> bool:
     return isinstance(cause, (ConnectionError, TimeoutError, PermissionError)) or (
         isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError) and cause.filename is None) or any(
         word in str(cause) for word in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"))
+
+
+def no_read_access(step_dir) -> str | None:
+    """The first folder or file of a local checkpoint step that this process may not read, or
+    None. Orbax reads such a step as one that holds nothing (a damaged step), so this is asked
+    first: permissions are fixed, not a step set aside."""
+    top = str(step_dir)
+    if "://" in top or not os.path.exists(top):
+        return None
+    if not os.access(top, os.R_OK | os.X_OK):
+        return top
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.access(path, os.R_OK | (os.X_OK if name in dirs else 0)):
+                return path
+    return None
 
 
 def unreadable_reason(error: Exception) -> str:
@@ -300,6 +339,7 @@ class TrainCheckpoints:
         check_folder(directory)  # now, not at the first save, steps after the run began
         remove_unfinished_saves(directory)
         self.manager = manager(directory, max_to_keep=keep)
+        self.writing: int | None = None  # the step whose save may still be under way (Orbax writes in the background)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -311,10 +351,34 @@ class TrainCheckpoints:
         if self.model is not None:  # not before: a refused resume leaves the directory as it found it
             write_model_config(self.directory, *self.model)
             self.model = None
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
-        ), force=True)
+        with self.failed_write():  # the save before this one is waited for first: its failure shows here
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
+            ), force=True)
+        self.writing = step
+
+    @contextlib.contextmanager
+    def failed_write(self):
+        """A save that failed (a full disk, no permission, the network), as one line naming the
+        step: Orbax raises it from its background thread, with pages of tracebacks. The steps
+        saved before it are whole, and a rerun resumes from the newest (the unfinished one is
+        removed, `remove_unfinished_saves`)."""
+        try:
+            yield
+        except Exception as e:
+            logging.getLogger("asyncio").addFilter(_not_unretrieved_read_failure)  # the other arrays' writes
+            self.writing, step = None, self.writing
+            which = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            reason = write_failure(e)
+            full = reason in (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
+            fix = "free some space" if full else "fix that"
+            if [s for s in self.manager.all_steps() if s != step]:
+                then = (f"the steps saved before it are kept: {fix} and rerun the same command to resume from the "
+                        "newest of them")
+            else:
+                then = f"no step was saved before it: {fix} and rerun the same command to start the run again"
+            raise CheckpointError(f"{self.directory}: writing {which} failed ({reason}); {then}") from e
 
     def restore(self, step: int, params_target, opt_target, data_iterator):
         """(params, opt_state, meta); the data iterator (None: a finished run's, which reads no
@@ -350,6 +414,8 @@ class TrainCheckpoints:
         for step in steps:
             error = None
             try:
+                if (denied := no_read_access(directory / str(step))) is not None:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
                 with without_closed_loop_noise():
                     stored = self.manager.item_metadata(step)
                     items = set(stored.keys())
@@ -415,9 +481,11 @@ class TrainCheckpoints:
                                   f"({unreadable_reason(error)}); nothing was moved: resume on more devices, or shard "
                                   "the run further (mesh.fsdp)")
         if state == 2:
+            fix = "give this user read access to it, then " if any(
+                isinstance(cause, PermissionError) for cause in causes(error)) else ""
             raise CheckpointError(f"{self.directory}: reading checkpoint step {step} failed in a way that may pass "
                                   f"({unreadable_reason(error) if transient else 'on another process'}); nothing was "
-                                  "moved: rerun the same command")
+                                  f"moved: {fix}rerun the same command")
         if state == 1:
             self._set_aside(step, error)
         return state == 1
@@ -434,5 +502,10 @@ class TrainCheckpoints:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if self.writing is not None:  # none after a failure, already raised
+                with self.failed_write():
+                    self.manager.wait_until_finished()
+        finally:
+            self.writing = None
+            self.manager.close()

@@ -706,11 +706,13 @@ def main(argv: list[str] | None = None) -> int:
         # Orbax leaves hundreds of lines of them after the one-line error) only with -v.
         sys.unraisablehook = lambda u: logging.getLogger(__name__).debug(
             "ignored in %r: %s", u.object, u.exc_value)
-    # gcsfs logs its last failed retry with a traceback, before our one-line error says the same.
-    if args.verbose:
-        logging.getLogger("gcsfs").removeFilter(_without_traceback)
-    else:
-        logging.getLogger("gcsfs").addFilter(_without_traceback)
+    # gcsfs logs its last failed retry with a traceback, before our one-line error says the same, and
+    # Orbax each of a failed save's threads (a full disk: hundreds of lines).
+    for name in ("gcsfs", "absl"):
+        if args.verbose:
+            logging.getLogger(name).removeFilter(_without_traceback)
+        else:
+            logging.getLogger(name).addFilter(_without_traceback)
     if not sys.stderr.isatty():  # a log file: a progress bar's line every 30 s, not every step (tqdm reads
         os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))  # this when first imported)
     # Ctrl-C (SIGINT) stops every command, as it stops the trainers (which catch it themselves to

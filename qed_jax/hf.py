@@ -6,6 +6,7 @@ host memory peaks near one (layer-stacked) parameter shard, and torch is never i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -214,7 +215,7 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.d
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with named_on_failure(path), open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype in tensors:
@@ -222,6 +223,18 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.d
             if array.shape != tuple(shape):
                 raise AssertionError(f"{name}: produced shape {array.shape}, planned {shape}")
             f.write(array.tobytes())
+
+
+@contextlib.contextmanager
+def named_on_failure(path):
+    """A failed write (a full disk) raised with the file it was writing: the OS names none, and
+    the command's one-line error names the path."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +489,8 @@ def copy_assets(source, dest, names=ASSET_FILES) -> None:
         return
     for name in names:
         if (source / name).exists():
-            (dest / name).write_bytes((source / name).read_bytes())
+            with named_on_failure(dest / name):
+                (dest / name).write_bytes((source / name).read_bytes())
 
 
 def _turn_end_ids(folder: Path) -> list[int]:

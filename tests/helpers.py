@@ -75,6 +75,18 @@ def cli_env(devices: int) -> dict:
             "JAX_PLATFORMS": "cpu"}
 
 
+def cli_with_file_size_limit(args: list[str], limit: int) -> list[str]:
+    """`python -m qed_jax.cli ARGS` whose every written file stops at `limit` bytes, as a full disk
+    stops a write part-way (Python ignores SIGXFSZ, so the write fails with EFBIG). The limit is
+    set by the child Python before it execs the command, not by a preexec_fn that forks the
+    multithreaded test process."""
+    import sys
+
+    setup = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), "
+             "resource.RLIM_INFINITY)); os.execv(sys.executable, [sys.executable, '-m', 'qed_jax.cli', *sys.argv[2:]])")
+    return [sys.executable, "-c", setup, str(limit), *args]
+
+
 def coordinator_port() -> int:
     """A free port for the jax.distributed coordinator, below the ephemeral range: a port that
     bind(0) hands out is ephemeral, so any outgoing connection (gloo's, an HTTP client's) may take

@@ -680,6 +680,37 @@ sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
     assert all(np.array_equal(original[name], back[name]) for name in original)
 
 
+def test_convert_to_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_path):
+    """A full disk (here a file-size limit) while Orbax writes: one line, not its threads' tracebacks."""
+    import subprocess
+
+    from tests.helpers import REPO, cli_env, cli_with_file_size_limit
+
+    make_hf_model(tmp_path / "hf")
+    result = subprocess.run(cli_with_file_size_limit(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")], 16 * 1024),
+                            cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"qed-jax convert: error: {tmp_path / 'ckpt'}: writing step 0 failed (file too large); fix that and run the "
+        "command again (with --overwrite)")
+
+
+def test_an_export_that_cannot_be_written_names_the_file(tmp_path):
+    """A full disk (here a file-size limit) while the safetensors are written: the OS's error
+    names no file, so the one-line error named none."""
+    import subprocess
+
+    from tests.helpers import REPO, cli_env, cli_with_file_size_limit
+
+    make_hf_model(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    result = subprocess.run(cli_with_file_size_limit(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")], 16 * 1024),
+                            cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"qed-jax convert: error: {tmp_path / 'back' / 'model.safetensors'}: File too large (-v shows the "
+            "traceback)\n") in result.stderr  # a progress bar's last line may follow
+
+
 def test_a_ctrl_c_that_python_drops_still_stops_the_command():
     """SIGINT handled inside a finalizer: Python drops the KeyboardInterrupt ("Exception ignored",
     shown only with -v) and goes on; the command still ends as interrupted (exit 130), not with 0."""

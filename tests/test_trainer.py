@@ -28,7 +28,7 @@ from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.trainer import (MetricsLog, OptimConfig, check_finite, check_run_data, config_changes, data_record,
                              decay_mask, make_optimizer, params_finite, run_lock)
-from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, read_metrics
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, cli_with_file_size_limit, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SFT = str(REPO / "configs" / "sft" / "tiny.yaml")
@@ -98,9 +98,9 @@ def test_adam_moments_are_float32_from_the_start_with_bfloat16_parameters():
     assert {x.dtype for x in jax.tree.leaves(optax.apply_updates(params, updates))} == {jnp.dtype("bfloat16")}
 
 
-def _sft(args, **kwargs):
+def _sft(args, env=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT, "eval_every=0",
-                           "export_dtype=null", "checkpoint_every=1", *args], cwd=REPO, env=cli_env(1),
+                           "export_dtype=null", "checkpoint_every=1", *args], cwd=REPO, env=env or cli_env(1),
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
@@ -580,6 +580,74 @@ def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, 
     with caplog.at_level("WARNING", logger="qed_jax.trainer"), run_lock(tmp_path):
         pass
     assert f"cannot lock the run directory ([Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)})" in caplog.text
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path):
+    """Orbax writes in the background and raises a failed write (a full disk) at the next save or
+    at the end, with hundreds of lines of its threads' tracebacks: one line names the step and
+    what to do, and a rerun with room to write trains again, each step recorded once."""
+    run = tmp_path / "run"
+    limited = subprocess.run(cli_with_file_size_limit(
+        ["sft", "--config", TINY_SFT, "eval_every=0", "export_dtype=null", "checkpoint_every=1", "steps=3",
+         f"output_dir={run}"], 64 * 1024), cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    assert limited.returncode == 2, limited.stderr[-3000:]
+    assert "Traceback" not in limited.stderr and len(limited.stderr.splitlines()) < 20, limited.stderr[-3000:]
+    assert limited.stderr.strip().splitlines()[-1] == (
+        f"qed-jax sft: error: {run / 'checkpoints'}: writing checkpoint step 1 failed (file too large); no step was "
+        "saved before it: fix that and rerun the same command to start the run again")
+    resumed = _sft(["steps=3", f"output_dir={run}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]  # step 1 trained again, recorded once
+
+
+def test_a_checkpoint_step_this_user_may_not_read_is_refused_and_left_in_place():
+    """Orbax reads a step it may not open as one that holds nothing: it was set aside as damaged
+    (every step alike, copied by another user), and the run was told to start over. It is an
+    error that passes once the permissions are fixed: refused, nothing moved. As root, whom no
+    permission stops, the rerun is another user's (nobody's, through setpriv)."""
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_root else []
+    if as_root and (not shutil.which("setpriv") or subprocess.run(
+            [*become, sys.executable, "-c", "import qed_jax"], cwd=REPO, capture_output=True).returncode):
+        pytest.skip("cannot run this checkout as another user (nobody, through setpriv)")
+    work = Path(tempfile.mkdtemp(prefix="qed-jax-permissions-"))  # in /tmp: tmp_path's parents are root's alone
+    run = work / "run"
+    try:
+        work.chmod(0o777)
+        env = {**cli_env(1), "HOME": str(work)}
+        first = _sft(["steps=2", f"output_dir={run}"], env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        if as_root:  # nobody's run directory, but step 2 (root's)
+            for path in [run, *run.rglob("*")]:
+                if path.relative_to(run).parts[1:2] != ("2",):
+                    os.chown(path, 65534, 65534)
+        (run / "checkpoints" / "2").chmod(0)
+        again = subprocess.run([*become, sys.executable, "-m", "qed_jax.cli", "sft", "--config", TINY_SFT,
+                                "eval_every=0", "export_dtype=null", "checkpoint_every=1", "steps=2",
+                                f"output_dir={run}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2, again.stderr[-3000:]
+        assert again.stderr.strip().splitlines()[-1] == (
+            f"qed-jax sft: error: {run / 'checkpoints'}: reading checkpoint step 2 failed in a way that may pass "
+            f"(PermissionError: [Errno 13] Permission denied: '{run / 'checkpoints' / '2'}'); nothing was moved: "
+            "give this user read access to it, then rerun the same command")
+        assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["1", "2"]
+    finally:
+        if (run / "checkpoints" / "2").exists():
+            (run / "checkpoints" / "2").chmod(0o755)
+        shutil.rmtree(work)
+
+
+def test_a_full_disk_is_named_among_orbaxs_paths():
+    error = ValueError('RESOURCE_EXHAUSTED: Error writing "1.0.count/0" in OCDBT database at local file '
+                       '"/ck/3.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: '
+                       '"/ck/3.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp/ocdbt.process_0/d/39c5": Failed to '
+                       "write 643262 bytes to file 8: No space left on device [os_error_code='28']")
+    assert checkpoint.write_failure(error) == "no space left on device"
+    assert checkpoint.write_failure(RuntimeError("a failure of something else")) == \
+        "RuntimeError: a failure of something else"
 
 
 def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
