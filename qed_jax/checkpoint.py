@@ -108,7 +108,7 @@ def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None
             mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
             mgr.wait_until_finished()
         except Exception as e:
-            logging.getLogger("asyncio").addFilter(_not_unretrieved_read_failure)  # the other arrays' writes
+            logging.getLogger("asyncio").addFilter(_not_unretrieved_tensorstore_failure)  # the other arrays' writes
             raise CheckpointError(f"{directory}: writing step {step} failed ({write_failure(e)}); fix that and "
                                   "run the command again (with --overwrite)") from e
 
@@ -184,7 +184,7 @@ def _is_closed_loop_noise(line: str) -> bool:
         or (text.startswith('File "') and "asyncio/base_events.py" in text)
 
 
-def _not_unretrieved_read_failure(record: logging.LogRecord) -> bool:
+def _not_unretrieved_tensorstore_failure(record: logging.LogRecord) -> bool:
     """A filter for the asyncio logger: False for its report of a TensorStore read or write
     failure that no one awaited (the other arrays of a failed restore or save), which it logs
     whenever that task is garbage-collected, often after our one-line message."""
@@ -214,7 +214,7 @@ def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
     try:
         yield
     except Exception:
-        logging.getLogger("asyncio").addFilter(_not_unretrieved_read_failure)  # once: filters are a set
+        logging.getLogger("asyncio").addFilter(_not_unretrieved_tensorstore_failure)  # once: filters are a set
         start = time.monotonic()
         while time.monotonic() - Held.last < quiet_s and time.monotonic() - start < limit_s:
             time.sleep(0.05)
@@ -367,7 +367,7 @@ class TrainCheckpoints:
         try:
             yield
         except Exception as e:
-            logging.getLogger("asyncio").addFilter(_not_unretrieved_read_failure)  # the other arrays' writes
+            logging.getLogger("asyncio").addFilter(_not_unretrieved_tensorstore_failure)  # the other arrays' writes
             self.writing, step = None, self.writing
             which = f"checkpoint step {step}" if step is not None else "a checkpoint"
             reason = write_failure(e)

@@ -669,7 +669,7 @@ def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
         loop.close()
 
     asyncio_log = logging.getLogger("asyncio")
-    asyncio_log.addFilter(checkpoint._not_unretrieved_read_failure)
+    asyncio_log.addFilter(checkpoint._not_unretrieved_tensorstore_failure)
     try:
         with caplog.at_level("ERROR", logger="asyncio"):
             unretrieved(ValueError("OUT_OF_RANGE: Error reading \"layers.q_norm/.zarray\" [tensorstore_spec='{}']"))
@@ -677,7 +677,7 @@ def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
             unretrieved(ValueError("a failure of something else"))
             assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Future exception was never retrieved"]
     finally:
-        asyncio_log.removeFilter(checkpoint._not_unretrieved_read_failure)
+        asyncio_log.removeFilter(checkpoint._not_unretrieved_tensorstore_failure)
 
 
 # Runs a program whose temporary buffer is 192 MiB six times and prints the fewest page faults of
