@@ -96,9 +96,9 @@ def _convert(args) -> None:
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(source, mesh=mesh, dtype=args.dtype, step=args.step)
     source = loaded_from(model)  # a Hub id's download: its tokenizer goes with the model
-    # Ctrl-C while the output is written lets the write finish (Orbax's threads stopped half-way
-    # print their own tracebacks), then stops with the output whole.
-    with StopSignals((signal.SIGINT,), "finishing the output being written, then stopping",
+    # Ctrl-C or SIGTERM while the output is written lets the write finish (Orbax's threads stopped
+    # half-way print their own tracebacks), then stops with the output whole.
+    with StopSignals(STOP_SIGNALS, "finishing the output being written, then stopping",
                      "exiting at once; the output is unfinished") as stop:
         if replace:
             _clear(dest)
@@ -110,8 +110,8 @@ def _convert(args) -> None:
             checkpoint.save_model(model, dest, assets_from=source)
             wrote = f"wrote qed-jax checkpoint {dest} ({model.config.param_dtype})"
     print(wrote)
-    if stop.raised:
-        raise KeyboardInterrupt
+    if stop.raised:  # now to `main`'s handler, which stops the command as it stops any other
+        signal.raise_signal(stop.signum)
 
 
 def _generate(args) -> None:
@@ -693,8 +693,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `qed-jax` command; returns its exit status. After Ctrl-C it ends the process itself
-    (`os._exit(130)`, see `_exit_now`) once the command has cleaned up."""
+    """The `qed-jax` command; returns its exit status. After Ctrl-C or SIGTERM it ends the process
+    itself (`os._exit(128 + signal)`, see `_exit_now`) once the command has cleaned up."""
     args = parse_args(argv)
     # Our own logs at INFO (DEBUG with -v); other libraries' at WARNING unless -v.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, force=True,
@@ -715,29 +715,36 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).addFilter(_without_traceback)
     if not sys.stderr.isatty():  # a log file: a progress bar's line every 30 s, not every step (tqdm reads
         os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))  # this when first imported)
-    # Ctrl-C (SIGINT) stops every command, as it stops the trainers (which catch it themselves to
-    # checkpoint first), even when started from a shell that ignores SIGINT in background jobs:
-    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
-    # A KeyboardInterrupt raised where Python cannot pass it on (a garbage-collection callback)
-    # is printed and dropped; the handler also records the signal, so the command still stops.
-    ctrl_c = []
+    # Ctrl-C (SIGINT) and SIGTERM (a TPU VM's preemption, a job scheduler) stop every command as
+    # they stop the trainers (which catch them themselves to checkpoint first): the command's
+    # cleanup runs and its last line says how it ended. SIGINT too when started from a shell that
+    # ignores it in background jobs (Python raises KeyboardInterrupt only if SIGINT was not ignored
+    # when it started). A KeyboardInterrupt raised where Python cannot pass it on (a
+    # garbage-collection callback) is printed and dropped; the handler also records the signal, so
+    # the command still stops.
+    stopped_by = []
 
-    def on_sigint(signum, frame):
-        ctrl_c.append(signum)
+    def on_stop_signal(signum, frame):
+        stopped_by.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
+    # A stop that lands in an evaluation's or a judge's requests leaves asyncio tasks behind, which
+    # asyncio reports (a traceback each) as they are collected, after the command's last line.
+    if not args.verbose:
+        logging.getLogger("asyncio").addFilter(lambda record: not stopped_by)
     interrupted, status = False, 0
     try:
         status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
-        interrupted = bool(ctrl_c)
+        interrupted = bool(stopped_by)
     except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
         if args.verbose:
             raise
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2  # a run that failed, not a command to fix
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
+        _ignore_stop_signals()
         interrupted = True
     except OSError as e:  # a path given to the command (missing, a file where a folder goes), or the network
         if args.verbose:
@@ -755,11 +762,23 @@ def main(argv: list[str] | None = None) -> int:
               "lengths (-v shows the traceback)", file=sys.stderr)
         return 1
     if interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are exiting: a second Ctrl-C changes nothing
+        _ignore_stop_signals()
+        signum = stopped_by[0] if stopped_by else signal.SIGINT
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
-        print(f"qed-jax {args.command}: interrupted{resume}", file=sys.stderr)
-        _exit_now(130)
+        print(f"qed-jax {args.command}: {how}{resume}", file=sys.stderr)
+        _exit_now(128 + signum)
     return status
+
+
+# The signals that stop a command (after its cleanup), exiting with 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_stop_signals() -> None:
+    """We are exiting: a second Ctrl-C or SIGTERM changes nothing."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
@@ -777,7 +796,7 @@ RESUMABLE = ("eval", "pipeline")
 
 
 def _exit_now(code: int) -> None:
-    """Exit after Ctrl-C without the interpreter's teardown. The command's cleanup has run (its
+    """Exit after Ctrl-C or SIGTERM without the interpreter's teardown. The command's cleanup has run (its
     `finally`s and `with`s, and the exception's frames are gone, closing their files), but
     teardown can still crash (SIGSEGV) when Ctrl-C cut an XLA compilation short, and it waits for
     a device call still running (a decode loop at the recipe's lengths: minutes; see

@@ -1228,3 +1228,40 @@ def test_a_home_relative_model_path_is_guarded_against_a_changed_model(tmp_path,
     home, absolute = (load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [f"model.path={p}"]).model.path
                       for p in ("~/m", tmp_path / "m"))
     assert model_files(home) == model_files(absolute) and "config.json" in model_files(home)
+
+
+def test_sigterm_mid_run_says_so_and_a_rerun_finishes(tmp_path):
+    """SIGTERM (a TPU VM's preemption) stops an evaluation as Ctrl-C does: what finished is kept,
+    the last line says how it stopped and how to go on, the exit status is 128 + SIGTERM."""
+    release, asked = threading.Event(), threading.Event()
+    held = ("PB-Advanced-001", 1)
+
+    def reply(prompt, seed):
+        if problem_and_sample(prompt, seed) == held:
+            asked.set()
+            release.wait(30)
+        return proof_reply(prompt, seed)
+
+    with ModelServer(reply) as model, JudgeServer() as judge:
+        args = [f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.base_url={model.url}",
+                "model.name=tested", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
+                f"output_dir={tmp_path}/run",
+                "judge.answer_format=score", "judge.allowed_scores=null", "batch_size=4", "model.concurrency=4"]
+        command = [sys.executable, "-m", "qed_jax.cli", "eval", "--config", "configs/eval/imo_proofbench.yaml", *args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert asked.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        release.set()
+        assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "qed-jax eval: stopped by SIGTERM; what finished is kept: rerun the same command to continue")
+        graded = judge.total
+        assert graded >= 4  # the first round of four
+
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert judge.total == 11  # 12 less the truncated sample: none graded twice
+    _, records = read_run(tmp_path / "run")
+    assert len(records) == 12

@@ -651,9 +651,11 @@ def test_a_tied_config_with_a_head_of_its_own_loads_as_transformers_does(tmp_pat
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), ref, atol=1e-4, rtol=0)
 
 
-def test_ctrl_c_while_convert_writes_finishes_the_output_then_exits_130(tmp_path):
-    """Ctrl-C arrives while the checkpoint is being written (sent by the save itself, so that
-    the moment is certain): the write finishes, the output is whole, the command stops."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_convert_writes_finishes_the_output_then_exits(tmp_path, signame):
+    """Ctrl-C or SIGTERM arrives while the checkpoint is being written (sent by the save itself,
+    so that the moment is certain): the write finishes, the output is whole, the command stops."""
+    import signal
     import subprocess
     import sys
 
@@ -665,15 +667,16 @@ import signal, sys
 from qed_jax import checkpoint, cli
 save = checkpoint.save_model
 def interrupted_save(*args, **kwargs):
-    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.{signame})
     save(*args, **kwargs)
 checkpoint.save_model = interrupted_save
 sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
-    assert result.returncode == 130, result.stderr[-3000:]
-    assert "SIGINT: finishing the output being written, then stopping" in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "qed-jax convert: interrupted"
+    assert result.returncode == 128 + getattr(signal, signame), result.stderr[-3000:]
+    assert f"{signame}: finishing the output being written, then stopping" in result.stderr
+    how = "interrupted" if signame == "SIGINT" else "stopped by SIGTERM"
+    assert result.stderr.strip().splitlines()[-1] == f"qed-jax convert: {how}"
     assert "Traceback" not in result.stderr and f"wrote qed-jax checkpoint {tmp_path / 'ckpt'}" in result.stdout
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0  # whole
     original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
@@ -687,8 +690,8 @@ def test_convert_to_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_pa
     from tests.helpers import REPO, cli_env, cli_with_file_size_limit
 
     make_hf_model(tmp_path / "hf")
-    result = subprocess.run(cli_with_file_size_limit(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")], 16 * 1024),
-                            cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    command = cli_with_file_size_limit(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")], 16 * 1024)
+    result = subprocess.run(command, cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"qed-jax convert: error: {tmp_path / 'ckpt'}: writing step 0 failed (file too large); fix that and run the "
@@ -704,8 +707,8 @@ def test_an_export_that_cannot_be_written_names_the_file(tmp_path):
 
     make_hf_model(tmp_path / "hf")
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
-    result = subprocess.run(cli_with_file_size_limit(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")], 16 * 1024),
-                            cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    command = cli_with_file_size_limit(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")], 16 * 1024)
+    result = subprocess.run(command, cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (f"qed-jax convert: error: {tmp_path / 'back' / 'model.safetensors'}: File too large (-v shows the "
             "traceback)\n") in result.stderr  # a progress bar's last line may follow
