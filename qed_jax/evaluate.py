@@ -253,15 +253,21 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
             render_marking_scheme(guidelines)
         except ValueError as e:
             raise ConfigError(f"{where}: column {fields['guidelines']!r} (the grading guidelines): {e}") from None
-        defaulted = row.get(fields["id"]) is None  # null: as if missing
-        pid = str(n if defaulted else row[fields["id"]])
+        given_id = row.get(fields["id"])
+        defaulted = given_id is None  # null: as if missing
+        if not defaulted and (isinstance(given_id, bool) or not isinstance(given_id, (str, int))
+                              or not str(given_id).strip()):
+            raise ConfigError(f"{where}: column {fields['id']!r} (the problem's id) must be a non-empty text or a "
+                              f"whole number, got {json.dumps(given_id, default=str)[:60]}; ids key the samples")
+        pid = str(n if defaulted else given_id)
         if pid in seen:
             first, first_defaulted = seen[pid]
             if defaulted or first_defaulted:
                 raise ConfigError(f"{where}: problem id {pid!r} is also {first}'s: {line if defaulted else first} has "
                                   f"no column {fields['id']!r}, so its id is its row index; give every row an id (ids "
                                   "key the samples, so they must be unique)")
-            raise ConfigError(f"{where}: problem id {pid!r} appears twice; ids key the samples, so they must be unique")
+            raise ConfigError(f"{where}: problem id {pid!r} is also {first}'s; ids key the samples, so they must be "
+                              "unique")
         seen[pid] = (line, defaulted)
         problems.append(Problem(id=pid, problem=text, solution=solution, guidelines=guidelines, answer=answer,
                                 group=group_of(row, config)))

@@ -819,9 +819,10 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         sampling_mesh, stacked_mesh = sampling_meshes(config.sampling.mesh or config.mesh,
                                                       "sampling.mesh" if config.sampling.mesh else "mesh")
         sampling_ways = data_parallel_size(sampling_mesh)
-        if config.sampling.max_concurrent and config.sampling.max_concurrent % sampling_ways:  # as Sampler does
-            raise ConfigError(f"sampling.max_concurrent must be a multiple of the sampling mesh's {sampling_ways} batch "
-                              f"shards, so rows split evenly; got {config.sampling.max_concurrent}")
+        max_concurrent = config.sampling.max_concurrent
+        if max_concurrent and max_concurrent % sampling_ways:  # as Sampler does
+            raise ConfigError(f"sampling.max_concurrent must be a multiple of the sampling mesh's {sampling_ways} "
+                              f"batch shards, so rows split evenly; got {max_concurrent}")
         check_judge_template(config)
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 

@@ -506,8 +506,14 @@ def test_benchmark_columns_are_checked_where_they_are_read():
         with pytest.raises(ConfigError, match=rf"^b: line 2: problem id '{pid}' is also line 1's: {without} has no "
                                               r"column 'problem_id', so its id is its row index; give every row an id"):
             problems(rows)
-    with pytest.raises(ConfigError, match=r"^b: line 2: problem id '3' appears twice; ids key the samples"):
-        problems([{"problem": "P", "problem_id": 3}, {"problem": "Q", "problem_id": "3"}])
+    with pytest.raises(ConfigError, match=r"^b: line 3: problem id '3' is also line 1's; ids key the samples, so "
+                                          r"they must be unique$"):  # both rows named
+        problems([{"problem": "P", "problem_id": 3}, {"problem": "Q", "problem_id": 4},
+                  {"problem": "R", "problem_id": "3"}])
+    for bad in ([1, 2], "", " ", True, 1.5, {"n": 1}):  # an id that cannot key samples, or keys them by chance
+        with pytest.raises(ConfigError, match=r"^b: line 2: column 'problem_id' \(the problem's id\) must be a "
+                                              r"non-empty text or a whole number, got .*; ids key the samples$"):
+            problems([{"problem": "P", "problem_id": 0}, {"problem": "Q", "problem_id": bad}])
 
 
 def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):

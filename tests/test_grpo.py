@@ -446,8 +446,8 @@ def test_a_sampling_mesh_that_does_not_fit_is_named_and_refused_before_the_model
     refusals = {
         "sampling.mesh.data=4": ("sampling.mesh.data=4, sampling.mesh.fsdp=1, sampling.mesh.tensor=1 needs 4 devices, "
                                  "not the 8 devices here"),
-        "sampling.mesh.tensor=3": ("sampling.mesh.data=-1, sampling.mesh.fsdp=1, sampling.mesh.tensor=3: the other axes "
-                                   "(3 devices) do not divide the 8 devices here"),
+        "sampling.mesh.tensor=3": ("sampling.mesh.data=-1, sampling.mesh.fsdp=1, sampling.mesh.tensor=3: the other "
+                                   "axes (3 devices) do not divide the 8 devices here"),
         "sampling.max_concurrent=6": ("sampling.max_concurrent must be a multiple of the sampling mesh's 8 batch "
                                       "shards, so rows split evenly; got 6"),
     }
