@@ -351,12 +351,14 @@ class TrainCheckpoints:
         if self.model is not None:  # not before: a refused resume leaves the directory as it found it
             write_model_config(self.directory, *self.model)
             self.model = None
-        with self.failed_write():  # the save before this one is waited for first: its failure shows here
+        with self.failed_write():  # the save before this one, if still under way: its failure is its own
+            self.manager.wait_until_finished()
+        self.writing = step  # from here a failure is this step's: part of a save is written before it returns
+        with self.failed_write():
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
             ), force=True)
-        self.writing = step
 
     @contextlib.contextmanager
     def failed_write(self):

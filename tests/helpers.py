@@ -79,11 +79,14 @@ def cli_with_file_size_limit(args: list[str], limit: int) -> list[str]:
     """`python -m qed_jax.cli ARGS` whose every written file stops at `limit` bytes, as a full disk
     stops a write part-way (Python ignores SIGXFSZ, so the write fails with EFBIG). The limit is
     set by the child Python before it execs the command, not by a preexec_fn that forks the
-    multithreaded test process."""
+    multithreaded test process. The command writes no compilation cache: JAX writes its entries
+    in place, and the worker's cache (inherited through `cli_env`) would keep truncated ones, which
+    every later process in that worker would warn about and compile again."""
     import sys
 
     setup = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), "
-             "resource.RLIM_INFINITY)); os.execv(sys.executable, [sys.executable, '-m', 'qed_jax.cli', *sys.argv[2:]])")
+             "resource.RLIM_INFINITY)); os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'; "
+             "os.execv(sys.executable, [sys.executable, '-m', 'qed_jax.cli', *sys.argv[2:]])")
     return [sys.executable, "-c", setup, str(limit), *args]
 
 

@@ -3,6 +3,7 @@
 Ctrl-C writing a checkpoint like a preemption, and one job at a time per run directory."""
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -570,7 +571,6 @@ def test_a_run_directory_that_cannot_be_listed_is_locked_and_left_as_it_is(tmp_p
 
 
 def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
-    import errno
     import fcntl
 
     def no_locks(*_):
@@ -638,6 +638,31 @@ def test_a_checkpoint_step_this_user_may_not_read_is_refused_and_left_in_place()
         if (run / "checkpoints" / "2").exists():
             (run / "checkpoints" / "2").chmod(0o755)
         shutil.rmtree(work)
+
+
+def test_a_save_that_fails_as_it_starts_is_named_as_its_own_step(tmp_path, monkeypatch):
+    """Part of a save is written before Orbax's `save` returns (the data iterator's state): a full
+    disk there is the new step's failure, not the finished step before it, which a rerun resumes
+    from."""
+    import grain
+
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, PRESETS["tiny"], 2, run={"trainer": "sft"})
+    params, opt_state = {"w": jnp.arange(4.0)}, {"m": jnp.zeros(4)}
+    data = iter(grain.MapDataset.range(8).to_iter_dataset())
+    ckpts.save(1, params, opt_state, data, {"step": 1})
+    ckpts.manager.wait_until_finished()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpts.manager, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            rf"^{tmp_path}: writing checkpoint step 2 failed \(no space left on device\); the steps saved before it "
+            r"are kept: free some space and rerun the same command to resume from the newest of them$")):
+        ckpts.save(2, params, opt_state, data, {"step": 2})
+    monkeypatch.undo()
+    ckpts.close()
+    assert ckpts.manager.all_steps() == [1]
 
 
 def test_a_full_disk_is_named_among_orbaxs_paths():
