@@ -643,11 +643,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_document(root)
 
 
-# YAML 1.1 (PyYAML) reads a float only with a dot: `1e-05` and `3e4` would be text, which a
-# number field converts but a free-form mapping (a pipeline's stage overrides) would keep as text.
-# Read them as YAML 1.2 does: an exponent alone makes a float.
+# YAML 1.1 (PyYAML) reads an exponent only after a dot and with a sign: `1e-05`, `3e4`, `1.0e5`
+# and `.5e3` would be text, which a number field converts but a free-form mapping (a pipeline's
+# stage overrides) would keep as text. Read them as YAML 1.2 does.
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def parse_yaml(text: str) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qed_jax import cli
-from qed_jax.config import ConfigError, load_config, read_yaml
+from qed_jax.config import ConfigError, load_config, parse_yaml, read_yaml
 from qed_jax.evaluate import EvalConfig
 from qed_jax.grpo import GRPOConfig
 from qed_jax.sft import SFTConfig
@@ -259,9 +259,10 @@ def test_a_hash_in_an_override_is_kept_when_quoted_or_not_after_a_space():
     assert load_config(SFTConfig, None, ["output_dir=runs/a#2"]).output_dir == "runs/a#2"
 
 
-def test_an_exponent_without_a_dot_is_a_number_in_free_form_overrides_too(tmp_path):
-    """YAML 1.1 reads `1e-05` as text; a number field converted it, but a pipeline's stage
-    overrides (free-form) kept it as text in --print-config and in the pipeline's own config."""
+def test_an_exponent_is_a_number_in_free_form_overrides_too(tmp_path):
+    """YAML 1.1 reads `1e-05` and `1.0e5` as text (an exponent needs a dot and a sign there); a
+    number field converted it, but a pipeline's stage overrides (free-form) kept it as text in
+    --print-config and in the pipeline's own config."""
     from qed_jax.pipeline import PipelineConfig
 
     config = load_config(PipelineConfig, None, ["judge=standin", "grpo.overrides.optim.lr=1e-05",
@@ -270,6 +271,11 @@ def test_an_exponent_without_a_dot_is_a_number_in_free_form_overrides_too(tmp_pa
     (tmp_path / "c.yaml").write_text("optim: {lr: 3e-4}\nrun_name: 1e5x\n")
     assert read_yaml(tmp_path / "c.yaml") == {"optim": {"lr": 3e-4}, "run_name": "1e5x"}
     assert load_config(SFTConfig, None, ["optim.lr=5e-6"]).optim.lr == 5e-6
+    numbers = {"1.0e5": 1e5, "2.5E4": 2.5e4, ".5e3": 500.0, "-1.e2": -100.0, "+7e0": 7.0, "1_000e1": 1e4,
+               "1.5e-3": 1.5e-3, ".5": 0.5}
+    assert {text: parse_yaml(text) for text in numbers} == numbers
+    assert [parse_yaml(text) for text in ("e5", "1e", ".e5", "1.2.3e4", "0x1e5", "1e5.0")] == [
+        "e5", "1e", ".e5", "1.2.3e4", 0x1e5, "1e5.0"]  # no number in YAML 1.2 either (0x1e5: hexadecimal)
 
 
 def test_two_writers_of_one_path_write_separate_files_and_the_last_replaces_it(tmp_path):
