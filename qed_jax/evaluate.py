@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 from collections import Counter
@@ -255,10 +256,11 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
             raise ConfigError(f"{where}: column {fields['guidelines']!r} (the grading guidelines): {e}") from None
         given_id = row.get(fields["id"])
         defaulted = given_id is None  # null: as if missing
-        if not defaulted and (isinstance(given_id, bool) or not isinstance(given_id, (str, int))
-                              or not str(given_id).strip()):
+        usable_id = (isinstance(given_id, (str, int, float)) and not isinstance(given_id, bool)
+                     and str(given_id).strip() and not (isinstance(given_id, float) and not math.isfinite(given_id)))
+        if not defaulted and not usable_id:
             raise ConfigError(f"{where}: column {fields['id']!r} (the problem's id) must be a non-empty text or a "
-                              f"whole number, got {json.dumps(given_id, default=str)[:60]}; ids key the samples")
+                              f"number, got {json.dumps(given_id, default=str)[:60]}; ids key the samples")
         pid = str(n if defaulted else given_id)
         if pid in seen:
             first, first_defaulted = seen[pid]

@@ -510,10 +510,13 @@ def test_benchmark_columns_are_checked_where_they_are_read():
                                           r"they must be unique$"):  # both rows named
         problems([{"problem": "P", "problem_id": 3}, {"problem": "Q", "problem_id": 4},
                   {"problem": "R", "problem_id": "3"}])
-    for bad in ([1, 2], "", " ", True, 1.5, {"n": 1}):  # an id that cannot key samples, or keys them by chance
+    for bad in ([1, 2], "", " ", True, float("nan"), {"n": 1}):  # an id that cannot key samples, or by chance
         with pytest.raises(ConfigError, match=r"^b: line 2: column 'problem_id' \(the problem's id\) must be a "
-                                              r"non-empty text or a whole number, got .*; ids key the samples$"):
+                                              r"non-empty text or a number, got .*; ids key the samples$"):
             problems([{"problem": "P", "problem_id": 0}, {"problem": "Q", "problem_id": bad}])
+    # Floats key as written (a Parquet column of integer ids with nulls reads as floats).
+    assert [p.id for p in problems([{"problem": "P", "problem_id": 3.0}, {"problem": "Q", "problem_id": 4}])] == [
+        "3.0", "4"]
 
 
 def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
