@@ -728,12 +728,22 @@ def main(argv: list[str] | None = None) -> int:
         stopped_by.append(signum)
         raise KeyboardInterrupt
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, on_stop_signal)
+    previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
     # A stop that lands in an evaluation's or a judge's requests leaves asyncio tasks behind, which
     # asyncio reports (a traceback each) as they are collected, after the command's last line.
-    if not args.verbose:
-        logging.getLogger("asyncio").addFilter(lambda record: not stopped_by)
+    quiet_after_stop = lambda record: args.verbose or not stopped_by  # noqa: E731
+    logging.getLogger("asyncio").addFilter(quiet_after_stop)
+    try:
+        return _run_command(args, stopped_by)
+    finally:  # a caller in the same process (a test, a notebook) gets its own handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        logging.getLogger("asyncio").removeFilter(quiet_after_stop)
+
+
+def _run_command(args, stopped_by: list[int]) -> int:
+    """Runs the parsed command; its exit status. `stopped_by` records the stop signals received
+    (see `main`); after one, the process ends here once the command has cleaned up."""
     interrupted, status = False, 0
     try:
         status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)

@@ -678,7 +678,9 @@ sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
     how = "interrupted" if signame == "SIGINT" else "stopped by SIGTERM"
     assert result.stderr.strip().splitlines()[-1] == f"qed-jax convert: {how}"
     assert "Traceback" not in result.stderr and f"wrote qed-jax checkpoint {tmp_path / 'ckpt'}" in result.stdout
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0  # whole
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # the caller's, back
     original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
     assert all(np.array_equal(original[name], back[name]) for name in original)
 
