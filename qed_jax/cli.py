@@ -806,10 +806,10 @@ RESUMABLE = ("eval", "pipeline")
 
 
 def _exit_now(code: int) -> None:
-    """Exit after Ctrl-C or SIGTERM without the interpreter's teardown. The command's cleanup has run (its
-    `finally`s and `with`s, and the exception's frames are gone, closing their files), but
-    teardown can still crash (SIGSEGV) when Ctrl-C cut an XLA compilation short, and it waits for
-    a device call still running (a decode loop at the recipe's lengths: minutes; see
+    """Exit after Ctrl-C or SIGTERM without the interpreter's teardown. The command's cleanup has
+    run (its `finally`s and `with`s, and the exception's frames are gone, closing their files),
+    but teardown can still crash (SIGSEGV) when Ctrl-C cut an XLA compilation short, and it waits
+    for a device call still running (a decode loop at the recipe's lengths: minutes; see
     DeviceCallInterrupted)."""
     gc.collect()  # files held only by reference cycles
     logging.shutdown()

@@ -211,6 +211,16 @@ class Sample:
 # Rows → problems → prompts
 
 
+def usable_id(value) -> bool:
+    """Whether a row's problem id can key its samples: non-empty text or a finite number (a float
+    id keys as written, e.g. "3.0": a Parquet column of integer ids with nulls reads as floats)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
                        new_run: bool = True) -> list[Problem]:
     """Problems in row order, from (where, row) pairs as `data.read_rows` gives them; a row
@@ -256,9 +266,7 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
             raise ConfigError(f"{where}: column {fields['guidelines']!r} (the grading guidelines): {e}") from None
         given_id = row.get(fields["id"])
         defaulted = given_id is None  # null: as if missing
-        usable_id = (isinstance(given_id, (str, int, float)) and not isinstance(given_id, bool)
-                     and str(given_id).strip() and not (isinstance(given_id, float) and not math.isfinite(given_id)))
-        if not defaulted and not usable_id:
+        if not defaulted and not usable_id(given_id):
             raise ConfigError(f"{where}: column {fields['id']!r} (the problem's id) must be a non-empty text or a "
                               f"number, got {json.dumps(given_id, default=str)[:60]}; ids key the samples")
         pid = str(n if defaulted else given_id)

@@ -544,6 +544,18 @@ def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
         "grading guidelines; map it with benchmark.fields.guidelines=COLUMN"]
 
 
+def served_eval(tmp_path, model, judge) -> tuple[list[str], dict]:
+    """The `qed-jax eval` command (and its environment) of the bundled IMO-ProofBench rows against
+    a served model and judge on loopback, in rounds of 4 samples sent together, writing to
+    tmp_path / "run"."""
+    args = [f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.base_url={model.url}",
+            "model.name=tested", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
+            f"output_dir={tmp_path}/run", "judge.answer_format=score", "judge.allowed_scores=null",
+            "batch_size=4", "model.concurrency=4"]
+    command = [sys.executable, "-m", "qed_jax.cli", "eval", "--config", "configs/eval/imo_proofbench.yaml", *args]
+    return command, {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
     release = threading.Event()
     held = ("PB-Advanced-001", 1)  # in the second round of 4: the first one is graded by then
@@ -554,12 +566,7 @@ def test_sigkill_mid_run_then_rerun_does_nothing_twice(tmp_path):
         return proof_reply(prompt, seed)
 
     with ModelServer(reply) as model, JudgeServer() as judge:
-        args = [f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.base_url={model.url}",
-                "model.name=tested", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
-                f"output_dir={tmp_path}/run", "judge.answer_format=score", "judge.allowed_scores=null",
-                "batch_size=4", "model.concurrency=4"]
-        command = [sys.executable, "-m", "qed_jax.cli", "eval", "--config", "configs/eval/imo_proofbench.yaml", *args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command, env = served_eval(tmp_path, model, judge)
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         samples = tmp_path / "run" / "samples.jsonl"
         deadline = time.time() + 60
@@ -1252,12 +1259,7 @@ def test_sigterm_mid_run_says_so_and_a_rerun_finishes(tmp_path):
         return proof_reply(prompt, seed)
 
     with ModelServer(reply) as model, JudgeServer() as judge:
-        args = [f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.base_url={model.url}",
-                "model.name=tested", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
-                f"output_dir={tmp_path}/run",
-                "judge.answer_format=score", "judge.allowed_scores=null", "batch_size=4", "model.concurrency=4"]
-        command = [sys.executable, "-m", "qed_jax.cli", "eval", "--config", "configs/eval/imo_proofbench.yaml", *args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command, env = served_eval(tmp_path, model, judge)
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert asked.wait(60)
         proc.send_signal(signal.SIGTERM)
