@@ -36,7 +36,7 @@ from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.errors import causes, out_of_device_memory
 from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
-from qed_jax.multihost import largest, set_up_together
+from qed_jax.multihost import SaveBarrier, SaveFailedElsewhere, largest, save_barrier, set_up_together
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
 
 MODEL_CONFIG = "model_config.json"
@@ -48,7 +48,9 @@ def is_checkpoint_dir(path) -> bool:
     return (epath.Path(path) / MODEL_CONFIG).exists()
 
 
-def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def manager(directory, max_to_keep: int | None = None, barrier: SaveBarrier | None = None) -> ocp.CheckpointManager:
+    """An Orbax CheckpointManager for a qed-jax checkpoint folder; `barrier` (several processes)
+    runs its saves' barriers (see multihost.SaveBarrier)."""
     directory = epath.Path(directory)
     if "://" not in str(directory):
         directory = directory.absolute()  # Orbax wants absolute local paths
@@ -60,7 +62,9 @@ def manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager:
     }
     return ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            async_options=None if barrier is None else ocp.AsyncOptions(barrier_sync_fn=barrier)),
         item_handlers=handlers,
     )
 
@@ -108,7 +112,7 @@ def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None
             mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
             mgr.wait_until_finished()
         except Exception as e:
-            logging.getLogger("asyncio").addFilter(_not_unretrieved_tensorstore_failure)  # the other arrays' writes
+            logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # the other arrays' writes
             raise CheckpointError(f"{directory}: writing step {step} failed ({write_failure(e)}); fix that and "
                                   "run the command again (with --overwrite)") from e
 
@@ -184,14 +188,15 @@ def _is_closed_loop_noise(line: str) -> bool:
         or (text.startswith('File "') and "asyncio/base_events.py" in text)
 
 
-def _not_unretrieved_tensorstore_failure(record: logging.LogRecord) -> bool:
+def _not_abandoned_orbax_task(record: logging.LogRecord) -> bool:
     """A filter for the asyncio logger: False for its report of a TensorStore read or write
-    failure that no one awaited (the other arrays of a failed restore or save), which it logs
-    whenever that task is garbage-collected, often after our one-line message."""
+    failure that no one awaited (the other arrays of a failed restore or save), or of an Orbax
+    task left waiting (on another process of a job, for the folder its failed save never made),
+    which it logs whenever that task is garbage-collected, often after our one-line message."""
     text = record.getMessage()
     if record.exc_info and record.exc_info[1] is not None:
         text += str(record.exc_info[1])
-    return not ("exception was never retrieved" in text and
+    return not (("exception was never retrieved" in text or "Task was destroyed but it is pending" in text) and
                 any(word in text.lower() for word in ("tensorstore", "ocdbt", "orbax")))
 
 
@@ -214,7 +219,7 @@ def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
     try:
         yield
     except Exception:
-        logging.getLogger("asyncio").addFilter(_not_unretrieved_tensorstore_failure)  # once: filters are a set
+        logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # once: filters are a set
         start = time.monotonic()
         while time.monotonic() - Held.last < quiet_s and time.monotonic() - start < limit_s:
             time.sleep(0.05)
@@ -338,7 +343,8 @@ class TrainCheckpoints:
         self.model = (config, assets_from)  # model_config.json and assets: written with the first save
         check_folder(directory)  # now, not at the first save, steps after the run began
         remove_unfinished_saves(directory)
-        self.manager = manager(directory, max_to_keep=keep)
+        self.barrier = save_barrier()
+        self.manager = manager(directory, max_to_keep=keep, barrier=self.barrier)
         self.writing: int | None = None  # the step whose save may still be under way (Orbax writes in the background)
 
     def latest_step(self) -> int | None:
@@ -365,14 +371,20 @@ class TrainCheckpoints:
         """A save that failed (a full disk, no permission, the network), as one line naming the
         step: Orbax raises it from its background thread, with pages of tracebacks. The steps
         saved before it are whole, and a rerun resumes from the newest (the unfinished one is
-        removed, `remove_unfinished_saves`)."""
+        removed, `remove_unfinished_saves`). With several processes, the others' saves fail too
+        (they would wait for this one's at their next barrier), and one whose save failed only
+        because this one's did says so."""
         try:
             yield
         except Exception as e:
-            logging.getLogger("asyncio").addFilter(_not_unretrieved_tensorstore_failure)  # the other arrays' writes
+            if self.barrier is not None:
+                with contextlib.suppress(Exception):  # no coordination service left (process 0 gone): none to tell
+                    self.barrier.fail()
+            logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # the other arrays' writes
             self.writing, step = None, self.writing
             which = f"checkpoint step {step}" if step is not None else "a checkpoint"
-            reason = write_failure(e)
+            own = next((cause for cause in causes(e) if not isinstance(cause, SaveFailedElsewhere)), None)
+            reason = str(e) if own is None else write_failure(own)
             full = reason in (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
             fix = "free some space" if full else "fix that"
             if [s for s in self.manager.all_steps() if s != step]:

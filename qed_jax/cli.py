@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, TrainingDiverged, first_line,
-                            out_of_device_memory)
+                            lost_process, out_of_device_memory)
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -751,6 +751,7 @@ def _run_command(args, stopped_by: list[int]) -> int:
     except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
         if args.verbose:
             raise
+        _exit_if_another_process_stopped(args, e)  # a save that waited for it: its failure is not the save's
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2  # a run that failed, not a command to fix
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
@@ -765,6 +766,8 @@ def _run_command(args, stopped_by: list[int]) -> int:
         print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
     except Exception as e:
+        if not args.verbose:
+            _exit_if_another_process_stopped(args, e)
         if args.verbose or not out_of_device_memory(e):
             raise
         print(f"qed-jax {args.command}: error: out of device memory ({first_line(e)[:300]}); `qed-jax plan` shows "
@@ -779,6 +782,20 @@ def _run_command(args, stopped_by: list[int]) -> int:
         print(f"qed-jax {args.command}: {how}{resume}", file=sys.stderr)
         _exit_now(128 + signum)
     return status
+
+
+def _exit_if_another_process_stopped(args, error: Exception) -> None:
+    """When `error` says that another process of this multi-process job is gone, say so in one
+    line and exit at once (status 1): the interpreter's teardown would wait for that process at
+    JAX's shutdown barrier until the coordination service gives up on it and aborts this one,
+    minutes later, with pages of C++ logs."""
+    jax = sys.modules.get("jax")  # not imported yet: no job of several processes either
+    reason = lost_process(error) if jax is not None and jax.distributed.is_initialized() else None
+    if reason is None:
+        return
+    print(f"qed-jax {args.command}: error: another process of this job stopped ({reason}); the checkpoints "
+          "written are kept: run the same command again on every host to resume from the newest", file=sys.stderr)
+    _exit_now(1)
 
 
 # The signals that stop a command (after its cleanup), exiting with 128 + the signal's number.

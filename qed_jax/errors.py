@@ -60,6 +60,20 @@ def out_of_device_memory(error: BaseException | None) -> bool:
                for cause in causes(error))
 
 
+def lost_process(error: BaseException | None) -> str | None:
+    """The first line of what, in `error` or what it was raised from, says that another process
+    of a multi-process job is gone (killed, its host preempted): JAX's coordination service
+    after the process stopped sending heartbeats, or the CPU collectives' (Gloo) broken
+    connection to it. None when nothing does (a judge's broken connection is to a server, not to
+    a process of the job)."""
+    for cause in causes(error):
+        text = str(cause)
+        if any(sign in text for sign in ("heartbeat timeout", "stopped sending heartbeats", "task is set to ERROR")) \
+                or ("Gloo" in text and any(sign in text for sign in ("by peer", "Socket closed", "Broken pipe"))):
+            return quoted(first_line(cause), 300)
+    return None
+
+
 @contextlib.contextmanager
 def noted(error: type[Exception], note: str):
     """Re-raise an `error` raised inside with `note` after its message (still one line)."""

@@ -759,15 +759,21 @@ def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, ste
 
 
 def on_every_process(judge_call):
-    """judge_call()'s result; JudgeUnavailable on every process when it raised that on any (its
-    judge unreachable, or refusing the key), so that all stop alike and none waits for the others."""
+    """judge_call()'s result; an error on every process when it raised on any (its judge
+    unreachable or refusing the key: JudgeUnavailable; its grade cache unwritable: ConfigError;
+    anything else), so that all stop alike and none waits for the others in the step's gather."""
     error = result = None
     try:
         result = judge_call()
-    except JudgeUnavailable as e:
+    except Exception as e:
         error = e
-    if largest(int(error is not None)):
-        raise error or JudgeUnavailable("the judge failed on another process; its log says why")
+    worst = largest(0 if error is None else 1 if isinstance(error, JudgeUnavailable) else 2)
+    if error is not None:
+        raise error
+    if worst == 1:
+        raise JudgeUnavailable("the judge failed on another process; its log says why")
+    if worst == 2:
+        raise ConfigError("grading failed on another process (its log says why)")
     return result
 
 

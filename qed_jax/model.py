@@ -175,6 +175,11 @@ class Qwen3(nnx.Module):
         once they hold this prompt), so the long-sequence attention implementations serve it.
         Slots T and later are left as they were."""
         B, T = input_ids.shape
+        rows, slots = cache.k.shape[1:3]
+        if (B, T) != (rows, min(T, slots)):  # shapes are static: a traced call is checked as it is traced
+            raise ValueError(f"prefill of {B} prompts of {T} tokens into a KV cache of {rows} rows of {slots} slots: "
+                             "the cache needs a row per prompt and a slot per token (KVCache.zeros(config, batch, "
+                             "max_len))")
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         implementation = self.config.attention
         if implementation == "splash" and not splash_block(T):
@@ -195,10 +200,10 @@ class Qwen3(nnx.Module):
 
     def decode(self, input_ids, positions, cache: KVCache, logits_at=None, weights: DecodeWeights | None = None):
         """Forward with a KV cache: token t of row b is written to cache slot positions[b, t] and
-        attends to slots 0..positions[b, t] of its row; positions must be below the cache's
-        length (a traced program cannot check them, and XLA drops a write past the end, so the
-        token would attend without itself: the sampler sizes its caches by `sampling.cache_slots`
-        for that). Returns (logits [B, T, V], new cache);
+        attends to slots 0..positions[b, t] of its row; positions must be from 0 to below the
+        cache's length (a traced program cannot check them, and XLA drops a write past the end,
+        so the token would attend without itself: the sampler sizes its caches by
+        `sampling.cache_slots` for that). Returns (logits [B, T, V], new cache);
         with `logits_at` [B] (an index into T per row), logits [B, V] at that token only, so a
         prefill never computes the vocabulary projection for every prompt position. Attention
         reads the cache only up to the furthest position (`attention.cached_attention`: on TPU

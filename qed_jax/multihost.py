@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
+import time
+from collections import Counter
 
 import numpy as np
 import jax
@@ -69,6 +72,72 @@ def set_up_together(what: str):
         raise
     if largest(0):
         raise ConfigError(f"{what} failed on another process (its log says why)")
+
+
+class SaveFailedElsewhere(RuntimeError):
+    """A checkpoint save that another process of the job could not finish (see SaveBarrier)."""
+
+
+class SaveBarrier:
+    """The barriers of Orbax's checkpoint saves (its `AsyncOptions.barrier_sync_fn`), kept in the
+    coordination service's key-value store so that a save that fails on one process fails on
+    every process. Orbax's own barriers cannot tell: a process whose write fails skips the
+    barrier that the others wait at and waits at the next one itself, each side until Orbax's
+    timeout (20 minutes), and then JAX's shutdown barrier aborts them all. Here a process that
+    finds another waiting at another barrier, one that not every process has reached, knows that
+    their saves went separate ways: it marks the save failed, and every barrier of every process
+    fails from then on (SaveFailedElsewhere), so that each process's save ends in an error (its
+    own failed write, or that) and the run stops with it. `fail()` marks a failure that a save
+    raised outside the barriers (`checkpoint.TrainCheckpoints.failed_write`). Each process runs
+    Orbax's barriers in the same order: the n-th call with a key is that barrier's n-th use on
+    every process."""
+
+    POLL_S = 0.25  # seconds between looks at the store: each is a few small requests to the coordinator
+
+    def __init__(self, client, process: int, processes: int, name: str = "qed_jax/save"):
+        self.client, self.process, self.processes, self.name = client, process, processes, name
+        self.uses, self.lock = Counter(), threading.Lock()
+
+    def __call__(self, key: str, timeout_ms: int) -> None:
+        with self.lock:
+            self.uses[key] += 1
+            barrier = f"{key.replace('/', '|')}#{self.uses[key]}"
+        self.client.key_value_set(f"{self.name}/arrived/{barrier}/{self.process}", "")
+        self.client.key_value_set(f"{self.name}/waiting/{self.process}", barrier, allow_overwrite=True)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not self.complete(barrier):
+            if self.failed() or self.stuck_elsewhere(barrier):
+                self.fail()
+                raise SaveFailedElsewhere("it failed on another process, whose log says why")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every process reached its barrier {key} in {timeout_ms / 1000:g} s")
+            time.sleep(self.POLL_S)
+        self.client.key_value_set(f"{self.name}/waiting/{self.process}", "", allow_overwrite=True)
+
+    def complete(self, barrier: str) -> bool:
+        return len(self.client.key_value_dir_get(f"{self.name}/arrived/{barrier}/")) == self.processes
+
+    def stuck_elsewhere(self, barrier: str) -> bool:
+        """Whether another process waits at another barrier than `barrier`, one that not every
+        process has reached (a process whose barrier is complete is only about to leave it)."""
+        return any(waiting_at and waiting_at != barrier and not self.complete(waiting_at)
+                   for _, waiting_at in self.client.key_value_dir_get(f"{self.name}/waiting/"))
+
+    def failed(self) -> bool:
+        return bool(self.client.key_value_dir_get(f"{self.name}/failed/"))
+
+    def fail(self) -> None:
+        """Mark the save failed: every process's barriers fail from now on."""
+        self.client.key_value_set(f"{self.name}/failed/{self.process}", "", allow_overwrite=True)
+
+
+def save_barrier() -> SaveBarrier | None:
+    """A SaveBarrier for this job's checkpoint saves; None with one process (no barriers)."""
+    if jax.process_count() == 1:
+        return None
+    from jax._src import distributed  # the coordination service's client: JAX has no public handle on it
+
+    return SaveBarrier(distributed.global_state.client, jax.process_index(), jax.process_count())
 
 
 def agree_on_stop(stop) -> bool:

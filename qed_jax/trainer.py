@@ -255,9 +255,10 @@ def to_global(batch: dict, micro_batches: int, sharding) -> dict:
 NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout_s",
                     "judge.max_retries", "judge.parse_retries", "judge.backoff_s", "judge.cache_path",
                     "judge.max_failed_fraction", "export_dtype"}
-# But a job's processes must agree on it: each decides alone, on every process's counts, whether
-# a step stops, and one that went on alone would wait for the others forever.
-DECIDED_ON_EVERY_PROCESS = {"judge.max_failed_fraction"}
+# But a job's processes must agree on these: each decides alone, on every process's counts, whether
+# a step stops, and every process takes part in the export's gather of the weights (one that went
+# on alone, or exported otherwise, would wait for the others forever).
+DECIDED_ON_EVERY_PROCESS = {"judge.max_failed_fraction", "export_dtype"}
 
 
 WORKING_DIR_FILE = "working_dir.txt"  # beside a trainer's config.json: where its relative paths were read

@@ -84,10 +84,16 @@ def cli_with_file_size_limit(args: list[str], limit: int) -> list[str]:
     every later process in that worker would warn about and compile again."""
     import sys
 
+    return [sys.executable, *file_size_limited_entry(limit), *args]
+
+
+def file_size_limited_entry(limit: int) -> list[str]:
+    """The interpreter arguments of `cli_with_file_size_limit` that start the CLI (for `processes`'
+    `entry`)."""
     setup = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), "
              "resource.RLIM_INFINITY)); os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'; "
              "os.execv(sys.executable, [sys.executable, '-m', 'qed_jax.cli', *sys.argv[2:]])")
-    return [sys.executable, "-c", setup, str(limit), *args]
+    return ["-c", setup, str(limit)]
 
 
 def coordinator_port() -> int:

@@ -347,6 +347,28 @@ def test_running_out_of_device_memory_is_one_line(monkeypatch, capsys):
                                           r"traceback\)", err[0]), err
 
 
+def test_another_process_stopping_is_told_from_what_jax_and_gloo_say():
+    """What the survivor of a kill -9 sees (as measured on CPU with two processes): Gloo's broken
+    connection at its next collective, or a barrier failed by the coordination service once the
+    dead process missed its heartbeats, raised as it is or behind our checkpoint error. A judge's
+    connection reset is about the judge."""
+    from qed_jax.errors import CheckpointError, JudgeUnavailable, lost_process
+
+    gloo = ValueError("UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+                      "[127.0.0.1]:38787: Connection reset by peer")
+    assert lost_process(gloo) == str(gloo)
+    heartbeat = RuntimeError("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 heartbeat "
+                             "timeout.\nThis indicates that the remote task has failed")
+    try:
+        raise CheckpointError("writing checkpoint step 10 failed") from heartbeat
+    except CheckpointError as e:
+        assert lost_process(e) == "INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 " \
+                                  "heartbeat timeout."
+    assert lost_process(JudgeUnavailable("the judge at http://a/v1: Connection reset by peer")) is None
+    assert lost_process(ValueError("Connection reset by peer")) is None  # not a collective's
+    assert lost_process(None) is None
+
+
 def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
     with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a folder"):
         load_config(SFTConfig, tmp_path)

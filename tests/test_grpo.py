@@ -900,6 +900,37 @@ def test_two_processes_sample_grade_and_learn_what_one_does(tmp_path):
         assert one[-1][key] == two[-1][key], key
 
 
+# Process 1's grade cache fails at its first write (a full disk, an I/O error on its host).
+CACHE_WRITE_FAILS = """
+import sqlite3, sys
+from qed_jax import judge
+def put(self, key, grade):
+    with self.failing_as_config_error():
+        raise sqlite3.OperationalError("disk I/O error")
+judge.GradeCache.put = put
+from qed_jax.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow  # two processes: about a minute on 2 cores
+def test_a_grade_cache_failing_on_one_process_stops_both(tmp_path):
+    """Each process grades its own share into its own cache: one that cannot write it stops, and
+    the other, which graded its share, stops with it rather than wait for it in the step's gather."""
+    with JudgeServer(default=("hash", 0.1)) as server:
+        with processes(["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=2",
+                        f"output_dir={tmp_path / 'run'}"], count=2, devices=4, entry={1: ["-c", CACHE_WRITE_FAILS]},
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+            outputs = finish(procs, timeout=240)
+    assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
+    errors = [err.strip().splitlines()[-1] for _, err in outputs]
+    assert errors[0] == "qed-jax grpo: error: grading failed on another process (its log says why)"
+    assert errors[1].startswith(f"qed-jax grpo: error: judge cache {tmp_path / 'cache.sqlite'}.process-1: disk I/O "
+                                "error;"), errors[1]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # step 1 was not applied
+
+
 @pytest.mark.slow  # two processes: about a minute on 2 cores
 def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     """A preemption's SIGTERM reaches a pod's hosts at different moments: the processes agree after

@@ -396,6 +396,17 @@ def test_first_argmax_is_argmax_with_ties():
     assert 0 <= int(sampling.first_argmax(jnp.asarray(logits))[3]) < 300
 
 
+def test_a_prefill_that_does_not_fit_its_cache_is_refused(tiny):
+    """A cache with another number of rows than the prompts, or fewer slots than their tokens:
+    XLA would write row 0 alone, or refuse the slice with a shape error naming neither."""
+    _, model = tiny
+    prompt = jnp.ones((1, 8), jnp.int32)
+    for batch, max_len in ((2, 16), (1, 4)):
+        with pytest.raises(ValueError, match=rf"prefill of 1 prompts of 8 tokens into a KV cache of {batch} rows of "
+                                             rf"{max_len} slots: the cache needs a row per prompt and a slot per token"):
+            model.prefill(prompt, qed_jax.KVCache.zeros(model.config, batch=batch, max_len=max_len))
+
+
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_decode_over_per_layer_arrays_equals_the_scan(tiny, remat):
     """The CPU decode path (weights split per layer and output-major, activations feature-major,

@@ -323,6 +323,7 @@ def test_a_two_process_job_that_cannot_start_fails_in_both(tmp_path):
     lines = (REPO / "configs/data/tiny_proofs.jsonl").read_text().splitlines()
     edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows, another order
     for extra, what in ((["steps=2"], "another config"), (["--resume-with-changes"], "another config"),
+                        (["export_dtype=null"], "another config"),
                         ([f"data.path={edited}"], "other training data")):
         errors = both_fail(f"output_dir={tmp_path / 'mixed'}", entry={1: ["-c", WITH_ARGS.format(extra=extra)]})
         assert all(f"process 1 was given {what} than process 0: every process of a job runs the same command on "
@@ -368,6 +369,53 @@ def test_a_stop_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
                    stderr=subprocess.DEVNULL) as procs:
         assert_signal_writes_a_checkpoint(procs[1], tmp_path, steps=3)
         assert procs[0].wait(timeout=120) == 128 + signal.SIGTERM
+
+
+@pytest.mark.slow  # two processes, twice: 40-80 s on 2 cores
+def test_a_checkpoint_write_failing_on_one_process_stops_both(tmp_path):
+    """A full disk on one host: that process's part of a save fails in Orbax's background thread,
+    and it skips the barrier that the other's save waits at. Both saves fail, each says why in
+    one line, and neither waits for the other (Orbax's barriers alone held both for 20 minutes)."""
+    from tests.helpers import file_size_limited_entry
+
+    args = ["sft", "--config", TINY, "steps=4", "checkpoint_every=2", "eval_every=0", "export_dtype=null",
+            f"output_dir={tmp_path}"]
+    with processes(args, count=2, devices=1, entry={1: file_size_limited_entry(65536)}, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=180)
+    assert [p.returncode for p in procs] == [2, 2], [err[-3000:] for _, err in outputs]
+    errors = [err.strip().splitlines()[-1] for _, err in outputs]
+    then = "no step was saved before it: fix that and rerun the same command to start the run again"
+    assert errors[0] == (f"qed-jax sft: error: {tmp_path}/checkpoints: writing checkpoint step 2 failed (it failed on "
+                         f"another process, whose log says why); {then}"), errors[0]
+    assert errors[1] == (f"qed-jax sft: error: {tmp_path}/checkpoints: writing checkpoint step 2 failed (file too "
+                         f"large); {then}"), errors[1]
+    assert not (tmp_path / "checkpoints" / "2").exists()
+    with processes(args, count=2, devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as procs:
+        outputs = finish(procs, timeout=180)  # the disk has room again: the same command runs
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+@pytest.mark.slow  # two processes: 20-40 s on 2 cores
+def test_a_process_killed_mid_run_stops_the_other_with_one_line(tmp_path):
+    """kill -9 of one host's process (an OOM kill, a host lost): the other finds its collectives
+    broken at the next step and exits at once, in one line, rather than wait for the dead one at
+    JAX's shutdown barrier until the coordination service aborts it (100 s and pages of C++ logs)."""
+    # No save in flight when it dies: the other would wait for it at Orbax's barrier until JAX's
+    # coordination service gives up on it (a heartbeat timeout) and aborts the process itself.
+    with processes(["sft", "--config", TINY, "steps=400", "log_every=1", "checkpoint_every=1000", "eval_every=0",
+                    f"output_dir={tmp_path}"], count=2, devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True) as procs:
+        wait_for_steps(tmp_path, 3)
+        procs[1].kill()
+        procs[1].wait()
+        _, err = finish(procs[:1], timeout=60)[0]
+    assert procs[0].returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("qed-jax sft: error: another process of this job stopped (") and last.endswith(
+        "the checkpoints written are kept: run the same command again on every host to resume from the newest"), last
+    assert "Traceback" not in err
 
 
 # The CLI, with a SIGTERM sent to the process itself as the trainer starts closing its checkpoints

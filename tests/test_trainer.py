@@ -401,10 +401,95 @@ def test_a_moved_run_directory_is_no_config_change():
                           {**saved, "judge": patient}) == []
 
 
+class KeyValueStore:
+    """The coordination service's key-value store as SaveBarrier uses it, in one process."""
+
+    def __init__(self):
+        import threading
+
+        self.values, self.lock = {}, threading.Lock()
+
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+        with self.lock:
+            if key in self.values and not allow_overwrite:
+                raise RuntimeError(f"ALREADY_EXISTS: {key}")
+            self.values[key] = value
+
+    def key_value_dir_get(self, directory: str) -> list[tuple[str, str]]:
+        with self.lock:
+            return [(k, v) for k, v in self.values.items() if k.startswith(directory)]
+
+
+def run_barriers(sequences: list[list[str]]) -> list[BaseException | None]:
+    """Each sequence's barriers passed in order by its own process (a thread), all sharing one
+    store; what each raised (None: it passed them all)."""
+    import threading
+
+    from qed_jax.multihost import SaveBarrier
+
+    store, raised = KeyValueStore(), [None] * len(sequences)
+    barriers = [SaveBarrier(store, i, len(sequences)) for i in range(len(sequences))]
+
+    def run(i):
+        barriers[i].POLL_S = 0.001
+        try:
+            for key in sequences[i]:
+                barriers[i](key, timeout_ms=60_000)
+        except Exception as e:
+            raised[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sequences))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a barrier still waits"
+    return raised
+
+
+def test_save_barriers_pass_together_and_fail_together():
+    """Orbax's checkpoint barriers through SaveBarrier: processes that pass the same barriers in
+    the same order (keys reused by every save) all pass; one that skips a barrier (its part of the
+    save failed before it) leaves the others stuck at another barrier than its own, and every
+    process's barrier fails at once rather than wait for Orbax's 20-minute timeout."""
+    from qed_jax.multihost import SaveFailedElsewhere
+
+    saves = ["write", "commit", "start", "end"] * 25
+    assert run_barriers([saves, saves, saves]) == [None, None, None]
+    skipped = ["write", "commit", "start", "end", "start", "end"]  # the second save's write failed on process 2
+    raised = run_barriers([saves[:8], saves[:8], skipped])
+    assert all(isinstance(e, SaveFailedElsewhere) for e in raised), raised
+    assert str(raised[0]) == "it failed on another process, whose log says why"
+
+
+def test_a_save_failure_marked_outside_the_barriers_fails_them():
+    import threading
+
+    from qed_jax.multihost import SaveBarrier, SaveFailedElsewhere
+
+    store = KeyValueStore()
+    waiting, failing = SaveBarrier(store, 0, 2), SaveBarrier(store, 1, 2)
+    waiting.POLL_S = 0.001
+    raised = []
+
+    def wait():
+        try:
+            waiting("write", timeout_ms=60_000)
+        except SaveFailedElsewhere as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    failing.fail()  # its save raised in its own thread, before its first barrier
+    thread.join(timeout=60)
+    assert not thread.is_alive() and len(raised) == 1
+
+
 def test_processes_of_a_job_share_what_each_decides_alone():
     """Where things are may differ between a job's processes (each host its own judge, its own
     copy of the data), but not the failed-grade limit, on which each decides whether a step
-    stops: a process going on alone would wait for the others forever."""
+    stops, nor the export's dtype: a process going on alone, or exporting otherwise, would wait
+    for the others forever."""
     from qed_jax.trainer import settings_processes_share
 
     config = {"steps": 2, "data": {"path": "/host0/rows.jsonl"},
@@ -414,6 +499,9 @@ def test_processes_of_a_job_share_what_each_decides_alone():
     assert settings_processes_share(config, False) == settings_processes_share(elsewhere, False)
     laxer = {**config, "judge": {**config["judge"], "max_failed_fraction": 0.5}}
     assert settings_processes_share(config, False) != settings_processes_share(laxer, False)
+    no_export = {**config, "export_dtype": None}  # the export gathers from every process: all export, alike
+    assert settings_processes_share({**config, "export_dtype": "bfloat16"}, False) != \
+        settings_processes_share(no_export, False)
     assert settings_processes_share(config, False) != settings_processes_share(config, True)
 
 
@@ -678,7 +766,9 @@ def test_a_full_disk_is_named_among_orbaxs_paths():
 def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
     """After a restore fails, the arrays still being read fail unawaited, and asyncio logs each one
     whenever its task is garbage-collected, possibly after the one-line error (the corrupted-step
-    test above saw it once in a loaded run). Those reports are dropped; others are kept."""
+    test above saw it once in a loaded run); so are Orbax's tasks left waiting when a save failed
+    (on the other process of a job, for the folder the failed save never made). Those reports are
+    dropped; others are kept."""
     import asyncio
     import gc
     import logging
@@ -694,15 +784,32 @@ def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
         loop.close()
 
     asyncio_log = logging.getLogger("asyncio")
-    asyncio_log.addFilter(checkpoint._not_unretrieved_tensorstore_failure)
+    asyncio_log.addFilter(checkpoint._not_abandoned_orbax_task)
     try:
         with caplog.at_level("ERROR", logger="asyncio"):
             unretrieved(ValueError("OUT_OF_RANGE: Error reading \"layers.q_norm/.zarray\" [tensorstore_spec='{}']"))
             assert not caplog.records
             unretrieved(ValueError("a failure of something else"))
             assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Future exception was never retrieved"]
+            caplog.clear()
+
+            async def orbax_wait_for_base_dir_creation():  # its name, as Orbax's coroutines' paths, says orbax
+                await asyncio.Event().wait()
+
+            async def something_else():
+                await asyncio.Event().wait()
+
+            for coroutine in (orbax_wait_for_base_dir_creation, something_else):
+                loop = asyncio.new_event_loop()
+                task = loop.create_task(coroutine())
+                loop.run_until_complete(asyncio.sleep(0))  # started, and waiting
+                loop.close()
+                del task
+                gc.collect()
+            assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task was destroyed but it is pending!"]
+            assert "something_else" in caplog.records[0].getMessage()
     finally:
-        asyncio_log.removeFilter(checkpoint._not_unretrieved_tensorstore_failure)
+        asyncio_log.removeFilter(checkpoint._not_abandoned_orbax_task)
 
 
 # Runs a program whose temporary buffer is 192 MiB six times and prints the fewest page faults of
