@@ -751,7 +751,7 @@ def _run_command(args, stopped_by: list[int]) -> int:
     except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
         if args.verbose:
             raise
-        _exit_if_another_process_stopped(args, e)  # a save that waited for it: its failure is not the save's
+        _exit_if_another_process_stopped(args, e)  # a collective or save that waited for it: not the cause
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2  # a run that failed, not a command to fix
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself

@@ -773,7 +773,7 @@ def on_every_process(judge_call):
     if worst == 1:
         raise JudgeUnavailable("the judge failed on another process; its log says why")
     if worst == 2:
-        raise ConfigError("grading failed on another process (its log says why)")
+        raise ConfigError("a judge call failed on another process (its log says why)")
     return result
 
 

@@ -175,7 +175,7 @@ class Qwen3(nnx.Module):
         once they hold this prompt), so the long-sequence attention implementations serve it.
         Slots T and later are left as they were."""
         B, T = input_ids.shape
-        rows, slots = cache.k.shape[1:3]
+        rows, slots = cache.batch, cache.max_len
         if (B, T) != (rows, min(T, slots)):  # shapes are static: a traced call is checked as it is traced
             raise ValueError(f"prefill of {B} prompts of {T} tokens into a KV cache of {rows} rows of {slots} slots: "
                              "the cache needs a row per prompt and a slot per token (KVCache.zeros(config, batch, "

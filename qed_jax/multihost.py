@@ -106,10 +106,13 @@ class SaveBarrier:
         self.client.key_value_set(f"{self.name}/waiting/{self.process}", barrier, allow_overwrite=True)
         deadline = time.monotonic() + timeout_ms / 1000
         while not self.complete(barrier):
-            if self.failed() or self.stuck_elsewhere(barrier):
+            # complete() again after stuck_elsewhere(): between the loop's look and that one, the
+            # others may have arrived here, left, and started waiting at the save's next barrier
+            if self.failed() or (self.stuck_elsewhere(barrier) and not self.complete(barrier)):
                 self.fail()
                 raise SaveFailedElsewhere("it failed on another process, whose log says why")
             if time.monotonic() > deadline:
+                self.fail()
                 raise TimeoutError(f"not every process reached its barrier {key} in {timeout_ms / 1000:g} s")
             time.sleep(self.POLL_S)
         self.client.key_value_set(f"{self.name}/waiting/{self.process}", "", allow_overwrite=True)

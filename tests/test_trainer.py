@@ -485,6 +485,31 @@ def test_a_save_failure_marked_outside_the_barriers_fails_them():
     assert not thread.is_alive() and len(raised) == 1
 
 
+def test_a_save_barrier_passed_by_the_others_while_it_looks_is_not_a_failure():
+    """The others may arrive at a barrier, leave it and wait at the save's next one between a
+    process's look at that barrier and its look at where they wait: it has passed, not failed.
+    That interleaving, forced in one thread: process 1's steps run inside process 0's first look."""
+    from qed_jax.multihost import SaveBarrier
+
+    store = KeyValueStore()
+
+    class LookingTooEarly(SaveBarrier):
+        looks = 0
+
+        def complete(self, barrier):
+            self.looks += 1
+            if self.looks > 1:
+                return super().complete(barrier)
+            # what process 0's first look read was incomplete; then process 1 passes "write"
+            store.key_value_set("qed_jax/save/arrived/write#1/1", "")
+            store.key_value_set("qed_jax/save/arrived/commit#1/1", "")
+            store.key_value_set("qed_jax/save/waiting/1", "commit#1", allow_overwrite=True)
+            return False
+
+    LookingTooEarly(store, 0, 2)("write", timeout_ms=5_000)
+    assert not store.key_value_dir_get("qed_jax/save/failed/")
+
+
 def test_processes_of_a_job_share_what_each_decides_alone():
     """Where things are may differ between a job's processes (each host its own judge, its own
     copy of the data), but not the failed-grade limit, on which each decides whether a step
