@@ -848,6 +848,7 @@ def test_endpoint_reasoning_that_is_not_text_is_a_clear_error():
         EndpointGenerator._sample(NS(usage=usage), NS(message=message, finish_reason="stop"), "proof")
 
 
+@pytest.mark.slow  # four judge runs, two of them child processes: 12-18 s on 2 cores
 def test_judge_cli_writes_into_a_pipe_a_device_or_a_link_without_replacing_it(tmp_path):
     """--output that is not a plain file is written, never renamed over: a FIFO's reader gets the
     rows, a device (/dev/null, /dev/stdout) stays one, and a link keeps pointing at its file, which

@@ -826,6 +826,7 @@ def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # three runs of a finished run's trainer: 15-20 s on 2 cores
 def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     base = [f"output_dir={tmp_path}", "steps=1", "eval_every=0", "batch_size=16", "checkpoint_every=1"]
     train(load_config(SFTConfig, TINY, [*base, "export_dtype=float32"]))
@@ -842,6 +843,7 @@ def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     assert train(load_config(SFTConfig, TINY, [*base, "export_dtype=bfloat16"]))["complete"]
 
 
+@pytest.mark.slow  # a run, then three reruns: 12-16 s on 2 cores
 def test_a_finished_run_whose_checkpoints_were_deleted_is_done_not_trained_again(tmp_path, caplog):
     """Checkpoints removed after the run (disk reclaimed, a bucket's lifecycle rule): it trained
     again from step 0, replaced its export and cut its metrics to nothing."""

@@ -111,6 +111,7 @@ def _corrupt(step_dir: Path) -> None:
             f.write_bytes(f.read_bytes()[:16])
 
 
+@pytest.mark.slow  # five training runs: 40-55 s on 2 cores
 def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadable_steps(tmp_path):
     run = tmp_path / "run"
     first = _sft(["steps=2", f"output_dir={run}"])
@@ -147,6 +148,7 @@ def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadab
     assert "step 4 is unreadable" in generate.stderr
 
 
+@pytest.mark.slow  # four training runs: 30-40 s on 2 cores
 def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tmp_path):
     data, run = tmp_path / "rows.jsonl", tmp_path / "run"
     lines = (REPO / "configs" / "data" / "tiny_proofs.jsonl").read_text().splitlines(keepends=True)
@@ -276,6 +278,7 @@ def test_the_data_record_sees_text_tokens_marking_schemes_and_missing_fields():
     assert data_record("d", [dict(reversed(base.items()))]) == records[0]
 
 
+@pytest.mark.slow  # eight trainer runs: 55-70 s on 2 cores
 def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_readable_is_no_fresh_start(tmp_path):
     run = tmp_path / "run"
     first = _sft(["steps=2", f"output_dir={run}"])
@@ -714,6 +717,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_a_rer
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]  # step 1 trained again, recorded once
 
 
+@pytest.mark.slow  # three training runs: 15-25 s on 2 cores
 def test_a_checkpoint_step_this_user_may_not_read_is_refused_and_left_in_place():
     """Orbax reads a step it may not open as one that holds nothing: it was set aside as damaged
     (every step alike, copied by another user), and the run was told to start over. It is an
@@ -861,6 +865,7 @@ print(kept, temp // 4096, min(faults[2:]), faults)
 """
 
 
+@pytest.mark.slow  # three child processes (192 MiB buffers, an SFT run): 20-30 s on 2 cores
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_sft_keeps_freed_memory_on_cpu_so_each_step_reuses_the_last_ones_pages(tmp_path):
     """A compiled step's temporary buffer is freed when the step ends. By default glibc unmaps it
