@@ -717,7 +717,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_a_rer
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]  # step 1 trained again, recorded once
 
 
-@pytest.mark.slow  # three training runs: 15-25 s on 2 cores
+@pytest.mark.slow  # a run, then a rerun as another user (as root, after an import check): 15-25 s on 2 cores
 def test_a_checkpoint_step_this_user_may_not_read_is_refused_and_left_in_place():
     """Orbax reads a step it may not open as one that holds nothing: it was set aside as damaged
     (every step alike, copied by another user), and the run was told to start over. It is an
