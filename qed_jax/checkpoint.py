@@ -50,7 +50,15 @@ def is_checkpoint_dir(path) -> bool:
 
 def manager(directory, max_to_keep: int | None = None, barrier: SaveBarrier | None = None) -> ocp.CheckpointManager:
     """An Orbax CheckpointManager for a qed-jax checkpoint folder; `barrier` (several processes)
-    runs its saves' barriers (see multihost.SaveBarrier)."""
+    runs its saves' barriers (see multihost.SaveBarrier).
+
+    With one process a save makes its step's folders before `save` returns (a few directories;
+    the arrays are still written in the background), so that a folder it cannot make (a full
+    disk) fails the save at once, with its reason. Orbax's default makes them in a thread of its
+    own, which only logs that failure, and the save waits five minutes for the folder before it
+    fails with a timeout that does not say why. Several processes keep that default: made
+    before `save` returns, the folders sit between two of Orbax's barriers that are not
+    `barrier`, and a failure on process 0 would leave the others waiting at the second."""
     directory = epath.Path(directory)
     if "://" not in str(directory):
         directory = directory.absolute()  # Orbax wants absolute local paths
@@ -64,7 +72,8 @@ def manager(directory, max_to_keep: int | None = None, barrier: SaveBarrier | No
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            async_options=None if barrier is None else ocp.AsyncOptions(barrier_sync_fn=barrier)),
+            async_options=ocp.AsyncOptions(barrier_sync_fn=barrier,
+                                           create_directories_asynchronously=jax.process_count() > 1)),
         item_handlers=handlers,
     )
 
@@ -107,14 +116,21 @@ def params_state(model: Qwen3):
 def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None:
     """A model alone (no optimizer) as a checkpoint directory, e.g. the output of `convert`."""
     write_model_config(directory, model.config, assets_from)
-    with manager(directory) as mgr:
+    logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # a failed save's other writes (failed_write)
+    mgr, failure = manager(directory), None
+    try:
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
+        mgr.wait_until_finished()
+    except Exception as e:
+        failure = e
+    finally:
         try:
-            mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
-            mgr.wait_until_finished()
+            mgr.close()  # the step's last metadata writes
         except Exception as e:
-            logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # the other arrays' writes
-            raise CheckpointError(f"{directory}: writing step {step} failed ({write_failure(e)}); fix that and "
-                                  "run the command again (with --overwrite)") from e
+            failure = failure or e  # after a failed save, more of the same failure: the first says why
+    if failure is not None:
+        raise CheckpointError(f"{directory}: writing step {step} failed ({write_failure(failure)}); fix that and "
+                              "run the command again (with --overwrite)") from failure
 
 
 def write_failure(error: Exception) -> str:
@@ -346,6 +362,7 @@ class TrainCheckpoints:
         self.barrier = save_barrier()
         self.manager = manager(directory, max_to_keep=keep, barrier=self.barrier)
         self.writing: int | None = None  # the step whose save may still be under way (Orbax writes in the background)
+        self.failed = False  # a save failed, and its error was raised
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -374,13 +391,16 @@ class TrainCheckpoints:
         removed, `remove_unfinished_saves`). With several processes, the others' saves fail too
         (they would wait for this one's at their next barrier), and one whose save failed only
         because this one's did says so."""
+        # A failed save's other tasks (its other folders and arrays) fail unawaited, and asyncio
+        # reports each when it is collected: in Orbax's thread, maybe before the except below.
+        logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)
         try:
             yield
         except Exception as e:
+            self.failed = True
             if self.barrier is not None:
                 with contextlib.suppress(Exception):  # no coordination service left (process 0 gone): none to tell
                     self.barrier.fail()
-            logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # the other arrays' writes
             self.writing, step = None, self.writing
             which = f"checkpoint step {step}" if step is not None else "a checkpoint"
             own = next((cause for cause in causes(e) if not isinstance(cause, SaveFailedElsewhere)), None)
@@ -516,10 +536,15 @@ class TrainCheckpoints:
         self.manager.reload()
 
     def close(self) -> None:
+        """Wait for the save under way, then close the manager. After a failed save what the
+        closing finds is more of the same failure (Orbax's background writes of that step's
+        metadata on the same full disk): dropped, so that the error that names the step stays
+        the one that stops the run."""
         try:
             if self.writing is not None:  # none after a failure, already raised
                 with self.failed_write():
                     self.manager.wait_until_finished()
         finally:
             self.writing = None
-            self.manager.close()
+            with contextlib.suppress(Exception) if self.failed else self.failed_write():
+                self.manager.close()

@@ -782,6 +782,79 @@ def test_a_save_that_fails_as_it_starts_is_named_as_its_own_step(tmp_path, monke
     assert ckpts.manager.all_steps() == [1]
 
 
+def full_disk_while_making(where: str, step_folder: str, monkeypatch) -> None:
+    """A full disk from the moment a save of `step_folder` (e.g. "2.orbax-checkpoint-tmp") makes
+    `where`: its own folder, its metadata file, or the folders of its items (in that order)."""
+    from orbax.checkpoint._src.metadata import checkpoint as metadata
+    from orbax.checkpoint._src.path import async_path
+
+    mkdir, write = async_path.mkdir, metadata._MetadataStoreImpl.write
+
+    def full(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    async def full_mkdir(path, *args, **kwargs):
+        if step_folder in str(path) and (where == "step folder" or path.name != step_folder):
+            raise full(path)
+        return await mkdir(path, *args, **kwargs)
+
+    def full_write(self, file_path, data):
+        if where != "item folders" and step_folder in str(file_path):
+            raise full(file_path)
+        return write(self, file_path, data)
+
+    monkeypatch.setattr(async_path, "mkdir", full_mkdir)
+    monkeypatch.setattr(metadata._MetadataStoreImpl, "write", full_write)
+
+
+@pytest.mark.parametrize("where", ["step folder", "step metadata", "item folders"])
+def test_a_full_disk_while_a_save_makes_its_folders_fails_that_save_at_once(tmp_path, monkeypatch, caplog, where):
+    """Orbax makes a step's folders in a thread of its own by default, which only logs a failure
+    there, while the save waits five minutes for them and then fails with a timeout that says
+    nothing of the disk. With one process they are made before `save` returns: that save fails at
+    once with its reason, closing does not replace that error with the step's metadata write that
+    failed with it, asyncio reports none of its other tasks, and the step before it is kept."""
+    import gc
+
+    import grain
+
+    params, opt_state = {"w": jnp.arange(4.0)}, {"m": jnp.zeros(4)}
+    data = iter(grain.MapDataset.range(8).to_iter_dataset())
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, PRESETS["tiny"], 2, run={"trainer": "sft"})
+    ckpts.save(1, params, opt_state, data, {"step": 1})
+    ckpts.manager.wait_until_finished()
+    full_disk_while_making(where, "2.orbax-checkpoint-tmp", monkeypatch)
+    with caplog.at_level("ERROR", logger="asyncio"):
+        with pytest.raises(checkpoint.CheckpointError, match=(
+                rf"^{tmp_path}: writing checkpoint step 2 failed \(no space left on device\); the steps saved before "
+                "it are kept: free some space and rerun the same command to resume from the newest of them$")):
+            try:
+                ckpts.save(2, params, opt_state, data, {"step": 2})
+            finally:
+                ckpts.close()
+        gc.collect()  # the failed save's other tasks, reported by asyncio when collected
+    reported = [r.getMessage() for r in caplog.records if r.name == "asyncio"]  # Orbax's own (absl) are its log
+    assert not reported, reported
+    monkeypatch.undo()
+    again = checkpoint.TrainCheckpoints(tmp_path, PRESETS["tiny"], 2, run={"trainer": "sft"})  # a rerun, with room
+    assert again.manager.all_steps() == [1]
+    again.save(2, params, opt_state, data, {"step": 2})
+    again.close()
+    assert again.manager.all_steps() == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["1", "2"]
+
+
+@pytest.mark.parametrize("where", ["step folder", "step metadata"])
+def test_a_full_disk_while_a_model_is_saved_names_the_disk(tmp_path, monkeypatch, where):
+    """`qed-jax convert`'s save: the step's metadata write that fails with its folders does not
+    replace the error that says why."""
+    full_disk_while_making(where, "0.orbax-checkpoint-tmp", monkeypatch)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            rf"^{tmp_path / 'out'}: writing step 0 failed \(no space left on device\); fix that and run the command "
+            r"again \(with --overwrite\)$")):
+        checkpoint.save_model(Qwen3(PRESETS["tiny"], rngs=nnx.Rngs(0)), tmp_path / "out")
+
+
 def test_a_full_disk_is_named_among_orbaxs_paths():
     error = ValueError('RESOURCE_EXHAUSTED: Error writing "1.0.count/0" in OCDBT database at local file '
                        '"/ck/3.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: '
