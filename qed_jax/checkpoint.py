@@ -56,9 +56,11 @@ def manager(directory, max_to_keep: int | None = None, barrier: SaveBarrier | No
     the arrays are still written in the background), so that a folder it cannot make (a full
     disk) fails the save at once, with its reason. Orbax's default makes them in a thread of its
     own, which only logs that failure, and the save waits five minutes for the folder before it
-    fails with a timeout that does not say why. Several processes keep that default: made
-    before `save` returns, the folders sit between two of Orbax's barriers that are not
-    `barrier`, and a failure on process 0 would leave the others waiting at the second."""
+    fails with a timeout that does not say why. Several processes keep that default, which ends
+    in that timeout on every process (`write_failure` says what it means): made before `save`
+    returns, the folders sit between two of Orbax's collective barriers that are not `barrier`,
+    and a failure on process 0 left the other waiting at the second and process 0 waiting for it
+    at JAX's shutdown, both still there after four minutes."""
     directory = epath.Path(directory)
     if "://" not in str(directory):
         directory = directory.absolute()  # Orbax wants absolute local paths
@@ -135,8 +137,13 @@ def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None
 
 def write_failure(error: Exception) -> str:
     """What went wrong writing a checkpoint, in a few words: Orbax reports a full disk as a
-    TensorStore error whose first 200 characters are paths, the OS's error code at its end."""
+    TensorStore error whose first 200 characters are paths, the OS's error code at its end. With
+    several processes only process 0 makes a step's folders, and the others (process 0 too)
+    learn that it could not as a timeout of the key it would have set."""
     for cause in causes(error):
+        if re.search(r"(timed out with key: |Timeout waiting for key ')\S*directory_creation", str(cause)):
+            return ("the step's folders were not made within Orbax's wait for them; process 0 makes them, and its "
+                    "log says why")
         code = re.search(r"\[os_error_code='(\d+)'\]", str(cause))
         code = int(code[1]) if code else getattr(cause, "errno", None)
         if isinstance(code, int) and code > 0:
@@ -368,6 +375,7 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
+        self.failed = False  # a failure raised before is not this save's
         if self.manager.latest_step() == step:
             return  # already saved (e.g. a regular save just before a preemption save)
         meta = {**meta, **self.run}
