@@ -61,6 +61,9 @@ def manager(directory, max_to_keep: int | None = None, barrier: SaveBarrier | No
     returns, the folders sit between two of Orbax's collective barriers that are not `barrier`,
     and a failure on process 0 left the other waiting at the second and process 0 waiting for it
     at JAX's shutdown, both still there after four minutes."""
+    # A failed save's or restore's other tasks (its other folders and arrays) fail unawaited, and
+    # asyncio reports each when it is collected, in Orbax's threads, maybe before our error is raised.
+    logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # once: filters are a set
     directory = epath.Path(directory)
     if "://" not in str(directory):
         directory = directory.absolute()  # Orbax wants absolute local paths
@@ -118,7 +121,6 @@ def params_state(model: Qwen3):
 def save_model(model: Qwen3, directory, assets_from=None, step: int = 0) -> None:
     """A model alone (no optimizer) as a checkpoint directory, e.g. the output of `convert`."""
     write_model_config(directory, model.config, assets_from)
-    logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # a failed save's other writes (failed_write)
     mgr, failure = manager(directory), None
     try:
         mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params_state(model))))
@@ -242,7 +244,6 @@ def without_closed_loop_noise(quiet_s: float = 1.0, limit_s: float = 30.0):
     try:
         yield
     except Exception:
-        logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)  # once: filters are a set
         start = time.monotonic()
         while time.monotonic() - Held.last < quiet_s and time.monotonic() - start < limit_s:
             time.sleep(0.05)
@@ -399,9 +400,6 @@ class TrainCheckpoints:
         removed, `remove_unfinished_saves`). With several processes, the others' saves fail too
         (they would wait for this one's at their next barrier), and one whose save failed only
         because this one's did says so."""
-        # A failed save's other tasks (its other folders and arrays) fail unawaited, and asyncio
-        # reports each when it is collected: in Orbax's thread, maybe before the except below.
-        logging.getLogger("asyncio").addFilter(_not_abandoned_orbax_task)
         try:
             yield
         except Exception as e:
