@@ -258,7 +258,7 @@ class Qwen3(nnx.Module):
             return y.reshape(count, c.head_dim, B, T).transpose(2, 3, 0, 1)
 
         x = jnp.take(self.embed[...], input_ids.reshape(-1), axis=0).astype(dtype).T  # [D, B * T]
-        cos, sin = map(own_buffer, rope_tables(positions, c.head_dim, c.rope_theta, dtype))
+        cos, sin = map(materialized, rope_tables(positions, c.head_dim, c.rope_theta, dtype))
         for layer, w in enumerate(weights.layers):
             h = rms_norm(x, w["attn_norm"], eps, axis=0)
             q, k = norm_and_rotate(heads(project(w["q"], h), c.num_heads),
@@ -306,8 +306,8 @@ class Qwen3(nnx.Module):
         dtype = jnp.dtype(c.dtype)
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, dtype)
-        if layers is not None:  # a scan takes the tables in as buffers already
-            cos, sin = own_buffer(cos), own_buffer(sin)
+        if layers is not None:  # only the loop needs this: a scan gets the tables as loop inputs
+            cos, sin = map(materialized, (cos, sin))
 
         def block(carry, layer):
             x, cache = carry
@@ -375,14 +375,16 @@ def rope_tables(positions, head_dim, theta, dtype):
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def own_buffer(x):
-    """x, computed once into a buffer of its own. For the RoPE tables of the layer loops on
-    CPU: XLA:CPU fuses their cos and sin into every op that reads them, and evaluates them again
-    for each head and each shifted read of the rotation, forward and backward (ten layers' RoPE
-    forward and backward at the SFT step's shapes: 90 ms, against 16 with the tables as
-    buffers; see bench/README.md). It does not fuse a computation into a gather that reads it,
-    so an identity gather keeps x whole; an optimization barrier does not (XLA:CPU drops it
-    before it fuses)."""
+def materialized(x):
+    """x unchanged, as an identity gather: XLA:CPU does not fuse a computation into a gather
+    that reads it, so x is computed once, into a buffer of its own. For the RoPE tables of the
+    layer loops on CPU: XLA:CPU fused their cos and sin into every op that reads them, and
+    evaluated them again for each head and each shifted read of the rotation, forward and
+    backward (ten layers' RoPE forward and backward at the SFT step's shapes, printed: 89-115 ms,
+    against 15-19 with the tables as buffers; see bench/README.md). An optimization barrier does
+    not stop that (XLA:CPU drops barriers before it fuses). On a CPU mesh with the batch
+    sharded, the partitioner gathers the tables ([B * T, H], small beside the activations) whole
+    on every device."""
     rows = x.reshape(-1, x.shape[-1])
     return rows[jnp.arange(rows.shape[0])].reshape(x.shape)
 
