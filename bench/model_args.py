@@ -1,10 +1,12 @@
-"""The flags the benchmarks share: the model's shape (defaults: a ~48M-parameter Qwen3) and the
-host's memory settings."""
+"""The flags the benchmarks share: the model's shape (defaults: a ~48M-parameter Qwen3, or a
+preset's) and the host's memory settings."""
 
-from qed_jax.config import ModelConfig
+from qed_jax.config import PRESETS, ModelConfig
 
 
 def add_model_args(parser) -> None:
+    parser.add_argument("--preset", choices=[name for name in PRESETS if name != "tiny"],
+                        help="a real model's shape (random weights) in place of the shape flags below")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--mlp", type=int, default=1536)
@@ -15,6 +17,9 @@ def add_model_args(parser) -> None:
 
 
 def model_config(args, dtype: str = "float32") -> ModelConfig:
+    """The benchmark's model, its weights and activations in `dtype`."""
+    if args.preset:
+        return PRESETS[args.preset].replace(param_dtype=dtype, dtype=dtype)
     return ModelConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_layers=args.layers,
         num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, rope_theta=1e6,

@@ -162,7 +162,7 @@ def train_target(args):
 
     config = model_config(args)
     B, T = args.batch, args.seq
-    tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (B, T)).astype(np.int32)
     model = Qwen3(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
@@ -191,7 +191,7 @@ def decode_target(args):
     model = Qwen3(model_config(args), rngs=nnx.Rngs(0))
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     sampler = Sampler(model, buckets=(P,))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, (B, P)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (B, P)), jnp.int32)
     lengths = jnp.full((B,), P, jnp.int32)
     per_row = lambda v, dt: jnp.full((B,), v, dt)  # noqa: E731
     controls = (jax.random.key(0), per_row(0.0, jnp.float32), per_row(0, jnp.int32), per_row(1.0, jnp.float32),

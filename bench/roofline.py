@@ -1,14 +1,16 @@
 """This machine's limits, measured in the benchmark's own run, and the fraction of them a result
 reaches.
 
-    python bench/roofline.py  # prints the measured limits as JSON
+    python bench/roofline.py [--dtype bfloat16]  # prints the measured limits as JSON
 
 Two limits, measured with the backend the benchmarks use (JAX on its default device):
-- matmul peak, FLOP/s: the best of several jitted float32 `jnp.dot`s of square matrices large
-  enough to leave the caches (2·n³ FLOPs each);
-- memory bandwidth, bytes/s: the better of a copy between two preallocated host buffers
-  (read + write bytes; NumPy's memcpy) and a jitted float32 sum (read bytes), both over arrays
-  eight times the size of the last-level cache. The better one is the limit that applies: a
+- matmul peak, FLOP/s: the best of several jitted `jnp.dot`s of square matrices large enough to
+  leave the caches (2·n³ FLOPs each), in the benchmark's compute dtype (float32 by default; on a
+  GPU, JAX computes float32 products in TensorFloat-32 unless told otherwise, and so does this);
+- memory bandwidth, bytes/s: the best of a copy between two preallocated host buffers (read +
+  write bytes; NumPy's memcpy), a jitted float32 sum (read bytes) and a jitted negation (read +
+  write bytes, on the device), over arrays eight times the size of a CPU's last-level cache, or
+  of 2 GiB on an accelerator (no host copy there). The best one is the limit that applies: a
   decode step mostly reads weights.
 
 A result's limit is the time the work would take at these rates: FLOPs / peak, or bytes /
@@ -36,6 +38,14 @@ import numpy as np
 
 MATMUL_SIZES = (1024, 2048, 4096)
 STREAM_BYTES = 256 * 2 ** 20  # well past a 32 MiB last-level cache
+# On an accelerator each call also pays tens of microseconds to dispatch and wait for: larger
+# problems make that negligible (a GPU's matmul rate still climbs from 4096 to 8192).
+ACCELERATOR_MATMUL_SIZES = (2048, 4096, 8192)
+ACCELERATOR_STREAM_BYTES = 2 * 2 ** 30
+
+
+def _on_accelerator() -> bool:
+    return jax.default_backend() != "cpu"
 
 
 def _best_seconds(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> float:
@@ -49,29 +59,39 @@ def _best_seconds(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> float:
     return best
 
 
-def matmul_peak(sizes=MATMUL_SIZES) -> dict:
-    """FLOP/s of a float32 [n, n] @ [n, n] for each n; `flops_per_s` is the best of them."""
+def matmul_peak(sizes=None, dtype: str = "float32") -> dict:
+    """FLOP/s of a [n, n] @ [n, n] in `dtype` for each n; `flops_per_s` is the best of them."""
     dot = jax.jit(jnp.dot)
     by_size = {}
-    for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    for n in sizes or (ACCELERATOR_MATMUL_SIZES if _on_accelerator() else MATMUL_SIZES):
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         dot(a, b).block_until_ready()
         by_size[n] = 2 * n ** 3 / _best_seconds(lambda: dot(a, b).block_until_ready())
-    return {"flops_per_s": max(by_size.values()), "by_size": by_size}
+    return {"flops_per_s": max(by_size.values()), "by_size": by_size, "dtype": dtype,
+            "default_matmul_precision": getattr(jax.config, "jax_default_matmul_precision", None)}
 
 
-def memory_bandwidth(nbytes: int = STREAM_BYTES) -> dict:
-    """Bytes/s of a host memcpy (read + write counted) and of a jitted sum (reads only);
-    `bytes_per_s` is the better of the two."""
-    src = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    copy = 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src))
-    x = jnp.asarray(src)
-    total = jax.jit(jnp.sum)
+def memory_bandwidth(nbytes: int | None = None) -> dict:
+    """Bytes/s of a host memcpy (read + write counted; on a CPU only: an accelerator's memory is
+    not the host's), of a jitted sum (reads only) and of a jitted negation (read + write);
+    `bytes_per_s` is the best of them."""
+    rates = {}
+    if _on_accelerator():
+        nbytes = nbytes or ACCELERATOR_STREAM_BYTES
+        x = jnp.ones(nbytes // 4, jnp.float32)
+    else:
+        nbytes = nbytes or STREAM_BYTES
+        src = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        rates["copy_bytes_per_s"] = 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src))
+        x = jnp.asarray(src)
+    total, negate = jax.jit(jnp.sum), jax.jit(jnp.negative)
     total(x).block_until_ready()
-    read = nbytes / _best_seconds(lambda: total(x).block_until_ready())
-    return {"bytes_per_s": max(copy, read), "copy_bytes_per_s": copy, "read_bytes_per_s": read}
+    rates["read_bytes_per_s"] = nbytes / _best_seconds(lambda: total(x).block_until_ready())
+    negate(x).block_until_ready()
+    rates["device_copy_bytes_per_s"] = 2 * nbytes / _best_seconds(lambda: negate(x).block_until_ready())
+    return {"bytes_per_s": max(rates.values()), "stream_bytes": nbytes, **rates}
 
 
 def small_batch_matmul(rows: int = 8, nbytes: int = STREAM_BYTES) -> dict:
@@ -91,9 +111,10 @@ def small_batch_matmul(rows: int = 8, nbytes: int = STREAM_BYTES) -> dict:
     return {"rows": rows, "bytes_per_s": rate}
 
 
-def mlp_train_rate(rows: int, hidden: int, mlp: int, layers: int = 4) -> dict:
+def mlp_train_rate(rows: int, hidden: int, mlp: int, layers: int = 4, dtype: str = "float32") -> dict:
     """FLOP/s of a jitted forward and backward through `layers` residual SwiGLU blocks
-    x + down(silu(x @ gate) * (x @ up)) on float32 [rows, hidden] activations (3 x 6 x rows x
+    x + down(silu(x @ gate) * (x @ up)) on [rows, hidden] activations in `dtype`, the weights
+    float32 and cast to `dtype` for the products as a mixed-precision model does (3 x 6 x rows x
     hidden x mlp FLOPs per block, the SiLU and products not counted; gradients w.r.t. the weights
     and the input, as in a model whose embedding trains). Not a hardware limit: a reference, the
     rate the backend reaches on a training step's dense matmuls with nothing else in the step
@@ -103,26 +124,41 @@ def mlp_train_rate(rows: int, hidden: int, mlp: int, layers: int = 4) -> dict:
     weights = [(jax.random.normal(keys[3 * i], (hidden, mlp)) * scale,
                 jax.random.normal(keys[3 * i + 1], (hidden, mlp)) * scale,
                 jax.random.normal(keys[3 * i + 2], (mlp, hidden)) * mlp ** -0.5) for i in range(layers)]
-    x = jax.random.normal(keys[-1], (rows, hidden), jnp.float32)
+    x = jax.random.normal(keys[-1], (rows, hidden), dtype)
 
     def loss(weights, x):
         for gate, up, down in weights:
+            gate, up, down = (w.astype(dtype) for w in (gate, up, down))
             x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
-        return jnp.sum(x * x)
+        return jnp.sum(jnp.square(x.astype(jnp.float32)))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(grad(weights, x))
     flops = layers * 3 * 6 * rows * hidden * mlp
     rate = flops / _best_seconds(lambda: jax.block_until_ready(grad(weights, x)))
-    return {"rows": rows, "hidden": hidden, "mlp": mlp, "layers": layers, "flops_per_s": rate}
+    return {"rows": rows, "hidden": hidden, "mlp": mlp, "layers": layers, "dtype": dtype, "flops_per_s": rate}
 
 
-def measure() -> dict:
-    """Both limits, in one call (seconds on a CPU), with the machine's load while measuring: on a
-    shared machine a busy neighbour lowers every number, so results carry it."""
-    return {"matmul": matmul_peak(), "memory": memory_bandwidth(), "small_batch_matmul": small_batch_matmul(),
+def measure(dtype: str = "float32") -> dict:
+    """Both limits, the matmul peak in `dtype`, in one call (seconds on a CPU), with the machine's
+    load while measuring: on a shared machine a busy neighbour lowers every number, so results
+    carry it."""
+    return {"matmul": matmul_peak(dtype=dtype), "memory": memory_bandwidth(), "small_batch_matmul": small_batch_matmul(),
             "load_average": os.getloadavg(),
             "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def torch_device() -> str:
+    """Where a benchmark's PyTorch side runs: on the GPU when JAX's default device is one (with
+    float32 products in TensorFloat-32, as JAX computes them there unless told otherwise), else
+    on the CPU."""
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        if getattr(jax.config, "jax_default_matmul_precision", None) in (None, "default"):
+            torch.set_float32_matmul_precision("high")
+        return "cuda"
+    return "cpu"
 
 
 def fraction(limits: dict, seconds: float, flops: float = 0.0, nbytes: float = 0.0) -> dict:
@@ -165,12 +201,16 @@ def prefill_flops(config, batch: int, prompt_len: int) -> float:
 
 
 def describe(limits: dict) -> str:
-    return (f"measured limits: fp32 matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+    return (f"measured limits: {limits['matmul']['dtype']} matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s, "
             f"memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s, weights streamed by a "
             f"[2048, 512] @ [512, {limits['small_batch_matmul']['rows']}] matmul {limits['small_batch_matmul']['bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":
-    limits = measure()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Measure this machine's matmul peak and memory bandwidth.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the matmuls' dtype")
+    limits = measure(parser.parse_args().dtype)
     print(describe(limits))
     print(json.dumps(limits, indent=2))

@@ -1,5 +1,6 @@
 """Prefill and decode throughput of qed-jax's sampler next to transformers' generate, on the same
-random Qwen3 model and prompts in the same run, at each batch size given. Each result is also
+random Qwen3 model and prompts in the same run, at each batch size given (transformers on the GPU
+when JAX's default device is one). Each result is also
 set against this machine's limits, measured in the same run (see roofline.py): a decode step
 must read the weights and every row's live keys and values, and multiply every row by the
 weights; the slower of the two at the measured bandwidth and matmul peak is the limit (memory
@@ -76,11 +77,21 @@ def time_transformers(hf, prompts, new_tokens: int, repeats: int) -> dict:
     """Seconds of a prompt forward and of `generate` minus that forward, best of `repeats`."""
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf.device)
+    synchronize = torch.cuda.synchronize if hf.device.type == "cuda" else (lambda: None)
+
+    def run_prefill():
+        hf(input_ids=ids, use_cache=True)
+        synchronize()
+
+    def run_generate():
+        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                    eos_token_id=None)
+        synchronize()
+
     with torch.no_grad():
-        prefill_s = _timed(lambda: hf(input_ids=ids, use_cache=True), repeats)
-        total = _timed(lambda: hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                           do_sample=False, pad_token_id=0, eos_token_id=None), repeats)
+        prefill_s = _timed(run_prefill, repeats)
+        total = _timed(run_generate, repeats)
     return {"prefill_s": prefill_s, "decode_s": total - prefill_s, "torch_threads": torch.get_num_threads()}
 
 
@@ -123,7 +134,7 @@ def main() -> None:
     import qed_jax
     from qed_jax.model import param_count
 
-    limits = roofline.measure()
+    limits = roofline.measure(args.dtype)
     print(roofline.describe(limits))
     hf_config = Qwen3Config(**model_config(args).to_hf(torch_dtype=args.dtype))
     torch.manual_seed(0)
@@ -131,6 +142,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     hf.save_pretrained(folder)
     model = qed_jax.from_pretrained(folder)
+    hf = hf.to(roofline.torch_device())
     P, N = args.prompt_len, args.new_tokens
     itemsize = jnp.dtype(args.dtype).itemsize
 
@@ -138,13 +150,14 @@ def main() -> None:
         "benchmark": "sampling",
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
         "params": param_count(model.config),
         "config": vars(args),
         "limits": limits,
         "batches": [],
     }
     for B in args.batch:
-        prompts = np.random.default_rng(0).integers(0, args.vocab, (B, P)).tolist()
+        prompts = np.random.default_rng(0).integers(0, model.config.vocab_size, (B, P)).tolist()
         row = {"batch": B, "qed_jax": figures(time_qed_jax(model, prompts, N, args.repeats), limits,
                                               model.config, B, P, N, itemsize)}
         if not args.skip_transformers:

@@ -6,6 +6,11 @@ and against the rate of a forward and backward through bare MLP blocks at the mo
 same run (see roofline.py). Writes JSON.
 
     python bench/train_step.py --layers 10 --hidden 512 --batch 4 --seq 512 [--peak-tflops 197]
+    python bench/train_step.py --preset qwen3-0.6b --dtype bfloat16 --batch 4 --seq 2048  # on a GPU
+
+The weights and the optimizer's state are float32; `--dtype` is the activations' and matmuls'
+(bfloat16: qed-jax's mixed precision, and PyTorch under autocast). PyTorch runs on the GPU when
+JAX's default device is one.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of activations and matmuls (the weights stay float32)")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak, for MFU")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--out", default="bench/results/train_step.json")
@@ -62,13 +69,14 @@ def main() -> None:
     from qed_jax.sft import train_flops_per_token, train_step
     from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 
-    limits = roofline.measure()
-    config = model_config(args)
+    limits = roofline.measure(args.dtype)
+    config = model_config(args, args.dtype).replace(param_dtype="float32")
     B, T = args.batch, args.seq
-    limits["mlp_train"] = roofline.mlp_train_rate(B * T, config.hidden_size, config.intermediate_size)
+    limits["mlp_train"] = roofline.mlp_train_rate(B * T, config.hidden_size, config.intermediate_size,
+                                                  dtype=args.dtype)
     print(roofline.describe(limits) + f", forward + backward through bare MLP blocks "
           f"{limits['mlp_train']['flops_per_s'] / 1e9:.0f} GFLOP/s")
-    tokens = np.random.default_rng(0).integers(0, args.vocab, (B, T)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (B, T)).astype(np.int32)
     flops_per_step = train_flops_per_token(config, T) * B * T
     optim = OptimConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0, weight_decay=0.01, grad_clip=0.0)
 
@@ -103,6 +111,7 @@ def main() -> None:
         "benchmark": "train_step",
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "host": platform.machine(),
+        "jax": jax.__version__,
         "params": param_count(config),
         "flops_per_step": flops_per_step,
         "config": vars(args),
@@ -116,21 +125,28 @@ def main() -> None:
         import torch
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
+        device = roofline.torch_device()
         torch.manual_seed(0)
-        model = Qwen3ForCausalLM(Qwen3Config(**config.to_hf(torch_dtype="float32"))).train()
+        model = Qwen3ForCausalLM(Qwen3Config(**config.to_hf(torch_dtype="float32"))).train().to(device)
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-        ids = torch.tensor(tokens, dtype=torch.long)
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
         def run_torch():
-            loss = model(input_ids=ids, labels=ids).loss
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             adamw.step()
             adamw.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         run_torch()
         torch_best, torch_median, torch_cpu = _best(run_torch, args.steps)
         result["torch"] = {**figures(torch_best), "median_step_s": torch_median, **torch_cpu,
-                           "threads": torch.get_num_threads(), "version": torch.__version__}
+                           "threads": torch.get_num_threads(), "version": torch.__version__, "device": device,
+                           "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                           "attention": getattr(model.config, "_attn_implementation", None)}
         result["ratio_qed_jax_over_torch_tokens_per_s"] = torch_best / jax_best
 
     result["load_average_after"] = os.getloadavg()
