@@ -3,27 +3,30 @@ preset's) and the host's memory settings."""
 
 from qed_jax.config import PRESETS, ModelConfig
 
+# The default benchmark model's shape, flag by flag.
+SHAPE = {"vocab": 32000, "hidden": 512, "mlp": 1536, "layers": 10, "heads": 8, "kv_heads": 4, "head_dim": 64}
+
 
 def add_model_args(parser) -> None:
-    parser.add_argument("--preset", choices=[name for name in PRESETS if name != "tiny"],
-                        help="a real model's shape (random weights) in place of the shape flags below")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--mlp", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=10)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="a preset's shape (random weights) in place of the shape flags below")
+    for name, default in SHAPE.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {default}")
 
 
 def model_config(args, dtype: str = "float32") -> ModelConfig:
     """The benchmark's model, its weights and activations in `dtype`."""
+    given = [f"--{name.replace('_', '-')}" for name in SHAPE if getattr(args, name) is not None]
     if args.preset:
+        if given:
+            raise SystemExit(f"error: --preset {args.preset} sets the model's shape; drop {', '.join(given)}")
         return PRESETS[args.preset].replace(param_dtype=dtype, dtype=dtype)
+    shape = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in SHAPE.items()}
     return ModelConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_layers=args.layers,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, rope_theta=1e6,
-        tie_word_embeddings=True, max_position_embeddings=4096, param_dtype=dtype, dtype=dtype,
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
+        num_layers=shape["layers"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"], rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=4096,
+        param_dtype=dtype, dtype=dtype,
     )
 
 

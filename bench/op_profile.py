@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -214,10 +215,11 @@ def attention_target(args):
     the model takes on CPU: `blockwise`)."""
     from qed_jax.attention import causal_attention
 
+    c = model_config(args)
     rng = np.random.default_rng(0)
-    B, T, H = args.batch, args.seq, args.head_dim
-    q, k, v = (jnp.asarray(rng.standard_normal((B, T, heads, H)), jnp.float32)
-               for heads in (args.heads, args.kv_heads, args.kv_heads))
+    B, T = args.batch, args.seq
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, heads, c.head_dim)), jnp.float32)
+               for heads in (c.num_heads, c.num_kv_heads, c.num_kv_heads))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(causal_attention(q, k, v) ** 2), argnums=(0, 1, 2)))
     compiled = grad.lower(q, k, v).compile()
     return compiled.as_text(), lambda: jax.block_until_ready(compiled(q, k, v))
@@ -248,7 +250,8 @@ def main() -> None:
     hlo_text, run = TARGETS[args.target](args)
     run()  # warm up
     result = profile(run, hlo_text, args.repeats, args.trace_dir)
-    result.update(target=args.target, config=vars(args), load_average=os.getloadavg(),
+    result.update(target=args.target, config=vars(args), model=dataclasses.asdict(model_config(args)),
+                  load_average=os.getloadavg(),
                   keeps_freed_memory=keeps_freed_memory, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   by_kind=summary(result["ops"], kind),
                   by_file=summary(result["ops"], lambda r: r["source"].split(":")[0] or "(no source)"))

@@ -11,6 +11,7 @@ the same keys; each counts the tokens it generated (reasoning and summaries).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -118,6 +119,7 @@ def main() -> None:
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "host": platform.processor() or platform.machine(),
         "params": param_count(config),
+        "model": dataclasses.asdict(config),
         "config": vars(args),
         "compiled_loop": {"tokens": compiled_tokens, "seconds": compiled_s, "tokens_per_s": compiled_tokens / compiled_s,
                           "cpu_seconds": compiled_cpu},

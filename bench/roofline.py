@@ -18,8 +18,8 @@ bandwidth, or for a decode step the larger of the two (small batches read more b
 peak can multiply; large batches do the opposite). `fraction` is that time over the measured
 time: 1.0 is at the limit.
 
-A third number is not a limit of the machine but of the matmul library: the rate at which a
-float32 [2048, 512] @ [512, 8] matmul streams its weights (`small_batch_matmul`). A small-batch
+A third number, on a CPU only, is not a limit of the machine but of the matmul library: the rate
+at which a float32 [2048, 512] @ [512, 8] matmul streams its weights (`small_batch_matmul`). A small-batch
 decode step on CPU is such matmuls, so its time at that rate shows how much of the gap to the
 memory limit is the library's. Its training counterpart (`mlp_train_rate`, measured by
 `train_step.py` at the model's shapes) is the FLOP/s of forward and backward through bare SwiGLU
@@ -143,15 +143,17 @@ def measure(dtype: str = "float32") -> dict:
     """Both limits, the matmul peak in `dtype`, in one call (seconds on a CPU), with the machine's
     load while measuring: on a shared machine a busy neighbour lowers every number, so results
     carry it."""
-    return {"matmul": matmul_peak(dtype=dtype), "memory": memory_bandwidth(), "small_batch_matmul": small_batch_matmul(),
-            "load_average": os.getloadavg(),
-            "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    limits = {"matmul": matmul_peak(dtype=dtype), "memory": memory_bandwidth()}
+    if not _on_accelerator():  # the CPU decode's matmul orientation; no lead on an accelerator
+        limits["small_batch_matmul"] = small_batch_matmul()
+    return {**limits, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def torch_device() -> str:
-    """Where a benchmark's PyTorch side runs: on the GPU when JAX's default device is one (with
-    float32 products in TensorFloat-32, as JAX computes them there unless told otherwise), else
-    on the CPU."""
+def torch_device_matching_jax() -> str:
+    """Where a benchmark's PyTorch side runs: on the GPU when JAX's default device is one, else on
+    the CPU. On the GPU it also sets PyTorch's float32 products to TensorFloat-32 for the whole
+    process, as JAX computes them there unless told otherwise."""
     import torch
 
     if jax.default_backend() == "gpu" and torch.cuda.is_available():
@@ -201,9 +203,12 @@ def prefill_flops(config, batch: int, prompt_len: int) -> float:
 
 
 def describe(limits: dict) -> str:
-    return (f"measured limits: {limits['matmul']['dtype']} matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s, "
-            f"memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s, weights streamed by a "
-            f"[2048, 512] @ [512, {limits['small_batch_matmul']['rows']}] matmul {limits['small_batch_matmul']['bytes_per_s'] / 1e9:.1f} GB/s")
+    text = (f"measured limits: {limits['matmul']['dtype']} matmul {limits['matmul']['flops_per_s'] / 1e9:.0f} "
+            f"GFLOP/s, memory {limits['memory']['bytes_per_s'] / 1e9:.1f} GB/s")
+    if small := limits.get("small_batch_matmul"):
+        text += (f", weights streamed by a [2048, 512] @ [512, {small['rows']}] matmul "
+                 f"{small['bytes_per_s'] / 1e9:.1f} GB/s")
+    return text
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Prefill and decode throughput of qed-jax's sampler next to transformers' generate, on the same
 random Qwen3 model and prompts in the same run, at each batch size given (transformers on the GPU
-when JAX's default device is one). Each result is also
-set against this machine's limits, measured in the same run (see roofline.py): a decode step
-must read the weights and every row's live keys and values, and multiply every row by the
-weights; the slower of the two at the measured bandwidth and matmul peak is the limit (memory
-at small batches, FLOPs at large ones). Writes JSON.
+when JAX's default device is one, JAX then taking 45 % of its memory: see train_step.py). Each
+result is also set against this machine's limits, measured in the same run (see roofline.py): a
+decode step must read the weights and every row's live keys and values, and multiply every row
+by the weights; the slower of the two at the measured bandwidth and matmul peak is the limit
+(memory at small batches, FLOPs at large ones). Writes JSON.
 
     python bench/sampling.py --layers 10 --hidden 512 --batch 8 64 --prompt-len 128 --new-tokens 128
 """
@@ -12,6 +12,7 @@ at small batches, FLOPs at large ones). Writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -92,7 +93,8 @@ def time_transformers(hf, prompts, new_tokens: int, repeats: int) -> dict:
     with torch.no_grad():
         prefill_s = _timed(run_prefill, repeats)
         total = _timed(run_generate, repeats)
-    return {"prefill_s": prefill_s, "decode_s": total - prefill_s, "torch_threads": torch.get_num_threads()}
+    return {"prefill_s": prefill_s, "decode_s": total - prefill_s, "torch_threads": torch.get_num_threads(),
+            "device": str(hf.device), "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def figures(seconds: dict, limits: dict, config, batch: int, prompt_len: int, new_tokens: int,
@@ -103,17 +105,17 @@ def figures(seconds: dict, limits: dict, config, batch: int, prompt_len: int, ne
     c = config
     weights = (param_count(c) - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)) * itemsize
     flops, nbytes = roofline.decode_cost(c, batch, prompt_len, new_tokens, weights, itemsize)
-    return {
+    out = {
         **seconds,
         "prefill_tokens_per_s": batch * prompt_len / seconds["prefill_s"],
         "decode_tokens_per_s": batch * new_tokens / seconds["decode_s"],
         "prefill_roofline": roofline.fraction(limits, seconds["prefill_s"],
                                               flops=roofline.prefill_flops(c, batch, prompt_len)),
         "decode_roofline": roofline.fraction(limits, seconds["decode_s"], flops=flops, nbytes=nbytes),
-        # the weights read at the rate the matmul library streams them at small batches
-        "decode_weights_at_small_batch_matmul_rate_s":
-            weights * new_tokens / limits["small_batch_matmul"]["bytes_per_s"],
     }
+    if "small_batch_matmul" in limits:  # on a CPU: the weights read at the rate its matmul streams them at 8 rows
+        out["decode_weights_at_small_batch_matmul_rate_s"] = weights * new_tokens / limits["small_batch_matmul"]["bytes_per_s"]
+    return out
 
 
 def main() -> None:
@@ -127,6 +129,8 @@ def main() -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default="bench/results/sampling.json")
     args = p.parse_args()
+    if not args.skip_transformers:  # before JAX's backend starts: on a GPU, transformers shares it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -142,7 +146,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     hf.save_pretrained(folder)
     model = qed_jax.from_pretrained(folder)
-    hf = hf.to(roofline.torch_device())
+    hf = hf.to(roofline.torch_device_matching_jax())
     P, N = args.prompt_len, args.new_tokens
     itemsize = jnp.dtype(args.dtype).itemsize
 
@@ -152,6 +156,7 @@ def main() -> None:
         "host": platform.processor() or platform.machine(),
         "jax": jax.__version__,
         "params": param_count(model.config),
+        "model": dataclasses.asdict(model.config),
         "config": vars(args),
         "limits": limits,
         "batches": [],

@@ -1,6 +1,7 @@
 """Throughput of qed-jax's SFT step next to a transformers/PyTorch training step: the same random
 Qwen3, the same token batch, AdamW, forward + backward + update. Each step's FLOPs (6 x matmul
-parameters x tokens, plus causal attention) are set against this machine's float32 matmul peak,
+parameters x tokens, plus causal attention) are set against this machine's matmul peak in the
+compute dtype,
 and against the rate of a forward and backward through bare MLP blocks at the model's shapes
 (`roofline.mlp_train_rate`: what a step made only of dense matmuls reaches), both measured in the
 same run (see roofline.py). Writes JSON.
@@ -10,12 +11,14 @@ same run (see roofline.py). Writes JSON.
 
 The weights and the optimizer's state are float32; `--dtype` is the activations' and matmuls'
 (bfloat16: qed-jax's mixed precision, and PyTorch under autocast). PyTorch runs on the GPU when
-JAX's default device is one.
+JAX's default device is one (eager, its default AdamW), and JAX then takes 45 % of the GPU's
+memory rather than 75 %, leaving PyTorch the rest (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,6 +65,8 @@ def main() -> None:
     add_host_args(p)
     args = p.parse_args()
     keeps_freed_memory = apply_host_args(args)
+    if not args.skip_torch:  # before JAX's backend starts: on a GPU, PyTorch shares it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
     from flax import nnx
 
@@ -113,6 +118,7 @@ def main() -> None:
         "host": platform.machine(),
         "jax": jax.__version__,
         "params": param_count(config),
+        "model": dataclasses.asdict(config),
         "flops_per_step": flops_per_step,
         "config": vars(args),
         "limits": limits,
@@ -125,7 +131,7 @@ def main() -> None:
         import torch
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        device = roofline.torch_device()
+        device = roofline.torch_device_matching_jax()
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(Qwen3Config(**config.to_hf(torch_dtype="float32"))).train().to(device)
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
