@@ -6,17 +6,24 @@
 #
 # The stages' limits add up to 540 s (a stage that outlives its limit gets 10 s more to stop).
 # Writes RESULTS_DIR/log.txt (every stage's output, the GPU and the package versions first) and
-# one JSON per benchmark; exits 1 if any stage failed. qed_jax must be importable (`pip install
-# -e .`, or the repository root on PYTHONPATH) beside CUDA builds of jax and torch, with
-# pytest-xdist installed. Stages, most telling first:
+# one JSON per benchmark; exits 1 if any stage failed, and 2 at once if JAX sees no GPU. qed_jax
+# must be importable (`pip install -e .`, or the repository root on PYTHONPATH) beside CUDA
+# builds of jax and torch, with pytest-xdist installed. Stages, most telling first:
 # - the SFT step and sampling at Qwen3-0.6B's shape in bfloat16, against PyTorch / transformers on
 #   the same GPU;
 # - the parity tests (transformers' logits and greedy generate, attention implementations, chunked
 #   log-probs, remat) with JAX on the GPU, float32 at the highest matmul precision (tests/conftest.py);
 # - both benchmarks at the default ~48M model in float32 (the CPU benchmarks' shape).
 set -u -o pipefail
+results=${1:+$(realpath -m "$1")}  # as given, from where the script was called
 cd "$(dirname "$0")/.."
-results=${1:-bench/results/gpu}
+backend=$(timeout 60 python3 -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -n 1)
+if [[ $backend != gpu ]]; then
+  echo "bench/on_gpu.sh: JAX sees no GPU here (default backend: ${backend:-none, JAX did not start}); on a CPU run the benchmarks themselves (bench/README.md)" >&2
+  exit 2
+fi
+
+results=${results:-bench/results/gpu}
 mkdir -p "$results"
 log="$results/log.txt"
 : >"$log"
