@@ -1,10 +1,9 @@
 """Throughput of qed-jax's SFT step next to a transformers/PyTorch training step: the same random
 Qwen3, the same token batch, AdamW, forward + backward + update. Each step's FLOPs (6 x matmul
 parameters x tokens, plus causal attention) are set against this machine's matmul peak in the
-compute dtype,
-and against the rate of a forward and backward through bare MLP blocks at the model's shapes
-(`roofline.mlp_train_rate`: what a step made only of dense matmuls reaches), both measured in the
-same run (see roofline.py). Writes JSON.
+compute dtype, and against the rate of a forward and backward through bare MLP blocks at the
+model's shapes (`roofline.mlp_train_rate`: what a step made only of dense matmuls reaches), both
+measured in the same run (see roofline.py). Writes JSON.
 
     python bench/train_step.py --layers 10 --hidden 512 --batch 4 --seq 512 [--peak-tflops 197]
     python bench/train_step.py --preset qwen3-0.6b --dtype bfloat16 --batch 4 --seq 2048  # on a GPU
