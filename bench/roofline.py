@@ -48,6 +48,11 @@ def _on_accelerator() -> bool:
     return jax.default_backend() != "cpu"
 
 
+def _jax_matmul_precision():
+    """JAX's default precision for float32 products: None (or "default") is TensorFloat-32 on a GPU."""
+    return getattr(jax.config, "jax_default_matmul_precision", None)
+
+
 def _best_seconds(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> float:
     """The fastest of at least `min_repeats` calls, repeating until `min_seconds` have passed."""
     best, spent, repeats = float("inf"), 0.0, 0
@@ -69,7 +74,7 @@ def matmul_peak(sizes=None, dtype: str = "float32") -> dict:
         dot(a, b).block_until_ready()
         by_size[n] = 2 * n ** 3 / _best_seconds(lambda: dot(a, b).block_until_ready())
     return {"flops_per_s": max(by_size.values()), "by_size": by_size, "dtype": dtype,
-            "default_matmul_precision": getattr(jax.config, "jax_default_matmul_precision", None)}
+            "default_matmul_precision": _jax_matmul_precision()}
 
 
 def memory_bandwidth(nbytes: int | None = None) -> dict:
@@ -157,7 +162,7 @@ def torch_device_matching_jax() -> str:
     import torch
 
     if jax.default_backend() == "gpu" and torch.cuda.is_available():
-        if getattr(jax.config, "jax_default_matmul_precision", None) in (None, "default"):
+        if _jax_matmul_precision() in (None, "default"):
             torch.set_float32_matmul_precision("high")
         return "cuda"
     return "cpu"
