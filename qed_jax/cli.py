@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -706,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         # Orbax leaves hundreds of lines of them after the one-line error) only with -v.
         sys.unraisablehook = lambda u: logging.getLogger(__name__).debug(
             "ignored in %r: %s", u.object, u.exc_value)
+        # Likewise the coroutines of a failed save that Orbax created and never ran: Python warns
+        # of each as it is collected, maybe after the one-line error (at exit, say).
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     # gcsfs logs its last failed retry with a traceback, before our one-line error says the same, and
     # Orbax each of a failed save's threads (a full disk: hundreds of lines).
     for name in ("gcsfs", "absl"):
