@@ -213,9 +213,15 @@ def test_a_launcher_killed_stops_its_workers(tmp_path, sig):
     import signal
     import time
     marker = f"sleep 6{os.getpid() % 1000}"
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local", "--accelerator-type",
-                             "v5p-16", "--log-dir", str(tmp_path / "logs"), "--", *marker.split()],
-                            stderr=subprocess.PIPE, text=True)
+    # A launcher keeps a signal it was started ignoring (`nohup`), as is the tests' under nohup:
+    # it starts here with the signal's default, as from a terminal.
+    inherited = signal.signal(getattr(signal, sig), signal.SIG_DFL)
+    try:
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local",
+                                 "--accelerator-type", "v5p-16", "--log-dir", str(tmp_path / "logs"), "--",
+                                 *marker.split()], stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(getattr(signal, sig), inherited)
     deadline = time.time() + 30
     while len(list((tmp_path / "logs").glob("worker-*.log"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
