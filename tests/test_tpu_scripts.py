@@ -205,6 +205,20 @@ def test_a_describe_that_fails_once_does_not_end_a_launch(gcloud, tmp_path):
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
 
 
+def running(command_line: str) -> list[str]:
+    """The pids of the processes whose command line is exactly `command_line`."""
+    return subprocess.run(["pgrep", "-f", f"^{command_line}$"], capture_output=True, text=True).stdout.split()
+
+
+def wait_until(condition, within_s: float = 30) -> None:
+    """Polls `condition` until it holds or `within_s` has passed (the caller asserts it after)."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_a_launcher_killed_stops_its_workers(tmp_path, sig):
     """Workers run in their own sessions: a launcher ended by SIGTERM or SIGHUP (its terminal
@@ -222,20 +236,46 @@ def test_a_launcher_killed_stops_its_workers(tmp_path, sig):
                                  *marker.split()], stderr=subprocess.PIPE, text=True)
     finally:
         signal.signal(getattr(signal, sig), inherited)
-    deadline = time.time() + 30
-    while len(list((tmp_path / "logs").glob("worker-*.log"))) < 2 and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    proc.send_signal(getattr(signal, sig))
     try:
+        wait_until(lambda: len(running(marker)) == 2)  # both workers' jobs started
+        time.sleep(1)  # and the launcher past starting them (a stop then is the next test's)
+        proc.send_signal(getattr(signal, sig))
         code = proc.wait(timeout=30)
+        wait_until(lambda: not running(marker))  # their sessions got the signal too: gone soon
+        assert code == 130 and "interrupted" in proc.stderr.read()
+        assert running(marker) == []
     finally:
-        time.sleep(0.5)
-        left = subprocess.run(["pgrep", "-f", f"^{marker}$"], capture_output=True, text=True).stdout.split()
-        for pid in left:  # do not leave them behind on a failure
+        for pid in running(marker):  # do not leave them behind on a failure
             os.kill(int(pid), signal.SIGKILL)
-    assert code == 130 and "interrupted" in proc.stderr.read()
-    assert left == []
+
+
+def test_a_stop_while_the_workers_start_stops_those_started(tmp_path, monkeypatch):
+    """Ctrl-C (or a SIGTERM, SIGHUP) that lands while the launcher starts its workers one by one:
+    those already started, each in its own session, are stopped too."""
+    import os
+    import signal
+
+    marker = f"sleep 7{os.getpid() % 1000}"
+    real_popen, started = subprocess.Popen, []
+
+    def popen_then_stop(*args, **kwargs):
+        if started:  # the second worker: stopped before it starts
+            raise KeyboardInterrupt
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(tpu.subprocess, "Popen", popen_then_stop)
+    try:
+        assert launcher("run", "qr", "--local", "--accelerator-type", "v5p-16", "--log-dir", str(tmp_path / "logs"),
+                        "--", *marker.split()) == 130
+        monkeypatch.undo()  # Popen as it was, for pgrep
+        assert len(started) == 1 and started[0].poll() is not None  # stopped, and reaped
+        wait_until(lambda: not running(marker))  # the sleep its shell started got the same signal
+        assert running(marker) == []
+    finally:
+        monkeypatch.undo()
+        for pid in running(marker):  # do not leave it behind on a failure
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def test_a_copy_that_is_not_a_git_checkout_requests_no_slice(gcloud, tmp_path, monkeypatch):

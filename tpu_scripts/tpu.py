@@ -332,12 +332,12 @@ def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
-    for w, argv in enumerate(argvs):
-        with open(log_dir / f"worker-{w}.log", "wb") as log:
-            # Own process group, so stopping a worker also stops what its shell started.
-            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
-    try:
+    try:  # a stop while the workers start stops those already started
+        for w, argv in enumerate(argvs):
+            with open(log_dir / f"worker-{w}.log", "wb") as log:
+                # Own process group, so stopping a worker also stops what its shell started.
+                procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
         while True:
             codes = [p.poll() for p in procs]
             failed = [w for w, c in enumerate(codes) if c not in (None, 0)]
