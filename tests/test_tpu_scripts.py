@@ -255,7 +255,7 @@ def test_a_stop_while_the_workers_start_stops_those_started(tmp_path, monkeypatc
     import os
     import signal
 
-    marker = f"sleep 7{os.getpid() % 1000}"
+    marker = f"sleep 8{os.getpid() % 1000}"
     real_popen, started = subprocess.Popen, []
 
     def popen_then_stop(*args, **kwargs):
@@ -722,21 +722,18 @@ def test_a_launcher_started_with_nohup_outlives_its_terminal(tmp_path):
     proc = subprocess.Popen(["nohup", sys.executable, str(SCRIPTS / "tpu.py"), "run", "qr", "--local",
                              "--accelerator-type", "v5p-16", "--log-dir", str(tmp_path / "logs"), "--",
                              *marker.split()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while len(list((tmp_path / "logs").glob("worker-*.log"))) < 2 and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
     try:
+        wait_until(lambda: len(running(marker)) == 2)  # both workers' jobs started
+        time.sleep(1)  # and the launcher past starting them
         proc.send_signal(signal.SIGHUP)
         time.sleep(2)
-        assert proc.poll() is None  # still running
+        assert proc.poll() is None and len(running(marker)) == 2  # still running
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
+        wait_until(lambda: not running(marker))
+        assert code == 130 and running(marker) == []
     finally:
-        time.sleep(0.5)
-        left = subprocess.run(["pgrep", "-f", f"^{marker}$"], capture_output=True, text=True).stdout.split()
-        for pid in left:
+        for pid in running(marker):
             os.kill(int(pid), signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
-    assert code == 130 and left == []
