@@ -247,6 +247,8 @@ def test_a_launcher_killed_stops_its_workers(tmp_path, sig):
     finally:
         for pid in running(marker):  # do not leave them behind on a failure
             os.kill(int(pid), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_a_stop_while_the_workers_start_stops_those_started(tmp_path, monkeypatch):
