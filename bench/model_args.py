@@ -7,16 +7,20 @@ from qed_jax.config import PRESETS, ModelConfig
 SHAPE = {"vocab": 32000, "hidden": 512, "mlp": 1536, "layers": 10, "heads": 8, "kv_heads": 4, "head_dim": 64}
 
 
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
 def add_model_args(parser) -> None:
     parser.add_argument("--preset", choices=list(PRESETS),
                         help="a preset's shape (random weights) in place of the shape flags below")
     for name, default in SHAPE.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {default}")
+        parser.add_argument(_flag(name), type=int, help=f"default {default}")
 
 
 def model_config(args, dtype: str = "float32") -> ModelConfig:
     """The benchmark's model, its weights and activations in `dtype`."""
-    given = [f"--{name.replace('_', '-')}" for name in SHAPE if getattr(args, name) is not None]
+    given = [_flag(name) for name in SHAPE if getattr(args, name) is not None]
     if args.preset:
         if given:
             raise SystemExit(f"error: --preset {args.preset} sets the model's shape; drop {', '.join(given)}")
