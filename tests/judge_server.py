@@ -11,7 +11,8 @@ raw body, text or bytes (a reply that is not a completion: broken JSON, an HTML 
 ("cut", text) replies with text that ran out of tokens (finish_reason "length", status
 "incomplete"); ("reset", n) sends the first n bytes of a reply, then resets the connection;
 ("drip", seconds) sends a valid reply one byte every that many seconds. Counts requests per
-item and peak concurrency.
+item and peak concurrency. `hold_after` stops answering at a point the test chooses, so that a
+test can act mid-batch (kill the client) without racing the client's progress.
 
 Nothing here may make a prompt reply slow by accident, or a test's client timeout would fire on it:
 connections are accepted from a deep backlog (a full one drops the client's SYN, which it resends
@@ -46,6 +47,9 @@ class JudgeServer:
         self.peak = 0
         self.auth: list[str | None] = []
         self.bodies: list[dict] = []
+        self.held = 0  # requests waiting for `release` (see `hold_after`)
+        self._hold = None
+        self._released = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,6 +71,7 @@ class JudgeServer:
                     server.auth.append(self.headers.get("Authorization"))
                     server.bodies.append(body)
                 try:
+                    server._wait_if_held()
                     reply = self._reply(body)
                 finally:
                     # Counted out before the reply leaves: once the client has it, its next request
@@ -164,10 +169,38 @@ class JudgeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
+    def hold_after(self, ready, answers: int) -> None:
+        """From the first request that finds `ready()` true, let `answers` requests through, then
+        hold every later one until `release` (counted in `held`; a held request was received, so
+        it counts in `total` and `by_prompt` once released)."""
+        self._hold = {"ready": ready, "answers": answers, "let_through": None}
+
+    def release(self) -> None:
+        """Answer the held requests (their client may be gone) and hold no more."""
+        with self.lock:
+            self._hold = None
+        self._released.set()
+
+    def _wait_if_held(self) -> None:
+        with self.lock:
+            hold = self._hold
+            if hold is None:
+                return
+            if hold["let_through"] is None:
+                if not hold["ready"]():
+                    return
+                hold["let_through"] = 0
+            if hold["let_through"] < hold["answers"]:
+                hold["let_through"] += 1
+                return
+            self.held += 1
+        self._released.wait()
+
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.release()
         self.httpd.shutdown()
         self.httpd.server_close()
