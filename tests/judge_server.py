@@ -48,6 +48,7 @@ class JudgeServer:
         self.auth: list[str | None] = []
         self.bodies: list[dict] = []
         self.held = 0  # requests waiting for `release` (see `hold_after`)
+        self.total_before_hold = None
         self._hold = None
         self._released = threading.Event()
         server = self
@@ -172,7 +173,8 @@ class JudgeServer:
     def hold_after(self, ready, answers: int) -> None:
         """From the first request that finds `ready()` true, let `answers` requests through, then
         hold every later one until `release` (counted in `held`; a held request was received, so
-        it counts in `total` and `by_prompt` once released)."""
+        it counts in `total` and `by_prompt` once released). `total_before_hold`: the requests
+        counted before that first one."""
         self._hold = {"ready": ready, "answers": answers, "let_through": None}
 
     def release(self) -> None:
@@ -189,7 +191,7 @@ class JudgeServer:
             if hold["let_through"] is None:
                 if not hold["ready"]():
                     return
-                hold["let_through"] = 0
+                hold["let_through"], self.total_before_hold = 0, self.total
             if hold["let_through"] < hold["answers"]:
                 hold["let_through"] += 1
                 return

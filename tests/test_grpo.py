@@ -822,15 +822,16 @@ def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
     with JudgeServer(default=("hash", 0.1)) as server:
         args = ["grpo", "--config", TINY, *_judge_args(server, tmp_path), *_SPREAD, "steps=3", "checkpoint_every=1",
                 f"output_dir={run}"]
+        # As in the one-process test: step 3's requests (16 from each process) stop after 5.
+        server.hold_after(lambda: (run / "checkpoints" / "2").exists(), answers=5)
         with processes(args, count=2, devices=4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as procs:
             deadline = time.time() + 240
-            while time.time() < deadline and not (run / "checkpoints" / "2").exists():
+            while time.time() < deadline and not server.held and all(p.poll() is None for p in procs):
                 time.sleep(0.05)
-            at_checkpoint = server.total
-            while time.time() < deadline and server.total < at_checkpoint + 5:  # step 3 is being graded
-                time.sleep(0.01)
+            assert server.held, "the run never reached step 3's grading"
             procs[1].send_signal(signal.SIGKILL)
             procs[1].wait()
+            server.release()
             # Process 0 finishes grading its share, then waits for process 1 in the step's gather:
             # killed there, it has no request in flight.
             quiet_since, seen = time.time(), server.total
@@ -840,7 +841,7 @@ def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
                 time.sleep(0.05)
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
-        assert server.total - at_checkpoint < 32  # step 3 was not graded through
+        assert server.total - server.total_before_hold < 32  # step 3 was not graded through
         with processes(args, count=2, devices=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True) as procs:
             _finish(procs)
