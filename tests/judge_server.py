@@ -30,6 +30,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def _digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the default 5 fills up while many requests connect at once
     daemon_threads = True
@@ -41,14 +45,13 @@ class JudgeServer:
         self.default = default
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
-        self.by_prompt: dict[str, int] = {}  # requests per distinct prompt
+        self.by_prompt: dict[str, int] = {}  # requests per distinct prompt (by its sha256 digest)
         self.total = 0
         self.active = 0
         self.peak = 0
         self.auth: list[str | None] = []
         self.bodies: list[dict] = []
-        self.held = 0  # requests waiting for `release` (see `hold_after`)
-        self.total_before_hold = None
+        self.held: list[str] = []  # the prompts of the requests held (see `hold_after`)
         self._hold = None
         self._released = threading.Event()
         server = self
@@ -72,7 +75,7 @@ class JudgeServer:
                     server.auth.append(self.headers.get("Authorization"))
                     server.bodies.append(body)
                 try:
-                    server._wait_if_held()
+                    server._wait_if_held(self._prompt(body))
                     reply = self._reply(body)
                 finally:
                     # Counted out before the reply leaves: once the client has it, its next request
@@ -82,15 +85,17 @@ class JudgeServer:
                 if reply is not None:
                     self._json(*reply[:3], **reply[3] if len(reply) > 3 else {})
 
+            def _prompt(self, body) -> str:
+                if self.path.endswith("/chat/completions"):
+                    return body["messages"][-1]["content"]
+                return body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
+
             def _reply(self, body):
                 """(status, payload[, content type]), or None when the client gave up while the request hung."""
-                if self.path.endswith("/chat/completions"):
-                    prompt = body["messages"][-1]["content"]
-                else:
-                    prompt = body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
+                prompt = self._prompt(body)
                 match = re.search(r"\[\[item:([\w-]+)\]\]", prompt)
                 item = match.group(1) if match else "_"
-                digest = hashlib.sha256(prompt.encode()).hexdigest()
+                digest = _digest(prompt)
                 with server.lock:
                     attempt = server.requests.get(item, 0)
                     server.requests[item] = attempt + 1
@@ -172,9 +177,9 @@ class JudgeServer:
 
     def hold_after(self, ready, answers: int) -> None:
         """From the first request that finds `ready()` true, let `answers` requests through, then
-        hold every later one until `release` (counted in `held`; a held request was received, so
-        it counts in `total` and `by_prompt` once released). `total_before_hold`: the requests
-        counted before that first one."""
+        hold every later one until `release`; `held` lists their prompts' digests, as `by_prompt`
+        keys them, which count them (and `total`) once released. Once per server: `ready` runs
+        under the server's lock, so it must not take it."""
         self._hold = {"ready": ready, "answers": answers, "let_through": None}
 
     def release(self) -> None:
@@ -183,7 +188,7 @@ class JudgeServer:
             self._hold = None
         self._released.set()
 
-    def _wait_if_held(self) -> None:
+    def _wait_if_held(self, prompt: str) -> None:
         with self.lock:
             hold = self._hold
             if hold is None:
@@ -191,11 +196,11 @@ class JudgeServer:
             if hold["let_through"] is None:
                 if not hold["ready"]():
                     return
-                hold["let_through"], self.total_before_hold = 0, self.total
+                hold["let_through"] = 0
             if hold["let_through"] < hold["answers"]:
                 hold["let_through"] += 1
                 return
-            self.held += 1
+            self.held.append(_digest(prompt))
         self._released.wait()
 
     def __enter__(self):
