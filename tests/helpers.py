@@ -168,13 +168,19 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
 
 
+def logged_steps(run_dir) -> int:
+    """The steps a running trainer has logged: whole lines only (it may be writing one)."""
+    metrics = Path(run_dir, "metrics.jsonl")
+    return metrics.read_text().count("\n") if metrics.exists() else 0
+
+
 def wait_for_steps(run_dir, steps: int, timeout: float = 120) -> None:
     """Until a running trainer has logged `steps` steps (or the timeout passes)."""
     import time
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if Path(run_dir, "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= steps:
+        if logged_steps(run_dir) >= steps:
             return
         time.sleep(0.05)
 

@@ -75,8 +75,9 @@ class JudgeServer:
                     server.auth.append(self.headers.get("Authorization"))
                     server.bodies.append(body)
                 try:
-                    server._wait_if_held(self._prompt(body))
-                    reply = self._reply(body)
+                    prompt = self._prompt(body)
+                    server._wait_if_held(prompt)
+                    reply = self._reply(body, prompt)
                 finally:
                     # Counted out before the reply leaves: once the client has it, its next request
                     # may arrive at once and must not find this one still counted.
@@ -90,9 +91,8 @@ class JudgeServer:
                     return body["messages"][-1]["content"]
                 return body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
 
-            def _reply(self, body):
+            def _reply(self, body, prompt: str):
                 """(status, payload[, content type]), or None when the client gave up while the request hung."""
-                prompt = self._prompt(body)
                 match = re.search(r"\[\[item:([\w-]+)\]\]", prompt)
                 item = match.group(1) if match else "_"
                 digest = _digest(prompt)

@@ -33,7 +33,7 @@ from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.model import Qwen3
 from qed_jax.trainer import OptimConfig, decay_mask, make_optimizer
 from tests.judge_server import JudgeServer
-from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics
+from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, logged_steps, processes, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "rl" / "tiny.yaml")
@@ -573,12 +573,6 @@ def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-def _logged_steps(run, steps: int):
-    """Whether a run has logged `steps` steps (whole lines only: the judge may look while the trainer writes one)."""
-    metrics = run / "metrics.jsonl"
-    return lambda: metrics.exists() and metrics.read_text().count("\n") >= steps
-
-
 # Per step: 4 problems x 4 samples, or with RC 4 problems x 2 states x 4 samples (slow: 45 s).
 @pytest.mark.parametrize("config", [TINY, pytest.param(TINY_RC, marks=pytest.mark.slow)], ids=["plain", "rc"])
 def test_sigkill_mid_step_resumes_without_regrading(tmp_path, config):
@@ -587,7 +581,7 @@ def test_sigkill_mid_step_resumes_without_regrading(tmp_path, config):
         # Once step 2 is logged, the judge answers 5 requests and holds the rest: the kill lands
         # mid-step 3 however slowly this machine runs. When both of the client's slots
         # (judge.concurrency) hold a request, every grade before them is in its cache.
-        server.hold_after(_logged_steps(run, 2), answers=5)
+        server.hold_after(lambda: logged_steps(run) >= 2, answers=5)
         args = [*_judge_args(server, tmp_path), "steps=3", "checkpoint_every=1", f"output_dir={run}"]
         proc = _grpo(args, config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
@@ -832,7 +826,7 @@ def test_two_processes_resume_after_sigkill_without_regrading(tmp_path):
                 f"output_dir={run}"]
         # As in the one-process test: once step 2 is logged, 5 of step 3's requests (of both
         # processes, 16 each) are answered, then the judge holds both slots of each process.
-        server.hold_after(_logged_steps(run, 2), answers=5)
+        server.hold_after(lambda: logged_steps(run) >= 2, answers=5)
         with processes(args, count=2, devices=4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as procs:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not (
