@@ -265,7 +265,7 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
             raise FieldError(f"{where}: expected a number, got {value!r}", where)
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer past float's range
             raise FieldError(f"{where}: expected a number, got {value!r}", where) from None
         if typ is int:
             if not number.is_integer():  # 3.5 steps is a typo, not 3
@@ -453,7 +453,10 @@ def hashed_seed(*parts) -> int:
 
 def check_local_output_dir(value: str, advice: str = "") -> None:
     """ConfigError for an output_dir that is a URL (gs://...): it holds the run's lock, config and
-    appended logs, which need a local file system (`advice`: where a URL may go instead)."""
+    appended logs, which need a local file system (`advice`: where a URL may go instead). An empty
+    one would put them in the current folder."""
+    if not value.strip():
+        raise ConfigError(f"output_dir is empty ({value!r}); name a folder, or leave it out for its default")
     if "://" in value:
         raise ConfigError(f"output_dir must be a local folder (it holds the run's lock, config and logs), got "
                           f"{value}" + (f"; {advice}" if advice else ""))

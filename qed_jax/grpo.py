@@ -136,7 +136,7 @@ class LossConfig:
                               f"sample at it, and log-probs divide by it), got {self.temperature}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        for name in ("clip_eps_low", "clip_eps_high", "kl_coef"):
+        for name in ("clip_eps_low", "clip_eps_high", "kl_coef", "entropy_coef"):
             require_range(getattr(self, name), f"loss.{name}", 0)
 
 

@@ -87,6 +87,9 @@ class JudgeConfig:
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError("judge.max_failed_fraction must be between 0 and 1 (a fraction of the grades a step "
                               f"asks of the judge), got {self.max_failed_fraction!r}")
+        if self.cache_path is not None and not self.cache_path.strip():  # would turn the cache off unsaid
+            raise ConfigError(f"judge.cache_path is empty ({self.cache_path!r}); name an SQLite file, or set it to null "
+                              "to grade without a cache (a resumed run then regrades)")
         if self.cache_path is not None and "://" in self.cache_path:  # Path() would make a local folder "gs:"
             raise ConfigError(f"judge.cache_path must be a local file (SQLite), got {self.cache_path}; to outlive "
                               "the machine, put it on a mount that does (e.g. NFS), or set it to null")
