@@ -876,9 +876,14 @@ def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
     drew anything may be run again smaller."""
     indices = 1 + max((k for _, k in runlog.samples), default=-1)
     problems = len({pid for pid, _ in runlog.samples})
+    # A stopped round may hold a later problem without an earlier one: the limit must reach the
+    # furthest row held, not only the count (records from before rows were kept have none).
+    rows = 1 + max((r["row"] for r in runlog.samples.values() if r.get("row") is not None), default=-1)
     for key, asked, holds, what in (
             ("samples", config.samples, indices, f"samples drawn up to index {indices - 1}"),
-            ("benchmark.limit", config.benchmark.limit, problems, f"samples of {problems} problems")):
+            ("benchmark.limit", config.benchmark.limit, max(problems, rows),
+             f"samples of {problems} problems" + (f", up to row {rows - 1} of the benchmark" if rows > problems
+                                                   else ""))):
         if asked is not None and asked < holds:
             raise ConfigError(f"{config.output_dir} holds a run with {what} ({key}={holds}): a rerun may extend it, "
                               f"not shrink it to {asked} (its report counts every sample it holds); choose another "
@@ -1165,6 +1170,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     if new_run:  # what a run that drew nothing recorded of itself (another model, templates) is recorded anew
         for name in (MODEL_FILES, SUMMARIZER_FILES, TEMPLATES_FILE, PROBLEM_FINGERPRINTS):
             (out / name).unlink(missing_ok=True)
+    if new_run:  # it draws every sample: a missing model fails before the benchmark is read (maybe from the Hub)
+        check_local_paths(config)
     b = config.benchmark
     check_judge_template(config)
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)

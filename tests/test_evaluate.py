@@ -20,6 +20,7 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, check_model_unchanged, check_rerun,
+                              check_samples_kept,
                               evaluate, holds_an_evaluation, misread_value, model_files, prepare_output,
                               read_problem_ids, read_records, read_run, request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
@@ -258,6 +259,12 @@ def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
     with pytest.raises(ConfigError, match=f"^model.path {tmp_path}/no-model does not exist$"):
         evaluate(missing, progress=False)
     assert not (tmp_path / "run").exists()
+    # ... and before the benchmark is read (the shipped configs read it from the Hub, which an
+    # offline machine retries for half a minute before it fails).
+    missing = load_config(EvalConfig, None, [f"benchmark.path={tmp_path}/no-benchmark.jsonl",
+                                             f"model.path={tmp_path}/no-model", f"output_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=f"^model.path {tmp_path}/no-model does not exist$"):
+        evaluate(missing, progress=False)
 
 
 def test_grades_are_kept_as_they_come_when_the_judge_stops_the_run(tmp_path):
@@ -1073,6 +1080,20 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     # The benchmark file under another spelling of its path is the same benchmark.
     data = Path(json.loads((out / "config.json").read_text())["benchmark"]["path"])
     rerun("samples=3", f"benchmark.path={Path(os.path.relpath(data.parent))}/./{data.name}")
+
+
+def test_a_rerun_limit_must_reach_the_furthest_problem_the_run_holds(tmp_path):
+    """A stopped round may hold row 3's sample without rows 1 and 2's (a round's requests run side
+    by side): a limit of 2 covers the count of problems held, not the rows, and must be refused
+    as a shrink (not later, as a benchmark that lost row 3)."""
+    runlog = RunLog(tmp_path / "samples.jsonl", [{"type": "sample", "problem_id": pid, "sample": 0, "row": row}
+                                                 for pid, row in (("PB-Basic-001", 0), ("PB-Advanced-002", 3))])
+    with pytest.raises(ConfigError, match=r"run holds a run with samples of 2 problems, up to row 3 of the benchmark "
+                                          r"\(benchmark.limit=4\): a rerun may extend it, not shrink it to 2 "):
+        check_samples_kept(config(tmp_path, "imo_proofbench", "http://m/v1", "http://j/v1", "benchmark.limit=2"), runlog)
+    for limit in ("4", "null"):
+        check_samples_kept(config(tmp_path, "imo_proofbench", "http://m/v1", "http://j/v1", f"benchmark.limit={limit}"),
+                           runlog)
 
 
 def test_a_rerun_may_not_keep_fewer_samples_than_the_run_holds(tmp_path):
