@@ -750,7 +750,15 @@ def _run_command(args, stopped_by: list[int]) -> int:
     (see `main`); after one, the process ends here once the command has cleaned up."""
     interrupted, status = False, 0
     try:
-        status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
+        try:
+            status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
+        except Exception as e:
+            if not stopped_by:
+                raise
+            # The stop signal's KeyboardInterrupt, which a library turned into an error of its own on
+            # the way out (anyio's cancel scopes, in an evaluation's requests): still a stop.
+            logging.getLogger(__name__).debug("stopped; the command ended with %r", e, exc_info=True)
+            raise KeyboardInterrupt from e
         interrupted = bool(stopped_by)
     except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
         if args.verbose:

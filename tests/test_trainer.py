@@ -907,6 +907,32 @@ def test_a_coroutine_left_unawaited_after_the_error_is_reported_only_with_v(tmp_
         assert len(lines) == 1 and lines[0].startswith(f"qed-jax sft: error: {config}: unknown config key step"), lines
 
 
+STOPPED_INSIDE_A_LIBRARY_CHILD = """
+import os, signal, sys, time
+from qed_jax import cli
+
+def run(args):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises KeyboardInterrupt here
+        time.sleep(30)
+    except KeyboardInterrupt:  # as anyio's cancel scope does when the interrupt lands inside one
+        raise RuntimeError("Attempted to exit a cancel scope that isn't the current tasks's current cancel scope")
+
+cli._eval = run
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_that_a_library_turns_into_another_error_still_stops_the_command():
+    """SIGTERM landing in an evaluation's HTTP request once ended in anyio's RuntimeError, a
+    traceback and status 1: a stop, whatever error it ends in, says so and exits 128 + signal."""
+    child = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_LIBRARY_CHILD, "eval", "--config", "x.yaml"],
+                           cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr[-3000:]
+    assert child.stderr.strip().splitlines() == [
+        "qed-jax eval: stopped by SIGTERM; what finished is kept: rerun the same command to continue"]
+
+
 def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
     """After a restore fails, the arrays still being read fail unawaited, and asyncio logs each one
     whenever its task is garbage-collected, possibly after the one-line error (the corrupted-step
