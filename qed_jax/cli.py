@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("reasoning cache", "Solve each prompt in turns: each turn sees the problem and "
                              "a summary of the turns before it, and a summarizer rewrites the summary after "
                              "every turn but the last. --max-new-tokens caps each turn; the answer is the last "
-                             "turn's text after </think>.")
+                             "turn's text after its last </think>.")
     g.add_argument("--reasoning-cache", action="store_true", help="run the reasoning-cache loop")
     rc, summarizer = GENERATE_RC_FLAGS, GENERATE_SUMMARIZER_FLAGS  # their defaults, applied in _generate
     g.add_argument("--turns", type=int, help=f"turns per problem (default: {rc['turns']})")
@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summarizer-top-p", type=float, help=f"with --summarizer (default: {summarizer['summarizer_top_p']})")
     g.add_argument("--summarizer-top-k", type=int, help=f"with --summarizer (default: {summarizer['summarizer_top_k']})")
     g.add_argument("--summarizer-thinking", action="store_const", const=True,
-                   help="with --summarizer: it thinks first, and its summary is its text after </think>")
+                   help="with --summarizer: it thinks first, and its summary is its text after its last </think>")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("judge", help="grade a file of proofs with the rubric judge",

@@ -14,7 +14,7 @@ samples.jsonl holds three kinds of records, keyed by (problem_id, sample):
   {"type": "turn_grade", "turn": t, ...}: the same for turn t's answer (mode rc, rc.grade_turns).
 A failed grade is retried by the next run; the last grade record of a sample (or turn) counts.
 
-In mode rc a sample's completion is its last turn's text (the answer is what follows its
+In mode rc a sample's completion is its last turn's text (the answer is what follows its last
 </think>; no fallback to earlier turns), and its completion_tokens are the policy's tokens summed
 over all turns (the summarizer's are recorded per turn, apart).
 """

@@ -2,7 +2,8 @@
 
 Turn t prompts the policy with the problem and the summary so far; a summarizer (the policy itself
 or a separate frozen model) rewrites the summary from the problem, the old summary and the turn's
-reasoning (its tokens before `</think>`). The answer is the last turn's text after `</think>`.
+reasoning (its tokens before its last `</think>`). The answer is the last turn's text after its
+last `</think>`, as the judge reads a completion.
 
 Token contract. Prompts are composed from token buffers, never from re-tokenized text: a prompt
 template is split at its placeholders and each literal piece (the chat template's wrappers
@@ -240,11 +241,14 @@ def compose(pieces: PromptPieces, batch: int, fills: dict, pad_id: int = 0):
     return tokens, ends[:, -1]
 
 
-def first_index(tokens, lengths, token_id):
-    """Per row, the index of the first `token_id` among its first `lengths` tokens, and whether
-    there is one. tokens [B, N], lengths [B]."""
+def last_index(tokens, lengths, token_id):
+    """Per row, the index of the last `token_id` among its first `lengths` tokens, and whether
+    there is one. tokens [B, N], lengths [B]. The last, as the judge splits a completion
+    (`judge.extract_proof`) and Qwen's own parsers do: a stray `</think>` inside the reasoning
+    stays reasoning, and the answer recorded is the text that is graded."""
     hit = (tokens == token_id) & (jnp.arange(tokens.shape[1])[None] < lengths[:, None])
-    return jnp.argmax(hit, axis=1).astype(jnp.int32), jnp.any(hit, axis=1)
+    from_end = jnp.argmax(hit[:, ::-1], axis=1)
+    return (tokens.shape[1] - 1 - from_end).astype(jnp.int32), jnp.any(hit, axis=1)
 
 
 def text_lengths(lengths, finish):
@@ -253,20 +257,20 @@ def text_lengths(lengths, finish):
 
 
 def reasoning_lengths(tokens, lengths, finish, think_end):
-    """How many of each row's generated tokens come before `</think>` (all text when none)."""
+    """How many of each row's generated tokens come before the last `</think>` (all text when none)."""
     text = text_lengths(lengths, finish)
-    index, found = first_index(tokens, text, think_end)
+    index, found = last_index(tokens, text, think_end)
     return jnp.where(found, index, text)
 
 
 def extract_summary(tokens, lengths, finish, think_end, summary_tokens: int, thinking: bool):
-    """The summary in a summarizer's output [B, N]: its text after `</think>` when it thinks
+    """The summary in a summarizer's output [B, N]: its text after the last `</think>` when it thinks
     (none when it never closes its thinking), else all its text; cut to S = summary_tokens.
     Returns ids [B, S], lengths [B] and whether each was cut [B]."""
     text = text_lengths(lengths, finish)
     start = jnp.zeros_like(text)
     if thinking:
-        index, found = first_index(tokens, text, think_end)
+        index, found = last_index(tokens, text, think_end)
         start = jnp.where(found, index + 1, text)
     available = text - start
     j = jnp.arange(summary_tokens)

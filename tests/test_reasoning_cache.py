@@ -27,11 +27,12 @@ PROBLEMS = [  # 10, 37, 17 and 60 tokens with the tiny tokenizer
     "Prove sqrt(2) is irrational.",
     "Show that the triangle ABC is isosceles given that the angle bisector from A meets BC at its midpoint.",
 ]
-# With these weights, greedy decoding writes token 302 in some rows and turns and not in others.
-# Making </think>'s (tied) embedding a slightly scaled copy of 302's gives </think> the larger logit
-# wherever 302's is the largest and positive, so greedy writes </think> (at least) where it would
-# have written 302: some turns (and summaries) close their thinking and others never do.
-TRIGGER, BOOST = 302, 1.05
+# With these weights, greedy decoding writes token 468 in some rows and turns and not in others.
+# Making </think>'s (tied) embedding a slightly scaled copy of 468's gives </think> the larger logit
+# wherever 468's is the largest and positive, so greedy writes </think> (at least) where it would
+# have written 468: some turns (and summaries) close their thinking and others never do, and some
+# write </think> several times before other text (the text after the last one is the answer).
+TRIGGER, BOOST = 468, 1.05
 H_R, S, H_S = 16, 8, 12
 
 
@@ -80,6 +81,11 @@ def _pieces(tokenizer, template: str, slots: list[str], thinking: bool = True) -
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in literals]
 
 
+def _last(tokens: list[int], token: int) -> int:
+    """The index of the last `token` in `tokens` (the judge splits a completion at its last </think>)."""
+    return len(tokens) - 1 - tokens[::-1].index(token)
+
+
 def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, first_summary, thinking):
     """Per problem, per turn: (generated tokens but a final stop, finish reason, summary ids or
     None, cut, summarizer tokens, summarizer finish reason)."""
@@ -100,7 +106,7 @@ def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, f
         reasonings = []
         for c in turn:
             text = c.text_tokens
-            reasonings.append(text[: text.index(think_end)] if think_end in text else text)
+            reasonings.append(text[: _last(text, think_end)] if think_end in text else text)
         if t == turns - 1 and not summarize_last:
             for b, c in enumerate(turn):
                 out[b].append((c.text_tokens, c.finish_reason, None, False, 0, None))
@@ -111,7 +117,7 @@ def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, f
         for b, (c, w) in enumerate(zip(turn, written)):
             text = w.text_tokens
             if thinking:
-                text = text[text.index(think_end) + 1:] if think_end in text else []
+                text = text[_last(text, think_end) + 1:] if think_end in text else []
             summaries[b] = text[:S]
             out[b].append((c.text_tokens, c.finish_reason, text[:S], len(text) > S, len(w.tokens), w.finish_reason))
     return out
@@ -215,20 +221,24 @@ def test_compose_concatenates_literals_and_fills():
 
 def test_reasoning_and_summary_extraction():
     te, stop = 4, 2
-    # Rows: </think> mid-way; none (ran out); none (stopped); </think> then stop; </think> first.
+    # Rows: </think> mid-way; none (ran out); none (stopped); </think> then stop; </think> first;
+    # two of them (the last one splits, as the judge splits a completion); one past the text.
     outputs = [[7, 8, te, 9, 9, 9], [7, 8, 9, 9, 9, 9], [7, 8, stop, 0, 0, 0], [7, te, 9, stop, 0, 0],
-               [te, 5, 6, 7, 8, 9]]
-    lengths = np.array([6, 6, 3, 4, 6])
-    finish = np.array([2, 2, 1, 1, 2])  # 1 stop, 2 length
+               [te, 5, 6, 7, 8, 9], [7, te, 8, te, 9, stop], [7, 8, 9, stop, te, te]]
+    lengths = np.array([6, 6, 3, 4, 6, 6, 4])
+    finish = np.array([2, 2, 1, 1, 2, 1, 1])  # 1 stop, 2 length
     tokens = jnp.asarray(outputs, jnp.int32)
     assert np.asarray(rc.reasoning_lengths(tokens, jnp.asarray(lengths), jnp.asarray(finish), te)).tolist() == \
-        [2, 6, 2, 1, 0]
+        [2, 6, 2, 1, 0, 3, 3]
     ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=True)
-    assert np.asarray(n).tolist() == [3, 0, 0, 1, 3] and np.asarray(cut).tolist() == [False, False, False, False, True]
-    assert np.asarray(ids).tolist() == [[9, 9, 9], [0, 0, 0], [0, 0, 0], [9, 0, 0], [5, 6, 7]]
+    assert np.asarray(n).tolist() == [3, 0, 0, 1, 3, 1, 0]
+    assert np.asarray(cut).tolist() == [False, False, False, False, True, False, False]
+    assert np.asarray(ids).tolist() == [[9, 9, 9], [0, 0, 0], [0, 0, 0], [9, 0, 0], [5, 6, 7], [9, 0, 0], [0, 0, 0]]
     ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=False)
-    assert np.asarray(n).tolist() == [3, 3, 2, 3, 3] and np.asarray(cut).tolist() == [True, True, False, False, True]
-    assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6]]
+    assert np.asarray(n).tolist() == [3, 3, 2, 3, 3, 3, 3]
+    assert np.asarray(cut).tolist() == [True, True, False, False, True, True, False]
+    assert np.asarray(ids).tolist() == [[7, 8, te], [7, 8, 9], [7, 8, 0], [7, te, 9], [te, 5, 6], [7, te, 8],
+                                        [7, 8, 9]]
 
 
 def test_a_summarizer_whose_template_always_thinks_warns_with_its_thinking_off(setup, caplog):
