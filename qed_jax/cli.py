@@ -752,11 +752,12 @@ def _run_command(args, stopped_by: list[int]) -> int:
     try:
         try:
             status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
-        except Exception as e:
-            if not stopped_by:
+        except BaseException as e:
+            if not stopped_by or isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             # The stop signal's KeyboardInterrupt, which a library turned into an error of its own on
-            # the way out (anyio's cancel scopes, in an evaluation's requests): still a stop.
+            # the way out (anyio's cancel scopes, in an evaluation's requests; asyncio's
+            # CancelledError, a BaseException): still a stop.
             logging.getLogger(__name__).debug("stopped; the command ended with %r", e, exc_info=True)
             raise KeyboardInterrupt from e
         interrupted = bool(stopped_by)

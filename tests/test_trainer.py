@@ -916,17 +916,21 @@ def run(args):
         os.kill(os.getpid(), signal.SIGTERM)  # the handler raises KeyboardInterrupt here
         time.sleep(30)
     except KeyboardInterrupt:  # as anyio's cancel scope does when the interrupt lands inside one
+        if sys.argv[1] == "cancelled":
+            import asyncio
+            raise asyncio.CancelledError()  # a BaseException
         raise RuntimeError("Attempted to exit a cancel scope that isn't the current tasks's current cancel scope")
 
 cli._eval = run
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def test_a_stop_signal_that_a_library_turns_into_another_error_still_stops_the_command():
+@pytest.mark.parametrize("error", ["runtime_error", "cancelled"])
+def test_a_stop_signal_that_a_library_turns_into_another_error_still_stops_the_command(error):
     """SIGTERM landing in an evaluation's HTTP request once ended in anyio's RuntimeError, a
     traceback and status 1: a stop, whatever error it ends in, says so and exits 128 + signal."""
-    child = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_LIBRARY_CHILD, "eval", "--config", "x.yaml"],
+    child = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_LIBRARY_CHILD, error, "eval", "--config", "x.yaml"],
                            cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, child.stderr[-3000:]
     assert child.stderr.strip().splitlines() == [
