@@ -86,7 +86,7 @@ class RCParams:
 @dataclasses.dataclass
 class Summarizer:
     """A separate frozen summarizer: its model, its sampling (max_new_tokens is H_S) and whether
-    it thinks (then the summary is its text after `</think>`). Its vocabulary must be the
+    it thinks (then the summary is its text after its last `</think>`). Its vocabulary must be the
     policy's, since the reasoning's ids go into its prompt as they are; `tokenizer` (default:
     the policy's) gives its chat template. The defaults are the recipe's RL summarizer."""
 
@@ -100,8 +100,8 @@ class Summarizer:
 class Turn:
     """One turn of one problem. Ids exclude stop tokens; texts are decoded at the host edge."""
 
-    reasoning_ids: list[int]  # the turn's tokens before `</think>` (all when there is none)
-    answer_ids: list[int]  # its tokens after `</think>` (none when there is none)
+    reasoning_ids: list[int]  # the turn's tokens before its last `</think>` (all when there is none)
+    answer_ids: list[int]  # its tokens after the last `</think>` (none when there is none)
     num_tokens: int  # tokens the policy generated in the turn, a stop token included
     finish_reason: str  # "stop" or "length"
     summary_ids: list[int] | None = None  # the summary written after the turn, if one was
@@ -124,7 +124,7 @@ class RCResult:
 
     @property
     def answer(self) -> str | None:
-        """The last turn's text after `</think>` (None without one); no fallback to earlier turns."""
+        """The last turn's text after its last `</think>` (None without one); no fallback to earlier turns."""
         return self.turns[-1].answer
 
 

@@ -100,7 +100,8 @@ def turn_summary(records: list[dict], grade_turns: bool) -> dict:
     many failed and, in a run that grades turns (`grade_turns`, the run's config, or any turn
     graded before), how many are not graded yet: a rerun with rc.grade_turns does both. Also how
     many summaries were written and how many of them are empty (a thinking summarizer that did
-    not close its thinking within rc.summarizer_tokens: the next turn started over without one)."""
+    not close its thinking within rc.summarizer_tokens, or wrote nothing after its last </think>:
+    the next turn started over without one)."""
     count = len(records[0]["turn_scores"])
     per_turn = [[r["turn_scores"][t] for r in records if r["turn_scores"][t] is not None] for t in range(count)]
     means = [_mean(scores) for scores in per_turn]

@@ -148,6 +148,9 @@ def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
     assert any(not r.turns[-1].finished_thinking for r in results)
     # The cases the contract must handle all occur (else the fixture no longer tests them).
     assert any(t.finished_thinking for t in turns) and any(not t.finished_thinking for t in turns)
+    # Turns that wrote </think> more than once: split at the last one (the rest is reasoning).
+    assert any(think_end in t.reasoning_ids and t.finished_thinking for t in turns)
+    assert not any(think_end in t.answer_ids for t in turns)
     assert any(t.summary_cut for t in turns)
     assert all(len(t.summary_ids) == S for t in turns if t.summary_cut)
     assert [t.summary_ids is None for t in results[0].turns] == [False, False, True]
