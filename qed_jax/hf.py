@@ -174,6 +174,15 @@ class SafetensorsFolder:
                          shape=tuple(info["shape"])) if end > start else np.zeros(info["shape"], self.dtype(name))
 
 
+def _checked_offsets(offsets) -> tuple[int | None, int | None]:
+    """A tensor's [start, end) byte offsets, or (None, None) when they are not two whole numbers
+    with 0 <= start <= end."""
+    if (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return offsets[0], offsets[1]
+    return None, None
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's tensor table and where its data starts, checked against the file's
     size: a cut-off download fails here, naming the file, not in the middle of loading."""
@@ -196,6 +205,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
             raise CheckpointError(f"{damaged} (tensor {tensor} lacks its dtype, shape or data offsets); "
                                   "copy or export it again")
+        start, end = _checked_offsets(info["data_offsets"])
+        shape = info["shape"]
+        shape_ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        dtype = _ST_DTYPES.get(info["dtype"])  # an unknown one is refused when the tensor is read
+        if start is None or not shape_ok or (dtype is not None and end - start != math.prod(shape) * dtype.itemsize):
+            raise CheckpointError(f"{damaged} (tensor {tensor}'s data offsets {info['data_offsets']} do not hold its "
+                                  f"{info['dtype']} shape {info['shape']}); copy or export it again")
     data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{damaged}: its tensors need {8 + header_len + data_end:,} bytes but the file has "

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import jax
@@ -514,6 +515,7 @@ def _drop_tensor(folder, name, reshape=None):
     ("nonexistent", "no such file or directory"),
     ("truncated data", "model.safetensors: not a readable safetensors file: its tensors need"),
     ("truncated header", "model.safetensors: not a readable safetensors file (its header runs past the end"),
+    ("short offsets", "model.safetensors: not a readable safetensors file (tensor model.norm.weight's data offsets "),
     ("no hidden_size", "config.json: config has no hidden_size (a Qwen3 config gives each of vocab_size, "),
     ("bad json", "config.json: not valid JSON"),
     ("json list", "config.json: not a model config (a JSON object of settings)"),
@@ -539,6 +541,14 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, case, expected, capsys):
     elif case.startswith("truncated"):
         with open(folder / "model.safetensors", "r+b") as f:
             f.truncate(f.seek(0, 2) - 100 if case == "truncated data" else 200)
+    elif case == "short offsets":  # a header whose offsets give a tensor half its bytes: it would read the next's
+        data = (folder / "model.safetensors").read_bytes()
+        length = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8: 8 + length])
+        start, end = header["model.norm.weight"]["data_offsets"]
+        header["model.norm.weight"]["data_offsets"] = [start, start + (end - start) // 2]
+        table = json.dumps(header).encode()
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(table)) + table + data[8 + length:])
     elif case == "no hidden_size":
         config = json.loads((folder / "config.json").read_text())
         del config["hidden_size"]
