@@ -210,7 +210,8 @@ def bucket_length(length: int, buckets=DEFAULT_BUCKETS) -> int:
     for b in buckets:
         if length <= b:
             return b
-    raise ValueError(f"prompt of {length} tokens is longer than the largest bucket ({buckets[-1]})")
+    raise ConfigError(f"a prompt of {length} tokens is longer than the sampler's largest prompt bucket "
+                      f"({buckets[-1]} tokens); shorten it")
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
@@ -335,7 +336,10 @@ class Sampler:
         `budgets` caps new tokens per row. All waves of a call share one prompt bucket (the
         call's longest prompt), so one compiled prefill and decode loop serve them all. Prompt i
         draws its randomness as row `row_ids[i]` (default i): a process sampling its share of a
-        larger batch passes its prompts' places in it and samples what one process would."""
+        larger batch passes its prompts' places in it and makes the same random draws as one
+        process would. The arithmetic may still differ in the last bits (the share's bucket, so
+        its prefill width and cache length, follow its own longest prompt), so a near-tie may
+        sample another token."""
         if self.state is None:
             raise RuntimeError("the sampler's weights were released; call update_weights before sampling again")
         check_token_ids(prompts, self.config.vocab_size)
@@ -496,7 +500,10 @@ def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParam
         if isinstance(item, str):
             prompts.append(tokenizer(item, add_special_tokens=False)["input_ids"])
         elif isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
-            prompts.append(tok.chat_prompt(tokenizer, item))
+            try:
+                prompts.append(tok.chat_prompt(tokenizer, item))
+            except ValueError as e:  # the chat template refuses this conversation
+                raise ConfigError(f"generate: prompt {i}: {e}") from None
         else:
             raise ConfigError(f"generate: prompt {i} is a {type(item).__name__}; each prompt is a string or a "
                               "conversation (a list of message dicts)")

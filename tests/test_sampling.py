@@ -15,7 +15,7 @@ import qed_jax
 from qed_jax import attention, cli, sampling
 from qed_jax.config import ConfigError, preset
 from qed_jax.model import Qwen3
-from qed_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, wave_size
+from qed_jax.sampling import Sampler, SamplingParams, bucket_length, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.tokenizer import load_tokenizer, stop_ids
 from tests.helpers import REPO, cli_env, make_hf_model, make_hf_model_with_tokenizer
@@ -376,6 +376,16 @@ def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
         qed_jax.generate(model, tokenizer, conversation[0], greedy)
     with pytest.raises(ConfigError, match=r"^generate: prompt 1 is a dict; each prompt is a string or a conversation"):
         qed_jax.generate(model, tokenizer, ["Let n be", conversation[0]], greedy)
+    # A chat template that refuses the conversation (Qwen3's raise_exception) and a prompt past the
+    # largest bucket: one line each, not a traceback.
+    refusing = load_tokenizer(tmp_path)
+    refusing.chat_template = "{{ raise_exception('a system message is required') }}"
+    with pytest.raises(ConfigError, match=r"^generate: prompt 0: the chat template refuses this conversation \(a "
+                                          r"system message is required\)$"):
+        qed_jax.generate(model, refusing, [conversation], greedy)
+    with pytest.raises(ConfigError, match=r"^a prompt of 131073 tokens is longer than the sampler's largest prompt "
+                                          r"bucket \(131072 tokens\); shorten it$"):
+        bucket_length(131073)
     # A tokenizer with no token that ends a turn would sample to the budget every time.
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
