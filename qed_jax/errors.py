@@ -89,7 +89,7 @@ class RunConfigChanged(ConfigError):
     def __init__(self, out, changes: list[str], setting: str = "output_dir"):
         """`out`: the folder that holds the run, which `setting` names (output_dir, or
         checkpoint_dir for what a checkpoint recorded)."""
-        self.out, self.changes = out, changes
+        self.out, self.changes, self.setting = out, changes, setting
         self.refusal = f"{out} holds a run that differs from this one ({'; '.join(changes)})"
         other = "a new output_dir" if setting == "output_dir" else \
             "a new checkpoint_dir (or output_dir, under which checkpoints/ is the default)"

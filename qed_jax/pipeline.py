@@ -243,12 +243,18 @@ def check_unchanged(config) -> None:
 
 
 @contextlib.contextmanager
-def pipeline_advice():
+def pipeline_advice(stage: str | None = None, checkpoint_dir: str | None = None):
     """A trainer's refusal of a changed run, with the advice that holds in a pipeline (which has
-    no --resume-with-changes)."""
+    no --resume-with-changes). When the run is in the `checkpoint_dir` that `stage`'s config sets
+    (a bucket, say), a new output_dir alone would meet it again (another pipeline's run, maybe)."""
     try:
         yield
     except RunConfigChanged as e:
+        if e.setting == "checkpoint_dir" and checkpoint_dir is not None:
+            raise ConfigError(f"{e.refusal}; {stage}'s checkpoint_dir, set in its config, holds that run's "
+                              f"checkpoints, which a new output_dir alone would meet again: give {stage} a "
+                              f"checkpoint_dir of its own too ({stage}.overrides.checkpoint_dir=...), or leave it "
+                              f"out (output_dir/{stage}/checkpoints)") from None
         raise ConfigError(f"{e.refusal}; a pipeline's run directory continues only as it started (config and "
                           "data), since later stages build on what earlier ones finished: use a new output_dir") from None
 
@@ -258,7 +264,7 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
     Whether it trained now (took steps), i.e. its model is new to the stages after it; an export
     made again from the finished checkpoint is the same model."""
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
-    with pipeline_advice(), judge_advice():  # GRPO grades with the pipeline's judge
+    with pipeline_advice(name, config.checkpoint_dir), judge_advice():  # GRPO grades with the pipeline's judge
         result = train(config)
     if result["complete"]:
         state = "already complete"

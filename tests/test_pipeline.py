@@ -384,3 +384,23 @@ def test_a_judge_template_that_does_not_fit_its_stage_is_refused_before_any_stag
                                           r"benchmark imo_proofbench does not pass to the judge"):
         run(config)
     assert not (tmp_path / "base").exists()  # no stage ran
+
+
+def test_a_changed_run_in_a_stage_checkpoint_dir_gets_advice_that_reaches_it():
+    """A stage config that sets checkpoint_dir (the 4B configs name a bucket) shares it with every
+    pipeline run from that config: a new output_dir alone would meet the same checkpoints."""
+    from qed_jax.errors import RunConfigChanged
+    from qed_jax.pipeline import pipeline_advice
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "/b/ck holds a run that differs from this one (optim.lr: 0.003 -> 0.001); sft's checkpoint_dir, set in "
+            "its config, holds that run's checkpoints, which a new output_dir alone would meet again: give sft a "
+            "checkpoint_dir of its own too (sft.overrides.checkpoint_dir=...), or leave it out "
+            "(output_dir/sft/checkpoints)") + "$"):
+        with pipeline_advice("sft", "/b/ck"):
+            raise RunConfigChanged("/b/ck", ["optim.lr: 0.003 -> 0.001"], "checkpoint_dir")
+    # The default checkpoints (output_dir/sft/checkpoints), whose data changed: a new output_dir is the way.
+    with pytest.raises(ConfigError, match=r"\(training data: a -> b\); a pipeline's run directory .*use a new "
+                                          r"output_dir$"):
+        with pipeline_advice("sft", None):
+            raise RunConfigChanged("/o/sft/checkpoints", ["training data: a -> b"], "checkpoint_dir")
