@@ -1170,8 +1170,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     if new_run:  # what a run that drew nothing recorded of itself (another model, templates) is recorded anew
         for name in (MODEL_FILES, SUMMARIZER_FILES, TEMPLATES_FILE, PROBLEM_FINGERPRINTS):
             (out / name).unlink(missing_ok=True)
-    if new_run:  # it draws every sample: a missing model fails before the benchmark is read (maybe from the Hub)
-        check_local_paths(config)
+        check_local_paths(config)  # it draws every sample: a missing model fails before the benchmark is read
     b = config.benchmark
     check_judge_template(config)
     problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)

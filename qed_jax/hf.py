@@ -174,13 +174,16 @@ class SafetensorsFolder:
                          shape=tuple(info["shape"])) if end > start else np.zeros(info["shape"], self.dtype(name))
 
 
-def _checked_offsets(offsets) -> tuple[int | None, int | None]:
-    """A tensor's [start, end) byte offsets, or (None, None) when they are not two whole numbers
-    with 0 <= start <= end."""
-    if (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        return offsets[0], offsets[1]
-    return None, None
+def _holds_its_tensor(info: dict) -> bool:
+    """Whether a header entry's data offsets are two whole numbers 0 <= start <= end whose span
+    is its shape in its dtype (an unknown dtype passes here: reading the tensor refuses it)."""
+    offsets, shape = info["data_offsets"], info["shape"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] and isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)):
+        return False
+    dtype = _ST_DTYPES.get(info["dtype"])
+    return dtype is None or offsets[1] - offsets[0] == math.prod(shape) * dtype.itemsize
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -205,11 +208,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
             raise CheckpointError(f"{damaged} (tensor {tensor} lacks its dtype, shape or data offsets); "
                                   "copy or export it again")
-        start, end = _checked_offsets(info["data_offsets"])
-        shape = info["shape"]
-        shape_ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-        dtype = _ST_DTYPES.get(info["dtype"])  # an unknown one is refused when the tensor is read
-        if start is None or not shape_ok or (dtype is not None and end - start != math.prod(shape) * dtype.itemsize):
+        if not _holds_its_tensor(info):
             raise CheckpointError(f"{damaged} (tensor {tensor}'s data offsets {info['data_offsets']} do not hold its "
                                   f"{info['dtype']} shape {info['shape']}); copy or export it again")
     data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
