@@ -214,10 +214,10 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     sharding = batch_sharding(mesh)
 
     order = DATA_ORDER if config.steps else EPOCHS_ORDER
+    record = data_record(config.data.path, examples, order, eval_examples)
     ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
-                                        run={"trainer": "sft", "data": data_record(config.data.path, examples, order),
-                                             "config": json_values(config)})
+                                        run={"trainer": "sft", "data": record, "config": json_values(config)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, steps,
                                                resume_with_changes)
     metrics_log = MetricsLog(out, start)

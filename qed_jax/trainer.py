@@ -353,12 +353,9 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     write_text_atomic(path, text)
 
 
-def data_record(path: str, examples: list[dict], order: int | str = DATA_ORDER) -> dict:
-    """What a run trains on, kept in each checkpoint so that a resume can tell whether it
-    changed: the data's name, how many examples it gave and a SHA-256 over them after
-    tokenization (a changed file, tokenizer or data option shows alike), and the version of the
-    `order` the trainer reads them in (`data.DATA_ORDER`, or SFT's `data.EPOCHS_ORDER`). Each
-    example is a dict of NumPy arrays and JSON values (token lists, text, marking schemes, None)."""
+def examples_sha256(examples: list[dict]) -> str:
+    """A SHA-256 over examples after tokenization, each a dict of NumPy arrays and JSON values
+    (token lists, text, marking schemes, None), its keys in any order."""
     digest = hashlib.sha256()
     for example in examples:
         for key in sorted(example):
@@ -369,7 +366,22 @@ def data_record(path: str, examples: list[dict], order: int | str = DATA_ORDER) 
                 data = json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
             digest.update(f"{key}:{len(data)}:".encode())
             digest.update(data)
-    return {"path": path, "examples": len(examples), "sha256": digest.hexdigest(), "order": order}
+    return digest.hexdigest()
+
+
+def data_record(path: str, examples: list[dict], order: int | str = DATA_ORDER,
+                eval_examples: list[dict] | None = None) -> dict:
+    """What a run trains on, kept in each checkpoint so that a resume can tell whether it
+    changed: the data's name, how many examples it gave and a SHA-256 over them after
+    tokenization (`examples_sha256`: a changed file, tokenizer or data option shows alike), and the
+    version of the `order` the trainer reads them in (`data.DATA_ORDER`, or SFT's
+    `data.EPOCHS_ORDER`). With `eval_examples` (SFT's held-out rows), the same count and digest of
+    those, under "eval": an edit to the held-out rows alone would otherwise change what the eval
+    loss measures midway through a run, unsaid."""
+    record = {"path": path, "examples": len(examples), "sha256": examples_sha256(examples), "order": order}
+    if eval_examples:
+        record["eval"] = {"examples": len(eval_examples), "sha256": examples_sha256(eval_examples)}
+    return record
 
 
 def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
@@ -393,9 +405,14 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     old, new = saved.get("data"), current["data"]
     # The same examples under another spelling of the path are the same data.
     same = lambda a, b: (a["examples"], a["sha256"]) == (b["examples"], b["sha256"])  # noqa: E731
+    describe = lambda r: f"{r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
     if old is not None and not same(old, new):
-        describe = lambda r: f"{r['path']}: {r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
-        changes.append(f"training data: {describe(old)} -> {describe(new)}")
+        changes.append(f"training data: {old['path']}: {describe(old)} -> {new['path']}: {describe(new)}")
+    # Checkpoints written before the held-out rows were recorded say nothing of them.
+    if old is not None and "eval" in old and old["eval"] != new.get("eval"):
+        held_out = lambda r: describe(r["eval"]) if "eval" in r else "none"  # noqa: E731
+        changes.append(f"held-out data for the eval loss: {held_out(old)} -> {held_out(new)}, so the eval loss "
+                       "would measure other rows from here on")
     if old is not None and not finished:  # the order matters to the steps left
         if "order" not in old:
             log.warning("%s: its checkpoints do not record the order they read the data in; a run begun before "
@@ -438,8 +455,9 @@ def check_processes_agree(run: dict, resume_with_changes: bool) -> None:
         text = json.dumps(value, sort_keys=True, default=str).encode()
         return np.frombuffer(hashlib.sha256(text).digest()[:8], np.int32)
 
-    # The data by what it holds (read from any path: data.path is left out of the config's digest).
-    data = {key: run["data"][key] for key in ("examples", "sha256", "order")}
+    # The data by what it holds, held-out rows too (read from any path: data.path is left out of
+    # the config's digest).
+    data = {key: run["data"].get(key) for key in ("examples", "sha256", "order", "eval")}
     mine = np.concatenate([digest(settings_processes_share(run["config"], resume_with_changes)), digest(data)])
     everyone = gather(mine).reshape(jax.process_count(), 4)
     for what, columns in (("another config", slice(0, 2)), ("other training data", slice(2, 4))):

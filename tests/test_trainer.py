@@ -186,6 +186,31 @@ def test_the_same_data_under_another_spelling_of_its_path_is_not_a_change(tmp_pa
         check_run_data(tmp_path, saved, current, resume_with_changes=False)
 
 
+def test_an_edit_to_the_held_out_rows_alone_is_a_change(tmp_path, caplog):
+    """SFT's eval loss reads the rows held out from the end of the data: editing only those
+    leaves the training examples as they were, but the eval loss would measure other rows from
+    the resume on."""
+    examples = [{"tokens": np.arange(4, dtype=np.int32)}]
+    held_out = [{"tokens": np.arange(5, dtype=np.int32)}, {"tokens": np.arange(6, dtype=np.int32)}]
+    edited = [held_out[0], {"tokens": np.arange(1, 7, dtype=np.int32)}]
+    saved = {"trainer": "sft", "data": data_record("rows.jsonl", examples, eval_examples=held_out)}
+    current = {"trainer": "sft", "data": data_record("rows.jsonl", examples, eval_examples=held_out), "config": {}}
+    check_run_data(tmp_path, saved, current, resume_with_changes=False)
+    for other, says in ((edited, r"2 examples, sha256 \w{12}"), (None, "none")):
+        current["data"] = data_record("rows.jsonl", examples, eval_examples=other)
+        assert current["data"]["sha256"] == saved["data"]["sha256"]
+        with pytest.raises(ConfigError, match=rf"held-out data for the eval loss: 2 examples, sha256 \w{{12}} -> "
+                                              rf"{says}, so the eval loss would measure other rows from here on"):
+            check_run_data(tmp_path, saved, current, resume_with_changes=False)
+    with caplog.at_level(logging.WARNING):
+        check_run_data(tmp_path, saved, current, resume_with_changes=True)
+    assert "resuming from" in caplog.text and "held-out data for the eval loss" in caplog.text
+    # Checkpoints written before the held-out rows were recorded: nothing to compare them with.
+    unrecorded = {"trainer": "sft", "data": data_record("rows.jsonl", examples)}
+    current["data"] = data_record("rows.jsonl", examples, eval_examples=edited)
+    check_run_data(tmp_path, unrecorded, current, resume_with_changes=False)
+
+
 def test_a_path_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch):
     """A pipeline's stages load the models it writes under its own folder: the folder named by
     an absolute path, or through a link, on a rerun is the same run."""
