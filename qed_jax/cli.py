@@ -465,9 +465,22 @@ def _init_distributed(args) -> None:
                               "and --process-id)") from None
 
 
+class GivenOnce(argparse.Action):
+    """An option that may stand once: argparse would keep the last of two, so `--config a.yaml
+    --config b.yaml` would run b alone, where a user may well expect the two merged."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = f"_{self.dest}_given"
+        if getattr(namespace, seen, False):
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give one; "
+                         "set single keys on top of it as key=value")
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, values)
+
+
 def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
     p = sub.add_parser(name, help=summary, description=description)
-    p.add_argument("--config", help=f"YAML config, e.g. {example}")
+    p.add_argument("--config", action=GivenOnce, help=f"YAML config, e.g. {example}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200 (--print-config lists every key)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -576,9 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "answers; this command does not). Grades are cached in "
                        "SQLite (judge.cache_path), so an interrupted run picks up where it stopped. "
                        "The API key is read from the environment variable judge.api_key_env.")
-    p.add_argument("--config", help="YAML judge config (or a trainer config with a judge: section); default: "
-                   "the built-in defaults, the recipe's RL grader (template rl_grader) at "
-                   "http://localhost:8000/v1, caching grades in ./judge_cache.sqlite")
+    p.add_argument("--config", action=GivenOnce,
+                   help="YAML judge config (or a trainer config with a judge: section); default: the built-in "
+                   "defaults, the recipe's RL grader (template rl_grader) at http://localhost:8000/v1, caching "
+                   "grades in ./judge_cache.sqlite")
     p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
                    ".json array, a .parquet file or a Hugging Face dataset id")
     p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason (a file is "
@@ -610,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         "appended to OUTPUT_DIR/samples.jsonl as it completes: rerunning the same command finishes an "
         "interrupted run without generating or grading anything twice, and retries failed grades. "
         "Exits 1 when some grades failed.")
-    p.add_argument("--config", help="YAML eval config, e.g. configs/eval/imo_proofbench.yaml")
+    p.add_argument("--config", action=GivenOnce, help="YAML eval config, e.g. configs/eval/imo_proofbench.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5 "
                    "(--print-config lists every key)")
@@ -644,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
         "current trainer step is checkpointed; nothing finished is lost. With `judge: standin` the "
         "command serves an offline stand-in judge on 127.0.0.1 for the evaluations: NOT a real judge "
         "(full marks for any proof written after </think>). Exits 1 when some grades failed.")
-    p.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline/tiny.yaml")
+    p.add_argument("--config", action=GivenOnce, required=True, help="pipeline YAML, e.g. configs/pipeline/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="pipeline overrides, e.g. output_dir=runs/p2 sft.overrides.steps=40 "
                    "eval.overrides.samples=1 eval.modes=[single] judge=http://localhost:8000/v1")
@@ -659,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         "are read. Prints per-chip memory "
         "(arguments, outputs, temporaries, buffers other programs keep resident, total, HBM, "
         "headroom) and FLOPs per call; exits 1 when a program does not fit.")
-    p.add_argument("--config", required=True, help="SFT or GRPO YAML config, e.g. configs/sft/qed_nano_4b.yaml")
+    p.add_argument("--config", action=GivenOnce, required=True,
+                   help="SFT or GRPO YAML config, e.g. configs/sft/qed_nano_4b.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=8192")
     p.add_argument("--topology", required=True,
                    help="Cloud slice (v5p-64 and v4-32 count TensorCores; v5e-16, v6e-64 count chips) "

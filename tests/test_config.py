@@ -313,6 +313,20 @@ def test_overrides_may_stand_on_both_sides_of_an_option():
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("command", ["sft", "grpo", "eval", "judge", "pipeline", "plan"])
+def test_a_second_config_is_refused_not_silently_taken_alone(command, capsys):
+    """argparse keeps the last of two values: the first config would be dropped unsaid."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args([command, "--config", "a.yaml", "steps=3", "--config=b.yaml"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"qed-jax {command}: error: --config given twice (a.yaml and b.yaml): give one; set single keys on top of "
+        "it as key=value")
+    required = {"judge": ["--input", "rows.jsonl", "--output", "graded.jsonl"], "plan": ["--topology", "v5p-8"]}
+    args = cli.parse_args([command, "--config", "a.yaml", *required.get(command, [])])
+    assert args.config == "a.yaml"
+
+
 def test_an_os_error_without_a_path_is_one_line(monkeypatch, capsys):
     def unreachable(args):
         raise ConnectionRefusedError(111, "Cannot connect to host storage.googleapis.com:443")
