@@ -401,23 +401,20 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
 
 def _sft(args) -> None:
     from qed_jax.host import keep_freed_memory
-    from qed_jax.sft import SFTConfig, train
+    from qed_jax.sft import SFTConfig, summary, train
 
     # On CPU each step reuses the memory the last one freed (`host.keep_freed_memory`); not for
     # grpo, whose decode loops Ctrl-C must be able to stop while they run.
     # Process 0 alone reads the metrics log: another has a finished run's last loss from nowhere.
-    _train(args, SFTConfig, train, lambda r: f"loss {r['loss']:.6f}" if r["process"] == 0 or not r["complete"]
+    _train(args, SFTConfig, train, lambda r: summary(r) if r["process"] == 0 or not r["complete"]
            else "process 0 reports the loss", before_backend=keep_freed_memory)
 
 
 def _grpo(args) -> None:
-    from qed_jax.grpo import GRPOConfig, train
+    from qed_jax.grpo import GRPOConfig, summary, train
 
     # The rewards come from the metrics log, which process 0 alone keeps.
-    _train(args, GRPOConfig, train, lambda r: (
-        f"reward mean {r['reward_last_mean']:.4f} over the last {r['reward_last_steps']} steps, "
-        f"best {r['reward_best']:.4f} at step {r['reward_best_step']}" if r["process"] == 0
-        else "process 0 reports the rewards"))
+    _train(args, GRPOConfig, train, lambda r: summary(r) if r["process"] == 0 else "process 0 reports the rewards")
 
 
 def _plan(args) -> int | None:

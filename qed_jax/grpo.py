@@ -951,6 +951,15 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
             "complete": False, "process": jax.process_index()}
 
 
+def summary(result: dict, best: bool = True) -> str:
+    """A run's rewards (`reward_summary`), for its closing line. A run found complete in
+    checkpoints that another run directory logged has none here."""
+    if not result["reward_last_steps"]:
+        return "no reward logged in this run directory (it was trained where its checkpoints were written)"
+    text = f"reward mean {result['reward_last_mean']:.4f} over the last {result['reward_last_steps']} steps"
+    return text + (f", best {result['reward_best']:.4f} at step {result['reward_best_step']}" if best else "")
+
+
 def reward_summary(history: list[dict], last: int = 10) -> dict:
     """The mean reward over the last `last` logged steps and the best step's, for the run's
     closing line (one step's reward alone is too noisy to summarize a run)."""

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -469,10 +470,9 @@ def run(config: PipelineConfig) -> dict:
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")
         progress.done(f"{'exported to' if export_base(sft_config, Path(base)) else 'using'} {base}")
-        if train_stage(progress, "sft", sft.train, sft_config, lambda r: f"loss {r['loss']:.4f}"):
+        if train_stage(progress, "sft", sft.train, sft_config, partial(sft.summary, digits=4)):
             check_not_built_on_old("sft", sft_config.output_dir, "grpo", grpo_config.output_dir, before=False)
-        train_stage(progress, "grpo", grpo.train, grpo_config,
-                    lambda r: f"reward {r['reward_last_mean']:.3f} over the last {r['reward_last_steps']} steps")
+        train_stage(progress, "grpo", grpo.train, grpo_config, partial(grpo.summary, best=False))
 
         progress.begin("eval", f"{len(evals)} evaluations; judge: " + (
             f"the offline stand-in at {judge_url} (NOT a real judge: full marks for any proof after </think>)"

@@ -286,6 +286,15 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     return {**result, "step": step, "loss": float(last_loss), "complete": False}
 
 
+def summary(result: dict, digits: int = 6) -> str:
+    """A run's last logged loss, for its closing line. A run found complete in checkpoints that
+    another run directory logged (its checkpoint_dir kept on gs:// and its run directory lost, or
+    a checkpoint_dir two runs share) has none here."""
+    if not math.isfinite(result["loss"]):
+        return "no loss logged in this run directory (it was trained where its checkpoints were written)"
+    return f"loss {result['loss']:.{digits}f}"
+
+
 def epoch_steps(examples: list[dict], config: SFTConfig, local_batch: int) -> int:
     """The steps of `config.epochs` passes over the examples: the whole batches every process's
     share packs into. The packed rows that fill no whole batch are left out (said so)."""

@@ -25,8 +25,8 @@ from qed_jax.config import ConfigError
 from qed_jax.data import pack_sequences
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.grpo import (AGGREGATIONS, METRIC_SUMS, GRPOConfig, Learner, LossConfig, accumulate_step, aggregate,
-                          clipped_policy_loss, group_advantages, grpo_loss, kl_k3, load_prompts, rollout_sequences, run_updates,
-                          sequence_logprobs, trained_samples, update_samples)
+                          clipped_policy_loss, group_advantages, grpo_loss, kl_k3, load_prompts, reward_summary,
+                          rollout_sequences, run_updates, sequence_logprobs, summary, trained_samples, update_samples)
 from qed_jax.multihost import process_rows
 from qed_jax.sampling import Sampler
 from qed_jax.sharding import MeshConfig, make_mesh
@@ -41,6 +41,16 @@ TINY_RC = str(REPO / "configs" / "rl" / "tiny_rc.yaml")
 
 
 # --- pure math against NumPy ------------------------------------------------------------------
+
+
+def test_the_closing_line_gives_the_last_steps_rewards_or_says_none_were_logged_here():
+    history = [{"step": 1, "reward_mean": 0.5}, {"step": 2, "reward_mean": float("nan")},
+               {"step": 3, "reward_mean": 0.75}, {"step": 4}]
+    assert summary(reward_summary(history)) == "reward mean 0.6250 over the last 2 steps, best 0.7500 at step 3"
+    assert summary(reward_summary(history, last=1), best=False) == "reward mean 0.7500 over the last 1 steps"
+    # A run found complete in checkpoints that another run directory logged.
+    assert summary(reward_summary([])) == ("no reward logged in this run directory (it was trained where its "
+                                           "checkpoints were written)")
 
 
 def test_advantages_match_numpy_including_all_equal_groups():

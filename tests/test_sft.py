@@ -29,6 +29,7 @@ from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows, sft
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
 from qed_jax.sft import SFTConfig, accumulated_grads, eval_loss, train, train_step
+from qed_jax.sft import summary as sft_summary
 from qed_jax.tokenizer import load_tokenizer
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics, wait_for_steps
 
@@ -921,9 +922,13 @@ def test_a_run_whose_folder_is_gone_compares_its_config_with_the_checkpoints(tmp
                                                r"-> 0\.5; steps: 1 -> 2\); pass --resume-with-changes .* or use a new "
                                                r"checkpoint_dir"):
         train(load_config(SFTConfig, TINY, [*base, "steps=2", "optim.lr=0.5"]))
-    assert train(load_config(SFTConfig, TINY, [*base, "steps=2"]), resume_with_changes=True)["start_step"] == 1
+    resumed = train(load_config(SFTConfig, TINY, [*base, "steps=2"]), resume_with_changes=True)
+    assert resumed["start_step"] == 1 and re.fullmatch(r"loss \d+\.\d{6}", sft_summary(resumed))
     shutil.rmtree(out)
-    assert train(load_config(SFTConfig, TINY, [*base, "steps=2"]))["complete"]  # the same config: no refusal
+    found = train(load_config(SFTConfig, TINY, [*base, "steps=2"]))  # the same config: no refusal
+    # Its loss was logged in the folder that is gone: the closing line says so, not "loss nan".
+    assert found["complete"] and sft_summary(found) == (
+        "no loss logged in this run directory (it was trained where its checkpoints were written)")
 
 
 def test_reasoning_that_holds_think_tokens_as_text_is_skipped(tokenizer):
