@@ -172,7 +172,10 @@ def _json_array_rows(path: str, data: bytes) -> list[tuple[str, Any]]:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and e.lineno > 1:  # a whole value on the first line, then more lines
+        # A whole value on the first line, then more lines. Not a whole array over several lines
+        # followed by more (two arrays appended, a stray ']'): read as lines, all but a few would
+        # be skipped as malformed.
+        if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():
             return _json_lines_rows(data.split(b"\n"))
         raise ConfigError(f"data file {path}: not a valid JSON array ({e.msg} at line {e.lineno} column {e.colno}); "
                           "a .json file that opens with '[' is read as one array of rows") from None

@@ -733,6 +733,12 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
         read_rows(str(pretty))
     lines.write_text('["a row that is a list"]\n' + json.dumps(rows[0]) + "\n")  # JSON lines that open with '['
     assert read_rows(str(lines)) == [("line 1", ["a row that is a list"]), ("line 2", rows[0])]
+    # A whole array over several lines, then more: a stray ']', or a second array appended.
+    for extra, line in (("]\n", 7), (json.dumps(rows, indent=2), 7), ("\n" + json.dumps(rows[0]), 8)):
+        pretty.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n" + extra)
+        with pytest.raises(ConfigError, match=rf"pretty\.json: not a valid JSON array \(Extra data at line {line} "
+                                              r"column 1\); a \.json file that opens with '\[' is read as one array"):
+            read_rows(str(pretty))
 
 
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
