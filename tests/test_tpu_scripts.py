@@ -75,6 +75,16 @@ if isinstance(answer, str):  # a state
     if answer == "DENIED":
         sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) PERMISSION_DENIED: Permission "
                  "'tpu.queuedResources.get' denied")
+    if answer == "NO_ACCOUNT":  # gcloud's words, not logged in
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) You do not currently have an active "
+                 "account selected.\nPlease run:\n\n  $ gcloud auth login\n\nto obtain new credentials.\n\nIf you "
+                 "have already logged in with a different account, run:\n\n  $ gcloud config set account "
+                 "ACCOUNT\n\nto select an already authenticated account to use.")
+    if answer == "NO_PROJECT":
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) Error parsing [queued_resource].\nThe "
+                 "[queued_resource] resource is not properly specified.\nFailed to find attribute [project]. The "
+                 "attribute can be set in the following ways: \n- provide the argument `--project` on the command "
+                 "line\n- set the property `core/project`")
     if answer == "UNAVAILABLE":
         sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your "
                  "current auth tokens")
@@ -203,6 +213,24 @@ def test_a_describe_that_fails_once_does_not_end_a_launch(gcloud, tmp_path):
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1  # not forever: the last failure is reported
     write_script(states=["DENIED", "ACTIVE\tv5p-8"])  # a missing permission: no retry cures it
     assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
+
+
+@pytest.mark.parametrize("state, says", [
+    ("DENIED", "ERROR: (gcloud.compute.tpus.queued-resources.describe) PERMISSION_DENIED: Permission "
+               "'tpu.queuedResources.get' denied"),
+    ("NO_ACCOUNT", "gcloud has no active account: run `gcloud auth login`"),
+    ("NO_PROJECT", "no project: pass --project, or set CLOUDSDK_CORE_PROJECT")])
+def test_a_describe_that_no_retry_cures_is_reported_at_once_in_gclouds_words_or_with_advice(gcloud, capsys, state,
+                                                                                            says):
+    """gcloud not logged in, or without a project, fails every retry alike (minutes of backoff
+    at `wait`'s default poll), and its last line ("to select an already authenticated account to
+    use.") says nothing alone."""
+    write_script, calls = gcloud
+    write_script(states=[state, "ACTIVE\tv5p-8"])
+    assert launcher("wait", "qr", *WHERE, "--poll", "30") == 1
+    assert verbs(calls()) == ["describe"]  # no retry, so no wait
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"tpu.py wait: error: cannot describe qr in " \
+        f"us-east5-a (exit 1): {says}"
 
 
 def running(command_line: str) -> list[str]:

@@ -75,8 +75,25 @@ def num_workers(accelerator: str) -> int:
     return chips // 4
 
 
-# gcloud's errors that a retry cannot cure (a missing permission, a bad zone or project): reported at once.
-PERMANENT_ERRORS = ("PERMISSION_DENIED", "INVALID_ARGUMENT")
+# gcloud's errors that a retry cannot cure (a missing permission, a bad zone or project): reported at
+# once, those of gcloud's own setup with what sets it up.
+PERMANENT_ERRORS = {
+    "PERMISSION_DENIED": None, "INVALID_ARGUMENT": None,
+    "You do not currently have an active account": "gcloud has no active account: run `gcloud auth login`",
+    "Failed to find attribute [project]": "no project: pass --project, or set CLOUDSDK_CORE_PROJECT",
+    "required property [project]": "no project: pass --project, or set CLOUDSDK_CORE_PROJECT",
+}
+
+
+def gcloud_error(stderr: str) -> str:
+    """What a failed gcloud command says, in one line: the advice for a permanent error of its
+    setup, else its first `ERROR:` line (its last lines are often advice that reads as nothing
+    alone), else its last line."""
+    for marker, advice in PERMANENT_ERRORS.items():
+        if advice and marker in stderr:
+            return advice
+    lines = stderr.strip().splitlines()
+    return next((line for line in lines if line.startswith("ERROR:")), lines[-1] if lines else "")
 
 
 class Gcloud:
@@ -148,7 +165,7 @@ class Gcloud:
                          f"{self.retries - 1} in {wait:.0f}s")
                 time.sleep(wait)
         raise LaunchError(f"cannot describe {self.name} in {self.zone} (exit {result.returncode}): "
-                          f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+                          f"{gcloud_error(result.stderr)}")
 
     def worker_argv(self, worker: int, remote: str) -> list[str]:
         if self.local:
