@@ -19,17 +19,13 @@ from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, Trai
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
-    """Refuse an empty path, a destination that holds or lies inside the source, and one that
+    """Refuse a destination that holds or lies inside the source, and one that
     already holds something unless `overwrite` and it holds an earlier model (a Hugging Face
     folder or a qed-jax checkpoint: nothing else is ever deleted). True when there is an old
     model to replace: `_clear` empties it only once the source has loaded."""
     from etils import epath
 
     from qed_jax import checkpoint
-
-    for name, path in (("SOURCE", source), ("DEST", dest)):
-        if not path.strip():
-            raise ConfigError(f"convert: {name} is empty; give a folder (an unset shell variable?)")
 
     def real(path: str):  # symbolic links followed (epath's resolve does not)
         return epath.Path(path) if "://" in path else epath.Path(os.path.realpath(path))
@@ -462,6 +458,14 @@ def _init_distributed(args) -> None:
                               "and --process-id)") from None
 
 
+def given_path(text: str) -> str:
+    """A path (or Hub id) argument. An empty one, an unset shell variable's, would name the
+    working directory: a report or an export written there, a folder read as a config."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a path (an unset shell variable?)")
+    return text
+
+
 class GivenOnce(argparse.Action):
     """An option that may stand once: argparse would keep the last of two, so `--config a.yaml
     --config b.yaml` would run b alone, where a user may well expect the two merged."""
@@ -477,7 +481,7 @@ class GivenOnce(argparse.Action):
 
 def _add_trainer_parser(sub, name, run, example, summary, description) -> None:
     p = sub.add_parser(name, help=summary, description=description)
-    p.add_argument("--config", action=GivenOnce, help=f"YAML config, e.g. {example}")
+    p.add_argument("--config", action=GivenOnce, type=given_path, help=f"YAML config, e.g. {example}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.lr=1e-4 mesh.fsdp=4 steps=200 (--print-config lists every key)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -518,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
         "directory. The direction follows SOURCE: a Hugging Face folder becomes a checkpoint, "
         "a checkpoint becomes a Hugging Face folder (its latest step, or --step). Tokenizer files travel along.",
     )
-    p.add_argument("source", help="Hugging Face model folder, qed-jax checkpoint directory, or Hugging Face Hub id "
+    p.add_argument("source", type=given_path,
+                   help="Hugging Face model folder, qed-jax checkpoint directory, or Hugging Face Hub id "
                    "(e.g. Qwen/Qwen3-4B-Thinking-2507)")
-    p.add_argument("dest", help="output directory (local; gs:// for a qed-jax checkpoint)")
+    p.add_argument("dest", type=given_path, help="output directory (local; gs:// for a qed-jax checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the output (default: keep the source's; of a Hugging Face folder "
                    "with mixed dtypes, the widest)")
@@ -538,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample completions from a model",
                        description="Sample completions for one or more prompts with the jitted "
                        "KV-cache sampler. The tokenizer is read from the model folder.")
-    p.add_argument("--model", required=True, help="Hugging Face folder, qed-jax checkpoint or Hugging Face Hub id")
+    p.add_argument("--model", required=True, type=given_path,
+                   help="Hugging Face folder, qed-jax checkpoint or Hugging Face Hub id")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true",
@@ -563,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--turns", type=int, help=f"turns per problem (default: {rc['turns']})")
     g.add_argument("--summary-tokens", type=int,
                    help=f"the most tokens a summary keeps (longer ones are cut; default: {rc['summary_tokens']})")
-    g.add_argument("--summarizer", help="a separate frozen summarizer model with the same vocabulary "
+    g.add_argument("--summarizer", type=given_path, help="a separate frozen summarizer model with the same vocabulary "
                    "(default: the model itself, thinking, with the sampling flags above)")
     g.add_argument("--summarizer-max-new-tokens", type=int,
                    help="the summarizer's budget (the model's own too, when it summarizes itself; default: "
@@ -586,13 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "answers; this command does not). Grades are cached in "
                        "SQLite (judge.cache_path), so an interrupted run picks up where it stopped. "
                        "The API key is read from the environment variable judge.api_key_env.")
-    p.add_argument("--config", action=GivenOnce,
+    p.add_argument("--config", action=GivenOnce, type=given_path,
                    help="YAML judge config (or a trainer config with a judge: section); default: the built-in "
                    "defaults, the recipe's RL grader (template rl_grader) at http://localhost:8000/v1, caching "
                    "grades in ./judge_cache.sqlite")
-    p.add_argument("--input", required=True, help="rows to grade: JSON lines (any other name, a pipe too), a "
+    p.add_argument("--input", required=True, type=given_path,
+                   help="rows to grade: JSON lines (any other name, a pipe too), a "
                    ".json array, a .parquet file or a Hugging Face dataset id")
-    p.add_argument("--output", required=True, help="JSONL output: each row plus score, reward, reason (a file is "
+    p.add_argument("--output", required=True, type=given_path,
+                   help="JSONL output: each row plus score, reward, reason (a file is "
                    "replaced whole once every row is graded, a link's file and not the link; a named pipe or a "
                    "device is written as it is; the command's own stdout, e.g. /dev/stdout, sends the summary to "
                    "stderr)")
@@ -621,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
         "appended to OUTPUT_DIR/samples.jsonl as it completes: rerunning the same command finishes an "
         "interrupted run without generating or grading anything twice, and retries failed grades. "
         "Exits 1 when some grades failed.")
-    p.add_argument("--config", action=GivenOnce, help="YAML eval config, e.g. configs/eval/imo_proofbench.yaml")
+    p.add_argument("--config", action=GivenOnce, type=given_path,
+                   help="YAML eval config, e.g. configs/eval/imo_proofbench.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5 "
                    "(--print-config lists every key)")
@@ -635,9 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
         "completion tokens (mean, median, p90), the truncated fraction, and failed grades apart. "
         "Prints Markdown and writes report.md, report.json and PNG plots; several run directories "
         "give one comparison table.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+    p.add_argument("run_dirs", nargs="+", type=given_path, metavar="RUN_DIR",
                    help="eval output directories, or folders of them (each stands for the runs inside)")
-    p.add_argument("--output", help="folder for report.md/json and plots (default: the one RUN_DIR given; "
+    p.add_argument("--output", type=given_path,
+                   help="folder for report.md/json and plots (default: the one RUN_DIR given; "
                    "required with several)")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNG plots (and delete an earlier report's from the output folder: they would "
@@ -655,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
         "current trainer step is checkpointed; nothing finished is lost. With `judge: standin` the "
         "command serves an offline stand-in judge on 127.0.0.1 for the evaluations: NOT a real judge "
         "(full marks for any proof written after </think>). Exits 1 when some grades failed.")
-    p.add_argument("--config", action=GivenOnce, required=True, help="pipeline YAML, e.g. configs/pipeline/tiny.yaml")
+    p.add_argument("--config", action=GivenOnce, type=given_path, required=True,
+                   help="pipeline YAML, e.g. configs/pipeline/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="pipeline overrides, e.g. output_dir=runs/p2 sft.overrides.steps=40 "
                    "eval.overrides.samples=1 eval.modes=[single] judge=http://localhost:8000/v1")
@@ -670,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         "are read. Prints per-chip memory "
         "(arguments, outputs, temporaries, buffers other programs keep resident, total, HBM, "
         "headroom) and FLOPs per call; exits 1 when a program does not fit.")
-    p.add_argument("--config", action=GivenOnce, required=True,
+    p.add_argument("--config", action=GivenOnce, type=given_path, required=True,
                    help="SFT or GRPO YAML config, e.g. configs/sft/qed_nano_4b.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=8192")
     p.add_argument("--topology", required=True,

@@ -313,6 +313,22 @@ def test_overrides_may_stand_on_both_sides_of_an_option():
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["sft", "--config", ""], "--config"), (["report", "runs/a", ""], "RUN_DIR"),
+    (["report", "runs/a", "--output", " "], "--output"), (["generate", "--model", "", "--prompt", "Hi"], "--model"),
+    (["generate", "--model", "m", "--prompt", "Hi", "--reasoning-cache", "--summarizer", ""], "--summarizer"),
+    (["judge", "--input", "", "--output", "graded.jsonl"], "--input"),
+    (["judge", "--input", "rows.jsonl", "--output", ""], "--output")])
+def test_an_empty_path_argument_is_refused_before_it_names_the_working_directory(argv, name, capsys):
+    """`--output "$OUT"` with OUT unset: a report written into the working directory (and its
+    old plots deleted there), the working directory read as a config or a model."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"qed-jax {argv[0]}: error: argument {name}: empty; give a path (an unset shell variable?)")
+
+
 @pytest.mark.parametrize("command", ["sft", "grpo", "eval", "judge", "pipeline", "plan"])
 def test_a_second_config_is_refused_not_silently_taken_alone(command, capsys):
     """argparse keeps the last of two values: the first config would be dropped unsaid."""

@@ -331,9 +331,12 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
     work.mkdir()
     (work / "notes.txt").write_text("keep me")
     monkeypatch.chdir(work)
-    for args in (["convert", str(source), "", "--overwrite"], ["convert", " ", "out"]):
-        assert cli.main(args) == 2
-        assert "is empty; give a folder (an unset shell variable?)" in capsys.readouterr().err
+    for args, name in ((["convert", str(source), "", "--overwrite"], "dest"), (["convert", " ", "out"], "source")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"qed-jax convert: error: argument {name}: empty; give a path (an unset shell variable?)")
     (work / "config.json").write_text("{}")  # a run directory has a config.json too
     for dest, overwrite in ((work, ["--overwrite"]), (".", ["--overwrite"]), (work, [])):  # never "pass --overwrite"
         assert cli.main(["convert", str(source), str(dest), *overwrite]) == 2
