@@ -836,8 +836,11 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
         return
     saved = expand_paths(read_json_object(saved_path, "the run's config is damaged: move the folder aside, or use "
                                                       "another output_dir"))
+    if not is_eval_config(saved):  # a mistyped output_dir: that config.json is never replaced
+        raise ConfigError(f"{out} holds another command's run ({saved_path} is not an evaluation's config: a "
+                          "trainer's, a pipeline's or a model's); use another output_dir")
     runlog = runlog if runlog is not None else RunLog.read(out / SAMPLES_FILE, repair=False)
-    if runlog.empty() and is_eval_config(saved):  # not another command's config.json, which it would replace
+    if runlog.empty():
         return
     current = json_values(config)
     for key in RUN_IDENTITY:

@@ -321,10 +321,13 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
 def read_run_config(path: Path, out: Path, new: dict) -> dict:
     """The config.json a run directory was started with, if it is a run this config may continue."""
     saved = read_json_object(path, "the run's config is damaged: move the folder aside, or use another output_dir")
-    if "optim" not in saved:  # another command's run (an evaluation's): never continue it (SFT against GRPO:
-        # listed as changes, and a checkpoint of the other trainer is refused when it is read)
+    if "optim" not in saved:  # another command's run (an evaluation's): never continue it
         raise ConfigError(f"{out} holds another command's run ({path} has no optim section: not a trainer's); "
                           "use another output_dir")
+    trainer = lambda config: "grpo" if "prompts_per_step" in config else "sft"  # noqa: E731
+    if trainer(saved) != trainer(new):  # not a list of most keys, with advice the checkpoints refuse
+        raise ConfigError(f"{out} holds a qed-jax {trainer(saved)} run, and this is qed-jax {trainer(new)}: give this "
+                          "run its own output_dir (to start from that run's model, set model.path to its hf/ folder)")
     return saved
 
 

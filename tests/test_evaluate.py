@@ -1143,8 +1143,14 @@ def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_confi
     export = tmp_path / "hf"
     export.mkdir()
     (export / "config.json").write_text('{"model_type": "qwen3"}')
-    with pytest.raises(ConfigError, match="holds a run with benchmark.name=None"):
-        check_rerun(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={export}"))
+    for folder in (export, tmp_path / "pipeline" / "sft"):
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder != export:  # a trainer's run directory
+            (folder / "config.json").write_text('{"optim": {"lr": 0.001}, "batch_size": 16}')
+        with pytest.raises(ConfigError, match=rf"^{folder} holds another command's run \({folder}/config.json is not "
+                                              r"an evaluation's config: a trainer's, a pipeline's or a model's\); use "
+                                              r"another output_dir$"):
+            check_rerun(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={folder}"))
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):

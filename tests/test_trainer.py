@@ -25,7 +25,6 @@ from flax import nnx
 
 from qed_jax import checkpoint, grpo, sft
 from qed_jax.config import PRESETS, ConfigError, load_config, preset
-from qed_jax.errors import RunConfigChanged
 from qed_jax.model import Qwen3
 from qed_jax.trainer import (MetricsLog, OptimConfig, check_finite, check_run_data, config_changes, data_record,
                              decay_mask, make_optimizer, params_finite, run_lock)
@@ -581,10 +580,15 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
         with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run \(.*config\.json has no "
                                               r"optim section: not a trainer's\); use another output_dir$"):
             check_run_config(tmp_path, trainer, resume_with_changes=True)
-    # The other trainer's run: listed as changes (its checkpoint is refused when read, even with the flag).
-    (tmp_path / "config.json").write_text(dump_json(load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")))
-    with pytest.raises(RunConfigChanged, match=r"holds a run that differs from this one \(.*optim\.schedule"):
-        check_run_config(tmp_path, config, resume_with_changes=False)
+    # The other trainer's run: named as such, not a list of most keys and advice to pass
+    # --resume-with-changes (its checkpoints refuse that flag when read).
+    trainers = {"sft": config, "grpo": load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")}
+    for written, now in (("grpo", "sft"), ("sft", "grpo")):
+        (tmp_path / "config.json").write_text(dump_json(trainers[written]))
+        with pytest.raises(ConfigError, match=rf"^{tmp_path} holds a qed-jax {written} run, and this is qed-jax {now}: "
+                                              r"give this run its own output_dir \(to start from that run's model, "
+                                              r"set model.path to its hf/ folder\)$"):
+            check_run_config(tmp_path, trainers[now], resume_with_changes=True)
 
 
 def test_any_failure_reading_the_run_config_reaches_the_other_processes(tmp_path, monkeypatch):
