@@ -321,11 +321,19 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
     refused(_sft(["steps=3", "optim.grad_clip=0", f"output_dir={run}", "--resume-with-changes"]),
             "checkpoint step 2 does not fit this run (optimizer state 0/count not in the checkpoint): it was written "
             "for another model or optimizer")
-    grpo = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", str(REPO / "configs/rl/tiny.yaml"),
-                           "steps=1", "export_dtype=null", f"output_dir={run}", "--resume-with-changes"], cwd=REPO,
-                          env=cli_env(1), capture_output=True, text=True, timeout=300)
-    refused(grpo, "its checkpoints were written by qed-jax sft, and this is qed-jax grpo: give this run its own "
-                  "output_dir and checkpoint_dir")
+
+    def grpo(*overrides):
+        return subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", str(REPO / "configs/rl/tiny.yaml"),
+                               "steps=1", "export_dtype=null", *overrides, "--resume-with-changes"], cwd=REPO,
+                              env=cli_env(1), capture_output=True, text=True, timeout=300)
+
+    # The other trainer in this run directory is refused by the run's config.json; pointed only at its
+    # checkpoints (from a directory of its own), by what the checkpoints record.
+    refused(grpo(f"output_dir={run}"), f"{run} holds a qed-jax sft run, and this is qed-jax grpo: give this run its "
+                                       "own output_dir")
+    refused(grpo(f"output_dir={tmp_path / 'grpo'}", f"checkpoint_dir={run / 'checkpoints'}"),
+            "its checkpoints were written by qed-jax sft, and this is qed-jax grpo: give this run its own "
+            "output_dir and checkpoint_dir")
     # Written by a job of 2 processes (Grain's data state is one file per process), resumed by 1.
     data = run / "checkpoints" / "2" / "data"
     (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
