@@ -213,7 +213,9 @@ def sft_messages(row: Any) -> list[dict]:
                 parts = "; a list of parts is not read" if isinstance(content, list) else ""
                 raise ValueError(f"messages[{i}] has content that is not text ({type(content).__name__}{parts}): give "
                                  "the text as one string")
-            if not content or not content.strip():
+            # An empty system prompt is common in exported chats and says nothing wrong about the row;
+            # it is rendered as the chat template writes it. An empty user or assistant turn is.
+            if m["role"] != "system" and (not content or not content.strip()):
                 raise ValueError(f"messages[{i}] has empty content")
         if messages[-1]["role"] != "assistant":
             raise ValueError("the last message is not the assistant's")

@@ -491,6 +491,19 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
     assert "10 of 14 rows kept, 4 malformed skipped" in result.stderr
 
 
+def test_an_empty_system_prompt_is_kept_as_the_chat_template_writes_it(tokenizer):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Prove that 1 + 1 = 2."},
+                {"role": "assistant", "content": "By definition.", "reasoning_content": "Peano."}]
+    assert sft_messages({"messages": messages}) == messages
+    ids, mask = tokenize_sft(tokenizer, messages)
+    written = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert written.startswith("<|im_start|>system\n<|im_end|>\n")
+    assert tokenizer.decode(ids) == written
+    assert tokenizer.decode(ids[mask.astype(bool)]).endswith("By definition.<|im_end|>")
+    with pytest.raises(ValueError, match=r"^messages\[1\] has empty content$"):  # an empty user turn is not
+        sft_messages({"messages": [messages[0], {**messages[1], "content": " "}, messages[2]]})
+
+
 def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, caplog):
     """"<|im_end|>" written in a proof tokenizes as the stop token (as transformers' template does
     too): trained, the model would learn to end its turn mid-proof. Such a row is skipped and
