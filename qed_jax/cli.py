@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args, stopped_by: list[int]) -> int:
     """Runs the parsed command; its exit status. `stopped_by` records the stop signals received
     (see `main`); after one, the process ends here once the command has cleaned up."""
-    interrupted, status = False, 0
+    interrupted, status, failed_while_stopping = False, 0, None
     try:
         try:
             status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
@@ -780,8 +780,11 @@ def _run_command(args, stopped_by: list[int]) -> int:
                 raise
             # The stop signal's KeyboardInterrupt, which a library turned into an error of its own on
             # the way out (anyio's cancel scopes, in an evaluation's requests; asyncio's
-            # CancelledError, a BaseException): still a stop.
+            # CancelledError, a BaseException): still a stop. A file the cleanup could not write
+            # (a full disk) is a stop too, but not one that kept everything: the line says so.
             logging.getLogger(__name__).debug("stopped; the command ended with %r", e, exc_info=True)
+            if isinstance(e, OSError):
+                failed_while_stopping = e
             raise KeyboardInterrupt from e
         interrupted = bool(stopped_by)
     except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
@@ -796,11 +799,8 @@ def _run_command(args, stopped_by: list[int]) -> int:
     except OSError as e:  # a path given to the command (missing, a file where a folder goes), or the network
         if args.verbose:
             raise
-        if e.filename is None:  # e.g. a gs:// path that cannot be reached
-            print(f"qed-jax {args.command}: error: {type(e).__name__}: {e} (-v shows the traceback)", file=sys.stderr)
-            return 1
-        print(f"qed-jax {args.command}: error: {_path_error(e)} (-v shows the traceback)", file=sys.stderr)
-        return 2
+        print(f"qed-jax {args.command}: error: {_os_error(e)} (-v shows the traceback)", file=sys.stderr)
+        return 1 if e.filename is None else 2  # e.g. a gs:// path that cannot be reached: not a path to fix
     except Exception as e:
         if not args.verbose:
             _exit_if_another_process_stopped(args, e)
@@ -815,6 +815,8 @@ def _run_command(args, stopped_by: list[int]) -> int:
         signum = stopped_by[0] if stopped_by else signal.SIGINT
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
+        if failed_while_stopping is not None:
+            resume = f"; then a write failed: {_os_error(failed_while_stopping)} (-v shows the traceback)"
         print(f"qed-jax {args.command}: {how}{resume}", file=sys.stderr)
         _exit_now(128 + signum)
     return status
@@ -869,6 +871,11 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: `_path_error` when it names a path, else its type and message."""
+    return _path_error(e) if e.filename is not None else f"{type(e).__name__}: {e}"
 
 
 def _path_error(e: OSError) -> str:

@@ -956,6 +956,8 @@ def run(args):
         if sys.argv[1] == "cancelled":
             import asyncio
             raise asyncio.CancelledError()  # a BaseException
+        if sys.argv[1] == "full_disk":  # the command's cleanup, writing what it has, fails
+            raise OSError(28, "No space left on device", "runs/x/samples.jsonl")
         raise RuntimeError("Attempted to exit a cancel scope that isn't the current tasks's current cancel scope")
 
 cli._eval = run
@@ -972,6 +974,17 @@ def test_a_stop_signal_that_a_library_turns_into_another_error_still_stops_the_c
     assert child.returncode == 128 + signal.SIGTERM, child.stderr[-3000:]
     assert child.stderr.strip().splitlines() == [
         "qed-jax eval: stopped by SIGTERM; what finished is kept: rerun the same command to continue"]
+
+
+def test_a_write_that_fails_while_a_stopped_command_cleans_up_is_reported_not_called_kept():
+    """A cleanup that cannot write (a full disk) after SIGTERM still ends as a stop, but its line
+    names the failed write instead of saying that what finished is kept."""
+    child = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_LIBRARY_CHILD, "full_disk", "eval", "--config",
+                            "x.yaml"], cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr[-3000:]
+    assert child.stderr.strip().splitlines() == [
+        "qed-jax eval: stopped by SIGTERM; then a write failed: runs/x/samples.jsonl: No space left on device "
+        "(-v shows the traceback)"]
 
 
 def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
