@@ -90,13 +90,15 @@ class SaveBarrier:
     own failed write, or that) and the run stops with it. `fail()` marks a failure that a save
     raised outside the barriers (`checkpoint.TrainCheckpoints.failed_write`). Each process runs
     Orbax's barriers in the same order: the n-th call with a key is that barrier's n-th use on
-    every process."""
+    every process. A process that passes a barrier deletes its arrival at the one before, which
+    every process has left by then, so the store holds one barrier's keys, not every save's."""
 
     POLL_S = 0.25  # seconds between looks at the store: each is a few small requests to the coordinator
 
     def __init__(self, client, process: int, processes: int, name: str = "qed_jax/save"):
         self.client, self.process, self.processes, self.name = client, process, processes, name
         self.uses, self.lock = Counter(), threading.Lock()
+        self.passed = None  # the last barrier this process passed
 
     def __call__(self, key: str, timeout_ms: int) -> None:
         with self.lock:
@@ -116,6 +118,11 @@ class SaveBarrier:
                 raise TimeoutError(f"not every process reached its barrier {key} in {timeout_ms / 1000:g} s")
             time.sleep(self.POLL_S)
         self.client.key_value_set(f"{self.name}/waiting/{self.process}", "", allow_overwrite=True)
+        # Every process has arrived here, so each has left the barrier before: nobody looks at it again.
+        with self.lock:
+            before, self.passed = self.passed, barrier
+        if before is not None:
+            self.client.key_value_delete(f"{self.name}/arrived/{before}/{self.process}")
 
     def complete(self, barrier: str) -> bool:
         return len(self.client.key_value_dir_get(f"{self.name}/arrived/{barrier}/")) == self.processes

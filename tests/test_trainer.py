@@ -454,15 +454,19 @@ class KeyValueStore:
         with self.lock:
             return [(k, v) for k, v in self.values.items() if k.startswith(directory)]
 
+    def key_value_delete(self, key: str) -> None:
+        with self.lock:
+            self.values.pop(key, None)
 
-def run_barriers(sequences: list[list[str]]) -> list[BaseException | None]:
+
+def run_barriers(sequences: list[list[str]], store: KeyValueStore | None = None) -> list[BaseException | None]:
     """Each sequence's barriers passed in order by its own process (a thread), all sharing one
     store; what each raised (None: it passed them all)."""
     import threading
 
     from qed_jax.multihost import SaveBarrier
 
-    store, raised = KeyValueStore(), [None] * len(sequences)
+    store, raised = store or KeyValueStore(), [None] * len(sequences)
     barriers = [SaveBarrier(store, i, len(sequences)) for i in range(len(sequences))]
 
     def run(i):
@@ -490,7 +494,10 @@ def test_save_barriers_pass_together_and_fail_together():
     from qed_jax.multihost import SaveFailedElsewhere
 
     saves = ["write", "commit", "start", "end"] * 25
-    assert run_barriers([saves, saves, saves]) == [None, None, None]
+    store = KeyValueStore()
+    assert run_barriers([saves, saves, saves], store) == [None, None, None]
+    # each process's arrivals at earlier barriers were deleted: the store does not grow with the saves
+    assert sorted(k for k in store.values if "/arrived/" in k) == [f"qed_jax/save/arrived/end#25/{i}" for i in range(3)]
     skipped = ["write", "commit", "start", "end", "start", "end"]  # the second save's write failed on process 2
     raised = run_barriers([saves[:8], saves[:8], skipped])
     assert all(isinstance(e, SaveFailedElsewhere) for e in raised), raised
