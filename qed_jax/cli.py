@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, TrainingDiverged, first_line,
-                            lost_process, out_of_device_memory)
+                            lost_process, out_of_device_memory, renamed)
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -177,18 +177,6 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-@contextlib.contextmanager
-def _rc_flag_errors():
-    """The reasoning cache's errors name RCParams' fields: name generate's flags instead."""
-    try:
-        yield
-    except ConfigError as e:
-        message = str(e)
-        for field, flag in _RC_FIELD_FLAGS.items():
-            message = message.replace(field, flag)
-        raise ConfigError(message) from None
-
-
 def _generate_reasoning_cache(args) -> None:
     """RC turns per prompt: each prompt is a problem; --max-new-tokens caps each turn."""
     from qed_jax.pretrained import from_pretrained
@@ -196,7 +184,7 @@ def _generate_reasoning_cache(args) -> None:
     from qed_jax.sampling import SamplingParams
     from qed_jax.tokenizer import load_tokenizer
 
-    with _rc_flag_errors():
+    with renamed(ConfigError, _RC_FIELD_FLAGS):
         params = RCParams(turns=args.turns, reasoning_tokens=args.max_new_tokens, summary_tokens=args.summary_tokens,
                           summarizer_tokens=args.summarizer_max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p,
@@ -216,7 +204,7 @@ def _generate_reasoning_cache(args) -> None:
     if args.summarizer:
         summarizer = Summarizer(from_pretrained(args.summarizer, dtype=args.dtype), summarizer_params,
                                 thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
-    with _rc_flag_errors():
+    with renamed(ConfigError, _RC_FIELD_FLAGS):
         results = reasoning_cache(model, tokenizer, args.prompt, params, summarizer)
     for prompt, result in zip(args.prompt, results):
         if args.json:

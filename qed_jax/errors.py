@@ -83,6 +83,20 @@ def noted(error: type[Exception], note: str):
         raise error(f"{e} ({note})") from None
 
 
+@contextlib.contextmanager
+def renamed(error: type[Exception], names: dict[str, str]):
+    """Re-raise an `error` raised inside with each key of `names` in its message replaced by its
+    value: a library's names for its settings (`RCParams.summary_tokens`) as a caller's config or
+    flags spell them."""
+    try:
+        yield
+    except error as e:
+        message = str(e)
+        for old, new in names.items():
+            message = message.replace(old, new)
+        raise error(message) from None
+
+
 class RunConfigChanged(ConfigError):
     """A rerun's config (or training data) differs from what its run directory was started with."""
 

@@ -38,7 +38,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
                             load_template, not_found, read_json_object, require_at_least_one, require_range,
                             same_setting, write_text_atomic)
-from qed_jax.errors import noted, quoted
+from qed_jax.errors import quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts,
                            render_marking_scheme, reply_text, text_to_grade)
@@ -742,8 +742,13 @@ class RCGenerator:
 
 
 def rc_section_errors():
-    """The reasoning cache's errors name RCParams' fields; an eval config has them under rc."""
-    return noted(ConfigError, "in the eval config: the rc section")
+    """The reasoning cache's errors name RCParams' fields: name the eval config's keys instead."""
+    from qed_jax.reasoning_cache import RCParams
+
+    keys = {f"RCParams.{f.name}": f"rc.{f.name}" for f in dataclasses.fields(RCParams)}
+    keys.update({f"RCParams.{name}": f"sampling.{name}" for name in ("temperature", "top_k", "top_p")})
+    keys["RCParams.max_turns"] = "rc.turns"
+    return renamed(ConfigError, keys)
 
 
 def rc_turn_record(turn) -> dict:

@@ -75,8 +75,8 @@ class RCParams:
 
     def __post_init__(self):
         check_seed(self.seed, "RCParams.seed")
-        require_at_least_one(self, ("turns", "reasoning_tokens", "summary_tokens", "max_turns", "summarizer_tokens"),
-                             "RCParams.")
+        require_at_least_one(self, ("turns", "reasoning_tokens", "summary_tokens", "max_turns", "summarizer_tokens",
+                                    "problem_tokens", "batch_size"), "RCParams.")
         check_temperature_and_filters(self, "RCParams.")
         if self.turns > self.max_turns:
             raise ConfigError(f"RCParams.turns ({self.turns}) exceeds max_turns ({self.max_turns}); "

@@ -1210,6 +1210,20 @@ def test_a_rerun_refuses_a_local_model_whose_files_changed_under_the_same_path(t
                                  "model.base_url=null", "model.name=null", "model.path=model"))
 
 
+def test_mode_rc_errors_name_the_eval_configs_keys(tmp_path):
+    """The reasoning cache's own errors name its RCParams fields, which an eval config does not
+    have: eval names its rc keys instead."""
+    from qed_jax.evaluate import RCGenerator
+
+    thinking_model(tmp_path / "model")
+    cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+        f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={tmp_path}/model",
+        f"output_dir={tmp_path}/run", "mode=rc", "rc.summary_tokens=3"])
+    with pytest.raises(ConfigError, match=r"^the no-summary marker takes (\d+) tokens, more than rc.summary_tokens "
+                                          r"\(3\): raise rc.summary_tokens to at least \1 or shorten rc.no_summary$"):
+        RCGenerator(cfg)
+
+
 def test_a_rerun_refuses_a_summarizer_replaced_under_the_same_path(tmp_path):
     model, summarizer = tmp_path / "model", tmp_path / "summarizer"
     for folder in (model, summarizer):

@@ -299,6 +299,15 @@ def test_a_turn_past_the_trained_positions_warns_once(caplog):
         "section's, or generate's --max-new-tokens, --summary-tokens and --summarizer-max-new-tokens)"]
 
 
+@pytest.mark.parametrize("field", ["batch_size", "problem_tokens"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_rc_params_refuse_a_batch_or_problem_buffer_of_no_rows_or_tokens(field, value):
+    # Else 0 ran as "the default" and -1 failed inside JAX (a cache of -1 rows) or said "raise problem_tokens (-1)".
+    with pytest.raises(ConfigError, match=f"^RCParams.{field} must be at least 1"):
+        rc.RCParams(**{field: value})
+    assert getattr(rc.RCParams(**{field: None}), field) is None  # None is the default, derived from the call
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", -1.0, r"temperature must be 0 \(greedy\) or a finite number"),
     ("temperature", float("nan"), r"temperature must be 0 \(greedy\) or a finite number"),
