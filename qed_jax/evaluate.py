@@ -1094,9 +1094,12 @@ def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
 def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     """The run directory with its config.json and the ids of the benchmark's problems, for a
     config that check_rerun accepted."""
+    from qed_jax.rundir import record_working_dir
+
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", dump_json(config))
+    record_working_dir(out)  # a report read elsewhere finds the benchmark file its relative path named
     write_text_atomic(out / PROBLEMS_FILE, json.dumps([p.id for p in problems]) + "\n")
     write_text_atomic(out / PROBLEM_FINGERPRINTS, json.dumps(problem_fingerprints(problems), indent=1) + "\n")
     for key, (path, record_file) in guarded_models(config).items():

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qed_jax.config import ConfigError, without_non_finite
+from qed_jax.config import ConfigError, recorded_path, without_non_finite
 from qed_jax.evaluate import SAMPLES_FILE, read_problem_ids, read_run
 from qed_jax.judge import MAX_SCORE
+from qed_jax.rundir import recorded_working_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,11 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
-def summarize(config: dict, records: list[dict], problem_ids: list[str] | None = None) -> dict:
+def summarize(config: dict, records: list[dict], problem_ids: list[str] | None = None,
+              recorded_in: str | None = None) -> dict:
     """Statistics of one run. records: one per sample, with its last grade (evaluate.read_run);
-    problem_ids: the benchmark's (evaluate.read_problem_ids), else those drawn so far."""
+    problem_ids: the benchmark's (evaluate.read_problem_ids), else those drawn so far;
+    recorded_in: the working directory the run read its relative paths in."""
     k = config["samples"]
     graded = [r for r in records if r["graded"] and r["score"] is not None]
     failed = [r for r in records if r["graded"] and r["score"] is None]
@@ -65,7 +68,7 @@ def summarize(config: dict, records: list[dict], problem_ids: list[str] | None =
     mean_failed_as_zero = sum(scores) / (len(graded) + len(failed)) if graded or failed else math.nan
     return {
         "benchmark": benchmark["name"],
-        "benchmark_source": source_label(benchmark),
+        "benchmark_source": source_label(benchmark, recorded_in),
         "kind": benchmark["kind"],
         "mode": mode,
         "model": model["path"] or f"{model['name']} @ {model['base_url']}",
@@ -167,10 +170,11 @@ def unfinished(summary: dict) -> bool:
                 or turns.get("pending_grades"))
 
 
-def source_label(benchmark: dict) -> str:
+def source_label(benchmark: dict, recorded_in: str | None = None) -> str:
     """Where a benchmark's problems come from: its file (one spelling for every path to it,
-    relative to here) or hub dataset, with the subset and a split other than train."""
-    path, split = benchmark.get("path"), benchmark.get("split", "train")
+    relative to here; a relative path as it read in the run's working directory `recorded_in`)
+    or hub dataset, with the subset and a split other than train."""
+    path, split = recorded_path("path", benchmark.get("path"), recorded_in), benchmark.get("split", "train")
     if path is not None and os.path.exists(path):
         path = os.path.relpath(os.path.realpath(path))
     return " ".join(str(part) for part in (path, benchmark.get("subset"), None if split == "train" else split)
@@ -352,7 +356,8 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
         read = {name: read[name] for name in earlier}
     summaries, runs = {}, {}
     for name, (run_dir, config, records) in read.items():
-        summaries[name], runs[name] = summarize(config, records, read_problem_ids(run_dir)), records
+        summaries[name] = summarize(config, records, read_problem_ids(run_dir), recorded_working_dir(Path(run_dir)))
+        runs[name] = records
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)

@@ -1,5 +1,6 @@
-"""The run directory's lock, one job per directory, without JAX: the trainers (whose processes
-agree on it, see trainer.run_lock) and eval (one process, which may not use JAX at all) share it."""
+"""The run directory's lock, one job per directory, and the record of the working directory its
+relative paths were read in, without JAX: the trainers (whose processes agree on the lock, see
+trainer.run_lock) and eval (one process, which may not use JAX at all) share them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,28 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from qed_jax.config import write_text_atomic
 from qed_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+WORKING_DIR_FILE = "working_dir.txt"  # beside a run's config.json: where its relative paths were read
+
+
+def record_working_dir(out: Path) -> None:
+    """Write down where this run reads its config's relative paths, so that a rerun from another
+    directory, or a report, reads them as they were (`config.recorded_path`)."""
+    where = out / WORKING_DIR_FILE
+    if not where.is_file() or where.read_text() != os.getcwd() + "\n":
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(where, os.getcwd() + "\n")
+
+
+def recorded_working_dir(out: Path) -> str | None:
+    """The working directory `record_working_dir` wrote down for the run in `out`; None for a run
+    begun before it was recorded."""
+    where = out / WORKING_DIR_FILE
+    return where.read_text().strip() if where.is_file() else None
 
 
 @contextlib.contextmanager

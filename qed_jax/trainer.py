@@ -261,9 +261,6 @@ NOT_RUN_IDENTITY = {"output_dir", "judge.base_url", "judge.api_key_env", "judge.
 DECIDED_ON_EVERY_PROCESS = {"judge.max_failed_fraction", "export_dtype"}
 
 
-WORKING_DIR_FILE = "working_dir.txt"  # beside a trainer's config.json: where its relative paths were read
-
-
 def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY,
                    recorded_in: str | None = None) -> list[str]:
     """`key: old -> new` for every leaf that differs between two config dicts, but those in
@@ -303,8 +300,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
             if path.exists():
                 new = json_values(config)
                 saved = read_run_config(path, out, new)
-                where = out / WORKING_DIR_FILE  # none in a run begun before it was recorded
-                recorded_in = where.read_text().strip() if where.is_file() else saved.get("working_dir")
+                recorded_in = rundir.recorded_working_dir(out) or saved.get("working_dir")
                 saved.pop("working_dir", None)  # where 2f52b90 recorded it, in config.json
                 changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
@@ -338,10 +334,7 @@ def record_run_config(out: Path, config, changed: bool) -> None:
     path = out / "config.json"
     if jax.process_index() != 0:
         return
-    # With the working directory: a rerun from another one reads its relative paths as they were.
-    if not (out / WORKING_DIR_FILE).is_file() or (out / WORKING_DIR_FILE).read_text() != os.getcwd() + "\n":
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / WORKING_DIR_FILE, os.getcwd() + "\n")
+    rundir.record_working_dir(out)  # a rerun from another directory reads its relative paths as they were
     text = dump_json(config)
     if path.exists() and not changed:
         if path.read_text() != text:

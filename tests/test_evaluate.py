@@ -834,15 +834,16 @@ def test_the_by_model_table_marks_a_run_not_finished():
     assert "| m2 | 100.0\\* |" in markdown({"a": run("m1", [7, 0]), "b": failed})
 
 
-def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch):
+def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch, tmp_path):
     from qed_jax.report import by_model, summarize
     from tests.helpers import REPO
 
-    def run(model, path, score):
+    def run(model, path, score, recorded_in=None):
         config = {"samples": 1, "mode": "single", "model": {"path": model},
                   "benchmark": {"name": "benchmark", "kind": "proof", "groups": None, "path": path}}
         return summarize(config, [{"problem_id": "p0", "sample": 0, "score": score, "graded": True, "group": None,
-                                   "completion_tokens": 5, "truncated": False, "decided_by": "judge"}])
+                                   "completion_tokens": 5, "truncated": False, "decided_by": "judge"}],
+                         recorded_in=recorded_in)
 
     # Two benchmark files left at the default name: two columns, each labelled with its file.
     header, rows = by_model({"a": run("m1", "x.jsonl", 7), "b": run("m1", "y.jsonl", 0), "c": run("m2", "x.jsonl", 0)})
@@ -856,6 +857,18 @@ def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch):
     header, rows = by_model({"a": run("m1", data, 7), "b": run("m2", f"./{data}", 0),
                              "c": run("m3", str(REPO / data), 0)})
     assert header == ["model", "benchmark single"] and [row[1] for row in rows] == ["100.0", "0.0", "0.0"]
+    # A relative path is the file it named in the eval's working directory, not in the report's.
+    for project in ("a", "b"):
+        (tmp_path / project / "data").mkdir(parents=True)
+        (tmp_path / project / "data/bench.jsonl").write_text(f"the problems of {project}\n")
+    (tmp_path / "a/sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    header, _ = by_model({"a": run("m1", "data/bench.jsonl", 7, f"{tmp_path}/a"),
+                          "b": run("m2", "data/bench.jsonl", 0, f"{tmp_path}/b")})
+    assert header == ["model", "benchmark (a/data/bench.jsonl) single", "benchmark (b/data/bench.jsonl) single"]
+    header, _ = by_model({"a": run("m1", "data/bench.jsonl", 7, f"{tmp_path}/a"),
+                          "b": run("m2", "../data/bench.jsonl", 0, f"{tmp_path}/a/sub")})
+    assert header == ["model", "benchmark single"]
 
 
 def test_report_tables_and_plots_take_any_run_name(tmp_path):
@@ -1255,6 +1268,7 @@ def test_a_rerun_refuses_a_prompt_template_edited_since_the_run_began(tmp_path):
         return prepare_output(c, [])
 
     out = rerun("samples=1")
+    assert (out / "working_dir.txt").read_text() == f"{os.getcwd()}\n"  # where its relative paths were read
     drew_a_sample(out)
     rerun("samples=2")  # the same texts: a rerun may extend the run
     recorded = json.loads((out / "templates.json").read_text())
