@@ -358,11 +358,22 @@ def plain_number(text: str) -> bool:
     return PLAIN_NUMBER.fullmatch(text) is not None and not re.search(r"\d\s+\d", text)
 
 
-# What math-verify reads a single number out of, so that neither its "equal" nor its "not equal"
-# is trusted: a congruence (n \equiv 1 \pmod 4 is read as the modulus, 4), a remark in words
-# (4 \text{ (attained at } x=2) is read as 2), and words themselves ("5 for n = 3").
-NOT_ONE_VALUE = re.compile(r"\\(?:text[a-z]*|mathrm|operatorname|mbox|pmod|bmod|mod|equiv|mid|nmid)(?![a-zA-Z])"
-                           r"|(?<![\\a-zA-Z])[a-zA-Z]{2,}")
+# What math-verify reads whole: numbers, variables, arithmetic, fractions, roots, powers, the usual
+# functions and constants, sets, tuples and intervals, and one equation that names a variable.
+# Anything else may be read as one number picked out of more, so that neither its "equal" nor its
+# "not equal" is trusted: a congruence (n \equiv 1 \pmod 4 is read as the modulus, 4), a remark
+# in words (4 \text{ (attained at } x=2) is read as 2), words themselves ("5 for n = 3"), two
+# answers joined by a connective (x = 3 \lor x = 4 is read as 4), a relation (1 = 2 as 2).
+ONE_VALUE_COMMANDS = frozenset(
+    "frac dfrac tfrac sqrt cdot times div left right pi infty circ exp ln log sin cos tan cot sec csc arcsin "
+    "arccos arctan binom lfloor rfloor lceil rceil { } , : ; ! ~".split() + [" "]
+    + "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho sigma tau "
+      "upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega".split())
+LATEX_COMMAND = re.compile(r"\\([a-zA-Z]+|.)")
+ONE_VALUE_CHARACTERS = re.compile(r"[0-9a-zA-Z\s+\-\u2212*/^_(){}\[\].,=!'~]*")
+WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
+# The left side of an answer's equation: a variable (x, a_n, \alpha), whose value the right side is.
+VARIABLE = re.compile(r"\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*")
 # A number then a bracketed number (2(3), {2}(3), 2\,(3), (4)(3), 2\left(\frac12\right), x+2(3)):
 # latex2sympy reads a mixed number, 2(3) as 5, not the product 6. A bracket holding more than a
 # number (2(n+1), 2(\sqrt2+1), 3(2^{10}+1)) is read as a product.
@@ -372,8 +383,17 @@ MIXED_NUMBER = re.compile(r"[\d)\]}]\s*(?:(?:\\[,:;! ]|~)\s*)*(?:\\left\s*)?[(\[
 
 
 def one_value(text: str) -> bool:
-    """Whether math-verify's reading of `text` is its whole value (see NOT_ONE_VALUE, MIXED_NUMBER)."""
-    return not NOT_ONE_VALUE.search(text) and not MIXED_NUMBER.search(text)
+    """Whether math-verify's reading of `text` is its whole value (see ONE_VALUE_COMMANDS and
+    MIXED_NUMBER): only commands and characters it reads whole, no word, and at most one `=`,
+    after a variable."""
+    if any(command not in ONE_VALUE_COMMANDS for command in LATEX_COMMAND.findall(text)):
+        return False
+    if not ONE_VALUE_CHARACTERS.fullmatch(LATEX_COMMAND.sub(" ", text)) or WORD.search(text):
+        return False
+    sides = text.split("=")
+    if len(sides) > 2 or (len(sides) == 2 and not VARIABLE.fullmatch(sides[0])):
+        return False
+    return not MIXED_NUMBER.search(text)
 
 
 def check_answer(predicted: str | None, reference: str) -> bool | None:

@@ -439,6 +439,15 @@ def test_answer_checks():
     assert check_answer(r"n \equiv 1 \pmod{4}", r"n \equiv 1 \pmod{8}") is None
     assert check_answer("4", r"n \equiv 1 \pmod 4") is None and check_answer(r"1 \bmod 3", "3") is None
     assert check_answer(r"4 \text{ (attained at } x=2)", "2") is None and check_answer("5 for n = 3", "3") is None
+    # Two answers joined by a connective, or a relation, are read as their last number: the judge decides.
+    for hedge in (r"x = 3 \lor x = 4", r"n=3 \vee n=4", r"3 \cup 4", "3 | 4", r"3 \to 4", r"3 \\ 4", "1 = 4",
+                  r"\geq 4", r"\neq 4", r"4 \%", "a+b=4", r"x \approx 4"):
+        assert check_answer(hedge, "4") is None, hedge
+    # One value, or one equation that gives a variable its value, is math-verify's to decide.
+    assert check_answer("x=4", "4") is True and check_answer(r"a_n = 2^n", "2^n") is True
+    assert check_answer(r"\alpha = \frac{\pi}{2}", r"\frac{\pi}{2}") is True and check_answer(r"\{1,2\}", "2, 1") is True
+    assert check_answer(r"\binom{5}{2}", "10") is True and check_answer(r"\lfloor 2.5 \rfloor", "2") is True
+    assert check_answer(r"(-\infty, 2)", r"(-\infty,2)") is True and check_answer(r"\ln 2", r"\ln(2)") is True
     # latex2sympy reads a number then a bracketed number as a mixed number (2(3) as 5): undecided.
     assert check_answer("2(3)", "6") is None and check_answer("5(2)", "7") is None
     assert check_answer("(4)(3)", "7") is None and check_answer(r"2\left(3\right)", "5") is None
