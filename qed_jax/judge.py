@@ -258,12 +258,12 @@ def given_proof(proof: str, strip_self_evaluation: bool = False) -> str:
 def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None]:
     """(the text a completion is graded on, None), or ("", why it scores 0 unsent): no_think_end
     when the reasoning never ended and config.require_think_end (else the whole completion is
-    graded), empty_proof when nothing is left (self-evaluation stripped as the config says)."""
+    graded as a proof), empty_proof when nothing is left (self-evaluation stripped as the config says)."""
     proof = extract_proof(completion, config.strip_self_evaluation)
     if proof is None:
         if config.require_think_end:
             return "", "no_think_end"
-        proof = completion.strip()
+        proof = given_proof(completion, config.strip_self_evaluation)
     return (proof, None) if proof else ("", "empty_proof")
 
 

@@ -20,7 +20,8 @@ import pytest
 from qed_jax import cli
 from qed_jax.config import ConfigError, load_config, load_template
 from qed_jax.judge import (BadReply, Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
-                           RuleGrader, on_this_machine, parse_score, render_marking_scheme, render_prompt)
+                           RuleGrader, on_this_machine, parse_score, render_marking_scheme, render_prompt,
+                           text_to_grade)
 from tests.helpers import REPO
 from tests.judge_server import JudgeServer
 
@@ -211,6 +212,18 @@ def test_a_proof_row_is_stripped_of_its_self_evaluation_as_a_completion_is(tmp_p
     assert "Self-evaluation" not in server.bodies[0]["messages"][-1]["content"]
     rule = RuleGrader("closes_thinking", strip_self_evaluation=True)
     assert [g.score for g in rule.grade_batch([GradeItem(problem="P", proof=tail)])] == [0]  # nothing left
+
+
+def test_a_completion_graded_whole_is_stripped_of_its_self_evaluation_too():
+    """With require_think_end false (a server that splits the reasoning off), a completion without
+    </think> is graded whole: as a proof, its self-evaluation stripped as the config says."""
+    tail = "\n\n## Self-evaluation\nI am confident: 7/7."
+    config = JudgeConfig(cache_path=None, require_think_end=False, strip_self_evaluation=True)
+    assert text_to_grade(f"Proof. Done.{tail}", config) == ("Proof. Done.", None)
+    assert text_to_grade(f"x</think>Proof. Done.{tail}", config) == ("Proof. Done.", None)
+    assert text_to_grade(tail, config) == ("", "empty_proof")
+    kept = JudgeConfig(cache_path=None, require_think_end=False, strip_self_evaluation=False)
+    assert text_to_grade(f"Proof. Done.{tail}", kept) == (f"Proof. Done.{tail}".strip(), None)
 
 
 @pytest.mark.parametrize("tail", [
