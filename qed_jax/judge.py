@@ -719,13 +719,13 @@ class Judge:
                 # timeout_s bounds the whole request; the client's own timeout bounds each read.
                 reply, cut_off = await asyncio.wait_for(self._send(client, prompt), c.timeout_s)
             except (openai.APITimeoutError, asyncio.TimeoutError):
-                reason = "timeout"
+                reason, reply = "timeout", None  # raw: the last attempt's reply or error, never an earlier one's
             except openai.APIConnectionError as e:
                 # A reply that broke off (a reset, a body cut short) fails its item; a judge that
                 # no longer answers at all stops the run.
                 if transport_failures >= c.max_retries and not await self._answers(client):
                     raise self._unreachable(e) from None
-                reason = "connection_error"
+                reason, reply = "connection_error", quoted(first_line(e), 500)
             except openai.APIStatusError as e:
                 if e.status_code in REFUSED:  # no request of this run will get through
                     raise self._refused(e) from None
@@ -733,10 +733,9 @@ class Judge:
                     raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({quoted(e.message)}) "
                                            f"for judge.model {c.model!r}: check judge.model, judge.base_url and "
                                            "judge.api") from None
-                reason, retry_after = f"http_{e.status_code}", retry_after_s(e.response)
+                reason, retry_after, reply = f"http_{e.status_code}", retry_after_s(e.response), str(e.message)[:500]
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
-                    return Grade(None, 0.0, reason, raw=str(e.message)[:500],
-                                 latency_s=time.monotonic() - start, attempts=attempts)
+                    return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)
             except BadReply as e:  # a proxy's error page, a server half-up: retried like a 5xx
                 reason, reply = "bad_reply", str(e)
             else:

@@ -91,6 +91,20 @@ def test_chaos_batch_ends_with_scripted_scores_or_explicit_failures(tmp_path):
     assert server.peak <= 8
 
 
+def test_a_failed_grade_keeps_its_last_attempts_reply_or_error(tmp_path):
+    """A failed grade's raw (the judge command's judge_reply) is what its last attempt got: not an
+    earlier attempt's reply, and the server's error message when that was an error."""
+    scripts = {"a": [("reply", "I think it deserves five points"), ("status", 500)], "b": [("status", 500)],
+               "c": [("status", 400)], "d": [("status", 500), ("reply", "Score: seven")]}
+    with JudgeServer(scripts) as server:
+        grades = Judge(_config(server, tmp_path, max_retries=1, parse_retries=1)).grade_batch(
+            [GradeItem(problem="P", proof=f"Proof [[item:{name}]]") for name in scripts])
+    assert [(g.reason, g.attempts) for g in grades] == [("http_500", 3), ("http_500", 2), ("http_400", 1),
+                                                        ("parse_failure", 3)]
+    assert [g.raw for g in grades] == ["Error code: 500 - scripted 500"] * 2 + ["Error code: 400 - scripted 400",
+                                                                                "Score: seven"]
+
+
 def test_hung_requests_time_out_and_are_retried(tmp_path):
     # The server holds a hung request until the client drops it, so each hang is a timeout
     # whatever the load; only the prompt reply after it must beat the (small) client timeout.
