@@ -398,11 +398,13 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
 class GradeCache:
     """SQLite, one row per graded (judge, template, sampling, item); committed per grade."""
 
+    BUSY_TIMEOUT_S = 30.0  # how long a write waits for another process's write to the same file
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.failing_as_config_error():
-            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, check_same_thread=False)
             self._set_wal()
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
@@ -425,10 +427,15 @@ class GradeCache:
 
     @contextlib.contextmanager
     def failing_as_config_error(self):
-        """An SQLite error (a file that is not SQLite, damaged, or cannot be written) as one line."""
+        """An SQLite error (a file that is not SQLite, damaged, cannot be written, or kept locked by
+        another process's write) as one line."""
         try:
             yield
         except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise ConfigError(f"judge cache {self.path}: {e}: another process held it for over "
+                                  f"{self.BUSY_TIMEOUT_S:g} s; rerun (grades already made are kept), or give each "
+                                  "job its own judge.cache_path") from None
             raise ConfigError(f"judge cache {self.path}: {e}; judge.cache_path must name an SQLite file (or a new "
                               "file) in a writable directory, or be null for no cache (a damaged one: move it "
                               "aside)") from None

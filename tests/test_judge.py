@@ -737,6 +737,29 @@ def test_a_cache_that_cannot_be_written_or_is_damaged_is_one_config_error(tmp_pa
             cache.get(f"k{i}")
 
 
+def test_a_cache_kept_locked_by_another_process_says_so(tmp_path, monkeypatch):
+    """A write to a cache another process keeps locked past the busy timeout names the lock, not a
+    file that is not SQLite."""
+    from qed_jax.judge import Grade, GradeCache
+
+    path = tmp_path / "cache.sqlite"
+    monkeypatch.setattr(GradeCache, "BUSY_TIMEOUT_S", 0.2)
+    cache = GradeCache(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process's write, still open
+    try:
+        with pytest.raises(ConfigError, match=rf"^judge cache {path}: database is locked: another process held it "
+                                              r"for over 0.2 s; rerun \(grades already made are kept\), or give "
+                                              "each job its own judge.cache_path$"):
+            cache.put("k", Grade(score=7, reward=1.0, reason="ok"))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    cache.put("k", Grade(score=7, reward=1.0, reason="ok"))  # once it is free, it is written
+    assert cache.get("k").score == 7
+    cache.close()
+
+
 def test_responses_api_reply_that_is_not_one_fails_as_bad_reply(tmp_path):
     scripts = {"i0": [("body", ("text/html", "<html>oops</html>"))],
                "i1": [("body", ("application/json", '{"id": "x"}')), ("score", 4)],
