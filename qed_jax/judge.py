@@ -608,13 +608,10 @@ class Judge:
 
     async def grade_async(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
         c = self.config
-        client = self._client()
         semaphore = asyncio.Semaphore(c.concurrency)
         in_flight: dict[str, asyncio.Task] = {}  # cache key -> the one grading of that proof in this batch
         prompts = [self._prompt(item) for item in items]
-        if any(prompt is not None and (self.cache is None or self.cache.get(cache_key(c, prompt)) is None)
-               for prompt, _ in prompts):  # a request to send: find out first that the judge answers
-            await self._check_reachable(client)
+        client = self._client()
 
         async def one(i: int, item: GradeItem) -> Grade:
             grade = await self._grade_one(client, semaphore, in_flight, *prompts[i])
@@ -622,7 +619,10 @@ class Judge:
                 on_grade(i, grade)
             return grade
 
-        try:
+        try:  # the client is closed however the batch ends, an unreachable judge included
+            if any(prompt is not None and (self.cache is None or self.cache.get(cache_key(c, prompt)) is None)
+                   for prompt, _ in prompts):  # a request to send: find out first that the judge answers
+                await self._check_reachable(client)
             tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
             try:
                 return list(await asyncio.gather(*tasks))

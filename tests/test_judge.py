@@ -309,8 +309,12 @@ def test_unreachable_endpoint_aborts_clearly(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
     config = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", cache_path=None, backoff_s=0.01)
+    judge, clients = Judge(config), []
+    make_client = judge._client
+    judge._client = lambda: clients.append(make_client()) or clients[-1]
     with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
-        Judge(config).grade_batch([_item(0)])
+        judge.grade_batch([_item(0)])
+    assert len(clients) == 1 and clients[0].is_closed()  # found unreachable before the batch: closed all the same
 
 
 def test_the_judge_is_checked_when_a_request_is_to_be_sent_and_only_then(tmp_path, monkeypatch, capsys):
