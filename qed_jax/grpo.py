@@ -716,7 +716,7 @@ def sample_stats(grades, completions, valid, trained) -> dict[str, np.ndarray]:
         "valid": np.asarray(valid).reshape(-1), "trained": np.asarray(trained).reshape(-1),
         "success": np.array([g.score == MAX_SCORE for g in grades]),
         "failed": np.array([g.failed for g in grades]),
-        "judged": np.array([g.attempts > 0 for g in grades]),
+        "judged": np.array([g.attempts > 0 and not g.cached for g in grades]),  # a cache hit's latency is old
         "sent": np.array([g.sent for g in grades]),
         "latency_s": np.array([g.latency_s for g in grades], np.float32),
         "length": np.array([len(c.tokens) for c in completions], np.int32),
@@ -899,6 +899,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                         first_problem=jax.process_index() * problems)
                     trajectory_stats = gather(trajectory_stats)
                     trajectory_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()  # sample_s counts the rollouts alone
                 completions = sampler.generate_ids([r["prompt_ids"] for r in group_rows], sampling,
                                                    jax.random.fold_in(rollout_key, step), stops,
                                                    row_ids=range(first_sample, first_sample + len(group_rows)))

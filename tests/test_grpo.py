@@ -571,6 +571,22 @@ def test_the_failed_share_counts_only_completions_sent_to_the_judge():
         check()
 
 
+def test_judge_latency_counts_only_the_grades_the_judge_answered_this_step():
+    from qed_jax.grpo import rollout_metrics, sample_stats
+    from qed_jax.judge import Grade
+    from qed_jax.sampling import Completion
+
+    # A cache hit keeps the latency and attempts of the request that first graded it (often in an
+    # earlier step, or before a resume): it says nothing of this step's judge.
+    grades = [Grade(7, 1.0, "ok", latency_s=0.25, attempts=1), Grade(3, 3 / 7, "ok", latency_s=0.75, attempts=2),
+              Grade(7, 1.0, "ok", latency_s=9.0, attempts=1, cached=True), Grade(0, 0.0, "no_think_end")]
+    completions = [Completion(tokens=[1], logprobs=[0.0], finish_reason="stop")] * 4
+    valid = np.ones(4, bool)
+    assert rollout_metrics(sample_stats(grades, completions, valid, valid))["judge_latency_s"] == 0.5
+    only_cached = rollout_metrics(sample_stats(grades[2:], completions[2:], valid[2:], valid[2:]))
+    assert only_cached["judge_latency_s"] == 0.0
+
+
 def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     with JudgeServer({"_": [("status", 400)]}) as server:
         result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY,
@@ -783,6 +799,37 @@ def test_rc_grpo_grades_the_original_problem_and_logs_per_state_metrics(tmp_path
         assert drawn and all(0.0 <= r <= 1.0 for r in drawn)
         assert m["summaries_cut"] >= 0 and 0.0 <= m["summary_length_mean"] <= 8
         assert m["packed_rows"] > 0 and np.isfinite(m["loss"]) and m["trajectory_s"] > 0
+
+
+def test_rc_step_times_count_the_trajectories_once(tmp_path, monkeypatch):
+    """trajectory_s and sample_s are separate phases: a clock that jumps 1,000 s inside the
+    trajectories shows in trajectory_s alone."""
+    from qed_jax import grpo
+
+    jump = {"s": 0.0}
+
+    class Clock:  # the real clock, plus the jumps
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def perf_counter(self):
+            return time.perf_counter() + jump["s"]
+
+    real_group_rows = grpo.RCRollouts.group_rows
+
+    def slow_group_rows(self, *args, **kwargs):
+        out = real_group_rows(self, *args, **kwargs)
+        jump["s"] += 1000.0
+        return out
+
+    monkeypatch.setattr(grpo, "time", Clock())
+    monkeypatch.setattr(grpo.RCRollouts, "group_rows", slow_group_rows)
+    with JudgeServer(default=("hash", 0.0)) as server:
+        grpo.train(load_config(GRPOConfig, TINY_RC, [*_judge_args(server, tmp_path), "steps=1",
+                                                     f"output_dir={tmp_path / 'run'}"]))
+    (metrics,) = read_metrics(tmp_path / "run")
+    assert metrics["trajectory_s"] >= 1000.0
+    assert 0.0 < metrics["sample_s"] < 1000.0 and metrics["judge_s"] < 1000.0 and metrics["train_s"] < 1000.0
 
 
 def test_a_separate_rc_summarizer_is_checked_in_the_setup(tmp_path):
