@@ -80,6 +80,8 @@ class ModelConfig:
             value = getattr(self, field)
             if type(value) not in (int, float) or not value > 0:
                 raise ConfigError(f"{field} must be a positive number, got {value!r}")
+        if type(self.tie_word_embeddings) is not bool:
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -116,6 +118,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
         for key in ("rope_parameters", "rope_scaling"):  # transformers 5 runs rope_scaling over rope_parameters
             rope = hf.get(key) or {}
+            if not isinstance(rope, dict):
+                raise ConfigError(f"{key} must be a mapping (rope_type, rope_theta, ...), got {rope!r}")
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
                 raise ConfigError(f"{key}: rope type {rope_type!r} is not supported (only the default RoPE)")
@@ -148,7 +152,7 @@ class ModelConfig:
                 num_kv_heads=field("num_key_value_heads") or heads,  # null: one kv head per query head
                 head_dim=field("head_dim") or hf["hidden_size"] // heads,
                 rope_theta=float(rope_theta) if type(rope_theta) is int else rope_theta,
-                tie_word_embeddings=bool(field("tie_word_embeddings")),
+                tie_word_embeddings=field("tie_word_embeddings"),
                 rms_norm_eps=field("rms_norm_eps"),
                 max_position_embeddings=field("max_position_embeddings"),
                 **overrides,

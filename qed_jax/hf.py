@@ -449,7 +449,7 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").unlink(missing_ok=True)  # written last: until then, no whole export here
         # An earlier export's weights that this one does not overwrite: left there, a loader
-        # could read them instead (qed-jax prefers an index, transformers a single file).
+        # could read them instead (both qed-jax and transformers read a single file over an index).
         for old in [folder / "model.safetensors", folder / "model.safetensors.index.json",
                     *folder.glob("model-*-of-*.safetensors")]:
             if old.name not in names:

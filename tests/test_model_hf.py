@@ -485,7 +485,13 @@ def test_config_round_trips_through_hf_dict():
                                 ("head_dim", 0, "head_dim must be a positive integer, got 0"),
                                 ("num_key_value_heads", 5, "num_attention_heads (16) must be a multiple of "
                                                            "num_key_value_heads (5)"),
-                                ("rope_theta", "abc", "rope_theta must be a positive number, got 'abc'")]:
+                                ("rope_theta", "abc", "rope_theta must be a positive number, got 'abc'"),
+                                ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got "
+                                                                 "'false'"),
+                                ("rope_parameters", 1000000.0, "rope_parameters must be a mapping (rope_type, "
+                                                               "rope_theta, ...), got 1000000.0"),
+                                ("rope_scaling", "yarn", "rope_scaling must be a mapping (rope_type, rope_theta, "
+                                                         "...), got 'yarn'")]:
         hf = PRESETS["qwen3-0.6b"].to_hf()
         hf.pop("rope_parameters", None)
         hf[key] = value
