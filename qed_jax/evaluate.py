@@ -36,12 +36,13 @@ from typing import Any
 
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
-                            load_template, not_found, read_json_object, require_at_least_one, require_range,
-                            same_setting, write_text_atomic)
+                            load_template, not_found, read_json_object, recorded_path, require_at_least_one,
+                            require_range, same_setting, write_text_atomic)
 from qed_jax.errors import quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts,
                            render_marking_scheme, reply_text, text_to_grade)
+from qed_jax.rundir import record_working_dir, recorded_working_dir, run_lock
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -868,11 +869,12 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     if runlog.empty():
         return
     current = json_values(config)
+    recorded_in = recorded_working_dir(out)  # a relative path is what it named there
     for key in RUN_IDENTITY:
         if key.startswith("rc.") and config.mode != "rc":
             continue
-        old, new = get_dotted(saved, key), get_dotted(current, key)
-        if not same_setting(key.rsplit(".", 1)[-1], old, new):
+        old, new, leaf = get_dotted(saved, key), get_dotted(current, key), key.rsplit(".", 1)[-1]
+        if not (same_setting(leaf, recorded_path(leaf, old, recorded_in), new) or same_setting(leaf, old, new)):
             raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
                               "would not be comparable; choose another output_dir, or delete the old run")
     if (out / TEMPLATES_FILE).is_file():
@@ -1114,8 +1116,6 @@ def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
 def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
     """The run directory with its config.json and the ids of the benchmark's problems, for a
     config that check_rerun accepted."""
-    from qed_jax.rundir import record_working_dir
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", dump_json(config))
@@ -1183,8 +1183,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     with rc.grade_turns the turns' too), of which failed, and the run's total of samples. One
     job at a time per output_dir (`rundir.run_lock`): a second would draw and grade the same
     samples again and append them twice."""
-    from qed_jax.rundir import run_lock
-
     with run_lock(Path(config.output_dir)):
         return _evaluate(config, progress)
 

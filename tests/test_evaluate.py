@@ -1293,6 +1293,26 @@ def test_a_rerun_refuses_a_prompt_template_edited_since_the_run_began(tmp_path):
         rerun("samples=3")
 
 
+def test_a_rerun_from_another_directory_reads_relative_paths_where_the_run_began(tmp_path, monkeypatch):
+    (tmp_path / "project/data").mkdir(parents=True)
+    (tmp_path / "project/data/bench.jsonl").write_text((ROOT / "configs/data/imo_proofbench_sample.jsonl").read_text())
+    (tmp_path / "elsewhere/data").mkdir(parents=True)
+    (tmp_path / "elsewhere/data/bench.jsonl").write_text("another benchmark\n")
+
+    def rerun(where, path):
+        monkeypatch.chdir(tmp_path / where)
+        c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", f"benchmark.path={path}")
+        check_rerun(c)
+        return prepare_output(c, [])
+
+    drew_a_sample(rerun("project", "data/bench.jsonl"))
+    rerun("elsewhere", "../project/data/bench.jsonl")  # the same file, spelt from here
+    # Recorded now as ../project/data/bench.jsonl read in elsewhere/: another file is refused.
+    with pytest.raises(ConfigError, match=r"holds a run with benchmark.path='\.\./project/data/bench.jsonl', not "
+                                          r"'\.\./elsewhere/data/bench.jsonl'"):
+        rerun("project", "../elsewhere/data/bench.jsonl")
+
+
 def test_cli_help_does_not_import_jax():
     code = ("import sys, qed_jax.cli as c; c.build_parser(); "
             "print(sorted(m for m in ('jax', 'matplotlib', 'openai', 'math_verify') if m in sys.modules))")
