@@ -683,7 +683,8 @@ def plan_grpo(config, tpu: Slice, devices, hbm: int, preset_name: str | None = N
     apply = compile_program(
         "apply", jax.jit(partial(grpo.apply_step, optimizer), donate_argnums=(0, 1),
                          out_shardings=(shardings_of(params), shardings_of(opt_state), None)),
-        (params, opt_state, grads), hbm, mesh, frozen_bytes, note="the optimizer step")
+        (params, opt_state, grads), hbm, mesh, bytes_per_chip(ref_params) + frozen_bytes,
+        note="the optimizer step")
     info = {"model": source, "model_config": dataclasses.asdict(model), "mesh": dict(mesh.shape),
             "sampling_mesh": dict(sampling_mesh.shape), "wave_size": wave, "wave_from": wave_from,
             "wave_size_that_fits": fitting,

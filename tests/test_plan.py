@@ -292,6 +292,13 @@ def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, caps
     assert report["kv_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # float32 sampling
     assert report["kv_cache_length"] == 256  # the tiny config's prompt bucket 128 + max_new_tokens 8, rounded up
     assert report["programs"][2]["resident"] == report["trainer_state_bytes_per_chip"] > 0
+    assert report["programs"][1]["resident"] == 0  # no KL term: nothing beside the optimizer step
+    # With a KL term the frozen reference model stays in memory through every program, the
+    # optimizer step's too.
+    with_kl = _plan_json(capsys, "--config", RL_TINY, "--topology", "v5e-4", "max_new_tokens=8", "loss.kl_coef=0.1")
+    reference = with_kl["trainer_state_bytes_per_chip"] - report["trainer_state_bytes_per_chip"]
+    assert reference > 0 and with_kl["programs"][1]["name"] == "apply"
+    assert with_kl["programs"][1]["resident"] == reference
 
 
 @pytest.mark.tpu_compile
