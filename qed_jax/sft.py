@@ -127,6 +127,12 @@ def train_step(graphdef, optimizer, params, opt_state, batch):
                                "grad_norm": optax.tree.norm(grads), "params_finite": params_finite(params)}
 
 
+def total_tokens(per_step: list) -> int:
+    """The tokens of several steps, each step's count an int32 on the device: summed as Python
+    ints, since a window of the recipe's steps (46M tokens each) passes 2**31 in 47 of them."""
+    return sum(int(n) for n in jax.device_get(per_step))
+
+
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matmul parameters, plus causal attention."""
     c = config
@@ -242,7 +248,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
             # Speed is measured over the steps since the last log: the device runs steps queued
             # ahead of the host, so one step's wall time would count the queue's. The first
             # window leaves out the first step, which compiles (unless that step is logged).
-            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+            window_start, window_tokens = time.perf_counter(), []
             # `stopping` is what all processes agreed on after the last step; a signal that
             # arrives later waits for the next step's agreement (and its checkpoint).
             while step < steps and not stopping:
@@ -250,15 +256,15 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                 params, opt_state, metrics = step_fn(params, opt_state, batch)
                 step += 1
                 last_loss = metrics["loss"]
-                window_steps, window_tokens = window_steps + 1, window_tokens + metrics["tokens"]
+                window_tokens.append(metrics["tokens"])  # summed when logged: no wait for the device here
                 eval_due = config.eval_every and step % config.eval_every == 0 and eval_examples
                 logged = step % config.log_every == 0 or step == steps or eval_due
                 if logged:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     seconds = time.perf_counter() - window_start
-                    tokens_per_s = float(window_tokens) / seconds
+                    tokens_per_s = total_tokens(window_tokens) / seconds
                     metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tokens_per_s,
-                                   step_s=seconds / window_steps)
+                                   step_s=seconds / len(window_tokens))
                     if config.peak_tflops_per_device:
                         metrics["mfu"] = flops_per_token * tokens_per_s / (
                             config.peak_tflops_per_device * 1e12 * jax.device_count())
@@ -275,7 +281,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                     ckpts.save(step, params, opt_state, data, meta(step))
                 if logged or step == start + 1:  # the next window starts after this step's eval, log and
                     jax.block_until_ready(last_loss)  # save, or after the first step, which compiled the step
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                    window_start, window_tokens = time.perf_counter(), []
         finally:
             progress.close()
             ckpts.close()

@@ -28,7 +28,7 @@ from qed_jax.config import ConfigError, PRESETS, load_config
 from qed_jax.data import DataConfig, packed_batches, prepare_sft, read_rows, sft_messages, tokenize_sft
 from qed_jax.hf import SafetensorsFolder
 from qed_jax.model import Qwen3
-from qed_jax.sft import SFTConfig, accumulated_grads, eval_loss, train, train_step
+from qed_jax.sft import SFTConfig, accumulated_grads, eval_loss, total_tokens, train, train_step
 from qed_jax.sft import summary as sft_summary
 from qed_jax.tokenizer import load_tokenizer
 from tests.helpers import assert_signal_writes_a_checkpoint, cli_env, finish, processes, read_metrics, wait_for_steps
@@ -104,6 +104,14 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(float(one[2]["loss"]), float(many[2]["loss"]), atol=1e-5)
     grads = accumulated_grads(graphdef, params, {k: jnp.asarray(v[None]) for k, v in batch.items()})[0]
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3  # a real update
+
+
+def test_the_logged_speed_counts_a_window_past_two_to_the_31_tokens():
+    # Fifty steps of the recipe's size (1,024 rows of 45,056 tokens), each counted on the device
+    # as an int32, as train_step does: their sum as int32 would wrap to a negative tokens_per_s.
+    per_step = [jnp.sum(jnp.ones((1024, 45_056), jnp.int8) > 0)] * 50
+    assert per_step[0].dtype == jnp.int32
+    assert total_tokens(per_step) == 50 * 1024 * 45_056 > 2**31
 
 
 def test_eval_loss_runs_the_micro_batches_one_at_a_time():
