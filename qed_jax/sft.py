@@ -183,6 +183,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
             raise ConfigError(f"{config.data.path}: no rows to train on (the data is empty)")
         held_out = config.data.eval_rows if config.eval_every else 0
         if held_out and held_out >= len(rows):
+            # Rows of which none can be used are the first thing to fix: their own error says why.
+            prepare_sft(rows, tokenizer, config.data, source=config.data.path)
             raise ConfigError(f"{config.data.path}: {len(rows)} rows, and data.eval_rows={held_out} holds out the last "
                               f"{held_out} for the eval loss, so none are left to train on; lower data.eval_rows, "
                               "or set eval_every=0 (no eval loss)")

@@ -704,13 +704,25 @@ def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_par
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "train.jsonl").write_text("{broken\n")
-    with pytest.raises(ConfigError, match=r"^data '.*/broken' \(name None, split 'train'\): .* failed: An error "
-                                          r"occurred while generating the dataset: JSON parse error: .*$"):
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken: read as one Hugging Face dataset of its data "
+                                          r"files, which failed \(An error occurred while generating the dataset: "
+                                          r"JSON parse error: .*\); its files must share their columns, or set "
+                                          r"data.path to one .jsonl/.json/.parquet file$"):
         read_rows(str(tmp_path / "broken"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
-    with pytest.raises(ConfigError, match=r"^data '.*/empty' .* failed: its files hold no rows$"):
+    with pytest.raises(ConfigError, match=r"^data folder .*/empty: .* failed \(its files hold no rows\); "):
         read_rows(str(tmp_path / "empty"))
+    (tmp_path / "mixed").mkdir()  # files whose columns differ
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"problem": "P", "proof": "Q"}\n')
+    (tmp_path / "mixed" / "b.jsonl").write_text('{"question": "P", "answer": 3}\n')
+    with pytest.raises(ConfigError, match=r"^data folder .*/mixed: .* failed \(.*\); its files must share "):
+        read_rows(str(tmp_path / "mixed"))
+    # A Hub id that is not there (offline here) is still named as one.
+    with pytest.raises(ConfigError, match=r"^data 'no-such-org/no-such-set' \(name None, split 'train'\): not a "
+                                          r"local .jsonl/.json/.parquet file, and loading it as a Hugging Face "
+                                          r"dataset failed: "):
+        read_rows("no-such-org/no-such-set")
     # pandas' and Spark's partitioned writes make a folder named .parquet.
     table = pyarrow.table({"problem": ["P1", "P2"], "split": ["a", "b"]})
     pyarrow.parquet.write_to_dataset(table, tmp_path / "rows.parquet", partition_cols=["split"])
@@ -819,6 +831,11 @@ def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
                                            f"output_dir={tmp_path / 'run'}", "batch_size=16"])  # for 8 devices
     with pytest.raises(ConfigError, match=r"5 rows, and data.eval_rows=6 holds out the last 6 .* lower data.eval_rows"):
         train(config)
+    # Rows none of which can be used: that is the error, not the held-out count.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "P"}\n{not json\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl: no usable rows \(0 of 2 rows kept, 2 malformed skipped\)$"):
+        train(dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(bad))))
 
 
 def test_rows_may_pass_the_models_positions_but_an_example_that_long_is_warned_of(caplog):
