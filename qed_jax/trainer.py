@@ -288,11 +288,13 @@ def run_lock(out: Path):
     return rundir.run_lock(out, first=jax.process_index() == 0, agree=largest)
 
 
-def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_RUN_IDENTITY) -> bool:
+def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_RUN_IDENTITY,
+                     refuse: bool = True) -> list[str]:
     """A rerun into an existing run directory must use the config it was started with (but the
-    keys `ignored`), unless the user says otherwise. Returns whether it is such a change, which
-    `record_run_config` writes down once the run has resumed. Process 0 decides (on a pod only
-    its host holds `out`), and every process acts on that."""
+    keys `ignored`), unless the user says otherwise. Returns the changes (process 0's; empty on
+    the others), which `record_run_config` writes down once the run has resumed. Process 0
+    decides (on a pod only its host holds `out`), and every process acts on that. With `refuse`
+    false the caller refuses them, after adding what else changed (`start_or_resume`)."""
     path = out / "config.json"
     changes, refusal = [], None
     if jax.process_index() == 0:
@@ -307,11 +309,18 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
             refusal = e
     if largest(int(refusal is not None)):
         raise refusal or ConfigError(f"{out}: process 0 cannot continue this run directory (its log says why)")
+    if refuse:
+        refuse_changes(out, changes, resume_with_changes)
+    if changes and resume_with_changes:
+        log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
+    return changes
+
+
+def refuse_changes(out: Path, changes: list[str], resume_with_changes: bool) -> None:
+    """Every process refuses a run whose config changed (as process 0 found) without
+    --resume-with-changes."""
     if largest(int(bool(changes) and not resume_with_changes)):
         raise RunConfigChanged(out, changes or ["process 0 lists the changes"])
-    if changes:
-        log.warning("resuming %s with a changed config: %s", out, "; ".join(changes))
-    return bool(changes)
 
 
 def read_run_config(path: Path, out: Path, new: dict) -> dict:
@@ -381,7 +390,8 @@ def data_record(path: str, examples: list[dict], order: int | str = DATA_ORDER,
 
 
 def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
-                   compare_config: bool = False, finished: bool = False) -> None:
+                   compare_config: bool = False, finished: bool = False, run_dir: Path | None = None,
+                   run_changes: list[str] = ()) -> None:
     """Whether a checkpoint's meta (`saved`, in the folder `checkpoints`) can continue this run
     (`current`: the TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless
     the user says otherwise, can other training data: the checkpoint's data position counts into
@@ -390,7 +400,8 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     record the new data). With `compare_config` (the run directory has no config.json: a new
     machine, the checkpoints kept on gs://), the config the checkpoint was written under stands in
     for it. The data order matters only to a run not `finished` (one with steps left to train).
-    Every process reads the same checkpoint and decides alike."""
+    `run_changes`, the changes `check_run_config` found in `run_dir`, are refused with these, so
+    that one refusal lists all. Every process reads the same checkpoint and decides alike."""
     if saved.get("trainer", current["trainer"]) != current["trainer"]:
         raise ConfigError(f"{checkpoints}: its checkpoints were written by qed-jax {saved['trainer']}, and this is "
                           f"qed-jax {current['trainer']}: give this run its own output_dir and checkpoint_dir (to "
@@ -417,6 +428,8 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
             changes.append(f"data order: version {old['order']} -> {new['order']}, so the data would come in "
                            "another order and the samples drawn otherwise; the qed-jax version that began the run "
                            "can finish it")
+    if run_changes and not resume_with_changes:
+        raise RunConfigChanged(run_dir, [*run_changes, *changes])
     if changes and not resume_with_changes:
         raise RunConfigChanged(checkpoints, changes, "checkpoint_dir")
     if changes:
@@ -470,12 +483,17 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     shardings, or start afresh; then record the config, unless it changed and the run already
     reached its `steps` (nothing would train under it). Returns (params, opt_state, step)."""
     check_processes_agree(ckpts.run, resume_with_changes)
-    changed = check_run_config(out, config, resume_with_changes)
+    # A changed config is refused with the newest checkpoint's data changes, if any, in one line.
+    changes = check_run_config(out, config, resume_with_changes, refuse=False)
+    changed = bool(changes)
+    if largest(int(changed)) and not changes:  # process 0's: every process refuses them alike
+        changes = ["process 0 lists the changes"]
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
         ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded,
-        finished=meta["step"] >= steps), last_step=steps)
+        finished=meta["step"] >= steps, run_dir=out, run_changes=changes), last_step=steps)
+    refuse_changes(out, changes, resume_with_changes)  # with no checkpoint to check
     step = 0 if restored is None else restored[2]["step"]
     # Its checkpoints deleted after it finished (disk reclaimed, a bucket's lifecycle rule):
     # training again from step 0 would replace its export and metrics, and what was built on

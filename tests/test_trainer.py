@@ -147,7 +147,7 @@ def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadab
     assert "step 4 is unreadable" in generate.stderr
 
 
-@pytest.mark.slow  # four training runs: 30-40 s on 2 cores
+@pytest.mark.slow  # five training runs: 35-45 s on 2 cores
 def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tmp_path):
     data, run = tmp_path / "rows.jsonl", tmp_path / "run"
     lines = (REPO / "configs" / "data" / "tiny_proofs.jsonl").read_text().splitlines(keepends=True)
@@ -162,6 +162,9 @@ def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tm
     assert f"holds a run that differs from this one (training data: {data}: {len(lines)} examples, sha256 " in error
     assert f"-> {data}: {len(lines) - 1} examples, sha256 " in error and "--resume-with-changes" in error
     assert not list((run / "checkpoints").glob("*.unreadable-*"))  # refused, not mistaken for damage
+    both = _sft(["steps=3", f"data.path={data}", f"output_dir={run}"])  # the config changed too: one line lists all
+    assert both.returncode == 2 and "Traceback" not in both.stderr
+    assert f"holds a run that differs from this one (steps: 2 -> 3; training data: {data}: " in both.stderr
 
     resumed = _sft(["steps=3", f"data.path={data}", f"output_dir={run}", "--resume-with-changes"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
