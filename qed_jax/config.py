@@ -516,7 +516,9 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to the nested dict `data` of config
     class `cls` in place; a mapping given for a section is merged into it."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} is not of the form key=value")
+        config_file = override.lower().endswith((".yaml", ".yml")) or os.path.isfile(override)
+        raise ConfigError(f"override {override!r} is not of the form key=value"
+                          + ("; a config file is given as --config FILE" if config_file else ""))
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):

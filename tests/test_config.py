@@ -313,6 +313,16 @@ def test_overrides_may_stand_on_both_sides_of_an_option():
     assert exit_.value.code == 2
 
 
+def test_a_config_file_given_without_config_is_pointed_to_the_option(capsys):
+    assert cli.main(["sft", "configs/sft/tiny.yaml"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qed-jax sft: error: override 'configs/sft/tiny.yaml' is not of the form key=value; a config file is given "
+        "as --config FILE")
+    assert cli.main(["sft", "steps"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qed-jax sft: error: override 'steps' is not of the form key=value")
+
+
 @pytest.mark.parametrize("argv, name", [
     (["sft", "--config", ""], "--config"), (["report", "runs/a", ""], "RUN_DIR"),
     (["report", "runs/a", "--output", " "], "--output"), (["generate", "--model", "", "--prompt", "Hi"], "--model"),
@@ -534,6 +544,11 @@ def test_a_path_error_names_a_descriptor_or_both_paths():
     assert cli._path_error(OSError(errno.EBADF, "Bad file descriptor", 3)) == "3: Bad file descriptor"
     assert cli._path_error(OSError(errno.EXDEV, "Invalid cross-device link", "a", None, "b")) == \
         "a (and b): Invalid cross-device link"
+    # What to do where the usual fix is the user's (root, as tests run here, passes permission checks).
+    assert cli._path_error(OSError(errno.EROFS, "Read-only file system", "runs/x/.lock")) == \
+        "runs/x/.lock: Read-only file system; choose a path on a writable disk"
+    assert cli._path_error(PermissionError(errno.EACCES, "Permission denied", "runs/x")) == \
+        "runs/x: Permission denied; choose a path you may write to, or change its permissions"
 
 
 def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):

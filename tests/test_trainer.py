@@ -993,8 +993,8 @@ def test_a_write_that_fails_while_a_stopped_command_cleans_up_is_reported_not_ca
                             "x.yaml"], cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, child.stderr[-3000:]
     assert child.stderr.strip().splitlines() == [
-        "qed-jax eval: stopped by SIGTERM; then a write failed: runs/x/samples.jsonl: No space left on device "
-        "(-v shows the traceback)"]
+        "qed-jax eval: stopped by SIGTERM; then a write failed: runs/x/samples.jsonl: No space left on device; "
+        "free space on that disk, or choose a path on another (-v shows the traceback)"]
 
 
 def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
