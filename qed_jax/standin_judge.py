@@ -10,12 +10,18 @@ every answer it could before the judge is asked, and the stand-in cannot decide 
 
 It replies in the format the grading prompt asks for: the last of `<points>`, `<score>`,
 `<verdict>` that the prompt names (every judge template ends with its answer format).
+
+To try `qed-jax eval` or `qed-jax grpo` offline, serve it on its own until Ctrl-C:
+
+    python -m qed_jax.standin_judge --port 8000    # then judge.base_url=http://127.0.0.1:8000/v1
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -45,7 +51,7 @@ class StandinJudge:
     """`with StandinJudge() as judge:` serves at `judge.url` (an OpenAI base URL on 127.0.0.1, a
     free port) until the block ends; `judge.requests` counts the grading requests it answered."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.requests = 0
         self.lock = threading.Lock()
         standin = self
@@ -81,7 +87,7 @@ class StandinJudge:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -92,3 +98,29 @@ class StandinJudge:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qed_jax.standin_judge",
+                                     description="Serve the offline stand-in judge (NOT a judge: full marks for every "
+                                                 "proof it is sent) on 127.0.0.1 until Ctrl-C.")
+    parser.add_argument("--port", type=int, default=8000, help="the port to serve on (default 8000; 0: a free one)")
+    args = parser.parse_args(argv)
+    try:
+        judge = StandinJudge(args.port)
+    except OSError as e:
+        print(f"stand-in judge: cannot serve on 127.0.0.1:{args.port}: {e.strerror or e}; choose another --port",
+              file=sys.stderr)
+        return 2
+    with judge:
+        print(f"stand-in judge (not a real judge) at {judge.url}: set judge.base_url={judge.url}; Ctrl-C stops it",
+              flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print(f"stand-in judge: stopped after {judge.requests} requests", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -404,3 +404,34 @@ def test_a_changed_run_in_a_stage_checkpoint_dir_gets_advice_that_reaches_it():
                                           r"output_dir$"):
         with pipeline_advice("sft", None):
             raise RunConfigChanged("/o/sft/checkpoints", ["training data: a -> b"], "checkpoint_dir")
+
+
+def test_the_standin_judge_serves_on_its_own_for_commands_run_by_hand(tmp_path):
+    """`python -m qed_jax.standin_judge` (README's way to try eval or grpo offline): it prints
+    its URL, `qed-jax judge` grades through it, and Ctrl-C stops it in one line."""
+    server = subprocess.Popen([sys.executable, "-m", "qed_jax.standin_judge", "--port", "0"], cwd=ROOT, env=cli_env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1): set judge\.base_url=", server.stdout.readline())[1]
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"problem": "P", "proof": "<think>x</think> Q.E.D."}) + "\n")
+        graded = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "--input", str(rows), "--output",
+                                 str(tmp_path / "graded.jsonl"), f"base_url={url}", "model=standin",
+                                 f"cache_path={tmp_path / 'cache.sqlite'}"], cwd=ROOT, env=cli_env(1),
+                                capture_output=True, text=True, timeout=120)
+        assert graded.returncode == 0, graded.stderr[-2000:]
+        assert json.loads((tmp_path / "graded.jsonl").read_text())["score"] == 7
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and err.strip().splitlines() == ["stand-in judge: stopped after 1 requests"]
+    import socket
+
+    with socket.socket() as taken:  # a port in use is one line
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "qed_jax.standin_judge", "--port", str(port)], cwd=ROOT,
+                                 env=cli_env(1), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"stand-in judge: cannot serve on 127.0.0.1:{port}: Address already in use; choose another --port"]
