@@ -375,6 +375,19 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def newest_meta(self) -> dict | None:
+        """The newest step's meta, read as the file Orbax wrote it to; None when there is no step
+        or it does not read. Best effort, and touching nothing: what a refusal of the run can
+        also say of its checkpoints (restore_latest is what checks and restores them)."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        try:
+            meta = json.loads((epath.Path(self.directory) / str(step) / "meta" / "metadata").read_text())
+        except Exception:  # noqa: BLE001 (no step, a damaged file, a bucket out of reach: nothing to add)
+            return None
+        return meta if isinstance(meta, dict) else None
+
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
         self.failed = False  # a failure raised before is not this save's
         if self.manager.latest_step() == step:

@@ -881,7 +881,7 @@ def _path_error(e: OSError) -> str:
         return f"{where}{first_file} is a file where a folder is needed; choose another path"
     also = f" (and {name(e.filename2)})" if e.filename2 is not None else ""
     advice = {errno.EROFS: "; choose a path on a writable disk",
-              errno.EACCES: "; choose a path you may write to, or change its permissions",
+              errno.EACCES: "; choose another path, or change its permissions",
               errno.ENOSPC: "; free space on that disk, or choose a path on another",
               errno.EDQUOT: "; free space in your quota, or choose a path on another disk"}.get(e.errno, "")
     return f"{path}{also}: {e.strerror or e}{advice}"

@@ -318,6 +318,13 @@ def recorded_path(key: str, value: Any, recorded_in: str | None) -> Any:
     return value
 
 
+def same_as_recorded(key: str, recorded: Any, value: Any, recorded_in: str | None, as_spelt: bool = True) -> bool:
+    """Whether a setting a run recorded (in the working directory `recorded_in`) is `value` now:
+    what it named there (`recorded_path`), or with `as_spelt` the same spelling."""
+    return (same_setting(key, recorded_path(key, recorded, recorded_in), value)
+            or (as_spelt and same_setting(key, recorded, value)))
+
+
 def same_setting(key: str, a: Any, b: Any) -> bool:
     """Whether a setting recorded as `a` is `b` now: equal, or for one of PATH_FIELDS two
     spellings of one existing file or folder (a relative path and its absolute one, a link)."""

@@ -104,9 +104,10 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
         else:
             cause = first_line(e)
         if local.is_dir():
-            raise ConfigError(f"data folder {path}: read as one Hugging Face dataset of its data files, which failed "
-                              f"({cause}); its files must share their columns, or set data.path to one "
-                              ".jsonl/.json/.parquet file") from None
+            columns = "; its files must share their columns" if "cast" in cause.lower() else ""
+            raise ConfigError(f"data folder {path} (split {split!r}): read as one Hugging Face dataset of its data "
+                              f"files, which failed ({cause}){columns}; or give one .jsonl/.json/.parquet file "
+                              "instead") from None
         raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, and "
                           f"loading it as a Hugging Face dataset failed: {cause}") from None
 

@@ -37,7 +37,7 @@ from typing import Any
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
                             load_template, not_found, read_json_object, recorded_path, require_at_least_one,
-                            require_range, same_setting, write_text_atomic)
+                            require_range, same_as_recorded, write_text_atomic)
 from qed_jax.errors import quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts,
@@ -874,9 +874,10 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
         if key.startswith("rc.") and config.mode != "rc":
             continue
         old, new, leaf = get_dotted(saved, key), get_dotted(current, key), key.rsplit(".", 1)[-1]
-        if not (same_setting(leaf, recorded_path(leaf, old, recorded_in), new) or same_setting(leaf, old, new)):
-            raise ConfigError(f"{out} holds a run with {key}={old!r}, not {new!r}: its samples and grades "
-                              "would not be comparable; choose another output_dir, or delete the old run")
+        if not same_as_recorded(leaf, old, new, recorded_in):
+            raise ConfigError(f"{out} holds a run with {key}={recorded_path(leaf, old, recorded_in)!r}, not {new!r}: "
+                              "its samples and grades would not be comparable; choose another output_dir, or delete "
+                              "the old run")
     if (out / TEMPLATES_FILE).is_file():
         recorded = read_json_object(out / TEMPLATES_FILE, "move the folder aside, or use another output_dir")
         for key, text in template_texts(config).items():

@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "proof it is sent) on 127.0.0.1 until Ctrl-C.")
     parser.add_argument("--port", type=int, default=8000, help="the port to serve on (default 8000; 0: a free one)")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
     try:
         judge = StandinJudge(args.port)
     except OSError as e:

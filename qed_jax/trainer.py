@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
                             dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
-                            read_json_object, recorded_path, require_range, same_setting,
+                            read_json_object, recorded_path, require_range, same_as_recorded,
                             write_text_atomic)
 from qed_jax.data import DATA_ORDER
 from qed_jax.errors import RunConfigChanged, TrainingDiverged
@@ -277,7 +277,7 @@ def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDE
         then = recorded_path(key, a, recorded_in)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, f"{prefix}{key}.", ignored, recorded_in)
-        elif not (same_setting(key, then, b) or (key != "checkpoint_dir" and same_setting(key, a, b))):
+        elif not same_as_recorded(key, a, b, recorded_in, as_spelt=key != "checkpoint_dir"):
             changes.append(f"{prefix}{key}: {json.dumps(then)} -> {json.dumps(b)}")
     return changes
 
@@ -294,7 +294,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
     keys `ignored`), unless the user says otherwise. Returns the changes (process 0's; empty on
     the others), which `record_run_config` writes down once the run has resumed. Process 0
     decides (on a pod only its host holds `out`), and every process acts on that. With `refuse`
-    false the caller refuses them, after adding what else changed (`start_or_resume`)."""
+    false the caller refuses them (`refuse_changes`), after adding what else changed."""
     path = out / "config.json"
     changes, refusal = [], None
     if jax.process_index() == 0:
@@ -390,8 +390,7 @@ def data_record(path: str, examples: list[dict], order: int | str = DATA_ORDER,
 
 
 def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes: bool,
-                   compare_config: bool = False, finished: bool = False, run_dir: Path | None = None,
-                   run_changes: list[str] = ()) -> None:
+                   compare_config: bool = False, finished: bool = False) -> None:
     """Whether a checkpoint's meta (`saved`, in the folder `checkpoints`) can continue this run
     (`current`: the TrainCheckpoints' `run`). Another trainer's checkpoints never can. Nor, unless
     the user says otherwise, can other training data: the checkpoint's data position counts into
@@ -400,8 +399,7 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     record the new data). With `compare_config` (the run directory has no config.json: a new
     machine, the checkpoints kept on gs://), the config the checkpoint was written under stands in
     for it. The data order matters only to a run not `finished` (one with steps left to train).
-    `run_changes`, the changes `check_run_config` found in `run_dir`, are refused with these, so
-    that one refusal lists all. Every process reads the same checkpoint and decides alike."""
+    Every process reads the same checkpoint and decides alike."""
     if saved.get("trainer", current["trainer"]) != current["trainer"]:
         raise ConfigError(f"{checkpoints}: its checkpoints were written by qed-jax {saved['trainer']}, and this is "
                           f"qed-jax {current['trainer']}: give this run its own output_dir and checkpoint_dir (to "
@@ -409,32 +407,44 @@ def check_run_data(checkpoints, saved: dict, current: dict, resume_with_changes:
     changes = []
     if compare_config and "config" in saved:
         changes = config_changes(expand_paths(saved["config"]), current["config"])
-    old, new = saved.get("data"), current["data"]
-    # The same examples under another spelling of the path are the same data.
-    same = lambda a, b: (a["examples"], a["sha256"]) == (b["examples"], b["sha256"])  # noqa: E731
-    describe = lambda r: f"{r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
-    if old is not None and not same(old, new):
-        changes.append(f"training data: {old['path']}: {describe(old)} -> {new['path']}: {describe(new)}")
-    # Checkpoints written before the held-out rows were recorded say nothing of them.
-    if old is not None and "eval" in old and old["eval"] != new.get("eval"):
-        held_out = lambda r: describe(r["eval"]) if "eval" in r else "none"  # noqa: E731
-        changes.append(f"held-out data for the eval loss: {held_out(old)} -> {held_out(new)}, so the eval loss "
-                       "would measure other rows from here on")
-    if old is not None and not finished:  # the order matters to the steps left
-        if "order" not in old:
-            log.warning("%s: its checkpoints do not record the order they read the data in; a run begun before "
-                        "qed-jax changed that order (2026-12-01) continues in the new order", checkpoints)
-        elif old["order"] != new["order"]:
-            changes.append(f"data order: version {old['order']} -> {new['order']}, so the data would come in "
-                           "another order and the samples drawn otherwise; the qed-jax version that began the run "
-                           "can finish it")
-    if run_changes and not resume_with_changes:
-        raise RunConfigChanged(run_dir, [*run_changes, *changes])
+    old = saved.get("data")
+    if old is not None and not finished and "order" not in old:
+        log.warning("%s: its checkpoints do not record the order they read the data in; a run begun before "
+                    "qed-jax changed that order (2026-12-01) continues in the new order", checkpoints)
+    changes += data_changes(old, current["data"], finished)
     if changes and not resume_with_changes:
         raise RunConfigChanged(checkpoints, changes, "checkpoint_dir")
     if changes:
-        data_moved = "" if old is None or same(old, new) else ": its data position now counts into other examples"
+        data_moved = "" if old is None or same_data(old, current["data"]) else \
+            ": its data position now counts into other examples"
         log.warning("resuming from %s with changes (%s)%s", checkpoints, "; ".join(changes), data_moved)
+
+
+def same_data(old: dict, new: dict) -> bool:
+    """The same examples, under whatever spelling of the path."""
+    return (old["examples"], old["sha256"]) == (new["examples"], new["sha256"])
+
+
+def data_changes(old: dict | None, new: dict, finished: bool) -> list[str]:
+    """How the data a checkpoint recorded (`old`, a `data_record`; None before they were
+    recorded) differs from this run's: the examples, the held-out ones, and for a run not
+    `finished` the order they are read in."""
+    if old is None:
+        return []
+    changes = []
+    describe = lambda r: f"{r['examples']} examples, sha256 {r['sha256'][:12]}"  # noqa: E731
+    if not same_data(old, new):
+        changes.append(f"training data: {old['path']}: {describe(old)} -> {new['path']}: {describe(new)}")
+    # Checkpoints written before the held-out rows were recorded say nothing of them.
+    if "eval" in old and old["eval"] != new.get("eval"):
+        held_out = lambda r: describe(r["eval"]) if "eval" in r else "none"  # noqa: E731
+        changes.append(f"held-out data for the eval loss: {held_out(old)} -> {held_out(new)}, so the eval loss "
+                       "would measure other rows from here on")
+    if not finished and "order" in old and old["order"] != new["order"]:  # the order matters to the steps left
+        changes.append(f"data order: version {old['order']} -> {new['order']}, so the data would come in "
+                       "another order and the samples drawn otherwise; the qed-jax version that began the run "
+                       "can finish it")
+    return changes
 
 
 def without_keys(values: dict, ignored, prefix: str = "") -> dict:
@@ -483,17 +493,17 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     shardings, or start afresh; then record the config, unless it changed and the run already
     reached its `steps` (nothing would train under it). Returns (params, opt_state, step)."""
     check_processes_agree(ckpts.run, resume_with_changes)
-    # A changed config is refused with the newest checkpoint's data changes, if any, in one line.
     changes = check_run_config(out, config, resume_with_changes, refuse=False)
     changed = bool(changes)
-    if largest(int(changed)) and not changes:  # process 0's: every process refuses them alike
-        changes = ["process 0 lists the changes"]
+    if changed and not resume_with_changes and (meta := ckpts.newest_meta()) is not None:
+        # One refusal lists what changed in the data too (process 0's read, before anything is restored).
+        changes += data_changes(meta.get("data"), ckpts.run["data"], finished=meta.get("step", 0) >= steps)
+    refuse_changes(out, changes, resume_with_changes)
     recorded = largest(int(jax.process_index() == 0 and (out / "config.json").exists()))  # process 0 holds `out`
     targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
     restored = ckpts.restore_latest(*targets, data_iterator, check=lambda meta: check_run_data(
         ckpts.directory, meta, ckpts.run, resume_with_changes, compare_config=not recorded,
-        finished=meta["step"] >= steps, run_dir=out, run_changes=changes), last_step=steps)
-    refuse_changes(out, changes, resume_with_changes)  # with no checkpoint to check
+        finished=meta["step"] >= steps), last_step=steps)
     step = 0 if restored is None else restored[2]["step"]
     # Its checkpoints deleted after it finished (disk reclaimed, a bucket's lifecycle rule):
     # training again from step 0 would replace its export and metrics, and what was built on

@@ -548,7 +548,7 @@ def test_a_path_error_names_a_descriptor_or_both_paths():
     assert cli._path_error(OSError(errno.EROFS, "Read-only file system", "runs/x/.lock")) == \
         "runs/x/.lock: Read-only file system; choose a path on a writable disk"
     assert cli._path_error(PermissionError(errno.EACCES, "Permission denied", "runs/x")) == \
-        "runs/x: Permission denied; choose a path you may write to, or change its permissions"
+        "runs/x: Permission denied; choose another path, or change its permissions"
 
 
 def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):

@@ -1307,9 +1307,10 @@ def test_a_rerun_from_another_directory_reads_relative_paths_where_the_run_began
 
     drew_a_sample(rerun("project", "data/bench.jsonl"))
     rerun("elsewhere", "../project/data/bench.jsonl")  # the same file, spelt from here
-    # Recorded now as ../project/data/bench.jsonl read in elsewhere/: another file is refused.
-    with pytest.raises(ConfigError, match=r"holds a run with benchmark.path='\.\./project/data/bench.jsonl', not "
-                                          r"'\.\./elsewhere/data/bench.jsonl'"):
+    # Recorded now as ../project/data/bench.jsonl read in elsewhere/: another file is refused,
+    # the recorded one named as it reads from where it was recorded.
+    with pytest.raises(ConfigError, match=rf"holds a run with benchmark.path='{tmp_path}/elsewhere/\.\./project/data/"
+                                          r"bench.jsonl', not '\.\./elsewhere/data/bench.jsonl'"):
         rerun("project", "../elsewhere/data/bench.jsonl")
 
 

@@ -435,3 +435,7 @@ def test_the_standin_judge_serves_on_its_own_for_commands_run_by_hand(tmp_path):
                                  env=cli_env(1), capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         f"stand-in judge: cannot serve on 127.0.0.1:{port}: Address already in use; choose another --port"]
+    no_port = subprocess.run([sys.executable, "-m", "qed_jax.standin_judge", "--port", "70000"], cwd=ROOT,
+                             env=cli_env(1), capture_output=True, text=True, timeout=60)
+    assert no_port.returncode == 2 and no_port.stderr.strip().splitlines()[-1] == (
+        "python -m qed_jax.standin_judge: error: --port must be between 0 and 65535, got 70000")

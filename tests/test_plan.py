@@ -281,7 +281,7 @@ def test_an_rc_prompt_that_leaves_a_problem_no_room_is_refused_before_compiling(
                   ["max_prompt_length=300", f"tokenizer={REPO / 'configs' / 'tiny' / 'tokenizer'}"])
 
 
-@pytest.mark.slow  # three programs: ~25 s of CPU compiling
+@pytest.mark.slow  # two plans of four programs: ~35 s of CPU compiling
 @pytest.mark.tpu_compile
 def test_tiny_grpo_update_and_sampler_compile_with_a_wave_that_fits(libtpu, capsys):
     report = _plan_json(capsys, "--config", RL_TINY, "--topology", "v5e-4", "max_new_tokens=8")

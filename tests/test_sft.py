@@ -704,19 +704,20 @@ def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_par
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "train.jsonl").write_text("{broken\n")
-    with pytest.raises(ConfigError, match=r"^data folder .*/broken: read as one Hugging Face dataset of its data "
-                                          r"files, which failed \(An error occurred while generating the dataset: "
-                                          r"JSON parse error: .*\); its files must share their columns, or set "
-                                          r"data.path to one .jsonl/.json/.parquet file$"):
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken \(split 'train'\): read as one Hugging Face "
+                                          r"dataset of its data files, which failed \(An error occurred while "
+                                          r"generating the dataset: JSON parse error: .*\); or give one "
+                                          r"\.jsonl/\.json/\.parquet file instead$"):
         read_rows(str(tmp_path / "broken"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
-    with pytest.raises(ConfigError, match=r"^data folder .*/empty: .* failed \(its files hold no rows\); "):
+    with pytest.raises(ConfigError, match=r"^data folder .*/empty .* failed \(its files hold no rows\); or give "):
         read_rows(str(tmp_path / "empty"))
     (tmp_path / "mixed").mkdir()  # files whose columns differ
     (tmp_path / "mixed" / "a.jsonl").write_text('{"problem": "P", "proof": "Q"}\n')
     (tmp_path / "mixed" / "b.jsonl").write_text('{"question": "P", "answer": 3}\n')
-    with pytest.raises(ConfigError, match=r"^data folder .*/mixed: .* failed \(.*\); its files must share "):
+    with pytest.raises(ConfigError, match=r"^data folder .*/mixed .* failed \(.*\); its files must share their "
+                                          r"columns; or give one "):
         read_rows(str(tmp_path / "mixed"))
     # A Hub id that is not there (offline here) is still named as one.
     with pytest.raises(ConfigError, match=r"^data 'no-such-org/no-such-set' \(name None, split 'train'\): not a "
