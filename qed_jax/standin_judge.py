@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stand-in judge: cannot serve on 127.0.0.1:{args.port}: {e.strerror or e}; choose another --port",
               file=sys.stderr)
         return 2
+    # Ctrl-C stops it even where it was started with SIGINT ignored (a background job of a
+    # script, a test runner's worker): Python then leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with judge:
         print(f"stand-in judge (not a real judge) at {judge.url}: set judge.base_url={judge.url}; Ctrl-C stops it",
               flush=True)

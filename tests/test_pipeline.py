@@ -409,8 +409,11 @@ def test_a_changed_run_in_a_stage_checkpoint_dir_gets_advice_that_reaches_it():
 def test_the_standin_judge_serves_on_its_own_for_commands_run_by_hand(tmp_path):
     """`python -m qed_jax.standin_judge` (README's way to try eval or grpo offline): it prints
     its URL, `qed-jax judge` grades through it, and Ctrl-C stops it in one line."""
+    # Started with SIGINT ignored, as a script's background job is (and a pytest-xdist worker's
+    # children are): Ctrl-C must stop it all the same.
     server = subprocess.Popen([sys.executable, "-m", "qed_jax.standin_judge", "--port", "0"], cwd=ROOT, env=cli_env(1),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         url = re.search(r"at (http://127\.0\.0\.1:\d+/v1): set judge\.base_url=", server.stdout.readline())[1]
         rows = tmp_path / "rows.jsonl"
