@@ -384,7 +384,7 @@ class TrainCheckpoints:
             return None
         try:
             meta = json.loads((epath.Path(self.directory) / str(step) / "meta" / "metadata").read_text())
-        except Exception:  # noqa: BLE001 (no step, a damaged file, a bucket out of reach: nothing to add)
+        except Exception:  # noqa: BLE001 (a damaged or missing file, a bucket out of reach: nothing to add)
             return None
         return meta if isinstance(meta, dict) else None
 
