@@ -517,6 +517,10 @@ class ReasoningCache:
 
     def problem_width(self, problems: list[list[int]]) -> int:
         longest = max(len(p) for p in problems)
+        if not self.params.problem_tokens and longest > self.buckets[-1]:
+            raise ConfigError(f"a problem takes {longest} tokens, more than the largest prompt bucket "
+                              f"({self.buckets[-1]}); set RCParams.problem_tokens to at least {longest}, "
+                              "or shorten the problem")
         width = self.params.problem_tokens or bucket_length(longest, self.buckets)
         if longest > width:
             raise ConfigError(f"a problem takes {longest} tokens, more than problem_tokens ({width}); "

@@ -345,6 +345,11 @@ class Sampler:
         check_token_ids(prompts, self.config.vocab_size)
         if budgets is not None and len(budgets) != len(prompts):
             raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
+        if budgets is not None and min(budgets) < 0:
+            raise ValueError(f"prompt {int(np.argmin(budgets))} has a budget of {min(budgets)} new tokens; "
+                             "give 0 or more")
+        if stop_ids is None:
+            raise ValueError("stop_ids is None: give the token ids that end a completion (a list, may be empty)")
         row_ids = checked_row_ids(row_ids, len(prompts))
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
@@ -386,6 +391,9 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
     if not prompts:
         raise ValueError(f"no {what}s given")
     for i, ids in enumerate(prompts):
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            raise ValueError(f"{what} {i} is a {type(ids).__name__}, not token ids: give one list of ints per "
+                             f"{what} (a single {what} too: [ids])")
         if len(ids) == 0:
             raise ValueError(f"every {what} needs at least one token; {what} {i} has none")
         low, high = min(ids), max(ids)
@@ -400,7 +408,7 @@ def checked_row_ids(row_ids: Sequence[int] | None, count: int) -> np.ndarray:
         return np.arange(count, dtype=np.int32)
     ids = np.asarray(row_ids, np.int32)
     if ids.shape != (count,):
-        raise ValueError(f"got {len(ids)} row ids for {count} prompts; give one per prompt")
+        raise ValueError(f"row_ids has shape {ids.shape}; give a flat sequence of {count} ints, one per prompt")
     return ids
 
 

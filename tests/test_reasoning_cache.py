@@ -402,6 +402,13 @@ def test_ids_the_policy_cannot_read_and_released_weights_are_refused(setup):
     loop = rc.ReasoningCache(policy, tokenizer, params)
     with pytest.raises(ValueError, match=rf"^problem 1 holds token id {policy.config.vocab_size}, outside"):
         loop.run_ids([[5, 6], [policy.config.vocab_size]])
+    with pytest.raises(ValueError, match=r"^problem 0 is a str, not token ids: give one list of ints per problem"):
+        loop.run_ids(["Prove it."])
+    # A problem past the largest bucket names the setting that takes it (the buffer P), not "the prompt".
+    bucketed = rc.ReasoningCache(policy, tokenizer, params, buckets=(8,))
+    with pytest.raises(ConfigError, match=r"^a problem takes 9 tokens, more than the largest prompt bucket \(8\); "
+                                          r"set RCParams.problem_tokens to at least 9"):
+        bucketed.run_ids([[5] * 9])
     loop.release()
     with pytest.raises(RuntimeError, match="weights were released; call update_weights"):
         loop.run_ids([[5, 6]])

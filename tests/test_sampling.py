@@ -257,8 +257,9 @@ def test_a_share_of_the_requests_samples_what_the_whole_batch_does(tiny):
     picked = Sampler(model, max_concurrent=2).generate_ids([SEVEN[5], SEVEN[1], SEVEN[6]], params, jax.random.key(3),
                                                            stop_ids=[], row_ids=[5, 1, 6])
     assert [c.tokens for c in picked] == [whole[i].tokens for i in (5, 1, 6)]
-    with pytest.raises(ValueError, match="2 row ids for 3 prompts"):
-        Sampler(model).generate_ids(SEVEN[:3], params, jax.random.key(3), stop_ids=[], row_ids=[0, 1])
+    for row_ids, shape in [([0, 1], r"\(2,\)"), (4, r"\(\)"), ([[0, 1, 2]], r"\(1, 3\)")]:
+        with pytest.raises(ValueError, match=f"^row_ids has shape {shape}; give a flat sequence of 3 ints"):
+            Sampler(model).generate_ids(SEVEN[:3], params, jax.random.key(3), stop_ids=[], row_ids=row_ids)
 
 
 def test_one_compile_serves_every_wave(tiny, caplog):
@@ -353,6 +354,15 @@ def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, c
         sampler.generate_ids([[5, 6], [7, 256]], greedy, jax.random.key(0), stop_ids=[])
     with pytest.raises(ValueError, match=r"^prompt 0 holds token id -1"):
         sampler.generate_ids([[-1]], greedy, jax.random.key(0), stop_ids=[])
+    # One prompt not wrapped in a list, or texts, name the prompt and say what to give.
+    with pytest.raises(ValueError, match=r"^prompt 0 is a int, not token ids: give one list of ints per prompt"):
+        sampler.generate_ids([5, 6], greedy, jax.random.key(0), stop_ids=[])
+    with pytest.raises(ValueError, match=r"^prompt 1 is a str, not token ids"):
+        sampler.generate_ids([[5], "Prove"], greedy, jax.random.key(0), stop_ids=[])
+    with pytest.raises(ValueError, match=r"^prompt 1 has a budget of -2 new tokens; give 0 or more"):
+        sampler.generate_ids([[5], [6]], greedy, jax.random.key(0), stop_ids=[], budgets=[3, -2])
+    with pytest.raises(ValueError, match=r"^stop_ids is None: give the token ids that end a completion"):
+        sampler.generate_ids([[5]], greedy, jax.random.key(0), stop_ids=None)
     sampler.release()
     with pytest.raises(RuntimeError, match="weights were released; call update_weights"):
         sampler.generate_ids([[5, 6]], greedy, jax.random.key(0), stop_ids=[])
