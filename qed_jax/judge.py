@@ -584,6 +584,9 @@ RETRIED_4XX = (408, 409, 429)
 REFUSED = (401, 403)
 # So does one that has no such model (a misspelt judge.model) or no such path.
 NOT_FOUND = 404
+# What openai's client raises on a 200 whose body is not the API's JSON (an HTML page, a list,
+# a body cut short), where it parses the reply into its types.
+NOT_AN_API_REPLY = (ValueError, AttributeError, TypeError)
 
 # How long the check before grading waits for the judge's GET /models (judge.timeout_s if shorter).
 REACHABLE_TIMEOUT_S = 30.0
@@ -663,13 +666,20 @@ class Judge:
                                    "check): is it still starting, or overloaded?") from None
         except openai.APIConnectionError as e:
             raise self._unreachable(e) from None
+        except NOT_AN_API_REPLY:
+            raise JudgeUnavailable(f"the judge at {self.config.base_url} answered GET /models with something that "
+                                   "is not an OpenAI-compatible API's reply (a web page, a login proxy?): is "
+                                   "judge.base_url the API's root, e.g. http://localhost:8000/v1?") from None
 
     async def _answers(self, client) -> bool:
-        """Whether the judge answers at all (GET /models), after a request's reply broke off."""
+        """Whether anything still answers at the judge's endpoint (GET /models), after a request's
+        reply broke off: any status or body is an answer."""
         try:
-            await self._check_reachable(client)
-        except JudgeUnavailable:
+            await client.models.list(timeout=min(self.config.timeout_s, REACHABLE_TIMEOUT_S))
+        except openai.APIConnectionError:  # timeouts too
             return False
+        except (openai.APIStatusError, *NOT_AN_API_REPLY):
+            pass
         return True
 
     def _unreachable(self, e: openai.APIConnectionError) -> JudgeUnavailable:

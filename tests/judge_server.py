@@ -10,7 +10,8 @@ first, as vLLM aborts abandoned requests); ("body", (content_type, text)) answer
 raw body, text or bytes (a reply that is not a completion: broken JSON, an HTML page, Latin-1);
 ("cut", text) replies with text that ran out of tokens (finish_reason "length", status
 "incomplete"); ("reset", n) sends the first n bytes of a reply, then resets the connection;
-("drip", seconds) sends a valid reply one byte every that many seconds. Counts requests per
+("drip", seconds) sends a valid reply one byte every that many seconds. `models_body` replaces
+GET /models's list with a raw body (content type, text). Counts requests per
 item and peak concurrency. `hold_after` stops answering at a point the test chooses, so that a
 test can act mid-batch (kill the client) without racing the client's progress.
 
@@ -40,9 +41,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class JudgeServer:
-    def __init__(self, scripts=None, default=("score", 7)):
+    def __init__(self, scripts=None, default=("score", 7), models_body=None):
         self.scripts = dict(scripts or {})
         self.default = default
+        self.models_body = models_body  # (content type, text) GET /models answers with, 200; default: the API's list
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.by_prompt: dict[str, int] = {}  # requests per distinct prompt (by its sha256 digest)
@@ -61,7 +63,9 @@ class JudgeServer:
                 pass
 
             def do_GET(self):
-                if self.path.endswith("/models"):
+                if self.path.endswith("/models") and server.models_body:
+                    self._json(200, server.models_body[1], server.models_body[0])
+                elif self.path.endswith("/models"):
                     self._json(200, {"object": "list", "data": [{"id": "judge", "object": "model",
                                                                   "created": 0, "owned_by": "test"}]})
                 else:

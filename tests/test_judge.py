@@ -353,6 +353,30 @@ def test_a_judge_that_accepts_but_never_answers_is_named_with_its_timeout():
             Judge(JudgeConfig(base_url=url, cache_path=None, timeout_s=0.2)).check_reachable()
 
 
+@pytest.mark.parametrize("body", [("text/html", "<html>Sign in</html>"), ("application/json", '{"data": ['),
+                                  ("application/json", "[1, 2]")])
+def test_a_url_that_answers_but_not_as_the_api_is_named_before_grading(body):
+    # Else openai's parser raised an AttributeError or a JSONDecodeError that named no URL.
+    with JudgeServer({}, models_body=body) as server:
+        config = JudgeConfig(base_url=server.url, cache_path=None)
+        with pytest.raises(JudgeUnavailable, match=rf"^the judge at {re.escape(server.url)} answered GET /models with "
+                                                   r"something that is not an OpenAI-compatible API's reply .*: is "
+                                                   r"judge.base_url the API's root, e.g. http://localhost:8000/v1\?$"):
+            Judge(config).grade_batch([_item(0)])
+        assert server.total == 0
+
+        # After a reply broke off, such an answer still counts as the judge being there: the item
+        # fails, the run goes on.
+        async def answers():
+            client = Judge(config)._client()
+            try:
+                return await Judge(config)._answers(client)
+            finally:
+                await client.close()
+
+        assert asyncio.run(answers()) is True
+
+
 @pytest.mark.parametrize("url,problem", [
     ("http://[::1", r"is not a valid URL \(Invalid IPv6 URL\)"),
     ("http://256.1.1.1:80/v1", r"is not a valid URL \(256\.1\.1\.1 is not an IPv4 address\)"),
