@@ -356,7 +356,7 @@ PLAIN_NUMBER = re.compile(r"(?:[0-9.+\-\u2212*/^(){}\[\]\s]"
 
 
 def plain_number(text: str) -> bool:
-    return PLAIN_NUMBER.fullmatch(text) is not None and not re.search(r"\d\s+\d", text)
+    return PLAIN_NUMBER.fullmatch(text) is not None
 
 
 # What math-verify reads whole: numbers, variables, arithmetic, fractions, roots, powers, the usual
@@ -381,11 +381,15 @@ VARIABLE = re.compile(r"\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*")
 MIXED_NUMBER = re.compile(r"[\d)\]}]\s*(?:(?:\\[,:;! ]|~)\s*)*(?:\\left\s*)?[(\[]"  # a number, a space, a bracket
                           r"\s*-?(?:[\d.,\s{}]|\\[dt]?frac(?![a-zA-Z]))*(?:\\right\s*)?[)\]]"  # a number, closed
                           r"|[)\]]\s*\d")
+# Two numbers side by side with only space between (2 3, 2\,3, {2} 3, \frac{1}{2} 3, 1 000):
+# math-verify reads a sum (2 3 as 5), a product or 1 000 as 0, never the list or the digit groups
+# they may mean.
+JUXTAPOSED_NUMBERS = re.compile(r"[\d}](?:\s|\\[,:;! ]|~)+\d")
 
 
 def one_value(text: str) -> bool:
-    """Whether math-verify's reading of `text` is its whole value (see ONE_VALUE_COMMANDS and
-    MIXED_NUMBER): only commands and characters it reads whole, no word, and at most one `=`,
+    """Whether math-verify's reading of `text` is its whole value (see ONE_VALUE_COMMANDS,
+    MIXED_NUMBER and JUXTAPOSED_NUMBERS): only commands and characters it reads whole, no word, and at most one `=`,
     after a variable."""
     if any(command not in ONE_VALUE_COMMANDS for command in LATEX_COMMAND.findall(text)):
         return False
@@ -394,7 +398,7 @@ def one_value(text: str) -> bool:
     sides = text.split("=")
     if len(sides) > 2 or (len(sides) == 2 and not VARIABLE.fullmatch(sides[0])):
         return False
-    return not MIXED_NUMBER.search(text)
+    return not (MIXED_NUMBER.search(text) or JUXTAPOSED_NUMBERS.search(text))
 
 
 def check_answer(predicted: str | None, reference: str) -> bool | None:

@@ -454,6 +454,12 @@ def test_answer_checks():
     assert check_answer("2(3)+x", "5+x") is None and check_answer(r"2\left(\frac12\right)", "1") is None
     assert check_answer("{2}(3)", "6") is None and check_answer(r"2\,(3)", "5") is None
     assert check_answer("3(2^{10}+1)", "3075") is True  # more than a number in the bracket: a product
+    # Numbers side by side with only space between: math-verify reads 2 3 as 5, 1 000 as 0.
+    for juxtaposed, read_as in [("3 4", "7"), (r"2\,3", "5"), (r"2\ 3", "5"), ("7 8 9", "24"), ("2 2", "4"),
+                                ("{2} 3", "5"), ("1 000", "0"), (r"\frac{1}{2} 3", r"\frac{3}{2}"), ("2~3", "5")]:
+        assert check_answer(juxtaposed, read_as) is None, juxtaposed
+        assert check_answer(read_as, juxtaposed) is None, juxtaposed
+    assert check_answer("2 + 3", "5") is True and check_answer(r"2 \cdot 3", "6") is True
     assert check_answer("2(n+1)", "2n+2") is True and check_answer("(n+1)(n+2)", "n^2+3n+2") is True
     assert check_answer(r"2(\sqrt{2}+1)", r"2\sqrt{2}+2") is True  # more than a number in the bracket: a product
     # Equal to 12 digits, not math-verify's default 6: a decimal approximation is not exact.
