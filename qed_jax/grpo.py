@@ -175,7 +175,8 @@ def grpo_loss(graphdef, params, ref_params, micro, loss: LossConfig):
         total = total + loss.kl_coef * agg(kl_k3(logprobs, ref_logprobs, mask))
     token_sum = lambda x: jnp.sum(x * mask)  # noqa: E731
     metrics = {"loss": total, "clip_fraction": token_sum(clipped), "entropy": token_sum(entropy),
-               "approx_kl": token_sum(kl_k3(logprobs, old, mask)), "tokens": jnp.sum(mask)}
+               # KL(old || policy): the tokens were drawn from the old policy, which k3 must be taken under.
+               "approx_kl": token_sum(kl_k3(old, logprobs, mask)), "tokens": jnp.sum(mask)}
     return total, metrics
 
 

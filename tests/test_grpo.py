@@ -340,6 +340,11 @@ def test_untrained_tokens_far_below_the_reference_keep_the_loss_finite():
         params, ref_params, micro)
     assert np.isfinite(float(total)) and np.isfinite(float(metrics["approx_kl"]))
     assert abs(float(metrics["approx_kl"])) < 1e-4  # the trained tokens' old log-probs are the policy's
+    # approx_kl estimates KL(old || policy), under the old policy that drew the tokens: per token
+    # e^(lp - old) - (lp - old) - 1 (the other way round it overstates the KL as the policy drifts).
+    shifted = {**micro, "old_logprobs": np.where(rows["mask"] > 0, rows["old_logprobs"] + 1.0, 0.0).astype(np.float32)}
+    _, shifted_metrics = grpo_loss(graphdef, params, ref_params, shifted, loss=loss)
+    np.testing.assert_allclose(float(shifted_metrics["approx_kl"]), 2 * (np.exp(-1.0) + 1.0 - 1.0), rtol=1e-4)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     delta = np.float32(-150.0)
     g = jax.grad(lambda lp: jnp.sum(kl_k3(lp, jnp.zeros(2), jnp.asarray([1.0, 0.0]))))(jnp.asarray([-1.0, delta]))
