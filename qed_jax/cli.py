@@ -306,8 +306,9 @@ def _eval(args) -> int | None:
         print(dump_json(config))
         return
     counts = evaluate(config)
+    cached = f", {counts['cached']} from the judge's cache {config.judge.cache_path}" if counts["cached"] else ""
     print(f"{config.output_dir}: {counts['total']} samples; this run generated {counts['generated']} and graded "
-          f"{counts['graded']} ({counts['failed']} failed); `qed-jax report {config.output_dir}` for the table")
+          f"{counts['graded']} ({counts['failed']} failed{cached}); `qed-jax report {config.output_dir}` for the table")
     if counts["failed"]:
         return 1
 

@@ -10,7 +10,8 @@ samples.jsonl holds three kinds of records, keyed by (problem_id, sample):
     the seed and row it was drawn with (sample_seed(seed, k), the problem's place in the benchmark; an
     endpoint's request carried request_seed(seed, row)), and in mode rc each turn's reasoning,
     answer and summary texts with their token counts;
-  {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by, judge reply;
+  {"type": "grade", ...}: score 0-7 (null when grading failed), reason, decided_by (judge; judge_cache:
+    the judge's grade of the same prompt, from judge.cache_path; math_verify; truncated), judge reply;
   {"type": "turn_grade", "turn": t, ...}: the same for turn t's answer (mode rc, rc.grade_turns).
 A failed grade is retried by the next run; the last grade record of a sample (or turn) counts.
 
@@ -823,7 +824,8 @@ def grade_samples(judge: Judge, config: EvalConfig, problems: dict[str, Problem]
 
     def judged(i: int, grade: Grade) -> None:  # as each grade comes: a later failure loses none
         record, turn, _ = to_judge[i]
-        on_grade(record, turn, grade.score, grade.reason, "judge" if grade.sent else "truncated", grade.raw)
+        decided_by = "judge_cache" if grade.cached else "judge" if grade.sent else "truncated"
+        on_grade(record, turn, grade.score, grade.reason, decided_by, grade.raw)
 
     judge.grade_batch(items, on_grade=judged)
 
@@ -1216,7 +1218,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]
     to_grade = ungraded(runlog, config, units)
-    counts = {"generated": 0, "graded": 0, "failed": 0, "total": len(units)}
+    counts = {"generated": 0, "graded": 0, "failed": 0, "cached": 0, "total": len(units)}
     check_model_unchanged(config)  # a finished run too: its results would stand for this model
     if not to_generate and not to_grade:
         if not new_run:
@@ -1243,6 +1245,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
                 grade.update(type="turn_grade", turn=turn)
             runlog.append(grade)
             counts["graded"] += 1
+            counts["cached"] += decided_by == "judge_cache"
             if score is None:
                 counts["failed"] += 1
                 failures[reason] += 1

@@ -328,10 +328,11 @@ def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
 def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str, out: Path) -> list:
     """Every evaluation: model x benchmark x mode, each in out/eval/MODEL-BENCHMARK-MODE."""
     from qed_jax.evaluate import EvalConfig
+    from qed_jax.standin_judge import STANDIN_MODEL
 
     judge = {"judge.base_url": judge_url, "judge.cache_path": str(out / "judge_cache.sqlite")}
     if config.judge == STANDIN:  # its grades are recorded, and cached, under their own judge name
-        judge["judge.model"] = "qed-jax-standin-judge"
+        judge["judge.model"] = STANDIN_MODEL
     configs = []
     check_not_chained(StageConfig("", config.eval.overrides), "eval", ["output_dir"])  # MODEL-BENCHMARK-MODE
     for name in config.eval.models:

@@ -11,9 +11,12 @@ every answer it could before the judge is asked, and the stand-in cannot decide 
 It replies in the format the grading prompt asks for: the last of `<points>`, `<score>`,
 `<verdict>` that the prompt names (every judge template ends with its answer format).
 
-To try `qed-jax eval` or `qed-jax grpo` offline, serve it on its own until Ctrl-C:
+It serves one model name, STANDIN_MODEL, and refuses any other (HTTP 404), so that its grades are
+always recorded and cached under that name, never as a real judge's (whose grade cache a later
+run may share). To try `qed-jax eval` or `qed-jax grpo` offline, serve it on its own until Ctrl-C:
 
-    python -m qed_jax.standin_judge --port 8000    # then judge.base_url=http://127.0.0.1:8000/v1
+    python -m qed_jax.standin_judge --port 8000
+    # then judge.base_url=http://127.0.0.1:8000/v1 judge.model=qed-jax-standin-judge
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qed_jax.judge import MAX_SCORE
 
+# The only model name it answers to.
+STANDIN_MODEL = "qed-jax-standin-judge"
 REPLIES = {
     "points": f"Offline stand-in judge (not a real judge). <points>{MAX_SCORE} out of 7</points>",
     "score": f"<assessment>offline stand-in judge, not a real judge</assessment><errors>not checked</errors>"
@@ -64,7 +69,7 @@ class StandinJudge:
             def do_GET(self):
                 if self.path.endswith("/models"):
                     self._json(200, {"object": "list", "data": [
-                        {"id": "standin", "object": "model", "created": 0, "owned_by": "qed-jax"}]})
+                        {"id": STANDIN_MODEL, "object": "model", "created": 0, "owned_by": "qed-jax"}]})
                 else:
                     self._json(404, {"error": {"message": f"no such path {self.path}"}})
 
@@ -73,6 +78,11 @@ class StandinJudge:
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "the stand-in judge serves chat completions only "
                                                           "(judge.api: chat)"}})
+                    return
+                if body.get("model") != STANDIN_MODEL:
+                    self._json(404, {"error": {"message": f"the stand-in judge serves model {STANDIN_MODEL} only, so "
+                                                          "that its grades are never cached as a real judge's; set "
+                                                          f"judge.model={STANDIN_MODEL}"}})
                     return
                 with standin.lock:
                     standin.requests += 1
@@ -119,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     # script, a test runner's worker): Python then leaves SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with judge:
-        print(f"stand-in judge (not a real judge) at {judge.url}: set judge.base_url={judge.url}; Ctrl-C stops it",
-              flush=True)
+        print(f"stand-in judge (not a real judge) at {judge.url}: set judge.base_url={judge.url} "
+              f"judge.model={STANDIN_MODEL}; Ctrl-C stops it", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

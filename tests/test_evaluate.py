@@ -85,7 +85,7 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path, caplog):
     with ModelServer(proof_reply) as model, JudgeServer(imo_judge_scripts()) as judge:
         cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
         counts = evaluate(cfg, progress=False)
-        assert counts == {"generated": 12, "graded": 12, "failed": 1, "total": 12}
+        assert counts == {"generated": 12, "graded": 12, "failed": 1, "cached": 0, "total": 12}
         assert f"{cfg.output_dir}: 1 grade failed (parse_failure x1); the next run retries them" in caplog.text
         assert model.total == 12 and set(model.requests.values()) == {1}
         assert sorted(problem_and_sample(*request)[1] for request in model.requests) == [0] * 4 + [1] * 4 + [2] * 4
@@ -136,11 +136,21 @@ def test_endpoint_eval_report_equals_numpy_reference(tmp_path, caplog):
 
         # A rerun regrades only the failed sample (the judge now answers), and generates nothing.
         counts = evaluate(cfg, progress=False)
-        assert counts == {"generated": 0, "graded": 1, "failed": 0, "total": 12}
+        assert counts == {"generated": 0, "graded": 1, "failed": 0, "cached": 0, "total": 12}
         assert model.total == 12 and judge.total == 12
         _, records = read_run(cfg.output_dir)
         assert {(r["problem_id"], r["sample"]): r["score"] for r in records}[FAILING] == 7
         assert evaluate(cfg, progress=False)["graded"] == 0 and judge.total == 12
+
+        # The same samples in another run directory, with the same judge cache: nothing is sent,
+        # and the grades say they are the cache's (a stand-in's grades cached under a real judge's
+        # name would have passed for that judge's, unseen).
+        again = config(tmp_path, "imo_proofbench", model.url, judge.url, f"output_dir={tmp_path}/again")
+        assert evaluate(again, progress=False) == {"generated": 12, "graded": 12, "failed": 0, "cached": 11,
+                                                   "total": 12}
+        assert judge.total == 12
+        _, out, _ = report([again.output_dir])
+        assert json.loads((out / "report.json").read_text())["again"]["decided_by"] == {"judge_cache": 11, "truncated": 1}
 
 
 def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
@@ -164,7 +174,8 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
     # A rerun may ask for more samples (and only draws those), not for other sampling settings.
     with ModelServer(reply) as model, JudgeServer() as judge:
         more = config(tmp_path, "answerbench", model.url, judge.url, "samples=2")
-        assert evaluate(more, progress=False) == {"generated": 4, "graded": 4, "failed": 0, "total": 8}
+        # AB-004's new sample is the same text as its first: its grade is the judge cache's.
+        assert evaluate(more, progress=False) == {"generated": 4, "graded": 4, "failed": 0, "cached": 1, "total": 8}
         assert sorted(problem_and_sample(*request, ANSWER_ROWS)[1] for request in model.requests) == [1] * 4
         with pytest.raises(ConfigError, match="sampling="):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
@@ -364,7 +375,7 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
                   "completion": "Let me think.</think>\nProof. It holds.", "completion_tokens": 9,
                   "finish_reason": "stop", "truncated": False}
         (run / "samples.jsonl").write_text(json.dumps(sample) + "\n")  # generated, its grade lost
-        assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 1, "failed": 0, "total": 1}
+        assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 1, "failed": 0, "cached": 0, "total": 1}
     assert judge.total == 1
     assert [r["score"] for r in read_run(run)[1]] == [7]
     # Finished, its model back at that path but retrained since: its results are not this model's.
@@ -372,7 +383,7 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"the weights sampled from")
     (run / "model_files.json").write_text(json.dumps(model_files(cfg.model.path)))
-    assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "total": 1}
+    assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "cached": 0, "total": 1}
     (model / "model.safetensors").write_bytes(b"weights trained again")
     with pytest.raises(ConfigError, match=r"holds samples of the model at .* \(they differ now: re-exported, "
                                           r"retrained or replaced\), so its results are not this model's"):
@@ -734,9 +745,9 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
             "sampling.max_new_tokens=16", "sampling.temperature=0.5", "rc.summary_tokens=16",
             "rc.summarizer_tokens=12", "rc.grade_turns=true", "batch_size=3"])
         # Each sample's grade, and each of its first two turns' (the third turn's answer is the sample's).
-        assert evaluate(cfg, progress=False) == {"generated": 8, "graded": 24, "failed": 0, "total": 8}
+        assert evaluate(cfg, progress=False) == {"generated": 8, "graded": 24, "failed": 0, "cached": 0, "total": 8}
         requests = judge.total
-        assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "total": 8}
+        assert evaluate(cfg, progress=False) == {"generated": 0, "graded": 0, "failed": 0, "cached": 0, "total": 8}
         assert judge.total == requests
 
     records = read_records(tmp_path / "run/samples.jsonl")

@@ -415,15 +415,26 @@ def test_the_standin_judge_serves_on_its_own_for_commands_run_by_hand(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1): set judge\.base_url=", server.stdout.readline())[1]
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1): set judge\.base_url=\S+ judge\.model=qed-jax-standin-judge;",
+                        server.stdout.readline())[1]
         rows = tmp_path / "rows.jsonl"
         rows.write_text(json.dumps({"problem": "P", "proof": "<think>x</think> Q.E.D."}) + "\n")
-        graded = subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "--input", str(rows), "--output",
-                                 str(tmp_path / "graded.jsonl"), f"base_url={url}", "model=standin",
-                                 f"cache_path={tmp_path / 'cache.sqlite'}"], cwd=ROOT, env=cli_env(1),
-                                capture_output=True, text=True, timeout=120)
+
+        def judge(model):
+            return subprocess.run([sys.executable, "-m", "qed_jax.cli", "judge", "--input", str(rows), "--output",
+                                   str(tmp_path / "graded.jsonl"), f"base_url={url}", f"model={model}",
+                                   f"cache_path={tmp_path / 'cache.sqlite'}"], cwd=ROOT, env=cli_env(1),
+                                  capture_output=True, text=True, timeout=120)
+
+        graded = judge("qed-jax-standin-judge")
         assert graded.returncode == 0, graded.stderr[-2000:]
         assert json.loads((tmp_path / "graded.jsonl").read_text())["score"] == 7
+        # Under a real judge's name it grades nothing, so none of its grades is cached as that judge's.
+        refused = judge("openai/gpt-oss-20b")
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
+            "the stand-in judge serves model qed-jax-standin-judge only, so that its grades are never cached as a "
+            "real judge's; set judge.model=qed-jax-standin-judge) for judge.model 'openai/gpt-oss-20b': check "
+            "judge.model, judge.base_url and judge.api"), refused.stderr[-2000:]
     finally:
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
