@@ -430,6 +430,22 @@ def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
         judge.close()
 
 
+def check_hub_data_before_training(s: Stages) -> None:
+    """With training still to do, read the Hub datasets the later stages name (GRPO's prompts,
+    the benchmarks) now: one the Hub cannot serve (offline, a misspelt id, a wrong split) fails
+    before the trainers' hours, not after. `datasets` keeps what it read for the stages."""
+    from qed_jax.data import read_rows
+
+    if (Path(s.grpo.output_dir) / "hf" / "config.json").exists():
+        return
+    named = {(s.grpo.data.path, s.grpo.data.name, s.grpo.data.split)}
+    named |= {(c.benchmark.path, c.benchmark.subset, c.benchmark.split) for c in s.evals}
+    for path, name, split in sorted(named, key=str):
+        local = Path(path).expanduser()
+        if "://" not in path and local.suffix.lower() not in DATA_SUFFIXES and not local.exists():
+            read_rows(path, name, split)
+
+
 def check_run_directories(s) -> None:
     """What the stages would refuse, refused before any stage runs (and by --print-config): a
     judge template that does not fit its stage; a trainer or an evaluation started with another
@@ -467,6 +483,7 @@ def run(config: PipelineConfig) -> dict:
         sft_config, base, grpo_config, evals = s.sft, s.base, s.grpo, s.evals
         check_run_directories(s)
         check_judge_before_training(config, s)
+        check_hub_data_before_training(s)
         progress = Progress(stages=5)
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")

@@ -174,6 +174,31 @@ def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
 
 
+def test_a_hub_benchmark_that_cannot_be_read_is_found_before_training(tmp_path, monkeypatch):
+    """Offline, a benchmark read from the Hub failed only at the evaluations, after SFT and GRPO
+    had trained."""
+    import datasets
+
+    from qed_jax import sft
+    from qed_jax.pipeline import run
+
+    asked = []
+
+    def offline(path, name=None, split=None, **kwargs):
+        asked.append((path, name, split))
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (offline)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}",
+                                                       "eval.benchmarks=[{config: configs/eval/imo_proofbench.yaml}]"])
+    with pytest.raises(ConfigError, match=r"^data 'lm-provers/IMOProofBench' \(name None, split 'train'\): not a local "
+                                          r".* failed: Couldn't reach 'lm-provers/IMOProofBench' on the Hub"):
+        run(config)
+    assert asked == [("lm-provers/IMOProofBench", None, "train")]  # the bundled GRPO prompts are local: not asked
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "base").exists()
+
+
 def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
     import dataclasses
 
