@@ -923,8 +923,8 @@ def check_samples_kept(config: EvalConfig, runlog: RunLog) -> None:
                                                    else ""))):
         if asked is not None and asked < holds:
             raise ConfigError(f"{config.output_dir} holds a run with {what} ({key}={holds}): a rerun may extend it, "
-                              f"not shrink it to {asked} (its report counts every sample it holds); choose another "
-                              "output_dir")
+                              f"not shrink it to {asked} (its report counts every sample it holds); give {key}={holds} "
+                              f"or more (in a pipeline: eval.overrides.{key}={holds}), or choose another output_dir")
 
 
 TEMPLATES_FILE = "templates.json"  # in an eval run directory: `template_texts` when it began

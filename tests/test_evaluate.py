@@ -1145,7 +1145,9 @@ def test_a_rerun_may_not_keep_fewer_samples_than_the_run_holds(tmp_path):
 
         assert run(2)["generated"] == 8
         with pytest.raises(ConfigError, match=r"run holds a run with samples drawn up to index 1 \(samples=2\): a "
-                                              "rerun may extend it, not shrink it to 1"):
+                                              r"rerun may extend it, not shrink it to 1 \(its report counts every "
+                                              r"sample it holds\); give samples=2 or more \(in a pipeline: "
+                                              r"eval.overrides.samples=2\), or choose another output_dir$"):
             run(1)
         with pytest.raises(ConfigError, match=r"run holds a run with samples of 4 problems \(benchmark.limit=4\): a "
                                               "rerun may extend it, not shrink it to 3"):
