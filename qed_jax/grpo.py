@@ -40,9 +40,9 @@ from qed_jax.pretrained import loaded_from
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
-                             check_rows_divide, data_parallel_size, data_record, decay_mask, exit_or_export,
-                             init_opt_state, is_complete, make_optimizer, open_model, params_finite, resolve_tokenizer,
-                             run_lock, start_or_resume)
+                             check_rows_divide, check_run_config, data_parallel_size, data_record, decay_mask,
+                             exit_or_export, init_opt_state, is_complete, make_optimizer, open_model, params_finite,
+                             resolve_tokenizer, run_lock, start_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -809,6 +809,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer, stop_ids
 
     out = Path(config.output_dir)
+    check_run_config(out, config, resume_with_changes, refuse=False, kind_only=True)  # another command's run?
     with set_up_together("GRPO's setup (config, model, tokenizer, prompts)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after

@@ -30,9 +30,9 @@ from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.pretrained import loaded_from
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_finite,
-                             check_rows_divide, data_record, decay_mask, exit_or_export, init_opt_state, is_complete,
-                             lr_schedule, make_optimizer, open_model, params_finite, resolve_tokenizer, run_lock,
-                             start_or_resume, to_global)
+                             check_rows_divide, check_run_config, data_record, decay_mask, exit_or_export,
+                             init_opt_state, is_complete, lr_schedule, make_optimizer, open_model, params_finite,
+                             resolve_tokenizer, run_lock, start_or_resume, to_global)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer
 
     out = Path(config.output_dir)
+    check_run_config(out, config, resume_with_changes, refuse=False, kind_only=True)  # another command's run?
     with set_up_together("SFT's setup (config, model, tokenizer, data)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after

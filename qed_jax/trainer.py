@@ -289,12 +289,14 @@ def run_lock(out: Path):
 
 
 def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_RUN_IDENTITY,
-                     refuse: bool = True) -> list[str]:
+                     refuse: bool = True, kind_only: bool = False) -> list[str]:
     """A rerun into an existing run directory must use the config it was started with (but the
     keys `ignored`), unless the user says otherwise. Returns the changes (process 0's; empty on
     the others), which `record_run_config` writes down once the run has resumed. Process 0
     decides (on a pod only its host holds `out`), and every process acts on that. With `refuse`
-    false the caller refuses them (`refuse_changes`), after adding what else changed."""
+    false the caller refuses them (`refuse_changes`), after adding what else changed. With
+    `kind_only`, only refuses a directory that holds no run of this trainer (`read_run_config`),
+    as a trainer does first, before it makes anything there."""
     path = out / "config.json"
     changes, refusal = [], None
     if jax.process_index() == 0:
@@ -302,9 +304,10 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
             if path.exists():
                 new = json_values(config)
                 saved = read_run_config(path, out, new)
-                recorded_in = rundir.recorded_working_dir(out) or saved.get("working_dir")
-                saved.pop("working_dir", None)  # where 2f52b90 recorded it, in config.json
-                changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
+                if not kind_only:
+                    recorded_in = rundir.recorded_working_dir(out) or saved.get("working_dir")
+                    saved.pop("working_dir", None)  # where 2f52b90 recorded it, in config.json
+                    changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
     if largest(int(refusal is not None)):

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -598,6 +599,10 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
         with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run \(.*config\.json has no "
                                               r"optim section: not a trainer's\); use another output_dir$"):
             check_run_config(tmp_path, trainer, resume_with_changes=True)
+        # The trainer refuses it before it makes anything there (it left an empty checkpoints/ before).
+        with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run"):
+            (sft.train if trainer is config else grpo.train)(replace(trainer, output_dir=str(tmp_path)))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "config.json"]
     # The other trainer's run: named as such, not a list of most keys and advice to pass
     # --resume-with-changes (its checkpoints refuse that flag when read).
     trainers = {"sft": config, "grpo": load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")}
