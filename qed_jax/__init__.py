@@ -14,6 +14,7 @@ _EXPORTS = {
     "Summarizer": "qed_jax.reasoning_cache",
     "from_pretrained": "qed_jax.pretrained",
     "generate": "qed_jax.sampling",
+    "load_tokenizer": "qed_jax.tokenizer",
     "preset": "qed_jax.config",
     "reasoning_cache": "qed_jax.reasoning_cache",
     "save_pretrained": "qed_jax.pretrained",
@@ -26,3 +27,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'qed_jax' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -153,12 +153,24 @@ def _generate(args) -> None:
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
-    for prompt, c in zip(args.prompt, generate(model, tokenizer, prompts, params, seed=args.seed)):
+    completions = generate(model, tokenizer, prompts, params, seed=args.seed)
+    for i, (prompt, c) in enumerate(zip(args.prompt, completions)):
         if args.json:
             print(json.dumps({"prompt": prompt, "tokens": c.tokens, "logprobs": c.logprobs,
                               "finish_reason": c.finish_reason, "text": c.text}))
         else:
-            print(c.text + ("" if c.finish_reason == "stop" else "  [length]"))
+            cut = f"cut off at --max-new-tokens {params.max_new_tokens}" if c.finish_reason == "length" else None
+            _print_completion(i, len(completions), c.text, cut)
+
+
+def _print_completion(i: int, count: int, text: str, note: str | None) -> None:
+    """Completion i of `count` as plain text. With several, each comes under a line that numbers
+    it (and notes how it ended); one alone is the text only, its note on stderr."""
+    if count > 1:
+        print(f"=== prompt {i + 1} of {count}" + (f" ({note})" if note else "") + " ===")
+    print(text)
+    if count == 1 and note:
+        print(f"[{note}]", file=sys.stderr)
 
 
 # generate's flags that only --reasoning-cache reads, and those only --summarizer reads (or
@@ -206,7 +218,7 @@ def _generate_reasoning_cache(args) -> None:
                                 thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
     with renamed(ConfigError, _RC_FIELD_FLAGS):
         results = reasoning_cache(model, tokenizer, args.prompt, params, summarizer)
-    for prompt, result in zip(args.prompt, results):
+    for i, (prompt, result) in enumerate(zip(args.prompt, results)):
         if args.json:
             turns = [{"reasoning": t.reasoning, "answer": t.answer, "num_tokens": t.num_tokens,
                       "reasoning_tokens": len(t.reasoning_ids), "answer_tokens": len(t.answer_ids),
@@ -216,7 +228,8 @@ def _generate_reasoning_cache(args) -> None:
                       "summarizer_finish_reason": t.summarizer_finish_reason} for t in result.turns]
             print(json.dumps({"prompt": prompt, "answer": result.answer, "turns": turns}))
         else:
-            print(result.answer if result.answer is not None else "[no </think> in the last turn: no answer]")
+            _print_completion(i, len(results), result.answer or "",
+                              "no </think> in the last turn: no answer" if result.answer is None else None)
 
 
 def _judge(args) -> int | None:

@@ -343,6 +343,19 @@ def test_generate_cli_json(tmp_path, capsys):
     for r in rows:
         assert len(r["logprobs"]) == len(r["tokens"]) <= 6 and r["finish_reason"] in ("stop", "length")
         assert isinstance(r["text"], str)
+    # As plain text, several completions come each under a numbered line that says how it ended;
+    # one alone is its text only (greedy, 6 tokens: cut off), the note on stderr.
+    texts = [r["text"] for r in rows]
+    args = ["generate", "--model", str(tmp_path), "--chat", "--max-new-tokens", "6", "--temperature", "0.7",
+            "--top-p", "0.9", "--seed", "1"]
+    assert cli.main([*args, "--prompt", "Let n be", "--prompt", "Prove"]) == 0
+    notes = [" (cut off at --max-new-tokens 6)" if r["finish_reason"] == "length" else "" for r in rows]
+    assert capsys.readouterr().out == (f"=== prompt 1 of 2{notes[0]} ===\n{texts[0]}\n"
+                                       f"=== prompt 2 of 2{notes[1]} ===\n{texts[1]}\n")
+    assert cli.main(["generate", "--model", str(tmp_path), "--max-new-tokens", "2", "--temperature", "0",
+                     "--prompt", "Prove"]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == "[cut off at --max-new-tokens 2]" and "===" not in out
 
 
 def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, capsys):
@@ -371,6 +384,20 @@ def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, c
     assert rc == 2 and capsys.readouterr().err.strip().endswith(
         "the tokenizer has 320 tokens but the model's vocab_size is 256, so its last ids have no embedding; use the "
         "tokenizer saved with this model")
+
+
+def test_the_readme_python_example_runs_and_the_public_names_are_listed(tmp_path, capsys):
+    import re
+
+    make_hf_model_with_tokenizer(tmp_path)
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"In Python \(`dir\(qed_jax\)` lists the public names\):\n\n```python\n(.*?)```", readme, re.S)[1]
+    capsys.readouterr()
+    exec(example.replace("path/to/model", str(tmp_path)), {})
+    text, finish_reason = capsys.readouterr().out.rstrip("\n").rsplit(" ", 1)
+    assert finish_reason in ("stop", "length")
+    assert set(qed_jax.__all__) <= set(dir(qed_jax)) and "load_tokenizer" in qed_jax.__all__
+    assert all(getattr(qed_jax, name) is not None for name in qed_jax.__all__)
 
 
 def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
