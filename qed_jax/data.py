@@ -76,8 +76,9 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
             f.seek(0)
             return _json_lines_rows(f)
     if local.is_file() and suffix != ".parquet":
-        raise ConfigError(f"data file {path}: cannot read '{local.suffix}' files; use JSON lines (.jsonl or .json), "
-                          "a JSON array (.json) or Parquet")
+        kind = f"cannot read '{local.suffix}' files" if local.suffix else "its name has no suffix to tell its format by"
+        raise ConfigError(f"data file {path}: {kind}; use JSON lines (.jsonl or .json), a JSON array (.json) or "
+                          "Parquet (.parquet), named so")
     if (suffix == ".parquet" and not local.is_dir()) or is_missing_local_path(path):
         require_file(local, "data file")
     if suffix == ".parquet":  # a file, or the folder of one partitioned table (pandas' and Spark's)

@@ -517,7 +517,7 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     assert cli.main(["judge", "--input", str(compressed), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"qed-jax judge: error: data file {compressed}: cannot read '.gz' files; use JSON lines (.jsonl or .json), "
-        "a JSON array (.json) or Parquet"]
+        "a JSON array (.json) or Parquet (.parquet), named so"]
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     rows = tmp_path / "rows.jsonl"

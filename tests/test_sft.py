@@ -689,6 +689,11 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
     with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl or \.json\), a "
                        r"JSON array \(\.json\) or Parquet"):
         read_rows(str(tmp_path / "rows.csv"))
+    (tmp_path / "rows").write_text('{"a": 1}\n')  # no suffix: not "cannot read '' files"
+    with pytest.raises(ConfigError, match=r"rows: its name has no suffix to tell its format by; use JSON lines "
+                                          r"\(\.jsonl or \.json\), a JSON array \(\.json\) or Parquet \(\.parquet\), "
+                                          r"named so$"):
+        read_rows(str(tmp_path / "rows"))
     with pytest.raises(ConfigError, match=r"^data file .*/rows\.jsonll does not exist$"):
         read_rows(str(tmp_path / "rows.jsonll"))
     (tmp_path / "ROWS.JSONL").write_text('{"a": 1}\n')  # a suffix in capitals reads as its lower case
