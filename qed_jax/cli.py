@@ -43,7 +43,8 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     # A Hugging Face export cut off before its config.json (written last) still counts.
     holds_hf = any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in entries)
     if not (holds_hf or checkpoint.is_checkpoint_dir(where)):
-        example = sorted(p.name for p in entries)[0]
+        names = sorted((p.name for p in entries), key=lambda name: (name.startswith("."), name))  # hidden last
+        example = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
         raise ConfigError(f"{dest} holds {example} and no model (neither a Hugging Face folder nor a qed-jax "
                           "checkpoint), so --overwrite leaves it alone; empty it yourself or choose another "
                           "destination")

@@ -338,11 +338,12 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
         assert capsys.readouterr().err.splitlines()[-1] == (
             f"qed-jax convert: error: argument {name}: empty; give a path (an unset shell variable?)")
     (work / "config.json").write_text("{}")  # a run directory has a config.json too
+    (work / ".lock").write_text("")  # named after what is not hidden
     for dest, overwrite in ((work, ["--overwrite"]), (".", ["--overwrite"]), (work, [])):  # never "pass --overwrite"
         assert cli.main(["convert", str(source), str(dest), *overwrite]) == 2
-        assert (f"{dest} holds config.json and no model (neither a Hugging Face folder nor a qed-jax checkpoint), "
-                "so --overwrite leaves it alone") in capsys.readouterr().err
-    assert sorted(p.name for p in work.iterdir()) == ["config.json", "notes.txt"]
+        assert (f"{dest} holds config.json, notes.txt, .lock and no model (neither a Hugging Face folder nor a qed-jax "
+                "checkpoint), so --overwrite leaves it alone") in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == [".lock", "config.json", "notes.txt"]
 
     target, link = tmp_path / "target", tmp_path / "link"
     assert cli.main(["convert", str(source), str(target)]) == 0
