@@ -390,8 +390,8 @@ JUXTAPOSED_NUMBERS = re.compile(r"[\d}](?:\s|\\[,:;! ]|~)+\d")
 
 def one_value(text: str) -> bool:
     """Whether math-verify's reading of `text` is its whole value (see ONE_VALUE_COMMANDS,
-    MIXED_NUMBER and JUXTAPOSED_NUMBERS): only commands and characters it reads whole, no word, and at most one `=`,
-    after a variable."""
+    MIXED_NUMBER and JUXTAPOSED_NUMBERS): only commands and characters it reads whole, no word,
+    and at most one `=`, after a variable."""
     if any(command not in ONE_VALUE_COMMANDS for command in LATEX_COMMAND.findall(text)):
         return False
     if not ONE_VALUE_CHARACTERS.fullmatch(LATEX_COMMAND.sub(" ", text)) or WORD.search(text):
