@@ -43,7 +43,7 @@ from qed_jax.errors import quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts,
                            render_marking_scheme, reply_text, text_to_grade)
-from qed_jax.rundir import record_working_dir, recorded_working_dir, run_lock
+from qed_jax.rundir import record_working_dir, recorded_working_dir, refuse_a_pipelines_folder, run_lock
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -863,6 +863,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     `runlog`: its run log, read here when not given). A run that holds no record yet (stopped
     before its first sample: a wrong model name, too long a max_new_tokens) may begin anew."""
     out = Path(config.output_dir)
+    refuse_a_pipelines_folder(out)
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return

@@ -29,6 +29,15 @@ def record_working_dir(out: Path) -> None:
         write_text_atomic(where, os.getcwd() + "\n")
 
 
+def refuse_a_pipelines_folder(out: Path) -> None:
+    """ConfigError for an output_dir that is a pipeline's own folder (it holds the pipeline's
+    base/hf export): a run written beside its stages' folders would pass for the pipeline's
+    report, and each stage's run is a folder inside it."""
+    if (out / "base" / "hf").is_dir():
+        raise ConfigError(f"{out} is a pipeline's folder (it holds base/hf): its stages' runs are folders inside it "
+                          "(sft/, grpo/, eval/...); use another output_dir")
+
+
 def recorded_working_dir(out: Path) -> str | None:
     """The working directory `record_working_dir` wrote down for the run in `out`; None for a run
     begun before it was recorded."""

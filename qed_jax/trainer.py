@@ -301,6 +301,7 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
     changes, refusal = [], None
     if jax.process_index() == 0:
         try:
+            rundir.refuse_a_pipelines_folder(out)
             if path.exists():
                 new = json_values(config)
                 saved = read_run_config(path, out, new)

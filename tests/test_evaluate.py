@@ -1192,6 +1192,12 @@ def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_confi
                                               r"an evaluation's config: a trainer's, a pipeline's or a model's\); use "
                                               r"another output_dir$"):
             check_rerun(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={folder}"))
+    # Nor is a pipeline's own folder (no config.json of its own): its report would count the run as the pipeline's.
+    (tmp_path / "pipeline" / "base" / "hf").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/pipeline is a pipeline's folder \(it holds base/hf\)"):
+        evaluate(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={tmp_path}/pipeline"),
+                 progress=False)
+    assert sorted(p.name for p in (tmp_path / "pipeline").iterdir()) == [".lock", "base", "sft"]
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):

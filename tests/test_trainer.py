@@ -603,6 +603,15 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
         with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run"):
             (sft.train if trainer is config else grpo.train)(replace(trainer, output_dir=str(tmp_path)))
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "config.json"]
+    # A pipeline's own folder (its stages' runs are folders inside it) is no trainer's run either.
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "base" / "hf").mkdir(parents=True)
+    for trainer in (config, load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")):
+        with pytest.raises(ConfigError, match=rf"^{pipeline} is a pipeline's folder \(it holds base/hf\): its stages' "
+                                              r"runs are folders inside it \(sft/, grpo/, eval/...\); use another "
+                                              r"output_dir$"):
+            (sft.train if trainer is config else grpo.train)(replace(trainer, output_dir=str(pipeline)))
+        assert sorted(p.name for p in pipeline.iterdir()) == [".lock", "base"]
     # The other trainer's run: named as such, not a list of most keys and advice to pass
     # --resume-with-changes (its checkpoints refuse that flag when read).
     trainers = {"sft": config, "grpo": load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")}
