@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from functools import partial
@@ -427,9 +428,24 @@ class GRPOConfig:
 
 
 def prompt_batches(prompts: list[dict], per_step: int, data_seed: int) -> grain.DatasetIterator:
-    """Each step's prompts, reshuffled every epoch, forever; a checkpoint holds the position."""
-    return iter(grain.MapDataset.source(prompts).shuffle(seed=order_seed(data_seed)).repeat()
-                .batch(per_step, batch_fn=list).to_iter_dataset())
+    """Each step's prompts, forever; a checkpoint holds the position. Every epoch reshuffles the
+    prompts and cuts them into steps of `per_step`, leaving out the epoch's last len % per_step
+    (other ones each epoch), so that no step holds a problem twice: a step across two epochs
+    could have held the same problem at the end of one and the start of the next. With fewer
+    prompts than a step takes, each step runs on through the reshuffled epochs."""
+    count = len(prompts)
+    shuffled = grain.MapDataset.source(prompts).shuffle(seed=order_seed(data_seed)).repeat()
+    steps_per_epoch = count // per_step
+
+    def step_prompts(step: int) -> list[dict]:
+        if steps_per_epoch:
+            epoch, index = divmod(step, steps_per_epoch)
+            start = epoch * count + index * per_step
+        else:
+            start = step * per_step
+        return [shuffled[start + i] for i in range(per_step)]
+
+    return iter(grain.MapDataset.range(sys.maxsize).map(step_prompts).to_iter_dataset())
 
 
 def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:

@@ -549,6 +549,25 @@ def test_nearby_data_seeds_give_unrelated_prompt_orders():
     assert sorted(sum(steps_0[6:12], [])) == prompts  # each epoch is every prompt once
 
 
+def test_no_step_holds_a_problem_twice_where_one_epoch_ends_and_the_next_begins():
+    from qed_jax.grpo import prompt_batches
+
+    # 50 prompts, 8 per step: each epoch is 6 steps of distinct prompts and leaves 2 out.
+    batches = prompt_batches(list(range(50)), 8, 0)
+    steps = [next(batches) for _ in range(60)]
+    assert all(len(set(step)) == 8 for step in steps)
+    epochs = [sum(steps[e * 6:(e + 1) * 6], []) for e in range(10)]
+    assert all(len(set(epoch)) == 48 for epoch in epochs)
+    assert len({tuple(sorted(set(range(50)) - set(epoch))) for epoch in epochs}) > 1  # not always the same 2 left out
+    state = batches.get_state()  # a resumed run goes on where the checkpoint was written
+    ahead = [next(batches) for _ in range(3)]
+    resumed = prompt_batches(list(range(50)), 8, 0)
+    resumed.set_state(state)
+    assert [next(resumed) for _ in range(3)] == ahead
+    few = prompt_batches(list(range(5)), 8, 0)  # fewer prompts than a step: all of them, then more
+    assert all(set(next(few)) == set(range(5)) for _ in range(4))
+
+
 def test_the_failed_share_counts_only_completions_sent_to_the_judge():
     from qed_jax.errors import JudgeUnavailable
     from qed_jax.grpo import check_failures, sample_stats
