@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import gc
 import json
 import logging
@@ -706,6 +707,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def suggested_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """' (did you mean --max-new-tokens?)' for a misspelt flag among `unknown`, naming the
+    command's flags closest to each; '' when none is close."""
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    guesses = {}
+    for given in unknown:
+        close = difflib.get_close_matches(given.split("=")[0], flags, n=1) if given.startswith("--") else []
+        if close:
+            guesses[given.split("=")[0]] = close[0]
+    return f" (did you mean {', '.join(f'{flag} for {given}' if len(guesses) > 1 else flag for given, flag in guesses.items())}?)" if guesses else ""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, with key=value overrides taken wherever they stand: argparse takes the
     positional overrides as one run, so `--config C a=1 --print-config b=2` would leave b=2
@@ -713,7 +726,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, extra = build_parser().parse_known_args(argv)
     overrides = [x for x in extra if "=" in x and not x.startswith("-")] if hasattr(args, "overrides") else []
     if len(overrides) < len(extra):
-        args.parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in overrides)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in overrides)}"
+                          + suggested_flags(args.parser, [x for x in extra if x not in overrides]))
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     return args

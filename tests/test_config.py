@@ -489,8 +489,8 @@ def test_verbose_is_accepted_before_and_after_the_command():
 def test_a_flag_is_never_taken_from_a_prefix_and_multi_host_flags_go_together(tmp_path, capsys):
     # A user's "--resume" (continue this run) must not turn on --resume-with-changes.
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["sft", "--resume"])
-    assert "unrecognized arguments: --resume" in capsys.readouterr().err
+        cli.parse_args(["sft", "--resume"])
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --resume")  # and no guess
     base = ["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path / 'run'}"]
     for flags, message in [(["--num-processes", "2", "--process-id", "1"], "--num-processes goes with --coordinator "
                             "(the coordinator's host:port); add it, or drop --num-processes and --process-id"),
@@ -506,6 +506,21 @@ def test_a_flag_is_never_taken_from_a_prefix_and_multi_host_flags_go_together(tm
     assert "--distributed finds the slice itself; elsewhere give --coordinator, --num-processes and --process-id" in \
         result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelt_flag_is_answered_with_the_flag_it_resembles(capsys):
+    for argv, message in [
+        (["generate", "--model", "m", "--prompt", "p", "--max-new-tokns", "5"],
+         "qed-jax generate: error: unrecognized arguments: --max-new-tokns 5 (did you mean --max-new-tokens?)"),
+        (["eval", "--print-confg"], "qed-jax eval: error: unrecognized arguments: --print-confg (did you mean "
+                                    "--print-config?)"),
+        (["generate", "--model", "m", "--prompt", "p", "--temprature=0", "--top_p", "1"],
+         "qed-jax generate: error: unrecognized arguments: --temprature=0 --top_p 1 (did you mean --temperature "
+         "for --temprature, --top-p for --top_p?)"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+        assert capsys.readouterr().err.strip().splitlines()[-1] == message
 
 
 def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
