@@ -710,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
 def suggested_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     """' (did you mean --max-new-tokens?)' for a misspelt flag among `unknown`, naming the
     command's flags closest to each; '' when none is close."""
-    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    flags = [flag for action in parser._actions for flag in action.option_strings
+             if flag.startswith("--") and flag not in ("--help", "--version")]  # never the answer to a typo
     guesses = {}
     for given in unknown:
         close = difflib.get_close_matches(given.split("=")[0], flags, n=1) if given.startswith("--") else []

@@ -512,6 +512,7 @@ def test_a_misspelt_flag_is_answered_with_the_flag_it_resembles(capsys):
     for argv, message in [
         (["generate", "--model", "m", "--prompt", "p", "--max-new-tokns", "5"],
          "qed-jax generate: error: unrecognized arguments: --max-new-tokns 5 (did you mean --max-new-tokens?)"),
+        (["sft", "--step"], "qed-jax sft: error: unrecognized arguments: --step"),  # not --help
         (["eval", "--print-confg"], "qed-jax eval: error: unrecognized arguments: --print-confg (did you mean "
                                     "--print-config?)"),
         (["generate", "--model", "m", "--prompt", "p", "--temprature=0", "--top_p", "1"],
