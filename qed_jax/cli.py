@@ -713,11 +713,15 @@ def suggested_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     flags = [flag for action in parser._actions for flag in action.option_strings
              if flag.startswith("--") and flag not in ("--help", "--version")]  # never the answer to a typo
     guesses = {}
-    for given in unknown:
-        close = difflib.get_close_matches(given.split("=")[0], flags, n=1) if given.startswith("--") else []
+    for given in (x.split("=")[0] for x in unknown if x.startswith("--")):
+        close = difflib.get_close_matches(given, flags, n=1)
         if close:
-            guesses[given.split("=")[0]] = close[0]
-    return f" (did you mean {', '.join(f'{flag} for {given}' if len(guesses) > 1 else flag for given, flag in guesses.items())}?)" if guesses else ""
+            guesses[given] = close[0]
+    if not guesses:
+        return ""
+    if len(guesses) == 1:
+        return f" (did you mean {next(iter(guesses.values()))}?)"
+    return f" (did you mean {', '.join(f'{flag} for {given}' for given, flag in guesses.items())}?)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
