@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from qed_jax.errors import ConfigError, first_line
+from qed_jax.errors import ConfigError, first_line, json_error
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "blockwise")
@@ -798,8 +798,10 @@ def read_json_object(path: Path, damaged: str) -> dict:
     the file, then `damaged` (what to do about it)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({getattr(e, 'msg', None) or e.reason}); {damaged}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({json_error(e, line=True)}); {damaged}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.reason}); {damaged}") from None
     except OSError as e:  # unreadable (permissions, a folder of that name): every process of a pod must hear it
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); {damaged}") from None
     if not isinstance(data, dict):

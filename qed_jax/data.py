@@ -23,7 +23,7 @@ import numpy as np
 
 from qed_jax.config import (ConfigError, check_seed, hashed_seed, is_missing_local_path, require_at_least_one,
                             require_file, require_range)
-from qed_jax.errors import first_line
+from qed_jax.errors import first_line, json_error
 from qed_jax.tokenizer import render_chat, stop_ids, token_id
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def json_lines(lines) -> list[tuple[int, Any]]:
             row = json.loads(line)
             rows.append((n, _whole_text(row) if SURROGATE_ESCAPE.search(line) else row))
         except json.JSONDecodeError as e:
-            rows.append((n, BadRow(f"not valid JSON ({e.msg})")))
+            rows.append((n, BadRow(f"not valid JSON ({json_error(e)})")))
     return rows
 
 
@@ -183,7 +183,7 @@ def _json_array_rows(path: str, data: bytes) -> list[tuple[str, Any]]:
         # be skipped as malformed.
         if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():
             return _json_lines_rows(data.split(b"\n"))
-        raise ConfigError(f"data file {path}: not a valid JSON array ({e.msg} at line {e.lineno} column {e.colno}); "
+        raise ConfigError(f"data file {path}: not a valid JSON array ({json_error(e, line=True)}); "
                           "a .json file that opens with '[' is read as one array of rows") from None
 
 

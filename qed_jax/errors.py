@@ -36,6 +36,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def json_error(error, line: bool = False) -> str:
+    """Why and where JSON text did not parse (a json.JSONDecodeError): "Expecting value at
+    column 9", "Unterminated string starting at line 2 column 4"."""
+    where = f"line {error.lineno} column {error.colno}" if line else f"column {error.colno}"
+    return f"{error.msg} {where}" if error.msg.endswith(" at") else f"{error.msg} at {where}"
+
+
 def quoted(text, limit: int = 200) -> str:
     """Another program's text (a server's reply or error) for one line of ours: each run of
     whitespace, line breaks included, as one space, cut to `limit` characters."""

@@ -39,7 +39,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
                             load_template, not_found, read_json_object, recorded_path, require_at_least_one,
                             require_range, same_as_recorded, write_text_atomic)
-from qed_jax.errors import quoted, renamed
+from qed_jax.errors import json_error, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts,
                            render_marking_scheme, reply_text, text_to_grade)
@@ -478,7 +478,7 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
             raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
                               "the run log is damaged") from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); the run log is damaged") from None
+            raise ConfigError(f"{path}:{n}: not valid JSON ({json_error(e)}); the run log is damaged") from None
         if not isinstance(record, dict) or not all(k in record for k in RECORD_KEYS):
             raise ConfigError(f"{path}:{n}: not a record (each has {', '.join(RECORD_KEYS)}); the run log is damaged")
         if (wrong := misread_value(record)) is not None:

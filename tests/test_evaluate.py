@@ -1036,7 +1036,8 @@ def test_report_compares_runs_side_by_side(tmp_path):
     assert misread_value({**sample, "turns": [{"answer": "a"}]}) is None
     samples.write_text("\n".join(lines) + "\n")
     saved = tmp_path / "damaged" / "config.json"
-    for text, message in (("{", "not valid JSON"), ("[]", "not a JSON object; the run's config is damaged"),
+    for text, message in (("{", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+                          ("[]", "not a JSON object; the run's config is damaged"),
                           ('{"samples": 3}', "no benchmark, model: not an eval run's config, or a damaged one")):
         saved.write_text(text)
         with pytest.raises(ConfigError, match=f"^{re.escape(str(saved))}: {re.escape(message)}"):
@@ -1072,7 +1073,7 @@ def test_config_errors_say_what_to_do(tmp_path):
                                               "marking scheme must be a string or a list of checkpoints, got int"):
             evaluate(cfg, progress=False)
         bad.write_text(json.dumps({"problem": "?"}) + "\n" + '{"problem": "cut off' + "\n")
-        with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: line 2: not valid JSON \\(Unterminated string"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: line 2: not valid JSON \\(Unterminated string starting at column 13\\)"):
             evaluate(cfg, progress=False)
         bad.write_text(json.dumps(["a", "list"]) + "\n")
         with pytest.raises(ConfigError, match=r'line 1 is not a JSON object of named columns: \["a", "list"\]$'):

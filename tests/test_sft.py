@@ -484,7 +484,7 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
         examples, stats = prepare_sft(read_rows(str(path)), tokenizer, DataConfig(path=str(path)), source=str(path))
     assert stats.kept == len(examples) == 10 and sum(stats.skipped.values()) == 4
     assert [r.getMessage() for r in caplog.records[:4]] == [f"{path}: skipped {where}" for where in (
-        "line 4: not valid JSON (Expecting property name enclosed in double quotes)",
+        "line 4: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
         "line 7: field 'reasoning_content' is missing or empty (and there are no messages)",
         "line 9: messages[0] has unknown role 'wizard'", "line 11: messages[1] has empty content")]
     caplog.clear()
