@@ -510,8 +510,34 @@ def _version() -> str:
         return "(not installed)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (and each command's, through add_subparsers), answering a misspelt
+    command, choice or flag with what it resembles."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)  # for error(): argparse keeps no copy
+        return super().parse_known_args(args, namespace)
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            close = difflib.get_close_matches(str(value), [str(choice) for choice in action.choices], n=1)
+            if close:
+                choices = ", ".join(repr(choice) for choice in action.choices)
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r} (did you mean {close[0]!r}? choose from {choices})")
+        super()._check_value(action, value)
+
+    def error(self, message):
+        # A misspelt required flag (--confg) is first seen as the real one missing: name the typo too.
+        unknown = [x for x in getattr(self, "given", ()) if x.startswith("--")
+                   and x.split("=")[0] not in self._option_string_actions]
+        if message.startswith("the following arguments are required") and unknown:
+            message += f"; unrecognized arguments: {' '.join(unknown)}{suggested_flags(self, unknown)}"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qed-jax", description="Post-train small Qwen3 models to write olympiad proofs: convert "
         "checkpoints, sample, grade with a judge, train (SFT, GRPO), evaluate on the bundled "
         "benchmarks and report, run all of it as one pipeline, and plan TPU memory. `qed-jax COMMAND --help` documents each command.")

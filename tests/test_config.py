@@ -508,7 +508,7 @@ def test_a_flag_is_never_taken_from_a_prefix_and_multi_host_flags_go_together(tm
     assert not (tmp_path / "run").exists()
 
 
-def test_a_misspelt_flag_is_answered_with_the_flag_it_resembles(capsys):
+def test_a_misspelt_flag_command_or_choice_is_answered_with_what_it_resembles(capsys):
     for argv, message in [
         (["generate", "--model", "m", "--prompt", "p", "--max-new-tokns", "5"],
          "qed-jax generate: error: unrecognized arguments: --max-new-tokns 5 (did you mean --max-new-tokens?)"),
@@ -518,6 +518,17 @@ def test_a_misspelt_flag_is_answered_with_the_flag_it_resembles(capsys):
         (["generate", "--model", "m", "--prompt", "p", "--temprature=0", "--top_p", "1"],
          "qed-jax generate: error: unrecognized arguments: --temprature=0 --top_p 1 (did you mean --temperature "
          "for --temprature, --top-p for --top_p?)"),
+        # a misspelt required flag is also seen as the real one missing: both are said
+        (["pipeline", "--confg", "c.json"], "qed-jax pipeline: error: the following arguments are required: --config; "
+                                            "unrecognized arguments: --confg (did you mean --config?)"),
+        (["plan", "--config", "c.json"], "qed-jax plan: error: the following arguments are required: --topology"),
+        (["evl"], "qed-jax: error: argument COMMAND: invalid choice: 'evl' (did you mean 'eval'? choose from 'convert', "
+                  "'generate', 'judge', 'sft', 'grpo', 'eval', 'report', 'pipeline', 'plan')"),
+        (["xyzzy"], "qed-jax: error: argument COMMAND: invalid choice: 'xyzzy' (choose from 'convert', 'generate', "
+                    "'judge', 'sft', 'grpo', 'eval', 'report', 'pipeline', 'plan')"),
+        (["convert", "a", "b", "--dtype", "float23"], "qed-jax convert: error: argument --dtype: invalid choice: "
+                                                      "'float23' (did you mean 'float32'? choose from 'float32', "
+                                                      "'bfloat16', 'float16')"),
     ]:
         with pytest.raises(SystemExit):
             cli.parse_args(argv)
