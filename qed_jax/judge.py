@@ -590,6 +590,8 @@ NOT_AN_API_REPLY = (ValueError, AttributeError, TypeError)
 
 # How long the check before grading waits for the judge's GET /models (judge.timeout_s if shorter).
 REACHABLE_TIMEOUT_S = 30.0
+# How many of the judge's listed models a warning about judge.model names.
+MODELS_NAMED = 5
 # What to do when nothing answers at the judge's URL.
 UNREACHABLE_ADVICE = "start it, or point judge.base_url at one that answers"
 
@@ -604,6 +606,7 @@ class Judge:
         self.template = load_judge_template(config.template)
         self.cache = GradeCache(config.cache_path) if config.cache_path else None
         self.requests_sent = 0
+        self.warned_unlisted = False  # that judge.model is not among the judge's models: said once, not at every check
 
     def grade_batch(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
         """Synchronous entry point for training and evaluation code."""
@@ -656,7 +659,8 @@ class Judge:
         """Fail fast, with the URL, when nothing answers at the endpoint at all."""
         timeout = min(self.config.timeout_s, REACHABLE_TIMEOUT_S)
         try:
-            await client.models.list(timeout=timeout)
+            listed = await client.models.list(timeout=timeout)
+            served = [model.id for model in listed.data if isinstance(getattr(model, "id", None), str)]
         except openai.APIStatusError as e:  # something answered; some servers do not serve /models
             if e.status_code in REFUSED:
                 raise self._refused(e) from None
@@ -670,6 +674,20 @@ class Judge:
             raise JudgeUnavailable(f"the judge at {self.config.base_url} answered GET /models with something that "
                                    "is not an OpenAI-compatible API's reply (a web page, a login proxy?): is "
                                    "judge.base_url the API's root, e.g. http://localhost:8000/v1?") from None
+        else:
+            self._check_model_listed(served)
+
+    def _check_model_listed(self, served: list[str]) -> None:
+        """Warn, before anything is sampled, when the judge lists its models and judge.model is not
+        one of them: a misspelt name stops the run at its first grade (HTTP 404). Only a warning,
+        as some servers take names they do not list (Azure's deployments, Ollama's untagged names)."""
+        c = self.config
+        if served and c.model not in served and not self.warned_unlisted:
+            self.warned_unlisted = True
+            names = ", ".join(map(repr, served[:MODELS_NAMED])) + (
+                f" and {len(served) - MODELS_NAMED} more" if len(served) > MODELS_NAMED else "")
+            log.warning("judge.model %r is not among the models the judge at %s lists (%s): if grading stops with "
+                        "HTTP 404, set judge.model to one of them", c.model, c.base_url, names)
 
     async def _answers(self, client) -> bool:
         """Whether anything still answers at the judge's endpoint (GET /models), after a request's

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -351,6 +352,32 @@ def test_a_judge_that_accepts_but_never_answers_is_named_with_its_timeout():
         with pytest.raises(JudgeUnavailable, match=rf"^the judge at {re.escape(url)} did not answer GET /models within "
                                                    r"0\.2 s \(judge\.timeout_s, at most 30 s for this check\)"):
             Judge(JudgeConfig(base_url=url, cache_path=None, timeout_s=0.2)).check_reachable()
+
+
+def test_a_judge_model_the_judge_does_not_list_is_warned_of_once_before_anything_is_graded(tmp_path, caplog):
+    def listing(*names):
+        return "application/json", json.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in names]})
+
+    with JudgeServer({}) as server, caplog.at_level(logging.WARNING, logger="qed_jax.judge"):
+        Judge(_config(server, tmp_path)).check_reachable()  # the server lists "judge"
+        assert caplog.records == []
+        misspelt = Judge(_config(server, tmp_path, model="jduge"))
+        misspelt.check_reachable()
+        misspelt.check_reachable()  # said once
+        assert [r.getMessage() for r in caplog.records] == [
+            f"judge.model 'jduge' is not among the models the judge at {server.url} lists ('judge'): if grading "
+            "stops with HTTP 404, set judge.model to one of them"]
+        assert server.total == 0
+    caplog.clear()
+    with JudgeServer({}, models_body=listing(*(f"m{i}" for i in range(7)))) as server, \
+            caplog.at_level(logging.WARNING, logger="qed_jax.judge"):
+        Judge(_config(server, tmp_path, model="m")).check_reachable()
+        assert "lists ('m0', 'm1', 'm2', 'm3', 'm4' and 2 more)" in caplog.records[0].getMessage()
+    caplog.clear()
+    with JudgeServer({}, models_body=listing()) as server, caplog.at_level(logging.WARNING, logger="qed_jax.judge"):
+        Judge(_config(server, tmp_path, model="m")).check_reachable()  # lists nothing: nothing to compare with
+        assert caplog.records == []
 
 
 @pytest.mark.parametrize("body", [("text/html", "<html>Sign in</html>"), ("application/json", '{"data": ['),
