@@ -52,6 +52,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the judge client opens up to judge.concurrency connections at once
 
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that stopped (its run failed) mid-reply
+            return
+        super().handle_error(request, client_address)
+
 
 class StandinJudge:
     """`with StandinJudge() as judge:` serves at `judge.url` (an OpenAI base URL on 127.0.0.1, a

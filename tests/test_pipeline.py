@@ -431,6 +431,25 @@ def test_a_changed_run_in_a_stage_checkpoint_dir_gets_advice_that_reaches_it():
             raise RunConfigChanged("/o/sft/checkpoints", ["training data: a -> b"], "checkpoint_dir")
 
 
+def test_the_standin_judge_prints_no_traceback_for_a_client_that_left_mid_reply(capsys):
+    # A judge client stops at a 404 with other requests in flight: writing their replies then
+    # fails (a broken pipe, a reset), which socketserver printed as a traceback.
+    from qed_jax.standin_judge import StandinJudge
+
+    def fail_in_handler(error):
+        try:
+            raise error
+        except Exception:
+            judge.httpd.handle_error(None, ("127.0.0.1", 1))
+
+    with StandinJudge() as judge:
+        fail_in_handler(BrokenPipeError(32, "Broken pipe"))
+        fail_in_handler(ConnectionResetError(104, "Connection reset by peer"))
+        assert capsys.readouterr().err == ""
+        fail_in_handler(ValueError("a fault of the server's own"))  # still shown
+        assert "ValueError: a fault of the server's own" in capsys.readouterr().err
+
+
 def test_the_standin_judge_serves_on_its_own_for_commands_run_by_hand(tmp_path):
     """`python -m qed_jax.standin_judge` (README's way to try eval or grpo offline): it prints
     its URL, `qed-jax judge` grades through it, and Ctrl-C stops it in one line."""
