@@ -345,7 +345,8 @@ def _pipeline(args) -> int | None:
     config = load_config(PipelineConfig, args.config, args.overrides)
     if args.print_config:
         # What the run would refuse, refused here too (the stand-in's port is chosen when it starts).
-        check_run_directories(stages(config, "http://127.0.0.1:1/v1" if config.judge == STANDIN else config.judge))
+        check_run_directories(stages(config, "http://127.0.0.1:1/v1" if config.judge == STANDIN else config.judge),
+                              Path(config.output_dir))
         print(dump_json(config))
         return
     start = time.perf_counter()

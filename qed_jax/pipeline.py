@@ -446,13 +446,18 @@ def check_hub_data_before_training(s: Stages) -> None:
             read_rows(path, name, split)
 
 
-def check_run_directories(s) -> None:
-    """What the stages would refuse, refused before any stage runs (and by --print-config): a
-    judge template that does not fit its stage; a trainer or an evaluation started with another
-    config or of problems edited since, or holding runs of a model that will train anew."""
+def check_run_directories(s, out: Path) -> None:
+    """What the stages would refuse, refused before any stage runs (and by --print-config): an
+    output_dir `out` that is another command's run; a judge template that does not fit its stage;
+    a trainer or an evaluation started with another config or of problems edited since, or
+    holding runs of a model that will train anew."""
     from qed_jax import grpo
     from qed_jax.evaluate import check_held_problems, check_judge_template, check_rerun
 
+    if (out / "config.json").is_file():  # a pipeline's folder holds its stages' folders, no config.json
+        raise ConfigError(f"{out} holds another command's run or a model ({out / 'config.json'}: a trainer's, an "
+                          "evaluation's or a model's); the pipeline would write its stages beside it and strand it: "
+                          "use another output_dir")
     check_unchanged(s.sft)
     check_unchanged(s.grpo)
     grpo.check_judge_template(s.grpo)
@@ -481,7 +486,7 @@ def run(config: PipelineConfig) -> dict:
         judge_url = standin.url if config.judge == STANDIN else config.judge
         s = stages(config, judge_url)
         sft_config, base, grpo_config, evals = s.sft, s.base, s.grpo, s.evals
-        check_run_directories(s)
+        check_run_directories(s, out)
         check_judge_before_training(config, s)
         check_hub_data_before_training(s)
         progress = Progress(stages=5)

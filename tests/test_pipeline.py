@@ -245,6 +245,29 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
     assert "(steps: 40 -> 120); a pipeline's run directory continues only as it started" in capsys.readouterr().err
 
 
+def test_an_output_dir_holding_another_commands_run_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    # Else the pipeline wrote its stages beside an SFT run, which then refused to resume (its
+    # folder had become a pipeline's).
+    from qed_jax import cli, sft
+    from qed_jax.config import dump_json
+    from qed_jax.pipeline import run
+
+    sft_run = tmp_path / "sft-run"
+    sft_run.mkdir()
+    (sft_run / "config.json").write_text(dump_json(load_config(sft.SFTConfig, ROOT / "configs/sft/tiny.yaml")))
+    (sft_run / ".lock").write_text("")  # as the run left it
+    message = (f"{sft_run} holds another command's run or a model ({sft_run / 'config.json'}: a trainer's, an "
+               "evaluation's or a model's); the pipeline would write its stages beside it and strand it: use another "
+               "output_dir")
+    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={sft_run}", "judge=http://127.0.0.1:9/v1"])
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        run(config)
+    assert sorted(p.name for p in sft_run.iterdir()) == [".lock", "config.json"]  # left as it was
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["pipeline", "--config", TINY, "--print-config", f"output_dir={sft_run}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
 def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_path):
     import dataclasses
 
