@@ -1229,8 +1229,9 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         check_local_paths(config)
     judge, bar = Judge(config.judge), None
     try:
-        if b.kind == "proof":  # every proof goes to the judge: find out now if there is none
-            judge.check_reachable()
+        # Every proof goes to the judge, and every final answer math-verify cannot settle: find out
+        # now if there is none, not after a round of sampling.
+        judge.check_reachable()
         generator = make_generator(config) if to_generate else None
         prepare_output(config, problems)  # every check passed: make the run directory
         runlog.start_appending()

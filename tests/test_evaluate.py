@@ -249,7 +249,7 @@ def test_reasoning_split_off_by_the_server_is_joined_back(tmp_path):
     assert got["AB-001"] == ("Still thinking", 0, "truncated")
 
 
-def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
+def test_a_benchmark_without_a_judge_fails_before_sampling(tmp_path):
     import socket
 
     from qed_jax.errors import JudgeUnavailable
@@ -257,12 +257,15 @@ def test_a_proof_benchmark_without_a_judge_fails_before_sampling(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    with ModelServer(lambda prompt, seed: "A proof.</think>Done.") as model:
-        cfg = config(tmp_path, "imo_proofbench", model.url, f"http://127.0.0.1:{port}/v1")
-        with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
-            evaluate(cfg, progress=False)
-        assert model.total == 0  # not one completion was asked for
-    assert not (tmp_path / "run").exists()  # nor a run directory made that holds nothing
+    # Final answers too: the judge settles what math-verify cannot, and a changed judge.model
+    # would then be refused for the samples already drawn.
+    for benchmark in ("imo_proofbench", "answerbench"):
+        with ModelServer(lambda prompt, seed: "A proof.</think>Done.") as model:
+            cfg = config(tmp_path, benchmark, model.url, f"http://127.0.0.1:{port}/v1")
+            with pytest.raises(JudgeUnavailable, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1"):
+                evaluate(cfg, progress=False)
+            assert model.total == 0  # not one completion was asked for
+        assert not (tmp_path / "run").exists()  # nor a run directory made that holds nothing
     # A local model that is not there is named before the judge is tried.
     missing = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
         f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={tmp_path}/no-model",
