@@ -351,9 +351,11 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     check_keys_are_text(data, prefix)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], types_, n=1)
+        # A key of one of the sections, given outside it (lr for optim.lr), else a typo of a key here.
+        close = keys_named(cls, unknown[0], prefix) or [prefix + k for k in difflib.get_close_matches(
+            unknown[0], types_, n=1)]
         raise FieldError(
-            f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+            f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
             + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_), key=f"{prefix}{unknown[0]}",
             unknown=not close)
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
@@ -363,6 +365,19 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def keys_named(cls, name: str, prefix: str = "") -> list[str]:
+    """The dotted keys (after `prefix`) of every field called `name` in the sections of config
+    class `cls`, at any depth: where a key given at the wrong level belongs."""
+    found = []
+    for field, typ in _field_types(cls).items():
+        section = without_none(typ)[0]
+        if dataclasses.is_dataclass(section):
+            inner = f"{prefix}{field}."
+            found += [inner + name] if name in _field_types(section) else []
+            found += keys_named(section, name, inner)
+    return found
 
 
 def check_keys_are_text(data: dict, prefix: str = "") -> None:
@@ -718,7 +733,8 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         except FieldError as e:
             raise ConfigError(f"{path}: {e}") from None
         unknown = sorted(set(data) - set(_field_types(cls)))
-        if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1):
+        if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1) \
+                and not keys_named(cls, unknown[0]):
             # Not a typo (from_dict below names those): most often a config for another command.
             other = f"; a config for another command works here only with a {section}: section, which this one " \
                     "does not have" if section else ""

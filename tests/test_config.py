@@ -434,6 +434,27 @@ def test_a_config_for_another_command_is_named_as_such():
         load_config(SFTConfig, sft_yaml, ["stpes=3"])
 
 
+def test_a_key_given_outside_its_section_is_answered_with_where_it_lives(tmp_path):
+    from qed_jax.evaluate import EvalConfig
+    from qed_jax.grpo import GRPOConfig
+
+    sft_yaml = REPO / "configs" / "sft" / "tiny.yaml"
+    for cls, override, hint in ((SFTConfig, "lr=1e-3", "optim.lr"),
+                                (SFTConfig, "eval_rows=3", "data.eval_rows"),  # not eval_every, the closest here
+                                (GRPOConfig, "kl_coef=0.1", "loss.kl_coef"),
+                                (GRPOConfig, "summary_tokens=8", "rc.summary_tokens"),
+                                (EvalConfig, "max_new_tokens=5", "sampling.max_new_tokens"),
+                                (GRPOConfig, "temperature=0.5", "loss.temperature or judge.temperature or "
+                                                                "rc.summarizer.temperature")):
+        with pytest.raises(ConfigError, match=f"^unknown config key {override.split('=')[0]} "
+                                              f"\\(did you mean {re.escape(hint)}\\?\\); valid keys here: "):
+            load_config(cls, None, [override])
+    in_file = tmp_path / "sft.yaml"  # in a file: named as such, not as a file for another command
+    in_file.write_text(sft_yaml.read_text() + "lr: 0.001\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(in_file))}: unknown config key lr \\(did you mean optim.lr\\?\\)"):
+        load_config(SFTConfig, in_file)
+
+
 def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["sft"]) == 2
