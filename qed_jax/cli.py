@@ -734,6 +734,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to change when a command runs out of device memory (None: the commands that take a config).
+OUT_OF_MEMORY_ADVICE = {
+    None: "`qed-jax plan` shows what a config needs per chip: shard it over more devices (mesh.fsdp) or lower the "
+          "batch or the lengths",
+    "generate": "the cache holds every prompt's tokens and --max-new-tokens more: give a lower --max-new-tokens or "
+                "fewer prompts (with --reasoning-cache, lower --summary-tokens or --summarizer-max-new-tokens), or "
+                "--dtype bfloat16",
+    "convert": "--fsdp shards the parameters over all devices while converting",
+}
+
+
 def suggested_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     """' (did you mean --max-new-tokens?)' for a misspelt flag among `unknown`, naming the
     command's flags closest to each; '' when none is close."""
@@ -855,9 +866,9 @@ def _run_command(args, stopped_by: list[int]) -> int:
             _exit_if_another_process_stopped(args, e)
         if args.verbose or not out_of_device_memory(e):
             raise
-        print(f"qed-jax {args.command}: error: out of device memory ({first_line(e)[:300]}); `qed-jax plan` shows "
-              "what a config needs per chip: shard it over more devices (mesh.fsdp) or lower the batch or the "
-              "lengths (-v shows the traceback)", file=sys.stderr)
+        print(f"qed-jax {args.command}: error: out of device memory ({first_line(e)[:300]}); "
+              f"{OUT_OF_MEMORY_ADVICE.get(args.command, OUT_OF_MEMORY_ADVICE[None])} (-v shows the traceback)",
+              file=sys.stderr)
         return 1
     if interrupted:
         _ignore_stop_signals()

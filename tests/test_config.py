@@ -387,12 +387,17 @@ def test_running_out_of_device_memory_is_one_line(monkeypatch, capsys):
     def too_large(args):
         jnp.zeros((1 << 40,), jnp.float32).block_until_ready()  # 4 TiB: XLA cannot allocate it
 
-    monkeypatch.setattr(cli, "_convert", too_large)
-    assert cli.main(["convert", "a", "b"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.fullmatch(r"qed-jax convert: error: out of device memory \(RESOURCE_EXHAUSTED: .*\); "
-                                          r"`qed-jax plan` shows what a config needs per chip: .* \(-v shows the "
-                                          r"traceback\)", err[0]), err
+    # The advice is the command's own: a config's sharding and lengths, or the flags that set them.
+    for command, argv, advice in (
+            ("_sft", ["sft", "--config", "c.yaml"], r"`qed-jax plan` shows what a config needs per chip: .*"),
+            ("_convert", ["convert", "a", "b"], r"--fsdp shards the parameters over all devices while converting"),
+            ("_generate", ["generate", "--model", "m", "--prompt", "p"], r".*give a lower --max-new-tokens or fewer "
+                                                                         r"prompts .*--dtype bfloat16")):
+        monkeypatch.setattr(cli, command, too_large)
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.fullmatch(rf"qed-jax {argv[0]}: error: out of device memory \(RESOURCE_EXHAUSTED: "
+                                              rf".*\); {advice} \(-v shows the traceback\)", err[0]), err
 
 
 def test_another_process_stopping_is_told_from_what_jax_and_gloo_say():
