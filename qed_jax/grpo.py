@@ -377,7 +377,9 @@ class GRPOConfig:
                               f"that template instead{RESUME_WITHOUT_IT}")
         if self.rc is not None and self.max_prompt_length <= self.rc.summary_tokens:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be longer than rc.summary_tokens "
-                              f"({self.rc.summary_tokens}): the reasoning prompt holds the problem beside the summary")
+                              f"({self.rc.summary_tokens}): the reasoning prompt holds the problem beside the summary; "
+                              "an rc: section (or any rc.* key) takes the section's defaults for the keys it does not "
+                              "set: lower rc.summary_tokens or raise max_prompt_length")
         if self.row_length < self.max_prompt_length + self.max_new_tokens:
             raise ConfigError(f"train_length ({self.train_length}) must hold the longest sequence: "
                               f"max_prompt_length + max_new_tokens = {self.max_prompt_length + self.max_new_tokens}")

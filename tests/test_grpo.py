@@ -802,6 +802,11 @@ def test_rc_prompts_leave_room_for_the_summary_and_the_template(tmp_path):
         load_prompts(load_config(GRPOConfig, TINY_RC, ["max_prompt_length=300"]), tokenizer)
     with pytest.raises(ConfigError, match="states_per_problem must be between 1 and rc.turns \\+ 1 = 3"):
         load_config(GRPOConfig, TINY_RC, ["rc.states_per_problem=4"])
+    # One rc.* key on a config without the section brings the section's default budgets along.
+    with pytest.raises(ConfigError, match=r"^max_prompt_length \(128\) must be longer than rc.summary_tokens \(2048\): "
+                                          r".*any rc.\* key\) takes the section's defaults for the keys it does not set: "
+                                          r"lower rc.summary_tokens or raise max_prompt_length$"):
+        load_config(GRPOConfig, REPO / "configs" / "rl" / "tiny.yaml", ["rc.turns=2"])
 
 
 def test_rc_grpo_grades_the_original_problem_and_logs_per_state_metrics(tmp_path):
