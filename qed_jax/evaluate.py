@@ -844,6 +844,8 @@ def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:
 # What a run's samples and grades depend on. A rerun may change anything else: samples (to extend
 # a run to more samples), benchmark.limit (to more problems), concurrency, timeouts, the
 # endpoints' addresses, the cache's path.
+_UNSET = object()  # a key one of two config sections does not have
+
 RUN_IDENTITY = (
     "benchmark.name", "benchmark.kind", "benchmark.path", "benchmark.subset", "benchmark.split",
     "benchmark.fields", "benchmark.group_field", "benchmark.groups", "benchmark.prompt_template",
@@ -882,6 +884,9 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
             continue
         old, new, leaf = get_dotted(saved, key), get_dotted(current, key), key.rsplit(".", 1)[-1]
         if not same_as_recorded(leaf, old, new, recorded_in):
+            while isinstance(old, dict) and isinstance(new, dict):  # a section (sampling): the setting in it
+                leaf = next(k for k in (*old, *new) if old.get(k, _UNSET) != new.get(k, _UNSET))
+                key, old, new = f"{key}.{leaf}", old.get(leaf), new.get(leaf)
             raise ConfigError(f"{out} holds a run with {key}={recorded_path(leaf, old, recorded_in)!r}, not {new!r}: "
                               "its samples and grades would not be comparable; choose another output_dir, or delete "
                               "the old run")

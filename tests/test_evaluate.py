@@ -1117,7 +1117,7 @@ def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     drew_a_sample(out)  # a run that drew nothing may begin anew under any config
     rerun("samples=3", "benchmark.limit=null", "judge.base_url=http://elsewhere/v1")  # more samples, every problem
     assert json.loads((out / "config.json").read_text())["samples"] == 3
-    with pytest.raises(ConfigError, match="holds a run with sampling="):
+    with pytest.raises(ConfigError, match=r"holds a run with sampling.temperature=0.8, not 0.5: "):  # the setting
         rerun("sampling.temperature=0.5")
     assert json.loads((out / "config.json").read_text())["samples"] == 3  # refused reruns change nothing
     # The benchmark file under another spelling of its path is the same benchmark.
