@@ -39,7 +39,7 @@ from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest
                                process_share, sampler_weights, sampling_meshes, set_up_together)
 from qed_jax.pretrained import loaded_from
 from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
-from qed_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
+from qed_jax.sharding import DEFAULT_RULES, MeshConfig, check_mesh_sizes, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
                              check_rows_divide, check_run_config, data_parallel_size, data_record, decay_mask,
                              exit_or_export, init_opt_state, is_complete, make_optimizer, open_model, params_finite,
@@ -240,6 +240,8 @@ class RolloutSamplingConfig:
 
     def __post_init__(self):
         check_dtype(self.dtype, "sampling.dtype")
+        if self.mesh is not None:
+            check_mesh_sizes(self.mesh, "sampling.mesh")
         if self.top_k != 0 or self.top_p != 1.0:
             raise ConfigError(
                 f"GRPO samples from the whole tempered distribution (sampling.top_k 0, sampling.top_p 1; got "
@@ -352,6 +354,7 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_seed(self.seed, "seed")
+        check_mesh_sizes(self.mesh)
         check_local_output_dir(self.output_dir, "put the checkpoints there with checkpoint_dir")
         require_at_least_one(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                                     "updates_per_step", "minibatches", "train_length", "micro_batch_rows", "steps",

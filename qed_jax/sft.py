@@ -28,7 +28,7 @@ from qed_jax.data import (DATA_ORDER, EPOCHS_ORDER, DataConfig, count_batches, p
 from qed_jax.losses import weighted_nll_sum
 from qed_jax.multihost import agree_on_stop, final_stop_signal, set_up_together
 from qed_jax.pretrained import loaded_from
-from qed_jax.sharding import MeshConfig, make_mesh
+from qed_jax.sharding import MeshConfig, check_mesh_sizes, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, batch_sharding, check_finite,
                              check_rows_divide, check_run_config, data_record, decay_mask, exit_or_export,
                              init_opt_state, is_complete, lr_schedule, make_optimizer, open_model, params_finite,
@@ -61,6 +61,7 @@ class SFTConfig:
 
     def __post_init__(self):
         check_seed(self.seed, "seed")
+        check_mesh_sizes(self.mesh)
         check_local_output_dir(self.output_dir, "put the checkpoints there with checkpoint_dir")
         require_at_least_one(self, ("batch_size", "micro_batches", "epochs", "steps", "log_every", "eval_batches",
                                     "checkpoint_every", "keep_checkpoints"))

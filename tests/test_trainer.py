@@ -657,6 +657,17 @@ def test_a_mesh_that_does_not_fit_the_devices_says_what_to_set():
                          ({"data": 2, "fsdp": -3}, "mesh.fsdp=-3")):
         with pytest.raises(ConfigError, match=rf"^{named}: a mesh axis size is at least 1, or -1 for the devices left$"):
             make_mesh(MeshConfig(**sizes), devices)
+    # Sizes no device count fits: refused as the config loads (so by --print-config too), with the key.
+    from qed_jax.grpo import GRPOConfig
+    from qed_jax.sft import SFTConfig
+
+    for cls, override, message in (
+            (SFTConfig, "mesh.data=0", "mesh.data=0: a mesh axis size is at least 1, or -1 for the devices left"),
+            (GRPOConfig, "mesh.tensor=-2", "mesh.tensor=-2: a mesh axis size is at least 1"),
+            (GRPOConfig, "sampling.mesh={data: -1, fsdp: -1}", "at most one mesh axis may be -1 (the devices left), "
+                                                               "got sampling.mesh.data=-1, sampling.mesh.fsdp=-1")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            load_config(cls, None, [override])
 
 
 def test_metrics_cut_short_by_a_crash_are_dropped_not_fatal(tmp_path, caplog):
