@@ -145,13 +145,16 @@ def check_not_chained(stage: StageConfig, name: str, chained) -> None:
                               "and each benchmark's rows); leave it out, or set the pipeline's own setting")
 
 
-def stage_config(cls, stage: StageConfig, name: str, chained: dict | None = None):
+def stage_config(cls, stage: StageConfig, name: str, chained: dict | None = None, check=None):
     """A stage's config: its YAML, the pipeline's overrides, then `chained` (key: value, the paths
-    chaining the stages), which the overrides may not set. An error names the stage (`name`, the
-    pipeline's key for it) and its YAML."""
+    chaining the stages), which the overrides may not set; `check(config)` may refuse it further.
+    An error names the stage (`name`, the pipeline's key for it) and its YAML."""
     check_not_chained(stage, name, chained or {})
     try:
-        return load_config(cls, stage.config, [*as_overrides(stage.overrides), *as_overrides(chained)])
+        config = load_config(cls, stage.config, [*as_overrides(stage.overrides), *as_overrides(chained)])
+        if check is not None:
+            check(config)
+        return config
     except ConfigError as e:
         raise ConfigError(f"{name} stage ({stage.config} with {name}.overrides): {e}") from None
 
@@ -369,7 +372,8 @@ def stages(config: PipelineConfig, judge_url: str) -> Stages:
     from qed_jax import grpo, sft
 
     out = Path(config.output_dir)
-    sft_config = stage_config(sft.SFTConfig, config.sft, "sft", {"output_dir": str(out / "sft")})
+    sft_config = stage_config(sft.SFTConfig, config.sft, "sft", {"output_dir": str(out / "sft")},
+                              check=lambda c: c.model.check_given())  # found by the trainer only as it starts
     base, sft_hf = base_model(sft_config, out), out / "sft" / "hf"
     grpo_config = with_judge(config, stage_config(grpo.GRPOConfig, config.grpo, "grpo", {
         "model.path": str(sft_hf), "model.preset": None, "tokenizer": None, "output_dir": str(out / "grpo")}),

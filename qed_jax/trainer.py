@@ -58,6 +58,11 @@ class ModelSpec:
         check_choice(self.remat, REMAT_POLICIES, "model.remat")
         check_choice(self.attention, ATTENTION_IMPLEMENTATIONS, "model.attention")
 
+    def check_given(self) -> None:
+        """ConfigError unless there is a model to train: a path, or a preset to draw."""
+        if not self.path and not self.preset:
+            raise ConfigError("model: set model.path (a checkpoint to load) or model.preset (a random init)")
+
     def describe(self) -> str:
         """What will be loaded, for --print-config and logs."""
         if self.path:
@@ -103,8 +108,7 @@ def open_model(spec: ModelSpec, seed: int):
     """The model to train, checked on this host without touching a device (model.path's files,
     see `pretrained.open_pretrained`; or the preset's name), for the trainers' setup block, where
     one host's missing or damaged copy stops every host. Returns load(mesh) → the model."""
-    if not spec.path and not spec.preset:
-        raise ConfigError("model: set model.path (a checkpoint to load) or model.preset (a random init)")
+    spec.check_given()
     if spec.path:
         from qed_jax.pretrained import open_pretrained
 

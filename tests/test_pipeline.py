@@ -213,6 +213,12 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
         capsys.readouterr().err
     assert cli.main(["pipeline", "--config", TINY, "--print-config", "sft.overrides=5"]) == 2
     assert capsys.readouterr().err.strip().endswith("error: sft.overrides: expected a mapping, got 5")
+    empty = tmp_path / "empty.yaml"  # no model to train: the SFT stage would find out only as it starts
+    empty.write_text("")
+    assert cli.main(["pipeline", "--config", TINY, "--print-config", f"sft.config={empty}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: sft stage ({empty} with sft.overrides): model: set model.path (a checkpoint to load) or model.preset "
+        "(a random init)")
     # An override of what the pipeline sets itself would be replaced in silence.
     for override, key in (("grpo.overrides.model.path=/some/model", "grpo.overrides sets model.path"),
                           ("sft.overrides={output_dir: /elsewhere}", "sft.overrides sets output_dir"),
