@@ -630,14 +630,15 @@ def field_type(cls, parts: list[str]):
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 
 
-def load_template(name_or_path: str, what: str = "prompt template") -> str:
+def load_template(name_or_path: str, what: str = "prompt template", holds: str = "") -> str:
     """A prompt template: a file, or the name of one in configs/prompts/ (without .txt). `what`
-    names it in the error (e.g. "judge template")."""
+    names it in the error (e.g. "judge template"), which lists the bundled templates whose text
+    has `holds` (e.g. "{{proof}}": the judge's)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = PROMPTS_DIR / f"{name_or_path}.txt"
     if not path.is_file():
-        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
+        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt") if holds in p.read_text())
         raise ConfigError(f"{what} {name_or_path!r} is neither a file nor one of {bundled}")
     return path.read_text()
 

@@ -537,6 +537,10 @@ def test_a_judge_template_must_show_the_proof_and_fill_every_placeholder(tmp_pat
             Judge(JudgeConfig(template=str(template), cache_path=None))
     template.write_text("Grade $x^{{2}}$: {{problem}} / {{proof}}")  # LaTeX's double braces are no placeholder
     assert Judge(JudgeConfig(template=str(template), cache_path=None)).template.endswith("{{proof}}")
+    # A name that is neither a file nor a bundled template: the bundled judge templates are listed, not the others.
+    with pytest.raises(ConfigError, match=re.escape("judge template 'nope' is neither a file nor one of ['answer_judge', "
+                                                    "'imo_proofbench_grader', 'proofbench_grader', 'rl_grader']")):
+        Judge(JudgeConfig(template="nope", cache_path=None))
 
 
 def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
