@@ -43,7 +43,7 @@ def _one_override(section) -> tuple[str, object]:
         if isinstance(value, float):
             return f.name, value / 2 + 0.001
         if isinstance(value, int) and not isinstance(value, bool):
-            return f.name, value + 1
+            return f.name, value + 1 if value != -1 else 2  # -1: a mesh axis of the devices left
     for f in dataclasses.fields(section):
         if f.name in STRING_ALTERNATIVES:
             return f.name, next(v for v in STRING_ALTERNATIVES[f.name] if v != getattr(section, f.name))
@@ -182,7 +182,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (GRPOConfig, ["max_prompt_length=140000"], r"^max_prompt_length \(140000\) is longer than the sampler's "
                                                r"longest prompt bucket \(131072 tokens\): lower it$"),
     (GRPOConfig, ["rc.summary_tokens=1024"], r"^max_prompt_length \(1024\) must be longer than rc\.summary_tokens "
-                                             r"\(1024\): the reasoning prompt holds the problem beside the summary$"),
+                                             r"\(1024\): the reasoning prompt holds the problem beside the summary; "),
     (GRPOConfig, ["rc.summarizer.temperature=1.0"], r"^rc\.summarizer\.temperature is for a separate summarizer "
                                                     r"\(rc\.summarizer\.path\): without one the policy summarizes"),
     (GRPOConfig, ["rc.summarizer.dtype=float32"], r"^rc\.summarizer\.dtype is for a separate summarizer .*; set "

@@ -177,7 +177,7 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
         # AB-004's new sample is the same text as its first: its grade is the judge cache's.
         assert evaluate(more, progress=False) == {"generated": 4, "graded": 4, "failed": 0, "cached": 1, "total": 8}
         assert sorted(problem_and_sample(*request, ANSWER_ROWS)[1] for request in model.requests) == [1] * 4
-        with pytest.raises(ConfigError, match="sampling="):
+        with pytest.raises(ConfigError, match=r"holds a run with sampling\.temperature=0\.8, not 0\.5"):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
 
 
