@@ -519,14 +519,12 @@ class Parser(argparse.ArgumentParser):
         self.given = list(sys.argv[1:] if args is None else args)  # for error(): argparse keeps no copy
         return super().parse_known_args(args, namespace)
 
-    def _check_value(self, action, value):
+    def _check_value(self, action, value):  # argparse's own message varies with the Python version
         if action.choices is not None and value not in action.choices:
             close = difflib.get_close_matches(str(value), [str(choice) for choice in action.choices], n=1)
-            if close:
-                choices = ", ".join(repr(choice) for choice in action.choices)
-                raise argparse.ArgumentError(
-                    action, f"invalid choice: {value!r} (did you mean {close[0]!r}? choose from {choices})")
-        super()._check_value(action, value)
+            guess = f"did you mean {close[0]!r}? " if close else ""
+            choices = ", ".join(repr(choice) for choice in action.choices)
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} ({guess}choose from {choices})")
 
     def error(self, message):
         # A misspelt required flag (--confg) is first seen as the real one missing: name the typo too.
@@ -742,6 +740,10 @@ OUT_OF_MEMORY_ADVICE = {
                 "fewer prompts (with --reasoning-cache, lower --summary-tokens or --summarizer-max-new-tokens), or "
                 "--dtype bfloat16",
     "convert": "--fsdp shards the parameters over all devices while converting",
+    "eval": "a local model decodes a whole batch at once unless told otherwise: set model.max_concurrent or "
+            "model.kv_cache_gib (rows decoded at once), or lower sampling.max_new_tokens",
+    "pipeline": "the stage that ran out says which: a trainer's config in `qed-jax plan` (mesh.fsdp, the batch, the "
+                "lengths), an evaluation's eval.overrides.model.max_concurrent",
 }
 
 

@@ -734,8 +734,9 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         except FieldError as e:
             raise ConfigError(f"{path}: {e}") from None
         unknown = sorted(set(data) - set(_field_types(cls)))
-        if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1) \
-                and not keys_named(cls, unknown[0]):
+        known = set(data) & set(_field_types(cls))
+        misplaced = keys_named(cls, unknown[0]) if unknown and len(unknown) < len(known) else []  # one stray key
+        if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1) and not misplaced:
             # Not a typo (from_dict below names those): most often a config for another command.
             other = f"; a config for another command works here only with a {section}: section, which this one " \
                     "does not have" if section else ""

@@ -841,11 +841,19 @@ def judge_item(problem: Problem, completion: str, kind: str) -> GradeItem:
 # The run
 
 
+class _Unset:
+    """A key that one of two config sections does not have (a config of an older version)."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_UNSET = _Unset()
+
+
 # What a run's samples and grades depend on. A rerun may change anything else: samples (to extend
 # a run to more samples), benchmark.limit (to more problems), concurrency, timeouts, the
 # endpoints' addresses, the cache's path.
-_UNSET = object()  # a key one of two config sections does not have
-
 RUN_IDENTITY = (
     "benchmark.name", "benchmark.kind", "benchmark.path", "benchmark.subset", "benchmark.split",
     "benchmark.fields", "benchmark.group_field", "benchmark.groups", "benchmark.prompt_template",
@@ -886,7 +894,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
         if not same_as_recorded(leaf, old, new, recorded_in):
             while isinstance(old, dict) and isinstance(new, dict):  # a section (sampling): the setting in it
                 leaf = next(k for k in (*old, *new) if old.get(k, _UNSET) != new.get(k, _UNSET))
-                key, old, new = f"{key}.{leaf}", old.get(leaf), new.get(leaf)
+                key, old, new = f"{key}.{leaf}", old.get(leaf, _UNSET), new.get(leaf, _UNSET)
             raise ConfigError(f"{out} holds a run with {key}={recorded_path(leaf, old, recorded_in)!r}, not {new!r}: "
                               "its samples and grades would not be comparable; choose another output_dir, or delete "
                               "the old run")
@@ -1235,8 +1243,10 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     judge, bar = Judge(config.judge), None
     try:
         # Every proof goes to the judge, and every final answer math-verify cannot settle: find out
-        # now if there is none, not after a round of sampling.
-        judge.check_reachable()
+        # now if there is none, not after a round of sampling (a rerun that only grades answers
+        # may find every one settled without it).
+        if b.kind == "proof" or to_generate:
+            judge.check_reachable()
         generator = make_generator(config) if to_generate else None
         prepare_output(config, problems)  # every check passed: make the run directory
         runlog.start_appending()

@@ -660,7 +660,6 @@ class Judge:
         timeout = min(self.config.timeout_s, REACHABLE_TIMEOUT_S)
         try:
             listed = await client.models.list(timeout=timeout)
-            served = [model.id for model in listed.data if isinstance(getattr(model, "id", None), str)]
         except openai.APIStatusError as e:  # something answered; some servers do not serve /models
             if e.status_code in REFUSED:
                 raise self._refused(e) from None
@@ -675,13 +674,16 @@ class Judge:
                                    "is not an OpenAI-compatible API's reply (a web page, a login proxy?): is "
                                    "judge.base_url the API's root, e.g. http://localhost:8000/v1?") from None
         else:
-            self._check_model_listed(served)
+            self._check_model_listed(getattr(listed, "data", None))
 
-    def _check_model_listed(self, served: list[str]) -> None:
+    def _check_model_listed(self, listed) -> None:
         """Warn, before anything is sampled, when the judge lists its models and judge.model is not
         one of them: a misspelt name stops the run at its first grade (HTTP 404). Only a warning,
         as some servers take names they do not list (Azure's deployments, Ollama's untagged names)."""
         c = self.config
+        # A reply without the API's list (`{}`, `"data": null`) still answered: nothing to compare with.
+        served = [getattr(m, "id", None) for m in listed] if isinstance(listed, list) else []
+        served = [name for name in served if isinstance(name, str)]
         if served and c.model not in served and not self.warned_unlisted:
             self.warned_unlisted = True
             names = ", ".join(map(repr, served[:MODELS_NAMED])) + (

@@ -458,6 +458,10 @@ def test_a_key_given_outside_its_section_is_answered_with_where_it_lives(tmp_pat
     in_file.write_text(sft_yaml.read_text() + "lr: 0.001\n")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(in_file))}: unknown config key lr \\(did you mean optim.lr\\?\\)"):
         load_config(SFTConfig, in_file)
+    judge_yaml = REPO / "configs" / "judge" / "answer.yaml"  # a whole section's keys: another command's file
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(judge_yaml))}: .* is not a key of EvalConfig .*is this file "
+                                          "for another command\\?"):
+        load_config(EvalConfig, judge_yaml)
 
 
 def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monkeypatch, tmp_path):

@@ -375,9 +375,11 @@ def test_a_judge_model_the_judge_does_not_list_is_warned_of_once_before_anything
         Judge(_config(server, tmp_path, model="m")).check_reachable()
         assert "lists ('m0', 'm1', 'm2', 'm3', 'm4' and 2 more)" in caplog.records[0].getMessage()
     caplog.clear()
-    with JudgeServer({}, models_body=listing()) as server, caplog.at_level(logging.WARNING, logger="qed_jax.judge"):
-        Judge(_config(server, tmp_path, model="m")).check_reachable()  # lists nothing: nothing to compare with
-        assert caplog.records == []
+    for body in (listing(), ("application/json", "{}"), ("application/json", '{"data": null}'),
+                 ("application/json", '{"data": [1, {"id": 2}]}')):  # nothing to compare with: the judge answered
+        with JudgeServer({}, models_body=body) as server, caplog.at_level(logging.WARNING, logger="qed_jax.judge"):
+            Judge(_config(server, tmp_path, model="m")).check_reachable()
+            assert caplog.records == [], body
 
 
 @pytest.mark.parametrize("body", [("text/html", "<html>Sign in</html>"), ("application/json", '{"data": ['),
