@@ -682,8 +682,7 @@ class Judge:
         as some servers take names they do not list (Azure's deployments, Ollama's untagged names)."""
         c = self.config
         # A reply without the API's list (`{}`, `"data": null`) still answered: nothing to compare with.
-        served = [getattr(m, "id", None) for m in listed] if isinstance(listed, list) else []
-        served = [name for name in served if isinstance(name, str)]
+        served = [m.id for m in listed if isinstance(getattr(m, "id", None), str)] if isinstance(listed, list) else []
         if served and c.model not in served and not self.warned_unlisted:
             self.warned_unlisted = True
             names = ", ".join(map(repr, served[:MODELS_NAMED])) + (

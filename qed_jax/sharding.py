@@ -47,24 +47,29 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
+def _named_sizes(config: MeshConfig, name: str) -> list[str]:
+    """Each axis as an error names it: ["mesh.data=-1", "mesh.fsdp=4", "mesh.tensor=1"]."""
+    return [f"{name}.{axis}={getattr(config, axis)}" for axis in MESH_AXES]
+
+
 def check_mesh_sizes(config: MeshConfig, name: str = "mesh") -> None:
     """ConfigError for axis sizes no device count fits (a config's own check, before any device
     is seen); errors name the axes `name`.axis."""
-    sizes = [config.data, config.fsdp, config.tensor]
-    bad = [f"{name}.{axis}={size}" for axis, size in zip(MESH_AXES, sizes) if size < 1 and size != -1]
+    sizes = [getattr(config, axis) for axis in MESH_AXES]
+    bad = [named for named, size in zip(_named_sizes(config, name), sizes) if size < 1 and size != -1]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: a mesh axis size is at least 1, or -1 for the devices left")
     if sizes.count(-1) > 1:
-        given = ", ".join(f"{name}.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
-        raise ConfigError(f"at most one mesh axis may be -1 (the devices left), got {given}")
+        raise ConfigError("at most one mesh axis may be -1 (the devices left), got "
+                          + ", ".join(_named_sizes(config, name)))
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None, name: str = "mesh") -> Mesh:
     """The mesh of `config` over `devices` (default: all); errors name its axes `name`.axis."""
     devices = list(devices if devices is not None else jax.devices())
     check_mesh_sizes(config, name)
-    sizes = [config.data, config.fsdp, config.tensor]
-    given = ", ".join(f"{name}.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+    sizes = [getattr(config, axis) for axis in MESH_AXES]
+    given = ", ".join(_named_sizes(config, name))
     here = f"{len(devices)} device{'s' if len(devices) != 1 else ''}"
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
