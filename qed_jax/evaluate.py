@@ -866,6 +866,17 @@ RUN_IDENTITY = (
     "rc.reasoning_template", "rc.summarize_template", "rc.summarizer", "rc.summarizer_thinking",
 )
 
+# The judge settings that shape only what the judge is asked and how its reply is read: a run
+# whose grades none came from the judge (it rejected every request, say) may change them.
+JUDGE_REQUEST_KEYS = ("judge.model", "judge.api", "judge.template", "judge.answer_format", "judge.allowed_scores",
+                      "judge.temperature", "judge.max_tokens", "judge.reasoning_effort")
+
+
+def judge_has_graded(runlog: RunLog) -> bool:
+    """Whether any grade the run holds is the judge's (not math-verify's, nor a 0 given unsent)."""
+    return any(g["score"] is not None and g.get("decided_by") in ("judge", "judge_cache")
+               for g in (*runlog.grades.values(), *runlog.turn_grades.values()))
+
 
 def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     """Refuse a rerun into a run directory whose samples and grades were made under another
@@ -887,8 +898,9 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
         return
     current = json_values(config)
     recorded_in = recorded_working_dir(out)  # a relative path is what it named there
+    judge_fixed = judge_has_graded(runlog)
     for key in RUN_IDENTITY:
-        if key.startswith("rc.") and config.mode != "rc":
+        if (key.startswith("rc.") and config.mode != "rc") or (key in JUDGE_REQUEST_KEYS and not judge_fixed):
             continue
         old, new, leaf = get_dotted(saved, key), get_dotted(current, key), key.rsplit(".", 1)[-1]
         if not same_as_recorded(leaf, old, new, recorded_in):
@@ -901,7 +913,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     if (out / TEMPLATES_FILE).is_file():
         recorded = read_json_object(out / TEMPLATES_FILE, "move the folder aside, or use another output_dir")
         for key, text in template_texts(config).items():
-            if key in recorded and recorded[key] != text:
+            if key in recorded and recorded[key] != text and (key not in JUDGE_REQUEST_KEYS or judge_fixed):
                 raise ConfigError(f"{out} holds a run made with another text of {key} "
                                   f"({get_dotted(current, key) or 'the default'}): the template was edited since, so "
                                   "its samples and grades would not be comparable; choose another output_dir, or "
@@ -1134,9 +1146,9 @@ def check_seeds(runlog: RunLog, config: EvalConfig) -> None:
                               "choose another output_dir, or delete the old run")
 
 
-def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
+def prepare_output(config: EvalConfig, problems: list[Problem], runlog: RunLog | None = None) -> Path:
     """The run directory with its config.json and the ids of the benchmark's problems, for a
-    config that check_rerun accepted."""
+    config that check_rerun accepted (`runlog`: what the run holds, for the judge's template)."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", dump_json(config))
@@ -1148,6 +1160,10 @@ def prepare_output(config: EvalConfig, problems: list[Problem]) -> Path:
             write_text_atomic(out / record_file, json.dumps(files, indent=1) + "\n")
     if not (out / TEMPLATES_FILE).is_file():
         write_text_atomic(out / TEMPLATES_FILE, json.dumps(template_texts(config), indent=1) + "\n")
+    elif runlog is not None and not judge_has_graded(runlog):  # the judge's template may still change
+        recorded = read_json_object(out / TEMPLATES_FILE, "move the folder aside, or use another output_dir")
+        recorded["judge.template"] = load_judge_template(config.judge.template)
+        write_text_atomic(out / TEMPLATES_FILE, json.dumps(recorded, indent=1) + "\n")
     return out
 
 
@@ -1236,7 +1252,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     check_model_unchanged(config)  # a finished run too: its results would stand for this model
     if not to_generate and not to_grade:
         if not new_run:
-            prepare_output(config, problems)  # what the run is now (e.g. samples, after an extension stopped early)
+            prepare_output(config, problems, runlog)  # what the run is now (e.g. samples, after an extension stopped early)
         return counts
     if to_generate:  # a rerun that only grades needs no model
         check_local_paths(config)
@@ -1248,7 +1264,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         if b.kind == "proof" or to_generate:
             judge.check_reachable()
         generator = make_generator(config) if to_generate else None
-        prepare_output(config, problems)  # every check passed: make the run directory
+        prepare_output(config, problems, runlog)  # every check passed: make the run directory
         runlog.start_appending()
         bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                    unit="sample", disable=not progress)

@@ -198,11 +198,16 @@ def assert_signal_writes_a_checkpoint(proc, run_dir, steps: int, signum=None) ->
     assert saved and saved[-1] == len(read_metrics(run_dir)) >= steps
 
 
-def drew_a_sample(run_dir) -> None:
+def drew_a_sample(run_dir, judged: bool = False) -> None:
     """Append a sample record to an eval run's log, as its first drawn sample would (a run that
-    drew nothing begins anew under any config)."""
+    drew nothing begins anew under any config); `judged`: and the judge's grade of it (until the
+    judge has graded one, its request settings may change)."""
     import json
 
+    records = [{"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",
+                "completion_tokens": 1, "truncated": False}]
+    if judged:
+        records.append({"type": "grade", "problem_id": "PB-Basic-001", "sample": 0, "score": 3, "reason": "ok",
+                        "decided_by": "judge", "judge_reply": "<points>3 out of 7</points>"})
     with open(Path(run_dir) / "samples.jsonl", "a") as f:
-        f.write(json.dumps({"type": "sample", "problem_id": "PB-Basic-001", "sample": 0, "completion": "x",
-                            "completion_tokens": 1, "truncated": False}) + "\n")
+        f.write("".join(json.dumps(record) + "\n" for record in records))

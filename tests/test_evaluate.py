@@ -1107,6 +1107,36 @@ def test_a_judge_template_that_does_not_fit_the_benchmark_is_refused(tmp_path, b
     assert not (tmp_path / "run").exists()
 
 
+def test_a_judge_that_rejected_every_request_may_be_set_right_on_the_rerun(tmp_path):
+    """A judge that rejects every request (HTTP 400: a parameter this model refuses) stops the run
+    with its samples kept; until the judge has graded one, its request settings and template may
+    change on the rerun, which grades those samples without drawing them again."""
+    from qed_jax.errors import JudgeUnavailable
+
+    grader = tmp_path / "grader.txt"
+    grader.write_text((ROOT / "configs/prompts/imo_proofbench_grader.txt").read_text())
+    with ModelServer(proof_reply) as model:
+        with JudgeServer(default=("status", 400)) as judge:
+            cfg = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=2", f"judge.template={grader}")
+            with pytest.raises(JudgeUnavailable, match="rejected the first 5 requests"):
+                evaluate(cfg, progress=False)
+        assert model.total == 8
+        grader.write_text(grader.read_text() + "Be strict.\n")
+        with JudgeServer(imo_judge_scripts()) as judge:
+            fixed = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=2", f"judge.template={grader}",
+                           "judge.temperature=0.7", "judge.max_tokens=1000")
+            counts = evaluate(fixed, progress=False)
+        assert (counts["generated"], counts["failed"]) == (0, 0) and model.total == 8
+    out = tmp_path / "run"
+    assert [r["graded"] for r in read_run(out)[1]] == [True] * 8
+    assert json.loads((out / "config.json").read_text())["judge"]["temperature"] == 0.7
+    assert json.loads((out / "templates.json").read_text())["judge.template"].endswith("Be strict.\n")
+    # Now that the judge has graded, its settings are the run's.
+    with pytest.raises(ConfigError, match=r"holds a run with judge.temperature=0.7, not 0.5: "):
+        check_rerun(config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=2", f"judge.template={grader}",
+                           "judge.temperature=0.5", "judge.max_tokens=1000"))
+
+
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
     def rerun(*overrides):
         c = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1", *overrides)
@@ -1307,7 +1337,7 @@ def test_a_rerun_refuses_a_prompt_template_edited_since_the_run_began(tmp_path):
 
     out = rerun("samples=1")
     assert (out / "working_dir.txt").read_text() == f"{os.getcwd()}\n"  # where its relative paths were read
-    drew_a_sample(out)
+    drew_a_sample(out, judged=True)
     rerun("samples=2")  # the same texts: a rerun may extend the run
     recorded = json.loads((out / "templates.json").read_text())
     assert recorded == {"benchmark.prompt_template": (ROOT / "configs/prompts/proof_generation.txt").read_text(),
