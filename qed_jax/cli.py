@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, TrainingDiverged, first_line,
-                            lost_process, out_of_device_memory, renamed)
+                            lost_process, os_error_line, out_of_device_memory, renamed)
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -375,6 +375,8 @@ def _train(args, config_cls, train, summary, before_backend=None) -> None:
     if args.print_config or not distributed:  # a typo fails at once, before JAX starts
         config = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
+        if args.config is not None or args.overrides:  # what the run would refuse (the defaults alone may be shown)
+            config.model.check_given()
         # On stderr, so that stdout is the JSON alone. A run logs these once its inputs are checked.
         print("derived: " + json.dumps(config.derived()), file=sys.stderr)
         print(dump_json(config))
@@ -861,7 +863,7 @@ def _run_command(args, stopped_by: list[int]) -> int:
     except OSError as e:  # a path given to the command (missing, a file where a folder goes), or the network
         if args.verbose:
             raise
-        print(f"qed-jax {args.command}: error: {_os_error(e)} (-v shows the traceback)", file=sys.stderr)
+        print(f"qed-jax {args.command}: error: {_os_error(e)}", file=sys.stderr)
         return 1 if e.filename is None else 2  # e.g. a gs:// path that cannot be reached: not a path to fix
     except Exception as e:
         if not args.verbose:
@@ -878,7 +880,7 @@ def _run_command(args, stopped_by: list[int]) -> int:
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
         if failed_while_stopping is not None:
-            resume = f"; then a write failed: {_os_error(failed_while_stopping)} (-v shows the traceback)"
+            resume = f"; then a write failed: {_os_error(failed_while_stopping)}"
         print(f"qed-jax {args.command}: {how}{resume}", file=sys.stderr)
         _exit_now(128 + signum)
     return status
@@ -936,29 +938,8 @@ def _exit_now(code: int) -> None:
 
 
 def _os_error(e: OSError) -> str:
-    """One line for an OSError: `_path_error` when it names a path, else its type and message."""
-    return _path_error(e) if e.filename is not None else f"{type(e).__name__}: {e}"
-
-
-def _path_error(e: OSError) -> str:
-    """One line for a failed file operation: the path, what went wrong, and for the usual
-    mistakes what to change."""
-    import errno
-
-    def name(f) -> str:  # a path, or a file descriptor's number
-        return os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else str(f)
-
-    path = name(e.filename)
-    if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and os.path.isfile(path)):
-        first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
-        where = "" if first_file == path else f"{path}: "
-        return f"{where}{first_file} is a file where a folder is needed; choose another path"
-    also = f" (and {name(e.filename2)})" if e.filename2 is not None else ""
-    advice = {errno.EROFS: "; choose a path on a writable disk",
-              errno.EACCES: "; choose another path, or change its permissions",
-              errno.ENOSPC: "; free space on that disk, or choose a path on another",
-              errno.EDQUOT: "; free space in your quota, or choose a path on another disk"}.get(e.errno, "")
-    return f"{path}{also}: {e.strerror or e}{advice}"
+    """One line for an OSError: a path's says all there is, another (the network's) points to -v."""
+    return os_error_line(e) + (" (-v shows the traceback)" if e.filename is None else "")
 
 
 if __name__ == "__main__":

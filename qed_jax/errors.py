@@ -2,6 +2,9 @@
 module stays free of heavy imports: `qed-jax --help` must not wait for JAX or transformers."""
 
 import contextlib
+import errno
+import os
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,28 @@ def json_error(error, line: bool = False) -> str:
     column 9", "Unterminated string starting at line 2 column 4"."""
     where = f"line {error.lineno} column {error.colno}" if line else f"column {error.colno}"
     return f"{error.msg} {where}" if error.msg.endswith(" at") else f"{error.msg} at {where}"
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: for a failed file operation the path, what went wrong and, for
+    the usual mistakes, what to change; else its type and message."""
+    if e.filename is None:
+        return f"{type(e).__name__}: {e}"
+
+    def name(f) -> str:  # a path, or a file descriptor's number
+        return os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else str(f)
+
+    path = name(e.filename)
+    if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and os.path.isfile(path)):
+        first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
+        where = "" if first_file == path else f"{path}: "
+        return f"{where}{first_file} is a file where a folder is needed; choose another path"
+    also = f" (and {name(e.filename2)})" if e.filename2 is not None else ""
+    advice = {errno.EROFS: "; choose a path on a writable disk",
+              errno.EACCES: "; choose another path, or change its permissions",
+              errno.ENOSPC: "; free space on that disk, or choose a path on another",
+              errno.EDQUOT: "; free space in your quota, or choose a path on another disk"}.get(e.errno, "")
+    return f"{path}{also}: {e.strerror or e}{advice}"
 
 
 def quoted(text, limit: int = 200) -> str:

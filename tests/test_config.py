@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qed_jax import cli
+from qed_jax.errors import os_error_line
 from qed_jax.config import ConfigError, load_config, parse_yaml, read_yaml
 from qed_jax.evaluate import EvalConfig
 from qed_jax.grpo import GRPOConfig
@@ -471,6 +472,12 @@ def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monke
         "qed-jax sft: error: no --config: start from one, e.g. --config configs/sft/tiny.yaml (the defaults alone "
         "name no model, tokenizer or data)")
     assert cli.main(["grpo", "--print-config"]) == 0  # the defaults can still be shown
+    (tmp_path / "empty.yaml").write_text("")
+    for command in ("sft", "grpo"):  # a config with no model is refused there, as the run would refuse it
+        assert cli.main([command, "--config", "empty.yaml", "--print-config"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"qed-jax {command}: error: model: set model.path (a checkpoint to load) or model.preset (a random init)")
+    (tmp_path / "empty.yaml").unlink()
     assert cli.main(["sft", "model.preset=tiny"]) == 2  # overrides alone: the config's own error
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "qed-jax sft: error: no tokenizer: set tokenizer (or model.path, whose tokenizer is used)")
@@ -582,29 +589,33 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     under_a_file = ["judge", "--input", str(rows), "--output", str(a_file / "out.jsonl")]
     assert cli.main(under_a_file) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"qed-jax judge: error: {a_file} is a file where a folder is needed; choose another path (-v shows the "
-        "traceback)"]
+        f"qed-jax judge: error: {a_file} is a file where a folder is needed; choose another path"]
     result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "sft", "--config", "configs/sft/tiny.yaml",
                              f"output_dir={a_file}"], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"qed-jax sft: error: {a_file} is a file where a folder is needed; choose another path (-v shows the "
-        "traceback)")
+        f"qed-jax sft: error: output_dir: {a_file} is a file where a folder is needed; choose another path")
     verbose = subprocess.run([sys.executable, "-m", "qed_jax.cli", "-v", *under_a_file], cwd=REPO, env=cli_env(1),
                              capture_output=True, text=True)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -v: the traceback, for a bug report
+    # Every command's run folder is named as the output_dir it is, whatever stops its making.
+    from qed_jax.rundir import run_lock
+
+    with pytest.raises(ConfigError, match="^output_dir: /proc/qed-jax-run: No such file or directory$"):
+        with run_lock(Path("/proc/qed-jax-run")):
+            pass
 
 
 def test_a_path_error_names_a_descriptor_or_both_paths():
     import errno
 
-    assert cli._path_error(OSError(errno.EBADF, "Bad file descriptor", 3)) == "3: Bad file descriptor"
-    assert cli._path_error(OSError(errno.EXDEV, "Invalid cross-device link", "a", None, "b")) == \
+    assert os_error_line(OSError(errno.EBADF, "Bad file descriptor", 3)) == "3: Bad file descriptor"
+    assert os_error_line(OSError(errno.EXDEV, "Invalid cross-device link", "a", None, "b")) == \
         "a (and b): Invalid cross-device link"
     # What to do where the usual fix is the user's (root, as tests run here, passes permission checks).
-    assert cli._path_error(OSError(errno.EROFS, "Read-only file system", "runs/x/.lock")) == \
+    assert os_error_line(OSError(errno.EROFS, "Read-only file system", "runs/x/.lock")) == \
         "runs/x/.lock: Read-only file system; choose a path on a writable disk"
-    assert cli._path_error(PermissionError(errno.EACCES, "Permission denied", "runs/x")) == \
+    assert os_error_line(PermissionError(errno.EACCES, "Permission denied", "runs/x")) == \
         "runs/x: Permission denied; choose another path, or change its permissions"
 
 

@@ -1019,7 +1019,7 @@ def test_a_write_that_fails_while_a_stopped_command_cleans_up_is_reported_not_ca
     assert child.returncode == 128 + signal.SIGTERM, child.stderr[-3000:]
     assert child.stderr.strip().splitlines() == [
         "qed-jax eval: stopped by SIGTERM; then a write failed: runs/x/samples.jsonl: No space left on device; "
-        "free space on that disk, or choose a path on another (-v shows the traceback)"]
+        "free space on that disk, or choose a path on another"]
 
 
 def test_asyncio_reports_of_a_failed_restores_other_reads_are_dropped(caplog):
