@@ -630,17 +630,23 @@ def field_type(cls, parts: list[str]):
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 
 
-def load_template(name_or_path: str, what: str = "prompt template", holds: str = "") -> str:
+def load_template(name_or_path: str, what: str = "prompt template", fits=lambda text: True) -> str:
     """A prompt template: a file, or the name of one in configs/prompts/ (without .txt). `what`
     names it in the error (e.g. "judge template"), which lists the bundled templates whose text
-    has `holds` (e.g. "{{proof}}": the judge's)."""
+    `fits` (e.g. the judge's: those with a {{proof}} placeholder)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = PROMPTS_DIR / f"{name_or_path}.txt"
     if not path.is_file():
-        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt") if holds in p.read_text())
+        bundled = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt") if fits(p.read_text()))
         raise ConfigError(f"{what} {name_or_path!r} is neither a file nor one of {bundled}")
     return path.read_text()
+
+
+def is_rc_template(text: str) -> bool:
+    """Whether a template is a reasoning-cache instruction: text that follows a turn's problem,
+    with no placeholder."""
+    return "{{" not in text
 
 
 class DuplicateKey(yaml.constructor.ConstructorError):

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
-                            dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, json_values,
-                            load_template, not_found, read_json_object, recorded_path, require_at_least_one,
+                            dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_rc_template,
+                            json_values, load_template, not_found, read_json_object, recorded_path, require_at_least_one,
                             require_range, same_as_recorded, write_text_atomic)
 from qed_jax.errors import json_error, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
@@ -310,9 +310,14 @@ def group_of(row: dict, config: BenchmarkConfig) -> str | None:
     return next((label for label, pattern in config.groups.items() if re.search(pattern, text)), "other")
 
 
+def is_prompt_template(text: str) -> bool:
+    """Whether a template asks the policy a problem (not a judge's, which shows it a proof)."""
+    return "{{problem}}" in text and "{{proof}}" not in text
+
+
 def load_prompt_template(config: BenchmarkConfig) -> str:
     name = config.prompt_template or f"{config.kind}_generation"
-    template = load_template(name, "benchmark.prompt_template")
+    template = load_template(name, "benchmark.prompt_template", fits=is_prompt_template)
     if "{{problem}}" not in template:
         raise ConfigError(f"{name}: the prompt template has no {{{{problem}}}} placeholder")
     return template
@@ -963,7 +968,7 @@ def template_texts(config: EvalConfig) -> dict[str, str]:
              "judge.template": load_judge_template(config.judge.template)}
     if config.mode == "rc":
         for key in ("reasoning_template", "summarize_template"):
-            texts[f"rc.{key}"] = load_template(getattr(config.rc, key), f"rc.{key}")
+            texts[f"rc.{key}"] = load_template(getattr(config.rc, key), f"rc.{key}", fits=is_rc_template)
     return texts
 
 

@@ -189,7 +189,7 @@ def load_judge_template(name: str) -> str:
     """The judge template `name` (a file, or one in configs/prompts/), checked: it shows the
     judge the proof, and every {{placeholder}} in it is one that `render_prompt` fills (any
     other would reach the judge as written, and its grade would count)."""
-    template = load_template(name, "judge template", holds="{{proof}}")
+    template = load_template(name, "judge template", fits=lambda text: "{{proof}}" in text)
     placeholders = prompt_fields(GradeItem(problem=""), "")
     known = ", ".join(f"{{{{{p}}}}}" for p in placeholders)
     for m in re.finditer(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", template):  # {{2}} in LaTeX is no placeholder

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qed_jax.config import ConfigError, check_seed, check_temperature_and_filters, load_template, require_at_least_one
+from qed_jax.config import (ConfigError, check_seed, check_temperature_and_filters, is_rc_template, load_template,
+                            require_at_least_one)
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
                               cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop, fetch,
@@ -155,7 +156,7 @@ class PromptPieces:
 
 def load_rc_template(name_or_path: str) -> str:
     """An RC prompt template (trailing whitespace dropped: the chat wrapper follows it)."""
-    return load_template(name_or_path, "RC prompt template").rstrip()
+    return load_template(name_or_path, "RC prompt template", fits=is_rc_template).rstrip()
 
 
 def split_template(text: str, slots: tuple[str, ...], where: str = "template") -> tuple[list[str], tuple[str, ...]]:

@@ -20,8 +20,8 @@ import pytest
 import qed_jax
 from qed_jax.config import ConfigError, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, check_model_unchanged, check_rerun,
-                              check_samples_kept,
-                              evaluate, holds_an_evaluation, misread_value, model_files, prepare_output,
+                              check_samples_kept, evaluate, holds_an_evaluation, load_prompt_template, misread_value,
+                              model_files, prepare_output,
                               read_problem_ids, read_records, read_run, request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import markdown, report, summarize, unfinished
@@ -1420,3 +1420,16 @@ def test_sigterm_mid_run_says_so_and_a_rerun_finishes(tmp_path):
         assert judge.total == 11  # 12 less the truncated sample: none graded twice
     _, records = read_run(tmp_path / "run")
     assert len(records) == 12
+
+
+def test_a_misspelt_template_name_lists_the_bundled_templates_of_its_kind(tmp_path):
+    from qed_jax.reasoning_cache import load_rc_template
+
+    cfg = config(tmp_path, "imo_proofbench", "http://model/v1", "http://judge/v1",
+                 "benchmark.prompt_template=proof_generaton")
+    with pytest.raises(ConfigError, match=re.escape("benchmark.prompt_template 'proof_generaton' is neither a file nor "
+                                                    "one of ['answer_generation', 'proof_generation']")):
+        load_prompt_template(cfg.benchmark)
+    with pytest.raises(ConfigError, match=re.escape("RC prompt template 'rc_reasonng' is neither a file nor one of "
+                                                    "['rc_reasoning', 'rc_summarize']")):
+        load_rc_template("rc_reasonng")
