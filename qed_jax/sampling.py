@@ -37,7 +37,8 @@ from qed_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# Prompt lengths compiled for, up to the 262,144-token context of Qwen3's 2507 models.
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 FINISH_STOP, FINISH_LENGTH = 1, 2
 FINISH_REASONS = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 

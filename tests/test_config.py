@@ -180,8 +180,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (SFTConfig, ["data.seed=4294967296"], r"^data\.seed must be in \[0, 4294967295\], got 4294967296$"),
     (GRPOConfig, ["seed=18446744073709551616"], r"^seed must be in \[0, 4294967295\], got 18446744073709551616$"),
     (GRPOConfig, ["data.seed=-2"], r"^data\.seed must be in \[0, 4294967295\], got -2$"),
-    (GRPOConfig, ["max_prompt_length=140000"], r"^max_prompt_length \(140000\) is longer than the sampler's "
-                                               r"longest prompt bucket \(131072 tokens\): lower it$"),
+    (GRPOConfig, ["max_prompt_length=270000"], r"^max_prompt_length \(270000\) is longer than the sampler's "
+                                               r"longest prompt bucket \(262144 tokens\): lower it$"),
     (GRPOConfig, ["rc.summary_tokens=1024"], r"^max_prompt_length \(1024\) must be longer than rc\.summary_tokens "
                                              r"\(1024\): the reasoning prompt holds the problem beside the summary; "),
     (GRPOConfig, ["rc.summarizer.temperature=1.0"], r"^rc\.summarizer\.temperature is for a separate summarizer "

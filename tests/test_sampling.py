@@ -420,9 +420,9 @@ def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
     with pytest.raises(ConfigError, match=r"^generate: prompt 0: the chat template refuses this conversation \(a "
                                           r"system message is required\)$"):
         qed_jax.generate(model, refusing, [conversation], greedy)
-    with pytest.raises(ConfigError, match=r"^a prompt of 131073 tokens is longer than the sampler's largest prompt "
-                                          r"bucket \(131072 tokens\); shorten it$"):
-        bucket_length(131073)
+    with pytest.raises(ConfigError, match=r"^a prompt of 262145 tokens is longer than the sampler's largest prompt "
+                                          r"bucket \(262144 tokens\); shorten it$"):
+        bucket_length(262145)
     # A tokenizer with no token that ends a turn would sample to the budget every time.
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
