@@ -111,6 +111,13 @@ def test_a_zero_weight_drops_its_position_whatever_id_it_holds():
     _close(value_outside, value, atol=1e-4)
     _close(grad_outside, grad)
     _close(jax.jit(lambda h: weighted_nll_sum(h, head, outside, weights, chunk_size=3))(hidden), value, atol=1e-4)
+    # A NaN hidden state there reaches neither the loss nor any gradient, the head's included.
+    both = jax.value_and_grad(lambda h, v: weighted_nll_sum(h, v, targets, weights, chunk_size=3), argnums=(0, 1))
+    value, (grad, grad_head) = both(hidden, head)
+    value_nan, (grad_nan, grad_head_nan) = both(hidden.at[1, 5].set(jnp.nan), head)
+    _close(value_nan, value, atol=1e-4)
+    _close(grad_nan, grad.at[1, 5].set(0.0))
+    _close(grad_head_nan, grad_head)
 
 
 def test_weighted_nll_sum_refuses_weights_of_another_shape():
