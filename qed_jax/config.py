@@ -644,9 +644,9 @@ def load_template(name_or_path: str, what: str = "prompt template", fits=lambda 
 
 
 def is_rc_template(text: str) -> bool:
-    """Whether a template is a reasoning-cache instruction: text that follows a turn's problem,
-    with no placeholder."""
-    return "{{" not in text
+    """Whether a template is a reasoning-cache turn's: single-brace fields ({problem}, {summary}),
+    where the benchmarks' and the judge's have double ({{problem}})."""
+    return "{problem}" in text and "{{" not in text
 
 
 class DuplicateKey(yaml.constructor.ConstructorError):

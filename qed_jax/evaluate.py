@@ -39,7 +39,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_rc_template,
                             json_values, load_template, not_found, read_json_object, recorded_path, require_at_least_one,
                             require_range, same_as_recorded, write_text_atomic)
-from qed_jax.errors import json_error, quoted, renamed
+from qed_jax.errors import JudgeUnavailable, json_error, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts,
                            render_marking_scheme, reply_text, text_to_grade)
@@ -877,6 +877,23 @@ JUDGE_REQUEST_KEYS = ("judge.model", "judge.api", "judge.template", "judge.answe
                       "judge.temperature", "judge.max_tokens", "judge.reasoning_effort")
 
 
+# A run the judge has graded nothing of stops, after a batch, when the judge has rejected this
+# many requests (a 4xx not retried: 400, 413, 422) and completed none: the requests do not suit it
+# (a parameter this model refuses, a max_tokens beyond its context), and every other would meet
+# the same. The samples are kept, and the judge's request settings may change on the rerun.
+REJECTED_TO_STOP = 5
+
+
+def check_judge_accepts(judge: Judge, runlog: RunLog) -> None:
+    """JudgeUnavailable when the judge rejects every request of a run it has graded nothing of
+    (see REJECTED_TO_STOP). Called between batches, once every request sent has its answer."""
+    if judge.rejected >= REJECTED_TO_STOP and not judge.completed and not judge_has_graded(runlog):
+        raise JudgeUnavailable(
+            f"the judge at {judge.config.base_url} rejected {judge.rejected} requests (the last: "
+            f"{judge.last_rejection}) and completed none: the requests do not suit it; check judge.model, judge.api, "
+            "judge.max_tokens, judge.temperature and judge.reasoning_effort, then rerun (the samples are kept)")
+
+
 def judge_has_graded(runlog: RunLog) -> bool:
     """Whether any grade the run holds is the judge's (not math-verify's, nor a 0 given unsent)."""
     return any(g["score"] is not None and g.get("decided_by") in ("judge", "judge_cache")
@@ -1295,10 +1312,12 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
 
         if to_grade:
             grade_samples(judge, config, by_id, to_grade, on_grade)
+            check_judge_accepts(judge, runlog)
         for start in range(0, len(to_generate), config.batch_size):
             batch = to_generate[start: start + config.batch_size]
             counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
             grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
+            check_judge_accepts(judge, runlog)
         if failures:
             log.warning("%s: %d grade%s failed (%s); the next run retries them", config.output_dir,
                         counts["failed"], "s" if counts["failed"] != 1 else "", reason_counts(failures))

@@ -584,10 +584,6 @@ RETRIED_4XX = (408, 409, 429)
 REFUSED = (401, 403)
 # So does one that has no such model (a misspelt judge.model) or no such path.
 NOT_FOUND = 404
-# A judge that rejects this many requests (a 4xx not retried: 400, 422) before it has answered one
-# with a completion stops the run: the requests do not suit it (a parameter this model refuses,
-# a max_tokens beyond its context), and every other request would meet the same.
-REJECTED_TO_STOP = 5
 # What openai's client raises on a 200 whose body is not the API's JSON (an HTML page, a list,
 # a body cut short), where it parses the reply into its types.
 NOT_AN_API_REPLY = (ValueError, AttributeError, TypeError)
@@ -610,8 +606,9 @@ class Judge:
         self.template = load_judge_template(config.template)
         self.cache = GradeCache(config.cache_path) if config.cache_path else None
         self.requests_sent = 0
-        self.rejected = 0  # requests answered with a 4xx that is not retried ...
-        self.completed = 0  # ... and with a completion: REJECTED_TO_STOP rejections before any stop the run
+        # Requests answered with a 4xx that is not retried (the last one's status and message), and
+        # with a completion: only the former, and a caller may stop (see evaluate.check_judge_accepts).
+        self.rejected, self.last_rejection, self.completed = 0, None, 0
         self.warned_unlisted = False  # that judge.model is not among the judge's models: said once, not at every check
 
     def grade_batch(self, items: list[GradeItem], on_grade=None) -> list[Grade]:
@@ -777,7 +774,8 @@ class Judge:
                                            "judge.api") from None
                 reason, retry_after, reply = f"http_{e.status_code}", retry_after_s(e.response), str(e.message)[:500]
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
-                    self._count_rejection(e)
+                    self.rejected += 1
+                    self.last_rejection = f"HTTP {e.status_code}: {quoted(e.message)}"
                     return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)
             except BadReply as e:  # a proxy's error page, a server half-up: retried like a 5xx
                 reason, reply = "bad_reply", str(e)
@@ -803,16 +801,6 @@ class Judge:
             log.debug("judge request failed (%s); retrying in %.2fs", reason, delay)
             await asyncio.sleep(delay)
         return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)
-
-    def _count_rejection(self, e: openai.APIStatusError) -> None:
-        """Stop the run when the judge has rejected REJECTED_TO_STOP requests and completed none."""
-        self.rejected += 1
-        if self.rejected >= REJECTED_TO_STOP and not self.completed:
-            c = self.config
-            raise JudgeUnavailable(
-                f"the judge at {c.base_url} rejected the first {self.rejected} requests (the last: HTTP "
-                f"{e.status_code}: {quoted(e.message)}) and completed none: the requests do not suit it; check "
-                "judge.model, judge.api, judge.max_tokens, judge.temperature and judge.reasoning_effort") from None
 
     async def _send(self, client, prompt: str) -> tuple[str, bool]:
         """The judge's reply to `prompt`, and whether it was cut off (it ran out of max_tokens)."""

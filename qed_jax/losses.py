@@ -81,7 +81,7 @@ def _weighted_nll_sum(hidden, head, targets, weights, chunk_size):
 def _nll_forward(hidden, head, targets, weights, chunk_size):
     """The loss and, as residuals, its gradients w.r.t. hidden [B, T, D] and head [V, D]."""
     B, T, D = hidden.shape
-    hidden = jnp.where(weights[..., None] != 0, hidden, 0)  # as the loss drops them: a NaN there reaches no gradient
+    hidden = jnp.where(weights[..., None] != 0, hidden, 0)  # dropped as the loss drops them: a NaN there too
     n, C, (hidden_chunks, target_chunks, weight_chunks) = _time_chunks(chunk_size, hidden, targets, weights)
 
     def chunk(d_head, xs):

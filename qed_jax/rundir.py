@@ -67,7 +67,7 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
             except OSError:  # a folder it may not list (write-only): taken as holding something
                 found = {"?"}
             lock = open(out / ".lock", "a+")
-        except OSError as e:  # e.g. output_dir is a file, or not writable: raised below, on every process
+        except OSError as e:  # e.g. output_dir is a file, or not writable: a ConfigError below (the others: theirs)
             failed = e
         else:
             try:

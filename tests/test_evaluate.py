@@ -1118,7 +1118,10 @@ def test_a_judge_that_rejected_every_request_may_be_set_right_on_the_rerun(tmp_p
     with ModelServer(proof_reply) as model:
         with JudgeServer(default=("status", 400)) as judge:
             cfg = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=2", f"judge.template={grader}")
-            with pytest.raises(JudgeUnavailable, match="rejected the first 5 requests"):
+            with pytest.raises(JudgeUnavailable, match=rf"^the judge at {judge.url} rejected 7 requests \(the last: HTTP "
+                                                       r"400: Error code: 400 - scripted 400\) and completed none: "
+                                                       r"the requests do not suit it; check judge.model, .* then rerun "
+                                                       r"\(the samples are kept\)$"):
                 evaluate(cfg, progress=False)
         assert model.total == 8
         grader.write_text(grader.read_text() + "Be strict.\n")
@@ -1135,6 +1138,31 @@ def test_a_judge_that_rejected_every_request_may_be_set_right_on_the_rerun(tmp_p
     with pytest.raises(ConfigError, match=r"holds a run with judge.temperature=0.7, not 0.5: "):
         check_rerun(config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=2", f"judge.template={grader}",
                            "judge.temperature=0.5", "judge.max_tokens=1000"))
+
+
+def test_rejections_stop_a_run_only_where_the_judge_never_graded(tmp_path):
+    """A judge that completed a request, or graded one of the run's samples before (a rerun that
+    retries the proofs too long for its context), takes requests: its rejections fail their
+    items alone."""
+    from types import SimpleNamespace
+
+    from qed_jax.errors import JudgeUnavailable
+    from qed_jax.evaluate import REJECTED_TO_STOP, check_judge_accepts
+
+    sample = {"type": "sample", "problem_id": "P", "sample": 0}
+    graded = {"type": "grade", "problem_id": "P", "sample": 1, "score": 3, "decided_by": "judge_cache"}
+    unsent = {**graded, "sample": 2, "score": 0, "decided_by": "truncated"}
+
+    def judge(rejected, completed):
+        return SimpleNamespace(rejected=rejected, completed=completed, last_rejection="HTTP 413: too large",
+                               config=SimpleNamespace(base_url="http://judge/v1"))
+
+    never_graded = RunLog(tmp_path / "samples.jsonl", [sample, unsent])
+    with pytest.raises(JudgeUnavailable, match=r"rejected 5 requests \(the last: HTTP 413: too large\)"):
+        check_judge_accepts(judge(REJECTED_TO_STOP, 0), never_graded)
+    check_judge_accepts(judge(REJECTED_TO_STOP - 1, 0), never_graded)
+    check_judge_accepts(judge(40, 1), never_graded)
+    check_judge_accepts(judge(40, 0), RunLog(tmp_path / "samples.jsonl", [sample, unsent, graded]))
 
 
 def test_a_rerun_may_extend_a_run_but_not_change_or_shrink_it(tmp_path):
