@@ -117,7 +117,7 @@ def _generate(args) -> None:
     from qed_jax.config import check_seed, not_utf8
     from qed_jax.pretrained import from_pretrained
     from qed_jax.sampling import SamplingParams, generate
-    from qed_jax.tokenizer import load_tokenizer
+    from qed_jax.tokenizer import chat_prompt, load_tokenizer
 
     given = [flag for flag in GENERATE_RC_FLAGS if getattr(args, flag) is not None]
     if given and not args.reasoning_cache:
@@ -155,6 +155,11 @@ def _generate(args) -> None:
     model = from_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
+    for n, conversation in enumerate(prompts if args.chat else [], 1):  # numbered as the flags are, from 1
+        try:
+            chat_prompt(tokenizer, conversation)
+        except ValueError as e:  # the chat template refuses it
+            raise ConfigError(f"prompt {n} (--prompt): {e}") from None
     completions = generate(model, tokenizer, prompts, params, seed=args.seed)
     for i, (prompt, c) in enumerate(zip(args.prompt, completions)):
         if args.json:

@@ -347,7 +347,7 @@ class Sampler:
         if budgets is not None and len(budgets) != len(prompts):
             raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
         if budgets is not None and min(budgets) < 0:
-            raise ValueError(f"prompt {int(np.argmin(budgets))} has a budget of {min(budgets)} new tokens; "
+            raise ValueError(f"prompts[{int(np.argmin(budgets))}] has a budget of {min(budgets)} new tokens; "
                              "give 0 or more")
         if stop_ids is None:
             raise ValueError("stop_ids is None: give the token ids that end a completion (a list, may be empty)")
@@ -393,13 +393,13 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
         raise ValueError(f"no {what}s given")
     for i, ids in enumerate(prompts):
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
-            raise ValueError(f"{what} {i} is a {type(ids).__name__}, not token ids: give one list of ints per "
+            raise ValueError(f"{what}s[{i}] is a {type(ids).__name__}, not token ids: give one list of ints per "
                              f"{what} (a single {what} too: [ids])")
         if len(ids) == 0:
-            raise ValueError(f"every {what} needs at least one token; {what} {i} has none")
+            raise ValueError(f"every {what} needs at least one token; {what}s[{i}] has none")
         low, high = min(ids), max(ids)
         if low < 0 or high >= vocab_size:
-            raise ValueError(f"{what} {i} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+            raise ValueError(f"{what}s[{i}] holds token id {low if low < 0 else high}, outside the model's vocabulary "
                              f"[0, {vocab_size}) (another model's tokenizer?)")
 
 
@@ -512,9 +512,9 @@ def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParam
             try:
                 prompts.append(tok.chat_prompt(tokenizer, item))
             except ValueError as e:  # the chat template refuses this conversation
-                raise ConfigError(f"generate: prompt {i}: {e}") from None
+                raise ConfigError(f"generate: prompts[{i}]: {e}") from None
         else:
-            raise ConfigError(f"generate: prompt {i} is a {type(item).__name__}; each prompt is a string or a "
+            raise ConfigError(f"generate: prompts[{i}] is a {type(item).__name__}; each prompt is a string or a "
                               "conversation (a list of message dicts)")
     stop_ids = tok.stop_ids(tokenizer) if stop_ids is None else stop_ids
     sampler = sampler or Sampler(model)

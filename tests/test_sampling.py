@@ -363,16 +363,16 @@ def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, c
     model = qed_jax.from_pretrained(tmp_path)
     greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
     sampler = Sampler(model)
-    with pytest.raises(ValueError, match=r"^prompt 1 holds token id 256, outside the model's vocabulary \[0, 256\)"):
+    with pytest.raises(ValueError, match=r"^prompts\[1\] holds token id 256, outside the model's vocabulary \[0, 256\)"):
         sampler.generate_ids([[5, 6], [7, 256]], greedy, jax.random.key(0), stop_ids=[])
-    with pytest.raises(ValueError, match=r"^prompt 0 holds token id -1"):
+    with pytest.raises(ValueError, match=r"^prompts\[0\] holds token id -1"):
         sampler.generate_ids([[-1]], greedy, jax.random.key(0), stop_ids=[])
     # One prompt not wrapped in a list, or texts, name the prompt and say what to give.
-    with pytest.raises(ValueError, match=r"^prompt 0 is a int, not token ids: give one list of ints per prompt"):
+    with pytest.raises(ValueError, match=r"^prompts\[0\] is a int, not token ids: give one list of ints per prompt"):
         sampler.generate_ids([5, 6], greedy, jax.random.key(0), stop_ids=[])
-    with pytest.raises(ValueError, match=r"^prompt 1 is a str, not token ids"):
+    with pytest.raises(ValueError, match=r"^prompts\[1\] is a str, not token ids"):
         sampler.generate_ids([[5], "Prove"], greedy, jax.random.key(0), stop_ids=[])
-    with pytest.raises(ValueError, match=r"^prompt 1 has a budget of -2 new tokens; give 0 or more"):
+    with pytest.raises(ValueError, match=r"^prompts\[1\] has a budget of -2 new tokens; give 0 or more"):
         sampler.generate_ids([[5], [6]], greedy, jax.random.key(0), stop_ids=[], budgets=[3, -2])
     with pytest.raises(ValueError, match=r"^stop_ids is None: give the token ids that end a completion"):
         sampler.generate_ids([[5]], greedy, jax.random.key(0), stop_ids=None)
@@ -400,7 +400,7 @@ def test_the_readme_python_example_runs_and_the_public_names_are_listed(tmp_path
     assert all(getattr(qed_jax, name) is not None for name in qed_jax.__all__)
 
 
-def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
+def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path, capsys):
     make_hf_model_with_tokenizer(tmp_path)
     model, tokenizer = qed_jax.from_pretrained(tmp_path), load_tokenizer(tmp_path)
     greedy = SamplingParams(max_new_tokens=5, temperature=0.0)
@@ -411,15 +411,20 @@ def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path):
     # A message alone would list as its keys, two prompts "role" and "content": refused, as is a mixed list.
     with pytest.raises(ConfigError, match=r"^generate: a message alone is no prompt; pass a conversation"):
         qed_jax.generate(model, tokenizer, conversation[0], greedy)
-    with pytest.raises(ConfigError, match=r"^generate: prompt 1 is a dict; each prompt is a string or a conversation"):
+    with pytest.raises(ConfigError, match=r"^generate: prompts\[1\] is a dict; each prompt is a string or a conversation"):
         qed_jax.generate(model, tokenizer, ["Let n be", conversation[0]], greedy)
     # A chat template that refuses the conversation (Qwen3's raise_exception) and a prompt past the
     # largest bucket: one line each, not a traceback.
     refusing = load_tokenizer(tmp_path)
     refusing.chat_template = "{{ raise_exception('a system message is required') }}"
-    with pytest.raises(ConfigError, match=r"^generate: prompt 0: the chat template refuses this conversation \(a "
+    with pytest.raises(ConfigError, match=r"^generate: prompts\[0\]: the chat template refuses this conversation \(a "
                                           r"system message is required\)$"):
         qed_jax.generate(model, refusing, [conversation], greedy)
+    refusing.save_pretrained(tmp_path)  # the CLI numbers its --prompt flags from 1
+    assert cli.main(["generate", "--model", str(tmp_path), "--chat", "--prompt", "a", "--prompt", "b"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qed-jax generate: error: prompt 1 (--prompt): the chat template refuses this conversation (a system message "
+        "is required)")
     with pytest.raises(ConfigError, match=r"^a prompt of 262145 tokens is longer than the sampler's largest prompt "
                                           r"bucket \(262144 tokens\); shorten it$"):
         bucket_length(262145)
