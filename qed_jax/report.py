@@ -351,9 +351,12 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     for run_dir in sorted(set(run_dirs) - set(started)):  # left out of a comparison
         log.warning("%s: the run has no samples yet; left out of the report", run_dir)
     read = {name: (run_dir, *runs_read[run_dir]) for name, run_dir in zip(run_names(started), started)}
-    earlier = previous_order(Path(output))
-    if set(earlier) == set(read):  # written again over the same runs: in the order they had (a pipeline's: stages)
-        read = {name: read[name] for name in earlier}
+    # Written again over the same runs: in the order they had (a pipeline's: its stages), also
+    # where the report goes to a pipeline's eval/ folder rather than to the pipeline's own.
+    for earlier in (previous_order(Path(output)), previous_order(Path(output).parent)):
+        if set(earlier) == set(read):
+            read = {name: read[name] for name in earlier}
+            break
     summaries, runs = {}, {}
     for name, (run_dir, config, records) in read.items():
         summaries[name] = summarize(config, records, read_problem_ids(run_dir), recorded_working_dir(Path(run_dir)))

@@ -991,6 +991,7 @@ def test_report_compares_runs_side_by_side(tmp_path):
     by_stage = report(staged, output=str(tmp_path / "pipeline"), plots=False)[0]
     assert by_stage.index("| base-proofbench-single |") < by_stage.index("| abc-proofbench-single |")
     assert report([str(tmp_path / "pipeline")], plots=False)[0] == by_stage
+    assert report([str(tmp_path / "pipeline" / "eval")], plots=False)[0] == by_stage  # its eval/ folder too
     # A run still in its first round (no samples yet) is left out of a comparison, with a warning;
     # alone, it is an error.
     started = tmp_path / "pipeline" / "eval" / "grpo-proofbench-single"
