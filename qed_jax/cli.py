@@ -244,7 +244,8 @@ def _judge(args) -> int | None:
 
     from qed_jax.config import load_config, temporary_beside, without_non_finite
     from qed_jax.data import BadRow, json_lines, read_rows
-    from qed_jax.judge import Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts
+    from qed_jax.judge import (Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts,
+                               rejection_note)
 
     # The keys as a trainer's or eval's judge section names them work here too (error messages say judge.base_url).
     overrides = [o.removeprefix("judge.") for o in args.overrides]
@@ -313,7 +314,8 @@ def _judge(args) -> int | None:
         reasons = reason_counts(Counter(g.reason for g in failed))
         cached = ", the others come from the cache" if config.cache_path and scored else ""
         print(f"{len(failed)} grades failed ({reasons}; a row's judge_reply holds the judge's last reply or the "
-              f"error, where there was one); rerun the same command to retry them{cached}", file=sys.stderr)
+              f"error, where there was one); rerun the same command to retry them{cached}"
+              f"{rejection_note((g.reason, g.raw) for g in failed)}", file=sys.stderr)
         return 1
 
 

@@ -56,19 +56,21 @@ class DataConfig:
 # Reading rows
 
 
-def read_rows(path: str, name: str | None = None, split: str = "train") -> list[tuple[str, Any]]:
+def read_rows(path: str, name: str | None = None, split: str = "train", key: str = "data file"
+              ) -> list[tuple[str, Any]]:
     """(where, row) for every row of a local .jsonl / .json / .parquet file or a hub dataset
     (`datasets.load_dataset`): where is "line N" for JSON lines (its line in the file, blank
     lines counted), else "row N". A .json file may hold JSON lines or one array of rows. A JSONL
     line that is not JSON, or not UTF-8, stands as a BadRow. `name` and `split` choose within
-    a Hub dataset: a local file is read whole (with a warning when they ask for something else)."""
+    a Hub dataset: a local file is read whole (with a warning when they ask for something else).
+    `key` names the path where it does not exist (e.g. the config key that gave it)."""
     local = Path(path)
     suffix = local.suffix.lower()  # D.JSONL too
     if suffix in (".jsonl", ".json", ".parquet") and (name is not None or split != "train"):
         log.warning("%s is a local file, read whole: the dataset name %r and split %r apply to Hub datasets only",
                     path, name, split)
     if suffix in (".jsonl", ".json"):
-        require_file(local, "data file")
+        require_file(local, key)
         with open(local, "rb") as f:
             if suffix == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
                 f.seek(0)
@@ -80,7 +82,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> list[
         raise ConfigError(f"data file {path}: {kind}; use JSON lines (.jsonl or .json), a JSON array (.json) or "
                           "Parquet (.parquet), named so")
     if (suffix == ".parquet" and not local.is_dir()) or is_missing_local_path(path):
-        require_file(local, "data file")
+        require_file(local, key)
     if suffix == ".parquet":  # a file, or the folder of one partitioned table (pandas' and Spark's)
         import pyarrow
         import pyarrow.parquet

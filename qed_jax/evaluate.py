@@ -41,7 +41,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             require_range, same_as_recorded, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, json_error, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
-                           chat_choice, check_template_fields, load_judge_template, reason_counts,
+                           chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
                            render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.rundir import record_working_dir, recorded_working_dir, refuse_a_pipelines_folder, run_lock
 from qed_jax.tokenizer import THINK_END
@@ -1153,7 +1153,7 @@ def check_held_problems(config: EvalConfig) -> None:
     path = Path(config.output_dir) / SAMPLES_FILE
     if path.exists():
         b = config.benchmark
-        problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run=False)
+        problems = problems_from_rows(read_rows(b.path, b.subset, b.split, "benchmark.path"), b, new_run=False)
         check_problems_unchanged(config, problems, RunLog.read(path, repair=False))
 
 
@@ -1261,7 +1261,8 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         check_local_paths(config)  # it draws every sample: a missing model fails before the benchmark is read
     b = config.benchmark
     check_judge_template(config)
-    problems = problems_from_rows(read_rows(b.path, b.subset, b.split), b, new_run)
+    template_texts(config)  # every template it names is there (by its key), before a model loads
+    problems = problems_from_rows(read_rows(b.path, b.subset, b.split, "benchmark.path"), b, new_run)
     by_id = {p.id: p for p in problems}
     template = load_prompt_template(b)
     check_seeds(runlog, config)
@@ -1291,7 +1292,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
         bar = tqdm(total=len(units), initial=sum(runlog.graded(u) for u in units), desc=f"eval {b.name}",
                    unit="sample", disable=not progress)
         scores = [runlog.grades[u]["score"] for u in units if runlog.graded(u)]
-        failures = Counter()
+        failures, failed_grades = Counter(), []  # reasons counted; (reason, judge reply or error) of each
 
         def on_grade(record, turn, score, reason, decided_by, reply):
             grade = {"type": "grade", "problem_id": record["problem_id"], "sample": record["sample"],
@@ -1304,6 +1305,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             if score is None:
                 counts["failed"] += 1
                 failures[reason] += 1
+                failed_grades.append((reason, reply))
             elif turn is None:
                 scores.append(score)
                 bar.update()
@@ -1319,8 +1321,9 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
             check_judge_accepts(judge, runlog)
         if failures:
-            log.warning("%s: %d grade%s failed (%s); the next run retries them", config.output_dir,
-                        counts["failed"], "s" if counts["failed"] != 1 else "", reason_counts(failures))
+            log.warning("%s: %d grade%s failed (%s); the next run retries them%s", config.output_dir,
+                        counts["failed"], "s" if counts["failed"] != 1 else "", reason_counts(failures),
+                        rejection_note(failed_grades))
     finally:  # whatever failed, the samples and grades written so far are on disk
         if bar is not None:
             bar.close()

@@ -33,7 +33,8 @@ from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_loc
                             require_at_least_one, require_range)
 from qed_jax.data import BadRow, order_seed, pack_sequences, read_rows
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
-                           RuleGrader, check_template_fields, load_judge_template, reason_counts, row_field)
+                           RuleGrader, check_template_fields, load_judge_template, reason_counts, rejection_note,
+                           row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
@@ -460,7 +461,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     from qed_jax.tokenizer import chat_prompt
 
     limit = problem_token_limit(config, tokenizer)
-    rows = read_rows(config.data.path, config.data.name, config.data.split)
+    rows = read_rows(config.data.path, config.data.name, config.data.split, "data.path")
     # The rubric under the configured key, else under the other one the judge accepts.
     rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
     prompts, skipped, too_long = [], 0, 0
@@ -777,7 +778,8 @@ def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, ste
     raise JudgeUnavailable(
         f"step {step}: the judge at {config.judge.base_url} failed on {failed} of the {total} completions sent to it "
         f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons{where}: {reasons or 'none'}"
-        ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here")
+        ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here"
+        + rejection_note((g.reason, g.raw) for g in grades if g.failed))
 
 
 def on_every_process(judge_call):

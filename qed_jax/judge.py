@@ -140,6 +140,23 @@ def reason_counts(reasons: Counter) -> str:
     return ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common())
 
 
+def rejection_note(failures) -> str:
+    """For failed grades (`failures`: their (reason, raw) pairs) whose requests the judge rejected
+    (a 4xx not retried: it will reject them again), what it said last and what may change; else
+    "". Appended to a line that says how many grades failed."""
+    rejected = [raw for reason, raw in failures if rejected_request(reason)]
+    if not rejected:
+        return ""
+    return (f"; the judge rejected {len(rejected)} request{'s' if len(rejected) > 1 else ''} (the last: "
+            f"{quoted(rejected[-1])}), and will again unless the request changes: check judge.model, judge.api, "
+            "judge.max_tokens, judge.temperature and judge.reasoning_effort")
+
+
+def rejected_request(reason: str | None) -> bool:
+    """Whether a grade failed because the judge rejected its request: a 4xx it is not retried on."""
+    return bool(reason and re.fullmatch(r"http_4\d\d", reason)) and int(reason[5:]) not in RETRIED_4XX
+
+
 # Why an item scores 0 without a request: no </think> (with require_think_end), or no proof.
 UNSENT_REASONS = ("no_think_end", "empty_proof")
 

@@ -180,7 +180,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
         tokenizer = load_tokenizer(tokenizer_path)
 
-        rows = read_rows(config.data.path, config.data.name, config.data.split)
+        rows = read_rows(config.data.path, config.data.name, config.data.split, "data.path")
         if not rows:
             raise ConfigError(f"{config.data.path}: no rows to train on (the data is empty)")
         held_out = config.data.eval_rows if config.eval_every else 0

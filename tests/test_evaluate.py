@@ -1141,6 +1141,19 @@ def test_a_judge_that_rejected_every_request_may_be_set_right_on_the_rerun(tmp_p
                            "judge.temperature=0.5", "judge.max_tokens=1000"))
 
 
+def test_a_request_the_judge_rejects_is_named_with_what_it_said(tmp_path, caplog):
+    """Fewer rejections than stop a run still say what the judge said: the next run meets the same
+    unless the request changes."""
+    rejected = f"{IMO_ROWS[0]['problem_id']}-s0"
+    with ModelServer(proof_reply) as model, JudgeServer({**imo_judge_scripts(), rejected: [("status", 400)]}) as judge:
+        counts = evaluate(config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=1"), progress=False)
+    assert counts["failed"] == 1
+    assert any(r.getMessage().endswith(
+        "1 grade failed (http_400 x1); the next run retries them; the judge rejected 1 request (the last: Error code: "
+        "400 - scripted 400), and will again unless the request changes: check judge.model, judge.api, "
+        "judge.max_tokens, judge.temperature and judge.reasoning_effort") for r in caplog.records), caplog.text
+
+
 def test_rejections_stop_a_run_only_where_the_judge_never_graded(tmp_path):
     """A judge that completed a request, or graded one of the run's samples before (a rerun that
     retries the proofs too long for its context), takes requests: its rejections fail their
@@ -1462,3 +1475,17 @@ def test_a_misspelt_template_name_lists_the_bundled_templates_of_its_kind(tmp_pa
     with pytest.raises(ConfigError, match=re.escape("RC prompt template 'rc_reasonng' is neither a file nor one of "
                                                     "['rc_reasoning', 'rc_summarize']")):
         load_rc_template("rc_reasonng")
+    # In a run, before a model loads: named by its key, as a misspelt benchmark file is.
+    (tmp_path / "model").mkdir()  # there, but never loaded
+
+    def run(*overrides):
+        evaluate(load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+            f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={tmp_path}/model",
+            "judge.base_url=http://127.0.0.1:9/v1", f"output_dir={tmp_path}/run", *overrides]), progress=False)
+
+    with pytest.raises(ConfigError, match=re.escape("rc.reasoning_template 'rc_reasonin' is neither a file nor one of "
+                                                    "['rc_reasoning', 'rc_summarize']")):
+        run("mode=rc", "rc.reasoning_template=rc_reasonin")
+    with pytest.raises(ConfigError, match=f"^benchmark.path {tmp_path}/smple.jsonl does not exist$"):
+        run(f"benchmark.path={tmp_path}/smple.jsonl")
+    assert not (tmp_path / "run").exists()
