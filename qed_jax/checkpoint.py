@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from qed_jax.config import ConfigError, ModelConfig
-from qed_jax.errors import causes, out_of_device_memory
+from qed_jax.errors import causes, os_error_line, out_of_device_memory
 from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
 from qed_jax.multihost import SaveBarrier, SaveFailedElsewhere, largest, save_barrier, set_up_together
@@ -368,7 +368,12 @@ class TrainCheckpoints:
         check_folder(directory)  # now, not at the first save, steps after the run began
         remove_unfinished_saves(directory)
         self.barrier = save_barrier()
-        self.manager = manager(directory, max_to_keep=keep, barrier=self.barrier)
+        try:
+            self.manager = manager(directory, max_to_keep=keep, barrier=self.barrier)
+        except OSError as e:
+            if e.filename is None:  # the network's, not the path's
+                raise
+            raise ConfigError(f"checkpoint_dir: {os_error_line(e)}") from None
         self.writing: int | None = None  # the step whose save may still be under way (Orbax writes in the background)
         self.failed = False  # a save failed, and its error was raised
 

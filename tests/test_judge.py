@@ -816,6 +816,9 @@ def test_a_cache_that_cannot_be_written_or_is_damaged_is_one_config_error(tmp_pa
         cache = GradeCache(path)
         for i in range(300):
             cache.get(f"k{i}")
+    # Under a file, where no folder can be made: named as the setting it is.
+    with pytest.raises(ConfigError, match=rf"^judge.cache_path: {path} is a file where a folder is needed; "):
+        GradeCache(path / "cache.sqlite")
 
 
 def test_a_cache_kept_locked_by_another_process_says_so(tmp_path, monkeypatch):

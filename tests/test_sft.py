@@ -874,6 +874,9 @@ def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):
         with pytest.raises(ConfigError, match=rf"^checkpoint folder .*{a_file} is a file where a folder is needed"):
             train(load_config(SFTConfig, TINY, [f"checkpoint_dir={checkpoint_dir}", f"output_dir={out}", "steps=2",
                                                 "batch_size=16"]))  # rows for the 8 devices here
+    with pytest.raises(ConfigError, match="^checkpoint_dir: /proc/qed-jax-checkpoints: No such file or directory$"):
+        train(load_config(SFTConfig, TINY, ["checkpoint_dir=/proc/qed-jax-checkpoints", f"output_dir={out}", "steps=2",
+                                            "batch_size=16"]))  # where no folder can be made
     assert not out.exists()
 
 
