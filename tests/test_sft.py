@@ -694,8 +694,10 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
                                           r"\(\.jsonl or \.json\), a JSON array \(\.json\) or Parquet \(\.parquet\), "
                                           r"named so$"):
         read_rows(str(tmp_path / "rows"))
-    with pytest.raises(ConfigError, match=r"^data\.path .*/rows\.jsonll does not exist$"):
+    with pytest.raises(ConfigError, match=r"^data file .*/rows\.jsonll does not exist$"):
         read_rows(str(tmp_path / "rows.jsonll"))
+    with pytest.raises(ConfigError, match=r"^data\.path .*/rows\.jsonll does not exist$"):  # named by its setting
+        read_rows(str(tmp_path / "rows.jsonll"), key="data.path")
     (tmp_path / "ROWS.JSONL").write_text('{"a": 1}\n')  # a suffix in capitals reads as its lower case
     assert read_rows(str(tmp_path / "ROWS.JSONL")) == [("line 1", {"a": 1})]
 
