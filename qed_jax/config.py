@@ -643,6 +643,17 @@ def load_template(name_or_path: str, what: str = "prompt template", fits=lambda 
     return path.read_text()
 
 
+# The kinds of bundled template, told apart by their fields (a misspelt name lists its kind's).
+def is_prompt_template(text: str) -> bool:
+    """Whether a template asks the policy a problem (not a judge's, which shows it a proof)."""
+    return "{{problem}}" in text and "{{proof}}" not in text
+
+
+def is_judge_template(text: str) -> bool:
+    """Whether a template shows a judge the proof to grade."""
+    return "{{proof}}" in text
+
+
 def is_rc_template(text: str) -> bool:
     """Whether a template is a reasoning-cache turn's: single-brace fields ({problem}, {summary}),
     where the benchmarks' and the judge's have double ({{problem}})."""

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
-                            dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_rc_template,
-                            json_values, load_template, not_found, read_json_object, recorded_path, require_at_least_one,
-                            require_range, same_as_recorded, write_text_atomic)
+                            dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_prompt_template,
+                            is_rc_template, json_values, load_template, not_found, read_json_object, recorded_path,
+                            require_at_least_one, require_range, same_as_recorded, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, json_error, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
@@ -308,11 +308,6 @@ def group_of(row: dict, config: BenchmarkConfig) -> str | None:
     value = row.get(config.group_field)
     text = "" if value is None else str(value)  # a row without it (or null) goes where "" does
     return next((label for label, pattern in config.groups.items() if re.search(pattern, text)), "other")
-
-
-def is_prompt_template(text: str) -> bool:
-    """Whether a template asks the policy a problem (not a judge's, which shows it a proof)."""
-    return "{{problem}}" in text and "{{proof}}" not in text
 
 
 def load_prompt_template(config: BenchmarkConfig) -> str:
@@ -1275,7 +1270,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     check_model_unchanged(config)  # a finished run too: its results would stand for this model
     if not to_generate and not to_grade:
         if not new_run:
-            prepare_output(config, problems, runlog)  # what the run is now (e.g. samples, after an extension stopped early)
+            prepare_output(config, problems, runlog)  # what the run is now (samples, after an extension stopped early)
         return counts
     if to_generate:  # a rerun that only grades needs no model
         check_local_paths(config)

@@ -30,7 +30,7 @@ from typing import Any
 
 import openai
 
-from qed_jax.config import ConfigError, check_url, load_template, require_range
+from qed_jax.config import ConfigError, check_url, is_judge_template, load_template, require_range
 from qed_jax.errors import JudgeUnavailable, first_line, os_error_line, quoted
 from qed_jax.tokenizer import THINK_END
 
@@ -206,7 +206,7 @@ def load_judge_template(name: str) -> str:
     """The judge template `name` (a file, or one in configs/prompts/), checked: it shows the
     judge the proof, and every {{placeholder}} in it is one that `render_prompt` fills (any
     other would reach the judge as written, and its grade would count)."""
-    template = load_template(name, "judge template", fits=lambda text: "{{proof}}" in text)
+    template = load_template(name, "judge template", fits=is_judge_template)
     placeholders = prompt_fields(GradeItem(problem=""), "")
     known = ", ".join(f"{{{{{p}}}}}" for p in placeholders)
     for m in re.finditer(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", template):  # {{2}} in LaTeX is no placeholder
