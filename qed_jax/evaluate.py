@@ -1315,6 +1315,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
             grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
             check_judge_accepts(judge, runlog)
+        bar.close()  # before the warning, which would otherwise print on the bar's line
         if failures:
             log.warning("%s: %d grade%s failed (%s); the next run retries them%s", config.output_dir,
                         counts["failed"], "s" if counts["failed"] != 1 else "", reason_counts(failures),

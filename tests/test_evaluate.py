@@ -81,6 +81,20 @@ def imo_judge_scripts():
     return scripts
 
 
+def test_the_failed_grades_warning_prints_below_the_progress_bar(tmp_path, capsys):
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stream, as the bar's
+    logging.getLogger("qed_jax").addHandler(handler)
+    try:
+        with ModelServer(proof_reply) as model, JudgeServer(imo_judge_scripts()) as judge:
+            evaluate(config(tmp_path, "imo_proofbench", model.url, judge.url), progress=True)
+    finally:
+        logging.getLogger("qed_jax").removeHandler(handler)
+    lines = capsys.readouterr().err.split("\n")
+    warning = next(line for line in lines if "1 grade failed" in line)
+    assert "eval imo_proofbench" not in warning  # the bar ended its line first
+    assert any("eval imo_proofbench" in line and "11/12" in line for line in lines)
+
+
 def test_endpoint_eval_report_equals_numpy_reference(tmp_path, caplog):
     with ModelServer(proof_reply) as model, JudgeServer(imo_judge_scripts()) as judge:
         cfg = config(tmp_path, "imo_proofbench", model.url, judge.url)
