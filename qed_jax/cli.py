@@ -254,7 +254,7 @@ def _judge(args) -> int | None:
     source = Path(args.input)
     # A .json array, Parquet, a Hub dataset, or a clear error (for a missing or compressed file).
     if source.suffix.lower() in (".json", ".parquet", ".gz") or not source.exists():
-        numbered = [(f"{source}: {where}", row) for where, row in read_rows(args.input)]
+        numbered = [(f"{source}: {where}", row) for where, row in read_rows(args.input, key="--input")]
     else:  # JSON lines, under any name (a pipe too): errors name the line
         with open(source, "rb") as f:
             numbered = [(f"{source}:{n}", row) for n, row in json_lines(f)]

@@ -63,7 +63,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
     lines counted), else "row N". A .json file may hold JSON lines or one array of rows. A JSONL
     line that is not JSON, or not UTF-8, stands as a BadRow. `name` and `split` choose within
     a Hub dataset: a local file is read whole (with a warning when they ask for something else).
-    `key` names the path where it does not exist (e.g. the config key that gave it)."""
+    `key` names the path in its errors (e.g. the config key that gave it)."""
     local = Path(path)
     suffix = local.suffix.lower()  # D.JSONL too
     if suffix in (".jsonl", ".json", ".parquet") and (name is not None or split != "train"):
@@ -74,12 +74,12 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
         with open(local, "rb") as f:
             if suffix == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
                 f.seek(0)
-                return _json_array_rows(path, f.read())
+                return _json_array_rows(path, f.read(), key)
             f.seek(0)
             return _json_lines_rows(f)
     if local.is_file() and suffix != ".parquet":
         kind = f"cannot read '{local.suffix}' files" if local.suffix else "its name has no suffix to tell its format by"
-        raise ConfigError(f"data file {path}: {kind}; use JSON lines (.jsonl or .json), a JSON array (.json) or "
+        raise ConfigError(f"{key} {path}: {kind}; use JSON lines (.jsonl or .json), a JSON array (.json) or "
                           "Parquet (.parquet), named so")
     if (suffix == ".parquet" and not local.is_dir()) or is_missing_local_path(path):
         require_file(local, key)
@@ -90,7 +90,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
         try:
             return _numbered(pyarrow.parquet.read_table(local).to_pylist())
         except (pyarrow.ArrowException, OSError) as e:
-            raise ConfigError(f"data file {path}: not a readable Parquet file ({first_line(e)})") from None
+            raise ConfigError(f"{key} {path}: not a readable Parquet file ({first_line(e)})") from None
     import datasets
     from datasets.exceptions import DatasetsError
 
@@ -108,11 +108,13 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
             cause = first_line(e)
         if local.is_dir():
             columns = "; its files must share their columns" if "cast" in cause.lower() else ""
-            raise ConfigError(f"data folder {path} (split {split!r}): read as one Hugging Face dataset of its data "
+            folder = "data folder" if key == "data file" else f"{key} (a folder)"
+            raise ConfigError(f"{folder} {path} (split {split!r}): read as one Hugging Face dataset of its data "
                               f"files, which failed ({cause}){columns}; or give one .jsonl/.json/.parquet file "
                               "instead") from None
-        raise ConfigError(f"data {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, and "
-                          f"loading it as a Hugging Face dataset failed: {cause}") from None
+        what = "data" if key == "data file" else key
+        raise ConfigError(f"{what} {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, "
+                          f"and loading it as a Hugging Face dataset failed: {cause}") from None
 
 
 def _numbered(rows) -> list[tuple[str, Any]]:
@@ -167,7 +169,7 @@ def _json_lines_rows(lines) -> list[tuple[str, Any]]:
     return [(f"line {n}", row) for n, row in json_lines(lines)]
 
 
-def _json_array_rows(path: str, data: bytes) -> list[tuple[str, Any]]:
+def _json_array_rows(path: str, data: bytes, key: str) -> list[tuple[str, Any]]:
     """The rows of a .json file that opens with '[': one JSON array, whose one bad byte spoils
     the whole file (so an error naming where, not a skipped row), or JSON lines whose first row
     happens to be an array."""
@@ -178,14 +180,14 @@ def _json_array_rows(path: str, data: bytes) -> list[tuple[str, Any]]:
         return _numbered(map(_whole_text, rows) if SURROGATE_ESCAPE.search(text) and isinstance(rows, list) else rows)
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"data file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
+        raise ConfigError(f"{key} {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
     except json.JSONDecodeError as e:
         # A whole value on the first line, then more lines. Not a whole array over several lines
         # followed by more (two arrays appended, a stray ']'): read as lines, all but a few would
         # be skipped as malformed.
         if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():
             return _json_lines_rows(data.split(b"\n"))
-        raise ConfigError(f"data file {path}: not a valid JSON array ({json_error(e, line=True)}); "
+        raise ConfigError(f"{key} {path}: not a valid JSON array ({json_error(e, line=True)}); "
                           "a .json file that opens with '[' is read as one array of rows") from None
 
 

@@ -442,12 +442,12 @@ def check_hub_data_before_training(s: Stages) -> None:
 
     if (Path(s.grpo.output_dir) / "hf" / "config.json").exists():
         return
-    named = {(s.grpo.data.path, s.grpo.data.name, s.grpo.data.split)}
-    named |= {(c.benchmark.path, c.benchmark.subset, c.benchmark.split) for c in s.evals}
-    for path, name, split in sorted(named, key=str):
+    named = {(c.benchmark.path, c.benchmark.subset, c.benchmark.split): "eval benchmark.path" for c in s.evals}
+    named[(s.grpo.data.path, s.grpo.data.name, s.grpo.data.split)] = "grpo data.path"
+    for (path, name, split), key in sorted(named.items(), key=str):
         local = Path(path).expanduser()
         if "://" not in path and local.suffix.lower() not in DATA_SUFFIXES and not local.exists():
-            read_rows(path, name, split)
+            read_rows(path, name, split, key)
 
 
 def check_run_directories(s, out: Path) -> None:

@@ -575,12 +575,12 @@ def test_a_misspelt_flag_command_or_choice_is_answered_with_what_it_resembles(ca
 def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "none.jsonl"
     assert cli.main(["judge", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"qed-jax judge: error: data file {missing} does not exist"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"qed-jax judge: error: --input {missing} does not exist"]
     compressed = tmp_path / "rows.jsonl.gz"
     compressed.write_bytes(gzip.compress(b'{"problem": "P", "proof": "Q.E.D."}\n'))
     assert cli.main(["judge", "--input", str(compressed), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"qed-jax judge: error: data file {compressed}: cannot read '.gz' files; use JSON lines (.jsonl or .json), "
+        f"qed-jax judge: error: --input {compressed}: cannot read '.gz' files; use JSON lines (.jsonl or .json), "
         "a JSON array (.json) or Parquet (.parquet), named so"]
     a_file = tmp_path / "a_file"
     a_file.write_text("")

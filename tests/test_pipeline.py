@@ -192,8 +192,9 @@ def test_a_hub_benchmark_that_cannot_be_read_is_found_before_training(tmp_path, 
     monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}",
                                                        "eval.benchmarks=[{config: configs/eval/imo_proofbench.yaml}]"])
-    with pytest.raises(ConfigError, match=r"^data 'lm-provers/IMOProofBench' \(name None, split 'train'\): not a local "
-                                          r".* failed: Couldn't reach 'lm-provers/IMOProofBench' on the Hub"):
+    with pytest.raises(ConfigError, match=r"^eval benchmark\.path 'lm-provers/IMOProofBench' \(name None, split "
+                                          r"'train'\): not a local .* failed: Couldn't reach "
+                                          r"'lm-provers/IMOProofBench' on the Hub"):
         run(config)
     assert asked == [("lm-provers/IMOProofBench", None, "train")]  # the bundled GRPO prompts are local: not asked
     assert not (tmp_path / "sft").exists() and not (tmp_path / "base").exists()

@@ -689,6 +689,8 @@ def test_a_line_that_is_not_utf8_is_a_skipped_row_and_other_files_are_one_line(t
     with pytest.raises(ConfigError, match=r"rows\.csv: cannot read '\.csv' files; use JSON lines \(\.jsonl or \.json\), a "
                        r"JSON array \(\.json\) or Parquet"):
         read_rows(str(tmp_path / "rows.csv"))
+    with pytest.raises(ConfigError, match=r"^benchmark\.path .*/rows\.csv: cannot read '\.csv' files"):
+        read_rows(str(tmp_path / "rows.csv"), key="benchmark.path")  # every message names the setting
     (tmp_path / "rows").write_text('{"a": 1}\n')  # no suffix: not "cannot read '' files"
     with pytest.raises(ConfigError, match=r"rows: its name has no suffix to tell its format by; use JSON lines "
                                           r"\(\.jsonl or \.json\), a JSON array \(\.json\) or Parquet \(\.parquet\), "
@@ -716,6 +718,8 @@ def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_par
                                           r"generating the dataset: JSON parse error: .*\); or give one "
                                           r"\.jsonl/\.json/\.parquet file instead$"):
         read_rows(str(tmp_path / "broken"))
+    with pytest.raises(ConfigError, match=r"^data\.path \(a folder\) .*/broken \(split 'train'\): read as one "):
+        read_rows(str(tmp_path / "broken"), key="data.path")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"^data folder .*/empty .* failed \(its files hold no rows\); or give "):
@@ -731,6 +735,8 @@ def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_par
                                           r"local .jsonl/.json/.parquet file, and loading it as a Hugging Face "
                                           r"dataset failed: "):
         read_rows("no-such-org/no-such-set")
+    with pytest.raises(ConfigError, match=r"^data\.path 'no-such-org/no-such-set' \(name None, split 'train'\): "):
+        read_rows("no-such-org/no-such-set", key="data.path")
     # pandas' and Spark's partitioned writes make a folder named .parquet.
     table = pyarrow.table({"problem": ["P1", "P2"], "split": ["a", "b"]})
     pyarrow.parquet.write_to_dataset(table, tmp_path / "rows.parquet", partition_cols=["split"])
@@ -772,6 +778,8 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
     pretty.write_bytes(b'\xef\xbb\xbf[\n{"problem": "caf\xe9"}]')
     with pytest.raises(ConfigError, match=r"pretty\.json: line 2 is not UTF-8 text \(byte 0xe9\)"):
         read_rows(str(pretty))
+    with pytest.raises(ConfigError, match=r"^data\.path .*/pretty\.json: line 2 is not UTF-8 text"):
+        read_rows(str(pretty), key="data.path")
     lines.write_text('["a row that is a list"]\n' + json.dumps(rows[0]) + "\n")  # JSON lines that open with '['
     assert read_rows(str(lines)) == [("line 1", ["a row that is a list"]), ("line 2", rows[0])]
     # A whole array over several lines, then more: a stray ']', or a second array appended.
@@ -830,6 +838,8 @@ def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     broken.write_bytes(b"PAR1 not a table")
     with pytest.raises(ConfigError, match=f"^data file {re.escape(str(broken))}: not a readable Parquet file "):
         read_rows(str(broken))
+    with pytest.raises(ConfigError, match=f"^data.path {re.escape(str(broken))}: not a readable Parquet file "):
+        read_rows(str(broken), key="data.path")
 
 
 def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
