@@ -147,8 +147,10 @@ def rejection_note(failures) -> str:
     rejected = [raw for reason, raw in failures if rejected_request(reason)]
     if not rejected:
         return ""
-    return (f"; the judge rejected {len(rejected)} request{'s' if len(rejected) > 1 else ''} (the last: "
-            f"{quoted(rejected[-1])}), and will again unless the request changes: check judge.model, judge.api, "
+    # Counted in grades, not requests: identical items share one request (`Judge._grade_one`).
+    their = "their request" if len(rejected) > 1 else "its request"
+    return (f"; {len(rejected)} failed because the judge rejected {their} (the last: {quoted(rejected[-1])}), "
+            "and will again unless the request changes: check judge.model, judge.api, "
             "judge.max_tokens, judge.temperature and judge.reasoning_effort")
 
 

@@ -1163,9 +1163,10 @@ def test_a_request_the_judge_rejects_is_named_with_what_it_said(tmp_path, caplog
         counts = evaluate(config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=1"), progress=False)
     assert counts["failed"] == 1
     assert any(r.getMessage().endswith(
-        "1 grade failed (http_400 x1); the next run retries them; the judge rejected 1 request (the last: Error code: "
-        "400 - scripted 400), and will again unless the request changes: check judge.model, judge.api, "
-        "judge.max_tokens, judge.temperature and judge.reasoning_effort") for r in caplog.records), caplog.text
+        "1 grade failed (http_400 x1); the next run retries them; 1 failed because the judge rejected its request "
+        "(the last: Error code: 400 - scripted 400), and will again unless the request changes: check "
+        "judge.model, judge.api, judge.max_tokens, judge.temperature and judge.reasoning_effort")
+        for r in caplog.records), caplog.text
 
 
 def test_rejections_stop_a_run_only_where_the_judge_never_graded(tmp_path):

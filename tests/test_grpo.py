@@ -620,9 +620,9 @@ def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("qed-jax grpo: error: step 1:") and server.url in last and "http_400 x16" in last
-    assert last.endswith("a rerun resumes here; the judge rejected 16 requests (the last: Error code: 400 - scripted "
-                         "400), and will again unless the request changes: check judge.model, judge.api, "
-                         "judge.max_tokens, judge.temperature and judge.reasoning_effort")
+    assert last.endswith("a rerun resumes here; 16 failed because the judge rejected their request (the last: "
+                         "Error code: 400 - scripted 400), and will again unless the request changes: check "
+                         "judge.model, judge.api, judge.max_tokens, judge.temperature and judge.reasoning_effort")
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 

@@ -622,9 +622,9 @@ def test_judge_cli_exits_1_naming_the_reasons_when_grades_fail(tmp_path, capsys)
         server.scripts = {"i0": [("status", 500)], "i1": [("status", 422)], "i2": [("status", 400)]}
         assert cli.main([*args, f"base_url={server.url}", "cache_path=null"]) == 1
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-            "rerun the same command to retry them; the judge rejected 2 requests (the last: Error code: 400 - scripted "
-            "400), and will again unless the request changes: check judge.model, judge.api, judge.max_tokens, "
-            "judge.temperature and judge.reasoning_effort")
+            "rerun the same command to retry them; 2 failed because the judge rejected their request (the last: "
+            "Error code: 400 - scripted 400), and will again unless the request changes: check judge.model, "
+            "judge.api, judge.max_tokens, judge.temperature and judge.reasoning_effort")
 
 
 def test_a_judge_on_this_machine_is_reached_past_a_proxy_set_for_the_cluster(tmp_path, monkeypatch):
