@@ -237,12 +237,14 @@ def check_unchanged(config) -> None:
     config. The trainer would refuse it too, but only when its stage begins, and with advice
     (--resume-with-changes) that does not hold here. (Changed training data is found only when
     the stage restores its checkpoint, where `pipeline_advice` rewords the refusal.)"""
-    from qed_jax.trainer import NOT_RUN_IDENTITY, check_run_config
+    from qed_jax.trainer import NOT_RUN_IDENTITY, check_run_config, finished_a_step
 
+    out = Path(config.output_dir)
     with pipeline_advice():
         # A trainer alone re-exports a finished run in another export_dtype; here the stages after
-        # it may hold evaluations of the first export, so that too is a change.
-        check_run_config(Path(config.output_dir), config, resume_with_changes=False,
+        # it may hold evaluations of the first export, so that too is a change. A run that
+        # finished no step starts again as set up now (as the trainer starts it).
+        check_run_config(out, config, resume_with_changes=not finished_a_step(out, config.checkpoint_dir),
                          ignored=NOT_RUN_IDENTITY - {"export_dtype"})
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -503,6 +504,11 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     check_processes_agree(ckpts.run, resume_with_changes)
     changes = check_run_config(out, config, resume_with_changes, refuse=False)
     changed = bool(changes)
+    if not resume_with_changes and largest(int(changed)) and not finished_a_step(out, config.checkpoint_dir):
+        if changes:
+            log.warning("%s holds a run that finished no step, so it starts again as this run is set up (%s); its "
+                        "config until now is kept beside it as config.N.json", out, "; ".join(changes))
+        resume_with_changes = True
     if changed and not resume_with_changes and (meta := ckpts.newest_meta()) is not None:
         # One refusal lists what changed in the data too (process 0's read, before anything is restored).
         changes += data_changes(meta.get("data"), ckpts.run["data"], finished=meta.get("step", 0) >= steps)
@@ -536,6 +542,22 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     params, opt_state, meta = restored
     log.info("resumed from %s at step %d", ckpts.directory, meta["step"])
     return params, opt_state, meta["step"]
+
+
+def finished_a_step(out: Path, checkpoint_dir: str | None) -> bool:
+    """Whether the trainer's run in `out` finished a step: a step's metrics logged, or a step saved
+    in its checkpoint folder (`checkpoint_dir`, else out/checkpoints). A run that finished none
+    (stopped by its judge, a typo found at the first step) has nothing to continue, so a rerun
+    may change its config. Process 0, which holds `out`, decides for every process."""
+    found = 0
+    if jax.process_index() == 0:
+        folder = epath.Path(checkpoint_dir or out / "checkpoints")
+        try:
+            found = int(last_logged_step(out) is not None
+                        or (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())))
+        except Exception:  # noqa: BLE001 (a bucket out of reach: say it did, and the change is refused as before)
+            found = 1
+    return bool(largest(found))
 
 
 def last_logged_step(out: Path) -> int | None:

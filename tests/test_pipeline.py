@@ -286,6 +286,7 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
     started = stage_config(sft.SFTConfig, config.sft, "sft", {"output_dir": str(tmp_path / "sft")})
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, steps=40)))
+    (tmp_path / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 6.0}) + "\n")  # it trained a step
     with pytest.raises(ConfigError, match=r"\(steps: 40 -> 120\); a pipeline's run directory continues only as it "
                                           r"started \(config and data\).*use a new output_dir$") as error:
         run(config)
@@ -294,6 +295,12 @@ def test_a_trainer_whose_config_changed_is_refused_before_any_stage_runs(tmp_pat
     # Nor may its export's dtype change: the evaluations after it may hold the first export's.
     (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, export_dtype="float16")))
     with pytest.raises(ConfigError, match=r"\(export_dtype: \"float16\" -> \"float32\"\); a pipeline's run directory "):
+        run(config)
+    # A run that finished no step has nothing to continue: it starts again as set up now (the
+    # unreachable judge is what stops this pipeline, after every check of the run directories).
+    (tmp_path / "sft" / "metrics.jsonl").unlink()
+    from qed_jax.errors import JudgeUnavailable
+    with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge at http://127.0.0.1:9/v1"):
         run(config)
 
 

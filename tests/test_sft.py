@@ -943,6 +943,25 @@ def test_a_finished_run_rerun_with_changes_keeps_the_config_it_trained_under(tmp
     assert "the run is complete at step 1, so its changed config is not recorded" in caplog.text
 
 
+def test_a_run_that_finished_no_step_starts_again_under_a_changed_config(tmp_path, caplog):
+    """What a run stopped before its first step leaves (its config.json alone, written as it
+    starts) holds nothing to continue: the corrected rerun needs no --resume-with-changes."""
+    from qed_jax.errors import RunConfigChanged
+    from qed_jax.trainer import record_run_config
+
+    base = [f"output_dir={tmp_path}", "steps=1", "eval_every=0", "batch_size=16", "export_dtype=null"]
+    record_run_config(tmp_path, load_config(SFTConfig, TINY, base), changed=False)
+    started = (tmp_path / "config.json").read_text()
+    result = train(load_config(SFTConfig, TINY, [*base, "optim.lr=1e-4"]))
+    assert (result["start_step"], result["step"]) == (0, 1)
+    assert (tmp_path / "config.1.json").read_text() == started
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-4
+    assert (f"{tmp_path} holds a run that finished no step, so it starts again as this run is set up (optim.lr: "
+            "0.003 -> 0.0001)") in caplog.text
+    with pytest.raises(RunConfigChanged, match=r"\(optim\.lr: 0\.0001 -> 0\.001\)"):  # now it did: refused
+        train(load_config(SFTConfig, TINY, [*base, "optim.lr=1e-3"]))
+
+
 def test_rows_whose_prompt_fills_max_length_are_counted_as_such(caplog):
     """Truncated to max_length, a row whose prompt takes it all has no answer token to train:
     dropped and named for what it is (not "malformed", nor also "truncated")."""
