@@ -459,6 +459,9 @@ def numerically_different(a: Any, b: Any) -> bool:
 RECORD_KEYS = ("type", "problem_id", "sample")  # what every record of a run log has
 
 
+DAMAGED_LOG = "the run log is damaged: mend that line, or move the run folder aside and run again"
+
+
 def read_records(path: Path, repair: bool = False) -> list[dict]:
     """The records of a run log. A last line cut short by a kill is left out, and with `repair`
     also cut from the file, so that appending starts on a fresh line."""
@@ -476,13 +479,13 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
             record = json.loads(raw.decode())
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                              "the run log is damaged") from None
+                              f"{DAMAGED_LOG}") from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({json_error(e)}); the run log is damaged") from None
+            raise ConfigError(f"{path}:{n}: not valid JSON ({json_error(e)}); {DAMAGED_LOG}") from None
         if not isinstance(record, dict) or not all(k in record for k in RECORD_KEYS):
-            raise ConfigError(f"{path}:{n}: not a record (each has {', '.join(RECORD_KEYS)}); the run log is damaged")
+            raise ConfigError(f"{path}:{n}: not a record (each has {', '.join(RECORD_KEYS)}); {DAMAGED_LOG}")
         if (wrong := misread_value(record)) is not None:
-            raise ConfigError(f"{path}:{n}: {wrong}; the run log is damaged")
+            raise ConfigError(f"{path}:{n}: {wrong}; {DAMAGED_LOG}")
         records.append(record)
     return records
 

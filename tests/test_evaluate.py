@@ -1020,15 +1020,16 @@ def test_report_compares_runs_side_by_side(tmp_path):
         report([str(tmp_path / "empty")])
     shutil.copytree(runs[0], tmp_path / "damaged")
     samples = tmp_path / "damaged" / "samples.jsonl"
+    advice = "the run log is damaged: mend that line, or move the run folder aside and run again"
     lines = samples.read_text().splitlines()
     record = json.loads(lines[1])
     del record["problem_id"]
     samples.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
-    damaged = f"{samples}:2: not a record (each has type, problem_id, sample); the run log is damaged"
+    damaged = f"{samples}:2: not a record (each has type, problem_id, sample); {advice}"
     with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
         report([str(tmp_path / "damaged")])
     samples.write_bytes(("\n".join(lines[:2]) + "\n").encode() + b'{"type": "\xe9"}\n')
-    damaged = f"{samples}:3: not UTF-8 text (byte 0xe9 at column 11); the run log is damaged"
+    damaged = f"{samples}:3: not UTF-8 text (byte 0xe9 at column 11); {advice}"
     with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
         report([str(tmp_path / "damaged")])
     # Values the report would do arithmetic on: a hand edit, another program's log.
@@ -1041,7 +1042,7 @@ def test_report_compares_runs_side_by_side(tmp_path):
         n = next(n for n, line in enumerate(lines) if json.loads(line)["type"] == kind)
         samples.write_text("\n".join([*lines[:n], json.dumps({**json.loads(lines[n]), key: value}), *lines[n + 1:]])
                            + "\n")
-        damaged = f"{samples}:{n + 1}: {key} is {value!r}, not {expected}; the run log is damaged"
+        damaged = f"{samples}:{n + 1}: {key} is {value!r}, not {expected}; {advice}"
         with pytest.raises(ConfigError, match=f"^{re.escape(damaged)}$"):
             report([str(tmp_path / "damaged")])
     # And mode rc's: a turn grade's turn, a sample's turns.
