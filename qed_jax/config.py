@@ -847,7 +847,8 @@ def read_json_object(path: Path, damaged: str) -> dict:
 def temporary_beside(path: Path) -> Path:
     """A new empty file next to `path`, to be renamed over it: named for this writer alone, so two
     writers of one path never write into the same file. Its mode is a new file's under the umask
-    (mkstemp's 0600 would make every rewritten file readable by its owner alone)."""
+    (mkstemp's 0600 would make every rewritten file readable by its owner alone). An OSError
+    names `path`, the file the user asked for, not this one."""
     while True:
         name = Path(path).parent / f".{Path(path).name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -855,6 +856,8 @@ def temporary_beside(path: Path) -> Path:
             return name
         except FileExistsError:
             continue
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

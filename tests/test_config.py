@@ -293,6 +293,9 @@ def test_two_writers_of_one_path_write_separate_files_and_the_last_replaces_it(t
     first, second = temporary_beside(tmp_path / "out.jsonl"), temporary_beside(tmp_path / "out.jsonl")
     assert first != second and first.parent == second.parent == tmp_path  # as two judge runs with one --output
     first.unlink(), second.unlink()
+    with pytest.raises(OSError) as error:  # a folder nothing can be made in: the error names the path asked for
+        temporary_beside(Path("/proc/qed-jax-out.jsonl"))
+    assert error.value.filename == "/proc/qed-jax-out.jsonl"
     write_text_atomic(tmp_path / "config.json", "one")
     write_text_atomic(tmp_path / "config.json", "two")
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "two"
