@@ -39,7 +39,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_prompt_template,
                             is_rc_template, json_values, load_template, not_found, read_json_object, recorded_path,
                             require_at_least_one, require_range, same_as_recorded, write_text_atomic)
-from qed_jax.errors import JudgeUnavailable, json_error, quoted, renamed
+from qed_jax.errors import JudgeUnavailable, first_line, json_error, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
                            render_marking_scheme, reply_text, text_to_grade)
@@ -92,6 +92,10 @@ class BenchmarkConfig:
         return {**DEFAULT_FIELDS, **(self.fields or {})}
 
 
+ONE_MODEL = ("model: set exactly one of model.path (a local checkpoint) and model.base_url (an OpenAI-compatible "
+             "endpoint, with model.name)")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalModelConfig:
     """The model under test: a local checkpoint (path) or a served model (base_url + name)."""
@@ -111,6 +115,8 @@ class EvalModelConfig:
 
     def __post_init__(self):
         check_url(self.base_url, "model.base_url")
+        if self.path is not None and self.base_url is not None:
+            raise ConfigError(ONE_MODEL)
         if self.base_url is not None and not self.name:
             raise ConfigError("model.base_url is set but model.name is not: name the served model")
         require_at_least_one(self, ("concurrency", "max_concurrent"), "model.")
@@ -177,8 +183,7 @@ class EvalConfig:
     def __post_init__(self):
         check_local_output_dir(self.output_dir)
         if (self.model.path is None) == (self.model.base_url is None):
-            raise ConfigError("model: set exactly one of model.path (a local checkpoint) and model.base_url "
-                              "(an OpenAI-compatible endpoint, with model.name)")
+            raise ConfigError(ONE_MODEL)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "rc" and self.model.base_url is not None:
@@ -693,6 +698,11 @@ class EndpointGenerator:
                     # The client's timeout bounds each read, which a reply trickling in renews.
                     reply = await asyncio.wait_for(chat_choice(client, **kwargs), (ENDPOINT_RETRIES + 1) * c.timeout_s)
                     sample = self._sample(*reply)
+                except openai.APIConnectionError as e:
+                    if isinstance(e, openai.APITimeoutError):
+                        raise ConfigError(f"the model endpoint {c.base_url} failed: {quoted(e, 500)}") from None
+                    raise ConfigError(f"cannot reach the model endpoint {c.base_url}: {first_line(e.__cause__ or e)}; "
+                                      "start it, or point model.base_url at one that answers") from None
                 except (openai.APIError, BadReply) as e:
                     raise ConfigError(f"the model endpoint {c.base_url} failed: {quoted(e, 500)}") from None
                 except asyncio.TimeoutError:

@@ -1070,6 +1070,8 @@ def test_config_errors_say_what_to_do(tmp_path):
     path = ROOT / "configs/eval/imo_proofbench.yaml"
     with pytest.raises(ConfigError, match="exactly one of model.path"):
         load_config(EvalConfig, path)
+    with pytest.raises(ConfigError, match="exactly one of model.path"):  # first, not "model.name is not set"
+        load_config(EvalConfig, path, ["model.path=x", "model.base_url=http://x/v1"])
     with pytest.raises(ConfigError, match="mode rc runs the reasoning cache on a local model"):
         load_config(EvalConfig, path, ["model.base_url=http://x/v1", "model.name=m", "mode=rc"])
     with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
@@ -1258,7 +1260,8 @@ def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_confi
     with ModelServer(lambda prompt, seed: "Compute.</think> So \\boxed{3}.") as model, JudgeServer() as judge:
         typo = config(tmp_path, "answerbench", "http://127.0.0.1:9/v1", judge.url, "samples=1",
                       "model.name=typo", "sampling.max_new_tokens=49152")
-        with pytest.raises(ConfigError, match="^the model endpoint http://127.0.0.1:9/v1 failed"):
+        with pytest.raises(ConfigError, match=r"^cannot reach the model endpoint http://127.0.0.1:9/v1: .*; start it, or "
+                                              r"point model.base_url at one that answers$"):
             evaluate(typo, progress=False)
         assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "templates.json").exists()
         assert not holds_an_evaluation(tmp_path / "run")  # nor does the pipeline count it as one
