@@ -156,7 +156,7 @@ def stage_config(cls, stage: StageConfig, name: str, chained: dict | None = None
             check(config)
         return config
     except ConfigError as e:
-        raise ConfigError(f"{name} stage ({stage.config} with {name}.overrides): {e}") from None
+        raise ConfigError(f"{name} stage ({stage.config}, with the pipeline config's {name}.overrides): {e}") from None
 
 
 class Progress:

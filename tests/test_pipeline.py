@@ -140,7 +140,8 @@ def test_stage_configs_chain_the_stages(tmp_path):
 
     # An error in a stage's config names the stage: sft and grpo share many keys (steps, optim.lr).
     typo = load_config(PipelineConfig, ROOT / TINY, ["sft.overrides.steps_typo=3"])
-    with pytest.raises(ConfigError, match=r"^sft stage \(configs/sft/tiny.yaml with sft.overrides\): unknown "
+    with pytest.raises(ConfigError, match=r"^sft stage \(configs/sft/tiny.yaml, with the pipeline config's "
+                                          r"sft.overrides\): unknown "
                                           r"config key steps_typo"):
         stage_config(SFTConfig, typo.sft, "sft")
     with pytest.raises(ConfigError, match="set judge"):
@@ -210,16 +211,16 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
     assert cli.main(["pipeline", "--config", TINY, "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["judge"] == "standin"
     assert cli.main(["pipeline", "--config", TINY, "--print-config", "eval.overrides.samples=-1"]) == 2
-    assert "eval stage (configs/eval/imo_proofbench.yaml with eval.overrides): samples must be at least 1" in \
-        capsys.readouterr().err
+    assert ("eval stage (configs/eval/imo_proofbench.yaml, with the pipeline config's eval.overrides): samples must "
+            "be at least 1") in capsys.readouterr().err
     assert cli.main(["pipeline", "--config", TINY, "--print-config", "sft.overrides=5"]) == 2
     assert capsys.readouterr().err.strip().endswith("error: sft.overrides: expected a mapping, got 5")
     empty = tmp_path / "empty.yaml"  # no model to train: the SFT stage would find out only as it starts
     empty.write_text("")
     assert cli.main(["pipeline", "--config", TINY, "--print-config", f"sft.config={empty}"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"error: sft stage ({empty} with sft.overrides): model: set model.path (a checkpoint to load) or model.preset "
-        "(a random init)")
+        f"error: sft stage ({empty}, with the pipeline config's sft.overrides): model: set model.path (a checkpoint "
+        "to load) or model.preset (a random init)")
     # An override of what the pipeline sets itself would be replaced in silence.
     for override, key in (("grpo.overrides.model.path=/some/model", "grpo.overrides sets model.path"),
                           ("sft.overrides={output_dir: /elsewhere}", "sft.overrides sets output_dir"),
@@ -248,6 +249,7 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
                            {"output_dir": str(tmp_path / "sft")})
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "config.json").write_text(dump_json(dataclasses.replace(started, steps=40)))
+    (tmp_path / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 6.0}) + "\n")  # it trained a step
     assert cli.main(["pipeline", "--config", TINY, "--print-config", f"output_dir={tmp_path}"]) == 2
     assert "(steps: 40 -> 120); a pipeline's run directory continues only as it started" in capsys.readouterr().err
 
