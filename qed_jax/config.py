@@ -559,7 +559,7 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
     try:
         value = parse_yaml(raw)
     except (yaml.YAMLError, ValueError, LookupError, AttributeError) as e:  # a tag its text does not fit
-        hint = "" if isinstance(e, DuplicateKey) else "; quote it"
+        hint = "" if isinstance(e, DuplicateKey) else "; mend its YAML, or quote it if it is text"
         raise ConfigError(f"override {override!r}: the value is not valid YAML "
                           f"({getattr(e, 'problem', None) or first_line(e)}){hint}") from None
     if str(value).count("#") < raw.count("#"):  # YAML read ` #...` as a comment and dropped it

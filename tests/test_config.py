@@ -229,6 +229,8 @@ def test_the_cli_imports_no_heavy_package_for_help():
     (EvalConfig, ["model.path=m", "benchmark.limit=-1"], r"^benchmark\.limit must be at least 1, got -1$"),
     (SFTConfig, ["output_dir=0123"], r"^output_dir: expected text, but YAML read the value as int 83; quote it"),
     (SFTConfig, ["data.name=no"], r"^data\.name: expected text, but YAML read the value as bool False; quote it"),
+    (SFTConfig, ["optim={lr: 3"], r"^override 'optim=\{lr: 3': the value is not valid YAML \(.*\); mend its YAML, or "
+                                  r"quote it if it is text$"),
     (SFTConfig, [b"output_dir=/tmp/caf\xe9".decode("utf-8", "surrogateescape")],  # a Latin-1 shell's bytes
      r"^override output_dir: the value is not UTF-8 text \(byte 0xe9 at character 9\); convert it"),
     # A time's text is not the one YAML read (2025-01-15T10:00:00 would be "2025-01-15 10:00:00").
