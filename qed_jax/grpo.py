@@ -815,9 +815,15 @@ def process_judge(judge: JudgeConfig) -> JudgeConfig:
 
 def check_judge_template(config: GRPOConfig) -> None:
     """Refuse a judge template that grades against a field GRPO does not pass the judge: each
-    prompt's rubric is all it passes."""
+    prompt's rubric is all it passes. With a reward rule, warn of judge settings given for nothing."""
     if not config.reward_rule:
         check_template_fields(load_judge_template(config.judge.template), config.judge.template, "rubric", "GRPO")
+        return
+    given = [f"judge.{f.name}" for f in dataclasses.fields(JudgeConfig)
+             if getattr(config.judge, f.name) != getattr(JudgeConfig(), f.name)]
+    if given:
+        log.warning("reward_rule %s grades the rollouts, so %s %s not used; set reward_rule=null to grade with the "
+                    "judge", config.reward_rule, ", ".join(given), "is" if len(given) == 1 else "are")
 
 
 def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:

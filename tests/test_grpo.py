@@ -611,6 +611,18 @@ def test_judge_latency_counts_only_the_grades_the_judge_answered_this_step():
     assert only_cached["judge_latency_s"] == 0.0
 
 
+def test_judge_settings_given_with_a_reward_rule_are_named_as_unused(caplog):
+    from qed_jax.grpo import check_judge_template
+
+    with caplog.at_level(logging.WARNING, logger="qed_jax.grpo"):
+        check_judge_template(load_config(GRPOConfig, TINY))
+        assert not caplog.records
+        check_judge_template(load_config(GRPOConfig, TINY, ["judge.base_url=http://127.0.0.1:9/v1", "judge.model=j"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "reward_rule closes_thinking grades the rollouts, so judge.base_url, judge.model are not used; set "
+        "reward_rule=null to grade with the judge"]
+
+
 def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     with JudgeServer({"_": [("status", 400)]}) as server:
         result = subprocess.run([sys.executable, "-m", "qed_jax.cli", "grpo", "--config", TINY,
