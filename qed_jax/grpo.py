@@ -819,8 +819,9 @@ def check_judge_template(config: GRPOConfig) -> None:
     if not config.reward_rule:
         check_template_fields(load_judge_template(config.judge.template), config.judge.template, "rubric", "GRPO")
         return
+    defaults = JudgeConfig()
     given = [f"judge.{f.name}" for f in dataclasses.fields(JudgeConfig)
-             if getattr(config.judge, f.name) != getattr(JudgeConfig(), f.name)]
+             if getattr(config.judge, f.name) != getattr(defaults, f.name)]
     if given:
         log.warning("reward_rule %s grades the rollouts, so %s %s not used; set reward_rule=null to grade with the "
                     "judge", config.reward_rule, ", ".join(given), "is" if len(given) == 1 else "are")
