@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from qed_jax.config import ConfigError, ModelConfig
-from qed_jax.errors import causes, os_error_line, out_of_device_memory
+from qed_jax.errors import causes, out_of_device_memory, setting_path_error
 from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
 from qed_jax.multihost import SaveBarrier, SaveFailedElsewhere, largest, save_barrier, set_up_together
@@ -373,7 +373,7 @@ class TrainCheckpoints:
         except OSError as e:
             if e.filename is None:  # the network's, not the path's
                 raise
-            raise ConfigError(f"checkpoint_dir: {os_error_line(e)}") from None
+            raise setting_path_error("checkpoint_dir", e) from None
         self.writing: int | None = None  # the step whose save may still be under way (Orbax writes in the background)
         self.failed = False  # a save failed, and its error was raised
 

@@ -68,6 +68,11 @@ def os_error_line(e: OSError) -> str:
     return f"{path}{also}: {e.strerror or e}{advice}"
 
 
+def setting_path_error(key: str, e: OSError) -> ConfigError:
+    """A path that the setting `key` names and that could not be made or opened, as one line."""
+    return ConfigError(f"{key}: {os_error_line(e)}")
+
+
 def quoted(text, limit: int = 200) -> str:
     """Another program's text (a server's reply or error) for one line of ours: each run of
     whitespace, line breaks included, as one space, cut to `limit` characters."""

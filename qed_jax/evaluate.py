@@ -698,12 +698,11 @@ class EndpointGenerator:
                     # The client's timeout bounds each read, which a reply trickling in renews.
                     reply = await asyncio.wait_for(chat_choice(client, **kwargs), (ENDPOINT_RETRIES + 1) * c.timeout_s)
                     sample = self._sample(*reply)
-                except openai.APIConnectionError as e:
-                    if isinstance(e, openai.APITimeoutError):
-                        raise ConfigError(f"the model endpoint {c.base_url} failed: {quoted(e, 500)}") from None
-                    raise ConfigError(f"cannot reach the model endpoint {c.base_url}: {first_line(e.__cause__ or e)}; "
-                                      "start it, or point model.base_url at one that answers") from None
                 except (openai.APIError, BadReply) as e:
+                    if isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError):
+                        raise ConfigError(f"cannot reach the model endpoint {c.base_url}: "
+                                          f"{first_line(e.__cause__ or e)}; start it, or point model.base_url at one "
+                                          "that answers") from None
                     raise ConfigError(f"the model endpoint {c.base_url} failed: {quoted(e, 500)}") from None
                 except asyncio.TimeoutError:
                     raise ConfigError(f"the model endpoint {c.base_url} did not finish a reply within "

@@ -31,7 +31,7 @@ from typing import Any
 import openai
 
 from qed_jax.config import ConfigError, check_url, is_judge_template, load_template, require_range
-from qed_jax.errors import JudgeUnavailable, first_line, os_error_line, quoted
+from qed_jax.errors import JudgeUnavailable, first_line, quoted, setting_path_error
 from qed_jax.tokenizer import THINK_END
 
 log = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ class GradeCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # under a file, or where nothing may be made
-            raise ConfigError(f"judge.cache_path: {os_error_line(e)}") from None
+            raise setting_path_error("judge.cache_path", e) from None
         with self.failing_as_config_error():
             self.db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, check_same_thread=False)
             self._set_wal()

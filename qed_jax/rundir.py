@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from qed_jax.config import write_text_atomic
-from qed_jax.errors import ConfigError, os_error_line
+from qed_jax.errors import ConfigError, setting_path_error
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
     if agree is not None:
         state = agree(state)
     if failed:
-        raise ConfigError(f"output_dir: {os_error_line(failed)}") from failed
+        raise setting_path_error("output_dir", failed) from failed
     if state == 2:
         raise ConfigError(f"process 0 could not open {out}/.lock (its error says why)")
     if state == 1:

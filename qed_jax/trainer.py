@@ -554,7 +554,7 @@ def finished_a_step(out: Path, checkpoint_dir: str | None) -> bool:
         folder = epath.Path(checkpoint_dir or out / "checkpoints")
         try:
             found = int(last_logged_step(out) is not None
-                        or (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())))
+                        or (folder.is_dir() and bool(checkpoint.training_steps(folder))))
         except Exception:  # noqa: BLE001 (a bucket out of reach: say it did, and the change is refused as before)
             found = 1
     return bool(largest(found))
