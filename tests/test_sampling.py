@@ -135,6 +135,25 @@ def test_near_zero_temperature_reproduces_greedy(tiny):
     assert [c.tokens for c in cold] == [c.tokens for c in greedy]
 
 
+def test_new_weights_are_sampled_from_at_the_next_call(tiny, tmp_path, caplog):
+    """After `update_weights` the sampler samples from the new weights (the same tokens and
+    log-probs as a sampler built on them) without compiling again."""
+    _, model = tiny
+    make_hf_model(tmp_path, seed=8)
+    other = qed_jax.from_pretrained(tmp_path)
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+    sampler = Sampler(model)
+    before = sampler.generate_ids(PROMPTS, greedy, jax.random.key(0), stop_ids=[])
+    sampler.update_weights(nnx.split(other)[1])
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        after = sampler.generate_ids(PROMPTS, greedy, jax.random.key(0), stop_ids=[])
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not [m for m in compiles if "decode_loop" in m or "prefill" in m], compiles
+    expected = Sampler(other).generate_ids(PROMPTS, greedy, jax.random.key(0), stop_ids=[])
+    assert [c.tokens for c in after] == [c.tokens for c in expected] != [c.tokens for c in before]
+    assert [c.logprobs for c in after] == [c.logprobs for c in expected]
+
+
 def test_fixed_key_is_deterministic(tiny):
     _, model = tiny
     params = SamplingParams(max_new_tokens=16, temperature=1.0)
