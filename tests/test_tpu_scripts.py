@@ -404,6 +404,18 @@ def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsy
         accelerator = "v5p-12" if argv else "v5p-8"
         assert launcher("launch", "qr", *WHERE, "--accelerator-type", accelerator, "--poll", "0", *argv) == 1
         assert message in capsys.readouterr().err
+    # A qed-jax job is read by qed-jax's own parser and its config looked for in the checkout.
+    for job, message in (
+            (["qed-jax", "sfy", "--config", "configs/sft/tiny.yaml"],
+             "the job's command does not parse (qed-jax: error: argument COMMAND: invalid choice: 'sfy' (did you "
+             "mean 'sft'?"),
+            (["qed-jax", "sft", "--confg", "configs/sft/tiny.yaml"],
+             "the job's command does not parse (qed-jax sft: error: unrecognized arguments: --confg (did you mean "
+             "--config?)): `qed-jax sft --confg configs/sft/tiny.yaml`"),
+            (["qed-jax", "sft", "--config", "configs/sft/tiny.yml", "--distributed"],
+             f"the job's --config configs/sft/tiny.yml is not in {REPO}, whose copy the workers run from")):
+        assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--dry-run", "--", *job) == 1
+        assert capsys.readouterr().err.startswith(f"tpu.py launch: error: {message}")
     assert calls() == []
 
 

@@ -10,6 +10,7 @@ Every command takes --dry-run, which prints the gcloud commands instead of runni
 """
 import argparse
 import contextlib
+import io
 import os
 import re
 import shlex
@@ -552,6 +553,38 @@ def check_before_calling(args) -> None:
     if "--dry-run" in args.command:  # the job's argument: the launcher itself would really run
         raise LaunchError("--dry-run after `--` goes to the job, and the launcher would run for real: put it "
                           "before `--`")
+    if args.verb == "launch" and not args.commit:
+        check_job_command(args.command)
+
+
+def check_job_command(command: list[str]) -> None:
+    """A launched `qed-jax ...` job read here by qed-jax's own parser (this checkout's: the code
+    `launch` sets the workers up with, without --commit), and its --config looked for in the
+    checkout (the workers run from its copy): a misspelt command, flag or config path is refused
+    before a slice is requested, not after one is set up. The parser needs nothing beyond the
+    standard library."""
+    if not command or os.path.basename(command[0]) != "qed-jax":
+        return
+    sys.path.insert(0, str(REPO))
+    try:
+        from qed_jax.cli import parse_args
+    except (ImportError, SyntaxError):  # a Python too old for the package: the workers' will read it
+        return
+    finally:
+        sys.path.remove(str(REPO))
+    heard = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(heard), contextlib.redirect_stdout(io.StringIO()):
+            job = parse_args(command[1:])
+    except SystemExit as e:
+        if e.code:  # --help exits 0: nothing wrong with that
+            error = next((line for line in reversed(heard.getvalue().splitlines()) if line.strip()), "")
+            raise LaunchError(f"the job's command does not parse ({error}): `{shlex.join(command)}`") from None
+        return
+    config = getattr(job, "config", None)
+    if config and "://" not in config and not os.path.isabs(config) and not (REPO / config).exists():
+        raise LaunchError(f"the job's --config {config} is not in {REPO}, whose copy the workers run from; "
+                          "give a path inside the checkout (relative to its top) or a gs:// one")
 
 
 def main(argv=None) -> int:
