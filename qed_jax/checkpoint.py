@@ -190,8 +190,11 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
                 if not misfit:
                     restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # a truncated or half-written step: name it, in one line
-            raise CheckpointError(f"{directory}: step {step} is unreadable ({unreadable_reason(e)}); "
-                                  "move that step's folder aside to load the one before it") from None
+            earlier = [s for s in steps if s < step]
+            advice = (f"move that step's folder aside to load the one before it (step {earlier[-1]})" if earlier
+                      else "it is the checkpoint's only step or its first: write the model there again")
+            reason = unreadable_reason(e)
+            raise CheckpointError(f"{directory}: step {step} is unreadable ({reason}); {advice}") from None
         if misfit:  # every step would fail alike
             raise CheckpointError(f"{directory}: step {step} does not fit its model config, {MODEL_CONFIG} ({misfit}); "
                                   "was that file edited, or copied from another model?")
@@ -294,7 +297,9 @@ def no_read_access(step_dir) -> str | None:
 def unreadable_reason(error: Exception) -> str:
     """The first line of what went wrong while reading a checkpoint."""
     text = str(error).strip().splitlines()
-    first = text[0].split(" See full TensorStore details")[0][:200] if text else ""
+    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    if len(first) > 300:  # cut visibly, not in the middle of a path without saying so
+        first = first[:300] + " [...]"
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

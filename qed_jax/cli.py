@@ -88,10 +88,19 @@ def _convert(args) -> None:
     from qed_jax.trainer import StopSignals
 
     source, dest = os.path.expanduser(args.source), os.path.expanduser(args.dest)
-    to_hf = checkpoint.is_checkpoint_dir(source)
-    if to_hf:
-        require_local(dest, "writes")  # before anything at the destination is replaced
-    replace = _check_destination(source, dest, args.overwrite)
+    try:
+        to_hf = checkpoint.is_checkpoint_dir(source)
+        if to_hf:
+            require_local(dest, "writes")  # before anything at the destination is replaced
+        replace = _check_destination(source, dest, args.overwrite)
+    except (ConfigError, CheckpointError):
+        raise
+    except Exception as e:  # a bucket that cannot be reached: the storage client's own error, in one line
+        remote = [path for path in (source, dest) if "://" in path]
+        if not remote:
+            raise
+        raise ConfigError(f"cannot reach {' or '.join(remote)} ({type(e).__name__}: {first_line(e)}); check the "
+                          "network and the storage credentials (`gcloud auth application-default login`)") from None
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(source, mesh=mesh, dtype=args.dtype, step=args.step)
     source = loaded_from(model)  # a Hub id's download: its tokenizer goes with the model
@@ -252,8 +261,9 @@ def _judge(args) -> int | None:
     config = load_config(JudgeConfig, args.config, overrides, section="judge")
     needs = needed_fields(load_judge_template(config.template))
     source = Path(args.input)
-    # A .json array, Parquet, a Hub dataset, or a clear error (for a missing or compressed file).
-    if source.suffix.lower() in (".json", ".parquet", ".gz") or not source.exists():
+    # A .json array, Parquet, a folder of data files, a Hub dataset, or a clear error (for a
+    # missing or compressed file).
+    if source.suffix.lower() in (".json", ".parquet", ".gz") or not source.exists() or source.is_dir():
         numbered = [(f"{source}: {where}", row) for where, row in read_rows(args.input, key="--input")]
     else:  # JSON lines, under any name (a pipe too): errors name the line
         with open(source, "rb") as f:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qed_jax.config import ConfigError, recorded_path, without_non_finite
+from qed_jax.errors import os_error_line
 from qed_jax.evaluate import SAMPLES_FILE, read_problem_ids, read_run
 from qed_jax.judge import MAX_SCORE
 from qed_jax.rundir import recorded_working_dir
@@ -333,6 +334,8 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
     A folder that holds runs stands for them."""
     if not run_dirs:
         raise ConfigError("give at least one run directory")
+    # Where the report goes by default, a disk that refuses it is not one the user chose.
+    elsewhere = "" if output is not None else "; or write the report elsewhere with --output"
     if output is None and len(run_dirs) == 1:
         output = run_dirs[0]
     # One run named twice (x and x/, a link to it, a folder and a run inside it) is one run.
@@ -362,12 +365,15 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
         summaries[name] = summarize(config, records, read_problem_ids(run_dir), recorded_working_dir(Path(run_dir)))
         runs[name] = records
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(summaries)
-    (out / "report.md").write_text(text, encoding="utf-8")  # its dashes and ± in any locale
-    (out / "report.json").write_text(json.dumps(without_non_finite(summaries), indent=2, allow_nan=False))
-    if plots:
-        return text, out, plot(summaries, runs, out)
-    for name in PLOT_FILES:  # an earlier report's, of other data than this one's
-        (out / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text, encoding="utf-8")  # its dashes and ± in any locale
+        (out / "report.json").write_text(json.dumps(without_non_finite(summaries), indent=2, allow_nan=False))
+        if plots:
+            return text, out, plot(summaries, runs, out)
+        for name in PLOT_FILES:  # an earlier report's, of other data than this one's
+            (out / name).unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(os_error_line(e) + elsewhere) from None
     return text, out, []

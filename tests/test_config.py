@@ -587,6 +587,13 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"qed-jax judge: error: --input {compressed}: cannot read '.gz' files; use JSON lines (.jsonl or .json), "
         "a JSON array (.json) or Parquet (.parquet), named so"]
+    folder = tmp_path / "no_rows"  # a folder is read as the data files in it; here there are none
+    folder.mkdir()
+    assert cli.main(["judge", "--input", str(folder), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qed-jax judge: error: --input (a folder) {folder} (split 'train'): read as one Hugging Face dataset of its "
+        f"data files, which failed (The directory at {folder} doesn't contain any data files); or give one "
+        ".jsonl/.json/.parquet file instead"]
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     rows = tmp_path / "rows.jsonl"

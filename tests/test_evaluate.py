@@ -988,6 +988,16 @@ def test_report_compares_runs_side_by_side(tmp_path):
     # Without plots, the earlier report's plots go too: they would show other data than report.md.
     report([str(r) for r in runs], output=str(tmp_path / "cmp"), plots=False)
     assert not list((tmp_path / "cmp").glob("*.png"))
+    # A report that cannot be written: one line, and where the folder was not chosen, how to choose one.
+    blocked = Path(runs[0]) / "report.md"
+    blocked.unlink()
+    blocked.mkdir()
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(blocked))}: Is a directory; or write the report "
+                       "elsewhere with --output$"):
+        report([str(runs[0])], plots=False)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(blocked))}: Is a directory$"):
+        report([str(runs[0])], output=str(runs[0]), plots=False)
+    blocked.rmdir()
 
     # Damaged or wrong run directories: one line naming the file (and line), or the runs inside.
     root = re.escape(str(tmp_path))

@@ -275,6 +275,53 @@ def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_ther
         qed_jax.from_pretrained(ckpt / "0")
 
 
+def test_an_unreadable_step_names_the_step_before_it_or_that_there_is_none(tmp_path, capsys):
+    from qed_jax import checkpoint
+
+    make_hf_model(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    model = qed_jax.from_pretrained(tmp_path / "hf")
+    checkpoint.save_model(model, ckpt, step=0)
+    checkpoint.save_model(model, ckpt, step=5)
+
+    def damage(step):
+        for f in (ckpt / str(step) / "params").rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(f.read_bytes()[:16])
+
+    damage(5)
+    capsys.readouterr()
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{ckpt}: step 5 is unreadable (" in err[0], err
+    assert err[0].endswith("); move that step's folder aside to load the one before it (step 0)")
+    damage(0)
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "out"), "--step", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "); it is the checkpoint's only step or its first: write the model there again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_a_bucket_it_cannot_reach_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    """The storage client's network error, raised while the destination is looked at, names the
+    bucket path and what to check (gcsfs's own error names neither)."""
+    class ClientConnectorDNSError(Exception):  # as aiohttp's, under gcsfs, says it
+        pass
+
+    def unreachable(source, dest, overwrite):
+        raise ClientConnectorDNSError("Cannot connect to host storage.googleapis.com:443 ssl:default "
+                                      "[Name or service not known]")
+
+    make_hf_model(tmp_path / "hf")
+    monkeypatch.setattr(cli, "_check_destination", unreachable)
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "hf"), "gs://no-such-bucket/ckpt"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qed-jax convert: error: cannot reach gs://no-such-bucket/ckpt (ClientConnectorDNSError: Cannot connect to "
+        "host storage.googleapis.com:443 ssl:default [Name or service not known]); check the network and the "
+        "storage credentials (`gcloud auth application-default login`)"]
+
+
 def test_convert_refuses_an_occupied_destination_unless_overwrite_replaces_it(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     make_hf_model(first, seed=0)
