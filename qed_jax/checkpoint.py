@@ -175,6 +175,7 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
         steps = sorted(mgr.all_steps())
         if not steps:
             raise CheckpointError(f"{directory}: holds a model config but no saved step")
+        chosen = step is not None
         if step is None:
             step = steps[-1]
         elif step not in steps:
@@ -190,9 +191,13 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
                 if not misfit:
                     restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # a truncated or half-written step: name it, in one line
-            earlier = [s for s in steps if s < step]
-            advice = (f"move that step's folder aside to load the one before it (step {earlier[-1]})" if earlier
-                      else "it is the checkpoint's only step or its first: write the model there again")
+            others = [s for s in steps if s != step]
+            if not others:
+                advice = "it is the checkpoint's only step: write the model there again"
+            elif chosen:
+                advice = f"choose another of its steps ({', '.join(map(str, others))})"
+            else:  # the latest
+                advice = f"move that step's folder aside to load the one before it (step {others[-1]})"
             reason = unreadable_reason(e)
             raise CheckpointError(f"{directory}: step {step} is unreadable ({reason}); {advice}") from None
         if misfit:  # every step would fail alike

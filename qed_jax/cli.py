@@ -15,8 +15,8 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, TrainingDiverged, first_line,
-                            lost_process, os_error_line, out_of_device_memory, renamed)
+from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, StorageUnreachable, TrainingDiverged,
+                            first_line, lost_process, os_error_line, out_of_device_memory, renamed)
 
 
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
@@ -93,14 +93,15 @@ def _convert(args) -> None:
         if to_hf:
             require_local(dest, "writes")  # before anything at the destination is replaced
         replace = _check_destination(source, dest, args.overwrite)
-    except (ConfigError, CheckpointError):
-        raise
     except Exception as e:  # a bucket that cannot be reached: the storage client's own error, in one line
         remote = [path for path in (source, dest) if "://" in path]
-        if not remote:
+        local_file = isinstance(e, OSError) and e.filename is not None and "://" not in os.fsdecode(e.filename)
+        ours = type(e).__module__ == "builtins" and not isinstance(e, OSError)  # a bug, not the network
+        if not remote or local_file or ours or isinstance(e, (ConfigError, CheckpointError)):
             raise
-        raise ConfigError(f"cannot reach {' or '.join(remote)} ({type(e).__name__}: {first_line(e)}); check the "
-                          "network and the storage credentials (`gcloud auth application-default login`)") from None
+        raise StorageUnreachable(f"cannot reach {' or '.join(remote)} ({type(e).__name__}: {first_line(e)}); check "
+                                 "the network and the storage credentials (`gcloud auth application-default login`)"
+                                 ) from e
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1)) if args.fsdp else None
     model = from_pretrained(source, mesh=mesh, dtype=args.dtype, step=args.step)
     source = loaded_from(model)  # a Hub id's download: its tokenizer goes with the model
@@ -646,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "grades in ./judge_cache.sqlite")
     p.add_argument("--input", required=True, type=given_path,
                    help="rows to grade: JSON lines (any other name, a pipe too), a "
-                   ".json array, a .parquet file or a Hugging Face dataset id")
+                   ".json array, a .parquet file, a folder of such files or a Hugging Face dataset id")
     p.add_argument("--output", required=True, type=given_path,
                    help="JSONL output: each row plus score, reward, reason (a file is "
                    "replaced whole once every row is graded, a link's file and not the link; a named pipe or a "
@@ -868,12 +869,13 @@ def _run_command(args, stopped_by: list[int]) -> int:
                 failed_while_stopping = e
             raise KeyboardInterrupt from e
         interrupted = bool(stopped_by)
-    except (ConfigError, CheckpointError, JudgeUnavailable, TrainingDiverged) as e:
+    except (ConfigError, CheckpointError, JudgeUnavailable, StorageUnreachable, TrainingDiverged) as e:
         if args.verbose:
             raise
         _exit_if_another_process_stopped(args, e)  # a collective or save that waited for it: not the cause
         print(f"qed-jax {args.command}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingDiverged) else 2  # a run that failed, not a command to fix
+        # A run that failed, or a bucket that cannot be reached: not a command to fix.
+        return 1 if isinstance(e, (TrainingDiverged, StorageUnreachable)) else 2
     except KeyboardInterrupt:  # outside a training loop, which checkpoints on Ctrl-C itself
         _ignore_stop_signals()
         interrupted = True

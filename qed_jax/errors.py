@@ -20,6 +20,11 @@ class JudgeUnavailable(RuntimeError):
     than scoring zeros."""
 
 
+class StorageUnreachable(RuntimeError):
+    """A bucket path (gs://...) that the storage client cannot reach: the network or the
+    credentials, not a path to fix."""
+
+
 class TrainingDiverged(RuntimeError):
     """A training step whose loss or gradient norm is not finite; the message names the step and
     the checkpoint the run can resume from."""

@@ -297,8 +297,10 @@ def test_an_unreadable_step_names_the_step_before_it_or_that_there_is_none(tmp_p
     assert err[0].endswith("); move that step's folder aside to load the one before it (step 0)")
     damage(0)
     assert cli.main(["convert", str(ckpt), str(tmp_path / "out"), "--step", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        "); it is the checkpoint's only step or its first: write the model there again")
+    assert capsys.readouterr().err.strip().endswith("); choose another of its steps (5)")
+    shutil.rmtree(ckpt / "5")
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith("); it is the checkpoint's only step: write the model there again")
     assert not (tmp_path / "out").exists()
 
 
@@ -315,11 +317,19 @@ def test_convert_to_a_bucket_it_cannot_reach_fails_in_one_line(tmp_path, capsys,
     make_hf_model(tmp_path / "hf")
     monkeypatch.setattr(cli, "_check_destination", unreachable)
     capsys.readouterr()
-    assert cli.main(["convert", str(tmp_path / "hf"), "gs://no-such-bucket/ckpt"]) == 2
+    assert cli.main(["convert", str(tmp_path / "hf"), "gs://no-such-bucket/ckpt"]) == 1  # not a path to fix
     assert capsys.readouterr().err.strip().splitlines() == [
         "qed-jax convert: error: cannot reach gs://no-such-bucket/ckpt (ClientConnectorDNSError: Cannot connect to "
         "host storage.googleapis.com:443 ssl:default [Name or service not known]); check the network and the "
         "storage credentials (`gcloud auth application-default login`)"]
+    # A local path's error, beside a bucket path, is still that path's.
+    def local_denied(source, dest, overwrite):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "hf"))
+
+    monkeypatch.setattr(cli, "_check_destination", local_denied)
+    assert cli.main(["convert", str(tmp_path / "hf"), "gs://no-such-bucket/ckpt"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qed-jax convert: error: {tmp_path / 'hf'}: Permission denied; choose another path, or change its permissions"]
 
 
 def test_convert_refuses_an_occupied_destination_unless_overwrite_replaces_it(tmp_path, capsys):

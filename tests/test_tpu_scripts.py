@@ -413,10 +413,19 @@ def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsy
              "the job's command does not parse (qed-jax sft: error: unrecognized arguments: --confg (did you mean "
              "--config?)): `qed-jax sft --confg configs/sft/tiny.yaml`"),
             (["qed-jax", "sft", "--config", "configs/sft/tiny.yml", "--distributed"],
-             f"the job's --config configs/sft/tiny.yml is not in {REPO}, whose copy the workers run from")):
+             f"the job's --config configs/sft/tiny.yml is no file of {REPO} that `setup` copies to the workers"),
+            (["qed-jax", "sft", "--config=configs/sft", "--distributed"], "the job's --config configs/sft is no file"),
+            (["qed-jax", "sft", "--config", "runs/x.yaml"], "the job's --config runs/x.yaml is no file"),  # ignored
+            (["qed-jax", "sft", "--config", "gs://b/sft.yaml"], "the job's --config gs://b/sft.yaml is no file")):
         assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--dry-run", "--", *job) == 1
         assert capsys.readouterr().err.startswith(f"tpu.py launch: error: {message}")
     assert calls() == []
+    # A job that parses, with a config the workers get, goes on (here: to print what it would run);
+    # with --commit the workers get other code, which this checkout's parser does not speak for.
+    for commit, job in (([], ["qed-jax", "sft", "--config=configs/sft/tiny.yaml", "steps=2", "--distributed"]),
+                        (["--commit", "HEAD"], ["qed-jax", "sfy"])):
+        assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", *commit, "--dry-run", "--", *job) == 0
+        assert "queued-resources create qr" in capsys.readouterr().out
 
 
 def test_a_launch_from_a_commit_that_does_not_exist_requests_no_slice(gcloud, capsys):

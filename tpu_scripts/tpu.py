@@ -228,6 +228,14 @@ def check_git_tree() -> None:
         raise LaunchError(f"git cannot read {REPO} ({why.removeprefix('fatal: ')}); see `git -C {REPO} status`")
 
 
+def shipped_files(*paths: str) -> list[str]:
+    """The working tree's files that `setup` packs (tracked and untracked, not ignored), relative
+    to REPO; with `paths`, those among them."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                             "--", *paths], check=True, capture_output=True, text=True)
+    return [path for path in listed.stdout.split("\0") if path]
+
+
 def check_commit(commit: str | None) -> None:
     if commit and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--quiet", "--verify", f"{commit}^{{commit}}"],
                                  capture_output=True).returncode:
@@ -250,11 +258,10 @@ def pack(commit: str | None, dest: Path, dry_run: bool, leave_out: Path | None =
             raise LaunchError(f"--commit {commit!r}: git archive failed in {REPO}: "
                               f"{(archived.stderr.strip().splitlines() or ['no message'])[-1]}")
         return
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], check=True, capture_output=True, text=True)
+    listed = shipped_files()
     untracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--others", "--exclude-standard"],
                                check=True, capture_output=True, text=True).stdout.split("\0")
-    paths = [path for path in filter(None, listed.stdout.split("\0"))
+    paths = [path for path in listed
              if (REPO / path).is_file() and not is_launcher_log(REPO / path, leave_out)]  # deleted, tracked: skipped
     shipped = sorted(set(paths) & set(untracked))
     if shipped:  # not in git and not ignored: say which, in case one is a key or a .env
@@ -582,9 +589,13 @@ def check_job_command(command: list[str]) -> None:
             raise LaunchError(f"the job's command does not parse ({error}): `{shlex.join(command)}`") from None
         return
     config = getattr(job, "config", None)
-    if config and "://" not in config and not os.path.isabs(config) and not (REPO / config).exists():
-        raise LaunchError(f"the job's --config {config} is not in {REPO}, whose copy the workers run from; "
-                          "give a path inside the checkout (relative to its top) or a gs:// one")
+    if config is None or os.path.isabs(config):  # an absolute path may be the workers' own
+        return
+    inside = (REPO / config).resolve()
+    if "://" in config or not inside.is_relative_to(REPO) or not inside.is_file() \
+            or not shipped_files(str(inside.relative_to(REPO))):
+        raise LaunchError(f"the job's --config {config} is no file of {REPO} that `setup` copies to the workers "
+                          "(tracked or untracked, not ignored by git): give one, relative to the checkout's top")
 
 
 def main(argv=None) -> int:
