@@ -575,7 +575,7 @@ def check_job_command(command: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     try:
         from qed_jax.cli import parse_args
-    except (ImportError, SyntaxError):  # a Python too old for the package: the workers' will read it
+    except (ImportError, SyntaxError):  # a checkout this Python cannot import: the workers' Python reads the job
         return
     finally:
         sys.path.remove(str(REPO))
