@@ -245,8 +245,16 @@ def _generate_reasoning_cache(args) -> None:
                       "summarizer_finish_reason": t.summarizer_finish_reason} for t in result.turns]
             print(json.dumps({"prompt": prompt, "answer": result.answer, "turns": turns}))
         else:
-            _print_completion(i, len(results), result.answer or "",
-                              "no </think> in the last turn: no answer" if result.answer is None else None)
+            _print_completion(i, len(results), result.answer or "", _rc_note(result, args.max_new_tokens))
+
+
+def _rc_note(result, max_new_tokens: int) -> str | None:
+    """How a reasoning-cache result's answer ended, when not whole: none, or cut off."""
+    if result.answer is None:
+        return "no </think> in the last turn: no answer"
+    if result.turns[-1].finish_reason == "length":
+        return f"the answer was cut off at --max-new-tokens {max_new_tokens}"
+    return None
 
 
 def _judge(args) -> int | None:

@@ -414,6 +414,18 @@ def test_ids_the_policy_cannot_read_and_released_weights_are_refused(setup):
         loop.run_ids([[5, 6]])
 
 
+def test_generate_cli_notes_a_missing_or_cut_off_answer():
+    from types import SimpleNamespace
+
+    def result(answer, finish):
+        return SimpleNamespace(answer=answer, turns=[SimpleNamespace(finish_reason="stop"),
+                                                     SimpleNamespace(finish_reason=finish)])
+
+    assert cli._rc_note(result(None, "length"), 6) == "no </think> in the last turn: no answer"
+    assert cli._rc_note(result("By induction", "length"), 6) == "the answer was cut off at --max-new-tokens 6"
+    assert cli._rc_note(result("By induction. QED", "stop"), 6) is None
+
+
 def test_generate_cli_reasoning_cache_json(tmp_path, capsys):
     make_hf_model_with_tokenizer(tmp_path)
     capsys.readouterr()
