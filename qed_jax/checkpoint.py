@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from qed_jax.config import ConfigError, ModelConfig
-from qed_jax.errors import causes, out_of_device_memory, setting_path_error
+from qed_jax.errors import causes, out_of_device_memory, quoted, setting_path_error
 from qed_jax.hf import CheckpointError, copy_assets
 from qed_jax.model import Qwen3
 from qed_jax.multihost import SaveBarrier, SaveFailedElsewhere, largest, save_barrier, set_up_together
@@ -302,9 +302,7 @@ def no_read_access(step_dir) -> str | None:
 def unreadable_reason(error: Exception) -> str:
     """The first line of what went wrong while reading a checkpoint."""
     text = str(error).strip().splitlines()
-    first = text[0].split(" See full TensorStore details")[0] if text else ""
-    if len(first) > 300:  # cut visibly, not in the middle of a path without saying so
-        first = first[:300] + " [...]"
+    first = quoted(text[0].split(" See full TensorStore details")[0], 300) if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

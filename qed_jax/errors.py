@@ -80,8 +80,10 @@ def setting_path_error(key: str, e: OSError) -> ConfigError:
 
 def quoted(text, limit: int = 200) -> str:
     """Another program's text (a server's reply or error) for one line of ours: each run of
-    whitespace, line breaks included, as one space, cut to `limit` characters."""
-    return " ".join(str(text).split())[:limit]
+    whitespace, line breaks included, as one space, cut to `limit` characters and then marked
+    " [...]", so that a cut (in a path, say) does not read as the end."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + " [...]"
 
 
 def causes(error: BaseException | None):

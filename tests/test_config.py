@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qed_jax import cli
-from qed_jax.errors import os_error_line
+from qed_jax.errors import os_error_line, quoted
 from qed_jax.config import ConfigError, load_config, parse_yaml, read_yaml
 from qed_jax.evaluate import EvalConfig
 from qed_jax.grpo import GRPOConfig
@@ -779,3 +779,9 @@ def test_an_output_dir_that_is_a_url_is_refused_when_the_config_loads():
         with pytest.raises(ConfigError, match=re.escape("output_dir must be a local folder (it holds the run's lock, "
                                                         f"config and logs), got gs://bucket/run{advice}") + "$"):
             load_config(cls, None, overrides)
+
+
+def test_quoted_text_is_one_line_and_says_where_it_was_cut():
+    assert quoted("line one\n  line two\t end", 200) == "line one line two end"
+    assert quoted("a" * 10, 10) == "a" * 10
+    assert quoted("/a/long/path/to/a/file", 8) == "/a/long/ [...]"
