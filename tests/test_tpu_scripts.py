@@ -362,6 +362,19 @@ def test_an_option_of_another_command_is_refused_under_this_commands_usage(gclou
         "usage: tpu.py setup NAME [options]", "tpu.py setup: error: unrecognized arguments: --accelerator-type v5p-8"]
 
 
+def test_a_misspelt_required_flag_is_named_with_the_flag_it_resembles(gcloud, capsys):
+    _, calls = gcloud
+    for argv, error in [
+            (["--acclerator-type", "v5p-8"],
+             "unrecognized arguments: --acclerator-type v5p-8 (did you mean --accelerator-type?)"),
+            ([], "the following arguments are required: --accelerator-type")]:
+        with pytest.raises(SystemExit) as exit_:
+            launcher("create", "qr", *WHERE, *argv)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"tpu.py create: error: {error}"
+    assert calls() == []
+
+
 def test_setup_from_a_commit_that_does_not_exist_is_one_line_and_packs_nothing(gcloud, capsys):
     _, calls = gcloud
     for dry_run in ([], ["--dry-run"]):

@@ -10,6 +10,7 @@ Every command takes --dry-run, which prints the gcloud commands instead of runni
 """
 import argparse
 import contextlib
+import difflib
 import io
 import os
 import re
@@ -474,8 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--project", help="project (default: $CLOUDSDK_CORE_PROJECT, else gcloud's)")
     common.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     slice_ = argparse.ArgumentParser(add_help=False)
-    slice_.add_argument("--accelerator-type", required=True,
-                        help="v4-N, v5litepod-N, v5p-N or v6e-N, e.g. v5p-64 (8 hosts)")
+    # Required, but checked after the unrecognized options (`main`): argparse would report a
+    # misspelt --accelerator-type as missing and never name the typo.
+    slice_.add_argument("--accelerator-type",
+                        help="required: v4-N, v5litepod-N, v5p-N or v6e-N, e.g. v5p-64 (8 hosts)")
     creating = argparse.ArgumentParser(add_help=False)
     creating.add_argument("--capacity", choices=CAPACITY_FLAGS, default="spot",
                           help="spot (preemptible, default), reserved, on-demand or best-effort")
@@ -544,6 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def suggested_flag(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """' (did you mean --zone?)' for the first of `unknown` that is close to one of the command's
+    flags; '' when none is."""
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    for given in (x.split("=")[0] for x in unknown if x.startswith("--")):
+        close = difflib.get_close_matches(given, flags, n=1)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
+
+
 def check_before_calling(args) -> None:
     """What can be checked before the first gcloud call: no slice is requested for a job that
     cannot start."""
@@ -603,8 +617,10 @@ def main(argv=None) -> int:
     # The job's own flags (--config, --distributed) must not reach this parser: split at `--`.
     split = argv.index("--") if "--" in argv else len(argv)
     args, unknown = build_parser().parse_known_args(argv[:split])
-    if unknown:  # an option of another command: say so under this command's usage, not the top level's
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # a typo, or an option of another command: say so under this command's usage
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{suggested_flag(args.parser, unknown)}")
+    if hasattr(args, "accelerator_type") and args.accelerator_type is None:
+        args.parser.error("the following arguments are required: --accelerator-type")
     args.command = argv[split + 1:]
     try:
         check_before_calling(args)
