@@ -109,7 +109,9 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
         if local.is_dir():
             columns = "; its files must share their columns" if "cast" in cause.lower() else ""
             folder = "data folder" if key == "data file" else f"{key} (a folder)"
-            raise ConfigError(f"{folder} {path} (split {split!r}): read as one Hugging Face dataset of its data "
+            # The split only where it was chosen or is the trouble (a folder of test.jsonl alone).
+            chosen = f" (split {split!r})" if split != "train" or "split" in cause.lower() else ""
+            raise ConfigError(f"{folder} {path}{chosen}: read as one Hugging Face dataset of its data "
                               f"files, which failed ({cause}){columns}; or give one .jsonl/.json/.parquet file "
                               "instead") from None
         what = "data" if key == "data file" else key

@@ -591,7 +591,7 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
     folder.mkdir()
     assert cli.main(["judge", "--input", str(folder), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"qed-jax judge: error: --input (a folder) {folder} (split 'train'): read as one Hugging Face dataset of its "
+        f"qed-jax judge: error: --input (a folder) {folder}: read as one Hugging Face dataset of its "
         f"data files, which failed (The directory at {folder} doesn't contain any data files); or give one "
         ".jsonl/.json/.parquet file instead"]
     a_file = tmp_path / "a_file"

@@ -713,21 +713,27 @@ def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_par
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "train.jsonl").write_text("{broken\n")
-    with pytest.raises(ConfigError, match=r"^data folder .*/broken \(split 'train'\): read as one Hugging Face "
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken: read as one Hugging Face "
                                           r"dataset of its data files, which failed \(An error occurred while "
                                           r"generating the dataset: JSON parse error: .*\); or give one "
                                           r"\.jsonl/\.json/\.parquet file instead$"):
         read_rows(str(tmp_path / "broken"))
-    with pytest.raises(ConfigError, match=r"^data\.path \(a folder\) .*/broken \(split 'train'\): read as one "):
+    with pytest.raises(ConfigError, match=r"^data\.path \(a folder\) .*/broken: read as one "):
         read_rows(str(tmp_path / "broken"), key="data.path")
+    (tmp_path / "tests_only").mkdir()  # the split is named where it is the trouble, or was chosen
+    (tmp_path / "tests_only" / "test.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(ConfigError, match=r"^data folder .*/tests_only \(split 'train'\): read as one .*split"):
+        read_rows(str(tmp_path / "tests_only"))
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken \(split 'test'\): read as one "):
+        read_rows(str(tmp_path / "broken"), split="test")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
-    with pytest.raises(ConfigError, match=r"^data folder .*/empty .* failed \(its files hold no rows\); or give "):
+    with pytest.raises(ConfigError, match=r"^data folder .*/empty: .* failed \(its files hold no rows\); or give "):
         read_rows(str(tmp_path / "empty"))
     (tmp_path / "mixed").mkdir()  # files whose columns differ
     (tmp_path / "mixed" / "a.jsonl").write_text('{"problem": "P", "proof": "Q"}\n')
     (tmp_path / "mixed" / "b.jsonl").write_text('{"question": "P", "answer": 3}\n')
-    with pytest.raises(ConfigError, match=r"^data folder .*/mixed .* failed \(.*\); its files must share their "
+    with pytest.raises(ConfigError, match=r"^data folder .*/mixed: .* failed \(.*\); its files must share their "
                                           r"columns; or give one "):
         read_rows(str(tmp_path / "mixed"))
     # A Hub id that is not there (offline here) is still named as one.
