@@ -127,7 +127,7 @@ def _generate(args) -> None:
     from qed_jax.config import check_seed, not_utf8
     from qed_jax.pretrained import from_pretrained
     from qed_jax.sampling import SamplingParams, generate
-    from qed_jax.tokenizer import chat_prompt, load_tokenizer
+    from qed_jax.tokenizer import chat_prompt
 
     given = [flag for flag in GENERATE_RC_FLAGS if getattr(args, flag) is not None]
     if given and not args.reasoning_cache:
@@ -162,8 +162,8 @@ def _generate(args) -> None:
     if args.reasoning_cache:
         _generate_reasoning_cache(args)
         return
+    tokenizer = _generate_tokenizer(args)
     model = from_pretrained(args.model, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
     for n, conversation in enumerate(prompts if args.chat else [], 1):  # numbered as the flags are, from 1
         try:
@@ -178,6 +178,19 @@ def _generate(args) -> None:
         else:
             cut = f"cut off at --max-new-tokens {params.max_new_tokens}" if c.finish_reason == "length" else None
             _print_completion(i, len(completions), c.text, cut)
+
+
+def _generate_tokenizer(args):
+    """generate's tokenizer: --tokenizer's, else the model folder's. Loaded before any model, so
+    that a missing one fails at once."""
+    from qed_jax.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(args.tokenizer or args.model)
+    except ConfigError as e:
+        if args.tokenizer:
+            raise ConfigError(f"--tokenizer: {e}") from None
+        raise ConfigError(f"{e}; or name one with --tokenizer") from None
 
 
 def _print_completion(i: int, count: int, text: str, note: str | None) -> None:
@@ -227,12 +240,13 @@ def _generate_reasoning_cache(args) -> None:
         except ConfigError as e:  # named by the field: name the flag
             field, _, rest = str(e).partition(" ")
             raise ConfigError(f"{_flag('summarizer_' + field)} {rest}") from None
+    tokenizer = _generate_tokenizer(args)
+    summarizer_tokenizer = load_tokenizer(args.summarizer) if args.summarizer else None
     model = from_pretrained(args.model, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
     summarizer = None
     if args.summarizer:
         summarizer = Summarizer(from_pretrained(args.summarizer, dtype=args.dtype), summarizer_params,
-                                thinking=args.summarizer_thinking, tokenizer=load_tokenizer(args.summarizer))
+                                thinking=args.summarizer_thinking, tokenizer=summarizer_tokenizer)
     with renamed(ConfigError, _RC_FIELD_FLAGS):
         results = reasoning_cache(model, tokenizer, args.prompt, params, summarizer)
     for i, (prompt, result) in enumerate(zip(args.prompt, results)):
@@ -599,9 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample completions from a model",
                        description="Sample completions for one or more prompts with the jitted "
-                       "KV-cache sampler. The tokenizer is read from the model folder.")
+                       "KV-cache sampler. The tokenizer is read from the model folder unless --tokenizer names one.")
     p.add_argument("--model", required=True, type=given_path,
                    help="Hugging Face folder, qed-jax checkpoint or Hugging Face Hub id")
+    p.add_argument("--tokenizer", type=given_path,
+                   help="a folder or Hub id holding the tokenizer (default: the model's)")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true",

@@ -18,7 +18,7 @@ from qed_jax.model import Qwen3
 from qed_jax.sampling import Sampler, SamplingParams, bucket_length, kv_bytes_per_token, wave_size
 from qed_jax.sharding import MeshConfig, make_mesh
 from qed_jax.tokenizer import load_tokenizer, stop_ids
-from tests.helpers import REPO, cli_env, make_hf_model, make_hf_model_with_tokenizer
+from tests.helpers import REPO, cli_env, make_hf_model, make_hf_model_with_tokenizer, make_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 77, 31]]
 # Seven prompts of different lengths: with max_concurrent 3, waves of 3, 3 and 1 (+2 dummies).
@@ -375,6 +375,25 @@ def test_generate_cli_json(tmp_path, capsys):
                      "--prompt", "Prove"]) == 0
     out, err = capsys.readouterr()
     assert err.strip().splitlines()[-1] == "[cut off at --max-new-tokens 2]" and "===" not in out
+
+
+def test_generate_cli_takes_the_tokenizer_from_another_folder(tmp_path, capsys):
+    model, tokens = tmp_path / "model_only", tmp_path / "tokenizer"
+    make_hf_model(model)
+    make_tokenizer().save_pretrained(tokens)
+    args = ["generate", "--model", str(model), "--max-new-tokens", "3", "--temperature", "0", "--prompt", "Prove"]
+    assert cli.main(args) == 2  # before any model loads
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax generate: error: tokenizer {model}: the folder holds no tokenizer (tokenizer.json, "
+        "tokenizer_config.json, vocab.json); or name one with --tokenizer")
+    assert cli.main([*args, "--tokenizer", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax generate: error: --tokenizer: tokenizer {tmp_path / 'none'} does not exist")
+    assert cli.main([*args, "--tokenizer", str(tokens)]) == 0
+    text = capsys.readouterr().out
+    make_tokenizer().save_pretrained(model)  # the same tokenizer in the model's folder: the same text
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == text
 
 
 def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, capsys):
