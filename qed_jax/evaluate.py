@@ -39,7 +39,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_prompt_template,
                             is_rc_template, json_values, load_template, not_found, read_json_object, recorded_path,
                             require_at_least_one, require_range, same_as_recorded, write_text_atomic)
-from qed_jax.errors import JudgeUnavailable, first_line, json_error, quoted, renamed
+from qed_jax.errors import JudgeUnavailable, first_line, json_error, os_error_line, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
                            render_marking_scheme, reply_text, text_to_grade)
@@ -554,8 +554,16 @@ class RunLog:
             (self.samples if record["type"] == "sample" else self.grades)[key] = record
 
     def append(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: the record is not kept, and what came before it is whole
+            with contextlib.suppress(OSError):  # the unwritten rest fails again; `close` would raise that instead
+                self.file.close()
+            self.file = None
+            e.filename = e.filename or str(self.path)
+            raise ConfigError(f"{os_error_line(e)}; the samples and grades written before it are kept: rerun the "
+                              "same command to continue") from e
         self._index(record)
 
     def empty(self) -> bool:

@@ -426,6 +426,16 @@ def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     assert runlog.graded(("a", 0))
 
 
+def test_a_full_disk_while_appending_a_record_is_one_line_that_names_the_log():
+    runlog = RunLog(Path("/dev/full")).start_appending()  # every write to it fails as on a full disk
+    with pytest.raises(ConfigError, match=r"^/dev/full: No space left on device; free space on that disk, or "
+                                          r"choose a path on another; the samples and grades written before it "
+                                          r"are kept: rerun the same command to continue$"):
+        runlog.append({"type": "grade", "problem_id": "a", "sample": 0, "score": 7})
+    runlog.close()  # the unwritten record fails no second time (which would replace the line above)
+    assert not runlog.graded(("a", 0))
+
+
 def test_runs_with_nearby_seeds_share_no_samples():
     seeds = {seed: [sample_seed(seed, k) for k in range(8)] for seed in range(4)}
     assert len({s for per_run in seeds.values() for s in per_run}) == 32
