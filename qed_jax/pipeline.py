@@ -274,8 +274,8 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
         result = train(config)
     if result["complete"]:
         state = "already complete"
-    elif result["step"] == result["start_step"]:  # trained, its export made again (deleted, or cut short)
-        state = "trained; exported again"
+    elif result["step"] == result["start_step"]:  # trained before, its export made again (deleted, or cut short)
+        state = "already trained; exported again"
     else:
         state = f"resumed at step {result['start_step']}, done" if result["start_step"] else "done"
     progress.done(f"{state} at step {result['step']}: {summary(result)}")

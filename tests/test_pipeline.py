@@ -5,6 +5,7 @@ grading request); the report holds the base, SFT and GRPO models' rows in both m
 import datetime
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,10 +85,13 @@ def test_pipeline_interrupted_finished_then_skipped(tmp_path):
     for plot in ("score_histogram.png", "score_vs_tokens.png", "score_per_turn.png"):
         assert (out / plot).stat().st_size > 0
 
-    # Another rerun does nothing: no sample drawn, no grade requested.
+    # Another rerun does nothing: no sample drawn, no grade requested. A deleted export is made
+    # again from the finished run, the same model, so its evaluations stand.
+    shutil.rmtree(out / "grpo" / "hf")
     proc = pipeline(out)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, output
+    assert "[3/5 grpo] already trained; exported again at step 2" in output
     assert eval_logs(out) == after
     assert len(re.findall(r": generated 0 of \d+ samples, wrote 0 grades \(0 failed\)", output)) == len(RUNS)
     assert "stand-in judge answered 0 requests" in output
