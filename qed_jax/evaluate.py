@@ -944,6 +944,8 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
             while isinstance(old, dict) and isinstance(new, dict):  # a section (sampling): the setting in it
                 leaf = next(k for k in (*old, *new) if old.get(k, _UNSET) != new.get(k, _UNSET))
                 key, old, new = f"{key}.{leaf}", old.get(leaf, _UNSET), new.get(leaf, _UNSET)
+            if key in ("model.path", "model.tokenizer", "rc.summarizer") and new and is_missing_local_path(new):
+                raise not_found(key, new)  # a typo, more likely than another model meant for this run
             raise ConfigError(f"{out} holds a run with {key}={recorded_path(leaf, old, recorded_in)!r}, not {new!r}: "
                               "its samples and grades would not be comparable; choose another output_dir, or delete "
                               "the old run")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import qed_jax
-from qed_jax.config import ConfigError, load_config
+from qed_jax.config import ConfigError, dump_json, load_config
 from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, check_model_unchanged, check_rerun,
                               check_samples_kept, evaluate, holds_an_evaluation, load_prompt_template, misread_value,
                               model_files, prepare_output,
@@ -193,6 +193,26 @@ def test_answers_math_verify_first_judge_for_the_undecidable(tmp_path):
         assert sorted(problem_and_sample(*request, ANSWER_ROWS)[1] for request in model.requests) == [1] * 4
         with pytest.raises(ConfigError, match=r"holds a run with sampling\.temperature=0\.8, not 0\.5"):
             evaluate(config(tmp_path, "answerbench", model.url, judge.url, "sampling.temperature=0.5"), progress=False)
+
+
+def test_a_rerun_naming_a_model_folder_that_is_not_there_says_so_first(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+
+    def local(path):
+        return load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
+            f"model.path={path}", f"output_dir={tmp_path}/run", "judge.base_url=http://127.0.0.1:9/v1"])
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(dump_json(local(model)))
+    sample = {"type": "sample", "problem_id": "p", "sample": 0, "completion_tokens": 3, "truncated": False}
+    (tmp_path / "run" / "samples.jsonl").write_text(json.dumps(sample) + "\n")  # a run with samples
+    with pytest.raises(ConfigError, match=f"^model.path {re.escape(str(tmp_path / 'modle'))} does not exist$"):
+        check_rerun(local(tmp_path / "modle"))  # a typo: not "holds a run with model.path=..."
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ConfigError, match=r"holds a run with model.path=.*, not .*other.*: its samples and grades"):
+        check_rerun(local(other))
 
 
 def test_a_rerun_refuses_a_benchmark_whose_drawn_problems_changed(tmp_path):
