@@ -328,6 +328,19 @@ def previous_order(out: Path) -> list[str]:
     return list(summaries) if isinstance(summaries, dict) else []
 
 
+def check_not_another_run(output: Path, run_dirs: list[str]) -> None:
+    """ConfigError when `output` is the folder of a run (its config.json) that is neither one of
+    `run_dirs` nor holds them: this report would replace that run's own, or sit among a trainer's
+    files."""
+    if not (output / "config.json").is_file():
+        return
+    here = os.path.realpath(output)
+    if any(os.path.realpath(run) == here or os.path.realpath(run).startswith(here + os.sep) for run in run_dirs):
+        return
+    raise ConfigError(f"--output {output} is the folder of another run (its config.json), not one of those reported: "
+                      "the report would replace that run's own; write it to a folder of its own")
+
+
 def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:
     """Write report.md, report.json (and the plots) to `output` (default: the run directory, or
     the one folder of runs given); returns the Markdown, the output folder and the plots' paths.
@@ -348,6 +361,7 @@ def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -
         output = run_dirs[0]
     if output is None:
         raise ConfigError("several run directories need --output (a folder for the comparison)")
+    check_not_another_run(Path(output), run_dirs)
     started = [run_dir for run_dir, (_, records) in runs_read.items() if records]  # past their first round
     if not started:
         raise ConfigError(f"{', '.join(run_dirs)}: the run{'s have' if len(run_dirs) > 1 else ' has'} no samples yet")

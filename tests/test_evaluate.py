@@ -1002,6 +1002,11 @@ def test_report_compares_runs_side_by_side(tmp_path):
         assert s["avg_at_k"]["k"] == 1 and s["avg_at_k"]["std"] is None
     with pytest.raises(ConfigError, match="need --output"):
         report([str(r) for r in runs])
+    # Not into the folder of another run, whose own report it would replace.
+    with pytest.raises(ConfigError, match=f"^--output {re.escape(str(runs[1]))} is the folder of another run "
+                                          r"\(its config.json\), not one of those reported: "):
+        report([str(runs[0])], output=str(runs[1]), plots=False)
+    assert not (Path(runs[1]) / "report.md").exists()
     with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path))}/typo: no such directory$"):
         report([str(runs[0]), str(tmp_path / "typo")])  # the path is what is wrong, not a missing --output
     # One run named twice needs no --output: the report goes in the run directory.
