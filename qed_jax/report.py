@@ -337,8 +337,8 @@ def check_not_another_run(output: Path, run_dirs: list[str]) -> None:
     here = os.path.realpath(output)
     if any(os.path.realpath(run) == here or os.path.realpath(run).startswith(here + os.sep) for run in run_dirs):
         return
-    raise ConfigError(f"--output {output} is the folder of another run (its config.json), not one of those reported: "
-                      "the report would replace that run's own; write it to a folder of its own")
+    raise ConfigError(f"--output {output} is the folder of another run (it holds a config.json), not one of those "
+                      "reported; write the report to a folder of its own")
 
 
 def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:

@@ -1004,7 +1004,8 @@ def test_report_compares_runs_side_by_side(tmp_path):
         report([str(r) for r in runs])
     # Not into the folder of another run, whose own report it would replace.
     with pytest.raises(ConfigError, match=f"^--output {re.escape(str(runs[1]))} is the folder of another run "
-                                          r"\(its config.json\), not one of those reported: "):
+                                          r"\(it holds a config.json\), not one of those reported; write the "
+                                          r"report to a folder of its own$"):
         report([str(runs[0])], output=str(runs[1]), plots=False)
     assert not (Path(runs[1]) / "report.md").exists()
     with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path))}/typo: no such directory$"):
