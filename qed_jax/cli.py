@@ -720,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", type=given_path, metavar="RUN_DIR",
                    help="eval output directories, or folders of them (each stands for the runs inside)")
     p.add_argument("--output", type=given_path,
-                   help="folder for report.md/json and plots (default: the one RUN_DIR given; "
+                   help="folder for report.md/json and plots, not another run's (default: the one RUN_DIR given; "
                    "required with several)")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNG plots (and delete an earlier report's from the output folder: they would "
