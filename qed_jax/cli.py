@@ -356,6 +356,9 @@ def _eval(args) -> int | None:
     from qed_jax.config import dump_json, load_config
     from qed_jax.evaluate import EvalConfig, evaluate
 
+    if args.config is None and not args.overrides and not args.print_config:  # as the trainers say it
+        raise ConfigError("no --config: start from one, e.g. --config configs/eval/imo_proofbench.yaml (the defaults "
+                          "alone name no model)")
     config = load_config(EvalConfig, args.config, args.overrides)
     if args.print_config:
         print(dump_json(config))

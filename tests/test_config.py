@@ -476,6 +476,10 @@ def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monke
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "qed-jax sft: error: no --config: start from one, e.g. --config configs/sft/tiny.yaml (the defaults alone "
         "name no model, tokenizer or data)")
+    assert cli.main(["eval"]) == 2  # an evaluation too
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qed-jax eval: error: no --config: start from one, e.g. --config configs/eval/imo_proofbench.yaml (the "
+        "defaults alone name no model)")
     assert cli.main(["grpo", "--print-config"]) == 0  # the defaults can still be shown
     (tmp_path / "empty.yaml").write_text("")
     for command in ("sft", "grpo"):  # a config with no model is refused there, as the run would refuse it
