@@ -944,7 +944,7 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
             while isinstance(old, dict) and isinstance(new, dict):  # a section (sampling): the setting in it
                 leaf = next(k for k in (*old, *new) if old.get(k, _UNSET) != new.get(k, _UNSET))
                 key, old, new = f"{key}.{leaf}", old.get(leaf, _UNSET), new.get(leaf, _UNSET)
-            if key in ("model.path", "model.tokenizer", "rc.summarizer") and new and is_missing_local_path(new):
+            if key in LOCAL_MODEL_KEYS and new and is_missing_local_path(new):
                 raise not_found(key, new)  # a typo, more likely than another model meant for this run
             raise ConfigError(f"{out} holds a run with {key}={recorded_path(leaf, old, recorded_in)!r}, not {new!r}: "
                               "its samples and grades would not be comparable; choose another output_dir, or delete "
@@ -1108,12 +1108,15 @@ def check_model_unchanged(config: EvalConfig) -> None:
                               "another output_dir, or delete the old run")
 
 
+LOCAL_MODEL_KEYS = ("model.path", "model.tokenizer", "rc.summarizer")  # what a model (or its tokenizer) is read from
+
+
 def check_local_paths(config: EvalConfig) -> None:
     """ConfigError for a model, tokenizer or summarizer that names a local path that does not
     exist (a Hub id passes: loading it says what went wrong)."""
-    paths = {"model.path": config.model.path, "model.tokenizer": config.model.tokenizer,
-             "rc.summarizer": config.rc.summarizer if config.mode == "rc" else None}
-    for key, value in paths.items():
+    values = json_values(config)
+    for key in LOCAL_MODEL_KEYS:
+        value = get_dotted(values, key) if config.mode == "rc" or not key.startswith("rc.") else None
         if value and is_missing_local_path(value):
             raise not_found(key, value)
 

@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def suggested_flag(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     """' (did you mean --zone?)' for the first of `unknown` that is close to one of the command's
-    flags; '' when none is."""
+    flags; '' when none is. (qed_jax.cli.suggested_flags does this for qed-jax; this script runs
+    without the package installed.)"""
     flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
     for given in (x.split("=")[0] for x in unknown if x.startswith("--")):
         close = difflib.get_close_matches(given, flags, n=1)
