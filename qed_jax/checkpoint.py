@@ -351,11 +351,21 @@ def remove_unfinished_saves(directory) -> None:
 
 
 def check_folder(directory) -> None:
-    """ConfigError when `directory`, or the nearest of its parents that exists, is not a folder
-    (a local path or gs://; nothing is created)."""
+    """ConfigError when `directory`, or the nearest of its parents that exists, is not a folder,
+    or when it cannot be looked at (a gs:// bucket with no network or credentials: the storage
+    client's own error, after its retries). A local path or gs://; nothing is created."""
     path = epath.Path(directory)
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    try:
+        existing = next((p for p in [path, *path.parents] if p.exists()), None)
+        is_file = existing is not None and not existing.is_dir()
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None:  # a local path's (permissions)
+            raise setting_path_error("checkpoint_dir", e) from None
+        # A storage client's: its network, credentials or bucket.
+        raise ConfigError(f"checkpoint_dir {directory} could not be looked at ({type(e).__name__}: {quoted(e)}); "
+                          "check its bucket name, and this machine's network and credentials (gcloud auth "
+                          "application-default login), or choose a local checkpoint_dir") from None
+    if is_file:
         where = "" if existing == path else f"{directory}: "
         raise ConfigError(f"checkpoint folder {where}{existing} is a file where a folder is needed; choose another "
                           "checkpoint_dir (or leave it out: output_dir/checkpoints)")

@@ -843,6 +843,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     with set_up_together("GRPO's setup (config, model, tokenizer, prompts)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
+        checkpoint.check_folder(config.checkpoint_dir or out / "checkpoints")  # a bad one now, not after loading
         summarizer_source = open_summarizer(config)  # so are a separate RC summarizer's
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
         tokenizer = load_tokenizer(tokenizer_path)

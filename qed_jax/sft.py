@@ -174,6 +174,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     with set_up_together("SFT's setup (config, model, tokenizer, data)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
+        checkpoint.check_folder(config.checkpoint_dir or out / "checkpoints")  # a bad one now, not after loading
         check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
         if config.batch_size % jax.process_count():
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")

@@ -898,6 +898,44 @@ def test_what_needs_no_data_or_model_is_refused_before_they_load(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("trainer", ["sft", "grpo"])
+def test_a_checkpoint_dir_that_cannot_be_looked_at_is_one_line_before_the_model_loads(tmp_path, monkeypatch, trainer):
+    """A gs:// checkpoint_dir on a machine without network or credentials: the storage client's
+    error (an OSError that names no file, as aiohttp's connection errors are) comes out as one
+    line naming checkpoint_dir, from the setup, before the model loads (minutes for the 4B). A
+    local folder that cannot be read is named with its path."""
+    from etils import epath
+
+    from qed_jax import grpo, sft
+    from qed_jax.grpo import GRPOConfig
+
+    module, cls, config = {"sft": (sft, SFTConfig, TINY),
+                           "grpo": (grpo, GRPOConfig, str(REPO / "configs" / "rl" / "tiny.yaml"))}[trainer]
+    monkeypatch.setattr(module, "open_model", lambda *a, **k: lambda mesh: pytest.fail("the model loaded first"))
+    exists = epath.Path.exists
+
+    def probe(path):
+        if str(path).startswith("gs://"):
+            raise OSError("Cannot connect to host storage.googleapis.com:443 ssl:default [Name or service not known]")
+        if "unreadable" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return exists(path)
+
+    monkeypatch.setattr(type(epath.Path("gs://b/c")), "exists", probe)
+    out = tmp_path / "out"
+    refusals = {"gs://qed-jax-bucket/ckpt": ("checkpoint_dir gs://qed-jax-bucket/ckpt could not be looked at (OSError: "
+                                             "Cannot connect to host storage.googleapis.com:443 ssl:default [Name or "
+                                             "service not known]); check its bucket name, and this machine's network "
+                                             "and credentials (gcloud auth application-default login), or choose a "
+                                             "local checkpoint_dir"),
+                f"{tmp_path}/unreadable/ckpt": (f"checkpoint_dir: {tmp_path}/unreadable/ckpt: Permission denied; "
+                                                "choose another path, or change its permissions")}
+    for checkpoint_dir, message in refusals.items():
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            module.train(load_config(cls, config, [f"checkpoint_dir={checkpoint_dir}", f"output_dir={out}", "steps=2"]))
+    assert not out.exists()
+
+
 @pytest.mark.slow  # three runs of a finished run's trainer: 15-20 s on 2 cores
 def test_a_finished_run_rerun_with_another_export_dtype_exports_again(tmp_path):
     base = [f"output_dir={tmp_path}", "steps=1", "eval_every=0", "batch_size=16", "checkpoint_every=1"]

@@ -518,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Request a slice through `gcloud compute tpus queued-resources create`; returns at once "
         "(use `wait`).")
     add("wait", wait, [polling], "wait until the slice is ACTIVE",
-        "Poll the queued resource until ACTIVE; fail on FAILED, SUSPENDED or a missing resource.")
+        "Poll the queued resource until ACTIVE; fail on any state that does not lead there (FAILED, "
+        "SUSPENDING, SUSPENDED, PREEMPTED) or a missing resource.")
     add("status", status, [], "describe the queued resource", "Print `queued-resources describe`.")
     p = add("delete", delete, [], "delete the queued resource",
             "Delete the queued resource; --force also deletes its TPU VMs.")
@@ -533,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("launch", launch, [slice_, creating, polling, copying, running],
             "create, set up and run a job to completion through preemptions",
             "Create the slice if missing, wait, set up, run in the foreground. When the job fails "
-            "on a preempted slice (SUSPENDED, PREEMPTED, or gone), delete and recreate it and "
+            "on a preempted slice (SUSPENDING, SUSPENDED, PREEMPTED, or gone), delete and recreate it and "
             "restart the same command (which resumes from its checkpoint_dir); other failures "
             "retry on the same slice. Logs: LOG_DIR/RUN_ID/attempt-K/worker-N.log.")
     p.add_argument("--run-id", default=time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()),
