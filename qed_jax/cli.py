@@ -108,7 +108,7 @@ def _convert(args) -> None:
     # Ctrl-C or SIGTERM while the output is written lets the write finish (Orbax's threads stopped
     # half-way print their own tracebacks), then stops with the output whole.
     with StopSignals(STOP_SIGNALS, "finishing the output being written, then stopping",
-                     "exiting at once; the output is unfinished") as stop:
+                     f"exiting at once; {dest} is unfinished: rerun the same command with --overwrite") as stop:
         if replace:
             _clear(dest)
         if to_hf:  # a trainer's checkpoints export as its own export does: stopping where the sampler stops
@@ -118,14 +118,14 @@ def _convert(args) -> None:
         else:
             checkpoint.save_model(model, dest, assets_from=source)
             wrote = f"wrote qed-jax checkpoint {dest} ({model.config.param_dtype})"
-    print(wrote)
-    if stop.raised:  # now to `main`'s handler, which stops the command as it stops any other
+    if stop.raised:  # the output is whole; then `main`'s handler stops the command as it stops any other
+        print(f"{wrote}, whole: {signal.Signals(stop.signum).name} came while it was written")
         signal.raise_signal(stop.signum)
+    print(wrote)
 
 
 def _generate(args) -> None:
     from qed_jax.config import check_seed, not_utf8
-    from qed_jax.pretrained import from_pretrained
     from qed_jax.sampling import SamplingParams, generate
     from qed_jax.tokenizer import chat_prompt
 
@@ -162,8 +162,8 @@ def _generate(args) -> None:
     if args.reasoning_cache:
         _generate_reasoning_cache(args)
         return
-    tokenizer = _generate_tokenizer(args)
-    model = from_pretrained(args.model, dtype=args.dtype)
+    load, tokenizer = _open_generate_model(args)
+    model = load(dtype=args.dtype)
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
     for n, conversation in enumerate(prompts if args.chat else [], 1):  # numbered as the flags are, from 1
         try:
@@ -180,13 +180,17 @@ def _generate(args) -> None:
             _print_completion(i, len(completions), c.text, cut)
 
 
-def _generate_tokenizer(args):
-    """generate's tokenizer: --tokenizer's, else the model folder's. Loaded before any model, so
-    that a missing one fails at once."""
+def _open_generate_model(args):
+    """generate's model, opened (its files checked, a Hub id downloaded; nothing loaded), then
+    its tokenizer: --tokenizer's, else the model folder's. Returns (load(dtype=...) → the model,
+    tokenizer). A wrong --model is named as the model's path, and a missing tokenizer fails
+    before any weight loads."""
+    from qed_jax.pretrained import open_pretrained
     from qed_jax.tokenizer import load_tokenizer
 
+    load = open_pretrained(args.model)
     try:
-        return load_tokenizer(args.tokenizer or args.model)
+        return load, load_tokenizer(args.tokenizer or args.model)
     except ConfigError as e:
         if args.tokenizer:
             raise ConfigError(f"--tokenizer: {e}") from None
@@ -221,7 +225,7 @@ def _flag(dest: str) -> str:
 
 def _generate_reasoning_cache(args) -> None:
     """RC turns per prompt: each prompt is a problem; --max-new-tokens caps each turn."""
-    from qed_jax.pretrained import from_pretrained
+    from qed_jax.pretrained import open_pretrained
     from qed_jax.reasoning_cache import RCParams, Summarizer, reasoning_cache
     from qed_jax.sampling import SamplingParams
     from qed_jax.tokenizer import load_tokenizer
@@ -240,12 +244,13 @@ def _generate_reasoning_cache(args) -> None:
         except ConfigError as e:  # named by the field: name the flag
             field, _, rest = str(e).partition(" ")
             raise ConfigError(f"{_flag('summarizer_' + field)} {rest}") from None
-    tokenizer = _generate_tokenizer(args)
+    load, tokenizer = _open_generate_model(args)
+    load_summarizer = open_pretrained(args.summarizer) if args.summarizer else None
     summarizer_tokenizer = load_tokenizer(args.summarizer) if args.summarizer else None
-    model = from_pretrained(args.model, dtype=args.dtype)
+    model = load(dtype=args.dtype)
     summarizer = None
     if args.summarizer:
-        summarizer = Summarizer(from_pretrained(args.summarizer, dtype=args.dtype), summarizer_params,
+        summarizer = Summarizer(load_summarizer(dtype=args.dtype), summarizer_params,
                                 thinking=args.summarizer_thinking, tokenizer=summarizer_tokenizer)
     with renamed(ConfigError, _RC_FIELD_FLAGS):
         results = reasoning_cache(model, tokenizer, args.prompt, params, summarizer)
@@ -880,10 +885,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args, stopped_by: list[int]) -> int:
     """Runs the parsed command; its exit status. `stopped_by` records the stop signals received
     (see `main`); after one, the process ends here once the command has cleaned up."""
-    interrupted, status, failed_while_stopping = False, 0, None
+    interrupted, finished, status, failed_while_stopping = False, False, 0, None
     try:
         try:
             status = args.run(args) or 0  # a command's own failure status (e.g. failed grades: 1)
+            finished = True  # all of it: a stop signal before now was dropped where it was raised
         except BaseException as e:
             if not stopped_by or isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -927,6 +933,8 @@ def _run_command(args, stopped_by: list[int]) -> int:
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
         if failed_while_stopping is not None:
             resume = f"; then a write failed: {_os_error(failed_while_stopping)}"
+        if finished:
+            resume = ", after the command had done all its work: nothing was cut short"
         print(f"qed-jax {args.command}: {how}{resume}", file=sys.stderr)
         _exit_now(128 + signum)
     return status

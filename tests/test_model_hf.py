@@ -754,12 +754,66 @@ sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
     assert f"{signame}: finishing the output being written, then stopping" in result.stderr
     how = "interrupted" if signame == "SIGINT" else "stopped by SIGTERM"
     assert result.stderr.strip().splitlines()[-1] == f"qed-jax convert: {how}"
-    assert "Traceback" not in result.stderr and f"wrote qed-jax checkpoint {tmp_path / 'ckpt'}" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stdout == f"wrote qed-jax checkpoint {tmp_path / 'ckpt'} (float32), whole: {signame} came while it was written\n"
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0  # whole
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # the caller's, back
     original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
     assert all(np.array_equal(original[name], back[name]) for name in original)
+
+
+def test_a_second_ctrl_c_while_convert_writes_names_the_unfinished_output_and_the_way_out(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, cli_env
+
+    make_hf_model(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    script = f"""
+import signal, sys
+from qed_jax import checkpoint, cli
+def twice_interrupted_save(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+checkpoint.save_model = twice_interrupted_save
+sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{ckpt}"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"SIGINT again: exiting at once; {ckpt} is unfinished: rerun the same command with --overwrite")
+
+
+def test_a_stop_signal_dropped_where_it_was_raised_is_not_reported_as_cutting_the_command_short(tmp_path):
+    """Ctrl-C whose KeyboardInterrupt a library dropped (a callback's, say) while the model
+    loaded: the command ran to its end, so its last line says that nothing was cut short, not
+    that it was interrupted part-way (its output is there: a rerun is refused as non-empty)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, cli_env
+
+    make_hf_model(tmp_path / "hf")
+    script = f"""
+import signal, sys
+from qed_jax import cli, pretrained
+load = pretrained.from_pretrained
+def dropping_load(*args, **kwargs):
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+    return load(*args, **kwargs)
+pretrained.from_pretrained = dropping_load
+sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stdout == f"wrote qed-jax checkpoint {tmp_path / 'ckpt'} (float32)\n"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "qed-jax convert: interrupted, after the command had done all its work: nothing was cut short")
 
 
 def test_convert_to_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_path):

@@ -396,6 +396,18 @@ def test_generate_cli_takes_the_tokenizer_from_another_folder(tmp_path, capsys):
     assert capsys.readouterr().out == text
 
 
+def test_generate_cli_names_a_wrong_model_path_as_the_models(tmp_path, capsys):
+    """--model is checked before the tokenizer is looked for in it: a missing folder or a
+    trainer's run directory gets the model's own message (as convert gives), not a tokenizer's."""
+    run = tmp_path / "run"
+    make_hf_model_with_tokenizer(run / "hf")
+    for given, message in ((tmp_path / "none", f"{tmp_path / 'none'}: no such file or directory"),
+                           (run, f"{run}: a trainer's run directory, not a model; pass {run / 'hf'} (its exported "
+                                 "model)")):
+        assert cli.main(["generate", "--model", str(given), "--prompt", "Prove"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"qed-jax generate: error: {message}"
+
+
 def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, capsys):
     make_hf_model_with_tokenizer(tmp_path, vocab_size=256)  # the tokenizer has 320 tokens
     model = qed_jax.from_pretrained(tmp_path)
