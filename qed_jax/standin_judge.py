@@ -79,7 +79,15 @@ class StandinJudge:
                     self._json(404, {"error": {"message": f"no such path {self.path}"}})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                if len(raw) < length:  # the client left mid-request (its run stopped): no one to answer
+                    return
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    self._json(400, {"error": {"message": "the request body is not JSON"}})
+                    return
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "the stand-in judge serves chat completions only "
                                                           "(judge.api: chat)"}})

@@ -493,6 +493,32 @@ def test_the_standin_judge_prints_no_traceback_for_a_client_that_left_mid_reply(
         assert "ValueError: a fault of the server's own" in capsys.readouterr().err
 
 
+def test_the_standin_judge_answers_a_request_cut_short_or_not_json_without_a_traceback(capfd):
+    """A client stopped while it sent its request (Ctrl-C in a judge run): the body ends early,
+    which the stand-in parsed anyway and printed the JSON error's traceback. Now it answers
+    nobody; a whole body that is not JSON gets a 400."""
+    import socket
+    from urllib.parse import urlparse
+
+    from qed_jax.standin_judge import StandinJudge
+
+    with StandinJudge() as judge:
+        address = (urlparse(judge.url).hostname, urlparse(judge.url).port)
+
+        def post(body: bytes, length: int) -> bytes:
+            with socket.create_connection(address, timeout=30) as connection:
+                connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                   + f"\r\nContent-Length: {length}\r\n\r\n".encode() + body)
+                connection.shutdown(socket.SHUT_WR)
+                return connection.makefile("rb").read()
+
+        assert post(b'{"model": "qed-', 100) == b""  # left mid-body: no reply
+        reply = post(b"not json", 8)
+        assert reply.startswith(b"HTTP/1.0 400") and b"the request body is not JSON" in reply
+        assert judge.requests == 0
+    assert capfd.readouterr().err == ""
+
+
 def test_the_standin_judge_serves_on_its_own_for_commands_run_by_hand(tmp_path):
     """`python -m qed_jax.standin_judge` (README's way to try eval or grpo offline): it prints
     its URL, `qed-jax judge` grades through it, and Ctrl-C stops it in one line."""
