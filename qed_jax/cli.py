@@ -480,8 +480,8 @@ def _plan(args) -> int | None:
     jax.config.update("jax_enable_compilation_cache", False)
     from qed_jax import plan
 
-    result = plan.plan(args.config, args.topology, args.overrides, trainer=args.trainer,
-                       preset_name=args.preset, wave=args.wave_size)
+    result = in_worker_thread(plan.plan, args.config, args.topology, args.overrides, trainer=args.trainer,
+                              preset_name=args.preset, wave=args.wave_size)
     print(plan.to_json(result) if args.json else plan.format_report(result))
     if not result.fits:
         return 1
@@ -976,6 +976,30 @@ LOG_PROGRESS_SECONDS = 30
 # Commands whose finished work a rerun always picks up (trainers print their own line when
 # stopped; `judge` keeps its grades only in its cache, which may be off).
 RESUMABLE = ("eval", "pipeline")
+
+
+def in_worker_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs), run in a thread of its own while the main thread waits where Ctrl-C
+    reaches it: a compilation in the main thread holds Python's signal handlers off until it
+    ends (a 4B plan: a minute). Ctrl-C then ends the command at once (`_exit_now` stops the
+    thread with the process); fn's error is raised here."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "worker"), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _exit_now(code: int) -> None:

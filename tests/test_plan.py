@@ -201,6 +201,38 @@ def test_the_trainer_is_the_one_whose_config_loads():
         plan.plan(SFT_TINY, "v5p-8", wave=4)
 
 
+def test_ctrl_c_stops_a_plan_while_it_compiles(tmp_path):
+    """A compilation blocks the thread that runs it without running Python's signal handlers
+    (a 4B plan: a minute); Ctrl-C waited for it to end. The stand-in for the compilation here
+    is a C call that never ends and that signals do not cut short (a second lock of a pthread
+    mutex, as glibc's zeroed mutex deadlocks), so the plan stops at Ctrl-C or not at all."""
+    import signal
+
+    from tests.helpers import cli_env
+
+    script = f"""
+import sys
+import ctypes
+from qed_jax import cli, plan
+def compiling_forever(*args, **kwargs):
+    libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)
+    libc.pthread_mutex_lock(mutex)
+    print("compiling", flush=True)
+    libc.pthread_mutex_lock(mutex)
+plan.plan = compiling_forever
+sys.exit(cli.main(["plan", "--config", "{SFT_TINY}", "--topology", "v5p-8"]))
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "compiling\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "qed-jax plan: interrupted", err[-2000:]
+
+
 # --------------------------------------------------------------------------------------------
 # Compiling for a TPU topology (libtpu compiles without chips)
 
