@@ -335,6 +335,23 @@ def test_zone_is_required(gcloud, capsys, monkeypatch):
     assert gcloud[1]()[-1][-1] == "--zone=europe-west4-a"
 
 
+def test_names_cloud_would_refuse_and_a_run_id_outside_the_log_dir_are_refused_before_any_call(gcloud, capsys):
+    calls = gcloud[1]
+    refusals = {("create", "Foo_Bar", "--zone", "us-east5-a", "--accelerator-type", "v5p-8"):
+                "'Foo_Bar' is not a name Cloud gives a TPU: lowercase letters, digits and hyphens, at most 63, "
+                "starting with a letter and not ending with a hyphen",
+                ("status", "qr", "--zone", "useast5"):
+                "zone 'useast5' is not a Cloud zone's name, which reads like us-east5-a (region, then a letter)",
+                ("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--run-id", "../../x y", "--", "true"):
+                "--run-id '../../x y' names a folder under --log-dir: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"}
+    for args, message in refusals.items():
+        assert launcher(*args) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [f"tpu.py {args[0]}: error: {message}"]
+    assert calls() == []
+    assert launcher("status", "qr-2", "--zone", "northamerica-northeast1-a") == 0
+
+
 def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     write_script, calls = gcloud
     write_script(scp=[255, 0])  # the first copy fails like a flaky connection

@@ -114,6 +114,12 @@ class Gcloud:
         self.project = args.project or os.environ.get("CLOUDSDK_CORE_PROJECT")
         if not self.zone and not self.local:
             raise LaunchError("no zone: pass --zone (e.g. us-east5-a) or set TPU_ZONE")
+        if self.zone and not re.fullmatch(r"[a-z]+(-[a-z]+)+[0-9]+-[a-z]", self.zone):
+            raise LaunchError(f"zone {self.zone!r} is not a Cloud zone's name, which reads like us-east5-a "
+                              "(region, then a letter)")
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
+            raise LaunchError(f"{self.name!r} is not a name Cloud gives a TPU: lowercase letters, digits and "
+                              "hyphens, at most 63, starting with a letter and not ending with a hyphen")
 
     def _where(self) -> list[str]:
         return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
@@ -565,6 +571,10 @@ def check_before_calling(args) -> None:
     cannot start."""
     if getattr(args, "accelerator_type", None):
         num_workers(args.accelerator_type)
+    run_id = getattr(args, "run_id", None)
+    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):
+        raise LaunchError(f"--run-id {run_id!r} names a folder under --log-dir: use letters, digits, '.', '_' and "
+                          "'-', starting with a letter or digit")
     if args.verb in ("setup", "launch"):
         check_git_tree()
     check_commit(getattr(args, "commit", None))
