@@ -107,8 +107,11 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
         else:
             cause = first_line(e)
         if local.is_dir():
-            columns = "; its files must share their columns" if "cast" in cause.lower() else ""
             folder = "data folder" if key == "data file" else f"{key} (a folder)"
+            if bad := first_bad_line(local):  # datasets names neither the file nor the line right
+                raise ConfigError(f"{folder} {path}: {bad}, so its files do not read as one Hugging Face dataset; "
+                                  "fix or delete that line") from None
+            columns = "; its files must share their columns" if "cast" in cause.lower() else ""
             # The split only where it was chosen or is the trouble (a folder of test.jsonl alone).
             chosen = f" (split {split!r})" if split != "train" or "split" in cause.lower() else ""
             raise ConfigError(f"{folder} {path}{chosen}: read as one Hugging Face dataset of its data "
@@ -117,6 +120,23 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
         what = "data" if key == "data file" else key
         raise ConfigError(f"{what} {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, "
                           f"and loading it as a Hugging Face dataset failed: {cause}") from None
+
+
+def first_bad_line(folder: Path) -> str | None:
+    """"FILE:N: why" for the first line that does not read in the JSON-lines files of a data
+    folder (hidden files left out, as datasets leaves them), or None."""
+    for file in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in file.relative_to(folder).parts)
+        if hidden or file.suffix.lower() not in (".jsonl", ".json") or not file.is_file():
+            continue
+        with open(file, "rb") as f:
+            if file.suffix.lower() == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+                continue  # a JSON array: its parse error is datasets' to tell
+            f.seek(0)
+            bad = next(((n, row) for n, row in json_lines(f) if isinstance(row, BadRow)), None)
+        if bad is not None:
+            return f"{file}:{bad[0]}: {bad[1].reason}"
+    return None
 
 
 def _numbered(rows) -> list[tuple[str, Any]]:

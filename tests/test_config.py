@@ -598,6 +598,17 @@ def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
         f"qed-jax judge: error: --input (a folder) {folder}: read as one Hugging Face dataset of its "
         f"data files, which failed (The directory at {folder} doesn't contain any data files); or give one "
         ".jsonl/.json/.parquet file instead"]
+    # A bad line in one of its files: datasets names it in a log line of its own, with the row
+    # counted from 0 and blank lines left out; the error names the file and its line.
+    (folder / "a.jsonl").write_text(json.dumps({"problem": "P", "proof": "Q.E.D."}) + "\n")
+    (folder / ".c.jsonl").write_text("hidden, so not read\n")
+    (folder / "c.jsonl").write_text(json.dumps({"problem": "P", "proof": "Q.E.D."}) + '\n\n{"problem": bad\n')
+    assert cli.main(["judge", "--input", str(folder), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax judge: error: --input (a folder) {folder}: {folder / 'c.jsonl'}:3: not valid JSON (Expecting value "
+        "at column 13), so its files do not read as one Hugging Face dataset; fix or delete that line")
+    for name in ("a.jsonl", ".c.jsonl", "c.jsonl"):
+        (folder / name).unlink()
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     rows = tmp_path / "rows.jsonl"
