@@ -72,10 +72,8 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
     if suffix in (".jsonl", ".json"):
         require_file(local, key)
         with open(local, "rb") as f:
-            if suffix == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-                f.seek(0)
+            if is_json_array(local, f):
                 return _json_array_rows(path, f.read(), key)
-            f.seek(0)
             return _json_lines_rows(f)
     if local.is_file() and suffix != ".parquet":
         kind = f"cannot read '{local.suffix}' files" if local.suffix else "its name has no suffix to tell its format by"
@@ -108,18 +106,27 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
             cause = first_line(e)
         if local.is_dir():
             folder = "data folder" if key == "data file" else f"{key} (a folder)"
-            if bad := first_bad_line(local):  # datasets names neither the file nor the line right
-                raise ConfigError(f"{folder} {path}: {bad}, so its files do not read as one Hugging Face dataset; "
-                                  "fix or delete that line") from None
-            columns = "; its files must share their columns" if "cast" in cause.lower() else ""
             # The split only where it was chosen or is the trouble (a folder of test.jsonl alone).
             chosen = f" (split {split!r})" if split != "train" or "split" in cause.lower() else ""
+            # A file it could not build a table from: datasets names neither it nor its line right.
+            if isinstance(e, DatasetsError) and (bad := first_bad_line(local)):
+                raise ConfigError(f"{folder} {path}{chosen}: {bad}, so its files do not read as one Hugging Face "
+                                  "dataset; fix or delete that line") from None
+            columns = "; its files must share their columns" if "cast" in cause.lower() else ""
             raise ConfigError(f"{folder} {path}{chosen}: read as one Hugging Face dataset of its data "
                               f"files, which failed ({cause}){columns}; or give one .jsonl/.json/.parquet file "
                               "instead") from None
         what = "data" if key == "data file" else key
         raise ConfigError(f"{what} {path!r} (name {name!r}, split {split!r}): not a local .jsonl/.json/.parquet file, "
                           f"and loading it as a Hugging Face dataset failed: {cause}") from None
+
+
+def is_json_array(path: Path, f) -> bool:
+    """Whether the file `f` (opened "rb" from `path`) is a .json file holding one array of rows,
+    not JSON lines; `f` is left at its start."""
+    array = path.suffix.lower() == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+    f.seek(0)
+    return array
 
 
 def first_bad_line(folder: Path) -> str | None:
@@ -130,9 +137,8 @@ def first_bad_line(folder: Path) -> str | None:
         if hidden or file.suffix.lower() not in (".jsonl", ".json") or not file.is_file():
             continue
         with open(file, "rb") as f:
-            if file.suffix.lower() == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-                continue  # a JSON array: its parse error is datasets' to tell
-            f.seek(0)
+            if is_json_array(file, f):
+                continue  # its parse error is datasets' to tell
             bad = next(((n, row) for n, row in json_lines(f) if isinstance(row, BadRow)), None)
         if bad is not None:
             return f"{file}:{bad[0]}: {bad[1].reason}"

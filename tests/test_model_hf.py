@@ -786,36 +786,6 @@ sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{ckpt}"]))
         f"SIGINT again: exiting at once; {ckpt} is unfinished: rerun the same command with --overwrite")
 
 
-def test_a_stop_signal_dropped_where_it_was_raised_is_not_reported_as_cutting_the_command_short(tmp_path):
-    """Ctrl-C whose KeyboardInterrupt a library dropped (a callback's, say) while the model
-    loaded: the command ran to its end, so its last line says that nothing was cut short, not
-    that it was interrupted part-way (its output is there: a rerun is refused as non-empty)."""
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO, cli_env
-
-    make_hf_model(tmp_path / "hf")
-    script = f"""
-import signal, sys
-from qed_jax import cli, pretrained
-load = pretrained.from_pretrained
-def dropping_load(*args, **kwargs):
-    try:
-        signal.raise_signal(signal.SIGINT)
-    except KeyboardInterrupt:
-        pass
-    return load(*args, **kwargs)
-pretrained.from_pretrained = dropping_load
-sys.exit(cli.main(["convert", "{tmp_path / 'hf'}", "{tmp_path / 'ckpt'}"]))
-"""
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
-    assert result.returncode == 130, result.stderr[-3000:]
-    assert result.stdout == f"wrote qed-jax checkpoint {tmp_path / 'ckpt'} (float32)\n"
-    assert result.stderr.strip().splitlines()[-1] == (
-        "qed-jax convert: interrupted, after the command had done all its work: nothing was cut short")
-
-
 def test_convert_to_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_path):
     """A full disk (here a file-size limit) while Orbax writes: one line, not its threads' tracebacks."""
     import subprocess
@@ -849,7 +819,8 @@ def test_an_export_that_cannot_be_written_names_the_file(tmp_path):
 
 def test_a_ctrl_c_that_python_drops_still_stops_the_command():
     """SIGINT handled inside a finalizer: Python drops the KeyboardInterrupt ("Exception ignored",
-    shown only with -v) and goes on; the command still ends as interrupted (exit 130), not with 0."""
+    shown only with -v) and goes on; the command still ends as interrupted (exit 130), not with 0,
+    and its line says that it had done all its work (not "rerun to continue")."""
     import subprocess
     import sys
 
@@ -870,7 +841,8 @@ sys.exit(cli.main(["report", "somewhere"]))
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert "went on" in result.stdout  # Python dropped the KeyboardInterrupt
     assert result.returncode == 130, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines() == ["qed-jax report: interrupted"]  # nothing else without -v
+    assert result.stderr.strip().splitlines() == [  # nothing else without -v
+        "qed-jax report: interrupted, after the command had done all its work: nothing was cut short"]
 
 
 def test_an_export_of_a_base_models_generation_config_stops_where_the_sampler_stops(tmp_path):

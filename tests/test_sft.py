@@ -713,19 +713,26 @@ def test_a_dataset_folder_that_cannot_be_built_is_one_line_and_a_partitioned_par
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "train.jsonl").write_text("{broken\n")
-    with pytest.raises(ConfigError, match=r"^data folder .*/broken: read as one Hugging Face "
-                                          r"dataset of its data files, which failed \(An error occurred while "
-                                          r"generating the dataset: JSON parse error: .*\); or give one "
-                                          r"\.jsonl/\.json/\.parquet file instead$"):
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken: .*/broken/train\.jsonl:1: not valid JSON "
+                                          r"\(Expecting property name enclosed in double quotes at column 2\), so "
+                                          r"its files do not read as one Hugging Face dataset; fix or delete that "
+                                          r"line$"):
         read_rows(str(tmp_path / "broken"))
-    with pytest.raises(ConfigError, match=r"^data\.path \(a folder\) .*/broken: read as one "):
+    with pytest.raises(ConfigError, match=r"^data\.path \(a folder\) .*/broken: .*train\.jsonl:1: "):
         read_rows(str(tmp_path / "broken"), key="data.path")
+    (tmp_path / "broken_array").mkdir()  # one JSON array: datasets' own error, which names the cause
+    (tmp_path / "broken_array" / "train.json").write_text("[{broken")
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken_array: read as one Hugging Face "
+                                          r"dataset of its data files, which failed \(An error occurred while "
+                                          r"generating the dataset: .*\); or give one "
+                                          r"\.jsonl/\.json/\.parquet file instead$"):
+        read_rows(str(tmp_path / "broken_array"))
     (tmp_path / "tests_only").mkdir()  # the split is named where it is the trouble, or was chosen
     (tmp_path / "tests_only" / "test.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(ConfigError, match=r"^data folder .*/tests_only \(split 'train'\): read as one .*split"):
         read_rows(str(tmp_path / "tests_only"))
-    with pytest.raises(ConfigError, match=r"^data folder .*/broken \(split 'test'\): read as one "):
-        read_rows(str(tmp_path / "broken"), split="test")
+    with pytest.raises(ConfigError, match=r"^data folder .*/broken \(split 'test'\): .*train\.jsonl:1: not valid"):
+        read_rows(str(tmp_path / "broken"), split="test")  # datasets reads every split's files first
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"^data folder .*/empty: .* failed \(its files hold no rows\); or give "):
