@@ -565,9 +565,11 @@ def test_launch_dry_run_prints_the_pod_sequence_and_calls_nothing(gcloud, capsys
     code = launcher("launch", "qed-sft", *WHERE, "--accelerator-type", "v5p-64", "--run-id", "r",
                     "--delete-at-end", "--dry-run", "--", "qed-jax", "sft", "--distributed")
     assert code == 0 and calls() == []
-    lines = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
     assert [line.split()[4] for line in lines] == [
         "describe", "create", "describe", "scp", "ssh", *["ssh"] * 8, "delete"]
+    assert "[tpu] r: the dry run stops here; a launch repeats the job until it succeeds" in err.splitlines()
     assert "--worker=7" in lines[-2] and "> tpu_logs/r/attempt-1/worker-7.log 2>&1 &" in lines[-2]
     launcher("run", "qed-sft", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", "my logs", "--dry-run", "--",
              "qed-jax", "sft")  # a log folder with a space: the printed line still runs as shown

@@ -466,7 +466,10 @@ def launch(gc: Gcloud, args) -> int:
             if failures >= args.max_failures:
                 raise LaunchError(f"the job failed {failures} times (last exit code {code}); logs "
                                   f"in {run_dir}. Fix it, then launch again with --run-id {args.run_id}")
-    progress(f"{args.run_id} finished after {attempt - first} attempt(s), {preemptions} preemption(s)")
+    if gc.dry_run:
+        progress(f"{args.run_id}: the dry run stops here; a launch repeats the job until it succeeds")
+    else:
+        progress(f"{args.run_id} finished after {attempt - first} attempt(s), {preemptions} preemption(s)")
     if args.delete_at_end:
         delete(gc, argparse.Namespace(force=True))
     return 0
