@@ -302,7 +302,7 @@ def _judge(args) -> int | None:
     rows = [row for _, row in numbered]
     items = [item_from_row(row, where, needs) for where, row in numbered]
     if not items:
-        raise ConfigError(f"{args.input}: no rows to grade (the file is empty)")
+        raise ConfigError(f"{args.input}: holds no rows to grade")
     output = Path(args.output)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory; give a file path, e.g. {output / 'graded.jsonl'}")

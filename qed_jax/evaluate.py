@@ -239,7 +239,7 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     from qed_jax.data import BadRow
 
     if not rows:
-        raise ConfigError(f"{config.path}: no problems to evaluate (the file is empty)")
+        raise ConfigError(f"{config.path}: no problems to evaluate (it holds no rows)")
     fields = config.field_map
     problems, seen = [], {}  # seen: id -> (its row, whether the id is the row index)
     for n, (line, row) in enumerate(rows):

@@ -489,7 +489,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
              len(prompts), skipped, too_long, limit)
     if not rows:
-        raise ConfigError(f"{config.data.path}: no problems to train on (the file is empty)")
+        raise ConfigError(f"{config.data.path}: no problems to train on (it holds no rows)")
     if not prompts:
         fix = [f"{too_long} longer than {limit} tokens: raise max_prompt_length"] if too_long else []
         fix += [f"{skipped} malformed (the warnings above name them)"] if skipped else []

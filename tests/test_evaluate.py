@@ -565,7 +565,7 @@ def test_benchmark_columns_are_checked_where_they_are_read():
         problems([{"problem": " "}])
     groups = {"recent": "2025", "earlier": ".*"}
     # An empty file says so (not that no row has the group column).
-    with pytest.raises(ConfigError, match=r"^b: no problems to evaluate \(the file is empty\)$"):
+    with pytest.raises(ConfigError, match=r"^b: no problems to evaluate \(it holds no rows\)$"):
         problems([], group_field="competition", groups=groups)
     with pytest.raises(ConfigError, match=r"^b: no row has the column 'competition' \(benchmark.group_field\)"):
         problems([{"problem": "P", "contest": "IMO 2025"}], group_field="competition", groups=groups)

@@ -199,7 +199,7 @@ def test_rl_rows_take_a_rubric_under_either_key_and_skip_a_malformed_one(tmp_pat
     # An empty file says so, not "among its 0 rows ()".
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ConfigError, match=rf"^{empty}: no problems to train on \(the file is empty\)$"):
+    with pytest.raises(ConfigError, match=rf"^{empty}: no problems to train on \(it holds no rows\)$"):
         load_prompts(load_config(GRPOConfig, TINY, [f"data.path={empty}"]),
                      load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
 

@@ -518,7 +518,7 @@ def test_judge_cli_refuses_rows_without_the_field_its_template_reads(tmp_path, c
     assert rc == 2 and err.endswith(":1: field 'problem' must be a non-empty string")
     rows.write_text("\n")
     assert cli.main(["judge", "--input", str(rows), "--output", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == f"qed-jax judge: error: {rows}: no rows to grade (the file is empty)"
+    assert capsys.readouterr().err.strip() == f"qed-jax judge: error: {rows}: holds no rows to grade"
     assert not out.exists()
 
 
