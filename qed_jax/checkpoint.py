@@ -383,7 +383,6 @@ class TrainCheckpoints:
                  shared_data: bool = False):
         self.directory, self.run, self.shared_data = directory, run, shared_data
         self.model = (config, assets_from)  # model_config.json and assets: written with the first save
-        check_folder(directory)  # now, not at the first save, steps after the run began
         remove_unfinished_saves(directory)
         self.barrier = save_barrier()
         try:

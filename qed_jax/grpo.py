@@ -843,7 +843,8 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     with set_up_together("GRPO's setup (config, model, tokenizer, prompts)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
-        checkpoint.check_folder(config.checkpoint_dir or out / "checkpoints")  # a bad one now, not after loading
+        checkpoints = config.checkpoint_dir or out / "checkpoints"
+        checkpoint.check_folder(checkpoints)  # now, not after the model loads or at the first save
         summarizer_source = open_summarizer(config)  # so are a separate RC summarizer's
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
         tokenizer = load_tokenizer(tokenizer_path)
@@ -889,7 +890,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     stops = stop_ids(tokenizer)
 
     data = prompt_batches(prompts, config.prompts_per_step, config.data.seed)
-    ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
+    ckpts = checkpoint.TrainCheckpoints(checkpoints, model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "grpo", "data": data_record(config.data.path, prompts),
                                              "config": json_values(config)}, shared_data=True)

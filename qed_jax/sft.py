@@ -174,7 +174,8 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     with set_up_together("SFT's setup (config, model, tokenizer, data)"):
         mesh = make_mesh(config.mesh)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
-        checkpoint.check_folder(config.checkpoint_dir or out / "checkpoints")  # a bad one now, not after loading
+        checkpoints = config.checkpoint_dir or out / "checkpoints"
+        checkpoint.check_folder(checkpoints)  # now, not after the model loads or at the first save
         check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
         if config.batch_size % jax.process_count():
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
@@ -226,7 +227,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
     order = DATA_ORDER if config.steps else EPOCHS_ORDER
     record = data_record(config.data.path, examples, order, eval_examples)
-    ckpts = checkpoint.TrainCheckpoints(config.checkpoint_dir or out / "checkpoints", model.config,
+    ckpts = checkpoint.TrainCheckpoints(checkpoints, model.config,
                                         config.keep_checkpoints, assets_from=tokenizer_path,
                                         run={"trainer": "sft", "data": record, "config": json_values(config)})
     params, opt_state, start = start_or_resume(out, config, ckpts, params, opt_state, data, steps,
