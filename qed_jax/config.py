@@ -318,11 +318,44 @@ def recorded_path(key: str, value: Any, recorded_in: str | None) -> Any:
     return value
 
 
-def same_as_recorded(key: str, recorded: Any, value: Any, recorded_in: str | None, as_spelt: bool = True) -> bool:
+def same_as_recorded(key: str, recorded: Any, value: Any, recorded_in: str | None, as_spelt: bool = True,
+                     moved: tuple[str, str] | None = None) -> bool:
     """Whether a setting a run recorded (in the working directory `recorded_in`) is `value` now:
-    what it named there (`recorded_path`), or with `as_spelt` the same spelling."""
+    what it named there (`recorded_path`), or with `as_spelt` the same spelling, or, when the run
+    directory has `moved` (`run_moved`), what it named there now stands where it moved to."""
     return (same_setting(key, recorded_path(key, recorded, recorded_in), value)
-            or (as_spelt and same_setting(key, recorded, value)))
+            or (as_spelt and same_setting(key, recorded, value))
+            or (moved is not None and key in PATH_FIELDS
+                and same_setting(key, moved_path(recorded, moved, recorded_in), value)))
+
+
+def run_moved(recorded_out: Any, out: Path | str, recorded_in: str | None) -> tuple[str, str] | None:
+    """(before, now): where a moved or copied run directory stood with what moved along with it,
+    and where that stands now; None when it has not moved. Its output_dir as recorded and as it is
+    now, both absolute, less the trailing folders they share: runs/a/sft now runs/b/sft gives
+    (runs/a, runs/b), so that a pipeline's GRPO stage p1/grpo, moved with its pipeline to p2/grpo,
+    finds the SFT export it started from, p1/sft/hf, at p2/sft/hf."""
+    if not isinstance(recorded_out, str) or "://" in recorded_out + str(out):
+        return None
+    before = Path(os.path.normpath(os.path.join(recorded_in or os.getcwd(), os.path.expanduser(recorded_out))))
+    now = Path(os.path.abspath(out))
+    if before == now:
+        return None
+    while before.name == now.name and before.parent.name and now.parent.name:  # never up to the root
+        before, now = before.parent, now.parent
+    return str(before), str(now)
+
+
+def moved_path(value: Any, moved: tuple[str, str], recorded_in: str | None) -> Any:
+    """A local path a run recorded, where it stands since the run moved (`run_moved`) when it was
+    inside what moved; else `value`."""
+    if not isinstance(value, str) or "://" in value:
+        return value
+    path = os.path.normpath(os.path.join(recorded_in or os.getcwd(), os.path.expanduser(value)))
+    inside = os.path.relpath(path, moved[0])
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+        return value
+    return os.path.normpath(os.path.join(moved[1], inside))
 
 
 def same_setting(key: str, a: Any, b: Any) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_dir, check_sampling, check_url,
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_prompt_template,
                             is_rc_template, json_values, load_template, not_found, read_json_object, recorded_path,
-                            require_at_least_one, require_range, same_as_recorded, write_text_atomic)
+                            require_at_least_one, require_range, run_moved, same_as_recorded, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, first_line, json_error, os_error_line, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
@@ -922,6 +922,11 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
     before its first sample: a wrong model name, too long a max_new_tokens) may begin anew."""
     out = Path(config.output_dir)
     refuse_a_pipelines_folder(out)
+    inside = sorted(d.name for d in out.glob("*") if (d / SAMPLES_FILE).is_file())
+    if inside:  # a report of the folder would then stand for this run alone
+        raise ConfigError(f"{out} is a folder of evaluation runs ({', '.join(inside[:3])}"
+                          f"{', ...' if len(inside) > 3 else ''}): each run is a folder of its own; use another "
+                          "output_dir, e.g. a new folder inside it")
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return
@@ -935,12 +940,13 @@ def check_rerun(config: EvalConfig, runlog: RunLog | None = None) -> None:
         return
     current = json_values(config)
     recorded_in = recorded_working_dir(out)  # a relative path is what it named there
+    moved = run_moved(saved.get("output_dir"), out, recorded_in)  # a pipeline's folder moved: its models too
     judge_fixed = judge_has_graded(runlog)
     for key in RUN_IDENTITY:
         if (key.startswith("rc.") and config.mode != "rc") or (key in JUDGE_REQUEST_KEYS and not judge_fixed):
             continue
         old, new, leaf = get_dotted(saved, key), get_dotted(current, key), key.rsplit(".", 1)[-1]
-        if not same_as_recorded(leaf, old, new, recorded_in):
+        if not same_as_recorded(leaf, old, new, recorded_in, moved=moved):
             while isinstance(old, dict) and isinstance(new, dict):  # a section (sampling): the setting in it
                 leaf = next(k for k in (*old, *new) if old.get(k, _UNSET) != new.get(k, _UNSET))
                 key, old, new = f"{key}.{leaf}", old.get(leaf, _UNSET), new.get(leaf, _UNSET)

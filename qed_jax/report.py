@@ -329,16 +329,20 @@ def previous_order(out: Path) -> list[str]:
 
 
 def check_not_another_run(output: Path, run_dirs: list[str]) -> None:
-    """ConfigError when `output` is the folder of a run (its config.json) that is neither one of
-    `run_dirs` nor holds them: this report would replace that run's own, or sit among a trainer's
-    files."""
-    if not (output / "config.json").is_file():
+    """ConfigError when `output` is the folder of a run (its config.json), or of evaluation runs
+    (a pipeline's, or any folder that `runs_in` finds runs in), and neither is one of `run_dirs`
+    nor holds them: this report would replace that run's or those runs' own, or sit among a
+    trainer's files."""
+    held = [run for run in runs_in(str(output)) if run != str(output)]
+    if not (output / "config.json").is_file() and not held:
         return
     here = os.path.realpath(output)
     if any(os.path.realpath(run) == here or os.path.realpath(run).startswith(here + os.sep) for run in run_dirs):
         return
-    raise ConfigError(f"--output {output} is the folder of another run (it holds a config.json), not one of those "
-                      "reported; write the report to a folder of its own")
+    what = "another run (it holds a config.json)" if not held else \
+        f"other evaluation runs ({os.path.relpath(held[0], output)}{', ...' if len(held) > 1 else ''})"
+    raise ConfigError(f"--output {output} is the folder of {what}, not of those reported; write the report to a "
+                      "folder of its own")
 
 
 def report(run_dirs: list[str], output: str | None = None, plots: bool = True) -> tuple[str, Path, list[Path]]:

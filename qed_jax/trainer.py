@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qed_jax import checkpoint, rundir
 from qed_jax.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, check_choice, check_dtype,
                             dump_json, expand_paths, is_missing_local_path, json_values, not_found, preset,
-                            read_json_object, recorded_path, require_range, same_as_recorded,
+                            read_json_object, recorded_path, require_range, run_moved, same_as_recorded,
                             write_text_atomic)
 from qed_jax.data import DATA_ORDER
 from qed_jax.errors import RunConfigChanged, TrainingDiverged
@@ -267,13 +267,14 @@ DECIDED_ON_EVERY_PROCESS = {"judge.max_failed_fraction", "export_dtype"}
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDENTITY,
-                   recorded_in: str | None = None) -> list[str]:
+                   recorded_in: str | None = None, moved: tuple[str, str] | None = None) -> list[str]:
     """`key: old -> new` for every leaf that differs between two config dicts, but those in
     `ignored`. A path spelt otherwise is the same (`same_setting`); a relative one recorded in
     the working directory `recorded_in` is also the file it named there (a rerun from another
     directory that spells it otherwise). `checkpoint_dir`, the run's own state, must be the
     folder it named there: the same spelling from another directory names another folder, where
-    the run would start over."""
+    the run would start over. When the run directory `moved` (`run_moved`), a path that was in
+    what moved with it is also where it stands now."""
     changes = []
     for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key), new.get(key)
@@ -281,8 +282,8 @@ def config_changes(saved: dict, new: dict, prefix: str = "", ignored=NOT_RUN_IDE
             continue
         then = recorded_path(key, a, recorded_in)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.", ignored, recorded_in)
-        elif not same_as_recorded(key, a, b, recorded_in, as_spelt=key != "checkpoint_dir"):
+            changes += config_changes(a, b, f"{prefix}{key}.", ignored, recorded_in, moved)
+        elif not same_as_recorded(key, a, b, recorded_in, as_spelt=key != "checkpoint_dir", moved=moved):
             changes.append(f"{prefix}{key}: {json.dumps(then)} -> {json.dumps(b)}")
     return changes
 
@@ -313,7 +314,9 @@ def check_run_config(out: Path, config, resume_with_changes: bool, ignored=NOT_R
                 if not kind_only:
                     recorded_in = rundir.recorded_working_dir(out) or saved.get("working_dir")
                     saved.pop("working_dir", None)  # where 2f52b90 recorded it, in config.json
-                    changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in)
+                    moved = run_moved(saved.get("output_dir"), out, recorded_in)
+                    changes = config_changes(expand_paths(saved), new, ignored=ignored, recorded_in=recorded_in,
+                                             moved=moved)
         except Exception as e:  # whatever it is, the other processes must hear of it, or they wait forever
             refusal = e
     if largest(int(refusal is not None)):

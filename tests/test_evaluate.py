@@ -1004,10 +1004,18 @@ def test_report_compares_runs_side_by_side(tmp_path):
         report([str(r) for r in runs])
     # Not into the folder of another run, whose own report it would replace.
     with pytest.raises(ConfigError, match=f"^--output {re.escape(str(runs[1]))} is the folder of another run "
-                                          r"\(it holds a config.json\), not one of those reported; write the "
+                                          r"\(it holds a config.json\), not of those reported; write the "
                                           r"report to a folder of its own$"):
         report([str(runs[0])], output=str(runs[1]), plots=False)
     assert not (Path(runs[1]) / "report.md").exists()
+    # Nor into a folder of other runs (a pipeline's, whose eval/ holds its runs), whose report it would replace.
+    pipeline = tmp_path / "another_pipeline"
+    shutil.copytree(Path(runs[1]), pipeline / "eval" / "sft-proofbench-single")
+    with pytest.raises(ConfigError, match=f"^--output {re.escape(str(pipeline))} is the folder of other evaluation "
+                                          r"runs \(eval/sft-proofbench-single\), not of those reported; write the "
+                                          r"report to a folder of its own$"):
+        report([str(runs[0])], output=str(pipeline), plots=False)
+    assert report([str(pipeline)], plots=False)[1] == pipeline  # its own runs' report goes there
     with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path))}/typo: no such directory$"):
         report([str(runs[0]), str(tmp_path / "typo")])  # the path is what is wrong, not a missing --output
     # One run named twice needs no --output: the report goes in the run directory.
@@ -1339,6 +1347,14 @@ def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_confi
         evaluate(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={tmp_path}/pipeline"),
                  progress=False)
     assert sorted(p.name for p in (tmp_path / "pipeline").iterdir()) == [".lock", "base", "sft"]
+    # Nor a folder of evaluation runs (a pipeline's eval/): a report of the folder would stand for this run alone.
+    finished = Path(config(tmp_path, "answerbench", model.url, judge.url).output_dir)
+    evals = tmp_path / "pipeline" / "eval"
+    shutil.copytree(finished, evals / "base-answerbench-single")
+    with pytest.raises(ConfigError, match=rf"^{evals} is a folder of evaluation runs \(base-answerbench-single\): "
+                                          r"each run is a folder of its own; use another output_dir"):
+        evaluate(config(tmp_path, "answerbench", model.url, judge.url, f"output_dir={evals}"), progress=False)
+    assert sorted(p.name for p in evals.iterdir()) == [".lock", "base-answerbench-single"]
 
 
 def test_a_second_eval_on_a_run_directory_in_use_fails_at_once(tmp_path):

@@ -440,6 +440,33 @@ def test_a_moved_run_directory_is_no_config_change():
                           {**saved, "judge": patient}) == []
 
 
+
+def test_a_run_moved_with_its_pipeline_finds_the_model_it_started_from_where_it_moved(tmp_path, monkeypatch):
+    """A pipeline's folder moved or copied: its GRPO stage recorded the SFT export beside it
+    (p1/sft/hf), which now stands at p2/sft/hf. A path outside what moved is still a change."""
+    from qed_jax.config import moved_path, run_moved
+
+    old, new, elsewhere = tmp_path / "p1", tmp_path / "p2", tmp_path / "other"
+    for folder in (new / "sft" / "hf", elsewhere / "sft" / "hf"):
+        folder.mkdir(parents=True)
+    moved = run_moved(str(old / "grpo"), new / "grpo", None)
+    assert moved == (str(old), str(new))
+    assert run_moved(str(new / "grpo"), new / "grpo", None) is None  # not moved
+    assert moved_path(str(old / "sft" / "hf"), moved, None) == str(new / "sft" / "hf")
+    assert moved_path(str(elsewhere / "sft" / "hf"), moved, None) == str(elsewhere / "sft" / "hf")
+    saved = {"output_dir": str(old / "grpo"), "model": {"path": str(old / "sft" / "hf")}, "steps": 4}
+    now = {**saved, "output_dir": str(new / "grpo"), "model": {"path": str(new / "sft" / "hf")}}
+    assert config_changes(saved, now, moved=moved) == []
+    assert config_changes(saved, now) == [f'model.path: "{old}/sft/hf" -> "{new}/sft/hf"']
+    other = {**now, "model": {"path": str(elsewhere / "sft" / "hf")}}
+    assert config_changes(saved, other, moved=moved) == [f'model.path: "{old}/sft/hf" -> "{elsewhere}/sft/hf"']
+    # Relative paths, recorded in a working directory (the repository's root) and given from it now.
+    monkeypatch.chdir(tmp_path)
+    moved = run_moved("p1/grpo", "p2/grpo", str(tmp_path))
+    assert moved == (str(old), str(new))
+    assert config_changes({**saved, "model": {"path": "p1/sft/hf"}}, {**now, "model": {"path": "p2/sft/hf"}},
+                          recorded_in=str(tmp_path), moved=moved) == []
+
 class KeyValueStore:
     """The coordination service's key-value store as SaveBarrier uses it, in one process."""
 
