@@ -318,6 +318,18 @@ def unrendered_prompt(prompt: str, full: str) -> str:
             f"conversation has {full[same:same + 40]!r}...: it does not render it as prompt + answer")
 
 
+NAMED_ROWS = 5  # of the rows a run leaves out, how many of each kind its log names (the rest it counts)
+
+
+def warn_left_out(source: str, verb: str, named: list[tuple[str, str]], total: int) -> None:
+    """Warn of each row left out in `named` ((where, why) pairs, the first NAMED_ROWS of `total`),
+    and of how many more there were."""
+    for where, why in named:
+        log.warning("%s: %s %s: %s", source, verb, where, why)
+    if total > len(named):
+        log.warning("%s: %d more rows %s (the first %d are named above)", source, total - len(named), verb, len(named))
+
+
 @dataclasses.dataclass
 class PrepareStats:
     rows: int = 0
@@ -327,12 +339,18 @@ class PrepareStats:
     no_room: int = 0  # under overflow=truncate, the prompt alone fills max_length: no answer token left to train
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason → count
     first_skipped: list = dataclasses.field(default_factory=list)  # (where: "line N", reason)
+    first_dropped: list = dataclasses.field(default_factory=list)  # (where, why): rows dropped for their length
 
     def skip(self, where: str, reason: str, kind: str | None = None) -> None:
-        """Count a skipped row under `kind` (default: its reason); the first five are named."""
+        """Count a skipped row under `kind` (default: its reason); the first NAMED_ROWS are named."""
         self.skipped[kind or reason] += 1
-        if len(self.first_skipped) < 5:
+        if len(self.first_skipped) < NAMED_ROWS:
             self.first_skipped.append((where, reason))
+
+    def drop(self, where: str, why: str) -> None:
+        """Name one of the first NAMED_ROWS rows dropped for their length (counted by the caller)."""
+        if len(self.first_dropped) < NAMED_ROWS:
+            self.first_dropped.append((where, why))
 
     def summary(self) -> str:
         parts = [f"{self.kept} of {self.rows} rows kept"]
@@ -364,10 +382,12 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
         if len(ids) > config.max_length:
             if config.overflow == "drop":
                 stats.dropped_long += 1
+                stats.drop(where, f"{len(ids)} tokens, over data.max_length {config.max_length}")
                 continue
             ids, mask = ids[: config.max_length], mask[: config.max_length]
             if mask.sum() == 0:
                 stats.no_room += 1
+                stats.drop(where, f"its prompt alone fills data.max_length {config.max_length}")
                 continue
             stats.truncated += 1
         if mask.sum() == 0:  # the answer took no tokens
@@ -375,8 +395,8 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
             continue
         examples.append({"tokens": ids, "loss_mask": mask})
     stats.kept = len(examples)
-    for where, reason in stats.first_skipped:
-        log.warning("%s: skipped %s: %s", source, where, reason)
+    warn_left_out(source, "skipped", stats.first_skipped, sum(stats.skipped.values()))
+    warn_left_out(source, "dropped", stats.first_dropped, stats.dropped_long + stats.no_room)
     log.info("%s: %s", source, stats.summary())
     if not examples:
         raise ConfigError(f"{source}: no usable rows ({stats.summary()})")

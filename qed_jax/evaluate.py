@@ -294,6 +294,10 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
         if new_run:
             raise ConfigError(f"{missing}; set it to a column the rows have, or to null")
         log.warning("%s, so every problem is in the group of an empty text", missing)
+    if not any(isinstance(r, dict) and r.get(fields["id"]) is not None for _, r in rows):
+        log.warning("%s: no row has the column %r (benchmark.fields.id), so each problem's id is its row index, and "
+                    "a run's samples stay with their problems only while the file keeps its rows in order; map it "
+                    "with benchmark.fields.id=COLUMN", config.path, fields["id"])
     if config.kind == "proof":  # a column no row has is most likely mapped to the wrong name
         for name, what in (("solution", "a reference solution"), ("guidelines", "grading guidelines")):
             if not any(isinstance(r, dict) and r.get(fields[name]) is not None for _, r in rows):
@@ -636,7 +640,7 @@ class LocalGenerator:
         from qed_jax.tokenizer import check_vocab, load_tokenizer
 
         self.model = from_pretrained(config.path, dtype=config.dtype)
-        self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path))
+        self.tokenizer = load_tokenizer(resolve(config.tokenizer or config.path), "model.tokenizer")
         check_vocab(self.tokenizer, self.model.config.vocab_size, config.path)
         self.sampler = Sampler(self.model, max_concurrent=config.max_concurrent, kv_cache_gib=config.kv_cache_gib,
                                progress=False)
@@ -769,7 +773,7 @@ class RCGenerator:
                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, no_summary=rc.no_summary,
                           problem_tokens=rc.problem_tokens, max_turns=rc.turns, batch_size=rc.batch_size,
                           reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
-        tokenizer = load_tokenizer(resolve(m.tokenizer or m.path))
+        tokenizer = load_tokenizer(resolve(m.tokenizer or m.path), "model.tokenizer")
         with rc_section_errors():
             self.cache = ReasoningCache(from_pretrained(m.path, dtype=m.dtype), tokenizer, params, summarizer)
 

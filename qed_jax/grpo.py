@@ -31,7 +31,7 @@ from qed_jax import checkpoint
 from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_local_output_dir, check_sampling,
                             check_seed, hashed_seed, is_missing_local_path, json_values, not_found,
                             require_at_least_one, require_range)
-from qed_jax.data import BadRow, order_seed, pack_sequences, read_rows
+from qed_jax.data import NAMED_ROWS, BadRow, order_seed, pack_sequences, read_rows, warn_left_out
 from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
                            RuleGrader, check_template_fields, load_judge_template, reason_counts, rejection_note,
                            row_field)
@@ -464,7 +464,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     rows = read_rows(config.data.path, config.data.name, config.data.split, "data.path")
     # The rubric under the configured key, else under the other one the judge accepts.
     rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
-    prompts, skipped, too_long = [], 0, 0
+    prompts, skipped, too_long, named, named_long = [], 0, 0, [], []
     for where, row in rows:
         problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
         try:
@@ -475,8 +475,8 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
             rubric = row_field(row, "rubric", rubric_keys, where)
         except ConfigError as e:
             skipped += 1
-            if skipped <= 5:
-                log.warning("%s: skipped %s: %s", config.data.path, where, str(e).removeprefix(f"{where}: "))
+            if skipped <= NAMED_ROWS:
+                named.append((where, str(e).removeprefix(f"{where}: ")))
             continue
         if config.rc is None:
             field, ids = "prompt_ids", chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])
@@ -484,8 +484,12 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
             field, ids = "problem_ids", tokenizer(problem, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
             too_long += 1
+            if too_long <= NAMED_ROWS:
+                named_long.append((where, f"{len(ids)} tokens, over the {limit} a problem may take (max_prompt_length)"))
             continue
         prompts.append({"problem": problem, "rubric": rubric[1] if rubric else None, field: ids})
+    warn_left_out(config.data.path, "skipped", named, skipped)
+    warn_left_out(config.data.path, "dropped", named_long, too_long)
     log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
              len(prompts), skipped, too_long, limit)
     if not rows:
@@ -847,7 +851,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         checkpoint.check_folder(checkpoints)  # now, not after the model loads or at the first save
         summarizer_source = open_summarizer(config)  # so are a separate RC summarizer's
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, "tokenizer")
         prompts = load_prompts(config, tokenizer)
         problems = per_process(config.prompts_per_step, "prompts_per_step")  # this process's, per step
         P = problems * (config.rc.states_per_problem if config.rc else 1)  # its GRPO groups per step

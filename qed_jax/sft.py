@@ -180,7 +180,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
         if config.batch_size % jax.process_count():
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, "tokenizer")
 
         rows = read_rows(config.data.path, config.data.name, config.data.split, "data.path")
         if not rows:

@@ -35,8 +35,9 @@ THINKING_CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer shipped with a model folder or qed-jax checkpoint (or a hub id)."""
+def load_tokenizer(path: str | Path, setting: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped with a model folder or qed-jax checkpoint (or a hub id). `setting`:
+    the config key that names a tokenizer's folder, which a folder without one is told to set."""
     name = str(path)
     folder = Path(name).expanduser()
     if is_missing_local_path(name):
@@ -45,7 +46,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise ConfigError(f"tokenizer {name} is a file: name the folder that holds tokenizer.json")
     files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     if folder.is_dir() and not any((folder / f).exists() for f in files):
-        raise ConfigError(f"tokenizer {name}: the folder holds no tokenizer ({', '.join(files)})")
+        raise ConfigError(f"tokenizer {name}: the folder holds no tokenizer ({', '.join(files)})"
+                          + (f"; name the folder of the model's tokenizer with {setting}=PATH" if setting else ""))
     try:
         return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name)
     except OSError as e:  # a Hub id that cannot be reached or is not there, a file that cannot be read

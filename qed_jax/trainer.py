@@ -339,7 +339,8 @@ def read_run_config(path: Path, out: Path, new: dict) -> dict:
     """The config.json a run directory was started with, if it is a run this config may continue."""
     saved = read_json_object(path, "the run's config is damaged: move the folder aside, or use another output_dir")
     if "optim" not in saved:  # another command's run (an evaluation's): never continue it
-        raise ConfigError(f"{out} holds another command's run ({path} has no optim section: not a trainer's); "
+        raise ConfigError(f"{out} holds another command's run or a model ({path} is not a trainer's config: an "
+                          "evaluation's, a pipeline's or a model's, such as a trainer's hf/ export); "
                           "use another output_dir")
     trainer = lambda config: "grpo" if "prompts_per_step" in config else "sft"  # noqa: E731
     if trainer(saved) != trainer(new):  # not a list of most keys, with advice the checkpoints refuse

@@ -672,6 +672,12 @@ def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
                      f"output_dir={tmp_path / 'run'}", "batch_size=16"]) == 2  # rows for the 8 devices here
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"qed-jax sft: error: tokenizer {tmp_path / 'none'} does not exist"
     assert not (tmp_path / "run").exists()
+    # A model folder without its tokenizer: the message names the setting that names one.
+    assert cli.main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"tokenizer={empty}",
+                     f"output_dir={tmp_path / 'run'}", "batch_size=16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax sft: error: tokenizer {empty}: the folder holds no tokenizer (tokenizer.json, tokenizer_config.json, "
+        "vocab.json); name the folder of the model's tokenizer with tokenizer=PATH")
     # A model folder that is not there is named as the model, not as its tokenizer.
     assert cli.main(["grpo", "--config", str(REPO / "configs/rl/qed_nano_4b.yaml"), f"model.path={tmp_path / 'none'}",
                      f"output_dir={tmp_path / 'run'}"]) == 2

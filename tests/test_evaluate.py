@@ -604,8 +604,8 @@ def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
     the judge would grade every proof without it. Warned, naming the column and the setting."""
     from qed_jax.evaluate import BenchmarkConfig, problems_from_rows
 
-    rows = [("line 1", {"problem": "P", "reference_solution": "S", "grading_guidelines": "G"}),
-            ("line 2", {"problem": "Q", "reference_solution": "T"})]
+    rows = [("line 1", {"problem": "P", "reference_solution": "S", "grading_guidelines": "G", "problem_id": "a"}),
+            ("line 2", {"problem": "Q", "reference_solution": "T", "problem_id": "b"})]
     with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
         problems_from_rows(rows, BenchmarkConfig(path="b"))
     assert caplog.messages == [
@@ -614,7 +614,8 @@ def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
         problems_from_rows(rows, BenchmarkConfig(path="b", fields={"solution": "reference_solution"}))
-        problems_from_rows([("line 1", {"problem": "P", "answer": "1"})], BenchmarkConfig(path="b", kind="answer"))
+        problems_from_rows([("line 1", {"problem": "P", "answer": "1", "problem_id": 7})],
+                           BenchmarkConfig(path="b", kind="answer"))
     assert caplog.messages == []  # one row with guidelines is enough; an answer benchmark reads neither
     with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
         problems_from_rows(rows, BenchmarkConfig(path="b", fields={"solution": "reference_solution",
@@ -622,6 +623,16 @@ def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
     assert caplog.messages == [
         "b: no row has the column 'rubric' (benchmark.fields.guidelines), so the judge grades every proof without "
         "grading guidelines; map it with benchmark.fields.guidelines=COLUMN"]
+    caplog.clear()
+    # Nor an id column (a file with ids under another name): the row index keys the samples.
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        found = problems_from_rows([("line 1", {"problem": "P", "answer": "1", "id": "x"})],
+                                   BenchmarkConfig(path="b", kind="answer"))
+    assert [p.id for p in found] == ["0"]
+    assert caplog.messages == [
+        "b: no row has the column 'problem_id' (benchmark.fields.id), so each problem's id is its row index, and a "
+        "run's samples stay with their problems only while the file keeps its rows in order; map it with "
+        "benchmark.fields.id=COLUMN"]
 
 
 def served_eval(tmp_path, model, judge) -> tuple[list[str], dict]:

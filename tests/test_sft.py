@@ -1024,6 +1024,27 @@ def test_rows_whose_prompt_fills_max_length_are_counted_as_such(caplog):
     assert (stats.kept, stats.no_room, sum(stats.skipped.values())) == (len(rows), 0, 0)
 
 
+def test_rows_left_out_are_named_up_to_five_of_each_kind_and_the_rest_counted(caplog):
+    """A malformed row, and a row dropped for its length, is named by where it is; past the first
+    five of a kind, the log says how many more there were."""
+    rows, tokenizer = read_rows(DATA), load_tokenizer(TOKENIZER)
+    bad = [(f"line {n}", {"problem": "P"}) for n in range(101, 108)]  # seven rows without an answer
+    lengths = [len(tokenize_sft(tokenizer, sft_messages(row))[0]) for _, row in rows]
+    limit = sorted(lengths)[2]  # all but the shortest few rows are longer
+    with caplog.at_level(logging.WARNING, logger="qed_jax.data"):
+        _, stats = prepare_sft(rows + bad, tokenizer, DataConfig(path=DATA, max_length=limit), source="rows")
+    assert stats.dropped_long == sum(n > limit for n in lengths) > 5 and sum(stats.skipped.values()) == 7
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[1] for m in messages if m.startswith("rows: skipped")] == [
+        f" skipped line {n}" for n in range(101, 106)]
+    assert "rows: 2 more rows skipped (the first 5 are named above)" in messages
+    long_rows = [where for (where, _), n in zip(rows, lengths) if n > limit]
+    assert [m for m in messages if m.startswith("rows: dropped")] == [
+        f"rows: dropped {where}: {n} tokens, over data.max_length {limit}"
+        for (where, _), n in zip(rows, lengths) if n > limit][:5]
+    assert f"rows: {len(long_rows) - 5} more rows dropped (the first 5 are named above)" in messages
+
+
 def test_a_hub_name_or_split_given_with_a_local_file_is_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="qed_jax.data"):
         assert read_rows(DATA) == read_rows(DATA, "all", "test")

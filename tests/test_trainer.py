@@ -623,8 +623,9 @@ def test_a_damaged_run_config_or_another_commands_run_is_never_continued(tmp_pat
     evaluation = load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml", ["model.path=m"])
     (tmp_path / "config.json").write_text(dump_json(evaluation))
     for trainer in (config, load_config(grpo.GRPOConfig, REPO / "configs/rl/tiny.yaml")):
-        with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run \(.*config\.json has no "
-                                              r"optim section: not a trainer's\); use another output_dir$"):
+        with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run or a model \(.*config\.json "
+                                              r"is not a trainer's config: an evaluation's, a pipeline's or a "
+                                              r"model's, such as a trainer's hf/ export\); use another output_dir$"):
             check_run_config(tmp_path, trainer, resume_with_changes=True)
         # The trainer refuses it before it makes anything there (it left an empty checkpoints/ before).
         with pytest.raises(ConfigError, match=rf"^{tmp_path} holds another command's run"):
