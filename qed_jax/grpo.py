@@ -464,7 +464,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     rows = read_rows(config.data.path, config.data.name, config.data.split, "data.path")
     # The rubric under the configured key, else under the other one the judge accepts.
     rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
-    prompts, skipped, too_long, named, named_long = [], 0, 0, [], []
+    prompts, skipped, too_long = [], [], []  # the rows left out: (where, why)
     for where, row in rows:
         problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
         try:
@@ -474,29 +474,25 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
                 raise ConfigError(f"field {config.data.problem_field!r} is missing, empty or not text")
             rubric = row_field(row, "rubric", rubric_keys, where)
         except ConfigError as e:
-            skipped += 1
-            if skipped <= NAMED_ROWS:
-                named.append((where, str(e).removeprefix(f"{where}: ")))
+            skipped.append((where, str(e).removeprefix(f"{where}: ")))
             continue
         if config.rc is None:
             field, ids = "prompt_ids", chat_prompt(tokenizer, [{"role": "user", "content": config.data.task(problem)}])
         else:
             field, ids = "problem_ids", tokenizer(problem, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
-            too_long += 1
-            if too_long <= NAMED_ROWS:
-                named_long.append((where, f"{len(ids)} tokens, over the {limit} a problem may take (max_prompt_length)"))
+            too_long.append((where, f"{len(ids)} tokens, over the {limit} a problem may take (max_prompt_length)"))
             continue
         prompts.append({"problem": problem, "rubric": rubric[1] if rubric else None, field: ids})
-    warn_left_out(config.data.path, "skipped", named, skipped)
-    warn_left_out(config.data.path, "dropped", named_long, too_long)
+    warn_left_out(config.data.path, "skipped", skipped[:NAMED_ROWS], len(skipped))
+    warn_left_out(config.data.path, "dropped", too_long[:NAMED_ROWS], len(too_long))
     log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
-             len(prompts), skipped, too_long, limit)
+             len(prompts), len(skipped), len(too_long), limit)
     if not rows:
         raise ConfigError(f"{config.data.path}: no problems to train on (it holds no rows)")
     if not prompts:
-        fix = [f"{too_long} longer than {limit} tokens: raise max_prompt_length"] if too_long else []
-        fix += [f"{skipped} malformed (the warnings above name them)"] if skipped else []
+        fix = [f"{len(too_long)} longer than {limit} tokens: raise max_prompt_length"] if too_long else []
+        fix += [f"{len(skipped)} malformed (the warnings above name them)"] if skipped else []
         raise ConfigError(f"{config.data.path}: no usable prompts among its {len(rows)} rows ({'; '.join(fix)})")
     return prompts
 
