@@ -788,8 +788,8 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), section
         misplaced = keys_named(cls, unknown[0]) if unknown and len(unknown) < len(known) else []  # one stray key
         if unknown and not difflib.get_close_matches(unknown[0], _field_types(cls), n=1) and not misplaced:
             # Not a typo (from_dict below names those): most often a config for another command.
-            other = f"; a config for another command works here only with a {section}: section, which this one " \
-                    "does not have" if section else ""
+            other = f" (a config for another command works here only with a {section}: section, which this one " \
+                    "does not have)" if section else ""
             raise ConfigError(f"{path}: {unknown[0]} is not a key of {cls.__name__} (its keys: "
                               + ", ".join(_field_types(cls)) + f"); is this file for another command?{other}")
         empty_sections_as_defaults(data, cls)

@@ -39,7 +39,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             dump_json, expand_paths, get_dotted, hashed_seed, is_missing_local_path, is_prompt_template,
                             is_rc_template, json_values, load_template, not_found, read_json_object, recorded_path,
                             require_at_least_one, require_range, run_moved, same_as_recorded, write_text_atomic)
-from qed_jax.errors import JudgeUnavailable, first_line, json_error, os_error_line, quoted, renamed
+from qed_jax.errors import JudgeUnavailable, first_line, json_error, noted, os_error_line, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
                            chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
                            render_marking_scheme, reply_text, text_to_grade)
@@ -259,7 +259,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
         if config.kind == "answer":
             answer = row.get(fields["answer"])
             if answer is None or not str(answer).strip():
-                raise ConfigError(f"{where}: column {fields['answer']!r} (the reference answer) is missing or empty")
+                raise ConfigError(f"{where}: column {fields['answer']!r} (the reference answer) is missing or empty; "
+                                  "map it with benchmark.fields.answer=COLUMN")
             answer = answer_text(answer, f"{where}: column {fields['answer']!r} (the reference answer)")
         else:
             solution = row.get(fields["solution"])
@@ -910,7 +911,7 @@ def check_judge_accepts(judge: Judge, runlog: RunLog) -> None:
         raise JudgeUnavailable(
             f"the judge at {judge.config.base_url} rejected {judge.rejected} requests (the last: "
             f"{judge.last_rejection}) and completed none: the requests do not suit it; check judge.model, judge.api, "
-            "judge.max_tokens, judge.temperature and judge.reasoning_effort, then rerun (the samples are kept)")
+            "judge.max_tokens, judge.temperature and judge.reasoning_effort, then rerun")
 
 
 def judge_has_graded(runlog: RunLog) -> bool:
@@ -1342,14 +1343,15 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             bar.set_postfix(mean=f"{sum(scores) / len(scores):.2f}/7" if scores else "–", failed=counts["failed"],
                             refresh=False)
 
-        if to_grade:
-            grade_samples(judge, config, by_id, to_grade, on_grade)
-            check_judge_accepts(judge, runlog)
-        for start in range(0, len(to_generate), config.batch_size):
-            batch = to_generate[start: start + config.batch_size]
-            counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
-            grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
-            check_judge_accepts(judge, runlog)
+        with noted(JudgeUnavailable, "the samples and grades finished are kept for the rerun"):
+            if to_grade:
+                grade_samples(judge, config, by_id, to_grade, on_grade)
+                check_judge_accepts(judge, runlog)
+            for start in range(0, len(to_generate), config.batch_size):
+                batch = to_generate[start: start + config.batch_size]
+                counts["generated"] += generate_round(generator, config, template, by_id, batch, runlog)
+                grade_samples(judge, config, by_id, ungraded(runlog, config, batch), on_grade)
+                check_judge_accepts(judge, runlog)
         bar.close()  # before the warning, which would otherwise print on the bar's line
         if failures:
             log.warning("%s: %d grade%s failed (%s); the next run retries them%s", config.output_dir,

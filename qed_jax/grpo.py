@@ -7,6 +7,7 @@ Pure functions first (advantages, log-probs, losses, aggregation); `train` is th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,9 +33,9 @@ from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_loc
                             check_seed, hashed_seed, is_missing_local_path, json_values, not_found,
                             require_at_least_one, require_range)
 from qed_jax.data import NAMED_ROWS, BadRow, order_seed, pack_sequences, read_rows, warn_left_out
-from qed_jax.judge import (RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig, JudgeUnavailable, MAX_SCORE,
-                           RuleGrader, check_template_fields, load_judge_template, reason_counts, rejection_note,
-                           row_field)
+from qed_jax.judge import (GUIDELINES_KEYS, MAX_SCORE, RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig,
+                           JudgeUnavailable, RuleGrader, check_template_fields, load_judge_template, reason_counts,
+                           rejection_note, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
@@ -465,11 +466,14 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
     # The rubric under the configured key, else under the other one the judge accepts.
     rubric_keys = (config.data.rubric_field, *(k for k in RUBRIC_KEYS if k != config.data.rubric_field))
     prompts, skipped, too_long = [], [], []  # the rows left out: (where, why)
+    check_problem_field(config.data, rows)
     for where, row in rows:
         problem = row.get(config.data.problem_field) if isinstance(row, dict) else None
         try:
             if isinstance(row, BadRow):
                 raise ConfigError(row.reason)
+            if not isinstance(row, dict):
+                raise ConfigError(f"not a JSON object of named fields: {json.dumps(row)[:60]}")
             if not isinstance(problem, str) or not problem.strip():
                 raise ConfigError(f"field {config.data.problem_field!r} is missing, empty or not text")
             rubric = row_field(row, "rubric", rubric_keys, where)
@@ -486,8 +490,11 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
         prompts.append({"problem": problem, "rubric": rubric[1] if rubric else None, field: ids})
     warn_left_out(config.data.path, "skipped", skipped[:NAMED_ROWS], len(skipped))
     warn_left_out(config.data.path, "dropped", too_long[:NAMED_ROWS], len(too_long))
-    log.info("%s: %d prompts (%d rows skipped as malformed, %d longer than %d tokens)", config.data.path,
-             len(prompts), len(skipped), len(too_long), limit)
+    with_rubric = sum(p["rubric"] is not None for p in prompts)
+    log.info("%s: %d prompts, %d with a marking scheme (%d rows skipped as malformed, %d longer than %d tokens)",
+             config.data.path, len(prompts), with_rubric, len(skipped), len(too_long), limit)
+    if prompts and not with_rubric and config.reward_rule is None:
+        check_rubric_field(config.data, [row for _, row in rows])
     if not rows:
         raise ConfigError(f"{config.data.path}: no problems to train on (it holds no rows)")
     if not prompts:
@@ -495,6 +502,30 @@ def load_prompts(config: GRPOConfig, tokenizer) -> list[dict]:
         fix += [f"{len(skipped)} malformed (the warnings above name them)"] if skipped else []
         raise ConfigError(f"{config.data.path}: no usable prompts among its {len(rows)} rows ({'; '.join(fix)})")
     return prompts
+
+
+def check_problem_field(data: RLDataConfig, rows: list) -> None:
+    """Refuse rows none of which has the problem field: most likely the problems are under
+    another name, which `data.problem_field` should give (rather than one line per row)."""
+    objects = [row for _, row in rows if isinstance(row, dict) and not isinstance(row, BadRow)]
+    if objects and not any(data.problem_field in row for row in objects):
+        raise ConfigError(f"{data.path}: no row has the field {data.problem_field!r} (data.problem_field); set "
+                          f"data.problem_field to the field that holds the problems (the first row has: "
+                          f"{', '.join(map(repr, list(objects[0])[:10]))})")
+
+
+def check_rubric_field(data: RLDataConfig, rows: list) -> None:
+    """No prompt has a marking scheme for the judge: refuse when `data.rubric_field` was set to
+    a field no row has, else warn (the judge grades without one), naming the grading guidelines
+    the rows have instead, if any: GRPO's judge template reads a rubric, not guidelines."""
+    keys = dict.fromkeys((data.rubric_field, *RUBRIC_KEYS))
+    guidelines = [key for key in GUIDELINES_KEYS if any(isinstance(row, dict) and key in row for row in rows)]
+    missing = (f"{data.path}: no row has a marking scheme under {' or '.join(map(repr, keys))} (data.rubric_field)"
+               + (f"; its rows have {', '.join(map(repr, guidelines))}, grading guidelines that GRPO does not show "
+                  "the judge" if guidelines else ""))
+    if data.rubric_field != RLDataConfig.rubric_field:
+        raise ConfigError(f"{missing}: set data.rubric_field to the field that holds them")
+    log.warning("%s, so the judge grades every completion without one; map one with data.rubric_field=FIELD", missing)
 
 
 def problem_token_limit(config: GRPOConfig, tokenizer) -> int:
@@ -778,8 +809,31 @@ def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, ste
     raise JudgeUnavailable(
         f"step {step}: the judge at {config.judge.base_url} failed on {failed} of the {total} completions sent to it "
         f"(judge.max_failed_fraction is {config.judge.max_failed_fraction}); reasons{where}: {reasons or 'none'}"
-        ". Nothing of this step was applied or saved; graded completions are cached, so a rerun resumes here"
+        ". Nothing of this step was applied; the steps before it are saved, its graded completions cached"
         + rejection_note((g.reason, g.raw) for g in grades if g.failed))
+
+
+@contextlib.contextmanager
+def keeping_finished_steps(ckpts, step: int, start: int, params, opt_state, data, step_start, seed: int):
+    """When grading stops the run in the middle of step `step` + 1 (the judge cannot be reached
+    or failed on too much of the step, the grade cache cannot be written), first save step
+    `step`, the last one finished, with the data position `step_start` it left off at: a rerun
+    then resumes at the step that failed, as after a stop signal, not at the last regular
+    checkpoint. Every process raises there alike (`on_every_process`, `check_failures`), so
+    every process saves alike. The judge's errors say where the rerun resumes."""
+    try:
+        yield
+    except Exception as e:
+        if step > start:  # else the newest checkpoint is already this one
+            data.set_state(step_start)
+            ckpts.save(step, params, opt_state, data, step_meta(step, seed))
+        if type(e) in (JudgeUnavailable, ConfigError):
+            raise type(e)(f"{e} (a rerun resumes at step {step + 1})") from e
+        raise
+
+
+def step_meta(step: int, seed: int) -> dict:
+    return {"step": step, "seed": seed}
 
 
 def on_every_process(judge_call):
@@ -920,6 +974,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     with StopSignals() as stop:
         try:
             while step < config.steps and not stopping:
+                step_start = data.get_state()  # where this step's prompts begin, should it not finish
                 rows = process_share(next(data))  # every process reads the whole batch
                 t0 = time.perf_counter()
                 weights = to_sampler(params)  # the sampler always samples the current policy
@@ -943,19 +998,20 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                 t1 = time.perf_counter()
                 items = [GradeItem(problem=r["problem"], completion=t, rubric=r["rubric"])
                          for r, t in zip(group_rows, texts)]
-                grades = on_every_process(lambda: grader.grade_batch(items))
-                t2 = time.perf_counter()
-                rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
-                valid = np.array([not g.failed for g in grades]).reshape(P, G)
-                advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std,
-                                                         valid=jnp.asarray(valid)))
-                trained = np.asarray(trained_samples(jnp.asarray(valid), jnp.asarray(advantages),
-                                                     config.drop_zero_advantage_groups))
-                stats = sample_stats(grades, completions, valid, trained)
-                if rc_rollouts is not None:
-                    stats["state"] = np.array([r["state"] for r in group_rows], np.int32)
-                stats = gather(stats)  # the whole step's
-                check_failures(stats, grades, config, step + 1)
+                with keeping_finished_steps(ckpts, step, start, params, opt_state, data, step_start, config.seed):
+                    grades = on_every_process(lambda: grader.grade_batch(items))
+                    t2 = time.perf_counter()
+                    rewards = np.array([g.reward for g in grades], np.float32).reshape(P, G)
+                    valid = np.array([not g.failed for g in grades]).reshape(P, G)
+                    advantages = np.asarray(group_advantages(jnp.asarray(rewards), config.normalize_std,
+                                                             valid=jnp.asarray(valid)))
+                    trained = np.asarray(trained_samples(jnp.asarray(valid), jnp.asarray(advantages),
+                                                         config.drop_zero_advantage_groups))
+                    stats = sample_stats(grades, completions, valid, trained)
+                    if rc_rollouts is not None:
+                        stats["state"] = np.array([r["state"] for r in group_rows], np.int32)
+                    stats = gather(stats)  # the whole step's
+                    check_failures(stats, grades, config, step + 1)
                 sequences = rollout_sequences(group_rows, completions, advantages.reshape(-1),
                                               config.old_logprobs == "sampler")
                 params, opt_state, train_metrics = run_updates(learner, params, opt_state, ref_params, sequences,
@@ -973,7 +1029,7 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
                 progress.update()
                 stopping = agree_on_stop(stop)
                 if step % config.checkpoint_every == 0 or step == config.steps or stopping:
-                    ckpts.save(step, params, opt_state, data, {"step": step, "seed": config.seed})
+                    ckpts.save(step, params, opt_state, data, step_meta(step, config.seed))
         finally:
             progress.close()
             ckpts.close()

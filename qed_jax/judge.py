@@ -318,10 +318,10 @@ def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int
 # without a rubric), but not replaced by the other kind: guidelines sent to a template that reads
 # a rubric would be dropped. ({{reference}} may be absent too: "(none given)".)
 RUBRIC_KEYS = ("rubric", "rubrics")  # a row's marking scheme for the RL grader, under either key
+GUIDELINES_KEYS = ("guidelines", "grading_guidelines", "grading_scheme")  # the benchmarks' kind of scheme
 _ROW_FIELDS = {  # placeholder: (field, its keys in a row, the judge config that reads it)
     "marking_scheme": ("rubric", RUBRIC_KEYS, "configs/judge/rl_grader.yaml"),
-    "guidelines": ("guidelines", ("guidelines", "grading_guidelines", "grading_scheme"),
-                   "configs/judge/imo_proofbench.yaml or proofbench.yaml"),
+    "guidelines": ("guidelines", GUIDELINES_KEYS, "configs/judge/imo_proofbench.yaml or proofbench.yaml"),
     "answer": ("answer", ("answer",), "configs/judge/answer.yaml"),
 }
 

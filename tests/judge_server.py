@@ -13,7 +13,8 @@ raw body, text or bytes (a reply that is not a completion: broken JSON, an HTML 
 ("drip", seconds) sends a valid reply one byte every that many seconds. `models_body` replaces
 GET /models's list with a raw body (content type, text). Counts requests per
 item and peak concurrency. `hold_after` stops answering at a point the test chooses, so that a
-test can act mid-batch (kill the client) without racing the client's progress.
+test can act mid-batch (kill the client) without racing the client's progress; `switch_after`
+changes every reply from such a point (a judge that starts failing mid-run).
 
 Nothing here may make a prompt reply slow by accident, or a test's client timeout would fire on it:
 connections are accepted from a deep backlog (a full one drops the client's SYN, which it resends
@@ -55,6 +56,8 @@ class JudgeServer:
         self.bodies: list[dict] = []
         self.held: list[str] = []  # the prompts of the requests held (see `hold_after`)
         self._hold = None
+        self._switch = None
+        self.switched: list[str] = []  # the prompts answered by `switch_after`'s action (digests)
         self._released = threading.Event()
         server = self
 
@@ -106,7 +109,7 @@ class JudgeServer:
                     server.by_prompt[digest] = server.by_prompt.get(digest, 0) + 1
                     server.total += 1
                 script = server.scripts.get(item, [server.default])
-                kind, value = script[min(attempt, len(script) - 1)]
+                kind, value = server._switched(digest) or script[min(attempt, len(script) - 1)]
                 if kind == "status":
                     code, headers = value if isinstance(value, tuple) else (value, {})
                     return code, {"error": {"message": f"scripted {code}", "type": "server_error"}}, \
@@ -185,6 +188,22 @@ class JudgeServer:
         keys them, which count them (and `total`) once released. Once per server: `ready` runs
         under the server's lock, so it must not take it."""
         self._hold = {"ready": ready, "answers": answers, "let_through": None}
+
+    def switch_after(self, ready, action) -> None:
+        """From the first request that finds `ready()` true, answer every request with `action`
+        (one of the scripts' actions) whatever its script says; `switched` lists their prompts'
+        digests. `switch_after(None, None)` ends it. `ready` runs under the server's lock."""
+        with self.lock:
+            self._switch = None if ready is None else {"ready": ready, "action": action, "on": False}
+
+    def _switched(self, digest: str):
+        with self.lock:
+            switch = self._switch
+            if switch is None or not (switch["on"] or switch["ready"]()):
+                return None
+            switch["on"] = True
+            self.switched.append(digest)
+            return switch["action"]
 
     def release(self) -> None:
         """Answer the held requests (their client may be gone) and hold no more."""

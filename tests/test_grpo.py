@@ -204,6 +204,41 @@ def test_rl_rows_take_a_rubric_under_either_key_and_skip_a_malformed_one(tmp_pat
                      load_tokenizer(REPO / "configs" / "tiny" / "tokenizer"))
 
 
+def test_rl_rows_without_a_marking_scheme_or_a_problem_field_say_which_setting_maps_them(tmp_path, caplog):
+    from qed_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(REPO / "configs" / "tiny" / "tokenizer")
+    path = tmp_path / "rows.jsonl"
+
+    def load(rows, *overrides):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qed_jax.grpo"):
+            prompts = load_prompts(load_config(GRPOConfig, TINY, [f"data.path={path}", *overrides]), tokenizer)
+        return prompts, [r.getMessage() for r in caplog.records]
+
+    judged = "reward_rule=null"
+    schemes = [{"problem": "P1", "guidelines": "7 if right"}, {"problem": "P2", "scheme": "7 if right"}]
+    assert load(schemes, judged)[1] == [
+        f"{path}: no row has a marking scheme under 'rubrics' or 'rubric' (data.rubric_field); its rows have "
+        "'guidelines', grading guidelines that GRPO does not show the judge, so the judge grades every completion "
+        "without one; map one with data.rubric_field=FIELD"]
+    assert load(schemes)[1] == []  # a rule grader reads no scheme
+    assert load([*schemes, {"problem": "P3", "rubric": "7 if right"}], judged)[1] == []  # one row has one
+    with pytest.raises(ConfigError, match=rf"^{path}: no row has a marking scheme under 'schem' or 'rubric' or "
+                                          r"'rubrics' \(data.rubric_field\); its rows have 'guidelines', .*: set "
+                                          r"data.rubric_field to the field that holds them$"):
+        load(schemes, judged, "data.rubric_field=schem")  # a field named by hand that no row has
+    # Problems under another name: one error naming the setting, not one warning per row.
+    with pytest.raises(ConfigError, match=rf"^{path}: no row has the field 'problem' \(data.problem_field\); set "
+                                          r"data.problem_field to the field that holds the problems \(the first row "
+                                          r"has: 'question', 'rubric'\)$"):
+        load([{"question": "P1", "rubric": "r"}, {"question": "P2"}])
+    prompts, warnings = load([{"problem": "P1"}, ["a", "list"], {"problem": "P2"}])
+    assert [p["problem"] for p in prompts] == ["P1", "P2"]
+    assert warnings == [f'{path}: skipped line 2: not a JSON object of named fields: ["a", "list"]']
+
+
 def test_grpo_schedule_counts_optimizer_updates_not_steps():
     config = load_config(GRPOConfig, None, ["steps=10", "updates_per_step=2", "minibatches=3", "prompts_per_step=3",
                                             "optim.schedule=cosine", "optim.warmup_ratio=0.1"])
@@ -632,10 +667,37 @@ def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("qed-jax grpo: error: step 1:") and server.url in last and "http_400 x16" in last
-    assert last.endswith("a rerun resumes here; 16 failed because the judge rejected their request (the last: "
-                         "Error code: 400 - scripted 400), and will again unless the request changes: check "
-                         "judge.model, judge.api, judge.max_tokens, judge.temperature and judge.reasoning_effort")
+    assert last.endswith("its graded completions cached; 16 failed because the judge rejected their request (the "
+                         "last: Error code: 400 - scripted 400), and will again unless the request changes: check "
+                         "judge.model, judge.api, judge.max_tokens, judge.temperature and judge.reasoning_effort "
+                         "(a rerun resumes at step 1)")
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_a_judge_failing_mid_run_saves_the_steps_before_it_and_the_rerun_redoes_only_that_step(tmp_path):
+    run = tmp_path / "run"
+    with JudgeServer(default=("hash", 0)) as server:
+        args = [*_judge_args(server, tmp_path), "steps=3", "checkpoint_every=10", f"output_dir={run}"]
+        # Steps 1 and 2 graded, then every request of step 3 refused (HTTP 400: not retried), so
+        # the step stops on too many failed grades; no regular checkpoint before step 10.
+        server.switch_after(lambda: logged_steps(run) >= 2, ("status", 400))
+        failed = _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, stderr = failed.communicate(timeout=300)
+        assert failed.returncode == 2, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].endswith("(a rerun resumes at step 3)")
+        assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+        assert [m["step"] for m in read_metrics(run)] == [1, 2]
+        step_3 = set(server.switched)
+        server.switch_after(None, None)
+        graded_before = dict(server.by_prompt)
+        rerun = _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, stderr = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    # The rerun sampled step 3 alone, from step 2's weights and the same prompts: it sent the
+    # judge exactly the completions refused before (steps 1 and 2 are neither sampled nor sent).
+    sent_again = {prompt for prompt, n in server.by_prompt.items() if n > graded_before.get(prompt, 0)}
+    assert step_3 and sent_again == step_3
 
 
 # Per step: 4 problems x 4 samples, or with RC 4 problems x 2 states x 4 samples (slow: 45 s).

@@ -745,8 +745,8 @@ def test_judge_cli_config_errors_are_one_line(tmp_path, capsys):
     trainer = REPO / "configs/sft/tiny.yaml"  # a config with no judge: section
     message = error("--config", str(trainer))
     assert message.startswith(f"{trainer}: ") and message.endswith(
-        "is this file for another command?; a config for another command works here only with a judge: section, "
-        "which this one does not have")
+        "is this file for another command? (a config for another command works here only with a judge: section, "
+        "which this one does not have)")
     assert error("allowed_scores=[0,9]").startswith("judge.allowed_scores must be a non-empty list of integers from 0 to 7")
     assert error("allowed_scores=[]").startswith("judge.allowed_scores must be")
     assert error("answer_format=verdict", "allowed_scores=[0,6]") == (
