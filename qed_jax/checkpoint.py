@@ -576,6 +576,13 @@ class TrainCheckpoints:
             multihost_utils.sync_global_devices(f"qed_jax unreadable checkpoint {step}")
         self.manager.reload()
 
+    def wait(self) -> None:
+        """Until the save under way is written; its failure is raised here (`failed_write`)."""
+        if self.writing is not None:
+            with self.failed_write():
+                self.manager.wait_until_finished()
+            self.writing = None
+
     def close(self) -> None:
         """Wait for the save under way, then close the manager. After a failed save what the
         closing finds is more of the same failure (Orbax's background writes of that step's

@@ -1343,7 +1343,7 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
             bar.set_postfix(mean=f"{sum(scores) / len(scores):.2f}/7" if scores else "–", failed=counts["failed"],
                             refresh=False)
 
-        with noted(JudgeUnavailable, "the samples and grades finished are kept for the rerun"):
+        with noted(JudgeUnavailable, "what was drawn and graded is kept for the rerun"):
             if to_grade:
                 grade_samples(judge, config, by_id, to_grade, on_grade)
                 check_judge_accepts(judge, runlog)

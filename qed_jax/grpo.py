@@ -33,6 +33,7 @@ from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_loc
                             check_seed, hashed_seed, is_missing_local_path, json_values, not_found,
                             require_at_least_one, require_range)
 from qed_jax.data import NAMED_ROWS, BadRow, order_seed, pack_sequences, read_rows, warn_left_out
+from qed_jax.errors import CheckpointError, lost_process
 from qed_jax.judge import (GUIDELINES_KEYS, MAX_SCORE, RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig,
                            JudgeUnavailable, RuleGrader, check_template_fields, load_judge_template, reason_counts,
                            rejection_note, row_field)
@@ -796,7 +797,7 @@ def rollout_metrics(stats: dict[str, np.ndarray]) -> dict:
 
 
 def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, step: int) -> None:
-    """Stop the run, before anything of this step is applied or saved, when the judge failed on
+    """Stop the run, before anything of this step is applied, when the judge failed on
     more than `judge.max_failed_fraction` of the completions the step sent it (those scored 0
     unsent, without </think>, do not count: a young policy's step may send only a few), `stats`
     being all processes'; the reasons named are those of this process's `grades`. Every process
@@ -815,20 +816,28 @@ def check_failures(stats: dict[str, np.ndarray], grades, config: GRPOConfig, ste
 
 @contextlib.contextmanager
 def keeping_finished_steps(ckpts, step: int, start: int, params, opt_state, data, step_start, seed: int):
-    """When grading stops the run in the middle of step `step` + 1 (the judge cannot be reached
-    or failed on too much of the step, the grade cache cannot be written), first save step
-    `step`, the last one finished, with the data position `step_start` it left off at: a rerun
-    then resumes at the step that failed, as after a stop signal, not at the last regular
-    checkpoint. Every process raises there alike (`on_every_process`, `check_failures`), so
-    every process saves alike. The judge's errors say where the rerun resumes."""
+    """When grading stops the run in the middle of step `step` + 1 (the judge cannot be reached,
+    refuses the key or failed on too much of the step; the grade cache cannot be written), first
+    save step `step`, the last one finished, with the data position `step_start` it left off at:
+    a rerun then resumes at the step that failed, as after a stop signal, not at the last regular
+    checkpoint. Every process raises there alike (`on_every_process`, `check_failures`), so every
+    process saves alike; not when another process is gone (nothing to save with). The judge's and
+    the config's errors say where the rerun resumes, or that the save failed too."""
     try:
         yield
     except Exception as e:
+        if lost_process(e):
+            raise
+        note = f"a rerun resumes at step {step + 1}"
         if step > start:  # else the newest checkpoint is already this one
             data.set_state(step_start)
-            ckpts.save(step, params, opt_state, data, step_meta(step, seed))
+            try:
+                ckpts.save(step, params, opt_state, data, step_meta(step, seed))
+                ckpts.wait()
+            except CheckpointError as failed:
+                note = f"saving step {step} failed too: {failed}"
         if type(e) in (JudgeUnavailable, ConfigError):
-            raise type(e)(f"{e} (a rerun resumes at step {step + 1})") from e
+            raise type(e)(f"{e} ({note})") from e
         raise
 
 

@@ -1204,7 +1204,7 @@ def test_a_judge_that_rejected_every_request_may_be_set_right_on_the_rerun(tmp_p
             with pytest.raises(JudgeUnavailable, match=rf"^the judge at {judge.url} rejected 7 requests \(the last: HTTP "
                                                        r"400: Error code: 400 - scripted 400\) and completed none: "
                                                        r"the requests do not suit it; check judge.model, .* then rerun "
-                                                       r"\(the samples and grades finished are kept for the rerun\)$"):
+                                                       r"\(what was drawn and graded is kept for the rerun\)$"):
                 evaluate(cfg, progress=False)
         assert model.total == 8
         grader.write_text(grader.read_text() + "Be strict.\n")

@@ -674,20 +674,23 @@ def test_too_many_failed_grades_stop_the_step_before_it_is_saved(tmp_path):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-def test_a_judge_failing_mid_run_saves_the_steps_before_it_and_the_rerun_redoes_only_that_step(tmp_path):
+# HTTP 400 fails each request (not retried), and the step stops on too many failed grades;
+# 401 (the key refused) stops the step at the first reply, the judge unusable.
+@pytest.mark.parametrize("refusal", [400, 401])
+def test_a_judge_failing_mid_run_saves_the_steps_before_it_and_the_rerun_redoes_only_that_step(tmp_path, refusal):
     run = tmp_path / "run"
     with JudgeServer(default=("hash", 0)) as server:
         args = [*_judge_args(server, tmp_path), "steps=3", "checkpoint_every=10", f"output_dir={run}"]
-        # Steps 1 and 2 graded, then every request of step 3 refused (HTTP 400: not retried), so
-        # the step stops on too many failed grades; no regular checkpoint before step 10.
-        server.switch_after(lambda: logged_steps(run) >= 2, ("status", 400))
+        # Steps 1 and 2 graded, then every request of step 3 refused; no regular checkpoint
+        # before step 10.
+        server.switch_after(lambda: logged_steps(run) >= 2, ("status", refusal))
         failed = _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _, stderr = failed.communicate(timeout=300)
         assert failed.returncode == 2, stderr[-3000:]
         assert stderr.strip().splitlines()[-1].endswith("(a rerun resumes at step 3)")
         assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
         assert [m["step"] for m in read_metrics(run)] == [1, 2]
-        step_3 = set(server.switched)
+        refused = set(server.switched)
         server.switch_after(None, None)
         graded_before = dict(server.by_prompt)
         rerun = _grpo(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -695,9 +698,9 @@ def test_a_judge_failing_mid_run_saves_the_steps_before_it_and_the_rerun_redoes_
         assert rerun.returncode == 0, stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     # The rerun sampled step 3 alone, from step 2's weights and the same prompts: it sent the
-    # judge exactly the completions refused before (steps 1 and 2 are neither sampled nor sent).
+    # judge what was refused before, and no more than one step's 16 completions.
     sent_again = {prompt for prompt, n in server.by_prompt.items() if n > graded_before.get(prompt, 0)}
-    assert step_3 and sent_again == step_3
+    assert refused and refused <= sent_again and len(sent_again) <= 16
 
 
 # Per step: 4 problems x 4 samples, or with RC 4 problems x 2 states x 4 samples (slow: 45 s).
