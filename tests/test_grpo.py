@@ -1096,7 +1096,8 @@ def test_a_grade_cache_failing_on_one_process_stops_both(tmp_path):
             outputs = finish(procs, timeout=240)
     assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
     errors = [err.strip().splitlines()[-1] for _, err in outputs]
-    assert errors[0] == "qed-jax grpo: error: a judge call failed on another process (its log says why)"
+    assert errors[0] == ("qed-jax grpo: error: a judge call failed on another process (its log says why) (a rerun "
+                         "resumes at step 1)")
     assert errors[1].startswith(f"qed-jax grpo: error: judge cache {tmp_path / 'cache.sqlite'}.process-1: disk I/O "
                                 "error;"), errors[1]
     metrics = tmp_path / "run" / "metrics.jsonl"
