@@ -86,9 +86,11 @@ def _last(tokens: list[int], token: int) -> int:
     return len(tokens) - 1 - tokens[::-1].index(token)
 
 
-def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, first_summary, thinking):
+def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, first_summary, thinking,
+               temperature=0.0):
     """Per problem, per turn: (generated tokens but a final stop, finish reason, summary ids or
-    None, cut, summarizer tokens, summarizer finish reason)."""
+    None, cut, summarizer tokens, summarizer finish reason). Turn t draws with key fold_in(0, 2t),
+    its summary with fold_in(0, 2t + 1), as the compiled loop promises."""
     think_end, stops = tokenizer.get_vocab()["</think>"], stop_ids(tokenizer)
     r0, r1, r2 = _pieces(tokenizer, "rc_reasoning", ["problem", "summary"])
     s0, s1, s2, s3 = _pieces(tokenizer, "rc_summarize", ["problem", "summary", "reasoning"], thinking)
@@ -101,7 +103,7 @@ def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, f
     out = [[] for _ in problems]
     for t in range(turns):
         prompts = [r0 + p + r1 + s + r2 for p, s in zip(ids, summaries)]
-        turn = policy_sampler.generate_ids(prompts, SamplingParams(H_R, temperature=0.0),
+        turn = policy_sampler.generate_ids(prompts, SamplingParams(H_R, temperature=temperature),
                                            jax.random.fold_in(key, 2 * t), stops)
         reasonings = []
         for c in turn:
@@ -112,7 +114,7 @@ def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, f
                 out[b].append((c.text_tokens, c.finish_reason, None, False, 0, None))
             break
         prompts = [s0 + p + s1 + s + s2 + r + s3 for p, s, r in zip(ids, summaries, reasonings)]
-        written = summary_sampler.generate_ids(prompts, SamplingParams(H_S, temperature=0.0),
+        written = summary_sampler.generate_ids(prompts, SamplingParams(H_S, temperature=temperature),
                                                jax.random.fold_in(key, 2 * t + 1), stops)
         for b, (c, w) in enumerate(zip(turn, written)):
             text = w.text_tokens
@@ -154,6 +156,19 @@ def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
     assert any(t.summary_cut for t in turns)
     assert all(len(t.summary_ids) == S for t in turns if t.summary_cut)
     assert [t.summary_ids is None for t in results[0].turns] == [False, False, True]
+
+
+def test_compiled_loop_draws_what_the_host_loop_draws_when_sampling(setup):
+    # Every row, turn and summary has its own key: the compiled loop's draws are the host loop's.
+    tokenizer, think_end, policy, summarizer = setup
+    params = rc.RCParams(turns=3, reasoning_tokens=H_R, summary_tokens=S, temperature=0.9, no_summary="none",
+                         max_turns=8)
+    frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=0.9), thinking=False)
+    results = rc.ReasoningCache(policy, tokenizer, params, frozen).run(PROBLEMS, key=jax.random.key(0))
+    marker = tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
+    expected = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False, temperature=0.9)
+    greedy = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False)
+    assert [[_as_reference(t, think_end) for t in r.turns] for r in results] == expected != greedy
 
 
 def test_compiled_loop_equals_the_host_loop_when_the_policy_summarizes_itself(setup):
