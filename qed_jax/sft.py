@@ -315,9 +315,13 @@ def epoch_steps(examples: list[dict], config: SFTConfig, local_batch: int) -> in
         raise ConfigError(f"{config.data.path}: {config.epochs} epoch(s) of {len(examples)} examples pack into fewer "
                           f"rows than one batch of {config.batch_size} (data.max_length {config.data.max_length}): "
                           "lower batch_size, or set steps")
-    if left_out:
-        log.info("%d epoch(s) of %d examples are %d steps; the last %d packed rows, which fill no whole batch, are "
-                 "left out", config.epochs, len(examples), steps, left_out)
+    rows = steps * local_batch * jax.process_count() + left_out
+    # The recipe's batch counts examples; a step here counts rows, each holding as many examples as fit.
+    per_row = config.epochs * len(examples) / rows
+    log.info("%d epoch(s) of %d examples pack into %d rows of %d tokens, %.2f examples a row: %d steps of %d rows, "
+             "about %d examples a step%s", config.epochs, len(examples), rows, config.data.max_length, per_row, steps,
+             config.batch_size, round(per_row * config.batch_size),
+             f"; the last {left_out} rows, which fill no whole batch, are left out" if left_out else "")
     return steps
 
 

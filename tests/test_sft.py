@@ -619,7 +619,7 @@ def test_nearby_data_seeds_give_unrelated_orders():
 @pytest.mark.parametrize("max_length,epochs,process_count", [(512, 1, 1), (256, 1, 1), (256, 3, 1), (256, 1, 2),
                                                          (256, 2, 2)])
 def test_epochs_train_each_example_that_many_times_but_for_a_last_partial_batch(tokenizer, max_length, epochs,
-                                                                                process_count):
+                                                                                process_count, caplog):
     """The steps `epochs` gives are the whole batches of that many passes, as the trainer's stream
     packs them (across pass boundaries, several bins at once): over those steps every example
     comes `epochs` times, except in the rows left out, which fill no whole batch on the process
@@ -633,7 +633,7 @@ def test_epochs_train_each_example_that_many_times_but_for_a_last_partial_batch(
     examples, _ = prepare_sft(read_rows(DATA), tokenizer, config.data)
     which = {tuple(e["tokens"].tolist()): i for i, e in enumerate(examples)}
     local_batch = config.batch_size // process_count
-    with mock.patch.object(jax, "process_count", return_value=process_count):
+    with mock.patch.object(jax, "process_count", return_value=process_count), caplog.at_level(logging.INFO):
         steps = epoch_steps(examples, config, local_batch)
     trained, left_out_rows, times, left_out = 0, 0, Counter(), Counter()
     for process in range(process_count):
@@ -653,6 +653,11 @@ def test_epochs_train_each_example_that_many_times_but_for_a_last_partial_batch(
     assert (steps, left_out_rows) == count_batches(examples, config.data, local_batch, epochs, process_count)
     assert steps * local_batch * process_count == trained
     assert all(times[i] + left_out[i] == epochs for i in range(len(examples)))
+    # The log says how many examples a row holds, so that a batch counted in examples can be set.
+    rows, per_row = trained + left_out_rows, epochs * len(examples) / (trained + left_out_rows)
+    assert per_row > 1.5  # short examples: rows that hold several
+    assert (f"{epochs} epoch(s) of {len(examples)} examples pack into {rows} rows of {max_length} tokens, {per_row:.2f} "
+            f"examples a row: {steps} steps of 4 rows, about {round(per_row * 4)} examples a step") in caplog.text
     if process_count == 1:
         assert left_out_rows < local_batch
 
