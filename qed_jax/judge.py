@@ -286,9 +286,12 @@ def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None
     return (proof, None) if proof else ("", "empty_proof")
 
 
+# A mark inside its tag, as judges write it: bare, in Markdown bold or italics, or out of 7 ("7/7",
+# "7 out of 7"). Up to 9 digits: 5,000 digits are no score.
+_MARK = r"\s*(?:\*+\s*)?([+-]?\d{1,9})\s*(?:(?:/|out\s+of)\s*7\s*)?(?:\*+\s*)?"  # no two parts take the same spaces
 _PATTERNS = {
-    "score": re.compile(r"<score>\s*([+-]?\d{1,9})\s*</score>", re.IGNORECASE),  # 5,000 digits are no score
-    "points": re.compile(r"<points>\s*([+-]?\d{1,9})\s*(?:out\s+of\s+7\s*)?</points>", re.IGNORECASE),
+    "score": re.compile(rf"<score>{_MARK}</score>", re.IGNORECASE),
+    "points": re.compile(rf"<points>{_MARK}</points>", re.IGNORECASE),
     "verdict": re.compile(r"<verdict>\s*(correct|incorrect)\s*</verdict>", re.IGNORECASE),
 }
 
@@ -480,7 +483,8 @@ class GradeCache:
 # How a reply becomes a grade. Bump it with any change to that reading (the tags, which part of a
 # reply is read, what fails): a cache's grades read the older way are asked for again, not reused.
 # Version 2 (2026-12-02): only the text after the reply's last </think>; a cut-off reply is no grade.
-GRADE_READING = 2
+# Version 3 (2026-12-07): a mark in bold or italics, or out of 7, inside its tag is read.
+GRADE_READING = 3
 
 
 def cache_key(config: JudgeConfig, prompt: str) -> str:

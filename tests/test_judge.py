@@ -196,6 +196,14 @@ def test_completion_without_think_end_is_not_sent(tmp_path):
     ("<think>A full proof would get <score>7</score>; step 3 fails.</think>\n<score>1</score>", "score", ALL, 1),
     ("<think>Complete, so <points>7 out of 7</points>? No: a gap.</think> I mark it 1.", "points", ALL, None),
     ("<score>" + "9" * 5000 + "</score>", "score", ALL, None),  # no crash on a number int() will not read
+    ("<score>**6**</score>", "score", ALL, 6),  # Markdown around the mark
+    ("<score> *5* </score>", "score", ALL, 5),
+    ("<score>7/7</score>", "score", ALL, 7),  # out of 7
+    ("<score>**3 / 7**</score>", "score", ALL, 3),
+    ("<score>3.5</score>", "score", ALL, None),  # off the integer scale
+    ("<score>5/10</score>", "score", ALL, None),  # another scale
+    ("<score>" + " " * 50_000 + "x</score>", "score", ALL, None),  # read in linear time
+    ("<points>**6/7**</points>", "points", {0, 1, 6, 7}, 6),
     ("", "score", ALL, None),
     ("<points>6 out of 7</points>", "points", {0, 1, 6, 7}, 6),
     ("<points>3 out of 7</points>", "points", {0, 1, 6, 7}, None),  # not an allowed IMO mark
