@@ -616,6 +616,8 @@ NOT_AN_API_REPLY = (ValueError, AttributeError, TypeError)
 
 # How long the check before grading waits for the judge's GET /models (judge.timeout_s if shorter).
 REACHABLE_TIMEOUT_S = 30.0
+# The reply length of the request `Judge.check_reachable(serves_model=True)` sends (the Responses API takes no fewer than 16).
+PROBE_TOKENS = 16
 # How many of the judge's listed models a warning about judge.model names.
 MODELS_NAMED = 5
 # What to do when nothing answers at the judge's URL.
@@ -668,17 +670,43 @@ class Judge:
         finally:
             await client.close()
 
-    def check_reachable(self) -> None:
+    def check_reachable(self, serves_model: bool = False) -> None:
         """JudgeUnavailable now, with the URL, when nothing answers at the judge's endpoint (so
-        that an evaluation finds out before it spends time sampling, not after)."""
+        that an evaluation finds out before it spends time sampling, not after). With
+        `serves_model`, also send one request of a few tokens, for a caller that would otherwise
+        find out hours later: JudgeUnavailable when it refuses the key or has no judge.model (which
+        its model list may not show); any other failure of that request only warns."""
         async def check():
             client = self._client()
             try:
                 await self._check_reachable(client)
+                if serves_model:
+                    await self._check_serves_model(client)
             finally:
                 await client.close()
 
         asyncio.run(check())
+
+    async def _check_serves_model(self, client) -> None:
+        """One request of a few tokens to judge.model; its reply is not read (a reasoning judge may
+        spend them all on its reasoning)."""
+        c, prompt = self.config, "Reply with OK."
+        try:
+            if c.api == "chat":
+                request = client.chat.completions.create(
+                    model=c.model, messages=[{"role": "user", "content": prompt}], max_tokens=PROBE_TOKENS)
+            else:
+                request = client.responses.create(model=c.model, input=prompt, max_output_tokens=PROBE_TOKENS)
+            await asyncio.wait_for(request, min(c.timeout_s, REACHABLE_TIMEOUT_S))
+        except openai.APIStatusError as e:
+            if e.status_code in REFUSED:
+                raise self._refused(e) from None
+            if e.status_code == NOT_FOUND:
+                raise self._not_found(e) from None
+            log.warning("the judge at %s answered a test request with HTTP %d (%s); grading may fail the same way",
+                        c.base_url, e.status_code, quoted(e.message))
+        except (openai.APIConnectionError, asyncio.TimeoutError, *NOT_AN_API_REPLY) as e:
+            log.warning("the judge at %s did not answer a test request (%s); going on", c.base_url, first_line(e))
 
     def _client(self) -> openai.AsyncOpenAI:
         c = self.config
@@ -733,6 +761,11 @@ class Judge:
     def _unreachable(self, e: openai.APIConnectionError) -> JudgeUnavailable:
         return JudgeUnavailable(f"cannot reach the judge at {self.config.base_url}: {first_line(e.__cause__ or e)}; "
                                 f"{UNREACHABLE_ADVICE}")
+
+    def _not_found(self, e: openai.APIStatusError) -> JudgeUnavailable:
+        c = self.config
+        return JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({quoted(e.message)}) for judge.model "
+                                f"{c.model!r}: check judge.model, judge.base_url and judge.api")
 
     def _refused(self, e: openai.APIStatusError) -> JudgeUnavailable:
         c = self.config
@@ -795,9 +828,7 @@ class Judge:
                 if e.status_code in REFUSED:  # no request of this run will get through
                     raise self._refused(e) from None
                 if e.status_code == NOT_FOUND:
-                    raise JudgeUnavailable(f"the judge at {c.base_url} answered HTTP 404 ({quoted(e.message)}) "
-                                           f"for judge.model {c.model!r}: check judge.model, judge.base_url and "
-                                           "judge.api") from None
+                    raise self._not_found(e) from None
                 reason, retry_after, reply = f"http_{e.status_code}", retry_after_s(e.response), str(e.message)[:500]
                 if e.status_code < 500 and e.status_code not in RETRIED_4XX:  # the request itself is wrong
                     self.rejected += 1

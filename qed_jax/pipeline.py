@@ -417,23 +417,31 @@ def check_inputs_exist(s: Stages, out: Path) -> None:
 
 
 def judge_advice():
-    """JudgeUnavailable that says which pipeline setting holds the judge's URL."""
-    return noted(JudgeUnavailable, "a pipeline sets judge.base_url from its judge setting")
+    """JudgeUnavailable that says which pipeline settings hold the judge's URL and the rest."""
+    return noted(JudgeUnavailable, "a pipeline sets judge.base_url from its judge setting; set the other judge "
+                                   "settings in eval.overrides or grpo.overrides, e.g. eval.overrides.judge.model=NAME")
 
 
 def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
     """With a real judge, and training still to do, fail now when nothing answers at the judge's
-    URL, not after the trainers' hours (the evaluations would only find out then)."""
+    URL, or it refuses the key or does not serve the model a stage grades with, not after the
+    trainers' hours (the evaluations would only find out then): one short request per model."""
     from qed_jax.judge import Judge
 
     if config.judge == STANDIN or (Path(s.grpo.output_dir) / "hf" / "config.json").exists():
         return
-    judge = Judge(dataclasses.replace(s.evals[0].judge, cache_path=None))  # writes nothing
-    try:
-        with judge_advice():
-            judge.check_reachable()
-    finally:
-        judge.close()
+    graders = [c.judge for c in s.evals] + ([] if s.grpo.reward_rule else [s.grpo.judge])
+    asked = set()
+    for grader in graders:
+        if (grader.model, grader.api, grader.api_key_env) in asked:
+            continue
+        asked.add((grader.model, grader.api, grader.api_key_env))
+        judge = Judge(dataclasses.replace(grader, cache_path=None))  # writes nothing
+        try:
+            with judge_advice():
+                judge.check_reachable(serves_model=True)
+        finally:
+            judge.close()
 
 
 def check_hub_data_before_training(s: Stages) -> None:

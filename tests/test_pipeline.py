@@ -174,9 +174,32 @@ def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
         load_config(PipelineConfig, ROOT / TINY, ["judge=standinn"])
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "judge=http://127.0.0.1:9/v1"])
     with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge at http://127.0.0.1:9/v1: .* \(a pipeline "
-                                               r"sets judge.base_url from its judge setting\)$"):
+                                               r"sets judge.base_url from its judge setting; set the other judge "
+                                               r"settings in eval.overrides or grpo.overrides, e.g. "
+                                               r"eval.overrides.judge.model=NAME\)$"):
         run(config)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
+
+
+def test_a_judge_that_does_not_serve_the_model_a_stage_grades_with_is_found_before_training(tmp_path):
+    """A judge that answers but has no such model (its model list may not show which it takes):
+    found with one short request per model before training, not at the evaluations hours later."""
+    from qed_jax.errors import JudgeUnavailable
+    from qed_jax.pipeline import run
+    from qed_jax.standin_judge import STANDIN_MODEL, StandinJudge
+
+    with StandinJudge() as judge:  # serves STANDIN_MODEL only; 404 for any other name
+        for overrides, model in ([], "openai/gpt-oss-20b"),  \
+                                ([f"eval.overrides.judge.model={STANDIN_MODEL}", "grpo.overrides.reward_rule=null",
+                                  "grpo.overrides.judge.model=grader"], "grader"):
+            config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", f"judge={judge.url}",
+                                                                *overrides])
+            with pytest.raises(JudgeUnavailable, match=rf"^the judge at {judge.url} answered HTTP 404 \(.*\) for "
+                                                       rf"judge.model '{model}': check judge.model, .* \(a pipeline sets "
+                                                       r"judge.base_url .*, e.g. eval.overrides.judge.model=NAME\)$"):
+                run(config)
+            assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
+    assert judge.requests == 1  # the one probe to the model it serves (the second run's evaluations)
 
 
 def test_a_hub_benchmark_that_cannot_be_read_is_found_before_training(tmp_path, monkeypatch):
