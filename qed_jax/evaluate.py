@@ -54,6 +54,10 @@ DEFAULT_FIELDS = {"id": "problem_id", "problem": "problem", "solution": "solutio
                   "guidelines": "grading_guidelines", "answer": "answer"}
 SAMPLES_FILE = "samples.jsonl"
 PROBLEMS_FILE = "problems.json"  # the benchmark's problem ids, in order: what a whole sample index covers
+# More samples than one run draws and grades (each a completion of up to sampling.max_new_tokens
+# tokens, a line of samples.jsonl and a judge request): a typo in samples, refused before anything
+# is listed or drawn.
+MAX_SAMPLES_PER_RUN = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1298,6 +1302,10 @@ def _evaluate(config: EvalConfig, progress: bool) -> dict:
     template = load_prompt_template(b)
     check_seeds(runlog, config)
     check_problems_unchanged(config, problems, runlog)
+    if config.samples * len(problems) > MAX_SAMPLES_PER_RUN:
+        raise ConfigError(f"samples={config.samples} of each of {len(problems)} problems is "
+                          f"{config.samples * len(problems):,} samples to draw and grade, more than a run takes "
+                          f"({MAX_SAMPLES_PER_RUN:,}): lower samples, or split the benchmark")
     # Sample-major: all problems' sample 0 first, so a stopped run still has whole avg@1 data.
     units = [(p.id, k) for k in range(config.samples) for p in problems]
     to_generate = [u for u in units if u not in runlog.samples]

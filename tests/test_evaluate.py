@@ -1319,6 +1319,19 @@ def test_a_rerun_may_not_keep_fewer_samples_than_the_run_holds(tmp_path):
         assert json.loads((tmp_path / "run" / "config.json").read_text())["benchmark"]["limit"] == 4
 
 
+def test_a_typo_in_samples_is_refused_before_anything_is_listed(tmp_path):
+    """samples=100000000 (for 10) listed every (problem, sample) pair until the memory ran out."""
+    from qed_jax.evaluate import MAX_SAMPLES_PER_RUN
+
+    huge = config(tmp_path, "imo_proofbench", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1",
+                  f"samples={MAX_SAMPLES_PER_RUN}")
+    with pytest.raises(ConfigError, match=r"^samples=1000000 of each of 4 problems is 4,000,000 samples to draw "
+                                          r"and grade, more than a run takes \(1,000,000\): lower samples, or split "
+                                          r"the benchmark$"):
+        evaluate(huge, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_stopped_before_its_first_sample_may_begin_anew_with_another_config(tmp_path):
     """A wrong model name (or too long a max_new_tokens) stops a run before it draws anything:
     the corrected command is a new run, not a change to one."""
