@@ -483,6 +483,15 @@ def check_run_directories(s, out: Path) -> None:
     check_evals_not_of_old(s.sft, s.grpo, s.evals)
 
 
+def report_runs(evals, out: Path) -> list[str]:
+    """The evaluations the report covers: this config's, then the others the run directory holds
+    (a rerun with fewer eval.models, modes or benchmarks leaves them, evaluations of the same
+    models, since the trainers' configs cannot change)."""
+    runs = [c.output_dir for c in evals]
+    ours = {Path(r).resolve() for r in runs}
+    return runs + sorted(str(p.parent) for p in (out / "eval").glob("*/config.json") if p.parent.resolve() not in ours)
+
+
 def run(config: PipelineConfig) -> dict:
     """Run (or finish) every stage; returns the report's path, the evaluations' failed grades
     and the stand-in judge's request count (None with a real judge). Every stage's config is
@@ -523,8 +532,9 @@ def run(config: PipelineConfig) -> dict:
                           f"{counts['total']} samples, wrote {counts['graded']} grades ({counts['failed']} failed)")
         progress.done(f"{len(evals)} evaluations in {out / 'eval'}")
 
-        progress.begin("report", f"{len(evals)} runs")
-        _, folder, plots = report([c.output_dir for c in evals], output=str(out))
+        runs = report_runs(evals, out)
+        progress.begin("report", f"{len(runs)} runs")
+        _, folder, plots = report(runs, output=str(out))
         progress.done(f"wrote {folder / 'report.md'}, report.json, " + ", ".join(p.name for p in plots))
     return {"report": folder / "report.md", "failed": failed,
             "standin_requests": standin.requests if config.judge == STANDIN else None}

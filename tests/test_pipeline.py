@@ -31,11 +31,11 @@ SHORT = ["sft.overrides.steps=3", "sft.overrides.checkpoint_every=3", "grpo.over
 RUNS = [f"{model}-imo_proofbench-{mode}" for model in ("base", "sft", "grpo") for mode in ("single", "rc")]
 
 
-def pipeline(out: Path, **kwargs):
+def pipeline(out: Path, *overrides, **kwargs):
     # Started with SIGINT ignored, as a shell starts background jobs (CI's runner may too): Ctrl-C
     # must stop it all the same.
     return subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "pipeline", sys.executable, "-m", "qed_jax.cli",
-                             "pipeline", "--config", TINY, f"output_dir={out}", *SHORT],
+                             "pipeline", "--config", TINY, f"output_dir={out}", *SHORT, *overrides],
                             cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **kwargs)
 
@@ -95,6 +95,13 @@ def test_pipeline_interrupted_finished_then_skipped(tmp_path):
     assert eval_logs(out) == after
     assert len(re.findall(r": generated 0 of \d+ samples, wrote 0 grades \(0 failed\)", output)) == len(RUNS)
     assert "stand-in judge answered 0 requests" in output
+
+    # A rerun of fewer evaluations reports every one the run directory holds, its own first.
+    proc = pipeline(out, "eval.models=[sft]", "eval.modes=[single]")
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    assert "[4/5 eval] 1 evaluations" in output and "[5/5 report] 6 runs" in output
+    assert sorted(json.loads((out / "report.json").read_text())) == sorted(RUNS)
 
 
 def test_stage_configs_chain_the_stages(tmp_path):
