@@ -296,11 +296,17 @@ def check_not_built_on_old(trained: str, trained_dir: str, next_name: str, next_
                       f"{next_dir} (and its checkpoint_dir, if elsewhere) to train {next_name} from the new one")
 
 
-def check_evals_not_of_old(sft_config, grpo_config, evals) -> None:
+def check_evals_not_of_old(sft_config, grpo_config, evals, out: Path) -> None:
     """Before any stage: a trainer whose run directory holds no run trains anew, and so does every
     stage after it, so an evaluation that holds samples of their models' exports is of the
-    earlier models (its own check would refuse it, but only after the training)."""
+    earlier models (its own check would refuse it, but only after the training). Every
+    evaluation in the run directory counts, this config's or not: the report covers them all."""
     from qed_jax.evaluate import holds_an_evaluation
+
+    models = {c.output_dir: c.model.path for c in evals}
+    for folder in report_runs(evals, out)[len(evals):]:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # not an evaluation's: not reported as one
+            models[folder] = json.loads((Path(folder) / "config.json").read_text())["model"]["path"]
 
     retrains = []
     for config in (sft_config, grpo_config):
@@ -310,7 +316,8 @@ def check_evals_not_of_old(sft_config, grpo_config, evals) -> None:
             retrains.append((config.output_dir, f"{config.output_dir} holds no run, so it would train again"))
     for trained_dir, why in retrains:
         export = str(Path(trained_dir) / "hf")
-        old = [c.output_dir for c in evals if c.model.path == export and holds_an_evaluation(c.output_dir)]
+        old = [folder for folder, model in models.items()
+               if Path(model).resolve() == Path(export).resolve() and holds_an_evaluation(folder)]
         if old:
             raise ConfigError(f"{why}, but {old[0]} holds an evaluation of its earlier model; delete it (and the other "
                               f"evaluations of {export}) to evaluate the new one")
@@ -480,7 +487,7 @@ def check_run_directories(s, out: Path) -> None:
         check_judge_template(c)
         check_held_problems(c)  # a benchmark file edited since
     check_not_built_on_old("sft", s.sft.output_dir, "grpo", s.grpo.output_dir, before=True)
-    check_evals_not_of_old(s.sft, s.grpo, s.evals)
+    check_evals_not_of_old(s.sft, s.grpo, s.evals, out)
 
 
 def report_runs(evals, out: Path) -> list[str]:

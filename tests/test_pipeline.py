@@ -411,6 +411,12 @@ def test_evaluations_of_a_model_that_trains_anew_are_refused_before_any_stage(tm
                                               rf"evaluation of its earlier model; delete it"):
             run(config)
         assert not (tmp_path / "base").exists()  # no stage ran
+    # Also when this config leaves that evaluation out (the report would show it beside the new ones).
+    narrower = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT, "eval.models=[sft]"])
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/grpo holds no run, so it would train again, but "
+                                          rf"{grpo_eval.output_dir} holds an evaluation of its earlier model"):
+        run(narrower)
+    assert not (tmp_path / "base").exists()
 
 
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path, monkeypatch):
