@@ -198,6 +198,7 @@ class EvalConfig:
             raise ConfigError(f"mode rc decodes rc.batch_size rows per compiled call; model.{sized[0]} sizes the "
                               "single-shot sampler's waves: set rc.batch_size instead")
         require_at_least_one(self, ("samples", "batch_size"))
+        require_range(self.samples, "samples", 1, MAX_SAMPLES_PER_RUN)  # a typo; with the problems, checked again
 
 
 @dataclasses.dataclass(frozen=True)

@@ -286,7 +286,7 @@ def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None
     return (proof, None) if proof else ("", "empty_proof")
 
 
-# A mark inside its tag, as judges write it: bare, in Markdown bold or italics, or out of 7 ("7/7",
+# A mark inside its tag, as judges write it: bare, between Markdown's asterisks, or out of 7 ("7/7",
 # "7 out of 7"). Up to 9 digits: 5,000 digits are no score.
 _MARK = r"\s*(?:\*+\s*)?([+-]?\d{1,9})\s*(?:(?:/|out\s+of)\s*7\s*)?(?:\*+\s*)?"  # no two parts take the same spaces
 _PATTERNS = {
@@ -688,16 +688,13 @@ class Judge:
         asyncio.run(check())
 
     async def _check_serves_model(self, client) -> None:
-        """One request of a few tokens to judge.model; its reply is not read (a reasoning judge may
-        spend them all on its reasoning)."""
-        c, prompt = self.config, "Reply with OK."
+        """One request as grading sends them, of a few tokens; its reply is not read (a reasoning
+        judge may spend them all on its reasoning)."""
+        c = self.config
         try:
-            if c.api == "chat":
-                request = client.chat.completions.create(
-                    model=c.model, messages=[{"role": "user", "content": prompt}], max_tokens=PROBE_TOKENS)
-            else:
-                request = client.responses.create(model=c.model, input=prompt, max_output_tokens=PROBE_TOKENS)
-            await asyncio.wait_for(request, min(c.timeout_s, REACHABLE_TIMEOUT_S))
+            create = client.chat.completions.create if c.api == "chat" else client.responses.create
+            await asyncio.wait_for(create(**self._request_args("Reply with OK.", PROBE_TOKENS)),
+                                   min(c.timeout_s, REACHABLE_TIMEOUT_S))
         except openai.APIStatusError as e:
             if e.status_code in REFUSED:
                 raise self._refused(e) from None
@@ -861,18 +858,24 @@ class Judge:
 
     async def _send(self, client, prompt: str) -> tuple[str, bool]:
         """The judge's reply to `prompt`, and whether it was cut off (it ran out of max_tokens)."""
+        if self.config.api == "chat":
+            _, choice, text = await chat_choice(client, **self._request_args(prompt, self.config.max_tokens))
+            return text, choice.finish_reason == "length"
+        return await responses_text(client, **self._request_args(prompt, self.config.max_tokens))
+
+    def _request_args(self, prompt: str, max_tokens: int) -> dict:
+        """The arguments of a request of judge.api for `prompt`, replies up to `max_tokens` long."""
         c = self.config
         if c.api == "chat":
-            kwargs = dict(model=c.model, messages=[{"role": "user", "content": prompt}],
-                          temperature=c.temperature, max_tokens=c.max_tokens)
+            kwargs = dict(model=c.model, messages=[{"role": "user", "content": prompt}], temperature=c.temperature,
+                          max_tokens=max_tokens)
             if c.reasoning_effort:
                 kwargs["reasoning_effort"] = c.reasoning_effort
-            _, choice, text = await chat_choice(client, **kwargs)
-            return text, choice.finish_reason == "length"
-        kwargs = dict(model=c.model, input=prompt, temperature=c.temperature, max_output_tokens=c.max_tokens)
+            return kwargs
+        kwargs = dict(model=c.model, input=prompt, temperature=c.temperature, max_output_tokens=max_tokens)
         if c.reasoning_effort:
             kwargs["reasoning"] = {"effort": c.reasoning_effort}
-        return await responses_text(client, **kwargs)
+        return kwargs
 
     def close(self) -> None:
         if self.cache is not None:

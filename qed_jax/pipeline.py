@@ -270,7 +270,7 @@ def train_stage(progress: Progress, name: str, train, config, summary) -> bool:
     Whether it trained now (took steps), i.e. its model is new to the stages after it; an export
     made again from the finished checkpoint is the same model."""
     progress.begin(name, f"run directory {config.output_dir}; model: {config.model.describe()}")
-    with pipeline_advice(name, config.checkpoint_dir), judge_advice():  # GRPO grades with the pipeline's judge
+    with pipeline_advice(name, config.checkpoint_dir), judge_advice(name):  # GRPO grades with the pipeline's judge
         result = train(config)
     if result["complete"]:
         state = "already complete"
@@ -296,28 +296,24 @@ def check_not_built_on_old(trained: str, trained_dir: str, next_name: str, next_
                       f"{next_dir} (and its checkpoint_dir, if elsewhere) to train {next_name} from the new one")
 
 
-def check_evals_not_of_old(sft_config, grpo_config, evals, out: Path) -> None:
+def check_evals_not_of_old(s: Stages, out: Path) -> None:
     """Before any stage: a trainer whose run directory holds no run trains anew, and so does every
     stage after it, so an evaluation that holds samples of their models' exports is of the
     earlier models (its own check would refuse it, but only after the training). Every
     evaluation in the run directory counts, this config's or not: the report covers them all."""
     from qed_jax.evaluate import holds_an_evaluation
 
-    models = {c.output_dir: c.model.path for c in evals}
-    for folder in report_runs(evals, out)[len(evals):]:
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # not an evaluation's: not reported as one
-            models[folder] = json.loads((Path(folder) / "config.json").read_text())["model"]["path"]
-
+    models = {c.output_dir: Path(c.model.path).resolve() for c in s.evals}  # a pipeline evaluates local models
+    models.update((folder, recorded_model(Path(folder))) for folder in report_runs(s, out)[len(s.evals):])
     retrains = []
-    for config in (sft_config, grpo_config):
+    for config in (s.sft, s.grpo):
         if retrains:  # the stage before it trains anew
             retrains.append((config.output_dir, f"{config.output_dir} trains from a model trained anew"))
         elif not (Path(config.output_dir) / "config.json").exists():
             retrains.append((config.output_dir, f"{config.output_dir} holds no run, so it would train again"))
     for trained_dir, why in retrains:
-        export = str(Path(trained_dir) / "hf")
-        old = [folder for folder, model in models.items()
-               if Path(model).resolve() == Path(export).resolve() and holds_an_evaluation(folder)]
+        export = Path(trained_dir) / "hf"
+        old = [folder for folder, model in models.items() if model == export.resolve() and holds_an_evaluation(folder)]
         if old:
             raise ConfigError(f"{why}, but {old[0]} holds an evaluation of its earlier model; delete it (and the other "
                               f"evaluations of {export}) to evaluate the new one")
@@ -423,10 +419,11 @@ def check_inputs_exist(s: Stages, out: Path) -> None:
                 raise not_found(f"{stage}: {key}", value)
 
 
-def judge_advice():
-    """JudgeUnavailable that says which pipeline settings hold the judge's URL and the rest."""
-    return noted(JudgeUnavailable, "a pipeline sets judge.base_url from its judge setting; set the other judge "
-                                   "settings in eval.overrides or grpo.overrides, e.g. eval.overrides.judge.model=NAME")
+def judge_advice(stage: str):
+    """JudgeUnavailable that says which pipeline settings hold the judge's URL and the rest, for
+    `stage` (grpo or eval)."""
+    return noted(JudgeUnavailable, f"{stage}'s judge: a pipeline sets judge.base_url from its judge setting; set the "
+                                   f"other judge settings in {stage}.overrides, e.g. {stage}.overrides.judge.model=NAME")
 
 
 def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
@@ -437,15 +434,16 @@ def check_judge_before_training(config: PipelineConfig, s: Stages) -> None:
 
     if config.judge == STANDIN or (Path(s.grpo.output_dir) / "hf" / "config.json").exists():
         return
-    graders = [c.judge for c in s.evals] + ([] if s.grpo.reward_rule else [s.grpo.judge])
+    graders = ([] if s.grpo.reward_rule else [("grpo", s.grpo.judge)]) + [("eval", c.judge) for c in s.evals]
     asked = set()
-    for grader in graders:
-        if (grader.model, grader.api, grader.api_key_env) in asked:
+    for stage, grader in graders:
+        request = (grader.model, grader.api, grader.api_key_env, grader.temperature, grader.reasoning_effort)
+        if request in asked:  # the same request to the same judge
             continue
-        asked.add((grader.model, grader.api, grader.api_key_env))
+        asked.add(request)
         judge = Judge(dataclasses.replace(grader, cache_path=None))  # writes nothing
         try:
-            with judge_advice():
+            with judge_advice(stage):
                 judge.check_reachable(serves_model=True)
         finally:
             judge.close()
@@ -487,16 +485,28 @@ def check_run_directories(s, out: Path) -> None:
         check_judge_template(c)
         check_held_problems(c)  # a benchmark file edited since
     check_not_built_on_old("sft", s.sft.output_dir, "grpo", s.grpo.output_dir, before=True)
-    check_evals_not_of_old(s.sft, s.grpo, s.evals, out)
+    check_evals_not_of_old(s, out)
 
 
-def report_runs(evals, out: Path) -> list[str]:
+def report_runs(s: Stages, out: Path) -> list[str]:
     """The evaluations the report covers: this config's, then the others the run directory holds
-    (a rerun with fewer eval.models, modes or benchmarks leaves them, evaluations of the same
-    models, since the trainers' configs cannot change)."""
-    runs = [c.output_dir for c in evals]
+    of this config's models (a rerun with fewer eval.models, modes or benchmarks leaves them),
+    as far as they drew samples."""
+    from qed_jax.evaluate import SAMPLES_FILE
+
+    runs = [c.output_dir for c in s.evals]
     ours = {Path(r).resolve() for r in runs}
-    return runs + sorted(str(p.parent) for p in (out / "eval").glob("*/config.json") if p.parent.resolve() not in ours)
+    models = {Path(m).resolve() for m in (s.base, Path(s.sft.output_dir) / "hf", Path(s.grpo.output_dir) / "hf")}
+    return runs + sorted(str(p.parent) for p in (out / "eval").glob(f"*/{SAMPLES_FILE}")
+                         if p.parent.resolve() not in ours and recorded_model(p.parent) in models)
+
+
+def recorded_model(folder: Path) -> Path | None:
+    """The local model an evaluation's config.json names, resolved (None for none: an endpoint's)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        path = json.loads((folder / "config.json").read_text())["model"]["path"]
+        return Path(path).resolve() if isinstance(path, str) else None
+    return None
 
 
 def run(config: PipelineConfig) -> dict:
@@ -532,14 +542,14 @@ def run(config: PipelineConfig) -> dict:
             if config.judge == STANDIN else judge_url))
         failed = 0
         for n, c in enumerate(evals, 1):
-            with judge_advice():
+            with judge_advice("eval"):
                 counts = evaluate(c)
             failed += counts["failed"]
             progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: generated {counts['generated']} of "
                           f"{counts['total']} samples, wrote {counts['graded']} grades ({counts['failed']} failed)")
         progress.done(f"{len(evals)} evaluations in {out / 'eval'}")
 
-        runs = report_runs(evals, out)
+        runs = report_runs(s, out)
         progress.begin("report", f"{len(runs)} runs")
         _, folder, plots = report(runs, output=str(out))
         progress.done(f"wrote {folder / 'report.md'}, report.json, " + ", ".join(p.name for p in plots))

@@ -180,9 +180,9 @@ def test_a_judge_that_does_not_answer_is_found_before_training(tmp_path):
                                           r"\(judge is standin, the offline stand-in, or an OpenAI-compatible "):
         load_config(PipelineConfig, ROOT / TINY, ["judge=standinn"])
     config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "judge=http://127.0.0.1:9/v1"])
-    with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge at http://127.0.0.1:9/v1: .* \(a pipeline "
-                                               r"sets judge.base_url from its judge setting; set the other judge "
-                                               r"settings in eval.overrides or grpo.overrides, e.g. "
+    with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge at http://127.0.0.1:9/v1: .* \(eval's judge: "
+                                               r"a pipeline sets judge.base_url from its judge setting; set the other "
+                                               r"judge settings in eval.overrides, e.g. "
                                                r"eval.overrides.judge.model=NAME\)$"):
         run(config)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
@@ -195,18 +195,21 @@ def test_a_judge_that_does_not_serve_the_model_a_stage_grades_with_is_found_befo
     from qed_jax.pipeline import run
     from qed_jax.standin_judge import STANDIN_MODEL, StandinJudge
 
+    grpo_judges = ["grpo.overrides.reward_rule=null", "grpo.overrides.judge.model"]
     with StandinJudge() as judge:  # serves STANDIN_MODEL only; 404 for any other name
-        for overrides, model in ([], "openai/gpt-oss-20b"),  \
-                                ([f"eval.overrides.judge.model={STANDIN_MODEL}", "grpo.overrides.reward_rule=null",
-                                  "grpo.overrides.judge.model=grader"], "grader"):
+        for overrides, stage, model in [
+                ([], "eval", "openai/gpt-oss-20b"),
+                ([grpo_judges[0], f"{grpo_judges[1]}=grader", f"eval.overrides.judge.model={STANDIN_MODEL}"], "grpo",
+                 "grader"),
+                ([grpo_judges[0], f"{grpo_judges[1]}={STANDIN_MODEL}"], "eval", "openai/gpt-oss-20b")]:
             config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", f"judge={judge.url}",
                                                                 *overrides])
             with pytest.raises(JudgeUnavailable, match=rf"^the judge at {judge.url} answered HTTP 404 \(.*\) for "
-                                                       rf"judge.model '{model}': check judge.model, .* \(a pipeline sets "
-                                                       r"judge.base_url .*, e.g. eval.overrides.judge.model=NAME\)$"):
+                                                       rf"judge.model '{model}': check judge.model, .* \({stage}'s judge: "
+                                                       rf"a pipeline sets .*, e.g. {stage}.overrides.judge.model=NAME\)$"):
                 run(config)
             assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no stage ran
-    assert judge.requests == 1  # the one probe to the model it serves (the second run's evaluations)
+    assert judge.requests == 1  # the one probe to the model it serves (the last run's GRPO)
 
 
 def test_a_hub_benchmark_that_cannot_be_read_is_found_before_training(tmp_path, monkeypatch):
@@ -417,6 +420,26 @@ def test_evaluations_of_a_model_that_trains_anew_are_refused_before_any_stage(tm
                                           rf"{grpo_eval.output_dir} holds an evaluation of its earlier model"):
         run(narrower)
     assert not (tmp_path / "base").exists()
+
+
+def test_the_report_covers_the_evaluations_of_this_configs_models_that_drew_samples(tmp_path):
+    from qed_jax.config import dump_json
+    from qed_jax.pipeline import check_run_directories, report_runs, stages
+
+    s = stages(load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT, "eval.models=[sft]"]),
+               "http://127.0.0.1:9/v1")
+    template = json.loads(dump_json(s.evals[0]))
+    for name, model, drew in [("grpo-kept", str(tmp_path / "grpo" / "hf"), True),
+                              ("grpo-stopped-before-its-first-sample", str(tmp_path / "grpo" / "hf"), False),
+                              ("other-model", str(tmp_path / "elsewhere"), True), ("an-endpoint", None, True)]:
+        folder = tmp_path / "eval" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({**template, "model": {**template["model"], "path": model}}))
+        if drew:
+            drew_a_sample(folder)
+    assert report_runs(s, tmp_path) == [c.output_dir for c in s.evals] + [str(tmp_path / "eval" / "grpo-kept")]
+    with pytest.raises(ConfigError, match=r"grpo-kept holds an evaluation of its earlier model"):
+        check_run_directories(s, tmp_path)  # sft/ and grpo/ hold no run: both train anew
 
 
 def test_a_second_pipeline_on_an_output_dir_in_use_fails_at_once(tmp_path, monkeypatch):
