@@ -133,14 +133,20 @@ def _as_reference(turn: rc.Turn, think_end: int):
             turn.summarizer_finish_reason)
 
 
-def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
-    tokenizer, think_end, policy, summarizer = setup
-    params = rc.RCParams(turns=3, reasoning_tokens=H_R, summary_tokens=S, temperature=0.0, no_summary="none",
+def _three_turns_with_a_separate_summarizer(setup, temperature):
+    """(the compiled loop's results, the host loop's turns) for PROBLEMS at `temperature`."""
+    tokenizer, _, policy, summarizer = setup
+    params = rc.RCParams(turns=3, reasoning_tokens=H_R, summary_tokens=S, temperature=temperature, no_summary="none",
                          max_turns=8)
-    frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=0.0), thinking=False)
+    frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=temperature), thinking=False)
     results = rc.ReasoningCache(policy, tokenizer, params, frozen).run(PROBLEMS, key=jax.random.key(0))
     marker = tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
-    expected = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False)
+    return results, _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, False, temperature)
+
+
+def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
+    tokenizer, think_end, _, _ = setup
+    results, expected = _three_turns_with_a_separate_summarizer(setup, 0.0)
     for result, ref in zip(results, expected):
         assert [_as_reference(t, think_end) for t in result.turns] == ref
         last = result.turns[-1]  # no answer (not an empty one) from a last turn that did not close its thinking
@@ -160,14 +166,9 @@ def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
 
 def test_compiled_loop_draws_what_the_host_loop_draws_when_sampling(setup):
     # Every row, turn and summary has its own key: the compiled loop's draws are the host loop's.
-    tokenizer, think_end, policy, summarizer = setup
-    params = rc.RCParams(turns=3, reasoning_tokens=H_R, summary_tokens=S, temperature=0.9, no_summary="none",
-                         max_turns=8)
-    frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=0.9), thinking=False)
-    results = rc.ReasoningCache(policy, tokenizer, params, frozen).run(PROBLEMS, key=jax.random.key(0))
-    marker = tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
-    expected = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False, temperature=0.9)
-    greedy = _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, thinking=False)
+    think_end = setup[1]
+    results, expected = _three_turns_with_a_separate_summarizer(setup, 0.9)
+    greedy = _three_turns_with_a_separate_summarizer(setup, 0.0)[1]
     assert [[_as_reference(t, think_end) for t in r.turns] for r in results] == expected != greedy
 
 
