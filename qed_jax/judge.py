@@ -483,7 +483,7 @@ class GradeCache:
 # How a reply becomes a grade. Bump it with any change to that reading (the tags, which part of a
 # reply is read, what fails): a cache's grades read the older way are asked for again, not reused.
 # Version 2 (2026-12-02): only the text after the reply's last </think>; a cut-off reply is no grade.
-# Version 3 (2026-12-07): a mark in bold or italics, or out of 7, inside its tag is read.
+# Version 3 (2026-12-07): a mark between asterisks (Markdown), or out of 7, inside its tag is read.
 GRADE_READING = 3
 
 
@@ -616,7 +616,8 @@ NOT_AN_API_REPLY = (ValueError, AttributeError, TypeError)
 
 # How long the check before grading waits for the judge's GET /models (judge.timeout_s if shorter).
 REACHABLE_TIMEOUT_S = 30.0
-# The reply length of the request `Judge.check_reachable(serves_model=True)` sends (the Responses API takes no fewer than 16).
+# The reply length of the one request `Judge.check_reachable(serves_model=True)` sends (the
+# Responses API takes no fewer than 16).
 PROBE_TOKENS = 16
 # How many of the judge's listed models a warning about judge.model names.
 MODELS_NAMED = 5
