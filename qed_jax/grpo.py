@@ -128,6 +128,8 @@ def aggregate(per_token, mask, mode: str, num_sequences, num_tokens, sample_leng
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     temperature: float = 0.8  # log-probs are taken at the sampling temperature
+    # The ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high]. The recipe's 4 leaves the low
+    # side unclipped (a ratio is positive): any clip_eps_low of 1 or more does the same.
     clip_eps_low: float = 4.0
     clip_eps_high: float = 4.0
     kl_coef: float = 0.0  # > 0 loads a frozen reference model
