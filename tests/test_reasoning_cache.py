@@ -140,8 +140,13 @@ def _three_turns_with_a_separate_summarizer(setup, temperature):
                          max_turns=8)
     frozen = rc.Summarizer(summarizer, SamplingParams(H_S, temperature=temperature), thinking=False)
     results = rc.ReasoningCache(policy, tokenizer, params, frozen).run(PROBLEMS, key=jax.random.key(0))
-    marker = tokenizer(params.no_summary, add_special_tokens=False)["input_ids"]
-    return results, _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, False, temperature)
+    return results, _host_turns(setup, temperature)
+
+
+def _host_turns(setup, temperature):
+    tokenizer, _, policy, summarizer = setup
+    marker = tokenizer("none", add_special_tokens=False)["input_ids"]  # no_summary
+    return _reference(tokenizer, policy, summarizer, PROBLEMS, 3, False, marker, False, temperature)
 
 
 def test_compiled_loop_equals_the_host_loop_with_a_separate_summarizer(setup):
@@ -168,7 +173,7 @@ def test_compiled_loop_draws_what_the_host_loop_draws_when_sampling(setup):
     # Every row, turn and summary has its own key: the compiled loop's draws are the host loop's.
     think_end = setup[1]
     results, expected = _three_turns_with_a_separate_summarizer(setup, 0.9)
-    greedy = _three_turns_with_a_separate_summarizer(setup, 0.0)[1]
+    greedy = _host_turns(setup, 0.0)
     assert [[_as_reference(t, think_end) for t in r.turns] for r in results] == expected != greedy
 
 
