@@ -46,6 +46,22 @@ HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads
             "num_kv_heads": "num_key_value_heads"}
 
 
+def sliding_layers(hf: dict[str, Any], field) -> list[int]:
+    """The layers a transformers Qwen3 config makes sliding-window ones: those its layer_types
+    name so, or else, with use_sliding_window and a sliding_window, layers max_window_layers on.
+    `field(key)`: the config's value, or transformers' default where it has none."""
+    if hf.get("layer_types") is not None:
+        if not isinstance(hf["layer_types"], list):
+            raise ConfigError(f"layer_types must be a list of 'full_attention' per layer, got {hf['layer_types']!r}")
+        return [i for i, kind in enumerate(hf["layer_types"]) if kind != "full_attention"]
+    if not hf.get("use_sliding_window") or field("sliding_window") is None:
+        return []
+    first = field("max_window_layers")
+    if type(first) is not int:
+        raise ConfigError(f"max_window_layers must be an integer, got {first!r}")
+    return list(range(max(first, 0), hf["num_hidden_layers"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Qwen3 dense decoder."""
@@ -110,11 +126,17 @@ class ModelConfig:
             raise ConfigError(f"config has no {', '.join(missing)} (a Qwen3 config gives each of {', '.join(required)})")
         if hf.get("num_experts") or hf.get("num_local_experts"):
             raise ConfigError("config describes a mixture-of-experts model; only dense Qwen3 is supported")
+        architectures = hf.get("architectures") or ["Qwen3ForCausalLM"]
+        if architectures != ["Qwen3ForCausalLM"]:  # a reward model's head (score.weight) is not a vocabulary's
+            raise ConfigError(f"architectures is {architectures!r}: qed-jax loads a Qwen3ForCausalLM (a language "
+                              "model head over the vocabulary); use the causal language model's folder")
+        if hf.get("quantization_config"):
+            method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+            raise ConfigError(f"config has a quantization_config{f' ({method})' if method else ''}: qed-jax loads "
+                              "unquantized weights (float32, bfloat16, float16); use the unquantized model")
         if hf.get("attention_bias"):
             raise ConfigError("config has attention_bias=true; Qwen3 attention has no biases")
-        if hf.get("use_sliding_window"):
-            raise ConfigError("config has use_sliding_window=true; sliding-window attention is not supported")
-        if hf.get("hidden_act", "silu") != "silu":
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one function
             raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
         for key in ("rope_parameters", "rope_scaling"):  # transformers 5 runs rope_scaling over rope_parameters
             rope = hf.get(key) or {}
@@ -123,10 +145,10 @@ class ModelConfig:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
                 raise ConfigError(f"{key}: rope type {rope_type!r} is not supported (only the default RoPE)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers' order
         rope_theta = rope.get("rope_theta", hf.get("rope_theta"))
         if rope_theta is None:
-            raise ConfigError("config has no rope_theta (looked in rope_parameters and at the top level)")
+            raise ConfigError("config has no rope_theta (looked in rope_scaling, rope_parameters and at the top level)")
         from transformers import Qwen3Config
 
         default = Qwen3Config()  # a field config.json leaves out is what transformers takes for it
@@ -137,6 +159,9 @@ class ModelConfig:
         for key in (*required, "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if hf.get(key) is not None and (type(hf[key]) is not int or hf[key] < 1):
                 raise ConfigError(f"{key} must be a positive integer, got {hf[key]!r}")
+        if sliding := sliding_layers(hf, field):
+            raise ConfigError(f"config has sliding-window attention in layers {sliding} (use_sliding_window, "
+                              "max_window_layers, layer_types); qed-jax implements full attention in every layer")
         heads = hf["num_attention_heads"]
         if "num_key_value_heads" not in hf and heads % default.num_key_value_heads:
             raise ConfigError(f"config has no num_key_value_heads, and the {default.num_key_value_heads} that "

@@ -557,6 +557,52 @@ def test_config_round_trips_through_hf_dict():
             ModelConfig.from_hf(hf)
 
 
+def test_config_fields_are_read_as_transformers_reads_them():
+    """Where transformers makes a config.json mean something other than its fields' face value,
+    the model is read as transformers reads it, or refused: never loaded as a different model."""
+    import copy
+
+    from transformers import Qwen3Config
+
+    def both(changes, drop=()):
+        hf = {k: v for k, v in {**PRESETS["qwen3-0.6b"].to_hf(), **changes}.items() if k not in drop}
+        return hf, Qwen3Config.from_dict(copy.deepcopy(hf))  # which fills in the dicts it is given
+
+    # A rope_scaling beside rope_parameters replaces it, rope_theta included.
+    hf, theirs = both({"rope_scaling": {"rope_type": "default", "rope_theta": 5e6}}, drop=("rope_theta",))
+    assert ModelConfig.from_hf(hf).rope_theta == theirs.rope_parameters["rope_theta"] == 5e6
+    hf, _ = both({"rope_scaling": {"rope_type": "default"}}, drop=("rope_theta",))
+    with pytest.raises(ConfigError, match=r"^config has no rope_theta \(looked in rope_scaling, rope_parameters"):
+        ModelConfig.from_hf(hf)  # transformers would take 10,000, not the 1e6 of the rope_parameters beside it
+    # Sliding windows: refused in the layers transformers makes slide, and only there.
+    layers = PRESETS["qwen3-0.6b"].num_layers
+    hf, theirs = both({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": layers},
+                        drop=("layer_types",))
+    assert set(theirs.layer_types) == {"full_attention"} and ModelConfig.from_hf(hf) == PRESETS["qwen3-0.6b"]
+    hf, theirs = both({"use_sliding_window": True, "max_window_layers": 0}, drop=("layer_types",))  # no window
+    assert set(theirs.layer_types) == {"full_attention"} and ModelConfig.from_hf(hf) == PRESETS["qwen3-0.6b"]
+    hf, theirs = both({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": layers - 2},
+                        drop=("layer_types",))
+    assert theirs.layer_types[-3:] == ["full_attention", "sliding_attention", "sliding_attention"]
+    with pytest.raises(ConfigError, match=rf"^config has sliding-window attention in layers \[{layers - 2}, "
+                                          rf"{layers - 1}\] \(use_sliding_window, max_window_layers, layer_types\)"):
+        ModelConfig.from_hf(hf)
+    hf, _ = both({"layer_types": ["sliding_attention"] + ["full_attention"] * (layers - 1)})
+    with pytest.raises(ConfigError, match=r"^config has sliding-window attention in layers \[0\]"):
+        ModelConfig.from_hf(hf)
+    # "swish" is transformers' other name of SiLU.
+    hf, theirs = both({"hidden_act": "swish"})
+    assert ModelConfig.from_hf(hf) == PRESETS["qwen3-0.6b"]
+    # A head that is not the language model's, and quantized weights, are refused by name.
+    hf, _ = both({"architectures": ["Qwen3ForSequenceClassification"], "num_labels": 1})
+    with pytest.raises(ConfigError, match=r"^architectures is \['Qwen3ForSequenceClassification'\]: qed-jax loads "
+                                          r"a Qwen3ForCausalLM"):
+        ModelConfig.from_hf(hf)
+    hf, _ = both({"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    with pytest.raises(ConfigError, match=r"^config has a quantization_config \(gptq\): qed-jax loads unquantized"):
+        ModelConfig.from_hf(hf)
+
+
 # --- bad input: one clear line naming the problem ---------------------------------------------
 
 
