@@ -66,24 +66,9 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
                 found = {p.name for p in out.iterdir()} - {".lock"}
             except OSError:  # a folder it may not list (write-only): taken as holding something
                 found = {"?"}
-            lock = open(out / ".lock", "a+")
+            held, refused = open_locked(out / ".lock")
         except OSError as e:  # e.g. output_dir is a file, or not writable: a ConfigError below (the others: theirs)
             failed = e
-        else:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                refused = lock.read().strip() or "its pid unknown"
-                lock.close()
-            except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
-                log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", out, e)
-                lock.close()
-            else:
-                lock.truncate(0)
-                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-                lock.flush()
-                held = lock
     state = 2 if failed else 1 if refused else 0  # what the first process found
     if agree is not None:
         state = agree(state)
@@ -107,6 +92,37 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
                     with contextlib.suppress(OSError):
                         folder.rmdir()
             held.close()  # releases the flock
+
+
+def open_locked(path: Path):
+    """(the lock file `path`, open and flocked by this process, None), or (None, what its holder
+    wrote in it) when another process holds it, or (None, None) on a filesystem without locks.
+    A run that ends having begun nothing removes its lock file (`run_lock`): a lock taken on the
+    file it removed would guard nothing, so it is taken again on the file now at `path`."""
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "its pid unknown"
+            lock.close()
+            return None, holder
+        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+            log.warning("%s: cannot lock the run directory (%s); nothing stops a second job on it", path.parent, e)
+            lock.close()
+            return None, None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(lock.fileno()).st_ino:
+            lock.close()
+            continue
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        return lock, None
 
 
 def began_nothing(out: Path) -> bool:

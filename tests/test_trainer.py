@@ -786,6 +786,32 @@ def test_a_run_directory_that_cannot_be_listed_is_locked_and_left_as_it_is(tmp_p
     assert [p.name for p in out.iterdir()] == [".lock"]  # what it cannot see, it does not clean up
 
 
+def test_a_lock_file_removed_while_it_is_taken_is_taken_again(tmp_path, monkeypatch):
+    """A run that ends having begun nothing removes its lock file: a job that had opened that
+    file just before takes the lock on the file that is gone, which would let a third job take
+    the lock on a new file beside it. The job checks that it holds the file now in place."""
+    import fcntl
+
+    flock = fcntl.flock
+    removed = []
+
+    def holder_ends_first(f, operation):  # the holder removes the file and lets go between open and flock
+        if not removed:
+            removed.append(tmp_path / ".lock")
+            (tmp_path / ".lock").unlink()
+        return flock(f, operation)
+
+    (tmp_path / "notes").mkdir()  # a run directory with something in it keeps its lock file at the end
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    with run_lock(tmp_path):
+        monkeypatch.setattr(fcntl, "flock", flock)
+        assert removed
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))} is in use by another run \(pid "
+                                              rf"{os.getpid()} on "):
+            with run_lock(tmp_path):
+                pass
+
+
 def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
     import fcntl
 
