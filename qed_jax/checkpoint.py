@@ -34,7 +34,7 @@ from flax import nnx
 
 from qed_jax.config import ConfigError, ModelConfig
 from qed_jax.errors import causes, out_of_device_memory, quoted, setting_path_error
-from qed_jax.hf import CheckpointError, copy_assets
+from qed_jax.hf import CheckpointError, copy_assets, write_whole
 from qed_jax.model import Qwen3
 from qed_jax.multihost import SaveBarrier, SaveFailedElsewhere, largest, save_barrier, set_up_together
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
@@ -96,7 +96,7 @@ def write_model_config(directory, config: ModelConfig, assets_from=None) -> None
     if jax.process_index() != 0:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    write_whole(directory / MODEL_CONFIG, json.dumps(dataclasses.asdict(config), indent=2).encode())
     copy_assets(assets_from, directory)
 
 
@@ -415,13 +415,13 @@ class TrainCheckpoints:
         if self.manager.latest_step() == step:
             return  # already saved (e.g. a regular save just before a preemption save)
         meta = {**meta, **self.run}
-        if self.model is not None:  # not before: a refused resume leaves the directory as it found it
-            write_model_config(self.directory, *self.model)
-            self.model = None
         with self.failed_write():  # the save before this one, if still under way: its failure is its own
             self.manager.wait_until_finished()
         self.writing = step  # from here a failure is this step's: part of a save is written before it returns
         with self.failed_write():
+            if self.model is not None:  # not before: a refused resume leaves the directory as it found it
+                write_model_config(self.directory, *self.model)
+                self.model = None
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
@@ -538,7 +538,8 @@ class TrainCheckpoints:
         if aside:
             raise CheckpointError(f"{directory}: no checkpoint step reads back (set aside: {', '.join(aside)}); this "
                                   f"run would start over from step 0: to do that, move those out of {directory}, or "
-                                  "give this run another output_dir or checkpoint_dir")
+                                  "give this run another output_dir or checkpoint_dir. If what they failed with (warned of "
+                                  "when each was set aside) has passed, rename each back to its step number and rerun")
         return None
 
     def _agreed_failure(self, step: int, error: Exception | None) -> bool:

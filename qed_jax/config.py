@@ -920,9 +920,14 @@ def temporary_beside(path: Path) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` whole or not at all: a kill mid-write leaves the old file (or none)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`write_text_atomic` for bytes."""
     tmp = temporary_beside(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from qed_jax.config import ConfigError, ModelConfig, check_dtype, write_text_atomic
+from qed_jax.config import ConfigError, ModelConfig, check_dtype, write_bytes_atomic, write_text_atomic
 from qed_jax.errors import CheckpointError
 from qed_jax.model import Qwen3
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
@@ -504,8 +504,18 @@ def copy_assets(source, dest, names=ASSET_FILES) -> None:
         return
     for name in names:
         if (source / name).exists():
-            with named_on_failure(dest / name):
-                (dest / name).write_bytes((source / name).read_bytes())
+            write_whole(dest / name, (source / name).read_bytes())
+
+
+def write_whole(path: epath.Path, data: bytes) -> None:
+    """`path` written whole or not at all, so that a full disk or a kill mid-write leaves no
+    truncated file behind: a local file through a temporary file renamed over it, an object in a
+    bucket (gs://) as one write, which a bucket makes whole anyway."""
+    with named_on_failure(path):
+        if "://" in str(path):
+            path.write_bytes(data)
+        else:
+            write_bytes_atomic(Path(path), data)
 
 
 def _turn_end_ids(folder: Path) -> list[int]:

@@ -212,18 +212,19 @@ def test_an_export_cut_while_writing_its_generation_config_is_redone_whole(tmp_p
     _, tokenizer = make_hf_model_with_tokenizer(src)
     (src / "generation_config.json").unlink()
     model = qed_jax.from_pretrained(src)
-    write_text = Path.write_text
+    write_bytes = Path.write_bytes
 
-    def killed_halfway(path, text, *args, **kwargs):
+    def killed_halfway(path, data):
         if "generation_config" in path.name:
-            write_text(path, text[:len(text) // 2], *args, **kwargs)
+            write_bytes(path, data[:len(data) // 2])
             raise KeyboardInterrupt
-        return write_text(path, text, *args, **kwargs)
+        return write_bytes(path, data)
 
-    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    monkeypatch.setattr(Path, "write_bytes", killed_halfway)
     with pytest.raises(KeyboardInterrupt):
         qed_jax.save_pretrained(model, tmp_path / "out", assets_from=src)
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert not list((tmp_path / "out").glob("*generation_config*"))  # no half-written file left
     assert not (tmp_path / "out" / "config.json").exists()
     qed_jax.save_pretrained(model, tmp_path / "out", assets_from=src)  # the rerun
     end_of_turn = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

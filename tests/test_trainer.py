@@ -356,7 +356,9 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
         nothing = _sft(["steps=2", f"output_dir={run}"])
         assert nothing.returncode == 2, nothing.stderr[-3000:]
         assert re.search(r"no checkpoint step reads back \(set aside: 1\.unreadable-\d+-\d+, 2\.unreadable-\d+-\d+\); "
-                         r"this run would start over from step 0: to do that, move those out of ", nothing.stderr)
+                         r"this run would start over from step 0: to do that, move those out of .*\. If what they "
+                         r"failed with \(warned of when each was set aside\) has passed, rename each back to its step number and rerun$",
+                         nothing.stderr.strip().splitlines()[-1])
         assert (run / "metrics.jsonl").read_text() == metrics and not (run / "checkpoints" / "1").exists()
 
     # A `qed-jax convert` folder (parameters only) given as checkpoint_dir: refused, and left loadable.
@@ -824,15 +826,20 @@ def test_a_run_directory_on_a_filesystem_without_locks_runs_unguarded(tmp_path, 
     assert f"cannot lock the run directory ([Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)})" in caplog.text
 
 
-def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("limit", [64 * 1024, 10_000], ids=["orbax_files", "tokenizer_file"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path, limit):
     """Orbax writes in the background and raises a failed write (a full disk) at the next save or
     at the end, with hundreds of lines of its threads' tracebacks: one line names the step and
-    what to do, and a rerun with room to write trains again, each step recorded once."""
+    what to do, and a rerun with room to write trains again, each step recorded once. The
+    checkpoint folder's own files (the tiny tokenizer.json is 21 kB, over the second limit) fail
+    the same way, and leave no truncated file that every step's loading would read."""
     run = tmp_path / "run"
     limited = subprocess.run(cli_with_file_size_limit(
         ["sft", "--config", TINY_SFT, "eval_every=0", "export_dtype=null", "checkpoint_every=1", "steps=3",
-         f"output_dir={run}"], 64 * 1024), cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+         f"output_dir={run}"], limit), cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
     assert limited.returncode == 2, limited.stderr[-3000:]
+    assert not (run / "checkpoints" / "tokenizer.json").exists() or limit > 21_000
+    assert not list((run / "checkpoints").glob(".*.tmp"))
     assert "Traceback" not in limited.stderr and len(limited.stderr.splitlines()) < 20, limited.stderr[-3000:]
     assert limited.stderr.strip().splitlines()[-1] == (
         f"qed-jax sft: error: {run / 'checkpoints'}: writing checkpoint step 1 failed (file too large); no step was "
