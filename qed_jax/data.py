@@ -74,7 +74,10 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
         with open(local, "rb") as f:
             if is_json_array(local, f):
                 return _json_array_rows(path, f.read(), key)
-            return _json_lines_rows(f)
+            rows = _json_lines_rows(f)
+        if suffix == ".json" and rows and isinstance(rows[0][1], BadRow):
+            refuse_one_object(local, key)
+        return rows
     if local.is_file() and suffix != ".parquet":
         kind = f"cannot read '{local.suffix}' files" if local.suffix else "its name has no suffix to tell its format by"
         raise ConfigError(f"{key} {path}: {kind}; use JSON lines (.jsonl or .json), a JSON array (.json) or "
@@ -127,6 +130,20 @@ def is_json_array(path: Path, f) -> bool:
     array = path.suffix.lower() == ".json" and f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
     f.seek(0)
     return array
+
+
+def refuse_one_object(path: Path, key: str) -> None:
+    """A .json file whose first line is no row may be one JSON object over several lines (an
+    export's {"data": [rows]}): read as lines, every line would be skipped as malformed."""
+    try:
+        whole = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
+    except (ValueError, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        lists = [name for name, value in whole.items() if isinstance(value, list)]
+        hint = f", e.g. the list under {lists[0]!r}" if lists else ""
+        raise ConfigError(f"{key} {path}: holds one JSON object (keys {', '.join(map(repr, list(whole)[:5]))}), not "
+                          f"rows: give JSON lines (one row per line) or one JSON array of rows{hint}")
 
 
 def first_bad_line(folder: Path) -> str | None:
@@ -289,12 +306,17 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     if chat_ids.intersection(answer_ids[:stop - 1]):
         raise ValueError("the answer's text holds <|im_end|>, <|endoftext|> or <|im_start|>, which tokenize as the "
                          "chat's own tokens: trained, the model would learn to end its turn there")
-    # The template writes one </think>, and a <think> unless its generation prompt opened it.
+    reasoning = messages[-1].get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in answer:
+        raise ValueError("the chat template does not write the assistant message's reasoning_content, so its thinking "
+                         "would not be trained: use a tokenizer whose chat template thinks (Qwen3's)")
+    # The answer holds one thinking block: one </think>, and a <think> unless the generation prompt
+    # opened it (written by the template from reasoning_content, or in the content itself).
     trained = answer_ids[:stop]
     for token, own in (("<think>", 0 if prefix.rstrip().endswith("<think>") else 1), ("</think>", 1)):
         found = token_id(tokenizer, token)
         if found is not None and trained.count(found) > own:
-            raise ValueError(f"the answer's text holds {token} beyond the chat template's own, which tokenizes as the "
+            raise ValueError(f"the answer's text holds {token} beyond its thinking block's, which tokenizes as the "
                              "thinking block's token: trained, the model would learn to open or close its thinking "
                              "there")
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
@@ -390,9 +412,6 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
                 stats.drop(where, f"its prompt alone fills data.max_length {config.max_length}")
                 continue
             stats.truncated += 1
-        if mask.sum() == 0:  # the answer took no tokens
-            stats.skip(where, "no answer tokens")
-            continue
         examples.append({"tokens": ids, "loss_mask": mask})
     stats.kept = len(examples)
     warn_left_out(source, "skipped", stats.first_skipped, sum(stats.skipped.values()))

@@ -84,12 +84,6 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return stop_ids(tokenizer)[0]
-
-
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False,
                 **options) -> str:
     """`messages` as the tokenizer's chat template writes them (`options` reach the template,

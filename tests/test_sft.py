@@ -806,6 +806,14 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
         with pytest.raises(ConfigError, match=rf"pretty\.json: not a valid JSON array \(Extra data at line {line} "
                                               r"column 1\); a \.json file that opens with '\[' is read as one array"):
             read_rows(str(pretty))
+    # One object over several lines (an export's {"data": [rows]}): said so, not every line skipped.
+    pretty.write_text(json.dumps({"version": 1, "data": rows}, indent=2))
+    with pytest.raises(ConfigError, match=r"^data\.path .*/pretty\.json: holds one JSON object \(keys 'version', "
+                                          r"'data'\), not rows: give JSON lines \(one row per line\) or one JSON "
+                                          r"array of rows, e\.g\. the list under 'data'$"):
+        read_rows(str(pretty), key="data.path")
+    pretty.write_text(json.dumps(rows[0]) + "\n{not json\n")  # JSON lines with a bad line: skipped as before
+    assert [where for where, _ in read_rows(str(pretty))] == ["line 1", "line 2"]
 
 
 def test_unknown_config_key_fails_at_start_listing_valid_keys(capsys):
@@ -1099,6 +1107,28 @@ def test_reasoning_that_holds_think_tokens_as_text_is_skipped(tokenizer):
     with pytest.raises(ValueError, match="think"):
         tokenize_sft(tokenizer, sft_messages(row))
     tokenize_sft(tokenizer, sft_messages({**row, "reasoning_content": "First idea. More thinking."}))
+
+
+def test_reasoning_that_the_chat_template_does_not_write_is_skipped():
+    """A template that does not think (plain ChatML) drops reasoning_content: the row would train
+    the answer alone. A thinking block written in the content is the model's to learn, whatever
+    the template."""
+    tokenizer = load_tokenizer(TOKENIZER)  # a fresh copy: the module's fixture is shared
+    tokenizer.chat_template = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                               "'<|im_end|>\n' }}{%- endfor %}"
+                               "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+    row = {"problem": "Prove X.", "reasoning_content": "First idea.", "proof": "Done."}
+    with pytest.raises(ValueError, match=r"^the chat template does not write the assistant message's "
+                                         r"reasoning_content, so its thinking would not be trained"):
+        tokenize_sft(tokenizer, sft_messages(row))
+    think = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    messages = [{"role": "user", "content": "Prove X."},
+                {"role": "assistant", "content": "<think>\nFirst idea.\n</think>\n\nDone."}]
+    ids, mask = tokenize_sft(tokenizer, messages)
+    assert [i for i in ids[mask == 1].tolist() if i in think] == think
+    messages[-1]["content"] += " </think>"
+    with pytest.raises(ValueError, match="^the answer's text holds </think> beyond its thinking block's"):
+        tokenize_sft(tokenizer, messages)
 
 
 def test_the_export_keeps_the_generation_config_of_the_model_trained_from(tmp_path):
