@@ -19,6 +19,15 @@ from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, Stor
                             first_line, lost_process, os_error_line, out_of_device_memory, renamed)
 
 
+def trainer_run(folder) -> bool:
+    """Whether `folder` is a qed-jax trainer's run directory (its config.json has `optim`)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):  # none, or unreadable
+        return False
+    return isinstance(config, dict) and "optim" in config
+
+
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     """Refuse a destination that holds or lies inside the source, and one that
     already holds something unless `overwrite` and it holds an earlier model (a Hugging Face
@@ -53,6 +62,10 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if trained:
         raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "
                           "--overwrite leaves it alone; choose another destination")
+    if where.name == "hf" and trainer_run(where.parent):
+        raise ConfigError(f"{dest} is the export of the training run in {where.parent}, which its trainer made from "
+                          "its last checkpoint and the stages after it load, so --overwrite leaves it alone; choose "
+                          "another destination")
     # A model's folders are a checkpoint's steps (and a save cut off), and a download's .cache
     # (`hf download --local-dir`); any other (a run kept beside the model, a .git) is not the
     # model's to delete.

@@ -431,6 +431,16 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
     (run / "0" / "opt_state").mkdir()
     assert cli.main(["convert", str(source), str(run), "--overwrite"]) == 2
     assert "holds a training run's checkpoints (step 0 has optimizer state)" in capsys.readouterr().err
+    export = tmp_path / "sft_run" / "hf"  # a trainer's export, which the stages after it load: never replaced
+    assert cli.main(["convert", str(target), str(export)]) == 0
+    (export.parent / "config.json").write_text(json.dumps({"optim": {"lr": 1e-5}, "steps": 2}))
+    assert cli.main(["convert", str(source), str(export), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qed-jax convert: error: {export} is the export of the training run in {export.parent}, which its trainer "
+        "made from its last checkpoint and the stages after it load, so --overwrite leaves it alone; choose another "
+        "destination")
+    (export.parent / "config.json").write_text(json.dumps({"benchmark": {}}))  # another command's folder: replaced
+    assert cli.main(["convert", str(source), str(export), "--overwrite"]) == 0
 
 
 def test_sharded_model_matches_unsharded_and_follows_rules(tmp_path):
