@@ -295,7 +295,7 @@ def _judge(args) -> int | None:
     from qed_jax.config import load_config, temporary_beside, without_non_finite
     from qed_jax.data import BadRow, json_lines, read_rows
     from qed_jax.judge import (Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts,
-                               rejection_note)
+                               rejection_note, warn_ungraded_schemes)
 
     # The keys as a trainer's or eval's judge section names them work here too (error messages say judge.base_url).
     overrides = [o.removeprefix("judge.") for o in args.overrides]
@@ -316,6 +316,10 @@ def _judge(args) -> int | None:
     items = [item_from_row(row, where, needs) for where, row in numbered]
     if not items:
         raise ConfigError(f"{args.input}: holds no rows to grade")
+    warn_ungraded_schemes(numbered, items, needs)
+    if config.cache_path:
+        args.kept_on_stop = (f"; the grades received are kept in the judge's cache {config.cache_path}: rerun the "
+                             "same command to continue from them")
     output = Path(args.output)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory; give a file path, e.g. {output / 'graded.jsonl'}")
@@ -944,6 +948,7 @@ def _run_command(args, stopped_by: list[int]) -> int:
         signum = stopped_by[0] if stopped_by else signal.SIGINT
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         resume = "; what finished is kept: rerun the same command to continue" if args.command in RESUMABLE else ""
+        resume = getattr(args, "kept_on_stop", None) or resume  # a command that said what it keeps
         if failed_while_stopping is not None:
             resume = f"; then a write failed: {_os_error(failed_while_stopping)}"
         if finished:

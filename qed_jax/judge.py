@@ -413,6 +413,20 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
                      guidelines=value.get("guidelines"), answer=value.get("answer"))
 
 
+def warn_ungraded_schemes(numbered: list[tuple[str, Any]], items: list[GradeItem], needs: list[str]) -> None:
+    """Warn of the rows (`numbered`: (where, row)) that give no marking scheme or guidelines
+    where the judge's template renders one (`needs`): the judge grades them without it."""
+    for field, keys, _ in _ROW_FIELDS.values():
+        if field not in needs or field == "answer":  # an answer is required (item_from_row)
+            continue
+        missing = [(where, row) for (where, row), item in zip(numbered, items) if getattr(item, field) is None]
+        if missing:
+            where, row = missing[0]
+            log.warning("%d of %d rows give no %s (%s), so the judge grades them without it; the first, %s, has the "
+                        "fields %s", len(missing), len(items), field, " or ".join(keys), where,
+                        ", ".join(map(repr, list(row)[:10])))
+
+
 # --------------------------------------------------------------------------------------------
 # The grade cache
 

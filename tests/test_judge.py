@@ -484,6 +484,23 @@ def test_cli_killed_mid_run_resumes_without_regrading(tmp_path):
     assert server.total - sent_before == 50  # only the rows not yet graded were sent again
 
 
+def test_cli_interrupted_says_where_its_grades_are_kept(tmp_path):
+    rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
+    _write_rows(rows, 12)
+    with JudgeServer({f"i{i}": [("hang", NEVER)] for i in range(4, 12)}) as server:
+        proc = _cli(["judge", "--input", str(rows), "--output", str(out), f"base_url={server.url}", "concurrency=2",
+                     f"cache_path={cache}", "timeout_s=600"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    text=True)
+        deadline = time.time() + 600  # only ends a run that is broken
+        while _graded_rows(cache) < 4 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and not out.exists(), err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"qed-jax judge: interrupted; the grades received are kept in the judge's "
+                                            f"cache {cache}: rerun the same command to continue from them")
+
+
 def test_api_key_appears_in_no_log_output_or_cache(tmp_path):
     secret = "sk-qedjax-test-5f3a9c1e77"
     rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
@@ -588,6 +605,22 @@ def test_judge_cli_makes_the_output_folder(tmp_path):
         assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"judge.base_url={server.url}",
                          f"cache_path={tmp_path / 'cache.sqlite'}"]) == 0
     assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [7, 7]
+
+
+def test_judge_cli_warns_of_rows_graded_without_the_scheme_its_template_shows(tmp_path, capsys):
+    """A misspelt guidelines field is graded without guidelines, as rows without any are: said so."""
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"problem": "P", "completion": "x</think>Proof [[item:a]]", "grading_guidelines": "7 if whole"},
+        {"problem": "P", "completion": "x</think>Proof [[item:b]]", "guideline": "7 if whole"}]))
+    with JudgeServer({}) as server:
+        assert cli.main(["judge", "--config", str(REPO / "configs/judge/imo_proofbench.yaml"), "--input", str(rows),
+                         "--output", str(out), f"base_url={server.url}", "cache_path=null",
+                         "answer_format=score", "allowed_scores=null"]) == 0  # as the stand-in server replies
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines() if "rows give no" in line] == [
+        f"WARNING qed_jax.judge: 1 of 2 rows give no guidelines (guidelines or grading_guidelines or grading_scheme), "
+        f"so the judge grades them without it; the first, {rows}:2, has the fields 'problem', 'completion', "
+        "'guideline'"]
 
 
 def test_judge_cli_counts_the_rows_scored_0_without_a_request(tmp_path, capsys):
