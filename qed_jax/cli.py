@@ -580,7 +580,7 @@ def _version() -> str:
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser (and each command's, through add_subparsers), answering a misspelt
-    command, choice or flag with what it resembles."""
+    command, choice or flag with what it resembles, in one line without the usage."""
 
     def parse_known_args(self, args=None, namespace=None):
         self.given = list(sys.argv[1:] if args is None else args)  # for error(): argparse keeps no copy
@@ -599,7 +599,7 @@ class Parser(argparse.ArgumentParser):
                    and x.split("=")[0] not in self._option_string_actions]
         if message.startswith("the following arguments are required") and unknown:
             message += f"; unrecognized arguments: {' '.join(unknown)}{suggested_flags(self, unknown)}"
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line: --help gives the usage
 
 
 def build_parser() -> argparse.ArgumentParser:

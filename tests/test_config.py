@@ -578,7 +578,7 @@ def test_a_misspelt_flag_command_or_choice_is_answered_with_what_it_resembles(ca
     ]:
         with pytest.raises(SystemExit):
             cli.parse_args(argv)
-        assert capsys.readouterr().err.strip().splitlines()[-1] == message
+        assert capsys.readouterr().err.strip().splitlines() == [message]
 
 
 def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):
