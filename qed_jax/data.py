@@ -418,7 +418,13 @@ def prepare_sft(rows: list[tuple[str, Any]], tokenizer, config: DataConfig,
     warn_left_out(source, "dropped", stats.first_dropped, stats.dropped_long + stats.no_room)
     log.info("%s: %s", source, stats.summary())
     if not examples:
-        raise ConfigError(f"{source}: no usable rows ({stats.summary()})")
+        advice = ""
+        if stats.skipped:  # what the commonest fault of the rows is, to fix
+            reason, count = stats.skipped.most_common(1)[0]
+            advice = f"; {count} of them: {reason}"
+        if stats.dropped_long:
+            advice += "; raise data.max_length, or set data.overflow=truncate"
+        raise ConfigError(f"{source}: no usable rows ({stats.summary()}){advice}")
     return examples, stats
 
 

@@ -878,7 +878,9 @@ def test_held_out_rows_that_leave_nothing_to_train_on_are_named(tmp_path):
     # Rows none of which can be used: that is the error, not the held-out count.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "P"}\n{not json\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl: no usable rows \(0 of 2 rows kept, 2 malformed skipped\)$"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl: no usable rows \(0 of 2 rows kept, 2 malformed skipped\); 1 of "
+                                          r"them: field 'reasoning_content' is missing or empty \(and there are no "
+                                          r"messages\)$"):
         train(dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(bad))))
 
 
@@ -1033,6 +1035,9 @@ def test_rows_whose_prompt_fills_max_length_are_counted_as_such(caplog):
     with pytest.raises(ConfigError, match=rf"no usable rows \(0 of {len(rows)} rows kept, {len(rows)} dropped: the "
                                           r"prompt alone fills data\.max_length, so raise it\)$"):
         prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=20, overflow="truncate"))
+    with pytest.raises(ConfigError, match=rf"no usable rows \(0 of {len(rows)} rows kept, {len(rows)} dropped as too "
+                                          r"long\); raise data\.max_length, or set data\.overflow=truncate$"):
+        prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=20, overflow="drop"))
     _, stats = prepare_sft(rows, tokenizer, DataConfig(path=DATA, max_length=256, overflow="truncate"))
     assert (stats.kept, stats.no_room, sum(stats.skipped.values())) == (len(rows), 0, 0)
 
