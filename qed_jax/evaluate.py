@@ -240,7 +240,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     row and the column. A problem's id defaults to its row's index (0 for the first row), null
     too. A group_field that no row has is an error for a `new_run`, a warning for one that goes on (its
     samples were drawn under it, and benchmark.group_field is part of what the run is). A proof
-    benchmark whose solution or guidelines column no row has is warned of."""
+    benchmark whose solution or guidelines column no row has is warned of, as are rows that lack a
+    column (id, solution, guidelines) the others have."""
     from qed_jax.data import BadRow
 
     if not rows:
@@ -310,6 +311,16 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
                 log.warning("%s: no row has the column %r (benchmark.fields.%s), so the judge grades every proof "
                             "without %s; map it with benchmark.fields.%s=COLUMN", config.path, fields[name], name,
                             what, name)
+    # A column some rows lack (a row edited by hand, a misspelt key): those rows alone, said so.
+    for name, what in (("id", "so their ids are their row indexes"),
+                       *((("solution", "so their proofs are graded without a reference solution"),
+                          ("guidelines", "so their proofs are graded without grading guidelines"))
+                         if config.kind == "proof" else ())):
+        lacking = [line for line, r in rows if r.get(fields[name]) is None]
+        if 0 < len(lacking) < len(rows):
+            log.warning("%s: %d of %d rows have no column %r (benchmark.fields.%s), %s: %s", config.path,
+                        len(lacking), len(rows), fields[name], name, what,
+                        ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""))
     if config.limit is not None:
         problems = problems[: config.limit]
     if not problems:

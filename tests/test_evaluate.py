@@ -610,13 +610,29 @@ def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
         problems_from_rows(rows, BenchmarkConfig(path="b"))
     assert caplog.messages == [
         "b: no row has the column 'solution' (benchmark.fields.solution), so the judge grades every proof without "
-        "a reference solution; map it with benchmark.fields.solution=COLUMN"]
+        "a reference solution; map it with benchmark.fields.solution=COLUMN",
+        "b: 1 of 2 rows have no column 'grading_guidelines' (benchmark.fields.guidelines), so their proofs are "
+        "graded without grading guidelines: line 2"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
         problems_from_rows(rows, BenchmarkConfig(path="b", fields={"solution": "reference_solution"}))
         problems_from_rows([("line 1", {"problem": "P", "answer": "1", "problem_id": 7})],
                            BenchmarkConfig(path="b", kind="answer"))
-    assert caplog.messages == []  # one row with guidelines is enough; an answer benchmark reads neither
+    # The rows that lack a column the others have are named (an answer benchmark reads neither).
+    assert caplog.messages == [
+        "b: 1 of 2 rows have no column 'grading_guidelines' (benchmark.fields.guidelines), so their proofs are "
+        "graded without grading guidelines: line 2"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        problems_from_rows([*rows, *((f"line {n}", {"problem": f"P{n}", "reference_solution": "S"})
+                                     for n in range(3, 10))], BenchmarkConfig(path="b", fields={
+                                         "solution": "reference_solution"}))
+    assert caplog.messages == [
+        "b: 7 of 9 rows have no column 'problem_id' (benchmark.fields.id), so their ids are their row indexes: "
+        "line 3, line 4, line 5, line 6, line 7 and 2 more",
+        "b: 8 of 9 rows have no column 'grading_guidelines' (benchmark.fields.guidelines), so their proofs are "
+        "graded without grading guidelines: line 2, line 3, line 4, line 5, line 6 and 3 more"]
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
         problems_from_rows(rows, BenchmarkConfig(path="b", fields={"solution": "reference_solution",
                                                                    "guidelines": "rubric"}))
