@@ -316,7 +316,6 @@ def _judge(args) -> int | None:
     items = [item_from_row(row, where, needs) for where, row in numbered]
     if not items:
         raise ConfigError(f"{args.input}: holds no rows to grade")
-    warn_ungraded_schemes(numbered, items, needs)
     if config.cache_path:
         args.kept_on_stop = (f"; the grades received are kept in the judge's cache {config.cache_path}: rerun the "
                              "same command to continue from them")
@@ -337,6 +336,7 @@ def _judge(args) -> int | None:
     try:
         # opened before any request: an unwritable output costs no grades
         with contextlib.nullcontext(sys.stdout) if to_stdout else open(tmp, "w") as f:
+            warn_ungraded_schemes(numbered, items, needs)  # once the command is sure to grade them
             judge = Judge(config)
             try:
                 with tqdm(total=len(items), desc="grading", unit="proof") as bar:
