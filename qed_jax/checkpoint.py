@@ -538,8 +538,9 @@ class TrainCheckpoints:
         if aside:
             raise CheckpointError(f"{directory}: no checkpoint step reads back (set aside: {', '.join(aside)}); this "
                                   f"run would start over from step 0: to do that, move those out of {directory}, or "
-                                  "give this run another output_dir or checkpoint_dir. If what they failed with (warned of "
-                                  "when each was set aside) has passed, rename each back to its step number and rerun")
+                                  "give this run another output_dir or checkpoint_dir. If a step was set aside for a cause "
+                                  "that has passed (a missing mount, say), rename its newest copy back to its step number "
+                                  "(N.unreadable-TIME to N) and rerun")
         return None
 
     def _agreed_failure(self, step: int, error: Exception | None) -> bool:

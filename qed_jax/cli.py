@@ -47,6 +47,10 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
         if where in source_at.parents or source_at in where.parents:
             raise ConfigError(f"{dest}: the destination would hold or lie inside the source {source}; "
                               "choose a folder apart from it")
+    if where.name == "hf" and trainer_run(where.parent):  # even empty: a trainer's export cut off part-way
+        raise ConfigError(f"{dest} is the export of the training run in {where.parent}, which its trainer makes from "
+                          "its last checkpoint and the stages after it load, so convert leaves it alone; choose "
+                          "another destination")
     if not where.exists() or not any(where.iterdir()):
         return False
     entries = list(where.iterdir())
@@ -62,10 +66,6 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     if trained:
         raise ConfigError(f"{dest} holds a training run's checkpoints (step {trained[0]} has optimizer state), so "
                           "--overwrite leaves it alone; choose another destination")
-    if where.name == "hf" and trainer_run(where.parent):
-        raise ConfigError(f"{dest} is the export of the training run in {where.parent}, which its trainer made from "
-                          "its last checkpoint and the stages after it load, so --overwrite leaves it alone; choose "
-                          "another destination")
     # A model's folders are a checkpoint's steps (and a save cut off), and a download's .cache
     # (`hf download --local-dir`); any other (a run kept beside the model, a .git) is not the
     # model's to delete.
@@ -599,7 +599,7 @@ class Parser(argparse.ArgumentParser):
                    and x.split("=")[0] not in self._option_string_actions]
         if message.startswith("the following arguments are required") and unknown:
             message += f"; unrecognized arguments: {' '.join(unknown)}{suggested_flags(self, unknown)}"
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line: --help gives the usage
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` shows the usage\n")  # one line
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,7 @@ class ModelConfig:
         if hf.get("attention_bias"):
             raise ConfigError("config has attention_bias=true; Qwen3 attention has no biases")
         if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one function
-            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
+            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (expected 'silu' or 'swish')")
         for key in ("rope_parameters", "rope_scaling"):  # transformers 5 runs rope_scaling over rope_parameters
             rope = hf.get(key) or {}
             if not isinstance(rope, dict):

@@ -75,7 +75,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
             if is_json_array(local, f):
                 return _json_array_rows(path, f.read(), key)
             rows = _json_lines_rows(f)
-        if suffix == ".json" and rows and isinstance(rows[0][1], BadRow):
+        if suffix == ".json" and rows and (isinstance(rows[0][1], BadRow) or (len(rows) == 1 and holds_rows(rows[0][1]))):
             refuse_one_object(local, key)
         return rows
     if local.is_file() and suffix != ".parquet":
@@ -132,9 +132,16 @@ def is_json_array(path: Path, f) -> bool:
     return array
 
 
+def holds_rows(row: Any) -> bool:
+    """Whether `row` looks like an export's wrapper of rows ({"data": [rows]}), not a row itself."""
+    return isinstance(row, dict) and not {"messages", "problem"} & set(row) and any(
+        isinstance(value, list) and value and all(isinstance(item, dict) for item in value) for value in row.values())
+
+
 def refuse_one_object(path: Path, key: str) -> None:
     """A .json file whose first line is no row may be one JSON object over several lines (an
-    export's {"data": [rows]}): read as lines, every line would be skipped as malformed."""
+    export's {"data": [rows]}): read as lines, every line would be skipped as malformed. On one
+    line (`holds_rows`), it would be one malformed row."""
     try:
         whole = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
     except (ValueError, UnicodeDecodeError):
@@ -309,7 +316,8 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     reasoning = messages[-1].get("reasoning_content")
     if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in answer:
         raise ValueError("the chat template does not write the assistant message's reasoning_content, so its thinking "
-                         "would not be trained: use a tokenizer whose chat template thinks (Qwen3's)")
+                         "would not be trained: use a tokenizer whose chat template thinks (Qwen3's), or give the rows "
+                         "as messages without reasoning_content to train the answer alone")
     # The answer holds one thinking block: one </think>, and a <think> unless the generation prompt
     # opened it (written by the template from reasoning_content, or in the content itself).
     trained = answer_ids[:stop]

@@ -94,12 +94,16 @@ def run_lock(out: Path, first: bool = True, agree: Callable[[int], int] | None =
             held.close()  # releases the flock
 
 
+LOCK_TRIES = 10  # locks taken on a lock file just removed, before giving up on locking
+
+
 def open_locked(path: Path):
     """(the lock file `path`, open and flocked by this process, None), or (None, what its holder
     wrote in it) when another process holds it, or (None, None) on a filesystem without locks.
     A run that ends having begun nothing removes its lock file (`run_lock`): a lock taken on the
     file it removed would guard nothing, so it is taken again on the file now at `path`."""
-    while True:
+    for _ in range(LOCK_TRIES):
+        path.parent.mkdir(parents=True, exist_ok=True)  # the holder removes the folder too if it made it
         lock = open(path, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,6 +127,10 @@ def open_locked(path: Path):
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
         return lock, None
+    # A filesystem whose file ids do not stay put (some network and FUSE mounts): as one without locks.
+    log.warning("%s: cannot lock the run directory (its lock file changed under every lock taken); nothing stops a "
+                "second job on it", path.parent)
+    return None, None
 
 
 def began_nothing(out: Path) -> bool:

@@ -342,7 +342,8 @@ def test_an_empty_path_argument_is_refused_before_it_names_the_working_directory
         cli.parse_args(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"qed-jax {argv[0]}: error: argument {name}: empty; give a path (an unset shell variable?)")
+        f"qed-jax {argv[0]}: error: argument {name}: empty; give a path (an unset shell variable?); "
+        f"`qed-jax {argv[0]} --help` shows the usage")
 
 
 @pytest.mark.parametrize("command", ["sft", "grpo", "eval", "judge", "pipeline", "plan"])
@@ -578,7 +579,8 @@ def test_a_misspelt_flag_command_or_choice_is_answered_with_what_it_resembles(ca
     ]:
         with pytest.raises(SystemExit):
             cli.parse_args(argv)
-        assert capsys.readouterr().err.strip().splitlines() == [message]
+        prog = message.split(": error: ")[0]
+        assert capsys.readouterr().err.strip().splitlines() == [f"{message}; `{prog} --help` shows the usage"]
 
 
 def test_a_path_error_is_one_line_naming_the_path(tmp_path, capsys):

@@ -394,7 +394,8 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
             cli.main(args)
         assert exit_.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1] == (
-            f"qed-jax convert: error: argument {name}: empty; give a path (an unset shell variable?)")
+            f"qed-jax convert: error: argument {name}: empty; give a path (an unset shell variable?); "
+            "`qed-jax convert --help` shows the usage")
     (work / "config.json").write_text("{}")  # a run directory has a config.json too
     (work / ".lock").write_text("")  # named after what is not hidden
     for dest, overwrite in ((work, ["--overwrite"]), (".", ["--overwrite"]), (work, [])):  # never "pass --overwrite"
@@ -434,11 +435,15 @@ def test_convert_overwrite_replaces_only_a_model(tmp_path, capsys, monkeypatch):
     export = tmp_path / "sft_run" / "hf"  # a trainer's export, which the stages after it load: never replaced
     assert cli.main(["convert", str(target), str(export)]) == 0
     (export.parent / "config.json").write_text(json.dumps({"optim": {"lr": 1e-5}, "steps": 2}))
+    refusal = (f"qed-jax convert: error: {export} is the export of the training run in {export.parent}, which its "
+               "trainer makes from its last checkpoint and the stages after it load, so convert leaves it alone; "
+               "choose another destination")
     assert cli.main(["convert", str(source), str(export), "--overwrite"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"qed-jax convert: error: {export} is the export of the training run in {export.parent}, which its trainer "
-        "made from its last checkpoint and the stages after it load, so --overwrite leaves it alone; choose another "
-        "destination")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == refusal
+    shutil.rmtree(export)
+    export.mkdir()  # cut off before it wrote anything: its trainer's to write still
+    assert cli.main(["convert", str(source), str(export)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == refusal
     (export.parent / "config.json").write_text(json.dumps({"benchmark": {}}))  # another command's folder: replaced
     assert cli.main(["convert", str(source), str(export), "--overwrite"]) == 0
 

@@ -812,6 +812,9 @@ def test_a_json_file_may_hold_one_array_of_rows_or_json_lines(tmp_path):
                                           r"'data'\), not rows: give JSON lines \(one row per line\) or one JSON "
                                           r"array of rows, e\.g\. the list under 'data'$"):
         read_rows(str(pretty), key="data.path")
+    pretty.write_text(json.dumps({"version": 1, "data": rows}))  # on one line: not a row either
+    with pytest.raises(ConfigError, match=r"pretty\.json: holds one JSON object \(keys 'version', 'data'\), not rows"):
+        read_rows(str(pretty))
     pretty.write_text(json.dumps(rows[0]) + "\n{not json\n")  # JSON lines with a bad line: skipped as before
     assert [where for where, _ in read_rows(str(pretty))] == ["line 1", "line 2"]
 

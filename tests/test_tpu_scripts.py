@@ -441,7 +441,7 @@ def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsy
              "mean 'sft'?"),
             (["qed-jax", "sft", "--confg", "configs/sft/tiny.yaml"],
              "the job's command does not parse (qed-jax sft: error: unrecognized arguments: --confg (did you mean "
-             "--config?)): `qed-jax sft --confg configs/sft/tiny.yaml`"),
+             "--config?); `qed-jax sft --help` shows the usage): `qed-jax sft --confg configs/sft/tiny.yaml`"),
             (["qed-jax", "sft", "--config", "configs/sft/tiny.yml", "--distributed"],
              f"the job's --config configs/sft/tiny.yml is no file of {REPO} that `setup` copies to the workers"),
             (["qed-jax", "sft", "--config=configs/sft", "--distributed"], "the job's --config configs/sft is no file"),

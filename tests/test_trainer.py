@@ -356,8 +356,9 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_and_kept_and_none_reada
         nothing = _sft(["steps=2", f"output_dir={run}"])
         assert nothing.returncode == 2, nothing.stderr[-3000:]
         assert re.search(r"no checkpoint step reads back \(set aside: 1\.unreadable-\d+-\d+, 2\.unreadable-\d+-\d+\); "
-                         r"this run would start over from step 0: to do that, move those out of .*\. If what they "
-                         r"failed with \(warned of when each was set aside\) has passed, rename each back to its step number and rerun$",
+                         r"this run would start over from step 0: to do that, move those out of .*\. If a step was "
+                         r"set aside for a cause that has passed \(a missing mount, say\), rename its newest copy back "
+                         r"to its step number \(N\.unreadable-TIME to N\) and rerun$",
                          nothing.stderr.strip().splitlines()[-1])
         assert (run / "metrics.jsonl").read_text() == metrics and not (run / "checkpoints" / "1").exists()
 
