@@ -354,7 +354,7 @@ def test_a_second_config_is_refused_not_silently_taken_alone(command, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"qed-jax {command}: error: --config given twice (a.yaml and b.yaml): give one; set single keys on top of "
-        "it as key=value")
+        f"it as key=value; `qed-jax {command} --help` shows the usage")
     required = {"judge": ["--input", "rows.jsonl", "--output", "graded.jsonl"], "plan": ["--topology", "v5p-8"]}
     args = cli.parse_args([command, "--config", "a.yaml", *required.get(command, [])])
     assert args.config == "a.yaml"
@@ -537,7 +537,8 @@ def test_a_flag_is_never_taken_from_a_prefix_and_multi_host_flags_go_together(tm
     # A user's "--resume" (continue this run) must not turn on --resume-with-changes.
     with pytest.raises(SystemExit):
         cli.parse_args(["sft", "--resume"])
-    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --resume")  # and no guess
+    assert capsys.readouterr().err.strip().endswith(
+        "unrecognized arguments: --resume; `qed-jax sft --help` shows the usage")  # and no guess
     base = ["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path / 'run'}"]
     for flags, message in [(["--num-processes", "2", "--process-id", "1"], "--num-processes goes with --coordinator "
                             "(the coordinator's host:port); add it, or drop --num-processes and --process-id"),
