@@ -19,15 +19,6 @@ from qed_jax.errors import (CheckpointError, ConfigError, JudgeUnavailable, Stor
                             first_line, lost_process, os_error_line, out_of_device_memory, renamed)
 
 
-def trainer_run(folder) -> bool:
-    """Whether `folder` is a qed-jax trainer's run directory (its config.json has `optim`)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):  # none, or unreadable
-        return False
-    return isinstance(config, dict) and "optim" in config
-
-
 def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     """Refuse a destination that holds or lies inside the source, and one that
     already holds something unless `overwrite` and it holds an earlier model (a Hugging Face
@@ -35,7 +26,7 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
     model to replace: `_clear` empties it only once the source has loaded."""
     from etils import epath
 
-    from qed_jax import checkpoint
+    from qed_jax import checkpoint, rundir
 
     def real(path: str):  # symbolic links followed (epath's resolve does not)
         return epath.Path(path) if "://" in path else epath.Path(os.path.realpath(path))
@@ -47,7 +38,7 @@ def _check_destination(source: str, dest: str, overwrite: bool) -> bool:
         if where in source_at.parents or source_at in where.parents:
             raise ConfigError(f"{dest}: the destination would hold or lie inside the source {source}; "
                               "choose a folder apart from it")
-    if where.name == "hf" and trainer_run(where.parent):  # even empty: a trainer's export cut off part-way
+    if where.name == "hf" and rundir.trainer_run(where.parent):  # even empty: a trainer's export cut off part-way
         raise ConfigError(f"{dest} is the export of the training run in {where.parent}, which its trainer makes from "
                           "its last checkpoint and the stages after it load, so convert leaves it alone; choose "
                           "another destination")

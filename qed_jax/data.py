@@ -75,8 +75,8 @@ def read_rows(path: str, name: str | None = None, split: str = "train", key: str
             if is_json_array(local, f):
                 return _json_array_rows(path, f.read(), key)
             rows = _json_lines_rows(f)
-        if suffix == ".json" and rows and (isinstance(rows[0][1], BadRow) or (len(rows) == 1 and holds_rows(rows[0][1]))):
-            refuse_one_object(local, key)
+        if suffix == ".json":
+            refuse_one_object(local, rows, key)
         return rows
     if local.is_file() and suffix != ".parquet":
         kind = f"cannot read '{local.suffix}' files" if local.suffix else "its name has no suffix to tell its format by"
@@ -138,10 +138,12 @@ def holds_rows(row: Any) -> bool:
         isinstance(value, list) and value and all(isinstance(item, dict) for item in value) for value in row.values())
 
 
-def refuse_one_object(path: Path, key: str) -> None:
-    """A .json file whose first line is no row may be one JSON object over several lines (an
-    export's {"data": [rows]}): read as lines, every line would be skipped as malformed. On one
-    line (`holds_rows`), it would be one malformed row."""
+def refuse_one_object(path: Path, rows: list[tuple[str, Any]], key: str) -> None:
+    """A .json file read as JSON lines (`rows`) whose first line is no row may be one JSON object
+    over several lines (an export's {"data": [rows]}): every line would be skipped as malformed.
+    On one line (`holds_rows`), it would be one malformed row."""
+    if not rows or not (isinstance(rows[0][1], BadRow) or (len(rows) == 1 and holds_rows(rows[0][1]))):
+        return
     try:
         whole = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
     except (ValueError, UnicodeDecodeError):

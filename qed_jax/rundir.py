@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -43,6 +44,20 @@ def recorded_working_dir(out: Path) -> str | None:
     begun before it was recorded."""
     where = out / WORKING_DIR_FILE
     return where.read_text().strip() if where.is_file() else None
+
+
+def is_trainer_config(config) -> bool:
+    """Whether a run directory's config.json (read as `config`) is a trainer's: SFT and GRPO
+    configs have `optim`, an evaluation's or a pipeline's none."""
+    return isinstance(config, dict) and "optim" in config
+
+
+def trainer_run(folder: Path) -> bool:
+    """Whether `folder` is a qed-jax trainer's run directory."""
+    try:
+        return is_trainer_config(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError):  # none, or unreadable
+        return False
 
 
 @contextlib.contextmanager

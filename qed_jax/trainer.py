@@ -338,7 +338,7 @@ def refuse_changes(out: Path, changes: list[str], resume_with_changes: bool) -> 
 def read_run_config(path: Path, out: Path, new: dict) -> dict:
     """The config.json a run directory was started with, if it is a run this config may continue."""
     saved = read_json_object(path, "the run's config is damaged: move the folder aside, or use another output_dir")
-    if "optim" not in saved:  # another command's run (an evaluation's): never continue it
+    if not rundir.is_trainer_config(saved):  # another command's run (an evaluation's): never continue it
         raise ConfigError(f"{out} holds another command's run or a model ({path} is not a trainer's config: an "
                           "evaluation's, a pipeline's or a model's, such as a trainer's hf/ export); "
                           "use another output_dir")
