@@ -723,6 +723,24 @@ class Plan:
                 "fits": self.fits, "programs": [p.to_json() for p in self.programs], **self.info}
 
 
+def pipeline_stages(path: str) -> None:
+    """ConfigError naming the trainer stages' configs when `path` is a pipeline config, which
+    `plan` cannot take as a whole (it plans one trainer)."""
+    from qed_jax.pipeline import PipelineConfig, as_overrides
+
+    try:
+        pipeline = load_config(PipelineConfig, path, [])
+    except ConfigError:
+        return
+    stages = []
+    for name in ("sft", "grpo"):
+        stage = getattr(pipeline, name)
+        with_overrides = " ".join(f"'{o}'" for o in as_overrides(stage.overrides))
+        stages.append(f"`--config {stage.config}" + (f" {with_overrides}" if with_overrides else "") + f"` ({name})")
+    raise ConfigError(f"{path} is a pipeline config: plan its trainer stages one at a time, "
+                      f"{' and '.join(stages)}")
+
+
 def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
     """(trainer name, config): the config class that accepts the file, or the one named."""
     from qed_jax.grpo import GRPOConfig
@@ -743,6 +761,7 @@ def trainer_config(path: str | None, overrides: list[str], trainer: str | None):
         of_its_kind = [v for v in errors.values() if " is not a key of " not in v]  # the file's keys fit one class
         if len(of_its_kind) == 1:
             raise ConfigError(of_its_kind[0])
+        pipeline_stages(path)
         raise ConfigError(f"{path} is neither an SFT nor a GRPO config (" + "; ".join(
             v.removeprefix(f"{path}: ").split(" (its keys")[0] for v in errors.values()) + ")")
     if len(loaded) == 2:

@@ -190,6 +190,11 @@ def test_the_trainer_is_the_one_whose_config_loads():
     with pytest.raises(ConfigError, match=r"is neither an SFT nor a GRPO config \(benchmark is not a key of SFTConfig; "
                        r"benchmark is not a key of GRPOConfig\)$"):
         plan.trainer_config(eval_yaml, [], None)
+    pipeline_yaml = str(Path(SFT_TINY).parent.parent / "pipeline" / "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"tiny.yaml is a pipeline config: plan its trainer stages one at a time, "
+                       r"`--config configs/sft/tiny.yaml` \(sft\) and "
+                       r"`--config configs/rl/tiny.yaml 'optim=\{\"lr\": 0.001\}'` \(grpo\)$"):
+        plan.trainer_config(pipeline_yaml, [], None)
     with pytest.raises(ConfigError, match="^steps must be at least 1, got -1$"):  # an SFT file's own error
         plan.trainer_config(SFT_TINY, ["steps=-1"], None)
     with pytest.raises(ConfigError, match=r"^config file no/such.yaml does not exist \(relative to the working "
