@@ -193,7 +193,7 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                               f"{held_out} for the eval loss, so none are left to train on; lower data.eval_rows, "
                               "or set eval_every=0 (no eval loss)")
         train_rows, eval_rows = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, [])
-        examples, _ = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
+        examples, data_stats = prepare_sft(train_rows, tokenizer, config.data, source=config.data.path)
         eval_examples = prepare_sft(eval_rows, tokenizer, config.data,
                                     source=f"{config.data.path} (eval)")[0] if eval_rows else []
         # Each process reads its own share of the examples: one with none would never join the others.
@@ -234,7 +234,11 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
                                                resume_with_changes)
     metrics_log = MetricsLog(out, start)
     result = {"output_dir": str(out), "process": jax.process_index(), "step": start, "start_step": start,
-              "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan}
+              "loss": metrics_log.history[-1]["loss"] if metrics_log.history else math.nan,
+              # Rows left out of training or cut short, said again in the closing line (the warnings
+              # scroll away).
+              "rows_left_out": (f"{config.data.path}: {data_stats.summary()}"
+                                if data_stats.kept < data_stats.rows or data_stats.truncated else None)}
     if is_complete(out, start, steps, config.export_dtype):
         ckpts.close()
         metrics_log.close()
@@ -299,12 +303,14 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
 
 
 def summary(result: dict, digits: int = 6) -> str:
-    """A run's last logged loss, for its closing line. A run found complete in checkpoints that
-    another run directory logged (its checkpoint_dir kept on gs:// and its run directory lost, or
-    a checkpoint_dir two runs share) has none here."""
+    """A run's last logged loss, and the rows its data left out if any, for its closing line. A
+    run found complete in checkpoints that another run directory logged (its checkpoint_dir kept
+    on gs:// and its run directory lost, or a checkpoint_dir two runs share) has no loss here."""
     if not math.isfinite(result["loss"]):
-        return "no loss logged in this run directory (it was trained where its checkpoints were written)"
-    return f"loss {result['loss']:.{digits}f}"
+        loss = "no loss logged in this run directory (it was trained where its checkpoints were written)"
+    else:
+        loss = f"loss {result['loss']:.{digits}f}"
+    return loss + (f"; {result['rows_left_out']}" if result.get("rows_left_out") else "")
 
 
 def epoch_steps(examples: list[dict], config: SFTConfig, local_batch: int) -> int:

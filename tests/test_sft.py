@@ -497,6 +497,9 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, tokenizer, ca
                             cwd=REPO, env=cli_env(1), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "10 of 14 rows kept, 4 malformed skipped" in result.stderr
+    # Said again in the closing line, which the warnings do not scroll away.
+    assert re.search(rf"^done at step 2: loss \S+; {re.escape(str(path))}: 10 of 14 rows kept, 4 malformed "
+                     r"skipped; metrics in ", result.stdout, re.M), result.stdout
 
 
 def test_an_empty_system_prompt_is_kept_as_the_chat_template_writes_it(tokenizer):
