@@ -14,6 +14,7 @@ import math
 from typing import Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -81,8 +82,28 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None, name: str = "mesh
         raise ConfigError(f"{given} needs {math.prod(sizes)} devices, not the {here} here; choose sizes whose "
                           "product is the device count (or make one -1: the devices left)")
     # Auto axes: the compiler propagates shardings from parameters and inputs (GSPMD).
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:  # laid out along the chip grid, so that each axis's collectives take the shortest links
+        mesh = jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+        if rows_stay_on_their_hosts(mesh):
+            return mesh
+        why = "puts the devices that share rows (mesh.tensor) on more than one host"
+    except NotImplementedError:  # an axis size that is no product of the grid's sides
+        mesh, why = None, "does not follow this slice's chip grid (each size a product of the grid's sides)"
+    by_host = Mesh(np.array(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object).reshape(sizes),
+                   MESH_AXES, axis_types=axis_types)
+    if mesh is not None and not rows_stay_on_their_hosts(by_host):
+        return mesh  # no layout keeps rows on their hosts: the trainers refuse it (`check_rows_divide`)
+    log.warning("%s %s: the mesh takes the devices host by host instead, which works, with collectives "
+                "that may take longer links", given, why)
+    return by_host
+
+
+def rows_stay_on_their_hosts(mesh: Mesh) -> bool:
+    """Whether every group of devices that holds the same rows of a batch (the devices along
+    `tensor`) is on one host: each process feeds rows of its own to its own devices."""
+    groups = mesh.devices.reshape(-1, mesh.shape["tensor"])
+    return all(len({d.process_index for d in group}) == 1 for group in groups)
 
 
 def logical_to_spec(axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:

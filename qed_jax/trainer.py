@@ -228,10 +228,13 @@ def check_rows_divide(rows: int, mesh, what: str, processes: int | None = None) 
     (every device would compute the whole micro-batch) and never fail mid-run. `processes`: the
     hosts that will feed the rows (default this job's; a plan's slice has its own)."""
     ways, processes = data_parallel_size(mesh), processes or jax.process_count()
+    # With it, mesh.tensor divides each host's devices, and `make_mesh` keeps the devices that
+    # hold the same rows on one host.
     if ways % processes:  # a process whose devices hold no rows of their own has nothing to feed
         raise ConfigError(f"the {ways} data-parallel devices (mesh data x fsdp) do not split over the {processes} "
                           f"processes, which each feed their own rows: make mesh.data x mesh.fsdp a multiple of "
-                          f"{processes} (an axis set to -1 takes the devices the others leave)")
+                          f"{processes} (an axis set to -1 takes the devices the others leave); for that, mesh.tensor "
+                          f"must divide each host's {mesh.devices.size // processes} devices")
     if rows % ways:
         raise ConfigError(f"{what} gives {rows} rows per micro-batch, which do not split over the "
                           f"{ways} data-parallel devices (mesh data x fsdp); make it a multiple of {ways}, "

@@ -76,6 +76,37 @@ def test_building_a_topology_off_a_tpu_vm_logs_nothing(libtpu, name, chips, host
     assert done.stderr == ""
 
 
+@pytest.mark.tpu_compile
+def test_each_host_holds_the_rows_it_feeds_on_a_multi_host_mesh(libtpu, caplog):
+    """Each process feeds rows of its own (`to_global`), so the devices that hold the same rows
+    (those along `tensor`) must share a host. On a v6e-16 (4 hosts of 2 x 2 chips) the chip
+    grid's layout put tensor=4 along a row of the grid, over two hosts, and tensor=2 on no layout
+    at all (JAX raised); both now take the devices host by host, saying so. A tensor axis wider
+    than a host leaves some hosts no rows of their own, which is refused."""
+    from collections import defaultdict
+
+    from qed_jax.sharding import MeshConfig, make_mesh
+    from qed_jax.trainer import batch_sharding, check_rows_divide
+
+    devices = plan.topology_devices(plan.parse_slice("v6e-16"))
+    for mesh_config in (MeshConfig(data=1, fsdp=4, tensor=4), MeshConfig(data=2, fsdp=4, tensor=2),
+                        MeshConfig(data=1, fsdp=16, tensor=1)):
+        caplog.clear()
+        mesh = make_mesh(mesh_config, devices)
+        rows = 2 * mesh.shape["data"] * mesh.shape["fsdp"]
+        check_rows_divide(rows, mesh, "rows", 4)
+        held = defaultdict(set)  # process → the rows its devices hold
+        for device, index in batch_sharding(mesh).devices_indices_map((1, rows, 1)).items():
+            held[device.process_index].update(range(*index[1].indices(rows)))
+        assert sorted(len(r) for r in held.values()) == [rows // 4] * 4, (mesh_config, held)
+        assert set().union(*held.values()) == set(range(rows))
+        moved = [r.getMessage() for r in caplog.records if "host by host" in r.getMessage()]
+        assert len(moved) == (mesh_config.tensor > 1), moved  # tensor=1: the grid's own layout
+    with pytest.raises(ConfigError, match=r"^the 2 data-parallel devices .* do not split over the 4 processes, .*; for "
+                       r"that, mesh.tensor must divide each host's 4 devices$"):
+        check_rows_divide(4, make_mesh(MeshConfig(data=1, fsdp=2, tensor=8), devices), "rows", 4)
+
+
 @pytest.mark.parametrize("name, message", [
     ("v5p-7", "odd"),
     ("v5p-24", "no standard 3-D slice of 12 chips"),
