@@ -36,9 +36,9 @@ from flax import nnx
 from qed_jax.config import (ConfigError, check_seed, check_temperature_and_filters, is_rc_template, load_template,
                             require_at_least_one)
 from qed_jax.model import Qwen3
-from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_REASONS, FINISH_STOP, SamplingParams, bucket_length,
-                              cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop, fetch,
-                              mesh_context, new_kv_cache, prefill, put_rows, wave_row_ids)
+from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_LENGTH, FINISH_REASONS, FINISH_STOP, SamplingParams,
+                              bucket_length, cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop,
+                              fetch, mesh_context, new_kv_cache, prefill, put_rows, wave_row_ids)
 from qed_jax.sharding import DEFAULT_RULES
 from qed_jax.tokenizer import render_chat
 
@@ -106,7 +106,7 @@ class Turn:
     num_tokens: int  # tokens the policy generated in the turn, a stop token included
     finish_reason: str  # "stop" or "length"
     summary_ids: list[int] | None = None  # the summary written after the turn, if one was
-    summary_cut: bool = False  # the summarizer's text was longer than S tokens
+    summary_cut: bool = False  # longer than S tokens, or the summarizer's budget ran out while it wrote it
     summarizer_num_tokens: int = 0  # tokens the summarizer generated, a stop token included
     summarizer_finish_reason: str | None = None
     reasoning: str | None = None
@@ -267,7 +267,8 @@ def reasoning_lengths(tokens, lengths, finish, think_end):
 def extract_summary(tokens, lengths, finish, think_end, summary_tokens: int, thinking: bool):
     """The summary in a summarizer's output [B, N]: its text after the last `</think>` when it thinks
     (none when it never closes its thinking), else all its text; cut to S = summary_tokens.
-    Returns ids [B, S], lengths [B] and whether each was cut [B]."""
+    Returns ids [B, S], lengths [B] and whether each was cut [B]: longer than S, or ended by the
+    summarizer's budget while it wrote it (with the budget at S, as the recipe's, only that)."""
     text = text_lengths(lengths, finish)
     start = jnp.zeros_like(text)
     if thinking:
@@ -278,7 +279,8 @@ def extract_summary(tokens, lengths, finish, think_end, summary_tokens: int, thi
     index = jnp.clip(start[:, None] + j[None], 0, tokens.shape[1] - 1)
     n = jnp.minimum(available, summary_tokens)
     ids = jnp.where(j[None] < n[:, None], jnp.take_along_axis(tokens, index, axis=1), 0)
-    return ids, n, available > summary_tokens
+    ran_out = (finish == FINISH_LENGTH) & (available > 0)
+    return ids, n, (available > summary_tokens) | ran_out
 
 
 # --------------------------------------------------------------------------------------------

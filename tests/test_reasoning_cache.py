@@ -121,7 +121,8 @@ def _reference(tokenizer, policy, summarizer, problems, turns, summarize_last, f
             if thinking:
                 text = text[_last(text, think_end) + 1:] if think_end in text else []
             summaries[b] = text[:S]
-            out[b].append((c.text_tokens, c.finish_reason, text[:S], len(text) > S, len(w.tokens), w.finish_reason))
+            cut = len(text) > S or (w.finish_reason == "length" and len(text) > 0)
+            out[b].append((c.text_tokens, c.finish_reason, text[:S], cut, len(w.tokens), w.finish_reason))
     return out
 
 
@@ -256,7 +257,8 @@ def test_reasoning_and_summary_extraction():
         [2, 6, 2, 1, 0, 3, 3]
     ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=True)
     assert np.asarray(n).tolist() == [3, 0, 0, 1, 3, 1, 0]
-    assert np.asarray(cut).tolist() == [False, False, False, False, True, False, False]
+    # Row 0 fits S, but its summarizer ran out of budget while writing it: cut too.
+    assert np.asarray(cut).tolist() == [True, False, False, False, True, False, False]
     assert np.asarray(ids).tolist() == [[9, 9, 9], [0, 0, 0], [0, 0, 0], [9, 0, 0], [5, 6, 7], [9, 0, 0], [0, 0, 0]]
     ids, n, cut = rc.extract_summary(tokens, jnp.asarray(lengths), jnp.asarray(finish), te, 3, thinking=False)
     assert np.asarray(n).tolist() == [3, 3, 2, 3, 3, 3, 3]
