@@ -156,7 +156,9 @@ class EvalRCConfig:
     reasoning_template: str = "rc_reasoning"  # a file in configs/prompts/ (without .txt) or a path
     summarize_template: str = "rc_summarize"
     problem_tokens: int | None = None  # P, the prompt buffer; default: the bucket of the longest prompt
-    batch_size: int | None = None  # rows per compiled call; default: a whole round at once
+    # Rows per compiled call, the last one padded. Default: a call per sample index in a round,
+    # whose row counts vary (each new count compiles the loop and allocates its caches once).
+    batch_size: int | None = None
     summarizer: str | None = None  # a separate frozen summarizer (same vocabulary); default: the model
     summarizer_thinking: bool = False  # with summarizer: it thinks, its summary follows its </think>
     grade_turns: bool = False  # grade each earlier turn's answer too (the report's score per turn)

@@ -584,9 +584,13 @@ class RCRollouts:
             summarizer = Summarizer(load(mesh, dtype=s.dtype), SamplingParams(s.max_new_tokens, s.temperature,
                                                                               s.top_k, s.top_p),
                                     thinking=s.thinking, tokenizer=summarizer_tokenizer)
+        # One problem buffer for every step, the prompt bucket that holds the longest problem
+        # `load_prompts` keeps (as `qed-jax plan` sizes it): no step compiles the loop again.
+        limit = problem_token_limit(config, tokenizer)
         params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or config.max_new_tokens,
                           summary_tokens=rc.summary_tokens, temperature=config.loss.temperature,
                           summarizer_tokens=rc.summarizer.max_new_tokens, summarize_last=True, no_summary=None,
+                          problem_tokens=next((b for b in DEFAULT_BUCKETS if b >= limit), limit),
                           max_turns=rc.turns, batch_size=rc.trajectory_batch,
                           reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
         self.cache = ReasoningCache(sampling_model, tokenizer, params, summarizer, mesh=mesh)

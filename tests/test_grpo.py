@@ -925,10 +925,12 @@ def test_rc_step_times_count_the_trajectories_once(tmp_path, monkeypatch):
             return time.perf_counter() + jump["s"]
 
     real_group_rows = grpo.RCRollouts.group_rows
+    problem_buffers = []
 
     def slow_group_rows(self, *args, **kwargs):
         out = real_group_rows(self, *args, **kwargs)
         jump["s"] += 1000.0
+        problem_buffers.append(self.cache.params.problem_tokens)
         return out
 
     monkeypatch.setattr(grpo, "time", Clock())
@@ -938,6 +940,13 @@ def test_rc_step_times_count_the_trajectories_once(tmp_path, monkeypatch):
                                                      f"output_dir={tmp_path / 'run'}"]))
     (metrics,) = read_metrics(tmp_path / "run")
     assert metrics["trajectory_s"] >= 1000.0
+    # Every step's trajectories on one problem buffer, the bucket of the longest problem any step may
+    # draw (what `qed-jax plan` sizes), not that of the step's longest: no step compiles the loop again.
+    from qed_jax.sampling import bucket_length
+    from qed_jax.tokenizer import load_tokenizer
+
+    limit = grpo.problem_token_limit(load_config(GRPOConfig, TINY_RC), load_tokenizer(REPO / "configs/tiny/tokenizer"))
+    assert problem_buffers == [bucket_length(limit)], (problem_buffers, limit)
     assert 0.0 < metrics["sample_s"] < 1000.0 and metrics["judge_s"] < 1000.0 and metrics["train_s"] < 1000.0
 
 
