@@ -430,6 +430,34 @@ def one_value(text: str) -> bool:
     return not (MIXED_NUMBER.search(text) or JUXTAPOSED_NUMBERS.search(text))
 
 
+# Commas between groups of three digits (1,000 or 12,345,678), which math-verify reads as one number.
+DIGIT_GROUP_COMMA = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,.])")
+
+
+def listed_items(text: str) -> int | None:
+    """How many items `text` lists: its commas outside any bracket (but those of digit groups),
+    plus one; None when its brackets do not pair up."""
+    depth, items = 0, 1
+    for character in DIGIT_GROUP_COMMA.sub("0", text):
+        depth += (character in "([{") - (character in ")]}")
+        items += character == "," and depth == 0
+        if depth < 0:
+            return None
+    return items if depth == 0 else None
+
+
+BRACED_SET = re.compile(r"\s*\\\{(.*)\\\}\s*", re.S)
+
+
+def set_items(text: str) -> int | None:
+    """How many items `text` lists, when it is a bare list (`2, 3`) or one set (`\\{2, 3\\}`);
+    else None."""
+    if (listed_items(text) or 0) > 1:
+        return listed_items(text)
+    braced = BRACED_SET.fullmatch(text)
+    return listed_items(braced[1]) if braced else None
+
+
 def check_answer(predicted: str | None, reference: str) -> bool | None:
     """True when math-verify shows that `predicted` equals `reference`; False only when both are
     plain numbers (`PLAIN_NUMBER`) whose values differ; else None, for the judge to decide. Both
@@ -444,6 +472,11 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
 
     predicted, reference = DIGIT_GROUP_SPACE.sub("", predicted), DIGIT_GROUP_SPACE.sub("", reference)
     if not (one_value(predicted) and one_value(reference)):
+        return None
+    # math-verify reads a bare list (2, 3) as a set: equal to a set or list of as many items, in
+    # any order; against anything else ((3, 2), 2, or 2, 2, 3) the judge decides.
+    if max(listed_items(predicted) or 0, listed_items(reference) or 0) > 1 and (
+            set_items(predicted) is None or set_items(predicted) != set_items(reference)):
         return None
     # math-verify bounds its time with SIGALRM, which only the main thread may set.
     seconds = 5 if threading.current_thread() is threading.main_thread() else None
