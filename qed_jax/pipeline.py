@@ -353,6 +353,9 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
                 configs.append(dataclasses.replace(c, output_dir=str(out / "eval" / f"{name}-{c.benchmark.name}-{mode}")))
     folders = [c.output_dir for c in configs]
     if len(set(folders)) < len(folders):
+        if any(key == "benchmark.name" for key, _ in leaves(config.eval.overrides or {})):
+            raise ConfigError("eval.overrides sets benchmark.name, which gives every benchmark the same name, so "
+                              "their runs would share a folder; leave it out (each YAML names its benchmark)")
         raise ConfigError("eval.benchmarks: two entries have the same benchmark.name, so their runs would share "
                           "a folder; give each its own benchmark.name in its YAML")
     return configs

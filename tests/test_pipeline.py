@@ -138,6 +138,10 @@ def test_stage_configs_chain_the_stages(tmp_path):
                   if c.benchmark.name == "proofbench"][0]
     assert proofbench.benchmark.field_map["solution"] == "ref"  # merged: its marking scheme's column kept
     assert proofbench.benchmark.field_map["guidelines"] == "grading_scheme"
+    named = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", "eval.overrides.benchmark.name=mine"])
+    with pytest.raises(ConfigError, match="^eval.overrides sets benchmark.name, which gives every benchmark the same "
+                                          "name, so their runs would share a folder; leave it out"):
+        eval_configs(named, {m: m for m in ("base", "sft", "grpo")}, "http://x/v1", tmp_path)
     with pytest.raises(ConfigError, match="^eval.modes lists 'single' twice$"):
         load_config(PipelineConfig, ROOT / TINY, ["eval.modes=[single, single]"])
 
