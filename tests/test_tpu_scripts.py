@@ -23,7 +23,8 @@ spec.loader.exec_module(tpu)
 
 FAKE_GCLOUD = r'''#!{python}
 """Fake gcloud: logs argv; `describe` pops the next scripted state; a worker's job (ssh running
-worker_run.sh) pops that worker's next {{code, sleep, wait_for}}; scp pops a scripted exit code."""
+worker_run.sh) pops that worker's next {{code, sleep, wait_for}}; scp, create and delete pop a
+scripted exit code (0 when none is left)."""
 import fcntl, json, sys, time
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def log_and_pop(script):
             (home / "copied.tar.gz").write_bytes(Path(source).read_bytes())
             (home / "copied.mode").write_text(oct(Path(source).stat().st_mode & 0o777))
         return code
+    for verb in ("create", "delete"):
+        if verb in argv and script.get(verb):
+            return pop(script, verb)
     return 0
 
 
@@ -545,6 +549,16 @@ def test_a_slice_preempted_while_it_is_set_up_is_created_again(gcloud):
                     "--run-id", "r3", "--log-dir", "logs", "--max-failures", "1", "--", "true") == 0
     assert verbs(calls()) == ["describe", "create", "describe", "scp", "describe",
                               "describe", "delete", "create", "describe", "scp", "setup", "run"]
+
+
+def test_a_create_or_delete_that_fails_once_does_not_end_a_launch(gcloud):
+    """A slice recreated after a preemption, days into a run: one failed create (a 503) is
+    retried as describe, scp and ssh are; so is the delete of --delete-at-end."""
+    write_script, calls = gcloud
+    write_script(states=["MISSING", "ACTIVE\tv5p-8"], create=[1, 0], delete=[1, 0], runs={"0": [{"code": 0}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retry-delay", "0",
+                    "--run-id", "r", "--log-dir", "logs", "--delete-at-end", "--", "true") == 0
+    assert verbs(calls()) == ["describe", "create", "create", "describe", "scp", "setup", "run", "delete", "delete"]
 
 
 def test_launch_stops_after_max_failures(gcloud, capsys):

@@ -187,13 +187,14 @@ def progress(message: str) -> None:
 
 # --- commands --------------------------------------------------------------------------------
 
-def create(gc: Gcloud, args) -> None:
+def create(gc: Gcloud, args, retries: int = 1, delay: float = 0.0) -> None:
     version = runtime_version(args.accelerator_type)  # checks the type even when the version is given
     version = args.runtime_version or version
     progress(f"creating {gc.name}: {args.accelerator_type} ({args.capacity}), runtime {version}")
     gc.call(gc.queued("create", f"--node-id={gc.name}", f"--accelerator-type={args.accelerator_type}",
                       f"--runtime-version={version}", *CAPACITY_FLAGS[args.capacity],
-                      alpha=args.capacity == "best-effort"))  # --best-effort is alpha-only
+                      alpha=args.capacity == "best-effort"),  # --best-effort is alpha-only
+            retries, delay)
 
 
 def wait(gc: Gcloud, args) -> None:
@@ -216,9 +217,9 @@ def status(gc: Gcloud, args) -> None:
     gc.call(gc.queued("describe"))
 
 
-def delete(gc: Gcloud, args) -> None:
+def delete(gc: Gcloud, args, retries: int = 1, delay: float = 0.0) -> None:
     progress(f"deleting {gc.name}")
-    gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"))
+    gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"), retries, delay)
 
 
 def check_git_tree() -> None:
@@ -437,8 +438,8 @@ def launch(gc: Gcloud, args) -> int:
             progress(f"{gc.name} is {state}: deleting it to create it again")
             gc.call(gc.queued("delete", "--force", "--quiet"), args.retries, args.retry_delay)
             state = None
-        if state is None:
-            create(gc, args)
+        if state is None:  # retried: one blip must not end a launch that recovers from preemptions
+            create(gc, args, args.retries, args.retry_delay)
             needs_setup = True
         elif gc.accelerator_type and gc.accelerator_type != args.accelerator_type:
             raise LaunchError(f"{gc.name} exists as a {gc.accelerator_type} slice, not {args.accelerator_type}: its "
@@ -471,7 +472,7 @@ def launch(gc: Gcloud, args) -> int:
     else:
         progress(f"{args.run_id} finished after {attempt - first} attempt(s), {preemptions} preemption(s)")
     if args.delete_at_end:
-        delete(gc, argparse.Namespace(force=True))
+        delete(gc, argparse.Namespace(force=True), args.retries, args.retry_delay)
     return 0
 
 
@@ -499,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     copying = argparse.ArgumentParser(add_help=False)
     copying.add_argument("--commit", help="copy this commit (git archive) instead of the working tree")
     copying.add_argument("--retries", type=positive(int), default=4,
-                         help="attempts for each scp/ssh step and state check (default: %(default)s)")
+                         help="attempts for each scp/ssh step and state check, and launch's create and delete "
+                         "(default: %(default)s)")
     copying.add_argument("--retry-delay", type=not_negative(float), default=10,
                          help="seconds before the first retry, doubling each time (default: %(default)s)")
     running = argparse.ArgumentParser(add_help=False)
