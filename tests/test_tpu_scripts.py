@@ -499,18 +499,21 @@ def test_a_worker_killed_by_a_signal_exits_as_a_shell_says(gcloud, tmp_path, mon
         wait = poll
 
     monkeypatch.setattr(tpu.subprocess, "Popen", lambda *args, **kwargs: Killed())
-    assert launcher("run", "qr", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", str(tmp_path), "--", "x") == 137
+    assert launcher("run", "qr", *WHERE, "--local", "--accelerator-type", "v5p-8", "--log-dir", str(tmp_path), "--",
+                    "x") == 137
     assert "worker 0 failed with exit code 137" in capsys.readouterr().err
 
 
 def test_run_starts_one_ssh_per_worker_and_stops_all_when_one_fails(gcloud, tmp_path):
     write_script, calls = gcloud
-    write_script(runs={"0": [{"code": 0, "sleep": 60}], "1": [{"code": 3, "wait_for": ["0"]}]})
+    write_script(states=["ACTIVE\tv4-16"],
+                 runs={"0": [{"code": 0, "sleep": 60}], "1": [{"code": 3, "wait_for": ["0"]}]})
     code = launcher("run", "qr", *WHERE, "--accelerator-type", "v4-16", "--log-dir", "logs",
                     "--env", "WANDB_MODE=offline", "--", "qed-jax", "sft", "--config", "c.yaml",
                     "--distributed")
     assert code == 3
-    runs = sorted(calls(), key=lambda argv: argv[6])
+    assert verbs(calls()) == ["describe", "run", "run"]
+    runs = sorted(calls()[1:], key=lambda argv: argv[6])
     for worker, argv in enumerate(runs):
         assert argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "qr", f"--worker={worker}"]
         assert argv[7] == (f"--command=cd ~/qed-jax && QED_WORKER_ID={worker} WANDB_MODE=offline "
@@ -604,6 +607,18 @@ def test_launch_refuses_an_existing_slice_of_another_type(gcloud, capsys):
     write_script(states=["ACTIVE\tv5p-8", "ACTIVE\tv5p-8"], runs={"0": [{"code": 0}]})  # the same type: reused
     assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--run-id", "r",
                     "--log-dir", "logs", "--", "true") == 0
+
+
+def test_run_refuses_a_slice_of_another_type(gcloud, capsys):
+    """`run --accelerator-type v5p-8` on a v5p-64 would start one of its 8 workers, and a
+    distributed job would wait for the other 7 forever."""
+    write_script, calls = gcloud
+    write_script(states=["ACTIVE\tv5p-64"])
+    assert launcher("run", "qr", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", "logs", "--", "true") == 1
+    assert verbs(calls()) == ["describe"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tpu.py run: error: qr exists as a v5p-64 slice, not v5p-8: its workers would not match the job's; "
+        "give --accelerator-type v5p-64, or another name")
 
 
 def test_dry_run_given_to_the_job_is_refused_before_any_call(gcloud, capsys):

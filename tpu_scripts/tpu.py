@@ -390,6 +390,23 @@ def run(gc: Gcloud, args, log_dir: Path | None = None) -> int:
         stop(procs)
 
 
+def check_slice_type(gc: Gcloud, args) -> None:
+    """The slice, as the last `state()` read it, is of --accelerator-type (when it says): one of
+    another size would run the job on the wrong number of workers."""
+    if gc.accelerator_type and gc.accelerator_type != args.accelerator_type:
+        raise LaunchError(f"{gc.name} exists as a {gc.accelerator_type} slice, not {args.accelerator_type}: its "
+                          f"workers would not match the job's; give --accelerator-type {gc.accelerator_type}, "
+                          "or another name")
+
+
+def run_command(gc: Gcloud, args) -> int:
+    """`tpu.py run`: `run` on a slice checked to be of --accelerator-type (`launch` checks it itself)."""
+    if not (gc.local or gc.dry_run):
+        gc.state()
+        check_slice_type(gc, args)
+    return run(gc, args)
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     """SIGTERM each still-running worker's process group, SIGKILL what outlives 10 s. Killing
     the local ssh does not always end the remote job: worker_run.sh clears it on the next run."""
@@ -441,10 +458,8 @@ def launch(gc: Gcloud, args) -> int:
         if state is None:  # retried: one blip must not end a launch that recovers from preemptions
             create(gc, args, args.retries, args.retry_delay)
             needs_setup = True
-        elif gc.accelerator_type and gc.accelerator_type != args.accelerator_type:
-            raise LaunchError(f"{gc.name} exists as a {gc.accelerator_type} slice, not {args.accelerator_type}: its "
-                              f"workers would not match the job's; give --accelerator-type {gc.accelerator_type}, "
-                              "or another name")
+        else:
+            check_slice_type(gc, args)
         try:
             wait(gc, args)
             if needs_setup:
@@ -538,9 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("setup", setup, [copying], "copy the code to every worker and install it",
         "Pack the working tree (or --commit), copy it to every worker, and install it with the "
         "`tpu` extra into ~/qed-jax-venv (tpu_scripts/worker_setup.sh). Safe to repeat.")
-    add("run", run, [slice_, running], "run one command on every worker at once",
+    add("run", run_command, [slice_, running], "run one command on every worker at once",
         "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
-        "worker under --log-dir; stop all as soon as one fails. Stale TPU processes and the "
+        "worker under --log-dir; stop all as soon as one fails. The slice must be of "
+        "--accelerator-type (a describe checks it). Stale TPU processes and the "
         "libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
     p = add("launch", launch, [slice_, creating, polling, copying, running],
             "create, set up and run a job to completion through preemptions",
