@@ -543,6 +543,32 @@ def test_launch_recovers_from_preemption_without_using_the_failure_budget(gcloud
     assert "worker 0 done" in (tmp_path / "logs/r1/attempt-2/worker-0.log").read_text()
 
 
+def test_a_slice_created_again_gets_the_code_the_launch_started_with(gcloud, tmp_path, monkeypatch):
+    """A job resumed after a preemption, maybe days later, runs the code it was launched with,
+    not edits made to the checkout since."""
+    write_script, calls = gcloud
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.py").write_text("launched")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.setattr(tpu, "REPO", repo)
+    real_run = tpu.run
+
+    def edit_then_run(*args, **kwargs):
+        (repo / "train.py").write_text("edited since")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tpu, "run", edit_then_run)
+    write_script(states=["MISSING", "ACTIVE", "SUSPENDED",  # created, ran, preempted
+                         "SUSPENDED", "ACTIVE"],  # deleted, created again, set up, ran
+                 runs={"0": [{"code": 255}, {"code": 0}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retry-delay", "0",
+                    "--run-id", "r", "--log-dir", "logs", "--", "true") == 0
+    assert verbs(calls()).count("scp") == 2
+    assert tarfile.open(tmp_path / "gcloud/copied.tar.gz").extractfile("train.py").read() == b"launched"
+    assert not list(tmp_path.glob("qed-jax-qr-*"))  # removed once the launch ends
+
+
 def test_a_slice_preempted_while_it_is_set_up_is_created_again(gcloud):
     write_script, calls = gcloud
     write_script(states=["MISSING", "ACTIVE", "SUSPENDED",  # created; the copy fails: preempted

@@ -289,22 +289,32 @@ def is_launcher_log(path: Path, log_dir: Path | None) -> bool:
     return re.fullmatch(r"([^/]+/attempt-\d+/)?worker-\d+\.log", path.relative_to(log_dir).as_posix()) is not None
 
 
-def setup(gc: Gcloud, args) -> None:
+@contextlib.contextmanager
+def packed(gc: Gcloud, args):
+    """The code packed (`pack`) into a temporary tarball that this user alone can read (the tree
+    may hold keys), removed on leaving."""
     if gc.dry_run:
         tarball = Path(tempfile.gettempdir()) / f"qed-jax-{gc.name}-XXXXXXXX.tar.gz"
-    else:  # readable by this user alone (the tree may hold keys), and removed once copied
+    else:
         fd, name = tempfile.mkstemp(prefix=f"qed-jax-{gc.name}-", suffix=".tar.gz")
         os.close(fd)
         tarball = Path(name)
     log_dir = getattr(args, "log_dir", None)  # launch's: its logs stay here
     try:
         pack(args.commit, tarball, gc.dry_run, Path(log_dir).resolve() if log_dir else None)
-        progress(f"copying the code to every worker of {gc.name} and installing it")
-        gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
-                args.retries, args.retry_delay)
+        yield tarball
     finally:
         if not gc.dry_run:
             tarball.unlink(missing_ok=True)
+
+
+def setup(gc: Gcloud, args, tarball: Path | None = None) -> None:
+    """Copy the code to every worker and install it: `tarball` when given (`launch` packs once, so
+    that a slice created again after a preemption gets the same code), else packed anew."""
+    with contextlib.nullcontext(tarball) if tarball else packed(gc, args) as tarball:
+        progress(f"copying the code to every worker of {gc.name} and installing it")
+        gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
+                args.retries, args.retry_delay)
     # The setup script travels inside the tarball, so unpack it from there first.
     remote = ("tar -xzf qed-jax.tar.gz -O tpu_scripts/worker_setup.sh > qed-jax-setup.sh && "
               "bash qed-jax-setup.sh qed-jax.tar.gz")
@@ -449,39 +459,42 @@ def launch(gc: Gcloud, args) -> int:
                               "(raise --max-preemptions to keep trying)")
         return True
 
-    while True:
-        state = gc.state()
-        if state in PREEMPTED or state == "FAILED":
-            progress(f"{gc.name} is {state}: deleting it to create it again")
-            gc.call(gc.queued("delete", "--force", "--quiet"), args.retries, args.retry_delay)
-            state = None
-        if state is None:  # retried: one blip must not end a launch that recovers from preemptions
-            create(gc, args, args.retries, args.retry_delay)
-            needs_setup = True
-        else:
-            check_slice_type(gc, args)
-        try:
-            wait(gc, args)
-            if needs_setup:
-                setup(gc, args)
-                needs_setup = False
-        except LaunchError as e:  # a slice preempted before the job starts is created again too
-            if gc.dry_run or not preempted(gc.state(), f"while it was set up: {e}"):
-                raise
-            needs_setup = True
-            continue
-        attempt += 1
-        code = run(gc, args, run_dir / f"attempt-{attempt}")
-        if code == 0:
-            break
-        state = gc.state()
-        if not preempted(state, f"exit {code}"):
-            failures += 1
-            progress(f"the job failed with exit code {code} on an {state} slice: "
-                     f"failure {failures}/{args.max_failures}")
-            if failures >= args.max_failures:
-                raise LaunchError(f"the job failed {failures} times (last exit code {code}); logs "
-                                  f"in {run_dir}. Fix it, then launch again with --run-id {args.run_id}")
+    # Packed once, at the start: a slice created again after a preemption, maybe days later, gets
+    # the same code (not edits made since, nor a --commit branch that moved on).
+    with packed(gc, args) as tarball:
+        while True:
+            state = gc.state()
+            if state in PREEMPTED or state == "FAILED":
+                progress(f"{gc.name} is {state}: deleting it to create it again")
+                gc.call(gc.queued("delete", "--force", "--quiet"), args.retries, args.retry_delay)
+                state = None
+            if state is None:  # retried: one blip must not end a launch that recovers from preemptions
+                create(gc, args, args.retries, args.retry_delay)
+                needs_setup = True
+            else:
+                check_slice_type(gc, args)
+            try:
+                wait(gc, args)
+                if needs_setup:
+                    setup(gc, args, tarball)
+                    needs_setup = False
+            except LaunchError as e:  # a slice preempted before the job starts is created again too
+                if gc.dry_run or not preempted(gc.state(), f"while it was set up: {e}"):
+                    raise
+                needs_setup = True
+                continue
+            attempt += 1
+            code = run(gc, args, run_dir / f"attempt-{attempt}")
+            if code == 0:
+                break
+            state = gc.state()
+            if not preempted(state, f"exit {code}"):
+                failures += 1
+                progress(f"the job failed with exit code {code} on an {state} slice: "
+                         f"failure {failures}/{args.max_failures}")
+                if failures >= args.max_failures:
+                    raise LaunchError(f"the job failed {failures} times (last exit code {code}); logs "
+                                      f"in {run_dir}. Fix it, then launch again with --run-id {args.run_id}")
     if gc.dry_run:
         progress(f"{args.run_id}: the dry run stops here; a launch repeats the job until it succeeds")
     else:
