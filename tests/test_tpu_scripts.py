@@ -716,17 +716,17 @@ def test_worker_scripts_parse(script):
         subprocess.run(["shellcheck", str(SCRIPTS / script)], check=True)
 
 
-def test_worker_setup_installs_from_a_tarball(tmp_path):
-    """worker_setup.sh unpacks a tarball into QED_HOME and installs into QED_VENV (pip is a stub,
-    so nothing is downloaded). Run again over that copy, it drops what only the older code had
-    and keeps what jobs wrote there (they start in QED_HOME, so an eval's runs/ lands in it)."""
+def worker_setup(tmp_path: Path):
+    """A `set_up(files, path)` that runs worker_setup.sh on a tarball of `files` (name: text) into
+    QED_HOME tmp_path/qed-jax, with QED_VENV's python a stub that logs to tmp_path/pip.log (nothing
+    is downloaded); with another PATH, it may fail."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     stub = venv / "bin/python"
     stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/pip.log\n')
     stub.chmod(0o755)
-    home = tmp_path / "qed-jax"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QED_HOME": str(home), "QED_VENV": str(venv)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QED_HOME": str(tmp_path / "qed-jax"),
+           "QED_VENV": str(venv)}
 
     def set_up(files: dict[str, str], path: str = env["PATH"]) -> subprocess.CompletedProcess:
         with tarfile.open(tmp_path / "code.tar.gz", "w:gz") as tar:
@@ -736,6 +736,23 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
         return subprocess.run(["bash", str(SCRIPTS / "worker_setup.sh"), str(tmp_path / "code.tar.gz")],
                               env={**env, "PATH": path}, check=path == env["PATH"], capture_output=True, text=True)
 
+    return set_up
+
+
+def failing_mv(tmp_path: Path, pattern: str) -> str:
+    """A PATH whose mv fails when its first argument matches `pattern`: worker_setup.sh stopped there."""
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    (failing / "mv").write_text(f'#!/bin/bash\n[[ "$1" == {pattern} ]] && exit 1\nexec /bin/mv "$@"\n')
+    (failing / "mv").chmod(0o755)
+    return f"{failing}:/usr/bin:/bin"
+
+
+def test_worker_setup_installs_from_a_tarball(tmp_path):
+    """worker_setup.sh unpacks a tarball into QED_HOME and installs into QED_VENV (pip is a stub,
+    so nothing is downloaded). Run again over that copy, it drops what only the older code had
+    and keeps what jobs wrote there (they start in QED_HOME, so an eval's runs/ lands in it)."""
+    set_up, home = worker_setup(tmp_path), tmp_path / "qed-jax"
     set_up({"pyproject.toml": "", "old_module.py": "", ".ci/run": "", "notes.md": "old"})
     assert "-m pip install --quiet -e .[tpu]" in (tmp_path / "pip.log").read_text()
     (home / "runs/eval").mkdir(parents=True)
@@ -754,17 +771,34 @@ def test_worker_setup_installs_from_a_tarball(tmp_path):
 
     # Stopped half-way (here an mv that fails on one file of the new code), then run again: what
     # jobs wrote never left QED_HOME, and the second run ends as one whole run would.
-    failing = tmp_path / "failing"
-    failing.mkdir()
-    (failing / "mv").write_text('#!/bin/bash\n[[ "$1" == */zz_last ]] && exit 1\nexec /bin/mv "$@"\n')
-    (failing / "mv").chmod(0o755)
     code = {"pyproject.toml": "newer", ".ci/run": "", "aa_first": "", "zz_last": ""}
-    assert set_up(code, f"{failing}:{env['PATH']}").returncode != 0
+    assert set_up(code, failing_mv(tmp_path, "*/zz_last")).returncode != 0
     assert (home / "runs/eval/samples.jsonl").read_text() == "hours of sampling"
     set_up(code)
     assert sorted(p.name for p in home.iterdir()) == [
         ".ci", ".judge_cache.sqlite", ".qed-code", "aa_first", "pyproject.toml", "report.md.kept", "runs", "zz_last"]
     assert (home / "pyproject.toml").read_text() == "newer" and not (tmp_path / "qed-jax.new").exists()
+
+
+def test_worker_setup_run_again_after_a_stop_keeps_what_a_job_wrote(tmp_path):
+    """A rerun after a stop (tpu.py retries a dropped ssh) must not count a job's entry that the
+    new code also has as code: it is kept before .qed-code names it. One kept before is not
+    nested into: the next kept copy is numbered."""
+    set_up, home = worker_setup(tmp_path), tmp_path / "qed-jax"
+    set_up({"pyproject.toml": ""})
+    (home / "report.md").write_text("a job's")
+    (home / "out.kept").mkdir()
+    (home / "out.kept/older.txt").write_text("an earlier job's")
+    (home / "out").mkdir()
+    (home / "out/newer.txt").write_text("a later job's")
+    code = {"pyproject.toml": "", "report.md": "the code's", "out/run.py": ""}
+    assert set_up(code, failing_mv(tmp_path, "*/report.md")).returncode != 0  # stopped as it keeps report.md
+    set_up(code)
+    assert (home / "report.md.kept").read_text() == "a job's" and (home / "report.md").read_text() == "the code's"
+    assert (home / "out.kept/older.txt").read_text() == "an earlier job's"
+    assert (home / "out.kept.2/newer.txt").read_text() == "a later job's"
+    assert sorted(p.name for p in home.iterdir()) == [
+        ".qed-code", "out", "out.kept", "out.kept.2", "pyproject.toml", "report.md", "report.md.kept"]
 
 
 def test_worker_setup_fetches_python_with_uv_when_venv_fails(tmp_path):

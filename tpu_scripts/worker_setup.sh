@@ -18,30 +18,29 @@ tar -xzf "$tarball" -C "$home.new"
 # in place, name by name, so that what jobs wrote never leaves ~/qed-jax, even when this script
 # stops half-way. .qed-code lists the code's top-level names: first those of the old copy and
 # the new one together (a rerun after a stop then knows both), at the end the new one's alone.
-# An entry the new code has but no copy had is a job's: it is kept under another name.
+# An entry the new code has but no copy had is a job's: it is first kept under another name
+# (NAME.kept, else NAME.kept.2, ...), before the list names it as code.
 shopt -s dotglob nullglob
 declare -A new_code=() old_code=()
 for entry in "$home.new"/*; do new_code[${entry##*/}]=1; done
-had_list=0
 if [[ -f "$home/.qed-code" ]]; then
-  had_list=1
   while IFS= read -r name; do old_code[$name]=1; done < "$home/.qed-code"
-fi
+  for name in "${!new_code[@]}"; do
+    entry="$home/$name"
+    if [[ -z ${old_code[$name]:-} ]] && [[ -e $entry || -L $entry ]]; then
+      kept="$entry.kept" n=1
+      while [[ -e $kept || -L $kept ]]; do kept="$entry.kept.$((n += 1))"; done
+      mv "$entry" "$kept"
+      echo "worker_setup.sh: the code now has $name; the one a job wrote is at $kept" >&2
+    fi
+  done
+fi  # else a copy set up before .qed-code was written: what the new code names is its own code
 printf '%s\n' "${!old_code[@]}" "${!new_code[@]}" > "$home/.qed-code.tmp"
 mv "$home/.qed-code.tmp" "$home/.qed-code"
 for entry in "$home"/*; do
   name=${entry##*/}
-  if [[ $name == .qed-code ]]; then
-    continue
-  elif [[ -n ${old_code[$name]:-} || $name == *.egg-info ]]; then
+  if [[ -n ${old_code[$name]:-} || -n ${new_code[$name]:-} || $name == *.egg-info ]]; then
     rm -rf "$entry"
-  elif [[ -n ${new_code[$name]:-} ]]; then
-    if (( had_list )); then
-      mv "$entry" "$entry.kept"
-      echo "worker_setup.sh: the code now has $name; the one a job wrote is at $entry.kept" >&2
-    else  # a copy set up before .qed-code was written: its own code
-      rm -rf "$entry"
-    fi
   fi
 done
 for entry in "$home.new"/*; do mv "$entry" "$home/"; done
