@@ -568,9 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`tpu` extra into ~/qed-jax-venv (tpu_scripts/worker_setup.sh). Safe to repeat.")
     add("run", run_command, [slice_, running], "run one command on every worker at once",
         "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
-        "worker under --log-dir; stop all as soon as one fails. The slice must be of "
-        "--accelerator-type (a describe checks it). Stale TPU processes and the "
-        "libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
+        "worker under --log-dir; end every worker's ssh as soon as one fails. The slice must be of "
+        "--accelerator-type (a describe checks it). Stale TPU processes (ending an ssh does not "
+        "always end its job) and the libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
     p = add("launch", launch, [slice_, creating, polling, copying, running],
             "create, set up and run a job to completion through preemptions",
             "Create the slice if missing, wait, set up, run in the foreground. When the job fails "
