@@ -369,7 +369,7 @@ def _eval(args) -> int | None:
     from qed_jax.config import dump_json, load_config
     from qed_jax.evaluate import EvalConfig, evaluate
 
-    if args.config is None and not args.overrides and not args.print_config:  # as the trainers say it
+    if args.config is None and not args.overrides:  # as the trainers say it
         raise ConfigError("no --config: start from one, e.g. --config configs/eval/imo_proofbench.yaml (the defaults "
                           "alone name no model)")
     config = load_config(EvalConfig, args.config, args.overrides)
@@ -723,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.path=runs/grpo/hf samples=1 benchmark.limit=5 "
                    "(--print-config lists every key)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit (a config names a model first: model.path or "
+                   "model.base_url)")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser(

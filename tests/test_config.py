@@ -482,6 +482,9 @@ def test_a_trainer_without_config_or_overrides_says_where_to_start(capsys, monke
         "qed-jax eval: error: no --config: start from one, e.g. --config configs/eval/imo_proofbench.yaml (the "
         "defaults alone name no model)")
     assert cli.main(["grpo", "--print-config"]) == 0  # the defaults can still be shown
+    capsys.readouterr()
+    assert cli.main(["eval", "--print-config"]) == 2  # not an evaluation's: they name no model
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("qed-jax eval: error: no --config: ")
     (tmp_path / "empty.yaml").write_text("")
     for command in ("sft", "grpo"):  # a config with no model is refused there, as the run would refuse it
         assert cli.main([command, "--config", "empty.yaml", "--print-config"]) == 2
