@@ -72,7 +72,7 @@ def summarize(config: dict, records: list[dict], problem_ids: list[str] | None =
         "benchmark_source": source_label(benchmark, recorded_in),
         "kind": benchmark["kind"],
         "mode": mode,
-        "model": model["path"] or f"{model['name']} @ {model['base_url']}",
+        "model": path_label(model["path"], recorded_in) if model["path"] else f"{model['name']} @ {model['base_url']}",
         "problems": len(problems),
         "samples_per_problem": k,
         "samples": len(records),
@@ -171,13 +171,18 @@ def unfinished(summary: dict) -> bool:
                 or turns.get("pending_grades"))
 
 
+def path_label(value: str | None, recorded_in: str | None) -> str | None:
+    """A local path as the report names it: one spelling for every path to it, relative to here
+    (a relative path as it read in the run's working directory `recorded_in`, so that runs
+    started from two folders are not taken for one); anything else (a hub name) as it is."""
+    path = recorded_path("path", value, recorded_in)
+    return os.path.relpath(os.path.realpath(path)) if path is not None and os.path.exists(path) else path
+
+
 def source_label(benchmark: dict, recorded_in: str | None = None) -> str:
-    """Where a benchmark's problems come from: its file (one spelling for every path to it,
-    relative to here; a relative path as it read in the run's working directory `recorded_in`)
-    or hub dataset, with the subset and a split other than train."""
-    path, split = recorded_path("path", benchmark.get("path"), recorded_in), benchmark.get("split", "train")
-    if path is not None and os.path.exists(path):
-        path = os.path.relpath(os.path.realpath(path))
+    """Where a benchmark's problems come from: its file (`path_label`) or hub dataset, with the
+    subset and a split other than train."""
+    path, split = path_label(benchmark.get("path"), recorded_in), benchmark.get("split", "train")
     return " ".join(str(part) for part in (path, benchmark.get("subset"), None if split == "train" else split)
                     if part is not None)
 

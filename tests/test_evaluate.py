@@ -975,6 +975,12 @@ def test_the_by_model_table_keeps_two_benchmarks_of_one_name_apart(monkeypatch, 
     header, _ = by_model({"a": run("m1", "data/bench.jsonl", 7, f"{tmp_path}/a"),
                           "b": run("m2", "../data/bench.jsonl", 0, f"{tmp_path}/a/sub")})
     assert header == ["model", "benchmark single"]
+    # So is a model's: two projects' hf/ folders are two models, one folder under two spellings one.
+    for project in ("a", "b"):
+        (tmp_path / project / "hf").mkdir()
+    _, rows = by_model({"a": run("hf", "x.jsonl", 7, f"{tmp_path}/a"), "b": run("hf", "x.jsonl", 0, f"{tmp_path}/b"),
+                        "c": run("../hf", "x.jsonl", 7, f"{tmp_path}/a/sub"), "d": run("Qwen/Qwen3-4B", "x.jsonl", 0)})
+    assert rows == [["a/hf", "100.0"], ["b/hf", "0.0"], ["Qwen/Qwen3-4B", "0.0"]]
 
 
 def test_report_tables_and_plots_take_any_run_name(tmp_path):
