@@ -173,10 +173,15 @@ def unfinished(summary: dict) -> bool:
 
 def path_label(value: str | None, recorded_in: str | None) -> str | None:
     """A local path as the report names it: one spelling for every path to it, relative to here
-    (a relative path as it read in the run's working directory `recorded_in`, so that runs
-    started from two folders are not taken for one); anything else (a hub name) as it is."""
+    when it is under here, else absolute (a relative path as it read in the run's working
+    directory `recorded_in`, so that runs started from two folders are not taken for one);
+    anything else (a hub name) as it is."""
     path = recorded_path("path", value, recorded_in)
-    return os.path.relpath(os.path.realpath(path)) if path is not None and os.path.exists(path) else path
+    if path is None or not os.path.exists(path):
+        return path
+    path = os.path.realpath(path)
+    here = os.path.relpath(path)
+    return path if here == os.pardir or here.startswith(os.pardir + os.sep) else here
 
 
 def source_label(benchmark: dict, recorded_in: str | None = None) -> str:
