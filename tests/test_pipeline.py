@@ -70,6 +70,9 @@ def test_pipeline_interrupted_finished_then_skipped(tmp_path):
     after = eval_logs(out)
     assert sorted(after) == sorted(RUNS)
     assert all(after[name].startswith(text) for name, text in before.items())
+    for name, text in after.items():  # each sample drawn once, across the stop
+        drawn = [(r["problem_id"], r["sample"]) for r in map(json.loads, text.splitlines()) if r["type"] == "sample"]
+        assert len(drawn) == len(set(drawn)) == 4, (name, drawn)
     requests = int(output.split("stand-in judge answered ")[1].split()[0])
     assert requests > 0
 
