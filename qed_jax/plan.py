@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shlex
 import time
 from functools import partial
 from pathlib import Path
@@ -735,7 +736,7 @@ def pipeline_stages(path: str) -> None:
     stages = []
     for name in ("sft", "grpo"):
         stage = getattr(pipeline, name)
-        with_overrides = " ".join(f"'{o}'" for o in as_overrides(stage.overrides))
+        with_overrides = " ".join(shlex.quote(o) for o in as_overrides(stage.overrides))
         stages.append(f"`--config {stage.config}" + (f" {with_overrides}" if with_overrides else "") + f"` ({name})")
     raise ConfigError(f"{path} is a pipeline config: plan its trainer stages one at a time, "
                       f"{' and '.join(stages)}")
