@@ -81,8 +81,8 @@ def time_transformers(hf, prompts, new_tokens: int, repeats: int) -> dict:
     ids = torch.tensor(prompts, device=hf.device)
     synchronize = torch.cuda.synchronize if hf.device.type == "cuda" else (lambda: None)
 
-    def run_prefill():
-        hf(input_ids=ids, use_cache=True)
+    def run_prefill():  # the prefill `generate` runs: the logits of the last position only
+        hf(input_ids=ids, use_cache=True, logits_to_keep=1)
         synchronize()
 
     def run_generate():
