@@ -569,6 +569,25 @@ def test_a_slice_created_again_gets_the_code_the_launch_started_with(gcloud, tmp
     assert not list(tmp_path.glob("qed-jax-qr-*"))  # removed once the launch ends
 
 
+def test_a_launch_whose_packed_code_was_removed_says_so(gcloud, tmp_path, monkeypatch, capsys):
+    """A cleaner of temporary files may remove the launch's tarball in the days before a
+    preemption: the slice created again is not set up from nothing, and the error says why."""
+    write_script, _ = gcloud
+    real_run = tpu.run
+
+    def clean_then_run(*args, **kwargs):
+        for tarball in tmp_path.glob("qed-jax-qr-*"):
+            tarball.unlink()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tpu, "run", clean_then_run)
+    write_script(states=["MISSING", "ACTIVE", "SUSPENDED", "SUSPENDED", "ACTIVE", "ACTIVE"],
+                 runs={"0": [{"code": 255}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retry-delay", "0",
+                    "--run-id", "r", "--log-dir", "logs", "--", "true") == 1
+    assert "is gone (a cleaner of temporary files?): launch again with the same --run-id" in capsys.readouterr().err
+
+
 def test_a_slice_preempted_while_it_is_set_up_is_created_again(gcloud):
     write_script, calls = gcloud
     write_script(states=["MISSING", "ACTIVE", "SUSPENDED",  # created; the copy fails: preempted
@@ -582,12 +601,22 @@ def test_a_slice_preempted_while_it_is_set_up_is_created_again(gcloud):
 
 def test_a_create_or_delete_that_fails_once_does_not_end_a_launch(gcloud):
     """A slice recreated after a preemption, days into a run: one failed create (a 503) is
-    retried as describe, scp and ssh are; so is the delete of --delete-at-end."""
+    retried as describe, scp and ssh are; so is the delete of --delete-at-end. A failure after
+    which the slice is there (a create whose reply was lost), or gone (a delete's), is not
+    retried: a retry would fail on the slice's existing, or not."""
     write_script, calls = gcloud
-    write_script(states=["MISSING", "ACTIVE\tv5p-8"], create=[1, 0], delete=[1, 0], runs={"0": [{"code": 0}]})
+    write_script(states=["MISSING", "MISSING", "ACTIVE\tv5p-8", "ACTIVE\tv5p-8"], create=[1, 0], delete=[1, 0],
+                 runs={"0": [{"code": 0}]})
     assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retry-delay", "0",
                     "--run-id", "r", "--log-dir", "logs", "--delete-at-end", "--", "true") == 0
-    assert verbs(calls()) == ["describe", "create", "create", "describe", "scp", "setup", "run", "delete", "delete"]
+    assert verbs(calls()) == ["describe", "create", "describe", "create", "describe", "scp", "setup", "run",
+                              "delete", "describe", "delete"]
+    write_script(states=["MISSING", "CREATING", "ACTIVE\tv5p-8", "MISSING"], create=[1], delete=[1],
+                 runs={"0": [{"code": 0}]})
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--poll", "0", "--retry-delay", "0",
+                    "--run-id", "r", "--log-dir", "logs", "--delete-at-end", "--", "true") == 0
+    assert verbs(calls())[-9:] == ["describe", "create", "describe", "describe", "scp", "setup", "run", "delete",
+                                   "describe"]
 
 
 def test_launch_stops_after_max_failures(gcloud, capsys):

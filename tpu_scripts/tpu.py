@@ -132,8 +132,10 @@ class Gcloud:
     def tpu_vm(self, verb: str, *extra: str) -> list[str]:
         return ["gcloud", "compute", "tpus", "tpu-vm", verb, *extra, *self._where()]
 
-    def call(self, argv: list[str], retries: int = 1, delay: float = 0.0) -> None:
-        """Run argv (echoed), retrying with exponential backoff; raise after the last failure."""
+    def call(self, argv: list[str], retries: int = 1, delay: float = 0.0, done=None) -> None:
+        """Run argv (echoed), retrying with exponential backoff; raise after the last failure.
+        `done()`, asked after a failure, says whether what the call was to do happened anyway (a
+        create whose reply was lost): then it is not retried."""
         print(shlex.join(argv), flush=True)
         if self.dry_run:
             return
@@ -141,6 +143,9 @@ class Gcloud:
         for attempt in range(1, retries + 1):
             code = subprocess.run(argv).returncode
             if code == 0:
+                return
+            if done is not None and done():
+                progress(f"exit {code}, but it was done")
                 return
             if attempt < retries:
                 wait = delay * 2 ** (attempt - 1)
@@ -194,7 +199,7 @@ def create(gc: Gcloud, args, retries: int = 1, delay: float = 0.0) -> None:
     gc.call(gc.queued("create", f"--node-id={gc.name}", f"--accelerator-type={args.accelerator_type}",
                       f"--runtime-version={version}", *CAPACITY_FLAGS[args.capacity],
                       alpha=args.capacity == "best-effort"),  # --best-effort is alpha-only
-            retries, delay)
+            retries, delay, done=(lambda: gc.state() is not None) if retries > 1 else None)
 
 
 def wait(gc: Gcloud, args) -> None:
@@ -219,7 +224,8 @@ def status(gc: Gcloud, args) -> None:
 
 def delete(gc: Gcloud, args, retries: int = 1, delay: float = 0.0) -> None:
     progress(f"deleting {gc.name}")
-    gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"), retries, delay)
+    gc.call(gc.queued("delete", *(["--force"] if args.force else []), "--quiet"), retries, delay,
+            done=(lambda: gc.state() is None) if retries > 1 else None)
 
 
 def check_git_tree() -> None:
@@ -311,6 +317,9 @@ def packed(gc: Gcloud, args):
 def setup(gc: Gcloud, args, tarball: Path | None = None) -> None:
     """Copy the code to every worker and install it: `tarball` when given (`launch` packs once, so
     that a slice created again after a preemption gets the same code), else packed anew."""
+    if tarball and not gc.dry_run and not tarball.exists():
+        raise LaunchError(f"the code packed at the launch's start, {tarball}, is gone (a cleaner of temporary "
+                          "files?): launch again with the same --run-id, which packs it again")
     with contextlib.nullcontext(tarball) if tarball else packed(gc, args) as tarball:
         progress(f"copying the code to every worker of {gc.name} and installing it")
         gc.call(gc.tpu_vm("scp", str(tarball), f"{gc.name}:qed-jax.tar.gz", "--worker=all"),
