@@ -431,29 +431,32 @@ def one_value(text: str) -> bool:
 
 
 # Commas between groups of three digits (1,000 or 12,345,678), which math-verify reads as one number.
-DIGIT_GROUP_COMMA = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,.])")
+DIGIT_GROUP_COMMA = re.compile(r"(?<![\d.])(?<!\d,)\d{1,3}(?:,\d{3})+(?![\d.]|,\d)")
 
 
-def listed_items(text: str) -> int | None:
-    """How many items `text` lists: its commas outside any bracket (but those of digit groups),
-    plus one; None when its brackets do not pair up."""
-    depth, items = 0, 1
-    for character in DIGIT_GROUP_COMMA.sub("0", text):
+def listed_items(text: str) -> list[str] | None:
+    """The items `text` lists: its parts between commas outside any bracket; None when its
+    brackets do not pair up."""
+    depth, items = 0, [""]
+    for character in text:
         depth += (character in "([{") - (character in ")]}")
-        items += character == "," and depth == 0
         if depth < 0:
             return None
-    return items if depth == 0 else None
+        if character == "," and depth == 0:
+            items.append("")
+        else:
+            items[-1] += character
+    return [item.strip() for item in items] if depth == 0 else None
 
 
 BRACED_SET = re.compile(r"\s*\\\{(.*)\\\}\s*", re.S)
 
 
-def set_items(text: str) -> int | None:
-    """How many items `text` lists, when it is a bare list (`2, 3`) or one set (`\\{2, 3\\}`);
-    else None."""
-    if (listed_items(text) or 0) > 1:
-        return listed_items(text)
+def set_items(text: str) -> list[str] | None:
+    """The items of `text` when it is a bare list (`2, 3`) or one set (`\\{2, 3\\}`); else None."""
+    items = listed_items(text)
+    if items is not None and len(items) > 1:
+        return items
     braced = BRACED_SET.fullmatch(text)
     return listed_items(braced[1]) if braced else None
 
@@ -470,14 +473,19 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
-    predicted, reference = DIGIT_GROUP_SPACE.sub("", predicted), DIGIT_GROUP_SPACE.sub("", reference)
+    def ungrouped(text: str) -> str:  # 1\,000 and 1,000 as 1000
+        return DIGIT_GROUP_COMMA.sub(lambda number: number[0].replace(",", ""), DIGIT_GROUP_SPACE.sub("", text))
+
+    predicted, reference = ungrouped(predicted), ungrouped(reference)
     if not (one_value(predicted) and one_value(reference)):
         return None
-    # math-verify reads a bare list (2, 3) as a set: equal to a set or list of as many items, in
-    # any order; against anything else ((3, 2), 2, or 2, 2, 3) the judge decides.
-    if max(listed_items(predicted) or 0, listed_items(reference) or 0) > 1 and (
-            set_items(predicted) is None or set_items(predicted) != set_items(reference)):
-        return None
+    # math-verify reads a bare list (2, 3) as a set: it decides against a set or list of as many
+    # items, none repeated, in any order; against anything else ((3, 2), 2, or 2, 2, 3) or with an
+    # item repeated (3, 3, 4 against 3, 4, 4) the judge decides.
+    if max(len(listed_items(predicted) or ()), len(listed_items(reference) or ())) > 1:
+        items = [set_items(predicted), set_items(reference)]
+        if None in items or len(items[0]) != len(items[1]) or any(len(set(i)) < len(i) for i in items):
+            return None
     # math-verify bounds its time with SIGALRM, which only the main thread may set.
     seconds = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=seconds)

@@ -476,9 +476,11 @@ def test_answer_checks():
     # math-verify reads a bare list as a set: it is one for a set or list of as many items, in any
     # order; a tuple, or a list with an item more or fewer, goes to the judge.
     assert check_answer("2, 3", "3, 2") is True and check_answer(r"\{3, 2\}", "2, 3") is True
-    for predicted, reference in [("(3,4,5)", "5,4,3"), ("2", "2, 2"), ("2, 2", "2"), ("1, 2, 2", "1, 2")]:
+    for predicted, reference in [("(3,4,5)", "5,4,3"), ("2", "2, 2"), ("2, 2", "2"), ("1, 2, 2", "1, 2"),
+                                 ("3, 3, 4", "3, 4, 4"), ("(1,2), (1,2), (3,4)", "(1,2), (3,4), (3,4)")]:
         assert check_answer(predicted, reference) is None, (predicted, reference)
     assert check_answer("1,000", "1000") is True  # digit groups: one number
+    assert check_answer("1,000, 2,000", "2000, 1000") is True
     assert check_answer("3", "3.0000000001") is None  # equal to 9 digits: not decided unequal
     # Past any float's range (both inf as floats, whose difference is nan), compared as numbers.
     assert check_answer("2^{2025}", "2^{2024}") is False and check_answer("2^{2024}", "2^{2024}") is True
