@@ -92,8 +92,8 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None, name: str = "mesh
         mesh, why = None, "does not follow this slice's chip grid (each size a product of the grid's sides)"
     by_host = Mesh(np.array(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object).reshape(sizes),
                    MESH_AXES, axis_types=axis_types)
-    if mesh is not None and not rows_stay_on_their_hosts(by_host):
-        return mesh  # no layout keeps rows on their hosts: the trainers refuse it (`check_rows_divide`)
+    if not rows_stay_on_their_hosts(by_host):  # no layout keeps rows on their hosts: the trainers
+        return by_host if mesh is None else mesh  # refuse it (`check_rows_divide`), without this warning
     log.warning("%s %s: the mesh takes the devices host by host instead, which works, with collectives "
                 "that may take longer links", given, why)
     return by_host
