@@ -26,7 +26,7 @@ from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qed_jax.attention import KV_CACHE_AXES
-from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset
+from qed_jax.config import ConfigError, ModelConfig, PRESETS, load_config, preset, read_yaml
 from qed_jax.errors import first_line
 from qed_jax.model import KVCache, Qwen3
 from qed_jax.sharding import logical_to_spec, make_mesh, state_shardings
@@ -725,19 +725,21 @@ class Plan:
 
 
 def pipeline_stages(path: str) -> None:
-    """ConfigError naming the trainer stages' configs when `path` is a pipeline config, which
-    `plan` cannot take as a whole (it plans one trainer)."""
+    """ConfigError naming the trainer stages' configs when `path` is a pipeline config (its keys
+    are a pipeline's, whether or not it is complete), which `plan` cannot take as a whole (it
+    plans one trainer)."""
     from qed_jax.pipeline import PipelineConfig, as_overrides
 
-    try:
-        pipeline = load_config(PipelineConfig, path, [])
-    except ConfigError:
+    data = read_yaml(path)
+    pipeline_keys = {field.name for field in dataclasses.fields(PipelineConfig)}
+    if not (isinstance(data, dict) and set(data) <= pipeline_keys and set(data) & {"sft", "grpo", "eval", "judge"}):
         return
     stages = []
     for name in ("sft", "grpo"):
-        stage = getattr(pipeline, name)
-        with_overrides = " ".join(shlex.quote(o) for o in as_overrides(stage.overrides))
-        stages.append(f"`--config {stage.config}" + (f" {with_overrides}" if with_overrides else "") + f"` ({name})")
+        stage = data.get(name) if isinstance(data.get(name), dict) else {}
+        words = ["--config", stage.get("config") or getattr(PipelineConfig, name).config,
+                 *as_overrides(stage.get("overrides") if isinstance(stage.get("overrides"), dict) else None)]
+        stages.append(f"`{shlex.join(str(word) for word in words)}` ({name})")
     raise ConfigError(f"{path} is a pipeline config: plan its trainer stages one at a time, "
                       f"{' and '.join(stages)}")
 

@@ -212,7 +212,7 @@ def test_model_config_from_a_hub_name_a_folder_or_an_explicit_preset(hf_tiny, tm
     assert plan.model_config(ModelSpec(path=str(tmp_path / "config_only")))[0].param_dtype == "bfloat16"
 
 
-def test_the_trainer_is_the_one_whose_config_loads():
+def test_the_trainer_is_the_one_whose_config_loads(tmp_path):
     assert plan.trainer_config(SFT_TINY, [], None)[0] == "sft"
     assert plan.trainer_config(RL_TINY, ["max_new_tokens=8"], None)[0] == "grpo"
     with pytest.raises(ConfigError, match="pass --trainer"):
@@ -226,6 +226,10 @@ def test_the_trainer_is_the_one_whose_config_loads():
                        r"`--config configs/sft/tiny.yaml` \(sft\) and "
                        r"`--config configs/rl/tiny.yaml 'optim=\{\"lr\": 0.001\}'` \(grpo\)$"):
         plan.trainer_config(pipeline_yaml, [], None)
+    (tmp_path / "pipeline.yaml").write_text("sft: {config: my sft.yaml}\n")  # not a whole pipeline: no judge
+    with pytest.raises(ConfigError, match=r"is a pipeline config: .*`--config 'my sft.yaml'` \(sft\) and "
+                                          r"`--config configs/rl/tiny.yaml` \(grpo\)$"):
+        plan.trainer_config(str(tmp_path / "pipeline.yaml"), [], None)
     with pytest.raises(ConfigError, match="^steps must be at least 1, got -1$"):  # an SFT file's own error
         plan.trainer_config(SFT_TINY, ["steps=-1"], None)
     with pytest.raises(ConfigError, match=r"^config file no/such.yaml does not exist \(relative to the working "
