@@ -585,7 +585,7 @@ class RCRollouts:
                                                                               s.top_k, s.top_p),
                                     thinking=s.thinking, tokenizer=summarizer_tokenizer)
         # One problem buffer for every step, the prompt bucket that holds the longest problem
-        # `load_prompts` keeps (as `qed-jax plan` sizes it): no step compiles the loop again.
+        # `load_prompts` keeps (at most what `qed-jax plan` sizes): no step compiles the loop again.
         limit = problem_token_limit(config, tokenizer)
         params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or config.max_new_tokens,
                           summary_tokens=rc.summary_tokens, temperature=config.loss.temperature,

@@ -941,7 +941,7 @@ def test_rc_step_times_count_the_trajectories_once(tmp_path, monkeypatch):
     (metrics,) = read_metrics(tmp_path / "run")
     assert metrics["trajectory_s"] >= 1000.0
     # Every step's trajectories on one problem buffer, the bucket of the longest problem any step may
-    # draw (what `qed-jax plan` sizes), not that of the step's longest: no step compiles the loop again.
+    # draw, not that of the step's longest: no step compiles the loop again.
     from qed_jax.sampling import bucket_length
     from qed_jax.tokenizer import load_tokenizer
 
