@@ -41,7 +41,7 @@ from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
 from qed_jax.pretrained import loaded_from
-from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams
+from qed_jax.sampling import DEFAULT_BUCKETS, Sampler, SamplingParams, bucket_length
 from qed_jax.sharding import DEFAULT_RULES, MeshConfig, check_mesh_sizes, make_mesh
 from qed_jax.trainer import (MetricsLog, ModelSpec, OptimConfig, StopSignals, advance_schedule, check_finite,
                              check_rows_divide, check_run_config, data_parallel_size, data_record, decay_mask,
@@ -590,7 +590,7 @@ class RCRollouts:
         params = RCParams(turns=rc.turns, reasoning_tokens=rc.reasoning_tokens or config.max_new_tokens,
                           summary_tokens=rc.summary_tokens, temperature=config.loss.temperature,
                           summarizer_tokens=rc.summarizer.max_new_tokens, summarize_last=True, no_summary=None,
-                          problem_tokens=next((b for b in DEFAULT_BUCKETS if b >= limit), limit),
+                          problem_tokens=bucket_length(limit) if limit <= DEFAULT_BUCKETS[-1] else limit,
                           max_turns=rc.turns, batch_size=rc.trajectory_batch,
                           reasoning_template=rc.reasoning_template, summarize_template=rc.summarize_template)
         self.cache = ReasoningCache(sampling_model, tokenizer, params, summarizer, mesh=mesh)
