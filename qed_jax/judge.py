@@ -289,28 +289,34 @@ def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None
 # A mark inside its tag, as judges write it: bare, between Markdown's asterisks, or out of 7 ("7/7",
 # "7 out of 7"). Up to 9 digits: 5,000 digits are no score.
 _MARK = r"\s*(?:\*+\s*)?([+-]?\d{1,9})\s*(?:(?:/|out\s+of)\s*7\s*)?(?:\*+\s*)?"  # no two parts take the same spaces
-_PATTERNS = {
-    "score": re.compile(rf"<score>{_MARK}</score>", re.IGNORECASE),
-    "points": re.compile(rf"<points>{_MARK}</points>", re.IGNORECASE),
-    "verdict": re.compile(r"<verdict>\s*(correct|incorrect)\s*</verdict>", re.IGNORECASE),
+# A tag and what it holds, whatever that is (no tag of its kind inside: read in linear time).
+_TAGS = {name: re.compile(rf"<{name}>((?:(?!</?{name}>).)*)</{name}>", re.IGNORECASE | re.DOTALL)
+         for name in ("score", "points", "verdict")}
+_VALUES = {  # what a tag holds when it holds a mark
+    "score": re.compile(_MARK, re.IGNORECASE),
+    "points": re.compile(_MARK, re.IGNORECASE),
+    "verdict": re.compile(r"\s*(correct|incorrect)\s*", re.IGNORECASE),
 }
 
 
 def tagged_score(reply: str | None, answer_format: str) -> int | None:
-    """The last well-formed tag's value, whatever it is; None when there is no such tag. A judge
-    served without a reasoning parser writes its reasoning first: only the text after its last
-    </think> is read (a mark it weighed while thinking is not its grade)."""
-    matches = _PATTERNS[answer_format].findall((reply or "").rpartition(THINK_END)[2])
-    if not matches:
+    """The last tag's value, whatever it is; None when there is no tag, or when the last one holds
+    no mark (`<score>3.5</score>`): a mark in an earlier tag is one the judge quoted or weighed
+    before its last word, not its grade. A judge served without a reasoning parser writes its
+    reasoning first: only the text after its last </think> is read (a mark it weighed while
+    thinking is not its grade)."""
+    tags = _TAGS[answer_format].findall((reply or "").rpartition(THINK_END)[2])
+    value = _VALUES[answer_format].fullmatch(tags[-1]) if tags else None
+    if value is None:
         return None
-    last = matches[-1]
+    last = value.group(1)
     if answer_format == "verdict":
         return MAX_SCORE if last.lower() == "correct" else 0
     return int(last)
 
 
 def parse_score(reply: str | None, answer_format: str, allowed: set[int]) -> int | None:
-    """The last well-formed tag's value; None when there is none or it is off the scale."""
+    """The last tag's value; None when there is none, it holds no mark, or its mark is off the scale."""
     value = tagged_score(reply, answer_format)
     return value if value in allowed else None
 
@@ -498,7 +504,8 @@ class GradeCache:
 # reply is read, what fails): a cache's grades read the older way are asked for again, not reused.
 # Version 2 (2026-12-02): only the text after the reply's last </think>; a cut-off reply is no grade.
 # Version 3 (2026-12-07): a mark between asterisks (Markdown), or out of 7, inside its tag is read.
-GRADE_READING = 3
+# Version 4: the last tag counts even when it holds no mark (no grade), not an earlier one that does.
+GRADE_READING = 4
 
 
 def cache_key(config: JudgeConfig, prompt: str) -> str:
