@@ -188,15 +188,17 @@ def matmul_params(config) -> int:
 
 
 def decode_cost(config, batch: int, prompt_len: int, new_tokens: int, weight_bytes: int, kv_itemsize: int):
-    """(FLOPs, bytes) of `new_tokens` decode steps of `batch` rows after `prompt_len`-token
-    prompts: each step multiplies every row by the weights and attends over its live keys
-    (prompt_len + step + 1 of them), and reads the weights once and every row's live keys and
-    values."""
+    """(FLOPs, bytes) of decoding `new_tokens` tokens for `batch` rows after `prompt_len`-token
+    prompts. The first token comes from the prefill's logits; each later one takes a forward of
+    the token before it (new_tokens - 1 in all), which multiplies every row by the weights and
+    attends over its live keys (prompt_len + step + 1 of them at step 0, 1, ...), reading the
+    weights once and every row's live keys and values."""
     c = config
-    live = sum(prompt_len + step + 1 for step in range(new_tokens)) * batch  # key slots read, all steps
-    flops = 2 * matmul_params(c) * batch * new_tokens + 4 * c.num_layers * c.num_heads * c.head_dim * live
+    forwards = max(new_tokens - 1, 0)
+    live = sum(prompt_len + step + 1 for step in range(forwards)) * batch  # key slots read, all forwards
+    flops = 2 * matmul_params(c) * batch * forwards + 4 * c.num_layers * c.num_heads * c.head_dim * live
     kv_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_itemsize * live
-    return flops, weight_bytes * new_tokens + kv_bytes
+    return flops, weight_bytes * forwards + kv_bytes
 
 
 def prefill_flops(config, batch: int, prompt_len: int) -> float:

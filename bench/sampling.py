@@ -114,7 +114,7 @@ def figures(seconds: dict, limits: dict, config, batch: int, prompt_len: int, ne
         "decode_roofline": roofline.fraction(limits, seconds["decode_s"], flops=flops, nbytes=nbytes),
     }
     if "small_batch_matmul" in limits:  # on a CPU: the weights read at the rate its matmul streams them at 8 rows
-        out["decode_weights_at_small_batch_matmul_rate_s"] = weights * new_tokens / limits["small_batch_matmul"]["bytes_per_s"]
+        out["decode_weights_at_small_batch_matmul_rate_s"] = weights * (new_tokens - 1) / limits["small_batch_matmul"]["bytes_per_s"]
     return out
 
 

@@ -153,8 +153,35 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)  # [B]
-    init = dict(
-        step=jnp.int32(0), logits=logits, cache=cache,
+
+    def draw(s, logits):
+        """Sample step s["step"]'s token from `logits` [B, V] and record it; the token and its
+        position are what the next forward feeds."""
+        step = s["step"]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        token, logprob = sample_tokens(logits, keys, temperature, top_k, top_p)
+        live = ~s["done"]
+        token = jnp.where(live, token, 0)
+        stopped = live & jnp.isin(token, stop_ids)
+        return dict(
+            s, step=step + 1, token=token, token_positions=s["positions"],
+            positions=s["positions"] + live,
+            tokens=s["tokens"].at[:, step].set(token),
+            logprobs=s["logprobs"].at[:, step].set(jnp.where(live, logprob, 0.0)),
+            lengths=jnp.where(live, step + 1, s["lengths"]),
+            finish=jnp.where(stopped, FINISH_STOP, s["finish"]),
+            done=s["done"] | stopped | (step + 1 >= budgets),
+        )
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):  # one forward of the last drawn tokens, then the next draw: no forward after the last
+        logits, cache = model.decode(s["token"][:, None], s["token_positions"][:, None], s["cache"], weights=weights)
+        return draw(dict(s, cache=cache), logits[:, 0])
+
+    s = dict(
+        step=jnp.int32(0), cache=cache,
         positions=lengths.astype(jnp.int32),
         tokens=jnp.zeros((batch, max_new_tokens), jnp.int32),
         logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
@@ -162,29 +189,8 @@ def decode_loop(graphdef, max_new_tokens: int, state, logits, lengths, cache: KV
         finish=jnp.full((batch,), FINISH_LENGTH, jnp.int32),
         done=budgets <= 0,
     )
-
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
-
-    def body(s):
-        step = s["step"]
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-        token, logprob = sample_tokens(s["logits"], keys, temperature, top_k, top_p)
-        live = ~s["done"]
-        token = jnp.where(live, token, 0)
-        stopped = live & jnp.isin(token, stop_ids)
-        out = dict(s, step=step + 1)
-        out["tokens"] = s["tokens"].at[:, step].set(token)
-        out["logprobs"] = s["logprobs"].at[:, step].set(jnp.where(live, logprob, 0.0))
-        out["lengths"] = jnp.where(live, step + 1, s["lengths"])
-        out["finish"] = jnp.where(stopped, FINISH_STOP, s["finish"])
-        out["done"] = s["done"] | stopped | (step + 1 >= budgets)
-        logits, out["cache"] = model.decode(token[:, None], s["positions"][:, None], s["cache"], weights=weights)
-        out["logits"] = logits[:, 0]
-        out["positions"] = s["positions"] + live
-        return out
-
-    s = jax.lax.while_loop(cond, body, init)
+    if max_new_tokens > 0:  # the first token comes from the prefill's logits
+        s = jax.lax.while_loop(cond, body, draw(s, logits))
     cache = s["cache"] if weights is None else s["cache"].stacked()
     return s["tokens"], s["logprobs"], s["lengths"], s["finish"], cache
 

@@ -180,6 +180,24 @@ def test_a_stopped_row_ends_while_others_go_on(tiny):
         assert after.tokens == before.tokens and after.finish_reason == "length"
 
 
+def test_decode_feeds_every_token_but_the_last(tiny):
+    """The first token comes from the prefill's logits, and no forward follows the last one drawn:
+    after N tokens of a P-token prompt, cache slots up to P + N - 2 hold keys, slot P + N - 1 none."""
+    _, model = tiny
+    P, N = 7, 5
+    sampler = Sampler(model)
+    cache = sampling.new_kv_cache(sampler.config, 1, 16, jnp.float32)
+    lengths = jnp.asarray([P], jnp.int32)
+    logits, cache = sampling.prefill(sampler.graphdef, sampler.state, jnp.asarray([PROMPTS[0]]), lengths, cache)
+    one = lambda v, dtype: jnp.asarray([v], dtype)  # noqa: E731
+    tokens, _, n, _, cache = sampling.decode_loop(
+        sampler.graphdef, N, sampler.state, logits, lengths, cache, jax.random.key(0), one(0.0, jnp.float32),
+        one(0, jnp.int32), one(1.0, jnp.float32), one(N, jnp.int32), jnp.zeros((0,), jnp.int32))
+    assert int(n[0]) == N
+    written = np.abs(np.asarray(cache.k)).sum(axis=(0, 3, 4))[0]  # per slot
+    assert (written[: P + N - 1] > 0).all() and (written[P + N - 1:] == 0).all(), written
+
+
 def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
     _, model = tiny
     sampler = Sampler(model, buckets=(16, 32))
