@@ -478,7 +478,7 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
         total = sum(math.prod(maps[p].hf_shape) * target.itemsize for _, p, _ in plan)
         index = {"metadata": {"total_size": total},
                  "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_whole(folder / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
     copy_assets(assets_from, folder)
     if generation_from is not None and (epath.Path(generation_from) / "generation_config.json").exists():
         copy_assets(generation_from, folder, names=("generation_config.json",))
@@ -487,9 +487,11 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
     if stop_on_turn_end:
         _add_turn_end_ids(folder / "generation_config.json")
     # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
-    # finished export): a kill before this line leaves a folder that is redone.
-    (folder / "config.json").write_text(json.dumps({**config.to_hf(torch_dtype=target.name),
-                                                    **_special_ids(folder / "generation_config.json")}, indent=2))
+    # finished export): a kill before this line leaves a folder that is redone. Whole or not at
+    # all, so that a kill or a full disk while it is written leaves none rather than half of one.
+    write_whole(folder / "config.json", json.dumps({**config.to_hf(torch_dtype=target.name),
+                                                    **_special_ids(folder / "generation_config.json")},
+                                                   indent=2).encode())
     return folder
 
 

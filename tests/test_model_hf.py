@@ -232,6 +232,33 @@ def test_an_export_cut_while_writing_its_generation_config_is_redone_whole(tmp_p
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == end_of_turn
 
 
+def test_an_export_cut_while_writing_its_config_leaves_none(tmp_path, monkeypatch):
+    """config.json is written last so that a folder holding one is a whole export (a trainer's or
+    the pipeline's rerun takes it as done): a kill or a full disk while it is written leaves none,
+    not half of one."""
+    make_hf_model(tmp_path / "src")
+    model = qed_jax.from_pretrained(tmp_path / "src")
+    write_bytes, write_text = Path.write_bytes, Path.write_text
+
+    def cut(write):
+        def killed_halfway(path, data, *args, **kwargs):
+            if "config.json" in path.name and "generation" not in path.name:
+                write(path, data[:len(data) // 2], *args, **kwargs)
+                raise KeyboardInterrupt
+            return write(path, data, *args, **kwargs)
+        return killed_halfway
+
+    monkeypatch.setattr(Path, "write_bytes", cut(write_bytes))
+    monkeypatch.setattr(Path, "write_text", cut(write_text))
+    with pytest.raises(KeyboardInterrupt):
+        qed_jax.save_pretrained(model, tmp_path / "out", dtype="float32")
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert not [p.name for p in (tmp_path / "out").iterdir() if "config.json" in p.name and "generation" not in p.name]
+    qed_jax.save_pretrained(model, tmp_path / "out", dtype="float32")  # the rerun
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen3"
+
+
 def test_a_home_relative_path_and_a_model_config_that_does_not_fit_its_arrays(tmp_path, monkeypatch):
     from qed_jax import checkpoint
 
