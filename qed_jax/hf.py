@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from qed_jax.config import ConfigError, ModelConfig, check_dtype, write_bytes_atomic, write_text_atomic
 from qed_jax.errors import CheckpointError
 from qed_jax.model import Qwen3
+from qed_jax.multihost import largest
 from qed_jax.sharding import DEFAULT_RULES, state_shardings
 
 log = logging.getLogger(__name__)
@@ -442,10 +443,25 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
         shards[-1].append(entry)
         size += nbytes
 
-    writer = jax.process_index() == 0
+    writer, many = jax.process_index() == 0, jax.process_count() > 1
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    if writer:
+    failure: Exception | None = None
+
+    def on_writer(write) -> None:
+        """One of process 0's writes. With several processes, its error is kept until every tensor
+        is gathered: the others gather each one with process 0 (a collective op), and would wait
+        for it in the next gather forever."""
+        nonlocal failure
+        if writer and failure is None:
+            try:
+                write()
+            except Exception as e:
+                if not many:
+                    raise
+                failure = e
+
+    def prepare() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").unlink(missing_ok=True)  # written last: until then, no whole export here
         # An earlier export's weights that this one does not overwrite: left there, a loader
@@ -454,44 +470,55 @@ def save_hf(model: Qwen3, folder: str | Path, dtype: str = "bfloat16", assets_fr
                     *folder.glob("model-*-of-*.safetensors")]:
             if old.name not in names:
                 old.unlink(missing_ok=True)
+
+    on_writer(prepare)
     progress = tqdm(total=len(plan), desc=f"writing {folder.name}", unit="tensor", disable=not writer)
+    gathered = 0  # every process gathers each tensor of `plan`, in its order
+
+    def produce(hf_name):
+        nonlocal gathered
+        hf, path, layer = plan[gathered]
+        assert hf == hf_name, (hf, hf_name)
+        gathered += 1
+        value = params[path] if layer is None else params[path][layer]
+        progress.update()
+        return maps[path].to_hf(_gather(value).astype(target))
+
+    end = 0
     for file_name, shard in zip(names, shards):
-        by_name = {hf: (path, layer) for hf, path, layer in shard}
-
-        def produce(hf_name):
-            path, layer = by_name[hf_name]
-            value = params[path] if layer is None else params[path][layer]
-            progress.update()
-            return maps[path].to_hf(_gather(value).astype(target))
-
+        end += len(shard)
         planned = [(hf, maps[path].hf_shape, target) for hf, path, _ in shard]
-        if writer:
-            write_safetensors(folder / file_name, planned, produce)
-        else:
-            for hf, _, _ in planned:
-                produce(hf)
+        on_writer(lambda: write_safetensors(folder / file_name, planned, produce))
+        for hf, _, _ in plan[gathered:end]:  # the other processes' share, or what a failed write left
+            produce(hf)
     progress.close()
-    if not writer:
-        return folder
 
-    if len(shards) > 1:
-        total = sum(math.prod(maps[p].hf_shape) * target.itemsize for _, p, _ in plan)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
-        write_whole(folder / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-    copy_assets(assets_from, folder)
-    if generation_from is not None and (epath.Path(generation_from) / "generation_config.json").exists():
-        copy_assets(generation_from, folder, names=("generation_config.json",))
-    if not (folder / "generation_config.json").exists():  # whole or absent: a cut write is redone
-        write_text_atomic(folder / "generation_config.json", json.dumps(_generation_config(folder), indent=2))
-    if stop_on_turn_end:
-        _add_turn_end_ids(folder / "generation_config.json")
-    # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
-    # finished export): a kill before this line leaves a folder that is redone. Whole or not at
-    # all, so that a kill or a full disk while it is written leaves none rather than half of one.
-    write_whole(folder / "config.json", json.dumps({**config.to_hf(torch_dtype=target.name),
-                                                    **_special_ids(folder / "generation_config.json")},
-                                                   indent=2).encode())
+    def finish() -> None:
+        if len(shards) > 1:
+            total = sum(math.prod(maps[p].hf_shape) * target.itemsize for _, p, _ in plan)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {hf: n for n, shard in zip(names, shards) for hf, _, _ in shard}}
+            write_whole(folder / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+        copy_assets(assets_from, folder)
+        if generation_from is not None and (epath.Path(generation_from) / "generation_config.json").exists():
+            copy_assets(generation_from, folder, names=("generation_config.json",))
+        if not (folder / "generation_config.json").exists():  # whole or absent: a cut write is redone
+            write_text_atomic(folder / "generation_config.json", json.dumps(_generation_config(folder), indent=2))
+        if stop_on_turn_end:
+            _add_turn_end_ids(folder / "generation_config.json")
+        # Last, so that a folder with a config.json is whole (a trainer's rerun takes it as its
+        # finished export): a kill before this line leaves a folder that is redone. Whole or not at
+        # all, so that a kill or a full disk while it is written leaves none rather than half of one.
+        write_whole(folder / "config.json", json.dumps({**config.to_hf(torch_dtype=target.name),
+                                                        **_special_ids(folder / "generation_config.json")},
+                                                       indent=2).encode())
+
+    on_writer(finish)
+    # Every process ends as process 0's writes did: the others fail with it, not exit as if exported.
+    if many and largest(int(failure is not None)) and failure is None:
+        raise CheckpointError(f"{folder}: writing the Hugging Face export failed on process 0 (its log says why)")
+    if failure is not None:
+        raise failure
     return folder
 
 

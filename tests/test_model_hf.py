@@ -259,6 +259,40 @@ def test_an_export_cut_while_writing_its_config_leaves_none(tmp_path, monkeypatc
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen3"
 
 
+def test_an_export_process_0_cannot_write_is_still_gathered_whole_and_fails_on_every_process(tmp_path, monkeypatch):
+    """With several processes, every process gathers each tensor of an export together (a
+    collective op) and process 0 writes it. A write that fails on process 0 (a full disk) must not
+    leave the others waiting for it in their next gather: it goes on gathering, then every
+    process fails (here each process of a two-process job is played in turn)."""
+    import errno
+
+    from qed_jax import hf
+
+    make_hf_model(tmp_path / "src")
+    model = qed_jax.from_pretrained(tmp_path / "src")
+    gathers = []
+    gather = hf._gather
+    monkeypatch.setattr(hf, "_gather", lambda x: gathers.append(x.shape) or gather(x))
+    qed_jax.save_pretrained(model, tmp_path / "whole", dtype="float32", max_shard_bytes=60_000)
+    everything, gathers[:] = list(gathers), []
+
+    def full_disk(path, tensors, produce):
+        produce(tensors[0][0])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(hf, "write_safetensors", full_disk)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for process, error, match in [(0, OSError, "No space left on device"),
+                                  (1, CheckpointError, "writing the Hugging Face export failed on process 0")]:
+        agreed = []
+        monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+        monkeypatch.setattr(hf, "largest", lambda value: agreed.append(value) or 1, raising=False)  # 0 failed
+        with pytest.raises(error, match=match):
+            qed_jax.save_pretrained(model, tmp_path / "out", dtype="float32", max_shard_bytes=60_000)
+        assert gathers == everything and agreed == [int(process == 0)], process
+        gathers[:] = []
+
+
 def test_a_home_relative_path_and_a_model_config_that_does_not_fit_its_arrays(tmp_path, monkeypatch):
     from qed_jax import checkpoint
 
