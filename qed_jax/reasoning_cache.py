@@ -37,8 +37,8 @@ from qed_jax.config import (ConfigError, check_seed, check_temperature_and_filte
                             require_at_least_one)
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_LENGTH, FINISH_REASONS, FINISH_STOP, SamplingParams,
-                              bucket_length, cache_shards, cache_slots, check_token_ids, checked_row_ids, decode_loop,
-                              fetch, mesh_context, new_kv_cache, prefill, put_rows, wave_row_ids)
+                              bucket_length, cache_shards, cache_slots, check_buckets, check_token_ids, checked_row_ids,
+                              decode_loop, fetch, mesh_context, new_kv_cache, prefill, put_rows, wave_row_ids)
 from qed_jax.sharding import DEFAULT_RULES
 from qed_jax.tokenizer import render_chat
 
@@ -437,7 +437,7 @@ class ReasoningCache:
                  buckets=DEFAULT_BUCKETS, mesh=None, rules=DEFAULT_RULES):
         from qed_jax import tokenizer as tok
 
-        self.tokenizer, self.params, self.buckets = tokenizer, params, tuple(buckets)
+        self.tokenizer, self.params, self.buckets = tokenizer, params, check_buckets(buckets)
         self.mesh, self.rules = mesh, rules
         self.batch_shards = cache_shards(model.config, mesh, rules)[0]
         self.policy_def, self.policy_state = nnx.split(model)

@@ -213,6 +213,18 @@ def cache_slots(tokens: int) -> int:
     return -(-tokens // multiple) * multiple
 
 
+def check_buckets(buckets) -> tuple[int, ...]:
+    """The prompt buckets as a tuple; ConfigError unless they are whole token counts of at least
+    1 in increasing order (`bucket_length` takes the first that holds a prompt, and names the last
+    as the largest)."""
+    buckets = tuple(buckets)
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets) \
+            or any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ConfigError(f"prompt buckets must be one or more token counts of at least 1 in increasing order, "
+                          f"e.g. (64, 128, 256); got {buckets}")
+    return buckets
+
+
 def bucket_length(length: int, buckets=DEFAULT_BUCKETS) -> int:
     for b in buckets:
         if length <= b:
@@ -285,7 +297,7 @@ class Sampler:
                  kv_cache_gib: float | None = None, progress: bool = True):
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
-        self.mesh, self.rules, self.buckets = mesh, rules, tuple(buckets)
+        self.mesh, self.rules, self.buckets = mesh, rules, check_buckets(buckets)
         self.cache_dtype = cache_dtype or model.config.dtype
         self.progress = progress
         if max_concurrent is not None and kv_cache_gib is not None:

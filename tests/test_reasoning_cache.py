@@ -432,6 +432,9 @@ def test_ids_the_policy_cannot_read_and_released_weights_are_refused(setup):
     with pytest.raises(ConfigError, match=r"^a problem takes 9 tokens, more than the largest prompt bucket \(8\); "
                                           r"set RCParams.problem_tokens to at least 9"):
         bucketed.run_ids([[5] * 9])
+    with pytest.raises(ConfigError, match=r"^prompt buckets must be one or more token counts of at least 1 in "
+                                          r"increasing order"):
+        rc.ReasoningCache(policy, tokenizer, params, buckets=(64, 8))
     loop.release()
     with pytest.raises(RuntimeError, match="weights were released; call update_weights"):
         loop.run_ids([[5, 6]])

@@ -212,6 +212,16 @@ def test_decode_loop_compiles_once_per_bucket(tiny, caplog):
     assert sum("prefill" in m for m in compiles) == 1, compiles
 
 
+@pytest.mark.parametrize("buckets", [(), (128, 16), (0, 16), (16, 16), (16.5, 32)])
+def test_prompt_buckets_that_are_not_increasing_token_counts_are_refused(buckets):
+    """No bucket raised an IndexError at the first call; buckets out of order padded a short
+    prompt to the first that held it and named the last as the largest."""
+    model = Qwen3(preset("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"^prompt buckets must be one or more token counts of at least 1 in "
+                                          r"increasing order"):
+        Sampler(model, buckets=buckets)
+
+
 def test_a_budget_past_the_trained_positions_warns_once(caplog):
     limit, longest = 24, max(len(p) for p in PROMPTS)
     sampler = Sampler(Qwen3(preset("tiny").replace(max_position_embeddings=limit), rngs=nnx.Rngs(0)))
