@@ -405,9 +405,10 @@ class Sampler:
 
 
 def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prompt") -> None:
-    """ValueError unless there is a prompt, each has a token, and every id is in [0, vocab_size):
-    the embedding lookup would read NaN for an id outside it, not fail."""
-    if not prompts:
+    """ValueError unless there is a prompt (a list, or a 2-D array, of them), each a flat sequence
+    of at least one int, and every id is in [0, vocab_size): the embedding lookup would read NaN
+    for an id outside it, not fail."""
+    if len(prompts) == 0:  # len: a 2-D array of ids is refused by `not` as ambiguous
         raise ValueError(f"no {what}s given")
     for i, ids in enumerate(prompts):
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
@@ -415,7 +416,15 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
                              f"{what} (a single {what} too: [ids])")
         if len(ids) == 0:
             raise ValueError(f"every {what} needs at least one token; {what}s[{i}] has none")
-        low, high = min(ids), max(ids)
+        try:
+            array = np.asarray(ids)
+        except ValueError:  # ragged
+            array = None
+        if array is None or array.ndim != 1 or array.dtype.kind not in "iu":  # floats were cut to ints
+            held = "ragged rows" if array is None else f"{array.dtype}, shape {array.shape}"
+            raise ValueError(f"{what}s[{i}] is not a flat sequence of ints ({type(ids).__name__} of {held}): "
+                             f"give one list of token ids per {what}")
+        low, high = int(array.min()), int(array.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{what}s[{i}] holds token id {low if low < 0 else high}, outside the model's vocabulary "
                              f"[0, {vocab_size}) (another model's tokenizer?)")

@@ -450,6 +450,16 @@ def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, c
         sampler.generate_ids([5, 6], greedy, jax.random.key(0), stop_ids=[])
     with pytest.raises(ValueError, match=r"^prompts\[1\] is a str, not token ids"):
         sampler.generate_ids([[5], "Prove"], greedy, jax.random.key(0), stop_ids=[])
+    # Ids that are not flat ints (floats were cut to ints and sampled) are refused; a 2-D array of
+    # prompts is prompts (it was refused as an ambiguous truth value).
+    with pytest.raises(ValueError, match=r"^prompts\[1\] is not a flat sequence of ints \(list of float64"):
+        sampler.generate_ids([[5], [6.7]], greedy, jax.random.key(0), stop_ids=[])
+    with pytest.raises(ValueError, match=r"^prompts\[0\] is not a flat sequence of ints \(list of int64, "
+                                         r"shape \(1, 2\)"):
+        sampler.generate_ids([[[5, 6]]], greedy, jax.random.key(0), stop_ids=[])
+    as_list = sampler.generate_ids([[5, 6], [7, 8]], greedy, jax.random.key(0), stop_ids=[])
+    as_array = sampler.generate_ids(np.array([[5, 6], [7, 8]]), greedy, jax.random.key(0), stop_ids=[])
+    assert [c.tokens for c in as_array] == [c.tokens for c in as_list]
     with pytest.raises(ValueError, match=r"^prompts\[1\] has a budget of -2 new tokens; give 0 or more"):
         sampler.generate_ids([[5], [6]], greedy, jax.random.key(0), stop_ids=[], budgets=[3, -2])
     with pytest.raises(ValueError, match=r"^stop_ids is None: give the token ids that end a completion"):
