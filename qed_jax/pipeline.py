@@ -548,8 +548,10 @@ def run(config: PipelineConfig) -> dict:
             with judge_advice("eval"):
                 counts = evaluate(c)
             failed += counts["failed"]
-            progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: generated {counts['generated']} of "
-                          f"{counts['total']} samples, wrote {counts['graded']} grades ({counts['failed']} failed)")
+            did = (f"generated {counts['generated']} of {counts['total']} samples, wrote {counts['graded']} grades "
+                   f"({counts['failed']} failed)" if counts["generated"] or counts["graded"] or counts["failed"]
+                   else f"already complete ({counts['total']} samples graded)")
+            progress.line(f"{n}/{len(evals)} {Path(c.output_dir).name}: {did}")
         progress.done(f"{len(evals)} evaluations in {out / 'eval'}")
 
         runs = report_runs(s, out)

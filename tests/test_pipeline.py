@@ -96,7 +96,7 @@ def test_pipeline_interrupted_finished_then_skipped(tmp_path):
     assert proc.returncode == 0, output
     assert "[3/5 grpo] already trained; exported again at step 2" in output
     assert eval_logs(out) == after
-    assert len(re.findall(r": generated 0 of \d+ samples, wrote 0 grades \(0 failed\)", output)) == len(RUNS)
+    assert len(re.findall(r": already complete \(\d+ samples graded\)", output)) == len(RUNS)
     assert "stand-in judge answered 0 requests" in output
 
     # A rerun of fewer evaluations reports every one the run directory holds, its own first.
