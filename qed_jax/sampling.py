@@ -367,8 +367,7 @@ class Sampler:
         if budgets is not None and min(budgets) < 0:
             raise ValueError(f"prompts[{int(np.argmin(budgets))}] has a budget of {min(budgets)} new tokens; "
                              "give 0 or more")
-        if stop_ids is None:
-            raise ValueError("stop_ids is None: give the token ids that end a completion (a list, may be empty)")
+        stops = jnp.asarray(checked_stop_ids(stop_ids), jnp.int32)
         row_ids = checked_row_ids(row_ids, len(prompts))
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
@@ -386,7 +385,6 @@ class Sampler:
 
         controls = (per_row(params.temperature, np.float32), per_row(params.top_k, np.int32),
                     per_row(params.top_p, np.float32))
-        stops = jnp.asarray(stop_ids, jnp.int32)
         starts = range(0, len(prompts), rows)
         completions = []
         for start in tqdm(starts, desc="sampling waves", unit="wave", leave=False,
@@ -428,6 +426,19 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{what}s[{i}] holds token id {low if low < 0 else high}, outside the model's vocabulary "
                              f"[0, {vocab_size}) (another model's tokenizer?)")
+
+
+def checked_stop_ids(stop_ids) -> np.ndarray:
+    """The token ids that end a completion as a flat int array: a list, tuple, set or array of
+    ints, may be empty (a set in its sorted order, so the same set compiles one program)."""
+    if stop_ids is None:
+        raise ValueError("stop_ids is None: give the token ids that end a completion (a list, may be empty)")
+    if isinstance(stop_ids, (set, frozenset)):
+        stop_ids = sorted(stop_ids)
+    ids = np.asarray(stop_ids) if not isinstance(stop_ids, (str, bytes)) else None
+    if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"stop_ids is {stop_ids!r}; give a flat list of token ids (ints, may be empty)")
+    return ids.astype(np.int32)
 
 
 def checked_row_ids(row_ids: Sequence[int] | None, count: int) -> np.ndarray:
