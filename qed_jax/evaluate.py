@@ -493,8 +493,10 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
     if not gold or not pred:
         return None
     try:
-        # Rounded to 12 digits, not math-verify's 6: 1.414214 is not the exact answer \sqrt{2}.
-        if verify(gold, pred, float_rounding=12, timeout_seconds=seconds, raise_on_error=True):
+        # Rounded to 12 digits, not math-verify's 6: 1.414214 is not the exact answer \sqrt{2}. Its "equal"
+        # also chops a difference below 1e-15 (2^{-100} equals 2^{-99}): values that differ are not trusted.
+        if verify(gold, pred, float_rounding=12, timeout_seconds=seconds, raise_on_error=True) and not \
+                numerically_different(*(getattr(x, "rhs", x) for x in (gold[0], pred[0])), floor=0):
             return True
     except (Exception, TimeoutException):  # sympy failed on an expression, or ran out of time
         return None
@@ -503,11 +505,11 @@ def check_answer(predicted: str | None, reference: str) -> bool | None:
     return False if numerically_different(gold[0], pred[0]) else None
 
 
-def numerically_different(a: Any, b: Any) -> bool:
+def numerically_different(a: Any, b: Any, floor: int = 1) -> bool:
     """Whether two parsed answers are real numbers (no symbols, sets or tuples) whose values, each
     evaluated to 30 digits (an evaluation that loses them all decides nothing), differ by more
-    than 1e-9 of the larger (or by 1e-9, below 1). Not real: sympy's cube root of -27 is the
-    complex principal root, where the answer means -3."""
+    than 1e-9 of the larger (or by 1e-9 of `floor`, below it). Not real: sympy's cube root of -27
+    is the complex principal root, where the answer means -3."""
     import sympy
 
     if not all(isinstance(x, sympy.Expr) and x.is_number for x in (a, b)):
@@ -516,7 +518,7 @@ def numerically_different(a: Any, b: Any) -> bool:
         x, y = a.evalf(30, strict=True), b.evalf(30, strict=True)
         if not (x.is_real and y.is_real):
             return False
-        return bool(abs(x - y) > sympy.Float("1e-9") * max(sympy.Integer(1), abs(x), abs(y)))
+        return bool(abs(x - y) > sympy.Float("1e-9") * max(sympy.Integer(floor), abs(x), abs(y)))
     except (TypeError, ValueError, OverflowError, ArithmeticError):  # TypeError: a comparison with nan
         return False
 

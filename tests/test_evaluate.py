@@ -533,6 +533,18 @@ def test_answer_checks():
     assert check_answer("3.141593", r"\pi") is False and check_answer("0.25", r"\frac{1}{4}") is True
 
 
+def test_answers_that_differ_below_math_verifys_rounding_are_not_equal():
+    # math-verify chops a difference below 1e-15 (and rounds floats to 12 decimals): 2^{-100} and
+    # 2^{-99} were equal to it, a wrong probability graded 7. Values that differ go to the judge.
+    for predicted, reference in [(r"\frac{1}{2^{100}}", r"\frac{1}{2^{99}}"), ("2^{-2025}", "2^{-2024}"),
+                                 (r"3\cdot10^{-20}", "10^{-20}"), (r"\frac{1}{2^{100}}", "0.0"),
+                                 (r"p = \frac{1}{2^{60}}", r"\frac{1}{2^{61}}")]:
+        assert check_answer(predicted, reference) is None, (predicted, reference)
+        assert check_answer(reference, predicted) is None, (reference, predicted)
+    assert check_answer(r"\frac{1}{2^{100}}", "2^{-100}") is True and check_answer("p = 2^{-100}", "2^{-100}") is True
+    assert check_answer(r"\frac{1}{3}", "0.333333333333") is True  # equal to 12 digits, as before
+
+
 def test_boxed_answer():
     assert boxed_answer(r"so \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
     assert boxed_answer("no box") is None
