@@ -119,6 +119,9 @@ class EvalModelConfig:
 
     def __post_init__(self):
         check_url(self.base_url, "model.base_url")
+        if self.path is not None and not self.path.strip():  # else read as none: an endpoint at no URL
+            raise ConfigError(f"model.path is empty ({self.path!r}); name a checkpoint, or set model.base_url (with "
+                              "model.name) instead")
         if self.path is not None and self.base_url is not None:
             raise ConfigError(ONE_MODEL)
         if self.base_url is not None and not self.name:

@@ -1179,6 +1179,11 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path)
     with pytest.raises(ConfigError, match="exactly one of model.path"):  # first, not "model.name is not set"
         load_config(EvalConfig, path, ["model.path=x", "model.base_url=http://x/v1"])
+    # An empty model.path is no model (it was read as none where the generator is made: an endpoint at no URL).
+    for empty in ('""', '" "'):
+        with pytest.raises(ConfigError, match=r"^model.path is empty \('\s*'\); name a checkpoint, or set "
+                                              r"model.base_url \(with model.name\) instead$"):
+            load_config(EvalConfig, path, [f"model.path={empty}"])
     with pytest.raises(ConfigError, match="mode rc runs the reasoning cache on a local model"):
         load_config(EvalConfig, path, ["model.base_url=http://x/v1", "model.name=m", "mode=rc"])
     with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
