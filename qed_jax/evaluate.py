@@ -84,6 +84,9 @@ class BenchmarkConfig:
                               f"valid names: {', '.join(DEFAULT_FIELDS)}")
         if (self.group_field is None) != (self.groups is None):
             raise ConfigError("benchmark.group_field and benchmark.groups go together: set both or neither")
+        if self.groups == {}:  # every problem would be in the group "other"
+            raise ConfigError("benchmark.groups is empty: give at least one label: regex, or set "
+                              "benchmark.group_field and benchmark.groups to null")
         require_at_least_one(self, ("limit",), "benchmark.")
         for label, pattern in (self.groups or {}).items():
             try:

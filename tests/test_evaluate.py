@@ -1195,6 +1195,10 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "model.kv_cache_gib=8"])
     with pytest.raises(ConfigError, match="benchmark.fields: unknown name"):
         load_config(EvalConfig, path, ["model.path=x", "benchmark.fields.question=q"])
+    # No label to sort into: every problem's split would be "other".
+    with pytest.raises(ConfigError, match=r"^benchmark.groups is empty: give at least one label: regex, or set "
+                                          r"benchmark.group_field and benchmark.groups to null$"):
+        load_config(EvalConfig, path, ["model.path=x", "benchmark.groups={}"])
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"problem_id": "a", "question": "?"}) + "\n")
     with ModelServer(lambda p, s: "x") as model:
