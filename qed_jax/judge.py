@@ -381,6 +381,8 @@ def answer_text(value: Any, what: str) -> str:
     "1e-05", which math-verify reads as e - 5. `what` names the field in an error."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ConfigError(f"{what} must be a string or a number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN: a table's missing value, written out
+        raise ConfigError(f"{what} must be a string or a finite number, got {value}")
     if isinstance(value, float):
         return format(Decimal(repr(value)), "f")
     return str(value)

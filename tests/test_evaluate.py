@@ -575,6 +575,10 @@ def test_benchmark_columns_are_checked_where_they_are_read():
     with pytest.raises(ConfigError, match=r"^b: line 1: column 'answer' \(the reference answer\) must be a string or a "
                                           "number, got list$"):
         problems([{"problem": "P", "answer": [1, 2]}], kind="answer")
+    for missing in (float("nan"), float("inf")):  # JSON's NaN (Python writes a table's missing value so): no answer
+        with pytest.raises(ConfigError, match=r"^b: line 1: column 'answer' \(the reference answer\) must be a string "
+                                              rf"or a finite number, got {missing}$"):
+            problems([{"problem": "P", "answer": missing}], kind="answer")
     with pytest.raises(ConfigError, match=r"^b: line 2: column 'solution' \(the reference solution\) must be text, "
                                           "got list; map another with benchmark.fields.solution=COLUMN$"):
         problems([{"problem": "P"}, {"problem": "Q", "solution": ["One way.", "Another."]}])
