@@ -94,7 +94,7 @@ class ModelConfig:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
         for field in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, field)
-            if type(value) not in (int, float) or not value > 0:
+            if type(value) not in (int, float) or not 0 < value < math.inf:
                 raise ConfigError(f"{field} must be a positive number, got {value!r}")
         if type(self.tie_word_embeddings) is not bool:
             raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")

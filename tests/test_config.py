@@ -812,3 +812,16 @@ def test_quoted_text_is_one_line_and_says_where_it_was_cut():
     assert quoted("line one\n  line two\t end", 200) == "line one line two end"
     assert quoted("a" * 10, 10) == "a" * 10
     assert quoted("/a/long/path/to/a/file", 8) == "/a/long/ [...]"
+
+
+def test_an_infinite_rope_theta_or_rms_norm_eps_is_refused():
+    """Python's json reads Infinity (and 1e999) as inf: an infinite RoPE base leaves every
+    dimension but the first unrotated, an infinite eps zeroes every norm's output."""
+    from qed_jax.config import PRESETS, ModelConfig
+
+    for key in ("rope_theta", "rms_norm_eps"):
+        hf = PRESETS["tiny"].to_hf()
+        hf.pop("rope_parameters")  # which transformers reads rope_theta from first
+        hf[key] = json.loads("1e999")
+        with pytest.raises(ConfigError, match=f"^{key} must be a positive number, got inf$"):
+            ModelConfig.from_hf(hf)
