@@ -276,6 +276,10 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         key_type, value_type = typing.get_args(typ) or (Any, Any)
         if not isinstance(value, dict):
             raise FieldError(f"{where}: expected a mapping, got {value!r}", where)
+        if key_type is str and (bad := [k for k in value if not isinstance(k, (str, datetime.date))]):
+            # not the hint for a value below, whose `where key 1=...` is no override
+            raise FieldError(f"{where}: its keys are text, but YAML read the key {bad[0]!r} as "
+                             f"{type(bad[0]).__name__}; quote it (\"{bad[0]}\": ...)", where)
         return {_coerce(k, key_type, f"{where} key {k!r}"): _coerce(v, value_type, f"{where}.{k}")
                 for k, v in value.items()}
     if origin in (list, tuple):

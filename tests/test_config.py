@@ -825,3 +825,11 @@ def test_an_infinite_rope_theta_or_rms_norm_eps_is_refused():
         hf[key] = json.loads("1e999")
         with pytest.raises(ConfigError, match=f"^{key} must be a positive number, got inf$"):
             ModelConfig.from_hf(hf)
+
+
+def test_a_mapping_fields_key_that_yaml_reads_as_a_number_says_to_quote_the_key():
+    """The hint for a value (quote it as `key='"..."'`) named `benchmark.groups key 1` as the key
+    to set, which no override is."""
+    with pytest.raises(ConfigError, match=r"^benchmark\.groups: its keys are text, but YAML read the key 2024 as "
+                                          r"int; quote it \(\"2024\": \.\.\.\)$"):
+        load_config(EvalConfig, None, ["model.path=m", "benchmark.group_field=year", "benchmark.groups={2024: x}"])
