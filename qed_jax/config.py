@@ -612,8 +612,11 @@ def apply_override(data: dict[str, Any], override: str, cls) -> None:
         raise ConfigError(f"override {key.strip()}: the value is not UTF-8 text ({where}); convert it, e.g. with "
                           "iconv -t UTF-8")
     node = data
-    for part in parts[:-1]:
+    for n, part in enumerate(parts[:-1]):
         if node.get(part) is None:  # absent, or a section left empty in the file (`data:` and nothing under it)
+            typ = field_type(cls, parts[:n + 1])  # None: not a field (from_dict names it) or inside a mapping
+            if typ is not None and not (dataclasses.is_dataclass(typ) or typing.get_origin(typ) is dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):

@@ -833,3 +833,17 @@ def test_a_mapping_fields_key_that_yaml_reads_as_a_number_says_to_quote_the_key(
     with pytest.raises(ConfigError, match=r"^benchmark\.groups: its keys are text, but YAML read the key 2024 as "
                                           r"int; quote it \(\"2024\": \.\.\.\)$"):
         load_config(EvalConfig, None, ["model.path=m", "benchmark.group_field=year", "benchmark.groups={2024: x}"])
+
+
+def test_an_override_under_a_field_that_is_not_a_section_is_refused_whether_or_not_the_file_sets_it():
+    """checkpoint_dir.x=1 with no checkpoint_dir in the file said to quote the value, as if
+    checkpoint_dir had been given a mapping; with one in the file, that it is not a section."""
+    for override, field in (("checkpoint_dir.x=1", "checkpoint_dir"), ("steps.x=1", "steps"),
+                            ("data.name.x=1", "name")):
+        with pytest.raises(ConfigError, match=f"^override '{re.escape(override)}': {field} is not a section$"):
+            load_config(SFTConfig, REPO / "configs/sft/tiny.yaml", [override])
+    # Inside a mapping field (a pipeline stage's overrides) any key may hold a mapping.
+    from qed_jax.pipeline import PipelineConfig
+
+    config = load_config(PipelineConfig, None, ["judge=standin", "sft.overrides.optim.lr=1e-4"])
+    assert config.sft.overrides == {"optim": {"lr": 1e-4}}
