@@ -523,10 +523,12 @@ def _init_distributed(args) -> None:
 
 def given_path(text: str) -> str:
     """A path (or Hub id) argument. An empty one, an unset shell variable's, would name the
-    working directory: a report or an export written there, a folder read as a config."""
+    working directory: a report or an export written there, a folder read as a config. A
+    leading `~` is the user's home, as in a config's paths: the shell leaves `--output=~/x` as it
+    is, which would make a folder named ~ in the working directory."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; give a path (an unset shell variable?)")
-    return text
+    return os.path.expanduser(text)
 
 
 class GivenOnce(argparse.Action):

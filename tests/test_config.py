@@ -847,3 +847,15 @@ def test_an_override_under_a_field_that_is_not_a_section_is_refused_whether_or_n
 
     config = load_config(PipelineConfig, None, ["judge=standin", "sft.overrides.optim.lr=1e-4"])
     assert config.sft.overrides == {"optim": {"lr": 1e-4}}
+
+
+def test_a_path_argument_given_with_an_equals_sign_has_its_tilde_expanded():
+    """The shell expands ~ in `--output ~/x` but not in `--output=~/x`: judge's and report's
+    output went to a folder named ~ in the working directory, --config was not found."""
+    home = os.path.expanduser("~")
+    args = cli.parse_args(["judge", "--config=~/judge.yaml", "--input=~/rows.jsonl", "--output=~/graded.jsonl"])
+    assert (args.config, args.input, args.output) == (f"{home}/judge.yaml", f"{home}/rows.jsonl",
+                                                      f"{home}/graded.jsonl")
+    args = cli.parse_args(["report", "--output=~/report", "~/runs/a"])
+    assert (args.output, args.run_dirs) == (f"{home}/report", [f"{home}/runs/a"])
+    assert cli.parse_args(["generate", "--model", "Qwen/Qwen3-0.6B", "--prompt", "p"]).model == "Qwen/Qwen3-0.6B"
