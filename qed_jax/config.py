@@ -423,6 +423,10 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     defaults = {k: getattr(base, k) if base is not None else _field_default(cls, k) for k in data}
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}", defaults[k]) for k, v in data.items()}
     kwargs = {k: expand_path_field(k, v) for k, v in kwargs.items()}
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if base is None and required:  # not the TypeError of __init__'s missing positional argument
+        raise FieldError(f"{prefix}{required[0]} is missing: set it (it has no default)", f"{prefix}{required[0]}")
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:

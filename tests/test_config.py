@@ -859,3 +859,13 @@ def test_a_path_argument_given_with_an_equals_sign_has_its_tilde_expanded():
     args = cli.parse_args(["report", "--output=~/report", "~/runs/a"])
     assert (args.output, args.run_dirs) == (f"{home}/report", [f"{home}/runs/a"])
     assert cli.parse_args(["generate", "--model", "Qwen/Qwen3-0.6B", "--prompt", "p"]).model == "Qwen/Qwen3-0.6B"
+
+
+def test_a_section_in_a_list_without_its_required_key_names_the_key():
+    """It was the dataclass's TypeError: `BenchmarkStage.__init__() missing 1 required positional
+    argument: 'config'`."""
+    from qed_jax.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"^eval\.benchmarks\[0\]\.config is missing: set it \(it has no "
+                                          r"default\)$"):
+        load_config(PipelineConfig, None, ["judge=standin", "eval.benchmarks=[{rows: x.jsonl}]"])
