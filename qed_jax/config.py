@@ -310,7 +310,7 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
             raise FieldError(f"{where} must be set (it has no empty value); leave it out for its default", where)
         if type(value) is datetime.date:  # a date's text is the one YAML read (2025-01-15); a time's is not
             return str(value)
-        if not isinstance(value, str):  # YAML read it as something else: 0123 is 83, 2024_01 is 202401, no is false
+        if not isinstance(value, str):  # YAML read it as something else: 0123 is 123, 2024_01 is 202401, no is false
             raise FieldError(f"{where}: expected text, but YAML read the value as {type(value).__name__} {value!r}; "
                              f"quote it (\"...\" in a YAML file, {where}='\"...\"' on the command line)", where)
         return value
@@ -767,6 +767,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+.0123456789"))
+
+
+def _construct_int(loader, node):
+    """An integer; one written with leading zeros is decimal, as YAML 1.2 reads it: YAML 1.1's
+    octal made seed: 017 a 15 (and 019, no octal, a 19)."""
+    text = loader.construct_scalar(node)
+    if re.fullmatch(r"[-+]?0[0-9_]+", text):
+        return int(text.replace("_", ""))
+    return loader.construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def parse_yaml(text: str) -> Any:

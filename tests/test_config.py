@@ -227,7 +227,7 @@ def test_the_cli_imports_no_heavy_package_for_help():
                                           r"null to grade without a cache"),
     (GRPOConfig, ["sampling.kv_cache_gib=-1"], r"^sampling\.kv_cache_gib must be above 0, got -1\.0$"),
     (EvalConfig, ["model.path=m", "benchmark.limit=-1"], r"^benchmark\.limit must be at least 1, got -1$"),
-    (SFTConfig, ["output_dir=0123"], r"^output_dir: expected text, but YAML read the value as int 83; quote it"),
+    (SFTConfig, ["output_dir=0123"], r"^output_dir: expected text, but YAML read the value as int 123; quote it"),
     (SFTConfig, ["data.name=no"], r"^data\.name: expected text, but YAML read the value as bool False; quote it"),
     (SFTConfig, ["optim={lr: 3"], r"^override 'optim=\{lr: 3': the value is not valid YAML \(.*\); mend its YAML, or "
                                   r"quote it if it is text$"),
@@ -869,3 +869,12 @@ def test_a_section_in_a_list_without_its_required_key_names_the_key():
     with pytest.raises(ConfigError, match=r"^eval\.benchmarks\[0\]\.config is missing: set it \(it has no "
                                           r"default\)$"):
         load_config(PipelineConfig, None, ["judge=standin", "eval.benchmarks=[{rows: x.jsonl}]"])
+
+
+def test_an_integer_with_leading_zeros_is_decimal(tmp_path):
+    """YAML 1.1 reads 017 as octal 15 (and 019, no octal, as text that a number field read as 19)."""
+    path = tmp_path / "sft.yaml"
+    path.write_text("model: {preset: tiny}\nseed: 017\nsteps: 0100\n")
+    config = load_config(SFTConfig, path, ["batch_size=08"])
+    assert (config.seed, config.steps, config.batch_size) == (17, 100, 8)
+    assert parse_yaml("[017, 019, -0_10, 0x10, 0b11, 0, 10]") == [17, "019", -10, 16, 3, 0, 10]
