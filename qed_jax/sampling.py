@@ -430,12 +430,15 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
 
 def checked_stop_ids(stop_ids) -> np.ndarray:
     """The token ids that end a completion as a flat int array: a list, tuple, set or array of
-    ints, may be empty (a set in its sorted order, so the same set compiles one program)."""
+    ints, may be empty."""
     if stop_ids is None:
         raise ValueError("stop_ids is None: give the token ids that end a completion (a list, may be empty)")
     if isinstance(stop_ids, (set, frozenset)):
         stop_ids = sorted(stop_ids)
-    ids = np.asarray(stop_ids) if not isinstance(stop_ids, (str, bytes)) else None
+    try:
+        ids = np.asarray(stop_ids) if not isinstance(stop_ids, (str, bytes)) else None
+    except ValueError:  # ragged
+        ids = None
     if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         raise ValueError(f"stop_ids is {stop_ids!r}; give a flat list of token ids (ints, may be empty)")
     return ids.astype(np.int32)

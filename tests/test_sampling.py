@@ -469,7 +469,7 @@ def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, c
     as_set = sampler.generate_ids([[5, 6], [7, 8]], greedy, jax.random.key(0), stop_ids={as_list[0].tokens[1]})
     as_stop_list = sampler.generate_ids([[5, 6], [7, 8]], greedy, jax.random.key(0), stop_ids=[as_list[0].tokens[1]])
     assert [c.tokens for c in as_set] == [c.tokens for c in as_stop_list] != [c.tokens for c in as_list]
-    for bad in ([2.5], "7", [[7]]):
+    for bad in ([2.5], "7", [[7]], [[7], [8, 9]]):
         with pytest.raises(ValueError, match=r"^stop_ids is .*; give a flat list of token ids \(ints, may be empty\)"):
             sampler.generate_ids([[5]], greedy, jax.random.key(0), stop_ids=bad)
     sampler.release()
