@@ -371,11 +371,11 @@ class Sampler:
         row_ids = checked_row_ids(row_ids, len(prompts))
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
-        if longest + n > self.config.max_position_embeddings:
-            _warn_past_trained_positions(n, self.config.max_position_embeddings,
-                                         longest >= self.config.max_position_embeddings)
-        width = bucket_length(longest, self.buckets)
         budgets = np.minimum(np.array(budgets if budgets is not None else [n] * len(prompts), np.int32), n)
+        limit = self.config.max_position_embeddings
+        if max(len(p) + int(b) for p, b in zip(prompts, budgets)) > limit:  # a row's own budget, not n
+            _warn_past_trained_positions(n, limit, longest >= limit)
+        width = bucket_length(longest, self.buckets)
         cache_len = cache_slots(width + n)
         rows = self.wave_rows(len(prompts), cache_len)
         cache = self._cache(rows, cache_len)

@@ -228,6 +228,11 @@ def test_a_budget_past_the_trained_positions_warns_once(caplog):
     sampling._warn_past_trained_positions.cache_clear()  # whatever another test warned of
     params = SamplingParams(max_new_tokens=limit - longest, temperature=0.0)
     with caplog.at_level(logging.WARNING, logger="qed_jax.sampling"):
+        # Rows whose own budgets keep them within the limit warn of nothing (it warned when the
+        # longest prompt plus max_new_tokens passed it).
+        sampler.generate_ids([*PROMPTS, [7] * (longest + 5)], params, jax.random.key(0), stop_ids=[],
+                             budgets=[params.max_new_tokens] * len(PROMPTS) + [params.max_new_tokens - 5])
+        assert len(caplog.records) == 0
         for extra in (0, 1, 1, 5):  # at the limit, past it, again, a longer prompt: one warning in all
             sampler.generate_ids([*PROMPTS, [7] * (longest + extra)], params, jax.random.key(0), stop_ids=[])
             assert len(caplog.records) == (extra > 0)
