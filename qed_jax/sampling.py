@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import cache, partial
 
 import jax
@@ -349,7 +349,7 @@ class Sampler:
         del cache
         return new_kv_cache(self.config, batch, max_len, self.cache_dtype, self.mesh, self.rules)
 
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, key, stop_ids: list[int],
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, key, stop_ids: Collection[int],
                      budgets: list[int] | None = None, row_ids: Sequence[int] | None = None) -> list[Completion]:
         """Sample a completion for each prompt (token ids), in waves of `wave_rows` rows.
         `budgets` caps new tokens per row. All waves of a call share one prompt bucket (the
@@ -533,7 +533,7 @@ def _completions(tokens, logprobs, lengths, finish, count: int) -> list[Completi
 
 
 def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParams = SamplingParams(),
-             seed: int = 0, stop_ids: list[int] | None = None, sampler: Sampler | None = None) -> list[Completion]:
+             seed: int = 0, stop_ids: Collection[int] | None = None, sampler: Sampler | None = None) -> list[Completion]:
     """Generate for a list of prompts: each a string (tokenized as is) or a list of chat messages
     (formatted with the tokenizer's chat template and generation prompt). One string or one
     conversation alone is a list of one prompt; a message alone (a dict) is refused."""
