@@ -276,8 +276,12 @@ def read_model_config(folder: Path) -> ModelConfig:
 
 def _widest_dtype(tensors: SafetensorsFolder, names) -> str | None:
     """The dtype a folder's parameters load as by default: the widest among the model's tensors
-    (an unsupported one is refused here), so bfloat16 weights with float32 norms lose nothing."""
-    widest = max((tensors.dtype(name) for name in names if name in tensors), key=lambda d: d.itemsize, default=None)
+    (an unsupported one is refused here), so bfloat16 weights with float32 norms lose nothing;
+    float16 beside bfloat16 (neither holds the other's values) loads as float32."""
+    dtypes = {tensors.dtype(name) for name in names if name in tensors}
+    if {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)} <= dtypes:
+        return "float32"
+    widest = max(dtypes, key=lambda d: d.itemsize, default=None)
     return None if widest is None else widest.name
 
 

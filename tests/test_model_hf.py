@@ -834,6 +834,24 @@ def test_a_folder_of_mixed_dtypes_loads_in_the_widest(tmp_path):
                        tensors["model.embed_tokens.weight"].float())
 
 
+def test_a_folder_of_float16_beside_bfloat16_loads_in_float32(tmp_path):
+    """Neither 16-bit type holds the other's values: loaded in either, one of them would be rounded."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    make_hf_model(tmp_path, dtype="bfloat16")
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    norms = {name: (t.float() + 1e-3).half() for name, t in tensors.items() if "norm" in name}
+    assert not all(torch.equal(n.to(torch.bfloat16).float(), n.float()) for n in norms.values())
+    save_file({**tensors, **norms}, path, metadata={"format": "pt"})
+    model = qed_jax.from_pretrained(tmp_path)
+    assert model.config.param_dtype == "float32"
+    np.testing.assert_array_equal(np.asarray(model.final_norm[...]), norms["model.norm.weight"].float().numpy())
+    assert torch.equal(torch.from_numpy(np.array(model.embed[...])),
+                       tensors["model.embed_tokens.weight"].float())
+
+
 def test_a_tied_config_with_a_head_of_its_own_loads_as_transformers_does(tmp_path, caplog):
     from safetensors.numpy import load_file, save_file
     from transformers import Qwen3ForCausalLM
