@@ -107,6 +107,11 @@ def loaded_from(model: Qwen3) -> str | None:
     return _SOURCES.get(model)
 
 
+def _home(path):
+    """A leading ~ as the home folder, as `from_pretrained` reads paths (left alone: else)."""
+    return os.path.expanduser(path) if isinstance(path, (str, Path)) and str(path).startswith("~") else path
+
+
 def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=None,
                     max_shard_bytes: int = hf.MAX_SHARD_BYTES, generation_from=None,
                     stop_on_turn_end: bool = False) -> Path:
@@ -115,5 +120,6 @@ def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=Non
     hf.require_local(path, "writes")
     if assets_from is None:
         assets_from = loaded_from(model)
+    path, assets_from, generation_from = (_home(p) for p in (path, assets_from, generation_from))
     return hf.save_hf(model, path, dtype=dtype, assets_from=assets_from, max_shard_bytes=max_shard_bytes,
                       generation_from=generation_from, stop_on_turn_end=stop_on_turn_end)

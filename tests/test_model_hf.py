@@ -308,6 +308,21 @@ def test_a_home_relative_path_and_a_model_config_that_does_not_fit_its_arrays(tm
         qed_jax.from_pretrained("~/ckpt")
 
 
+def test_save_pretrained_reads_a_home_relative_path_as_from_pretrained_does(tmp_path, monkeypatch):
+    """~/out is the home folder's out, not a folder named ~ in the working directory; a tokenizer
+    folder given as ~/tok is copied, not silently left out."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    make_hf_model_with_tokenizer(tmp_path / "home" / "tok")
+    model = qed_jax.from_pretrained(tmp_path / "home" / "tok")
+    out = qed_jax.save_pretrained(model, "~/out", dtype="float32", assets_from="~/tok", generation_from="~/tok")
+    assert Path(out) == tmp_path / "home" / "out" and not (tmp_path / "~").exists()
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "home" / "out" / name).read_bytes() != b""
+    assert (tmp_path / "home" / "out" / "generation_config.json").read_bytes() == (
+        tmp_path / "home" / "tok" / "generation_config.json").read_bytes()
+
+
 def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_there_are(tmp_path, capsys):
     from qed_jax import checkpoint
 
