@@ -198,6 +198,10 @@ class EvalConfig:
             raise ConfigError(ONE_MODEL)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "rc" and (given := next((f.name for f in dataclasses.fields(EvalRCConfig)
+                                                  if getattr(self.rc, f.name) != f.default), None)):
+            raise ConfigError(f"rc.{given} is for mode rc (the reasoning cache), and mode is {self.mode}: set mode=rc "
+                              f"or drop rc.{given}")
         if self.mode == "rc" and self.model.base_url is not None:
             raise ConfigError("mode rc runs the reasoning cache on a local model: set model.path (a checkpoint "
                               "or Hugging Face folder) instead of model.base_url, or run mode single")

@@ -335,7 +335,7 @@ def with_judge(config: PipelineConfig, grpo_config, judge_cache: Path):
 
 def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str, out: Path) -> list:
     """Every evaluation: model x benchmark x mode, each in out/eval/MODEL-BENCHMARK-MODE."""
-    from qed_jax.evaluate import EvalConfig
+    from qed_jax.evaluate import EvalConfig, EvalRCConfig
     from qed_jax.standin_judge import STANDIN_MODEL
 
     judge = {"judge.base_url": judge_url, "judge.cache_path": str(out / "judge_cache.sqlite")}
@@ -343,11 +343,18 @@ def eval_configs(config: PipelineConfig, models: dict[str, str], judge_url: str,
         judge["judge.model"] = STANDIN_MODEL
     configs = []
     check_not_chained(StageConfig("", config.eval.overrides), "eval", ["output_dir"])  # MODEL-BENCHMARK-MODE
+    # The reasoning cache's settings, given for every evaluation, are for the rc ones: a single-shot
+    # one takes the section's defaults (its YAML's too).
+    overrides = {mode: config.eval.overrides for mode in config.eval.modes}
+    if "single" in overrides:
+        overrides["single"] = {**{k: v for k, v in (config.eval.overrides or {}).items()
+                                  if k != "rc" and not k.startswith("rc.")},
+                               "rc": dataclasses.asdict(EvalRCConfig())}
     for name in config.eval.models:
         for b in config.eval.benchmarks:
             for mode in config.eval.modes:
                 rows = {"benchmark.path": b.rows} if b.rows else {}
-                c = stage_config(EvalConfig, StageConfig(b.config, config.eval.overrides), "eval",
+                c = stage_config(EvalConfig, StageConfig(b.config, overrides[mode]), "eval",
                                  {**rows, "model.path": models[name], "model.base_url": None, "model.name": None,
                                   "mode": mode, **judge})
                 configs.append(dataclasses.replace(c, output_dir=str(out / "eval" / f"{name}-{c.benchmark.name}-{mode}")))

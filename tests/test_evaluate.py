@@ -1194,6 +1194,14 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.summarizer_thinking=true"])
     with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", 'rc.summarizer=""', "rc.summarizer_thinking=true"])
+    # A single-shot run reads no rc.* setting: one given is refused, not ignored (its default is no setting).
+    for given in ("rc.turns=5", "rc.no_summary=null", "rc.grade_turns=true"):
+        key = given.split("=")[0]
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)} is for mode rc \\(the reasoning cache\\), and mode is "
+                                              f"single: set mode=rc or drop {re.escape(key)}$"):
+            load_config(EvalConfig, path, ["model.path=x", given])
+    assert load_config(EvalConfig, path, ["model.path=x", "rc.turns=3"]).rc.turns == 3
+    assert load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.turns=5"]).rc.turns == 5
     with pytest.raises(ConfigError, match="^mode rc decodes rc.batch_size rows per compiled call; "
                                           "model.kv_cache_gib sizes the single-shot sampler's waves"):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "model.kv_cache_gib=8"])

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from qed_jax.config import ConfigError, load_config
+from qed_jax.evaluate import EvalRCConfig
 from qed_jax.pipeline import PipelineConfig, as_overrides, eval_configs, stage_config, stages, with_judge
 from qed_jax.sft import SFTConfig
 from tests.helpers import cli_env, drew_a_sample
@@ -117,6 +118,8 @@ def test_stage_configs_chain_the_stages(tmp_path):
     assert c.output_dir == str(tmp_path / "eval/base-imo_proofbench-rc")
     assert (c.judge.base_url, c.judge.model) == ("http://x/v1", "qed-jax-standin-judge")
     assert c.rc.grade_turns and c.sampling.max_new_tokens == 48 and c.samples == 3
+    # eval.overrides' rc section is for the rc evaluations: a single-shot one keeps the defaults.
+    assert evals[0].mode == "single" and evals[0].rc == EvalRCConfig() and evals[0].sampling.max_new_tokens == 48
     assert as_overrides({"a": {"b": 1, "c": [1, 2]}, "d": None}) == ['a={"b": 1, "c": [1, 2]}', "d=null"]
     # Values read back as they were: a date YAML read as its text, any character (not broken surrogates).
     odd = {"name": datetime.date(2024, 1, 2), "t": "Beweise 😀", "c": "a\x85b\x7f", "n": {"t": "😀"}}
