@@ -76,6 +76,9 @@ class BenchmarkConfig:
     prompt_template: str | None = None  # default: proof_generation or answer_generation
 
     def __post_init__(self):
+        if not self.name.strip():  # the report, and a pipeline's run folders, go by it
+            raise ConfigError(f"benchmark.name is blank ({self.name!r}); name the benchmark, or leave it out for its "
+                              "default")
         if self.kind not in KINDS:
             raise ConfigError(f"benchmark.kind must be one of {KINDS}, got {self.kind!r}")
         unknown = sorted(set(self.fields or {}) - set(DEFAULT_FIELDS))
@@ -125,6 +128,8 @@ class EvalModelConfig:
         if self.path is not None and not self.path.strip():  # else read as none: an endpoint at no URL
             raise ConfigError(f"model.path is empty ({self.path!r}); name a checkpoint, or set model.base_url (with "
                               "model.name) instead")
+        if self.name is not None and not self.name.strip():  # a served model of no name
+            raise ConfigError(f"model.name is blank ({self.name!r}); name the served model, or leave model.name out")
         if self.path is not None and self.base_url is not None:
             raise ConfigError(ONE_MODEL)
         if self.base_url is not None and not self.name:

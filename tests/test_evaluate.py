@@ -1194,6 +1194,14 @@ def test_config_errors_say_what_to_do(tmp_path):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", "rc.summarizer_thinking=true"])
     with pytest.raises(ConfigError, match="rc.summarizer_thinking is for a separate summarizer"):
         load_config(EvalConfig, path, ["model.path=x", "mode=rc", 'rc.summarizer=""', "rc.summarizer_thinking=true"])
+    # A blank name names nothing: a served model, or the benchmark the report and a pipeline's folders go by.
+    for blank in ('""', '" "'):
+        with pytest.raises(ConfigError, match=r"^model.name is blank \('\s*'\); name the served model, or leave "
+                                              r"model.name out$"):
+            load_config(EvalConfig, path, ["model.base_url=http://x/v1", f"model.name={blank}"])
+        with pytest.raises(ConfigError, match=r"^benchmark.name is blank \('\s*'\); name the benchmark, or leave it "
+                                              r"out for its default$"):
+            load_config(EvalConfig, path, ["model.path=x", f"benchmark.name={blank}"])
     # A single-shot run reads no rc.* setting: one given is refused, not ignored (its default is no setting).
     for given in ("rc.turns=5", "rc.no_summary=null", "rc.grade_turns=true"):
         key = given.split("=")[0]
