@@ -604,7 +604,7 @@ def on_this_machine(url: str) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
-MAX_RETRY_AFTER_S = 600.0  # the longest Retry-After the judge waits for before its next try
+MAX_RETRY_AFTER_S = 600.0  # the longest the judge waits before its next try (a Retry-After, or its own backoff)
 
 
 def retry_after_s(response) -> float | None:
@@ -874,8 +874,8 @@ class Judge:
             transport_failures += 1
             if transport_failures > c.max_retries:
                 break
-            delay = (min(retry_after * random.uniform(1.0, 1.2), MAX_RETRY_AFTER_S) if retry_after is not None
-                     else c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5))  # or as it asks
+            delay = min(retry_after * random.uniform(1.0, 1.2) if retry_after is not None  # as it asks, or
+                        else c.backoff_s * 2 ** (transport_failures - 1) * random.uniform(0.5, 1.5), MAX_RETRY_AFTER_S)
             log.debug("judge request failed (%s); retrying in %.2fs", reason, delay)
             await asyncio.sleep(delay)
         return Grade(None, 0.0, reason, raw=reply, latency_s=time.monotonic() - start, attempts=attempts)

@@ -984,7 +984,28 @@ def test_a_busy_judge_is_asked_again_when_its_retry_after_says(tmp_path, monkeyp
         grades = Judge(_config(server, tmp_path, backoff_s=5000.0)).grade_batch([_item(i) for i in range(4)])
     assert [(g.score, g.attempts) for g in grades] == [(6, 2), (5, 2), (4, 2), (3, 2)]
     seven, thirty, capped, backoff = sorted(waits)
-    assert 7 <= seven <= 8.4 and 25 <= thirty <= 36 and capped == 600 and 2500 <= backoff <= 7500
+    assert 7 <= seven <= 8.4 and 25 <= thirty <= 36 and capped == 600 and backoff == 600  # capped as Retry-After is
+
+
+def test_the_backoff_doubles_up_to_the_longest_wait(tmp_path, monkeypatch):
+    import asyncio
+    import types
+
+    from qed_jax import judge
+
+    waits, sleep = [], asyncio.sleep
+
+    async def recorded(delay, *args, **kwargs):
+        if delay >= 1:  # the judge's waits; none of the client's own
+            waits.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+    monkeypatch.setattr(judge, "random", types.SimpleNamespace(uniform=lambda low, high: high))  # the longest jitter
+    with JudgeServer({"i0": [("status", 503)] * 4 + [("score", 5)]}) as server:
+        (grade,) = Judge(_config(server, tmp_path, backoff_s=100.0, max_retries=4)).grade_batch([_item(0)])
+    assert (grade.score, grade.attempts) == (5, 5)
+    assert waits == [150, 300, 600, judge.MAX_RETRY_AFTER_S]  # 1200 capped
 
 
 def test_timeout_s_bounds_the_whole_request_not_each_read(tmp_path):
