@@ -285,13 +285,15 @@ def _judge(args) -> int | None:
 
     from qed_jax.config import load_config, temporary_beside, without_non_finite
     from qed_jax.data import BadRow, json_lines, read_rows
-    from qed_jax.judge import (Judge, JudgeConfig, item_from_row, load_judge_template, needed_fields, reason_counts,
-                               rejection_note, warn_ungraded_schemes)
+    from qed_jax.judge import (Judge, JudgeConfig, check_answer_format, item_from_row, load_judge_template,
+                               needed_fields, reason_counts, rejection_note, warn_ungraded_schemes)
 
     # The keys as a trainer's or eval's judge section names them work here too (error messages say judge.base_url).
     overrides = [o.removeprefix("judge.") for o in args.overrides]
     config = load_config(JudgeConfig, args.config, overrides, section="judge")
-    needs = needed_fields(load_judge_template(config.template))
+    template = load_judge_template(config.template)
+    needs = needed_fields(template)
+    check_answer_format(template, config.template, config.answer_format)
     source = Path(args.input)
     # A .json array, Parquet, a folder of data files, a Hub dataset, or a clear error (for a
     # missing or compressed file).

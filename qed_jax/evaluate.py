@@ -41,8 +41,8 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             require_at_least_one, require_range, run_moved, same_as_recorded, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, first_line, json_error, noted, os_error_line, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
-                           chat_choice, check_template_fields, load_judge_template, reason_counts, rejection_note,
-                           render_marking_scheme, reply_text, text_to_grade)
+                           chat_choice, check_answer_format, check_template_fields, load_judge_template,
+                           reason_counts, rejection_note, render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.rundir import record_working_dir, recorded_working_dir, refuse_a_pipelines_folder, run_lock
 from qed_jax.tokenizer import THINK_END
 
@@ -1248,8 +1248,10 @@ def check_judge_template(config: EvalConfig) -> None:
     """Refuse a judge template that grades against a field the benchmark does not pass the judge
     (a proof benchmark passes its guidelines, an answer benchmark its answer)."""
     b = config.benchmark
-    check_template_fields(load_judge_template(config.judge.template), config.judge.template,
-                          "answer" if b.kind == "answer" else "guidelines", f"{b.kind} benchmark {b.name}")
+    template = load_judge_template(config.judge.template)
+    check_template_fields(template, config.judge.template, "answer" if b.kind == "answer" else "guidelines",
+                          f"{b.kind} benchmark {b.name}")
+    check_answer_format(template, config.judge.template, config.judge.answer_format)
 
 
 def check_held_problems(config: EvalConfig) -> None:

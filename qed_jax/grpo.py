@@ -35,8 +35,8 @@ from qed_jax.config import (MIN_TEMPERATURE, ConfigError, check_dtype, check_loc
 from qed_jax.data import NAMED_ROWS, BadRow, order_seed, pack_sequences, read_rows, warn_left_out
 from qed_jax.errors import CheckpointError, lost_process
 from qed_jax.judge import (GUIDELINES_KEYS, MAX_SCORE, RUBRIC_KEYS, RULES, GradeItem, Judge, JudgeConfig,
-                           JudgeUnavailable, RuleGrader, check_template_fields, load_judge_template, reason_counts,
-                           rejection_note, row_field)
+                           JudgeUnavailable, RuleGrader, check_answer_format, check_template_fields,
+                           load_judge_template, reason_counts, rejection_note, row_field)
 from qed_jax.losses import token_logprobs, token_logprobs_and_entropy
 from qed_jax.multihost import (agree_on_stop, final_stop_signal, gather, largest, per_process, process_rows,
                                process_share, sampler_weights, sampling_meshes, set_up_together)
@@ -886,7 +886,9 @@ def check_judge_template(config: GRPOConfig) -> None:
     """Refuse a judge template that grades against a field GRPO does not pass the judge: each
     prompt's rubric is all it passes. With a reward rule, warn of judge settings given for nothing."""
     if not config.reward_rule:
-        check_template_fields(load_judge_template(config.judge.template), config.judge.template, "rubric", "GRPO")
+        template = load_judge_template(config.judge.template)
+        check_template_fields(template, config.judge.template, "rubric", "GRPO")
+        check_answer_format(template, config.judge.template, config.judge.answer_format)
         return
     defaults = JudgeConfig()
     given = [f"judge.{f.name}" for f in dataclasses.fields(JudgeConfig)

@@ -222,6 +222,22 @@ def load_judge_template(name: str) -> str:
     return template
 
 
+ANSWER_FORMATS = ("score", "points", "verdict")  # judge.answer_format: the tag a reply's grade is read from
+
+
+def check_answer_format(template: str, name: str, answer_format: str) -> None:
+    """Refuse a judge template that never asks for the tag judge.answer_format reads (each bundled
+    one ends with it, e.g. <points>N out of 7</points>): no reply would be read as a grade."""
+    found = {tag: template.lower().rfind(f"<{tag}>") for tag in ANSWER_FORMATS}
+    if found[answer_format] >= 0:
+        return
+    asked = max((tag for tag in ANSWER_FORMATS if found[tag] >= 0), key=found.get, default=None)
+    hint = (f"it asks for <{asked}>: set judge.answer_format={asked}" if asked else
+            f"ask for <{answer_format}> in it, as the bundled templates do")
+    raise ConfigError(f"judge.template {name} never asks for the <{answer_format}> tag that judge.answer_format "
+                      f"{answer_format} reads its grades from; {hint}")
+
+
 def prompt_fields(item: GradeItem, proof: str) -> dict[str, str]:
     """What each {{placeholder}} of a judge template renders as, by its name."""
     return {
@@ -656,6 +672,7 @@ class Judge:
     def __init__(self, config: JudgeConfig):
         self.config = config
         self.template = load_judge_template(config.template)
+        check_answer_format(self.template, config.template, config.answer_format)
         self.cache = GradeCache(config.cache_path) if config.cache_path else None
         self.requests_sent = 0
         # Requests answered with a 4xx that is not retried (the last one's status and message), and

@@ -211,3 +211,12 @@ def drew_a_sample(run_dir, judged: bool = False) -> None:
                         "decided_by": "judge", "judge_reply": "<points>3 out of 7</points>"})
     with open(Path(run_dir) / "samples.jsonl", "a") as f:
         f.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def score_grader(folder) -> str:
+    """The IMO-ProofBench grader asking for <score>N</score>, the tag tests/judge_server.py replies
+    with (judge.answer_format=score), written into `folder`; its path."""
+    path = Path(folder) / "score_grader.txt"
+    text = (REPO / "configs/prompts/imo_proofbench_grader.txt").read_text()
+    path.write_text(text.replace("<points>N out of 7</points>", "<score>N</score>"))
+    return str(path)

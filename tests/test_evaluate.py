@@ -25,7 +25,7 @@ from qed_jax.evaluate import (EvalConfig, RunLog, boxed_answer, check_answer, ch
                               read_problem_ids, read_records, read_run, request_seed, sample_seed, turn_completion)
 from qed_jax.judge import extract_proof
 from qed_jax.report import markdown, report, summarize, unfinished
-from tests.helpers import cli_env, drew_a_sample
+from tests.helpers import cli_env, drew_a_sample, score_grader
 from tests.judge_server import JudgeServer
 from tests.model_server import ModelServer
 
@@ -323,7 +323,8 @@ def test_grades_are_kept_as_they_come_when_the_judge_stops_the_run(tmp_path):
     refused = f"{IMO_ROWS[2]['problem_id']}-s0"  # the third problem: one request at a time, in order
     with ModelServer(proof_reply) as model, JudgeServer({refused: [("status", 401)]}) as judge:
         cfg = config(tmp_path, "imo_proofbench", model.url, judge.url, "samples=1", "judge.cache_path=null",
-                     "judge.concurrency=1", "judge.answer_format=score", "judge.allowed_scores=null")
+                     "judge.concurrency=1", f"judge.template={score_grader(tmp_path)}", "judge.answer_format=score",
+                     "judge.allowed_scores=null")
         with pytest.raises(JudgeUnavailable, match="refused the request"):
             evaluate(cfg, progress=False)
     answered = {item for item in judge.requests if item != refused}
@@ -402,8 +403,8 @@ def test_a_rerun_that_only_grades_needs_no_model(tmp_path):
         cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
             f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", "benchmark.limit=1", "samples=1",
             f"model.path={tmp_path}/model-since-deleted", f"judge.base_url={judge.url}",
-            f"judge.cache_path={tmp_path}/judge.sqlite", f"output_dir={tmp_path}/run", "judge.answer_format=score",
-            "judge.allowed_scores=null"])
+            f"judge.cache_path={tmp_path}/judge.sqlite", f"output_dir={tmp_path}/run",
+            f"judge.template={score_grader(tmp_path)}", "judge.answer_format=score", "judge.allowed_scores=null"])
         run = tmp_path / "run"
         run.mkdir()
         (run / "config.json").write_text(dump_json(cfg))
@@ -681,8 +682,8 @@ def served_eval(tmp_path, model, judge) -> tuple[list[str], dict]:
     tmp_path / "run"."""
     args = [f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.base_url={model.url}",
             "model.name=tested", f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
-            f"output_dir={tmp_path}/run", "judge.answer_format=score", "judge.allowed_scores=null",
-            "batch_size=4", "model.concurrency=4"]
+            f"output_dir={tmp_path}/run", f"judge.template={score_grader(tmp_path)}", "judge.answer_format=score",
+            "judge.allowed_scores=null", "batch_size=4", "model.concurrency=4"]
     command = [sys.executable, "-m", "qed_jax.cli", "eval", "--config", "configs/eval/imo_proofbench.yaml", *args]
     return command, {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -838,8 +839,8 @@ def test_reasoning_cache_mode_records_turns_and_the_report_scores_each_turn(tmp_
     with JudgeServer(default=("hash", 0)) as judge:  # marks 0-7 by the prompt's hash
         cfg = load_config(EvalConfig, ROOT / "configs/eval/imo_proofbench.yaml", [
             f"benchmark.path={ROOT}/configs/data/imo_proofbench_sample.jsonl", f"model.path={tmp_path}/model",
-            f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite", "judge.answer_format=score",
-            "judge.allowed_scores=null", f"output_dir={tmp_path}/run", "mode=rc", "samples=2", "seed=0",
+            f"judge.base_url={judge.url}", f"judge.cache_path={tmp_path}/judge.sqlite",
+            f"judge.template={score_grader(tmp_path)}", "judge.answer_format=score", "judge.allowed_scores=null", f"output_dir={tmp_path}/run", "mode=rc", "samples=2", "seed=0",
             "sampling.max_new_tokens=16", "sampling.temperature=0.5", "rc.summary_tokens=16",
             "rc.summarizer_tokens=12", "rc.grade_turns=true", "batch_size=3"])
         # Each sample's grade, and each of its first two turns' (the third turn's answer is the sample's).

@@ -23,7 +23,7 @@ from qed_jax.config import ConfigError, load_config, load_template
 from qed_jax.judge import (BadReply, Judge, JudgeConfig, JudgeUnavailable, GradeItem, extract_proof, item_from_row,
                            RuleGrader, on_this_machine, parse_score, render_marking_scheme, render_prompt,
                            text_to_grade)
-from tests.helpers import REPO
+from tests.helpers import REPO, score_grader
 from tests.judge_server import JudgeServer
 
 ALL = set(range(8))
@@ -570,12 +570,41 @@ def test_a_judge_template_must_show_the_proof_and_fill_every_placeholder(tmp_pat
         assert capsys.readouterr().err.strip() == f"qed-jax judge: error: judge template {template}: {error}"
         with pytest.raises(ConfigError, match=re.escape(error)):
             Judge(JudgeConfig(template=str(template), cache_path=None))
-    template.write_text("Grade $x^{{2}}$: {{problem}} / {{proof}}")  # LaTeX's double braces are no placeholder
+    # LaTeX's double braces are no placeholder.
+    template.write_text("Reply <score>N</score>. Grade $x^{{2}}$: {{problem}} / {{proof}}")
     assert Judge(JudgeConfig(template=str(template), cache_path=None)).template.endswith("{{proof}}")
     # A name that is neither a file nor a bundled template: the bundled judge templates are listed, not the others.
     with pytest.raises(ConfigError, match=re.escape("judge template 'nope' is neither a file nor one of ['answer_judge', "
                                                     "'imo_proofbench_grader', 'proofbench_grader', 'rl_grader']")):
         Judge(JudgeConfig(template="nope", cache_path=None))
+
+
+def test_a_judge_template_that_never_asks_for_the_answer_format_tag_is_refused(tmp_path, capsys):
+    """Its judge's every reply would have no tag judge.answer_format reads: no grade, each after retries."""
+    from qed_jax.evaluate import EvalConfig, check_judge_template
+    from qed_jax.grpo import GRPOConfig, check_judge_template as check_grpo_template
+
+    asks_points = ("^judge.template imo_proofbench_grader never asks for the <score> tag that judge.answer_format score "
+                   "reads its grades from; it asks for <points>: set judge.answer_format=points$")
+    with pytest.raises(ConfigError, match=asks_points):
+        Judge(JudgeConfig(template="imo_proofbench_grader", answer_format="score", cache_path=None))
+    with pytest.raises(ConfigError, match=asks_points):
+        check_judge_template(load_config(EvalConfig, REPO / "configs/eval/imo_proofbench.yaml",
+                                         ["model.path=m", "judge.answer_format=score"]))
+    with pytest.raises(ConfigError, match=r"^judge.template rl_grader never asks for the <verdict> tag .*; it asks for "
+                                          r"<score>: set judge.answer_format=score$"):
+        check_grpo_template(load_config(GRPOConfig, REPO / "configs/rl/tiny.yaml",
+                                        ["reward_rule=null", "judge.answer_format=verdict", "judge.allowed_scores=[0, 7]"]))
+    rows, template = tmp_path / "rows.jsonl", tmp_path / "grader.txt"
+    rows.write_text(json.dumps({"problem": "P", "completion": "x</think>proof"}) + "\n")
+    template.write_text("Grade the proof of {{problem}} from 0 to 7:\n{{proof}}")
+    assert cli.main(["judge", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"), f"template={template}",
+                     "base_url=http://127.0.0.1:9", "cache_path=null"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qed-jax judge: error: judge.template {template} never asks for the <score> tag that judge.answer_format "
+        "score reads its grades from; ask for <score> in it, as the bundled templates do")
+    for name, answer_format in (("rl_grader", "score"), ("proofbench_grader", "points"), ("answer_judge", "verdict")):
+        Judge(JudgeConfig(template=name, answer_format=answer_format, cache_path=None))  # the bundled pairs
 
 
 def test_a_row_may_lack_a_marking_scheme_and_give_a_numeric_answer():
@@ -624,7 +653,8 @@ def test_judge_cli_warns_of_rows_graded_without_the_scheme_its_template_shows(tm
     with JudgeServer({}) as server:
         assert cli.main(["judge", "--config", str(REPO / "configs/judge/imo_proofbench.yaml"), "--input", str(rows),
                          "--output", str(out), f"base_url={server.url}", "cache_path=null",
-                         "answer_format=score", "allowed_scores=null"]) == 0  # as the stand-in server replies
+                         f"template={score_grader(tmp_path)}", "answer_format=score",
+                         "allowed_scores=null"]) == 0  # as the test server replies
     assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines() if "rows give no" in line] == [
         f"WARNING qed_jax.judge: 1 of 2 rows give no guidelines (guidelines or grading_guidelines or grading_scheme), "
         f"so the judge grades them without it; the first, {rows}:2, has the fields 'problem', 'completion', "
