@@ -509,11 +509,15 @@ def put_rows(array: np.ndarray, mesh=None, rules=DEFAULT_RULES):
 
 def new_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype, mesh=None, rules=DEFAULT_RULES) -> KVCache:
     """A zero KV cache [L, batch, max_len, K, H], created in place in its shards on `mesh`."""
-    zeros = partial(KVCache.zeros, config, batch, max_len, dtype)
     if mesh is None:
-        return zeros()
+        return KVCache.zeros(config, batch, max_len, dtype)
     sharding = jax.sharding.NamedSharding(mesh, kv_cache_spec(config, batch, max_len, mesh, rules))
-    return jax.jit(zeros, out_shardings=KVCache(sharding, sharding))()
+    return _sharded_zeros(config, batch, max_len, dtype, sharding)()
+
+
+@cache  # one jitted fill per cache shape and layout: a new function each time compiled at every allocation
+def _sharded_zeros(config: ModelConfig, batch: int, max_len: int, dtype, sharding):
+    return jax.jit(partial(KVCache.zeros, config, batch, max_len, dtype), out_shardings=KVCache(sharding, sharding))
 
 
 def _ways(axes, mesh) -> int:

@@ -327,6 +327,19 @@ def test_one_compile_serves_every_wave(tiny, caplog):
     assert sum("prefill" in m for m in compiles) == 1, compiles
 
 
+def test_a_sharded_kv_cache_compiles_once_however_often_it_is_allocated(caplog):
+    """GRPO releases the sampler's and the reasoning cache's KV caches every step and allocates
+    them again: on a mesh each allocation compiled its zero fill again."""
+    mesh = make_mesh(MeshConfig(data=-1))
+    config = preset("tiny")
+    first = sampling.new_kv_cache(config, 8, 256, "float32", mesh)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        again = sampling.new_kv_cache(config, 8, 256, "float32", mesh)
+    assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+    assert again.k.sharding == first.k.sharding and again.k.shape == first.k.shape
+    assert not np.asarray(again.k).any() and not np.asarray(again.v).any()
+
+
 def test_wave_size_by_hand():
     config = preset("qwen3-4b")
     per_token = 2 * 36 * 8 * 128 * 2  # K and V, 36 layers, 8 kv heads of 128, bf16
