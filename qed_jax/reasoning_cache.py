@@ -537,8 +537,9 @@ class ReasoningCache:
         samples what that batch would."""
         p = self.params
         turns = p.turns if turns is None else turns
-        if not 1 <= turns <= p.max_turns:
-            raise ConfigError(f"turns must be between 1 and max_turns ({p.max_turns}), got {turns}")
+        # A bool or a fraction would run (the loop takes its own int32), then fail or mislead.
+        if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or not 1 <= turns <= p.max_turns:
+            raise ConfigError(f"turns must be a whole number from 1 to max_turns ({p.max_turns}), got {turns!r}")
         if self.policy_state is None:
             raise RuntimeError("the policy's weights were released; call update_weights before running again")
         check_token_ids(problems, self.policy_config.vocab_size, "problem")

@@ -3,6 +3,7 @@ count and the RC states for GRPO."""
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -438,6 +439,18 @@ def test_ids_the_policy_cannot_read_and_released_weights_are_refused(setup):
     loop.release()
     with pytest.raises(RuntimeError, match="weights were released; call update_weights"):
         loop.run_ids([[5, 6]])
+
+
+@pytest.mark.parametrize("turns", [2.5, "2", True, 0, 9])
+def test_a_turn_count_that_is_not_a_whole_number_in_range_is_refused(setup, turns):
+    """A fractional count ran the whole loop, then failed reading its turns back with a TypeError
+    that named nothing; True ran as 1 turn; a string failed comparing."""
+    tokenizer, _, policy, _ = setup
+    params = rc.RCParams(turns=1, reasoning_tokens=2, summary_tokens=S, summarizer_tokens=2, no_summary=None,
+                         max_turns=8)
+    with pytest.raises(ConfigError, match=rf"^turns must be a whole number from 1 to max_turns \(8\), got "
+                                          rf"{re.escape(repr(turns))}$"):
+        rc.ReasoningCache(policy, tokenizer, params).run_ids([[5, 6]], turns=turns)
 
 
 def test_generate_cli_notes_a_missing_or_cut_off_answer():
