@@ -281,6 +281,9 @@ def sft_messages(row: Any) -> list[dict]:
             # it is rendered as the chat template writes it. An empty user or assistant turn is.
             if m["role"] != "system" and (not content or not content.strip()):
                 raise ValueError(f"messages[{i}] has empty content")
+            # Its reply is what follows its thinking: a turn that ends with </think> has none.
+            if m["role"] == "assistant" and not content.rpartition("</think>")[2].strip():
+                raise ValueError(f"messages[{i}] has no reply after its </think> (its content is thinking alone)")
         if messages[-1]["role"] != "assistant":
             raise ValueError("the last message is not the assistant's")
         return messages

@@ -515,6 +515,25 @@ def test_an_empty_system_prompt_is_kept_as_the_chat_template_writes_it(tokenizer
         sft_messages({"messages": [messages[0], {**messages[1], "content": " "}, messages[2]]})
 
 
+def test_an_assistant_turn_of_thinking_alone_is_an_empty_reply(tokenizer):
+    """A reply given as messages whose content ends with its </think> has no proof after it
+    (as a `proof` field left empty has none): trained, the model would learn to end its turn
+    right after thinking. Refused as an empty reply."""
+    user = {"role": "user", "content": "Prove that 1 + 1 = 2."}
+    for content in ("<think>\nPeano.\n</think>\n\n", "<think>Peano.</think>", "Peano.</think>  \n"):
+        row = {"messages": [user, {"role": "assistant", "content": content}]}
+        with pytest.raises(ValueError, match=r"^messages\[1\] has no reply after its </think> \(its content is "
+                                             r"thinking alone\)$"):
+            sft_messages(row)
+    kept = {"messages": [user, {"role": "assistant", "content": "<think>\nPeano.\n</think>\n\nBy definition."}]}
+    ids, mask = tokenize_sft(tokenizer, sft_messages(kept))
+    assert tokenizer.decode(ids[mask.astype(bool)]).endswith("By definition.<|im_end|>")
+    assert sft_messages({"messages": [user, {"role": "assistant", "content": "No thinking here."}]})
+    examples, stats = prepare_sft([("line 1", row), ("line 2", kept)], tokenizer, DataConfig())
+    assert len(examples) == stats.kept == 1 and stats.first_skipped == [
+        ("line 1", "messages[1] has no reply after its </think> (its content is thinking alone)")]
+
+
 def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, caplog):
     """"<|im_end|>" written in a proof tokenizes as the stop token (as transformers' template does
     too): trained, the model would learn to end its turn mid-proof. Such a row is skipped and
