@@ -286,6 +286,9 @@ def sft_messages(row: Any) -> list[dict]:
                 raise ValueError(f"messages[{i}] has no reply after its </think> (its content is thinking alone)")
         if messages[-1]["role"] != "assistant":
             raise ValueError("the last message is not the assistant's")
+        # Its prompt: Qwen3's template also writes a reply's thinking only after the last user turn.
+        if not any(m["role"] == "user" for m in messages[:-1]):
+            raise ValueError("no user message before the assistant's: the reply has no problem it answers")
         return messages
     for field in ("problem", "reasoning_content", "proof"):
         value = row.get(field)

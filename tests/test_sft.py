@@ -534,6 +534,20 @@ def test_an_assistant_turn_of_thinking_alone_is_an_empty_reply(tokenizer):
         ("line 1", "messages[1] has no reply after its </think> (its content is thinking alone)")]
 
 
+def test_a_conversation_without_a_user_message_is_skipped(tokenizer):
+    """Messages with no user turn (a system prompt and the reply alone) hold no problem, as a row
+    without its `problem` field holds none; such a reply was trained on an empty prompt (and
+    Qwen3's template, which writes thinking only after the last user turn, left its thinking out)."""
+    reply = {"role": "assistant", "content": "<think>\nPeano.\n</think>\n\nBy definition."}
+    bad = {"messages": [{"role": "system", "content": "Be rigorous."}, reply]}
+    good = {"messages": [{"role": "user", "content": "Prove that 1 + 1 = 2."}, reply]}
+    why = "no user message before the assistant's: the reply has no problem it answers"
+    with pytest.raises(ValueError, match=f"^{re.escape(why)}$"):
+        sft_messages(bad)
+    examples, stats = prepare_sft([("line 1", bad), ("line 2", good)], tokenizer, DataConfig())
+    assert len(examples) == stats.kept == 1 and stats.first_skipped == [("line 1", why)]
+
+
 def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, caplog):
     """"<|im_end|>" written in a proof tokenizes as the stop token (as transformers' template does
     too): trained, the model would learn to end its turn mid-proof. Such a row is skipped and
@@ -576,16 +590,17 @@ def test_a_row_the_chat_template_refuses_is_skipped_and_no_template_is_one_error
     from qed_jax.tokenizer import THINKING_CHAT_TEMPLATE
 
     tokenizer = load_tokenizer(TOKENIZER)  # a fresh copy: the module's fixture is shared
-    # Qwen3's own templates refuse a conversation with no user turn (raise_exception: a jinja2 error).
-    tokenizer.chat_template = ("{%- if not (messages | selectattr('role', 'equalto', 'user') | list) %}"
-                               "{{- raise_exception('No user query found in messages.') }}{%- endif %}"
+    # Some templates refuse what they do not write, e.g. a system turn (raise_exception: a jinja2 error).
+    tokenizer.chat_template = ("{%- if messages | selectattr('role', 'equalto', 'system') | list %}"
+                               "{{- raise_exception('System role not supported') }}{%- endif %}"
                                + THINKING_CHAT_TEMPLATE)
     rows = [("line 1", {"problem": "p", "reasoning_content": "r", "proof": "q"}),
-            ("line 2", {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]})]
+            ("line 2", {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                     {"role": "assistant", "content": "a"}]})]
     with caplog.at_level(logging.WARNING):
         examples, stats = prepare_sft(rows, tokenizer, DataConfig())
     assert len(examples) == 1 and [r.getMessage() for r in caplog.records] == [
-        "data: skipped line 2: the chat template refuses this conversation (No user query found in messages.)"]
+        "data: skipped line 2: the chat template refuses this conversation (System role not supported)"]
     tokenizer.chat_template = None  # a base model's tokenizer: not the rows' fault, so not a skip of each
     with pytest.raises(ConfigError, match=r"has no chat template \(a base model's\?\): use the tokenizer of a chat"):
         prepare_sft(rows, tokenizer, DataConfig())
