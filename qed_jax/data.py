@@ -277,6 +277,10 @@ def sft_messages(row: Any) -> list[dict]:
                 parts = "; a list of parts is not read" if isinstance(content, list) else ""
                 raise ValueError(f"messages[{i}] has content that is not text ({type(content).__name__}{parts}): give "
                                  "the text as one string")
+            reasoning = m.get("reasoning_content")
+            if reasoning is not None and not isinstance(reasoning, str):  # Qwen3's template writes it as none
+                raise ValueError(f"messages[{i}] has reasoning_content that is not text ({type(reasoning).__name__}): "
+                                 "give the thinking as one string")
             # An empty system prompt is common in exported chats and says nothing wrong about the row;
             # it is rendered as the chat template writes it. An empty user or assistant turn is.
             if m["role"] != "system" and (not content or not content.strip()):

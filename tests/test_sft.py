@@ -548,6 +548,26 @@ def test_a_conversation_without_a_user_message_is_skipped(tokenizer):
     assert len(examples) == stats.kept == 1 and stats.first_skipped == [("line 1", why)]
 
 
+def test_reasoning_content_that_is_not_text_is_skipped():
+    """Qwen3's chat template writes a reply's reasoning_content only when it is a string: one
+    given as a list or a number was trained as an empty thinking block, in silence."""
+    tokenizer = load_tokenizer(TOKENIZER)  # a fresh copy: the module's fixture is shared
+    tokenizer.chat_template = (  # Qwen3's handling of reasoning_content, in brief
+        "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
+        "{%- set r = m.reasoning_content if m.reasoning_content is string else '' %}"
+        "{{- '<think>\\n' + r + '\\n</think>\\n\\n' }}{%- endif %}{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    user = {"role": "user", "content": "Prove that 1 + 1 = 2."}
+    good = {"messages": [user, {"role": "assistant", "content": "By definition.", "reasoning_content": "Peano."}]}
+    rows = [("line 1", good)] + [(f"line {n}", {"messages": [user, {**good["messages"][1], "reasoning_content": r}]})
+                                 for n, r in ((2, ["Peano."]), (3, 7))]
+    examples, stats = prepare_sft(rows, tokenizer, DataConfig())
+    assert "<think>\nPeano.\n</think>" in tokenizer.decode(examples[0]["tokens"])
+    assert len(examples) == stats.kept == 1 and stats.first_skipped == [
+        ("line 2", "messages[1] has reasoning_content that is not text (list): give the thinking as one string"),
+        ("line 3", "messages[1] has reasoning_content that is not text (int): give the thinking as one string")]
+
+
 def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, caplog):
     """"<|im_end|>" written in a proof tokenizes as the stop token (as transformers' template does
     too): trained, the model would learn to end its turn mid-proof. Such a row is skipped and
