@@ -339,6 +339,11 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
             raise ValueError(f"the answer's text holds {token} beyond its thinking block's, which tokenizes as the "
                              "thinking block's token: trained, the model would learn to open or close its thinking "
                              "there")
+    reply = answer[:answer.rfind("<|im_end|>")]
+    if (prefix.rstrip().endswith("<think>") or "<think>" in reply) and "</think>" not in reply:
+        raise ValueError("the answer opens its thinking and never closes it (no </think>, e.g. a reply cut off "
+                         "while thinking): trained, the model would learn to end its turn inside its thinking, with "
+                         "no proof")
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.zeros(len(ids), np.int32)
     mask[len(prompt_ids): len(prompt_ids) + stop] = 1

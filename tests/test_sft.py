@@ -568,6 +568,25 @@ def test_reasoning_content_that_is_not_text_is_skipped():
         ("line 3", "messages[1] has reasoning_content that is not text (int): give the thinking as one string")]
 
 
+def test_a_reply_whose_thinking_never_closes_is_skipped(tokenizer):
+    """A reply cut off while thinking (no </think>), under a template whose generation prompt
+    opens <think> (the bundled one, Qwen3-Thinking-2507's) or with its own <think>: trained, the
+    model would learn to end its turn inside its thinking, with no proof after it."""
+    user = {"role": "user", "content": "Prove that 1 + 1 = 2."}
+    why = ("the answer opens its thinking and never closes it (no </think>, e.g. a reply cut off while thinking): "
+           "trained, the model would learn to end its turn inside its thinking, with no proof")
+    for content in ("<think>\nBy Peano, 1 + 1 is the successor of", "<think>\nPeano.\n\n"):
+        with pytest.raises(ValueError, match=f"^{re.escape(why)}$"):
+            tokenize_sft(tokenizer, [user, {"role": "assistant", "content": content}])
+    ids, mask = tokenize_sft(tokenizer, [user, {"role": "assistant", "content": "<think>\nPeano.\n</think>\n\nQED."}])
+    assert tokenizer.decode(ids[mask.astype(bool)]) == "Peano.\n</think>\n\nQED.<|im_end|>"
+    plain = load_tokenizer(TOKENIZER)  # a template that never thinks: nothing to close
+    plain.chat_template = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                           "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    ids, mask = tokenize_sft(plain, [user, {"role": "assistant", "content": "By definition."}])
+    assert plain.decode(ids[mask.astype(bool)]) == "By definition.<|im_end|>"
+
+
 def test_an_answer_holding_the_chats_own_tokens_as_text_is_skipped(tokenizer, caplog):
     """"<|im_end|>" written in a proof tokenizes as the stop token (as transformers' template does
     too): trained, the model would learn to end its turn mid-proof. Such a row is skipped and
