@@ -270,8 +270,10 @@ def sft_messages(row: Any) -> list[dict]:
         if not isinstance(messages, list):
             raise ValueError("field 'messages' is not a list")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}] has unknown role {m.get('role') if isinstance(m, dict) else m!r}")
+            if not isinstance(m, dict):
+                raise ValueError(f"messages[{i}] is of type {type(m).__name__}, not a mapping with a role and content")
+            if m.get("role") not in ROLES:
+                raise ValueError(f"messages[{i}] has unknown role {m.get('role')!r}")
             content = m.get("content")
             if content is not None and not isinstance(content, str):
                 parts = "; a list of parts is not read" if isinstance(content, list) else ""
@@ -297,7 +299,7 @@ def sft_messages(row: Any) -> list[dict]:
     for field in ("problem", "reasoning_content", "proof"):
         value = row.get(field)
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"field {field!r} is a {type(value).__name__}, not text")
+            raise ValueError(f"field {field!r} is of type {type(value).__name__}, not text")
         if not value or not value.strip():
             raise ValueError(f"field {field!r} is missing or empty (and there are no messages)")
     return [{"role": "user", "content": row["problem"]},

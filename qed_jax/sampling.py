@@ -410,7 +410,7 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "prom
         raise ValueError(f"no {what}s given")
     for i, ids in enumerate(prompts):
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
-            raise ValueError(f"{what}s[{i}] is a {type(ids).__name__}, not token ids: give one list of ints per "
+            raise ValueError(f"{what}s[{i}] is of type {type(ids).__name__}, not token ids: give one list of ints per "
                              f"{what} (a single {what} too: [ids])")
         if len(ids) == 0:
             raise ValueError(f"every {what} needs at least one token; {what}s[{i}] has none")
@@ -559,7 +559,7 @@ def generate(model: Qwen3, tokenizer, prompts_or_messages, params: SamplingParam
             except ValueError as e:  # the chat template refuses this conversation
                 raise ConfigError(f"generate: prompts[{i}]: {e}") from None
         else:
-            raise ConfigError(f"generate: prompts[{i}] is a {type(item).__name__}; each prompt is a string or a "
+            raise ConfigError(f"generate: prompts[{i}] is of type {type(item).__name__}; each prompt is a string or a "
                               "conversation (a list of message dicts)")
     stop_ids = tok.stop_ids(tokenizer) if stop_ids is None else stop_ids
     sampler = sampler or Sampler(model)

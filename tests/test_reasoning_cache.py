@@ -426,7 +426,7 @@ def test_ids_the_policy_cannot_read_and_released_weights_are_refused(setup):
     loop = rc.ReasoningCache(policy, tokenizer, params)
     with pytest.raises(ValueError, match=rf"^problems\[1\] holds token id {policy.config.vocab_size}, outside"):
         loop.run_ids([[5, 6], [policy.config.vocab_size]])
-    with pytest.raises(ValueError, match=r"^problems\[0\] is a str, not token ids: give one list of ints per problem"):
+    with pytest.raises(ValueError, match=r"^problems\[0\] is of type str, not token ids: give one list of ints per problem"):
         loop.run_ids(["Prove it."])
     # A problem past the largest bucket names the setting that takes it (the buffer P), not "the prompt".
     bucketed = rc.ReasoningCache(policy, tokenizer, params, buckets=(8,))

@@ -493,9 +493,9 @@ def test_inputs_the_model_cannot_read_are_refused_not_sampled_as_nan(tmp_path, c
     with pytest.raises(ValueError, match=r"^prompts\[0\] holds token id -1"):
         sampler.generate_ids([[-1]], greedy, jax.random.key(0), stop_ids=[])
     # One prompt not wrapped in a list, or texts, name the prompt and say what to give.
-    with pytest.raises(ValueError, match=r"^prompts\[0\] is a int, not token ids: give one list of ints per prompt"):
+    with pytest.raises(ValueError, match=r"^prompts\[0\] is of type int, not token ids: give one list of ints per prompt"):
         sampler.generate_ids([5, 6], greedy, jax.random.key(0), stop_ids=[])
-    with pytest.raises(ValueError, match=r"^prompts\[1\] is a str, not token ids"):
+    with pytest.raises(ValueError, match=r"^prompts\[1\] is of type str, not token ids"):
         sampler.generate_ids([[5], "Prove"], greedy, jax.random.key(0), stop_ids=[])
     # Ids that are not flat ints (floats were cut to ints and sampled) are refused; a 2-D array of
     # prompts is prompts (it was refused as an ambiguous truth value).
@@ -554,7 +554,7 @@ def test_one_prompt_or_one_conversation_alone_is_one_request(tmp_path, capsys):
     # A message alone would list as its keys, two prompts "role" and "content": refused, as is a mixed list.
     with pytest.raises(ConfigError, match=r"^generate: a message alone is no prompt; pass a conversation"):
         qed_jax.generate(model, tokenizer, conversation[0], greedy)
-    with pytest.raises(ConfigError, match=r"^generate: prompts\[1\] is a dict; each prompt is a string or a conversation"):
+    with pytest.raises(ConfigError, match=r"^generate: prompts\[1\] is of type dict; each prompt is a string or a conversation"):
         qed_jax.generate(model, tokenizer, ["Let n be", conversation[0]], greedy)
     # A chat template that refuses the conversation (Qwen3's raise_exception) and a prompt past the
     # largest bucket: one line each, not a traceback.

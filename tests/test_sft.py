@@ -1159,6 +1159,15 @@ def test_message_content_given_as_parts_says_so():
         sft_messages(parts)
 
 
+def test_a_message_or_field_of_the_wrong_type_names_its_type():
+    from qed_jax.data import sft_messages
+
+    with pytest.raises(ValueError, match=r"^messages\[1\] is of type str, not a mapping with a role and content$"):
+        sft_messages({"messages": [{"role": "user", "content": "P"}, "Q"]})
+    with pytest.raises(ValueError, match=r"^field 'problem' is of type int, not text$"):
+        sft_messages({"problem": 3, "reasoning_content": "R", "proof": "Q"})
+
+
 def test_a_run_whose_folder_is_gone_compares_its_config_with_the_checkpoints(tmp_path):
     """The recipe keeps checkpoints on gs:// and output_dir on the VM: a new VM has no
     config.json to compare with, so the config the checkpoint was written under stands in."""
