@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -563,8 +564,13 @@ def require_at_least_one(config, names, prefix: str = "") -> None:
     set to None (its default is derived from others) passes. `prefix` names the section, e.g.
     "rc."."""
     for name in names:
-        require_range(getattr(config, name), f"{prefix}{name}", 1)
-        require_range(getattr(config, name), f"{prefix}{name}", high=MAX_INT32)
+        value = getattr(config, name)
+        # A fraction or a bool (a Python caller's; a config's fields are read as whole numbers) would
+        # pass the range and fail later, naming nothing. numpy's integers are whole numbers too.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ConfigError(f"{prefix}{name} must be a whole number, got {value!r}")
+        require_range(value, f"{prefix}{name}", 1)
+        require_range(value, f"{prefix}{name}", high=MAX_INT32)
 
 
 # Sampling below this is greedy in all but name; far below it (under ~1e-35), logits / temperature

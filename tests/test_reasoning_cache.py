@@ -332,6 +332,18 @@ def test_rc_params_refuse_a_batch_or_problem_buffer_of_no_rows_or_tokens(field, 
     assert getattr(rc.RCParams(**{field: None}), field) is None  # None is the default, derived from the call
 
 
+@pytest.mark.parametrize("field", ["turns", "reasoning_tokens", "summary_tokens", "summarizer_tokens", "problem_tokens",
+                                   "batch_size", "max_turns"])
+@pytest.mark.parametrize("value", [8.0, 8.5, True, "8"])
+def test_rc_params_refuse_a_count_that_is_not_a_whole_number(field, value):
+    # Else summary_tokens=8.0 passed the range check and failed deep in the loop with a TypeError naming nothing.
+    with pytest.raises(ConfigError, match=rf"^RCParams.{field} must be a whole number, got {re.escape(repr(value))}$"):
+        rc.RCParams(**{field: value})
+    assert getattr(rc.RCParams(**{field: np.int64(8)}), field) == 8  # numpy's integers are whole numbers
+    with pytest.raises(ConfigError, match=r"^max_new_tokens must be a whole number, got 8\.0$"):
+        SamplingParams(max_new_tokens=8.0)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", -1.0, r"temperature must be 0 \(greedy\) or a finite number"),
     ("temperature", float("nan"), r"temperature must be 0 \(greedy\) or a finite number"),
