@@ -10,7 +10,7 @@ from pathlib import Path
 from etils import epath
 
 from qed_jax import checkpoint, hf
-from qed_jax.config import is_hub_id
+from qed_jax.config import is_hub_id, is_missing_local_path
 from qed_jax.errors import first_line
 from qed_jax.hf import CheckpointError
 from qed_jax.model import Qwen3
@@ -118,6 +118,10 @@ def save_pretrained(model: Qwen3, path, dtype: str = "bfloat16", assets_from=Non
     """Write a Hugging Face folder that transformers and vLLM load as Qwen3ForCausalLM.
     Tokenizer files come from `assets_from`, by default the folder the model was loaded from."""
     hf.require_local(path, "writes")
+    # A local folder that is not there would leave the export without its tokenizer, silently.
+    if assets_from is not None and is_missing_local_path(str(assets_from)):
+        raise CheckpointError(f"assets_from: {assets_from}: no such folder; name the folder that holds the "
+                              "model's tokenizer files")
     if assets_from is None:
         assets_from = loaded_from(model)
     path, assets_from, generation_from = (_home(p) for p in (path, assets_from, generation_from))

@@ -323,6 +323,24 @@ def test_save_pretrained_reads_a_home_relative_path_as_from_pretrained_does(tmp_
         tmp_path / "home" / "tok" / "generation_config.json").read_bytes()
 
 
+@pytest.mark.parametrize("missing", ["{tmp}/missing", "~/missing", "./missing"])
+def test_save_pretrained_refuses_a_tokenizer_folder_that_is_not_there(tmp_path, monkeypatch, missing):
+    """A local assets_from that does not exist was ignored: the export had no tokenizer. A Hub id's
+    form and a folder without tokenizer files export as before."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    make_hf_model(tmp_path / "hf", seed=0)
+    model = qed_jax.from_pretrained(tmp_path / "hf")
+    missing = missing.format(tmp=tmp_path)
+    with pytest.raises(CheckpointError, match=rf"^assets_from: {re.escape(missing)}: no such folder; name the "
+                                              r"folder that holds the model's tokenizer files$"):
+        qed_jax.save_pretrained(model, tmp_path / "out", dtype="float32", assets_from=missing)
+    assert not (tmp_path / "out").exists()
+    for assets_from in ("org/name", tmp_path / "hf"):
+        qed_jax.save_pretrained(model, tmp_path / "out", dtype="float32", assets_from=assets_from)
+        assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_convert_step_exports_that_step_of_a_checkpoint_and_names_the_steps_there_are(tmp_path, capsys):
     from qed_jax import checkpoint
 
