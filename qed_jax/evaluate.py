@@ -166,7 +166,7 @@ class EvalRCConfig:
     no_summary: str | None = "None: this is the first attempt."  # null: an empty first summary
     reasoning_template: str = "rc_reasoning"  # a file in configs/prompts/ (without .txt) or a path
     summarize_template: str = "rc_summarize"
-    problem_tokens: int | None = None  # P, the prompt buffer; default: the bucket of the longest prompt
+    problem_tokens: int | None = None  # P, the prompt buffer; default: each call's longest prompt's bucket
     # Rows per compiled call, the last one padded. Default: a call per sample index in a round,
     # whose row counts vary (each new count compiles the loop and allocates its caches once).
     batch_size: int | None = None
