@@ -993,9 +993,10 @@ def test_a_judge_that_dies_mid_run_stops_the_batch_where_one_broken_reply_fails_
             Judge(JudgeConfig(base_url=url, cache_path=None, backoff_s=0.01, max_retries=1)).grade_batch([_item(0)])
 
 
-def test_a_busy_judge_is_asked_again_when_its_retry_after_says(tmp_path, monkeypatch):
+@pytest.fixture
+def judge_waits(monkeypatch):
+    """The waits the judge sleeps between tries (seconds), recorded instead of slept."""
     import asyncio
-    import email.utils
 
     waits, sleep = [], asyncio.sleep
 
@@ -1005,6 +1006,12 @@ def test_a_busy_judge_is_asked_again_when_its_retry_after_says(tmp_path, monkeyp
         await sleep(0)
 
     monkeypatch.setattr(asyncio, "sleep", recorded)
+    return waits
+
+
+def test_a_busy_judge_is_asked_again_when_its_retry_after_says(tmp_path, judge_waits):
+    import email.utils
+
     in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
     scripts = {"i0": [("status", (429, {"Retry-After": "7"})), ("score", 6)],
                "i1": [("status", (503, {"Retry-After": in_30_s})), ("score", 5)],
@@ -1013,29 +1020,20 @@ def test_a_busy_judge_is_asked_again_when_its_retry_after_says(tmp_path, monkeyp
     with JudgeServer(scripts) as server:
         grades = Judge(_config(server, tmp_path, backoff_s=5000.0)).grade_batch([_item(i) for i in range(4)])
     assert [(g.score, g.attempts) for g in grades] == [(6, 2), (5, 2), (4, 2), (3, 2)]
-    seven, thirty, capped, backoff = sorted(waits)
+    seven, thirty, capped, backoff = sorted(judge_waits)
     assert 7 <= seven <= 8.4 and 25 <= thirty <= 36 and capped == 600 and backoff == 600  # capped as Retry-After is
 
 
-def test_the_backoff_doubles_up_to_the_longest_wait(tmp_path, monkeypatch):
-    import asyncio
+def test_the_backoff_doubles_up_to_the_longest_wait(tmp_path, monkeypatch, judge_waits):
     import types
 
     from qed_jax import judge
 
-    waits, sleep = [], asyncio.sleep
-
-    async def recorded(delay, *args, **kwargs):
-        if delay >= 1:  # the judge's waits; none of the client's own
-            waits.append(delay)
-        await sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", recorded)
     monkeypatch.setattr(judge, "random", types.SimpleNamespace(uniform=lambda low, high: high))  # the longest jitter
     with JudgeServer({"i0": [("status", 503)] * 4 + [("score", 5)]}) as server:
         (grade,) = Judge(_config(server, tmp_path, backoff_s=100.0, max_retries=4)).grade_batch([_item(0)])
     assert (grade.score, grade.attempts) == (5, 5)
-    assert waits == [150, 300, 600, judge.MAX_RETRY_AFTER_S]  # 1200 capped
+    assert judge_waits == [150, 300, 600, judge.MAX_RETRY_AFTER_S]  # 1200 capped
 
 
 def test_timeout_s_bounds_the_whole_request_not_each_read(tmp_path):
