@@ -303,8 +303,9 @@ def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None
 
 
 # A mark inside its tag, as judges write it: bare, between Markdown's asterisks, or out of 7 ("7/7",
-# "7 out of 7"). Up to 9 digits: 5,000 digits are no score.
-_MARK = r"\s*(?:\*+\s*)?([+-]?\d{1,9})\s*(?:(?:/|out\s+of)\s*7\s*)?(?:\*+\s*)?"  # no two parts take the same spaces
+# "7 out of 7", "**7** out of 7", "**7/7**"). Up to 9 digits: 5,000 digits are no score. Each optional
+# part starts with its own character, so no two take the same text (read in linear time).
+_MARK = r"\s*(?:\*+\s*)?([+-]?\d{1,9})\s*(?:\*+\s*)?(?:(?:/|out\s+of)\s*7\s*(?:\*+\s*)?)?"
 # A tag and what it holds, whatever that is (no tag of its kind inside: read in linear time).
 _TAGS = {name: re.compile(rf"<{name}>((?:(?!</?{name}>).)*)</{name}>", re.IGNORECASE | re.DOTALL)
          for name in ("score", "points", "verdict")}

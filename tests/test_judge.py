@@ -204,7 +204,11 @@ def test_completion_without_think_end_is_not_sent(tmp_path):
     ("<score>5/10</score>", "score", ALL, None),  # another scale
     # The last tag is the judge's last word even when it holds no mark: not an earlier one it weighed.
     ("A complete proof would earn <score>7</score>; Lemma 2 has a gap.\n<score>3.5</score>", "score", ALL, None),
-    ("Had Lemma 2 been proved, <score>7</score>. It was not: <score>**2**/7</score>", "score", ALL, None),
+    ("Had Lemma 2 been proved, <score>7</score>. It was not: <score>two</score>", "score", ALL, None),
+    ("<score>**2**/7</score>", "score", ALL, 2),  # Markdown around the mark, then out of 7
+    ("<points>**6** out of 7</points>", "points", {0, 1, 6, 7}, 6),
+    ("<score>**6** out of 10</score>", "score", ALL, None),
+    ("<score>6" + "*" * 50_000 + "x</score>", "score", ALL, None),  # read in linear time
     ("<points>7 out of 7</points> needs case 2; <points>1 out of 7 (partial)</points>", "points", ALL, None),
     ("<verdict>Correct</verdict> only with the sign; so <verdict>Partially correct</verdict>", "verdict", ALL, None),
     ("<score><score>5</score>", "score", ALL, 5),  # an unclosed tag is no tag
