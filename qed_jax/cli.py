@@ -330,10 +330,17 @@ def _judge(args) -> int | None:
         # opened before any request: an unwritable output costs no grades
         with contextlib.nullcontext(sys.stdout) if to_stdout else open(tmp, "w") as f:
             warn_ungraded_schemes(numbered, items, needs)  # once the command is sure to grade them
-            judge = Judge(config)
+            judge, received = Judge(config), []
             try:
                 with tqdm(total=len(items), desc="grading", unit="proof") as bar:
-                    grades = judge.grade_batch(items, on_grade=lambda i, grade: bar.update())
+                    grades = judge.grade_batch(items, on_grade=lambda i, grade: (bar.update(), received.append(grade)))
+            except JudgeUnavailable as e:  # it went away mid-run: what it answered before is not lost
+                kept = sum(not g.failed and not g.cached for g in received)
+                if not config.cache_path or not kept:
+                    raise
+                raise JudgeUnavailable(f"{e} ({kept} grade{'s were' if kept != 1 else ' was'} received before that, kept "
+                                       f"in the judge's cache {config.cache_path}: rerun the same command to continue "
+                                       "from them)") from e
             finally:
                 judge.close()
             for row, g in zip(rows, grades):

@@ -760,6 +760,22 @@ def test_a_judge_counts_the_requests_it_rejected_and_those_it_completed(tmp_path
     assert judge.last_rejection in ("HTTP 400: Error code: 400 - scripted 400", "HTTP 422: Error code: 422 - scripted 422")
 
 
+def test_judge_cli_that_loses_its_judge_mid_run_says_the_grades_received_are_kept(tmp_path, capsys):
+    rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
+    _write_rows(rows, 3)
+    args = ["judge", "--input", str(rows), "--output", str(out), f"cache_path={cache}", "concurrency=1"]
+    with JudgeServer({"i0": [("score", 5)], "i1": [("status", 404)]}) as server:  # 404: no such judge.model now
+        assert cli.main([*args, f"base_url={server.url}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"(1 grade was received before that, kept in the judge's cache {cache}: rerun the same command to "
+            "continue from them)")
+        assert not out.exists()
+        server.scripts = {}  # the judge is back: the rerun asks for the two rows it has no grade for
+        assert cli.main([*args, f"base_url={server.url}"]) == 0
+        assert server.requests == {"i0": 1, "i1": 2, "i2": 1}
+    assert [json.loads(line)["cached"] for line in out.read_text().splitlines()] == [True, False, False]
+
+
 def test_judge_cli_checks_its_output_before_sending_anything(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     _write_rows(rows, 2)
