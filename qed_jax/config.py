@@ -559,6 +559,11 @@ def check_local_output_dir(value: str, advice: str = "") -> None:
 MAX_INT32 = 2**31 - 1
 
 
+def is_whole_number(value) -> bool:
+    """An int, numpy's integers included; not a bool (True would count as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def require_at_least_one(config, names, prefix: str = "") -> None:
     """ConfigError unless each named field of `config` is a count from 1 to MAX_INT32; a field
     set to None (its default is derived from others) passes. `prefix` names the section, e.g.
@@ -566,8 +571,8 @@ def require_at_least_one(config, names, prefix: str = "") -> None:
     for name in names:
         value = getattr(config, name)
         # A fraction or a bool (a Python caller's; a config's fields are read as whole numbers) would
-        # pass the range and fail later, naming nothing. numpy's integers are whole numbers too.
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        # pass the range and fail later, naming nothing.
+        if value is not None and not is_whole_number(value):
             raise ConfigError(f"{prefix}{name} must be a whole number, got {value!r}")
         require_range(value, f"{prefix}{name}", 1)
         require_range(value, f"{prefix}{name}", high=MAX_INT32)

@@ -315,7 +315,8 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     if not full.startswith(prefix):
         raise ValueError(unrendered_prompt(prefix, full))
     answer = full[len(prefix):]
-    if prefix.rstrip().endswith("<think>") and answer.lstrip().startswith("</think>"):
+    opened = prefix.rstrip().endswith("<think>")  # the generation prompt opened the thinking block
+    if opened and answer.lstrip().startswith("</think>"):
         raise ValueError(NO_REASONING)  # a template that writes an empty <think></think> (Qwen3-Thinking-2507's)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
@@ -335,14 +336,14 @@ def tokenize_sft(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarra
     # The answer holds one thinking block: one </think>, and a <think> unless the generation prompt
     # opened it (written by the template from reasoning_content, or in the content itself).
     trained = answer_ids[:stop]
-    for token, own in (("<think>", 0 if prefix.rstrip().endswith("<think>") else 1), ("</think>", 1)):
+    for token, own in (("<think>", 0 if opened else 1), ("</think>", 1)):
         found = token_id(tokenizer, token)
         if found is not None and trained.count(found) > own:
             raise ValueError(f"the answer's text holds {token} beyond its thinking block's, which tokenizes as the "
                              "thinking block's token: trained, the model would learn to open or close its thinking "
                              "there")
     reply = answer[:answer.rfind("<|im_end|>")]
-    if (prefix.rstrip().endswith("<think>") or "<think>" in reply) and "</think>" not in reply:
+    if (opened or "<think>" in reply) and "</think>" not in reply:
         raise ValueError("the answer opens its thinking and never closes it (no </think>, e.g. a reply cut off "
                          "while thinking): trained, the model would learn to end its turn inside its thinking, with "
                          "no proof")

@@ -37,6 +37,7 @@ from qed_jax.tokenizer import THINK_END
 log = logging.getLogger(__name__)
 
 MAX_SCORE = 7
+ANSWER_FORMATS = ("score", "points", "verdict")  # judge.answer_format: the tag a reply's grade is read from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class JudgeConfig:
         check_url(self.base_url, "judge.base_url")
         if self.api not in ("chat", "responses"):
             raise ConfigError(f"judge.api must be chat or responses, got {self.api!r}")
-        if self.answer_format not in ("score", "points", "verdict"):
+        if self.answer_format not in ANSWER_FORMATS:
             raise ConfigError(f"judge.answer_format must be score, points or verdict, got {self.answer_format!r}")
         if self.concurrency < 1:
             raise ConfigError("judge.concurrency must be at least 1")
@@ -222,9 +223,6 @@ def load_judge_template(name: str) -> str:
     return template
 
 
-ANSWER_FORMATS = ("score", "points", "verdict")  # judge.answer_format: the tag a reply's grade is read from
-
-
 def check_answer_format(template: str, name: str, answer_format: str) -> None:
     """Refuse a judge template that never asks for the tag judge.answer_format reads (each bundled
     one ends with it, e.g. <points>N out of 7</points>): no reply would be read as a grade."""
@@ -308,7 +306,7 @@ def text_to_grade(completion: str, config: JudgeConfig) -> tuple[str, str | None
 _MARK = r"\s*(?:\*+\s*)?([+-]?\d{1,9})\s*(?:\*+\s*)?(?:(?:/|out\s+of)\s*7\s*(?:\*+\s*)?)?"
 # A tag and what it holds, whatever that is (no tag of its kind inside: read in linear time).
 _TAGS = {name: re.compile(rf"<{name}>((?:(?!</?{name}>).)*)</{name}>", re.IGNORECASE | re.DOTALL)
-         for name in ("score", "points", "verdict")}
+         for name in ANSWER_FORMATS}
 _VALUES = {  # what a tag holds when it holds a mark
     "score": re.compile(_MARK, re.IGNORECASE),
     "points": re.compile(_MARK, re.IGNORECASE),

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qed_jax.config import (ConfigError, check_seed, check_temperature_and_filters, is_rc_template, load_template,
-                            require_at_least_one)
+from qed_jax.config import (ConfigError, check_seed, check_temperature_and_filters, is_rc_template, is_whole_number,
+                            load_template, require_at_least_one)
 from qed_jax.model import Qwen3
 from qed_jax.sampling import (DEFAULT_BUCKETS, FINISH_LENGTH, FINISH_REASONS, FINISH_STOP, SamplingParams,
                               bucket_length, cache_shards, cache_slots, check_buckets, check_token_ids, checked_row_ids,
@@ -538,7 +538,7 @@ class ReasoningCache:
         p = self.params
         turns = p.turns if turns is None else turns
         # A bool or a fraction would run (the loop takes its own int32), then fail or mislead.
-        if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or not 1 <= turns <= p.max_turns:
+        if not is_whole_number(turns) or not 1 <= turns <= p.max_turns:
             raise ConfigError(f"turns must be a whole number from 1 to max_turns ({p.max_turns}), got {turns!r}")
         if self.policy_state is None:
             raise RuntimeError("the policy's weights were released; call update_weights before running again")
