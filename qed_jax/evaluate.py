@@ -41,7 +41,7 @@ from qed_jax.config import (WHOLE, ConfigError, check_dtype, check_local_output_
                             require_at_least_one, require_range, run_moved, same_as_recorded, write_text_atomic)
 from qed_jax.errors import JudgeUnavailable, first_line, json_error, noted, os_error_line, quoted, renamed
 from qed_jax.judge import (MAX_SCORE, BadReply, Grade, GradeItem, Judge, JudgeConfig, answer_text, async_client,
-                           chat_choice, check_answer_format, check_template_fields, load_judge_template,
+                           chat_choice, check_answer_format, check_template_fields, is_empty, load_judge_template,
                            reason_counts, rejection_note, render_marking_scheme, reply_text, text_to_grade)
 from qed_jax.rundir import record_working_dir, recorded_working_dir, refuse_a_pipelines_folder, run_lock
 from qed_jax.tokenizer import THINK_END
@@ -258,7 +258,8 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     too. A group_field that no row has is an error for a `new_run`, a warning for one that goes on (its
     samples were drawn under it, and benchmark.group_field is part of what the run is). A proof
     benchmark whose solution or guidelines column no row has is warned of, as are rows that lack a
-    column (id, solution, guidelines) the others have."""
+    column (id, solution, guidelines) the others have; a blank or empty solution or guidelines is
+    none (`given`)."""
     from qed_jax.data import BadRow
 
     if not rows:
@@ -286,11 +287,11 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
                                   "map it with benchmark.fields.answer=COLUMN")
             answer = answer_text(answer, f"{where}: column {fields['answer']!r} (the reference answer)")
         else:
-            solution = row.get(fields["solution"])
+            solution = given(row, fields["solution"])
             if solution is not None and not isinstance(solution, str):
                 raise ConfigError(f"{where}: column {fields['solution']!r} (the reference solution) must be text, "
                                   f"got {type(solution).__name__}; map another with benchmark.fields.solution=COLUMN")
-        guidelines = row.get(fields["guidelines"])
+        guidelines = given(row, fields["guidelines"])
         try:
             render_marking_scheme(guidelines)
         except ValueError as e:
@@ -324,7 +325,7 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
                     "with benchmark.fields.id=COLUMN", config.path, fields["id"])
     if config.kind == "proof":  # a column no row has is most likely mapped to the wrong name
         for name, what in (("solution", "a reference solution"), ("guidelines", "grading guidelines")):
-            if not any(isinstance(r, dict) and r.get(fields[name]) is not None for _, r in rows):
+            if not any(isinstance(r, dict) and given(r, fields[name]) is not None for _, r in rows):
                 log.warning("%s: no row has the column %r (benchmark.fields.%s), so the judge grades every proof "
                             "without %s; map it with benchmark.fields.%s=COLUMN", config.path, fields[name], name,
                             what, name)
@@ -333,7 +334,7 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
                        *((("solution", "so their proofs are graded without a reference solution"),
                           ("guidelines", "so their proofs are graded without grading guidelines"))
                          if config.kind == "proof" else ())):
-        lacking = [line for line, r in rows if r.get(fields[name]) is None]
+        lacking = [line for line, r in rows if given(r, fields[name]) is None]
         if 0 < len(lacking) < len(rows):
             log.warning("%s: %d of %d rows have no column %r (benchmark.fields.%s), %s: %s", config.path,
                         len(lacking), len(rows), fields[name], name, what,
@@ -343,6 +344,13 @@ def problems_from_rows(rows: list[tuple[str, Any]], config: BenchmarkConfig,
     if not problems:
         raise ConfigError(f"{config.path}: no problems")
     return problems
+
+
+def given(row: dict, column: str) -> Any:
+    """A row's value in `column`; None where it gives none (`judge.is_empty`: absent, null, empty or
+    blank), which the judge is told is not given."""
+    value = row.get(column)
+    return None if is_empty(value) else value
 
 
 def group_of(row: dict, config: BenchmarkConfig) -> str | None:

@@ -371,14 +371,16 @@ def check_template_fields(template: str, name: str, gives: str, who: str) -> Non
         raise ConfigError(f"judge.template {name} never shows the judge the reference answer that {who} passes: {hint}")
 
 
-def _empty(value: Any) -> bool:
+def is_empty(value: Any) -> bool:
+    """Whether a row's value gives nothing: absent, null, empty or blank (a table has every column,
+    some cells empty)."""
     return value is None or value == [] or (isinstance(value, str) and not value.strip())
 
 
 def row_field(row: dict, field: str, keys: tuple[str, ...], where: str) -> tuple[str, Any] | None:
     """(the row's key, its value) for a rubric, guidelines or answer; None when the row has none
     (absent, null, empty or blank). A numeric answer becomes a string, as eval reads one."""
-    key = next((k for k in keys if not _empty(row.get(k))), None)  # a table has every column, some null
+    key = next((k for k in keys if not is_empty(row.get(k))), None)  # a table has every column, some null
     if key is None:
         return None
     value = row[key]
@@ -426,7 +428,7 @@ def item_from_row(row: Any, where: str, needs: list[str] = ()) -> GradeItem:
                     f"({readers})") if other_scheme else ""
             raise ConfigError(f"{where}: the judge's template grades against the field '{field}' "
                               f"({' or '.join(keys)}), which this row does not give{hint}")
-    reference_key = next((k for k in ("reference", "solution") if not _empty(row.get(k))), "reference")
+    reference_key = next((k for k in ("reference", "solution") if not is_empty(row.get(k))), "reference")
     reference = row.get(reference_key)
     if reference is not None and not isinstance(reference, str):
         raise ConfigError(f"{where}: field '{reference_key}' must be a string (the reference solution)")

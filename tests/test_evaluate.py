@@ -676,6 +676,33 @@ def test_proof_benchmark_warns_of_a_reference_column_that_no_row_has(caplog):
         "benchmark.fields.id=COLUMN"]
 
 
+def test_a_blank_solution_or_guidelines_is_none_given(caplog):
+    """A blank or empty value (a table's column of empty cells) is no reference: the judge is
+    told none is given, not shown an empty section, and the rows are warned of as rows without."""
+    from qed_jax.evaluate import BenchmarkConfig, judge_item, problems_from_rows
+    from qed_jax.judge import prompt_fields
+
+    rows = [("line 1", {"problem": "P", "solution": "S", "grading_guidelines": "G", "problem_id": "a"}),
+            ("line 2", {"problem": "Q", "solution": "  ", "grading_guidelines": " \n", "problem_id": "b"}),
+            ("line 3", {"problem": "R", "solution": "", "grading_guidelines": [], "problem_id": "c"})]
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        problems = problems_from_rows(rows, BenchmarkConfig(path="b"))
+    assert [(p.solution, p.guidelines) for p in problems[1:]] == [(None, None)] * 2
+    fields = prompt_fields(judge_item(problems[1], "Proof.", "proof"), "Proof.")
+    assert (fields["reference"], fields["guidelines"]) == ("(none given)", "(none given)")
+    assert caplog.messages == [
+        "b: 2 of 3 rows have no column 'solution' (benchmark.fields.solution), so their proofs are graded without "
+        "a reference solution: line 2, line 3",
+        "b: 2 of 3 rows have no column 'grading_guidelines' (benchmark.fields.guidelines), so their proofs are "
+        "graded without grading guidelines: line 2, line 3"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qed_jax.evaluate"):
+        problems_from_rows(rows[1:], BenchmarkConfig(path="b"))
+    assert caplog.messages[1] == (
+        "b: no row has the column 'grading_guidelines' (benchmark.fields.guidelines), so the judge grades every "
+        "proof without grading guidelines; map it with benchmark.fields.guidelines=COLUMN")
+
+
 def served_eval(tmp_path, model, judge) -> tuple[list[str], dict]:
     """The `qed-jax eval` command (and its environment) of the bundled IMO-ProofBench rows against
     a served model and judge on loopback, in rounds of 4 samples sent together, writing to
