@@ -676,6 +676,18 @@ def test_run_refuses_a_slice_of_another_type(gcloud, capsys):
         "give --accelerator-type v5p-64, or another name")
 
 
+@pytest.mark.parametrize("state, says", [("MISSING", "missing"), ("WAITING_FOR_RESOURCES\tv5p-8", "WAITING_FOR_RESOURCES")])
+def test_run_on_a_slice_that_is_missing_or_not_ready_is_one_line(gcloud, capsys, state, says):
+    """A misspelt name or zone, or a slice still queued, would fail every worker's ssh."""
+    write_script, calls = gcloud
+    write_script(states=[state])
+    assert launcher("run", "qr", *WHERE, "--accelerator-type", "v5p-8", "--log-dir", "logs", "--", "true") == 1
+    assert verbs(calls()) == ["describe"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tpu.py run: error: qr is {says} in us-east5-a, not ACTIVE: check the name, --zone and --project, or "
+        "`tpu.py wait` for it")
+
+
 def test_dry_run_given_to_the_job_is_refused_before_any_call(gcloud, capsys):
     """`--dry-run` after `--` would reach the job while the launcher requested a real slice."""
     _, calls = gcloud

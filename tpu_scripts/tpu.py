@@ -419,9 +419,13 @@ def check_slice_type(gc: Gcloud, args) -> None:
 
 
 def run_command(gc: Gcloud, args) -> int:
-    """`tpu.py run`: `run` on a slice checked to be of --accelerator-type (`launch` checks it itself)."""
+    """`tpu.py run`: `run` on a slice checked to be ACTIVE and of --accelerator-type (`launch`
+    checks it itself): ssh into a slice that is missing or not ready fails on every worker."""
     if not (gc.local or gc.dry_run):
-        gc.state()
+        state = gc.state()
+        if state != "ACTIVE":
+            raise LaunchError(f"{gc.name} is {state or 'missing'} in {gc.zone}, not ACTIVE: check the name, "
+                              "--zone and --project, or `tpu.py wait` for it")
         check_slice_type(gc, args)
     return run(gc, args)
 
@@ -577,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`tpu` extra into ~/qed-jax-venv (tpu_scripts/worker_setup.sh). Safe to repeat.")
     add("run", run_command, [slice_, running], "run one command on every worker at once",
         "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
-        "worker under --log-dir; end every worker's ssh as soon as one fails. The slice must be of "
+        "worker under --log-dir; end every worker's ssh as soon as one fails. The slice must be ACTIVE and of "
         "--accelerator-type (a describe checks it). Stale TPU processes (ending an ssh does not "
         "always end its job) and the libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
     p = add("launch", launch, [slice_, creating, polling, copying, running],
