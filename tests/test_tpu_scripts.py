@@ -383,6 +383,16 @@ def test_an_option_of_another_command_is_refused_under_this_commands_usage(gclou
         "usage: tpu.py setup NAME [options]", "tpu.py setup: error: unrecognized arguments: --accelerator-type v5p-8"]
 
 
+def test_launch_has_no_local_workers(gcloud, capsys):
+    """`--local` is `run`'s: a launch with it would request a real slice, set it up and then run
+    the job here instead of on it."""
+    _, calls = gcloud
+    with pytest.raises(SystemExit) as exit_:
+        launcher("launch", "qr", *WHERE, "--local", "--accelerator-type", "v5p-8", "--", "true")
+    assert exit_.value.code == 2 and calls() == []
+    assert "tpu.py launch: error: unrecognized arguments: --local" in capsys.readouterr().err
+
+
 def test_a_misspelt_required_flag_is_named_with_the_flag_it_resembles(gcloud, capsys):
     _, calls = gcloud
     for argv, error in [

@@ -550,8 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="environment variable for the job on every worker (repeatable)")
     running.add_argument("--log-dir", default="tpu_logs",
                          help="local folder for per-worker logs (default: %(default)s)")
-    running.add_argument("--local", action="store_true",
-                         help="run each 'worker' as a local subprocess instead of over ssh (testing)")
 
     parser = argparse.ArgumentParser(prog="tpu.py", description=__doc__.split("\n\n")[0],
                                      epilog="example:\n" + __doc__.split("\n\n")[1] + "\n\n"
@@ -579,11 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("setup", setup, [copying], "copy the code to every worker and install it",
         "Pack the working tree (or --commit), copy it to every worker, and install it with the "
         "`tpu` extra into ~/qed-jax-venv (tpu_scripts/worker_setup.sh). Safe to repeat.")
-    add("run", run_command, [slice_, running], "run one command on every worker at once",
-        "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
-        "worker under --log-dir; end every worker's ssh as soon as one fails. The slice must be ACTIVE and of "
-        "--accelerator-type (a describe checks it). Stale TPU processes (ending an ssh does not "
-        "always end its job) and the libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
+    p = add("run", run_command, [slice_, running], "run one command on every worker at once",
+            "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
+            "worker under --log-dir; end every worker's ssh as soon as one fails. The slice must be ACTIVE and of "
+            "--accelerator-type (a describe checks it). Stale TPU processes (ending an ssh does not "
+            "always end its job) and the libtpu lock file are cleared first (tpu_scripts/worker_run.sh).")
+    p.add_argument("--local", action="store_true",
+                   help="run each 'worker' as a local subprocess instead of over ssh (testing)")
     p = add("launch", launch, [slice_, creating, polling, copying, running],
             "create, set up and run a job to completion through preemptions",
             "Create the slice if missing, wait, set up, run in the foreground. When the job fails "
