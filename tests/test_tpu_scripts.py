@@ -204,6 +204,15 @@ def test_wait_passes_pending_states_and_fails_on_failed(gcloud, capsys):
     assert "qr is FAILED, not ACTIVE" in capsys.readouterr().err
 
 
+def test_wait_for_a_missing_slice_says_what_to_check_not_to_delete_it(gcloud, capsys):
+    write_script, calls = gcloud
+    write_script(states=["MISSING"])
+    assert launcher("wait", "qr", *WHERE, "--poll", "0") == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tpu.py wait: error: qr is missing in us-east5-a: check the name, --zone and --project, or create it "
+        "(`tpu.py create`)")
+
+
 def test_a_describe_that_fails_once_does_not_end_a_launch(gcloud, tmp_path):
     """A slice may wait hours for spot capacity: one failed describe (a token refresh, a 503)
     while waiting is retried, as scp and ssh are, instead of ending the launch."""

@@ -209,8 +209,11 @@ def wait(gc: Gcloud, args) -> None:
         state = gc.state()
         if gc.dry_run or state == "ACTIVE":
             return
+        if state is None:
+            raise LaunchError(f"{gc.name} is missing in {gc.zone}: check the name, --zone and --project, or "
+                              "create it (`tpu.py create`)")
         if state not in PENDING:
-            raise LaunchError(f"{gc.name} is {state or 'missing'}, not ACTIVE: see "
+            raise LaunchError(f"{gc.name} is {state}, not ACTIVE: see "
                               f"`{shlex.join(gc.queued('describe'))}`; delete it and create it again")
         if state != last:
             progress(f"{gc.name} is {state}")
