@@ -473,6 +473,16 @@ def test_launch_checks_its_command_and_slice_before_requesting_one(gcloud, capsy
         assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-8", "--dry-run", "--", *job) == 1
         assert capsys.readouterr().err.startswith(f"tpu.py launch: error: {message}")
     assert calls() == []
+    # A trainer on several hosts is one job only with --distributed; on one host it needs none.
+    job = ["qed-jax", "grpo", "--config", "configs/rl/tiny.yaml"]
+    assert launcher("launch", "qr", *WHERE, "--accelerator-type", "v5p-16", "--dry-run", "--", *job) == 1
+    assert capsys.readouterr().err.strip() == ("tpu.py launch: error: `qed-jax grpo` on the 2 hosts of this slice "
+                                               "needs --distributed, which joins their processes into one job: add "
+                                               "it after `--`")
+    for accelerator, extra in (("v5p-16", ["--distributed"]), ("v5p-8", [])):
+        assert launcher("launch", "qr", *WHERE, "--accelerator-type", accelerator, "--dry-run", "--", *job,
+                        *extra) == 0
+    assert calls() == []
     # A job that parses, with a config the workers get, goes on (here: to print what it would run);
     # with --commit the workers get other code, which this checkout's parser does not speak for.
     for commit, job in (([], ["qed-jax", "sft", "--config=configs/sft/tiny.yaml", "steps=2", "--distributed"]),

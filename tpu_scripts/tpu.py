@@ -637,15 +637,15 @@ def check_before_calling(args) -> None:
         raise LaunchError("--dry-run after `--` goes to the job, and the launcher would run for real: put it "
                           "before `--`")
     if args.verb == "launch" and not args.commit:
-        check_job_command(args.command)
+        check_job_command(args.command, num_workers(args.accelerator_type))
 
 
-def check_job_command(command: list[str]) -> None:
+def check_job_command(command: list[str], workers: int) -> None:
     """A launched `qed-jax ...` job read here by qed-jax's own parser (this checkout's: the code
     `launch` sets the workers up with, without --commit), and its --config looked for in the
-    checkout (the workers run from its copy): a misspelt command, flag or config path is refused
-    before a slice is requested, not after one is set up. The parser needs nothing beyond the
-    standard library."""
+    checkout (the workers run from its copy): a misspelt command, flag or config path, or a
+    trainer on several hosts without --distributed, is refused before a slice is requested, not
+    after one is set up. The parser needs nothing beyond the standard library."""
     if not command or os.path.basename(command[0]) != "qed-jax":
         return
     sys.path.insert(0, str(REPO))
@@ -664,6 +664,9 @@ def check_job_command(command: list[str]) -> None:
             error = next((line for line in reversed(heard.getvalue().splitlines()) if line.strip()), "")
             raise LaunchError(f"the job's command does not parse ({error}): `{shlex.join(command)}`") from None
         return
+    if workers > 1 and getattr(job, "distributed", True) is False and not job.coordinator:
+        raise LaunchError(f"`qed-jax {job.command}` on the {workers} hosts of this slice needs --distributed, which "
+                          "joins their processes into one job: add it after `--`")
     config = getattr(job, "config", None)
     if config is None or os.path.isabs(config):  # an absolute path may be the workers' own
         return
