@@ -367,14 +367,15 @@ def test_names_cloud_would_refuse_and_a_run_id_outside_the_log_dir_are_refused_b
 
 def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     write_script, calls = gcloud
-    write_script(scp=[255, 0])  # the first copy fails like a flaky connection
+    write_script(states=["ACTIVE\tv5p-8"], scp=[255, 0])  # the first copy fails like a flaky connection
     assert launcher("setup", "qr", *WHERE, "--retry-delay", "0") == 0
-    tarball = Path(calls()[0][5])
+    assert verbs(calls()) == ["describe", "scp", "scp", "setup"]
+    tarball = Path(calls()[1][5])
     assert tarball.parent == tmp_path and tarball.name.startswith("qed-jax-qr-") and tarball.name.endswith(".tar.gz")
     scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "qr:qed-jax.tar.gz",
            "--worker=all", *WHERE]
-    assert calls()[:2] == [scp, scp]
-    ssh = calls()[2]
+    assert calls()[1:3] == [scp, scp]
+    ssh = calls()[3]
     assert ssh[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "qr", "--worker=all"]
     assert "bash qed-jax-setup.sh qed-jax.tar.gz" in ssh[7]
     # The tree may hold keys: the tarball was this user's alone, and is gone once copied.
@@ -382,6 +383,17 @@ def test_setup_copies_the_tree_and_retries_scp(gcloud, tmp_path):
     names = tarfile.open(tmp_path / "gcloud/copied.tar.gz").getnames()
     assert {"pyproject.toml", "tpu_scripts/worker_setup.sh", "qed_jax/cli.py"} <= set(names)
     assert not any(n.startswith((".git/", ".venv/")) for n in names)
+
+
+def test_setup_of_a_slice_that_is_missing_is_one_line_before_any_copy(gcloud, capsys):
+    """A misspelt name or zone would fail each scp, retried with backoff, in gcloud's words."""
+    write_script, calls = gcloud
+    write_script(states=["MISSING"])
+    assert launcher("setup", "qr", *WHERE, "--retry-delay", "0") == 1
+    assert verbs(calls()) == ["describe"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tpu.py setup: error: qr is missing in us-east5-a, not ACTIVE: check the name, --zone and --project, or "
+        "`tpu.py wait` for it")
 
 
 def test_an_option_of_another_command_is_refused_under_this_commands_usage(gcloud, capsys):
@@ -510,6 +522,8 @@ def test_a_missing_gcloud_is_one_line(gcloud, capsys, monkeypatch):
 
 
 def test_setup_from_a_commit_uses_git_archive(gcloud, tmp_path):
+    write_script, _ = gcloud
+    write_script(states=["ACTIVE\tv5p-8"])
     assert launcher("setup", "qr", *WHERE, "--commit", "HEAD") == 0
     committed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", "HEAD"],
                                check=True, capture_output=True, text=True).stdout.split()

@@ -421,14 +421,27 @@ def check_slice_type(gc: Gcloud, args) -> None:
                           "or another name")
 
 
+def check_active(gc: Gcloud) -> None:
+    """The slice is ACTIVE (a describe): scp or ssh into one that is missing or not ready fails on
+    every worker, after retries."""
+    state = gc.state()
+    if state != "ACTIVE":
+        raise LaunchError(f"{gc.name} is {state or 'missing'} in {gc.zone}, not ACTIVE: check the name, "
+                          "--zone and --project, or `tpu.py wait` for it")
+
+
+def setup_command(gc: Gcloud, args) -> None:
+    """`tpu.py setup`: `setup` on a slice checked to be ACTIVE (`launch` waits for it itself)."""
+    if not gc.dry_run:
+        check_active(gc)
+    setup(gc, args)
+
+
 def run_command(gc: Gcloud, args) -> int:
     """`tpu.py run`: `run` on a slice checked to be ACTIVE and of --accelerator-type (`launch`
-    checks it itself): ssh into a slice that is missing or not ready fails on every worker."""
+    checks it itself)."""
     if not (gc.local or gc.dry_run):
-        state = gc.state()
-        if state != "ACTIVE":
-            raise LaunchError(f"{gc.name} is {state or 'missing'} in {gc.zone}, not ACTIVE: check the name, "
-                              "--zone and --project, or `tpu.py wait` for it")
+        check_active(gc)
         check_slice_type(gc, args)
     return run(gc, args)
 
@@ -577,9 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("delete", delete, [], "delete the queued resource",
             "Delete the queued resource; --force also deletes its TPU VMs.")
     p.add_argument("--force", action="store_true", help="also delete the TPU VMs of the slice")
-    add("setup", setup, [copying], "copy the code to every worker and install it",
-        "Pack the working tree (or --commit), copy it to every worker, and install it with the "
-        "`tpu` extra into ~/qed-jax-venv (tpu_scripts/worker_setup.sh). Safe to repeat.")
+    add("setup", setup_command, [copying], "copy the code to every worker and install it",
+        "Pack the working tree (or --commit), copy it to every worker of the slice (which must be "
+        "ACTIVE: a describe checks it), and install it with the `tpu` extra into ~/qed-jax-venv "
+        "(tpu_scripts/worker_setup.sh). Safe to repeat.")
     p = add("run", run_command, [slice_, running], "run one command on every worker at once",
             "Run the command after `--` on every worker in parallel (one ssh per worker), one log per "
             "worker under --log-dir; end every worker's ssh as soon as one fails. The slice must be ACTIVE and of "
