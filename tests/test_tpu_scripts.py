@@ -427,6 +427,17 @@ def test_a_misspelt_required_flag_is_named_with_the_flag_it_resembles(gcloud, ca
     assert calls() == []
 
 
+@pytest.mark.parametrize("verb", ["run", "launch"])
+def test_a_job_without_dashes_before_it_is_told_where_it_goes(gcloud, capsys, verb):
+    """Its flags would otherwise be taken for misspelt launcher flags (--config: "did you mean --commit?")."""
+    _, calls = gcloud
+    with pytest.raises(SystemExit) as exit_:
+        launcher(verb, "qr", *WHERE, "--accelerator-type", "v5p-8", "qed-jax", "sft", "--config", "c.yaml")
+    assert exit_.value.code == 2 and calls() == []
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"tpu.py {verb}: error: unrecognized arguments: qed-jax sft --config c.yaml (put the job's command after `--`)")
+
+
 def test_setup_from_a_commit_that_does_not_exist_is_one_line_and_packs_nothing(gcloud, capsys):
     _, calls = gcloud
     for dry_run in ([], ["--dry-run"]):

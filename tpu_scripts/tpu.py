@@ -697,7 +697,10 @@ def main(argv=None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args, unknown = build_parser().parse_known_args(argv[:split])
     if unknown:  # a typo, or an option of another command: say so under this command's usage
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{suggested_flag(args.parser, unknown)}")
+        hint = suggested_flag(args.parser, unknown)
+        if args.verb in ("run", "launch") and not unknown[0].startswith("-"):  # a job without `--` before it
+            hint = " (put the job's command after `--`)"
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if hasattr(args, "accelerator_type") and args.accelerator_type is None:
         args.parser.error("the following arguments are required: --accelerator-type")
     args.command = argv[split + 1:]
