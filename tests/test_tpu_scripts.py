@@ -168,8 +168,9 @@ def test_runtime_versions_and_bad_types():
     for bad in ("v3-8", "v5p", "v5e-8"):
         with pytest.raises(tpu.LaunchError, match="unknown accelerator type"):
             tpu.num_workers(bad)
+    power_of_two = r"a power of two \(e\.g\. 8, 16 or 64\)"
     for bad, rule in (("v5p-7", "a positive multiple of 2"), ("v4-0", "a positive multiple of 2"),
-                      ("v6e-0", "at least 1")):
+                      ("v6e-0", power_of_two), ("v6e-12", power_of_two), ("v5litepod-24", power_of_two)):
         with pytest.raises(tpu.LaunchError, match=f"^{bad}: no such slice; .* so N is {rule}$"):
             tpu.num_workers(bad)
 

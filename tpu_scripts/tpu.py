@@ -55,11 +55,12 @@ def parse_accelerator(accelerator: str) -> tuple[str, int]:
         raise LaunchError(f"unknown accelerator type {accelerator!r}: expected v4-N, v5litepod-N, "
                           "v5p-N or v6e-N as Cloud names them (e.g. v5p-64; a v5e slice is v5litepod-N)")
     generation, count = match.group(1), int(match.group(2))
-    if count < 1 or count % CORES_PER_CHIP[generation]:
-        per_chip = CORES_PER_CHIP[generation]
+    per_chip = CORES_PER_CHIP[generation]
+    # v5e and v6e slices are 2-D grids that grow by doubling a side (as qed_jax/plan.py's chip_grid)
+    if count < 1 or count % per_chip or (per_chip == 1 and count & (count - 1)):
         raise LaunchError(f"{accelerator}: no such slice; {generation}-N counts "
                           + (f"TensorCores, {per_chip} per chip, so N is a positive multiple of {per_chip}"
-                             if per_chip > 1 else "chips, so N is at least 1"))
+                             if per_chip > 1 else "chips, so N is a power of two (e.g. 8, 16 or 64)"))
     return generation, count
 
 
