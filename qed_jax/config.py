@@ -414,9 +414,10 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base=None):
     check_keys_are_text(data, prefix)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        # A key of one of the sections, given outside it (lr for optim.lr), else a typo of a key here.
+        # A key of one of the sections, given outside it (lr for optim.lr), else a typo of a key here,
+        # else one (or a typo of one) of the config class a mapping here holds overrides for.
         close = keys_named(cls, unknown[0], prefix) or [prefix + k for k in difflib.get_close_matches(
-            unknown[0], types_, n=1)]
+            unknown[0], types_, n=1)] or overridden_keys(cls, unknown[0], prefix)
         raise FieldError(
             f"unknown config key {prefix}{unknown[0]}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
             + "; valid keys here: " + ", ".join(f"{prefix}{k}" for k in types_), key=f"{prefix}{unknown[0]}",
@@ -445,6 +446,14 @@ def keys_named(cls, name: str, prefix: str = "") -> list[str]:
             found += [inner + name] if name in _field_types(section) else []
             found += keys_named(section, name, inner)
     return found
+
+
+def overridden_keys(cls, name: str, prefix: str = "") -> list[str]:
+    """The dotted keys (after `prefix`) nearest `name` in each mapping field of config class `cls`
+    that holds overrides for another config class (`overrides_of`): where a pipeline's stage
+    setting given outside its overrides belongs (sft.steps for sft.overrides.steps)."""
+    return [f"{prefix}{f.name}.{k}" for f in dataclasses.fields(cls) if "overrides_of" in f.metadata
+            for k in difflib.get_close_matches(name, _field_types(f.metadata["overrides_of"]()), n=1)]
 
 
 def check_keys_are_text(data: dict, prefix: str = "") -> None:
@@ -655,7 +664,7 @@ WHOLE = {"replaced_whole": True}
 
 def overrides_of(config_class) -> dict:
     """The metadata of a mapping field that holds overrides for another config class
-    (`config_class()` gives it: a pipeline stage's eval overrides), so that merging into it
+    (`config_class()` gives it: a pipeline stage's overrides), so that merging into it
     keeps that class's WHOLE fields whole."""
     return {"overrides_of": config_class}
 

@@ -43,6 +43,30 @@ class StageConfig:
     overrides: dict[str, Any] | None = None  # merged into it, nested as in that YAML
 
 
+def _sft_config_class():
+    from qed_jax.sft import SFTConfig
+
+    return SFTConfig
+
+
+def _grpo_config_class():
+    from qed_jax.grpo import GRPOConfig
+
+    return GRPOConfig
+
+
+# Each trainer's stage, whose overrides are for its config class: a key of it given outside them
+# (sft.steps) is refused with the key it belongs at (sft.overrides.steps).
+@dataclasses.dataclass(frozen=True)
+class SFTStageConfig(StageConfig):
+    overrides: dict[str, Any] | None = dataclasses.field(default=None, metadata=overrides_of(_sft_config_class))
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOStageConfig(StageConfig):
+    overrides: dict[str, Any] | None = dataclasses.field(default=None, metadata=overrides_of(_grpo_config_class))
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchmarkStage:
     config: str  # an eval YAML, e.g. configs/eval/imo_proofbench.yaml
@@ -89,8 +113,8 @@ class PipelineConfig:
     # standin: the offline stand-in judge (qed_jax/standin_judge.py, NOT a real judge), started
     # by the command for the evaluations; or an OpenAI-compatible judge's base URL.
     judge: str | None = None
-    sft: StageConfig = StageConfig("configs/sft/tiny.yaml")
-    grpo: StageConfig = StageConfig("configs/rl/tiny.yaml")
+    sft: SFTStageConfig = SFTStageConfig("configs/sft/tiny.yaml")
+    grpo: GRPOStageConfig = GRPOStageConfig("configs/rl/tiny.yaml")
     eval: EvalStageConfig = EvalStageConfig()
     output_dir: str = "runs/pipeline"
 

@@ -301,6 +301,15 @@ def test_print_config_refuses_what_the_run_would(capsys, monkeypatch, tmp_path):
     assert "(steps: 40 -> 120); a pipeline's run directory continues only as it started" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, meant", [("sft.stepz=3", "sft.overrides.steps"),
+                                             ("grpo.steps=abc", "grpo.overrides.steps"),
+                                             ("eval.samples=1", "eval.overrides.samples")])
+def test_a_stage_setting_given_outside_its_overrides_names_where_it_goes(monkeypatch, override, meant):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=rf"unknown config key {override.split('=')[0]} \(did you mean {meant}\?\)"):
+        load_config(PipelineConfig, TINY, [override])
+
+
 def test_an_output_dir_holding_another_commands_run_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch):
     # Else the pipeline wrote its stages beside an SFT run, which then refused to resume (its
     # folder had become a pipeline's).
