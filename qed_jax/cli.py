@@ -335,7 +335,7 @@ def _judge(args) -> int | None:
                 with tqdm(total=len(items), desc="grading", unit="proof") as bar:
                     grades = judge.grade_batch(items, on_grade=lambda i, grade: (bar.update(), received.append(grade)))
             except JudgeUnavailable as e:  # it went away mid-run: what it answered before is not lost
-                kept = sum(not g.failed and not g.cached for g in received)
+                kept = sum(g.sent and not g.failed and not g.cached for g in received)  # not the 0s scored unsent
                 if not config.cache_path or not kept:
                     raise
                 raise JudgeUnavailable(f"{e} ({kept} grade{'s were' if kept != 1 else ' was'} received before that, kept "

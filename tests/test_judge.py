@@ -776,6 +776,18 @@ def test_judge_cli_that_loses_its_judge_mid_run_says_the_grades_received_are_kep
     assert [json.loads(line)["cached"] for line in out.read_text().splitlines()] == [True, False, False]
 
 
+def test_judge_cli_that_loses_its_judge_counts_no_unsent_zero_as_a_grade_received(tmp_path, capsys):
+    rows, out, cache = tmp_path / "rows.jsonl", tmp_path / "graded.jsonl", tmp_path / "cache.sqlite"
+    _write_rows(rows, 2)
+    lines = rows.read_text().splitlines()
+    rows.write_text(lines[0].replace("</think>", "") + "\n" + lines[1] + "\n")  # row 0 scores 0 unsent
+    with JudgeServer({"i1": [("status", 404)]}) as server:
+        assert cli.main(["judge", "--input", str(rows), "--output", str(out), f"cache_path={cache}",
+                         "concurrency=1", f"base_url={server.url}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "HTTP 404" in last and "received" not in last
+
+
 def test_judge_cli_checks_its_output_before_sending_anything(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     _write_rows(rows, 2)
