@@ -347,7 +347,10 @@ def remove_unfinished_saves(directory) -> None:
         return
     for path in directory.glob("*.orbax-checkpoint-tmp*"):
         log.info("%s: removing an unfinished save", path)
-        path.rmtree()
+        try:
+            path.rmtree()
+        except OSError as e:  # it names a file inside by its name alone
+            raise setting_path_error("checkpoint_dir", OSError(e.errno, e.strerror, str(path))) from None
 
 
 def check_folder(directory) -> None:

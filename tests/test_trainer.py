@@ -148,6 +148,22 @@ def test_run_directory_refuses_changes_finishes_complete_runs_and_skips_unreadab
     assert "step 4 is unreadable" in generate.stderr
 
 
+def test_an_unfinished_save_that_cannot_be_removed_is_named_by_its_folder(tmp_path, monkeypatch):
+    """shutil.rmtree names a file it may not delete by its name alone ("x: Permission denied"):
+    the error names the unfinished save's folder, as checkpoint_dir's."""
+    unfinished = tmp_path / "3.orbax-checkpoint-tmp-1795950000"  # a save a kill cut short
+    (unfinished / "params").mkdir(parents=True)
+    (unfinished / "params" / "x").write_bytes(b"partial")
+
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    message = f"checkpoint_dir: {unfinished}: Permission denied; choose another path, or change its permissions"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        checkpoint.remove_unfinished_saves(tmp_path)
+
+
 @pytest.mark.slow  # five training runs: 35-45 s on 2 cores
 def test_a_resumed_run_refuses_training_data_that_changed_under_the_same_name(tmp_path):
     data, run = tmp_path / "rows.jsonl", tmp_path / "run"
