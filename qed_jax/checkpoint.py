@@ -573,10 +573,19 @@ class TrainCheckpoints:
     def _set_aside(self, step: int, error: Exception | None) -> None:
         aside = epath.Path(self.directory) / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
         reason = unreadable_reason(error) if error is not None else "another process could not read it"
+        failed = None  # why process 0 could not rename it (a folder this user may not write)
+        if jax.process_index() == 0:
+            try:
+                (epath.Path(self.directory) / str(step)).rename(aside)
+            except OSError as e:
+                failed = e.strerror or str(e)
+        if largest(int(failed is not None)):
+            raise CheckpointError(f"{self.directory}: checkpoint step {step} is unreadable ({reason}) and could not be "
+                                  f"moved aside (to {aside.name}: {failed or 'on process 0, whose log says why'}); "
+                                  f"give this user write access to {self.directory}, or move that step's folder out "
+                                  "of it, and rerun")
         log.warning("%s: checkpoint step %d is unreadable (%s); moved it to %s and trying the step before it",
                     self.directory, step, reason, aside.name)
-        if jax.process_index() == 0:
-            (epath.Path(self.directory) / str(step)).rename(aside)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"qed_jax unreadable checkpoint {step}")
         self.manager.reload()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from etils import epath
 from flax import nnx
 
 from qed_jax import checkpoint, grpo, sft
@@ -440,6 +441,26 @@ def test_a_checkpoint_read_stopped_by_ctrl_c_a_timeout_or_memory_is_left_in_plac
     monkeypatch.undo()
     restored_params, _, meta = ckpts.restore_latest(params, opt_state, data)[:3]
     assert meta["step"] == 1 and np.array_equal(restored_params["w"], np.arange(4.0))
+    ckpts.close()
+
+
+def test_an_unreadable_step_that_cannot_be_moved_aside_says_so_and_why_it_was_to_be(tmp_path, monkeypatch):
+    """A step that does not read back is renamed; when the rename fails (a folder this user may
+    not write), the one line says which step, why it was moved and what to do, and no warning
+    says that it was moved."""
+    (tmp_path / "5").mkdir()  # a step a crash left holding nothing
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, PRESETS["tiny"], 2, run={"trainer": "sft"})
+
+    def refuse(path, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path), None, str(target))
+
+    monkeypatch.setattr(type(epath.Path(tmp_path)), "rename", refuse)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            f"^{re.escape(str(tmp_path))}: checkpoint step 5 is unreadable \\(ValueError: it has no meta, opt_state, "
+            f"params\\) and could not be moved aside \\(to 5.unreadable-.*: Permission denied\\); give this user "
+            f"write access to {re.escape(str(tmp_path))}, or move that step's folder out of it, and rerun$")):
+        ckpts.restore_latest(None, None, None)
+    assert (tmp_path / "5").is_dir()
     ckpts.close()
 
 
