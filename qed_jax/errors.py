@@ -65,6 +65,13 @@ def os_error_line(e: OSError) -> str:
         first_file = next((q for q in [path, *map(str, Path(path).parents)] if os.path.isfile(q)), path)
         where = "" if first_file == path else f"{path}: "
         return f"{where}{first_file} is a file where a folder is needed; choose another path"
+    if e.errno in (errno.EEXIST, errno.ENOENT):  # mkdir on a link whose folder is not there, or in it
+        link = next((q for q in [path, *map(str, Path(path).parents)] if os.path.islink(q) and not os.path.exists(q)),
+                    None)
+        if link is not None:
+            where = "" if link == path else f"{path}: "
+            return (f"{where}{link} is a link to {os.readlink(link)}, which does not exist (a disk not mounted?); "
+                    "make that folder, or choose another path")
     also = f" (and {name(e.filename2)})" if e.filename2 is not None else ""
     advice = {errno.EROFS: "; choose a path on a writable disk",
               errno.EACCES: "; choose another path, or change its permissions",

@@ -652,6 +652,24 @@ def test_a_path_error_names_a_descriptor_or_both_paths():
         "runs/x: Permission denied; choose another path, or change its permissions"
 
 
+def test_a_run_folder_linked_to_a_folder_that_is_not_there_says_so(tmp_path):
+    """A run or checkpoint folder that is a link to a disk not mounted: making it, or a folder
+    inside it, fails on the link with "File exists", which says nothing of the link."""
+    from qed_jax.rundir import run_lock
+
+    link, target = tmp_path / "run", tmp_path / "unmounted" / "run"
+    link.symlink_to(target)
+    message = (f"output_dir: {link} is a link to {target}, which does not exist (a disk not mounted?); make that "
+               "folder, or choose another path")
+    for out in (link, link / "sft"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            with run_lock(out):
+                pass
+    # A folder made with os.makedirs (Orbax's checkpoint folder) fails on the folder inside the link.
+    assert os_error_line(FileNotFoundError(2, "No such file or directory", str(link / "ck"))) == \
+        f"{link / 'ck'}: {message.removeprefix('output_dir: ')}"
+
+
 def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path, capsys):
     from qed_jax.tokenizer import load_tokenizer
 
