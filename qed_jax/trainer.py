@@ -545,6 +545,11 @@ def start_or_resume(out: Path, config, ckpts: checkpoint.TrainCheckpoints, param
     else:
         record_run_config(out, config, changed)
     if restored is None:
+        if step == 0 and jax.process_index() == 0 and (logged := last_logged_step(out)):
+            # A kill before the first save, or its checkpoints gone (deleted, a disk not mounted).
+            log.warning("%s: no checkpoint of this run is in %s, though its metrics.jsonl reaches step %d: training "
+                        "starts again from step 0 and replaces those metrics (if its checkpoints were moved or sit on "
+                        "a disk not mounted, stop it now and put them back)", out, ckpts.directory, logged)
         return params, opt_state, step
     params, opt_state, meta = restored
     log.info("resumed from %s at step %d", ckpts.directory, meta["step"])

@@ -1217,3 +1217,25 @@ def test_sft_keeps_freed_memory_on_cpu_so_each_step_reuses_the_last_ones_pages(t
     if not (huge_pages.exists() and "[always]" in huge_pages.read_text()):  # else 512 pages per fault
         _, _, faults, line = later_runs("default")
         assert faults > pages // 2, line
+
+
+def test_a_run_whose_checkpoints_are_gone_says_so_before_it_trains_again_from_step_0(tmp_path, caplog):
+    """metrics.jsonl past step 0 and no checkpoint: its checkpoints were deleted, or sit on a disk
+    not mounted. Training starts again, and says so while the user can still stop it."""
+    from tests.helpers import REPO
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "steps=2", "checkpoint_every=2", "eval_every=0", "log_every=1", "micro_batches=1"]
+    config = load_config(sft.SFTConfig, REPO / "configs/sft/tiny.yaml", overrides)
+    sft.train(config)
+    shutil.rmtree(out / "checkpoints")
+    shutil.rmtree(out / "hf")  # not a finished run any more either
+    with caplog.at_level(logging.WARNING, logger="qed_jax.trainer"):
+        sft.train(config)
+    assert (f"{out}: no checkpoint of this run is in {out / 'checkpoints'}, though its metrics.jsonl reaches step 2: "
+            "training starts again from step 0") in caplog.text
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qed_jax.trainer"):
+        sft.train(config)  # finished: nothing said, nothing trained
+    assert "no checkpoint of this run" not in caplog.text
