@@ -61,8 +61,8 @@ def check_mesh_sizes(config: MeshConfig, name: str = "mesh") -> None:
     if bad:
         raise ConfigError(f"{', '.join(bad)}: a mesh axis size is at least 1, or -1 for the devices left")
     if sizes.count(-1) > 1:
-        raise ConfigError("at most one mesh axis may be -1 (the devices left), got "
-                          + ", ".join(_named_sizes(config, name)))
+        raise ConfigError(f"{', '.join(_named_sizes(config, name))}: at most one mesh axis may be -1 (the devices "
+                          "left); give the others their sizes")
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None, name: str = "mesh") -> Mesh:

@@ -732,10 +732,23 @@ def test_a_mesh_that_does_not_fit_the_devices_says_what_to_set():
     for cls, override, message in (
             (SFTConfig, "mesh.data=0", "mesh.data=0: a mesh axis size is at least 1, or -1 for the devices left"),
             (GRPOConfig, "mesh.tensor=-2", "mesh.tensor=-2: a mesh axis size is at least 1"),
-            (GRPOConfig, "sampling.mesh={data: -1, fsdp: -1}", "at most one mesh axis may be -1 (the devices left), "
-                                                               "got sampling.mesh.data=-1, sampling.mesh.fsdp=-1")):
+            (GRPOConfig, "sampling.mesh={data: -1, fsdp: -1}", "sampling.mesh.data=-1, sampling.mesh.fsdp=-1, "
+                                                               "sampling.mesh.tensor=1: at most one mesh axis may be -1")):
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
             load_config(cls, None, [override])
+
+
+def test_mesh_sizes_that_cannot_work_from_a_config_file_name_the_file(tmp_path):
+    """As any value a config file gives: the error names the file the mesh section came from."""
+    from qed_jax.sft import SFTConfig
+
+    for mesh, message in (("{data: -1, fsdp: -1}", "mesh.data=-1, mesh.fsdp=-1, mesh.tensor=1: at most one mesh axis "
+                                                    "may be -1 (the devices left); give the others their sizes"),
+                          ("{data: -1, tensor: 0}", "mesh.tensor=0: a mesh axis size is at least 1")):
+        path = tmp_path / "sft.yaml"
+        path.write_text(f"mesh: {mesh}\n")
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'{path}: {message}')}"):
+            load_config(SFTConfig, path, ["steps=3"])
 
 
 def test_metrics_cut_short_by_a_crash_are_dropped_not_fatal(tmp_path, caplog):
