@@ -906,13 +906,30 @@ def train(config: GRPOConfig, resume_with_changes: bool = False) -> dict:
         return _train(config, resume_with_changes)
 
 
+def training_meshes(config: GRPOConfig):
+    """The training mesh of `config` over the devices here, the rows of its micro-batches, and
+    the sampler's layout (default: the training mesh's): (mesh, rows_per_micro, sampling_mesh,
+    stacked_mesh), refused (ConfigError) where any of them does not split over the devices."""
+    mesh = make_mesh(config.mesh)
+    rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
+    check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
+    sampling_mesh, stacked_mesh = sampling_meshes(config.sampling.mesh or config.mesh,
+                                                  "sampling.mesh" if config.sampling.mesh else "mesh")
+    sampling_ways = data_parallel_size(sampling_mesh)
+    max_concurrent = config.sampling.max_concurrent
+    if max_concurrent and max_concurrent % sampling_ways:  # as Sampler does
+        raise ConfigError(f"sampling.max_concurrent must be a multiple of the sampling mesh's {sampling_ways} "
+                          f"batch shards, so rows split evenly; got {max_concurrent}")
+    return mesh, rows_per_micro, sampling_mesh, stacked_mesh
+
+
 def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
     from qed_jax.tokenizer import check_vocab, load_tokenizer, stop_ids
 
     out = Path(config.output_dir)
     check_run_config(out, config, resume_with_changes, refuse=False, kind_only=True)  # another command's run?
     with set_up_together("GRPO's setup (config, model, tokenizer, prompts)"):
-        mesh = make_mesh(config.mesh)
+        mesh, rows_per_micro, sampling_mesh, stacked_mesh = training_meshes(config)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
         checkpoints = config.checkpoint_dir or out / "checkpoints"
         checkpoint.check_folder(checkpoints)  # now, not after the model loads or at the first save
@@ -924,16 +941,6 @@ def _train(config: GRPOConfig, resume_with_changes: bool) -> dict:
         P = problems * (config.rc.states_per_problem if config.rc else 1)  # its GRPO groups per step
         G = config.samples_per_prompt
         first_sample = jax.process_index() * P * G  # this process's first sample of every step
-        rows_per_micro = config.micro_batch_rows or data_parallel_size(mesh)
-        check_rows_divide(rows_per_micro, mesh, "micro_batch_rows")
-        # The sampler's layout (default: the training mesh's), refused now rather than after the model loads.
-        sampling_mesh, stacked_mesh = sampling_meshes(config.sampling.mesh or config.mesh,
-                                                      "sampling.mesh" if config.sampling.mesh else "mesh")
-        sampling_ways = data_parallel_size(sampling_mesh)
-        max_concurrent = config.sampling.max_concurrent
-        if max_concurrent and max_concurrent % sampling_ways:  # as Sampler does
-            raise ConfigError(f"sampling.max_concurrent must be a multiple of the sampling mesh's {sampling_ways} "
-                              f"batch shards, so rows split evenly; got {max_concurrent}")
         check_judge_template(config)
         grader = RuleGrader(config.reward_rule) if config.reward_rule else Judge(process_judge(config.judge))
 

@@ -499,6 +499,19 @@ def check_hub_data_before_training(s: Stages) -> None:
             read_rows(path, name, split, key)
 
 
+def check_meshes_before_training(config: PipelineConfig, s: Stages) -> None:
+    """A trainer's mesh that does not fit the devices here, or rows that do not split over it,
+    fails now, naming the stage, not when GRPO starts after SFT's hours."""
+    from qed_jax import grpo, sft
+
+    for name, meshes, stage_config in (("sft", sft.training_mesh, s.sft), ("grpo", grpo.training_meshes, s.grpo)):
+        try:
+            meshes(stage_config)
+        except ConfigError as e:
+            raise ConfigError(f"{name} stage ({getattr(config, name).config}, with the pipeline config's "
+                              f"{name}.overrides): {e}") from None
+
+
 def check_run_directories(s, out: Path) -> None:
     """What the stages would refuse, refused before any stage runs (and by --print-config): an
     output_dir `out` that is another command's run; a judge template that does not fit its stage;
@@ -563,6 +576,7 @@ def run(config: PipelineConfig) -> dict:
         check_run_directories(s, out)
         check_judge_before_training(config, s)
         check_hub_data_before_training(s)
+        check_meshes_before_training(config, s)
         progress = Progress(stages=5)
 
         progress.begin("base", f"the model SFT starts from: {sft_config.model.describe()}")

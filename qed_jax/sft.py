@@ -158,6 +158,14 @@ def warn_past_trained_positions(examples: list[dict], model: ModelConfig) -> Non
                     longest, model.max_position_embeddings)
 
 
+def training_mesh(config: SFTConfig):
+    """The mesh of `config` over the devices here, refused (ConfigError) where it, or the rows of
+    a micro-batch, do not split over them."""
+    mesh = make_mesh(config.mesh)
+    check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
+    return mesh
+
+
 def train(config: SFTConfig, resume_with_changes: bool = False) -> dict:
     """Run SFT; resumes from the newest intact checkpoint in `output_dir` (refusing a changed
     config unless `resume_with_changes`). Returns {output_dir, step, loss (of the last step),
@@ -172,11 +180,10 @@ def _train(config: SFTConfig, resume_with_changes: bool) -> dict:
     out = Path(config.output_dir)
     check_run_config(out, config, resume_with_changes, refuse=False, kind_only=True)  # another command's run?
     with set_up_together("SFT's setup (config, model, tokenizer, data)"):
-        mesh = make_mesh(config.mesh)
+        mesh = training_mesh(config)
         load_model = open_model(config.model, config.seed)  # its files are checked now, read after
         checkpoints = config.checkpoint_dir or out / "checkpoints"
         checkpoint.check_folder(checkpoints)  # now, not after the model loads or at the first save
-        check_rows_divide(config.batch_size // config.micro_batches, mesh, "batch_size / micro_batches")
         if config.batch_size % jax.process_count():
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
         tokenizer_path = resolve_tokenizer(config.tokenizer, config.model)

@@ -369,7 +369,9 @@ def test_a_grpo_run_from_an_earlier_sft_model_is_refused_once_sft_trains_again(t
     from qed_jax.config import dump_json
     from qed_jax.pipeline import run, stages
 
-    config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *SHORT])
+    # micro-batches of 8 rows: one per device of the tests' 8, as the pipeline checks before any stage
+    config = load_config(PipelineConfig, ROOT / TINY,
+                         [f"output_dir={tmp_path}", *SHORT, "sft.overrides.micro_batches=1"])
     s = stages(config, "http://127.0.0.1:9/v1")
     (tmp_path / "grpo").mkdir(parents=True)
     (tmp_path / "grpo" / "config.json").write_text(dump_json(s.grpo))
@@ -519,6 +521,26 @@ def test_an_evaluation_of_a_benchmark_edited_since_is_refused_before_any_stage(t
         run(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # no stage ran
     assert (out / "samples.jsonl").read_text() == json.dumps(sample) + "\n"
+
+
+def test_a_trainers_mesh_that_does_not_fit_the_devices_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """A GRPO mesh that did not fit the devices was found only when GRPO began, after SFT trained;
+    the error names the stage, as its config's errors do (the tests' 8 CPU devices)."""
+    from qed_jax import sft
+    from qed_jax.pipeline import run
+
+    monkeypatch.setattr(sft, "train", lambda c: pytest.fail("SFT trained"))
+    for overrides, message in (
+            (["sft.overrides.micro_batches=1", "grpo.overrides.mesh.data=3"],
+             "grpo stage (configs/rl/tiny.yaml, with the pipeline config's grpo.overrides): mesh.data=3, mesh.fsdp=1, "
+             "mesh.tensor=1 needs 3 devices, not the 8 devices here"),
+            (["sft.overrides.micro_batches=2"],
+             "sft stage (configs/sft/tiny.yaml, with the pipeline config's sft.overrides): batch_size / micro_batches "
+             "gives 4 rows per micro-batch, which do not split over the 8 data-parallel devices")):
+        config = load_config(PipelineConfig, ROOT / TINY, [f"output_dir={tmp_path}", *overrides])
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            run(config)
+        assert not (tmp_path / "base").exists()  # no stage ran
 
 
 def test_a_judge_template_that_does_not_fit_its_stage_is_refused_before_any_stage(tmp_path):
