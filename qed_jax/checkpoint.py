@@ -174,7 +174,8 @@ def load_model(directory, mesh=None, rules=DEFAULT_RULES, dtype: str | None = No
     with manager(directory) as mgr:
         steps = sorted(mgr.all_steps())
         if not steps:
-            raise CheckpointError(f"{directory}: holds a model config but no saved step")
+            raise CheckpointError(f"{directory}: holds a model config but no whole step (its first save was cut off); "
+                                  "write the model there again")
         chosen = step is not None
         if step is None:
             step = steps[-1]

@@ -399,6 +399,23 @@ def test_an_unreadable_step_names_the_step_before_it_or_that_there_is_none(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_whose_only_step_was_cut_off_says_how_to_write_it_again(tmp_path, capsys):
+    # `convert` killed (kill -9) while Orbax wrote the step: model_config.json is there, the step
+    # only under Orbax's temporary name.
+    make_hf_model(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["convert", str(tmp_path / "hf"), str(ckpt)]) == 0
+    (ckpt / "0").rename(ckpt / "0.orbax-checkpoint-tmp-1")
+    capsys.readouterr()
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qed-jax convert: error: {ckpt}: holds a model config but no whole step (its first save was cut off); "
+        "write the model there again")
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["convert", str(tmp_path / "hf"), str(ckpt), "--overwrite"]) == 0
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["0"]
+
+
 def test_convert_to_a_bucket_it_cannot_reach_fails_in_one_line(tmp_path, capsys, monkeypatch):
     """The storage client's network error, raised while the destination is looked at, names the
     bucket path and what to check (gcsfs's own error names neither)."""
