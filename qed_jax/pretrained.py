@@ -82,6 +82,11 @@ def open_pretrained(path, step: int | None = None):
         raise CheckpointError(f"{path}: one step of the checkpoint directory {where.parent}; pass that directory "
                               f"(its latest step is loaded; to use this one, export it: "
                               f"`qed-jax convert {where.parent} OUT --step {where.name}`)")
+    elif where.is_dir() and any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json"
+                                for p in where.iterdir()):
+        raise CheckpointError(f"{path}: holds safetensors but no config.json, which an export writes last (an "
+                              "export cut off part-way, or a copy that left it out); export the model there again, "
+                              "or copy in its config.json")
     else:
         raise CheckpointError(
             f"{path}: neither a Hugging Face model folder (config.json + safetensors) nor a qed-jax "

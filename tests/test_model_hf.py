@@ -416,6 +416,21 @@ def test_a_checkpoint_whose_only_step_was_cut_off_says_how_to_write_it_again(tmp
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["0"]
 
 
+def test_a_hugging_face_export_cut_off_before_its_config_says_so(tmp_path, capsys):
+    # An export killed (kill -9) before its config.json, written last: the weights are there.
+    make_hf_model(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "export")]) == 0
+    (tmp_path / "export" / "config.json").unlink()
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "export"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qed-jax convert: error: {tmp_path / 'export'}: holds safetensors but no config.json, which an export "
+        "writes last (an export cut off part-way, or a copy that left it out); export the model there again, or "
+        "copy in its config.json")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_to_a_bucket_it_cannot_reach_fails_in_one_line(tmp_path, capsys, monkeypatch):
     """The storage client's network error, raised while the destination is looked at, names the
     bucket path and what to check (gcsfs's own error names neither)."""
