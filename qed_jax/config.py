@@ -606,6 +606,8 @@ def check_temperature_and_filters(params, prefix: str = "") -> None:
     if not (params.temperature == 0 or MIN_TEMPERATURE <= params.temperature < math.inf):
         raise ConfigError(f"{prefix}temperature must be 0 (greedy) or a finite number of at least "
                           f"{MIN_TEMPERATURE:g}, got {params.temperature}")
+    if not is_whole_number(params.top_k):  # a Python caller's fraction would be cut to a whole number unsaid
+        raise ConfigError(f"{prefix}top_k must be a whole number, got {params.top_k!r}")
     if params.top_k < 0:
         raise ConfigError(f"{prefix}top_k must be at least 0 (0 is off), got {params.top_k}")
     require_range(params.top_k, f"{prefix}top_k", high=MAX_INT32)

@@ -348,9 +348,11 @@ def test_rc_params_refuse_a_count_that_is_not_a_whole_number(field, value):
     ("temperature", -1.0, r"temperature must be 0 \(greedy\) or a finite number"),
     ("temperature", float("nan"), r"temperature must be 0 \(greedy\) or a finite number"),
     ("top_p", 0.0, r"top_p must be in \(0, 1\]"), ("top_p", 1.7, r"top_p must be in \(0, 1\]"),
-    ("top_k", -5, "top_k must be at least 0")])
+    ("top_k", -5, "top_k must be at least 0"), ("top_k", 1.5, r"top_k must be a whole number, got 1\.5$"),
+    ("top_k", True, "top_k must be a whole number, got True$")])
 def test_rc_params_check_their_sampling_as_sampling_params_do(field, value, message):
-    # Else a negative temperature or top_p=0 decodes greedily, and NaN makes NaN logits, silently.
+    # Else a negative temperature or top_p=0 decodes greedily, NaN makes NaN logits, and top_k=1.5
+    # keeps the top 1, silently.
     with pytest.raises(ConfigError, match=f"^RCParams.{message}"):
         rc.RCParams(**{field: value})
     with pytest.raises(ConfigError, match=f"^{message}"):
