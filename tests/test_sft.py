@@ -1010,8 +1010,8 @@ def test_a_checkpoint_dir_that_cannot_be_looked_at_is_one_line_before_the_model_
     from qed_jax import grpo, sft
     from qed_jax.grpo import GRPOConfig
 
-    module, cls, config = {"sft": (sft, SFTConfig, TINY),
-                           "grpo": (grpo, GRPOConfig, str(REPO / "configs" / "rl" / "tiny.yaml"))}[trainer]
+    module, cls, config, rows = {"sft": (sft, SFTConfig, TINY, ["micro_batches=1"]),  # 8 rows: one per device
+                                 "grpo": (grpo, GRPOConfig, str(REPO / "configs" / "rl" / "tiny.yaml"), [])}[trainer]
     monkeypatch.setattr(module, "open_model", lambda *a, **k: lambda mesh: pytest.fail("the model loaded first"))
     exists = epath.Path.exists
 
@@ -1033,7 +1033,8 @@ def test_a_checkpoint_dir_that_cannot_be_looked_at_is_one_line_before_the_model_
                                                 "choose another path, or change its permissions")}
     for checkpoint_dir, message in refusals.items():
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
-            module.train(load_config(cls, config, [f"checkpoint_dir={checkpoint_dir}", f"output_dir={out}", "steps=2"]))
+            module.train(load_config(cls, config, [f"checkpoint_dir={checkpoint_dir}", f"output_dir={out}", "steps=2",
+                                                     *rows]))
     assert not out.exists()
 
 
